@@ -1,0 +1,13 @@
+"""terrafm_kernels: fused Triton kernels for ViTs, importable with only torch and triton installed.
+
+Modules (one kernel family each, with its autograd.Function and nn.Module drop-in):
+    reference           pure-PyTorch specification of every op (no triton import)
+    patch_embed         patchify + GEMM + bias + modality/position embedding
+    fusion              adaptive cross-attention fusion over modality tokens
+    teacher_softmax     dual-centering teacher softmax with centre statistics
+    dino_cross_entropy  student DINO cross-entropy, chunked over K
+    dino_head_loss      prototype layer fused with the two above
+Imports inside this package are relative, so the folder can be copied into another project.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,129 @@
+"""Pure-PyTorch references: the specification every fused kernel in this package must match.
+
+Each function here is the CPU path of the engine and the oracle of the kernel tests (computed in
+float64 there). Shapes use: B batch, C bands, H/W pixels, p patch, N = (H/p)(W/p) patches,
+E embedding width, T tokens (patch positions), M modalities per position, A token width,
+Q fusion queries, R rows (views x batch), K prototypes.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def patch_embed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    modality_embed: torch.Tensor | None = None,
+    pos_embed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Patchify + linear projection: (B, C, H, W) -> (B, N, E), patches in row-major order.
+
+    weight (E, C, p, p) is a Conv2d weight (so published checkpoints load unchanged), bias (E,),
+    modality_embed (E,) is added to every token, pos_embed (N, E) to the matching token.
+    """
+    p = weight.shape[-1]
+    out = F.conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)
+    if modality_embed is not None:
+        out = out + modality_embed.reshape(1, 1, -1)
+    if pos_embed is not None:
+        out = out + pos_embed.reshape(1, out.shape[1], out.shape[2])
+    return out
+
+
+def cross_attention_fusion(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    queries: torch.Tensor,
+    pool: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """Adaptive cross-attention fusion of M modality tokens at each of T patch positions.
+
+    keys, values (T, M, A); queries (Q, A) shared learned queries; pool (A,) the pooling vector p_r.
+    Per head h (width d = A / num_heads), per query q:
+        a[t, q, :] = softmax_m(<queries[q, h], keys[t, m, h]> / sqrt(d))
+        z[t, q, h] = sum_m a[t, q, m] * values[t, m, h]
+    then the Q query outputs are pooled: w[t] = softmax_q(<z[t, q], pool>), out[t] = sum_q w z[t, q].
+    With M == 1 every query returns values[:, 0], so out == values[:, 0] (the published Case 1 path).
+    Returns (T, A).
+    """
+    T, M, A = keys.shape
+    Q = queries.shape[0]
+    d = A // num_heads
+    k = keys.reshape(T, M, num_heads, d)
+    v = values.reshape(T, M, num_heads, d)
+    q = queries.reshape(Q, num_heads, d)
+    scores = torch.einsum("qhd,tmhd->thqm", q, k) / math.sqrt(d)
+    attn = scores.softmax(dim=-1)
+    z = torch.einsum("thqm,tmhd->tqhd", attn, v).reshape(T, Q, A)
+    w = (z @ pool).softmax(dim=-1)
+    return (w.unsqueeze(-1) * z).sum(dim=1)
+
+
+def teacher_softmax(
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    center_high: torch.Tensor,
+    high_weight: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dual-centering teacher softmax and the batch statistics of both centre updates.
+
+    teacher_logits (R, K); center, center_high (K,); high_weight (R,) is 1 for rows whose sample's
+    land-cover majority class is a high-frequency class, else 0 (any non-negative weight works).
+    probs = softmax((t - alpha * center - (1 - alpha) * center_high) / temperature) in fp32.
+    Also returns logit_sum = sum_r t[r] and high_logit_sum = sum_r high_weight[r] * t[r] (K,), fp32,
+    so the caller all-reduces both once and divides by R and sum(high_weight).
+    """
+    t = teacher_logits.float()
+    centred = t - alpha * center.float() - (1.0 - alpha) * center_high.float()
+    probs = torch.softmax(centred / temperature, dim=-1)
+    logit_sum = t.sum(dim=0)
+    high_logit_sum = (high_weight.float().unsqueeze(1) * t).sum(dim=0)
+    return probs, logit_sum, high_logit_sum
+
+
+def dino_cross_entropy(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temperature: float
+) -> torch.Tensor:
+    """DINO local-global cross-entropy, averaged over (teacher view, student view) pairs.
+
+    student_logits (S, B, K) for S student views; teacher_probs (T, B, K) for the T global views,
+    which are also the first T student views. Pairs with the same view are skipped:
+        loss = mean over pairs (t, s), s != t, of mean_b -sum_k P[t, b, k] log_softmax(S[s, b] / tau)[k]
+    """
+    S, T = student_logits.shape[0], teacher_probs.shape[0]
+    if S < 2 and T <= S:
+        raise ValueError(f"dino_cross_entropy needs at least one pair of different views; got S={S}, T={T}")
+    log_p = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    pairs = 0
+    for t in range(T):
+        for s in range(S):
+            if s == t:
+                continue
+            total = total + (-teacher_probs[t].float() * log_p[s]).sum(dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+def prototype_logits(features: torch.Tensor, weight_v: torch.Tensor, weight_g: torch.Tensor | None = None):
+    """DINO head's last layer: L2-normalise features (R, D), weight-normalised linear to K prototypes.
+
+    weight_v (K, D); weight_g (K, 1) or None for the frozen unit norm DINO uses by default.
+    Returns (R, K) logits = normalize(features) @ (g * v / ||v||)^T.
+    """
+    w = weight_v / weight_v.norm(dim=1, keepdim=True)
+    if weight_g is not None:
+        w = w * weight_g
+    return F.normalize(features, dim=-1) @ w.t()
+
+
+def normalize_bands(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-band normalisation of a (..., C, H, W) tile: (float(x) - mean[c]) / std[c], float32."""
+    shape = (-1, 1, 1)
+    return (x.float() - mean.float().reshape(shape)) / std.float().reshape(shape)

@@ -1,0 +1,57 @@
+"""`terrafm` command line: one subcommand per job, each implemented in its own module.
+
+Each module named in COMMANDS defines `add_arguments(parser)` and `run(args) -> int`; it is imported
+only when its subcommand runs, so `terrafm --help` stays fast and a missing optional dependency of
+one job never breaks another.
+"""
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "info": ("terrafm.info", "versions and which accelerated backends are usable here, and why not"),
+    "prepare": ("terrafm.data.prepare", "convert Major-TOM parquet shards or GeoTIFF folders into terrafm shards"),
+    "pretrain": ("terrafm.train.cli", "self-supervised pretraining (default: tiny_cpu config on the sample tiles)"),
+    "export": ("terrafm.train.export", "write a checkpoint's backbone as one safetensors file (published layout)"),
+    "eval": ("terrafm.eval.cli", "kNN, linear and segmentation probes on frozen features"),
+    "bench": ("terrafm_bench.cli", "benchmark suite: kernels, data path, training step, memory, roofline"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="terrafm",
+        description="TerraFM pretraining engine. Run `terrafm COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] == "--version":
+        from terrafm import __version__
+
+        print(f"terrafm {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    sub = argparse.ArgumentParser(prog=f"terrafm {name}", description=help_text)
+    module.add_arguments(sub)
+    args = sub.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

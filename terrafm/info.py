@@ -1,0 +1,63 @@
+"""`terrafm info`: versions, and for each accelerated backend whether it is usable here and why not."""
+
+import argparse
+import json
+import platform
+
+from terrafm import backends
+
+
+def collect() -> dict:
+    import torch
+
+    from terrafm import __version__, ops
+
+    versions = {"terrafm": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "numpy", "nvidia.dali", "flash_attn", "pyarrow", "tifffile"):
+        try:
+            module = __import__(name, fromlist=["__version__"])
+            versions[name] = getattr(module, "__version__", "unknown")
+        except Exception:
+            versions[name] = None
+    found = {name: fn() for name, fn in backends.ALL.items()}
+    devices = ["cpu", "cuda"] if found["cuda"].usable else ["cpu"]
+    chosen = {}
+    for op in sorted(ops.REGISTRY):
+        chosen[op] = {dev: ops.choose(op, dev).name for dev in devices if _can_choose(op, dev)}
+    return {
+        "versions": versions,
+        "backends": {k: {"usable": v.usable, "detail": v.detail} for k, v in found.items()},
+        "ops": chosen,
+    }
+
+
+def _can_choose(op: str, device: str) -> bool:
+    from terrafm import ops
+
+    try:
+        ops.choose(op, device)
+        return True
+    except RuntimeError:
+        return False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print("versions:")
+    for k, v in info["versions"].items():
+        print(f"  {k:12s} {v if v is not None else 'not installed'}")
+    print("backends:")
+    for k, v in info["backends"].items():
+        print(f"  {k:20s} {'yes' if v['usable'] else 'no ':3s}  {v['detail']}")
+    print("ops (backend chosen automatically per device):")
+    for op, per_dev in info["ops"].items():
+        desc = ", ".join(f"{d}: {b}" for d, b in per_dev.items()) or "none usable"
+        print(f"  {op:24s} {desc}")
+    return 0
