@@ -36,3 +36,23 @@ def assert_flash_tolerance(name: str, kernel: torch.Tensor, plain: torch.Tensor,
     err_kernel, err_plain = max_err(kernel, oracle), max_err(plain, oracle)
     assert err_kernel <= 2 * err_plain + atol, (
         f"{name}: kernel error {err_kernel:.3e} > 2 x plain PyTorch error {err_plain:.3e} + atol {atol:.1e}")
+
+
+def dino_head_loss_f64(student_features, teacher_features, weight_v, center, center_high, high_weight,
+                       teacher_temperature, student_temperature, alpha, weight_g=None, teacher_weight_v=None):
+    """Float64 composition: prototype logits -> dual-centering teacher softmax -> DINO cross-entropy."""
+    from terrafm_kernels.reference import prototype_logits
+
+    S, B, D = student_features.shape
+    T = teacher_features.shape[0]
+    student_logits = prototype_logits(student_features.reshape(S * B, D), weight_v, weight_g)
+    with torch.no_grad():
+        tw = weight_v if teacher_weight_v is None else teacher_weight_v
+        tg = weight_g if teacher_weight_v is None else None
+        teacher_logits = prototype_logits(teacher_features.reshape(T * B, D).double(), tw.detach().double(),
+                                          None if tg is None else tg.detach().double())
+        probs, logit_sum, high_sum = teacher_softmax_f64(teacher_logits, center, center_high, high_weight,
+                                                         teacher_temperature, alpha)
+    loss = dino_cross_entropy_f64(student_logits.reshape(S, B, -1), probs.reshape(T, B, -1),
+                                  student_temperature)
+    return loss, logit_sum, high_sum
