@@ -45,26 +45,34 @@ from ._loss_common import (
     sm_count,
 )
 
-# H100/A100 config for D = 256 (DINO bottleneck), bf16/fp16 operands: 64-row x 64-prototype logit tiles
-# are mma/wgmma sized, h (64 x 256) and two stages of W (64 x 256) take 96 KB of shared memory (fits
-# A100's 164 KB and H100's 228 KB), 8 warps keep the (64 x 256) fp32 accumulators of the project
-# kernels at 64 registers per thread. fp32 operands (exact path) use BLOCK_M = 32 and one stage.
-GPU_BLOCK_M = 64
-GPU_BLOCK_K = 64
-GPU_NUM_WARPS = 8
+# H100/A100 configs for D = 256 (the DINO bottleneck), chosen from the compile report (regs/spills
+# per config are listed in docs/kernels-loss.md): 16-bit operands use 64-row x 64-prototype logit
+# tiles (mma/wgmma sized; h and two stages of W take 96 KB of shared memory, under A100's 164 KB and
+# H100's 228 KB) with 8 warps. The D = 256 accumulators of the project kernels do not fit next to the
+# logit tile (255 registers and spills at every BLOCK_M/BLOCK_K/num_warps tried), so their output is
+# split into D blocks (BLOCK_DO, a grid axis) at the price of recomputing the logit tile per D block:
+# 128 for softmax @ W (176-247 registers) and 64 for softmax^T @ X (128-174), no spills.
+# fp32 operands take exact IEEE dots (FMA, no tensor cores): only 16 x 16 tiles with 4 warps and one
+# stage avoid spills there; fp32 is the exact path, bf16 the fast one.
+CONFIGS = {
+    "16bit": {"BLOCK_M": 64, "BLOCK_K": 64, "PROJECT_BLOCK_DO": 128, "T_PROJECT_BLOCK_DO": 64,
+              "num_warps": 8, "num_stages": 2},
+    "fp32": {"BLOCK_M": 16, "BLOCK_K": 16, "PROJECT_BLOCK_DO": 64, "T_PROJECT_BLOCK_DO": 64,
+             "num_warps": 4, "num_stages": 1},
+}
 INTERPRETER_BLOCK = 16
 
 
 @triton.jit
 def _logit_tile(h, w_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE: tl.constexpr):
-    """Raw logits z = h @ W[cols]^T (BLOCK_M, BLOCK_K) fp32, and the W tile (BLOCK_K, BLOCK_D)."""
-    w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :],
+    """Raw logits z = h @ W[cols]^T (BLOCK_M, BLOCK_K) fp32."""
+    w = tl.load(w_ptr + cols[:, None] * D + dims[None, :],
                 mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
     if DOT_IEEE:
         z = tl.dot(h, tl.trans(w), input_precision="ieee")
     else:
         z = tl.dot(h, tl.trans(w))
-    return z, w
+    return z
 
 
 @triton.jit
@@ -91,7 +99,7 @@ def _logit_stats_kernel(
     row_mask = rows < R
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :],
+    h = tl.load(h_ptr + rows[:, None] * D + dims[None, :],
                 mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
     if CENTER:
         high_weight = tl.load(high_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -101,7 +109,7 @@ def _logit_stats_kernel(
     for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < k_end
-        z, w = _logit_tile(h, w_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE)
+        z = _logit_tile(h, w_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE)
         if CENTER:
             # masked rows have h = 0, so their raw logits are 0 and add nothing to the column sums
             column = column_ptr + pid_m.to(tl.int64) * 2 * K
@@ -122,44 +130,48 @@ def _logit_stats_kernel(
 def _softmax_project_kernel(
     h_ptr, w_logit_ptr, w_proj_ptr, center_ptr, center_high_ptr, row_max_ptr, log2_sum_ptr,
     out_ptr, mass_ptr, R, K, D, K_PER_SPLIT, scale, alpha,
-    CENTER: tl.constexpr, SEPARATE_PROJ: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_IEEE: tl.constexpr,
+    CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, DOT_IEEE: tl.constexpr,
 ):
-    """Per (row block, K split): partial softmax(z) @ W_proj -> out (splits, R, D), row sums -> mass."""
+    """Per (row block, K split, output D block): partial softmax(z) @ W_proj[:, dblock] -> out (splits, R, D),
+    row sums of the softmax -> mass (splits, R) (from the first D block)."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
+    pid_d = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < R
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :],
-                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    out_dims = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_mask = out_dims < D
     row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
     log2_sum = tl.load(log2_sum_ptr + rows, mask=row_mask, other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
     mass = tl.zeros([BLOCK_M], tl.float32)
     k_end = tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K)
     for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < k_end
-        z, w = _logit_tile(h, w_logit_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE)
+        # h is re-read from L1/L2 each chunk: holding it across the loop costs the registers that
+        # the (BLOCK_M, D) accumulator needs
+        h = tl.load(h_ptr + rows[:, None] * D + dims[None, :],
+                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+        z = _logit_tile(h, w_logit_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE)
         if CENTER:
             z = z - _blended_center(center_ptr, center_high_ptr, cols, col_mask, alpha)[None, :]
         p = tl.exp2((z - row_max[:, None]) * scale - log2_sum[:, None])
         p = tl.where(col_mask[None, :] & row_mask[:, None], p, 0.0)
         mass += tl.sum(p, axis=1)
-        if SEPARATE_PROJ:
-            w = tl.load(w_proj_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :],
-                        mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+        w = tl.load(w_proj_ptr + cols[:, None] * D + out_dims[None, :],
+                    mask=col_mask[:, None] & out_mask[None, :], other=0.0)
         if DOT_IEEE:
             acc += tl.dot(p.to(w.dtype), w, input_precision="ieee")
         else:
             acc += tl.dot(p.to(w.dtype), w)
     split_rows = tl.program_id(1).to(tl.int64) * R + rows
-    tl.store(out_ptr + split_rows[:, None] * D + dims[None, :], acc,
-             mask=row_mask[:, None] & dim_mask[None, :])
-    tl.store(mass_ptr + split_rows, mass, mask=row_mask)
+    tl.store(out_ptr + split_rows[:, None] * D + out_dims[None, :], acc,
+             mask=row_mask[:, None] & out_mask[None, :])
+    tl.store(mass_ptr + split_rows, mass, mask=row_mask & (pid_d == 0))
 
 
 @triton.jit
@@ -167,54 +179,62 @@ def _softmax_t_project_kernel(
     h_ptr, w_ptr, x_ptr, center_ptr, center_high_ptr, row_max_ptr, log2_sum_ptr, out_ptr,
     R, K, D, scale, alpha,
     CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_IEEE: tl.constexpr,
+    BLOCK_DO: tl.constexpr, DOT_IEEE: tl.constexpr,
 ):
-    """Per K block: out[cols] = softmax(z)[:, cols]^T @ X (BLOCK_K, D) fp32, summed over all R rows."""
+    """Per (K block, output D block): out[cols, dblock] = softmax(z)[:, cols]^T @ X[:, dblock] fp32,
+    summed over all R rows."""
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < K
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    acc = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    out_dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_mask = out_dims < D
+    acc = tl.zeros([BLOCK_K, BLOCK_DO], tl.float32)
     for r0 in range(0, R, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_mask = rows < R
-        offsets = rows.to(tl.int64)[:, None] * D + dims[None, :]
-        mask = row_mask[:, None] & dim_mask[None, :]
-        h = tl.load(h_ptr + offsets, mask=mask, other=0.0)
-        z, w = _logit_tile(h, w_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE)
+        h = tl.load(h_ptr + rows[:, None] * D + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :],
+                    other=0.0)
+        z = _logit_tile(h, w_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE)
         if CENTER:
             z = z - _blended_center(center_ptr, center_high_ptr, cols, col_mask, alpha)[None, :]
         row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
         log2_sum = tl.load(log2_sum_ptr + rows, mask=row_mask, other=0.0)
         p = tl.exp2((z - row_max[:, None]) * scale - log2_sum[:, None])
         p = tl.where(col_mask[None, :] & row_mask[:, None], p, 0.0)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * D + out_dims[None, :], mask=row_mask[:, None] & out_mask[None, :],
+                    other=0.0)
         if DOT_IEEE:
             acc += tl.dot(tl.trans(p.to(x.dtype)), x, input_precision="ieee")
         else:
             acc += tl.dot(tl.trans(p.to(x.dtype)), x)
-    tl.store(out_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :], acc,
-             mask=col_mask[:, None] & dim_mask[None, :])
+    tl.store(out_ptr + cols[:, None] * D + out_dims[None, :], acc,
+             mask=col_mask[:, None] & out_mask[None, :])
 
 
 class _Launch:
     """Block sizes and K splits for one call (small blocks in the interpreter, mma-sized on GPUs)."""
 
     def __init__(self, h: torch.Tensor, K: int, D: int):
+        config = CONFIGS["fp32" if h.dtype == torch.float32 else "16bit"]
         if interpreted(h):
-            self.block_m = self.block_k = INTERPRETER_BLOCK
-        else:
-            self.block_m = GPU_BLOCK_M if h.dtype != torch.float32 else GPU_BLOCK_M // 2
-            self.block_k = GPU_BLOCK_K
+            config = {**config, "BLOCK_M": INTERPRETER_BLOCK, "BLOCK_K": INTERPRETER_BLOCK,
+                      "PROJECT_BLOCK_DO": INTERPRETER_BLOCK, "T_PROJECT_BLOCK_DO": INTERPRETER_BLOCK}
+        self.config = config
+        self.block_m, self.block_k = config["BLOCK_M"], config["BLOCK_K"]
         self.block_d = max(16, triton.next_power_of_2(D))
-        self.num_stages = 1 if h.dtype == torch.float32 else 2
         self.dot_ieee = h.dtype == torch.float32
         self.target = 2 * sm_count(h.device)
         self.K, self.D = K, D
 
+    def d_blocks(self, key: str) -> tuple[int, int]:
+        """(BLOCK_DO, number of output D blocks) of the project kernel named by key."""
+        block_do = min(self.block_d, self.config[key])
+        return block_do, triton.cdiv(self.D, block_do)
+
     def meta(self, **extra):
         return dict(BLOCK_M=self.block_m, BLOCK_K=self.block_k, BLOCK_D=self.block_d, DOT_IEEE=self.dot_ieee,
-                    num_warps=GPU_NUM_WARPS, num_stages=self.num_stages, **extra)
+                    num_warps=self.config["num_warps"], num_stages=self.config["num_stages"], **extra)
 
     def splits(self, R: int) -> tuple[int, int, int]:
         blocks = triton.cdiv(R, self.block_m)
@@ -244,9 +264,10 @@ def _project(launch, h, w_logit, w_proj, center, center_high, row_max, log2_sum,
     blocks, splits, per_split = launch.splits(R)
     out = torch.empty((splits, R, launch.D), dtype=torch.float32, device=h.device)
     mass = torch.empty((splits, R), dtype=torch.float32, device=h.device)
-    _softmax_project_kernel[(blocks, splits)](
+    block_do, d_blocks = launch.d_blocks("PROJECT_BLOCK_DO")
+    _softmax_project_kernel[(blocks, splits, d_blocks)](
         h, w_logit, w_proj, center, center_high, row_max, log2_sum, out, mass, R, launch.K, launch.D,
-        per_split, scale, alpha, **launch.meta(CENTER=centred, SEPARATE_PROJ=w_proj is not w_logit),
+        per_split, scale, alpha, **launch.meta(CENTER=centred, BLOCK_DO=block_do),
     )
     return out.sum(dim=0), mass.sum(dim=0)
 
@@ -254,9 +275,10 @@ def _project(launch, h, w_logit, w_proj, center, center_high, row_max, log2_sum,
 def _t_project(launch, h, w, x, center, center_high, row_max, log2_sum, scale, alpha, centred):
     """softmax(z)^T @ x (K, D) fp32."""
     out = torch.empty((launch.K, launch.D), dtype=torch.float32, device=h.device)
-    _softmax_t_project_kernel[(triton.cdiv(launch.K, launch.block_k),)](
+    block_do, d_blocks = launch.d_blocks("T_PROJECT_BLOCK_DO")
+    _softmax_t_project_kernel[(triton.cdiv(launch.K, launch.block_k), d_blocks)](
         h, w, x.to(h.dtype).contiguous(), center, center_high, row_max, log2_sum, out, h.shape[0], launch.K,
-        launch.D, scale, alpha, **launch.meta(CENTER=centred),
+        launch.D, scale, alpha, **launch.meta(CENTER=centred, BLOCK_DO=block_do),
     )
     return out
 
@@ -449,9 +471,10 @@ def compile_specs() -> list[dict]:
     for dtype, ptr in TRITON_DTYPE.items():
         fp32 = dtype == torch.float32
         name = str(dtype).removeprefix("torch.")
-        blocks = {"BLOCK_M": GPU_BLOCK_M // 2 if fp32 else GPU_BLOCK_M, "BLOCK_K": GPU_BLOCK_K,
-                  "BLOCK_D": 256, "DOT_IEEE": fp32}
-        common = {"num_warps": GPU_NUM_WARPS, "num_stages": 1 if fp32 else 2, "uses_dot": True}
+        config = CONFIGS["fp32" if fp32 else "16bit"]
+        blocks = {"BLOCK_M": config["BLOCK_M"], "BLOCK_K": config["BLOCK_K"], "BLOCK_D": 256,
+                  "DOT_IEEE": fp32}
+        common = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "uses_dot": True}
         for centred in (False, True):
             tag = "teacher" if centred else "student"
             specs.append({
@@ -468,7 +491,7 @@ def compile_specs() -> list[dict]:
                               "center_high_ptr": "*fp32", "row_max_ptr": "*fp32", "log2_sum_ptr": "*fp32",
                               "out_ptr": "*fp32", "mass_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32",
                               "K_PER_SPLIT": "i32", "scale": "fp32", "alpha": "fp32"},
-                "constexprs": {**blocks, "CENTER": centred, "SEPARATE_PROJ": centred}, **common,
+                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["PROJECT_BLOCK_DO"]}, **common,
             })
             specs.append({
                 "name": f"head_softmax_t_project_{tag}_{name}", "fn": _softmax_t_project_kernel,
@@ -476,6 +499,7 @@ def compile_specs() -> list[dict]:
                               "center_high_ptr": "*fp32", "row_max_ptr": "*fp32", "log2_sum_ptr": "*fp32",
                               "out_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32", "scale": "fp32",
                               "alpha": "fp32"},
-                "constexprs": {**blocks, "CENTER": centred}, **common,
+                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["T_PROJECT_BLOCK_DO"]},
+                **common,
             })
     return specs
