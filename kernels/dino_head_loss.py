@@ -12,19 +12,24 @@ Gradients then flow through the normalisations of features and weight_v by autog
 
 Kernels (logit tiles recomputed with tl.dot in every pass, never stored):
     _logit_stats_kernel        rows x K-split: online max / sum of exp per row (+ centre statistics)
-    _softmax_project_kernel    rows x K-split: softmax(z) @ W_proj  (A for the teacher, Bs for the student)
-    _softmax_t_project_kernel  K blocks: softmax(z)^T @ X           (the two terms of dL / dW_s)
-Forward runs stats(teacher), stats(student), project(teacher); backward project(student) and
-two t_project passes.
+    _softmax_project_kernel    rows x K-split x D block: softmax(z) @ W_proj  (A for the teacher, Bs for
+                               the student)
+    _softmax_t_project_kernel  K block x D block: softmax(z)^T @ X   (the two terms of dL / dW_s)
+Forward runs stats(teacher), stats(student), project(teacher); backward project(student) and two
+t_project passes. All reductions are per-program partials summed by torch: no atomics, deterministic.
 
 Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h and W):
-    FLOPs    forward 2 K D (3 R_t + R_s), backward 4 K D (2 R_s + R_t)  (tensor-core dots)
+    useful FLOPs (those of the unfused path's GEMMs, what roofline_cost reports):
+             forward 2 K D (R_t + R_s), backward 4 K D R_s
+    executed FLOPs with the recomputation (16-bit configs: 2 D blocks in project, 4 in t_project):
+             forward 2 K D (4 R_t + R_s), backward 2 K D (8 R_s + 5 R_t); all on tensor cores, so
+             the op stays far from compute bound at DINO sizes (R of a few hundred rows per GPU)
     min HBM  forward (R_s + R_t) D e + K D e (+ K D e for a separate teacher W) + 16 K
-             backward adds K D (e + 4) (read W, write the fp32 weight gradient) + R_s D 4
+             backward adds K D (e + 4) (read W, write the fp32 weight gradient) + 4 R_s D
     Each pass streams W once per BLOCK_M rows (L2 serves the repeats for R <= a few hundred rows).
 Memory saved against the unfused path: the (R_s + R_t) x K logits, probabilities, log-probabilities
-and their gradients (at K = 65536, 2 + 10 views x 64 samples: ~200 MB per fp32 tensor) are never
-allocated; peak extra memory is the fp32 (splits, R, D) partials and the (K, D) weight gradient.
+and their gradients (at K = 65536, 2 + 10 views x 64 samples = 768 rows: 201 MB per fp32 tensor) are
+never allocated; the extra memory is the fp32 (splits, R, D) partials and the (K, D) weight gradient.
 """
 
 import math
@@ -454,19 +459,22 @@ class DINOHeadLoss(torch.nn.Module):
 
 def roofline_cost(S: int, T: int, B: int, K: int, D: int = 256, dtype_bytes: int = 2,
                   backward: bool = True) -> dict[str, int]:
-    """Minimum cost of forward (+ backward): S student / T teacher views of B samples, K prototypes,
-    D bottleneck width, dtype_bytes per feature/weight element. Teacher and student share W."""
+    """Useful FLOPs and minimum HBM bytes of forward (+ backward): S student / T teacher views of B
+    samples, K prototypes, D bottleneck width, dtype_bytes per feature/weight element; teacher and
+    student share W. FLOPs are the unfused path's GEMMs (the kernels execute more, see module doc)."""
     rs, rt = S * B, T * B
-    flops = 2 * K * D * (3 * rt + rs)
+    flops = 2 * K * D * (rt + rs)
     nbytes = (rs + rt) * D * dtype_bytes + K * D * dtype_bytes + 16 * K
     if backward:
-        flops += 4 * K * D * (2 * rs + rt)
+        flops += 4 * K * D * rs
         nbytes += K * D * (dtype_bytes + 4) + rs * D * 4
     return {"flops": flops, "bytes": nbytes}
 
 
 def compile_specs() -> list[dict]:
-    """Every shipped configuration (operand dtype x kernel x centred) for the AOT compile report."""
+    """Every shipped configuration (operand dtype x kernel x centred) for the AOT compile report.
+
+    BLOCK_D = 256 is the DINO bottleneck; other widths compile on first use with the same tiles."""
     specs = []
     for dtype, ptr in TRITON_DTYPE.items():
         fp32 = dtype == torch.float32
@@ -474,7 +482,9 @@ def compile_specs() -> list[dict]:
         config = CONFIGS["fp32" if fp32 else "16bit"]
         blocks = {"BLOCK_M": config["BLOCK_M"], "BLOCK_K": config["BLOCK_K"], "BLOCK_D": 256,
                   "DOT_IEEE": fp32}
-        common = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "uses_dot": True}
+        # uses_dot means tensor-core dots (mma on sm_80, wgmma on sm_90): the fp32 configs' exact IEEE
+        # dots compile to FMA loops, so the compile report must not expect mma from them
+        common = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "uses_dot": not fp32}
         for centred in (False, True):
             tag = "teacher" if centred else "student"
             specs.append({
