@@ -32,6 +32,9 @@ def check_tensor(name: str, x: torch.Tensor, ndim: int, device: torch.device | N
         raise ValueError(f"{name} must be contiguous (call .contiguous() first); got strides {x.stride()}")
     if x.device.type not in ("cuda", "cpu"):
         raise ValueError(f"{name} must be on a cuda device (or cpu under TRITON_INTERPRET=1), got {x.device}")
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{name} is on the cpu: the Triton kernels need cuda tensors, or TRITON_INTERPRET=1 "
+                         "set before triton is imported (tests); on cpu use the op registry's torch backend")
 
 
 def check_positive(name: str, value: float) -> None:

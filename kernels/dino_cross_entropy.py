@@ -90,7 +90,7 @@ def _dino_ce_fwd_kernel(
 
 @triton.jit
 def _dino_ce_bwd_kernel(
-    student_ptr, teacher_ptr, row_max_ptr, log2_sum_ptr, n_ptr, grad_ptr,
+    student_ptr, teacher_ptr, row_max_ptr, log2_sum_ptr, n_ptr, grad_loss_ptr, grad_ptr,
     S, T, B, K, K_PER_SPLIT, scale, grad_scale,
     BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -102,6 +102,7 @@ def _dino_ce_bwd_kernel(
     row_max = tl.load(row_max_ptr + views * B + b, mask=row_mask, other=0.0)
     log2_sum = tl.load(log2_sum_ptr + views * B + b, mask=row_mask, other=0.0)
     n = tl.load(n_ptr + views * B + b, mask=row_mask, other=0.0)
+    grad_scale = grad_scale * tl.load(grad_loss_ptr).to(tl.float32)  # read on device: no host sync
     for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < k_end
@@ -155,8 +156,8 @@ class _DINOCrossEntropy(torch.autograd.Function):
         tau = ctx.student_temperature
         grad = torch.empty_like(student_logits)
         _dino_ce_bwd_kernel[(B, splits)](
-            student_logits, teacher_probs, row_max, log2_sum, n, grad, S, T, B, K, per_split,
-            math.log2(math.e) / tau, float(grad_loss) / (ctx.pairs * B * tau),
+            student_logits, teacher_probs, row_max, log2_sum, n, grad_loss.float().contiguous(), grad,
+            S, T, B, K, per_split, math.log2(math.e) / tau, 1.0 / (ctx.pairs * B * tau),
             BLOCK_S=block_s, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
         )
         return grad, None, None
@@ -231,7 +232,7 @@ def compile_specs() -> list[dict]:
         specs.append({
             "name": f"dino_ce_bwd_{name}", "fn": _dino_ce_bwd_kernel,
             "signature": {"student_ptr": ptr, "teacher_ptr": "*fp32", "row_max_ptr": "*fp32",
-                          "log2_sum_ptr": "*fp32", "n_ptr": "*fp32",
+                          "log2_sum_ptr": "*fp32", "n_ptr": "*fp32", "grad_loss_ptr": "*fp32",
                           "grad_ptr": ptr, "S": "i32", "T": "i32", "B": "i32", "K": "i32",
                           "K_PER_SPLIT": "i32", "scale": "fp32", "grad_scale": "fp32"},
             **common,

@@ -301,8 +301,9 @@ class _DINOHeadLoss(torch.autograd.Function):
                                           False)
         A, mass = _project(launch, ht, wt, ws, center, center_high, t_max, t_log2_sum, scale_t, alpha, True)
         A, mass = A.reshape(T, B, -1), mass.reshape(T, B)
-        pair = (torch.arange(T).unsqueeze(1) != torch.arange(S).unsqueeze(0)).float().to(hs.device)  # (T, S)
-        pairs = int(pair.sum().item())
+        views_t, views_s = torch.arange(T, device=hs.device), torch.arange(S, device=hs.device)
+        pair = (views_t.unsqueeze(1) != views_s.unsqueeze(0)).float()  # (T, S): 1 where the views differ
+        pairs = T * S - min(S, T)
         lse = (s_max / tau_s + s_log2_sum * math.log(2.0)).reshape(S, B)
         hs3 = hs.float().reshape(S, B, -1)
         cross = torch.einsum("tbd,sbd->tsb", A, hs3)
@@ -361,6 +362,8 @@ def _validate(student_features, teacher_features, weight_v, center, center_high,
                              f"{tuple(weight_v.shape)}")
     if D > 512:
         raise ValueError(f"feature width D={D} > 512 is not supported (the DINO bottleneck is 256)")
+    if max(K, S * B, T * B) * D >= 2**31:
+        raise ValueError(f"K * D = {K * D} and rows * D must stay below 2**31 (32-bit kernel offsets)")
     for name, x in (("center", center), ("center_high", center_high)):
         check_tensor(name, x, 1, device)
         if x.shape[0] != K:

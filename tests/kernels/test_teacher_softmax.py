@@ -111,3 +111,10 @@ def test_roofline_and_specs():
     specs = compile_specs()
     assert {s["name"] for s in specs} >= {"teacher_softmax_float16_r1", "teacher_softmax_bfloat16_r4"}
     assert all(not s["uses_dot"] for s in specs)
+
+
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    t, c, ch, hw = _inputs(3, 20, torch.float32, "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        teacher_softmax(t, c, ch, hw, 0.04, 0.8)
