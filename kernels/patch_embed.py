@@ -1,0 +1,319 @@
+"""Fused patch embedding: patchify + GEMM + bias + modality embedding (+ position embedding).
+
+Math (reference.patch_embed): x (B, C, H, W), weight (E, C, p, p) (a Conv2d weight), bias (E,),
+modality_embed (E,), pos_embed (N, E); with M = B N patch rows and Kd = C p p:
+    out[m, e] = sum_k X[m, k] W[e, k] + bias[e] + modality_embed[e] + pos_embed[m % N, e]
+where X[m, k] is pixel (c, i, j) = divmod of k of patch m, gathered straight from x by pointer
+arithmetic inside the kernel: no unfolded (M, Kd) copy of the image is ever written.
+
+Backward: grad_weight = G^T X gathers the patches again (one more read of x, no unfold);
+grad_x = G W is scattered back to pixels (patches do not overlap, so a pure write); the bias,
+modality and position gradients are column sums of G done by torch (one read of G each).
+
+Cost per forward call (e = bytes per element of x / out):
+    FLOPs = 2 M Kd E
+    minimum HBM bytes = e (B C H W + M E) + e E Kd + 4 E (bias, embed) [+ e N E with pos_embed]
+The weight is re-read once per row block (M / BLOCK_M times), from L2 in practice. At ViT-B
+sizes (M = 256 x 196, Kd = 12 x 256, E = 2304) the GEMM is compute bound (~110 FLOPs per byte).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+# Tile configs. H100 (sm_90) and A100 (sm_80): 128 x 128 output tiles with BLOCK_K = 32 keep the
+# gathered patch tile and the weight tile in shared memory for a 3-4 stage pipeline (~64 KB at
+# fp16) and use tensor cores (wgmma / mma); the compile report shows no spills for these. fp32
+# inputs use tf32 tensor cores when torch allows tf32 for cuDNN convolutions (the default), matching
+# what nn.Conv2d does, else exact fp32 FMA. The interpreter pays per op, not per element, so it gets
+# wide K tiles (fewer loop trips); its shapes are still ragged against these tiles in the tests.
+GPU_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
+
+
+@triton.jit
+def _patch_offsets(rows, cols, N, GW, C, H, W, P: tl.constexpr):
+    """Element offsets of patch rows x (c, i, j) columns in a contiguous (B, C, H, W) image."""
+    b = rows // N
+    n = rows % N
+    row_base = b.to(tl.int64) * C * H * W + (n // GW) * P * W + (n % GW) * P
+    c = cols // (P * P)
+    ij = cols % (P * P)
+    col_off = c * H * W + (ij // P) * W + (ij % P)
+    return row_base[:, None] + col_off[None, :]
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, bias_ptr, embed_ptr, pos_ptr, out_ptr,
+    M, E, KD, N, GW, C, H, W,
+    P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EMBED: tl.constexpr, HAS_POS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_e = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    e_mask = cols_e < E
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, KD, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < KD
+        a = tl.load(x_ptr + _patch_offsets(rows, ks, N, GW, C, H, W, P),
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols_e.to(tl.int64)[None, :] * KD + ks[:, None],
+                    mask=k_mask[:, None] & e_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols_e, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_EMBED:
+        acc += tl.load(embed_ptr + cols_e, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+    mask = row_mask[:, None] & e_mask[None, :]
+    if HAS_POS:
+        n = rows % N
+        acc += tl.load(pos_ptr + n.to(tl.int64)[:, None] * E + cols_e[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * E + cols_e[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_weight_kernel(
+    x_ptr, g_ptr, gw_ptr,
+    M, E, KD, N, GW, C, H, W,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grad_weight (E, KD) fp32 = G^T (E x M) @ X (M x KD), X gathered from x again."""
+    cols_e = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    e_mask = cols_e < E
+    k_mask = ks < KD
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        g_t = tl.load(g_ptr + rows.to(tl.int64)[None, :] * E + cols_e[:, None],
+                      mask=e_mask[:, None] & row_mask[None, :], other=0.0)
+        a = tl.load(x_ptr + _patch_offsets(rows, ks, N, GW, C, H, W, P),
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(g_t, a.to(g_t.dtype), acc, input_precision=DOT_PRECISION)
+    tl.store(gw_ptr + cols_e.to(tl.int64)[:, None] * KD + ks[None, :], acc, mask=e_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def _grad_input_kernel(
+    g_ptr, w_ptr, gx_ptr,
+    M, E, KD, N, GW, C, H, W,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grad_x = scatter(G (M x E) @ W (E x KD)) to pixels; every pixel is written exactly once."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = rows < M
+    k_mask = ks < KD
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_N):
+        cols_e = e0 + tl.arange(0, BLOCK_N)
+        e_mask = cols_e < E
+        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * E + cols_e[None, :],
+                    mask=row_mask[:, None] & e_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols_e.to(tl.int64)[:, None] * KD + ks[None, :],
+                    mask=e_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(g, w.to(g.dtype), acc, input_precision=DOT_PRECISION)
+    tl.store(gx_ptr + _patch_offsets(rows, ks, N, GW, C, H, W, P), acc.to(gx_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & k_mask[None, :])
+
+
+def _interpreted(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _config(x: torch.Tensor) -> dict:
+    return INTERPRETER_CONFIG if _interpreted(x) else GPU_CONFIG
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _check(name: str, t: torch.Tensor | None, shape: tuple[int, ...] | None, device: torch.device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; move it to {device}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def validate(x, weight, bias, modality_embed, pos_embed) -> None:
+    """Raise a clear error for any input the kernel cannot take, before anything is launched."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    _check("x", x, None, x.device)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[-1] != weight.shape[-2]:
+        raise ValueError(f"weight must be a Conv2d weight (E, C, p, p), got {getattr(weight, 'shape', None)}")
+    E, C, p, _ = weight.shape
+    B, Cx, H, W = x.shape
+    if Cx != C:
+        raise ValueError(f"x has {Cx} channels but weight expects C={C} (weight shape {tuple(weight.shape)})")
+    if H % p or W % p:
+        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
+    _check("weight", weight, None, x.device)
+    _check("bias", bias, (E,), x.device)
+    _check("modality_embed", None if modality_embed is None else modality_embed.reshape(-1), (E,), x.device)
+    _check("pos_embed", None if pos_embed is None else pos_embed.reshape(-1, E), ((H // p) * (W // p), E), x.device)
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("x is on the cpu: the Triton kernel needs cuda tensors, or TRITON_INTERPRET=1 set before "
+                         "triton is imported; on cpu use terrafm_kernels.reference.patch_embed")
+    if x.numel() >= 2**31 or B * (H // p) * (W // p) * E >= 2**31:
+        raise ValueError("patch_embed: inputs or outputs of 2**31 elements or more are not supported; split the batch")
+
+
+def _geometry(x: torch.Tensor, weight: torch.Tensor) -> dict:
+    B, C, H, W = x.shape
+    E, _, p, _ = weight.shape
+    gh, gw = H // p, W // p
+    return dict(M=B * gh * gw, E=E, KD=C * p * p, N=gh * gw, GW=gw, C=C, H=H, W=W)
+
+
+class PatchEmbedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, modality_embed, pos_embed):
+        geo = _geometry(x, weight)
+        cfg = _config(x)
+        p = weight.shape[-1]
+        x_c, w_c = x.contiguous(), weight.contiguous()
+        out = torch.empty((geo["M"], geo["E"]), dtype=x.dtype, device=x.device)
+        grid = (triton.cdiv(geo["M"], cfg["BLOCK_M"]), triton.cdiv(geo["E"], cfg["BLOCK_N"]))
+        dummy = out
+        _forward_kernel[grid](
+            x_c, w_c.to(x.dtype), dummy if bias is None else bias.contiguous(),
+            dummy if modality_embed is None else modality_embed.reshape(-1).contiguous(),
+            dummy if pos_embed is None else pos_embed.reshape(-1, geo["E"]).contiguous(), out,
+            *geo.values(), P=p, HAS_BIAS=bias is not None, HAS_EMBED=modality_embed is not None,
+            HAS_POS=pos_embed is not None, DOT_PRECISION=_dot_precision(x.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        ctx.save_for_backward(x_c, w_c)
+        ctx.has = (bias is not None, modality_embed is not None, pos_embed is not None)
+        ctx.shapes = (None if modality_embed is None else modality_embed.shape,
+                      None if pos_embed is None else pos_embed.shape)
+        return out.view(x.shape[0], geo["N"], geo["E"])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        geo = _geometry(x, weight)
+        cfg = _config(x)
+        p = weight.shape[-1]
+        g = grad_out.reshape(geo["M"], geo["E"]).contiguous().to(x.dtype)
+        common = dict(P=p, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                      BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            gw = torch.empty((geo["E"], geo["KD"]), dtype=torch.float32, device=x.device)
+            grid = (triton.cdiv(geo["E"], cfg["BLOCK_N"]), triton.cdiv(geo["KD"], cfg["BLOCK_K"]))
+            _grad_weight_kernel[grid](x, g, gw, *geo.values(), **common)
+            grad_w = gw.view(weight.shape).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x)
+            grid = (triton.cdiv(geo["M"], cfg["BLOCK_M"]), triton.cdiv(geo["KD"], cfg["BLOCK_K"]))
+            _grad_input_kernel[grid](g, weight.to(x.dtype), grad_x, *geo.values(), **common)
+        has_bias, has_embed, has_pos = ctx.has
+        col_sum = grad_out.reshape(geo["M"], geo["E"]).float().sum(0) if (has_bias or has_embed) else None
+        grad_bias = col_sum if has_bias and ctx.needs_input_grad[2] else None
+        grad_embed = col_sum.reshape(ctx.shapes[0]) if has_embed and ctx.needs_input_grad[3] else None
+        grad_pos = None
+        if has_pos and ctx.needs_input_grad[4]:
+            grad_pos = grad_out.float().sum(0).reshape(ctx.shapes[1])
+        return grad_x, grad_w, grad_bias, grad_embed, grad_pos
+
+
+def patch_embed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    modality_embed: torch.Tensor | None = None,
+    pos_embed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused reference.patch_embed: (B, C, H, W) -> (B, N, E) in x's dtype, fp32 accumulation.
+
+    Gradients flow to x (only when it requires grad), weight, bias, modality_embed and pos_embed.
+    """
+    validate(x, weight, bias, modality_embed, pos_embed)
+    return PatchEmbedFunction.apply(x, weight, bias, modality_embed, pos_embed)
+
+
+class PatchEmbed(torch.nn.Module):
+    """Drop-in for timm's PatchEmbed: `proj` is a Conv2d ([D, C, p, p] weights load unchanged).
+
+    Runs the Triton kernel when the input is on CUDA (or on CPU under TRITON_INTERPRET=1) and the
+    reference (conv2d) otherwise, so the same module works in any environment.
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768, bias: bool = True):
+        super().__init__()
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        if self.patch_size[0] != self.patch_size[1]:
+            raise ValueError(f"PatchEmbed supports square patches, got {self.patch_size}")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = torch.nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+            return patch_embed(x, self.proj.weight, self.proj.bias)
+        from .reference import patch_embed as reference
+
+        return reference(x, self.proj.weight, self.proj.bias)
+
+
+def roofline_cost(B: int, C: int, H: int, W: int, E: int, patch: int, bytes_per_element: int = 2,
+                  pos_embed: bool = False) -> dict:
+    """Forward FLOPs and minimum HBM bytes for one call (see the module docstring)."""
+    M, KD = B * (H // patch) * (W // patch), C * patch * patch
+    e = bytes_per_element
+    moved = e * (B * C * H * W + M * E + E * KD) + 8 * E + (e * (M // B) * E if pos_embed else 0)
+    return {"flops": 2 * M * KD * E, "bytes": moved}
+
+
+def compile_specs() -> list[dict]:
+    """Every shipped GPU configuration (dtype x kernel) for the AOT compile report."""
+    specs = []
+    geo = {"M": "i32", "E": "i32", "KD": "i32", "N": "i32", "GW": "i32", "C": "i32", "H": "i32", "W": "i32"}
+    tiles = {k: GPU_CONFIG[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    for dtype, ptr in TRITON_DTYPE.items():
+        name = str(dtype).removeprefix("torch.")
+        precision = _dot_precision(dtype)
+        base = {"num_warps": GPU_CONFIG["num_warps"], "num_stages": GPU_CONFIG["num_stages"], "uses_dot": True}
+        specs.append({
+            **base, "name": f"patch_embed_fwd_{name}", "fn": _forward_kernel,
+            "signature": {"x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "embed_ptr": ptr, "pos_ptr": ptr,
+                          "out_ptr": ptr, **geo},
+            "constexprs": {"P": 16, "HAS_BIAS": True, "HAS_EMBED": True, "HAS_POS": False,
+                           "DOT_PRECISION": precision, **tiles},
+        })
+        specs.append({
+            **base, "name": f"patch_embed_grad_weight_{name}", "fn": _grad_weight_kernel,
+            "signature": {"x_ptr": ptr, "g_ptr": ptr, "gw_ptr": "*fp32", **geo},
+            "constexprs": {"P": 16, "DOT_PRECISION": precision, **tiles},
+        })
+        specs.append({
+            **base, "name": f"patch_embed_grad_input_{name}", "fn": _grad_input_kernel,
+            "signature": {"g_ptr": ptr, "w_ptr": ptr, "gx_ptr": ptr, **geo},
+            "constexprs": {"P": 16, "DOT_PRECISION": precision, **tiles},
+        })
+    return specs

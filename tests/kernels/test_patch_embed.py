@@ -1,0 +1,133 @@
+"""Fused patch embedding vs the float64 reference: forward and every gradient, ragged shapes.
+
+Runs the Triton kernel under TRITON_INTERPRET=1 on CPU (conftest) or compiled on CUDA. bf16 is
+tested only on CUDA: the kernel's GEMM is a tl.dot, and tl.dot on bf16 operands is wrong under
+the Triton interpreter.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from terrafm_kernels import reference
+from terrafm_kernels.patch_embed import PatchEmbed, patch_embed
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def _inputs(B, C, H, W, E, p, dtype, device, pos=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    tensors = {
+        "x": make(B, C, H, W), "weight": make(E, C, p, p) * (C * p * p) ** -0.5, "bias": make(E),
+        "modality_embed": make(E), "pos_embed": make((H // p) * (W // p), E) if pos else None,
+    }
+    return {k: None if v is None else v.to(device=device, dtype=dtype).requires_grad_() for k, v in tensors.items()}
+
+
+def _max_err(a, b):
+    return (a.double().cpu() - b.double().cpu()).abs().max().item()
+
+
+def _check(B, C, H, W, E, p, dtype, device, pos=True, seed=0):
+    """flash-attn rule: kernel error vs fp64 <= 2 x plain PyTorch error at the same dtype + atol."""
+    args = _inputs(B, C, H, W, E, p, dtype, device, pos, seed)
+    names = [k for k, v in args.items() if v is not None]
+    oracle_args = {k: None if v is None else v.detach().cpu().double().requires_grad_() for k, v in args.items()}
+    plain_args = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in args.items()}
+    if device == "cpu" and dtype == torch.float16:  # CPU conv has no fp16 kernel: plain = fp32 rounded to fp16
+        plain_args = {k: None if v is None else v.detach().float().requires_grad_() for k, v in args.items()}
+    out = patch_embed(**args)
+    oracle = reference.patch_embed(**oracle_args)
+    plain = reference.patch_embed(**plain_args)
+    assert out.dtype == dtype and out.shape == (B, (H // p) * (W // p), E)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
+    out.backward(grad.to(device=device, dtype=dtype))
+    oracle.backward(grad.double())
+    plain.backward(grad.to(dtype=plain.dtype, device=plain.device))
+    err, ref_err = _max_err(out, oracle), _max_err(plain.to(dtype), oracle)
+    assert err <= 2 * ref_err + ATOL[dtype], f"out: {err:.3e} vs plain {ref_err:.3e}"
+    for k in names:
+        g_err = _max_err(args[k].grad, oracle_args[k].grad)
+        g_ref = _max_err(plain_args[k].grad.to(dtype), oracle_args[k].grad)
+        scale = max(1.0, oracle_args[k].grad.abs().max().item())
+        assert g_err <= 2 * g_ref + ATOL[dtype] * scale, f"grad {k}: {g_err:.3e} vs plain {g_ref:.3e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,C,H,W,E,p", [
+    (2, 12, 32, 48, 40, 16),   # S2: 12 bands, non-square image, E not a multiple of the block
+    (3, 2, 16, 16, 24, 16),    # S1: 2 bands, one patch per image
+    (1, 3, 28, 42, 19, 14),    # RGB ViT patch 14, ragged everything
+    (2, 13, 24, 16, 33, 8),    # 13 bands (S2 with B10), patch 8
+])
+def test_matches_float64_reference(B, C, H, W, E, p, dtype, device):
+    _check(B, C, H, W, E, p, dtype, device)
+
+
+def test_without_position_embedding_and_without_input_grad(device):
+    args = _inputs(2, 12, 32, 32, 20, 16, torch.float32, device, pos=False)
+    args["x"].requires_grad_(False)
+    out = patch_embed(**args)
+    ref = reference.patch_embed(**{k: None if v is None else v.detach().double() for k, v in args.items()})
+    torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert args["x"].grad is None and args["weight"].grad is not None
+
+
+@settings(max_examples=5, deadline=None)
+@given(B=st.integers(1, 3), C=st.sampled_from([2, 3, 12, 13]), gh=st.integers(1, 3), gw=st.integers(1, 3),
+       E=st.integers(1, 40), p=st.sampled_from([8, 14, 16]), seed=st.integers(0, 100))
+def test_hypothesis_shapes(B, C, gh, gw, E, p, seed):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check(B, C, gh * p, gw * p, E, p, torch.float32, device, pos=seed % 2 == 0, seed=seed)
+
+
+def test_module_is_a_timm_style_drop_in(device):
+    module = PatchEmbed(img_size=32, patch_size=16, in_chans=12, embed_dim=24).to(device)
+    assert module.proj.weight.shape == (24, 12, 16, 16)
+    assert module.num_patches == 4 and module.grid_size == (2, 2)
+    x = torch.randn(2, 12, 32, 32, device=device)
+    expected = module.proj(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+    module.load_state_dict({"proj.weight": torch.zeros(24, 12, 16, 16), "proj.bias": torch.ones(24)})
+    assert torch.equal(module(x).cpu(), torch.ones(2, 4, 24))
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a.update(x=a["x"][:, :5]), ValueError, "x has 5 channels but weight expects C=12"),
+    (lambda a: a.update(x=a["x"][..., :30]), ValueError, "not divisible by the patch size 16"),
+    (lambda a: a.update(x=a["x"][0]), ValueError, r"\(B, C, H, W\)"),
+    (lambda a: a.update(x=a["x"].to(torch.int32)), TypeError, "float32, float16 or bfloat16"),
+    (lambda a: a.update(bias=a["bias"][:-1]), ValueError, r"bias must have shape \(20,\)"),
+    (lambda a: a.update(pos_embed=a["pos_embed"][:3]), ValueError, "pos_embed must have shape"),
+    (lambda a: a.update(weight=a["weight"][..., :8]), ValueError, "Conv2d weight"),
+    (lambda a: a.update(bias=a["bias"].to("meta")), ValueError, "move it to"),
+])
+def test_bad_inputs_raise_before_launch(change, error, match, device):
+    args = {k: v.detach() for k, v in _inputs(2, 12, 32, 32, 20, 16, torch.float32, device).items()}
+    change(args)
+    with pytest.raises(error, match=match):
+        patch_embed(**args)
+
+
+def test_cpu_without_interpreter_points_to_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    args = {k: v.detach() for k, v in _inputs(1, 2, 16, 16, 8, 16, torch.float32, "cpu").items()}
+    with pytest.raises(ValueError, match="reference.patch_embed"):
+        patch_embed(**args)
+
+
+def test_registry_and_model_use_the_kernel(device):
+    from terrafm import ops
+    from terrafm.models import build_model
+
+    assert ops.get("patch_embed", device, "triton") is patch_embed
+    model = build_model("terrafm_tiny", img_size=32).to(device).eval()
+    kernel_model = build_model("terrafm_tiny", img_size=32, ops={"patch_embed": "triton"}).to(device).eval()
+    kernel_model.load_state_dict(model.state_dict())
+    x = torch.randn(2, 12, 32, 32, device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(kernel_model(x, "s2_l2a"), model(x, "s2_l2a"), rtol=1e-4, atol=1e-4)
