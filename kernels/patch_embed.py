@@ -26,13 +26,19 @@ import triton.language as tl
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
-# Tile configs. H100 (sm_90) and A100 (sm_80): 128 x 128 output tiles with BLOCK_K = 32 keep the
-# gathered patch tile and the weight tile in shared memory for a 3-4 stage pipeline (~64 KB at
-# fp16) and use tensor cores (wgmma / mma); the compile report shows no spills for these. fp32
-# inputs use tf32 tensor cores when torch allows tf32 for cuDNN convolutions (the default), matching
-# what nn.Conv2d does, else exact fp32 FMA. The interpreter pays per op, not per element, so it gets
-# wide K tiles (fewer loop trips); its shapes are still ragged against these tiles in the tests.
-GPU_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3}
+# Tile configs, from the compile report (python -m terrafm_kernels.compile_report) and the roofline.
+# fp16/bf16 on H100 (sm_90) and A100 (sm_80): 128 x 128 output tiles, BLOCK_K = 32, 8 warps, 3
+# stages: ~32-40 KB of shared memory, wgmma / mma, 236-255 registers and no spills. The gathered
+# patch tile needs a 64-bit address per element, which is what fills the register file; a wider
+# BLOCK_K spills. fp32 inputs run tf32 tensor cores when torch allows tf32 for cuDNN convolutions
+# (its default, so this matches nn.Conv2d) and need half the tile: 128 x 128 fp32 spilled 72-128
+# bytes of stack and grad_weight wanted 240 KB of shared memory on sm_90 (limit 227 KB).
+GPU_CONFIGS = {
+    2: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    4: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
+}
+# The interpreter pays per op, not per element, so it gets wide K tiles (fewer loop trips); the
+# test shapes are still ragged against these tiles.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
 
 
@@ -133,7 +139,7 @@ def _interpreted(x: torch.Tensor) -> bool:
 
 
 def _config(x: torch.Tensor) -> dict:
-    return INTERPRETER_CONFIG if _interpreted(x) else GPU_CONFIG
+    return INTERPRETER_CONFIG if _interpreted(x) else GPU_CONFIGS[x.element_size()]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -294,11 +300,12 @@ def compile_specs() -> list[dict]:
     """Every shipped GPU configuration (dtype x kernel) for the AOT compile report."""
     specs = []
     geo = {"M": "i32", "E": "i32", "KD": "i32", "N": "i32", "GW": "i32", "C": "i32", "H": "i32", "W": "i32"}
-    tiles = {k: GPU_CONFIG[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
     for dtype, ptr in TRITON_DTYPE.items():
         name = str(dtype).removeprefix("torch.")
         precision = _dot_precision(dtype)
-        base = {"num_warps": GPU_CONFIG["num_warps"], "num_stages": GPU_CONFIG["num_stages"], "uses_dot": True}
+        config = GPU_CONFIGS[dtype.itemsize]
+        tiles = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+        base = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "uses_dot": True}
         specs.append({
             **base, "name": f"patch_embed_fwd_{name}", "fn": _forward_kernel,
             "signature": {"x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "embed_ptr": ptr, "pos_ptr": ptr,
