@@ -1,0 +1,332 @@
+"""Fused adaptive cross-attention fusion over modality tokens (TerraFM Case N), forward and backward.
+
+Math (reference.cross_attention_fusion): keys, values (T, M, A) for T patch positions and M
+modalities, queries (Q, A), pool (A,), H heads of width d = A / H:
+    a[t, h, q, :] = softmax_m(queries[q, h] . keys[t, m, h] / sqrt(d))
+    z[t, q, h]    = sum_m a[t, h, q, m] values[t, m, h]
+    w[t, :]       = softmax_q(z[t, q] . pool)
+    out[t]        = sum_q w[t, q] z[t, q]                                     (T, A)
+The pooling weights need every head before any output can be written, so the forward kernel
+walks the heads twice per position (logits, then outputs), recomputing the tiny (Q x M) attention
+instead of storing z (a (T, Q, A) tensor). Saved for backward: w (T, Q) only.
+
+Backward: kernel 1 (per position) recomputes z to get dl = dsoftmax(w, z . dout); kernel 2 (per
+column chunk x head x block of positions) recomputes the head's attention, writes grad_keys /
+grad_values for its columns and accumulates grad_queries / grad_pool in registers, one fp32
+partial per program, summed by torch afterwards (deterministic, no atomics). No (T, M, A) temporary is created
+besides the gradients themselves.
+
+Cost per forward call (e = bytes per element):
+    FLOPs ~ 2 x 4 T Q M A (scores and weighted sum, twice) + 4 T Q A (pooling)
+    minimum HBM bytes = e (2 T M A + T A) + e (Q A + A)
+That is ~4 Q / (3 e) FLOPs per byte (M = 2-3): memory bound on H100/A100, so the small per-head
+products use fp32 FMA dots (exact, any input dtype) rather than tensor cores.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+MAX_MODALITIES = 16
+MAX_QUERIES = 64
+# Positions per backward program: 128 on a GPU keeps the grad_queries partials at
+# T / 128 x Q x A fp32 (~24 MB for ViT-L at batch 256) with thousands of programs in flight;
+# the interpreter pays per op, so it gets few positions per program.
+GPU_BLOCK_T = 128
+INTERPRETER_BLOCK_T = 4
+# Warps and chunks, from the compile report: the per-head tiles are (16, next_pow2(d)) fp32, 256
+# wide at ViT-B/L (d = 144, 192). With 4 warps the forward needed ~254 registers; 8 warps fit the
+# forward and the pool backward. The head backward keeps ~10 tiles alive per position and spilled
+# up to 896 bytes of stack even at 16 warps, so it works on D_CHUNK columns of the head at a time
+# (one program per chunk), accumulating the full-width scores chunk by chunk.
+NUM_WARPS = 8
+NUM_WARPS_BACKWARD_HEAD = 4
+D_CHUNK = 32
+
+
+@triton.jit
+def _head(k_ptr, v_ptr, q_ptr, row, h, M, Q, A, D, scale,
+          BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Attention of the Q queries over the M modality tokens of one position, for head h."""
+    qs = tl.arange(0, BLOCK_Q)
+    ms = tl.arange(0, BLOCK_M)
+    ds = tl.arange(0, BLOCK_D)
+    m_ok = (ms < M) & (row >= 0)
+    d_ok = ds < D
+    tok = row.to(tl.int64) * M * A + ms[:, None] * A + h * D + ds[None, :]
+    kv_mask = m_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + tok, mask=kv_mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + tok, mask=kv_mask, other=0.0).to(tl.float32)
+    qh = tl.load(q_ptr + qs[:, None] * A + h * D + ds[None, :], mask=(qs < Q)[:, None] & d_ok[None, :],
+                 other=0.0).to(tl.float32)
+    s = tl.dot(qh, tl.trans(k), input_precision="ieee") * scale
+    s = tl.where((ms < M)[None, :], s, float("-inf"))
+    p = tl.exp(s - tl.max(s, axis=1)[:, None])
+    a = p / tl.sum(p, axis=1)[:, None]
+    z = tl.dot(a, v, input_precision="ieee")
+    return a, z, k, v, qh
+
+
+@triton.jit
+def _forward_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, out_ptr, w_ptr, M, Q, A, D, scale,
+                    H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    qs = tl.arange(0, BLOCK_Q)
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    logits = tl.zeros([BLOCK_Q], tl.float32)
+    for h in range(H):
+        _, z, _, _, _ = _head(k_ptr, v_ptr, q_ptr, row, h, M, Q, A, D, scale, BLOCK_Q, BLOCK_M, BLOCK_D)
+        pool = tl.load(pool_ptr + h * D + ds, mask=d_ok, other=0.0).to(tl.float32)
+        logits += tl.sum(z * pool[None, :], axis=1)
+    logits = tl.where(qs < Q, logits, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=0))
+    w = e / tl.sum(e, axis=0)
+    tl.store(w_ptr + row.to(tl.int64) * Q + qs, w, mask=qs < Q)
+    for h in range(H):
+        _, z, _, _, _ = _head(k_ptr, v_ptr, q_ptr, row, h, M, Q, A, D, scale, BLOCK_Q, BLOCK_M, BLOCK_D)
+        out = tl.sum(w[:, None] * z, axis=0)
+        tl.store(out_ptr + row.to(tl.int64) * A + h * D + ds, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _backward_pool_kernel(k_ptr, v_ptr, q_ptr, w_ptr, dout_ptr, dl_ptr, M, Q, A, D, scale,
+                          H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dl[t] = w * (dw - sum(w dw)) with dw[q] = z[t, q] . dout[t]: the pooling softmax's backward."""
+    row = tl.program_id(0)
+    qs = tl.arange(0, BLOCK_Q)
+    ds = tl.arange(0, BLOCK_D)
+    dw = tl.zeros([BLOCK_Q], tl.float32)
+    for h in range(H):
+        _, z, _, _, _ = _head(k_ptr, v_ptr, q_ptr, row, h, M, Q, A, D, scale, BLOCK_Q, BLOCK_M, BLOCK_D)
+        dout = tl.load(dout_ptr + row.to(tl.int64) * A + h * D + ds, mask=ds < D, other=0.0).to(tl.float32)
+        dw += tl.sum(z * dout[None, :], axis=1)
+    w = tl.load(w_ptr + row.to(tl.int64) * Q + qs, mask=qs < Q, other=0.0)
+    dl = w * (dw - tl.sum(w * dw, axis=0))
+    tl.store(dl_ptr + row.to(tl.int64) * Q + qs, dl, mask=qs < Q)
+
+
+@triton.jit
+def _load_chunk(k_ptr, v_ptr, q_ptr, dout_ptr, pool_ptr, w, dl, t, T, h, c0, M, Q, A, D,
+                BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
+    """Columns c0..c0+D_CHUNK of head h at position t: keys, values, queries and dz = w dout + dl pool."""
+    qs = tl.arange(0, BLOCK_Q)
+    ms = tl.arange(0, BLOCK_M)
+    cs = c0 + tl.arange(0, D_CHUNK)
+    c_ok = cs < D
+    m_ok = (ms < M) & (t < T)
+    tok = t.to(tl.int64) * M * A + ms[:, None] * A + h * D + cs[None, :]
+    k = tl.load(k_ptr + tok, mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + tok, mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    qh = tl.load(q_ptr + qs[:, None] * A + h * D + cs[None, :], mask=(qs < Q)[:, None] & c_ok[None, :],
+                 other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + t.to(tl.int64) * A + h * D + cs, mask=c_ok & (t < T), other=0.0).to(tl.float32)
+    pool = tl.load(pool_ptr + h * D + cs, mask=c_ok, other=0.0).to(tl.float32)
+    dz = w[:, None] * dout[None, :] + dl[:, None] * pool[None, :]
+    return k, v, qh, dz
+
+
+@triton.jit
+def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, w_ptr, dl_ptr, dout_ptr, dk_ptr, dv_ptr,
+                          dq_partial_ptr, dpool_partial_ptr, T, M, Q, A, D, scale,
+                          BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr):
+    """Per (column chunk, head, block of positions): grad keys/values of the chunk, and the block's
+    grad queries/pool partials for it. The (Q x M) scores need the whole head width, so they are
+    accumulated over all chunks (re-read from L2 by the sibling programs of the same head)."""
+    c0 = tl.program_id(0) * D_CHUNK
+    h = tl.program_id(1)
+    block = tl.program_id(2)
+    qs = tl.arange(0, BLOCK_Q)
+    ms = tl.arange(0, BLOCK_M)
+    cs = c0 + tl.arange(0, D_CHUNK)
+    c_ok = cs < D
+    dq = tl.zeros([BLOCK_Q, D_CHUNK], tl.float32)
+    dpool = tl.zeros([D_CHUNK], tl.float32)
+    for i in range(BLOCK_T):
+        t = block * BLOCK_T + i
+        q_ok = (qs < Q) & (t < T)
+        w = tl.load(w_ptr + t.to(tl.int64) * Q + qs, mask=q_ok, other=0.0)
+        dl = tl.load(dl_ptr + t.to(tl.int64) * Q + qs, mask=q_ok, other=0.0)
+        s = tl.zeros([BLOCK_Q, BLOCK_M], tl.float32)
+        da = tl.zeros([BLOCK_Q, BLOCK_M], tl.float32)
+        for cc in tl.static_range(0, BLOCK_D, D_CHUNK):
+            k, v, qh, dz = _load_chunk(k_ptr, v_ptr, q_ptr, dout_ptr, pool_ptr, w, dl, t, T, h, cc, M, Q, A, D,
+                                       BLOCK_Q, BLOCK_M, D_CHUNK)
+            s += tl.dot(qh, tl.trans(k), input_precision="ieee")
+            da += tl.dot(dz, tl.trans(v), input_precision="ieee")
+        s = tl.where((ms < M)[None, :], s * scale, float("-inf"))
+        p = tl.exp(s - tl.max(s, axis=1)[:, None])
+        a = p / tl.sum(p, axis=1)[:, None]
+        dscore = a * (da - tl.sum(a * da, axis=1)[:, None])
+        k, v, qh, dz = _load_chunk(k_ptr, v_ptr, q_ptr, dout_ptr, pool_ptr, w, dl, t, T, h, c0, M, Q, A, D,
+                                   BLOCK_Q, BLOCK_M, D_CHUNK)
+        dpool += tl.sum(dl[:, None] * tl.dot(a, v, input_precision="ieee"), axis=0)
+        dv = tl.dot(tl.trans(a), dz, input_precision="ieee")
+        dk = tl.dot(tl.trans(dscore), qh, input_precision="ieee") * scale
+        dq += tl.dot(dscore, k, input_precision="ieee") * scale
+        tok = t.to(tl.int64) * M * A + ms[:, None] * A + h * D + cs[None, :]
+        mask = ((ms < M) & (t < T))[:, None] & c_ok[None, :]
+        tl.store(dk_ptr + tok, dk.to(dk_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_ptr + tok, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+    base = block.to(tl.int64) * Q * A
+    tl.store(dq_partial_ptr + base + qs[:, None] * A + h * D + cs[None, :], dq,
+             mask=(qs < Q)[:, None] & c_ok[None, :])
+    tl.store(dpool_partial_ptr + block.to(tl.int64) * A + h * D + cs, dpool, mask=c_ok)
+
+
+def _blocks(M: int, Q: int, D: int) -> dict:
+    p2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731  (tl.dot needs every dim >= 16)
+    return {"BLOCK_Q": p2(Q), "BLOCK_M": p2(M), "BLOCK_D": p2(D)}
+
+
+def _interpreted(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def validate(keys, values, queries, pool, num_heads) -> None:
+    """Raise a clear error for any input the kernel cannot take, before anything is launched."""
+    for name, t, ndim in (("keys", keys, 3), ("values", values, 3), ("queries", queries, 2), ("pool", pool, 1)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != keys.device:
+            raise ValueError(f"{name} is on {t.device} but keys are on {keys.device}; move it there")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous() first), got strides {t.stride()}")
+    T, M, A = keys.shape
+    if values.shape != keys.shape:
+        raise ValueError(f"values must have the shape of keys {tuple(keys.shape)}, got {tuple(values.shape)}")
+    if not 1 <= M <= MAX_MODALITIES:
+        raise ValueError(f"the kernel fuses 1..{MAX_MODALITIES} modality tokens per position, got M={M}")
+    if queries.shape[1] != A or pool.shape[0] != A:
+        raise ValueError(f"queries (Q, {A}) and pool ({A},) must match the token width A={A}; "
+                         f"got {tuple(queries.shape)} and {tuple(pool.shape)}")
+    if not 1 <= queries.shape[0] <= MAX_QUERIES:
+        raise ValueError(f"1..{MAX_QUERIES} queries supported, got {queries.shape[0]}")
+    if not isinstance(num_heads, int) or num_heads < 1 or A % num_heads:
+        raise ValueError(f"num_heads must be a positive divisor of the token width {A}, got {num_heads}")
+    if keys.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("keys are on the cpu: the Triton kernel needs cuda tensors, or TRITON_INTERPRET=1 set "
+                         "before triton is imported; on cpu use terrafm_kernels.reference.cross_attention_fusion")
+    if keys.numel() >= 2**31:
+        raise ValueError("cross_attention_fusion: inputs of 2**31 elements or more are not supported; split them")
+
+
+class CrossAttentionFusionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, keys, values, queries, pool, num_heads):
+        T, M, A = keys.shape
+        Q, D = queries.shape[0], A // num_heads
+        scale = 1.0 / math.sqrt(D)
+        out = torch.empty((T, A), dtype=keys.dtype, device=keys.device)
+        w = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
+        _forward_kernel[(T,)](keys, values, queries, pool, out, w, M, Q, A, D, scale, H=num_heads,
+                              **_blocks(M, Q, D), num_warps=NUM_WARPS)
+        ctx.save_for_backward(keys, values, queries, pool, w)
+        ctx.num_heads = num_heads
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        keys, values, queries, pool, w = ctx.saved_tensors
+        T, M, A = keys.shape
+        H = ctx.num_heads
+        Q, D = queries.shape[0], A // H
+        scale = 1.0 / math.sqrt(D)
+        blocks = _blocks(M, Q, D)
+        dout = grad_out.contiguous()
+        dl = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
+        _backward_pool_kernel[(T,)](keys, values, queries, w, dout, dl, M, Q, A, D, scale, H=H, **blocks,
+                                    num_warps=NUM_WARPS)
+        block_t = INTERPRETER_BLOCK_T if _interpreted(keys) else GPU_BLOCK_T
+        programs = triton.cdiv(T, block_t)
+        dk, dv = torch.empty_like(keys), torch.empty_like(values)
+        dq_partial = torch.empty((programs, Q, A), dtype=torch.float32, device=keys.device)
+        dpool_partial = torch.empty((programs, A), dtype=torch.float32, device=keys.device)
+        grid = (triton.cdiv(blocks["BLOCK_D"], D_CHUNK), H, programs)
+        _backward_head_kernel[grid](keys, values, queries, pool, w, dl, dout, dk, dv, dq_partial, dpool_partial,
+                                    T, M, Q, A, D, scale, BLOCK_T=block_t, **blocks, D_CHUNK=D_CHUNK,
+                                    num_warps=NUM_WARPS_BACKWARD_HEAD)
+        dq = dq_partial.sum(0).to(queries.dtype)
+        dpool = dpool_partial.sum(0).to(pool.dtype)
+        return dk, dv, dq, dpool, None
+
+
+def cross_attention_fusion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, pool: torch.Tensor,
+                           num_heads: int) -> torch.Tensor:
+    """Fused reference.cross_attention_fusion: (T, A) in keys' dtype, fp32 math inside.
+
+    Gradients flow to keys, values, queries and pool.
+    """
+    validate(keys, values, queries, pool, num_heads)
+    return CrossAttentionFusionFunction.apply(keys, values, queries, pool, num_heads)
+
+
+class CrossAttentionFusion(torch.nn.Module):
+    """Drop-in fusion layer owning the Q learned queries and the pooling vector.
+
+    forward(keys, values) with keys/values (T, M, dim) -> (T, dim). Uses the Triton kernel on CUDA
+    (or on CPU under TRITON_INTERPRET=1) and the reference otherwise.
+    """
+
+    def __init__(self, dim: int, num_queries: int = 5, num_heads: int = 16):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.queries = torch.nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        self.pool = torch.nn.Parameter(torch.zeros(dim))
+
+    def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        if keys.is_cuda or (keys.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+            return cross_attention_fusion(keys, values, self.queries, self.pool, self.num_heads)
+        from .reference import cross_attention_fusion as reference
+
+        return reference(keys, values, self.queries, self.pool, self.num_heads)
+
+
+def roofline_cost(T: int, M: int, A: int, Q: int = 5, bytes_per_element: int = 2) -> dict:
+    """Forward FLOPs (useful work, counted once) and minimum HBM bytes for one call."""
+    e = bytes_per_element
+    return {"flops": 4 * T * Q * M * A + 4 * T * Q * A, "bytes": e * (2 * T * M * A + T * A + Q * A + A)}
+
+
+def compile_specs() -> list[dict]:
+    """Shipped GPU configurations: ViT-B (A = 2304, H = 16, d = 144) and ViT-L (A = 3072, d = 192), M <= 4."""
+    specs = []
+    for dtype, ptr in TRITON_DTYPE.items():
+        name = str(dtype).removeprefix("torch.")
+        for size, D in (("b", 144), ("l", 192)):
+            blocks = _blocks(4, 5, D)
+            common = {"num_warps": NUM_WARPS, "num_stages": 1, "uses_dot": False}
+            head = {**common, "num_warps": NUM_WARPS_BACKWARD_HEAD}
+            scalars = {"M": "i32", "Q": "i32", "A": "i32", "D": "i32", "scale": "fp32"}
+            specs.append({
+                **common, "name": f"fusion_fwd_{name}_{size}", "fn": _forward_kernel,
+                "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "pool_ptr": ptr, "out_ptr": ptr,
+                              "w_ptr": "*fp32", **scalars},
+                "constexprs": {"H": 16, **blocks},
+            })
+            specs.append({
+                **common, "name": f"fusion_bwd_pool_{name}_{size}", "fn": _backward_pool_kernel,
+                "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "w_ptr": "*fp32", "dout_ptr": ptr,
+                              "dl_ptr": "*fp32", **scalars},
+                "constexprs": {"H": 16, **blocks},
+            })
+            specs.append({
+                **head, "name": f"fusion_bwd_head_{name}_{size}", "fn": _backward_head_kernel,
+                "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "pool_ptr": ptr, "w_ptr": "*fp32",
+                              "dl_ptr": "*fp32", "dout_ptr": ptr, "dk_ptr": ptr, "dv_ptr": ptr,
+                              "dq_partial_ptr": "*fp32", "dpool_partial_ptr": "*fp32", "T": "i32", **scalars},
+                "constexprs": {"BLOCK_T": GPU_BLOCK_T, **blocks, "D_CHUNK": D_CHUNK},
+            })
+    return specs

@@ -1,0 +1,104 @@
+"""Fused cross-attention fusion vs the float64 reference: forward and all four gradients.
+
+Under TRITON_INTERPRET=1 on CPU (conftest) or compiled on CUDA. The kernel computes in fp32 from
+any input dtype (its small per-head products are fp32 FMA dots, never bf16 tl.dot), so bf16 is
+tested under the interpreter too.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from terrafm_kernels import reference
+from terrafm_kernels.fusion import CrossAttentionFusion, cross_attention_fusion
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _max_err(a, b):
+    return (a.double().cpu() - b.double().cpu()).abs().max().item()
+
+
+def _check(T, M, A, Q, H, dtype, device, seed=0):
+    """flash-attn rule: kernel error vs fp64 <= 2 x plain PyTorch error at the same dtype + atol."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"keys": torch.randn(T, M, A, generator=g), "values": torch.randn(T, M, A, generator=g),
+            "queries": torch.randn(Q, A, generator=g), "pool": torch.randn(A, generator=g) * 0.3}
+    kern = {k: v.to(device=device, dtype=dtype).clone().requires_grad_() for k, v in base.items()}
+    oracle = {k: v.to(dtype).double().requires_grad_() for k, v in base.items()}
+    plain = {k: v.to(dtype).clone().requires_grad_() for k, v in base.items()}
+    out = cross_attention_fusion(**kern, num_heads=H)
+    ref = reference.cross_attention_fusion(**oracle, num_heads=H)
+    ref_plain = reference.cross_attention_fusion(**plain, num_heads=H)
+    assert out.dtype == dtype and out.shape == (T, A)
+    grad = torch.randn(T, A, generator=g)
+    out.backward(grad.to(device=device, dtype=dtype))
+    ref.backward(grad.double())
+    ref_plain.backward(grad.to(dtype))
+    err, plain_err = _max_err(out, ref), _max_err(ref_plain, ref)
+    assert err <= 2 * plain_err + ATOL[dtype], f"out: {err:.3e} vs plain {plain_err:.3e}"
+    for k in base:
+        scale = max(1.0, oracle[k].grad.abs().max().item())
+        g_err, g_plain = _max_err(kern[k].grad, oracle[k].grad), _max_err(plain[k].grad, oracle[k].grad)
+        assert g_err <= 2 * g_plain + ATOL[dtype] * scale, f"grad {k}: {g_err:.3e} vs plain {g_plain:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,M,A,Q,H", [
+    (7, 3, 48, 5, 4),    # three modalities, d = 12 (not a power of two), ragged T
+    (5, 2, 36, 5, 2),    # two modalities, d = 18
+    (9, 1, 32, 3, 2),    # one modality: reduces to the values
+    (3, 16, 40, 17, 5),  # the most modalities, more queries than the 16-wide block
+])
+def test_matches_float64_reference(T, M, A, Q, H, dtype, device):
+    _check(T, M, A, Q, H, dtype, device)
+
+
+@settings(max_examples=5, deadline=None)
+@given(T=st.integers(1, 9), M=st.integers(1, 5), d=st.integers(1, 20), H=st.integers(1, 3),
+       Q=st.integers(1, 6), seed=st.integers(0, 100))
+def test_hypothesis_shapes(T, M, d, H, Q, seed):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check(T, M, d * H, Q, H, torch.float32, device, seed)
+
+
+def test_one_modality_returns_the_values(device):
+    keys, values = torch.randn(6, 1, 32, device=device), torch.randn(6, 1, 32, device=device)
+    out = cross_attention_fusion(keys, values, torch.randn(5, 32, device=device), torch.randn(32, device=device), 4)
+    torch.testing.assert_close(out, values[:, 0], rtol=1e-6, atol=1e-6)
+
+
+def test_module_drop_in_matches_reference(device):
+    module = CrossAttentionFusion(32, num_queries=5, num_heads=4).to(device)
+    keys, values = torch.randn(4, 3, 32, device=device), torch.randn(4, 3, 32, device=device)
+    expected = reference.cross_attention_fusion(keys, values, module.queries, module.pool, 4)
+    torch.testing.assert_close(module(keys, values), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_model_case_n_uses_the_kernel(device):
+    from terrafm.models import build_model
+
+    ref_model = build_model("terrafm_tiny", img_size=32, fusion=True, fusion_heads=4).to(device)
+    kern_model = build_model("terrafm_tiny", img_size=32, fusion=True, fusion_heads=4,
+                             ops={"cross_attention_fusion": "triton"}).to(device)
+    kern_model.load_state_dict(ref_model.state_dict())
+    images = {"s2_l2a": torch.randn(2, 12, 32, 32, device=device), "s1": torch.randn(2, 2, 32, 32, device=device)}
+    torch.testing.assert_close(kern_model(images), ref_model(images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a.update(values=torch.randn(2, 2, 8)), ValueError, "values must have the shape of keys"),
+    (lambda a: a.update(keys=torch.randn(2, 17, 8), values=torch.randn(2, 17, 8)), ValueError, "1..16 modality"),
+    (lambda a: a.update(queries=torch.randn(5, 4)), ValueError, "token width A=8"),
+    (lambda a: a.update(num_heads=3), ValueError, "divisor of the token width 8"),
+    (lambda a: a.update(pool=a["pool"].to(torch.int64)), TypeError, "float32, float16 or bfloat16"),
+    (lambda a: a.update(keys=a["keys"].transpose(0, 1).contiguous().transpose(0, 1)), ValueError, "contiguous"),
+    (lambda a: a.update(keys=a["keys"][0]), ValueError, "3 dimensions"),
+])
+def test_bad_inputs_raise_before_launch(change, error, match):
+    args = {"keys": torch.randn(2, 3, 8), "values": torch.randn(2, 3, 8), "queries": torch.randn(5, 8),
+            "pool": torch.randn(8), "num_heads": 2}
+    change(args)
+    with pytest.raises(error, match=match):
+        cross_attention_fusion(**args)
