@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import pytest
+from eval_toydata import GEOBENCH_S2, make_splits, write_folder, write_hdf5
+
+from terrafm.eval.data import band_stats, geobench_band_name, modality_for_bands, normalize, read_split
+
+
+def test_geobench_band_names_map_onto_ours():
+    assert [geobench_band_name(n) for n in GEOBENCH_S2] == [
+        "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
+    assert geobench_band_name("VH") == "VH"
+
+
+def test_hdf5_reader_drops_b10_and_reads_labels(hdf5_data):
+    train = read_split(hdf5_data, "hdf5", "train")
+    assert train.images.shape == (80, 12, 32, 32) and train.modality == "s2_l1c"
+    assert train.task == "classification" and sorted(set(train.labels.tolist())) == [0, 1, 2, 3]
+    # class 3 brightens 13-band indices 9..11 = B09, B10, B11 -> after dropping B10: B09 and B11 (idx 9, 10)
+    bright = train.images[train.labels == 3].mean(axis=(0, 2, 3))
+    assert bright[9] > 3000 and bright[10] > 3000 and bright[11] < 2000
+    assert len(read_split(hdf5_data, "hdf5", "val").labels) == 20  # 'val' finds GEO-Bench's 'valid'
+
+
+def test_folder_reader_reads_channel_last_geotiff_and_npy(folder_data, tmp_path):
+    test = read_split(folder_data, "folder", "test")
+    assert test.images.shape == (40, 12, 32, 32) and test.class_names == [f"class_{i}" for i in range(4)]
+    npy = write_folder(tmp_path / "npy", {"train": make_splits(12)["train"]}, suffix=".npy")
+    train = read_split(npy, "folder", "train", modality="s2_l2a")
+    assert train.images.shape == (80, 12, 32, 32) and train.modality == "s2_l2a"
+
+
+def test_normalisation_uses_per_band_statistics():
+    x = np.random.default_rng(0).normal([[[[5.0]], [[100.0]]]], [[[[2.0]], [[10.0]]]], size=(50, 2, 4, 4))
+    mean, std = band_stats(x)
+    z = normalize(x, mean, std)
+    assert np.allclose(z.mean(axis=(0, 2, 3)), 0, atol=1e-5) and np.allclose(z.std(axis=(0, 2, 3)), 1, atol=1e-4)
+
+
+def test_band_count_that_fits_no_modality_lists_what_fits(tmp_path):
+    root = write_folder(tmp_path / "five", {"train": make_splits(5)["train"]}, suffix=".npy")
+    with pytest.raises(ValueError, match=r"5 bands, which fit no modality.*12 bands.*13 bands.*2 bands"):
+        read_split(root, "folder", "train")
+    h5 = write_hdf5(tmp_path / "h5", {"train": make_splits(5)["train"]}, GEOBENCH_S2[:5])
+    with pytest.raises(ValueError, match=r"fit no modality; what fits: s2_l2a / s2_l1c = 12 bands"):
+        read_split(h5, "hdf5", "train")
+    with pytest.raises(ValueError, match="--modality s1"):
+        modality_for_bands(["B01", "B02"], "s1")
+
+
+def test_missing_split_names_the_split_and_what_exists(folder_data, hdf5_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"split 'val' not found .* has \['test', 'train'\]"):
+        read_split(folder_data, "folder", "val")
+    part = json.loads((hdf5_data / "default_partition.json").read_text())
+    root = tmp_path / "nosplit"
+    root.mkdir()
+    (root / "default_partition.json").write_text(json.dumps({"train": part["train"]}))
+    with pytest.raises(FileNotFoundError, match="split 'test' not found"):
+        read_split(root, "hdf5", "test")
+    with pytest.raises(FileNotFoundError, match="default_partition.json not found"):
+        read_split(tmp_path, "hdf5", "train")
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    root = write_folder(tmp_path / "d", {"train": make_splits(12)["train"]}, suffix=".npy")
+    (root / "train" / "class_9").mkdir()
+    with pytest.raises(ValueError, match=r"class 'class_9' has no images in .*class_9"):
+        read_split(root, "folder", "train")
