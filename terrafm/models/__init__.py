@@ -1,0 +1,95 @@
+"""Model constructors (one registry), published-layout helpers and checkpoint loading."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from terrafm.models.terrafm import TerraFM
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    out_indices: tuple[int, ...]
+
+
+MODELS: dict[str, ModelSpec] = {
+    "terrafm_tiny": ModelSpec(192, 4, 3, (0, 1, 2, 3)),  # CPU tests and the tiny_cpu preset
+    "terrafm_small": ModelSpec(384, 12, 6, (3, 5, 7, 11)),
+    "terrafm_base": ModelSpec(768, 12, 12, (3, 5, 7, 11)),  # TerraFM-B
+    "terrafm_large": ModelSpec(1024, 24, 16, (7, 11, 15, 23)),  # TerraFM-L
+}
+FUSION_PREFIX = "patch_embed.fusion."
+
+
+def build_model(name: str, **overrides) -> TerraFM:
+    """Build a TerraFM backbone by name; overrides go to TerraFM (img_size, fusion, drop_path_rate, ops...)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    spec = MODELS[name]
+    kwargs = dict(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
+                  out_indices=spec.out_indices)
+    kwargs.update(overrides)
+    return TerraFM(name=name, **kwargs)
+
+
+def published_state_dict(model: TerraFM) -> dict[str, torch.Tensor]:
+    """The model's weights restricted to the published TerraFM checkpoint layout (no fusion keys)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(FUSION_PREFIX)}
+
+
+def infer_model_name(state_dict: dict[str, torch.Tensor]) -> str:
+    """Recognise the constructor from the embedding width and depth of a state_dict."""
+    dim = state_dict["cls_token"].shape[-1]
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    for name, spec in MODELS.items():
+        if (spec.embed_dim, spec.depth) == (dim, depth):
+            return name
+    raise ValueError(f"no registered model has embed_dim={dim} and depth={depth}; known: {sorted(MODELS)}")
+
+
+def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor]]:
+    if path.is_dir():
+        from terrafm.train.checkpoint import load_backbone_state
+
+        return load_backbone_state(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return meta.get("model"), {k: f.get_tensor(k) for k in f.keys()}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("teacher", "model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    return None, state
+
+
+def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> TerraFM:
+    """Load a backbone from a published .pth, an exported .safetensors or a trainer checkpoint dir.
+
+    The state_dict must match the model exactly (strict=True); fusion parameters are kept when the
+    checkpoint has them. The model name comes from `name`, the file's metadata, or its shapes.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    stored_name, state = _read_state_dict(path)
+    name = name or stored_name or infer_model_name(state)
+    fusion = any(k.startswith(FUSION_PREFIX) for k in state)
+    n_pos = state["pos_embed"].shape[1] - 1
+    patch = state["patch_embed.conv2d_s1.weight"].shape[-1]
+    img_size = int(round(n_pos**0.5)) * patch
+    model = build_model(name, fusion=fusion, img_size=img_size, patch_size=patch, **overrides)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match {name}: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+        )
+    return model

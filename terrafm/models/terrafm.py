@@ -1,0 +1,172 @@
+"""The TerraFM backbone: modality-specific patch embedding (+ fusion) followed by a plain ViT.
+
+state_dict keys and shapes match the published TerraFM-B / TerraFM-L checkpoints (cls_token,
+pos_embed, patch_embed.*, blocks.i.*, norm.*) when built with fusion=False; fusion=True adds only
+`patch_embed.fusion.*`. Inputs are validated before any compute.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from terrafm.modalities import MODALITIES, MODALITY_NAMES
+from terrafm.models.patch_embed import TerraFMPatchEmbed
+from terrafm.models.vit import Block
+
+Images = torch.Tensor | dict[str, torch.Tensor]
+
+
+class TerraFM(nn.Module):
+    def __init__(
+        self,
+        name: str = "terrafm_base",
+        img_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        fusion: bool = False,
+        fusion_queries: int = 5,
+        fusion_heads: int = 16,
+        out_indices: Sequence[int] = (3, 5, 7, 11),
+        ops: dict[str, str] | None = None,
+    ):
+        super().__init__()
+        self.name, self.embed_dim, self.patch_size, self.img_size = name, embed_dim, patch_size, img_size
+        self.out_indices = tuple(out_indices)
+        self.patch_embed = TerraFMPatchEmbed(
+            img_size, patch_size, embed_dim, fusion, fusion_queries, fusion_heads, ops_prefs=ops
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -- input handling -------------------------------------------------------------------------
+    def _as_dict(self, x: Images, modality: str | None) -> dict[str, torch.Tensor]:
+        """Validate the input and return {modality: (B, C, H, W)}; raises before any compute."""
+        if isinstance(x, dict):
+            if modality is not None:
+                raise ValueError("pass either a tensor with `modality`, or a dict {modality: tensor}, not both")
+            images = x
+        else:
+            if modality is None:
+                raise ValueError(f"a tensor input needs `modality`, one of {list(MODALITY_NAMES)}")
+            images = {modality: x}
+        if not images:
+            raise ValueError("empty modality dict: pass at least one {modality: tensor}")
+        ref_shape = None
+        for m, img in images.items():
+            if m not in MODALITIES:
+                raise ValueError(f"unknown modality {m!r}; expected one of {list(MODALITY_NAMES)}")
+            if not isinstance(img, torch.Tensor) or img.dim() != 4:
+                shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+                raise ValueError(f"{m}: expected a (B, C, H, W) tensor, got {shape}")
+            want = MODALITIES[m].channels
+            if img.shape[1] != want:
+                raise ValueError(
+                    f"{m}: expected {want} bands {list(MODALITIES[m].bands)}, got {img.shape[1]} channels"
+                )
+            if not img.is_floating_point():
+                raise TypeError(
+                    f"{m}: expected a normalised floating-point tensor (float32/bfloat16/float16), got {img.dtype}"
+                )
+            H, W = img.shape[-2:]
+            if H % self.patch_size or W % self.patch_size:
+                raise ValueError(f"{m}: image size {H}x{W} is not divisible by the patch size {self.patch_size}")
+            if ref_shape is not None and (img.shape[0], H, W) != ref_shape:
+                raise ValueError(
+                    f"fused modalities must share batch and size; {m} is {tuple(img.shape)} vs (B, H, W) {ref_shape}"
+                )
+            ref_shape = (img.shape[0], H, W)
+        return images
+
+    def interpolate_pos_encoding(self, num_tokens: int, height: int, width: int) -> torch.Tensor:
+        """Position embedding for an H x W input: bicubic resize of the 2D grid (DINO's +0.1 rule)."""
+        n = self.pos_embed.shape[1] - 1
+        if num_tokens - 1 == n and height == width:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        side = int(math.sqrt(n))
+        h0, w0 = height // self.patch_size + 0.1, width // self.patch_size + 0.1
+        grid = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), scale_factor=(h0 / side, w0 / side), mode="bicubic").to(patch_pos.dtype)
+        return torch.cat((cls_pos, grid.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)), dim=1)
+
+    def prepare_tokens(self, x: Images, modality: str | None = None) -> torch.Tensor:
+        images = self._as_dict(x, modality)
+        H, W = next(iter(images.values())).shape[-2:]
+        tokens = self.patch_embed(images)
+        tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens), dim=1)
+        return tokens + self.interpolate_pos_encoding(tokens.shape[1], H, W).to(tokens.dtype)
+
+    # -- outputs --------------------------------------------------------------------------------
+    def forward_features(self, x: Images, modality: str | None = None) -> dict[str, torch.Tensor]:
+        tokens = self.prepare_tokens(x, modality)
+        for block in self.blocks:
+            tokens = block(tokens)
+        normed = self.norm(tokens)
+        return {"x_norm_clstoken": normed[:, 0], "x_norm_patchtokens": normed[:, 1:], "x_prenorm": tokens}
+
+    def forward(self, x: Images, modality: str | None = None) -> torch.Tensor:
+        """(B, D) cls token after the final norm: the published inference output."""
+        return self.head(self.forward_features(x, modality)["x_norm_clstoken"])
+
+    def _block_outputs(self, x: Images, modality: str | None, indices: Sequence[int]) -> list[torch.Tensor]:
+        depth = len(self.blocks)
+        bad = [i for i in indices if not -depth <= i < depth]
+        if bad:
+            raise ValueError(f"block indices {bad} out of range for a {depth}-block model")
+        wanted = {i % depth for i in indices}
+        tokens = self.prepare_tokens(x, modality)
+        outputs = {}
+        for i, block in enumerate(self.blocks[: max(wanted) + 1]):
+            tokens = block(tokens)
+            if i in wanted:
+                outputs[i] = tokens
+        return [outputs[i % depth] for i in indices]
+
+    def get_intermediate_layers(
+        self,
+        x: Images,
+        modality: str | None = None,
+        n: int | Sequence[int] = 1,
+        norm: bool = True,
+        return_class_token: bool = False,
+    ) -> tuple:
+        """Patch tokens (B, N, D) of the last `n` blocks (int) or of the given block indices."""
+        indices = list(range(len(self.blocks) - n, len(self.blocks))) if isinstance(n, int) else list(n)
+        outs = [self.norm(o) if norm else o for o in self._block_outputs(x, modality, indices)]
+        if return_class_token:
+            return tuple((o[:, 1:], o[:, 0]) for o in outs)
+        return tuple(o[:, 1:] for o in outs)
+
+    def multiscale_features(
+        self, x: Images, modality: str | None = None, out_indices: Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Normed patch tokens of `out_indices` blocks as (B, D, H/p, W/p) maps for segmentation heads."""
+        images = self._as_dict(x, modality)
+        H, W = next(iter(images.values())).shape[-2:]
+        outs = self.get_intermediate_layers(images, None, list(out_indices or self.out_indices))
+        h, w = H // self.patch_size, W // self.patch_size
+        return [o.transpose(1, 2).reshape(o.shape[0], self.embed_dim, h, w) for o in outs]

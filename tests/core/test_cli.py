@@ -1,0 +1,40 @@
+"""`terrafm --help` and `terrafm info` work on a fresh CPU machine and say why backends are off."""
+
+import json
+import subprocess
+import sys
+
+from terrafm import backends
+from terrafm.cli import COMMANDS, main
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_info_json_reports_every_backend_with_a_reason():
+    proc = subprocess.run([sys.executable, "-m", "terrafm.cli", "info", "--json"], capture_output=True,
+                          text=True, check=True)
+    info = json.loads(proc.stdout)
+    assert set(info["backends"]) == set(backends.ALL)
+    for name, entry in info["backends"].items():
+        assert entry["detail"], name
+    assert info["versions"]["torch"].startswith("2.13.0")
+    assert info["ops"]["patch_embed"]["cpu"] == "torch"
+
+
+def test_unknown_command_fails_clearly(capsys):
+    try:
+        main(["pretrian"])
+    except SystemExit as err:
+        assert err.code == 2
+    assert "unknown command 'pretrian'" in capsys.readouterr().err
+
+
+def test_backends_never_raise():
+    for fn in backends.ALL.values():
+        avail = fn()
+        assert isinstance(avail.usable, bool) and isinstance(avail.detail, str)

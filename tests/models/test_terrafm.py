@@ -1,0 +1,244 @@
+"""TerraFM backbone: shapes, published-layout parity, fusion math, bad inputs, checkpoints."""
+
+import math
+
+import pytest
+import torch
+from published_terrafm import PublishedTerraFM
+
+from terrafm.modalities import MODALITIES
+from terrafm.models import MODELS, build_model, infer_model_name, load_checkpoint, published_state_dict
+
+torch.manual_seed(0)
+
+
+def _image(modality, batch=2, size=32, dtype=torch.float32):
+    return torch.randn(batch, MODALITIES[modality].channels, size, size, dtype=dtype)
+
+
+@pytest.mark.parametrize("name", ["terrafm_tiny", "terrafm_small"])
+@pytest.mark.parametrize("modality", list(MODALITIES))
+def test_output_shapes_every_modality(name, modality):
+    model = build_model(name).eval()
+    with torch.no_grad():
+        out = model(_image(modality), modality)
+        feats = model.forward_features(_image(modality), modality)
+    D = MODELS[name].embed_dim
+    assert out.shape == (2, D)
+    assert feats["x_norm_patchtokens"].shape == (2, 4, D)
+    assert feats["x_prenorm"].shape == (2, 5, D)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["terrafm_base", "terrafm_large"])
+def test_base_and_large_forward_shapes(name):
+    model = build_model(name).eval()
+    with torch.no_grad():
+        out = model(_image("s1", batch=1, size=48), "s1")
+    assert out.shape == (1, MODELS[name].embed_dim)
+
+
+@pytest.mark.parametrize("name,dims", [("terrafm_base", (768, 12, 12)), ("terrafm_large", (1024, 24, 16))])
+def test_state_dict_layout_matches_published(name, dims):
+    dim, depth, heads = dims
+    with torch.device("meta"):
+        ours = build_model(name)
+        published = PublishedTerraFM(dim=dim, depth=depth, heads=heads)
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    pub_shapes = {k: tuple(v.shape) for k, v in published.state_dict().items()}
+    assert ours_shapes == pub_shapes
+    assert ours_shapes["patch_embed.conv2d_s2_l2a.weight"] == (3 * dim, 12, 16, 16)
+    assert ours_shapes["patch_embed.projection.proj3.weight"] == (dim, 3 * dim)
+    assert "patch_embed.projection.proj1.bias" not in ours_shapes
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_case1_parity_with_published_model(size):
+    torch.manual_seed(1)
+    published = PublishedTerraFM(img_size=32, dim=96, depth=2, heads=4).eval()
+    ours = build_model("terrafm_tiny", embed_dim=96, depth=2, num_heads=4, img_size=32).eval()
+    ours.load_state_dict(published.state_dict(), strict=True)
+    for modality, is_l2a in [("s2_l2a", True), ("s2_l1c", False), ("s1", False)]:
+        x = _image(modality, batch=3, size=size)
+        with torch.no_grad():
+            expected = published(x, is_l2a=is_l2a)
+            got = ours(x, modality)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_published_checkpoint_loads_strict_into_fusion_free_model(tmp_path):
+    published = PublishedTerraFM(img_size=32, dim=96, depth=2, heads=4)
+    path = tmp_path / "TerraFM-tiny.pth"
+    torch.save(published.state_dict(), path)
+    model = load_checkpoint(path, name="terrafm_tiny", embed_dim=96, depth=2, num_heads=4)
+    assert model.patch_embed.fusion is None
+    x = _image("s2_l1c")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, "s2_l1c"), published.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_published_state_dict_drops_only_fusion_keys():
+    model = build_model("terrafm_tiny", fusion=True)
+    keys = set(model.state_dict())
+    pub = set(published_state_dict(model))
+    assert keys - pub == {k for k in keys if k.startswith("patch_embed.fusion.")}
+    assert len(keys - pub) == 3
+
+
+def _plain_fusion(model, images):
+    """The fusion written out per patch position, head and query with explicit softmaxes."""
+    pe = model.patch_embed
+    A, H, Q = pe.attn_dim, pe.fusion.num_heads, pe.fusion.queries.shape[0]
+    d = A // H
+    tokens = []
+    for m, x in images.items():
+        conv = getattr(pe, f"conv2d_{m}")
+        tokens.append(conv(x).flatten(2).transpose(1, 2) + getattr(pe, f"{m}_embed"))
+    B, N = tokens[0].shape[:2]
+    out = torch.zeros(B, N, A, dtype=torch.float64)
+    for b in range(B):
+        for n in range(N):
+            xs = [t[b, n].double() for t in tokens]
+            keys = [pe.fusion.key.weight.double() @ x for x in xs]
+            vals = [pe.projection.proj1.weight.double() @ x for x in xs]
+            z = torch.zeros(Q, A, dtype=torch.float64)
+            for q in range(Q):
+                for h in range(H):
+                    sl = slice(h * d, (h + 1) * d)
+                    qv = pe.fusion.queries[q, sl].double()
+                    s = torch.stack([qv @ k[sl] for k in keys]) / math.sqrt(d)
+                    a = torch.exp(s - s.max())
+                    a = a / a.sum()
+                    z[q, sl] = sum(a[j] * vals[j][sl] for j in range(len(vals)))
+            logits = z @ pe.fusion.pool.double()
+            w = torch.exp(logits - logits.max())
+            w = w / w.sum()
+            out[b, n] = (w[:, None] * z).sum(0)
+    proj = pe.projection
+    return proj.proj3(proj.proj2(proj.norm_input(out.float())))
+
+
+def test_fusion_matches_plain_per_patch_softmax():
+    torch.manual_seed(3)
+    model = build_model("terrafm_tiny", embed_dim=32, num_heads=2, fusion=True, fusion_heads=4).eval()
+    with torch.no_grad():
+        model.patch_embed.fusion.pool.normal_()  # non-uniform pooling weights
+        images = {m: _image(m, batch=2, size=32) for m in ("s2_l2a", "s2_l1c", "s1")}
+        expected = _plain_fusion(model, images)
+        got = model.patch_embed(images)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fusion_of_one_modality_reduces_to_case1():
+    model = build_model("terrafm_tiny", fusion=True).eval()
+    x = _image("s2_l2a")
+    pe = model.patch_embed
+    with torch.no_grad():
+        tokens = pe.tokens(x, "s2_l2a").reshape(-1, 1, pe.attn_dim)
+        from terrafm_kernels.reference import cross_attention_fusion
+
+        fused = cross_attention_fusion(pe.fusion.key(tokens), pe.projection.proj1(tokens),
+                                       pe.fusion.queries, pe.fusion.pool, pe.fusion.num_heads)
+        torch.testing.assert_close(fused, pe.projection.proj1(tokens)[:, 0], rtol=1e-6, atol=1e-6)
+        case_n = pe.projection.output(fused.reshape(2, -1, pe.attn_dim))
+        torch.testing.assert_close(case_n, pe({"s2_l2a": x}), rtol=1e-6, atol=1e-6)
+
+
+def test_case_n_forward_and_backward():
+    model = build_model("terrafm_tiny", fusion=True)
+    images = {"s2_l2a": _image("s2_l2a"), "s1": _image("s1")}
+    out = model(images)
+    out.square().mean().backward()
+    assert out.shape == (2, 192)
+    for name in ("queries", "pool", "key.weight"):
+        grad = dict(model.patch_embed.fusion.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_position_embedding_interpolation():
+    model = build_model("terrafm_tiny", img_size=64).eval()
+    assert model.interpolate_pos_encoding(17, 64, 64) is model.pos_embed
+    pos = model.interpolate_pos_encoding(1 + 6 * 3, 96, 48)
+    assert pos.shape == (1, 19, 192)
+    torch.testing.assert_close(pos[:, 0], model.pos_embed[:, 0])
+    with torch.no_grad():
+        assert model(_image("s1", size=96), "s1").shape == (2, 192)
+
+
+def test_intermediate_layers_and_multiscale_features():
+    model = build_model("terrafm_tiny").eval()
+    x = _image("s2_l2a", size=48)
+    with torch.no_grad():
+        last2 = model.get_intermediate_layers(x, "s2_l2a", n=2)
+        picked = model.get_intermediate_layers(x, "s2_l2a", n=[0, 3], return_class_token=True)
+        maps = model.multiscale_features(x, "s2_l2a")
+        final = model.forward_features(x, "s2_l2a")["x_norm_patchtokens"]
+    assert [t.shape for t in last2] == [(2, 9, 192)] * 2
+    torch.testing.assert_close(last2[-1], final)
+    assert picked[1][1].shape == (2, 192)
+    assert [m.shape for m in maps] == [(2, 192, 3, 3)] * 4
+    with pytest.raises(ValueError, match="out of range"):
+        model.get_intermediate_layers(x, "s2_l2a", n=[7])
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda m: m(torch.randn(1, 11, 32, 32), "s2_l2a"), ValueError, "expected 12 bands"),
+        (lambda m: m(torch.randn(1, 12, 32, 32), "s1"), ValueError, "expected 2 bands"),
+        (lambda m: m(torch.randn(1, 12, 32, 32), "landsat"), ValueError, "unknown modality"),
+        (lambda m: m(torch.randn(1, 12, 30, 32), "s2_l1c"), ValueError, "not divisible by the patch size 16"),
+        (lambda m: m(torch.randint(0, 9, (1, 12, 32, 32), dtype=torch.int32), "s2_l2a"), TypeError, "floating"),
+        (lambda m: m(torch.randn(12, 32, 32), "s2_l2a"), ValueError, r"\(B, C, H, W\)"),
+        (lambda m: m(torch.randn(1, 12, 32, 32)), ValueError, "needs `modality`"),
+        (lambda m: m({"s2_l2a": torch.randn(1, 12, 32, 32), "s1": torch.randn(1, 2, 32, 32)}), ValueError,
+         "fusion=True"),
+    ],
+)
+def test_bad_inputs_are_rejected_before_compute(call, error, match):
+    model = build_model("terrafm_tiny")
+    with pytest.raises(error, match=match):
+        call(model)
+
+
+def test_fused_modalities_must_share_shape():
+    model = build_model("terrafm_tiny", fusion=True)
+    with pytest.raises(ValueError, match="share batch and size"):
+        model({"s2_l2a": torch.randn(1, 12, 32, 32), "s1": torch.randn(1, 2, 48, 48)})
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="terrafm_base"):
+        build_model("terrafm_huge")
+
+
+def test_safetensors_round_trip_keeps_name_and_fusion(tmp_path):
+    from safetensors.torch import save_file
+
+    model = build_model("terrafm_tiny", fusion=True).eval()
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"model": "terrafm_tiny"})
+    loaded = load_checkpoint(path).eval()
+    assert loaded.name == "terrafm_tiny" and loaded.patch_embed.fusion is not None
+    x = _image("s1")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, "s1"), model(x, "s1"))
+    assert infer_model_name(model.state_dict()) == "terrafm_tiny"
+
+
+def test_checkpoint_that_does_not_match_is_rejected(tmp_path):
+    state = build_model("terrafm_tiny").state_dict()
+    state.pop("norm.weight")
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="missing"):
+        load_checkpoint(path, name="terrafm_tiny")
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "nope.pth")
+
+
+def test_half_precision_forward():
+    model = build_model("terrafm_tiny").to(torch.bfloat16).eval()
+    with torch.no_grad():
+        out = model(_image("s2_l2a", dtype=torch.bfloat16), "s2_l2a")
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
