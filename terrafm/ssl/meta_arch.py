@@ -6,8 +6,7 @@ applied from the outside by `terrafm.train.parallelize` to `student` and `teache
 """
 
 import copy
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,9 +16,11 @@ from terrafm.ssl.head import DINOHead
 from terrafm.ssl.loss import DINOLoss
 
 
-def view_key(view: Any) -> tuple[tuple[str, ...], tuple[int, int]]:
+View = Mapping[str, torch.Tensor]  # one crop: {modality: (B, C, h, w)}; 2+ modalities = Case N fusion
+
+
+def view_key(tensors: View) -> tuple[tuple[str, ...], tuple[int, int]]:
     """(sorted modality names, (h, w)): views with equal keys share one backbone call."""
-    tensors = view.tensors
     if not tensors:
         raise ValueError("a View must hold at least one modality tensor")
     shapes = {tuple(t.shape[-2:]) for t in tensors.values()}
@@ -29,7 +30,7 @@ def view_key(view: Any) -> tuple[tuple[str, ...], tuple[int, int]]:
 
 
 class DINOModel(nn.Module):
-    """Backbone + DINO head over a list of views: list[View] -> (V, B, K) logits.
+    """Backbone + DINO head over a list of views: list[{modality: (B, C, h, w)}] -> (V, B, K) logits.
 
     Multi-crop forward: views are grouped by (modality set, crop size) and each group is concatenated
     along the batch into ONE backbone call (e.g. 2 global + 8 local single-modality crops -> 2 calls
@@ -43,10 +44,10 @@ class DINOModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, views: Sequence[Any]) -> torch.Tensor:
+    def forward(self, views: Sequence[View]) -> torch.Tensor:
         if not views:
             raise ValueError("DINOModel needs at least one view")
-        batch = {t.shape[0] for v in views for t in v.tensors.values()}
+        batch = {t.shape[0] for v in views for t in v.values()}
         if len(batch) != 1:
             raise ValueError(f"all views must have the same batch size, got {sorted(batch)}")
         groups: dict[tuple, list[int]] = {}
@@ -56,15 +57,15 @@ class DINOModel(nn.Module):
         for (modalities, _), idxs in groups.items():
             if len(modalities) == 1:
                 modality = modalities[0]
-                x = torch.cat([views[i].tensors[modality] for i in idxs])
+                x = torch.cat([views[i][modality] for i in idxs])
                 out = self.backbone(x, modality)
             else:
-                x = {m: torch.cat([views[i].tensors[m] for i in idxs]) for m in modalities}
+                x = {m: torch.cat([views[i][m] for i in idxs]) for m in modalities}
                 out = self.backbone(x, None)
             for i, chunk in zip(idxs, out.chunk(len(idxs)), strict=True):
                 features[i] = chunk
-        logits = self.head(torch.cat(features))
-        return logits.reshape(len(views), batch.pop(), -1)
+        # (V, B, D) into the head gives a fresh (V, B, K) tensor, not a view (FSDP2 hooks the output)
+        return self.head(torch.cat(features).reshape(len(views), batch.pop(), -1))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -75,8 +76,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class SSLMetaArch(nn.Module):
     """TerraFM self-distillation: student and EMA teacher (backbone + head each) and the DINO loss.
 
-    `forward(batch, teacher_temperature)` returns the scalar loss of one ViewBatch: the teacher sees
-    the global views only; the student sees global then local views.
+    `forward(global_views, local_views, majority_class, teacher_temperature)` returns the scalar loss
+    of one batch: the teacher sees the global views only; the student sees global then local views.
     """
 
     def __init__(self, student: DINOModel, teacher: DINOModel, loss: DINOLoss):
@@ -103,12 +104,18 @@ class SSLMetaArch(nn.Module):
         teacher = DINOModel(teacher_backbone, copy.deepcopy(head))
         return cls(student, teacher, loss)
 
-    def forward(self, batch: Any, teacher_temperature: float) -> torch.Tensor:
-        global_views = list(batch.global_views)
+    def forward(
+        self,
+        global_views: Sequence[View],
+        local_views: Sequence[View],
+        majority_class: torch.Tensor,
+        teacher_temperature: float,
+    ) -> torch.Tensor:
+        global_views = list(global_views)
         with torch.no_grad():
             teacher_logits = self.teacher(global_views)
-        teacher_probs = self.loss.teacher_probs(teacher_logits, batch.majority_class, teacher_temperature)
-        student_logits = self.student(global_views + list(batch.local_views))
+        teacher_probs = self.loss.teacher_probs(teacher_logits, majority_class, teacher_temperature)
+        student_logits = self.student(global_views + list(local_views))
         return self.loss(student_logits, teacher_probs)
 
     @torch.no_grad()
