@@ -15,7 +15,6 @@ from torch.distributed.tensor import DTensor
 from terrafm.ssl.head import DINOHead
 from terrafm.ssl.loss import DINOLoss
 
-
 View = Mapping[str, torch.Tensor]  # one crop: {modality: (B, C, h, w)}; 2+ modalities = Case N fusion
 
 

@@ -30,18 +30,24 @@ def apply_compile(model: DINOModel) -> None:
         blocks[i] = torch.compile(block, fullgraph=True)
 
 
-def apply_fsdp(model: DINOModel, mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> None:
-    """fully_shard per block, then the head, then the root (patch embedding, tokens, final norm)."""
+def apply_fsdp(model: DINOModel, mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+               backward: bool) -> None:
+    """fully_shard per block, then the head, then the root (patch embedding, tokens, final norm).
+
+    backward=False (the teacher) reshards every unit, the root included, right after its forward:
+    there is no backward to reuse the gathered weights, and the EMA update needs the shards.
+    """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = model.backbone.blocks
     for i, block in enumerate(blocks):
-        # The last block is all-gathered again at the start of backward anyway: keep it unsharded.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model.head, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    # Views of one step may use different sensors on different ranks: parameters of an unused
-    # modality then have no gradient on one rank only; reduce zeros for them so collectives match.
-    model.set_reduce_scatter_unused_params(True)
+        # The student's last block is all-gathered again at the start of backward: keep it gathered.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=not backward or i < len(blocks) - 1)
+    fully_shard(model.head, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not backward)
+    if backward:
+        # Views of one step may use different sensors on different ranks: parameters of an unused
+        # modality then have no gradient on one rank only; reduce zeros for them so collectives match.
+        model.set_reduce_scatter_unused_params(True)
 
 
 def parallelize(
@@ -71,8 +77,8 @@ def parallelize(
         apply_compile(arch.student)
         apply_compile(arch.teacher)
     if fsdp:
-        for model in (arch.student, arch.teacher):
-            apply_fsdp(model, mesh, DTYPES[precision], DTYPES[reduce_precision])
+        apply_fsdp(arch.student, mesh, DTYPES[precision], DTYPES[reduce_precision], backward=True)
+        apply_fsdp(arch.teacher, mesh, DTYPES[precision], DTYPES[reduce_precision], backward=False)
     return arch
 
 

@@ -128,7 +128,10 @@ def build_optimizer(student: torch.nn.Module, cfg: Config, device: torch.device)
     o = cfg.optim
     impl = o.implementation
     if impl == "auto":
-        impl = "apex" if backends.apex().usable and not cfg.train.fsdp else "fused" if device.type == "cuda" else "foreach"
+        if backends.apex().usable and not cfg.train.fsdp:  # apex kernels take plain tensors, not DTensor shards
+            impl = "apex"
+        else:
+            impl = "fused" if device.type == "cuda" else "foreach"
     kwargs = dict(lr=0.0, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if impl == "apex":
         if not backends.apex().usable:
@@ -238,8 +241,11 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     def view_flops(views: list[dict[str, torch.Tensor]]) -> float:
         """Forward FLOPs of one sample's views through backbone + head."""
         head = head_flops(dim, s.head_hidden_dim, s.head_bottleneck_dim, s.num_prototypes, s.head_layers)
-        return sum(backbone_flops(dim, depth, patch, [x.shape[1] for x in v.values()], *next(iter(v.values())).shape[-2:])
-                   + head for v in views)
+        total = 0.0
+        for v in views:
+            h, w = next(iter(v.values())).shape[-2:]
+            total += backbone_flops(dim, depth, patch, [x.shape[1] for x in v.values()], h, w) + head
+        return total
 
     # -- resume ---------------------------------------------------------------------------------
     step, epoch = 0, 0

@@ -34,10 +34,12 @@ class SyntheticLoader:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.global_size, self.local_size, self.num_local, self.seed = global_size, local_size, num_local, seed
         g = torch.Generator().manual_seed(seed)
-        # smooth-ish random tiles: low-resolution noise upsampled, so crops of one place are related
-        self.tiles = {m: torch.nn.functional.interpolate(torch.randn(num_samples, c, tile // 8, tile // 8,
-                                                                     generator=g), size=(tile, tile), mode="bilinear")
-                      for m, c in CHANNELS.items()}
+        # every modality is a fixed linear mix of one smooth latent field per place (plus noise), so
+        # views from different sensors of one place share content the model can learn to agree on
+        latent = torch.nn.functional.interpolate(torch.randn(num_samples, 4, tile // 8, tile // 8, generator=g),
+                                                 size=(tile, tile), mode="bilinear")
+        self.tiles = {m: torch.einsum("ck,nkhw->nchw", torch.randn(c, 4, generator=g), latent)
+                      + 0.1 * torch.randn(num_samples, c, tile, tile, generator=g) for m, c in CHANNELS.items()}
         self.classes = torch.randint(0, self.num_classes, (num_samples,), generator=g)
         self.num_samples, self.tile = num_samples, tile
         self.epoch, self.position = 0, 0
@@ -67,7 +69,7 @@ class SyntheticLoader:
         perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         global_batch = self.batch_size * self.world_size
         idx = perm[b * global_batch:(b + 1) * global_batch]
-        global_views = [self._crop(g, idx, ("s2_l2a",), self.global_size), self._crop(g, idx, ("s1",), self.global_size)]
+        global_views = [self._crop(g, idx, (m,), self.global_size) for m in ("s2_l2a", "s1")]
         local_mods = [("s2_l1c",), ("s1", "s2_l2a")]
         local_views = [self._crop(g, idx, local_mods[i % 2], self.local_size) for i in range(self.num_local)]
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
@@ -80,3 +82,13 @@ class SyntheticLoader:
             batch = self._batch(self.position)
             self.position += 1
             yield batch
+
+
+# A model and objective small enough for CPU tests (seconds per run): tiny backbone, 32/16 px crops.
+TINY_OVERRIDES = [
+    "model.name=terrafm_tiny", "model.img_size=32", "model.drop_path_rate=0.0",
+    "ssl.num_prototypes=256", "ssl.head_hidden_dim=64", "ssl.head_bottleneck_dim=32",
+    "ssl.warmup_teacher_temperature_epochs=1", "ssl.freeze_last_layer_epochs=0",
+    "optim.lr=0.05", "optim.warmup_epochs=1", "train.precision=fp32", "train.log_every=1",
+    "train.device=cpu",
+]
