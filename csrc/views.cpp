@@ -73,22 +73,38 @@ inline float load(const uint16_t* p) {
   return static_cast<float>(*p);
 }
 
+// Separable: a horizontal pass over each source row the output needs (t = x[i0] * w0 + x[i1] * w1),
+// then a vertical pass t0 * wy0 + t1 * wy1 over contiguous rows; the same operation order as PyTorch's
+// upsample_bilinear2d, so values agree to float rounding. Flips reverse the index/weight tables.
 template <bool kHalf>
 void render_plane(const uint16_t* plane, int64_t tile, const int32_t* box, const uint8_t* flip, int64_t s,
-                  float mean, float inv_std, float* out) {
+                  float mean, float inv_std, float* out, std::vector<float>& rows, std::vector<uint8_t>& done) {
   const int64_t top = box[0], left = box[1], h = box[2], w = box[3];
-  const Axis ay(h, s), ax(w, s);
-  for (int64_t y = 0; y < s; ++y) {
-    const uint16_t* r0 = plane + (top + ay.i0[y]) * tile + left;
-    const uint16_t* r1 = plane + (top + ay.i1[y]) * tile + left;
-    const int64_t oy = flip[1] ? s - 1 - y : y;
-    float* orow = out + oy * s;
-    for (int64_t x = 0; x < s; ++x) {
-      const float t0 = load<kHalf>(r0 + ax.i0[x]) * ax.w0[x] + load<kHalf>(r0 + ax.i1[x]) * ax.w1[x];
-      const float t1 = load<kHalf>(r1 + ax.i0[x]) * ax.w0[x] + load<kHalf>(r1 + ax.i1[x]) * ax.w1[x];
-      const float v = t0 * ay.w0[y] + t1 * ay.w1[y];
-      orow[flip[0] ? s - 1 - x : x] = (v - mean) * inv_std;
+  Axis ay(h, s), ax(w, s);
+  if (flip[0]) {
+    std::reverse(ax.i0.begin(), ax.i0.end());
+    std::reverse(ax.i1.begin(), ax.i1.end());
+    std::reverse(ax.w0.begin(), ax.w0.end());
+    std::reverse(ax.w1.begin(), ax.w1.end());
+  }
+  rows.resize(static_cast<size_t>(h * s));
+  done.assign(static_cast<size_t>(h), 0);
+  auto row = [&](int64_t r) -> const float* {
+    float* dst = rows.data() + r * s;
+    if (!done[r]) {
+      const uint16_t* src = plane + (top + r) * tile + left;
+      for (int64_t x = 0; x < s; ++x)
+        dst[x] = load<kHalf>(src + ax.i0[x]) * ax.w0[x] + load<kHalf>(src + ax.i1[x]) * ax.w1[x];
+      done[r] = 1;
     }
+    return dst;
+  };
+  for (int64_t y = 0; y < s; ++y) {
+    const float* t0 = row(ay.i0[y]);
+    const float* t1 = row(ay.i1[y]);
+    const float wy0 = ay.w0[y], wy1 = ay.w1[y];
+    float* orow = out + (flip[1] ? s - 1 - y : y) * s;
+    for (int64_t x = 0; x < s; ++x) orow[x] = (t0[x] * wy0 + t1[x] * wy1 - mean) * inv_std;
   }
 }
 
@@ -136,14 +152,16 @@ void render_view(const std::vector<py::array>& tiles, bool is_half, py::array_t<
     py::gil_scoped_release release;
     std::atomic<int64_t> next{0};
     auto work = [&]() {
+      std::vector<float> rows;
+      std::vector<uint8_t> done;
       for (int64_t k = next.fetch_add(1); k < items; k = next.fetch_add(1)) {
         const int64_t b = k / C, c = k % C;
         const uint16_t* plane = src[b] + bi[c] * tile * tile;
         float* dst = o + k * s * s;
         if (is_half)
-          render_plane<true>(plane, tile, bx + 4 * b, fl + 2 * b, s, mu[c], 1.f / sd[c], dst);
+          render_plane<true>(plane, tile, bx + 4 * b, fl + 2 * b, s, mu[c], 1.f / sd[c], dst, rows, done);
         else
-          render_plane<false>(plane, tile, bx + 4 * b, fl + 2 * b, s, mu[c], 1.f / sd[c], dst);
+          render_plane<false>(plane, tile, bx + 4 * b, fl + 2 * b, s, mu[c], 1.f / sd[c], dst, rows, done);
       }
     };
     std::vector<std::thread> pool;
