@@ -131,6 +131,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"config key {key!r}: expected a list of {_type_name(item)}, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {key!r}: expected a list {_type_name(tp)}, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"config key {key!r}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if origin is dict:
         ktp, vtp = typing.get_args(tp)
         if not isinstance(value, dict):
@@ -227,6 +236,10 @@ def load_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | tupl
         _apply(cfg, data)
     for item in overrides:
         _apply(cfg, parse_override(item))
+    try:
+        cfg.data.validate()  # the data path's own cross-field checks
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from err
     validate(cfg)
     return cfg
 
