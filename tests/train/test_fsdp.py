@@ -50,3 +50,13 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path):
     _, student_two = load_backbone_state(two / "run", "student")
     for k in teacher_two:
         assert torch.equal(teacher_two[k], student_two[k]), k
+
+
+def test_two_ranks_on_the_sample_tiles_with_per_rank_modality_draws(tmp_path):
+    """The real loader draws sensors per rank: FSDP collectives must still line up (blocks run per crop size)."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "terrafm.cli", "pretrain", "--nproc", "2", "--out", str(run_dir),
+                           "train.max_steps=2", "train.log_every=1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len(list((run_dir / "checkpoints" / "step_00000002").glob("rank_*.pt"))) == 2
