@@ -81,3 +81,15 @@ def test_default_pretrain_on_the_sample_tiles_then_export_round_trip(tmp_path, c
     x = torch.randn(2, 12, 64, 64)
     model.eval(), loaded.eval()
     torch.testing.assert_close(model(x, "s2_l2a"), loaded(x, "s2_l2a"))
+
+
+@pytest.mark.slow  # torch.compile on CPU: ~1-2 min
+def test_activation_checkpointing_and_compile_per_block_keep_the_losses(tmp_path):
+    plain = tiny_config(tmp_path / "plain", "train.max_steps=2", "train.checkpoint_every=100")
+    wrapped = tiny_config(tmp_path / "wrapped", "train.max_steps=2", "train.checkpoint_every=100",
+                          "train.activation_checkpointing=true", "train.compile=true")
+    train(plain, loader=SyntheticLoader())
+    train(wrapped, loader=SyntheticLoader())
+    read = lambda d: [json.loads(x)["loss"] for x in (d / "run" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for a, b in zip(read(tmp_path / "plain"), read(tmp_path / "wrapped"), strict=True):
+        assert abs(a - b) <= 1e-4 * abs(a), (a, b)
