@@ -95,3 +95,24 @@ def test_segmentation_probe_on_hdf5_masks(tiny_pth, tmp_path):
     res = run_eval(tiny_pth, data, "hdf5", tmp_path / "out", fractions=(1.0,))
     assert res["task"] == "segmentation" and [r["probe"] for r in res["runs"]] == ["seg"]
     assert res["runs"][0]["miou"] >= 0.8
+
+
+def test_every_probe_from_a_terrafm_pretrain_checkpoint_and_its_export(hdf5_data, tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", "--out", str(run_dir), "train.max_steps=2", "train.checkpoint_every=2"]) == 0
+    seg_data = write_hdf5(tmp_path / "seg", segmentation_splits(1), GEOBENCH_S2)
+    for data, wanted in ((hdf5_data, {"knn", "linear"}), (seg_data, {"seg"})):
+        out = tmp_path / f"out_{data.name}"
+        assert main(["eval", "--checkpoint", str(run_dir), "--data", str(data), "--format", "hdf5",
+                     "--probe", "all", "--fractions", "1.0", "--linear-epochs", "40", "--seg-epochs", "30",
+                     "--out", str(out)]) == 0
+        res = json.loads((out / "results.json").read_text())
+        assert {r["probe"] for r in res["runs"]} == wanted
+        for r in res["runs"]:
+            assert r.get("top1", r.get("miou")) >= 0.8, r
+    exported = tmp_path / "tiny.safetensors"
+    assert main(["export", str(run_dir), str(exported)]) == 0
+    assert main(["eval", "--checkpoint", str(exported), "--data", str(hdf5_data), "--format", "hdf5",
+                 "--probe", "knn", "--fractions", "1.0", "--out", str(tmp_path / "out_st")]) == 0
+    res = json.loads((tmp_path / "out_st" / "results.json").read_text())
+    assert res["runs"][0]["top1"] >= 0.95
