@@ -5,12 +5,17 @@ its order (terrafm.modalities), and labels: (N,) class ids, (N, K) multi-hot, or
 
 HDF5 (GEO-Bench layout): `root/default_partition.json` = {"train": [ids], "valid": [...], "test": [...]}
 and `root/<id>.hdf5` with one 2D dataset per band ("01 - Coastal aerosol", ..., "08A - ...", "VV", "VH")
-and the label as a dataset "label" (scalar, vector or HxW mask) or as the file attribute "label".
+and the label either as a dataset named "label*" (HxW mask; GEO-Bench segmentation), an attribute
+"label", or inside GEO-Bench's pickled attribute dict `attrs["pickle"]` (classification), which is
+read with a restricted unpickler (no geobench install needed, no arbitrary code).
 Folders: `root/<split>/<class>/*.tif|*.npy` for classification, `root/<split>/images/*` with
 `root/<split>/masks/*` of the same file names for segmentation.
 """
 
+import ast
+import io
 import json
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,20 +117,55 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
         if not path.exists():
             raise FileNotFoundError(f"{path} is listed in split {split!r} of {partition_file} but missing")
         with h5py.File(path, "r") as f:
-            names = [k for k in f.keys() if k != "label"]
+            names = [k for k in f.keys() if not k.startswith("label")]
             if band_names is None:
                 band_names = names
                 modality, chosen = modality_for_bands([geobench_band_name(n) for n in names], modality)
             elif names != band_names:
                 raise ValueError(f"{path} has bands {names}, the first sample had {band_names}")
             images.append(np.stack([np.asarray(f[band_names[i]], dtype=np.float32) for i in chosen]))
-            if "label" in f:
-                labels.append(np.asarray(f["label"]))
-            elif "label" in f.attrs:
-                labels.append(np.asarray(f.attrs["label"]))
-            else:
-                raise ValueError(f"{path} has no 'label' dataset or attribute")
+            labels.append(_hdf5_label(f, path))
     return EvalSplit(np.stack(images), _as_labels(labels), modality)
+
+
+def _hdf5_label(f, path: Path) -> np.ndarray:
+    masks = [k for k in f.keys() if k.startswith("label")]
+    if masks:
+        return np.asarray(f[masks[0]])
+    if "label" in f.attrs:
+        return np.asarray(f.attrs["label"])
+    if "pickle" in f.attrs:
+        attrs = _StubUnpickler(io.BytesIO(ast.literal_eval(f.attrs["pickle"]))).load()
+        if isinstance(attrs, dict) and "label" in attrs:
+            return np.asarray(attrs["label"])
+    raise ValueError(f"{path} has no label: expected a 'label' dataset, a 'label' attribute or GEO-Bench's "
+                     "attrs['pickle'] with a 'label' entry")
+
+
+class _Stub:
+    """Stands in for GEO-Bench's own classes (BandInfo, ...) inside its pickled sample attributes."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.__dict__["state"] = state
+
+
+class _StubUnpickler(pickle.Unpickler):
+    """Loads plain data, numpy arrays and dates; GEO-Bench classes become _Stub; anything else is refused."""
+
+    ALLOWED = {("copyreg", "_reconstructor"), ("builtins", "object"), ("collections", "OrderedDict"),
+               ("datetime", "date"), ("datetime", "datetime"), ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if module.split(".")[0] in ("geobench", "ccb"):
+            return _Stub
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a sample's attrs['pickle']")
 
 
 def _as_labels(labels: list[np.ndarray]) -> np.ndarray:

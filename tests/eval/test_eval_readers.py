@@ -67,3 +67,45 @@ def test_empty_class_folder_is_named(tmp_path):
     (root / "train" / "class_9").mkdir()
     with pytest.raises(ValueError, match=r"class 'class_9' has no images in .*class_9"):
         read_split(root, "folder", "train")
+
+
+def test_geobench_pickled_attribute_label_is_read_without_geobench(tmp_path, monkeypatch):
+    """Real GEO-Bench classification samples keep the label in str(pickle.dumps(attr_dict)) with
+    geobench.dataset classes inside: read it without importing geobench."""
+    import pickle
+    import sys
+    import types
+
+    import h5py
+
+    fake = types.ModuleType("geobench.dataset")
+
+    class BandInfo:
+        def __init__(self, name):
+            self.name = name
+
+    BandInfo.__module__, BandInfo.__qualname__ = "geobench.dataset", "BandInfo"
+    fake.BandInfo = BandInfo
+    monkeypatch.setitem(sys.modules, "geobench", types.ModuleType("geobench"))
+    monkeypatch.setitem(sys.modules, "geobench.dataset", fake)
+    splits = make_splits(12, per_class=(2, 1, 1))
+    root = tmp_path / "gb"
+    root.mkdir()
+    partition = {}
+    for split, (images, labels) in splits.items():
+        partition[split] = [f"{split}{i}" for i in range(len(labels))]
+        for sid, img, lab in zip(partition[split], images, labels, strict=True):
+            with h5py.File(root / f"{sid}.hdf5", "w") as f:
+                for name, band in zip([n for n in GEOBENCH_S2 if not n.startswith("10")], img, strict=True):
+                    f.create_dataset(name, data=band)
+                attrs = {"label": int(lab), "bands_order": GEOBENCH_S2, GEOBENCH_S2[0]: {"band_info": BandInfo("x")}}
+                f.attrs["pickle"] = str(pickle.dumps(attrs))
+    (root / "default_partition.json").write_text(json.dumps(partition))
+    monkeypatch.delitem(sys.modules, "geobench.dataset")
+    train = read_split(root, "hdf5", "train")
+    assert train.labels.tolist() == splits["train"][1].tolist() and train.modality == "s2_l2a"
+
+    with h5py.File(root / "train0.hdf5", "a") as f:
+        f.attrs["pickle"] = str(pickle.dumps({"label": __import__("os").system}))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        read_split(root, "hdf5", "train")
