@@ -116,3 +116,33 @@ def test_every_probe_from_a_terrafm_pretrain_checkpoint_and_its_export(hdf5_data
                  "--probe", "knn", "--fractions", "1.0", "--out", str(tmp_path / "out_st")]) == 0
     res = json.loads((tmp_path / "out_st" / "results.json").read_text())
     assert res["runs"][0]["top1"] >= 0.95
+
+
+def test_multilabel_hdf5_reports_f1(tiny_pth, tmp_path):
+    rng = np.random.default_rng(3)
+    splits = {}
+    for split, n in (("train", 60), ("test", 20)):
+        hot = np.zeros((n, NUM_CLASSES), dtype=np.uint8)
+        for i in range(n):
+            hot[i, rng.choice(NUM_CLASSES, size=2, replace=False)] = 1
+        bright = 3000.0 * hot.repeat(3, axis=1).astype(np.float64)[:, :, None, None]  # 12 of 13 bands
+        images = rng.normal(1000, 150, size=(n, 13, SIZE, SIZE))
+        images[:, :12] += bright
+        splits[split] = (np.clip(images, 0, 65535).astype(np.uint16), hot)
+    data = write_hdf5(tmp_path / "ml", splits, GEOBENCH_S2)
+    res = run_eval(tiny_pth, data, "hdf5", tmp_path / "out", fractions=(1.0,))
+    assert res["task"] == "multilabel"
+    for r in res["runs"]:
+        assert r["f1_micro"] >= 0.9 and r["f1_macro"] >= 0.9, r
+
+
+def test_segmentation_probe_on_a_folder_of_images_and_masks(tiny_pth, tmp_path):
+    root = tmp_path / "segfolder"
+    for split, (images, masks) in segmentation_splits(2).items():
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i, (img, mask) in enumerate(zip(images, masks, strict=True)):
+            np.save(root / split / "images" / f"{i:03d}.npy", img)
+            np.save(root / split / "masks" / f"{i:03d}.npy", mask)
+    res = run_eval(tiny_pth, root, "folder", tmp_path / "out", fractions=(1.0,))
+    assert res["task"] == "segmentation" and res["runs"][0]["miou"] >= 0.8
