@@ -2,7 +2,8 @@
 
 Classification uses the cls token after the final norm, (N, D); segmentation the normed patch tokens
 of the model's out_indices blocks concatenated, (N, L*D, H/p, W/p). Caches are .npz files named by
-a hash of the checkpoint (path, size, mtime), dataset path, split, modality, image size and kind.
+a hash of the checkpoint (path, size, mtime; for a run folder those of the checkpoint it resolves to
+now), dataset path, split, modality, image size and kind.
 """
 
 import hashlib
@@ -18,6 +19,10 @@ from tqdm import tqdm
 def cache_key(checkpoint: str | Path, data: str | Path, split: str, modality: str, img_size: int | None,
               kind: str) -> str:
     ckpt = Path(checkpoint).resolve()
+    if ckpt.is_dir():  # a run folder: key on the checkpoint it resolves to now, so new steps miss the cache
+        from terrafm.train.checkpoint import resolve
+
+        ckpt = resolve(ckpt) / ".metadata"
     stat = ckpt.stat()
     ident = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime": stat.st_mtime_ns,
              "data": str(Path(data).resolve()), "split": split, "modality": modality,

@@ -146,3 +146,17 @@ def test_segmentation_probe_on_a_folder_of_images_and_masks(tiny_pth, tmp_path):
             np.save(root / split / "masks" / f"{i:03d}.npy", mask)
     res = run_eval(tiny_pth, root, "folder", tmp_path / "out", fractions=(1.0,))
     assert res["task"] == "segmentation" and res["runs"][0]["miou"] >= 0.8
+
+
+def test_cache_key_of_a_run_folder_follows_its_latest_checkpoint(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in ("step_00000002", "step_00000004"):
+        (ckpts / step).mkdir(parents=True)
+        (ckpts / step / ".metadata").write_bytes(b"x")
+        (ckpts / step / "meta.json").write_text("{}")
+    (ckpts / "latest").write_text("step_00000002")
+    key = lambda: features.cache_key(tmp_path / "run", tmp_path, "train", "s2_l2a", None, "cls")  # noqa: E731
+    first = key()
+    assert key() == first
+    (ckpts / "latest").write_text("step_00000004")
+    assert key() != first
