@@ -1,6 +1,7 @@
 """`terrafm eval`: frozen-feature kNN / linear / segmentation probes of a checkpoint on a benchmark."""
 
 import argparse
+import pickle
 import sys
 
 from terrafm.eval.runner import EvalConfig, evaluate
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = load_checkpoint(args.checkpoint, name=args.model)
         results = evaluate(cfg, model)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as err:
         print(f"terrafm eval: error: {err}", file=sys.stderr)
         return 2
     for r in results["runs"]:

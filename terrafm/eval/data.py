@@ -123,9 +123,26 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
                 modality, chosen = modality_for_bands([geobench_band_name(n) for n in names], modality)
             elif names != band_names:
                 raise ValueError(f"{path} has bands {names}, the first sample had {band_names}")
-            images.append(np.stack([np.asarray(f[band_names[i]], dtype=np.float32) for i in chosen]))
+            images.append(_stack_bands([np.asarray(f[band_names[i]], dtype=np.float32) for i in chosen]))
             labels.append(_hdf5_label(f, path))
     return EvalSplit(np.stack(images), _as_labels(labels), modality)
+
+
+def _stack_bands(bands: list[np.ndarray]) -> np.ndarray:
+    """(C, H, W) from 2D bands; bands stored at a coarser grid (20 m / 60 m) are resized bilinearly to
+    the finest one."""
+    shape = max((b.shape for b in bands), key=lambda s: s[0] * s[1])
+    if all(b.shape == shape for b in bands):
+        return np.stack(bands)
+    import torch
+    import torch.nn.functional as F
+
+    def up(b: np.ndarray) -> np.ndarray:
+        if b.shape == shape:
+            return b
+        return F.interpolate(torch.from_numpy(b)[None, None], size=shape, mode="bilinear")[0, 0].numpy()
+
+    return np.stack([up(b) for b in bands])
 
 
 def _hdf5_label(f, path: Path) -> np.ndarray:

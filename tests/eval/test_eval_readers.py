@@ -109,3 +109,17 @@ def test_geobench_pickled_attribute_label_is_read_without_geobench(tmp_path, mon
         f.attrs["pickle"] = str(pickle.dumps({"label": __import__("os").system}))
     with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
         read_split(root, "hdf5", "train")
+
+
+def test_hdf5_bands_on_a_coarser_grid_are_resized_to_the_finest(tmp_path):
+    images, labels = make_splits(12, per_class=(1, 1, 1))["train"]
+    root = write_hdf5(tmp_path / "mixed", {"train": (images, labels)}, [n for n in GEOBENCH_S2 if n[:2] != "10"])
+    import h5py
+
+    with h5py.File(root / "train_0000.hdf5", "a") as f:  # store B01 (60 m) at a third of the size
+        band = f["01 - Coastal aerosol"][::3, ::3]
+        del f["01 - Coastal aerosol"]
+        f.create_dataset("01 - Coastal aerosol", data=band)
+    train = read_split(root, "hdf5", "train")
+    assert train.images.shape == (4, 12, 32, 32)
+    assert abs(train.images[0, 0].mean() - images[0, 0].mean()) < 0.05 * images[0, 0].mean()
