@@ -29,6 +29,10 @@ S2_WITH_B10 = S2_BANDS[:10] + ("B10",) + S2_BANDS[10:]  # 13-band order of L1C p
 IMAGE_SUFFIXES = (".tif", ".tiff", ".npy")
 
 
+class MissingSplitError(FileNotFoundError):
+    """The dataset has no such split (the optional validation split may be absent)."""
+
+
 @dataclass
 class EvalSplit:
     images: np.ndarray  # (N, C, H, W) float32, bands in the modality's order
@@ -95,7 +99,7 @@ def _split_key(available: list[str] | dict, split: str, where: str) -> str:
     for alias in SPLIT_ALIASES.get(split, (split,)):
         if alias in available:
             return alias
-    raise FileNotFoundError(f"split {split!r} not found in {where}; it has {sorted(available)}")
+    raise MissingSplitError(f"split {split!r} not found in {where}; it has {sorted(available)}")
 
 
 # -- HDF5 -------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from terrafm.eval import metrics, probes
-from terrafm.eval.data import EvalSplit, band_stats, normalize, read_split
+from terrafm.eval.data import EvalSplit, MissingSplitError, band_stats, normalize, read_split
 from terrafm.eval.features import cache_key, cached_features, extract
 
 PROBES_BY_TASK = {"classification": ("knn", "linear"), "multilabel": ("knn", "linear"), "segmentation": ("seg",)}
@@ -43,9 +43,8 @@ def _load_splits(cfg: EvalConfig) -> dict[str, EvalSplit]:
     splits = {"train": train, "test": read_split(cfg.data, cfg.format, "test", train.modality, names)}
     try:
         splits["val"] = read_split(cfg.data, cfg.format, "val", train.modality, names)
-    except FileNotFoundError as err:
-        if "split 'val' not found" not in str(err):
-            raise
+    except MissingSplitError:
+        pass  # the validation split is optional
     for name, split in splits.items():
         if split.images.shape[1:2] != train.images.shape[1:2] or split.task != train.task:
             raise ValueError(f"split {name!r} ({split.task}, {split.images.shape[1]} bands) does not match "
