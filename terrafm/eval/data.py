@@ -176,13 +176,19 @@ class _Stub:
 class _StubUnpickler(pickle.Unpickler):
     """Loads plain data, numpy arrays and dates; GEO-Bench classes become _Stub; anything else is refused."""
 
-    ALLOWED = {("copyreg", "_reconstructor"), ("builtins", "object"), ("collections", "OrderedDict"),
-               ("datetime", "date"), ("datetime", "datetime"), ("numpy", "ndarray"), ("numpy", "dtype"),
-               ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar")}
+    ALLOWED = {("copyreg", "_reconstructor"), ("_codecs", "encode"),
+               ("collections", "OrderedDict"), ("collections", "defaultdict"),
+               ("datetime", "date"), ("datetime", "datetime"), ("datetime", "timedelta"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), *(("builtins", n) for n in (
+                   "object", "set", "frozenset", "tuple", "list", "dict", "complex", "slice")),
+               *((f"numpy.{core}.multiarray", n) for core in ("core", "_core") for n in ("_reconstruct", "scalar")),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+    # GEO-Bench's band metadata: its own classes, rasterio CRS and affine transforms (never needed here)
+    STUBBED = ("geobench", "ccb", "rasterio", "affine")
 
     def find_class(self, module, name):
-        if module.split(".")[0] in ("geobench", "ccb"):
+        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocol 0-2 names
+        if module.split(".")[0] in self.STUBBED:
             return _Stub
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)

@@ -123,3 +123,17 @@ def test_hdf5_bands_on_a_coarser_grid_are_resized_to_the_finest(tmp_path):
     train = read_split(root, "hdf5", "train")
     assert train.images.shape == (4, 12, 32, 32)
     assert abs(train.images[0, 0].mean() - images[0, 0].mean()) < 0.05 * images[0, 0].mean()
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_restricted_unpickler_reads_numpy_labels_dates_and_sets_at_every_protocol(protocol):
+    import datetime
+    import io
+    import pickle
+
+    from terrafm.eval.data import _StubUnpickler
+
+    attrs = {"label": np.array([0, 1, 1], dtype=np.uint8), "date": datetime.date(2020, 1, 1), "ids": {1, 2},
+             "resolution": np.float32(10.0)}
+    out = _StubUnpickler(io.BytesIO(pickle.dumps(attrs, protocol=protocol))).load()
+    assert out["label"].tolist() == [0, 1, 1] and out["date"] == attrs["date"] and out["ids"] == {1, 2}
