@@ -29,12 +29,17 @@ def _job_fingerprint(job: list[list[Product]], opts: dict) -> str:
     return hashlib.sha1(json.dumps([spec, opts], sort_keys=True).encode()).hexdigest()
 
 
-def _read_cell(products: list[Product], parquet_rows: dict) -> dict[str, np.ndarray]:
+def _read_cell(products: list[Product], parquet: sources.ParquetRows) -> dict[str, np.ndarray]:
     """modality -> (C, S, S) 10 m array for one grid cell (worldcover: (1, S, S) uint8)."""
     cell, size = {}, None
     for p in products:
         if p.row >= 0:
-            raw = parquet_rows[(p.source, p.row)]
+            try:
+                raw = parquet.bands(p)
+            except BadInput:
+                raise
+            except Exception as err:
+                raise BadInput(f"{p.where}: cannot read the parquet row ({type(err).__name__}: {err})") from err
             for value in raw.values():
                 if isinstance(value, BadInput):
                     raise value
@@ -58,26 +63,13 @@ def run_job(index: int, job: list[list[Product]], out_dir: str, opts: dict, fing
     """Convert the cells of one job into shard `index`; returns {records, skipped}."""
     modalities = opts["modalities"]
     bands = {m: MODALITIES[m].bands for m in modalities}
-    by_file = defaultdict(list)
-    for cell in job:
-        for p in cell:
-            if p.row >= 0:
-                by_file[p.source].append(p)
-    parquet_rows = {}
-    for path, prods in by_file.items():
-        try:
-            rows = sources.read_parquet_products(path, prods)
-        except BadInput:
-            raise
-        except Exception as err:
-            raise BadInput(f"{path}: cannot read parquet rows ({type(err).__name__}: {err})") from err
-        parquet_rows.update({(path, r): v for r, v in rows.items()})
+    parquet = sources.ParquetRows()
     t = opts["tile_size"]
     writer = shards.ShardWriter(Path(out_dir), index, bands, t, opts["codec"], fingerprint)
     skipped = []
     for cell_products in job:
         try:
-            cell = _read_cell(cell_products, parquet_rows)
+            cell = _read_cell(cell_products, parquet)
             size = next(iter(cell.values())).shape[-1]
             if size % t:
                 raise BadInput(f"{cell_products[0].where}: cell of {size} px is not a multiple of tile_size {t}")

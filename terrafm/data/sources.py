@@ -110,27 +110,36 @@ def _column(band: str, modality: str, names: list[str]) -> str | None:
     return None
 
 
-def read_parquet_products(path: str, products: list[Product]) -> dict[int, dict[str, object]]:
-    """row -> {band: GeoTIFF bytes or a BadInput}, reading only the row groups and columns needed."""
-    pf = pq.ParquetFile(path)
-    starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
-    by_group = defaultdict(list)
-    for p in products:
-        by_group[int(np.searchsorted(starts, p.row, side="right") - 1)].append(p)
-    out = {}
-    for group, prods in by_group.items():
-        wanted = {b: _column(b, p.modality, pf.schema_arrow.names) for p in prods for b in expected_bands(p.modality)}
-        table = pf.read_row_group(group, columns=sorted({c for c in wanted.values() if c}))
-        for p in prods:
-            local = p.row - int(starts[group])
-            bands = {}
-            for b in expected_bands(p.modality):
-                col = wanted[b]
-                value = table[col][local].as_py() if col else None
-                bands[b] = value if value is not None else BadInput(
-                    f"{p.where}: missing band {b} ({'no column' if col is None else 'null value'})")
-            out[p.row] = bands
-    return out
+class ParquetRows:
+    """Band bytes of parquet products, one row group at a time (the last group per file is cached, so a
+    job walking cells in grid order reads each group once and holds one group per file in memory)."""
+
+    def __init__(self):
+        self._files: dict[str, tuple[pq.ParquetFile, np.ndarray]] = {}
+        self._cache: dict[str, tuple[tuple[int, str], object]] = {}
+
+    def bands(self, p: Product) -> dict[str, object]:
+        """{band: GeoTIFF bytes or a BadInput} of one parquet product."""
+        if p.source not in self._files:
+            pf = pq.ParquetFile(p.source)
+            sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+            self._files[p.source] = (pf, np.cumsum([0] + sizes))
+        pf, starts = self._files[p.source]
+        group = int(np.searchsorted(starts, p.row, side="right") - 1)
+        names = pf.schema_arrow.names
+        key = (group, p.modality)
+        if self._cache.get(p.source, (None, None))[0] != key:
+            cols = [c for c in (_column(b, p.modality, names) for b in expected_bands(p.modality)) if c]
+            self._cache[p.source] = (key, pf.read_row_group(group, columns=cols))
+        table = self._cache[p.source][1]
+        local = p.row - int(starts[group])
+        out = {}
+        for b in expected_bands(p.modality):
+            col = _column(b, p.modality, names)
+            value = table[col][local].as_py() if col else None
+            out[b] = value if value is not None else BadInput(
+                f"{p.where}: missing band {b} ({'no column' if col is None else 'null value'})")
+        return out
 
 
 def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:

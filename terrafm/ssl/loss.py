@@ -66,6 +66,7 @@ class DINOLoss(nn.Module):
         high[list(high_classes)] = 1.0
         self.register_buffer("high_class_weight", high, persistent=False)
         self._pending: torch.Tensor | None = None  # [logit_sum (K), high_logit_sum (K), rows, high_rows]
+        self.teacher_entropy: torch.Tensor | None = None  # of the last teacher_probs call, for monitoring
 
     def high_weight(self, majority_class: torch.Tensor) -> torch.Tensor:
         """(B,) 1.0 for samples whose majority class is high-frequency, else 0.0 (unknown classes: 0)."""
@@ -91,6 +92,8 @@ class DINOLoss(nn.Module):
         counts = torch.stack([torch.tensor(float(T * B), device=weight.device), weight.sum().float()])
         stats = torch.cat([logit_sum.float(), high_logit_sum.float(), counts])
         self._pending = stats if self._pending is None else self._pending + stats
+        # mean entropy of the teacher targets (nats): ~log K = uniform collapse, ~0 = one-prototype collapse
+        self.teacher_entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean().detach()
         return probs.reshape(T, B, K)
 
     def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:

@@ -347,6 +347,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                 record = {
                     "step": step, "loss": loss_value, "lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
                     "teacher_temperature": teacher_temp, "grad_norm": grad_norm.item(), "epoch": epoch,
+                    "teacher_entropy": arch.loss.teacher_entropy.item(),
                     "img_per_s": window_images * env.world_size / elapsed, "step_time_s": elapsed / t.log_every,
                     "mfu": window_flops / elapsed / peak if peak else None, "mem_gb": _memory_gb(env.device),
                 }
