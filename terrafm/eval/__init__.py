@@ -1,0 +1,1 @@
+"""Downstream evaluation (`terrafm eval`): readers (data), frozen features, probes, metrics, runner, CLI."""

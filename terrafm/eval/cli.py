@@ -1,0 +1,56 @@
+"""`terrafm eval`: frozen-feature kNN / linear / segmentation probes of a checkpoint on a benchmark."""
+
+import argparse
+import pickle
+import sys
+
+from terrafm.eval.runner import EvalConfig, evaluate
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="published .pth, exported .safetensors, or a `terrafm pretrain` run/checkpoint folder")
+    parser.add_argument("--data", required=True, help="dataset root (GEO-Bench HDF5 folder or class folders)")
+    parser.add_argument("--format", required=True, choices=("hdf5", "folder"))
+    parser.add_argument("--probe", nargs="+", default=["all"], choices=("knn", "linear", "seg", "all"),
+                        help="probes to run; 'all' = knn+linear for classification, seg for segmentation")
+    parser.add_argument("--modality", default="auto", choices=("auto", "s2_l2a", "s2_l1c", "s1"),
+                        help="which patch embedding reads the bands (auto: 13 bands -> s2_l1c, 12 -> s2_l2a)")
+    parser.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.01],
+                        help="fractions of training labels (stratified, fixed seed)")
+    parser.add_argument("--out", required=True, help="folder for results.json, confusion PNGs and the cache")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--img-size", type=int, default=None, help="resize images to this size (px) first")
+    parser.add_argument("--device", default=None, help="cuda if available, else cpu")
+    parser.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/cache)")
+    parser.add_argument("--knn-k", type=int, default=20)
+    parser.add_argument("--knn-temperature", type=float, default=0.07)
+    parser.add_argument("--linear-epochs", type=int, default=100)
+    parser.add_argument("--seg-epochs", type=int, default=50)
+    parser.add_argument("--model", default=None, help="model name when the checkpoint cannot tell (e.g. terrafm_base)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from terrafm.models import load_checkpoint
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = EvalConfig(checkpoint=args.checkpoint, data=args.data, format=args.format, out=args.out,
+                     probes=tuple(args.probe), modality=args.modality, fractions=tuple(args.fractions),
+                     seed=args.seed, batch_size=args.batch_size, img_size=args.img_size, device=device,
+                     cache_dir=args.cache_dir, knn_k=args.knn_k, knn_temperature=args.knn_temperature,
+                     linear_epochs=args.linear_epochs, seg_epochs=args.seg_epochs)
+    try:
+        model = load_checkpoint(args.checkpoint, name=args.model)
+        results = evaluate(cfg, model)
+    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as err:
+        print(f"terrafm eval: error: {err}", file=sys.stderr)
+        return 2
+    for r in results["runs"]:
+        scores = {k: r[k] for k in ("top1", "f1_macro", "f1_micro", "miou", "pixel_acc") if k in r}
+        print(f"{r['probe']:>6} {r['fraction']:>6.0%} labels ({r['train_samples']} samples): "
+              + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    print(f"results: {args.out}/results.json")
+    return 0

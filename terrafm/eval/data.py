@@ -1,0 +1,283 @@
+"""Readers for downstream benchmarks: GEO-Bench-style HDF5 and EuroSAT-style folders.
+
+Both return an `EvalSplit`: float32 images (N, C, H, W) with the bands of one of our modalities in
+its order (terrafm.modalities), and labels: (N,) class ids, (N, K) multi-hot, or (N, H, W) masks.
+
+HDF5 (GEO-Bench layout): `root/default_partition.json` = {"train": [ids], "valid": [...], "test": [...]}
+and `root/<id>.hdf5` with one 2D dataset per band ("01 - Coastal aerosol", ..., "08A - ...", "VV", "VH")
+and the label either as a dataset named "label*" (HxW mask; GEO-Bench segmentation), an attribute
+"label", or inside GEO-Bench's pickled attribute dict `attrs["pickle"]` (classification), which is
+read with a restricted unpickler (no geobench install needed, no arbitrary code).
+Folders: `root/<split>/<class>/*.tif|*.npy` for classification, `root/<split>/images/*` with
+`root/<split>/masks/*` of the same file names for segmentation.
+"""
+
+import ast
+import io
+import json
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS
+
+SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+S2_WITH_B10 = S2_BANDS[:10] + ("B10",) + S2_BANDS[10:]  # 13-band order of L1C products
+IMAGE_SUFFIXES = (".tif", ".tiff", ".npy")
+
+
+class MissingSplitError(FileNotFoundError):
+    """The dataset has no such split (the optional validation split may be absent)."""
+
+
+@dataclass
+class EvalSplit:
+    images: np.ndarray  # (N, C, H, W) float32, bands in the modality's order
+    labels: np.ndarray  # (N,) int64 | (N, K) multi-hot | (N, H, W) int64 masks
+    modality: str
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def task(self) -> str:
+        """'classification', 'multilabel' or 'segmentation', from the label shape."""
+        return {1: "classification", 2: "multilabel", 3: "segmentation"}[self.labels.ndim]
+
+
+def modality_for_bands(bands: list[str], modality: str = "auto") -> tuple[str, list[int]]:
+    """Choose the modality that the dataset's band names fit and the indices that select its bands.
+
+    S2 products with B10 (13 bands) drop it; anything else must contain every band of the modality.
+    """
+    wanted = {name: [b for b in MODALITIES[name].bands] for name in MODALITIES}
+    fits = [m for m, bs in wanted.items() if set(bs) <= set(bands)]
+    if modality == "auto":
+        if not fits:
+            raise ValueError(_no_fit_message(bands))
+        s2 = [m for m in fits if m.startswith("s2")]
+        modality = ("s2_l1c" if "B10" in bands else "s2_l2a") if s2 else fits[0]
+    elif modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; expected 'auto' or one of {list(MODALITIES)}")
+    elif modality not in fits:
+        raise ValueError(f"--modality {modality}: " + _no_fit_message(bands))
+    return modality, [bands.index(b) for b in wanted[modality]]
+
+
+def _no_fit_message(bands: list[str]) -> str:
+    return (
+        f"the dataset's {len(bands)} bands {bands} fit no modality; what fits: s2_l2a / s2_l1c = 12 bands "
+        f"{list(S2_BANDS)} (13 with B10, which is dropped), s1 = 2 bands {list(S1_BANDS)}"
+    )
+
+
+def bands_from_count(count: int) -> list[str]:
+    """Band names of an unnamed (folder) image from its channel count: 13/12 -> S2, 2 -> S1."""
+    known = {13: list(S2_WITH_B10), 12: list(S2_BANDS), 2: list(S1_BANDS)}
+    if count not in known:
+        raise ValueError(
+            f"images have {count} bands, which fit no modality; what fits: 12 bands (s2_l2a / s2_l1c, "
+            f"{list(S2_BANDS)}), 13 bands (S2 with B10, which is dropped) or 2 bands (s1, VV VH)"
+        )
+    return known[count]
+
+
+def geobench_band_name(name: str) -> str:
+    """'08A - Vegetation Red Edge' -> 'B8A', '01 - Coastal aerosol' -> 'B01', 'VV' -> 'VV'."""
+    m = re.match(r"^\s*(\d{1,2})(A?)\s*-", name)
+    if m:
+        num, a = int(m.group(1)), m.group(2)
+        return f"B{num}A" if a else f"B{num:02d}"
+    for pol in S1_BANDS:
+        if re.search(rf"\b{pol}\b", name, flags=re.IGNORECASE):
+            return pol
+    return name
+
+
+def _split_key(available: list[str] | dict, split: str, where: str) -> str:
+    for alias in SPLIT_ALIASES.get(split, (split,)):
+        if alias in available:
+            return alias
+    raise MissingSplitError(f"split {split!r} not found in {where}; it has {sorted(available)}")
+
+
+# -- HDF5 -------------------------------------------------------------------------------------------
+def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit:
+    """Read one split of a GEO-Bench-style HDF5 dataset (see module docstring)."""
+    import h5py
+
+    root = Path(root)
+    partition_file = root / "default_partition.json"
+    if not partition_file.exists():
+        raise FileNotFoundError(f"{partition_file} not found: a GEO-Bench dataset lists its splits there")
+    partition = json.loads(partition_file.read_text())
+    ids = partition[_split_key(partition, split, str(partition_file))]
+    if not ids:
+        raise ValueError(f"split {split!r} in {partition_file} is empty")
+    images, labels, band_names, chosen = [], [], None, None
+    for sample_id in ids:
+        path = root / f"{sample_id}.hdf5"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is listed in split {split!r} of {partition_file} but missing")
+        with h5py.File(path, "r") as f:
+            names = [k for k in f.keys() if not k.startswith("label")]
+            if band_names is None:
+                band_names = names
+                modality, chosen = modality_for_bands([geobench_band_name(n) for n in names], modality)
+            elif names != band_names:
+                raise ValueError(f"{path} has bands {names}, the first sample had {band_names}")
+            images.append(_stack_bands([np.asarray(f[band_names[i]], dtype=np.float32) for i in chosen]))
+            labels.append(_hdf5_label(f, path))
+    return EvalSplit(np.stack(images), _as_labels(labels), modality)
+
+
+def _stack_bands(bands: list[np.ndarray]) -> np.ndarray:
+    """(C, H, W) from 2D bands; bands stored at a coarser grid (20 m / 60 m) are resized bilinearly to
+    the finest one."""
+    shape = max((b.shape for b in bands), key=lambda s: s[0] * s[1])
+    if all(b.shape == shape for b in bands):
+        return np.stack(bands)
+    import torch
+    import torch.nn.functional as F
+
+    def up(b: np.ndarray) -> np.ndarray:
+        if b.shape == shape:
+            return b
+        return F.interpolate(torch.from_numpy(b)[None, None], size=shape, mode="bilinear")[0, 0].numpy()
+
+    return np.stack([up(b) for b in bands])
+
+
+def _hdf5_label(f, path: Path) -> np.ndarray:
+    masks = [k for k in f.keys() if k.startswith("label")]
+    if masks:
+        return np.asarray(f[masks[0]])
+    if "label" in f.attrs:
+        return np.asarray(f.attrs["label"])
+    if "pickle" in f.attrs:
+        attrs = _StubUnpickler(io.BytesIO(ast.literal_eval(f.attrs["pickle"]))).load()
+        if isinstance(attrs, dict) and "label" in attrs:
+            return np.asarray(attrs["label"])
+    raise ValueError(f"{path} has no label: expected a 'label' dataset, a 'label' attribute or GEO-Bench's "
+                     "attrs['pickle'] with a 'label' entry")
+
+
+class _Stub:
+    """Stands in for GEO-Bench's own classes (BandInfo, ...) inside its pickled sample attributes."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.__dict__["state"] = state
+
+
+class _StubUnpickler(pickle.Unpickler):
+    """Loads plain data, numpy arrays and dates; GEO-Bench classes become _Stub; anything else is refused."""
+
+    ALLOWED = {("copyreg", "_reconstructor"), ("_codecs", "encode"),
+               ("collections", "OrderedDict"), ("collections", "defaultdict"),
+               ("datetime", "date"), ("datetime", "datetime"), ("datetime", "timedelta"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), *(("builtins", n) for n in (
+                   "object", "set", "frozenset", "tuple", "list", "dict", "complex", "slice")),
+               *((f"numpy.{core}.multiarray", n) for core in ("core", "_core") for n in ("_reconstruct", "scalar")),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+    # GEO-Bench's band metadata: its own classes, rasterio CRS and affine transforms (never needed here)
+    STUBBED = ("geobench", "ccb", "rasterio", "affine")
+
+    def find_class(self, module, name):
+        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocol 0-2 names
+        if module.split(".")[0] in self.STUBBED:
+            return _Stub
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a sample's attrs['pickle']")
+
+
+def _as_labels(labels: list[np.ndarray]) -> np.ndarray:
+    arr = np.stack(labels)
+    return arr.astype(np.float32) if arr.ndim == 2 else arr.astype(np.int64)
+
+
+# -- folders --------------------------------------------------------------------------------------
+def _read_image(path: Path) -> np.ndarray:
+    """(C, H, W) float32 from a .npy or GeoTIFF; channel-last arrays (H, W, C) are transposed."""
+    if path.suffix == ".npy":
+        arr = np.load(path)
+    else:
+        import tifffile
+
+        arr = tifffile.imread(path)
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"{path}: expected a (C, H, W) or (H, W, C) image, got shape {arr.shape}")
+    if arr.shape[-1] in (2, 12, 13) and arr.shape[0] not in (2, 12, 13):
+        arr = arr.transpose(2, 0, 1)
+    return arr
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_folder(root: str | Path, split: str, modality: str = "auto",
+                class_names: list[str] | None = None) -> EvalSplit:
+    """Read one split of a EuroSAT-style folder dataset (classification or images/ + masks/)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} does not exist")
+    splits = [p.name for p in root.iterdir() if p.is_dir()]
+    split_dir = root / _split_key(splits, split, str(root))
+    subdirs = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if {"images", "masks"} <= set(subdirs):
+        files = _files(split_dir / "images")
+        if not files:
+            raise ValueError(f"{split_dir / 'images'} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+        pairs = []
+        for f in files:
+            mask = next((m for m in (split_dir / "masks").glob(f.stem + ".*")), None)
+            if mask is None:
+                raise FileNotFoundError(f"no mask for {f} in {split_dir / 'masks'} (expected {f.stem}.tif/.npy)")
+            pairs.append((_read_image(f), _read_image(mask)[0].astype(np.int64)))
+        images, labels, names = [p[0] for p in pairs], [p[1] for p in pairs], class_names or []
+    else:
+        names = class_names or subdirs
+        if not names:
+            raise ValueError(f"{split_dir} has no class folders (expected {split_dir}/<class>/*.tif)")
+        images, labels = [], []
+        for idx, name in enumerate(names):
+            folder = split_dir / name
+            found = _files(folder) if folder.is_dir() else []
+            if not found:
+                raise ValueError(f"class {name!r} has no images in {folder} (expected *.tif, *.tiff or *.npy)")
+            images += [_read_image(f) for f in found]
+            labels += [idx] * len(found)
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"images in {split_dir} differ in shape: {sorted(shapes)[:4]}")
+    stacked = np.stack(images)
+    modality, chosen = modality_for_bands(bands_from_count(stacked.shape[1]), modality)
+    return EvalSplit(stacked[:, chosen], np.asarray(labels, dtype=np.int64), modality, list(names))
+
+
+def read_split(root: str | Path, fmt: str, split: str, modality: str = "auto",
+               class_names: list[str] | None = None) -> EvalSplit:
+    if fmt == "hdf5":
+        return read_hdf5(root, split, modality)
+    if fmt == "folder":
+        return read_folder(root, split, modality, class_names)
+    raise ValueError(f"unknown format {fmt!r}; expected 'hdf5' or 'folder'")
+
+
+def band_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and std (C,) over the training split (float64 accumulation)."""
+    x = images.astype(np.float64)
+    mean, std = x.mean(axis=(0, 2, 3)), x.std(axis=(0, 2, 3))
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    return ((images - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)

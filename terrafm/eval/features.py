@@ -1,0 +1,75 @@
+"""Frozen-feature extraction with a TerraFM backbone, cached on disk once per (checkpoint, data, split).
+
+Classification uses the cls token after the final norm, (N, D); segmentation the normed patch tokens
+of the model's out_indices blocks concatenated, (N, L*D, H/p, W/p). Caches are .npz files named by
+a hash of the checkpoint (path, size, mtime; for a run folder those of the checkpoint it resolves to
+now), dataset path, split, modality, image size and kind.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+def cache_key(checkpoint: str | Path, data: str | Path, split: str, modality: str, img_size: int | None,
+              kind: str) -> str:
+    ckpt = Path(checkpoint).resolve()
+    if ckpt.is_dir():  # a run folder: key on the checkpoint it resolves to now, so new steps miss the cache
+        from terrafm.train.checkpoint import resolve
+
+        ckpt = resolve(ckpt) / ".metadata"
+    stat = ckpt.stat()
+    ident = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime": stat.st_mtime_ns,
+             "data": str(Path(data).resolve()), "split": split, "modality": modality,
+             "img_size": img_size, "kind": kind}
+    return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resize(images: torch.Tensor, img_size: int | None) -> torch.Tensor:
+    if img_size is None or images.shape[-2:] == (img_size, img_size):
+        return images
+    return F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def extract(model, images: np.ndarray, modality: str, kind: str = "cls", batch_size: int = 64,
+            img_size: int | None = None, device: str = "cpu", desc: str = "features") -> np.ndarray:
+    """Run the frozen backbone over normalised images (N, C, H, W); returns float32 features."""
+    if kind not in ("cls", "multiscale"):
+        raise ValueError(f"feature kind must be 'cls' or 'multiscale', got {kind!r}")
+    size = img_size or images.shape[-1]
+    if images.shape[-2] % model.patch_size or size % model.patch_size:
+        raise ValueError(
+            f"image size {images.shape[-2]}x{images.shape[-1]} is not a multiple of the patch size "
+            f"{model.patch_size}; pass --img-size (e.g. {max(1, round(size / model.patch_size)) * model.patch_size})"
+        )
+    model.eval().to(device)
+    out = []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+        x = resize(torch.from_numpy(images[start:start + batch_size]).to(device), img_size)
+        if kind == "cls":
+            feats = model.forward_features(x, modality)["x_norm_clstoken"]
+        else:
+            feats = torch.cat(model.multiscale_features(x, modality), dim=1)
+        out.append(feats.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def cached_features(cache_dir: str | Path | None, key: str, compute) -> np.ndarray:
+    """Load features for `key` from cache_dir, or compute() and store them there."""
+    if cache_dir is None:
+        return compute()
+    path = Path(cache_dir) / f"features_{key}.npz"
+    if path.exists():
+        return np.load(path)["features"]
+    feats = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, features=feats)
+    tmp.replace(path)
+    return feats

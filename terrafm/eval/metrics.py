@@ -1,0 +1,84 @@
+"""Metrics for the probes (top-1, macro F1, multi-label F1, mIoU) and the confusion-matrix PNG."""
+
+from pathlib import Path
+
+import numpy as np
+
+
+def confusion_matrix(target: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """(K, K) counts, rows = true class, columns = predicted; pixels equal to ignore_index are skipped."""
+    target, pred = np.asarray(target).ravel(), np.asarray(pred).ravel()
+    keep = target != ignore_index
+    target, pred = target[keep], pred[keep]
+    return np.bincount(target * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def top1(cm: np.ndarray) -> float:
+    return float(np.trace(cm) / max(cm.sum(), 1))
+
+
+def macro_f1(cm: np.ndarray) -> float:
+    """Mean over classes present in target or prediction of 2 TP / (2 TP + FP + FN)."""
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1)
+    present = denom > 0
+    return float(np.mean(2 * tp[present] / denom[present])) if present.any() else 0.0
+
+
+def mean_iou(cm: np.ndarray) -> float:
+    """Mean over classes present in target or prediction of TP / (TP + FP + FN)."""
+    tp = np.diag(cm).astype(np.float64)
+    union = cm.sum(0) + cm.sum(1) - tp
+    present = union > 0
+    return float(np.mean(tp[present] / union[present])) if present.any() else 0.0
+
+
+def multilabel_f1(target: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Micro and macro F1 of multi-hot (N, K) predictions (macro over labels with any positive)."""
+    target, pred = np.asarray(target).astype(bool), np.asarray(pred).astype(bool)
+    tp = (target & pred).sum(0).astype(np.float64)
+    fp, fn = (~target & pred).sum(0), (target & ~pred).sum(0)
+    denom = 2 * tp + fp + fn
+    present = denom > 0
+    micro = 2 * tp.sum() / max(denom.sum(), 1)
+    macro = float(np.mean(2 * tp[present] / denom[present])) if present.any() else 0.0
+    return {"f1_micro": float(micro), "f1_macro": macro}
+
+
+def classification_report(target: np.ndarray, pred: np.ndarray, num_classes: int) -> tuple[dict, np.ndarray]:
+    cm = confusion_matrix(target, pred, num_classes)
+    return {"top1": top1(cm), "f1_macro": macro_f1(cm)}, cm
+
+
+def segmentation_report(target: np.ndarray, pred: np.ndarray, num_classes: int) -> tuple[dict, np.ndarray]:
+    cm = confusion_matrix(target, pred, num_classes)
+    return {"miou": mean_iou(cm), "pixel_acc": top1(cm)}, cm
+
+
+def save_confusion_png(cm: np.ndarray, path: str | Path, class_names: list[str] | None = None,
+                       title: str = "") -> None:
+    """Row-normalised confusion matrix as a PNG (matplotlib Agg: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = cm.shape[0]
+    names = class_names if class_names and len(class_names) == k else [str(i) for i in range(k)]
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = min(4 + 0.4 * k, 16)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), names, rotation=90)
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,149 @@
+"""Probes on frozen features: kNN (DINO protocol), linear (logistic regression), segmentation (1x1 conv).
+
+All take numpy features and labels and return predictions; metrics live in terrafm.eval.metrics.
+Labels: (N,) class ids, (N, K) multi-hot (multi-label), or (N, H, W) masks (segmentation).
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+
+
+def label_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Indices of a stratified `fraction` of the training labels, at least one per class (fixed seed).
+
+    Multi-label and segmentation labels are subsampled uniformly (at least one sample).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    n = len(labels)
+    if fraction == 1:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    if labels.ndim != 1:
+        return np.sort(rng.permutation(n)[: max(1, round(fraction * n))])
+    picked = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        picked.append(rng.permutation(idx)[: max(1, round(fraction * len(idx)))])
+    return np.sort(np.concatenate(picked))
+
+
+def _l2(x: np.ndarray) -> torch.Tensor:
+    return F.normalize(torch.from_numpy(np.ascontiguousarray(x)).float(), dim=1)
+
+
+@torch.no_grad()
+def knn_predict(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray, k: int = 20,
+                temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> np.ndarray:
+    """DINO kNN: cosine similarity of L2-normalised features, top-k votes weighted by exp(sim / T).
+
+    Returns (M,) class ids, or (M, K) multi-hot where a label wins when its weighted vote exceeds half.
+    """
+    train, test = _l2(train_feats), _l2(test_feats)
+    multilabel = train_labels.ndim == 2
+    targets = torch.from_numpy(train_labels).float() if multilabel else F.one_hot(
+        torch.from_numpy(train_labels).long(), num_classes or int(train_labels.max()) + 1).float()
+    k = min(k, len(train))
+    preds = []
+    for start in range(0, len(test), chunk):
+        sim, idx = (test[start:start + chunk] @ train.T).topk(k, dim=1)
+        weights = (sim / temperature).exp()
+        votes = (weights[..., None] * targets[idx]).sum(1)
+        if multilabel:
+            preds.append((votes / weights.sum(1, keepdim=True) > 0.5).float())
+        else:
+            preds.append(votes.argmax(1))
+    return torch.cat(preds).numpy()
+
+
+def _fit_linear(x: torch.Tensor, y: torch.Tensor, out_dim: int, lr: float, epochs: int, seed: int,
+                multilabel: bool) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], out_dim)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    loss_fn = F.binary_cross_entropy_with_logits if multilabel else F.cross_entropy
+    gen = torch.Generator().manual_seed(seed)
+    batch = 256
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch):
+            opt.zero_grad()
+            loss_fn(head(x[idx]), y[idx]).backward()
+            opt.step()
+    return head
+
+
+def _linear_out(head: torch.nn.Linear, x: torch.Tensor, multilabel: bool) -> np.ndarray:
+    with torch.no_grad():
+        logits = head(x)
+    return (logits > 0).float().numpy() if multilabel else logits.argmax(1).numpy()
+
+
+def linear_probe(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
+                 val_feats: np.ndarray | None = None, val_labels: np.ndarray | None = None,
+                 lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1), epochs: int = 100, seed: int = 0,
+                 num_classes: int | None = None) -> tuple[np.ndarray, float]:
+    """Logistic regression on standardised features; lr chosen on the validation split.
+
+    Without a validation split the lr is chosen on a seeded 20% hold-out of the training features
+    (when it leaves at least 5 samples), then refit on all of them. Returns (test predictions, lr).
+    """
+    multilabel = train_labels.ndim == 2
+    mean, std = train_feats.mean(0), train_feats.std(0) + 1e-6
+    prep = lambda f: torch.from_numpy(((f - mean) / std).astype(np.float32))  # noqa: E731
+    out_dim = train_labels.shape[1] if multilabel else (num_classes or int(train_labels.max()) + 1)
+    y_all = torch.from_numpy(train_labels).float() if multilabel else torch.from_numpy(train_labels).long()
+    x_all = prep(train_feats)
+    if val_feats is None and len(train_feats) >= 25:
+        perm = np.random.default_rng(seed).permutation(len(train_feats))
+        cut = len(perm) // 5
+        fit_idx, val_idx = torch.from_numpy(perm[cut:]), torch.from_numpy(perm[:cut])
+        x_fit, y_fit, x_val, y_val = x_all[fit_idx], y_all[fit_idx], x_all[val_idx], train_labels[perm[:cut]]
+    elif val_feats is not None:
+        x_fit, y_fit, x_val, y_val = x_all, y_all, prep(val_feats), val_labels
+    else:
+        x_fit = None
+    best_lr = lrs[0]
+    if x_fit is not None and len(lrs) > 1:
+        scores = []
+        for lr in lrs:
+            pred = _linear_out(_fit_linear(x_fit, y_fit, out_dim, lr, epochs, seed, multilabel), x_val, multilabel)
+            scores.append(float((pred == y_val).mean()))
+        best_lr = lrs[int(np.argmax(scores))]
+    head = _fit_linear(x_all, y_all, out_dim, best_lr, epochs, seed, multilabel)
+    return _linear_out(head, prep(test_feats), multilabel), best_lr
+
+
+def segmentation_probe(train_maps: np.ndarray, train_masks: np.ndarray, test_maps: np.ndarray,
+                       num_classes: int, epochs: int = 50, lr: float = 1e-2, seed: int = 0,
+                       batch_size: int = 16, out_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Per-pixel linear head: BatchNorm + 1x1 conv on multi-scale maps (N, L*D, h, w), upsampled
+    bilinearly to the mask size (H, W) and trained with cross-entropy (pixels = 255 ignored).
+
+    Returns (M, H, W) predicted class ids, (H, W) = out_size or the training mask size.
+    """
+    torch.manual_seed(seed)
+    head = torch.nn.Sequential(torch.nn.BatchNorm2d(train_maps.shape[1]),
+                               torch.nn.Conv2d(train_maps.shape[1], num_classes, kernel_size=1))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    x, y = torch.from_numpy(train_maps), torch.from_numpy(train_masks).long()
+    size = train_masks.shape[-2:]
+    gen = torch.Generator().manual_seed(seed)
+    head.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            if len(idx) < 2:  # BatchNorm needs two samples; the statistics are per pixel anyway
+                continue
+            logits = F.interpolate(head(x[idx]), size=size, mode="bilinear", align_corners=False)
+            opt.zero_grad()
+            F.cross_entropy(logits, y[idx], ignore_index=IGNORE_INDEX).backward()
+            opt.step()
+    head.eval()
+    preds = []
+    with torch.no_grad():
+        for chunk in torch.from_numpy(test_maps).split(batch_size):
+            logits = F.interpolate(head(chunk), size=out_size or size, mode="bilinear", align_corners=False)
+            preds.append(logits.argmax(1))
+    return torch.cat(preds).numpy()

@@ -1,0 +1,123 @@
+"""One evaluation run: read splits, normalise with training statistics, extract (cached) frozen
+features, run the probes at each label fraction, write results.json and confusion-matrix PNGs."""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from terrafm.eval import metrics, probes
+from terrafm.eval.data import EvalSplit, MissingSplitError, band_stats, normalize, read_split
+from terrafm.eval.features import cache_key, cached_features, extract
+
+PROBES_BY_TASK = {"classification": ("knn", "linear"), "multilabel": ("knn", "linear"), "segmentation": ("seg",)}
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str
+    data: str
+    format: str
+    out: str
+    probes: tuple[str, ...] = ("all",)
+    modality: str = "auto"
+    fractions: tuple[float, ...] = (1.0, 0.01)
+    seed: int = 0
+    batch_size: int = 64
+    img_size: int | None = None
+    device: str = "cpu"
+    cache_dir: str | None = None
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear_lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    linear_epochs: int = 100
+    seg_epochs: int = 50
+    class_names: list[str] = field(default_factory=list)
+
+
+def _load_splits(cfg: EvalConfig) -> dict[str, EvalSplit]:
+    train = read_split(cfg.data, cfg.format, "train", cfg.modality, cfg.class_names or None)
+    names = train.class_names or None
+    splits = {"train": train, "test": read_split(cfg.data, cfg.format, "test", train.modality, names)}
+    try:
+        splits["val"] = read_split(cfg.data, cfg.format, "val", train.modality, names)
+    except MissingSplitError:
+        pass  # the validation split is optional
+    for name, split in splits.items():
+        if split.images.shape[1:2] != train.images.shape[1:2] or split.task != train.task:
+            raise ValueError(f"split {name!r} ({split.task}, {split.images.shape[1]} bands) does not match "
+                             f"train ({train.task}, {train.images.shape[1]} bands)")
+    return splits
+
+
+def _num_classes(splits: dict[str, EvalSplit]) -> int:
+    train = splits["train"]
+    if train.task == "multilabel":
+        return train.labels.shape[1]
+    labels = np.concatenate([s.labels.ravel() for s in splits.values()])
+    labels = labels[labels != probes.IGNORE_INDEX]
+    return max(len(train.class_names), int(labels.max()) + 1)
+
+
+def evaluate(cfg: EvalConfig, model) -> dict:
+    """Run every requested probe at every label fraction; returns (and writes) the results dict."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = _load_splits(cfg)
+    train = splits["train"]
+    task, modality = train.task, train.modality
+    wanted = PROBES_BY_TASK[task] if "all" in cfg.probes else tuple(cfg.probes)
+    unfit = [p for p in wanted if p not in PROBES_BY_TASK[task]]
+    if unfit:
+        raise ValueError(f"probe(s) {unfit} do not apply to a {task} dataset; use {list(PROBES_BY_TASK[task])}")
+    mean, std = band_stats(train.images)
+    kind = "multiscale" if task == "segmentation" else "cls"
+    cache_dir = cfg.cache_dir or out / "cache"
+    feats = {}
+    for name, split in splits.items():
+        key = cache_key(cfg.checkpoint, cfg.data, name, modality, cfg.img_size, kind)
+        feats[name] = cached_features(cache_dir, key, lambda s=split, n=name: extract(
+            model, normalize(s.images, mean, std), modality, kind, cfg.batch_size, cfg.img_size, cfg.device,
+            desc=f"{n} features"))
+    num_classes = _num_classes(splits)
+    results = {"checkpoint": str(cfg.checkpoint), "data": str(cfg.data), "format": cfg.format, "task": task,
+               "modality": modality, "num_classes": num_classes, "seed": cfg.seed,
+               "splits": {n: len(s.labels) for n, s in splits.items()}, "runs": []}
+    test_labels = splits["test"].labels
+    for fraction in cfg.fractions:
+        idx = probes.label_subset(train.labels, fraction, cfg.seed)
+        x_tr, y_tr = feats["train"][idx], train.labels[idx]
+        for probe in wanted:
+            start = time.perf_counter()
+            extra = {}
+            if probe == "knn":
+                pred = probes.knn_predict(x_tr, y_tr, feats["test"], cfg.knn_k, cfg.knn_temperature, num_classes)
+                extra = {"k": cfg.knn_k, "temperature": cfg.knn_temperature}
+            elif probe == "linear":
+                val = splits.get("val")
+                pred, lr = probes.linear_probe(x_tr, y_tr, feats["test"], feats.get("val"),
+                                               val.labels if val is not None else None, cfg.linear_lrs,
+                                               cfg.linear_epochs, cfg.seed, num_classes)
+                extra = {"lr": lr, "epochs": cfg.linear_epochs}
+            else:
+                pred = probes.segmentation_probe(x_tr, y_tr, feats["test"], num_classes, cfg.seg_epochs,
+                                                 seed=cfg.seed, out_size=test_labels.shape[-2:])
+                extra = {"epochs": cfg.seg_epochs}
+            run = {"probe": probe, "fraction": fraction, "train_samples": int(len(idx)), **extra}
+            tag = f"{probe}_{fraction * 100:g}pct"
+            if task == "multilabel":
+                run.update(metrics.multilabel_f1(test_labels, pred))
+            else:
+                report = metrics.segmentation_report if task == "segmentation" else metrics.classification_report
+                scores, cm = report(test_labels, pred, num_classes)
+                run.update(scores)
+                png = out / f"confusion_{tag}.png"
+                metrics.save_confusion_png(cm, png, train.class_names, title=f"{probe}, {fraction:.0%} labels")
+                run["confusion_png"] = png.name
+                run["confusion_matrix"] = cm.tolist()
+            run["seconds"] = round(time.perf_counter() - start, 3)
+            results["runs"].append(run)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results

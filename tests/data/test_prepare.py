@@ -1,0 +1,156 @@
+import argparse
+import io
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+
+from terrafm.data import prepare
+from terrafm.data.prepare import convert
+from terrafm.data.shards import ChecksumError, ShardSet
+from terrafm.data.sources import BadInput
+
+CELLS, TILE = 3, 60  # tests/data/conftest.py's sample set
+
+
+def _tif(array) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array)
+    return buf.getvalue()
+
+
+def test_parquet_end_to_end(sample_parquet, sample_shards):
+    s = ShardSet(sample_shards)
+    assert len(s) == CELLS * 4 and s.tile_size == TILE
+    assert set(s.modalities) == {"s2_l2a", "s2_l1c", "s1"}
+    assert (s.class_counts.sum(axis=1) == TILE * TILE).all()
+    np.testing.assert_allclose(s.class_frequency.sum(), 1.0)
+    row = pq.read_table(sample_parquet / "Core-S2L2A" / "part_00000.parquet").slice(0, 1).to_pylist()[0]
+    key = f"{row['grid_cell']}/0_1"
+    i = list(s.keys).index(key)
+    tile = s.tile(i, "s2_l2a")
+    b04 = tifffile.imread(io.BytesIO(row["B04"]))
+    np.testing.assert_array_equal(tile[3], b04[:TILE, TILE:2 * TILE])
+    b05 = np.repeat(np.repeat(tifffile.imread(io.BytesIO(row["B05"])), 2, 0), 2, 1)  # 20 m -> 10 m
+    np.testing.assert_array_equal(tile[4], b05[:TILE, TILE:2 * TILE])
+    assert s.tile(i, "s1").dtype == np.float16
+    # normalisation statistics of the index equal the statistics of the stored pixels
+    for m, info in s.modalities.items():
+        pixels = np.stack([s.tile(k, m).astype(np.float64) for k in range(len(s))])
+        np.testing.assert_allclose(info.mean, pixels.mean(axis=(0, 2, 3)), rtol=1e-5)
+        np.testing.assert_allclose(info.std, pixels.std(axis=(0, 2, 3)), rtol=1e-4)
+
+
+def _as_folder(parquet_root, out):
+    """Major-TOM local layout: <row>/<grid_cell>/<product_id>/<band>.tif"""
+    for f in parquet_root.rglob("*.parquet"):
+        for rec in pq.read_table(f).to_pylist():
+            d = out / rec["grid_cell"].split("_")[0] / rec["grid_cell"] / rec["product_id"]
+            d.mkdir(parents=True, exist_ok=True)
+            for k, v in rec.items():
+                if isinstance(v, bytes):
+                    (d / f"{k}.tif").write_bytes(v)
+    return out
+
+
+def test_geotiff_folder_matches_parquet(sample_parquet, sample_shards, tmp_path):
+    folder = _as_folder(sample_parquet, tmp_path / "tifs")
+    convert([folder], tmp_path / "out", tile_size=TILE, codec="lz4", workers=0, progress=False)
+    a, b = ShardSet(sample_shards), ShardSet(tmp_path / "out")
+    assert list(a.keys) == list(b.keys) and b.codec == "lz4"
+    np.testing.assert_array_equal(a.class_counts, b.class_counts)
+    for m in a.modalities:
+        for i in range(len(a)):
+            np.testing.assert_array_equal(a.tile(i, m), b.tile(i, m))
+
+
+def _corrupt(sample_parquet, tmp_path, edit):
+    root = tmp_path / "bad"
+    shutil.copytree(sample_parquet, root)
+    path = root / "Core-S2L2A" / "part_00000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(edit(table), path)
+    return root, path, table["grid_cell"][1].as_py()
+
+
+def _set_band(band, value):
+    def edit(table):
+        col = table[band].to_pylist()
+        col[1] = value
+        return table.set_column(table.column_names.index(band), band, pa.array(col, pa.binary()))
+    return edit
+
+
+BAD = {
+    "missing band (null)": (_set_band("B05", None), "missing band B05"),
+    "missing column": (lambda t: t.drop_columns(["B05"]), "missing band B05"),
+    "wrong size": (_set_band("B04", _tif(np.zeros((50, 50), np.uint16))), "size"),
+    "wrong dtype": (_set_band("B04", _tif(np.zeros((2 * TILE, 2 * TILE), np.float32))), "dtype float32"),
+    "truncated": (lambda t: _set_band("B04", t["B04"][1].as_py()[:60])(t), "truncated or corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_names_file_and_record(sample_parquet, tmp_path, case):
+    edit, what = BAD[case]
+    root, path, cell = _corrupt(sample_parquet, tmp_path, edit)
+    with pytest.raises(BadInput) as err:
+        convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    msg = str(err.value)
+    assert str(path) in msg and what in msg
+    assert "row 0" in msg if case == "missing column" else ("row 1" in msg and cell in msg)
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    expected_bad = CELLS if case == "missing column" else 1
+    assert len(summary["skipped"]) == expected_bad and summary["num_records"] == (CELLS - expected_bad) * 4
+    assert ShardSet(tmp_path / "skip").meta["skipped"][0]["reason"]
+
+
+def test_cli_reports_bad_input(sample_parquet, tmp_path, capsys):
+    root, path, _ = _corrupt(sample_parquet, tmp_path, _set_band("B04", b"not a tiff"))
+    parser = argparse.ArgumentParser()
+    prepare.add_arguments(parser)
+    assert prepare.run(parser.parse_args([str(root), "--out", str(tmp_path / "o"), "--tile-size", str(TILE),
+                                          "--workers", "0", "--no-progress"])) == 2
+    assert str(path) in capsys.readouterr().err
+    args = parser.parse_args([str(root), "--out", str(tmp_path / "o2"), "--tile-size", str(TILE), "--workers", "0",
+                              "--no-progress", "--skip-bad"])
+    assert prepare.run(args) == 0
+    assert "skipped 1 bad records" in capsys.readouterr().out
+
+
+def test_checksum_mismatch_at_read(sample_shards, tmp_path):
+    shutil.copytree(sample_shards, tmp_path / "s")
+    s = ShardSet(tmp_path / "s")
+    off = int(s.offset["s2_l2a"][5, 2]) + 7
+    with open(tmp_path / "s" / "part-00000.bin", "r+b") as f:
+        f.seek(off)
+        byte = f.read(1)
+        f.seek(off)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    s = ShardSet(tmp_path / "s")
+    s.tile(4, "s2_l2a")
+    with pytest.raises(ChecksumError, match=r"part-00000\.bin: record 5 .* s2_l2a band B03"):
+        s.tile(5, "s2_l2a")
+
+
+def test_resume_parallel_and_atomic(sample_parquet, sample_shards, tmp_path):
+    out = tmp_path / "out"
+    first = convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=2, progress=False)
+    assert len(first["shards"]) == CELLS and first["resumed_shards"] == 0
+    assert not list(out.glob("*.tmp"))
+    stamp = (out / "part-00000.bin").stat().st_mtime_ns
+    (out / "part-00001.npz").unlink()                  # as if killed before the rename of shard 1
+    (out / "part-00001.bin.tmp").write_bytes(b"half-written")
+    again = convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    assert again["resumed_shards"] == CELLS - 1
+    assert (out / "part-00000.bin").stat().st_mtime_ns == stamp
+    a, b = ShardSet(sample_shards), ShardSet(out)
+    assert list(a.keys) == list(b.keys)
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.tile(i, "s1"), b.tile(i, "s1"))
+    np.testing.assert_allclose(a.modalities["s2_l2a"].mean, b.modalities["s2_l2a"].mean, rtol=1e-12)
+    with pytest.raises(RuntimeError, match="different conversion"):
+        convert([sample_parquet], out, tile_size=TILE // 2, cells_per_shard=1, workers=0, progress=False)

@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+import torch
+
+from terrafm import backends
+from terrafm.data.config import DataConfig
+from terrafm.data.loader import build_loader
+from terrafm.data.views import ViewBatch, make_plan
+
+
+def _cfg(shards, **kw):
+    base = dict(shard_dir=str(shards), batch_size=4, global_size=40, local_size=16, n_local=3, num_workers=0,
+                backend="numpy", seed=5)
+    return DataConfig(**{**base, **kw})
+
+
+def _views(batch: ViewBatch):
+    return batch.global_views + batch.local_views
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="p_fused"):
+        DataConfig(p_fused=1.5)
+    with pytest.raises(ValueError, match="unknown modality 's3'"):
+        DataConfig(modalities=("s2_l2a", "s3"))
+    with pytest.raises(ValueError, match="local_scale"):
+        DataConfig(local_scale=(0.3, 0.1))
+    with pytest.raises(ValueError, match="backend"):
+        DataConfig(backend="cuda")
+
+
+def test_plan_crops_modalities_and_flips():
+    cfg = DataConfig(batch_size=64, n_local=6, p_fused=0.5)
+    plans = [make_plan(cfg, np.arange(64), 534, 0, step, 0) for step in range(20)]
+    fused = [len(v.modalities) >= 2 for p in plans for v in p.views]
+    assert 0.3 < np.mean(fused) < 0.7
+    for p in plans:
+        for v, scale in [(v, cfg.global_scale) for v in p.global_views] + [(v, cfg.local_scale) for v in p.local_views]:
+            t, left, h, w = v.boxes.T
+            assert (t >= 0).all() and (left >= 0).all() and (t + h <= 534).all() and (left + w <= 534).all()
+            area = h * w / 534 ** 2
+            assert (area > scale[0] * 0.9).all() and (area < scale[1] * 1.1).all()
+            assert set(v.modalities) <= set(cfg.modalities) and len(set(v.modalities)) == len(v.modalities)
+    one = make_plan(DataConfig(p_fused=0.0), np.arange(4), 534, 1, 2, 0)
+    assert all(len(v.modalities) == 1 for v in one.views)
+    again = make_plan(DataConfig(p_fused=0.0), np.arange(4), 534, 1, 2, 0)
+    np.testing.assert_array_equal(one.views[3].boxes, again.views[3].boxes)
+    assert not np.array_equal(one.views[0].boxes, make_plan(DataConfig(p_fused=0.0), np.arange(4), 534, 1, 2, 1)
+                              .views[0].boxes)
+
+
+def test_loader_yields_the_contract(sample_shards):
+    loader = build_loader(_cfg(sample_shards, p_fused=1.0))
+    assert loader.num_classes == 11 and loader.class_frequency.shape == (11,)
+    torch.testing.assert_close(loader.class_frequency.sum(), torch.tensor(1.0))
+    batch = next(iter(loader))
+    assert len(batch.global_views) == 2 and len(batch.local_views) == 3
+    assert batch.index.dtype == torch.long and batch.majority_class.dtype == torch.long
+    counts = loader.shards.class_counts[batch.index.numpy()]
+    np.testing.assert_array_equal(batch.majority_class.numpy(), counts.argmax(1))
+    for v, size in zip(_views(batch), [40, 40, 16, 16, 16], strict=True):
+        assert len(v.tensors) >= 2  # p_fused = 1: every view is Case N
+        for m, t in v.tensors.items():
+            assert t.shape == (4, 2 if m == "s1" else 12, size, size) and t.dtype == torch.float32
+            assert torch.isfinite(t).all()
+
+
+def test_same_box_for_all_modalities_of_a_view(sample_shards):
+    """Co-registered crop: the flipped/cropped S2 L2A and L1C views of one place are strongly correlated."""
+    loader = build_loader(_cfg(sample_shards, p_fused=1.0, modalities=("s2_l2a", "s2_l1c")))
+    v = next(iter(loader)).global_views[0].tensors
+    a, b = v["s2_l2a"][:, 7].flatten(1), v["s2_l1c"][:, 7].flatten(1)
+    corr = torch.nn.functional.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True))
+    assert (corr > 0.9).all()
+
+
+def test_band_subset(sample_shards):
+    loader = build_loader(_cfg(sample_shards, modalities=("s2_l2a",), bands={"s2_l2a": ("B04", "B03", "B02")}))
+    assert next(iter(loader)).global_views[0].tensors["s2_l2a"].shape[1] == 3
+
+
+def test_mid_epoch_resume_and_ranks(sample_shards):
+    cfg = _cfg(sample_shards)
+    full = list(build_loader(cfg))
+    loader = build_loader(cfg)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    resumed = build_loader(cfg)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(full) - 1
+    for a, b in zip(full[1:], rest, strict=True):
+        torch.testing.assert_close(a.index, b.index)
+        for va, vb in zip(_views(a), _views(b), strict=True):
+            assert list(va.tensors) == list(vb.tensors)
+            for m in va.tensors:
+                torch.testing.assert_close(va.tensors[m], vb.tensors[m], rtol=0, atol=0)
+    assert resumed.state_dict()["epoch"] == 1
+    r0, r1 = build_loader(cfg, rank=0, world_size=2), build_loader(cfg, rank=1, world_size=2)
+    draws = build_loader(cfg).sampler.epoch_indices(0)
+    assert len(r0.sampler) == len(r1.sampler) == len(draws) // 2
+    assert sorted(np.concatenate([r0.sampler.epoch_indices(0), r1.sampler.epoch_indices(0)]).tolist()) == \
+        sorted(np.random.default_rng([cfg.seed * 1_000_003, 0, 0x5A3]).choice(
+            len(draws), size=len(draws), p=r0.sampler.weights).tolist())
+
+
+def _all_equal(a_batches, b_batches, atol):
+    for a, b in zip(a_batches, b_batches, strict=True):
+        torch.testing.assert_close(a.index, b.index)
+        for va, vb in zip(_views(a), _views(b), strict=True):
+            assert list(va.tensors) == list(vb.tensors)
+            for m in va.tensors:
+                torch.testing.assert_close(va.tensors[m].cpu(), vb.tensors[m].cpu(), rtol=1e-5, atol=atol)
+
+
+@pytest.mark.skipif(not backends.csrc().usable, reason="terrafm._C not built")
+def test_numpy_and_cpp_paths_agree(sample_shards):
+    ref = list(build_loader(_cfg(sample_shards, num_workers=2)))
+    cpp = list(build_loader(_cfg(sample_shards, backend="cpp", cpp_threads=2)))
+    _all_equal(ref, cpp, atol=1e-4)
+
+
+@pytest.mark.skipif(not backends.dali().usable, reason="nvidia-dali not installed (pip install terrafm[dali])")
+def test_dali_path_agrees(sample_shards):
+    cfg = dict(n_local=2, batch_size=4)
+    ref = list(build_loader(_cfg(sample_shards, **cfg)))[:2]
+    dali = build_loader(_cfg(sample_shards, backend="dali", **cfg))
+    _all_equal(ref, [dali.render(dali.plan(0, s)) for s in range(2)], atol=1e-3)

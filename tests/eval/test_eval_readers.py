@@ -1,0 +1,139 @@
+import json
+
+import numpy as np
+import pytest
+from eval_toydata import GEOBENCH_S2, make_splits, write_folder, write_hdf5
+
+from terrafm.eval.data import band_stats, geobench_band_name, modality_for_bands, normalize, read_split
+
+
+def test_geobench_band_names_map_onto_ours():
+    assert [geobench_band_name(n) for n in GEOBENCH_S2] == [
+        "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
+    assert geobench_band_name("VH") == "VH"
+
+
+def test_hdf5_reader_drops_b10_and_reads_labels(hdf5_data):
+    train = read_split(hdf5_data, "hdf5", "train")
+    assert train.images.shape == (80, 12, 32, 32) and train.modality == "s2_l1c"
+    assert train.task == "classification" and sorted(set(train.labels.tolist())) == [0, 1, 2, 3]
+    # class 3 brightens 13-band indices 9..11 = B09, B10, B11 -> after dropping B10: B09 and B11 (idx 9, 10)
+    bright = train.images[train.labels == 3].mean(axis=(0, 2, 3))
+    assert bright[9] > 3000 and bright[10] > 3000 and bright[11] < 2000
+    assert len(read_split(hdf5_data, "hdf5", "val").labels) == 20  # 'val' finds GEO-Bench's 'valid'
+
+
+def test_folder_reader_reads_channel_last_geotiff_and_npy(folder_data, tmp_path):
+    test = read_split(folder_data, "folder", "test")
+    assert test.images.shape == (40, 12, 32, 32) and test.class_names == [f"class_{i}" for i in range(4)]
+    npy = write_folder(tmp_path / "npy", {"train": make_splits(12)["train"]}, suffix=".npy")
+    train = read_split(npy, "folder", "train", modality="s2_l2a")
+    assert train.images.shape == (80, 12, 32, 32) and train.modality == "s2_l2a"
+
+
+def test_normalisation_uses_per_band_statistics():
+    x = np.random.default_rng(0).normal([[[[5.0]], [[100.0]]]], [[[[2.0]], [[10.0]]]], size=(50, 2, 4, 4))
+    mean, std = band_stats(x)
+    z = normalize(x, mean, std)
+    assert np.allclose(z.mean(axis=(0, 2, 3)), 0, atol=1e-5) and np.allclose(z.std(axis=(0, 2, 3)), 1, atol=1e-4)
+
+
+def test_band_count_that_fits_no_modality_lists_what_fits(tmp_path):
+    root = write_folder(tmp_path / "five", {"train": make_splits(5)["train"]}, suffix=".npy")
+    with pytest.raises(ValueError, match=r"5 bands, which fit no modality.*12 bands.*13 bands.*2 bands"):
+        read_split(root, "folder", "train")
+    h5 = write_hdf5(tmp_path / "h5", {"train": make_splits(5)["train"]}, GEOBENCH_S2[:5])
+    with pytest.raises(ValueError, match=r"fit no modality; what fits: s2_l2a / s2_l1c = 12 bands"):
+        read_split(h5, "hdf5", "train")
+    with pytest.raises(ValueError, match="--modality s1"):
+        modality_for_bands(["B01", "B02"], "s1")
+
+
+def test_missing_split_names_the_split_and_what_exists(folder_data, hdf5_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"split 'val' not found .* has \['test', 'train'\]"):
+        read_split(folder_data, "folder", "val")
+    part = json.loads((hdf5_data / "default_partition.json").read_text())
+    root = tmp_path / "nosplit"
+    root.mkdir()
+    (root / "default_partition.json").write_text(json.dumps({"train": part["train"]}))
+    with pytest.raises(FileNotFoundError, match="split 'test' not found"):
+        read_split(root, "hdf5", "test")
+    with pytest.raises(FileNotFoundError, match="default_partition.json not found"):
+        read_split(tmp_path, "hdf5", "train")
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    root = write_folder(tmp_path / "d", {"train": make_splits(12)["train"]}, suffix=".npy")
+    (root / "train" / "class_9").mkdir()
+    with pytest.raises(ValueError, match=r"class 'class_9' has no images in .*class_9"):
+        read_split(root, "folder", "train")
+
+
+def test_geobench_pickled_attribute_label_is_read_without_geobench(tmp_path, monkeypatch):
+    """Real GEO-Bench classification samples keep the label in str(pickle.dumps(attr_dict)) with
+    geobench.dataset classes inside: read it without importing geobench."""
+    import pickle
+    import sys
+    import types
+
+    import h5py
+
+    fake = types.ModuleType("geobench.dataset")
+
+    class BandInfo:
+        def __init__(self, name):
+            self.name = name
+
+    BandInfo.__module__, BandInfo.__qualname__ = "geobench.dataset", "BandInfo"
+    fake.BandInfo = BandInfo
+    monkeypatch.setitem(sys.modules, "geobench", types.ModuleType("geobench"))
+    monkeypatch.setitem(sys.modules, "geobench.dataset", fake)
+    splits = make_splits(12, per_class=(2, 1, 1))
+    root = tmp_path / "gb"
+    root.mkdir()
+    partition = {}
+    for split, (images, labels) in splits.items():
+        partition[split] = [f"{split}{i}" for i in range(len(labels))]
+        for sid, img, lab in zip(partition[split], images, labels, strict=True):
+            with h5py.File(root / f"{sid}.hdf5", "w") as f:
+                for name, band in zip([n for n in GEOBENCH_S2 if not n.startswith("10")], img, strict=True):
+                    f.create_dataset(name, data=band)
+                attrs = {"label": int(lab), "bands_order": GEOBENCH_S2, GEOBENCH_S2[0]: {"band_info": BandInfo("x")}}
+                f.attrs["pickle"] = str(pickle.dumps(attrs))
+    (root / "default_partition.json").write_text(json.dumps(partition))
+    monkeypatch.delitem(sys.modules, "geobench.dataset")
+    train = read_split(root, "hdf5", "train")
+    assert train.labels.tolist() == splits["train"][1].tolist() and train.modality == "s2_l2a"
+
+    with h5py.File(root / "train0.hdf5", "a") as f:
+        f.attrs["pickle"] = str(pickle.dumps({"label": __import__("os").system}))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        read_split(root, "hdf5", "train")
+
+
+def test_hdf5_bands_on_a_coarser_grid_are_resized_to_the_finest(tmp_path):
+    images, labels = make_splits(12, per_class=(1, 1, 1))["train"]
+    root = write_hdf5(tmp_path / "mixed", {"train": (images, labels)}, [n for n in GEOBENCH_S2 if n[:2] != "10"])
+    import h5py
+
+    with h5py.File(root / "train_0000.hdf5", "a") as f:  # store B01 (60 m) at a third of the size
+        band = f["01 - Coastal aerosol"][::3, ::3]
+        del f["01 - Coastal aerosol"]
+        f.create_dataset("01 - Coastal aerosol", data=band)
+    train = read_split(root, "hdf5", "train")
+    assert train.images.shape == (4, 12, 32, 32)
+    assert abs(train.images[0, 0].mean() - images[0, 0].mean()) < 0.05 * images[0, 0].mean()
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_restricted_unpickler_reads_numpy_labels_dates_and_sets_at_every_protocol(protocol):
+    import datetime
+    import io
+    import pickle
+
+    from terrafm.eval.data import _StubUnpickler
+
+    attrs = {"label": np.array([0, 1, 1], dtype=np.uint8), "date": datetime.date(2020, 1, 1), "ids": {1, 2},
+             "resolution": np.float32(10.0)}
+    out = _StubUnpickler(io.BytesIO(pickle.dumps(attrs, protocol=protocol))).load()
+    assert out["label"].tolist() == [0, 1, 1] and out["date"] == attrs["date"] and out["ids"] == {1, 2}
