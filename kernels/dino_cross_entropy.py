@@ -1,0 +1,240 @@
+"""Student DINO cross-entropy over (teacher view, student view) pairs, forward and backward fused.
+
+Math (reference.dino_cross_entropy): student logits x (S, B, K), teacher probs P (T, B, K), the T
+teacher views being the first T student views, tau the student temperature, pairs = #{(t, s): t != s},
+c = 1 / (pairs B). For a student row (s, b) let Q = sum_{t != s} P[t, b] (K,) and n = sum_k Q[k]:
+    loss      = c sum_{s, b} ( n lse(x[s, b] / tau) - Q . x[s, b] / tau )
+    d loss / d x[s, b] = c (n softmax(x[s, b] / tau) - Q) / tau
+(n = number of paired teacher views when the probabilities sum to 1; the kernel uses the exact sum.)
+
+Kernel: programs over (b, K split). A program holds all S views of one sample as a (BLOCK_S, BLOCK_K)
+tile, so each teacher row is read once per sample and Q = sum_t P[t] - P[s] costs one subtraction.
+Forward keeps an online logsumexp (log2 units) plus Q . x and n per row and writes these four
+partial statistics per split; torch combines the splits (tiny, deterministic) into the loss and the
+per-row lse and n that backward needs. Backward re-streams x and P and writes the gradient. No
+(rows, K) fp32 log-probabilities are stored: the saved state is 3 floats per student row.
+
+Cost per call (e = bytes per student logit, S B rows, K prototypes, T teacher views):
+    forward  FLOPs ~ (8 S + 2 T) B K,  minimum HBM bytes = S B K e + 4 T B K
+    backward FLOPs ~ (6 S + 2 T) B K,  minimum HBM bytes = 2 S B K e + 4 T B K
+Both kernels move exactly their minimum plus O(S B splits) partials: nothing of size (S B K) in fp32.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._loss_common import TRITON_DTYPE, check_positive, check_tensor, interpreted, num_splits, sm_count
+
+# H100/A100 config: bandwidth bound. A (16, 128) tile (S <= 16 views) with 8 warps is 8 elements per
+# thread per tensor. Compile report (sm_80 / sm_90): fwd 105 / 122 registers, bwd 126 / 110, no
+# spills, so two 8-warp programs fit per SM; the (16, 256) tile needed 220+ registers (one program
+# per SM) and (16, 128) at 4 warps 167-219. K is split so that B x splits covers ~4 programs per SM.
+GPU_BLOCK_K = 128
+GPU_NUM_WARPS = 8
+INTERPRETER_BLOCK_K = 32
+
+
+@triton.jit
+def _load_pair_tile(student_ptr, teacher_ptr, b, cols, col_mask, S, T, B, K,
+                    BLOCK_S: tl.constexpr):
+    """x (BLOCK_S, BLOCK_K) fp32 and Q = sum_{t != s} P[t] for the S views of sample b."""
+    views = tl.arange(0, BLOCK_S)
+    offset = (views.to(tl.int64) * B + b)[:, None] * K + cols[None, :]
+    s_mask = (views < S)[:, None] & col_mask[None, :]
+    t_mask = ((views < T) & (views < S))[:, None] & col_mask[None, :]
+    x = tl.load(student_ptr + offset, mask=s_mask, other=0.0).to(tl.float32)
+    p = tl.load(teacher_ptr + offset, mask=t_mask, other=0.0).to(tl.float32)
+    total = tl.sum(p, axis=0)
+    for t in range(S, T):
+        total += tl.load(teacher_ptr + (t * B + b).to(tl.int64) * K + cols, mask=col_mask, other=0.0)
+    return x, total[None, :] - p
+
+
+@triton.jit
+def _dino_ce_fwd_kernel(
+    student_ptr, teacher_ptr, partial_ptr,
+    S, T, B, K, K_PER_SPLIT, scale,
+    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    k_end = tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K)
+    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_S], tl.float32)
+    qx = tl.zeros([BLOCK_S], tl.float32)
+    n = tl.zeros([BLOCK_S], tl.float32)
+    for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_end
+        x, q = _load_pair_tile(student_ptr, teacher_ptr, b, cols, col_mask, S, T, B, K, BLOCK_S)
+        xm = tl.where(col_mask[None, :], x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(xm, axis=1))
+        exps = tl.exp2((xm - m_new[:, None]) * scale)
+        row_sum = row_sum * tl.exp2((m - m_new) * scale) + tl.sum(exps, axis=1)
+        m = m_new
+        qx += tl.sum(q * x, axis=1)
+        n += tl.sum(q, axis=1)
+    views = tl.arange(0, BLOCK_S)
+    out = partial_ptr + (views * B + b) * splits + split
+    stride = S * B * splits
+    mask = views < S
+    tl.store(out, m, mask=mask)
+    tl.store(out + stride, row_sum, mask=mask)
+    tl.store(out + 2 * stride, qx, mask=mask)
+    tl.store(out + 3 * stride, n, mask=mask)
+
+
+@triton.jit
+def _dino_ce_bwd_kernel(
+    student_ptr, teacher_ptr, row_max_ptr, log2_sum_ptr, n_ptr, grad_loss_ptr, grad_ptr,
+    S, T, B, K, K_PER_SPLIT, scale, grad_scale,
+    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    k_end = tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K)
+    views = tl.arange(0, BLOCK_S)
+    row_mask = views < S
+    row_max = tl.load(row_max_ptr + views * B + b, mask=row_mask, other=0.0)
+    log2_sum = tl.load(log2_sum_ptr + views * B + b, mask=row_mask, other=0.0)
+    n = tl.load(n_ptr + views * B + b, mask=row_mask, other=0.0)
+    grad_scale = grad_scale * tl.load(grad_loss_ptr).to(tl.float32)  # read on device: no host sync
+    for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_end
+        x, q = _load_pair_tile(student_ptr, teacher_ptr, b, cols, col_mask, S, T, B, K, BLOCK_S)
+        softmax = tl.exp2((x - row_max[:, None]) * scale - log2_sum[:, None])
+        grad = (softmax * n[:, None] - q) * grad_scale
+        offset = (views.to(tl.int64) * B + b)[:, None] * K + cols[None, :]
+        tl.store(grad_ptr + offset, grad.to(grad_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _launch_shape(student_logits: torch.Tensor) -> tuple[int, int, int, int]:
+    S, B, K = student_logits.shape
+    block_k = INTERPRETER_BLOCK_K if interpreted(student_logits) else GPU_BLOCK_K
+    splits, per_split = num_splits(K, B, block_k, 4 * sm_count(student_logits.device))
+    return max(16, triton.next_power_of_2(S)), block_k, splits, per_split
+
+
+class _DINOCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_probs, student_temperature):
+        S, B, K = student_logits.shape
+        T = teacher_probs.shape[0]
+        block_s, block_k, splits, per_split = _launch_shape(student_logits)
+        scale = math.log2(math.e) / student_temperature
+        partial = torch.empty((4, S, B, splits), dtype=torch.float32, device=student_logits.device)
+        _dino_ce_fwd_kernel[(B, splits)](
+            student_logits, teacher_probs, partial, S, T, B, K, per_split, scale,
+            BLOCK_S=block_s, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
+        )
+        m, row_sum, qx, n = partial
+        # m is the running max of the raw logits: exponents are (x - m) * scale, so the largest
+        # softmax entries carry no rounding from the (large) absolute logit scale.
+        row_max = m.max(dim=-1).values
+        log2_sum = torch.log2((row_sum * torch.exp2((m - row_max.unsqueeze(-1)) * scale)).sum(dim=-1))
+        qx, n = qx.sum(dim=-1), n.sum(dim=-1)
+        pairs = T * S - min(S, T)
+        rows_loss = (n * row_max - qx) / student_temperature + n * log2_sum * math.log(2.0)
+        loss = rows_loss.sum() / (pairs * B)
+        ctx.save_for_backward(student_logits, teacher_probs, row_max.contiguous(), log2_sum.contiguous(),
+                              n.contiguous())
+        ctx.student_temperature, ctx.pairs = student_temperature, pairs
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        student_logits, teacher_probs, row_max, log2_sum, n = ctx.saved_tensors
+        S, B, K = student_logits.shape
+        T = teacher_probs.shape[0]
+        block_s, block_k, splits, per_split = _launch_shape(student_logits)
+        tau = ctx.student_temperature
+        grad = torch.empty_like(student_logits)
+        _dino_ce_bwd_kernel[(B, splits)](
+            student_logits, teacher_probs, row_max, log2_sum, n, grad_loss.float().contiguous(), grad,
+            S, T, B, K, per_split, math.log2(math.e) / tau, 1.0 / (ctx.pairs * B * tau),
+            BLOCK_S=block_s, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
+        )
+        return grad, None, None
+
+
+def _validate(student_logits, teacher_probs, student_temperature) -> None:
+    check_tensor("student_logits", student_logits, 3)
+    check_tensor("teacher_probs", teacher_probs, 3, student_logits.device)
+    S, B, K = student_logits.shape
+    T, Bt, Kt = teacher_probs.shape
+    if (Bt, Kt) != (B, K):
+        raise ValueError(f"teacher_probs (T, B, K) = {tuple(teacher_probs.shape)} must match student_logits "
+                         f"(S, B, K) = {tuple(student_logits.shape)} in B and K")
+    if B == 0 or K == 0 or S == 0 or T == 0:
+        raise ValueError(f"empty inputs: student_logits {tuple(student_logits.shape)}, teacher_probs "
+                         f"{tuple(teacher_probs.shape)}")
+    if T * S - min(S, T) == 0:
+        raise ValueError(f"dino_cross_entropy needs at least one pair of different views; got S={S}, T={T}")
+    if S > 16:
+        raise ValueError(f"at most 16 student views are supported (one tile per sample), got S={S}")
+    check_positive("student_temperature", student_temperature)
+
+
+def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                       student_temperature: float) -> torch.Tensor:
+    """Fused reference.dino_cross_entropy: scalar fp32 loss; differentiable in student_logits only.
+
+    student_logits (S, B, K) fp32/fp16/bf16, teacher_probs (T, B, K) (fp32 from teacher_softmax),
+    contiguous, same device; S <= 16.
+    """
+    _validate(student_logits, teacher_probs, student_temperature)
+    return _DINOCrossEntropy.apply(student_logits, teacher_probs.detach(), float(student_temperature))
+
+
+class DINOCrossEntropy(torch.nn.Module):
+    """nn.Module wrapper: forward(student_logits (S, B, K), teacher_probs (T, B, K)) -> loss."""
+
+    def __init__(self, student_temperature: float = 0.1):
+        super().__init__()
+        check_positive("student_temperature", student_temperature)
+        self.student_temperature = student_temperature
+
+    def forward(self, student_logits, teacher_probs):
+        return dino_cross_entropy(student_logits, teacher_probs, self.student_temperature)
+
+
+def roofline_cost(S: int, T: int, B: int, K: int, dtype_bytes: int = 2,
+                  backward: bool = True) -> dict[str, int]:
+    """Minimum cost of forward (+ backward when backward=True) for S student views, T teacher views,
+    B samples, K prototypes and dtype_bytes per student logit (teacher probs are fp32)."""
+    flops = (8 * S + 2 * T) * B * K
+    nbytes = S * B * K * dtype_bytes + 4 * T * B * K
+    if backward:
+        flops += (6 * S + 2 * T) * B * K
+        nbytes += 2 * S * B * K * dtype_bytes + 4 * T * B * K
+    return {"flops": flops, "bytes": nbytes}
+
+
+def compile_specs() -> list[dict]:
+    """Every shipped configuration (student dtype x forward/backward) for the AOT compile report."""
+    specs = []
+    for dtype, ptr in TRITON_DTYPE.items():
+        name = str(dtype).removeprefix("torch.")
+        common = {"constexprs": {"BLOCK_S": 16, "BLOCK_K": GPU_BLOCK_K}, "num_warps": GPU_NUM_WARPS,
+                  "num_stages": 3, "uses_dot": False}
+        specs.append({
+            "name": f"dino_ce_fwd_{name}", "fn": _dino_ce_fwd_kernel,
+            "signature": {"student_ptr": ptr, "teacher_ptr": "*fp32", "partial_ptr": "*fp32", "S": "i32",
+                          "T": "i32", "B": "i32", "K": "i32", "K_PER_SPLIT": "i32", "scale": "fp32"},
+            **common,
+        })
+        specs.append({
+            "name": f"dino_ce_bwd_{name}", "fn": _dino_ce_bwd_kernel,
+            "signature": {"student_ptr": ptr, "teacher_ptr": "*fp32", "row_max_ptr": "*fp32",
+                          "log2_sum_ptr": "*fp32", "n_ptr": "*fp32", "grad_loss_ptr": "*fp32",
+                          "grad_ptr": ptr, "S": "i32", "T": "i32", "B": "i32", "K": "i32",
+                          "K_PER_SPLIT": "i32", "scale": "fp32", "grad_scale": "fp32"},
+            **common,
+        })
+    return specs

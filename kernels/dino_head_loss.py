@@ -1,0 +1,518 @@
+"""DINO head prototype layer fused with the dual-centering teacher softmax and the student cross-entropy.
+
+Math (dino_head_loss_reference): h = normalize(features), W = weight-normalised prototypes (K, D),
+logits z = h W^T; teacher probs P = softmax((z_t - alpha c - (1 - alpha) c_h) / tau_t) (no gradient);
+loss = dino_cross_entropy(z_s, P, tau_s); also the centre statistics of teacher_softmax.
+The (rows, K) logits are never materialised: with A[t] = P[t] W_s (teacher probs projected back
+to D), n[s] = sum_{t != s} sum_k P[t, k], Bs[s] = softmax(z_s / tau_s) W_s and c = 1 / (pairs B):
+    loss       = c sum_{t != s} ( n-weighted lse(z_s / tau_s) - A[t] . h_s / tau_s )
+    dL / dh_s  = c / tau_s ( n[s] Bs[s] - sum_{t != s} A[t] )                       (R_s, D)
+    dL / dW_s  = c / tau_s ( softmax_s^T (n h_s) - P^T Hbar ),  Hbar[t] = sum_{s != t} h_s   (K, D)
+Gradients then flow through the normalisations of features and weight_v by autograd.
+
+Kernels (logit tiles recomputed with tl.dot in every pass, never stored):
+    _logit_stats_kernel        rows x K-split: online max / sum of exp per row (+ centre statistics)
+    _softmax_project_kernel    rows x K-split x D block: softmax(z) @ W_proj  (A for the teacher, Bs for
+                               the student)
+    _softmax_t_project_kernel  K block x D block: softmax(z)^T @ X   (the two terms of dL / dW_s)
+Forward runs stats(teacher), stats(student), project(teacher); backward project(student) and two
+t_project passes. All reductions are per-program partials summed by torch: no atomics, deterministic.
+
+Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h and W):
+    useful FLOPs (those of the unfused path's GEMMs, what roofline_cost reports):
+             forward 2 K D (R_t + R_s), backward 4 K D R_s
+    executed FLOPs with the recomputation (16-bit configs: 2 D blocks in project, 4 in t_project):
+             forward 2 K D (4 R_t + R_s), backward 2 K D (8 R_s + 5 R_t); all on tensor cores, so
+             the op stays far from compute bound at DINO sizes (R of a few hundred rows per GPU)
+    min HBM  forward (R_s + R_t) D e + K D e (+ K D e for a separate teacher W) + 16 K
+             backward adds K D (e + 4) (read W, write the fp32 weight gradient) + 4 R_s D
+    Each pass streams W once per BLOCK_M rows (L2 serves the repeats for R <= a few hundred rows).
+Memory saved against the unfused path: the (R_s + R_t) x K logits, probabilities, log-probabilities
+and their gradients (at K = 65536, 2 + 10 views x 64 samples = 768 rows: 201 MB per fp32 tensor) are
+never allocated; the extra memory is the fp32 (splits, R, D) partials and the (K, D) weight gradient.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import reference
+from ._loss_common import (
+    TRITON_DTYPE,
+    check_alpha,
+    check_positive,
+    check_tensor,
+    interpreted,
+    num_splits,
+    sm_count,
+)
+
+# H100/A100 configs for D = 256 (the DINO bottleneck), chosen from the compile report (regs/spills
+# per config are listed in docs/kernels-loss.md): 16-bit operands use 64-row x 64-prototype logit
+# tiles (mma/wgmma sized; h and two stages of W take 96 KB of shared memory, under A100's 164 KB and
+# H100's 228 KB) with 8 warps. The D = 256 accumulators of the project kernels do not fit next to the
+# logit tile (255 registers and spills at every BLOCK_M/BLOCK_K/num_warps tried), so their output is
+# split into D blocks (BLOCK_DO, a grid axis) at the price of recomputing the logit tile per D block:
+# 128 for softmax @ W (176-247 registers) and 64 for softmax^T @ X (128-174), no spills.
+# fp32 operands take exact IEEE dots (FMA, no tensor cores): only 16 x 16 tiles with 4 warps and one
+# stage avoid spills there; fp32 is the exact path, bf16 the fast one.
+CONFIGS = {
+    "16bit": {"BLOCK_M": 64, "BLOCK_K": 64, "PROJECT_BLOCK_DO": 128, "T_PROJECT_BLOCK_DO": 64,
+              "num_warps": 8, "num_stages": 2},
+    "fp32": {"BLOCK_M": 16, "BLOCK_K": 16, "PROJECT_BLOCK_DO": 64, "T_PROJECT_BLOCK_DO": 64,
+             "num_warps": 4, "num_stages": 1},
+}
+INTERPRETER_BLOCK = 16
+
+
+@triton.jit
+def _logit_tile(h, w_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE: tl.constexpr):
+    """Raw logits z = h @ W[cols]^T (BLOCK_M, BLOCK_K) fp32."""
+    w = tl.load(w_ptr + cols[:, None] * D + dims[None, :],
+                mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+    if DOT_IEEE:
+        z = tl.dot(h, tl.trans(w), input_precision="ieee")
+    else:
+        z = tl.dot(h, tl.trans(w))
+    return z
+
+
+@triton.jit
+def _blended_center(center_ptr, center_high_ptr, cols, col_mask, alpha):
+    """alpha c + (1 - alpha) c_h for the prototypes cols, fp32."""
+    c = tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    c_high = tl.load(center_high_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    return alpha * c + (1.0 - alpha) * c_high
+
+
+@triton.jit
+def _logit_stats_kernel(
+    h_ptr, w_ptr, center_ptr, center_high_ptr, high_weight_ptr, stats_ptr, column_ptr,
+    R, K, D, K_PER_SPLIT, scale, alpha,
+    CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+):
+    """Per (row block, K split): running max of z and sum of exp2((z - max) scale) -> stats (2, R, splits);
+    with CENTER also the column sums of raw and high_weight-weighted logits -> column (blocks, 2, K)."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < R
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+    h = tl.load(h_ptr + rows[:, None] * D + dims[None, :],
+                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    if CENTER:
+        high_weight = tl.load(high_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    k_end = tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K)
+    for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_end
+        z = _logit_tile(h, w_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE)
+        if CENTER:
+            # masked rows have h = 0, so their raw logits are 0 and add nothing to the column sums
+            column = column_ptr + pid_m.to(tl.int64) * 2 * K
+            tl.store(column + cols, tl.sum(z, axis=0), mask=col_mask)
+            tl.store(column + K + cols, tl.sum(z * high_weight[:, None], axis=0), mask=col_mask)
+            z = z - _blended_center(center_ptr, center_high_ptr, cols, col_mask, alpha)[None, :]
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        exps = tl.exp2((z - m_new[:, None]) * scale)
+        row_sum = row_sum * tl.exp2((m - m_new) * scale) + tl.sum(exps, axis=1)
+        m = m_new
+    out = stats_ptr + rows * splits + split
+    tl.store(out, m, mask=row_mask)
+    tl.store(out + R * splits, row_sum, mask=row_mask)
+
+
+@triton.jit
+def _softmax_project_kernel(
+    h_ptr, w_logit_ptr, w_proj_ptr, center_ptr, center_high_ptr, row_max_ptr, log2_sum_ptr,
+    out_ptr, mass_ptr, R, K, D, K_PER_SPLIT, scale, alpha,
+    CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, DOT_IEEE: tl.constexpr,
+):
+    """Per (row block, K split, output D block): partial softmax(z) @ W_proj[:, dblock] -> out (splits, R, D),
+    row sums of the softmax -> mass (splits, R) (from the first D block)."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < R
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+    out_dims = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_mask = out_dims < D
+    row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
+    log2_sum = tl.load(log2_sum_ptr + rows, mask=row_mask, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    mass = tl.zeros([BLOCK_M], tl.float32)
+    k_end = tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K)
+    for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_end
+        # h is re-read from L1/L2 each chunk: holding it across the loop costs the registers that
+        # the (BLOCK_M, D) accumulator needs
+        h = tl.load(h_ptr + rows[:, None] * D + dims[None, :],
+                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+        z = _logit_tile(h, w_logit_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE)
+        if CENTER:
+            z = z - _blended_center(center_ptr, center_high_ptr, cols, col_mask, alpha)[None, :]
+        p = tl.exp2((z - row_max[:, None]) * scale - log2_sum[:, None])
+        p = tl.where(col_mask[None, :] & row_mask[:, None], p, 0.0)
+        mass += tl.sum(p, axis=1)
+        w = tl.load(w_proj_ptr + cols[:, None] * D + out_dims[None, :],
+                    mask=col_mask[:, None] & out_mask[None, :], other=0.0)
+        if DOT_IEEE:
+            acc += tl.dot(p.to(w.dtype), w, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(w.dtype), w)
+    split_rows = tl.program_id(1).to(tl.int64) * R + rows
+    tl.store(out_ptr + split_rows[:, None] * D + out_dims[None, :], acc,
+             mask=row_mask[:, None] & out_mask[None, :])
+    tl.store(mass_ptr + split_rows, mass, mask=row_mask & (pid_d == 0))
+
+
+@triton.jit
+def _softmax_t_project_kernel(
+    h_ptr, w_ptr, x_ptr, center_ptr, center_high_ptr, row_max_ptr, log2_sum_ptr, out_ptr,
+    R, K, D, scale, alpha,
+    CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, DOT_IEEE: tl.constexpr,
+):
+    """Per (K block, output D block): out[cols, dblock] = softmax(z)[:, cols]^T @ X[:, dblock] fp32,
+    summed over all R rows."""
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+    out_dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_mask = out_dims < D
+    acc = tl.zeros([BLOCK_K, BLOCK_DO], tl.float32)
+    for r0 in range(0, R, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < R
+        h = tl.load(h_ptr + rows[:, None] * D + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :],
+                    other=0.0)
+        z = _logit_tile(h, w_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE)
+        if CENTER:
+            z = z - _blended_center(center_ptr, center_high_ptr, cols, col_mask, alpha)[None, :]
+        row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
+        log2_sum = tl.load(log2_sum_ptr + rows, mask=row_mask, other=0.0)
+        p = tl.exp2((z - row_max[:, None]) * scale - log2_sum[:, None])
+        p = tl.where(col_mask[None, :] & row_mask[:, None], p, 0.0)
+        x = tl.load(x_ptr + rows[:, None] * D + out_dims[None, :], mask=row_mask[:, None] & out_mask[None, :],
+                    other=0.0)
+        if DOT_IEEE:
+            acc += tl.dot(tl.trans(p.to(x.dtype)), x, input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(p.to(x.dtype)), x)
+    tl.store(out_ptr + cols[:, None] * D + out_dims[None, :], acc,
+             mask=col_mask[:, None] & out_mask[None, :])
+
+
+class _Launch:
+    """Block sizes and K splits for one call (small blocks in the interpreter, mma-sized on GPUs)."""
+
+    def __init__(self, h: torch.Tensor, K: int, D: int):
+        config = CONFIGS["fp32" if h.dtype == torch.float32 else "16bit"]
+        if interpreted(h):
+            config = {**config, "BLOCK_M": INTERPRETER_BLOCK, "BLOCK_K": INTERPRETER_BLOCK,
+                      "PROJECT_BLOCK_DO": INTERPRETER_BLOCK, "T_PROJECT_BLOCK_DO": INTERPRETER_BLOCK}
+        self.config = config
+        self.block_m, self.block_k = config["BLOCK_M"], config["BLOCK_K"]
+        self.block_d = max(16, triton.next_power_of_2(D))
+        self.dot_ieee = h.dtype == torch.float32
+        self.target = 2 * sm_count(h.device)
+        self.K, self.D = K, D
+
+    def d_blocks(self, key: str) -> tuple[int, int]:
+        """(BLOCK_DO, number of output D blocks) of the project kernel named by key."""
+        block_do = min(self.block_d, self.config[key])
+        return block_do, triton.cdiv(self.D, block_do)
+
+    def meta(self, **extra):
+        return dict(BLOCK_M=self.block_m, BLOCK_K=self.block_k, BLOCK_D=self.block_d, DOT_IEEE=self.dot_ieee,
+                    num_warps=self.config["num_warps"], num_stages=self.config["num_stages"], **extra)
+
+    def splits(self, R: int) -> tuple[int, int, int]:
+        blocks = triton.cdiv(R, self.block_m)
+        splits, per_split = num_splits(self.K, blocks, self.block_k, self.target)
+        return blocks, splits, per_split
+
+
+def _row_stats(launch, h, w, center, center_high, high_weight, scale, alpha, centred):
+    """(row_max, log2_sum) of the (centred) logits per row, and the centre statistics (2, K) if centred."""
+    R, K = h.shape[0], w.shape[0]
+    blocks, splits, per_split = launch.splits(R)
+    stats = torch.empty((2, R, splits), dtype=torch.float32, device=h.device)
+    column = torch.empty((blocks, 2, K) if centred else (1,), dtype=torch.float32, device=h.device)
+    _logit_stats_kernel[(blocks, splits)](
+        h, w, center, center_high, high_weight, stats, column, R, K, launch.D, per_split, scale, alpha,
+        **launch.meta(CENTER=centred),
+    )
+    m, row_sum = stats
+    row_max = m.max(dim=-1).values
+    log2_sum = torch.log2((row_sum * torch.exp2((m - row_max.unsqueeze(-1)) * scale)).sum(dim=-1))
+    return row_max.contiguous(), log2_sum.contiguous(), column.sum(dim=0) if centred else None
+
+
+def _project(launch, h, w_logit, w_proj, center, center_high, row_max, log2_sum, scale, alpha, centred):
+    """(softmax(z) @ w_proj (R, D) fp32, row sums of the softmax (R,))."""
+    R = h.shape[0]
+    blocks, splits, per_split = launch.splits(R)
+    out = torch.empty((splits, R, launch.D), dtype=torch.float32, device=h.device)
+    mass = torch.empty((splits, R), dtype=torch.float32, device=h.device)
+    block_do, d_blocks = launch.d_blocks("PROJECT_BLOCK_DO")
+    _softmax_project_kernel[(blocks, splits, d_blocks)](
+        h, w_logit, w_proj, center, center_high, row_max, log2_sum, out, mass, R, launch.K, launch.D,
+        per_split, scale, alpha, **launch.meta(CENTER=centred, BLOCK_DO=block_do),
+    )
+    return out.sum(dim=0), mass.sum(dim=0)
+
+
+def _t_project(launch, h, w, x, center, center_high, row_max, log2_sum, scale, alpha, centred):
+    """softmax(z)^T @ x (K, D) fp32."""
+    out = torch.empty((launch.K, launch.D), dtype=torch.float32, device=h.device)
+    block_do, d_blocks = launch.d_blocks("T_PROJECT_BLOCK_DO")
+    _softmax_t_project_kernel[(triton.cdiv(launch.K, launch.block_k), d_blocks)](
+        h, w, x.to(h.dtype).contiguous(), center, center_high, row_max, log2_sum, out, h.shape[0], launch.K,
+        launch.D, scale, alpha, **launch.meta(CENTER=centred, BLOCK_DO=block_do),
+    )
+    return out
+
+
+class _DINOHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, ht, wt, center, center_high, high_weight, views, temps, alpha):
+        S, T, B = views
+        tau_t, tau_s = temps
+        launch = _Launch(hs, ws.shape[0], ws.shape[1])
+        scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
+        t_max, t_log2_sum, column = _row_stats(launch, ht, wt, center, center_high, high_weight, scale_t,
+                                               alpha, True)
+        s_max, s_log2_sum, _ = _row_stats(launch, hs, ws, center, center_high, high_weight, scale_s, alpha,
+                                          False)
+        A, mass = _project(launch, ht, wt, ws, center, center_high, t_max, t_log2_sum, scale_t, alpha, True)
+        A, mass = A.reshape(T, B, -1), mass.reshape(T, B)
+        views_t, views_s = torch.arange(T, device=hs.device), torch.arange(S, device=hs.device)
+        pair = (views_t.unsqueeze(1) != views_s.unsqueeze(0)).float()  # (T, S): 1 where the views differ
+        pairs = T * S - min(S, T)
+        lse = (s_max / tau_s + s_log2_sum * math.log(2.0)).reshape(S, B)
+        hs3 = hs.float().reshape(S, B, -1)
+        cross = torch.einsum("tbd,sbd->tsb", A, hs3)
+        per_pair = mass.unsqueeze(1) * lse.unsqueeze(0) - cross / tau_s  # (T, S, B)
+        loss = (pair.unsqueeze(-1) * per_pair).sum() / (pairs * B)
+        ctx.save_for_backward(hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A,
+                              mass, pair)
+        ctx.meta = (S, T, B, tau_t, tau_s, alpha, pairs)
+        ctx.mark_non_differentiable(column)
+        return loss, column[0], column[1]
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logit_sum, _grad_high_logit_sum):
+        (hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, mass,
+         pair) = ctx.saved_tensors
+        S, T, B, tau_t, tau_s, alpha, pairs = ctx.meta
+        launch = _Launch(hs, ws.shape[0], ws.shape[1])
+        scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
+        coef = grad_loss.float() / (pairs * B * tau_s)
+        n = torch.einsum("ts,tb->sb", pair, mass)  # (S, B) teacher mass paired with each student row
+        Bs, _ = _project(launch, hs, ws, ws, center, center_high, s_max, s_log2_sum, scale_s, alpha, False)
+        grad_hs = coef * (n.unsqueeze(-1) * Bs.reshape(S, B, -1) - torch.einsum("ts,tbd->sbd", pair, A))
+        hs3 = hs.float().reshape(S, B, -1)
+        h_bar = torch.einsum("ts,sbd->tbd", pair, hs3).reshape(T * B, -1)
+        student_term = _t_project(launch, hs, ws, (n.unsqueeze(-1) * hs3).reshape(S * B, -1), center,
+                                  center_high, s_max, s_log2_sum, scale_s, alpha, False)
+        teacher_term = _t_project(launch, ht, wt, h_bar, center, center_high, t_max, t_log2_sum, scale_t,
+                                  alpha, True)
+        grad_ws = coef * (student_term - teacher_term)
+        return (grad_hs.reshape(S * B, -1).to(hs.dtype), grad_ws.to(ws.dtype)) + (None,) * 8
+
+
+def _normalized_weight(weight_v, weight_g):
+    w = weight_v / weight_v.norm(dim=1, keepdim=True)
+    return w * weight_g if weight_g is not None else w
+
+
+def _validate(student_features, teacher_features, weight_v, center, center_high, high_weight,
+              teacher_temperature, student_temperature, alpha, teacher_weight_v):
+    check_tensor("student_features", student_features, 3)
+    device = student_features.device
+    check_tensor("teacher_features", teacher_features, 3, device)
+    check_tensor("weight_v", weight_v, 2, device)
+    S, B, D = student_features.shape
+    T, Bt, Dt = teacher_features.shape
+    K, Dw = weight_v.shape
+    if (Bt, Dt) != (B, D):
+        raise ValueError(f"teacher_features (T, B, D) = {tuple(teacher_features.shape)} must match "
+                         f"student_features (S, B, D) = {tuple(student_features.shape)} in B and D")
+    if Dw != D:
+        raise ValueError(f"weight_v (K, D) = {tuple(weight_v.shape)} must have D={D} like the features")
+    if teacher_weight_v is not None:
+        check_tensor("teacher_weight_v", teacher_weight_v, 2, device)
+        if teacher_weight_v.shape != weight_v.shape:
+            raise ValueError(f"teacher_weight_v {tuple(teacher_weight_v.shape)} must match weight_v "
+                             f"{tuple(weight_v.shape)}")
+    if D > 512:
+        raise ValueError(f"feature width D={D} > 512 is not supported (the DINO bottleneck is 256)")
+    if max(K, S * B, T * B) * D >= 2**31:
+        raise ValueError(f"K * D = {K * D} and rows * D must stay below 2**31 (32-bit kernel offsets)")
+    for name, x in (("center", center), ("center_high", center_high)):
+        check_tensor(name, x, 1, device)
+        if x.shape[0] != K:
+            raise ValueError(f"{name} has {x.shape[0]} entries but weight_v has K={K} prototypes")
+    check_tensor("high_weight", high_weight, 1, device)
+    if high_weight.shape[0] != T * B:
+        raise ValueError(f"high_weight has {high_weight.shape[0]} entries, expected T*B={T * B} teacher rows")
+    if T * S - min(S, T) == 0:
+        raise ValueError(f"dino_head_loss needs at least one pair of different views; got S={S}, T={T}")
+    check_positive("teacher_temperature", teacher_temperature)
+    check_positive("student_temperature", student_temperature)
+    check_alpha(alpha)
+
+
+def dino_head_loss(student_features, teacher_features, weight_v, center, center_high, high_weight,
+                   teacher_temperature, student_temperature, alpha, weight_g=None, teacher_weight_v=None,
+                   teacher_weight_g=None):
+    """Fused DINO head last layer + dual-centering teacher softmax + student cross-entropy.
+
+    student_features (S, B, D), teacher_features (T, B, D) (bottleneck outputs, not yet normalised),
+    weight_v (K, D) and optional weight_g (K, 1) of the student's prototype layer; the teacher's own
+    (EMA) teacher_weight_v / teacher_weight_g, or the student's when None. center, center_high (K,);
+    high_weight (T*B,) in teacher_features.reshape(T*B, D) row order.
+    Returns (loss, logit_sum (K,), high_logit_sum (K,)); loss is differentiable in student_features,
+    weight_v and weight_g; the teacher side is treated as constant. fp32 and fp16/bf16 inputs (dots in
+    the input dtype with fp32 accumulation; fp32 uses exact IEEE dots).
+    """
+    _validate(student_features, teacher_features, weight_v, center, center_high, high_weight,
+              teacher_temperature, student_temperature, alpha, teacher_weight_v)
+    S, B, D = student_features.shape
+    T = teacher_features.shape[0]
+    dtype = student_features.dtype
+    hs = F.normalize(student_features.reshape(S * B, D).float(), dim=-1).to(dtype).contiguous()
+    ws = _normalized_weight(weight_v.float(), weight_g).to(dtype).contiguous()
+    with torch.no_grad():
+        ht = F.normalize(teacher_features.reshape(T * B, D).float(), dim=-1).to(dtype).contiguous()
+        if teacher_weight_v is None:
+            wt = ws.detach()
+        else:
+            wt = _normalized_weight(teacher_weight_v.float(), teacher_weight_g).to(dtype).contiguous()
+    return _DINOHeadLoss.apply(hs, ws, ht, wt, center.float().contiguous(), center_high.float().contiguous(),
+                               high_weight.float().contiguous(), (S, T, B),
+                               (float(teacher_temperature), float(student_temperature)), float(alpha))
+
+
+def dino_head_loss_reference(student_features, teacher_features, weight_v, center, center_high, high_weight,
+                             teacher_temperature, student_temperature, alpha, weight_g=None,
+                             teacher_weight_v=None, teacher_weight_g=None):
+    """The unfused composition of reference ops: the specification of dino_head_loss (materialises logits)."""
+    S, B, D = student_features.shape
+    T = teacher_features.shape[0]
+    student_logits = reference.prototype_logits(student_features.reshape(S * B, D), weight_v, weight_g)
+    with torch.no_grad():
+        if teacher_weight_v is None:
+            teacher_weight_v, teacher_weight_g = weight_v, weight_g
+        teacher_logits = reference.prototype_logits(teacher_features.reshape(T * B, D), teacher_weight_v,
+                                                    teacher_weight_g)
+        probs, logit_sum, high_logit_sum = reference.teacher_softmax(
+            teacher_logits, center, center_high, high_weight, teacher_temperature, alpha)
+    loss = reference.dino_cross_entropy(student_logits.reshape(S, B, -1), probs.reshape(T, B, -1),
+                                        student_temperature)
+    return loss, logit_sum, high_logit_sum
+
+
+class DINOHeadLoss(torch.nn.Module):
+    """Owns the student prototype layer (weight_v, optional trainable weight_g) and the dual centres.
+
+    forward(student_features (S, B, D), teacher_features (T, B, D), high_weight (T*B,), teacher_temperature,
+    teacher_weight_v=None) -> (loss, logit_sum, high_logit_sum); the caller all-reduces the sums and
+    calls update_centers(logit_sum, high_logit_sum, rows, high_rows) (as DualCenteringSoftmax.update).
+    """
+
+    def __init__(self, in_dim: int = 256, num_prototypes: int = 65536, student_temperature: float = 0.1,
+                 alpha: float = 0.8, center_momentum: float = 0.9, center_high_momentum: float = 0.9,
+                 train_weight_g: bool = False):
+        super().__init__()
+        from .teacher_softmax import DualCenteringSoftmax
+
+        check_positive("student_temperature", student_temperature)
+        self.student_temperature = student_temperature
+        self.weight_v = torch.nn.Parameter(torch.empty(num_prototypes, in_dim))
+        torch.nn.init.trunc_normal_(self.weight_v, std=0.02)
+        self.weight_g = torch.nn.Parameter(torch.ones(num_prototypes, 1)) if train_weight_g else None
+        self.centering = DualCenteringSoftmax(num_prototypes, alpha, center_momentum, center_high_momentum)
+
+    def forward(self, student_features, teacher_features, high_weight, teacher_temperature: float,
+                teacher_weight_v=None, teacher_weight_g=None):
+        c = self.centering
+        return dino_head_loss(student_features, teacher_features, self.weight_v, c.center, c.center_high,
+                              high_weight, teacher_temperature, self.student_temperature, c.alpha,
+                              self.weight_g, teacher_weight_v, teacher_weight_g)
+
+    def update_centers(self, logit_sum, high_logit_sum, rows: float, high_rows: float) -> None:
+        self.centering.update(logit_sum, high_logit_sum, rows, high_rows)
+
+
+def roofline_cost(S: int, T: int, B: int, K: int, D: int = 256, dtype_bytes: int = 2,
+                  backward: bool = True) -> dict[str, int]:
+    """Useful FLOPs and minimum HBM bytes of forward (+ backward): S student / T teacher views of B
+    samples, K prototypes, D bottleneck width, dtype_bytes per feature/weight element; teacher and
+    student share W. FLOPs are the unfused path's GEMMs (the kernels execute more, see module doc)."""
+    rs, rt = S * B, T * B
+    flops = 2 * K * D * (rt + rs)
+    nbytes = (rs + rt) * D * dtype_bytes + K * D * dtype_bytes + 16 * K
+    if backward:
+        flops += 4 * K * D * rs
+        nbytes += K * D * (dtype_bytes + 4) + rs * D * 4
+    return {"flops": flops, "bytes": nbytes}
+
+
+def compile_specs() -> list[dict]:
+    """Every shipped configuration (operand dtype x kernel x centred) for the AOT compile report.
+
+    BLOCK_D = 256 is the DINO bottleneck; other widths compile on first use with the same tiles."""
+    specs = []
+    for dtype, ptr in TRITON_DTYPE.items():
+        fp32 = dtype == torch.float32
+        name = str(dtype).removeprefix("torch.")
+        config = CONFIGS["fp32" if fp32 else "16bit"]
+        blocks = {"BLOCK_M": config["BLOCK_M"], "BLOCK_K": config["BLOCK_K"], "BLOCK_D": 256,
+                  "DOT_IEEE": fp32}
+        # uses_dot means tensor-core dots (mma on sm_80, wgmma on sm_90): the fp32 configs' exact IEEE
+        # dots compile to FMA loops, so the compile report must not expect mma from them
+        common = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "uses_dot": not fp32}
+        for centred in (False, True):
+            tag = "teacher" if centred else "student"
+            specs.append({
+                "name": f"head_logit_stats_{tag}_{name}", "fn": _logit_stats_kernel,
+                "signature": {"h_ptr": ptr, "w_ptr": ptr, "center_ptr": "*fp32", "center_high_ptr": "*fp32",
+                              "high_weight_ptr": "*fp32", "stats_ptr": "*fp32", "column_ptr": "*fp32",
+                              "R": "i32", "K": "i32", "D": "i32", "K_PER_SPLIT": "i32", "scale": "fp32",
+                              "alpha": "fp32"},
+                "constexprs": {**blocks, "CENTER": centred}, **common,
+            })
+            specs.append({
+                "name": f"head_softmax_project_{tag}_{name}", "fn": _softmax_project_kernel,
+                "signature": {"h_ptr": ptr, "w_logit_ptr": ptr, "w_proj_ptr": ptr, "center_ptr": "*fp32",
+                              "center_high_ptr": "*fp32", "row_max_ptr": "*fp32", "log2_sum_ptr": "*fp32",
+                              "out_ptr": "*fp32", "mass_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32",
+                              "K_PER_SPLIT": "i32", "scale": "fp32", "alpha": "fp32"},
+                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["PROJECT_BLOCK_DO"]}, **common,
+            })
+            specs.append({
+                "name": f"head_softmax_t_project_{tag}_{name}", "fn": _softmax_t_project_kernel,
+                "signature": {"h_ptr": ptr, "w_ptr": ptr, "x_ptr": ptr, "center_ptr": "*fp32",
+                              "center_high_ptr": "*fp32", "row_max_ptr": "*fp32", "log2_sum_ptr": "*fp32",
+                              "out_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32", "scale": "fp32",
+                              "alpha": "fp32"},
+                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["T_PROJECT_BLOCK_DO"]},
+                **common,
+            })
+    return specs

@@ -1,0 +1,152 @@
+"""dino_head_loss (prototype layer + teacher softmax + cross-entropy, fused) against the float64 oracle.
+
+Every kernel here uses tl.dot, which the Triton interpreter gets wrong for bf16 operands, so bf16 is
+only tested on a CUDA GPU; fp32 and fp16 run everywhere.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from loss_oracle import assert_flash_tolerance, dino_head_loss_f64
+
+from terrafm_kernels.dino_head_loss import (
+    DINOHeadLoss,
+    compile_specs,
+    dino_head_loss,
+    dino_head_loss_reference,
+    roofline_cost,
+)
+
+TAU_T, TAU_S, ALPHA = 0.04, 0.1, 0.8
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+
+
+def _inputs(S, T, B, K, D, dtype, device, seed=0, center_scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(S, B, D, generator=g).to(dtype)
+    teacher = torch.randn(T, B, D, generator=g).to(dtype)
+    weight_v = torch.randn(K, D, generator=g).to(dtype)
+    center = torch.randn(K, generator=g) * center_scale
+    center_high = torch.randn(K, generator=g) * center_scale
+    high_weight = (torch.rand(T * B, generator=g) > 0.5).float()
+    return [x.to(device) for x in (student, teacher, weight_v, center, center_high, high_weight)]
+
+
+def _run(fn, student, teacher, weight_v, *rest, **kwargs):
+    x = student.clone().requires_grad_()
+    v = weight_v.clone().requires_grad_()
+    loss, logit_sum, high_sum = fn(x, teacher, v, *rest, TAU_T, TAU_S, ALPHA, **kwargs)
+    loss.backward()
+    return loss.detach(), logit_sum, high_sum, x.grad, v.grad
+
+
+def _check(S, T, B, K, D, dtype, device, seed=0, separate_teacher=False):
+    student, teacher, weight_v, center, center_high, high_weight = _inputs(S, T, B, K, D, dtype, device, seed)
+    kwargs = {}
+    if separate_teacher:
+        kwargs["teacher_weight_v"] = (weight_v.float() + 0.3 * torch.randn_like(weight_v.float())).to(dtype)
+    kernel = _run(dino_head_loss, student, teacher, weight_v, center, center_high, high_weight, **kwargs)
+    rest = (center, center_high, high_weight)
+    plain = _run(dino_head_loss_reference, student, teacher, weight_v, *rest, **kwargs)
+    oracle_kwargs = {k: v.cpu().double() for k, v in kwargs.items()}
+    oracle = _run(dino_head_loss_f64, *(x.cpu().double() for x in (student, teacher, weight_v, *rest)),
+                  **oracle_kwargs)
+    rel = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    names = ("loss", "logit_sum", "high_logit_sum", "grad student_features", "grad weight_v")
+    for name, k, p, o in zip(names, kernel, plain, oracle, strict=True):
+        assert k.shape == o.shape and torch.isfinite(k).all(), name
+        # logits are cosines (|z| <= 1): loss and centre sums get an absolute floor of one logit's rounding
+        scale = o.abs().max().item() if name.startswith("grad") else max(1.0, o.abs().max().item())
+        assert_flash_tolerance(name, k.float().cpu(), p.float().cpu(), o, rel * scale + 1e-7)
+    assert kernel[3].dtype == dtype and kernel[4].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "S,T,B,K,D", [(2, 2, 1, 1, 16), (4, 2, 3, 37, 20), (5, 2, 2, 130, 32), (3, 2, 1, 4133, 16)]
+)
+def test_matches_float64_oracle(S, T, B, K, D, dtype, device):
+    _check(S, T, B, K, D, dtype, device)
+
+
+def test_separate_teacher_weight(device):
+    _check(4, 2, 2, 50, 16, torch.float32, device, separate_teacher=True)
+
+
+@settings(max_examples=5, deadline=None)
+@given(S=st.integers(2, 6), B=st.integers(1, 3), K=st.integers(1, 120), D=st.integers(1, 40),
+       seed=st.integers(0, 99))
+def test_hypothesis_shapes(S, B, K, D, seed):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check(S, 2, B, K, D, torch.float32, device, seed=seed)
+
+
+def test_trainable_weight_g_gets_gradient(device):
+    student, teacher, weight_v, center, center_high, high_weight = _inputs(3, 2, 2, 40, 16, torch.float32,
+                                                                           device)
+    g_kernel = torch.full((40, 1), 1.5, device=device, requires_grad=True)
+    g_plain = torch.full((40, 1), 1.5, device=device, dtype=torch.float64, requires_grad=True)
+    dino_head_loss(student, teacher, weight_v, center, center_high, high_weight, TAU_T, TAU_S, ALPHA,
+                   weight_g=g_kernel)[0].backward()
+    dino_head_loss_f64(student.double(), teacher.double(), weight_v.double(), center.double(),
+                       center_high.double(), high_weight.double(), TAU_T, TAU_S, ALPHA,
+                       weight_g=g_plain)[0].backward()
+    assert torch.allclose(g_kernel.grad.double(), g_plain.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_module_matches_function(device):
+    torch.manual_seed(0)
+    module = DINOHeadLoss(in_dim=16, num_prototypes=30).to(device)
+    student, teacher, _, _, _, high_weight = _inputs(3, 2, 2, 30, 16, torch.float32, device)
+    loss, logit_sum, high_sum = module(student, teacher, high_weight, TAU_T)
+    expected = dino_head_loss(student, teacher, module.weight_v.detach(), module.centering.center,
+                              module.centering.center_high, high_weight, TAU_T, TAU_S, ALPHA)
+    assert torch.allclose(loss, expected[0])
+    loss.backward()
+    assert module.weight_v.grad is not None and module.weight_v.grad.abs().sum() > 0
+    module.update_centers(logit_sum, high_sum, rows=4, high_rows=float(high_weight.sum()))
+    assert torch.allclose(module.centering.center, 0.1 * logit_sum / 4)
+
+
+def test_validation_errors(device):
+    student, teacher, weight_v, center, center_high, high_weight = _inputs(3, 2, 2, 20, 16, torch.float32,
+                                                                           device)
+    args = [student, teacher, weight_v, center, center_high, high_weight, TAU_T, TAU_S, ALPHA]
+
+    def call(**changes):
+        names = ["student_features", "teacher_features", "weight_v", "center", "center_high", "high_weight",
+                 "teacher_temperature", "student_temperature", "alpha"]
+        kwargs = dict(zip(names, args, strict=True))
+        kwargs.update(changes)
+        return dino_head_loss(**kwargs)
+
+    with pytest.raises(ValueError, match="3 dimensions"):
+        call(student_features=student[0])
+    with pytest.raises(ValueError, match="in B and D"):
+        call(teacher_features=teacher[:, :1].contiguous())
+    with pytest.raises(ValueError, match="D=16"):
+        call(weight_v=weight_v[:, :8].contiguous())
+    with pytest.raises(ValueError, match="K=20"):
+        call(center=center[:5])
+    with pytest.raises(ValueError, match="T\\*B=4"):
+        call(high_weight=high_weight[:3])
+    with pytest.raises(TypeError, match="dtype"):
+        call(weight_v=weight_v.long())
+    with pytest.raises(ValueError, match="contiguous"):
+        call(student_features=student.transpose(0, 1))
+    with pytest.raises(ValueError, match="teacher_temperature must be > 0"):
+        call(teacher_temperature=0.0)
+    with pytest.raises(ValueError, match="student_temperature must be > 0"):
+        call(student_temperature=-1.0)
+    with pytest.raises(ValueError, match="move it"):
+        call(weight_v=weight_v.to("meta"))
+
+
+def test_roofline_and_specs():
+    cost = roofline_cost(S=12, T=2, B=64, K=65536, D=256, dtype_bytes=2, backward=False)
+    assert cost["flops"] == 2 * 65536 * 256 * (128 + 768)
+    specs = compile_specs()
+    assert all(s["uses_dot"] == (s["signature"]["h_ptr"] != "*fp32") for s in specs)
+    names = {s["name"] for s in specs}
+    assert names >= {"head_logit_stats_teacher_bfloat16", "head_softmax_t_project_student_float16"}

@@ -1,0 +1,120 @@
+"""teacher_softmax kernel (interpreter on CPU, compiled on CUDA) against the float64 oracle.
+
+No tl.dot in this kernel, so bf16 logits are tested under the interpreter too.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from loss_oracle import assert_flash_tolerance, teacher_softmax_f64
+
+from terrafm_kernels import reference
+from terrafm_kernels.teacher_softmax import (
+    DualCenteringSoftmax,
+    compile_specs,
+    roofline_cost,
+    teacher_softmax,
+)
+
+
+def _inputs(R, K, dtype, device, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(R, K, generator=g, dtype=torch.float64) * scale).to(dtype)
+    center = torch.randn(K, generator=g) * scale
+    center_high = torch.randn(K, generator=g) * scale
+    high_weight = (torch.rand(R, generator=g) > 0.5).float()
+    return [x.to(device) for x in (t, center, center_high, high_weight)]
+
+
+def _check(R, K, dtype, device, temperature=0.04, alpha=0.8, scale=3.0, seed=0):
+    t, c, ch, hw = _inputs(R, K, dtype, device, scale, seed)
+    out = teacher_softmax(t, c, ch, hw, temperature, alpha)
+    plain = reference.teacher_softmax(t, c, ch, hw, temperature, alpha)
+    oracle = teacher_softmax_f64(t.cpu(), c.cpu(), ch.cpu(), hw.cpu(), temperature, alpha)
+    for name, kernel, p, o in zip(("probs", "logit_sum", "high_logit_sum"), out, plain, oracle, strict=True):
+        assert kernel.dtype == torch.float32 and kernel.shape == o.shape
+        atol = 1e-6 if name == "probs" else 1e-6 * R * scale * max(1.0, scale)
+        assert_flash_tolerance(name, kernel.cpu(), p.cpu(), o, atol)
+    assert torch.allclose(out[0].sum(-1).cpu().double(), torch.ones(R, dtype=torch.float64), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("R,K", [(1, 1), (3, 97), (6, 130), (2, 4133)])
+def test_matches_float64_oracle(R, K, dtype, device):
+    _check(R, K, dtype, device)
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.06])
+def test_large_logits_tiny_temperature(temperature, device):
+    _check(4, 301, torch.float32, device, temperature=temperature, scale=1e4)
+    t, c, ch, hw = _inputs(4, 301, torch.float32, device, scale=1e4)
+    probs = teacher_softmax(t, c, ch, hw, temperature, 0.8)[0]
+    assert torch.isfinite(probs).all()
+
+
+@settings(max_examples=6, deadline=None)
+@given(R=st.integers(1, 9), K=st.integers(1, 300), alpha=st.floats(0.0, 1.0), seed=st.integers(0, 99))
+def test_hypothesis_shapes(R, K, alpha, seed):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check(R, K, torch.float32, device, alpha=alpha, seed=seed)
+
+
+def test_deterministic(device):
+    t, c, ch, hw = _inputs(9, 200, torch.float32, device)
+    a = teacher_softmax(t, c, ch, hw, 0.04, 0.8)
+    b = teacher_softmax(t, c, ch, hw, 0.04, 0.8)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_module_forward_and_update(device):
+    K = 50
+    module = DualCenteringSoftmax(K, alpha=0.8).to(device)
+    t, _, _, hw = _inputs(4, K, torch.float32, device)
+    probs, logit_sum, high_sum = module(t, hw, 0.04)
+    assert torch.allclose(probs, teacher_softmax(t, module.center, module.center_high, hw, 0.04, 0.8)[0])
+    module.update(logit_sum, high_sum, rows=4, high_rows=float(hw.sum()))
+    assert torch.allclose(module.center, 0.1 * t.mean(0), atol=1e-6)
+    expected_high = 0.1 * (hw[:, None] * t).sum(0) / hw.sum()
+    assert torch.allclose(module.center_high, expected_high, atol=1e-6)
+    before = module.center_high.clone()
+    module.update(logit_sum, high_sum, rows=4, high_rows=0)
+    assert torch.equal(module.center_high, before)
+
+
+def test_validation_errors(device):
+    t, c, ch, hw = _inputs(3, 20, torch.float32, device)
+    with pytest.raises(ValueError, match="2 dimensions"):
+        teacher_softmax(t[0], c, ch, hw, 0.04, 0.8)
+    with pytest.raises(ValueError, match="K=20"):
+        teacher_softmax(t, c[:-1], ch, hw, 0.04, 0.8)
+    with pytest.raises(ValueError, match="center_high has 19"):
+        teacher_softmax(t, c, ch[:-1], hw, 0.04, 0.8)
+    with pytest.raises(ValueError, match="R=3"):
+        teacher_softmax(t, c, ch, hw[:2], 0.04, 0.8)
+    with pytest.raises(TypeError, match="dtype"):
+        teacher_softmax(t.long(), c, ch, hw, 0.04, 0.8)
+    with pytest.raises(ValueError, match="contiguous"):
+        teacher_softmax(torch.randn(20, 3, device=device).t(), c, ch, hw, 0.04, 0.8)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        teacher_softmax(t, c, ch, hw, 0.0, 0.8)
+    with pytest.raises(ValueError, match="alpha"):
+        teacher_softmax(t, c, ch, hw, 0.04, 1.5)
+    with pytest.raises(ValueError, match="move it"):
+        teacher_softmax(t, c.to("meta"), ch, hw, 0.04, 0.8)
+
+
+def test_roofline_and_specs():
+    cost = roofline_cost(R=256, K=65536, dtype_bytes=2)
+    assert cost["bytes"] == 256 * 65536 * 6 + 16 * 65536 and cost["flops"] > 0
+    specs = compile_specs()
+    assert {s["name"] for s in specs} >= {"teacher_softmax_float16_r1", "teacher_softmax_bfloat16_r4"}
+    assert all(not s["uses_dot"] for s in specs)
+
+
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    t, c, ch, hw = _inputs(3, 20, torch.float32, "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        teacher_softmax(t, c, ch, hw, 0.04, 0.8)
