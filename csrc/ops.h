@@ -3,3 +3,4 @@
 #include <pybind11/pybind11.h>
 
 void register_normalize(pybind11::module_& m);
+void register_views(pybind11::module_& m);

@@ -1,0 +1,160 @@
+"""build_loader: shards -> land-cover-aware sampler -> per-batch plan -> views (numpy | cpp | dali).
+
+The loader is an iterable of ViewBatch. One epoch = this rank's share of the sampler's draws, cut
+into batches; batch `step` of `epoch` is a pure function of (seed, epoch, step, rank), so resuming
+from `state_dict()` (epoch, step) reproduces the rest of the epoch exactly, whatever the path.
+Batches are prepared `num_workers` ahead on threads (the C++ twin and DALI release the GIL).
+"""
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from terrafm import backends
+from terrafm.data.config import DataConfig
+from terrafm.data.landcover import NUM_CLASSES
+from terrafm.data.sampler import LandCoverSampler
+from terrafm.data.shards import ShardSet
+from terrafm.data.views import BatchPlan, View, ViewBatch, make_plan, render_view_numpy
+
+
+def resolve_backend(name: str) -> str:
+    """'auto' -> dali on CUDA (when installed), else cpp (when built), else numpy; explicit names are checked."""
+    if name == "auto":
+        if backends.cuda().usable and backends.dali().usable:
+            return "dali"
+        return "cpp" if backends.csrc().usable else "numpy"
+    avail = {"numpy": backends.Availability(True, "reference"), "cpp": backends.csrc(), "dali": backends.dali()}[name]
+    if not avail.usable:
+        raise RuntimeError(f"data backend {name!r} is not usable here: {avail.detail}; use backend='auto' or 'numpy'")
+    return name
+
+
+class Loader:
+    """Iterable of ViewBatch for one rank; see module docstring."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0):
+        from terrafm.data.sample import ensure_sample_shards
+
+        cfg.validate()
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.seed = (cfg.seed * 1_000_003 + seed) % (2 ** 63)
+        self.shards = ShardSet(cfg.shard_dir or ensure_sample_shards(), cfg.verify_checksums)
+        missing = [m for m in cfg.modalities if m not in self.shards.modalities]
+        if missing:
+            raise ValueError(f"shards at {self.shards.root} hold {list(self.shards.modalities)}, not {missing}; "
+                             "set DataConfig.modalities to a subset or convert with those modalities")
+        have_all = np.ones(len(self.shards), bool)
+        for m in cfg.modalities:
+            have_all &= self.shards.offset[m][:, 0] >= 0
+        self.records = np.flatnonzero(have_all)
+        if len(self.records) == 0:
+            raise ValueError(f"no location in {self.shards.root} has all of {cfg.modalities}")
+        self.sampler = LandCoverSampler(self.shards.class_counts[self.records], cfg.beta, rank, world_size, self.seed)
+        self.backend = resolve_backend(cfg.backend)
+        self.band_index, self.mean, self.std = {}, {}, {}
+        for m in cfg.modalities:
+            info = self.shards.modalities[m]
+            idx = np.array([info.bands.index(b) for b in cfg.band_list(m)], np.int64)
+            self.band_index[m], self.mean[m], self.std[m] = idx, info.mean[idx].copy(), info.std[idx].copy()
+        self.pin = cfg.pin_memory and backends.cuda().usable
+        self._dali = None
+        self.epoch, self.step = 0, 0
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES
+
+    @property
+    def class_frequency(self) -> torch.Tensor:
+        """(num_classes,) float32 global WorldCover pixel frequency over the sampled locations."""
+        counts = self.shards.class_counts[self.records].sum(axis=0).astype(np.float64)
+        return torch.from_numpy(counts / max(counts.sum(), 1.0)).float()
+
+    def __len__(self) -> int:
+        n, b = len(self.sampler), self.cfg.batch_size
+        return n // b if self.cfg.drop_last else -(-n // b)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.step = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["seed"], state["world_size"], state["rank"]) != (self.seed, self.world_size, self.rank):
+            raise ValueError(f"loader state is for seed/world_size/rank {state['seed']}/{state['world_size']}/"
+                             f"{state['rank']}, this loader has {self.seed}/{self.world_size}/{self.rank}")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def batch_indices(self, epoch: int, step: int) -> np.ndarray:
+        draws = self.sampler.epoch_indices(epoch)
+        b = self.cfg.batch_size
+        return self.records[draws[step * b:(step + 1) * b]]
+
+    def plan(self, epoch: int, step: int) -> BatchPlan:
+        return make_plan(self.cfg, self.batch_indices(epoch, step), self.shards.tile_size, epoch, step, self.rank)
+
+    def __iter__(self):
+        epoch, n = self.epoch, len(self)
+        workers = self.cfg.num_workers
+        pool = ThreadPoolExecutor(workers) if workers > 0 else None
+        pending: deque = deque()
+        next_step = self.step
+        try:
+            while self.step < n:
+                while pool is not None and next_step < n and len(pending) < 2 * workers:
+                    pending.append(pool.submit(self.render, self.plan(epoch, next_step)))
+                    next_step += 1
+                batch = pending.popleft().result() if pool is not None else self.render(self.plan(epoch, self.step))
+                self.step += 1
+                yield batch
+            self.epoch, self.step = epoch + 1, 0
+        finally:
+            for f in pending:
+                f.cancel()
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+    def _empty(self, b: int, c: int, s: int) -> torch.Tensor:
+        return torch.empty((b, c, s, s), dtype=torch.float32, pin_memory=self.pin)
+
+    def render(self, plan: BatchPlan) -> ViewBatch:
+        """Execute a plan with this loader's backend."""
+        idx = plan.indices
+        needed = {m for v in plan.views for m in v.modalities}
+        tiles = {m: [self.shards.tile(int(i), m) for i in idx] for m in sorted(needed)}
+        if self.backend == "dali":
+            from terrafm.data.dali_path import DaliRenderer
+
+            if self._dali is None:
+                self._dali = DaliRenderer(self)
+            views = self._dali.render(plan, tiles)
+        else:
+            views = [View({m: self._render_one(tiles[m], m, v) for m in v.modalities}) for v in plan.views]
+        counts = self.shards.class_counts[idx]
+        majority = np.where(counts.sum(axis=1) > 0, counts.argmax(axis=1), -1)
+        ng = len(plan.global_views)
+        return ViewBatch(views[:ng], views[ng:], torch.from_numpy(majority.astype(np.int64)),
+                         torch.from_numpy(idx.astype(np.int64)))
+
+    def _render_one(self, tiles: list[np.ndarray], m: str, view) -> torch.Tensor:
+        out = self._empty(len(tiles), len(self.band_index[m]), view.size)
+        if self.backend == "cpp":
+            from terrafm import _C
+
+            half = tiles[0].dtype == np.float16
+            src = [t.view(np.uint16) if half else t for t in tiles]
+            _C.render_view(src, half, self.band_index[m], self.mean[m], self.std[m], view.boxes, view.flips,
+                           out.numpy(), self.cfg.cpp_threads)
+        else:
+            render_view_numpy(tiles, self.band_index[m], self.mean[m], self.std[m], view, out)
+        return out
+
+
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loader:
+    """The data loader of one rank: iterable of ViewBatch with set_epoch / state_dict / class_frequency."""
+    return Loader(cfg, rank=rank, world_size=world_size, seed=seed)

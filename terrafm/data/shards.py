@@ -1,0 +1,229 @@
+"""terrafm shard format: co-registered multi-modality tiles, per-band chunks, a numpy index per shard.
+
+A shard directory holds
+    index.json          format version, tile size, codec, per-modality bands/dtype/normalisation
+                        statistics, WorldCover class frequency, the list of shards, skipped inputs
+    part-NNNNN.bin      the payload: per record, per modality present, one chunk per band (C-order
+                        (T, T) array of the storage dtype: S2 uint16 reflectance x 1e4, S1 float16
+                        linear power), raw or LZ4-block compressed; a record's chunks are contiguous
+    part-NNNNN.npz      the shard's index: keys (N,), class_counts (N, 11) int64 WorldCover pixel counts,
+                        per modality m: m.offset / m.nbytes (N, C) int64 (-1 / 0 where absent),
+                        m.crc32 (N, C) uint32 of the stored bytes, m.sum / m.sumsq (C,) float64 and
+                        m.count () int64 pixel statistics; fingerprint (the job that wrote it)
+Files are written to a temporary name and renamed; a shard counts as finished once its .npz exists,
+which is renamed last. Record ids are positions in the concatenation of shards in index order.
+"""
+
+import json
+import mmap
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import lz4.block
+import numpy as np
+
+from terrafm.data.landcover import NUM_CLASSES, WORLDCOVER_NAMES, WORLDCOVER_VALUES
+
+FORMAT = "terrafm-shards"
+VERSION = 1
+INDEX_NAME = "index.json"
+CODECS = ("raw", "lz4")
+STORAGE_DTYPE = {"s2_l2a": np.uint16, "s2_l1c": np.uint16, "s1": np.float16}
+
+
+class ChecksumError(RuntimeError):
+    """Stored bytes of a band chunk do not match the checksum written by the converter."""
+
+
+def shard_name(i: int) -> str:
+    return f"part-{i:05d}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Accumulates records of one shard; `close()` writes .bin then .npz atomically."""
+
+    def __init__(self, directory: Path, index: int, bands: dict[str, tuple[str, ...]], tile_size: int,
+                 codec: str = "raw", fingerprint: str = ""):
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
+        self.stem = Path(directory) / shard_name(index)
+        self.bands, self.tile_size, self.codec, self.fingerprint = bands, tile_size, codec, fingerprint
+        self._tmp_bin = self.stem.with_suffix(".bin.tmp")
+        self._file = open(self._tmp_bin, "wb")
+        self._pos = 0
+        self.keys: list[str] = []
+        self.skipped: list[dict] = []
+        self.class_counts: list[np.ndarray] = []
+        self._offset = {m: [] for m in bands}
+        self._nbytes = {m: [] for m in bands}
+        self._crc = {m: [] for m in bands}
+        self._sum = {m: np.zeros(len(b)) for m, b in bands.items()}
+        self._sumsq = {m: np.zeros(len(b)) for m, b in bands.items()}
+        self._count = dict.fromkeys(bands, 0)
+
+    def add(self, key: str, tiles: dict[str, np.ndarray], class_counts: np.ndarray) -> None:
+        """tiles: modality -> (C, T, T) array in the storage dtype; class_counts (11,) pixel counts."""
+        t = self.tile_size
+        for m, bands in self.bands.items():
+            c = len(bands)
+            off, nb, crc = np.full(c, -1, np.int64), np.zeros(c, np.int64), np.zeros(c, np.uint32)
+            tile = tiles.get(m)
+            if tile is not None:
+                want = STORAGE_DTYPE[m]
+                if tile.shape != (c, t, t) or tile.dtype != want:
+                    raise ValueError(f"record {key}: {m} tile must be ({c}, {t}, {t}) {np.dtype(want)}, "
+                                     f"got {tile.shape} {tile.dtype}")
+                values = tile.astype(np.float64).reshape(c, -1)
+                self._sum[m] += values.sum(axis=1)
+                self._sumsq[m] += np.square(values).sum(axis=1)
+                self._count[m] += t * t
+                for b in range(c):
+                    data = np.ascontiguousarray(tile[b]).tobytes()
+                    if self.codec == "lz4":
+                        data = lz4.block.compress(data, store_size=False)
+                    off[b], nb[b], crc[b] = self._pos, len(data), zlib.crc32(data)
+                    self._file.write(data)
+                    self._pos += len(data)
+            self._offset[m].append(off)
+            self._nbytes[m].append(nb)
+            self._crc[m].append(crc)
+        self.keys.append(key)
+        self.class_counts.append(np.asarray(class_counts, np.int64).reshape(NUM_CLASSES))
+
+    def close(self) -> Path:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp_bin, self.stem.with_suffix(".bin"))
+        n = len(self.keys)
+        arrays = {"keys": np.asarray(self.keys, dtype=str),
+                  "class_counts": np.asarray(self.class_counts, np.int64).reshape(n, NUM_CLASSES),
+                  "fingerprint": np.asarray(self.fingerprint), "codec": np.asarray(self.codec),
+                  "skipped": np.asarray(json.dumps(self.skipped))}
+        for m, bands in self.bands.items():
+            c = len(bands)
+            arrays[f"{m}.offset"] = np.asarray(self._offset[m], np.int64).reshape(n, c)
+            arrays[f"{m}.nbytes"] = np.asarray(self._nbytes[m], np.int64).reshape(n, c)
+            arrays[f"{m}.crc32"] = np.asarray(self._crc[m], np.uint32).reshape(n, c)
+            arrays[f"{m}.sum"], arrays[f"{m}.sumsq"] = self._sum[m], self._sumsq[m]
+            arrays[f"{m}.count"] = np.asarray(self._count[m], np.int64)
+        tmp = self.stem.with_suffix(".npz.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        final = self.stem.with_suffix(".npz")
+        os.replace(tmp, final)
+        return final
+
+
+def finished_fingerprint(directory: Path, index: int) -> str | None:
+    """The fingerprint of a finished shard, or None when it is missing or unreadable (to be rewritten)."""
+    stem = Path(directory) / shard_name(index)
+    if not (stem.with_suffix(".npz").exists() and stem.with_suffix(".bin").exists()):
+        return None
+    try:
+        with np.load(stem.with_suffix(".npz")) as z:
+            return str(z["fingerprint"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@dataclass
+class ModalityInfo:
+    bands: tuple[str, ...]
+    dtype: str
+    mean: np.ndarray  # (C,) float32, over all pixels of all tiles
+    std: np.ndarray   # (C,) float32
+
+
+class ShardSet:
+    """Read side of a shard directory: index arrays for all records and zero-copy / decoded tile reads."""
+
+    def __init__(self, shard_dir: str | Path, verify_checksums: bool = True):
+        self.root = Path(shard_dir)
+        path = self.root / INDEX_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: {self.root} is not a finished terrafm shard directory "
+                                    "(run `terrafm prepare INPUT... --out DIR`)")
+        self.meta = json.loads(path.read_text())
+        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+            raise ValueError(f"{path}: expected format {FORMAT} version {VERSION}, got "
+                             f"{self.meta.get('format')} {self.meta.get('version')}")
+        self.tile_size = int(self.meta["tile_size"])
+        self.codec = self.meta["codec"]
+        self.verify_checksums = verify_checksums
+        self.modalities = {m: ModalityInfo(tuple(v["bands"]), v["dtype"], np.asarray(v["mean"], np.float32),
+                                           np.asarray(v["std"], np.float32))
+                           for m, v in self.meta["modalities"].items()}
+        parts = [np.load(self.root / f"{s['name']}.npz") for s in self.meta["shards"]]
+        self.keys = np.concatenate([p["keys"] for p in parts]) if parts else np.zeros(0, str)
+        self.class_counts = np.concatenate([p["class_counts"] for p in parts]).reshape(-1, NUM_CLASSES)
+        self.shard_of = np.concatenate([np.full(len(p["keys"]), i, np.int32) for i, p in enumerate(parts)])
+        self.offset = {m: np.concatenate([p[f"{m}.offset"] for p in parts]) for m in self.modalities}
+        self.nbytes = {m: np.concatenate([p[f"{m}.nbytes"] for p in parts]) for m in self.modalities}
+        self.crc32 = {m: np.concatenate([p[f"{m}.crc32"] for p in parts]) for m in self.modalities}
+        self._bin_names = [self.root / f"{s['name']}.bin" for s in self.meta["shards"]]
+        self._maps: dict[int, mmap.mmap] = {}
+        self._verified = {m: np.zeros(len(self), bool) for m in self.modalities}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def class_frequency(self) -> np.ndarray:
+        """(11,) float64 share of each WorldCover class over all pixels of all tiles."""
+        total = self.class_counts.sum(axis=0).astype(np.float64)
+        return total / max(total.sum(), 1.0)
+
+    def has(self, i: int, modality: str) -> bool:
+        return modality in self.offset and bool(self.offset[modality][i, 0] >= 0)
+
+    def _map(self, shard: int) -> mmap.mmap:
+        if shard not in self._maps:
+            with open(self._bin_names[shard], "rb") as f:
+                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[shard]
+
+    def tile(self, i: int, modality: str) -> np.ndarray:
+        """(C, T, T) tile of record i in its storage dtype (uint16 / float16); zero-copy when raw."""
+        if not self.has(i, modality):
+            raise KeyError(f"record {i} ({self.keys[i]}) has no {modality!r} tile")
+        buf = self._map(int(self.shard_of[i]))
+        off, nb = self.offset[modality][i], self.nbytes[modality][i]
+        dtype = np.dtype(self.modalities[modality].dtype)
+        c, t = len(off), self.tile_size
+        if self.verify_checksums and not self._verified[modality][i]:
+            for b in range(c):
+                got = zlib.crc32(memoryview(buf)[off[b]:off[b] + nb[b]])
+                if got != self.crc32[modality][i, b]:
+                    raise ChecksumError(
+                        f"{self._bin_names[self.shard_of[i]]}: record {i} ({self.keys[i]}) {modality} band "
+                        f"{self.modalities[modality].bands[b]}: crc32 {got:#010x} != stored "
+                        f"{int(self.crc32[modality][i, b]):#010x}; the shard is corrupt, re-run `terrafm prepare`")
+            self._verified[modality][i] = True
+        if self.codec == "raw":
+            return np.frombuffer(buf, dtype=dtype, count=c * t * t, offset=int(off[0])).reshape(c, t, t)
+        out = np.empty((c, t, t), dtype)
+        for b in range(c):
+            raw = lz4.block.decompress(memoryview(buf)[off[b]:off[b] + nb[b]], uncompressed_size=t * t * dtype.itemsize)
+            out[b] = np.frombuffer(raw, dtype).reshape(t, t)
+        return out
+
+
+def write_index(shard_dir: Path, meta: dict) -> None:
+    meta = {"format": FORMAT, "version": VERSION, **meta,
+            "classes": {"values": list(WORLDCOVER_VALUES), "names": list(WORLDCOVER_NAMES),
+                        **meta.get("classes", {})}}
+    atomic_write_bytes(Path(shard_dir) / INDEX_NAME, json.dumps(meta, indent=1).encode())

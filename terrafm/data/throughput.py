@@ -1,0 +1,112 @@
+"""Data-path throughput for `terrafm bench`: tiles/s and views/s of each read path, side by side.
+
+Paths: "numpy" (torch reference executor), "cpp" (csrc twin), "dali" (DALI pipeline; CPU backend
+without CUDA), and "geotiff_baseline": what a user would write without terrafm, i.e. decode the
+Major-TOM GeoTIFF bytes of every band with tifffile, replicate 20/60 m bands to 10 m, then crop,
+resize and normalise each view with torch ops (torchvision does not import beside the CPU torch
+wheel here, so its RandomResizedCrop is replaced by the same F.interpolate call it makes).
+A tile is one sampled location; views/s counts (n_global + n_local) views per tile.
+"""
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import tifffile
+import torch
+import torch.nn.functional as F
+
+from terrafm import backends
+from terrafm.data.config import DataConfig
+from terrafm.data.views import make_plan
+
+PATHS = ("geotiff_baseline", "numpy", "cpp", "dali")
+
+
+def _measure_loader(cfg: DataConfig, seconds: float) -> dict:
+    from terrafm.data.loader import build_loader
+
+    loader = build_loader(cfg)
+    n_views = cfg.n_global + cfg.n_local
+    batches, start = 0, None
+    while start is None or time.perf_counter() - start < seconds:
+        for _ in loader:
+            if start is None:  # the first batch warms up (pipeline build, page cache, threads)
+                start = time.perf_counter()
+            else:
+                batches += 1
+            if start is not None and time.perf_counter() - start >= seconds:
+                break
+    elapsed = time.perf_counter() - start
+    tiles = batches * cfg.batch_size
+    return {"tiles_per_s": tiles / elapsed, "views_per_s": tiles * n_views / elapsed, "batches": batches,
+            "seconds": elapsed, "backend": loader.backend}
+
+
+def _measure_geotiff(cfg: DataConfig, parquet_file: Path, seconds: float) -> dict:
+    """Decode S2 L2A GeoTIFF bytes per tile with tifffile, crop/resize/normalise with torch (one modality)."""
+    from terrafm.modalities import MODALITIES
+
+    bands = MODALITIES["s2_l2a"].bands
+    table = pq.read_table(parquet_file, columns=list(bands))
+    rows = [{b: table[b][r].as_py() for b in bands} for r in range(table.num_rows)]
+    n_views = cfg.n_global + cfg.n_local
+    mean, std = torch.full((len(bands), 1, 1), 1500.0), torch.full((len(bands), 1, 1), 1200.0)
+    tiles, start, step = 0, time.perf_counter(), 0
+    while time.perf_counter() - start < seconds or tiles == 0:
+        row = rows[step % len(rows)]
+        planes = [tifffile.imread(io.BytesIO(row[b])) for b in bands]
+        size = max(p.shape[0] for p in planes)
+        cell = torch.from_numpy(np.stack([np.repeat(np.repeat(p, size // p.shape[0], 0), size // p.shape[1], 1)
+                                          for p in planes]).astype(np.float32))
+        plan = make_plan(cfg, np.zeros(1, np.int64), size, 0, step, 0)
+        for view in plan.views:
+            top, left, h, w = (int(v) for v in view.boxes[0])
+            x = F.interpolate(cell[None, :, top:top + h, left:left + w], size=(view.size, view.size),
+                              mode="bilinear", align_corners=False)[0]
+            x = (x - mean) / std
+            if view.flips[0, 0]:
+                x = x.flip(2)
+        tiles += 1
+        step += 1
+    elapsed = time.perf_counter() - start
+    return {"tiles_per_s": tiles / elapsed, "views_per_s": tiles * n_views / elapsed, "batches": tiles,
+            "seconds": elapsed, "backend": "tifffile+torch"}
+
+
+def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str, ...] = PATHS,
+                  parquet_dir: str | Path | None = None, batch_size: int = 16, n_local: int = 8,
+                  global_size: int = 224, local_size: int = 96, num_workers: int = 2) -> list[dict]:
+    """One dict per path: {path, tiles_per_s, views_per_s, batches, seconds, backend} or {path, skipped}.
+
+    parquet_dir (baseline input) defaults to <shard_dir>/../parquet, where ensure_sample_shards puts it.
+    """
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        raise ValueError(f"unknown throughput paths {unknown}; expected a subset of {PATHS}")
+    results = []
+    for path in paths:
+        row = {"path": path}
+        if path == "geotiff_baseline":
+            pdir = Path(parquet_dir) if parquet_dir else Path(shard_dir).parent / "parquet"
+            files = sorted(pdir.rglob("*.parquet")) if pdir.exists() else []
+            files = [f for f in files if "L2A" in str(f)] or files
+            if not files:
+                row["skipped"] = f"no Major-TOM S2L2A parquet under {pdir} (pass parquet_dir=)"
+            else:
+                cfg = DataConfig(shard_dir=str(shard_dir), batch_size=1, n_local=n_local, global_size=global_size,
+                                 local_size=local_size, modalities=("s2_l2a",))
+                row.update(_measure_geotiff(cfg, files[0], seconds))
+            results.append(row)
+            continue
+        avail = {"numpy": backends.Availability(True, ""), "cpp": backends.csrc(), "dali": backends.dali()}[path]
+        if not avail.usable:
+            row["skipped"] = avail.detail
+        else:
+            cfg = DataConfig(shard_dir=str(shard_dir), batch_size=batch_size, n_local=n_local, global_size=global_size,
+                             local_size=local_size, backend=path, num_workers=num_workers)
+            row.update(_measure_loader(cfg, seconds))
+        results.append(row)
+    return results

@@ -1,0 +1,114 @@
+"""Multi-crop modality views: the trainer contract (View, ViewBatch) and the per-batch crop plan.
+
+All randomness of a batch (modality subset per view, crop boxes, flips) is drawn here, in one place,
+from (seed, epoch, step, rank); the read paths (numpy reference, C++ twin, DALI) only execute the
+plan, which is why they produce the same tensors.
+
+Modality choice is per (view, batch): every sample of a view uses the same modality subset, so a
+view is one tensor per modality. With probability p_fused a view draws a subset of 2+ of the
+configured modalities (Case N, fused by the model); otherwise one modality (Case 1), uniformly.
+Crops follow random-resized-crop: area share in scale, aspect ratio log-uniform in ratio, integer box
+inside the tile; the same box and flips for every modality of a view (tiles are co-registered).
+A view's pixels: crop -> bilinear resize (align_corners=False, no antialias) -> (x - mean) / std
+per band -> flips.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from terrafm.data.config import DataConfig
+
+
+@dataclass
+class View:
+    """One crop of one batch: modality -> (B, C, h, w) float32, normalised; 2+ keys = Case N (fused)."""
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
+class ViewBatch:
+    global_views: list[View]      # n_global crops at global_size
+    local_views: list[View]       # n_local crops at local_size
+    majority_class: torch.Tensor  # (B,) long WorldCover class index 0..10 of each sample (-1: no map)
+    index: torch.Tensor           # (B,) long location ids
+
+
+@dataclass
+class ViewPlan:
+    size: int                     # output px (square)
+    modalities: tuple[str, ...]   # 1 = Case 1, 2+ = Case N
+    boxes: np.ndarray             # (B, 4) int32: top, left, height, width in tile px
+    flips: np.ndarray             # (B, 2) uint8: horizontal, vertical
+
+
+@dataclass
+class BatchPlan:
+    indices: np.ndarray           # (B,) int64 location ids
+    global_views: list[ViewPlan]
+    local_views: list[ViewPlan]
+
+    @property
+    def views(self) -> list[ViewPlan]:
+        return self.global_views + self.local_views
+
+
+def plan_rng(seed: int, epoch: int, step: int, rank: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, step, rank, 0xC209])
+
+
+def _crop_box(rng: np.random.Generator, tile: int, scale: tuple[float, float],
+              ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """Random-resized-crop box (top, left, h, w) in a square tile of `tile` px."""
+    area = tile * tile
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= tile and 0 < h <= tile:
+            return int(rng.integers(0, tile - h + 1)), int(rng.integers(0, tile - w + 1)), h, w
+    return 0, 0, tile, tile
+
+
+def _choose_modalities(rng: np.random.Generator, modalities: tuple[str, ...], p_fused: float) -> tuple[str, ...]:
+    if len(modalities) >= 2 and rng.uniform() < p_fused:
+        k = int(rng.integers(2, len(modalities) + 1))
+        picked = set(rng.choice(len(modalities), size=k, replace=False).tolist())
+        return tuple(m for i, m in enumerate(modalities) if i in picked)
+    return (modalities[int(rng.integers(len(modalities)))],)
+
+
+def make_plan(cfg: DataConfig, indices: np.ndarray, tile_size: int, epoch: int, step: int, rank: int = 0) -> BatchPlan:
+    """The crop/modality/flip plan of one batch, a pure function of (cfg.seed, epoch, step, rank, indices)."""
+    rng = plan_rng(cfg.seed, epoch, step, rank)
+    b = len(indices)
+
+    def view(size: int, scale: tuple[float, float]) -> ViewPlan:
+        mods = _choose_modalities(rng, cfg.modalities, cfg.p_fused)
+        boxes = np.array([_crop_box(rng, tile_size, scale, cfg.ratio) for _ in range(b)], np.int32).reshape(b, 4)
+        flips = np.stack([rng.uniform(size=b) < cfg.hflip, rng.uniform(size=b) < cfg.vflip], 1).astype(np.uint8)
+        return ViewPlan(size, mods, boxes, flips)
+
+    globals_ = [view(cfg.global_size, cfg.global_scale) for _ in range(cfg.n_global)]
+    locals_ = [view(cfg.local_size, cfg.local_scale) for _ in range(cfg.n_local)]
+    return BatchPlan(np.asarray(indices, np.int64), globals_, locals_)
+
+
+def render_view_numpy(tiles: list[np.ndarray], band_index: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                      view: ViewPlan, out: torch.Tensor) -> None:
+    """Reference executor: fill out (B, C, s, s) float32 from per-sample (C_all, T, T) storage tiles."""
+    s = view.size
+    mean_t = torch.from_numpy(mean).view(-1, 1, 1)
+    inv_t = torch.from_numpy((1.0 / std).astype(np.float32)).view(-1, 1, 1)
+    for i, tile in enumerate(tiles):
+        top, left, h, w = (int(v) for v in view.boxes[i])
+        crop = torch.from_numpy(np.ascontiguousarray(tile[band_index, top:top + h, left:left + w]).astype(np.float32))
+        x = F.interpolate(crop[None], size=(s, s), mode="bilinear", align_corners=False, antialias=False)[0]
+        x = (x - mean_t) * inv_t
+        dims = [d for d, f in ((2, view.flips[i, 0]), (1, view.flips[i, 1])) if f]
+        out[i] = torch.flip(x, dims) if dims else x

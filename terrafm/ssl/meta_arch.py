@@ -1,0 +1,136 @@
+"""Student / EMA-teacher meta-architecture around a plain TerraFM backbone (DINOv2 layout).
+
+The backbone stays a plain ViT; everything SSL lives here: the DINO heads, the multi-crop forward,
+the teacher's EMA update and the loss. Parallelism (FSDP2, activation checkpointing, compile) is
+applied from the outside by `terrafm.train.parallelize` to `student` and `teacher` separately.
+"""
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from terrafm.ssl.head import DINOHead
+from terrafm.ssl.loss import DINOLoss
+
+View = Mapping[str, torch.Tensor]  # one crop: {modality: (B, C, h, w)}; 2+ modalities = Case N fusion
+
+
+def view_key(tensors: View) -> tuple[tuple[str, ...], tuple[int, int]]:
+    """(sorted modality names, (h, w)): views with equal keys share one backbone call."""
+    if not tensors:
+        raise ValueError("a View must hold at least one modality tensor")
+    shapes = {tuple(t.shape[-2:]) for t in tensors.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"the modalities of one view must share a spatial size, got {sorted(shapes)}")
+    return tuple(sorted(tensors)), shapes.pop()
+
+
+class DINOModel(nn.Module):
+    """Backbone + DINO head over a list of views: list[{modality: (B, C, h, w)}] -> (V, B, K) logits.
+
+    Multi-crop forward: views are grouped by (modality set, crop size) and each group is concatenated
+    along the batch into ONE backbone call (e.g. 2 global + 8 local single-modality crops -> 2 calls
+    when the views share a sensor). A view with 2+ modalities is Case N fusion: the backbone receives a
+    dict {modality: (n, C, h, w)} and must be built with fusion=True. Features are restored to view
+    order and the head runs once on all V*B rows.
+    """
+
+    def __init__(self, backbone: nn.Module, head: DINOHead):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, views: Sequence[View]) -> torch.Tensor:
+        if not views:
+            raise ValueError("DINOModel needs at least one view")
+        batch = {t.shape[0] for v in views for t in v.values()}
+        if len(batch) != 1:
+            raise ValueError(f"all views must have the same batch size, got {sorted(batch)}")
+        groups: dict[tuple, list[int]] = {}
+        for i, view in enumerate(views):
+            groups.setdefault(view_key(view), []).append(i)
+        features: list[torch.Tensor | None] = [None] * len(views)
+        for (modalities, _), idxs in groups.items():
+            if len(modalities) == 1:
+                modality = modalities[0]
+                x = torch.cat([views[i][modality] for i in idxs])
+                out = self.backbone(x, modality)
+            else:
+                x = {m: torch.cat([views[i][m] for i in idxs]) for m in modalities}
+                out = self.backbone(x, None)
+            for i, chunk in zip(idxs, out.chunk(len(idxs)), strict=True):
+                features[i] = chunk
+        # (V, B, D) into the head gives a fresh (V, B, K) tensor, not a view (FSDP2 hooks the output)
+        return self.head(torch.cat(features).reshape(len(views), batch.pop(), -1))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The shard a rank owns: FSDP2 parameters are DTensors; plain tensors are their own shard."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class SSLMetaArch(nn.Module):
+    """TerraFM self-distillation: student and EMA teacher (backbone + head each) and the DINO loss.
+
+    `forward(global_views, local_views, majority_class, teacher_temperature)` returns the scalar loss
+    of one batch: the teacher sees the global views only; the student sees global then local views.
+    """
+
+    def __init__(self, student: DINOModel, teacher: DINOModel, loss: DINOLoss):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.loss = loss
+        self.teacher.requires_grad_(False)
+
+    @classmethod
+    def build(
+        cls,
+        backbone_factory: Callable[..., nn.Module],
+        head_kwargs: dict,
+        loss: DINOLoss,
+        drop_path_rate: float,
+    ) -> "SSLMetaArch":
+        """Build student (with drop path) and teacher (without), the teacher a copy of the student."""
+        student_backbone = backbone_factory(drop_path_rate=drop_path_rate)
+        teacher_backbone = backbone_factory(drop_path_rate=0.0)
+        teacher_backbone.load_state_dict(student_backbone.state_dict())
+        head = DINOHead(student_backbone.embed_dim, **head_kwargs)
+        student = DINOModel(student_backbone, head)
+        teacher = DINOModel(teacher_backbone, copy.deepcopy(head))
+        return cls(student, teacher, loss)
+
+    def forward(
+        self,
+        global_views: Sequence[View],
+        local_views: Sequence[View],
+        majority_class: torch.Tensor,
+        teacher_temperature: float,
+    ) -> torch.Tensor:
+        global_views = list(global_views)
+        with torch.no_grad():
+            teacher_logits = self.teacher(global_views)
+        teacher_probs = self.loss.teacher_probs(teacher_logits, majority_class, teacher_temperature)
+        student_logits = self.student(global_views + list(local_views))
+        return self.loss(student_logits, teacher_probs)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, on each rank's local shards.
+
+        FSDP2 shards student and teacher identically, so the local tensors line up one to one and no
+        parameter is all-gathered: two fused foreach kernels over the rank's shard.
+        """
+        student = [_local(p.detach()) for p in self.student.parameters()]
+        teacher = [_local(p.detach()) for p in self.teacher.parameters()]
+        if len(student) != len(teacher) or any(s.shape != t.shape for s, t in zip(student, teacher, strict=True)):
+            raise RuntimeError("student and teacher parameters do not line up; shard both the same way")
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """The student's prototype-layer parameters (their gradient is dropped in the first epoch)."""
+        return list(self.student.head.last_layer.parameters())

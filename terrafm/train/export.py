@@ -1,0 +1,50 @@
+"""`terrafm export CKPT OUT.safetensors`: a checkpoint's backbone as one safetensors file.
+
+The file holds the published TerraFM key layout (what `terrafm.models.load_checkpoint` and
+`build_model(name)` load with strict=True) and metadata {"model": constructor name}. The teacher is
+exported by default (DINO evaluates the EMA teacher); --student picks the student. Fusion parameters
+are dropped unless --with-fusion (they are not part of the published layout).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from terrafm.models import FUSION_PREFIX
+
+
+def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", with_fusion: bool = False) -> Path:
+    """Write `output` atomically (temp file + rename) and return its path."""
+    from safetensors.torch import save_file
+
+    from terrafm.train.checkpoint import load_backbone_state
+
+    name, state = load_backbone_state(checkpoint, which)
+    if not with_fusion:
+        state = {k: v for k, v in state.items() if not k.startswith(FUSION_PREFIX)}
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise ValueError(f"output {output} must end in .safetensors")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"model": name, "source": which})
+    os.replace(tmp, output)
+    return output
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint folder (step_N), a run's checkpoints/ folder or a run folder")
+    parser.add_argument("output", help="OUT.safetensors")
+    parser.add_argument("--student", action="store_true", help="export the student instead of the EMA teacher")
+    parser.add_argument("--with-fusion", action="store_true", help="keep the Case N fusion parameters")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = export(args.checkpoint, args.output, "student" if args.student else "teacher", args.with_fusion)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"terrafm export: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0

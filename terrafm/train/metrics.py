@@ -1,0 +1,125 @@
+"""Observability for the trainer: FLOPs/MFU estimate, rank-0 progress bar, JSONL + TensorBoard, curves.
+
+Only rank 0 writes anything. `metrics.jsonl` has one JSON object per logged step; on resume records
+after the resumed step are dropped, so the file always describes one consistent trajectory.
+"""
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+# Dense peak TFLOP/s per GPU by name fragment: bf16 tensor cores, and TF32 for fp32 training.
+PEAK_TFLOPS = {"H200": (989.5, 494.7), "H100": (989.5, 494.7), "A100": (312.0, 156.0)}
+
+
+def backbone_flops(embed_dim: int, depth: int, patch_size: int, in_channels: Sequence[int], h: int, w: int,
+                   mlp_ratio: float = 4.0) -> float:
+    """Forward FLOPs of one image through TerraFM (multiply-add = 2 FLOPs).
+
+    Patch embedding per modality: conv C*p*p -> A=3D, then proj1 (A->A), proj2 (A->A), proj3 (A->D);
+    each block: qkv + proj 8*N*D^2, MLP 4*mlp_ratio*N*D^2, attention scores and values 4*N^2*D.
+    With 2+ modalities (Case N) the conv and proj1 run once per modality (the fusion is small).
+    """
+    n = (h // patch_size) * (w // patch_size)
+    tokens = n + 1
+    a = 3 * embed_dim
+    embed = sum(2 * n * c * patch_size * patch_size * a + 2 * n * a * a for c in in_channels)
+    embed += 2 * n * (a * a + a * embed_dim)
+    blocks = depth * (2 * tokens * embed_dim * embed_dim * (4 + 2 * mlp_ratio) + 4 * tokens * tokens * embed_dim)
+    return float(embed + blocks)
+
+
+def head_flops(in_dim: int, hidden: int, bottleneck: int, prototypes: int, layers: int) -> float:
+    dims = [in_dim] + [hidden] * (layers - 1) + [bottleneck, prototypes]
+    return float(sum(2 * a * b for a, b in zip(dims[:-1], dims[1:], strict=True)))
+
+
+def peak_flops(device: torch.device, precision: str, override_tflops: float) -> float | None:
+    """Peak FLOP/s of one device for MFU, or None when unknown (CPU, unlisted GPU)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, tf32) in PEAK_TFLOPS.items():
+        if key in name:
+            return (bf16 if precision == "bf16" else tf32) * 1e12
+    return None
+
+
+class MetricsLogger:
+    """JSONL + TensorBoard + tqdm on rank 0; a no-op elsewhere."""
+
+    def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int):
+        self.enabled = rank == 0
+        self.path = run_dir / "metrics.jsonl"
+        self.bar = None
+        self.tb = None
+        if not self.enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # resume: keep only the records up to the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                self.tb.add_scalar(f"train/{key}", value, step)
+        mfu = record.get("mfu")
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['img_per_s']:.1f}",
+            mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", mem=f"{record['mem_gb']:.1f}G", refresh=False,
+        )
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def write(self, message: str) -> None:
+        if self.enabled:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.tb.close()
+
+
+def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
+    """Loss and learning-rate curves from metrics.jsonl into one PNG (matplotlib Agg backend)."""
+    if not metrics_path.exists():
+        return None
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot(steps, [r["loss"] for r in records])
+    ax_loss.set(xlabel="step", ylabel="DINO loss", title="loss")
+    ax_lr.plot(steps, [r["lr"] for r in records], color="tab:orange")
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,371 @@
+"""The pretraining loop: read it top to bottom (nanoGPT style), from `train(cfg)`.
+
+One optimiser step = `grad_accum_steps` micro-batches, each: teacher forward on the global views ->
+dual-centred teacher probabilities -> student forward on all views -> DINO loss -> backward. Then one
+small all-reduce (mean loss + preemption flag), NaN/Inf check, last-layer freeze, clipping, AdamW,
+centre update (one all-reduce), EMA teacher update on local shards, logging, checkpointing.
+All schedules are pure functions of the step, so a resumed run continues bitwise.
+"""
+
+import math
+import os
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from terrafm import backends
+from terrafm.config import Config, save_config, to_dict
+from terrafm.ssl import schedules
+from terrafm.ssl.loss import DINOLoss, high_frequency_classes
+from terrafm.ssl.meta_arch import SSLMetaArch
+from terrafm.train import checkpoint
+from terrafm.train.metrics import MetricsLogger, backbone_flops, head_flops, peak_flops, plot_curves
+from terrafm.train.parallelize import parallelize
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted after a checkpoint; requeue and resume
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue; the message says why and what to do."""
+
+
+class NonFiniteLossError(TrainingError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int  # optimiser steps completed
+    checkpoint: Path | None  # the newest complete checkpoint
+    preempted: bool  # stopped by SIGTERM/SIGUSR1 after checkpointing
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    device: torch.device
+    mesh: DeviceMesh | None
+    owns_process_group: bool
+
+
+def init_distributed(cfg: Config) -> DistEnv:
+    """Process group with the configured collective timeout; one process gets a world of 1.
+
+    Under torchrun (RANK/WORLD_SIZE set) it joins the job's group: NCCL for CUDA tensors and gloo for
+    CPU ones. A single process uses a HashStore, so FSDP2 and DCP run the same code path everywhere.
+    """
+    want = cfg.train.device
+    use_cuda = want == "cuda" or (want == "auto" and backends.cuda().usable)
+    if want == "cuda" and not backends.cuda().usable:
+        raise TrainingError(f"train.device=cuda but CUDA is not usable: {backends.cuda().detail}")
+    timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+    owns = False
+    if not dist.is_initialized():
+        backend = "cuda:nccl,cpu:gloo" if use_cuda else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        owns = True
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    mesh = init_device_mesh(device.type, (world,)) if cfg.train.fsdp else None
+    if not cfg.train.fsdp and world > 1:
+        raise TrainingError("train.fsdp=false supports a single process only; set train.fsdp=true for torchrun")
+    return DistEnv(rank, world, device, mesh, owns)
+
+
+class PreemptionFlag:
+    """Records SIGTERM / SIGUSR1 (SLURM preemption, --signal=USR1@120); acted on at the step end."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def build_optimizer(student: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with two groups: weights decay (cosine schedule), biases/norms/tokens (ndim <= 1) do not.
+
+    implementation: apex FusedAdam (adam_w_mode) when usable, torch fused AdamW on CUDA, foreach on CPU.
+    """
+    decay, no_decay = [], []
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
+    groups = [{"params": decay, "decay": True}, {"params": no_decay, "decay": False, "weight_decay": 0.0}]
+    o = cfg.optim
+    impl = o.implementation
+    if impl == "auto":
+        if backends.apex().usable and not cfg.train.fsdp:  # apex kernels take plain tensors, not DTensor shards
+            impl = "apex"
+        else:
+            impl = "fused" if device.type == "cuda" else "foreach"
+    kwargs = dict(lr=0.0, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if impl == "apex":
+        if not backends.apex().usable:
+            raise TrainingError(f"optim.implementation=apex but apex is not usable: {backends.apex().detail}")
+        from apex.optimizers import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    if impl == "fused" and device.type != "cuda":
+        raise TrainingError("optim.implementation=fused needs CUDA; use foreach or plain on CPU")
+    return torch.optim.AdamW(groups, fused=impl == "fused" or None, foreach=impl == "foreach" or None, **kwargs)
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm across all ranks' shards; returns the norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # the shards' partial norms reduced over the mesh
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
+def _value(loader: Any, name: str) -> Any:
+    attr = getattr(loader, name)
+    return attr() if callable(attr) else attr
+
+
+def _views(views: Any, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """ViewBatch views (objects with .tensors, or plain dicts) -> [{modality: tensor on device}]."""
+    return [{m: t.to(device, non_blocking=True) for m, t in getattr(v, "tensors", v).items()} for v in views]
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB (process peak RSS)
+
+
+def train(cfg: Config, resume: bool | str | Path = False, loader: Any = None) -> TrainResult:
+    """Pretrain as configured. resume: False (fresh run; error if the run has checkpoints), True (the
+    run's latest checkpoint when there is one) or a checkpoint path. `loader` replaces the configured
+    one (tests); by default terrafm.data.loader.build_loader(cfg.data, rank, world_size, seed)."""
+    env = init_distributed(cfg)
+    try:
+        return _train(cfg, env, resume, loader)
+    finally:
+        if env.owns_process_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) -> TrainResult:
+    t, o, s = cfg.train, cfg.optim, cfg.ssl
+    run_dir = Path(t.out_dir) / t.run_name
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = None
+    if resume is True:
+        resume_from = checkpoint.latest_checkpoint(ckpt_root)
+    elif resume:
+        resume_from = checkpoint.resolve(resume)
+    elif (ckpt_root / checkpoint.LATEST).exists():
+        raise TrainingError(f"{run_dir} already has checkpoints; pass --resume to continue it, or choose another "
+                            "--out / train.run_name for a fresh run")
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    # -- data, model, optimiser (the same seed on every rank: identical initial weights) -----------
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    if loader is None:
+        from terrafm.data.loader import build_loader
+
+        loader = build_loader(cfg.data, env.rank, env.world_size, t.seed)
+    high_classes = high_frequency_classes(_value(loader, "class_frequency"))
+    loss = DINOLoss(s.num_prototypes, _value(loader, "num_classes"), high_classes, s.student_temperature,
+                    s.center_momentum, s.center_high_momentum, s.center_alpha, cfg.ops)
+    from terrafm.models import build_model
+
+    backbone = partial(build_model, cfg.model.name, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
+                       fusion=cfg.model.fusion, ops=cfg.ops)
+    head_kwargs = dict(num_prototypes=s.num_prototypes, hidden_dim=s.head_hidden_dim,
+                       bottleneck_dim=s.head_bottleneck_dim, num_layers=s.head_layers)
+    arch = SSLMetaArch.build(backbone, head_kwargs, loss, cfg.model.drop_path_rate).to(env.device)
+    arch.teacher.eval()
+    parallelize(arch, env.mesh, fsdp=t.fsdp, precision=t.precision, reduce_precision=t.reduce_precision,
+                activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+    optimizer = build_optimizer(arch.student, cfg, env.device)
+    student_params = [p for p in arch.student.parameters() if p.requires_grad]
+    torch.manual_seed(t.seed + env.rank)  # drop path differs per rank from here on
+
+    # -- schedule lengths, in optimiser steps ----------------------------------------------------
+    steps_per_epoch = t.steps_per_epoch or len(loader) // t.grad_accum_steps
+    if steps_per_epoch < 1:
+        raise TrainingError(f"an epoch has {len(loader)} batches per rank, fewer than grad_accum_steps="
+                            f"{t.grad_accum_steps}; lower train.grad_accum_steps or set train.steps_per_epoch")
+    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+    global_batch = cfg.data.batch_size * env.world_size * t.grad_accum_steps
+    peak_lr = schedules.scaled_lr(o.lr, global_batch)
+    warmup_steps = round(o.warmup_epochs * steps_per_epoch)
+    temp_warmup_steps = round(s.warmup_teacher_temperature_epochs * steps_per_epoch)
+    freeze_steps = round(s.freeze_last_layer_epochs * steps_per_epoch)
+    peak = peak_flops(env.device, t.precision, t.peak_tflops)
+    backbone_module = arch.student.backbone
+    dim, depth, patch = backbone_module.embed_dim, len(backbone_module.blocks), backbone_module.patch_size
+
+    def view_flops(views: list[dict[str, torch.Tensor]]) -> float:
+        """Forward FLOPs of one sample's views through backbone + head."""
+        head = head_flops(dim, s.head_hidden_dim, s.head_bottleneck_dim, s.num_prototypes, s.head_layers)
+        total = 0.0
+        for v in views:
+            h, w = next(iter(v.values())).shape[-2:]
+            total += backbone_flops(dim, depth, patch, [x.shape[1] for x in v.values()], h, w) + head
+        return total
+
+    # -- resume ---------------------------------------------------------------------------------
+    step, epoch = 0, 0
+    if resume_from is not None:
+        step, rank_state = checkpoint.load(resume_from, arch, optimizer)
+        epoch = rank_state["epoch"]
+        loader.set_epoch(epoch)
+        loader.load_state_dict(rank_state["loader"])
+    else:
+        loader.set_epoch(epoch)
+    if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    meta = {"model": to_dict(cfg)["model"], "config": to_dict(cfg)}
+    logger = MetricsLogger(run_dir, env.rank, total_steps, step)
+    logger.write(f"run {run_dir}: {total_steps} steps ({steps_per_epoch}/epoch), global batch {global_batch}, "
+                 f"peak lr {peak_lr:.2e}, {env.world_size} rank(s) on {env.device.type}"
+                 + (f", resumed from {resume_from} at step {step}" if resume_from else ""))
+
+    data_iter = iter(loader)
+
+    def next_batch() -> Any:
+        nonlocal data_iter, epoch
+        try:
+            return next(data_iter)
+        except StopIteration:
+            epoch += 1
+            loader.set_epoch(epoch)
+            data_iter = iter(loader)
+            return next(data_iter)
+
+    def save() -> Path:
+        return checkpoint.save(ckpt_root, step, arch, optimizer, {"loader": loader.state_dict(), "epoch": epoch},
+                               meta, t.keep_checkpoints)
+
+    stop = PreemptionFlag()
+    stop.install()
+    profiler = None
+    latest = resume_from
+    window_start, window_images, window_flops = time.perf_counter(), 0, 0.0
+    try:
+        while step < total_steps:
+            if t.profile and step == t.profile_steps[0]:
+                profiler = torch.profiler.profile(record_shapes=True, with_stack=False)
+                profiler.__enter__()
+            lr = schedules.learning_rate(step, total_steps, peak_lr, warmup_steps, o.min_lr)
+            wd = schedules.weight_decay(step, total_steps, o.weight_decay, o.weight_decay_end)
+            momentum = schedules.teacher_momentum(step, total_steps, s.teacher_momentum, s.teacher_momentum_end)
+            teacher_temp = schedules.teacher_temperature(step, temp_warmup_steps, s.warmup_teacher_temperature,
+                                                         s.teacher_temperature)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+                group["weight_decay"] = wd if group["decay"] else 0.0
+
+            # forward/backward over the micro-batches; gradients are reduced on the last one only
+            loss_sum = torch.zeros((), device=env.device)
+            for micro in range(t.grad_accum_steps):
+                batch = next_batch()
+                global_views = _views(batch.global_views, env.device)
+                local_views = _views(batch.local_views, env.device)
+                majority_class = batch.majority_class.to(env.device, non_blocking=True)
+                if t.fsdp:
+                    arch.student.set_requires_gradient_sync(micro == t.grad_accum_steps - 1)
+                loss = arch(global_views, local_views, majority_class, teacher_temp)
+                (loss / t.grad_accum_steps).backward()
+                loss_sum += loss.detach()
+                batch_size = majority_class.shape[0]
+                window_images += batch_size
+                window_flops += batch_size * (3 * view_flops(global_views + local_views) + view_flops(global_views))
+
+            # one scalar all-reduce: the mean loss and whether any rank was asked to stop
+            status = torch.stack([loss_sum / t.grad_accum_steps,
+                                  torch.tensor(float(stop.signum is not None), device=env.device)])
+            dist.all_reduce(status)
+            loss_value, stop_requested = status[0].item() / env.world_size, status[1].item() > 0
+            if not math.isfinite(loss_value):
+                where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+                raise NonFiniteLossError(
+                    f"loss is {loss_value} at step {step} (0-based optimiser step, lr {lr:.3e}); stopped before "
+                    f"updating the weights; {where}. Resume from it with a lower optim.lr or more warm-up."
+                )
+
+            if schedules.last_layer_frozen(step, freeze_steps):
+                for p in arch.last_layer_parameters():
+                    p.grad = None
+            grad_norm = clip_gradients(student_params, o.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            arch.loss.update_center()
+            arch.update_teacher(momentum)
+            step += 1
+            logger.advance()
+
+            if step % t.log_every == 0 or step == total_steps:
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize(env.device)
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": step, "loss": loss_value, "lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
+                    "teacher_temperature": teacher_temp, "grad_norm": grad_norm.item(), "epoch": epoch,
+                    "img_per_s": window_images * env.world_size / elapsed, "step_time_s": elapsed / t.log_every,
+                    "mfu": window_flops / elapsed / peak if peak else None, "mem_gb": _memory_gb(env.device),
+                }
+                logger.log(record)
+                window_start, window_images, window_flops = time.perf_counter(), 0, 0.0
+            if profiler is not None and step == t.profile_steps[1]:
+                profiler.__exit__(None, None, None)
+                (run_dir / "profile").mkdir(parents=True, exist_ok=True)
+                profiler.export_chrome_trace(str(run_dir / "profile" / f"trace_rank{env.rank}.json"))
+                profiler = None
+            if step % t.checkpoint_every == 0 or step == total_steps or stop_requested:
+                latest = save()
+            if stop_requested:
+                logger.write(f"stop signal received: checkpoint {latest} written at step {step}; exiting for requeue")
+                return TrainResult(run_dir, step, latest, preempted=True)
+    finally:
+        stop.restore()
+        logger.close()
+    if env.rank == 0:
+        png = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        print(f"done: {step} steps. checkpoint {latest}\n  metrics {run_dir / 'metrics.jsonl'}\n"
+              f"  tensorboard {run_dir / 'tensorboard'}\n  curves {png}")
+    return TrainResult(run_dir, step, latest, preempted=False)

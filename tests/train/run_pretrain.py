@@ -1,0 +1,70 @@
+"""Test harness: run the trainer on the synthetic loader in its own process (plain or under torchrun).
+
+    python tests/train/run_pretrain.py OUT_DIR [--resume] [--batch B] [--kill-at-batch N]
+                                       [--hang-in-save N] [overrides ...]
+--kill-at-batch N: SIGKILL this process when the loader is asked for its N-th batch (1-based).
+--hang-in-save N: on the N-th checkpoint save, let DCP finish writing, touch OUT_DIR/hanging, then
+sleep: the test SIGKILLs it while the checkpoint is still a `.tmp` folder.
+"""
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from synthetic import TINY_OVERRIDES, SyntheticLoader  # noqa: E402
+
+from terrafm.config import load_config  # noqa: E402
+from terrafm.train import checkpoint  # noqa: E402
+from terrafm.train.trainer import REQUEUE_EXIT_CODE, train  # noqa: E402
+
+
+class KillingLoader(SyntheticLoader):
+    def __init__(self, kill_at: int, **kwargs):
+        super().__init__(**kwargs)
+        self.kill_at, self.served = kill_at, 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.served += 1
+            if self.served == self.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--kill-at-batch", type=int, default=0)
+    parser.add_argument("--hang-in-save", type=int, default=0)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={args.out}", "train.run_name=run",
+                                              f"data.batch_size={args.batch}"] + args.overrides)
+    kwargs = dict(batch_size=args.batch, rank=rank, world_size=world, seed=cfg.train.seed)
+    loader = KillingLoader(args.kill_at_batch, **kwargs) if args.kill_at_batch else SyntheticLoader(**kwargs)
+    if args.hang_in_save:
+        original, calls = checkpoint.dcp.save, []
+
+        def hanging_save(*a, **k):
+            result = original(*a, **k)
+            calls.append(1)
+            if len(calls) == args.hang_in_save:
+                Path(args.out, "hanging").touch()
+                time.sleep(600)
+            return result
+
+        checkpoint.dcp.save = hanging_save
+    result = train(cfg, resume=args.resume, loader=loader)
+    return REQUEUE_EXIT_CODE if result.preempted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+import pytest
+
+from terrafm.config import ConfigError, load_config, parse_override, presets
+
+
+def test_presets_all_load_and_tiny_cpu_is_the_default():
+    assert {"tiny_cpu", "vitb_h100", "vitl_h100", "vitb_a100", "vitl_a100"} <= set(presets())
+    for name in presets():
+        load_config(name)
+    cfg = load_config()
+    assert cfg.model.name == "terrafm_tiny" and cfg.train.device == "cpu"
+    assert load_config("vitl_h100").model.name == "terrafm_large"
+
+
+def test_dotted_overrides_are_typed_and_yaml_style_floats_work():
+    cfg = load_config("tiny_cpu", ["train.max_steps=20", "optim.lr=1e-4", "train.compile=true",
+                                   "ops.teacher_softmax=torch", "optim.betas=[0.9, 0.95]"])
+    assert cfg.train.max_steps == 20 and cfg.optim.lr == 1e-4 and cfg.train.compile is True
+    assert cfg.ops == {"teacher_softmax": "torch"} and cfg.optim.betas == [0.9, 0.95]
+    assert parse_override("a.b.c=3") == {"a": {"b": {"c": 3}}}
+
+
+def test_unknown_key_names_itself_and_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny_cpu", ["train.max_step=20"])
+    assert "'train.max_step'" in str(err.value) and "max_steps" in str(err.value)
+    with pytest.raises(ConfigError, match="unknown config key 'trian'.*model, data, ssl, optim, train, ops"):
+        load_config("tiny_cpu", ["trian.max_steps=20"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=ten", "'train.max_steps': expected an integer, got 'ten'"),
+    ("train.compile=1", "'train.compile': expected true or false"),
+    ("optim.lr=fast", "'optim.lr': expected a number"),
+    ("train.precision=fp8", "'train.precision': 'fp8' is not one of bf16, fp32"),
+    ("train=3", "'train' is a section"),
+    ("train.max_steps", "must look like section.key=value"),
+    ("train.grad_accum_steps=0", "grad_accum_steps must be >= 1"),
+])
+def test_bad_values_are_reported_clearly(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("tiny_cpu", [override])
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="presets: .*tiny_cpu"):
+        load_config("vitz_h100")

@@ -1,0 +1,83 @@
+"""The training loop in-process: the loss falls, NaN stops the run clearly, the CLI and export work."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from synthetic import TINY_OVERRIDES, SyntheticLoader
+
+from terrafm.cli import main
+from terrafm.config import load_config
+from terrafm.models import build_model, load_checkpoint
+from terrafm.train.trainer import NonFiniteLossError, train
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run", *overrides])
+
+
+def test_loss_goes_down_on_a_small_fixed_set(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=24", "train.checkpoint_every=100", "data.batch_size=8",
+                      "optim.lr=0.02", "ssl.teacher_temperature=0.02", "ssl.warmup_teacher_temperature=0.02",
+                      "ssl.teacher_momentum=0.99", "ssl.center_momentum=0.99", "ssl.center_high_momentum=0.99")
+    train(cfg, loader=SyntheticLoader(num_samples=16, batch_size=8))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    loss = [r["loss"] for r in records]
+    assert len(loss) == 24
+    first, last = sum(loss[:3]) / 3, sum(loss[-6:]) / 6
+    assert last < 0.75 * first, f"loss did not fall: first steps {loss[:3]}, last steps {loss[-6:]}"
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+
+
+class NaNLoader(SyntheticLoader):
+    """Serves a NaN pixel from its `bad`-th batch on (1-based)."""
+
+    def __init__(self, bad: int, **kwargs):
+        super().__init__(**kwargs)
+        self.bad, self.served = bad, 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.served += 1
+            if self.served >= self.bad:
+                batch.global_views[0].tensors["s2_l2a"][0, 0, 0, 0] = float("nan")
+            yield batch
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=6", "train.checkpoint_every=2")
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 2 .*last good checkpoint is .*step_00000002"):
+        train(cfg, loader=NaNLoader(3))
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000002" and not list(ckpts.glob("*.tmp"))
+
+
+def test_cli_reports_a_bad_key_with_the_valid_ones(capsys):
+    assert main(["pretrain", "train.max_step=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.max_step'" in err and "max_steps" in err
+
+
+def test_default_pretrain_on_the_sample_tiles_then_export_round_trip(tmp_path, capsys):
+    run_dir = tmp_path / "tiny"
+    assert main(["pretrain", "--out", str(run_dir), "train.max_steps=2", "train.log_every=1"]) == 0
+    assert (run_dir / "checkpoints" / "step_00000002" / ".metadata").exists()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")) and (run_dir / "curves.png").exists()
+    # a second fresh run into the same folder is refused; --resume continues (here: already complete)
+    assert main(["pretrain", "--out", str(run_dir), "train.max_steps=2"]) == 1
+    assert "already has checkpoints; pass --resume" in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(run_dir), "--resume", "train.max_steps=2"]) == 0
+
+    out = tmp_path / "tiny.safetensors"
+    assert main(["export", str(run_dir), str(out)]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["model"] == "terrafm_tiny"
+    model = build_model("terrafm_tiny", img_size=64)
+    model.load_state_dict(load_file(str(out)), strict=True)
+    loaded = load_checkpoint(run_dir)  # the trainer checkpoint directly (teacher, with fusion parameters)
+    x = torch.randn(2, 12, 64, 64)
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(model(x, "s2_l2a"), loaded(x, "s2_l2a"))
