@@ -72,6 +72,7 @@ def run_op(op: str, device: str, quick: bool, log) -> list[dict]:
             if fn is None:
                 row["skipped"] = why
                 rows.append(row)
+                log(f"  {op:18s} {row['shape']:40s} {name:10s} skipped: {why}")
                 continue
             args = bench.inputs(shape, device, dtype)
             call = _call(fn, args, bench.BACKWARD)
@@ -81,6 +82,7 @@ def run_op(op: str, device: str, quick: bool, log) -> list[dict]:
             except Exception as err:  # report the failure as data: one broken provider must not stop the run
                 row["skipped"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
                 rows.append(row)
+                log(f"  {op:18s} {row['shape']:40s} {name:10s} {row['skipped']}")
                 continue
             row["peak_bytes"], row["memory_how"] = mem["bytes"], mem["how"]
             row["tflops_per_s"] = cost["flops"] / (row["ms"] * 1e-3) / 1e12
