@@ -34,11 +34,13 @@ def markdown(result: dict) -> str:
         lines += [f"**{name}**: skipped, {why}", ""]
     if "kernels" in sections:
         lines += ["## Kernels (median time; GB/s and TFLOP/s from the kernel's roofline_cost)", ""]
+        reasons = list(dict.fromkeys(r["skipped"] for r in sections["kernels"] if "skipped" in r))
         rows = [[r["op"], r["shape"], r["dtype"], r["pass"], r["provider"],
-                 _fmt(r.get("ms"), " ms") if "ms" in r else "skipped: " + r["skipped"],
+                 _fmt(r.get("ms"), " ms") if "ms" in r else f"skipped ({reasons.index(r['skipped']) + 1})",
                  _fmt(r.get("gb_per_s")), _fmt(r.get("tflops_per_s")), _mib(r.get("peak_bytes"))]
                 for r in sections["kernels"]]
         lines += _table(["op", "shape", "dtype", "pass", "provider", "time", "GB/s", "TFLOP/s", "peak mem"], rows)
+        lines += [f"({i}) {why}  " for i, why in enumerate(reasons, 1)] + ([""] if reasons else [])
         hows = sorted({r["memory_how"] for r in sections["kernels"] if "memory_how" in r})
         lines += [f"Peak memory measured as: {', '.join(hows)}.", ""] if hows else []
     if "memory" in sections:

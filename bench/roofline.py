@@ -15,7 +15,8 @@ def run(kernel_rows: list[dict] | None, quick: bool, log) -> list[dict]:
     rows = []
     for op in OPS:
         bench = load(op)
-        for shape in bench.shapes(quick):
+        shapes = bench.shapes(False) + (bench.shapes(True) if quick else [])  # analytic: production shapes too
+        for shape in shapes:
             cost = bench.cost(shape)
             row = {"op": op, "shape": shape_label(shape), "flops": cost["flops"], "bytes": cost["bytes"],
                    "intensity": cost["flops"] / max(cost["bytes"], 1)}
