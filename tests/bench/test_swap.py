@@ -7,6 +7,7 @@ Hugging Face runs in the main environment; timm and torchvision need torchvision
 
 import copy
 import importlib
+from unittest import mock
 
 import pytest
 import torch
@@ -183,6 +184,20 @@ def test_report_says_what_was_swapped_and_left(host):
     assert not again.swapped, str(again)
     plain = accelerate_vit(_build(host, "small"), patch_embed=False, attention=False)
     assert not plain.swapped and not plain.left
+
+
+@pytest.mark.parametrize("host", [h for h in HOSTS if h.values[0] != "torchvision"])
+def test_attention_swap_routes_through_sdpa(host):
+    """Before the call the host's manual attention runs; after it, one SDPA call per block."""
+    model = _build(host, "small").eval()
+    x = _image(host, "small")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", side_effect=sdpa) as spy:
+        _out(model, x)
+        before = spy.call_count
+        accelerate_vit(model, patch_embed=False)
+        _out(model, x)
+    assert before == 0 and spy.call_count == SIZES["small"][4]
 
 
 def test_rejects_a_model_that_is_not_a_supported_vit():
