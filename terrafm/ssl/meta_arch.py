@@ -31,11 +31,16 @@ def view_key(tensors: View) -> tuple[tuple[str, ...], tuple[int, int]]:
 class DINOModel(nn.Module):
     """Backbone + DINO head over a list of views: list[{modality: (B, C, h, w)}] -> (V, B, K) logits.
 
-    Multi-crop forward: views are grouped by (modality set, crop size) and each group is concatenated
-    along the batch into ONE backbone call (e.g. 2 global + 8 local single-modality crops -> 2 calls
-    when the views share a sensor). A view with 2+ modalities is Case N fusion: the backbone receives a
-    dict {modality: (n, C, h, w)} and must be built with fusion=True. Features are restored to view
-    order and the head runs once on all V*B rows.
+    Multi-crop forward in two stages, so the transformer runs once per crop SIZE:
+    1. token embedding (patch embed, Case N fusion, cls token, position embedding) once per group of
+       views sharing (modality set, size): `backbone.prepare_tokens`, a dict input for 2+ modalities
+       (Case N, needs fusion=True);
+    2. the blocks and final norm once per crop size on all views of that size concatenated along the
+       batch (2 global + 8 local crops -> 2 passes through the blocks, whatever sensors they drew).
+    Stage 2 depends only on the crop sizes, never on the modality draw, so every rank makes the same
+    sequence of per-block FSDP all-gathers even when ranks draw different sensors; the embedding lives
+    in the root FSDP unit (gathered once per forward). Features return to view order and the head
+    runs once on all V*B rows.
     """
 
     def __init__(self, backbone: nn.Module, head: DINOHead):
@@ -52,16 +57,22 @@ class DINOModel(nn.Module):
         groups: dict[tuple, list[int]] = {}
         for i, view in enumerate(views):
             groups.setdefault(view_key(view), []).append(i)
-        features: list[torch.Tensor | None] = [None] * len(views)
+        tokens: list[torch.Tensor | None] = [None] * len(views)
         for (modalities, _), idxs in groups.items():
             if len(modalities) == 1:
-                modality = modalities[0]
-                x = torch.cat([views[i][modality] for i in idxs])
-                out = self.backbone(x, modality)
+                x = self.backbone.prepare_tokens(torch.cat([views[i][modalities[0]] for i in idxs]), modalities[0])
             else:
-                x = {m: torch.cat([views[i][m] for i in idxs]) for m in modalities}
-                out = self.backbone(x, None)
-            for i, chunk in zip(idxs, out.chunk(len(idxs)), strict=True):
+                x = self.backbone.prepare_tokens({m: torch.cat([views[i][m] for i in idxs]) for m in modalities})
+            for i, chunk in zip(idxs, x.chunk(len(idxs)), strict=True):
+                tokens[i] = chunk
+        features: list[torch.Tensor | None] = [None] * len(views)
+        for size in sorted({view_key(v)[1] for v in views}):
+            idxs = [i for i, v in enumerate(views) if view_key(v)[1] == size]
+            x = torch.cat([tokens[i] for i in idxs])
+            for block in self.backbone.blocks:
+                x = block(x)
+            cls = self.backbone.norm(x)[:, 0]
+            for i, chunk in zip(idxs, cls.chunk(len(idxs)), strict=True):
                 features[i] = chunk
         # (V, B, D) into the head gives a fresh (V, B, K) tensor, not a view (FSDP2 hooks the output)
         return self.head(torch.cat(features).reshape(len(views), batch.pop(), -1))

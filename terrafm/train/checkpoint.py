@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -199,5 +200,7 @@ def load_backbone_state(path: str | Path, which: str = "teacher") -> tuple[str, 
     }
     if not state:
         raise ValueError(f"{path} holds no {which} backbone (no keys starting with {prefix!r})")
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     return meta["model"]["name"], {k.removeprefix(prefix): v for k, v in state.items()}

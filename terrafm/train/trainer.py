@@ -259,6 +259,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "preempted").unlink(missing_ok=True)
     meta = {"model": to_dict(cfg)["model"], "config": to_dict(cfg)}
     logger = MetricsLogger(run_dir, env.rank, total_steps, step)
     logger.write(f"run {run_dir}: {total_steps} steps ({steps_per_epoch}/epoch), global batch {global_batch}, "
@@ -359,6 +360,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
             if step % t.checkpoint_every == 0 or step == total_steps or stop_requested:
                 latest = save()
             if stop_requested:
+                if env.rank == 0:  # the marker the SLURM scripts requeue on (torchrun hides exit code 75)
+                    (run_dir / "preempted").write_text(f"{step}\n")
                 logger.write(f"stop signal received: checkpoint {latest} written at step {step}; exiting for requeue")
                 return TrainResult(run_dir, step, latest, preempted=True)
     finally:

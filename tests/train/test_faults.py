@@ -61,4 +61,4 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
     ckpts = tmp_path / "run" / "checkpoints"
     step_dir = ckpts / (ckpts / "latest").read_text()
     assert json.loads((step_dir / "meta.json").read_text())["step"] == last_logged
-    assert step_dir.is_dir()
+    assert step_dir.is_dir() and (tmp_path / "run" / "preempted").read_text().strip() == str(last_logged)

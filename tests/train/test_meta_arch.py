@@ -6,40 +6,71 @@ from terrafm.ssl.loss import DINOLoss
 from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch
 
 
+class CountingBlock(torch.nn.Module):
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.calls.append(("block", x.shape[0], x.shape[1]))
+        return x + self.lin(x)
+
+
 class CountingBackbone(torch.nn.Module):
-    """Records each call's (modalities, batch, size); returns a feature that depends on the input."""
+    """Records embedding calls (modalities, batch, size, modality arg) and block calls (batch, tokens)."""
 
     def __init__(self):
         super().__init__()
         self.embed_dim = 4
         self.calls = []
         self.proj = torch.nn.Linear(1, 4)
+        self.blocks = torch.nn.ModuleList([CountingBlock(self.calls)])
+        self.norm = torch.nn.Identity()
 
-    def forward(self, x, modality):
+    def prepare_tokens(self, x, modality=None):
         images = x if isinstance(x, dict) else {modality: x}
         first = next(iter(images.values()))
         self.calls.append((tuple(sorted(images)), first.shape[0], first.shape[-1], modality))
-        return self.proj(sum(t.mean(dim=(1, 2, 3)) for t in images.values()).unsqueeze(1))
+        pooled = sum(t.mean(dim=1, keepdim=True) for t in images.values())  # (n, 1, h, w)
+        patches = torch.nn.functional.avg_pool2d(pooled, 8).flatten(1).unsqueeze(-1)  # (n, T, 1)
+        return self.proj(torch.cat([patches.mean(1, keepdim=True), patches], dim=1))
 
 
 def view(mods, b, size, value=None):
     return {m: torch.full((b, 12 if m.startswith("s2") else 2, size, size), float(value or 0)) for m in mods}
 
 
-def test_multicrop_forward_groups_views_into_one_backbone_call_per_modality_set_and_size():
+def test_multicrop_forward_embeds_per_modality_group_and_runs_blocks_once_per_crop_size():
     backbone = CountingBackbone()
     model = DINOModel(backbone, DINOHead(4, num_prototypes=8, hidden_dim=8, bottleneck_dim=4))
     views = [view(["s2_l2a"], 2, 32, 1), view(["s1"], 2, 32, 2), view(["s2_l2a"], 2, 16, 3),
              view(["s2_l2a"], 2, 32, 4), view(["s1", "s2_l1c"], 2, 16, 5)]
     out = model(views)
     assert out.shape == (5, 2, 8)
-    assert sorted(backbone.calls) == sorted([
+    embeds = [c for c in backbone.calls if c[0] != "block"]
+    assert sorted(embeds) == sorted([
         (("s2_l2a",), 4, 32, "s2_l2a"), (("s1",), 2, 32, "s1"), (("s2_l2a",), 2, 16, "s2_l2a"),
         (("s1", "s2_l1c"), 2, 16, None),  # Case N: a dict and no modality argument
     ])
+    # the blocks run once per crop size, sizes in sorted order (the same sequence on every rank)
+    assert [c for c in backbone.calls if c[0] == "block"] == [("block", 4, 5), ("block", 6, 17)]
     # features come back in view order: each view equals its own forward alone
     for i, v in enumerate(views):
         torch.testing.assert_close(out[i], model([v])[0])
+
+
+def test_two_stage_forward_equals_the_backbone_forward():
+    backbone = build_model("terrafm_tiny", img_size=32, fusion=True).eval()
+    head = DINOHead(backbone.embed_dim, num_prototypes=16, hidden_dim=16, bottleneck_dim=8)
+    model = DINOModel(backbone, head)
+    g = torch.Generator().manual_seed(0)
+    views = [{"s2_l2a": torch.randn(2, 12, 32, 32, generator=g)},
+             {"s1": torch.randn(2, 2, 16, 16, generator=g), "s2_l1c": torch.randn(2, 12, 16, 16, generator=g)}]
+    with torch.no_grad():
+        out = model(views)
+        torch.testing.assert_close(out[0], head(backbone(views[0]["s2_l2a"], "s2_l2a")))
+        torch.testing.assert_close(out[1], head(backbone(views[1])))
 
 
 def test_ema_update_on_plain_tensors_matches_hand_computation():
