@@ -94,7 +94,7 @@ def run(device: str, quick: bool, log) -> list[dict]:
             rows.append({"config": name, "backbone": CONFIGS[name][0], "skipped": "needs GPU"})
             log(f"  {name:6s} skipped: needs GPU")
             continue
-        steps = (3 if quick else 10) if device != "cuda" else (5 if quick else 20)
+        steps = (2 if quick else 10) if device != "cuda" else (5 if quick else 20)
         row = _measure(name, device, steps)
         rows.append(row)
         log(f"  {name:6s} {row['img_per_s']:8.1f} img/s  step {row['step_s'] * 1e3:8.1f} ms  "
