@@ -18,6 +18,7 @@ What changes:
 Everything else is left as it is, and the returned SwapReport says what was left and why.
 """
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -37,8 +38,6 @@ def _fused_patch_embed():
 
 def _kernel_usable(x: torch.Tensor) -> bool:
     """Triton kernels take CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)."""
-    import os
-
     return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
