@@ -1,0 +1,106 @@
+"""`terrafm bench`: kernels vs eager PyTorch and torch.compile, DINO-loss memory, training step, data paths,
+roofline floors and the compile report; JSON + markdown + PNG into --out.
+
+Sections skip with a printed reason when what they need is absent (a GPU, a branch not merged yet);
+Triton kernels are never timed in the interpreter.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+SECTIONS = ("kernels", "memory", "step", "data", "roofline", "compile")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (CI; minutes on CPU)")
+    parser.add_argument("--out", default="bench-results", help="results folder (default: ./bench-results)")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--ops", default=None, help="kernels section: comma-separated ops (default: all)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                        help="print a markdown diff of two bench.json files and exit")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _parse_only(text: str) -> list[str]:
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown or not chosen:
+        raise ValueError(f"--only: unknown section(s) {unknown or text!r}; choose from {','.join(SECTIONS)}")
+    return chosen
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import report
+
+    if args.compare:
+        try:
+            print(report.compare(Path(args.compare[0]), Path(args.compare[1])))
+        except (OSError, ValueError) as err:
+            print(f"terrafm bench: {err}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        only = _parse_only(args.only)
+    except ValueError as err:
+        print(f"terrafm bench: {err}", file=sys.stderr)
+        return 2
+    import torch
+
+    from . import common
+    from . import kernels as kernel_benches
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("terrafm bench: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    ops = kernel_benches.OPS if not args.ops else tuple(o.strip() for o in args.ops.split(","))
+    bad = [o for o in ops if o not in kernel_benches.OPS]
+    if bad:
+        print(f"terrafm bench: --ops: unknown {bad}; choose from {','.join(kernel_benches.OPS)}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    result = {"quick": args.quick, "device": device, "meta": common.metadata(), "sections": {},
+              "skipped_sections": {}}
+    _log(f"terrafm bench on {device} ({'quick' if args.quick else 'full'}), git {result['meta']['git_revision']}")
+    sections = result["sections"]
+    for name in only:
+        _log(f"[{name}]")
+        t0 = time.perf_counter()
+        if name == "kernels":
+            sections["kernels"] = [row for op in ops for row in kernel_benches.run_op(op, device, args.quick, _log)]
+        elif name == "memory":
+            from . import memory
+
+            sections["memory"] = memory.run(device, args.quick, _log)
+        elif name == "step":
+            from . import step
+
+            sections["step"] = step.run(device, args.quick, _log)
+        elif name == "data":
+            from . import data
+
+            sections["data"] = data.run(args.quick, _log)
+        elif name == "roofline":
+            from . import roofline
+
+            sections["roofline"] = roofline.run(sections.get("kernels"), args.quick, _log)
+        elif name == "compile":
+            from . import compile as compile_section
+
+            out = compile_section.run(args.quick, _log)
+            sections["compile"] = out
+            if "skipped" in out:
+                _log(f"  skipped: {out['skipped']}")
+        _log(f"  ({time.perf_counter() - t0:.1f} s)")
+    result["seconds"] = time.perf_counter() - start
+    paths = report.write(result, Path(args.out))
+    _log(f"wrote {paths['json']}, {paths['md']} and {len(result['plots'])} PNG plot(s) in {args.out} "
+         f"({result['seconds']:.0f} s)")
+    return 0

@@ -1,0 +1,169 @@
+"""Write a bench result as JSON + markdown + PNG plots, and diff two result files (`--compare`)."""
+
+import json
+from pathlib import Path
+
+
+def _fmt(value, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}{unit}"
+    return f"{value}{unit}"
+
+
+def _mib(nbytes) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return lines + [""]
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    v = meta["info"]["versions"]
+    lines = [f"# terrafm bench ({'quick' if result['quick'] else 'full'}, {result['device']})", "",
+             f"{meta['timestamp']} · git {meta['git_revision']} · {meta['machine'].get('gpu', 'CPU only')} · "
+             f"{meta['machine']['cpu_count']} CPUs · torch {v['torch']} · triton {v.get('triton')} · "
+             f"run took {result['seconds']:.0f} s", ""]
+    sections = result["sections"]
+    for name, why in result.get("skipped_sections", {}).items():
+        lines += [f"**{name}**: skipped, {why}", ""]
+    if "kernels" in sections:
+        lines += ["## Kernels (median time; GB/s and TFLOP/s from the kernel's roofline_cost)", ""]
+        reasons = list(dict.fromkeys(r["skipped"] for r in sections["kernels"] if "skipped" in r))
+        rows = [[r["op"], r["shape"], r["dtype"], r["pass"], r["provider"],
+                 _fmt(r.get("ms"), " ms") if "ms" in r else f"skipped ({reasons.index(r['skipped']) + 1})",
+                 _fmt(r.get("gb_per_s")), _fmt(r.get("tflops_per_s")), _mib(r.get("peak_bytes"))]
+                for r in sections["kernels"]]
+        lines += _table(["op", "shape", "dtype", "pass", "provider", "time", "GB/s", "TFLOP/s", "peak mem"], rows)
+        lines += [f"({i}) {why}  " for i, why in enumerate(reasons, 1)] + ([""] if reasons else [])
+        hows = sorted({r["memory_how"] for r in sections["kernels"] if "memory_how" in r})
+        lines += [f"Peak memory measured as: {', '.join(hows)}.", ""] if hows else []
+    if "memory" in sections:
+        lines += ["## DINO loss at K = 65536: fused vs unfused peak memory", ""]
+        lines += _table(["path", "shape", "dtype", "peak", "how"],
+                        [[r["path"], r["shape"], r["dtype"], _mib(r["peak_bytes"]), r["how"]]
+                         for r in sections["memory"]])
+    if "step" in sections:
+        lines += ["## Training step (one process)", ""]
+        rows = []
+        for r in sections["step"]:
+            if "skipped" in r:
+                rows.append([r["config"], r["backbone"], "-", "-", "-", "-", "-", r["skipped"]])
+            else:
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+                rows.append([r["config"], r["backbone"], r["batch"], r["precision"], _fmt(r["img_per_s"]),
+                             mfu, _mib(r["peak_bytes"]), r["mfu_note"] or r["memory_how"]])
+        lines += _table(["config", "backbone", "batch", "precision", "img/s", "MFU", "peak mem", "note"], rows)
+    if "data" in sections:
+        lines += ["## Data paths (sample shards)", ""]
+        rows = [[r["path"], _fmt(r.get("tiles_per_s")), _fmt(r.get("views_per_s")), r.get("backend", "-"),
+                 r.get("skipped", "")] for r in sections["data"].get("rows", [])]
+        lines += _table(["path", "tiles/s", "views/s", "backend", "skipped"], rows) if rows else \
+            [f"skipped: {sections['data'].get('skipped')}", ""]
+    if "roofline" in sections:
+        lines += ["## Roofline floor (bf16 dense peak and HBM bandwidth)", ""]
+        rows = [[r["op"], r["shape"], f"{r['flops'] / 1e9:.3g}", f"{r['bytes'] / 1e6:.3g}", _fmt(r["intensity"]),
+                 _fmt(r["floor_us_H100"], " us"), _fmt(r["floor_us_A100"], " us"),
+                 _fmt(r["fraction_of_roofline"]) if r["fraction_of_roofline"] is not None else r["fraction_note"]]
+                for r in sections["roofline"]]
+        lines += _table(["op", "shape", "GFLOP", "MB", "FLOP/B", "H100 floor", "A100 floor", "measured fraction"],
+                        rows)
+    if "compile" in sections:
+        c = sections["compile"]
+        lines += ["## Compile report (AOT, sm_80 / sm_90)", ""]
+        if "skipped" in c:
+            lines += [f"skipped: {c['skipped']}", ""]
+        else:
+            keys = [k for k in c["rows"][0] if k not in ("fn",)] if c["rows"] else []
+            lines += _table(keys, [[_fmt(r.get(k)) for k in keys] for r in c["rows"]])
+    return "\n".join(lines)
+
+
+def plots(result: dict, out_dir: Path) -> list[str]:
+    """One PNG per timed op (time per provider and shape) and one of the memory comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    timed = [r for r in result["sections"].get("kernels", []) if "ms" in r]
+    for op in sorted({r["op"] for r in timed}):
+        rows = [r for r in timed if r["op"] == op]
+        shapes = list(dict.fromkeys(r["shape"] for r in rows))
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        providers = list(dict.fromkeys(r["provider"] for r in rows))
+        width = 0.8 / len(providers)
+        for i, p in enumerate(providers):
+            ms = [next((r["ms"] for r in rows if r["shape"] == s and r["provider"] == p), 0.0) for s in shapes]
+            ax.bar([j + i * width for j in range(len(shapes))], ms, width, label=p)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, fontsize=7)
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{op} on {result['device']}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"kernel_{op}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path.name)
+    mem = result["sections"].get("memory")
+    if mem:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.barh([f"{r['path']}\n({r['how'].split(':')[0]})" for r in mem], [r["peak_bytes"] / 2**20 for r in mem])
+        ax.set_xlabel("peak MiB")
+        ax.set_title(f"DINO loss, {mem[0]['shape']}", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / "memory_dino_head_loss.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path.name)
+    return written
+
+
+def write(result: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["plots"] = plots(result, out_dir)
+    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md"}
+    paths["json"].write_text(json.dumps(result, indent=2, default=str))
+    paths["md"].write_text(markdown(result))
+    return paths
+
+
+def _timings(result: dict) -> dict[tuple, float]:
+    keyed = {}
+    for r in result["sections"].get("kernels", []):
+        if "ms" in r:
+            keyed[("kernel", r["op"], r["shape"], r["provider"], r["dtype"])] = r["ms"]
+    for r in result["sections"].get("step", []):
+        if "step_s" in r:
+            keyed[("step", r["config"], str(r["batch"]), r["precision"], "")] = r["step_s"] * 1e3
+    for r in result["sections"].get("data", {}).get("rows", []):
+        if "tiles_per_s" in r:
+            keyed[("data", r["path"], "", "", "")] = 1e3 / r["tiles_per_s"]
+    return keyed
+
+
+def compare(a_path: Path, b_path: Path) -> str:
+    """Markdown diff of two result files: every measurement present in both, B / A (lower is faster)."""
+    for p in (a_path, b_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"--compare: {p} is not a file; pass two bench.json files")
+    a, b = json.loads(a_path.read_text()), json.loads(b_path.read_text())
+    for name, r in (("A", a), ("B", b)):
+        if "sections" not in r or "meta" not in r:
+            raise ValueError(f"--compare: file {name} is not a terrafm bench result (no 'sections'/'meta')")
+    ta, tb = _timings(a), _timings(b)
+    common = [k for k in ta if k in tb]
+    lines = [f"# bench compare: A = {a_path} ({a['meta']['git_revision'][:12]}, {a['device']}), "
+             f"B = {b_path} ({b['meta']['git_revision'][:12]}, {b['device']})", ""]
+    rows = [[k[0], k[1], k[2], k[3], f"{ta[k]:.4g}", f"{tb[k]:.4g}", f"{tb[k] / ta[k]:.2f}x"] for k in common]
+    lines += _table(["section", "what", "shape / batch", "provider", "A ms", "B ms", "B / A"], rows)
+    only = len(ta) - len(common), len(tb) - len(common)
+    lines.append(f"{len(common)} measurements in both; {only[0]} only in A, {only[1]} only in B "
+                 "(data rows: ms per tile).")
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""Roofline floor of every kernel shape on H100 SXM and A100 SXM 80GB, and the measured fraction of it.
+
+floor = max(FLOPs / bf16 dense peak, bytes / HBM bandwidth) from the kernel's roofline_cost; the
+measured fraction (floor / measured kernel time) needs the kernels section run on one of those GPUs.
+"""
+
+from .common import GPUS, device_gpu_name, roofline_floor_us
+from .kernels import OPS, load, shape_label
+
+
+def run(kernel_rows: list[dict] | None, quick: bool, log) -> list[dict]:
+    here = device_gpu_name()
+    measured = {(r["op"], r["shape"]): r["ms"] for r in kernel_rows or []
+                if r["provider"] == "kernel" and "ms" in r}
+    rows = []
+    for op in OPS:
+        bench = load(op)
+        shapes = bench.shapes(False) + (bench.shapes(True) if quick else [])  # analytic: production shapes too
+        for shape in shapes:
+            cost = bench.cost(shape)
+            row = {"op": op, "shape": shape_label(shape), "flops": cost["flops"], "bytes": cost["bytes"],
+                   "intensity": cost["flops"] / max(cost["bytes"], 1)}
+            for gpu in GPUS:
+                key = gpu.split()[0]
+                row[f"floor_us_{key}"] = roofline_floor_us(cost, gpu)
+            ms = measured.get((op, row["shape"]))
+            if here and ms:
+                row["measured_us"] = ms * 1e3
+                row["fraction_of_roofline"] = row[f"floor_us_{here.split()[0]}"] / row["measured_us"]
+            else:
+                row["fraction_of_roofline"] = None
+                row["fraction_note"] = ("needs an H100/A100 GPU" if not here
+                                        else "no kernel timing (kernels section not run or kernel absent)")
+            rows.append(row)
+            log(f"  {op:18s} {row['shape']:40s} floor H100 {row['floor_us_H100']:9.2f} us, "
+                f"A100 {row['floor_us_A100']:9.2f} us")
+    return rows

@@ -1,0 +1,102 @@
+"""End-to-end training step: images/s, MFU and peak memory of one TerraFM self-distillation step.
+
+One step = teacher forward on the global views, student forward on global + local views, DINO loss with
+dual centering, backward, AdamW, EMA teacher update (one process, no FSDP: the per-GPU cost). MFU counts
+useful FLOPs (3x the student forward, 1x the teacher forward) against the GPU's dense bf16 peak.
+"""
+
+import time
+from functools import partial
+
+import torch
+
+from .common import peak_memory, sync
+
+# name -> (backbone, batch, global size, local size, n_local, prototypes, head hidden, bottleneck)
+CONFIGS = {
+    "tiny": ("terrafm_tiny", 8, 64, 32, 4, 1024, 256, 64),
+    "ViT-S": ("terrafm_small", 64, 224, 96, 8, 65536, 2048, 256),
+    "ViT-B": ("terrafm_base", 32, 224, 96, 8, 65536, 2048, 256),
+    "ViT-L": ("terrafm_large", 16, 224, 96, 8, 65536, 2048, 256),
+}
+MODALITY, CHANNELS, N_GLOBAL = "s2_l2a", 12, 2
+
+
+def _build(name: str, device: str):
+    from terrafm.models import build_model
+    from terrafm.ssl.loss import DINOLoss
+    from terrafm.ssl.meta_arch import SSLMetaArch
+
+    backbone, batch, gsize, lsize, n_local, k, hidden, bottleneck = CONFIGS[name]
+    loss = DINOLoss(k, num_classes=11, high_classes=[0, 1])
+    head = dict(num_prototypes=k, hidden_dim=hidden, bottleneck_dim=bottleneck, num_layers=3)
+    arch = SSLMetaArch.build(partial(build_model, backbone, img_size=gsize), head, loss, 0.0).to(device)
+    arch.teacher.eval()
+    g = torch.Generator().manual_seed(0)
+    views_g = [{MODALITY: torch.randn(batch, CHANNELS, gsize, gsize, generator=g).to(device)} for _ in range(N_GLOBAL)]
+    views_l = [{MODALITY: torch.randn(batch, CHANNELS, lsize, lsize, generator=g).to(device)} for _ in range(n_local)]
+    majority = torch.randint(0, 11, (batch,), generator=g).to(device)
+    return arch, views_g, views_l, majority
+
+
+def _flops_per_step(arch, name: str) -> float:
+    from terrafm.train.metrics import backbone_flops, head_flops
+
+    _, batch, gsize, lsize, n_local, k, hidden, bottleneck = CONFIGS[name]
+    bb = arch.student.backbone
+    dim, depth, p = bb.embed_dim, len(bb.blocks), bb.patch_size
+    head = head_flops(dim, hidden, bottleneck, k, 3)
+    g = backbone_flops(dim, depth, p, [CHANNELS], gsize, gsize) + head
+    loc = backbone_flops(dim, depth, p, [CHANNELS], lsize, lsize) + head
+    return batch * (3 * (N_GLOBAL * g + n_local * loc) + N_GLOBAL * g)
+
+
+def _measure(name: str, device: str, steps: int) -> dict:
+    from terrafm.train.metrics import peak_flops
+
+    arch, views_g, views_l, majority = _build(name, device)
+    opt = torch.optim.AdamW([p for p in arch.student.parameters() if p.requires_grad], lr=1e-4)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with amp:
+            loss = arch(views_g, views_l, majority, 0.04)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        arch.update_teacher(0.996)
+        arch.loss.update_center()
+        return loss.detach()
+
+    step()  # warm-up: allocator, lazy init
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    batch = CONFIGS[name][1]
+    flops = _flops_per_step(arch, name)
+    peak = peak_flops(torch.device(device), "bf16" if device == "cuda" else "fp32", 0.0)
+    mem = peak_memory(step, device) if device == "cuda" or name == "tiny" else {"bytes": None, "how": "skipped"}
+    return {"config": name, "backbone": CONFIGS[name][0], "batch": batch, "steps": steps,
+            "precision": "bf16 autocast" if device == "cuda" else "fp32", "step_s": seconds,
+            "img_per_s": batch / seconds, "tflops_per_step": flops / 1e12,
+            "mfu": flops / seconds / peak if peak else None,
+            "mfu_note": "" if peak else "no known peak FLOP/s for this device (MFU needs an H100/A100)",
+            "peak_bytes": mem["bytes"], "memory_how": mem["how"], "loss": float(loss)}
+
+
+def run(device: str, quick: bool, log) -> list[dict]:
+    rows = []
+    for name in CONFIGS:
+        if device != "cuda" and name != "tiny":
+            rows.append({"config": name, "backbone": CONFIGS[name][0], "skipped": "needs GPU"})
+            log(f"  {name:6s} skipped: needs GPU")
+            continue
+        steps = (2 if quick else 10) if device != "cuda" else (5 if quick else 20)
+        row = _measure(name, device, steps)
+        rows.append(row)
+        log(f"  {name:6s} {row['img_per_s']:8.1f} img/s  step {row['step_s'] * 1e3:8.1f} ms  "
+            f"MFU {row['mfu'] if row['mfu'] is not None else 'n/a'}")
+    return rows

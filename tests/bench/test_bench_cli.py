@@ -1,0 +1,95 @@
+"""`terrafm bench`: a quick subset leaves JSON / markdown / PNG with versions and git revision; --compare."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from terrafm.cli import main
+from terrafm_bench.common import GPUS, TensorPeak, roofline_floor_us
+from terrafm_bench.memory import fused_footprint_bytes
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = main(["bench", "--quick", "--only", "kernels,roofline,compile", "--ops", "teacher_softmax",
+                 "--out", str(out)])
+    return code, out
+
+
+def test_quick_subset_writes_json_markdown_and_png(quick_run):
+    code, out = quick_run
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.md").read_text().startswith("# terrafm bench (quick")
+    assert (out / "kernel_teacher_softmax.png").stat().st_size > 1000
+    meta = result["meta"]
+    assert meta["info"]["versions"]["torch"] == torch.__version__
+    assert meta["git_revision"] and not meta["git_revision"].startswith("unknown")
+    assert meta["timestamp"] and meta["machine"]["cpu_count"]
+    rows = {r["provider"]: r for r in result["sections"]["kernels"]}
+    assert rows["eager"]["ms"] > 0 and rows["eager"]["gb_per_s"] > 0 and rows["eager"]["peak_bytes"] > 0
+    assert rows["compile"]["ms"] > 0
+    if not torch.cuda.is_available():  # interpreter runs are never timed
+        assert "ms" not in rows["kernel"] and "interpreter" in rows["kernel"]["skipped"]
+    roof = result["sections"]["roofline"]
+    assert {r["op"] for r in roof} >= {"teacher_softmax", "dino_head_loss"}
+    assert all(r["floor_us_H100"] < r["floor_us_A100"] for r in roof)
+    compile_section = result["sections"]["compile"]
+    assert "rows" in compile_section or compile_section["skipped"]
+
+
+def test_compare_reports_ratio_of_common_measurements(quick_run, tmp_path, capsys):
+    _, out = quick_run
+    a = tmp_path / "a.json"
+    shutil.copy(out / "bench.json", a)
+    slower = json.loads(a.read_text())
+    for r in slower["sections"]["kernels"]:
+        if "ms" in r:
+            r["ms"] *= 2
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(slower))
+    capsys.readouterr()
+    assert main(["bench", "--compare", str(a), str(b)]) == 0
+    text = capsys.readouterr().out
+    assert "2.00x" in text and "teacher_softmax" in text and "0 only in A" in text
+
+
+def test_bad_arguments_name_what_is_wrong(tmp_path, capsys):
+    assert main(["bench", "--only", "kernels,speed", "--out", str(tmp_path)]) == 2
+    assert "speed" in capsys.readouterr().err
+    bogus = tmp_path / "x.json"
+    bogus.write_text("{}")
+    assert main(["bench", "--compare", str(bogus), str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+def test_tensor_peak_counts_live_tensors_only():
+    def fn():
+        a = torch.ones(256, 1024)  # 1 MiB
+        b = a * 2  # 2 MiB live
+        del a
+        c = b + 1  # a freed: still 2 MiB live at most
+        return c.sum()
+
+    with TensorPeak() as mode:
+        fn()
+    assert 2 * 2**20 <= mode.peak < 2 * 2**20 + 4096
+
+
+def test_roofline_floor_is_the_slower_of_compute_and_bandwidth():
+    h100 = GPUS["H100 SXM"]
+    compute = {"flops": int(h100["tflops_bf16"] * 1e12), "bytes": 1}
+    memory = {"flops": 1, "bytes": int(h100["tb_per_s"] * 1e12)}
+    assert roofline_floor_us(compute, "H100 SXM") == pytest.approx(1e6)
+    assert roofline_floor_us(memory, "H100 SXM") == pytest.approx(1e6)
+    assert roofline_floor_us(memory, "A100 SXM 80GB") > roofline_floor_us(memory, "H100 SXM")
+
+
+def test_fused_loss_footprint_grows_with_k_d_not_with_rows_times_k():
+    S, T, K, D = 12, 2, 65536, 256
+    logits_fp32 = (S + T) * 64 * K * 4  # one (rows, K) tensor of the unfused path at B = 64
+    grow = fused_footprint_bytes(S, T, 128, K, D, dtype_bytes=2) - fused_footprint_bytes(S, T, 64, K, D, dtype_bytes=2)
+    assert 0 < grow < 0.05 * logits_fp32

@@ -1,0 +1,45 @@
+"""Microbenchmarks of every bench op through pytest-benchmark (`pytest tests/bench/test_microbench.py
+--benchmark-only` to compare runs); cheap enough to run as plain tests: tiny shapes, a few rounds.
+
+Each also checks the timed provider's result against the eager reference, so a fast wrong kernel fails.
+"""
+
+import pytest
+import torch
+
+from terrafm_bench import kernels as kernel_benches
+
+TINY = {
+    "patch_embed": {"B": 2, "C": 4, "H": 32, "W": 32, "E": 32, "p": 8},
+    "attention": {"B": 2, "H": 2, "N": 17, "d": 16},
+    "teacher_softmax": {"R": 8, "K": 256},
+    "dino_cross_entropy": {"S": 3, "T": 2, "B": 4, "K": 256},
+    "dino_head_loss": {"S": 3, "T": 2, "B": 4, "K": 256, "D": 32},
+}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("op", kernel_benches.OPS)
+def test_eager_reference(benchmark, op):
+    bench = kernel_benches.load(op)
+    args = bench.inputs(TINY[op], DEVICE, torch.float32)
+    out = benchmark.pedantic(bench.reference, args=args, rounds=3, warmup_rounds=1)
+    assert torch.isfinite(_first(out)).all()
+
+
+@pytest.mark.parametrize("op", kernel_benches.OPS)
+def test_fused_kernel(benchmark, op):
+    if DEVICE != "cuda":
+        pytest.skip("needs CUDA: Triton kernels run only in the interpreter here, and interpreter runs are never timed")
+    bench = kernel_benches.load(op)
+    try:
+        fn = bench.kernel()
+    except ImportError as err:
+        pytest.skip(str(err))
+    args = bench.inputs(TINY[op], DEVICE, torch.float32)
+    out = benchmark.pedantic(fn, args=args, rounds=5, warmup_rounds=2)
+    torch.testing.assert_close(_first(out).float(), _first(bench.reference(*args)).float(), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,217 @@
+"""accelerate_vit on real timm, torchvision and Hugging Face ViTs of two sizes: same outputs and gradients
+as the untouched model, unchanged state_dicts, still trains, compiles and saves.
+
+Hugging Face runs in the main environment; timm and torchvision need torchvision, which only imports in
+.venv-swap (scripts/setup_swap_env.sh, then scripts/test_swap.sh).
+"""
+
+import copy
+import importlib
+from unittest import mock
+
+import pytest
+import torch
+
+from terrafm_kernels.swap import PatchProjection, accelerate_vit
+
+TORCHVISION_REASON = ("torchvision not importable beside the torch 2.13.0 CPU wheel; run scripts/test_swap.sh")
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except Exception:  # torchvision raises RuntimeError ("operator torchvision::nms does not exist")
+        return False
+    return True
+
+
+HAVE_TV = _importable("torchvision")
+HAVE_TIMM = HAVE_TV and _importable("timm")
+HAVE_HF = _importable("transformers")
+
+# two sizes per host: (image, patch, channels, width, depth, heads)
+SIZES = {"small": (32, 8, 3, 32, 2, 2), "wide": (48, 16, 2, 48, 3, 3)}
+
+
+def _build(host: str, size: str) -> torch.nn.Module:
+    img, patch, chans, dim, depth, heads = SIZES[size]
+    torch.manual_seed(0)
+    if host == "timm":
+        from timm.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(img_size=img, patch_size=patch, in_chans=chans, embed_dim=dim, depth=depth,
+                                  num_heads=heads, num_classes=5)
+        for m in model.modules():  # start from the manual attention path, which accelerate_vit switches
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        return model
+    if host == "torchvision":
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        if chans != 3:  # torchvision's ViT is RGB only
+            img, patch = 48, 16
+        return VisionTransformer(image_size=img, patch_size=patch, num_layers=depth, num_heads=heads,
+                                 hidden_dim=dim, mlp_dim=2 * dim, num_classes=5)
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    config = ViTConfig(image_size=img, patch_size=patch, num_channels=chans, hidden_size=dim,
+                       num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=2 * dim,
+                       num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                       attn_implementation="eager")
+    cls = ViTModel if size == "small" else ViTForImageClassification
+    return cls(config, add_pooling_layer=False) if cls is ViTModel else cls(config)
+
+
+def _channels(host: str, size: str) -> int:
+    return 3 if host == "torchvision" else SIZES[size][2]
+
+
+def _image(host: str, size: str, batch: int = 2) -> torch.Tensor:
+    img = SIZES[size][0]
+    if host == "torchvision" and size == "wide":
+        img = 48
+    return torch.randn(batch, _channels(host, size), img, img, generator=torch.Generator().manual_seed(1))
+
+
+def _out(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = model(x)
+    for key in ("logits", "last_hidden_state"):
+        if hasattr(y, key):
+            return getattr(y, key)
+    return y
+
+
+def _host_param(host: str):
+    marks = {"timm": pytest.mark.skipif(not HAVE_TIMM, reason=TORCHVISION_REASON),
+             "torchvision": pytest.mark.skipif(not HAVE_TV, reason=TORCHVISION_REASON),
+             "huggingface": pytest.mark.skipif(not HAVE_HF, reason="transformers not installed (test extra)")}
+    return pytest.param(host, marks=marks[host])
+
+
+HOSTS = [_host_param(h) for h in ("timm", "torchvision", "huggingface")]
+
+
+def _within_flash_rule(name: str, got: torch.Tensor, ref32: torch.Tensor, ref64: torch.Tensor) -> None:
+    """Tolerance rule (flash-attn): error against float64 at most 2x plain PyTorch's float32 error + atol."""
+    err = (got.double() - ref64).abs().max().item()
+    base = (ref32.double() - ref64).abs().max().item()
+    atol = 1e-6 * max(1.0, ref64.abs().max().item())
+    assert err <= 2 * base + atol, f"{name}: error {err:.3e} vs float32 PyTorch's {base:.3e} (+{atol:.1e})"
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("host", HOSTS)
+def test_outputs_and_gradients_match_untouched_model(host, size):
+    ref = _build(host, size)
+    ref64 = copy.deepcopy(ref).double()
+    fast = copy.deepcopy(ref)
+    report = accelerate_vit(fast)
+    assert any(e.what == "patch_embed" for e in report.swapped), str(report)
+    assert sum(isinstance(m, PatchProjection) for m in fast.modules()) == 1
+    x = _image(host, size)
+    outputs = {}
+    for label, model, inp in (("ref", ref, x), ("ref64", ref64, x.double()), ("fast", fast, x)):
+        y = _out(model, inp)
+        y.square().sum().backward()
+        outputs[label] = y.detach()
+    torch.testing.assert_close(outputs["fast"], outputs["ref"], rtol=1e-4, atol=1e-5)
+    _within_flash_rule("output", outputs["fast"], outputs["ref"], outputs["ref64"])
+    grads32, grads64 = dict(ref.named_parameters()), dict(ref64.named_parameters())
+    for name, p in fast.named_parameters():
+        _within_flash_rule(name, p.grad, grads32[name].grad, grads64[name].grad)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_state_dict_unchanged_and_save_load(host, tmp_path):
+    ref = _build(host, "small")
+    before = {k: v.shape for k, v in ref.state_dict().items()}
+    fast = copy.deepcopy(ref)
+    accelerate_vit(fast)
+    assert {k: v.shape for k, v in fast.state_dict().items()} == before
+    torch.save(fast.state_dict(), tmp_path / "swapped.pt")
+    fresh = _build(host, "small")
+    torch.manual_seed(5)
+    for p in fresh.parameters():
+        p.data.normal_()
+    accelerate_vit(fresh)
+    fresh.load_state_dict(torch.load(tmp_path / "swapped.pt"))  # strict: same names and shapes
+    ref.load_state_dict(torch.load(tmp_path / "swapped.pt"))  # and into an untouched host
+    x = _image(host, "small")
+    torch.testing.assert_close(_out(fresh, x), _out(ref, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_swapped_model_trains(host):
+    model = _build(host, "small")
+    accelerate_vit(model)
+    x = _image(host, "small", batch=4)
+    target = torch.randn_like(_out(model, x))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss = (_out(model, x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    projection = next(m for m in model.modules() if isinstance(m, PatchProjection))
+    assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_swapped_model_compiles(host):
+    model = _build(host, "small").eval()
+    accelerate_vit(model)
+    x = _image(host, "small")
+    with torch.no_grad():
+        eager = _out(model, x)
+        compiled = _out(torch.compile(model, fullgraph=False), x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_report_says_what_was_swapped_and_left(host):
+    model = _build(host, "small")
+    report = accelerate_vit(model, attention=True)
+    text = str(report)
+    assert "patch_embed" in text and report.host.startswith(host)
+    if host == "torchvision":  # nn.MultiheadAttention already runs SDPA: left, with the reason
+        assert report.left and all("scaled_dot_product_attention" in e.detail for e in report.left)
+    else:
+        assert any(e.what == "attention" for e in report.swapped), text
+    again = accelerate_vit(model)  # idempotent: a second call swaps nothing
+    assert not again.swapped, str(again)
+    plain = accelerate_vit(_build(host, "small"), patch_embed=False, attention=False)
+    assert not plain.swapped and not plain.left
+
+
+@pytest.mark.parametrize("host", [h for h in HOSTS if h.values[0] != "torchvision"])
+def test_attention_swap_routes_through_sdpa(host):
+    """Before the call the host's manual attention runs; after it, one SDPA call per block."""
+    model = _build(host, "small").eval()
+    x = _image(host, "small")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", side_effect=sdpa) as spy:
+        _out(model, x)
+        before = spy.call_count
+        accelerate_vit(model, patch_embed=False)
+        _out(model, x)
+    assert before == 0 and spy.call_count == SIZES["small"][4]
+
+
+def test_rejects_a_model_that_is_not_a_supported_vit():
+    with pytest.raises(TypeError, match="supports timm VisionTransformer"):
+        accelerate_vit(torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        accelerate_vit("vit_base")
+
+
+def test_patch_projection_keeps_conv_parameters_and_matches_conv():
+    conv = torch.nn.Conv2d(4, 8, kernel_size=4, stride=4)
+    proj = PatchProjection.from_conv(conv)
+    assert proj.weight is conv.weight and proj.bias is conv.bias
+    x = torch.randn(2, 4, 16, 12)
+    torch.testing.assert_close(proj(x), conv(x))
+    odd = torch.randn(1, 4, 18, 18)  # not a multiple of the patch: Conv2d drops the remainder, so do we
+    torch.testing.assert_close(proj(odd), conv(odd))
