@@ -268,7 +268,12 @@ def cross_attention_fusion(keys: torch.Tensor, values: torch.Tensor, queries: to
     Gradients flow to keys, values, queries and pool.
     """
     validate(keys, values, queries, pool, num_heads)
-    return CrossAttentionFusionFunction.apply(keys, values, queries, pool, num_heads)
+    apply = _apply_interpreted if _interpreted(keys) else CrossAttentionFusionFunction.apply
+    return apply(keys, values, queries, pool, num_heads)
+
+
+# Under the interpreter the kernel is numpy code that torch.compile must not trace.
+_apply_interpreted = torch.compiler.disable(CrossAttentionFusionFunction.apply)
 
 
 class CrossAttentionFusion(torch.nn.Module):
@@ -294,9 +299,9 @@ class CrossAttentionFusion(torch.nn.Module):
         return reference(keys, values, self.queries, self.pool, self.num_heads)
 
 
-def roofline_cost(T: int, M: int, A: int, Q: int = 5, bytes_per_element: int = 2) -> dict:
+def roofline_cost(T: int, M: int, A: int, Q: int = 5, dtype_bytes: int = 2) -> dict:
     """Forward FLOPs (useful work, counted once) and minimum HBM bytes for one call."""
-    e = bytes_per_element
+    e = dtype_bytes
     return {"flops": 4 * T * Q * M * A + 4 * T * Q * A, "bytes": e * (2 * T * M * A + T * A + Q * A + A)}
 
 

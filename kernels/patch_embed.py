@@ -258,7 +258,13 @@ def patch_embed(
     Gradients flow to x (only when it requires grad), weight, bias, modality_embed and pos_embed.
     """
     validate(x, weight, bias, modality_embed, pos_embed)
-    return PatchEmbedFunction.apply(x, weight, bias, modality_embed, pos_embed)
+    apply = _apply_interpreted if _interpreted(x) else PatchEmbedFunction.apply
+    return apply(x, weight, bias, modality_embed, pos_embed)
+
+
+# Under the interpreter the kernel is numpy code that torch.compile must not trace (it fails on
+# the interpreter's uint64 pointers); on a GPU dynamo captures user Triton kernels itself.
+_apply_interpreted = torch.compiler.disable(PatchEmbedFunction.apply)
 
 
 class PatchEmbed(torch.nn.Module):
@@ -287,11 +293,11 @@ class PatchEmbed(torch.nn.Module):
         return reference(x, self.proj.weight, self.proj.bias)
 
 
-def roofline_cost(B: int, C: int, H: int, W: int, E: int, patch: int, bytes_per_element: int = 2,
+def roofline_cost(B: int, C: int, H: int, W: int, E: int, p: int, dtype_bytes: int = 2,
                   pos_embed: bool = False) -> dict:
     """Forward FLOPs and minimum HBM bytes for one call (see the module docstring)."""
-    M, KD = B * (H // patch) * (W // patch), C * patch * patch
-    e = bytes_per_element
+    M, KD = B * (H // p) * (W // p), C * p * p
+    e = dtype_bytes
     moved = e * (B * C * H * W + M * E + E * KD) + 8 * E + (e * (M // B) * E if pos_embed else 0)
     return {"flops": 2 * M * KD * E, "bytes": moved}
 

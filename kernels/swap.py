@@ -9,9 +9,8 @@ What changes:
                    HF `embeddings.patch_embeddings.projection`) becomes a `PatchProjection`: a Conv2d
                    subclass holding the same `weight` / `bias` Parameters (same names and shapes, so
                    state_dicts load unchanged) whose forward runs the fused patchify + GEMM + bias of
-                   `patch_embed` (kernels/patch_embed.py; the pure-PyTorch reference while that file is
-                   absent) and returns the Conv2d's (B, E, H/p, W/p) layout as a view, so the host's own
-                   flatten/transpose code runs untouched.
+                   `patch_embed` (kernels/patch_embed.py) and returns the Conv2d's (B, E, H/p, W/p)
+                   layout as a view, so the host's own flatten/transpose code runs untouched.
   attention        switched to torch SDPA (flash / memory-efficient on GPU) where the host computes
                    softmax(q k^T) v by hand and has an equivalent SDPA path of its own: timm
                    `Attention.fused_attn`, Hugging Face `config._attn_implementation`.
@@ -24,16 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import reference
-
-
-def _fused_patch_embed():
-    """The patch_embed function to use and its name: the Triton kernel when shipped, else the reference."""
-    try:
-        from .patch_embed import patch_embed
-    except ImportError as err:
-        return reference.patch_embed, f"reference (terrafm_kernels.patch_embed not importable: {err})"
-    return patch_embed, "triton (terrafm_kernels.patch_embed)"
+from .patch_embed import patch_embed as fused_patch_embed
 
 
 def _kernel_usable(x: torch.Tensor) -> bool:
@@ -58,15 +48,15 @@ class PatchProjection(torch.nn.Conv2d):
         new.weight = conv.weight
         new.bias = conv.bias
         new.train(conv.training)
-        new._patch_embed, new.backend = _fused_patch_embed()
+        new.backend = "triton (terrafm_kernels.patch_embed) on CUDA or under TRITON_INTERPRET=1, else conv2d"
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.kernel_size[0]
         B, _, H, W = x.shape
-        if H % p or W % p or not (_kernel_usable(x) or self._patch_embed is reference.patch_embed):
+        if H % p or W % p or not _kernel_usable(x):
             return F.conv2d(x, self.weight, self.bias, stride=self.stride)
-        tokens = self._patch_embed(x, self.weight, self.bias)  # (B, N, E)
+        tokens = fused_patch_embed(x, self.weight, self.bias)  # (B, N, E)
         return tokens.transpose(1, 2).unflatten(2, (H // p, W // p))
 
 
@@ -200,11 +190,4 @@ def accelerate_vit(model: torch.nn.Module, *, patch_embed: bool = True, attentio
     return report
 
 
-def patch_projection_cost(B: int, C: int, H: int, W: int, E: int, p: int, dtype_bytes: int = 2) -> dict[str, int]:
-    """FLOPs and minimum HBM bytes of one PatchProjection forward (image + weight read, tokens written)."""
-    n = (H // p) * (W // p)
-    return {"flops": 2 * B * n * E * C * p * p,
-            "bytes": dtype_bytes * (B * C * H * W + E * C * p * p + E + B * n * E)}
-
-
-__all__ = ["accelerate_vit", "SwapReport", "SwapEntry", "PatchProjection", "patch_projection_cost"]
+__all__ = ["accelerate_vit", "SwapReport", "SwapEntry", "PatchProjection"]

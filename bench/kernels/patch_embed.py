@@ -25,10 +25,8 @@ def inputs(shape: dict, device: str, dtype: torch.dtype) -> tuple:
 
 
 def kernel():
-    try:
-        from terrafm_kernels.patch_embed import patch_embed
-    except ImportError as err:
-        raise ImportError(f"terrafm_kernels.patch_embed is not on this branch yet ({err})") from err
+    from terrafm_kernels.patch_embed import patch_embed
+
     return patch_embed
 
 
@@ -36,8 +34,6 @@ reference = _reference.patch_embed
 
 
 def cost(shape: dict) -> dict:
-    try:
-        from terrafm_kernels.patch_embed import roofline_cost
-    except ImportError:
-        from terrafm_kernels.swap import patch_projection_cost as roofline_cost
+    from terrafm_kernels.patch_embed import roofline_cost
+
     return roofline_cost(**shape)
