@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The test command: ruff, the whole pytest suite (CPU: Triton kernels under the interpreter), then
-# the AOT compile report of every shipped kernel config for sm_80/sm_90 (fails on spills).
-# Extra pytest arguments pass through, e.g. `scripts/test.sh -m "not slow"` while iterating.
+# The test command: ruff, the whole pytest suite (CPU: Triton kernels under the interpreter), the
+# accelerate_vit tests against real timm/torchvision ViTs in .venv-swap, then the AOT compile
+# report of every shipped kernel config for sm_80/sm_90 (fails on spills).
+# Extra arguments go to the main pytest run, e.g. `scripts/test.sh -m "not slow"` while iterating.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q "$@"
+if [ -x .venv-swap/bin/python ]; then
+  bash scripts/test_swap.sh -q
+else
+  echo "NOT RUN: timm/torchvision swap tests (no .venv-swap; run scripts/setup_swap_env.sh)"
+fi
 mkdir -p results
 .venv/bin/python -m terrafm_kernels.compile_report --strict --json results/compile_report.json
