@@ -25,6 +25,7 @@ import lz4.block
 import numpy as np
 
 from terrafm.data.landcover import NUM_CLASSES, WORLDCOVER_NAMES, WORLDCOVER_VALUES
+from terrafm.fileio import atomic_write_bytes
 
 FORMAT = "terrafm-shards"
 VERSION = 1
@@ -39,15 +40,6 @@ class ChecksumError(RuntimeError):
 
 def shard_name(i: int) -> str:
     return f"part-{i:05d}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ShardWriter:

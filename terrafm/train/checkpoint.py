@@ -36,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from terrafm.fileio import atomic_write_bytes, fsync_dir
+
 LATEST = "latest"
 
 
@@ -54,24 +56,6 @@ def _barrier() -> None:
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -137,8 +121,8 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
         if final.exists():  # the same step saved again (e.g. signal right after a periodic save)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST, final.name)
+        fsync_dir(root)
+        atomic_write_bytes(root / LATEST, final.name.encode())
         complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in complete[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -5,7 +5,7 @@ import signal
 import subprocess
 import time
 
-from conftest import FAULT_RUN, harness_cmd, losses, run_harness
+from train_harness import FAULT_RUN, harness_cmd, losses, run_harness
 
 from terrafm.train.checkpoint import load_backbone_state
 from terrafm.train.trainer import REQUEUE_EXIT_CODE

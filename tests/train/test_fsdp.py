@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import HARNESS
+from train_harness import HARNESS
 
 from terrafm.train.checkpoint import load_backbone_state
 

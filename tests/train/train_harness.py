@@ -1,0 +1,28 @@
+"""The trainer-test harness: run tests/train/run_pretrain.py in a subprocess and read its losses.
+
+A module of its own (not conftest) so `from train_harness import ...` cannot pick up another
+test folder's conftest."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HARNESS = Path(__file__).with_name("run_pretrain.py")
+# 6 optimiser steps, checkpoints at 2, 4, 6; deterministic kernels so reruns are bitwise equal
+FAULT_RUN = ["train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.deterministic=true"]
+
+
+def harness_cmd(out: Path, *args: str) -> list[str]:
+    return [sys.executable, str(HARNESS), str(out), *args]
+
+
+def run_harness(out: Path, *args: str, expect_rc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(harness_cmd(out, *args), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == expect_rc, f"rc {proc.returncode}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def losses(out: Path) -> dict[int, float]:
+    lines = (out / "run" / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
