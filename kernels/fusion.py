@@ -299,10 +299,19 @@ class CrossAttentionFusion(torch.nn.Module):
         return reference(keys, values, self.queries, self.pool, self.num_heads)
 
 
-def roofline_cost(T: int, M: int, A: int, Q: int = 5, dtype_bytes: int = 2) -> dict:
-    """Forward FLOPs (useful work, counted once) and minimum HBM bytes for one call."""
+def roofline_cost(T: int, M: int, A: int, Q: int = 5, dtype_bytes: int = 2, backward: bool = False) -> dict:
+    """Useful FLOPs (each product counted once) and minimum HBM bytes of forward (+ backward).
+
+    Backward reads keys, values and grad_out and writes the four gradients: about twice the forward's
+    products (grad values, grad scores, grad keys, grad queries).
+    """
     e = dtype_bytes
-    return {"flops": 4 * T * Q * M * A + 4 * T * Q * A, "bytes": e * (2 * T * M * A + T * A + Q * A + A)}
+    flops = 4 * T * Q * M * A + 4 * T * Q * A
+    moved = e * (2 * T * M * A + T * A + Q * A + A)
+    if backward:
+        flops += 8 * T * Q * M * A + 4 * T * Q * A
+        moved += e * (4 * T * M * A + T * A + Q * A + A)
+    return {"flops": flops, "bytes": moved}
 
 
 def compile_specs() -> list[dict]:

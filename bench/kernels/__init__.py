@@ -17,7 +17,7 @@ import torch
 
 from ..common import INTERPRETER_SKIP, peak_memory, time_call
 
-OPS = ("patch_embed", "attention", "teacher_softmax", "dino_cross_entropy", "dino_head_loss")
+OPS = ("patch_embed", "fusion", "attention", "teacher_softmax", "dino_cross_entropy", "dino_head_loss")
 
 
 def load(op: str):
