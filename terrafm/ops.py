@@ -130,5 +130,8 @@ register("teacher_softmax", "dual-centering teacher softmax + centre statistics"
          torch=f"{REF}:teacher_softmax", triton="terrafm_kernels.teacher_softmax:teacher_softmax")
 register("dino_cross_entropy", "student DINO cross-entropy over view pairs",
          torch=f"{REF}:dino_cross_entropy", triton="terrafm_kernels.dino_cross_entropy:dino_cross_entropy")
+register("dino_head_loss", "DINO prototype layer fused with teacher softmax and student CE (no rows x K logits)",
+         torch="terrafm_kernels.dino_head_loss:dino_head_loss_reference",
+         triton="terrafm_kernels.dino_head_loss:dino_head_loss")
 register("normalize_bands", "per-band normalisation of raw tiles",
          torch=f"{REF}:normalize_bands", cpp=("terrafm.data.cpu_ops:normalize_bands", ("cpu",)))
