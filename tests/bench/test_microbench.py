@@ -11,6 +11,7 @@ from terrafm_bench import kernels as kernel_benches
 
 TINY = {
     "patch_embed": {"B": 2, "C": 4, "H": 32, "W": 32, "E": 32, "p": 8},
+    "fusion": {"T": 12, "M": 3, "A": 64, "Q": 5},
     "attention": {"B": 2, "H": 2, "N": 17, "d": 16},
     "teacher_softmax": {"R": 8, "K": 256},
     "dino_cross_entropy": {"S": 3, "T": 2, "B": 4, "K": 256},
