@@ -7,7 +7,7 @@ the Triton interpreter, so its footprint is computed from the buffers it allocat
 
 import torch
 
-from terrafm_kernels._loss_common import num_splits
+from terrafm_kernels._common import num_splits
 
 from .common import peak_memory
 from .kernels import dino_head_loss as head_bench

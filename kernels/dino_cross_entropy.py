@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._loss_common import TRITON_DTYPE, check_positive, check_tensor, interpreted, num_splits, sm_count
+from ._common import TRITON_DTYPE, check_positive, check_tensor, interpreted, num_splits, sm_count
 
 # H100/A100 config: bandwidth bound. A (16, 128) tile (S <= 16 views) with 8 warps is 8 elements per
 # thread per tensor. Compile report (sm_80 / sm_90): fwd 105 / 122 registers, bwd 126 / 110, no

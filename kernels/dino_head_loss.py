@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._loss_common import (
+from ._common import (
     TRITON_DTYPE,
     check_alpha,
     check_positive,

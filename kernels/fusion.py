@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+from ._common import TRITON_DTYPE, check_tensor, interpreted
+
 MAX_MODALITIES = 16
 MAX_QUERIES = 64
 # Positions per backward program: 128 on a GPU keeps the grad_queries partials at
@@ -185,23 +185,11 @@ def _blocks(M: int, Q: int, D: int) -> dict:
     return {"BLOCK_Q": p2(Q), "BLOCK_M": p2(M), "BLOCK_D": p2(D)}
 
 
-def _interpreted(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def validate(keys, values, queries, pool, num_heads) -> None:
     """Raise a clear error for any input the kernel cannot take, before anything is launched."""
-    for name, t, ndim in (("keys", keys, 3), ("values", values, 3), ("queries", queries, 2), ("pool", pool, 1)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != ndim:
-            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.device != keys.device:
-            raise ValueError(f"{name} is on {t.device} but keys are on {keys.device}; move it there")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (call .contiguous() first), got strides {t.stride()}")
+    check_tensor("keys", keys, 3)
+    for name, t, ndim in (("values", values, 3), ("queries", queries, 2), ("pool", pool, 1)):
+        check_tensor(name, t, ndim, keys.device)
     T, M, A = keys.shape
     if values.shape != keys.shape:
         raise ValueError(f"values must have the shape of keys {tuple(keys.shape)}, got {tuple(values.shape)}")
@@ -214,9 +202,6 @@ def validate(keys, values, queries, pool, num_heads) -> None:
         raise ValueError(f"1..{MAX_QUERIES} queries supported, got {queries.shape[0]}")
     if not isinstance(num_heads, int) or num_heads < 1 or A % num_heads:
         raise ValueError(f"num_heads must be a positive divisor of the token width {A}, got {num_heads}")
-    if keys.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("keys are on the cpu: the Triton kernel needs cuda tensors, or TRITON_INTERPRET=1 set "
-                         "before triton is imported; on cpu use terrafm_kernels.reference.cross_attention_fusion")
     if keys.numel() >= 2**31:
         raise ValueError("cross_attention_fusion: inputs of 2**31 elements or more are not supported; split them")
 
@@ -247,7 +232,7 @@ class CrossAttentionFusionFunction(torch.autograd.Function):
         dl = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
         _backward_pool_kernel[(T,)](keys, values, queries, w, dout, dl, M, Q, A, D, scale, H=H, **blocks,
                                     num_warps=NUM_WARPS)
-        block_t = INTERPRETER_BLOCK_T if _interpreted(keys) else GPU_BLOCK_T
+        block_t = INTERPRETER_BLOCK_T if interpreted(keys) else GPU_BLOCK_T
         programs = triton.cdiv(T, block_t)
         dk, dv = torch.empty_like(keys), torch.empty_like(values)
         dq_partial = torch.empty((programs, Q, A), dtype=torch.float32, device=keys.device)
@@ -268,7 +253,7 @@ def cross_attention_fusion(keys: torch.Tensor, values: torch.Tensor, queries: to
     Gradients flow to keys, values, queries and pool.
     """
     validate(keys, values, queries, pool, num_heads)
-    apply = _apply_interpreted if _interpreted(keys) else CrossAttentionFusionFunction.apply
+    apply = _apply_interpreted if interpreted(keys) else CrossAttentionFusionFunction.apply
     return apply(keys, values, queries, pool, num_heads)
 
 

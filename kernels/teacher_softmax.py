@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._loss_common import TRITON_DTYPE, check_alpha, check_positive, check_tensor, interpreted, sm_count
+from ._common import TRITON_DTYPE, check_alpha, check_positive, check_tensor, interpreted, sm_count
 
 # H100/A100 config: the op is bandwidth bound (8 FLOPs per 6-8 bytes). 4 warps over a (BLOCK_R,
 # 1024) tile give 8-32 elements per thread per load, enough bytes in flight per SM without spills

@@ -1,7 +1,5 @@
-"""Shared helpers of the DINO loss kernels (teacher_softmax, dino_cross_entropy, dino_head_loss).
-
-Input validation (errors name the argument and what would be right) and the launch-time choices
-that differ between compiled kernels and the Triton interpreter.
+"""Helpers shared by the kernels: input validation (errors name the argument and what would be
+right) and the launch-time choices that differ between compiled kernels and the Triton interpreter.
 """
 
 import os
