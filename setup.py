@@ -63,7 +63,8 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=find_packages(include=["terrafm", "terrafm.*"])
+    # terrafm.configs holds only YAML presets, so find_packages does not see it
+    packages=find_packages(include=["terrafm", "terrafm.*"]) + ["terrafm.configs"]
     + ["terrafm_kernels"] + [f"terrafm_kernels.{p}" for p in find_packages("kernels")]
     + ["terrafm_bench"] + [f"terrafm_bench.{p}" for p in find_packages("bench")],
     ext_modules=[CMakeExtension("terrafm._C", ROOT)],

@@ -10,7 +10,10 @@ cd "$(dirname "$0")/.."
 if [ -x .venv-swap/bin/python ]; then
   bash scripts/test_swap.sh -q
 else
-  echo "NOT RUN: timm/torchvision swap tests (no .venv-swap; run scripts/setup_swap_env.sh)"
+  reason="no .venv-swap; make it with scripts/setup_swap_env.sh"
+  [ -f .venv-swap.skipped ] && reason="$(cat .venv-swap.skipped)"
+  echo "NOT RUN: accelerate_vit tests on real timm/torchvision ViTs ($reason)." \
+       "The Hugging Face ViT swap tests above ran in .venv."
 fi
 mkdir -p results
 .venv/bin/python -m terrafm_kernels.compile_report --strict --json results/compile_report.json
