@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{module}: module missing{' (--strict: failure)' if args.strict else ''}")
     print(f"{len(rows)} configs compiled, {len(bad)} with problems, {len(missing)} modules missing")
     if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "missing": missing}, f, indent=2)
     return 1 if bad or (missing and args.strict) else 0
