@@ -11,7 +11,6 @@ Exit codes: 0 done, 1 training error (NaN/Inf loss, ...), 2 bad configuration,
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _torchrun_command(args: argparse.Namespace) -> list[str]:
+    # SIGUSR1 is not in torchrun's default --signals-to-handle: without it torchrun dies of the signal
+    # and the ranks never see it (no stop checkpoint)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
            "-m", "terrafm.cli", "pretrain", "--config", args.config]
     if args.out:
         cmd += ["--out", args.out]
@@ -64,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     if args.nproc > 1 and "RANK" not in os.environ:
-        return subprocess.call(_torchrun_command(args))
+        # exec, not a child process: signals (SIGTERM, SLURM's SIGUSR1) reach torchrun directly
+        cmd = _torchrun_command(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(cmd[0], cmd)
 
     from terrafm.train.trainer import REQUEUE_EXIT_CODE, TrainingError, train
 

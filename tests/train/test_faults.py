@@ -3,20 +3,11 @@
 import json
 import signal
 import subprocess
-import time
 
-from train_harness import FAULT_RUN, harness_cmd, losses, run_harness
+from train_harness import FAULT_RUN, harness_cmd, losses, run_harness, wait_for
 
 from terrafm.train.checkpoint import load_backbone_state
 from terrafm.train.trainer import REQUEUE_EXIT_CODE
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before the awaited state"
-        assert time.monotonic() < deadline, "timed out waiting for the run"
-        time.sleep(0.2)
 
 
 def test_sigkill_mid_run_then_resume_reproduces_the_losses_bitwise(reference_run, tmp_path):

@@ -1,25 +1,18 @@
 """2-rank FSDP2 (gloo, torchrun) matches 1 rank on the same global batch: losses, grad norms, teacher."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from train_harness import HARNESS
+from train_harness import HARNESS, free_port
 
 from terrafm.train.checkpoint import load_backbone_state
 
 # momentum 0: after every step the teacher must equal the student, which proves the EMA writes the
 # shards in place (with a momentum near 1 a no-op update would be invisible after 3 steps)
 STEPS = ["train.max_steps=3", "train.checkpoint_every=3", "ssl.teacher_momentum=0.0", "ssl.teacher_momentum_end=0.0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def records(out: Path) -> list[dict]:

@@ -4,8 +4,10 @@ A module of its own (not conftest) so `from train_harness import ...` cannot pic
 test folder's conftest."""
 
 import json
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HARNESS = Path(__file__).with_name("run_pretrain.py")
@@ -26,3 +28,18 @@ def run_harness(out: Path, *args: str, expect_rc: int = 0, timeout: int = 300) -
 def losses(out: Path) -> dict[int, float]:
     lines = (out / "run" / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Poll until predicate() holds; fail if the process ends first or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before the awaited state"
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.2)
