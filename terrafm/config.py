@@ -84,6 +84,7 @@ class TrainConfig:
     profile: bool = False  # torch.profiler trace of profile_steps
     profile_steps: list[int] = field(default_factory=lambda: [10, 13])  # [first, last) step traced
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on CPU)
+    elastic_resume: bool = False  # allow resuming on another number of ranks (not bitwise; see docs/training.md)
     collective_timeout_s: int = 1800
     peak_tflops: float = 0.0  # per device for MFU; 0 = look up the GPU (H100/A100), none on CPU
 

@@ -82,13 +82,31 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "batch_size": self.cfg.batch_size}
 
-    def load_state_dict(self, state: dict) -> None:
-        if (state["seed"], state["world_size"], state["rank"]) != (self.seed, self.world_size, self.rank):
-            raise ValueError(f"loader state is for seed/world_size/rank {state['seed']}/{state['world_size']}/"
-                             f"{state['rank']}, this loader has {self.seed}/{self.world_size}/{self.rank}")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+    def load_state_dict(self, state: dict, reshard: bool = False) -> int:
+        """Resume mid-epoch; returns how many of the epoch's samples will be drawn a second time (0 when exact).
+
+        reshard=True takes any rank's state written by a different number of ranks or batch size: every
+        rank consumes the epoch's global draw stream in order (rank r takes draws r, r + W, ...), so the
+        position is the number of samples consumed, rounded down to a whole step of this world's global
+        batch (the remainder is drawn again).
+        """
+        if state["seed"] != self.seed:
+            raise ValueError(f"loader state is for seed {state['seed']}, this loader has {self.seed}")
+        if not reshard:
+            if (state["world_size"], state["rank"]) != (self.world_size, self.rank):
+                raise ValueError(f"loader state is for world_size/rank {state['world_size']}/{state['rank']}, "
+                                 f"this loader has {self.world_size}/{self.rank}")
+            self.epoch, self.step = int(state["epoch"]), int(state["step"])
+            return 0
+        if "batch_size" not in state:
+            raise ValueError("this loader state predates resharding support (no batch_size); resume it on "
+                             f"{state['world_size']} ranks")
+        consumed = int(state["step"]) * int(state["batch_size"]) * int(state["world_size"])
+        per_step = self.cfg.batch_size * self.world_size
+        self.epoch, self.step = int(state["epoch"]), consumed // per_step
+        return consumed - self.step * per_step
 
     def batch_indices(self, epoch: int, step: int) -> np.ndarray:
         draws = self.sampler.epoch_indices(epoch)

@@ -10,7 +10,8 @@ Layout of a run's checkpoint folder:
 Writing goes to `step_N.tmp/`; only when every rank has finished is it renamed to `step_N/` and then
 `latest` replaced atomically (write `latest.tmp`, fsync, os.replace). A crash at any point leaves
 `latest` naming a complete checkpoint; stale `*.tmp` folders are removed at the next save.
-Resume needs the same world size (the loader and RNG states are per rank).
+Exact resume needs the same world size (the loader and RNG states are per rank); `load(reshard=True)`
+continues on another world size (train.elastic_resume).
 
 `load_backbone_state(path)` reads the TEACHER backbone (as DINO evaluates its teacher: the EMA
 weights are smoother and transfer better) on one process without any process group.
@@ -39,6 +40,10 @@ from torch.distributed.checkpoint.state_dict import (
 from terrafm.fileio import atomic_write_bytes, fsync_dir
 
 LATEST = "latest"
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint cannot be resumed by this run as configured; the message says what would work."""
 
 
 def _dist() -> bool:
@@ -130,15 +135,23 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
     return final
 
 
-def load(path: str | Path, arch, optimizer) -> tuple[int, dict]:
-    """Restore what `save` wrote into the already parallelised objects; returns (step, rank_state)."""
+def load(path: str | Path, arch, optimizer, reshard: bool = False) -> tuple[int, dict, int]:
+    """Restore what `save` wrote into the already parallelised objects; returns (step, rank_state, saved_world).
+
+    With the same world size this is exact (each rank gets its own rank state and RNG states back).
+    A different world size needs reshard=True: DCP reshards student, teacher and optimiser; every rank
+    gets rank 0's rank state (the caller converts the loader position) and keeps its current RNG.
+    """
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
+    saved_world = int(meta["world_size"])
     world = dist.get_world_size() if _dist() else 1
-    if meta["world_size"] != world:
-        raise RuntimeError(
-            f"{path} was written by {meta['world_size']} ranks, this run has {world}; exact resume needs "
-            "the same number (the loader and RNG states are per rank)"
+    if saved_world != world and not reshard:
+        raise ResumeError(
+            f"{path} was written by {saved_world} ranks, this run has {world}; exact resume needs the same "
+            "number (the loader and RNG states are per rank). To continue on this many ranks anyway (not "
+            "bitwise: the data position rounds to a whole step, random streams restart), set "
+            "train.elastic_resume=true"
         )
     state = _sharded_state(arch, optimizer)
     dcp.load(state, checkpoint_id=path, no_dist=not _dist())
@@ -146,9 +159,10 @@ def load(path: str | Path, arch, optimizer) -> tuple[int, dict]:
     set_model_state_dict(arch.teacher, state["teacher"])
     set_optimizer_state_dict(arch.student, optimizer, state["optimizer"])
     arch.loss.load_state_dict(state["loss"])
-    saved = torch.load(path / f"rank_{_rank():05d}.pt", weights_only=False)
-    set_rng_state(saved["rng"])
-    return int(saved["step"]), saved["state"]
+    saved = torch.load(path / f"rank_{_rank() if saved_world == world else 0:05d}.pt", weights_only=False)
+    if saved_world == world:
+        set_rng_state(saved["rng"])
+    return int(saved["step"]), saved["state"], saved_world
 
 
 def resolve(path: str | Path) -> Path:

@@ -250,10 +250,24 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     # -- resume ---------------------------------------------------------------------------------
     step, epoch = 0, 0
     if resume_from is not None:
-        step, rank_state = checkpoint.load(resume_from, arch, optimizer)
-        epoch = rank_state["epoch"]
-        loader.set_epoch(epoch)
-        loader.load_state_dict(rank_state["loader"])
+        try:
+            step, rank_state, saved_world = checkpoint.load(resume_from, arch, optimizer, reshard=t.elastic_resume)
+            epoch = rank_state["epoch"]
+            loader.set_epoch(epoch)
+            if saved_world == env.world_size:
+                loader.load_state_dict(rank_state["loader"])
+            else:  # a loader that cannot continue on another world size fails here with TypeError
+                redrawn = loader.load_state_dict(rank_state["loader"], reshard=True)
+        except (checkpoint.ResumeError, ValueError) as err:
+            raise TrainingError(f"cannot resume from {resume_from}: {err}") from err
+        if saved_world != env.world_size:
+            torch.manual_seed(t.seed + step * 1009 + env.rank)  # fresh drop-path streams, distinct per rank
+            if env.rank == 0:
+                before = rank_state["loader"]["batch_size"] * saved_world
+                print(f"elastic resume: {saved_world} -> {env.world_size} ranks at step {step}; samples per "
+                      f"loader step {before} -> {cfg.data.batch_size * env.world_size} (the peak lr follows the "
+                      f"global batch); data resumes at epoch {epoch} batch {loader.step}, {redrawn} samples "
+                      "drawn again", flush=True)
     else:
         loader.set_epoch(epoch)
     if env.rank == 0:

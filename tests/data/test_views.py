@@ -127,3 +127,24 @@ def test_dali_path_agrees(sample_shards):
     ref = list(build_loader(_cfg(sample_shards, **cfg)))[:2]
     dali = build_loader(_cfg(sample_shards, backend="dali", **cfg))
     _all_equal(ref, [dali.render(dali.plan(0, s)) for s in range(2)], atol=1e-3)
+
+
+def test_reshard_resume_continues_the_global_draw_stream(sample_shards):
+    """2 ranks x batch 2 stopped after 3 steps -> 1 rank x batch 4 continues at the same global sample."""
+    two = [build_loader(_cfg(sample_shards, batch_size=2), rank=r, world_size=2) for r in range(2)]
+    one = build_loader(_cfg(sample_shards, batch_size=4))
+    for step in range(3):  # what the 2 ranks drew together at a step is what 1 rank draws at that step
+        both = np.concatenate([ld.batch_indices(0, step) for ld in two])
+        assert sorted(both.tolist()) == sorted(one.batch_indices(0, step).tolist())
+    for ld in two:
+        ld.step = 3
+    state = two[1].state_dict()
+    resumed = build_loader(_cfg(sample_shards, batch_size=4))
+    with pytest.raises(ValueError, match="world_size/rank 2/1"):
+        resumed.load_state_dict(state)
+    assert resumed.load_state_dict(state, reshard=True) == 0
+    assert (resumed.epoch, resumed.step) == (0, 3)
+    odd = build_loader(_cfg(sample_shards, batch_size=5))  # 12 samples consumed = 2 steps of 5, 2 drawn again
+    assert odd.load_state_dict(state, reshard=True) == 2 and odd.step == 2
+    with pytest.raises(ValueError, match="predates resharding"):
+        resumed.load_state_dict({k: v for k, v in state.items() if k != "batch_size"}, reshard=True)
