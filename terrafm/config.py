@@ -48,6 +48,9 @@ class SSLConfig:
     teacher_momentum: float = 0.996  # cosine to teacher_momentum_end
     teacher_momentum_end: float = 1.0
     freeze_last_layer_epochs: float = 1.0
+    # prototype layers + teacher softmax + student CE in one dino_head_loss op: no (views x B, K) logits
+    # in memory (the Triton kernel on GPU; the torch reference elsewhere); teacher entropy not logged
+    fused_head_loss: bool = False
 
 
 @dataclass

@@ -5,6 +5,8 @@ of `torch.nn.utils.weight_norm`, whose hooks FSDP2 and DCP do not handle: here t
 tensor that shards and checkpoints like any other.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -70,5 +72,11 @@ class DINOHead(nn.Module):
             nn.init.trunc_normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(self.mlp(features))
+    def forward(self, features: torch.Tensor, head_loss: Callable | None = None):
+        """(R, D) -> (R, K) logits; with head_loss, head_loss(bottleneck (R, bottleneck_dim), last_layer) instead.
+
+        head_loss replaces the prototype layer (the fused dino_head_loss path) and runs here, inside the
+        head's forward, where FSDP2 has gathered the layer's parameters and hooks their gradients.
+        """
+        bottleneck = self.mlp(features)
+        return self.last_layer(bottleneck) if head_loss is None else head_loss(bottleneck, self.last_layer)

@@ -6,8 +6,9 @@ The loss owns both centres as buffers (so they are checkpointed with it) and the
 teacher probabilities use t_hat = t - alpha c - (1 - alpha) c_h, softmax(t_hat / tau_t).
 Statistics are summed locally over the micro-batches of one optimiser step and all-reduced once per
 step as a single flattened tensor (2K + 2 floats), then `update_center` applies them.
-The heavy math goes through the op registry (`teacher_softmax`, `dino_cross_entropy`), so the fused
-kernels run on GPU and the torch references on CPU.
+The heavy math goes through the op registry (`teacher_softmax`, `dino_cross_entropy`, or with
+`fused` the `dino_head_loss` op that also does the prototype layers), so the fused kernels run on GPU
+and the torch references on CPU.
 """
 
 from collections.abc import Sequence
@@ -89,9 +90,7 @@ class DINOLoss(nn.Module):
         probs, logit_sum, high_logit_sum = softmax(
             teacher_logits.reshape(T * B, K), self.center, self.center_high, weight, temperature, self.alpha
         )
-        counts = torch.stack([torch.tensor(float(T * B), device=weight.device), weight.sum().float()])
-        stats = torch.cat([logit_sum.float(), high_logit_sum.float(), counts])
-        self._pending = stats if self._pending is None else self._pending + stats
+        self._record(logit_sum, high_logit_sum, weight)
         # mean entropy of the teacher targets (nats): ~log K = uniform collapse, ~0 = one-prototype collapse
         self.teacher_entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean().detach()
         return probs.reshape(T, B, K)
@@ -106,6 +105,32 @@ class DINOLoss(nn.Module):
         ce = ops.get("dino_cross_entropy", student_logits.device.type,
                      self.ops_prefer.get("dino_cross_entropy", "auto"))
         return ce(student_logits, teacher_probs, self.student_temperature)
+
+    def fused(self, student_bottleneck: torch.Tensor, prototypes: nn.Module, *, teacher_bottleneck: torch.Tensor,
+              teacher_weight_v: torch.Tensor, teacher_weight_g: torch.Tensor | None, majority_class: torch.Tensor,
+              temperature: float) -> torch.Tensor:
+        """teacher_probs + forward in one `dino_head_loss` op, from the heads' bottleneck features (V, B, D)
+        and prototype weights (the student's `prototypes` layer, the teacher's weights); records the
+        centre statistics. Scalar fp32 loss, differentiable in student_bottleneck and the prototypes."""
+        T, B, _ = teacher_bottleneck.shape
+        if majority_class.shape != (B,):
+            raise ValueError(f"majority_class must have shape ({B},), got {tuple(majority_class.shape)}")
+        weight = self.high_weight(majority_class.to(self.center.device)).repeat(T)
+        head_loss = ops.get("dino_head_loss", student_bottleneck.device.type,
+                            self.ops_prefer.get("dino_head_loss", "auto"))
+        loss, logit_sum, high_logit_sum = head_loss(
+            student_bottleneck, teacher_bottleneck, prototypes.weight_v, self.center, self.center_high, weight,
+            temperature, self.student_temperature, self.alpha, prototypes.weight_g, teacher_weight_v, teacher_weight_g)
+        self._record(logit_sum.detach(), high_logit_sum.detach(), weight)
+        self.teacher_entropy = None  # needs the (T B, K) probabilities the fused op never holds
+        return loss
+
+    def _record(self, logit_sum: torch.Tensor, high_logit_sum: torch.Tensor, high_weight: torch.Tensor) -> None:
+        """Add one teacher batch's centre statistics to those `update_center` applies."""
+        counts = torch.stack([torch.tensor(float(high_weight.numel()), device=high_weight.device),
+                              high_weight.sum().float()])
+        stats = torch.cat([logit_sum.float(), high_logit_sum.float(), counts])
+        self._pending = stats if self._pending is None else self._pending + stats
 
     @torch.no_grad()
     def update_center(self) -> None:

@@ -7,6 +7,7 @@ applied from the outside by `terrafm.train.parallelize` to `student` and `teache
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -48,7 +49,8 @@ class DINOModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, views: Sequence[View]) -> torch.Tensor:
+    def forward(self, views: Sequence[View], head_loss: Callable | None = None):
+        """(V, B, K) logits; with head_loss, what head_loss returns (see DINOHead.forward)."""
         if not views:
             raise ValueError("DINOModel needs at least one view")
         batch = {t.shape[0] for v in views for t in v.values()}
@@ -75,7 +77,15 @@ class DINOModel(nn.Module):
             for i, chunk in zip(idxs, cls.chunk(len(idxs)), strict=True):
                 features[i] = chunk
         # (V, B, D) into the head gives a fresh (V, B, K) tensor, not a view (FSDP2 hooks the output)
-        return self.head(torch.cat(features).reshape(len(views), batch.pop(), -1))
+        return self.head(torch.cat(features).reshape(len(views), batch.pop(), -1), head_loss=head_loss)
+
+
+def _teacher_targets(bottleneck: torch.Tensor, prototypes: nn.Module) -> tuple:
+    """The teacher's side of the fused head loss: its bottleneck features and a copy of its prototypes.
+
+    A copy, because FSDP2 frees the gathered weight when the teacher head's forward returns."""
+    weight_g = None if prototypes.weight_g is None else prototypes.weight_g.detach().clone()
+    return bottleneck, prototypes.weight_v.detach().clone(), weight_g
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -88,13 +98,17 @@ class SSLMetaArch(nn.Module):
 
     `forward(global_views, local_views, majority_class, teacher_temperature)` returns the scalar loss
     of one batch: the teacher sees the global views only; the student sees global then local views.
+    fused_head_loss=True computes the prototype layers, teacher softmax and student cross-entropy in
+    one `dino_head_loss` op, which never holds the (views x B, K) logits (the Triton kernel; the
+    torch reference computes the same from logits); teacher_entropy is then not monitored.
     """
 
-    def __init__(self, student: DINOModel, teacher: DINOModel, loss: DINOLoss):
+    def __init__(self, student: DINOModel, teacher: DINOModel, loss: DINOLoss, fused_head_loss: bool = False):
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.loss = loss
+        self.fused_head_loss = fused_head_loss
         self.teacher.requires_grad_(False)
 
     @classmethod
@@ -104,6 +118,7 @@ class SSLMetaArch(nn.Module):
         head_kwargs: dict,
         loss: DINOLoss,
         drop_path_rate: float,
+        fused_head_loss: bool = False,
     ) -> "SSLMetaArch":
         """Build student (with drop path) and teacher (without), the teacher a copy of the student."""
         student_backbone = backbone_factory(drop_path_rate=drop_path_rate)
@@ -112,7 +127,7 @@ class SSLMetaArch(nn.Module):
         head = DINOHead(student_backbone.embed_dim, **head_kwargs)
         student = DINOModel(student_backbone, head)
         teacher = DINOModel(teacher_backbone, copy.deepcopy(head))
-        return cls(student, teacher, loss)
+        return cls(student, teacher, loss, fused_head_loss)
 
     def forward(
         self,
@@ -122,10 +137,17 @@ class SSLMetaArch(nn.Module):
         teacher_temperature: float,
     ) -> torch.Tensor:
         global_views = list(global_views)
+        student_views = global_views + list(local_views)
+        if self.fused_head_loss:
+            with torch.no_grad():
+                teacher_bottleneck, teacher_weight_v, teacher_weight_g = self.teacher(global_views, _teacher_targets)
+            return self.student(student_views, partial(
+                self.loss.fused, teacher_bottleneck=teacher_bottleneck, teacher_weight_v=teacher_weight_v,
+                teacher_weight_g=teacher_weight_g, majority_class=majority_class, temperature=teacher_temperature))
         with torch.no_grad():
             teacher_logits = self.teacher(global_views)
         teacher_probs = self.loss.teacher_probs(teacher_logits, majority_class, teacher_temperature)
-        student_logits = self.student(global_views + list(local_views))
+        student_logits = self.student(student_views)
         return self.loss(student_logits, teacher_probs)
 
     @torch.no_grad()

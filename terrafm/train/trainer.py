@@ -215,7 +215,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                        fusion=cfg.model.fusion, ops=cfg.ops)
     head_kwargs = dict(num_prototypes=s.num_prototypes, hidden_dim=s.head_hidden_dim,
                        bottleneck_dim=s.head_bottleneck_dim, num_layers=s.head_layers)
-    arch = SSLMetaArch.build(backbone, head_kwargs, loss, cfg.model.drop_path_rate).to(env.device)
+    arch = SSLMetaArch.build(backbone, head_kwargs, loss, cfg.model.drop_path_rate, s.fused_head_loss).to(env.device)
     arch.teacher.eval()
     parallelize(arch, env.mesh, fsdp=t.fsdp, precision=t.precision, reduce_precision=t.reduce_precision,
                 activation_checkpointing=t.activation_checkpointing, compile=t.compile)
@@ -358,10 +358,11 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                 if env.device.type == "cuda":
                     torch.cuda.synchronize(env.device)
                 elapsed = time.perf_counter() - window_start
+                entropy = arch.loss.teacher_entropy  # None with ssl.fused_head_loss
                 record = {
                     "step": step, "loss": loss_value, "lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
                     "teacher_temperature": teacher_temp, "grad_norm": grad_norm.item(), "epoch": epoch,
-                    "teacher_entropy": arch.loss.teacher_entropy.item(),
+                    "teacher_entropy": None if entropy is None else entropy.item(),
                     "img_per_s": window_images * env.world_size / elapsed, "step_time_s": elapsed / t.log_every,
                     "mfu": window_flops / elapsed / peak if peak else None, "mem_gb": _memory_gb(env.device),
                 }

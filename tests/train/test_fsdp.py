@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from train_harness import HARNESS, free_port
 
@@ -19,12 +20,16 @@ def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("fused_head_loss", [False, True])
+def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, fused_head_loss):
+    """fused_head_loss=True on the 2 ranks only: the fused op runs inside the FSDP2-sharded head's forward
+    and must match the unfused single-rank run (its prototype gradients are reduce-scattered too)."""
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, str(HARNESS), str(one), "--batch", "8", *STEPS], check=True,
                    capture_output=True, timeout=300)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(HARNESS), str(two), "--batch", "4", *STEPS],
+                           f"--master_port={free_port()}", str(HARNESS), str(two), "--batch", "4", *STEPS,
+                           f"ssl.fused_head_loss={str(fused_head_loss).lower()}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = records(one), records(two)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from terrafm.models import build_model
@@ -98,3 +99,41 @@ def test_build_gives_teacher_equal_to_student_and_fusion_views_run_on_terrafm():
     assert torch.isfinite(loss)
     fusion_grad = arch.student.backbone.patch_embed.fusion.queries.grad
     assert fusion_grad is not None and fusion_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the kernel under TRITON_INTERPRET=1
+def test_fused_head_loss_matches_the_unfused_path(backend):
+    """ssl.fused_head_loss: same loss, gradients and centre statistics as prototype layers + teacher
+    softmax + cross-entropy; the teacher's own prototypes are used (made to differ from the student's)."""
+    factory = lambda **kw: build_model("terrafm_tiny", img_size=32, **kw)  # noqa: E731
+    head = dict(num_prototypes=40, hidden_dim=16, bottleneck_dim=8, learn_prototype_norm=True)
+    archs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        loss = DINOLoss(40, 3, high_classes=[1], ops_prefer={"dino_head_loss": backend})
+        arch = SSLMetaArch.build(factory, head, loss, 0.0, fused_head_loss=fused)
+        with torch.no_grad():
+            arch.teacher.head.last_layer.weight_v.mul_(1.5).add_(0.01)
+            arch.teacher.head.last_layer.weight_g.fill_(0.9)
+            arch.loss.center.normal_(generator=torch.Generator().manual_seed(3))
+        archs.append(arch)
+    g = torch.Generator().manual_seed(1)
+    globals_ = [{"s2_l2a": torch.randn(3, 12, 32, 32, generator=g)}, {"s1": torch.randn(3, 2, 32, 32, generator=g)}]
+    locals_ = [{"s2_l1c": torch.randn(3, 12, 16, 16, generator=g)}]
+    majority = torch.tensor([1, 0, -1])
+    losses = []
+    for arch in archs:
+        loss = arch(globals_, locals_, majority, teacher_temperature=0.05)
+        loss.backward()
+        losses.append(loss)
+    unfused, fused = archs
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(unfused.student.named_parameters(), fused.student.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            # atol relative to the tensor's scale: elements that cancel to ~0 keep fp32 reordering noise
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5 * a.grad.abs().max().item(),
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    assert fused.student.head.last_layer.weight_g.grad.abs().sum() > 0
+    torch.testing.assert_close(fused.loss._pending, unfused.loss._pending, rtol=1e-5, atol=1e-6)
+    assert unfused.loss.teacher_entropy is not None and fused.loss.teacher_entropy is None
