@@ -98,6 +98,9 @@ class Loader:
             if (state["world_size"], state["rank"]) != (self.world_size, self.rank):
                 raise ValueError(f"loader state is for world_size/rank {state['world_size']}/{state['rank']}, "
                                  f"this loader has {self.world_size}/{self.rank}")
+            if state.get("batch_size", self.cfg.batch_size) != self.cfg.batch_size:
+                raise ValueError(f"loader state is for batch size {state['batch_size']}, this loader has "
+                                 f"{self.cfg.batch_size}; set train.elastic_resume=true to convert the position")
             self.epoch, self.step = int(state["epoch"]), int(state["step"])
             return 0
         if "batch_size" not in state:

@@ -254,13 +254,15 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
             step, rank_state, saved_world = checkpoint.load(resume_from, arch, optimizer, reshard=t.elastic_resume)
             epoch = rank_state["epoch"]
             loader.set_epoch(epoch)
-            if saved_world == env.world_size:
+            saved_batch = rank_state["loader"].get("batch_size", cfg.data.batch_size)
+            reshard = saved_world != env.world_size or (t.elastic_resume and saved_batch != cfg.data.batch_size)
+            if not reshard:
                 loader.load_state_dict(rank_state["loader"])
             else:  # a loader that cannot continue on another world size fails here with TypeError
                 redrawn = loader.load_state_dict(rank_state["loader"], reshard=True)
         except (checkpoint.ResumeError, ValueError) as err:
             raise TrainingError(f"cannot resume from {resume_from}: {err}") from err
-        if saved_world != env.world_size:
+        if reshard:
             torch.manual_seed(t.seed + step * 1009 + env.rank)  # fresh drop-path streams, distinct per rank
             if env.rank == 0:
                 before = rank_state["loader"]["batch_size"] * saved_world

@@ -142,6 +142,8 @@ def test_reshard_resume_continues_the_global_draw_stream(sample_shards):
     resumed = build_loader(_cfg(sample_shards, batch_size=4))
     with pytest.raises(ValueError, match="world_size/rank 2/1"):
         resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match="batch size 2, this loader has 4; set train.elastic_resume"):
+        build_loader(_cfg(sample_shards, batch_size=4), rank=1, world_size=2).load_state_dict(state)
     assert resumed.load_state_dict(state, reshard=True) == 0
     assert (resumed.epoch, resumed.step) == (0, 3)
     odd = build_loader(_cfg(sample_shards, batch_size=5))  # 12 samples consumed = 2 steps of 5, 2 drawn again
