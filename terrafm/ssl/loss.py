@@ -83,9 +83,7 @@ class DINOLoss(nn.Module):
         T, B, K = teacher_logits.shape
         if K != self.num_prototypes:
             raise ValueError(f"teacher logits have {K} prototypes, the loss was built for {self.num_prototypes}")
-        if majority_class.shape != (B,):
-            raise ValueError(f"majority_class must have shape ({B},), got {tuple(majority_class.shape)}")
-        weight = self.high_weight(majority_class.to(self.center.device)).repeat(T)
+        weight = self._row_high_weight(majority_class, T, B)
         softmax = ops.get("teacher_softmax", teacher_logits.device.type, self.ops_prefer.get("teacher_softmax", "auto"))
         probs, logit_sum, high_logit_sum = softmax(
             teacher_logits.reshape(T * B, K), self.center, self.center_high, weight, temperature, self.alpha
@@ -113,9 +111,7 @@ class DINOLoss(nn.Module):
         and prototype weights (the student's `prototypes` layer, the teacher's weights); records the
         centre statistics. Scalar fp32 loss, differentiable in student_bottleneck and the prototypes."""
         T, B, _ = teacher_bottleneck.shape
-        if majority_class.shape != (B,):
-            raise ValueError(f"majority_class must have shape ({B},), got {tuple(majority_class.shape)}")
-        weight = self.high_weight(majority_class.to(self.center.device)).repeat(T)
+        weight = self._row_high_weight(majority_class, T, B)
         head_loss = ops.get("dino_head_loss", student_bottleneck.device.type,
                             self.ops_prefer.get("dino_head_loss", "auto"))
         loss, logit_sum, high_logit_sum = head_loss(
@@ -124,6 +120,12 @@ class DINOLoss(nn.Module):
         self._record(logit_sum.detach(), high_logit_sum.detach(), weight)
         self.teacher_entropy = None  # needs the (T B, K) probabilities the fused op never holds
         return loss
+
+    def _row_high_weight(self, majority_class: torch.Tensor, T: int, B: int) -> torch.Tensor:
+        """(T * B,) high-frequency weight per teacher row, rows ordered (view, sample)."""
+        if majority_class.shape != (B,):
+            raise ValueError(f"majority_class must have shape ({B},), got {tuple(majority_class.shape)}")
+        return self.high_weight(majority_class.to(self.center.device)).repeat(T)
 
     def _record(self, logit_sum: torch.Tensor, high_logit_sum: torch.Tensor, high_weight: torch.Tensor) -> None:
         """Add one teacher batch's centre statistics to those `update_center` applies."""
