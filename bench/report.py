@@ -52,13 +52,15 @@ def markdown(result: dict) -> str:
         lines += ["## Training step (one process)", ""]
         rows = []
         for r in sections["step"]:
+            head = r.get("head", "unfused")
             if "skipped" in r:
-                rows.append([r["config"], r["backbone"], "-", "-", "-", "-", "-", r["skipped"]])
+                rows.append([r["config"], r["backbone"], head, "-", "-", "-", "-", "-", r["skipped"]])
             else:
                 mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-                rows.append([r["config"], r["backbone"], r["batch"], r["precision"], _fmt(r["img_per_s"]),
+                rows.append([r["config"], r["backbone"], head, r["batch"], r["precision"], _fmt(r["img_per_s"]),
                              mfu, _mib(r["peak_bytes"]), r["mfu_note"] or r["memory_how"]])
-        lines += _table(["config", "backbone", "batch", "precision", "img/s", "MFU", "peak mem", "note"], rows)
+        lines += _table(["config", "backbone", "head", "batch", "precision", "img/s", "MFU", "peak mem", "note"],
+                        rows)
     if "data" in sections:
         lines += ["## Data paths (sample shards)", ""]
         rows = [[r["path"], _fmt(r.get("tiles_per_s")), _fmt(r.get("views_per_s")), r.get("backend", "-"),
@@ -141,7 +143,7 @@ def _timings(result: dict) -> dict[tuple, float]:
             keyed[("kernel", r["op"], r["shape"], r["provider"], r["dtype"])] = r["ms"]
     for r in result["sections"].get("step", []):
         if "step_s" in r:
-            keyed[("step", r["config"], str(r["batch"]), r["precision"], "")] = r["step_s"] * 1e3
+            keyed[("step", r["config"], str(r["batch"]), r["precision"], r.get("head", "unfused"))] = r["step_s"] * 1e3
     for r in result["sections"].get("data", {}).get("rows", []):
         if "tiles_per_s" in r:
             keyed[("data", r["path"], "", "", "")] = 1e3 / r["tiles_per_s"]

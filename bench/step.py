@@ -3,6 +3,8 @@
 One step = teacher forward on the global views, student forward on global + local views, DINO loss with
 dual centering, backward, AdamW, EMA teacher update (one process, no FSDP: the per-GPU cost). MFU counts
 useful FLOPs (3x the student forward, 1x the teacher forward) against the GPU's dense bf16 peak.
+Each config runs twice: the unfused head (prototype layers, teacher softmax, cross-entropy ops) and
+`ssl.fused_head_loss` (one dino_head_loss op: on a GPU the Triton kernel, no (views x B, K) logits).
 """
 
 import time
@@ -22,7 +24,10 @@ CONFIGS = {
 MODALITY, CHANNELS, N_GLOBAL = "s2_l2a", 12, 2
 
 
-def _build(name: str, device: str):
+HEADS = {"unfused": False, "fused": True}
+
+
+def _build(name: str, device: str, fused: bool):
     from terrafm.models import build_model
     from terrafm.ssl.loss import DINOLoss
     from terrafm.ssl.meta_arch import SSLMetaArch
@@ -30,7 +35,8 @@ def _build(name: str, device: str):
     backbone, batch, gsize, lsize, n_local, k, hidden, bottleneck = CONFIGS[name]
     loss = DINOLoss(k, num_classes=11, high_classes=[0, 1])
     head = dict(num_prototypes=k, hidden_dim=hidden, bottleneck_dim=bottleneck, num_layers=3)
-    arch = SSLMetaArch.build(partial(build_model, backbone, img_size=gsize), head, loss, 0.0).to(device)
+    torch.manual_seed(0)  # the same weights for both heads: their losses are comparable
+    arch = SSLMetaArch.build(partial(build_model, backbone, img_size=gsize), head, loss, 0.0, fused).to(device)
     arch.teacher.eval()
     g = torch.Generator().manual_seed(0)
     views_g = [{MODALITY: torch.randn(batch, CHANNELS, gsize, gsize, generator=g).to(device)} for _ in range(N_GLOBAL)]
@@ -51,10 +57,10 @@ def _flops_per_step(arch, name: str) -> float:
     return batch * (3 * (N_GLOBAL * g + n_local * loc) + N_GLOBAL * g)
 
 
-def _measure(name: str, device: str, steps: int) -> dict:
+def _measure(name: str, head: str, device: str, steps: int) -> dict:
     from terrafm.train.metrics import peak_flops
 
-    arch, views_g, views_l, majority = _build(name, device)
+    arch, views_g, views_l, majority = _build(name, device, HEADS[head])
     opt = torch.optim.AdamW([p for p in arch.student.parameters() if p.requires_grad], lr=1e-4)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
 
@@ -79,7 +85,7 @@ def _measure(name: str, device: str, steps: int) -> dict:
     flops = _flops_per_step(arch, name)
     peak = peak_flops(torch.device(device), "bf16" if device == "cuda" else "fp32", 0.0)
     mem = peak_memory(step, device) if device == "cuda" or name == "tiny" else {"bytes": None, "how": "skipped"}
-    return {"config": name, "backbone": CONFIGS[name][0], "batch": batch, "steps": steps,
+    return {"config": name, "backbone": CONFIGS[name][0], "head": head, "batch": batch, "steps": steps,
             "precision": "bf16 autocast" if device == "cuda" else "fp32", "step_s": seconds,
             "img_per_s": batch / seconds, "tflops_per_step": flops / 1e12,
             "mfu": flops / seconds / peak if peak else None,
@@ -90,13 +96,14 @@ def _measure(name: str, device: str, steps: int) -> dict:
 def run(device: str, quick: bool, log) -> list[dict]:
     rows = []
     for name in CONFIGS:
-        if device != "cuda" and name != "tiny":
-            rows.append({"config": name, "backbone": CONFIGS[name][0], "skipped": "needs GPU"})
-            log(f"  {name:6s} skipped: needs GPU")
-            continue
-        steps = (2 if quick else 10) if device != "cuda" else (5 if quick else 20)
-        row = _measure(name, device, steps)
-        rows.append(row)
-        log(f"  {name:6s} {row['img_per_s']:8.1f} img/s  step {row['step_s'] * 1e3:8.1f} ms  "
-            f"MFU {row['mfu'] if row['mfu'] is not None else 'n/a'}")
+        for head in HEADS:
+            if device != "cuda" and name != "tiny":
+                rows.append({"config": name, "backbone": CONFIGS[name][0], "head": head, "skipped": "needs GPU"})
+                log(f"  {name:6s} {head:8s} skipped: needs GPU")
+                continue
+            steps = (2 if quick else 10) if device != "cuda" else (5 if quick else 20)
+            row = _measure(name, head, device, steps)
+            rows.append(row)
+            log(f"  {name:6s} {head:8s} {row['img_per_s']:8.1f} img/s  step {row['step_s'] * 1e3:8.1f} ms  "
+                f"MFU {row['mfu'] if row['mfu'] is not None else 'n/a'}")
     return rows

@@ -93,3 +93,17 @@ def test_fused_loss_footprint_grows_with_k_d_not_with_rows_times_k():
     logits_fp32 = (S + T) * 64 * K * 4  # one (rows, K) tensor of the unfused path at B = 64
     grow = fused_footprint_bytes(S, T, 128, K, D, dtype_bytes=2) - fused_footprint_bytes(S, T, 64, K, D, dtype_bytes=2)
     assert 0 < grow < 0.05 * logits_fp32
+
+
+def test_step_section_times_the_unfused_and_the_fused_head(tmp_path):
+    assert main(["bench", "--quick", "--only", "step", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["sections"]["step"]
+    timed = {(r["config"], r["head"]): r for r in rows if "step_s" in r}
+    assert set(timed) == {("tiny", "unfused"), ("tiny", "fused")}
+    for r in timed.values():
+        assert r["step_s"] > 0 and r["peak_bytes"] > 0 and torch.isfinite(torch.tensor(r["loss"]))
+    # the same seeded weights and batch: the fused op (torch reference here) gives the unfused loss
+    assert abs(timed["tiny", "fused"]["loss"] - timed["tiny", "unfused"]["loss"]) < 1e-4
+    skipped = {(r["config"], r["head"]) for r in rows if r.get("skipped") == "needs GPU"}
+    assert skipped == {(c, h) for c in ("ViT-S", "ViT-B", "ViT-L") for h in ("unfused", "fused")}
+    assert "| tiny | terrafm_tiny | fused |" in (tmp_path / "bench.md").read_text()
