@@ -1,13 +1,12 @@
 """2-rank FSDP2 (gloo, torchrun) matches 1 rank on the same global batch: losses, grad norms, teacher."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_harness import HARNESS, free_port
+from train_harness import HARNESS, free_port, metric_records
 
 from terrafm.train.checkpoint import load_backbone_state
 
@@ -17,7 +16,7 @@ STEPS = ["train.max_steps=3", "train.checkpoint_every=3", "ssl.teacher_momentum=
 
 
 def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    return metric_records(out / "run")
 
 
 @pytest.mark.parametrize("fused_head_loss", [False, True])

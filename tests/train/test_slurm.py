@@ -6,7 +6,6 @@ overrides through, and the preemption path: SIGUSR1 (SLURM's --signal=USR1@120 w
 step -> every rank checkpoints -> `scontrol requeue` -> the requeued job resumes where it stopped.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_harness import free_port, wait_for
+from train_harness import free_port, metric_records, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "scripts" / "slurm"
@@ -47,12 +46,11 @@ def slurm_env(tmp_path: Path) -> dict:
                RUN_DIR=str(tmp_path / "run"), GPUS_PER_NODE="2", MASTER_PORT=str(free_port()),
                SLURM_JOB_ID=JOB_ID, SLURM_JOB_NODELIST="node001", SLURM_JOB_NUM_NODES="1",
                SCONTROL_LOG=str(tmp_path / "scontrol.log"))
-    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
 def steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in metric_records(run_dir)]
 
 
 def test_multinode_script_trains_and_checkpoints_through_c10d_rendezvous(tmp_path):

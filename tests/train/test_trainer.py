@@ -1,12 +1,12 @@
 """The training loop in-process: the loss falls, NaN stops the run clearly, the CLI and export work."""
 
-import json
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from synthetic import TINY_OVERRIDES, SyntheticLoader
+from train_harness import metric_records
 
 from terrafm.cli import main
 from terrafm.config import load_config
@@ -23,8 +23,7 @@ def test_loss_goes_down_on_a_small_fixed_set(tmp_path):
                       "optim.lr=0.02", "ssl.teacher_temperature=0.02", "ssl.warmup_teacher_temperature=0.02",
                       "ssl.teacher_momentum=0.99", "ssl.center_momentum=0.99", "ssl.center_high_momentum=0.99")
     train(cfg, loader=SyntheticLoader(num_samples=16, batch_size=8))
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    loss = [r["loss"] for r in records]
+    loss = [r["loss"] for r in metric_records(tmp_path / "run")]
     assert len(loss) == 24
     first, last = sum(loss[:3]) / 3, sum(loss[-6:]) / 6
     assert last < 0.75 * first, f"loss did not fall: first steps {loss[:3]}, last steps {loss[-6:]}"
@@ -90,6 +89,6 @@ def test_activation_checkpointing_and_compile_per_block_keep_the_losses(tmp_path
                           "train.activation_checkpointing=true", "train.compile=true")
     train(plain, loader=SyntheticLoader())
     train(wrapped, loader=SyntheticLoader())
-    read = lambda d: [json.loads(x)["loss"] for x in (d / "run" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    read = lambda d: [r["loss"] for r in metric_records(d / "run")]  # noqa: E731
     for a, b in zip(read(tmp_path / "plain"), read(tmp_path / "wrapped"), strict=True):
         assert abs(a - b) <= 1e-4 * abs(a), (a, b)

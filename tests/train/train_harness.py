@@ -25,9 +25,13 @@ def run_harness(out: Path, *args: str, expect_rc: int = 0, timeout: int = 300) -
     return proc
 
 
+def metric_records(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl, one dict per logged step."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(out: Path) -> dict[int, float]:
-    lines = (out / "run" / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+    return {r["step"]: r["loss"] for r in metric_records(out / "run")}
 
 
 def free_port() -> int:
