@@ -1,6 +1,6 @@
 """terrafm_kernels: fused Triton kernels for ViTs, importable with only torch and triton installed.
 
-Modules (one kernel family each, with its autograd.Function and nn.Module drop-in):
+Modules (one kernel family each: Triton kernels, a torch custom op with its autograd, an nn.Module drop-in):
     reference           pure-PyTorch specification of every op (no triton import)
     patch_embed         patchify + GEMM + bias + modality/position embedding
     fusion              adaptive cross-attention fusion over modality tokens

@@ -6,13 +6,17 @@ import os
 
 import torch
 
+# The one place TRITON_INTERPRET is read (terrafm.backends asks here too). Triton reads it when a
+# kernel is decorated, at import, so it is read once at import: setting it later changes nothing.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
 def interpreted(tensor: torch.Tensor) -> bool:
     """True when the kernel runs in the Triton interpreter (CPU tensors, TRITON_INTERPRET=1)."""
-    return tensor.device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+    return tensor.device.type == "cpu" or INTERPRET
 
 
 def check_tensor(name: str, x: torch.Tensor, ndim: int, device: torch.device | None = None,
@@ -30,7 +34,7 @@ def check_tensor(name: str, x: torch.Tensor, ndim: int, device: torch.device | N
         raise ValueError(f"{name} must be contiguous (call .contiguous() first); got strides {x.stride()}")
     if x.device.type not in ("cuda", "cpu"):
         raise ValueError(f"{name} must be on a cuda device (or cpu under TRITON_INTERPRET=1), got {x.device}")
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if x.device.type == "cpu" and not INTERPRET:
         raise ValueError(f"{name} is on the cpu: the Triton kernels need cuda tensors, or TRITON_INTERPRET=1 "
                          "set before triton is imported (tests); on cpu use the op registry's torch backend")
 

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the rows as JSON to this path")
     parser.add_argument("--strict", action="store_true", help="fail when a kernel module is missing")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if importlib.import_module(f"{PACKAGE}._common").INTERPRET:
         # @triton.jit objects are interpreter functions under TRITON_INTERPRET=1; compile in a clean child.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", f"{PACKAGE}.compile_report", *(argv or sys.argv[1:])],

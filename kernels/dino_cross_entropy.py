@@ -121,46 +121,87 @@ def _launch_shape(student_logits: torch.Tensor) -> tuple[int, int, int, int]:
     return max(16, triton.next_power_of_2(S)), block_k, splits, per_split
 
 
-class _DINOCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_logits, teacher_probs, student_temperature):
-        S, B, K = student_logits.shape
-        T = teacher_probs.shape[0]
-        block_s, block_k, splits, per_split = _launch_shape(student_logits)
-        scale = math.log2(math.e) / student_temperature
-        partial = torch.empty((4, S, B, splits), dtype=torch.float32, device=student_logits.device)
-        _dino_ce_fwd_kernel[(B, splits)](
-            student_logits, teacher_probs, partial, S, T, B, K, per_split, scale,
-            BLOCK_S=block_s, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
-        )
-        m, row_sum, qx, n = partial
-        # m is the running max of the raw logits: exponents are (x - m) * scale, so the largest
-        # softmax entries carry no rounding from the (large) absolute logit scale.
-        row_max = m.max(dim=-1).values
-        log2_sum = torch.log2((row_sum * torch.exp2((m - row_max.unsqueeze(-1)) * scale)).sum(dim=-1))
-        qx, n = qx.sum(dim=-1), n.sum(dim=-1)
-        pairs = T * S - min(S, T)
-        rows_loss = (n * row_max - qx) / student_temperature + n * log2_sum * math.log(2.0)
-        loss = rows_loss.sum() / (pairs * B)
-        ctx.save_for_backward(student_logits, teacher_probs, row_max.contiguous(), log2_sum.contiguous(),
-                              n.contiguous())
-        ctx.student_temperature, ctx.pairs = student_temperature, pairs
-        return loss
+def _launch_forward(student_logits, teacher_probs, student_temperature):
+    """(loss, row_max, log2_sum, n): the scalar loss and the per-row (S, B) statistics backward needs."""
+    S, B, K = student_logits.shape
+    T = teacher_probs.shape[0]
+    block_s, block_k, splits, per_split = _launch_shape(student_logits)
+    scale = math.log2(math.e) / student_temperature
+    partial = torch.empty((4, S, B, splits), dtype=torch.float32, device=student_logits.device)
+    _dino_ce_fwd_kernel[(B, splits)](
+        student_logits, teacher_probs, partial, S, T, B, K, per_split, scale,
+        BLOCK_S=block_s, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
+    )
+    m, row_sum, qx, n = partial
+    # m is the running max of the raw logits: exponents are (x - m) * scale, so the largest
+    # softmax entries carry no rounding from the (large) absolute logit scale.
+    row_max = m.max(dim=-1).values
+    log2_sum = torch.log2((row_sum * torch.exp2((m - row_max.unsqueeze(-1)) * scale)).sum(dim=-1))
+    qx, n = qx.sum(dim=-1), n.sum(dim=-1)
+    pairs = T * S - min(S, T)
+    rows_loss = (n * row_max - qx) / student_temperature + n * log2_sum * math.log(2.0)
+    loss = rows_loss.sum() / (pairs * B)
+    return loss, row_max.contiguous(), log2_sum.contiguous(), n.contiguous()
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        student_logits, teacher_probs, row_max, log2_sum, n = ctx.saved_tensors
-        S, B, K = student_logits.shape
-        T = teacher_probs.shape[0]
-        block_s, block_k, splits, per_split = _launch_shape(student_logits)
-        tau = ctx.student_temperature
-        grad = torch.empty_like(student_logits)
-        _dino_ce_bwd_kernel[(B, splits)](
-            student_logits, teacher_probs, row_max, log2_sum, n, grad_loss.float().contiguous(), grad,
-            S, T, B, K, per_split, math.log2(math.e) / tau, 1.0 / (ctx.pairs * B * tau),
-            BLOCK_S=block_s, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
-        )
-        return grad, None, None
+
+def _launch_backward(grad_loss, student_logits, teacher_probs, row_max, log2_sum, n, student_temperature):
+    S, B, K = student_logits.shape
+    T = teacher_probs.shape[0]
+    block_s, block_k, splits, per_split = _launch_shape(student_logits)
+    tau = student_temperature
+    pairs = T * S - min(S, T)
+    grad = torch.empty_like(student_logits)
+    _dino_ce_bwd_kernel[(B, splits)](
+        student_logits, teacher_probs, row_max, log2_sum, n, grad_loss.float().contiguous(), grad,
+        S, T, B, K, per_split, math.log2(math.e) / tau, 1.0 / (pairs * B * tau),
+        BLOCK_S=block_s, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
+    )
+    return grad
+
+
+# torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes),
+# so the same graph runs the compiled kernel on a GPU and the interpreter on CPU tensors.
+@torch.library.custom_op("terrafm::dino_cross_entropy", mutates_args=())
+def _dino_ce_op(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                student_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_forward(student_logits, teacher_probs, student_temperature)
+
+
+@_dino_ce_op.register_fake
+def _(student_logits, teacher_probs, student_temperature):
+    S, B, _ = student_logits.shape
+    new = student_logits.new_empty
+    return (new((), dtype=torch.float32),) + tuple(new((S, B), dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("terrafm::dino_cross_entropy_backward", mutates_args=())
+def _dino_ce_backward_op(grad_loss: torch.Tensor, student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                         row_max: torch.Tensor, log2_sum: torch.Tensor, n: torch.Tensor,
+                         student_temperature: float) -> torch.Tensor:
+    return _launch_backward(grad_loss, student_logits, teacher_probs, row_max, log2_sum, n, student_temperature)
+
+
+@_dino_ce_backward_op.register_fake
+def _(grad_loss, student_logits, teacher_probs, row_max, log2_sum, n, student_temperature):
+    return torch.empty_like(student_logits)
+
+
+def _setup_context(ctx, inputs, output):
+    student_logits, teacher_probs, student_temperature = inputs
+    _, row_max, log2_sum, n = output
+    ctx.save_for_backward(student_logits, teacher_probs, row_max, log2_sum, n)
+    ctx.mark_non_differentiable(row_max, log2_sum, n)
+    ctx.student_temperature = student_temperature
+
+
+def _backward(ctx, grad_loss, *_grad_stats):
+    student_logits, teacher_probs, row_max, log2_sum, n = ctx.saved_tensors
+    grad = _dino_ce_backward_op(grad_loss, student_logits, teacher_probs, row_max, log2_sum, n,
+                                ctx.student_temperature)
+    return grad, None, None
+
+
+_dino_ce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _validate(student_logits, teacher_probs, student_temperature) -> None:
@@ -186,10 +227,11 @@ def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor
     """Fused reference.dino_cross_entropy: scalar fp32 loss; differentiable in student_logits only.
 
     student_logits (S, B, K) fp32/fp16/bf16, teacher_probs (T, B, K) (fp32 from teacher_softmax),
-    contiguous, same device; S <= 16.
+    contiguous, same device; S <= 16. The `terrafm::dino_cross_entropy` custom op: torch.compile
+    (fullgraph=True) takes it without a graph break.
     """
     _validate(student_logits, teacher_probs, student_temperature)
-    return _DINOCrossEntropy.apply(student_logits, teacher_probs.detach(), float(student_temperature))
+    return _dino_ce_op(student_logits, teacher_probs.detach(), float(student_temperature))[0]
 
 
 class DINOCrossEntropy(torch.nn.Module):

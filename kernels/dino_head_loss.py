@@ -288,52 +288,100 @@ def _t_project(launch, h, w, x, center, center_high, row_max, log2_sum, scale, a
     return out
 
 
-class _DINOHeadLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hs, ws, ht, wt, center, center_high, high_weight, views, temps, alpha):
-        S, T, B = views
-        tau_t, tau_s = temps
-        launch = _Launch(hs, ws.shape[0], ws.shape[1])
-        scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
-        t_max, t_log2_sum, column = _row_stats(launch, ht, wt, center, center_high, high_weight, scale_t,
-                                               alpha, True)
-        s_max, s_log2_sum, _ = _row_stats(launch, hs, ws, center, center_high, high_weight, scale_s, alpha,
-                                          False)
-        A, mass = _project(launch, ht, wt, ws, center, center_high, t_max, t_log2_sum, scale_t, alpha, True)
-        A, mass = A.reshape(T, B, -1), mass.reshape(T, B)
-        views_t, views_s = torch.arange(T, device=hs.device), torch.arange(S, device=hs.device)
-        pair = (views_t.unsqueeze(1) != views_s.unsqueeze(0)).float()  # (T, S): 1 where the views differ
-        pairs = T * S - min(S, T)
-        lse = (s_max / tau_s + s_log2_sum * math.log(2.0)).reshape(S, B)
-        hs3 = hs.float().reshape(S, B, -1)
-        cross = torch.einsum("tbd,sbd->tsb", A, hs3)
-        per_pair = mass.unsqueeze(1) * lse.unsqueeze(0) - cross / tau_s  # (T, S, B)
-        loss = (pair.unsqueeze(-1) * per_pair).sum() / (pairs * B)
-        ctx.save_for_backward(hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A,
-                              mass, pair)
-        ctx.meta = (S, T, B, tau_t, tau_s, alpha, pairs)
-        ctx.mark_non_differentiable(column)
-        return loss, column[0], column[1]
+def _pairs(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """(T, S) float: 1 where teacher view t and student view s differ."""
+    return (torch.arange(T, device=device).unsqueeze(1) != torch.arange(S, device=device).unsqueeze(0)).float()
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_logit_sum, _grad_high_logit_sum):
-        (hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, mass,
-         pair) = ctx.saved_tensors
-        S, T, B, tau_t, tau_s, alpha, pairs = ctx.meta
-        launch = _Launch(hs, ws.shape[0], ws.shape[1])
-        scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
-        coef = grad_loss.float() / (pairs * B * tau_s)
-        n = torch.einsum("ts,tb->sb", pair, mass)  # (S, B) teacher mass paired with each student row
-        Bs, _ = _project(launch, hs, ws, ws, center, center_high, s_max, s_log2_sum, scale_s, alpha, False)
-        grad_hs = coef * (n.unsqueeze(-1) * Bs.reshape(S, B, -1) - torch.einsum("ts,tbd->sbd", pair, A))
-        hs3 = hs.float().reshape(S, B, -1)
-        h_bar = torch.einsum("ts,sbd->tbd", pair, hs3).reshape(T * B, -1)
-        student_term = _t_project(launch, hs, ws, (n.unsqueeze(-1) * hs3).reshape(S * B, -1), center,
-                                  center_high, s_max, s_log2_sum, scale_s, alpha, False)
-        teacher_term = _t_project(launch, ht, wt, h_bar, center, center_high, t_max, t_log2_sum, scale_t,
-                                  alpha, True)
-        grad_ws = coef * (student_term - teacher_term)
-        return (grad_hs.reshape(S * B, -1).to(hs.dtype), grad_ws.to(ws.dtype)) + (None,) * 8
+
+def _launch_forward(hs, ws, ht, wt, center, center_high, high_weight, S, T, B, tau_t, tau_s, alpha):
+    """(loss, logit_sum, high_logit_sum) and the statistics backward needs (t_max, t_log2_sum, s_max,
+    s_log2_sum, A (T, B, D), mass (T, B))."""
+    launch = _Launch(hs, ws.shape[0], ws.shape[1])
+    scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
+    t_max, t_log2_sum, column = _row_stats(launch, ht, wt, center, center_high, high_weight, scale_t, alpha, True)
+    s_max, s_log2_sum, _ = _row_stats(launch, hs, ws, center, center_high, high_weight, scale_s, alpha, False)
+    A, mass = _project(launch, ht, wt, ws, center, center_high, t_max, t_log2_sum, scale_t, alpha, True)
+    A, mass = A.reshape(T, B, -1), mass.reshape(T, B)
+    pair = _pairs(T, S, hs.device)
+    pairs = T * S - min(S, T)
+    lse = (s_max / tau_s + s_log2_sum * math.log(2.0)).reshape(S, B)
+    hs3 = hs.float().reshape(S, B, -1)
+    cross = torch.einsum("tbd,sbd->tsb", A, hs3)
+    per_pair = mass.unsqueeze(1) * lse.unsqueeze(0) - cross / tau_s  # (T, S, B)
+    loss = (pair.unsqueeze(-1) * per_pair).sum() / (pairs * B)
+    return loss, column[0].clone(), column[1].clone(), t_max, t_log2_sum, s_max, s_log2_sum, A, mass
+
+
+def _launch_backward(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, mass,
+                     S, T, B, tau_t, tau_s, alpha):
+    """(grad_hs, grad_ws)."""
+    launch = _Launch(hs, ws.shape[0], ws.shape[1])
+    scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
+    pair = _pairs(T, S, hs.device)
+    pairs = T * S - min(S, T)
+    coef = grad_loss.float() / (pairs * B * tau_s)
+    n = torch.einsum("ts,tb->sb", pair, mass)  # (S, B) teacher mass paired with each student row
+    Bs, _ = _project(launch, hs, ws, ws, center, center_high, s_max, s_log2_sum, scale_s, alpha, False)
+    grad_hs = coef * (n.unsqueeze(-1) * Bs.reshape(S, B, -1) - torch.einsum("ts,tbd->sbd", pair, A))
+    hs3 = hs.float().reshape(S, B, -1)
+    h_bar = torch.einsum("ts,sbd->tbd", pair, hs3).reshape(T * B, -1)
+    student_term = _t_project(launch, hs, ws, (n.unsqueeze(-1) * hs3).reshape(S * B, -1), center,
+                              center_high, s_max, s_log2_sum, scale_s, alpha, False)
+    teacher_term = _t_project(launch, ht, wt, h_bar, center, center_high, t_max, t_log2_sum, scale_t, alpha, True)
+    grad_ws = coef * (student_term - teacher_term)
+    return grad_hs.reshape(S * B, -1).to(hs.dtype), grad_ws.to(ws.dtype)
+
+
+# torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes),
+# so the same graph runs the compiled kernels on a GPU and the interpreter on CPU tensors.
+@torch.library.custom_op("terrafm::dino_head_loss", mutates_args=())
+def _head_loss_op(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor, center: torch.Tensor,
+                  center_high: torch.Tensor, high_weight: torch.Tensor, S: int, T: int, B: int, tau_t: float,
+                  tau_s: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       torch.Tensor]:
+    return _launch_forward(hs, ws, ht, wt, center, center_high, high_weight, S, T, B, tau_t, tau_s, alpha)
+
+
+@_head_loss_op.register_fake
+def _(hs, ws, ht, wt, center, center_high, high_weight, S, T, B, tau_t, tau_s, alpha):
+    K, D = ws.shape
+    f32 = dict(dtype=torch.float32)
+    new = hs.new_empty
+    return (new((), **f32), new((K,), **f32), new((K,), **f32), new((T * B,), **f32), new((T * B,), **f32),
+            new((S * B,), **f32), new((S * B,), **f32), new((T, B, D), **f32), new((T, B), **f32))
+
+
+@torch.library.custom_op("terrafm::dino_head_loss_backward", mutates_args=())
+def _head_loss_backward_op(grad_loss: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor,
+                           wt: torch.Tensor, center: torch.Tensor, center_high: torch.Tensor, t_max: torch.Tensor,
+                           t_log2_sum: torch.Tensor, s_max: torch.Tensor, s_log2_sum: torch.Tensor, A: torch.Tensor,
+                           mass: torch.Tensor, S: int, T: int, B: int, tau_t: float, tau_s: float,
+                           alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_backward(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum,
+                            A, mass, S, T, B, tau_t, tau_s, alpha)
+
+
+@_head_loss_backward_op.register_fake
+def _(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, mass, S, T, B,
+      tau_t, tau_s, alpha):
+    return torch.empty_like(hs), torch.empty_like(ws)
+
+
+def _setup_context(ctx, inputs, output):
+    hs, ws, ht, wt, center, center_high, _high_weight, S, T, B, tau_t, tau_s, alpha = inputs
+    _, logit_sum, high_logit_sum, *stats = output
+    ctx.save_for_backward(hs, ws, ht, wt, center, center_high, *stats)
+    ctx.mark_non_differentiable(logit_sum, high_logit_sum, *stats)
+    ctx.meta = (S, T, B, tau_t, tau_s, alpha)
+
+
+def _backward(ctx, grad_loss, *_grad_rest):
+    grad_hs, grad_ws = _head_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.meta)
+    return (grad_hs, grad_ws) + (None,) * 11
+
+
+_head_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _normalized_weight(weight_v, weight_g):
@@ -389,7 +437,8 @@ def dino_head_loss(student_features, teacher_features, weight_v, center, center_
     high_weight (T*B,) in teacher_features.reshape(T*B, D) row order.
     Returns (loss, logit_sum (K,), high_logit_sum (K,)); loss is differentiable in student_features,
     weight_v and weight_g; the teacher side is treated as constant. fp32 and fp16/bf16 inputs (dots in
-    the input dtype with fp32 accumulation; fp32 uses exact IEEE dots).
+    the input dtype with fp32 accumulation; fp32 uses exact IEEE dots). The `terrafm::dino_head_loss`
+    custom op: torch.compile(fullgraph=True) takes it without a graph break.
     """
     _validate(student_features, teacher_features, weight_v, center, center_high, high_weight,
               teacher_temperature, student_temperature, alpha, teacher_weight_v)
@@ -404,9 +453,10 @@ def dino_head_loss(student_features, teacher_features, weight_v, center, center_
             wt = ws.detach()
         else:
             wt = _normalized_weight(teacher_weight_v.float(), teacher_weight_g).to(dtype).contiguous()
-    return _DINOHeadLoss.apply(hs, ws, ht, wt, center.float().contiguous(), center_high.float().contiguous(),
-                               high_weight.float().contiguous(), (S, T, B),
-                               (float(teacher_temperature), float(student_temperature)), float(alpha))
+    out = _head_loss_op(hs, ws, ht, wt, center.float().contiguous(), center_high.float().contiguous(),
+                        high_weight.float().contiguous(), S, T, B, float(teacher_temperature),
+                        float(student_temperature), float(alpha))
+    return out[:3]
 
 
 def dino_head_loss_reference(student_features, teacher_features, weight_v, center, center_high, high_weight,

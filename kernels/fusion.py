@@ -24,12 +24,12 @@ products use fp32 FMA dots (exact, any input dtype) rather than tensor cores.
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import TRITON_DTYPE, check_tensor, interpreted
 
 MAX_MODALITIES = 16
@@ -206,82 +206,115 @@ def validate(keys, values, queries, pool, num_heads) -> None:
         raise ValueError("cross_attention_fusion: inputs of 2**31 elements or more are not supported; split them")
 
 
-class CrossAttentionFusionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, keys, values, queries, pool, num_heads):
-        T, M, A = keys.shape
-        Q, D = queries.shape[0], A // num_heads
-        scale = 1.0 / math.sqrt(D)
-        out = torch.empty((T, A), dtype=keys.dtype, device=keys.device)
-        w = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
-        _forward_kernel[(T,)](keys, values, queries, pool, out, w, M, Q, A, D, scale, H=num_heads,
-                              **_blocks(M, Q, D), num_warps=NUM_WARPS)
-        ctx.save_for_backward(keys, values, queries, pool, w)
-        ctx.num_heads = num_heads
-        return out
+def _launch_forward(keys, values, queries, pool, num_heads):
+    """(out (T, A), w (T, Q) fp32 pooling weights saved for backward)."""
+    T, M, A = keys.shape
+    Q, D = queries.shape[0], A // num_heads
+    scale = 1.0 / math.sqrt(D)
+    out = torch.empty((T, A), dtype=keys.dtype, device=keys.device)
+    w = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
+    _forward_kernel[(T,)](keys, values, queries, pool, out, w, M, Q, A, D, scale, H=num_heads,
+                          **_blocks(M, Q, D), num_warps=NUM_WARPS)
+    return out, w
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        keys, values, queries, pool, w = ctx.saved_tensors
-        T, M, A = keys.shape
-        H = ctx.num_heads
-        Q, D = queries.shape[0], A // H
-        scale = 1.0 / math.sqrt(D)
-        blocks = _blocks(M, Q, D)
-        dout = grad_out.contiguous()
-        dl = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
-        _backward_pool_kernel[(T,)](keys, values, queries, w, dout, dl, M, Q, A, D, scale, H=H, **blocks,
-                                    num_warps=NUM_WARPS)
-        block_t = INTERPRETER_BLOCK_T if interpreted(keys) else GPU_BLOCK_T
-        programs = triton.cdiv(T, block_t)
-        dk, dv = torch.empty_like(keys), torch.empty_like(values)
-        dq_partial = torch.empty((programs, Q, A), dtype=torch.float32, device=keys.device)
-        dpool_partial = torch.empty((programs, A), dtype=torch.float32, device=keys.device)
-        grid = (triton.cdiv(blocks["BLOCK_D"], D_CHUNK), H, programs)
-        _backward_head_kernel[grid](keys, values, queries, pool, w, dl, dout, dk, dv, dq_partial, dpool_partial,
-                                    T, M, Q, A, D, scale, BLOCK_T=block_t, **blocks, D_CHUNK=D_CHUNK,
-                                    num_warps=NUM_WARPS_BACKWARD_HEAD)
-        dq = dq_partial.sum(0).to(queries.dtype)
-        dpool = dpool_partial.sum(0).to(pool.dtype)
-        return dk, dv, dq, dpool, None
+
+def _launch_backward(grad_out, keys, values, queries, pool, w, num_heads):
+    T, M, A = keys.shape
+    H = num_heads
+    Q, D = queries.shape[0], A // H
+    scale = 1.0 / math.sqrt(D)
+    blocks = _blocks(M, Q, D)
+    dout = grad_out.contiguous()
+    dl = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
+    _backward_pool_kernel[(T,)](keys, values, queries, w, dout, dl, M, Q, A, D, scale, H=H, **blocks,
+                                num_warps=NUM_WARPS)
+    block_t = INTERPRETER_BLOCK_T if interpreted(keys) else GPU_BLOCK_T
+    programs = triton.cdiv(T, block_t)
+    dk, dv = torch.empty_like(keys), torch.empty_like(values)
+    dq_partial = torch.empty((programs, Q, A), dtype=torch.float32, device=keys.device)
+    dpool_partial = torch.empty((programs, A), dtype=torch.float32, device=keys.device)
+    grid = (triton.cdiv(blocks["BLOCK_D"], D_CHUNK), H, programs)
+    _backward_head_kernel[grid](keys, values, queries, pool, w, dl, dout, dk, dv, dq_partial, dpool_partial,
+                                T, M, Q, A, D, scale, BLOCK_T=block_t, **blocks, D_CHUNK=D_CHUNK,
+                                num_warps=NUM_WARPS_BACKWARD_HEAD)
+    dq = dq_partial.sum(0).to(queries.dtype)
+    dpool = dpool_partial.sum(0).to(pool.dtype)
+    return dk, dv, dq, dpool
+
+
+# torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes),
+# so the same graph runs the compiled kernel on a GPU and the interpreter on CPU tensors.
+@torch.library.custom_op("terrafm::cross_attention_fusion", mutates_args=())
+def _fusion_op(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, pool: torch.Tensor,
+               num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_forward(keys, values, queries, pool, num_heads)
+
+
+@_fusion_op.register_fake
+def _(keys, values, queries, pool, num_heads):
+    T, _, A = keys.shape
+    return keys.new_empty((T, A)), keys.new_empty((T, queries.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("terrafm::cross_attention_fusion_backward", mutates_args=())
+def _fusion_backward_op(grad_out: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
+                        pool: torch.Tensor, w: torch.Tensor,
+                        num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(grad_out, keys, values, queries, pool, w, num_heads)
+
+
+@_fusion_backward_op.register_fake
+def _(grad_out, keys, values, queries, pool, w, num_heads):
+    return torch.empty_like(keys), torch.empty_like(values), torch.empty_like(queries), torch.empty_like(pool)
+
+
+def _setup_context(ctx, inputs, output):
+    keys, values, queries, pool, num_heads = inputs
+    ctx.save_for_backward(keys, values, queries, pool, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.num_heads = num_heads
+
+
+def _backward(ctx, grad_out, _grad_w):
+    keys, values, queries, pool, w = ctx.saved_tensors
+    return _fusion_backward_op(grad_out, keys, values, queries, pool, w, ctx.num_heads) + (None,)
+
+
+_fusion_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def cross_attention_fusion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, pool: torch.Tensor,
                            num_heads: int) -> torch.Tensor:
     """Fused reference.cross_attention_fusion: (T, A) in keys' dtype, fp32 math inside.
 
-    Gradients flow to keys, values, queries and pool.
+    Gradients flow to keys, values, queries and pool. The `terrafm::cross_attention_fusion` custom
+    op: torch.compile(fullgraph=True) takes it without a graph break.
     """
     validate(keys, values, queries, pool, num_heads)
-    apply = _apply_interpreted if interpreted(keys) else CrossAttentionFusionFunction.apply
-    return apply(keys, values, queries, pool, num_heads)
-
-
-# Under the interpreter the kernel is numpy code that torch.compile must not trace.
-_apply_interpreted = torch.compiler.disable(CrossAttentionFusionFunction.apply)
+    return _fusion_op(keys, values, queries, pool, num_heads)[0]
 
 
 class CrossAttentionFusion(torch.nn.Module):
     """Drop-in fusion layer owning the Q learned queries and the pooling vector.
 
     forward(keys, values) with keys/values (T, M, dim) -> (T, dim). Uses the Triton kernel on CUDA
-    (or on CPU under TRITON_INTERPRET=1) and the reference otherwise.
+    tensors; on CPU tensors the kernel under TRITON_INTERPRET=1, else the reference (chosen when built).
     """
 
     def __init__(self, dim: int, num_queries: int = 5, num_heads: int = 16):
         super().__init__()
+        from .reference import cross_attention_fusion as reference
+
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.queries = torch.nn.Parameter(torch.randn(num_queries, dim) * 0.02)
         self.pool = torch.nn.Parameter(torch.zeros(dim))
+        self.cpu_impl = cross_attention_fusion if _common.INTERPRET else reference
 
     def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        if keys.is_cuda or (keys.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-            return cross_attention_fusion(keys, values, self.queries, self.pool, self.num_heads)
-        from .reference import cross_attention_fusion as reference
-
-        return reference(keys, values, self.queries, self.pool, self.num_heads)
+        fn = cross_attention_fusion if keys.is_cuda else self.cpu_impl
+        return fn(keys, values, self.queries, self.pool, self.num_heads)
 
 
 def roofline_cost(T: int, M: int, A: int, Q: int = 5, dtype_bytes: int = 2, backward: bool = False) -> dict:

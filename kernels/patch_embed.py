@@ -17,11 +17,11 @@ The weight is re-read once per row block (M / BLOCK_M times), from L2 in practic
 sizes (M = 256 x 196, Kd = 12 x 256, E = 2304) the GEMM is compute bound (~110 FLOPs per byte).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import _common
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -135,7 +135,7 @@ def _grad_input_kernel(
 
 
 def _interpreted(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+    return _common.interpreted(x)
 
 
 def _config(x: torch.Tensor) -> dict:
@@ -178,7 +178,7 @@ def validate(x, weight, bias, modality_embed, pos_embed) -> None:
     _check("bias", bias, (E,), x.device)
     _check("modality_embed", None if modality_embed is None else modality_embed.reshape(-1), (E,), x.device)
     _check("pos_embed", None if pos_embed is None else pos_embed.reshape(-1, E), ((H // p) * (W // p), E), x.device)
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if x.device.type == "cpu" and not _common.INTERPRET:
         raise ValueError("x is on the cpu: the Triton kernel needs cuda tensors, or TRITON_INTERPRET=1 set before "
                          "triton is imported; on cpu use terrafm_kernels.reference.patch_embed")
     if x.numel() >= 2**31 or B * (H // p) * (W // p) * E >= 2**31:
@@ -192,58 +192,99 @@ def _geometry(x: torch.Tensor, weight: torch.Tensor) -> dict:
     return dict(M=B * gh * gw, E=E, KD=C * p * p, N=gh * gw, GW=gw, C=C, H=H, W=W)
 
 
-class PatchEmbedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, modality_embed, pos_embed):
-        geo = _geometry(x, weight)
-        cfg = _config(x)
-        p = weight.shape[-1]
-        x_c, w_c = x.contiguous(), weight.contiguous()
-        out = torch.empty((geo["M"], geo["E"]), dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(geo["M"], cfg["BLOCK_M"]), triton.cdiv(geo["E"], cfg["BLOCK_N"]))
-        dummy = out
-        _forward_kernel[grid](
-            x_c, w_c.to(x.dtype), dummy if bias is None else bias.contiguous(),
-            dummy if modality_embed is None else modality_embed.reshape(-1).contiguous(),
-            dummy if pos_embed is None else pos_embed.reshape(-1, geo["E"]).contiguous(), out,
-            *geo.values(), P=p, HAS_BIAS=bias is not None, HAS_EMBED=modality_embed is not None,
-            HAS_POS=pos_embed is not None, DOT_PRECISION=_dot_precision(x.dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-        ctx.save_for_backward(x_c, w_c)
-        ctx.has = (bias is not None, modality_embed is not None, pos_embed is not None)
-        ctx.shapes = (None if modality_embed is None else modality_embed.shape,
-                      None if pos_embed is None else pos_embed.shape)
-        return out.view(x.shape[0], geo["N"], geo["E"])
+def _launch_forward(x, weight, bias, modality_embed, pos_embed) -> torch.Tensor:
+    geo = _geometry(x, weight)
+    cfg = _config(x)
+    p = weight.shape[-1]
+    x_c, w_c = x.contiguous(), weight.contiguous()
+    out = torch.empty((geo["M"], geo["E"]), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(geo["M"], cfg["BLOCK_M"]), triton.cdiv(geo["E"], cfg["BLOCK_N"]))
+    dummy = out
+    _forward_kernel[grid](
+        x_c, w_c.to(x.dtype), dummy if bias is None else bias.contiguous(),
+        dummy if modality_embed is None else modality_embed.reshape(-1).contiguous(),
+        dummy if pos_embed is None else pos_embed.reshape(-1, geo["E"]).contiguous(), out,
+        *geo.values(), P=p, HAS_BIAS=bias is not None, HAS_EMBED=modality_embed is not None,
+        HAS_POS=pos_embed is not None, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out.view(x.shape[0], geo["N"], geo["E"])
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        geo = _geometry(x, weight)
-        cfg = _config(x)
-        p = weight.shape[-1]
-        g = grad_out.reshape(geo["M"], geo["E"]).contiguous().to(x.dtype)
-        common = dict(P=p, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                      BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[1]:
-            gw = torch.empty((geo["E"], geo["KD"]), dtype=torch.float32, device=x.device)
-            grid = (triton.cdiv(geo["E"], cfg["BLOCK_N"]), triton.cdiv(geo["KD"], cfg["BLOCK_K"]))
-            _grad_weight_kernel[grid](x, g, gw, *geo.values(), **common)
-            grad_w = gw.view(weight.shape).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.empty_like(x)
-            grid = (triton.cdiv(geo["M"], cfg["BLOCK_M"]), triton.cdiv(geo["KD"], cfg["BLOCK_K"]))
-            _grad_input_kernel[grid](g, weight.to(x.dtype), grad_x, *geo.values(), **common)
-        has_bias, has_embed, has_pos = ctx.has
-        col_sum = grad_out.reshape(geo["M"], geo["E"]).float().sum(0) if (has_bias or has_embed) else None
-        grad_bias = col_sum if has_bias and ctx.needs_input_grad[2] else None
-        grad_embed = col_sum.reshape(ctx.shapes[0]) if has_embed and ctx.needs_input_grad[3] else None
-        grad_pos = None
-        if has_pos and ctx.needs_input_grad[4]:
-            grad_pos = grad_out.float().sum(0).reshape(ctx.shapes[1])
-        return grad_x, grad_w, grad_bias, grad_embed, grad_pos
+
+def _launch_backward(grad_out, x, weight, need_x: bool, need_weight: bool):
+    """(grad_x, grad_weight); an empty tensor for a gradient that is not needed."""
+    x, weight = x.contiguous(), weight.contiguous()
+    geo = _geometry(x, weight)
+    cfg = _config(x)
+    p = weight.shape[-1]
+    g = grad_out.reshape(geo["M"], geo["E"]).contiguous().to(x.dtype)
+    common = dict(P=p, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                  BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    grad_x, grad_w = x.new_empty(0), weight.new_empty(0)
+    if need_weight:
+        gw = torch.empty((geo["E"], geo["KD"]), dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(geo["E"], cfg["BLOCK_N"]), triton.cdiv(geo["KD"], cfg["BLOCK_K"]))
+        _grad_weight_kernel[grid](x, g, gw, *geo.values(), **common)
+        grad_w = gw.view(weight.shape).to(weight.dtype)
+    if need_x:
+        grad_x = torch.empty_like(x)
+        grid = (triton.cdiv(geo["M"], cfg["BLOCK_M"]), triton.cdiv(geo["KD"], cfg["BLOCK_K"]))
+        _grad_input_kernel[grid](g, weight.to(x.dtype), grad_x, *geo.values(), **common)
+    return grad_x, grad_w
+
+
+# torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes),
+# so the same graph runs the compiled kernel on a GPU and the interpreter on CPU tensors.
+@torch.library.custom_op("terrafm::patch_embed", mutates_args=())
+def _patch_embed_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    modality_embed: torch.Tensor | None, pos_embed: torch.Tensor | None) -> torch.Tensor:
+    return _launch_forward(x, weight, bias, modality_embed, pos_embed)
+
+
+@_patch_embed_op.register_fake
+def _(x, weight, bias, modality_embed, pos_embed):
+    p = weight.shape[-1]
+    return x.new_empty((x.shape[0], (x.shape[2] // p) * (x.shape[3] // p), weight.shape[0]))
+
+
+@torch.library.custom_op("terrafm::patch_embed_backward", mutates_args=())
+def _patch_embed_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool,
+                             need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_backward(grad_out, x, weight, need_x, need_weight)
+
+
+@_patch_embed_backward_op.register_fake
+def _(grad_out, x, weight, need_x, need_weight):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, modality_embed, pos_embed = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has = (bias is not None, modality_embed is not None, pos_embed is not None)
+    ctx.shapes = (None if modality_embed is None else modality_embed.shape,
+                  None if pos_embed is None else pos_embed.shape)
+
+
+def _backward(ctx, grad_out):
+    """grad_x and grad_weight from the kernels; the bias, modality and position gradients are column sums."""
+    x, weight = ctx.saved_tensors
+    need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx, gw = _patch_embed_backward_op(grad_out, x, weight, need_x, need_weight)
+    has_bias, has_embed, has_pos = ctx.has
+    E = weight.shape[0]
+    col_sum = grad_out.reshape(-1, E).float().sum(0) if (has_bias or has_embed) else None
+    grad_bias = col_sum if has_bias and ctx.needs_input_grad[2] else None
+    grad_embed = col_sum.reshape(ctx.shapes[0]) if has_embed and ctx.needs_input_grad[3] else None
+    grad_pos = None
+    if has_pos and ctx.needs_input_grad[4]:
+        grad_pos = grad_out.float().sum(0).reshape(ctx.shapes[1])
+    return gx if need_x else None, gw if need_weight else None, grad_bias, grad_embed, grad_pos
+
+
+_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def patch_embed(
@@ -256,27 +297,24 @@ def patch_embed(
     """Fused reference.patch_embed: (B, C, H, W) -> (B, N, E) in x's dtype, fp32 accumulation.
 
     Gradients flow to x (only when it requires grad), weight, bias, modality_embed and pos_embed.
+    The `terrafm::patch_embed` custom op: torch.compile(fullgraph=True) takes it without a graph break.
     """
     validate(x, weight, bias, modality_embed, pos_embed)
-    apply = _apply_interpreted if _interpreted(x) else PatchEmbedFunction.apply
-    return apply(x, weight, bias, modality_embed, pos_embed)
-
-
-# Under the interpreter the kernel is numpy code that torch.compile must not trace (it fails on
-# the interpreter's uint64 pointers); on a GPU dynamo captures user Triton kernels itself.
-_apply_interpreted = torch.compiler.disable(PatchEmbedFunction.apply)
+    return _patch_embed_op(x, weight, bias, modality_embed, pos_embed)
 
 
 class PatchEmbed(torch.nn.Module):
     """Drop-in for timm's PatchEmbed: `proj` is a Conv2d ([D, C, p, p] weights load unchanged).
 
-    Runs the Triton kernel when the input is on CUDA (or on CPU under TRITON_INTERPRET=1) and the
-    reference (conv2d) otherwise, so the same module works in any environment.
+    Runs the Triton kernel on CUDA tensors, and on CPU tensors the kernel under TRITON_INTERPRET=1
+    or else the reference (conv2d), chosen when the module is built, so it works in any environment.
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, bias: bool = True):
         super().__init__()
+        from .reference import patch_embed as reference
+
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
         if self.patch_size[0] != self.patch_size[1]:
@@ -284,13 +322,11 @@ class PatchEmbed(torch.nn.Module):
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = torch.nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
+        self.cpu_impl = patch_embed if _common.INTERPRET else reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-            return patch_embed(x, self.proj.weight, self.proj.bias)
-        from .reference import patch_embed as reference
-
-        return reference(x, self.proj.weight, self.proj.bias)
+        fn = patch_embed if x.is_cuda else self.cpu_impl
+        return fn(x, self.proj.weight, self.proj.bias)
 
 
 def roofline_cost(B: int, C: int, H: int, W: int, E: int, p: int, dtype_bytes: int = 2,

@@ -17,18 +17,13 @@ What changes:
 Everything else is left as it is, and the returned SwapReport says what was left and why.
 """
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from . import _common
 from .patch_embed import patch_embed as fused_patch_embed
-
-
-def _kernel_usable(x: torch.Tensor) -> bool:
-    """Triton kernels take CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class PatchProjection(torch.nn.Conv2d):
@@ -49,12 +44,13 @@ class PatchProjection(torch.nn.Conv2d):
         new.bias = conv.bias
         new.train(conv.training)
         new.backend = "triton (terrafm_kernels.patch_embed) on CUDA or under TRITON_INTERPRET=1, else conv2d"
+        new.kernel_on_cpu = _common.INTERPRET  # CPU tensors run the kernel only in the Triton interpreter
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.kernel_size[0]
         B, _, H, W = x.shape
-        if H % p or W % p or not _kernel_usable(x):
+        if H % p or W % p or not (x.is_cuda or self.kernel_on_cpu):
             return F.conv2d(x, self.weight, self.bias, stride=self.stride)
         tokens = fused_patch_embed(x, self.weight, self.bias)  # (B, N, E)
         return tokens.transpose(1, 2).unflatten(2, (H // p, W // p))

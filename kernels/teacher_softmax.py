@@ -116,6 +116,16 @@ def teacher_softmax(
     on one device. No gradient flows (the teacher is not trained by backprop).
     """
     _validate(teacher_logits, center, center_high, high_weight, temperature, alpha)
+    return _teacher_softmax_op(teacher_logits.detach(), center.detach(), center_high.detach(), high_weight.detach(),
+                               float(temperature), float(alpha))
+
+
+# A torch custom op: opaque to torch.compile (0 graph breaks; the fake function gives output shapes),
+# so the same graph runs the compiled kernel on a GPU and the interpreter on CPU tensors.
+@torch.library.custom_op("terrafm::teacher_softmax", mutates_args=())
+def _teacher_softmax_op(teacher_logits: torch.Tensor, center: torch.Tensor, center_high: torch.Tensor,
+                        high_weight: torch.Tensor, temperature: float,
+                        alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     R, K = teacher_logits.shape
     block_r = _block_r(R, teacher_logits.device)
     block_k = INTERPRETER_BLOCK_K if interpreted(teacher_logits) else GPU_BLOCK_K
@@ -123,12 +133,18 @@ def teacher_softmax(
     probs = torch.empty((R, K), dtype=torch.float32, device=teacher_logits.device)
     partial = torch.empty((programs, 2, K), dtype=torch.float32, device=teacher_logits.device)
     _teacher_softmax_kernel[(programs,)](
-        teacher_logits.detach(), center.detach(), center_high.detach(), high_weight.detach(), probs, partial,
-        R, K, float(temperature), float(alpha),
+        teacher_logits, center, center_high, high_weight, probs, partial, R, K, temperature, alpha,
         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
     )
     stats = partial.sum(dim=0)
-    return probs, stats[0], stats[1]
+    return probs, stats[0].clone(), stats[1].clone()
+
+
+@_teacher_softmax_op.register_fake
+def _(teacher_logits, center, center_high, high_weight, temperature, alpha):
+    R, K = teacher_logits.shape
+    new = teacher_logits.new_empty
+    return new((R, K), dtype=torch.float32), new((K,), dtype=torch.float32), new((K,), dtype=torch.float32)
 
 
 class DualCenteringSoftmax(torch.nn.Module):

@@ -5,7 +5,6 @@ Nothing here raises: a missing GPU package is a fallback, never a crash (`terraf
 
 import functools
 import importlib
-import os
 from dataclasses import dataclass
 
 
@@ -36,7 +35,10 @@ def cuda() -> Availability:
 
 
 def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """TRITON_INTERPRET as the kernels read it (once, at import: terrafm_kernels._common.INTERPRET)."""
+    from terrafm_kernels import _common
+
+    return _common.INTERPRET
 
 
 @functools.cache

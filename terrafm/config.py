@@ -99,7 +99,7 @@ class Config:
     ssl: SSLConfig = field(default_factory=SSLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    ops: dict[str, str] = field(default_factory=dict)  # op -> backend preference (auto|torch|triton|cpp)
+    ops: dict[str, str] = field(default_factory=dict)  # op -> backend or "auto" (terrafm.ops; docs/ops.md)
 
 
 CHOICES = {
@@ -265,6 +265,22 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _validate_ops(cfg.ops)
+
+
+def _validate_ops(prefs: dict[str, str]) -> None:
+    """Every `ops.<op>=<backend>` names a registered op and one of its backends (or auto)."""
+    from terrafm import ops
+
+    for op, backend in prefs.items():
+        if op == "view_rendering":
+            raise ConfigError("the view_rendering backend is set by data.backend (auto | numpy | cpp | dali), "
+                              "not ops.view_rendering")
+        if op not in ops.REGISTRY:
+            raise ConfigError(f"config key 'ops.{op}': unknown op; ops are {', '.join(ops.REGISTRY)}")
+        names = list(ops.REGISTRY[op].backends) + ["auto"]
+        if backend not in names:
+            raise ConfigError(f"config key 'ops.{op}': {backend!r} is not one of {', '.join(names)}")
 
 
 def to_dict(cfg: Config) -> dict:

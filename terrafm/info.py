@@ -1,4 +1,9 @@
-"""`terrafm info`: versions, and for each accelerated backend whether it is usable here and why not."""
+"""`terrafm info`: versions, each accelerated backend (usable here, or why not) and the backend each op resolves to.
+
+The ops section is `terrafm.ops.resolve(device=...)` with no preferences, for cpu and (when usable) cuda:
+JSON {"ops": {op: {device: backend}}}; text lines "  <op> cpu: <backend>, cuda: <backend>". A run's
+own choice (with its config's `ops:` preferences) is recorded in its config.yaml.
+"""
 
 import argparse
 import json
@@ -21,24 +26,13 @@ def collect() -> dict:
             versions[name] = None
     found = {name: fn() for name, fn in backends.ALL.items()}
     devices = ["cpu", "cuda"] if found["cuda"].usable else ["cpu"]
-    chosen = {}
-    for op in sorted(ops.REGISTRY):
-        chosen[op] = {dev: ops.choose(op, dev).name for dev in devices if _can_choose(op, dev)}
+    resolved = {dev: ops.resolve(device=dev) for dev in devices}
+    chosen = {op: {dev: resolved[dev][op] for dev in devices} for op in ops.REGISTRY}
     return {
         "versions": versions,
         "backends": {k: {"usable": v.usable, "detail": v.detail} for k, v in found.items()},
         "ops": chosen,
     }
-
-
-def _can_choose(op: str, device: str) -> bool:
-    from terrafm import ops
-
-    try:
-        ops.choose(op, device)
-        return True
-    except RuntimeError:
-        return False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     print("backends:")
     for k, v in info["backends"].items():
         print(f"  {k:20s} {'yes' if v['usable'] else 'no ':3s}  {v['detail']}")
-    print("ops (backend chosen automatically per device):")
+    print("ops (backend resolved per device, no preferences):")
     for op, per_dev in info["ops"].items():
-        desc = ", ".join(f"{d}: {b}" for d, b in per_dev.items()) or "none usable"
+        desc = ", ".join(f"{d}: {b}" for d, b in per_dev.items())
         print(f"  {op:24s} {desc}")
     return 0

@@ -1,48 +1,45 @@
-"""The op registry: every accelerated op, its backends, and how one is chosen.
+"""The op registry: the one place that decides which implementation each op uses.
 
-An op has up to three backends, each a lazily imported function with the reference's signature:
-    torch   the pure-PyTorch reference (terrafm_kernels.reference), runs everywhere
-    triton  the fused Triton kernel (terrafm_kernels.<module>), CUDA, or CPU tensors under TRITON_INTERPRET=1
-    cpp     the C++ CPU path (terrafm._C), for data-path ops
-Choice, first match wins:
-    1. environment: TERRAFM_OPS="patch_embed=torch,teacher_softmax=triton" (for quick experiments)
-    2. the caller's preference (a model's or the trainer's `ops` config: {"patch_embed": "triton"})
-    3. "auto": the first usable backend in the device's default order (cuda: triton, cpp, torch;
-       cpu: cpp, torch; the interpreter is never picked automatically: it is for tests)
-A backend named explicitly but not usable raises an error that says why and what is usable.
+Every op has named backends, each a `module:function` with the same signature (the first listed is
+the reference the others must match; kernels/reference.py is the spec):
+
+    op                       backends                 runs on
+    attention                sdpa | flash_attn        cpu, cuda | cuda (fp16/bf16; fp32 falls back to SDPA)
+    patch_embed              torch | triton           cpu, cuda | cuda, or cpu under TRITON_INTERPRET=1
+    cross_attention_fusion   torch | triton           as patch_embed
+    teacher_softmax          torch | triton           as patch_embed
+    dino_cross_entropy       torch | triton           as patch_embed
+    dino_head_loss           torch | triton           as patch_embed
+    normalize_bands          torch | cpp              cpu, cuda | cpu
+    view_rendering           numpy | cpp | dali       cpu | cpu | cpu, cuda  (the data loader's executor)
+
+The choice is made once, when a model, loss or loader is built, never inside `forward`:
+
+    chosen = ops.resolve({"attention": "sdpa"}, device="cuda")   # {op: backend} for every op
+    fn = ops.load("patch_embed", chosen["patch_embed"])          # the function; modules keep it
+
+A preference is a backend name or "auto". "auto" takes the first usable backend in the op's order
+for the device (cuda: flash_attn before sdpa, triton before torch, dali before cpp before numpy;
+cpu: cpp before the reference); the Triton interpreter is never chosen automatically, it is for
+tests. A backend named explicitly that cannot run raises, saying why and what can. Availability
+comes from terrafm.backends, the same detection `terrafm info` prints.
 """
 
 import functools
 import importlib
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from terrafm import backends
 
-BACKEND_NAMES = ("torch", "triton", "cpp")
-AUTO_ORDER = {"cuda": ("triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
-    target: str  # "module:function", imported on first use
-    devices: tuple[str, ...]
-
-    def availability(self, device: str) -> backends.Availability:
-        if device not in self.devices:
-            return backends.Availability(False, f"{self.name} runs on {'/'.join(self.devices)}, not {device}")
-        if self.name == "triton":
-            avail = backends.triton_compiled() if device == "cuda" else backends.triton_interpreter()
-            return avail
-        if self.name == "cpp":
-            return backends.csrc()
-        return backends.Availability(True, "reference")
-
-    def load(self) -> Callable:
-        module_name, fn_name = self.target.split(":")
-        return getattr(importlib.import_module(module_name), fn_name)
+    target: str | None  # "module:function", imported by load(); None for backends the caller dispatches on
+    available: Callable[[str], backends.Availability]  # device -> usable here?
 
 
 @dataclass(frozen=True)
@@ -50,88 +47,135 @@ class Op:
     name: str
     doc: str
     backends: dict[str, Backend]
+    auto: dict[str, tuple[str, ...]]  # device -> backends "auto" tries, in order
 
 
 REGISTRY: dict[str, Op] = {}
 
 
-def register(name: str, doc: str, **targets: str | tuple[str, tuple[str, ...]]) -> Op:
-    """Register an op: register("x", "doc", torch="mod:fn", triton="mod:fn", cpp=("mod:fn", ("cpu",)))."""
-    default_devices = {"torch": ("cpu", "cuda"), "triton": ("cuda", "cpu"), "cpp": ("cpu",)}
-    table = {}
-    for backend, target in targets.items():
-        if backend not in BACKEND_NAMES:
-            raise ValueError(f"op {name!r}: unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
-        devices = default_devices[backend]
-        if isinstance(target, tuple):
-            target, devices = target
-        table[backend] = Backend(backend, target, devices)
-    REGISTRY[name] = Op(name, doc, table)
+def register(name: str, doc: str, auto: dict[str, tuple[str, ...]], **backends_: Backend) -> Op:
+    """Add an op; the first backend is its reference. `auto` lists, per device, the order "auto" tries."""
+    for device, order in auto.items():
+        unknown = [b for b in order if b not in backends_]
+        if device not in DEVICES or unknown:
+            raise ValueError(f"op {name!r}: auto order {device}: {order} names unknown backends {unknown}")
+    REGISTRY[name] = Op(name, doc, dict(backends_), auto)
     return REGISTRY[name]
 
 
-def _env_overrides() -> dict[str, str]:
-    spec = os.environ.get("TERRAFM_OPS", "").strip()
-    out = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        op, _, backend = item.partition("=")
-        if not backend:
-            raise ValueError(f"TERRAFM_OPS entry {item!r} must look like op=backend, e.g. patch_embed=torch")
-        out[op.strip()] = backend.strip()
-    return out
-
-
-def choose(name: str, device: str = "cpu", prefer: str = "auto") -> Backend:
-    """Pick the backend of op `name` for tensors on `device` ("cpu"/"cuda")."""
+def _op(name: str) -> Op:
     if name not in REGISTRY:
         raise KeyError(f"unknown op {name!r}; registered ops: {sorted(REGISTRY)}")
-    op = REGISTRY[name]
-    device = device.split(":")[0]
-    prefer = _env_overrides().get(name, prefer or "auto")
-    if prefer != "auto":
-        if prefer not in op.backends:
-            raise ValueError(f"op {name!r} has no backend {prefer!r}; it has {sorted(op.backends)} (or 'auto')")
-        avail = op.backends[prefer].availability(device)
-        if not avail.usable:
-            raise RuntimeError(
-                f"op {name!r}: backend {prefer!r} is not usable on {device}: {avail.detail}. "
-                f"Usable here: {usable(name, device)}"
-            )
-        return op.backends[prefer]
-    for backend in AUTO_ORDER.get(device, ("torch",)):
-        if backend in op.backends and op.backends[backend].availability(device).usable:
-            if backend == "triton" and device == "cpu":
-                continue
-            return op.backends[backend]
-    raise RuntimeError(f"op {name!r}: no usable backend on {device}")
+    return REGISTRY[name]
 
 
 def usable(name: str, device: str = "cpu") -> list[str]:
-    return [b for b, be in REGISTRY[name].backends.items() if be.availability(device).usable]
+    """The backends of op `name` that can run on `device` here."""
+    return [b for b, be in _op(name).backends.items() if be.available(device).usable]
+
+
+def choose(name: str, device: str = "cpu", prefer: str = "auto") -> str:
+    """The backend name op `name` uses on `device` ("cpu"/"cuda") given a preference (a name or "auto")."""
+    op = _op(name)
+    device = device.split(":")[0]
+    if device not in DEVICES:
+        raise ValueError(f"op {name!r}: device must be one of {DEVICES}, got {device!r}")
+    prefer = prefer or "auto"
+    if prefer != "auto":
+        if prefer not in op.backends:
+            raise ValueError(f"op {name!r} has no backend {prefer!r}; it has {list(op.backends)} (or 'auto')")
+        avail = op.backends[prefer].available(device)
+        if not avail.usable:
+            raise RuntimeError(f"op {name!r}: backend {prefer!r} is not usable on {device}: {avail.detail}. "
+                               f"Usable here: {usable(name, device)}")
+        return prefer
+    for backend in op.auto.get(device, ()):
+        if op.backends[backend].available(device).usable:
+            return backend
+    raise RuntimeError(f"op {name!r}: no usable backend on {device}")
+
+
+def resolve(prefs: Mapping[str, str] | None = None, device: str = "cpu") -> dict[str, str]:
+    """{op: backend name} for every registered op on `device`, from preferences {op: name | "auto"}.
+
+    This is what the trainer records in the run's config.yaml and what `terrafm info` prints."""
+    prefs = dict(prefs or {})
+    unknown = sorted(set(prefs) - set(REGISTRY))
+    if unknown:
+        raise KeyError(f"unknown op(s) {unknown} in the ops preferences; registered ops: {sorted(REGISTRY)}")
+    return {name: choose(name, device, prefs.get(name, "auto")) for name in REGISTRY}
 
 
 @functools.cache
-def _load(target: str, backend: Backend) -> Callable:
-    return backend.load()
+def load(name: str, backend: str) -> Callable:
+    """The function implementing op `name` with `backend` (imported on first use, then cached)."""
+    op = _op(name)
+    if backend not in op.backends:
+        raise ValueError(f"op {name!r} has no backend {backend!r}; it has {list(op.backends)}")
+    target = op.backends[backend].target
+    if target is None:
+        raise ValueError(f"op {name!r}: backend {backend!r} is dispatched by its caller, not loaded")
+    module_name, fn_name = target.split(":")
+    return getattr(importlib.import_module(module_name), fn_name)
 
 
-def get(name: str, device: str = "cpu", prefer: str = "auto") -> Callable:
-    """The function implementing op `name` on `device` (see module docstring for the choice)."""
-    backend = choose(name, device, prefer)
-    return _load(backend.target, backend)
+def select(name: str, prefs: Mapping[str, str] | None = None, device: str = "cpu") -> Callable:
+    """choose + load for one op: the callable a module holds."""
+    return load(name, choose(name, device, (prefs or {}).get(name, "auto")))
+
+
+# -- availability per device ---------------------------------------------------------------------------
+def _everywhere(device: str) -> backends.Availability:
+    return backends.Availability(True, "reference")
+
+
+def _triton(device: str) -> backends.Availability:
+    return backends.triton_compiled() if device == "cuda" else backends.triton_interpreter()
+
+
+def _only(device_name: str, check: Callable[[], backends.Availability]) -> Callable[[str], backends.Availability]:
+    def available(device: str) -> backends.Availability:
+        if device != device_name:
+            return backends.Availability(False, f"runs on {device_name} only, not {device}")
+        return check()
+    return available
+
+
+def _flash_attn(device: str) -> backends.Availability:
+    return _only("cuda", backends.flash_attn)(device)
+
+
+def _dali(device: str) -> backends.Availability:
+    return backends.dali()
 
 
 REF = "terrafm_kernels.reference"
-register("patch_embed", "patchify + GEMM + bias + modality/position embedding",
-         torch=f"{REF}:patch_embed", triton="terrafm_kernels.patch_embed:patch_embed")
-register("cross_attention_fusion", "per-position attention over modality tokens, pooled over queries",
-         torch=f"{REF}:cross_attention_fusion", triton="terrafm_kernels.fusion:cross_attention_fusion")
-register("teacher_softmax", "dual-centering teacher softmax + centre statistics",
-         torch=f"{REF}:teacher_softmax", triton="terrafm_kernels.teacher_softmax:teacher_softmax")
-register("dino_cross_entropy", "student DINO cross-entropy over view pairs",
-         torch=f"{REF}:dino_cross_entropy", triton="terrafm_kernels.dino_cross_entropy:dino_cross_entropy")
+KERNEL_AUTO = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+register("attention", "softmax(q k^T / sqrt(d)) v over packed qkv (B, N, 3, H, d) -> (B, N, H, d)",
+         {"cuda": ("flash_attn", "sdpa"), "cpu": ("sdpa",)},
+         sdpa=Backend("sdpa", "terrafm.models.attention:sdpa_attention", _everywhere),
+         flash_attn=Backend("flash_attn", "terrafm.models.flash_attention:flash_attention", _flash_attn))
+register("patch_embed", "patchify + GEMM + bias + modality/position embedding", KERNEL_AUTO,
+         torch=Backend("torch", f"{REF}:patch_embed", _everywhere),
+         triton=Backend("triton", "terrafm_kernels.patch_embed:patch_embed", _triton))
+register("cross_attention_fusion", "per-position attention over modality tokens, pooled over queries", KERNEL_AUTO,
+         torch=Backend("torch", f"{REF}:cross_attention_fusion", _everywhere),
+         triton=Backend("triton", "terrafm_kernels.fusion:cross_attention_fusion", _triton))
+register("teacher_softmax", "dual-centering teacher softmax + centre statistics", KERNEL_AUTO,
+         torch=Backend("torch", f"{REF}:teacher_softmax", _everywhere),
+         triton=Backend("triton", "terrafm_kernels.teacher_softmax:teacher_softmax", _triton))
+register("dino_cross_entropy", "student DINO cross-entropy over view pairs", KERNEL_AUTO,
+         torch=Backend("torch", f"{REF}:dino_cross_entropy", _everywhere),
+         triton=Backend("triton", "terrafm_kernels.dino_cross_entropy:dino_cross_entropy", _triton))
 register("dino_head_loss", "DINO prototype layer fused with teacher softmax and student CE (no rows x K logits)",
-         torch="terrafm_kernels.dino_head_loss:dino_head_loss_reference",
-         triton="terrafm_kernels.dino_head_loss:dino_head_loss")
-register("normalize_bands", "per-band normalisation of raw tiles",
-         torch=f"{REF}:normalize_bands", cpp=("terrafm.data.cpu_ops:normalize_bands", ("cpu",)))
+         KERNEL_AUTO,
+         torch=Backend("torch", "terrafm_kernels.dino_head_loss:dino_head_loss_reference", _everywhere),
+         triton=Backend("triton", "terrafm_kernels.dino_head_loss:dino_head_loss", _triton))
+register("normalize_bands", "per-band normalisation of raw tiles", {"cuda": ("torch",), "cpu": ("cpp", "torch")},
+         torch=Backend("torch", f"{REF}:normalize_bands", _everywhere),
+         cpp=Backend("cpp", "terrafm.data.cpu_ops:normalize_bands", _only("cpu", backends.csrc)))
+register("view_rendering", "crop, resize, flip and normalise the views of a batch (the data loader's executor)",
+         {"cuda": ("dali", "cpp", "numpy"), "cpu": ("cpp", "numpy")},
+         numpy=Backend("numpy", None, _everywhere),
+         cpp=Backend("cpp", None, lambda device: backends.csrc()),
+         dali=Backend("dali", None, _dali))

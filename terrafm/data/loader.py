@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from terrafm import backends
+from terrafm import backends, ops
 from terrafm.data.config import DataConfig
 from terrafm.data.landcover import NUM_CLASSES
 from terrafm.data.sampler import LandCoverSampler
@@ -21,15 +21,9 @@ from terrafm.data.views import BatchPlan, View, ViewBatch, make_plan, render_vie
 
 
 def resolve_backend(name: str) -> str:
-    """'auto' -> dali on CUDA (when installed), else cpp (when built), else numpy; explicit names are checked."""
-    if name == "auto":
-        if backends.cuda().usable and backends.dali().usable:
-            return "dali"
-        return "cpp" if backends.csrc().usable else "numpy"
-    avail = {"numpy": backends.Availability(True, "reference"), "cpp": backends.csrc(), "dali": backends.dali()}[name]
-    if not avail.usable:
-        raise RuntimeError(f"data backend {name!r} is not usable here: {avail.detail}; use backend='auto' or 'numpy'")
-    return name
+    """The op registry's `view_rendering` choice for data.backend `name`: 'auto' -> dali on CUDA (when
+    installed), else cpp (when built), else numpy; an explicit name that cannot run here raises."""
+    return ops.choose("view_rendering", "cuda" if backends.cuda().usable else "cpu", name)
 
 
 class Loader:

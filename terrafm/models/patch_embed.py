@@ -10,7 +10,15 @@ keys (fusion.key, new) and values (proj1); Q shared learned queries attend over 
 outputs are pooled by softmax(z . pool), then norm_input -> proj2 -> proj3. The fusion's own
 parameters live under `patch_embed.fusion.` only when the model is built with fusion=True, so the
 published checkpoint still loads with strict=True into a fusion=False model.
+
+The patch_embed and cross_attention_fusion implementations are chosen by the op registry when the
+module is built and held as attributes. The work is split into three modality-agnostic stages,
+`embed_one` (Case 1), `patchify` (one modality's tokens) and `fuse` (Case N), so that compiling them
+(terrafm.train.parallelize) gives graphs that serve every sensor: the modality only picks which
+parameters are passed in, outside the compiled code.
 """
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -58,7 +66,8 @@ class TerraFMPatchEmbed(nn.Module):
         fusion: bool = False,
         fusion_queries: int = 5,
         fusion_heads: int = 16,
-        ops_prefs: dict[str, str] | None = None,
+        ops_prefs: Mapping[str, str] | None = None,
+        ops_device: str = "cpu",
     ):
         super().__init__()
         attn_dim = 3 * embed_dim
@@ -70,29 +79,41 @@ class TerraFMPatchEmbed(nn.Module):
             setattr(self, f"{name}_embed", nn.Parameter(torch.zeros(1, attn_dim)))
         self.projection = TokenProjection(attn_dim, embed_dim)
         self.fusion = Fusion(attn_dim, fusion_queries, fusion_heads) if fusion else None
-        self.ops_prefs = dict(ops_prefs or {})
+        self.patch_embed_fn = ops.select("patch_embed", ops_prefs, ops_device)
+        self.fusion_fn = ops.select("cross_attention_fusion", ops_prefs, ops_device)
 
-    def tokens(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, attn_dim): conv patchify + bias + modality vector, via the op registry."""
+    def modality_params(self, modality: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(conv weight, conv bias, modality vector (attn_dim,)) of one sensor."""
         conv = getattr(self, f"conv2d_{modality}")
-        embed = getattr(self, f"{modality}_embed")
-        fn = ops.get("patch_embed", x.device.type, self.ops_prefs.get("patch_embed", "auto"))
-        return fn(x, conv.weight, conv.bias, embed.reshape(-1))
+        return conv.weight, conv.bias, getattr(self, f"{modality}_embed").reshape(-1)
+
+    def patchify(self, image: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 modality_embed: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, attn_dim): conv patchify + bias + modality vector."""
+        return self.patch_embed_fn(image, weight, bias, modality_embed)
+
+    def embed_one(self, image: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  modality_embed: torch.Tensor) -> torch.Tensor:
+        """Case 1: (B, C, H, W) -> (B, N, D), patchify then the token projection."""
+        return self.projection(self.patch_embed_fn(image, weight, bias, modality_embed))
+
+    def fuse(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Case N: (B, N, M, attn_dim) tokens of M sensors -> (B, N, D)."""
+        B, N, M, A = tokens.shape
+        tokens = tokens.reshape(B * N, M, A)
+        fused = self.fusion_fn(self.fusion.key(tokens), self.projection.proj1(tokens), self.fusion.queries,
+                               self.fusion.pool, self.fusion.num_heads)
+        return self.projection.output(fused.reshape(B, N, A))
 
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """{modality: (B, C, H, W)} -> (B, N, D); one key is Case 1, two or more are fused (Case N)."""
         if len(x) == 1:
             (modality, image), = x.items()
-            return self.projection(self.tokens(image, modality))
+            return self.embed_one(image, *self.modality_params(modality))
         if self.fusion is None:
             raise ValueError(
                 f"got {len(x)} modalities {sorted(x)} but this model has no fusion parameters; "
                 "build it with fusion=True for Case N inputs, or pass one modality"
             )
-        tokens = torch.stack([self.tokens(image, m) for m, image in x.items()], dim=2)  # (B, N, M, A)
-        B, N, M, A = tokens.shape
-        tokens = tokens.reshape(B * N, M, A)
-        fn = ops.get("cross_attention_fusion", tokens.device.type, self.ops_prefs.get("cross_attention_fusion", "auto"))
-        fused = fn(self.fusion.key(tokens), self.projection.proj1(tokens), self.fusion.queries,
-                   self.fusion.pool, self.fusion.num_heads)
-        return self.projection.output(fused.reshape(B, N, A))
+        tokens = [self.patchify(image, *self.modality_params(m)) for m, image in x.items()]
+        return self.fuse(torch.stack(tokens, dim=2))

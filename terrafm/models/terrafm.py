@@ -6,12 +6,13 @@ pos_embed, patch_embed.*, blocks.i.*, norm.*) when built with fusion=False; fusi
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from terrafm import ops as op_registry
 from terrafm.modalities import MODALITIES, MODALITY_NAMES
 from terrafm.models.patch_embed import TerraFMPatchEmbed
 from terrafm.models.vit import Block
@@ -34,18 +35,22 @@ class TerraFM(nn.Module):
         fusion_queries: int = 5,
         fusion_heads: int = 16,
         out_indices: Sequence[int] = (3, 5, 7, 11),
-        ops: dict[str, str] | None = None,
+        ops: Mapping[str, str] | None = None,
+        ops_device: str = "cpu",
     ):
+        """`ops` ({op: backend | "auto"}) and `ops_device` choose, through the op registry, the
+        attention, patch_embed and cross_attention_fusion implementations, once, here."""
         super().__init__()
         self.name, self.embed_dim, self.patch_size, self.img_size = name, embed_dim, patch_size, img_size
         self.out_indices = tuple(out_indices)
         self.patch_embed = TerraFMPatchEmbed(
-            img_size, patch_size, embed_dim, fusion, fusion_queries, fusion_heads, ops_prefs=ops
+            img_size, patch_size, embed_dim, fusion, fusion_queries, fusion_heads, ops_prefs=ops, ops_device=ops_device
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        attention = op_registry.select("attention", ops, ops_device)
+        rates = [drop_path_rate * i / max(depth - 1, 1) if drop_path_rate > 0 else None for i in range(depth)]
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r, attention) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Identity()
         self.init_weights()

@@ -6,12 +6,12 @@ The loss owns both centres as buffers (so they are checkpointed with it) and the
 teacher probabilities use t_hat = t - alpha c - (1 - alpha) c_h, softmax(t_hat / tau_t).
 Statistics are summed locally over the micro-batches of one optimiser step and all-reduced once per
 step as a single flattened tensor (2K + 2 floats), then `update_center` applies them.
-The heavy math goes through the op registry (`teacher_softmax`, `dino_cross_entropy`, or with
-`fused` the `dino_head_loss` op that also does the prototype layers), so the fused kernels run on GPU
-and the torch references on CPU.
+The heavy math runs the implementations the op registry chose when the loss was built
+(`teacher_softmax`, `dino_cross_entropy`, or with `fused` the `dino_head_loss` op that also does the
+prototype layers): the fused kernels on GPU, the torch references on CPU.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -45,7 +45,8 @@ class DINOLoss(nn.Module):
         center_momentum: float = 0.9,
         center_high_momentum: float = 0.9,
         alpha: float = 0.8,
-        ops_prefer: dict[str, str] | None = None,
+        ops_prefer: Mapping[str, str] | None = None,
+        ops_device: str = "cpu",
     ):
         super().__init__()
         for name, value in (("center_momentum", center_momentum), ("center_high_momentum", center_high_momentum),
@@ -60,7 +61,9 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.center_high_momentum = center_high_momentum
         self.alpha = alpha
-        self.ops_prefer = dict(ops_prefer or {})
+        self.teacher_softmax_fn = ops.select("teacher_softmax", ops_prefer, ops_device)
+        self.cross_entropy_fn = ops.select("dino_cross_entropy", ops_prefer, ops_device)
+        self.head_loss_fn = ops.select("dino_head_loss", ops_prefer, ops_device)
         self.register_buffer("center", torch.zeros(num_prototypes))
         self.register_buffer("center_high", torch.zeros(num_prototypes))
         high = torch.zeros(num_classes)
@@ -84,8 +87,7 @@ class DINOLoss(nn.Module):
         if K != self.num_prototypes:
             raise ValueError(f"teacher logits have {K} prototypes, the loss was built for {self.num_prototypes}")
         weight = self._row_high_weight(majority_class, T, B)
-        softmax = ops.get("teacher_softmax", teacher_logits.device.type, self.ops_prefer.get("teacher_softmax", "auto"))
-        probs, logit_sum, high_logit_sum = softmax(
+        probs, logit_sum, high_logit_sum = self.teacher_softmax_fn(
             teacher_logits.reshape(T * B, K), self.center, self.center_high, weight, temperature, self.alpha
         )
         self._record(logit_sum, high_logit_sum, weight)
@@ -100,9 +102,7 @@ class DINOLoss(nn.Module):
                 f"student logits {tuple(student_logits.shape)} and teacher probs {tuple(teacher_probs.shape)} "
                 "must agree in batch and prototypes"
             )
-        ce = ops.get("dino_cross_entropy", student_logits.device.type,
-                     self.ops_prefer.get("dino_cross_entropy", "auto"))
-        return ce(student_logits, teacher_probs, self.student_temperature)
+        return self.cross_entropy_fn(student_logits, teacher_probs, self.student_temperature)
 
     def fused(self, student_bottleneck: torch.Tensor, prototypes: nn.Module, *, teacher_bottleneck: torch.Tensor,
               teacher_weight_v: torch.Tensor, teacher_weight_g: torch.Tensor | None, majority_class: torch.Tensor,
@@ -112,9 +112,7 @@ class DINOLoss(nn.Module):
         centre statistics. Scalar fp32 loss, differentiable in student_bottleneck and the prototypes."""
         T, B, _ = teacher_bottleneck.shape
         weight = self._row_high_weight(majority_class, T, B)
-        head_loss = ops.get("dino_head_loss", student_bottleneck.device.type,
-                            self.ops_prefer.get("dino_head_loss", "auto"))
-        loss, logit_sum, high_logit_sum = head_loss(
+        loss, logit_sum, high_logit_sum = self.head_loss_fn(
             student_bottleneck, teacher_bottleneck, prototypes.weight_v, self.center, self.center_high, weight,
             temperature, self.student_temperature, self.alpha, prototypes.weight_g, teacher_weight_v, teacher_weight_g)
         self._record(logit_sum.detach(), high_logit_sum.detach(), weight)

@@ -23,11 +23,24 @@ def apply_activation_checkpointing(model: DINOModel) -> None:
         blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
+EMBEDDING_STAGES = ("embed_one", "patchify", "fuse")  # TerraFMPatchEmbed's modality-agnostic stages
+
+
 def apply_compile(model: DINOModel) -> None:
-    """torch.compile each block separately: the blocks are identical, so one graph is reused."""
+    """torch.compile (fullgraph) each block and the three stages of the embedding.
+
+    The blocks run the same code with the same constants (the drop-path rate is a buffer), so
+    Dynamo traces Block.forward once and every block reuses that graph; the embedding stages take
+    the sensor's parameters as inputs, so one graph serves every sensor (see TerraFMPatchEmbed).
+    dynamic=True: batch, crop size and token count are symbolic from the first call, so one graph
+    serves both crop sizes (parameter shapes stay static).
+    """
     blocks = model.backbone.blocks
     for i, block in enumerate(blocks):
-        blocks[i] = torch.compile(block, fullgraph=True)
+        blocks[i] = torch.compile(block, fullgraph=True, dynamic=True)
+    patch_embed = model.backbone.patch_embed
+    for name in EMBEDDING_STAGES:
+        setattr(patch_embed, name, torch.compile(getattr(patch_embed, name), fullgraph=True, dynamic=True))
 
 
 def apply_fsdp(model: DINOModel, mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,

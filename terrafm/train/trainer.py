@@ -7,6 +7,7 @@ centre update (one all-reduce), EMA teacher update on local shards, logging, che
 All schedules are pure functions of the step, so a resumed run continues bitwise.
 """
 
+import copy
 import math
 import os
 import random
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from terrafm import backends
+from terrafm import backends, ops
 from terrafm.config import Config, save_config, to_dict
 from terrafm.ssl import schedules
 from terrafm.ssl.loss import DINOLoss, high_frequency_classes
@@ -183,7 +184,21 @@ def train(cfg: Config, resume: bool | str | Path = False, loader: Any = None) ->
             dist.destroy_process_group()
 
 
+def resolve_ops(cfg: Config, device: torch.device) -> Config:
+    """A copy of cfg with every op's backend decided for `device` (the one decision, recorded in the
+    run's config.yaml): `ops` gets a concrete backend per op, data.backend the view_rendering one."""
+    cfg = copy.deepcopy(cfg)
+    try:
+        chosen = ops.resolve({**cfg.ops, "view_rendering": cfg.data.backend}, device.type)
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise TrainingError(f"ops: {err}") from err
+    cfg.data.backend = chosen.pop("view_rendering")
+    cfg.ops = chosen
+    return cfg
+
+
 def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) -> TrainResult:
+    cfg = resolve_ops(cfg, env.device)
     t, o, s = cfg.train, cfg.optim, cfg.ssl
     run_dir = Path(t.out_dir) / t.run_name
     ckpt_root = run_dir / "checkpoints"
@@ -208,11 +223,11 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
         loader = build_loader(cfg.data, env.rank, env.world_size, t.seed)
     high_classes = high_frequency_classes(_value(loader, "class_frequency"))
     loss = DINOLoss(s.num_prototypes, _value(loader, "num_classes"), high_classes, s.student_temperature,
-                    s.center_momentum, s.center_high_momentum, s.center_alpha, cfg.ops)
+                    s.center_momentum, s.center_high_momentum, s.center_alpha, cfg.ops, env.device.type)
     from terrafm.models import build_model
 
     backbone = partial(build_model, cfg.model.name, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
-                       fusion=cfg.model.fusion, ops=cfg.ops)
+                       fusion=cfg.model.fusion, ops=cfg.ops, ops_device=env.device.type)
     head_kwargs = dict(num_prototypes=s.num_prototypes, hidden_dim=s.head_hidden_dim,
                        bottleneck_dim=s.head_bottleneck_dim, num_layers=s.head_layers)
     arch = SSLMetaArch.build(backbone, head_kwargs, loss, cfg.model.drop_path_rate, s.fused_head_loss).to(env.device)

@@ -1,46 +1,108 @@
-"""The op registry: backend choice by device, preference, environment, availability."""
+"""The op registry: one decision per op at build time, from preferences and what is usable here."""
+
+import ast
+from pathlib import Path
 
 import pytest
 import torch
 
 from terrafm import backends, ops
 
-
-def test_cpu_auto_picks_torch_reference_for_kernels_and_cpp_for_data_ops():
-    assert ops.choose("patch_embed", "cpu").name == "torch"
-    assert ops.choose("normalize_bands", "cpu").name == ("cpp" if backends.csrc().usable else "torch")
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_every_op_has_a_torch_reference_with_a_callable():
+def test_cpu_auto_picks_the_references_for_kernels_and_cpp_for_data_ops():
+    chosen = ops.resolve(device="cpu")
+    assert set(chosen) == set(ops.REGISTRY)
+    assert chosen["attention"] == "sdpa"
+    for op in ("patch_embed", "cross_attention_fusion", "teacher_softmax", "dino_cross_entropy", "dino_head_loss"):
+        assert chosen[op] == "torch", op  # the interpreter is never chosen automatically
+    cpp = "cpp" if backends.csrc().usable else None
+    assert chosen["normalize_bands"] == (cpp or "torch")
+    assert chosen["view_rendering"] == (cpp or "numpy")
+
+
+def test_every_op_has_a_reference_that_runs_everywhere():
     for name, op in ops.REGISTRY.items():
-        assert "torch" in op.backends, name
-        assert callable(ops.get(name, "cpu", "torch"))
+        reference = next(iter(op.backends))
+        for device in ops.DEVICES:
+            assert reference in ops.usable(name, device), (name, device)
+        if op.backends[reference].target is not None:
+            assert callable(ops.load(name, reference))
 
 
-def test_explicit_preference_and_environment_override(monkeypatch):
-    assert ops.choose("patch_embed", "cpu", "torch").name == "torch"
-    monkeypatch.setenv("TERRAFM_OPS", "normalize_bands=torch")
-    assert ops.choose("normalize_bands", "cpu", "cpp").name == "torch"
-    monkeypatch.setenv("TERRAFM_OPS", "normalize_bands")
-    with pytest.raises(ValueError, match="op=backend"):
-        ops.choose("normalize_bands", "cpu")
+def test_preferences_are_honoured_and_checked():
+    assert ops.resolve({"patch_embed": "torch", "attention": "auto"})["patch_embed"] == "torch"
+    assert ops.choose("normalize_bands", "cpu", "torch") == "torch"
+    with pytest.raises(KeyError, match="unknown op"):
+        ops.resolve({"flash_softmax": "torch"})
+    with pytest.raises(ValueError, match="has no backend 'cpp'"):
+        ops.choose("patch_embed", "cpu", "cpp")
+    with pytest.raises(RuntimeError, match="not usable on cpu"):
+        ops.choose("attention", "cpu", "flash_attn")
 
 
-def test_unusable_backend_names_the_reason(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_unusable_triton_names_the_reason(monkeypatch):
+    from terrafm_kernels import _common
+
     if backends.cuda().usable:
         pytest.skip("needs a machine without CUDA to see triton refused on CPU")
+    monkeypatch.setattr(_common, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ops.choose("patch_embed", "cpu", "triton")
 
 
-def test_unknown_op_and_backend():
-    with pytest.raises(KeyError, match="registered ops"):
-        ops.choose("flash_softmax", "cpu")
-    with pytest.raises(ValueError, match="has no backend 'cpp'"):
-        ops.choose("patch_embed", "cpu", "cpp")
-    with pytest.raises(ValueError, match="unknown backend"):
-        ops.register("x", "doc", cuda="m:f")
+def test_register_rejects_an_auto_order_naming_unknown_backends():
+    with pytest.raises(ValueError, match="unknown backends"):
+        ops.register("x", "doc", {"cpu": ("cuda_only",)}, torch=ops.Backend("torch", None, lambda d: None))
+    assert "x" not in ops.REGISTRY
+
+
+def test_modules_hold_the_chosen_callables():
+    """The model and the loss keep the functions the registry chose when they were built."""
+    from terrafm.models import build_model
+    from terrafm.models.attention import sdpa_attention
+    from terrafm.ssl.loss import DINOLoss
+    from terrafm_kernels import reference
+
+    model = build_model("terrafm_tiny", img_size=32, fusion=True)
+    assert all(block.attn.attention is sdpa_attention for block in model.blocks)
+    assert model.patch_embed.patch_embed_fn is reference.patch_embed
+    assert model.patch_embed.fusion_fn is reference.cross_attention_fusion
+    loss = DINOLoss(8, 3)
+    assert loss.teacher_softmax_fn is reference.teacher_softmax
+    assert loss.cross_entropy_fn is reference.dino_cross_entropy
+
+
+def _forward_bodies(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == "forward":
+            yield node
+
+
+def test_no_forward_probes_the_environment_imports_or_the_registry():
+    """No `forward` in terrafm/ or kernels/ reads env vars, imports, or asks the registry/backends."""
+    banned_names = {"os", "importlib", "backends", "ops", "__import__"}
+    offenders = []
+    for path in sorted((ROOT / "terrafm").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py")):
+        for fn in _forward_bodies(path):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} import")
+                elif isinstance(node, ast.Name) and node.id in banned_names:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.id}")
+                elif isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "INTERPRET"):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
+    assert not offenders, offenders
+
+
+def test_triton_interpret_is_read_in_one_place():
+    readers = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "terrafm").rglob("*.py"))
+               + sorted((ROOT / "kernels").rglob("*.py"))
+               if "TRITON_INTERPRET\"" in p.read_text() or "TRITON_INTERPRET'" in p.read_text()]
+    # _common reads it; compile_report only removes it from a child process's environment
+    assert readers == ["kernels/_common.py", "kernels/compile_report.py"], readers
 
 
 def test_cpp_normalize_matches_reference():
@@ -50,7 +112,7 @@ def test_cpp_normalize_matches_reference():
     assert backends.csrc().usable, backends.csrc().detail
     x = torch.randint(0, 10000, (3, 7, 5), dtype=torch.uint16)
     mean, std = torch.rand(3) * 1000, torch.rand(3) * 100 + 1
-    cpp = ops.get("normalize_bands", "cpu", "cpp")
+    cpp = ops.load("normalize_bands", "cpp")
     torch.testing.assert_close(cpp(x, mean, std), normalize_bands(x, mean, std))
     with pytest.raises(ValueError, match="uint16"):
         cpp(x.float(), mean, std)

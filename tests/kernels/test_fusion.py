@@ -81,7 +81,7 @@ def test_model_case_n_uses_the_kernel(device):
 
     ref_model = build_model("terrafm_tiny", img_size=32, fusion=True, fusion_heads=4).to(device)
     kern_model = build_model("terrafm_tiny", img_size=32, fusion=True, fusion_heads=4,
-                             ops={"cross_attention_fusion": "triton"}).to(device)
+                             ops={"cross_attention_fusion": "triton"}, ops_device=device).to(device)
     kern_model.load_state_dict(ref_model.state_dict())
     images = {"s2_l2a": torch.randn(2, 12, 32, 32, device=device), "s1": torch.randn(2, 2, 32, 32, device=device)}
     torch.testing.assert_close(kern_model(images), ref_model(images), rtol=1e-4, atol=1e-4)

@@ -114,7 +114,9 @@ def test_bad_inputs_raise_before_launch(change, error, match, device):
 
 
 def test_cpu_without_interpreter_points_to_the_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from terrafm_kernels import _common
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
     args = {k: v.detach() for k, v in _inputs(1, 2, 16, 16, 8, 16, torch.float32, "cpu").items()}
     with pytest.raises(ValueError, match="reference.patch_embed"):
         patch_embed(**args)
@@ -124,9 +126,11 @@ def test_registry_and_model_use_the_kernel(device):
     from terrafm import ops
     from terrafm.models import build_model
 
-    assert ops.get("patch_embed", device, "triton") is patch_embed
+    assert ops.select("patch_embed", {"patch_embed": "triton"}, device) is patch_embed
     model = build_model("terrafm_tiny", img_size=32).to(device).eval()
-    kernel_model = build_model("terrafm_tiny", img_size=32, ops={"patch_embed": "triton"}).to(device).eval()
+    kernel_model = build_model("terrafm_tiny", img_size=32, ops={"patch_embed": "triton"},
+                               ops_device=device).to(device).eval()
+    assert kernel_model.patch_embed.patch_embed_fn is patch_embed
     kernel_model.load_state_dict(model.state_dict())
     x = torch.randn(2, 12, 32, 32, device=device)
     with torch.no_grad():
