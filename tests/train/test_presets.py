@@ -1,0 +1,43 @@
+"""Every shipped preset starts: 2 optimiser steps on CPU at its real width and depth, with torch.compile.
+
+Only what a CPU cannot take is overridden (device, precision, batch 2, 32/16 px crops, no loader
+workers, 2 steps); model, heads, K, drop path, FSDP, activation checkpointing and compile are the
+preset's own (tiny_cpu, which runs eager, gets train.compile=true too). A preset that cannot start
+fails here, not on a rented node.
+"""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import yaml
+from train_harness import metric_records
+
+from terrafm import ops
+from terrafm.config import load_config, presets
+
+SMOKE = ["train.device=cpu", "train.precision=fp32", "train.max_steps=2", "data.batch_size=2",
+         "data.global_size=32", "data.local_size=16", "data.num_workers=0", "train.compile=true"]
+
+
+def test_every_preset_is_smoked():
+    assert set(presets()) == {"tiny_cpu", "vitb_h100", "vitb_a100", "vitl_h100", "vitl_a100"}
+    for name in presets():
+        if name != "tiny_cpu":
+            assert load_config(name).train.compile, f"{name} is a GPU preset without train.compile"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", presets())
+def test_preset_runs_two_steps_on_cpu(preset, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "terrafm.cli", "pretrain", "--config", preset, "--out",
+                           str(tmp_path), *SMOKE], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp_path / load_config(preset).train.run_name
+    records = metric_records(run_dir)
+    assert records[-1]["step"] == 2 and all(math.isfinite(r["loss"]) for r in records)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["ops"] == {op: b for op, b in ops.resolve(device="cpu").items() if op != "view_rendering"}
+    assert saved["data"]["backend"] == ops.resolve(device="cpu")["view_rendering"]
+    assert saved["model"]["name"] == load_config(preset).model.name
