@@ -171,6 +171,32 @@ def test_swapped_model_compiles(host):
 
 
 @pytest.mark.parametrize("host", HOSTS)
+def test_swapped_model_compiles_fullgraph_with_the_kernel_inside(host):
+    """fullgraph=True, training mode with backward: the fused patch projection is a custom op that
+    torch.compile takes without a graph break (the kernel runs compiled on a GPU, interpreted on CPU)."""
+    model = _build(host, "small")
+    accelerate_vit(model)
+    x = _image(host, "small")
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    targets = {str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"}
+    if next(m for m in model.modules() if isinstance(m, PatchProjection)).kernel_on_cpu or x.is_cuda:
+        assert "terrafm.patch_embed.default" in targets, targets
+    eager = _out(model, x)
+    eager.sum().backward()
+    eager_grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = _out(torch.compile(model, fullgraph=True), x)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    for p, g in zip(model.parameters(), eager_grads, strict=True):
+        if g is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("host", HOSTS)
 def test_report_says_what_was_swapped_and_left(host):
     model = _build(host, "small")
     report = accelerate_vit(model, attention=True)
