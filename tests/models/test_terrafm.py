@@ -134,7 +134,7 @@ def test_fusion_of_one_modality_reduces_to_case1():
     x = _image("s2_l2a")
     pe = model.patch_embed
     with torch.no_grad():
-        tokens = pe.tokens(x, "s2_l2a").reshape(-1, 1, pe.attn_dim)
+        tokens = pe.patchify(x, *pe.modality_params("s2_l2a")).reshape(-1, 1, pe.attn_dim)
         from terrafm_kernels.reference import cross_attention_fusion
 
         fused = cross_attention_fusion(pe.fusion.key(tokens), pe.projection.proj1(tokens),
