@@ -42,8 +42,9 @@ MODE_SOFTMAX, MODE_COLUMN, MODE_COLMAX = 0, 1, 2
 # H100/A100 config: bandwidth bound. A (BLOCK_R, 512) tile over 4 warps is 4-32 fp32 elements per
 # thread. BLOCK_R = 1 keeps all SMs busy for class-token rows (2 x 16-128 per GPU); 8 rows per block
 # for the thousands of masked patch rows of iBOT, so the column partials' read-modify-write is an
-# eighth of the logit traffic.
-GPU_BLOCK_K = 512
+# eighth of the logit traffic, with 256-prototype chunks (a (8, 512) tile spilled on sm_90 in the
+# fp16/bf16 softmax at 4 and at 8 warps).
+GPU_BLOCK_K = {1: 512, 8: 256}  # by BLOCK_R
 GPU_NUM_WARPS = 4
 INTERPRETER_BLOCK_K = 4096
 
@@ -142,7 +143,7 @@ def _launch(mode: int, logits: torch.Tensor, temperature: float, center=None, sh
         logits, logits if center is None else center, logits if shift is None else shift, out,
         R, K, float(temperature),
         MODE=mode, HAS_CENTER=center is not None, HAS_SHIFT=shift is not None, BLOCK_R=block_r,
-        BLOCK_K=INTERPRETER_BLOCK_K if interpreted(logits) else GPU_BLOCK_K, num_warps=GPU_NUM_WARPS,
+        BLOCK_K=INTERPRETER_BLOCK_K if interpreted(logits) else GPU_BLOCK_K[block_r], num_warps=GPU_NUM_WARPS,
     )
     if mode == MODE_SOFTMAX:
         return out
@@ -237,7 +238,7 @@ def compile_specs() -> list[dict]:
                                   "shift_ptr": "*fp32" if has_shift else ptr, "out_ptr": "*fp32",
                                   "R": "i32", "K": "i32", "temperature": "fp32"},
                     "constexprs": {"MODE": mode, "HAS_CENTER": has_center, "HAS_SHIFT": has_shift,
-                                   "BLOCK_R": block_r, "BLOCK_K": GPU_BLOCK_K},
+                                   "BLOCK_R": block_r, "BLOCK_K": GPU_BLOCK_K[block_r]},
                     "num_warps": GPU_NUM_WARPS,
                     "num_stages": 3,
                     "uses_dot": False,
