@@ -53,3 +53,21 @@ def ibot_step_loss(student_masked, teacher_masked, center, masks_weight, n_image
         probs = centered_softmax(teacher_masked, center, teacher_temp)
     loss = torch.sum(probs * F.log_softmax(student_masked / 0.1, dim=-1), dim=-1)
     return -(loss * masks_weight).sum() / n_images
+
+
+def _last_layer_logits(features, weight_v):
+    """DINOv2's DINOHead tail: L2-normalised bottleneck through the weight-normalised last layer (g = 1)."""
+    return F.normalize(features, dim=-1) @ (weight_v / weight_v.norm(dim=1, keepdim=True)).t()
+
+
+def dino_head_step_loss(student_global, student_local, teacher_global, weight_v, teacher_weight_v, center,
+                        n_local: int, teacher_temp: float = 0.07):
+    """DINOv2 from the bottleneck on: last layer, swapped centred teacher, (local + 2 global) / pairs, i.e.
+    dino_local_crops_loss + dino_global_crops_loss of ssl_meta_arch (what DINOLoss.forward_fused fuses)."""
+    with torch.no_grad():
+        chunks = teacher_global.chunk(2)
+        teacher = _last_layer_logits(torch.cat((chunks[1], chunks[0])), teacher_weight_v)
+        probs = centered_softmax(teacher, center, teacher_temp).view(2, -1, teacher.shape[-1])
+    pairs = 2 + 2 * n_local
+    local = dino_forward(_last_layer_logits(student_local, weight_v).chunk(n_local), probs) / pairs
+    return local + dino_forward([_last_layer_logits(student_global, weight_v)], [probs.flatten(0, 1)]) * 2 / pairs

@@ -6,7 +6,8 @@ the Triton interpreter, so its footprint is computed from the buffers it allocat
 
 The DINOv2 drop-ins (terrafm_kernels.dino) get the same treatment at DINOv2's ViT-L per-GPU shapes: one
 DINO class-token step (centred teacher, 8 local + 2 global crops of 64 images) and one iBOT step (centred
-teacher + forward_masked over the masked patch rows), DINOv2's eager math against the drop-in.
+teacher + forward_masked over the masked patch rows), DINOv2's eager math against the drop-in, and the
+class-token step from the bottleneck on (last layer included) against DINOLoss.forward_fused.
 """
 
 import functools
@@ -18,7 +19,7 @@ from terrafm_kernels._common import num_splits
 from . import dinov2_eager
 from .common import peak_memory
 from .kernels import dino_head_loss as head_bench
-from .kernels import dinov2_dino_loss, dinov2_ibot_loss
+from .kernels import dinov2_dino_head_loss, dinov2_dino_loss, dinov2_ibot_loss
 
 H100_SMS = 132
 
@@ -88,9 +89,13 @@ def dinov2_footprint_bytes(op: str, shape: dict, dtype_bytes: int, sms: int = H1
 
     dinov2_dino_loss: the fp32 teacher probabilities (2B, K); the student gradients (local crops' chunks and
     their concatenation, global crops) in the input dtype. dinov2_ibot_loss: the fp32 teacher probabilities
-    and the student gradient (M, K). Plus the cross-entropy's per-split statistics.
+    and the student gradient (M, K). Plus the cross-entropy's per-split statistics. dinov2_dino_head_loss
+    (forward_fused): fused_footprint_bytes of dino_head_loss, which it runs.
     """
     K, e = shape["K"], dtype_bytes
+    if op == "dinov2_dino_head_loss":  # dino_head_loss's buffers plus the concatenated student features
+        B, n, D = shape["B"], shape["local"], shape["D"]
+        return fused_footprint_bytes(2 + n, 2, B, K, D, e, sms) + (2 + n) * B * D * e
     if op == "dinov2_dino_loss":
         B, n = shape["B"], shape["local"]
         return 4 * 2 * B * K + 2 * n * B * K * e + 2 * B * K * e + n * _ce_partials(B, K, sms) + _ce_partials(
@@ -115,6 +120,7 @@ def dinov2_rows(device: str, quick: bool, log) -> list[dict]:
     vit_l = dinov2_eager.VIT_L
     masked = 512 if quick else vit_l["masked"]
     cases = [(dinov2_dino_loss, {"B": vit_l["B"], "local": vit_l["local"], "K": 65536}),
+             (dinov2_dino_head_loss, {"B": vit_l["B"], "local": vit_l["local"], "K": 65536, "D": 256}),
              (dinov2_ibot_loss, {"M": masked, "images": 2 * vit_l["B"], "K": 65536})]
     rows = []
     for bench, shape in cases:

@@ -32,15 +32,19 @@ def _backend_ops(backend: str) -> tuple[str, SimpleNamespace]:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "triton" if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    from .dino_head_loss import dino_head_loss, dino_head_loss_reference
+
     if backend == "torch":
         return backend, SimpleNamespace(centered_softmax=reference.centered_softmax,
                                         sinkhorn_knopp=reference.sinkhorn_knopp,
-                                        weighted_soft_cross_entropy=reference.weighted_soft_cross_entropy)
+                                        weighted_soft_cross_entropy=reference.weighted_soft_cross_entropy,
+                                        dino_head_loss=dino_head_loss_reference)
     from .dino_student_ce import weighted_soft_cross_entropy
     from .dino_teacher import centered_softmax, sinkhorn_knopp
 
     return backend, SimpleNamespace(centered_softmax=centered_softmax, sinkhorn_knopp=sinkhorn_knopp,
-                                    weighted_soft_cross_entropy=weighted_soft_cross_entropy)
+                                    weighted_soft_cross_entropy=weighted_soft_cross_entropy,
+                                    dino_head_loss=dino_head_loss)
 
 
 def _all_reduce(tensor: torch.Tensor, op: str) -> None:
@@ -120,6 +124,7 @@ class DINOLoss(_CenteredLoss):
     """DINOv2's class-token DINO loss (dinov2/loss/dino_clstoken_loss.py) on the fused kernels.
 
     out_dim K prototypes; center buffer (1, K). backend: "auto" | "triton" | "torch" (see module doc).
+    forward_fused additionally fuses the DINO head's last layer into the loss (see there).
     """
 
     def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9, *, backend: str = "auto"):
@@ -153,6 +158,52 @@ class DINOLoss(_CenteredLoss):
         self.len_teacher_output = len(teacher_output)
         self._start_center_update(torch.sum(teacher_output, dim=0, keepdim=True, dtype=torch.float32),
                                   self.len_teacher_output)
+
+    def forward_fused(self, student_global, student_local, teacher_global, last_layer, teacher_last_layer,
+                      teacher_temp):
+        """The DINO head's last layer fused with centring and both DINO terms: no (rows, K) logits exist.
+
+        Equals, from the bottleneck on, DINOv2's (dino_local_crops_loss + dino_global_crops_loss) of
+        ssl_meta_arch.forward_backward with centering="centering" (before dino_loss_weight): every (teacher
+        crop, student crop) pair of different crops, mean over images, divided by the number of pairs;
+        then update_center with the teacher logits. student_global (2B, D), student_local (n B, D),
+        teacher_global (2B, D): bottleneck outputs (before the L2 normalisation) in crop order, the
+        teacher's *without* DINOv2's swap of its two crops (the pairing is by crop here). last_layer and
+        teacher_last_layer: the heads' weight-normalised nn.Linear(D, K, bias=False) (old or
+        parametrize weight_norm, or a plain Linear). Gradients reach the student features and weights.
+        """
+        self.apply_center_update()
+        D = student_global.shape[-1]
+        B = student_global.shape[0] // 2
+        student = torch.cat([student_global.reshape(2, B, D), student_local.reshape(-1, B, D)]).contiguous()
+        teacher = teacher_global.detach().reshape(2, B, D).contiguous()
+        weight_v, weight_g = _weight_norm_parts(last_layer)
+        with torch.no_grad():
+            teacher_v, teacher_g = _weight_norm_parts(teacher_last_layer)
+        K = weight_v.shape[0]
+        center = self.center.reshape(K).float().contiguous()
+        loss, logit_sum, _ = self._ops.dino_head_loss(
+            student, teacher, weight_v.contiguous(), center, center, torch.zeros(2 * B, device=center.device),
+            teacher_temp, self.student_temp, 1.0, weight_g=weight_g,
+            teacher_weight_v=teacher_v.detach().contiguous(),
+            teacher_weight_g=None if teacher_g is None else teacher_g.detach())
+        self.len_teacher_output = 2 * B
+        with torch.no_grad():
+            self._start_center_update(logit_sum.detach().float().reshape(1, K).clone(), 2 * B)
+        return loss
+
+
+def _weight_norm_parts(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight_v (K, D), weight_g (K, 1)) of a weight-normalised Linear: torch.nn.utils.weight_norm's
+    weight_v / weight_g, parametrize.weight_norm's original1 / original0, or a plain Linear's weight and
+    its row norms (so that v / |v| g is the weight, with gradients through both)."""
+    if hasattr(layer, "weight_v") and hasattr(layer, "weight_g"):
+        return layer.weight_v, layer.weight_g
+    parametrizations = getattr(layer, "parametrizations", None)
+    if parametrizations is not None and "weight" in parametrizations:
+        return parametrizations.weight.original1, parametrizations.weight.original0
+    weight = layer.weight
+    return weight, weight.norm(dim=1, keepdim=True)
 
 
 class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's class name, so that one import line changes)

@@ -299,3 +299,65 @@ def test_roofline_and_specs():
     assert names >= {"dino_teacher_sk_column_bfloat16_r8", "dino_teacher_centered_softmax_float16_r1",
                      "dino_student_ce_bwd_bfloat16"}
 
+
+
+def _last_layer(K, D, seed):
+    torch.manual_seed(seed)
+    layer = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(D, K, bias=False))
+    layer.parametrizations.weight.original0.data.fill_(1.0)
+    layer.parametrizations.weight.original0.requires_grad_(False)  # DINOv2's norm_last_layer
+    return layer
+
+
+def _dinov2_head_and_loss(student_global, student_local, teacher_global, v, tv, center, n_local, temp, dtype):
+    """DINOv2 from the bottleneck on: normalise, last layer, swapped centred teacher, local + global terms."""
+    import torch.nn.functional as F
+
+    def logits(x, w):
+        return F.normalize(x.to(dtype), dim=-1) @ (w.to(dtype) / w.to(dtype).norm(dim=1, keepdim=True)).t()
+
+    B = student_global.shape[0] // 2
+    chunks = teacher_global.detach().chunk(2)
+    teacher = logits(torch.cat((chunks[1], chunks[0])), tv.detach())
+    probs = oracle.centered_softmax(teacher, center, temp, dtype=dtype).view(2, B, -1)
+    terms = 2 + 2 * n_local
+    local = oracle.dino_forward(logits(student_local, v).chunk(n_local), probs, 0.1, dtype) / terms
+    global_ = oracle.dino_forward([logits(student_global, v)], [probs.flatten(0, 1)], 0.1, dtype) * 2 / terms
+    return local + global_, teacher.sum(0)
+
+
+@pytest.mark.parametrize("K,dtype", [(37, torch.float32), (300, torch.float16)])
+def test_forward_fused_matches_dinov2_head_and_loss(K, dtype, device):
+    B, n_local, D, temp = 3, 2, 16, 0.04
+    layer, teacher_layer = _last_layer(K, D, 0).to(device), _last_layer(K, D, 1).to(device)
+    features = [_logits(shape, 2.0, dtype, device, seed) for seed, shape in
+                enumerate([(2 * B, D), (n_local * B, D), (2 * B, D)])]
+    center = _logits((1, K), 0.5, torch.float32, device, seed=7)
+    loss_module = DINOLoss(K).to(device)
+    loss_module.center.copy_(center)
+    sg, sl = (f.clone().requires_grad_() for f in features[:2])
+    v = layer.parametrizations.weight.original1
+    layer_dtype = layer.to(dtype) if dtype != torch.float32 else layer
+    loss = loss_module.forward_fused(sg, sl, features[2], layer_dtype, teacher_layer.to(dtype), temp)
+    loss.backward()
+    kernel = (loss.detach(), sg.grad, sl.grad, v.grad)
+
+    tv = teacher_layer.parametrizations.weight.original1.detach().cpu()
+    results = []
+    for dt in (torch.float32, torch.float64):
+        sg_o, sl_o = (f.detach().cpu().clone().requires_grad_() for f in features[:2])
+        v_o = v.detach().cpu().clone().requires_grad_()
+        out, teacher_sum = _dinov2_head_and_loss(sg_o, sl_o, features[2].cpu(), v_o, tv, center.cpu(), n_local, temp,
+                                                 dt)
+        out.backward()
+        results.append((out.detach(), sg_o.grad, sl_o.grad, v_o.grad, teacher_sum))
+    (plain, want) = results
+    rel = 1e-5 if dtype == torch.float32 else 2e-3
+    for name, k, p, o in zip(("loss", "grad global", "grad local", "grad weight_v"), kernel, plain, want,
+                             strict=False):
+        scale = max(1.0, o.abs().max().item()) if name == "loss" else o.abs().max().item()
+        assert torch.isfinite(k).all(), name
+        assert_flash_tolerance(f"fused {name}", k.float().cpu(), p.float(), o, rel * scale + 1e-7)
+    loss_module.apply_center_update()
+    want_center = oracle.center_after_update(center.cpu().double(), want[4], 2 * B, 0.9)
+    assert torch.allclose(loss_module.center.cpu().double(), want_center, atol=1e-5 if dtype == torch.float32 else 2e-3)
