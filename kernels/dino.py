@@ -251,6 +251,9 @@ class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's class name, so that 
             masks_weight = ((1 / student_masks_flat.sum(-1).clamp(min=1.0)).unsqueeze(-1)
                             .expand_as(student_masks_flat)[student_masks_flat])
         rows = s.shape[0]
+        if masks_weight.numel() not in (1, rows):
+            raise ValueError(f"masks_weight has {masks_weight.numel()} entries but there are {rows} masked patch "
+                             "rows (one weight per row, after n_masked_patches)")
         row_weight = masks_weight.float().reshape(-1).expand(rows) / student_masks_flat.shape[0]
         return self._soft_cross_entropy(s, _teacher_views(t, rows, s.shape[-1]), row_weight.contiguous())
 

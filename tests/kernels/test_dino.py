@@ -90,6 +90,16 @@ def test_sinkhorn_knopp_stays_finite_where_dinov2_overflows(K, temp, device):
     assert (out.double() - want).abs().max().item() < 2e-3
 
 
+def test_sinkhorn_knopp_many_rows_strided_programs(device):
+    """More row blocks than column programs (each program strides over several blocks): iBOT-sized R."""
+    K, R = 300, 150
+    t = _logits((R, K), 1.2, torch.float32, device)
+    out = dino_teacher.sinkhorn_knopp(t, 0.04, n_iterations=3)
+    want = oracle.sinkhorn_literal([t.cpu()], 0.04)[0]
+    plain = oracle.sinkhorn_literal([t.cpu()], 0.04, dtype=torch.float32)[0]
+    assert_flash_tolerance("sinkhorn-knopp strided", out.cpu(), plain, want, 1e-6)
+
+
 def test_ibot_sinkhorn_knopp_uses_n_masked_patches(device):
     K, M = 1271, 9
     t = _logits((M, K), 2.0, torch.float32, device)
@@ -290,6 +300,9 @@ def test_validation_errors(device):
         dino_student_ce.weighted_soft_cross_entropy(s, _probs((1, 4, K), device), torch.ones(4, device=device), 0)
     with pytest.raises(TypeError, match="dtype"):
         loss.softmax_center_teacher(s.long(), teacher_temp=0.04)
+    masks = torch.ones(2, 2, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match="masks_weight has 3 entries but there are 4"):
+        iBOTPatchLoss(K).to(device).forward_masked(s, _probs((4, K), device), masks, masks_weight=torch.ones(3))
 
 
 def test_roofline_and_specs():
