@@ -133,10 +133,8 @@ class DINOLoss(_CenteredLoss):
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_iterations=3):
-        """Sinkhorn-Knopp targets (R, K) fp32 over the global batch (R x world size samples)."""
-        world_size, all_reduce = _world()
-        return self._ops.sinkhorn_knopp(teacher_output, teacher_temp, n_iterations,
-                                        teacher_output.shape[0] * world_size, all_reduce)
+        """Sinkhorn-Knopp targets (R, K) fp32 over the global batch (the prototype sums are all-reduced)."""
+        return self._ops.sinkhorn_knopp(teacher_output, teacher_temp, n_iterations, _world()[1])
 
     def forward(self, student_output_list, teacher_out_softmaxed_centered_list):
         """Sum over student views s and teacher views t of -mean_b sum_k t log_softmax(s / student_temp).
@@ -218,13 +216,13 @@ class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's class name, so that 
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_masked_patches_tensor, n_iterations=3):
-        """Sinkhorn-Knopp targets (M, K) fp32 for this rank's M masked patch rows; B is
-        n_masked_patches_tensor, all-reduced in place over ranks as DINOv2 does."""
+        """Sinkhorn-Knopp targets (M, K) fp32 for this rank's M masked patch rows. n_masked_patches_tensor
+        is all-reduced in place over ranks as DINOv2 does; the result does not depend on its value (DINOv2's
+        divisions by it are undone by its next normalisation and its final * B)."""
         _, all_reduce = _world()
         if all_reduce is not None:
             dist.all_reduce(n_masked_patches_tensor)
-        return self._ops.sinkhorn_knopp(teacher_output, teacher_temp, n_iterations, n_masked_patches_tensor,
-                                        all_reduce)
+        return self._ops.sinkhorn_knopp(teacher_output, teacher_temp, n_iterations, all_reduce)
 
     def forward(self, student_patch_tokens, teacher_patch_tokens, student_masks_flat):
         """-mean over images of the mask-weighted mean over patches of sum_k t log_softmax(s / student_temp).

@@ -11,11 +11,12 @@ DINOv2's sinkhorn_knopp_teacher divides exp(t / tau) alternately by its prototyp
 samples on all ranks, then / K) and its sample sums (then / B), and finally multiplies by B. Every
 sample normalisation turns each row into a softmax over prototypes, so only the prototype potentials a
 have to be carried, in log domain (no exp(t / tau), which overflows fp32 once t / tau > 88):
-    a = -logsumexp_rows(t / tau) - log K                     COLMAX + all-reduce (max, then sum)
-    a <- a - log(sum_rows softmax_k(t / tau + a)) + log B - log K     COLUMN + all-reduce (sum), n - 1 times
+    a = -logsumexp_rows(t / tau)                               COLMAX + all-reduce (max, then sum)
+    a <- a - log(sum_rows softmax_k(t / tau + a))                      COLUMN + all-reduce (sum), n - 1 times
     out = softmax_k(t / tau + a)                                       SOFTMAX
 Where DINOv2 stays finite the results agree to fp32 rounding; where it overflows this stays finite.
-The column sums after the first iteration lie in [1 / (K B), 1], so they need no running max.
+(DINOv2's divisions by B and K scale all entries alike, so they drop out of a before the softmax.)
+The column sums after the first iteration lie in [1 / K, B], so they need no running max.
 
 Kernel: MODE_SOFTMAX runs one program per BLOCK_R rows: pass 1 streams K chunks with an online max
 and rescaled sum, pass 2 recomputes y and writes the probabilities. The column modes run at most
@@ -28,8 +29,6 @@ the logits instead of an unnormalised temporary); MODE_COLUMN 2 R K e + 8 P K; M
 16 P K. Sinkhorn-Knopp with n iterations: (2 n + 1) R K e + 4 R K, against DINOv2's eager ~(4 + 6 n)
 passes of 4 R K bytes (exp, sums, in-place divisions) and a full fp32 copy of the logits.
 """
-
-import math
 
 import torch
 import triton
@@ -178,19 +177,18 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, tempera
 
 
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iterations: int = 3,
-                   n_samples: int | torch.Tensor | None = None, all_reduce=None) -> torch.Tensor:
+                   all_reduce=None) -> torch.Tensor:
     """DINOv2's Sinkhorn-Knopp teacher targets, computed in log domain (reference.sinkhorn_knopp).
 
-    teacher_logits (R, K) fp32/fp16/bf16, this rank's rows. n_samples: B, the number of samples over
-    all ranks (int or a tensor on the logits' device; default R). all_reduce(tensor, op) with op "max"
-    or "sum" reduces in place over ranks (None: one process). Returns fp32 (R, K) rows summing to 1.
+    teacher_logits (R, K) fp32/fp16/bf16, this rank's rows. all_reduce(tensor, op) with op "max" or
+    "sum" reduces in place over ranks (None: one process). Returns fp32 (R, K) rows summing to 1.
+    DINOv2's sample count B (R x world size, or iBOT's n_masked_patches_tensor) only scales whole
+    columns that the next normalisation divides out, so it does not enter.
     """
     _validate(teacher_logits, temperature)
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1 (DINOv2 uses 3), got {n_iterations}")
-    R, K = teacher_logits.shape
     logits = teacher_logits.detach()
-    log_b = _log_samples(R if n_samples is None else n_samples, logits.device)
     col_max, col_sum = _launch(MODE_COLMAX, logits, temperature)
     if all_reduce is not None:
         global_max = col_max.clone()
@@ -198,22 +196,13 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
         col_sum = col_sum * torch.exp(col_max - global_max)
         all_reduce(col_sum, "sum")
         col_max = global_max
-    shift = -(col_max + torch.log(col_sum)) - math.log(K)
+    shift = -(col_max + torch.log(col_sum))
     for _ in range(n_iterations - 1):
         mass = _launch(MODE_COLUMN, logits, temperature, shift=shift.contiguous())
         if all_reduce is not None:
             all_reduce(mass, "sum")
-        shift = shift - torch.log(mass) + log_b - math.log(K)
+        shift = shift - torch.log(mass)
     return _launch(MODE_SOFTMAX, logits, temperature, shift=shift.contiguous())
-
-
-def _log_samples(n_samples, device: torch.device):
-    """log B as a float, or as a 0-dim fp32 device tensor when B is a tensor (no host sync)."""
-    if isinstance(n_samples, torch.Tensor):
-        return torch.log(n_samples.to(device=device, dtype=torch.float32).reshape(()))
-    if n_samples < 1:
-        raise ValueError(f"n_samples (B, samples over all ranks) must be >= 1, got {n_samples}")
-    return math.log(n_samples)
 
 
 def roofline_cost(R: int, K: int, dtype_bytes: int = 2, n_iterations: int = 0) -> dict[str, int]:

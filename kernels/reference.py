@@ -140,27 +140,22 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, tempera
 
 
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iterations: int = 3,
-                   n_samples: int | torch.Tensor | None = None, all_reduce=None) -> torch.Tensor:
+                   all_reduce=None) -> torch.Tensor:
     """DINOv2's Sinkhorn-Knopp teacher targets in log domain: the same numbers, finite at any temperature.
 
     DINOv2 takes Q = exp(t / tau) (R, K), then n_iterations times divides each prototype column by its
     sum over all B samples on all ranks and by K, and each sample row by its sum and by B; finally * B.
-    Each row normalisation makes the row a softmax, so only the prototype potentials a (K,) are carried:
-        a = -logsumexp_rows(t / tau) - log K
-        a <- a - log(sum_rows softmax(t / tau + a)) + log B - log K    (n_iterations - 1 times)
-        out = softmax(t / tau + a)                                       (R, K) fp32
-    teacher_logits (R, K) holds this rank's rows; n_samples is B (default R); all_reduce(tensor, op),
-    op "max" or "sum", reduces in place over ranks (None: one process).
+    Each row normalisation makes the row a softmax, so only the prototype potentials a (K,) are carried
+    (the divisions by K and B scale every entry alike and drop out of the softmax):
+        a = -logsumexp_rows(t / tau)
+        a <- a - log(sum_rows softmax(t / tau + a))    (n_iterations - 1 times)
+        out = softmax(t / tau + a)                       (R, K) fp32
+    teacher_logits (R, K) holds this rank's rows; all_reduce(tensor, op), op "max" or "sum", reduces in
+    place over ranks (None: one process).
     """
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1 (DINOv2 uses 3), got {n_iterations}")
-    R, K = teacher_logits.shape
     x = teacher_logits.float() / temperature
-    n_samples = R if n_samples is None else n_samples
-    if isinstance(n_samples, torch.Tensor):
-        log_b = torch.log(n_samples.to(device=x.device, dtype=torch.float32).reshape(()))
-    else:
-        log_b = math.log(n_samples)
     col_max = x.max(dim=0).values
     col_sum = torch.exp(x - col_max).sum(dim=0)
     if all_reduce is not None:
@@ -169,12 +164,12 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
         col_sum = col_sum * torch.exp(col_max - global_max)
         all_reduce(col_sum, "sum")
         col_max = global_max
-    shift = -(col_max + torch.log(col_sum)) - math.log(K)
+    shift = -(col_max + torch.log(col_sum))
     for _ in range(n_iterations - 1):
         mass = torch.softmax(x + shift, dim=-1).sum(dim=0)
         if all_reduce is not None:
             all_reduce(mass, "sum")
-        shift = shift - torch.log(mass) + log_b - math.log(K)
+        shift = shift - torch.log(mass)
     return torch.softmax(x + shift, dim=-1)
 
 
