@@ -3,14 +3,23 @@
 The unfused path (dino_head_loss_reference: prototype GEMM -> teacher softmax -> cross-entropy, forward +
 backward) is measured on every machine. The fused kernel is measured on a GPU; on CPU it only runs in
 the Triton interpreter, so its footprint is computed from the buffers it allocates (labelled analytic).
+
+The DINOv2 drop-ins (terrafm_kernels.dino) get the same treatment at DINOv2's ViT-L per-GPU shapes: one
+DINO class-token step (centred teacher, 8 local + 2 global crops of 64 images) and one iBOT step (centred
+teacher + forward_masked over the masked patch rows), DINOv2's eager math against the drop-in, and the
+class-token step from the bottleneck on (last layer included) against DINOLoss.forward_fused.
 """
+
+import functools
 
 import torch
 
 from terrafm_kernels._common import num_splits
 
+from . import dinov2_eager
 from .common import peak_memory
 from .kernels import dino_head_loss as head_bench
+from .kernels import dinov2_dino_head_loss, dinov2_dino_loss, dinov2_ibot_loss
 
 H100_SMS = 132
 
@@ -65,4 +74,71 @@ def run(device: str, quick: bool, log) -> list[dict]:
                             "the kernel runs only in the interpreter here"})
     for r in rows:
         log(f"  {r['path']:32s} {r['shape']:32s} {r['peak_bytes'] / 2**20:9.1f} MiB  ({r['how']})")
+    return rows + dinov2_rows(device, quick, log)
+
+
+def _ce_partials(R: int, K: int, sms: int) -> int:
+    """Bytes of the student cross-entropy's per-split statistics for R rows (GPU block sizes)."""
+    from terrafm_kernels import dino_student_ce as ce
+
+    return 16 * R * num_splits(K, -(-R // ce.GPU_BLOCK_R), ce.GPU_BLOCK_K, 4 * sms)[0] + 8 * R
+
+
+def dinov2_footprint_bytes(op: str, shape: dict, dtype_bytes: int, sms: int = H100_SMS) -> int:
+    """Bytes the DINOv2 drop-in allocates at its peak (backward), beyond its inputs, on a GPU with `sms` SMs.
+
+    dinov2_dino_loss: the fp32 teacher probabilities (2B, K); the student gradients (local crops' chunks and
+    their concatenation, global crops) in the input dtype. dinov2_ibot_loss: the fp32 teacher probabilities
+    and the student gradient (M, K). Plus the cross-entropy's per-split statistics. dinov2_dino_head_loss
+    (forward_fused): fused_footprint_bytes of dino_head_loss, which it runs.
+    """
+    K, e = shape["K"], dtype_bytes
+    if op == "dinov2_dino_head_loss":  # dino_head_loss's buffers plus the concatenated student features
+        B, n, D = shape["B"], shape["local"], shape["D"]
+        return fused_footprint_bytes(2 + n, 2, B, K, D, e, sms) + (2 + n) * B * D * e
+    if op == "dinov2_dino_loss":
+        B, n = shape["B"], shape["local"]
+        return 4 * 2 * B * K + 2 * n * B * K * e + 2 * B * K * e + n * _ce_partials(B, K, sms) + _ce_partials(
+            2 * B, K, sms)
+    M = shape["M"]
+    return 4 * M * K + M * K * e + _ce_partials(M, K, sms)
+
+
+def _loss_step(fn, args: tuple):
+    """One forward + backward of fn(*args); input gradients dropped so each call starts alike."""
+    loss = fn(*args)
+    loss.backward()
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            a.grad = None
+    return loss
+
+
+def dinov2_rows(device: str, quick: bool, log) -> list[dict]:
+    """Peak memory of the DINOv2 drop-ins against DINOv2's eager loss, K = 65536 prototypes."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    vit_l = dinov2_eager.VIT_L
+    masked = 512 if quick else vit_l["masked"]
+    cases = [(dinov2_dino_loss, {"B": vit_l["B"], "local": vit_l["local"], "K": 65536}),
+             (dinov2_dino_head_loss, {"B": vit_l["B"], "local": vit_l["local"], "K": 65536, "D": 256}),
+             (dinov2_ibot_loss, {"M": masked, "images": 2 * vit_l["B"], "K": 65536})]
+    rows = []
+    for bench, shape in cases:
+        label = " ".join(f"{k}={v}" for k, v in shape.items())
+        args = bench.inputs(shape, device, dtype)
+
+        mem = peak_memory(functools.partial(_loss_step, bench.reference, args), device)
+        rows.append({"path": f"{bench.OP} eager (DINOv2 math)", "shape": label, "dtype": str(dtype)[6:],
+                     "peak_bytes": mem["bytes"], "how": "measured: " + mem["how"]})
+        if device == "cuda":
+            mem = peak_memory(functools.partial(_loss_step, bench.kernel(), args), device)
+            rows.append({"path": f"{bench.OP} drop-in", "shape": label, "dtype": str(dtype)[6:],
+                         "peak_bytes": mem["bytes"], "how": "measured: " + mem["how"]})
+        else:
+            rows.append({"path": f"{bench.OP} drop-in", "shape": label, "dtype": str(dtype)[6:],
+                         "peak_bytes": dinov2_footprint_bytes(bench.OP, shape, torch.finfo(dtype).bits // 8),
+                         "how": f"analytic: buffers the kernels allocate on an H100 ({H100_SMS} SMs); "
+                                "the kernels run only in the interpreter here"})
+        for r in rows[-2:]:
+            log(f"  {r['path']:32s} {r['shape']:32s} {r['peak_bytes'] / 2**20:9.1f} MiB  ({r['how']})")
     return rows

@@ -7,6 +7,9 @@ Modules (one kernel family each: Triton kernels, a torch custom op with its auto
     teacher_softmax     dual-centering teacher softmax with centre statistics
     dino_cross_entropy  student DINO cross-entropy, chunked over K
     dino_head_loss      prototype layer fused with the two above
+    dino_teacher        DINOv2 teacher targets: centred softmax, log-domain Sinkhorn-Knopp
+    dino_student_ce     DINOv2 student soft-target cross-entropy with per-row weights
+    dino                DINOv2 drop-ins DINOLoss and iBOTPatchLoss on the two above
 Imports inside this package are relative, so the folder can be copied into another project.
 """
 

@@ -21,7 +21,8 @@ import subprocess
 import sys
 import tempfile
 
-MODULES = ["patch_embed", "fusion", "teacher_softmax", "dino_cross_entropy", "dino_head_loss"]
+MODULES = ["patch_embed", "fusion", "teacher_softmax", "dino_cross_entropy", "dino_head_loss", "dino_teacher",
+           "dino_student_ce"]
 ARCHS = {"sm_80": 80, "sm_90": 90}
 # Largest dynamic shared memory one block may use: A100 163 KB, H100 227 KB (CUDA occupancy tables).
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}

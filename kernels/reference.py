@@ -127,3 +127,59 @@ def normalize_bands(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
     """Per-band normalisation of a (..., C, H, W) tile: (float(x) - mean[c]) / std[c], float32."""
     shape = (-1, 1, 1)
     return (x.float() - mean.float().reshape(shape)) / std.float().reshape(shape)
+
+
+def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
+    """DINOv2's centred teacher: softmax((teacher_logits - center) / temperature) over the last dim, fp32.
+
+    teacher_logits (..., K); center with K elements ((1, K) or (1, 1, K) buffers in DINOv2).
+    """
+    K = teacher_logits.shape[-1]
+    centred = teacher_logits.float() - center.float().reshape(K)
+    return torch.softmax(centred / temperature, dim=-1)
+
+
+def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iterations: int = 3,
+                   all_reduce=None) -> torch.Tensor:
+    """DINOv2's Sinkhorn-Knopp teacher targets in log domain: the same numbers, finite at any temperature.
+
+    DINOv2 takes Q = exp(t / tau) (R, K), then n_iterations times divides each prototype column by its
+    sum over all B samples on all ranks and by K, and each sample row by its sum and by B; finally * B.
+    Each row normalisation makes the row a softmax, so only the prototype potentials a (K,) are carried
+    (the divisions by K and B scale every entry alike and drop out of the softmax):
+        a = -logsumexp_rows(t / tau)
+        a <- a - log(sum_rows softmax(t / tau + a))    (n_iterations - 1 times)
+        out = softmax(t / tau + a)                       (R, K) fp32
+    teacher_logits (R, K) holds this rank's rows; all_reduce(tensor, op), op "max" or "sum", reduces in
+    place over ranks (None: one process).
+    """
+    if n_iterations < 1:
+        raise ValueError(f"n_iterations must be >= 1 (DINOv2 uses 3), got {n_iterations}")
+    x = teacher_logits.float() / temperature
+    col_max = x.max(dim=0).values
+    col_sum = torch.exp(x - col_max).sum(dim=0)
+    if all_reduce is not None:
+        global_max = col_max.clone()
+        all_reduce(global_max, "max")
+        col_sum = col_sum * torch.exp(col_max - global_max)
+        all_reduce(col_sum, "sum")
+        col_max = global_max
+    shift = -(col_max + torch.log(col_sum))
+    for _ in range(n_iterations - 1):
+        mass = torch.softmax(x + shift, dim=-1).sum(dim=0)
+        if all_reduce is not None:
+            all_reduce(mass, "sum")
+        shift = shift - torch.log(mass)
+    return torch.softmax(x + shift, dim=-1)
+
+
+def weighted_soft_cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor,
+                                student_temperature: float) -> torch.Tensor:
+    """Soft-target cross-entropy of student rows against T teacher views, weighted per row:
+        loss = -sum_r row_weight[r] sum_t sum_k targets[t, r, k] log_softmax(student_logits[r] / tau)[k]
+    student_logits (R, K), targets (T, R, K), row_weight (R,). DINOv2's DINOLoss.forward per student view
+    is row_weight = 1 / R; its iBOT forward_masked is T = 1, row_weight = masks_weight / images.
+    """
+    log_p = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    per_row = -(targets.float().sum(dim=0) * log_p).sum(dim=-1)
+    return (row_weight.float() * per_row).sum()

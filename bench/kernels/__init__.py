@@ -17,7 +17,8 @@ import torch
 
 from ..common import INTERPRETER_SKIP, peak_memory, time_call
 
-OPS = ("patch_embed", "fusion", "attention", "teacher_softmax", "dino_cross_entropy", "dino_head_loss")
+OPS = ("patch_embed", "fusion", "attention", "teacher_softmax", "dino_cross_entropy", "dino_head_loss",
+       "dinov2_dino_loss", "dinov2_dino_head_loss", "dinov2_ibot_loss", "dinov2_sinkhorn_knopp")
 
 
 def load(op: str):

@@ -16,6 +16,10 @@ TINY = {
     "teacher_softmax": {"R": 8, "K": 256},
     "dino_cross_entropy": {"S": 3, "T": 2, "B": 4, "K": 256},
     "dino_head_loss": {"S": 3, "T": 2, "B": 4, "K": 256, "D": 32},
+    "dinov2_dino_loss": {"B": 4, "local": 2, "K": 256},
+    "dinov2_dino_head_loss": {"B": 4, "local": 2, "K": 256, "D": 32},
+    "dinov2_ibot_loss": {"M": 12, "images": 4, "K": 256},
+    "dinov2_sinkhorn_knopp": {"R": 8, "K": 256},
 }
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

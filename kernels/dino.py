@@ -1,0 +1,263 @@
+"""Drop-in replacements for DINOv2's DINOLoss and iBOTPatchLoss, backed by the Triton kernels.
+
+In a DINOv2 codebase (dinov2/train/ssl_meta_arch.py) change the import and nothing else:
+    from terrafm_kernels.dino import DINOLoss, iBOTPatchLoss
+Constructors, methods, argument names, the `center` buffer ((1, K) and (1, 1, K), so checkpoints load
+both ways), the asynchronous all-reduce of the centre and the all-reduced Sinkhorn-Knopp sums follow
+dinov2/loss/dino_clstoken_loss.py and ibot_patch_loss.py. What the kernels change:
+  - no (R, K) fp32 log-softmax, product or gradient temporaries (kernels/dino_student_ce.py);
+  - Sinkhorn-Knopp in log domain: DINOv2's numbers where its exp(t / tau) stays finite, finite rows
+    summing to 1 where it overflows to NaN (small teacher_temp, large logits) (kernels/dino_teacher.py);
+  - the centre statistics are summed in fp32 and the centre is updated in place.
+The implementation is chosen once, in __init__: backend="auto" takes the Triton kernels when CUDA is
+available or TRITON_INTERPRET=1 is set, else the pure-PyTorch reference (kernels/reference.py); both
+compute the same numbers.
+"""
+
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _backend_ops(backend: str) -> tuple[str, SimpleNamespace]:
+    """(resolved backend name, its centered_softmax / sinkhorn_knopp / weighted_soft_cross_entropy)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    from .dino_head_loss import dino_head_loss, dino_head_loss_reference
+
+    if backend == "torch":
+        return backend, SimpleNamespace(centered_softmax=reference.centered_softmax,
+                                        sinkhorn_knopp=reference.sinkhorn_knopp,
+                                        weighted_soft_cross_entropy=reference.weighted_soft_cross_entropy,
+                                        dino_head_loss=dino_head_loss_reference)
+    from .dino_student_ce import weighted_soft_cross_entropy
+    from .dino_teacher import centered_softmax, sinkhorn_knopp
+
+    return backend, SimpleNamespace(centered_softmax=centered_softmax, sinkhorn_knopp=sinkhorn_knopp,
+                                    weighted_soft_cross_entropy=weighted_soft_cross_entropy,
+                                    dino_head_loss=dino_head_loss)
+
+
+def _all_reduce(tensor: torch.Tensor, op: str) -> None:
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+
+
+def _world() -> tuple[int, object]:
+    """(world size, all_reduce or None): torch.distributed's state at call time, as DINOv2 reads it."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), _all_reduce
+    return 1, None
+
+
+def _teacher_views(teacher_list, rows: int, K: int) -> torch.Tensor:
+    """DINOv2's teacher list (a (T, R, K) tensor or a list of (R, K) tensors) as one contiguous (T, R, K)."""
+    if isinstance(teacher_list, torch.Tensor):
+        views = teacher_list.unsqueeze(0) if teacher_list.dim() == 2 else teacher_list
+    elif len(teacher_list) == 1:
+        views = teacher_list[0].unsqueeze(0)
+    else:
+        views = torch.stack(list(teacher_list))
+    if views.dim() != 3 or views.shape[1:] != (rows, K):
+        raise ValueError(f"teacher views {tuple(views.shape)} must be (T, R, K) = (T, {rows}, {K}) to pair with "
+                         f"student outputs of shape ({rows}, {K})")
+    return views.contiguous()
+
+
+class _CenteredLoss(nn.Module):
+    """The centre buffer and its asynchronously all-reduced update, shared by both losses."""
+
+    def __init__(self, center_shape: tuple[int, ...], student_temp: float, center_momentum: float, backend: str):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(*center_shape))
+        self.updated = True
+        self.reduce_handle = None
+        self.async_batch_center = None
+        self.backend, self._ops = _backend_ops(backend)
+
+    def _start_center_update(self, batch_center_sum: torch.Tensor, rows: int) -> None:
+        self.updated = False
+        self._center_rows = rows
+        self.async_batch_center = batch_center_sum
+        if dist.is_available() and dist.is_initialized():
+            self.reduce_handle = dist.all_reduce(self.async_batch_center, async_op=True)
+
+    @torch.no_grad()
+    def apply_center_update(self):
+        """Finish the pending update: wait for the all-reduce, then c <- m c + (1 - m) batch mean."""
+        if self.updated is False:
+            world_size, _ = _world()
+            if self.reduce_handle is not None:
+                self.reduce_handle.wait()
+            batch_center = self.async_batch_center / (self._center_rows * world_size)
+            m = self.center_momentum
+            self.center.mul_(m).add_(batch_center.to(self.center.dtype), alpha=1 - m)
+            self.updated = True
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_output, teacher_temp):
+        """softmax((teacher_output - center) / teacher_temp), fp32, after applying a pending centre update."""
+        self.apply_center_update()
+        return self._ops.centered_softmax(teacher_output, self.center.to(teacher_output.device), teacher_temp)
+
+    @torch.no_grad()
+    def update_center(self, teacher_output):
+        self.reduce_center_update(teacher_output)
+
+    def _soft_cross_entropy(self, student, targets, row_weight):
+        if student.shape[0] == 0:  # nothing masked: DINOv2's empty sum, still connected to the graph
+            return student.float().sum() * 0.0
+        return self._ops.weighted_soft_cross_entropy(student.contiguous(), targets, row_weight, self.student_temp)
+
+
+class DINOLoss(_CenteredLoss):
+    """DINOv2's class-token DINO loss (dinov2/loss/dino_clstoken_loss.py) on the fused kernels.
+
+    out_dim K prototypes; center buffer (1, K). backend: "auto" | "triton" | "torch" (see module doc).
+    forward_fused additionally fuses the DINO head's last layer into the loss (see there).
+    """
+
+    def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9, *, backend: str = "auto"):
+        super().__init__((1, out_dim), student_temp, center_momentum, backend)
+        self.len_teacher_output = None
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_iterations=3):
+        """Sinkhorn-Knopp targets (R, K) fp32 over the global batch (the prototype sums are all-reduced)."""
+        return self._ops.sinkhorn_knopp(teacher_output, teacher_temp, n_iterations, _world()[1])
+
+    def forward(self, student_output_list, teacher_out_softmaxed_centered_list):
+        """Sum over student views s and teacher views t of -mean_b sum_k t log_softmax(s / student_temp).
+
+        Each student output (R, K) is paired with every teacher view (R, K) (a list or a (T, R, K) tensor).
+        """
+        total_loss = 0
+        targets = None
+        for s in student_output_list:
+            if targets is None:
+                targets = _teacher_views(teacher_out_softmaxed_centered_list, s.shape[0], s.shape[-1])
+            row_weight = torch.full((s.shape[0],), 1.0 / s.shape[0], device=s.device)
+            total_loss = total_loss + self._soft_cross_entropy(s, targets, row_weight)
+        return total_loss
+
+    @torch.no_grad()
+    def reduce_center_update(self, teacher_output):
+        """Start the centre update: sum the teacher logits over rows (fp32) and all-reduce asynchronously."""
+        self.len_teacher_output = len(teacher_output)
+        self._start_center_update(torch.sum(teacher_output, dim=0, keepdim=True, dtype=torch.float32),
+                                  self.len_teacher_output)
+
+    def forward_fused(self, student_global, student_local, teacher_global, last_layer, teacher_last_layer,
+                      teacher_temp):
+        """The DINO head's last layer fused with centring and both DINO terms: no (rows, K) logits exist.
+
+        Equals, from the bottleneck on, DINOv2's (dino_local_crops_loss + dino_global_crops_loss) of
+        ssl_meta_arch.forward_backward with centering="centering" (before dino_loss_weight): every (teacher
+        crop, student crop) pair of different crops, mean over images, divided by the number of pairs;
+        then update_center with the teacher logits. student_global (2B, D), student_local (n B, D),
+        teacher_global (2B, D): bottleneck outputs (before the L2 normalisation) in crop order, the
+        teacher's *without* DINOv2's swap of its two crops (the pairing is by crop here). last_layer and
+        teacher_last_layer: the heads' weight-normalised nn.Linear(D, K, bias=False) (old or
+        parametrize weight_norm, or a plain Linear). Gradients reach the student features and weights.
+        """
+        self.apply_center_update()
+        D = student_global.shape[-1]
+        B = student_global.shape[0] // 2
+        student = torch.cat([student_global.reshape(2, B, D), student_local.reshape(-1, B, D)]).contiguous()
+        teacher = teacher_global.detach().reshape(2, B, D).contiguous()
+        weight_v, weight_g = _weight_norm_parts(last_layer)
+        with torch.no_grad():
+            teacher_v, teacher_g = _weight_norm_parts(teacher_last_layer)
+        K = weight_v.shape[0]
+        center = self.center.reshape(K).float().contiguous()
+        loss, logit_sum, _ = self._ops.dino_head_loss(
+            student, teacher, weight_v.contiguous(), center, center, torch.zeros(2 * B, device=center.device),
+            teacher_temp, self.student_temp, 1.0, weight_g=weight_g,
+            teacher_weight_v=teacher_v.detach().contiguous(),
+            teacher_weight_g=None if teacher_g is None else teacher_g.detach())
+        self.len_teacher_output = 2 * B
+        with torch.no_grad():
+            self._start_center_update(logit_sum.detach().float().reshape(1, K).clone(), 2 * B)
+        return loss
+
+
+def _weight_norm_parts(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight_v (K, D), weight_g (K, 1)) of a weight-normalised Linear: torch.nn.utils.weight_norm's
+    weight_v / weight_g, parametrize.weight_norm's original1 / original0, or a plain Linear's weight and
+    its row norms (so that v / |v| g is the weight, with gradients through both)."""
+    if hasattr(layer, "weight_v") and hasattr(layer, "weight_g"):
+        return layer.weight_v, layer.weight_g
+    parametrizations = getattr(layer, "parametrizations", None)
+    if parametrizations is not None and "weight" in parametrizations:
+        return parametrizations.weight.original1, parametrizations.weight.original0
+    weight = layer.weight
+    return weight, weight.norm(dim=1, keepdim=True)
+
+
+class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's class name, so that one import line changes)
+    """DINOv2's masked patch-token iBOT loss (dinov2/loss/ibot_patch_loss.py) on the fused kernels.
+
+    patch_out_dim K prototypes; center buffer (1, 1, K). backend: "auto" | "triton" | "torch".
+    """
+
+    def __init__(self, patch_out_dim, student_temp=0.1, center_momentum=0.9, *, backend: str = "auto"):
+        super().__init__((1, 1, patch_out_dim), student_temp, center_momentum, backend)
+        self.len_teacher_patch_tokens = None
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_masked_patches_tensor, n_iterations=3):
+        """Sinkhorn-Knopp targets (M, K) fp32 for this rank's M masked patch rows. n_masked_patches_tensor
+        is all-reduced in place over ranks as DINOv2 does; the result does not depend on its value (DINOv2's
+        divisions by it are undone by its next normalisation and its final * B)."""
+        _, all_reduce = _world()
+        if all_reduce is not None:
+            dist.all_reduce(n_masked_patches_tensor)
+        return self._ops.sinkhorn_knopp(teacher_output, teacher_temp, n_iterations, all_reduce)
+
+    def forward(self, student_patch_tokens, teacher_patch_tokens, student_masks_flat):
+        """-mean over images of the mask-weighted mean over patches of sum_k t log_softmax(s / student_temp).
+
+        student_patch_tokens, teacher_patch_tokens (B, N, K); student_masks_flat (B, N).
+        """
+        B, N, K = student_patch_tokens.shape
+        masks = student_masks_flat.float()
+        row_weight = (masks / masks.sum(dim=-1, keepdim=True).clamp(min=1.0) / B).reshape(B * N)
+        targets = _teacher_views(teacher_patch_tokens.reshape(B * N, K), B * N, K)
+        return self._soft_cross_entropy(student_patch_tokens.reshape(B * N, K), targets, row_weight)
+
+    def forward_masked(self, student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat,
+                       n_masked_patches=None, masks_weight=None):
+        """-sum_r masks_weight[r] sum_k t[r] log_softmax(s[r] / student_temp) / number of images.
+
+        Rows (M, K) of the masked patches (the first n_masked_patches when given); masks_weight (M,)
+        defaults to 1 / (masked patches of the row's image), as DINOv2 computes it.
+        """
+        s, t = student_patch_tokens_masked, teacher_patch_tokens_masked
+        if n_masked_patches is not None:
+            s, t = s[:n_masked_patches], t[:n_masked_patches]
+        if masks_weight is None:
+            masks_weight = ((1 / student_masks_flat.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+                            .expand_as(student_masks_flat)[student_masks_flat])
+        rows = s.shape[0]
+        if masks_weight.numel() not in (1, rows):
+            raise ValueError(f"masks_weight has {masks_weight.numel()} entries but there are {rows} masked patch "
+                             "rows (one weight per row, after n_masked_patches)")
+        row_weight = masks_weight.float().reshape(-1).expand(rows) / student_masks_flat.shape[0]
+        return self._soft_cross_entropy(s, _teacher_views(t, rows, s.shape[-1]), row_weight.contiguous())
+
+    @torch.no_grad()
+    def reduce_center_update(self, teacher_patch_tokens):
+        """Start the centre update: sum over dim 0 of the mean over dim 1 (fp32), all-reduced asynchronously."""
+        self.len_teacher_patch_tokens = len(teacher_patch_tokens)
+        batch_sum = torch.sum(torch.mean(teacher_patch_tokens, dim=1, dtype=torch.float32), dim=0, keepdim=True)
+        self._start_center_update(batch_sum, self.len_teacher_patch_tokens)

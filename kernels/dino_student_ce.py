@@ -1,0 +1,225 @@
+"""Student soft-target cross-entropy with per-row weights, forward and backward fused: the student side of
+DINOv2's DINO loss (view pairs) and iBOT loss (masked patch tokens).
+
+Math (reference.weighted_soft_cross_entropy): student logits x (R, K), teacher targets P (T, R, K) (T
+teacher views, each paired with every student row), row weights w (R,), student temperature tau.
+With Q = sum_t P[t] (R, K) and n = sum_k Q (R,):
+    loss         = -sum_r w[r] sum_t P[t, r] . log_softmax(x[r] / tau)
+                 =  sum_r w[r] (n[r] lse(x[r] / tau) - Q[r] . x[r] / tau)
+    d loss / d x = w[r] (n[r] softmax(x[r] / tau) - Q[r]) / tau
+DINOv2's DINOLoss.forward is one call per student view with w = 1 / R (the mean over samples) and its
+T teacher views; iBOTPatchLoss.forward_masked is T = 1 and w = masks_weight / number of images.
+
+Kernel: programs over (row block, K split). Forward keeps an online logsumexp (log2 units), Q . x and
+n per row, summing the T targets in registers, and writes these four statistics per split; torch
+combines the splits (tiny, deterministic). Backward re-streams x and P and writes the gradient. The
+saved state is 3 floats per row: no (R, K) fp32 log-probabilities, products or gradients in fp32.
+
+Cost per call (e = bytes per student logit, targets fp32):
+    forward  FLOPs ~ (8 + 2 T) R K,  minimum HBM bytes = R K e + 4 T R K
+    backward FLOPs ~ (6 + 2 T) R K,  minimum HBM bytes = 2 R K e + 4 T R K
+DINOv2's eager loss also writes and re-reads the fp32 log-softmax (R, K), the product with each
+teacher view, and their gradients: ~(6 + 4 T) x 4 R K bytes more per step, and 4 R K (1 + T) of
+activation memory held for backward.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TRITON_DTYPE, check_positive, check_tensor, interpreted, num_splits, sm_count
+
+# H100/A100 config: bandwidth bound. A (4, 512) tile over 4 warps is 16 elements per thread for x and
+# for the running target sum. K is split so that row blocks x splits covers ~4 programs per SM, which
+# the class-token rows (16-128 per view per GPU) need; iBOT's thousands of rows need no split.
+GPU_BLOCK_R = 4
+GPU_BLOCK_K = 512
+GPU_NUM_WARPS = 4
+INTERPRETER_BLOCK_R = 4
+INTERPRETER_BLOCK_K = 4096
+
+
+@triton.jit
+def _load_tile(student_ptr, targets_ptr, rows, row_mask, cols, col_mask, R, K, T):
+    """x (BLOCK_R, BLOCK_K) fp32 and Q = sum_t P[t] over the tile, fp32."""
+    offset = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(student_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+    q = tl.zeros(x.shape, tl.float32)
+    for t in range(0, T):
+        t_offset = (t * R + rows).to(tl.int64)[:, None] * K + cols[None, :]
+        q += tl.load(targets_ptr + t_offset, mask=mask, other=0.0).to(tl.float32)
+    return x, q
+
+
+@triton.jit
+def _student_ce_fwd_kernel(
+    student_ptr, targets_ptr, partial_ptr, R, K, T, K_PER_SPLIT, scale,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    k_end = tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_R], tl.float32)
+    qx = tl.zeros([BLOCK_R], tl.float32)
+    n = tl.zeros([BLOCK_R], tl.float32)
+    for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_end
+        x, q = _load_tile(student_ptr, targets_ptr, rows, row_mask, cols, col_mask, R, K, T)
+        xm = tl.where(col_mask[None, :], x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(xm, axis=1))
+        row_sum = row_sum * tl.exp2((m - m_new) * scale) + tl.sum(tl.exp2((xm - m_new[:, None]) * scale), axis=1)
+        m = m_new
+        qx += tl.sum(q * x, axis=1)
+        n += tl.sum(q, axis=1)
+    out = partial_ptr + rows * splits + split
+    stride = R * splits
+    tl.store(out, m, mask=row_mask)
+    tl.store(out + stride, row_sum, mask=row_mask)
+    tl.store(out + 2 * stride, qx, mask=row_mask)
+    tl.store(out + 3 * stride, n, mask=row_mask)
+
+
+@triton.jit
+def _student_ce_bwd_kernel(
+    student_ptr, targets_ptr, row_max_ptr, log2_sum_ptr, coef_ptr, grad_loss_ptr, grad_ptr,
+    R, K, T, K_PER_SPLIT, scale, inv_temperature,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    split = tl.program_id(1)
+    k_end = tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K)
+    row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
+    log2_sum = tl.load(log2_sum_ptr + rows, mask=row_mask, other=0.0)
+    # coef = (w, w n) per row; the upstream gradient is read on device: no host sync
+    g = tl.load(grad_loss_ptr).to(tl.float32) * inv_temperature
+    w = tl.load(coef_ptr + rows, mask=row_mask, other=0.0) * g
+    wn = tl.load(coef_ptr + R + rows, mask=row_mask, other=0.0) * g
+    for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_end
+        x, q = _load_tile(student_ptr, targets_ptr, rows, row_mask, cols, col_mask, R, K, T)
+        softmax = tl.exp2((x - row_max[:, None]) * scale - log2_sum[:, None])
+        grad = softmax * wn[:, None] - q * w[:, None]
+        offset = rows.to(tl.int64)[:, None] * K + cols[None, :]
+        tl.store(grad_ptr + offset, grad.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _launch_shape(student_logits: torch.Tensor) -> tuple[int, int, int, int]:
+    R, K = student_logits.shape
+    if interpreted(student_logits):
+        block_r, block_k = INTERPRETER_BLOCK_R, INTERPRETER_BLOCK_K
+    else:
+        block_r, block_k = GPU_BLOCK_R, GPU_BLOCK_K
+    blocks = triton.cdiv(R, block_r)
+    splits, per_split = num_splits(K, blocks, block_k, 4 * sm_count(student_logits.device))
+    return block_r, block_k, splits, per_split
+
+
+class _StudentCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, targets, row_weight, student_temperature):
+        R, K = student_logits.shape
+        T = targets.shape[0]
+        block_r, block_k, splits, per_split = _launch_shape(student_logits)
+        scale = math.log2(math.e) / student_temperature
+        partial = torch.empty((4, R, splits), dtype=torch.float32, device=student_logits.device)
+        _student_ce_fwd_kernel[(triton.cdiv(R, block_r), splits)](
+            student_logits, targets, partial, R, K, T, per_split, scale,
+            BLOCK_R=block_r, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
+        )
+        m, row_sum, qx, n = partial
+        # exponents are (x - row_max) * scale: the largest softmax entries carry no rounding from the
+        # absolute scale of the logits
+        row_max = m.max(dim=-1).values
+        log2_sum = torch.log2((row_sum * torch.exp2((m - row_max.unsqueeze(-1)) * scale)).sum(dim=-1))
+        qx, n = qx.sum(dim=-1), n.sum(dim=-1)
+        rows_loss = (n * row_max - qx) / student_temperature + n * log2_sum * math.log(2.0)
+        loss = (row_weight * rows_loss).sum()
+        coef = torch.stack([row_weight, row_weight * n])
+        ctx.save_for_backward(student_logits, targets, row_max.contiguous(), log2_sum.contiguous(), coef)
+        ctx.student_temperature = student_temperature
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        student_logits, targets, row_max, log2_sum, coef = ctx.saved_tensors
+        R, K = student_logits.shape
+        block_r, block_k, splits, per_split = _launch_shape(student_logits)
+        tau = ctx.student_temperature
+        grad = torch.empty_like(student_logits)
+        _student_ce_bwd_kernel[(triton.cdiv(R, block_r), splits)](
+            student_logits, targets, row_max, log2_sum, coef, grad_loss.float().contiguous(), grad,
+            R, K, targets.shape[0], per_split, math.log2(math.e) / tau, 1.0 / tau,
+            BLOCK_R=block_r, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
+        )
+        return grad, None, None, None
+
+
+def _validate(student_logits, targets, row_weight, student_temperature) -> None:
+    check_tensor("student_logits", student_logits, 2)
+    device = student_logits.device
+    check_tensor("teacher targets", targets, 3, device)
+    check_tensor("row weights", row_weight, 1, device)
+    R, K = student_logits.shape
+    if targets.shape[1:] != (R, K) or targets.shape[0] == 0:
+        raise ValueError(f"teacher targets (T, R, K) = {tuple(targets.shape)} must pair with student_logits "
+                         f"(R, K) = {(R, K)}: the same rows and prototypes, at least one teacher view")
+    if row_weight.shape[0] != R:
+        raise ValueError(f"row weights have {row_weight.shape[0]} entries but student_logits has R={R} rows")
+    if R == 0 or K == 0:
+        raise ValueError(f"student_logits must be non-empty (R, K), got shape {(R, K)}")
+    check_positive("student_temp", student_temperature)
+
+
+def weighted_soft_cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor,
+                                student_temperature: float) -> torch.Tensor:
+    """Fused reference.weighted_soft_cross_entropy: scalar fp32 loss, differentiable in student_logits.
+
+    student_logits (R, K) fp32/fp16/bf16; targets (T, R, K) teacher probabilities (fp32 from the teacher
+    kernels); row_weight (R,); contiguous, one device.
+    """
+    _validate(student_logits, targets, row_weight, student_temperature)
+    return _StudentCrossEntropy.apply(student_logits, targets.detach(), row_weight.detach().float(),
+                                      float(student_temperature))
+
+
+def roofline_cost(R: int, K: int, T: int = 1, dtype_bytes: int = 2, backward: bool = True) -> dict[str, int]:
+    """Minimum cost of forward (+ backward): R student rows, T teacher views (fp32), K prototypes."""
+    flops = (8 + 2 * T) * R * K
+    nbytes = R * K * dtype_bytes + 4 * T * R * K
+    if backward:
+        flops += (6 + 2 * T) * R * K
+        nbytes += 2 * R * K * dtype_bytes + 4 * T * R * K
+    return {"flops": flops, "bytes": nbytes}
+
+
+def compile_specs() -> list[dict]:
+    """Every shipped configuration (student dtype x forward/backward) for the AOT compile report."""
+    specs = []
+    for dtype, ptr in TRITON_DTYPE.items():
+        name = str(dtype).removeprefix("torch.")
+        common = {"constexprs": {"BLOCK_R": GPU_BLOCK_R, "BLOCK_K": GPU_BLOCK_K}, "num_warps": GPU_NUM_WARPS,
+                  "num_stages": 3, "uses_dot": False}
+        specs.append({
+            "name": f"dino_student_ce_fwd_{name}", "fn": _student_ce_fwd_kernel,
+            "signature": {"student_ptr": ptr, "targets_ptr": "*fp32", "partial_ptr": "*fp32", "R": "i32",
+                          "K": "i32", "T": "i32", "K_PER_SPLIT": "i32", "scale": "fp32"},
+            **common,
+        })
+        specs.append({
+            "name": f"dino_student_ce_bwd_{name}", "fn": _student_ce_bwd_kernel,
+            "signature": {"student_ptr": ptr, "targets_ptr": "*fp32", "row_max_ptr": "*fp32",
+                          "log2_sum_ptr": "*fp32", "coef_ptr": "*fp32", "grad_loss_ptr": "*fp32",
+                          "grad_ptr": ptr, "R": "i32", "K": "i32", "T": "i32", "K_PER_SPLIT": "i32",
+                          "scale": "fp32", "inv_temperature": "fp32"},
+            **common,
+        })
+    return specs

@@ -1,0 +1,379 @@
+"""DINOv2 drop-in losses (terrafm_kernels.dino) against our float64 re-implementation of DINOv2's semantics.
+
+Kernels run in the Triton interpreter on CPU (compiled on CUDA). Neither kernel family uses tl.dot, but
+bf16 is checked on a GPU only (gpu_check), like the other loss kernels. Row counts stay small at
+K = 65536 so that the interpreter stays fast.
+"""
+
+import dinov2_oracle as oracle
+import pytest
+import torch
+import torch.multiprocessing as mp
+from loss_oracle import assert_flash_tolerance
+
+from terrafm_kernels import dino_student_ce, dino_teacher, reference
+from terrafm_kernels.dino import DINOLoss, iBOTPatchLoss
+
+KS = [1271, 65536, 65537]
+TEMPS = [0.04, 0.07]
+# bf16 runs where there is a GPU (gpu_check): these kernels use no tl.dot, but the fused head's do
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+REL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _rows(K: int, small: int = 5) -> int:
+    return 2 if K > 4096 else small
+
+
+def _logits(shape, scale, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * scale).to(dtype).to(device)
+
+
+def _probs(shape, device, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(*shape, generator=g, dtype=torch.float64) * 3, dim=-1).float().to(device)
+
+
+@pytest.mark.parametrize("temp", TEMPS)
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_center_teacher(K, temp, dtype, device):
+    R = _rows(K)
+    t = _logits((R, K), 50.0, dtype, device)
+    loss = DINOLoss(K).to(device)
+    loss.center.copy_(_logits((1, K), 5.0, torch.float32, device, seed=2))
+    out = loss.softmax_center_teacher(t, teacher_temp=temp)
+    want = oracle.centered_softmax(t.cpu(), loss.center.cpu(), temp)
+    plain = oracle.centered_softmax(t.cpu(), loss.center.cpu(), temp, dtype=torch.float32)
+    assert out.dtype == torch.float32 and out.shape == (R, K)
+    assert_flash_tolerance("centred softmax", out.cpu(), plain, want, 1e-6)
+
+
+def test_ibot_softmax_center_teacher_keeps_shape(device):
+    K = 300
+    t = _logits((1, 7, K), 10.0, torch.float16, device)
+    loss = iBOTPatchLoss(K).to(device)
+    loss.center.copy_(_logits((1, 1, K), 2.0, torch.float32, device))
+    out = loss.softmax_center_teacher(t, teacher_temp=0.07)
+    assert out.shape == (1, 7, K)
+    want = oracle.centered_softmax(t.cpu(), loss.center.cpu(), 0.07)
+    assert_flash_tolerance("ibot centred softmax", out.cpu(), oracle.centered_softmax(
+        t.cpu(), loss.center.cpu(), 0.07, torch.float32), want, 1e-6)
+
+
+@pytest.mark.parametrize("temp", TEMPS)
+@pytest.mark.parametrize("K", KS)
+def test_sinkhorn_knopp_matches_dinov2_where_it_is_finite(K, temp, device):
+    R = _rows(K, small=6)
+    # |t / tau| <= 30: neither exp(t / tau) nor its quotient by the total overflows or underflows in fp32
+    t = _logits((R, K), 30 * temp, torch.float32, device)
+    out = DINOLoss(K).to(device).sinkhorn_knopp_teacher(t, teacher_temp=temp)
+    want = oracle.sinkhorn_literal([t.cpu()], temp)[0]
+    plain = oracle.sinkhorn_literal([t.cpu()], temp, dtype=torch.float32)[0]
+    assert torch.isfinite(plain).all()
+    assert_flash_tolerance("sinkhorn-knopp", out.cpu(), plain, want, 1e-6)
+    # the log-domain float64 oracle used below where DINOv2 overflows is the same function
+    assert torch.allclose(oracle.sinkhorn_log_f64(t.cpu(), temp), want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("temp", TEMPS)
+@pytest.mark.parametrize("K", [1271, 65537])
+def test_sinkhorn_knopp_stays_finite_where_dinov2_overflows(K, temp, device):
+    R = _rows(K, small=6)
+    t = _logits((R, K), 50.0, torch.float16, device)
+    plain = oracle.sinkhorn_literal([t.cpu()], temp, dtype=torch.float32)[0]
+    assert not torch.isfinite(plain).all()  # DINOv2 in fp32: exp(50 / tau) = inf, then NaN
+    out = DINOLoss(K).to(device).sinkhorn_knopp_teacher(t, teacher_temp=temp).cpu()
+    want = oracle.sinkhorn_log_f64(t.cpu(), temp)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double().sum(-1), torch.ones(R, dtype=torch.float64), atol=1e-5)
+    # exponents of ~1250 in fp32 carry ~1e-4 absolute rounding: probabilities agree to that
+    assert (out.double() - want).abs().max().item() < 2e-3
+
+
+def test_sinkhorn_knopp_many_rows_strided_programs(device):
+    """More row blocks than column programs (each program strides over several blocks): iBOT-sized R."""
+    K, R = 300, 150
+    t = _logits((R, K), 1.2, torch.float32, device)
+    out = dino_teacher.sinkhorn_knopp(t, 0.04, n_iterations=3)
+    want = oracle.sinkhorn_literal([t.cpu()], 0.04)[0]
+    plain = oracle.sinkhorn_literal([t.cpu()], 0.04, dtype=torch.float32)[0]
+    assert_flash_tolerance("sinkhorn-knopp strided", out.cpu(), plain, want, 1e-6)
+
+
+def test_ibot_sinkhorn_knopp_any_n_masked_patches(device):
+    """DINOv2 divides by n_masked_patches_tensor (B) and multiplies by it at the end: any B gives the same
+    targets, in DINOv2 (float64) and here."""
+    K, M = 1271, 9
+    t = _logits((M, K), 2.0, torch.float32, device)
+    loss = iBOTPatchLoss(K).to(device)
+    out = loss.sinkhorn_knopp_teacher(t, 0.04, n_masked_patches_tensor=torch.tensor([M + 3], device=device))
+    want = oracle.sinkhorn_literal([t.cpu()], 0.04, n_samples=M + 3)[0]
+    assert torch.allclose(want, oracle.sinkhorn_literal([t.cpu()], 0.04, n_samples=M)[0], rtol=1e-12, atol=0)
+    plain = oracle.sinkhorn_literal([t.cpu()], 0.04, n_samples=M + 3, dtype=torch.float32)[0]
+    assert_flash_tolerance("ibot sinkhorn-knopp", out.cpu(), plain, want, 1e-6)
+
+
+def _grad_run(fn, student, *args):
+    x = student.detach().clone().requires_grad_()
+    loss = fn(x, *args)
+    loss.backward()
+    return loss.detach().double().cpu(), x.grad.double().cpu()
+
+
+def _check_loss_and_grad(name, kernel, plain, want, rel):
+    for part, k, p, o in zip(("loss", "grad"), kernel, plain, want, strict=True):
+        scale = max(1.0, o.abs().max().item()) if part == "loss" else o.abs().max().item()
+        assert torch.isfinite(k).all(), f"{name} {part}"
+        assert_flash_tolerance(f"{name} {part}", k, p, o, rel * scale + 1e-7)
+
+
+@pytest.mark.parametrize("K,dtype", [(1271, d) for d in DTYPES] + [(65536, torch.float32), (65537, torch.float16)])
+def test_dino_forward_local_and_global_crops(K, dtype, device):
+    """DINOv2's two calls: local crops chunked against the (2, B, K) teacher, global crops against the
+    flattened teacher; student logits up to +-50."""
+    B, n_local = _rows(K, small=3), 2
+    loss = DINOLoss(K, student_temp=0.1).to(device)
+    teacher = _probs((2, B, K), device)
+    local = _logits((n_local * B, K), 50.0, dtype, device)
+    rel = REL[dtype]
+
+    def ours(x):
+        return loss(x.chunk(n_local), teacher)
+
+    def dinov2(x, dt):
+        return oracle.dino_forward(x.chunk(n_local), teacher.cpu(), 0.1, dtype=dt)
+
+    kernel = _grad_run(ours, local)
+    plain = _grad_run(lambda x: dinov2(x, torch.float32), local.cpu())
+    want = _grad_run(lambda x: dinov2(x, torch.float64), local.cpu())
+    _check_loss_and_grad("local crops", kernel, plain, want, rel)
+
+    global_student = _logits((2 * B, K), 50.0, dtype, device, seed=3)
+    flat = teacher.flatten(0, 1)
+    kernel = _grad_run(lambda x: loss([x], [flat]), global_student)
+    plain = _grad_run(lambda x: oracle.dino_forward([x], [flat.cpu()], 0.1, torch.float32), global_student.cpu())
+    want = _grad_run(lambda x: oracle.dino_forward([x], [flat.cpu()], 0.1), global_student.cpu())
+    _check_loss_and_grad("global crops", kernel, plain, want, rel)
+
+
+def _masks(B, N, device):
+    masks = torch.zeros(B, N, dtype=torch.bool)
+    masks[1, ::3] = True  # image 0: no masked patch; image 1: some; image 2: all
+    masks[2] = True
+    return masks.to(device)
+
+
+@pytest.mark.parametrize("K,dtype", [(1271, d) for d in DTYPES] + [(65537, torch.float32)])
+def test_ibot_forward_masked(K, dtype, device):
+    B, N = 3, (6 if K > 4096 else 10)
+    masks = _masks(B, N, device)
+    M = int(masks.sum())
+    loss = iBOTPatchLoss(K, student_temp=0.1).to(device)
+    student = _logits((M + 2, K), 50.0, dtype, device)  # two padding rows past n_masked_patches
+    teacher = _probs((M + 2, K), device)
+    rel = REL[dtype]
+    for weights in (None, torch.rand(M, generator=torch.Generator().manual_seed(0)).to(device)):
+        def ours(x, w=weights):
+            return loss.forward_masked(x, teacher, masks, n_masked_patches=M, masks_weight=w)
+
+        def dinov2(x, dt, w=weights):
+            return oracle.ibot_forward_masked(x, teacher.cpu(), masks.cpu(), 0.1, M,
+                                              None if w is None else w.cpu(), dtype=dt)
+
+        kernel = _grad_run(ours, student)
+        plain = _grad_run(lambda x: dinov2(x, torch.float32), student.cpu())
+        want = _grad_run(lambda x: dinov2(x, torch.float64), student.cpu())
+        _check_loss_and_grad("ibot forward_masked", kernel, plain, want, rel)
+        assert kernel[1][M:].abs().max() == 0  # rows past n_masked_patches get no gradient
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ibot_forward_with_empty_and_full_masks(dtype, device):
+    B, N, K = 3, 8, 1271
+    masks = _masks(B, N, device)
+    loss = iBOTPatchLoss(K).to(device)
+    student = _logits((B, N, K), 50.0, dtype, device)
+    teacher = _probs((B, N, K), device)
+    rel = REL[dtype]
+    kernel = _grad_run(lambda x: loss(x, teacher, masks), student)
+    plain = _grad_run(lambda x: oracle.ibot_forward(x, teacher.cpu(), masks.cpu(), 0.1, torch.float32),
+                      student.cpu())
+    want = _grad_run(lambda x: oracle.ibot_forward(x, teacher.cpu(), masks.cpu(), 0.1), student.cpu())
+    _check_loss_and_grad("ibot forward", kernel, plain, want, rel)
+    assert kernel[1][0].abs().max() == 0  # the image with no masked patch contributes nothing
+
+
+def test_forward_masked_with_no_masked_patch(device):
+    K = 64
+    masks = torch.zeros(2, 5, dtype=torch.bool, device=device)
+    student = torch.zeros(0, K, device=device, requires_grad=True)
+    out = iBOTPatchLoss(K).to(device).forward_masked(student, torch.zeros(0, K, device=device), masks)
+    out.backward()
+    assert out.item() == 0.0 and student.grad.shape == (0, K)
+
+
+def test_center_update_and_checkpoints(device):
+    K, m = 50, 0.9
+    dino, ibot = DINOLoss(K, center_momentum=m).to(device), iBOTPatchLoss(K, center_momentum=m).to(device)
+    assert dino.center.shape == (1, K) and ibot.center.shape == (1, 1, K)
+    cls = _logits((6, K), 3.0, torch.float16, device)
+    patches = _logits((1, 9, K), 3.0, torch.float32, device)
+    dino.update_center(cls)
+    ibot.update_center(patches)
+    assert not dino.updated and torch.equal(dino.center, torch.zeros_like(dino.center))  # deferred, as DINOv2
+    probs = dino.softmax_center_teacher(cls, teacher_temp=0.07)
+    want_center = oracle.center_after_update(torch.zeros(1, K, dtype=torch.float64), cls.double().cpu().sum(0), 6, m)
+    assert torch.allclose(dino.center.cpu().double(), want_center, atol=1e-6)
+    assert torch.allclose(probs.cpu().double(), oracle.centered_softmax(cls.cpu(), want_center, 0.07), atol=1e-6)
+    ibot.apply_center_update()
+    want_patch = oracle.center_after_update(torch.zeros(1, 1, K, dtype=torch.float64),
+                                            patches.double().cpu().mean(1).sum(0), 1, m)
+    assert torch.allclose(ibot.center.cpu().double(), want_patch, atol=1e-6)
+    # a DINOv2 checkpoint's buffers load into ours and back (same names and shapes)
+    state = {"center": torch.randn(1, K)}
+    dino.load_state_dict(state)
+    assert torch.equal(dino.state_dict()["center"].cpu(), state["center"])
+    ibot.load_state_dict({"center": torch.randn(1, 1, K)})
+
+
+def test_torch_backend_matches_triton(device):
+    K = 700
+    t = _logits((5, K), 2.0, torch.float32, device)
+    s = _logits((5, K), 20.0, torch.float32, device, seed=4)
+    results = []
+    for backend in ("triton", "torch"):
+        loss = DINOLoss(K, backend=backend).to(device)
+        assert loss.backend == backend
+        sk = loss.sinkhorn_knopp_teacher(t, 0.04)
+        results.append((sk, loss.softmax_center_teacher(t, 0.04), loss([s], [sk])))
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        DINOLoss(K, backend="cuda")
+
+
+def test_two_ranks_match_one(tmp_path):
+    """2 gloo ranks (each holding part of the batch) give the rows, centres and Sinkhorn-Knopp targets that
+    one process computes on the whole batch."""
+    import dino_dist_worker as worker
+
+    mp.spawn(worker.run, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    K, cls, patches, _, patch_shards = worker.shards()
+    one, one_ibot = DINOLoss(K), iBOTPatchLoss(K)
+    sk_cls = torch.cat([r["sk_cls"] for r in ranks])
+    assert torch.allclose(sk_cls, one.sinkhorn_knopp_teacher(cls, 0.04), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(sk_cls.double(), oracle.sinkhorn_literal([cls], 0.04)[0], rtol=1e-4, atol=1e-7)
+    sk_patches = torch.cat([r["sk_patches"] for r in ranks])
+    n_masked = torch.tensor([patches.shape[0]])
+    assert torch.allclose(sk_patches, one_ibot.sinkhorn_knopp_teacher(patches, 0.04, n_masked), rtol=1e-5,
+                          atol=1e-7)
+    assert torch.allclose(sk_patches.double(), torch.cat(oracle.sinkhorn_literal(patch_shards, 0.04)), rtol=1e-4,
+                          atol=1e-7)
+    assert all(r["n_masked_after"].item() == patches.shape[0] for r in ranks)  # all-reduced in place
+    one.update_center(cls)
+    one.apply_center_update()
+    for r in ranks:
+        assert torch.allclose(r["center_cls"], one.center, atol=1e-6)
+    # iBOT's centre is the mean over ranks of each rank's mean patch (DINOv2: sum of means / ranks)
+    want = 0.1 * (patch_shards[0].mean(0) + patch_shards[1].mean(0)) / 2
+    for r in ranks:
+        assert torch.allclose(r["center_patches"].reshape(-1), want, atol=1e-6)
+    probs = torch.cat([r["probs_cls"] for r in ranks])
+    assert torch.allclose(probs, reference.centered_softmax(cls, one.center, 0.07), atol=1e-6)
+
+
+def test_validation_errors(device):
+    K = 40
+    loss = DINOLoss(K).to(device)
+    s = _logits((4, K), 1.0, torch.float32, device)
+    with pytest.raises(ValueError, match=r"must be \(T, R, K\)"):
+        loss([s], [_probs((3, K), device)])
+    with pytest.raises(ValueError, match="center has 40 elements"):
+        dino_teacher.centered_softmax(_logits((2, K + 1), 1.0, torch.float32, device), loss.center, 0.04)
+    with pytest.raises(ValueError, match="teacher_temp must be > 0"):
+        loss.softmax_center_teacher(s, teacher_temp=0.0)
+    with pytest.raises(ValueError, match="n_iterations must be >= 1"):
+        loss.sinkhorn_knopp_teacher(s, 0.04, n_iterations=0)
+    with pytest.raises(ValueError, match="row weights have 3 entries"):
+        dino_student_ce.weighted_soft_cross_entropy(s, _probs((1, 4, K), device), torch.ones(3, device=device), 0.1)
+    with pytest.raises(ValueError, match="student_temp must be > 0"):
+        dino_student_ce.weighted_soft_cross_entropy(s, _probs((1, 4, K), device), torch.ones(4, device=device), 0)
+    with pytest.raises(TypeError, match="dtype"):
+        loss.softmax_center_teacher(s.long(), teacher_temp=0.04)
+    masks = torch.ones(2, 2, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match="masks_weight has 3 entries but there are 4"):
+        iBOTPatchLoss(K).to(device).forward_masked(s, _probs((4, K), device), masks, masks_weight=torch.ones(3))
+
+
+def test_roofline_and_specs():
+    assert dino_teacher.roofline_cost(R=8, K=100, dtype_bytes=2, n_iterations=3)["bytes"] == 7 * 1600 + 3200 + 800
+    assert dino_student_ce.roofline_cost(R=8, K=100, T=2, dtype_bytes=2, backward=False)["bytes"] == 1600 + 6400
+    names = {s["name"] for s in dino_teacher.compile_specs() + dino_student_ce.compile_specs()}
+    assert names >= {"dino_teacher_sk_column_bfloat16_r8", "dino_teacher_centered_softmax_float16_r1",
+                     "dino_student_ce_bwd_bfloat16"}
+
+
+
+def _last_layer(K, D, seed):
+    torch.manual_seed(seed)
+    layer = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(D, K, bias=False))
+    layer.parametrizations.weight.original0.data.fill_(1.0)
+    layer.parametrizations.weight.original0.requires_grad_(False)  # DINOv2's norm_last_layer
+    return layer
+
+
+def _dinov2_head_and_loss(student_global, student_local, teacher_global, v, tv, center, n_local, temp, dtype):
+    """DINOv2 from the bottleneck on: normalise, last layer, swapped centred teacher, local + global terms."""
+    import torch.nn.functional as F
+
+    def logits(x, w):
+        return F.normalize(x.to(dtype), dim=-1) @ (w.to(dtype) / w.to(dtype).norm(dim=1, keepdim=True)).t()
+
+    B = student_global.shape[0] // 2
+    chunks = teacher_global.detach().chunk(2)
+    teacher = logits(torch.cat((chunks[1], chunks[0])), tv.detach())
+    probs = oracle.centered_softmax(teacher, center, temp, dtype=dtype).view(2, B, -1)
+    terms = 2 + 2 * n_local
+    local = oracle.dino_forward(logits(student_local, v).chunk(n_local), probs, 0.1, dtype) / terms
+    global_ = oracle.dino_forward([logits(student_global, v)], [probs.flatten(0, 1)], 0.1, dtype) * 2 / terms
+    return local + global_, teacher.sum(0)
+
+
+@pytest.mark.parametrize("K,dtype", [(37, torch.float32)] + [(300, d) for d in DTYPES[1:]])
+def test_forward_fused_matches_dinov2_head_and_loss(K, dtype, device):
+    B, n_local, D, temp = 3, 2, 16, 0.04
+    layer, teacher_layer = _last_layer(K, D, 0).to(device), _last_layer(K, D, 1).to(device)
+    features = [_logits(shape, 2.0, dtype, device, seed) for seed, shape in
+                enumerate([(2 * B, D), (n_local * B, D), (2 * B, D)])]
+    center = _logits((1, K), 0.5, torch.float32, device, seed=7)
+    loss_module = DINOLoss(K).to(device)
+    loss_module.center.copy_(center)
+    sg, sl = (f.clone().requires_grad_() for f in features[:2])
+    v = layer.parametrizations.weight.original1
+    layer_dtype = layer.to(dtype) if dtype != torch.float32 else layer
+    loss = loss_module.forward_fused(sg, sl, features[2], layer_dtype, teacher_layer.to(dtype), temp)
+    loss.backward()
+    kernel = (loss.detach(), sg.grad, sl.grad, v.grad)
+
+    tv = teacher_layer.parametrizations.weight.original1.detach().cpu()
+    results = []
+    for dt in (torch.float32, torch.float64):
+        sg_o, sl_o = (f.detach().cpu().clone().requires_grad_() for f in features[:2])
+        v_o = v.detach().cpu().clone().requires_grad_()
+        out, teacher_sum = _dinov2_head_and_loss(sg_o, sl_o, features[2].cpu(), v_o, tv, center.cpu(), n_local, temp,
+                                                 dt)
+        out.backward()
+        results.append((out.detach(), sg_o.grad, sl_o.grad, v_o.grad, teacher_sum))
+    (plain, want) = results
+    rel = REL[dtype]
+    for name, k, p, o in zip(("loss", "grad global", "grad local", "grad weight_v"), kernel, plain, want,
+                             strict=False):
+        scale = max(1.0, o.abs().max().item()) if name == "loss" else o.abs().max().item()
+        assert torch.isfinite(k).all(), name
+        assert_flash_tolerance(f"fused {name}", k.float().cpu(), p.float(), o, rel * scale + 1e-7)
+    loss_module.apply_center_update()
+    want_center = oracle.center_after_update(center.cpu().double(), want[4], 2 * B, 0.9)
+    assert torch.allclose(loss_module.center.cpu().double(), want_center, atol=REL[dtype])
