@@ -61,6 +61,10 @@ class Case:
     oracle: Callable  # float64
     cost: Callable[[dict, int], dict]  # {"flops", "bytes"} of the timed call, dtype_bytes per element
     uses_dot: bool  # bf16 tl.dot: unreliable under the interpreter
+    out_shape: Callable[[dict], tuple] | None = None  # a tensor output's shape: backward takes a random grad_out
+
+    def grad_out(self, shape: dict, g: torch.Generator) -> torch.Tensor | None:
+        return None if self.out_shape is None else torch.randn(*self.out_shape(shape), generator=g)
 
     def load(self) -> Callable:
         module, name = self.kernel.split(":")
@@ -124,12 +128,13 @@ CASES = {
     "patch_embed": Case(
         "patch_embed", "patch_embed:patch_embed", ("out",), _patch_embed_inputs,
         ("x", "weight", "bias", "modality_embed", "pos_embed"), ("weight", "bias", "modality_embed", "pos_embed"),
-        lambda s: (), reference.patch_embed, reference.patch_embed, _patch_embed_cost, True),
+        lambda s: (), reference.patch_embed, reference.patch_embed, _patch_embed_cost, True,
+        lambda s: (s["B"], (s["H"] // s["p"]) * (s["W"] // s["p"]), s["E"])),
     "fusion": Case(
         "fusion", "fusion:cross_attention_fusion", ("out",), _fusion_inputs, ("keys", "values", "queries", "pool"),
         ("keys", "values", "queries", "pool"), lambda s: (s["H"],), reference.cross_attention_fusion,
         reference.cross_attention_fusion,
-        lambda s, e: _cost("fusion", backward=True)({k: s[k] for k in "TMAQ"}, e), False),
+        lambda s, e: _cost("fusion", backward=True)({k: s[k] for k in "TMAQ"}, e), False, lambda s: (s["T"], s["A"])),
     "teacher_softmax": Case(
         "teacher_softmax", "teacher_softmax:teacher_softmax", ("probs", "logit_sum", "high_logit_sum"),
         _teacher_inputs, ("teacher_logits",), (), lambda s: (0.04, 0.8), reference.teacher_softmax,
@@ -208,8 +213,7 @@ def check_one(case: Case, shape: dict, dtype_name: str, device: str) -> dict:
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
     inputs, scalars = case.make(shape, g), case.scalars(shape)
-    grad_out = torch.randn(*_out_shape(case, shape), generator=g) if case.grads and case.op in (
-        "patch_embed", "fusion") else None
+    grad_out = case.grad_out(shape, g)
     kernel_leaves = leaves_for(case, inputs, device, dtype)
     oracle_leaves = {k: v.detach().double().requires_grad_(k in case.grads) for k, v in kernel_leaves.items()}
     got = make_call(case.load(), case, kernel_leaves, scalars, grad_out)()
@@ -230,12 +234,6 @@ def check_one(case: Case, shape: dict, dtype_name: str, device: str) -> dict:
         ok = tuple(got[name].shape) == tuple(oracle.shape) and math.isfinite(err) and err <= 2 * plain_err + atol
         checks.append({"what": name, "err": err, "plain_err": plain_err, "atol": atol, "ok": ok})
     return {**row, "ok": all(c["ok"] for c in checks), "checks": checks}
-
-
-def _out_shape(case: Case, s: dict) -> tuple[int, ...]:
-    if case.op == "patch_embed":
-        return s["B"], (s["H"] // s["p"]) * (s["W"] // s["p"]), s["E"]
-    return s["T"], s["A"]
 
 
 def correctness(ctx: Context) -> None:
@@ -341,9 +339,8 @@ def time_op(ctx: Context, preset: str, op: str, shape: dict, device: str, gpu: s
             else:
                 g = torch.Generator().manual_seed(0)
                 inputs = case.make(shape, g)
-                grad_out = torch.randn(*_out_shape(case, shape), generator=g) if op in ("patch_embed",
-                                                                                       "fusion") else None
-                call = make_call(fn, case, leaves_for(case, inputs, device, dtype), case.scalars(shape), grad_out)
+                call = make_call(fn, case, leaves_for(case, inputs, device, dtype), case.scalars(shape),
+                                 case.grad_out(shape, g))
             row["ms"], row["calls"] = time_ms(call, lambda: sync(device), profile)
             if op == "dino_head_loss" and name != "compile":  # fused vs unfused footprint
                 row["peak_bytes"] = peak_memory(call, device)["bytes"]

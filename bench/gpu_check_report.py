@@ -67,7 +67,7 @@ def _timing(s: dict) -> list[str]:
         pct = fast.get("pct_of_roofline")
         rows.append([op, preset, shape, fast.get("pass", "-"), fast.get("provider", "-"), _f(fast.get("ms"), ".3f"),
                      _f(by.get("eager", {}).get("ms"), ".3f"), _f(by.get("compile", {}).get("ms"), ".3f"),
-                     _f(fast.get("speedup_vs_eager"), ".2f", "x"), _f(fast.get("speedup_vs_compile"), ".2f", "x"),
+                     _f(fast.get("speedup_vs_eager"), ".3g", "x"), _f(fast.get("speedup_vs_compile"), ".3g", "x"),
                      _f(fast.get("tflops_per_s")), _f(fast.get("tb_per_s")),
                      f"{pct:.0f}% ({fast.get('bound')})" if pct is not None else "-", note])
     lines += _table(["op", "preset", "shape", "pass", "fast path", "ms", "eager ms", "compile ms", "vs eager",
