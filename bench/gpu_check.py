@@ -65,7 +65,7 @@ PROFILES = {
         train_preset="vitb_h100",
         train_overrides=("train.checkpoint_every=1000", "data.num_workers=8"),
         train_steps=20, log_every=5, profile_steps=(6, 8),
-        train_data=(64, 240), loader_data=(16, 534),
+        train_data=(128, 240), loader_data=(16, 534),
         loader=dict(seconds=3.0, batch_size=4, n_local=8, global_size=224, local_size=96, num_workers=16)),
     # Toy shapes: the tiny_cpu preset shrunk so the Triton interpreter takes seconds. torch.compile uses
     # aot_eager (dynamo + AOT autograd, no codegen) and the trainer runs uncompiled: inductor's CPU
