@@ -105,8 +105,8 @@ def _train(s: dict) -> list[str]:
                         [[r["config"], r.get("head"), r.get("batch", "-"), _f(r.get("img_per_s"), ".1f"),
                           _f(r.get("mfu") and 100 * r["mfu"], ".1f", "%"), _mib(r.get("peak_bytes")),
                           r.get("skipped") or r.get("mfu_note", "")] for r in bench["rows"]])
-    elif bench.get("skipped"):
-        lines += [f"Bench step rows skipped: {bench['skipped']}.", ""]
+    elif bench:
+        lines += [f"Bench step rows: {bench.get('skipped') or bench.get('error')}.", ""]
     return lines
 
 

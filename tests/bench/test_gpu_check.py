@@ -66,6 +66,11 @@ def test_cpu_mode_runs_every_stage_ok_and_writes_a_complete_report(tmp_path):
         assert len(r["top_kernels"]["rows"]) == 15
     # same seed, same first batch: the fused head computes the unfused head's loss
     assert runs["fused"]["loss_first"] == pytest.approx(runs["unfused"]["loss_first"], rel=1e-4)
+    bench = stages["train_step"]["bench_step"]
+    if "rows" in bench:
+        assert [r["img_per_s"] > 0 for r in bench["rows"] if r["config"] == "tiny"] == [True, True]
+    else:
+        assert "time was spent" in bench["skipped"] or "left in the stage" in bench["skipped"]
     data = {r["path"]: r for r in stages["data"]["rows"]}
     assert data["numpy"]["tiles_per_s"] > 0 and data["cpp"]["tiles_per_s"] > 0
 
