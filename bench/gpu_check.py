@@ -244,20 +244,23 @@ DATA_KINDS = ("train", "loader")
 
 
 def prepare_data(work: Path, mode: str) -> int:
-    """Generate both synthetic sample sets; WORK/data/<kind>.json says where each is (or why it failed)."""
-    from terrafm.data.sample import ensure_sample_shards
-
+    """Generate both synthetic sample sets; WORK/data/<kind>.json says where each is (or why it failed),
+    so a stage waiting for one never waits for a generator that is gone."""
     profile, status = PROFILES[mode], 0
     for kind, (cells, tile) in zip(DATA_KINDS, (profile.train_data, profile.loader_data), strict=True):
         t0 = time.perf_counter()
         try:
+            from terrafm.data.sample import ensure_sample_shards
+
             shard_dir = ensure_sample_shards(work / "data", seed=0, cells=cells, tile_size=tile)
             result = {"shard_dir": str(shard_dir), "cells": cells, "tile_size": tile, "locations": 4 * cells}
         except Exception as err:
             result, status = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}, 1
         result["seconds"] = round(time.perf_counter() - t0, 1)
         print(f"sample set {kind}: {result}", flush=True)
-        (work / "data" / f"{kind}.json").write_text(json.dumps(result))
+        tmp = work / "data" / f"{kind}.tmp"
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, work / "data" / f"{kind}.json")  # the waiting stage never reads half a file
     return status
 
 
