@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Dense bf16 tensor-core peak and HBM bandwidth per GPU (vendor datasheets, SXM parts).
 GPUS = {
     "H100 SXM": {"tflops_bf16": 989.0, "tb_per_s": 3.35},
+    "H200 SXM": {"tflops_bf16": 989.0, "tb_per_s": 4.8},
     "A100 SXM 80GB": {"tflops_bf16": 312.0, "tb_per_s": 2.04},
 }
 

@@ -1,4 +1,4 @@
-"""Roofline floor of every kernel shape on H100 SXM and A100 SXM 80GB, and the measured fraction of it.
+"""Roofline floor of every kernel shape on each GPU of common.GPUS (H100, H200, A100), and the measured fraction.
 
 floor = max(FLOPs / bf16 dense peak, bytes / HBM bandwidth) from the kernel's roofline_cost; the
 measured fraction (floor / measured kernel time) needs the kernels section run on one of those GPUs.
@@ -29,7 +29,7 @@ def run(kernel_rows: list[dict] | None, quick: bool, log) -> list[dict]:
                 row["fraction_of_roofline"] = row[f"floor_us_{here.split()[0]}"] / row["measured_us"]
             else:
                 row["fraction_of_roofline"] = None
-                row["fraction_note"] = ("needs an H100/A100 GPU" if not here
+                row["fraction_note"] = ("needs an H100/H200/A100 GPU" if not here
                                         else "no kernel timing (kernels section not run or kernel absent)")
             rows.append(row)
             log(f"  {op:18s} {row['shape']:40s} floor H100 {row['floor_us_H100']:9.2f} us, "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine (Python 3.11, CPU or GPU):
 #   .venv       terrafm installed editable (this builds csrc/ through CMake) + the test and DALI extras;
-#               torch==2.13.0 is pinned (pip takes the CPU wheel from the local wheel folder where one is configured)
+#               torch==2.13.0 and triton==3.7.1 are pinned here (pyproject.toml accepts torch 2.11-2.13 and triton
+#               3.6-3.7 for GPU images; pip takes the CPU wheel from the local wheel folder where one is configured)
 #   .venv-swap  torch 2.14.1 + torchvision 0.29.1 + timm, for the accelerate_vit tests against real
 #               timm/torchvision ViTs (torchvision does not import beside the torch 2.13.0 CPU wheel).
 #               It is a ~5.5 GB CUDA build: it is made only where the disk has room (SWAP_ENV_MIN_FREE_GB,
@@ -15,7 +16,7 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] >= (3, 11), "terrafm needs Python >= 3.11"'
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q torch==2.13.0 triton==3.7.1
 .venv/bin/python -m pip install -q -e ".[test,dali]"
 .venv/bin/terrafm info
 

@@ -21,7 +21,6 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import lz4.block
 import numpy as np
 
 from terrafm.data.landcover import NUM_CLASSES, WORLDCOVER_NAMES, WORLDCOVER_VALUES
@@ -32,6 +31,15 @@ VERSION = 1
 INDEX_NAME = "index.json"
 CODECS = ("raw", "lz4")
 STORAGE_DTYPE = {"s2_l2a": np.uint16, "s2_l1c": np.uint16, "s1": np.float16}
+
+
+def _lz4():
+    """lz4.block, imported only for lz4 shards: raw shards (the default) read and write without the package."""
+    try:
+        import lz4.block
+    except ImportError as err:
+        raise RuntimeError("lz4-compressed shards need the lz4 package (pip install lz4)") from err
+    return lz4.block
 
 
 class ChecksumError(RuntimeError):
@@ -83,7 +91,7 @@ class ShardWriter:
                 for b in range(c):
                     data = np.ascontiguousarray(tile[b]).tobytes()
                     if self.codec == "lz4":
-                        data = lz4.block.compress(data, store_size=False)
+                        data = _lz4().compress(data, store_size=False)
                     off[b], nb[b], crc[b] = self._pos, len(data), zlib.crc32(data)
                     self._file.write(data)
                     self._pos += len(data)
@@ -209,7 +217,7 @@ class ShardSet:
             return np.frombuffer(buf, dtype=dtype, count=c * t * t, offset=int(off[0])).reshape(c, t, t)
         out = np.empty((c, t, t), dtype)
         for b in range(c):
-            raw = lz4.block.decompress(memoryview(buf)[off[b]:off[b] + nb[b]], uncompressed_size=t * t * dtype.itemsize)
+            raw = _lz4().decompress(memoryview(buf)[off[b]:off[b] + nb[b]], uncompressed_size=t * t * dtype.itemsize)
             out[b] = np.frombuffer(raw, dtype).reshape(t, t)
         return out
 

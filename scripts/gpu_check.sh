@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Check and time everything GPU-side in one command (docs/bench.md, "GPU check"):
+#   bash scripts/gpu_check.sh OUT_DIR          on a GPU machine: about 8 minutes on one H200
+#   bash scripts/gpu_check.sh --cpu OUT_DIR    the same stages at toy shapes on CPU (kernels under TRITON_INTERPRET=1)
+# Options: --stages env,build,...  run a subset (the others are reported as skipped)
+#          --budget SECONDS        the whole check's time (default 480 on a GPU, 280 with --cpu)
+#          --work DIR              keep the scratch folder (sample data, runs, profiler traces) in DIR
+# Each stage (bench/gpu_check.py) runs in its own process under its own timeout; a failed stage does not
+# stop the later ones. Writes OUT_DIR/gpu_report.json, OUT_DIR/gpu_report.md and OUT_DIR/gpu_check.log;
+# exits 0 when every selected stage is ok, 1 otherwise, 2 on bad arguments.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ALL_STAGES="env build kernel_correctness kernel_timing train_step data summary"
+usage() {
+  echo "usage: bash scripts/gpu_check.sh [--cpu] [--stages a,b,...] [--budget SECONDS] [--work DIR] OUT_DIR" >&2
+  exit 2
+}
+MODE=gpu SELECTED="" BUDGET="" WORK="" OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu) MODE=cpu; shift ;;
+    --stages) [ $# -ge 2 ] || usage; SELECTED=$2; shift 2 ;;
+    --budget) [ $# -ge 2 ] || usage; BUDGET=$2; shift 2 ;;
+    --work) [ $# -ge 2 ] || usage; WORK=$2; shift 2 ;;
+    -h|--help) usage ;;
+    -*) echo "gpu_check: unknown option $1" >&2; usage ;;
+    *) [ -z "$OUT" ] || usage; OUT=$1; shift ;;
+  esac
+done
+[ -n "$OUT" ] || usage
+SELECTED=${SELECTED:-${ALL_STAGES// /,}}
+for s in ${SELECTED//,/ }; do
+  case " $ALL_STAGES " in *" $s "*) ;; *) echo "gpu_check: unknown stage '$s'; stages: $ALL_STAGES" >&2; exit 2 ;; esac
+done
+# Seconds each stage may take at most (the remaining budget can cut it shorter).
+if [ "$MODE" = gpu ]; then
+  LIMITS="env:60 build:150 kernel_correctness:120 kernel_timing:150 train_step:270 data:60 summary:30"
+  BUDGET=${BUDGET:-480}
+  unset TRITON_INTERPRET  # the GPU check must run the compiled kernels
+else
+  LIMITS="env:60 build:120 kernel_correctness:90 kernel_timing:90 train_step:150 data:60 summary:30"
+  BUDGET=${BUDGET:-280}
+  export TRITON_INTERPRET=1
+  # toy shapes gain nothing from threads, and on a loaded machine OpenMP's spinning threads make each
+  # trainer step ~10x slower (measured on the 2-core dev machine: 0.6 s vs 5-10 s)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+if [ -z "$WORK" ]; then
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+  trap 'rm -rf "$WORK"' EXIT
+fi
+mkdir -p "$WORK/stages" "$WORK/data" || exit 2
+WORK=$(cd "$WORK" && pwd)
+rm -f "$WORK"/stages/*
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+# The checkout's packages under their import names, importable before (and whether or not) `build` installs them.
+SHIM="$WORK/pythonpath"
+mkdir -p "$SHIM"
+ln -sfn "$PWD/terrafm" "$SHIM/terrafm"
+ln -sfn "$PWD/kernels" "$SHIM/terrafm_kernels"
+ln -sfn "$PWD/bench" "$SHIM/terrafm_bench"
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+echo "gpu_check ($MODE): $PYTHON, stages $SELECTED, budget ${BUDGET} s, work $WORK" | tee -a "$LOG"
+START=$(date +%s)
+DEADLINE=$((START + BUDGET))
+
+PREP_PID=""
+case ",$SELECTED," in
+  *,train_step,*|*,data,*)  # the sample sets are generated in the background while the kernel stages run
+    timeout -k 5 "$BUDGET" "$PYTHON" -m terrafm_bench.gpu_check prepare-data --work "$WORK" --mode "$MODE" \
+      > "$WORK/prepare-data.log" 2>&1 &
+    PREP_PID=$! ;;
+esac
+
+left_after() {  # seconds kept back for the selected stages after $1 (15 s each)
+  local after=0 seen=0 s
+  for s in $ALL_STAGES; do
+    if [ "$seen" = 1 ] && [[ ",$SELECTED," == *",$s,"* ]]; then after=$((after + 15)); fi
+    [ "$s" = "$1" ] && seen=1
+  done
+  echo "$after"
+}
+for stage in $ALL_STAGES; do
+  [[ ",$SELECTED," == *",$stage,"* ]] || continue
+  limit=$(for kv in $LIMITS; do [ "${kv%%:*}" = "$stage" ] && echo "${kv#*:}"; done)
+  left=$((DEADLINE - $(date +%s) - $(left_after "$stage")))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    echo "== $stage: not run, the budget of ${BUDGET} s is spent" | tee -a "$LOG"
+    continue
+  fi
+  t0=$(date +%s)
+  timeout -k 10 "$limit" "$PYTHON" -m terrafm_bench.gpu_check stage "$stage" --work "$WORK" --mode "$MODE" \
+    --budget "$limit" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  echo "$rc $(($(date +%s) - t0)) $limit" > "$WORK/stages/$stage.exit"
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo "== $stage: timed out after $limit s" | tee -a "$LOG"
+done
+
+if [ -n "$PREP_PID" ]; then
+  kill "$PREP_PID" 2>/dev/null
+  wait "$PREP_PID" 2>/dev/null
+  { echo "== prepare-data (background)"; cat "$WORK/prepare-data.log"; } >> "$LOG"
+fi
+"$PYTHON" -m terrafm_bench.gpu_check report --work "$WORK" --out "$OUT" --mode "$MODE" --selected "$SELECTED" \
+  2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+[ "$rc" -le 1 ] || { echo "gpu_check: writing the report failed (exit $rc)" >&2; exit 1; }
+exit "$rc"
