@@ -59,7 +59,7 @@ def test_two_ranks_on_the_sample_tiles_with_per_rank_modality_draws(tmp_path):
                            "train.max_steps=2", "train.log_every=1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
-    assert len(list((run_dir / "checkpoints" / "step_00000002").glob("rank_*.pt"))) == 2
+    assert len(list((run_dir / "checkpoints" / "step_00000002").glob("rank_*.json"))) == 2
 
 
 def test_elastic_resume_from_two_ranks_onto_one(tmp_path):
@@ -87,7 +87,7 @@ def test_elastic_resume_from_two_ranks_onto_one(tmp_path):
     assert "0 samples drawn again" in resumed.stdout
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
     step3 = run_dir / "checkpoints" / "step_00000003"
-    assert [p.name for p in step3.glob("rank_*.pt")] == ["rank_00000.pt"]
+    assert [p.name for p in step3.glob("rank_*.json")] == ["rank_00000.json"]
     _, student = load_backbone_state(step3, "student")
     _, teacher = load_backbone_state(step3, "teacher")
     for k, v in student_two_ranks.items():
