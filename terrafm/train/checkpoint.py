@@ -273,6 +273,7 @@ def load(path: str | Path, arch, optimizer, reshard: bool = False) -> tuple[int,
     """
     path = Path(path)
     check(path)
+    read_metadata(path)  # refuses a crafted .metadata here, before DCP (which would retry and log tracebacks)
     meta = read_meta(path)
     saved_world = int(meta["world_size"])
     world = _world()
