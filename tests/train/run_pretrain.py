@@ -5,7 +5,8 @@
 --kill-at-batch N: SIGKILL this process when the loader is asked for its N-th batch (1-based).
 --hang-in-save N: on the N-th checkpoint save, let DCP finish writing, touch OUT_DIR/hanging, then
 sleep: the test SIGKILLs it while the checkpoint is still a `.tmp` folder.
---inf-grad-steps S,...: at these 0-based optimiser steps one gradient is set to inf (the loss stays finite).
+--inf-grad-steps S,...: at these 0-based optimiser steps one parameter's gradient is filled with inf
+(the loss stays finite).
 Errors exit as `terrafm pretrain` does: 2 for a SetupError or ConfigError, 1 for other TrainingErrors.
 """
 
@@ -70,7 +71,7 @@ def main() -> int:
 
         def clip_with_inf(params, max_norm):
             if len(calls) in inf_steps:
-                next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("inf")
+                next(p for p in params if p.grad is not None).grad.fill_(float("inf"))
             calls.append(1)
             return original_clip(params, max_norm)
 
