@@ -51,7 +51,8 @@ def check_head_loss_shapes(student_features, teacher_features, weight_v, weight_
                                   ("teacher_features", teacher_features, 3, "(T, B, D)"),
                                   ("weight_v", weight_v, 2, "(K, D)")):
         if not isinstance(x, torch.Tensor) or x.dim() != ndim:
-            raise ValueError(f"{name} must be a {layout} tensor, got {getattr(x, 'shape', type(x).__name__)}")
+            got = getattr(x, "shape", type(x).__name__)
+            raise ValueError(f"{name} must have {ndim} dimensions {layout}, got {got}")
     S, B, D = student_features.shape
     T = teacher_features.shape[0]
     K = weight_v.shape[0]
@@ -75,10 +76,10 @@ def check_head_loss_shapes(student_features, teacher_features, weight_v, weight_
                              f"prototype), got {getattr(g, 'shape', type(g).__name__)}")
     for name, x in (("center", center), ("center_high", center_high)):
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != (K,):
-            raise ValueError(f"{name} must be a (K,) = ({K},) tensor like weight_v's prototypes, "
-                             f"got {getattr(x, 'shape', type(x).__name__)}")
+            raise ValueError(f"{name} must have K={K} entries, one per prototype of weight_v, "
+                             f"got shape {getattr(x, 'shape', type(x).__name__)}")
     if not isinstance(high_weight, torch.Tensor) or tuple(high_weight.shape) != (T * B,):
-        raise ValueError(f"high_weight must be a (T*B,) = ({T * B},) tensor, one weight per teacher row, got "
+        raise ValueError(f"high_weight must have T*B={T * B} entries, one per teacher row, got shape "
                          f"{getattr(high_weight, 'shape', type(high_weight).__name__)}")
     if T * S - min(S, T) == 0:
         raise ValueError(f"dino_head_loss needs at least one pair of different views; got S={S}, T={T}")

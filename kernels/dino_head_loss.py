@@ -344,14 +344,14 @@ def _normalized_weight(weight_v, weight_g):
 
 def _validate(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
               teacher_temperature, student_temperature, alpha, teacher_weight_v, teacher_weight_g):
-    check_head_loss_shapes(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
-                           teacher_weight_v, teacher_weight_g)
     check_tensor("student_features", student_features, 3)
     device = student_features.device
     check_tensor("teacher_features", teacher_features, 3, device)
     check_tensor("weight_v", weight_v, 2, device)
     if teacher_weight_v is not None:
         check_tensor("teacher_weight_v", teacher_weight_v, 2, device)
+    check_head_loss_shapes(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
+                           teacher_weight_v, teacher_weight_g)
     S, B, D = student_features.shape
     T = teacher_features.shape[0]
     K = weight_v.shape[0]
