@@ -41,7 +41,7 @@ _DCP_METADATA_CLASSES = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint file is untrusted, unreadable or corrupt; the message names the file."""
 
 

@@ -14,6 +14,7 @@ import torch
 from train_harness import run_harness
 
 from terrafm.cli import main
+from terrafm.models import load_checkpoint
 from terrafm.train import checkpoint, checkpoint_io
 from terrafm.train.checkpoint_io import CheckpointError, SafeLoadPlanner, hash_file
 from terrafm.train.trainer import SetupError, train
@@ -98,6 +99,8 @@ def test_a_flipped_byte_is_refused_by_name_and_the_previous_checkpoint_offered(t
     assert main(["export", str(out / "run"), str(tmp_path / "x.safetensors")]) == 2
     assert "__0_0.distcp: sha256" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: sha256"):
+        load_checkpoint(out / "run")  # the eval path reads trainer checkpoints too
 
 
 def test_missing_or_incompatible_checkpoints_exit_2_with_a_message(two_checkpoints, tmp_path, capsys):
