@@ -131,11 +131,13 @@ def read_manifest(folder: Path) -> dict[str, dict]:
 def verify(folder: str | Path, names: list[str] | None = None) -> list[str]:
     """Problems (one line per bad file) found checking `names` (default: all) against the manifest.
 
-    Every file in the folder must be in the manifest too, so nothing unchecked can be read."""
+    Every file a load reads (DCP files, rank states, meta.json) must be in the manifest too, so nothing
+    unchecked is read; other files (e.g. NFS's .nfsXXXX) are ignored."""
     folder = Path(folder)
     files = read_manifest(folder)
     problems = [f"{p.name}: not in {MANIFEST}" for p in sorted(folder.iterdir())
-                if p.name != MANIFEST and p.name not in files]
+                if p.name not in files and (p.suffix == ".distcp" or p.name.startswith("rank_")
+                                            or p.name in (METADATA, "meta.json"))]
     for name in sorted(files) if names is None else names:
         path = folder / name
         if not path.is_file():

@@ -236,7 +236,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
             loader = build_loader(cfg.data, env.rank, env.world_size, t.seed)
         except (ShardError, FileNotFoundError, ValueError) as err:
             raise SetupError(f"cannot read the training data: {err}") from err
-    check_epoch(cfg, len(loader) if not t.steps_per_epoch else 1, env.world_size)
+    check_epoch(cfg, len(loader), env.world_size)
     high_classes = high_frequency_classes(_value(loader, "class_frequency"))
     loss = DINOLoss(s.num_prototypes, _value(loader, "num_classes"), high_classes, s.student_temperature,
                     s.center_momentum, s.center_high_momentum, s.center_alpha, cfg.ops)
@@ -276,12 +276,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
         return total
 
     # -- resume ---------------------------------------------------------------------------------
-    step, epoch = 0, 0
+    step, epoch, skipped_steps = 0, 0, 0
     if resume_from is not None:
         try:
             step, rank_state, saved_world = checkpoint.load(resume_from, arch, optimizer, reshard=t.elastic_resume)
             saved_steps = checkpoint.read_meta(resume_from).get("total_steps")
-            epoch = rank_state["epoch"]
+            epoch, skipped_steps = rank_state["epoch"], rank_state.get("skipped_steps", 0)
             loader.set_epoch(epoch)
             saved_batch = rank_state["loader"].get("batch_size", cfg.data.batch_size)
             reshard = saved_world != env.world_size or (t.elastic_resume and saved_batch != cfg.data.batch_size)
@@ -339,8 +339,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
 
     def save() -> Path:
         try:
-            return checkpoint.save(ckpt_root, step, arch, optimizer, {"loader": loader.state_dict(), "epoch": epoch},
-                                   meta, t.keep_checkpoints)
+            rank_state = {"loader": loader.state_dict(), "epoch": epoch, "skipped_steps": skipped_steps}
+            return checkpoint.save(ckpt_root, step, arch, optimizer, rank_state, meta, t.keep_checkpoints)
         except checkpoint.CheckpointWriteError as err:
             raise SetupError(str(err)) from err
 
@@ -357,7 +357,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     profiler = None
     latest = resume_from
     window_start, window_images, window_flops = time.perf_counter(), 0, 0.0
-    skipped_steps, nonfinite_streak = 0, 0
+    nonfinite_streak = 0
     try:
         while step < total_steps:
             if t.profile and step == t.profile_steps[0]:

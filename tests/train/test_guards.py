@@ -16,6 +16,8 @@ def test_an_infinite_gradient_norm_skips_the_step_and_is_counted(tmp_path):
     records = metric_records(tmp_path / "run")
     assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1]
     assert [r["grad_norm"] for r in records][1] == float("inf")
+    run_harness(tmp_path, "--resume", *RUN, "train.max_steps=5")  # the count is part of the checkpoint
+    assert metric_records(tmp_path / "run")[-1]["skipped_steps"] == 1
 
 
 def test_too_many_non_finite_gradient_norms_in_a_row_stop_the_run_naming_the_step(tmp_path):
