@@ -72,3 +72,20 @@ def test_bad_values_and_paths_exit_2_with_one_message(tmp_path, capsys, nothing_
 def test_a_batch_larger_than_the_dataset_names_data_batch_size(tmp_path):
     proc = run_harness(tmp_path, "--batch", "32", *RUN, expect_rc=2)
     assert "data.batch_size=32 is more than each of the 1 rank(s) gets from the dataset" in proc.stderr
+
+
+@pytest.mark.slow  # builds the default tiny_cpu run, which stops at its first batch (~20 s on 2 cores)
+def test_a_corrupt_shard_met_during_training_exits_2_naming_the_file(tmp_path, capsys):
+    import shutil
+
+    from terrafm.data.sample import ensure_sample_shards
+
+    shards = tmp_path / "shards"
+    shutil.copytree(ensure_sample_shards(), shards)
+    for part in shards.glob("part-*.bin"):
+        data = bytearray(part.read_bytes())
+        data[::4096] = bytes(b ^ 0xFF for b in data[::4096])  # a flipped byte in every tile
+        part.write_bytes(bytes(data))
+    assert main(["pretrain", "--out", str(tmp_path / "run"), f"data.shard_dir={shards}", "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "part-0000" in err and ".bin: record" in err and "re-run `terrafm prepare`" in err
