@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -172,20 +173,22 @@ def _local_bytes(state: Any) -> int:
     return state.numel() * state.element_size() if isinstance(state, torch.Tensor) else 0
 
 
-def _disk_full(err: Any) -> bool:
-    """Whether `err` (or what it wraps: DCP's per-rank failures, causes) is ENOSPC."""
+def _disk_full(err: Any) -> str | None:
+    """The ENOSPC error inside `err` (itself, DCP's per-rank failures, causes) as one line, or None."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
+        return f"{type(err).__name__}: {err}"
     if isinstance(err, BaseException):
-        text = str(err)
-        if "No space left" in text or "unexpected pos" in text:  # the latter: torch's zip writer on ENOSPC
-            return True
         inner = [err.__cause__, err.__context__, *err.args, *getattr(err, "failures", {}).values()]
     elif isinstance(err, tuple | list):
         inner = list(err)
     else:
-        return False
-    return any(_disk_full(e) for e in inner if e is not None and e is not err)
+        return None
+    for e in inner:
+        if e is not None and e is not err and (found := _disk_full(e)):
+            return found
+    if isinstance(err, BaseException) and "unexpected pos" in str(err):  # torch's zip writer on ENOSPC
+        return str(err).splitlines()[0][:200]
+    return None
 
 
 def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: dict, keep: int) -> Path:
@@ -214,10 +217,10 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
             meta = dict(meta, step=step, world_size=_world())
             entries["meta.json"] = write_hashed(tmp / "meta.json", json.dumps(meta, indent=2).encode())
             entries[METADATA] = hash_file(tmp / METADATA)
-    except Exception as err:
-        if not _disk_full(err):
+    except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+        failure = _disk_full(err)
+        if failure is None:
             raise
-        failure = str(err).splitlines()[0][:200]
     gathered = _all_gather((entries, failure))
     failures = [f for _, f in gathered if f is not None]
     if failures:

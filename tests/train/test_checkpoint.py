@@ -112,24 +112,27 @@ def test_missing_or_incompatible_checkpoints_exit_2_with_a_message(two_checkpoin
     assert "Traceback" not in proc.stderr
 
 
-def test_a_full_disk_says_no_space_left_and_keeps_latest(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["rank_state", "dcp_shard"])
+def test_a_full_disk_says_no_space_left_and_keeps_latest(tmp_path, monkeypatch, where):
+    """ENOSPC at the second checkpoint, in our own rank-state write or inside DCP's writer threads."""
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
     from synthetic import TINY_OVERRIDES, SyntheticLoader
 
     from terrafm.config import load_config
 
-    original, calls = checkpoint.write_hashed, []
+    module, name = (checkpoint, "write_hashed") if where == "rank_state" else (dcp_filesystem, "_write_item")
+    original = getattr(module, name)
 
-    def disk_fills_at_the_second_checkpoint(path, data):
-        calls.append(path.name)
-        if path.name.startswith("rank_") and len(calls) > 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return original(path, data)
+    def disk_fills_at_the_second_checkpoint(*args, **kwargs):
+        if (tmp_path / "run" / "checkpoints" / "step_00000001").exists():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "write_hashed", disk_fills_at_the_second_checkpoint)
+    monkeypatch.setattr(module, name, disk_fills_at_the_second_checkpoint)
     cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run", *RUN])
     with pytest.raises(SetupError, match=r"no space left on the device of .* writing checkpoint step_00000002: it "
                                          r"needs about \d+\.\d+ GB \(\d+\.\d+ GB free now\).*previous checkpoint is "
-                                         r".*step_00000001"):
+                                         r".*step_00000001.*No space left on device"):
         train(cfg, loader=SyntheticLoader(batch_size=4))
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000001" and not list(ckpts.glob("*.tmp"))
