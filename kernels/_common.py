@@ -39,6 +39,56 @@ def check_tensor(name: str, x: torch.Tensor, ndim: int, device: torch.device | N
                          "set before triton is imported (tests); on cpu use the op registry's torch backend")
 
 
+def check_patch_grid(height: int, width: int, patch: int) -> None:
+    """Every backend refuses an image that is not a whole number of patches (none silently crops)."""
+    if height % patch or width % patch:
+        fit = f"{-(-height // patch) * patch}x{-(-width // patch) * patch} or {height // patch * patch}x" \
+              f"{width // patch * patch}"
+        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch}; resize or crop "
+                         f"the images to a multiple of {patch} (e.g. {fit}) first")
+
+
+def check_head_loss_shapes(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
+                           teacher_weight_v=None, teacher_weight_g=None) -> None:
+    """dino_head_loss shape checks shared by every backend: errors name the argument and the expected shape."""
+    for name, x, ndim, layout in (("student_features", student_features, 3, "(S, B, D)"),
+                                  ("teacher_features", teacher_features, 3, "(T, B, D)"),
+                                  ("weight_v", weight_v, 2, "(K, D)")):
+        if not isinstance(x, torch.Tensor) or x.dim() != ndim:
+            got = getattr(x, "shape", type(x).__name__)
+            raise ValueError(f"{name} must have {ndim} dimensions {layout}, got {got}")
+    S, B, D = student_features.shape
+    T = teacher_features.shape[0]
+    K = weight_v.shape[0]
+    if B == 0 or S == 0 or T == 0:
+        raise ValueError(f"dino_head_loss needs at least one sample and view: student_features (S, B, D) = "
+                         f"{tuple(student_features.shape)}, teacher_features (T, B, D) = "
+                         f"{tuple(teacher_features.shape)}")
+    if K == 0 or D == 0:
+        raise ValueError(f"weight_v (K, D) = {tuple(weight_v.shape)} must have at least one prototype and feature")
+    if tuple(teacher_features.shape[1:]) != (B, D):
+        raise ValueError(f"teacher_features (T, B, D) = {tuple(teacher_features.shape)} must match "
+                         f"student_features (S, B, D) = {tuple(student_features.shape)} in B and D")
+    if weight_v.shape[1] != D:
+        raise ValueError(f"weight_v (K, D) = {tuple(weight_v.shape)} must have D={D} like the features")
+    if teacher_weight_v is not None and tuple(teacher_weight_v.shape) != tuple(weight_v.shape):
+        raise ValueError(f"teacher_weight_v {tuple(teacher_weight_v.shape)} must match weight_v "
+                         f"{tuple(weight_v.shape)}")
+    for name, g in (("weight_g", weight_g), ("teacher_weight_g", teacher_weight_g)):
+        if g is not None and (not isinstance(g, torch.Tensor) or tuple(g.shape) != (K, 1)):
+            raise ValueError(f"{name} must be None or a (K, 1) = ({K}, 1) tensor (the weight-norm gain of each "
+                             f"prototype), got {getattr(g, 'shape', type(g).__name__)}")
+    for name, x in (("center", center), ("center_high", center_high)):
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (K,):
+            raise ValueError(f"{name} must have K={K} entries, one per prototype of weight_v, "
+                             f"got shape {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(high_weight, torch.Tensor) or tuple(high_weight.shape) != (T * B,):
+        raise ValueError(f"high_weight must have T*B={T * B} entries, one per teacher row, got shape "
+                         f"{getattr(high_weight, 'shape', type(high_weight).__name__)}")
+    if T * S - min(S, T) == 0:
+        raise ValueError(f"dino_head_loss needs at least one pair of different views; got S={S}, T={T}")
+
+
 def check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")

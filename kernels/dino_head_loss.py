@@ -43,6 +43,7 @@ from . import reference
 from ._common import (
     TRITON_DTYPE,
     check_alpha,
+    check_head_loss_shapes,
     check_positive,
     check_tensor,
     interpreted,
@@ -389,38 +390,25 @@ def _normalized_weight(weight_v, weight_g):
     return w * weight_g if weight_g is not None else w
 
 
-def _validate(student_features, teacher_features, weight_v, center, center_high, high_weight,
-              teacher_temperature, student_temperature, alpha, teacher_weight_v):
+def _validate(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
+              teacher_temperature, student_temperature, alpha, teacher_weight_v, teacher_weight_g):
     check_tensor("student_features", student_features, 3)
     device = student_features.device
     check_tensor("teacher_features", teacher_features, 3, device)
     check_tensor("weight_v", weight_v, 2, device)
-    S, B, D = student_features.shape
-    T, Bt, Dt = teacher_features.shape
-    K, Dw = weight_v.shape
-    if (Bt, Dt) != (B, D):
-        raise ValueError(f"teacher_features (T, B, D) = {tuple(teacher_features.shape)} must match "
-                         f"student_features (S, B, D) = {tuple(student_features.shape)} in B and D")
-    if Dw != D:
-        raise ValueError(f"weight_v (K, D) = {tuple(weight_v.shape)} must have D={D} like the features")
     if teacher_weight_v is not None:
         check_tensor("teacher_weight_v", teacher_weight_v, 2, device)
-        if teacher_weight_v.shape != weight_v.shape:
-            raise ValueError(f"teacher_weight_v {tuple(teacher_weight_v.shape)} must match weight_v "
-                             f"{tuple(weight_v.shape)}")
+    check_head_loss_shapes(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
+                           teacher_weight_v, teacher_weight_g)
+    S, B, D = student_features.shape
+    T = teacher_features.shape[0]
+    K = weight_v.shape[0]
     if D > 512:
         raise ValueError(f"feature width D={D} > 512 is not supported (the DINO bottleneck is 256)")
     if max(K, S * B, T * B) * D >= 2**31:
         raise ValueError(f"K * D = {K * D} and rows * D must stay below 2**31 (32-bit kernel offsets)")
-    for name, x in (("center", center), ("center_high", center_high)):
+    for name, x in (("center", center), ("center_high", center_high), ("high_weight", high_weight)):
         check_tensor(name, x, 1, device)
-        if x.shape[0] != K:
-            raise ValueError(f"{name} has {x.shape[0]} entries but weight_v has K={K} prototypes")
-    check_tensor("high_weight", high_weight, 1, device)
-    if high_weight.shape[0] != T * B:
-        raise ValueError(f"high_weight has {high_weight.shape[0]} entries, expected T*B={T * B} teacher rows")
-    if T * S - min(S, T) == 0:
-        raise ValueError(f"dino_head_loss needs at least one pair of different views; got S={S}, T={T}")
     check_positive("teacher_temperature", teacher_temperature)
     check_positive("student_temperature", student_temperature)
     check_alpha(alpha)
@@ -440,8 +428,8 @@ def dino_head_loss(student_features, teacher_features, weight_v, center, center_
     the input dtype with fp32 accumulation; fp32 uses exact IEEE dots). The `terrafm::dino_head_loss`
     custom op: torch.compile(fullgraph=True) takes it without a graph break.
     """
-    _validate(student_features, teacher_features, weight_v, center, center_high, high_weight,
-              teacher_temperature, student_temperature, alpha, teacher_weight_v)
+    _validate(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
+              teacher_temperature, student_temperature, alpha, teacher_weight_v, teacher_weight_g)
     S, B, D = student_features.shape
     T = teacher_features.shape[0]
     dtype = student_features.dtype
@@ -463,6 +451,11 @@ def dino_head_loss_reference(student_features, teacher_features, weight_v, cente
                              teacher_temperature, student_temperature, alpha, weight_g=None,
                              teacher_weight_v=None, teacher_weight_g=None):
     """The unfused composition of reference ops: the specification of dino_head_loss (materialises logits)."""
+    check_head_loss_shapes(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
+                           teacher_weight_v, teacher_weight_g)
+    check_positive("teacher_temperature", teacher_temperature)
+    check_positive("student_temperature", student_temperature)
+    check_alpha(alpha)
     S, B, D = student_features.shape
     T = teacher_features.shape[0]
     student_logits = reference.prototype_logits(student_features.reshape(S * B, D), weight_v, weight_g)

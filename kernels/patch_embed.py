@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._common import check_patch_grid
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -172,8 +173,7 @@ def validate(x, weight, bias, modality_embed, pos_embed) -> None:
     B, Cx, H, W = x.shape
     if Cx != C:
         raise ValueError(f"x has {Cx} channels but weight expects C={C} (weight shape {tuple(weight.shape)})")
-    if H % p or W % p:
-        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
+    check_patch_grid(H, W, p)
     _check("weight", weight, None, x.device)
     _check("bias", bias, (E,), x.device)
     _check("modality_embed", None if modality_embed is None else modality_embed.reshape(-1), (E,), x.device)

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._common import check_patch_grid
+
 
 def patch_embed(
     x: torch.Tensor,
@@ -21,10 +23,12 @@ def patch_embed(
 ) -> torch.Tensor:
     """Patchify + linear projection: (B, C, H, W) -> (B, N, E), patches in row-major order.
 
+    H and W must be multiples of p (an error otherwise, as in the Triton kernel; no silent crop).
     weight (E, C, p, p) is a Conv2d weight (so published checkpoints load unchanged), bias (E,),
     modality_embed (E,) is added to every token, pos_embed (N, E) to the matching token.
     """
     p = weight.shape[-1]
+    check_patch_grid(x.shape[-2], x.shape[-1], p)  # conv2d would silently drop the partial patches
     out = F.conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)
     if modality_embed is not None:
         out = out + modality_embed.reshape(1, 1, -1)

@@ -89,6 +89,7 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on CPU)
     elastic_resume: bool = False  # allow resuming on another number of ranks (not bitwise; see docs/training.md)
     collective_timeout_s: int = 1800
+    max_nonfinite_grad_steps: int = 5  # a non-finite gradient norm skips the step; this many in a row stop the run
     peak_tflops: float = 0.0  # per device for MFU; 0 = look up the GPU (H100/A100), none on CPU
 
 
@@ -229,8 +230,10 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- preset or YAML file (None: defaults only) <- dotted overrides, all validated."""
+def load_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | tuple[str, ...] = (),
+                nproc: int = 1) -> Config:
+    """Defaults <- preset or YAML file (None: defaults only) <- dotted overrides, all validated
+    (nproc: the processes `terrafm pretrain --nproc` will start, checked with the rest)."""
     cfg = Config()
     if preset is not None:
         path = preset_path(preset)
@@ -244,14 +247,42 @@ def load_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | tupl
         cfg.data.validate()  # the data path's own cross-field checks
     except ValueError as err:
         raise ConfigError(f"data: {err}") from err
-    validate(cfg)
+    validate(cfg, nproc)
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks that a single key's type cannot express."""
-    t = cfg.train
+def validate(cfg: Config, nproc: int = 1) -> None:
+    """Every value check that a single key's type cannot express, run before anything is built."""
+    from terrafm.models import MODELS
+
+    t, o, s, m = cfg.train, cfg.optim, cfg.ssl, cfg.model
     checks = [
+        (nproc >= 1, f"--nproc must be >= 1, got {nproc}"),
+        (m.name in MODELS, f"model.name {m.name!r} is not a model; choose one of {', '.join(MODELS)}"),
+        (m.img_size >= 1 and m.patch_size >= 1, "model.img_size and model.patch_size must be >= 1"),
+        (all(n % max(m.patch_size, 1) == 0 for n in (m.img_size, cfg.data.global_size, cfg.data.local_size)),
+         f"model.img_size={m.img_size}, data.global_size={cfg.data.global_size} and data.local_size="
+         f"{cfg.data.local_size} must be multiples of model.patch_size={m.patch_size} (no backend crops)"),
+        (0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}"),
+        (m.fusion or cfg.data.p_fused == 0.0,
+         f"model.fusion=false has no fusion parameters, but data.p_fused={cfg.data.p_fused} draws fused (Case N) "
+         "views; set data.p_fused=0 or model.fusion=true"),
+        (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
+        (o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}"),
+        (o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}"),
+        (o.weight_decay >= 0 and o.weight_decay_end >= 0, "optim.weight_decay and optim.weight_decay_end must be >= 0"),
+        (o.eps > 0, f"optim.eps must be > 0, got {o.eps}"),
+        (o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables clipping), got {o.clip_grad}"),
+        (all(0 <= b < 1 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}"),
+        (s.student_temperature > 0 and s.teacher_temperature > 0 and s.warmup_teacher_temperature > 0,
+         "ssl.student_temperature, ssl.teacher_temperature and ssl.warmup_teacher_temperature must be > 0"),
+        (all(0 <= v <= 1 for v in (s.center_momentum, s.center_high_momentum, s.center_alpha, s.teacher_momentum,
+                                   s.teacher_momentum_end)),
+         "ssl.center_momentum, center_high_momentum, center_alpha, teacher_momentum(_end) must be in [0, 1]"),
+        (t.max_steps > 0 or t.epochs > 0, f"train.epochs must be > 0 when train.max_steps=0, got {t.epochs}"),
+        (t.max_nonfinite_grad_steps >= 1, "train.max_nonfinite_grad_steps must be >= 1"),
+        (t.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1"),
+        (t.peak_tflops >= 0, "train.peak_tflops must be >= 0 (0 = look up the GPU)"),
         (t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
@@ -259,7 +290,7 @@ def validate(cfg: Config) -> None:
         (t.max_steps >= 0 and t.steps_per_epoch >= 0, "train.max_steps and train.steps_per_epoch must be >= 0"),
         (len(t.profile_steps) == 2 and 0 <= t.profile_steps[0] < t.profile_steps[1],
          "train.profile_steps must be [first, last) with 0 <= first < last"),
-        (len(cfg.optim.betas) == 2, "optim.betas must have two values"),
+        (len(o.betas) == 2, "optim.betas must have two values"),
         (cfg.ssl.num_prototypes >= 1, "ssl.num_prototypes must be >= 1"),
     ]
     for ok, message in checks:
@@ -281,6 +312,18 @@ def _validate_ops(prefs: dict[str, str]) -> None:
         names = list(ops.REGISTRY[op].backends) + ["auto"]
         if backend not in names:
             raise ConfigError(f"config key 'ops.{op}': {backend!r} is not one of {', '.join(names)}")
+
+
+def check_epoch(cfg: Config, batches_per_rank: int, world_size: int) -> None:
+    """The dataset must give at least one optimiser step per epoch; names the key to change."""
+    if cfg.train.steps_per_epoch:
+        return
+    if batches_per_rank < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is more than each of the {world_size} rank(s) gets "
+                          "from the dataset in an epoch; lower data.batch_size (or use more data)")
+    if batches_per_rank < cfg.train.grad_accum_steps:
+        raise ConfigError(f"an epoch has {batches_per_rank} batches per rank, fewer than train.grad_accum_steps="
+                          f"{cfg.train.grad_accum_steps}; lower train.grad_accum_steps or set train.steps_per_epoch")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -13,6 +13,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_shared(path: Path) -> None:
+    """Give a file written through a private temp file the mode a plain open() would have (0666 & ~umask)."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `path` so a reader sees the old file or the whole new one, never a torn one: temp file,
     fsync, rename over, fsync of the directory."""

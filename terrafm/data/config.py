@@ -29,6 +29,7 @@ class DataConfig:
     backend: str = "auto"                 # auto | numpy | cpp | dali
     drop_last: bool = True
     verify_checksums: bool = True         # crc32 of every chunk, once per process
+    allow_index_mismatch: bool = False    # index.json vs part files on disk differ: warn with counts, don't stop
     pin_memory: bool = True               # pinned host tensors when CUDA is present
     seed: int = 0
 

@@ -35,7 +35,8 @@ class Loader:
         cfg.validate()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.seed = (cfg.seed * 1_000_003 + seed) % (2 ** 63)
-        self.shards = ShardSet(cfg.shard_dir or ensure_sample_shards(), cfg.verify_checksums)
+        self.shards = ShardSet(cfg.shard_dir or ensure_sample_shards(), cfg.verify_checksums,
+                               cfg.allow_index_mismatch)
         missing = [m for m in cfg.modalities if m not in self.shards.modalities]
         if missing:
             raise ValueError(f"shards at {self.shards.root} hold {list(self.shards.modalities)}, not {missing}; "

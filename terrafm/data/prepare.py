@@ -129,16 +129,17 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
         raise BadInput(f"no products of {list(modalities)} found under {[str(i) for i in inputs]}")
     opts = {"tile_size": tile_size, "codec": codec, "modalities": list(modalities), "skip_bad": skip_bad}
     fps = [_job_fingerprint(job, opts) for job in jobs]
-    pending, resumed = [], 0
+    pending, resumed, rewritten = [], 0, 0
     for i, fp in enumerate(fps):
-        found = shards.finished_fingerprint(out, i)
+        found = shards.finished_fingerprint(out, i)  # None also when the .bin is shorter than its .npz says
         if found == fp:
             resumed += 1
         elif found is None:
+            rewritten += (out / f"{shards.shard_name(i)}.npz").exists()
             pending.append(i)
         else:
-            raise RuntimeError(f"{out}/{shards.shard_name(i)}.npz was written by a different conversion "
-                               "(other inputs or options); use an empty --out directory")
+            raise BadInput(f"{out}/{shards.shard_name(i)}.npz was written by a different conversion "
+                           "(other inputs or options); use an empty --out directory")
     bar = tqdm(total=len(jobs), initial=resumed, desc="terrafm prepare", unit="shard", disable=not progress)
     if workers == 0 or len(pending) <= 1:
         for i in pending:
@@ -151,10 +152,10 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                 f.result()
                 bar.update()
     bar.close()
-    return _write_index(out, len(jobs), opts, unknown, duplicates, resumed, [str(i) for i in inputs])
+    return _write_index(out, len(jobs), opts, unknown, duplicates, resumed, rewritten, [str(i) for i in inputs])
 
 
-def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates: int, resumed: int,
+def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates: int, resumed: int, rewritten: int,
                  inputs: list[str]) -> dict:
     sums = {m: [0.0, 0.0, 0] for m in opts["modalities"]}
     class_total = np.zeros(NUM_CLASSES, np.int64)
@@ -184,7 +185,8 @@ def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates
                "classes": {"frequency": (class_total / max(class_total.sum(), 1)).tolist(),
                            "pixels": class_total.tolist()},
                "shards": shard_list, "num_records": records, "skipped": skipped,
-               "duplicates_dropped": duplicates, "resumed_shards": resumed, "inputs": inputs}
+               "duplicates_dropped": duplicates, "resumed_shards": resumed, "rewritten_shards": rewritten,
+               "inputs": inputs}
     shards.write_index(out, summary)
     return summary
 
@@ -208,8 +210,15 @@ def run(args: argparse.Namespace) -> int:
     except BadInput as err:
         print(f"terrafm prepare: bad input: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:
+        print(f"terrafm prepare: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"terrafm prepare: cannot write {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(f"wrote {summary['num_records']} locations in {len(summary['shards'])} shards to {args.out} "
-          f"({summary['resumed_shards']} shards resumed, {summary['duplicates_dropped']} duplicate products dropped)")
+          f"({summary['resumed_shards']} shards resumed, {summary['rewritten_shards']} incomplete shards rewritten, "
+          f"{summary['duplicates_dropped']} duplicate products dropped)")
     for m, s in summary["modalities"].items():
         print(f"  {m}: {s['tiles']} tiles")
     if summary["skipped"]:

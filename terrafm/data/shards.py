@@ -11,12 +11,15 @@ A shard directory holds
                         m.crc32 (N, C) uint32 of the stored bytes, m.sum / m.sumsq (C,) float64 and
                         m.count () int64 pixel statistics; fingerprint (the job that wrote it)
 Files are written to a temporary name and renamed; a shard counts as finished once its .npz exists,
-which is renamed last. Record ids are positions in the concatenation of shards in index order.
+which is renamed last, and its .bin is as long as the .npz says. Record ids are positions in the
+concatenation of shards in index order. Opening a ShardSet cross-checks index.json, each .npz and the
+part files on disk (record counts, .bin sizes, parts missing from the index) before any training.
 """
 
 import json
 import mmap
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +45,11 @@ def _lz4():
     return lz4.block
 
 
-class ChecksumError(RuntimeError):
+class ShardError(RuntimeError):
+    """A shard directory is incomplete, inconsistent or corrupt; the message names the file."""
+
+
+class ChecksumError(ShardError):
     """Stored bytes of a band chunk do not match the checksum written by the converter."""
 
 
@@ -128,15 +135,24 @@ class ShardWriter:
         return final
 
 
+def payload_end(z) -> int:
+    """Bytes the .bin of an opened .npz must hold: the end of its last chunk."""
+    ends = [(z[k] + z[k.replace(".offset", ".nbytes")]).max(initial=0) for k in z if k.endswith(".offset")]
+    return int(max(ends, default=0))
+
+
 def finished_fingerprint(directory: Path, index: int) -> str | None:
-    """The fingerprint of a finished shard, or None when it is missing or unreadable (to be rewritten)."""
+    """The fingerprint of a finished shard, or None when it is missing, unreadable or its .bin is not as long
+    as its index says (a truncated write: to be rewritten)."""
     stem = Path(directory) / shard_name(index)
     if not (stem.with_suffix(".npz").exists() and stem.with_suffix(".bin").exists()):
         return None
     try:
         with np.load(stem.with_suffix(".npz")) as z:
+            if stem.with_suffix(".bin").stat().st_size != payload_end(z):
+                return None
             return str(z["fingerprint"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, zlib.error):
         return None
 
 
@@ -151,15 +167,21 @@ class ModalityInfo:
 class ShardSet:
     """Read side of a shard directory: index arrays for all records and zero-copy / decoded tile reads."""
 
-    def __init__(self, shard_dir: str | Path, verify_checksums: bool = True):
+    def __init__(self, shard_dir: str | Path, verify_checksums: bool = True, allow_index_mismatch: bool = False):
         self.root = Path(shard_dir)
         path = self.root / INDEX_NAME
+        if not self.root.is_dir():
+            raise ShardError(f"shard directory {self.root} does not exist; set data.shard_dir to the --out folder of "
+                             "`terrafm prepare` (or leave it unset for the bundled sample tiles)")
         if not path.exists():
-            raise FileNotFoundError(f"{path} not found: {self.root} is not a finished terrafm shard directory "
-                                    "(run `terrafm prepare INPUT... --out DIR`)")
-        self.meta = json.loads(path.read_text())
+            raise ShardError(f"{path} not found: {self.root} is not a finished terrafm shard directory "
+                             "(run `terrafm prepare INPUT... --out DIR`)")
+        try:
+            self.meta = json.loads(path.read_text())
+        except ValueError as err:
+            raise ShardError(f"{path} is not valid JSON ({err}); re-run `terrafm prepare` into this folder") from err
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
-            raise ValueError(f"{path}: expected format {FORMAT} version {VERSION}, got "
+            raise ShardError(f"{path}: expected format {FORMAT} version {VERSION}, got "
                              f"{self.meta.get('format')} {self.meta.get('version')}")
         self.tile_size = int(self.meta["tile_size"])
         self.codec = self.meta["codec"]
@@ -167,7 +189,8 @@ class ShardSet:
         self.modalities = {m: ModalityInfo(tuple(v["bands"]), v["dtype"], np.asarray(v["mean"], np.float32),
                                            np.asarray(v["std"], np.float32))
                            for m, v in self.meta["modalities"].items()}
-        parts = [np.load(self.root / f"{s['name']}.npz") for s in self.meta["shards"]]
+        parts = [self._open_part(s) for s in self.meta["shards"]]
+        self._cross_check(parts, allow_index_mismatch)
         self.keys = np.concatenate([p["keys"] for p in parts]) if parts else np.zeros(0, str)
         self.class_counts = np.concatenate([p["class_counts"] for p in parts]).reshape(-1, NUM_CLASSES)
         self.shard_of = np.concatenate([np.full(len(p["keys"]), i, np.int32) for i, p in enumerate(parts)])
@@ -177,6 +200,43 @@ class ShardSet:
         self._bin_names = [self.root / f"{s['name']}.bin" for s in self.meta["shards"]]
         self._maps: dict[int, mmap.mmap] = {}
         self._verified = {m: np.zeros(len(self), bool) for m in self.modalities}
+
+    def _open_part(self, entry: dict) -> dict[str, np.ndarray]:
+        path = self.root / f"{entry['name']}.npz"
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zlib.error) as err:
+            raise ShardError(f"{path}: unreadable shard index ({type(err).__name__}: {err}); the shard is "
+                             "corrupt or missing, re-run `terrafm prepare` into this folder") from err
+
+    def _cross_check(self, parts: list[dict], allow_mismatch: bool) -> None:
+        """index.json vs each .npz vs the files on disk; any difference is an error, or a warning with counts."""
+        listed = {s["name"] for s in self.meta["shards"]}
+        problems = [f"{p.name} is on disk but not in {INDEX_NAME}" for p in sorted(self.root.glob("part-*.npz"))
+                    if p.stem not in listed]
+        for entry, z in zip(self.meta["shards"], parts, strict=True):
+            n = len(z["keys"])
+            if entry.get("records", n) != n:
+                problems.append(f"{entry['name']}: {INDEX_NAME} says {entry['records']} records, the .npz has {n}")
+            bin_path = self.root / f"{entry['name']}.bin"
+            size = bin_path.stat().st_size if bin_path.exists() else None
+            if size is None:
+                problems.append(f"{bin_path.name} is missing")
+            elif size != payload_end(z):
+                problems.append(f"{bin_path.name} has {size} bytes, its .npz needs {payload_end(z)}")
+        total = sum(len(z["keys"]) for z in parts)
+        if self.meta.get("num_records", total) != total:
+            problems.append(f"{INDEX_NAME} says {self.meta['num_records']} records, its shards hold {total}")
+        if not problems:
+            return
+        message = (f"shard directory {self.root} does not match its {INDEX_NAME} ({len(problems)} problem(s), "
+                   f"{len(parts)} shards / {total} records listed): {'; '.join(problems)}")
+        if not allow_mismatch:
+            raise ShardError(f"{message}. Re-run `terrafm prepare` into this folder, or set "
+                             "data.allow_index_mismatch=true to train on the listed records anyway")
+        warnings.warn(f"{message}; training on the {total} listed records (data.allow_index_mismatch=true)",
+                      stacklevel=3)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -217,8 +277,14 @@ class ShardSet:
             return np.frombuffer(buf, dtype=dtype, count=c * t * t, offset=int(off[0])).reshape(c, t, t)
         out = np.empty((c, t, t), dtype)
         for b in range(c):
-            raw = _lz4().decompress(memoryview(buf)[off[b]:off[b] + nb[b]], uncompressed_size=t * t * dtype.itemsize)
-            out[b] = np.frombuffer(raw, dtype).reshape(t, t)
+            block = _lz4()
+            try:
+                raw = block.decompress(memoryview(buf)[off[b]:off[b] + nb[b]], uncompressed_size=t * t * dtype.itemsize)
+                out[b] = np.frombuffer(raw, dtype).reshape(t, t)
+            except (block.LZ4BlockError, ValueError) as err:
+                raise ShardError(f"{self._bin_names[self.shard_of[i]]}: record {i} ({self.keys[i]}) {modality} band "
+                                 f"{self.modalities[modality].bands[b]} does not decode ({err}); the shard is "
+                                 "corrupt, re-run `terrafm prepare`") from err
         return out
 
 

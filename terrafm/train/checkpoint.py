@@ -3,13 +3,16 @@
 Layout of a run's checkpoint folder:
     checkpoints/step_00000100/      one complete checkpoint
         .metadata, __*_*.distcp     DCP: student, teacher, optimizer (sharded), loss (centres)
-        rank_00000.pt ...           per rank: the trainer's rank state (data-loader state, epoch) and
-                                    RNG states (torch, cuda, numpy, python)
+        rank_00000.json ...         per rank: the trainer's rank state (data-loader state, epoch) and
+                                    RNG states (torch, cuda, numpy, python), as JSON (no pickle)
         meta.json                   step, world size, model constructor arguments
+        manifest.json               size and sha256 of every other file, checked on resume and export
     checkpoints/latest              text file naming the newest complete checkpoint ("step_00000100")
 Writing goes to `step_N.tmp/`; only when every rank has finished is it renamed to `step_N/` and then
 `latest` replaced atomically (write `latest.tmp`, fsync, os.replace). A crash at any point leaves
 `latest` naming a complete checkpoint; stale `*.tmp` folders are removed at the next save.
+Nothing read back executes code and every file is checked first (see checkpoint_io: the trust boundary).
+A full disk while writing raises CheckpointWriteError("no space left ...") and leaves `latest` as it was.
 Exact resume needs the same world size (the loader and RNG states are per rank); `load(reshard=True)`
 continues on another world size (train.elastic_resume).
 
@@ -17,6 +20,7 @@ continues on another world size (train.elastic_resume).
 weights are smoother and transfer better) on one process without any process group.
 """
 
+import errno
 import json
 import os
 import random
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -36,14 +41,31 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from terrafm.fileio import atomic_write_bytes, fsync_dir
+from terrafm.train.checkpoint_io import (
+    MANIFEST,
+    METADATA,
+    CheckpointError,
+    SafeLoadPlanner,
+    SafeReader,
+    hash_file,
+    read_manifest,
+    read_metadata,
+    verify,
+    write_hashed,
+)
 
 LATEST = "latest"
 
 
 class ResumeError(RuntimeError):
     """A checkpoint cannot be resumed by this run as configured; the message says what would work."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is untouched."""
 
 
 def _dist() -> bool:
@@ -54,13 +76,33 @@ def _rank() -> int:
     return dist.get_rank() if _dist() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if _dist() else 1
+
+
 def _barrier() -> None:
     if _dist():
         dist.barrier()
 
 
+def _all_gather(obj: Any) -> list[Any]:
+    if not _dist():
+        return [obj]
+    out = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.json"
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and all((path / n).exists() for n in (METADATA, "meta.json", MANIFEST))
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -70,24 +112,45 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     if not pointer.exists():
         return None
     path = root / pointer.read_text().strip()
-    if not (path / ".metadata").exists() or not (path / "meta.json").exists():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    if not _complete(path):
+        raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint; "
+                              f"{previous_checkpoint(path)}")
     return path
 
 
+def previous_checkpoint(path: Path) -> str:
+    """A sentence offering the newest complete checkpoint before `path` in its folder, for error messages."""
+    path = Path(path)
+    earlier = sorted(p for p in path.parent.glob("step_*") if _complete(p) and p.name < path.name)
+    if not earlier:
+        return f"there is no earlier checkpoint in {path.parent}"
+    return f"the previous checkpoint is {earlier[-1]}: resume from it with --resume-from {earlier[-1]}"
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as JSON values (byte states as hex strings)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state().numpy().tobytes().hex(),
+             "numpy": {"keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+             "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().numpy().tobytes().hex()
     return state
 
 
+def _byte_state(hexed: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray.fromhex(hexed), dtype=torch.uint8)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    torch.set_rng_state(_byte_state(state["torch"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", np.asarray(n["keys"], np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(_byte_state(state["cuda"]))
 
 
 def _sharded_state(arch, optimizer) -> dict[str, Any]:
@@ -99,10 +162,39 @@ def _sharded_state(arch, optimizer) -> dict[str, Any]:
     }
 
 
+def _local_bytes(state: Any) -> int:
+    """Bytes of the tensors this rank holds in a (nested) state dict."""
+    if isinstance(state, dict):
+        return sum(_local_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_local_bytes(v) for v in state)
+    if isinstance(state, DTensor):
+        state = state.to_local()
+    return state.numel() * state.element_size() if isinstance(state, torch.Tensor) else 0
+
+
+def _disk_full(err: Any) -> str | None:
+    """The ENOSPC error inside `err` (itself, DCP's per-rank failures, causes) as one line, or None."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{type(err).__name__}: {err}"
+    if isinstance(err, BaseException):
+        inner = [err.__cause__, err.__context__, *err.args, *getattr(err, "failures", {}).values()]
+    elif isinstance(err, tuple | list):
+        inner = list(err)
+    else:
+        return None
+    for e in inner:
+        if e is not None and e is not err and (found := _disk_full(e)):
+            return found
+    if isinstance(err, BaseException) and "unexpected pos" in str(err):  # torch's zip writer on ENOSPC
+        return str(err).splitlines()[0][:200]
+    return None
+
+
 def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: dict, keep: int) -> Path:
     """Write checkpoint `step` under `root` on every rank; returns the final folder. Collective.
 
-    rank_state: this rank's picklable extra state (loader position, epoch), returned by `load`.
+    rank_state: this rank's JSON-serialisable extra state (loader position, epoch), returned by `load`.
     """
     root = Path(root)
     final = root / step_dir_name(step)
@@ -113,13 +205,36 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    dcp.save(_sharded_state(arch, optimizer), checkpoint_id=tmp, no_dist=not _dist())
-    torch.save({"step": step, "state": rank_state, "rng": rng_state()}, tmp / f"rank_{_rank():05d}.pt")
+    state = _sharded_state(arch, optimizer)
+    failure, entries = None, {}
+    try:
+        dcp.save(state, checkpoint_id=tmp, no_dist=not _dist())
+        record = {"step": step, "state": rank_state, "rng": rng_state()}
+        entries[rank_file(_rank())] = write_hashed(tmp / rank_file(_rank()), json.dumps(record).encode())
+        for f in sorted(tmp.glob(f"__{_rank()}_*.distcp")):  # the DCP files this rank wrote, still in page cache
+            entries[f.name] = hash_file(f)
+        if _rank() == 0:
+            meta = dict(meta, step=step, world_size=_world())
+            entries["meta.json"] = write_hashed(tmp / "meta.json", json.dumps(meta, indent=2).encode())
+            entries[METADATA] = hash_file(tmp / METADATA)
+    except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+        failure = _disk_full(err)
+        if failure is None:
+            raise
+    gathered = _all_gather((entries, failure))
+    failures = [f for _, f in gathered if f is not None]
+    if failures:
+        need = _local_bytes(state) * _world()
+        free = shutil.disk_usage(root).free
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"no space left on the device of {root} writing checkpoint {final.name}: it needs about "
+            f"{need / 1e9:.3f} GB ({free / 1e9:.3f} GB free now); free space or set train.out_dir to a larger file "
+            f"system; {previous_checkpoint(final)} (untouched). ({failures[0]})")
     if _rank() == 0:
-        meta = dict(meta, step=step, world_size=dist.get_world_size() if _dist() else 1)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    _barrier()
-    if _rank() == 0:
+        files = {name: entry for e, _ in gathered for name, entry in e.items()}
+        write_hashed(tmp / MANIFEST, json.dumps({"algorithm": "sha256", "files": files}, indent=1).encode())
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -135,17 +250,36 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
     return final
 
 
+def read_meta(path: str | Path) -> dict:
+    """meta.json of a checkpoint: step, world size, model constructor arguments, config, schedule length."""
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def check(path: str | Path) -> None:
+    """Refuse a checkpoint whose files do not match its manifest, naming them and offering the previous one.
+
+    Collective when distributed: each rank hashes a share of the files."""
+    path = Path(path)
+    names = sorted(read_manifest(path))
+    problems = sorted({p for found in _all_gather(verify(path, names[_rank()::_world()])) for p in found})
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({'; '.join(problems)}); {previous_checkpoint(path)}")
+
+
 def load(path: str | Path, arch, optimizer, reshard: bool = False) -> tuple[int, dict, int]:
     """Restore what `save` wrote into the already parallelised objects; returns (step, rank_state, saved_world).
 
-    With the same world size this is exact (each rank gets its own rank state and RNG states back).
-    A different world size needs reshard=True: DCP reshards student, teacher and optimiser; every rank
-    gets rank 0's rank state (the caller converts the loader position) and keeps its current RNG.
+    The files are checked against the manifest first. With the same world size this is exact (each rank
+    gets its own rank state and RNG states back). A different world size needs reshard=True: DCP reshards
+    student, teacher and optimiser; every rank gets rank 0's rank state (the caller converts the loader
+    position) and keeps its current RNG.
     """
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
+    check(path)
+    read_metadata(path)  # refuses a crafted .metadata here, before DCP (which would retry and log tracebacks)
+    meta = read_meta(path)
     saved_world = int(meta["world_size"])
-    world = dist.get_world_size() if _dist() else 1
+    world = _world()
     if saved_world != world and not reshard:
         raise ResumeError(
             f"{path} was written by {saved_world} ranks, this run has {world}; exact resume needs the same "
@@ -154,12 +288,12 @@ def load(path: str | Path, arch, optimizer, reshard: bool = False) -> tuple[int,
             "train.elastic_resume=true"
         )
     state = _sharded_state(arch, optimizer)
-    dcp.load(state, checkpoint_id=path, no_dist=not _dist())
+    dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=not _dist())
     set_model_state_dict(arch.student, state["student"])
     set_model_state_dict(arch.teacher, state["teacher"])
     set_optimizer_state_dict(arch.student, optimizer, state["optimizer"])
     arch.loss.load_state_dict(state["loss"])
-    saved = torch.load(path / f"rank_{_rank() if saved_world == world else 0:05d}.pt", weights_only=False)
+    saved = json.loads((path / rank_file(_rank() if saved_world == world else 0)).read_text())
     if saved_world == world:
         set_rng_state(saved["rng"])
     return int(saved["step"]), saved["state"], saved_world
@@ -168,14 +302,14 @@ def load(path: str | Path, arch, optimizer, reshard: bool = False) -> tuple[int,
 def resolve(path: str | Path) -> Path:
     """A checkpoint folder, a run's `checkpoints/` folder, or a run folder -> the complete checkpoint."""
     path = Path(path)
-    if (path / ".metadata").exists():
+    if (path / METADATA).exists():
         return path
     for root in (path, path / "checkpoints"):
         if (root / LATEST).exists():
             found = latest_checkpoint(root)
             if found is not None:
                 return found
-    raise FileNotFoundError(f"{path} is not a checkpoint, a checkpoints/ folder or a run folder with one")
+    raise CheckpointError(f"{path} is not a checkpoint, a checkpoints/ folder or a run folder with one")
 
 
 def load_backbone_state(path: str | Path, which: str = "teacher") -> tuple[str, dict[str, torch.Tensor]]:
@@ -188,9 +322,12 @@ def load_backbone_state(path: str | Path, which: str = "teacher") -> tuple[str, 
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     path = resolve(path)
+    problems = verify(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({'; '.join(problems)}); {previous_checkpoint(path)}")
     meta = json.loads((path / "meta.json").read_text())
     prefix = f"{which}.backbone."
-    metadata = dcp.FileSystemReader(path).read_metadata()
+    metadata = read_metadata(path)
     state = {
         key: torch.empty(item.size, dtype=item.properties.dtype)
         for key, item in metadata.state_dict_metadata.items()
@@ -200,5 +337,5 @@ def load_backbone_state(path: str | Path, which: str = "teacher") -> tuple[str, 
         raise ValueError(f"{path} holds no {which} backbone (no keys starting with {prefix!r})")
     with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=True)
     return meta["model"]["name"], {k.removeprefix(prefix): v for k, v in state.items()}

@@ -5,8 +5,9 @@
     terrafm pretrain --nproc 2 --config tiny_cpu       # relaunches itself under torchrun on this node
     terrafm pretrain --config vitb_h100 --out /scratch/runs/vitb --resume   # SLURM requeue
 
-Exit codes: 0 done, 1 training error (NaN/Inf loss, ...), 2 bad configuration,
-75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue and pass --resume.
+Exit codes: 0 done; 1 training diverged (NaN/Inf loss, too many non-finite gradient norms in a row);
+2 fix the setup and rerun (configuration, output folder, data, checkpoint, full disk: the message says
+what); 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue and pass --resume.
 """
 
 import argparse
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         overrides += [f"train.out_dir={out.parent}", f"train.run_name={out.name}"]
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, nproc=args.nproc)
     except ConfigError as err:
         print(f"terrafm pretrain: configuration error: {err}", file=sys.stderr)
         return 2
@@ -72,10 +73,13 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os.execv(cmd[0], cmd)
 
-    from terrafm.train.trainer import REQUEUE_EXIT_CODE, TrainingError, train
+    from terrafm.train.trainer import REQUEUE_EXIT_CODE, SetupError, TrainingError, train
 
     try:
         result = train(cfg, resume=args.resume_from or args.resume)
+    except (SetupError, ConfigError) as err:
+        print(f"terrafm pretrain: {err}", file=sys.stderr)
+        return 2
     except TrainingError as err:
         print(f"terrafm pretrain: {err}", file=sys.stderr)
         return 1

@@ -3,7 +3,8 @@
 The file holds the published TerraFM key layout (what `terrafm.models.load_checkpoint` and
 `build_model(name)` load with strict=True) and metadata {"model": constructor name}. The teacher is
 exported by default (DINO evaluates the EMA teacher); --student picks the student. Fusion parameters
-are dropped unless --with-fusion (they are not part of the published layout).
+are dropped unless --with-fusion (they are not part of the published layout). The checkpoint's files are
+checked against its checksum manifest first; the output gets the umask's mode (0644 under umask 022).
 """
 
 import argparse
@@ -11,11 +12,12 @@ import os
 import sys
 from pathlib import Path
 
+from terrafm.fileio import chmod_shared
 from terrafm.models import FUSION_PREFIX
 
 
 def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", with_fusion: bool = False) -> Path:
-    """Write `output` atomically (temp file + rename) and return its path."""
+    """Write `output` atomically (temp file + rename), readable as the umask allows; returns its path."""
     from safetensors.torch import save_file
 
     from terrafm.train.checkpoint import load_backbone_state
@@ -29,6 +31,7 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"model": name, "source": which})
+    chmod_shared(tmp)
     os.replace(tmp, output)
     return output
 
@@ -41,10 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from terrafm.train.checkpoint_io import CheckpointError
+
     try:
         out = export(args.checkpoint, args.output, "student" if args.student else "teacher", args.with_fusion)
-    except (FileNotFoundError, ValueError) as err:
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"terrafm export: {err}", file=sys.stderr)
-        return 1
+        return 2
+    except OSError as err:
+        print(f"terrafm export: cannot write {err.filename or args.output}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0

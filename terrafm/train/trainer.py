@@ -2,8 +2,9 @@
 
 One optimiser step = `grad_accum_steps` micro-batches, each: teacher forward on the global views ->
 dual-centred teacher probabilities -> student forward on all views -> DINO loss -> backward. Then one
-small all-reduce (mean loss + preemption flag), NaN/Inf check, last-layer freeze, clipping, AdamW,
-centre update (one all-reduce), EMA teacher update on local shards, logging, checkpointing.
+small all-reduce (mean loss + preemption flag), NaN/Inf check, last-layer freeze, clipping (a non-finite
+gradient norm skips the AdamW step), AdamW, centre update (one all-reduce), EMA teacher update on local
+shards, logging, checkpointing.
 All schedules are pure functions of the step, so a resumed run continues bitwise.
 """
 
@@ -13,6 +14,7 @@ import os
 import random
 import resource
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from terrafm import backends, ops
-from terrafm.config import Config, save_config, to_dict
+from terrafm.config import Config, check_epoch, save_config, to_dict
 from terrafm.ssl import schedules
 from terrafm.ssl.loss import DINOLoss, high_frequency_classes
 from terrafm.ssl.meta_arch import SSLMetaArch
@@ -44,6 +47,14 @@ class TrainingError(RuntimeError):
 
 class NonFiniteLossError(TrainingError):
     pass
+
+
+class NonFiniteGradError(TrainingError):
+    pass
+
+
+class SetupError(TrainingError):
+    """The run cannot start or continue as set up (output folder, data, checkpoint, disk): fix it and rerun."""
 
 
 @dataclass
@@ -191,10 +202,21 @@ def resolve_ops(cfg: Config, device: torch.device) -> Config:
     try:
         chosen = ops.resolve({**cfg.ops, "view_rendering": cfg.data.backend}, device.type)
     except (KeyError, ValueError, RuntimeError) as err:
-        raise TrainingError(f"ops: {err}") from err
+        raise SetupError(f"ops: {err}") from err
     cfg.data.backend = chosen.pop("view_rendering")
     cfg.ops = chosen
     return cfg
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Create the run folder and prove it writable, before anything heavy is built."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise SetupError(f"cannot write the run folder {run_dir} ({err.strerror or err}); choose a writable folder "
+                         "with --out or train.out_dir / train.run_name") from err
 
 
 def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) -> TrainResult:
@@ -203,13 +225,17 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     run_dir = Path(t.out_dir) / t.run_name
     ckpt_root = run_dir / "checkpoints"
     resume_from = None
-    if resume is True:
-        resume_from = checkpoint.latest_checkpoint(ckpt_root)
-    elif resume:
-        resume_from = checkpoint.resolve(resume)
-    elif (ckpt_root / checkpoint.LATEST).exists():
-        raise TrainingError(f"{run_dir} already has checkpoints; pass --resume to continue it, or choose another "
-                            "--out / train.run_name for a fresh run")
+    try:
+        if resume is True:
+            resume_from = checkpoint.latest_checkpoint(ckpt_root)
+        elif resume:
+            resume_from = checkpoint.resolve(resume)
+    except checkpoint.CheckpointError as err:
+        raise SetupError(f"cannot resume: {err}") from err
+    if not resume and (ckpt_root / checkpoint.LATEST).exists():
+        raise SetupError(f"{run_dir} already has checkpoints; pass --resume to continue it, or choose another "
+                         "--out / train.run_name for a fresh run")
+    check_run_dir(run_dir)  # every rank: each fails alike instead of waiting in a collective
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
 
@@ -219,8 +245,13 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     np.random.seed(t.seed)
     if loader is None:
         from terrafm.data.loader import build_loader
+        from terrafm.data.shards import ShardError
 
-        loader = build_loader(cfg.data, env.rank, env.world_size, t.seed)
+        try:
+            loader = build_loader(cfg.data, env.rank, env.world_size, t.seed)
+        except (ShardError, FileNotFoundError, ValueError) as err:
+            raise SetupError(f"cannot read the training data: {err}") from err
+    check_epoch(cfg, len(loader), env.world_size)
     high_classes = high_frequency_classes(_value(loader, "class_frequency"))
     loss = DINOLoss(s.num_prototypes, _value(loader, "num_classes"), high_classes, s.student_temperature,
                     s.center_momentum, s.center_high_momentum, s.center_alpha, cfg.ops, env.device.type)
@@ -240,9 +271,6 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
 
     # -- schedule lengths, in optimiser steps ----------------------------------------------------
     steps_per_epoch = t.steps_per_epoch or len(loader) // t.grad_accum_steps
-    if steps_per_epoch < 1:
-        raise TrainingError(f"an epoch has {len(loader)} batches per rank, fewer than grad_accum_steps="
-                            f"{t.grad_accum_steps}; lower train.grad_accum_steps or set train.steps_per_epoch")
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     global_batch = cfg.data.batch_size * env.world_size * t.grad_accum_steps
     peak_lr = schedules.scaled_lr(o.lr, global_batch)
@@ -263,11 +291,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
         return total
 
     # -- resume ---------------------------------------------------------------------------------
-    step, epoch = 0, 0
+    step, epoch, skipped_steps = 0, 0, 0
     if resume_from is not None:
         try:
             step, rank_state, saved_world = checkpoint.load(resume_from, arch, optimizer, reshard=t.elastic_resume)
-            epoch = rank_state["epoch"]
+            saved_steps = checkpoint.read_meta(resume_from).get("total_steps")
+            epoch, skipped_steps = rank_state["epoch"], rank_state.get("skipped_steps", 0)
             loader.set_epoch(epoch)
             saved_batch = rank_state["loader"].get("batch_size", cfg.data.batch_size)
             reshard = saved_world != env.world_size or (t.elastic_resume and saved_batch != cfg.data.batch_size)
@@ -275,8 +304,13 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                 loader.load_state_dict(rank_state["loader"])
             else:  # a loader that cannot continue on another world size fails here with TypeError
                 redrawn = loader.load_state_dict(rank_state["loader"], reshard=True)
-        except (checkpoint.ResumeError, ValueError) as err:
-            raise TrainingError(f"cannot resume from {resume_from}: {err}") from err
+        except (checkpoint.ResumeError, checkpoint.CheckpointError, ValueError) as err:
+            raise SetupError(f"cannot resume from {resume_from}: {err}") from err
+        except (RuntimeError, KeyError, CheckpointException) as err:  # DCP: missing keys, shape mismatch
+            detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise SetupError(f"cannot resume from {resume_from}: it does not fit this model and optimiser "
+                             f"({detail}); resume with the model.* and ssl.* values it was written with "
+                             f"(see {resume_from / 'meta.json'})") from err
         if reshard:
             torch.manual_seed(t.seed + step * 1009 + env.rank)  # fresh drop-path streams, distinct per rank
             if env.rank == 0:
@@ -291,11 +325,20 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "preempted").unlink(missing_ok=True)
-    meta = {"model": to_dict(cfg)["model"], "config": to_dict(cfg)}
+    meta = {"model": to_dict(cfg)["model"], "config": to_dict(cfg), "total_steps": total_steps}
     logger = MetricsLogger(run_dir, env.rank, total_steps, step)
     logger.write(f"run {run_dir}: {total_steps} steps ({steps_per_epoch}/epoch), global batch {global_batch}, "
                  f"peak lr {peak_lr:.2e}, {env.world_size} rank(s) on {env.device.type}"
                  + (f", resumed from {resume_from} at step {step}" if resume_from else ""))
+    if resume_from is not None and saved_steps not in (None, total_steps):
+        old_lr = schedules.learning_rate(step, saved_steps, peak_lr, warmup_steps, o.min_lr)
+        new_lr = schedules.learning_rate(step, total_steps, peak_lr, warmup_steps, o.min_lr)
+        old_m = schedules.teacher_momentum(step, saved_steps, s.teacher_momentum, s.teacher_momentum_end)
+        new_m = schedules.teacher_momentum(step, total_steps, s.teacher_momentum, s.teacher_momentum_end)
+        logger.write(f"resume: the schedules were laid out over {saved_steps} steps, this run has {total_steps}; the "
+                     f"lr, weight-decay and teacher-momentum cosines are re-stretched over {total_steps} steps from "
+                     f"step {step} (lr {old_lr:.3e} -> {new_lr:.3e}, teacher momentum {old_m:.6f} -> {new_m:.6f}). "
+                     f"Set train.max_steps={saved_steps} to keep the original schedules.")
 
     data_iter = iter(loader)
 
@@ -310,14 +353,26 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
             return next(data_iter)
 
     def save() -> Path:
-        return checkpoint.save(ckpt_root, step, arch, optimizer, {"loader": loader.state_dict(), "epoch": epoch},
-                               meta, t.keep_checkpoints)
+        try:
+            rank_state = {"loader": loader.state_dict(), "epoch": epoch, "skipped_steps": skipped_steps}
+            return checkpoint.save(ckpt_root, step, arch, optimizer, rank_state, meta, t.keep_checkpoints)
+        except checkpoint.CheckpointWriteError as err:
+            raise SetupError(str(err)) from err
+
+    def next_batch_checked() -> Any:
+        from terrafm.data.shards import ShardError
+
+        try:
+            return next_batch()
+        except ShardError as err:
+            raise SetupError(f"{err}") from err
 
     stop = PreemptionFlag()
     stop.install()
     profiler = None
     latest = resume_from
     window_start, window_images, window_flops = time.perf_counter(), 0, 0.0
+    nonfinite_streak = 0
     try:
         while step < total_steps:
             if t.profile and step == t.profile_steps[0]:
@@ -335,7 +390,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
             # forward/backward over the micro-batches; gradients are reduced on the last one only
             loss_sum = torch.zeros((), device=env.device)
             for micro in range(t.grad_accum_steps):
-                batch = next_batch()
+                batch = next_batch_checked()
                 global_views = _views(batch.global_views, env.device)
                 local_views = _views(batch.local_views, env.device)
                 majority_class = batch.majority_class.to(env.device, non_blocking=True)
@@ -364,7 +419,21 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                 for p in arch.last_layer_parameters():
                     p.grad = None
             grad_norm = clip_gradients(student_params, o.clip_grad)
-            optimizer.step()
+            if math.isfinite(grad_norm.item()):  # the same global norm on every rank
+                optimizer.step()
+                nonfinite_streak = 0
+            else:  # skip the update; the teacher outputs were finite, so centres and EMA still update
+                skipped_steps += 1
+                nonfinite_streak += 1
+                logger.write(f"step {step}: gradient norm is {grad_norm.item()} with a finite loss; AdamW step skipped "
+                             f"({nonfinite_streak} in a row, {skipped_steps} in all)")
+                if nonfinite_streak >= t.max_nonfinite_grad_steps:
+                    where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+                    raise NonFiniteGradError(
+                        f"gradient norm non-finite for {nonfinite_streak} steps in a row, the last at step {step} "
+                        f"(0-based optimiser step, lr {lr:.3e}); stopped (train.max_nonfinite_grad_steps="
+                        f"{t.max_nonfinite_grad_steps}); {where}. Resume from it with a lower optim.lr, "
+                        "optim.clip_grad > 0 or train.precision=fp32.")
             optimizer.zero_grad(set_to_none=True)
             arch.loss.update_center()
             arch.update_teacher(momentum)
@@ -382,6 +451,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                     "teacher_entropy": None if entropy is None else entropy.item(),
                     "img_per_s": window_images * env.world_size / elapsed, "step_time_s": elapsed / t.log_every,
                     "mfu": window_flops / elapsed / peak if peak else None, "mem_gb": _memory_gb(env.device),
+                    "skipped_steps": skipped_steps,
                 }
                 logger.log(record)
                 window_start, window_images, window_flops = time.perf_counter(), 0, 0.0

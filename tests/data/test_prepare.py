@@ -1,5 +1,6 @@
 import argparse
 import io
+import json
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ import tifffile
 
 from terrafm.data import prepare
 from terrafm.data.prepare import convert
-from terrafm.data.shards import ChecksumError, ShardSet
+from terrafm.data.shards import ChecksumError, ShardError, ShardSet
 from terrafm.data.sources import BadInput
 
 CELLS, TILE = 3, 60  # tests/data/conftest.py's sample set
@@ -152,5 +153,61 @@ def test_resume_parallel_and_atomic(sample_parquet, sample_shards, tmp_path):
     for i in range(len(a)):
         np.testing.assert_array_equal(a.tile(i, "s1"), b.tile(i, "s1"))
     np.testing.assert_allclose(a.modalities["s2_l2a"].mean, b.modalities["s2_l2a"].mean, rtol=1e-12)
-    with pytest.raises(RuntimeError, match="different conversion"):
+    with pytest.raises(BadInput, match="different conversion"):
         convert([sample_parquet], out, tile_size=TILE // 2, cells_per_shard=1, workers=0, progress=False)
+
+
+def _split_shards(sample_parquet, tmp_path):
+    out = tmp_path / "split"
+    convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    return out
+
+
+def test_a_shard_dropped_from_the_index_is_an_error_or_a_warning_with_counts(sample_parquet, tmp_path):
+    out = _split_shards(sample_parquet, tmp_path)
+    index = json.loads((out / "index.json").read_text())
+    index["shards"] = index["shards"][:-1]  # part-00002 still on disk, no longer listed
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=r"part-00002\.npz is on disk but not in index\.json.*allow_index_mismatch"):
+        ShardSet(out)
+    with pytest.warns(UserWarning, match=r"2 shards / 8 records listed.*training on the 8 listed records"):
+        assert len(ShardSet(out, allow_index_mismatch=True)) == 8
+
+
+def test_record_counts_and_part_sizes_are_cross_checked(sample_parquet, tmp_path):
+    out = _split_shards(sample_parquet, tmp_path)
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][0]["records"] = 3
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=r"part-00000: index\.json says 3 records, the \.npz has 4"):
+        ShardSet(out)
+    with pytest.raises(ShardError, match=r"shard directory .*missing.* does not exist; set data\.shard_dir"):
+        ShardSet(tmp_path / "missing")
+
+
+def test_rerunning_prepare_rewrites_a_truncated_bin_instead_of_keeping_it(sample_parquet, tmp_path):
+    out = _split_shards(sample_parquet, tmp_path)
+    part = out / "part-00001.bin"
+    size = part.stat().st_size
+    with open(part, "r+b") as f:
+        f.truncate(size - 100)  # as if the disk filled while writing, then the .npz was renamed
+    with pytest.raises(ShardError, match=rf"part-00001\.bin has {size - 100} bytes, its \.npz needs {size}"):
+        ShardSet(out)
+    again = convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    assert again["resumed_shards"] == CELLS - 1 and again["rewritten_shards"] == 1
+    assert part.stat().st_size == size
+    s = ShardSet(out)
+    for i in range(len(s)):
+        s.tile(i, "s2_l2a")  # every checksum holds
+
+
+def test_an_undecodable_lz4_chunk_names_the_file(sample_parquet, tmp_path):
+    out = tmp_path / "lz4"
+    convert([sample_parquet], out, tile_size=TILE, codec="lz4", workers=0, progress=False)
+    s = ShardSet(out, verify_checksums=False)
+    off, nbytes = int(s.offset["s1"][2, 0]), int(s.nbytes["s1"][2, 0])
+    with open(out / "part-00000.bin", "r+b") as f:
+        f.seek(off)
+        f.write(b"\xff" * nbytes)  # a literal run longer than the block
+    with pytest.raises(ShardError, match=r"part-00000\.bin: record 2 .* s1 band VV does not decode"):
+        ShardSet(out, verify_checksums=False).tile(2, "s1")

@@ -154,6 +154,7 @@ def test_cache_key_of_a_run_folder_follows_its_latest_checkpoint(tmp_path):
         (ckpts / step).mkdir(parents=True)
         (ckpts / step / ".metadata").write_bytes(b"x")
         (ckpts / step / "meta.json").write_text("{}")
+        (ckpts / step / "manifest.json").write_text('{"files": {}}')
     (ckpts / "latest").write_text("step_00000002")
     key = lambda: features.cache_key(tmp_path / "run", tmp_path, "train", "s2_l2a", None, "cls")  # noqa: E731
     first = key()

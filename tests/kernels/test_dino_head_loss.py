@@ -143,6 +143,25 @@ def test_validation_errors(device):
         call(weight_v=weight_v.to("meta"))
 
 
+@pytest.mark.parametrize("fn", [dino_head_loss_reference, dino_head_loss], ids=["torch", "triton"])
+def test_empty_batches_prototypes_and_bad_weight_g_raise_alike_on_every_backend(fn, device):
+    student, teacher, weight_v, center, center_high, high_weight = _inputs(3, 2, 2, 20, 16, torch.float32, device)
+
+    def call(s=student, t=teacher, w=weight_v, c=center, ch=center_high, hw=high_weight, weight_g=None):
+        return fn(s, t, w, c, ch, hw, TAU_T, TAU_S, ALPHA, weight_g=weight_g)
+
+    with pytest.raises(ValueError, match=r"at least one sample and view: student_features \(S, B, D\) = "
+                                         r"\(3, 0, 16\)"):
+        call(s=student[:, :0].contiguous(), t=teacher[:, :0].contiguous(), hw=high_weight[:0])
+    with pytest.raises(ValueError, match=r"weight_v \(K, D\) = \(0, 16\) must have at least one prototype"):
+        call(w=weight_v[:0], c=center[:0], ch=center_high[:0])
+    with pytest.raises(ValueError, match=r"weight_g must be None or a \(K, 1\) = \(20, 1\) tensor .* got "
+                                         r"torch.Size\(\[20\]\)"):
+        call(weight_g=torch.ones(20, device=device))
+    with pytest.raises(ValueError, match=r"weight_g must be None or a \(K, 1\)"):
+        call(weight_g=torch.ones(16, 1, device=device))
+
+
 def test_roofline_and_specs():
     cost = roofline_cost(S=12, T=2, B=64, K=65536, D=256, dtype_bytes=2, backward=False)
     assert cost["flops"] == 2 * 65536 * 256 * (128 + 768)

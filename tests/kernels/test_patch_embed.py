@@ -98,7 +98,7 @@ def test_module_is_a_timm_style_drop_in(device):
 
 @pytest.mark.parametrize("change,error,match", [
     (lambda a: a.update(x=a["x"][:, :5]), ValueError, "x has 5 channels but weight expects C=12"),
-    (lambda a: a.update(x=a["x"][..., :30]), ValueError, "not divisible by the patch size 16"),
+    (lambda a: a.update(x=a["x"][..., :30]), ValueError, "not a multiple of the patch size 16"),
     (lambda a: a.update(x=a["x"][0]), ValueError, r"\(B, C, H, W\)"),
     (lambda a: a.update(x=a["x"].to(torch.int32)), TypeError, "float32, float16 or bfloat16"),
     (lambda a: a.update(bias=a["bias"][:-1]), ValueError, r"bias must have shape \(20,\)"),
@@ -111,6 +111,16 @@ def test_bad_inputs_raise_before_launch(change, error, match, device):
     change(args)
     with pytest.raises(error, match=match):
         patch_embed(**args)
+
+
+@pytest.mark.parametrize("fn", [reference.patch_embed, patch_embed], ids=["torch", "triton"])
+def test_a_size_not_a_multiple_of_the_patch_raises_alike_on_every_backend(fn, device):
+    args = {k: v.detach() for k, v in _inputs(2, 12, 32, 32, 20, 16, torch.float32, device).items()}
+    args["pos_embed"] = None
+    args["x"] = args["x"][..., :30].contiguous()  # conv2d alone would silently drop the partial patch column
+    with pytest.raises(ValueError, match=r"image size 32x30 is not a multiple of the patch size 16; resize or crop "
+                                         r"the images to a multiple of 16 \(e\.g\. 32x32 or 32x16\) first"):
+        fn(**args)
 
 
 def test_cpu_without_interpreter_points_to_the_reference(monkeypatch):

@@ -1,10 +1,13 @@
 """Test harness: run the trainer on the synthetic loader in its own process (plain or under torchrun).
 
     python tests/train/run_pretrain.py OUT_DIR [--resume] [--batch B] [--kill-at-batch N]
-                                       [--hang-in-save N] [overrides ...]
+                                       [--hang-in-save N] [--inf-grad-steps S,...] [overrides ...]
 --kill-at-batch N: SIGKILL this process when the loader is asked for its N-th batch (1-based).
 --hang-in-save N: on the N-th checkpoint save, let DCP finish writing, touch OUT_DIR/hanging, then
 sleep: the test SIGKILLs it while the checkpoint is still a `.tmp` folder.
+--inf-grad-steps S,...: at these 0-based optimiser steps one parameter's gradient is filled with inf
+(the loss stays finite).
+Errors exit as `terrafm pretrain` does: 2 for a SetupError or ConfigError, 1 for other TrainingErrors.
 """
 
 import argparse
@@ -18,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from synthetic import TINY_OVERRIDES, SyntheticLoader  # noqa: E402
 
-from terrafm.config import load_config  # noqa: E402
-from terrafm.train import checkpoint  # noqa: E402
-from terrafm.train.trainer import REQUEUE_EXIT_CODE, train  # noqa: E402
+from terrafm.config import ConfigError, load_config  # noqa: E402
+from terrafm.train import checkpoint, trainer  # noqa: E402
+from terrafm.train.trainer import REQUEUE_EXIT_CODE, SetupError, TrainingError, train  # noqa: E402
 
 
 class KillingLoader(SyntheticLoader):
@@ -43,6 +46,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--kill-at-batch", type=int, default=0)
     parser.add_argument("--hang-in-save", type=int, default=0)
+    parser.add_argument("--inf-grad-steps", default="")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -62,7 +66,24 @@ def main() -> int:
             return result
 
         checkpoint.dcp.save = hanging_save
-    result = train(cfg, resume=args.resume, loader=loader)
+    if args.inf_grad_steps:
+        inf_steps, original_clip, calls = {int(v) for v in args.inf_grad_steps.split(",")}, trainer.clip_gradients, []
+
+        def clip_with_inf(params, max_norm):
+            if len(calls) in inf_steps:
+                next(p for p in params if p.grad is not None).grad.fill_(float("inf"))
+            calls.append(1)
+            return original_clip(params, max_norm)
+
+        trainer.clip_gradients = clip_with_inf
+    try:
+        result = train(cfg, resume=args.resume, loader=loader)
+    except (SetupError, ConfigError) as err:
+        print(f"setup error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"training error: {err}", file=sys.stderr)
+        return 1
     return REQUEUE_EXIT_CODE if result.preempted else 0
 
 

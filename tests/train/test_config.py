@@ -1,6 +1,6 @@
 import pytest
 
-from terrafm.config import ConfigError, load_config, parse_override, presets
+from terrafm.config import ConfigError, check_epoch, load_config, parse_override, presets
 
 
 def test_presets_all_load_and_tiny_cpu_is_the_default():
@@ -36,10 +36,32 @@ def test_unknown_key_names_itself_and_lists_the_valid_ones():
     ("train=3", "'train' is a section"),
     ("train.max_steps", "must look like section.key=value"),
     ("train.grad_accum_steps=0", "grad_accum_steps must be >= 1"),
+    ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
+    ("optim.clip_grad=-1", "optim.clip_grad must be >= 0"),
+    ("ssl.student_temperature=0", "ssl.student_temperature, ssl.teacher_temperature"),
+    ("ssl.teacher_momentum=1.5", "teacher_momentum(_end) must be in"),
+    ("train.max_nonfinite_grad_steps=0", "train.max_nonfinite_grad_steps must be >= 1"),
+    ("model.name=vit_g", "model.name 'vit_g' is not a model"),
+    ("model.fusion=false", "model.fusion=false has no fusion parameters, but data.p_fused=0.5"),
 ])
 def test_bad_values_are_reported_clearly(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config("tiny_cpu", [override])
+
+
+def test_fusion_off_is_accepted_without_fused_views_and_nproc_is_checked():
+    assert load_config("tiny_cpu", ["model.fusion=false", "data.p_fused=0"]).model.fusion is False
+    with pytest.raises(ConfigError, match="--nproc must be >= 1, got 0"):
+        load_config("tiny_cpu", nproc=0)
+
+
+def test_the_dataset_size_check_names_the_key_to_change():
+    cfg = load_config("tiny_cpu", ["train.grad_accum_steps=3"])
+    with pytest.raises(ConfigError, match=r"data.batch_size=8 is more than each of the 2 rank\(s\) gets"):
+        check_epoch(cfg, 0, 2)
+    with pytest.raises(ConfigError, match="2 batches per rank, fewer than train.grad_accum_steps=3"):
+        check_epoch(cfg, 2, 1)
+    check_epoch(cfg, 3, 1)
 
 
 def test_unknown_preset_lists_the_presets():

@@ -61,7 +61,7 @@ def test_multinode_script_trains_and_checkpoints_through_c10d_rendezvous(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "run"
     assert steps(run_dir) == [1, 2]
-    assert len(list((run_dir / "checkpoints" / "step_00000002").glob("rank_*.pt"))) == 2
+    assert len(list((run_dir / "checkpoints" / "step_00000002").glob("rank_*.json"))) == 2
     assert not (tmp_path / "scontrol.log").exists()  # a finished job is not requeued
 
 

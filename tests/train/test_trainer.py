@@ -1,5 +1,6 @@
 """The training loop in-process: the loss falls, NaN stops the run clearly, the CLI and export work."""
 
+import os
 
 import pytest
 import torch
@@ -66,12 +67,17 @@ def test_default_pretrain_on_the_sample_tiles_then_export_round_trip(tmp_path, c
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")) and (run_dir / "curves.png").exists()
     # a second fresh run into the same folder is refused; --resume continues (here: already complete)
-    assert main(["pretrain", "--out", str(run_dir), "train.max_steps=2"]) == 1
+    assert main(["pretrain", "--out", str(run_dir), "train.max_steps=2"]) == 2
     assert "already has checkpoints; pass --resume" in capsys.readouterr().err
     assert main(["pretrain", "--out", str(run_dir), "--resume", "train.max_steps=2"]) == 0
 
     out = tmp_path / "tiny.safetensors"
-    assert main(["export", str(run_dir), str(out)]) == 0
+    old_umask = os.umask(0o027)
+    try:
+        assert main(["export", str(run_dir), str(out)]) == 0
+    finally:
+        os.umask(old_umask)
+    assert out.stat().st_mode & 0o777 == 0o640  # the umask's mode, as open() would give (safetensors: 0600)
     with safe_open(str(out), framework="pt") as f:
         assert f.metadata()["model"] == "terrafm_tiny"
     model = build_model("terrafm_tiny", img_size=64)

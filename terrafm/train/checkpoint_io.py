@@ -1,0 +1,151 @@
+"""A checkpoint's files read without running code from them, and checked against a checksum manifest.
+
+Trust boundary: nothing read from a checkpoint folder may execute code.
+- per-rank state (loader position, epoch, RNG states) is JSON (`rank_NNNNN.json`), not a pickle;
+- DCP's `.metadata` is a pickle: it is read by `MetadataUnpickler`, which resolves only DCP's own
+  metadata classes (plus torch.Size, dtypes, layouts and paths) and refuses any other name;
+- DCP stores non-tensor values (optimizer hyper-parameters) with torch.save; `SafeLoadPlanner` reads
+  them with torch.load(weights_only=True) instead of DCP's default weights_only=False.
+Integrity: `manifest.json` lists every file with its size and sha256; `verify` checks them on resume and
+on export, so a flipped byte is refused by file name instead of loading silently.
+"""
+
+import hashlib
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+MANIFEST = "manifest.json"
+METADATA = ".metadata"
+_CHUNK = 1 << 22
+
+_DCP_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                 "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is untrusted, unreadable or corrupt; the message names the file."""
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP `.metadata`, resolving only the classes DCP itself writes there."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_METADATA_CLASSES or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise CheckpointError(f"{self.path}: refused to load {module}.{name}; DCP metadata may only name DCP's own "
+                              "metadata classes, so this file was not written by terrafm and is not trusted")
+
+
+def read_metadata(path: str | Path) -> Metadata:
+    """The DCP metadata of checkpoint folder `path`, through the restricted unpickler."""
+    path = Path(path) / METADATA
+    try:
+        with open(path, "rb") as f:
+            metadata = MetadataUnpickler(f, path).load()
+    except CheckpointError:
+        raise
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable DCP metadata file ({type(err).__name__}: {err})") from err
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
+    return metadata
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata goes through `MetadataUnpickler` instead of pickle.load."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        metadata = read_metadata(self.path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that reads DCP's non-tensor values with torch.load(weights_only=True)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def write_hashed(path: Path, data: bytes) -> dict:
+    """Write and fsync `data` to `path`; returns its manifest entry, hashed from the bytes written."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def hash_file(path: Path) -> dict:
+    """Manifest entry of a file on disk: size and sha256."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def read_manifest(folder: Path) -> dict[str, dict]:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f"{folder} has no {MANIFEST} (written by an older terrafm, or not a complete checkpoint)"
+                              "; its files cannot be checked")
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a readable checksum manifest ({err})") from err
+    return files
+
+
+def verify(folder: str | Path, names: list[str] | None = None) -> list[str]:
+    """Problems (one line per bad file) found checking `names` (default: all) against the manifest.
+
+    Every file a load reads (DCP files, rank states, meta.json) must be in the manifest too, so nothing
+    unchecked is read; other files (e.g. NFS's .nfsXXXX) are ignored."""
+    folder = Path(folder)
+    files = read_manifest(folder)
+    problems = [f"{p.name}: not in {MANIFEST}" for p in sorted(folder.iterdir())
+                if p.name not in files and (p.suffix == ".distcp" or p.name.startswith("rank_")
+                                            or p.name in (METADATA, "meta.json"))]
+    for name in sorted(files) if names is None else names:
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        got, want = hash_file(path), files[name]
+        if got["bytes"] != want["bytes"]:
+            problems.append(f"{name}: {got['bytes']} bytes, the manifest says {want['bytes']}")
+        elif got["sha256"] != want["sha256"]:
+            problems.append(f"{name}: sha256 {got['sha256'][:16]}..., the manifest says {want['sha256'][:16]}...")
+    return problems

@@ -1,0 +1,146 @@
+"""Checkpoint trust boundary and integrity: nothing read back runs code, a changed byte is refused by
+file name with the previous checkpoint offered, a full disk says so and keeps `latest`."""
+
+import errno
+import io
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from train_harness import run_harness
+
+from terrafm.cli import main
+from terrafm.models import load_checkpoint
+from terrafm.train import checkpoint, checkpoint_io
+from terrafm.train.checkpoint_io import CheckpointError, SafeLoadPlanner, hash_file
+from terrafm.train.trainer import SetupError, train
+
+RUN = ["train.max_steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=2", "train.deterministic=true"]
+
+
+class RunsCode:
+    """Unpickling this touches a marker file: the stand-in for an attacker's payload."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> Path:
+    """A run with complete checkpoints at steps 1 and 2 (copy it before changing anything)."""
+    out = tmp_path_factory.mktemp("ckpt")
+    run_harness(out, *RUN)
+    return out
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    shutil.copytree(src, tmp_path / "out")
+    return tmp_path / "out"
+
+
+def _rehash(folder: Path, name: str) -> None:
+    """Update the manifest for `name`, as an attacker who rewrites files would."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name] = hash_file(folder / name)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_rank_state_is_json_and_every_file_is_in_the_manifest(two_checkpoints):
+    step2 = two_checkpoints / "run" / "checkpoints" / "step_00000002"
+    state = json.loads((step2 / "rank_00000.json").read_text())
+    assert state["step"] == 2 and set(state["rng"]) >= {"torch", "numpy", "python"}
+    files = json.loads((step2 / "manifest.json").read_text())["files"]
+    assert set(files) == {p.name for p in step2.iterdir()} - {"manifest.json"}
+    assert checkpoint_io.verify(step2) == []
+
+
+def test_a_crafted_dcp_metadata_runs_no_code_on_resume_or_export(two_checkpoints, tmp_path):
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    marker = tmp_path / "pwned"
+    (step2 / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    _rehash(step2, ".metadata")  # the manifest cannot stop someone who writes the folder
+    proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", expect_rc=2)
+    assert "refused to load pathlib.Path.touch" in proc.stderr, proc.stderr
+    assert ".metadata" in proc.stderr and "Traceback" not in proc.stderr
+    assert main(["export", str(step2), str(tmp_path / "x.safetensors")]) == 2
+    assert not marker.exists()
+
+
+def test_dcp_non_tensor_values_are_read_without_running_code(tmp_path):
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save({"lr": RunsCode(marker)}, buf)
+    buf.seek(0)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        SafeLoadPlanner().load_bytes(None, buf)
+    assert not marker.exists()
+
+
+def test_a_flipped_byte_is_refused_by_name_and_the_previous_checkpoint_offered(two_checkpoints, tmp_path, capsys):
+    out = _copy(two_checkpoints, tmp_path)
+    ckpts = out / "run" / "checkpoints"
+    shard = ckpts / "step_00000002" / "__0_0.distcp"
+    with open(shard, "r+b") as f:
+        f.seek(shard.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", expect_rc=2)
+    assert "step_00000002 is corrupt (__0_0.distcp: sha256" in proc.stderr, proc.stderr
+    assert f"the previous checkpoint is {ckpts / 'step_00000001'}: resume from it with --resume-from" in proc.stderr
+    assert main(["export", str(out / "run"), str(tmp_path / "x.safetensors")]) == 2
+    assert "__0_0.distcp: sha256" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: sha256"):
+        load_checkpoint(out / "run")  # the eval path reads trainer checkpoints too
+
+
+def test_missing_or_incompatible_checkpoints_exit_2_with_a_message(two_checkpoints, tmp_path, capsys):
+    assert main(["pretrain", "--out", str(tmp_path / "fresh"), "--resume-from", str(tmp_path / "nowhere")]) == 2
+    assert "is not a checkpoint, a checkpoints/ folder or a run folder" in capsys.readouterr().err
+    out = _copy(two_checkpoints, tmp_path)
+    proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", "ssl.head_hidden_dim=48", expect_rc=2)
+    assert "does not fit this model and optimiser" in proc.stderr and "meta.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["rank_state", "dcp_shard"])
+def test_a_full_disk_says_no_space_left_and_keeps_latest(tmp_path, monkeypatch, where):
+    """ENOSPC at the second checkpoint, in our own rank-state write or inside DCP's writer threads."""
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+    from synthetic import TINY_OVERRIDES, SyntheticLoader
+
+    from terrafm.config import load_config
+
+    module, name = (checkpoint, "write_hashed") if where == "rank_state" else (dcp_filesystem, "_write_item")
+    original = getattr(module, name)
+
+    def disk_fills_at_the_second_checkpoint(*args, **kwargs):
+        if (tmp_path / "run" / "checkpoints" / "step_00000001").exists():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, disk_fills_at_the_second_checkpoint)
+    cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run", *RUN])
+    with pytest.raises(SetupError, match=r"no space left on the device of .* writing checkpoint step_00000002: it "
+                                         r"needs about \d+\.\d+ GB \(\d+\.\d+ GB free now\).*previous checkpoint is "
+                                         r".*step_00000001.*No space left on device"):
+        train(cfg, loader=SyntheticLoader(batch_size=4))
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000001" and not list(ckpts.glob("*.tmp"))
+
+
+def test_the_restricted_unpickler_accepts_what_dcp_writes(two_checkpoints):
+    step1 = two_checkpoints / "run" / "checkpoints" / "step_00000001"
+    metadata = checkpoint_io.read_metadata(step1)
+    assert any(k.startswith("teacher.backbone.") for k in metadata.state_dict_metadata)
+    with pytest.raises(CheckpointError, match="not a readable DCP metadata file"):
+        checkpoint_io.read_metadata(step1 / "nowhere")

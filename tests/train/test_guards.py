@@ -1,0 +1,91 @@
+"""The trainer's guards: non-finite gradient norms, schedule changes on resume, bad output folders and
+bad values refused before anything heavy is built, each with exit code 2 (or 1) and one message."""
+
+import pytest
+from train_harness import metric_records, run_harness
+
+import terrafm.models
+from terrafm.cli import main
+
+RUN = ["train.max_steps=4", "train.checkpoint_every=2", "train.deterministic=true"]
+
+
+def test_an_infinite_gradient_norm_skips_the_step_and_is_counted(tmp_path):
+    proc = run_harness(tmp_path, "--inf-grad-steps", "1", *RUN)
+    assert "step 1: gradient norm is inf with a finite loss; AdamW step skipped (1 in a row, 1 in all)" in proc.stdout
+    records = metric_records(tmp_path / "run")
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1]
+    assert [r["grad_norm"] for r in records][1] == float("inf")
+    run_harness(tmp_path, "--resume", *RUN, "train.max_steps=5")  # the count is part of the checkpoint
+    assert metric_records(tmp_path / "run")[-1]["skipped_steps"] == 1
+
+
+def test_too_many_non_finite_gradient_norms_in_a_row_stop_the_run_naming_the_step(tmp_path):
+    proc = run_harness(tmp_path, "--inf-grad-steps", "2,3", *RUN, "train.max_nonfinite_grad_steps=2", expect_rc=1)
+    assert "gradient norm non-finite for 2 steps in a row, the last at step 3" in proc.stderr
+    assert "the last good checkpoint is" in proc.stderr and "step_00000002" in proc.stderr
+
+
+def test_a_resume_that_changes_max_steps_says_what_happens_to_the_schedules(tmp_path):
+    run_harness(tmp_path, *RUN)
+    proc = run_harness(tmp_path, "--resume", *RUN, "train.max_steps=6")
+    assert ("resume: the schedules were laid out over 4 steps, this run has 6; the lr, weight-decay and "
+            "teacher-momentum cosines are re-stretched over 6 steps from step 4") in proc.stdout
+    assert "Set train.max_steps=4 to keep the original schedules" in proc.stdout
+    same = run_harness(tmp_path / "again", *RUN)
+    assert "schedules were laid out" not in same.stdout
+
+
+@pytest.fixture
+def nothing_is_built(monkeypatch):
+    """Fail the test if a model is built: the checks under test must come first."""
+    def build_model(*args, **kwargs):
+        raise AssertionError("a model was built before the check")
+
+    monkeypatch.setattr(terrafm.models, "build_model", build_model)
+
+
+@pytest.mark.parametrize("where", ["is_a_file", "under_a_file"])
+def test_an_unwritable_output_folder_is_refused_before_anything_is_built(tmp_path, capsys, nothing_is_built, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    out = blocker if where == "is_a_file" else blocker / "run"
+    assert main(["pretrain", "--out", str(out), "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the run folder {out}" in err and "choose a writable folder" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["optim.lr=-1"], "optim.lr must be > 0, got -1.0"),
+    (["--nproc", "0"], "--nproc must be >= 1, got 0"),
+    (["model.name=vit_huge"], "model.name 'vit_huge' is not a model; choose one of terrafm_tiny"),
+    (["model.fusion=false"], "model.fusion=false has no fusion parameters, but data.p_fused=0.5"),
+    (["data.global_size=70"], "data.global_size=70 and data.local_size=32 must be multiples of model.patch_size=16"),
+    (["data.shard_dir=/nonexistent/shards"], "shard directory /nonexistent/shards does not exist; set data.shard_dir"),
+])
+def test_bad_values_and_paths_exit_2_with_one_message(tmp_path, capsys, nothing_is_built, args, message):
+    assert main(["pretrain", "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_batch_larger_than_the_dataset_names_data_batch_size(tmp_path):
+    proc = run_harness(tmp_path, "--batch", "32", *RUN, expect_rc=2)
+    assert "data.batch_size=32 is more than each of the 1 rank(s) gets from the dataset" in proc.stderr
+
+
+@pytest.mark.slow  # builds the default tiny_cpu run, which stops at its first batch (~20 s on 2 cores)
+def test_a_corrupt_shard_met_during_training_exits_2_naming_the_file(tmp_path, capsys):
+    import shutil
+
+    from terrafm.data.sample import ensure_sample_shards
+
+    shards = tmp_path / "shards"
+    shutil.copytree(ensure_sample_shards(), shards)
+    for part in shards.glob("part-*.bin"):
+        data = bytearray(part.read_bytes())
+        data[::4096] = bytes(b ^ 0xFF for b in data[::4096])  # a flipped byte in every tile
+        part.write_bytes(bytes(data))
+    assert main(["pretrain", "--out", str(tmp_path / "run"), f"data.shard_dir={shards}", "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "part-0000" in err and ".bin: record" in err and "re-run `terrafm prepare`" in err
