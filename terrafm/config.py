@@ -117,8 +117,8 @@ class Config:
     ssl: SSLConfig = field(default_factory=SSLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ops: dict[str, str] = field(default_factory=dict)  # op -> backend preference (auto|torch|triton|cpp)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 CHOICES = {
