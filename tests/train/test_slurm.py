@@ -59,6 +59,9 @@ def test_multinode_script_trains_and_checkpoints_through_c10d_rendezvous(tmp_pat
                            "train.checkpoint_every=2", "train.log_every=1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the mesh from the allocation (1 node x 2 "GPUs"), printed by the script and used by the trainer
+    assert "terrafm mesh: 1 node(s) x 2 GPUs = 2 ranks; dp_replicate=1 x dp_shard=2 (FSDP)" in proc.stdout
+    assert "mesh dp_replicate x dp_shard = 1 x 2" in proc.stdout
     run_dir = tmp_path / "run"
     assert steps(run_dir) == [1, 2]
     assert len(list((run_dir / "checkpoints" / "step_00000002").glob("rank_*.pt"))) == 2
