@@ -51,6 +51,7 @@ def one_process_group():
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ~20 s each on a loaded 2-core machine (FSDP2 setup, one tiny step)
 @pytest.mark.parametrize("teacher_reshard_after_forward", [False, True])
 def test_teacher_keeps_its_gathered_weights_until_reshard_model(one_process_group, teacher_reshard_after_forward):
     """parallel.teacher_reshard_after_forward=false: after the step's forward the teacher's blocks hold
