@@ -1,5 +1,5 @@
 """`terrafm bench`: kernels vs eager PyTorch and torch.compile, DINO-loss memory, training step, data paths,
-roofline floors and the compile report; JSON + markdown + PNG into --out.
+roofline floors, the compile report and the FSDP/HSDP communication model; JSON + markdown + PNG into --out.
 
 Sections skip with a printed reason when what they need is absent (a GPU, a branch not merged yet);
 Triton kernels are never timed in the interpreter.
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("kernels", "memory", "step", "data", "roofline", "compile")
+SECTIONS = ("kernels", "memory", "step", "data", "roofline", "compile", "comm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--ops", default=None, help="kernels section: comma-separated ops (default: all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--nvlink-gb-s", type=float, default=900.0,
+                        help="comm section: NVLink bandwidth per GPU within a node, GB/s (default: 900, H100)")
+    parser.add_argument("--ib-gbit-s", type=float, default=400.0,
+                        help="comm section: InfiniBand per NIC, Gbit/s (default: 400, NDR)")
+    parser.add_argument("--nics-per-node", type=int, default=8, help="comm section: NICs per node (default: 8)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="comm section: GPUs per node (default: 8)")
+    parser.add_argument("--mfu", type=float, default=1.0,
+                        help="comm section: achieved fraction of the bf16 peak for the step's compute time "
+                             "(default: 1.0, the roofline floor: efficiencies are then lower bounds)")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                         help="print a markdown diff of two bench.json files and exit")
 
@@ -98,6 +107,14 @@ def run(args: argparse.Namespace) -> int:
             sections["compile"] = out
             if "skipped" in out:
                 _log(f"  skipped: {out['skipped']}")
+        elif name == "comm":
+            from . import comm
+
+            try:
+                sections["comm"] = comm.run(args, _log)
+            except ValueError as err:
+                print(f"terrafm bench: {err}", file=sys.stderr)
+                return 2
         _log(f"  ({time.perf_counter() - t0:.1f} s)")
     result["seconds"] = time.perf_counter() - start
     paths = report.write(result, Path(args.out))

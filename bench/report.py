@@ -75,6 +75,18 @@ def markdown(result: dict) -> str:
                 for r in sections["roofline"]]
         lines += _table(["op", "shape", "GFLOP", "MB", "FLOP/B", "H100 floor", "A100 floor", "measured fraction"],
                         rows)
+    if "comm" in sections:
+        c = sections["comm"]
+        lines += [f"## Communication per GPU per step: FSDP vs HSDP ({c['gpu']}, NVLink {c['nvlink_gb_s']:g} GB/s, "
+                  f"{c['nics_per_node']}x{c['ib_gbit_s']:g} Gb/s InfiniBand per node of {c['gpus_per_node']}, "
+                  f"compute at {c['mfu']:g} x bf16 peak)", ""]
+        rows = [[r["model"], r["gpus"], r["strategy"], r["mesh"], f"{r['all_gather_bytes'] / 1e9:.2f}",
+                 f"{r['reduce_scatter_bytes'] / 1e9:.2f}", f"{r['all_reduce_bytes'] / 1e9:.2f}",
+                 f"{r['comm_s'] * 1e3:.1f}", f"{r['compute_s'] * 1e3:.1f}", f"{r['efficiency_overlapped']:.0%}",
+                 f"{r['efficiency_serial']:.0%}"] for r in c["rows"]]
+        lines += _table(["model", "GPUs", "strategy", "mesh (replicate x shard)", "all-gather GB",
+                         "reduce-scatter GB", "all-reduce GB", "comm ms", "compute ms", "efficiency (overlapped)",
+                         "efficiency (serial)"], rows)
     if "compile" in sections:
         c = sections["compile"]
         lines += ["## Compile report (AOT, sm_80 / sm_90)", ""]

@@ -94,6 +94,24 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """The 2-D data-parallel mesh (dp_replicate x dp_shard = world size) and FSDP2 overlap (docs/training.md).
+
+    dp_shard > 1 shards parameters, gradients and optimiser state over that many ranks (FSDP); dp_replicate > 1
+    keeps that many copies of the shards, whose gradients are all-reduced (HSDP when both are > 1). The default
+    shards within a node (NVLink) and replicates across nodes (InfiniBand carries one all-reduce of a shard).
+    """
+
+    dp_replicate: int = 0  # copies of the sharded model; -1 = the rest; 0 = one per node (the rest if dp_shard set)
+    dp_shard: int = -1  # ranks one copy is sharded over; -1 = the rest (the ranks of a node by default)
+    forward_prefetch: int = 1  # blocks whose all-gather a block issues ahead in forward; 0 = FSDP2's implicit
+    backward_prefetch: int = 1  # the same in backward (the preceding blocks); 0 = FSDP2's implicit
+    # False: the teacher (no backward) keeps its gathered weights from its first forward of a step until the
+    # EMA update (one all-gather per step, whatever grad_accum_steps); True saves its full weights' memory
+    teacher_reshard_after_forward: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -101,6 +119,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ops: dict[str, str] = field(default_factory=dict)  # op -> backend or "auto" (terrafm.ops; docs/ops.md)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 CHOICES = {
@@ -255,7 +274,7 @@ def validate(cfg: Config, nproc: int = 1) -> None:
     """Every value check that a single key's type cannot express, run before anything is built."""
     from terrafm.models import MODELS
 
-    t, o, s, m = cfg.train, cfg.optim, cfg.ssl, cfg.model
+    t, o, s, m, p = cfg.train, cfg.optim, cfg.ssl, cfg.model, cfg.parallel
     checks = [
         (nproc >= 1, f"--nproc must be >= 1, got {nproc}"),
         (m.name in MODELS, f"model.name {m.name!r} is not a model; choose one of {', '.join(MODELS)}"),
@@ -292,6 +311,11 @@ def validate(cfg: Config, nproc: int = 1) -> None:
          "train.profile_steps must be [first, last) with 0 <= first < last"),
         (len(o.betas) == 2, "optim.betas must have two values"),
         (cfg.ssl.num_prototypes >= 1, "ssl.num_prototypes must be >= 1"),
+        (p.dp_replicate >= -1 and (p.dp_shard >= 1 or p.dp_shard == -1),
+         "parallel.dp_replicate must be -1, 0 or a count, parallel.dp_shard -1 or a count"),
+        (not p.dp_replicate == p.dp_shard == -1, "parallel.dp_replicate and parallel.dp_shard cannot both be -1 "
+         "(the rest); give one of them"),
+        (p.forward_prefetch >= 0 and p.backward_prefetch >= 0, "parallel.*_prefetch must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -2,18 +2,44 @@
 
 Order per model (student and teacher alike): activation checkpointing per block -> torch.compile per
 block -> FSDP2 `fully_shard` per block, then the head, then the root. Student and teacher are sharded
-identically, so their local shards line up for the EMA update (SSLMetaArch.update_teacher).
+identically on one 2-D mesh ("dp_replicate", "dp_shard"), so their local shards line up for the EMA
+update (SSLMetaArch.update_teacher). dp_replicate > 1 makes it HSDP: parameters are all-gathered and
+gradients reduce-scattered within a dp_shard group, then all-reduced across the replicas.
 """
 
 import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+MESH_DIMS = ("dp_replicate", "dp_shard")
+
+
+def mesh_shape(dp_replicate: int, dp_shard: int, world_size: int, ranks_per_node: int) -> tuple[int, int]:
+    """(dp_replicate, dp_shard) from the config keys (-1 = the rest; dp_replicate 0 = one per node).
+
+    The default (0, -1) shards within a node and replicates across nodes: the all-gathers and
+    reduce-scatters stay on NVLink and only the all-reduce of one shard crosses the network.
+    """
+    if dp_replicate == 0:
+        if dp_shard == -1 and world_size % ranks_per_node:
+            raise ValueError(f"{world_size} ranks are not whole nodes of {ranks_per_node}; set parallel.dp_replicate "
+                             "and parallel.dp_shard")
+        dp_replicate = world_size // ranks_per_node if dp_shard == -1 else -1
+    rest = dp_replicate if dp_shard == -1 else dp_shard
+    if dp_replicate == -1 or dp_shard == -1:
+        if world_size % rest:
+            raise ValueError(f"parallel.{'dp_replicate' if dp_shard == -1 else 'dp_shard'}={rest} does not divide "
+                             f"the {world_size} ranks")
+        dp_replicate, dp_shard = (rest, world_size // rest) if dp_shard == -1 else (world_size // rest, rest)
+    if dp_replicate * dp_shard != world_size:
+        raise ValueError(f"parallel.dp_replicate x parallel.dp_shard = {dp_replicate} x {dp_shard} = "
+                         f"{dp_replicate * dp_shard}, but there are {world_size} ranks; use -1 for the rest")
+    return dp_replicate, dp_shard
 
 
 def apply_activation_checkpointing(model: DINOModel) -> None:
@@ -44,19 +70,29 @@ def apply_compile(model: DINOModel) -> None:
 
 
 def apply_fsdp(model: DINOModel, mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
-               backward: bool) -> None:
+               backward: bool, forward_prefetch: int = 1, backward_prefetch: int = 1,
+               reshard_after_forward: bool = True) -> None:
     """fully_shard per block, then the head, then the root (patch embedding, tokens, final norm).
 
-    backward=False (the teacher) reshards every unit, the root included, right after its forward:
-    there is no backward to reuse the gathered weights, and the EMA update needs the shards.
+    mesh: 1-D (FSDP) or 2-D ("dp_replicate", "dp_shard": HSDP). backward=True (the student) keeps its last
+    block gathered after forward, since backward starts there. backward=False (the teacher) follows
+    `reshard_after_forward` for every unit: False keeps the weights gathered across the step's forwards
+    until `reshard_model` is called before the EMA update (which works on the shards). Each block issues the
+    all-gathers of the next `forward_prefetch` blocks in forward and, in backward, of the preceding
+    `backward_prefetch` blocks (0: FSDP2's implicit one-ahead prefetch).
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = model.backbone.blocks
     for i, block in enumerate(blocks):
-        # The student's last block is all-gathered again at the start of backward: keep it gathered.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=not backward or i < len(blocks) - 1)
-    fully_shard(model.head, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not backward)
+        keep = i == len(blocks) - 1 if backward else not reshard_after_forward
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=not keep)
+    fully_shard(model.head, mesh=mesh, mp_policy=mp, reshard_after_forward=backward or reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not backward and reshard_after_forward)
+    for i, block in enumerate(blocks):
+        if forward_prefetch:
+            block.set_modules_to_forward_prefetch(list(blocks[i + 1:i + 1 + forward_prefetch]))
+        if backward and backward_prefetch:
+            block.set_modules_to_backward_prefetch(list(blocks[max(0, i - backward_prefetch):i])[::-1])
     if backward:
         # Views of one step may use different sensors on different ranks: parameters of an unused
         # modality then have no gradient on one rank only; reduce zeros for them so collectives match.
@@ -72,10 +108,14 @@ def parallelize(
     reduce_precision: str = "fp32",
     activation_checkpointing: bool = False,
     compile: bool = False,
+    forward_prefetch: int = 1,
+    backward_prefetch: int = 1,
+    teacher_reshard_after_forward: bool = True,
 ) -> SSLMetaArch:
     """Apply the configured parallelism to student and teacher in place and return `arch`.
 
     Activation checkpointing is applied to the student only (the teacher runs without autograd).
+    teacher_reshard_after_forward=False: call `reshard_model(arch.teacher)` before the EMA update.
     """
     if precision not in DTYPES or reduce_precision not in DTYPES:
         raise ValueError(f"precision and reduce_precision must be one of {sorted(DTYPES)}, "
@@ -90,9 +130,19 @@ def parallelize(
         apply_compile(arch.student)
         apply_compile(arch.teacher)
     if fsdp:
-        apply_fsdp(arch.student, mesh, DTYPES[precision], DTYPES[reduce_precision], backward=True)
-        apply_fsdp(arch.teacher, mesh, DTYPES[precision], DTYPES[reduce_precision], backward=False)
+        dtypes = DTYPES[precision], DTYPES[reduce_precision]
+        apply_fsdp(arch.student, mesh, *dtypes, backward=True, forward_prefetch=forward_prefetch,
+                   backward_prefetch=backward_prefetch)
+        apply_fsdp(arch.teacher, mesh, *dtypes, backward=False, forward_prefetch=forward_prefetch,
+                   reshard_after_forward=teacher_reshard_after_forward)
     return arch
+
+
+def reshard_model(model: nn.Module) -> None:
+    """Free the gathered weights of every FSDP unit of `model` (a no-op for units already sharded)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def unwrap_block(block: nn.Module) -> nn.Module:

@@ -36,7 +36,7 @@ from terrafm.ssl.loss import DINOLoss, high_frequency_classes
 from terrafm.ssl.meta_arch import SSLMetaArch
 from terrafm.train import checkpoint
 from terrafm.train.metrics import MetricsLogger, backbone_flops, head_flops, peak_flops, plot_curves
-from terrafm.train.parallelize import parallelize
+from terrafm.train.parallelize import MESH_DIMS, mesh_shape, parallelize, reshard_model
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted after a checkpoint; requeue and resume
 
@@ -75,7 +75,8 @@ class DistEnv:
 
 
 def init_distributed(cfg: Config) -> DistEnv:
-    """Process group with the configured collective timeout; one process gets a world of 1.
+    """Process group with the configured collective timeout, and the 2-D data-parallel mesh
+    (dp_replicate x dp_shard, see terrafm.train.parallelize.mesh_shape); one process gets a world of 1.
 
     Under torchrun (RANK/WORLD_SIZE set) it joins the job's group: NCCL for CUDA tensors and gloo for
     CPU ones. A single process uses a HashStore, so FSDP2 and DCP run the same code path everywhere.
@@ -100,9 +101,16 @@ def init_distributed(cfg: Config) -> DistEnv:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    mesh = init_device_mesh(device.type, (world,)) if cfg.train.fsdp else None
     if not cfg.train.fsdp and world > 1:
         raise TrainingError("train.fsdp=false supports a single process only; set train.fsdp=true for torchrun")
+    mesh = None
+    if cfg.train.fsdp:  # always 2-D, so one code path (HSDP with 1 replica is FSDP)
+        try:
+            shape = mesh_shape(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, world,
+                               int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        except ValueError as err:
+            raise TrainingError(str(err)) from err
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
     return DistEnv(rank, world, device, mesh, owns)
 
 
@@ -263,8 +271,11 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                        bottleneck_dim=s.head_bottleneck_dim, num_layers=s.head_layers)
     arch = SSLMetaArch.build(backbone, head_kwargs, loss, cfg.model.drop_path_rate, s.fused_head_loss).to(env.device)
     arch.teacher.eval()
+    par = cfg.parallel
     parallelize(arch, env.mesh, fsdp=t.fsdp, precision=t.precision, reduce_precision=t.reduce_precision,
-                activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+                activation_checkpointing=t.activation_checkpointing, compile=t.compile,
+                forward_prefetch=par.forward_prefetch, backward_prefetch=par.backward_prefetch,
+                teacher_reshard_after_forward=par.teacher_reshard_after_forward)
     optimizer = build_optimizer(arch.student, cfg, env.device)
     student_params = [p for p in arch.student.parameters() if p.requires_grad]
     torch.manual_seed(t.seed + env.rank)  # drop path differs per rank from here on
@@ -325,10 +336,13 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "preempted").unlink(missing_ok=True)
-    meta = {"model": to_dict(cfg)["model"], "config": to_dict(cfg), "total_steps": total_steps}
+    mesh_text = ("no mesh (train.fsdp=false)" if env.mesh is None else
+                 "mesh dp_replicate x dp_shard = {} x {}".format(*env.mesh.shape))
+    meta = {"model": to_dict(cfg)["model"], "config": to_dict(cfg), "total_steps": total_steps,
+            "mesh": None if env.mesh is None else dict(zip(MESH_DIMS, env.mesh.shape, strict=True))}
     logger = MetricsLogger(run_dir, env.rank, total_steps, step)
     logger.write(f"run {run_dir}: {total_steps} steps ({steps_per_epoch}/epoch), global batch {global_batch}, "
-                 f"peak lr {peak_lr:.2e}, {env.world_size} rank(s) on {env.device.type}"
+                 f"peak lr {peak_lr:.2e}, {env.world_size} rank(s) on {env.device.type}, {mesh_text}"
                  + (f", resumed from {resume_from} at step {step}" if resume_from else ""))
     if resume_from is not None and saved_steps not in (None, total_steps):
         old_lr = schedules.learning_rate(step, saved_steps, peak_lr, warmup_steps, o.min_lr)
@@ -436,6 +450,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                         "optim.clip_grad > 0 or train.precision=fp32.")
             optimizer.zero_grad(set_to_none=True)
             arch.loss.update_center()
+            if t.fsdp:
+                reshard_model(arch.teacher)  # the EMA works on shards (parallel.teacher_reshard_after_forward=false)
             arch.update_teacher(momentum)
             step += 1
             logger.advance()

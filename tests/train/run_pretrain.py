@@ -1,7 +1,8 @@
 """Test harness: run the trainer on the synthetic loader in its own process (plain or under torchrun).
 
-    python tests/train/run_pretrain.py OUT_DIR [--resume] [--batch B] [--kill-at-batch N]
-                                       [--hang-in-save N] [--inf-grad-steps S,...] [overrides ...]
+    python tests/train/run_pretrain.py OUT_DIR [--resume | --resume-from CHECKPOINT] [--batch B]
+                                       [--kill-at-batch N] [--hang-in-save N] [--inf-grad-steps S,...]
+                                       [overrides ...]
 --kill-at-batch N: SIGKILL this process when the loader is asked for its N-th batch (1-based).
 --hang-in-save N: on the N-th checkpoint save, let DCP finish writing, touch OUT_DIR/hanging, then
 sleep: the test SIGKILLs it while the checkpoint is still a `.tmp` folder.
@@ -43,6 +44,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--resume-from", default=None, help="a checkpoint folder (of another run)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--kill-at-batch", type=int, default=0)
     parser.add_argument("--hang-in-save", type=int, default=0)
@@ -77,7 +79,7 @@ def main() -> int:
 
         trainer.clip_gradients = clip_with_inf
     try:
-        result = train(cfg, resume=args.resume, loader=loader)
+        result = train(cfg, resume=args.resume_from or args.resume, loader=loader)
     except (SetupError, ConfigError) as err:
         print(f"setup error: {err}", file=sys.stderr)
         return 2

@@ -54,11 +54,24 @@ class SyntheticLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.position = epoch, 0
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+    @property
+    def step(self) -> int:
+        return self.position
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "batch_size": self.batch_size,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict, reshard: bool = False) -> int:
+        """reshard=True: continue a state written on another world size (rounded down to a whole step of
+        this world's global batch); returns how many samples are drawn again."""
         self.epoch, self.position = state["epoch"], state["position"]
+        if not reshard:
+            return 0
+        consumed = state["position"] * state["batch_size"] * state["world_size"]
+        per_step = self.batch_size * self.world_size
+        self.position = consumed // per_step
+        return consumed - self.position * per_step
 
     def _crop(self, g: torch.Generator, idx: torch.Tensor, modalities: tuple[str, ...], size: int) -> View:
         y, x = (int(v) for v in torch.randint(0, self.tile - size + 1, (2,), generator=g))

@@ -24,6 +24,15 @@ SRUN = """#!/bin/bash
 while [[ "${1:-}" == -* ]]; do shift; done
 exec "$@"
 """
+SRUN_NODES = """#!/bin/bash
+# srun stand-in for an allocation of SLURM_JOB_NUM_NODES nodes on this one machine: one task per "node".
+while [[ "${1:-}" == -* ]]; do shift; done
+pids=()
+for _ in $(seq "$SLURM_JOB_NUM_NODES"); do "$@" & pids+=($!); done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+exit $rc
+"""
 SCONTROL = """#!/bin/bash
 # scontrol stand-in: `show hostnames` gives this machine; `requeue` is recorded for the test.
 case "$1" in
@@ -59,10 +68,27 @@ def test_multinode_script_trains_and_checkpoints_through_c10d_rendezvous(tmp_pat
                            "train.checkpoint_every=2", "train.log_every=1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the mesh from the allocation (1 node x 2 "GPUs"), printed by the script and used by the trainer
+    assert "terrafm mesh: 1 node(s) x 2 GPUs = 2 ranks; dp_replicate=1 x dp_shard=2 (FSDP)" in proc.stdout
+    assert "mesh dp_replicate x dp_shard = 1 x 2" in proc.stdout
     run_dir = tmp_path / "run"
     assert steps(run_dir) == [1, 2]
     assert len(list((run_dir / "checkpoints" / "step_00000002").glob("rank_*.json"))) == 2
     assert not (tmp_path / "scontrol.log").exists()  # a finished job is not requeued
+
+
+def test_multinode_script_on_two_nodes_trains_on_the_hsdp_mesh_it_derives(tmp_path):
+    """2 "nodes" x 1 "GPU": two torchrun agents meet through c10d; the script derives replicate across the
+    nodes, shard within one (2 x 1), and the trainer runs on that mesh."""
+    env = dict(slurm_env(tmp_path), SLURM_JOB_NUM_NODES="2", GPUS_PER_NODE="1")
+    (tmp_path / "bin" / "srun").write_text(SRUN_NODES)
+    proc = subprocess.run(["bash", str(SLURM / "pretrain_multinode.sbatch"), "train.max_steps=2",
+                           "train.checkpoint_every=2", "train.log_every=1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terrafm mesh: 2 node(s) x 1 GPUs = 2 ranks; dp_replicate=2 x dp_shard=1 (HSDP)" in proc.stdout
+    assert "mesh dp_replicate x dp_shard = 2 x 1" in proc.stdout
+    assert steps(tmp_path / "run") == [1, 2]
 
 
 def test_1node_script_requeues_on_sigusr1_and_the_requeued_job_resumes(tmp_path):

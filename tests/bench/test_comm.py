@@ -1,0 +1,64 @@
+"""The communication model of `terrafm bench --only comm`: its arithmetic, and the CLI writing the table."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from terrafm_bench import comm
+
+COUNTS = {"blocks": 1000, "head": 100, "root": 10, "dim": 64, "depth": 2, "patch": 16}
+
+
+def test_bytes_per_gpu_follow_the_ring_formulas():
+    """8 GPUs on one node: FSDP = HSDP (one replica, no all-reduce); 16 GPUs on 2 nodes, HSDP 2 x 8:
+    all-gather and reduce-scatter within the node, all-reduce of 1/8 of the gradients across nodes."""
+    ag = 2 * 2 * 1000 + 2 * 100 + 10 + 1110  # student: 2 passes fwd + bwd, head twice, root once; teacher once
+    rs = 2 * 1000 + 100 + 10
+    one_node = comm.comm(COUNTS, 8, 8, hsdp=True, nvlink_gb_s=100.0, ib_gb_s_per_gpu=10.0)
+    assert one_node == comm.comm(COUNTS, 8, 8, hsdp=False, nvlink_gb_s=100.0, ib_gb_s_per_gpu=10.0)
+    assert one_node["mesh"] == "1 x 8" and one_node["all_reduce_bytes"] == 0
+    assert one_node["all_gather_bytes"] == pytest.approx(ag * 2 * 7 / 8)
+    assert one_node["reduce_scatter_bytes"] == pytest.approx(rs * 4 * 7 / 8)
+    assert one_node["comm_s"] == pytest.approx((ag * 2 + rs * 4) * 7 / 8 / 100e9)
+
+    hsdp = comm.comm(COUNTS, 16, 8, hsdp=True, nvlink_gb_s=100.0, ib_gb_s_per_gpu=10.0)
+    assert hsdp["mesh"] == "2 x 8"
+    assert hsdp["all_reduce_bytes"] == pytest.approx(2 * rs * 4 / 8 * 1 / 2)
+    assert hsdp["comm_s"] == pytest.approx((ag * 2 + rs * 4) * 7 / 8 / 100e9 + hsdp["all_reduce_bytes"] / 10e9)
+    fsdp = comm.comm(COUNTS, 16, 8, hsdp=False, nvlink_gb_s=100.0, ib_gb_s_per_gpu=10.0)
+    assert fsdp["mesh"] == "1 x 16" and fsdp["all_reduce_bytes"] == 0
+    assert fsdp["comm_s"] == pytest.approx((ag * 2 + rs * 4) * 15 / 16 / 10e9)  # every byte at the network share
+
+
+def test_table_hsdp_scales_past_one_node_and_link_speeds_matter():
+    rows = {(r["model"], r["gpus"], r["strategy"]): r for r in comm.table()}
+    assert {k[0] for k in rows} == {"ViT-B", "ViT-L"} and {k[1] for k in rows} == {8, 64, 512}
+    for model in ("ViT-B", "ViT-L"):
+        assert rows[model, 8, "FSDP"]["comm_s"] == rows[model, 8, "HSDP"]["comm_s"]
+        for gpus in (64, 512):
+            assert rows[model, gpus, "HSDP"]["comm_s"] < rows[model, gpus, "FSDP"]["comm_s"] / 3
+            assert rows[model, gpus, "HSDP"]["mesh"] == f"{gpus // 8} x 8"
+        r = rows[model, 64, "FSDP"]
+        assert 0 < r["efficiency_serial"] <= r["efficiency_overlapped"] <= 1
+    # one TerraFM-B model: 85M in blocks, ~28M in the per-sensor patch embeddings, ~23M in the DINO head
+    assert 120 < rows["ViT-B", 8, "FSDP"]["params_m"] < 150
+    slow = {(r["model"], r["gpus"], r["strategy"]): r for r in comm.table(ib_gbit_s=200.0)}
+    assert slow["ViT-B", 64, "FSDP"]["comm_s"] == pytest.approx(2 * rows["ViT-B", 64, "FSDP"]["comm_s"])
+    with pytest.raises(ValueError, match="mfu"):
+        comm.table(mfu=0.0)
+
+
+def test_cli_writes_the_comm_table(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "terrafm.cli", "bench", "--only", "comm", "--out", str(tmp_path),
+                           "--ib-gbit-s", "200"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "bench.md").read_text()
+    assert "## Communication per GPU per step: FSDP vs HSDP" in md and "2x200 Gb/s" not in md
+    assert "8x200 Gb/s InfiniBand" in md and md.count("| ViT-L |") == 6
+    rows = json.loads((tmp_path / "bench.json").read_text())["sections"]["comm"]["rows"]
+    assert len(rows) == 12
+    bad = subprocess.run([sys.executable, "-m", "terrafm.cli", "bench", "--only", "comm", "--out", str(tmp_path),
+                          "--mfu", "2"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "mfu" in bad.stderr and "Traceback" not in bad.stderr
