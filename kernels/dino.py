@@ -14,14 +14,13 @@ available or TRITON_INTERPRET=1 is set, else the pure-PyTorch reference (kernels
 compute the same numbers.
 """
 
-import os
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import reference
+from . import _common, reference
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -31,7 +30,7 @@ def _backend_ops(backend: str) -> tuple[str, SimpleNamespace]:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+        backend = "triton" if torch.cuda.is_available() or _common.INTERPRET else "torch"
     from .dino_head_loss import dino_head_loss, dino_head_loss_reference
 
     if backend == "torch":
