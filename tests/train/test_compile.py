@@ -53,6 +53,7 @@ def test_student_forward_and_loss_have_no_graph_breaks_with_every_op_on_triton(f
     assert expected <= ops_in_graph, ops_in_graph
 
 
+@pytest.mark.slow
 def test_compiled_custom_ops_match_eager_with_gradients():
     """inductor (fullgraph) around the Triton custom ops: same loss and gradients as eager."""
     batch = next(iter(SyntheticLoader(num_samples=4, batch_size=2, num_local=2)))
