@@ -32,10 +32,10 @@ FUSION_QUERIES, FUSION_HEADS, S2_BANDS = 5, 16, 12  # the model's defaults (Fusi
 INTERPRETER_BF16 = "the Triton interpreter computes bf16 tl.dot wrongly: bf16 is checked on a GPU only"
 
 
-def _loss_oracle():
-    """tests/kernels/loss_oracle.py (plain functions, no pytest), loaded from the checkout by path."""
-    path = ROOT / "tests" / "kernels" / "loss_oracle.py"
-    spec = importlib.util.spec_from_file_location("terrafm_loss_oracle", path)
+def _test_oracle(name: str):
+    """tests/kernels/NAME.py (plain float64 functions, no pytest), loaded from the checkout by path."""
+    path = ROOT / "tests" / "kernels" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"terrafm_{name}", path)
     if spec is None or not path.exists():
         raise FileNotFoundError(f"{path} is missing: run gpu_check from a terrafm checkout")
     module = importlib.util.module_from_spec(spec)
@@ -43,7 +43,8 @@ def _loss_oracle():
     return module
 
 
-ORACLE = _loss_oracle()
+ORACLE = _test_oracle("loss_oracle")
+DINOV2 = _test_oracle("dinov2_oracle")  # the DINOv2 drop-ins' semantics (terrafm_kernels.dino)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,17 @@ def _head_inputs(s: dict, g: torch.Generator) -> dict:
             "high_weight": (torch.rand(T * B, generator=g) > 0.5).float()}
 
 
+def _student_rows_inputs(s: dict, g: torch.Generator) -> dict:
+    T, R, K = s["T"], s["R"], s["K"]
+    return {"student_logits": _randn(g, R, K, scale=3.0),
+            "targets": torch.softmax(_randn(g, T, R, K, scale=3.0), dim=-1), "row_weight": torch.rand(R, generator=g)}
+
+
+def _weighted_soft_ce_f64(student_logits, targets, row_weight, student_temperature):
+    log_p = torch.log_softmax(student_logits.double() / student_temperature, dim=-1)
+    return (row_weight.double() * -(targets.double().sum(dim=0) * log_p).sum(dim=-1)).sum()
+
+
 def _cost(module: str, **kwargs) -> Callable[[dict, int], dict]:
     def cost(s: dict, e: int) -> dict:
         fn = importlib.import_module(f"terrafm_kernels.{module}").roofline_cost
@@ -148,6 +160,20 @@ CASES = {
         ("student_features", "teacher_features", "weight_v"), ("student_features", "weight_v"),
         lambda s: (0.04, 0.1, 0.8), dino_head_loss_reference, ORACLE.dino_head_loss_f64,
         _cost("dino_head_loss", backward=True), True),
+    "centered_softmax": Case(
+        "centered_softmax", "dino_teacher:centered_softmax", ("probs",),
+        lambda s, g: {k: v for k, v in _teacher_inputs(s, g).items() if k in ("teacher_logits", "center")},
+        ("teacher_logits",), (), lambda s: (0.04,), reference.centered_softmax, DINOV2.centered_softmax,
+        _cost("dino_teacher"), False),
+    "sinkhorn_knopp": Case(
+        "sinkhorn_knopp", "dino_teacher:sinkhorn_knopp", ("probs",),
+        lambda s, g: {"teacher_logits": _randn(g, s["R"], s["K"], scale=3.0)}, ("teacher_logits",), (),
+        lambda s: (0.04, 3), reference.sinkhorn_knopp, DINOV2.sinkhorn_log_f64, _cost("dino_teacher", n_iterations=3),
+        False),
+    "weighted_soft_cross_entropy": Case(
+        "weighted_soft_cross_entropy", "dino_student_ce:weighted_soft_cross_entropy", ("loss",),
+        _student_rows_inputs, ("student_logits",), ("student_logits",), lambda s: (0.1,),
+        reference.weighted_soft_cross_entropy, _weighted_soft_ce_f64, _cost("dino_student_ce", backward=True), False),
 }
 
 
@@ -175,6 +201,9 @@ def preset_shapes(profile: Profile) -> list[tuple[str, str, dict]]:
                 (preset, "teacher_softmax", {"R": T * B, "K": K}),
                 (preset, "dino_cross_entropy", {"S": S, "T": T, "B": B, "K": K}),
                 (preset, "dino_head_loss", {"S": S, "T": T, "B": B, "K": K, "D": x["Dh"]}),
+                (preset, "centered_softmax", {"R": T * B, "K": K}),
+                (preset, "sinkhorn_knopp", {"R": T * B, "K": K}),
+                (preset, "weighted_soft_cross_entropy", {"T": T, "R": B, "K": K}),
                 (preset, "attention", {"B": B, "H": x["heads"], "N": grid**2 + 1, "d": x["D"] // x["heads"]})]
     return out
 
