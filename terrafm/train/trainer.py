@@ -29,7 +29,7 @@ from terrafm import backends
 from terrafm.config import Config, save_config, to_dict
 from terrafm.ssl import schedules
 from terrafm.ssl.loss import DINOLoss, high_frequency_classes
-from terrafm.ssl.meta_arch import SSLMetaArch
+from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch
 from terrafm.ssl.monitors import collapse_state, teacher_monitors
 from terrafm.train import checkpoint
 from terrafm.train.metrics import MetricsLogger, backbone_flops, head_flops, peak_flops, plot_curves
@@ -403,7 +403,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
         logger.close()
     probe = None
     if probe_sample:
-        probe = _probe(cfg, arch, loader, backbone, head_kwargs, teacher_temp, env.rank, run_dir)
+        last_temp = schedules.teacher_temperature(max(step - 1, 0), temp_warmup_steps, s.warmup_teacher_temperature,
+                                                  s.teacher_temperature)
+        probe = _probe(cfg, arch, loader, backbone, head_kwargs, last_temp, env.rank, run_dir)
     if env.rank == 0:
         png = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         print(f"done: {step} steps. checkpoint {latest}\n  metrics {run_dir / 'metrics.jsonl'}\n"
@@ -425,8 +427,7 @@ def _probe(cfg: Config, arch: SSLMetaArch, loader: Any, backbone_factory: Any, h
              for k, v in arch.teacher.state_dict().items()}
     if rank != 0:
         return None
-    teacher = type(arch.teacher)(backbone_factory(drop_path_rate=0.0), DINOHead(arch.teacher.backbone.embed_dim,
-                                                                               **head_kwargs))
+    teacher = DINOModel(backbone_factory(drop_path_rate=0.0), DINOHead(arch.teacher.backbone.embed_dim, **head_kwargs))
     teacher.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state.items()})
     torch.manual_seed(cfg.train.seed)
     random_backbone = backbone_factory(drop_path_rate=0.0)

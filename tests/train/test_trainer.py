@@ -71,6 +71,7 @@ def test_default_pretrain_on_the_sample_tiles_then_export_round_trip(tmp_path, c
     assert main(["pretrain", "--out", str(run_dir), "train.max_steps=2", "train.log_every=1"]) == 0
     assert (run_dir / "checkpoints" / "step_00000002" / ".metadata").exists()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "probe on held-out generated tiles" in capsys.readouterr().out and (run_dir / "probe.json").exists()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")) and (run_dir / "curves.png").exists()
     # a second fresh run into the same folder is refused; --resume continues (here: already complete)
     assert main(["pretrain", "--out", str(run_dir), "train.max_steps=2"]) == 1
