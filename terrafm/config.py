@@ -91,6 +91,9 @@ class TrainConfig:
     collective_timeout_s: int = 1800
     max_nonfinite_grad_steps: int = 5  # a non-finite gradient norm skips the step; this many in a row stop the run
     peak_tflops: float = 0.0  # per device for MFU; 0 = look up the GPU (H100/A100), none on CPU
+    collapse_gap: float = 0.1  # nats: warn when the teacher's entropy gap stays below it (docs/training.md)
+    stop_on_collapse: bool = False  # stop the run (exit 1) instead of only warning
+    probe: bool = True  # on the bundled sample: end with kNN on held-out generated tiles vs random init
 
 
 @dataclass

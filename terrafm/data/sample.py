@@ -5,6 +5,13 @@ random fields with a long-tailed class prior; S2 L2A/L1C reflectance and S1 back
 from per-class signatures (typical Sentinel-2 surface reflectance x 10000, S1 sigma0 in linear power
 with 4-look speckle), so all modalities are co-registered and correlated with the land cover.
 
+Generator v2 adds what self-supervised learning needs to find and per-band statistics cannot see:
+every cell carries a surface texture of one of two grain sizes (`texture_class`: fine, about 2 px, or
+coarse, about 10 px), a lognormal field of mean 1 that modulates the 10 m bands and S1 alike. Its
+amplitude is the same for both grains, so per-band mean and std of a tile do not reveal the grain;
+a model that looks at spatial structure does. Cells also vary in land-cover patch
+size. The default set has 64 cells (256 locations), enough distinct places for DINO to learn from.
+
 Layout written (one parquet file per collection, one row per grid cell and product, every band a
 GeoTIFF in its own column at its native resolution, as in Major-TOM Core):
     Core-S2L2A/part_00000.parquet   product_id grid_cell timestamp centre_lat centre_lon crs B01..B12 B8A cloud_mask
@@ -59,8 +66,12 @@ S1_SIGNATURE_DB = np.array([
     [-12, -20], [-20, -27], [-8, -15], [-6, -12], [-12, -19],
 ], dtype=np.float64)
 
-DEFAULT_CELLS = 6
-DEFAULT_TILE_SIZE = 120  # px of one location; each sample grid cell is 2 x 2 tiles (Major-TOM: 1068 = 2 x 534)
+DEFAULT_CELLS = 64
+DEFAULT_TILE_SIZE = 60  # px of one location; each sample grid cell is 2 x 2 tiles (Major-TOM: 1068 = 2 x 534)
+GENERATOR_VERSION = 2  # part of the cache folder name: a changed generator never reuses old tiles
+TEXTURE_GRAIN_PX = (2, 10)  # texture_class 0 (fine) and 1 (coarse): correlation length of the texture
+TEXTURE_AMPLITUDE = 0.4  # log-std of the 10 m bands' reflectance modulation (S1: the same, in dB / 10)
+S2_10M = np.array([S2_RESOLUTION[b] == 10 for b in S2_L2A_COLUMNS])
 
 
 def _smooth_fields(gen: torch.Generator, n: int, size: int, coarse: int) -> np.ndarray:
@@ -70,10 +81,28 @@ def _smooth_fields(gen: torch.Generator, n: int, size: int, coarse: int) -> np.n
 
 
 def _land_cover(gen: torch.Generator, rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size) WorldCover class indices with patches; each cell has its own biome-like prior."""
+    """(size, size) WorldCover class indices with patches; each cell has its own biome-like prior and patch size."""
     prior = rng.dirichlet(CLASS_PRIOR * 8.0) + 1e-4
-    fields = _smooth_fields(gen, NUM_CLASSES, size, max(4, size // 24)) * 1.5
+    patch_px = int(rng.integers(12, 40))
+    fields = _smooth_fields(gen, NUM_CLASSES, size, max(3, size // patch_px)) * 1.5
     return np.argmax(fields + np.log(prior)[:, None, None], axis=0)
+
+
+def texture_class(cell: int) -> int:
+    """The texture grain of a grid cell: 0 fine, 1 coarse (alternating, independent of land cover)."""
+    return cell % 2
+
+
+def cell_of_key(key: str) -> int:
+    """The cell index of a shard record key "<grid_cell>/<row>_<col>" written from this sample."""
+    row = int(key.split("U_", 1)[0])
+    return (row - 200) // 7
+
+
+def _texture(gen: torch.Generator, size: int, grain_px: int) -> np.ndarray:
+    """(size, size) zero-mean, unit-variance random field with correlation length ~grain_px."""
+    field = _smooth_fields(gen, 1, size, max(2, size // grain_px))[0]
+    return (field - field.mean()) / field.std()
 
 
 def _block_mean(x: np.ndarray, factor: int) -> np.ndarray:
@@ -97,11 +126,14 @@ def synthesize_cell(seed: int, cell: int, cell_px: int) -> dict[str, np.ndarray]
     rng = np.random.default_rng([seed, cell])
     classes = _land_cover(gen, rng, cell_px)
     texture = 1.0 + 0.12 * _smooth_fields(gen, 12, cell_px, max(8, cell_px // 8))
+    grain = _texture(gen, cell_px, TEXTURE_GRAIN_PX[texture_class(cell)])
+    # lognormal with mean 1, 10 m bands only: block means would blur a fine grain in the 20 m / 60 m bands
+    texture[S2_10M] *= np.exp(TEXTURE_AMPLITUDE * grain - TEXTURE_AMPLITUDE ** 2 / 2)
     s2 = S2_SIGNATURE[classes].transpose(2, 0, 1) * texture
     s2 = s2 * rng.normal(1.0, 0.03, size=s2.shape)
     l1c = S2_SIGNATURE[classes].transpose(2, 0, 1) * 0.93 * texture + L1C_OFFSET[:, None, None]
     soil = _smooth_fields(gen, 2, cell_px, max(4, cell_px // 16))
-    s1_db = S1_SIGNATURE_DB[classes].transpose(2, 0, 1) + 1.5 * soil
+    s1_db = S1_SIGNATURE_DB[classes].transpose(2, 0, 1) + 1.5 * soil + 10.0 * TEXTURE_AMPLITUDE * grain
     speckle = rng.gamma(4.0, 1.0 / 4.0, size=s1_db.shape)
     return {
         "worldcover": np.asarray(WORLDCOVER_VALUES, dtype=np.uint8)[classes],
@@ -125,7 +157,7 @@ def write_sample_parquet(out_dir: Path, seed: int = 0, cells: int = DEFAULT_CELL
     for cell in range(cells):
         data = synthesize_cell(seed, cell, cell_px)
         gc = _grid_cell(cell)
-        day = f"2021{1 + cell % 12:02d}{10 + cell:02d}"
+        day = f"2021{1 + cell % 12:02d}{10 + cell % 18:02d}"
         meta = {"grid_cell": gc, "centre_lat": 20.0 + cell * 0.1, "centre_lon": 10.0 + cell * 0.1,
                 "crs": "EPSG:32633"}
         origin = (500_000.0 + cell * 10_680.0, 4_000_000.0)
@@ -168,13 +200,13 @@ def ensure_sample_shards(root: str | Path | None = None, seed: int = 0, cells: i
                          tile_size: int = DEFAULT_TILE_SIZE) -> Path:
     """Generate the synthetic parquet set and convert it, unless already done; returns the shard directory.
 
-    cells x 4 locations (default 24) of tile_size px with s2_l2a, s2_l1c, s1 and a WorldCover map.
+    cells x 4 locations (default 256) of tile_size px with s2_l2a, s2_l1c, s1 and a WorldCover map.
     """
     from terrafm.data.prepare import convert
     from terrafm.data.shards import INDEX_NAME
 
     root = Path(root) if root is not None else default_root()
-    root = root / f"seed{seed}-cells{cells}-tile{tile_size}"
+    root = root / f"v{GENERATOR_VERSION}-seed{seed}-cells{cells}-tile{tile_size}"
     shard_dir = root / "shards"
     if (shard_dir / INDEX_NAME).exists():
         return shard_dir

@@ -70,7 +70,6 @@ class DINOLoss(nn.Module):
         high[list(high_classes)] = 1.0
         self.register_buffer("high_class_weight", high, persistent=False)
         self._pending: torch.Tensor | None = None  # [logit_sum (K), high_logit_sum (K), rows, high_rows]
-        self.teacher_entropy: torch.Tensor | None = None  # of the last teacher_probs call, for monitoring
 
     def high_weight(self, majority_class: torch.Tensor) -> torch.Tensor:
         """(B,) 1.0 for samples whose majority class is high-frequency, else 0.0 (unknown classes: 0)."""
@@ -91,8 +90,6 @@ class DINOLoss(nn.Module):
             teacher_logits.reshape(T * B, K), self.center, self.center_high, weight, temperature, self.alpha
         )
         self._record(logit_sum, high_logit_sum, weight)
-        # mean entropy of the teacher targets (nats): ~log K = uniform collapse, ~0 = one-prototype collapse
-        self.teacher_entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean().detach()
         return probs.reshape(T, B, K)
 
     def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
@@ -116,7 +113,6 @@ class DINOLoss(nn.Module):
             student_bottleneck, teacher_bottleneck, prototypes.weight_v, self.center, self.center_high, weight,
             temperature, self.student_temperature, self.alpha, prototypes.weight_g, teacher_weight_v, teacher_weight_g)
         self._record(logit_sum.detach(), high_logit_sum.detach(), weight)
-        self.teacher_entropy = None  # needs the (T B, K) probabilities the fused op never holds
         return loss
 
     def _row_high_weight(self, majority_class: torch.Tensor, T: int, B: int) -> torch.Tensor:

@@ -100,7 +100,8 @@ class SSLMetaArch(nn.Module):
     of one batch: the teacher sees the global views only; the student sees global then local views.
     fused_head_loss=True computes the prototype layers, teacher softmax and student cross-entropy in
     one `dino_head_loss` op, which never holds the (views x B, K) logits (the Triton kernel; the
-    torch reference computes the same from logits); teacher_entropy is then not monitored.
+    torch reference computes the same from logits); the collapse monitors then have no probabilities.
+    `last_teacher_probs` keeps the (T, B, K) teacher targets of the last unfused forward for them.
     """
 
     def __init__(self, student: DINOModel, teacher: DINOModel, loss: DINOLoss, fused_head_loss: bool = False):
@@ -109,6 +110,7 @@ class SSLMetaArch(nn.Module):
         self.teacher = teacher
         self.loss = loss
         self.fused_head_loss = fused_head_loss
+        self.last_teacher_probs: torch.Tensor | None = None
         self.teacher.requires_grad_(False)
 
     @classmethod
@@ -147,6 +149,7 @@ class SSLMetaArch(nn.Module):
         with torch.no_grad():
             teacher_logits = self.teacher(global_views)
         teacher_probs = self.loss.teacher_probs(teacher_logits, majority_class, teacher_temperature)
+        self.last_teacher_probs = teacher_probs
         student_logits = self.student(student_views)
         return self.loss(student_logits, teacher_probs)
 

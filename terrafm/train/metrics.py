@@ -81,8 +81,11 @@ class MetricsLogger:
             if key != "step" and isinstance(value, int | float) and math.isfinite(value):
                 self.tb.add_scalar(f"train/{key}", value, step)
         mfu = record.get("mfu")
+        monitors = {}
+        if record.get("teacher_entropy_gap") is not None:  # absent with ssl.fused_head_loss
+            monitors = dict(gap=f"{record['teacher_entropy_gap']:.2f}", protos=f"{record['teacher_prototypes']:.0f}")
         self.bar.set_postfix(
-            loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['img_per_s']:.1f}",
+            loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", **monitors, img_s=f"{record['img_per_s']:.1f}",
             mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", mem=f"{record['mem_gb']:.1f}G", refresh=False,
         )
 

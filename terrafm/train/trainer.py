@@ -33,7 +33,8 @@ from terrafm import backends, ops
 from terrafm.config import Config, check_epoch, save_config, to_dict
 from terrafm.ssl import schedules
 from terrafm.ssl.loss import DINOLoss, high_frequency_classes
-from terrafm.ssl.meta_arch import SSLMetaArch
+from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch
+from terrafm.ssl.monitors import collapse_state, teacher_monitors
 from terrafm.train import checkpoint
 from terrafm.train.metrics import MetricsLogger, backbone_flops, head_flops, peak_flops, plot_curves
 from terrafm.train.parallelize import MESH_DIMS, mesh_shape, parallelize, reshard_model
@@ -53,6 +54,10 @@ class NonFiniteGradError(TrainingError):
     pass
 
 
+class CollapseError(TrainingError):
+    """The teacher's targets collapsed and train.stop_on_collapse is set."""
+
+
 class SetupError(TrainingError):
     """The run cannot start or continue as set up (output folder, data, checkpoint, disk): fix it and rerun."""
 
@@ -63,6 +68,7 @@ class TrainResult:
     step: int  # optimiser steps completed
     checkpoint: Path | None  # the newest complete checkpoint
     preempted: bool  # stopped by SIGTERM/SIGUSR1 after checkpointing
+    probe: Any = None  # terrafm.eval.learning.ProbeResult of the end-of-run probe, when it ran (rank 0)
 
 
 @dataclass
@@ -251,6 +257,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
+    probe_sample = t.probe and loader is None and cfg.data.shard_dir is None  # held-out split of the same generator
     if loader is None:
         from terrafm.data.loader import build_loader
         from terrafm.data.shards import ShardError
@@ -385,6 +392,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     stop.install()
     profiler = None
     latest = resume_from
+    last_diagnosis = None
     window_start, window_images, window_flops = time.perf_counter(), 0, 0.0
     nonfinite_streak = 0
     try:
@@ -460,16 +468,24 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                 if env.device.type == "cuda":
                     torch.cuda.synchronize(env.device)
                 elapsed = time.perf_counter() - window_start
-                entropy = arch.loss.teacher_entropy  # None with ssl.fused_head_loss
+                probs = arch.last_teacher_probs  # None with ssl.fused_head_loss: no monitors
+                monitors = {k: v.item() for k, v in teacher_monitors(probs).items()} if probs is not None else {}
                 record = {
                     "step": step, "loss": loss_value, "lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
                     "teacher_temperature": teacher_temp, "grad_norm": grad_norm.item(), "epoch": epoch,
-                    "teacher_entropy": None if entropy is None else entropy.item(),
+                    **monitors,
                     "img_per_s": window_images * env.world_size / elapsed, "step_time_s": elapsed / t.log_every,
                     "mfu": window_flops / elapsed / peak if peak else None, "mem_gb": _memory_gb(env.device),
                     "skipped_steps": skipped_steps,
                 }
                 logger.log(record)
+                diagnosis = collapse_state(monitors, s.num_prototypes, t.collapse_gap) if step > warmup_steps else None
+                if diagnosis and diagnosis != last_diagnosis:
+                    logger.write(f"warning at step {step}: {diagnosis} (docs/training.md, 'Reading the monitors')")
+                if diagnosis and t.stop_on_collapse:
+                    raise CollapseError(f"stopped at step {step} (train.stop_on_collapse): {diagnosis}; the last "
+                                        f"checkpoint is {latest}")
+                last_diagnosis = diagnosis
                 window_start, window_images, window_flops = time.perf_counter(), 0, 0.0
             if profiler is not None and step == t.profile_steps[1]:
                 profiler.__exit__(None, None, None)
@@ -486,8 +502,42 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     finally:
         stop.restore()
         logger.close()
+    probe = None
+    if probe_sample:
+        last_temp = schedules.teacher_temperature(max(step - 1, 0), temp_warmup_steps, s.warmup_teacher_temperature,
+                                                  s.teacher_temperature)
+        probe = _probe(cfg, arch, loader, backbone, head_kwargs, last_temp, env.rank, run_dir)
     if env.rank == 0:
         png = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         print(f"done: {step} steps. checkpoint {latest}\n  metrics {run_dir / 'metrics.jsonl'}\n"
-              f"  tensorboard {run_dir / 'tensorboard'}\n  curves {png}")
-    return TrainResult(run_dir, step, latest, preempted=False)
+              f"  tensorboard {run_dir / 'tensorboard'}\n  curves {png}"
+              + (f"\n  {probe.summary()}" if probe is not None else ""))
+    return TrainResult(run_dir, step, latest, preempted=False, probe=probe)
+
+
+def _probe(cfg: Config, arch: SSLMetaArch, loader: Any, backbone_factory: Any, head_kwargs: dict,
+           teacher_temp: float, rank: int, run_dir: Path) -> Any:
+    """kNN of the final teacher on held-out generated tiles vs a random-init backbone and band statistics
+    (terrafm.eval.learning); written to run_dir/probe.json. Every rank gathers the teacher, rank 0 probes."""
+    import json
+
+    from terrafm.eval.learning import heldout_split, probe
+    from terrafm.ssl.head import DINOHead
+
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().float()
+             for k, v in arch.teacher.state_dict().items()}
+    if rank != 0:
+        return None
+    teacher = DINOModel(backbone_factory(drop_path_rate=0.0), DINOHead(arch.teacher.backbone.embed_dim, **head_kwargs))
+    teacher.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state.items()})
+    torch.manual_seed(cfg.train.seed)
+    random_backbone = backbone_factory(drop_path_rate=0.0)
+    modality = "s2_l2a" if "s2_l2a" in loader.mean else next(iter(loader.mean))
+    heldout = heldout_split((modality,), {modality: (loader.mean[modality], loader.std[modality])},
+                            tile_size=loader.shards.tile_size)
+    loss = arch.loss
+    center = (loss.alpha * loss.center + (1.0 - loss.alpha) * loss.center_high).detach().cpu()
+    result = probe(teacher.backbone, teacher.head, random_backbone, heldout, modality, cfg.model.img_size, center,
+                   teacher_temp)
+    (run_dir / "probe.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    return result

@@ -2,7 +2,15 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from terrafm.data.landcover import WORLDCOVER_VALUES
-from terrafm.data.sample import S2_L2A_COLUMNS, ensure_sample_shards, synthesize_cell, write_sample_parquet
+from terrafm.data.sample import (
+    GENERATOR_VERSION,
+    S2_L2A_COLUMNS,
+    cell_of_key,
+    ensure_sample_shards,
+    synthesize_cell,
+    texture_class,
+    write_sample_parquet,
+)
 from terrafm.data.shards import ShardSet
 
 
@@ -43,6 +51,27 @@ def test_ensure_sample_shards_is_idempotent(tmp_path):
     d = ensure_sample_shards(tmp_path, cells=1, tile_size=30)
     mtime = (d / "index.json").stat().st_mtime_ns
     assert ensure_sample_shards(tmp_path, cells=1, tile_size=30) == d
+    assert d.parent.name.startswith(f"v{GENERATOR_VERSION}-")  # a changed generator never reuses old tiles
     assert (d / "index.json").stat().st_mtime_ns == mtime
     s = ShardSet(d)
     assert len(s) == 4 and set(s.modalities) == {"s2_l2a", "s2_l1c", "s1"}
+
+
+def test_texture_grain_shows_in_spatial_structure_but_not_in_band_statistics():
+    """The texture label is hidden from per-band mean/std (same amplitude for both grains) and plain in
+    neighbouring-pixel differences, so a probe on it needs features that see spatial structure."""
+    cells = {c: synthesize_cell(0, c, 120)["s2_l2a"][3] for c in range(12)}  # B04, a 10 m band
+    assert {texture_class(c) for c in cells} == {0, 1}
+
+    def roughness(x):  # mean |difference of neighbours| relative to the spread of the band
+        return np.abs(np.diff(x, axis=1)).mean() / x.std()
+
+    rough = {k: [roughness(x) for c, x in cells.items() if texture_class(c) == k] for k in (0, 1)}
+    assert np.mean(rough[0]) > 2 * np.mean(rough[1])
+    rel_std = {k: np.mean([x.std() / x.mean() for c, x in cells.items() if texture_class(c) == k]) for k in (0, 1)}
+    assert abs(rel_std[0] - rel_std[1]) < 0.25 * max(rel_std.values())
+
+
+def test_record_keys_name_their_cell(tmp_path):
+    s = ShardSet(ensure_sample_shards(tmp_path, cells=3, tile_size=30))
+    assert sorted({cell_of_key(str(k)) for k in s.keys}) == [0, 1, 2]

@@ -136,4 +136,4 @@ def test_fused_head_loss_matches_the_unfused_path(backend):
                                        msg=lambda m, name=name: f"{name}: {m}")
     assert fused.student.head.last_layer.weight_g.grad.abs().sum() > 0
     torch.testing.assert_close(fused.loss._pending, unfused.loss._pending, rtol=1e-5, atol=1e-6)
-    assert unfused.loss.teacher_entropy is not None and fused.loss.teacher_entropy is None
+    assert unfused.last_teacher_probs is not None and fused.last_teacher_probs is None

@@ -1,5 +1,6 @@
-"""The training loop in-process: the loss falls, NaN stops the run clearly, the CLI and export work."""
+"""The training loop in-process: monitors are logged, NaN and collapse stop the run clearly, the CLI and export work."""
 
+import math
 import os
 
 import pytest
@@ -12,23 +13,28 @@ from train_harness import metric_records
 from terrafm.cli import main
 from terrafm.config import load_config
 from terrafm.models import build_model, load_checkpoint
-from terrafm.train.trainer import NonFiniteLossError, train
+from terrafm.train.trainer import CollapseError, NonFiniteLossError, train
 
 
 def tiny_config(tmp_path, *overrides):
     return load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run", *overrides])
 
 
-def test_loss_goes_down_on_a_small_fixed_set(tmp_path):
-    cfg = tiny_config(tmp_path, "train.max_steps=24", "train.checkpoint_every=100", "data.batch_size=8",
-                      "optim.lr=0.02", "ssl.teacher_temperature=0.02", "ssl.warmup_teacher_temperature=0.02",
-                      "ssl.teacher_momentum=0.99", "ssl.center_momentum=0.99", "ssl.center_high_momentum=0.99")
-    train(cfg, loader=SyntheticLoader(num_samples=16, batch_size=8))
-    loss = [r["loss"] for r in metric_records(tmp_path / "run")]
-    assert len(loss) == 24
-    first, last = sum(loss[:3]) / 3, sum(loss[-6:]) / 6
-    assert last < 0.75 * first, f"loss did not fall: first steps {loss[:3]}, last steps {loss[-6:]}"
-    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+def test_trainer_logs_the_collapse_monitors_and_stops_on_collapse_when_told(tmp_path, capsys):
+    """Plumbing only (learning itself: test_learning.py): every record carries the monitors, and a
+    collapse diagnosis after warm-up stops the run under train.stop_on_collapse. A gap threshold no
+    batch can reach makes the diagnosis certain."""
+    cfg = tiny_config(tmp_path, "train.max_steps=6", "train.checkpoint_every=100", "data.batch_size=8",
+                      "train.collapse_gap=100", "train.stop_on_collapse=true")
+    with pytest.raises(CollapseError, match=r"stopped at step \d \(train.stop_on_collapse\): (collapse|uniform)"):
+        train(cfg, loader=SyntheticLoader(num_samples=16, batch_size=8))
+    out, err = capsys.readouterr()
+    assert "warning at step" in out + err
+    records = metric_records(tmp_path / "run")
+    for r in records:
+        assert 0 <= r["teacher_entropy"] <= math.log(256) + 1e-4 and r["teacher_prototypes"] >= 1
+        assert r["teacher_entropy_gap"] == pytest.approx(r["teacher_batch_entropy"] - r["teacher_entropy"])
+        assert -1 <= r["teacher_cosine"] <= 1
 
 
 class NaNLoader(SyntheticLoader):
@@ -65,6 +71,7 @@ def test_default_pretrain_on_the_sample_tiles_then_export_round_trip(tmp_path, c
     assert main(["pretrain", "--out", str(run_dir), "train.max_steps=2", "train.log_every=1"]) == 0
     assert (run_dir / "checkpoints" / "step_00000002" / ".metadata").exists()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "probe on held-out generated tiles" in capsys.readouterr().out and (run_dir / "probe.json").exists()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")) and (run_dir / "curves.png").exists()
     # a second fresh run into the same folder is refused; --resume continues (here: already complete)
     assert main(["pretrain", "--out", str(run_dir), "train.max_steps=2"]) == 2

@@ -1,0 +1,131 @@
+"""Did pretraining learn? kNN on a held-out generated split: trained teacher vs random init vs band statistics.
+
+The held-out split is the bundled synthetic sample generated with another seed (HELDOUT_SEED): places
+never seen in training. Every tile has two labels:
+    land_cover  its majority WorldCover class (per-band statistics reveal much of it);
+    texture     the grain of its surface texture (`terrafm.data.sample.texture_class`), which per-band
+                mean and std cannot reveal: only spatial structure tells fine from coarse.
+kNN is DINO's (k=20, cosine, votes weighted exp(sim / 0.07)) over all tiles, each test tile leaving
+out every tile of its own grid cell (the four tiles of a cell share biome and texture), so every
+tile is a test tile and ±3 points is about the noise. Baselines: the same backbone at random init,
+and per-band mean + std of the tile (z-scored), which is what a model that learned nothing spatial
+could match. The teacher's collapse monitors are computed over the held-out tiles too.
+"""
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from terrafm.data.sample import DEFAULT_TILE_SIZE, cell_of_key, ensure_sample_shards, texture_class
+from terrafm.data.shards import ShardSet
+from terrafm.ssl.monitors import teacher_monitors
+
+HELDOUT_SEED = 1  # the training sample uses seed 0
+HELDOUT_CELLS = 48  # 192 tiles
+LABELS = ("land_cover", "texture")
+
+
+@dataclass
+class HeldOut:
+    images: dict[str, np.ndarray]  # modality -> (N, C, T, T) float32, normalised as in training
+    labels: dict[str, np.ndarray]  # label name -> (N,) int64
+    cell: np.ndarray  # (N,) grid cell index: kNN never votes with tiles of the test tile's own cell
+
+
+@dataclass
+class ProbeResult:
+    modality: str
+    knn: dict[str, dict[str, float]] = field(default_factory=dict)  # features -> label -> accuracy (%)
+    chance: dict[str, float] = field(default_factory=dict)  # label -> share of the most common class (%)
+    monitors: dict[str, float] = field(default_factory=dict)  # teacher monitors over the held-out tiles
+
+    def summary(self) -> str:
+        parts = []
+        for label in LABELS:
+            k = {f: self.knn[f][label] for f in self.knn}
+            parts.append(f"{label} {k['trained']:.1f}% (random init {k['random_init']:.1f}%, band stats "
+                         f"{k['band_stats']:.1f}%, chance {self.chance[label]:.1f}%)")
+        m = self.monitors
+        return (f"probe on held-out generated tiles ({self.modality}, kNN k=20): " + "; ".join(parts)
+                + f". Teacher there: {m['teacher_prototypes']:.0f} distinct prototypes, batch entropy "
+                f"{m['teacher_batch_entropy']:.2f} nats, gap {m['teacher_entropy_gap']:.2f} nats")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def heldout_split(modalities: tuple[str, ...], normalisation: dict[str, tuple[np.ndarray, np.ndarray]],
+                  cells: int = HELDOUT_CELLS, tile_size: int = DEFAULT_TILE_SIZE,
+                  root: str | Path | None = None) -> HeldOut:
+    """Generate (once, cached like the training sample) and read the held-out tiles.
+
+    normalisation: modality -> (mean (C,), std (C,)) of the training data, applied as in training.
+    """
+    shards = ShardSet(ensure_sample_shards(root, seed=HELDOUT_SEED, cells=cells, tile_size=tile_size))
+    images = {}
+    for m in modalities:
+        mean, std = normalisation[m]
+        tiles = np.stack([shards.tile(i, m) for i in range(len(shards))]).astype(np.float32)
+        images[m] = (tiles - mean[None, :, None, None]) / std[None, :, None, None]
+    cell = np.array([cell_of_key(str(k)) for k in shards.keys])
+    labels = {"land_cover": shards.class_counts.argmax(1).astype(np.int64),
+              "texture": np.array([texture_class(c) for c in cell], np.int64)}
+    return HeldOut(images, labels, cell)
+
+
+def knn_accuracy(features: np.ndarray | torch.Tensor, labels: np.ndarray, groups: np.ndarray, k: int = 20,
+                 temperature: float = 0.07) -> float:
+    """DINO kNN accuracy (%) where every sample is a test sample and never votes with its own group."""
+    f = F.normalize(torch.as_tensor(features).double(), dim=1)
+    sim = f @ f.T
+    g = torch.as_tensor(groups)
+    sim.masked_fill_(g[:, None] == g[None, :], -torch.inf)
+    k = min(k, int((g[:, None] != g[None, :]).sum(1).min()))
+    top, idx = sim.topk(k, dim=1)
+    y = torch.as_tensor(labels)
+    votes = torch.zeros(len(y), int(y.max()) + 1, dtype=torch.float64)
+    votes.scatter_add_(1, y[idx], (top / temperature).exp())
+    return 100.0 * (votes.argmax(1) == y).double().mean().item()
+
+
+def band_statistics(images: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) -> (N, 2C) per-band mean and std, each column z-scored over the N tiles."""
+    stats = np.concatenate([images.mean(axis=(2, 3)), images.std(axis=(2, 3))], axis=1)
+    return (stats - stats.mean(0)) / (stats.std(0) + 1e-6)
+
+
+@torch.no_grad()
+def cls_features(backbone: torch.nn.Module, images: np.ndarray, modality: str, img_size: int,
+                 batch_size: int = 64) -> torch.Tensor:
+    """(N, D) cls tokens after the final norm, tiles resized to img_size as a global crop of the whole tile."""
+    backbone.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start:start + batch_size])
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+        out.append(backbone.forward_features(x, modality)["x_norm_clstoken"].float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def probe(teacher_backbone: torch.nn.Module, teacher_head: torch.nn.Module, random_backbone: torch.nn.Module,
+          heldout: HeldOut, modality: str, img_size: int, center: torch.Tensor, temperature: float) -> ProbeResult:
+    """kNN of trained teacher, random-init backbone and band statistics on both labels, plus the teacher's
+    monitors on the held-out tiles: probabilities softmax((logits - center) / temperature), center the
+    effective (dual) centre alpha c + (1 - alpha) c_h of the run's loss."""
+    images = heldout.images[modality]
+    trained = cls_features(teacher_backbone, images, modality, img_size)
+    features = {"trained": trained, "random_init": cls_features(random_backbone, images, modality, img_size),
+                "band_stats": band_statistics(images)}
+    result = ProbeResult(modality)
+    for name, f in features.items():
+        result.knn[name] = {label: knn_accuracy(f, heldout.labels[label], heldout.cell) for label in LABELS}
+    for label in LABELS:
+        result.chance[label] = 100.0 * np.bincount(heldout.labels[label]).max() / len(heldout.labels[label])
+    teacher_head.eval()
+    probs = torch.softmax((teacher_head(trained) - center.float()) / temperature, dim=-1)
+    result.monitors = {k: v.item() for k, v in teacher_monitors(probs[None]).items()}
+    return result
