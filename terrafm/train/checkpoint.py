@@ -36,6 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -266,6 +267,23 @@ def check(path: str | Path) -> None:
         raise CheckpointError(f"checkpoint {path} is corrupt ({'; '.join(problems)}); {previous_checkpoint(path)}")
 
 
+def _drop_unsaved_optimizer_state(optimizer_state: dict, saved_keys) -> set[str]:
+    """Leave out of the load template the parameters the checkpoint has no AdamW state for; their names.
+
+    A parameter gets AdamW state at its first update; the prototype layer, frozen for the first epoch,
+    has none in a checkpoint written then. The fresh optimiser's template has state for every parameter,
+    so without this DCP refuses the checkpoint ("Missing key"). A parameter with only part of its state
+    saved is kept, so DCP reports the missing entry. Loaded with strict=False, the optimiser then has no
+    state for them: it starts at their first update, as it would have without the interruption.
+    """
+    dropped = set()
+    for fqn, fields in list(optimizer_state["state"].items()):
+        if not any(f"optimizer.state.{fqn}.{field}" in saved_keys for field in fields):
+            del optimizer_state["state"][fqn]
+            dropped.add(fqn)
+    return dropped
+
+
 def load(path: str | Path, arch, optimizer, reshard: bool = False) -> tuple[int, dict, int]:
     """Restore what `save` wrote into the already parallelised objects; returns (step, rank_state, saved_world).
 
@@ -276,7 +294,7 @@ def load(path: str | Path, arch, optimizer, reshard: bool = False) -> tuple[int,
     """
     path = Path(path)
     check(path)
-    read_metadata(path)  # refuses a crafted .metadata here, before DCP (which would retry and log tracebacks)
+    saved_keys = read_metadata(path).state_dict_metadata  # refuses a crafted .metadata before DCP reads it
     meta = read_meta(path)
     saved_world = int(meta["world_size"])
     world = _world()
@@ -288,10 +306,11 @@ def load(path: str | Path, arch, optimizer, reshard: bool = False) -> tuple[int,
             "train.elastic_resume=true"
         )
     state = _sharded_state(arch, optimizer)
+    unsaved = _drop_unsaved_optimizer_state(state["optimizer"], saved_keys)
     dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=not _dist())
     set_model_state_dict(arch.student, state["student"])
     set_model_state_dict(arch.teacher, state["teacher"])
-    set_optimizer_state_dict(arch.student, optimizer, state["optimizer"])
+    set_optimizer_state_dict(arch.student, optimizer, state["optimizer"], options=StateDictOptions(strict=not unsaved))
     arch.loss.load_state_dict(state["loss"])
     saved = json.loads((path / rank_file(_rank() if saved_world == world else 0)).read_text())
     if saved_world == world:

@@ -105,3 +105,20 @@ def test_activation_checkpointing_and_compile_per_block_keep_the_losses(tmp_path
     read = lambda d: [r["loss"] for r in metric_records(d / "run")]  # noqa: E731
     for a, b in zip(read(tmp_path / "plain"), read(tmp_path / "wrapped"), strict=True):
         assert abs(a - b) <= 1e-4 * abs(a), (a, b)
+
+
+def test_resume_from_a_checkpoint_written_while_the_last_layer_is_frozen(tmp_path):
+    """The frozen prototype layer has no AdamW state yet; resuming must not demand it (it did: missing key),
+    and its state must start at its first update (step 4 here), as in a run without the interruption."""
+    import torch.distributed.checkpoint as dcp
+
+    overrides = TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=frozen", "train.steps_per_epoch=2",
+                                  "ssl.freeze_last_layer_epochs=2", "train.checkpoint_every=2", "train.probe=false"]
+    first = train(load_config(None, overrides + ["train.max_steps=2"]), loader=SyntheticLoader())
+    assert first.step == 2 and first.checkpoint is not None
+    resumed = train(load_config(None, overrides + ["train.max_steps=6"]), resume=True, loader=SyntheticLoader())
+    assert resumed.step == 6
+    steps = {name: torch.zeros(()) for name in ("head.last_layer.weight_v", "head.mlp.0.weight")}
+    state = {"optimizer": {"state": {name: {"step": t} for name, t in steps.items()}}}
+    dcp.load(state, checkpoint_id=resumed.checkpoint, no_dist=True)
+    assert steps["head.mlp.0.weight"].item() == 6 and steps["head.last_layer.weight_v"].item() == 2
