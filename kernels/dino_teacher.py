@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import TRITON_DTYPE, check_positive, check_tensor, interpreted, sm_count
+from .reference import sinkhorn_first_shift
 
 MODE_SOFTMAX, MODE_COLUMN, MODE_COLMAX = 0, 1, 2
 
@@ -189,14 +190,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1 (DINOv2 uses 3), got {n_iterations}")
     logits = teacher_logits.detach()
-    col_max, col_sum = _launch(MODE_COLMAX, logits, temperature)
-    if all_reduce is not None:
-        global_max = col_max.clone()
-        all_reduce(global_max, "max")
-        col_sum = col_sum * torch.exp(col_max - global_max)
-        all_reduce(col_sum, "sum")
-        col_max = global_max
-    shift = -(col_max + torch.log(col_sum))
+    shift = sinkhorn_first_shift(*_launch(MODE_COLMAX, logits, temperature), all_reduce)
     for _ in range(n_iterations - 1):
         mass = _launch(MODE_COLUMN, logits, temperature, shift=shift.contiguous())
         if all_reduce is not None:

@@ -143,6 +143,18 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, tempera
     return torch.softmax(centred / temperature, dim=-1)
 
 
+def sinkhorn_first_shift(col_max: torch.Tensor, col_sum: torch.Tensor, all_reduce=None) -> torch.Tensor:
+    """-logsumexp over all ranks' rows of each prototype column, from this rank's column max and
+    sum(exp(x - max)) (K,): the first column potential of Sinkhorn-Knopp (shared with the Triton path)."""
+    if all_reduce is not None:
+        global_max = col_max.clone()
+        all_reduce(global_max, "max")
+        col_sum = col_sum * torch.exp(col_max - global_max)
+        all_reduce(col_sum, "sum")
+        col_max = global_max
+    return -(col_max + torch.log(col_sum))
+
+
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iterations: int = 3,
                    all_reduce=None) -> torch.Tensor:
     """DINOv2's Sinkhorn-Knopp teacher targets in log domain: the same numbers, finite at any temperature.
@@ -161,14 +173,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
         raise ValueError(f"n_iterations must be >= 1 (DINOv2 uses 3), got {n_iterations}")
     x = teacher_logits.float() / temperature
     col_max = x.max(dim=0).values
-    col_sum = torch.exp(x - col_max).sum(dim=0)
-    if all_reduce is not None:
-        global_max = col_max.clone()
-        all_reduce(global_max, "max")
-        col_sum = col_sum * torch.exp(col_max - global_max)
-        all_reduce(col_sum, "sum")
-        col_max = global_max
-    shift = -(col_max + torch.log(col_sum))
+    shift = sinkhorn_first_shift(col_max, torch.exp(x - col_max).sum(dim=0), all_reduce)
     for _ in range(n_iterations - 1):
         mass = torch.softmax(x + shift, dim=-1).sum(dim=0)
         if all_reduce is not None:
