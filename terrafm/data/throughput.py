@@ -29,6 +29,9 @@ def _measure_loader(cfg: DataConfig, seconds: float) -> dict:
     from terrafm.data.loader import build_loader
 
     loader = build_loader(cfg)
+    if len(loader) == 0:  # the loop below would wait forever for a first batch
+        raise ValueError(f"the loader yields no batch: data.batch_size={cfg.batch_size} is larger than the "
+                         "data set per rank; lower data.batch_size or point it at more data")
     n_views = cfg.n_global + cfg.n_local
     batches, start = 0, None
     while start is None or time.perf_counter() - start < seconds:

@@ -15,3 +15,9 @@ def test_measure_paths_reports_each_path(sample_shards, sample_parquet):
     assert "no Major-TOM S2L2A parquet" in missing[0]["skipped"]
     with pytest.raises(ValueError, match="unknown throughput paths"):
         measure_paths(sample_shards, paths=("torchvision",))
+
+
+def test_measure_paths_refuses_a_batch_larger_than_the_data_instead_of_waiting_forever(sample_shards):
+    with pytest.raises(ValueError, match="yields no batch: data.batch_size=100000"):
+        measure_paths(sample_shards, seconds=0.1, paths=("numpy",), batch_size=100000, n_local=1, global_size=32,
+                      local_size=16, num_workers=0)
