@@ -57,7 +57,8 @@ def test_fusion_off_is_accepted_without_fused_views_and_nproc_is_checked():
 
 def test_the_dataset_size_check_names_the_key_to_change():
     cfg = load_config("tiny_cpu", ["train.grad_accum_steps=3"])
-    with pytest.raises(ConfigError, match=r"data.batch_size=8 is more than each of the 2 rank\(s\) gets"):
+    batch = cfg.data.batch_size
+    with pytest.raises(ConfigError, match=rf"data.batch_size={batch} is more than each of the 2 rank\(s\) gets"):
         check_epoch(cfg, 0, 2)
     with pytest.raises(ConfigError, match="2 batches per rank, fewer than train.grad_accum_steps=3"):
         check_epoch(cfg, 2, 1)

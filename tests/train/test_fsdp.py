@@ -72,12 +72,13 @@ def test_elastic_resume_from_two_ranks_onto_one(tmp_path):
     run_dir = tmp_path / "run"
     pretrain = [sys.executable, "-m", "terrafm.cli", "pretrain", "--out", str(run_dir)]
     first = subprocess.run(pretrain + ["--nproc", "2", "train.max_steps=2", "train.checkpoint_every=2",
-                                       "train.log_every=1"], capture_output=True, text=True, timeout=300)
+                                       "train.log_every=1", "data.batch_size=8", "train.probe=false"],
+                           capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     _, student_two_ranks = load_backbone_state(run_dir, "student")
     # same global batch (2 x 8 -> 1 x 16), one more step
     resume = pretrain + ["--resume", "train.max_steps=3", "train.log_every=1", "data.batch_size=16",
-                         "optim.lr=1e-30", "optim.min_lr=0",
+                         "train.probe=false", "optim.lr=1e-30", "optim.min_lr=0",
                          "ssl.teacher_momentum=0.0", "ssl.teacher_momentum_end=0.0"]
     refused = subprocess.run(resume, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2  # fix the setup and rerun
