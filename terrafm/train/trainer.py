@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from terrafm import backends, ops
 from terrafm.config import Config, check_epoch, save_config, to_dict
+from terrafm.fileio import atomic_write_bytes
 from terrafm.ssl import schedules
 from terrafm.ssl.loss import DINOLoss, high_frequency_classes
 from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch
@@ -115,7 +116,9 @@ def init_distributed(cfg: Config) -> DistEnv:
             shape = mesh_shape(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, world,
                                int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         except ValueError as err:
-            raise TrainingError(str(err)) from err
+            if owns:  # train()'s finally never sees this group
+                dist.destroy_process_group()
+            raise SetupError(f"parallel: {err}") from err
         mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
     return DistEnv(rank, world, device, mesh, owns)
 
@@ -539,5 +542,5 @@ def _probe(cfg: Config, arch: SSLMetaArch, loader: Any, backbone_factory: Any, h
     center = (loss.alpha * loss.center + (1.0 - loss.alpha) * loss.center_high).detach().cpu()
     result = probe(teacher.backbone, teacher.head, random_backbone, heldout, modality, cfg.model.img_size, center,
                    teacher_temp)
-    (run_dir / "probe.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    atomic_write_bytes(run_dir / "probe.json", (json.dumps(result.to_dict(), indent=1) + "\n").encode())
     return result
