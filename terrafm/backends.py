@@ -93,6 +93,22 @@ def dali() -> Availability:
 
 
 @functools.cache
+def dali_inflate() -> Availability:
+    """DALI's GPU LZ4 operator: fn.decoders.inflate, or fn.experimental.inflate in DALI releases before it moved."""
+    d = dali()
+    if not d.usable:
+        return d
+    if not cuda().usable:
+        return Availability(False, "inflate is a GPU-only DALI operator; no CUDA device (chunks decode on the host)")
+    from nvidia.dali import fn
+
+    for name in ("decoders", "experimental"):
+        if hasattr(getattr(fn, name, None), "inflate"):
+            return Availability(True, f"nvidia.dali.fn.{name}.inflate")
+    return Availability(False, f"DALI {d.detail} has no inflate operator (needs DALI >= 1.16)")
+
+
+@functools.cache
 def csrc() -> Availability:
     try:
         from terrafm import _C  # noqa: F401
@@ -108,5 +124,6 @@ ALL = {
     "flash_attn": flash_attn,
     "apex": apex,
     "dali": dali,
+    "dali_inflate": dali_inflate,
     "csrc": csrc,
 }

@@ -12,6 +12,7 @@ the reference the others must match; kernels/reference.py is the spec):
     dino_head_loss           torch | triton           as patch_embed
     normalize_bands          torch | cpp              cpu, cuda | cpu
     view_rendering           numpy | cpp | dali       cpu | cpu | cpu, cuda  (the data loader's executor)
+    shard_decode             host | dali_inflate      cpu, cuda | cuda  (LZ4 chunks, inside the DALI executor)
 
 The choice is made once, when a model, loss or loader is built, never inside `forward`:
 
@@ -149,6 +150,10 @@ def _dali(device: str) -> backends.Availability:
     return backends.dali()
 
 
+def _dali_inflate(device: str) -> backends.Availability:
+    return _only("cuda", backends.dali_inflate)(device)
+
+
 REF = "terrafm_kernels.reference"
 KERNEL_AUTO = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 register("attention", "softmax(q k^T / sqrt(d)) v over packed qkv (B, N, 3, H, d) -> (B, N, H, d)",
@@ -179,3 +184,7 @@ register("view_rendering", "crop, resize, flip and normalise the views of a batc
          numpy=Backend("numpy", None, _everywhere),
          cpp=Backend("cpp", None, lambda device: backends.csrc()),
          dali=Backend("dali", None, _dali))
+register("shard_decode", "LZ4 shard chunks -> storage-dtype tiles for the DALI executor (raw chunks need none)",
+         {"cuda": ("dali_inflate", "host"), "cpu": ("host",)},
+         host=Backend("host", "terrafm.data.shards:decode_chunks", _everywhere),
+         dali_inflate=Backend("dali_inflate", "terrafm.data.dali_path:dali_inflate", _dali_inflate))

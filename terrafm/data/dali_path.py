@@ -1,12 +1,20 @@
-"""DALI executor of the view plan: slice -> cast -> bilinear resize -> flip -> normalise.
+"""DALI executor of the view plan: shard chunk bytes -> decode -> slice -> cast -> bilinear resize -> flip -> normalise.
 
-One pipeline run per storage dtype (uint16 S2, float16 S1: a DALI batch has one dtype) renders a whole
-batch: every (view, modality, sample) triple is one DALI sample of varying shape. With CUDA the crop leaves the host
-(`.gpu()`) right after slicing, so only the crop crosses PCIe, and resize / flip / normalise run on the
-GPU, producing CUDA tensors; without CUDA the same graph runs on DALI's CPU backend (device_id=None).
-Decoding stays on the host: raw chunks are zero-copy memory maps and DALI has no LZ4 operator.
-Semantics match views.render_view_numpy (slice first, so the resize clamps at the crop border like
-PyTorch's); tests check the tensors agree.
+One pipeline per modality (a DALI batch has one dtype and band count); a DALI sample is one record, so each tile
+is decoded once and cut into every view of the batch:
+
+    host    ShardSet.chunks: zero-copy uint8 views of the memory-mapped .bin, only the configured bands
+            -> external_source (DALI copies them into its pinned staging buffers)
+    CUDA    .gpu(): the stored bytes (LZ4-compressed or raw) are what crosses PCIe
+            decode: fn.decoders.inflate (GPU LZ4, chunk offsets/sizes, shape (T, T), storage dtype) when the op
+                    registry's `shard_decode` is dali_inflate; fn.reinterpret for raw shards
+            per view: slice (the plan's box) -> cast fp32 -> resize (linear, no antialias) -> flip
+                    -> (x - mean) * inv_std  => CUDA tensors
+Without CUDA the same graph runs on DALI's CPU backend (device_id=None) with `shard_decode` = host: the host
+inflates LZ4 chunks with the same offsets/sizes/shape/dtype (shards.decode_chunks) and reinterpret takes its
+bytes, so CPU tests cover every operator but inflate. Views that do not draw the modality get a 1 px placeholder
+crop (a DALI graph is static), dropped on output. Semantics match views.render_view_numpy (slice first, so the
+resize clamps at the crop border like PyTorch's); tests check the tensors agree.
 """
 
 import threading
@@ -14,97 +22,140 @@ import threading
 import numpy as np
 import torch
 
-from terrafm import backends
+from terrafm import backends, ops
+
+
+def dali_inflate():
+    """The installed DALI's GPU LZ4 operator: fn.decoders.inflate, fn.experimental.inflate in older releases."""
+    from nvidia.dali import fn
+
+    for namespace in ("decoders", "experimental"):
+        op = getattr(getattr(fn, namespace, None), "inflate", None)
+        if op is not None:
+            return op
+    raise RuntimeError("this DALI release has no inflate operator (needs DALI >= 1.16)")
+
+
+def _contiguous(data: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The chunks back to back: a zero-copy view when they already are (all bands, in order), else a gather."""
+    if offsets[0] == 0 and (offsets[1:] == np.cumsum(sizes)[:-1]).all():
+        return data[:int(sizes.sum())]
+    return np.concatenate([data[o:o + n] for o, n in zip(offsets, sizes, strict=True)])
 
 
 class DaliRenderer:
     def __init__(self, loader):
-        from nvidia.dali import fn, pipeline_def, types
-
-        cfg = loader.cfg
         self.loader = loader
         self.gpu = backends.cuda().usable
-        n_views = cfg.n_global + cfg.n_local
-        self.max_batch = cfg.batch_size * n_views * len(cfg.modalities)
+        self.inflate = loader.shards.codec == "lz4" and ops.choose(
+            "shard_decode", "cuda" if self.gpu else "cpu") == "dali_inflate"
+        self.host_decode = ops.load("shard_decode", "host")
         self._lock = threading.Lock()
-        self._fn, self._types, self._pipeline_def = fn, types, pipeline_def
         self.pipes = {}
 
-    def _pipe(self, dtype: np.dtype):
-        if dtype in self.pipes:
-            return self.pipes[dtype]
-        fn, types, cfg = self._fn, self._types, self.loader.cfg
-        device_id = torch.cuda.current_device() if self.gpu else None
+    def _pipe(self, modality: str):
+        if modality in self.pipes:
+            return self.pipes[modality]
+        from nvidia.dali import fn, pipeline_def, types
 
-        @self._pipeline_def(batch_size=self.max_batch, num_threads=max(1, cfg.cpp_threads or 2), device_id=device_id,
+        ld, cfg = self.loader, self.loader.cfg
+        c, t = len(ld.band_index[modality]), ld.shards.tile_size
+        dtype = {np.dtype(np.uint16): types.UINT16, np.dtype(np.float16): types.FLOAT16}[
+            np.dtype(ld.shards.modalities[modality].dtype)]
+        n_views = cfg.n_global + cfg.n_local
+        device_id = torch.cuda.current_device() if self.gpu else None
+        inflate = ops.load("shard_decode", "dali_inflate")() if self.inflate else None
+
+        @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.cpp_threads or 2), device_id=device_id,
                       exec_dynamic=True, prefetch_queue_depth=1)
         def views():
-            tile = fn.external_source(name="tile", layout="CHW")
-            start = fn.external_source(name="start")
-            shape = fn.external_source(name="shape")
-            size = fn.external_source(name="size")
-            mean = fn.external_source(name="mean")
-            inv_std = fn.external_source(name="inv_std")
-            hflip = fn.external_source(name="hflip")
-            vflip = fn.external_source(name="vflip")
-            crop = fn.cast(fn.slice(tile, start, shape, axes=[1, 2]), dtype=types.FLOAT)
+            data = fn.external_source(name="data")
+            mean, inv_std = fn.external_source(name="mean"), fn.external_source(name="inv_std")
             if self.gpu:
-                crop, mean, inv_std = crop.gpu(), mean.gpu(), inv_std.gpu()
-            x = fn.resize(crop, size=size, interp_type=types.INTERP_LINEAR, antialias=False, dtype=types.FLOAT)
-            x = fn.flip(x, horizontal=hflip, vertical=vflip)
-            return (x - mean) * inv_std
+                data, mean, inv_std = data.gpu(), mean.gpu(), inv_std.gpu()
+            if inflate is not None:
+                tile = inflate(data, chunk_offsets=fn.external_source(name="offsets"),
+                               chunk_sizes=fn.external_source(name="sizes"), shape=[t, t], dtype=dtype, layout="HW",
+                               sequence_axis_name="C")
+            else:
+                tile = fn.reinterpret(data, dtype=dtype, shape=[c, t, t], layout="CHW")
+            outputs = []
+            for v in range(n_views):
+                start, shape = fn.external_source(name=f"start{v}"), fn.external_source(name=f"shape{v}")
+                crop = fn.cast(fn.slice(tile, start, shape, axes=[1, 2]), dtype=types.FLOAT)
+                x = fn.resize(crop, size=fn.external_source(name=f"size{v}"), interp_type=types.INTERP_LINEAR,
+                              antialias=False, dtype=types.FLOAT)
+                x = fn.flip(x, horizontal=fn.external_source(name=f"hflip{v}"),
+                            vertical=fn.external_source(name=f"vflip{v}"))
+                outputs.append((x - mean) * inv_std)
+            return tuple(outputs)
 
         pipe = views()
         pipe.build()
-        self.pipes[dtype] = pipe
+        self.pipes[modality] = pipe
         return pipe
 
-    def render(self, plan, tiles: dict[str, list[np.ndarray]]):
+    def _feeds(self, plan, modality: str) -> dict[str, list[np.ndarray]]:
+        """external_source inputs of one modality's pipeline for a batch plan (host work: reading and indexing)."""
+        ld = self.loader
+        shards, bi = ld.shards, ld.band_index[modality]
+        t, dtype = shards.tile_size, np.dtype(shards.modalities[modality].dtype)
+        feeds = {"data": [], "offsets": [], "sizes": []}
+        for i in plan.indices:
+            data, offsets, sizes = shards.chunks(int(i), modality, bi)
+            if self.inflate:
+                feeds["data"].append(data)
+                feeds["offsets"].append(offsets)
+                feeds["sizes"].append(sizes)
+            elif shards.codec == "lz4":
+                feeds["data"].append(self.host_decode(data, offsets, sizes, (t, t), dtype).reshape(-1).view(np.uint8))
+            else:
+                feeds["data"].append(_contiguous(data, offsets, sizes))
+        if not self.inflate:
+            del feeds["offsets"], feeds["sizes"]
+        b = len(plan.indices)
+        feeds["mean"] = [ld.mean[modality].reshape(-1, 1, 1)] * b
+        feeds["inv_std"] = [(1.0 / ld.std[modality]).astype(np.float32).reshape(-1, 1, 1)] * b
+        placeholder = np.array([0, 0, 1, 1], np.int32)
+        for v, view in enumerate(plan.views):
+            used = modality in view.modalities
+            boxes = view.boxes.astype(np.int32) if used else np.tile(placeholder, (b, 1))
+            size = np.array([view.size] * 2 if used else [1, 1], np.float32)
+            flips = view.flips.astype(np.int32) if used else np.zeros((b, 2), np.int32)
+            feeds[f"start{v}"] = [boxes[k, :2] for k in range(b)]
+            feeds[f"shape{v}"] = [boxes[k, 2:] for k in range(b)]
+            feeds[f"size{v}"] = [size] * b
+            feeds[f"hflip{v}"] = [np.array(flips[k, 0], np.int32) for k in range(b)]
+            feeds[f"vflip{v}"] = [np.array(flips[k, 1], np.int32) for k in range(b)]
+        return feeds
+
+    def render(self, plan):
+        """The plan's views: [View] with {modality: (B, C, s, s) float32} on CUDA (or the host without CUDA)."""
         from terrafm.data.views import View
 
         tensors = [dict() for _ in plan.views]
-        for dtype in sorted({t[0].dtype for t in tiles.values()}, key=str):
-            self._render_dtype(plan, {m: t for m, t in tiles.items() if t[0].dtype == dtype}, dtype, tensors)
+        needed = sorted({m for v in plan.views for m in v.modalities})
+        for m in needed:
+            feeds = self._feeds(plan, m)
+            with self._lock:
+                pipe = self._pipe(m)
+                for name, data in feeds.items():
+                    pipe.feed_input(name, data)
+                outputs = pipe.run()
+                for v, view in enumerate(plan.views):
+                    if m in view.modalities:
+                        tensors[v][m] = self._to_torch(outputs[v], len(plan.indices), len(self.loader.band_index[m]),
+                                                       view.size)
         return [View({m: t[m] for m in v.modalities}) for t, v in zip(tensors, plan.views, strict=True)]
 
-    def _render_dtype(self, plan, tiles: dict[str, list[np.ndarray]], dtype: np.dtype, tensors: list[dict]) -> None:
-        ld = self.loader
-        feeds = {k: [] for k in ("tile", "start", "shape", "size", "mean", "inv_std", "hflip", "vflip")}
-        layout = []  # (view number, modality, first item, channels, size)
-        for v_i, view in enumerate(plan.views):
-            for m in view.modalities:
-                if m not in tiles:
-                    continue
-                bi = ld.band_index[m]
-                mean = ld.mean[m].reshape(-1, 1, 1)
-                inv = (1.0 / ld.std[m]).astype(np.float32).reshape(-1, 1, 1)
-                layout.append((v_i, m, len(feeds["tile"]), len(bi), view.size))
-                for b, tile in enumerate(tiles[m]):
-                    feeds["tile"].append(tile if len(bi) == tile.shape[0] and (bi == np.arange(len(bi))).all()
-                                         else np.ascontiguousarray(tile[bi]))
-                    feeds["start"].append(view.boxes[b, :2].astype(np.int32))
-                    feeds["shape"].append(view.boxes[b, 2:].astype(np.int32))
-                    feeds["size"].append(np.array([view.size, view.size], np.float32))
-                    feeds["mean"].append(mean)
-                    feeds["inv_std"].append(inv)
-                    feeds["hflip"].append(np.array(view.flips[b, 0], np.int32))
-                    feeds["vflip"].append(np.array(view.flips[b, 1], np.int32))
-        if len(feeds["tile"]) > self.max_batch:
-            raise RuntimeError(f"DALI batch of {len(feeds['tile'])} crops exceeds the pipeline's {self.max_batch}")
-        with self._lock:
-            pipe = self._pipe(dtype)
-            for name, data in feeds.items():
-                pipe.feed_input(name, data)
-            (out,) = pipe.run()
-            for v_i, m, first, c, s in layout:
-                b = len(tiles[m])
-                dst = (torch.empty((b, c, s, s), dtype=torch.float32, device="cuda") if self.gpu
-                       else ld._empty(b, c, s))
-                for k in range(b):
-                    if self.gpu:
-                        from nvidia.dali.plugin.pytorch import feed_ndarray
+    def _to_torch(self, out, b: int, c: int, s: int) -> torch.Tensor:
+        dense = out.as_tensor()
+        if not self.gpu:
+            dst = self.loader._empty(b, c, s)
+            dst.copy_(torch.from_numpy(np.asarray(dense)))
+            return dst
+        from nvidia.dali.plugin.pytorch import feed_ndarray
 
-                        feed_ndarray(out[first + k], dst[k], cuda_stream=torch.cuda.current_stream())
-                    else:
-                        dst[k] = torch.from_numpy(np.asarray(out[first + k]))
-                tensors[v_i][m] = dst
+        dst = torch.empty((b, c, s, s), dtype=torch.float32, device="cuda")
+        feed_ndarray(dense, dst, cuda_stream=torch.cuda.current_stream())
+        return dst

@@ -141,15 +141,15 @@ class Loader:
     def render(self, plan: BatchPlan) -> ViewBatch:
         """Execute a plan with this loader's backend."""
         idx = plan.indices
-        needed = {m for v in plan.views for m in v.modalities}
-        tiles = {m: [self.shards.tile(int(i), m) for i in idx] for m in sorted(needed)}
-        if self.backend == "dali":
+        if self.backend == "dali":  # reads the stored chunks itself: decoding may happen on the GPU
             from terrafm.data.dali_path import DaliRenderer
 
             if self._dali is None:
                 self._dali = DaliRenderer(self)
-            views = self._dali.render(plan, tiles)
+            views = self._dali.render(plan)
         else:
+            needed = {m for v in plan.views for m in v.modalities}
+            tiles = {m: [self.shards.tile(int(i), m) for i in idx] for m in sorted(needed)}
             views = [View({m: self._render_one(tiles[m], m, v) for m in v.modalities}) for v in plan.views]
         counts = self.shards.class_counts[idx]
         majority = np.where(counts.sum(axis=1) > 0, counts.argmax(axis=1), -1)

@@ -256,36 +256,78 @@ class ShardSet:
                 self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[shard]
 
-    def tile(self, i: int, modality: str) -> np.ndarray:
-        """(C, T, T) tile of record i in its storage dtype (uint16 / float16); zero-copy when raw."""
-        if not self.has(i, modality):
-            raise KeyError(f"record {i} ({self.keys[i]}) has no {modality!r} tile")
+    def _verify(self, i: int, modality: str) -> None:
+        """crc32 of every chunk of record i's `modality`, once per process."""
+        if not self.verify_checksums or self._verified[modality][i]:
+            return
         buf = self._map(int(self.shard_of[i]))
         off, nb = self.offset[modality][i], self.nbytes[modality][i]
+        for b in range(len(off)):
+            got = zlib.crc32(memoryview(buf)[off[b]:off[b] + nb[b]])
+            if got != self.crc32[modality][i, b]:
+                raise ChecksumError(
+                    f"{self._bin_names[self.shard_of[i]]}: record {i} ({self.keys[i]}) {modality} band "
+                    f"{self.modalities[modality].bands[b]}: crc32 {got:#010x} != stored "
+                    f"{int(self.crc32[modality][i, b]):#010x}; the shard is corrupt, re-run `terrafm prepare`")
+        self._verified[modality][i] = True
+
+    def chunks(self, i: int, modality: str, band_index: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """The stored chunks of record i's `modality` bands `band_index` (default all), as DALI's inflate takes them.
+
+        Returns (data, offsets, sizes): data a zero-copy uint8 view of the record's contiguous chunk span in
+        the memory map, offsets / sizes (C,) int32 of each chunk in `data`, in band_index order. Decoded,
+        chunk k is a C-order (T, T) array of the modality's storage dtype (raw: the bytes themselves; lz4:
+        one LZ4 block without size prefix or frame, what nvCOMP's batched LZ4 decodes).
+        """
+        if not self.has(i, modality):
+            raise KeyError(f"record {i} ({self.keys[i]}) has no {modality!r} tile")
+        self._verify(i, modality)
+        off, nb = self.offset[modality][i], self.nbytes[modality][i]
+        band_index = np.arange(len(off)) if band_index is None else np.asarray(band_index)
+        start, end = int(off.min()), int((off + nb).max())
+        data = np.frombuffer(self._map(int(self.shard_of[i])), np.uint8, count=end - start, offset=start)
+        return data, (off[band_index] - start).astype(np.int32), nb[band_index].astype(np.int32)
+
+    def tile(self, i: int, modality: str) -> np.ndarray:
+        """(C, T, T) tile of record i in its storage dtype (uint16 / float16); zero-copy when raw."""
+        data, offsets, sizes = self.chunks(i, modality)
         dtype = np.dtype(self.modalities[modality].dtype)
-        c, t = len(off), self.tile_size
-        if self.verify_checksums and not self._verified[modality][i]:
-            for b in range(c):
-                got = zlib.crc32(memoryview(buf)[off[b]:off[b] + nb[b]])
-                if got != self.crc32[modality][i, b]:
-                    raise ChecksumError(
-                        f"{self._bin_names[self.shard_of[i]]}: record {i} ({self.keys[i]}) {modality} band "
-                        f"{self.modalities[modality].bands[b]}: crc32 {got:#010x} != stored "
-                        f"{int(self.crc32[modality][i, b]):#010x}; the shard is corrupt, re-run `terrafm prepare`")
-            self._verified[modality][i] = True
+        c, t = len(offsets), self.tile_size
         if self.codec == "raw":
-            return np.frombuffer(buf, dtype=dtype, count=c * t * t, offset=int(off[0])).reshape(c, t, t)
-        out = np.empty((c, t, t), dtype)
-        for b in range(c):
-            block = _lz4()
-            try:
-                raw = block.decompress(memoryview(buf)[off[b]:off[b] + nb[b]], uncompressed_size=t * t * dtype.itemsize)
-                out[b] = np.frombuffer(raw, dtype).reshape(t, t)
-            except (block.LZ4BlockError, ValueError) as err:
-                raise ShardError(f"{self._bin_names[self.shard_of[i]]}: record {i} ({self.keys[i]}) {modality} band "
-                                 f"{self.modalities[modality].bands[b]} does not decode ({err}); the shard is "
-                                 "corrupt, re-run `terrafm prepare`") from err
-        return out
+            return data[:c * t * t * dtype.itemsize].view(dtype).reshape(c, t, t)
+        try:
+            return decode_chunks(data, offsets, sizes, (t, t), dtype)
+        except ChunkDecodeError as err:
+            raise ShardError(f"{self._bin_names[self.shard_of[i]]}: record {i} ({self.keys[i]}) {modality} band "
+                             f"{self.modalities[modality].bands[err.chunk]} does not decode ({err}); the shard is "
+                             "corrupt, re-run `terrafm prepare`") from err
+
+
+class ChunkDecodeError(ValueError):
+    """Chunk `chunk` of a decode_chunks call is not an LZ4 block of the expected size."""
+
+    def __init__(self, chunk: int, message: str):
+        super().__init__(message)
+        self.chunk = chunk
+
+
+def decode_chunks(data: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, shape: tuple[int, ...],
+                  dtype: np.dtype) -> np.ndarray:
+    """Host LZ4 decode with fn.decoders.inflate's contract: chunk k = data[offsets[k]:offsets[k] + sizes[k]] is
+    one raw LZ4 block that inflates to `shape` of `dtype`; the result is (len(offsets), *shape)."""
+    block = _lz4()
+    dtype = np.dtype(dtype)
+    out = np.empty((len(offsets), *shape), dtype)
+    nbytes = out[0].nbytes if len(out) else 0
+    for k, (o, n) in enumerate(zip(offsets, sizes, strict=True)):
+        try:
+            raw = block.decompress(memoryview(data)[o:o + n], uncompressed_size=nbytes)
+        except block.LZ4BlockError as err:
+            raise ChunkDecodeError(k, str(err)) from err
+        if len(raw) != nbytes:
+            raise ChunkDecodeError(k, f"inflates to {len(raw)} bytes, not the {nbytes} of {shape} {dtype}")
+        out[k] = np.frombuffer(raw, dtype).reshape(shape)
+    return out
 
 
 def write_index(shard_dir: Path, meta: dict) -> None:

@@ -1,0 +1,128 @@
+"""The DALI GPU decode path: the LZ4 chunk layout `terrafm prepare` writes is the one fn.decoders.inflate takes,
+and the DALI graph (everything but inflate on CPU) renders the same views as the numpy reference."""
+
+import io
+
+import lz4.block
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+import torch
+
+from terrafm import backends, ops
+from terrafm.data.config import DataConfig
+from terrafm.data.loader import build_loader
+from terrafm.data.prepare import convert
+from terrafm.data.shards import ShardSet, decode_chunks
+
+TILE = 60  # tests/data/conftest.py's sample set
+
+LZ4_FRAME_MAGIC = b"\x04\x22\x4d\x18"  # lz4.frame output starts with it; nvCOMP's batched LZ4 wants bare blocks
+needs_dali = pytest.mark.skipif(not backends.dali().usable, reason="needs DALI (pip install terrafm[dali])")
+
+
+@pytest.fixture(scope="module")
+def lz4_shards(sample_parquet, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lz4")
+    convert([sample_parquet], out, tile_size=TILE, codec="lz4", workers=0, progress=False)
+    return out
+
+
+def _inflate_on_cpu(data, offsets, sizes, shape, dtype):
+    """What fn.decoders.inflate computes, with python-lz4's block API: one bare LZ4 block per chunk -> (k, *shape)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    return np.stack([np.frombuffer(lz4.block.decompress(bytes(data[o:o + n]), uncompressed_size=nbytes), dtype)
+                     .reshape(shape) for o, n in zip(offsets, sizes, strict=True)])
+
+
+def test_lz4_chunks_are_the_layout_inflate_takes(lz4_shards, sample_shards):
+    """Per record and modality: offsets/sizes (int32) into one byte sample, shape (T, T), the storage dtype."""
+    lz, raw = ShardSet(lz4_shards), ShardSet(sample_shards)
+    assert list(lz.keys) == list(raw.keys)
+    for m, info in lz.modalities.items():
+        for i in range(len(lz)):
+            data, offsets, sizes = lz.chunks(i, m)
+            assert data.dtype == np.uint8 and data.ndim == 1
+            assert offsets.dtype == np.int32 and sizes.dtype == np.int32  # DALI's chunk argument type
+            assert (offsets >= 0).all() and (offsets + sizes <= len(data)).all() and (sizes > 0).all()
+            for o in offsets:
+                assert bytes(data[o:o + 4]) != LZ4_FRAME_MAGIC
+            decoded = _inflate_on_cpu(data, offsets, sizes, (TILE, TILE), info.dtype)
+            np.testing.assert_array_equal(decoded, raw.tile(i, m))
+
+
+def test_lz4_chunks_decode_to_the_source_pixels(lz4_shards, sample_parquet):
+    """B04 (a 10 m band) of every S2 L2A record against the GeoTIFF in the Major-TOM parquet it came from."""
+    s = ShardSet(lz4_shards)
+    band = s.modalities["s2_l2a"].bands.index("B04")
+    checked = 0
+    for f in sorted(sample_parquet.rglob("*.parquet")):
+        if "L2A" not in str(f):
+            continue
+        table = pq.read_table(f, columns=["grid_cell", "B04"]).to_pylist()
+        for row in table:
+            cell = tifffile.imread(io.BytesIO(row["B04"]))
+            for i in np.flatnonzero([k.startswith(row["grid_cell"] + "/") for k in s.keys]):
+                r, c = (int(x) for x in s.keys[i].split("/")[1].split("_"))
+                data, offsets, sizes = s.chunks(int(i), "s2_l2a", np.array([band]))
+                got = _inflate_on_cpu(data, offsets, sizes, (TILE, TILE), np.uint16)[0]
+                np.testing.assert_array_equal(got, cell[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE])
+                checked += 1
+    assert checked == len(s)
+
+
+def test_band_subset_reads_only_those_chunks(lz4_shards):
+    s = ShardSet(lz4_shards)
+    bands = np.array([3, 2, 1])
+    data, offsets, sizes = s.chunks(5, "s2_l1c", bands)
+    np.testing.assert_array_equal(offsets, s.offset["s2_l1c"][5, bands] - s.offset["s2_l1c"][5].min())
+    np.testing.assert_array_equal(decode_chunks(data, offsets, sizes, (TILE, TILE), np.uint16),
+                                  s.tile(5, "s2_l1c")[bands])
+
+
+def test_the_registry_picks_the_chunk_decoder_once():
+    assert ops.choose("shard_decode", "cpu") == "host"
+    assert ops.load("shard_decode", "host") is decode_chunks
+    assert "dali_inflate" not in ops.usable("shard_decode", "cpu")
+    with pytest.raises(RuntimeError, match="runs on cuda only"):
+        ops.choose("shard_decode", "cpu", "dali_inflate")
+    if not backends.cuda().usable:
+        assert ops.choose("shard_decode", "cuda") == "host" and not backends.dali_inflate().usable
+
+
+def _cfg(shards, **kw):
+    base = dict(shard_dir=str(shards), batch_size=4, global_size=40, local_size=16, n_local=2, num_workers=0,
+                backend="numpy", seed=3, p_fused=0.6)
+    return DataConfig(**{**base, **kw})
+
+
+def _assert_same(ref, got, atol):
+    for a, b in zip(ref, got, strict=True):
+        for va, vb in zip(a.global_views + a.local_views, b.global_views + b.local_views, strict=True):
+            assert list(va.tensors) == list(vb.tensors)
+            for m in va.tensors:
+                torch.testing.assert_close(vb.tensors[m].cpu(), va.tensors[m], rtol=1e-5, atol=atol)
+
+
+@needs_dali
+@pytest.mark.parametrize("bands", [{}, {"s2_l2a": ("B04", "B03", "B02")}])
+def test_dali_renders_lz4_shards_like_the_reference(lz4_shards, bands):
+    """CPU: DALI takes the host-inflated bytes through reinterpret; with CUDA the same graph runs inflate."""
+    cfg = dict(bands=bands)
+    numpy_loader = build_loader(_cfg(lz4_shards, **cfg))
+    dali = build_loader(_cfg(lz4_shards, backend="dali", **cfg))
+    plans = [numpy_loader.plan(0, s) for s in range(2)]
+    _assert_same([numpy_loader.render(p) for p in plans], [dali.render(p) for p in plans], atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backends.dali_inflate().usable, reason="needs CUDA and DALI's GPU inflate operator")
+def test_gpu_inflate_renders_like_the_reference(lz4_shards):
+    numpy_loader = build_loader(_cfg(lz4_shards))
+    dali = build_loader(_cfg(lz4_shards, backend="dali"))
+    plan = numpy_loader.plan(0, 0)
+    got = dali.render(plan)
+    assert dali._dali.inflate and got.global_views[0].tensors[plan.views[0].modalities[0]].is_cuda
+    _assert_same([numpy_loader.render(plan)], [got], atol=1e-3)
