@@ -9,7 +9,7 @@ is decoded once and cut into every view of the batch:
             decode: fn.decoders.inflate (GPU LZ4, chunk offsets/sizes, shape (T, T), storage dtype) when the op
                     registry's `shard_decode` is dali_inflate; fn.reinterpret for raw shards
             per view: slice (the plan's box) -> cast fp32 -> resize (linear, no antialias) -> flip
-                    -> (x - mean) * inv_std  => CUDA tensors
+                    -> cast to the storage dtype  => CUDA tensors, normalised by the loader's DeviceStage
 Without CUDA the same graph runs on DALI's CPU backend (device_id=None) with `shard_decode` = host: the host
 inflates LZ4 chunks with the same offsets/sizes/shape/dtype (shards.decode_chunks) and reinterpret takes its
 bytes, so CPU tests cover every operator but inflate. Views that do not draw the modality get a 1 px placeholder
@@ -70,9 +70,8 @@ class DaliRenderer:
                       exec_dynamic=True, prefetch_queue_depth=1)
         def views():
             data = fn.external_source(name="data")
-            mean, inv_std = fn.external_source(name="mean"), fn.external_source(name="inv_std")
             if self.gpu:
-                data, mean, inv_std = data.gpu(), mean.gpu(), inv_std.gpu()
+                data = data.gpu()
             if inflate is not None:
                 tile = inflate(data, chunk_offsets=fn.external_source(name="offsets"),
                                chunk_sizes=fn.external_source(name="sizes"), shape=[t, t], dtype=dtype, layout="HW",
@@ -87,7 +86,9 @@ class DaliRenderer:
                               antialias=False, dtype=types.FLOAT)
                 x = fn.flip(x, horizontal=fn.external_source(name=f"hflip{v}"),
                             vertical=fn.external_source(name=f"vflip{v}"))
-                outputs.append((x - mean) * inv_std)
+                x = fn.cast(x, dtype=dtype)  # uint16 rounds half up and saturates, like views.to_storage
+                # torch has no DALI uint16 conversion: hand the bits over as int16, viewed back in _to_torch
+                outputs.append(fn.reinterpret(x, dtype=types.INT16) if dtype == types.UINT16 else x)
             return tuple(outputs)
 
         pipe = views()
@@ -114,8 +115,6 @@ class DaliRenderer:
         if not self.inflate:
             del feeds["offsets"], feeds["sizes"]
         b = len(plan.indices)
-        feeds["mean"] = [ld.mean[modality].reshape(-1, 1, 1)] * b
-        feeds["inv_std"] = [(1.0 / ld.std[modality]).astype(np.float32).reshape(-1, 1, 1)] * b
         placeholder = np.array([0, 0, 1, 1], np.int32)
         for v, view in enumerate(plan.views):
             used = modality in view.modalities
@@ -130,7 +129,7 @@ class DaliRenderer:
         return feeds
 
     def render(self, plan):
-        """The plan's views: [View] with {modality: (B, C, s, s) float32} on CUDA (or the host without CUDA)."""
+        """The plan's views: [View] with {modality: (B, C, s, s) storage dtype} on CUDA (the host without CUDA)."""
         from terrafm.data.views import View
 
         tensors = [dict() for _ in plan.views]
@@ -144,18 +143,19 @@ class DaliRenderer:
                 outputs = pipe.run()
                 for v, view in enumerate(plan.views):
                     if m in view.modalities:
-                        tensors[v][m] = self._to_torch(outputs[v], len(plan.indices), len(self.loader.band_index[m]),
-                                                       view.size)
+                        tensors[v][m] = self._to_torch(outputs[v], len(plan.indices), m, view.size)
         return [View({m: t[m] for m in v.modalities}) for t, v in zip(tensors, plan.views, strict=True)]
 
-    def _to_torch(self, out, b: int, c: int, s: int) -> torch.Tensor:
-        dense = out.as_tensor()
+    def _to_torch(self, out, b: int, modality: str, s: int) -> torch.Tensor:
+        dense, dtype = out.as_tensor(), self.loader.storage_dtype[modality]
+        bits = torch.int16 if dtype == torch.uint16 else dtype
+        shape = (b, len(self.loader.band_index[modality]), s, s)
         if not self.gpu:
-            dst = self.loader._empty(b, c, s)
+            dst = self.loader._empty(*shape[:3], bits)
             dst.copy_(torch.from_numpy(np.asarray(dense)))
-            return dst
+            return dst.view(dtype)
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        dst = torch.empty((b, c, s, s), dtype=torch.float32, device="cuda")
+        dst = torch.empty(shape, dtype=bits, device="cuda")
         feed_ndarray(dense, dst, cuda_stream=torch.cuda.current_stream())
-        return dst
+        return dst.view(dtype)

@@ -4,8 +4,15 @@ The loader is an iterable of ViewBatch. One epoch = this rank's share of the sam
 into batches; batch `step` of `epoch` is a pure function of (seed, epoch, step, rank), so resuming
 from `state_dict()` (epoch, step) reproduces the rest of the epoch exactly, whatever the path.
 Batches are prepared `num_workers` ahead on threads (the C++ twin and DALI release the GIL).
+
+Host -> device: the renderers produce views in the modalities' storage dtype (uint16 S2, float16 S1; half the
+bytes of float32), in pinned memory when the device is CUDA. The DeviceStage copies them non_blocking on a side
+stream and normalises and casts them there, IN_FLIGHT batches deep, so the copy of batch k + 1 overlaps the step
+on batch k. On CPU the stage runs the same code with no stream; the stream and pinning are the only things that
+depend on the device, chosen once when the loader is built.
 """
 
+import contextlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +24,10 @@ from terrafm.data.config import DataConfig
 from terrafm.data.landcover import NUM_CLASSES
 from terrafm.data.sampler import LandCoverSampler
 from terrafm.data.shards import ShardSet
-from terrafm.data.views import BatchPlan, View, ViewBatch, make_plan, render_view_numpy
+from terrafm.data.views import BatchPlan, View, ViewBatch, make_plan, normalise, render_view_numpy, to_storage
+
+IN_FLIGHT = 2  # batches on their way to the device (copied / normalised) while the trainer steps on another
+TORCH_STORAGE = {np.dtype(np.uint16): torch.uint16, np.dtype(np.float16): torch.float16}
 
 
 def resolve_backend(name: str) -> str:
@@ -26,10 +36,49 @@ def resolve_backend(name: str) -> str:
     return ops.choose("view_rendering", "cuda" if backends.cuda().usable else "cpu", name)
 
 
+class DeviceStage:
+    """Host ViewBatch in storage dtypes -> ViewBatch on `device`, normalised, in `dtype`.
+
+    start() issues the copy and the normalisation (on a side stream with CUDA) and returns at once; finish()
+    makes the caller's stream wait for them before the tensors are used."""
+
+    def __init__(self, device: torch.device, mean: dict, std: dict, dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = device, dtype
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.mean = {m: torch.as_tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device) for m, v in mean.items()}
+        self.inv_std = {m: (1.0 / torch.as_tensor(v, dtype=torch.float32)).view(-1, 1, 1).to(device)
+                        for m, v in std.items()}
+
+    def start(self, batch: ViewBatch) -> tuple[ViewBatch, object]:
+        if self.stream is not None:  # DALI's CUDA outputs were written on the caller's stream
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            def move(views: list[View]) -> list[View]:
+                return [View({m: normalise(x.to(self.device, non_blocking=True), self.mean[m], self.inv_std[m],
+                                           self.dtype) for m, x in v.tensors.items()}) for v in views]
+
+            out = ViewBatch(move(batch.global_views), move(batch.local_views),
+                            batch.majority_class.to(self.device, non_blocking=True),
+                            batch.index.to(self.device, non_blocking=True))
+            done = self.stream.record_event() if self.stream is not None else None
+        return out, done
+
+    def finish(self, started: tuple[ViewBatch, object]) -> ViewBatch:
+        batch, done = started
+        if done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            for t in [t for v in batch.global_views + batch.local_views for t in v.tensors.values()] + [
+                    batch.majority_class, batch.index]:
+                t.record_stream(current)  # allocated on the side stream, used on this one
+        return batch
+
+
 class Loader:
     """Iterable of ViewBatch for one rank; see module docstring."""
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device: str | torch.device = "cpu"):
         from terrafm.data.sample import ensure_sample_shards
 
         cfg.validate()
@@ -54,7 +103,10 @@ class Loader:
             info = self.shards.modalities[m]
             idx = np.array([info.bands.index(b) for b in cfg.band_list(m)], np.int64)
             self.band_index[m], self.mean[m], self.std[m] = idx, info.mean[idx].copy(), info.std[idx].copy()
-        self.pin = cfg.pin_memory and backends.cuda().usable
+        self.storage_dtype = {m: TORCH_STORAGE[np.dtype(self.shards.modalities[m].dtype)] for m in cfg.modalities}
+        self.device = torch.device(device)
+        self.pin = cfg.pin_memory and self.device.type == "cuda"
+        self.stage = DeviceStage(self.device, self.mean, self.std)
         self._dali = None
         self.epoch, self.step = 0, 0
 
@@ -115,31 +167,46 @@ class Loader:
         return make_plan(self.cfg, self.batch_indices(epoch, step), self.shards.tile_size, epoch, step, self.rank)
 
     def __iter__(self):
+        """Device batches, IN_FLIGHT deep; self.step counts the batches handed out (what a resume continues from)."""
         epoch, n = self.epoch, len(self)
+        in_flight: deque = deque()
+        for batch in self._host_batches(epoch, self.step, n):
+            in_flight.append(self.stage.start(batch))
+            if len(in_flight) == IN_FLIGHT:
+                self.step += 1
+                yield self.stage.finish(in_flight.popleft())
+        while in_flight:
+            self.step += 1
+            yield self.stage.finish(in_flight.popleft())
+        self.epoch, self.step = epoch + 1, 0
+
+    def _host_batches(self, epoch: int, first: int, n: int):
+        """Host batches first..n-1 of `epoch`, rendered `num_workers` ahead on threads."""
         workers = self.cfg.num_workers
         pool = ThreadPoolExecutor(workers) if workers > 0 else None
         pending: deque = deque()
-        next_step = self.step
+        next_step = first
         try:
-            while self.step < n:
+            for step in range(first, n):
                 while pool is not None and next_step < n and len(pending) < 2 * workers:
-                    pending.append(pool.submit(self.render, self.plan(epoch, next_step)))
+                    pending.append(pool.submit(self.render_host, self.plan(epoch, next_step)))
                     next_step += 1
-                batch = pending.popleft().result() if pool is not None else self.render(self.plan(epoch, self.step))
-                self.step += 1
-                yield batch
-            self.epoch, self.step = epoch + 1, 0
+                yield pending.popleft().result() if pool is not None else self.render_host(self.plan(epoch, step))
         finally:
             for f in pending:
                 f.cancel()
             if pool is not None:
                 pool.shutdown(wait=True)
 
-    def _empty(self, b: int, c: int, s: int) -> torch.Tensor:
-        return torch.empty((b, c, s, s), dtype=torch.float32, pin_memory=self.pin)
+    def _empty(self, b: int, c: int, s: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty((b, c, s, s), dtype=dtype, pin_memory=self.pin)
 
     def render(self, plan: BatchPlan) -> ViewBatch:
-        """Execute a plan with this loader's backend."""
+        """Execute a plan with this loader's backend, then the device stage: what iterating yields for it."""
+        return self.stage.finish(self.stage.start(self.render_host(plan)))
+
+    def render_host(self, plan: BatchPlan) -> ViewBatch:
+        """Execute a plan with this loader's backend: views in the storage dtypes (on CUDA already with DALI)."""
         idx = plan.indices
         if self.backend == "dali":  # reads the stored chunks itself: decoding may happen on the GPU
             from terrafm.data.dali_path import DaliRenderer
@@ -158,19 +225,23 @@ class Loader:
                          torch.from_numpy(idx.astype(np.int64)))
 
     def _render_one(self, tiles: list[np.ndarray], m: str, view) -> torch.Tensor:
-        out = self._empty(len(tiles), len(self.band_index[m]), view.size)
+        c = len(self.band_index[m])
+        out = self._empty(len(tiles), c, view.size, self.storage_dtype[m])
         if self.backend == "cpp":
             from terrafm import _C
 
             half = tiles[0].dtype == np.float16
             src = [t.view(np.uint16) if half else t for t in tiles]
-            _C.render_view(src, half, self.band_index[m], self.mean[m], self.std[m], view.boxes, view.flips,
-                           out.numpy(), self.cfg.cpp_threads)
+            resized = torch.empty((len(tiles), c, view.size, view.size), dtype=torch.float32)
+            _C.render_view(src, half, self.band_index[m], np.zeros(c, np.float32), np.ones(c, np.float32),
+                           view.boxes, view.flips, resized.numpy(), self.cfg.cpp_threads)
+            out.copy_(to_storage(resized, out.dtype))
         else:
-            render_view_numpy(tiles, self.band_index[m], self.mean[m], self.std[m], view, out)
+            render_view_numpy(tiles, self.band_index[m], view, out)
         return out
 
 
-def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loader:
-    """The data loader of one rank: iterable of ViewBatch with set_epoch / state_dict / class_frequency."""
-    return Loader(cfg, rank=rank, world_size=world_size, seed=seed)
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device: str | torch.device = "cpu") -> Loader:
+    """The data loader of one rank: iterable of ViewBatch on `device` with set_epoch / state_dict / class_frequency."""
+    return Loader(cfg, rank=rank, world_size=world_size, seed=seed, device=device)

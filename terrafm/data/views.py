@@ -9,8 +9,9 @@ view is one tensor per modality. With probability p_fused a view draws a subset 
 configured modalities (Case N, fused by the model); otherwise one modality (Case 1), uniformly.
 Crops follow random-resized-crop: area share in scale, aspect ratio log-uniform in ratio, integer box
 inside the tile; the same box and flips for every modality of a view (tiles are co-registered).
-A view's pixels: crop -> bilinear resize (align_corners=False, no antialias) -> (x - mean) / std
-per band -> flips.
+A view's pixels: crop -> bilinear resize (align_corners=False, no antialias) -> flips -> the storage
+dtype (uint16 rounded half up, float16), in which the host hands views over (half the bytes of float32) ->
+on the device (x - mean) / std per band, cast to the compute dtype.
 """
 
 import math
@@ -25,7 +26,8 @@ from terrafm.data.config import DataConfig
 
 @dataclass
 class View:
-    """One crop of one batch: modality -> (B, C, h, w) float32, normalised; 2+ keys = Case N (fused)."""
+    """One crop of one batch: modality -> (B, C, h, w); 2+ keys = Case N (fused). What the loader yields is
+    normalised float32 on its device; between its host renderers and its device stage, the storage dtype."""
     tensors: dict[str, torch.Tensor]
 
 
@@ -99,16 +101,28 @@ def make_plan(cfg: DataConfig, indices: np.ndarray, tile_size: int, epoch: int, 
     return BatchPlan(np.asarray(indices, np.int64), globals_, locals_)
 
 
-def render_view_numpy(tiles: list[np.ndarray], band_index: np.ndarray, mean: np.ndarray, std: np.ndarray,
-                      view: ViewPlan, out: torch.Tensor) -> None:
-    """Reference executor: fill out (B, C, s, s) float32 from per-sample (C_all, T, T) storage tiles."""
+def to_storage(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Resized float pixels -> the modality's storage dtype, the compact form views cross PCIe in: uint16 rounds
+    half up (floor(x + 0.5), as DALI's cast does for x >= 0) and saturates; float16 rounds to nearest."""
+    if dtype == torch.uint16:
+        return torch.floor(x + 0.5).clamp_(0, 65535).to(dtype)
+    return x.to(dtype)
+
+
+def normalise(x: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Storage-dtype views (B, C, h, w) -> (x - mean) * inv_std in `dtype`; mean / inv_std (C, 1, 1) float32.
+
+    Runs where x is (on the GPU after the transfer); the same code on CPU tensors in tests."""
+    return ((x.to(torch.float32) - mean) * inv_std).to(dtype)
+
+
+def render_view_numpy(tiles: list[np.ndarray], band_index: np.ndarray, view: ViewPlan, out: torch.Tensor) -> None:
+    """Reference executor: fill out (B, C, s, s) in the storage dtype from per-sample (C_all, T, T) storage tiles
+    (crop -> bilinear resize -> flips -> to_storage; normalise() follows on the device)."""
     s = view.size
-    mean_t = torch.from_numpy(mean).view(-1, 1, 1)
-    inv_t = torch.from_numpy((1.0 / std).astype(np.float32)).view(-1, 1, 1)
     for i, tile in enumerate(tiles):
         top, left, h, w = (int(v) for v in view.boxes[i])
         crop = torch.from_numpy(np.ascontiguousarray(tile[band_index, top:top + h, left:left + w]).astype(np.float32))
         x = F.interpolate(crop[None], size=(s, s), mode="bilinear", align_corners=False, antialias=False)[0]
-        x = (x - mean_t) * inv_t
         dims = [d for d, f in ((2, view.flips[i, 0]), (1, view.flips[i, 1])) if f]
-        out[i] = torch.flip(x, dims) if dims else x
+        out[i] = to_storage(torch.flip(x, dims) if dims else x, out.dtype)

@@ -203,7 +203,7 @@ def _memory_gb(device: torch.device) -> float:
 def train(cfg: Config, resume: bool | str | Path = False, loader: Any = None) -> TrainResult:
     """Pretrain as configured. resume: False (fresh run; error if the run has checkpoints), True (the
     run's latest checkpoint when there is one) or a checkpoint path. `loader` replaces the configured
-    one (tests); by default terrafm.data.loader.build_loader(cfg.data, rank, world_size, seed)."""
+    one (tests); by default terrafm.data.loader.build_loader(cfg.data, rank, world_size, seed, device)."""
     env = init_distributed(cfg)
     try:
         return _train(cfg, env, resume, loader)
@@ -266,7 +266,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
         from terrafm.data.shards import ShardError
 
         try:
-            loader = build_loader(cfg.data, env.rank, env.world_size, t.seed)
+            loader = build_loader(cfg.data, env.rank, env.world_size, t.seed, device=env.device)
         except (ShardError, FileNotFoundError, ValueError) as err:
             raise SetupError(f"cannot read the training data: {err}") from err
     check_epoch(cfg, len(loader), env.world_size)
