@@ -20,14 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--ops", default=None, help="kernels section: comma-separated ops (default: all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--data-dir", default=None,
+                        help="data section: a shard directory written by `terrafm prepare` to measure, with the host "
+                             "cores a node needs (default: the bundled synthetic sample shards)")
     parser.add_argument("--nvlink-gb-s", type=float, default=900.0,
                         help="comm section: NVLink bandwidth per GPU within a node, GB/s (default: 900, H100)")
     parser.add_argument("--ib-gbit-s", type=float, default=400.0,
                         help="comm section: InfiniBand per NIC, Gbit/s (default: 400, NDR)")
     parser.add_argument("--nics-per-node", type=int, default=8, help="comm section: NICs per node (default: 8)")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="comm section: GPUs per node (default: 8)")
+    parser.add_argument("--gpus-per-node", type=int, default=8,
+                        help="comm and data sections: GPUs per node (default: 8)")
     parser.add_argument("--mfu", type=float, default=1.0,
-                        help="comm section: achieved fraction of the bf16 peak for the step's compute time "
+                        help="comm and data sections: achieved fraction of the bf16 peak for the step's compute time "
                              "(default: 1.0, the roofline floor: efficiencies are then lower bounds)")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                         help="print a markdown diff of two bench.json files and exit")
@@ -93,9 +97,15 @@ def run(args: argparse.Namespace) -> int:
 
             sections["step"] = step.run(device, args.quick, _log)
         elif name == "data":
+            from terrafm.data.shards import ShardError
+
             from . import data
 
-            sections["data"] = data.run(args.quick, _log)
+            try:
+                sections["data"] = data.run(args.quick, _log, args.data_dir, args.mfu, args.gpus_per_node)
+            except (ShardError, ValueError) as err:
+                print(f"terrafm bench: {err}", file=sys.stderr)
+                return 2
         elif name == "roofline":
             from . import roofline
 

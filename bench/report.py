@@ -62,11 +62,23 @@ def markdown(result: dict) -> str:
         lines += _table(["config", "backbone", "head", "batch", "precision", "img/s", "MFU", "peak mem", "note"],
                         rows)
     if "data" in sections:
-        lines += ["## Data paths (sample shards)", ""]
-        rows = [[r["path"], _fmt(r.get("tiles_per_s")), _fmt(r.get("views_per_s")), r.get("backend", "-"),
-                 r.get("skipped", "")] for r in sections["data"].get("rows", [])]
-        lines += _table(["path", "tiles/s", "views/s", "backend", "skipped"], rows) if rows else \
-            [f"skipped: {sections['data'].get('skipped')}", ""]
+        data = sections["data"]
+        mods = ", ".join(f"{m} {c} bands" for m, c in data.get("modalities", {}).items())
+        lines += [f"## Data paths ({data.get('shard_dir')}: {data.get('tile_size')} px tiles, {mods})", ""]
+        rows = [[r["path"], _fmt(r.get("tiles_per_s")), _fmt(r.get("views_per_s")), _fmt(r.get("tiles_per_core_s")),
+                 r.get("backend", "-"), r.get("skipped", "")] for r in data.get("rows", [])]
+        lines += _table(["path", "tiles/s", "views/s", "tiles/s per core", "backend", "skipped"], rows) if rows else \
+            [f"skipped: {data.get('skipped')}", ""]
+        demand = data.get("demand")
+        if demand:
+            lines += [f"Host cores needed: {demand['model']} on {demand['gpu']} at {demand['mfu']:.0%} of the bf16 "
+                      f"peak trains on {demand['tiles_per_s']:.0f} tiles/s per GPU ({demand['batch_per_gpu']} tiles "
+                      f"per {demand['step_s'] * 1e3:.0f} ms step); goal at most {data['cores_per_gpu_goal']} cores "
+                      "per GPU.", ""]
+            lines += _table(["path", "tiles/s per core", "cores per GPU", "cores per node", "within goal"],
+                            [[b["path"], _fmt(b["tiles_per_core_s"]), _fmt(b["cores_per_gpu"]),
+                              _fmt(b["cores_per_node"]), "yes" if b["within_goal"] else "no"]
+                             for b in data.get("budget", [])])
     if "roofline" in sections:
         lines += ["## Roofline floor (bf16 dense peak and HBM bandwidth)", ""]
         rows = [[r["op"], r["shape"], f"{r['flops'] / 1e9:.3g}", f"{r['bytes'] / 1e6:.3g}", _fmt(r["intensity"]),

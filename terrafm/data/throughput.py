@@ -5,7 +5,9 @@ without CUDA), and "geotiff_baseline": what a user would write without terrafm, 
 Major-TOM GeoTIFF bytes of every band with tifffile, replicate 20/60 m bands to 10 m, then crop,
 resize and normalise each view with torch ops (torchvision does not import beside the CPU torch
 wheel here, so its RandomResizedCrop is replaced by the same F.interpolate call it makes).
-A tile is one sampled location; views/s counts (n_global + n_local) views per tile.
+A tile is one sampled location; views/s counts (n_global + n_local) views per tile. tiles_per_core_s divides
+the tiles by the CPU seconds the process spent (all threads: workers, the C++ pool, DALI's), so it is the
+per-core rate whatever the thread counts, the figure a node's core budget needs.
 """
 
 import io
@@ -33,19 +35,20 @@ def _measure_loader(cfg: DataConfig, seconds: float) -> dict:
         raise ValueError(f"the loader yields no batch: data.batch_size={cfg.batch_size} is larger than the "
                          "data set per rank; lower data.batch_size or point it at more data")
     n_views = cfg.n_global + cfg.n_local
-    batches, start = 0, None
+    batches, start, cpu_start = 0, None, None
     while start is None or time.perf_counter() - start < seconds:
         for _ in loader:
             if start is None:  # the first batch warms up (pipeline build, page cache, threads)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
             else:
                 batches += 1
             if start is not None and time.perf_counter() - start >= seconds:
                 break
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     tiles = batches * cfg.batch_size
     return {"tiles_per_s": tiles / elapsed, "views_per_s": tiles * n_views / elapsed, "batches": batches,
-            "seconds": elapsed, "backend": loader.backend}
+            "seconds": elapsed, "cpu_seconds": cpu, "tiles_per_core_s": tiles / max(cpu, 1e-9),
+            "backend": loader.backend}
 
 
 def _measure_geotiff(cfg: DataConfig, parquet_file: Path, seconds: float) -> dict:
@@ -57,7 +60,7 @@ def _measure_geotiff(cfg: DataConfig, parquet_file: Path, seconds: float) -> dic
     rows = [{b: table[b][r].as_py() for b in bands} for r in range(table.num_rows)]
     n_views = cfg.n_global + cfg.n_local
     mean, std = torch.full((len(bands), 1, 1), 1500.0), torch.full((len(bands), 1, 1), 1200.0)
-    tiles, start, step = 0, time.perf_counter(), 0
+    tiles, start, cpu_start, step = 0, time.perf_counter(), time.process_time(), 0
     while time.perf_counter() - start < seconds or tiles == 0:
         row = rows[step % len(rows)]
         planes = [tifffile.imread(io.BytesIO(row[b])) for b in bands]
@@ -74,21 +77,27 @@ def _measure_geotiff(cfg: DataConfig, parquet_file: Path, seconds: float) -> dic
                 x = x.flip(2)
         tiles += 1
         step += 1
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"tiles_per_s": tiles / elapsed, "views_per_s": tiles * n_views / elapsed, "batches": tiles,
-            "seconds": elapsed, "backend": "tifffile+torch"}
+            "seconds": elapsed, "cpu_seconds": cpu, "tiles_per_core_s": tiles / max(cpu, 1e-9),
+            "backend": "tifffile+torch"}
 
 
 def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str, ...] = PATHS,
                   parquet_dir: str | Path | None = None, batch_size: int = 16, n_local: int = 8,
                   global_size: int = 224, local_size: int = 96, num_workers: int = 2) -> list[dict]:
-    """One dict per path: {path, tiles_per_s, views_per_s, batches, seconds, backend} or {path, skipped}.
+    """One dict per path: {path, tiles_per_s, views_per_s, tiles_per_core_s, batches, seconds, cpu_seconds,
+    backend} or {path, skipped}.
 
-    parquet_dir (baseline input) defaults to <shard_dir>/../parquet, where ensure_sample_shards puts it.
+    The loader paths draw views from every modality the shards hold. parquet_dir (baseline input) defaults to
+    <shard_dir>/../parquet, where ensure_sample_shards puts it.
     """
+    from terrafm.data.shards import ShardSet
+
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
         raise ValueError(f"unknown throughput paths {unknown}; expected a subset of {PATHS}")
+    modalities = tuple(ShardSet(shard_dir, verify_checksums=False).modalities)
     results = []
     for path in paths:
         row = {"path": path}
@@ -109,7 +118,7 @@ def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str,
             row["skipped"] = avail.detail
         else:
             cfg = DataConfig(shard_dir=str(shard_dir), batch_size=batch_size, n_local=n_local, global_size=global_size,
-                             local_size=local_size, backend=path, num_workers=num_workers)
+                             local_size=local_size, backend=path, num_workers=num_workers, modalities=modalities)
             row.update(_measure_loader(cfg, seconds))
         results.append(row)
     return results
