@@ -22,7 +22,7 @@ import threading
 import numpy as np
 import torch
 
-from terrafm import backends, ops
+from terrafm import ops
 
 
 def dali_inflate():
@@ -46,9 +46,8 @@ def _contiguous(data: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> np.
 class DaliRenderer:
     def __init__(self, loader):
         self.loader = loader
-        self.gpu = backends.cuda().usable
-        self.inflate = loader.shards.codec == "lz4" and ops.choose(
-            "shard_decode", "cuda" if self.gpu else "cpu") == "dali_inflate"
+        self.gpu = loader.device.type == "cuda"  # DALI runs where the loader delivers
+        self.inflate = loader.shards.codec == "lz4" and ops.choose("shard_decode", loader.device.type) == "dali_inflate"
         self.host_decode = ops.load("shard_decode", "host")
         self._lock = threading.Lock()
         self.pipes = {}
@@ -63,7 +62,7 @@ class DaliRenderer:
         dtype = {np.dtype(np.uint16): types.UINT16, np.dtype(np.float16): types.FLOAT16}[
             np.dtype(ld.shards.modalities[modality].dtype)]
         n_views = cfg.n_global + cfg.n_local
-        device_id = torch.cuda.current_device() if self.gpu else None
+        device_id = self.loader.device.index if self.gpu else None
         inflate = ops.load("shard_decode", "dali_inflate")() if self.inflate else None
 
         @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.cpp_threads or 2), device_id=device_id,
@@ -156,6 +155,6 @@ class DaliRenderer:
             return dst.view(dtype)
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        dst = torch.empty(shape, dtype=bits, device="cuda")
-        feed_ndarray(dense, dst, cuda_stream=torch.cuda.current_stream())
+        dst = torch.empty(shape, dtype=bits, device=self.loader.device)
+        feed_ndarray(dense, dst, cuda_stream=torch.cuda.current_stream(self.loader.device))
         return dst.view(dtype)

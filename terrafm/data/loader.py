@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from terrafm import backends, ops
+from terrafm import ops
 from terrafm.data.config import DataConfig
 from terrafm.data.landcover import NUM_CLASSES
 from terrafm.data.sampler import LandCoverSampler
@@ -30,10 +30,10 @@ IN_FLIGHT = 2  # batches on their way to the device (copied / normalised) while 
 TORCH_STORAGE = {np.dtype(np.uint16): torch.uint16, np.dtype(np.float16): torch.float16}
 
 
-def resolve_backend(name: str) -> str:
-    """The op registry's `view_rendering` choice for data.backend `name`: 'auto' -> dali on CUDA (when
-    installed), else cpp (when built), else numpy; an explicit name that cannot run here raises."""
-    return ops.choose("view_rendering", "cuda" if backends.cuda().usable else "cpu", name)
+def resolve_backend(name: str, device: str = "cpu") -> str:
+    """The op registry's `view_rendering` choice for data.backend `name` on the loader's device: 'auto' -> dali
+    on CUDA (when installed), else cpp (when built), else numpy; an explicit name that cannot run here raises."""
+    return ops.choose("view_rendering", device, name)
 
 
 class DeviceStage:
@@ -97,7 +97,6 @@ class Loader:
         if len(self.records) == 0:
             raise ValueError(f"no location in {self.shards.root} has all of {cfg.modalities}")
         self.sampler = LandCoverSampler(self.shards.class_counts[self.records], cfg.beta, rank, world_size, self.seed)
-        self.backend = resolve_backend(cfg.backend)
         self.band_index, self.mean, self.std = {}, {}, {}
         for m in cfg.modalities:
             info = self.shards.modalities[m]
@@ -105,6 +104,9 @@ class Loader:
             self.band_index[m], self.mean[m], self.std[m] = idx, info.mean[idx].copy(), info.std[idx].copy()
         self.storage_dtype = {m: TORCH_STORAGE[np.dtype(self.shards.modalities[m].dtype)] for m in cfg.modalities}
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # pin the index: worker threads start on cuda:0
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.backend = resolve_backend(cfg.backend, self.device.type)
         self.pin = cfg.pin_memory and self.device.type == "cuda"
         self.stage = DeviceStage(self.device, self.mean, self.std)
         self._dali = None

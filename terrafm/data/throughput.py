@@ -30,7 +30,7 @@ PATHS = ("geotiff_baseline", "numpy", "cpp", "dali")
 def _measure_loader(cfg: DataConfig, seconds: float) -> dict:
     from terrafm.data.loader import build_loader
 
-    loader = build_loader(cfg)
+    loader = build_loader(cfg, device="cuda" if backends.cuda().usable else "cpu")  # as training: H2D included
     if len(loader) == 0:  # the loop below would wait forever for a first batch
         raise ValueError(f"the loader yields no batch: data.batch_size={cfg.batch_size} is larger than the "
                          "data set per rank; lower data.batch_size or point it at more data")
