@@ -36,7 +36,9 @@ def budget(rows: list[dict], demand: dict, gpus_per_node: int = 8) -> list[dict]
         per_gpu = demand["tiles_per_s"] / r["tiles_per_core_s"]
         out.append({"path": r["path"], "tiles_per_core_s": r["tiles_per_core_s"], "cores_per_gpu": per_gpu,
                     "cores_per_node": per_gpu * gpus_per_node, "gpus_per_node": gpus_per_node,
-                    "within_goal": per_gpu <= CORES_PER_GPU_GOAL})
+                    "within_goal": per_gpu <= CORES_PER_GPU_GOAL,
+                    # what crosses PCIe per GPU at that rate, where the path knows its bytes (stored chunks)
+                    "h2d_gb_s": demand["tiles_per_s"] * r["bytes_per_tile"] / 1e9 if "bytes_per_tile" in r else None})
     return out
 
 
@@ -63,9 +65,10 @@ def run(quick: bool, log, data_dir: str | None = None, mfu: float = 1.0, gpus_pe
     log(f"  {MODEL} on one {demand['gpu']} at {demand['mfu']:.0%} of the bf16 peak: {demand['step_s'] * 1e3:.0f} ms "
         f"per step of {demand['batch_per_gpu']} tiles = {demand['tiles_per_s']:.0f} tiles/s per GPU")
     for b in plan:
+        h2d = f", {b['h2d_gb_s']:.1f} GB/s host to device per GPU" if b["h2d_gb_s"] is not None else ""
         log(f"  {b['path']:18s} {b['cores_per_gpu']:6.1f} host cores per GPU, {b['cores_per_node']:6.1f} per "
             f"{gpus_per_node}-GPU node ({'within' if b['within_goal'] else 'over'} the goal of "
-            f"{CORES_PER_GPU_GOAL} per GPU)")
+            f"{CORES_PER_GPU_GOAL} per GPU){h2d}")
     return {"shard_dir": str(shard_dir), "tile_size": shards.tile_size,
             "modalities": {m: len(i.bands) for m, i in shards.modalities.items()}, "rows": rows,
             "demand": demand, "budget": plan, "cores_per_gpu_goal": CORES_PER_GPU_GOAL}

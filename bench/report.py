@@ -75,9 +75,10 @@ def markdown(result: dict) -> str:
                       f"peak trains on {demand['tiles_per_s']:.0f} tiles/s per GPU ({demand['batch_per_gpu']} tiles "
                       f"per {demand['step_s'] * 1e3:.0f} ms step); goal at most {data['cores_per_gpu_goal']} cores "
                       "per GPU.", ""]
-            lines += _table(["path", "tiles/s per core", "cores per GPU", "cores per node", "within goal"],
+            lines += _table(["path", "tiles/s per core", "cores per GPU", "cores per node", "within goal",
+                             "host to device GB/s per GPU"],
                             [[b["path"], _fmt(b["tiles_per_core_s"]), _fmt(b["cores_per_gpu"]),
-                              _fmt(b["cores_per_node"]), "yes" if b["within_goal"] else "no"]
+                              _fmt(b["cores_per_node"]), "yes" if b["within_goal"] else "no", _fmt(b.get("h2d_gb_s"))]
                              for b in data.get("budget", [])])
     if "roofline" in sections:
         lines += ["## Roofline floor (bf16 dense peak and HBM bandwidth)", ""]

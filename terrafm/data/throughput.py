@@ -1,10 +1,12 @@
 """Data-path throughput for `terrafm bench`: tiles/s and views/s of each read path, side by side.
 
 Paths: "numpy" (torch reference executor), "cpp" (csrc twin), "dali" (DALI pipeline; CPU backend
-without CUDA), and "geotiff_baseline": what a user would write without terrafm, i.e. decode the
-Major-TOM GeoTIFF bytes of every band with tifffile, replicate 20/60 m bands to 10 m, then crop,
-resize and normalise each view with torch ops (torchvision does not import beside the CPU torch
-wheel here, so its RandomResizedCrop is replaced by the same F.interpolate call it makes).
+without CUDA), "gpu_decode_host" (the host's whole share of the DALI GPU decode path: read the chunks the
+batch's views need and copy them once into a staging buffer, as external_source does into pinned memory;
+decoding and views run on the GPU and are not part of it), and "geotiff_baseline": what a user would
+write without terrafm, i.e. decode the Major-TOM GeoTIFF bytes of every band with tifffile, replicate 20/60 m
+bands to 10 m, then crop, resize and normalise each view with torch ops (torchvision does not import beside
+the CPU torch wheel here, so its RandomResizedCrop is replaced by the same F.interpolate call it makes).
 A tile is one sampled location; views/s counts (n_global + n_local) views per tile. tiles_per_core_s divides
 the tiles by the CPU seconds the process spent (all threads: workers, the C++ pool, DALI's), so it is the
 per-core rate whatever the thread counts, the figure a node's core budget needs.
@@ -24,7 +26,7 @@ from terrafm import backends
 from terrafm.data.config import DataConfig
 from terrafm.data.views import make_plan
 
-PATHS = ("geotiff_baseline", "numpy", "cpp", "dali")
+PATHS = ("geotiff_baseline", "numpy", "cpp", "dali", "gpu_decode_host")
 
 
 def _measure_loader(cfg: DataConfig, seconds: float) -> dict:
@@ -49,6 +51,40 @@ def _measure_loader(cfg: DataConfig, seconds: float) -> dict:
     return {"tiles_per_s": tiles / elapsed, "views_per_s": tiles * n_views / elapsed, "batches": batches,
             "seconds": elapsed, "cpu_seconds": cpu, "tiles_per_core_s": tiles / max(cpu, 1e-9),
             "backend": loader.backend}
+
+
+def _measure_host_read(cfg: DataConfig, seconds: float) -> dict:
+    """What the host does per batch on the DALI GPU decode path: ShardSet.chunks of every record and modality the
+    batch's views draw, each span copied once into a reused staging buffer."""
+    from terrafm.data.loader import build_loader
+
+    loader = build_loader(cfg)  # for its sampler, plans and band selection; nothing is rendered
+    staging = np.empty(0, np.uint8)
+    n_views = cfg.n_global + cfg.n_local
+    nbytes = 0
+
+    def read(step: int) -> int:
+        nonlocal staging, nbytes
+        plan = loader.plan(0, step % len(loader))
+        for m in sorted({m for v in plan.views for m in v.modalities}):
+            for i in plan.indices:
+                data, _, _ = loader.shards.chunks(int(i), m, loader.band_index[m])
+                if len(staging) < len(data):
+                    staging = np.empty(len(data), np.uint8)
+                np.copyto(staging[:len(data)], data)
+                nbytes += len(data)
+        return len(plan.indices)
+
+    read(0)  # warm-up: page cache, checksums (verified once per process)
+    nbytes = 0
+    tiles, step, start, cpu_start = 0, 1, time.perf_counter(), time.process_time()
+    while time.perf_counter() - start < seconds or tiles == 0:
+        tiles += read(step)
+        step += 1
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"tiles_per_s": tiles / elapsed, "views_per_s": tiles * n_views / elapsed, "batches": step - 1,
+            "seconds": elapsed, "cpu_seconds": cpu, "tiles_per_core_s": tiles / max(cpu, 1e-9),
+            "bytes_per_tile": nbytes / tiles, "backend": "host reads only (GPU decode not measured)"}
 
 
 def _measure_geotiff(cfg: DataConfig, parquet_file: Path, seconds: float) -> dict:
@@ -113,12 +149,14 @@ def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str,
                 row.update(_measure_geotiff(cfg, files[0], seconds))
             results.append(row)
             continue
-        avail = {"numpy": backends.Availability(True, ""), "cpp": backends.csrc(), "dali": backends.dali()}[path]
+        avail = {"numpy": backends.Availability(True, ""), "cpp": backends.csrc(), "dali": backends.dali(),
+                 "gpu_decode_host": backends.Availability(True, "")}[path]
         if not avail.usable:
             row["skipped"] = avail.detail
         else:
             cfg = DataConfig(shard_dir=str(shard_dir), batch_size=batch_size, n_local=n_local, global_size=global_size,
-                             local_size=local_size, backend=path, num_workers=num_workers, modalities=modalities)
-            row.update(_measure_loader(cfg, seconds))
+                             local_size=local_size, backend="numpy" if path == "gpu_decode_host" else path,
+                             num_workers=num_workers, modalities=modalities)
+            row.update(_measure_host_read(cfg, seconds) if path == "gpu_decode_host" else _measure_loader(cfg, seconds))
         results.append(row)
     return results

@@ -33,12 +33,14 @@ def test_gpu_demand_is_the_roofline_step_rate_of_vit_b():
 
 def test_budget_divides_the_gpu_demand_by_the_per_core_rate():
     demand = {"tiles_per_s": 600.0}
-    rows = [{"path": "cpp", "tiles_per_core_s": 200.0}, {"path": "numpy", "tiles_per_core_s": 100.0},
+    rows = [{"path": "cpp", "tiles_per_core_s": 200.0},
+            {"path": "gpu_decode_host", "tiles_per_core_s": 100.0, "bytes_per_tile": 1e6},
             {"path": "dali", "skipped": "not installed"}]
     plan = data_bench.budget(rows, demand, gpus_per_node=8)
-    assert [b["path"] for b in plan] == ["cpp", "numpy"]
+    assert [b["path"] for b in plan] == ["cpp", "gpu_decode_host"]
     assert plan[0]["cores_per_gpu"] == pytest.approx(3.0) and plan[0]["cores_per_node"] == pytest.approx(24.0)
     assert plan[0]["within_goal"] and not plan[1]["within_goal"]  # 6 cores per GPU > the goal of 4
+    assert plan[0]["h2d_gb_s"] is None and plan[1]["h2d_gb_s"] == pytest.approx(0.6)
 
 
 def test_bench_measures_a_prepared_shard_set(shard_dir, tmp_path, capsys):

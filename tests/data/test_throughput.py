@@ -4,10 +4,10 @@ from terrafm.data.throughput import measure_paths
 
 
 def test_measure_paths_reports_each_path(sample_shards, sample_parquet):
-    rows = measure_paths(sample_shards, seconds=0.2, paths=("geotiff_baseline", "numpy", "cpp"),
+    rows = measure_paths(sample_shards, seconds=0.2, paths=("geotiff_baseline", "numpy", "cpp", "gpu_decode_host"),
                          parquet_dir=sample_parquet, batch_size=2, n_local=1, global_size=32, local_size=16,
                          num_workers=0)
-    assert [r["path"] for r in rows] == ["geotiff_baseline", "numpy", "cpp"]
+    assert [r["path"] for r in rows] == ["geotiff_baseline", "numpy", "cpp", "gpu_decode_host"]
     for r in rows:
         if "skipped" not in r:
             assert r["tiles_per_s"] > 0 and r["views_per_s"] == pytest.approx(3 * r["tiles_per_s"])
