@@ -334,6 +334,9 @@ def _validate_ops(prefs: dict[str, str]) -> None:
         if op == "view_rendering":
             raise ConfigError("the view_rendering backend is set by data.backend (auto | numpy | cpp | dali), "
                               "not ops.view_rendering")
+        if op == "shard_decode":
+            raise ConfigError("ops.shard_decode is not a choice: the DALI loader inflates LZ4 chunks on the GPU "
+                              "whenever it runs on CUDA (data.backend=dali), on the host otherwise")
         if op not in ops.REGISTRY:
             raise ConfigError(f"config key 'ops.{op}': unknown op; ops are {', '.join(ops.REGISTRY)}")
         names = list(ops.REGISTRY[op].backends) + ["auto"]

@@ -43,6 +43,7 @@ def test_unknown_key_names_itself_and_lists_the_valid_ones():
     ("train.max_nonfinite_grad_steps=0", "train.max_nonfinite_grad_steps must be >= 1"),
     ("model.name=vit_g", "model.name 'vit_g' is not a model"),
     ("model.fusion=false", "model.fusion=false has no fusion parameters, but data.p_fused=0.5"),
+    ("ops.shard_decode=host", "ops.shard_decode is not a choice"),
 ])
 def test_bad_values_are_reported_clearly(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
