@@ -49,6 +49,9 @@ class DaliRenderer:
         self.gpu = loader.device.type == "cuda"  # DALI runs where the loader delivers
         self.inflate = loader.shards.codec == "lz4" and ops.choose("shard_decode", loader.device.type) == "dali_inflate"
         self.host_decode = ops.load("shard_decode", "host")
+        # outputs are copied out on a stream of our own and complete when render() returns (a worker thread
+        # waits for them), so the loader's side stream reads them without waiting on the compute stream
+        self.stream = torch.cuda.Stream(loader.device) if self.gpu else None
         self._lock = threading.Lock()
         self.pipes = {}
 
@@ -143,6 +146,8 @@ class DaliRenderer:
                 for v, view in enumerate(plan.views):
                     if m in view.modalities:
                         tensors[v][m] = self._to_torch(outputs[v], len(plan.indices), m, view.size)
+                if self.stream is not None:  # the copies are done before DALI may reuse its output buffers
+                    self.stream.synchronize()
         return [View({m: t[m] for m in v.modalities}) for t, v in zip(tensors, plan.views, strict=True)]
 
     def _to_torch(self, out, b: int, modality: str, s: int) -> torch.Tensor:
@@ -155,6 +160,7 @@ class DaliRenderer:
             return dst.view(dtype)
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        dst = torch.empty(shape, dtype=bits, device=self.loader.device)
-        feed_ndarray(dense, dst, cuda_stream=torch.cuda.current_stream(self.loader.device))
+        with torch.cuda.stream(self.stream):  # allocated in the stream's order, so no pending reader of the block
+            dst = torch.empty(shape, dtype=bits, device=self.loader.device)
+            feed_ndarray(dense, dst, cuda_stream=self.stream)
         return dst.view(dtype)

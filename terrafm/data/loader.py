@@ -49,13 +49,16 @@ class DeviceStage:
         self.inv_std = {m: (1.0 / torch.as_tensor(v, dtype=torch.float32)).view(-1, 1, 1).to(device)
                         for m, v in std.items()}
 
+    def _normalise(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        y = x.to(self.device, non_blocking=True)
+        if y is x and self.stream is not None:  # already on the GPU (DALI, complete): read on the side stream
+            x.record_stream(self.stream)
+        return normalise(y, self.mean[modality], self.inv_std[modality], self.dtype)
+
     def start(self, batch: ViewBatch) -> tuple[ViewBatch, object]:
-        if self.stream is not None:  # DALI's CUDA outputs were written on the caller's stream
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             def move(views: list[View]) -> list[View]:
-                return [View({m: normalise(x.to(self.device, non_blocking=True), self.mean[m], self.inv_std[m],
-                                           self.dtype) for m, x in v.tensors.items()}) for v in views]
+                return [View({m: self._normalise(x, m) for m, x in v.tensors.items()}) for v in views]
 
             out = ViewBatch(move(batch.global_views), move(batch.local_views),
                             batch.majority_class.to(self.device, non_blocking=True),
