@@ -8,12 +8,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tifffile
+import torch
 
 from terrafm import backends, ops
 from terrafm.data.config import DataConfig
 from terrafm.data.loader import build_loader
 from terrafm.data.prepare import convert
 from terrafm.data.shards import ShardSet, decode_chunks
+from terrafm.data.views import to_storage
 
 TILE = 60  # tests/data/conftest.py's sample set
 
@@ -112,3 +114,23 @@ def test_gpu_inflate_renders_like_the_reference(lz4_shards, assert_same_host_vie
     plan = dali.plan(0, 0)
     assert dali.render_host(plan).global_views[0].tensors[plan.views[0].modalities[0]].is_cuda and dali._dali.inflate
     assert_same_host_views(build_loader(_cfg(lz4_shards)), dali)
+
+
+@needs_dali
+def test_to_storage_rounds_like_dalis_cast():
+    """Ties (frequent: bilinear weights are often 1/4, 3/4) must round the same way on every path."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    x = np.array([0.5, 1.5, 2.5, 3.49, 3.5, 65534.5, 65535.6, 70000.0, 1234.25], np.float32)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def cast():
+        return fn.cast(fn.external_source(name="x"), dtype=types.UINT16)
+
+    pipe = cast()
+    pipe.build()
+    pipe.feed_input("x", [x])
+    dali = np.asarray(pipe.run()[0].as_tensor())[0]
+    ours = to_storage(torch.from_numpy(x), torch.uint16).numpy()
+    np.testing.assert_array_equal(ours, dali)
+    np.testing.assert_array_equal(ours, [1, 2, 3, 3, 4, 65535, 65535, 65535, 1234])
