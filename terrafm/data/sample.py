@@ -21,6 +21,7 @@ GeoTIFF in its own column at its native resolution, as in Major-TOM Core):
                                     WorldCover collection; real runs join ESA WorldCover 2021 the same way)
 """
 
+import fcntl
 import io
 import os
 from pathlib import Path
@@ -210,8 +211,13 @@ def ensure_sample_shards(root: str | Path | None = None, seed: int = 0, cells: i
     shard_dir = root / "shards"
     if (shard_dir / INDEX_NAME).exists():
         return shard_dir
-    parquet_dir = root / "parquet"
-    if not (parquet_dir / "Core-WorldCover" / "part_00000.parquet").exists():
-        write_sample_parquet(parquet_dir, seed=seed, cells=cells, tile_size=tile_size)
-    convert([parquet_dir], shard_dir, tile_size=tile_size, workers=0, progress=False)
+    root.mkdir(parents=True, exist_ok=True)
+    # One writer at a time: processes that share the cache (test workers, ranks, two runs) wait for the first.
+    with open(root / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shard_dir / INDEX_NAME).exists():
+            parquet_dir = root / "parquet"
+            if not (parquet_dir / "Core-WorldCover" / "part_00000.parquet").exists():
+                write_sample_parquet(parquet_dir, seed=seed, cells=cells, tile_size=tile_size)
+            convert([parquet_dir], shard_dir, tile_size=tile_size, workers=0, progress=False)
     return shard_dir

@@ -75,3 +75,20 @@ def test_texture_grain_shows_in_spatial_structure_but_not_in_band_statistics():
 def test_record_keys_name_their_cell(tmp_path):
     s = ShardSet(ensure_sample_shards(tmp_path, cells=3, tile_size=30))
     assert sorted({cell_of_key(str(k)) for k in s.keys}) == [0, 1, 2]
+
+
+def test_processes_sharing_the_cache_generate_it_once(tmp_path):
+    """Two processes (test workers, ranks, two runs) asking for a missing sample at once: one generates it, the
+    other waits and reuses it; both get the same complete shard set."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from terrafm.data.sample import ensure_sample_shards as e; "
+            "print(e(sys.argv[1], seed=3, cells=2, tile_size=30))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outs[0] == outs[1]
+    shards = ShardSet(outs[0])
+    assert len(shards) == 8
+    assert not list((tmp_path).rglob("*.tmp"))
