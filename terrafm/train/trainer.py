@@ -37,6 +37,7 @@ from terrafm.ssl.loss import DINOLoss, high_frequency_classes
 from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch
 from terrafm.ssl.monitors import collapse_state, teacher_monitors
 from terrafm.train import checkpoint
+from terrafm.train.export import input_metadata
 from terrafm.train.metrics import MetricsLogger, backbone_flops, head_flops, peak_flops, plot_curves
 from terrafm.train.parallelize import MESH_DIMS, mesh_shape, parallelize, reshard_model
 
@@ -349,6 +350,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     mesh_text = ("no mesh (train.fsdp=false)" if env.mesh is None else
                  "mesh dp_replicate x dp_shard = {} x {}".format(*env.mesh.shape))
     meta = {"model": to_dict(cfg)["model"], "config": to_dict(cfg), "total_steps": total_steps,
+            "data": input_metadata(loader),
             "mesh": None if env.mesh is None else dict(zip(MESH_DIMS, env.mesh.shape, strict=True))}
     logger = MetricsLogger(run_dir, env.rank, total_steps, step)
     logger.write(f"run {run_dir}: {total_steps} steps ({steps_per_epoch}/epoch), global batch {global_batch}, "

@@ -1,5 +1,6 @@
 """The training loop in-process: monitors are logged, NaN and collapse stop the run clearly, the CLI and export work."""
 
+import json
 import math
 import os
 
@@ -86,7 +87,13 @@ def test_default_pretrain_on_the_sample_tiles_then_export_round_trip(tmp_path, c
         os.umask(old_umask)
     assert out.stat().st_mode & 0o777 == 0o640  # the umask's mode, as open() would give (safetensors: 0600)
     with safe_open(str(out), framework="pt") as f:
-        assert f.metadata()["model"] == "terrafm_tiny"
+        meta = f.metadata()
+    assert meta["model"] == "terrafm_tiny" and meta["s1_scaling"] == "db" and meta["patch_size"] == "16"
+    # the inputs training used, so a user can prepare theirs: bands and per-band statistics per modality
+    config = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())["config"]
+    assert meta["img_size"] == str(config["model"]["img_size"])
+    assert json.loads(meta["bands"])["s1"] == ["VV", "VH"] and len(json.loads(meta["mean"])["s2_l2a"]) == 12
+    assert load_checkpoint(out).input_metadata["std"] == json.loads(meta["std"])
     model = build_model("terrafm_tiny", img_size=64)
     model.load_state_dict(load_file(str(out)), strict=True)
     loaded = load_checkpoint(run_dir)  # the trainer checkpoint directly (teacher, with fusion parameters)
