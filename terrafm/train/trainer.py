@@ -317,7 +317,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     if resume_from is not None:
         try:
             step, rank_state, saved_world = checkpoint.load(resume_from, arch, optimizer, reshard=t.elastic_resume)
-            saved_steps = checkpoint.read_meta(resume_from).get("total_steps")
+            saved_meta = checkpoint.read_meta(resume_from)
+            saved_steps = saved_meta.get("total_steps")
+            saved_s1, s1 = saved_meta.get("data", {}).get("s1_scaling"), input_metadata(loader).get("s1_scaling")
+            if None not in (saved_s1, s1) and saved_s1 != s1:
+                raise ValueError(f"it was trained on S1 in {saved_s1}, data.shard_dir holds S1 in {s1}; convert "
+                                 f"with `terrafm prepare --s1-scaling {saved_s1}` or start a new run")
             epoch, skipped_steps = rank_state["epoch"], rank_state.get("skipped_steps", 0)
             loader.set_epoch(epoch)
             saved_batch = rank_state["loader"].get("batch_size", cfg.data.batch_size)
