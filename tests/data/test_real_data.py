@@ -230,3 +230,15 @@ def test_skipped_s1_product_is_named_and_its_cell_keeps_s2(sample_parquet, tmp_p
     assert "looks like dB" in entry["reason"]
     assert summary["num_records"] == CELLS * 4 and summary["modalities"]["s1"]["tiles"] == (CELLS - 1) * 4
     assert summary["modalities"]["s2_l2a"]["tiles"] == CELLS * 4
+
+
+def test_worldcover_nodata_is_not_counted(sample_parquet, tmp_path):
+    root = _copy(sample_parquet, tmp_path)
+    wc_file = ("Core-WorldCover", "part_00000.parquet")
+    cell = pq.read_table(root.joinpath(*wc_file))["grid_cell"][0].as_py()
+    _edit_band(root, wc_file, "map", 0, lambda a: a.__setitem__((slice(0, 10), slice(0, TILE)), 0))  # no data
+    convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    shards = ShardSet(tmp_path / "out")
+    counts = shards.class_counts
+    assert counts[_key_index(shards, f"{cell}/0_0")].sum() == TILE * TILE - 10 * TILE
+    assert counts[_key_index(shards, f"{cell}/1_1")].sum() == TILE * TILE
