@@ -215,8 +215,9 @@ def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates
         records += n
     if records == 0:
         first = "; ".join(f"{s['file']} [{s['record']}]: {s['reason']}" for s in skipped[:3])
-        raise BadInput(f"nothing written: all {len(skipped)} records of {inputs} were skipped as bad "
-                       f"(first: {first})")
+        empty = sum(s[4] for s in sums.values())
+        raise BadInput(f"nothing written from {inputs}: {len(skipped)} records skipped as bad, {empty} tiles all "
+                       f"nodata" + (f" (first bad: {first})" if first else ""))
     stats = {}
     for m, (s, sq, count, nodata, empty) in sums.items():
         info = MODALITIES[m]
