@@ -58,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
         scores = {k: r[k] for k in ("top1", "f1_macro", "f1_micro", "miou", "pixel_acc") if k in r}
         print(f"{r['probe']:>6} {r['fraction']:>6.0%} labels ({r['train_samples']} samples): "
               + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-    print(f"results: {args.out}/results.json")
+    print(f"normalised with the {results['statistics']} statistics; results: {args.out}/results.json")
     return 0

@@ -18,6 +18,7 @@ import io
 import json
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -309,6 +310,14 @@ def input_statistics(train: EvalSplit, inputs: dict, how: str = "auto") -> tuple
     if mean.shape != (len(want),) or std.shape != (len(want),):
         raise ValueError(f"the checkpoint's {m} statistics have {mean.size} / {std.size} values, expected "
                          f"{len(want)} (one per band of {want})")
+    own, own_std = band_stats(train.images)
+    ratio = own_std / np.maximum(std, 1e-6)
+    far = np.flatnonzero((np.abs(own - mean) > 3 * std) | (ratio < 0.05) | (ratio > 20))
+    if len(far):
+        b = int(far[0])
+        warnings.warn(f"the dataset's {m} band {want[b]} has mean {own[b]:.4g} / std {own_std[b]:.4g}, the "
+                      f"checkpoint was trained on mean {mean[b]:.4g} / std {std[b]:.4g} ({len(far)} band(s) this far "
+                      "apart): other units or scaling? Check the input, or use --normalize dataset", stacklevel=2)
     return mean, np.maximum(std, 1e-6), "checkpoint"
 
 
