@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from terrafm.data import shards, sources
-from terrafm.data.landcover import NUM_CLASSES
+from terrafm.data.landcover import NUM_CLASSES, class_counts
 from terrafm.data.sources import WORLDCOVER, BadInput, Product
 from terrafm.modalities import MODALITIES, MODALITY_NAMES, S1_SCALINGS
 
@@ -53,6 +53,7 @@ def _read_product(p: Product, parquet: sources.ParquetRows, s1_scaling: str) -> 
             arrays[b] = sources.decode_band(Path(path).read_bytes(), b, p)
     data, _ = sources.to_10m(p, arrays)
     if p.modality == WORLDCOVER:
+        sources.worldcover_counts(data[0], p)  # codes outside the legend name this product, before any tile is written
         return data, None
     return sources.storage_tile(p.modality, data, p, s1_scaling)
 
@@ -105,8 +106,7 @@ def run_job(index: int, job: list[list[Product]], out_dir: str, opts: dict, fing
             for r in range(size // t):
                 for c in range(size // t):
                     win = (slice(None), slice(r * t, (r + 1) * t), slice(c * t, (c + 1) * t))
-                    counts = (sources.worldcover_counts(wc[0][win[1:]], cell_products[0]) if wc is not None
-                              else np.zeros(NUM_CLASSES, np.int64))
+                    counts = class_counts(wc[0][win[1:]]) if wc is not None else np.zeros(NUM_CLASSES, np.int64)
                     tiles, nodata = {}, {}
                     for m in images:
                         mask = cell[m][1][win]

@@ -242,3 +242,18 @@ def test_worldcover_nodata_is_not_counted(sample_parquet, tmp_path):
     counts = shards.class_counts
     assert counts[_key_index(shards, f"{cell}/0_0")].sum() == TILE * TILE - 10 * TILE
     assert counts[_key_index(shards, f"{cell}/1_1")].sum() == TILE * TILE
+
+
+def test_a_bad_worldcover_map_is_named_and_its_cell_keeps_the_imagery(sample_parquet, tmp_path):
+    root = _copy(sample_parquet, tmp_path)
+    wc_file = ("Core-WorldCover", "part_00000.parquet")
+    cell = pq.read_table(root.joinpath(*wc_file))["grid_cell"][1].as_py()
+    _edit_band(root, wc_file, "map", 1, lambda a: a.__setitem__((TILE + 5, TILE + 5), 7))  # not a WorldCover code
+    with pytest.raises(BadInput, match=r"Core-WorldCover/part_00000.parquet \(row 1.*codes \[7\] outside the legend"):
+        convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    [entry] = summary["skipped"]
+    assert entry["file"] == str(root.joinpath(*wc_file)) and entry["record"] == "row 1"
+    shards = ShardSet(tmp_path / "skip")
+    i = _key_index(shards, f"{cell}/0_0")
+    assert shards.has(i, "s2_l2a") and shards.class_counts[i].sum() == 0 and len(shards) == CELLS * 4
