@@ -7,6 +7,8 @@ products share the 12 bands of L2A).
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Modality:
@@ -28,6 +30,33 @@ MODALITIES: dict[str, Modality] = {
     "s1": Modality("s1", S1_BANDS, "float16"),
 }
 MODALITY_NAMES = tuple(MODALITIES)
+
+# How `terrafm prepare` stores S1 (a prepare flag, recorded in index.json, checkpoints and exports):
+# "db" = 10 log10(sigma0), floored at S1_DB_FLOOR (the default: the community's S1 statistics are in dB);
+# "linear" = sigma0 as Major-TOM Core-S1RTC ships it.
+S1_SCALINGS = ("db", "linear")
+S1_DB_FLOOR = -50.0  # dB; linear power 1e-5, well below the S1 noise floor (about -25 dB)
+
+# Published per-band statistics of Major-TOM Core (TerraMind v1 pretraining statistics, as released with
+# TerraTorch; S1RTC in dB; L1C without B10). The normalisation itself uses the statistics `terrafm prepare`
+# computes on the user's shards; these are the reference they should come close to, and the value that
+# masked (nodata) pixels carry in the shards, so that such pixels normalise to about 0.
+REFERENCE_STATS: dict[str, dict[str, tuple[float, ...]]] = {
+    "s2_l2a": {"mean": (1390.458, 1503.317, 1718.197, 1853.910, 2199.100, 2779.975, 2987.011, 3083.234, 3132.220,
+                        3162.988, 2424.884, 1857.648),
+               "std": (2106.761, 2141.107, 2038.973, 2134.138, 2085.321, 1889.926, 1820.257, 1871.918, 1753.829,
+                       1797.379, 1434.261, 1334.311)},
+    "s2_l1c": {"mean": (2357.089, 2137.385, 2018.788, 2082.986, 2295.651, 2854.537, 3122.849, 3040.560, 3306.481,
+                        1473.847, 2472.825, 1838.929),
+               "std": (1624.683, 1675.806, 1557.708, 1833.702, 1823.738, 1733.977, 1732.131, 1679.732, 1727.26,
+                       1024.687, 1331.411, 1160.419)},
+    "s1": {"mean": (-10.93, -17.329), "std": (4.391, 4.459)},  # dB
+}
+
+
+def s1_to_db(linear):
+    """10 log10 of S1 linear power, floored at S1_DB_FLOOR (zero and tiny values become the floor)."""
+    return 10.0 * np.log10(np.maximum(linear, 10.0 ** (S1_DB_FLOOR / 10.0)))
 
 
 def get_modality(name: str) -> Modality:

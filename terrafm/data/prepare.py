@@ -3,8 +3,10 @@
 Plan: discover every product, group them by grid cell, sort the cells and cut them into jobs of
 `cells_per_shard`; job i writes shard i. Jobs run in parallel processes; a job whose shard already
 exists with the same fingerprint is skipped (resume). Each cell is split into tiles of tile_size px
-(Major-TOM: 1068 px cells -> 4 tiles of 534). Bad input raises BadInput naming the file and record,
-or with skip_bad the whole cell is skipped and counted in the summary and in index.json.
+(Major-TOM: 1068 px cells -> 4 tiles of 534). S1 is stored in dB by default (s1_scaling). Nodata
+pixels are masked (sources.py), counted per band and left out of the statistics. Bad input raises
+BadInput naming the file and record, or with skip_bad the bad product is skipped (the cell keeps its
+other products) and counted in the summary and in index.json; a run that writes nothing fails.
 """
 
 import argparse
@@ -19,9 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from terrafm.data import shards, sources
-from terrafm.data.landcover import NUM_CLASSES
+from terrafm.data.landcover import NUM_CLASSES, class_counts
 from terrafm.data.sources import WORLDCOVER, BadInput, Product
-from terrafm.modalities import MODALITIES, MODALITY_NAMES
+from terrafm.modalities import MODALITIES, MODALITY_NAMES, S1_SCALINGS
 
 
 def _job_fingerprint(job: list[list[Product]], opts: dict) -> str:
@@ -29,38 +31,62 @@ def _job_fingerprint(job: list[list[Product]], opts: dict) -> str:
     return hashlib.sha1(json.dumps([spec, opts], sort_keys=True).encode()).hexdigest()
 
 
-def _read_cell(products: list[Product], parquet: sources.ParquetRows) -> dict[str, np.ndarray]:
-    """modality -> (C, S, S) 10 m array for one grid cell (worldcover: (1, S, S) uint8)."""
+def _read_product(p: Product, parquet: sources.ParquetRows, s1_scaling: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(stored (C, S, S) 10 m array, nodata mask or None for worldcover) of one product; BadInput names it."""
+    if p.row >= 0:
+        try:
+            raw = parquet.bands(p)
+        except BadInput:
+            raise
+        except Exception as err:
+            raise BadInput(f"{p.where}: cannot read the parquet row ({type(err).__name__}: {err})") from err
+        for value in raw.values():
+            if isinstance(value, BadInput):
+                raise value
+        arrays = {b: sources.decode_band(v, b, p) for b, v in raw.items()}
+    else:
+        arrays = {}
+        for b in sources.expected_bands(p.modality):
+            path = p.band_files.get(b) or p.band_files.get(b.lower())
+            if path is None:
+                raise BadInput(f"{p.where}: missing band {b} (no {b}.tif in the product folder)")
+            arrays[b] = sources.decode_band(Path(path).read_bytes(), b, p)
+    data, _ = sources.to_10m(p, arrays)
+    if p.modality == WORLDCOVER:
+        sources.worldcover_counts(data[0], p)  # codes outside the legend name this product, before any tile is written
+        return data, None
+    return sources.storage_tile(p.modality, data, p, s1_scaling)
+
+
+def _skip_entry(p: Product, err: BadInput) -> dict:
+    return {"file": p.source, "record": f"row {p.row}" if p.row >= 0 else p.product_id, "grid_cell": p.grid_cell,
+            "reason": str(err)}
+
+
+def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict, skipped: list[dict]) -> dict:
+    """modality -> (stored (C, S, S) array, nodata mask) for one grid cell. A bad product raises BadInput, or
+    with skip_bad is left out (its entry names its own file) and the cell keeps its other products."""
     cell, size = {}, None
     for p in products:
-        if p.row >= 0:
-            try:
-                raw = parquet.bands(p)
-            except BadInput:
+        try:
+            data, mask = _read_product(p, parquet, opts["s1_scaling"])
+            if size is not None and data.shape[-1] != size:
+                raise BadInput(f"{p.where}: cell is {data.shape[-1]} px but other products of this cell are "
+                               f"{size} px")
+        except BadInput as err:
+            if not opts["skip_bad"]:
                 raise
-            except Exception as err:
-                raise BadInput(f"{p.where}: cannot read the parquet row ({type(err).__name__}: {err})") from err
-            for value in raw.values():
-                if isinstance(value, BadInput):
-                    raise value
-            arrays = {b: sources.decode_band(v, b, p) for b, v in raw.items()}
-        else:
-            arrays = {}
-            for b in sources.expected_bands(p.modality):
-                path = p.band_files.get(b) or p.band_files.get(b.lower())
-                if path is None:
-                    raise BadInput(f"{p.where}: missing band {b} (no {b}.tif in the product folder)")
-                arrays[b] = sources.decode_band(Path(path).read_bytes(), b, p)
-        data, s = sources.to_10m(p, arrays)
-        if size is not None and s != size:
-            raise BadInput(f"{p.where}: cell is {s} px but other products of this cell are {size} px")
-        size = s
-        cell[p.modality] = data if p.modality == WORLDCOVER else sources.storage_tile(p.modality, data, p)
+            skipped.append(_skip_entry(p, err))
+            continue
+        size = data.shape[-1]
+        cell[p.modality] = (data, mask)
     return cell
 
 
 def run_job(index: int, job: list[list[Product]], out_dir: str, opts: dict, fingerprint: str) -> dict:
-    """Convert the cells of one job into shard `index`; returns {records, skipped}."""
+    """Convert the cells of one job into shard `index`; returns {records, skipped}.
+
+    A modality whose tile is all nodata is left out of that location (counted in the shard as empty tiles)."""
     modalities = opts["modalities"]
     bands = {m: MODALITIES[m].bands for m in modalities}
     parquet = sources.ParquetRows()
@@ -69,24 +95,32 @@ def run_job(index: int, job: list[list[Product]], out_dir: str, opts: dict, fing
     skipped = []
     for cell_products in job:
         try:
-            cell = _read_cell(cell_products, parquet)
-            size = next(iter(cell.values())).shape[-1]
+            cell = _read_cell(cell_products, parquet, opts, skipped)
+            images = [m for m in modalities if m in cell]
+            if not images:
+                continue
+            size = cell[images[0]][0].shape[-1]
             if size % t:
                 raise BadInput(f"{cell_products[0].where}: cell of {size} px is not a multiple of tile_size {t}")
-            wc = cell.get(WORLDCOVER)
+            wc = cell.get(WORLDCOVER, (None,))[0]
             for r in range(size // t):
                 for c in range(size // t):
                     win = (slice(None), slice(r * t, (r + 1) * t), slice(c * t, (c + 1) * t))
-                    counts = (sources.worldcover_counts(wc[0][win[1:]], cell_products[0]) if wc is not None
-                              else np.zeros(NUM_CLASSES, np.int64))
-                    tiles = {m: np.ascontiguousarray(cell[m][win]) for m in modalities if m in cell}
-                    writer.add(f"{cell_products[0].grid_cell}/{r}_{c}", tiles, counts)
+                    counts = class_counts(wc[0][win[1:]]) if wc is not None else np.zeros(NUM_CLASSES, np.int64)
+                    tiles, nodata = {}, {}
+                    for m in images:
+                        mask = cell[m][1][win]
+                        if mask.all():
+                            writer.empty_tiles[m] += 1
+                            continue
+                        tiles[m], nodata[m] = np.ascontiguousarray(cell[m][0][win]), mask
+                    if tiles:
+                        writer.add(f"{cell_products[0].grid_cell}/{r}_{c}", tiles, counts, nodata)
         except BadInput as err:
             if not opts["skip_bad"]:
                 writer._file.close()
                 raise
-            p = cell_products[0]
-            skipped.append({"file": p.source, "record": p.grid_cell, "reason": str(err)})
+            skipped += [_skip_entry(p, err) for p in cell_products]
     writer.skipped = skipped
     writer.close()
     return {"records": len(writer.keys), "skipped": skipped}
@@ -110,16 +144,20 @@ def _plan(products: list[Product], modalities: tuple[str, ...], cells_per_shard:
 
 def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "raw", cells_per_shard: int = 64,
             workers: int | None = None, skip_bad: bool = False, progress: bool = True,
-            modalities: tuple[str, ...] = MODALITY_NAMES) -> dict:
-    """Convert inputs into a shard directory at `out`; returns the summary also stored in index.json."""
+            modalities: tuple[str, ...] = MODALITY_NAMES, s1_scaling: str = "db") -> dict:
+    """Convert inputs into a shard directory at `out`; returns the summary also stored in index.json.
+
+    Raises BadInput when nothing could be written (every record skipped)."""
     if tile_size <= 0 or cells_per_shard <= 0:
         raise ValueError(f"tile_size and cells_per_shard must be positive, got {tile_size}, {cells_per_shard}")
+    if s1_scaling not in S1_SCALINGS:
+        raise ValueError(f"s1_scaling must be one of {S1_SCALINGS}, got {s1_scaling!r}")
     for m in modalities:
         if m not in MODALITIES:
             raise ValueError(f"unknown modality {m!r}; expected a subset of {MODALITY_NAMES}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    products, unknown = sources.discover([Path(i) for i in inputs])
+    products, unknown, metadata = sources.discover([Path(i) for i in inputs])
     if unknown and not skip_bad:
         u = unknown[0]
         raise BadInput(f"{u['file']} ({u['record']}): {u['reason']}; expected MSIL2A / MSIL1C / S1* / WorldCover "
@@ -127,7 +165,8 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
     jobs, duplicates = _plan(products, modalities, cells_per_shard)
     if not jobs:
         raise BadInput(f"no products of {list(modalities)} found under {[str(i) for i in inputs]}")
-    opts = {"tile_size": tile_size, "codec": codec, "modalities": list(modalities), "skip_bad": skip_bad}
+    opts = {"tile_size": tile_size, "codec": codec, "modalities": list(modalities), "skip_bad": skip_bad,
+            "s1_scaling": s1_scaling}
     fps = [_job_fingerprint(job, opts) for job in jobs]
     pending, resumed, rewritten = [], 0, 0
     for i, fp in enumerate(fps):
@@ -152,12 +191,13 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                 f.result()
                 bar.update()
     bar.close()
-    return _write_index(out, len(jobs), opts, unknown, duplicates, resumed, rewritten, [str(i) for i in inputs])
+    return _write_index(out, len(jobs), opts, unknown, duplicates, resumed, rewritten, [str(i) for i in inputs],
+                        metadata)
 
 
 def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates: int, resumed: int, rewritten: int,
-                 inputs: list[str]) -> dict:
-    sums = {m: [0.0, 0.0, 0] for m in opts["modalities"]}
+                 inputs: list[str], metadata: list[str]) -> dict:
+    sums = {m: [0.0, 0.0, 0, 0, 0] for m in opts["modalities"]}  # sum, sumsq, valid px, nodata px, empty tiles
     class_total = np.zeros(NUM_CLASSES, np.int64)
     shard_list, skipped, records, present = [], list(unknown), 0, dict.fromkeys(opts["modalities"], 0)
     for i in range(n_shards):
@@ -166,24 +206,34 @@ def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates
             n = len(z["keys"])
             for m in opts["modalities"]:
                 s = sums[m]
-                s[0], s[1], s[2] = s[0] + z[f"{m}.sum"], s[1] + z[f"{m}.sumsq"], s[2] + int(z[f"{m}.count"])
+                s[0], s[1], s[2] = s[0] + z[f"{m}.sum"], s[1] + z[f"{m}.sumsq"], s[2] + z[f"{m}.count"]
+                s[3], s[4] = s[3] + z[f"{m}.nodata"], s[4] + int(z[f"{m}.empty_tiles"])
                 present[m] += int((z[f"{m}.offset"][:, 0] >= 0).sum())
             class_total += z["class_counts"].sum(axis=0)
             skipped += json.loads(str(z["skipped"]))
         shard_list.append({"name": name, "records": n, "bytes": (out / f"{name}.bin").stat().st_size})
         records += n
+    if records == 0:
+        first = "; ".join(f"{s['file']} [{s['record']}]: {s['reason']}" for s in skipped[:3])
+        empty = sum(s[4] for s in sums.values())
+        raise BadInput(f"nothing written from {inputs}: {len(skipped)} records skipped as bad, {empty} tiles all "
+                       f"nodata" + (f" (first bad: {first})" if first else ""))
     stats = {}
-    for m, (s, sq, count) in sums.items():
-        mean = np.asarray(s) / max(count, 1)
-        std = np.sqrt(np.maximum(np.asarray(sq) / max(count, 1) - mean ** 2, 0.0))
+    for m, (s, sq, count, nodata, empty) in sums.items():
         info = MODALITIES[m]
-        stats[m] = {"bands": list(info.bands), "dtype": info.dtype, "tiles": present[m],
-                    "units": "linear power (sigma0)" if m == "s1" else "reflectance x 1e4",
-                    "mean": np.broadcast_to(mean, (info.channels,)).tolist(),
-                    "std": np.where(np.broadcast_to(std, (info.channels,)) > 0, std, 1.0).tolist()}
+        count = np.broadcast_to(np.asarray(count, np.float64), (info.channels,))
+        mean = np.asarray(s) / np.maximum(count, 1)
+        std = np.sqrt(np.maximum(np.asarray(sq) / np.maximum(count, 1) - mean ** 2, 0.0))
+        units = ("reflectance x 1e4" if m != "s1" else
+                 "dB (10 log10 sigma0)" if opts["s1_scaling"] == "db" else "linear power (sigma0)")
+        nodata = np.broadcast_to(np.asarray(nodata, np.int64), (info.channels,))
+        stats[m] = {"bands": list(info.bands), "dtype": info.dtype, "tiles": present[m], "units": units,
+                    "mean": mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist(),
+                    "nodata_pixels": nodata.tolist(), "empty_tiles": int(empty)}
     summary = {"tile_size": opts["tile_size"], "codec": opts["codec"], "modalities": stats,
                "classes": {"frequency": (class_total / max(class_total.sum(), 1)).tolist(),
                            "pixels": class_total.tolist()},
+               "s1_scaling": opts["s1_scaling"], "metadata_files": metadata,
                "shards": shard_list, "num_records": records, "skipped": skipped,
                "duplicates_dropped": duplicates, "resumed_shards": resumed, "rewritten_shards": rewritten,
                "inputs": inputs}
@@ -199,14 +249,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cells-per-shard", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count; 0 = in-process)")
     parser.add_argument("--modalities", nargs="+", default=list(MODALITY_NAMES), choices=MODALITY_NAMES)
-    parser.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+    parser.add_argument("--s1-scaling", choices=S1_SCALINGS, default="db",
+                        help="store S1 as dB (10 log10 sigma0, floor -50 dB; default) or linear power")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip and count bad products instead of stopping (a cell keeps its good products; "
+                             "fails when nothing is left to write)")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         summary = convert(args.inputs, args.out, args.tile_size, args.codec, args.cells_per_shard, args.workers,
-                          args.skip_bad, not args.no_progress, tuple(args.modalities))
+                          args.skip_bad, not args.no_progress, tuple(args.modalities), args.s1_scaling)
     except BadInput as err:
         print(f"terrafm prepare: bad input: {err}", file=sys.stderr)
         return 2
@@ -218,9 +272,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {summary['num_records']} locations in {len(summary['shards'])} shards to {args.out} "
           f"({summary['resumed_shards']} shards resumed, {summary['rewritten_shards']} incomplete shards rewritten, "
-          f"{summary['duplicates_dropped']} duplicate products dropped)")
+          f"{summary['duplicates_dropped']} duplicate products dropped, "
+          f"{len(summary['metadata_files'])} metadata files read as metadata)")
     for m, s in summary["modalities"].items():
-        print(f"  {m}: {s['tiles']} tiles")
+        share = sum(s["nodata_pixels"]) / max(1, s["tiles"] * summary["tile_size"] ** 2 * len(s["bands"]))
+        print(f"  {m}: {s['tiles']} tiles ({s['units']}), {sum(s['nodata_pixels'])} nodata pixels ({share:.2%}, "
+              f"masked), {s['empty_tiles']} all-nodata tiles left out")
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} bad records:")
         for s in summary["skipped"][:20]:

@@ -205,10 +205,11 @@ def ensure_sample_shards(root: str | Path | None = None, seed: int = 0, cells: i
     """
     from terrafm.data.prepare import convert
     from terrafm.data.shards import INDEX_NAME
+    from terrafm.modalities import S1_SCALINGS
 
     root = Path(root) if root is not None else default_root()
     root = root / f"v{GENERATOR_VERSION}-seed{seed}-cells{cells}-tile{tile_size}"
-    shard_dir = root / "shards"
+    shard_dir = root / f"shards-s1{S1_SCALINGS[0]}"  # a new default S1 scaling gets a fresh conversion
     if (shard_dir / INDEX_NAME).exists():
         return shard_dir
     root.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,18 @@
 """terrafm shard format: co-registered multi-modality tiles, per-band chunks, a numpy index per shard.
 
 A shard directory holds
-    index.json          format version, tile size, codec, per-modality bands/dtype/normalisation
-                        statistics, WorldCover class frequency, the list of shards, skipped inputs
+    index.json          format version, tile size, codec, S1 scaling (db | linear), per-modality
+                        bands/dtype/units/normalisation statistics/nodata counts, WorldCover class
+                        frequency, the list of shards, skipped inputs, metadata files seen
     part-NNNNN.bin      the payload: per record, per modality present, one chunk per band (C-order
                         (T, T) array of the storage dtype: S2 uint16 reflectance x 1e4, S1 float16
-                        linear power), raw or LZ4-block compressed; a record's chunks are contiguous
+                        dB or linear power), raw or LZ4-block compressed; a record's chunks are contiguous;
+                        nodata pixels hold the band's reference mean (sources.py)
     part-NNNNN.npz      the shard's index: keys (N,), class_counts (N, 11) int64 WorldCover pixel counts,
                         per modality m: m.offset / m.nbytes (N, C) int64 (-1 / 0 where absent),
                         m.crc32 (N, C) uint32 of the stored bytes, m.sum / m.sumsq (C,) float64 and
-                        m.count () int64 pixel statistics; fingerprint (the job that wrote it)
+                        m.count (C,) int64 statistics of the valid pixels, m.nodata (C,) int64 masked
+                        pixels, m.empty_tiles () all-nodata tiles left out; fingerprint (the job)
 Files are written to a temporary name and renamed; a shard counts as finished once its .npz exists,
 which is renamed last, and its .bin is as long as the .npz says. Record ids are positions in the
 concatenation of shards in index order. Opening a ShardSet cross-checks index.json, each .npz and the
@@ -77,10 +80,14 @@ class ShardWriter:
         self._crc = {m: [] for m in bands}
         self._sum = {m: np.zeros(len(b)) for m, b in bands.items()}
         self._sumsq = {m: np.zeros(len(b)) for m, b in bands.items()}
-        self._count = dict.fromkeys(bands, 0)
+        self._count = {m: np.zeros(len(b), np.int64) for m, b in bands.items()}
+        self._nodata = {m: np.zeros(len(b), np.int64) for m, b in bands.items()}
+        self.empty_tiles = dict.fromkeys(bands, 0)
 
-    def add(self, key: str, tiles: dict[str, np.ndarray], class_counts: np.ndarray) -> None:
-        """tiles: modality -> (C, T, T) array in the storage dtype; class_counts (11,) pixel counts."""
+    def add(self, key: str, tiles: dict[str, np.ndarray], class_counts: np.ndarray,
+            nodata: dict[str, np.ndarray] | None = None) -> None:
+        """tiles: modality -> (C, T, T) array in the storage dtype; class_counts (11,) pixel counts; nodata:
+        modality -> (C, T, T) bool mask of pixels left out of the statistics (default: none)."""
         t = self.tile_size
         for m, bands in self.bands.items():
             c = len(bands)
@@ -92,9 +99,11 @@ class ShardWriter:
                     raise ValueError(f"record {key}: {m} tile must be ({c}, {t}, {t}) {np.dtype(want)}, "
                                      f"got {tile.shape} {tile.dtype}")
                 values = tile.astype(np.float64).reshape(c, -1)
-                self._sum[m] += values.sum(axis=1)
-                self._sumsq[m] += np.square(values).sum(axis=1)
-                self._count[m] += t * t
+                valid = ~nodata[m].reshape(c, -1) if nodata and m in nodata else np.ones_like(values, bool)
+                self._sum[m] += np.where(valid, values, 0.0).sum(axis=1)
+                self._sumsq[m] += np.where(valid, np.square(values), 0.0).sum(axis=1)
+                self._count[m] += valid.sum(axis=1)
+                self._nodata[m] += t * t - valid.sum(axis=1)
                 for b in range(c):
                     data = np.ascontiguousarray(tile[b]).tobytes()
                     if self.codec == "lz4":
@@ -124,7 +133,8 @@ class ShardWriter:
             arrays[f"{m}.nbytes"] = np.asarray(self._nbytes[m], np.int64).reshape(n, c)
             arrays[f"{m}.crc32"] = np.asarray(self._crc[m], np.uint32).reshape(n, c)
             arrays[f"{m}.sum"], arrays[f"{m}.sumsq"] = self._sum[m], self._sumsq[m]
-            arrays[f"{m}.count"] = np.asarray(self._count[m], np.int64)
+            arrays[f"{m}.count"], arrays[f"{m}.nodata"] = self._count[m], self._nodata[m]
+            arrays[f"{m}.empty_tiles"] = np.asarray(self.empty_tiles[m], np.int64)
         tmp = self.stem.with_suffix(".npz.tmp")
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -185,6 +195,7 @@ class ShardSet:
                              f"{self.meta.get('format')} {self.meta.get('version')}")
         self.tile_size = int(self.meta["tile_size"])
         self.codec = self.meta["codec"]
+        self.s1_scaling = self.meta.get("s1_scaling", "linear")  # shards written before dB was the default
         self.verify_checksums = verify_checksums
         self.modalities = {m: ModalityInfo(tuple(v["bands"]), v["dtype"], np.asarray(v["mean"], np.float32),
                                            np.asarray(v["std"], np.float32))

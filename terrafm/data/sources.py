@@ -3,7 +3,13 @@
 A *product* is one acquisition of one grid cell (one parquet row, or one folder
 <root>/<row>/<grid_cell>/<product_id>/<band>.tif). Its modality comes from the product id
 (MSIL2A -> s2_l2a, MSIL1C -> s2_l1c, S1* -> s1, *WorldCover* -> worldcover). Bands are read with
-tifffile at their native resolution and brought to the 10 m grid by pixel replication.
+tifffile (compressed GeoTIFFs through imagecodecs) at their native resolution and brought to the 10 m grid
+by pixel replication. A parquet file with the metadata columns but no band column (a collection's
+metadata.parquet) is metadata, not data, wherever it sits.
+
+Nodata: S2 pixels at 0 and S1 pixels that are NaN/inf or at a fill value <= S1_FILL_MAX (-32768, -9999) are
+masked per band: they carry the modality's reference mean (modalities.REFERENCE_STATS, in the stored
+scaling), so they normalise to about 0, and they are left out of the normalisation statistics.
 """
 
 import io
@@ -17,11 +23,12 @@ import pyarrow.parquet as pq
 import tifffile
 
 from terrafm.data.landcover import class_counts
-from terrafm.modalities import MODALITIES
+from terrafm.modalities import MODALITIES, REFERENCE_STATS, s1_to_db
 
 WORLDCOVER = "worldcover"
 WORLDCOVER_BAND = "map"
 META_COLUMNS = ("product_id", "grid_cell")
+S1_FILL_MAX = -9999.0  # S1 values at or below this are fill (Major-TOM / RTC products use -32768 or -9999)
 
 
 class BadInput(Exception):
@@ -55,12 +62,13 @@ def modality_of(product_id: str) -> str | None:
     return None
 
 
-def discover(inputs: list[Path]) -> tuple[list[Product], list[dict]]:
+def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
     """All products under the inputs (parquet files, folders of them, GeoTIFF product folders).
 
-    Returns (products, unknown) where unknown lists records whose product id names no modality.
+    Returns (products, unknown, metadata): unknown lists records whose product id names no modality,
+    metadata the parquet files that hold product metadata but no bands (Major-TOM's metadata.parquet).
     """
-    products, unknown = [], []
+    products, unknown, metadata = [], [], []
     for root in map(Path, inputs):
         if not root.exists():
             raise FileNotFoundError(f"input {root} does not exist")
@@ -68,7 +76,8 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict]]:
         tif_dirs = defaultdict(dict)
         for path in files:
             if path.suffix == ".parquet":
-                _discover_parquet(path, products, unknown)
+                if not _discover_parquet(path, products, unknown):
+                    metadata.append(str(path))
             elif path.suffix.lower() in (".tif", ".tiff"):
                 tif_dirs[path.parent][path.stem] = str(path)
         for folder, bands in sorted(tif_dirs.items()):
@@ -77,14 +86,22 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict]]:
                 unknown.append({"file": str(folder), "record": folder.name, "reason": "unknown product id"})
                 continue
             products.append(Product(modality, folder.parent.name, folder.name, str(folder), band_files=bands))
-    return products, unknown
+    return products, unknown, metadata
 
 
-def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) -> None:
+def _band_columns() -> set[str]:
+    names = {WORLDCOVER_BAND} | {b for m in MODALITIES.values() for b in m.bands}
+    return names | {n.lower() for n in names}
+
+
+def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) -> bool:
+    """Add the products of one parquet file; False when it is a metadata file (no band column)."""
     try:
         schema = pq.read_schema(path)
     except Exception as err:
         raise BadInput(f"{path}: not a readable parquet file ({err})") from err
+    if not _band_columns() & set(schema.names):
+        return False
     missing = [c for c in META_COLUMNS if c not in schema.names]
     if missing:
         raise BadInput(f"{path}: missing Major-TOM metadata columns {missing} (has {schema.names[:8]}...)")
@@ -96,6 +113,7 @@ def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) 
             unknown.append({"file": str(path), "record": f"row {row}", "reason": f"unknown product id {pid!r}"})
             continue
         products.append(Product(modality, cell, pid, str(path), row=row))
+    return True
 
 
 def expected_bands(modality: str) -> tuple[str, ...]:
@@ -146,6 +164,9 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
     try:
         array = tifffile.imread(io.BytesIO(data))
     except Exception as err:
+        if "imagecodecs" in str(err):
+            raise BadInput(f"{product.where}: band {band}: the GeoTIFF is compressed with a codec that needs the "
+                           f"imagecodecs package (pip install imagecodecs): {err}") from err
         raise BadInput(f"{product.where}: band {band}: truncated or corrupt GeoTIFF ({type(err).__name__}: {err})") \
             from err
     if array.ndim != 2:
@@ -172,13 +193,30 @@ def to_10m(product: Product, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray,
     return np.stack(out), size
 
 
-def storage_tile(modality: str, cell: np.ndarray, product: Product) -> np.ndarray:
-    """Cast a validated 10 m cell (C, H, W) to its shard dtype (S1: float16 linear power, NaN -> 0)."""
+def nodata_mask(modality: str, cell: np.ndarray) -> np.ndarray:
+    """(C, H, W) bool: S2 pixels at 0, S1 pixels NaN/inf or at a fill value (<= S1_FILL_MAX)."""
+    if modality == "s1":
+        return ~np.isfinite(cell) | (cell <= S1_FILL_MAX)
+    return cell == 0
+
+
+def storage_tile(modality: str, cell: np.ndarray, product: Product, s1_scaling: str = "db"
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(stored cell, nodata mask) of a validated 10 m cell (C, H, W): cast to the shard dtype (S1: float16 in
+    s1_scaling), masked pixels set to the band's reference mean."""
+    mask = nodata_mask(modality, cell)
+    fill = np.asarray(REFERENCE_STATS[modality]["mean"], np.float64)[:, None, None]
     if modality != "s1":
-        return cell
-    if np.nanmin(cell) < 0:
-        raise BadInput(f"{product.where}: S1 has negative values: looks like dB, expected linear power")
-    return np.clip(np.nan_to_num(cell, nan=0.0), 0, 65504).astype(np.float16)
+        return np.where(mask, np.round(fill).astype(np.uint16), cell), mask
+    valid = np.where(mask, 1.0, cell)
+    if valid.min() < 0:
+        raise BadInput(f"{product.where}: S1 has negative values (min {valid.min():.3g}) other than the fill "
+                       f"(<= {S1_FILL_MAX:g}, NaN): looks like dB, expected linear power as Major-TOM Core-S1RTC")
+    if s1_scaling == "db":
+        out = s1_to_db(valid)
+    else:
+        out, fill = valid, 10.0 ** (fill / 10.0)
+    return np.clip(np.where(mask, fill, out), -65504, 65504).astype(np.float16), mask
 
 
 def worldcover_counts(cell_map: np.ndarray, product: Product) -> np.ndarray:

@@ -4,6 +4,7 @@ import argparse
 import pickle
 import sys
 
+from terrafm.eval.data import NORMALIZATIONS
 from terrafm.eval.runner import EvalConfig, evaluate
 
 
@@ -21,7 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for results.json, confusion PNGs and the cache")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--img-size", type=int, default=None, help="resize images to this size (px) first")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="resize images to this size (px) first; a multiple of the patch size (e.g. 120 -> 128)")
+    parser.add_argument("--normalize", default="auto", choices=NORMALIZATIONS,
+                        help="per-band statistics: the checkpoint's training statistics (exports carry them), the "
+                             "train split's own, or auto = the checkpoint's when it has them")
     parser.add_argument("--device", default=None, help="cuda if available, else cpu")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/cache)")
     parser.add_argument("--knn-k", type=int, default=20)
@@ -39,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = EvalConfig(checkpoint=args.checkpoint, data=args.data, format=args.format, out=args.out,
                      probes=tuple(args.probe), modality=args.modality, fractions=tuple(args.fractions),
-                     seed=args.seed, batch_size=args.batch_size, img_size=args.img_size, device=device,
+                     seed=args.seed, batch_size=args.batch_size, img_size=args.img_size, normalize=args.normalize,
+                     device=device,
                      cache_dir=args.cache_dir, knn_k=args.knn_k, knn_temperature=args.knn_temperature,
                      linear_epochs=args.linear_epochs, seg_epochs=args.seg_epochs)
     try:
@@ -52,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
         scores = {k: r[k] for k in ("top1", "f1_macro", "f1_micro", "miou", "pixel_acc") if k in r}
         print(f"{r['probe']:>6} {r['fraction']:>6.0%} labels ({r['train_samples']} samples): "
               + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-    print(f"results: {args.out}/results.json")
+    print(f"normalised with the {results['statistics']} statistics; results: {args.out}/results.json")
     return 0

@@ -8,6 +8,7 @@ and `root/<id>.hdf5` with one 2D dataset per band ("01 - Coastal aerosol", ..., 
 and the label either as a dataset named "label*" (HxW mask; GEO-Bench segmentation), an attribute
 "label", or inside GEO-Bench's pickled attribute dict `attrs["pickle"]` (classification), which is
 read with a restricted unpickler (no geobench install needed, no arbitrary code).
+Images keep their size here; features.extract resizes them (--img-size) before the patch-multiple check.
 Folders: `root/<split>/<class>/*.tif|*.npy` for classification, `root/<split>/images/*` with
 `root/<split>/masks/*` of the same file names for segmentation.
 """
@@ -17,12 +18,13 @@ import io
 import json
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS
+from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, s1_to_db
 
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 S2_WITH_B10 = S2_BANDS[:10] + ("B10",) + S2_BANDS[10:]  # 13-band order of L1C products
@@ -270,6 +272,53 @@ def read_split(root: str | Path, fmt: str, split: str, modality: str = "auto",
     if fmt == "folder":
         return read_folder(root, split, modality, class_names)
     raise ValueError(f"unknown format {fmt!r}; expected 'hdf5' or 'folder'")
+
+
+NORMALIZATIONS = ("auto", "checkpoint", "dataset")
+
+
+def s1_units(images: np.ndarray) -> str:
+    """'db' or 'linear': S1 backscatter in dB is mostly negative, linear power never is."""
+    return "db" if (images < 0).any() else "linear"
+
+
+def to_s1_scaling(images: np.ndarray, scaling: str) -> np.ndarray:
+    """S1 images in `scaling` (db | linear), converted from the units they are in."""
+    have = s1_units(images)
+    if have == scaling:
+        return images
+    return (s1_to_db(images) if scaling == "db" else 10.0 ** (images / 10.0)).astype(np.float32)
+
+
+def input_statistics(train: EvalSplit, inputs: dict, how: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
+    """(mean, std, source) to normalise with: the checkpoint's training statistics (`inputs` = a loaded
+    model's input_metadata) or the train split's own; auto = the checkpoint's when it has them."""
+    if how not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {how!r}")
+    m = train.modality
+    have = m in inputs.get("mean", {}) and m in inputs.get("std", {})
+    if how == "checkpoint" and not have:
+        raise ValueError(f"--normalize checkpoint: the checkpoint carries no {m} statistics (an export of a run "
+                         "that recorded them has); use --normalize dataset")
+    if how == "dataset" or not have:
+        return (*band_stats(train.images), "dataset")
+    bands, want = inputs.get("bands", {}).get(m), list(MODALITIES[m].bands)
+    if bands is not None and list(bands) != want:
+        raise ValueError(f"the checkpoint was trained on {m} bands {list(bands)}; this dataset gives {want}. "
+                         "Use --normalize dataset, or a checkpoint trained on all bands")
+    mean, std = np.asarray(inputs["mean"][m], np.float32), np.asarray(inputs["std"][m], np.float32)
+    if mean.shape != (len(want),) or std.shape != (len(want),):
+        raise ValueError(f"the checkpoint's {m} statistics have {mean.size} / {std.size} values, expected "
+                         f"{len(want)} (one per band of {want})")
+    own, own_std = band_stats(train.images)
+    ratio = own_std / np.maximum(std, 1e-6)
+    far = np.flatnonzero((np.abs(own - mean) > 3 * std) | (ratio < 0.05) | (ratio > 20))
+    if len(far):
+        b = int(far[0])
+        warnings.warn(f"the dataset's {m} band {want[b]} has mean {own[b]:.4g} / std {own_std[b]:.4g}, the "
+                      f"checkpoint was trained on mean {mean[b]:.4g} / std {std[b]:.4g} ({len(far)} band(s) this far "
+                      "apart): other units or scaling? Check the input, or use --normalize dataset", stacklevel=2)
+    return mean, np.maximum(std, 1e-6), "checkpoint"
 
 
 def band_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

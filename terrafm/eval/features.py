@@ -3,7 +3,7 @@
 Classification uses the cls token after the final norm, (N, D); segmentation the normed patch tokens
 of the model's out_indices blocks concatenated, (N, L*D, H/p, W/p). Caches are .npz files named by
 a hash of the checkpoint (path, size, mtime; for a run folder those of the checkpoint it resolves to
-now), dataset path, split, modality, image size and kind.
+now), dataset path, split, modality, image size, kind and input preparation (statistics, S1 scaling).
 """
 
 import hashlib
@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 
 def cache_key(checkpoint: str | Path, data: str | Path, split: str, modality: str, img_size: int | None,
-              kind: str) -> str:
+              kind: str, inputs: str = "") -> str:
+    """inputs: how the images were prepared (normalisation statistics, S1 scaling): other features if it differs."""
     ckpt = Path(checkpoint).resolve()
     if ckpt.is_dir():  # a run folder: key on the checkpoint it resolves to now, so new steps miss the cache
         from terrafm.train.checkpoint import resolve
@@ -26,7 +27,7 @@ def cache_key(checkpoint: str | Path, data: str | Path, split: str, modality: st
     stat = ckpt.stat()
     ident = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime": stat.st_mtime_ns,
              "data": str(Path(data).resolve()), "split": split, "modality": modality,
-             "img_size": img_size, "kind": kind}
+             "img_size": img_size, "kind": kind, "inputs": inputs}
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -42,10 +43,11 @@ def extract(model, images: np.ndarray, modality: str, kind: str = "cls", batch_s
     """Run the frozen backbone over normalised images (N, C, H, W); returns float32 features."""
     if kind not in ("cls", "multiscale"):
         raise ValueError(f"feature kind must be 'cls' or 'multiscale', got {kind!r}")
-    size = img_size or images.shape[-1]
-    if images.shape[-2] % model.patch_size or size % model.patch_size:
+    h, w = (img_size, img_size) if img_size else images.shape[-2:]  # images are resized first, then checked
+    if h % model.patch_size or w % model.patch_size:
+        size = max(h, w)
         raise ValueError(
-            f"image size {images.shape[-2]}x{images.shape[-1]} is not a multiple of the patch size "
+            f"image size {h}x{w}{' (--img-size)' if img_size else ''} is not a multiple of the patch size "
             f"{model.patch_size}; pass --img-size (e.g. {max(1, round(size / model.patch_size)) * model.patch_size})"
         )
     model.eval().to(device)

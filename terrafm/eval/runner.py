@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 
 from terrafm.eval import metrics, probes
-from terrafm.eval.data import EvalSplit, MissingSplitError, band_stats, normalize, read_split
+from terrafm.eval.data import (
+    EvalSplit,
+    MissingSplitError,
+    input_statistics,
+    normalize,
+    read_split,
+    s1_units,
+    to_s1_scaling,
+)
 from terrafm.eval.features import cache_key, cached_features, extract
 
 PROBES_BY_TASK = {"classification": ("knn", "linear"), "multilabel": ("knn", "linear"), "segmentation": ("seg",)}
@@ -27,6 +35,7 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 64
     img_size: int | None = None
+    normalize: str = "auto"  # auto | checkpoint | dataset: whose per-band statistics normalise the images
     device: str = "cpu"
     cache_dir: str | None = None
     knn_k: int = 20
@@ -72,18 +81,25 @@ def evaluate(cfg: EvalConfig, model) -> dict:
     unfit = [p for p in wanted if p not in PROBES_BY_TASK[task]]
     if unfit:
         raise ValueError(f"probe(s) {unfit} do not apply to a {task} dataset; use {list(PROBES_BY_TASK[task])}")
-    mean, std = band_stats(train.images)
+    inputs = getattr(model, "input_metadata", {}) or {}
+    s1 = {}
+    if modality == "s1" and inputs.get("s1_scaling"):  # S1 in the units the backbone was trained on
+        s1 = {"s1_input_units": s1_units(train.images), "s1_scaling": inputs["s1_scaling"]}
+        for split in splits.values():
+            split.images = to_s1_scaling(split.images, inputs["s1_scaling"])
+    mean, std, stats_from = input_statistics(train, inputs, cfg.normalize)
+    prep = f"{stats_from}:{mean.tolist()}:{std.tolist()}:{s1.get('s1_scaling')}"
     kind = "multiscale" if task == "segmentation" else "cls"
     cache_dir = cfg.cache_dir or out / "cache"
     feats = {}
     for name, split in splits.items():
-        key = cache_key(cfg.checkpoint, cfg.data, name, modality, cfg.img_size, kind)
+        key = cache_key(cfg.checkpoint, cfg.data, name, modality, cfg.img_size, kind, prep)
         feats[name] = cached_features(cache_dir, key, lambda s=split, n=name: extract(
             model, normalize(s.images, mean, std), modality, kind, cfg.batch_size, cfg.img_size, cfg.device,
             desc=f"{n} features"))
     num_classes = _num_classes(splits)
     results = {"checkpoint": str(cfg.checkpoint), "data": str(cfg.data), "format": cfg.format, "task": task,
-               "modality": modality, "num_classes": num_classes, "seed": cfg.seed,
+               "modality": modality, "num_classes": num_classes, "seed": cfg.seed, "statistics": stats_from, **s1,
                "splits": {n: len(s.labels) for n, s in splits.items()}, "runs": []}
     test_labels = splits["test"].labels
     for fraction in cfg.fractions:

@@ -1,5 +1,6 @@
 """Model constructors (one registry), published-layout helpers and checkpoint loading."""
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,24 +52,45 @@ def infer_model_name(state_dict: dict[str, torch.Tensor]) -> str:
     raise ValueError(f"no registered model has embed_dim={dim} and depth={depth}; known: {sorted(MODELS)}")
 
 
-def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor]]:
-    if path.is_dir():
-        from terrafm.train.checkpoint import load_backbone_state
+INPUT_METADATA_KEYS = ("bands", "mean", "std", "s1_scaling", "img_size", "patch_size")
 
-        return load_backbone_state(path)
+
+def _input_metadata(meta: dict, path: Path) -> dict:
+    """The input_metadata of an export's string metadata (JSON values decoded); {} for older exports."""
+    out = {}
+    for key in INPUT_METADATA_KEYS:
+        if key in meta:
+            try:
+                out[key] = json.loads(meta[key]) if key in ("bands", "mean", "std", "img_size", "patch_size") \
+                    else meta[key]
+            except ValueError as err:
+                raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({err}): {meta[key][:80]!r}") from err
+    return out
+
+
+def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], dict]:
+    """(model name, state_dict, input metadata) of a checkpoint file or folder."""
+    if path.is_dir():
+        from terrafm.train.checkpoint import load_backbone_state, read_meta, resolve
+
+        name, state = load_backbone_state(path)
+        meta = read_meta(resolve(path))
+        model = meta.get("model", {})
+        sizes = {k: model[k] for k in ("img_size", "patch_size") if k in model}
+        return name, state, {**meta.get("data", {}), **sizes}
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            return meta.get("model"), {k: f.get_tensor(k) for k in f.keys()}
+            return meta.get("model"), {k: f.get_tensor(k) for k in f.keys()}, _input_metadata(meta, path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("teacher", "model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-    return None, state
+    return None, state, {}
 
 
 def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> TerraFM:
@@ -76,20 +98,27 @@ def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> T
 
     The state_dict must match the model exactly (strict=True); fusion parameters are kept when the
     checkpoint has them. The model name comes from `name`, the file's metadata, or its shapes.
+    The returned model carries `input_metadata`: what its inputs must be, as far as the checkpoint says
+    (exports and trainer checkpoints: bands, mean, std per modality, s1_scaling, img_size, patch_size;
+    a published .pth: {}).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    stored_name, state = _read_state_dict(path)
+    stored_name, state, inputs = _read_state_dict(path)
     name = name or stored_name or infer_model_name(state)
     fusion = any(k.startswith(FUSION_PREFIX) for k in state)
     n_pos = state["pos_embed"].shape[1] - 1
     patch = state["patch_embed.conv2d_s1.weight"].shape[-1]
     img_size = int(round(n_pos**0.5)) * patch
+    if inputs.get("patch_size", patch) != patch or inputs.get("img_size", img_size) != img_size:
+        raise ValueError(f"{path}: metadata says img_size {inputs.get('img_size')} / patch_size "
+                         f"{inputs.get('patch_size')}, its weights are {img_size} / {patch}; the file is inconsistent")
     model = build_model(name, fusion=fusion, img_size=img_size, patch_size=patch, **overrides)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
             f"{path} does not match {name}: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
         )
+    model.input_metadata = inputs
     return model

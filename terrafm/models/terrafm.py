@@ -43,6 +43,7 @@ class TerraFM(nn.Module):
         super().__init__()
         self.name, self.embed_dim, self.patch_size, self.img_size = name, embed_dim, patch_size, img_size
         self.out_indices = tuple(out_indices)
+        self.input_metadata: dict = {}  # what the inputs must be (bands, mean, std, ...); set by load_checkpoint
         self.patch_embed = TerraFMPatchEmbed(
             img_size, patch_size, embed_dim, fusion, fusion_queries, fusion_heads, ops_prefs=ops, ops_device=ops_device
         )

@@ -1,13 +1,17 @@
 """`terrafm export CKPT OUT.safetensors`: a checkpoint's backbone as one safetensors file.
 
 The file holds the published TerraFM key layout (what `terrafm.models.load_checkpoint` and
-`build_model(name)` load with strict=True) and metadata {"model": constructor name}. The teacher is
+`build_model(name)` load with strict=True) and string metadata (safetensors allows only strings):
+model (constructor name), source (teacher | student), img_size, patch_size and, for checkpoints of runs
+that recorded them, bands / mean / std (JSON {modality: [...]}: the per-band normalisation training
+used) and s1_scaling (db | linear), so a user knows how to prepare inputs. The teacher is
 exported by default (DINO evaluates the EMA teacher); --student picks the student. Fusion parameters
 are dropped unless --with-fusion (they are not part of the published layout). The checkpoint's files are
 checked against its checksum manifest first; the output gets the umask's mode (0644 under umask 022).
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,14 +19,44 @@ from pathlib import Path
 from terrafm.fileio import chmod_shared
 from terrafm.models import FUSION_PREFIX
 
+INPUT_KEYS = ("bands", "mean", "std")  # JSON-encoded {modality: [per band]} entries of the metadata
+
+
+def input_metadata(loader) -> dict:
+    """What inputs the backbone was trained on: {bands, mean, std: {modality: [...]}, s1_scaling}, read from a
+    terrafm Loader (its band choice and normalisation); {} for a loader without them (tests' fakes)."""
+    mean = getattr(loader, "mean", None)
+    if not isinstance(mean, dict) or not mean:
+        return {}
+    return {"bands": {m: list(loader.cfg.band_list(m)) for m in mean},
+            "mean": {m: [float(v) for v in mean[m]] for m in mean},
+            "std": {m: [float(v) for v in loader.std[m]] for m in mean},
+            "s1_scaling": loader.shards.s1_scaling}
+
+
+def export_metadata(name: str, which: str, meta: dict) -> dict[str, str]:
+    """safetensors metadata (strings only) from a checkpoint's meta.json."""
+    model, data = meta.get("model", {}), meta.get("data", {})
+    out = {"model": name, "source": which}
+    for key in ("img_size", "patch_size"):
+        if key in model:
+            out[key] = str(int(model[key]))
+    for key in INPUT_KEYS:
+        if key in data:
+            out[key] = json.dumps(data[key])
+    if "s1_scaling" in data:
+        out["s1_scaling"] = str(data["s1_scaling"])
+    return out
+
 
 def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", with_fusion: bool = False) -> Path:
     """Write `output` atomically (temp file + rename), readable as the umask allows; returns its path."""
     from safetensors.torch import save_file
 
-    from terrafm.train.checkpoint import load_backbone_state
+    from terrafm.train.checkpoint import load_backbone_state, read_meta, resolve
 
     name, state = load_backbone_state(checkpoint, which)
+    metadata = export_metadata(name, which, read_meta(resolve(checkpoint)))
     if not with_fusion:
         state = {k: v for k, v in state.items() if not k.startswith(FUSION_PREFIX)}
     output = Path(output)
@@ -30,7 +64,7 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
         raise ValueError(f"output {output} must end in .safetensors")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"model": name, "source": which})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
     chmod_shared(tmp)
     os.replace(tmp, output)
     return output

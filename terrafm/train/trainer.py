@@ -37,6 +37,7 @@ from terrafm.ssl.loss import DINOLoss, high_frequency_classes
 from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch
 from terrafm.ssl.monitors import collapse_state, teacher_monitors
 from terrafm.train import checkpoint
+from terrafm.train.export import input_metadata
 from terrafm.train.metrics import MetricsLogger, backbone_flops, head_flops, peak_flops, plot_curves
 from terrafm.train.parallelize import MESH_DIMS, mesh_shape, parallelize, reshard_model
 
@@ -316,7 +317,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     if resume_from is not None:
         try:
             step, rank_state, saved_world = checkpoint.load(resume_from, arch, optimizer, reshard=t.elastic_resume)
-            saved_steps = checkpoint.read_meta(resume_from).get("total_steps")
+            saved_meta = checkpoint.read_meta(resume_from)
+            saved_steps = saved_meta.get("total_steps")
+            saved_s1, s1 = saved_meta.get("data", {}).get("s1_scaling"), input_metadata(loader).get("s1_scaling")
+            if None not in (saved_s1, s1) and saved_s1 != s1:
+                raise ValueError(f"it was trained on S1 in {saved_s1}, data.shard_dir holds S1 in {s1}; convert "
+                                 f"with `terrafm prepare --s1-scaling {saved_s1}` or start a new run")
             epoch, skipped_steps = rank_state["epoch"], rank_state.get("skipped_steps", 0)
             loader.set_epoch(epoch)
             saved_batch = rank_state["loader"].get("batch_size", cfg.data.batch_size)
@@ -349,6 +355,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     mesh_text = ("no mesh (train.fsdp=false)" if env.mesh is None else
                  "mesh dp_replicate x dp_shard = {} x {}".format(*env.mesh.shape))
     meta = {"model": to_dict(cfg)["model"], "config": to_dict(cfg), "total_steps": total_steps,
+            "data": input_metadata(loader),
             "mesh": None if env.mesh is None else dict(zip(MESH_DIMS, env.mesh.shape, strict=True))}
     logger = MetricsLogger(run_dir, env.rank, total_steps, step)
     logger.write(f"run {run_dir}: {total_steps} steps ({steps_per_epoch}/epoch), global batch {global_batch}, "

@@ -105,8 +105,12 @@ def test_bad_input_names_file_and_record(sample_parquet, tmp_path, case):
     assert "row 0" in msg if case == "missing column" else ("row 1" in msg and cell in msg)
     summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
     expected_bad = CELLS if case == "missing column" else 1
-    assert len(summary["skipped"]) == expected_bad and summary["num_records"] == (CELLS - expected_bad) * 4
-    assert ShardSet(tmp_path / "skip").meta["skipped"][0]["reason"]
+    # only the bad S2 L2A product is skipped: its cell keeps its S1, L1C and land cover
+    assert len(summary["skipped"]) == expected_bad and summary["num_records"] == CELLS * 4
+    assert summary["modalities"]["s2_l2a"]["tiles"] == (CELLS - expected_bad) * 4
+    assert summary["modalities"]["s1"]["tiles"] == CELLS * 4
+    entry = ShardSet(tmp_path / "skip").meta["skipped"][0]
+    assert entry["file"] == str(path) and entry["reason"]
 
 
 def test_cli_reports_bad_input(sample_parquet, tmp_path, capsys):

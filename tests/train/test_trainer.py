@@ -1,5 +1,6 @@
 """The training loop in-process: monitors are logged, NaN and collapse stop the run clearly, the CLI and export work."""
 
+import json
 import math
 import os
 
@@ -12,6 +13,9 @@ from train_harness import metric_records
 
 from terrafm.cli import main
 from terrafm.config import load_config
+from terrafm.data.prepare import convert
+from terrafm.data.sample import ensure_sample_shards
+from terrafm.data.shards import ShardSet
 from terrafm.models import build_model, load_checkpoint
 from terrafm.train.trainer import CollapseError, NonFiniteLossError, train
 
@@ -86,7 +90,21 @@ def test_default_pretrain_on_the_sample_tiles_then_export_round_trip(tmp_path, c
         os.umask(old_umask)
     assert out.stat().st_mode & 0o777 == 0o640  # the umask's mode, as open() would give (safetensors: 0600)
     with safe_open(str(out), framework="pt") as f:
-        assert f.metadata()["model"] == "terrafm_tiny"
+        meta = f.metadata()
+    assert meta["model"] == "terrafm_tiny" and meta["s1_scaling"] == "db" and meta["patch_size"] == "16"
+    # the inputs training used, so a user can prepare theirs: bands and per-band statistics per modality
+    config = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())["config"]
+    assert meta["img_size"] == str(config["model"]["img_size"])
+    assert json.loads(meta["bands"])["s1"] == ["VV", "VH"] and len(json.loads(meta["mean"])["s2_l2a"]) == 12
+    assert load_checkpoint(out).input_metadata["std"] == json.loads(meta["std"])
+    # resuming on shards that hold S1 in the other scaling is refused (the checkpoint records dB)
+    shard_dir = ensure_sample_shards()
+    linear = tmp_path / "linear_shards"
+    convert([shard_dir.parent / "parquet"], linear, tile_size=ShardSet(shard_dir).tile_size, workers=0,
+            progress=False, s1_scaling="linear")
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(run_dir), "--resume", "train.max_steps=4", f"data.shard_dir={linear}"]) == 2
+    assert "trained on S1 in db, data.shard_dir holds S1 in linear" in capsys.readouterr().err
     model = build_model("terrafm_tiny", img_size=64)
     model.load_state_dict(load_file(str(out)), strict=True)
     loaded = load_checkpoint(run_dir)  # the trainer checkpoint directly (teacher, with fusion parameters)
