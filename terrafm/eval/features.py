@@ -20,7 +20,7 @@ def cache_key(checkpoint: str | Path, data: str | Path, split: str, modality: st
               kind: str) -> str:
     ckpt = Path(checkpoint).resolve()
     if ckpt.is_dir():  # a run folder: key on the checkpoint it resolves to now, so new steps miss the cache
-        from terrafm.train.checkpoint import resolve
+        from terrafm.checkpoint_io import resolve
 
         ckpt = resolve(ckpt) / ".metadata"
     stat = ckpt.stat()

@@ -53,7 +53,7 @@ def infer_model_name(state_dict: dict[str, torch.Tensor]) -> str:
 
 def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor]]:
     if path.is_dir():
-        from terrafm.train.checkpoint import load_backbone_state
+        from terrafm.checkpoint_io import load_backbone_state
 
         return load_backbone_state(path)
     if path.suffix == ".safetensors":

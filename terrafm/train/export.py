@@ -20,7 +20,7 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
     """Write `output` atomically (temp file + rename), readable as the umask allows; returns its path."""
     from safetensors.torch import save_file
 
-    from terrafm.train.checkpoint import load_backbone_state
+    from terrafm.checkpoint_io import load_backbone_state
 
     name, state = load_backbone_state(checkpoint, which)
     if not with_fusion:
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from terrafm.train.checkpoint_io import CheckpointError
+    from terrafm.checkpoint_io import CheckpointError
 
     try:
         out = export(args.checkpoint, args.output, "student" if args.student else "teacher", args.with_fusion)

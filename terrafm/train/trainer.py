@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from terrafm import backends, ops
+from terrafm import backends, checkpoint_io, ops
 from terrafm.config import Config, check_epoch, save_config, to_dict
 from terrafm.fileio import atomic_write_bytes
 from terrafm.ssl import schedules
@@ -244,12 +244,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     resume_from = None
     try:
         if resume is True:
-            resume_from = checkpoint.latest_checkpoint(ckpt_root)
+            resume_from = checkpoint_io.latest_checkpoint(ckpt_root)
         elif resume:
-            resume_from = checkpoint.resolve(resume)
-    except checkpoint.CheckpointError as err:
+            resume_from = checkpoint_io.resolve(resume)
+    except checkpoint_io.CheckpointError as err:
         raise SetupError(f"cannot resume: {err}") from err
-    if not resume and (ckpt_root / checkpoint.LATEST).exists():
+    if not resume and (ckpt_root / checkpoint_io.LATEST).exists():
         raise SetupError(f"{run_dir} already has checkpoints; pass --resume to continue it, or choose another "
                          "--out / train.run_name for a fresh run")
     check_run_dir(run_dir)  # every rank: each fails alike instead of waiting in a collective
@@ -316,7 +316,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     if resume_from is not None:
         try:
             step, rank_state, saved_world = checkpoint.load(resume_from, arch, optimizer, reshard=t.elastic_resume)
-            saved_steps = checkpoint.read_meta(resume_from).get("total_steps")
+            saved_steps = checkpoint_io.read_meta(resume_from).get("total_steps")
             epoch, skipped_steps = rank_state["epoch"], rank_state.get("skipped_steps", 0)
             loader.set_epoch(epoch)
             saved_batch = rank_state["loader"].get("batch_size", cfg.data.batch_size)
@@ -325,7 +325,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                 loader.load_state_dict(rank_state["loader"])
             else:  # a loader that cannot continue on another world size fails here with TypeError
                 redrawn = loader.load_state_dict(rank_state["loader"], reshard=True)
-        except (checkpoint.ResumeError, checkpoint.CheckpointError, ValueError) as err:
+        except (checkpoint.ResumeError, checkpoint_io.CheckpointError, ValueError) as err:
             raise SetupError(f"cannot resume from {resume_from}: {err}") from err
         except (RuntimeError, KeyError, CheckpointException) as err:  # DCP: missing keys, shape mismatch
             detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
