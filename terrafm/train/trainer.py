@@ -18,7 +18,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,11 @@ from terrafm import backends, checkpoint_io, ops
 from terrafm.config import Config, check_epoch, save_config, to_dict
 from terrafm.fileio import atomic_write_bytes
 from terrafm.ssl import schedules
-from terrafm.ssl.loss import DINOLoss, high_frequency_classes
-from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch
+from terrafm.ssl.loss import high_frequency_classes
+from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch, backbone_factory, head_kwargs
 from terrafm.ssl.monitors import collapse_state, teacher_monitors
 from terrafm.train import checkpoint
-from terrafm.train.metrics import MetricsLogger, backbone_flops, head_flops, peak_flops, plot_curves
+from terrafm.train.metrics import MetricsLogger, peak_flops, plot_curves
 from terrafm.train.parallelize import MESH_DIMS, mesh_shape, parallelize, reshard_model
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted after a checkpoint; requeue and resume
@@ -271,15 +270,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
             raise SetupError(f"cannot read the training data: {err}") from err
     check_epoch(cfg, len(loader), env.world_size)
     high_classes = high_frequency_classes(_value(loader, "class_frequency"))
-    loss = DINOLoss(s.num_prototypes, _value(loader, "num_classes"), high_classes, s.student_temperature,
-                    s.center_momentum, s.center_high_momentum, s.center_alpha, cfg.ops, env.device.type)
-    from terrafm.models import build_model
-
-    backbone = partial(build_model, cfg.model.name, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
-                       fusion=cfg.model.fusion, ops=cfg.ops, ops_device=env.device.type)
-    head_kwargs = dict(num_prototypes=s.num_prototypes, hidden_dim=s.head_hidden_dim,
-                       bottleneck_dim=s.head_bottleneck_dim, num_layers=s.head_layers)
-    arch = SSLMetaArch.build(backbone, head_kwargs, loss, cfg.model.drop_path_rate, s.fused_head_loss).to(env.device)
+    arch = SSLMetaArch.from_config(cfg, _value(loader, "num_classes"), high_classes, env.device.type).to(env.device)
     arch.teacher.eval()
     par = cfg.parallel
     parallelize(arch, env.mesh, fsdp=t.fsdp, precision=t.precision, reduce_precision=t.reduce_precision,
@@ -299,17 +290,6 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     temp_warmup_steps = round(s.warmup_teacher_temperature_epochs * steps_per_epoch)
     freeze_steps = round(s.freeze_last_layer_epochs * steps_per_epoch)
     peak = peak_flops(env.device, t.precision, t.peak_tflops)
-    backbone_module = arch.student.backbone
-    dim, depth, patch = backbone_module.embed_dim, len(backbone_module.blocks), backbone_module.patch_size
-
-    def view_flops(views: list[dict[str, torch.Tensor]]) -> float:
-        """Forward FLOPs of one sample's views through backbone + head."""
-        head = head_flops(dim, s.head_hidden_dim, s.head_bottleneck_dim, s.num_prototypes, s.head_layers)
-        total = 0.0
-        for v in views:
-            h, w = next(iter(v.values())).shape[-2:]
-            total += backbone_flops(dim, depth, patch, [x.shape[1] for x in v.values()], h, w) + head
-        return total
 
     # -- resume ---------------------------------------------------------------------------------
     step, epoch, skipped_steps = 0, 0, 0
@@ -426,7 +406,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                 loss_sum += loss.detach()
                 batch_size = majority_class.shape[0]
                 window_images += batch_size
-                window_flops += batch_size * (3 * view_flops(global_views + local_views) + view_flops(global_views))
+                window_flops += batch_size * arch.flops_per_sample(global_views, local_views)
 
             # one scalar all-reduce: the mean loss and whether any rank was asked to stop
             status = torch.stack([loss_sum / t.grad_accum_steps,
@@ -509,7 +489,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     if probe_sample:
         last_temp = schedules.teacher_temperature(max(step - 1, 0), temp_warmup_steps, s.warmup_teacher_temperature,
                                                   s.teacher_temperature)
-        probe = _probe(cfg, arch, loader, backbone, head_kwargs, last_temp, env.rank, run_dir)
+        probe = _probe(cfg, arch, loader, last_temp, env.device.type, env.rank, run_dir)
     if env.rank == 0:
         png = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         print(f"done: {step} steps. checkpoint {latest}\n  metrics {run_dir / 'metrics.jsonl'}\n"
@@ -518,8 +498,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     return TrainResult(run_dir, step, latest, preempted=False, probe=probe)
 
 
-def _probe(cfg: Config, arch: SSLMetaArch, loader: Any, backbone_factory: Any, head_kwargs: dict,
-           teacher_temp: float, rank: int, run_dir: Path) -> Any:
+def _probe(cfg: Config, arch: SSLMetaArch, loader: Any, teacher_temp: float, device: str, rank: int,
+           run_dir: Path) -> Any:
     """kNN of the final teacher on held-out generated tiles vs a random-init backbone and band statistics
     (terrafm.eval.learning); written to run_dir/probe.json. Every rank gathers the teacher, rank 0 probes."""
     import json
@@ -531,10 +511,11 @@ def _probe(cfg: Config, arch: SSLMetaArch, loader: Any, backbone_factory: Any, h
              for k, v in arch.teacher.state_dict().items()}
     if rank != 0:
         return None
-    teacher = DINOModel(backbone_factory(drop_path_rate=0.0), DINOHead(arch.teacher.backbone.embed_dim, **head_kwargs))
+    backbone = backbone_factory(cfg, device)
+    teacher = DINOModel(backbone(drop_path_rate=0.0), DINOHead(arch.teacher.backbone.embed_dim, **head_kwargs(cfg)))
     teacher.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state.items()})
     torch.manual_seed(cfg.train.seed)
-    random_backbone = backbone_factory(drop_path_rate=0.0)
+    random_backbone = backbone(drop_path_rate=0.0)
     modality = "s2_l2a" if "s2_l2a" in loader.mean else next(iter(loader.mean))
     heldout = heldout_split((modality,), {modality: (loader.mean[modality], loader.std[modality])},
                             tile_size=loader.shards.tile_size)
