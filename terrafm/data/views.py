@@ -22,11 +22,7 @@ import torch.nn.functional as F
 
 from terrafm.data.config import DataConfig
 
-
-@dataclass
-class View:
-    """One crop of one batch: modality -> (B, C, h, w) float32, normalised; 2+ keys = Case N (fused)."""
-    tensors: dict[str, torch.Tensor]
+View = dict[str, torch.Tensor]  # one crop of one batch: modality -> (B, C, h, w) float32, normalised; 2+ = Case N
 
 
 @dataclass

@@ -6,7 +6,7 @@ applied from the outside by `terrafm.train.parallelize` to `student` and `teache
 """
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from terrafm.data.views import View
 from terrafm.models import build_model
 from terrafm.models.terrafm import backbone_flops
 from terrafm.ssl.head import DINOHead
@@ -21,8 +22,6 @@ from terrafm.ssl.loss import DINOLoss
 
 if TYPE_CHECKING:
     from terrafm.config import Config
-
-View = Mapping[str, torch.Tensor]  # one crop: {modality: (B, C, h, w)}; 2+ modalities = Case N fusion
 
 
 def view_key(tensors: View) -> tuple[tuple[str, ...], tuple[int, int]]:

@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from terrafm import backends, checkpoint_io, ops
 from terrafm.config import Config, check_epoch, save_config, to_dict
+from terrafm.data.views import View
 from terrafm.fileio import atomic_write_bytes
 from terrafm.ssl import schedules
 from terrafm.ssl.loss import high_frequency_classes
@@ -188,9 +189,9 @@ def _value(loader: Any, name: str) -> Any:
     return attr() if callable(attr) else attr
 
 
-def _views(views: Any, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """ViewBatch views (objects with .tensors, or plain dicts) -> [{modality: tensor on device}]."""
-    return [{m: t.to(device, non_blocking=True) for m, t in getattr(v, "tensors", v).items()} for v in views]
+def _views(views: list[View], device: torch.device) -> list[View]:
+    """A ViewBatch's views on `device`."""
+    return [{m: t.to(device, non_blocking=True) for m, t in v.items()} for v in views]
 
 
 def _memory_gb(device: torch.device) -> float:
