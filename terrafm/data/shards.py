@@ -28,12 +28,12 @@ import numpy as np
 
 from terrafm.data.landcover import NUM_CLASSES, WORLDCOVER_NAMES, WORLDCOVER_VALUES
 from terrafm.fileio import atomic_write_bytes
+from terrafm.modalities import MODALITIES
 
 FORMAT = "terrafm-shards"
 VERSION = 1
 INDEX_NAME = "index.json"
 CODECS = ("raw", "lz4")
-STORAGE_DTYPE = {"s2_l2a": np.uint16, "s2_l1c": np.uint16, "s1": np.float16}
 
 
 def _lz4():
@@ -87,9 +87,9 @@ class ShardWriter:
             off, nb, crc = np.full(c, -1, np.int64), np.zeros(c, np.int64), np.zeros(c, np.uint32)
             tile = tiles.get(m)
             if tile is not None:
-                want = STORAGE_DTYPE[m]
+                want = np.dtype(MODALITIES[m].dtype)
                 if tile.shape != (c, t, t) or tile.dtype != want:
-                    raise ValueError(f"record {key}: {m} tile must be ({c}, {t}, {t}) {np.dtype(want)}, "
+                    raise ValueError(f"record {key}: {m} tile must be ({c}, {t}, {t}) {want}, "
                                      f"got {tile.shape} {tile.dtype}")
                 values = tile.astype(np.float64).reshape(c, -1)
                 self._sum[m] += values.sum(axis=1)

@@ -10,8 +10,14 @@ from pathlib import Path
 
 import torch
 
-# Dense peak TFLOP/s per GPU by name fragment: bf16 tensor cores, and TF32 for fp32 training.
-PEAK_TFLOPS = {"H200": (989.5, 494.7), "H100": (989.5, 494.7), "A100": (312.0, 156.0)}
+# The one table of GPU peaks (NVIDIA datasheets, SXM parts; the datasheets quote tensor-core TFLOP/s with
+# sparsity, these are the dense halves): bf16 tensor cores, TF32 for fp32 training, and HBM bandwidth for the
+# bench's roofline. A device matches a row by the first word of its key ("H100" in "NVIDIA H100 80GB HBM3").
+GPUS = {
+    "H100 SXM": {"tflops_bf16": 989.5, "tflops_tf32": 494.5, "tb_per_s": 3.35},
+    "H200 SXM": {"tflops_bf16": 989.5, "tflops_tf32": 494.5, "tb_per_s": 4.8},
+    "A100 SXM 80GB": {"tflops_bf16": 312.0, "tflops_tf32": 156.0, "tb_per_s": 2.04},
+}
 
 
 def peak_flops(device: torch.device, precision: str, override_tflops: float) -> float | None:
@@ -20,10 +26,17 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float) -> 
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, (bf16, tf32) in PEAK_TFLOPS.items():
-        if key in name:
-            return (bf16 if precision == "bf16" else tf32) * 1e12
+    gpu = gpu_name(torch.cuda.get_device_name(device))
+    if gpu is None:
+        return None
+    return GPUS[gpu]["tflops_bf16" if precision == "bf16" else "tflops_tf32"] * 1e12
+
+
+def gpu_name(device_name: str) -> str | None:
+    """The GPUS key a CUDA device name matches, or None (a GPU we have no peaks for)."""
+    for key in GPUS:
+        if key.split()[0] in device_name:
+            return key
     return None
 
 
