@@ -18,7 +18,6 @@ part files on disk (record counts, .bin sizes, parts missing from the index) bef
 
 import json
 import mmap
-import os
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from terrafm.data.landcover import NUM_CLASSES, WORLDCOVER_NAMES, WORLDCOVER_VALUES
-from terrafm.fileio import atomic_write_bytes
+from terrafm.fileio import atomic_write, atomic_write_bytes, publish
 from terrafm.modalities import MODALITIES
 
 FORMAT = "terrafm-shards"
@@ -109,10 +108,8 @@ class ShardWriter:
         self.class_counts.append(np.asarray(class_counts, np.int64).reshape(NUM_CLASSES))
 
     def close(self) -> Path:
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self._tmp_bin, self.stem.with_suffix(".bin"))
+        publish(self._tmp_bin, self.stem.with_suffix(".bin"))
         n = len(self.keys)
         arrays = {"keys": np.asarray(self.keys, dtype=str),
                   "class_counts": np.asarray(self.class_counts, np.int64).reshape(n, NUM_CLASSES),
@@ -125,14 +122,12 @@ class ShardWriter:
             arrays[f"{m}.crc32"] = np.asarray(self._crc[m], np.uint32).reshape(n, c)
             arrays[f"{m}.sum"], arrays[f"{m}.sumsq"] = self._sum[m], self._sumsq[m]
             arrays[f"{m}.count"] = np.asarray(self._count[m], np.int64)
-        tmp = self.stem.with_suffix(".npz.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        final = self.stem.with_suffix(".npz")
-        os.replace(tmp, final)
-        return final
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: given a name, np.savez would append ".npz" to it
+                np.savez(f, **arrays)
+
+        return atomic_write(self.stem.with_suffix(".npz"), write)
 
 
 def payload_end(z) -> int:

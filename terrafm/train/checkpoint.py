@@ -9,7 +9,7 @@ Layout of a run's checkpoint folder:
         manifest.json               size and sha256 of every other file, checked on resume and export
     checkpoints/latest              text file naming the newest complete checkpoint ("step_00000100")
 Writing goes to `step_N.tmp/`; only when every rank has finished is it renamed to `step_N/` and then
-`latest` replaced atomically (write `latest.tmp`, fsync, os.replace). A crash at any point leaves
+`latest` replaced atomically (terrafm.fileio: write `latest.tmp`, fsync, rename over). A crash at any point leaves
 `latest` naming a complete checkpoint; stale `*.tmp` folders are removed at the next save.
 Nothing read back executes code and every file is checked first (terrafm.checkpoint_io: the trust boundary).
 A full disk while writing raises CheckpointWriteError("no space left ...") and leaves `latest` as it was.
@@ -22,7 +22,6 @@ lives below in terrafm.checkpoint_io, so nothing outside train/ imports train/.
 
 import errno
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -57,7 +56,7 @@ from terrafm.checkpoint_io import (
     verify,
     write_hashed,
 )
-from terrafm.fileio import atomic_write_bytes, fsync_dir
+from terrafm.fileio import atomic_write_bytes, publish
 
 
 class ResumeError(RuntimeError):
@@ -209,13 +208,9 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
     if _rank() == 0:
         files = {name: entry for e, _ in gathered for name, entry in e.items()}
         write_hashed(tmp / MANIFEST, json.dumps({"algorithm": "sha256", "files": files}, indent=1).encode())
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
         if final.exists():  # the same step saved again (e.g. signal right after a periodic save)
             shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
+        publish(tmp, final)
         atomic_write_bytes(root / LATEST, final.name.encode())
         complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in complete[:-keep]:

@@ -8,11 +8,10 @@ checked against its checksum manifest first; the output gets the umask's mode (0
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from terrafm.fileio import chmod_shared
+from terrafm.fileio import atomic_write, chmod_shared
 from terrafm.models import FUSION_PREFIX
 
 
@@ -29,11 +28,12 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
     if output.suffix != ".safetensors":
         raise ValueError(f"output {output} must end in .safetensors")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"model": name, "source": which})
-    chmod_shared(tmp)
-    os.replace(tmp, output)
-    return output
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"model": name, "source": which})
+        chmod_shared(tmp)
+
+    return atomic_write(output, write)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
