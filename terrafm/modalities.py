@@ -28,11 +28,3 @@ MODALITIES: dict[str, Modality] = {
     "s1": Modality("s1", S1_BANDS, "float16"),
 }
 MODALITY_NAMES = tuple(MODALITIES)
-
-
-def get_modality(name: str) -> Modality:
-    """Look a modality up by name, with an error that lists the valid names."""
-    try:
-        return MODALITIES[name]
-    except KeyError:
-        raise ValueError(f"unknown modality {name!r}; expected one of {list(MODALITY_NAMES)}") from None
