@@ -49,7 +49,8 @@ def param_counts(backbone: str) -> dict[str, int]:
 
 def step_flops(counts: dict[str, int], batch: int) -> float:
     """Useful FLOPs of one step on one GPU: 3x the student forward on all views, 1x the teacher's on global."""
-    from terrafm.train.metrics import backbone_flops, head_flops
+    from terrafm.models.terrafm import backbone_flops
+    from terrafm.ssl.head import head_flops
 
     head = head_flops(counts["dim"], HEAD["hidden_dim"], HEAD["bottleneck_dim"], HEAD["num_prototypes"],
                       HEAD["num_layers"])

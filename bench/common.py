@@ -19,12 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# Dense bf16 tensor-core peak and HBM bandwidth per GPU (vendor datasheets, SXM parts).
-GPUS = {
-    "H100 SXM": {"tflops_bf16": 989.0, "tb_per_s": 3.35},
-    "H200 SXM": {"tflops_bf16": 989.0, "tb_per_s": 4.8},
-    "A100 SXM 80GB": {"tflops_bf16": 312.0, "tb_per_s": 2.04},
-}
+from terrafm.train.metrics import GPUS, gpu_name
 
 INTERPRETER_SKIP = ("Triton kernels run here only in the interpreter (no CUDA GPU); interpreter runs are "
                     "never timed: their speed says nothing about the compiled kernel")
@@ -38,13 +33,7 @@ def roofline_floor_us(cost: dict[str, int], gpu: str) -> float:
 
 def device_gpu_name() -> str | None:
     """The GPUS key matching the CUDA device here, or None (no GPU, or not one we list)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(0)
-    for key in GPUS:
-        if key.split()[0] in name:
-            return key
-    return None
+    return gpu_name(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
 
 
 def sync(device: str) -> None:

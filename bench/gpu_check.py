@@ -29,6 +29,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from terrafm.fileio import atomic_write_bytes
+
 STAGES = ("env", "build", "kernel_correctness", "kernel_timing", "train_step", "data", "summary")
 ROOT = Path(__file__).resolve().parent.parent  # the checkout (bench/ is installed editable or put on PYTHONPATH)
 # Registry ops with a Triton kernel: `terrafm info` must resolve each to "triton" on CUDA.
@@ -118,10 +120,8 @@ class Context:
     def save(self, status: str = "running") -> None:
         """Write the result so far (atomically: the report never reads half a file)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"status": status, "failures": self.failures, **self.figures}, indent=1,
-                                  default=str))
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, json.dumps({"status": status, "failures": self.failures, **self.figures},
+                                                 indent=1, default=str).encode())
 
 
 def require_device(ctx: Context) -> str:
@@ -258,9 +258,7 @@ def prepare_data(work: Path, mode: str) -> int:
             result, status = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}, 1
         result["seconds"] = round(time.perf_counter() - t0, 1)
         print(f"sample set {kind}: {result}", flush=True)
-        tmp = work / "data" / f"{kind}.tmp"
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, work / "data" / f"{kind}.json")  # the waiting stage never reads half a file
+        atomic_write_bytes(work / "data" / f"{kind}.json", json.dumps(result).encode())  # never read half-written
     return status
 
 

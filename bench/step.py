@@ -8,7 +8,6 @@ Each config runs twice: the unfused head (prototype layers, teacher softmax, cro
 """
 
 import time
-from functools import partial
 
 import torch
 
@@ -28,33 +27,22 @@ HEADS = {"unfused": False, "fused": True}
 
 
 def _build(name: str, device: str, fused: bool):
-    from terrafm.models import build_model
-    from terrafm.ssl.loss import DINOLoss
+    from terrafm.config import Config
     from terrafm.ssl.meta_arch import SSLMetaArch
 
     backbone, batch, gsize, lsize, n_local, k, hidden, bottleneck = CONFIGS[name]
-    loss = DINOLoss(k, num_classes=11, high_classes=[0, 1])
-    head = dict(num_prototypes=k, hidden_dim=hidden, bottleneck_dim=bottleneck, num_layers=3)
+    cfg = Config()
+    cfg.model.name, cfg.model.img_size, cfg.model.fusion, cfg.model.drop_path_rate = backbone, gsize, False, 0.0
+    cfg.ssl.num_prototypes, cfg.ssl.head_hidden_dim, cfg.ssl.head_bottleneck_dim = k, hidden, bottleneck
+    cfg.ssl.head_layers, cfg.ssl.fused_head_loss = 3, fused
     torch.manual_seed(0)  # the same weights for both heads: their losses are comparable
-    arch = SSLMetaArch.build(partial(build_model, backbone, img_size=gsize), head, loss, 0.0, fused).to(device)
+    arch = SSLMetaArch.from_config(cfg, num_classes=11, high_classes=[0, 1], device=device).to(device)
     arch.teacher.eval()
     g = torch.Generator().manual_seed(0)
     views_g = [{MODALITY: torch.randn(batch, CHANNELS, gsize, gsize, generator=g).to(device)} for _ in range(N_GLOBAL)]
     views_l = [{MODALITY: torch.randn(batch, CHANNELS, lsize, lsize, generator=g).to(device)} for _ in range(n_local)]
     majority = torch.randint(0, 11, (batch,), generator=g).to(device)
     return arch, views_g, views_l, majority
-
-
-def _flops_per_step(arch, name: str) -> float:
-    from terrafm.train.metrics import backbone_flops, head_flops
-
-    _, batch, gsize, lsize, n_local, k, hidden, bottleneck = CONFIGS[name]
-    bb = arch.student.backbone
-    dim, depth, p = bb.embed_dim, len(bb.blocks), bb.patch_size
-    head = head_flops(dim, hidden, bottleneck, k, 3)
-    g = backbone_flops(dim, depth, p, [CHANNELS], gsize, gsize) + head
-    loc = backbone_flops(dim, depth, p, [CHANNELS], lsize, lsize) + head
-    return batch * (3 * (N_GLOBAL * g + n_local * loc) + N_GLOBAL * g)
 
 
 def _measure(name: str, head: str, device: str, steps: int) -> dict:
@@ -82,7 +70,7 @@ def _measure(name: str, head: str, device: str, steps: int) -> dict:
     sync(device)
     seconds = (time.perf_counter() - start) / steps
     batch = CONFIGS[name][1]
-    flops = _flops_per_step(arch, name)
+    flops = batch * arch.flops_per_sample(views_g, views_l)
     peak = peak_flops(torch.device(device), "bf16" if device == "cuda" else "fp32", 0.0)
     mem = peak_memory(step, device) if device == "cuda" or name == "tiny" else {"bytes": None, "how": "skipped"}
     return {"config": name, "backbone": CONFIGS[name][0], "head": head, "batch": batch, "steps": steps,

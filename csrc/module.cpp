@@ -3,6 +3,5 @@
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "terrafm C++ CPU kernels (pybind11)";
-  register_normalize(m);
   register_views(m);
 }

@@ -2,5 +2,4 @@
 #pragma once
 #include <pybind11/pybind11.h>
 
-void register_normalize(pybind11::module_& m);
 void register_views(pybind11::module_& m);

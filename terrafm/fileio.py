@@ -1,6 +1,8 @@
-"""Crash-safe file writes shared by the shard converter and the checkpointer."""
+"""Crash-safe file writes: every file or folder terrafm publishes goes through here (shards, sample data,
+checkpoints, exports, run files), so a crash leaves the old version or the whole new one, never a torn one."""
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -31,14 +33,31 @@ def chmod_shared(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `path` so a reader sees the old file or the whole new one, never a torn one: temp file,
-    fsync, rename over, fsync of the directory."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Move the finished temp file or folder `tmp` to `path` durably: fsync its data (every file of a
+    folder), rename it over `path` (a folder: `path` must not exist), fsync the parent directory."""
+    tmp, path = Path(tmp), Path(path)
+    for f in sorted(tmp.iterdir()) if tmp.is_dir() else [tmp]:
+        if f.is_file():
+            _fsync_file(f)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write `path` through `write(tmp)` (any writer that takes a file name) to `path`.tmp, then `publish`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    publish(tmp, path)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `path` so a reader sees the old file or the whole new one, never a torn one."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

@@ -57,11 +57,3 @@ REFERENCE_STATS: dict[str, dict[str, tuple[float, ...]]] = {
 def s1_to_db(linear):
     """10 log10 of S1 linear power, floored at S1_DB_FLOOR (zero and tiny values become the floor)."""
     return 10.0 * np.log10(np.maximum(linear, 10.0 ** (S1_DB_FLOOR / 10.0)))
-
-
-def get_modality(name: str) -> Modality:
-    """Look a modality up by name, with an error that lists the valid names."""
-    try:
-        return MODALITIES[name]
-    except KeyError:
-        raise ValueError(f"unknown modality {name!r}; expected one of {list(MODALITY_NAMES)}") from None

@@ -10,7 +10,6 @@ the reference the others must match; kernels/reference.py is the spec):
     teacher_softmax          torch | triton           as patch_embed
     dino_cross_entropy       torch | triton           as patch_embed
     dino_head_loss           torch | triton           as patch_embed
-    normalize_bands          torch | cpp              cpu, cuda | cpu
     view_rendering           numpy | cpp | dali       cpu | cpu | cpu, cuda  (the data loader's executor)
     shard_decode             host | dali_inflate      cpu, cuda | cuda  (LZ4 chunks, inside the DALI executor)
 
@@ -176,9 +175,6 @@ register("dino_head_loss", "DINO prototype layer fused with teacher softmax and 
          KERNEL_AUTO,
          torch=Backend("torch", "terrafm_kernels.dino_head_loss:dino_head_loss_reference", _everywhere),
          triton=Backend("triton", "terrafm_kernels.dino_head_loss:dino_head_loss", _triton))
-register("normalize_bands", "per-band normalisation of raw tiles", {"cuda": ("torch",), "cpu": ("cpp", "torch")},
-         torch=Backend("torch", f"{REF}:normalize_bands", _everywhere),
-         cpp=Backend("cpp", "terrafm.data.cpu_ops:normalize_bands", _only("cpu", backends.csrc)))
 register("view_rendering", "crop, resize, flip and normalise the views of a batch (the data loader's executor)",
          {"cuda": ("dali", "cpp", "numpy"), "cpu": ("cpp", "numpy")},
          numpy=Backend("numpy", None, _everywhere),

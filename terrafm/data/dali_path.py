@@ -132,7 +132,6 @@ class DaliRenderer:
 
     def render(self, plan):
         """The plan's views: [View] with {modality: (B, C, s, s) storage dtype} on CUDA (the host without CUDA)."""
-        from terrafm.data.views import View
 
         tensors = [dict() for _ in plan.views]
         needed = sorted({m for v in plan.views for m in v.modalities})
@@ -148,7 +147,7 @@ class DaliRenderer:
                         tensors[v][m] = self._to_torch(outputs[v], len(plan.indices), m, view.size)
                 if self.stream is not None:  # the copies are done before DALI may reuse its output buffers
                     self.stream.synchronize()
-        return [View({m: t[m] for m in v.modalities}) for t, v in zip(tensors, plan.views, strict=True)]
+        return [{m: t[m] for m in v.modalities} for t, v in zip(tensors, plan.views, strict=True)]
 
     def _to_torch(self, out, b: int, modality: str, s: int) -> torch.Tensor:
         dense, dtype = out.as_tensor(), self.loader.storage_dtype[modality]

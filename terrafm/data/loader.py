@@ -58,7 +58,7 @@ class DeviceStage:
     def start(self, batch: ViewBatch) -> tuple[ViewBatch, object]:
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             def move(views: list[View]) -> list[View]:
-                return [View({m: self._normalise(x, m) for m, x in v.tensors.items()}) for v in views]
+                return [{m: self._normalise(x, m) for m, x in v.items()} for v in views]
 
             out = ViewBatch(move(batch.global_views), move(batch.local_views),
                             batch.majority_class.to(self.device, non_blocking=True),
@@ -71,7 +71,7 @@ class DeviceStage:
         if done is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(done)
-            for t in [t for v in batch.global_views + batch.local_views for t in v.tensors.values()] + [
+            for t in [t for v in batch.global_views + batch.local_views for t in v.values()] + [
                     batch.majority_class, batch.index]:
                 t.record_stream(current)  # allocated on the side stream, used on this one
         return batch
@@ -222,7 +222,7 @@ class Loader:
         else:
             needed = {m for v in plan.views for m in v.modalities}
             tiles = {m: [self.shards.tile(int(i), m) for i in idx] for m in sorted(needed)}
-            views = [View({m: self._render_one(tiles[m], m, v) for m in v.modalities}) for v in plan.views]
+            views = [{m: self._render_one(tiles[m], m, v) for m in v.modalities} for v in plan.views]
         counts = self.shards.class_counts[idx]
         majority = np.where(counts.sum(axis=1) > 0, counts.argmax(axis=1), -1)
         ng = len(plan.global_views)

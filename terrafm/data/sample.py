@@ -24,6 +24,7 @@ GeoTIFF in its own column at its native resolution, as in Major-TOM Core):
 import fcntl
 import io
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from terrafm.data.landcover import NUM_CLASSES, WORLDCOVER_VALUES
+from terrafm.fileio import atomic_write
 
 # Native ground sampling distance (m) of each S2 band as Major-TOM stores it.
 S2_RESOLUTION = {
@@ -184,10 +186,7 @@ def write_sample_parquet(out_dir: Path, seed: int = 0, cells: int = DEFAULT_CELL
     for collection, records in rows.items():
         path = Path(out_dir) / collection / "part_00000.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(pa.Table.from_pylist(records), tmp, row_group_size=4)
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(atomic_write(path, partial(pq.write_table, pa.Table.from_pylist(records), row_group_size=4)))
     return paths
 
 

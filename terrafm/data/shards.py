@@ -21,7 +21,6 @@ part files on disk (record counts, .bin sizes, parts missing from the index) bef
 
 import json
 import mmap
-import os
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -30,13 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from terrafm.data.landcover import NUM_CLASSES, WORLDCOVER_NAMES, WORLDCOVER_VALUES
-from terrafm.fileio import atomic_write_bytes
+from terrafm.fileio import atomic_write, atomic_write_bytes, publish
+from terrafm.modalities import MODALITIES
 
 FORMAT = "terrafm-shards"
 VERSION = 1
 INDEX_NAME = "index.json"
 CODECS = ("raw", "lz4")
-STORAGE_DTYPE = {"s2_l2a": np.uint16, "s2_l1c": np.uint16, "s1": np.float16}
 
 
 def _lz4():
@@ -94,9 +93,9 @@ class ShardWriter:
             off, nb, crc = np.full(c, -1, np.int64), np.zeros(c, np.int64), np.zeros(c, np.uint32)
             tile = tiles.get(m)
             if tile is not None:
-                want = STORAGE_DTYPE[m]
+                want = np.dtype(MODALITIES[m].dtype)
                 if tile.shape != (c, t, t) or tile.dtype != want:
-                    raise ValueError(f"record {key}: {m} tile must be ({c}, {t}, {t}) {np.dtype(want)}, "
+                    raise ValueError(f"record {key}: {m} tile must be ({c}, {t}, {t}) {want}, "
                                      f"got {tile.shape} {tile.dtype}")
                 values = tile.astype(np.float64).reshape(c, -1)
                 valid = ~nodata[m].reshape(c, -1) if nodata and m in nodata else np.ones_like(values, bool)
@@ -118,10 +117,8 @@ class ShardWriter:
         self.class_counts.append(np.asarray(class_counts, np.int64).reshape(NUM_CLASSES))
 
     def close(self) -> Path:
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self._tmp_bin, self.stem.with_suffix(".bin"))
+        publish(self._tmp_bin, self.stem.with_suffix(".bin"))
         n = len(self.keys)
         arrays = {"keys": np.asarray(self.keys, dtype=str),
                   "class_counts": np.asarray(self.class_counts, np.int64).reshape(n, NUM_CLASSES),
@@ -135,14 +132,12 @@ class ShardWriter:
             arrays[f"{m}.sum"], arrays[f"{m}.sumsq"] = self._sum[m], self._sumsq[m]
             arrays[f"{m}.count"], arrays[f"{m}.nodata"] = self._count[m], self._nodata[m]
             arrays[f"{m}.empty_tiles"] = np.asarray(self.empty_tiles[m], np.int64)
-        tmp = self.stem.with_suffix(".npz.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        final = self.stem.with_suffix(".npz")
-        os.replace(tmp, final)
-        return final
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: given a name, np.savez would append ".npz" to it
+                np.savez(f, **arrays)
+
+        return atomic_write(self.stem.with_suffix(".npz"), write)
 
 
 def payload_end(z) -> int:

@@ -23,12 +23,9 @@ import torch.nn.functional as F
 
 from terrafm.data.config import DataConfig
 
-
-@dataclass
-class View:
-    """One crop of one batch: modality -> (B, C, h, w); 2+ keys = Case N (fused). What the loader yields is
-    normalised float32 on its device; between its host renderers and its device stage, the storage dtype."""
-    tensors: dict[str, torch.Tensor]
+View = dict[str, torch.Tensor]  # one crop of one batch: modality -> (B, C, h, w); 2+ keys = Case N (fused).
+# What the loader yields is normalised float32 on its device; between its host renderers and its device stage,
+# the storage dtype.
 
 
 @dataclass

@@ -4,18 +4,19 @@ import argparse
 import pickle
 import sys
 
-from terrafm.eval.data import NORMALIZATIONS
-from terrafm.eval.runner import EvalConfig, evaluate
+from terrafm.eval.data import FORMATS, NORMALIZATIONS
+from terrafm.eval.runner import PROBES, EvalConfig, evaluate
+from terrafm.modalities import MODALITY_NAMES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="published .pth, exported .safetensors, or a `terrafm pretrain` run/checkpoint folder")
     parser.add_argument("--data", required=True, help="dataset root (GEO-Bench HDF5 folder or class folders)")
-    parser.add_argument("--format", required=True, choices=("hdf5", "folder"))
-    parser.add_argument("--probe", nargs="+", default=["all"], choices=("knn", "linear", "seg", "all"),
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--probe", nargs="+", default=["all"], choices=(*PROBES, "all"),
                         help="probes to run; 'all' = knn+linear for classification, seg for segmentation")
-    parser.add_argument("--modality", default="auto", choices=("auto", "s2_l2a", "s2_l1c", "s1"),
+    parser.add_argument("--modality", default="auto", choices=("auto", *MODALITY_NAMES),
                         help="which patch embedding reads the bands (auto: 13 bands -> s2_l1c, 12 -> s2_l2a)")
     parser.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.01],
                         help="fractions of training labels (stratified, fixed seed)")

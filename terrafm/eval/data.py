@@ -265,13 +265,16 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
     return EvalSplit(stacked[:, chosen], np.asarray(labels, dtype=np.int64), modality, list(names))
 
 
+FORMATS = ("hdf5", "folder")  # what read_split reads (the eval CLI's --format choices)
+
+
 def read_split(root: str | Path, fmt: str, split: str, modality: str = "auto",
                class_names: list[str] | None = None) -> EvalSplit:
     if fmt == "hdf5":
         return read_hdf5(root, split, modality)
     if fmt == "folder":
         return read_folder(root, split, modality, class_names)
-    raise ValueError(f"unknown format {fmt!r}; expected 'hdf5' or 'folder'")
+    raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
 
 
 NORMALIZATIONS = ("auto", "checkpoint", "dataset")

@@ -21,7 +21,7 @@ def cache_key(checkpoint: str | Path, data: str | Path, split: str, modality: st
     """inputs: how the images were prepared (normalisation statistics, S1 scaling): other features if it differs."""
     ckpt = Path(checkpoint).resolve()
     if ckpt.is_dir():  # a run folder: key on the checkpoint it resolves to now, so new steps miss the cache
-        from terrafm.train.checkpoint import resolve
+        from terrafm.checkpoint_io import resolve
 
         ckpt = resolve(ckpt) / ".metadata"
     stat = ckpt.stat()

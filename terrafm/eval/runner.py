@@ -21,6 +21,7 @@ from terrafm.eval.data import (
 from terrafm.eval.features import cache_key, cached_features, extract
 
 PROBES_BY_TASK = {"classification": ("knn", "linear"), "multilabel": ("knn", "linear"), "segmentation": ("seg",)}
+PROBES = tuple(dict.fromkeys(p for probes in PROBES_BY_TASK.values() for p in probes))  # knn, linear, seg
 
 
 @dataclass

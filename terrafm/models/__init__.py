@@ -71,7 +71,7 @@ def _input_metadata(meta: dict, path: Path) -> dict:
 def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], dict]:
     """(model name, state_dict, input metadata) of a checkpoint file or folder."""
     if path.is_dir():
-        from terrafm.train.checkpoint import load_backbone_state, read_meta, resolve
+        from terrafm.checkpoint_io import load_backbone_state, read_meta, resolve
 
         name, state = load_backbone_state(path)
         meta = read_meta(resolve(path))

@@ -176,3 +176,20 @@ class TerraFM(nn.Module):
         outs = self.get_intermediate_layers(images, None, list(out_indices or self.out_indices))
         h, w = H // self.patch_size, W // self.patch_size
         return [o.transpose(1, 2).reshape(o.shape[0], self.embed_dim, h, w) for o in outs]
+
+
+def backbone_flops(embed_dim: int, depth: int, patch_size: int, in_channels: Sequence[int], h: int, w: int,
+                   mlp_ratio: float = 4.0) -> float:
+    """Forward FLOPs of one image through TerraFM (multiply-add = 2 FLOPs).
+
+    Patch embedding per modality: conv C*p*p -> A=3D, then proj1 (A->A), proj2 (A->A), proj3 (A->D);
+    each block: qkv + proj 8*N*D^2, MLP 4*mlp_ratio*N*D^2, attention scores and values 4*N^2*D.
+    With 2+ modalities (Case N) the conv and proj1 run once per modality (the fusion is small).
+    """
+    n = (h // patch_size) * (w // patch_size)
+    tokens = n + 1
+    a = 3 * embed_dim
+    embed = sum(2 * n * c * patch_size * patch_size * a + 2 * n * a * a for c in in_channels)
+    embed += 2 * n * (a * a + a * embed_dim)
+    blocks = depth * (2 * tokens * embed_dim * embed_dim * (4 + 2 * mlp_ratio) + 4 * tokens * tokens * embed_dim)
+    return float(embed + blocks)

@@ -65,6 +65,7 @@ class DINOHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.last_layer = PrototypeLayer(bottleneck_dim, num_prototypes, learn_prototype_norm)
         self.mlp.apply(self._init_linear)
+        self.flops_per_row = head_flops(in_dim, hidden_dim, bottleneck_dim, num_prototypes, num_layers)
 
     @staticmethod
     def _init_linear(module: nn.Module) -> None:
@@ -80,3 +81,9 @@ class DINOHead(nn.Module):
         """
         bottleneck = self.mlp(features)
         return self.last_layer(bottleneck) if head_loss is None else head_loss(bottleneck, self.last_layer)
+
+
+def head_flops(in_dim: int, hidden: int, bottleneck: int, prototypes: int, layers: int) -> float:
+    """Forward FLOPs of one feature vector through a DINO head: MLP to the bottleneck, then the prototypes."""
+    dims = [in_dim] + [hidden] * (layers - 1) + [bottleneck, prototypes]
+    return float(sum(2 * a * b for a, b in zip(dims[:-1], dims[1:], strict=True)))

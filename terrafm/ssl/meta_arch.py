@@ -6,17 +6,22 @@ applied from the outside by `terrafm.train.parallelize` to `student` and `teache
 """
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from terrafm.data.views import View
+from terrafm.models import build_model
+from terrafm.models.terrafm import backbone_flops
 from terrafm.ssl.head import DINOHead
 from terrafm.ssl.loss import DINOLoss
 
-View = Mapping[str, torch.Tensor]  # one crop: {modality: (B, C, h, w)}; 2+ modalities = Case N fusion
+if TYPE_CHECKING:
+    from terrafm.config import Config
 
 
 def view_key(tensors: View) -> tuple[tuple[str, ...], tuple[int, int]]:
@@ -114,6 +119,20 @@ class SSLMetaArch(nn.Module):
         self.teacher.requires_grad_(False)
 
     @classmethod
+    def from_config(cls, cfg: "Config", num_classes: int, high_classes: Sequence[int] = (),
+                    device: str = "cpu") -> "SSLMetaArch":
+        """The SSL model `cfg` describes (model.*, ssl.*, ops), on the CPU; the one place it is assembled.
+
+        num_classes, high_classes: the data's land-cover classes and its high-frequency ones (the loss's
+        dual centering). device ("cpu"/"cuda"): where it will run, for the op backends cfg.ops leaves on auto.
+        """
+        s = cfg.ssl
+        loss = DINOLoss(s.num_prototypes, num_classes, high_classes, s.student_temperature, s.center_momentum,
+                        s.center_high_momentum, s.center_alpha, cfg.ops, device)
+        return cls.build(backbone_factory(cfg, device), head_kwargs(cfg), loss, cfg.model.drop_path_rate,
+                         s.fused_head_loss)
+
+    @classmethod
     def build(
         cls,
         backbone_factory: Callable[..., nn.Module],
@@ -153,6 +172,18 @@ class SSLMetaArch(nn.Module):
         student_logits = self.student(student_views)
         return self.loss(student_logits, teacher_probs)
 
+    def flops_per_sample(self, global_views: Sequence[View], local_views: Sequence[View]) -> float:
+        """Useful FLOPs of one sample in one step: 3x the student forward on every view (forward and
+        backward), 1x the teacher forward on the global views. Views give only channels and sizes."""
+        backbone, head = self.student.backbone, self.student.head
+
+        def forward(views: Sequence[View]) -> float:
+            return sum(backbone_flops(backbone.embed_dim, len(backbone.blocks), backbone.patch_size,
+                                      [t.shape[1] for t in v.values()], *next(iter(v.values())).shape[-2:])
+                       + head.flops_per_row for v in views)
+
+        return 3 * forward(list(global_views) + list(local_views)) + forward(global_views)
+
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student, on each rank's local shards.
@@ -170,3 +201,17 @@ class SSLMetaArch(nn.Module):
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """The student's prototype-layer parameters (their gradient is dropped in the first epoch)."""
         return list(self.student.head.last_layer.parameters())
+
+
+def backbone_factory(cfg: "Config", device: str = "cpu") -> Callable[..., nn.Module]:
+    """The configured TerraFM backbone constructor; takes drop_path_rate (the student's, or 0 for the teacher)."""
+    m = cfg.model
+    return partial(build_model, m.name, img_size=m.img_size, patch_size=m.patch_size, fusion=m.fusion,
+                   ops=cfg.ops, ops_device=device)
+
+
+def head_kwargs(cfg: "Config") -> dict:
+    """DINOHead's arguments from ssl.*."""
+    s = cfg.ssl
+    return dict(num_prototypes=s.num_prototypes, hidden_dim=s.head_hidden_dim, bottleneck_dim=s.head_bottleneck_dim,
+                num_layers=s.head_layers)

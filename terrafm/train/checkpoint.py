@@ -9,23 +9,21 @@ Layout of a run's checkpoint folder:
         manifest.json               size and sha256 of every other file, checked on resume and export
     checkpoints/latest              text file naming the newest complete checkpoint ("step_00000100")
 Writing goes to `step_N.tmp/`; only when every rank has finished is it renamed to `step_N/` and then
-`latest` replaced atomically (write `latest.tmp`, fsync, os.replace). A crash at any point leaves
+`latest` replaced atomically (terrafm.fileio: write `latest.tmp`, fsync, rename over). A crash at any point leaves
 `latest` naming a complete checkpoint; stale `*.tmp` folders are removed at the next save.
-Nothing read back executes code and every file is checked first (see checkpoint_io: the trust boundary).
+Nothing read back executes code and every file is checked first (terrafm.checkpoint_io: the trust boundary).
 A full disk while writing raises CheckpointWriteError("no space left ...") and leaves `latest` as it was.
 Exact resume needs the same world size (the loader and RNG states are per rank); `load(reshard=True)`
 continues on another world size (train.elastic_resume).
 
-`load_backbone_state(path)` reads the TEACHER backbone (as DINO evaluates its teacher: the EMA
-weights are smoother and transfer better) on one process without any process group.
+Reading a checkpoint without training (`resolve`, `load_backbone_state`, used by models/ and eval/)
+lives below in terrafm.checkpoint_io, so nothing outside train/ imports train/.
 """
 
 import errno
 import json
-import os
 import random
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -44,21 +41,22 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from terrafm.fileio import atomic_write_bytes, fsync_dir
-from terrafm.train.checkpoint_io import (
+from terrafm.checkpoint_io import (
+    LATEST,
     MANIFEST,
     METADATA,
     CheckpointError,
     SafeLoadPlanner,
     SafeReader,
     hash_file,
+    previous_checkpoint,
     read_manifest,
+    read_meta,
     read_metadata,
     verify,
     write_hashed,
 )
-
-LATEST = "latest"
+from terrafm.fileio import atomic_write_bytes, publish
 
 
 class ResumeError(RuntimeError):
@@ -100,32 +98,6 @@ def step_dir_name(step: int) -> str:
 
 def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.json"
-
-
-def _complete(path: Path) -> bool:
-    return path.is_dir() and all((path / n).exists() for n in (METADATA, "meta.json", MANIFEST))
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The complete checkpoint `root/latest` names, or None when there is none yet."""
-    root = Path(root)
-    pointer = root / LATEST
-    if not pointer.exists():
-        return None
-    path = root / pointer.read_text().strip()
-    if not _complete(path):
-        raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint; "
-                              f"{previous_checkpoint(path)}")
-    return path
-
-
-def previous_checkpoint(path: Path) -> str:
-    """A sentence offering the newest complete checkpoint before `path` in its folder, for error messages."""
-    path = Path(path)
-    earlier = sorted(p for p in path.parent.glob("step_*") if _complete(p) and p.name < path.name)
-    if not earlier:
-        return f"there is no earlier checkpoint in {path.parent}"
-    return f"the previous checkpoint is {earlier[-1]}: resume from it with --resume-from {earlier[-1]}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -236,24 +208,15 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
     if _rank() == 0:
         files = {name: entry for e, _ in gathered for name, entry in e.items()}
         write_hashed(tmp / MANIFEST, json.dumps({"algorithm": "sha256", "files": files}, indent=1).encode())
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
         if final.exists():  # the same step saved again (e.g. signal right after a periodic save)
             shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
+        publish(tmp, final)
         atomic_write_bytes(root / LATEST, final.name.encode())
         complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in complete[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
-
-
-def read_meta(path: str | Path) -> dict:
-    """meta.json of a checkpoint: step, world size, model constructor arguments, config, schedule length."""
-    return json.loads((Path(path) / "meta.json").read_text())
 
 
 def check(path: str | Path) -> None:
@@ -316,45 +279,3 @@ def load(path: str | Path, arch, optimizer, reshard: bool = False) -> tuple[int,
     if saved_world == world:
         set_rng_state(saved["rng"])
     return int(saved["step"]), saved["state"], saved_world
-
-
-def resolve(path: str | Path) -> Path:
-    """A checkpoint folder, a run's `checkpoints/` folder, or a run folder -> the complete checkpoint."""
-    path = Path(path)
-    if (path / METADATA).exists():
-        return path
-    for root in (path, path / "checkpoints"):
-        if (root / LATEST).exists():
-            found = latest_checkpoint(root)
-            if found is not None:
-                return found
-    raise CheckpointError(f"{path} is not a checkpoint, a checkpoints/ folder or a run folder with one")
-
-
-def load_backbone_state(path: str | Path, which: str = "teacher") -> tuple[str, dict[str, torch.Tensor]]:
-    """(model name, backbone state_dict in the published TerraFM key layout, plus fusion.* if trained).
-
-    Reads one model's backbone from a DCP checkpoint on a single process, no process group needed:
-    tensors are allocated from the checkpoint's metadata and filled by `dcp.load(no_dist=True)`,
-    which reassembles the shards of every rank.
-    """
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    path = resolve(path)
-    problems = verify(path)
-    if problems:
-        raise CheckpointError(f"checkpoint {path} is corrupt ({'; '.join(problems)}); {previous_checkpoint(path)}")
-    meta = json.loads((path / "meta.json").read_text())
-    prefix = f"{which}.backbone."
-    metadata = read_metadata(path)
-    state = {
-        key: torch.empty(item.size, dtype=item.properties.dtype)
-        for key, item in metadata.state_dict_metadata.items()
-        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
-    }
-    if not state:
-        raise ValueError(f"{path} holds no {which} backbone (no keys starting with {prefix!r})")
-    with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=True)
-    return meta["model"]["name"], {k.removeprefix(prefix): v for k, v in state.items()}

@@ -12,11 +12,10 @@ checked against its checksum manifest first; the output gets the umask's mode (0
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from terrafm.fileio import chmod_shared
+from terrafm.fileio import atomic_write, chmod_shared
 from terrafm.models import FUSION_PREFIX
 
 INPUT_KEYS = ("bands", "mean", "std")  # JSON-encoded {modality: [per band]} entries of the metadata
@@ -53,7 +52,7 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
     """Write `output` atomically (temp file + rename), readable as the umask allows; returns its path."""
     from safetensors.torch import save_file
 
-    from terrafm.train.checkpoint import load_backbone_state, read_meta, resolve
+    from terrafm.checkpoint_io import load_backbone_state, read_meta, resolve
 
     name, state = load_backbone_state(checkpoint, which)
     metadata = export_metadata(name, which, read_meta(resolve(checkpoint)))
@@ -63,11 +62,12 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
     if output.suffix != ".safetensors":
         raise ValueError(f"output {output} must end in .safetensors")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    chmod_shared(tmp)
-    os.replace(tmp, output)
-    return output
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        chmod_shared(tmp)
+
+    return atomic_write(output, write)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from terrafm.train.checkpoint_io import CheckpointError
+    from terrafm.checkpoint_io import CheckpointError
 
     try:
         out = export(args.checkpoint, args.output, "student" if args.student else "teacher", args.with_fusion)

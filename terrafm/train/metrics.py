@@ -1,4 +1,4 @@
-"""Observability for the trainer: FLOPs/MFU estimate, rank-0 progress bar, JSONL + TensorBoard, curves.
+"""Observability for the trainer: MFU peak, rank-0 progress bar, JSONL + TensorBoard, curves.
 
 Only rank 0 writes anything. `metrics.jsonl` has one JSON object per logged step; on resume records
 after the resumed step are dropped, so the file always describes one consistent trajectory.
@@ -6,35 +6,18 @@ after the resumed step are dropped, so the file always describes one consistent 
 
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-# Dense peak TFLOP/s per GPU by name fragment: bf16 tensor cores, and TF32 for fp32 training.
-PEAK_TFLOPS = {"H200": (989.5, 494.7), "H100": (989.5, 494.7), "A100": (312.0, 156.0)}
-
-
-def backbone_flops(embed_dim: int, depth: int, patch_size: int, in_channels: Sequence[int], h: int, w: int,
-                   mlp_ratio: float = 4.0) -> float:
-    """Forward FLOPs of one image through TerraFM (multiply-add = 2 FLOPs).
-
-    Patch embedding per modality: conv C*p*p -> A=3D, then proj1 (A->A), proj2 (A->A), proj3 (A->D);
-    each block: qkv + proj 8*N*D^2, MLP 4*mlp_ratio*N*D^2, attention scores and values 4*N^2*D.
-    With 2+ modalities (Case N) the conv and proj1 run once per modality (the fusion is small).
-    """
-    n = (h // patch_size) * (w // patch_size)
-    tokens = n + 1
-    a = 3 * embed_dim
-    embed = sum(2 * n * c * patch_size * patch_size * a + 2 * n * a * a for c in in_channels)
-    embed += 2 * n * (a * a + a * embed_dim)
-    blocks = depth * (2 * tokens * embed_dim * embed_dim * (4 + 2 * mlp_ratio) + 4 * tokens * tokens * embed_dim)
-    return float(embed + blocks)
-
-
-def head_flops(in_dim: int, hidden: int, bottleneck: int, prototypes: int, layers: int) -> float:
-    dims = [in_dim] + [hidden] * (layers - 1) + [bottleneck, prototypes]
-    return float(sum(2 * a * b for a, b in zip(dims[:-1], dims[1:], strict=True)))
+# The one table of GPU peaks (NVIDIA datasheets, SXM parts; the datasheets quote tensor-core TFLOP/s with
+# sparsity, these are the dense halves): bf16 tensor cores, TF32 for fp32 training, and HBM bandwidth for the
+# bench's roofline. A device matches a row by the first word of its key ("H100" in "NVIDIA H100 80GB HBM3").
+GPUS = {
+    "H100 SXM": {"tflops_bf16": 989.5, "tflops_tf32": 494.5, "tb_per_s": 3.35},
+    "H200 SXM": {"tflops_bf16": 989.5, "tflops_tf32": 494.5, "tb_per_s": 4.8},
+    "A100 SXM 80GB": {"tflops_bf16": 312.0, "tflops_tf32": 156.0, "tb_per_s": 2.04},
+}
 
 
 def peak_flops(device: torch.device, precision: str, override_tflops: float) -> float | None:
@@ -43,10 +26,17 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float) -> 
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, (bf16, tf32) in PEAK_TFLOPS.items():
-        if key in name:
-            return (bf16 if precision == "bf16" else tf32) * 1e12
+    gpu = gpu_name(torch.cuda.get_device_name(device))
+    if gpu is None:
+        return None
+    return GPUS[gpu]["tflops_bf16" if precision == "bf16" else "tflops_tf32"] * 1e12
+
+
+def gpu_name(device_name: str) -> str | None:
+    """The GPUS key a CUDA device name matches, or None (a GPU we have no peaks for)."""
+    for key in GPUS:
+        if key.split()[0] in device_name:
+            return key
     return None
 
 

@@ -143,12 +143,3 @@ def reshard_model(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def unwrap_block(block: nn.Module) -> nn.Module:
-    """The plain Block under compile/checkpoint wrappers (for FLOP counting and state dict keys)."""
-    while True:
-        inner = getattr(block, "_orig_mod", None) or getattr(block, "_checkpoint_wrapped_module", None)
-        if inner is None:
-            return block
-        block = inner

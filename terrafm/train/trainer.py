@@ -6,6 +6,9 @@ small all-reduce (mean loss + preemption flag), NaN/Inf check, last-layer freeze
 gradient norm skips the AdamW step), AdamW, centre update (one all-reduce), EMA teacher update on local
 shards, logging, checkpointing.
 All schedules are pure functions of the step, so a resumed run continues bitwise.
+`_train` is that loop; the parts of a step are the functions above it, in the order the loop calls them
+(torchtitan's layout): `forward_backward`, `reduce_status`, `optimizer_step`, `teacher_step`, `log_metrics`;
+`restore` resumes from a checkpoint.
 """
 
 import copy
@@ -16,9 +19,8 @@ import resource
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +31,17 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from terrafm import backends, ops
+from terrafm import backends, checkpoint_io, ops
 from terrafm.config import Config, check_epoch, save_config, to_dict
+from terrafm.data.views import View
 from terrafm.fileio import atomic_write_bytes
 from terrafm.ssl import schedules
-from terrafm.ssl.loss import DINOLoss, high_frequency_classes
-from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch
+from terrafm.ssl.loss import high_frequency_classes
+from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch, backbone_factory, head_kwargs
 from terrafm.ssl.monitors import collapse_state, teacher_monitors
 from terrafm.train import checkpoint
 from terrafm.train.export import input_metadata
-from terrafm.train.metrics import MetricsLogger, backbone_flops, head_flops, peak_flops, plot_curves
+from terrafm.train.metrics import MetricsLogger, peak_flops, plot_curves
 from terrafm.train.parallelize import MESH_DIMS, mesh_shape, parallelize, reshard_model
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted after a checkpoint; requeue and resume
@@ -190,9 +193,9 @@ def _value(loader: Any, name: str) -> Any:
     return attr() if callable(attr) else attr
 
 
-def _views(views: Any, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """ViewBatch views (objects with .tensors, or plain dicts) -> [{modality: tensor on device}]."""
-    return [{m: t.to(device, non_blocking=True) for m, t in getattr(v, "tensors", v).items()} for v in views]
+def _views(views: list[View], device: torch.device) -> list[View]:
+    """A ViewBatch's views on `device`."""
+    return [{m: t.to(device, non_blocking=True) for m, t in v.items()} for v in views]
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -237,6 +240,152 @@ def check_run_dir(run_dir: Path) -> None:
                          "with --out or train.out_dir / train.run_name") from err
 
 
+class Batches:
+    """The loader's batches across epochs: when one epoch runs out the next starts (set_epoch). A shard that
+    cannot be read stops the run as a SetupError."""
+
+    def __init__(self, loader: Any, epoch: int):
+        self.loader, self.epoch = loader, epoch
+        self._iter = iter(loader)
+
+    def next(self) -> Any:
+        from terrafm.data.shards import ShardError
+
+        try:
+            return self._next()
+        except ShardError as err:
+            raise SetupError(f"{err}") from err
+
+    def _next(self) -> Any:
+        try:
+            return next(self._iter)
+        except StopIteration:
+            self.epoch += 1
+            self.loader.set_epoch(self.epoch)
+            self._iter = iter(self.loader)
+            return next(self._iter)
+
+
+@dataclass
+class Throughput:
+    """Images and useful FLOPs since the last log line: img/s, step time and MFU."""
+
+    start: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    flops: float = 0.0
+
+    def reset(self) -> None:
+        self.start, self.images, self.flops = time.perf_counter(), 0, 0.0
+
+
+def forward_backward(arch: SSLMetaArch, batches: Batches, grad_accum_steps: int, fsdp: bool, teacher_temp: float,
+                     device: torch.device, throughput: Throughput) -> torch.Tensor:
+    """Forward and backward over the micro-batches of one optimiser step (gradients are reduced on the last
+    one only); returns the summed loss, a scalar on `device`."""
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(grad_accum_steps):
+        batch = batches.next()
+        global_views = _views(batch.global_views, device)
+        local_views = _views(batch.local_views, device)
+        majority_class = batch.majority_class.to(device, non_blocking=True)
+        if fsdp:
+            arch.student.set_requires_gradient_sync(micro == grad_accum_steps - 1)
+        loss = arch(global_views, local_views, majority_class, teacher_temp)
+        (loss / grad_accum_steps).backward()
+        loss_sum += loss.detach()
+        batch_size = majority_class.shape[0]
+        throughput.images += batch_size
+        throughput.flops += batch_size * arch.flops_per_sample(global_views, local_views)
+    return loss_sum
+
+
+def reduce_status(loss: torch.Tensor, stop: bool, env: DistEnv) -> tuple[float, bool]:
+    """One scalar all-reduce: (the loss averaged over ranks, whether any rank was asked to stop)."""
+    status = torch.stack([loss, torch.tensor(float(stop), device=env.device)])
+    dist.all_reduce(status)
+    return status[0].item() / env.world_size, status[1].item() > 0
+
+
+def optimizer_step(arch: SSLMetaArch, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                   max_norm: float, freeze_last_layer: bool) -> torch.Tensor:
+    """Drop the frozen prototype layer's gradient, clip, and take the AdamW step unless the global gradient
+    norm (the same on every rank) is non-finite; returns that norm. The gradients are cleared."""
+    if freeze_last_layer:
+        for p in arch.last_layer_parameters():
+            p.grad = None
+    grad_norm = clip_gradients(params, max_norm)
+    if math.isfinite(grad_norm.item()):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def teacher_step(arch: SSLMetaArch, momentum: float, fsdp: bool) -> None:
+    """After the student's step: the centre update (one all-reduce), then the EMA teacher update."""
+    arch.loss.update_center()
+    if fsdp:
+        reshard_model(arch.teacher)  # the EMA works on shards (parallel.teacher_reshard_after_forward=false)
+    arch.update_teacher(momentum)
+
+
+def log_metrics(logger: MetricsLogger, record: dict, arch: SSLMetaArch, throughput: Throughput, env: DistEnv,
+                steps: int, peak: float | None, skipped_steps: int) -> dict[str, float]:
+    """Complete `record` (the step's values) with the collapse monitors, throughput and memory, and log it;
+    returns the monitors (none with ssl.fused_head_loss, which keeps no teacher probabilities)."""
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    elapsed = time.perf_counter() - throughput.start
+    probs = arch.last_teacher_probs
+    monitors = {k: v.item() for k, v in teacher_monitors(probs).items()} if probs is not None else {}
+    logger.log({
+        **record, **monitors,
+        "img_per_s": throughput.images * env.world_size / elapsed, "step_time_s": elapsed / steps,
+        "mfu": throughput.flops / elapsed / peak if peak else None, "mem_gb": _memory_gb(env.device),
+        "skipped_steps": skipped_steps,
+    })
+    return monitors
+
+
+def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimizer, loader: Any, cfg: Config,
+            env: DistEnv) -> tuple[int, int, int, int | None]:
+    """Load checkpoint `resume_from` into the parallelised model, optimiser and loader; returns (step, epoch,
+    skipped steps, the step count its schedules were laid out over). Elastic (another world size or batch):
+    the loader position is converted and the drop-path streams restart."""
+    t = cfg.train
+    try:
+        step, rank_state, saved_world = checkpoint.load(resume_from, arch, optimizer, reshard=t.elastic_resume)
+        saved_meta = checkpoint_io.read_meta(resume_from)
+        saved_steps = saved_meta.get("total_steps")
+        saved_s1, s1 = saved_meta.get("data", {}).get("s1_scaling"), input_metadata(loader).get("s1_scaling")
+        if None not in (saved_s1, s1) and saved_s1 != s1:
+            raise ValueError(f"it was trained on S1 in {saved_s1}, data.shard_dir holds S1 in {s1}; convert "
+                             f"with `terrafm prepare --s1-scaling {saved_s1}` or start a new run")
+        epoch, skipped_steps = rank_state["epoch"], rank_state.get("skipped_steps", 0)
+        loader.set_epoch(epoch)
+        saved_batch = rank_state["loader"].get("batch_size", cfg.data.batch_size)
+        reshard = saved_world != env.world_size or (t.elastic_resume and saved_batch != cfg.data.batch_size)
+        if not reshard:
+            loader.load_state_dict(rank_state["loader"])
+        else:  # a loader that cannot continue on another world size fails here with TypeError
+            redrawn = loader.load_state_dict(rank_state["loader"], reshard=True)
+    except (checkpoint.ResumeError, checkpoint_io.CheckpointError, ValueError) as err:
+        raise SetupError(f"cannot resume from {resume_from}: {err}") from err
+    except (RuntimeError, KeyError, CheckpointException) as err:  # DCP: missing keys, shape mismatch
+        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise SetupError(f"cannot resume from {resume_from}: it does not fit this model and optimiser "
+                         f"({detail}); resume with the model.* and ssl.* values it was written with "
+                         f"(see {resume_from / 'meta.json'})") from err
+    if reshard:
+        torch.manual_seed(t.seed + step * 1009 + env.rank)  # fresh drop-path streams, distinct per rank
+        if env.rank == 0:
+            before = rank_state["loader"]["batch_size"] * saved_world
+            print(f"elastic resume: {saved_world} -> {env.world_size} ranks at step {step}; samples per "
+                  f"loader step {before} -> {cfg.data.batch_size * env.world_size} (the peak lr follows the "
+                  f"global batch); data resumes at epoch {epoch} batch {loader.step}, {redrawn} samples "
+                  "drawn again", flush=True)
+    return step, epoch, skipped_steps, saved_steps
+
+
 def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) -> TrainResult:
     cfg = resolve_ops(cfg, env.device)
     t, o, s = cfg.train, cfg.optim, cfg.ssl
@@ -245,12 +394,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     resume_from = None
     try:
         if resume is True:
-            resume_from = checkpoint.latest_checkpoint(ckpt_root)
+            resume_from = checkpoint_io.latest_checkpoint(ckpt_root)
         elif resume:
-            resume_from = checkpoint.resolve(resume)
-    except checkpoint.CheckpointError as err:
+            resume_from = checkpoint_io.resolve(resume)
+    except checkpoint_io.CheckpointError as err:
         raise SetupError(f"cannot resume: {err}") from err
-    if not resume and (ckpt_root / checkpoint.LATEST).exists():
+    if not resume and (ckpt_root / checkpoint_io.LATEST).exists():
         raise SetupError(f"{run_dir} already has checkpoints; pass --resume to continue it, or choose another "
                          "--out / train.run_name for a fresh run")
     check_run_dir(run_dir)  # every rank: each fails alike instead of waiting in a collective
@@ -272,15 +421,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
             raise SetupError(f"cannot read the training data: {err}") from err
     check_epoch(cfg, len(loader), env.world_size)
     high_classes = high_frequency_classes(_value(loader, "class_frequency"))
-    loss = DINOLoss(s.num_prototypes, _value(loader, "num_classes"), high_classes, s.student_temperature,
-                    s.center_momentum, s.center_high_momentum, s.center_alpha, cfg.ops, env.device.type)
-    from terrafm.models import build_model
-
-    backbone = partial(build_model, cfg.model.name, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
-                       fusion=cfg.model.fusion, ops=cfg.ops, ops_device=env.device.type)
-    head_kwargs = dict(num_prototypes=s.num_prototypes, hidden_dim=s.head_hidden_dim,
-                       bottleneck_dim=s.head_bottleneck_dim, num_layers=s.head_layers)
-    arch = SSLMetaArch.build(backbone, head_kwargs, loss, cfg.model.drop_path_rate, s.fused_head_loss).to(env.device)
+    arch = SSLMetaArch.from_config(cfg, _value(loader, "num_classes"), high_classes, env.device.type).to(env.device)
     arch.teacher.eval()
     par = cfg.parallel
     parallelize(arch, env.mesh, fsdp=t.fsdp, precision=t.precision, reduce_precision=t.reduce_precision,
@@ -300,52 +441,11 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     temp_warmup_steps = round(s.warmup_teacher_temperature_epochs * steps_per_epoch)
     freeze_steps = round(s.freeze_last_layer_epochs * steps_per_epoch)
     peak = peak_flops(env.device, t.precision, t.peak_tflops)
-    backbone_module = arch.student.backbone
-    dim, depth, patch = backbone_module.embed_dim, len(backbone_module.blocks), backbone_module.patch_size
-
-    def view_flops(views: list[dict[str, torch.Tensor]]) -> float:
-        """Forward FLOPs of one sample's views through backbone + head."""
-        head = head_flops(dim, s.head_hidden_dim, s.head_bottleneck_dim, s.num_prototypes, s.head_layers)
-        total = 0.0
-        for v in views:
-            h, w = next(iter(v.values())).shape[-2:]
-            total += backbone_flops(dim, depth, patch, [x.shape[1] for x in v.values()], h, w) + head
-        return total
 
     # -- resume ---------------------------------------------------------------------------------
-    step, epoch, skipped_steps = 0, 0, 0
+    step, epoch, skipped_steps, saved_steps = 0, 0, 0, None
     if resume_from is not None:
-        try:
-            step, rank_state, saved_world = checkpoint.load(resume_from, arch, optimizer, reshard=t.elastic_resume)
-            saved_meta = checkpoint.read_meta(resume_from)
-            saved_steps = saved_meta.get("total_steps")
-            saved_s1, s1 = saved_meta.get("data", {}).get("s1_scaling"), input_metadata(loader).get("s1_scaling")
-            if None not in (saved_s1, s1) and saved_s1 != s1:
-                raise ValueError(f"it was trained on S1 in {saved_s1}, data.shard_dir holds S1 in {s1}; convert "
-                                 f"with `terrafm prepare --s1-scaling {saved_s1}` or start a new run")
-            epoch, skipped_steps = rank_state["epoch"], rank_state.get("skipped_steps", 0)
-            loader.set_epoch(epoch)
-            saved_batch = rank_state["loader"].get("batch_size", cfg.data.batch_size)
-            reshard = saved_world != env.world_size or (t.elastic_resume and saved_batch != cfg.data.batch_size)
-            if not reshard:
-                loader.load_state_dict(rank_state["loader"])
-            else:  # a loader that cannot continue on another world size fails here with TypeError
-                redrawn = loader.load_state_dict(rank_state["loader"], reshard=True)
-        except (checkpoint.ResumeError, checkpoint.CheckpointError, ValueError) as err:
-            raise SetupError(f"cannot resume from {resume_from}: {err}") from err
-        except (RuntimeError, KeyError, CheckpointException) as err:  # DCP: missing keys, shape mismatch
-            detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-            raise SetupError(f"cannot resume from {resume_from}: it does not fit this model and optimiser "
-                             f"({detail}); resume with the model.* and ssl.* values it was written with "
-                             f"(see {resume_from / 'meta.json'})") from err
-        if reshard:
-            torch.manual_seed(t.seed + step * 1009 + env.rank)  # fresh drop-path streams, distinct per rank
-            if env.rank == 0:
-                before = rank_state["loader"]["batch_size"] * saved_world
-                print(f"elastic resume: {saved_world} -> {env.world_size} ranks at step {step}; samples per "
-                      f"loader step {before} -> {cfg.data.batch_size * env.world_size} (the peak lr follows the "
-                      f"global batch); data resumes at epoch {epoch} batch {loader.step}, {redrawn} samples "
-                      "drawn again", flush=True)
+        step, epoch, skipped_steps, saved_steps = restore(resume_from, arch, optimizer, loader, cfg, env)
     else:
         loader.set_epoch(epoch)
     if env.rank == 0:
@@ -371,39 +471,21 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                      f"step {step} (lr {old_lr:.3e} -> {new_lr:.3e}, teacher momentum {old_m:.6f} -> {new_m:.6f}). "
                      f"Set train.max_steps={saved_steps} to keep the original schedules.")
 
-    data_iter = iter(loader)
-
-    def next_batch() -> Any:
-        nonlocal data_iter, epoch
-        try:
-            return next(data_iter)
-        except StopIteration:
-            epoch += 1
-            loader.set_epoch(epoch)
-            data_iter = iter(loader)
-            return next(data_iter)
+    batches = Batches(loader, epoch)
 
     def save() -> Path:
         try:
-            rank_state = {"loader": loader.state_dict(), "epoch": epoch, "skipped_steps": skipped_steps}
+            rank_state = {"loader": loader.state_dict(), "epoch": batches.epoch, "skipped_steps": skipped_steps}
             return checkpoint.save(ckpt_root, step, arch, optimizer, rank_state, meta, t.keep_checkpoints)
         except checkpoint.CheckpointWriteError as err:
             raise SetupError(str(err)) from err
-
-    def next_batch_checked() -> Any:
-        from terrafm.data.shards import ShardError
-
-        try:
-            return next_batch()
-        except ShardError as err:
-            raise SetupError(f"{err}") from err
 
     stop = PreemptionFlag()
     stop.install()
     profiler = None
     latest = resume_from
     last_diagnosis = None
-    window_start, window_images, window_flops = time.perf_counter(), 0, 0.0
+    throughput = Throughput()
     nonfinite_streak = 0
     try:
         while step < total_steps:
@@ -419,27 +501,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                 group["lr"] = lr
                 group["weight_decay"] = wd if group["decay"] else 0.0
 
-            # forward/backward over the micro-batches; gradients are reduced on the last one only
-            loss_sum = torch.zeros((), device=env.device)
-            for micro in range(t.grad_accum_steps):
-                batch = next_batch_checked()
-                global_views = _views(batch.global_views, env.device)
-                local_views = _views(batch.local_views, env.device)
-                majority_class = batch.majority_class.to(env.device, non_blocking=True)
-                if t.fsdp:
-                    arch.student.set_requires_gradient_sync(micro == t.grad_accum_steps - 1)
-                loss = arch(global_views, local_views, majority_class, teacher_temp)
-                (loss / t.grad_accum_steps).backward()
-                loss_sum += loss.detach()
-                batch_size = majority_class.shape[0]
-                window_images += batch_size
-                window_flops += batch_size * (3 * view_flops(global_views + local_views) + view_flops(global_views))
-
-            # one scalar all-reduce: the mean loss and whether any rank was asked to stop
-            status = torch.stack([loss_sum / t.grad_accum_steps,
-                                  torch.tensor(float(stop.signum is not None), device=env.device)])
-            dist.all_reduce(status)
-            loss_value, stop_requested = status[0].item() / env.world_size, status[1].item() > 0
+            loss_sum = forward_backward(arch, batches, t.grad_accum_steps, t.fsdp, teacher_temp, env.device, throughput)
+            loss_value, stop_requested = reduce_status(loss_sum / t.grad_accum_steps, stop.signum is not None, env)
             if not math.isfinite(loss_value):
                 where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
                 raise NonFiniteLossError(
@@ -447,14 +510,11 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                     f"updating the weights; {where}. Resume from it with a lower optim.lr or more warm-up."
                 )
 
-            if schedules.last_layer_frozen(step, freeze_steps):
-                for p in arch.last_layer_parameters():
-                    p.grad = None
-            grad_norm = clip_gradients(student_params, o.clip_grad)
-            if math.isfinite(grad_norm.item()):  # the same global norm on every rank
-                optimizer.step()
+            grad_norm = optimizer_step(arch, optimizer, student_params, o.clip_grad,
+                                       schedules.last_layer_frozen(step, freeze_steps))
+            if math.isfinite(grad_norm.item()):
                 nonfinite_streak = 0
-            else:  # skip the update; the teacher outputs were finite, so centres and EMA still update
+            else:  # the update was skipped; the teacher outputs were finite, so centres and EMA still update
                 skipped_steps += 1
                 nonfinite_streak += 1
                 logger.write(f"step {step}: gradient norm is {grad_norm.item()} with a finite loss; AdamW step skipped "
@@ -466,29 +526,14 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                         f"(0-based optimiser step, lr {lr:.3e}); stopped (train.max_nonfinite_grad_steps="
                         f"{t.max_nonfinite_grad_steps}); {where}. Resume from it with a lower optim.lr, "
                         "optim.clip_grad > 0 or train.precision=fp32.")
-            optimizer.zero_grad(set_to_none=True)
-            arch.loss.update_center()
-            if t.fsdp:
-                reshard_model(arch.teacher)  # the EMA works on shards (parallel.teacher_reshard_after_forward=false)
-            arch.update_teacher(momentum)
+            teacher_step(arch, momentum, t.fsdp)
             step += 1
             logger.advance()
 
             if step % t.log_every == 0 or step == total_steps:
-                if env.device.type == "cuda":
-                    torch.cuda.synchronize(env.device)
-                elapsed = time.perf_counter() - window_start
-                probs = arch.last_teacher_probs  # None with ssl.fused_head_loss: no monitors
-                monitors = {k: v.item() for k, v in teacher_monitors(probs).items()} if probs is not None else {}
-                record = {
-                    "step": step, "loss": loss_value, "lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
-                    "teacher_temperature": teacher_temp, "grad_norm": grad_norm.item(), "epoch": epoch,
-                    **monitors,
-                    "img_per_s": window_images * env.world_size / elapsed, "step_time_s": elapsed / t.log_every,
-                    "mfu": window_flops / elapsed / peak if peak else None, "mem_gb": _memory_gb(env.device),
-                    "skipped_steps": skipped_steps,
-                }
-                logger.log(record)
+                record = {"step": step, "loss": loss_value, "lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
+                          "teacher_temperature": teacher_temp, "grad_norm": grad_norm.item(), "epoch": batches.epoch}
+                monitors = log_metrics(logger, record, arch, throughput, env, t.log_every, peak, skipped_steps)
                 diagnosis = collapse_state(monitors, s.num_prototypes, t.collapse_gap) if step > warmup_steps else None
                 if diagnosis and diagnosis != last_diagnosis:
                     logger.write(f"warning at step {step}: {diagnosis} (docs/training.md, 'Reading the monitors')")
@@ -496,7 +541,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                     raise CollapseError(f"stopped at step {step} (train.stop_on_collapse): {diagnosis}; the last "
                                         f"checkpoint is {latest}")
                 last_diagnosis = diagnosis
-                window_start, window_images, window_flops = time.perf_counter(), 0, 0.0
+                throughput.reset()
             if profiler is not None and step == t.profile_steps[1]:
                 profiler.__exit__(None, None, None)
                 (run_dir / "profile").mkdir(parents=True, exist_ok=True)
@@ -516,7 +561,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     if probe_sample:
         last_temp = schedules.teacher_temperature(max(step - 1, 0), temp_warmup_steps, s.warmup_teacher_temperature,
                                                   s.teacher_temperature)
-        probe = _probe(cfg, arch, loader, backbone, head_kwargs, last_temp, env.rank, run_dir)
+        probe = _probe(cfg, arch, loader, last_temp, env.device.type, env.rank, run_dir)
     if env.rank == 0:
         png = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         print(f"done: {step} steps. checkpoint {latest}\n  metrics {run_dir / 'metrics.jsonl'}\n"
@@ -525,8 +570,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     return TrainResult(run_dir, step, latest, preempted=False, probe=probe)
 
 
-def _probe(cfg: Config, arch: SSLMetaArch, loader: Any, backbone_factory: Any, head_kwargs: dict,
-           teacher_temp: float, rank: int, run_dir: Path) -> Any:
+def _probe(cfg: Config, arch: SSLMetaArch, loader: Any, teacher_temp: float, device: str, rank: int,
+           run_dir: Path) -> Any:
     """kNN of the final teacher on held-out generated tiles vs a random-init backbone and band statistics
     (terrafm.eval.learning); written to run_dir/probe.json. Every rank gathers the teacher, rank 0 probes."""
     import json
@@ -538,10 +583,11 @@ def _probe(cfg: Config, arch: SSLMetaArch, loader: Any, backbone_factory: Any, h
              for k, v in arch.teacher.state_dict().items()}
     if rank != 0:
         return None
-    teacher = DINOModel(backbone_factory(drop_path_rate=0.0), DINOHead(arch.teacher.backbone.embed_dim, **head_kwargs))
+    backbone = backbone_factory(cfg, device)
+    teacher = DINOModel(backbone(drop_path_rate=0.0), DINOHead(arch.teacher.backbone.embed_dim, **head_kwargs(cfg)))
     teacher.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state.items()})
     torch.manual_seed(cfg.train.seed)
-    random_backbone = backbone_factory(drop_path_rate=0.0)
+    random_backbone = backbone(drop_path_rate=0.0)
     modality = "s2_l2a" if "s2_l2a" in loader.mean else next(iter(loader.mean))
     heldout = heldout_split((modality,), {modality: (loader.mean[modality], loader.std[modality])},
                             tile_size=loader.shards.tile_size)

@@ -4,7 +4,6 @@ import ast
 from pathlib import Path
 
 import pytest
-import torch
 
 from terrafm import backends, ops
 
@@ -18,7 +17,6 @@ def test_cpu_auto_picks_the_references_for_kernels_and_cpp_for_data_ops():
     for op in ("patch_embed", "cross_attention_fusion", "teacher_softmax", "dino_cross_entropy", "dino_head_loss"):
         assert chosen[op] == "torch", op  # the interpreter is never chosen automatically
     cpp = "cpp" if backends.csrc().usable else None
-    assert chosen["normalize_bands"] == (cpp or "torch")
     assert chosen["view_rendering"] == (cpp or "numpy")
 
 
@@ -33,7 +31,7 @@ def test_every_op_has_a_reference_that_runs_everywhere():
 
 def test_preferences_are_honoured_and_checked():
     assert ops.resolve({"patch_embed": "torch", "attention": "auto"})["patch_embed"] == "torch"
-    assert ops.choose("normalize_bands", "cpu", "torch") == "torch"
+    assert ops.choose("view_rendering", "cpu", "numpy") == "numpy"
     with pytest.raises(KeyError, match="unknown op"):
         ops.resolve({"flash_softmax": "torch"})
     with pytest.raises(ValueError, match="has no backend 'cpp'"):
@@ -105,14 +103,7 @@ def test_triton_interpret_is_read_in_one_place():
     assert readers == ["kernels/_common.py", "kernels/compile_report.py"], readers
 
 
-def test_cpp_normalize_matches_reference():
-    """terrafm._C is built by `pip install -e .`: in a test environment it must be usable."""
-    from terrafm_kernels.reference import normalize_bands
-
+def test_the_cpp_extension_is_built_in_a_test_environment():
+    """terrafm._C is built by `pip install -e .`; without it the C++ view-rendering tests would only skip."""
     assert backends.csrc().usable, backends.csrc().detail
-    x = torch.randint(0, 10000, (3, 7, 5), dtype=torch.uint16)
-    mean, std = torch.rand(3) * 1000, torch.rand(3) * 100 + 1
-    cpp = ops.load("normalize_bands", "cpp")
-    torch.testing.assert_close(cpp(x, mean, std), normalize_bands(x, mean, std))
-    with pytest.raises(ValueError, match="uint16"):
-        cpp(x.float(), mean, std)
+    assert ops.choose("view_rendering", "cpu") == "cpp"

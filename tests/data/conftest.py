@@ -34,9 +34,9 @@ def _assert_same_host_views(ref_loader, other_loader, steps: int = 2) -> None:
         a, b = ref_loader.render_host(plan), other_loader.render_host(plan)
         torch.testing.assert_close(a.index, b.index)
         for va, vb in zip(a.global_views + a.local_views, b.global_views + b.local_views, strict=True):
-            assert list(va.tensors) == list(vb.tensors)
-            for m in va.tensors:
-                x, y = va.tensors[m], vb.tensors[m].cpu()
+            assert list(va) == list(vb)
+            for m in va:
+                x, y = va[m], vb[m].cpu()
                 assert x.dtype == y.dtype == ref_loader.storage_dtype[m] and x.shape == y.shape
                 if x.dtype == torch.uint16:
                     diff = (x.to(torch.int32) - y.to(torch.int32)).abs()

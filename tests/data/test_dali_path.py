@@ -112,7 +112,7 @@ def test_dali_renders_lz4_shards_like_the_reference(lz4_shards, bands, assert_sa
 def test_gpu_inflate_renders_like_the_reference(lz4_shards, assert_same_host_views):
     dali = build_loader(_cfg(lz4_shards, backend="dali"), device="cuda")
     plan = dali.plan(0, 0)
-    assert dali.render_host(plan).global_views[0].tensors[plan.views[0].modalities[0]].is_cuda and dali._dali.inflate
+    assert dali.render_host(plan).global_views[0][plan.views[0].modalities[0]].is_cuda and dali._dali.inflate
     assert_same_host_views(build_loader(_cfg(lz4_shards)), dali)
 
 

@@ -20,10 +20,10 @@ def test_host_views_are_storage_dtype_and_the_device_stage_normalises_them(sampl
     plan = loader.plan(0, 0)
     host, out = loader.render_host(plan), loader.render(plan)
     for hv, ov in zip(host.global_views + host.local_views, out.global_views + out.local_views, strict=True):
-        for m, x in hv.tensors.items():
+        for m, x in hv.items():
             assert x.dtype == (torch.float16 if m == "s1" else torch.uint16)
             assert x.element_size() == 2  # half the bytes of the float32 the model takes
-            y = ov.tensors[m]
+            y = ov[m]
             assert y.dtype == torch.float32 and y.shape == x.shape
             mean = torch.from_numpy(loader.mean[m]).view(-1, 1, 1)
             std = torch.from_numpy(loader.std[m]).view(-1, 1, 1)
@@ -74,10 +74,10 @@ def test_cuda_transfers_from_pinned_memory_on_a_side_stream(sample_shards):
     loader = build_loader(_cfg(sample_shards), device="cuda")
     assert loader.pin and loader.stage.stream is not None
     host = loader.render_host(loader.plan(0, 0))
-    assert all(t.is_pinned() for v in host.global_views for t in v.tensors.values())
+    assert all(t.is_pinned() for v in host.global_views for t in v.values())
     batch = next(iter(loader))
-    assert all(t.is_cuda and t.dtype == torch.float32 for v in batch.global_views for t in v.tensors.values())
+    assert all(t.is_cuda and t.dtype == torch.float32 for v in batch.global_views for t in v.values())
     cpu = build_loader(_cfg(sample_shards)).render(loader.plan(0, 0))
     for a, b in zip(batch.global_views, cpu.global_views, strict=True):
-        for m in a.tensors:
-            torch.testing.assert_close(a.tensors[m].cpu(), b.tensors[m])
+        for m in a:
+            torch.testing.assert_close(a[m].cpu(), b[m])

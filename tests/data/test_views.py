@@ -59,8 +59,8 @@ def test_loader_yields_the_contract(sample_shards):
     counts = loader.shards.class_counts[batch.index.numpy()]
     np.testing.assert_array_equal(batch.majority_class.numpy(), counts.argmax(1))
     for v, size in zip(_views(batch), [40, 40, 16, 16, 16], strict=True):
-        assert len(v.tensors) >= 2  # p_fused = 1: every view is Case N
-        for m, t in v.tensors.items():
+        assert len(v) >= 2  # p_fused = 1: every view is Case N
+        for m, t in v.items():
             assert t.shape == (4, 2 if m == "s1" else 12, size, size) and t.dtype == torch.float32
             assert torch.isfinite(t).all()
 
@@ -68,7 +68,7 @@ def test_loader_yields_the_contract(sample_shards):
 def test_same_box_for_all_modalities_of_a_view(sample_shards):
     """Co-registered crop: the flipped/cropped S2 L2A and L1C views of one place are strongly correlated."""
     loader = build_loader(_cfg(sample_shards, p_fused=1.0, modalities=("s2_l2a", "s2_l1c")))
-    v = next(iter(loader)).global_views[0].tensors
+    v = next(iter(loader)).global_views[0]
     a, b = v["s2_l2a"][:, 7].flatten(1), v["s2_l1c"][:, 7].flatten(1)
     corr = torch.nn.functional.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True))
     assert (corr > 0.9).all()
@@ -76,7 +76,7 @@ def test_same_box_for_all_modalities_of_a_view(sample_shards):
 
 def test_band_subset(sample_shards):
     loader = build_loader(_cfg(sample_shards, modalities=("s2_l2a",), bands={"s2_l2a": ("B04", "B03", "B02")}))
-    assert next(iter(loader)).global_views[0].tensors["s2_l2a"].shape[1] == 3
+    assert next(iter(loader)).global_views[0]["s2_l2a"].shape[1] == 3
 
 
 def test_mid_epoch_resume_and_ranks(sample_shards):
@@ -93,9 +93,9 @@ def test_mid_epoch_resume_and_ranks(sample_shards):
     for a, b in zip(full[1:], rest, strict=True):
         torch.testing.assert_close(a.index, b.index)
         for va, vb in zip(_views(a), _views(b), strict=True):
-            assert list(va.tensors) == list(vb.tensors)
-            for m in va.tensors:
-                torch.testing.assert_close(va.tensors[m], vb.tensors[m], rtol=0, atol=0)
+            assert list(va) == list(vb)
+            for m in va:
+                torch.testing.assert_close(va[m], vb[m], rtol=0, atol=0)
     assert resumed.state_dict()["epoch"] == 1
     r0, r1 = build_loader(cfg, rank=0, world_size=2), build_loader(cfg, rank=1, world_size=2)
     draws = build_loader(cfg).sampler.epoch_indices(0)

@@ -6,24 +6,11 @@ exactly what two ranks with batch B see together. Modality augmentation: view 0 
 local views alternate S2-L1C and a fused {S2-L2A, S1} view (Case N).
 """
 
-from dataclasses import dataclass
-
 import torch
 
+from terrafm.data.views import View, ViewBatch
+
 CHANNELS = {"s2_l2a": 12, "s2_l1c": 12, "s1": 2}
-
-
-@dataclass
-class View:
-    tensors: dict[str, torch.Tensor]
-
-
-@dataclass
-class ViewBatch:
-    global_views: list[View]
-    local_views: list[View]
-    majority_class: torch.Tensor
-    index: torch.Tensor
 
 
 class SyntheticLoader:
@@ -86,7 +73,7 @@ class SyntheticLoader:
         local_mods = [("s2_l1c",), ("s1", "s2_l2a")]
         local_views = [self._crop(g, idx, local_mods[i % 2], self.local_size) for i in range(self.num_local)]
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        cut = lambda v: View({m: t[mine] for m, t in v.tensors.items()})
+        cut = lambda v: View({m: t[mine] for m, t in v.items()})
         return ViewBatch([cut(v) for v in global_views], [cut(v) for v in local_views], self.classes[idx][mine],
                          idx[mine])
 

@@ -13,10 +13,11 @@ import pytest
 import torch
 from train_harness import run_harness
 
+from terrafm import checkpoint_io
+from terrafm.checkpoint_io import CheckpointError, SafeLoadPlanner, hash_file
 from terrafm.cli import main
 from terrafm.models import load_checkpoint
-from terrafm.train import checkpoint, checkpoint_io
-from terrafm.train.checkpoint_io import CheckpointError, SafeLoadPlanner, hash_file
+from terrafm.train import checkpoint
 from terrafm.train.trainer import SetupError, train
 
 RUN = ["train.max_steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=2", "train.deterministic=true"]

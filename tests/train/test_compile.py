@@ -31,8 +31,7 @@ def _arch(backend: str, depth: int = 2, fused_head_loss: bool = False, drop_path
 
 
 def _inputs(batch) -> tuple:
-    return ([v.tensors for v in batch.global_views], [v.tensors for v in batch.local_views], batch.majority_class,
-            0.04)
+    return batch.global_views, batch.local_views, batch.majority_class, 0.04
 
 
 @pytest.mark.parametrize("fused_head_loss", [False, True])

@@ -6,7 +6,7 @@ import subprocess
 
 from train_harness import FAULT_RUN, harness_cmd, losses, run_harness, wait_for
 
-from terrafm.train.checkpoint import load_backbone_state
+from terrafm.checkpoint_io import load_backbone_state
 from terrafm.train.trainer import REQUEUE_EXIT_CODE
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from train_harness import HARNESS, free_port, metric_records
 
-from terrafm.train.checkpoint import load_backbone_state
+from terrafm.checkpoint_io import load_backbone_state
 
 # momentum 0: after every step the teacher must equal the student, which proves the EMA writes the
 # shards in place (with a momentum near 1 a no-op update would be invisible after 3 steps)

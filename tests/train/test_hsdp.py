@@ -10,7 +10,7 @@ import pytest
 import torch
 from train_harness import HARNESS, free_port, metric_records
 
-from terrafm.train.checkpoint import load_backbone_state
+from terrafm.checkpoint_io import load_backbone_state
 
 pytestmark = pytest.mark.slow
 

@@ -52,7 +52,7 @@ class NaNLoader(SyntheticLoader):
         for batch in super().__iter__():
             self.served += 1
             if self.served >= self.bad:
-                batch.global_views[0].tensors["s2_l2a"][0, 0, 0, 0] = float("nan")
+                batch.global_views[0]["s2_l2a"][0, 0, 0, 0] = float("nan")
             yield batch
 
 

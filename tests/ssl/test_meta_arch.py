@@ -1,7 +1,9 @@
 import pytest
 import torch
 
+from terrafm.config import Config
 from terrafm.models import build_model
+from terrafm.models.terrafm import backbone_flops
 from terrafm.ssl.head import DINOHead
 from terrafm.ssl.loss import DINOLoss
 from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch
@@ -99,6 +101,30 @@ def test_build_gives_teacher_equal_to_student_and_fusion_views_run_on_terrafm():
     assert torch.isfinite(loss)
     fusion_grad = arch.student.backbone.patch_embed.fusion.queries.grad
     assert fusion_grad is not None and fusion_grad.abs().sum() > 0
+
+
+def test_from_config_assembles_the_configured_model_and_counts_its_flops():
+    cfg = Config()
+    cfg.model.name, cfg.model.img_size, cfg.model.fusion, cfg.model.drop_path_rate = "terrafm_tiny", 32, True, 0.2
+    cfg.ssl.num_prototypes, cfg.ssl.head_hidden_dim, cfg.ssl.head_bottleneck_dim = 16, 32, 8
+    cfg.ssl.student_temperature, cfg.ssl.center_alpha, cfg.ssl.fused_head_loss = 0.2, 0.5, True
+    cfg.ops = {"patch_embed": "torch", "dino_head_loss": "torch"}
+    arch = SSLMetaArch.from_config(cfg, num_classes=11, high_classes=[4])
+    student, teacher = arch.student.backbone, arch.teacher.backbone
+    assert (student.name, student.img_size, student.patch_embed.fusion is not None) == ("terrafm_tiny", 32, True)
+    assert student.blocks[-1].drop_path and not teacher.blocks[-1].drop_path  # drop path: the student only
+    torch.testing.assert_close(student.blocks[-1].drop_path_rate, torch.tensor(0.2))
+    for s, t in zip(arch.student.state_dict().values(), arch.teacher.state_dict().values(), strict=True):
+        torch.testing.assert_close(s, t)
+    assert arch.student.head.last_layer.weight_v.shape == (16, 8)
+    assert arch.fused_head_loss and arch.loss.student_temperature == 0.2 and arch.loss.alpha == 0.5
+    assert arch.loss.high_class_weight.tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    globals_ = [{"s2_l2a": torch.zeros(2, 12, 32, 32)}]
+    locals_ = [{"s1": torch.zeros(2, 2, 16, 16), "s2_l1c": torch.zeros(2, 12, 16, 16)}]
+    head = 2 * (192 * 32 + 32 * 32 + 32 * 8 + 8 * 16)  # MLP 192 -> 32 -> 32 -> 8, then 16 prototypes
+    g = backbone_flops(192, 4, 16, [12], 32, 32) + head
+    loc = backbone_flops(192, 4, 16, [2, 12], 16, 16) + head
+    assert arch.flops_per_sample(globals_, locals_) == 3 * (g + loc) + g  # student fwd + bwd, teacher fwd
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the kernel under TRITON_INTERPRET=1

@@ -1,4 +1,8 @@
-"""A checkpoint's files read without running code from them, and checked against a checksum manifest.
+"""Reading a checkpoint folder: its files read without running code, checked against a checksum manifest.
+
+The lowest layer of checkpointing: models/ and eval/ read trained backbones through `resolve` and
+`load_backbone_state` here, train/checkpoint.py (saving and resuming) builds on it; nothing here needs a
+process group.
 
 Trust boundary: nothing read from a checkpoint folder may execute code.
 - per-rank state (loader position, epoch, RNG states) is JSON (`rank_NNNNN.json`), not a pickle;
@@ -8,6 +12,8 @@ Trust boundary: nothing read from a checkpoint folder may execute code.
   them with torch.load(weights_only=True) instead of DCP's default weights_only=False.
 Integrity: `manifest.json` lists every file with its size and sha256; `verify` checks them on resume and
 on export, so a flipped byte is refused by file name instead of loading silently.
+`load_backbone_state(path)` reads the TEACHER backbone (as DINO evaluates its teacher: the EMA
+weights are smoother and transfer better) on one process without any process group.
 """
 
 import hashlib
@@ -15,14 +21,17 @@ import io
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
+LATEST = "latest"
 MANIFEST = "manifest.json"
 METADATA = ".metadata"
 _CHUNK = 1 << 22
@@ -149,3 +158,76 @@ def verify(folder: str | Path, names: list[str] | None = None) -> list[str]:
         elif got["sha256"] != want["sha256"]:
             problems.append(f"{name}: sha256 {got['sha256'][:16]}..., the manifest says {want['sha256'][:16]}...")
     return problems
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and all((path / n).exists() for n in (METADATA, "meta.json", MANIFEST))
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The complete checkpoint `root/latest` names, or None when there is none yet."""
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    if not _complete(path):
+        raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint; "
+                              f"{previous_checkpoint(path)}")
+    return path
+
+
+def previous_checkpoint(path: Path) -> str:
+    """A sentence offering the newest complete checkpoint before `path` in its folder, for error messages."""
+    path = Path(path)
+    earlier = sorted(p for p in path.parent.glob("step_*") if _complete(p) and p.name < path.name)
+    if not earlier:
+        return f"there is no earlier checkpoint in {path.parent}"
+    return f"the previous checkpoint is {earlier[-1]}: resume from it with --resume-from {earlier[-1]}"
+
+
+def read_meta(path: str | Path) -> dict:
+    """meta.json of a checkpoint: step, world size, model constructor arguments, config, schedule length."""
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder, a run's `checkpoints/` folder, or a run folder -> the complete checkpoint."""
+    path = Path(path)
+    if (path / METADATA).exists():
+        return path
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).exists():
+            found = latest_checkpoint(root)
+            if found is not None:
+                return found
+    raise CheckpointError(f"{path} is not a checkpoint, a checkpoints/ folder or a run folder with one")
+
+
+def load_backbone_state(path: str | Path, which: str = "teacher") -> tuple[str, dict[str, torch.Tensor]]:
+    """(model name, backbone state_dict in the published TerraFM key layout, plus fusion.* if trained).
+
+    Reads one model's backbone from a DCP checkpoint on a single process, no process group needed:
+    tensors are allocated from the checkpoint's metadata and filled by `dcp.load(no_dist=True)`,
+    which reassembles the shards of every rank.
+    """
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    path = resolve(path)
+    problems = verify(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({'; '.join(problems)}); {previous_checkpoint(path)}")
+    meta = read_meta(path)
+    prefix = f"{which}.backbone."
+    metadata = read_metadata(path)
+    state = {
+        key: torch.empty(item.size, dtype=item.properties.dtype)
+        for key, item in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
+    }
+    if not state:
+        raise ValueError(f"{path} holds no {which} backbone (no keys starting with {prefix!r})")
+    with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=True)
+    return meta["model"]["name"], {k.removeprefix(prefix): v for k, v in state.items()}
