@@ -234,18 +234,6 @@ def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor
     return _dino_ce_op(student_logits, teacher_probs.detach(), float(student_temperature))[0]
 
 
-class DINOCrossEntropy(torch.nn.Module):
-    """nn.Module wrapper: forward(student_logits (S, B, K), teacher_probs (T, B, K)) -> loss."""
-
-    def __init__(self, student_temperature: float = 0.1):
-        super().__init__()
-        check_positive("student_temperature", student_temperature)
-        self.student_temperature = student_temperature
-
-    def forward(self, student_logits, teacher_probs):
-        return dino_cross_entropy(student_logits, teacher_probs, self.student_temperature)
-
-
 def roofline_cost(S: int, T: int, B: int, K: int, dtype_bytes: int = 2,
                   backward: bool = True) -> dict[str, int]:
     """Minimum cost of forward (+ backward when backward=True) for S student views, T teacher views,

@@ -1,6 +1,6 @@
 """DINO head prototype layer fused with the dual-centering teacher softmax and the student cross-entropy.
 
-Math (dino_head_loss_reference): h = normalize(features), W = weight-normalised prototypes (K, D),
+Math (reference.dino_head_loss): h = normalize(features), W = weight-normalised prototypes (K, D),
 logits z = h W^T; teacher probs P = softmax((z_t - alpha c - (1 - alpha) c_h) / tau_t) (no gradient);
 loss = dino_cross_entropy(z_s, P, tau_s); also the centre statistics of teacher_softmax.
 The (rows, K) logits are never materialised: with A[t] = P[t] W_s (teacher probs projected back
@@ -39,7 +39,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import reference
 from ._common import (
     TRITON_DTYPE,
     check_alpha,
@@ -445,62 +444,6 @@ def dino_head_loss(student_features, teacher_features, weight_v, center, center_
                         high_weight.float().contiguous(), S, T, B, float(teacher_temperature),
                         float(student_temperature), float(alpha))
     return out[:3]
-
-
-def dino_head_loss_reference(student_features, teacher_features, weight_v, center, center_high, high_weight,
-                             teacher_temperature, student_temperature, alpha, weight_g=None,
-                             teacher_weight_v=None, teacher_weight_g=None):
-    """The unfused composition of reference ops: the specification of dino_head_loss (materialises logits)."""
-    check_head_loss_shapes(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
-                           teacher_weight_v, teacher_weight_g)
-    check_positive("teacher_temperature", teacher_temperature)
-    check_positive("student_temperature", student_temperature)
-    check_alpha(alpha)
-    S, B, D = student_features.shape
-    T = teacher_features.shape[0]
-    student_logits = reference.prototype_logits(student_features.reshape(S * B, D), weight_v, weight_g)
-    with torch.no_grad():
-        if teacher_weight_v is None:
-            teacher_weight_v, teacher_weight_g = weight_v, weight_g
-        teacher_logits = reference.prototype_logits(teacher_features.reshape(T * B, D), teacher_weight_v,
-                                                    teacher_weight_g)
-        probs, logit_sum, high_logit_sum = reference.teacher_softmax(
-            teacher_logits, center, center_high, high_weight, teacher_temperature, alpha)
-    loss = reference.dino_cross_entropy(student_logits.reshape(S, B, -1), probs.reshape(T, B, -1),
-                                        student_temperature)
-    return loss, logit_sum, high_logit_sum
-
-
-class DINOHeadLoss(torch.nn.Module):
-    """Owns the student prototype layer (weight_v, optional trainable weight_g) and the dual centres.
-
-    forward(student_features (S, B, D), teacher_features (T, B, D), high_weight (T*B,), teacher_temperature,
-    teacher_weight_v=None) -> (loss, logit_sum, high_logit_sum); the caller all-reduces the sums and
-    calls update_centers(logit_sum, high_logit_sum, rows, high_rows) (as DualCenteringSoftmax.update).
-    """
-
-    def __init__(self, in_dim: int = 256, num_prototypes: int = 65536, student_temperature: float = 0.1,
-                 alpha: float = 0.8, center_momentum: float = 0.9, center_high_momentum: float = 0.9,
-                 train_weight_g: bool = False):
-        super().__init__()
-        from .teacher_softmax import DualCenteringSoftmax
-
-        check_positive("student_temperature", student_temperature)
-        self.student_temperature = student_temperature
-        self.weight_v = torch.nn.Parameter(torch.empty(num_prototypes, in_dim))
-        torch.nn.init.trunc_normal_(self.weight_v, std=0.02)
-        self.weight_g = torch.nn.Parameter(torch.ones(num_prototypes, 1)) if train_weight_g else None
-        self.centering = DualCenteringSoftmax(num_prototypes, alpha, center_momentum, center_high_momentum)
-
-    def forward(self, student_features, teacher_features, high_weight, teacher_temperature: float,
-                teacher_weight_v=None, teacher_weight_g=None):
-        c = self.centering
-        return dino_head_loss(student_features, teacher_features, self.weight_v, c.center, c.center_high,
-                              high_weight, teacher_temperature, self.student_temperature, c.alpha,
-                              self.weight_g, teacher_weight_v, teacher_weight_g)
-
-    def update_centers(self, logit_sum, high_logit_sum, rows: float, high_rows: float) -> None:
-        self.centering.update(logit_sum, high_logit_sum, rows, high_rows)
 
 
 def roofline_cost(S: int, T: int, B: int, K: int, D: int = 256, dtype_bytes: int = 2,

@@ -29,7 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
 from ._common import TRITON_DTYPE, check_tensor, interpreted
 
 MAX_MODALITIES = 16
@@ -292,29 +291,6 @@ def cross_attention_fusion(keys: torch.Tensor, values: torch.Tensor, queries: to
     """
     validate(keys, values, queries, pool, num_heads)
     return _fusion_op(keys, values, queries, pool, num_heads)[0]
-
-
-class CrossAttentionFusion(torch.nn.Module):
-    """Drop-in fusion layer owning the Q learned queries and the pooling vector.
-
-    forward(keys, values) with keys/values (T, M, dim) -> (T, dim). Uses the Triton kernel on CUDA
-    tensors; on CPU tensors the kernel under TRITON_INTERPRET=1, else the reference (chosen when built).
-    """
-
-    def __init__(self, dim: int, num_queries: int = 5, num_heads: int = 16):
-        super().__init__()
-        from .reference import cross_attention_fusion as reference
-
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.queries = torch.nn.Parameter(torch.randn(num_queries, dim) * 0.02)
-        self.pool = torch.nn.Parameter(torch.zeros(dim))
-        self.cpu_impl = cross_attention_fusion if _common.INTERPRET else reference
-
-    def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        fn = cross_attention_fusion if keys.is_cuda else self.cpu_impl
-        return fn(keys, values, self.queries, self.pool, self.num_heads)
 
 
 def roofline_cost(T: int, M: int, A: int, Q: int = 5, dtype_bytes: int = 2, backward: bool = False) -> dict:

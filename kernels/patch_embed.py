@@ -21,11 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
-from ._common import check_patch_grid
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+from ._common import TRITON_DTYPE, check_patch_grid, check_tensor, interpreted
 
 # Tile configs, from the compile report (python -m terrafm_kernels.compile_report) and the roofline.
 # fp16/bf16 on H100 (sm_90) and A100 (sm_80): 128 x 128 output tiles, BLOCK_K = 32, 8 warps, 3
@@ -135,12 +131,8 @@ def _grad_input_kernel(
              mask=row_mask[:, None] & k_mask[None, :])
 
 
-def _interpreted(x: torch.Tensor) -> bool:
-    return _common.interpreted(x)
-
-
 def _config(x: torch.Tensor) -> dict:
-    return INTERPRETER_CONFIG if _interpreted(x) else GPU_CONFIGS[x.element_size()]
+    return INTERPRETER_CONFIG if interpreted(x) else GPU_CONFIGS[x.element_size()]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -149,24 +141,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _check(name: str, t: torch.Tensor | None, shape: tuple[int, ...] | None, device: torch.device) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}; move it to {device}")
-    if shape is not None and tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-
-
 def validate(x, weight, bias, modality_embed, pos_embed) -> None:
-    """Raise a clear error for any input the kernel cannot take, before anything is launched."""
+    """Raise a clear error for any input the kernel cannot take, before anything is launched.
+
+    x and weight need not be contiguous (the launcher copies them)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    _check("x", x, None, x.device)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[-1] != weight.shape[-2]:
         raise ValueError(f"weight must be a Conv2d weight (E, C, p, p), got {getattr(weight, 'shape', None)}")
     E, C, p, _ = weight.shape
@@ -174,13 +154,15 @@ def validate(x, weight, bias, modality_embed, pos_embed) -> None:
     if Cx != C:
         raise ValueError(f"x has {Cx} channels but weight expects C={C} (weight shape {tuple(weight.shape)})")
     check_patch_grid(H, W, p)
-    _check("weight", weight, None, x.device)
-    _check("bias", bias, (E,), x.device)
-    _check("modality_embed", None if modality_embed is None else modality_embed.reshape(-1), (E,), x.device)
-    _check("pos_embed", None if pos_embed is None else pos_embed.reshape(-1, E), ((H // p) * (W // p), E), x.device)
-    if x.device.type == "cpu" and not _common.INTERPRET:
-        raise ValueError("x is on the cpu: the Triton kernel needs cuda tensors, or TRITON_INTERPRET=1 set before "
-                         "triton is imported; on cpu use terrafm_kernels.reference.patch_embed")
+    check_tensor("x", x, 4, contiguous=False)
+    check_tensor("weight", weight, 4, x.device, contiguous=False)
+    if bias is not None:
+        check_tensor("bias", bias, 1, x.device, shape=(E,), contiguous=False)
+    if modality_embed is not None:
+        check_tensor("modality_embed", modality_embed.reshape(-1), 1, x.device, shape=(E,), contiguous=False)
+    if pos_embed is not None:
+        check_tensor("pos_embed", pos_embed.reshape(-1, E), 2, x.device, shape=((H // p) * (W // p), E),
+                     contiguous=False)
     if x.numel() >= 2**31 or B * (H // p) * (W // p) * E >= 2**31:
         raise ValueError("patch_embed: inputs or outputs of 2**31 elements or more are not supported; split the batch")
 
@@ -301,32 +283,6 @@ def patch_embed(
     """
     validate(x, weight, bias, modality_embed, pos_embed)
     return _patch_embed_op(x, weight, bias, modality_embed, pos_embed)
-
-
-class PatchEmbed(torch.nn.Module):
-    """Drop-in for timm's PatchEmbed: `proj` is a Conv2d ([D, C, p, p] weights load unchanged).
-
-    Runs the Triton kernel on CUDA tensors, and on CPU tensors the kernel under TRITON_INTERPRET=1
-    or else the reference (conv2d), chosen when the module is built, so it works in any environment.
-    """
-
-    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768, bias: bool = True):
-        super().__init__()
-        from .reference import patch_embed as reference
-
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
-        if self.patch_size[0] != self.patch_size[1]:
-            raise ValueError(f"PatchEmbed supports square patches, got {self.patch_size}")
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = torch.nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
-        self.cpu_impl = patch_embed if _common.INTERPRET else reference
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = patch_embed if x.is_cuda else self.cpu_impl
-        return fn(x, self.proj.weight, self.proj.bias)
 
 
 def roofline_cost(B: int, C: int, H: int, W: int, E: int, p: int, dtype_bytes: int = 2,

@@ -147,42 +147,6 @@ def _(teacher_logits, center, center_high, high_weight, temperature, alpha):
     return new((R, K), dtype=torch.float32), new((K,), dtype=torch.float32), new((K,), dtype=torch.float32)
 
 
-class DualCenteringSoftmax(torch.nn.Module):
-    """Teacher softmax with the plain centre c and the high-frequency centre c_h as buffers.
-
-    forward(teacher_logits, high_weight, temperature) -> (probs, logit_sum, high_logit_sum).
-    The caller all-reduces logit_sum, high_logit_sum and the row counts (so this works under any
-    distribution scheme), then calls update(logit_sum, high_logit_sum, rows, high_rows):
-        c   <- m c   + (1 - m)   logit_sum / rows
-        c_h <- m_h c_h + (1 - m_h) high_logit_sum / high_rows   (skipped when high_rows == 0)
-    """
-
-    def __init__(self, num_prototypes: int, alpha: float = 0.8, center_momentum: float = 0.9,
-                 center_high_momentum: float = 0.9):
-        super().__init__()
-        check_alpha(alpha)
-        self.alpha = alpha
-        self.center_momentum = center_momentum
-        self.center_high_momentum = center_high_momentum
-        self.register_buffer("center", torch.zeros(num_prototypes))
-        self.register_buffer("center_high", torch.zeros(num_prototypes))
-
-    def forward(self, teacher_logits, high_weight, temperature: float):
-        return teacher_softmax(teacher_logits, self.center, self.center_high, high_weight, temperature,
-                               self.alpha)
-
-    @torch.no_grad()
-    def update(self, logit_sum: torch.Tensor, high_logit_sum: torch.Tensor, rows: float,
-               high_rows: float) -> None:
-        if rows <= 0:
-            raise ValueError(f"rows must be > 0 (global number of teacher rows), got {rows}")
-        m = self.center_momentum
-        self.center.mul_(m).add_(logit_sum.float() / rows, alpha=1.0 - m)
-        if high_rows > 0:
-            m_h = self.center_high_momentum
-            self.center_high.mul_(m_h).add_(high_logit_sum.float() / high_rows, alpha=1.0 - m_h)
-
-
 def roofline_cost(R: int, K: int, dtype_bytes: int = 2) -> dict[str, int]:
     """Minimum cost of one call: R teacher rows, K prototypes, dtype_bytes per logit (4/2)."""
     return {"flops": 8 * R * K, "bytes": R * K * dtype_bytes + 4 * R * K + 16 * K}

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from loss_oracle import assert_flash_tolerance, teacher_softmax_f64
 
 from terrafm_kernels import reference
+from terrafm_kernels.modules import DualCenteringSoftmax
 from terrafm_kernels.teacher_softmax import (
-    DualCenteringSoftmax,
     compile_specs,
     roofline_cost,
     teacher_softmax,
