@@ -33,6 +33,7 @@ never allocated; the extra memory is the fp32 (splits, R, D) partials and the (K
 """
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,10 @@ from ._common import (
     check_head_loss_shapes,
     check_positive,
     check_tensor,
+    hbm_bytes,
     interpreted,
     num_splits,
+    pad,
     sm_count,
 )
 
@@ -217,20 +220,25 @@ def _softmax_t_project_kernel(
              mask=col_mask[:, None] & out_mask[None, :])
 
 
-class _Launch:
-    """Block sizes and K splits for one call (small blocks in the interpreter, mma-sized on GPUs)."""
+class LaunchPlan:
+    """Block sizes, K splits and grids of every kernel (small blocks in the interpreter, mma-sized on GPUs):
+    the one place the launcher and efficiency() read them."""
 
-    def __init__(self, h: torch.Tensor, K: int, D: int):
-        config = CONFIGS["fp32" if h.dtype == torch.float32 else "16bit"]
-        if interpreted(h):
+    def __init__(self, K: int, D: int, fp32: bool, interpreter: bool, sms: int):
+        config = CONFIGS["fp32" if fp32 else "16bit"]
+        if interpreter:
             config = {**config, "BLOCK_M": INTERPRETER_BLOCK, "BLOCK_K": INTERPRETER_BLOCK,
                       "PROJECT_BLOCK_DO": INTERPRETER_BLOCK, "T_PROJECT_BLOCK_DO": INTERPRETER_BLOCK}
         self.config = config
         self.block_m, self.block_k = config["BLOCK_M"], config["BLOCK_K"]
         self.block_d = max(16, triton.next_power_of_2(D))
-        self.dot_ieee = h.dtype == torch.float32
-        self.target = 2 * sm_count(h.device)
+        self.dot_ieee = fp32
+        self.target = 2 * sms
         self.K, self.D = K, D
+
+    @classmethod
+    def for_tensor(cls, h: torch.Tensor, K: int, D: int) -> "LaunchPlan":
+        return cls(K, D, h.dtype == torch.float32, interpreted(h), sm_count(h.device))
 
     def d_blocks(self, key: str) -> tuple[int, int]:
         """(BLOCK_DO, number of output D blocks) of the project kernel named by key."""
@@ -296,7 +304,7 @@ def _pairs(T: int, S: int, device: torch.device) -> torch.Tensor:
 def _launch_forward(hs, ws, ht, wt, center, center_high, high_weight, S, T, B, tau_t, tau_s, alpha):
     """(loss, logit_sum, high_logit_sum) and the statistics backward needs (t_max, t_log2_sum, s_max,
     s_log2_sum, A (T, B, D), mass (T, B))."""
-    launch = _Launch(hs, ws.shape[0], ws.shape[1])
+    launch = LaunchPlan.for_tensor(hs, ws.shape[0], ws.shape[1])
     scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
     t_max, t_log2_sum, column = _row_stats(launch, ht, wt, center, center_high, high_weight, scale_t, alpha, True)
     s_max, s_log2_sum, _ = _row_stats(launch, hs, ws, center, center_high, high_weight, scale_s, alpha, False)
@@ -315,7 +323,7 @@ def _launch_forward(hs, ws, ht, wt, center, center_high, high_weight, S, T, B, t
 def _launch_backward(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, mass,
                      S, T, B, tau_t, tau_s, alpha):
     """(grad_hs, grad_ws)."""
-    launch = _Launch(hs, ws.shape[0], ws.shape[1])
+    launch = LaunchPlan.for_tensor(hs, ws.shape[0], ws.shape[1])
     scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
     pair = _pairs(T, S, hs.device)
     pairs = T * S - min(S, T)
@@ -460,6 +468,60 @@ def roofline_cost(S: int, T: int, B: int, K: int, D: int = 256, dtype_bytes: int
     return {"flops": flops, "bytes": nbytes}
 
 
+# The presets' call (vitb_h100, per GPU): 2 global + 8 local student views and 2 teacher views of 64
+# samples, K = 65536 prototypes, the 256-wide bottleneck; the teacher has its own (EMA) prototypes.
+PRODUCTION_SHAPE = {"S": 10, "T": 2, "B": 64, "K": 65536, "D": 256}
+
+
+def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: int, dtype_bytes: int, sms: int,
+               concurrent: int, l2_bytes: int) -> dict:
+    """Useful / executed FLOPs and minimum / moved HBM bytes of one kernel ("stats", "project",
+    "t_project") on the teacher (centred) or student rows, from LaunchPlan's tiles and grids
+    (docs/kernels.md, "Efficiency counts"). Useful FLOPs are the kernel's own GEMM (the logits for
+    stats, the projection for the others); recomputed logit tiles are executed, not useful."""
+    plan = LaunchPlan(K, D, dtype_bytes == 4, False, sms)
+    R, e = (T * B if centred else S * B), dtype_bytes
+    bm, bk, bd = plan.block_m, plan.block_k, plan.block_d
+    rows = lambda m: min(bm, R - m * bm)  # noqa: E731
+    blocks, splits, per_split = plan.splits(R)
+    cols = lambda j: min(per_split, K - j * per_split)  # noqa: E731
+    logits = 2 * pad(R, bm) * splits * pad(per_split, bk) * bd  # one pass of padded logit tiles
+    w_bytes, h_bytes = K * D * e, R * D * e
+    # the teacher's forward projects its probabilities onto the student's prototypes: a second (K, D) tensor
+    w_proj = "w_student" if centred else "w"
+    if kernel == "stats":
+        grid, executed, extra = (blocks, splits), logits, 8 * R * splits + (8 * K * (blocks + 1) if centred else 0)
+        sizes = {"h": h_bytes, "w": w_bytes, "stats": 8 * R * splits, "column": 8 * K * blocks, "centres": 8 * K}
+
+        def touches(m, j, _):
+            out = [("h", m, rows(m) * D * e), ("w", j, cols(j) * D * e), ("stats", (m, j), 8 * rows(m))]
+            return out + ([("column", (m, j), 8 * cols(j)), ("centres", j, 8 * cols(j))] if centred else [])
+        floor = h_bytes + w_bytes + 8 * R + (16 * K if centred else 0)
+    elif kernel == "project":
+        block_do, d_blocks = plan.d_blocks("PROJECT_BLOCK_DO")
+        grid = (blocks, splits, d_blocks)
+        executed = d_blocks * logits + 2 * pad(R, bm) * splits * pad(per_split, bk) * d_blocks * block_do
+        extra = 8 * splits * R * D + 4 * R * D  # torch sums the (splits, R, D) fp32 partials
+        sizes = {"h": h_bytes, "w": w_bytes, "w_student": w_bytes, "out": 4 * splits * R * D}
+        touches = lambda m, j, d: [("h", m, rows(m) * D * e), ("w", j, cols(j) * D * e),  # noqa: E731
+                                   (w_proj, (j, d) if centred else j, cols(j) * (block_do if centred else D) * e),
+                                   ("out", (m, j, d), rows(m) * block_do * 4)]
+        floor = h_bytes + w_bytes * (2 if centred else 1) + 4 * R * D
+    else:  # t_project: program (K block, D block) walks all R rows
+        block_do, d_blocks = plan.d_blocks("T_PROJECT_BLOCK_DO")
+        grid = (triton.cdiv(K, bk), d_blocks)
+        executed = d_blocks * 2 * pad(R, bm) * pad(K, bk) * (bd + block_do)
+        extra = 0
+        ks = lambda k: min(bk, K - k * bk)  # noqa: E731
+        sizes = {"h": h_bytes, "w": w_bytes, "x": h_bytes, "out": 4 * K * D}
+        touches = lambda k, d, _: [("h", 0, h_bytes), ("w", k, ks(k) * D * e), ("x", d, R * block_do * e),  # noqa: E731
+                                   ("out", (k, d), ks(k) * block_do * 4)]
+        floor = 2 * h_bytes + w_bytes + 4 * K * D
+    return {"useful_flops": 2 * R * K * D, "executed_flops": executed, "min_bytes": floor,
+            "moved_bytes": hbm_bytes(grid, touches, sizes, concurrent, l2_bytes) + extra,
+            "flop_kind": "fp32" if dtype_bytes == 4 else "tensor"}
+
+
 def compile_specs() -> list[dict]:
     """Every shipped configuration (operand dtype x kernel x centred) for the AOT compile report.
 
@@ -476,13 +538,15 @@ def compile_specs() -> list[dict]:
         common = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "uses_dot": not fp32}
         for centred in (False, True):
             tag = "teacher" if centred else "student"
+            counts = lambda kernel, c=centred, e=dtype.itemsize: partial(  # noqa: E731
+                efficiency, kernel, c, **PRODUCTION_SHAPE, dtype_bytes=e)
             specs.append({
                 "name": f"head_logit_stats_{tag}_{name}", "fn": _logit_stats_kernel,
                 "signature": {"h_ptr": ptr, "w_ptr": ptr, "center_ptr": "*fp32", "center_high_ptr": "*fp32",
                               "high_weight_ptr": "*fp32", "stats_ptr": "*fp32", "column_ptr": "*fp32",
                               "R": "i32", "K": "i32", "D": "i32", "K_PER_SPLIT": "i32", "scale": "fp32",
                               "alpha": "fp32"},
-                "constexprs": {**blocks, "CENTER": centred}, **common,
+                "constexprs": {**blocks, "CENTER": centred}, **common, "efficiency": counts("stats"),
             })
             specs.append({
                 "name": f"head_softmax_project_{tag}_{name}", "fn": _softmax_project_kernel,
@@ -491,6 +555,7 @@ def compile_specs() -> list[dict]:
                               "out_ptr": "*fp32", "mass_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32",
                               "K_PER_SPLIT": "i32", "scale": "fp32", "alpha": "fp32"},
                 "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["PROJECT_BLOCK_DO"]}, **common,
+                "efficiency": counts("project"),
             })
             specs.append({
                 "name": f"head_softmax_t_project_{tag}_{name}", "fn": _softmax_t_project_kernel,
@@ -499,6 +564,6 @@ def compile_specs() -> list[dict]:
                               "out_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32", "scale": "fp32",
                               "alpha": "fp32"},
                 "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["T_PROJECT_BLOCK_DO"]},
-                **common,
+                **common, "efficiency": counts("t_project"),
             })
     return specs

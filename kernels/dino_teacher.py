@@ -30,11 +30,13 @@ the logits instead of an unnormalised temporary); MODE_COLUMN 2 R K e + 8 P K; M
 passes of 4 R K bytes (exp, sums, in-place divisions) and a full fp32 copy of the logits.
 """
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, check_positive, check_tensor, interpreted, sm_count
+from ._common import TRITON_DTYPE, check_positive, check_tensor, hbm_bytes, interpreted, pad, sm_count
 from .reference import sinkhorn_first_shift
 
 MODE_SOFTMAX, MODE_COLUMN, MODE_COLMAX = 0, 1, 2
@@ -118,32 +120,35 @@ def _teacher_kernel(
                     tl.store(partial + cols, column + tl.sum(p, axis=0), mask=col_mask)
 
 
-def _block_r(R: int, device: torch.device) -> int:
-    return 1 if R <= 2 * sm_count(device) else 8
+def launch_plan(mode: int, R: int, sms: int, interpreter: bool = False) -> dict:
+    """BLOCK_R, BLOCK_K and the grid of one mode: the one place the launcher and efficiency() read them.
+    Column modes stride over the row blocks with at most 4 programs per SM, one partial row each."""
+    block_r = 1 if R <= 2 * sms else 8
+    blocks = triton.cdiv(R, block_r)
+    programs = blocks if mode == MODE_SOFTMAX else min(blocks, 4 * sms)
+    return {"BLOCK_R": block_r, "BLOCK_K": INTERPRETER_BLOCK_K if interpreter else GPU_BLOCK_K[block_r],
+            "grid": (programs,), "blocks": blocks}
 
 
 def _launch(mode: int, logits: torch.Tensor, temperature: float, center=None, shift=None) -> torch.Tensor:
     """Run one mode over logits (R, K); returns probs (R, K), or the reduced column statistics:
     (K,) for MODE_COLUMN, (max (K,), sum (K,)) stacked as (2, K) for MODE_COLMAX."""
     R, K = logits.shape
-    block_r = _block_r(R, logits.device)
-    blocks = triton.cdiv(R, block_r)
     device = logits.device
+    plan = launch_plan(mode, R, sm_count(device), interpreted(logits))
+    programs = plan["grid"][0]
     if mode == MODE_SOFTMAX:
-        programs = blocks
         out = torch.empty((R, K), dtype=torch.float32, device=device)
     elif mode == MODE_COLUMN:
-        programs = min(blocks, 4 * sm_count(device))
         out = torch.zeros((programs, K), dtype=torch.float32, device=device)
     else:
-        programs = min(blocks, 4 * sm_count(device))
         out = torch.stack([torch.full((programs, K), float("-inf"), device=device),
                            torch.zeros((programs, K), device=device)], dim=1)
-    _teacher_kernel[(programs,)](
+    _teacher_kernel[plan["grid"]](
         logits, logits if center is None else center, logits if shift is None else shift, out,
         R, K, float(temperature),
-        MODE=mode, HAS_CENTER=center is not None, HAS_SHIFT=shift is not None, BLOCK_R=block_r,
-        BLOCK_K=INTERPRETER_BLOCK_K if interpreted(logits) else GPU_BLOCK_K[block_r], num_warps=GPU_NUM_WARPS,
+        MODE=mode, HAS_CENTER=center is not None, HAS_SHIFT=shift is not None, BLOCK_R=plan["BLOCK_R"],
+        BLOCK_K=plan["BLOCK_K"], num_warps=GPU_NUM_WARPS,
     )
     if mode == MODE_SOFTMAX:
         return out
@@ -206,6 +211,42 @@ def roofline_cost(R: int, K: int, dtype_bytes: int = 2, n_iterations: int = 0) -
     return {"flops": (6 + 4 * n_iterations) * R * K, "bytes": reads * R * K * dtype_bytes + 4 * R * K + 8 * K}
 
 
+# DINOv2's calls per GPU: the class-token teacher (2 global views x 64 samples = 128 rows, BLOCK_R = 1) and
+# iBOT's masked patch tokens (about 8192 rows, BLOCK_R = 8), K = 65536 prototypes.
+PRODUCTION_ROWS = {1: 128, 8: 8192}
+PRODUCTION_K = 65536
+
+
+def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent: int, l2_bytes: int) -> dict:
+    """Useful / executed FLOPs and minimum / moved HBM bytes of one launch of one mode from launch_plan's
+    tiles and grid (docs/kernels.md, "Efficiency counts"). Softmax: one read of the logits is useful
+    (roofline_cost); the two passes run 12 ops per element. Column modes (one Sinkhorn step): a read of
+    the logits and K column results are useful; each program read-modify-writes its fp32 partial row."""
+    plan = launch_plan(mode, R, sms)
+    block_r, blocks, programs, e = plan["BLOCK_R"], plan["blocks"], plan["grid"][0], dtype_bytes
+    padded = pad(R, block_r) * pad(K, plan["BLOCK_K"])
+    rows = lambda b: min(block_r, R - b * block_r)  # noqa: E731
+    width = 1 if mode == MODE_COLUMN else 2
+    sizes = {"logits": R * K * e, "probs": 4 * R * K, "partial": 4 * width * programs * K, "vectors": 8 * K}
+
+    def touches(p, _y, _z):
+        out = [("vectors", 0, 8 * K)]
+        for b in range(p, blocks, programs):
+            out.append(("logits", b, rows(b) * K * e))
+            out.append(("probs", b, 4 * rows(b) * K) if mode == MODE_SOFTMAX else ("partial", p, 8 * width * K))
+        return out
+    moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes)
+    if mode == MODE_SOFTMAX:
+        floor = roofline_cost(R, K, e)
+        executed = 12 * padded
+    else:  # torch reduces the partial rows afterwards
+        moved += 4 * width * programs * K + 4 * width * K
+        floor = {"flops": (4 if mode == MODE_COLUMN else 3) * R * K, "bytes": R * K * e + 4 * width * K + 8 * K}
+        executed = (10 if mode == MODE_COLUMN else 5) * padded
+    return {"useful_flops": floor["flops"], "executed_flops": executed, "min_bytes": floor["bytes"],
+            "moved_bytes": moved, "flop_kind": "fp32"}
+
+
 def compile_specs() -> list[dict]:
     """Every shipped configuration (logit dtype x mode x BLOCK_R) for the AOT compile report."""
     specs = []
@@ -225,5 +266,7 @@ def compile_specs() -> list[dict]:
                     "num_warps": GPU_NUM_WARPS,
                     "num_stages": 3,
                     "uses_dot": False,
+                    "efficiency": partial(efficiency, mode, PRODUCTION_ROWS[block_r], PRODUCTION_K,
+                                          dtype_bytes=dtype.itemsize),
                 })
     return specs

@@ -24,12 +24,13 @@ products use fp32 FMA dots (exact, any input dtype) rather than tensor cores.
 """
 
 import math
+from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, check_tensor, interpreted
+from ._common import TRITON_DTYPE, check_tensor, hbm_bytes, interpreted
 
 MAX_MODALITIES = 16
 MAX_QUERIES = 64
@@ -184,6 +185,14 @@ def _blocks(M: int, Q: int, D: int) -> dict:
     return {"BLOCK_Q": p2(Q), "BLOCK_M": p2(M), "BLOCK_D": p2(D)}
 
 
+def launch_plan(T: int, M: int, Q: int, A: int, H: int, interpreter: bool = False) -> dict:
+    """Tiles and grids of the three kernels: the one place the launcher and efficiency() read them."""
+    blocks = _blocks(M, Q, A // H)
+    block_t = INTERPRETER_BLOCK_T if interpreter else GPU_BLOCK_T
+    return {**blocks, "BLOCK_T": block_t, "forward": (T,), "backward_pool": (T,),
+            "backward_head": (triton.cdiv(blocks["BLOCK_D"], D_CHUNK), H, triton.cdiv(T, block_t))}
+
+
 def validate(keys, values, queries, pool, num_heads) -> None:
     """Raise a clear error for any input the kernel cannot take, before anything is launched."""
     check_tensor("keys", keys, 3)
@@ -209,11 +218,12 @@ def _launch_forward(keys, values, queries, pool, num_heads):
     """(out (T, A), w (T, Q) fp32 pooling weights saved for backward)."""
     T, M, A = keys.shape
     Q, D = queries.shape[0], A // num_heads
+    plan = launch_plan(T, M, Q, A, num_heads, interpreted(keys))
     scale = 1.0 / math.sqrt(D)
     out = torch.empty((T, A), dtype=keys.dtype, device=keys.device)
     w = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
-    _forward_kernel[(T,)](keys, values, queries, pool, out, w, M, Q, A, D, scale, H=num_heads,
-                          **_blocks(M, Q, D), num_warps=NUM_WARPS)
+    _forward_kernel[plan["forward"]](keys, values, queries, pool, out, w, M, Q, A, D, scale, H=num_heads,
+                                     **_blocks(M, Q, D), num_warps=NUM_WARPS)
     return out, w
 
 
@@ -223,19 +233,19 @@ def _launch_backward(grad_out, keys, values, queries, pool, w, num_heads):
     Q, D = queries.shape[0], A // H
     scale = 1.0 / math.sqrt(D)
     blocks = _blocks(M, Q, D)
+    plan = launch_plan(T, M, Q, A, H, interpreted(keys))
     dout = grad_out.contiguous()
     dl = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
-    _backward_pool_kernel[(T,)](keys, values, queries, w, dout, dl, M, Q, A, D, scale, H=H, **blocks,
-                                num_warps=NUM_WARPS)
-    block_t = INTERPRETER_BLOCK_T if interpreted(keys) else GPU_BLOCK_T
-    programs = triton.cdiv(T, block_t)
+    _backward_pool_kernel[plan["backward_pool"]](keys, values, queries, w, dout, dl, M, Q, A, D, scale, H=H, **blocks,
+                                                 num_warps=NUM_WARPS)
+    block_t = plan["BLOCK_T"]
+    programs = plan["backward_head"][2]
     dk, dv = torch.empty_like(keys), torch.empty_like(values)
     dq_partial = torch.empty((programs, Q, A), dtype=torch.float32, device=keys.device)
     dpool_partial = torch.empty((programs, A), dtype=torch.float32, device=keys.device)
-    grid = (triton.cdiv(blocks["BLOCK_D"], D_CHUNK), H, programs)
-    _backward_head_kernel[grid](keys, values, queries, pool, w, dl, dout, dk, dv, dq_partial, dpool_partial,
-                                T, M, Q, A, D, scale, BLOCK_T=block_t, **blocks, D_CHUNK=D_CHUNK,
-                                num_warps=NUM_WARPS_BACKWARD_HEAD)
+    _backward_head_kernel[plan["backward_head"]](
+        keys, values, queries, pool, w, dl, dout, dk, dv, dq_partial, dpool_partial, T, M, Q, A, D, scale,
+        BLOCK_T=block_t, **blocks, D_CHUNK=D_CHUNK, num_warps=NUM_WARPS_BACKWARD_HEAD)
     dq = dq_partial.sum(0).to(queries.dtype)
     dpool = dpool_partial.sum(0).to(pool.dtype)
     return dk, dv, dq, dpool
@@ -308,6 +318,62 @@ def roofline_cost(T: int, M: int, A: int, Q: int = 5, dtype_bytes: int = 2, back
     return {"flops": flops, "bytes": moved}
 
 
+# The presets' calls (per GPU, 64 (ViT-B, vitb_h100) / 32 (ViT-L, vitl_h100) samples x 2 global crops x
+# 196 patches, S2-L2A + S2-L1C + S1 fused: M = 3, Q = 5 queries, H = 16 heads, A = 3 D).
+PRODUCTION_SHAPES = {"b": {"T": 25088, "M": 3, "Q": 5, "A": 2304, "H": 16},
+                     "l": {"T": 12544, "M": 3, "Q": 5, "A": 3072, "H": 16}}
+
+
+def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes: int, sms: int, concurrent: int,
+               l2_bytes: int) -> dict:
+    """Useful / executed FLOPs and minimum / moved HBM bytes of one kernel ("forward", "backward_pool",
+    "backward_head") from launch_plan's tiles and grid (docs/kernels.md, "Efficiency counts").
+
+    Useful FLOPs are the products the op needs once (roofline_cost); the per-head tiles are padded to
+    (BLOCK_Q, BLOCK_M, BLOCK_D) and the forward walks the heads twice, the pool backward recomputes z.
+    """
+    plan = launch_plan(T, M, Q, A, H)
+    bq, bm, bd, bt = plan["BLOCK_Q"], plan["BLOCK_M"], plan["BLOCK_D"], plan["BLOCK_T"]
+    e, D = dtype_bytes, A // H
+    tokens = T * M * A * e
+    head = 2 * bq * bm * bd  # one padded (Q x M x D) product
+    if kernel == "forward":  # per position: 2 walks x H heads x (scores + weighted sum) + pool logits / output
+        useful = 4 * T * Q * M * A + 4 * T * Q * A
+        executed = T * H * (2 * 2 * head + 2 * 2 * bq * bd)
+        sizes = {"k": tokens, "v": tokens, "out": T * A * e, "w": T * Q * 4, "q": Q * A * e}
+        touches = lambda t, _y, _z: [("k", t, M * A * e), ("v", t, M * A * e), ("q", 0, Q * A * e),  # noqa: E731
+                                     ("out", t, A * e), ("w", t, Q * 4)]
+        floor = 2 * tokens + T * A * e + Q * A * e + A * e
+    elif kernel == "backward_pool":  # recomputes z to get dw = z . dout
+        useful = 4 * T * Q * A
+        executed = T * H * (2 * head + 2 * bq * bd)
+        sizes = {"k": tokens, "v": tokens, "dout": T * A * e, "w": T * Q * 4, "dl": T * Q * 4, "q": Q * A * e}
+        touches = lambda t, _y, _z: [("k", t, M * A * e), ("v", t, M * A * e), ("q", 0, Q * A * e),  # noqa: E731
+                                     ("dout", t, A * e), ("w", t, Q * 4), ("dl", t, Q * 4)]
+        floor = 2 * tokens + T * A * e + 8 * T * Q
+    else:  # backward_head: per (column chunk, head, block of positions); scores over the whole head width
+        useful = 8 * T * Q * M * A
+        chunk = 2 * bq * bm * D_CHUNK
+        chunks, _, blocks = plan["backward_head"]
+        executed = chunks * H * blocks * bt * (2 * (bd // D_CHUNK) * chunk + 4 * chunk)
+        partials = blocks * (Q + 1) * A * 4
+        sizes = {"k": tokens, "v": tokens, "dk": tokens, "dv": tokens, "dout": T * A * e, "w": T * Q * 4,
+                 "dl": T * Q * 4, "q": Q * A * e, "partials": partials}
+
+        def touches(c, h, b):
+            t = min(bt, T - b * bt)
+            cols = max(0, min(D_CHUNK, D - c * D_CHUNK))
+            return [("k", (b, h), t * M * D * e), ("v", (b, h), t * M * D * e), ("dout", (b, h), t * D * e),
+                    ("q", h, Q * D * e), ("w", b, t * Q * 4), ("dl", b, t * Q * 4),
+                    ("dk", (b, h, c), t * M * cols * e), ("dv", (b, h, c), t * M * cols * e),
+                    ("partials", (b, h, c), (Q + 1) * cols * 4)]
+        floor = 4 * tokens + T * A * e + 8 * T * Q + Q * A * e
+        return {"useful_flops": useful, "executed_flops": executed, "min_bytes": floor, "flop_kind": "fp32",
+                "moved_bytes": hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes) + partials}
+    return {"useful_flops": useful, "executed_flops": executed, "min_bytes": floor, "flop_kind": "fp32",
+            "moved_bytes": hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes)}
+
+
 def compile_specs() -> list[dict]:
     """Shipped GPU configurations: ViT-B (A = 2304, H = 16, d = 144) and ViT-L (A = 3072, d = 192), M <= 4."""
     specs = []
@@ -315,23 +381,27 @@ def compile_specs() -> list[dict]:
         name = str(dtype).removeprefix("torch.")
         for size, D in (("b", 144), ("l", 192)):
             blocks = _blocks(4, 5, D)
+            counts = lambda kernel, size=size, e=dtype.itemsize: partial(  # noqa: E731
+                efficiency, kernel, **PRODUCTION_SHAPES[size], dtype_bytes=e)
             common = {"num_warps": NUM_WARPS, "num_stages": 1, "uses_dot": False}
             head = {**common, "num_warps": NUM_WARPS_BACKWARD_HEAD}
             scalars = {"M": "i32", "Q": "i32", "A": "i32", "D": "i32", "scale": "fp32"}
             specs.append({
-                **common, "name": f"fusion_fwd_{name}_{size}", "fn": _forward_kernel,
+                **common, "name": f"fusion_fwd_{name}_{size}", "fn": _forward_kernel, "efficiency": counts("forward"),
                 "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "pool_ptr": ptr, "out_ptr": ptr,
                               "w_ptr": "*fp32", **scalars},
                 "constexprs": {"H": 16, **blocks},
             })
             specs.append({
                 **common, "name": f"fusion_bwd_pool_{name}_{size}", "fn": _backward_pool_kernel,
+                "efficiency": counts("backward_pool"),
                 "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "w_ptr": "*fp32", "dout_ptr": ptr,
                               "dl_ptr": "*fp32", **scalars},
                 "constexprs": {"H": 16, **blocks},
             })
             specs.append({
                 **head, "name": f"fusion_bwd_head_{name}_{size}", "fn": _backward_head_kernel,
+                "efficiency": counts("backward_head"),
                 "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "pool_ptr": ptr, "w_ptr": "*fp32",
                               "dl_ptr": "*fp32", "dout_ptr": ptr, "dk_ptr": ptr, "dv_ptr": ptr,
                               "dq_partial_ptr": "*fp32", "dpool_partial_ptr": "*fp32", "T": "i32", **scalars},
