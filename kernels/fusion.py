@@ -50,62 +50,76 @@ D_CHUNK = 32
 
 
 @triton.jit
-def _head(k_ptr, v_ptr, q_ptr, row, h, M, Q, A, D, scale,
-          BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Attention of the Q queries over the M modality tokens of one position, for head h."""
+def _attention(k_ptr, q_ptr, row, h, M, Q, A, D, scale,
+               BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
+    """Attention (BLOCK_Q, BLOCK_M) of the Q queries over the M modality tokens of one position, head h:
+    the scores are accumulated over the head's D / D_CHUNK column chunks (no padding to a power of 2)."""
     qs = tl.arange(0, BLOCK_Q)
     ms = tl.arange(0, BLOCK_M)
-    ds = tl.arange(0, BLOCK_D)
     m_ok = (ms < M) & (row >= 0)
-    d_ok = ds < D
-    tok = row.to(tl.int64) * M * A + ms[:, None] * A + h * D + ds[None, :]
-    kv_mask = m_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + tok, mask=kv_mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + tok, mask=kv_mask, other=0.0).to(tl.float32)
-    qh = tl.load(q_ptr + qs[:, None] * A + h * D + ds[None, :], mask=(qs < Q)[:, None] & d_ok[None, :],
-                 other=0.0).to(tl.float32)
-    s = tl.dot(qh, tl.trans(k), input_precision="ieee") * scale
-    s = tl.where((ms < M)[None, :], s, float("-inf"))
+    s = tl.zeros([BLOCK_Q, BLOCK_M], tl.float32)
+    for c0 in range(0, D, D_CHUNK):
+        cs = c0 + tl.arange(0, D_CHUNK)
+        c_ok = cs < D
+        k = tl.load(k_ptr + row.to(tl.int64) * M * A + ms[:, None] * A + h * D + cs[None, :],
+                    mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        qh = tl.load(q_ptr + qs[:, None] * A + h * D + cs[None, :], mask=(qs < Q)[:, None] & c_ok[None, :],
+                     other=0.0).to(tl.float32)
+        s += tl.dot(qh, tl.trans(k), input_precision="ieee")
+    s = tl.where((ms < M)[None, :], s * scale, float("-inf"))
     p = tl.exp(s - tl.max(s, axis=1)[:, None])
-    a = p / tl.sum(p, axis=1)[:, None]
-    z = tl.dot(a, v, input_precision="ieee")
-    return a, z, k, v, qh
+    return p / tl.sum(p, axis=1)[:, None]
+
+
+@triton.jit
+def _z_chunk(v_ptr, a, row, h, c0, M, A, D, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
+    """z = a @ values for columns c0..c0+D_CHUNK of head h at one position: (BLOCK_Q, D_CHUNK) fp32."""
+    ms = tl.arange(0, BLOCK_M)
+    cs = c0 + tl.arange(0, D_CHUNK)
+    v = tl.load(v_ptr + row.to(tl.int64) * M * A + ms[:, None] * A + h * D + cs[None, :],
+                mask=((ms < M) & (row >= 0))[:, None] & (cs < D)[None, :], other=0.0).to(tl.float32)
+    return tl.dot(a, v, input_precision="ieee")
 
 
 @triton.jit
 def _forward_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, out_ptr, w_ptr, M, Q, A, D, scale,
-                    H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                    H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
     row = tl.program_id(0)
     qs = tl.arange(0, BLOCK_Q)
-    ds = tl.arange(0, BLOCK_D)
-    d_ok = ds < D
     logits = tl.zeros([BLOCK_Q], tl.float32)
     for h in range(H):
-        _, z, _, _, _ = _head(k_ptr, v_ptr, q_ptr, row, h, M, Q, A, D, scale, BLOCK_Q, BLOCK_M, BLOCK_D)
-        pool = tl.load(pool_ptr + h * D + ds, mask=d_ok, other=0.0).to(tl.float32)
-        logits += tl.sum(z * pool[None, :], axis=1)
+        a = _attention(k_ptr, q_ptr, row, h, M, Q, A, D, scale, BLOCK_Q, BLOCK_M, D_CHUNK)
+        for c0 in range(0, D, D_CHUNK):
+            cs = c0 + tl.arange(0, D_CHUNK)
+            z = _z_chunk(v_ptr, a, row, h, c0, M, A, D, BLOCK_M, D_CHUNK)
+            pool = tl.load(pool_ptr + h * D + cs, mask=cs < D, other=0.0).to(tl.float32)
+            logits += tl.sum(z * pool[None, :], axis=1)
     logits = tl.where(qs < Q, logits, float("-inf"))
     e = tl.exp(logits - tl.max(logits, axis=0))
     w = e / tl.sum(e, axis=0)
     tl.store(w_ptr + row.to(tl.int64) * Q + qs, w, mask=qs < Q)
     for h in range(H):
-        _, z, _, _, _ = _head(k_ptr, v_ptr, q_ptr, row, h, M, Q, A, D, scale, BLOCK_Q, BLOCK_M, BLOCK_D)
-        out = tl.sum(w[:, None] * z, axis=0)
-        tl.store(out_ptr + row.to(tl.int64) * A + h * D + ds, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+        a = _attention(k_ptr, q_ptr, row, h, M, Q, A, D, scale, BLOCK_Q, BLOCK_M, D_CHUNK)
+        for c0 in range(0, D, D_CHUNK):
+            cs = c0 + tl.arange(0, D_CHUNK)
+            out = tl.sum(w[:, None] * _z_chunk(v_ptr, a, row, h, c0, M, A, D, BLOCK_M, D_CHUNK), axis=0)
+            tl.store(out_ptr + row.to(tl.int64) * A + h * D + cs, out.to(out_ptr.dtype.element_ty), mask=cs < D)
 
 
 @triton.jit
 def _backward_pool_kernel(k_ptr, v_ptr, q_ptr, w_ptr, dout_ptr, dl_ptr, M, Q, A, D, scale,
-                          H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                          H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
     """dl[t] = w * (dw - sum(w dw)) with dw[q] = z[t, q] . dout[t]: the pooling softmax's backward."""
     row = tl.program_id(0)
     qs = tl.arange(0, BLOCK_Q)
-    ds = tl.arange(0, BLOCK_D)
     dw = tl.zeros([BLOCK_Q], tl.float32)
     for h in range(H):
-        _, z, _, _, _ = _head(k_ptr, v_ptr, q_ptr, row, h, M, Q, A, D, scale, BLOCK_Q, BLOCK_M, BLOCK_D)
-        dout = tl.load(dout_ptr + row.to(tl.int64) * A + h * D + ds, mask=ds < D, other=0.0).to(tl.float32)
-        dw += tl.sum(z * dout[None, :], axis=1)
+        a = _attention(k_ptr, q_ptr, row, h, M, Q, A, D, scale, BLOCK_Q, BLOCK_M, D_CHUNK)
+        for c0 in range(0, D, D_CHUNK):
+            cs = c0 + tl.arange(0, D_CHUNK)
+            z = _z_chunk(v_ptr, a, row, h, c0, M, A, D, BLOCK_M, D_CHUNK)
+            dout = tl.load(dout_ptr + row.to(tl.int64) * A + h * D + cs, mask=cs < D, other=0.0).to(tl.float32)
+            dw += tl.sum(z * dout[None, :], axis=1)
     w = tl.load(w_ptr + row.to(tl.int64) * Q + qs, mask=qs < Q, other=0.0)
     dl = w * (dw - tl.sum(w * dw, axis=0))
     tl.store(dl_ptr + row.to(tl.int64) * Q + qs, dl, mask=qs < Q)
@@ -135,10 +149,11 @@ def _load_chunk(k_ptr, v_ptr, q_ptr, dout_ptr, pool_ptr, w, dl, t, T, h, c0, M, 
 def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, w_ptr, dl_ptr, dout_ptr, dk_ptr, dv_ptr,
                           dq_partial_ptr, dpool_partial_ptr, T, M, Q, A, D, scale,
                           BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr):
+                          D_CHUNK: tl.constexpr):
     """Per (column chunk, head, block of positions): grad keys/values of the chunk, and the block's
     grad queries/pool partials for it. The (Q x M) scores need the whole head width, so they are
-    accumulated over all chunks (re-read from L2 by the sibling programs of the same head)."""
+    accumulated over the head's D / D_CHUNK chunks (re-read from L2 by the sibling programs of the same
+    head); the loop and the grid stop at D: no column padding beyond the last chunk."""
     c0 = tl.program_id(0) * D_CHUNK
     h = tl.program_id(1)
     block = tl.program_id(2)
@@ -155,7 +170,7 @@ def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, w_ptr, dl_ptr, dout_ptr
         dl = tl.load(dl_ptr + t.to(tl.int64) * Q + qs, mask=q_ok, other=0.0)
         s = tl.zeros([BLOCK_Q, BLOCK_M], tl.float32)
         da = tl.zeros([BLOCK_Q, BLOCK_M], tl.float32)
-        for cc in tl.static_range(0, BLOCK_D, D_CHUNK):
+        for cc in range(0, D, D_CHUNK):
             k, v, qh, dz = _load_chunk(k_ptr, v_ptr, q_ptr, dout_ptr, pool_ptr, w, dl, t, T, h, cc, M, Q, A, D,
                                        BLOCK_Q, BLOCK_M, D_CHUNK)
             s += tl.dot(qh, tl.trans(k), input_precision="ieee")
@@ -180,17 +195,17 @@ def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, w_ptr, dl_ptr, dout_ptr
     tl.store(dpool_partial_ptr + block.to(tl.int64) * A + h * D + cs, dpool, mask=c_ok)
 
 
-def _blocks(M: int, Q: int, D: int) -> dict:
+def _blocks(M: int, Q: int) -> dict:
     p2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731  (tl.dot needs every dim >= 16)
-    return {"BLOCK_Q": p2(Q), "BLOCK_M": p2(M), "BLOCK_D": p2(D)}
+    return {"BLOCK_Q": p2(Q), "BLOCK_M": p2(M), "D_CHUNK": D_CHUNK}
 
 
 def launch_plan(T: int, M: int, Q: int, A: int, H: int, interpreter: bool = False) -> dict:
     """Tiles and grids of the three kernels: the one place the launcher and efficiency() read them."""
-    blocks = _blocks(M, Q, A // H)
+    blocks = _blocks(M, Q)
     block_t = INTERPRETER_BLOCK_T if interpreter else GPU_BLOCK_T
     return {**blocks, "BLOCK_T": block_t, "forward": (T,), "backward_pool": (T,),
-            "backward_head": (triton.cdiv(blocks["BLOCK_D"], D_CHUNK), H, triton.cdiv(T, block_t))}
+            "backward_head": (triton.cdiv(A // H, D_CHUNK), H, triton.cdiv(T, block_t))}
 
 
 def validate(keys, values, queries, pool, num_heads) -> None:
@@ -223,7 +238,7 @@ def _launch_forward(keys, values, queries, pool, num_heads):
     out = torch.empty((T, A), dtype=keys.dtype, device=keys.device)
     w = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
     _forward_kernel[plan["forward"]](keys, values, queries, pool, out, w, M, Q, A, D, scale, H=num_heads,
-                                     **_blocks(M, Q, D), num_warps=NUM_WARPS)
+                                     **_blocks(M, Q), num_warps=NUM_WARPS)
     return out, w
 
 
@@ -232,7 +247,7 @@ def _launch_backward(grad_out, keys, values, queries, pool, w, num_heads):
     H = num_heads
     Q, D = queries.shape[0], A // H
     scale = 1.0 / math.sqrt(D)
-    blocks = _blocks(M, Q, D)
+    blocks = _blocks(M, Q)
     plan = launch_plan(T, M, Q, A, H, interpreted(keys))
     dout = grad_out.contiguous()
     dl = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
@@ -245,7 +260,7 @@ def _launch_backward(grad_out, keys, values, queries, pool, w, num_heads):
     dpool_partial = torch.empty((programs, A), dtype=torch.float32, device=keys.device)
     _backward_head_kernel[plan["backward_head"]](
         keys, values, queries, pool, w, dl, dout, dk, dv, dq_partial, dpool_partial, T, M, Q, A, D, scale,
-        BLOCK_T=block_t, **blocks, D_CHUNK=D_CHUNK, num_warps=NUM_WARPS_BACKWARD_HEAD)
+        BLOCK_T=block_t, **blocks, num_warps=NUM_WARPS_BACKWARD_HEAD)
     dq = dq_partial.sum(0).to(queries.dtype)
     dpool = dpool_partial.sum(0).to(pool.dtype)
     return dk, dv, dq, dpool
@@ -330,32 +345,32 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
     "backward_head") from launch_plan's tiles and grid (docs/kernels.md, "Efficiency counts").
 
     Useful FLOPs are the products the op needs once (roofline_cost); the per-head tiles are padded to
-    (BLOCK_Q, BLOCK_M, BLOCK_D) and the forward walks the heads twice, the pool backward recomputes z.
+    (BLOCK_Q, BLOCK_M, D_CHUNK) and the forward walks the heads twice, the pool backward recomputes z.
     """
     plan = launch_plan(T, M, Q, A, H)
-    bq, bm, bd, bt = plan["BLOCK_Q"], plan["BLOCK_M"], plan["BLOCK_D"], plan["BLOCK_T"]
+    bq, bm, bt = plan["BLOCK_Q"], plan["BLOCK_M"], plan["BLOCK_T"]
+    chunks = plan["backward_head"][0]  # D / D_CHUNK column chunks per head
     e, D = dtype_bytes, A // H
     tokens = T * M * A * e
-    head = 2 * bq * bm * bd  # one padded (Q x M x D) product
-    if kernel == "forward":  # per position: 2 walks x H heads x (scores + weighted sum) + pool logits / output
+    chunk = 2 * bq * bm * D_CHUNK  # one padded (Q x M x D_CHUNK) product
+    if kernel == "forward":  # per position: 2 walks x H heads x chunks x (scores + z + pool logits / output)
         useful = 4 * T * Q * M * A + 4 * T * Q * A
-        executed = T * H * (2 * 2 * head + 2 * 2 * bq * bd)
+        executed = T * H * 2 * chunks * (2 * chunk + 2 * bq * D_CHUNK)
         sizes = {"k": tokens, "v": tokens, "out": T * A * e, "w": T * Q * 4, "q": Q * A * e}
         touches = lambda t, _y, _z: [("k", t, M * A * e), ("v", t, M * A * e), ("q", 0, Q * A * e),  # noqa: E731
                                      ("out", t, A * e), ("w", t, Q * 4)]
         floor = 2 * tokens + T * A * e + Q * A * e + A * e
     elif kernel == "backward_pool":  # recomputes z to get dw = z . dout
         useful = 4 * T * Q * A
-        executed = T * H * (2 * head + 2 * bq * bd)
+        executed = T * H * chunks * (2 * chunk + 2 * bq * D_CHUNK)
         sizes = {"k": tokens, "v": tokens, "dout": T * A * e, "w": T * Q * 4, "dl": T * Q * 4, "q": Q * A * e}
         touches = lambda t, _y, _z: [("k", t, M * A * e), ("v", t, M * A * e), ("q", 0, Q * A * e),  # noqa: E731
                                      ("dout", t, A * e), ("w", t, Q * 4), ("dl", t, Q * 4)]
         floor = 2 * tokens + T * A * e + 8 * T * Q
     else:  # backward_head: per (column chunk, head, block of positions); scores over the whole head width
         useful = 8 * T * Q * M * A
-        chunk = 2 * bq * bm * D_CHUNK
-        chunks, _, blocks = plan["backward_head"]
-        executed = chunks * H * blocks * bt * (2 * (bd // D_CHUNK) * chunk + 4 * chunk)
+        blocks = plan["backward_head"][2]
+        executed = chunks * H * blocks * bt * (2 * chunks * chunk + 4 * chunk)
         partials = blocks * (Q + 1) * A * 4
         sizes = {"k": tokens, "v": tokens, "dk": tokens, "dv": tokens, "dout": T * A * e, "w": T * Q * 4,
                  "dl": T * Q * 4, "q": Q * A * e, "partials": partials}
@@ -379,8 +394,8 @@ def compile_specs() -> list[dict]:
     specs = []
     for dtype, ptr in TRITON_DTYPE.items():
         name = str(dtype).removeprefix("torch.")
-        for size, D in (("b", 144), ("l", 192)):
-            blocks = _blocks(4, 5, D)
+        for size in PRODUCTION_SHAPES:  # the same compiled kernels, counted at ViT-B's and ViT-L's shapes
+            blocks = _blocks(4, 5)
             counts = lambda kernel, size=size, e=dtype.itemsize: partial(  # noqa: E731
                 efficiency, kernel, **PRODUCTION_SHAPES[size], dtype_bytes=e)
             common = {"num_warps": NUM_WARPS, "num_stages": 1, "uses_dot": False}
@@ -405,6 +420,6 @@ def compile_specs() -> list[dict]:
                 "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "pool_ptr": ptr, "w_ptr": "*fp32",
                               "dl_ptr": "*fp32", "dout_ptr": ptr, "dk_ptr": ptr, "dv_ptr": ptr,
                               "dq_partial_ptr": "*fp32", "dpool_partial_ptr": "*fp32", "T": "i32", **scalars},
-                "constexprs": {"BLOCK_T": GPU_BLOCK_T, **blocks, "D_CHUNK": D_CHUNK},
+                "constexprs": {"BLOCK_T": GPU_BLOCK_T, **blocks},
             })
     return specs
