@@ -39,12 +39,12 @@ MAX_QUERIES = 64
 # the interpreter pays per op, so it gets few positions per program.
 GPU_BLOCK_T = 128
 INTERPRETER_BLOCK_T = 4
-# Warps and chunks, from the compile report: the per-head tiles are (16, next_pow2(d)) fp32, 256
-# wide at ViT-B/L (d = 144, 192). With 4 warps the forward needed ~254 registers; 8 warps fit the
-# forward and the pool backward. The head backward keeps ~10 tiles alive per position and spilled
-# up to 896 bytes of stack even at 16 warps, so it works on D_CHUNK columns of the head at a time
-# (one program per chunk), accumulating the full-width scores chunk by chunk.
-NUM_WARPS = 8
+# Warps and chunks, from the compile report: the per-head products are (BLOCK_Q, BLOCK_M, D_CHUNK)
+# = (8, 4, 32) fp32 broadcast tiles at the presets' Q = 5, M = 3: 1024 elements, 8 per thread over 4
+# warps. At 8 warps ptxas held the forward and pool kernels to 32 registers and spilled 16 bytes on
+# sm_90. (The earlier (16, 16, 256) tl.dot tiles needed 8 warps and up to 238 registers, and the
+# head backward spilled at full head width, hence its grid over D_CHUNK column chunks.)
+NUM_WARPS = 4
 NUM_WARPS_BACKWARD_HEAD = 4
 D_CHUNK = 32
 
@@ -65,7 +65,7 @@ def _attention(k_ptr, q_ptr, row, h, M, Q, A, D, scale,
                     mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
         qh = tl.load(q_ptr + qs[:, None] * A + h * D + cs[None, :], mask=(qs < Q)[:, None] & c_ok[None, :],
                      other=0.0).to(tl.float32)
-        s += tl.dot(qh, tl.trans(k), input_precision="ieee")
+        s += tl.sum(qh[:, None, :] * k[None, :, :], axis=2)
     s = tl.where((ms < M)[None, :], s * scale, float("-inf"))
     p = tl.exp(s - tl.max(s, axis=1)[:, None])
     return p / tl.sum(p, axis=1)[:, None]
@@ -78,7 +78,7 @@ def _z_chunk(v_ptr, a, row, h, c0, M, A, D, BLOCK_M: tl.constexpr, D_CHUNK: tl.c
     cs = c0 + tl.arange(0, D_CHUNK)
     v = tl.load(v_ptr + row.to(tl.int64) * M * A + ms[:, None] * A + h * D + cs[None, :],
                 mask=((ms < M) & (row >= 0))[:, None] & (cs < D)[None, :], other=0.0).to(tl.float32)
-    return tl.dot(a, v, input_precision="ieee")
+    return tl.sum(a[:, :, None] * v[None, :, :], axis=1)
 
 
 @triton.jit
@@ -173,18 +173,18 @@ def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, w_ptr, dl_ptr, dout_ptr
         for cc in range(0, D, D_CHUNK):
             k, v, qh, dz = _load_chunk(k_ptr, v_ptr, q_ptr, dout_ptr, pool_ptr, w, dl, t, T, h, cc, M, Q, A, D,
                                        BLOCK_Q, BLOCK_M, D_CHUNK)
-            s += tl.dot(qh, tl.trans(k), input_precision="ieee")
-            da += tl.dot(dz, tl.trans(v), input_precision="ieee")
+            s += tl.sum(qh[:, None, :] * k[None, :, :], axis=2)
+            da += tl.sum(dz[:, None, :] * v[None, :, :], axis=2)
         s = tl.where((ms < M)[None, :], s * scale, float("-inf"))
         p = tl.exp(s - tl.max(s, axis=1)[:, None])
         a = p / tl.sum(p, axis=1)[:, None]
         dscore = a * (da - tl.sum(a * da, axis=1)[:, None])
         k, v, qh, dz = _load_chunk(k_ptr, v_ptr, q_ptr, dout_ptr, pool_ptr, w, dl, t, T, h, c0, M, Q, A, D,
                                    BLOCK_Q, BLOCK_M, D_CHUNK)
-        dpool += tl.sum(dl[:, None] * tl.dot(a, v, input_precision="ieee"), axis=0)
-        dv = tl.dot(tl.trans(a), dz, input_precision="ieee")
-        dk = tl.dot(tl.trans(dscore), qh, input_precision="ieee") * scale
-        dq += tl.dot(dscore, k, input_precision="ieee") * scale
+        dpool += tl.sum(dl[:, None] * tl.sum(a[:, :, None] * v[None, :, :], axis=1), axis=0)
+        dv = tl.sum(a[:, :, None] * dz[:, None, :], axis=0)
+        dk = tl.sum(dscore[:, :, None] * qh[:, None, :], axis=0) * scale
+        dq += tl.sum(dscore[:, :, None] * k[None, :, :], axis=1) * scale
         tok = t.to(tl.int64) * M * A + ms[:, None] * A + h * D + cs[None, :]
         mask = ((ms < M) & (t < T))[:, None] & c_ok[None, :]
         tl.store(dk_ptr + tok, dk.to(dk_ptr.dtype.element_ty), mask=mask)
@@ -196,8 +196,11 @@ def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, w_ptr, dl_ptr, dout_ptr
 
 
 def _blocks(M: int, Q: int) -> dict:
-    p2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731  (tl.dot needs every dim >= 16)
-    return {"BLOCK_Q": p2(Q), "BLOCK_M": p2(M), "D_CHUNK": D_CHUNK}
+    """The (Q, M, column) product tiles: Q and M padded only to a power of 2 (the products are
+    broadcast multiply-adds, not tl.dot, which would pad both to 16); columns in chunks of up to
+    D_CHUNK, fewer when Q x M is large so a product tile stays at 1024 elements."""
+    block_q, block_m = triton.next_power_of_2(Q), triton.next_power_of_2(M)
+    return {"BLOCK_Q": block_q, "BLOCK_M": block_m, "D_CHUNK": max(4, min(D_CHUNK, 1024 // (block_q * block_m)))}
 
 
 def launch_plan(T: int, M: int, Q: int, A: int, H: int, interpreter: bool = False) -> dict:
@@ -205,7 +208,7 @@ def launch_plan(T: int, M: int, Q: int, A: int, H: int, interpreter: bool = Fals
     blocks = _blocks(M, Q)
     block_t = INTERPRETER_BLOCK_T if interpreter else GPU_BLOCK_T
     return {**blocks, "BLOCK_T": block_t, "forward": (T,), "backward_pool": (T,),
-            "backward_head": (triton.cdiv(A // H, D_CHUNK), H, triton.cdiv(T, block_t))}
+            "backward_head": (triton.cdiv(A // H, blocks["D_CHUNK"]), H, triton.cdiv(T, block_t))}
 
 
 def validate(keys, values, queries, pool, num_heads) -> None:
@@ -348,21 +351,21 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
     (BLOCK_Q, BLOCK_M, D_CHUNK) and the forward walks the heads twice, the pool backward recomputes z.
     """
     plan = launch_plan(T, M, Q, A, H)
-    bq, bm, bt = plan["BLOCK_Q"], plan["BLOCK_M"], plan["BLOCK_T"]
-    chunks = plan["backward_head"][0]  # D / D_CHUNK column chunks per head
+    bq, bm, bt, dc = plan["BLOCK_Q"], plan["BLOCK_M"], plan["BLOCK_T"], plan["D_CHUNK"]
+    chunks = plan["backward_head"][0]  # D / dc column chunks per head
     e, D = dtype_bytes, A // H
     tokens = T * M * A * e
-    chunk = 2 * bq * bm * D_CHUNK  # one padded (Q x M x D_CHUNK) product
+    chunk = 2 * bq * bm * dc  # one padded (Q x M x dc) product
     if kernel == "forward":  # per position: 2 walks x H heads x chunks x (scores + z + pool logits / output)
         useful = 4 * T * Q * M * A + 4 * T * Q * A
-        executed = T * H * 2 * chunks * (2 * chunk + 2 * bq * D_CHUNK)
+        executed = T * H * 2 * chunks * (2 * chunk + 2 * bq * dc)
         sizes = {"k": tokens, "v": tokens, "out": T * A * e, "w": T * Q * 4, "q": Q * A * e}
         touches = lambda t, _y, _z: [("k", t, M * A * e), ("v", t, M * A * e), ("q", 0, Q * A * e),  # noqa: E731
                                      ("out", t, A * e), ("w", t, Q * 4)]
         floor = 2 * tokens + T * A * e + Q * A * e + A * e
     elif kernel == "backward_pool":  # recomputes z to get dw = z . dout
         useful = 4 * T * Q * A
-        executed = T * H * chunks * (2 * chunk + 2 * bq * D_CHUNK)
+        executed = T * H * chunks * (2 * chunk + 2 * bq * dc)
         sizes = {"k": tokens, "v": tokens, "dout": T * A * e, "w": T * Q * 4, "dl": T * Q * 4, "q": Q * A * e}
         touches = lambda t, _y, _z: [("k", t, M * A * e), ("v", t, M * A * e), ("q", 0, Q * A * e),  # noqa: E731
                                      ("dout", t, A * e), ("w", t, Q * 4), ("dl", t, Q * 4)]
@@ -377,7 +380,7 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
 
         def touches(c, h, b):
             t = min(bt, T - b * bt)
-            cols = max(0, min(D_CHUNK, D - c * D_CHUNK))
+            cols = max(0, min(dc, D - c * dc))
             return [("k", (b, h), t * M * D * e), ("v", (b, h), t * M * D * e), ("dout", (b, h), t * D * e),
                     ("q", h, Q * D * e), ("w", b, t * Q * 4), ("dl", b, t * Q * 4),
                     ("dk", (b, h, c), t * M * cols * e), ("dv", (b, h, c), t * M * cols * e),
