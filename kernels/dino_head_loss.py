@@ -143,9 +143,9 @@ def _softmax_project_kernel(
 ):
     """Per (row block, K split, output D block): partial softmax(z) @ W_proj[:, dblock] -> out (splits, R, D),
     row sums of the softmax -> mass (splits, R) (from the first D block)."""
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    pid_d = tl.program_id(2)
+    pid_d = tl.program_id(0)  # fastest: the D blocks sharing a W split run in one wave (W read once)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < R
     dims = tl.arange(0, BLOCK_D)
@@ -176,7 +176,7 @@ def _softmax_project_kernel(
             acc += tl.dot(p.to(w.dtype), w, input_precision="ieee")
         else:
             acc += tl.dot(p.to(w.dtype), w)
-    split_rows = tl.program_id(1).to(tl.int64) * R + rows
+    split_rows = split.to(tl.int64) * R + rows
     tl.store(out_ptr + split_rows[:, None] * D + out_dims[None, :], acc,
              mask=row_mask[:, None] & out_mask[None, :])
     tl.store(mass_ptr + split_rows, mass, mask=row_mask & (pid_d == 0))
@@ -191,11 +191,11 @@ def _softmax_t_project_kernel(
 ):
     """Per (K block, output D block): out[cols, dblock] = softmax(z)[:, cols]^T @ X[:, dblock] fp32,
     summed over all R rows."""
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < K
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    out_dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_dims = tl.program_id(0) * BLOCK_DO + tl.arange(0, BLOCK_DO)  # fastest: W block read once
     out_mask = out_dims < D
     acc = tl.zeros([BLOCK_K, BLOCK_DO], tl.float32)
     for r0 in range(0, R, BLOCK_M):
@@ -249,10 +249,22 @@ class LaunchPlan:
         return dict(BLOCK_M=self.block_m, BLOCK_K=self.block_k, BLOCK_D=self.block_d, DOT_IEEE=self.dot_ieee,
                     num_warps=self.config["num_warps"], num_stages=self.config["num_stages"], **extra)
 
-    def splits(self, R: int) -> tuple[int, int, int]:
+    def splits(self, R: int, d_blocks: int = 1) -> tuple[int, int, int]:
+        """(row blocks, K splits, K per split): blocks x splits x d_blocks programs reach the target."""
         blocks = triton.cdiv(R, self.block_m)
-        splits, per_split = num_splits(self.K, blocks, self.block_k, self.target)
+        splits, per_split = num_splits(self.K, blocks * d_blocks, self.block_k, self.target)
         return blocks, splits, per_split
+
+    def project_grid(self, R: int) -> tuple[tuple[int, int, int], int, int, int]:
+        """(grid (D blocks, row blocks, K splits), BLOCK_DO, K splits, K per split) of the project kernel."""
+        block_do, d_blocks = self.d_blocks("PROJECT_BLOCK_DO")
+        blocks, splits, per_split = self.splits(R, d_blocks)
+        return (d_blocks, blocks, splits), block_do, splits, per_split
+
+    def t_project_grid(self) -> tuple[tuple[int, int], int]:
+        """(grid (D blocks, K blocks), BLOCK_DO) of the t_project kernel."""
+        block_do, d_blocks = self.d_blocks("T_PROJECT_BLOCK_DO")
+        return (d_blocks, triton.cdiv(self.K, self.block_k)), block_do
 
 
 def _row_stats(launch, h, w, center, center_high, high_weight, scale, alpha, centred):
@@ -274,11 +286,10 @@ def _row_stats(launch, h, w, center, center_high, high_weight, scale, alpha, cen
 def _project(launch, h, w_logit, w_proj, center, center_high, row_max, log2_sum, scale, alpha, centred):
     """(softmax(z) @ w_proj (R, D) fp32, row sums of the softmax (R,))."""
     R = h.shape[0]
-    blocks, splits, per_split = launch.splits(R)
+    grid, block_do, splits, per_split = launch.project_grid(R)
     out = torch.empty((splits, R, launch.D), dtype=torch.float32, device=h.device)
     mass = torch.empty((splits, R), dtype=torch.float32, device=h.device)
-    block_do, d_blocks = launch.d_blocks("PROJECT_BLOCK_DO")
-    _softmax_project_kernel[(blocks, splits, d_blocks)](
+    _softmax_project_kernel[grid](
         h, w_logit, w_proj, center, center_high, row_max, log2_sum, out, mass, R, launch.K, launch.D,
         per_split, scale, alpha, **launch.meta(CENTER=centred, BLOCK_DO=block_do),
     )
@@ -288,8 +299,8 @@ def _project(launch, h, w_logit, w_proj, center, center_high, row_max, log2_sum,
 def _t_project(launch, h, w, x, center, center_high, row_max, log2_sum, scale, alpha, centred):
     """softmax(z)^T @ x (K, D) fp32."""
     out = torch.empty((launch.K, launch.D), dtype=torch.float32, device=h.device)
-    block_do, d_blocks = launch.d_blocks("T_PROJECT_BLOCK_DO")
-    _softmax_t_project_kernel[(triton.cdiv(launch.K, launch.block_k), d_blocks)](
+    grid, block_do = launch.t_project_grid()
+    _softmax_t_project_kernel[grid](
         h, w, x.to(h.dtype).contiguous(), center, center_high, row_max, log2_sum, out, h.shape[0], launch.K,
         launch.D, scale, alpha, **launch.meta(CENTER=centred, BLOCK_DO=block_do),
     )
@@ -498,23 +509,25 @@ def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: in
             return out + ([("column", (m, j), 8 * cols(j)), ("centres", j, 8 * cols(j))] if centred else [])
         floor = h_bytes + w_bytes + 8 * R + (16 * K if centred else 0)
     elif kernel == "project":
-        block_do, d_blocks = plan.d_blocks("PROJECT_BLOCK_DO")
-        grid = (blocks, splits, d_blocks)
+        grid, block_do, splits, per_split = plan.project_grid(R)
+        d_blocks = grid[0]
+        logits = 2 * pad(R, bm) * splits * pad(per_split, bk) * bd
         executed = d_blocks * logits + 2 * pad(R, bm) * splits * pad(per_split, bk) * d_blocks * block_do
         extra = 8 * splits * R * D + 4 * R * D  # torch sums the (splits, R, D) fp32 partials
         sizes = {"h": h_bytes, "w": w_bytes, "w_student": w_bytes, "out": 4 * splits * R * D}
-        touches = lambda m, j, d: [("h", m, rows(m) * D * e), ("w", j, cols(j) * D * e),  # noqa: E731
+        cols = lambda j: min(per_split, K - j * per_split)  # noqa: E731
+        touches = lambda d, m, j: [("h", m, rows(m) * D * e), ("w", j, cols(j) * D * e),  # noqa: E731
                                    (w_proj, (j, d) if centred else j, cols(j) * (block_do if centred else D) * e),
                                    ("out", (m, j, d), rows(m) * block_do * 4)]
         floor = h_bytes + w_bytes * (2 if centred else 1) + 4 * R * D
     else:  # t_project: program (K block, D block) walks all R rows
-        block_do, d_blocks = plan.d_blocks("T_PROJECT_BLOCK_DO")
-        grid = (triton.cdiv(K, bk), d_blocks)
+        grid, block_do = plan.t_project_grid()
+        d_blocks = grid[0]
         executed = d_blocks * 2 * pad(R, bm) * pad(K, bk) * (bd + block_do)
         extra = 0
         ks = lambda k: min(bk, K - k * bk)  # noqa: E731
         sizes = {"h": h_bytes, "w": w_bytes, "x": h_bytes, "out": 4 * K * D}
-        touches = lambda k, d, _: [("h", 0, h_bytes), ("w", k, ks(k) * D * e), ("x", d, R * block_do * e),  # noqa: E731
+        touches = lambda d, k, _: [("h", 0, h_bytes), ("w", k, ks(k) * D * e), ("x", d, R * block_do * e),  # noqa: E731
                                    ("out", (k, d), ks(k) * block_do * 4)]
         floor = 2 * h_bytes + w_bytes + 4 * K * D
     return {"useful_flops": 2 * R * K * D, "executed_flops": executed, "min_bytes": floor,
