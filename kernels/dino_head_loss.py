@@ -21,9 +21,9 @@ t_project passes. All reductions are per-program partials summed by torch: no at
 Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h and W):
     useful FLOPs (those of the unfused path's GEMMs, what roofline_cost reports):
              forward 2 K D (R_t + R_s), backward 4 K D R_s
-    executed FLOPs with the recomputation (16-bit configs: 2 D blocks in project, 4 in t_project):
-             forward 2 K D (4 R_t + R_s), backward 2 K D (8 R_s + 5 R_t); all on tensor cores, so
-             the op stays far from compute bound at DINO sizes (R of a few hundred rows per GPU)
+    executed FLOPs with the recomputation (16-bit configs: 2 D blocks in project and in t_project):
+             forward 2 K D (4 R_t + R_s), backward 2 K D (6 R_s + 3 R_t), all on tensor cores
+             (per-kernel counts and roofline times: efficiency() and the compile report)
     min HBM  forward (R_s + R_t) D e + K D e (+ K D e for a separate teacher W) + 16 K
              backward adds K D (e + 4) (read W, write the fp32 weight gradient) + 4 R_s D
     Each pass streams W once per BLOCK_M rows (L2 serves the repeats for R <= a few hundred rows).
@@ -59,11 +59,12 @@ from ._common import (
 # H100's 228 KB) with 8 warps. The D = 256 accumulators of the project kernels do not fit next to the
 # logit tile (255 registers and spills at every BLOCK_M/BLOCK_K/num_warps tried), so their output is
 # split into D blocks (BLOCK_DO, a grid axis) at the price of recomputing the logit tile per D block:
-# 128 for softmax @ W (176-247 registers) and 64 for softmax^T @ X (128-174), no spills.
+# 128 for softmax @ W (160-247 registers) and for softmax^T @ X (163-255; 64 there was 5x the useful
+# FLOPs for 128-174 registers), no spills.
 # fp32 operands take exact IEEE dots (FMA, no tensor cores): only 16 x 16 tiles with 4 warps and one
 # stage avoid spills there; fp32 is the exact path, bf16 the fast one.
 CONFIGS = {
-    "16bit": {"BLOCK_M": 64, "BLOCK_K": 64, "PROJECT_BLOCK_DO": 128, "T_PROJECT_BLOCK_DO": 64,
+    "16bit": {"BLOCK_M": 64, "BLOCK_K": 64, "PROJECT_BLOCK_DO": 128, "T_PROJECT_BLOCK_DO": 128,
               "num_warps": 8, "num_stages": 2},
     "fp32": {"BLOCK_M": 16, "BLOCK_K": 16, "PROJECT_BLOCK_DO": 64, "T_PROJECT_BLOCK_DO": 64,
              "num_warps": 4, "num_stages": 1},
