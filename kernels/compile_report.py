@@ -60,8 +60,12 @@ KNOWN_OVER_BOUND = {
     "head_softmax_project_": "recomputes the logit tile per output D block (2 blocks: 3x; a full-width (64, 256) "
                              "accumulator next to the logit tile spills): needs the 2-pass design",
     "head_softmax_t_project_": "recomputes the logit tile per output D block (2 blocks: 3x), as project",
-    "dino_teacher_": "flops: two passes over the logits (recompute instead of a stored exponent, memory bound); "
-                     "column modes at R <= 2 x SMs: one fp32 partial row per teacher row (bytes)",
+    "dino_teacher_centered_softmax_": "flops only (1.57x): the second pass recomputes the exponent instead of "
+                                      "storing it; memory bound",
+    "dino_teacher_sk_softmax_": "as dino_teacher_centered_softmax_",
+    "dino_teacher_sk_row_stats_": "a Sinkhorn column step reads the logits twice (row statistics, then column "
+                                  "sums: 2.05x bytes) and recomputes the exponent (1.57x flops)",
+    "dino_teacher_sk_column_": "as dino_teacher_sk_row_stats_ (the counts are the column step's)",
 }
 PACKAGE = __name__.rpartition(".")[0] or "terrafm_kernels"
 
