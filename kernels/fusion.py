@@ -10,17 +10,20 @@ The pooling weights need every head before any output can be written, so the for
 walks the heads twice per position (logits, then outputs), recomputing the tiny (Q x M) attention
 instead of storing z (a (T, Q, A) tensor). Saved for backward: w (T, Q) only.
 
-Backward: kernel 1 (per position) recomputes z to get dl = dsoftmax(w, z . dout); kernel 2 (per
-column chunk x head x block of positions) recomputes the head's attention, writes grad_keys /
+Backward: kernel 1 (per position) recomputes z to get dl = dsoftmax(w, z . dout) and saves each
+head's attention a (T, H, Q, M) and dout . values[m], pool . values[m] (T, H, 2, M), from which
+dz . values[m] = w[q] (dout . values[m]) + dl[q] (pool . values[m]); kernel 2 (per column chunk x
+head x block of positions) reads them (no whole-head score recompute), writes grad_keys /
 grad_values for its columns and accumulates grad_queries / grad_pool in registers, one fp32
-partial per program, summed by torch afterwards (deterministic, no atomics). No (T, M, A) temporary is created
-besides the gradients themselves.
+partial per program, summed by torch afterwards (deterministic, no atomics). No (T, M, A) temporary
+is created besides the gradients themselves.
 
 Cost per forward call (e = bytes per element):
     FLOPs ~ 2 x 4 T Q M A (scores and weighted sum, twice) + 4 T Q A (pooling)
     minimum HBM bytes = e (2 T M A + T A) + e (Q A + A)
 That is ~4 Q / (3 e) FLOPs per byte (M = 2-3): memory bound on H100/A100, so the small per-head
-products use fp32 FMA dots (exact, any input dtype) rather than tensor cores.
+products are fp32 broadcast multiply-adds (exact, any input dtype) on (Q, M) padded to powers of 2,
+not tensor-core dots (which pad Q and M to 16). Counts per kernel: efficiency().
 """
 
 import math
@@ -107,19 +110,36 @@ def _forward_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, out_ptr, w_ptr, M, Q, A, D, s
 
 
 @triton.jit
-def _backward_pool_kernel(k_ptr, v_ptr, q_ptr, w_ptr, dout_ptr, dl_ptr, M, Q, A, D, scale,
+def _backward_pool_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, w_ptr, dout_ptr, dl_ptr, attn_ptr, vproj_ptr,
+                          M, Q, A, D, scale,
                           H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
-    """dl[t] = w * (dw - sum(w dw)) with dw[q] = z[t, q] . dout[t]: the pooling softmax's backward."""
+    """dl[t] = w * (dw - sum(w dw)) with dw[q] = z[t, q] . dout[t]: the pooling softmax's backward.
+
+    Also saves, per head, what the head backward needs for the attention gradient without recomputing
+    the scores: attn (T, H, Q, M) and vproj (T, H, 2, M) = (dout . values[m], pool . values[m]), since
+    dz . values[m] = w[q] (dout . values[m]) + dl[q] (pool . values[m])."""
     row = tl.program_id(0)
     qs = tl.arange(0, BLOCK_Q)
+    ms = tl.arange(0, BLOCK_M)
     dw = tl.zeros([BLOCK_Q], tl.float32)
     for h in range(H):
         a = _attention(k_ptr, q_ptr, row, h, M, Q, A, D, scale, BLOCK_Q, BLOCK_M, D_CHUNK)
+        saved = row.to(tl.int64) * H + h
+        tl.store(attn_ptr + (saved * Q + qs[:, None]) * M + ms[None, :], a, mask=(qs < Q)[:, None] & (ms < M)[None, :])
+        u = tl.zeros([BLOCK_M], tl.float32)
+        r = tl.zeros([BLOCK_M], tl.float32)
         for c0 in range(0, D, D_CHUNK):
             cs = c0 + tl.arange(0, D_CHUNK)
-            z = _z_chunk(v_ptr, a, row, h, c0, M, A, D, BLOCK_M, D_CHUNK)
+            v = tl.load(v_ptr + row.to(tl.int64) * M * A + ms[:, None] * A + h * D + cs[None, :],
+                        mask=(ms < M)[:, None] & (cs < D)[None, :], other=0.0).to(tl.float32)
             dout = tl.load(dout_ptr + row.to(tl.int64) * A + h * D + cs, mask=cs < D, other=0.0).to(tl.float32)
+            pool = tl.load(pool_ptr + h * D + cs, mask=cs < D, other=0.0).to(tl.float32)
+            z = tl.sum(a[:, :, None] * v[None, :, :], axis=1)
             dw += tl.sum(z * dout[None, :], axis=1)
+            u += tl.sum(v * dout[None, :], axis=1)
+            r += tl.sum(v * pool[None, :], axis=1)
+        tl.store(vproj_ptr + saved * 2 * M + ms, u, mask=ms < M)
+        tl.store(vproj_ptr + (saved * 2 + 1) * M + ms, r, mask=ms < M)
     w = tl.load(w_ptr + row.to(tl.int64) * Q + qs, mask=qs < Q, other=0.0)
     dl = w * (dw - tl.sum(w * dw, axis=0))
     tl.store(dl_ptr + row.to(tl.int64) * Q + qs, dl, mask=qs < Q)
@@ -146,14 +166,13 @@ def _load_chunk(k_ptr, v_ptr, q_ptr, dout_ptr, pool_ptr, w, dl, t, T, h, c0, M, 
 
 
 @triton.jit
-def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, w_ptr, dl_ptr, dout_ptr, dk_ptr, dv_ptr,
-                          dq_partial_ptr, dpool_partial_ptr, T, M, Q, A, D, scale,
-                          BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, w_ptr, dl_ptr, dout_ptr, attn_ptr, vproj_ptr, dk_ptr,
+                          dv_ptr, dq_partial_ptr, dpool_partial_ptr, T, M, Q, A, D, scale,
+                          H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                           D_CHUNK: tl.constexpr):
     """Per (column chunk, head, block of positions): grad keys/values of the chunk, and the block's
-    grad queries/pool partials for it. The (Q x M) scores need the whole head width, so they are
-    accumulated over the head's D / D_CHUNK chunks (re-read from L2 by the sibling programs of the same
-    head); the loop and the grid stop at D: no column padding beyond the last chunk."""
+    grad queries/pool partials for it. The attention and its gradient come from what the pool kernel
+    saved (attn, vproj), so no program recomputes the whole-head scores; the grid stops at D."""
     c0 = tl.program_id(0) * D_CHUNK
     h = tl.program_id(1)
     block = tl.program_id(2)
@@ -168,16 +187,13 @@ def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, w_ptr, dl_ptr, dout_ptr
         q_ok = (qs < Q) & (t < T)
         w = tl.load(w_ptr + t.to(tl.int64) * Q + qs, mask=q_ok, other=0.0)
         dl = tl.load(dl_ptr + t.to(tl.int64) * Q + qs, mask=q_ok, other=0.0)
-        s = tl.zeros([BLOCK_Q, BLOCK_M], tl.float32)
-        da = tl.zeros([BLOCK_Q, BLOCK_M], tl.float32)
-        for cc in range(0, D, D_CHUNK):
-            k, v, qh, dz = _load_chunk(k_ptr, v_ptr, q_ptr, dout_ptr, pool_ptr, w, dl, t, T, h, cc, M, Q, A, D,
-                                       BLOCK_Q, BLOCK_M, D_CHUNK)
-            s += tl.sum(qh[:, None, :] * k[None, :, :], axis=2)
-            da += tl.sum(dz[:, None, :] * v[None, :, :], axis=2)
-        s = tl.where((ms < M)[None, :], s * scale, float("-inf"))
-        p = tl.exp(s - tl.max(s, axis=1)[:, None])
-        a = p / tl.sum(p, axis=1)[:, None]
+        saved = t.to(tl.int64) * H + h
+        m_ok = (ms < M) & (t < T)
+        a = tl.load(attn_ptr + (saved * Q + qs[:, None]) * M + ms[None, :], mask=q_ok[:, None] & m_ok[None, :],
+                    other=0.0)
+        u = tl.load(vproj_ptr + saved * 2 * M + ms, mask=m_ok, other=0.0)
+        r = tl.load(vproj_ptr + (saved * 2 + 1) * M + ms, mask=m_ok, other=0.0)
+        da = w[:, None] * u[None, :] + dl[:, None] * r[None, :]  # dz . values[m]
         dscore = a * (da - tl.sum(a * da, axis=1)[:, None])
         k, v, qh, dz = _load_chunk(k_ptr, v_ptr, q_ptr, dout_ptr, pool_ptr, w, dl, t, T, h, c0, M, Q, A, D,
                                    BLOCK_Q, BLOCK_M, D_CHUNK)
@@ -254,16 +270,18 @@ def _launch_backward(grad_out, keys, values, queries, pool, w, num_heads):
     plan = launch_plan(T, M, Q, A, H, interpreted(keys))
     dout = grad_out.contiguous()
     dl = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
-    _backward_pool_kernel[plan["backward_pool"]](keys, values, queries, w, dout, dl, M, Q, A, D, scale, H=H, **blocks,
-                                                 num_warps=NUM_WARPS)
+    attn = torch.empty((T, H, Q, M), dtype=torch.float32, device=keys.device)
+    vproj = torch.empty((T, H, 2, M), dtype=torch.float32, device=keys.device)
+    _backward_pool_kernel[plan["backward_pool"]](keys, values, queries, pool, w, dout, dl, attn, vproj, M, Q, A, D,
+                                                 scale, H=H, **blocks, num_warps=NUM_WARPS)
     block_t = plan["BLOCK_T"]
     programs = plan["backward_head"][2]
     dk, dv = torch.empty_like(keys), torch.empty_like(values)
     dq_partial = torch.empty((programs, Q, A), dtype=torch.float32, device=keys.device)
     dpool_partial = torch.empty((programs, A), dtype=torch.float32, device=keys.device)
     _backward_head_kernel[plan["backward_head"]](
-        keys, values, queries, pool, w, dl, dout, dk, dv, dq_partial, dpool_partial, T, M, Q, A, D, scale,
-        BLOCK_T=block_t, **blocks, num_warps=NUM_WARPS_BACKWARD_HEAD)
+        keys, values, queries, pool, w, dl, dout, attn, vproj, dk, dv, dq_partial, dpool_partial, T, M, Q, A, D,
+        scale, H=H, BLOCK_T=block_t, **blocks, num_warps=NUM_WARPS_BACKWARD_HEAD)
     dq = dq_partial.sum(0).to(queries.dtype)
     dpool = dpool_partial.sum(0).to(pool.dtype)
     return dk, dv, dq, dpool
@@ -363,26 +381,29 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
         touches = lambda t, _y, _z: [("k", t, M * A * e), ("v", t, M * A * e), ("q", 0, Q * A * e),  # noqa: E731
                                      ("out", t, A * e), ("w", t, Q * 4)]
         floor = 2 * tokens + T * A * e + Q * A * e + A * e
-    elif kernel == "backward_pool":  # recomputes z to get dw = z . dout
+    elif kernel == "backward_pool":  # recomputes z to get dw = z . dout; saves attn and vproj for the head kernel
         useful = 4 * T * Q * A
-        executed = T * H * chunks * (2 * chunk + 2 * bq * dc)
-        sizes = {"k": tokens, "v": tokens, "dout": T * A * e, "w": T * Q * 4, "dl": T * Q * 4, "q": Q * A * e}
+        executed = T * H * chunks * (2 * chunk + 2 * bq * dc + 4 * bm * dc)
+        saved = H * (Q * M + 2 * M) * 4
+        sizes = {"k": tokens, "v": tokens, "dout": T * A * e, "w": T * Q * 4, "dl": T * Q * 4, "q": Q * A * e,
+                 "saved": T * saved}
         touches = lambda t, _y, _z: [("k", t, M * A * e), ("v", t, M * A * e), ("q", 0, Q * A * e),  # noqa: E731
-                                     ("dout", t, A * e), ("w", t, Q * 4), ("dl", t, Q * 4)]
+                                     ("dout", t, A * e), ("w", t, Q * 4), ("dl", t, Q * 4), ("saved", t, saved)]
         floor = 2 * tokens + T * A * e + 8 * T * Q
-    else:  # backward_head: per (column chunk, head, block of positions); scores over the whole head width
+    else:  # backward_head: per (column chunk, head, block of positions), attention from the pool kernel
         useful = 8 * T * Q * M * A
         blocks = plan["backward_head"][2]
-        executed = chunks * H * blocks * bt * (2 * chunks * chunk + 4 * chunk)
+        executed = chunks * H * blocks * bt * 4 * chunk
         partials = blocks * (Q + 1) * A * 4
         sizes = {"k": tokens, "v": tokens, "dk": tokens, "dv": tokens, "dout": T * A * e, "w": T * Q * 4,
-                 "dl": T * Q * 4, "q": Q * A * e, "partials": partials}
+                 "dl": T * Q * 4, "q": Q * A * e, "partials": partials, "saved": T * H * (Q * M + 2 * M) * 4}
 
         def touches(c, h, b):
             t = min(bt, T - b * bt)
             cols = max(0, min(dc, D - c * dc))
-            return [("k", (b, h), t * M * D * e), ("v", (b, h), t * M * D * e), ("dout", (b, h), t * D * e),
-                    ("q", h, Q * D * e), ("w", b, t * Q * 4), ("dl", b, t * Q * 4),
+            return [("k", (b, h, c), t * M * cols * e), ("v", (b, h, c), t * M * cols * e),
+                    ("dout", (b, h, c), t * cols * e), ("q", h, Q * D * e), ("w", b, t * Q * 4),
+                    ("dl", b, t * Q * 4), ("saved", (b, h), t * (Q * M + 2 * M) * 4),
                     ("dk", (b, h, c), t * M * cols * e), ("dv", (b, h, c), t * M * cols * e),
                     ("partials", (b, h, c), (Q + 1) * cols * 4)]
         floor = 4 * tokens + T * A * e + 8 * T * Q + Q * A * e
@@ -413,16 +434,18 @@ def compile_specs() -> list[dict]:
             specs.append({
                 **common, "name": f"fusion_bwd_pool_{name}_{size}", "fn": _backward_pool_kernel,
                 "efficiency": counts("backward_pool"),
-                "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "w_ptr": "*fp32", "dout_ptr": ptr,
-                              "dl_ptr": "*fp32", **scalars},
+                "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "pool_ptr": ptr, "w_ptr": "*fp32",
+                              "dout_ptr": ptr, "dl_ptr": "*fp32", "attn_ptr": "*fp32", "vproj_ptr": "*fp32",
+                              **scalars},
                 "constexprs": {"H": 16, **blocks},
             })
             specs.append({
                 **head, "name": f"fusion_bwd_head_{name}_{size}", "fn": _backward_head_kernel,
                 "efficiency": counts("backward_head"),
                 "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "pool_ptr": ptr, "w_ptr": "*fp32",
-                              "dl_ptr": "*fp32", "dout_ptr": ptr, "dk_ptr": ptr, "dv_ptr": ptr,
-                              "dq_partial_ptr": "*fp32", "dpool_partial_ptr": "*fp32", "T": "i32", **scalars},
-                "constexprs": {"BLOCK_T": GPU_BLOCK_T, **blocks},
+                              "dl_ptr": "*fp32", "dout_ptr": ptr, "attn_ptr": "*fp32", "vproj_ptr": "*fp32",
+                              "dk_ptr": ptr, "dv_ptr": ptr, "dq_partial_ptr": "*fp32", "dpool_partial_ptr": "*fp32",
+                              "T": "i32", **scalars},
+                "constexprs": {"H": 16, "BLOCK_T": GPU_BLOCK_T, **blocks},
             })
     return specs
