@@ -1,4 +1,4 @@
-"""Dual-centering teacher softmax with the batch statistics of both centre updates, in one launch.
+"""Dual-centering teacher softmax with the batch statistics of both centre updates: two kernels, no partials.
 
 Math (reference.teacher_softmax): for teacher logits t (R, K), centres c, c_h (K,),
     probs = softmax((t - alpha c - (1 - alpha) c_h) / temperature)        (R, K) fp32
