@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from terrafm_kernels import reference
-from terrafm_kernels.dino_head_loss import dino_head_loss_reference
 
 from .gpu_check import ROOT, Context, Profile, require_device
 
@@ -158,7 +157,7 @@ CASES = {
     "dino_head_loss": Case(
         "dino_head_loss", "dino_head_loss:dino_head_loss", ("loss", "logit_sum", "high_logit_sum"), _head_inputs,
         ("student_features", "teacher_features", "weight_v"), ("student_features", "weight_v"),
-        lambda s: (0.04, 0.1, 0.8), dino_head_loss_reference, ORACLE.dino_head_loss_f64,
+        lambda s: (0.04, 0.1, 0.8), reference.dino_head_loss, ORACLE.dino_head_loss_f64,
         _cost("dino_head_loss", backward=True), True),
     "centered_softmax": Case(
         "centered_softmax", "dino_teacher:centered_softmax", ("probs",),

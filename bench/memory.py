@@ -1,6 +1,6 @@
 """Peak memory of the DINO loss at K = 65536: fused dino_head_loss vs the unfused path (logits materialised).
 
-The unfused path (dino_head_loss_reference: prototype GEMM -> teacher softmax -> cross-entropy, forward +
+The unfused path (reference.dino_head_loss: prototype GEMM -> teacher softmax -> cross-entropy, forward +
 backward) is measured on every machine. The fused kernel is measured on a GPU; on CPU it only runs in
 the Triton interpreter, so its footprint is computed from the buffers it allocates (labelled analytic).
 

@@ -20,23 +20,29 @@ def interpreted(tensor: torch.Tensor) -> bool:
 
 
 def check_tensor(name: str, x: torch.Tensor, ndim: int, device: torch.device | None = None,
-                 dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
-    """Raise a ValueError/TypeError naming `name` unless x is a contiguous float tensor of ndim dims."""
+                 dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES, shape: tuple[int, ...] | None = None,
+                 contiguous: bool = True) -> None:
+    """The one input check of every kernel: raise a ValueError/TypeError naming `name` unless x is a
+    float tensor of ndim dims (of `shape` when given; contiguous unless the launcher copies it) on a
+    device the kernels run on (cuda, or cpu under the interpreter), on `device` when given."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
     if x.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
     if device is not None and x.device != device:
         raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}; move it there")
-    if not x.is_contiguous():
+    if contiguous and not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous() first); got strides {x.stride()}")
     if x.device.type not in ("cuda", "cpu"):
         raise ValueError(f"{name} must be on a cuda device (or cpu under TRITON_INTERPRET=1), got {x.device}")
     if x.device.type == "cpu" and not INTERPRET:
         raise ValueError(f"{name} is on the cpu: the Triton kernels need cuda tensors, or TRITON_INTERPRET=1 "
-                         "set before triton is imported (tests); on cpu use the op registry's torch backend")
+                         "set before triton is imported (tests); on cpu use terrafm_kernels.reference (the op "
+                         "registry's torch backend)")
 
 
 def check_patch_grid(height: int, width: int, patch: int) -> None:
@@ -117,3 +123,41 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+# Efficiency counts (compile report, docs/kernels.md "Efficiency counts"): every op file has an
+# efficiency(kernel, ...) next to its launcher that walks the launcher's own grid and tiles.
+def programs(grid: tuple[int, ...]):
+    """Program ids in launch order (axis 0 fastest), as the hardware schedules them."""
+    g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
+    for z in range(g2):
+        for y in range(g1):
+            for x in range(g0):
+                yield x, y, z
+
+
+def hbm_bytes(grid: tuple[int, ...], touches, tensor_bytes: dict[str, int], concurrent: int, l2_bytes: int) -> int:
+    """Bytes one launch moves to or from HBM, by the wave model.
+
+    touches(x, y, z) lists (tensor, tile key, bytes) for every region the program loads or stores.
+    Programs run in waves of `concurrent` (SMs x CTAs per SM) in launch order; a tile touched by
+    several programs of one wave (or twice by one program) is moved once per wave, as L2 serves the
+    repeats. A tensor no larger than half of L2 stays there for the whole launch: each of its tiles
+    is moved once per launch.
+    """
+    resident = {name for name, size in tensor_bytes.items() if size <= l2_bytes // 2}
+    once, wave, total = set(), set(), 0
+    for i, pid in enumerate(programs(grid)):
+        if i % concurrent == 0:
+            wave = set()
+        for tensor, key, nbytes in touches(*pid):
+            seen = once if tensor in resident else wave
+            if (tensor, key) not in seen:
+                seen.add((tensor, key))
+                total += nbytes
+    return total
+
+
+def pad(n: int, block: int) -> int:
+    """n rounded up to whole tiles: what a masked tile loop executes."""
+    return _cdiv(n, block) * block

@@ -31,13 +31,12 @@ def _backend_ops(backend: str) -> tuple[str, SimpleNamespace]:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "triton" if torch.cuda.is_available() or _common.INTERPRET else "torch"
-    from .dino_head_loss import dino_head_loss, dino_head_loss_reference
-
     if backend == "torch":
         return backend, SimpleNamespace(centered_softmax=reference.centered_softmax,
                                         sinkhorn_knopp=reference.sinkhorn_knopp,
                                         weighted_soft_cross_entropy=reference.weighted_soft_cross_entropy,
-                                        dino_head_loss=dino_head_loss_reference)
+                                        dino_head_loss=reference.dino_head_loss)
+    from .dino_head_loss import dino_head_loss
     from .dino_student_ce import weighted_soft_cross_entropy
     from .dino_teacher import centered_softmax, sinkhorn_knopp
 

@@ -21,12 +21,13 @@ Both kernels move exactly their minimum plus O(S B splits) partials: nothing of 
 """
 
 import math
+from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, check_positive, check_tensor, interpreted, num_splits, sm_count
+from ._common import TRITON_DTYPE, check_positive, check_tensor, hbm_bytes, interpreted, num_splits, pad, sm_count
 
 # H100/A100 config: bandwidth bound. A (16, 128) tile (S <= 16 views) with 8 warps is 8 elements per
 # thread per tensor. Compile report (sm_80 / sm_90): fwd 105 / 122 registers, bwd 126 / 110, no
@@ -114,11 +115,17 @@ def _dino_ce_bwd_kernel(
                  mask=row_mask[:, None] & col_mask[None, :])
 
 
+def launch_plan(S: int, B: int, K: int, sms: int, interpreter: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_S, BLOCK_K, K splits, K per split): grid (B, splits) for both kernels; the one place the
+    launcher and efficiency() read them."""
+    block_k = INTERPRETER_BLOCK_K if interpreter else GPU_BLOCK_K
+    splits, per_split = num_splits(K, B, block_k, 4 * sms)
+    return max(16, triton.next_power_of_2(S)), block_k, splits, per_split
+
+
 def _launch_shape(student_logits: torch.Tensor) -> tuple[int, int, int, int]:
     S, B, K = student_logits.shape
-    block_k = INTERPRETER_BLOCK_K if interpreted(student_logits) else GPU_BLOCK_K
-    splits, per_split = num_splits(K, B, block_k, 4 * sm_count(student_logits.device))
-    return max(16, triton.next_power_of_2(S)), block_k, splits, per_split
+    return launch_plan(S, B, K, sm_count(student_logits.device), interpreted(student_logits))
 
 
 def _launch_forward(student_logits, teacher_probs, student_temperature):
@@ -234,18 +241,6 @@ def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor
     return _dino_ce_op(student_logits, teacher_probs.detach(), float(student_temperature))[0]
 
 
-class DINOCrossEntropy(torch.nn.Module):
-    """nn.Module wrapper: forward(student_logits (S, B, K), teacher_probs (T, B, K)) -> loss."""
-
-    def __init__(self, student_temperature: float = 0.1):
-        super().__init__()
-        check_positive("student_temperature", student_temperature)
-        self.student_temperature = student_temperature
-
-    def forward(self, student_logits, teacher_probs):
-        return dino_cross_entropy(student_logits, teacher_probs, self.student_temperature)
-
-
 def roofline_cost(S: int, T: int, B: int, K: int, dtype_bytes: int = 2,
                   backward: bool = True) -> dict[str, int]:
     """Minimum cost of forward (+ backward when backward=True) for S student views, T teacher views,
@@ -258,6 +253,34 @@ def roofline_cost(S: int, T: int, B: int, K: int, dtype_bytes: int = 2,
     return {"flops": flops, "bytes": nbytes}
 
 
+# The presets' call (vitb_h100, per GPU): 2 global + 8 local student views, 2 teacher views, 64 samples.
+PRODUCTION_SHAPE = {"S": 10, "T": 2, "B": 64, "K": 65536}
+
+
+def efficiency(kernel: str, S: int, T: int, B: int, K: int, dtype_bytes: int, sms: int, concurrent: int,
+               l2_bytes: int) -> dict:
+    """Useful / executed FLOPs and minimum / moved HBM bytes of the "forward" or "backward" kernel from
+    launch_plan's tiles and grid (docs/kernels.md, "Efficiency counts"). The (BLOCK_S, BLOCK_K) tile
+    holds S views padded to BLOCK_S: the padded lanes execute the math but load nothing."""
+    block_s, block_k, splits, per_split = launch_plan(S, B, K, sms)
+    e = dtype_bytes
+    cols = lambda j: min(per_split, K - j * per_split)  # noqa: E731
+    forward = kernel == "forward"
+    per_column = 10 if forward else 8  # ops per tile element: online lse + Q.x + n / softmax + gradient
+    executed = B * splits * pad(per_split, block_k) * block_s * per_column
+    sizes = {"x": S * B * K * e, "p": T * B * K * 4, "grad": S * B * K * e, "stats": 16 * S * B * splits}
+
+    def touches(b, j, _):
+        out = [("x", (b, j), S * cols(j) * e), ("p", (b, j), T * cols(j) * 4)]
+        return out + ([("stats", (b, j), 16 * S)] if forward else [("grad", (b, j), S * cols(j) * e)])
+    moved = hbm_bytes((B, splits), touches, sizes, concurrent, l2_bytes)
+    floor = roofline_cost(S, T, B, K, e, backward=not forward)
+    if not forward:
+        floor = {k: v - roofline_cost(S, T, B, K, e, backward=False)[k] for k, v in floor.items()}
+    return {"useful_flops": floor["flops"], "executed_flops": executed, "min_bytes": floor["bytes"],
+            "moved_bytes": moved + (16 * S * B * splits if forward else 0), "flop_kind": "fp32"}
+
+
 def compile_specs() -> list[dict]:
     """Every shipped configuration (student dtype x forward/backward) for the AOT compile report."""
     specs = []
@@ -265,14 +288,15 @@ def compile_specs() -> list[dict]:
         name = str(dtype).removeprefix("torch.")
         common = {"constexprs": {"BLOCK_S": 16, "BLOCK_K": GPU_BLOCK_K}, "num_warps": GPU_NUM_WARPS,
                   "num_stages": 3, "uses_dot": False}
+        counts = lambda kernel, e=dtype.itemsize: partial(efficiency, kernel, **PRODUCTION_SHAPE, dtype_bytes=e)  # noqa: E731
         specs.append({
-            "name": f"dino_ce_fwd_{name}", "fn": _dino_ce_fwd_kernel,
+            "name": f"dino_ce_fwd_{name}", "fn": _dino_ce_fwd_kernel, "efficiency": counts("forward"),
             "signature": {"student_ptr": ptr, "teacher_ptr": "*fp32", "partial_ptr": "*fp32", "S": "i32",
                           "T": "i32", "B": "i32", "K": "i32", "K_PER_SPLIT": "i32", "scale": "fp32"},
             **common,
         })
         specs.append({
-            "name": f"dino_ce_bwd_{name}", "fn": _dino_ce_bwd_kernel,
+            "name": f"dino_ce_bwd_{name}", "fn": _dino_ce_bwd_kernel, "efficiency": counts("backward"),
             "signature": {"student_ptr": ptr, "teacher_ptr": "*fp32", "row_max_ptr": "*fp32",
                           "log2_sum_ptr": "*fp32", "n_ptr": "*fp32", "grad_loss_ptr": "*fp32",
                           "grad_ptr": ptr, "S": "i32", "T": "i32", "B": "i32", "K": "i32",

@@ -1,6 +1,6 @@
 """DINO head prototype layer fused with the dual-centering teacher softmax and the student cross-entropy.
 
-Math (dino_head_loss_reference): h = normalize(features), W = weight-normalised prototypes (K, D),
+Math (reference.dino_head_loss): h = normalize(features), W = weight-normalised prototypes (K, D),
 logits z = h W^T; teacher probs P = softmax((z_t - alpha c - (1 - alpha) c_h) / tau_t) (no gradient);
 loss = dino_cross_entropy(z_s, P, tau_s); also the centre statistics of teacher_softmax.
 The (rows, K) logits are never materialised: with A[t] = P[t] W_s (teacher probs projected back
@@ -21,9 +21,9 @@ t_project passes. All reductions are per-program partials summed by torch: no at
 Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h and W):
     useful FLOPs (those of the unfused path's GEMMs, what roofline_cost reports):
              forward 2 K D (R_t + R_s), backward 4 K D R_s
-    executed FLOPs with the recomputation (16-bit configs: 2 D blocks in project, 4 in t_project):
-             forward 2 K D (4 R_t + R_s), backward 2 K D (8 R_s + 5 R_t); all on tensor cores, so
-             the op stays far from compute bound at DINO sizes (R of a few hundred rows per GPU)
+    executed FLOPs with the recomputation (16-bit configs: 2 D blocks in project and in t_project):
+             forward 2 K D (4 R_t + R_s), backward 2 K D (6 R_s + 3 R_t), all on tensor cores
+             (per-kernel counts and roofline times: efficiency() and the compile report)
     min HBM  forward (R_s + R_t) D e + K D e (+ K D e for a separate teacher W) + 16 K
              backward adds K D (e + 4) (read W, write the fp32 weight gradient) + 4 R_s D
     Each pass streams W once per BLOCK_M rows (L2 serves the repeats for R <= a few hundred rows).
@@ -33,21 +33,23 @@ never allocated; the extra memory is the fp32 (splits, R, D) partials and the (K
 """
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import reference
 from ._common import (
     TRITON_DTYPE,
     check_alpha,
     check_head_loss_shapes,
     check_positive,
     check_tensor,
+    hbm_bytes,
     interpreted,
     num_splits,
+    pad,
     sm_count,
 )
 
@@ -57,11 +59,12 @@ from ._common import (
 # H100's 228 KB) with 8 warps. The D = 256 accumulators of the project kernels do not fit next to the
 # logit tile (255 registers and spills at every BLOCK_M/BLOCK_K/num_warps tried), so their output is
 # split into D blocks (BLOCK_DO, a grid axis) at the price of recomputing the logit tile per D block:
-# 128 for softmax @ W (176-247 registers) and 64 for softmax^T @ X (128-174), no spills.
+# 128 for softmax @ W (160-247 registers) and for softmax^T @ X (163-255; 64 there was 5x the useful
+# FLOPs for 128-174 registers), no spills.
 # fp32 operands take exact IEEE dots (FMA, no tensor cores): only 16 x 16 tiles with 4 warps and one
 # stage avoid spills there; fp32 is the exact path, bf16 the fast one.
 CONFIGS = {
-    "16bit": {"BLOCK_M": 64, "BLOCK_K": 64, "PROJECT_BLOCK_DO": 128, "T_PROJECT_BLOCK_DO": 64,
+    "16bit": {"BLOCK_M": 64, "BLOCK_K": 64, "PROJECT_BLOCK_DO": 128, "T_PROJECT_BLOCK_DO": 128,
               "num_warps": 8, "num_stages": 2},
     "fp32": {"BLOCK_M": 16, "BLOCK_K": 16, "PROJECT_BLOCK_DO": 64, "T_PROJECT_BLOCK_DO": 64,
              "num_warps": 4, "num_stages": 1},
@@ -141,9 +144,9 @@ def _softmax_project_kernel(
 ):
     """Per (row block, K split, output D block): partial softmax(z) @ W_proj[:, dblock] -> out (splits, R, D),
     row sums of the softmax -> mass (splits, R) (from the first D block)."""
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    pid_d = tl.program_id(2)
+    pid_d = tl.program_id(0)  # fastest: the D blocks sharing a W split run in one wave (W read once)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < R
     dims = tl.arange(0, BLOCK_D)
@@ -174,7 +177,7 @@ def _softmax_project_kernel(
             acc += tl.dot(p.to(w.dtype), w, input_precision="ieee")
         else:
             acc += tl.dot(p.to(w.dtype), w)
-    split_rows = tl.program_id(1).to(tl.int64) * R + rows
+    split_rows = split.to(tl.int64) * R + rows
     tl.store(out_ptr + split_rows[:, None] * D + out_dims[None, :], acc,
              mask=row_mask[:, None] & out_mask[None, :])
     tl.store(mass_ptr + split_rows, mass, mask=row_mask & (pid_d == 0))
@@ -189,11 +192,11 @@ def _softmax_t_project_kernel(
 ):
     """Per (K block, output D block): out[cols, dblock] = softmax(z)[:, cols]^T @ X[:, dblock] fp32,
     summed over all R rows."""
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < K
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    out_dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_dims = tl.program_id(0) * BLOCK_DO + tl.arange(0, BLOCK_DO)  # fastest: W block read once
     out_mask = out_dims < D
     acc = tl.zeros([BLOCK_K, BLOCK_DO], tl.float32)
     for r0 in range(0, R, BLOCK_M):
@@ -218,20 +221,25 @@ def _softmax_t_project_kernel(
              mask=col_mask[:, None] & out_mask[None, :])
 
 
-class _Launch:
-    """Block sizes and K splits for one call (small blocks in the interpreter, mma-sized on GPUs)."""
+class LaunchPlan:
+    """Block sizes, K splits and grids of every kernel (small blocks in the interpreter, mma-sized on GPUs):
+    the one place the launcher and efficiency() read them."""
 
-    def __init__(self, h: torch.Tensor, K: int, D: int):
-        config = CONFIGS["fp32" if h.dtype == torch.float32 else "16bit"]
-        if interpreted(h):
+    def __init__(self, K: int, D: int, fp32: bool, interpreter: bool, sms: int):
+        config = CONFIGS["fp32" if fp32 else "16bit"]
+        if interpreter:
             config = {**config, "BLOCK_M": INTERPRETER_BLOCK, "BLOCK_K": INTERPRETER_BLOCK,
                       "PROJECT_BLOCK_DO": INTERPRETER_BLOCK, "T_PROJECT_BLOCK_DO": INTERPRETER_BLOCK}
         self.config = config
         self.block_m, self.block_k = config["BLOCK_M"], config["BLOCK_K"]
         self.block_d = max(16, triton.next_power_of_2(D))
-        self.dot_ieee = h.dtype == torch.float32
-        self.target = 2 * sm_count(h.device)
+        self.dot_ieee = fp32
+        self.target = 2 * sms
         self.K, self.D = K, D
+
+    @classmethod
+    def for_tensor(cls, h: torch.Tensor, K: int, D: int) -> "LaunchPlan":
+        return cls(K, D, h.dtype == torch.float32, interpreted(h), sm_count(h.device))
 
     def d_blocks(self, key: str) -> tuple[int, int]:
         """(BLOCK_DO, number of output D blocks) of the project kernel named by key."""
@@ -242,10 +250,22 @@ class _Launch:
         return dict(BLOCK_M=self.block_m, BLOCK_K=self.block_k, BLOCK_D=self.block_d, DOT_IEEE=self.dot_ieee,
                     num_warps=self.config["num_warps"], num_stages=self.config["num_stages"], **extra)
 
-    def splits(self, R: int) -> tuple[int, int, int]:
+    def splits(self, R: int, d_blocks: int = 1) -> tuple[int, int, int]:
+        """(row blocks, K splits, K per split): blocks x splits x d_blocks programs reach the target."""
         blocks = triton.cdiv(R, self.block_m)
-        splits, per_split = num_splits(self.K, blocks, self.block_k, self.target)
+        splits, per_split = num_splits(self.K, blocks * d_blocks, self.block_k, self.target)
         return blocks, splits, per_split
+
+    def project_grid(self, R: int) -> tuple[tuple[int, int, int], int, int, int]:
+        """(grid (D blocks, row blocks, K splits), BLOCK_DO, K splits, K per split) of the project kernel."""
+        block_do, d_blocks = self.d_blocks("PROJECT_BLOCK_DO")
+        blocks, splits, per_split = self.splits(R, d_blocks)
+        return (d_blocks, blocks, splits), block_do, splits, per_split
+
+    def t_project_grid(self) -> tuple[tuple[int, int], int]:
+        """(grid (D blocks, K blocks), BLOCK_DO) of the t_project kernel."""
+        block_do, d_blocks = self.d_blocks("T_PROJECT_BLOCK_DO")
+        return (d_blocks, triton.cdiv(self.K, self.block_k)), block_do
 
 
 def _row_stats(launch, h, w, center, center_high, high_weight, scale, alpha, centred):
@@ -267,11 +287,10 @@ def _row_stats(launch, h, w, center, center_high, high_weight, scale, alpha, cen
 def _project(launch, h, w_logit, w_proj, center, center_high, row_max, log2_sum, scale, alpha, centred):
     """(softmax(z) @ w_proj (R, D) fp32, row sums of the softmax (R,))."""
     R = h.shape[0]
-    blocks, splits, per_split = launch.splits(R)
+    grid, block_do, splits, per_split = launch.project_grid(R)
     out = torch.empty((splits, R, launch.D), dtype=torch.float32, device=h.device)
     mass = torch.empty((splits, R), dtype=torch.float32, device=h.device)
-    block_do, d_blocks = launch.d_blocks("PROJECT_BLOCK_DO")
-    _softmax_project_kernel[(blocks, splits, d_blocks)](
+    _softmax_project_kernel[grid](
         h, w_logit, w_proj, center, center_high, row_max, log2_sum, out, mass, R, launch.K, launch.D,
         per_split, scale, alpha, **launch.meta(CENTER=centred, BLOCK_DO=block_do),
     )
@@ -281,8 +300,8 @@ def _project(launch, h, w_logit, w_proj, center, center_high, row_max, log2_sum,
 def _t_project(launch, h, w, x, center, center_high, row_max, log2_sum, scale, alpha, centred):
     """softmax(z)^T @ x (K, D) fp32."""
     out = torch.empty((launch.K, launch.D), dtype=torch.float32, device=h.device)
-    block_do, d_blocks = launch.d_blocks("T_PROJECT_BLOCK_DO")
-    _softmax_t_project_kernel[(triton.cdiv(launch.K, launch.block_k), d_blocks)](
+    grid, block_do = launch.t_project_grid()
+    _softmax_t_project_kernel[grid](
         h, w, x.to(h.dtype).contiguous(), center, center_high, row_max, log2_sum, out, h.shape[0], launch.K,
         launch.D, scale, alpha, **launch.meta(CENTER=centred, BLOCK_DO=block_do),
     )
@@ -297,7 +316,7 @@ def _pairs(T: int, S: int, device: torch.device) -> torch.Tensor:
 def _launch_forward(hs, ws, ht, wt, center, center_high, high_weight, S, T, B, tau_t, tau_s, alpha):
     """(loss, logit_sum, high_logit_sum) and the statistics backward needs (t_max, t_log2_sum, s_max,
     s_log2_sum, A (T, B, D), mass (T, B))."""
-    launch = _Launch(hs, ws.shape[0], ws.shape[1])
+    launch = LaunchPlan.for_tensor(hs, ws.shape[0], ws.shape[1])
     scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
     t_max, t_log2_sum, column = _row_stats(launch, ht, wt, center, center_high, high_weight, scale_t, alpha, True)
     s_max, s_log2_sum, _ = _row_stats(launch, hs, ws, center, center_high, high_weight, scale_s, alpha, False)
@@ -316,7 +335,7 @@ def _launch_forward(hs, ws, ht, wt, center, center_high, high_weight, S, T, B, t
 def _launch_backward(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, mass,
                      S, T, B, tau_t, tau_s, alpha):
     """(grad_hs, grad_ws)."""
-    launch = _Launch(hs, ws.shape[0], ws.shape[1])
+    launch = LaunchPlan.for_tensor(hs, ws.shape[0], ws.shape[1])
     scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
     pair = _pairs(T, S, hs.device)
     pairs = T * S - min(S, T)
@@ -447,62 +466,6 @@ def dino_head_loss(student_features, teacher_features, weight_v, center, center_
     return out[:3]
 
 
-def dino_head_loss_reference(student_features, teacher_features, weight_v, center, center_high, high_weight,
-                             teacher_temperature, student_temperature, alpha, weight_g=None,
-                             teacher_weight_v=None, teacher_weight_g=None):
-    """The unfused composition of reference ops: the specification of dino_head_loss (materialises logits)."""
-    check_head_loss_shapes(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
-                           teacher_weight_v, teacher_weight_g)
-    check_positive("teacher_temperature", teacher_temperature)
-    check_positive("student_temperature", student_temperature)
-    check_alpha(alpha)
-    S, B, D = student_features.shape
-    T = teacher_features.shape[0]
-    student_logits = reference.prototype_logits(student_features.reshape(S * B, D), weight_v, weight_g)
-    with torch.no_grad():
-        if teacher_weight_v is None:
-            teacher_weight_v, teacher_weight_g = weight_v, weight_g
-        teacher_logits = reference.prototype_logits(teacher_features.reshape(T * B, D), teacher_weight_v,
-                                                    teacher_weight_g)
-        probs, logit_sum, high_logit_sum = reference.teacher_softmax(
-            teacher_logits, center, center_high, high_weight, teacher_temperature, alpha)
-    loss = reference.dino_cross_entropy(student_logits.reshape(S, B, -1), probs.reshape(T, B, -1),
-                                        student_temperature)
-    return loss, logit_sum, high_logit_sum
-
-
-class DINOHeadLoss(torch.nn.Module):
-    """Owns the student prototype layer (weight_v, optional trainable weight_g) and the dual centres.
-
-    forward(student_features (S, B, D), teacher_features (T, B, D), high_weight (T*B,), teacher_temperature,
-    teacher_weight_v=None) -> (loss, logit_sum, high_logit_sum); the caller all-reduces the sums and
-    calls update_centers(logit_sum, high_logit_sum, rows, high_rows) (as DualCenteringSoftmax.update).
-    """
-
-    def __init__(self, in_dim: int = 256, num_prototypes: int = 65536, student_temperature: float = 0.1,
-                 alpha: float = 0.8, center_momentum: float = 0.9, center_high_momentum: float = 0.9,
-                 train_weight_g: bool = False):
-        super().__init__()
-        from .teacher_softmax import DualCenteringSoftmax
-
-        check_positive("student_temperature", student_temperature)
-        self.student_temperature = student_temperature
-        self.weight_v = torch.nn.Parameter(torch.empty(num_prototypes, in_dim))
-        torch.nn.init.trunc_normal_(self.weight_v, std=0.02)
-        self.weight_g = torch.nn.Parameter(torch.ones(num_prototypes, 1)) if train_weight_g else None
-        self.centering = DualCenteringSoftmax(num_prototypes, alpha, center_momentum, center_high_momentum)
-
-    def forward(self, student_features, teacher_features, high_weight, teacher_temperature: float,
-                teacher_weight_v=None, teacher_weight_g=None):
-        c = self.centering
-        return dino_head_loss(student_features, teacher_features, self.weight_v, c.center, c.center_high,
-                              high_weight, teacher_temperature, self.student_temperature, c.alpha,
-                              self.weight_g, teacher_weight_v, teacher_weight_g)
-
-    def update_centers(self, logit_sum, high_logit_sum, rows: float, high_rows: float) -> None:
-        self.centering.update(logit_sum, high_logit_sum, rows, high_rows)
-
-
 def roofline_cost(S: int, T: int, B: int, K: int, D: int = 256, dtype_bytes: int = 2,
                   backward: bool = True) -> dict[str, int]:
     """Useful FLOPs and minimum HBM bytes of forward (+ backward): S student / T teacher views of B
@@ -515,6 +478,62 @@ def roofline_cost(S: int, T: int, B: int, K: int, D: int = 256, dtype_bytes: int
         flops += 4 * K * D * rs
         nbytes += K * D * (dtype_bytes + 4) + rs * D * 4
     return {"flops": flops, "bytes": nbytes}
+
+
+# The presets' call (vitb_h100, per GPU): 2 global + 8 local student views and 2 teacher views of 64
+# samples, K = 65536 prototypes, the 256-wide bottleneck; the teacher has its own (EMA) prototypes.
+PRODUCTION_SHAPE = {"S": 10, "T": 2, "B": 64, "K": 65536, "D": 256}
+
+
+def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: int, dtype_bytes: int, sms: int,
+               concurrent: int, l2_bytes: int) -> dict:
+    """Useful / executed FLOPs and minimum / moved HBM bytes of one kernel ("stats", "project",
+    "t_project") on the teacher (centred) or student rows, from LaunchPlan's tiles and grids
+    (docs/kernels.md, "Efficiency counts"). Useful FLOPs are the kernel's own GEMM (the logits for
+    stats, the projection for the others); recomputed logit tiles are executed, not useful."""
+    plan = LaunchPlan(K, D, dtype_bytes == 4, False, sms)
+    R, e = (T * B if centred else S * B), dtype_bytes
+    bm, bk, bd = plan.block_m, plan.block_k, plan.block_d
+    rows = lambda m: min(bm, R - m * bm)  # noqa: E731
+    blocks, splits, per_split = plan.splits(R)
+    cols = lambda j: min(per_split, K - j * per_split)  # noqa: E731
+    logits = 2 * pad(R, bm) * splits * pad(per_split, bk) * bd  # one pass of padded logit tiles
+    w_bytes, h_bytes = K * D * e, R * D * e
+    # the teacher's forward projects its probabilities onto the student's prototypes: a second (K, D) tensor
+    w_proj = "w_student" if centred else "w"
+    if kernel == "stats":
+        grid, executed, extra = (blocks, splits), logits, 8 * R * splits + (8 * K * (blocks + 1) if centred else 0)
+        sizes = {"h": h_bytes, "w": w_bytes, "stats": 8 * R * splits, "column": 8 * K * blocks, "centres": 8 * K}
+
+        def touches(m, j, _):
+            out = [("h", m, rows(m) * D * e), ("w", j, cols(j) * D * e), ("stats", (m, j), 8 * rows(m))]
+            return out + ([("column", (m, j), 8 * cols(j)), ("centres", j, 8 * cols(j))] if centred else [])
+        floor = h_bytes + w_bytes + 8 * R + (16 * K if centred else 0)
+    elif kernel == "project":
+        grid, block_do, splits, per_split = plan.project_grid(R)
+        d_blocks = grid[0]
+        logits = 2 * pad(R, bm) * splits * pad(per_split, bk) * bd
+        executed = d_blocks * logits + 2 * pad(R, bm) * splits * pad(per_split, bk) * d_blocks * block_do
+        extra = 8 * splits * R * D + 4 * R * D  # torch sums the (splits, R, D) fp32 partials
+        sizes = {"h": h_bytes, "w": w_bytes, "w_student": w_bytes, "out": 4 * splits * R * D}
+        cols = lambda j: min(per_split, K - j * per_split)  # noqa: E731
+        touches = lambda d, m, j: [("h", m, rows(m) * D * e), ("w", j, cols(j) * D * e),  # noqa: E731
+                                   (w_proj, (j, d) if centred else j, cols(j) * (block_do if centred else D) * e),
+                                   ("out", (m, j, d), rows(m) * block_do * 4)]
+        floor = h_bytes + w_bytes * (2 if centred else 1) + 4 * R * D
+    else:  # t_project: program (K block, D block) walks all R rows
+        grid, block_do = plan.t_project_grid()
+        d_blocks = grid[0]
+        executed = d_blocks * 2 * pad(R, bm) * pad(K, bk) * (bd + block_do)
+        extra = 0
+        ks = lambda k: min(bk, K - k * bk)  # noqa: E731
+        sizes = {"h": h_bytes, "w": w_bytes, "x": h_bytes, "out": 4 * K * D}
+        touches = lambda d, k, _: [("h", 0, h_bytes), ("w", k, ks(k) * D * e), ("x", d, R * block_do * e),  # noqa: E731
+                                   ("out", (k, d), ks(k) * block_do * 4)]
+        floor = 2 * h_bytes + w_bytes + 4 * K * D
+    return {"useful_flops": 2 * R * K * D, "executed_flops": executed, "min_bytes": floor,
+            "moved_bytes": hbm_bytes(grid, touches, sizes, concurrent, l2_bytes) + extra,
+            "flop_kind": "fp32" if dtype_bytes == 4 else "tensor"}
 
 
 def compile_specs() -> list[dict]:
@@ -533,13 +552,15 @@ def compile_specs() -> list[dict]:
         common = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "uses_dot": not fp32}
         for centred in (False, True):
             tag = "teacher" if centred else "student"
+            counts = lambda kernel, c=centred, e=dtype.itemsize: partial(  # noqa: E731
+                efficiency, kernel, c, **PRODUCTION_SHAPE, dtype_bytes=e)
             specs.append({
                 "name": f"head_logit_stats_{tag}_{name}", "fn": _logit_stats_kernel,
                 "signature": {"h_ptr": ptr, "w_ptr": ptr, "center_ptr": "*fp32", "center_high_ptr": "*fp32",
                               "high_weight_ptr": "*fp32", "stats_ptr": "*fp32", "column_ptr": "*fp32",
                               "R": "i32", "K": "i32", "D": "i32", "K_PER_SPLIT": "i32", "scale": "fp32",
                               "alpha": "fp32"},
-                "constexprs": {**blocks, "CENTER": centred}, **common,
+                "constexprs": {**blocks, "CENTER": centred}, **common, "efficiency": counts("stats"),
             })
             specs.append({
                 "name": f"head_softmax_project_{tag}_{name}", "fn": _softmax_project_kernel,
@@ -548,6 +569,7 @@ def compile_specs() -> list[dict]:
                               "out_ptr": "*fp32", "mass_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32",
                               "K_PER_SPLIT": "i32", "scale": "fp32", "alpha": "fp32"},
                 "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["PROJECT_BLOCK_DO"]}, **common,
+                "efficiency": counts("project"),
             })
             specs.append({
                 "name": f"head_softmax_t_project_{tag}_{name}", "fn": _softmax_t_project_kernel,
@@ -556,6 +578,6 @@ def compile_specs() -> list[dict]:
                               "out_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32", "scale": "fp32",
                               "alpha": "fp32"},
                 "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["T_PROJECT_BLOCK_DO"]},
-                **common,
+                **common, "efficiency": counts("t_project"),
             })
     return specs

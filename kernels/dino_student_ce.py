@@ -24,12 +24,13 @@ activation memory held for backward.
 """
 
 import math
+from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, check_positive, check_tensor, interpreted, num_splits, sm_count
+from ._common import TRITON_DTYPE, check_positive, check_tensor, hbm_bytes, interpreted, num_splits, pad, sm_count
 
 # H100/A100 config: bandwidth bound. A (4, 512) tile over 4 warps is 16 elements per thread for x and
 # for the running target sum. K is split so that row blocks x splits covers ~4 programs per SM, which
@@ -112,15 +113,17 @@ def _student_ce_bwd_kernel(
         tl.store(grad_ptr + offset, grad.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
+def launch_plan(R: int, K: int, sms: int, interpreter: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_K, K splits, K per split): grid (R / BLOCK_R, splits) for both kernels; the one
+    place the launcher and efficiency() read them."""
+    block_r, block_k = (INTERPRETER_BLOCK_R, INTERPRETER_BLOCK_K) if interpreter else (GPU_BLOCK_R, GPU_BLOCK_K)
+    splits, per_split = num_splits(K, triton.cdiv(R, block_r), block_k, 4 * sms)
+    return block_r, block_k, splits, per_split
+
+
 def _launch_shape(student_logits: torch.Tensor) -> tuple[int, int, int, int]:
     R, K = student_logits.shape
-    if interpreted(student_logits):
-        block_r, block_k = INTERPRETER_BLOCK_R, INTERPRETER_BLOCK_K
-    else:
-        block_r, block_k = GPU_BLOCK_R, GPU_BLOCK_K
-    blocks = triton.cdiv(R, block_r)
-    splits, per_split = num_splits(K, blocks, block_k, 4 * sm_count(student_logits.device))
-    return block_r, block_k, splits, per_split
+    return launch_plan(R, K, sm_count(student_logits.device), interpreted(student_logits))
 
 
 class _StudentCrossEntropy(torch.autograd.Function):
@@ -201,6 +204,31 @@ def roofline_cost(R: int, K: int, T: int = 1, dtype_bytes: int = 2, backward: bo
     return {"flops": flops, "bytes": nbytes}
 
 
+# DINOv2's DINOLoss call (one per student view): 64 samples per GPU against 2 teacher views, K = 65536.
+PRODUCTION_SHAPE = {"R": 64, "K": 65536, "T": 2}
+
+
+def efficiency(kernel: str, R: int, K: int, T: int, dtype_bytes: int, sms: int, concurrent: int,
+               l2_bytes: int) -> dict:
+    """Useful / executed FLOPs and minimum / moved HBM bytes of the "forward" or "backward" kernel from
+    launch_plan's tiles and grid (docs/kernels.md, "Efficiency counts")."""
+    block_r, block_k, splits, per_split = launch_plan(R, K, sms)
+    e, forward = dtype_bytes, kernel == "forward"
+    rows = lambda m: min(block_r, R - m * block_r)  # noqa: E731
+    cols = lambda j: min(per_split, K - j * per_split)  # noqa: E731
+    executed = pad(R, block_r) * splits * pad(per_split, block_k) * ((8 if forward else 6) + 2 * T)
+    sizes = {"x": R * K * e, "p": T * R * K * 4, "grad": R * K * e, "stats": 16 * R * splits}
+
+    def touches(m, j, _):
+        out = [("x", (m, j), rows(m) * cols(j) * e), ("p", (m, j), T * rows(m) * cols(j) * 4)]
+        return out + ([("stats", (m, j), 16 * rows(m))] if forward else [("grad", (m, j), rows(m) * cols(j) * e)])
+    moved = hbm_bytes((triton.cdiv(R, block_r), splits), touches, sizes, concurrent, l2_bytes)
+    both, fwd = roofline_cost(R, K, T, e, backward=True), roofline_cost(R, K, T, e, backward=False)
+    floor = fwd if forward else {k: both[k] - fwd[k] for k in both}
+    return {"useful_flops": floor["flops"], "executed_flops": executed, "min_bytes": floor["bytes"],
+            "moved_bytes": moved + (16 * R * splits if forward else 0), "flop_kind": "fp32"}
+
+
 def compile_specs() -> list[dict]:
     """Every shipped configuration (student dtype x forward/backward) for the AOT compile report."""
     specs = []
@@ -208,14 +236,15 @@ def compile_specs() -> list[dict]:
         name = str(dtype).removeprefix("torch.")
         common = {"constexprs": {"BLOCK_R": GPU_BLOCK_R, "BLOCK_K": GPU_BLOCK_K}, "num_warps": GPU_NUM_WARPS,
                   "num_stages": 3, "uses_dot": False}
+        counts = lambda kernel, e=dtype.itemsize: partial(efficiency, kernel, **PRODUCTION_SHAPE, dtype_bytes=e)  # noqa: E731
         specs.append({
-            "name": f"dino_student_ce_fwd_{name}", "fn": _student_ce_fwd_kernel,
+            "name": f"dino_student_ce_fwd_{name}", "fn": _student_ce_fwd_kernel, "efficiency": counts("forward"),
             "signature": {"student_ptr": ptr, "targets_ptr": "*fp32", "partial_ptr": "*fp32", "R": "i32",
                           "K": "i32", "T": "i32", "K_PER_SPLIT": "i32", "scale": "fp32"},
             **common,
         })
         specs.append({
-            "name": f"dino_student_ce_bwd_{name}", "fn": _student_ce_bwd_kernel,
+            "name": f"dino_student_ce_bwd_{name}", "fn": _student_ce_bwd_kernel, "efficiency": counts("backward"),
             "signature": {"student_ptr": ptr, "targets_ptr": "*fp32", "row_max_ptr": "*fp32",
                           "log2_sum_ptr": "*fp32", "coef_ptr": "*fp32", "grad_loss_ptr": "*fp32",
                           "grad_ptr": ptr, "R": "i32", "K": "i32", "T": "i32", "K_PER_SPLIT": "i32",

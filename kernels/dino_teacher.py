@@ -2,11 +2,10 @@
 
 Math (reference.centered_softmax, reference.sinkhorn_knopp): for teacher logits t (R, K), temperature
 tau, a centre c (K,) subtracted before the division (DINOv2's centering) and a log-domain prototype
-potential a (K,) added after it (Sinkhorn-Knopp), y = (t - c) / tau + a. One kernel, three modes:
+potential a (K,) added after it (Sinkhorn-Knopp), y = (t - c) / tau + a. Three modes:
     MODE_SOFTMAX  out (R, K) fp32 = softmax_k(y)
-    MODE_COLUMN   partial (P, K) = per-prototype sums over the program's rows of softmax_k(y)
-    MODE_COLMAX   partial (P, 2, K) = per-prototype running max of y over the program's rows, and the
-                  sum of exp(y - max)
+    MODE_COLUMN   (K,) = per-prototype sums over all rows of softmax_k(y)
+    MODE_COLMAX   (2, K) = per-prototype max of y over all rows, and the sum of exp(y - max)
 DINOv2's sinkhorn_knopp_teacher divides exp(t / tau) alternately by its prototype sums (over all B
 samples on all ranks, then / K) and its sample sums (then / B), and finally multiplies by B. Every
 sample normalisation turns each row into a softmax over prototypes, so only the prototype potentials a
@@ -18,35 +17,42 @@ Where DINOv2 stays finite the results agree to fp32 rounding; where it overflows
 (DINOv2's divisions by B and K scale all entries alike, so they drop out of a before the softmax.)
 The column sums after the first iteration lie in [1 / K, B], so they need no running max.
 
-Kernel: MODE_SOFTMAX runs one program per BLOCK_R rows: pass 1 streams K chunks with an online max
-and rescaled sum, pass 2 recomputes y and writes the probabilities. The column modes run at most
-4 x SMs programs, each striding over row blocks and accumulating into its own row of the partials
-(read-modify-write, no atomics: deterministic), which torch reduces. Nothing of size (R, K) is
-allocated besides the output.
+Kernels: MODE_SOFTMAX runs one program per BLOCK_R rows: pass 1 streams K chunks with an online max
+and rescaled sum, pass 2 recomputes y and writes the probabilities. The column modes run one program
+per chunk of BLOCK_K prototypes over all rows, so each program owns its columns' results outright
+(no partial rows to read-modify-write and reduce, whatever R is): MODE_COLMAX is one online pass;
+MODE_COLUMN first writes each row's chunk max and sum of exp (R x chunks x 8 bytes, combined by
+torch), then sums the softmax down its columns. No atomics: deterministic. Nothing of size (R, K)
+is allocated besides the output.
 
 Cost per call (e = bytes per logit): MODE_SOFTMAX moves 2 R K e + 4 R K bytes (the second read of
-the logits instead of an unnormalised temporary); MODE_COLUMN 2 R K e + 8 P K; MODE_COLMAX R K e +
-16 P K. Sinkhorn-Knopp with n iterations: (2 n + 1) R K e + 4 R K, against DINOv2's eager ~(4 + 6 n)
-passes of 4 R K bytes (exp, sums, in-place divisions) and a full fp32 copy of the logits.
+the logits instead of an unnormalised temporary); MODE_COLUMN 2 R K e + 16 R K / BLOCK_K + 4 K;
+MODE_COLMAX R K e + 8 K. Sinkhorn-Knopp with n iterations: (2 n + 1) R K e + 4 R K, against DINOv2's
+eager ~(4 + 6 n) passes of 4 R K bytes (exp, sums, in-place divisions) and a full fp32 copy of the
+logits.
 """
+
+from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, check_positive, check_tensor, interpreted, sm_count
+from ._common import TRITON_DTYPE, check_positive, check_tensor, hbm_bytes, interpreted, pad, sm_count
 from .reference import sinkhorn_first_shift
 
 MODE_SOFTMAX, MODE_COLUMN, MODE_COLMAX = 0, 1, 2
 
 # H100/A100 config: bandwidth bound. A (BLOCK_R, 512) tile over 4 warps is 4-32 fp32 elements per
-# thread. BLOCK_R = 1 keeps all SMs busy for class-token rows (2 x 16-128 per GPU); 8 rows per block
-# for the thousands of masked patch rows of iBOT, so the column partials' read-modify-write is an
-# eighth of the logit traffic, with 256-prototype chunks (a (8, 512) tile spilled on sm_90 in the
-# fp16/bf16 softmax at 4 and at 8 warps).
+# thread. The softmax takes BLOCK_R = 1 to keep all SMs busy for class-token rows (2 x 16-128 per
+# GPU) and 8 rows per block for the thousands of masked patch rows of iBOT, with 256-prototype chunks
+# (a (8, 512) tile spilled on sm_90 in the fp16/bf16 softmax at 4 and at 8 warps).
 GPU_BLOCK_K = {1: 512, 8: 256}  # by BLOCK_R
 GPU_NUM_WARPS = 4
 INTERPRETER_BLOCK_K = 4096
+# Column modes: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows.
+GPU_COLUMN_BLOCKS = (8, 256)
+INTERPRETER_COLUMN_BLOCKS = (16, 256)
 
 
 @triton.jit
@@ -64,94 +70,129 @@ def _centred_tile(logits_ptr, center_ptr, shift_ptr, row_offset, row_mask, cols,
 
 
 @triton.jit
-def _teacher_kernel(
+def _softmax_kernel(
     logits_ptr, center_ptr, shift_ptr, out_ptr, R, K, temperature,
-    MODE: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_CENTER: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    # MODE_SOFTMAX: one row block per program; column modes: this program's row of the partials
-    # (the mode constants are literals here: jit code reads no Python globals)
-    partial = out_ptr + pid.to(tl.int64) * (2 if MODE == 2 else 1) * K
-    for block in range(pid, tl.cdiv(R, BLOCK_R), programs):
-        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    """MODE_SOFTMAX: softmax_k(y) of one block of BLOCK_R rows, two passes over K."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    row_offset = rows.to(tl.int64)[:, None] * K
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_R], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        y = _centred_tile(logits_ptr, center_ptr, shift_ptr, row_offset, row_mask, cols, col_mask, temperature,
+                          HAS_CENTER, HAS_SHIFT)
+        m_new = tl.maximum(m, tl.max(y, axis=1))
+        row_sum = row_sum * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[:, None]), axis=1)
+        m = m_new
+    inv_sum = 1.0 / row_sum
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        y = _centred_tile(logits_ptr, center_ptr, shift_ptr, row_offset, row_mask, cols, col_mask, temperature,
+                          HAS_CENTER, HAS_SHIFT)
+        p = tl.exp(y - m[:, None]) * inv_sum[:, None]
+        tl.store(out_ptr + row_offset + cols[None, :], p, mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _row_stats_kernel(
+    logits_ptr, shift_ptr, stats_ptr, R, K, temperature,
+    HAS_SHIFT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """MODE_COLUMN, step 1: per chunk of prototypes, every row's chunk max of y and sum of exp(y - max)
+    -> stats (2, R, chunks)."""
+    chunk = tl.program_id(0)
+    chunks = tl.num_programs(0)
+    cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
         row_mask = rows < R
-        row_offset = rows.to(tl.int64)[:, None] * K
-        if MODE == 2:  # MODE_COLMAX
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                col_mask = cols < K
-                y = _centred_tile(logits_ptr, center_ptr, shift_ptr, row_offset, row_mask, cols, col_mask,
-                                  temperature, HAS_CENTER, HAS_SHIFT)
-                y = tl.where(row_mask[:, None], y, float("-inf"))
-                m_old = tl.load(partial + cols, mask=col_mask, other=0.0)
-                s_old = tl.load(partial + K + cols, mask=col_mask, other=0.0)
-                m_new = tl.maximum(m_old, tl.max(y, axis=0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # masked columns: keep exp finite
-                s_new = s_old * tl.exp(m_old - m_safe) + tl.sum(tl.exp(y - m_safe[None, :]), axis=0)
-                tl.store(partial + cols, m_new, mask=col_mask)
-                tl.store(partial + K + cols, s_new, mask=col_mask)
+        y = _centred_tile(logits_ptr, logits_ptr, shift_ptr, rows.to(tl.int64)[:, None] * K, row_mask, cols,
+                          col_mask, temperature, False, HAS_SHIFT)
+        m = tl.max(y, axis=1)
+        tl.store(stats_ptr + rows * chunks + chunk, m, mask=row_mask)
+        tl.store(stats_ptr + (R + rows) * chunks + chunk, tl.sum(tl.exp(y - m[:, None]), axis=1), mask=row_mask)
+
+
+@triton.jit
+def _column_kernel(
+    logits_ptr, shift_ptr, row_max_ptr, row_inv_sum_ptr, out_ptr, R, K, temperature,
+    COLMAX: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Per chunk of prototypes, over all rows: MODE_COLUMN's column sums of softmax_k(y) (from the rows'
+    max and 1 / sum) -> out (K,), or MODE_COLMAX's column max of y and sum of exp(y - max) -> out (2, K)."""
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    col_max = tl.full([BLOCK_K], float("-inf"), tl.float32)
+    col_sum = tl.zeros([BLOCK_K], tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_mask = rows < R
+        y = _centred_tile(logits_ptr, logits_ptr, shift_ptr, rows.to(tl.int64)[:, None] * K, row_mask, cols,
+                          col_mask, temperature, False, HAS_SHIFT)
+        y = tl.where(row_mask[:, None], y, float("-inf"))
+        if COLMAX:
+            m_new = tl.maximum(col_max, tl.max(y, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # masked columns: keep exp finite
+            col_sum = col_sum * tl.exp(col_max - m_safe) + tl.sum(tl.exp(y - m_safe[None, :]), axis=0)
+            col_max = m_new
         else:
-            m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-            row_sum = tl.zeros([BLOCK_R], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                col_mask = cols < K
-                y = _centred_tile(logits_ptr, center_ptr, shift_ptr, row_offset, row_mask, cols, col_mask,
-                                  temperature, HAS_CENTER, HAS_SHIFT)
-                m_new = tl.maximum(m, tl.max(y, axis=1))
-                row_sum = row_sum * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[:, None]), axis=1)
-                m = m_new
-            inv_sum = 1.0 / row_sum
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                col_mask = cols < K
-                y = _centred_tile(logits_ptr, center_ptr, shift_ptr, row_offset, row_mask, cols, col_mask,
-                                  temperature, HAS_CENTER, HAS_SHIFT)
-                p = tl.exp(y - m[:, None]) * inv_sum[:, None]
-                if MODE == 0:  # MODE_SOFTMAX
-                    tl.store(out_ptr + row_offset + cols[None, :], p, mask=row_mask[:, None] & col_mask[None, :])
-                else:
-                    p = tl.where(row_mask[:, None], p, 0.0)
-                    column = tl.load(partial + cols, mask=col_mask, other=0.0)
-                    tl.store(partial + cols, column + tl.sum(p, axis=0), mask=col_mask)
+            row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
+            inv_sum = tl.load(row_inv_sum_ptr + rows, mask=row_mask, other=0.0)
+            col_sum += tl.sum(tl.exp(y - row_max[:, None]) * inv_sum[:, None], axis=0)
+    if COLMAX:
+        tl.store(out_ptr + cols, col_max, mask=col_mask)
+        tl.store(out_ptr + K + cols, col_sum, mask=col_mask)
+    else:
+        tl.store(out_ptr + cols, col_sum, mask=col_mask)
 
 
-def _block_r(R: int, device: torch.device) -> int:
-    return 1 if R <= 2 * sm_count(device) else 8
+def launch_plan(mode: int, R: int, K: int, sms: int, interpreter: bool = False) -> dict:
+    """BLOCK_R, BLOCK_K and the grid of one mode: the one place the launcher and efficiency() read them.
+    MODE_SOFTMAX: one program per BLOCK_R rows (BLOCK_R = 1 keeps every SM busy for the 32-256 class-token
+    rows per GPU); column modes: one program per BLOCK_K prototypes (256 programs at K = 65536)."""
+    if mode == MODE_SOFTMAX:
+        block_r = 1 if R <= 2 * sms else 8
+        block_k = INTERPRETER_BLOCK_K if interpreter else GPU_BLOCK_K[block_r]
+        return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(R, block_r),)}
+    block_r, block_k = INTERPRETER_COLUMN_BLOCKS if interpreter else GPU_COLUMN_BLOCKS
+    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(K, block_k),)}
 
 
 def _launch(mode: int, logits: torch.Tensor, temperature: float, center=None, shift=None) -> torch.Tensor:
-    """Run one mode over logits (R, K); returns probs (R, K), or the reduced column statistics:
-    (K,) for MODE_COLUMN, (max (K,), sum (K,)) stacked as (2, K) for MODE_COLMAX."""
+    """Run one mode over logits (R, K); returns probs (R, K), or the column statistics: (K,) for
+    MODE_COLUMN, (max (K,), sum (K,)) stacked as (2, K) for MODE_COLMAX."""
     R, K = logits.shape
-    block_r = _block_r(R, logits.device)
-    blocks = triton.cdiv(R, block_r)
     device = logits.device
+    plan = launch_plan(mode, R, K, sm_count(device), interpreted(logits))
+    tiles = {"BLOCK_R": plan["BLOCK_R"], "BLOCK_K": plan["BLOCK_K"], "num_warps": GPU_NUM_WARPS}
+    shift_arg = logits if shift is None else shift
     if mode == MODE_SOFTMAX:
-        programs = blocks
         out = torch.empty((R, K), dtype=torch.float32, device=device)
-    elif mode == MODE_COLUMN:
-        programs = min(blocks, 4 * sm_count(device))
-        out = torch.zeros((programs, K), dtype=torch.float32, device=device)
-    else:
-        programs = min(blocks, 4 * sm_count(device))
-        out = torch.stack([torch.full((programs, K), float("-inf"), device=device),
-                           torch.zeros((programs, K), device=device)], dim=1)
-    _teacher_kernel[(programs,)](
-        logits, logits if center is None else center, logits if shift is None else shift, out,
-        R, K, float(temperature),
-        MODE=mode, HAS_CENTER=center is not None, HAS_SHIFT=shift is not None, BLOCK_R=block_r,
-        BLOCK_K=INTERPRETER_BLOCK_K if interpreted(logits) else GPU_BLOCK_K[block_r], num_warps=GPU_NUM_WARPS,
-    )
-    if mode == MODE_SOFTMAX:
+        _softmax_kernel[plan["grid"]](logits, logits if center is None else center, shift_arg, out, R, K,
+                                      float(temperature), HAS_CENTER=center is not None,
+                                      HAS_SHIFT=shift is not None, **tiles)
         return out
-    if mode == MODE_COLUMN:
-        return out.sum(dim=0)
-    m, s = out[:, 0], out[:, 1]
-    col_max = m.max(dim=0).values
-    return torch.stack([col_max, (s * torch.exp(m - col_max)).sum(dim=0)])
+    if mode == MODE_COLMAX:
+        out = torch.empty((2, K), dtype=torch.float32, device=device)
+        _column_kernel[plan["grid"]](logits, shift_arg, out, out, out, R, K, float(temperature), COLMAX=True,
+                                     HAS_SHIFT=shift is not None, **tiles)
+        return out
+    stats = torch.empty((2, R, plan["grid"][0]), dtype=torch.float32, device=device)
+    _row_stats_kernel[plan["grid"]](logits, shift_arg, stats, R, K, float(temperature), HAS_SHIFT=shift is not None,
+                                    **tiles)
+    m, s = stats
+    row_max = m.max(dim=1).values
+    row_inv_sum = 1.0 / (s * torch.exp(m - row_max[:, None])).sum(dim=1)
+    out = torch.empty(K, dtype=torch.float32, device=device)
+    _column_kernel[plan["grid"]](logits, shift_arg, row_max, row_inv_sum, out, R, K, float(temperature),
+                                 COLMAX=False, HAS_SHIFT=shift is not None, **tiles)
+    return out
 
 
 def _validate(teacher_logits: torch.Tensor, temperature: float) -> None:
@@ -206,24 +247,76 @@ def roofline_cost(R: int, K: int, dtype_bytes: int = 2, n_iterations: int = 0) -
     return {"flops": (6 + 4 * n_iterations) * R * K, "bytes": reads * R * K * dtype_bytes + 4 * R * K + 8 * K}
 
 
+# DINOv2's calls per GPU: the class-token teacher (2 global views x 64 samples = 128 rows, softmax BLOCK_R = 1) and
+# iBOT's masked patch tokens (about 8192 rows, BLOCK_R = 8), K = 65536 prototypes.
+PRODUCTION_ROWS = {1: 128, 8: 8192}
+PRODUCTION_K = 65536
+
+
+def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent: int, l2_bytes: int) -> dict:
+    """Useful / executed FLOPs and minimum / moved HBM bytes of one mode (both kernels of MODE_COLUMN
+    together) from launch_plan's tiles and grid (docs/kernels.md, "Efficiency counts"). Useful: one
+    read of the logits and one pass of the math (softmax: 7 ops per element; column sum: 7; column
+    logsumexp: 5); the softmax and MODE_COLUMN recompute y in a second pass (11 and 11 ops)."""
+    plan = launch_plan(mode, R, K, sms)
+    block_r, block_k, programs, e = plan["BLOCK_R"], plan["BLOCK_K"], plan["grid"][0], dtype_bytes
+    padded = pad(R, block_r) * pad(K, block_k)
+    if mode == MODE_SOFTMAX:  # program b: a block of rows, all K, read twice (once per wave), probs written
+        rows = lambda b: min(block_r, R - b * block_r)  # noqa: E731
+        sizes = {"logits": R * K * e, "probs": 4 * R * K, "vectors": 8 * K}
+        touches = lambda b, _y, _z: [("vectors", 0, 8 * K), ("logits", b, rows(b) * K * e),  # noqa: E731
+                                     ("probs", b, 4 * rows(b) * K)]
+        moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes)
+        floor, executed = {"flops": 7 * R * K, "bytes": R * K * e + 4 * R * K + 8 * K}, 11 * padded
+    else:  # program c: a chunk of columns over all rows; MODE_COLUMN reads it twice (two launches)
+        cols = lambda c: min(block_k, K - c * block_k)  # noqa: E731
+        sizes = {"logits": R * K * e, "vectors": 8 * K, "out": 8 * K, "rows": 16 * R * programs}
+        touches = lambda c, _y, _z: [("logits", c, R * cols(c) * e), ("vectors", c, 4 * cols(c)),  # noqa: E731
+                                     ("out", c, 8 * cols(c)), ("rows", c, 8 * R)]
+        moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes)
+        if mode == MODE_COLUMN:  # + the row statistics pass, its (2, R, chunks) round trip and 8 R row values
+            moved += R * K * e + 4 * K + 16 * R * programs + 16 * R
+            floor, executed = {"flops": 7 * R * K, "bytes": R * K * e + 8 * K}, 11 * padded
+        else:
+            floor, executed = {"flops": 5 * R * K, "bytes": R * K * e + 12 * K}, 5 * padded
+    return {"useful_flops": floor["flops"], "executed_flops": executed, "min_bytes": floor["bytes"],
+            "moved_bytes": moved, "flop_kind": "fp32"}
+
+
 def compile_specs() -> list[dict]:
-    """Every shipped configuration (logit dtype x mode x BLOCK_R) for the AOT compile report."""
+    """Every shipped configuration (logit dtype x kernel x BLOCK_R) for the AOT compile report."""
     specs = []
-    shipped = [("centered_softmax", MODE_SOFTMAX, True, False), ("sk_softmax", MODE_SOFTMAX, False, True),
-               ("sk_column", MODE_COLUMN, False, True), ("sk_colmax", MODE_COLMAX, False, False)]
+    common = {"num_warps": GPU_NUM_WARPS, "num_stages": 3, "uses_dot": False}
+    column_r, column_k = GPU_COLUMN_BLOCKS
     for dtype, ptr in TRITON_DTYPE.items():
-        for tag, mode, has_center, has_shift in shipped:
+        name = str(dtype).removeprefix("torch.")
+        counts = lambda mode, rows, e=dtype.itemsize: partial(  # noqa: E731
+            efficiency, mode, rows, PRODUCTION_K, dtype_bytes=e)
+        scalars = {"R": "i32", "K": "i32", "temperature": "fp32"}
+        for tag, has_center, has_shift in (("centered_softmax", True, False), ("sk_softmax", False, True)):
             for block_r in (1, 8):
                 specs.append({
-                    "name": f"dino_teacher_{tag}_{str(dtype).removeprefix('torch.')}_r{block_r}",
-                    "fn": _teacher_kernel,
+                    **common, "name": f"dino_teacher_{tag}_{name}_r{block_r}", "fn": _softmax_kernel,
                     "signature": {"logits_ptr": ptr, "center_ptr": "*fp32" if has_center else ptr,
-                                  "shift_ptr": "*fp32" if has_shift else ptr, "out_ptr": "*fp32",
-                                  "R": "i32", "K": "i32", "temperature": "fp32"},
-                    "constexprs": {"MODE": mode, "HAS_CENTER": has_center, "HAS_SHIFT": has_shift,
-                                   "BLOCK_R": block_r, "BLOCK_K": GPU_BLOCK_K[block_r]},
-                    "num_warps": GPU_NUM_WARPS,
-                    "num_stages": 3,
-                    "uses_dot": False,
+                                  "shift_ptr": "*fp32" if has_shift else ptr, "out_ptr": "*fp32", **scalars},
+                    "constexprs": {"HAS_CENTER": has_center, "HAS_SHIFT": has_shift, "BLOCK_R": block_r,
+                                   "BLOCK_K": GPU_BLOCK_K[block_r]},
+                    "efficiency": counts(MODE_SOFTMAX, PRODUCTION_ROWS[block_r]),
+                })
+        for rows in sorted(set(PRODUCTION_ROWS.values())):
+            column = {"BLOCK_R": column_r, "BLOCK_K": column_k}
+            specs.append({
+                **common, "name": f"dino_teacher_sk_row_stats_{name}_{rows}rows", "fn": _row_stats_kernel,
+                "signature": {"logits_ptr": ptr, "shift_ptr": "*fp32", "stats_ptr": "*fp32", **scalars},
+                "constexprs": {"HAS_SHIFT": True, **column}, "efficiency": counts(MODE_COLUMN, rows),
+            })
+            for tag, colmax in (("sk_column", False), ("sk_colmax", True)):
+                specs.append({
+                    **common, "name": f"dino_teacher_{tag}_{name}_{rows}rows", "fn": _column_kernel,
+                    "signature": {"logits_ptr": ptr, "shift_ptr": ptr if colmax else "*fp32",
+                                  "row_max_ptr": "*fp32", "row_inv_sum_ptr": "*fp32", "out_ptr": "*fp32",
+                                  **scalars},
+                    "constexprs": {"COLMAX": colmax, "HAS_SHIFT": not colmax, **column},
+                    "efficiency": counts(MODE_COLMAX if colmax else MODE_COLUMN, rows),
                 })
     return specs

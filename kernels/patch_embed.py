@@ -17,15 +17,13 @@ The weight is re-read once per row block (M / BLOCK_M times), from L2 in practic
 sizes (M = 256 x 196, Kd = 12 x 256, E = 2304) the GEMM is compute bound (~110 FLOPs per byte).
 """
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 
-from . import _common
-from ._common import check_patch_grid
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+from ._common import TRITON_DTYPE, check_patch_grid, check_tensor, hbm_bytes, interpreted, pad
 
 # Tile configs, from the compile report (python -m terrafm_kernels.compile_report) and the roofline.
 # fp16/bf16 on H100 (sm_90) and A100 (sm_80): 128 x 128 output tiles, BLOCK_K = 32, 8 warps, 3
@@ -45,10 +43,13 @@ INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps":
 
 @triton.jit
 def _patch_offsets(rows, cols, N, GW, C, H, W, P: tl.constexpr):
-    """Element offsets of patch rows x (c, i, j) columns in a contiguous (B, C, H, W) image."""
+    """Element offsets of patch rows x (c, i, j) columns in a contiguous (B, C, H, W) image.
+
+    32-bit: validate() refuses images of 2**31 elements or more, and 64-bit per-element addresses
+    of the gathered tile are what filled the register file."""
     b = rows // N
     n = rows % N
-    row_base = b.to(tl.int64) * C * H * W + (n // GW) * P * W + (n % GW) * P
+    row_base = b * C * H * W + (n // GW) * P * W + (n % GW) * P
     c = cols // (P * P)
     ij = cols % (P * P)
     col_off = c * H * W + (ij // P) * W + (ij % P)
@@ -62,8 +63,8 @@ def _forward_kernel(
     P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EMBED: tl.constexpr, HAS_POS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols_e = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_e = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     e_mask = cols_e < E
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -118,8 +119,8 @@ def _grad_input_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_x = scatter(G (M x E) @ W (E x KD)) to pixels; every pixel is written exactly once."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     k_mask = ks < KD
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -135,12 +136,22 @@ def _grad_input_kernel(
              mask=row_mask[:, None] & k_mask[None, :])
 
 
-def _interpreted(x: torch.Tensor) -> bool:
-    return _common.interpreted(x)
+def launch_plan(M: int, E: int, KD: int, dtype_bytes: int, interpreter: bool = False) -> dict:
+    """Tiles and grids of the three kernels: the one place the launcher and efficiency() read them.
+
+    Grid axis 0 runs fastest. The forward walks the E blocks of one row block together and
+    grad_input the KD blocks of one row block, so the programs that gather the same patches (or
+    read the same rows of G) run in the same wave and those bytes come from HBM once.
+    """
+    cfg = INTERPRETER_CONFIG if interpreter else GPU_CONFIGS[dtype_bytes]
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    return {**cfg, "forward": (triton.cdiv(E, bn), triton.cdiv(M, bm)),
+            "grad_weight": (triton.cdiv(E, bn), triton.cdiv(KD, bk)),
+            "grad_input": (triton.cdiv(KD, bk), triton.cdiv(M, bm))}
 
 
-def _config(x: torch.Tensor) -> dict:
-    return INTERPRETER_CONFIG if _interpreted(x) else GPU_CONFIGS[x.element_size()]
+def _plan(x: torch.Tensor, geo: dict) -> dict:
+    return launch_plan(geo["M"], geo["E"], geo["KD"], x.element_size(), interpreted(x))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -149,24 +160,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _check(name: str, t: torch.Tensor | None, shape: tuple[int, ...] | None, device: torch.device) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}; move it to {device}")
-    if shape is not None and tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-
-
 def validate(x, weight, bias, modality_embed, pos_embed) -> None:
-    """Raise a clear error for any input the kernel cannot take, before anything is launched."""
+    """Raise a clear error for any input the kernel cannot take, before anything is launched.
+
+    x and weight need not be contiguous (the launcher copies them)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    _check("x", x, None, x.device)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[-1] != weight.shape[-2]:
         raise ValueError(f"weight must be a Conv2d weight (E, C, p, p), got {getattr(weight, 'shape', None)}")
     E, C, p, _ = weight.shape
@@ -174,13 +173,15 @@ def validate(x, weight, bias, modality_embed, pos_embed) -> None:
     if Cx != C:
         raise ValueError(f"x has {Cx} channels but weight expects C={C} (weight shape {tuple(weight.shape)})")
     check_patch_grid(H, W, p)
-    _check("weight", weight, None, x.device)
-    _check("bias", bias, (E,), x.device)
-    _check("modality_embed", None if modality_embed is None else modality_embed.reshape(-1), (E,), x.device)
-    _check("pos_embed", None if pos_embed is None else pos_embed.reshape(-1, E), ((H // p) * (W // p), E), x.device)
-    if x.device.type == "cpu" and not _common.INTERPRET:
-        raise ValueError("x is on the cpu: the Triton kernel needs cuda tensors, or TRITON_INTERPRET=1 set before "
-                         "triton is imported; on cpu use terrafm_kernels.reference.patch_embed")
+    check_tensor("x", x, 4, contiguous=False)
+    check_tensor("weight", weight, 4, x.device, contiguous=False)
+    if bias is not None:
+        check_tensor("bias", bias, 1, x.device, shape=(E,), contiguous=False)
+    if modality_embed is not None:
+        check_tensor("modality_embed", modality_embed.reshape(-1), 1, x.device, shape=(E,), contiguous=False)
+    if pos_embed is not None:
+        check_tensor("pos_embed", pos_embed.reshape(-1, E), 2, x.device, shape=((H // p) * (W // p), E),
+                     contiguous=False)
     if x.numel() >= 2**31 or B * (H // p) * (W // p) * E >= 2**31:
         raise ValueError("patch_embed: inputs or outputs of 2**31 elements or more are not supported; split the batch")
 
@@ -194,13 +195,12 @@ def _geometry(x: torch.Tensor, weight: torch.Tensor) -> dict:
 
 def _launch_forward(x, weight, bias, modality_embed, pos_embed) -> torch.Tensor:
     geo = _geometry(x, weight)
-    cfg = _config(x)
+    cfg = _plan(x, geo)
     p = weight.shape[-1]
     x_c, w_c = x.contiguous(), weight.contiguous()
     out = torch.empty((geo["M"], geo["E"]), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(geo["M"], cfg["BLOCK_M"]), triton.cdiv(geo["E"], cfg["BLOCK_N"]))
     dummy = out
-    _forward_kernel[grid](
+    _forward_kernel[cfg["forward"]](
         x_c, w_c.to(x.dtype), dummy if bias is None else bias.contiguous(),
         dummy if modality_embed is None else modality_embed.reshape(-1).contiguous(),
         dummy if pos_embed is None else pos_embed.reshape(-1, geo["E"]).contiguous(), out,
@@ -216,7 +216,7 @@ def _launch_backward(grad_out, x, weight, need_x: bool, need_weight: bool):
     """(grad_x, grad_weight); an empty tensor for a gradient that is not needed."""
     x, weight = x.contiguous(), weight.contiguous()
     geo = _geometry(x, weight)
-    cfg = _config(x)
+    cfg = _plan(x, geo)
     p = weight.shape[-1]
     g = grad_out.reshape(geo["M"], geo["E"]).contiguous().to(x.dtype)
     common = dict(P=p, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -224,13 +224,11 @@ def _launch_backward(grad_out, x, weight, need_x: bool, need_weight: bool):
     grad_x, grad_w = x.new_empty(0), weight.new_empty(0)
     if need_weight:
         gw = torch.empty((geo["E"], geo["KD"]), dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(geo["E"], cfg["BLOCK_N"]), triton.cdiv(geo["KD"], cfg["BLOCK_K"]))
-        _grad_weight_kernel[grid](x, g, gw, *geo.values(), **common)
+        _grad_weight_kernel[cfg["grad_weight"]](x, g, gw, *geo.values(), **common)
         grad_w = gw.view(weight.shape).to(weight.dtype)
     if need_x:
         grad_x = torch.empty_like(x)
-        grid = (triton.cdiv(geo["M"], cfg["BLOCK_M"]), triton.cdiv(geo["KD"], cfg["BLOCK_K"]))
-        _grad_input_kernel[grid](g, weight.to(x.dtype), grad_x, *geo.values(), **common)
+        _grad_input_kernel[cfg["grad_input"]](g, weight.to(x.dtype), grad_x, *geo.values(), **common)
     return grad_x, grad_w
 
 
@@ -303,39 +301,54 @@ def patch_embed(
     return _patch_embed_op(x, weight, bias, modality_embed, pos_embed)
 
 
-class PatchEmbed(torch.nn.Module):
-    """Drop-in for timm's PatchEmbed: `proj` is a Conv2d ([D, C, p, p] weights load unchanged).
-
-    Runs the Triton kernel on CUDA tensors, and on CPU tensors the kernel under TRITON_INTERPRET=1
-    or else the reference (conv2d), chosen when the module is built, so it works in any environment.
-    """
-
-    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768, bias: bool = True):
-        super().__init__()
-        from .reference import patch_embed as reference
-
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
-        if self.patch_size[0] != self.patch_size[1]:
-            raise ValueError(f"PatchEmbed supports square patches, got {self.patch_size}")
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = torch.nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
-        self.cpu_impl = patch_embed if _common.INTERPRET else reference
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = patch_embed if x.is_cuda else self.cpu_impl
-        return fn(x, self.proj.weight, self.proj.bias)
-
-
 def roofline_cost(B: int, C: int, H: int, W: int, E: int, p: int, dtype_bytes: int = 2,
-                  pos_embed: bool = False) -> dict:
-    """Forward FLOPs and minimum HBM bytes for one call (see the module docstring)."""
+                  pos_embed: bool = False, backward: bool = False) -> dict:
+    """Useful FLOPs and minimum HBM bytes of the forward (+ backward: grad_weight = G^T X and
+    grad_x = G W, each reading G and one operand and writing its result) for one call."""
     M, KD = B * (H // p) * (W // p), C * p * p
     e = dtype_bytes
     moved = e * (B * C * H * W + M * E + E * KD) + 8 * E + (e * (M // B) * E if pos_embed else 0)
-    return {"flops": 2 * M * KD * E, "bytes": moved}
+    flops = 2 * M * KD * E
+    if backward:
+        flops += 4 * M * KD * E
+        moved += 2 * e * (B * C * H * W + M * E + E * KD)
+    return {"flops": flops, "bytes": moved}
+
+
+# The presets' call (vitb_h100, per GPU): 64 samples x 2 global crops of 224 px, Sentinel-2's 12
+# bands, patch 16, E = attn_dim = 3 x 768 (terrafm/models/patch_embed.py); forward and backward.
+PRODUCTION_SHAPE = {"B": 128, "C": 12, "H": 224, "W": 224, "E": 2304, "p": 16}
+
+
+def efficiency(kernel: str, B: int, C: int, H: int, W: int, E: int, p: int, dtype_bytes: int, sms: int,
+               concurrent: int, l2_bytes: int) -> dict:
+    """Useful / executed FLOPs and minimum / moved HBM bytes of one kernel ("forward", "grad_weight",
+    "grad_input") from launch_plan's tiles and grid (docs/kernels.md, "Efficiency counts")."""
+    M, KD, e = B * (H // p) * (W // p), C * p * p, dtype_bytes
+    plan = launch_plan(M, E, KD, e)
+    bm, bn, bk = plan["BLOCK_M"], plan["BLOCK_N"], plan["BLOCK_K"]
+    x_bytes, g_bytes, w_bytes = B * C * H * W * e, M * E * e, E * KD * e
+    rows = lambda m: min(bm, M - m * bm)  # noqa: E731
+    cols = lambda n: min(bn, E - n * bn)  # noqa: E731
+    ks = lambda k: min(bk, KD - k * bk)  # noqa: E731
+    if kernel == "forward":  # program (E block n, row block m) gathers its rows x all KD, reads W[n], writes out
+        sizes = {"x": x_bytes, "w": w_bytes, "out": g_bytes}
+        touches = lambda n, m, _: [("x", m, rows(m) * KD * e), ("w", n, cols(n) * KD * e),  # noqa: E731
+                                   ("out", (m, n), rows(m) * cols(n) * e)]
+        extra, floor = 2 * E * e, x_bytes + w_bytes + g_bytes + 2 * E * e  # bias and modality embedding
+    elif kernel == "grad_weight":  # program (n, k) streams G[:, n] and x[:, k] over all M; fp32 out, cast by torch
+        sizes = {"g": g_bytes, "x": x_bytes, "gw": E * KD * 4}
+        touches = lambda n, k, _: [("g", n, M * cols(n) * e), ("x", k, M * ks(k) * e),  # noqa: E731
+                                   ("gw", (n, k), cols(n) * ks(k) * 4)]
+        extra, floor = E * KD * (4 + e), g_bytes + x_bytes + w_bytes
+    else:  # grad_input: program (k, m) reads G[m] and W[:, k] over all E, scatters its pixels
+        sizes = {"g": g_bytes, "w": w_bytes, "gx": x_bytes}
+        touches = lambda k, m, _: [("g", m, rows(m) * E * e), ("w", k, E * ks(k) * e),  # noqa: E731
+                                   ("gx", (m, k), rows(m) * ks(k) * e)]
+        extra, floor = 0, g_bytes + w_bytes + x_bytes
+    moved = hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes) + extra
+    return {"useful_flops": 2 * M * KD * E, "executed_flops": 2 * pad(M, bm) * pad(KD, bk) * pad(E, bn),
+            "min_bytes": floor, "moved_bytes": moved, "flop_kind": "tensor" if e == 2 else "tf32"}
 
 
 def compile_specs() -> list[dict]:
@@ -348,8 +361,9 @@ def compile_specs() -> list[dict]:
         config = GPU_CONFIGS[dtype.itemsize]
         tiles = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
         base = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "uses_dot": True}
+        counts = lambda kernel, e=dtype.itemsize: partial(efficiency, kernel, **PRODUCTION_SHAPE, dtype_bytes=e)  # noqa: E731
         specs.append({
-            **base, "name": f"patch_embed_fwd_{name}", "fn": _forward_kernel,
+            **base, "name": f"patch_embed_fwd_{name}", "fn": _forward_kernel, "efficiency": counts("forward"),
             "signature": {"x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "embed_ptr": ptr, "pos_ptr": ptr,
                           "out_ptr": ptr, **geo},
             "constexprs": {"P": 16, "HAS_BIAS": True, "HAS_EMBED": True, "HAS_POS": False,
@@ -357,11 +371,13 @@ def compile_specs() -> list[dict]:
         })
         specs.append({
             **base, "name": f"patch_embed_grad_weight_{name}", "fn": _grad_weight_kernel,
+            "efficiency": counts("grad_weight"),
             "signature": {"x_ptr": ptr, "g_ptr": ptr, "gw_ptr": "*fp32", **geo},
             "constexprs": {"P": 16, "DOT_PRECISION": precision, **tiles},
         })
         specs.append({
             **base, "name": f"patch_embed_grad_input_{name}", "fn": _grad_input_kernel,
+            "efficiency": counts("grad_input"),
             "signature": {"g_ptr": ptr, "w_ptr": ptr, "gx_ptr": ptr, **geo},
             "constexprs": {"P": 16, "DOT_PRECISION": precision, **tiles},
         })

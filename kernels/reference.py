@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import check_patch_grid
+from ._common import check_alpha, check_head_loss_shapes, check_patch_grid, check_positive
 
 
 def patch_embed(
@@ -127,12 +127,6 @@ def prototype_logits(features: torch.Tensor, weight_v: torch.Tensor, weight_g: t
     return F.normalize(features, dim=-1) @ w.t()
 
 
-def normalize_bands(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Per-band normalisation of a (..., C, H, W) tile: (float(x) - mean[c]) / std[c], float32."""
-    shape = (-1, 1, 1)
-    return (x.float() - mean.float().reshape(shape)) / std.float().reshape(shape)
-
-
 def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
     """DINOv2's centred teacher: softmax((teacher_logits - center) / temperature) over the last dim, fp32.
 
@@ -192,3 +186,29 @@ def weighted_soft_cross_entropy(student_logits: torch.Tensor, targets: torch.Ten
     log_p = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
     per_row = -(targets.float().sum(dim=0) * log_p).sum(dim=-1)
     return (row_weight.float() * per_row).sum()
+
+
+def dino_head_loss(student_features, teacher_features, weight_v, center, center_high, high_weight,
+                   teacher_temperature, student_temperature, alpha, weight_g=None,
+                   teacher_weight_v=None, teacher_weight_g=None):
+    """DINO head last layer + dual-centering teacher softmax + student cross-entropy, composed from the
+    references above (materialises the (rows, K) logits): the specification of the fused dino_head_loss.
+
+    Returns (loss, logit_sum (K,), high_logit_sum (K,)); the teacher side carries no gradient.
+    """
+    check_head_loss_shapes(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
+                           teacher_weight_v, teacher_weight_g)
+    check_positive("teacher_temperature", teacher_temperature)
+    check_positive("student_temperature", student_temperature)
+    check_alpha(alpha)
+    S, B, D = student_features.shape
+    T = teacher_features.shape[0]
+    student_logits = prototype_logits(student_features.reshape(S * B, D), weight_v, weight_g)
+    with torch.no_grad():
+        if teacher_weight_v is None:
+            teacher_weight_v, teacher_weight_g = weight_v, weight_g
+        teacher_logits = prototype_logits(teacher_features.reshape(T * B, D), teacher_weight_v, teacher_weight_g)
+        probs, logit_sum, high_logit_sum = teacher_softmax(
+            teacher_logits, center, center_high, high_weight, teacher_temperature, alpha)
+    loss = dino_cross_entropy(student_logits.reshape(S, B, -1), probs.reshape(T, B, -1), student_temperature)
+    return loss, logit_sum, high_logit_sum

@@ -1,88 +1,114 @@
-"""Dual-centering teacher softmax with the batch statistics of both centre updates, in one launch.
+"""Dual-centering teacher softmax with the batch statistics of both centre updates: two kernels, no partials.
 
 Math (reference.teacher_softmax): for teacher logits t (R, K), centres c, c_h (K,),
     probs = softmax((t - alpha c - (1 - alpha) c_h) / temperature)        (R, K) fp32
     logit_sum = sum_r t[r],  high_logit_sum = sum_r high_weight[r] t[r]    (K,) fp32
 The caller all-reduces the two sums once per step and feeds them to DualCenteringSoftmax.update.
 
-Kernel: one program per block of BLOCK_R rows. Pass 1 streams the rows over K chunks keeping the
-online-softmax state (running max m, rescaled sum) and writes
-the block's column sums of t and high_weight * t (partial statistics). Pass 2 re-reads the chunks
-and writes exp(x - m) / sum. The logits are centred and divided by the temperature in the same
-order as the reference (t - alpha c - (1 - alpha) c_h, then / tau): with tiny temperatures the
-exponent is in the hundreds and a rescaled exp2 form was measured 7x further from the fp64 oracle
-than PyTorch (hypothesis case R=9, K=195, alpha=0). Centre statistics are per-block partial sums
-(ceil(R / BLOCK_R), 2, K) reduced by torch.sum afterwards: no atomics, so results are bitwise
-reproducible for a fixed shape, which exact resume needs.
+Kernels: both run one program per chunk of BLOCK_K prototype columns over all R rows, so each
+program owns its columns' statistics outright (no partials to write and reduce). The stats kernel
+writes, per row and chunk, the chunk's max m and sum of exp(x - m) (R x chunks x 8 bytes) and the
+complete column sums of t and high_weight * t; torch combines the rows' chunk statistics (tiny,
+deterministic). The probs kernel re-reads the logits and writes exp(x - max) / sum. The logits are
+centred and divided by the temperature in the same order as the reference (t - alpha c -
+(1 - alpha) c_h, then / tau): with tiny temperatures the exponent is in the hundreds and a rescaled
+exp2 form was measured 7x further from the fp64 oracle than PyTorch (hypothesis case R=9, K=195,
+alpha=0). No atomics: results are bitwise reproducible for a fixed shape, which exact resume needs.
 
-Cost per call (e = bytes per logit, P = ceil(R / BLOCK_R)):
-    FLOPs ~ 8 R K (centre, divide, max, exp twice, sum, normalise, two column sums)
+Cost per call (e = bytes per logit; counts at the production shape in efficiency()):
+    useful FLOPs ~ 11 R K (centre 2, scale, max, shift, exp, sum, normalise, three for the column sums)
+    executed FLOPs ~ 16 R K (the probs kernel recomputes the centred exponent: 6 per element)
     minimum HBM bytes = R K e (read logits) + 4 R K (write probs) + 8 K (read centres) + 8 K (stats)
-    this kernel moves 2 R K e + 4 R K + 16 P K + 8 K: the second read of the logits (recompute
-    instead of storing unnormalised exponentials) and the partial statistics (16 P K, written and
-    read back by the reduction) are the overheads; at R = 256, K = 65536, BLOCK_R = 4, fp16 logits
-    that is 1.42x the minimum. No (R, K) temporary besides the output is allocated.
+    moved = 2 R K e + 4 R K + 16 K + 16 R (K / BLOCK_K): the second read of the logits (recompute
+    instead of storing unnormalised exponentials, which would cost 8 R K) is the one overhead:
+    1.33x the minimum for 16-bit logits, 1.5x for fp32. Grid: K / BLOCK_K programs (256 at
+    K = 65536), enough for every SM of an H100 whatever R is.
 """
 
+
+from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, check_alpha, check_positive, check_tensor, interpreted, sm_count
+from ._common import TRITON_DTYPE, check_alpha, check_positive, check_tensor, hbm_bytes, interpreted, pad
 
-# H100/A100 config: the op is bandwidth bound (8 FLOPs per 6-8 bytes). 4 warps over a (BLOCK_R,
-# 1024) tile give 8-32 elements per thread per load, enough bytes in flight per SM without spills
-# (see compile_specs and kernels.compile_report). BLOCK_R = 1 keeps all SMs busy for the usual
-# per-GPU teacher batch (2 global views x 16-128 samples = 32-256 rows < 2 x 132 SMs); BLOCK_R = 4
-# quarters the partial-statistics traffic once there are enough rows.
-GPU_BLOCK_K = 1024
+# H100/A100 config: the op is bandwidth bound. A (BLOCK_R, BLOCK_K) = (8, 256) tile over 4 warps is 16
+# elements per thread per load; BLOCK_K = 256 gives K / 256 = 256 programs at K = 65536 (2 per SM of
+# an H100, 2.4 per SM of an A100) for any number of rows (see compile_specs and kernels.compile_report).
+GPU_BLOCK_R = 8
+GPU_BLOCK_K = 256
 GPU_NUM_WARPS = 4
+INTERPRETER_BLOCK_R = 4
 INTERPRETER_BLOCK_K = 64
 
 
 @triton.jit
-def _teacher_softmax_kernel(
-    logits_ptr, center_ptr, center_high_ptr, high_weight_ptr, probs_ptr, partial_ptr,
+def _centred(logits_ptr, center_ptr, center_high_ptr, rows, row_mask, cols, col_mask, K, temperature, alpha):
+    """(t (BLOCK_R, BLOCK_K) fp32, x = (t - alpha c - (1 - alpha) c_h) / tau with -inf in masked columns)."""
+    t = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+                mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    c = alpha * tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    c_high = (1.0 - alpha) * tl.load(center_high_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    x = tl.where(col_mask[None, :], (t - c[None, :] - c_high[None, :]) / temperature, float("-inf"))
+    return t, x
+
+
+@triton.jit
+def _stats_kernel(
+    logits_ptr, center_ptr, center_high_ptr, high_weight_ptr, row_stats_ptr, logit_sum_ptr, high_sum_ptr,
     R, K, temperature, alpha,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R
-    high_weight = tl.load(high_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    row_offset = rows.to(tl.int64)[:, None] * K
-    partial = partial_ptr + pid.to(tl.int64) * 2 * K
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_R], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        mask = row_mask[:, None] & col_mask[None, :]
-        t = tl.load(logits_ptr + row_offset + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        c = alpha * tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        c_high = (1.0 - alpha) * tl.load(center_high_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        x = tl.where(col_mask[None, :], (t - c[None, :] - c_high[None, :]) / temperature, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        row_sum = row_sum * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-        m = m_new
-        tl.store(partial + cols, tl.sum(t, axis=0), mask=col_mask)
-        tl.store(partial + K + cols, tl.sum(t * high_weight[:, None], axis=0), mask=col_mask)
-    inv_sum = 1.0 / row_sum
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        mask = row_mask[:, None] & col_mask[None, :]
-        t = tl.load(logits_ptr + row_offset + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        c = alpha * tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        c_high = (1.0 - alpha) * tl.load(center_high_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        x = (t - c[None, :] - c_high[None, :]) / temperature
-        p = tl.exp(x - m[:, None]) * inv_sum[:, None]
-        tl.store(probs_ptr + row_offset + cols[None, :], p, mask=mask)
+    """Per column chunk: each row's chunk max and sum of exp -> row_stats (2, R, chunks); the chunk's
+    column sums of t and high_weight * t over all rows -> logit_sum, high_sum (K,)."""
+    chunk = tl.program_id(0)
+    chunks = tl.num_programs(0)
+    cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    logit_sum = tl.zeros([BLOCK_K], tl.float32)
+    high_sum = tl.zeros([BLOCK_K], tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_mask = rows < R
+        t, x = _centred(logits_ptr, center_ptr, center_high_ptr, rows, row_mask, cols, col_mask, K, temperature,
+                        alpha)
+        m = tl.max(x, axis=1)
+        tl.store(row_stats_ptr + rows * chunks + chunk, m, mask=row_mask)
+        tl.store(row_stats_ptr + (R + rows) * chunks + chunk, tl.sum(tl.exp(x - m[:, None]), axis=1), mask=row_mask)
+        high_weight = tl.load(high_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        logit_sum += tl.sum(t, axis=0)  # masked rows load t = 0
+        high_sum += tl.sum(t * high_weight[:, None], axis=0)
+    tl.store(logit_sum_ptr + cols, logit_sum, mask=col_mask)
+    tl.store(high_sum_ptr + cols, high_sum, mask=col_mask)
 
 
-def _block_r(R: int, device: torch.device) -> int:
-    return 1 if R <= 2 * sm_count(device) else 4
+@triton.jit
+def _probs_kernel(
+    logits_ptr, center_ptr, center_high_ptr, row_max_ptr, row_inv_sum_ptr, probs_ptr,
+    R, K, temperature, alpha,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Per column chunk: probs = exp(x - row max) / row sum for all rows."""
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_mask = rows < R
+        _, x = _centred(logits_ptr, center_ptr, center_high_ptr, rows, row_mask, cols, col_mask, K, temperature,
+                        alpha)
+        row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
+        inv_sum = tl.load(row_inv_sum_ptr + rows, mask=row_mask, other=0.0)
+        p = tl.exp(x - row_max[:, None]) * inv_sum[:, None]
+        tl.store(probs_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], p,
+                 mask=row_mask[:, None] & col_mask[None, :])
+
+
+def launch_plan(R: int, K: int, interpreter: bool = False) -> dict:
+    """Tiles and grid of both kernels: the one place the launcher and efficiency() read them."""
+    block_r, block_k = (INTERPRETER_BLOCK_R, INTERPRETER_BLOCK_K) if interpreter else (GPU_BLOCK_R, GPU_BLOCK_K)
+    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(K, block_k),)}
 
 
 def _validate(teacher_logits, center, center_high, high_weight, temperature, alpha) -> None:
@@ -127,17 +153,22 @@ def _teacher_softmax_op(teacher_logits: torch.Tensor, center: torch.Tensor, cent
                         high_weight: torch.Tensor, temperature: float,
                         alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     R, K = teacher_logits.shape
-    block_r = _block_r(R, teacher_logits.device)
-    block_k = INTERPRETER_BLOCK_K if interpreted(teacher_logits) else GPU_BLOCK_K
-    programs = triton.cdiv(R, block_r)
-    probs = torch.empty((R, K), dtype=torch.float32, device=teacher_logits.device)
-    partial = torch.empty((programs, 2, K), dtype=torch.float32, device=teacher_logits.device)
-    _teacher_softmax_kernel[(programs,)](
-        teacher_logits, center, center_high, high_weight, probs, partial, R, K, temperature, alpha,
-        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
-    )
-    stats = partial.sum(dim=0)
-    return probs, stats[0].clone(), stats[1].clone()
+    plan = launch_plan(R, K, interpreted(teacher_logits))
+    chunks = plan["grid"][0]
+    tiles = {"BLOCK_R": plan["BLOCK_R"], "BLOCK_K": plan["BLOCK_K"], "num_warps": GPU_NUM_WARPS}
+    device = teacher_logits.device
+    row_stats = torch.empty((2, R, chunks), dtype=torch.float32, device=device)
+    logit_sum = torch.empty(K, dtype=torch.float32, device=device)
+    high_sum = torch.empty(K, dtype=torch.float32, device=device)
+    _stats_kernel[plan["grid"]](teacher_logits, center, center_high, high_weight, row_stats, logit_sum, high_sum,
+                                R, K, temperature, alpha, **tiles)
+    m, s = row_stats
+    row_max = m.max(dim=1).values
+    row_inv_sum = 1.0 / (s * torch.exp(m - row_max[:, None])).sum(dim=1)
+    probs = torch.empty((R, K), dtype=torch.float32, device=device)
+    _probs_kernel[plan["grid"]](teacher_logits, center, center_high, row_max, row_inv_sum, probs, R, K, temperature,
+                                alpha, **tiles)
+    return probs, logit_sum, high_sum
 
 
 @_teacher_softmax_op.register_fake
@@ -147,63 +178,53 @@ def _(teacher_logits, center, center_high, high_weight, temperature, alpha):
     return new((R, K), dtype=torch.float32), new((K,), dtype=torch.float32), new((K,), dtype=torch.float32)
 
 
-class DualCenteringSoftmax(torch.nn.Module):
-    """Teacher softmax with the plain centre c and the high-frequency centre c_h as buffers.
-
-    forward(teacher_logits, high_weight, temperature) -> (probs, logit_sum, high_logit_sum).
-    The caller all-reduces logit_sum, high_logit_sum and the row counts (so this works under any
-    distribution scheme), then calls update(logit_sum, high_logit_sum, rows, high_rows):
-        c   <- m c   + (1 - m)   logit_sum / rows
-        c_h <- m_h c_h + (1 - m_h) high_logit_sum / high_rows   (skipped when high_rows == 0)
-    """
-
-    def __init__(self, num_prototypes: int, alpha: float = 0.8, center_momentum: float = 0.9,
-                 center_high_momentum: float = 0.9):
-        super().__init__()
-        check_alpha(alpha)
-        self.alpha = alpha
-        self.center_momentum = center_momentum
-        self.center_high_momentum = center_high_momentum
-        self.register_buffer("center", torch.zeros(num_prototypes))
-        self.register_buffer("center_high", torch.zeros(num_prototypes))
-
-    def forward(self, teacher_logits, high_weight, temperature: float):
-        return teacher_softmax(teacher_logits, self.center, self.center_high, high_weight, temperature,
-                               self.alpha)
-
-    @torch.no_grad()
-    def update(self, logit_sum: torch.Tensor, high_logit_sum: torch.Tensor, rows: float,
-               high_rows: float) -> None:
-        if rows <= 0:
-            raise ValueError(f"rows must be > 0 (global number of teacher rows), got {rows}")
-        m = self.center_momentum
-        self.center.mul_(m).add_(logit_sum.float() / rows, alpha=1.0 - m)
-        if high_rows > 0:
-            m_h = self.center_high_momentum
-            self.center_high.mul_(m_h).add_(high_logit_sum.float() / high_rows, alpha=1.0 - m_h)
-
-
 def roofline_cost(R: int, K: int, dtype_bytes: int = 2) -> dict[str, int]:
-    """Minimum cost of one call: R teacher rows, K prototypes, dtype_bytes per logit (4/2)."""
-    return {"flops": 8 * R * K, "bytes": R * K * dtype_bytes + 4 * R * K + 16 * K}
+    """Useful FLOPs and minimum HBM bytes of one call: R teacher rows, K prototypes, dtype_bytes per logit."""
+    return {"flops": 11 * R * K, "bytes": R * K * dtype_bytes + 4 * R * K + 16 * K}
+
+
+# The presets' call (vitb_h100, per GPU): 2 global views x 64 samples = 128 teacher rows, K = 65536.
+PRODUCTION_SHAPE = {"R": 128, "K": 65536}
+
+
+def efficiency(kernel: str, R: int, K: int, dtype_bytes: int, sms: int, concurrent: int, l2_bytes: int) -> dict:
+    """Counts of the whole op (stats + probs kernels, and torch's combine of the row statistics) from
+    launch_plan's tiles and grid, the same for both kernels' rows (docs/kernels.md, "Efficiency counts")."""
+    plan = launch_plan(R, K)
+    br, bk, chunks, e = plan["BLOCK_R"], plan["BLOCK_K"], plan["grid"][0], dtype_bytes
+    padded = pad(R, br) * chunks * bk
+    cols = lambda c: min(bk, K - c * bk)  # noqa: E731
+    stats = {"logits": R * K * e, "centres": 8 * K, "row_stats": 8 * R * chunks, "sums": 8 * K, "high_weight": 4 * R}
+    stats_touch = lambda c, _y, _z: [("logits", c, R * cols(c) * e), ("centres", c, 8 * cols(c)),  # noqa: E731
+                                     ("row_stats", c, 8 * R), ("sums", c, 8 * cols(c)), ("high_weight", 0, 4 * R)]
+    probs = {"logits": R * K * e, "centres": 8 * K, "row": 8 * R, "probs": 4 * R * K}
+    probs_touch = lambda c, _y, _z: [("logits", c, R * cols(c) * e), ("centres", c, 8 * cols(c)),  # noqa: E731
+                                     ("row", 0, 8 * R), ("probs", c, 4 * R * cols(c))]
+    moved = (hbm_bytes(plan["grid"], stats_touch, stats, concurrent, l2_bytes) + 8 * R * chunks + 8 * R
+             + hbm_bytes(plan["grid"], probs_touch, probs, concurrent, l2_bytes))
+    floor = roofline_cost(R, K, e)
+    return {"useful_flops": floor["flops"], "executed_flops": 16 * padded, "min_bytes": floor["bytes"],
+            "moved_bytes": moved, "flop_kind": "fp32"}
 
 
 def compile_specs() -> list[dict]:
-    """Every shipped configuration (logit dtype x BLOCK_R) for the AOT compile report."""
+    """Every shipped configuration (logit dtype x kernel) for the AOT compile report."""
     specs = []
     for dtype, ptr in TRITON_DTYPE.items():
-        for block_r in (1, 4):
-            specs.append({
-                "name": f"teacher_softmax_{str(dtype).removeprefix('torch.')}_r{block_r}",
-                "fn": _teacher_softmax_kernel,
-                "signature": {
-                    "logits_ptr": ptr, "center_ptr": "*fp32", "center_high_ptr": "*fp32",
-                    "high_weight_ptr": "*fp32", "probs_ptr": "*fp32", "partial_ptr": "*fp32",
-                    "R": "i32", "K": "i32", "temperature": "fp32", "alpha": "fp32",
-                },
-                "constexprs": {"BLOCK_R": block_r, "BLOCK_K": GPU_BLOCK_K},
-                "num_warps": GPU_NUM_WARPS,
-                "num_stages": 3,
-                "uses_dot": False,
-            })
+        name = str(dtype).removeprefix("torch.")
+        common = {"constexprs": {"BLOCK_R": GPU_BLOCK_R, "BLOCK_K": GPU_BLOCK_K}, "num_warps": GPU_NUM_WARPS,
+                  "num_stages": 3, "uses_dot": False,
+                  "efficiency": partial(efficiency, "op", **PRODUCTION_SHAPE, dtype_bytes=dtype.itemsize)}
+        scalars = {"R": "i32", "K": "i32", "temperature": "fp32", "alpha": "fp32"}
+        specs.append({
+            **common, "name": f"teacher_softmax_stats_{name}", "fn": _stats_kernel,
+            "signature": {"logits_ptr": ptr, "center_ptr": "*fp32", "center_high_ptr": "*fp32",
+                          "high_weight_ptr": "*fp32", "row_stats_ptr": "*fp32", "logit_sum_ptr": "*fp32",
+                          "high_sum_ptr": "*fp32", **scalars},
+        })
+        specs.append({
+            **common, "name": f"teacher_softmax_probs_{name}", "fn": _probs_kernel,
+            "signature": {"logits_ptr": ptr, "center_ptr": "*fp32", "center_high_ptr": "*fp32",
+                          "row_max_ptr": "*fp32", "row_inv_sum_ptr": "*fp32", "probs_ptr": "*fp32", **scalars},
+        })
     return specs

@@ -173,7 +173,7 @@ register("dino_cross_entropy", "student DINO cross-entropy over view pairs", KER
          triton=Backend("triton", "terrafm_kernels.dino_cross_entropy:dino_cross_entropy", _triton))
 register("dino_head_loss", "DINO prototype layer fused with teacher softmax and student CE (no rows x K logits)",
          KERNEL_AUTO,
-         torch=Backend("torch", "terrafm_kernels.dino_head_loss:dino_head_loss_reference", _everywhere),
+         torch=Backend("torch", "terrafm_kernels.reference:dino_head_loss", _everywhere),
          triton=Backend("triton", "terrafm_kernels.dino_head_loss:dino_head_loss", _triton))
 register("view_rendering", "crop, resize, flip and normalise the views of a batch (the data loader's executor)",
          {"cuda": ("dali", "cpp", "numpy"), "cpu": ("cpp", "numpy")},

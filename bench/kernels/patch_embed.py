@@ -1,39 +1,46 @@
-"""Bench: patchify + projection + bias (Conv2d with kernel == stride == p), forward."""
+"""Bench: patchify + projection + bias (Conv2d with kernel == stride == p), forward and backward, at the
+shapes the presets call it with: E = attn_dim = 3 x D, per GPU 2 global crops (224 px) and 8 local
+crops (96 px) of each sample, Sentinel-2 (12 bands) and Sentinel-1 (2 bands)."""
 
 import torch
 
 from terrafm_kernels import reference as _reference
 
 OP = "patch_embed"
-BACKWARD = False
+BACKWARD = True
 
 
 def shapes(quick: bool) -> list[dict]:
     if quick:
         return [{"B": 8, "C": 12, "H": 96, "W": 96, "E": 384, "p": 16}]
-    return [{"B": 64, "C": 12, "H": 224, "W": 224, "E": 768, "p": 16},
-            {"B": 64, "C": 2, "H": 224, "W": 224, "E": 768, "p": 16},
-            {"B": 32, "C": 12, "H": 224, "W": 224, "E": 1024, "p": 16}]
+    return [{"B": 128, "C": 12, "H": 224, "W": 224, "E": 2304, "p": 16},   # ViT-B (vitb_h100), global crops
+            {"B": 512, "C": 12, "H": 96, "W": 96, "E": 2304, "p": 16},     # ViT-B local crops
+            {"B": 128, "C": 2, "H": 224, "W": 224, "E": 2304, "p": 16},    # ViT-B, Sentinel-1
+            {"B": 64, "C": 12, "H": 224, "W": 224, "E": 3072, "p": 16}]    # ViT-L (vitl_h100), global crops
 
 
 def inputs(shape: dict, device: str, dtype: torch.dtype) -> tuple:
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(shape["B"], shape["C"], shape["H"], shape["W"], generator=g).to(device, dtype)
+    x = torch.randn(shape["B"], shape["C"], shape["H"], shape["W"], generator=g).to(device, dtype).requires_grad_()
     weight = (0.02 * torch.randn(shape["E"], shape["C"], shape["p"], shape["p"], generator=g)).to(device, dtype)
-    bias = torch.zeros(shape["E"], device=device, dtype=dtype)
-    return x, weight, bias
+    bias = torch.zeros(shape["E"], device=device, dtype=dtype, requires_grad=True)
+    return x, weight.requires_grad_(), bias
 
 
 def kernel():
     from terrafm_kernels.patch_embed import patch_embed
 
-    return patch_embed
+    def loss(*args):
+        return patch_embed(*args).float().square().mean()
+
+    return loss
 
 
-reference = _reference.patch_embed
+def reference(*args):
+    return _reference.patch_embed(*args).float().square().mean()
 
 
 def cost(shape: dict) -> dict:
     from terrafm_kernels.patch_embed import roofline_cost
 
-    return roofline_cost(**shape)
+    return roofline_cost(**shape, backward=True)

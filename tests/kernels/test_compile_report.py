@@ -25,9 +25,17 @@ def test_report_compiles_patch_embed_for_both_archs(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    fields = {"useful_flops", "executed_flops", "min_bytes", "moved_bytes", "tma", "occupancy", "flops_ratio",
+              "bytes_ratio"}
     for r in rows:
         assert r["regs"] > 0 and r["stack"] == 0 and r["local"] == 0, r
         assert r["tensor_core"] == ("wgmma" if r["arch"] == "sm_90" else "mma"), r
+        assert fields <= set(r) and r["occupancy"] >= 1, r
+        assert r["predicted_us_" + ("h100" if r["arch"] == "sm_90" else "a100")] > 0, r
+    bf16 = {(r["name"], r["arch"]): r for r in rows if r["name"].endswith("bfloat16")}
+    # the presets' dtype: the forward gathers each patch once and reads W from L2 (E blocks fastest)
+    assert bf16["patch_embed_fwd_bfloat16", "sm_90"]["bytes_ratio"] < 1.1
+    assert bf16["patch_embed_grad_input_bfloat16", "sm_90"]["bytes_ratio"] < 1.5
 
 
 def test_a_spilling_config_is_reported_as_a_problem():
@@ -49,3 +57,29 @@ def test_missing_module_fails_only_with_strict():
     code = "from terrafm_kernels import compile_report as c; import sys; sys.exit(c.main(['--modules', '{}'{}]))"
     assert _run(code.format("no_such_kernel", "")).returncode == 0
     assert _run(code.format("no_such_kernel", ", '--strict'")).returncode == 1
+
+
+def test_bounds_fail_unless_listed_and_listed_entries_must_still_be_over():
+    from terrafm_kernels import compile_report as c
+
+    def run(name: str, executed: int) -> list[str]:
+        counts = {"useful_flops": 100, "executed_flops": executed, "min_bytes": 10, "moved_bytes": 10,
+                  "flop_kind": "fp32"}
+        row = {"name": name, "regs": 64, "shared_bytes": 0, "shared_static": 0, "num_warps": 4}
+        return c.efficiency(row, {"efficiency": lambda **_: counts}, 90)
+
+    assert run("some_kernel_bf16", 140) == []  # 1.4x: within the 1.5x bound
+    assert "over bound: flops 1.60x" in run("some_kernel_bf16", 160)[0]  # not listed: a failure
+    assert run("head_logit_stats_student_bf16", 190) == []  # the fused head's bound is 2.0x
+    assert run("fusion_fwd_bf16_b", 4000) == []  # listed in KNOWN_OVER_BOUND: reported, not failed
+    assert "remove the entry" in run("fusion_fwd_bf16_b", 100)[0]  # the list only shrinks
+
+
+def test_occupancy_counts_registers_shared_memory_and_warps():
+    from terrafm_kernels import compile_report as c
+
+    h100 = c.GPUS[90]
+    assert c.occupancy(255, 0, 8, h100) == 1  # 8 warps x 256 registers x 32 threads = the whole file
+    assert c.occupancy(128, 0, 4, h100) == 4
+    assert c.occupancy(32, 100_000, 4, h100) == 2  # shared memory binds
+    assert c.occupancy(16, 0, 4, h100) == 16  # 64 warps per SM bind

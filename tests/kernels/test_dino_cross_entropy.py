@@ -11,11 +11,11 @@ from loss_oracle import assert_flash_tolerance, dino_cross_entropy_f64
 
 from terrafm_kernels import reference
 from terrafm_kernels.dino_cross_entropy import (
-    DINOCrossEntropy,
     compile_specs,
     dino_cross_entropy,
     roofline_cost,
 )
+from terrafm_kernels.modules import DINOCrossEntropy
 
 
 def _inputs(S, T, B, K, dtype, device, scale=3.0, seed=0):

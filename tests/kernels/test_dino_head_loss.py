@@ -10,13 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from loss_oracle import assert_flash_tolerance, dino_head_loss_f64
 
-from terrafm_kernels.dino_head_loss import (
-    DINOHeadLoss,
-    compile_specs,
-    dino_head_loss,
-    dino_head_loss_reference,
-    roofline_cost,
-)
+from terrafm_kernels import reference
+from terrafm_kernels.dino_head_loss import compile_specs, dino_head_loss, roofline_cost
+from terrafm_kernels.modules import DINOHeadLoss
 
 TAU_T, TAU_S, ALPHA = 0.04, 0.1, 0.8
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
@@ -48,7 +44,7 @@ def _check(S, T, B, K, D, dtype, device, seed=0, separate_teacher=False):
         kwargs["teacher_weight_v"] = (weight_v.float() + 0.3 * torch.randn_like(weight_v.float())).to(dtype)
     kernel = _run(dino_head_loss, student, teacher, weight_v, center, center_high, high_weight, **kwargs)
     rest = (center, center_high, high_weight)
-    plain = _run(dino_head_loss_reference, student, teacher, weight_v, *rest, **kwargs)
+    plain = _run(reference.dino_head_loss, student, teacher, weight_v, *rest, **kwargs)
     oracle_kwargs = {k: v.cpu().double() for k, v in kwargs.items()}
     oracle = _run(dino_head_loss_f64, *(x.cpu().double() for x in (student, teacher, weight_v, *rest)),
                   **oracle_kwargs)
@@ -143,7 +139,7 @@ def test_validation_errors(device):
         call(weight_v=weight_v.to("meta"))
 
 
-@pytest.mark.parametrize("fn", [dino_head_loss_reference, dino_head_loss], ids=["torch", "triton"])
+@pytest.mark.parametrize("fn", [reference.dino_head_loss, dino_head_loss], ids=["torch", "triton"])
 def test_empty_batches_prototypes_and_bad_weight_g_raise_alike_on_every_backend(fn, device):
     student, teacher, weight_v, center, center_high, high_weight = _inputs(3, 2, 2, 20, 16, torch.float32, device)
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from terrafm_kernels import reference
-from terrafm_kernels.fusion import CrossAttentionFusion, cross_attention_fusion
+from terrafm_kernels.fusion import cross_attention_fusion
+from terrafm_kernels.modules import CrossAttentionFusion
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 

@@ -1,0 +1,140 @@
+"""nn.Module drop-ins over the ops: thin wrappers that own parameters and buffers, no kernel code.
+
+Each op file (patch_embed, fusion, teacher_softmax, dino_cross_entropy, dino_head_loss) holds the
+Triton kernels, the launcher and the autograd custom op; the modules here only call its public
+function. A module that takes CPU tensors picks, when it is built, the kernel under
+TRITON_INTERPRET=1 or else the reference. The DINOv2 drop-ins (DINOLoss, iBOTPatchLoss) live in dino.py.
+"""
+
+import torch
+
+from . import _common, reference
+from ._common import check_alpha, check_positive
+from .dino_cross_entropy import dino_cross_entropy
+from .dino_head_loss import dino_head_loss
+from .fusion import cross_attention_fusion
+from .patch_embed import patch_embed
+from .teacher_softmax import teacher_softmax
+
+
+class PatchEmbed(torch.nn.Module):
+    """Drop-in for timm's PatchEmbed: `proj` is a Conv2d ([D, C, p, p] weights load unchanged).
+
+    Runs the Triton kernel on CUDA tensors, and on CPU tensors the kernel under TRITON_INTERPRET=1
+    or else the reference (conv2d), chosen when the module is built, so it works in any environment.
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768, bias: bool = True):
+        super().__init__()
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        if self.patch_size[0] != self.patch_size[1]:
+            raise ValueError(f"PatchEmbed supports square patches, got {self.patch_size}")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = torch.nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
+        self.cpu_impl = patch_embed if _common.INTERPRET else reference.patch_embed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = patch_embed if x.is_cuda else self.cpu_impl
+        return fn(x, self.proj.weight, self.proj.bias)
+
+
+class CrossAttentionFusion(torch.nn.Module):
+    """Drop-in fusion layer owning the Q learned queries and the pooling vector.
+
+    forward(keys, values) with keys/values (T, M, dim) -> (T, dim). Uses the Triton kernel on CUDA
+    tensors; on CPU tensors the kernel under TRITON_INTERPRET=1, else the reference (chosen when built).
+    """
+
+    def __init__(self, dim: int, num_queries: int = 5, num_heads: int = 16):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.queries = torch.nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        self.pool = torch.nn.Parameter(torch.zeros(dim))
+        self.cpu_impl = cross_attention_fusion if _common.INTERPRET else reference.cross_attention_fusion
+
+    def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        fn = cross_attention_fusion if keys.is_cuda else self.cpu_impl
+        return fn(keys, values, self.queries, self.pool, self.num_heads)
+
+
+class DualCenteringSoftmax(torch.nn.Module):
+    """Teacher softmax with the plain centre c and the high-frequency centre c_h as buffers.
+
+    forward(teacher_logits, high_weight, temperature) -> (probs, logit_sum, high_logit_sum).
+    The caller all-reduces logit_sum, high_logit_sum and the row counts (so this works under any
+    distribution scheme), then calls update(logit_sum, high_logit_sum, rows, high_rows):
+        c   <- m c   + (1 - m)   logit_sum / rows
+        c_h <- m_h c_h + (1 - m_h) high_logit_sum / high_rows   (skipped when high_rows == 0)
+    """
+
+    def __init__(self, num_prototypes: int, alpha: float = 0.8, center_momentum: float = 0.9,
+                 center_high_momentum: float = 0.9):
+        super().__init__()
+        check_alpha(alpha)
+        self.alpha = alpha
+        self.center_momentum = center_momentum
+        self.center_high_momentum = center_high_momentum
+        self.register_buffer("center", torch.zeros(num_prototypes))
+        self.register_buffer("center_high", torch.zeros(num_prototypes))
+
+    def forward(self, teacher_logits, high_weight, temperature: float):
+        return teacher_softmax(teacher_logits, self.center, self.center_high, high_weight, temperature,
+                               self.alpha)
+
+    @torch.no_grad()
+    def update(self, logit_sum: torch.Tensor, high_logit_sum: torch.Tensor, rows: float,
+               high_rows: float) -> None:
+        if rows <= 0:
+            raise ValueError(f"rows must be > 0 (global number of teacher rows), got {rows}")
+        m = self.center_momentum
+        self.center.mul_(m).add_(logit_sum.float() / rows, alpha=1.0 - m)
+        if high_rows > 0:
+            m_h = self.center_high_momentum
+            self.center_high.mul_(m_h).add_(high_logit_sum.float() / high_rows, alpha=1.0 - m_h)
+
+
+class DINOCrossEntropy(torch.nn.Module):
+    """nn.Module wrapper: forward(student_logits (S, B, K), teacher_probs (T, B, K)) -> loss."""
+
+    def __init__(self, student_temperature: float = 0.1):
+        super().__init__()
+        check_positive("student_temperature", student_temperature)
+        self.student_temperature = student_temperature
+
+    def forward(self, student_logits, teacher_probs):
+        return dino_cross_entropy(student_logits, teacher_probs, self.student_temperature)
+
+
+class DINOHeadLoss(torch.nn.Module):
+    """Owns the student prototype layer (weight_v, optional trainable weight_g) and the dual centres.
+
+    forward(student_features (S, B, D), teacher_features (T, B, D), high_weight (T*B,), teacher_temperature,
+    teacher_weight_v=None) -> (loss, logit_sum, high_logit_sum); the caller all-reduces the sums and
+    calls update_centers(logit_sum, high_logit_sum, rows, high_rows) (as DualCenteringSoftmax.update).
+    """
+
+    def __init__(self, in_dim: int = 256, num_prototypes: int = 65536, student_temperature: float = 0.1,
+                 alpha: float = 0.8, center_momentum: float = 0.9, center_high_momentum: float = 0.9,
+                 train_weight_g: bool = False):
+        super().__init__()
+        check_positive("student_temperature", student_temperature)
+        self.student_temperature = student_temperature
+        self.weight_v = torch.nn.Parameter(torch.empty(num_prototypes, in_dim))
+        torch.nn.init.trunc_normal_(self.weight_v, std=0.02)
+        self.weight_g = torch.nn.Parameter(torch.ones(num_prototypes, 1)) if train_weight_g else None
+        self.centering = DualCenteringSoftmax(num_prototypes, alpha, center_momentum, center_high_momentum)
+
+    def forward(self, student_features, teacher_features, high_weight, teacher_temperature: float,
+                teacher_weight_v=None, teacher_weight_g=None):
+        c = self.centering
+        return dino_head_loss(student_features, teacher_features, self.weight_v, c.center, c.center_high,
+                              high_weight, teacher_temperature, self.student_temperature, c.alpha,
+                              self.weight_g, teacher_weight_v, teacher_weight_g)
+
+    def update_centers(self, logit_sum, high_logit_sum, rows: float, high_rows: float) -> None:
+        self.centering.update(logit_sum, high_logit_sum, rows, high_rows)
