@@ -29,20 +29,27 @@ import subprocess
 import sys
 import tempfile
 
+from terrafm_kernels.gpus import BY_CAPABILITY
+from terrafm_kernels.gpus import GPUS as GPUS_TABLE
+
 MODULES = ["patch_embed", "fusion", "teacher_softmax", "dino_cross_entropy", "dino_head_loss", "dino_teacher",
            "dino_student_ce"]
 ARCHS = {"sm_80": 80, "sm_90": 90}
 # Largest dynamic shared memory one block may use: A100 163 KB, H100 227 KB (CUDA occupancy tables).
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}
-# The GPU each architecture is costed on (SXM parts; dense peaks from NVIDIA's datasheets, FLOP/s):
-# SMs, per-SM registers / shared memory / CTAs / warps, L2, HBM bytes/s, peak by kind of FLOP
-# ("tensor": fp16/bf16 tensor cores, "tf32", "fp32": FMA units, what IEEE dots and elementwise math use).
-GPUS = {
-    80: {"name": "A100", "sms": 108, "regs": 65536, "shared": 167936, "ctas": 32, "warps": 64, "l2": 40 << 20,
-         "hbm": 2.039e12, "peak": {"tensor": 312e12, "tf32": 156e12, "fp32": 19.5e12}},
-    90: {"name": "H100", "sms": 132, "regs": 65536, "shared": 233472, "ctas": 32, "warps": 64, "l2": 50 << 20,
-         "hbm": 3.35e12, "peak": {"tensor": 989.5e12, "tf32": 494.7e12, "fp32": 66.9e12}},
-}
+
+
+def _costed_on(capability: int) -> dict:
+    """The compile report's view of the GPU an architecture is costed on (terrafm_kernels.gpus, in FLOP/s, B/s)."""
+    name = BY_CAPABILITY[capability]
+    g = GPUS_TABLE[name]
+    return {"name": name.split()[0], **{k: g[k] for k in ("sms", "regs", "shared", "ctas", "warps", "l2")},
+            "hbm": g["tb_per_s"] * 1e12,
+            "peak": {"tensor": g["tflops_bf16"] * 1e12, "tf32": g["tflops_tf32"] * 1e12,
+                     "fp32": g["tflops_fp32"] * 1e12}}
+
+
+GPUS = {capability: _costed_on(capability) for capability in BY_CAPABILITY}
 BOUND = 1.5  # executed / useful FLOPs and moved / minimum bytes
 HEAD_BOUND = 2.0  # dino_head_loss: the fused head recomputes logit tiles by design
 # Configs (name prefixes) whose ratios are over bound today, and why: the work list of issue 11.

@@ -10,14 +10,8 @@ from pathlib import Path
 
 import torch
 
-# The one table of GPU peaks (NVIDIA datasheets, SXM parts; the datasheets quote tensor-core TFLOP/s with
-# sparsity, these are the dense halves): bf16 tensor cores, TF32 for fp32 training, and HBM bandwidth for the
-# bench's roofline. A device matches a row by the first word of its key ("H100" in "NVIDIA H100 80GB HBM3").
-GPUS = {
-    "H100 SXM": {"tflops_bf16": 989.5, "tflops_tf32": 494.5, "tb_per_s": 3.35},
-    "H200 SXM": {"tflops_bf16": 989.5, "tflops_tf32": 494.5, "tb_per_s": 4.8},
-    "A100 SXM 80GB": {"tflops_bf16": 312.0, "tflops_tf32": 156.0, "tb_per_s": 2.04},
-}
+# The one table of GPU figures; a device matches a row by the first word of its key ("H100" in "NVIDIA H100 ...").
+from terrafm_kernels.gpus import GPUS
 
 
 def peak_flops(device: torch.device, precision: str, override_tflops: float) -> float | None:
