@@ -3,10 +3,12 @@
 # accelerate_vit tests against real timm/torchvision ViTs in .venv-swap, then the AOT compile
 # report of every shipped kernel config for sm_80/sm_90 (fails on spills).
 # Extra arguments go to the main pytest run, e.g. `scripts/test.sh -m "not slow"` while iterating.
+# pytest runs on TERRAFM_TEST_WORKERS xdist workers (default 2, one per core of the dev machine; 0 = in-process);
+# tests that must not overlap (the two ViT-L preset runs, ~14 GB each) share an xdist_group.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q -n "${TERRAFM_TEST_WORKERS:-2}" --dist loadgroup "$@"
 if [ -x .venv-swap/bin/python ]; then
   bash scripts/test_swap.sh -q
 else

@@ -1,4 +1,4 @@
-"""Test-wide setup: without a CUDA GPU, Triton kernels run in the interpreter on CPU tensors."""
+"""Test-wide setup: Triton kernels in the interpreter without a CUDA GPU; threads per xdist worker; test order."""
 
 import os
 
@@ -8,7 +8,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (scripts/test.sh runs 2 workers) the workers share the cores: each worker and the
+# processes its tests start get an equal share of threads instead of all of them each.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Grouped (long, serial) tests first, so that under xdist their chain runs beside everything else."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)

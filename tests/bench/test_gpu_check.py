@@ -25,17 +25,17 @@ def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.slow  # ~3.5 min on the loaded 2-core dev machine (the script's --cpu budget is 280 s)
+@pytest.mark.slow  # ~3.5 min on the loaded 2-core dev machine (the script's --cpu budget is 420 s)
 def test_cpu_mode_runs_every_stage_ok_and_writes_a_complete_report(tmp_path):
     out = tmp_path / "out"
-    proc = _run("--cpu", "--work", str(tmp_path / "work"), str(out), timeout=330)
+    proc = _run("--cpu", "--work", str(tmp_path / "work"), str(out), timeout=480)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = json.loads((out / "gpu_report.json").read_text())
     stages = report["stages"]
     assert list(stages) == list(STAGES) and report["mode"] == "cpu" and report["all_ok"]
     assert all(s["status"] == "ok" and s["seconds"] >= 0 and not s["failures"] for s in stages.values()), {
         n: s.get("failures") for n, s in stages.items()}
-    assert report["total_seconds"] < 300
+    assert report["total_seconds"] < 440
 
     env = stages["env"]
     assert env["torch"] == torch.__version__ and env["triton"] and set(TRITON_OPS) <= set(env["ops"])
