@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from terrafm import backends, checkpoint_io, ops
 from terrafm.config import Config, check_epoch, save_config, to_dict
+from terrafm.data.shards import ShardError
 from terrafm.data.views import View
 from terrafm.fileio import atomic_write_bytes
 from terrafm.ssl import schedules
@@ -249,8 +250,6 @@ class Batches:
         self._iter = iter(loader)
 
     def next(self) -> Any:
-        from terrafm.data.shards import ShardError
-
         try:
             return self._next()
         except ShardError as err:
@@ -413,7 +412,6 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
     probe_sample = t.probe and loader is None and cfg.data.shard_dir is None  # held-out split of the same generator
     if loader is None:
         from terrafm.data.loader import build_loader
-        from terrafm.data.shards import ShardError
 
         try:
             loader = build_loader(cfg.data, env.rank, env.world_size, t.seed, device=env.device)
