@@ -4,6 +4,12 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# The test command (scripts/test.sh) sets HYPOTHESIS_PROFILE=ci: the same examples on every run, so a CI result
+# does not depend on the draw; a plain `pytest` draws new examples each run and keeps exploring.
+settings.register_profile("ci", derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -6,7 +6,7 @@ only tested on a CUDA GPU; fp32 and fp16 run everywhere.
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from loss_oracle import assert_flash_tolerance, dino_head_loss_f64
 
@@ -52,9 +52,12 @@ def _check(S, T, B, K, D, dtype, device, seed=0, separate_teacher=False):
     names = ("loss", "logit_sum", "high_logit_sum", "grad student_features", "grad weight_v")
     for name, k, p, o in zip(names, kernel, plain, oracle, strict=True):
         assert k.shape == o.shape and torch.isfinite(k).all(), name
-        # logits are cosines (|z| <= 1): loss and centre sums get an absolute floor of one logit's rounding
+        # logits are cosines (|z| <= 1): loss and centre sums get an absolute floor of one logit's rounding;
+        # gradients are differences of fp32 terms up to 1/tau_s per unit input that cancel exactly where the loss
+        # is flat (K = 1: one prototype, softmax 1, gradient 0), so they get a floor of two fp32 roundings of those
         scale = o.abs().max().item() if name.startswith("grad") else max(1.0, o.abs().max().item())
-        assert_flash_tolerance(name, k.float().cpu(), p.float().cpu(), o, rel * scale + 1e-7)
+        floor = 2 * torch.finfo(torch.float32).eps / TAU_S if name.startswith("grad") else 1e-7
+        assert_flash_tolerance(name, k.float().cpu(), p.float().cpu(), o, rel * scale + floor)
     assert kernel[3].dtype == dtype and kernel[4].dtype == dtype
 
 
@@ -73,6 +76,7 @@ def test_separate_teacher_weight(device):
 @settings(max_examples=5, deadline=None)
 @given(S=st.integers(2, 6), B=st.integers(1, 3), K=st.integers(1, 120), D=st.integers(1, 40),
        seed=st.integers(0, 99))
+@example(S=3, B=1, K=1, D=2, seed=0)  # a flat loss: the fused gradient is fp32 cancellation noise around 0
 def test_hypothesis_shapes(S, B, K, D, seed):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _check(S, 2, B, K, D, torch.float32, device, seed=seed)
