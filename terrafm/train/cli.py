@@ -73,10 +73,16 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os.execv(cmd[0], cmd)
 
+    return train_exit_code(cfg, args.resume_from or args.resume)
+
+
+def train_exit_code(cfg, resume, loader=None) -> int:
+    """Run the trainer and map its outcome to the exit code: 2 setup/config error, 1 training error, requeue when
+    preempted, else 0 (one message, no traceback)."""
     from terrafm.train.trainer import REQUEUE_EXIT_CODE, SetupError, TrainingError, train
 
     try:
-        result = train(cfg, resume=args.resume_from or args.resume)
+        result = train(cfg, resume=resume, loader=loader)
     except (SetupError, ConfigError) as err:
         print(f"terrafm pretrain: {err}", file=sys.stderr)
         return 2

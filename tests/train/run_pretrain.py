@@ -8,7 +8,8 @@
 sleep: the test SIGKILLs it while the checkpoint is still a `.tmp` folder.
 --inf-grad-steps S,...: at these 0-based optimiser steps one parameter's gradient is filled with inf
 (the loss stays finite).
-Errors exit as `terrafm pretrain` does: 2 for a SetupError or ConfigError, 1 for other TrainingErrors.
+Errors exit as `terrafm pretrain` does (the same `train_exit_code`): 2 for a SetupError or ConfigError, 1 for
+other TrainingErrors.
 """
 
 import argparse
@@ -22,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from synthetic import TINY_OVERRIDES, SyntheticLoader  # noqa: E402
 
-from terrafm.config import ConfigError, load_config  # noqa: E402
+from terrafm.config import load_config  # noqa: E402
 from terrafm.train import checkpoint, trainer  # noqa: E402
-from terrafm.train.trainer import REQUEUE_EXIT_CODE, SetupError, TrainingError, train  # noqa: E402
+from terrafm.train.cli import train_exit_code  # noqa: E402
 
 
 class KillingLoader(SyntheticLoader):
@@ -78,15 +79,7 @@ def main() -> int:
             return original_clip(params, max_norm)
 
         trainer.clip_gradients = clip_with_inf
-    try:
-        result = train(cfg, resume=args.resume_from or args.resume, loader=loader)
-    except (SetupError, ConfigError) as err:
-        print(f"setup error: {err}", file=sys.stderr)
-        return 2
-    except TrainingError as err:
-        print(f"training error: {err}", file=sys.stderr)
-        return 1
-    return REQUEUE_EXIT_CODE if result.preempted else 0
+    return train_exit_code(cfg, args.resume_from or args.resume, loader)
 
 
 if __name__ == "__main__":
