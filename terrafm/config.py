@@ -48,6 +48,9 @@ class SSLConfig:
     teacher_momentum: float = 0.996  # cosine to teacher_momentum_end
     teacher_momentum_end: float = 1.0
     freeze_last_layer_epochs: float = 1.0
+    # DINOv2's KoLeo regulariser on the student's global-view cls tokens (DINOv2: 0.1); 0 = off, TerraFM's
+    # recipe (DINO loss only). tiny_cpu needs it to learn within minutes (docs/training.md, "Does it learn?")
+    koleo_weight: float = 0.0
     # prototype layers + teacher softmax + student CE in one dino_head_loss op: no (views x B, K) logits
     # in memory (the Triton kernel on GPU; the torch reference elsewhere); teacher entropy not logged
     fused_head_loss: bool = False
@@ -314,6 +317,7 @@ def validate(cfg: Config, nproc: int = 1) -> None:
          "train.profile_steps must be [first, last) with 0 <= first < last"),
         (len(o.betas) == 2, "optim.betas must have two values"),
         (cfg.ssl.num_prototypes >= 1, "ssl.num_prototypes must be >= 1"),
+        (s.koleo_weight >= 0, f"ssl.koleo_weight must be >= 0 (0 disables KoLeo), got {s.koleo_weight}"),
         (p.dp_replicate >= -1 and (p.dp_shard >= 1 or p.dp_shard == -1),
          "parallel.dp_replicate must be -1, 0 or a count, parallel.dp_shard -1 or a count"),
         (not p.dp_replicate == p.dp_shard == -1, "parallel.dp_replicate and parallel.dp_shard cannot both be -1 "

@@ -29,6 +29,22 @@ def high_frequency_classes(class_frequency: Sequence[float]) -> list[int]:
     return torch.nonzero(share > 1.0 / freq.numel()).flatten().tolist()
 
 
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """DINOv2's KoLeo regulariser on (B, D) features: -mean_i log(distance of x_i to its nearest neighbour),
+    x the L2-normalised rows (the Kozachenko-Leonenko entropy estimator up to constants). Minimising it
+    spreads the batch over the sphere, so no two images share a feature. Local to the rank's batch, as in
+    DINOv2; computed in fp32."""
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"koleo_loss needs (B >= 2, D) features, got shape {tuple(features.shape)}")
+    x = torch.nn.functional.normalize(features.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        similarity = x @ x.T
+        similarity.fill_diagonal_(-2.0)  # below any cosine: a row is never its own neighbour
+        nearest = similarity.argmax(dim=1)
+    distance = (x - x[nearest] + eps).norm(dim=-1)
+    return -torch.log(distance + eps).mean()
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between dual-centred teacher probabilities and student log-probabilities.
 

@@ -18,7 +18,7 @@ from terrafm.data.views import View
 from terrafm.models import build_model
 from terrafm.models.terrafm import backbone_flops
 from terrafm.ssl.head import DINOHead
-from terrafm.ssl.loss import DINOLoss
+from terrafm.ssl.loss import DINOLoss, koleo_loss
 
 if TYPE_CHECKING:
     from terrafm.config import Config
@@ -54,8 +54,9 @@ class DINOModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, views: Sequence[View], head_loss: Callable | None = None):
-        """(V, B, K) logits; with head_loss, what head_loss returns (see DINOHead.forward)."""
+    def forward(self, views: Sequence[View], head_loss: Callable | None = None, return_cls: bool = False):
+        """(V, B, K) logits; with head_loss, what head_loss returns (see DINOHead.forward); with return_cls,
+        (that, the (V, B, D) cls features the head read)."""
         if not views:
             raise ValueError("DINOModel needs at least one view")
         batch = {t.shape[0] for v in views for t in v.values()}
@@ -81,8 +82,10 @@ class DINOModel(nn.Module):
             cls = self.backbone.norm(x)[:, 0]
             for i, chunk in zip(idxs, cls.chunk(len(idxs)), strict=True):
                 features[i] = chunk
+        cls_features = torch.cat(features).reshape(len(views), batch.pop(), -1)
         # (V, B, D) into the head gives a fresh (V, B, K) tensor, not a view (FSDP2 hooks the output)
-        return self.head(torch.cat(features).reshape(len(views), batch.pop(), -1), head_loss=head_loss)
+        out = self.head(cls_features, head_loss=head_loss)
+        return (out, cls_features) if return_cls else out
 
 
 def _teacher_targets(bottleneck: torch.Tensor, prototypes: nn.Module) -> tuple:
@@ -107,15 +110,22 @@ class SSLMetaArch(nn.Module):
     one `dino_head_loss` op, which never holds the (views x B, K) logits (the Triton kernel; the
     torch reference computes the same from logits); the collapse monitors then have no probabilities.
     `last_teacher_probs` keeps the (T, B, K) teacher targets of the last unfused forward for them.
+    koleo_weight > 0 adds DINOv2's KoLeo term on the student's cls features of each global view (the
+    loss returned includes it; `last_koleo` keeps the unweighted term of the last forward for the log).
     """
 
-    def __init__(self, student: DINOModel, teacher: DINOModel, loss: DINOLoss, fused_head_loss: bool = False):
+    def __init__(self, student: DINOModel, teacher: DINOModel, loss: DINOLoss, fused_head_loss: bool = False,
+                 koleo_weight: float = 0.0):
         super().__init__()
+        if koleo_weight < 0:
+            raise ValueError(f"koleo_weight must be >= 0, got {koleo_weight}")
         self.student = student
         self.teacher = teacher
         self.loss = loss
         self.fused_head_loss = fused_head_loss
+        self.koleo_weight = koleo_weight
         self.last_teacher_probs: torch.Tensor | None = None
+        self.last_koleo: torch.Tensor | None = None
         self.teacher.requires_grad_(False)
 
     @classmethod
@@ -130,7 +140,7 @@ class SSLMetaArch(nn.Module):
         loss = DINOLoss(s.num_prototypes, num_classes, high_classes, s.student_temperature, s.center_momentum,
                         s.center_high_momentum, s.center_alpha, cfg.ops, device)
         return cls.build(backbone_factory(cfg, device), head_kwargs(cfg), loss, cfg.model.drop_path_rate,
-                         s.fused_head_loss)
+                         s.fused_head_loss, s.koleo_weight)
 
     @classmethod
     def build(
@@ -140,6 +150,7 @@ class SSLMetaArch(nn.Module):
         loss: DINOLoss,
         drop_path_rate: float,
         fused_head_loss: bool = False,
+        koleo_weight: float = 0.0,
     ) -> "SSLMetaArch":
         """Build student (with drop path) and teacher (without), the teacher a copy of the student."""
         student_backbone = backbone_factory(drop_path_rate=drop_path_rate)
@@ -148,7 +159,7 @@ class SSLMetaArch(nn.Module):
         head = DINOHead(student_backbone.embed_dim, **head_kwargs)
         student = DINOModel(student_backbone, head)
         teacher = DINOModel(teacher_backbone, copy.deepcopy(head))
-        return cls(student, teacher, loss, fused_head_loss)
+        return cls(student, teacher, loss, fused_head_loss, koleo_weight)
 
     def forward(
         self,
@@ -159,18 +170,27 @@ class SSLMetaArch(nn.Module):
     ) -> torch.Tensor:
         global_views = list(global_views)
         student_views = global_views + list(local_views)
+        koleo = self.koleo_weight > 0
         if self.fused_head_loss:
             with torch.no_grad():
                 teacher_bottleneck, teacher_weight_v, teacher_weight_g = self.teacher(global_views, _teacher_targets)
-            return self.student(student_views, partial(
+            out = self.student(student_views, partial(
                 self.loss.fused, teacher_bottleneck=teacher_bottleneck, teacher_weight_v=teacher_weight_v,
-                teacher_weight_g=teacher_weight_g, majority_class=majority_class, temperature=teacher_temperature))
-        with torch.no_grad():
-            teacher_logits = self.teacher(global_views)
-        teacher_probs = self.loss.teacher_probs(teacher_logits, majority_class, teacher_temperature)
-        self.last_teacher_probs = teacher_probs
-        student_logits = self.student(student_views)
-        return self.loss(student_logits, teacher_probs)
+                teacher_weight_g=teacher_weight_g, majority_class=majority_class, temperature=teacher_temperature),
+                return_cls=koleo)
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(global_views)
+            teacher_probs = self.loss.teacher_probs(teacher_logits, majority_class, teacher_temperature)
+            self.last_teacher_probs = teacher_probs
+            out = self.student(student_views, return_cls=koleo)
+            out = (self.loss(out[0], teacher_probs), out[1]) if koleo else self.loss(out, teacher_probs)
+        if not koleo:
+            return out
+        loss, cls_features = out
+        term = sum(koleo_loss(f) for f in cls_features[:len(global_views)])
+        self.last_koleo = term.detach()
+        return loss + self.koleo_weight * term
 
     def flops_per_sample(self, global_views: Sequence[View], local_views: Sequence[View]) -> float:
         """Useful FLOPs of one sample in one step: 3x the student forward on every view (forward and

@@ -336,8 +336,9 @@ def log_metrics(logger: MetricsLogger, record: dict, arch: SSLMetaArch, throughp
     elapsed = time.perf_counter() - throughput.start
     probs = arch.last_teacher_probs
     monitors = {k: v.item() for k, v in teacher_monitors(probs).items()} if probs is not None else {}
+    koleo = {"koleo": arch.last_koleo.item()} if arch.last_koleo is not None else {}
     logger.log({
-        **record, **monitors,
+        **record, **monitors, **koleo,
         "img_per_s": throughput.images * env.world_size / elapsed, "step_time_s": elapsed / steps,
         "mfu": throughput.flops / elapsed / peak if peak else None, "mem_gb": _memory_gb(env.device),
         "skipped_steps": skipped_steps,
