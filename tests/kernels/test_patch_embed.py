@@ -78,6 +78,20 @@ def test_without_position_embedding_and_without_input_grad(device):
     assert args["x"].grad is None and args["weight"].grad is not None
 
 
+def test_fp32_weight_with_fp16_input_gets_an_fp32_gradient(device):
+    """Mixed precision without FSDP: the kernel stores grad_weight straight in the weight's dtype."""
+    args = _inputs(2, 12, 32, 48, 40, 16, torch.float16, device, pos=False)
+    args["weight"] = args["weight"].detach().float().requires_grad_()
+    out = patch_embed(**args)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=out.dtype)
+    out.backward(grad)
+    x64 = args["x"].detach().cpu().double()
+    w64 = args["weight"].detach().cpu().double().requires_grad_()
+    reference.patch_embed(x64, w64, None).backward(grad.cpu().double())
+    assert args["weight"].grad.dtype == torch.float32
+    torch.testing.assert_close(args["weight"].grad.cpu().double(), w64.grad, rtol=1e-3, atol=1e-2)
+
+
 @settings(max_examples=5, deadline=None)
 @given(B=st.integers(1, 3), C=st.sampled_from([2, 3, 12, 13]), gh=st.integers(1, 3), gw=st.integers(1, 3),
        E=st.integers(1, 40), p=st.sampled_from([8, 14, 16]), seed=st.integers(0, 100))
