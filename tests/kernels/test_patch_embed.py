@@ -92,6 +92,23 @@ def test_fp32_weight_with_fp16_input_gets_an_fp32_gradient(device):
     torch.testing.assert_close(args["weight"].grad.cpu().double(), w64.grad, rtol=1e-3, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype,cols,aligned", [(torch.float16, 3072, True), (torch.float16, 588, False),
+                                                (torch.float32, 588, True), (torch.float32, 19, False)])
+def test_descriptor_operands_get_16_byte_aligned_rows(dtype, cols, aligned):
+    """W (E, KD) and G (M, E) go to the kernels as tensor descriptors: aligned ones as they are, others
+    (RGB patch 14 in fp16: 588 x 2 bytes a row) as a copy with padded rows."""
+    from terrafm_kernels.patch_embed import _descriptor_operand
+
+    t = torch.randn(5, cols).to(dtype)
+    got = _descriptor_operand(t)
+    assert (got is t) == aligned
+    assert got.data_ptr() % 16 == 0 and got.stride(0) * got.element_size() % 16 == 0 and got.stride(1) == 1
+    assert torch.equal(got[:, :cols], t)
+    column_major = t.t().contiguous().t()
+    copied = _descriptor_operand(column_major)
+    assert copied is not column_major and copied.stride(1) == 1 and torch.equal(copied[:, :cols], t)
+
+
 @settings(max_examples=5, deadline=None)
 @given(B=st.integers(1, 3), C=st.sampled_from([2, 3, 12, 13]), gh=st.integers(1, 3), gw=st.integers(1, 3),
        E=st.integers(1, 40), p=st.sampled_from([8, 14, 16]), seed=st.integers(0, 100))
