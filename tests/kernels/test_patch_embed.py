@@ -5,6 +5,8 @@ tested only on CUDA: the kernel's GEMM is a tl.dot, and tl.dot on bf16 operands 
 the Triton interpreter.
 """
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -66,6 +68,15 @@ def _check(B, C, H, W, E, p, dtype, device, pos=True, seed=0):
 ])
 def test_matches_float64_reference(B, C, H, W, E, p, dtype, device):
     _check(B, C, H, W, E, p, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shipped_gpu_tiles_match_float64_reference(dtype, device, monkeypatch):
+    """The GPU tile configs (128-wide tiles and descriptor blocks, grad_weight's 128 x 128 X^T G tiles) on a
+    shape ragged against them: on CPU the interpreter runs them in place of its own narrow tiles."""
+    module = importlib.import_module("terrafm_kernels.patch_embed")
+    monkeypatch.setattr(module, "interpreted", lambda tensor: False)
+    _check(2, 12, 48, 32, 200, 16, dtype, device)
 
 
 def test_without_position_embedding_and_without_input_grad(device):
