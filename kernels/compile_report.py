@@ -54,10 +54,12 @@ BOUND = 1.5  # executed / useful FLOPs and moved / minimum bytes
 HEAD_BOUND = 2.0  # dino_head_loss: the fused head recomputes logit tiles by design
 # Configs (name prefixes) whose ratios are over bound today, and why: the work list of issue 11.
 KNOWN_OVER_BOUND = {
-    "patch_embed_fwd_float32": "fp32 W (28 MB) is over half of L2, so each wave re-reads it; bf16 (presets) is 1.05x",
-    "patch_embed_grad_input_float32": "fp32 W re-read per wave as for the forward; bf16 is 1.26x",
-    "patch_embed_grad_weight_": "each program streams G[:, E block] and x[:, KD block] over all M = 25088 rows, so "
-                                "every wave re-reads G; needs (E x KD) = 128 x 128 output tiles in grouped order",
+    "patch_embed_fwd_float32": "fp32 W (28 MB) is over half of L2, so it crosses HBM once per wave; 1.5x needs at "
+                               "most 11 waves of the 25088 x 2304 output, 40-49K fp32 accumulators per SM (64 x 64 "
+                               "tiles at 3-5 CTAs/SM hold 12-20K: 22-44 waves); bf16 (presets) is 1.05x",
+    "patch_embed_grad_input_float32": "fp32 W crosses HBM once per wave as for the forward: 1.5x needs at most 11 "
+                                      "waves of the 25088 x 3072 output, 53-65K accumulators per SM (64 x 32 tiles "
+                                      "at 3-4 CTAs/SM: 72-117 waves); bf16 is 1.26x",
     "fusion_": "Q = 5, M = 3 padded to 8 x 4 in the per-head products (2.1x), the forward walks the heads twice and "
                "the pool backward recomputes z (T x Q x A would cost more bytes than the recompute costs time)",
     "teacher_softmax_stats_float32": "fp32 logits: the probs kernel's second read alone makes 1.5x; bf16 is 1.35x",

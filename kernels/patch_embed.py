@@ -10,6 +10,9 @@ Backward: grad_weight = G^T X gathers the patches again (one more read of x, no 
 grad_x = G W is scattered back to pixels (patches do not overlap, so a pure write); the bias,
 modality and position gradients are column sums of G done by torch (one read of G each).
 
+W and G, the plain 2-D operands, are read through tensor descriptors: TMA on sm_90, masked loads
+(triton's rewrite) below it and in the interpreter, so every device runs this same code.
+
 Cost per forward call (e = bytes per element of x / out):
     FLOPs = 2 M Kd E
     minimum HBM bytes = e (B C H W + M E) + e E Kd + 4 E (bias, embed) [+ e N E with pos_embed]
@@ -26,16 +29,23 @@ import triton.language as tl
 from ._common import TRITON_DTYPE, check_patch_grid, check_tensor, hbm_bytes, interpreted, pad
 
 # Tile configs, from the compile report (python -m terrafm_kernels.compile_report) and the roofline.
-# fp16/bf16 on H100 (sm_90) and A100 (sm_80): 128 x 128 output tiles, BLOCK_K = 32, 8 warps, 3
-# stages: ~32-40 KB of shared memory, wgmma / mma, 236-255 registers and no spills. The gathered
-# patch tile needs a 64-bit address per element, which is what fills the register file; a wider
-# BLOCK_K spills. fp32 inputs run tf32 tensor cores when torch allows tf32 for cuDNN convolutions
-# (its default, so this matches nn.Conv2d) and need half the tile: 128 x 128 fp32 spilled 72-128
-# bytes of stack and grad_weight wanted 240 KB of shared memory on sm_90 (limit 227 KB).
+# Forward and grad_input, fp16/bf16 on H100 (sm_90) and A100 (sm_80): 128 x 128 output tiles,
+# BLOCK_K = 32, 8 warps, 3 stages: wgmma / mma, no spills. The gathered patch tile needs an address
+# per element, which is what fills the register file on sm_80 (199-255 registers); on sm_90 W and G
+# come by TMA and the forward takes 140 registers, grad_input 63. fp32 inputs run tf32 tensor cores
+# when torch allows tf32 for cuDNN convolutions (its default, so this matches nn.Conv2d) and need half
+# the tile (128 x 128 fp32 spilled) and 2 stages (3 spill 8 bytes in grad_input on sm_80).
 GPU_CONFIGS = {
     2: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
-    4: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
+    4: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
 }
+# grad_weight reduces over all M = B N rows, so its bytes depend on how much of the (E, KD) output one
+# wave covers: every wave streams the G and x columns of its tiles over all M (docs/kernels.md). 128 x
+# 128 (E x KD) tiles at 2 CTAs per SM make a wave cover 12-15 of the 24 KD block rows at the presets'
+# shape: G crosses HBM twice and x once (1.41-1.43x; 128 x 32 tiles re-read G in each of 7-14 waves).
+# BLOCK_M is the reduction step: 32 spills 8 bytes on sm_90 in fp16/bf16, and 8 warps take 162-180
+# registers (1 CTA per SM). One config for every dtype: 221-255 registers, no spills.
+GRAD_WEIGHT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 # The interpreter pays per op, not per element, so it gets wide K tiles (fewer loop trips); the
 # test shapes are still ragged against these tiles.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
@@ -59,23 +69,24 @@ def _patch_offsets(rows, cols, N, GW, C, H, W, P: tl.constexpr):
 @triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, bias_ptr, embed_ptr, pos_ptr, out_ptr,
-    M, E, KD, N, GW, C, H, W,
+    M, E, KD, N, GW, C, H, W, W_STRIDE,
     P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EMBED: tl.constexpr, HAS_POS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    cols_e = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """out (M, E) = X W^T + bias + embed (+ pos); W (E, KD) rows W_STRIDE apart, read by tensor descriptor."""
+    e0 = tl.program_id(0) * BLOCK_N
+    cols_e = e0 + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     e_mask = cols_e < E
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E, KD], strides=[W_STRIDE, 1], block_shape=[BLOCK_N, BLOCK_K])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, KD, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < KD
         a = tl.load(x_ptr + _patch_offsets(rows, ks, N, GW, C, H, W, P),
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols_e.to(tl.int64)[None, :] * KD + ks[:, None],
-                    mask=k_mask[:, None] & e_mask[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+                    mask=row_mask[:, None] & (ks < KD)[None, :], other=0.0)
+        w = w_desc.load([e0, k0])  # (BLOCK_N, BLOCK_K), zero outside W
+        acc = tl.dot(a, w.T, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols_e, mask=e_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_EMBED:
@@ -90,68 +101,80 @@ def _forward_kernel(
 @triton.jit
 def _grad_weight_kernel(
     x_ptr, g_ptr, gw_ptr,
-    M, E, KD, N, GW, C, H, W,
+    M, E, KD, N, GW, C, H, W, G_STRIDE,
     P: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grad_weight (E, KD) fp32 = G^T (E x M) @ X (M x KD), X gathered from x again."""
-    cols_e = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """grad_weight (E, KD) = G^T X, computed as its transpose X^T (KD x M) @ G (M x E) so that G, read by
+    tensor descriptor (rows G_STRIDE apart), feeds the dot as it lands; X^T is gathered from x again.
+    fp32 accumulation, stored once in grad_weight's dtype (the weight's)."""
+    e0 = tl.program_id(0) * BLOCK_N
+    cols_e = e0 + tl.arange(0, BLOCK_N)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    e_mask = cols_e < E
     k_mask = ks < KD
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    g_desc = tl.make_tensor_descriptor(g_ptr, shape=[M, E], strides=[G_STRIDE, 1], block_shape=[BLOCK_M, BLOCK_N])
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < M
-        g_t = tl.load(g_ptr + rows.to(tl.int64)[None, :] * E + cols_e[:, None],
-                      mask=e_mask[:, None] & row_mask[None, :], other=0.0)
-        a = tl.load(x_ptr + _patch_offsets(rows, ks, N, GW, C, H, W, P),
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(g_t, a.to(g_t.dtype), acc, input_precision=DOT_PRECISION)
-    tl.store(gw_ptr + cols_e.to(tl.int64)[:, None] * KD + ks[None, :], acc, mask=e_mask[:, None] & k_mask[None, :])
+        g = g_desc.load([m0, e0])  # (BLOCK_M, BLOCK_N), zero outside G
+        a_t = tl.load(x_ptr + _patch_offsets(rows, ks, N, GW, C, H, W, P).T,
+                      mask=k_mask[:, None] & (rows < M)[None, :], other=0.0)
+        acc = tl.dot(a_t.to(g.dtype), g, acc, input_precision=DOT_PRECISION)
+    tl.store(gw_ptr + cols_e.to(tl.int64)[None, :] * KD + ks[:, None], acc.to(gw_ptr.dtype.element_ty),
+             mask=k_mask[:, None] & (cols_e < E)[None, :])
 
 
 @triton.jit
 def _grad_input_kernel(
     g_ptr, w_ptr, gx_ptr,
-    M, E, KD, N, GW, C, H, W,
+    M, E, KD, N, GW, C, H, W, G_STRIDE, W_STRIDE,
     P: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grad_x = scatter(G (M x E) @ W (E x KD)) to pixels; every pixel is written exactly once."""
-    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    k_mask = ks < KD
+    """grad_x = scatter(G (M x E) @ W (E x KD)) to pixels; every pixel is written exactly once. G and W
+    are read by tensor descriptors (rows G_STRIDE / W_STRIDE apart)."""
+    k0 = tl.program_id(0) * BLOCK_K
+    m0 = tl.program_id(1) * BLOCK_M
+    ks = k0 + tl.arange(0, BLOCK_K)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    g_desc = tl.make_tensor_descriptor(g_ptr, shape=[M, E], strides=[G_STRIDE, 1], block_shape=[BLOCK_M, BLOCK_N])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E, KD], strides=[W_STRIDE, 1], block_shape=[BLOCK_N, BLOCK_K])
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for e0 in range(0, E, BLOCK_N):
-        cols_e = e0 + tl.arange(0, BLOCK_N)
-        e_mask = cols_e < E
-        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * E + cols_e[None, :],
-                    mask=row_mask[:, None] & e_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols_e.to(tl.int64)[:, None] * KD + ks[None, :],
-                    mask=e_mask[:, None] & k_mask[None, :], other=0.0)
+        g = g_desc.load([m0, e0])  # (BLOCK_M, BLOCK_N)
+        w = w_desc.load([e0, k0])  # (BLOCK_N, BLOCK_K)
         acc = tl.dot(g, w.to(g.dtype), acc, input_precision=DOT_PRECISION)
     tl.store(gx_ptr + _patch_offsets(rows, ks, N, GW, C, H, W, P), acc.to(gx_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & k_mask[None, :])
+             mask=(rows < M)[:, None] & (ks < KD)[None, :])
 
 
 def launch_plan(M: int, E: int, KD: int, dtype_bytes: int, interpreter: bool = False) -> dict:
-    """Tiles and grids of the three kernels: the one place the launcher and efficiency() read them.
+    """Tiles and grid of each kernel ("forward", "grad_weight", "grad_input"): the one place the
+    launchers and efficiency() read them.
 
     Grid axis 0 runs fastest. The forward walks the E blocks of one row block together and
     grad_input the KD blocks of one row block, so the programs that gather the same patches (or
-    read the same rows of G) run in the same wave and those bytes come from HBM once.
+    read the same rows of G) run in the same wave and those bytes come from HBM once. grad_weight
+    walks the E blocks of one KD block together: a wave covers whole rows of the (E, KD) output, so
+    it reads all of G once and x only for its own KD blocks.
     """
     cfg = INTERPRETER_CONFIG if interpreter else GPU_CONFIGS[dtype_bytes]
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    return {**cfg, "forward": (triton.cdiv(E, bn), triton.cdiv(M, bm)),
-            "grad_weight": (triton.cdiv(E, bn), triton.cdiv(KD, bk)),
-            "grad_input": (triton.cdiv(KD, bk), triton.cdiv(M, bm))}
+    gw_cfg = INTERPRETER_CONFIG if interpreter else GRAD_WEIGHT_CONFIG
+    cdiv = triton.cdiv
+    return {
+        "forward": {**cfg, "grid": (cdiv(E, cfg["BLOCK_N"]), cdiv(M, cfg["BLOCK_M"]))},
+        "grad_weight": {**gw_cfg, "grid": (cdiv(E, gw_cfg["BLOCK_N"]), cdiv(KD, gw_cfg["BLOCK_K"]))},
+        "grad_input": {**cfg, "grid": (cdiv(KD, cfg["BLOCK_K"]), cdiv(M, cfg["BLOCK_M"]))},
+    }
 
 
-def _plan(x: torch.Tensor, geo: dict) -> dict:
-    return launch_plan(geo["M"], geo["E"], geo["KD"], x.element_size(), interpreted(x))
+def _plan(x: torch.Tensor, geo: dict, kernel: str) -> dict:
+    return launch_plan(geo["M"], geo["E"], geo["KD"], x.element_size(), interpreted(x))[kernel]
+
+
+def _tiles(cfg: dict) -> dict:
+    """The launch keywords of a plan entry (its tiles, warps and stages)."""
+    return {k: v for k, v in cfg.items() if k != "grid"}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -193,42 +216,65 @@ def _geometry(x: torch.Tensor, weight: torch.Tensor) -> dict:
     return dict(M=B * gh * gw, E=E, KD=C * p * p, N=gh * gw, GW=gw, C=C, H=H, W=W)
 
 
+def _descriptor_operand(t: torch.Tensor) -> torch.Tensor:
+    """t (rows, cols) as a tensor descriptor takes it: a 16-byte aligned base and row stride. That is t
+    itself at the presets' shapes; otherwise a copy with its rows padded to 16 bytes (the descriptor's
+    shape stops at cols, so the padding is never read)."""
+    step = 16 // t.element_size()
+    if t.is_contiguous() and t.data_ptr() % 16 == 0 and t.shape[1] % step == 0:
+        return t
+    padded = t.new_empty(t.shape[0], pad(t.shape[1], step))
+    padded[:, :t.shape[1]] = t
+    return padded
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors the kernels build on sm_90 (triton asks for 128 bytes a program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    # tl.make_tensor_descriptor needs an allocator on sm_90 (TMA descriptors live in global memory). Triton keeps
+    # it in a ContextVar, which a new thread (autograd's backward thread) does not inherit: set it at each launch.
+    triton.set_allocator(_descriptor_scratch)
+    kernel[grid](*args, **kwargs)
+
+
 def _launch_forward(x, weight, bias, modality_embed, pos_embed) -> torch.Tensor:
     geo = _geometry(x, weight)
-    cfg = _plan(x, geo)
+    cfg = _plan(x, geo, "forward")
     p = weight.shape[-1]
-    x_c, w_c = x.contiguous(), weight.contiguous()
+    w = _descriptor_operand(weight.to(x.dtype).reshape(geo["E"], geo["KD"]))
     out = torch.empty((geo["M"], geo["E"]), dtype=x.dtype, device=x.device)
     dummy = out
-    _forward_kernel[cfg["forward"]](
-        x_c, w_c.to(x.dtype), dummy if bias is None else bias.contiguous(),
+    _launch(
+        _forward_kernel, cfg["grid"], x.contiguous(), w, dummy if bias is None else bias.contiguous(),
         dummy if modality_embed is None else modality_embed.reshape(-1).contiguous(),
         dummy if pos_embed is None else pos_embed.reshape(-1, geo["E"]).contiguous(), out,
-        *geo.values(), P=p, HAS_BIAS=bias is not None, HAS_EMBED=modality_embed is not None,
-        HAS_POS=pos_embed is not None, DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        *geo.values(), w.stride(0), P=p, HAS_BIAS=bias is not None, HAS_EMBED=modality_embed is not None,
+        HAS_POS=pos_embed is not None, DOT_PRECISION=_dot_precision(x.dtype), **_tiles(cfg),
     )
     return out.view(x.shape[0], geo["N"], geo["E"])
 
 
 def _launch_backward(grad_out, x, weight, need_x: bool, need_weight: bool):
     """(grad_x, grad_weight); an empty tensor for a gradient that is not needed."""
-    x, weight = x.contiguous(), weight.contiguous()
+    x = x.contiguous()
     geo = _geometry(x, weight)
-    cfg = _plan(x, geo)
     p = weight.shape[-1]
-    g = grad_out.reshape(geo["M"], geo["E"]).contiguous().to(x.dtype)
-    common = dict(P=p, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                  BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    g = _descriptor_operand(grad_out.reshape(geo["M"], geo["E"]).to(x.dtype))
+    common = dict(P=p, DOT_PRECISION=_dot_precision(x.dtype))
     grad_x, grad_w = x.new_empty(0), weight.new_empty(0)
     if need_weight:
-        gw = torch.empty((geo["E"], geo["KD"]), dtype=torch.float32, device=x.device)
-        _grad_weight_kernel[cfg["grad_weight"]](x, g, gw, *geo.values(), **common)
-        grad_w = gw.view(weight.shape).to(weight.dtype)
+        cfg = _plan(x, geo, "grad_weight")
+        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        _launch(_grad_weight_kernel, cfg["grid"], x, g, grad_w, *geo.values(), g.stride(0), **common, **_tiles(cfg))
     if need_x:
+        cfg = _plan(x, geo, "grad_input")
+        w = _descriptor_operand(weight.to(x.dtype).reshape(geo["E"], geo["KD"]))
         grad_x = torch.empty_like(x)
-        _grad_input_kernel[cfg["grad_input"]](g, weight.to(x.dtype), grad_x, *geo.values(), **common)
+        _launch(_grad_input_kernel, cfg["grid"], g, w, grad_x, *geo.values(), g.stride(0), w.stride(0), **common,
+                **_tiles(cfg))
     return grad_x, grad_w
 
 
@@ -325,7 +371,7 @@ def efficiency(kernel: str, B: int, C: int, H: int, W: int, E: int, p: int, dtyp
     """Useful / executed FLOPs and minimum / moved HBM bytes of one kernel ("forward", "grad_weight",
     "grad_input") from launch_plan's tiles and grid (docs/kernels.md, "Efficiency counts")."""
     M, KD, e = B * (H // p) * (W // p), C * p * p, dtype_bytes
-    plan = launch_plan(M, E, KD, e)
+    plan = launch_plan(M, E, KD, e)[kernel]
     bm, bn, bk = plan["BLOCK_M"], plan["BLOCK_N"], plan["BLOCK_K"]
     x_bytes, g_bytes, w_bytes = B * C * H * W * e, M * E * e, E * KD * e
     rows = lambda m: min(bm, M - m * bm)  # noqa: E731
@@ -336,17 +382,17 @@ def efficiency(kernel: str, B: int, C: int, H: int, W: int, E: int, p: int, dtyp
         touches = lambda n, m, _: [("x", m, rows(m) * KD * e), ("w", n, cols(n) * KD * e),  # noqa: E731
                                    ("out", (m, n), rows(m) * cols(n) * e)]
         extra, floor = 2 * E * e, x_bytes + w_bytes + g_bytes + 2 * E * e  # bias and modality embedding
-    elif kernel == "grad_weight":  # program (n, k) streams G[:, n] and x[:, k] over all M; fp32 out, cast by torch
-        sizes = {"g": g_bytes, "x": x_bytes, "gw": E * KD * 4}
+    elif kernel == "grad_weight":  # program (n, k) streams G[:, n] and x[:, k] over all M, writes its W tile
+        sizes = {"g": g_bytes, "x": x_bytes, "gw": w_bytes}
         touches = lambda n, k, _: [("g", n, M * cols(n) * e), ("x", k, M * ks(k) * e),  # noqa: E731
-                                   ("gw", (n, k), cols(n) * ks(k) * 4)]
-        extra, floor = E * KD * (4 + e), g_bytes + x_bytes + w_bytes
+                                   ("gw", (n, k), cols(n) * ks(k) * e)]
+        extra, floor = 0, g_bytes + x_bytes + w_bytes
     else:  # grad_input: program (k, m) reads G[m] and W[:, k] over all E, scatters its pixels
         sizes = {"g": g_bytes, "w": w_bytes, "gx": x_bytes}
         touches = lambda k, m, _: [("g", m, rows(m) * E * e), ("w", k, E * ks(k) * e),  # noqa: E731
                                    ("gx", (m, k), rows(m) * ks(k) * e)]
         extra, floor = 0, g_bytes + w_bytes + x_bytes
-    moved = hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes) + extra
+    moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes) + extra
     return {"useful_flops": 2 * M * KD * E, "executed_flops": 2 * pad(M, bm) * pad(KD, bk) * pad(E, bn),
             "min_bytes": floor, "moved_bytes": moved, "flop_kind": "tensor" if e == 2 else "tf32"}
 
@@ -356,29 +402,22 @@ def compile_specs() -> list[dict]:
     specs = []
     geo = {"M": "i32", "E": "i32", "KD": "i32", "N": "i32", "GW": "i32", "C": "i32", "H": "i32", "W": "i32"}
     for dtype, ptr in TRITON_DTYPE.items():
-        name = str(dtype).removeprefix("torch.")
-        precision = _dot_precision(dtype)
-        config = GPU_CONFIGS[dtype.itemsize]
-        tiles = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        base = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "uses_dot": True}
-        counts = lambda kernel, e=dtype.itemsize: partial(efficiency, kernel, **PRODUCTION_SHAPE, dtype_bytes=e)  # noqa: E731
-        specs.append({
-            **base, "name": f"patch_embed_fwd_{name}", "fn": _forward_kernel, "efficiency": counts("forward"),
-            "signature": {"x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "embed_ptr": ptr, "pos_ptr": ptr,
-                          "out_ptr": ptr, **geo},
-            "constexprs": {"P": 16, "HAS_BIAS": True, "HAS_EMBED": True, "HAS_POS": False,
-                           "DOT_PRECISION": precision, **tiles},
-        })
-        specs.append({
-            **base, "name": f"patch_embed_grad_weight_{name}", "fn": _grad_weight_kernel,
-            "efficiency": counts("grad_weight"),
-            "signature": {"x_ptr": ptr, "g_ptr": ptr, "gw_ptr": "*fp32", **geo},
-            "constexprs": {"P": 16, "DOT_PRECISION": precision, **tiles},
-        })
-        specs.append({
-            **base, "name": f"patch_embed_grad_input_{name}", "fn": _grad_input_kernel,
-            "efficiency": counts("grad_input"),
-            "signature": {"g_ptr": ptr, "w_ptr": ptr, "gx_ptr": ptr, **geo},
-            "constexprs": {"P": 16, "DOT_PRECISION": precision, **tiles},
-        })
+        plan = launch_plan(1, 1, 1, dtype.itemsize)  # tiles only; efficiency() sizes the grid
+        kernels = [
+            ("fwd", "forward", _forward_kernel, ["x_ptr", "w_ptr", "bias_ptr", "embed_ptr", "pos_ptr", "out_ptr"],
+             ["W_STRIDE"], {"HAS_BIAS": True, "HAS_EMBED": True, "HAS_POS": False}),
+            ("grad_weight", "grad_weight", _grad_weight_kernel, ["x_ptr", "g_ptr", "gw_ptr"], ["G_STRIDE"], {}),
+            ("grad_input", "grad_input", _grad_input_kernel, ["g_ptr", "w_ptr", "gx_ptr"], ["G_STRIDE", "W_STRIDE"],
+             {}),
+        ]
+        for short, kernel, fn, pointers, strides, flags in kernels:
+            cfg = plan[kernel]
+            specs.append({
+                "name": f"patch_embed_{short}_{str(dtype).removeprefix('torch.')}", "fn": fn,
+                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "uses_dot": True,
+                "efficiency": partial(efficiency, kernel, **PRODUCTION_SHAPE, dtype_bytes=dtype.itemsize),
+                "signature": {**dict.fromkeys(pointers, ptr), **geo, **dict.fromkeys(strides, "i32")},
+                "constexprs": {"P": 16, "DOT_PRECISION": _dot_precision(dtype), **flags,
+                               **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}},
+            })
     return specs

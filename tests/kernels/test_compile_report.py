@@ -36,6 +36,11 @@ def test_report_compiles_patch_embed_for_both_archs(tmp_path):
     # the presets' dtype: the forward gathers each patch once and reads W from L2 (E blocks fastest)
     assert bf16["patch_embed_fwd_bfloat16", "sm_90"]["bytes_ratio"] < 1.1
     assert bf16["patch_embed_grad_input_bfloat16", "sm_90"]["bytes_ratio"] < 1.5
+    # grad_weight: a wave covers whole rows of the (E, KD) output, so G crosses HBM about twice, x once
+    for arch in ("sm_80", "sm_90"):
+        assert bf16["patch_embed_grad_weight_bfloat16", arch]["bytes_ratio"] < 1.5
+    # W and G come by tensor descriptor: TMA on sm_90, pointer loads (triton's rewrite) on sm_80
+    assert all(r["tma"] == (r["arch"] == "sm_90") for r in rows), [(r["name"], r["arch"], r["tma"]) for r in rows]
 
 
 def test_a_spilling_config_is_reported_as_a_problem():

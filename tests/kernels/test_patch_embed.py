@@ -5,6 +5,8 @@ tested only on CUDA: the kernel's GEMM is a tl.dot, and tl.dot on bf16 operands 
 the Triton interpreter.
 """
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -68,6 +70,15 @@ def test_matches_float64_reference(B, C, H, W, E, p, dtype, device):
     _check(B, C, H, W, E, p, dtype, device)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shipped_gpu_tiles_match_float64_reference(dtype, device, monkeypatch):
+    """The GPU tile configs (128-wide tiles and descriptor blocks, grad_weight's 128 x 128 X^T G tiles) on a
+    shape ragged against them: on CPU the interpreter runs them in place of its own narrow tiles."""
+    module = importlib.import_module("terrafm_kernels.patch_embed")
+    monkeypatch.setattr(module, "interpreted", lambda tensor: False)
+    _check(2, 12, 48, 32, 200, 16, dtype, device)
+
+
 def test_without_position_embedding_and_without_input_grad(device):
     args = _inputs(2, 12, 32, 32, 20, 16, torch.float32, device, pos=False)
     args["x"].requires_grad_(False)
@@ -76,6 +87,37 @@ def test_without_position_embedding_and_without_input_grad(device):
     torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert args["x"].grad is None and args["weight"].grad is not None
+
+
+def test_fp32_weight_with_fp16_input_gets_an_fp32_gradient(device):
+    """Mixed precision without FSDP: the kernel stores grad_weight straight in the weight's dtype."""
+    args = _inputs(2, 12, 32, 48, 40, 16, torch.float16, device, pos=False)
+    args["weight"] = args["weight"].detach().float().requires_grad_()
+    out = patch_embed(**args)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=out.dtype)
+    out.backward(grad)
+    x64 = args["x"].detach().cpu().double()
+    w64 = args["weight"].detach().cpu().double().requires_grad_()
+    reference.patch_embed(x64, w64, None).backward(grad.cpu().double())
+    assert args["weight"].grad.dtype == torch.float32
+    torch.testing.assert_close(args["weight"].grad.cpu().double(), w64.grad, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype,cols,aligned", [(torch.float16, 3072, True), (torch.float16, 588, False),
+                                                (torch.float32, 588, True), (torch.float32, 19, False)])
+def test_descriptor_operands_get_16_byte_aligned_rows(dtype, cols, aligned):
+    """W (E, KD) and G (M, E) go to the kernels as tensor descriptors: aligned ones as they are, others
+    (RGB patch 14 in fp16: 588 x 2 bytes a row) as a copy with padded rows."""
+    from terrafm_kernels.patch_embed import _descriptor_operand
+
+    t = torch.randn(5, cols).to(dtype)
+    got = _descriptor_operand(t)
+    assert (got is t) == aligned
+    assert got.data_ptr() % 16 == 0 and got.stride(0) * got.element_size() % 16 == 0 and got.stride(1) == 1
+    assert torch.equal(got[:, :cols], t)
+    column_major = t.t().contiguous().t()
+    copied = _descriptor_operand(column_major)
+    assert copied is not column_major and copied.stride(1) == 1 and torch.equal(copied[:, :cols], t)
 
 
 @settings(max_examples=5, deadline=None)
