@@ -58,8 +58,6 @@ KNOWN_OVER_BOUND = {
     "patch_embed_grad_input_float32": "fp32 W re-read per wave as for the forward; bf16 is 1.26x",
     "patch_embed_grad_weight_": "each program streams G[:, E block] and x[:, KD block] over all M = 25088 rows, so "
                                 "every wave re-reads G; needs (E x KD) = 128 x 128 output tiles in grouped order",
-    "fusion_": "Q = 5, M = 3 padded to 8 x 4 in the per-head products (2.1x), the forward walks the heads twice and "
-               "the pool backward recomputes z (T x Q x A would cost more bytes than the recompute costs time)",
     "teacher_softmax_stats_float32": "fp32 logits: the probs kernel's second read alone makes 1.5x; bf16 is 1.35x",
     "teacher_softmax_probs_float32": "as teacher_softmax_stats_float32 (the counts are the op's)",
     "dino_ce_": "flops only: the (16, BLOCK_K) tile holds S = 10 views; padded lanes move no bytes and the op is "
