@@ -10,19 +10,21 @@ The kernels never form z (Q x d per head): by associativity
     z[t, q] . pool = sum_h sum_m a[t, h, q, m] r[t, h, m],   r[t, h, m] = values[t, m, h] . pool[h]
     out[t, h]      = sum_m c[t, h, m] values[t, m, h],       c[t, h, m] = sum_q w[t, q] a[t, h, q, m]
 so per head the forward needs the scores (Q x M x d) and the M projections r (M x d) for the pooling
-logits, then the M-term sum for the output. It walks the heads once; the (H, Q, M) attention of all
-heads stays in registers until w is known. Saved for backward: w (T, Q), the attention (T, H, Q, M)
-and r (T, H, M), fp32 (29 MB at ViT-B's shape: cheaper than re-reading the keys to recompute them).
+logits, then the M-term sum for the output. Each program takes BLOCK_P = 4 positions side by side
+and walks the heads once; the (H, Q, M) attention of all heads stays in registers until w is known.
+Saved for backward: w (T, Q), the attention (T, H, Q, M) and r (T, H, M), fp32 (29 MB at ViT-B's
+shape: cheaper than re-reading the keys to recompute them).
 
 Backward, with u[t, h, m] = dout[t, h] . values[t, m, h]:
     dw[q] = sum_h sum_m a u;  dl = w (dw - sum_q w dw);  da = w[q] u + dl[q] r
     ds = a (da - sum_m a da)   (the score gradient);  c as above;  dr[h, m] = sum_q dl[q] a[h, q, m]
     grad_keys[m] = scale sum_q ds[q, m] queries[q];   grad_queries[q] += scale sum_m ds[q, m] keys[m]
     grad_values[m] = c[m] dout + dr[m] pool;          grad_pool += sum_m dr[m] values[m]
-Kernel 1 (per position) reads values, dout and the saved attention and writes ds, c, dr
-(T, H, Q + 2, M); kernel 2 (per column chunk x head x block of positions) writes grad_keys /
-grad_values for its columns and accumulates grad_queries / grad_pool in registers, one fp32 partial
-per program, summed by torch afterwards (deterministic, no atomics).
+Kernel 1 (per position, all heads in one (H, 16-column) tile) reads values, dout and the saved
+attention and writes ds, c, dr (T, H, Q + 2, M); kernel 2 (per column chunk x head x block of 128
+positions, BLOCK_P at a time) writes grad_keys / grad_values for its columns and accumulates
+grad_queries / grad_pool in registers, one fp32 partial per program, summed by torch afterwards
+(deterministic, no atomics).
 
 Tiles: the (Q x M x d) products run on one flattened lane axis i = q M + m (16 lanes at Q = 5,
 M = 3, not (8, 4) = 32), as fp32 broadcast multiply-adds over D_CHUNK = 16 columns (exact for
@@ -51,6 +53,10 @@ MAX_QUERIES = 64
 # the interpreter pays per op, so it gets few positions per program.
 GPU_BLOCK_T = 128
 INTERPRETER_BLOCK_T = 4
+# Positions side by side in one tile (forward programs, head-kernel steps): more bytes in flight per load
+# than one position's 3 x 16 columns; 2 under the interpreter so its tests cover the position masks.
+GPU_BLOCK_P = 4
+INTERPRETER_BLOCK_P = 2
 # Warps and column chunk, from the compile report: the largest tiles are (16 lanes, 16 columns) at the
 # presets' Q = 5, M = 3, and (H, lanes, M) = (16, 16, 4) once per position in the forward.
 NUM_WARPS = 4
@@ -60,71 +66,76 @@ D_CHUNK = 16
 
 @triton.jit
 def _query_sum(x, lane_q, BLOCK_Q: tl.constexpr):
-    """Per lane, the sum of x over the lanes of its query (lane_q = lane // M): (lanes,)."""
+    """Per (position, lane), the sum of x (positions, lanes) over the lanes of its query (lane_q = lane // M)."""
     qs = tl.arange(0, BLOCK_Q)
-    per_query = tl.sum(tl.where(lane_q[None, :] == qs[:, None], x[None, :], 0.0), axis=1)
-    return tl.sum(tl.where(lane_q[:, None] == qs[None, :], per_query[None, :], 0.0), axis=1)
+    per_query = tl.sum(tl.where(lane_q[None, None, :] == qs[None, :, None], x[:, None, :], 0.0), axis=2)
+    return tl.sum(tl.where(lane_q[None, :, None] == qs[None, None, :], per_query[:, None, :], 0.0), axis=2)
 
 
 @triton.jit
 def _query_max(x, lane_q, BLOCK_Q: tl.constexpr):
-    """Per lane, the max of x over the lanes of its query."""
+    """Per (position, lane), the max of x over the lanes of its query."""
     qs = tl.arange(0, BLOCK_Q)
-    per_query = tl.max(tl.where(lane_q[None, :] == qs[:, None], x[None, :], float("-inf")), axis=1)
-    return tl.max(tl.where(lane_q[:, None] == qs[None, :], per_query[None, :], float("-inf")), axis=1)
+    per_query = tl.max(tl.where(lane_q[None, None, :] == qs[None, :, None], x[:, None, :], float("-inf")), axis=2)
+    return tl.max(tl.where(lane_q[None, :, None] == qs[None, None, :], per_query[:, None, :], float("-inf")), axis=2)
 
 
 @triton.jit
-def _forward_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, out_ptr, w_ptr, attn_ptr, vpool_ptr, M, Q, A, D, scale,
-                    H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_QM: tl.constexpr, BLOCK_Q: tl.constexpr,
-                    BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
-    """One position: per head the scores on the lane axis and r = values . pool, then w, then the output."""
-    t = tl.program_id(0).to(tl.int64)
+def _forward_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, out_ptr, w_ptr, attn_ptr, vpool_ptr, T, M, Q, A, D, scale,
+                    H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_QM: tl.constexpr,
+                    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
+    """BLOCK_P positions: per head the scores on the lane axis and r = values . pool, then w, then the output."""
+    ts = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    t_ok = ts < T
     lanes = tl.arange(0, BLOCK_QM)
     lane_q, lane_m, lane_ok = lanes // M, lanes % M, lanes < Q * M
     hs = tl.arange(0, BLOCK_H)
     ms = tl.arange(0, BLOCK_M)
-    tokens = t * M * A
-    attn_all = tl.zeros([BLOCK_H, BLOCK_QM], tl.float32)
-    logit_terms = tl.zeros([BLOCK_QM], tl.float32)
+    tokens = ts[:, None, None] * M * A
+    tm_ok = t_ok[:, None, None] & (ms < M)[None, :, None]
+    attn_all = tl.zeros([BLOCK_P, BLOCK_H, BLOCK_QM], tl.float32)
+    logit_terms = tl.zeros([BLOCK_P, BLOCK_QM], tl.float32)
     for h in range(H):
-        s = tl.zeros([BLOCK_QM], tl.float32)
-        r = tl.zeros([BLOCK_M], tl.float32)
+        s = tl.zeros([BLOCK_P, BLOCK_QM], tl.float32)
+        r = tl.zeros([BLOCK_P, BLOCK_M], tl.float32)
         for c0 in range(0, D, D_CHUNK):
             c_ok = c0 + tl.arange(0, D_CHUNK) < D
             cs = h * D + c0 + tl.arange(0, D_CHUNK)
-            lane_mask = lane_ok[:, None] & c_ok[None, :]
-            k = tl.load(k_ptr + tokens + lane_m[:, None] * A + cs[None, :], mask=lane_mask, other=0.0).to(tl.float32)
-            qh = tl.load(q_ptr + lane_q[:, None] * A + cs[None, :], mask=lane_mask, other=0.0).to(tl.float32)
-            s += tl.sum(qh * k, axis=1)
-            v = tl.load(v_ptr + tokens + ms[:, None] * A + cs[None, :], mask=(ms < M)[:, None] & c_ok[None, :],
+            qh = tl.load(q_ptr + lane_q[:, None] * A + cs[None, :], mask=lane_ok[:, None] & c_ok[None, :],
+                         other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + tokens + lane_m[None, :, None] * A + cs[None, None, :],
+                        mask=t_ok[:, None, None] & lane_ok[None, :, None] & c_ok[None, None, :],
                         other=0.0).to(tl.float32)
+            s += tl.sum(qh[None, :, :] * k, axis=2)
+            v = tl.load(v_ptr + tokens + ms[None, :, None] * A + cs[None, None, :],
+                        mask=tm_ok & c_ok[None, None, :], other=0.0).to(tl.float32)
             pool = tl.load(pool_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
-            r += tl.sum(v * pool[None, :], axis=1)
-        s = tl.where(lane_ok, s * scale, float("-inf"))
-        e = tl.exp(s - tl.where(lane_ok, _query_max(s, lane_q, BLOCK_Q), 0.0))  # padded lanes: exp(-inf) = 0
-        a = e / tl.where(lane_ok, _query_sum(e, lane_q, BLOCK_Q), 1.0)
-        saved = t * H + h
-        tl.store(attn_ptr + saved * Q * M + lanes, a, mask=lane_ok)
-        tl.store(vpool_ptr + saved * M + ms, r, mask=ms < M)
-        logit_terms += a * tl.sum(tl.where(lane_m[:, None] == ms[None, :], r[None, :], 0.0), axis=1)
-        attn_all = tl.where(hs[:, None] == h, a[None, :], attn_all)
+            r += tl.sum(v * pool[None, None, :], axis=2)
+        s = tl.where(lane_ok[None, :], s * scale, float("-inf"))
+        e = tl.exp(s - tl.where(lane_ok[None, :], _query_max(s, lane_q, BLOCK_Q), 0.0))  # padded lanes: 0
+        a = e / tl.where(lane_ok[None, :], _query_sum(e, lane_q, BLOCK_Q), 1.0)
+        saved = ts[:, None] * H + h
+        tl.store(attn_ptr + saved * Q * M + lanes[None, :], a, mask=t_ok[:, None] & lane_ok[None, :])
+        tl.store(vpool_ptr + saved * M + ms[None, :], r, mask=t_ok[:, None] & (ms < M)[None, :])
+        r_lane = tl.sum(tl.where(lane_m[None, :, None] == ms[None, None, :], r[:, None, :], 0.0), axis=2)
+        logit_terms += a * r_lane
+        attn_all = tl.where(hs[None, :, None] == h, a[:, None, :], attn_all)
     logits = _query_sum(logit_terms, lane_q, BLOCK_Q)  # each lane holds its query's logit
     first = lane_ok & (lane_m == 0)  # one lane per query
-    e = tl.exp(logits - tl.max(tl.where(first, logits, float("-inf")), axis=0))
-    w = tl.where(lane_ok, e / tl.sum(tl.where(first, e, 0.0), axis=0), 0.0)
-    tl.store(w_ptr + t * Q + lane_q, w, mask=first)
-    weighted = attn_all * w[None, :]
-    c_all = tl.sum(tl.where(lane_m[None, :, None] == ms[None, None, :], weighted[:, :, None], 0.0), axis=1)
+    e = tl.exp(logits - tl.max(tl.where(first[None, :], logits, float("-inf")), axis=1)[:, None])
+    w = tl.where(lane_ok[None, :], e / tl.sum(tl.where(first[None, :], e, 0.0), axis=1)[:, None], 0.0)
+    tl.store(w_ptr + ts[:, None] * Q + lane_q[None, :], w, mask=t_ok[:, None] & first[None, :])
     for h in range(H):
-        c = tl.sum(tl.where(hs[:, None] == h, c_all, 0.0), axis=0)  # c[h, m] = sum_q w[q] a[h, q, m]
+        weighted = w * tl.sum(tl.where(hs[None, :, None] == h, attn_all, 0.0), axis=1)  # w[q] a[h, q, m]
+        c = tl.sum(tl.where(lane_m[None, :, None] == ms[None, None, :], weighted[:, :, None], 0.0), axis=1)
         for c0 in range(0, D, D_CHUNK):
             c_ok = c0 + tl.arange(0, D_CHUNK) < D
             cs = h * D + c0 + tl.arange(0, D_CHUNK)
-            v = tl.load(v_ptr + tokens + ms[:, None] * A + cs[None, :], mask=(ms < M)[:, None] & c_ok[None, :],
-                        other=0.0).to(tl.float32)
-            out = tl.sum(c[:, None] * v, axis=0)
-            tl.store(out_ptr + t * A + cs, out.to(out_ptr.dtype.element_ty), mask=c_ok)
+            v = tl.load(v_ptr + tokens + ms[None, :, None] * A + cs[None, None, :],
+                        mask=tm_ok & c_ok[None, None, :], other=0.0).to(tl.float32)
+            out = tl.sum(c[:, :, None] * v, axis=1)
+            tl.store(out_ptr + ts[:, None] * A + cs[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=t_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -169,10 +180,10 @@ def _backward_pool_kernel(v_ptr, dout_ptr, w_ptr, attn_ptr, vpool_ptr, coef_ptr,
 @triton.jit
 def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_ptr, dv_ptr, dq_partial_ptr,
                           dpool_partial_ptr, T, M, Q, A, D, scale,
-                          H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_QM: tl.constexpr, BLOCK_Q: tl.constexpr,
-                          D_CHUNK: tl.constexpr):
-    """Per (column chunk, head, block of positions): grad keys/values of the chunk from the pool
-    kernel's coefficients, and the block's grad queries/pool partials for it (grad queries
+                          H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_QM: tl.constexpr,
+                          BLOCK_Q: tl.constexpr, D_CHUNK: tl.constexpr):
+    """Per (column chunk, head, block of BLOCK_T positions, BLOCK_P at a time): grad keys/values of the chunk
+    from the pool kernel's coefficients, and the block's grad queries/pool partials for it (grad queries
     accumulated on the lane axis, summed per query once per program)."""
     c0 = tl.program_id(0) * D_CHUNK
     h = tl.program_id(1)
@@ -187,25 +198,27 @@ def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_
     pool = tl.load(pool_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
     dq = tl.zeros([BLOCK_QM, D_CHUNK], tl.float32)
     dpool = tl.zeros([D_CHUNK], tl.float32)
-    for i in range(BLOCK_T):
-        t = block.to(tl.int64) * BLOCK_T + i
-        t_ok = t < T
-        coef = coef_ptr + (t * H + h) * (Q + 2) * M
-        ds = tl.load(coef + lanes, mask=lane_ok & t_ok, other=0.0)
-        k = tl.load(k_ptr + t * M * A + lane_m[:, None] * A + cs[None, :],
-                    mask=(lane_ok & t_ok)[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-        dq += ds[:, None] * k
-        dout = tl.load(dout_ptr + t * A + cs, mask=c_ok & t_ok, other=0.0).to(tl.float32)
+    for i in range(0, BLOCK_T, BLOCK_P):
+        ts = block.to(tl.int64) * BLOCK_T + i + tl.arange(0, BLOCK_P)
+        t_ok = ts < T
+        tc_ok = t_ok[:, None] & c_ok[None, :]
+        coef = coef_ptr + (ts * H + h) * (Q + 2) * M
+        ds = tl.load(coef[:, None] + lanes[None, :], mask=t_ok[:, None] & lane_ok[None, :], other=0.0)
+        k = tl.load(k_ptr + ts[:, None, None] * M * A + lane_m[None, :, None] * A + cs[None, None, :],
+                    mask=t_ok[:, None, None] & lane_ok[None, :, None] & c_ok[None, None, :], other=0.0).to(tl.float32)
+        dq += tl.sum(ds[:, :, None] * k, axis=0)
+        dout = tl.load(dout_ptr + ts[:, None] * A + cs[None, :], mask=tc_ok, other=0.0).to(tl.float32)
         for m in range(M):
-            ds_m = tl.load(coef + qs * M + m, mask=(qs < Q) & t_ok, other=0.0)
+            ds_m = tl.load(coef[:, None] + qs[None, :] * M + m, mask=t_ok[:, None] & (qs < Q)[None, :], other=0.0)
             c = tl.load(coef + Q * M + m, mask=t_ok, other=0.0)
             dr = tl.load(coef + (Q + 1) * M + m, mask=t_ok, other=0.0)
-            tok = (t * M + m) * A + cs
-            v = tl.load(v_ptr + tok, mask=c_ok & t_ok, other=0.0).to(tl.float32)
-            dk = tl.sum(ds_m[:, None] * queries, axis=0) * scale
-            dpool += dr * v
-            tl.store(dk_ptr + tok, dk.to(dk_ptr.dtype.element_ty), mask=c_ok & t_ok)
-            tl.store(dv_ptr + tok, (c * dout + dr * pool).to(dv_ptr.dtype.element_ty), mask=c_ok & t_ok)
+            tok = (ts[:, None] * M + m) * A + cs[None, :]
+            v = tl.load(v_ptr + tok, mask=tc_ok, other=0.0).to(tl.float32)
+            dk = tl.sum(ds_m[:, :, None] * queries[None, :, :], axis=1) * scale
+            dpool += tl.sum(dr[:, None] * v, axis=0)
+            tl.store(dk_ptr + tok, dk.to(dk_ptr.dtype.element_ty), mask=tc_ok)
+            tl.store(dv_ptr + tok, (c[:, None] * dout + dr[:, None] * pool[None, :]).to(dv_ptr.dtype.element_ty),
+                     mask=tc_ok)
     dq = tl.sum(tl.where(lane_q[None, :, None] == qs[:, None, None], dq[None, :, :], 0.0), axis=1) * scale
     base = block.to(tl.int64) * Q * A
     tl.store(dq_partial_ptr + base + qs[:, None] * A + cs[None, :], dq, mask=(qs < Q)[:, None] & c_ok[None, :])
@@ -223,8 +236,20 @@ def launch_plan(T: int, M: int, Q: int, A: int, H: int, interpreter: bool = Fals
     """Tiles and grids of the three kernels: the one place the launcher and efficiency() read them."""
     blocks = _blocks(M, Q, H)
     block_t = INTERPRETER_BLOCK_T if interpreter else GPU_BLOCK_T
-    return {**blocks, "BLOCK_T": block_t, "forward": (T,), "backward_pool": (T,),
+    block_p = INTERPRETER_BLOCK_P if interpreter else GPU_BLOCK_P
+    return {**blocks, "BLOCK_T": block_t, "BLOCK_P": block_p, "forward": (triton.cdiv(T, block_p),),
+            "backward_pool": (T,),
             "backward_head": (triton.cdiv(A // H, blocks["D_CHUNK"]), H, triton.cdiv(T, block_t))}
+
+
+# The tile constexprs each kernel takes from launch_plan (launchers and compile_specs alike).
+TILES = {"forward": ("BLOCK_P", "BLOCK_H", "BLOCK_QM", "BLOCK_Q", "BLOCK_M", "D_CHUNK"),
+         "backward_pool": ("BLOCK_H", "BLOCK_Q", "BLOCK_M", "D_CHUNK"),
+         "backward_head": ("BLOCK_T", "BLOCK_P", "BLOCK_QM", "BLOCK_Q", "D_CHUNK")}
+
+
+def _tiles(plan: dict, kernel: str) -> dict:
+    return {name: plan[name] for name in TILES[kernel]}
 
 
 def validate(keys, values, queries, pool, num_heads) -> None:
@@ -258,9 +283,8 @@ def _launch_forward(keys, values, queries, pool, num_heads):
     w = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
     attn = torch.empty((T, H, Q, M), dtype=torch.float32, device=keys.device)
     vpool = torch.empty((T, H, M), dtype=torch.float32, device=keys.device)
-    _forward_kernel[plan["forward"]](keys, values, queries, pool, out, w, attn, vpool, M, Q, A, D, 1.0 / math.sqrt(D),
-                                     H=H, BLOCK_H=plan["BLOCK_H"], BLOCK_QM=plan["BLOCK_QM"], BLOCK_Q=plan["BLOCK_Q"],
-                                     BLOCK_M=plan["BLOCK_M"], D_CHUNK=plan["D_CHUNK"], num_warps=NUM_WARPS)
+    _forward_kernel[plan["forward"]](keys, values, queries, pool, out, w, attn, vpool, T, M, Q, A, D,
+                                     1.0 / math.sqrt(D), H=H, **_tiles(plan, "forward"), num_warps=NUM_WARPS)
     return out, w, attn, vpool
 
 
@@ -272,17 +296,14 @@ def _launch_backward(grad_out, keys, values, queries, pool, w, attn, vpool, num_
     dout = grad_out.contiguous()
     coef = torch.empty((T, H, Q + 2, M), dtype=torch.float32, device=keys.device)
     _backward_pool_kernel[plan["backward_pool"]](values, dout, w, attn, vpool, coef, M, Q, A, D, H=H,
-                                                 BLOCK_H=plan["BLOCK_H"], BLOCK_Q=plan["BLOCK_Q"],
-                                                 BLOCK_M=plan["BLOCK_M"], D_CHUNK=plan["D_CHUNK"],
-                                                 num_warps=NUM_WARPS)
+                                                 **_tiles(plan, "backward_pool"), num_warps=NUM_WARPS)
     programs = plan["backward_head"][2]
     dk, dv = torch.empty_like(keys), torch.empty_like(values)
     dq_partial = torch.empty((programs, Q, A), dtype=torch.float32, device=keys.device)
     dpool_partial = torch.empty((programs, A), dtype=torch.float32, device=keys.device)
     _backward_head_kernel[plan["backward_head"]](
         keys, values, queries, pool, dout, coef, dk, dv, dq_partial, dpool_partial, T, M, Q, A, D, 1.0 / math.sqrt(D),
-        H=H, BLOCK_T=plan["BLOCK_T"], BLOCK_QM=plan["BLOCK_QM"], BLOCK_Q=plan["BLOCK_Q"], D_CHUNK=plan["D_CHUNK"],
-        num_warps=NUM_WARPS_BACKWARD_HEAD)
+        H=H, **_tiles(plan, "backward_head"), num_warps=NUM_WARPS_BACKWARD_HEAD)
     return dk, dv, dq_partial.sum(0).to(queries.dtype), dpool_partial.sum(0).to(pool.dtype)
 
 
@@ -374,7 +395,8 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
     coefficients between the backward kernels count as moved bytes only.
     """
     plan = launch_plan(T, M, Q, A, H)
-    bqm, bq, bm, bh, bt, dc = (plan[k] for k in ("BLOCK_QM", "BLOCK_Q", "BLOCK_M", "BLOCK_H", "BLOCK_T", "D_CHUNK"))
+    bqm, bq, bm, bh, bt, bp, dc = (plan[k] for k in ("BLOCK_QM", "BLOCK_Q", "BLOCK_M", "BLOCK_H", "BLOCK_T", "BLOCK_P",
+                                                     "D_CHUNK"))
     chunks = plan["backward_head"][0]  # D / dc column chunks per head
     e, D = dtype_bytes, A // H
     cols = chunks * dc  # the head width in whole chunks
@@ -382,11 +404,15 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
     hqm, saved = H * Q * M, H * (Q * M + M) * 4  # saved per position: attention and r, fp32
     if kernel == "forward":
         useful = 2 * T * Q * M * A + 4 * T * M * A + T * (7 * hqm + 3 * Q)
-        per_head = cols * (2 * bqm + 4 * bm) + 4 * bqm + 2 * bq * bqm + bqm * bm + bh * bm  # products, sums
-        executed = T * (H * per_head + 2 * bq * bqm + 3 * bqm + bh * bqm * (bm + 1))
+        # per head: the chunked products, the lane softmax and logit terms, then c = sum_q w a from registers
+        per_head = cols * (2 * bqm + 4 * bm) + 4 * bqm + 2 * bq * bqm + bqm * bm + bh * bqm + bqm + bqm * bm
+        executed = plan["forward"][0] * bp * (H * per_head + 2 * bq * bqm + 3 * bqm)
         sizes = {"k": tokens, "v": tokens, "out": T * A * e, "w": T * Q * 4, "saved": T * saved, "q": Q * A * e}
-        touches = lambda t, _y, _z: [("k", t, M * A * e), ("v", t, M * A * e), ("q", 0, Q * A * e),  # noqa: E731
-                                     ("pool", 0, A * e), ("out", t, A * e), ("w", t, Q * 4), ("saved", t, saved)]
+
+        def touches(p, _y, _z):
+            n = min(bp, T - p * bp)  # positions of this program
+            return [("k", p, n * M * A * e), ("v", p, n * M * A * e), ("q", 0, Q * A * e), ("pool", 0, A * e),
+                    ("out", p, n * A * e), ("w", p, n * Q * 4), ("saved", p, n * saved)]
         floor = 2 * tokens + T * A * e + Q * A * e + A * e
     elif kernel == "backward_pool":  # u = dout . values, then the pooling softmax's backward per head
         useful = 2 * T * M * A + T * (13 * hqm + 4 * Q)
@@ -427,7 +453,7 @@ def compile_specs() -> list[dict]:
     for dtype, ptr in TRITON_DTYPE.items():
         name = str(dtype).removeprefix("torch.")
         for size in PRODUCTION_SHAPES:  # the same compiled kernels, counted at ViT-B's and ViT-L's shapes
-            blocks = _blocks(3, 5, 16)
+            plan = launch_plan(**PRODUCTION_SHAPES[size])
             counts = lambda kernel, size=size, e=dtype.itemsize: partial(  # noqa: E731
                 efficiency, kernel, **PRODUCTION_SHAPES[size], dtype_bytes=e)
             common = {"num_warps": NUM_WARPS, "num_stages": 1, "uses_dot": False}
@@ -435,16 +461,16 @@ def compile_specs() -> list[dict]:
             specs.append({
                 **common, "name": f"fusion_fwd_{name}_{size}", "fn": _forward_kernel, "efficiency": counts("forward"),
                 "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "pool_ptr": ptr, "out_ptr": ptr,
-                              "w_ptr": "*fp32", "attn_ptr": "*fp32", "vpool_ptr": "*fp32", **scalars,
+                              "w_ptr": "*fp32", "attn_ptr": "*fp32", "vpool_ptr": "*fp32", "T": "i32", **scalars,
                               "scale": "fp32"},
-                "constexprs": {"H": 16, **blocks},
+                "constexprs": {"H": 16, **_tiles(plan, "forward")},
             })
             specs.append({
                 **common, "name": f"fusion_bwd_pool_{name}_{size}", "fn": _backward_pool_kernel,
                 "efficiency": counts("backward_pool"),
                 "signature": {"v_ptr": ptr, "dout_ptr": ptr, "w_ptr": "*fp32", "attn_ptr": "*fp32",
                               "vpool_ptr": "*fp32", "coef_ptr": "*fp32", **scalars},
-                "constexprs": {"H": 16, **{k: blocks[k] for k in ("BLOCK_H", "BLOCK_Q", "BLOCK_M", "D_CHUNK")}},
+                "constexprs": {"H": 16, **_tiles(plan, "backward_pool")},
             })
             specs.append({
                 **common, "num_warps": NUM_WARPS_BACKWARD_HEAD, "name": f"fusion_bwd_head_{name}_{size}",
@@ -452,7 +478,6 @@ def compile_specs() -> list[dict]:
                 "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "pool_ptr": ptr, "dout_ptr": ptr,
                               "coef_ptr": "*fp32", "dk_ptr": ptr, "dv_ptr": ptr, "dq_partial_ptr": "*fp32",
                               "dpool_partial_ptr": "*fp32", "T": "i32", **scalars, "scale": "fp32"},
-                "constexprs": {"H": 16, "BLOCK_T": GPU_BLOCK_T,
-                               **{k: blocks[k] for k in ("BLOCK_QM", "BLOCK_Q", "D_CHUNK")}},
+                "constexprs": {"H": 16, **_tiles(plan, "backward_head")},
             })
     return specs
