@@ -28,7 +28,9 @@ grad_queries / grad_pool in registers, one fp32 partial per program, summed by t
 
 Tiles: the (Q x M x d) products run on one flattened lane axis i = q M + m (16 lanes at Q = 5,
 M = 3, not (8, 4) = 32), as fp32 broadcast multiply-adds over D_CHUNK = 16 columns (exact for
-d = 144 and 192); per-query sums over the lanes are (Q x lanes) masked reductions.
+d = 144 and 192); per-query sums over the lanes are (Q x lanes) masked reductions. The tiles are
+sized for Q x M <= 16 (the presets); larger Q x M (validate allows up to 64 x 16) is correct but
+grows the lane tiles and their (Q x lanes) sums with it, so it runs slower per position.
 
 Cost per forward call (e = bytes per element), the op's own arithmetic in this form:
     FLOPs ~ 2 T Q M A (scores) + 4 T M A (r and the output) + O(T H Q M)
