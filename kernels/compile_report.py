@@ -60,8 +60,6 @@ KNOWN_OVER_BOUND = {
     "patch_embed_grad_input_float32": "fp32 W crosses HBM once per wave as for the forward: 1.5x needs at most 11 "
                                       "waves of the 25088 x 3072 output, 53-65K accumulators per SM (64 x 32 tiles "
                                       "at 3-4 CTAs/SM: 72-117 waves); bf16 is 1.26x",
-    "fusion_": "Q = 5, M = 3 padded to 8 x 4 in the per-head products (2.1x), the forward walks the heads twice and "
-               "the pool backward recomputes z (T x Q x A would cost more bytes than the recompute costs time)",
     "teacher_softmax_stats_float32": "fp32 logits: the probs kernel's second read alone makes 1.5x; bf16 is 1.35x",
     "teacher_softmax_probs_float32": "as teacher_softmax_stats_float32 (the counts are the op's)",
     "dino_ce_": "flops only: the (16, BLOCK_K) tile holds S = 10 views; padded lanes move no bytes and the op is "

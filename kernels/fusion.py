@@ -6,24 +6,37 @@ modalities, queries (Q, A), pool (A,), H heads of width d = A / H:
     z[t, q, h]    = sum_m a[t, h, q, m] values[t, m, h]
     w[t, :]       = softmax_q(z[t, q] . pool)
     out[t]        = sum_q w[t, q] z[t, q]                                     (T, A)
-The pooling weights need every head before any output can be written, so the forward kernel
-walks the heads twice per position (logits, then outputs), recomputing the tiny (Q x M) attention
-instead of storing z (a (T, Q, A) tensor). Saved for backward: w (T, Q) only.
+The kernels never form z (Q x d per head): by associativity
+    z[t, q] . pool = sum_h sum_m a[t, h, q, m] r[t, h, m],   r[t, h, m] = values[t, m, h] . pool[h]
+    out[t, h]      = sum_m c[t, h, m] values[t, m, h],       c[t, h, m] = sum_q w[t, q] a[t, h, q, m]
+so per head the forward needs the scores (Q x M x d) and the M projections r (M x d) for the pooling
+logits, then the M-term sum for the output. Each program takes BLOCK_P = 4 positions side by side
+and walks the heads once; the (H, Q, M) attention of all heads stays in registers until w is known.
+Saved for backward: w (T, Q), the attention (T, H, Q, M) and r (T, H, M), fp32 (29 MB at ViT-B's
+shape: cheaper than re-reading the keys to recompute them).
 
-Backward: kernel 1 (per position) recomputes z to get dl = dsoftmax(w, z . dout) and saves each
-head's attention a (T, H, Q, M) and dout . values[m], pool . values[m] (T, H, 2, M), from which
-dz . values[m] = w[q] (dout . values[m]) + dl[q] (pool . values[m]); kernel 2 (per column chunk x
-head x block of positions) reads them (no whole-head score recompute), writes grad_keys /
-grad_values for its columns and accumulates grad_queries / grad_pool in registers, one fp32
-partial per program, summed by torch afterwards (deterministic, no atomics). No (T, M, A) temporary
-is created besides the gradients themselves.
+Backward, with u[t, h, m] = dout[t, h] . values[t, m, h]:
+    dw[q] = sum_h sum_m a u;  dl = w (dw - sum_q w dw);  da = w[q] u + dl[q] r
+    ds = a (da - sum_m a da)   (the score gradient);  c as above;  dr[h, m] = sum_q dl[q] a[h, q, m]
+    grad_keys[m] = scale sum_q ds[q, m] queries[q];   grad_queries[q] += scale sum_m ds[q, m] keys[m]
+    grad_values[m] = c[m] dout + dr[m] pool;          grad_pool += sum_m dr[m] values[m]
+Kernel 1 (per position, all heads in one (H, 16-column) tile) reads values, dout and the saved
+attention and writes ds, c, dr (T, H, Q + 2, M); kernel 2 (per column chunk x head x block of 128
+positions, BLOCK_P at a time) writes grad_keys / grad_values for its columns and accumulates
+grad_queries / grad_pool in registers, one fp32 partial per program, summed by torch afterwards
+(deterministic, no atomics).
 
-Cost per forward call (e = bytes per element):
-    FLOPs ~ 2 x 4 T Q M A (scores and weighted sum, twice) + 4 T Q A (pooling)
+Tiles: the (Q x M x d) products run on one flattened lane axis i = q M + m (16 lanes at Q = 5,
+M = 3, not (8, 4) = 32), as fp32 broadcast multiply-adds over D_CHUNK = 16 columns (exact for
+d = 144 and 192); per-query sums over the lanes are (Q x lanes) masked reductions. The tiles are
+sized for Q x M <= 16 (the presets); larger Q x M (validate allows up to 64 x 16) is correct but
+grows the lane tiles and their (Q x lanes) sums with it, so it runs slower per position.
+
+Cost per forward call (e = bytes per element), the op's own arithmetic in this form:
+    FLOPs ~ 2 T Q M A (scores) + 4 T M A (r and the output) + O(T H Q M)
     minimum HBM bytes = e (2 T M A + T A) + e (Q A + A)
-That is ~4 Q / (3 e) FLOPs per byte (M = 2-3): memory bound on H100/A100, so the small per-head
-products are fp32 broadcast multiply-adds (exact, any input dtype) on (Q, M) padded to powers of 2,
-not tensor-core dots (which pad Q and M to 16). Counts per kernel: efficiency().
+Memory bound on H100/A100 (~3 FLOPs per byte), hence fp32 FMA, not tensor-core dots (which pad
+the tiny Q and M to 16). Counts per kernel: efficiency().
 """
 
 import math
@@ -42,189 +55,203 @@ MAX_QUERIES = 64
 # the interpreter pays per op, so it gets few positions per program.
 GPU_BLOCK_T = 128
 INTERPRETER_BLOCK_T = 4
-# Warps and chunks, from the compile report: the per-head products are (BLOCK_Q, BLOCK_M, D_CHUNK)
-# = (8, 4, 32) fp32 broadcast tiles at the presets' Q = 5, M = 3: 1024 elements, 8 per thread over 4
-# warps. At 8 warps ptxas held the forward and pool kernels to 32 registers and spilled 16 bytes on
-# sm_90. (The earlier (16, 16, 256) tl.dot tiles needed 8 warps and up to 238 registers, and the
-# head backward spilled at full head width, hence its grid over D_CHUNK column chunks.)
+# Positions side by side in one tile (forward programs, head-kernel steps): more bytes in flight per load
+# than one position's 3 x 16 columns; 2 under the interpreter so its tests cover the position masks.
+GPU_BLOCK_P = 4
+INTERPRETER_BLOCK_P = 2
+# Warps and column chunk, from the compile report: the largest tiles are (16 lanes, 16 columns) at the
+# presets' Q = 5, M = 3, and (H, lanes, M) = (16, 16, 4) once per position in the forward.
 NUM_WARPS = 4
 NUM_WARPS_BACKWARD_HEAD = 4
-D_CHUNK = 32
+D_CHUNK = 16
 
 
 @triton.jit
-def _attention(k_ptr, q_ptr, row, h, M, Q, A, D, scale,
-               BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
-    """Attention (BLOCK_Q, BLOCK_M) of the Q queries over the M modality tokens of one position, head h:
-    the scores are accumulated over the head's D / D_CHUNK column chunks (no padding to a power of 2)."""
+def _query_sum(x, lane_q, BLOCK_Q: tl.constexpr):
+    """Per (position, lane), the sum of x (positions, lanes) over the lanes of its query (lane_q = lane // M)."""
     qs = tl.arange(0, BLOCK_Q)
-    ms = tl.arange(0, BLOCK_M)
-    m_ok = (ms < M) & (row >= 0)
-    s = tl.zeros([BLOCK_Q, BLOCK_M], tl.float32)
-    for c0 in range(0, D, D_CHUNK):
-        cs = c0 + tl.arange(0, D_CHUNK)
-        c_ok = cs < D
-        k = tl.load(k_ptr + row.to(tl.int64) * M * A + ms[:, None] * A + h * D + cs[None, :],
-                    mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-        qh = tl.load(q_ptr + qs[:, None] * A + h * D + cs[None, :], mask=(qs < Q)[:, None] & c_ok[None, :],
-                     other=0.0).to(tl.float32)
-        s += tl.sum(qh[:, None, :] * k[None, :, :], axis=2)
-    s = tl.where((ms < M)[None, :], s * scale, float("-inf"))
-    p = tl.exp(s - tl.max(s, axis=1)[:, None])
-    return p / tl.sum(p, axis=1)[:, None]
+    per_query = tl.sum(tl.where(lane_q[None, None, :] == qs[None, :, None], x[:, None, :], 0.0), axis=2)
+    return tl.sum(tl.where(lane_q[None, :, None] == qs[None, None, :], per_query[:, None, :], 0.0), axis=2)
 
 
 @triton.jit
-def _z_chunk(v_ptr, a, row, h, c0, M, A, D, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
-    """z = a @ values for columns c0..c0+D_CHUNK of head h at one position: (BLOCK_Q, D_CHUNK) fp32."""
-    ms = tl.arange(0, BLOCK_M)
-    cs = c0 + tl.arange(0, D_CHUNK)
-    v = tl.load(v_ptr + row.to(tl.int64) * M * A + ms[:, None] * A + h * D + cs[None, :],
-                mask=((ms < M) & (row >= 0))[:, None] & (cs < D)[None, :], other=0.0).to(tl.float32)
-    return tl.sum(a[:, :, None] * v[None, :, :], axis=1)
-
-
-@triton.jit
-def _forward_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, out_ptr, w_ptr, M, Q, A, D, scale,
-                    H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
-    row = tl.program_id(0)
+def _query_max(x, lane_q, BLOCK_Q: tl.constexpr):
+    """Per (position, lane), the max of x over the lanes of its query."""
     qs = tl.arange(0, BLOCK_Q)
-    logits = tl.zeros([BLOCK_Q], tl.float32)
+    per_query = tl.max(tl.where(lane_q[None, None, :] == qs[None, :, None], x[:, None, :], float("-inf")), axis=2)
+    return tl.max(tl.where(lane_q[None, :, None] == qs[None, None, :], per_query[:, None, :], float("-inf")), axis=2)
+
+
+@triton.jit
+def _forward_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, out_ptr, w_ptr, attn_ptr, vpool_ptr, T, M, Q, A, D, scale,
+                    H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_QM: tl.constexpr,
+                    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
+    """BLOCK_P positions: per head the scores on the lane axis and r = values . pool, then w, then the output."""
+    ts = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    t_ok = ts < T
+    lanes = tl.arange(0, BLOCK_QM)
+    lane_q, lane_m, lane_ok = lanes // M, lanes % M, lanes < Q * M
+    hs = tl.arange(0, BLOCK_H)
+    ms = tl.arange(0, BLOCK_M)
+    tokens = ts[:, None, None] * M * A
+    tm_ok = t_ok[:, None, None] & (ms < M)[None, :, None]
+    attn_all = tl.zeros([BLOCK_P, BLOCK_H, BLOCK_QM], tl.float32)
+    logit_terms = tl.zeros([BLOCK_P, BLOCK_QM], tl.float32)
     for h in range(H):
-        a = _attention(k_ptr, q_ptr, row, h, M, Q, A, D, scale, BLOCK_Q, BLOCK_M, D_CHUNK)
+        s = tl.zeros([BLOCK_P, BLOCK_QM], tl.float32)
+        r = tl.zeros([BLOCK_P, BLOCK_M], tl.float32)
         for c0 in range(0, D, D_CHUNK):
-            cs = c0 + tl.arange(0, D_CHUNK)
-            z = _z_chunk(v_ptr, a, row, h, c0, M, A, D, BLOCK_M, D_CHUNK)
-            pool = tl.load(pool_ptr + h * D + cs, mask=cs < D, other=0.0).to(tl.float32)
-            logits += tl.sum(z * pool[None, :], axis=1)
-    logits = tl.where(qs < Q, logits, float("-inf"))
-    e = tl.exp(logits - tl.max(logits, axis=0))
-    w = e / tl.sum(e, axis=0)
-    tl.store(w_ptr + row.to(tl.int64) * Q + qs, w, mask=qs < Q)
+            c_ok = c0 + tl.arange(0, D_CHUNK) < D
+            cs = h * D + c0 + tl.arange(0, D_CHUNK)
+            qh = tl.load(q_ptr + lane_q[:, None] * A + cs[None, :], mask=lane_ok[:, None] & c_ok[None, :],
+                         other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + tokens + lane_m[None, :, None] * A + cs[None, None, :],
+                        mask=t_ok[:, None, None] & lane_ok[None, :, None] & c_ok[None, None, :],
+                        other=0.0).to(tl.float32)
+            s += tl.sum(qh[None, :, :] * k, axis=2)
+            v = tl.load(v_ptr + tokens + ms[None, :, None] * A + cs[None, None, :],
+                        mask=tm_ok & c_ok[None, None, :], other=0.0).to(tl.float32)
+            pool = tl.load(pool_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
+            r += tl.sum(v * pool[None, None, :], axis=2)
+        s = tl.where(lane_ok[None, :], s * scale, float("-inf"))
+        e = tl.exp(s - tl.where(lane_ok[None, :], _query_max(s, lane_q, BLOCK_Q), 0.0))  # padded lanes: 0
+        a = e / tl.where(lane_ok[None, :], _query_sum(e, lane_q, BLOCK_Q), 1.0)
+        saved = ts[:, None] * H + h
+        tl.store(attn_ptr + saved * Q * M + lanes[None, :], a, mask=t_ok[:, None] & lane_ok[None, :])
+        tl.store(vpool_ptr + saved * M + ms[None, :], r, mask=t_ok[:, None] & (ms < M)[None, :])
+        r_lane = tl.sum(tl.where(lane_m[None, :, None] == ms[None, None, :], r[:, None, :], 0.0), axis=2)
+        logit_terms += a * r_lane
+        attn_all = tl.where(hs[None, :, None] == h, a[:, None, :], attn_all)
+    logits = _query_sum(logit_terms, lane_q, BLOCK_Q)  # each lane holds its query's logit
+    first = lane_ok & (lane_m == 0)  # one lane per query
+    e = tl.exp(logits - tl.max(tl.where(first[None, :], logits, float("-inf")), axis=1)[:, None])
+    w = tl.where(lane_ok[None, :], e / tl.sum(tl.where(first[None, :], e, 0.0), axis=1)[:, None], 0.0)
+    tl.store(w_ptr + ts[:, None] * Q + lane_q[None, :], w, mask=t_ok[:, None] & first[None, :])
     for h in range(H):
-        a = _attention(k_ptr, q_ptr, row, h, M, Q, A, D, scale, BLOCK_Q, BLOCK_M, D_CHUNK)
+        weighted = w * tl.sum(tl.where(hs[None, :, None] == h, attn_all, 0.0), axis=1)  # w[q] a[h, q, m]
+        c = tl.sum(tl.where(lane_m[None, :, None] == ms[None, None, :], weighted[:, :, None], 0.0), axis=1)
         for c0 in range(0, D, D_CHUNK):
-            cs = c0 + tl.arange(0, D_CHUNK)
-            out = tl.sum(w[:, None] * _z_chunk(v_ptr, a, row, h, c0, M, A, D, BLOCK_M, D_CHUNK), axis=0)
-            tl.store(out_ptr + row.to(tl.int64) * A + h * D + cs, out.to(out_ptr.dtype.element_ty), mask=cs < D)
+            c_ok = c0 + tl.arange(0, D_CHUNK) < D
+            cs = h * D + c0 + tl.arange(0, D_CHUNK)
+            v = tl.load(v_ptr + tokens + ms[None, :, None] * A + cs[None, None, :],
+                        mask=tm_ok & c_ok[None, None, :], other=0.0).to(tl.float32)
+            out = tl.sum(c[:, :, None] * v, axis=1)
+            tl.store(out_ptr + ts[:, None] * A + cs[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=t_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
-def _backward_pool_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, w_ptr, dout_ptr, dl_ptr, attn_ptr, vproj_ptr,
-                          M, Q, A, D, scale,
-                          H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
-    """dl[t] = w * (dw - sum(w dw)) with dw[q] = z[t, q] . dout[t]: the pooling softmax's backward.
-
-    Also saves, per head, what the head backward needs for the attention gradient without recomputing
-    the scores: attn (T, H, Q, M) and vproj (T, H, 2, M) = (dout . values[m], pool . values[m]), since
-    dz . values[m] = w[q] (dout . values[m]) + dl[q] (pool . values[m])."""
-    row = tl.program_id(0)
-    qs = tl.arange(0, BLOCK_Q)
-    ms = tl.arange(0, BLOCK_M)
-    dw = tl.zeros([BLOCK_Q], tl.float32)
-    for h in range(H):
-        a = _attention(k_ptr, q_ptr, row, h, M, Q, A, D, scale, BLOCK_Q, BLOCK_M, D_CHUNK)
-        saved = row.to(tl.int64) * H + h
-        tl.store(attn_ptr + (saved * Q + qs[:, None]) * M + ms[None, :], a, mask=(qs < Q)[:, None] & (ms < M)[None, :])
-        u = tl.zeros([BLOCK_M], tl.float32)
-        r = tl.zeros([BLOCK_M], tl.float32)
-        for c0 in range(0, D, D_CHUNK):
-            cs = c0 + tl.arange(0, D_CHUNK)
-            v = tl.load(v_ptr + row.to(tl.int64) * M * A + ms[:, None] * A + h * D + cs[None, :],
-                        mask=(ms < M)[:, None] & (cs < D)[None, :], other=0.0).to(tl.float32)
-            dout = tl.load(dout_ptr + row.to(tl.int64) * A + h * D + cs, mask=cs < D, other=0.0).to(tl.float32)
-            pool = tl.load(pool_ptr + h * D + cs, mask=cs < D, other=0.0).to(tl.float32)
-            z = tl.sum(a[:, :, None] * v[None, :, :], axis=1)
-            dw += tl.sum(z * dout[None, :], axis=1)
-            u += tl.sum(v * dout[None, :], axis=1)
-            r += tl.sum(v * pool[None, :], axis=1)
-        tl.store(vproj_ptr + saved * 2 * M + ms, u, mask=ms < M)
-        tl.store(vproj_ptr + (saved * 2 + 1) * M + ms, r, mask=ms < M)
-    w = tl.load(w_ptr + row.to(tl.int64) * Q + qs, mask=qs < Q, other=0.0)
-    dl = w * (dw - tl.sum(w * dw, axis=0))
-    tl.store(dl_ptr + row.to(tl.int64) * Q + qs, dl, mask=qs < Q)
-
-
-@triton.jit
-def _load_chunk(k_ptr, v_ptr, q_ptr, dout_ptr, pool_ptr, w, dl, t, T, h, c0, M, Q, A, D,
-                BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
-    """Columns c0..c0+D_CHUNK of head h at position t: keys, values, queries and dz = w dout + dl pool."""
-    qs = tl.arange(0, BLOCK_Q)
-    ms = tl.arange(0, BLOCK_M)
-    cs = c0 + tl.arange(0, D_CHUNK)
-    c_ok = cs < D
-    m_ok = (ms < M) & (t < T)
-    tok = t.to(tl.int64) * M * A + ms[:, None] * A + h * D + cs[None, :]
-    k = tl.load(k_ptr + tok, mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + tok, mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    qh = tl.load(q_ptr + qs[:, None] * A + h * D + cs[None, :], mask=(qs < Q)[:, None] & c_ok[None, :],
-                 other=0.0).to(tl.float32)
-    dout = tl.load(dout_ptr + t.to(tl.int64) * A + h * D + cs, mask=c_ok & (t < T), other=0.0).to(tl.float32)
-    pool = tl.load(pool_ptr + h * D + cs, mask=c_ok, other=0.0).to(tl.float32)
-    dz = w[:, None] * dout[None, :] + dl[:, None] * pool[None, :]
-    return k, v, qh, dz
-
-
-@triton.jit
-def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, w_ptr, dl_ptr, dout_ptr, attn_ptr, vproj_ptr, dk_ptr,
-                          dv_ptr, dq_partial_ptr, dpool_partial_ptr, T, M, Q, A, D, scale,
-                          H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+def _backward_pool_kernel(v_ptr, dout_ptr, w_ptr, attn_ptr, vpool_ptr, coef_ptr, M, Q, A, D,
+                          H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                           D_CHUNK: tl.constexpr):
-    """Per (column chunk, head, block of positions): grad keys/values of the chunk, and the block's
-    grad queries/pool partials for it. The attention and its gradient come from what the pool kernel
-    saved (attn, vproj), so no program recomputes the whole-head scores; the grid stops at D."""
+    """One position: u = dout . values (all heads at once), then the pooling softmax's backward and
+    the per-head coefficients the head kernel needs, coef (T, H, Q + 2, M) = (ds, c, dr)."""
+    t = tl.program_id(0).to(tl.int64)
+    hs = tl.arange(0, BLOCK_H)
+    qs = tl.arange(0, BLOCK_Q)
+    ms = tl.arange(0, BLOCK_M)
+    h_ok, q_ok, m_ok = hs < H, qs < Q, ms < M
+    u = tl.zeros([BLOCK_H, BLOCK_M], tl.float32)
+    for m in range(M):
+        um = tl.zeros([BLOCK_H], tl.float32)
+        for c0 in range(0, D, D_CHUNK):
+            c_ok = c0 + tl.arange(0, D_CHUNK) < D
+            cols = hs[:, None] * D + c0 + tl.arange(0, D_CHUNK)[None, :]
+            mask = h_ok[:, None] & c_ok[None, :]
+            v = tl.load(v_ptr + (t * M + m) * A + cols, mask=mask, other=0.0).to(tl.float32)
+            dout = tl.load(dout_ptr + t * A + cols, mask=mask, other=0.0).to(tl.float32)
+            um += tl.sum(v * dout, axis=1)
+        u = tl.where(ms[None, :] == m, um[:, None], u)
+    saved = t * H + hs
+    hm = h_ok[:, None] & m_ok[None, :]
+    hqm = h_ok[:, None, None] & q_ok[None, :, None] & m_ok[None, None, :]
+    a = tl.load(attn_ptr + (saved[:, None, None] * Q + qs[None, :, None]) * M + ms[None, None, :], mask=hqm,
+                other=0.0)
+    r = tl.load(vpool_ptr + saved[:, None] * M + ms[None, :], mask=hm, other=0.0)
+    w = tl.load(w_ptr + t * Q + qs, mask=q_ok, other=0.0)
+    dw = tl.sum(tl.sum(a * u[:, None, :], axis=2), axis=0)
+    dl = w * (dw - tl.sum(w * dw, axis=0))
+    da = w[None, :, None] * u[:, None, :] + dl[None, :, None] * r[:, None, :]
+    ds = a * (da - tl.sum(a * da, axis=2)[:, :, None])
+    coef = coef_ptr + saved * (Q + 2) * M
+    tl.store(coef[:, None, None] + qs[None, :, None] * M + ms[None, None, :], ds, mask=hqm)
+    tl.store(coef[:, None] + Q * M + ms[None, :], tl.sum(w[None, :, None] * a, axis=1), mask=hm)
+    tl.store(coef[:, None] + (Q + 1) * M + ms[None, :], tl.sum(dl[None, :, None] * a, axis=1), mask=hm)
+
+
+@triton.jit
+def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_ptr, dv_ptr, dq_partial_ptr,
+                          dpool_partial_ptr, T, M, Q, A, D, scale,
+                          H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_QM: tl.constexpr,
+                          BLOCK_Q: tl.constexpr, D_CHUNK: tl.constexpr):
+    """Per (column chunk, head, block of BLOCK_T positions, BLOCK_P at a time): grad keys/values of the chunk
+    from the pool kernel's coefficients, and the block's grad queries/pool partials for it (grad queries
+    accumulated on the lane axis, summed per query once per program)."""
     c0 = tl.program_id(0) * D_CHUNK
     h = tl.program_id(1)
     block = tl.program_id(2)
+    lanes = tl.arange(0, BLOCK_QM)
+    lane_q, lane_m, lane_ok = lanes // M, lanes % M, lanes < Q * M
     qs = tl.arange(0, BLOCK_Q)
-    ms = tl.arange(0, BLOCK_M)
-    cs = c0 + tl.arange(0, D_CHUNK)
-    c_ok = cs < D
-    dq = tl.zeros([BLOCK_Q, D_CHUNK], tl.float32)
+    c_ok = c0 + tl.arange(0, D_CHUNK) < D
+    cs = h * D + c0 + tl.arange(0, D_CHUNK)
+    queries = tl.load(q_ptr + qs[:, None] * A + cs[None, :], mask=(qs < Q)[:, None] & c_ok[None, :],
+                      other=0.0).to(tl.float32)
+    pool = tl.load(pool_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
+    dq = tl.zeros([BLOCK_QM, D_CHUNK], tl.float32)
     dpool = tl.zeros([D_CHUNK], tl.float32)
-    for i in range(BLOCK_T):
-        t = block * BLOCK_T + i
-        q_ok = (qs < Q) & (t < T)
-        w = tl.load(w_ptr + t.to(tl.int64) * Q + qs, mask=q_ok, other=0.0)
-        dl = tl.load(dl_ptr + t.to(tl.int64) * Q + qs, mask=q_ok, other=0.0)
-        saved = t.to(tl.int64) * H + h
-        m_ok = (ms < M) & (t < T)
-        a = tl.load(attn_ptr + (saved * Q + qs[:, None]) * M + ms[None, :], mask=q_ok[:, None] & m_ok[None, :],
-                    other=0.0)
-        u = tl.load(vproj_ptr + saved * 2 * M + ms, mask=m_ok, other=0.0)
-        r = tl.load(vproj_ptr + (saved * 2 + 1) * M + ms, mask=m_ok, other=0.0)
-        da = w[:, None] * u[None, :] + dl[:, None] * r[None, :]  # dz . values[m]
-        dscore = a * (da - tl.sum(a * da, axis=1)[:, None])
-        k, v, qh, dz = _load_chunk(k_ptr, v_ptr, q_ptr, dout_ptr, pool_ptr, w, dl, t, T, h, c0, M, Q, A, D,
-                                   BLOCK_Q, BLOCK_M, D_CHUNK)
-        dpool += tl.sum(dl[:, None] * tl.sum(a[:, :, None] * v[None, :, :], axis=1), axis=0)
-        dv = tl.sum(a[:, :, None] * dz[:, None, :], axis=0)
-        dk = tl.sum(dscore[:, :, None] * qh[:, None, :], axis=0) * scale
-        dq += tl.sum(dscore[:, :, None] * k[None, :, :], axis=1) * scale
-        tok = t.to(tl.int64) * M * A + ms[:, None] * A + h * D + cs[None, :]
-        mask = ((ms < M) & (t < T))[:, None] & c_ok[None, :]
-        tl.store(dk_ptr + tok, dk.to(dk_ptr.dtype.element_ty), mask=mask)
-        tl.store(dv_ptr + tok, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+    for i in range(0, BLOCK_T, BLOCK_P):
+        ts = block.to(tl.int64) * BLOCK_T + i + tl.arange(0, BLOCK_P)
+        t_ok = ts < T
+        tc_ok = t_ok[:, None] & c_ok[None, :]
+        coef = coef_ptr + (ts * H + h) * (Q + 2) * M
+        ds = tl.load(coef[:, None] + lanes[None, :], mask=t_ok[:, None] & lane_ok[None, :], other=0.0)
+        k = tl.load(k_ptr + ts[:, None, None] * M * A + lane_m[None, :, None] * A + cs[None, None, :],
+                    mask=t_ok[:, None, None] & lane_ok[None, :, None] & c_ok[None, None, :], other=0.0).to(tl.float32)
+        dq += tl.sum(ds[:, :, None] * k, axis=0)
+        dout = tl.load(dout_ptr + ts[:, None] * A + cs[None, :], mask=tc_ok, other=0.0).to(tl.float32)
+        for m in range(M):
+            ds_m = tl.load(coef[:, None] + qs[None, :] * M + m, mask=t_ok[:, None] & (qs < Q)[None, :], other=0.0)
+            c = tl.load(coef + Q * M + m, mask=t_ok, other=0.0)
+            dr = tl.load(coef + (Q + 1) * M + m, mask=t_ok, other=0.0)
+            tok = (ts[:, None] * M + m) * A + cs[None, :]
+            v = tl.load(v_ptr + tok, mask=tc_ok, other=0.0).to(tl.float32)
+            dk = tl.sum(ds_m[:, :, None] * queries[None, :, :], axis=1) * scale
+            dpool += tl.sum(dr[:, None] * v, axis=0)
+            tl.store(dk_ptr + tok, dk.to(dk_ptr.dtype.element_ty), mask=tc_ok)
+            tl.store(dv_ptr + tok, (c[:, None] * dout + dr[:, None] * pool[None, :]).to(dv_ptr.dtype.element_ty),
+                     mask=tc_ok)
+    dq = tl.sum(tl.where(lane_q[None, :, None] == qs[:, None, None], dq[None, :, :], 0.0), axis=1) * scale
     base = block.to(tl.int64) * Q * A
-    tl.store(dq_partial_ptr + base + qs[:, None] * A + h * D + cs[None, :], dq,
-             mask=(qs < Q)[:, None] & c_ok[None, :])
-    tl.store(dpool_partial_ptr + block.to(tl.int64) * A + h * D + cs, dpool, mask=c_ok)
+    tl.store(dq_partial_ptr + base + qs[:, None] * A + cs[None, :], dq, mask=(qs < Q)[:, None] & c_ok[None, :])
+    tl.store(dpool_partial_ptr + block.to(tl.int64) * A + cs, dpool, mask=c_ok)
 
 
-def _blocks(M: int, Q: int) -> dict:
-    """The (Q, M, column) product tiles: Q and M padded only to a power of 2 (the products are
-    broadcast multiply-adds, not tl.dot, which would pad both to 16); columns in chunks of up to
-    D_CHUNK, fewer when Q x M is large so a product tile stays at 1024 elements."""
-    block_q, block_m = triton.next_power_of_2(Q), triton.next_power_of_2(M)
-    return {"BLOCK_Q": block_q, "BLOCK_M": block_m, "D_CHUNK": max(4, min(D_CHUNK, 1024 // (block_q * block_m)))}
+def _blocks(M: int, Q: int, H: int) -> dict:
+    """The tiles: the (Q, M) pairs on one lane axis padded to a power of 2 (16 at Q = 5, M = 3), Q, M
+    and H padded to powers of 2 for the per-query / per-modality / all-heads tiles, 16 columns."""
+    return {"BLOCK_QM": triton.next_power_of_2(Q * M), "BLOCK_Q": triton.next_power_of_2(Q),
+            "BLOCK_M": triton.next_power_of_2(M), "BLOCK_H": triton.next_power_of_2(H), "D_CHUNK": D_CHUNK}
 
 
 def launch_plan(T: int, M: int, Q: int, A: int, H: int, interpreter: bool = False) -> dict:
     """Tiles and grids of the three kernels: the one place the launcher and efficiency() read them."""
-    blocks = _blocks(M, Q)
+    blocks = _blocks(M, Q, H)
     block_t = INTERPRETER_BLOCK_T if interpreter else GPU_BLOCK_T
-    return {**blocks, "BLOCK_T": block_t, "forward": (T,), "backward_pool": (T,),
+    block_p = INTERPRETER_BLOCK_P if interpreter else GPU_BLOCK_P
+    return {**blocks, "BLOCK_T": block_t, "BLOCK_P": block_p, "forward": (triton.cdiv(T, block_p),),
+            "backward_pool": (T,),
             "backward_head": (triton.cdiv(A // H, blocks["D_CHUNK"]), H, triton.cdiv(T, block_t))}
+
+
+# The tile constexprs each kernel takes from launch_plan (launchers and compile_specs alike).
+TILES = {"forward": ("BLOCK_P", "BLOCK_H", "BLOCK_QM", "BLOCK_Q", "BLOCK_M", "D_CHUNK"),
+         "backward_pool": ("BLOCK_H", "BLOCK_Q", "BLOCK_M", "D_CHUNK"),
+         "backward_head": ("BLOCK_T", "BLOCK_P", "BLOCK_QM", "BLOCK_Q", "D_CHUNK")}
+
+
+def _tiles(plan: dict, kernel: str) -> dict:
+    return {name: plan[name] for name in TILES[kernel]}
 
 
 def validate(keys, values, queries, pool, num_heads) -> None:
@@ -249,80 +276,76 @@ def validate(keys, values, queries, pool, num_heads) -> None:
 
 
 def _launch_forward(keys, values, queries, pool, num_heads):
-    """(out (T, A), w (T, Q) fp32 pooling weights saved for backward)."""
-    T, M, A = keys.shape
-    Q, D = queries.shape[0], A // num_heads
-    plan = launch_plan(T, M, Q, A, num_heads, interpreted(keys))
-    scale = 1.0 / math.sqrt(D)
-    out = torch.empty((T, A), dtype=keys.dtype, device=keys.device)
-    w = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
-    _forward_kernel[plan["forward"]](keys, values, queries, pool, out, w, M, Q, A, D, scale, H=num_heads,
-                                     **_blocks(M, Q), num_warps=NUM_WARPS)
-    return out, w
-
-
-def _launch_backward(grad_out, keys, values, queries, pool, w, num_heads):
+    """(out (T, A), and saved for backward in fp32: w (T, Q), attention (T, H, Q, M), r (T, H, M))."""
     T, M, A = keys.shape
     H = num_heads
     Q, D = queries.shape[0], A // H
-    scale = 1.0 / math.sqrt(D)
-    blocks = _blocks(M, Q)
+    plan = launch_plan(T, M, Q, A, H, interpreted(keys))
+    out = torch.empty((T, A), dtype=keys.dtype, device=keys.device)
+    w = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
+    attn = torch.empty((T, H, Q, M), dtype=torch.float32, device=keys.device)
+    vpool = torch.empty((T, H, M), dtype=torch.float32, device=keys.device)
+    _forward_kernel[plan["forward"]](keys, values, queries, pool, out, w, attn, vpool, T, M, Q, A, D,
+                                     1.0 / math.sqrt(D), H=H, **_tiles(plan, "forward"), num_warps=NUM_WARPS)
+    return out, w, attn, vpool
+
+
+def _launch_backward(grad_out, keys, values, queries, pool, w, attn, vpool, num_heads):
+    T, M, A = keys.shape
+    H = num_heads
+    Q, D = queries.shape[0], A // H
     plan = launch_plan(T, M, Q, A, H, interpreted(keys))
     dout = grad_out.contiguous()
-    dl = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
-    attn = torch.empty((T, H, Q, M), dtype=torch.float32, device=keys.device)
-    vproj = torch.empty((T, H, 2, M), dtype=torch.float32, device=keys.device)
-    _backward_pool_kernel[plan["backward_pool"]](keys, values, queries, pool, w, dout, dl, attn, vproj, M, Q, A, D,
-                                                 scale, H=H, **blocks, num_warps=NUM_WARPS)
-    block_t = plan["BLOCK_T"]
+    coef = torch.empty((T, H, Q + 2, M), dtype=torch.float32, device=keys.device)
+    _backward_pool_kernel[plan["backward_pool"]](values, dout, w, attn, vpool, coef, M, Q, A, D, H=H,
+                                                 **_tiles(plan, "backward_pool"), num_warps=NUM_WARPS)
     programs = plan["backward_head"][2]
     dk, dv = torch.empty_like(keys), torch.empty_like(values)
     dq_partial = torch.empty((programs, Q, A), dtype=torch.float32, device=keys.device)
     dpool_partial = torch.empty((programs, A), dtype=torch.float32, device=keys.device)
     _backward_head_kernel[plan["backward_head"]](
-        keys, values, queries, pool, w, dl, dout, attn, vproj, dk, dv, dq_partial, dpool_partial, T, M, Q, A, D,
-        scale, H=H, BLOCK_T=block_t, **blocks, num_warps=NUM_WARPS_BACKWARD_HEAD)
-    dq = dq_partial.sum(0).to(queries.dtype)
-    dpool = dpool_partial.sum(0).to(pool.dtype)
-    return dk, dv, dq, dpool
+        keys, values, queries, pool, dout, coef, dk, dv, dq_partial, dpool_partial, T, M, Q, A, D, 1.0 / math.sqrt(D),
+        H=H, **_tiles(plan, "backward_head"), num_warps=NUM_WARPS_BACKWARD_HEAD)
+    return dk, dv, dq_partial.sum(0).to(queries.dtype), dpool_partial.sum(0).to(pool.dtype)
 
 
 # torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes),
 # so the same graph runs the compiled kernel on a GPU and the interpreter on CPU tensors.
 @torch.library.custom_op("terrafm::cross_attention_fusion", mutates_args=())
 def _fusion_op(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, pool: torch.Tensor,
-               num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+               num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_forward(keys, values, queries, pool, num_heads)
 
 
 @_fusion_op.register_fake
 def _(keys, values, queries, pool, num_heads):
-    T, _, A = keys.shape
-    return keys.new_empty((T, A)), keys.new_empty((T, queries.shape[0]), dtype=torch.float32)
+    T, M, A = keys.shape
+    Q = queries.shape[0]
+    saved = lambda *shape: keys.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return keys.new_empty((T, A)), saved(T, Q), saved(T, num_heads, Q, M), saved(T, num_heads, M)
 
 
 @torch.library.custom_op("terrafm::cross_attention_fusion_backward", mutates_args=())
 def _fusion_backward_op(grad_out: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
-                        pool: torch.Tensor, w: torch.Tensor,
+                        pool: torch.Tensor, w: torch.Tensor, attn: torch.Tensor, vpool: torch.Tensor,
                         num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(grad_out, keys, values, queries, pool, w, num_heads)
+    return _launch_backward(grad_out, keys, values, queries, pool, w, attn, vpool, num_heads)
 
 
 @_fusion_backward_op.register_fake
-def _(grad_out, keys, values, queries, pool, w, num_heads):
+def _(grad_out, keys, values, queries, pool, w, attn, vpool, num_heads):
     return torch.empty_like(keys), torch.empty_like(values), torch.empty_like(queries), torch.empty_like(pool)
 
 
 def _setup_context(ctx, inputs, output):
     keys, values, queries, pool, num_heads = inputs
-    ctx.save_for_backward(keys, values, queries, pool, output[1])
-    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(keys, values, queries, pool, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
     ctx.num_heads = num_heads
 
 
-def _backward(ctx, grad_out, _grad_w):
-    keys, values, queries, pool, w = ctx.saved_tensors
-    return _fusion_backward_op(grad_out, keys, values, queries, pool, w, ctx.num_heads) + (None,)
+def _backward(ctx, grad_out, *_grad_saved):
+    return _fusion_backward_op(grad_out, *ctx.saved_tensors, ctx.num_heads) + (None,)
 
 
 _fusion_op.register_autograd(_backward, setup_context=_setup_context)
@@ -340,16 +363,18 @@ def cross_attention_fusion(keys: torch.Tensor, values: torch.Tensor, queries: to
 
 
 def roofline_cost(T: int, M: int, A: int, Q: int = 5, dtype_bytes: int = 2, backward: bool = False) -> dict:
-    """Useful FLOPs (each product counted once) and minimum HBM bytes of forward (+ backward).
+    """Useful FLOPs (each product counted once, in the associative form of the module docstring, without
+    the O(T H Q M) softmax terms) and minimum HBM bytes of forward (+ backward).
 
-    Backward reads keys, values and grad_out and writes the four gradients: about twice the forward's
-    products (grad values, grad scores, grad keys, grad queries).
+    Forward: scores 2 T Q M A, r and the output 2 T M A each. Backward: u 2 T M A, grad keys and grad
+    queries 2 T Q M A each, grad values 3 T M A, grad pool 2 T M A; it reads keys, values and
+    grad_out and writes the four gradients.
     """
     e = dtype_bytes
-    flops = 4 * T * Q * M * A + 4 * T * Q * A
+    flops = 2 * T * Q * M * A + 4 * T * M * A
     moved = e * (2 * T * M * A + T * A + Q * A + A)
     if backward:
-        flops += 8 * T * Q * M * A + 4 * T * Q * A
+        flops += 4 * T * Q * M * A + 7 * T * M * A
         moved += e * (4 * T * M * A + T * A + Q * A + A)
     return {"flops": flops, "bytes": moved}
 
@@ -365,48 +390,58 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
     """Useful / executed FLOPs and minimum / moved HBM bytes of one kernel ("forward", "backward_pool",
     "backward_head") from launch_plan's tiles and grid (docs/kernels.md, "Efficiency counts").
 
-    Useful FLOPs are the products the op needs once (roofline_cost); the per-head tiles are padded to
-    (BLOCK_Q, BLOCK_M, D_CHUNK) and the forward walks the heads twice, the pool backward recomputes z.
+    Useful FLOPs are the op's products in the associative form (roofline_cost) plus its O(H Q M)
+    softmax terms per position; executed FLOPs count every multiply and add of the padded tiles
+    (lanes, Q, M, H padded to powers of 2; columns to whole chunks), the masked per-query / per-modality
+    sums on the lane axis included. The floor is the op's own tensors: the saved attention and the
+    coefficients between the backward kernels count as moved bytes only.
     """
     plan = launch_plan(T, M, Q, A, H)
-    bq, bm, bt, dc = plan["BLOCK_Q"], plan["BLOCK_M"], plan["BLOCK_T"], plan["D_CHUNK"]
+    bqm, bq, bm, bh, bt, bp, dc = (plan[k] for k in ("BLOCK_QM", "BLOCK_Q", "BLOCK_M", "BLOCK_H", "BLOCK_T", "BLOCK_P",
+                                                     "D_CHUNK"))
     chunks = plan["backward_head"][0]  # D / dc column chunks per head
     e, D = dtype_bytes, A // H
+    cols = chunks * dc  # the head width in whole chunks
     tokens = T * M * A * e
-    chunk = 2 * bq * bm * dc  # one padded (Q x M x dc) product
-    if kernel == "forward":  # per position: 2 walks x H heads x chunks x (scores + z + pool logits / output)
-        useful = 4 * T * Q * M * A + 4 * T * Q * A
-        executed = T * H * 2 * chunks * (2 * chunk + 2 * bq * dc)
-        sizes = {"k": tokens, "v": tokens, "out": T * A * e, "w": T * Q * 4, "q": Q * A * e}
-        touches = lambda t, _y, _z: [("k", t, M * A * e), ("v", t, M * A * e), ("q", 0, Q * A * e),  # noqa: E731
-                                     ("out", t, A * e), ("w", t, Q * 4)]
+    hqm, saved = H * Q * M, H * (Q * M + M) * 4  # saved per position: attention and r, fp32
+    if kernel == "forward":
+        useful = 2 * T * Q * M * A + 4 * T * M * A + T * (7 * hqm + 3 * Q)
+        # per head: the chunked products, the lane softmax and logit terms, then c = sum_q w a from registers
+        per_head = cols * (2 * bqm + 4 * bm) + 4 * bqm + 2 * bq * bqm + bqm * bm + bh * bqm + bqm + bqm * bm
+        executed = plan["forward"][0] * bp * (H * per_head + 2 * bq * bqm + 3 * bqm)
+        sizes = {"k": tokens, "v": tokens, "out": T * A * e, "w": T * Q * 4, "saved": T * saved, "q": Q * A * e}
+
+        def touches(p, _y, _z):
+            n = min(bp, T - p * bp)  # positions of this program
+            return [("k", p, n * M * A * e), ("v", p, n * M * A * e), ("q", 0, Q * A * e), ("pool", 0, A * e),
+                    ("out", p, n * A * e), ("w", p, n * Q * 4), ("saved", p, n * saved)]
         floor = 2 * tokens + T * A * e + Q * A * e + A * e
-    elif kernel == "backward_pool":  # recomputes z to get dw = z . dout; saves attn and vproj for the head kernel
-        useful = 4 * T * Q * A
-        executed = T * H * chunks * (2 * chunk + 2 * bq * dc + 4 * bm * dc)
-        saved = H * (Q * M + 2 * M) * 4
-        sizes = {"k": tokens, "v": tokens, "dout": T * A * e, "w": T * Q * 4, "dl": T * Q * 4, "q": Q * A * e,
-                 "saved": T * saved}
-        touches = lambda t, _y, _z: [("k", t, M * A * e), ("v", t, M * A * e), ("q", 0, Q * A * e),  # noqa: E731
-                                     ("dout", t, A * e), ("w", t, Q * 4), ("dl", t, Q * 4), ("saved", t, saved)]
-        floor = 2 * tokens + T * A * e + 8 * T * Q
-    else:  # backward_head: per (column chunk, head, block of positions), attention from the pool kernel
-        useful = 8 * T * Q * M * A
+    elif kernel == "backward_pool":  # u = dout . values, then the pooling softmax's backward per head
+        useful = 2 * T * M * A + T * (13 * hqm + 4 * Q)
+        executed = T * (2 * M * bh * cols + 13 * bh * bq * bm + 4 * bq)
+        coef = H * (Q + 2) * M * 4
+        sizes = {"v": tokens, "dout": T * A * e, "w": T * Q * 4, "saved": T * saved, "coef": T * coef}
+        touches = lambda t, _y, _z: [("v", t, M * A * e), ("dout", t, A * e), ("w", t, Q * 4),  # noqa: E731
+                                     ("saved", t, saved), ("coef", t, coef)]
+        floor = tokens + T * A * e
+    else:  # backward_head: per (column chunk, head, block of positions), coefficients from the pool kernel
+        useful = 4 * T * Q * M * A + 6 * T * M * A + Q * A  # + the 1/sqrt(d) scale of grad keys / queries
         blocks = plan["backward_head"][2]
-        executed = chunks * H * blocks * bt * 4 * chunk
+        per_position = 2 * bqm * dc + M * (2 * bq * dc + dc + 3 * dc + 2 * dc)
+        executed = chunks * H * blocks * (bt * per_position + bq * bqm * dc + bq * dc)
         partials = blocks * (Q + 1) * A * 4
-        sizes = {"k": tokens, "v": tokens, "dk": tokens, "dv": tokens, "dout": T * A * e, "w": T * Q * 4,
-                 "dl": T * Q * 4, "q": Q * A * e, "partials": partials, "saved": T * H * (Q * M + 2 * M) * 4}
+        coef_bytes = (Q + 2) * M * 4
+        sizes = {"k": tokens, "v": tokens, "dk": tokens, "dv": tokens, "dout": T * A * e, "q": Q * A * e,
+                 "partials": partials, "coef": T * H * coef_bytes}
 
         def touches(c, h, b):
             t = min(bt, T - b * bt)
-            cols = max(0, min(dc, D - c * dc))
-            return [("k", (b, h, c), t * M * cols * e), ("v", (b, h, c), t * M * cols * e),
-                    ("dout", (b, h, c), t * cols * e), ("q", h, Q * D * e), ("w", b, t * Q * 4),
-                    ("dl", b, t * Q * 4), ("saved", (b, h), t * (Q * M + 2 * M) * 4),
-                    ("dk", (b, h, c), t * M * cols * e), ("dv", (b, h, c), t * M * cols * e),
-                    ("partials", (b, h, c), (Q + 1) * cols * 4)]
-        floor = 4 * tokens + T * A * e + 8 * T * Q + Q * A * e
+            width = max(0, min(dc, D - c * dc))
+            return [("k", (b, h, c), t * M * width * e), ("v", (b, h, c), t * M * width * e),
+                    ("dout", (b, h, c), t * width * e), ("q", (h, c), Q * width * e), ("pool", (h, c), width * e),
+                    ("coef", (b, h), t * coef_bytes), ("dk", (b, h, c), t * M * width * e),
+                    ("dv", (b, h, c), t * M * width * e), ("partials", (b, h, c), (Q + 1) * width * 4)]
+        floor = 4 * tokens + T * A * e + Q * A * e + A * e
         return {"useful_flops": useful, "executed_flops": executed, "min_bytes": floor, "flop_kind": "fp32",
                 "moved_bytes": hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes) + partials}
     return {"useful_flops": useful, "executed_flops": executed, "min_bytes": floor, "flop_kind": "fp32",
@@ -414,38 +449,37 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
 
 
 def compile_specs() -> list[dict]:
-    """Shipped GPU configurations: ViT-B (A = 2304, H = 16, d = 144) and ViT-L (A = 3072, d = 192), M <= 4."""
+    """Shipped GPU configurations: ViT-B (A = 2304, H = 16, d = 144) and ViT-L (A = 3072, d = 192), Q = 5,
+    M = 2 or 3 (the same 16-lane tiles)."""
     specs = []
     for dtype, ptr in TRITON_DTYPE.items():
         name = str(dtype).removeprefix("torch.")
         for size in PRODUCTION_SHAPES:  # the same compiled kernels, counted at ViT-B's and ViT-L's shapes
-            blocks = _blocks(4, 5)
+            plan = launch_plan(**PRODUCTION_SHAPES[size])
             counts = lambda kernel, size=size, e=dtype.itemsize: partial(  # noqa: E731
                 efficiency, kernel, **PRODUCTION_SHAPES[size], dtype_bytes=e)
             common = {"num_warps": NUM_WARPS, "num_stages": 1, "uses_dot": False}
-            head = {**common, "num_warps": NUM_WARPS_BACKWARD_HEAD}
-            scalars = {"M": "i32", "Q": "i32", "A": "i32", "D": "i32", "scale": "fp32"}
+            scalars = {"M": "i32", "Q": "i32", "A": "i32", "D": "i32"}
             specs.append({
                 **common, "name": f"fusion_fwd_{name}_{size}", "fn": _forward_kernel, "efficiency": counts("forward"),
                 "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "pool_ptr": ptr, "out_ptr": ptr,
-                              "w_ptr": "*fp32", **scalars},
-                "constexprs": {"H": 16, **blocks},
+                              "w_ptr": "*fp32", "attn_ptr": "*fp32", "vpool_ptr": "*fp32", "T": "i32", **scalars,
+                              "scale": "fp32"},
+                "constexprs": {"H": 16, **_tiles(plan, "forward")},
             })
             specs.append({
                 **common, "name": f"fusion_bwd_pool_{name}_{size}", "fn": _backward_pool_kernel,
                 "efficiency": counts("backward_pool"),
-                "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "pool_ptr": ptr, "w_ptr": "*fp32",
-                              "dout_ptr": ptr, "dl_ptr": "*fp32", "attn_ptr": "*fp32", "vproj_ptr": "*fp32",
-                              **scalars},
-                "constexprs": {"H": 16, **blocks},
+                "signature": {"v_ptr": ptr, "dout_ptr": ptr, "w_ptr": "*fp32", "attn_ptr": "*fp32",
+                              "vpool_ptr": "*fp32", "coef_ptr": "*fp32", **scalars},
+                "constexprs": {"H": 16, **_tiles(plan, "backward_pool")},
             })
             specs.append({
-                **head, "name": f"fusion_bwd_head_{name}_{size}", "fn": _backward_head_kernel,
-                "efficiency": counts("backward_head"),
-                "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "pool_ptr": ptr, "w_ptr": "*fp32",
-                              "dl_ptr": "*fp32", "dout_ptr": ptr, "attn_ptr": "*fp32", "vproj_ptr": "*fp32",
-                              "dk_ptr": ptr, "dv_ptr": ptr, "dq_partial_ptr": "*fp32", "dpool_partial_ptr": "*fp32",
-                              "T": "i32", **scalars},
-                "constexprs": {"H": 16, "BLOCK_T": GPU_BLOCK_T, **blocks},
+                **common, "num_warps": NUM_WARPS_BACKWARD_HEAD, "name": f"fusion_bwd_head_{name}_{size}",
+                "fn": _backward_head_kernel, "efficiency": counts("backward_head"),
+                "signature": {"k_ptr": ptr, "v_ptr": ptr, "q_ptr": ptr, "pool_ptr": ptr, "dout_ptr": ptr,
+                              "coef_ptr": "*fp32", "dk_ptr": ptr, "dv_ptr": ptr, "dq_partial_ptr": "*fp32",
+                              "dpool_partial_ptr": "*fp32", "T": "i32", **scalars, "scale": "fp32"},
+                "constexprs": {"H": 16, **_tiles(plan, "backward_head")},
             })
     return specs

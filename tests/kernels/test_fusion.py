@@ -103,3 +103,21 @@ def test_bad_inputs_raise_before_launch(change, error, match):
     change(args)
     with pytest.raises(error, match=match):
         cross_attention_fusion(**args)
+
+
+@pytest.mark.parametrize("size", ["b", "l"])
+def test_efficiency_counts_at_production_shapes(size):
+    """The compile report's counts (no compile needed): every kernel within the 1.5x bounds, never less work than
+    the op needs, and the kernels' useful FLOPs add up to roofline_cost's plus the O(T H Q M) softmax terms."""
+    from terrafm_kernels.fusion import PRODUCTION_SHAPES, efficiency, roofline_cost
+
+    shape = PRODUCTION_SHAPES[size]
+    h100 = {"sms": 132, "concurrent": 132 * 4, "l2_bytes": 50 * 2**20}
+    counts = {k: efficiency(k, **shape, dtype_bytes=2, **h100) for k in ("forward", "backward_pool", "backward_head")}
+    for kernel, c in counts.items():
+        assert c["useful_flops"] <= c["executed_flops"] <= 1.5 * c["useful_flops"], (kernel, c)
+        assert c["min_bytes"] <= c["moved_bytes"] <= 1.5 * c["min_bytes"], (kernel, c)
+    T, M, Q, A, H = (shape[k] for k in "TMQAH")
+    cost = roofline_cost(T, M, A, Q, backward=True)
+    softmax_terms = T * 20 * H * Q * M + 7 * T * Q + T * M * A + Q * A  # + the grad keys / queries scale
+    assert sum(c["useful_flops"] for c in counts.values()) == cost["flops"] + softmax_terms
