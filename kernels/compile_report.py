@@ -64,9 +64,6 @@ KNOWN_OVER_BOUND = {
     "teacher_softmax_probs_float32": "as teacher_softmax_stats_float32 (the counts are the op's)",
     "dino_ce_": "flops only: the (16, BLOCK_K) tile holds S = 10 views; padded lanes move no bytes and the op is "
                 "memory bound (executed flops take a third of the bytes' time)",
-    "head_softmax_project_": "recomputes the logit tile per output D block (2 blocks: 3x; a full-width (64, 256) "
-                             "accumulator next to the logit tile spills): needs the 2-pass design",
-    "head_softmax_t_project_": "recomputes the logit tile per output D block (2 blocks: 3x), as project",
     "dino_teacher_centered_softmax_": "flops only (1.57x): the second pass recomputes the exponent instead of "
                                       "storing it; memory bound",
     "dino_teacher_sk_softmax_": "as dino_teacher_centered_softmax_",

@@ -10,23 +10,32 @@ to D), n[s] = sum_{t != s} sum_k P[t, k], Bs[s] = softmax(z_s / tau_s) W_s and c
     dL / dW_s  = c / tau_s ( softmax_s^T (n h_s) - P^T Hbar ),  Hbar[t] = sum_{s != t} h_s   (K, D)
 Gradients then flow through the normalisations of features and weight_v by autograd.
 
-Kernels (logit tiles recomputed with tl.dot in every pass, never stored):
+Kernels (logit tiles recomputed with tl.dot in every pass, never stored; each pass computes each
+logit tile once, next to a full-width (D = 256) fp32 accumulator):
     _logit_stats_kernel        rows x K-split: online max / sum of exp per row (+ centre statistics)
-    _softmax_project_kernel    rows x K-split x D block: softmax(z) @ W_proj  (A for the teacher, Bs for
-                               the student)
-    _softmax_t_project_kernel  K block x D block: softmax(z)^T @ X   (the two terms of dL / dW_s)
+    _softmax_project_kernel    rows x K-split: softmax(z) @ W_proj  (A for the teacher, Bs for the student)
+    _softmax_t_project_kernel  K block: softmax(z)^T @ X   (the two terms of dL / dW_s)
 Forward runs stats(teacher), stats(student), project(teacher); backward project(student) and two
-t_project passes. All reductions are per-program partials summed by torch: no atomics, deterministic.
+t_project passes: 3 passes over K per side, each at most 2x its own GEMM (logits + projection).
+All reductions are per-program partials summed by torch: no atomics, deterministic.
 
 Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h and W):
     useful FLOPs (those of the unfused path's GEMMs, what roofline_cost reports):
              forward 2 K D (R_t + R_s), backward 4 K D R_s
-    executed FLOPs with the recomputation (16-bit configs: 2 D blocks in project and in t_project):
-             forward 2 K D (4 R_t + R_s), backward 2 K D (6 R_s + 3 R_t), all on tensor cores
+    executed FLOPs with the recomputation (one D block up to D = 256; a wider D is split into D
+             blocks, each recomputing the logit tile):
+             forward 2 K D (3 R_t + R_s), backward 2 K D (4 R_s + 2 R_t), all on tensor cores:
+             1.88x the useful FLOPs at the presets' 128 teacher / 640 student rows
              (per-kernel counts and roofline times: efficiency() and the compile report)
     min HBM  forward (R_s + R_t) D e + K D e (+ K D e for a separate teacher W) + 16 K
              backward adds K D (e + 4) (read W, write the fp32 weight gradient) + 4 R_s D
     Each pass streams W once per BLOCK_M rows (L2 serves the repeats for R <= a few hundred rows).
+Why not Liger's chunked design (logits chunk by GEMM, softmax gradient in place, grad_input and
+grad_weight GEMMs per chunk): it executes 1x the FLOPs, but at the presets' shape (bf16, one 640-row
+chunk, its best case) the student logits cross HBM 5 times (GEMM write, read + gradient write in place,
+two GEMM reads: 5 R_s K e = 419 MB), the teacher logits / probabilities 4 times (67 MB), W 3 times and
+the fp32 weight gradient once (168 MB): ~650 MB, ~195 us of HBM time on an H100 against ~177 us predicted
+for these six launches (compute bound at 1.88x), and it materialises the 84 MB of logits this op avoids.
 Memory saved against the unfused path: the (R_s + R_t) x K logits, probabilities, log-probabilities
 and their gradients (at K = 65536, 2 + 10 views x 64 samples = 768 rows: 201 MB per fp32 tensor) are
 never allocated; the extra memory is the fp32 (splits, R, D) partials and the (K, D) weight gradient.
@@ -54,20 +63,19 @@ from ._common import (
 )
 
 # H100/A100 configs for D = 256 (the DINO bottleneck), chosen from the compile report (regs/spills
-# per config are listed in docs/kernels-loss.md): 16-bit operands use 64-row x 64-prototype logit
-# tiles (mma/wgmma sized; h and two stages of W take 96 KB of shared memory, under A100's 164 KB and
-# H100's 228 KB) with 8 warps. The D = 256 accumulators of the project kernels do not fit next to the
-# logit tile (255 registers and spills at every BLOCK_M/BLOCK_K/num_warps tried), so their output is
-# split into D blocks (BLOCK_DO, a grid axis) at the price of recomputing the logit tile per D block:
-# 128 for softmax @ W (160-247 registers) and for softmax^T @ X (163-255; 64 there was 5x the useful
-# FLOPs for 128-174 registers), no spills.
-# fp32 operands take exact IEEE dots (FMA, no tensor cores): only 16 x 16 tiles with 4 warps and one
-# stage avoid spills there; fp32 is the exact path, bf16 the fast one.
+# per config are listed in docs/kernels-loss.md). Each project kernel holds the full-width (rows, D)
+# or (prototypes, D) fp32 accumulator next to the logit tile, so it computes each logit tile once
+# (BLOCK_DO = 256 = D: one output D block; a wider D is split into D blocks, a grid axis, at the price
+# of recomputing the logit tile per block). 16-bit operands use 64-row x 32-prototype logit tiles
+# (mma/wgmma sized) with 8 warps: with 64-prototype tiles the (64, 256) accumulator spills, with 32
+# every kernel fits (up to 255 registers, no spills). fp32 operands take exact IEEE dots (FMA, no
+# tensor cores): 16 x 16 tiles with 4 warps and one stage avoid spills there; fp32 is the exact path,
+# bf16 the fast one.
 CONFIGS = {
-    "16bit": {"BLOCK_M": 64, "BLOCK_K": 64, "PROJECT_BLOCK_DO": 128, "T_PROJECT_BLOCK_DO": 128,
-              "num_warps": 8, "num_stages": 2},
-    "fp32": {"BLOCK_M": 16, "BLOCK_K": 16, "PROJECT_BLOCK_DO": 64, "T_PROJECT_BLOCK_DO": 64,
-             "num_warps": 4, "num_stages": 1},
+    "16bit": {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_DO": 256, "PROJECT_CTAS_PER_SM": 1, "num_warps": 8,
+              "num_stages": 2},
+    "fp32": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_DO": 256, "PROJECT_CTAS_PER_SM": 2, "num_warps": 4,
+             "num_stages": 1},
 }
 INTERPRETER_BLOCK = 16
 
@@ -229,21 +237,24 @@ class LaunchPlan:
         config = CONFIGS["fp32" if fp32 else "16bit"]
         if interpreter:
             config = {**config, "BLOCK_M": INTERPRETER_BLOCK, "BLOCK_K": INTERPRETER_BLOCK,
-                      "PROJECT_BLOCK_DO": INTERPRETER_BLOCK, "T_PROJECT_BLOCK_DO": INTERPRETER_BLOCK}
+                      "BLOCK_DO": INTERPRETER_BLOCK}
         self.config = config
         self.block_m, self.block_k = config["BLOCK_M"], config["BLOCK_K"]
         self.block_d = max(16, triton.next_power_of_2(D))
         self.dot_ieee = fp32
         self.target = 2 * sms
+        # the project kernels run in one wave (their occupancy from the compile report): every extra K split
+        # adds an fp32 (R, D) partial, which at 2 waves of the student's 640 rows outweighs W itself
+        self.project_target = config["PROJECT_CTAS_PER_SM"] * sms
         self.K, self.D = K, D
 
     @classmethod
     def for_tensor(cls, h: torch.Tensor, K: int, D: int) -> "LaunchPlan":
         return cls(K, D, h.dtype == torch.float32, interpreted(h), sm_count(h.device))
 
-    def d_blocks(self, key: str) -> tuple[int, int]:
-        """(BLOCK_DO, number of output D blocks) of the project kernel named by key."""
-        block_do = min(self.block_d, self.config[key])
+    def d_blocks(self) -> tuple[int, int]:
+        """(BLOCK_DO, number of output D blocks) of the project kernels: 1 block up to D = 256."""
+        block_do = min(self.block_d, self.config["BLOCK_DO"])
         return block_do, triton.cdiv(self.D, block_do)
 
     def meta(self, **extra):
@@ -258,13 +269,16 @@ class LaunchPlan:
 
     def project_grid(self, R: int) -> tuple[tuple[int, int, int], int, int, int]:
         """(grid (D blocks, row blocks, K splits), BLOCK_DO, K splits, K per split) of the project kernel."""
-        block_do, d_blocks = self.d_blocks("PROJECT_BLOCK_DO")
-        blocks, splits, per_split = self.splits(R, d_blocks)
+        block_do, d_blocks = self.d_blocks()
+        blocks = triton.cdiv(R, self.block_m)
+        wanted = max(1, min(self.project_target // (blocks * d_blocks), triton.cdiv(self.K, self.block_k)))
+        per_split = triton.cdiv(triton.cdiv(self.K, wanted), self.block_k) * self.block_k
+        splits = triton.cdiv(self.K, per_split)
         return (d_blocks, blocks, splits), block_do, splits, per_split
 
     def t_project_grid(self) -> tuple[tuple[int, int], int]:
         """(grid (D blocks, K blocks), BLOCK_DO) of the t_project kernel."""
-        block_do, d_blocks = self.d_blocks("T_PROJECT_BLOCK_DO")
+        block_do, d_blocks = self.d_blocks()
         return (d_blocks, triton.cdiv(self.K, self.block_k)), block_do
 
 
@@ -497,7 +511,8 @@ def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: in
     rows = lambda m: min(bm, R - m * bm)  # noqa: E731
     blocks, splits, per_split = plan.splits(R)
     cols = lambda j: min(per_split, K - j * per_split)  # noqa: E731
-    logits = 2 * pad(R, bm) * splits * pad(per_split, bk) * bd  # one pass of padded logit tiles
+    # one pass of logit tiles: each split's loop stops at its last column, so only its last tile is padded
+    logits = 2 * pad(R, bm) * sum(pad(cols(j), bk) for j in range(splits)) * bd
     w_bytes, h_bytes = K * D * e, R * D * e
     # the teacher's forward projects its probabilities onto the student's prototypes: a second (K, D) tensor
     w_proj = "w_student" if centred else "w"
@@ -512,11 +527,11 @@ def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: in
     elif kernel == "project":
         grid, block_do, splits, per_split = plan.project_grid(R)
         d_blocks = grid[0]
-        logits = 2 * pad(R, bm) * splits * pad(per_split, bk) * bd
-        executed = d_blocks * logits + 2 * pad(R, bm) * splits * pad(per_split, bk) * d_blocks * block_do
+        cols = lambda j: min(per_split, K - j * per_split)  # noqa: E731
+        k_tiles = sum(pad(cols(j), bk) for j in range(splits))
+        executed = d_blocks * 2 * pad(R, bm) * k_tiles * (bd + block_do)  # logit tile + projection per D block
         extra = 8 * splits * R * D + 4 * R * D  # torch sums the (splits, R, D) fp32 partials
         sizes = {"h": h_bytes, "w": w_bytes, "w_student": w_bytes, "out": 4 * splits * R * D}
-        cols = lambda j: min(per_split, K - j * per_split)  # noqa: E731
         touches = lambda d, m, j: [("h", m, rows(m) * D * e), ("w", j, cols(j) * D * e),  # noqa: E731
                                    (w_proj, (j, d) if centred else j, cols(j) * (block_do if centred else D) * e),
                                    ("out", (m, j, d), rows(m) * block_do * 4)]
@@ -568,7 +583,7 @@ def compile_specs() -> list[dict]:
                               "center_high_ptr": "*fp32", "row_max_ptr": "*fp32", "log2_sum_ptr": "*fp32",
                               "out_ptr": "*fp32", "mass_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32",
                               "K_PER_SPLIT": "i32", "scale": "fp32", "alpha": "fp32"},
-                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["PROJECT_BLOCK_DO"]}, **common,
+                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["BLOCK_DO"]}, **common,
                 "efficiency": counts("project"),
             })
             specs.append({
@@ -577,7 +592,7 @@ def compile_specs() -> list[dict]:
                               "center_high_ptr": "*fp32", "row_max_ptr": "*fp32", "log2_sum_ptr": "*fp32",
                               "out_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32", "scale": "fp32",
                               "alpha": "fp32"},
-                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["T_PROJECT_BLOCK_DO"]},
+                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["BLOCK_DO"]},
                 **common, "efficiency": counts("t_project"),
             })
     return specs

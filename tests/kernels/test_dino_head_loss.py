@@ -4,6 +4,8 @@ Every kernel here uses tl.dot, which the Triton interpreter gets wrong for bf16 
 only tested on a CUDA GPU; fp32 and fp16 run everywhere.
 """
 
+import math
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -11,7 +13,14 @@ from hypothesis import strategies as st
 from loss_oracle import assert_flash_tolerance, dino_head_loss_f64
 
 from terrafm_kernels import reference
-from terrafm_kernels.dino_head_loss import compile_specs, dino_head_loss, roofline_cost
+from terrafm_kernels.dino_head_loss import (
+    PRODUCTION_SHAPE,
+    LaunchPlan,
+    compile_specs,
+    dino_head_loss,
+    efficiency,
+    roofline_cost,
+)
 from terrafm_kernels.modules import DINOHeadLoss
 
 TAU_T, TAU_S, ALPHA = 0.04, 0.1, 0.8
@@ -169,3 +178,21 @@ def test_roofline_and_specs():
     assert all(s["uses_dot"] == (s["signature"]["h_ptr"] != "*fp32") for s in specs)
     names = {s["name"] for s in specs}
     assert names >= {"head_logit_stats_teacher_bfloat16", "head_softmax_t_project_student_float16"}
+
+
+def test_production_plan_computes_each_logit_tile_once_per_pass():
+    """At the presets' shape (bf16, H100) each project / t_project pass computes every logit tile once
+    (2x its own GEMM: the head's 2.0x bound with no padding to spare) and the project grid is one wave:
+    one full-width D block, and no more K splits (each an fp32 (R, D) partial) than SMs."""
+    K, D, sms = PRODUCTION_SHAPE["K"], PRODUCTION_SHAPE["D"], 132
+    for kernel in ("project", "t_project"):
+        for centred in (False, True):
+            counts = efficiency(kernel, centred, **PRODUCTION_SHAPE, dtype_bytes=2, sms=sms, concurrent=sms,
+                                l2_bytes=50 * 2**20)
+            assert counts["executed_flops"] == 2 * counts["useful_flops"], (kernel, centred)
+            assert counts["moved_bytes"] <= 2.0 * counts["min_bytes"], (kernel, centred)
+    plan = LaunchPlan(K, D, fp32=False, interpreter=False, sms=sms)
+    for rows in (PRODUCTION_SHAPE["T"] * PRODUCTION_SHAPE["B"], PRODUCTION_SHAPE["S"] * PRODUCTION_SHAPE["B"]):
+        grid, block_do, splits, per_split = plan.project_grid(rows)
+        assert grid[0] == 1 and block_do == D and math.prod(grid) <= sms, grid
+        assert (splits - 1) * per_split < K <= splits * per_split
