@@ -3,7 +3,9 @@
     python -m terrafm_kernels.compile_report [--arch sm_80 sm_90] [--modules ...] [--json OUT] [--strict]
 
 Each kernel module exposes compile_specs(): the (kernel, signature, constexprs, num_warps,
-num_stages) it launches on a GPU. For each spec and architecture this compiles the kernel with
+num_stages) it launches on a GPU, and optionally `divisible_by_16`: the arguments the JIT specializes
+as multiples of 16 at the production shape (aligned pointers, D = 256, ...), so that the report
+compiles the variant that runs there. For each spec and architecture this compiles the kernel with
 triton.compile(ASTSource, target=GPUTarget), reads the cubin's resource usage with the cuobjdump
 that ships in the triton wheel (REG, STACK, LOCAL, SHARED), and checks the instructions:
 dot kernels must use wgmma on sm_90 and mma on sm_80 (else the GEMM runs on FMA units, ~15x
@@ -94,7 +96,12 @@ def compile_one(spec: dict, capability: int) -> dict:
            "num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
     signature = {**spec["signature"], **{name: "constexpr" for name in spec["constexprs"]}}
     try:
-        source = triton.compiler.ASTSource(fn=spec["fn"], signature=signature, constexprs=spec["constexprs"])
+        # the JIT specializes 16-byte-aligned pointers and ints that are multiples of 16 (vector loads, no
+        # per-element addresses): a spec names the arguments that are so at its production shape
+        attrs = {(spec["fn"].arg_names.index(name),): [["tt.divisibility", 16]]
+                 for name in spec.get("divisible_by_16", ())}
+        source = triton.compiler.ASTSource(fn=spec["fn"], signature=signature, constexprs=spec["constexprs"],
+                                           attrs=attrs)
         kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                                 options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
     except Exception as err:  # a compile failure is a finding to report, not a crash of the report

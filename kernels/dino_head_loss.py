@@ -67,8 +67,8 @@ from ._common import (
 # or (prototypes, D) fp32 accumulator next to the logit tile, so it computes each logit tile once
 # (BLOCK_DO = 256 = D: one output D block; a wider D is split into D blocks, a grid axis, at the price
 # of recomputing the logit tile per block). 16-bit operands use 64-row x 32-prototype logit tiles
-# (mma/wgmma sized) with 8 warps: with 64-prototype tiles the (64, 256) accumulator spills, with 32
-# every kernel fits (up to 255 registers, no spills). fp32 operands take exact IEEE dots (FMA, no
+# (mma/wgmma sized) with 8 warps: 100-171 registers at D = 256 (DIVISIBLE_BY_16), up to 255 without
+# spills for other widths, where 64-prototype tiles spill. fp32 operands take exact IEEE dots (FMA, no
 # tensor cores): 16 x 16 tiles with 4 warps and one stage avoid spills there; fp32 is the exact path,
 # bf16 the fast one.
 CONFIGS = {
@@ -551,6 +551,15 @@ def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: in
             "flop_kind": "fp32" if dtype_bytes == 4 else "tensor"}
 
 
+# What the JIT specializes at the production shape: every pointer (torch allocations are 16-byte aligned)
+# and the sizes R (128 / 640 rows), K, D and K_PER_SPLIT (a multiple of BLOCK_K) are multiples of 16,
+# which makes the (rows, D) and (prototypes, D) loads vector loads without per-element 64-bit addresses
+# (the unspecialized variant, which only other widths run, needs 255 registers, still without spills).
+DIVISIBLE_BY_16 = ("h_ptr", "w_ptr", "w_logit_ptr", "w_proj_ptr", "x_ptr", "center_ptr", "center_high_ptr",
+                   "high_weight_ptr", "stats_ptr", "column_ptr", "row_max_ptr", "log2_sum_ptr", "out_ptr",
+                   "mass_ptr", "R", "K", "D", "K_PER_SPLIT")
+
+
 def compile_specs() -> list[dict]:
     """Every shipped configuration (operand dtype x kernel x centred) for the AOT compile report.
 
@@ -595,4 +604,6 @@ def compile_specs() -> list[dict]:
                 "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["BLOCK_DO"]},
                 **common, "efficiency": counts("t_project"),
             })
+    for spec in specs:
+        spec["divisible_by_16"] = tuple(name for name in DIVISIBLE_BY_16 if name in spec["signature"])
     return specs

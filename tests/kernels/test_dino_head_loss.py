@@ -4,7 +4,11 @@ Every kernel here uses tl.dot, which the Triton interpreter gets wrong for bf16 
 only tested on a CUDA GPU; fp32 and fp16 run everywhere.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -196,3 +200,23 @@ def test_production_plan_computes_each_logit_tile_once_per_pass():
         grid, block_do, splits, per_split = plan.project_grid(rows)
         assert grid[0] == 1 and block_do == D and math.prod(grid) <= sms, grid
         assert (splits - 1) * per_split < K <= splits * per_split
+
+
+def test_compile_report_compiles_the_specialized_variant_the_jit_runs():
+    """At D = 256 the JIT specializes the sizes and pointers as multiples of 16, which turns the (rows, D)
+    loads into vector loads; the report compiles that variant (the specs' divisible_by_16), whose
+    registers are far below the unspecialized variant's 255."""
+    code = """
+import json
+from terrafm_kernels import compile_report, dino_head_loss
+spec = [s for s in dino_head_loss.compile_specs() if s["name"] == "head_softmax_project_student_bfloat16"][0]
+assert {"h_ptr", "w_proj_ptr", "D", "K_PER_SPLIT"} <= set(spec["divisible_by_16"])
+rows = [compile_report.compile_one(s, 90) for s in (spec, {**spec, "divisible_by_16": ()})]
+print(json.dumps([{k: r.get(k) for k in ("regs", "stack", "local", "ok", "problem")} for r in rows]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    specialized, plain = json.loads(run.stdout.splitlines()[-1])
+    assert specialized["ok"] and specialized["stack"] == 0 and specialized["local"] == 0, specialized
+    assert specialized["regs"] + 64 <= plain["regs"], (specialized, plain)
