@@ -14,9 +14,12 @@ Kernels (logit tiles recomputed with tl.dot in every pass, never stored; each pa
 logit tile once, next to a full-width (D = 256) fp32 accumulator):
     _logit_stats_kernel        rows x K-split: online max / sum of exp per row (+ centre statistics)
     _softmax_project_kernel    rows x K-split: softmax(z) @ W_proj  (A for the teacher, Bs for the student)
-    _softmax_t_project_kernel  K block: softmax(z)^T @ X   (the two terms of dL / dW_s)
-Forward runs stats(teacher), stats(student), project(teacher); backward project(student) and two
-t_project passes: 3 passes over K per side, each at most 2x its own GEMM (logits + projection).
+    _grad_weight_kernel        K block: softmax_s^T (n h_s) - P^T Hbar over the student's then the teacher's
+                               rows in one fp32 accumulator, written once as dL / dW_s in W's dtype
+Forward runs stats(teacher), stats(student), project(teacher); backward project(student) and
+grad_weight: 3 passes over K per side, each at most 2x its own GEMM (logits + projection). (The
+student needs 3: its two backward reductions run over K (dL/dh) and over rows (dL/dW), and fusing them
+needs (row blocks, K, D) or (K blocks, R, D) fp32 partials: 0.7 GB at the presets' shape.)
 All reductions are per-program partials summed by torch: no atomics, deterministic.
 
 Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h and W):
@@ -28,17 +31,19 @@ Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h
              1.88x the useful FLOPs at the presets' 128 teacher / 640 student rows
              (per-kernel counts and roofline times: efficiency() and the compile report)
     min HBM  forward (R_s + R_t) D e + K D e (+ K D e for a separate teacher W) + 16 K
-             backward adds K D (e + 4) (read W, write the fp32 weight gradient) + 4 R_s D
+             backward adds 2 K D e (read W, write the weight gradient) + 4 R_s D
     Each pass streams W once per BLOCK_M rows (L2 serves the repeats for R <= a few hundred rows).
 Why not Liger's chunked design (logits chunk by GEMM, softmax gradient in place, grad_input and
 grad_weight GEMMs per chunk): it executes 1x the FLOPs, but at the presets' shape (bf16, one 640-row
 chunk, its best case) the student logits cross HBM 5 times (GEMM write, read + gradient write in place,
 two GEMM reads: 5 R_s K e = 419 MB), the teacher logits / probabilities 4 times (67 MB), W 3 times and
-the fp32 weight gradient once (168 MB): ~650 MB, ~195 us of HBM time on an H100 against ~177 us predicted
-for these six launches (compute bound at 1.88x), and it materialises the 84 MB of logits this op avoids.
+the weight gradient once (134 MB): ~620 MB, ~185 us of HBM time on an H100 against ~156 us predicted
+for these five launches (compute bound at 1.88x), and it materialises the 84 MB of logits this op avoids.
 Memory saved against the unfused path: the (R_s + R_t) x K logits, probabilities, log-probabilities
 and their gradients (at K = 65536, 2 + 10 views x 64 samples = 768 rows: 201 MB per fp32 tensor) are
-never allocated; the extra memory is the fp32 (splits, R, D) partials and the (K, D) weight gradient.
+never allocated; the extra memory is the fp32 (splits, R, D) partials (~8 MB on an H100). The weight
+gradient is written once in W's dtype: two fp32 (K, D) terms combined by torch (~540 MB of HBM traffic at
+the presets' shape, ~160 us on an H100) were the largest cost of the backward before.
 """
 
 import math
@@ -192,21 +197,10 @@ def _softmax_project_kernel(
 
 
 @triton.jit
-def _softmax_t_project_kernel(
-    h_ptr, w_ptr, x_ptr, center_ptr, center_high_ptr, row_max_ptr, log2_sum_ptr, out_ptr,
-    R, K, D, scale, alpha,
-    CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, DOT_IEEE: tl.constexpr,
-):
-    """Per (K block, output D block): out[cols, dblock] = softmax(z)[:, cols]^T @ X[:, dblock] fp32,
-    summed over all R rows."""
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_mask = cols < K
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < D
-    out_dims = tl.program_id(0) * BLOCK_DO + tl.arange(0, BLOCK_DO)  # fastest: W block read once
-    out_mask = out_dims < D
-    acc = tl.zeros([BLOCK_K, BLOCK_DO], tl.float32)
+def _add_t_project(acc, h_ptr, w_ptr, x_ptr, center_ptr, center_high_ptr, row_max_ptr, log2_sum_ptr, R, D,
+                   cols, col_mask, dims, dim_mask, out_dims, out_mask, scale, alpha,
+                   CENTER: tl.constexpr, BLOCK_M: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """acc + softmax(z)[:, cols]^T @ X[:, out_dims] over all R rows (z = h W[cols]^T, centred if CENTER)."""
     for r0 in range(0, R, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_mask = rows < R
@@ -225,7 +219,33 @@ def _softmax_t_project_kernel(
             acc += tl.dot(tl.trans(p.to(x.dtype)), x, input_precision="ieee")
         else:
             acc += tl.dot(tl.trans(p.to(x.dtype)), x)
-    tl.store(out_ptr + cols[:, None] * D + out_dims[None, :], acc,
+    return acc
+
+
+@triton.jit
+def _grad_weight_kernel(
+    hs_ptr, ws_ptr, xs_ptr, s_max_ptr, s_log2_sum_ptr, ht_ptr, wt_ptr, xt_ptr, t_max_ptr, t_log2_sum_ptr,
+    center_ptr, center_high_ptr, grad_loss_ptr, out_ptr, R_s, R_t, K, D, scale_s, scale_t, alpha, coef,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+):
+    """Per (K block, output D block): dL/dW_s[cols, dblock] = grad_loss coef (softmax_s^T X_s + P^T X_t),
+    both terms in one fp32 accumulator, stored once in W's dtype (X_s = n h_s, X_t = -Hbar)."""
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+    out_dims = tl.program_id(0) * BLOCK_DO + tl.arange(0, BLOCK_DO)  # fastest: W block read once
+    out_mask = out_dims < D
+    acc = tl.zeros([BLOCK_K, BLOCK_DO], tl.float32)
+    acc = _add_t_project(acc, hs_ptr, ws_ptr, xs_ptr, center_ptr, center_high_ptr, s_max_ptr, s_log2_sum_ptr, R_s,
+                         D, cols, col_mask, dims, dim_mask, out_dims, out_mask, scale_s, alpha, False, BLOCK_M,
+                         DOT_IEEE)
+    acc = _add_t_project(acc, ht_ptr, wt_ptr, xt_ptr, center_ptr, center_high_ptr, t_max_ptr, t_log2_sum_ptr, R_t,
+                         D, cols, col_mask, dims, dim_mask, out_dims, out_mask, scale_t, alpha, True, BLOCK_M,
+                         DOT_IEEE)
+    coef = coef * tl.load(grad_loss_ptr).to(tl.float32)  # read on device: no host sync
+    tl.store(out_ptr + cols[:, None] * D + out_dims[None, :], (acc * coef).to(out_ptr.dtype.element_ty),
              mask=col_mask[:, None] & out_mask[None, :])
 
 
@@ -276,8 +296,8 @@ class LaunchPlan:
         splits = triton.cdiv(self.K, per_split)
         return (d_blocks, blocks, splits), block_do, splits, per_split
 
-    def t_project_grid(self) -> tuple[tuple[int, int], int]:
-        """(grid (D blocks, K blocks), BLOCK_DO) of the t_project kernel."""
+    def grad_weight_grid(self) -> tuple[tuple[int, int], int]:
+        """(grid (D blocks, K blocks), BLOCK_DO) of the grad_weight kernel."""
         block_do, d_blocks = self.d_blocks()
         return (d_blocks, triton.cdiv(self.K, self.block_k)), block_do
 
@@ -311,13 +331,15 @@ def _project(launch, h, w_logit, w_proj, center, center_high, row_max, log2_sum,
     return out.sum(dim=0), mass.sum(dim=0)
 
 
-def _t_project(launch, h, w, x, center, center_high, row_max, log2_sum, scale, alpha, centred):
-    """softmax(z)^T @ x (K, D) fp32."""
-    out = torch.empty((launch.K, launch.D), dtype=torch.float32, device=h.device)
-    grid, block_do = launch.t_project_grid()
-    _softmax_t_project_kernel[grid](
-        h, w, x.to(h.dtype).contiguous(), center, center_high, row_max, log2_sum, out, h.shape[0], launch.K,
-        launch.D, scale, alpha, **launch.meta(CENTER=centred, BLOCK_DO=block_do),
+def _grad_weight(launch, hs, ws, xs, s_max, s_log2_sum, ht, wt, xt, t_max, t_log2_sum, center, center_high,
+                 grad_loss, coef, scale_s, scale_t, alpha):
+    """grad_loss coef (softmax_s^T xs + P^T xt) (K, D) in ws's dtype."""
+    out = torch.empty_like(ws)
+    grid, block_do = launch.grad_weight_grid()
+    _grad_weight_kernel[grid](
+        hs, ws, xs.to(hs.dtype).contiguous(), s_max, s_log2_sum, ht, wt, xt.to(ht.dtype).contiguous(), t_max,
+        t_log2_sum, center, center_high, grad_loss.float().contiguous(), out, hs.shape[0], ht.shape[0], launch.K,
+        launch.D, scale_s, scale_t, alpha, coef, **launch.meta(BLOCK_DO=block_do),
     )
     return out
 
@@ -359,11 +381,10 @@ def _launch_backward(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_lo
     grad_hs = coef * (n.unsqueeze(-1) * Bs.reshape(S, B, -1) - torch.einsum("ts,tbd->sbd", pair, A))
     hs3 = hs.float().reshape(S, B, -1)
     h_bar = torch.einsum("ts,sbd->tbd", pair, hs3).reshape(T * B, -1)
-    student_term = _t_project(launch, hs, ws, (n.unsqueeze(-1) * hs3).reshape(S * B, -1), center,
-                              center_high, s_max, s_log2_sum, scale_s, alpha, False)
-    teacher_term = _t_project(launch, ht, wt, h_bar, center, center_high, t_max, t_log2_sum, scale_t, alpha, True)
-    grad_ws = coef * (student_term - teacher_term)
-    return grad_hs.reshape(S * B, -1).to(hs.dtype), grad_ws.to(ws.dtype)
+    grad_ws = _grad_weight(launch, hs, ws, (n.unsqueeze(-1) * hs3).reshape(S * B, -1), s_max, s_log2_sum, ht, wt,
+                           -h_bar, t_max, t_log2_sum, center, center_high, grad_loss, 1.0 / (pairs * B * tau_s),
+                           scale_s, scale_t, alpha)
+    return grad_hs.reshape(S * B, -1).to(hs.dtype), grad_ws
 
 
 # torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes),
@@ -490,7 +511,7 @@ def roofline_cost(S: int, T: int, B: int, K: int, D: int = 256, dtype_bytes: int
     nbytes = (rs + rt) * D * dtype_bytes + K * D * dtype_bytes + 16 * K
     if backward:
         flops += 4 * K * D * rs
-        nbytes += K * D * (dtype_bytes + 4) + rs * D * 4
+        nbytes += 2 * K * D * dtype_bytes + rs * D * 4
     return {"flops": flops, "bytes": nbytes}
 
 
@@ -501,11 +522,13 @@ PRODUCTION_SHAPE = {"S": 10, "T": 2, "B": 64, "K": 65536, "D": 256}
 
 def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: int, dtype_bytes: int, sms: int,
                concurrent: int, l2_bytes: int) -> dict:
-    """Useful / executed FLOPs and minimum / moved HBM bytes of one kernel ("stats", "project",
-    "t_project") on the teacher (centred) or student rows, from LaunchPlan's tiles and grids
+    """Useful / executed FLOPs and minimum / moved HBM bytes of one kernel ("stats", "project" on the
+    teacher (centred) or student rows, "grad_weight" on both), from LaunchPlan's tiles and grids
     (docs/kernels.md, "Efficiency counts"). Useful FLOPs are the kernel's own GEMM (the logits for
     stats, the projection for the others); recomputed logit tiles are executed, not useful."""
     plan = LaunchPlan(K, D, dtype_bytes == 4, False, sms)
+    if kernel == "grad_weight":
+        return _grad_weight_efficiency(plan, S * B, T * B, dtype_bytes, concurrent, l2_bytes)
     R, e = (T * B if centred else S * B), dtype_bytes
     bm, bk, bd = plan.block_m, plan.block_k, plan.block_d
     rows = lambda m: min(bm, R - m * bm)  # noqa: E731
@@ -536,28 +559,41 @@ def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: in
                                    (w_proj, (j, d) if centred else j, cols(j) * (block_do if centred else D) * e),
                                    ("out", (m, j, d), rows(m) * block_do * 4)]
         floor = h_bytes + w_bytes * (2 if centred else 1) + 4 * R * D
-    else:  # t_project: program (K block, D block) walks all R rows
-        grid, block_do = plan.t_project_grid()
-        d_blocks = grid[0]
-        executed = d_blocks * 2 * pad(R, bm) * pad(K, bk) * (bd + block_do)
-        extra = 0
-        ks = lambda k: min(bk, K - k * bk)  # noqa: E731
-        sizes = {"h": h_bytes, "w": w_bytes, "x": h_bytes, "out": 4 * K * D}
-        touches = lambda d, k, _: [("h", 0, h_bytes), ("w", k, ks(k) * D * e), ("x", d, R * block_do * e),  # noqa: E731
-                                   ("out", (k, d), ks(k) * block_do * 4)]
-        floor = 2 * h_bytes + w_bytes + 4 * K * D
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}: stats, project or grad_weight")
     return {"useful_flops": 2 * R * K * D, "executed_flops": executed, "min_bytes": floor,
             "moved_bytes": hbm_bytes(grid, touches, sizes, concurrent, l2_bytes) + extra,
             "flop_kind": "fp32" if dtype_bytes == 4 else "tensor"}
+
+
+def _grad_weight_efficiency(plan: LaunchPlan, rs: int, rt: int, e: int, concurrent: int, l2_bytes: int) -> dict:
+    """efficiency() of the grad_weight kernel: program (D block, K block) walks the student's rs rows with
+    W_s, then the teacher's rt rows with W_t, and writes its (K block, D block) of dL/dW_s once."""
+    K, D, bm, bk = plan.K, plan.D, plan.block_m, plan.block_k
+    grid, block_do = plan.grad_weight_grid()
+    executed = grid[0] * 2 * (pad(rs, bm) + pad(rt, bm)) * pad(K, bk) * (plan.block_d + block_do)
+    sizes = {"hs": rs * D * e, "ht": rt * D * e, "xs": rs * D * e, "xt": rt * D * e, "ws": K * D * e,
+             "wt": K * D * e, "out": K * D * e, "centres": 8 * K, "stats": 8 * (rs + rt)}
+    ks = lambda k: min(bk, K - k * bk)  # noqa: E731
+
+    def touches(d, k, _):
+        return [("hs", 0, sizes["hs"]), ("ht", 0, sizes["ht"]), ("stats", 0, sizes["stats"]),
+                ("ws", k, ks(k) * D * e), ("wt", k, ks(k) * D * e), ("centres", k, 8 * ks(k)),
+                ("xs", d, rs * block_do * e), ("xt", d, rt * block_do * e), ("out", (k, d), ks(k) * block_do * e)]
+    return {"useful_flops": 2 * (rs + rt) * K * D, "executed_flops": executed, "min_bytes": sum(sizes.values()),
+            "moved_bytes": hbm_bytes(grid, touches, sizes, concurrent, l2_bytes),
+            "flop_kind": "fp32" if e == 4 else "tensor"}
 
 
 # What the JIT specializes at the production shape: every pointer (torch allocations are 16-byte aligned)
 # and the sizes R (128 / 640 rows), K, D and K_PER_SPLIT (a multiple of BLOCK_K) are multiples of 16,
 # which makes the (rows, D) and (prototypes, D) loads vector loads without per-element 64-bit addresses
 # (the unspecialized variant, which only other widths run, needs 255 registers, still without spills).
-DIVISIBLE_BY_16 = ("h_ptr", "w_ptr", "w_logit_ptr", "w_proj_ptr", "x_ptr", "center_ptr", "center_high_ptr",
+DIVISIBLE_BY_16 = ("h_ptr", "w_ptr", "w_logit_ptr", "w_proj_ptr", "center_ptr", "center_high_ptr",
                    "high_weight_ptr", "stats_ptr", "column_ptr", "row_max_ptr", "log2_sum_ptr", "out_ptr",
-                   "mass_ptr", "R", "K", "D", "K_PER_SPLIT")
+                   "mass_ptr", "hs_ptr", "ws_ptr", "xs_ptr", "s_max_ptr", "s_log2_sum_ptr", "ht_ptr", "wt_ptr",
+                   "xt_ptr", "t_max_ptr", "t_log2_sum_ptr", "grad_loss_ptr", "R", "R_s", "R_t", "K", "D",
+                   "K_PER_SPLIT")
 
 
 def compile_specs() -> list[dict]:
@@ -595,15 +631,16 @@ def compile_specs() -> list[dict]:
                 "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["BLOCK_DO"]}, **common,
                 "efficiency": counts("project"),
             })
-            specs.append({
-                "name": f"head_softmax_t_project_{tag}_{name}", "fn": _softmax_t_project_kernel,
-                "signature": {"h_ptr": ptr, "w_ptr": ptr, "x_ptr": ptr, "center_ptr": "*fp32",
-                              "center_high_ptr": "*fp32", "row_max_ptr": "*fp32", "log2_sum_ptr": "*fp32",
-                              "out_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32", "scale": "fp32",
-                              "alpha": "fp32"},
-                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["BLOCK_DO"]},
-                **common, "efficiency": counts("t_project"),
-            })
+        specs.append({
+            "name": f"head_grad_weight_{name}", "fn": _grad_weight_kernel,
+            "signature": {"hs_ptr": ptr, "ws_ptr": ptr, "xs_ptr": ptr, "s_max_ptr": "*fp32", "s_log2_sum_ptr": "*fp32",
+                          "ht_ptr": ptr, "wt_ptr": ptr, "xt_ptr": ptr, "t_max_ptr": "*fp32",
+                          "t_log2_sum_ptr": "*fp32", "center_ptr": "*fp32", "center_high_ptr": "*fp32",
+                          "grad_loss_ptr": "*fp32", "out_ptr": ptr, "R_s": "i32", "R_t": "i32", "K": "i32",
+                          "D": "i32", "scale_s": "fp32", "scale_t": "fp32", "alpha": "fp32", "coef": "fp32"},
+            "constexprs": {**blocks, "BLOCK_DO": config["BLOCK_DO"]}, **common,
+            "efficiency": partial(efficiency, "grad_weight", False, **PRODUCTION_SHAPE, dtype_bytes=dtype.itemsize),
+        })
     for spec in specs:
         spec["divisible_by_16"] = tuple(name for name in DIVISIBLE_BY_16 if name in spec["signature"])
     return specs

@@ -179,18 +179,19 @@ def test_roofline_and_specs():
     cost = roofline_cost(S=12, T=2, B=64, K=65536, D=256, dtype_bytes=2, backward=False)
     assert cost["flops"] == 2 * 65536 * 256 * (128 + 768)
     specs = compile_specs()
-    assert all(s["uses_dot"] == (s["signature"]["h_ptr"] != "*fp32") for s in specs)
+    assert all(s["uses_dot"] == (not s["name"].endswith("float32")) for s in specs)
     names = {s["name"] for s in specs}
-    assert names >= {"head_logit_stats_teacher_bfloat16", "head_softmax_t_project_student_float16"}
+    assert names >= {"head_logit_stats_teacher_bfloat16", "head_softmax_project_student_float16",
+                     "head_grad_weight_float16"}
 
 
 def test_production_plan_computes_each_logit_tile_once_per_pass():
-    """At the presets' shape (bf16, H100) each project / t_project pass computes every logit tile once
+    """At the presets' shape (bf16, H100) each project / grad_weight pass computes every logit tile once
     (2x its own GEMM: the head's 2.0x bound with no padding to spare) and the project grid is one wave:
     one full-width D block, and no more K splits (each an fp32 (R, D) partial) than SMs."""
     K, D, sms = PRODUCTION_SHAPE["K"], PRODUCTION_SHAPE["D"], 132
-    for kernel in ("project", "t_project"):
-        for centred in (False, True):
+    for kernel, sides in (("project", (False, True)), ("grad_weight", (False,))):
+        for centred in sides:
             counts = efficiency(kernel, centred, **PRODUCTION_SHAPE, dtype_bytes=2, sms=sms, concurrent=sms,
                                 l2_bytes=50 * 2**20)
             assert counts["executed_flops"] == 2 * counts["useful_flops"], (kernel, centred)
