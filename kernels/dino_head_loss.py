@@ -19,7 +19,7 @@ logit tile once, next to a full-width (D = 256) fp32 accumulator):
 Forward runs stats(teacher), stats(student), project(teacher); backward project(student) and
 grad_weight: 3 passes over K per side, each at most 2x its own GEMM (logits + projection). (The
 student needs 3: its two backward reductions run over K (dL/dh) and over rows (dL/dW), and fusing them
-needs (row blocks, K, D) or (K blocks, R, D) fp32 partials: 0.7 GB at the presets' shape.)
+needs (row blocks, K, D) or (K blocks, R, D) fp32 partials: 0.7 / 1.3 GB at the presets' shape.)
 All reductions are per-program partials summed by torch: no atomics, deterministic.
 
 Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h and W):
@@ -72,8 +72,8 @@ from ._common import (
 # or (prototypes, D) fp32 accumulator next to the logit tile, so it computes each logit tile once
 # (BLOCK_DO = 256 = D: one output D block; a wider D is split into D blocks, a grid axis, at the price
 # of recomputing the logit tile per block). 16-bit operands use 64-row x 32-prototype logit tiles
-# (mma/wgmma sized) with 8 warps: 100-171 registers at D = 256 (DIVISIBLE_BY_16), up to 255 without
-# spills for other widths, where 64-prototype tiles spill. fp32 operands take exact IEEE dots (FMA, no
+# (mma/wgmma sized) with 8 warps: 128-192 registers at D = 256 (DIVISIBLE_BY_16); 64-prototype tiles
+# spill in the variant other widths run. fp32 operands take exact IEEE dots (FMA, no
 # tensor cores): 16 x 16 tiles with 4 warps and one stage avoid spills there; fp32 is the exact path,
 # bf16 the fast one.
 CONFIGS = {
@@ -588,7 +588,8 @@ def _grad_weight_efficiency(plan: LaunchPlan, rs: int, rt: int, e: int, concurre
 # What the JIT specializes at the production shape: every pointer (torch allocations are 16-byte aligned)
 # and the sizes R (128 / 640 rows), K, D and K_PER_SPLIT (a multiple of BLOCK_K) are multiples of 16,
 # which makes the (rows, D) and (prototypes, D) loads vector loads without per-element 64-bit addresses
-# (the unspecialized variant, which only other widths run, needs 255 registers, still without spills).
+# (the unspecialized variant, which only widths that are not a multiple of 16 run, needs 255 registers
+# and spills 176 B in the 16-bit grad_weight on sm_90: slower, still correct).
 DIVISIBLE_BY_16 = ("h_ptr", "w_ptr", "w_logit_ptr", "w_proj_ptr", "center_ptr", "center_high_ptr",
                    "high_weight_ptr", "stats_ptr", "column_ptr", "row_max_ptr", "log2_sum_ptr", "out_ptr",
                    "mass_ptr", "hs_ptr", "ws_ptr", "xs_ptr", "s_max_ptr", "s_log2_sum_ptr", "ht_ptr", "wt_ptr",
@@ -597,7 +598,7 @@ DIVISIBLE_BY_16 = ("h_ptr", "w_ptr", "w_logit_ptr", "w_proj_ptr", "center_ptr", 
 
 
 def compile_specs() -> list[dict]:
-    """Every shipped configuration (operand dtype x kernel x centred) for the AOT compile report.
+    """Every shipped configuration (operand dtype x kernel, x centred for stats and project) for the AOT report.
 
     BLOCK_D = 256 is the DINO bottleneck; other widths compile on first use with the same tiles."""
     specs = []
