@@ -181,21 +181,21 @@ def test_roofline_and_specs():
     specs = compile_specs()
     assert all(s["uses_dot"] == (not s["name"].endswith("float32")) for s in specs)
     names = {s["name"] for s in specs}
-    assert names >= {"head_logit_stats_teacher_bfloat16", "head_softmax_project_student_float16",
-                     "head_grad_weight_float16"}
+    assert names == {f"head_{kernel}_{dtype}" for dtype in ("float32", "float16", "bfloat16")
+                     for kernel in ("softmax_project_student", "softmax_project_teacher", "grad_weight")}
 
 
 def test_production_plan_computes_each_logit_tile_once_per_pass():
-    """At the presets' shape (bf16, H100) each project / grad_weight pass computes every logit tile once
-    (2x its own GEMM: the head's 2.0x bound with no padding to spare) and the project grid is one wave:
+    """At the presets' shape (bf16, H100) each pass computes every logit tile once: the forward's
+    project pass executes exactly its two GEMMs (logits, projection), the backward's grad_weight pass
+    2x its projection (the head's 2.0x bound with no padding to spare); the project grid is one wave:
     one full-width D block, and no more K splits (each an fp32 (R, D) partial) than SMs."""
     K, D, sms = PRODUCTION_SHAPE["K"], PRODUCTION_SHAPE["D"], 132
-    for kernel, sides in (("project", (False, True)), ("grad_weight", (False,))):
-        for centred in sides:
-            counts = efficiency(kernel, centred, **PRODUCTION_SHAPE, dtype_bytes=2, sms=sms, concurrent=sms,
-                                l2_bytes=50 * 2**20)
-            assert counts["executed_flops"] == 2 * counts["useful_flops"], (kernel, centred)
-            assert counts["moved_bytes"] <= 2.0 * counts["min_bytes"], (kernel, centred)
+    for kernel, centred, recomputed in (("project", False, 1), ("project", True, 1), ("grad_weight", False, 2)):
+        counts = efficiency(kernel, centred, **PRODUCTION_SHAPE, dtype_bytes=2, sms=sms, concurrent=sms,
+                            l2_bytes=50 * 2**20)
+        assert counts["executed_flops"] == recomputed * counts["useful_flops"], (kernel, centred)
+        assert counts["moved_bytes"] <= 2.0 * counts["min_bytes"], (kernel, centred)
     plan = LaunchPlan(K, D, fp32=False, interpreter=False, sms=sms)
     for rows in (PRODUCTION_SHAPE["T"] * PRODUCTION_SHAPE["B"], PRODUCTION_SHAPE["S"] * PRODUCTION_SHAPE["B"]):
         grid, block_do, splits, per_split = plan.project_grid(rows)
