@@ -4,32 +4,45 @@ Math (reference.dino_head_loss): h = normalize(features), W = weight-normalised 
 logits z = h W^T; teacher probs P = softmax((z_t - alpha c - (1 - alpha) c_h) / tau_t) (no gradient);
 loss = dino_cross_entropy(z_s, P, tau_s); also the centre statistics of teacher_softmax.
 The (rows, K) logits are never materialised: with A[t] = P[t] W_s (teacher probs projected back
-to D), n[s] = sum_{t != s} sum_k P[t, k], Bs[s] = softmax(z_s / tau_s) W_s and c = 1 / (pairs B):
-    loss       = c sum_{t != s} ( n-weighted lse(z_s / tau_s) - A[t] . h_s / tau_s )
+to D), n[s] = #{t != s} (each teacher row sums to 1), Bs[s] = softmax(z_s / tau_s) W_s and
+c = 1 / (pairs B):
+    loss       = c sum_{t != s} ( lse(z_s / tau_s) - A[t] . h_s / tau_s )
     dL / dh_s  = c / tau_s ( n[s] Bs[s] - sum_{t != s} A[t] )                       (R_s, D)
     dL / dW_s  = c / tau_s ( softmax_s^T (n h_s) - P^T Hbar ),  Hbar[t] = sum_{s != t} h_s   (K, D)
 Gradients then flow through the normalisations of features and weight_v by autograd.
 
-Kernels (logit tiles recomputed with tl.dot in every pass, never stored):
-    _logit_stats_kernel        rows x K-split: online max / sum of exp per row (+ centre statistics)
-    _softmax_project_kernel    rows x K-split x D block: softmax(z) @ W_proj  (A for the teacher, Bs for
-                               the student)
-    _softmax_t_project_kernel  K block x D block: softmax(z)^T @ X   (the two terms of dL / dW_s)
-Forward runs stats(teacher), stats(student), project(teacher); backward project(student) and two
-t_project passes. All reductions are per-program partials summed by torch: no atomics, deterministic.
+Kernels (logit tiles computed with tl.dot once per pass, never stored; full-width D = 256 fp32
+accumulators next to the logit tile):
+    _softmax_project_kernel  rows x K-split, flash-attention style: running max and sum of exp per row
+                             and softmax(z) @ W_proj rescaled as the max grows, in one pass (A and the
+                             teacher's centre statistics; Bs and lse for the student)
+    _grad_weight_kernel      K block: softmax_s^T (n h_s) - P^T Hbar over the student's then the teacher's
+                             rows in one fp32 accumulator, written once as dL / dW_s in W's dtype
+Forward runs project(teacher), project(student); backward grad_weight (dL/dh_s is a (R_s, D)
+combination of the saved A and Bs): 2 passes over K per side, 3 launches.
+All reductions are per-program partials summed by torch: no atomics, deterministic.
 
 Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h and W):
     useful FLOPs (those of the unfused path's GEMMs, what roofline_cost reports):
              forward 2 K D (R_t + R_s), backward 4 K D R_s
-    executed FLOPs with the recomputation (16-bit configs: 2 D blocks in project and in t_project):
-             forward 2 K D (4 R_t + R_s), backward 2 K D (6 R_s + 3 R_t), all on tensor cores
+    executed FLOPs (one D block up to D = 256; a wider D is split into D blocks, each recomputing the
+             logit tile): forward 4 K D (R_t + R_s), backward 4 K D (R_s + R_t), all on tensor cores:
+             1.50x the useful FLOPs at the presets' 128 teacher / 640 student rows (the forward computes
+             Bs, which the unfused path's backward GEMM does; the backward recomputes the logits)
              (per-kernel counts and roofline times: efficiency() and the compile report)
     min HBM  forward (R_s + R_t) D e + K D e (+ K D e for a separate teacher W) + 16 K
-             backward adds K D (e + 4) (read W, write the fp32 weight gradient) + 4 R_s D
+             backward adds 2 K D e (read W, write the weight gradient) + 4 R_s D
     Each pass streams W once per BLOCK_M rows (L2 serves the repeats for R <= a few hundred rows).
+Why not Liger's chunked design (logits chunk by GEMM, softmax gradient in place, grad_input and
+grad_weight GEMMs per chunk): it executes 1x the FLOPs, but at the presets' shape (bf16, one 640-row
+chunk, its best case) the student logits cross HBM 5 times (GEMM write, read + gradient write in place,
+two GEMM reads: 5 R_s K e = 419 MB), the teacher logits / probabilities 4 times (67 MB), W 3 times and
+the weight gradient once (134 MB): ~620 MB, ~185 us of HBM time on an H100 against ~121 us predicted
+for these three launches (compute bound at 1.5x), and it materialises the 84 MB of logits this op avoids.
 Memory saved against the unfused path: the (R_s + R_t) x K logits, probabilities, log-probabilities
 and their gradients (at K = 65536, 2 + 10 views x 64 samples = 768 rows: 201 MB per fp32 tensor) are
-never allocated; the extra memory is the fp32 (splits, R, D) partials and the (K, D) weight gradient.
+never allocated; the extra memory is the fp32 (splits, R, D) partials (~8 MB on an H100) and the saved
+(R_s, D) Bs.
 """
 
 import math
@@ -48,26 +61,24 @@ from ._common import (
     check_tensor,
     hbm_bytes,
     interpreted,
-    num_splits,
     pad,
     sm_count,
 )
 
 # H100/A100 configs for D = 256 (the DINO bottleneck), chosen from the compile report (regs/spills
-# per config are listed in docs/kernels-loss.md): 16-bit operands use 64-row x 64-prototype logit
-# tiles (mma/wgmma sized; h and two stages of W take 96 KB of shared memory, under A100's 164 KB and
-# H100's 228 KB) with 8 warps. The D = 256 accumulators of the project kernels do not fit next to the
-# logit tile (255 registers and spills at every BLOCK_M/BLOCK_K/num_warps tried), so their output is
-# split into D blocks (BLOCK_DO, a grid axis) at the price of recomputing the logit tile per D block:
-# 128 for softmax @ W (160-247 registers) and for softmax^T @ X (163-255; 64 there was 5x the useful
-# FLOPs for 128-174 registers), no spills.
-# fp32 operands take exact IEEE dots (FMA, no tensor cores): only 16 x 16 tiles with 4 warps and one
-# stage avoid spills there; fp32 is the exact path, bf16 the fast one.
+# per config are listed in docs/kernels-loss.md). Each kernel holds the full-width (rows, D) or
+# (prototypes, D) fp32 accumulator next to the logit tile, so it computes each logit tile once
+# (BLOCK_DO = 256 = D: one output D block; a wider D is split into D blocks, a grid axis, at the price
+# of recomputing the logit tile per block). 16-bit operands use 64-row x 32-prototype logit tiles
+# (mma/wgmma sized) with 8 warps: 127-248 registers at D = 256 (DIVISIBLE_BY_16), no spills; 64-prototype
+# tiles spill in the variant other widths run. fp32 operands take exact IEEE dots (FMA, no
+# tensor cores): 16 x 16 tiles with 4 warps and one stage avoid spills there; fp32 is the exact path,
+# bf16 the fast one.
 CONFIGS = {
-    "16bit": {"BLOCK_M": 64, "BLOCK_K": 64, "PROJECT_BLOCK_DO": 128, "T_PROJECT_BLOCK_DO": 128,
-              "num_warps": 8, "num_stages": 2},
-    "fp32": {"BLOCK_M": 16, "BLOCK_K": 16, "PROJECT_BLOCK_DO": 64, "T_PROJECT_BLOCK_DO": 64,
-             "num_warps": 4, "num_stages": 1},
+    "16bit": {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_DO": 256, "PROJECT_CTAS_PER_SM": 1, "num_warps": 8,
+              "num_stages": 2},
+    "fp32": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_DO": 256, "PROJECT_CTAS_PER_SM": 2, "num_warps": 4,
+             "num_stages": 1},
 }
 INTERPRETER_BLOCK = 16
 
@@ -93,57 +104,16 @@ def _blended_center(center_ptr, center_high_ptr, cols, col_mask, alpha):
 
 
 @triton.jit
-def _logit_stats_kernel(
-    h_ptr, w_ptr, center_ptr, center_high_ptr, high_weight_ptr, stats_ptr, column_ptr,
-    R, K, D, K_PER_SPLIT, scale, alpha,
-    CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_IEEE: tl.constexpr,
-):
-    """Per (row block, K split): running max of z and sum of exp2((z - max) scale) -> stats (2, R, splits);
-    with CENTER also the column sums of raw and high_weight-weighted logits -> column (blocks, 2, K)."""
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < R
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < D
-    h = tl.load(h_ptr + rows[:, None] * D + dims[None, :],
-                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-    if CENTER:
-        high_weight = tl.load(high_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_M], tl.float32)
-    k_end = tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K)
-    for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < k_end
-        z = _logit_tile(h, w_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE)
-        if CENTER:
-            # masked rows have h = 0, so their raw logits are 0 and add nothing to the column sums
-            column = column_ptr + pid_m.to(tl.int64) * 2 * K
-            tl.store(column + cols, tl.sum(z, axis=0), mask=col_mask)
-            tl.store(column + K + cols, tl.sum(z * high_weight[:, None], axis=0), mask=col_mask)
-            z = z - _blended_center(center_ptr, center_high_ptr, cols, col_mask, alpha)[None, :]
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        exps = tl.exp2((z - m_new[:, None]) * scale)
-        row_sum = row_sum * tl.exp2((m - m_new) * scale) + tl.sum(exps, axis=1)
-        m = m_new
-    out = stats_ptr + rows * splits + split
-    tl.store(out, m, mask=row_mask)
-    tl.store(out + R * splits, row_sum, mask=row_mask)
-
-
-@triton.jit
 def _softmax_project_kernel(
-    h_ptr, w_logit_ptr, w_proj_ptr, center_ptr, center_high_ptr, row_max_ptr, log2_sum_ptr,
-    out_ptr, mass_ptr, R, K, D, K_PER_SPLIT, scale, alpha,
+    h_ptr, w_logit_ptr, w_proj_ptr, center_ptr, center_high_ptr, high_weight_ptr, stats_ptr, out_ptr, column_ptr,
+    R, K, D, K_PER_SPLIT, scale, alpha,
     CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr, DOT_IEEE: tl.constexpr,
 ):
-    """Per (row block, K split, output D block): partial softmax(z) @ W_proj[:, dblock] -> out (splits, R, D),
-    row sums of the softmax -> mass (splits, R) (from the first D block)."""
+    """Per (output D block, row block, K split), in one pass as flash attention does: the running max m of
+    z, the sum l of exp2((z - m) scale) and acc = sum of exp2((z - m) scale) W_proj[:, dblock], both
+    rescaled whenever m grows -> stats (2, splits, R), out (splits, R, D) (torch combines the splits);
+    with CENTER also the column sums of raw and high_weight-weighted logits -> column (blocks, 2, K)."""
     pid_d = tl.program_id(0)  # fastest: the D blocks sharing a W split run in one wave (W read once)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -153,10 +123,11 @@ def _softmax_project_kernel(
     dim_mask = dims < D
     out_dims = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_mask = out_dims < D
-    row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
-    log2_sum = tl.load(log2_sum_ptr + rows, mask=row_mask, other=0.0)
+    if CENTER:
+        high_weight = tl.load(high_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
-    mass = tl.zeros([BLOCK_M], tl.float32)
     k_end = tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K)
     for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -167,38 +138,38 @@ def _softmax_project_kernel(
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
         z = _logit_tile(h, w_logit_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE)
         if CENTER:
+            if pid_d == 0:
+                # masked rows have h = 0, so their raw logits are 0 and add nothing to the column sums
+                column = column_ptr + pid_m.to(tl.int64) * 2 * K
+                tl.store(column + cols, tl.sum(z, axis=0), mask=col_mask)
+                tl.store(column + K + cols, tl.sum(z * high_weight[:, None], axis=0), mask=col_mask)
             z = z - _blended_center(center_ptr, center_high_ptr, cols, col_mask, alpha)[None, :]
-        p = tl.exp2((z - row_max[:, None]) * scale - log2_sum[:, None])
-        p = tl.where(col_mask[None, :] & row_mask[:, None], p, 0.0)
-        mass += tl.sum(p, axis=1)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        rescale = tl.exp2((m - m_new) * scale)
+        p = tl.exp2((z - m_new[:, None]) * scale)
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        m = m_new
         w = tl.load(w_proj_ptr + cols[:, None] * D + out_dims[None, :],
                     mask=col_mask[:, None] & out_mask[None, :], other=0.0)
         if DOT_IEEE:
-            acc += tl.dot(p.to(w.dtype), w, input_precision="ieee")
+            acc = acc * rescale[:, None] + tl.dot(p.to(w.dtype), w, input_precision="ieee")
         else:
-            acc += tl.dot(p.to(w.dtype), w)
+            acc = acc * rescale[:, None] + tl.dot(p.to(w.dtype), w)
     split_rows = split.to(tl.int64) * R + rows
     tl.store(out_ptr + split_rows[:, None] * D + out_dims[None, :], acc,
              mask=row_mask[:, None] & out_mask[None, :])
-    tl.store(mass_ptr + split_rows, mass, mask=row_mask & (pid_d == 0))
+    stats = stats_ptr + split_rows
+    splits = tl.num_programs(2)
+    tl.store(stats, m, mask=row_mask & (pid_d == 0))
+    tl.store(stats + splits * R, row_sum, mask=row_mask & (pid_d == 0))
 
 
 @triton.jit
-def _softmax_t_project_kernel(
-    h_ptr, w_ptr, x_ptr, center_ptr, center_high_ptr, row_max_ptr, log2_sum_ptr, out_ptr,
-    R, K, D, scale, alpha,
-    CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, DOT_IEEE: tl.constexpr,
-):
-    """Per (K block, output D block): out[cols, dblock] = softmax(z)[:, cols]^T @ X[:, dblock] fp32,
-    summed over all R rows."""
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_mask = cols < K
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < D
-    out_dims = tl.program_id(0) * BLOCK_DO + tl.arange(0, BLOCK_DO)  # fastest: W block read once
-    out_mask = out_dims < D
-    acc = tl.zeros([BLOCK_K, BLOCK_DO], tl.float32)
+def _add_t_project(acc, h_ptr, w_ptr, x_ptr, center_ptr, center_high_ptr, row_max_ptr, log2_sum_ptr, R, D,
+                   cols, col_mask, dims, dim_mask, out_dims, out_mask, scale, alpha,
+                   CENTER: tl.constexpr, BLOCK_M: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """acc + softmax(z)[:, cols]^T @ X[:, out_dims] over all R rows (z = h W[cols]^T, centred if CENTER)."""
     for r0 in range(0, R, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_mask = rows < R
@@ -217,7 +188,33 @@ def _softmax_t_project_kernel(
             acc += tl.dot(tl.trans(p.to(x.dtype)), x, input_precision="ieee")
         else:
             acc += tl.dot(tl.trans(p.to(x.dtype)), x)
-    tl.store(out_ptr + cols[:, None] * D + out_dims[None, :], acc,
+    return acc
+
+
+@triton.jit
+def _grad_weight_kernel(
+    hs_ptr, ws_ptr, xs_ptr, s_max_ptr, s_log2_sum_ptr, ht_ptr, wt_ptr, xt_ptr, t_max_ptr, t_log2_sum_ptr,
+    center_ptr, center_high_ptr, grad_loss_ptr, out_ptr, R_s, R_t, K, D, scale_s, scale_t, alpha, coef,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+):
+    """Per (K block, output D block): dL/dW_s[cols, dblock] = grad_loss coef (softmax_s^T X_s + P^T X_t),
+    both terms in one fp32 accumulator, stored once in W's dtype (X_s = n h_s, X_t = -Hbar)."""
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+    out_dims = tl.program_id(0) * BLOCK_DO + tl.arange(0, BLOCK_DO)  # fastest: W block read once
+    out_mask = out_dims < D
+    acc = tl.zeros([BLOCK_K, BLOCK_DO], tl.float32)
+    acc = _add_t_project(acc, hs_ptr, ws_ptr, xs_ptr, center_ptr, center_high_ptr, s_max_ptr, s_log2_sum_ptr, R_s,
+                         D, cols, col_mask, dims, dim_mask, out_dims, out_mask, scale_s, alpha, False, BLOCK_M,
+                         DOT_IEEE)
+    acc = _add_t_project(acc, ht_ptr, wt_ptr, xt_ptr, center_ptr, center_high_ptr, t_max_ptr, t_log2_sum_ptr, R_t,
+                         D, cols, col_mask, dims, dim_mask, out_dims, out_mask, scale_t, alpha, True, BLOCK_M,
+                         DOT_IEEE)
+    coef = coef * tl.load(grad_loss_ptr).to(tl.float32)  # read on device: no host sync
+    tl.store(out_ptr + cols[:, None] * D + out_dims[None, :], (acc * coef).to(out_ptr.dtype.element_ty),
              mask=col_mask[:, None] & out_mask[None, :])
 
 
@@ -229,81 +226,73 @@ class LaunchPlan:
         config = CONFIGS["fp32" if fp32 else "16bit"]
         if interpreter:
             config = {**config, "BLOCK_M": INTERPRETER_BLOCK, "BLOCK_K": INTERPRETER_BLOCK,
-                      "PROJECT_BLOCK_DO": INTERPRETER_BLOCK, "T_PROJECT_BLOCK_DO": INTERPRETER_BLOCK}
+                      "BLOCK_DO": INTERPRETER_BLOCK}
         self.config = config
         self.block_m, self.block_k = config["BLOCK_M"], config["BLOCK_K"]
         self.block_d = max(16, triton.next_power_of_2(D))
         self.dot_ieee = fp32
-        self.target = 2 * sms
+        # the project kernels run in one wave (their occupancy from the compile report): every extra K split
+        # adds an fp32 (R, D) partial, which at 2 waves of the student's 640 rows outweighs W itself
+        self.project_target = config["PROJECT_CTAS_PER_SM"] * sms
         self.K, self.D = K, D
 
     @classmethod
     def for_tensor(cls, h: torch.Tensor, K: int, D: int) -> "LaunchPlan":
         return cls(K, D, h.dtype == torch.float32, interpreted(h), sm_count(h.device))
 
-    def d_blocks(self, key: str) -> tuple[int, int]:
-        """(BLOCK_DO, number of output D blocks) of the project kernel named by key."""
-        block_do = min(self.block_d, self.config[key])
+    def d_blocks(self) -> tuple[int, int]:
+        """(BLOCK_DO, number of output D blocks) of the project kernels: 1 block up to D = 256."""
+        block_do = min(self.block_d, self.config["BLOCK_DO"])
         return block_do, triton.cdiv(self.D, block_do)
 
     def meta(self, **extra):
         return dict(BLOCK_M=self.block_m, BLOCK_K=self.block_k, BLOCK_D=self.block_d, DOT_IEEE=self.dot_ieee,
                     num_warps=self.config["num_warps"], num_stages=self.config["num_stages"], **extra)
 
-    def splits(self, R: int, d_blocks: int = 1) -> tuple[int, int, int]:
-        """(row blocks, K splits, K per split): blocks x splits x d_blocks programs reach the target."""
-        blocks = triton.cdiv(R, self.block_m)
-        splits, per_split = num_splits(self.K, blocks * d_blocks, self.block_k, self.target)
-        return blocks, splits, per_split
-
     def project_grid(self, R: int) -> tuple[tuple[int, int, int], int, int, int]:
         """(grid (D blocks, row blocks, K splits), BLOCK_DO, K splits, K per split) of the project kernel."""
-        block_do, d_blocks = self.d_blocks("PROJECT_BLOCK_DO")
-        blocks, splits, per_split = self.splits(R, d_blocks)
+        block_do, d_blocks = self.d_blocks()
+        blocks = triton.cdiv(R, self.block_m)
+        wanted = max(1, min(self.project_target // (blocks * d_blocks), triton.cdiv(self.K, self.block_k)))
+        per_split = triton.cdiv(triton.cdiv(self.K, wanted), self.block_k) * self.block_k
+        splits = triton.cdiv(self.K, per_split)
         return (d_blocks, blocks, splits), block_do, splits, per_split
 
-    def t_project_grid(self) -> tuple[tuple[int, int], int]:
-        """(grid (D blocks, K blocks), BLOCK_DO) of the t_project kernel."""
-        block_do, d_blocks = self.d_blocks("T_PROJECT_BLOCK_DO")
+    def grad_weight_grid(self) -> tuple[tuple[int, int], int]:
+        """(grid (D blocks, K blocks), BLOCK_DO) of the grad_weight kernel."""
+        block_do, d_blocks = self.d_blocks()
         return (d_blocks, triton.cdiv(self.K, self.block_k)), block_do
 
 
-def _row_stats(launch, h, w, center, center_high, high_weight, scale, alpha, centred):
-    """(row_max, log2_sum) of the (centred) logits per row, and the centre statistics (2, K) if centred."""
-    R, K = h.shape[0], w.shape[0]
-    blocks, splits, per_split = launch.splits(R)
-    stats = torch.empty((2, R, splits), dtype=torch.float32, device=h.device)
-    column = torch.empty((blocks, 2, K) if centred else (1,), dtype=torch.float32, device=h.device)
-    _logit_stats_kernel[(blocks, splits)](
-        h, w, center, center_high, high_weight, stats, column, R, K, launch.D, per_split, scale, alpha,
-        **launch.meta(CENTER=centred),
-    )
-    m, row_sum = stats
-    row_max = m.max(dim=-1).values
-    log2_sum = torch.log2((row_sum * torch.exp2((m - row_max.unsqueeze(-1)) * scale)).sum(dim=-1))
-    return row_max.contiguous(), log2_sum.contiguous(), column.sum(dim=0) if centred else None
-
-
-def _project(launch, h, w_logit, w_proj, center, center_high, row_max, log2_sum, scale, alpha, centred):
-    """(softmax(z) @ w_proj (R, D) fp32, row sums of the softmax (R,))."""
+def _softmax_project(launch, h, w_logit, w_proj, center, center_high, high_weight, scale, alpha, centred):
+    """(row_max, log2_sum) of the (centred) logits per row, softmax(z) @ w_proj (R, D) fp32, and the centre
+    statistics (2, K) if centred, from one pass over K."""
     R = h.shape[0]
     grid, block_do, splits, per_split = launch.project_grid(R)
+    stats = torch.empty((2, splits, R), dtype=torch.float32, device=h.device)
     out = torch.empty((splits, R, launch.D), dtype=torch.float32, device=h.device)
-    mass = torch.empty((splits, R), dtype=torch.float32, device=h.device)
+    column = torch.empty((grid[1], 2, launch.K) if centred else (1,), dtype=torch.float32, device=h.device)
     _softmax_project_kernel[grid](
-        h, w_logit, w_proj, center, center_high, row_max, log2_sum, out, mass, R, launch.K, launch.D,
+        h, w_logit, w_proj, center, center_high, high_weight, stats, out, column, R, launch.K, launch.D,
         per_split, scale, alpha, **launch.meta(CENTER=centred, BLOCK_DO=block_do),
     )
-    return out.sum(dim=0), mass.sum(dim=0)
+    m, row_sum = stats
+    row_max = m.max(dim=0).values
+    weight = torch.exp2((m - row_max) * scale)  # each split's share, relative to the row's max
+    total = (row_sum * weight).sum(dim=0)
+    projected = (out * weight.unsqueeze(-1)).sum(dim=0) / total.unsqueeze(-1)
+    return row_max, torch.log2(total), projected, column.sum(dim=0) if centred else None
 
 
-def _t_project(launch, h, w, x, center, center_high, row_max, log2_sum, scale, alpha, centred):
-    """softmax(z)^T @ x (K, D) fp32."""
-    out = torch.empty((launch.K, launch.D), dtype=torch.float32, device=h.device)
-    grid, block_do = launch.t_project_grid()
-    _softmax_t_project_kernel[grid](
-        h, w, x.to(h.dtype).contiguous(), center, center_high, row_max, log2_sum, out, h.shape[0], launch.K,
-        launch.D, scale, alpha, **launch.meta(CENTER=centred, BLOCK_DO=block_do),
+def _grad_weight(launch, hs, ws, xs, s_max, s_log2_sum, ht, wt, xt, t_max, t_log2_sum, center, center_high,
+                 grad_loss, coef, scale_s, scale_t, alpha):
+    """grad_loss coef (softmax_s^T xs + P^T xt) (K, D) in ws's dtype."""
+    out = torch.empty_like(ws)
+    grid, block_do = launch.grad_weight_grid()
+    _grad_weight_kernel[grid](
+        hs, ws, xs.to(hs.dtype).contiguous(), s_max, s_log2_sum, ht, wt, xt.to(ht.dtype).contiguous(), t_max,
+        t_log2_sum, center, center_high, grad_loss.float().contiguous(), out, hs.shape[0], ht.shape[0], launch.K,
+        launch.D, scale_s, scale_t, alpha, coef, **launch.meta(BLOCK_DO=block_do),
     )
     return out
 
@@ -314,42 +303,41 @@ def _pairs(T: int, S: int, device: torch.device) -> torch.Tensor:
 
 
 def _launch_forward(hs, ws, ht, wt, center, center_high, high_weight, S, T, B, tau_t, tau_s, alpha):
-    """(loss, logit_sum, high_logit_sum) and the statistics backward needs (t_max, t_log2_sum, s_max,
-    s_log2_sum, A (T, B, D), mass (T, B))."""
+    """(loss, logit_sum, high_logit_sum) and what backward needs (t_max, t_log2_sum, s_max, s_log2_sum,
+    A = P W_s (T, B, D), Bs = softmax_s W_s (S * B, D)): one pass over K per side."""
     launch = LaunchPlan.for_tensor(hs, ws.shape[0], ws.shape[1])
     scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
-    t_max, t_log2_sum, column = _row_stats(launch, ht, wt, center, center_high, high_weight, scale_t, alpha, True)
-    s_max, s_log2_sum, _ = _row_stats(launch, hs, ws, center, center_high, high_weight, scale_s, alpha, False)
-    A, mass = _project(launch, ht, wt, ws, center, center_high, t_max, t_log2_sum, scale_t, alpha, True)
-    A, mass = A.reshape(T, B, -1), mass.reshape(T, B)
+    t_max, t_log2_sum, A, column = _softmax_project(launch, ht, wt, ws, center, center_high, high_weight, scale_t,
+                                                    alpha, True)
+    s_max, s_log2_sum, Bs, _ = _softmax_project(launch, hs, ws, ws, center, center_high, high_weight, scale_s,
+                                                alpha, False)
+    A = A.reshape(T, B, -1)
     pair = _pairs(T, S, hs.device)
     pairs = T * S - min(S, T)
     lse = (s_max / tau_s + s_log2_sum * math.log(2.0)).reshape(S, B)
     hs3 = hs.float().reshape(S, B, -1)
     cross = torch.einsum("tbd,sbd->tsb", A, hs3)
-    per_pair = mass.unsqueeze(1) * lse.unsqueeze(0) - cross / tau_s  # (T, S, B)
+    per_pair = lse.unsqueeze(0) - cross / tau_s  # (T, S, B); each teacher row's probabilities sum to 1
     loss = (pair.unsqueeze(-1) * per_pair).sum() / (pairs * B)
-    return loss, column[0].clone(), column[1].clone(), t_max, t_log2_sum, s_max, s_log2_sum, A, mass
+    return loss, column[0].clone(), column[1].clone(), t_max, t_log2_sum, s_max, s_log2_sum, A, Bs
 
 
-def _launch_backward(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, mass,
+def _launch_backward(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, Bs,
                      S, T, B, tau_t, tau_s, alpha):
-    """(grad_hs, grad_ws)."""
+    """(grad_hs, grad_ws): dL/dh_s from the forward's A and Bs, dL/dW_s from one pass over K."""
     launch = LaunchPlan.for_tensor(hs, ws.shape[0], ws.shape[1])
     scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
     pair = _pairs(T, S, hs.device)
     pairs = T * S - min(S, T)
     coef = grad_loss.float() / (pairs * B * tau_s)
-    n = torch.einsum("ts,tb->sb", pair, mass)  # (S, B) teacher mass paired with each student row
-    Bs, _ = _project(launch, hs, ws, ws, center, center_high, s_max, s_log2_sum, scale_s, alpha, False)
-    grad_hs = coef * (n.unsqueeze(-1) * Bs.reshape(S, B, -1) - torch.einsum("ts,tbd->sbd", pair, A))
+    n = pair.sum(dim=0).reshape(S, 1, 1)  # teacher views paired with each student view
+    grad_hs = coef * (n * Bs.reshape(S, B, -1) - torch.einsum("ts,tbd->sbd", pair, A))
     hs3 = hs.float().reshape(S, B, -1)
     h_bar = torch.einsum("ts,sbd->tbd", pair, hs3).reshape(T * B, -1)
-    student_term = _t_project(launch, hs, ws, (n.unsqueeze(-1) * hs3).reshape(S * B, -1), center,
-                              center_high, s_max, s_log2_sum, scale_s, alpha, False)
-    teacher_term = _t_project(launch, ht, wt, h_bar, center, center_high, t_max, t_log2_sum, scale_t, alpha, True)
-    grad_ws = coef * (student_term - teacher_term)
-    return grad_hs.reshape(S * B, -1).to(hs.dtype), grad_ws.to(ws.dtype)
+    grad_ws = _grad_weight(launch, hs, ws, (n * hs3).reshape(S * B, -1), s_max, s_log2_sum, ht, wt, -h_bar, t_max,
+                           t_log2_sum, center, center_high, grad_loss, 1.0 / (pairs * B * tau_s), scale_s, scale_t,
+                           alpha)
+    return grad_hs.reshape(S * B, -1).to(hs.dtype), grad_ws
 
 
 # torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes),
@@ -369,21 +357,21 @@ def _(hs, ws, ht, wt, center, center_high, high_weight, S, T, B, tau_t, tau_s, a
     f32 = dict(dtype=torch.float32)
     new = hs.new_empty
     return (new((), **f32), new((K,), **f32), new((K,), **f32), new((T * B,), **f32), new((T * B,), **f32),
-            new((S * B,), **f32), new((S * B,), **f32), new((T, B, D), **f32), new((T, B), **f32))
+            new((S * B,), **f32), new((S * B,), **f32), new((T, B, D), **f32), new((S * B, D), **f32))
 
 
 @torch.library.custom_op("terrafm::dino_head_loss_backward", mutates_args=())
 def _head_loss_backward_op(grad_loss: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor,
                            wt: torch.Tensor, center: torch.Tensor, center_high: torch.Tensor, t_max: torch.Tensor,
                            t_log2_sum: torch.Tensor, s_max: torch.Tensor, s_log2_sum: torch.Tensor, A: torch.Tensor,
-                           mass: torch.Tensor, S: int, T: int, B: int, tau_t: float, tau_s: float,
+                           Bs: torch.Tensor, S: int, T: int, B: int, tau_t: float, tau_s: float,
                            alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_backward(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum,
-                            A, mass, S, T, B, tau_t, tau_s, alpha)
+                            A, Bs, S, T, B, tau_t, tau_s, alpha)
 
 
 @_head_loss_backward_op.register_fake
-def _(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, mass, S, T, B,
+def _(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, Bs, S, T, B,
       tau_t, tau_s, alpha):
     return torch.empty_like(hs), torch.empty_like(ws)
 
@@ -476,7 +464,7 @@ def roofline_cost(S: int, T: int, B: int, K: int, D: int = 256, dtype_bytes: int
     nbytes = (rs + rt) * D * dtype_bytes + K * D * dtype_bytes + 16 * K
     if backward:
         flops += 4 * K * D * rs
-        nbytes += K * D * (dtype_bytes + 4) + rs * D * 4
+        nbytes += 2 * K * D * dtype_bytes + rs * D * 4
     return {"flops": flops, "bytes": nbytes}
 
 
@@ -487,57 +475,80 @@ PRODUCTION_SHAPE = {"S": 10, "T": 2, "B": 64, "K": 65536, "D": 256}
 
 def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: int, dtype_bytes: int, sms: int,
                concurrent: int, l2_bytes: int) -> dict:
-    """Useful / executed FLOPs and minimum / moved HBM bytes of one kernel ("stats", "project",
-    "t_project") on the teacher (centred) or student rows, from LaunchPlan's tiles and grids
-    (docs/kernels.md, "Efficiency counts"). Useful FLOPs are the kernel's own GEMM (the logits for
-    stats, the projection for the others); recomputed logit tiles are executed, not useful."""
+    """Useful / executed FLOPs and minimum / moved HBM bytes of one kernel ("project" on the teacher
+    (centred) or student rows, "grad_weight" on both), from LaunchPlan's tiles and grids (docs/kernels.md,
+    "Efficiency counts"). Useful FLOPs are the kernel's own GEMMs: the logits and the projection for
+    project, the projection for grad_weight, whose recomputed logit tiles are executed, not useful."""
     plan = LaunchPlan(K, D, dtype_bytes == 4, False, sms)
+    if kernel == "grad_weight":
+        return _grad_weight_efficiency(plan, S * B, T * B, dtype_bytes, concurrent, l2_bytes)
+    if kernel != "project":
+        raise ValueError(f"unknown kernel {kernel!r}: project or grad_weight")
     R, e = (T * B if centred else S * B), dtype_bytes
-    bm, bk, bd = plan.block_m, plan.block_k, plan.block_d
+    bm, bk = plan.block_m, plan.block_k
+    grid, block_do, splits, per_split = plan.project_grid(R)
+    d_blocks, blocks = grid[0], grid[1]
     rows = lambda m: min(bm, R - m * bm)  # noqa: E731
-    blocks, splits, per_split = plan.splits(R)
     cols = lambda j: min(per_split, K - j * per_split)  # noqa: E731
-    logits = 2 * pad(R, bm) * splits * pad(per_split, bk) * bd  # one pass of padded logit tiles
+    # each split's loop stops at its last column, so only its last tile is padded; each D block
+    # computes the logit tile and its share of the projection
+    k_tiles = sum(pad(cols(j), bk) for j in range(splits))
+    executed = d_blocks * 2 * pad(R, bm) * k_tiles * (plan.block_d + block_do)
     w_bytes, h_bytes = K * D * e, R * D * e
-    # the teacher's forward projects its probabilities onto the student's prototypes: a second (K, D) tensor
+    # the teacher projects its probabilities onto the student's prototypes: a second (K, D) tensor
     w_proj = "w_student" if centred else "w"
-    if kernel == "stats":
-        grid, executed, extra = (blocks, splits), logits, 8 * R * splits + (8 * K * (blocks + 1) if centred else 0)
-        sizes = {"h": h_bytes, "w": w_bytes, "stats": 8 * R * splits, "column": 8 * K * blocks, "centres": 8 * K}
+    partials = (4 * D + 8) * splits * R  # acc (splits, R, D) and stats (2, splits, R), fp32
+    sizes = {"h": h_bytes, "w": w_bytes, "w_student": w_bytes, "out": partials, "column": 8 * K * blocks,
+             "centres": 8 * K, "high_weight": 4 * R}
 
-        def touches(m, j, _):
-            out = [("h", m, rows(m) * D * e), ("w", j, cols(j) * D * e), ("stats", (m, j), 8 * rows(m))]
-            return out + ([("column", (m, j), 8 * cols(j)), ("centres", j, 8 * cols(j))] if centred else [])
-        floor = h_bytes + w_bytes + 8 * R + (16 * K if centred else 0)
-    elif kernel == "project":
-        grid, block_do, splits, per_split = plan.project_grid(R)
-        d_blocks = grid[0]
-        logits = 2 * pad(R, bm) * splits * pad(per_split, bk) * bd
-        executed = d_blocks * logits + 2 * pad(R, bm) * splits * pad(per_split, bk) * d_blocks * block_do
-        extra = 8 * splits * R * D + 4 * R * D  # torch sums the (splits, R, D) fp32 partials
-        sizes = {"h": h_bytes, "w": w_bytes, "w_student": w_bytes, "out": 4 * splits * R * D}
-        cols = lambda j: min(per_split, K - j * per_split)  # noqa: E731
-        touches = lambda d, m, j: [("h", m, rows(m) * D * e), ("w", j, cols(j) * D * e),  # noqa: E731
-                                   (w_proj, (j, d) if centred else j, cols(j) * (block_do if centred else D) * e),
-                                   ("out", (m, j, d), rows(m) * block_do * 4)]
-        floor = h_bytes + w_bytes * (2 if centred else 1) + 4 * R * D
-    else:  # t_project: program (K block, D block) walks all R rows
-        grid, block_do = plan.t_project_grid()
-        d_blocks = grid[0]
-        executed = d_blocks * 2 * pad(R, bm) * pad(K, bk) * (bd + block_do)
-        extra = 0
-        ks = lambda k: min(bk, K - k * bk)  # noqa: E731
-        sizes = {"h": h_bytes, "w": w_bytes, "x": h_bytes, "out": 4 * K * D}
-        touches = lambda d, k, _: [("h", 0, h_bytes), ("w", k, ks(k) * D * e), ("x", d, R * block_do * e),  # noqa: E731
-                                   ("out", (k, d), ks(k) * block_do * 4)]
-        floor = 2 * h_bytes + w_bytes + 4 * K * D
-    return {"useful_flops": 2 * R * K * D, "executed_flops": executed, "min_bytes": floor,
+    def touches(d, m, j):
+        out = [("h", m, rows(m) * D * e), ("w", j, cols(j) * D * e),
+               (w_proj, (j, d) if centred else j, cols(j) * (block_do if centred else D) * e),
+               ("out", (m, j, d), rows(m) * (4 * block_do + 8))]
+        if centred:
+            out += [("column", (m, j), 8 * cols(j)), ("centres", j, 8 * cols(j)), ("high_weight", m, 4 * rows(m))]
+        return out
+    # torch combines the splits (reads the partials, writes (R, D) + 2 R) and sums the column partials
+    extra = partials + 4 * R * D + 8 * R + (8 * K * (blocks + 1) if centred else 0)
+    floor = h_bytes + w_bytes * (2 if centred else 1) + 4 * R * D + 8 * R + (16 * K + 4 * R if centred else 0)
+    return {"useful_flops": 4 * R * K * D, "executed_flops": executed, "min_bytes": floor,
             "moved_bytes": hbm_bytes(grid, touches, sizes, concurrent, l2_bytes) + extra,
             "flop_kind": "fp32" if dtype_bytes == 4 else "tensor"}
 
 
+def _grad_weight_efficiency(plan: LaunchPlan, rs: int, rt: int, e: int, concurrent: int, l2_bytes: int) -> dict:
+    """efficiency() of the grad_weight kernel: program (D block, K block) walks the student's rs rows with
+    W_s, then the teacher's rt rows with W_t, and writes its (K block, D block) of dL/dW_s once."""
+    K, D, bm, bk = plan.K, plan.D, plan.block_m, plan.block_k
+    grid, block_do = plan.grad_weight_grid()
+    executed = grid[0] * 2 * (pad(rs, bm) + pad(rt, bm)) * pad(K, bk) * (plan.block_d + block_do)
+    sizes = {"hs": rs * D * e, "ht": rt * D * e, "xs": rs * D * e, "xt": rt * D * e, "ws": K * D * e,
+             "wt": K * D * e, "out": K * D * e, "centres": 8 * K, "stats": 8 * (rs + rt)}
+    ks = lambda k: min(bk, K - k * bk)  # noqa: E731
+
+    def touches(d, k, _):
+        return [("hs", 0, sizes["hs"]), ("ht", 0, sizes["ht"]), ("stats", 0, sizes["stats"]),
+                ("ws", k, ks(k) * D * e), ("wt", k, ks(k) * D * e), ("centres", k, 8 * ks(k)),
+                ("xs", d, rs * block_do * e), ("xt", d, rt * block_do * e), ("out", (k, d), ks(k) * block_do * e)]
+    return {"useful_flops": 2 * (rs + rt) * K * D, "executed_flops": executed, "min_bytes": sum(sizes.values()),
+            "moved_bytes": hbm_bytes(grid, touches, sizes, concurrent, l2_bytes),
+            "flop_kind": "fp32" if e == 4 else "tensor"}
+
+
+# What the JIT specializes at the production shape: every pointer (torch allocations are 16-byte aligned)
+# and the sizes R (128 / 640 rows), K, D and K_PER_SPLIT (a multiple of BLOCK_K) are multiples of 16,
+# which makes the (rows, D) and (prototypes, D) loads vector loads without per-element 64-bit addresses
+# (the unspecialized variant, which only widths that are not a multiple of 16 run, needs 255 registers
+# and spills in the 16-bit teacher project (600-720 B) and grad_weight on sm_90 (176 B): slower, still
+# correct).
+DIVISIBLE_BY_16 = ("h_ptr", "w_logit_ptr", "w_proj_ptr", "center_ptr", "center_high_ptr", "high_weight_ptr",
+                   "stats_ptr", "column_ptr", "out_ptr", "hs_ptr", "ws_ptr", "xs_ptr", "s_max_ptr", "s_log2_sum_ptr",
+                   "ht_ptr", "wt_ptr", "xt_ptr", "t_max_ptr", "t_log2_sum_ptr", "grad_loss_ptr", "R", "R_s", "R_t",
+                   "K", "D", "K_PER_SPLIT")
+
+
 def compile_specs() -> list[dict]:
-    """Every shipped configuration (operand dtype x kernel x centred) for the AOT compile report.
+    """Every shipped configuration (operand dtype x kernel, x centred for stats and project) for the AOT report.
 
     BLOCK_D = 256 is the DINO bottleneck; other widths compile on first use with the same tiles."""
     specs = []
@@ -555,29 +566,24 @@ def compile_specs() -> list[dict]:
             counts = lambda kernel, c=centred, e=dtype.itemsize: partial(  # noqa: E731
                 efficiency, kernel, c, **PRODUCTION_SHAPE, dtype_bytes=e)
             specs.append({
-                "name": f"head_logit_stats_{tag}_{name}", "fn": _logit_stats_kernel,
-                "signature": {"h_ptr": ptr, "w_ptr": ptr, "center_ptr": "*fp32", "center_high_ptr": "*fp32",
-                              "high_weight_ptr": "*fp32", "stats_ptr": "*fp32", "column_ptr": "*fp32",
-                              "R": "i32", "K": "i32", "D": "i32", "K_PER_SPLIT": "i32", "scale": "fp32",
-                              "alpha": "fp32"},
-                "constexprs": {**blocks, "CENTER": centred}, **common, "efficiency": counts("stats"),
-            })
-            specs.append({
                 "name": f"head_softmax_project_{tag}_{name}", "fn": _softmax_project_kernel,
                 "signature": {"h_ptr": ptr, "w_logit_ptr": ptr, "w_proj_ptr": ptr, "center_ptr": "*fp32",
-                              "center_high_ptr": "*fp32", "row_max_ptr": "*fp32", "log2_sum_ptr": "*fp32",
-                              "out_ptr": "*fp32", "mass_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32",
+                              "center_high_ptr": "*fp32", "high_weight_ptr": "*fp32", "stats_ptr": "*fp32",
+                              "out_ptr": "*fp32", "column_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32",
                               "K_PER_SPLIT": "i32", "scale": "fp32", "alpha": "fp32"},
-                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["PROJECT_BLOCK_DO"]}, **common,
+                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["BLOCK_DO"]}, **common,
                 "efficiency": counts("project"),
             })
-            specs.append({
-                "name": f"head_softmax_t_project_{tag}_{name}", "fn": _softmax_t_project_kernel,
-                "signature": {"h_ptr": ptr, "w_ptr": ptr, "x_ptr": ptr, "center_ptr": "*fp32",
-                              "center_high_ptr": "*fp32", "row_max_ptr": "*fp32", "log2_sum_ptr": "*fp32",
-                              "out_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32", "scale": "fp32",
-                              "alpha": "fp32"},
-                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["T_PROJECT_BLOCK_DO"]},
-                **common, "efficiency": counts("t_project"),
-            })
+        specs.append({
+            "name": f"head_grad_weight_{name}", "fn": _grad_weight_kernel,
+            "signature": {"hs_ptr": ptr, "ws_ptr": ptr, "xs_ptr": ptr, "s_max_ptr": "*fp32", "s_log2_sum_ptr": "*fp32",
+                          "ht_ptr": ptr, "wt_ptr": ptr, "xt_ptr": ptr, "t_max_ptr": "*fp32",
+                          "t_log2_sum_ptr": "*fp32", "center_ptr": "*fp32", "center_high_ptr": "*fp32",
+                          "grad_loss_ptr": "*fp32", "out_ptr": ptr, "R_s": "i32", "R_t": "i32", "K": "i32",
+                          "D": "i32", "scale_s": "fp32", "scale_t": "fp32", "alpha": "fp32", "coef": "fp32"},
+            "constexprs": {**blocks, "BLOCK_DO": config["BLOCK_DO"]}, **common,
+            "efficiency": partial(efficiency, "grad_weight", False, **PRODUCTION_SHAPE, dtype_bytes=dtype.itemsize),
+        })
+    for spec in specs:
+        spec["divisible_by_16"] = tuple(name for name in DIVISIBLE_BY_16 if name in spec["signature"])
     return specs

@@ -4,6 +4,12 @@ Every kernel here uses tl.dot, which the Triton interpreter gets wrong for bf16 
 only tested on a CUDA GPU; fp32 and fp16 run everywhere.
 """
 
+import json
+import math
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -11,7 +17,14 @@ from hypothesis import strategies as st
 from loss_oracle import assert_flash_tolerance, dino_head_loss_f64
 
 from terrafm_kernels import reference
-from terrafm_kernels.dino_head_loss import compile_specs, dino_head_loss, roofline_cost
+from terrafm_kernels.dino_head_loss import (
+    PRODUCTION_SHAPE,
+    LaunchPlan,
+    compile_specs,
+    dino_head_loss,
+    efficiency,
+    roofline_cost,
+)
 from terrafm_kernels.modules import DINOHeadLoss
 
 TAU_T, TAU_S, ALPHA = 0.04, 0.1, 0.8
@@ -166,6 +179,45 @@ def test_roofline_and_specs():
     cost = roofline_cost(S=12, T=2, B=64, K=65536, D=256, dtype_bytes=2, backward=False)
     assert cost["flops"] == 2 * 65536 * 256 * (128 + 768)
     specs = compile_specs()
-    assert all(s["uses_dot"] == (s["signature"]["h_ptr"] != "*fp32") for s in specs)
+    assert all(s["uses_dot"] == (not s["name"].endswith("float32")) for s in specs)
     names = {s["name"] for s in specs}
-    assert names >= {"head_logit_stats_teacher_bfloat16", "head_softmax_t_project_student_float16"}
+    assert names == {f"head_{kernel}_{dtype}" for dtype in ("float32", "float16", "bfloat16")
+                     for kernel in ("softmax_project_student", "softmax_project_teacher", "grad_weight")}
+
+
+def test_production_plan_computes_each_logit_tile_once_per_pass():
+    """At the presets' shape (bf16, H100) each pass computes every logit tile once: the forward's
+    project pass executes exactly its two GEMMs (logits, projection), the backward's grad_weight pass
+    2x its projection (the head's 2.0x bound with no padding to spare); the project grid is one wave:
+    one full-width D block, and no more K splits (each an fp32 (R, D) partial) than SMs."""
+    K, D, sms = PRODUCTION_SHAPE["K"], PRODUCTION_SHAPE["D"], 132
+    for kernel, centred, recomputed in (("project", False, 1), ("project", True, 1), ("grad_weight", False, 2)):
+        counts = efficiency(kernel, centred, **PRODUCTION_SHAPE, dtype_bytes=2, sms=sms, concurrent=sms,
+                            l2_bytes=50 * 2**20)
+        assert counts["executed_flops"] == recomputed * counts["useful_flops"], (kernel, centred)
+        assert counts["moved_bytes"] <= 2.0 * counts["min_bytes"], (kernel, centred)
+    plan = LaunchPlan(K, D, fp32=False, interpreter=False, sms=sms)
+    for rows in (PRODUCTION_SHAPE["T"] * PRODUCTION_SHAPE["B"], PRODUCTION_SHAPE["S"] * PRODUCTION_SHAPE["B"]):
+        grid, block_do, splits, per_split = plan.project_grid(rows)
+        assert grid[0] == 1 and block_do == D and math.prod(grid) <= sms, grid
+        assert (splits - 1) * per_split < K <= splits * per_split
+
+
+def test_compile_report_compiles_the_specialized_variant_the_jit_runs():
+    """At D = 256 the JIT specializes the sizes and pointers as multiples of 16, which turns the (rows, D)
+    loads into vector loads; the report compiles that variant (the specs' divisible_by_16), whose
+    registers are far below the unspecialized variant's 255."""
+    code = """
+import json
+from terrafm_kernels import compile_report, dino_head_loss
+spec = [s for s in dino_head_loss.compile_specs() if s["name"] == "head_softmax_project_student_bfloat16"][0]
+assert {"h_ptr", "w_proj_ptr", "D", "K_PER_SPLIT"} <= set(spec["divisible_by_16"])
+rows = [compile_report.compile_one(s, 90) for s in (spec, {**spec, "divisible_by_16": ()})]
+print(json.dumps([{k: r.get(k) for k in ("regs", "stack", "local", "ok", "problem")} for r in rows]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    specialized, plain = json.loads(run.stdout.splitlines()[-1])
+    assert specialized["ok"] and specialized["stack"] == 0 and specialized["local"] == 0, specialized
+    assert specialized["regs"] + 64 <= plain["regs"], (specialized, plain)

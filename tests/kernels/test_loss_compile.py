@@ -23,7 +23,10 @@ capability = int(sys.argv[1])
 for module in sys.argv[2:]:
     for spec in importlib.import_module(f"terrafm_kernels.{module}").compile_specs():
         signature = {**spec["signature"], **{name: "constexpr" for name in spec["constexprs"]}}
-        source = triton.compiler.ASTSource(fn=spec["fn"], signature=signature, constexprs=spec["constexprs"])
+        attrs = {(spec["fn"].arg_names.index(name),): [["tt.divisibility", 16]]
+                 for name in spec.get("divisible_by_16", ())}  # as the JIT specializes at the production shape
+        source = triton.compiler.ASTSource(fn=spec["fn"], signature=signature, constexprs=spec["constexprs"],
+                                           attrs=attrs)
         kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                                 options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
