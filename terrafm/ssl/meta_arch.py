@@ -82,8 +82,9 @@ class DINOModel(nn.Module):
             cls = self.backbone.norm(x)[:, 0]
             for i, chunk in zip(idxs, cls.chunk(len(idxs)), strict=True):
                 features[i] = chunk
-        cls_features = torch.cat(features).reshape(len(views), batch.pop(), -1)
-        # (V, B, D) into the head gives a fresh (V, B, K) tensor, not a view (FSDP2 hooks the output)
+        # stacked, not a reshaped cat: FSDP2 hooks the outputs for backward and warns on views; the head's
+        # (V, B, K) output is fresh too
+        cls_features = torch.stack(features)
         out = self.head(cls_features, head_loss=head_loss)
         return (out, cls_features) if return_cls else out
 

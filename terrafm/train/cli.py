@@ -1,6 +1,6 @@
 """`terrafm pretrain`: train from a preset or YAML file plus dotted overrides.
 
-    terrafm pretrain                                   # tiny_cpu on the bundled sample tiles (CPU, ~1-2 min)
+    terrafm pretrain                                   # tiny_cpu on the bundled sample tiles (CPU, ~2-3 min)
     terrafm pretrain --config vitb_h100 train.max_steps=20 optim.lr=1e-4
     terrafm pretrain --nproc 2 --config tiny_cpu       # relaunches itself under torchrun on this node
     terrafm pretrain --config vitb_h100 --out /scratch/runs/vitb --resume   # SLURM requeue
