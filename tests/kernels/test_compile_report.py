@@ -75,7 +75,7 @@ def test_bounds_fail_unless_listed_and_listed_entries_must_still_be_over():
 
     assert run("some_kernel_bf16", 140) == []  # 1.4x: within the 1.5x bound
     assert "over bound: flops 1.60x" in run("some_kernel_bf16", 160)[0]  # not listed: a failure
-    assert run("head_logit_stats_student_bf16", 190) == []  # the fused head's bound is 2.0x
+    assert run("head_softmax_project_student_bf16", 190) == []  # the fused head's bound is 2.0x
     assert run("dino_teacher_centered_softmax_bf16", 4000) == []  # listed in KNOWN_OVER_BOUND: reported, not failed
     assert "remove the entry" in run("dino_teacher_centered_softmax_bf16", 100)[0]  # the list only shrinks
 
