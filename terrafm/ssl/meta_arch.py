@@ -171,24 +171,22 @@ class SSLMetaArch(nn.Module):
     ) -> torch.Tensor:
         global_views = list(global_views)
         student_views = global_views + list(local_views)
-        koleo = self.koleo_weight > 0
         if self.fused_head_loss:
             with torch.no_grad():
                 teacher_bottleneck, teacher_weight_v, teacher_weight_g = self.teacher(global_views, _teacher_targets)
-            out = self.student(student_views, partial(
+            loss, cls_features = self.student(student_views, partial(
                 self.loss.fused, teacher_bottleneck=teacher_bottleneck, teacher_weight_v=teacher_weight_v,
                 teacher_weight_g=teacher_weight_g, majority_class=majority_class, temperature=teacher_temperature),
-                return_cls=koleo)
+                return_cls=True)
         else:
             with torch.no_grad():
                 teacher_logits = self.teacher(global_views)
             teacher_probs = self.loss.teacher_probs(teacher_logits, majority_class, teacher_temperature)
             self.last_teacher_probs = teacher_probs
-            out = self.student(student_views, return_cls=koleo)
-            out = (self.loss(out[0], teacher_probs), out[1]) if koleo else self.loss(out, teacher_probs)
-        if not koleo:
-            return out
-        loss, cls_features = out
+            student_logits, cls_features = self.student(student_views, return_cls=True)
+            loss = self.loss(student_logits, teacher_probs)
+        if self.koleo_weight == 0:
+            return loss
         term = sum(koleo_loss(f) for f in cls_features[:len(global_views)])
         self.last_koleo = term.detach()
         return loss + self.koleo_weight * term
