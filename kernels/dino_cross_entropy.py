@@ -289,7 +289,7 @@ def _validate(student_logits, teacher_probs, student_temperature) -> None:
     if T * S - min(S, T) == 0:
         raise ValueError(f"dino_cross_entropy needs at least one pair of different views; got S={S}, T={T}")
     if S > 16:
-        raise ValueError(f"at most 16 student views are supported (one tile per sample), got S={S}")
+        raise ValueError(f"at most 16 student views are supported (a sample's view tiles hold 16 rows), got S={S}")
     check_positive("student_temperature", student_temperature)
 
 
