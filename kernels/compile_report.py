@@ -64,10 +64,6 @@ KNOWN_OVER_BOUND = {
                                       "at 3-4 CTAs/SM: 72-117 waves); bf16 is 1.26x",
     "teacher_softmax_stats_float32": "fp32 logits: the probs kernel's second read alone makes 1.5x; bf16 is 1.35x",
     "teacher_softmax_probs_float32": "as teacher_softmax_stats_float32 (the counts are the op's)",
-    "dino_ce_": "flops only, and free: S = 10 views fill 10 of the tile's 16 rows (1.6x) and each view forms "
-                "Q = sum_t P - P[s] in place (1.19x fwd, 1.25x bwd); padded rows load nothing. Memory bound: the "
-                "executed flops take 29% / 13% (fwd / bwd) of the bytes' time on H100, 60% / 28% on A100; an exact "
-                "8 + 2 view split needs a second launch that re-reads the fp32 teacher probs (+29% / +17% bytes)",
     "dino_teacher_centered_softmax_": "flops only (1.57x): the second pass recomputes the exponent instead of "
                                       "storing it; memory bound",
     "dino_teacher_sk_softmax_": "as dino_teacher_centered_softmax_",

@@ -7,8 +7,11 @@ c = 1 / (pairs B). For a student row (s, b) let Q = sum_{t != s} P[t, b] (K,) an
     d loss / d x[s, b] = c (n softmax(x[s, b] / tau) - Q) / tau
 (n = number of paired teacher views when the probabilities sum to 1; the kernel uses the exact sum.)
 
-Kernel: programs over (b, K split). A program holds all S views of one sample as a (BLOCK_S, BLOCK_K)
-tile, so each teacher row is read once per sample and Q = sum_t P[t] - P[s] costs one subtraction.
+Kernel: programs over (b, K split). A program holds all S views of one sample as two tiles, the
+first BLOCK_S_HI views (the largest power of 2 <= S) and the rest padded to BLOCK_S_LO (a power of 2,
+0 for none): S = 10 runs 8 + 2 rows, where one 16-row tile ran 16. Both tiles come from one load of
+the sample's teacher rows, so each teacher row is read once per sample, and one sum over t serves
+every view: Q = sum_t P[t] - P[s] costs one subtraction per element.
 Forward keeps an online logsumexp (log2 units) plus Q . x and n per row and writes these four
 partial statistics per split; torch combines the splits (tiny, deterministic) into the loss and the
 per-row lse and n that backward needs. Backward re-streams x and P and writes the gradient. No
@@ -29,57 +32,50 @@ import triton.language as tl
 
 from ._common import TRITON_DTYPE, check_positive, check_tensor, hbm_bytes, interpreted, num_splits, pad, sm_count
 
-# H100/A100 config: bandwidth bound. A (16, 128) tile (S <= 16 views) with 8 warps is 8 elements per
-# thread per tensor. Compile report (sm_80 / sm_90): fwd 105 / 122 registers, bwd 126 / 110, no
-# spills, so two 8-warp programs fit per SM; the (16, 256) tile needed 220+ registers (one program
-# per SM) and (16, 128) at 4 warps 167-219. K is split so that B x splits covers ~4 programs per SM.
+# H100/A100 config: bandwidth bound. BLOCK_K 128 with 8 warps: the presets' (8 + 2, 128) tiles are 5
+# elements per thread per tensor. Compile report (sm_80 / sm_90): 80 registers fwd and bwd, no spills,
+# three 8-warp programs per SM; every S <= 16 compiles without spills (31-128 registers; 16 rows, as
+# S = 13..16 run, were 105-128). A (16, 256) tile needed 220+ registers (one program per SM) and
+# (16, 128) at 4 warps 167-219. K is split so that B x splits covers ~4 programs per SM.
 GPU_BLOCK_K = 128
 GPU_NUM_WARPS = 8
 INTERPRETER_BLOCK_K = 32
 
 
 @triton.jit
-def _load_pair_tile(student_ptr, teacher_ptr, b, cols, col_mask, S, T, B, K,
-                    BLOCK_S: tl.constexpr):
-    """x (BLOCK_S, BLOCK_K) fp32 and Q = sum_{t != s} P[t] for the S views of sample b."""
-    views = tl.arange(0, BLOCK_S)
+def _load_views(student_ptr, teacher_ptr, b, first, cols, col_mask, S, T, B, K, ROWS: tl.constexpr):
+    """x (ROWS, BLOCK_K) fp32 and P (zero where a view has no teacher row) for views first.. of sample b."""
+    views = first + tl.arange(0, ROWS)
     offset = (views.to(tl.int64) * B + b)[:, None] * K + cols[None, :]
     s_mask = (views < S)[:, None] & col_mask[None, :]
     t_mask = ((views < T) & (views < S))[:, None] & col_mask[None, :]
     x = tl.load(student_ptr + offset, mask=s_mask, other=0.0).to(tl.float32)
     p = tl.load(teacher_ptr + offset, mask=t_mask, other=0.0).to(tl.float32)
-    total = tl.sum(p, axis=0)
-    for t in range(S, T):
-        total += tl.load(teacher_ptr + (t * B + b).to(tl.int64) * K + cols, mask=col_mask, other=0.0)
-    return x, total[None, :] - p
+    return x, p
 
 
 @triton.jit
-def _dino_ce_fwd_kernel(
-    student_ptr, teacher_ptr, partial_ptr,
-    S, T, B, K, K_PER_SPLIT, scale,
-    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    b = tl.program_id(0)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
-    k_end = tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K)
-    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_S], tl.float32)
-    qx = tl.zeros([BLOCK_S], tl.float32)
-    n = tl.zeros([BLOCK_S], tl.float32)
-    for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < k_end
-        x, q = _load_pair_tile(student_ptr, teacher_ptr, b, cols, col_mask, S, T, B, K, BLOCK_S)
-        xm = tl.where(col_mask[None, :], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(xm, axis=1))
-        exps = tl.exp2((xm - m_new[:, None]) * scale)
-        row_sum = row_sum * tl.exp2((m - m_new) * scale) + tl.sum(exps, axis=1)
-        m = m_new
-        qx += tl.sum(q * x, axis=1)
-        n += tl.sum(q, axis=1)
-    views = tl.arange(0, BLOCK_S)
+def _teacher_only_sum(teacher_ptr, b, cols, col_mask, S, T, B, K):
+    """sum of the teacher rows t >= S (teacher views with no student view: none when T <= S)."""
+    total = tl.zeros(cols.shape, tl.float32)
+    for t in range(S, T):
+        total += tl.load(teacher_ptr + (t * B + b).to(tl.int64) * K + cols, mask=col_mask, other=0.0)
+    return total
+
+
+@triton.jit
+def _lse_step(x, q, col_mask, m, row_sum, qx, n, scale):
+    """One BLOCK_K step of the per-row online logsumexp (log2 units), Q . x and n."""
+    xm = tl.where(col_mask[None, :], x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(xm, axis=1))
+    exps = tl.exp2((xm - m_new[:, None]) * scale)
+    row_sum = row_sum * tl.exp2((m - m_new) * scale) + tl.sum(exps, axis=1)
+    return m_new, row_sum, qx + tl.sum(q * x, axis=1), n + tl.sum(q, axis=1)
+
+
+@triton.jit
+def _store_stats(partial_ptr, b, split, splits, first, S, B, m, row_sum, qx, n, ROWS: tl.constexpr):
+    views = first + tl.arange(0, ROWS)
     out = partial_ptr + (views * B + b) * splits + split
     stride = S * B * splits
     mask = views < S
@@ -90,40 +86,108 @@ def _dino_ce_fwd_kernel(
 
 
 @triton.jit
+def _dino_ce_fwd_kernel(
+    student_ptr, teacher_ptr, partial_ptr,
+    S, T, B, K, K_PER_SPLIT, scale,
+    BLOCK_S_HI: tl.constexpr, BLOCK_S_LO: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    k_end = tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K)
+    m_hi = tl.full([BLOCK_S_HI], float("-inf"), tl.float32)
+    sum_hi = tl.zeros([BLOCK_S_HI], tl.float32)
+    qx_hi = tl.zeros([BLOCK_S_HI], tl.float32)
+    n_hi = tl.zeros([BLOCK_S_HI], tl.float32)
+    if BLOCK_S_LO > 0:
+        m_lo = tl.full([BLOCK_S_LO], float("-inf"), tl.float32)
+        sum_lo = tl.zeros([BLOCK_S_LO], tl.float32)
+        qx_lo = tl.zeros([BLOCK_S_LO], tl.float32)
+        n_lo = tl.zeros([BLOCK_S_LO], tl.float32)
+    for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_end
+        x_hi, p_hi = _load_views(student_ptr, teacher_ptr, b, 0, cols, col_mask, S, T, B, K, BLOCK_S_HI)
+        total = tl.sum(p_hi, axis=0) + _teacher_only_sum(teacher_ptr, b, cols, col_mask, S, T, B, K)
+        if BLOCK_S_LO > 0:
+            x_lo, p_lo = _load_views(student_ptr, teacher_ptr, b, BLOCK_S_HI, cols, col_mask, S, T, B, K,
+                                     BLOCK_S_LO)
+            total += tl.sum(p_lo, axis=0)
+            m_lo, sum_lo, qx_lo, n_lo = _lse_step(x_lo, total[None, :] - p_lo, col_mask, m_lo, sum_lo, qx_lo,
+                                                  n_lo, scale)
+        m_hi, sum_hi, qx_hi, n_hi = _lse_step(x_hi, total[None, :] - p_hi, col_mask, m_hi, sum_hi, qx_hi, n_hi,
+                                              scale)
+    _store_stats(partial_ptr, b, split, splits, 0, S, B, m_hi, sum_hi, qx_hi, n_hi, BLOCK_S_HI)
+    if BLOCK_S_LO > 0:
+        _store_stats(partial_ptr, b, split, splits, BLOCK_S_HI, S, B, m_lo, sum_lo, qx_lo, n_lo, BLOCK_S_LO)
+
+
+@triton.jit
+def _load_row_stats(row_max_ptr, log2_sum_ptr, n_ptr, b, first, S, B, ROWS: tl.constexpr):
+    views = first + tl.arange(0, ROWS)
+    mask = views < S
+    row_max = tl.load(row_max_ptr + views * B + b, mask=mask, other=0.0)
+    log2_sum = tl.load(log2_sum_ptr + views * B + b, mask=mask, other=0.0)
+    n = tl.load(n_ptr + views * B + b, mask=mask, other=0.0)
+    return row_max, log2_sum, n
+
+
+@triton.jit
+def _store_grad(grad_ptr, x, q, row_max, log2_sum, n, scale, grad_scale, b, first, cols, col_mask, S, B, K,
+                ROWS: tl.constexpr):
+    """grad = c (n softmax(x / tau) - Q) / tau for views first.. of sample b (grad_scale = c / tau)."""
+    softmax = tl.exp2((x - row_max[:, None]) * scale - log2_sum[:, None])
+    grad = (softmax * n[:, None] - q) * grad_scale
+    views = first + tl.arange(0, ROWS)
+    offset = (views.to(tl.int64) * B + b)[:, None] * K + cols[None, :]
+    tl.store(grad_ptr + offset, grad.to(grad_ptr.dtype.element_ty), mask=(views < S)[:, None] & col_mask[None, :])
+
+
+@triton.jit
 def _dino_ce_bwd_kernel(
     student_ptr, teacher_ptr, row_max_ptr, log2_sum_ptr, n_ptr, grad_loss_ptr, grad_ptr,
     S, T, B, K, K_PER_SPLIT, scale, grad_scale,
-    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_S_HI: tl.constexpr, BLOCK_S_LO: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     b = tl.program_id(0)
     split = tl.program_id(1)
     k_end = tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K)
-    views = tl.arange(0, BLOCK_S)
-    row_mask = views < S
-    row_max = tl.load(row_max_ptr + views * B + b, mask=row_mask, other=0.0)
-    log2_sum = tl.load(log2_sum_ptr + views * B + b, mask=row_mask, other=0.0)
-    n = tl.load(n_ptr + views * B + b, mask=row_mask, other=0.0)
+    max_hi, log2_sum_hi, n_hi = _load_row_stats(row_max_ptr, log2_sum_ptr, n_ptr, b, 0, S, B, BLOCK_S_HI)
+    if BLOCK_S_LO > 0:
+        max_lo, log2_sum_lo, n_lo = _load_row_stats(row_max_ptr, log2_sum_ptr, n_ptr, b, BLOCK_S_HI, S, B,
+                                                    BLOCK_S_LO)
     grad_scale = grad_scale * tl.load(grad_loss_ptr).to(tl.float32)  # read on device: no host sync
     for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < k_end
-        x, q = _load_pair_tile(student_ptr, teacher_ptr, b, cols, col_mask, S, T, B, K, BLOCK_S)
-        softmax = tl.exp2((x - row_max[:, None]) * scale - log2_sum[:, None])
-        grad = (softmax * n[:, None] - q) * grad_scale
-        offset = (views.to(tl.int64) * B + b)[:, None] * K + cols[None, :]
-        tl.store(grad_ptr + offset, grad.to(grad_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & col_mask[None, :])
+        x_hi, p_hi = _load_views(student_ptr, teacher_ptr, b, 0, cols, col_mask, S, T, B, K, BLOCK_S_HI)
+        total = tl.sum(p_hi, axis=0) + _teacher_only_sum(teacher_ptr, b, cols, col_mask, S, T, B, K)
+        if BLOCK_S_LO > 0:
+            x_lo, p_lo = _load_views(student_ptr, teacher_ptr, b, BLOCK_S_HI, cols, col_mask, S, T, B, K,
+                                     BLOCK_S_LO)
+            total += tl.sum(p_lo, axis=0)
+            _store_grad(grad_ptr, x_lo, total[None, :] - p_lo, max_lo, log2_sum_lo, n_lo, scale, grad_scale, b,
+                        BLOCK_S_HI, cols, col_mask, S, B, K, BLOCK_S_LO)
+        _store_grad(grad_ptr, x_hi, total[None, :] - p_hi, max_hi, log2_sum_hi, n_hi, scale, grad_scale, b, 0,
+                    cols, col_mask, S, B, K, BLOCK_S_HI)
 
 
-def launch_plan(S: int, B: int, K: int, sms: int, interpreter: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_S, BLOCK_K, K splits, K per split): grid (B, splits) for both kernels; the one place the
-    launcher and efficiency() read them."""
+def view_tiles(S: int) -> tuple[int, int]:
+    """(BLOCK_S_HI, BLOCK_S_LO): the largest power of 2 <= S views, and the rest padded to a power of 2
+    (0: no second tile). S = 10 -> (8, 2): 10 rows executed, where one (16, BLOCK_K) tile ran 16."""
+    hi = 1 << (S.bit_length() - 1)
+    return hi, (triton.next_power_of_2(S - hi) if S > hi else 0)
+
+
+def launch_plan(S: int, B: int, K: int, sms: int, interpreter: bool = False) -> tuple[int, int, int, int, int]:
+    """(BLOCK_S_HI, BLOCK_S_LO, BLOCK_K, K splits, K per split): grid (B, splits) for both kernels; the
+    one place the launcher and efficiency() read them."""
     block_k = INTERPRETER_BLOCK_K if interpreter else GPU_BLOCK_K
     splits, per_split = num_splits(K, B, block_k, 4 * sms)
-    return max(16, triton.next_power_of_2(S)), block_k, splits, per_split
+    return *view_tiles(S), block_k, splits, per_split
 
 
-def _launch_shape(student_logits: torch.Tensor) -> tuple[int, int, int, int]:
+def _launch_shape(student_logits: torch.Tensor) -> tuple[int, int, int, int, int]:
     S, B, K = student_logits.shape
     return launch_plan(S, B, K, sm_count(student_logits.device), interpreted(student_logits))
 
@@ -132,12 +196,12 @@ def _launch_forward(student_logits, teacher_probs, student_temperature):
     """(loss, row_max, log2_sum, n): the scalar loss and the per-row (S, B) statistics backward needs."""
     S, B, K = student_logits.shape
     T = teacher_probs.shape[0]
-    block_s, block_k, splits, per_split = _launch_shape(student_logits)
+    block_s_hi, block_s_lo, block_k, splits, per_split = _launch_shape(student_logits)
     scale = math.log2(math.e) / student_temperature
     partial = torch.empty((4, S, B, splits), dtype=torch.float32, device=student_logits.device)
     _dino_ce_fwd_kernel[(B, splits)](
         student_logits, teacher_probs, partial, S, T, B, K, per_split, scale,
-        BLOCK_S=block_s, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
+        BLOCK_S_HI=block_s_hi, BLOCK_S_LO=block_s_lo, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
     )
     m, row_sum, qx, n = partial
     # m is the running max of the raw logits: exponents are (x - m) * scale, so the largest
@@ -154,14 +218,14 @@ def _launch_forward(student_logits, teacher_probs, student_temperature):
 def _launch_backward(grad_loss, student_logits, teacher_probs, row_max, log2_sum, n, student_temperature):
     S, B, K = student_logits.shape
     T = teacher_probs.shape[0]
-    block_s, block_k, splits, per_split = _launch_shape(student_logits)
+    block_s_hi, block_s_lo, block_k, splits, per_split = _launch_shape(student_logits)
     tau = student_temperature
     pairs = T * S - min(S, T)
     grad = torch.empty_like(student_logits)
     _dino_ce_bwd_kernel[(B, splits)](
         student_logits, teacher_probs, row_max, log2_sum, n, grad_loss.float().contiguous(), grad,
         S, T, B, K, per_split, math.log2(math.e) / tau, 1.0 / (pairs * B * tau),
-        BLOCK_S=block_s, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
+        BLOCK_S_HI=block_s_hi, BLOCK_S_LO=block_s_lo, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
     )
     return grad
 
@@ -225,7 +289,7 @@ def _validate(student_logits, teacher_probs, student_temperature) -> None:
     if T * S - min(S, T) == 0:
         raise ValueError(f"dino_cross_entropy needs at least one pair of different views; got S={S}, T={T}")
     if S > 16:
-        raise ValueError(f"at most 16 student views are supported (one tile per sample), got S={S}")
+        raise ValueError(f"at most 16 student views are supported (a sample's view tiles hold 16 rows), got S={S}")
     check_positive("student_temperature", student_temperature)
 
 
@@ -260,14 +324,17 @@ PRODUCTION_SHAPE = {"S": 10, "T": 2, "B": 64, "K": 65536}
 def efficiency(kernel: str, S: int, T: int, B: int, K: int, dtype_bytes: int, sms: int, concurrent: int,
                l2_bytes: int) -> dict:
     """Useful / executed FLOPs and minimum / moved HBM bytes of the "forward" or "backward" kernel from
-    launch_plan's tiles and grid (docs/kernels.md, "Efficiency counts"). The (BLOCK_S, BLOCK_K) tile
-    holds S views padded to BLOCK_S: the padded lanes execute the math but load nothing."""
-    block_s, block_k, splits, per_split = launch_plan(S, B, K, sms)
+    launch_plan's tiles and grid (docs/kernels.md, "Efficiency counts"). The two view tiles hold
+    BLOCK_S_HI + BLOCK_S_LO >= S rows: padded rows execute the math but load nothing. Per tile element
+    and column step: 8 / 6 ops of the op (online lse, Q.x, n / softmax, gradient), 1 to add P into the
+    one teacher sum every view reuses and 1 for Q = sum - P[s]; teacher rows t >= S add 1 each."""
+    block_s_hi, block_s_lo, block_k, splits, per_split = launch_plan(S, B, K, sms)
     e = dtype_bytes
     cols = lambda j: min(per_split, K - j * per_split)  # noqa: E731
     forward = kernel == "forward"
-    per_column = 10 if forward else 8  # ops per tile element: online lse + Q.x + n / softmax + gradient
-    executed = B * splits * pad(per_split, block_k) * block_s * per_column
+    per_element = 10 if forward else 8
+    per_column = (block_s_hi + block_s_lo) * per_element + max(0, T - S)
+    executed = B * sum(pad(cols(j), block_k) for j in range(splits)) * per_column
     sizes = {"x": S * B * K * e, "p": T * B * K * 4, "grad": S * B * K * e, "stats": 16 * S * B * splits}
 
     def touches(b, j, _):
@@ -284,10 +351,11 @@ def efficiency(kernel: str, S: int, T: int, B: int, K: int, dtype_bytes: int, sm
 def compile_specs() -> list[dict]:
     """Every shipped configuration (student dtype x forward/backward) for the AOT compile report."""
     specs = []
+    block_s_hi, block_s_lo = view_tiles(PRODUCTION_SHAPE["S"])
     for dtype, ptr in TRITON_DTYPE.items():
         name = str(dtype).removeprefix("torch.")
-        common = {"constexprs": {"BLOCK_S": 16, "BLOCK_K": GPU_BLOCK_K}, "num_warps": GPU_NUM_WARPS,
-                  "num_stages": 3, "uses_dot": False}
+        common = {"constexprs": {"BLOCK_S_HI": block_s_hi, "BLOCK_S_LO": block_s_lo, "BLOCK_K": GPU_BLOCK_K},
+                  "num_warps": GPU_NUM_WARPS, "num_stages": 3, "uses_dot": False}
         counts = lambda kernel, e=dtype.itemsize: partial(efficiency, kernel, **PRODUCTION_SHAPE, dtype_bytes=e)  # noqa: E731
         specs.append({
             "name": f"dino_ce_fwd_{name}", "fn": _dino_ce_fwd_kernel, "efficiency": counts("forward"),

@@ -11,9 +11,12 @@ from loss_oracle import assert_flash_tolerance, dino_cross_entropy_f64
 
 from terrafm_kernels import reference
 from terrafm_kernels.dino_cross_entropy import (
+    PRODUCTION_SHAPE,
     compile_specs,
     dino_cross_entropy,
+    efficiency,
     roofline_cost,
+    view_tiles,
 )
 from terrafm_kernels.modules import DINOCrossEntropy
 
@@ -53,6 +56,24 @@ def test_matches_float64_oracle(S, T, B, K, dtype, device):
 @pytest.mark.parametrize("S,T", [(1, 2), (3, 1), (2, 3)])
 def test_view_counts(S, T, device):
     _check(S, T, 2, 65, torch.float32, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("S", list(range(1, 13)) + [13, 16])
+def test_view_tiles(S, dtype, device):
+    """Every split of the S views into the (BLOCK_S_HI, BLOCK_S_LO) tiles, K not a multiple of BLOCK_K."""
+    _check(S, 2, 2, 45, dtype, device, seed=S)
+
+
+@pytest.mark.parametrize("S,T", [(3, 3), (5, 5), (12, 11)])
+def test_teacher_views_in_second_tile(S, T, device):
+    """Teacher views past BLOCK_S_HI: the shared teacher sum takes P from both tiles."""
+    _check(S, T, 2, 45, torch.float32, device)
+
+
+def test_view_tiles_plan():
+    assert [view_tiles(S) for S in (1, 2, 3, 7, 8, 10, 12, 13, 16)] == [
+        (1, 0), (2, 0), (2, 1), (4, 4), (8, 0), (8, 2), (8, 4), (8, 8), (16, 0)]
 
 
 def test_large_logits_small_temperature(device):
@@ -104,3 +125,12 @@ def test_roofline_and_specs():
     cost = roofline_cost(S=12, T=2, B=64, K=65536, dtype_bytes=2, backward=False)
     assert cost["bytes"] == 12 * 64 * 65536 * 2 + 4 * 2 * 64 * 65536
     assert {s["name"] for s in compile_specs()} >= {"dino_ce_fwd_bfloat16", "dino_ce_bwd_float32"}
+
+
+@pytest.mark.parametrize("kernel,ratio", [("forward", 100 / 84), ("backward", 80 / 64)])
+def test_efficiency_counts_the_view_tiles(kernel, ratio):
+    """Presets' S = 10, T = 2: 8 + 2 tile rows x (8 or 6 ops + teacher sum + Q) per element against the
+    op's 8 S + 2 T (6 S + 2 T) per column; K = 65536 splits into whole 128-column blocks at 132 SMs."""
+    counts = efficiency(kernel, **PRODUCTION_SHAPE, dtype_bytes=2, sms=132, concurrent=3 * 132, l2_bytes=50 << 20)
+    assert counts["executed_flops"] / counts["useful_flops"] == pytest.approx(ratio)
+    assert counts["moved_bytes"] / counts["min_bytes"] < 1.01
