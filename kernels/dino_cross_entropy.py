@@ -64,6 +64,21 @@ def _teacher_only_sum(teacher_ptr, b, cols, col_mask, S, T, B, K):
 
 
 @triton.jit
+def _load_tiles(student_ptr, teacher_ptr, b, cols, col_mask, S, T, B, K, BLOCK_S_HI: tl.constexpr,
+                BLOCK_S_LO: tl.constexpr):
+    """One column block of both view tiles and the teacher sum over every view: (x_hi, p_hi, x_lo, p_lo, total).
+    Without a second tile (BLOCK_S_LO = 0) x_lo, p_lo repeat the first tile; the kernels then never read them."""
+    x_hi, p_hi = _load_views(student_ptr, teacher_ptr, b, 0, cols, col_mask, S, T, B, K, BLOCK_S_HI)
+    total = tl.sum(p_hi, axis=0) + _teacher_only_sum(teacher_ptr, b, cols, col_mask, S, T, B, K)
+    if BLOCK_S_LO > 0:
+        x_lo, p_lo = _load_views(student_ptr, teacher_ptr, b, BLOCK_S_HI, cols, col_mask, S, T, B, K, BLOCK_S_LO)
+        total += tl.sum(p_lo, axis=0)
+    else:
+        x_lo, p_lo = x_hi, p_hi
+    return x_hi, p_hi, x_lo, p_lo, total
+
+
+@triton.jit
 def _lse_step(x, q, col_mask, m, row_sum, qx, n, scale):
     """One BLOCK_K step of the per-row online logsumexp (log2 units), Q . x and n."""
     xm = tl.where(col_mask[None, :], x, float("-inf"))
@@ -107,12 +122,9 @@ def _dino_ce_fwd_kernel(
     for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < k_end
-        x_hi, p_hi = _load_views(student_ptr, teacher_ptr, b, 0, cols, col_mask, S, T, B, K, BLOCK_S_HI)
-        total = tl.sum(p_hi, axis=0) + _teacher_only_sum(teacher_ptr, b, cols, col_mask, S, T, B, K)
+        x_hi, p_hi, x_lo, p_lo, total = _load_tiles(student_ptr, teacher_ptr, b, cols, col_mask, S, T, B, K,
+                                                    BLOCK_S_HI, BLOCK_S_LO)
         if BLOCK_S_LO > 0:
-            x_lo, p_lo = _load_views(student_ptr, teacher_ptr, b, BLOCK_S_HI, cols, col_mask, S, T, B, K,
-                                     BLOCK_S_LO)
-            total += tl.sum(p_lo, axis=0)
             m_lo, sum_lo, qx_lo, n_lo = _lse_step(x_lo, total[None, :] - p_lo, col_mask, m_lo, sum_lo, qx_lo,
                                                   n_lo, scale)
         m_hi, sum_hi, qx_hi, n_hi = _lse_step(x_hi, total[None, :] - p_hi, col_mask, m_hi, sum_hi, qx_hi, n_hi,
@@ -160,12 +172,9 @@ def _dino_ce_bwd_kernel(
     for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < k_end
-        x_hi, p_hi = _load_views(student_ptr, teacher_ptr, b, 0, cols, col_mask, S, T, B, K, BLOCK_S_HI)
-        total = tl.sum(p_hi, axis=0) + _teacher_only_sum(teacher_ptr, b, cols, col_mask, S, T, B, K)
+        x_hi, p_hi, x_lo, p_lo, total = _load_tiles(student_ptr, teacher_ptr, b, cols, col_mask, S, T, B, K,
+                                                    BLOCK_S_HI, BLOCK_S_LO)
         if BLOCK_S_LO > 0:
-            x_lo, p_lo = _load_views(student_ptr, teacher_ptr, b, BLOCK_S_HI, cols, col_mask, S, T, B, K,
-                                     BLOCK_S_LO)
-            total += tl.sum(p_lo, axis=0)
             _store_grad(grad_ptr, x_lo, total[None, :] - p_lo, max_lo, log2_sum_lo, n_lo, scale, grad_scale, b,
                         BLOCK_S_HI, cols, col_mask, S, B, K, BLOCK_S_LO)
         _store_grad(grad_ptr, x_hi, total[None, :] - p_hi, max_hi, log2_sum_hi, n_hi, scale, grad_scale, b, 0,
