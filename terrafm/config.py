@@ -318,6 +318,9 @@ def validate(cfg: Config, nproc: int = 1) -> None:
         (len(o.betas) == 2, "optim.betas must have two values"),
         (cfg.ssl.num_prototypes >= 1, "ssl.num_prototypes must be >= 1"),
         (s.koleo_weight >= 0, f"ssl.koleo_weight must be >= 0 (0 disables KoLeo), got {s.koleo_weight}"),
+        (s.koleo_weight == 0 or cfg.data.batch_size >= 2,
+         f"ssl.koleo_weight={s.koleo_weight} needs data.batch_size >= 2 (KoLeo compares each image with its nearest "
+         f"neighbour in the rank's batch), got {cfg.data.batch_size}; raise the batch or set ssl.koleo_weight=0"),
         (p.dp_replicate >= -1 and (p.dp_shard >= 1 or p.dp_shard == -1),
          "parallel.dp_replicate must be -1, 0 or a count, parallel.dp_shard -1 or a count"),
         (not p.dp_replicate == p.dp_shard == -1, "parallel.dp_replicate and parallel.dp_shard cannot both be -1 "

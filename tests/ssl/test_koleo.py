@@ -83,6 +83,9 @@ def test_meta_arch_adds_the_weighted_koleo_term_of_each_global_view(fused):
         SSLMetaArch.build(factory, head, DINOLoss(24, 3), 0.0, koleo_weight=-0.1)
 
 
-def test_config_refuses_a_negative_koleo_weight():
+def test_config_refuses_a_negative_koleo_weight_and_koleo_on_one_image_per_rank():
     with pytest.raises(ConfigError, match="koleo_weight"):
         load_config("tiny_cpu", ["ssl.koleo_weight=-1"])
+    with pytest.raises(ConfigError, match="needs data.batch_size >= 2"):
+        load_config("tiny_cpu", ["data.batch_size=1"])
+    assert load_config("tiny_cpu", ["data.batch_size=1", "ssl.koleo_weight=0"]).data.batch_size == 1
