@@ -62,8 +62,6 @@ KNOWN_OVER_BOUND = {
     "patch_embed_grad_input_float32": "fp32 W crosses HBM once per wave as for the forward: 1.5x needs at most 11 "
                                       "waves of the 25088 x 3072 output, 53-65K accumulators per SM (64 x 32 tiles "
                                       "at 3-4 CTAs/SM: 72-117 waves); bf16 is 1.26x",
-    "teacher_softmax_stats_float32": "fp32 logits: the probs kernel's second read alone makes 1.5x; bf16 is 1.35x",
-    "teacher_softmax_probs_float32": "as teacher_softmax_stats_float32 (the counts are the op's)",
     "dino_teacher_centered_softmax_": "flops only (1.57x): the second pass recomputes the exponent instead of "
                                       "storing it; memory bound",
     "dino_teacher_sk_softmax_": "as dino_teacher_centered_softmax_",

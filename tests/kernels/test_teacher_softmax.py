@@ -13,6 +13,8 @@ from terrafm_kernels import reference
 from terrafm_kernels.modules import DualCenteringSoftmax
 from terrafm_kernels.teacher_softmax import (
     compile_specs,
+    efficiency,
+    launch_plan,
     roofline_cost,
     teacher_softmax,
 )
@@ -109,8 +111,21 @@ def test_roofline_and_specs():
     cost = roofline_cost(R=256, K=65536, dtype_bytes=2)
     assert cost["bytes"] == 256 * 65536 * 6 + 16 * 65536 and cost["flops"] > 0
     specs = compile_specs()
-    assert {s["name"] for s in specs} >= {"teacher_softmax_stats_bfloat16", "teacher_softmax_probs_float16"}
+    assert {s["name"] for s in specs} == {"teacher_softmax_float32", "teacher_softmax_float16",
+                                          "teacher_softmax_bfloat16"}
     assert all(not s["uses_dot"] for s in specs)
+
+
+def test_logits_cross_hbm_once_when_the_grid_fits_one_wave():
+    # 128 row programs + 128 column programs fit one wave of an H100 (132 SMs x 5): the second read of a row
+    # and the column programs' reads of it come from L2. At R = 4096 the column programs run waves after
+    # most rows were read and read them again.
+    assert launch_plan(128, 65536)["grid"] == (128 + 65536 // launch_plan(128, 65536)["COL_BLOCK_K"],)
+    h100 = {"sms": 132, "concurrent": 132 * 5, "l2_bytes": 50 << 20}
+    one_wave = efficiency("op", R=128, K=65536, dtype_bytes=4, **h100)
+    assert one_wave["moved_bytes"] < 1.02 * one_wave["min_bytes"]
+    many_waves = efficiency("op", R=4096, K=65536, dtype_bytes=4, **h100)
+    assert many_waves["moved_bytes"] > 1.4 * many_waves["min_bytes"]
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
