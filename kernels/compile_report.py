@@ -56,12 +56,12 @@ BOUND = 1.5  # executed / useful FLOPs and moved / minimum bytes
 HEAD_BOUND = 2.0  # dino_head_loss: the fused head recomputes logit tiles by design
 # Configs (name prefixes) whose ratios are over bound today, and why: the work list of issue 11.
 KNOWN_OVER_BOUND = {
-    "patch_embed_fwd_float32": "fp32 W (28 MB) is over half of L2, so it crosses HBM once per wave; 1.5x needs at "
-                               "most 11 waves of the 25088 x 2304 output, 40-49K fp32 accumulators per SM (64 x 64 "
-                               "tiles at 3-5 CTAs/SM hold 12-20K: 22-44 waves); bf16 (presets) is 1.05x",
-    "patch_embed_grad_input_float32": "fp32 W crosses HBM once per wave as for the forward: 1.5x needs at most 11 "
-                                      "waves of the 25088 x 3072 output, 53-65K accumulators per SM (64 x 32 tiles "
-                                      "at 3-4 CTAs/SM: 72-117 waves); bf16 is 1.26x",
+    "patch_embed_fwd_float32": "fp32 at the presets' shape moves x 308 MB, W 28 MB (over half of L2), out 231 MB; "
+                               "1.5x leaves 621 MB for x + W and x twice with W once is 644 MB, so x must cross "
+                               "HBM once (whole output rows per wave) and W at most 11 times: at most 11 waves of "
+                               "the 25088 x 2304 output, 40-49K fp32 accumulators per SM (64 x 64 tiles at 3-5 "
+                               "CTAs/SM hold 12-20K, a 128 x 256 tile at 1 CTA/SM 32K); W in two L2-resident "
+                               "slices, as grad_input runs, reads x twice: 1.54-1.56x. bf16 (presets) is 1.05x",
     "dino_teacher_centered_softmax_": "flops only (1.57x): the second pass recomputes the exponent instead of "
                                       "storing it; memory bound",
     "dino_teacher_sk_softmax_": "as dino_teacher_centered_softmax_",

@@ -16,8 +16,11 @@ W and G, the plain 2-D operands, are read through tensor descriptors: TMA on sm_
 Cost per forward call (e = bytes per element of x / out):
     FLOPs = 2 M Kd E
     minimum HBM bytes = e (B C H W + M E) + e E Kd + 4 E (bias, embed) [+ e N E with pos_embed]
-The weight is re-read once per row block (M / BLOCK_M times), from L2 in practice. At ViT-B
-sizes (M = 256 x 196, Kd = 12 x 256, E = 2304) the GEMM is compute bound (~110 FLOPs per byte).
+The weight is re-read once per row block (M / BLOCK_M times), from L2 when it fits there: 16-bit W
+at the presets' shape (14 MB) does; fp32 W (28 MB) is over half of an L2, so grad_input runs one
+launch per L2-sized KD slice of W (reading G once per slice) and the forward reads W once per wave
+(docs/kernels.md, "Efficiency counts"). At ViT-B sizes (M = 256 x 196, Kd = 12 x 256, E = 2304) the
+GEMM is compute bound (~110 FLOPs per byte).
 """
 
 from functools import partial
@@ -27,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import TRITON_DTYPE, check_patch_grid, check_tensor, hbm_bytes, interpreted, pad
+from .gpus import GPUS
 
 # Tile configs, from the compile report (python -m terrafm_kernels.compile_report) and the roofline.
 # Forward and grad_input, fp16/bf16 on H100 (sm_90) and A100 (sm_80): 128 x 128 output tiles,
@@ -39,6 +43,19 @@ GPU_CONFIGS = {
     2: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
     4: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
 }
+# grad_input in fp32 writes 64 x 64 (M x KD) tiles, stepping E 32 at a time: 167-168 registers, 3 CTAs per SM
+# on sm_80 and sm_90, no spills. A wave then covers whole row blocks of its W slice (below) more evenly
+# than with 64 x 32 tiles (1.50x on A100 with those, 1.44x with these).
+GRAD_INPUT_CONFIGS = {
+    2: GPU_CONFIGS[2],
+    4: {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+}
+# grad_input reads all of W (E, KD) in every wave unless W fits in half of L2, where the wave model
+# keeps it for the whole launch. fp32 W at the presets' shape is 28 MB, over half of either L2 (20 MB
+# A100, 25 MB H100): grad_input then runs as one launch per KD slice of W of at most W_SLICE_BYTES
+# (half the smallest L2 in terrafm_kernels.gpus), so each launch reads its W slice once and all of G
+# once: G twice instead of W ~25-40 times (4.6-6.9x -> 1.43-1.44x). 16-bit W (14 MB) is one launch.
+W_SLICE_BYTES = min(gpu["l2"] for gpu in GPUS.values()) // 2
 # grad_weight reduces over all M = B N rows, so its bytes depend on how much of the (E, KD) output one
 # wave covers: every wave streams the G and x columns of its tiles over all M (docs/kernels.md). 128 x
 # 128 (E x KD) tiles at 2 CTAs per SM make a wave cover 12-15 of the 24 KD block rows at the presets'
@@ -127,13 +144,14 @@ def _grad_weight_kernel(
 @triton.jit
 def _grad_input_kernel(
     g_ptr, w_ptr, gx_ptr,
-    M, E, KD, N, GW, C, H, W, G_STRIDE, W_STRIDE,
+    M, E, KD, N, GW, C, H, W, G_STRIDE, W_STRIDE, FIRST_K_BLOCK,
     P: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grad_x = scatter(G (M x E) @ W (E x KD)) to pixels; every pixel is written exactly once. G and W
-    are read by tensor descriptors (rows G_STRIDE / W_STRIDE apart)."""
-    k0 = tl.program_id(0) * BLOCK_K
+    """grad_x = scatter(G (M x E) @ W (E x KD)) to pixels for the KD blocks FIRST_K_BLOCK + program_id(0);
+    every pixel is written exactly once. G and W are read by tensor descriptors (rows G_STRIDE / W_STRIDE
+    apart)."""
+    k0 = (FIRST_K_BLOCK + tl.program_id(0)) * BLOCK_K
     m0 = tl.program_id(1) * BLOCK_M
     ks = k0 + tl.arange(0, BLOCK_K)
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -156,15 +174,20 @@ def launch_plan(M: int, E: int, KD: int, dtype_bytes: int, interpreter: bool = F
     grad_input the KD blocks of one row block, so the programs that gather the same patches (or
     read the same rows of G) run in the same wave and those bytes come from HBM once. grad_weight
     walks the E blocks of one KD block together: a wave covers whole rows of the (E, KD) output, so
-    it reads all of G once and x only for its own KD blocks.
+    it reads all of G once and x only for its own KD blocks. grad_input runs one launch per KD slice
+    of W of at most W_SLICE_BYTES: "launches" lists each one's (first KD block, grid).
     """
     cfg = INTERPRETER_CONFIG if interpreter else GPU_CONFIGS[dtype_bytes]
     gw_cfg = INTERPRETER_CONFIG if interpreter else GRAD_WEIGHT_CONFIG
+    gi_cfg = INTERPRETER_CONFIG if interpreter else GRAD_INPUT_CONFIGS[dtype_bytes]
     cdiv = triton.cdiv
+    k_blocks, m_blocks = cdiv(KD, gi_cfg["BLOCK_K"]), cdiv(M, gi_cfg["BLOCK_M"])
+    per_launch = cdiv(k_blocks, cdiv(E * KD * dtype_bytes, W_SLICE_BYTES))
     return {
         "forward": {**cfg, "grid": (cdiv(E, cfg["BLOCK_N"]), cdiv(M, cfg["BLOCK_M"]))},
         "grad_weight": {**gw_cfg, "grid": (cdiv(E, gw_cfg["BLOCK_N"]), cdiv(KD, gw_cfg["BLOCK_K"]))},
-        "grad_input": {**cfg, "grid": (cdiv(KD, cfg["BLOCK_K"]), cdiv(M, cfg["BLOCK_M"]))},
+        "grad_input": {**gi_cfg, "launches": [(k, (min(per_launch, k_blocks - k), m_blocks))
+                                              for k in range(0, k_blocks, per_launch)]},
     }
 
 
@@ -174,7 +197,7 @@ def _plan(x: torch.Tensor, geo: dict, kernel: str) -> dict:
 
 def _tiles(cfg: dict) -> dict:
     """The launch keywords of a plan entry (its tiles, warps and stages)."""
-    return {k: v for k, v in cfg.items() if k != "grid"}
+    return {k: v for k, v in cfg.items() if k not in ("grid", "launches")}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -273,8 +296,9 @@ def _launch_backward(grad_out, x, weight, need_x: bool, need_weight: bool):
         cfg = _plan(x, geo, "grad_input")
         w = _descriptor_operand(weight.to(x.dtype).reshape(geo["E"], geo["KD"]))
         grad_x = torch.empty_like(x)
-        _launch(_grad_input_kernel, cfg["grid"], g, w, grad_x, *geo.values(), g.stride(0), w.stride(0), **common,
-                **_tiles(cfg))
+        for first_k_block, grid in cfg["launches"]:
+            _launch(_grad_input_kernel, grid, g, w, grad_x, *geo.values(), g.stride(0), w.stride(0), first_k_block,
+                    **common, **_tiles(cfg))
     return grad_x, grad_w
 
 
@@ -381,18 +405,21 @@ def efficiency(kernel: str, B: int, C: int, H: int, W: int, E: int, p: int, dtyp
         sizes = {"x": x_bytes, "w": w_bytes, "out": g_bytes}
         touches = lambda n, m, _: [("x", m, rows(m) * KD * e), ("w", n, cols(n) * KD * e),  # noqa: E731
                                    ("out", (m, n), rows(m) * cols(n) * e)]
-        extra, floor = 2 * E * e, x_bytes + w_bytes + g_bytes + 2 * E * e  # bias and modality embedding
+        moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes) + 2 * E * e  # bias, modality embed
+        floor = x_bytes + w_bytes + g_bytes + 2 * E * e
     elif kernel == "grad_weight":  # program (n, k) streams G[:, n] and x[:, k] over all M, writes its W tile
         sizes = {"g": g_bytes, "x": x_bytes, "gw": w_bytes}
         touches = lambda n, k, _: [("g", n, M * cols(n) * e), ("x", k, M * ks(k) * e),  # noqa: E731
                                    ("gw", (n, k), cols(n) * ks(k) * e)]
-        extra, floor = 0, g_bytes + x_bytes + w_bytes
-    else:  # grad_input: program (k, m) reads G[m] and W[:, k] over all E, scatters its pixels
-        sizes = {"g": g_bytes, "w": w_bytes, "gx": x_bytes}
-        touches = lambda k, m, _: [("g", m, rows(m) * E * e), ("w", k, E * ks(k) * e),  # noqa: E731
-                                   ("gx", (m, k), rows(m) * ks(k) * e)]
-        extra, floor = 0, g_bytes + w_bytes + x_bytes
-    moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes) + extra
+        moved, floor = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes), g_bytes + x_bytes + w_bytes
+    else:  # grad_input: program (k, m) of a launch reads G[m] and W[:, first + k] over all E, scatters its pixels
+        moved, floor = 0, g_bytes + w_bytes + x_bytes
+        for first, grid in plan["launches"]:  # the launch's W slice and grad_x columns are its tensors
+            slice_cols = sum(ks(first + k) for k in range(grid[0]))
+            sizes = {"g": g_bytes, "w": E * slice_cols * e, "gx": M * slice_cols * e}
+            touches = lambda k, m, _, first=first: [  # noqa: E731
+                ("g", m, rows(m) * E * e), ("w", k, E * ks(first + k) * e), ("gx", (m, k), rows(m) * ks(first + k) * e)]
+            moved += hbm_bytes(grid, touches, sizes, concurrent, l2_bytes)
     return {"useful_flops": 2 * M * KD * E, "executed_flops": 2 * pad(M, bm) * pad(KD, bk) * pad(E, bn),
             "min_bytes": floor, "moved_bytes": moved, "flop_kind": "tensor" if e == 2 else "tf32"}
 
@@ -407,8 +434,8 @@ def compile_specs() -> list[dict]:
             ("fwd", "forward", _forward_kernel, ["x_ptr", "w_ptr", "bias_ptr", "embed_ptr", "pos_ptr", "out_ptr"],
              ["W_STRIDE"], {"HAS_BIAS": True, "HAS_EMBED": True, "HAS_POS": False}),
             ("grad_weight", "grad_weight", _grad_weight_kernel, ["x_ptr", "g_ptr", "gw_ptr"], ["G_STRIDE"], {}),
-            ("grad_input", "grad_input", _grad_input_kernel, ["g_ptr", "w_ptr", "gx_ptr"], ["G_STRIDE", "W_STRIDE"],
-             {}),
+            ("grad_input", "grad_input", _grad_input_kernel, ["g_ptr", "w_ptr", "gx_ptr"],
+             ["G_STRIDE", "W_STRIDE", "FIRST_K_BLOCK"], {}),
         ]
         for short, kernel, fn, pointers, strides, flags in kernels:
             cfg = plan[kernel]
