@@ -37,8 +37,9 @@ from .gpus import GPUS
 # BLOCK_K = 32, 8 warps, 3 stages: wgmma / mma, no spills. The gathered patch tile needs an address
 # per element, which is what fills the register file on sm_80 (199-255 registers); on sm_90 W and G
 # come by TMA and the forward takes 140 registers, grad_input 63. fp32 inputs run tf32 tensor cores
-# when torch allows tf32 for cuDNN convolutions (its default, so this matches nn.Conv2d) and need half
-# the tile (128 x 128 fp32 spilled) and 2 stages (3 spill 8 bytes in grad_input on sm_80).
+# when torch allows tf32 for cuDNN convolutions (its default, so this matches nn.Conv2d); the fp32
+# forward needs half the tile (128 x 128 fp32 spilled) and 2 stages (3 spilled 8 bytes in the 64 x 32
+# fp32 grad_input tiles on sm_80; fp32 grad_input has its own tiles below).
 GPU_CONFIGS = {
     2: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
     4: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
