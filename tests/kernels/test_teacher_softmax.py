@@ -3,6 +3,8 @@
 No tl.dot in this kernel, so bf16 logits are tested under the interpreter too.
 """
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -45,6 +47,15 @@ def _check(R, K, dtype, device, temperature=0.04, alpha=0.8, scale=3.0, seed=0):
 @pytest.mark.parametrize("R,K", [(1, 1), (3, 97), (6, 130), (2, 4133)])
 def test_matches_float64_oracle(R, K, dtype, device):
     _check(R, K, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shipped_gpu_tiles_match_float64_oracle(dtype, device, monkeypatch):
+    """The GPU plan ((1, 2048) row chunks, (8, 512) column tiles) on a shape ragged against it: on CPU the
+    interpreter runs it in place of its own small tiles."""
+    module = importlib.import_module("terrafm_kernels.teacher_softmax")
+    monkeypatch.setattr(module, "interpreted", lambda tensor: False)
+    _check(10, 4500, dtype, device)
 
 
 @pytest.mark.parametrize("temperature", [0.01, 0.06])
