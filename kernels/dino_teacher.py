@@ -17,29 +17,35 @@ Where DINOv2 stays finite the results agree to fp32 rounding; where it overflows
 (DINOv2's divisions by B and K scale all entries alike, so they drop out of a before the softmax.)
 The column sums after the first iteration lie in [1 / K, B], so they need no running max.
 
-Base 2, constants folded: the kernels take scale = log2(e) / tau and one bias vector b (K,) fp32 in
-base 2 (centred softmax: b = -c scale; Sinkhorn: b = a log2(e); one torch op on K values per call), so
-y2 = y log2(e) = fma(t, scale, b) and exp(y - m) = exp2(y2 - m2): an FMA and an exp2 per element instead
-of a subtraction, a division, an addition and exp's own multiply by log2(e).
+Sinkhorn in base 2, constants folded: its kernels take scale = log2(e) / tau and the potential as a bias
+b = a log2(e) (K,) fp32, so y2 = y log2(e) = fma(t, scale, b) and exp(y - m) = exp2(y2 - m2): an FMA and
+an exp2 per element instead of a division, an addition and exp's own multiply by log2(e). The centred
+softmax keeps plain PyTorch's arithmetic, (t - c) / tau (as a multiply by 1 / tau) and exp, because its
+logits keep their size (below).
 
-Kernels: MODE_SOFTMAX runs one program per BLOCK_R rows: pass 1 streams K chunks with an online max
-and rescaled sum (the row's log2-normaliser n = m2 + log2(sum)), pass 2 recomputes y2 and writes
-exp2(y2 - n). MODE_COLUMN (one Sinkhorn iteration) runs the same pass 1 per block of BLOCK_R rows, then
-pass 2 sums exp2(y2 - n) down the block's rows into a partial column sum (row blocks, K) fp32 that torch
-adds up in a fixed order: one launch reads the logits once from HBM (pass 2 re-reads the block's rows
-from L2), where row statistics and column sums as two launches read them twice. No atomics:
-deterministic. BLOCK_R trades partial bytes (4 K per row block) against programs: 16 rows for 2-byte
-logits and 8 for fp32 keep the partials at 1/4 of the logit bytes, which leaves R / BLOCK_R programs (8
-at DINOv2's 128 class-token rows per GPU: too few to fill an H100, a cost the roofline model does not
-see; 512 at iBOT's 8192 masked patches). MODE_COLMAX runs one program per chunk of BLOCK_K prototypes
-over all rows (an online column max and sum), so each program owns its columns outright. Nothing of
-size (R, K) is allocated besides the output.
+Kernels: MODE_SOFTMAX runs one program per BLOCK_R rows: pass 1 streams K chunks with an online max m
+and rescaled sum s, pass 2 recomputes y and writes the probabilities: exp2(y2 - n) with the row's
+log2-normaliser n = m2 + log2(s) folded into the exponent for Sinkhorn, whose bias brings y2 to a few
+units around 0; exp(y - m) / s for the centred softmax, whose |y| reaches ~2000 in the tests (logits
++-50, tau 0.04), where n rounds to 1e-4 per row and rows would no longer sum to 1 within the flash-attn
+rule (up to 20x over it where one probability is ~1). MODE_COLUMN (one Sinkhorn iteration) runs the same
+pass 1 per block of BLOCK_R rows, then pass 2 sums exp2(y2 - n) down the block's rows into a partial
+column sum (row blocks, K) fp32 that torch adds up in a fixed order: one launch reads the logits once
+from HBM (pass 2 re-reads the block's rows from L2), where row statistics and column sums as two
+launches read them twice. No atomics: deterministic. BLOCK_R trades partial bytes (4 K per row block,
+written, then read by torch) against programs: 16 rows for 2-byte logits and 8 for fp32 keep that round
+trip at 1/4 of the logit bytes, leaving R / BLOCK_R programs (8 at DINOv2's 128 class-token rows per
+GPU: too few to fill an H100, a cost the roofline model does not see; 512 at iBOT's 8192 masked
+patches). MODE_COLMAX runs one program per chunk of BLOCK_K prototypes over all rows (an online column
+max and sum), so each program owns its columns outright. Nothing of size (R, K) is allocated besides the
+output (the column step's partials are (R / BLOCK_R, K)).
 
 Cost per call (e = bytes per logit; FLOPs per element, an FMA counted as 2): MODE_SOFTMAX moves
-R K e + 4 R K bytes (the second read of a row block comes from L2) and executes 6 + 4 = 10 FLOPs
-(pass 1: FMA, max, subtract, exp2, add; pass 2: FMA, subtract, exp2) against the op's 7; MODE_COLUMN
+R K e + 4 R K bytes (the second read of a row block comes from L2) and executes 6 + 4 = 10 FLOPs for
+Sinkhorn (pass 1: FMA, max, subtract, exp2, add; pass 2: FMA, subtract, exp2), 6 + 5 = 11 centred (pass
+2: subtract, multiply, subtract, exp, multiply by 1 / s) against the op's 7; MODE_COLUMN
 R K e + 8 R K / BLOCK_R + 8 K bytes and 6 + 5 = 11 FLOPs (pass 2: FMA, subtract, exp2, column add)
-against the op's 8 (its column sum weights each row's exponentials by 1 / sum: a multiply-add);
+against the op's 8 (its column sum weights each row's exponentials by 1 / s: a multiply-add);
 MODE_COLMAX R K e + 8 K bytes and 5 FLOPs (multiply, max, subtract, exp2, add). Sinkhorn-Knopp with n
 iterations reads the logits n + 1 times and writes 4 R K, against DINOv2's eager ~(4 + 6 n) passes of
 4 R K bytes (exp, sums, in-place divisions) and a full fp32 copy of the logits.
@@ -65,9 +71,9 @@ LOG2E = 1.0 / math.log(2.0)
 GPU_BLOCK_K = {1: 512, 8: 256}  # by BLOCK_R
 GPU_NUM_WARPS = 4
 INTERPRETER_BLOCK_K = 4096
-# MODE_COLUMN: rows per block by logit bytes (partials 4 K bytes per block, 1/4 of the block's logits),
+# MODE_COLUMN: rows per block by logit bytes (partials of 4 K bytes per block: 1/8 of the block's logits),
 # (16, 128) / (8, 256) tiles: 16 fp32 values per thread, as the softmax's (8, 256).
-GPU_COLUMN_BLOCK_R = {1: 16, 2: 16, 4: 8}
+GPU_COLUMN_BLOCK_R = {2: 16, 4: 8}
 GPU_COLUMN_BLOCK_K = {16: 128, 8: 256}
 # MODE_COLMAX: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows.
 GPU_COLMAX_BLOCKS = (8, 256)
@@ -115,17 +121,17 @@ def _row_max_sum(logits_ptr, vec_ptr, row_offset, row_mask, K, scale, CENTER: tl
 @triton.jit
 def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_K: tl.constexpr):
-    """MODE_SOFTMAX: softmax_k(y) of one block of BLOCK_R rows, two passes over K. Sinkhorn's bias brings y2
-    to a few units above or below 0, so pass 2 folds log2(sum) into the exponent: exp2(y2 - m - log2(sum)),
-    FMA, subtract, exp2. The centred logits keep their size (|y| up to ~2000 at logits +-50, tau = 0.04),
-    where m + log(sum) rounds to 1e-4 and rows no longer sum to 1 within the flash-attn rule: that pass 2
-    multiplies exp(y - m) by 1 / sum (one FLOP more), as plain PyTorch does."""
+    """MODE_SOFTMAX: softmax_k(y) of one block of BLOCK_R rows, two passes over K. Pass 2 writes
+    exp2(y2 - m2 - log2(s)) for Sinkhorn (y2 near 0), exp(y - m) / s for the centred softmax (|y| up to
+    ~2000, where the folded normaliser would round to 1e-4: module docstring)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     row_offset = rows.to(tl.int64)[:, None] * K
     m, row_sum = _row_max_sum(logits_ptr, vec_ptr, row_offset, row_mask, K, scale, CENTER, BLOCK_R, BLOCK_K)
-    inv_sum = 1.0 / row_sum
-    norm = m + tl.log2(row_sum)
+    if CENTER:
+        inv_sum = 1.0 / row_sum
+    else:
+        norm = m + tl.log2(row_sum)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K

@@ -92,10 +92,12 @@ def test_sinkhorn_knopp_stays_finite_where_dinov2_overflows(K, temp, device):
     assert (out.double() - want).abs().max().item() < 2e-3
 
 
-def test_sinkhorn_knopp_many_rows_strided_programs(device):
-    """Many row blocks per column program (each steps down the rows in BLOCK_R blocks): iBOT-sized R."""
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sinkhorn_knopp_many_rows_strided_programs(dtype, device):
+    """Many row blocks, each a program with its own partial column sum, added by torch; the last block
+    ragged (150 rows = 9 x 16 + 6 for 16-bit logits, 18 x 8 + 6 for fp32)."""
     K, R = 300, 150
-    t = _logits((R, K), 1.2, torch.float32, device)
+    t = _logits((R, K), 1.2, dtype, device)
     out = dino_teacher.sinkhorn_knopp(t, 0.04, n_iterations=3)
     want = oracle.sinkhorn_literal([t.cpu()], 0.04)[0]
     plain = oracle.sinkhorn_literal([t.cpu()], 0.04, dtype=torch.float32)[0]
