@@ -28,17 +28,18 @@ and rescaled sum s, pass 2 recomputes y and writes the probabilities: exp2(y2 - 
 log2-normaliser n = m2 + log2(s) folded into the exponent for Sinkhorn, whose bias brings y2 to a few
 units around 0; exp(y - m) / s for the centred softmax, whose |y| reaches ~2000 in the tests (logits
 +-50, tau 0.04), where n rounds to 1e-4 per row and rows would no longer sum to 1 within the flash-attn
-rule (up to 20x over it where one probability is ~1). MODE_COLUMN (one Sinkhorn iteration) runs the same
+rule (up to 28x over it where one probability is ~1). MODE_COLUMN (one Sinkhorn iteration) runs the same
 pass 1 per block of BLOCK_R rows, then pass 2 sums exp2(y2 - n) down the block's rows into a partial
 column sum (row blocks, K) fp32 that torch adds up in a fixed order: one launch reads the logits once
 from HBM (pass 2 re-reads the block's rows from L2), where row statistics and column sums as two
 launches read them twice. No atomics: deterministic. BLOCK_R trades partial bytes (4 K per row block,
 written, then read by torch) against programs: 16 rows for 2-byte logits and 8 for fp32 keep that round
 trip at 1/4 of the logit bytes, leaving R / BLOCK_R programs (8 at DINOv2's 128 class-token rows per
-GPU: too few to fill an H100, a cost the roofline model does not see; 512 at iBOT's 8192 masked
-patches). MODE_COLMAX runs one program per chunk of BLOCK_K prototypes over all rows (an online column
-max and sum), so each program owns its columns outright. Nothing of size (R, K) is allocated besides the
-output (the column step's partials are (R / BLOCK_R, K)).
+GPU: too few to fill an H100, a cost the roofline model does not see; 512 at iBOT's 8192 masked patches,
+where a wave's rows are far over L2 and pass 2 likely reads HBM again on a GPU: docs/kernels.md).
+MODE_COLMAX runs one program per chunk of BLOCK_K prototypes over all rows (an online column max and
+sum), so each program owns its columns outright. Nothing of size (R, K) is allocated besides the output
+(the column step's partials are (R / BLOCK_R, K)).
 
 Cost per call (e = bytes per logit; FLOPs per element, an FMA counted as 2): MODE_SOFTMAX moves
 R K e + 4 R K bytes (the second read of a row block comes from L2) and executes 6 + 4 = 10 FLOPs for
