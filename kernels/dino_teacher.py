@@ -5,7 +5,7 @@ tau, a centre c (K,) subtracted before the division (DINOv2's centering) and a l
 potential a (K,) added after it (Sinkhorn-Knopp), y = (t - c) / tau + a. Three modes:
     MODE_SOFTMAX  out (R, K) fp32 = softmax_k(y)
     MODE_COLUMN   (K,) = per-prototype sums over all rows of softmax_k(y)
-    MODE_COLMAX   (2, K) = per-prototype max of y over all rows, and the sum of exp(y - max)
+    MODE_COLMAX   (2, K) = per-prototype max of t / tau over all rows, and the sum of exp(t / tau - max)
 DINOv2's sinkhorn_knopp_teacher divides exp(t / tau) alternately by its prototype sums (over all B
 samples on all ranks, then / K) and its sample sums (then / B), and finally multiplies by B. Every
 sample normalisation turns each row into a softmax over prototypes, so only the prototype potentials a
@@ -17,21 +17,42 @@ Where DINOv2 stays finite the results agree to fp32 rounding; where it overflows
 (DINOv2's divisions by B and K scale all entries alike, so they drop out of a before the softmax.)
 The column sums after the first iteration lie in [1 / K, B], so they need no running max.
 
-Kernels: MODE_SOFTMAX runs one program per BLOCK_R rows: pass 1 streams K chunks with an online max
-and rescaled sum, pass 2 recomputes y and writes the probabilities. The column modes run one program
-per chunk of BLOCK_K prototypes over all rows, so each program owns its columns' results outright
-(no partial rows to read-modify-write and reduce, whatever R is): MODE_COLMAX is one online pass;
-MODE_COLUMN first writes each row's chunk max and sum of exp (R x chunks x 8 bytes, combined by
-torch), then sums the softmax down its columns. No atomics: deterministic. Nothing of size (R, K)
-is allocated besides the output.
+Sinkhorn in base 2, constants folded: its kernels take scale = log2(e) / tau and the potential as a bias
+b = a log2(e) (K,) fp32, so y2 = y log2(e) = fma(t, scale, b) and exp(y - m) = exp2(y2 - m2): an FMA and
+an exp2 per element instead of a division, an addition and exp's own multiply by log2(e). The centred
+softmax keeps plain PyTorch's arithmetic, (t - c) / tau (as a multiply by 1 / tau) and exp, because its
+logits keep their size (below).
 
-Cost per call (e = bytes per logit): MODE_SOFTMAX moves 2 R K e + 4 R K bytes (the second read of
-the logits instead of an unnormalised temporary); MODE_COLUMN 2 R K e + 16 R K / BLOCK_K + 4 K;
-MODE_COLMAX R K e + 8 K. Sinkhorn-Knopp with n iterations: (2 n + 1) R K e + 4 R K, against DINOv2's
-eager ~(4 + 6 n) passes of 4 R K bytes (exp, sums, in-place divisions) and a full fp32 copy of the
-logits.
+Kernels: MODE_SOFTMAX runs one program per BLOCK_R rows: pass 1 streams K chunks with an online max m
+and rescaled sum s, pass 2 recomputes y and writes the probabilities: exp2(y2 - n) with the row's
+log2-normaliser n = m2 + log2(s) folded into the exponent for Sinkhorn, whose bias brings y2 to a few
+units around 0; exp(y - m) / s for the centred softmax, whose |y| reaches ~2000 in the tests (logits
++-50, tau 0.04), where n rounds to 1e-4 per row and rows would no longer sum to 1 within the flash-attn
+rule (up to 28x over it where one probability is ~1). MODE_COLUMN (one Sinkhorn iteration) runs the same
+pass 1 per block of BLOCK_R rows, then pass 2 sums exp2(y2 - n) down the block's rows into a partial
+column sum (row blocks, K) fp32 that torch adds up in a fixed order: one launch reads the logits once
+from HBM (pass 2 re-reads the block's rows from L2), where row statistics and column sums as two
+launches read them twice. No atomics: deterministic. BLOCK_R trades partial bytes (4 K per row block,
+written, then read by torch) against programs: 16 rows for 2-byte logits and 8 for fp32 keep that round
+trip at 1/4 of the logit bytes, leaving R / BLOCK_R programs (8 at DINOv2's 128 class-token rows per
+GPU: too few to fill an H100, a cost the roofline model does not see; 512 at iBOT's 8192 masked patches,
+where a wave's rows are far over L2 and pass 2 likely reads HBM again on a GPU: docs/kernels.md).
+MODE_COLMAX runs one program per chunk of BLOCK_K prototypes over all rows (an online column max and
+sum), so each program owns its columns outright. Nothing of size (R, K) is allocated besides the output
+(the column step's partials are (R / BLOCK_R, K)).
+
+Cost per call (e = bytes per logit; FLOPs per element, an FMA counted as 2): MODE_SOFTMAX moves
+R K e + 4 R K bytes (the second read of a row block comes from L2) and executes 6 + 4 = 10 FLOPs for
+Sinkhorn (pass 1: FMA, max, subtract, exp2, add; pass 2: FMA, subtract, exp2), 6 + 5 = 11 centred (pass
+2: subtract, multiply, subtract, exp, multiply by 1 / s) against the op's 7; MODE_COLUMN
+R K e + 8 R K / BLOCK_R + 8 K bytes and 6 + 5 = 11 FLOPs (pass 2: FMA, subtract, exp2, column add)
+against the op's 8 (its column sum weights each row's exponentials by 1 / s: a multiply-add);
+MODE_COLMAX R K e + 8 K bytes and 5 FLOPs (multiply, max, subtract, exp2, add). Sinkhorn-Knopp with n
+iterations reads the logits n + 1 times and writes 4 R K, against DINOv2's eager ~(4 + 6 n) passes of
+4 R K bytes (exp, sums, in-place divisions) and a full fp32 copy of the logits.
 """
 
+import math
 from functools import partial
 
 import torch
@@ -42,6 +63,7 @@ from ._common import TRITON_DTYPE, check_positive, check_tensor, hbm_bytes, inte
 from .reference import sinkhorn_first_shift
 
 MODE_SOFTMAX, MODE_COLUMN, MODE_COLMAX = 0, 1, 2
+LOG2E = 1.0 / math.log(2.0)
 
 # H100/A100 config: bandwidth bound. A (BLOCK_R, 512) tile over 4 warps is 4-32 fp32 elements per
 # thread. The softmax takes BLOCK_R = 1 to keep all SMs busy for class-token rows (2 x 16-128 per
@@ -50,149 +72,154 @@ MODE_SOFTMAX, MODE_COLUMN, MODE_COLMAX = 0, 1, 2
 GPU_BLOCK_K = {1: 512, 8: 256}  # by BLOCK_R
 GPU_NUM_WARPS = 4
 INTERPRETER_BLOCK_K = 4096
-# Column modes: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows.
-GPU_COLUMN_BLOCKS = (8, 256)
-INTERPRETER_COLUMN_BLOCKS = (16, 256)
+# MODE_COLUMN: rows per block by logit bytes (partials of 4 K bytes per block: 1/8 of the block's logits),
+# (16, 128) / (8, 256) tiles: 16 fp32 values per thread, as the softmax's (8, 256).
+GPU_COLUMN_BLOCK_R = {2: 16, 4: 8}
+GPU_COLUMN_BLOCK_K = {16: 128, 8: 256}
+# MODE_COLMAX: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows.
+GPU_COLMAX_BLOCKS = (8, 256)
+INTERPRETER_COLMAX_BLOCKS = (16, 256)
 
 
 @triton.jit
-def _centred_tile(logits_ptr, center_ptr, shift_ptr, row_offset, row_mask, cols, col_mask, temperature,
-                  HAS_CENTER: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """y = (t - c) / tau + a for a (BLOCK_R, BLOCK_K) tile, fp32; -inf in masked columns."""
+def _logit_tile(logits_ptr, vec_ptr, row_offset, row_mask, cols, col_mask, scale, CENTER: tl.constexpr):
+    """A (BLOCK_R, BLOCK_K) tile of y, fp32, 2 FLOPs per element: y = (t - c) scale with scale = 1 / tau (the
+    centred softmax, natural units, vec = c) or y2 = t scale + b with scale = log2(e) / tau (Sinkhorn, base
+    2, vec = b). Masked lanes load t = -inf, so they are -inf and add exp(-inf) = 0 without a select."""
     t = tl.load(logits_ptr + row_offset + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                other=0.0).to(tl.float32)
-    if HAS_CENTER:
-        t = t - tl.load(center_ptr + cols, mask=col_mask, other=0.0)[None, :]
-    y = t / temperature
-    if HAS_SHIFT:
-        y = y + tl.load(shift_ptr + cols, mask=col_mask, other=0.0)[None, :]
-    return tl.where(col_mask[None, :], y, float("-inf"))
+                other=float("-inf")).to(tl.float32)
+    v = tl.load(vec_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    if CENTER:
+        return (t - v) * scale
+    return t * scale + v  # one FMA
 
 
 @triton.jit
-def _softmax_kernel(
-    logits_ptr, center_ptr, shift_ptr, out_ptr, R, K, temperature,
-    HAS_CENTER: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """MODE_SOFTMAX: softmax_k(y) of one block of BLOCK_R rows, two passes over K."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R
-    row_offset = rows.to(tl.int64)[:, None] * K
+def _exp(x, CENTER: tl.constexpr):
+    if CENTER:
+        return tl.exp(x)
+    return tl.exp2(x)
+
+
+@triton.jit
+def _row_max_sum(logits_ptr, vec_ptr, row_offset, row_mask, K, scale, CENTER: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pass 1: the row max m of y and sum_k exp(y - m) of BLOCK_R rows (exp2 in base 2), one online pass over
+    K (the sum rescaled as m grows). Rows past R come out m = 0, sum = 1: their lanes are -inf, so pass 2
+    gives them exp(-inf) = 0 with no NaN."""
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_R], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        y = _centred_tile(logits_ptr, center_ptr, shift_ptr, row_offset, row_mask, cols, col_mask, temperature,
-                          HAS_CENTER, HAS_SHIFT)
+        y = _logit_tile(logits_ptr, vec_ptr, row_offset, row_mask, cols, cols < K, scale, CENTER)
         m_new = tl.maximum(m, tl.max(y, axis=1))
-        row_sum = row_sum * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[:, None]), axis=1)
+        m_ref = tl.where(row_mask, m_new, 0.0)  # rows past R: exp(-inf - 0) = 0, not NaN
+        row_sum = row_sum * _exp(m - m_ref, CENTER) + tl.sum(_exp(y - m_ref[:, None], CENTER), axis=1)
         m = m_new
-    inv_sum = 1.0 / row_sum
+    return tl.where(row_mask, m, 0.0), tl.where(row_mask, row_sum, 1.0)
+
+
+@triton.jit
+def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """MODE_SOFTMAX: softmax_k(y) of one block of BLOCK_R rows, two passes over K. Pass 2 writes
+    exp2(y2 - m2 - log2(s)) for Sinkhorn (y2 near 0), exp(y - m) / s for the centred softmax (|y| up to
+    ~2000, where the folded normaliser would round to 1e-4: module docstring)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    row_offset = rows.to(tl.int64)[:, None] * K
+    m, row_sum = _row_max_sum(logits_ptr, vec_ptr, row_offset, row_mask, K, scale, CENTER, BLOCK_R, BLOCK_K)
+    if CENTER:
+        inv_sum = 1.0 / row_sum
+    else:
+        norm = m + tl.log2(row_sum)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
-        y = _centred_tile(logits_ptr, center_ptr, shift_ptr, row_offset, row_mask, cols, col_mask, temperature,
-                          HAS_CENTER, HAS_SHIFT)
-        p = tl.exp(y - m[:, None]) * inv_sum[:, None]
+        y = _logit_tile(logits_ptr, vec_ptr, row_offset, row_mask, cols, col_mask, scale, CENTER)
+        if CENTER:
+            p = tl.exp(y - m[:, None]) * inv_sum[:, None]
+        else:
+            p = tl.exp2(y - norm[:, None])
         tl.store(out_ptr + row_offset + cols[None, :], p, mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
-def _row_stats_kernel(
-    logits_ptr, shift_ptr, stats_ptr, R, K, temperature,
-    HAS_SHIFT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """MODE_COLUMN, step 1: per chunk of prototypes, every row's chunk max of y and sum of exp(y - max)
-    -> stats (2, R, chunks)."""
-    chunk = tl.program_id(0)
-    chunks = tl.num_programs(0)
-    cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_mask = cols < K
-    for r0 in range(0, R, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        row_mask = rows < R
-        y = _centred_tile(logits_ptr, logits_ptr, shift_ptr, rows.to(tl.int64)[:, None] * K, row_mask, cols,
-                          col_mask, temperature, False, HAS_SHIFT)
-        m = tl.max(y, axis=1)
-        tl.store(stats_ptr + rows * chunks + chunk, m, mask=row_mask)
-        tl.store(stats_ptr + (R + rows) * chunks + chunk, tl.sum(tl.exp(y - m[:, None]), axis=1), mask=row_mask)
+def _column_kernel(logits_ptr, bias_ptr, partial_ptr, R, K, scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """MODE_COLUMN: one block of BLOCK_R rows: pass 1 its row normalisers, pass 2 its softmax rows summed
+    down each column -> partial_ptr[block] (K,) fp32."""
+    block = tl.program_id(0)
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    row_offset = rows.to(tl.int64)[:, None] * K
+    m, row_sum = _row_max_sum(logits_ptr, bias_ptr, row_offset, row_mask, K, scale, False, BLOCK_R, BLOCK_K)
+    norm = m + tl.log2(row_sum)
+    partial_row = partial_ptr + block.to(tl.int64) * K
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        y = _logit_tile(logits_ptr, bias_ptr, row_offset, row_mask, cols, col_mask, scale, False)
+        tl.store(partial_row + cols, tl.sum(tl.exp2(y - norm[:, None]), axis=0), mask=col_mask)
 
 
 @triton.jit
-def _column_kernel(
-    logits_ptr, shift_ptr, row_max_ptr, row_inv_sum_ptr, out_ptr, R, K, temperature,
-    COLMAX: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Per chunk of prototypes, over all rows: MODE_COLUMN's column sums of softmax_k(y) (from the rows'
-    max and 1 / sum) -> out (K,), or MODE_COLMAX's column max of y and sum of exp(y - max) -> out (2, K)."""
+def _colmax_kernel(logits_ptr, out_ptr, R, K, scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """MODE_COLMAX: per chunk of prototypes, over all rows: the column max of t / tau (t scale / log2(e)) and
+    the sum of exp2(t scale - max) = exp(t / tau - max) -> out (2, K)."""
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < K
     col_max = tl.full([BLOCK_K], float("-inf"), tl.float32)
     col_sum = tl.zeros([BLOCK_K], tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
-        row_mask = rows < R
-        y = _centred_tile(logits_ptr, logits_ptr, shift_ptr, rows.to(tl.int64)[:, None] * K, row_mask, cols,
-                          col_mask, temperature, False, HAS_SHIFT)
-        y = tl.where(row_mask[:, None], y, float("-inf"))
-        if COLMAX:
-            m_new = tl.maximum(col_max, tl.max(y, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # masked columns: keep exp finite
-            col_sum = col_sum * tl.exp(col_max - m_safe) + tl.sum(tl.exp(y - m_safe[None, :]), axis=0)
-            col_max = m_new
-        else:
-            row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
-            inv_sum = tl.load(row_inv_sum_ptr + rows, mask=row_mask, other=0.0)
-            col_sum += tl.sum(tl.exp(y - row_max[:, None]) * inv_sum[:, None], axis=0)
-    if COLMAX:
-        tl.store(out_ptr + cols, col_max, mask=col_mask)
-        tl.store(out_ptr + K + cols, col_sum, mask=col_mask)
-    else:
-        tl.store(out_ptr + cols, col_sum, mask=col_mask)
+        t = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+                    mask=(rows < R)[:, None] & col_mask[None, :], other=float("-inf")).to(tl.float32)
+        y = t * scale
+        m_new = tl.maximum(col_max, tl.max(y, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # masked columns: keep exp2 finite
+        col_sum = col_sum * tl.exp2(col_max - m_safe) + tl.sum(tl.exp2(y - m_safe[None, :]), axis=0)
+        col_max = m_new
+    tl.store(out_ptr + cols, col_max * 0.6931471805599453, mask=col_mask)  # * ln 2: natural units
+    tl.store(out_ptr + K + cols, col_sum, mask=col_mask)
 
 
-def launch_plan(mode: int, R: int, K: int, sms: int, interpreter: bool = False) -> dict:
+def launch_plan(mode: int, R: int, K: int, sms: int, dtype_bytes: int = 2, interpreter: bool = False) -> dict:
     """BLOCK_R, BLOCK_K and the grid of one mode: the one place the launcher and efficiency() read them.
     MODE_SOFTMAX: one program per BLOCK_R rows (BLOCK_R = 1 keeps every SM busy for the 32-256 class-token
-    rows per GPU); column modes: one program per BLOCK_K prototypes (256 programs at K = 65536)."""
+    rows per GPU); MODE_COLUMN: one program per BLOCK_R rows (GPU_COLUMN_BLOCK_R by logit bytes);
+    MODE_COLMAX: one program per BLOCK_K prototypes (256 programs at K = 65536)."""
     if mode == MODE_SOFTMAX:
         block_r = 1 if R <= 2 * sms else 8
         block_k = INTERPRETER_BLOCK_K if interpreter else GPU_BLOCK_K[block_r]
         return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(R, block_r),)}
-    block_r, block_k = INTERPRETER_COLUMN_BLOCKS if interpreter else GPU_COLUMN_BLOCKS
+    if mode == MODE_COLUMN:
+        block_r = GPU_COLUMN_BLOCK_R[dtype_bytes]
+        block_k = INTERPRETER_BLOCK_K if interpreter else GPU_COLUMN_BLOCK_K[block_r]
+        return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(R, block_r),)}
+    block_r, block_k = INTERPRETER_COLMAX_BLOCKS if interpreter else GPU_COLMAX_BLOCKS
     return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(K, block_k),)}
 
 
-def _launch(mode: int, logits: torch.Tensor, temperature: float, center=None, shift=None) -> torch.Tensor:
-    """Run one mode over logits (R, K); returns probs (R, K), or the column statistics: (K,) for
-    MODE_COLUMN, (max (K,), sum (K,)) stacked as (2, K) for MODE_COLMAX."""
+def _launch(mode: int, logits: torch.Tensor, scale: float, vec: torch.Tensor | None = None,
+            center: bool = False) -> torch.Tensor:
+    """Run one mode over logits (R, K) with vec (K,) fp32: the centre c and scale = 1 / tau (center), or the
+    bias b and scale = log2(e) / tau (base 2). Returns probs (R, K), or the column statistics: (K,) for
+    MODE_COLUMN, (max (K,), sum (K,)) stacked as (2, K) for MODE_COLMAX (no vec)."""
     R, K = logits.shape
     device = logits.device
-    plan = launch_plan(mode, R, K, sm_count(device), interpreted(logits))
+    plan = launch_plan(mode, R, K, sm_count(device), logits.element_size(), interpreted(logits))
     tiles = {"BLOCK_R": plan["BLOCK_R"], "BLOCK_K": plan["BLOCK_K"], "num_warps": GPU_NUM_WARPS}
-    shift_arg = logits if shift is None else shift
     if mode == MODE_SOFTMAX:
         out = torch.empty((R, K), dtype=torch.float32, device=device)
-        _softmax_kernel[plan["grid"]](logits, logits if center is None else center, shift_arg, out, R, K,
-                                      float(temperature), HAS_CENTER=center is not None,
-                                      HAS_SHIFT=shift is not None, **tiles)
+        _softmax_kernel[plan["grid"]](logits, vec, out, R, K, scale, CENTER=center, **tiles)
         return out
     if mode == MODE_COLMAX:
         out = torch.empty((2, K), dtype=torch.float32, device=device)
-        _column_kernel[plan["grid"]](logits, shift_arg, out, out, out, R, K, float(temperature), COLMAX=True,
-                                     HAS_SHIFT=shift is not None, **tiles)
+        _colmax_kernel[plan["grid"]](logits, out, R, K, scale, **tiles)
         return out
-    stats = torch.empty((2, R, plan["grid"][0]), dtype=torch.float32, device=device)
-    _row_stats_kernel[plan["grid"]](logits, shift_arg, stats, R, K, float(temperature), HAS_SHIFT=shift is not None,
-                                    **tiles)
-    m, s = stats
-    row_max = m.max(dim=1).values
-    row_inv_sum = 1.0 / (s * torch.exp(m - row_max[:, None])).sum(dim=1)
-    out = torch.empty(K, dtype=torch.float32, device=device)
-    _column_kernel[plan["grid"]](logits, shift_arg, row_max, row_inv_sum, out, R, K, float(temperature),
-                                 COLMAX=False, HAS_SHIFT=shift is not None, **tiles)
-    return out
+    partial = torch.empty((plan["grid"][0], K), dtype=torch.float32, device=device)
+    _column_kernel[plan["grid"]](logits, vec, partial, R, K, scale, **tiles)
+    return partial.sum(dim=0)
 
 
 def _validate(teacher_logits: torch.Tensor, temperature: float) -> None:
@@ -215,7 +242,8 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, tempera
     _validate(logits, temperature)
     center = center.detach().reshape(K).float().contiguous()
     check_tensor("center", center, 1, logits.device)
-    return _launch(MODE_SOFTMAX, logits.detach(), temperature, center=center).reshape(teacher_logits.shape)
+    return _launch(MODE_SOFTMAX, logits.detach(), 1.0 / float(temperature), center, center=True).reshape(
+        teacher_logits.shape)
 
 
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iterations: int = 3,
@@ -231,20 +259,27 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1 (DINOv2 uses 3), got {n_iterations}")
     logits = teacher_logits.detach()
-    shift = sinkhorn_first_shift(*_launch(MODE_COLMAX, logits, temperature), all_reduce)
+    scale = LOG2E / float(temperature)
+    col_max, col_sum = _launch(MODE_COLMAX, logits, scale)
+    bias = sinkhorn_first_shift(col_max, col_sum, all_reduce) * LOG2E
     for _ in range(n_iterations - 1):
-        mass = _launch(MODE_COLUMN, logits, temperature, shift=shift.contiguous())
+        mass = _launch(MODE_COLUMN, logits, scale, bias)
         if all_reduce is not None:
             all_reduce(mass, "sum")
-        shift = shift - torch.log(mass)
-    return _launch(MODE_SOFTMAX, logits, temperature, shift=shift.contiguous())
+        bias = bias - torch.log2(mass)
+    return _launch(MODE_SOFTMAX, logits, scale, bias)
 
 
 def roofline_cost(R: int, K: int, dtype_bytes: int = 2, n_iterations: int = 0) -> dict[str, int]:
     """Minimum cost of the centred softmax (n_iterations=0) or of Sinkhorn-Knopp with n_iterations:
-    R teacher rows, K prototypes, dtype_bytes per logit."""
-    reads = 1 if n_iterations == 0 else 2 * n_iterations + 1
-    return {"flops": (6 + 4 * n_iterations) * R * K, "bytes": reads * R * K * dtype_bytes + 4 * R * K + 8 * K}
+    R teacher rows, K prototypes, dtype_bytes per logit. Each step needs the previous one's result over all
+    rows and prototypes, so the logits are read once per step: COLMAX, n - 1 column steps, the softmax.
+    FLOPs per element: softmax 7, column step 8, column logsumexp 5 (efficiency())."""
+    if n_iterations == 0:
+        return {"flops": 7 * R * K, "bytes": R * K * dtype_bytes + 4 * R * K + 4 * K}
+    steps = n_iterations + 1
+    return {"flops": (5 + 8 * (n_iterations - 1) + 7) * R * K,
+            "bytes": steps * R * K * dtype_bytes + 4 * R * K + 8 * K * steps}
 
 
 # DINOv2's calls per GPU: the class-token teacher (2 global views x 64 samples = 128 rows, softmax BLOCK_R = 1) and
@@ -253,32 +288,44 @@ PRODUCTION_ROWS = {1: 128, 8: 8192}
 PRODUCTION_K = 65536
 
 
-def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent: int, l2_bytes: int) -> dict:
-    """Useful / executed FLOPs and minimum / moved HBM bytes of one mode (both kernels of MODE_COLUMN
-    together) from launch_plan's tiles and grid (docs/kernels.md, "Efficiency counts"). Useful: one
-    read of the logits and one pass of the math (softmax: 7 ops per element; column sum: 7; column
-    logsumexp: 5); the softmax and MODE_COLUMN recompute y in a second pass (11 and 11 ops)."""
-    plan = launch_plan(mode, R, K, sms)
+def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent: int, l2_bytes: int,
+               center: bool = False) -> dict:
+    """Useful / executed FLOPs and minimum / moved HBM bytes of one mode from launch_plan's tiles and grid
+    (docs/kernels.md, "Efficiency counts"), torch's K-vector and partial-sum ops included. Useful: one read
+    of the logits and one pass of the math per element (softmax: FMA 2, max, subtract, exp, row sum,
+    normalise = 7; column step: the same with the normalisation a multiply-add into the column sum = 8;
+    column logsumexp: multiply, max, subtract, exp, sum = 5). Executed (masked lanes included): softmax 10
+    (11 centred: pass 2 normalises by a multiply), column step 11, column logsumexp 5 per element, plus
+    the online rescale (max, subtract, exp, multiply, add) per row (softmax, column step) or column
+    (colmax) and tile."""
+    plan = launch_plan(mode, R, K, sms, dtype_bytes)
     block_r, block_k, programs, e = plan["BLOCK_R"], plan["BLOCK_K"], plan["grid"][0], dtype_bytes
     padded = pad(R, block_r) * pad(K, block_k)
+    tiles = (pad(R, block_r) // block_r) * (pad(K, block_k) // block_k)
+    rows = lambda b: min(block_r, R - b * block_r)  # noqa: E731
     if mode == MODE_SOFTMAX:  # program b: a block of rows, all K, read twice (once per wave), probs written
-        rows = lambda b: min(block_r, R - b * block_r)  # noqa: E731
-        sizes = {"logits": R * K * e, "probs": 4 * R * K, "vectors": 8 * K}
-        touches = lambda b, _y, _z: [("vectors", 0, 8 * K), ("logits", b, rows(b) * K * e),  # noqa: E731
+        sizes = {"logits": R * K * e, "probs": 4 * R * K, "vec": 4 * K}
+        touches = lambda b, _y, _z: [("vec", 0, 4 * K), ("logits", b, rows(b) * K * e),  # noqa: E731
                                      ("probs", b, 4 * rows(b) * K)]
         moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes)
-        floor, executed = {"flops": 7 * R * K, "bytes": R * K * e + 4 * R * K + 8 * K}, 11 * padded
-    else:  # program c: a chunk of columns over all rows; MODE_COLUMN reads it twice (two launches)
+        floor = {"flops": 7 * R * K, "bytes": R * K * e + 4 * R * K + 4 * K}
+        executed = (11 if center else 10) * padded + 5 * block_r * tiles
+    elif mode == MODE_COLUMN:  # program b: a block of rows, all K, read twice (once per wave), partials written
+        sizes = {"logits": R * K * e, "partials": 4 * programs * K, "bias": 4 * K}
+        touches = lambda b, _y, _z: [("bias", 0, 4 * K), ("logits", b, rows(b) * K * e),  # noqa: E731
+                                     ("partials", b, 4 * K)]
+        # + torch: the sum of the partials, then bias - log2(sum)
+        moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes) + 4 * programs * K + 24 * K
+        floor = {"flops": 8 * R * K, "bytes": R * K * e + 8 * K}
+        executed = 11 * padded + 5 * block_r * tiles + programs * K + 2 * K
+    else:  # program c: a chunk of columns over all rows
         cols = lambda c: min(block_k, K - c * block_k)  # noqa: E731
-        sizes = {"logits": R * K * e, "vectors": 8 * K, "out": 8 * K, "rows": 16 * R * programs}
-        touches = lambda c, _y, _z: [("logits", c, R * cols(c) * e), ("vectors", c, 4 * cols(c)),  # noqa: E731
-                                     ("out", c, 8 * cols(c)), ("rows", c, 8 * R)]
-        moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes)
-        if mode == MODE_COLUMN:  # + the row statistics pass, its (2, R, chunks) round trip and 8 R row values
-            moved += R * K * e + 4 * K + 16 * R * programs + 16 * R
-            floor, executed = {"flops": 7 * R * K, "bytes": R * K * e + 8 * K}, 11 * padded
-        else:
-            floor, executed = {"flops": 5 * R * K, "bytes": R * K * e + 12 * K}, 5 * padded
+        sizes = {"logits": R * K * e, "out": 8 * K}
+        touches = lambda c, _y, _z: [("logits", c, R * cols(c) * e), ("out", c, 8 * cols(c))]  # noqa: E731
+        # + torch: the first bias from the column statistics (sinkhorn_first_shift: log, add, negate; * log2(e))
+        moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes) + 36 * K
+        floor = {"flops": 5 * R * K, "bytes": R * K * e + 8 * K}
+        executed = 5 * padded + 5 * block_k * tiles + 4 * K
     return {"useful_flops": floor["flops"], "executed_flops": executed, "min_bytes": floor["bytes"],
             "moved_bytes": moved, "flop_kind": "fp32"}
 
@@ -287,36 +334,32 @@ def compile_specs() -> list[dict]:
     """Every shipped configuration (logit dtype x kernel x BLOCK_R) for the AOT compile report."""
     specs = []
     common = {"num_warps": GPU_NUM_WARPS, "num_stages": 3, "uses_dot": False}
-    column_r, column_k = GPU_COLUMN_BLOCKS
     for dtype, ptr in TRITON_DTYPE.items():
-        name = str(dtype).removeprefix("torch.")
-        counts = lambda mode, rows, e=dtype.itemsize: partial(  # noqa: E731
-            efficiency, mode, rows, PRODUCTION_K, dtype_bytes=e)
-        scalars = {"R": "i32", "K": "i32", "temperature": "fp32"}
-        for tag, has_center, has_shift in (("centered_softmax", True, False), ("sk_softmax", False, True)):
+        name, e = str(dtype).removeprefix("torch."), dtype.itemsize
+        counts = lambda mode, rows, e=e, **kw: partial(  # noqa: E731
+            efficiency, mode, rows, PRODUCTION_K, dtype_bytes=e, **kw)
+        scalars = {"R": "i32", "K": "i32", "scale": "fp32"}
+        for tag, center in (("centered_softmax", True), ("sk_softmax", False)):
             for block_r in (1, 8):
                 specs.append({
                     **common, "name": f"dino_teacher_{tag}_{name}_r{block_r}", "fn": _softmax_kernel,
-                    "signature": {"logits_ptr": ptr, "center_ptr": "*fp32" if has_center else ptr,
-                                  "shift_ptr": "*fp32" if has_shift else ptr, "out_ptr": "*fp32", **scalars},
-                    "constexprs": {"HAS_CENTER": has_center, "HAS_SHIFT": has_shift, "BLOCK_R": block_r,
-                                   "BLOCK_K": GPU_BLOCK_K[block_r]},
-                    "efficiency": counts(MODE_SOFTMAX, PRODUCTION_ROWS[block_r]),
+                    "signature": {"logits_ptr": ptr, "vec_ptr": "*fp32", "out_ptr": "*fp32", **scalars},
+                    "constexprs": {"CENTER": center, "BLOCK_R": block_r, "BLOCK_K": GPU_BLOCK_K[block_r]},
+                    "efficiency": counts(MODE_SOFTMAX, PRODUCTION_ROWS[block_r], center=center),
                 })
+        column_r = GPU_COLUMN_BLOCK_R[e]
+        colmax_r, colmax_k = GPU_COLMAX_BLOCKS
         for rows in sorted(set(PRODUCTION_ROWS.values())):
-            column = {"BLOCK_R": column_r, "BLOCK_K": column_k}
             specs.append({
-                **common, "name": f"dino_teacher_sk_row_stats_{name}_{rows}rows", "fn": _row_stats_kernel,
-                "signature": {"logits_ptr": ptr, "shift_ptr": "*fp32", "stats_ptr": "*fp32", **scalars},
-                "constexprs": {"HAS_SHIFT": True, **column}, "efficiency": counts(MODE_COLUMN, rows),
+                **common, "name": f"dino_teacher_sk_column_{name}_{rows}rows", "fn": _column_kernel,
+                "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "partial_ptr": "*fp32", **scalars},
+                "constexprs": {"BLOCK_R": column_r, "BLOCK_K": GPU_COLUMN_BLOCK_K[column_r]},
+                "efficiency": counts(MODE_COLUMN, rows),
             })
-            for tag, colmax in (("sk_column", False), ("sk_colmax", True)):
-                specs.append({
-                    **common, "name": f"dino_teacher_{tag}_{name}_{rows}rows", "fn": _column_kernel,
-                    "signature": {"logits_ptr": ptr, "shift_ptr": ptr if colmax else "*fp32",
-                                  "row_max_ptr": "*fp32", "row_inv_sum_ptr": "*fp32", "out_ptr": "*fp32",
-                                  **scalars},
-                    "constexprs": {"COLMAX": colmax, "HAS_SHIFT": not colmax, **column},
-                    "efficiency": counts(MODE_COLMAX if colmax else MODE_COLUMN, rows),
-                })
+            specs.append({
+                **common, "name": f"dino_teacher_sk_colmax_{name}_{rows}rows", "fn": _colmax_kernel,
+                "signature": {"logits_ptr": ptr, "out_ptr": "*fp32", **scalars},
+                "constexprs": {"BLOCK_R": colmax_r, "BLOCK_K": colmax_k},
+                "efficiency": counts(MODE_COLMAX, rows),
+            })
     return specs
