@@ -205,13 +205,14 @@ def test_production_plan_computes_each_logit_tile_once_per_pass():
 
 def test_compile_report_compiles_the_specialized_variant_the_jit_runs():
     """At D = 256 the JIT specializes the sizes and pointers as multiples of 16, which turns the (rows, D)
-    loads into vector loads; the report compiles that variant (the specs' divisible_by_16), whose
-    registers are far below the unspecialized variant's 255."""
+    loads into vector loads; the report compiles that variant (the specs' divisible_by_16), which needs fewer
+    registers than the unspecialized one (162 against 135 on sm_90, where TMA computes the tile addresses;
+    255 before the operands came by tensor descriptor)."""
     code = """
 import json
 from terrafm_kernels import compile_report, dino_head_loss
 spec = [s for s in dino_head_loss.compile_specs() if s["name"] == "head_softmax_project_student_bfloat16"][0]
-assert {"h_ptr", "w_proj_ptr", "D", "K_PER_SPLIT"} <= set(spec["divisible_by_16"])
+assert {"h_ptr", "v_proj_ptr", "D", "D_STRIDE", "K_PER_SPLIT"} <= set(spec["divisible_by_16"])
 rows = [compile_report.compile_one(s, 90) for s in (spec, {**spec, "divisible_by_16": ()})]
 print(json.dumps([{k: r.get(k) for k in ("regs", "stack", "local", "ok", "problem")} for r in rows]))
 """
@@ -220,4 +221,4 @@ print(json.dumps([{k: r.get(k) for k in ("regs", "stack", "local", "ok", "proble
     assert run.returncode == 0, run.stderr[-2000:]
     specialized, plain = json.loads(run.stdout.splitlines()[-1])
     assert specialized["ok"] and specialized["stack"] == 0 and specialized["local"] == 0, specialized
-    assert specialized["regs"] + 64 <= plain["regs"], (specialized, plain)
+    assert specialized["regs"] < plain["regs"], (specialized, plain)
