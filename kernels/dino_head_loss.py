@@ -580,18 +580,18 @@ def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: in
     # the teacher projects its probabilities onto the student's prototypes: a second (K, D) tensor
     w_proj = "w_student" if centred else "w"
     partials = (4 * D + 8) * splits * R  # acc (splits, R, D) and stats (2, splits, R), fp32
-    # the weight norm's K-vectors: g of the logit weights read, their 1 / ||v|| written (by the first row block);
-    # the teacher also reads the student's g and 1 / ||v|| for its projection
+    # the weight norm: each program reads its split of v once more (its norm loop; the same tiles as its GEMM
+    # loop, so L2 serves one of the two reads) and g, and writes 1 / ||v|| to its own row of the rnorm scratch,
+    # which its GEMM loop reads back; the teacher also reads the student's g and 1 / ||v|| for its projection
     norms = ["g", "rnorm"] + (["g_student", "rnorm_student"] if centred else [])
     sizes = {"h": h_bytes, "w": w_bytes, "w_student": w_bytes, "out": partials, "column": 8 * K * blocks,
-             "centres": 8 * K, "high_weight": 4 * R, **dict.fromkeys(norms, 4 * K)}
+             "centres": 8 * K, "high_weight": 4 * R, **dict.fromkeys(norms, 4 * K), "rnorm": 4 * K * blocks * d_blocks}
 
     def touches(d, m, j):
         out = [("h", m, rows(m) * D * e), ("w", j, cols(j) * D * e),
                (w_proj, (j, d) if centred else j, cols(j) * (block_do if centred else D) * e),
-               ("out", (m, j, d), rows(m) * (4 * block_do + 8)), ("g", j, 4 * cols(j))]
-        if m == 0 and d == 0:
-            out.append(("rnorm", j, 4 * cols(j)))
+               ("out", (m, j, d), rows(m) * (4 * block_do + 8)), ("g", j, 4 * cols(j)),
+               ("rnorm", (m, j, d), 4 * cols(j))]
         if centred:
             out += [("column", (m, j), 8 * cols(j)), ("centres", j, 8 * cols(j)), ("high_weight", m, 4 * rows(m)),
                     ("g_student", j, 4 * cols(j)), ("rnorm_student", j, 4 * cols(j))]
