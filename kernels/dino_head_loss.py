@@ -1,48 +1,66 @@
 """DINO head prototype layer fused with the dual-centering teacher softmax and the student cross-entropy.
 
-Math (reference.dino_head_loss): h = normalize(features), W = weight-normalised prototypes (K, D),
-logits z = h W^T; teacher probs P = softmax((z_t - alpha c - (1 - alpha) c_h) / tau_t) (no gradient);
-loss = dino_cross_entropy(z_s, P, tau_s); also the centre statistics of teacher_softmax.
+Math (reference.dino_head_loss): h = normalize(features), W = g v / ||v|| the weight-normalised prototypes
+(K, D) (g = 1 when weight_g is None), logits z = h W^T; teacher probs
+P = softmax((z_t - alpha c - (1 - alpha) c_h) / tau_t) (no gradient); loss = dino_cross_entropy(z_s, P, tau_s);
+also the centre statistics of teacher_softmax.
 The (rows, K) logits are never materialised: with A[t] = P[t] W_s (teacher probs projected back
 to D), n[s] = #{t != s} (each teacher row sums to 1), Bs[s] = softmax(z_s / tau_s) W_s and
 c = 1 / (pairs B):
     loss       = c sum_{t != s} ( lse(z_s / tau_s) - A[t] . h_s / tau_s )
     dL / dh_s  = c / tau_s ( n[s] Bs[s] - sum_{t != s} A[t] )                       (R_s, D)
-    dL / dW_s  = c / tau_s ( softmax_s^T (n h_s) - P^T Hbar ),  Hbar[t] = sum_{s != t} h_s   (K, D)
-Gradients then flow through the normalisations of features and weight_v by autograd.
+    G = dL / dW_s = c / tau_s ( softmax_s^T (n h_s) - P^T Hbar ),  Hbar[t] = sum_{s != t} h_s   (K, D)
+Nor is W: the kernels take v (K, D) and g (K,) and apply the norm per prototype, W_k = s_k v_k with
+s_k = g_k r_k, r_k = 1 / ||v_k||, so z = (h v^T) s (a scale per logit column) and p W = (p s) v (a scale per
+probability column before the projection); through W's chain rule
+    dL / dv_k  = s_k ( G_k - (G_k . v_k) r_k^2 v_k ),      dL / dg_k = (G_k . v_k) r_k
+Gradients then flow through the features' normalisation by autograd.
 
 Kernels (logit tiles computed with tl.dot once per pass, never stored; full-width D = 256 fp32
-accumulators next to the logit tile):
+accumulators next to the logit tile; 16-bit h, v and X tiles come by tensor descriptor, TMA copies on
+sm_90 and masked loads below it and in the interpreter, the same code; fp32's FMA dots take pointer loads):
     _softmax_project_kernel  rows x K-split, flash-attention style: running max and sum of exp per row
                              and softmax(z) @ W_proj rescaled as the max grows, in one pass (A and the
-                             teacher's centre statistics; Bs and lse for the student)
-    _grad_weight_kernel      K block: softmax_s^T (n h_s) - P^T Hbar over the student's then the teacher's
-                             rows in one fp32 accumulator, written once as dL / dW_s in W's dtype
-Forward runs project(teacher), project(student); backward grad_weight (dL/dh_s is a (R_s, D)
-combination of the saved A and Bs): 2 passes over K per side, 3 launches.
+                             teacher's centre statistics; Bs and lse for the student). A first loop over
+                             the split writes r = 1 / ||v|| of its prototypes to the program's row of a
+                             scratch (K-vector per program; the student's row 0 is saved as r_s)
+    _grad_weight_kernel      K block: G = softmax_s^T (n h_s) - P^T Hbar over the student's then the teacher's
+                             rows in one fp32 accumulator, then dL / dv_s and dL / dg_s from G and the block's
+                             v_s tile (its epilogue), written once in v's and fp32
+Forward runs project(student) (r_s), project(teacher) (r_t; projects onto W_s with r_s); backward
+grad_weight (dL/dh_s is a (R_s, D) combination of the saved A and Bs): 2 passes over K per side, 3 launches.
 All reductions are per-program partials summed by torch: no atomics, deterministic.
 
-Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h and W):
+Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h and v):
     useful FLOPs (those of the unfused path's GEMMs, what roofline_cost reports):
              forward 2 K D (R_t + R_s), backward 4 K D R_s
-    executed FLOPs (one D block up to D = 256; a wider D is split into D blocks, each recomputing the
-             logit tile): forward 4 K D (R_t + R_s), backward 4 K D (R_s + R_t), all on tensor cores:
-             1.50x the useful FLOPs at the presets' 128 teacher / 640 student rows (the forward computes
-             Bs, which the unfused path's backward GEMM does; the backward recomputes the logits)
+    executed FLOPs (one D block up to D = 256; a wider D is split into D blocks in the project kernels,
+             each recomputing the logit tile): forward 4 K D (R_t + R_s), backward 4 K D (R_s + R_t), all on
+             tensor cores: 1.50x the useful FLOPs at the presets' 128 teacher / 640 student rows (the forward
+             computes Bs, which the unfused path's backward GEMM does; the backward recomputes the logits).
+             The weight norm adds 2 K D per row block of a project launch (sums of squares) and ~5 K D in
+             grad_weight's epilogue on CUDA cores, uncounted like the softmax's exponentials
              (per-kernel counts and roofline times: efficiency() and the compile report)
-    min HBM  forward (R_s + R_t) D e + K D e (+ K D e for a separate teacher W) + 16 K
-             backward adds 2 K D e (read W, write the weight gradient) + 4 R_s D
-    Each pass streams W once per BLOCK_M rows (L2 serves the repeats for R <= a few hundred rows).
+    min HBM  forward (R_s + R_t) D e + K D e (+ K D e for a separate teacher v) + 24 K (centres and centre
+             sums, g read and 1 / ||v|| written) (+ 16 K for a separate teacher's g and norms)
+             backward adds 2 K D e (read v, write dL/dv) + 4 R_s D + 4 K (dL/dg)
+    Each pass streams v once per BLOCK_M rows (L2 serves the repeats for R <= a few hundred rows); the
+    norm loop reads the program's split of v once more, just before its GEMM loop reads it (L2).
+Weight norm traffic saved: torch formed W = g v / ||v|| in fp32 and cast it for both sides, and its autograd
+ran the normalisation's backward on (K, D) fp32 tensors: at the presets' shape (bf16 v, g = None) 806 MB
+forward and 1613 MB backward of torch's own reads and writes (~720 us of HBM time on an H100, six times the
+three launches' ~122 us), counted op by op from the previous code by a dispatch mode; now 0 (fp32 v with
+bf16 features still pays the cast of v to the features' dtype: 201 MB forward, 101 MB backward).
 Why not Liger's chunked design (logits chunk by GEMM, softmax gradient in place, grad_input and
 grad_weight GEMMs per chunk): it executes 1x the FLOPs, but at the presets' shape (bf16, one 640-row
 chunk, its best case) the student logits cross HBM 5 times (GEMM write, read + gradient write in place,
 two GEMM reads: 5 R_s K e = 419 MB), the teacher logits / probabilities 4 times (67 MB), W 3 times and
-the weight gradient once (134 MB): ~620 MB, ~185 us of HBM time on an H100 against ~121 us predicted
+the weight gradient once (134 MB): ~620 MB, ~185 us of HBM time on an H100 against ~122 us predicted
 for these three launches (compute bound at 1.5x), and it materialises the 84 MB of logits this op avoids.
 Memory saved against the unfused path: the (R_s + R_t) x K logits, probabilities, log-probabilities
-and their gradients (at K = 65536, 2 + 10 views x 64 samples = 768 rows: 201 MB per fp32 tensor) are
-never allocated; the extra memory is the fp32 (splits, R, D) partials (~8 MB on an H100) and the saved
-(R_s, D) Bs.
+and their gradients (at K = 65536, 2 + 10 views x 64 samples = 768 rows: 201 MB per fp32 tensor) and the
+normalised W are never allocated; the extra memory is the fp32 (splits, R, D) partials (~8 MB on an H100),
+the (programs, K) fp32 norm scratch (~2.6 MB) and the saved (R_s, D) Bs.
 """
 
 import math
@@ -71,11 +89,11 @@ from ._common import (
 # per config are listed in docs/kernels-loss.md). Each kernel holds the full-width (rows, D) or
 # (prototypes, D) fp32 accumulator next to the logit tile, so it computes each logit tile once
 # (BLOCK_DO = 256 = D: one output D block; a wider D is split into D blocks, a grid axis, at the price
-# of recomputing the logit tile per block). 16-bit operands use 64-row x 32-prototype logit tiles
-# (mma/wgmma sized) with 8 warps: 127-248 registers at D = 256 (DIVISIBLE_BY_16), no spills; 64-prototype
-# tiles spill in the variant other widths run. fp32 operands take exact IEEE dots (FMA, no
-# tensor cores): 16 x 16 tiles with 4 warps and one stage avoid spills there; fp32 is the exact path,
-# bf16 the fast one.
+# of recomputing the logit tile per block; grad_weight always holds the full width, which its weight-norm
+# epilogue needs). 16-bit operands use 64-row x 32-prototype logit tiles (mma/wgmma sized) with 8 warps:
+# 135-246 registers at D = 256 (DIVISIBLE_BY_16), no spills; 64-prototype tiles spill in the variant other
+# widths run. fp32 operands take exact IEEE dots (FMA, no tensor cores): 16 x 16 tiles with 4 warps and one
+# stage avoid spills there; fp32 is the exact path, bf16 the fast one.
 CONFIGS = {
     "16bit": {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_DO": 256, "PROJECT_CTAS_PER_SM": 1, "num_warps": 8,
               "num_stages": 2},
@@ -296,6 +314,9 @@ class LaunchPlan:
         # 16-bit operands come by tensor descriptor (TMA on sm_90); fp32's FMA dots take them from registers,
         # and their descriptor loads spill on sm_90 (1.8-2.8 KB of stack)
         self.tma = not fp32
+        # grad_weight holds (BLOCK_K, D) fp32 next to its tiles: past D = 256 half the prototypes per program keep
+        # the 16-bit config within shared memory at D = 512 (150 / 232 KB on sm_80 / sm_90, no spills)
+        self.grad_weight_block_k = max(16, self.block_k * 256 // max(self.block_d, 256))
         self.norm_chunk = min(NORM_CHUNK, self.block_d)
         # the project kernels run in one wave (their occupancy from the compile report): every extra K split
         # adds an fp32 (R, D) partial, which at 2 waves of the student's 640 rows outweighs W itself
@@ -312,8 +333,9 @@ class LaunchPlan:
         return block_do, triton.cdiv(self.D, block_do)
 
     def meta(self, **extra):
-        return dict(BLOCK_M=self.block_m, BLOCK_K=self.block_k, BLOCK_D=self.block_d, DOT_IEEE=self.dot_ieee,
-                    TMA=self.tma, num_warps=self.config["num_warps"], num_stages=self.config["num_stages"], **extra)
+        return {**dict(BLOCK_M=self.block_m, BLOCK_K=self.block_k, BLOCK_D=self.block_d, DOT_IEEE=self.dot_ieee,
+                       TMA=self.tma, num_warps=self.config["num_warps"], num_stages=self.config["num_stages"]),
+                **extra}
 
     def project_grid(self, R: int) -> tuple[tuple[int, int, int], int, int, int]:
         """(grid (D blocks, row blocks, K splits), BLOCK_DO, K splits, K per split) of the project kernel."""
@@ -327,7 +349,7 @@ class LaunchPlan:
     def grad_weight_grid(self) -> tuple[int]:
         """Grid (K blocks,) of the grad_weight kernel: each program holds its prototypes' full width D (the
         weight norm's G . v needs every column), BLOCK_D = 256 at the DINO bottleneck."""
-        return (triton.cdiv(self.K, self.block_k),)
+        return (triton.cdiv(self.K, self.grad_weight_block_k),)
 
 
 def _softmax_project(launch, h, v_logit, v_proj, g_logit, g_proj, rnorm_proj, center, center_high, high_weight,
@@ -365,7 +387,7 @@ def _grad_weight(launch, hs, vs, gs, rnorm_s, xs, s_max, s_log2_sum, ht, vt, gt,
         _grad_weight_kernel, launch.grad_weight_grid(), hs, vs, descriptor_operand(xs.to(hs.dtype)), s_max,
         s_log2_sum, ht, vt, descriptor_operand(xt.to(ht.dtype)), t_max, t_log2_sum, gs, rnorm_s, gt, rnorm_t, center,
         center_high, grad_loss.float().contiguous(), out, grad_g, hs.shape[0], ht.shape[0], K, D, hs.stride(0),
-        scale_s, scale_t, alpha, coef, **launch.meta(),
+        scale_s, scale_t, alpha, coef, **launch.meta(BLOCK_K=launch.grad_weight_block_k),
     )
     return out, grad_g
 
@@ -537,16 +559,19 @@ def dino_head_loss(student_features, teacher_features, weight_v, center, center_
 
 
 def roofline_cost(S: int, T: int, B: int, K: int, D: int = 256, dtype_bytes: int = 2,
-                  backward: bool = True) -> dict[str, int]:
+                  backward: bool = True, teacher_weight: bool = False) -> dict[str, int]:
     """Useful FLOPs and minimum HBM bytes of forward (+ backward): S student / T teacher views of B
-    samples, K prototypes, D bottleneck width, dtype_bytes per feature/weight element; teacher and
-    student share W. FLOPs are the unfused path's GEMMs (the kernels execute more, see module doc)."""
+    samples, K prototypes, D bottleneck width, dtype_bytes per feature/weight element; the teacher has its
+    own prototypes (v, g) with teacher_weight, else shares the student's. FLOPs are the unfused path's GEMMs
+    (the kernels execute more, see module doc)."""
     rs, rt = S * B, T * B
     flops = 2 * K * D * (rt + rs)
-    nbytes = (rs + rt) * D * dtype_bytes + K * D * dtype_bytes + 16 * K
+    nbytes = (rs + rt) * D * dtype_bytes + K * D * dtype_bytes + 24 * K
+    if teacher_weight:
+        nbytes += K * D * dtype_bytes + 16 * K
     if backward:
         flops += 4 * K * D * rs
-        nbytes += 2 * K * D * dtype_bytes + rs * D * 4
+        nbytes += 2 * K * D * dtype_bytes + rs * D * 4 + 4 * K
     return {"flops": flops, "bytes": nbytes}
 
 
@@ -609,7 +634,7 @@ def _grad_weight_efficiency(plan: LaunchPlan, rs: int, rt: int, e: int, concurre
     """efficiency() of the grad_weight kernel: program (K block) walks the student's rs rows with v_s, then the
     teacher's rt rows with v_t, and writes its full-width (K block, D) of dL/dv_s and its dL/dg_s once (the
     weight norm's epilogue re-reads its v_s tile, from L2, and does ~4 K D fp32 FLOPs, not counted)."""
-    K, D, bm, bk = plan.K, plan.D, plan.block_m, plan.block_k
+    K, D, bm, bk = plan.K, plan.D, plan.block_m, plan.grad_weight_block_k
     grid = plan.grad_weight_grid()
     executed = 2 * (pad(rs, bm) + pad(rt, bm)) * pad(K, bk) * 2 * plan.block_d
     sizes = {"hs": rs * D * e, "ht": rt * D * e, "xs": rs * D * e, "xt": rt * D * e, "ws": K * D * e,
