@@ -536,7 +536,9 @@ def dino_head_loss(student_features, teacher_features, weight_v, center, center_
     high_weight (T*B,) in teacher_features.reshape(T*B, D) row order.
     Returns (loss, logit_sum (K,), high_logit_sum (K,)); loss is differentiable in student_features,
     weight_v and weight_g; the teacher side is treated as constant. fp32 and fp16/bf16 inputs (dots in
-    the input dtype with fp32 accumulation; fp32 uses exact IEEE dots). The `terrafm::dino_head_loss`
+    the input dtype with fp32 accumulation; fp32 uses exact IEEE dots). The kernels apply the weight norm
+    to v cast to the features' dtype (a no-op for the presets' bf16 parameters); in fp16 the probabilities
+    scaled by g / ||v|| must stay below 65504 (||v|| above 1.5e-5 at g = 1). The `terrafm::dino_head_loss`
     custom op: torch.compile(fullgraph=True) takes it without a graph break.
     """
     _validate(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
