@@ -91,7 +91,7 @@ from ._common import (
 # (BLOCK_DO = 256 = D: one output D block; a wider D is split into D blocks, a grid axis, at the price
 # of recomputing the logit tile per block; grad_weight always holds the full width, which its weight-norm
 # epilogue needs). 16-bit operands use 64-row x 32-prototype logit tiles (mma/wgmma sized) with 8 warps:
-# 135-246 registers at D = 256 (DIVISIBLE_BY_16), no spills; 64-prototype tiles spill in the variant other
+# 136-192 registers at D = 256 (DIVISIBLE_BY_16), no spills; 64-prototype tiles spill in the variant other
 # widths run. fp32 operands take exact IEEE dots (FMA, no tensor cores): 16 x 16 tiles with 4 warps and one
 # stage avoid spills there; fp32 is the exact path, bf16 the fast one.
 CONFIGS = {
@@ -200,12 +200,10 @@ def _softmax_project_kernel(
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    h = _tile(h_op, m0, 0, R, D, D_STRIDE, BLOCK_M, BLOCK_D, TMA)  # stays on chip for the whole loop
     for k0 in range(k_start, k_end, BLOCK_K):  # K_PER_SPLIT is whole tiles: none straddles a split
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < k_end
-        # h is re-read from L2 each chunk: holding it across the loop costs the registers that
-        # the (BLOCK_M, D) accumulator needs
-        h = _tile(h_op, m0, 0, R, D, D_STRIDE, BLOCK_M, BLOCK_D, TMA)
         v = _tile(v_op, k0, 0, K, D, D_STRIDE, BLOCK_K, BLOCK_D, TMA)
         s = tl.load(g_logit_ptr + cols, mask=col_mask, other=0.0) * tl.load(rnorm_ptr + cols, mask=col_mask,
                                                                             other=0.0)
