@@ -371,7 +371,8 @@ def _softmax_project(launch, h, v_logit, v_proj, g_logit, g_proj, rnorm_proj, ce
     weight = torch.exp2((m - row_max) * scale)  # each split's share, relative to the row's max
     total = (row_sum * weight).sum(dim=0)
     projected = (out * weight.unsqueeze(-1)).sum(dim=0) / total.unsqueeze(-1)
-    return row_max, torch.log2(total), projected, rnorm[0], column.sum(dim=0) if centred else None
+    # row 0's norms are saved for the backward: a copy of K floats, so the scratch is freed now
+    return row_max, torch.log2(total), projected, rnorm[0].clone(), column.sum(dim=0) if centred else None
 
 
 def _grad_weight(launch, hs, vs, gs, rnorm_s, xs, s_max, s_log2_sum, ht, vt, gt, rnorm_t, xt, t_max, t_log2_sum,
