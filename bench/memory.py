@@ -25,19 +25,28 @@ H100_SMS = 132
 
 
 def fused_footprint_bytes(S: int, T: int, B: int, K: int, D: int, dtype_bytes: int, sms: int = H100_SMS) -> int:
-    """Bytes dino_head_loss allocates at its peak (backward), beyond its inputs, on a GPU with `sms` SMs.
+    """Bytes dino_head_loss allocates at its peak, beyond its inputs (v already in the features' dtype, as the
+    presets' bf16 parameters are), on a GPU with `sms` SMs, from the kernel's own LaunchPlan.
 
-    Normalised copies of h_s, h_t and W (e bytes each), the per-split fp32 projection partials
-    (splits, R, D), the two fp32 (K, D) terms of dL/dW plus their difference and its cast to the input dtype.
+    Kept through the call: the normalised h_s, h_t (e bytes each), the gains g (K fp32 per side) and what
+    backward needs (A, Bs fp32; 1 / ||v|| per side). The forward's peak adds one project launch's fp32
+    partials (splits, R, D + 2), centre-sum partials and (programs, K) norm scratch; the backward's adds the
+    cast (R, D) operands, dL/dh_s in fp32, dL/dv (K, D) in v's dtype and dL/dg. The normalised weight is
+    never formed.
     """
-    fp32 = dtype_bytes == 4
-    block_m, block_k = (16, 16) if fp32 else (64, 64)
-    rs, rt = S * B, T * B
-    splits = max(num_splits(K, -(-r // block_m), block_k, 2 * sms)[0] for r in (rs, rt))
-    copies = (rs + rt) * D * dtype_bytes + K * D * dtype_bytes
-    partials = splits * max(rs, rt) * (D + 1) * 4
-    weight_grad = 3 * K * D * 4 + K * D * dtype_bytes
-    return copies + max(partials, weight_grad) + rs * D * 4
+    from terrafm_kernels.dino_head_loss import LaunchPlan
+
+    e, rs, rt = dtype_bytes, S * B, T * B
+    plan = LaunchPlan(K, D, e == 4, False, sms)
+    kept = (rs + rt) * D * e + 8 * K + (rt + rs) * D * 4 + 8 * K
+
+    def project(R: int, centred: bool) -> int:
+        grid, _, splits, _ = plan.project_grid(R)
+        return splits * R * (D + 2) * 4 + grid[0] * grid[1] * K * 4 + (grid[1] * 2 * K * 4 if centred else 0)
+
+    forward = max(project(rs, False), project(rt, True))
+    backward = (rs + rt) * D * e + rs * D * 4 + K * D * e + 4 * K
+    return kept + max(forward, backward)
 
 
 def run(device: str, quick: bool, log) -> list[dict]:

@@ -161,3 +161,32 @@ def hbm_bytes(grid: tuple[int, ...], touches, tensor_bytes: dict[str, int], conc
 def pad(n: int, block: int) -> int:
     """n rounded up to whole tiles: what a masked tile loop executes."""
     return _cdiv(n, block) * block
+
+
+# Tensor descriptors (TMA on sm_90; triton lowers the same loads to masked loads below sm_90 and in the
+# interpreter), for kernels that read 2-D operands through tl.make_tensor_descriptor.
+def descriptor_operand(t: torch.Tensor) -> torch.Tensor:
+    """t (rows, cols) as a tensor descriptor takes it: a 16-byte aligned base and row stride. That is t
+    itself when its rows are a multiple of 16 bytes (D = 256); otherwise a copy with its rows padded to
+    16 bytes (the descriptor's shape stops at cols, so the padding is never read)."""
+    step = 16 // t.element_size()
+    if t.is_contiguous() and t.data_ptr() % 16 == 0 and t.shape[1] % step == 0:
+        return t
+    padded = t.new_zeros(t.shape[0], pad(t.shape[1], step))
+    padded[:, :t.shape[1]] = t
+    return padded
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors a kernel builds on sm_90 (triton asks for 128 bytes a program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def launch_with_descriptors(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) with triton's scratch allocator set, which tl.make_tensor_descriptor needs
+    on sm_90. Triton keeps it in a ContextVar that a new thread (autograd's backward thread) does not inherit,
+    so it is set at each launch."""
+    import triton
+
+    triton.set_allocator(_descriptor_scratch)
+    kernel[grid](*args, **kwargs)

@@ -1,48 +1,66 @@
 """DINO head prototype layer fused with the dual-centering teacher softmax and the student cross-entropy.
 
-Math (reference.dino_head_loss): h = normalize(features), W = weight-normalised prototypes (K, D),
-logits z = h W^T; teacher probs P = softmax((z_t - alpha c - (1 - alpha) c_h) / tau_t) (no gradient);
-loss = dino_cross_entropy(z_s, P, tau_s); also the centre statistics of teacher_softmax.
+Math (reference.dino_head_loss): h = normalize(features), W = g v / ||v|| the weight-normalised prototypes
+(K, D) (g = 1 when weight_g is None), logits z = h W^T; teacher probs
+P = softmax((z_t - alpha c - (1 - alpha) c_h) / tau_t) (no gradient); loss = dino_cross_entropy(z_s, P, tau_s);
+also the centre statistics of teacher_softmax.
 The (rows, K) logits are never materialised: with A[t] = P[t] W_s (teacher probs projected back
 to D), n[s] = #{t != s} (each teacher row sums to 1), Bs[s] = softmax(z_s / tau_s) W_s and
 c = 1 / (pairs B):
     loss       = c sum_{t != s} ( lse(z_s / tau_s) - A[t] . h_s / tau_s )
     dL / dh_s  = c / tau_s ( n[s] Bs[s] - sum_{t != s} A[t] )                       (R_s, D)
-    dL / dW_s  = c / tau_s ( softmax_s^T (n h_s) - P^T Hbar ),  Hbar[t] = sum_{s != t} h_s   (K, D)
-Gradients then flow through the normalisations of features and weight_v by autograd.
+    G = dL / dW_s = c / tau_s ( softmax_s^T (n h_s) - P^T Hbar ),  Hbar[t] = sum_{s != t} h_s   (K, D)
+Nor is W: the kernels take v (K, D) and g (K,) and apply the norm per prototype, W_k = s_k v_k with
+s_k = g_k r_k, r_k = 1 / ||v_k||, so z = (h v^T) s (a scale per logit column) and p W = (p s) v (a scale per
+probability column before the projection); through W's chain rule
+    dL / dv_k  = s_k ( G_k - (G_k . v_k) r_k^2 v_k ),      dL / dg_k = (G_k . v_k) r_k
+Gradients then flow through the features' normalisation by autograd.
 
 Kernels (logit tiles computed with tl.dot once per pass, never stored; full-width D = 256 fp32
-accumulators next to the logit tile):
+accumulators next to the logit tile; 16-bit h, v and X tiles come by tensor descriptor, TMA copies on
+sm_90 and masked loads below it and in the interpreter, the same code; fp32's FMA dots take pointer loads):
     _softmax_project_kernel  rows x K-split, flash-attention style: running max and sum of exp per row
                              and softmax(z) @ W_proj rescaled as the max grows, in one pass (A and the
-                             teacher's centre statistics; Bs and lse for the student)
-    _grad_weight_kernel      K block: softmax_s^T (n h_s) - P^T Hbar over the student's then the teacher's
-                             rows in one fp32 accumulator, written once as dL / dW_s in W's dtype
-Forward runs project(teacher), project(student); backward grad_weight (dL/dh_s is a (R_s, D)
-combination of the saved A and Bs): 2 passes over K per side, 3 launches.
+                             teacher's centre statistics; Bs and lse for the student). A first loop over
+                             the split writes r = 1 / ||v|| of its prototypes to the program's row of a
+                             scratch (K-vector per program; the student's row 0 is saved as r_s)
+    _grad_weight_kernel      K block: G = softmax_s^T (n h_s) - P^T Hbar over the student's then the teacher's
+                             rows in one fp32 accumulator, then dL / dv_s and dL / dg_s from G and the block's
+                             v_s tile (its epilogue), written once in v's and fp32
+Forward runs project(student) (r_s), project(teacher) (r_t; projects onto W_s with r_s); backward
+grad_weight (dL/dh_s is a (R_s, D) combination of the saved A and Bs): 2 passes over K per side, 3 launches.
 All reductions are per-program partials summed by torch: no atomics, deterministic.
 
-Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h and W):
+Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h and v):
     useful FLOPs (those of the unfused path's GEMMs, what roofline_cost reports):
              forward 2 K D (R_t + R_s), backward 4 K D R_s
-    executed FLOPs (one D block up to D = 256; a wider D is split into D blocks, each recomputing the
-             logit tile): forward 4 K D (R_t + R_s), backward 4 K D (R_s + R_t), all on tensor cores:
-             1.50x the useful FLOPs at the presets' 128 teacher / 640 student rows (the forward computes
-             Bs, which the unfused path's backward GEMM does; the backward recomputes the logits)
+    executed FLOPs (one D block up to D = 256; a wider D is split into D blocks in the project kernels,
+             each recomputing the logit tile): forward 4 K D (R_t + R_s), backward 4 K D (R_s + R_t), all on
+             tensor cores: 1.50x the useful FLOPs at the presets' 128 teacher / 640 student rows (the forward
+             computes Bs, which the unfused path's backward GEMM does; the backward recomputes the logits).
+             The weight norm adds 2 K D per row block of a project launch (sums of squares) and ~5 K D in
+             grad_weight's epilogue on CUDA cores, uncounted like the softmax's exponentials
              (per-kernel counts and roofline times: efficiency() and the compile report)
-    min HBM  forward (R_s + R_t) D e + K D e (+ K D e for a separate teacher W) + 16 K
-             backward adds 2 K D e (read W, write the weight gradient) + 4 R_s D
-    Each pass streams W once per BLOCK_M rows (L2 serves the repeats for R <= a few hundred rows).
+    min HBM  forward (R_s + R_t) D e + K D e (+ K D e for a separate teacher v) + 24 K (centres and centre
+             sums, g read and 1 / ||v|| written) (+ 16 K for a separate teacher's g and norms)
+             backward adds 2 K D e (read v, write dL/dv) + 4 R_s D + 4 K (dL/dg)
+    Each pass streams v once per BLOCK_M rows (L2 serves the repeats for R <= a few hundred rows); the
+    norm loop reads the program's split of v once more, just before its GEMM loop reads it (L2).
+Weight norm traffic saved: torch formed W = g v / ||v|| in fp32 and cast it for both sides, and its autograd
+ran the normalisation's backward on (K, D) fp32 tensors: at the presets' shape (bf16 v, g = None) 806 MB
+forward and 1613 MB backward of torch's own reads and writes (~720 us of HBM time on an H100, six times the
+three launches' ~122 us), counted op by op from the previous code by a dispatch mode; now 0 (fp32 v with
+bf16 features still pays the cast of v to the features' dtype: 201 MB forward, 101 MB backward).
 Why not Liger's chunked design (logits chunk by GEMM, softmax gradient in place, grad_input and
 grad_weight GEMMs per chunk): it executes 1x the FLOPs, but at the presets' shape (bf16, one 640-row
 chunk, its best case) the student logits cross HBM 5 times (GEMM write, read + gradient write in place,
 two GEMM reads: 5 R_s K e = 419 MB), the teacher logits / probabilities 4 times (67 MB), W 3 times and
-the weight gradient once (134 MB): ~620 MB, ~185 us of HBM time on an H100 against ~121 us predicted
+the weight gradient once (134 MB): ~620 MB, ~185 us of HBM time on an H100 against ~122 us predicted
 for these three launches (compute bound at 1.5x), and it materialises the 84 MB of logits this op avoids.
 Memory saved against the unfused path: the (R_s + R_t) x K logits, probabilities, log-probabilities
-and their gradients (at K = 65536, 2 + 10 views x 64 samples = 768 rows: 201 MB per fp32 tensor) are
-never allocated; the extra memory is the fp32 (splits, R, D) partials (~8 MB on an H100) and the saved
-(R_s, D) Bs.
+and their gradients (at K = 65536, 2 + 10 views x 64 samples = 768 rows: 201 MB per fp32 tensor) and the
+normalised W are never allocated; the extra memory is the fp32 (splits, R, D) partials (~8 MB on an H100),
+the (programs, K) fp32 norm scratch (~2.6 MB) and the saved (R_s, D) Bs.
 """
 
 import math
@@ -59,8 +77,10 @@ from ._common import (
     check_head_loss_shapes,
     check_positive,
     check_tensor,
+    descriptor_operand,
     hbm_bytes,
     interpreted,
+    launch_with_descriptors,
     pad,
     sm_count,
 )
@@ -69,11 +89,11 @@ from ._common import (
 # per config are listed in docs/kernels-loss.md). Each kernel holds the full-width (rows, D) or
 # (prototypes, D) fp32 accumulator next to the logit tile, so it computes each logit tile once
 # (BLOCK_DO = 256 = D: one output D block; a wider D is split into D blocks, a grid axis, at the price
-# of recomputing the logit tile per block). 16-bit operands use 64-row x 32-prototype logit tiles
-# (mma/wgmma sized) with 8 warps: 127-248 registers at D = 256 (DIVISIBLE_BY_16), no spills; 64-prototype
-# tiles spill in the variant other widths run. fp32 operands take exact IEEE dots (FMA, no
-# tensor cores): 16 x 16 tiles with 4 warps and one stage avoid spills there; fp32 is the exact path,
-# bf16 the fast one.
+# of recomputing the logit tile per block; grad_weight always holds the full width, which its weight-norm
+# epilogue needs). 16-bit operands use 64-row x 32-prototype logit tiles (mma/wgmma sized) with 8 warps:
+# 136-192 registers at D = 256 (DIVISIBLE_BY_16), no spills; 64-prototype tiles spill in the variant other
+# widths run. fp32 operands take exact IEEE dots (FMA, no tensor cores): 16 x 16 tiles with 4 warps and one
+# stage avoid spills there; fp32 is the exact path, bf16 the fast one.
 CONFIGS = {
     "16bit": {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_DO": 256, "PROJECT_CTAS_PER_SM": 1, "num_warps": 8,
               "num_stages": 2},
@@ -81,18 +101,56 @@ CONFIGS = {
              "num_stages": 1},
 }
 INTERPRETER_BLOCK = 16
+NORM_CHUNK = 32  # columns per slice of the weight norm's sum of squares (32 x 32 values for 256 threads)
 
 
 @triton.jit
-def _logit_tile(h, w_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE: tl.constexpr):
-    """Raw logits z = h @ W[cols]^T (BLOCK_M, BLOCK_K) fp32."""
-    w = tl.load(w_ptr + cols[:, None] * D + dims[None, :],
-                mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+def _dot(a, b, DOT_IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation: exact IEEE FMA for fp32 operands, tensor cores for 16-bit ones."""
     if DOT_IEEE:
-        z = tl.dot(h, tl.trans(w), input_precision="ieee")
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _operand(ptr, rows, cols, stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TMA: tl.constexpr):
+    """A (rows, cols) operand, rows `stride` elements apart, read in (BLOCK_R, BLOCK_C) tiles: a tensor descriptor
+    when TMA (TMA copies on sm_90, masked loads below it and in the interpreter), else its pointer."""
+    if TMA:
+        op = tl.make_tensor_descriptor(ptr, shape=[rows, cols], strides=[stride, 1], block_shape=[BLOCK_R, BLOCK_C])
     else:
-        z = tl.dot(h, tl.trans(w))
-    return z
+        op = ptr
+    return op
+
+
+@triton.jit
+def _tile(op, r0, c0, rows, cols, stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TMA: tl.constexpr):
+    """The (BLOCK_R, BLOCK_C) tile at (r0, c0) of an _operand, zero outside its (rows, cols)."""
+    if TMA:
+        tile = op.load([r0, c0])
+    else:
+        r = r0 + tl.arange(0, BLOCK_R)
+        c = c0 + tl.arange(0, BLOCK_C)
+        tile = tl.load(op + r[:, None] * stride + c[None, :], mask=(r < rows)[:, None] & (c < cols)[None, :],
+                       other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_inverse_norms(out_ptr, v_ptr, k_start, k_end, D, D_STRIDE, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                         NORM_CHUNK: tl.constexpr):
+    """out[k] = 1 / ||v_k|| (fp32) for the prototypes k_start <= k < k_end of v (K, D), rows D_STRIDE apart,
+    read in (BLOCK_K, NORM_CHUNK) slices: few registers, as this loop runs apart from the GEMM loop."""
+    for k0 in range(k_start, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_end
+        sumsq = tl.zeros([BLOCK_K], tl.float32)
+        for c in tl.static_range(0, BLOCK_D, NORM_CHUNK):
+            dims = c + tl.arange(0, NORM_CHUNK)
+            x = tl.load(v_ptr + cols[:, None] * D_STRIDE + dims[None, :],
+                        mask=col_mask[:, None] & (dims < D)[None, :], other=0.0).to(tl.float32)
+            sumsq += tl.sum(x * x, axis=1)
+        tl.store(out_ptr + cols, 1.0 / tl.sqrt_rn(tl.where(col_mask, sumsq, 1.0)), mask=col_mask)
 
 
 @triton.jit
@@ -105,38 +163,51 @@ def _blended_center(center_ptr, center_high_ptr, cols, col_mask, alpha):
 
 @triton.jit
 def _softmax_project_kernel(
-    h_ptr, w_logit_ptr, w_proj_ptr, center_ptr, center_high_ptr, high_weight_ptr, stats_ptr, out_ptr, column_ptr,
-    R, K, D, K_PER_SPLIT, scale, alpha,
+    h_ptr, v_logit_ptr, v_proj_ptr, g_logit_ptr, g_proj_ptr, rnorm_proj_ptr, rnorm_ptr, center_ptr,
+    center_high_ptr, high_weight_ptr, stats_ptr, out_ptr, column_ptr,
+    R, K, D, D_STRIDE, K_PER_SPLIT, scale, alpha,
     CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, DOT_IEEE: tl.constexpr,
+    BLOCK_DO: tl.constexpr, DOT_IEEE: tl.constexpr, TMA: tl.constexpr, NORM_CHUNK: tl.constexpr,
 ):
     """Per (output D block, row block, K split), in one pass as flash attention does: the running max m of
     z, the sum l of exp2((z - m) scale) and acc = sum of exp2((z - m) scale) W_proj[:, dblock], both
     rescaled whenever m grows -> stats (2, splits, R), out (splits, R, D) (torch combines the splits);
-    with CENTER also the column sums of raw and high_weight-weighted logits -> column (blocks, 2, K)."""
+    with CENTER also the column sums of raw and high_weight-weighted logits -> column (blocks, 2, K).
+
+    Weight norm folded in: W = s v with s_k = g_k / ||v_k||, so z = (h v^T) s and p W_proj = (p s_proj) v_proj.
+    A first loop writes 1 / ||v_k|| of the split's logit prototypes to this program's row of rnorm (D blocks x
+    row blocks, K); the GEMM loop reads them back. s_proj is s for the student (v_proj = v_logit), g_proj rnorm_proj
+    (the student's norms) for the teacher (CENTER). h, v_logit, v_proj: rows D_STRIDE apart."""
     pid_d = tl.program_id(0)  # fastest: the D blocks sharing a W split run in one wave (W read once)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
     row_mask = rows < R
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < D
-    out_dims = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d0 = pid_d * BLOCK_DO
+    out_dims = d0 + tl.arange(0, BLOCK_DO)
     out_mask = out_dims < D
+    k_start = split * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    rnorm_ptr += (pid_m * tl.num_programs(0) + pid_d).to(tl.int64) * K
+    _store_inverse_norms(rnorm_ptr, v_logit_ptr, k_start, k_end, D, D_STRIDE, BLOCK_K, BLOCK_D, NORM_CHUNK)
+    tl.debug_barrier()  # the GEMM loop's threads read what other threads of this program wrote
+    h_op = _operand(h_ptr, R, D, D_STRIDE, BLOCK_M, BLOCK_D, TMA)
+    v_op = _operand(v_logit_ptr, K, D, D_STRIDE, BLOCK_K, BLOCK_D, TMA)
+    vp_op = _operand(v_proj_ptr, K, D, D_STRIDE, BLOCK_K, BLOCK_DO, TMA)
     if CENTER:
         high_weight = tl.load(high_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
-    k_end = tl.minimum(split * K_PER_SPLIT + K_PER_SPLIT, K)
-    for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
+    h = _tile(h_op, m0, 0, R, D, D_STRIDE, BLOCK_M, BLOCK_D, TMA)  # stays on chip for the whole loop
+    for k0 in range(k_start, k_end, BLOCK_K):  # K_PER_SPLIT is whole tiles: none straddles a split
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < k_end
-        # h is re-read from L1/L2 each chunk: holding it across the loop costs the registers that
-        # the (BLOCK_M, D) accumulator needs
-        h = tl.load(h_ptr + rows[:, None] * D + dims[None, :],
-                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-        z = _logit_tile(h, w_logit_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE)
+        v = _tile(v_op, k0, 0, K, D, D_STRIDE, BLOCK_K, BLOCK_D, TMA)
+        s = tl.load(g_logit_ptr + cols, mask=col_mask, other=0.0) * tl.load(rnorm_ptr + cols, mask=col_mask,
+                                                                            other=0.0)
+        z = _dot(h, tl.trans(v), DOT_IEEE) * s[None, :]
         if CENTER:
             if pid_d == 0:
                 # masked rows have h = 0, so their raw logits are 0 and add nothing to the column sums
@@ -144,18 +215,18 @@ def _softmax_project_kernel(
                 tl.store(column + cols, tl.sum(z, axis=0), mask=col_mask)
                 tl.store(column + K + cols, tl.sum(z * high_weight[:, None], axis=0), mask=col_mask)
             z = z - _blended_center(center_ptr, center_high_ptr, cols, col_mask, alpha)[None, :]
+            s_proj = tl.load(g_proj_ptr + cols, mask=col_mask, other=0.0) * tl.load(rnorm_proj_ptr + cols,
+                                                                                     mask=col_mask, other=0.0)
+        else:
+            s_proj = s
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         rescale = tl.exp2((m - m_new) * scale)
         p = tl.exp2((z - m_new[:, None]) * scale)
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
         m = m_new
-        w = tl.load(w_proj_ptr + cols[:, None] * D + out_dims[None, :],
-                    mask=col_mask[:, None] & out_mask[None, :], other=0.0)
-        if DOT_IEEE:
-            acc = acc * rescale[:, None] + tl.dot(p.to(w.dtype), w, input_precision="ieee")
-        else:
-            acc = acc * rescale[:, None] + tl.dot(p.to(w.dtype), w)
+        vp = _tile(vp_op, k0, d0, K, D, D_STRIDE, BLOCK_K, BLOCK_DO, TMA)
+        acc = acc * rescale[:, None] + _dot((p * s_proj[None, :]).to(vp.dtype), vp, DOT_IEEE)
     split_rows = split.to(tl.int64) * R + rows
     tl.store(out_ptr + split_rows[:, None] * D + out_dims[None, :], acc,
              mask=row_mask[:, None] & out_mask[None, :])
@@ -166,56 +237,63 @@ def _softmax_project_kernel(
 
 
 @triton.jit
-def _add_t_project(acc, h_ptr, w_ptr, x_ptr, center_ptr, center_high_ptr, row_max_ptr, log2_sum_ptr, R, D,
-                   cols, col_mask, dims, dim_mask, out_dims, out_mask, scale, alpha,
-                   CENTER: tl.constexpr, BLOCK_M: tl.constexpr, DOT_IEEE: tl.constexpr):
-    """acc + softmax(z)[:, cols]^T @ X[:, out_dims] over all R rows (z = h W[cols]^T, centred if CENTER)."""
+def _add_t_project(acc, h_op, v_op, x_op, s, center_ptr, center_high_ptr, row_max_ptr, log2_sum_ptr, R, K, D,
+                   D_STRIDE, k0, cols, col_mask, scale, alpha, CENTER: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_IEEE: tl.constexpr, TMA: tl.constexpr):
+    """acc + softmax(z)[:, cols]^T @ X over all R rows (z = (h v[cols]^T) s, centred if CENTER)."""
     for r0 in range(0, R, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_mask = rows < R
-        h = tl.load(h_ptr + rows[:, None] * D + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :],
-                    other=0.0)
-        z = _logit_tile(h, w_ptr, cols, col_mask, dims, dim_mask, D, DOT_IEEE)
+        h = _tile(h_op, r0, 0, R, D, D_STRIDE, BLOCK_M, BLOCK_D, TMA)
+        v = _tile(v_op, k0, 0, K, D, D_STRIDE, BLOCK_K, BLOCK_D, TMA)
+        z = _dot(h, tl.trans(v), DOT_IEEE) * s[None, :]
         if CENTER:
             z = z - _blended_center(center_ptr, center_high_ptr, cols, col_mask, alpha)[None, :]
         row_max = tl.load(row_max_ptr + rows, mask=row_mask, other=0.0)
         log2_sum = tl.load(log2_sum_ptr + rows, mask=row_mask, other=0.0)
         p = tl.exp2((z - row_max[:, None]) * scale - log2_sum[:, None])
         p = tl.where(col_mask[None, :] & row_mask[:, None], p, 0.0)
-        x = tl.load(x_ptr + rows[:, None] * D + out_dims[None, :], mask=row_mask[:, None] & out_mask[None, :],
-                    other=0.0)
-        if DOT_IEEE:
-            acc += tl.dot(tl.trans(p.to(x.dtype)), x, input_precision="ieee")
-        else:
-            acc += tl.dot(tl.trans(p.to(x.dtype)), x)
+        x = _tile(x_op, r0, 0, R, D, D_STRIDE, BLOCK_M, BLOCK_D, TMA)
+        acc += _dot(tl.trans(p.to(x.dtype)), x, DOT_IEEE)
     return acc
 
 
 @triton.jit
 def _grad_weight_kernel(
-    hs_ptr, ws_ptr, xs_ptr, s_max_ptr, s_log2_sum_ptr, ht_ptr, wt_ptr, xt_ptr, t_max_ptr, t_log2_sum_ptr,
-    center_ptr, center_high_ptr, grad_loss_ptr, out_ptr, R_s, R_t, K, D, scale_s, scale_t, alpha, coef,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    DOT_IEEE: tl.constexpr,
+    hs_ptr, vs_ptr, xs_ptr, s_max_ptr, s_log2_sum_ptr, ht_ptr, vt_ptr, xt_ptr, t_max_ptr, t_log2_sum_ptr,
+    gs_ptr, rnorm_s_ptr, gt_ptr, rnorm_t_ptr, center_ptr, center_high_ptr, grad_loss_ptr, out_ptr, grad_g_ptr,
+    R_s, R_t, K, D, D_STRIDE, scale_s, scale_t, alpha, coef,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_IEEE: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Per (K block, output D block): dL/dW_s[cols, dblock] = grad_loss coef (softmax_s^T X_s + P^T X_t),
-    both terms in one fp32 accumulator, stored once in W's dtype (X_s = n h_s, X_t = -Hbar)."""
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    """Per K block: G = dL/dW_s[cols] = grad_loss coef (softmax_s^T X_s + P^T X_t) over the full width D, both
+    terms in one fp32 accumulator (X_s = n h_s, X_t = -Hbar), then through the weight norm W = s v,
+    s = g r, r = 1 / ||v||:  dL/dv = s (G - (G . v) r^2 v) -> out in v's dtype,  dL/dg = (G . v) r -> grad_g.
+    The (rows, D) operands have rows D_STRIDE apart."""
+    k0 = tl.program_id(0) * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
     col_mask = cols < K
     dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < D
-    out_dims = tl.program_id(0) * BLOCK_DO + tl.arange(0, BLOCK_DO)  # fastest: W block read once
-    out_mask = out_dims < D
-    acc = tl.zeros([BLOCK_K, BLOCK_DO], tl.float32)
-    acc = _add_t_project(acc, hs_ptr, ws_ptr, xs_ptr, center_ptr, center_high_ptr, s_max_ptr, s_log2_sum_ptr, R_s,
-                         D, cols, col_mask, dims, dim_mask, out_dims, out_mask, scale_s, alpha, False, BLOCK_M,
-                         DOT_IEEE)
-    acc = _add_t_project(acc, ht_ptr, wt_ptr, xt_ptr, center_ptr, center_high_ptr, t_max_ptr, t_log2_sum_ptr, R_t,
-                         D, cols, col_mask, dims, dim_mask, out_dims, out_mask, scale_t, alpha, True, BLOCK_M,
-                         DOT_IEEE)
-    coef = coef * tl.load(grad_loss_ptr).to(tl.float32)  # read on device: no host sync
-    tl.store(out_ptr + cols[:, None] * D + out_dims[None, :], (acc * coef).to(out_ptr.dtype.element_ty),
-             mask=col_mask[:, None] & out_mask[None, :])
+    vs_op = _operand(vs_ptr, K, D, D_STRIDE, BLOCK_K, BLOCK_D, TMA)
+    r_s = tl.load(rnorm_s_ptr + cols, mask=col_mask, other=0.0)
+    s_s = tl.load(gs_ptr + cols, mask=col_mask, other=0.0) * r_s
+    s_t = tl.load(gt_ptr + cols, mask=col_mask, other=0.0) * tl.load(rnorm_t_ptr + cols, mask=col_mask, other=0.0)
+    acc = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    acc = _add_t_project(acc, _operand(hs_ptr, R_s, D, D_STRIDE, BLOCK_M, BLOCK_D, TMA), vs_op,
+                         _operand(xs_ptr, R_s, D, D_STRIDE, BLOCK_M, BLOCK_D, TMA), s_s, center_ptr, center_high_ptr,
+                         s_max_ptr, s_log2_sum_ptr, R_s, K, D, D_STRIDE, k0, cols, col_mask, scale_s, alpha, False,
+                         BLOCK_M, BLOCK_K, BLOCK_D, DOT_IEEE, TMA)
+    acc = _add_t_project(acc, _operand(ht_ptr, R_t, D, D_STRIDE, BLOCK_M, BLOCK_D, TMA),
+                         _operand(vt_ptr, K, D, D_STRIDE, BLOCK_K, BLOCK_D, TMA),
+                         _operand(xt_ptr, R_t, D, D_STRIDE, BLOCK_M, BLOCK_D, TMA), s_t, center_ptr, center_high_ptr,
+                         t_max_ptr, t_log2_sum_ptr, R_t, K, D, D_STRIDE, k0, cols, col_mask, scale_t, alpha, True,
+                         BLOCK_M, BLOCK_K, BLOCK_D, DOT_IEEE, TMA)
+    acc = acc * (coef * tl.load(grad_loss_ptr).to(tl.float32))  # read on device: no host sync
+    v = _tile(vs_op, k0, 0, K, D, D_STRIDE, BLOCK_K, BLOCK_D, TMA).to(tl.float32)
+    g_dot_v = tl.sum(acc * v, axis=1)
+    grad_v = s_s[:, None] * (acc - (g_dot_v * r_s * r_s)[:, None] * v)
+    tl.store(out_ptr + cols[:, None] * D + dims[None, :], grad_v.to(out_ptr.dtype.element_ty),
+             mask=col_mask[:, None] & (dims < D)[None, :])
+    tl.store(grad_g_ptr + cols, g_dot_v * r_s, mask=col_mask)
 
 
 class LaunchPlan:
@@ -231,6 +309,13 @@ class LaunchPlan:
         self.block_m, self.block_k = config["BLOCK_M"], config["BLOCK_K"]
         self.block_d = max(16, triton.next_power_of_2(D))
         self.dot_ieee = fp32
+        # 16-bit operands come by tensor descriptor (TMA on sm_90); fp32's FMA dots take them from registers,
+        # and their descriptor loads spill on sm_90 (1.8-2.8 KB of stack)
+        self.tma = not fp32
+        # grad_weight holds (BLOCK_K, D) fp32 next to its tiles: past D = 256 half the prototypes per program keep
+        # the 16-bit config within shared memory at D = 512 (150 / 232 KB on sm_80 / sm_90, no spills)
+        self.grad_weight_block_k = max(16, self.block_k * 256 // max(self.block_d, 256))
+        self.norm_chunk = min(NORM_CHUNK, self.block_d)
         # the project kernels run in one wave (their occupancy from the compile report): every extra K split
         # adds an fp32 (R, D) partial, which at 2 waves of the student's 640 rows outweighs W itself
         self.project_target = config["PROJECT_CTAS_PER_SM"] * sms
@@ -246,8 +331,9 @@ class LaunchPlan:
         return block_do, triton.cdiv(self.D, block_do)
 
     def meta(self, **extra):
-        return dict(BLOCK_M=self.block_m, BLOCK_K=self.block_k, BLOCK_D=self.block_d, DOT_IEEE=self.dot_ieee,
-                    num_warps=self.config["num_warps"], num_stages=self.config["num_stages"], **extra)
+        return {**dict(BLOCK_M=self.block_m, BLOCK_K=self.block_k, BLOCK_D=self.block_d, DOT_IEEE=self.dot_ieee,
+                       TMA=self.tma, num_warps=self.config["num_warps"], num_stages=self.config["num_stages"]),
+                **extra}
 
     def project_grid(self, R: int) -> tuple[tuple[int, int, int], int, int, int]:
         """(grid (D blocks, row blocks, K splits), BLOCK_DO, K splits, K per split) of the project kernel."""
@@ -258,43 +344,51 @@ class LaunchPlan:
         splits = triton.cdiv(self.K, per_split)
         return (d_blocks, blocks, splits), block_do, splits, per_split
 
-    def grad_weight_grid(self) -> tuple[tuple[int, int], int]:
-        """(grid (D blocks, K blocks), BLOCK_DO) of the grad_weight kernel."""
-        block_do, d_blocks = self.d_blocks()
-        return (d_blocks, triton.cdiv(self.K, self.block_k)), block_do
+    def grad_weight_grid(self) -> tuple[int]:
+        """Grid (K blocks,) of the grad_weight kernel: each program holds its prototypes' full width D (the
+        weight norm's G . v needs every column), BLOCK_D = 256 at the DINO bottleneck."""
+        return (triton.cdiv(self.K, self.grad_weight_block_k),)
 
 
-def _softmax_project(launch, h, w_logit, w_proj, center, center_high, high_weight, scale, alpha, centred):
-    """(row_max, log2_sum) of the (centred) logits per row, softmax(z) @ w_proj (R, D) fp32, and the centre
-    statistics (2, K) if centred, from one pass over K."""
+def _softmax_project(launch, h, v_logit, v_proj, g_logit, g_proj, rnorm_proj, center, center_high, high_weight,
+                     scale, alpha, centred):
+    """(row_max, log2_sum) of the (centred) logits z = (h v_logit^T) g_logit / ||v_logit|| per row, softmax(z) @
+    W_proj (R, D) fp32 (W_proj = v_proj g_logit / ||v_proj||, or g_proj rnorm_proj when centred), 1 / ||v_logit||
+    (K,), and the centre statistics (2, K) if centred, from one pass over K. h and v descriptor operands."""
     R = h.shape[0]
     grid, block_do, splits, per_split = launch.project_grid(R)
     stats = torch.empty((2, splits, R), dtype=torch.float32, device=h.device)
     out = torch.empty((splits, R, launch.D), dtype=torch.float32, device=h.device)
     column = torch.empty((grid[1], 2, launch.K) if centred else (1,), dtype=torch.float32, device=h.device)
-    _softmax_project_kernel[grid](
-        h, w_logit, w_proj, center, center_high, high_weight, stats, out, column, R, launch.K, launch.D,
-        per_split, scale, alpha, **launch.meta(CENTER=centred, BLOCK_DO=block_do),
+    rnorm = torch.empty((grid[0] * grid[1], launch.K), dtype=torch.float32, device=h.device)  # a row per program
+    launch_with_descriptors(
+        _softmax_project_kernel, grid, h, v_logit, v_proj, g_logit, g_proj, rnorm_proj, rnorm, center, center_high,
+        high_weight, stats, out, column, R, launch.K, launch.D, h.stride(0), per_split, scale, alpha,
+        **launch.meta(CENTER=centred, BLOCK_DO=block_do, NORM_CHUNK=launch.norm_chunk),
     )
     m, row_sum = stats
     row_max = m.max(dim=0).values
     weight = torch.exp2((m - row_max) * scale)  # each split's share, relative to the row's max
     total = (row_sum * weight).sum(dim=0)
     projected = (out * weight.unsqueeze(-1)).sum(dim=0) / total.unsqueeze(-1)
-    return row_max, torch.log2(total), projected, column.sum(dim=0) if centred else None
+    # row 0's norms are saved for the backward: a copy of K floats, so the scratch is freed now
+    return row_max, torch.log2(total), projected, rnorm[0].clone(), column.sum(dim=0) if centred else None
 
 
-def _grad_weight(launch, hs, ws, xs, s_max, s_log2_sum, ht, wt, xt, t_max, t_log2_sum, center, center_high,
-                 grad_loss, coef, scale_s, scale_t, alpha):
-    """grad_loss coef (softmax_s^T xs + P^T xt) (K, D) in ws's dtype."""
-    out = torch.empty_like(ws)
-    grid, block_do = launch.grad_weight_grid()
-    _grad_weight_kernel[grid](
-        hs, ws, xs.to(hs.dtype).contiguous(), s_max, s_log2_sum, ht, wt, xt.to(ht.dtype).contiguous(), t_max,
-        t_log2_sum, center, center_high, grad_loss.float().contiguous(), out, hs.shape[0], ht.shape[0], launch.K,
-        launch.D, scale_s, scale_t, alpha, coef, **launch.meta(BLOCK_DO=block_do),
+def _grad_weight(launch, hs, vs, gs, rnorm_s, xs, s_max, s_log2_sum, ht, vt, gt, rnorm_t, xt, t_max, t_log2_sum,
+                 center, center_high, grad_loss, coef, scale_s, scale_t, alpha):
+    """G = grad_loss coef (softmax_s^T xs + P^T xt) (K, D) through the weight norm: (dL/dv (K, D) in vs's dtype,
+    dL/dg (K,) fp32). hs, vs, ht, vt are descriptor operands (rows hs.stride(0) apart)."""
+    K, D = launch.K, launch.D
+    out = torch.empty((K, D), dtype=vs.dtype, device=vs.device)
+    grad_g = torch.empty(K, dtype=torch.float32, device=vs.device)
+    launch_with_descriptors(
+        _grad_weight_kernel, launch.grad_weight_grid(), hs, vs, descriptor_operand(xs.to(hs.dtype)), s_max,
+        s_log2_sum, ht, vt, descriptor_operand(xt.to(ht.dtype)), t_max, t_log2_sum, gs, rnorm_s, gt, rnorm_t, center,
+        center_high, grad_loss.float().contiguous(), out, grad_g, hs.shape[0], ht.shape[0], K, D, hs.stride(0),
+        scale_s, scale_t, alpha, coef, **launch.meta(BLOCK_K=launch.grad_weight_block_k),
     )
-    return out
+    return out, grad_g
 
 
 def _pairs(T: int, S: int, device: torch.device) -> torch.Tensor:
@@ -302,15 +396,17 @@ def _pairs(T: int, S: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(T, device=device).unsqueeze(1) != torch.arange(S, device=device).unsqueeze(0)).float()
 
 
-def _launch_forward(hs, ws, ht, wt, center, center_high, high_weight, S, T, B, tau_t, tau_s, alpha):
+def _launch_forward(hs, vs, gs, ht, vt, gt, center, center_high, high_weight, S, T, B, tau_t, tau_s, alpha):
     """(loss, logit_sum, high_logit_sum) and what backward needs (t_max, t_log2_sum, s_max, s_log2_sum,
-    A = P W_s (T, B, D), Bs = softmax_s W_s (S * B, D)): one pass over K per side."""
-    launch = LaunchPlan.for_tensor(hs, ws.shape[0], ws.shape[1])
+    A = P W_s (T, B, D), Bs = softmax_s W_s (S * B, D), 1 / ||v_s||, 1 / ||v_t|| (K,)): one pass over K per
+    side. The student's pass goes first: the teacher projects onto W_s with the student's norms."""
+    launch = LaunchPlan.for_tensor(hs, vs.shape[0], vs.shape[1])
     scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
-    t_max, t_log2_sum, A, column = _softmax_project(launch, ht, wt, ws, center, center_high, high_weight, scale_t,
-                                                    alpha, True)
-    s_max, s_log2_sum, Bs, _ = _softmax_project(launch, hs, ws, ws, center, center_high, high_weight, scale_s,
-                                                alpha, False)
+    hs_d, vs_d, ht_d, vt_d = (descriptor_operand(x) for x in (hs, vs, ht, vt))
+    s_max, s_log2_sum, Bs, rnorm_s, _ = _softmax_project(launch, hs_d, vs_d, vs_d, gs, gs, gs, center, center_high,
+                                                         high_weight, scale_s, alpha, False)
+    t_max, t_log2_sum, A, rnorm_t, column = _softmax_project(launch, ht_d, vt_d, vs_d, gt, gs, rnorm_s, center,
+                                                             center_high, high_weight, scale_t, alpha, True)
     A = A.reshape(T, B, -1)
     pair = _pairs(T, S, hs.device)
     pairs = T * S - min(S, T)
@@ -319,13 +415,14 @@ def _launch_forward(hs, ws, ht, wt, center, center_high, high_weight, S, T, B, t
     cross = torch.einsum("tbd,sbd->tsb", A, hs3)
     per_pair = lse.unsqueeze(0) - cross / tau_s  # (T, S, B); each teacher row's probabilities sum to 1
     loss = (pair.unsqueeze(-1) * per_pair).sum() / (pairs * B)
-    return loss, column[0].clone(), column[1].clone(), t_max, t_log2_sum, s_max, s_log2_sum, A, Bs
+    return loss, column[0].clone(), column[1].clone(), t_max, t_log2_sum, s_max, s_log2_sum, A, Bs, rnorm_s, rnorm_t
 
 
-def _launch_backward(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, Bs,
-                     S, T, B, tau_t, tau_s, alpha):
-    """(grad_hs, grad_ws): dL/dh_s from the forward's A and Bs, dL/dW_s from one pass over K."""
-    launch = LaunchPlan.for_tensor(hs, ws.shape[0], ws.shape[1])
+def _launch_backward(grad_loss, hs, vs, gs, ht, vt, gt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum,
+                     A, Bs, rnorm_s, rnorm_t, S, T, B, tau_t, tau_s, alpha):
+    """(grad_hs, grad_vs, grad_gs): dL/dh_s from the forward's A and Bs, dL/dv_s and dL/dg_s from one pass over
+    K."""
+    launch = LaunchPlan.for_tensor(hs, vs.shape[0], vs.shape[1])
     scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
     pair = _pairs(T, S, hs.device)
     pairs = T * S - min(S, T)
@@ -334,67 +431,73 @@ def _launch_backward(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_lo
     grad_hs = coef * (n * Bs.reshape(S, B, -1) - torch.einsum("ts,tbd->sbd", pair, A))
     hs3 = hs.float().reshape(S, B, -1)
     h_bar = torch.einsum("ts,sbd->tbd", pair, hs3).reshape(T * B, -1)
-    grad_ws = _grad_weight(launch, hs, ws, (n * hs3).reshape(S * B, -1), s_max, s_log2_sum, ht, wt, -h_bar, t_max,
-                           t_log2_sum, center, center_high, grad_loss, 1.0 / (pairs * B * tau_s), scale_s, scale_t,
-                           alpha)
-    return grad_hs.reshape(S * B, -1).to(hs.dtype), grad_ws
+    hs_d, vs_d, ht_d, vt_d = (descriptor_operand(x) for x in (hs, vs, ht, vt))
+    grad_vs, grad_gs = _grad_weight(launch, hs_d, vs_d, gs, rnorm_s, (n * hs3).reshape(S * B, -1), s_max, s_log2_sum,
+                                    ht_d, vt_d, gt, rnorm_t, -h_bar, t_max, t_log2_sum, center, center_high,
+                                    grad_loss, 1.0 / (pairs * B * tau_s), scale_s, scale_t, alpha)
+    return grad_hs.reshape(S * B, -1).to(hs.dtype), grad_vs, grad_gs
 
 
 # torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes),
 # so the same graph runs the compiled kernels on a GPU and the interpreter on CPU tensors.
 @torch.library.custom_op("terrafm::dino_head_loss", mutates_args=())
-def _head_loss_op(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor, center: torch.Tensor,
-                  center_high: torch.Tensor, high_weight: torch.Tensor, S: int, T: int, B: int, tau_t: float,
-                  tau_s: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                       torch.Tensor]:
-    return _launch_forward(hs, ws, ht, wt, center, center_high, high_weight, S, T, B, tau_t, tau_s, alpha)
+def _head_loss_op(hs: torch.Tensor, vs: torch.Tensor, gs: torch.Tensor, ht: torch.Tensor, vt: torch.Tensor,
+                  gt: torch.Tensor, center: torch.Tensor, center_high: torch.Tensor, high_weight: torch.Tensor, S: int,
+                  T: int, B: int, tau_t: float, tau_s: float, alpha: float) -> tuple[
+                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_forward(hs, vs, gs, ht, vt, gt, center, center_high, high_weight, S, T, B, tau_t, tau_s, alpha)
 
 
 @_head_loss_op.register_fake
-def _(hs, ws, ht, wt, center, center_high, high_weight, S, T, B, tau_t, tau_s, alpha):
-    K, D = ws.shape
+def _(hs, vs, gs, ht, vt, gt, center, center_high, high_weight, S, T, B, tau_t, tau_s, alpha):
+    K, D = vs.shape
     f32 = dict(dtype=torch.float32)
     new = hs.new_empty
     return (new((), **f32), new((K,), **f32), new((K,), **f32), new((T * B,), **f32), new((T * B,), **f32),
-            new((S * B,), **f32), new((S * B,), **f32), new((T, B, D), **f32), new((S * B, D), **f32))
+            new((S * B,), **f32), new((S * B,), **f32), new((T, B, D), **f32), new((S * B, D), **f32),
+            new((K,), **f32), new((K,), **f32))
 
 
 @torch.library.custom_op("terrafm::dino_head_loss_backward", mutates_args=())
-def _head_loss_backward_op(grad_loss: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor,
-                           wt: torch.Tensor, center: torch.Tensor, center_high: torch.Tensor, t_max: torch.Tensor,
-                           t_log2_sum: torch.Tensor, s_max: torch.Tensor, s_log2_sum: torch.Tensor, A: torch.Tensor,
-                           Bs: torch.Tensor, S: int, T: int, B: int, tau_t: float, tau_s: float,
-                           alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_backward(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum,
-                            A, Bs, S, T, B, tau_t, tau_s, alpha)
+def _head_loss_backward_op(grad_loss: torch.Tensor, hs: torch.Tensor, vs: torch.Tensor, gs: torch.Tensor,
+                           ht: torch.Tensor, vt: torch.Tensor, gt: torch.Tensor, center: torch.Tensor,
+                           center_high: torch.Tensor, t_max: torch.Tensor, t_log2_sum: torch.Tensor,
+                           s_max: torch.Tensor, s_log2_sum: torch.Tensor, A: torch.Tensor, Bs: torch.Tensor,
+                           rnorm_s: torch.Tensor, rnorm_t: torch.Tensor, S: int, T: int, B: int, tau_t: float,
+                           tau_s: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(grad_loss, hs, vs, gs, ht, vt, gt, center, center_high, t_max, t_log2_sum, s_max,
+                            s_log2_sum, A, Bs, rnorm_s, rnorm_t, S, T, B, tau_t, tau_s, alpha)
 
 
 @_head_loss_backward_op.register_fake
-def _(grad_loss, hs, ws, ht, wt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, Bs, S, T, B,
-      tau_t, tau_s, alpha):
-    return torch.empty_like(hs), torch.empty_like(ws)
+def _(grad_loss, hs, vs, gs, ht, vt, gt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, Bs, rnorm_s,
+      rnorm_t, S, T, B, tau_t, tau_s, alpha):
+    return torch.empty_like(hs), torch.empty_like(vs), torch.empty_like(gs)
 
 
 def _setup_context(ctx, inputs, output):
-    hs, ws, ht, wt, center, center_high, _high_weight, S, T, B, tau_t, tau_s, alpha = inputs
+    hs, vs, gs, ht, vt, gt, center, center_high, _high_weight, S, T, B, tau_t, tau_s, alpha = inputs
     _, logit_sum, high_logit_sum, *stats = output
-    ctx.save_for_backward(hs, ws, ht, wt, center, center_high, *stats)
+    ctx.save_for_backward(hs, vs, gs, ht, vt, gt, center, center_high, *stats)
     ctx.mark_non_differentiable(logit_sum, high_logit_sum, *stats)
     ctx.meta = (S, T, B, tau_t, tau_s, alpha)
 
 
 def _backward(ctx, grad_loss, *_grad_rest):
-    grad_hs, grad_ws = _head_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.meta)
-    return (grad_hs, grad_ws) + (None,) * 11
+    grad_hs, grad_vs, grad_gs = _head_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.meta)
+    return (grad_hs, grad_vs, grad_gs) + (None,) * 12
 
 
 _head_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _normalized_weight(weight_v, weight_g):
-    w = weight_v / weight_v.norm(dim=1, keepdim=True)
-    return w * weight_g if weight_g is not None else w
+def _weight_norm_operands(weight_v, weight_g, dtype):
+    """(v (K, D) in the features' dtype, g (K,) fp32) of a weight-normalised prototype layer W = g v / ||v||;
+    g = 1 (DINO's frozen norm) when weight_g is None. The kernels apply the norm: no (K, D) W is formed."""
+    K = weight_v.shape[0]
+    g = torch.ones(K, dtype=torch.float32, device=weight_v.device) if weight_g is None else weight_g.reshape(K)
+    return weight_v.to(dtype).contiguous(), g.float().contiguous()
 
 
 def _validate(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
@@ -432,7 +535,9 @@ def dino_head_loss(student_features, teacher_features, weight_v, center, center_
     high_weight (T*B,) in teacher_features.reshape(T*B, D) row order.
     Returns (loss, logit_sum (K,), high_logit_sum (K,)); loss is differentiable in student_features,
     weight_v and weight_g; the teacher side is treated as constant. fp32 and fp16/bf16 inputs (dots in
-    the input dtype with fp32 accumulation; fp32 uses exact IEEE dots). The `terrafm::dino_head_loss`
+    the input dtype with fp32 accumulation; fp32 uses exact IEEE dots). The kernels apply the weight norm
+    to v cast to the features' dtype (a no-op for the presets' bf16 parameters); in fp16 the probabilities
+    scaled by g / ||v|| must stay below 65504 (||v|| above 1.5e-5 at g = 1). The `terrafm::dino_head_loss`
     custom op: torch.compile(fullgraph=True) takes it without a graph break.
     """
     _validate(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
@@ -441,30 +546,33 @@ def dino_head_loss(student_features, teacher_features, weight_v, center, center_
     T = teacher_features.shape[0]
     dtype = student_features.dtype
     hs = F.normalize(student_features.reshape(S * B, D).float(), dim=-1).to(dtype).contiguous()
-    ws = _normalized_weight(weight_v.float(), weight_g).to(dtype).contiguous()
+    vs, gs = _weight_norm_operands(weight_v, weight_g, dtype)
     with torch.no_grad():
         ht = F.normalize(teacher_features.reshape(T * B, D).float(), dim=-1).to(dtype).contiguous()
         if teacher_weight_v is None:
-            wt = ws.detach()
+            vt, gt = vs.detach(), gs.detach()
         else:
-            wt = _normalized_weight(teacher_weight_v.float(), teacher_weight_g).to(dtype).contiguous()
-    out = _head_loss_op(hs, ws, ht, wt, center.float().contiguous(), center_high.float().contiguous(),
+            vt, gt = _weight_norm_operands(teacher_weight_v, teacher_weight_g, dtype)
+    out = _head_loss_op(hs, vs, gs, ht, vt, gt, center.float().contiguous(), center_high.float().contiguous(),
                         high_weight.float().contiguous(), S, T, B, float(teacher_temperature),
                         float(student_temperature), float(alpha))
     return out[:3]
 
 
 def roofline_cost(S: int, T: int, B: int, K: int, D: int = 256, dtype_bytes: int = 2,
-                  backward: bool = True) -> dict[str, int]:
+                  backward: bool = True, teacher_weight: bool = False) -> dict[str, int]:
     """Useful FLOPs and minimum HBM bytes of forward (+ backward): S student / T teacher views of B
-    samples, K prototypes, D bottleneck width, dtype_bytes per feature/weight element; teacher and
-    student share W. FLOPs are the unfused path's GEMMs (the kernels execute more, see module doc)."""
+    samples, K prototypes, D bottleneck width, dtype_bytes per feature/weight element; the teacher has its
+    own prototypes (v, g) with teacher_weight, else shares the student's. FLOPs are the unfused path's GEMMs
+    (the kernels execute more, see module doc)."""
     rs, rt = S * B, T * B
     flops = 2 * K * D * (rt + rs)
-    nbytes = (rs + rt) * D * dtype_bytes + K * D * dtype_bytes + 16 * K
+    nbytes = (rs + rt) * D * dtype_bytes + K * D * dtype_bytes + 24 * K
+    if teacher_weight:
+        nbytes += K * D * dtype_bytes + 16 * K
     if backward:
         flops += 4 * K * D * rs
-        nbytes += 2 * K * D * dtype_bytes + rs * D * 4
+        nbytes += 2 * K * D * dtype_bytes + rs * D * 4 + 4 * K
     return {"flops": flops, "bytes": nbytes}
 
 
@@ -498,38 +606,48 @@ def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: in
     # the teacher projects its probabilities onto the student's prototypes: a second (K, D) tensor
     w_proj = "w_student" if centred else "w"
     partials = (4 * D + 8) * splits * R  # acc (splits, R, D) and stats (2, splits, R), fp32
+    # the weight norm: each program reads its split of v once more (its norm loop; the same tiles as its GEMM
+    # loop, so L2 serves one of the two reads) and g, and writes 1 / ||v|| to its own row of the rnorm scratch,
+    # which its GEMM loop reads back; the teacher also reads the student's g and 1 / ||v|| for its projection
+    norms = ["g", "rnorm"] + (["g_student", "rnorm_student"] if centred else [])
     sizes = {"h": h_bytes, "w": w_bytes, "w_student": w_bytes, "out": partials, "column": 8 * K * blocks,
-             "centres": 8 * K, "high_weight": 4 * R}
+             "centres": 8 * K, "high_weight": 4 * R, **dict.fromkeys(norms, 4 * K), "rnorm": 4 * K * blocks * d_blocks}
 
     def touches(d, m, j):
         out = [("h", m, rows(m) * D * e), ("w", j, cols(j) * D * e),
                (w_proj, (j, d) if centred else j, cols(j) * (block_do if centred else D) * e),
-               ("out", (m, j, d), rows(m) * (4 * block_do + 8))]
+               ("out", (m, j, d), rows(m) * (4 * block_do + 8)), ("g", j, 4 * cols(j)),
+               ("rnorm", (m, j, d), 4 * cols(j))]
         if centred:
-            out += [("column", (m, j), 8 * cols(j)), ("centres", j, 8 * cols(j)), ("high_weight", m, 4 * rows(m))]
+            out += [("column", (m, j), 8 * cols(j)), ("centres", j, 8 * cols(j)), ("high_weight", m, 4 * rows(m)),
+                    ("g_student", j, 4 * cols(j)), ("rnorm_student", j, 4 * cols(j))]
         return out
     # torch combines the splits (reads the partials, writes (R, D) + 2 R) and sums the column partials
     extra = partials + 4 * R * D + 8 * R + (8 * K * (blocks + 1) if centred else 0)
-    floor = h_bytes + w_bytes * (2 if centred else 1) + 4 * R * D + 8 * R + (16 * K + 4 * R if centred else 0)
+    floor = (h_bytes + w_bytes * (2 if centred else 1) + 4 * R * D + 8 * R + (16 * K + 4 * R if centred else 0)
+             + 4 * K * len(norms))
     return {"useful_flops": 4 * R * K * D, "executed_flops": executed, "min_bytes": floor,
             "moved_bytes": hbm_bytes(grid, touches, sizes, concurrent, l2_bytes) + extra,
             "flop_kind": "fp32" if dtype_bytes == 4 else "tensor"}
 
 
 def _grad_weight_efficiency(plan: LaunchPlan, rs: int, rt: int, e: int, concurrent: int, l2_bytes: int) -> dict:
-    """efficiency() of the grad_weight kernel: program (D block, K block) walks the student's rs rows with
-    W_s, then the teacher's rt rows with W_t, and writes its (K block, D block) of dL/dW_s once."""
-    K, D, bm, bk = plan.K, plan.D, plan.block_m, plan.block_k
-    grid, block_do = plan.grad_weight_grid()
-    executed = grid[0] * 2 * (pad(rs, bm) + pad(rt, bm)) * pad(K, bk) * (plan.block_d + block_do)
+    """efficiency() of the grad_weight kernel: program (K block) walks the student's rs rows with v_s, then the
+    teacher's rt rows with v_t, and writes its full-width (K block, D) of dL/dv_s and its dL/dg_s once (the
+    weight norm's epilogue re-reads its v_s tile, from L2, and does ~4 K D fp32 FLOPs, not counted)."""
+    K, D, bm, bk = plan.K, plan.D, plan.block_m, plan.grad_weight_block_k
+    grid = plan.grad_weight_grid()
+    executed = 2 * (pad(rs, bm) + pad(rt, bm)) * pad(K, bk) * 2 * plan.block_d
     sizes = {"hs": rs * D * e, "ht": rt * D * e, "xs": rs * D * e, "xt": rt * D * e, "ws": K * D * e,
-             "wt": K * D * e, "out": K * D * e, "centres": 8 * K, "stats": 8 * (rs + rt)}
+             "wt": K * D * e, "out": K * D * e, "centres": 8 * K, "stats": 8 * (rs + rt), "norms": 16 * K,
+             "grad_g": 4 * K}
     ks = lambda k: min(bk, K - k * bk)  # noqa: E731
 
-    def touches(d, k, _):
+    def touches(k, _, __):
         return [("hs", 0, sizes["hs"]), ("ht", 0, sizes["ht"]), ("stats", 0, sizes["stats"]),
                 ("ws", k, ks(k) * D * e), ("wt", k, ks(k) * D * e), ("centres", k, 8 * ks(k)),
-                ("xs", d, rs * block_do * e), ("xt", d, rt * block_do * e), ("out", (k, d), ks(k) * block_do * e)]
+                ("norms", k, 16 * ks(k)), ("xs", 0, sizes["xs"]), ("xt", 0, sizes["xt"]),
+                ("out", k, ks(k) * D * e), ("grad_g", k, 4 * ks(k))]
     return {"useful_flops": 2 * (rs + rt) * K * D, "executed_flops": executed, "min_bytes": sum(sizes.values()),
             "moved_bytes": hbm_bytes(grid, touches, sizes, concurrent, l2_bytes),
             "flop_kind": "fp32" if e == 4 else "tensor"}
@@ -541,10 +659,11 @@ def _grad_weight_efficiency(plan: LaunchPlan, rs: int, rt: int, e: int, concurre
 # (the unspecialized variant, which only widths that are not a multiple of 16 run, needs 255 registers
 # and spills in the 16-bit teacher project (600-720 B) and grad_weight on sm_90 (176 B): slower, still
 # correct).
-DIVISIBLE_BY_16 = ("h_ptr", "w_logit_ptr", "w_proj_ptr", "center_ptr", "center_high_ptr", "high_weight_ptr",
-                   "stats_ptr", "column_ptr", "out_ptr", "hs_ptr", "ws_ptr", "xs_ptr", "s_max_ptr", "s_log2_sum_ptr",
-                   "ht_ptr", "wt_ptr", "xt_ptr", "t_max_ptr", "t_log2_sum_ptr", "grad_loss_ptr", "R", "R_s", "R_t",
-                   "K", "D", "K_PER_SPLIT")
+DIVISIBLE_BY_16 = ("h_ptr", "v_logit_ptr", "v_proj_ptr", "g_logit_ptr", "g_proj_ptr", "rnorm_proj_ptr",
+                   "rnorm_ptr", "center_ptr", "center_high_ptr", "high_weight_ptr", "stats_ptr", "column_ptr",
+                   "out_ptr", "hs_ptr", "vs_ptr", "xs_ptr", "s_max_ptr", "s_log2_sum_ptr", "ht_ptr", "vt_ptr", "xt_ptr",
+                   "t_max_ptr", "t_log2_sum_ptr", "gs_ptr", "rnorm_s_ptr", "gt_ptr", "rnorm_t_ptr", "grad_loss_ptr",
+                   "grad_g_ptr", "R", "R_s", "R_t", "K", "D", "D_STRIDE", "K_PER_SPLIT")
 
 
 def compile_specs() -> list[dict]:
@@ -557,7 +676,7 @@ def compile_specs() -> list[dict]:
         name = str(dtype).removeprefix("torch.")
         config = CONFIGS["fp32" if fp32 else "16bit"]
         blocks = {"BLOCK_M": config["BLOCK_M"], "BLOCK_K": config["BLOCK_K"], "BLOCK_D": 256,
-                  "DOT_IEEE": fp32}
+                  "DOT_IEEE": fp32, "TMA": not fp32}
         # uses_dot means tensor-core dots (mma on sm_80, wgmma on sm_90): the fp32 configs' exact IEEE
         # dots compile to FMA loops, so the compile report must not expect mma from them
         common = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "uses_dot": not fp32}
@@ -567,21 +686,25 @@ def compile_specs() -> list[dict]:
                 efficiency, kernel, c, **PRODUCTION_SHAPE, dtype_bytes=e)
             specs.append({
                 "name": f"head_softmax_project_{tag}_{name}", "fn": _softmax_project_kernel,
-                "signature": {"h_ptr": ptr, "w_logit_ptr": ptr, "w_proj_ptr": ptr, "center_ptr": "*fp32",
-                              "center_high_ptr": "*fp32", "high_weight_ptr": "*fp32", "stats_ptr": "*fp32",
-                              "out_ptr": "*fp32", "column_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32",
-                              "K_PER_SPLIT": "i32", "scale": "fp32", "alpha": "fp32"},
-                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["BLOCK_DO"]}, **common,
+                "signature": {"h_ptr": ptr, "v_logit_ptr": ptr, "v_proj_ptr": ptr, "g_logit_ptr": "*fp32",
+                              "g_proj_ptr": "*fp32", "rnorm_proj_ptr": "*fp32", "rnorm_ptr": "*fp32",
+                              "center_ptr": "*fp32", "center_high_ptr": "*fp32", "high_weight_ptr": "*fp32",
+                              "stats_ptr": "*fp32", "out_ptr": "*fp32", "column_ptr": "*fp32", "R": "i32", "K": "i32",
+                              "D": "i32", "D_STRIDE": "i32", "K_PER_SPLIT": "i32", "scale": "fp32", "alpha": "fp32"},
+                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["BLOCK_DO"], "NORM_CHUNK": NORM_CHUNK},
+                **common,
                 "efficiency": counts("project"),
             })
         specs.append({
             "name": f"head_grad_weight_{name}", "fn": _grad_weight_kernel,
-            "signature": {"hs_ptr": ptr, "ws_ptr": ptr, "xs_ptr": ptr, "s_max_ptr": "*fp32", "s_log2_sum_ptr": "*fp32",
-                          "ht_ptr": ptr, "wt_ptr": ptr, "xt_ptr": ptr, "t_max_ptr": "*fp32",
-                          "t_log2_sum_ptr": "*fp32", "center_ptr": "*fp32", "center_high_ptr": "*fp32",
-                          "grad_loss_ptr": "*fp32", "out_ptr": ptr, "R_s": "i32", "R_t": "i32", "K": "i32",
-                          "D": "i32", "scale_s": "fp32", "scale_t": "fp32", "alpha": "fp32", "coef": "fp32"},
-            "constexprs": {**blocks, "BLOCK_DO": config["BLOCK_DO"]}, **common,
+            "signature": {"hs_ptr": ptr, "vs_ptr": ptr, "xs_ptr": ptr, "s_max_ptr": "*fp32", "s_log2_sum_ptr": "*fp32",
+                          "ht_ptr": ptr, "vt_ptr": ptr, "xt_ptr": ptr, "t_max_ptr": "*fp32",
+                          "t_log2_sum_ptr": "*fp32", "gs_ptr": "*fp32", "rnorm_s_ptr": "*fp32", "gt_ptr": "*fp32",
+                          "rnorm_t_ptr": "*fp32", "center_ptr": "*fp32", "center_high_ptr": "*fp32",
+                          "grad_loss_ptr": "*fp32", "out_ptr": ptr, "grad_g_ptr": "*fp32", "R_s": "i32", "R_t": "i32",
+                          "K": "i32", "D": "i32", "D_STRIDE": "i32", "scale_s": "fp32", "scale_t": "fp32",
+                          "alpha": "fp32", "coef": "fp32"},
+            "constexprs": blocks, **common,
             "efficiency": partial(efficiency, "grad_weight", False, **PRODUCTION_SHAPE, dtype_bytes=dtype.itemsize),
         })
     for spec in specs:

@@ -1,4 +1,6 @@
-"""Bench: prototype layer + teacher softmax + DINO cross-entropy fused (logits never stored), fwd + bwd."""
+"""Bench: prototype layer + teacher softmax + DINO cross-entropy fused (logits never stored), fwd + bwd.
+
+As the presets call it: the teacher has its own (EMA) prototypes, and the weight norm (g = 1) is the op's."""
 
 import torch
 
@@ -21,7 +23,8 @@ def inputs(shape: dict, device: str, dtype: torch.dtype) -> tuple:
     center = (0.1 * torch.randn(K, generator=g)).to(device)
     center_high = (0.1 * torch.randn(K, generator=g)).to(device)
     high_weight = (torch.rand(T * B, generator=g) < 0.3).float().to(device)
-    return student, teacher, weight_v, center, center_high, high_weight, 0.04, 0.1, 0.8
+    teacher_weight_v = (0.02 * torch.randn(K, D, generator=g)).to(device, dtype)
+    return student, teacher, weight_v, center, center_high, high_weight, 0.04, 0.1, 0.8, None, teacher_weight_v
 
 
 def kernel():
@@ -39,4 +42,4 @@ def reference(*args):
 def cost(shape: dict) -> dict:
     from terrafm_kernels.dino_head_loss import roofline_cost
 
-    return roofline_cost(**shape)
+    return roofline_cost(**shape, teacher_weight=True)

@@ -50,4 +50,4 @@ reference = dinov2_eager.dino_head_step_loss
 def cost(shape: dict) -> dict:
     from terrafm_kernels.dino_head_loss import roofline_cost
 
-    return roofline_cost(S=2 + shape["local"], T=2, B=shape["B"], K=shape["K"], D=shape["D"])
+    return roofline_cost(S=2 + shape["local"], T=2, B=shape["B"], K=shape["K"], D=shape["D"], teacher_weight=True)

@@ -39,7 +39,8 @@ def assert_flash_tolerance(name: str, kernel: torch.Tensor, plain: torch.Tensor,
 
 
 def dino_head_loss_f64(student_features, teacher_features, weight_v, center, center_high, high_weight,
-                       teacher_temperature, student_temperature, alpha, weight_g=None, teacher_weight_v=None):
+                       teacher_temperature, student_temperature, alpha, weight_g=None, teacher_weight_v=None,
+                       teacher_weight_g=None):
     """Float64 composition: prototype logits -> dual-centering teacher softmax -> DINO cross-entropy."""
     from terrafm_kernels.reference import prototype_logits
 
@@ -48,7 +49,7 @@ def dino_head_loss_f64(student_features, teacher_features, weight_v, center, cen
     student_logits = prototype_logits(student_features.reshape(S * B, D), weight_v, weight_g)
     with torch.no_grad():
         tw = weight_v if teacher_weight_v is None else teacher_weight_v
-        tg = weight_g if teacher_weight_v is None else None
+        tg = weight_g if teacher_weight_v is None else teacher_weight_g
         teacher_logits = prototype_logits(teacher_features.reshape(T * B, D).double(), tw.detach().double(),
                                           None if tg is None else tg.detach().double())
         probs, logit_sum, high_sum = teacher_softmax_f64(teacher_logits, center, center_high, high_weight,

@@ -15,6 +15,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from loss_oracle import assert_flash_tolerance, dino_head_loss_f64
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from terrafm_kernels import reference
 from terrafm_kernels.dino_head_loss import (
@@ -42,19 +44,27 @@ def _inputs(S, T, B, K, D, dtype, device, seed=0, center_scale=0.1):
     return [x.to(device) for x in (student, teacher, weight_v, center, center_high, high_weight)]
 
 
-def _run(fn, student, teacher, weight_v, *rest, **kwargs):
+def _run(fn, student, teacher, weight_v, *rest, weight_g=None, **kwargs):
     x = student.clone().requires_grad_()
     v = weight_v.clone().requires_grad_()
-    loss, logit_sum, high_sum = fn(x, teacher, v, *rest, TAU_T, TAU_S, ALPHA, **kwargs)
+    g = None if weight_g is None else weight_g.clone().requires_grad_()
+    loss, logit_sum, high_sum = fn(x, teacher, v, *rest, TAU_T, TAU_S, ALPHA, weight_g=g, **kwargs)
     loss.backward()
-    return loss.detach(), logit_sum, high_sum, x.grad, v.grad
+    return (loss.detach(), logit_sum, high_sum, x.grad, v.grad) + (() if g is None else (g.grad,))
 
 
-def _check(S, T, B, K, D, dtype, device, seed=0, separate_teacher=False):
+def _check(S, T, B, K, D, dtype, device, seed=0, separate_teacher=False, gain=False):
+    """Loss, centre sums and the gradients of the features, weight_v (and weight_g with gain: a per-prototype
+    weight-norm gain, and the teacher's own) against the fp64 oracle by the flash-attn 2x rule."""
     student, teacher, weight_v, center, center_high, high_weight = _inputs(S, T, B, K, D, dtype, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     kwargs = {}
-    if separate_teacher:
-        kwargs["teacher_weight_v"] = (weight_v.float() + 0.3 * torch.randn_like(weight_v.float())).to(dtype)
+    if separate_teacher or gain:
+        noise = 0.3 * torch.randn(K, D, generator=g)
+        kwargs["teacher_weight_v"] = (weight_v.float().cpu() + noise).to(dtype).to(device)
+    if gain:
+        kwargs["weight_g"] = (0.5 + torch.rand(K, 1, generator=g)).to(dtype).to(device)
+        kwargs["teacher_weight_g"] = (0.5 + torch.rand(K, 1, generator=g)).to(dtype).to(device)
     kernel = _run(dino_head_loss, student, teacher, weight_v, center, center_high, high_weight, **kwargs)
     rest = (center, center_high, high_weight)
     plain = _run(reference.dino_head_loss, student, teacher, weight_v, *rest, **kwargs)
@@ -62,8 +72,8 @@ def _check(S, T, B, K, D, dtype, device, seed=0, separate_teacher=False):
     oracle = _run(dino_head_loss_f64, *(x.cpu().double() for x in (student, teacher, weight_v, *rest)),
                   **oracle_kwargs)
     rel = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    names = ("loss", "logit_sum", "high_logit_sum", "grad student_features", "grad weight_v")
-    for name, k, p, o in zip(names, kernel, plain, oracle, strict=True):
+    names = ("loss", "logit_sum", "high_logit_sum", "grad student_features", "grad weight_v", "grad weight_g")
+    for name, k, p, o in zip(names, kernel, plain, oracle, strict=False):
         assert k.shape == o.shape and torch.isfinite(k).all(), name
         # logits are cosines (|z| <= 1): loss and centre sums get an absolute floor of one logit's rounding;
         # gradients are differences of fp32 terms up to 1/tau_s per unit input that cancel exactly where the loss
@@ -71,7 +81,7 @@ def _check(S, T, B, K, D, dtype, device, seed=0, separate_teacher=False):
         scale = o.abs().max().item() if name.startswith("grad") else max(1.0, o.abs().max().item())
         floor = 2 * torch.finfo(torch.float32).eps / TAU_S if name.startswith("grad") else 1e-7
         assert_flash_tolerance(name, k.float().cpu(), p.float().cpu(), o, rel * scale + floor)
-    assert kernel[3].dtype == dtype and kernel[4].dtype == dtype
+    assert len(kernel) == len(oracle) and kernel[3].dtype == dtype and kernel[4].dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -84,6 +94,41 @@ def test_matches_float64_oracle(S, T, B, K, D, dtype, device):
 
 def test_separate_teacher_weight(device):
     _check(4, 2, 2, 50, 16, torch.float32, device, separate_teacher=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S,T,B,K,D", [(4, 2, 3, 37, 20), (3, 2, 2, 70, 48)])
+def test_weight_norm_gains_match_float64_oracle(S, T, B, K, D, dtype, device):
+    """The kernels apply W = g v / ||v|| themselves: per-prototype gains on both sides, and dL/dv and dL/dg
+    from grad_weight's epilogue, against the fp64 oracle (ragged K and D: padded descriptor rows at D = 20)."""
+    _check(S, T, B, K, D, dtype, device, gain=True)
+
+
+def test_weight_norm_is_never_materialised(device):
+    """No torch op around the kernels makes a (K, D) tensor: the normalised prototypes W, their casts and the
+    autograd of the normalisation are gone; only the backward op's dL/dv (and autograd's detach of it) remain."""
+    K, D = 50, 32
+    student, teacher, weight_v, center, center_high, high_weight = _inputs(3, 2, 2, K, D, torch.float32, device)
+    weight_v.requires_grad_()
+    weight_g = torch.full((K, 1), 1.5, device=device, requires_grad=True)
+    teacher_weight_v = weight_v.detach() + 0.1
+
+    class KxD(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.numel() == K * D for t in tree_flatten(out)[0]):
+                self.ops.add(func.__name__.split(".")[0])
+            return out
+
+    with KxD() as seen:
+        dino_head_loss(student, teacher, weight_v, center, center_high, high_weight, TAU_T, TAU_S, ALPHA,
+                       weight_g=weight_g, teacher_weight_v=teacher_weight_v)[0].backward()
+    assert seen.ops <= {"dino_head_loss_backward", "detach"}, seen.ops
+    assert weight_v.grad is not None and weight_g.grad is not None
 
 
 @settings(max_examples=5, deadline=None)
@@ -205,13 +250,14 @@ def test_production_plan_computes_each_logit_tile_once_per_pass():
 
 def test_compile_report_compiles_the_specialized_variant_the_jit_runs():
     """At D = 256 the JIT specializes the sizes and pointers as multiples of 16, which turns the (rows, D)
-    loads into vector loads; the report compiles that variant (the specs' divisible_by_16), whose
-    registers are far below the unspecialized variant's 255."""
+    loads into vector loads; the report compiles that variant (the specs' divisible_by_16), which needs fewer
+    registers than the unspecialized one (162 against 135 on sm_90, where TMA computes the tile addresses;
+    255 before the operands came by tensor descriptor)."""
     code = """
 import json
 from terrafm_kernels import compile_report, dino_head_loss
 spec = [s for s in dino_head_loss.compile_specs() if s["name"] == "head_softmax_project_student_bfloat16"][0]
-assert {"h_ptr", "w_proj_ptr", "D", "K_PER_SPLIT"} <= set(spec["divisible_by_16"])
+assert {"h_ptr", "v_proj_ptr", "D", "D_STRIDE", "K_PER_SPLIT"} <= set(spec["divisible_by_16"])
 rows = [compile_report.compile_one(s, 90) for s in (spec, {**spec, "divisible_by_16": ()})]
 print(json.dumps([{k: r.get(k) for k in ("regs", "stack", "local", "ok", "problem")} for r in rows]))
 """
@@ -220,4 +266,4 @@ print(json.dumps([{k: r.get(k) for k in ("regs", "stack", "local", "ok", "proble
     assert run.returncode == 0, run.stderr[-2000:]
     specialized, plain = json.loads(run.stdout.splitlines()[-1])
     assert specialized["ok"] and specialized["stack"] == 0 and specialized["local"] == 0, specialized
-    assert specialized["regs"] + 64 <= plain["regs"], (specialized, plain)
+    assert specialized["regs"] < plain["regs"], (specialized, plain)
