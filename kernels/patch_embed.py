@@ -29,7 +29,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, check_patch_grid, check_tensor, hbm_bytes, interpreted, pad
+from ._common import (
+    TRITON_DTYPE,
+    check_patch_grid,
+    check_tensor,
+    descriptor_operand,
+    hbm_bytes,
+    interpreted,
+    launch_with_descriptors,
+    pad,
+)
 from .gpus import GPUS
 
 # Tile configs, from the compile report (python -m terrafm_kernels.compile_report) and the roofline.
@@ -240,38 +249,14 @@ def _geometry(x: torch.Tensor, weight: torch.Tensor) -> dict:
     return dict(M=B * gh * gw, E=E, KD=C * p * p, N=gh * gw, GW=gw, C=C, H=H, W=W)
 
 
-def _descriptor_operand(t: torch.Tensor) -> torch.Tensor:
-    """t (rows, cols) as a tensor descriptor takes it: a 16-byte aligned base and row stride. That is t
-    itself at the presets' shapes; otherwise a copy with its rows padded to 16 bytes (the descriptor's
-    shape stops at cols, so the padding is never read)."""
-    step = 16 // t.element_size()
-    if t.is_contiguous() and t.data_ptr() % 16 == 0 and t.shape[1] % step == 0:
-        return t
-    padded = t.new_empty(t.shape[0], pad(t.shape[1], step))
-    padded[:, :t.shape[1]] = t
-    return padded
-
-
-def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the tensor descriptors the kernels build on sm_90 (triton asks for 128 bytes a program)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    # tl.make_tensor_descriptor needs an allocator on sm_90 (TMA descriptors live in global memory). Triton keeps
-    # it in a ContextVar, which a new thread (autograd's backward thread) does not inherit: set it at each launch.
-    triton.set_allocator(_descriptor_scratch)
-    kernel[grid](*args, **kwargs)
-
-
 def _launch_forward(x, weight, bias, modality_embed, pos_embed) -> torch.Tensor:
     geo = _geometry(x, weight)
     cfg = _plan(x, geo, "forward")
     p = weight.shape[-1]
-    w = _descriptor_operand(weight.to(x.dtype).reshape(geo["E"], geo["KD"]))
+    w = descriptor_operand(weight.to(x.dtype).reshape(geo["E"], geo["KD"]))
     out = torch.empty((geo["M"], geo["E"]), dtype=x.dtype, device=x.device)
     dummy = out
-    _launch(
+    launch_with_descriptors(
         _forward_kernel, cfg["grid"], x.contiguous(), w, dummy if bias is None else bias.contiguous(),
         dummy if modality_embed is None else modality_embed.reshape(-1).contiguous(),
         dummy if pos_embed is None else pos_embed.reshape(-1, geo["E"]).contiguous(), out,
@@ -286,20 +271,21 @@ def _launch_backward(grad_out, x, weight, need_x: bool, need_weight: bool):
     x = x.contiguous()
     geo = _geometry(x, weight)
     p = weight.shape[-1]
-    g = _descriptor_operand(grad_out.reshape(geo["M"], geo["E"]).to(x.dtype))
+    g = descriptor_operand(grad_out.reshape(geo["M"], geo["E"]).to(x.dtype))
     common = dict(P=p, DOT_PRECISION=_dot_precision(x.dtype))
     grad_x, grad_w = x.new_empty(0), weight.new_empty(0)
     if need_weight:
         cfg = _plan(x, geo, "grad_weight")
         grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        _launch(_grad_weight_kernel, cfg["grid"], x, g, grad_w, *geo.values(), g.stride(0), **common, **_tiles(cfg))
+        launch_with_descriptors(_grad_weight_kernel, cfg["grid"], x, g, grad_w, *geo.values(), g.stride(0), **common,
+                                **_tiles(cfg))
     if need_x:
         cfg = _plan(x, geo, "grad_input")
-        w = _descriptor_operand(weight.to(x.dtype).reshape(geo["E"], geo["KD"]))
+        w = descriptor_operand(weight.to(x.dtype).reshape(geo["E"], geo["KD"]))
         grad_x = torch.empty_like(x)
         for first_k_block, grid in cfg["launches"]:
-            _launch(_grad_input_kernel, grid, g, w, grad_x, *geo.values(), g.stride(0), w.stride(0), first_k_block,
-                    **common, **_tiles(cfg))
+            launch_with_descriptors(_grad_input_kernel, grid, g, w, grad_x, *geo.values(), g.stride(0), w.stride(0),
+                                    first_k_block, **common, **_tiles(cfg))
     return grad_x, grad_w
 
 

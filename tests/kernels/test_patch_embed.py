@@ -134,15 +134,15 @@ def test_fp32_weight_with_fp16_input_gets_an_fp32_gradient(device):
 def test_descriptor_operands_get_16_byte_aligned_rows(dtype, cols, aligned):
     """W (E, KD) and G (M, E) go to the kernels as tensor descriptors: aligned ones as they are, others
     (RGB patch 14 in fp16: 588 x 2 bytes a row) as a copy with padded rows."""
-    from terrafm_kernels.patch_embed import _descriptor_operand
+    from terrafm_kernels._common import descriptor_operand
 
     t = torch.randn(5, cols).to(dtype)
-    got = _descriptor_operand(t)
+    got = descriptor_operand(t)
     assert (got is t) == aligned
     assert got.data_ptr() % 16 == 0 and got.stride(0) * got.element_size() % 16 == 0 and got.stride(1) == 1
     assert torch.equal(got[:, :cols], t)
     column_major = t.t().contiguous().t()
-    copied = _descriptor_operand(column_major)
+    copied = descriptor_operand(column_major)
     assert copied is not column_major and copied.stride(1) == 1 and torch.equal(copied[:, :cols], t)
 
 
