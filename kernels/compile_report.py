@@ -63,6 +63,11 @@ KNOWN_OVER_BOUND = {
                                "the 25088 x 2304 output, 40-49K fp32 accumulators per SM (64 x 64 tiles at 3-5 "
                                "CTAs/SM hold 12-20K, a 128 x 256 tile at 1 CTA/SM 32K); W in two L2-resident "
                                "slices, as grad_input runs, reads x twice: 1.54-1.56x. bf16 (presets) is 1.05x",
+    **{f"dino_teacher_sk_column_{dtype}_8192rows": "bytes 2.0x: a Sinkhorn column step needs each row's normaliser "
+       "before its column sums, so it reads the logits twice; the second read comes from L2 only for the 16 MiB "
+       "groups of few rows (128 rows: 1.09-1.12x); iBOT's 8192 rows are 1-2 GB, a launch pair per 16 MiB would "
+       "be 64-128 launches, and the one-launch row-block form re-reads a wave's ~1.3 GB of rows from HBM too (2.25x)"
+       for dtype in ("float32", "float16", "bfloat16")},
     "dino_teacher_centered_softmax_": "flops only (1.57x, memory bound): 1.43x needs log(sum) folded into the "
                                       "exponent, which at the tested |y| ~ 2000 (logits +-50, tau 0.04) rounds "
                                       "each row's normaliser to 1e-4 and fails the flash-attn rule up to 28x "

@@ -73,10 +73,6 @@ LOG2E = 1.0 / math.log(2.0)
 GPU_BLOCK_K = {1: 512, 8: 256}  # by BLOCK_R
 GPU_NUM_WARPS = 4
 INTERPRETER_BLOCK_K = 4096
-# MODE_COLUMN: rows per block by logit bytes (partials of 4 K bytes per block: 1/8 of the block's logits),
-# (16, 128) / (8, 256) tiles: 16 fp32 values per thread, as the softmax's (8, 256).
-GPU_COLUMN_BLOCK_R = {2: 16, 4: 8}
-GPU_COLUMN_BLOCK_K = {16: 128, 8: 256}
 # MODE_COLMAX: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows. The few-rows column step
 # uses the same tiles for both of its launches.
 GPU_COLMAX_BLOCKS = (8, 256)
@@ -84,6 +80,7 @@ INTERPRETER_COLMAX_BLOCKS = (16, 256)
 # MODE_COLUMN at few rows: rows per group of launches, so that a group's logits (at most 16 MiB) stay in L2 from
 # launch 1 to launch 2 (half of an A100's 40 MB L2, the compile report's residency rule; H100: 50 MB).
 COLUMN_GROUP_BYTES = 16 << 20
+MAX_COLUMN_GROUPS = 4  # more rows: one group, launch 2 reads them from HBM again (a launch pair per 16 MiB costs more)
 
 
 @triton.jit
@@ -147,24 +144,6 @@ def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.conste
         else:
             p = tl.exp2(y - norm[:, None])
         tl.store(out_ptr + row_offset + cols[None, :], p, mask=row_mask[:, None] & col_mask[None, :])
-
-
-@triton.jit
-def _column_kernel(logits_ptr, bias_ptr, partial_ptr, R, K, scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """MODE_COLUMN: one block of BLOCK_R rows: pass 1 its row normalisers, pass 2 its softmax rows summed
-    down each column -> partial_ptr[block] (K,) fp32."""
-    block = tl.program_id(0)
-    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < R
-    row_offset = rows.to(tl.int64)[:, None] * K
-    m, row_sum = _row_max_sum(logits_ptr, bias_ptr, row_offset, row_mask, 0, K, scale, False, BLOCK_R, BLOCK_K)
-    norm = m + tl.log2(row_sum)
-    partial_row = partial_ptr + block.to(tl.int64) * K
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        y = _logit_tile(logits_ptr, bias_ptr, row_offset, row_mask, cols, col_mask, scale, False)
-        tl.store(partial_row + cols, tl.sum(tl.exp2(y - norm[:, None]), axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -232,10 +211,10 @@ def launch_plan(mode: int, R: int, K: int, sms: int, dtype_bytes: int = 2, inter
     """BLOCK_R, BLOCK_K and the grid of one mode: the one place the launcher and efficiency() read them.
     MODE_SOFTMAX: one program per BLOCK_R rows (BLOCK_R = 1 keeps every SM busy for the 32-256 class-token
     rows per GPU); MODE_COLMAX: one program per BLOCK_K prototypes (256 programs at K = 65536);
-    MODE_COLUMN: "rows" (one launch, one program per BLOCK_R rows, GPU_COLUMN_BLOCK_R by logit bytes) when
-    that makes at least one program per SM, else "chunks": per group of group_rows rows (COLUMN_GROUP_BYTES of
-    logits), launch 1 over stats_grid (row blocks x prototype chunks of CHUNK, about 2 programs per SM)
-    and launch 2 over grid (one program per BLOCK_K prototypes)."""
+    MODE_COLUMN: per group of group_rows rows, launch 1 over stats_grid (row blocks x prototype chunks of CHUNK,
+    about 2 programs per SM) and launch 2 over grid (one program per BLOCK_K prototypes); groups of
+    COLUMN_GROUP_BYTES of logits, so that launch 2 finds them in L2, where that takes at most MAX_COLUMN_GROUPS,
+    else one group."""
     if mode == MODE_SOFTMAX:
         block_r = 1 if R <= 2 * sms else 8
         block_k = INTERPRETER_BLOCK_K if interpreter else GPU_BLOCK_K[block_r]
@@ -243,14 +222,12 @@ def launch_plan(mode: int, R: int, K: int, sms: int, dtype_bytes: int = 2, inter
     block_r, block_k = INTERPRETER_COLMAX_BLOCKS if interpreter else GPU_COLMAX_BLOCKS
     if mode == MODE_COLMAX:
         return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(K, block_k),)}
-    row_block = GPU_COLUMN_BLOCK_R[dtype_bytes]
-    if triton.cdiv(R, row_block) >= sms:
-        block_k = INTERPRETER_BLOCK_K if interpreter else GPU_COLUMN_BLOCK_K[row_block]
-        return {"form": "rows", "BLOCK_R": row_block, "BLOCK_K": block_k, "grid": (triton.cdiv(R, row_block),)}
     group_rows = min(R, max(1, COLUMN_GROUP_BYTES // (K * dtype_bytes)))
+    if triton.cdiv(R, group_rows) > MAX_COLUMN_GROUPS:
+        group_rows = R
     row_blocks = triton.cdiv(group_rows, block_r)
     chunks, chunk = num_splits(K, row_blocks, block_k, 2 * sms)
-    return {"form": "chunks", "BLOCK_R": block_r, "BLOCK_K": block_k, "CHUNK": chunk, "chunks": chunks,
+    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "CHUNK": chunk, "chunks": chunks,
             "BLOCK_C": triton.next_power_of_2(chunks), "group_rows": group_rows, "groups": triton.cdiv(R, group_rows),
             "stats_grid": (row_blocks, chunks), "grid": (triton.cdiv(K, block_k),)}
 
@@ -272,11 +249,7 @@ def _launch(mode: int, logits: torch.Tensor, scale: float, vec: torch.Tensor | N
         out = torch.empty((2, K), dtype=torch.float32, device=device)
         _colmax_kernel[plan["grid"]](logits, out, R, K, scale, **tiles)
         return out
-    if plan["form"] == "rows":
-        partial = torch.empty((plan["grid"][0], K), dtype=torch.float32, device=device)
-        _column_kernel[plan["grid"]](logits, vec, partial, R, K, scale, **tiles)
-        return partial.sum(dim=0)
-    # "chunks": a group's launch 2 re-reads the rows launch 1 just read (from L2: COLUMN_GROUP_BYTES); the
+    # a group's launch 2 re-reads the rows launch 1 just read (from L2 when they are COLUMN_GROUP_BYTES); the
     # groups run one after the other on the stream, so they share one stats buffer
     group_rows, chunks = plan["group_rows"], plan["chunks"]
     stats = torch.empty((group_rows, chunks, 2), dtype=torch.float32, device=device)
@@ -354,7 +327,7 @@ def roofline_cost(R: int, K: int, dtype_bytes: int = 2, n_iterations: int = 0) -
 # iBOT's masked patch tokens (about 8192 rows, BLOCK_R = 8), K = 65536 prototypes.
 PRODUCTION_ROWS = {1: 128, 8: 8192}
 PRODUCTION_K = 65536
-# The column step's plan in the compile report: H100's SMs (A100's 108 give the same form and BLOCK_C).
+# The column step's plan in the compile report: H100's SMs (A100's 108 give the same BLOCK_C).
 PRODUCTION_SMS = GPUS[BY_CAPABILITY[90]]["sms"]
 
 
@@ -373,22 +346,16 @@ def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent
     padded = pad(R, block_r) * pad(K, block_k)
     tiles = (pad(R, block_r) // block_r) * (pad(K, block_k) // block_k)
     rows = lambda b: min(block_r, R - b * block_r)  # noqa: E731
-    if mode == MODE_SOFTMAX:  # program b: a block of rows, all K, read twice (once per wave), probs written
+    if mode == MODE_SOFTMAX:  # program b: a block of rows, all K, read twice, probs written
         sizes = {"logits": R * K * e, "probs": 4 * R * K, "vec": 4 * K}
         touches = lambda b, _y, _z: [("vec", 0, 4 * K), ("logits", b, rows(b) * K * e),  # noqa: E731
                                      ("probs", b, 4 * rows(b) * K)]
         moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes)
+        if min(programs, concurrent) * block_r * K * e > l2_bytes // 2:  # pass 2 of a wave's rows misses L2
+            moved += R * K * e
         floor = {"flops": 7 * R * K, "bytes": R * K * e + 4 * R * K + 4 * K}
         executed = (11 if center else 10) * padded + 5 * block_r * tiles
-    elif mode == MODE_COLUMN and plan["form"] == "rows":  # program b: its rows, all K, twice; partials written
-        sizes = {"logits": R * K * e, "partials": 4 * programs * K, "bias": 4 * K}
-        touches = lambda b, _y, _z: [("bias", 0, 4 * K), ("logits", b, rows(b) * K * e),  # noqa: E731
-                                     ("partials", b, 4 * K)]
-        # + torch: the sum of the partials, then bias - log2(sum)
-        moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes) + 4 * programs * K + 24 * K
-        floor = {"flops": 8 * R * K, "bytes": R * K * e + 8 * K}
-        executed = 11 * padded + 5 * block_r * tiles + programs * K + 2 * K
-    elif mode == MODE_COLUMN and stats_launch:  # "chunks", launch 1 alone: the rows' logsumexp, in pieces
+    elif mode == MODE_COLUMN and stats_launch:  # launch 1 alone: the rows' logsumexp, in pieces
         moved, executed, programs = _column_chunks_counts(plan, R, K, e, concurrent, l2_bytes, stats_launch)
         floor = {"flops": 6 * R * K, "bytes": R * K * e + 4 * K + 4 * R}
     elif mode == MODE_COLUMN:
@@ -408,7 +375,7 @@ def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent
 
 def _column_chunks_counts(plan: dict, R: int, K: int, e: int, concurrent: int, l2_bytes: int,
                           stats_launch: bool = False) -> tuple[int, int, int]:
-    """Moved bytes, executed FLOPs and the smallest launch's programs of the "chunks" column step (stats_launch:
+    """Moved bytes, executed FLOPs and the smallest launch's programs of the column step (stats_launch:
     of its launches 1 alone). Per group of n rows: launch 1 reads each (row block, chunk) tile once and writes
     8 bytes of stats per row and chunk; launch 2 reads the group's logits again, from L2 when they fit in half
     of it (hbm_bytes's residency rule, carried over the two back-to-back launches of one group: nothing runs
@@ -465,25 +432,19 @@ def compile_specs() -> list[dict]:
         for rows in sorted(set(PRODUCTION_ROWS.values())):
             plan = launch_plan(MODE_COLUMN, rows, PRODUCTION_K, PRODUCTION_SMS, e)
             column = {"BLOCK_R": plan["BLOCK_R"], "BLOCK_K": plan["BLOCK_K"]}
-            if plan["form"] == "rows":
-                specs.append({
-                    **common, "name": f"dino_teacher_sk_column_{name}_{rows}rows", "fn": _column_kernel,
-                    "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "partial_ptr": "*fp32", **scalars},
-                    "constexprs": column, "efficiency": counts(MODE_COLUMN, rows),
-                })
-            else:  # the column row counts the whole step (both launches and torch), the stats row launch 1 alone
-                specs.append({
-                    **common, "name": f"dino_teacher_sk_column_{name}_{rows}rows", "fn": _chunk_column_kernel,
-                    "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*fp32",
-                                  "R": "i32", "K": "i32", "CHUNKS": "i32", "scale": "fp32"},
-                    "constexprs": {**column, "BLOCK_C": plan["BLOCK_C"]}, "efficiency": counts(MODE_COLUMN, rows),
-                })
-                specs.append({
-                    **common, "name": f"dino_teacher_sk_column_stats_{name}_{rows}rows", "fn": _chunk_stats_kernel,
-                    "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "stats_ptr": "*fp32", "R": "i32",
-                                  "K": "i32", "CHUNK": "i32", "scale": "fp32"},
-                    "constexprs": column, "efficiency": counts(MODE_COLUMN, rows, stats_launch=True),
-                })
+            # the column row counts the whole step (both launches and torch), the stats row launch 1 alone
+            specs.append({
+                **common, "name": f"dino_teacher_sk_column_{name}_{rows}rows", "fn": _chunk_column_kernel,
+                "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*fp32",
+                              "R": "i32", "K": "i32", "CHUNKS": "i32", "scale": "fp32"},
+                "constexprs": {**column, "BLOCK_C": plan["BLOCK_C"]}, "efficiency": counts(MODE_COLUMN, rows),
+            })
+            specs.append({
+                **common, "name": f"dino_teacher_sk_column_stats_{name}_{rows}rows", "fn": _chunk_stats_kernel,
+                "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "stats_ptr": "*fp32", "R": "i32",
+                              "K": "i32", "CHUNK": "i32", "scale": "fp32"},
+                "constexprs": column, "efficiency": counts(MODE_COLUMN, rows, stats_launch=True),
+            })
             specs.append({
                 **common, "name": f"dino_teacher_sk_colmax_{name}_{rows}rows", "fn": _colmax_kernel,
                 "signature": {"logits_ptr": ptr, "out_ptr": "*fp32", **scalars},
