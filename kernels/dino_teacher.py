@@ -28,28 +28,32 @@ and rescaled sum s, pass 2 recomputes y and writes the probabilities: exp2(y2 - 
 log2-normaliser n = m2 + log2(s) folded into the exponent for Sinkhorn, whose bias brings y2 to a few
 units around 0; exp(y - m) / s for the centred softmax, whose |y| reaches ~2000 in the tests (logits
 +-50, tau 0.04), where n rounds to 1e-4 per row and rows would no longer sum to 1 within the flash-attn
-rule (up to 28x over it where one probability is ~1). MODE_COLUMN (one Sinkhorn iteration) runs the same
-pass 1 per block of BLOCK_R rows, then pass 2 sums exp2(y2 - n) down the block's rows into a partial
-column sum (row blocks, K) fp32 that torch adds up in a fixed order: one launch reads the logits once
-from HBM (pass 2 re-reads the block's rows from L2), where row statistics and column sums as two
-launches read them twice. No atomics: deterministic. BLOCK_R trades partial bytes (4 K per row block,
-written, then read by torch) against programs: 16 rows for 2-byte logits and 8 for fp32 keep that round
-trip at 1/4 of the logit bytes, leaving R / BLOCK_R programs (8 at DINOv2's 128 class-token rows per
-GPU: too few to fill an H100, a cost the roofline model does not see; 512 at iBOT's 8192 masked patches,
-where a wave's rows are far over L2 and pass 2 likely reads HBM again on a GPU: docs/kernels.md).
-MODE_COLMAX runs one program per chunk of BLOCK_K prototypes over all rows (an online column max and
-sum), so each program owns its columns outright. Nothing of size (R, K) is allocated besides the output
-(the column step's partials are (R / BLOCK_R, K)).
+rule (up to 28x over it where one probability is ~1). MODE_COLUMN (one Sinkhorn iteration) needs each
+row's normaliser before its column sums, so it is two launches per group of rows: launch 1 runs pass 1
+over (row block, prototype chunk) tiles and writes each row's chunk max and sum (rows, chunks, 2) fp32
+(tiny); launch 2 runs one program per BLOCK_K prototypes down the group's rows, combines its rows' chunk
+statistics into n and adds exp2(y2 - n) down each column, writing complete column sums (no atomics:
+deterministic), which torch adds over the groups. Both launches have about two programs per SM at any R
+(DINOv2's 128 class-token rows per GPU: 256 + 256 on an H100, where one program per 16-row block made 8).
+Launch 2 re-reads the rows launch 1 just read: from L2 when the group's logits fit in half of it, so a
+group is COLUMN_GROUP_BYTES (16 MiB: 128 bf16 rows of 65536 prototypes; fp32 takes two groups) while that
+makes at most MAX_COLUMN_GROUPS groups; beyond (iBOT's 8192 masked patches, 1-2 GB) one group, whose
+second read comes from HBM (2x the floor; a program per row block would re-read a wave's ~1.3 GB of rows
+from HBM too, plus its partials). MODE_COLMAX runs one program per chunk of BLOCK_K prototypes over all
+rows (an online column max and sum), so each program owns its columns outright. Nothing of size (R, K) is
+allocated besides the output.
 
 Cost per call (e = bytes per logit; FLOPs per element, an FMA counted as 2): MODE_SOFTMAX moves
-R K e + 4 R K bytes (the second read of a row block comes from L2) and executes 6 + 4 = 10 FLOPs for
-Sinkhorn (pass 1: FMA, max, subtract, exp2, add; pass 2: FMA, subtract, exp2), 6 + 5 = 11 centred (pass
-2: subtract, multiply, subtract, exp, multiply by 1 / s) against the op's 7; MODE_COLUMN
-R K e + 8 R K / BLOCK_R + 8 K bytes and 6 + 5 = 11 FLOPs (pass 2: FMA, subtract, exp2, column add)
-against the op's 8 (its column sum weights each row's exponentials by 1 / s: a multiply-add);
-MODE_COLMAX R K e + 8 K bytes and 5 FLOPs (multiply, max, subtract, exp2, add). Sinkhorn-Knopp with n
-iterations reads the logits n + 1 times and writes 4 R K, against DINOv2's eager ~(4 + 6 n) passes of
-4 R K bytes (exp, sums, in-place divisions) and a full fp32 copy of the logits.
+R K e + 4 R K bytes when a wave's rows fit in half of L2 (the second read of a row block comes from
+there; else R K e more) and executes 6 + 4 = 10 FLOPs for Sinkhorn (pass 1: FMA, max, subtract, exp2,
+add; pass 2: FMA, subtract, exp2), 6 + 5 = 11 centred (pass 2: subtract, multiply, subtract, exp,
+multiply by 1 / s) against the op's 7; MODE_COLUMN R K e + 8 K bytes and the stats (8 bytes per row and
+chunk) when its groups stay in L2 (else 2 R K e), 6 + 5 = 11 FLOPs (launch 2: FMA, subtract, exp2,
+column add) plus the stats combine (5 per row, chunk and program) against the op's 8 (its column sum
+weights each row's exponentials by 1 / s: a multiply-add); MODE_COLMAX R K e + 8 K bytes and 5 FLOPs
+(multiply, max, subtract, exp2, add). Sinkhorn-Knopp with n iterations at few rows reads the logits
+n + 1 times from HBM and writes 4 R K, against DINOv2's eager ~(4 + 6 n) passes of 4 R K bytes (exp,
+sums, in-place divisions) and a full fp32 copy of the logits.
 """
 
 import math
@@ -73,12 +77,12 @@ LOG2E = 1.0 / math.log(2.0)
 GPU_BLOCK_K = {1: 512, 8: 256}  # by BLOCK_R
 GPU_NUM_WARPS = 4
 INTERPRETER_BLOCK_K = 4096
-# MODE_COLMAX: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows. The few-rows column step
-# uses the same tiles for both of its launches.
+# MODE_COLMAX: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows; MODE_COLUMN's two launches
+# take the same tiles.
 GPU_COLMAX_BLOCKS = (8, 256)
 INTERPRETER_COLMAX_BLOCKS = (16, 256)
-# MODE_COLUMN at few rows: rows per group of launches, so that a group's logits (at most 16 MiB) stay in L2 from
-# launch 1 to launch 2 (half of an A100's 40 MB L2, the compile report's residency rule; H100: 50 MB).
+# MODE_COLUMN: rows per group of launches, so that a group's logits (at most 16 MiB) stay in L2 from launch 1 to
+# launch 2 (under half of an A100's 40 MB L2, the compile report's residency rule; H100: 50 MB).
 COLUMN_GROUP_BYTES = 16 << 20
 MAX_COLUMN_GROUPS = 4  # more rows: one group, launch 2 reads them from HBM again (a launch pair per 16 MiB costs more)
 
