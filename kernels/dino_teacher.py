@@ -33,8 +33,9 @@ row's normaliser before its column sums, so it is two launches per group of rows
 over (row block, prototype chunk) tiles and writes each row's chunk max and sum (rows, chunks, 2) fp32
 (tiny); launch 2 runs one program per BLOCK_K prototypes down the group's rows, combines its rows' chunk
 statistics into n and adds exp2(y2 - n) down each column, writing complete column sums (no atomics:
-deterministic), which torch adds over the groups. Both launches have about two programs per SM at any R
-(DINOv2's 128 class-token rows per GPU: 256 + 256 on an H100, where one program per 16-row block made 8).
+deterministic), which torch adds over the groups. Launch 1 splits K so that it has about two programs
+per SM at any R, launch 2 has K / BLOCK_K (DINOv2's 128 class-token rows per GPU, K = 65536: 256 + 256 on
+an H100, where one program per 16-row block made 8).
 Launch 2 re-reads the rows launch 1 just read: from L2 when the group's logits fit in half of it, so a
 group is COLUMN_GROUP_BYTES (16 MiB: 128 bf16 rows of 65536 prototypes; fp32 takes two groups) while that
 makes at most MAX_COLUMN_GROUPS groups; beyond (iBOT's 8192 masked patches, 1-2 GB) one group, whose
@@ -153,7 +154,7 @@ def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.conste
 @triton.jit
 def _chunk_stats_kernel(logits_ptr, bias_ptr, stats_ptr, R, K, CHUNK, scale, BLOCK_R: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    """MODE_COLUMN at few rows, launch 1: program (b, c) finds the max m2 and sum of exp2(y2 - m2) of row block
+    """MODE_COLUMN, launch 1: program (b, c) finds the max m2 and sum of exp2(y2 - m2) of row block
     b over prototype chunk c -> stats (rows, chunks, 2) fp32."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     chunk = tl.program_id(1)
@@ -169,7 +170,7 @@ def _chunk_stats_kernel(logits_ptr, bias_ptr, stats_ptr, R, K, CHUNK, scale, BLO
 @triton.jit
 def _chunk_column_kernel(logits_ptr, bias_ptr, stats_ptr, out_ptr, R, K, CHUNKS, scale, BLOCK_R: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-    """MODE_COLUMN at few rows, launch 2: one program per BLOCK_K prototypes over all R rows. Per block of rows it
+    """MODE_COLUMN, launch 2: one program per BLOCK_K prototypes over all R rows of a group. Per block of rows it
     combines launch 1's chunk statistics into the row log2-normaliser n = m2 + log2(s) and adds exp2(y2 - n)
     down each column -> out (K,) fp32, the column sums complete (no partials)."""
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -360,10 +361,10 @@ def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent
         floor = {"flops": 7 * R * K, "bytes": R * K * e + 4 * R * K + 4 * K}
         executed = (11 if center else 10) * padded + 5 * block_r * tiles
     elif mode == MODE_COLUMN and stats_launch:  # launch 1 alone: the rows' logsumexp, in pieces
-        moved, executed, programs = _column_chunks_counts(plan, R, K, e, concurrent, l2_bytes, stats_launch)
+        moved, executed, programs = _column_counts(plan, R, K, e, concurrent, l2_bytes, stats_launch)
         floor = {"flops": 6 * R * K, "bytes": R * K * e + 4 * K + 4 * R}
     elif mode == MODE_COLUMN:
-        moved, executed, programs = _column_chunks_counts(plan, R, K, e, concurrent, l2_bytes)
+        moved, executed, programs = _column_counts(plan, R, K, e, concurrent, l2_bytes)
         floor = {"flops": 8 * R * K, "bytes": R * K * e + 8 * K}
     else:  # program c: a chunk of columns over all rows
         cols = lambda c: min(block_k, K - c * block_k)  # noqa: E731
@@ -377,13 +378,13 @@ def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent
             "moved_bytes": moved, "flop_kind": "fp32", "programs": programs}
 
 
-def _column_chunks_counts(plan: dict, R: int, K: int, e: int, concurrent: int, l2_bytes: int,
-                          stats_launch: bool = False) -> tuple[int, int, int]:
-    """Moved bytes, executed FLOPs and the smallest launch's programs of the column step (stats_launch:
-    of its launches 1 alone). Per group of n rows: launch 1 reads each (row block, chunk) tile once and writes
-    8 bytes of stats per row and chunk; launch 2 reads the group's logits again, from L2 when they fit in half
-    of it (hbm_bytes's residency rule, carried over the two back-to-back launches of one group: nothing runs
-    between them), else from HBM; it reads all the group's stats and writes the group's (K,) column sums.
+def _column_counts(plan: dict, R: int, K: int, e: int, concurrent: int, l2_bytes: int,
+                   stats_launch: bool = False) -> tuple[int, int, int]:
+    """Moved bytes, executed FLOPs and the smallest launch's programs of the column step (stats_launch: of
+    each group's launch 1 alone). Per group of n rows: launch 1 reads each (row block, chunk) tile once and
+    writes 8 bytes of stats per row and chunk; launch 2 reads the group's logits again, from L2 when they fit
+    in half of it (hbm_bytes's residency rule, carried over the two back-to-back launches of one group:
+    nothing runs between them), else from HBM; it reads all the group's stats and writes its (K,) sums.
     Executed: 6 per padded element and the online rescale (5 per row and tile) in launch 1; 5 per padded
     element (FMA, subtract, exp2, column add) and the stats combine (max, subtract, exp2, multiply-add over
     BLOCK_C slots; log2, add per row) in launch 2; torch's sum of the group partials and bias - log2(sum)."""
