@@ -28,28 +28,33 @@ and rescaled sum s, pass 2 recomputes y and writes the probabilities: exp2(y2 - 
 log2-normaliser n = m2 + log2(s) folded into the exponent for Sinkhorn, whose bias brings y2 to a few
 units around 0; exp(y - m) / s for the centred softmax, whose |y| reaches ~2000 in the tests (logits
 +-50, tau 0.04), where n rounds to 1e-4 per row and rows would no longer sum to 1 within the flash-attn
-rule (up to 28x over it where one probability is ~1). MODE_COLUMN (one Sinkhorn iteration) runs the same
-pass 1 per block of BLOCK_R rows, then pass 2 sums exp2(y2 - n) down the block's rows into a partial
-column sum (row blocks, K) fp32 that torch adds up in a fixed order: one launch reads the logits once
-from HBM (pass 2 re-reads the block's rows from L2), where row statistics and column sums as two
-launches read them twice. No atomics: deterministic. BLOCK_R trades partial bytes (4 K per row block,
-written, then read by torch) against programs: 16 rows for 2-byte logits and 8 for fp32 keep that round
-trip at 1/4 of the logit bytes, leaving R / BLOCK_R programs (8 at DINOv2's 128 class-token rows per
-GPU: too few to fill an H100, a cost the roofline model does not see; 512 at iBOT's 8192 masked patches,
-where a wave's rows are far over L2 and pass 2 likely reads HBM again on a GPU: docs/kernels.md).
-MODE_COLMAX runs one program per chunk of BLOCK_K prototypes over all rows (an online column max and
-sum), so each program owns its columns outright. Nothing of size (R, K) is allocated besides the output
-(the column step's partials are (R / BLOCK_R, K)).
+rule (up to 28x over it where one probability is ~1). MODE_COLUMN (one Sinkhorn iteration) needs each
+row's normaliser before its column sums, so it is two launches per group of rows: launch 1 runs pass 1
+over (row block, prototype chunk) tiles and writes each row's chunk max and sum (rows, chunks, 2) fp32
+(tiny); launch 2 runs one program per BLOCK_K prototypes down the group's rows, combines its rows' chunk
+statistics into n and adds exp2(y2 - n) down each column, writing complete column sums (no atomics:
+deterministic), which torch adds over the groups. Launch 1 splits K so that it has about two programs
+per SM at any R, launch 2 has K / BLOCK_K (DINOv2's 128 class-token rows per GPU, K = 65536: 256 + 256 on
+an H100, where one program per 16-row block made 8).
+Launch 2 re-reads the rows launch 1 just read: from L2 when the group's logits fit in half of it, so a
+group is COLUMN_GROUP_BYTES (16 MiB: 128 bf16 rows of 65536 prototypes; fp32 takes two groups) while that
+makes at most MAX_COLUMN_GROUPS groups; beyond (iBOT's 8192 masked patches, 1-2 GB) one group, whose
+second read comes from HBM (2x the floor; a program per row block would re-read a wave's ~1.3 GB of rows
+from HBM too, plus its partials). MODE_COLMAX runs one program per chunk of BLOCK_K prototypes over all
+rows (an online column max and sum), so each program owns its columns outright. Nothing of size (R, K) is
+allocated besides the output.
 
 Cost per call (e = bytes per logit; FLOPs per element, an FMA counted as 2): MODE_SOFTMAX moves
-R K e + 4 R K bytes (the second read of a row block comes from L2) and executes 6 + 4 = 10 FLOPs for
-Sinkhorn (pass 1: FMA, max, subtract, exp2, add; pass 2: FMA, subtract, exp2), 6 + 5 = 11 centred (pass
-2: subtract, multiply, subtract, exp, multiply by 1 / s) against the op's 7; MODE_COLUMN
-R K e + 8 R K / BLOCK_R + 8 K bytes and 6 + 5 = 11 FLOPs (pass 2: FMA, subtract, exp2, column add)
-against the op's 8 (its column sum weights each row's exponentials by 1 / s: a multiply-add);
-MODE_COLMAX R K e + 8 K bytes and 5 FLOPs (multiply, max, subtract, exp2, add). Sinkhorn-Knopp with n
-iterations reads the logits n + 1 times and writes 4 R K, against DINOv2's eager ~(4 + 6 n) passes of
-4 R K bytes (exp, sums, in-place divisions) and a full fp32 copy of the logits.
+R K e + 4 R K bytes when a wave's rows fit in half of L2 (the second read of a row block comes from
+there; else R K e more) and executes 6 + 4 = 10 FLOPs for Sinkhorn (pass 1: FMA, max, subtract, exp2,
+add; pass 2: FMA, subtract, exp2), 6 + 5 = 11 centred (pass 2: subtract, multiply, subtract, exp,
+multiply by 1 / s) against the op's 7; MODE_COLUMN R K e + 8 K bytes and the stats (8 bytes per row and
+chunk) when its groups stay in L2 (else 2 R K e), 6 + 5 = 11 FLOPs (launch 2: FMA, subtract, exp2,
+column add) plus the stats combine (5 per row, chunk and program) against the op's 8 (its column sum
+weights each row's exponentials by 1 / s: a multiply-add); MODE_COLMAX R K e + 8 K bytes and 5 FLOPs
+(multiply, max, subtract, exp2, add). Sinkhorn-Knopp with n iterations at few rows reads the logits
+n + 1 times from HBM and writes 4 R K, against DINOv2's eager ~(4 + 6 n) passes of 4 R K bytes (exp,
+sums, in-place divisions) and a full fp32 copy of the logits.
 """
 
 import math
@@ -59,7 +64,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, check_positive, check_tensor, hbm_bytes, interpreted, pad, sm_count
+from ._common import TRITON_DTYPE, check_positive, check_tensor, hbm_bytes, interpreted, num_splits, pad, sm_count
+from .gpus import BY_CAPABILITY, GPUS
 from .reference import sinkhorn_first_shift
 
 MODE_SOFTMAX, MODE_COLUMN, MODE_COLMAX = 0, 1, 2
@@ -72,13 +78,14 @@ LOG2E = 1.0 / math.log(2.0)
 GPU_BLOCK_K = {1: 512, 8: 256}  # by BLOCK_R
 GPU_NUM_WARPS = 4
 INTERPRETER_BLOCK_K = 4096
-# MODE_COLUMN: rows per block by logit bytes (partials of 4 K bytes per block: 1/8 of the block's logits),
-# (16, 128) / (8, 256) tiles: 16 fp32 values per thread, as the softmax's (8, 256).
-GPU_COLUMN_BLOCK_R = {2: 16, 4: 8}
-GPU_COLUMN_BLOCK_K = {16: 128, 8: 256}
-# MODE_COLMAX: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows.
+# MODE_COLMAX: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows; MODE_COLUMN's two launches
+# take the same tiles.
 GPU_COLMAX_BLOCKS = (8, 256)
 INTERPRETER_COLMAX_BLOCKS = (16, 256)
+# MODE_COLUMN: rows per group of launches, so that a group's logits (at most 16 MiB) stay in L2 from launch 1 to
+# launch 2 (under half of an A100's 40 MB L2, the compile report's residency rule; H100: 50 MB).
+COLUMN_GROUP_BYTES = 16 << 20
+MAX_COLUMN_GROUPS = 4  # more rows: one group, launch 2 reads them from HBM again (a launch pair per 16 MiB costs more)
 
 
 @triton.jit
@@ -102,16 +109,16 @@ def _exp(x, CENTER: tl.constexpr):
 
 
 @triton.jit
-def _row_max_sum(logits_ptr, vec_ptr, row_offset, row_mask, K, scale, CENTER: tl.constexpr,
+def _row_max_sum(logits_ptr, vec_ptr, row_offset, row_mask, k_start, k_end, scale, CENTER: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Pass 1: the row max m of y and sum_k exp(y - m) of BLOCK_R rows (exp2 in base 2), one online pass over
-    K (the sum rescaled as m grows). Rows past R come out m = 0, sum = 1: their lanes are -inf, so pass 2
-    gives them exp(-inf) = 0 with no NaN."""
+    """Pass 1: the row max m of y and sum_k exp(y - m) of BLOCK_R rows over the columns [k_start, k_end) (exp2
+    in base 2), one online pass (the sum rescaled as m grows). Rows past R come out m = 0, sum = 1: their
+    lanes are -inf, so pass 2 gives them exp(-inf) = 0 with no NaN."""
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_R], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        y = _logit_tile(logits_ptr, vec_ptr, row_offset, row_mask, cols, cols < K, scale, CENTER)
+        y = _logit_tile(logits_ptr, vec_ptr, row_offset, row_mask, cols, cols < k_end, scale, CENTER)
         m_new = tl.maximum(m, tl.max(y, axis=1))
         m_ref = tl.where(row_mask, m_new, 0.0)  # rows past R: exp(-inf - 0) = 0, not NaN
         row_sum = row_sum * _exp(m - m_ref, CENTER) + tl.sum(_exp(y - m_ref[:, None], CENTER), axis=1)
@@ -128,7 +135,7 @@ def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.conste
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     row_offset = rows.to(tl.int64)[:, None] * K
-    m, row_sum = _row_max_sum(logits_ptr, vec_ptr, row_offset, row_mask, K, scale, CENTER, BLOCK_R, BLOCK_K)
+    m, row_sum = _row_max_sum(logits_ptr, vec_ptr, row_offset, row_mask, 0, K, scale, CENTER, BLOCK_R, BLOCK_K)
     if CENTER:
         inv_sum = 1.0 / row_sum
     else:
@@ -145,21 +152,43 @@ def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.conste
 
 
 @triton.jit
-def _column_kernel(logits_ptr, bias_ptr, partial_ptr, R, K, scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """MODE_COLUMN: one block of BLOCK_R rows: pass 1 its row normalisers, pass 2 its softmax rows summed
-    down each column -> partial_ptr[block] (K,) fp32."""
-    block = tl.program_id(0)
-    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+def _chunk_stats_kernel(logits_ptr, bias_ptr, stats_ptr, R, K, CHUNK, scale, BLOCK_R: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """MODE_COLUMN, launch 1: program (b, c) finds the max m2 and sum of exp2(y2 - m2) of row block
+    b over prototype chunk c -> stats (rows, chunks, 2) fp32."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    chunk = tl.program_id(1)
     row_mask = rows < R
-    row_offset = rows.to(tl.int64)[:, None] * K
-    m, row_sum = _row_max_sum(logits_ptr, bias_ptr, row_offset, row_mask, K, scale, False, BLOCK_R, BLOCK_K)
-    norm = m + tl.log2(row_sum)
-    partial_row = partial_ptr + block.to(tl.int64) * K
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        y = _logit_tile(logits_ptr, bias_ptr, row_offset, row_mask, cols, col_mask, scale, False)
-        tl.store(partial_row + cols, tl.sum(tl.exp2(y - norm[:, None]), axis=0), mask=col_mask)
+    k_start = chunk * CHUNK
+    m, row_sum = _row_max_sum(logits_ptr, bias_ptr, rows.to(tl.int64)[:, None] * K, row_mask, k_start,
+                              tl.minimum(k_start + CHUNK, K), scale, False, BLOCK_R, BLOCK_K)
+    out = stats_ptr + (rows * tl.num_programs(1) + chunk) * 2
+    tl.store(out, m, mask=row_mask)
+    tl.store(out + 1, row_sum, mask=row_mask)
+
+
+@triton.jit
+def _chunk_column_kernel(logits_ptr, bias_ptr, stats_ptr, out_ptr, R, K, CHUNKS, scale, BLOCK_R: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """MODE_COLUMN, launch 2: one program per BLOCK_K prototypes over all R rows of a group. Per block of rows it
+    combines launch 1's chunk statistics into the row log2-normaliser n = m2 + log2(s) and adds exp2(y2 - n)
+    down each column -> out (K,) fp32, the column sums complete (no partials)."""
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    chunks = tl.arange(0, BLOCK_C)
+    col_sum = tl.zeros([BLOCK_K], tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_mask = rows < R
+        stat = stats_ptr + (rows[:, None] * CHUNKS + chunks[None, :]) * 2
+        stat_mask = row_mask[:, None] & (chunks < CHUNKS)[None, :]
+        chunk_max = tl.load(stat, mask=stat_mask, other=float("-inf"))
+        m = tl.where(row_mask, tl.max(chunk_max, axis=1), 0.0)  # rows past R: keep exp2 finite
+        row_sum = tl.sum(tl.load(stat + 1, mask=stat_mask, other=0.0) * tl.exp2(chunk_max - m[:, None]), axis=1)
+        norm = m + tl.log2(tl.where(row_mask, row_sum, 1.0))  # rows past R: 0, their -inf lanes add exp2 = 0
+        y = _logit_tile(logits_ptr, bias_ptr, rows.to(tl.int64)[:, None] * K, row_mask, cols, col_mask, scale, False)
+        col_sum += tl.sum(tl.exp2(y - norm[:, None]), axis=0)
+    tl.store(out_ptr + cols, col_sum, mask=col_mask)
 
 
 @triton.jit
@@ -186,18 +215,26 @@ def _colmax_kernel(logits_ptr, out_ptr, R, K, scale, BLOCK_R: tl.constexpr, BLOC
 def launch_plan(mode: int, R: int, K: int, sms: int, dtype_bytes: int = 2, interpreter: bool = False) -> dict:
     """BLOCK_R, BLOCK_K and the grid of one mode: the one place the launcher and efficiency() read them.
     MODE_SOFTMAX: one program per BLOCK_R rows (BLOCK_R = 1 keeps every SM busy for the 32-256 class-token
-    rows per GPU); MODE_COLUMN: one program per BLOCK_R rows (GPU_COLUMN_BLOCK_R by logit bytes);
-    MODE_COLMAX: one program per BLOCK_K prototypes (256 programs at K = 65536)."""
+    rows per GPU); MODE_COLMAX: one program per BLOCK_K prototypes (256 programs at K = 65536);
+    MODE_COLUMN: per group of group_rows rows, launch 1 over stats_grid (row blocks x prototype chunks of CHUNK,
+    about 2 programs per SM) and launch 2 over grid (one program per BLOCK_K prototypes); groups of
+    COLUMN_GROUP_BYTES of logits, so that launch 2 finds them in L2, where that takes at most MAX_COLUMN_GROUPS,
+    else one group."""
     if mode == MODE_SOFTMAX:
         block_r = 1 if R <= 2 * sms else 8
         block_k = INTERPRETER_BLOCK_K if interpreter else GPU_BLOCK_K[block_r]
         return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(R, block_r),)}
-    if mode == MODE_COLUMN:
-        block_r = GPU_COLUMN_BLOCK_R[dtype_bytes]
-        block_k = INTERPRETER_BLOCK_K if interpreter else GPU_COLUMN_BLOCK_K[block_r]
-        return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(R, block_r),)}
     block_r, block_k = INTERPRETER_COLMAX_BLOCKS if interpreter else GPU_COLMAX_BLOCKS
-    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(K, block_k),)}
+    if mode == MODE_COLMAX:
+        return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(K, block_k),)}
+    group_rows = min(R, max(1, COLUMN_GROUP_BYTES // (K * dtype_bytes)))
+    if triton.cdiv(R, group_rows) > MAX_COLUMN_GROUPS:
+        group_rows = R
+    row_blocks = triton.cdiv(group_rows, block_r)
+    chunks, chunk = num_splits(K, row_blocks, block_k, 2 * sms)
+    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "CHUNK": chunk, "chunks": chunks,
+            "BLOCK_C": triton.next_power_of_2(chunks), "group_rows": group_rows, "groups": triton.cdiv(R, group_rows),
+            "stats_grid": (row_blocks, chunks), "grid": (triton.cdiv(K, block_k),)}
 
 
 def _launch(mode: int, logits: torch.Tensor, scale: float, vec: torch.Tensor | None = None,
@@ -217,8 +254,17 @@ def _launch(mode: int, logits: torch.Tensor, scale: float, vec: torch.Tensor | N
         out = torch.empty((2, K), dtype=torch.float32, device=device)
         _colmax_kernel[plan["grid"]](logits, out, R, K, scale, **tiles)
         return out
-    partial = torch.empty((plan["grid"][0], K), dtype=torch.float32, device=device)
-    _column_kernel[plan["grid"]](logits, vec, partial, R, K, scale, **tiles)
+    # a group's launch 2 re-reads the rows launch 1 just read (from L2 when they are COLUMN_GROUP_BYTES); the
+    # groups run one after the other on the stream, so they share one stats buffer
+    group_rows, chunks = plan["group_rows"], plan["chunks"]
+    stats = torch.empty((group_rows, chunks, 2), dtype=torch.float32, device=device)
+    partial = torch.empty((plan["groups"], K), dtype=torch.float32, device=device)
+    for group in range(plan["groups"]):
+        rows = logits[group * group_rows:(group + 1) * group_rows]
+        stats_grid = (triton.cdiv(rows.shape[0], plan["BLOCK_R"]), chunks)
+        _chunk_stats_kernel[stats_grid](rows, vec, stats, rows.shape[0], K, plan["CHUNK"], scale, **tiles)
+        _chunk_column_kernel[plan["grid"]](rows, vec, stats, partial[group], rows.shape[0], K, chunks, scale,
+                                           BLOCK_C=plan["BLOCK_C"], **tiles)
     return partial.sum(dim=0)
 
 
@@ -286,10 +332,12 @@ def roofline_cost(R: int, K: int, dtype_bytes: int = 2, n_iterations: int = 0) -
 # iBOT's masked patch tokens (about 8192 rows, BLOCK_R = 8), K = 65536 prototypes.
 PRODUCTION_ROWS = {1: 128, 8: 8192}
 PRODUCTION_K = 65536
+# The column step's plan in the compile report: H100's SMs (A100's 108 give the same BLOCK_C).
+PRODUCTION_SMS = GPUS[BY_CAPABILITY[90]]["sms"]
 
 
 def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent: int, l2_bytes: int,
-               center: bool = False) -> dict:
+               center: bool = False, stats_launch: bool = False) -> dict:
     """Useful / executed FLOPs and minimum / moved HBM bytes of one mode from launch_plan's tiles and grid
     (docs/kernels.md, "Efficiency counts"), torch's K-vector and partial-sum ops included. Useful: one read
     of the logits and one pass of the math per element (softmax: FMA 2, max, subtract, exp, row sum,
@@ -303,21 +351,21 @@ def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent
     padded = pad(R, block_r) * pad(K, block_k)
     tiles = (pad(R, block_r) // block_r) * (pad(K, block_k) // block_k)
     rows = lambda b: min(block_r, R - b * block_r)  # noqa: E731
-    if mode == MODE_SOFTMAX:  # program b: a block of rows, all K, read twice (once per wave), probs written
+    if mode == MODE_SOFTMAX:  # program b: a block of rows, all K, read twice, probs written
         sizes = {"logits": R * K * e, "probs": 4 * R * K, "vec": 4 * K}
         touches = lambda b, _y, _z: [("vec", 0, 4 * K), ("logits", b, rows(b) * K * e),  # noqa: E731
                                      ("probs", b, 4 * rows(b) * K)]
         moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes)
+        if min(programs, concurrent) * block_r * K * e > l2_bytes // 2:  # pass 2 of a wave's rows misses L2
+            moved += R * K * e
         floor = {"flops": 7 * R * K, "bytes": R * K * e + 4 * R * K + 4 * K}
         executed = (11 if center else 10) * padded + 5 * block_r * tiles
-    elif mode == MODE_COLUMN:  # program b: a block of rows, all K, read twice (once per wave), partials written
-        sizes = {"logits": R * K * e, "partials": 4 * programs * K, "bias": 4 * K}
-        touches = lambda b, _y, _z: [("bias", 0, 4 * K), ("logits", b, rows(b) * K * e),  # noqa: E731
-                                     ("partials", b, 4 * K)]
-        # + torch: the sum of the partials, then bias - log2(sum)
-        moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes) + 4 * programs * K + 24 * K
+    elif mode == MODE_COLUMN and stats_launch:  # launch 1 alone: the rows' logsumexp, in pieces
+        moved, executed, programs = _column_counts(plan, R, K, e, concurrent, l2_bytes, stats_launch)
+        floor = {"flops": 6 * R * K, "bytes": R * K * e + 4 * K + 4 * R}
+    elif mode == MODE_COLUMN:
+        moved, executed, programs = _column_counts(plan, R, K, e, concurrent, l2_bytes)
         floor = {"flops": 8 * R * K, "bytes": R * K * e + 8 * K}
-        executed = 11 * padded + 5 * block_r * tiles + programs * K + 2 * K
     else:  # program c: a chunk of columns over all rows
         cols = lambda c: min(block_k, K - c * block_k)  # noqa: E731
         sizes = {"logits": R * K * e, "out": 8 * K}
@@ -327,7 +375,45 @@ def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent
         floor = {"flops": 5 * R * K, "bytes": R * K * e + 8 * K}
         executed = 5 * padded + 5 * block_k * tiles + 4 * K
     return {"useful_flops": floor["flops"], "executed_flops": executed, "min_bytes": floor["bytes"],
-            "moved_bytes": moved, "flop_kind": "fp32"}
+            "moved_bytes": moved, "flop_kind": "fp32", "programs": programs}
+
+
+def _column_counts(plan: dict, R: int, K: int, e: int, concurrent: int, l2_bytes: int,
+                   stats_launch: bool = False) -> tuple[int, int, int]:
+    """Moved bytes, executed FLOPs and the smallest launch's programs of the column step (stats_launch: of
+    each group's launch 1 alone). Per group of n rows: launch 1 reads each (row block, chunk) tile once and
+    writes 8 bytes of stats per row and chunk; launch 2 reads the group's logits again, from L2 when they fit
+    in half of it (hbm_bytes's residency rule, carried over the two back-to-back launches of one group:
+    nothing runs between them), else from HBM; it reads all the group's stats and writes its (K,) sums.
+    Executed: 6 per padded element and the online rescale (5 per row and tile) in launch 1; 5 per padded
+    element (FMA, subtract, exp2, column add) and the stats combine (max, subtract, exp2, multiply-add over
+    BLOCK_C slots; log2, add per row) in launch 2; torch's sum of the group partials and bias - log2(sum)."""
+    block_r, block_k, group_rows, chunk, chunks = (plan[k] for k in ("BLOCK_R", "BLOCK_K", "group_rows", "CHUNK",
+                                                                     "chunks"))
+    cols = lambda c, width: min(width, K - c * width)  # noqa: E731
+    moved, executed, programs = 4 * plan["groups"] * K + 24 * K, plan["groups"] * K + 2 * K, plan["grid"][0]
+    if stats_launch:
+        moved, executed, programs = 0, 0, R * K
+    for group in range(plan["groups"]):
+        n = min(group_rows, R - group * group_rows)
+        rows = lambda b, n=n: min(block_r, n - b * block_r)  # noqa: E731
+        sizes = {"logits": n * K * e, "stats": 8 * n * chunks, "bias": 4 * K, "sums": 4 * K}
+        stats_grid = (-(-n // block_r), chunks)
+        stats_touches = lambda b, c, _z, rows=rows: [  # noqa: E731
+            ("bias", c, 4 * cols(c, chunk)), ("logits", (b, c), rows(b) * cols(c, chunk) * e),
+            ("stats", (b, c), 8 * rows(b))]
+        reread = n * K * e > l2_bytes // 2
+        column_touches = lambda c, _y, _z, n=n, reread=reread: [  # noqa: E731
+            ("bias", c, 4 * cols(c, block_k)), ("stats", 0, 8 * n * chunks), ("sums", c, 4 * cols(c, block_k)),
+            *([("logits", c, n * cols(c, block_k) * e)] if reread else [])]
+        padded_rows, tiles = pad(n, block_r), pad(K, block_k) // block_k
+        moved += hbm_bytes(stats_grid, stats_touches, sizes, concurrent, l2_bytes)
+        executed += 6 * padded_rows * tiles * block_k + 5 * padded_rows * tiles
+        programs = min(programs, stats_grid[0] * stats_grid[1])
+        if not stats_launch:
+            moved += hbm_bytes(plan["grid"], column_touches, sizes, concurrent, l2_bytes)
+            executed += 5 * padded_rows * tiles * block_k + plan["grid"][0] * padded_rows * (5 * plan["BLOCK_C"] + 2)
+    return moved, executed, programs
 
 
 def compile_specs() -> list[dict]:
@@ -347,14 +433,22 @@ def compile_specs() -> list[dict]:
                     "constexprs": {"CENTER": center, "BLOCK_R": block_r, "BLOCK_K": GPU_BLOCK_K[block_r]},
                     "efficiency": counts(MODE_SOFTMAX, PRODUCTION_ROWS[block_r], center=center),
                 })
-        column_r = GPU_COLUMN_BLOCK_R[e]
         colmax_r, colmax_k = GPU_COLMAX_BLOCKS
         for rows in sorted(set(PRODUCTION_ROWS.values())):
+            plan = launch_plan(MODE_COLUMN, rows, PRODUCTION_K, PRODUCTION_SMS, e)
+            column = {"BLOCK_R": plan["BLOCK_R"], "BLOCK_K": plan["BLOCK_K"]}
+            # the column row counts the whole step (both launches and torch), the stats row launch 1 alone
             specs.append({
-                **common, "name": f"dino_teacher_sk_column_{name}_{rows}rows", "fn": _column_kernel,
-                "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "partial_ptr": "*fp32", **scalars},
-                "constexprs": {"BLOCK_R": column_r, "BLOCK_K": GPU_COLUMN_BLOCK_K[column_r]},
-                "efficiency": counts(MODE_COLUMN, rows),
+                **common, "name": f"dino_teacher_sk_column_{name}_{rows}rows", "fn": _chunk_column_kernel,
+                "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*fp32",
+                              "R": "i32", "K": "i32", "CHUNKS": "i32", "scale": "fp32"},
+                "constexprs": {**column, "BLOCK_C": plan["BLOCK_C"]}, "efficiency": counts(MODE_COLUMN, rows),
+            })
+            specs.append({
+                **common, "name": f"dino_teacher_sk_column_stats_{name}_{rows}rows", "fn": _chunk_stats_kernel,
+                "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "stats_ptr": "*fp32", "R": "i32",
+                              "K": "i32", "CHUNK": "i32", "scale": "fp32"},
+                "constexprs": column, "efficiency": counts(MODE_COLUMN, rows, stats_launch=True),
             })
             specs.append({
                 **common, "name": f"dino_teacher_sk_colmax_{name}_{rows}rows", "fn": _colmax_kernel,
