@@ -2,6 +2,7 @@
 right) and the launch-time choices that differ between compiled kernels and the Triton interpreter.
 """
 
+import functools
 import os
 
 import torch
@@ -119,7 +120,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.cache
 def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (asked once per device), 4 for the interpreter's CPU tensors."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
