@@ -1,6 +1,7 @@
 """Model constructors (one registry), published-layout helpers and checkpoint loading."""
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,11 @@ def _input_metadata(meta: dict, path: Path) -> dict:
 
 
 def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], dict]:
-    """(model name, state_dict, input metadata) of a checkpoint file or folder."""
+    """(model name, state_dict, input metadata) of a checkpoint file or folder; ValueError for anything else."""
+    from terrafm.checkpoint_io import LATEST
+
+    if path.name == LATEST and path.is_file():  # a run's checkpoints/latest pointer: its folder resolves it
+        path = path.parent
     if path.is_dir():
         from terrafm.checkpoint_io import load_backbone_state, read_meta, resolve
 
@@ -81,14 +86,29 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            return meta.get("model"), {k: f.get_tensor(k) for k in f.keys()}, _input_metadata(meta, path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                return meta.get("model"), {k: f.get_tensor(k) for k in f.keys()}, _input_metadata(meta, path)
+        except Exception as err:  # safetensors' own error types vary by version; all mean "not readable"
+            raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
+    try:  # weights_only: a pickle that would run code is refused, never executed
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} is a pickle PyTorch's weights-only loader refuses (it names classes other than "
+                         "tensors and containers, or was not written by torch.save); terrafm never runs code from a "
+                         "file: save a plain state_dict instead") from err
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{path} is not a PyTorch checkpoint terrafm can read ({type(err).__name__}: {first}); "
+                         "expected a published .pth, an exported .safetensors or a `terrafm pretrain` "
+                         "checkpoint folder") from err
     for key in ("teacher", "model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
     return None, state, {}
 
@@ -106,6 +126,9 @@ def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> T
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     stored_name, state, inputs = _read_state_dict(path)
+    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.conv2d_s1.weight") if k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a TerraFM backbone: its state_dict has no {', '.join(missing)}")
     name = name or stored_name or infer_model_name(state)
     fusion = any(k.startswith(FUSION_PREFIX) for k in state)
     n_pos = state["pos_embed"].shape[1] - 1

@@ -237,6 +237,37 @@ def test_checkpoint_that_does_not_match_is_rejected(tmp_path):
         load_checkpoint(tmp_path / "nope.pth")
 
 
+class _RunsCode:
+    """A pickle that would call print(...) when unpickled: loading it must refuse, never run it."""
+
+    def __reduce__(self):
+        return (print, ("unpickling ran code",))
+
+
+@pytest.mark.parametrize("content", ["garbage", "truncated", "code", "not_tensors", "not_terrafm", "safetensors"])
+def test_files_from_elsewhere_get_one_clear_error(tmp_path, capsys, content):
+    """Whatever the file, load_checkpoint raises ValueError naming it (the CLI's exit 2), and runs nothing."""
+    import pickle
+
+    path = tmp_path / ("x.safetensors" if content == "safetensors" else "x.pth")
+    if content == "garbage":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif content == "truncated":
+        torch.save(build_model("terrafm_tiny").state_dict(), path)
+        path.write_bytes(path.read_bytes()[:5000])
+    elif content == "code":
+        path.write_bytes(pickle.dumps({"model": _RunsCode()}))
+    elif content == "not_tensors":
+        torch.save({"epoch": 3, "lr": 0.1}, path)
+    elif content == "not_terrafm":
+        torch.save({"fc.weight": torch.zeros(2, 2)}, path)
+    else:
+        path.write_text("not a safetensors header")
+    with pytest.raises(ValueError, match="x\\.(pth|safetensors)"):
+        load_checkpoint(path)
+    assert "unpickling ran code" not in capsys.readouterr().out
+
+
 def test_half_precision_forward():
     model = build_model("terrafm_tiny").to(torch.bfloat16).eval()
     with torch.no_grad():

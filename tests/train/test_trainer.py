@@ -111,6 +111,8 @@ def test_default_pretrain_on_the_sample_tiles_then_export_round_trip(tmp_path, c
     x = torch.randn(2, 12, 64, 64)
     model.eval(), loaded.eval()
     torch.testing.assert_close(model(x, "s2_l2a"), loaded(x, "s2_l2a"))
+    pointer = load_checkpoint(run_dir / "checkpoints" / "latest").eval()  # the pointer file names the same one
+    torch.testing.assert_close(pointer(x, "s2_l2a"), loaded(x, "s2_l2a"))
 
 
 @pytest.mark.slow  # torch.compile on CPU: ~1-2 min
