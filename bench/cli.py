@@ -49,6 +49,15 @@ def _parse_only(text: str) -> list[str]:
     return chosen
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The machine figures must describe a machine: positive bandwidths and counts, 0 < mfu <= 1."""
+    for name in ("nvlink_gb_s", "ib_gbit_s", "nics_per_node", "gpus_per_node"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu is a fraction of the bf16 peak: 0 < mfu <= 1, got {args.mfu}")
+
+
 def run(args: argparse.Namespace) -> int:
     from . import report
 
@@ -61,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         only = _parse_only(args.only)
-    except ValueError as err:
+        _check_numbers(args)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a file; the results go in a folder")
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # before minutes of work, not after
+    except (OSError, ValueError) as err:
         print(f"terrafm bench: {err}", file=sys.stderr)
         return 2
     import torch
@@ -127,7 +140,11 @@ def run(args: argparse.Namespace) -> int:
                 return 2
         _log(f"  ({time.perf_counter() - t0:.1f} s)")
     result["seconds"] = time.perf_counter() - start
-    paths = report.write(result, Path(args.out))
+    try:
+        paths = report.write(result, Path(args.out))
+    except OSError as err:  # a full disk or a folder that went away: say so, the run's numbers are on stdout
+        print(f"terrafm bench: could not write the results to {args.out}: {err}", file=sys.stderr)
+        return 2
     _log(f"wrote {paths['json']}, {paths['md']} and {len(result['plots'])} PNG plot(s) in {args.out} "
          f"({result['seconds']:.0f} s)")
     return 0

@@ -64,6 +64,12 @@ def test_bad_arguments_name_what_is_wrong(tmp_path, capsys):
     bogus.write_text("{}")
     assert main(["bench", "--compare", str(bogus), str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+    for flag, value in (("--mfu", "-1"), ("--mfu", "nan"), ("--mfu", "1.5"), ("--gpus-per-node", "0"),
+                        ("--ib-gbit-s", "-400")):
+        assert main(["bench", "--only", "roofline", "--out", str(tmp_path / "r"), flag, value]) == 2
+        assert flag in capsys.readouterr().err
+    assert main(["bench", "--only", "roofline", "--out", str(bogus)]) == 2  # a file where the folder should go
+    assert "is a file" in capsys.readouterr().err and bogus.read_text() == "{}"
 
 
 def test_tensor_peak_counts_live_tensors_only():
