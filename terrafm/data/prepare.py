@@ -50,7 +50,11 @@ def _read_product(p: Product, parquet: sources.ParquetRows, s1_scaling: str) -> 
             path = p.band_files.get(b) or p.band_files.get(b.lower())
             if path is None:
                 raise BadInput(f"{p.where}: missing band {b} (no {b}.tif in the product folder)")
-            arrays[b] = sources.decode_band(Path(path).read_bytes(), b, p)
+            try:
+                data = Path(path).read_bytes()
+            except OSError as err:
+                raise BadInput(f"{p.where}: cannot read {path} ({err.strerror or err})") from err
+            arrays[b] = sources.decode_band(data, b, p)
     data, _ = sources.to_10m(p, arrays)
     if p.modality == WORLDCOVER:
         sources.worldcover_counts(data[0], p)  # codes outside the legend name this product, before any tile is written
@@ -92,6 +96,19 @@ def run_job(index: int, job: list[list[Product]], out_dir: str, opts: dict, fing
     parquet = sources.ParquetRows()
     t = opts["tile_size"]
     writer = shards.ShardWriter(Path(out_dir), index, bands, t, opts["codec"], fingerprint)
+    try:
+        writer.skipped = _write_cells(writer, job, parquet, opts)
+        writer.close()
+    except BaseException:  # bad input, Ctrl-C, a full disk: no half-written file is left behind
+        writer.abort()
+        raise
+    return {"records": len(writer.keys), "skipped": writer.skipped}
+
+
+def _write_cells(writer: shards.ShardWriter, job: list[list[Product]], parquet: sources.ParquetRows,
+                 opts: dict) -> list[dict]:
+    """Add every tile of the job's cells to `writer`; returns the skipped products' entries."""
+    modalities, t = opts["modalities"], opts["tile_size"]
     skipped = []
     for cell_products in job:
         try:
@@ -118,12 +135,9 @@ def run_job(index: int, job: list[list[Product]], out_dir: str, opts: dict, fing
                         writer.add(f"{cell_products[0].grid_cell}/{r}_{c}", tiles, counts, nodata)
         except BadInput as err:
             if not opts["skip_bad"]:
-                writer._file.close()
                 raise
             skipped += [_skip_entry(p, err) for p in cell_products]
-    writer.skipped = skipped
-    writer.close()
-    return {"records": len(writer.keys), "skipped": skipped}
+    return skipped
 
 
 def _plan(products: list[Product], modalities: tuple[str, ...], cells_per_shard: int) -> tuple[list, int]:
@@ -156,18 +170,22 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
         if m not in MODALITIES:
             raise ValueError(f"unknown modality {m!r}; expected a subset of {MODALITY_NAMES}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a directory to write the shards into")
     products, unknown, metadata = sources.discover([Path(i) for i in inputs])
     if unknown and not skip_bad:
         u = unknown[0]
-        raise BadInput(f"{u['file']} ({u['record']}): {u['reason']}; expected MSIL2A / MSIL1C / S1* / WorldCover "
-                       f"product ids ({len(unknown)} such records; --skip-bad skips them)")
+        raise BadInput(f"{u['file']} ({u['record']}): {u['reason']} ({len(unknown)} such records; --skip-bad "
+                       "skips them)")
     jobs, duplicates = _plan(products, modalities, cells_per_shard)
     if not jobs:
         raise BadInput(f"no products of {list(modalities)} found under {[str(i) for i in inputs]}")
+    out.mkdir(parents=True, exist_ok=True)
     opts = {"tile_size": tile_size, "codec": codec, "modalities": list(modalities), "skip_bad": skip_bad,
             "s1_scaling": s1_scaling}
-    fps = [_job_fingerprint(job, opts) for job in jobs]
+    # skip_bad is not part of what a shard holds (a finished shard lists its skips), so a re-run that adds
+    # --skip-bad after a stop on bad input resumes the shards already written
+    fps = [_job_fingerprint(job, {k: v for k, v in opts.items() if k != "skip_bad"}) for job in jobs]
     pending, resumed, rewritten = [], 0, 0
     for i, fp in enumerate(fps):
         found = shards.finished_fingerprint(out, i)  # None also when the .bin is shorter than its .npz says
@@ -270,6 +288,10 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         print(f"terrafm prepare: cannot write {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"terrafm prepare: interrupted; the finished shards in {args.out} are kept and the same command "
+              "resumes from them", file=sys.stderr)
+        return 130
     print(f"wrote {summary['num_records']} locations in {len(summary['shards'])} shards to {args.out} "
           f"({summary['resumed_shards']} shards resumed, {summary['rewritten_shards']} incomplete shards rewritten, "
           f"{summary['duplicates_dropped']} duplicate products dropped, "

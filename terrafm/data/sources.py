@@ -7,9 +7,10 @@ tifffile (compressed GeoTIFFs through imagecodecs) at their native resolution an
 by pixel replication. A parquet file with the metadata columns but no band column (a collection's
 metadata.parquet) is metadata, not data, wherever it sits.
 
-Nodata: S2 pixels at 0 and S1 pixels that are NaN/inf or at a fill value <= S1_FILL_MAX (-32768, -9999) are
-masked per band: they carry the modality's reference mean (modalities.REFERENCE_STATS, in the stored
-scaling), so they normalise to about 0, and they are left out of the normalisation statistics.
+Nodata: S2 pixels at 0, S1 pixels that are NaN/inf or at a fill value <= S1_FILL_MAX (-32768, -9999), and pixels
+at a GeoTIFF's own GDAL_NODATA value are masked per band: they carry the modality's reference mean
+(modalities.REFERENCE_STATS, in the stored scaling), so they normalise to about 0, and they are left out of the
+normalisation statistics.
 """
 
 import io
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import tifffile
 
@@ -28,6 +30,8 @@ from terrafm.modalities import MODALITIES, REFERENCE_STATS, s1_to_db
 WORLDCOVER = "worldcover"
 WORLDCOVER_BAND = "map"
 META_COLUMNS = ("product_id", "grid_cell")
+NO_MODALITY = "names no modality (expected MSIL2A / MSIL1C / S1* / WorldCover)"
+GDAL_NODATA = 42113  # TIFF tag (ASCII) of GDAL's per-file nodata value
 S1_FILL_MAX = -9999.0  # S1 values at or below this are fill (Major-TOM / RTC products use -32768 or -9999)
 
 
@@ -71,7 +75,7 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
     products, unknown, metadata = [], [], []
     for root in map(Path, inputs):
         if not root.exists():
-            raise FileNotFoundError(f"input {root} does not exist")
+            raise BadInput(f"input {root} does not exist")
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         tif_dirs = defaultdict(dict)
         for path in files:
@@ -83,7 +87,7 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
         for folder, bands in sorted(tif_dirs.items()):
             modality = modality_of(folder.name)
             if modality is None:
-                unknown.append({"file": str(folder), "record": folder.name, "reason": "unknown product id"})
+                unknown.append({"file": str(folder), "record": folder.name, "reason": f"product id {NO_MODALITY}"})
                 continue
             products.append(Product(modality, folder.parent.name, folder.name, str(folder), band_files=bands))
     return products, unknown, metadata
@@ -105,12 +109,17 @@ def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) 
     missing = [c for c in META_COLUMNS if c not in schema.names]
     if missing:
         raise BadInput(f"{path}: missing Major-TOM metadata columns {missing} (has {schema.names[:8]}...)")
+    for c in META_COLUMNS:
+        kind = schema.field(c).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise BadInput(f"{path}: column {c} has type {kind}, expected string (Major-TOM product ids / grid cells)")
     table = pq.read_table(path, columns=list(META_COLUMNS))
     for row, (pid, cell) in enumerate(zip(table["product_id"].to_pylist(), table["grid_cell"].to_pylist(),
                                           strict=True)):
         modality = modality_of(pid or "")
-        if modality is None:
-            unknown.append({"file": str(path), "record": f"row {row}", "reason": f"unknown product id {pid!r}"})
+        if modality is None or not cell:
+            reason = f"product id {pid!r} {NO_MODALITY}" if modality is None else "null or empty grid_cell"
+            unknown.append({"file": str(path), "record": f"row {row}", "reason": reason})
             continue
         products.append(Product(modality, cell, pid, str(path), row=row))
     return True
@@ -161,8 +170,13 @@ class ParquetRows:
 
 
 def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
+    """One band's 2-D array; pixels at the GeoTIFF's own nodata value (GDAL_NODATA tag) are set to the modality's
+    nodata (S2 and WorldCover 0, S1 NaN), so a file that declares another fill is masked like Major-TOM's."""
     try:
-        array = tifffile.imread(io.BytesIO(data))
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            array = tif.asarray()
+            tag = tif.pages.first.tags.get(GDAL_NODATA)
+            nodata = tag.value if tag is not None else None
     except Exception as err:
         if "imagecodecs" in str(err):
             raise BadInput(f"{product.where}: band {band}: the GeoTIFF is compressed with a codec that needs the "
@@ -171,7 +185,22 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
             from err
     if array.ndim != 2:
         raise BadInput(f"{product.where}: band {band}: expected one 2-D band, got shape {array.shape}")
-    return array
+    return _apply_nodata_tag(array, nodata, product.modality)
+
+
+def _apply_nodata_tag(array: np.ndarray, nodata: str | None, modality: str) -> np.ndarray:
+    try:
+        value = float(str(nodata).strip("\x00 "))
+    except ValueError:
+        return array  # no tag, or one that names no number
+    if array.dtype.kind == "f":
+        return np.where(array == value, np.nan, array).astype(array.dtype) if modality == "s1" else array
+    if modality == "s1" or array.dtype.kind not in "ui" or not np.isfinite(value) or value != round(value):
+        return array  # the dtype check names a wrong-dtype band
+    info = np.iinfo(array.dtype)
+    if not info.min <= value <= info.max:
+        return array  # a fill this dtype cannot hold marks no pixel
+    return np.where(array == int(value), 0, array).astype(array.dtype)
 
 
 def to_10m(product: Product, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
