@@ -164,6 +164,8 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
     Raises BadInput when nothing could be written (every record skipped)."""
     if tile_size <= 0 or cells_per_shard <= 0:
         raise ValueError(f"tile_size and cells_per_shard must be positive, got {tile_size}, {cells_per_shard}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = in-process), got {workers}")
     if s1_scaling not in S1_SCALINGS:
         raise ValueError(f"s1_scaling must be one of {S1_SCALINGS}, got {s1_scaling!r}")
     for m in modalities:
@@ -186,6 +188,11 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
     # skip_bad is not part of what a shard holds (a finished shard lists its skips), so a re-run that adds
     # --skip-bad after a stop on bad input resumes the shards already written
     fps = [_job_fingerprint(job, {k: v for k, v in opts.items() if k != "skip_bad"}) for job in jobs]
+    names = {shards.shard_name(i) for i in range(len(jobs))}
+    stale = sorted({p.name.split(".")[0] for p in out.glob("part-*.*")} - names)  # a shard index.json would miss
+    if stale:
+        raise BadInput(f"{out} holds {', '.join(stale)} beyond the {len(jobs)} shards of this conversion, written by "
+                       "a different conversion (other inputs or options); use an empty --out directory")
     pending, resumed, rewritten = [], 0, 0
     for i, fp in enumerate(fps):
         found = shards.finished_fingerprint(out, i)  # None also when the .bin is shorter than its .npz says

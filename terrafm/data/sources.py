@@ -111,6 +111,7 @@ def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) 
         raise BadInput(f"{path}: missing Major-TOM metadata columns {missing} (has {schema.names[:8]}...)")
     for c in META_COLUMNS:
         kind = schema.field(c).type
+        kind = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas categoricals
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise BadInput(f"{path}: column {c} has type {kind}, expected string (Major-TOM product ids / grid cells)")
     table = pq.read_table(path, columns=list(META_COLUMNS))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import tifffile
@@ -96,6 +97,16 @@ def test_metadata_columns_of_another_type_are_named_not_a_traceback(sample_parqu
     assert "column product_id has type int64, expected string" in err and str(root.joinpath(*S2_FILE)) in err
 
 
+def test_pandas_categorical_metadata_columns_are_read(sample_parquet, sample_shards, tmp_path):
+    root = _copy(sample_parquet, tmp_path)
+    table = pq.read_table(root.joinpath(*S2_FILE))
+    for name in ("product_id", "grid_cell"):
+        _set_column(root, S2_FILE, name, table[name].dictionary_encode())
+    assert pa.types.is_dictionary(pq.read_schema(root.joinpath(*S2_FILE)).field("grid_cell").type)
+    summary = convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    assert summary["num_records"] == 12 and summary["modalities"]["s2_l2a"]["tiles"] == 12
+
+
 def test_a_row_without_grid_cell_is_bad_input_or_skipped(sample_parquet, tmp_path):
     root = _copy(sample_parquet, tmp_path)
     cells = pq.read_table(root.joinpath(*S2_FILE))["grid_cell"].to_pylist()
@@ -170,3 +181,25 @@ def test_ctrl_c_mid_way_keeps_finished_shards_and_the_rerun_resumes(sample_parqu
     monkeypatch.setattr(prepare, "_write_cells", write_cells)
     summary = convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
     assert summary["resumed_shards"] == 1 and summary["num_records"] == 12
+
+
+def test_negative_workers_is_named(sample_parquet, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    prepare.add_arguments(parser)
+    args = parser.parse_args([str(sample_parquet), "--out", str(tmp_path / "out"), "--workers", "-1"])
+    assert prepare.run(args) == 2
+    assert "workers must be >= 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_shards_of_a_larger_earlier_conversion_are_refused_not_left_beside_the_index(sample_parquet, tmp_path):
+    root, out = _copy(sample_parquet, tmp_path), tmp_path / "out"
+    convert([root], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    for f in root.rglob("*.parquet"):  # the last cell gone: the first shards' jobs are unchanged
+        table = pq.read_table(f)
+        last = max(table["grid_cell"].to_pylist())
+        pq.write_table(table.filter(pc.not_equal(table["grid_cell"], last)), f)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(BadInput, match="holds part-00002 beyond the 2 shards of this conversion"):
+        convert([root], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert len(ShardSet(out)) == 12  # the earlier conversion is still whole
