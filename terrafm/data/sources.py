@@ -69,8 +69,9 @@ def modality_of(product_id: str) -> str | None:
 def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
     """All products under the inputs (parquet files, folders of them, GeoTIFF product folders).
 
-    Returns (products, unknown, metadata): unknown lists records whose product id names no modality,
-    metadata the parquet files that hold product metadata but no bands (Major-TOM's metadata.parquet).
+    Returns (products, unknown, metadata): unknown lists records whose product id names no modality or grid
+    cell and parquet files that cannot be read, metadata the parquet files that hold product metadata but no
+    bands (Major-TOM's metadata.parquet).
     """
     products, unknown, metadata = [], [], []
     for root in map(Path, inputs):
@@ -80,8 +81,11 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
         tif_dirs = defaultdict(dict)
         for path in files:
             if path.suffix == ".parquet":
-                if not _discover_parquet(path, products, unknown):
-                    metadata.append(str(path))
+                try:
+                    if not _discover_parquet(path, products, unknown):
+                        metadata.append(str(path))
+                except BadInput as err:  # a whole file that cannot be read (a partial download): --skip-bad skips it
+                    unknown.append({"file": str(path), "record": "whole file", "reason": str(err)})
             elif path.suffix.lower() in (".tif", ".tiff"):
                 tif_dirs[path.parent][path.stem] = str(path)
         for folder, bands in sorted(tif_dirs.items()):
@@ -99,21 +103,22 @@ def _band_columns() -> set[str]:
 
 
 def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) -> bool:
-    """Add the products of one parquet file; False when it is a metadata file (no band column)."""
+    """Add the products of one parquet file; False when it is a metadata file (no band column). BadInput says what
+    is wrong with a file that cannot be read (discover names the file)."""
     try:
         schema = pq.read_schema(path)
     except Exception as err:
-        raise BadInput(f"{path}: not a readable parquet file ({err})") from err
+        raise BadInput(f"not a readable parquet file ({err})") from err
     if not _band_columns() & set(schema.names):
         return False
     missing = [c for c in META_COLUMNS if c not in schema.names]
     if missing:
-        raise BadInput(f"{path}: missing Major-TOM metadata columns {missing} (has {schema.names[:8]}...)")
+        raise BadInput(f"missing Major-TOM metadata columns {missing} (has {schema.names[:8]}...)")
     for c in META_COLUMNS:
         kind = schema.field(c).type
         kind = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas categoricals
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise BadInput(f"{path}: column {c} has type {kind}, expected string (Major-TOM product ids / grid cells)")
+            raise BadInput(f"column {c} has type {kind}, expected string (Major-TOM product ids / grid cells)")
     table = pq.read_table(path, columns=list(META_COLUMNS))
     for row, (pid, cell) in enumerate(zip(table["product_id"].to_pylist(), table["grid_cell"].to_pylist(),
                                           strict=True)):

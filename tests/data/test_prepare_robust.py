@@ -203,3 +203,14 @@ def test_shards_of_a_larger_earlier_conversion_are_refused_not_left_beside_the_i
         convert([root], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert len(ShardSet(out)) == 12  # the earlier conversion is still whole
+
+
+def test_a_partly_downloaded_parquet_is_named_and_skip_bad_skips_the_file(sample_parquet, tmp_path):
+    root = _copy(sample_parquet, tmp_path)
+    path = root.joinpath(*S1_FILE)
+    path.write_bytes(path.read_bytes()[:1000])  # the footer is gone
+    with pytest.raises(BadInput, match=r"part_00000.parquet \(whole file\): not a readable parquet file"):
+        convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(path), "whole file")]
+    assert summary["num_records"] == 12 and summary["modalities"]["s1"]["tiles"] == 0
