@@ -212,9 +212,13 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(run_job, i, jobs[i], str(out), opts, fps[i]) for i in pending]
-            for f in as_completed(futures):
-                f.result()
-                bar.update()
+            try:
+                for f in as_completed(futures):
+                    f.result()
+                    bar.update()
+            except BaseException:  # stop at the first error: the queued jobs are not started, running ones finish
+                pool.shutdown(cancel_futures=True)
+                raise
     bar.close()
     return _write_index(out, len(jobs), opts, unknown, duplicates, resumed, rewritten, [str(i) for i in inputs],
                         metadata)

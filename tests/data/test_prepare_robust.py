@@ -17,6 +17,7 @@ import tifffile
 
 from terrafm.data import prepare, sources
 from terrafm.data.prepare import convert
+from terrafm.data.sample import write_sample_parquet
 from terrafm.data.shards import ShardSet
 from terrafm.data.sources import GDAL_NODATA, BadInput
 from terrafm.modalities import REFERENCE_STATS
@@ -214,3 +215,18 @@ def test_a_partly_downloaded_parquet_is_named_and_skip_bad_skips_the_file(sample
     summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
     assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(path), "whole file")]
     assert summary["num_records"] == 12 and summary["modalities"]["s1"]["tiles"] == 0
+
+
+def test_with_workers_the_first_bad_product_stops_the_run_without_converting_the_rest(tmp_path):
+    root = tmp_path / "in"
+    write_sample_parquet(root, seed=1, cells=24, tile_size=TILE)
+    path = root.joinpath(*S2_FILE)
+    first = min(pq.read_table(path)["grid_cell"].to_pylist())
+    row = pq.read_table(path)["grid_cell"].to_pylist().index(first)
+    _edit_band(root, S2_FILE, "B04", row, lambda a: b"not a tiff")  # shard 0's cell
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match="truncated or corrupt GeoTIFF"):
+        convert([root], out, tile_size=TILE, cells_per_shard=1, workers=2, progress=False)
+    finished = list(out.glob("part-*.npz"))
+    assert len(finished) <= 12, f"{len(finished)} of 23 good shards converted after the error"  # before: all 23
+    assert not list(out.glob("*.tmp"))
