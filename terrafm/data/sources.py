@@ -189,6 +189,8 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
                            f"imagecodecs package (pip install imagecodecs): {err}") from err
         raise BadInput(f"{product.where}: band {band}: truncated or corrupt GeoTIFF ({type(err).__name__}: {err})") \
             from err
+    if array.ndim > 2 and sum(n > 1 for n in array.shape) == 2:
+        array = array.reshape([n for n in array.shape if n > 1])  # one band written as (1, H, W) or (H, W, 1)
     if array.ndim != 2:
         raise BadInput(f"{product.where}: band {band}: expected one 2-D band, got shape {array.shape}")
     return _apply_nodata_tag(array, nodata, product.modality)

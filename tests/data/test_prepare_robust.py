@@ -230,3 +230,15 @@ def test_with_workers_the_first_bad_product_stops_the_run_without_converting_the
     finished = list(out.glob("part-*.npz"))
     assert len(finished) <= 12, f"{len(finished)} of 23 good shards converted after the error"  # before: all 23
     assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 4), (4, 4, 1)])
+def test_one_band_written_with_a_singleton_axis_is_read_as_the_band(shape):
+    a = np.arange(1, 17, dtype=np.uint16).reshape(shape)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, a, photometric="minisblack", metadata={"axes": "SYX" if shape[0] == 1 else "YXS"})
+    assert tifffile.imread(io.BytesIO(buf.getvalue())).ndim == 3  # what a file from another tool decodes to
+    product = sources.Product("s2_l2a", "1U_1R", "S2A_MSIL2A_x", "f.parquet", row=0)
+    np.testing.assert_array_equal(sources.decode_band(buf.getvalue(), "B04", product), a.reshape(4, 4))
+    with pytest.raises(BadInput, match=r"expected one 2-D band, got shape \(2, 4, 4\)"):
+        sources.decode_band(_tif_with_nodata(np.zeros((2, 4, 4), np.uint16), "none"), "B04", product)
