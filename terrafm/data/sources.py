@@ -14,6 +14,7 @@ normalisation statistics.
 """
 
 import io
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -77,10 +78,13 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
     for root in map(Path, inputs):
         if not root.exists():
             raise BadInput(f"input {root} does not exist")
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         tif_dirs = defaultdict(dict)
-        for path in files:
-            if path.suffix == ".parquet":
+        for path in _files(root):
+            if path.suffix.lower() in (".parquet", ".tif", ".tiff") and not path.exists():
+                unknown.append({"file": str(path), "record": "whole file", "reason": "a symlink to nothing"})
+            elif not path.is_file():
+                continue
+            elif path.suffix == ".parquet":
                 try:
                     if not _discover_parquet(path, products, unknown):
                         metadata.append(str(path))
@@ -95,6 +99,22 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
                 continue
             products.append(Product(modality, folder.parent.name, folder.name, str(folder), band_files=bands))
     return products, unknown, metadata
+
+
+def _files(root: Path) -> list[Path]:
+    """Every file under root (or root itself), following symlinked folders (data linked in from shared storage;
+    pathlib's rglob skips them) and visiting each real folder once."""
+    if not root.is_dir():
+        return [root]
+    files, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        files += [Path(folder) / n for n in names]
+    return sorted(files)
 
 
 def _band_columns() -> set[str]:

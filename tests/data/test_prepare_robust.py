@@ -242,3 +242,18 @@ def test_one_band_written_with_a_singleton_axis_is_read_as_the_band(shape):
     np.testing.assert_array_equal(sources.decode_band(buf.getvalue(), "B04", product), a.reshape(4, 4))
     with pytest.raises(BadInput, match=r"expected one 2-D band, got shape \(2, 4, 4\)"):
         sources.decode_band(_tif_with_nodata(np.zeros((2, 4, 4), np.uint16), "none"), "B04", product)
+
+
+def test_symlinked_folders_are_read_and_a_dangling_link_is_named(sample_parquet, tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    for folder in sample_parquet.iterdir():  # collections linked in from shared storage, as on an HPC scratch
+        (root / folder.name).symlink_to(folder, target_is_directory=True)
+    (root / "sub").mkdir()
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # a cycle is walked once
+    summary = convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    assert summary["num_records"] == 12 and summary["duplicates_dropped"] == 0
+    assert all(summary["modalities"][m]["tiles"] == 12 for m in ("s2_l2a", "s2_l1c", "s1"))
+    (root / "part_00001.parquet").symlink_to(tmp_path / "gone.parquet")
+    with pytest.raises(BadInput, match=r"part_00001.parquet \(whole file\): a symlink to nothing"):
+        convert([root], tmp_path / "out2", tile_size=TILE, workers=0, progress=False)
