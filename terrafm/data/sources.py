@@ -198,6 +198,9 @@ class ParquetRows:
 def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
     """One band's 2-D array; pixels at the GeoTIFF's own nodata value (GDAL_NODATA tag) are set to the modality's
     nodata (S2 and WorldCover 0, S1 NaN), so a file that declares another fill is masked like Major-TOM's."""
+    if not isinstance(data, bytes):
+        raise BadInput(f"{product.where}: band {band} holds {type(data).__name__}, expected GeoTIFF bytes (a binary "
+                       "column as Major-TOM writes)")
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             array = tif.asarray()

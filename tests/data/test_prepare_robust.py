@@ -119,6 +119,13 @@ def test_a_row_without_grid_cell_is_bad_input_or_skipped(sample_parquet, tmp_pat
     assert summary["modalities"]["s2_l2a"]["tiles"] == 2 * 4 and summary["num_records"] == 3 * 4
 
 
+def test_a_band_column_of_another_type_is_named(sample_parquet, tmp_path):
+    root = _copy(sample_parquet, tmp_path)
+    _set_column(root, S2_FILE, "B04", pa.array(["a", "b", "c"]))
+    with pytest.raises(BadInput, match="band B04 holds str, expected GeoTIFF bytes"):
+        convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+
+
 def test_a_missing_input_is_named_and_creates_no_out(tmp_path, capsys):
     assert _cli([str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
     assert f"input {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
