@@ -281,8 +281,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s1-scaling", choices=S1_SCALINGS, default="db",
                         help="store S1 as dB (10 log10 sigma0, floor -50 dB; default) or linear power")
     parser.add_argument("--skip-bad", action="store_true",
-                        help="skip and count bad products instead of stopping (a cell keeps its good products; "
-                             "fails when nothing is left to write)")
+                        help="skip and count bad products and unreadable parquet files instead of stopping (a cell "
+                             "keeps its good products; fails when nothing is left to write); a re-run with it "
+                             "resumes the shards a stopped run finished")
     parser.add_argument("--no-progress", action="store_true")
 
 
