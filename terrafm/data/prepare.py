@@ -50,7 +50,11 @@ def _read_product(p: Product, parquet: sources.ParquetRows, s1_scaling: str) -> 
             path = p.band_files.get(b) or p.band_files.get(b.lower())
             if path is None:
                 raise BadInput(f"{p.where}: missing band {b} (no {b}.tif in the product folder)")
-            arrays[b] = sources.decode_band(Path(path).read_bytes(), b, p)
+            try:
+                data = Path(path).read_bytes()
+            except OSError as err:
+                raise BadInput(f"{p.where}: cannot read {path} ({err.strerror or err})") from err
+            arrays[b] = sources.decode_band(data, b, p)
     data, _ = sources.to_10m(p, arrays)
     if p.modality == WORLDCOVER:
         sources.worldcover_counts(data[0], p)  # codes outside the legend name this product, before any tile is written
@@ -92,6 +96,19 @@ def run_job(index: int, job: list[list[Product]], out_dir: str, opts: dict, fing
     parquet = sources.ParquetRows()
     t = opts["tile_size"]
     writer = shards.ShardWriter(Path(out_dir), index, bands, t, opts["codec"], fingerprint)
+    try:
+        writer.skipped = _write_cells(writer, job, parquet, opts)
+        writer.close()
+    except BaseException:  # bad input, Ctrl-C, a full disk: no half-written file is left behind
+        writer.abort()
+        raise
+    return {"records": len(writer.keys), "skipped": writer.skipped}
+
+
+def _write_cells(writer: shards.ShardWriter, job: list[list[Product]], parquet: sources.ParquetRows,
+                 opts: dict) -> list[dict]:
+    """Add every tile of the job's cells to `writer`; returns the skipped products' entries."""
+    modalities, t = opts["modalities"], opts["tile_size"]
     skipped = []
     for cell_products in job:
         try:
@@ -118,12 +135,9 @@ def run_job(index: int, job: list[list[Product]], out_dir: str, opts: dict, fing
                         writer.add(f"{cell_products[0].grid_cell}/{r}_{c}", tiles, counts, nodata)
         except BadInput as err:
             if not opts["skip_bad"]:
-                writer._file.close()
                 raise
             skipped += [_skip_entry(p, err) for p in cell_products]
-    writer.skipped = skipped
-    writer.close()
-    return {"records": len(writer.keys), "skipped": skipped}
+    return skipped
 
 
 def _plan(products: list[Product], modalities: tuple[str, ...], cells_per_shard: int) -> tuple[list, int]:
@@ -150,24 +164,35 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
     Raises BadInput when nothing could be written (every record skipped)."""
     if tile_size <= 0 or cells_per_shard <= 0:
         raise ValueError(f"tile_size and cells_per_shard must be positive, got {tile_size}, {cells_per_shard}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = in-process), got {workers}")
     if s1_scaling not in S1_SCALINGS:
         raise ValueError(f"s1_scaling must be one of {S1_SCALINGS}, got {s1_scaling!r}")
     for m in modalities:
         if m not in MODALITIES:
             raise ValueError(f"unknown modality {m!r}; expected a subset of {MODALITY_NAMES}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a directory to write the shards into")
     products, unknown, metadata = sources.discover([Path(i) for i in inputs])
     if unknown and not skip_bad:
         u = unknown[0]
-        raise BadInput(f"{u['file']} ({u['record']}): {u['reason']}; expected MSIL2A / MSIL1C / S1* / WorldCover "
-                       f"product ids ({len(unknown)} such records; --skip-bad skips them)")
+        raise BadInput(f"{u['file']} ({u['record']}): {u['reason']} ({len(unknown)} such records; --skip-bad "
+                       "skips them)")
     jobs, duplicates = _plan(products, modalities, cells_per_shard)
     if not jobs:
         raise BadInput(f"no products of {list(modalities)} found under {[str(i) for i in inputs]}")
+    out.mkdir(parents=True, exist_ok=True)
     opts = {"tile_size": tile_size, "codec": codec, "modalities": list(modalities), "skip_bad": skip_bad,
             "s1_scaling": s1_scaling}
-    fps = [_job_fingerprint(job, opts) for job in jobs]
+    # skip_bad is not part of what a shard holds (a finished shard lists its skips), so a re-run that adds
+    # --skip-bad after a stop on bad input resumes the shards already written
+    fps = [_job_fingerprint(job, {k: v for k, v in opts.items() if k != "skip_bad"}) for job in jobs]
+    names = {shards.shard_name(i) for i in range(len(jobs))}
+    stale = sorted({p.name.split(".")[0] for p in out.glob("part-*.*")} - names)  # a shard index.json would miss
+    if stale:
+        raise BadInput(f"{out} holds {', '.join(stale)} beyond the {len(jobs)} shards of this conversion, written by "
+                       "a different conversion (other inputs or options); use an empty --out directory")
     pending, resumed, rewritten = [], 0, 0
     for i, fp in enumerate(fps):
         found = shards.finished_fingerprint(out, i)  # None also when the .bin is shorter than its .npz says
@@ -187,9 +212,13 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(run_job, i, jobs[i], str(out), opts, fps[i]) for i in pending]
-            for f in as_completed(futures):
-                f.result()
-                bar.update()
+            try:
+                for f in as_completed(futures):
+                    f.result()
+                    bar.update()
+            except BaseException:  # stop at the first error: the queued jobs are not started, running ones finish
+                pool.shutdown(cancel_futures=True)
+                raise
     bar.close()
     return _write_index(out, len(jobs), opts, unknown, duplicates, resumed, rewritten, [str(i) for i in inputs],
                         metadata)
@@ -252,8 +281,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s1-scaling", choices=S1_SCALINGS, default="db",
                         help="store S1 as dB (10 log10 sigma0, floor -50 dB; default) or linear power")
     parser.add_argument("--skip-bad", action="store_true",
-                        help="skip and count bad products instead of stopping (a cell keeps its good products; "
-                             "fails when nothing is left to write)")
+                        help="skip and count bad products and unreadable parquet files instead of stopping (a cell "
+                             "keeps its good products; fails when nothing is left to write); a re-run with it "
+                             "resumes the shards a stopped run finished")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -270,6 +300,10 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         print(f"terrafm prepare: cannot write {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"terrafm prepare: interrupted; the finished shards in {args.out} are kept and the same command "
+              "resumes from them", file=sys.stderr)
+        return 130
     print(f"wrote {summary['num_records']} locations in {len(summary['shards'])} shards to {args.out} "
           f"({summary['resumed_shards']} shards resumed, {summary['rewritten_shards']} incomplete shards rewritten, "
           f"{summary['duplicates_dropped']} duplicate products dropped, "

@@ -116,6 +116,12 @@ class ShardWriter:
         self.keys.append(key)
         self.class_counts.append(np.asarray(class_counts, np.int64).reshape(NUM_CLASSES))
 
+    def abort(self) -> None:
+        """Drop the unfinished shard: close and remove its temporary files, so a failed job leaves none."""
+        self._file.close()
+        self._tmp_bin.unlink(missing_ok=True)
+        self.stem.with_suffix(".npz.tmp").unlink(missing_ok=True)
+
     def close(self) -> Path:
         self._file.close()
         publish(self._tmp_bin, self.stem.with_suffix(".bin"))

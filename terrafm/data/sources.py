@@ -7,18 +7,21 @@ tifffile (compressed GeoTIFFs through imagecodecs) at their native resolution an
 by pixel replication. A parquet file with the metadata columns but no band column (a collection's
 metadata.parquet) is metadata, not data, wherever it sits.
 
-Nodata: S2 pixels at 0 and S1 pixels that are NaN/inf or at a fill value <= S1_FILL_MAX (-32768, -9999) are
-masked per band: they carry the modality's reference mean (modalities.REFERENCE_STATS, in the stored
-scaling), so they normalise to about 0, and they are left out of the normalisation statistics.
+Nodata: S2 pixels at 0, S1 pixels that are NaN/inf or at a fill value <= S1_FILL_MAX (-32768, -9999), and pixels
+at a GeoTIFF's own GDAL_NODATA value are masked per band: they carry the modality's reference mean
+(modalities.REFERENCE_STATS, in the stored scaling), so they normalise to about 0, and they are left out of the
+normalisation statistics.
 """
 
 import io
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import tifffile
 
@@ -28,6 +31,8 @@ from terrafm.modalities import MODALITIES, REFERENCE_STATS, s1_to_db
 WORLDCOVER = "worldcover"
 WORLDCOVER_BAND = "map"
 META_COLUMNS = ("product_id", "grid_cell")
+NO_MODALITY = "names no modality (expected MSIL2A / MSIL1C / S1* / WorldCover)"
+GDAL_NODATA = 42113  # TIFF tag (ASCII) of GDAL's per-file nodata value
 S1_FILL_MAX = -9999.0  # S1 values at or below this are fill (Major-TOM / RTC products use -32768 or -9999)
 
 
@@ -65,28 +70,51 @@ def modality_of(product_id: str) -> str | None:
 def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
     """All products under the inputs (parquet files, folders of them, GeoTIFF product folders).
 
-    Returns (products, unknown, metadata): unknown lists records whose product id names no modality,
-    metadata the parquet files that hold product metadata but no bands (Major-TOM's metadata.parquet).
+    Returns (products, unknown, metadata): unknown lists records whose product id names no modality or grid
+    cell and parquet files that cannot be read, metadata the parquet files that hold product metadata but no
+    bands (Major-TOM's metadata.parquet).
     """
     products, unknown, metadata = [], [], []
     for root in map(Path, inputs):
         if not root.exists():
-            raise FileNotFoundError(f"input {root} does not exist")
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+            raise BadInput(f"input {root} does not exist")
         tif_dirs = defaultdict(dict)
-        for path in files:
-            if path.suffix == ".parquet":
-                if not _discover_parquet(path, products, unknown):
-                    metadata.append(str(path))
+        for path in _files(root):
+            if path.suffix.lower() in (".parquet", ".tif", ".tiff") and not path.exists():
+                unknown.append({"file": str(path), "record": "whole file", "reason": "a symlink to nothing"})
+            elif not path.is_file():
+                continue
+            elif path.suffix == ".parquet":
+                try:
+                    if not _discover_parquet(path, products, unknown):
+                        metadata.append(str(path))
+                except BadInput as err:  # a whole file that cannot be read (a partial download): --skip-bad skips it
+                    unknown.append({"file": str(path), "record": "whole file", "reason": str(err)})
             elif path.suffix.lower() in (".tif", ".tiff"):
                 tif_dirs[path.parent][path.stem] = str(path)
         for folder, bands in sorted(tif_dirs.items()):
             modality = modality_of(folder.name)
             if modality is None:
-                unknown.append({"file": str(folder), "record": folder.name, "reason": "unknown product id"})
+                unknown.append({"file": str(folder), "record": folder.name, "reason": f"product id {NO_MODALITY}"})
                 continue
             products.append(Product(modality, folder.parent.name, folder.name, str(folder), band_files=bands))
     return products, unknown, metadata
+
+
+def _files(root: Path) -> list[Path]:
+    """Every file under root (or root itself), following symlinked folders (data linked in from shared storage;
+    pathlib's rglob skips them) and visiting each real folder once."""
+    if not root.is_dir():
+        return [root]
+    files, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        files += [Path(folder) / n for n in names]
+    return sorted(files)
 
 
 def _band_columns() -> set[str]:
@@ -95,22 +123,29 @@ def _band_columns() -> set[str]:
 
 
 def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) -> bool:
-    """Add the products of one parquet file; False when it is a metadata file (no band column)."""
+    """Add the products of one parquet file; False when it is a metadata file (no band column). BadInput says what
+    is wrong with a file that cannot be read (discover names the file)."""
     try:
         schema = pq.read_schema(path)
     except Exception as err:
-        raise BadInput(f"{path}: not a readable parquet file ({err})") from err
+        raise BadInput(f"not a readable parquet file ({err})") from err
     if not _band_columns() & set(schema.names):
         return False
     missing = [c for c in META_COLUMNS if c not in schema.names]
     if missing:
-        raise BadInput(f"{path}: missing Major-TOM metadata columns {missing} (has {schema.names[:8]}...)")
+        raise BadInput(f"missing Major-TOM metadata columns {missing} (has {schema.names[:8]}...)")
+    for c in META_COLUMNS:
+        kind = schema.field(c).type
+        kind = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas categoricals
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise BadInput(f"column {c} has type {kind}, expected string (Major-TOM product ids / grid cells)")
     table = pq.read_table(path, columns=list(META_COLUMNS))
     for row, (pid, cell) in enumerate(zip(table["product_id"].to_pylist(), table["grid_cell"].to_pylist(),
                                           strict=True)):
         modality = modality_of(pid or "")
-        if modality is None:
-            unknown.append({"file": str(path), "record": f"row {row}", "reason": f"unknown product id {pid!r}"})
+        if modality is None or not cell:
+            reason = f"product id {pid!r} {NO_MODALITY}" if modality is None else "null or empty grid_cell"
+            unknown.append({"file": str(path), "record": f"row {row}", "reason": reason})
             continue
         products.append(Product(modality, cell, pid, str(path), row=row))
     return True
@@ -161,17 +196,42 @@ class ParquetRows:
 
 
 def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
+    """One band's 2-D array; pixels at the GeoTIFF's own nodata value (GDAL_NODATA tag) are set to the modality's
+    nodata (S2 and WorldCover 0, S1 NaN), so a file that declares another fill is masked like Major-TOM's."""
+    if not isinstance(data, bytes):
+        raise BadInput(f"{product.where}: band {band} holds {type(data).__name__}, expected GeoTIFF bytes (a binary "
+                       "column as Major-TOM writes)")
     try:
-        array = tifffile.imread(io.BytesIO(data))
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            array = tif.asarray()
+            tag = tif.pages.first.tags.get(GDAL_NODATA)
+            nodata = tag.value if tag is not None else None
     except Exception as err:
         if "imagecodecs" in str(err):
             raise BadInput(f"{product.where}: band {band}: the GeoTIFF is compressed with a codec that needs the "
                            f"imagecodecs package (pip install imagecodecs): {err}") from err
         raise BadInput(f"{product.where}: band {band}: truncated or corrupt GeoTIFF ({type(err).__name__}: {err})") \
             from err
+    if array.ndim > 2 and sum(n > 1 for n in array.shape) == 2:
+        array = array.reshape([n for n in array.shape if n > 1])  # one band written as (1, H, W) or (H, W, 1)
     if array.ndim != 2:
         raise BadInput(f"{product.where}: band {band}: expected one 2-D band, got shape {array.shape}")
-    return array
+    return _apply_nodata_tag(array, nodata, product.modality)
+
+
+def _apply_nodata_tag(array: np.ndarray, nodata: str | None, modality: str) -> np.ndarray:
+    try:
+        value = float(str(nodata).strip("\x00 "))
+    except ValueError:
+        return array  # no tag, or one that names no number
+    if array.dtype.kind == "f":
+        return np.where(array == value, np.nan, array).astype(array.dtype) if modality == "s1" else array
+    if modality == "s1" or array.dtype.kind not in "ui" or not np.isfinite(value) or value != round(value):
+        return array  # the dtype check names a wrong-dtype band
+    info = np.iinfo(array.dtype)
+    if not info.min <= value <= info.max:
+        return array  # a fill this dtype cannot hold marks no pixel
+    return np.where(array == int(value), 0, array).astype(array.dtype)
 
 
 def to_10m(product: Product, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:

@@ -1,0 +1,266 @@
+"""`terrafm prepare` on input a user with real files brings: GeoTIFF nodata tags, parquet columns of the wrong type,
+null grid cells, inputs or --out that are wrong, a stop mid-way (bad input, Ctrl-C) and the re-run after it.
+
+Every case: one message, exit 2 (130 for Ctrl-C), no traceback, no temporary file left, finished shards kept."""
+
+import argparse
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+
+from terrafm.data import prepare, sources
+from terrafm.data.prepare import convert
+from terrafm.data.sample import write_sample_parquet
+from terrafm.data.shards import ShardSet
+from terrafm.data.sources import GDAL_NODATA, BadInput
+from terrafm.modalities import REFERENCE_STATS
+
+TILE = 60  # tests/data/conftest.py's sample set: 3 cells of 120 px
+S1_FILE = ("Core-S1RTC", "part_00000.parquet")
+S2_FILE = ("Core-S2L2A", "part_00000.parquet")
+
+
+def _copy(sample_parquet: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "in"
+    shutil.copytree(sample_parquet, root)
+    return root
+
+
+def _set_column(root: Path, parts: tuple[str, str], name: str, values: pa.Array) -> None:
+    path = root.joinpath(*parts)
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.column_names.index(name), name, values), path)
+
+
+def _edit_band(root: Path, parts: tuple[str, str], band: str, row: int, make) -> None:
+    """Replace one band of one parquet row by make(decoded array) -> GeoTIFF bytes."""
+    column = pq.read_table(root.joinpath(*parts))[band].to_pylist()
+    column[row] = make(tifffile.imread(io.BytesIO(column[row])))
+    _set_column(root, parts, band, pa.array(column, pa.binary()))
+
+
+def _tif_with_nodata(array: np.ndarray, nodata: str) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array, extratags=[(GDAL_NODATA, "s", 0, nodata, False)])
+    return buf.getvalue()
+
+
+def _cli(args: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    prepare.add_arguments(parser)
+    return prepare.run(parser.parse_args([*args, "--tile-size", str(TILE), "--workers", "0", "--no-progress"]))
+
+
+def test_a_geotiff_nodata_tag_is_masked_like_majortom_fill(sample_parquet, tmp_path):
+    root = _copy(sample_parquet, tmp_path)
+
+    def s2(a):  # a 16-bit product that declares 65535 as its fill (GDAL_NODATA), not Major-TOM's 0
+        a = a.copy()
+        a[:5, :5] = 65535
+        return _tif_with_nodata(a, "65535")
+
+    def s1(a):  # an RTC product whose fill is 0 linear power, declared in the tag
+        a = a.copy()
+        a[:4, :4] = 0.0
+        return _tif_with_nodata(a, "0")
+
+    _edit_band(root, S2_FILE, "B04", 0, s2)
+    _edit_band(root, S1_FILE, "vv", 0, s1)
+    summary = convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    assert summary["modalities"]["s2_l2a"]["nodata_pixels"] == [0, 0, 0, 25] + [0] * 8
+    assert summary["modalities"]["s1"]["nodata_pixels"] == [16, 0]
+    shards = ShardSet(tmp_path / "out")
+    i = list(shards.keys).index(pq.read_table(root.joinpath(*S2_FILE))["grid_cell"][0].as_py() + "/0_0")
+    fill = round(REFERENCE_STATS["s2_l2a"]["mean"][3])  # stored like Major-TOM's fill: the band's reference mean
+    np.testing.assert_array_equal(shards.tile(i, "s2_l2a")[3][:5, :5], fill)
+    assert (shards.tile(i, "s2_l2a")[3] != 65535).all()
+
+
+@pytest.mark.parametrize("nodata", ["-9999", "nan", "none", "1e40"])
+def test_a_nodata_tag_the_band_cannot_hold_marks_no_pixel(nodata):
+    a = np.arange(1, 17, dtype=np.uint16).reshape(4, 4)
+    product = sources.Product("s2_l2a", "1U_1R", "S2A_MSIL2A_x", "f.parquet", row=0)
+    np.testing.assert_array_equal(sources.decode_band(_tif_with_nodata(a, nodata), "B04", product), a)
+
+
+def test_metadata_columns_of_another_type_are_named_not_a_traceback(sample_parquet, tmp_path, capsys):
+    root = _copy(sample_parquet, tmp_path)
+    _set_column(root, S2_FILE, "product_id", pa.array([1, 2, 3]))
+    assert _cli([str(root), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "column product_id has type int64, expected string" in err and str(root.joinpath(*S2_FILE)) in err
+
+
+def test_pandas_categorical_metadata_columns_are_read(sample_parquet, sample_shards, tmp_path):
+    root = _copy(sample_parquet, tmp_path)
+    table = pq.read_table(root.joinpath(*S2_FILE))
+    for name in ("product_id", "grid_cell"):
+        _set_column(root, S2_FILE, name, table[name].dictionary_encode())
+    assert pa.types.is_dictionary(pq.read_schema(root.joinpath(*S2_FILE)).field("grid_cell").type)
+    summary = convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    assert summary["num_records"] == 12 and summary["modalities"]["s2_l2a"]["tiles"] == 12
+
+
+def test_a_row_without_grid_cell_is_bad_input_or_skipped(sample_parquet, tmp_path):
+    root = _copy(sample_parquet, tmp_path)
+    cells = pq.read_table(root.joinpath(*S2_FILE))["grid_cell"].to_pylist()
+    _set_column(root, S2_FILE, "grid_cell", pa.array([None, *cells[1:]], pa.string()))
+    with pytest.raises(BadInput, match=r"part_00000.parquet \(row 0\): null or empty grid_cell"):
+        convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    assert [s["reason"] for s in summary["skipped"]] == ["null or empty grid_cell"]
+    assert summary["modalities"]["s2_l2a"]["tiles"] == 2 * 4 and summary["num_records"] == 3 * 4
+
+
+def test_a_band_column_of_another_type_is_named(sample_parquet, tmp_path):
+    root = _copy(sample_parquet, tmp_path)
+    _set_column(root, S2_FILE, "B04", pa.array(["a", "b", "c"]))
+    with pytest.raises(BadInput, match="band B04 holds str, expected GeoTIFF bytes"):
+        convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+
+
+def test_a_missing_input_is_named_and_creates_no_out(tmp_path, capsys):
+    assert _cli([str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert f"input {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_is_named(sample_parquet, tmp_path, capsys):
+    (tmp_path / "out").write_text("mine")
+    assert _cli([str(sample_parquet), "--out", str(tmp_path / "out")]) == 2
+    assert "is a file; expected a directory" in capsys.readouterr().err
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_an_unreadable_band_file_is_bad_input_not_a_write_error(sample_parquet, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "tifs"
+    for rec in pq.read_table(sample_parquet.joinpath(*S2_FILE)).to_pylist():
+        d = folder / rec["grid_cell"].split("_")[0] / rec["grid_cell"] / rec["product_id"]
+        d.mkdir(parents=True)
+        for name, value in rec.items():
+            if isinstance(value, bytes):
+                (d / f"{name}.tif").write_bytes(value)
+    bad = sorted(folder.rglob("B04.tif"))[1]
+    read_bytes = Path.read_bytes
+
+    def deny(self):
+        if self == bad:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", deny)
+    assert _cli([str(folder), "--out", str(tmp_path / "out"), "--modalities", "s2_l2a"]) == 2
+    err = capsys.readouterr().err
+    assert f"bad input: {bad.parent}" in err and f"cannot read {bad} (Permission denied)" in err
+
+
+def test_a_stop_on_bad_input_leaves_no_temp_file_and_skip_bad_resumes(sample_parquet, tmp_path):
+    root = _copy(sample_parquet, tmp_path)
+    _edit_band(root, S2_FILE, "B04", 1, lambda a: b"II*\x00 truncated")
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match="truncated or corrupt GeoTIFF"):
+        convert([root], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.bin", "part-00000.npz"]  # shard 1 stopped
+    summary = convert([root], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False, skip_bad=True)
+    assert summary["resumed_shards"] == 1 and len(summary["skipped"]) == 1 and summary["num_records"] == 12
+    assert not list(out.glob("*.tmp"))
+
+
+def test_ctrl_c_mid_way_keeps_finished_shards_and_the_rerun_resumes(sample_parquet, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    write_cells = prepare._write_cells
+
+    def interrupted(writer, job, parquet, opts):
+        if writer.stem.name == "part-00001":  # its part-00001.bin.tmp is open: Ctrl-C now
+            raise KeyboardInterrupt
+        return write_cells(writer, job, parquet, opts)
+
+    monkeypatch.setattr(prepare, "_write_cells", interrupted)
+    assert _cli([str(sample_parquet), "--out", str(out), "--cells-per-shard", "1"]) == 130
+    assert "interrupted; the finished shards" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.bin", "part-00000.npz"]  # no index.json, no .tmp
+    monkeypatch.setattr(prepare, "_write_cells", write_cells)
+    summary = convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    assert summary["resumed_shards"] == 1 and summary["num_records"] == 12
+
+
+def test_negative_workers_is_named(sample_parquet, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    prepare.add_arguments(parser)
+    args = parser.parse_args([str(sample_parquet), "--out", str(tmp_path / "out"), "--workers", "-1"])
+    assert prepare.run(args) == 2
+    assert "workers must be >= 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_shards_of_a_larger_earlier_conversion_are_refused_not_left_beside_the_index(sample_parquet, tmp_path):
+    root, out = _copy(sample_parquet, tmp_path), tmp_path / "out"
+    convert([root], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    for f in root.rglob("*.parquet"):  # the last cell gone: the first shards' jobs are unchanged
+        table = pq.read_table(f)
+        last = max(table["grid_cell"].to_pylist())
+        pq.write_table(table.filter(pc.not_equal(table["grid_cell"], last)), f)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(BadInput, match="holds part-00002 beyond the 2 shards of this conversion"):
+        convert([root], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert len(ShardSet(out)) == 12  # the earlier conversion is still whole
+
+
+def test_a_partly_downloaded_parquet_is_named_and_skip_bad_skips_the_file(sample_parquet, tmp_path):
+    root = _copy(sample_parquet, tmp_path)
+    path = root.joinpath(*S1_FILE)
+    path.write_bytes(path.read_bytes()[:1000])  # the footer is gone
+    with pytest.raises(BadInput, match=r"part_00000.parquet \(whole file\): not a readable parquet file"):
+        convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(path), "whole file")]
+    assert summary["num_records"] == 12 and summary["modalities"]["s1"]["tiles"] == 0
+
+
+def test_with_workers_the_first_bad_product_stops_the_run_without_converting_the_rest(tmp_path):
+    root = tmp_path / "in"
+    write_sample_parquet(root, seed=1, cells=24, tile_size=TILE)
+    path = root.joinpath(*S2_FILE)
+    first = min(pq.read_table(path)["grid_cell"].to_pylist())
+    row = pq.read_table(path)["grid_cell"].to_pylist().index(first)
+    _edit_band(root, S2_FILE, "B04", row, lambda a: b"not a tiff")  # shard 0's cell
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match="truncated or corrupt GeoTIFF"):
+        convert([root], out, tile_size=TILE, cells_per_shard=1, workers=2, progress=False)
+    finished = list(out.glob("part-*.npz"))
+    assert len(finished) <= 12, f"{len(finished)} of 23 good shards converted after the error"  # before: all 23
+    assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 4), (4, 4, 1)])
+def test_one_band_written_with_a_singleton_axis_is_read_as_the_band(shape):
+    a = np.arange(1, 17, dtype=np.uint16).reshape(shape)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, a, photometric="minisblack", metadata={"axes": "SYX" if shape[0] == 1 else "YXS"})
+    assert tifffile.imread(io.BytesIO(buf.getvalue())).ndim == 3  # what a file from another tool decodes to
+    product = sources.Product("s2_l2a", "1U_1R", "S2A_MSIL2A_x", "f.parquet", row=0)
+    np.testing.assert_array_equal(sources.decode_band(buf.getvalue(), "B04", product), a.reshape(4, 4))
+    with pytest.raises(BadInput, match=r"expected one 2-D band, got shape \(2, 4, 4\)"):
+        sources.decode_band(_tif_with_nodata(np.zeros((2, 4, 4), np.uint16), "none"), "B04", product)
+
+
+def test_symlinked_folders_are_read_and_a_dangling_link_is_named(sample_parquet, tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    for folder in sample_parquet.iterdir():  # collections linked in from shared storage, as on an HPC scratch
+        (root / folder.name).symlink_to(folder, target_is_directory=True)
+    (root / "sub").mkdir()
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # a cycle is walked once
+    summary = convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    assert summary["num_records"] == 12 and summary["duplicates_dropped"] == 0
+    assert all(summary["modalities"][m]["tiles"] == 12 for m in ("s2_l2a", "s2_l1c", "s1"))
+    (root / "part_00001.parquet").symlink_to(tmp_path / "gone.parquet")
+    with pytest.raises(BadInput, match=r"part_00001.parquet \(whole file\): a symlink to nothing"):
+        convert([root], tmp_path / "out2", tile_size=TILE, workers=0, progress=False)
