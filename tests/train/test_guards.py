@@ -5,6 +5,7 @@ import pytest
 from train_harness import metric_records, run_harness
 
 import terrafm.models
+import terrafm.ssl.meta_arch  # imported before any patch of build_model, so its own binding is the real one
 from terrafm.cli import main
 
 RUN = ["train.max_steps=4", "train.checkpoint_every=2", "train.deterministic=true"]
@@ -43,6 +44,7 @@ def nothing_is_built(monkeypatch):
         raise AssertionError("a model was built before the check")
 
     monkeypatch.setattr(terrafm.models, "build_model", build_model)
+    monkeypatch.setattr(terrafm.ssl.meta_arch, "build_model", build_model)
 
 
 @pytest.mark.parametrize("where", ["is_a_file", "under_a_file"])
