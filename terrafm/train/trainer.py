@@ -371,7 +371,8 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
     except (checkpoint.ResumeError, checkpoint_io.CheckpointError, ValueError) as err:
         raise SetupError(f"cannot resume from {resume_from}: {err}") from err
     except (RuntimeError, KeyError, CheckpointException) as err:  # DCP: missing keys, shape mismatch
-        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        detail = _config_changes(resume_from, cfg) or (
+            str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__)
         raise SetupError(f"cannot resume from {resume_from}: it does not fit this model and optimiser "
                          f"({detail}); resume with the model.* and ssl.* values it was written with "
                          f"(see {resume_from / 'meta.json'})") from err
@@ -384,6 +385,20 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
                   f"global batch); data resumes at epoch {epoch} batch {loader.step}, {redrawn} samples "
                   "drawn again", flush=True)
     return step, epoch, skipped_steps, saved_steps
+
+
+def _config_changes(resume_from: Path, cfg: Config) -> str:
+    """The model.* / ssl.* values that differ between a checkpoint's recorded config and this run's, e.g.
+    "model.name: checkpoint terrafm_tiny, this run terrafm_small" (DCP's own shape errors name no key)."""
+    try:
+        saved = checkpoint_io.read_meta(resume_from).get("config", {})
+    except (checkpoint_io.CheckpointError, OSError, ValueError):
+        return ""
+    now = to_dict(cfg)
+    changes = [f"{section}.{key}: checkpoint {value!r}, this run {now[section].get(key)!r}"
+               for section in ("model", "ssl") if isinstance(saved.get(section), dict)
+               for key, value in saved[section].items() if key in now[section] and now[section][key] != value]
+    return "; ".join(changes)
 
 
 def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) -> TrainResult:

@@ -110,6 +110,7 @@ def test_missing_or_incompatible_checkpoints_exit_2_with_a_message(two_checkpoin
     out = _copy(two_checkpoints, tmp_path)
     proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", "ssl.head_hidden_dim=48", expect_rc=2)
     assert "does not fit this model and optimiser" in proc.stderr and "meta.json" in proc.stderr
+    assert "ssl.head_hidden_dim: checkpoint " in proc.stderr and "this run 48" in proc.stderr  # names the key
     assert "Traceback" not in proc.stderr
 
 
