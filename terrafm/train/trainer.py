@@ -96,7 +96,7 @@ def init_distributed(cfg: Config) -> DistEnv:
     want = cfg.train.device
     use_cuda = want == "cuda" or (want == "auto" and backends.cuda().usable)
     if want == "cuda" and not backends.cuda().usable:
-        raise TrainingError(f"train.device=cuda but CUDA is not usable: {backends.cuda().detail}")
+        raise SetupError(f"train.device=cuda but CUDA is not usable: {backends.cuda().detail}")
     timeout = timedelta(seconds=cfg.train.collective_timeout_s)
     owns = False
     if not dist.is_initialized():
@@ -114,7 +114,7 @@ def init_distributed(cfg: Config) -> DistEnv:
     else:
         device = torch.device("cpu")
     if not cfg.train.fsdp and world > 1:
-        raise TrainingError("train.fsdp=false supports a single process only; set train.fsdp=true for torchrun")
+        raise SetupError("train.fsdp=false supports a single process only; set train.fsdp=true for torchrun")
     mesh = None
     if cfg.train.fsdp:  # always 2-D, so one code path (HSDP with 1 replica is FSDP)
         try:
@@ -169,12 +169,12 @@ def build_optimizer(student: torch.nn.Module, cfg: Config, device: torch.device)
     kwargs = dict(lr=0.0, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if impl == "apex":
         if not backends.apex().usable:
-            raise TrainingError(f"optim.implementation=apex but apex is not usable: {backends.apex().detail}")
+            raise SetupError(f"optim.implementation=apex but apex is not usable: {backends.apex().detail}")
         from apex.optimizers import FusedAdam
 
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
     if impl == "fused" and device.type != "cuda":
-        raise TrainingError("optim.implementation=fused needs CUDA; use foreach or plain on CPU")
+        raise SetupError("optim.implementation=fused needs CUDA; use foreach or plain on CPU")
     return torch.optim.AdamW(groups, fused=impl == "fused" or None, foreach=impl == "foreach" or None, **kwargs)
 
 
