@@ -267,13 +267,27 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{problem}, line {mark.line + 1} column {mark.column + 1}" if mark is not None else problem
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader (plain data only) that refuses a key given twice in one mapping: PyYAML keeps the last one, so
+    a second `model:` section would silently drop the first one's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> Any:
-    """A config file's YAML as plain data; safe_load only: a `!!python/...` tag is refused, never run."""
+    """A config file's YAML as plain data (a `!!python/...` tag is refused, never run; no key twice)."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as err:
-        constructor = isinstance(err, yaml.constructor.ConstructorError)
-        tags = "; tags that build objects (!!python/...) are refused" if constructor else ""
+        tag = isinstance(err, yaml.constructor.ConstructorError) and "tag" in str(err.problem)
+        tags = "; tags that build objects (!!python/...) are refused" if tag else ""
         raise ConfigError(f"{path}: not a valid YAML config ({_yaml_problem(err)}){tags}") from err
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err

@@ -85,12 +85,14 @@ def test_a_bad_config_file_is_one_config_error_and_never_runs_code(tmp_path):
         "tag.yaml": f"model: !!python/object/apply:os.system ['touch {marker}']\n".encode(),
         "broken.yaml": b"model: [unclosed\n",
         "binary.yaml": b"\xff\xfe\x00model",
+        "twice.yaml": b"model:\n  name: terrafm_tiny\nmodel:\n  img_size: 32\n",  # PyYAML would keep the last
     }
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
     (tmp_path / "folder.yaml").mkdir()
     for name, message in [("tag.yaml", "(!!python/...) are refused"), ("broken.yaml", "not a valid YAML config"),
-                          ("binary.yaml", "not a UTF-8 text file"), ("folder.yaml", "cannot read config")]:
+                          ("binary.yaml", "not a UTF-8 text file"), ("folder.yaml", "cannot read config"),
+                          ("twice.yaml", "key 'model' given twice, line 3")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(str(tmp_path / name))
     assert not marker.exists()
