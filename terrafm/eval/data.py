@@ -144,7 +144,11 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
             elif names != band_names:
                 raise ValueError(f"{path} has bands {names}, the first sample had {band_names}")
             bands = [_hdf5_band(f, band_names[i], path) for i in chosen]
-            images.append(_check_finite(_stack_bands(bands), path, [band_names[i] for i in chosen]))
+            image = _check_finite(_stack_bands(bands), path, [band_names[i] for i in chosen])
+            if images and image.shape != images[0].shape:
+                raise ValueError(f"{path} is {image.shape[1]}x{image.shape[2]} px, the first sample of split {split!r} "
+                                 f"{images[0].shape[1]}x{images[0].shape[2]}: a split's images must share one size")
+            images.append(image)
             labels.append(_hdf5_label(f, path))
     return EvalSplit(np.stack(images), _as_labels(labels), modality)
 

@@ -122,7 +122,7 @@ def evaluate(cfg: EvalConfig, model) -> dict:
         key = cache_key(cfg.checkpoint, cfg.data, name, modality, cfg.img_size, kind, prep)
         feats[name] = cached_features(cache_dir, key, lambda s=split, n=name: extract(
             model, normalize(s.images, mean, std), modality, kind, cfg.batch_size, cfg.img_size, cfg.device,
-            desc=f"{n} features"))
+            desc=f"{n} features"), rows=len(split.labels))
     num_classes = _num_classes(splits)
     results = {"checkpoint": str(cfg.checkpoint), "data": str(cfg.data), "format": cfg.format, "task": task,
                "modality": modality, "num_classes": num_classes, "seed": cfg.seed, "statistics": stats_from, **s1,

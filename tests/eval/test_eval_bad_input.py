@@ -141,3 +141,28 @@ def test_folder_sidecars_and_hidden_entries_are_skipped_and_bad_images_named(tmp
     np.save(root / "train" / "class_0" / "obj.npy", np.array([object()], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match=r"obj\.npy: not a readable image"):
         read_split(root, "folder", "train")
+
+
+def test_a_sample_of_another_size_is_named(tmp_path):
+    root = _geobench(tmp_path)
+    with h5py.File(root / "train_0002.hdf5", "a") as f:
+        for name in GEOBENCH_S2:
+            del f[name]
+            f.create_dataset(name, data=np.ones((33, 33), np.uint16))
+    with pytest.raises(ValueError, match=r"train_0002\.hdf5 is 33x33 px, the first sample of split 'train' 32x32"):
+        read_split(root, "hdf5", "train")
+
+
+def test_a_damaged_or_stale_feature_cache_is_recomputed(tmp_path):
+    from terrafm.eval.features import cached_features
+
+    calls = []
+
+    def compute(rows=4):
+        calls.append(rows)
+        return np.full((rows, 3), float(len(calls)), np.float32)
+
+    (tmp_path / "features_k.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    assert cached_features(tmp_path, "k", compute, rows=4).shape == (4, 3) and calls == [4]
+    assert cached_features(tmp_path, "k", compute, rows=4)[0, 0] == 1.0 and calls == [4]  # now a good cache
+    assert cached_features(tmp_path, "k", lambda: compute(6), rows=6).shape == (6, 3)  # samples added since
