@@ -187,8 +187,21 @@ def previous_checkpoint(path: Path) -> str:
 
 
 def read_meta(path: str | Path) -> dict:
-    """meta.json of a checkpoint: step, world size, model constructor arguments, config, schedule length."""
-    return json.loads((Path(path) / "meta.json").read_text())
+    """meta.json of a checkpoint: step, world size, model constructor arguments, config, schedule length.
+    A file without what every reader needs (an edited or foreign meta.json) is one CheckpointError."""
+    path = Path(path) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable meta.json ({type(err).__name__}: {err})") from err
+    model = meta.get("model") if isinstance(meta, dict) else None
+    ints = ("step", "world_size")
+    if (not isinstance(model, dict) or not isinstance(model.get("name"), str)
+            or not all(isinstance(meta.get(k), int) for k in ints)
+            or not all(isinstance(model.get(k, 0), int) for k in ("img_size", "patch_size"))):
+        raise CheckpointError(f"{path}: not a terrafm checkpoint's meta.json (expected an object with integer step "
+                              "and world_size and model: {name, img_size, patch_size, ...})")
+    return meta
 
 
 def resolve(path: str | Path) -> Path:

@@ -9,6 +9,7 @@ wrong type names the key, the expected type and what was given. Presets live in 
 """
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -186,14 +187,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return int(value)
         raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        if number is not None and math.isfinite(number):
+            return number
+        # NaN slips through every `x > 0` range check below and inf poisons the schedules
+        raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -230,7 +235,11 @@ def parse_override(item: str) -> dict:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=20")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}), e.g. "
+                          "optim.betas=[0.9,0.95]") from err
     nested: dict = {}
     node = nested
     parts = key.strip().split(".")
@@ -251,6 +260,41 @@ def preset_path(name_or_path: str) -> Path:
     raise ConfigError(f"no config {name_or_path!r}: not a YAML file and not a preset; presets: {', '.join(presets())}")
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The first line of a YAML error and where it is, without PyYAML's multi-line excerpt."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem}, line {mark.line + 1} column {mark.column + 1}" if mark is not None else problem
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader (plain data only) that refuses a key given twice in one mapping: PyYAML keeps the last one, so
+    a second `model:` section would silently drop the first one's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A config file's YAML as plain data (a `!!python/...` tag is refused, never run; no key twice)."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        tag = isinstance(err, yaml.constructor.ConstructorError) and "tag" in str(err.problem)
+        tags = "; tags that build objects (!!python/...) are refused" if tag else ""
+        raise ConfigError(f"{path}: not a valid YAML config ({_yaml_problem(err)}){tags}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from err
+
+
 def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -262,7 +306,7 @@ def load_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | tupl
     cfg = Config()
     if preset is not None:
         path = preset_path(preset)
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         _apply(cfg, data)

@@ -3,6 +3,7 @@
 import argparse
 import pickle
 import sys
+from pathlib import Path
 
 from terrafm.eval.data import FORMATS, NORMALIZATIONS
 from terrafm.eval.runner import PROBES, EvalConfig, evaluate
@@ -37,11 +38,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name when the checkpoint cannot tell (e.g. terrafm_base)")
 
 
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the numbers, the device or the output folders, before anything is read."""
+    import math
+
+    import torch
+
+    counts = {"--batch-size": args.batch_size, "--knn-k": args.knn_k, "--linear-epochs": args.linear_epochs,
+              "--seg-epochs": args.seg_epochs, "--img-size": 1 if args.img_size is None else args.img_size}
+    for flag, value in counts.items():
+        if value < 1:
+            return f"{flag} must be >= 1, got {value}"
+    if not (math.isfinite(args.knn_temperature) and args.knn_temperature > 0):
+        return f"--knn-temperature must be a positive number, got {args.knn_temperature}"
+    if args.device is not None:
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            return f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N"
+        if kind not in ("cpu", "cuda"):
+            return f"--device {args.device!r}: the probes run on cpu or cuda"
+        if kind == "cuda" and not torch.cuda.is_available():
+            return f"--device {args.device}: CUDA is not available here; use --device cpu (or leave it out)"
+    for flag, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            return f"{flag} {folder} is a file; give a folder (it is created if missing)"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from terrafm.models import load_checkpoint
 
+    problem = _argument_problem(args)
+    if problem:
+        print(f"terrafm eval: error: {problem}", file=sys.stderr)
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = EvalConfig(checkpoint=args.checkpoint, data=args.data, format=args.format, out=args.out,
                      probes=tuple(args.probe), modality=args.modality, fractions=tuple(args.fractions),
@@ -54,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
         results = evaluate(cfg, model)
     except (ValueError, FileNotFoundError, pickle.UnpicklingError) as err:
         print(f"terrafm eval: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # --out / --cache-dir not writable, a full disk
+        print(f"terrafm eval: error: cannot write {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
     for r in results["runs"]:
         scores = {k: r[k] for k in ("top1", "f1_macro", "f1_micro", "miou", "pixel_acc") if k in r}

@@ -113,8 +113,18 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
     partition_file = root / "default_partition.json"
     if not partition_file.exists():
         raise FileNotFoundError(f"{partition_file} not found: a GEO-Bench dataset lists its splits there")
-    partition = json.loads(partition_file.read_text())
+    try:
+        partition = json.loads(partition_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{partition_file}: not a readable JSON partition ({err})") from err
+    if not isinstance(partition, dict):
+        raise ValueError(f"{partition_file}: expected an object of splits, e.g. "
+                         '{"train": [ids], "valid": [ids], "test": [ids]}')
     ids = partition[_split_key(partition, split, str(partition_file))]
+    if not isinstance(ids, list) or not all(isinstance(i, str) and i and "/" not in i and "\\" not in i
+                                            and i not in (".", "..") for i in ids):
+        raise ValueError(f"split {split!r} in {partition_file} must be a list of sample ids (file names without "
+                         f".hdf5 in {root}), got {str(ids)[:100]}")
     if not ids:
         raise ValueError(f"split {split!r} in {partition_file} is empty")
     images, labels, band_names, chosen = [], [], None, None
@@ -122,16 +132,48 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
         path = root / f"{sample_id}.hdf5"
         if not path.exists():
             raise FileNotFoundError(f"{path} is listed in split {split!r} of {partition_file} but missing")
-        with h5py.File(path, "r") as f:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as err:  # not HDF5, truncated, a folder: h5py's message is long, its first line says it
+            raise ValueError(f"{path}: not a readable HDF5 file ({str(err).splitlines()[0][:160]})") from err
+        with f:
             names = [k for k in f.keys() if not k.startswith("label")]
             if band_names is None:
                 band_names = names
                 modality, chosen = modality_for_bands([geobench_band_name(n) for n in names], modality)
             elif names != band_names:
                 raise ValueError(f"{path} has bands {names}, the first sample had {band_names}")
-            images.append(_stack_bands([np.asarray(f[band_names[i]], dtype=np.float32) for i in chosen]))
+            bands = [_hdf5_band(f, band_names[i], path) for i in chosen]
+            image = _check_finite(_stack_bands(bands), path, [band_names[i] for i in chosen])
+            if images and image.shape != images[0].shape:
+                raise ValueError(f"{path} is {image.shape[1]}x{image.shape[2]} px, the first sample of split {split!r} "
+                                 f"{images[0].shape[1]}x{images[0].shape[2]}: a split's images must share one size")
+            images.append(image)
             labels.append(_hdf5_label(f, path))
     return EvalSplit(np.stack(images), _as_labels(labels), modality)
+
+
+def _hdf5_band(f, name: str, path: Path) -> np.ndarray:
+    """One band as a 2D float32 array; anything else (a 3D dataset, strings, a group) names the file and band."""
+    try:
+        band = np.asarray(f[name], dtype=np.float32)
+    except (TypeError, ValueError, OSError) as err:
+        raise ValueError(f"{path}: band {name!r} is not a numeric array ({err})") from err
+    if band.ndim != 2 or min(band.shape) < 1:
+        raise ValueError(f"{path}: band {name!r} has shape {band.shape}; GEO-Bench bands are 2D (H, W)")
+    return band
+
+
+def _check_finite(image: np.ndarray, path: Path, bands: list[str] | None = None) -> np.ndarray:
+    """NaN / inf pixels would poison the normalisation statistics and every feature: refuse them by name."""
+    bad = ~np.isfinite(image)
+    if bad.any():
+        counts = bad.reshape(len(image), -1).sum(1)
+        first = int(np.flatnonzero(counts)[0])
+        band = repr(bands[first]) if bands else f"#{first}"
+        raise ValueError(f"{path}: {int(counts.sum())} NaN/inf pixel value(s), e.g. {int(counts[first])} in band "
+                         f"{band}; fill nodata before evaluating (the probes need finite inputs)")
+    return image
 
 
 def _stack_bands(bands: list[np.ndarray]) -> np.ndarray:
@@ -158,7 +200,14 @@ def _hdf5_label(f, path: Path) -> np.ndarray:
     if "label" in f.attrs:
         return np.asarray(f.attrs["label"])
     if "pickle" in f.attrs:
-        attrs = _StubUnpickler(io.BytesIO(ast.literal_eval(f.attrs["pickle"]))).load()
+        try:
+            raw = f.attrs["pickle"]
+            attrs = _StubUnpickler(io.BytesIO(raw if isinstance(raw, bytes) else ast.literal_eval(raw))).load()
+        except pickle.UnpicklingError as err:
+            raise pickle.UnpicklingError(f"{path}: {err}") from err
+        except (ValueError, SyntaxError, TypeError, EOFError, AttributeError, ImportError, IndexError) as err:
+            raise ValueError(f"{path}: attrs['pickle'] is not GEO-Bench's pickled attribute dict "
+                             f"({type(err).__name__}: {err})") from err
         if isinstance(attrs, dict) and "label" in attrs:
             return np.asarray(attrs["label"])
     raise ValueError(f"{path} has no label: expected a 'label' dataset, a 'label' attribute or GEO-Bench's "
@@ -198,20 +247,25 @@ class _StubUnpickler(pickle.Unpickler):
 
 
 def _as_labels(labels: list[np.ndarray]) -> np.ndarray:
-    arr = np.stack(labels)
-    return arr.astype(np.float32) if arr.ndim == 2 else arr.astype(np.int64)
+    try:
+        arr = np.stack(labels)
+        return arr.astype(np.float32) if arr.ndim == 2 else arr.astype(np.int64)
+    except (ValueError, TypeError) as err:
+        examples = sorted({str(v)[:20] for v in labels[:50]})[:5]
+        raise ValueError(f"labels must be numeric class ids, multi-hot vectors or masks of one shape, got e.g. "
+                         f"{examples} ({err})") from err
 
 
 # -- folders --------------------------------------------------------------------------------------
 def _read_image(path: Path) -> np.ndarray:
     """(C, H, W) float32 from a .npy or GeoTIFF; channel-last arrays (H, W, C) are transposed."""
-    if path.suffix == ".npy":
-        arr = np.load(path)
-    else:
-        import tifffile
+    import tifffile
 
-        arr = tifffile.imread(path)
-    arr = np.asarray(arr, dtype=np.float32)
+    try:
+        arr = np.load(path) if path.suffix == ".npy" else tifffile.imread(path)
+        arr = np.asarray(arr, dtype=np.float32)
+    except (OSError, ValueError, TypeError, tifffile.TiffFileError) as err:  # also pickled (object) .npy files
+        raise ValueError(f"{path}: not a readable image ({err})") from err
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
@@ -222,7 +276,13 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files of a folder; hidden files (.DS_Store, macOS `._x.tif`) and sidecars (.aux.xml) are not images."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def _subdirs(folder: Path) -> list[str]:
+    """Visible sub-folders (a .ipynb_checkpoints or .git folder is not a split or a class)."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def read_folder(root: str | Path, split: str, modality: str = "auto",
@@ -231,9 +291,8 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
-    splits = [p.name for p in root.iterdir() if p.is_dir()]
-    split_dir = root / _split_key(splits, split, str(root))
-    subdirs = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    split_dir = root / _split_key(_subdirs(root), split, str(root))
+    subdirs = _subdirs(split_dir)
     if {"images", "masks"} <= set(subdirs):
         files = _files(split_dir / "images")
         if not files:
@@ -243,7 +302,7 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
             mask = next((m for m in (split_dir / "masks").glob(f.stem + ".*")), None)
             if mask is None:
                 raise FileNotFoundError(f"no mask for {f} in {split_dir / 'masks'} (expected {f.stem}.tif/.npy)")
-            pairs.append((_read_image(f), _read_image(mask)[0].astype(np.int64)))
+            pairs.append((_check_finite(_read_image(f), f), _read_image(mask)[0].astype(np.int64)))
         images, labels, names = [p[0] for p in pairs], [p[1] for p in pairs], class_names or []
     else:
         names = class_names or subdirs
@@ -255,7 +314,7 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
             found = _files(folder) if folder.is_dir() else []
             if not found:
                 raise ValueError(f"class {name!r} has no images in {folder} (expected *.tif, *.tiff or *.npy)")
-            images += [_read_image(f) for f in found]
+            images += [_check_finite(_read_image(f), f) for f in found]
             labels += [idx] * len(found)
     shapes = {im.shape for im in images}
     if len(shapes) != 1:

@@ -8,6 +8,7 @@ now), dataset path, split, modality, image size, kind and input preparation (sta
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +63,21 @@ def extract(model, images: np.ndarray, modality: str, kind: str = "cls", batch_s
     return np.concatenate(out)
 
 
-def cached_features(cache_dir: str | Path | None, key: str, compute) -> np.ndarray:
-    """Load features for `key` from cache_dir, or compute() and store them there."""
+def cached_features(cache_dir: str | Path | None, key: str, compute, rows: int | None = None) -> np.ndarray:
+    """Load features for `key` from cache_dir, or compute() and store them there. A cache file that cannot be
+    read (a foreign or damaged file) or has another row count than the split's `rows` (samples added to the
+    dataset since) is recomputed and replaced: the cache is derived data, never a reason to fail or to mislead."""
     if cache_dir is None:
         return compute()
     path = Path(cache_dir) / f"features_{key}.npz"
     if path.exists():
-        return np.load(path)["features"]
+        try:
+            with np.load(path) as f:
+                cached = f["features"]
+            if rows is None or len(cached) == rows:
+                return cached
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # recomputed below
     feats = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")

@@ -59,7 +59,32 @@ def _load_splits(cfg: EvalConfig) -> dict[str, EvalSplit]:
         if split.images.shape[1:2] != train.images.shape[1:2] or split.task != train.task:
             raise ValueError(f"split {name!r} ({split.task}, {split.images.shape[1]} bands) does not match "
                              f"train ({train.task}, {train.images.shape[1]} bands)")
+    _check_labels(splits, cfg.data)
     return splits
+
+
+def _check_labels(splits: dict[str, EvalSplit], data: str) -> None:
+    """Class ids are >= 0 (masks: 255 = ignore), multi-hot vectors 0/1, and a test / val class occurs in train
+    (no probe can predict a class it never saw: a label out of range is a dataset error)."""
+    train = splits["train"]
+    for name, split in splits.items():
+        y = split.labels
+        if split.task == "multilabel":
+            bad = ~np.isin(y, (0, 1))
+            if bad.any():
+                raise ValueError(f"split {name!r} of {data}: multi-label vectors must hold 0 or 1, got {y[bad][0]:g}")
+            continue
+        ids = np.unique(y)
+        ids = ids[ids != probes.IGNORE_INDEX] if split.task == "segmentation" else ids
+        if len(ids) and ids.min() < 0:
+            raise ValueError(f"split {name!r} of {data}: label {int(ids.min())} is negative; class ids are 0, 1, ..."
+                             + (f" ({probes.IGNORE_INDEX} = ignore)" if split.task == "segmentation" else ""))
+        if split.task == "classification" and name != "train":
+            unseen = np.setdiff1d(ids, train.labels)
+            if len(unseen):
+                raise ValueError(f"split {name!r} of {data} has class id(s) {unseen[:10].tolist()} that the train "
+                                 f"split lacks (train has {np.unique(train.labels)[:20].tolist()}): a label out of "
+                                 "range?")
 
 
 def _num_classes(splits: dict[str, EvalSplit]) -> int:
@@ -97,7 +122,7 @@ def evaluate(cfg: EvalConfig, model) -> dict:
         key = cache_key(cfg.checkpoint, cfg.data, name, modality, cfg.img_size, kind, prep)
         feats[name] = cached_features(cache_dir, key, lambda s=split, n=name: extract(
             model, normalize(s.images, mean, std), modality, kind, cfg.batch_size, cfg.img_size, cfg.device,
-            desc=f"{n} features"))
+            desc=f"{n} features"), rows=len(split.labels))
     num_classes = _num_classes(splits)
     results = {"checkpoint": str(cfg.checkpoint), "data": str(cfg.data), "format": cfg.format, "task": task,
                "modality": modality, "num_classes": num_classes, "seed": cfg.seed, "statistics": stats_from, **s1,

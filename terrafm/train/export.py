@@ -7,7 +7,8 @@ that recorded them, bands / mean / std (JSON {modality: [...]}: the per-band nor
 used) and s1_scaling (db | linear), so a user knows how to prepare inputs. The teacher is
 exported by default (DINO evaluates the EMA teacher); --student picks the student. Fusion parameters
 are dropped unless --with-fusion (they are not part of the published layout). The checkpoint's files are
-checked against its checksum manifest first; the output gets the umask's mode (0644 under umask 022).
+checked against its checksum manifest first; the output gets the umask's mode (0644 under umask 022) and
+replaces an existing file only with --force.
 """
 
 import argparse
@@ -48,23 +49,33 @@ def export_metadata(name: str, which: str, meta: dict) -> dict[str, str]:
     return out
 
 
-def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", with_fusion: bool = False) -> Path:
-    """Write `output` atomically (temp file + rename), readable as the umask allows; returns its path."""
+def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", with_fusion: bool = False,
+           force: bool = False) -> Path:
+    """Write `output` atomically (temp file + rename), readable as the umask allows; returns its path.
+    An existing `output` is replaced only with force (an earlier export is not lost by a typo)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from terrafm.checkpoint_io import load_backbone_state, read_meta, resolve
 
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise ValueError(f"output {output} must end in .safetensors")
+    if output.is_dir():
+        raise ValueError(f"output {output} is a folder; give a file name ending in .safetensors")
+    if output.exists() and not force:
+        raise ValueError(f"output {output} exists; pass --force to replace it, or choose another name")
     name, state = load_backbone_state(checkpoint, which)
     metadata = export_metadata(name, which, read_meta(resolve(checkpoint)))
     if not with_fusion:
         state = {k: v for k, v in state.items() if not k.startswith(FUSION_PREFIX)}
-    output = Path(output)
-    if output.suffix != ".safetensors":
-        raise ValueError(f"output {output} must end in .safetensors")
     output.parent.mkdir(parents=True, exist_ok=True)
 
     def write(tmp: Path) -> None:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # safetensors' Rust writer reports I/O failures as its own error
+            raise OSError(str(err)) from err
         chmod_shared(tmp)
 
     return atomic_write(output, write)
@@ -75,13 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="OUT.safetensors")
     parser.add_argument("--student", action="store_true", help="export the student instead of the EMA teacher")
     parser.add_argument("--with-fusion", action="store_true", help="keep the Case N fusion parameters")
+    parser.add_argument("--force", action="store_true", help="replace OUT.safetensors if it exists")
 
 
 def run(args: argparse.Namespace) -> int:
     from terrafm.checkpoint_io import CheckpointError
 
     try:
-        out = export(args.checkpoint, args.output, "student" if args.student else "teacher", args.with_fusion)
+        out = export(args.checkpoint, args.output, "student" if args.student else "teacher", args.with_fusion,
+                     args.force)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"terrafm export: {err}", file=sys.stderr)
         return 2

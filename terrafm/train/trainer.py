@@ -96,7 +96,7 @@ def init_distributed(cfg: Config) -> DistEnv:
     want = cfg.train.device
     use_cuda = want == "cuda" or (want == "auto" and backends.cuda().usable)
     if want == "cuda" and not backends.cuda().usable:
-        raise TrainingError(f"train.device=cuda but CUDA is not usable: {backends.cuda().detail}")
+        raise SetupError(f"train.device=cuda but CUDA is not usable: {backends.cuda().detail}")
     timeout = timedelta(seconds=cfg.train.collective_timeout_s)
     owns = False
     if not dist.is_initialized():
@@ -114,7 +114,7 @@ def init_distributed(cfg: Config) -> DistEnv:
     else:
         device = torch.device("cpu")
     if not cfg.train.fsdp and world > 1:
-        raise TrainingError("train.fsdp=false supports a single process only; set train.fsdp=true for torchrun")
+        raise SetupError("train.fsdp=false supports a single process only; set train.fsdp=true for torchrun")
     mesh = None
     if cfg.train.fsdp:  # always 2-D, so one code path (HSDP with 1 replica is FSDP)
         try:
@@ -169,12 +169,12 @@ def build_optimizer(student: torch.nn.Module, cfg: Config, device: torch.device)
     kwargs = dict(lr=0.0, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if impl == "apex":
         if not backends.apex().usable:
-            raise TrainingError(f"optim.implementation=apex but apex is not usable: {backends.apex().detail}")
+            raise SetupError(f"optim.implementation=apex but apex is not usable: {backends.apex().detail}")
         from apex.optimizers import FusedAdam
 
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
     if impl == "fused" and device.type != "cuda":
-        raise TrainingError("optim.implementation=fused needs CUDA; use foreach or plain on CPU")
+        raise SetupError("optim.implementation=fused needs CUDA; use foreach or plain on CPU")
     return torch.optim.AdamW(groups, fused=impl == "fused" or None, foreach=impl == "foreach" or None, **kwargs)
 
 
@@ -371,7 +371,8 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
     except (checkpoint.ResumeError, checkpoint_io.CheckpointError, ValueError) as err:
         raise SetupError(f"cannot resume from {resume_from}: {err}") from err
     except (RuntimeError, KeyError, CheckpointException) as err:  # DCP: missing keys, shape mismatch
-        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        detail = _config_changes(resume_from, cfg) or (
+            str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__)
         raise SetupError(f"cannot resume from {resume_from}: it does not fit this model and optimiser "
                          f"({detail}); resume with the model.* and ssl.* values it was written with "
                          f"(see {resume_from / 'meta.json'})") from err
@@ -384,6 +385,20 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
                   f"global batch); data resumes at epoch {epoch} batch {loader.step}, {redrawn} samples "
                   "drawn again", flush=True)
     return step, epoch, skipped_steps, saved_steps
+
+
+def _config_changes(resume_from: Path, cfg: Config) -> str:
+    """The model.* / ssl.* values that differ between a checkpoint's recorded config and this run's, e.g.
+    "model.name: checkpoint terrafm_tiny, this run terrafm_small" (DCP's own shape errors name no key)."""
+    try:
+        saved = checkpoint_io.read_meta(resume_from).get("config", {})
+    except (checkpoint_io.CheckpointError, OSError, ValueError):
+        return ""
+    now = to_dict(cfg)
+    changes = [f"{section}.{key}: checkpoint {value!r}, this run {now[section].get(key)!r}"
+               for section in ("model", "ssl") if isinstance(saved.get(section), dict)
+               for key, value in saved[section].items() if key in now[section] and now[section][key] != value]
+    return "; ".join(changes)
 
 
 def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) -> TrainResult:

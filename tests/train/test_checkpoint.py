@@ -110,7 +110,48 @@ def test_missing_or_incompatible_checkpoints_exit_2_with_a_message(two_checkpoin
     out = _copy(two_checkpoints, tmp_path)
     proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", "ssl.head_hidden_dim=48", expect_rc=2)
     assert "does not fit this model and optimiser" in proc.stderr and "meta.json" in proc.stderr
+    assert "ssl.head_hidden_dim: checkpoint " in proc.stderr and "this run 48" in proc.stderr  # names the key
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("meta", ['[1, 2]', '{"model": {"name": "terrafm_tiny", "img_size": "abc"}}'])
+def test_an_edited_meta_json_is_one_message_for_resume_export_and_eval(two_checkpoints, tmp_path, capsys, meta):
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    (step2 / "meta.json").write_text(meta)
+    _rehash(step2, "meta.json")  # consistent with the manifest: only the content is wrong
+    proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", expect_rc=2)
+    assert "meta.json: not a terrafm checkpoint's meta.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert main(["export", str(step2), str(tmp_path / "x.safetensors")]) == 2
+    assert "meta.json: not a terrafm checkpoint's meta.json" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="not a terrafm checkpoint's meta.json"):
+        load_checkpoint(step2)
+
+
+def test_export_keeps_an_existing_output_and_reports_write_errors(two_checkpoints, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    step2 = two_checkpoints / "run" / "checkpoints" / "step_00000002"
+    target = tmp_path / "x.safetensors"
+    target.write_bytes(b"an earlier export")
+    assert main(["export", str(step2), str(target)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and target.read_bytes() == b"an earlier export"
+    assert main(["export", str(step2), str(tmp_path)]) == 2  # a folder: no .safetensors suffix
+    (tmp_path / "dir.safetensors").mkdir()
+    assert main(["export", str(step2), str(tmp_path / "dir.safetensors")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+    def disk_error(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_error)
+    assert main(["export", str(step2), str(target), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {target}" in err and "No space left" in err and "Traceback" not in err
+    assert target.read_bytes() == b"an earlier export" and list(tmp_path.glob("*.tmp")) == []
+    monkeypatch.undo()
+    assert main(["export", str(step2), str(target), "--force"]) == 0
+    assert target.read_bytes()[:8] != b"an earlie"
 
 
 @pytest.mark.parametrize("where", ["rank_state", "dcp_shard"])

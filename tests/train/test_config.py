@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from terrafm.config import ConfigError, check_epoch, load_config, parse_override, presets
@@ -31,7 +33,7 @@ def test_unknown_key_names_itself_and_lists_the_valid_ones():
 @pytest.mark.parametrize("override, message", [
     ("train.max_steps=ten", "'train.max_steps': expected an integer, got 'ten'"),
     ("train.compile=1", "'train.compile': expected true or false"),
-    ("optim.lr=fast", "'optim.lr': expected a number"),
+    ("optim.lr=fast", "'optim.lr': expected a finite number"),
     ("train.precision=fp8", "'train.precision': 'fp8' is not one of bf16, fp32"),
     ("train=3", "'train' is a section"),
     ("train.max_steps", "must look like section.key=value"),
@@ -69,3 +71,30 @@ def test_the_dataset_size_check_names_the_key_to_change():
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError, match="presets: .*tiny_cpu"):
         load_config("vitz_h100")
+
+
+@pytest.mark.parametrize("override", ["optim.lr=.nan", "optim.lr=inf", "ssl.koleo_weight=-.inf", "optim.eps=nan"])
+def test_non_finite_numbers_are_refused_by_name(override):
+    with pytest.raises(ConfigError, match=f"'{override.split('=')[0]}': expected a finite number"):
+        load_config("tiny_cpu", [override])
+
+
+def test_a_bad_config_file_is_one_config_error_and_never_runs_code(tmp_path):
+    marker = tmp_path / "pwned"
+    files = {
+        "tag.yaml": f"model: !!python/object/apply:os.system ['touch {marker}']\n".encode(),
+        "broken.yaml": b"model: [unclosed\n",
+        "binary.yaml": b"\xff\xfe\x00model",
+        "twice.yaml": b"model:\n  name: terrafm_tiny\nmodel:\n  img_size: 32\n",  # PyYAML would keep the last
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / "folder.yaml").mkdir()
+    for name, message in [("tag.yaml", "(!!python/...) are refused"), ("broken.yaml", "not a valid YAML config"),
+                          ("binary.yaml", "not a UTF-8 text file"), ("folder.yaml", "cannot read config"),
+                          ("twice.yaml", "key 'model' given twice, line 3")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(str(tmp_path / name))
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match=r"override 'optim.betas=\[0.9': the value is not valid YAML"):
+        load_config("tiny_cpu", ["optim.betas=[0.9"])

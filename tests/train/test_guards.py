@@ -71,6 +71,14 @@ def test_bad_values_and_paths_exit_2_with_one_message(tmp_path, capsys, nothing_
     assert message in err and "Traceback" not in err
 
 
+def test_a_device_or_optimiser_this_machine_lacks_is_a_setup_error(tmp_path, capsys, nothing_is_built, monkeypatch):
+    from terrafm import backends
+
+    monkeypatch.setattr(backends, "cuda", lambda: backends.Availability(False, "no CUDA device visible"))
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "train.device=cuda"]) == 2  # fix the setup, not 1
+    assert "train.device=cuda but CUDA is not usable: no CUDA device visible" in capsys.readouterr().err
+
+
 def test_a_batch_larger_than_the_dataset_names_data_batch_size(tmp_path):
     proc = run_harness(tmp_path, "--batch", "32", *RUN, expect_rc=2)
     assert "data.batch_size=32 is more than each of the 1 rank(s) gets from the dataset" in proc.stderr

@@ -1,0 +1,168 @@
+"""Bad input to `terrafm eval` is one message naming the file or flag (exit 2), never a traceback or a silent score."""
+
+import json
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+from eval_toydata import GEOBENCH_S2, make_splits, write_folder, write_hdf5
+
+from terrafm.cli import main
+from terrafm.eval.data import read_split
+from terrafm.eval.runner import EvalConfig, _load_splits
+
+
+def _geobench(tmp_path, name="m-toy", per_class=(3, 1, 2), mutate=None):
+    splits = make_splits(13, per_class=per_class)
+    if mutate:
+        mutate(splits)
+    return write_hdf5(tmp_path / name, splits, GEOBENCH_S2)
+
+
+def _eval(data, out, *extra, fmt="hdf5", checkpoint="unused.pth"):
+    return main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--format", fmt, "--out", str(out),
+                 "--fractions", "1.0", "--probe", "knn", *extra])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--img-size", "0", "--img-size must be >= 1"), ("--batch-size", "0", "--batch-size must be >= 1"),
+    ("--knn-k", "0", "--knn-k must be >= 1"), ("--knn-temperature", "0", "--knn-temperature must be a positive"),
+    ("--linear-epochs", "-1", "--linear-epochs must be >= 1"), ("--device", "tpu", "'tpu' is not a device"),
+])
+def test_bad_numbers_and_devices_exit_2_before_reading_anything(tmp_path, capsys, flag, value, message):
+    assert _eval(tmp_path / "nowhere", tmp_path / "out", flag, value) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_on_a_cpu_machine_and_an_out_that_is_a_file(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _eval(tmp_path, tmp_path / "out", "--device", "cuda") == 2
+    assert "CUDA is not available here; use --device cpu" in capsys.readouterr().err
+    (tmp_path / "file").write_text("keep me")
+    for extra in ((), ("--cache-dir", str(tmp_path / "file"))):
+        out = tmp_path / ("file" if not extra else "out")
+        assert _eval(tmp_path, out, *extra) == 2
+        assert "is a file; give a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def _corrupt_partition(root, text):
+    (root / "default_partition.json").write_text(text)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: _corrupt_partition(r, "{not json"), "not a readable JSON partition"),
+    (lambda r: _corrupt_partition(r, "[1, 2]"), "expected an object of splits"),
+    (lambda r: _corrupt_partition(r, json.dumps({"train": "train_0000", "test": []})), "must be a list of sample ids"),
+    (lambda r: _corrupt_partition(r, json.dumps({"train": ["../x"], "test": []})), "must be a list of sample ids"),
+    (lambda r: (r / "train_0001.hdf5").write_bytes(b"garbage" * 10), "train_0001.hdf5: not a readable HDF5 file"),
+    (lambda r: (r / "train_0001.hdf5").write_bytes((r / "train_0001.hdf5").read_bytes()[:3000]),
+     "train_0001.hdf5: not a readable HDF5 file"),
+])
+def test_a_broken_geobench_folder_names_the_file(tmp_path, damage, message):
+    root = _geobench(tmp_path)
+    damage(root)
+    with pytest.raises(ValueError, match=message):
+        read_split(root, "hdf5", "train")
+
+
+def test_nan_and_inf_pixels_are_refused_by_file_and_band(tmp_path):
+    def nan(splits):
+        images = splits["train"][0].astype(np.float32)
+        images[2, 3, :2, :2] = np.nan
+        splits["train"] = (images, splits["train"][1])
+
+    with pytest.raises(ValueError, match=r"train_0002\.hdf5: 4 NaN/inf pixel value\(s\), e\.g\. 4 in band '04 - Red'"):
+        read_split(_geobench(tmp_path, mutate=nan), "hdf5", "train")
+    splits = make_splits(13, per_class=(2, 1, 1))
+    del splits["valid"]
+    root = write_folder(tmp_path / "eurosat", splits, suffix=".npy")
+    bad = np.full((13, 32, 32), np.inf, np.float32)
+    np.save(root / "train" / "class_0" / "inf.npy", bad)
+    with pytest.raises(ValueError, match=r"inf\.npy: 13312 NaN/inf pixel"):
+        read_split(root, "folder", "train")
+
+
+def test_bad_bands_and_attrs_pickle_name_the_sample(tmp_path):
+    root = _geobench(tmp_path)
+    with h5py.File(root / "train_0001.hdf5", "a") as f:
+        del f["02 - Blue"]
+        f.create_dataset("02 - Blue", data=np.zeros((2, 32, 32)))
+    with pytest.raises(ValueError, match=r"train_0001\.hdf5: band '02 - Blue' has shape \(2, 32, 32\)"):
+        read_split(root, "hdf5", "train")
+    root = _geobench(tmp_path, "m-pickle")
+    for raw, message in (("not a bytes literal", "attrs\\['pickle'\\] is not GEO-Bench's"),
+                         (str(pickle.dumps({"label": 1})[:-3]), "test_0000.hdf5: .*truncated"),
+                         (str(pickle.dumps(print)), "test_0000.hdf5: refusing to load builtins.print")):
+        with h5py.File(root / "test_0000.hdf5", "a") as f:
+            del f["label"]  # GEO-Bench keeps classification labels in attrs['pickle']
+            f.attrs["pickle"] = raw
+        with pytest.raises((ValueError, pickle.UnpicklingError), match=message):
+            read_split(root, "hdf5", "test")
+        with h5py.File(root / "test_0000.hdf5", "a") as f:
+            f.create_dataset("label", data=0)
+
+
+@pytest.mark.parametrize("split, label, message", [
+    ("test", 99, r"split 'test' .* has class id\(s\) \[99\] that the train split lacks"),
+    ("train", -1, "split 'train' .*: label -1 is negative"),
+    ("valid", -3, "split 'val' .*: label -3 is negative"),
+])
+def test_labels_out_of_range_are_one_message(tmp_path, split, label, message):
+    def set_label(splits):
+        images, labels = splits[split]
+        labels = labels.copy()
+        labels[0] = label
+        splits[split] = (images, labels)
+
+    root = _geobench(tmp_path, mutate=set_label)
+    with pytest.raises(ValueError, match=message):
+        _load_splits(EvalConfig(checkpoint="", data=str(root), format="hdf5", out=str(tmp_path / "out")))
+
+
+def test_folder_sidecars_and_hidden_entries_are_skipped_and_bad_images_named(tmp_path):
+    splits = make_splits(13, per_class=(2, 1, 1))
+    del splits["valid"]
+    root = write_folder(tmp_path / "eurosat", splits)
+    (root / "train" / "class_0" / "0000.tif.aux.xml").write_text("<PAMDataset/>")
+    (root / "train" / "class_1" / ".DS_Store").write_bytes(b"\0")
+    (root / "train" / "class_2" / "._0001.tif").write_bytes(b"\0\0")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    train = read_split(root, "folder", "train")
+    assert train.class_names == [f"class_{k}" for k in range(4)] and len(train.labels) == 8
+    (root / "train" / "class_0" / "bad.tif").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"class_0/bad\.tif: not a readable image"):
+        read_split(root, "folder", "train")
+    (root / "train" / "class_0" / "bad.tif").unlink()
+    np.save(root / "train" / "class_0" / "obj.npy", np.array([object()], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"obj\.npy: not a readable image"):
+        read_split(root, "folder", "train")
+
+
+def test_a_sample_of_another_size_is_named(tmp_path):
+    root = _geobench(tmp_path)
+    with h5py.File(root / "train_0002.hdf5", "a") as f:
+        for name in GEOBENCH_S2:
+            del f[name]
+            f.create_dataset(name, data=np.ones((33, 33), np.uint16))
+    with pytest.raises(ValueError, match=r"train_0002\.hdf5 is 33x33 px, the first sample of split 'train' 32x32"):
+        read_split(root, "hdf5", "train")
+
+
+def test_a_damaged_or_stale_feature_cache_is_recomputed(tmp_path):
+    from terrafm.eval.features import cached_features
+
+    calls = []
+
+    def compute(rows=4):
+        calls.append(rows)
+        return np.full((rows, 3), float(len(calls)), np.float32)
+
+    (tmp_path / "features_k.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    assert cached_features(tmp_path, "k", compute, rows=4).shape == (4, 3) and calls == [4]
+    assert cached_features(tmp_path, "k", compute, rows=4)[0, 0] == 1.0 and calls == [4]  # now a good cache
+    assert cached_features(tmp_path, "k", lambda: compute(6), rows=6).shape == (6, 3)  # samples added since
