@@ -7,6 +7,7 @@ one job never breaks another.
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -32,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `terrafm ... | head`: the reader stopped reading; no traceback for that
+        try:  # Python's own flush of stdout at exit must not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):

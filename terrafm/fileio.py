@@ -53,7 +53,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Write `path` through `write(tmp)` (any writer that takes a file name) to `path`.tmp, then `publish`."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:  # a full disk or Ctrl-C mid-write: leave the old file and no half-written .tmp
+        tmp.unlink(missing_ok=True)
+        raise
     publish(tmp, path)
     return path
 

@@ -38,3 +38,13 @@ def test_backends_never_raise():
     for fn in backends.ALL.values():
         avail = fn()
         assert isinstance(avail.usable, bool) and isinstance(avail.detail, str)
+
+
+def test_a_reader_that_stops_reading_gets_no_traceback():
+    """`terrafm info | head -0`: the pipe is closed before terrafm writes; it exits 141 (SIGPIPE's code) quietly."""
+    proc = subprocess.Popen([sys.executable, "-m", "terrafm.cli", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # closed while the child is still importing torch, long before its first print
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err
