@@ -306,6 +306,10 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
         images, labels, names = [p[0] for p in pairs], [p[1] for p in pairs], class_names or []
     else:
         names = class_names or subdirs
+        unseen = sorted(set(subdirs) - set(names))
+        if unseen:  # dropping them would score the probe on a filtered test set
+            raise ValueError(f"{split_dir} has class folders the train split lacks: {unseen[:8]}; a probe cannot "
+                             "predict a class it never saw: add its train images or remove the folder")
         if not names:
             raise ValueError(f"{split_dir} has no class folders (expected {split_dir}/<class>/*.tif)")
         images, labels = [], []

@@ -166,3 +166,16 @@ def test_a_damaged_or_stale_feature_cache_is_recomputed(tmp_path):
     assert cached_features(tmp_path, "k", compute, rows=4).shape == (4, 3) and calls == [4]
     assert cached_features(tmp_path, "k", compute, rows=4)[0, 0] == 1.0 and calls == [4]  # now a good cache
     assert cached_features(tmp_path, "k", lambda: compute(6), rows=6).shape == (6, 3)  # samples added since
+
+
+def test_a_test_class_the_train_split_lacks_is_named_not_dropped(tmp_path):
+    """Dropping its images would score the probe on a filtered test set; the other direction was already an error."""
+    import shutil
+
+    splits = make_splits(13, per_class=(2, 1, 1))
+    del splits["valid"]
+    root = write_folder(tmp_path / "eurosat", splits)
+    train = read_split(root, "folder", "train")
+    shutil.copytree(root / "test" / "class_0", root / "test" / "class_zz")
+    with pytest.raises(ValueError, match=r"class folders the train split lacks: \['class_zz'\]"):
+        read_split(root, "folder", "test", class_names=train.class_names)
