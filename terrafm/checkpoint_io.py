@@ -183,7 +183,8 @@ def previous_checkpoint(path: Path) -> str:
     earlier = sorted(p for p in path.parent.glob("step_*") if _complete(p) and p.name < path.name)
     if not earlier:
         return f"there is no earlier checkpoint in {path.parent}"
-    return f"the previous checkpoint is {earlier[-1]}: resume from it with --resume-from {earlier[-1]}"
+    return (f"the previous checkpoint is {earlier[-1]}: pass it instead (`terrafm pretrain --resume-from`, "
+            f"`terrafm export`, `terrafm eval --checkpoint`)")
 
 
 def read_meta(path: str | Path) -> dict:

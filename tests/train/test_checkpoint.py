@@ -96,7 +96,8 @@ def test_a_flipped_byte_is_refused_by_name_and_the_previous_checkpoint_offered(t
         f.write(bytes([byte[0] ^ 0x01]))
     proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", expect_rc=2)
     assert "step_00000002 is corrupt (__0_0.distcp: sha256" in proc.stderr, proc.stderr
-    assert f"the previous checkpoint is {ckpts / 'step_00000001'}: resume from it with --resume-from" in proc.stderr
+    offer = f"the previous checkpoint is {ckpts / 'step_00000001'}: pass it instead (`terrafm pretrain --resume-from`"
+    assert offer in proc.stderr
     assert main(["export", str(out / "run"), str(tmp_path / "x.safetensors")]) == 2
     assert "__0_0.distcp: sha256" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
