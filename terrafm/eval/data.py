@@ -144,7 +144,8 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
             elif names != band_names:
                 raise ValueError(f"{path} has bands {names}, the first sample had {band_names}")
             bands = [_hdf5_band(f, band_names[i], path) for i in chosen]
-            image = _check_finite(_stack_bands(bands), path, [band_names[i] for i in chosen])
+            image = _check_finite(_stack_bands(bands, path, [band_names[i] for i in chosen]), path,
+                                  [band_names[i] for i in chosen])
             if images and image.shape != images[0].shape:
                 raise ValueError(f"{path} is {image.shape[1]}x{image.shape[2]} px, the first sample of split {split!r} "
                                  f"{images[0].shape[1]}x{images[0].shape[2]}: a split's images must share one size")
@@ -176,12 +177,16 @@ def _check_finite(image: np.ndarray, path: Path, bands: list[str] | None = None)
     return image
 
 
-def _stack_bands(bands: list[np.ndarray]) -> np.ndarray:
+def _stack_bands(bands: list[np.ndarray], path: Path, names: list[str]) -> np.ndarray:
     """(C, H, W) from 2D bands; bands stored at a coarser grid (20 m / 60 m) are resized bilinearly to
-    the finest one."""
+    the finest one. A band whose aspect differs from the finest one's covers another area: refused."""
     shape = max((b.shape for b in bands), key=lambda s: s[0] * s[1])
     if all(b.shape == shape for b in bands):
         return np.stack(bands)
+    for b, name in zip(bands, names, strict=True):  # h / H = w / W up to one pixel of rounding at each side
+        if abs(b.shape[0] * shape[1] - b.shape[1] * shape[0]) > max(shape):
+            raise ValueError(f"{path}: band {name!r} is {b.shape[0]}x{b.shape[1]} px and the finest band "
+                             f"{shape[0]}x{shape[1]}: not the same area at a coarser grid")
     import torch
     import torch.nn.functional as F
 

@@ -94,6 +94,15 @@ def test_bad_bands_and_attrs_pickle_name_the_sample(tmp_path):
         f.create_dataset("02 - Blue", data=np.zeros((2, 32, 32)))
     with pytest.raises(ValueError, match=r"train_0001\.hdf5: band '02 - Blue' has shape \(2, 32, 32\)"):
         read_split(root, "hdf5", "train")
+    with h5py.File(root / "train_0001.hdf5", "a") as f:  # a coarser grid of the same area is resized ...
+        del f["02 - Blue"]
+        f.create_dataset("02 - Blue", data=np.ones((16, 16)))
+    assert read_split(root, "hdf5", "train").images.shape[-2:] == (32, 32)
+    with h5py.File(root / "train_0001.hdf5", "a") as f:  # ... another area is not
+        del f["02 - Blue"]
+        f.create_dataset("02 - Blue", data=np.ones((7, 9)))
+    with pytest.raises(ValueError, match=r"train_0001\.hdf5: band '02 - Blue' is 7x9 px and the finest band 32x32"):
+        read_split(root, "hdf5", "train")
     root = _geobench(tmp_path, "m-pickle")
     for raw, message in (("not a bytes literal", "attrs\\['pickle'\\] is not GEO-Bench's"),
                          (str(pickle.dumps({"label": 1})[:-3]), "test_0000.hdf5: .*truncated"),
