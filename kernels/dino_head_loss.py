@@ -360,7 +360,8 @@ def _softmax_project(launch, h, v_logit, v_proj, g_logit, g_proj, rnorm_proj, ce
     stats = torch.empty((2, splits, R), dtype=torch.float32, device=h.device)
     out = torch.empty((splits, R, launch.D), dtype=torch.float32, device=h.device)
     column = torch.empty((grid[1], 2, launch.K) if centred else (1,), dtype=torch.float32, device=h.device)
-    rnorm = torch.empty((grid[0] * grid[1], launch.K), dtype=torch.float32, device=h.device)  # a row per program
+    # a row per (D block, row block), each filled by its K splits' disjoint ranges, so every row holds all K norms
+    rnorm = torch.empty((grid[0] * grid[1], launch.K), dtype=torch.float32, device=h.device)
     launch_with_descriptors(
         _softmax_project_kernel, grid, h, v_logit, v_proj, g_logit, g_proj, rnorm_proj, rnorm, center, center_high,
         high_weight, stats, out, column, R, launch.K, launch.D, h.stride(0), per_split, scale, alpha,
