@@ -95,5 +95,8 @@ def run(args: argparse.Namespace) -> int:
         scores = {k: r[k] for k in ("top1", "f1_macro", "f1_micro", "miou", "pixel_acc") if k in r}
         print(f"{r['probe']:>6} {r['fraction']:>6.0%} labels ({r['train_samples']} samples): "
               + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    masked = {n: c for n, c in results["nodata_pixels"].items() if c}
+    if masked:
+        print("nodata pixel values filled with the band mean: " + ", ".join(f"{n} {c}" for n, c in masked.items()))
     print(f"normalised with the {results['statistics']} statistics; results: {args.out}/results.json")
     return 0

@@ -9,6 +9,9 @@ and the label either as a dataset named "label*" (HxW mask; GEO-Bench segmentati
 "label", or inside GEO-Bench's pickled attribute dict `attrs["pickle"]` (classification), which is
 read with a restricted unpickler (no geobench install needed, no arbitrary code).
 Images keep their size here; features.extract resizes them (--img-size) before the patch-multiple check.
+Nodata: NaN / inf values, values <= -9999 (the fill of S1 RTC products) and a GeoTIFF's own GDAL_NODATA value are
+read as NaN; the statistics skip them and `normalize` fills them with 0, the band's mean, as `terrafm prepare`
+does for training tiles. An image with no valid pixel is refused by name.
 Folders: `root/<split>/<class>/*.tif|*.npy` for classification, `root/<split>/images/*` with
 `root/<split>/masks/*` of the same file names for segmentation.
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from terrafm.data.sources import GDAL_NODATA, S1_FILL_MAX
 from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, s1_to_db
 
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -37,7 +41,7 @@ class MissingSplitError(FileNotFoundError):
 
 @dataclass
 class EvalSplit:
-    images: np.ndarray  # (N, C, H, W) float32, bands in the modality's order
+    images: np.ndarray  # (N, C, H, W) float32, bands in the modality's order, NaN where nodata
     labels: np.ndarray  # (N,) int64 | (N, K) multi-hot | (N, H, W) int64 masks
     modality: str
     class_names: list[str] = field(default_factory=list)
@@ -144,8 +148,7 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
             elif names != band_names:
                 raise ValueError(f"{path} has bands {names}, the first sample had {band_names}")
             bands = [_hdf5_band(f, band_names[i], path) for i in chosen]
-            image = _check_finite(_stack_bands(bands, path, [band_names[i] for i in chosen]), path,
-                                  [band_names[i] for i in chosen])
+            image = _mask_nodata(_stack_bands(bands, path, [band_names[i] for i in chosen]), path)
             if images and image.shape != images[0].shape:
                 raise ValueError(f"{path} is {image.shape[1]}x{image.shape[2]} px, the first sample of split {split!r} "
                                  f"{images[0].shape[1]}x{images[0].shape[2]}: a split's images must share one size")
@@ -165,15 +168,17 @@ def _hdf5_band(f, name: str, path: Path) -> np.ndarray:
     return band
 
 
-def _check_finite(image: np.ndarray, path: Path, bands: list[str] | None = None) -> np.ndarray:
-    """NaN / inf pixels would poison the normalisation statistics and every feature: refuse them by name."""
-    bad = ~np.isfinite(image)
+def _mask_nodata(image: np.ndarray, path: Path, declared: float | None = None) -> np.ndarray:
+    """Nodata pixel values -> NaN: NaN / inf, S1 fill (<= S1_FILL_MAX) and the file's declared nodata value.
+    An image with no valid pixel carries nothing to probe: refused by name."""
+    bad = ~np.isfinite(image) | (image <= S1_FILL_MAX)
+    if declared is not None:
+        bad |= image == np.float32(declared)
+    if bad.all():
+        raise ValueError(f"{path}: every pixel is nodata (NaN/inf, <= {S1_FILL_MAX:g} or the file's declared "
+                         "nodata value): remove the sample from the split")
     if bad.any():
-        counts = bad.reshape(len(image), -1).sum(1)
-        first = int(np.flatnonzero(counts)[0])
-        band = repr(bands[first]) if bands else f"#{first}"
-        raise ValueError(f"{path}: {int(counts.sum())} NaN/inf pixel value(s), e.g. {int(counts[first])} in band "
-                         f"{band}; fill nodata before evaluating (the probes need finite inputs)")
+        image = np.where(bad, np.float32(np.nan), image)
     return image
 
 
@@ -262,12 +267,20 @@ def _as_labels(labels: list[np.ndarray]) -> np.ndarray:
 
 
 # -- folders --------------------------------------------------------------------------------------
-def _read_image(path: Path) -> np.ndarray:
-    """(C, H, W) float32 from a .npy or GeoTIFF; channel-last arrays (H, W, C) are transposed."""
+def _load(path: Path) -> tuple[np.ndarray, float | None]:
+    """(C, H, W) float32 from a .npy or GeoTIFF and the GeoTIFF's declared nodata value; channel-last arrays
+    (H, W, C) are transposed."""
     import tifffile
 
+    declared = None
     try:
-        arr = np.load(path) if path.suffix == ".npy" else tifffile.imread(path)
+        if path.suffix == ".npy":
+            arr = np.load(path)
+        else:
+            with tifffile.TiffFile(path) as tif:
+                arr = tif.asarray()
+                tag = tif.pages.first.tags.get(GDAL_NODATA)
+                declared = _nodata_value(tag.value) if tag is not None else None
         arr = np.asarray(arr, dtype=np.float32)
     except (OSError, ValueError, TypeError, tifffile.TiffFileError) as err:  # also pickled (object) .npy files
         raise ValueError(f"{path}: not a readable image ({err})") from err
@@ -277,7 +290,33 @@ def _read_image(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: expected a (C, H, W) or (H, W, C) image, got shape {arr.shape}")
     if arr.shape[-1] in (2, 12, 13) and arr.shape[0] not in (2, 12, 13):
         arr = arr.transpose(2, 0, 1)
-    return arr
+    return arr, declared
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """(C, H, W) float32, nodata as NaN."""
+    arr, declared = _load(path)
+    return _mask_nodata(arr, path, declared)
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    """(H, W) int64 class ids; pixels at the file's declared nodata value are ignored (probes.IGNORE_INDEX)."""
+    from terrafm.eval.probes import IGNORE_INDEX
+
+    arr, declared = _load(path)
+    mask = arr[0]
+    if declared is not None:
+        mask = np.where(mask == np.float32(declared), IGNORE_INDEX, mask)
+    return mask.astype(np.int64)
+
+
+def _nodata_value(tag) -> float | None:
+    """GDAL_NODATA is ASCII ("-9999", "nan", "0\\x00"); one that names no number declares nothing."""
+    try:
+        value = float(str(tag).strip("\x00 "))
+    except ValueError:
+        return None
+    return value if np.isfinite(value) else None  # NaN is masked anyway
 
 
 def _files(folder: Path) -> list[Path]:
@@ -307,7 +346,7 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
             mask = next((m for m in (split_dir / "masks").glob(f.stem + ".*")), None)
             if mask is None:
                 raise FileNotFoundError(f"no mask for {f} in {split_dir / 'masks'} (expected {f.stem}.tif/.npy)")
-            pairs.append((_check_finite(_read_image(f), f), _read_image(mask)[0].astype(np.int64)))
+            pairs.append((_read_image(f), _read_mask(mask)))
         images, labels, names = [p[0] for p in pairs], [p[1] for p in pairs], class_names or []
     else:
         names = class_names or subdirs
@@ -323,7 +362,7 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
             found = _files(folder) if folder.is_dir() else []
             if not found:
                 raise ValueError(f"class {name!r} has no images in {folder} (expected *.tif, *.tiff or *.npy)")
-            images += [_check_finite(_read_image(f), f) for f in found]
+            images += [_read_image(f) for f in found]
             labels += [idx] * len(found)
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
@@ -371,9 +410,10 @@ def input_statistics(train: EvalSplit, inputs: dict, how: str = "auto") -> tuple
     if how == "checkpoint" and not have:
         raise ValueError(f"--normalize checkpoint: the checkpoint carries no {m} statistics (an export of a run "
                          "that recorded them has); use --normalize dataset")
+    names = MODALITIES[m].bands
     if how == "dataset" or not have:
-        return (*band_stats(train.images), "dataset")
-    bands, want = inputs.get("bands", {}).get(m), list(MODALITIES[m].bands)
+        return (*band_stats(train.images, names), "dataset")
+    bands, want = inputs.get("bands", {}).get(m), list(names)
     if bands is not None and list(bands) != want:
         raise ValueError(f"the checkpoint was trained on {m} bands {list(bands)}; this dataset gives {want}. "
                          "Use --normalize dataset, or a checkpoint trained on all bands")
@@ -381,7 +421,7 @@ def input_statistics(train: EvalSplit, inputs: dict, how: str = "auto") -> tuple
     if mean.shape != (len(want),) or std.shape != (len(want),):
         raise ValueError(f"the checkpoint's {m} statistics have {mean.size} / {std.size} values, expected "
                          f"{len(want)} (one per band of {want})")
-    own, own_std = band_stats(train.images)
+    own, own_std = band_stats(train.images, names)
     ratio = own_std / np.maximum(std, 1e-6)
     far = np.flatnonzero((np.abs(own - mean) > 3 * std) | (ratio < 0.05) | (ratio > 20))
     if len(far):
@@ -392,12 +432,24 @@ def input_statistics(train: EvalSplit, inputs: dict, how: str = "auto") -> tuple
     return mean, np.maximum(std, 1e-6), "checkpoint"
 
 
-def band_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-band mean and std (C,) over the training split (float64 accumulation)."""
-    x = images.astype(np.float64)
-    mean, std = x.mean(axis=(0, 2, 3)), x.std(axis=(0, 2, 3))
-    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+def band_stats(images: np.ndarray, bands: list[str] | tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and std (C,) of the valid (non-NaN) pixels of the training split (float64, one band at a time)."""
+    mean, std = np.zeros(images.shape[1], np.float32), np.zeros(images.shape[1], np.float32)
+    for c in range(images.shape[1]):
+        x = images[:, c].astype(np.float64)
+        x = x[~np.isnan(x)]
+        if x.size == 0:
+            raise ValueError(f"band {bands[c] if bands else c!r} has no valid pixel in the train split (all nodata)")
+        mean[c], std[c] = x.mean(), max(x.std(), 1e-6)
+    return mean, std
 
 
 def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    return ((images - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
+    """(x - mean) / std per band; nodata (NaN) becomes 0, the band's mean."""
+    out = ((images - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def nodata_pixels(images: np.ndarray) -> int:
+    """How many pixel values of a split are nodata (NaN)."""
+    return int(np.isnan(images).sum())

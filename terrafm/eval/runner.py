@@ -1,5 +1,6 @@
-"""One evaluation run: read splits, normalise with training statistics, extract (cached) frozen
-features, run the probes at each label fraction, write results.json and confusion-matrix PNGs."""
+"""One evaluation run: read splits, normalise with training statistics (nodata pixels become the band mean),
+extract (cached) frozen features, run the probes at each label fraction, write results.json and
+confusion-matrix PNGs."""
 
 import json
 import time
@@ -13,6 +14,7 @@ from terrafm.eval.data import (
     EvalSplit,
     MissingSplitError,
     input_statistics,
+    nodata_pixels,
     normalize,
     read_split,
     s1_units,
@@ -126,7 +128,8 @@ def evaluate(cfg: EvalConfig, model) -> dict:
     num_classes = _num_classes(splits)
     results = {"checkpoint": str(cfg.checkpoint), "data": str(cfg.data), "format": cfg.format, "task": task,
                "modality": modality, "num_classes": num_classes, "seed": cfg.seed, "statistics": stats_from, **s1,
-               "splits": {n: len(s.labels) for n, s in splits.items()}, "runs": []}
+               "splits": {n: len(s.labels) for n, s in splits.items()},
+               "nodata_pixels": {n: nodata_pixels(s.images) for n, s in splits.items()}, "runs": []}
     test_labels = splits["test"].labels
     for fraction in cfg.fractions:
         idx = probes.label_subset(train.labels, fraction, cfg.seed)

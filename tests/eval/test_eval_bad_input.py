@@ -9,7 +9,7 @@ import pytest
 from eval_toydata import GEOBENCH_S2, make_splits, write_folder, write_hdf5
 
 from terrafm.cli import main
-from terrafm.eval.data import read_split
+from terrafm.eval.data import band_stats, nodata_pixels, normalize, read_split
 from terrafm.eval.runner import EvalConfig, _load_splits
 
 
@@ -70,21 +70,57 @@ def test_a_broken_geobench_folder_names_the_file(tmp_path, damage, message):
         read_split(root, "hdf5", "train")
 
 
-def test_nan_and_inf_pixels_are_refused_by_file_and_band(tmp_path):
+def test_nodata_pixels_are_masked_and_an_all_nodata_image_is_refused(tmp_path):
     def nan(splits):
         images = splits["train"][0].astype(np.float32)
         images[2, 3, :2, :2] = np.nan
+        images[1, 0, 5, 5] = -9999.0  # S1 RTC fill
+        images[0, 5, 0, 0] = np.inf
         splits["train"] = (images, splits["train"][1])
 
-    with pytest.raises(ValueError, match=r"train_0002\.hdf5: 4 NaN/inf pixel value\(s\), e\.g\. 4 in band '04 - Red'"):
-        read_split(_geobench(tmp_path, mutate=nan), "hdf5", "train")
+    split = read_split(_geobench(tmp_path, mutate=nan), "hdf5", "train")
+    bad = np.isnan(split.images)  # 13 bands: S2 L1C, B10 (index 10) dropped, the bands before it keep their index
+    assert nodata_pixels(split.images) == 6 and bad[2, 3, :2, :2].all() and bad[1, 0, 5, 5] and bad[0, 5, 0, 0]
+    mean, std = band_stats(split.images)
+    assert np.isfinite(mean).all() and np.isfinite(std).all() and mean[0] > 500  # the fill is not in the mean
+    x = normalize(split.images, mean, std)
+    assert np.isfinite(x).all() and (x[bad] == 0).all()
     splits = make_splits(13, per_class=(2, 1, 1))
     del splits["valid"]
     root = write_folder(tmp_path / "eurosat", splits, suffix=".npy")
-    bad = np.full((13, 32, 32), np.inf, np.float32)
-    np.save(root / "train" / "class_0" / "inf.npy", bad)
-    with pytest.raises(ValueError, match=r"inf\.npy: 13312 NaN/inf pixel"):
+    np.save(root / "train" / "class_0" / "inf.npy", np.full((13, 32, 32), np.inf, np.float32))
+    with pytest.raises(ValueError, match=r"inf\.npy: every pixel is nodata"):
         read_split(root, "folder", "train")
+
+
+def test_a_geotiff_declared_nodata_value_is_masked_in_images_and_ignored_in_masks(tmp_path):
+    import tifffile
+
+    from terrafm.data.sources import GDAL_NODATA
+
+    def tif(path, array, nodata):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(path, array, extratags=[(GDAL_NODATA, "s", 0, nodata, False)])
+
+    image = np.full((32, 32, 12), 1200, np.uint16)
+    image[:4, :, :] = 65535  # the file declares 65535 as its fill
+    tif(tmp_path / "seg" / "train" / "images" / "a.tif", image, "65535")
+    mask = np.ones((32, 32), np.uint8)
+    mask[:, :3] = 0
+    tif(tmp_path / "seg" / "train" / "masks" / "a.tif", mask, "0")
+    split = read_split(tmp_path / "seg", "folder", "train")
+    assert np.isnan(split.images[0, :, :4]).all() and not np.isnan(split.images[0, :, 4:]).any()
+    assert (split.labels[0, :, :3] == 255).all() and (split.labels[0, :, 3:] == 1).all()
+    assert band_stats(split.images)[0][0] == 1200
+    tif(tmp_path / "seg" / "train" / "images" / "a.tif", image, "nan")  # a NaN or textual tag declares nothing more
+    assert not np.isnan(read_split(tmp_path / "seg", "folder", "train").images).any()
+
+
+def test_a_band_without_valid_pixels_in_the_train_split_is_refused(tmp_path):
+    images = np.ones((2, 12, 8, 8), np.float32)
+    images[:, 4] = np.nan
+    with pytest.raises(ValueError, match="band 'B05' has no valid pixel in the train split"):
+        band_stats(images, ("B01", "B02", "B03", "B04", "B05"))
 
 
 def test_bad_bands_and_attrs_pickle_name_the_sample(tmp_path):
