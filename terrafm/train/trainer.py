@@ -231,10 +231,16 @@ def resolve_ops(cfg: Config, device: torch.device) -> Config:
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """Create the run folder and prove it writable, before anything heavy is built."""
+    """Prove that the run folder can be written, before anything heavy is built, without creating it: a run
+    that fails in its setup (bad data, bad resume) leaves no empty folder behind. A missing folder is probed
+    in its nearest existing parent."""
+    probe = run_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "a file is in the way", str(probe))
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as err:
         raise SetupError(f"cannot write the run folder {run_dir} ({err.strerror or err}); choose a writable folder "

@@ -69,6 +69,7 @@ def test_bad_values_and_paths_exit_2_with_one_message(tmp_path, capsys, nothing_
     assert main(["pretrain", "--out", str(tmp_path / "run"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # a run that never started leaves no empty folder
 
 
 def test_a_device_or_optimiser_this_machine_lacks_is_a_setup_error(tmp_path, capsys, nothing_is_built, monkeypatch):
