@@ -90,14 +90,17 @@ def bands_from_count(count: int) -> list[str]:
 
 
 def geobench_band_name(name: str) -> str:
-    """'08A - Vegetation Red Edge' -> 'B8A', '01 - Coastal aerosol' -> 'B01', 'VV' -> 'VV'."""
+    """'08A - Vegetation Red Edge' -> 'B8A', '01 - Coastal aerosol' -> 'B01', 'VV' -> 'VV'. Radar bands are told
+    by their polarisation first (m-so2sat numbers them too: '06 - VV.LEE Filtered' -> 'VV'); a complex
+    component ('01 - VH.Real', '08 - VV.LEE Filtered.Imaginary') is not backscatter power and keeps its name."""
+    pols = [p for p in S1_BANDS if re.search(rf"(?<![A-Za-z]){p}(?![A-Za-z])", name, flags=re.IGNORECASE)]
+    if pols:
+        complex_part = re.search(r"real|imag", name, flags=re.IGNORECASE)
+        return name if complex_part or len(pols) > 1 else pols[0]
     m = re.match(r"^\s*(\d{1,2})(A?)\s*-", name)
     if m:
         num, a = int(m.group(1)), m.group(2)
         return f"B{num}A" if a else f"B{num:02d}"
-    for pol in S1_BANDS:
-        if re.search(rf"\b{pol}\b", name, flags=re.IGNORECASE):
-            return pol
     return name
 
 

@@ -13,6 +13,23 @@ def test_geobench_band_names_map_onto_ours():
     assert geobench_band_name("VH") == "VH"
 
 
+SO2SAT = ["01 - VH.Real", "02 - VH.Imaginary", "03 - VV.Real", "04 - VV.Imaginary", "05 - VH.LEE Filtered",
+          "06 - VV.LEE Filtered", "07 - VH.LEE Filtered.Real", "08 - VV.LEE Filtered.Imaginary",
+          *[n for n in GEOBENCH_S2 if not n.startswith(("01", "09", "10"))]]  # GEO-Bench m-so2sat's 18 bands
+
+
+def test_geobench_radar_bands_are_told_by_polarisation_not_by_number(tmp_path):
+    names = [geobench_band_name(n) for n in SO2SAT]
+    assert names[:8] == [SO2SAT[0], SO2SAT[1], SO2SAT[2], SO2SAT[3], "VH", "VV", SO2SAT[6], SO2SAT[7]]
+    assert names[8:] == ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.01, 1.0, size=(4, len(SO2SAT), 32, 32)).astype(np.float32)
+    root = write_hdf5(tmp_path / "m-so2sat", {"train": (images, np.arange(4)), "test": (images, np.arange(4))},
+                      SO2SAT)
+    train = read_split(root, "hdf5", "train")  # S2 lacks B01 / B09 there: the Lee-filtered intensities are S1
+    assert train.modality == "s1" and np.array_equal(train.images, images[:, [5, 4]])
+
+
 def test_hdf5_reader_drops_b10_and_reads_labels(hdf5_data):
     train = read_split(hdf5_data, "hdf5", "train")
     assert train.images.shape == (80, 12, 32, 32) and train.modality == "s2_l1c"
