@@ -129,7 +129,9 @@ def init_distributed(cfg: Config) -> DistEnv:
 
 
 class PreemptionFlag:
-    """Records SIGTERM / SIGUSR1 (SLURM preemption, --signal=USR1@120); acted on at the step end."""
+    """Records SIGTERM / SIGUSR1 (SLURM preemption, --signal=USR1@120); acted on at the step end. Installed
+    before setup, so a signal that arrives while the run is still starting stops it after its first step
+    (checkpoint, exit 75, requeue) instead of killing it (exit 143, no requeue)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -209,12 +211,17 @@ def train(cfg: Config, resume: bool | str | Path = False, loader: Any = None) ->
     """Pretrain as configured. resume: False (fresh run; error if the run has checkpoints), True (the
     run's latest checkpoint when there is one) or a checkpoint path. `loader` replaces the configured
     one (tests); by default terrafm.data.loader.build_loader(cfg.data, rank, world_size, seed, device)."""
-    env = init_distributed(cfg)
+    stop = PreemptionFlag()  # from the start: a SLURM signal during setup (rendezvous, restore) must not kill the job
+    stop.install()
     try:
-        return _train(cfg, env, resume, loader)
+        env = init_distributed(cfg)
+        try:
+            return _train(cfg, env, resume, loader, stop)
+        finally:
+            if env.owns_process_group:
+                dist.destroy_process_group()
     finally:
-        if env.owns_process_group:
-            dist.destroy_process_group()
+        stop.restore()
 
 
 def resolve_ops(cfg: Config, device: torch.device) -> Config:
@@ -407,7 +414,7 @@ def _config_changes(resume_from: Path, cfg: Config) -> str:
     return "; ".join(changes)
 
 
-def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) -> TrainResult:
+def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, stop: PreemptionFlag) -> TrainResult:
     cfg = resolve_ops(cfg, env.device)
     t, o, s = cfg.train, cfg.optim, cfg.ssl
     run_dir = Path(t.out_dir) / t.run_name
@@ -500,8 +507,6 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
         except checkpoint.CheckpointWriteError as err:
             raise SetupError(str(err)) from err
 
-    stop = PreemptionFlag()
-    stop.install()
     profiler = None
     latest = resume_from
     last_diagnosis = None
@@ -575,7 +580,6 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any) ->
                 logger.write(f"stop signal received: checkpoint {latest} written at step {step}; exiting for requeue")
                 return TrainResult(run_dir, step, latest, preempted=True)
     finally:
-        stop.restore()
         logger.close()
     probe = None
     if probe_sample:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -142,3 +143,20 @@ def test_resume_from_a_checkpoint_written_while_the_last_layer_is_frozen(tmp_pat
     state = {"optimizer": {"state": {name: {"step": t} for name, t in steps.items()}}}
     dcp.load(state, checkpoint_id=resumed.checkpoint, no_dist=True)
     assert steps["head.mlp.0.weight"].item() == 6 and steps["head.last_layer.weight_v"].item() == 2
+
+
+class SignalInSetupLoader(SyntheticLoader):
+    """Sends this process SLURM's preemption warning (SIGUSR1) while the trainer is still setting up."""
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_a_preemption_signal_during_setup_checkpoints_after_the_first_step(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=6", "train.checkpoint_every=100")
+    before = signal.getsignal(signal.SIGUSR1)
+    result = train(cfg, loader=SignalInSetupLoader())  # SIGUSR1's default action would kill the test process
+    assert result.preempted and result.step == 1 and result.checkpoint.name == "step_00000001"
+    assert (tmp_path / "run" / "preempted").read_text().strip() == "1"
+    assert signal.getsignal(signal.SIGUSR1) is before  # the handler is restored
