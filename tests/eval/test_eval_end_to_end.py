@@ -161,3 +161,22 @@ def test_cache_key_of_a_run_folder_follows_its_latest_checkpoint(tmp_path):
     assert key() == first
     (ckpts / "latest").write_text("step_00000004")
     assert key() != first
+
+
+def test_nodata_pixels_are_filled_counted_and_printed(tiny_pth, tmp_path, capsys):
+    """A strip of nodata (NaN in train, the S1 fill value in test) in every image still scores the toy set."""
+    splits = make_splits(13, seed=3)
+    for name, value in (("train", np.nan), ("test", -9999.0)):
+        images = splits[name][0].astype(np.float32)
+        images[:, :, :2, :] = value
+        splits[name] = (images, splits[name][1])
+    data = write_hdf5(tmp_path / "holes", splits, GEOBENCH_S2)
+    out = tmp_path / "out"
+    assert main(["eval", "--checkpoint", str(tiny_pth), "--data", str(data), "--format", "hdf5", "--probe", "knn",
+                 "--fractions", "1.0", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    strip = 12 * 2 * SIZE  # the 12 bands kept (B10 dropped) x 2 rows
+    assert res["nodata_pixels"] == {"train": 80 * strip, "test": 40 * strip, "val": 0}
+    assert scores(res)[("knn", 1.0)]["top1"] >= 0.95
+    assert f"nodata pixel values filled with the band mean: train {80 * strip}, test {40 * strip}" in \
+        capsys.readouterr().out
