@@ -1,31 +1,33 @@
-"""Dual-centering teacher softmax with the batch statistics of both centre updates: one launch, no partials.
+"""Dual-centering teacher softmax with the batch statistics of both centre updates: no partials, no atomics.
 
 Math (reference.teacher_softmax): for teacher logits t (R, K), centres c, c_h (K,),
     probs = softmax((t - alpha c - (1 - alpha) c_h) / temperature)        (R, K) fp32
     logit_sum = sum_r t[r],  high_logit_sum = sum_r high_weight[r] t[r]    (K,) fp32
 The caller all-reduces the two sums once per step and feeds them to DualCenteringSoftmax.update.
 
-Kernel: one launch of R row programs followed by K / COL_BLOCK_K column programs. Row program r owns
-row r: pass 1 streams its K logits with an online max and rescaled sum of exp, pass 2 re-reads the
-row (256 KB of fp32 at K = 65536, from L2) and writes exp(x - max) / sum. Column program c owns a chunk
-of COL_BLOCK_K prototypes and sums t and high_weight * t down all R rows, so each column sum is
-complete in one program (no partials to write and reduce). Both roles read the same logits in the
-same wave, so the logits cross HBM once. The logits are centred and divided by the temperature in
-the same order as the reference (t - alpha c - (1 - alpha) c_h, then / tau): with tiny temperatures
-the exponent is in the hundreds and a rescaled exp2 form was measured 7x further from the fp64 oracle
-than PyTorch (hypothesis case R=9, K=195, alpha=0). No atomics: results are bitwise reproducible for a
-fixed shape, which exact resume needs.
+Kernel: one launch per group of rows (GROUP_BYTES of logits, so that they stay in L2 within the launch),
+each of n row programs followed by K / COL_BLOCK_K column programs. Row program r owns row r: pass 1
+streams its K logits with an online max and rescaled sum of exp, pass 2 re-reads the row (256 KB of fp32
+at K = 65536, from L2) and writes exp(x - max) / sum. Column program c owns a chunk of COL_BLOCK_K
+prototypes and sums t and high_weight * t down the group's rows, adding the earlier groups' sums, so each
+column sum is complete after the last launch (no partials to write and reduce). Both roles read the same
+logits within one launch, so the logits cross HBM once. The presets' 128 rows are one launch in bf16 (16
+MiB) and two in fp32. The logits are centred and divided by the temperature in the same order as the
+reference (t - alpha c - (1 - alpha) c_h, then / tau): with tiny temperatures the exponent is in the
+hundreds and a rescaled exp2 form was measured 7x further from the fp64 oracle than PyTorch (hypothesis
+case R=9, K=195, alpha=0). No atomics: results are bitwise reproducible for a fixed shape, which exact
+resume needs.
 
 Cost per call (e = bytes per logit; counts at the production shape in efficiency()):
     useful FLOPs ~ 11 R K (centre 2, scale, max, shift, exp, sum, normalise, three for the column sums)
     executed FLOPs ~ 16 R K (pass 2 recomputes the centred exponent: 6 per element)
     minimum HBM bytes = R K e (read logits) + 4 R K (write probs) + 8 K (read centres) + 8 K (sums)
-    moved = the minimum + 4 R (high_weight) when the R + K / COL_BLOCK_K programs fit in one wave (the
-    second read of a row and the column programs' reads hit L2), as at the presets' R = 128, K = 65536
-    (256 programs; 2 per SM of an H100 at most, all resident at once). The previous design, a column-chunk
-    stats kernel and a probs kernel in two launches, read the logits twice (1.51x for fp32, 1.35x for
-    16-bit logits). At R = 128 the row programs fill 128 of an H100's 132 SMs; with a few rows (R < SMs)
-    the row programs are the critical path (each streams a whole row three times).
+    moved = the minimum + 4 R (high_weight) + 16 K per later group (the sums read back) while a group's
+    logits fit in half of L2; one group past MAX_GROUPS (thousands of rows) reads them three times. The
+    first design, a column-chunk stats kernel and a probs kernel in two launches, read the logits twice (1.51x
+    for fp32, 1.35x for 16-bit logits); one launch for all 128 fp32 rows (32 MB) relied on L2 holding more
+    than half of it. At R = 128 the row programs fill 128 of an H100's 132 SMs (fp32: 64, beside the 128
+    column programs); with a few rows (R < SMs) the row programs are the critical path.
 """
 
 
@@ -43,6 +45,11 @@ from ._common import TRITON_DTYPE, check_alpha, check_positive, check_tensor, hb
 GPU_PLAN = {"ROW_BLOCK_K": 2048, "COL_BLOCK_R": 8, "COL_BLOCK_K": 512, "num_warps": 8}
 # The interpreter pays per op: small enough that the test shapes take several row chunks (online rescale).
 INTERPRETER_PLAN = {"ROW_BLOCK_K": 128, "COL_BLOCK_R": 4, "COL_BLOCK_K": 64, "num_warps": 4}
+# Rows per launch: a group's logits are read three times (pass 1, pass 2, the column programs), and only the first
+# read crosses HBM while the group fits in half of L2 (the compile report's residency rule; A100 40 MB, H100 50 MB).
+# 16 MiB is 128 bf16 or 64 fp32 rows of 65536 prototypes; past MAX_GROUPS groups (thousands of rows) one launch.
+GROUP_BYTES = 16 << 20
+MAX_GROUPS = 4
 
 
 @triton.jit
@@ -57,11 +64,12 @@ def _centred(logits_ptr, shifts_ptr, row, cols, col_mask, K, temperature):
 
 @triton.jit
 def _teacher_softmax_kernel(
-    logits_ptr, shifts_ptr, high_weight_ptr, probs_ptr, logit_sum_ptr, high_sum_ptr, R, K, temperature,
+    logits_ptr, shifts_ptr, high_weight_ptr, probs_ptr, logit_sum_ptr, high_sum_ptr, R, K, temperature, accumulate,
     ROW_BLOCK_K: tl.constexpr, COL_BLOCK_R: tl.constexpr, COL_BLOCK_K: tl.constexpr,
 ):
     """Programs 0..R-1: probs of one row (two passes over K). Programs R..: the column sums of t and
-    high_weight * t over all rows for one chunk of COL_BLOCK_K prototypes -> logit_sum, high_sum (K,)."""
+    high_weight * t over all R rows for one chunk of COL_BLOCK_K prototypes -> logit_sum, high_sum (K,),
+    added to what they hold when accumulate != 0 (the launch of a later group of rows)."""
     pid = tl.program_id(0)
     if pid < R:
         m = tl.full([1], float("-inf"), tl.float32)
@@ -91,14 +99,23 @@ def _teacher_softmax_kernel(
             high_weight = tl.load(high_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
             logit_sum += tl.sum(t, axis=0)  # masked rows load t = 0
             high_sum += tl.sum(t * high_weight[:, None], axis=0)
+        if accumulate != 0:
+            logit_sum += tl.load(logit_sum_ptr + cols, mask=col_mask, other=0.0)
+            high_sum += tl.load(high_sum_ptr + cols, mask=col_mask, other=0.0)
         tl.store(logit_sum_ptr + cols, logit_sum, mask=col_mask)
         tl.store(high_sum_ptr + cols, high_sum, mask=col_mask)
 
 
-def launch_plan(R: int, K: int, interpreter: bool = False) -> dict:
-    """Tiles, warps and grid of the kernel: the one place the launcher and efficiency() read them."""
+def launch_plan(R: int, K: int, dtype_bytes: int = 4, interpreter: bool = False) -> dict:
+    """Tiles, warps, row groups and grid of the kernel: the one place the launcher and efficiency() read them.
+    grid is a launch of group_rows rows (the last group may hold fewer)."""
     plan = INTERPRETER_PLAN if interpreter else GPU_PLAN
-    return {**plan, "grid": (R + triton.cdiv(K, plan["COL_BLOCK_K"]),)}
+    group_rows = max(1, GROUP_BYTES // (K * dtype_bytes))
+    if triton.cdiv(R, group_rows) > MAX_GROUPS:
+        group_rows = R
+    group_rows = min(group_rows, R)
+    return {**plan, "group_rows": group_rows, "groups": triton.cdiv(R, group_rows),
+            "grid": (group_rows + triton.cdiv(K, plan["COL_BLOCK_K"]),)}
 
 
 def _validate(teacher_logits, center, center_high, high_weight, temperature, alpha) -> None:
@@ -143,7 +160,7 @@ def _teacher_softmax_op(teacher_logits: torch.Tensor, center: torch.Tensor, cent
                         high_weight: torch.Tensor, temperature: float,
                         alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     R, K = teacher_logits.shape
-    plan = launch_plan(R, K, interpreted(teacher_logits))
+    plan = launch_plan(R, K, teacher_logits.element_size(), interpreted(teacher_logits))
     device = teacher_logits.device
     shifts = torch.empty((2, K), dtype=torch.float32, device=device)
     torch.mul(center.float(), alpha, out=shifts[0])
@@ -151,10 +168,15 @@ def _teacher_softmax_op(teacher_logits: torch.Tensor, center: torch.Tensor, cent
     probs = torch.empty((R, K), dtype=torch.float32, device=device)
     logit_sum = torch.empty(K, dtype=torch.float32, device=device)
     high_sum = torch.empty(K, dtype=torch.float32, device=device)
-    _teacher_softmax_kernel[plan["grid"]](
-        teacher_logits, shifts, high_weight, probs, logit_sum, high_sum, R, K, temperature,
-        **{k: v for k, v in plan.items() if k != "grid"},
-    )
+    tiles = {k: v for k, v in plan.items() if k in ("ROW_BLOCK_K", "COL_BLOCK_R", "COL_BLOCK_K", "num_warps")}
+    chunks = plan["grid"][0] - plan["group_rows"]
+    for first in range(0, R, plan["group_rows"]):  # one launch per group, in order: the sums accumulate
+        rows = slice(first, first + plan["group_rows"])
+        n = min(plan["group_rows"], R - first)
+        _teacher_softmax_kernel[(n + chunks,)](
+            teacher_logits[rows], shifts, high_weight[rows], probs[rows], logit_sum, high_sum, n, K, temperature,
+            int(first > 0), **tiles,
+        )
     return probs, logit_sum, high_sum
 
 
@@ -175,29 +197,37 @@ PRODUCTION_SHAPE = {"R": 128, "K": 65536}
 
 
 def efficiency(kernel: str, R: int, K: int, dtype_bytes: int, sms: int, concurrent: int, l2_bytes: int) -> dict:
-    """Counts of the whole op (torch's two centre scalings and the kernel) from launch_plan's tiles and
-    grid (docs/kernels.md, "Efficiency counts"). Logit tiles are keyed (row, column chunk): a row
-    program touches its row's chunks (twice: pass 2 is counted once per wave like any repeat), a column
-    program its chunk of every row."""
-    plan = launch_plan(R, K)
-    bk, br, chunks, e = plan["COL_BLOCK_K"], plan["COL_BLOCK_R"], plan["grid"][0] - R, dtype_bytes
+    """Counts of the whole op (torch's two centre scalings and the kernel's launches) from launch_plan's tiles,
+    groups and grid (docs/kernels.md, "Efficiency counts"). Per launch, a row program touches its row and writes
+    its probs, a column program its chunk of every row of the group; the group's logits cross HBM once when they
+    fit in half of L2 (hbm_bytes's residency rule), else three times (pass 1, pass 2, the column programs: they
+    are far apart in time for a row, so no wave rule is credited). Later groups' column programs also read the
+    sums they add to."""
+    plan = launch_plan(R, K, dtype_bytes)
+    bk, br, e = plan["COL_BLOCK_K"], plan["COL_BLOCK_R"], dtype_bytes
+    chunks = plan["grid"][0] - plan["group_rows"]
     cols = lambda c: min(bk, K - c * bk)  # noqa: E731
+    moved, executed, programs = 16 * K, 2 * K, plan["grid"][0]  # torch: read c, c_h; write the shifts
+    for first in range(0, R, plan["group_rows"]):
+        n = min(plan["group_rows"], R - first)
 
-    def touches(pid, _y, _z):
-        if pid < R:  # row program: its row of logits (twice), both shifts, its row of probs
-            return ([("logits", (pid, c), cols(c) * e) for c in range(chunks)]
-                    + [("shifts", c, 8 * cols(c)) for c in range(chunks)] + [("probs", pid, 4 * K)])
-        c = pid - R  # column program: its chunk of every row, high_weight, its chunk of both sums
-        return [("logits", (r, c), cols(c) * e) for r in range(R)] + [("high_weight", 0, 4 * R),
-                                                                    ("sums", c, 8 * cols(c))]
+        def touches(pid, _y, _z, n=n, again=first > 0):
+            if pid < n:  # row program: both shifts, its row of probs
+                return [("shifts", c, 8 * cols(c)) for c in range(chunks)] + [("probs", pid, 4 * K)]
+            c = pid - n  # column program: high_weight, its chunk of both sums (read back by later groups)
+            return [("high_weight", 0, 4 * n), ("sums", c, 8 * cols(c) * (2 if again else 1))]
 
-    sizes = {"logits": R * K * e, "shifts": 8 * K, "probs": 4 * R * K, "high_weight": 4 * R, "sums": 8 * K}
-    moved = 16 * K + hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes)  # + torch: read c, c_h; write
-    # pass 1: centre (2 subtractions, the division), max, shift, exp, sum; pass 2: centre, shift, exp, normalise
-    executed = 2 * K + 13 * R * pad(K, plan["ROW_BLOCK_K"]) + 3 * pad(R, br) * chunks * bk
+        sizes = {"shifts": 8 * K, "probs": 4 * n * K, "high_weight": 4 * n, "sums": 8 * K}
+        logits = n * K * e
+        moved += hbm_bytes((n + chunks,), touches, sizes, concurrent, l2_bytes)
+        moved += logits if logits <= l2_bytes // 2 else 3 * logits
+        programs = min(programs, n + chunks)
+        # pass 1: centre (2 subtractions, the division), max, shift, exp, sum; pass 2: centre, shift, exp,
+        # normalise; column programs: sum and multiply-add
+        executed += 13 * n * pad(K, plan["ROW_BLOCK_K"]) + 3 * pad(n, br) * chunks * bk
     floor = roofline_cost(R, K, e)
     return {"useful_flops": floor["flops"], "executed_flops": executed, "min_bytes": floor["bytes"],
-            "moved_bytes": moved, "flop_kind": "fp32"}
+            "moved_bytes": moved, "flop_kind": "fp32", "programs": programs}
 
 
 def compile_specs() -> list[dict]:
@@ -212,6 +242,6 @@ def compile_specs() -> list[dict]:
             "efficiency": partial(efficiency, "op", **PRODUCTION_SHAPE, dtype_bytes=dtype.itemsize),
             "signature": {"logits_ptr": ptr, "shifts_ptr": "*fp32", "high_weight_ptr": "*fp32", "probs_ptr": "*fp32",
                           "logit_sum_ptr": "*fp32", "high_sum_ptr": "*fp32", "R": "i32", "K": "i32",
-                          "temperature": "fp32"},
+                          "temperature": "fp32", "accumulate": "i32"},
         })
     return specs

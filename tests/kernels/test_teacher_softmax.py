@@ -127,16 +127,32 @@ def test_roofline_and_specs():
     assert all(not s["uses_dot"] for s in specs)
 
 
-def test_logits_cross_hbm_once_when_the_grid_fits_one_wave():
-    # 128 row programs + 128 column programs fit one wave of an H100 (132 SMs x 5): the second read of a row
-    # and the column programs' reads of it come from L2. At R = 4096 the column programs run waves after
-    # most rows were read and read them again.
-    assert launch_plan(128, 65536)["grid"] == (128 + 65536 // launch_plan(128, 65536)["COL_BLOCK_K"],)
-    h100 = {"sms": 132, "concurrent": 132 * 5, "l2_bytes": 50 << 20}
-    one_wave = efficiency("op", R=128, K=65536, dtype_bytes=4, **h100)
-    assert one_wave["moved_bytes"] < 1.02 * one_wave["min_bytes"]
-    many_waves = efficiency("op", R=4096, K=65536, dtype_bytes=4, **h100)
-    assert many_waves["moved_bytes"] > 1.4 * many_waves["min_bytes"]
+def test_logits_cross_hbm_once_while_a_group_fits_half_of_l2():
+    # bf16: the presets' 128 rows are 16 MiB, one launch of 128 row + 128 column programs. fp32: 32 MB, more than
+    # half of an H100's L2, so two launches of 64 rows. At R = 4096 (past MAX_GROUPS) one launch whose rows leave
+    # L2 before they are read again: three reads.
+    assert launch_plan(128, 65536, 2)["grid"] == (128 + 65536 // launch_plan(128, 65536)["COL_BLOCK_K"],)
+    assert launch_plan(128, 65536, 4)["groups"] == 2 and launch_plan(128, 65536, 4)["group_rows"] == 64
+    h100 = {"sms": 132, "concurrent": 132 * 2, "l2_bytes": 50 << 20}
+    for e in (2, 4):
+        counts = efficiency("op", R=128, K=65536, dtype_bytes=e, **h100)
+        assert counts["moved_bytes"] < 1.05 * counts["min_bytes"]  # + the shifts, and the sums read back in fp32
+    many = efficiency("op", R=4096, K=65536, dtype_bytes=4, **h100)
+    assert many["moved_bytes"] > 1.9 * many["min_bytes"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_groups_match_one_launch_and_the_oracle(dtype, device, monkeypatch):
+    """Groups of 4 rows of 300 prototypes (the last group ragged): the column sums accumulate over launches."""
+    module = importlib.import_module("terrafm_kernels.teacher_softmax")
+    whole = teacher_softmax(*_inputs(11, 300, dtype, device), 0.04, 0.8)
+    monkeypatch.setattr(module, "GROUP_BYTES", 4 * 300 * dtype.itemsize)
+    assert module.launch_plan(11, 300, dtype.itemsize)["groups"] == 3
+    _check(11, 300, dtype, device)
+    grouped = teacher_softmax(*_inputs(11, 300, dtype, device), 0.04, 0.8)
+    assert torch.equal(grouped[0], whole[0])  # each row's probs come from the same program either way
+    for a, b in zip(grouped[1:], whole[1:], strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-5)
 
 
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
