@@ -204,8 +204,7 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             array = tif.asarray()
-            tag = tif.pages.first.tags.get(GDAL_NODATA)
-            nodata = tag.value if tag is not None else None
+            nodata = tiff_nodata(tif)
     except Exception as err:
         if "imagecodecs" in str(err):
             raise BadInput(f"{product.where}: band {band}: the GeoTIFF is compressed with a codec that needs the "
@@ -219,14 +218,25 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
     return _apply_nodata_tag(array, nodata, product.modality)
 
 
-def _apply_nodata_tag(array: np.ndarray, nodata: str | None, modality: str) -> np.ndarray:
+def tiff_nodata(tif: tifffile.TiffFile) -> float | None:
+    """The nodata value a GeoTIFF declares (GDAL_NODATA: ASCII such as "-9999" or "0\\x00"); None without the tag,
+    for one that names no number, and for NaN / inf (those pixels are nodata anyway)."""
+    tag = tif.pages.first.tags.get(GDAL_NODATA)
+    if tag is None:
+        return None
     try:
-        value = float(str(nodata).strip("\x00 "))
+        value = float(str(tag.value).strip("\x00 "))
     except ValueError:
-        return array  # no tag, or one that names no number
+        return None
+    return value if np.isfinite(value) else None
+
+
+def _apply_nodata_tag(array: np.ndarray, value: float | None, modality: str) -> np.ndarray:
+    if value is None:
+        return array
     if array.dtype.kind == "f":
         return np.where(array == value, np.nan, array).astype(array.dtype) if modality == "s1" else array
-    if modality == "s1" or array.dtype.kind not in "ui" or not np.isfinite(value) or value != round(value):
+    if modality == "s1" or array.dtype.kind not in "ui" or value != round(value):
         return array  # the dtype check names a wrong-dtype band
     info = np.iinfo(array.dtype)
     if not info.min <= value <= info.max:

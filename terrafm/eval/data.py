@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from terrafm.data.sources import GDAL_NODATA, S1_FILL_MAX
+from terrafm.data.sources import S1_FILL_MAX, tiff_nodata
 from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, s1_to_db
 
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -282,8 +282,7 @@ def _load(path: Path) -> tuple[np.ndarray, float | None]:
         else:
             with tifffile.TiffFile(path) as tif:
                 arr = tif.asarray()
-                tag = tif.pages.first.tags.get(GDAL_NODATA)
-                declared = _nodata_value(tag.value) if tag is not None else None
+                declared = tiff_nodata(tif)
         arr = np.asarray(arr, dtype=np.float32)
     except (OSError, ValueError, TypeError, tifffile.TiffFileError) as err:  # also pickled (object) .npy files
         raise ValueError(f"{path}: not a readable image ({err})") from err
@@ -311,15 +310,6 @@ def _read_mask(path: Path) -> np.ndarray:
     if declared is not None:
         mask = np.where(mask == np.float32(declared), IGNORE_INDEX, mask)
     return mask.astype(np.int64)
-
-
-def _nodata_value(tag) -> float | None:
-    """GDAL_NODATA is ASCII ("-9999", "nan", "0\\x00"); one that names no number declares nothing."""
-    try:
-        value = float(str(tag).strip("\x00 "))
-    except ValueError:
-        return None
-    return value if np.isfinite(value) else None  # NaN is masked anyway
 
 
 def _files(folder: Path) -> list[Path]:
