@@ -113,9 +113,9 @@ def launch_plan(R: int, K: int, dtype_bytes: int = 4, interpreter: bool = False)
     group_rows = max(1, GROUP_BYTES // (K * dtype_bytes))
     if triton.cdiv(R, group_rows) > MAX_GROUPS:
         group_rows = R
-    group_rows = min(group_rows, R)
-    return {**plan, "group_rows": group_rows, "groups": triton.cdiv(R, group_rows),
-            "grid": (group_rows + triton.cdiv(K, plan["COL_BLOCK_K"]),)}
+    group_rows, chunks = min(group_rows, R), triton.cdiv(K, plan["COL_BLOCK_K"])
+    return {**plan, "group_rows": group_rows, "groups": triton.cdiv(R, group_rows), "chunks": chunks,
+            "grid": (group_rows + chunks,)}
 
 
 def _validate(teacher_logits, center, center_high, high_weight, temperature, alpha) -> None:
@@ -169,11 +169,10 @@ def _teacher_softmax_op(teacher_logits: torch.Tensor, center: torch.Tensor, cent
     logit_sum = torch.empty(K, dtype=torch.float32, device=device)
     high_sum = torch.empty(K, dtype=torch.float32, device=device)
     tiles = {k: v for k, v in plan.items() if k in ("ROW_BLOCK_K", "COL_BLOCK_R", "COL_BLOCK_K", "num_warps")}
-    chunks = plan["grid"][0] - plan["group_rows"]
     for first in range(0, R, plan["group_rows"]):  # one launch per group, in order: the sums accumulate
         rows = slice(first, first + plan["group_rows"])
         n = min(plan["group_rows"], R - first)
-        _teacher_softmax_kernel[(n + chunks,)](
+        _teacher_softmax_kernel[(n + plan["chunks"],)](
             teacher_logits[rows], shifts, high_weight[rows], probs[rows], logit_sum, high_sum, n, K, temperature,
             int(first > 0), **tiles,
         )
@@ -204,8 +203,7 @@ def efficiency(kernel: str, R: int, K: int, dtype_bytes: int, sms: int, concurre
     are far apart in time for a row, so no wave rule is credited). Later groups' column programs also read the
     sums they add to."""
     plan = launch_plan(R, K, dtype_bytes)
-    bk, br, e = plan["COL_BLOCK_K"], plan["COL_BLOCK_R"], dtype_bytes
-    chunks = plan["grid"][0] - plan["group_rows"]
+    bk, br, chunks, e = plan["COL_BLOCK_K"], plan["COL_BLOCK_R"], plan["chunks"], dtype_bytes
     cols = lambda c: min(bk, K - c * bk)  # noqa: E731
     moved, executed, programs = 16 * K, 2 * K, plan["grid"][0]  # torch: read c, c_h; write the shifts
     for first in range(0, R, plan["group_rows"]):
