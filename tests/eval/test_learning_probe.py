@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from terrafm.eval.learning import band_statistics, knn_accuracy
+from terrafm.eval.learning import band_statistics, knn_accuracy, paired_se
 
 
 def test_features_that_carry_the_label_score_100_and_noise_scores_near_chance():
@@ -30,3 +30,24 @@ def test_band_statistics_are_per_band_mean_and_std_z_scored():
     assert stats.shape == (6, 6)
     np.testing.assert_allclose(stats.mean(0), 0.0, atol=1e-5)
     assert stats.std(0) == pytest.approx(np.ones(6), rel=1e-3)
+
+
+def test_paired_se_is_zero_for_identical_predictions_and_the_binomial_se_for_independent_samples():
+    rng = np.random.default_rng(2)
+    a = rng.uniform(size=4000) < 0.7
+    b = rng.uniform(size=4000) < 0.6
+    groups = np.arange(4000)
+    assert paired_se(a, a, groups) == 0.0
+    diff = a.astype(float) - b.astype(float)
+    expected = 100.0 * diff.std() / np.sqrt(len(diff))
+    assert paired_se(a, b, groups) == pytest.approx(expected, rel=0.1)
+
+
+def test_paired_se_resamples_a_group_together():
+    """The same per-sample differences, four copies of each in one group (a place's four tiles agree), are
+    as informative as a quarter of the samples: about twice the s.e. of independent samples."""
+    rng = np.random.default_rng(3)
+    a, b = rng.uniform(size=1000) < 0.7, rng.uniform(size=1000) < 0.6
+    independent = paired_se(np.repeat(a, 4), np.repeat(b, 4), np.arange(4000))
+    grouped = paired_se(np.repeat(a, 4), np.repeat(b, 4), np.repeat(np.arange(1000), 4))
+    assert grouped == pytest.approx(2.0 * independent, rel=0.15)
