@@ -9,9 +9,11 @@ and the label either as a dataset named "label*" (HxW mask; GEO-Bench segmentati
 "label", or inside GEO-Bench's pickled attribute dict `attrs["pickle"]` (classification), which is
 read with a restricted unpickler (no geobench install needed, no arbitrary code).
 Images keep their size here; features.extract resizes them (--img-size) before the patch-multiple check.
-Nodata: NaN / inf values, values <= -9999 (the fill of S1 RTC products) and a GeoTIFF's own GDAL_NODATA value are
-read as NaN; the statistics skip them and `normalize` fills them with 0, the band's mean, as `terrafm prepare`
-does for training tiles. An image with no valid pixel is refused by name.
+Nodata: NaN / inf values, values <= -9999 (the fill of S1 RTC products), a GeoTIFF's own GDAL_NODATA value and,
+in S2 images, pixels that are 0 in every band (ESA's NO_DATA value: outside the swath, a detector gap) are read
+as NaN; the statistics skip them and `normalize` fills them with 0, the band's mean, as `terrafm prepare` does for
+training tiles. A 0 in some bands only is kept: a dark pixel clipped at 0 in one band is still a pixel. An image
+with no valid pixel is refused by name.
 Folders: `root/<split>/<class>/*.tif|*.npy` for classification, `root/<split>/images/*` with
 `root/<split>/masks/*` of the same file names for segmentation.
 """
@@ -134,7 +136,7 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
                          f".hdf5 in {root}), got {str(ids)[:100]}")
     if not ids:
         raise ValueError(f"split {split!r} in {partition_file} is empty")
-    images, labels, band_names, chosen = [], [], None, None
+    images, labels, band_names, chosen, paths = [], [], None, None, []
     for sample_id in ids:
         path = root / f"{sample_id}.hdf5"
         if not path.exists():
@@ -156,8 +158,9 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
                 raise ValueError(f"{path} is {image.shape[1]}x{image.shape[2]} px, the first sample of split {split!r} "
                                  f"{images[0].shape[1]}x{images[0].shape[2]}: a split's images must share one size")
             images.append(image)
+            paths.append(path)
             labels.append(_hdf5_label(f, path))
-    return EvalSplit(np.stack(images), _as_labels(labels), modality)
+    return EvalSplit(_mask_s2_empty(np.stack(images), modality, paths), _as_labels(labels), modality)
 
 
 def _hdf5_band(f, name: str, path: Path) -> np.ndarray:
@@ -183,6 +186,19 @@ def _mask_nodata(image: np.ndarray, path: Path, declared: float | None = None) -
     if bad.any():
         image = np.where(bad, np.float32(np.nan), image)
     return image
+
+
+def _mask_s2_empty(images: np.ndarray, modality: str, paths: list[Path]) -> np.ndarray:
+    """S2 pixels that are 0 (or already nodata) in every band -> NaN, in place: ESA's NO_DATA value. paths[i]
+    names image i when all of it is empty."""
+    if not modality.startswith("s2"):
+        return images
+    empty = np.all((images == 0) | np.isnan(images), axis=1)  # (N, H, W)
+    for i in np.flatnonzero(empty.all(axis=(1, 2))):
+        raise ValueError(f"{paths[i]}: every pixel is nodata (0 in every S2 band, or NaN/inf or declared nodata): "
+                         "remove the sample from the split")
+    images[np.broadcast_to(empty[:, None], images.shape)] = np.nan
+    return images
 
 
 def _stack_bands(bands: list[np.ndarray], path: Path, names: list[str]) -> np.ndarray:
@@ -340,7 +356,7 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
             if mask is None:
                 raise FileNotFoundError(f"no mask for {f} in {split_dir / 'masks'} (expected {f.stem}.tif/.npy)")
             pairs.append((_read_image(f), _read_mask(mask)))
-        images, labels, names = [p[0] for p in pairs], [p[1] for p in pairs], class_names or []
+        images, labels, names, paths = [p[0] for p in pairs], [p[1] for p in pairs], class_names or [], files
     else:
         names = class_names or subdirs
         unseen = sorted(set(subdirs) - set(names))
@@ -349,20 +365,22 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
                              "predict a class it never saw: add its train images or remove the folder")
         if not names:
             raise ValueError(f"{split_dir} has no class folders (expected {split_dir}/<class>/*.tif)")
-        images, labels = [], []
+        images, labels, paths = [], [], []
         for idx, name in enumerate(names):
             folder = split_dir / name
             found = _files(folder) if folder.is_dir() else []
             if not found:
                 raise ValueError(f"class {name!r} has no images in {folder} (expected *.tif, *.tiff or *.npy)")
             images += [_read_image(f) for f in found]
+            paths += found
             labels += [idx] * len(found)
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
         raise ValueError(f"images in {split_dir} differ in shape: {sorted(shapes)[:4]}")
     stacked = np.stack(images)
     modality, chosen = modality_for_bands(bands_from_count(stacked.shape[1]), modality)
-    return EvalSplit(stacked[:, chosen], np.asarray(labels, dtype=np.int64), modality, list(names))
+    images = _mask_s2_empty(np.ascontiguousarray(stacked[:, chosen]), modality, paths)
+    return EvalSplit(images, np.asarray(labels, dtype=np.int64), modality, list(names))
 
 
 FORMATS = ("hdf5", "folder")  # what read_split reads (the eval CLI's --format choices)

@@ -93,6 +93,25 @@ def test_nodata_pixels_are_masked_and_an_all_nodata_image_is_refused(tmp_path):
         read_split(root, "folder", "train")
 
 
+def test_an_s2_pixel_at_0_in_every_band_is_nodata_and_a_0_in_one_band_is_kept(tmp_path):
+    def edge(splits):
+        images = splits["train"][0].astype(np.float32)
+        images[0, :, :3, :] = 0  # outside the swath: ESA's NO_DATA in every band
+        images[1, 12, 4, 4] = 0  # a dark pixel clipped at 0 in B12 only
+        splits["train"] = (images, splits["train"][1])
+
+    split = read_split(_geobench(tmp_path, mutate=edge), "hdf5", "train")
+    assert np.isnan(split.images[0, :, :3]).all() and not np.isnan(split.images[0, :, 3:]).any()
+    assert split.images[1, 11, 4, 4] == 0 and not np.isnan(split.images[1:]).any()  # B12 is band 11 without B10
+    assert nodata_pixels(split.images) == 12 * 3 * split.images.shape[-1]
+    splits = make_splits(13, per_class=(2, 1, 1))
+    del splits["valid"]
+    root = write_folder(tmp_path / "eurosat", splits, suffix=".npy")
+    np.save(root / "train" / "class_0" / "empty.npy", np.zeros((13, 32, 32), np.uint16))
+    with pytest.raises(ValueError, match=r"empty\.npy: every pixel is nodata \(0 in every S2 band"):
+        read_split(root, "folder", "train")
+
+
 def test_a_geotiff_declared_nodata_value_is_masked_in_images_and_ignored_in_masks(tmp_path):
     import tifffile
 
