@@ -10,7 +10,7 @@ out every tile of its own grid cell (the four tiles of a cell share biome and te
 tile is a test tile. Baselines: the same backbone at random init, and per-band mean + std of the tile
 (z-scored), which is what a model that learned nothing spatial could match. Each margin over random init
 comes with its paired standard error, bootstrapped over the held-out cells: with 512 cells about 1 point
-on land cover and 1.5-2 on texture (one value per cell). The teacher's collapse monitors are computed over
+on land cover and 2 on texture (one value per cell). The teacher's collapse monitors are computed over
 the held-out tiles too.
 """
 
