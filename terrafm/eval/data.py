@@ -197,7 +197,7 @@ def _mask_s2_empty(images: np.ndarray, modality: str, paths: list[Path]) -> np.n
     for i in np.flatnonzero(empty.all(axis=(1, 2))):
         raise ValueError(f"{paths[i]}: every pixel is nodata (0 in every S2 band, or NaN/inf or declared nodata): "
                          "remove the sample from the split")
-    images[np.broadcast_to(empty[:, None], images.shape)] = np.nan
+    np.copyto(images, np.nan, where=empty[:, None])
     return images
 
 
@@ -379,7 +379,7 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
         raise ValueError(f"images in {split_dir} differ in shape: {sorted(shapes)[:4]}")
     stacked = np.stack(images)
     modality, chosen = modality_for_bands(bands_from_count(stacked.shape[1]), modality)
-    images = _mask_s2_empty(np.ascontiguousarray(stacked[:, chosen]), modality, paths)
+    images = _mask_s2_empty(stacked[:, chosen], modality, paths)  # the band selection is a copy: masked in place
     return EvalSplit(images, np.asarray(labels, dtype=np.int64), modality, list(names))
 
 
