@@ -236,10 +236,12 @@ def parse_override(item: str) -> dict:
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=20")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""  # a SafeLoader subclass
     except yaml.YAMLError as err:
         raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}), e.g. "
                           "optim.betas=[0.9,0.95]") from err
+    except RecursionError as err:
+        raise ConfigError(f"override {key!r}: the value is nested too deeply") from err
     nested: dict = {}
     node = nested
     parts = key.strip().split(".")
@@ -257,6 +259,8 @@ def preset_path(name_or_path: str) -> Path:
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if preset.exists():
         return preset
+    if path.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"no config file {name_or_path!r}: it does not exist")
     raise ConfigError(f"no config {name_or_path!r}: not a YAML file and not a preset; presets: {', '.join(presets())}")
 
 
@@ -275,6 +279,9 @@ class _StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a name, not a list or "
+                                                        "a mapping", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
             seen.add(key)
@@ -289,6 +296,8 @@ def read_yaml(path: Path) -> Any:
         tag = isinstance(err, yaml.constructor.ConstructorError) and "tag" in str(err.problem)
         tags = "; tags that build objects (!!python/...) are refused" if tag else ""
         raise ConfigError(f"{path}: not a valid YAML config ({_yaml_problem(err)}){tags}") from err
+    except RecursionError as err:
+        raise ConfigError(f"{path}: not a valid YAML config (nested too deeply)") from err
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
     except OSError as err:
@@ -306,7 +315,10 @@ def load_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | tupl
     cfg = Config()
     if preset is not None:
         path = preset_path(preset)
-        data = read_yaml(path) or {}
+        data = read_yaml(path)
+        if data is None:
+            raise ConfigError(f"{path}: the config file is empty; give the sections to change, e.g. train: "
+                              "{max_steps: 20}")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         _apply(cfg, data)
@@ -350,7 +362,9 @@ def validate(cfg: Config, nproc: int = 1) -> None:
          "ssl.center_momentum, center_high_momentum, center_alpha, teacher_momentum(_end) must be in [0, 1]"),
         (t.max_steps > 0 or t.epochs > 0, f"train.epochs must be > 0 when train.max_steps=0, got {t.epochs}"),
         (t.max_nonfinite_grad_steps >= 1, "train.max_nonfinite_grad_steps must be >= 1"),
-        (t.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1"),
+        (1 <= t.collective_timeout_s < 2**31, f"train.collective_timeout_s must be in [1, 2**31) seconds, got "
+         f"{t.collective_timeout_s}"),
+        (0 <= t.seed < 2**32, f"train.seed must be in [0, 2**32) (numpy's seed range), got {t.seed}"),
         (t.peak_tflops >= 0, "train.peak_tflops must be >= 0 (0 = look up the GPU)"),
         (t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
@@ -361,6 +375,11 @@ def validate(cfg: Config, nproc: int = 1) -> None:
          "train.profile_steps must be [first, last) with 0 <= first < last"),
         (len(o.betas) == 2, "optim.betas must have two values"),
         (cfg.ssl.num_prototypes >= 1, "ssl.num_prototypes must be >= 1"),
+        (min(s.head_layers, s.head_hidden_dim, s.head_bottleneck_dim) >= 1,
+         f"ssl.head_layers, ssl.head_hidden_dim and ssl.head_bottleneck_dim must be >= 1, got {s.head_layers}, "
+         f"{s.head_hidden_dim}, {s.head_bottleneck_dim}"),
+        (s.warmup_teacher_temperature_epochs >= 0,
+         f"ssl.warmup_teacher_temperature_epochs must be >= 0, got {s.warmup_teacher_temperature_epochs}"),
         (s.koleo_weight >= 0, f"ssl.koleo_weight must be >= 0 (0 disables KoLeo), got {s.koleo_weight}"),
         (s.koleo_weight == 0 or cfg.data.batch_size >= 2,
          f"ssl.koleo_weight={s.koleo_weight} needs data.batch_size >= 2 (KoLeo compares each image with its nearest "
@@ -412,4 +431,7 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Written whole or not at all: a full disk leaves the previous config.yaml, not an empty one."""
+    from terrafm.fileio import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())

@@ -48,6 +48,9 @@ class DataConfig:
         need(self.global_size >= 8 and self.local_size >= 8, "global_size and local_size must be >= 8 px")
         need(self.n_global >= 1 and self.n_local >= 0, f"need n_global >= 1, n_local >= 0; got "
              f"{self.n_global}, {self.n_local}")
+        need(self.n_global >= 2 or self.n_local >= 1, "one global view and no local view leave the loss no pair of "
+             "different views; set n_global >= 2 or n_local >= 1")
+        need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         for name in ("global_scale", "local_scale", "ratio"):
             lo, hi = getattr(self, name)
             need(0 < lo <= hi and (name == "ratio" or hi <= 1), f"{name} must be (lo, hi) with 0 < lo <= hi"

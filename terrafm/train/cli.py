@@ -50,15 +50,14 @@ def _torchrun_command(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.out:
-        out = Path(args.out)
-        overrides += [f"train.out_dir={out.parent}", f"train.run_name={out.name}"]
     try:
-        cfg = load_config(args.config, overrides, nproc=args.nproc)
+        cfg = load_config(args.config, list(args.overrides), nproc=args.nproc)
     except ConfigError as err:
         print(f"terrafm pretrain: configuration error: {err}", file=sys.stderr)
         return 2
+    if args.out:  # a path, verbatim: as an override it would be parsed as YAML (runs/2024 -> an integer)
+        out = Path(args.out)
+        cfg.train.out_dir, cfg.train.run_name = str(out.parent), out.name
     if args.print_config:
         import yaml
 
