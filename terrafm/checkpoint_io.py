@@ -132,8 +132,12 @@ def read_manifest(folder: Path) -> dict[str, dict]:
                               "; its files cannot be checked")
     try:
         files = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: not a readable checksum manifest ({err})") from err
+    entry_ok = lambda e: (isinstance(e, dict) and isinstance(e.get("bytes"), int)  # noqa: E731
+                          and isinstance(e.get("sha256"), str))
+    if not isinstance(files, dict) or not all(isinstance(k, str) and entry_ok(e) for k, e in files.items()):
+        raise CheckpointError(f"{path}: not a checksum manifest (expected files: {{name: {{bytes, sha256}}}})")
     return files
 
 
@@ -170,7 +174,15 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     pointer = root / LATEST
     if not pointer.exists():
         return None
-    path = root / pointer.read_text().strip()
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{pointer} is not a readable pointer to a checkpoint ({err}); pass a step_N folder "
+                              "instead") from err
+    if not name or "/" in name or name in (".", ".."):
+        raise CheckpointError(f"{pointer} does not name a checkpoint folder (it holds {name!r}); pass a step_N "
+                              "folder instead")
+    path = root / name
     if not _complete(path):
         raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint; "
                               f"{previous_checkpoint(path)}")

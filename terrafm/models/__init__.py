@@ -138,6 +138,12 @@ def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> T
         raise ValueError(f"{path}: metadata says img_size {inputs.get('img_size')} / patch_size "
                          f"{inputs.get('patch_size')}, its weights are {img_size} / {patch}; the file is inconsistent")
     model = build_model(name, fusion=fusion, img_size=img_size, patch_size=patch, **overrides)
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (the model's {tuple(expected[k].shape)})" for k, v in state.items()
+             if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"{path} does not match {name}: {len(wrong)} tensors have other shapes, e.g. "
+                         f"{'; '.join(wrong[:3])}; pass the checkpoint's own model (or leave --model out)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

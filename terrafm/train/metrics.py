@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from terrafm.fileio import atomic_write_bytes
+
 # The one table of GPU figures; a device matches a row by the first word of its key ("H100" in "NVIDIA H100 ...").
 from terrafm_kernels.gpus import GPUS
 
@@ -34,6 +36,14 @@ def gpu_name(device_name: str) -> str | None:
     return None
 
 
+def _step(line: str) -> float:
+    """The step of one metrics.jsonl line; inf for a line that is not a record (a torn last line), so it is dropped."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, TypeError, KeyError):
+        return math.inf
+
+
 class MetricsLogger:
     """JSONL + TensorBoard + tqdm on rank 0; a no-op elsewhere."""
 
@@ -46,9 +56,9 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # resume: keep only the records up to the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in self.path.read_text(errors="replace").splitlines() if _step(line) <= start_step]
+            atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
+        self.write_failed = False
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
@@ -58,8 +68,14 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: say so once and train on; the next checkpoint write stops the run
+            if not self.write_failed:
+                self.bar.write(f"warning: cannot append to {self.path} ({err.strerror or err}); training goes on, "
+                               "and metrics are appended again once it can be written")
+            self.write_failed = True
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float) and math.isfinite(value):
@@ -92,7 +108,13 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     """Loss and learning-rate curves from metrics.jsonl into one PNG (matplotlib Agg backend)."""
     if not metrics_path.exists():
         return None
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in metrics_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            records.append({k: float(record[k]) for k in ("step", "loss", "lr")})
+        except (ValueError, TypeError, KeyError):  # a torn or foreign line: the curves skip it
+            continue
     if not records:
         return None
     import matplotlib

@@ -12,6 +12,7 @@ All schedules are pure functions of the step, so a resumed run continues bitwise
 """
 
 import copy
+import json
 import math
 import os
 import random
@@ -400,17 +401,19 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
     return step, epoch, skipped_steps, saved_steps
 
 
-def _config_changes(resume_from: Path, cfg: Config) -> str:
-    """The model.* / ssl.* values that differ between a checkpoint's recorded config and this run's, e.g.
+def _config_changes(resume_from: Path, cfg: Config, sections: tuple[str, ...] = ("model", "ssl")) -> str:
+    """The values of `sections` that differ between a checkpoint's recorded config and this run's, e.g.
     "model.name: checkpoint terrafm_tiny, this run terrafm_small" (DCP's own shape errors name no key)."""
     try:
         saved = checkpoint_io.read_meta(resume_from).get("config", {})
     except (checkpoint_io.CheckpointError, OSError, ValueError):
         return ""
-    now = to_dict(cfg)
+    now = json.loads(json.dumps(to_dict(cfg)))  # tuples as the JSON lists meta.json holds
+    where = {"train.out_dir", "train.run_name"}  # a run resumed into another folder is not a setting changed
     changes = [f"{section}.{key}: checkpoint {value!r}, this run {now[section].get(key)!r}"
-               for section in ("model", "ssl") if isinstance(saved.get(section), dict)
-               for key, value in saved[section].items() if key in now[section] and now[section][key] != value]
+               for section in sections if isinstance(saved.get(section), dict) and isinstance(now.get(section), dict)
+               for key, value in saved[section].items()
+               if key in now[section] and now[section][key] != value and f"{section}.{key}" not in where]
     return "; ".join(changes)
 
 
@@ -475,19 +478,26 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
         step, epoch, skipped_steps, saved_steps = restore(resume_from, arch, optimizer, loader, cfg, env)
     else:
         loader.set_epoch(epoch)
-    if env.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "preempted").unlink(missing_ok=True)
+    try:
+        if env.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            (run_dir / "preempted").unlink(missing_ok=True)
+        logger = MetricsLogger(run_dir, env.rank, total_steps, step)
+    except OSError as err:  # a full disk or a vanished folder: one message; config.yaml and metrics are written whole
+        raise SetupError(f"cannot write the run folder {run_dir}: {err.strerror or err}") from err
     mesh_text = ("no mesh (train.fsdp=false)" if env.mesh is None else
                  "mesh dp_replicate x dp_shard = {} x {}".format(*env.mesh.shape))
     meta = {"model": to_dict(cfg)["model"], "config": to_dict(cfg), "total_steps": total_steps,
             "data": input_metadata(loader),
             "mesh": None if env.mesh is None else dict(zip(MESH_DIMS, env.mesh.shape, strict=True))}
-    logger = MetricsLogger(run_dir, env.rank, total_steps, step)
     logger.write(f"run {run_dir}: {total_steps} steps ({steps_per_epoch}/epoch), global batch {global_batch}, "
                  f"peak lr {peak_lr:.2e}, {env.world_size} rank(s) on {env.device.type}, {mesh_text}"
                  + (f", resumed from {resume_from} at step {step}" if resume_from else ""))
+    changed = resume_from is not None and _config_changes(resume_from, cfg, tuple(to_dict(cfg)))
+    if changed:
+        logger.write(f"resume: settings changed since {resume_from.name} ({changed}); config.yaml now records "
+                     f"this run's, {resume_from / 'meta.json'} the checkpoint's")
     if resume_from is not None and saved_steps not in (None, total_steps):
         old_lr = schedules.learning_rate(step, saved_steps, peak_lr, warmup_steps, o.min_lr)
         new_lr = schedules.learning_rate(step, total_steps, peak_lr, warmup_steps, o.min_lr)
@@ -598,8 +608,6 @@ def _probe(cfg: Config, arch: SSLMetaArch, loader: Any, teacher_temp: float, dev
            run_dir: Path) -> Any:
     """kNN of the final teacher on held-out generated tiles vs a random-init backbone and band statistics
     (terrafm.eval.learning); written to run_dir/probe.json. Every rank gathers the teacher, rank 0 probes."""
-    import json
-
     from terrafm.eval.learning import HELDOUT_CELLS, heldout_split, probe
     from terrafm.ssl.head import DINOHead
 

@@ -187,3 +187,72 @@ def test_the_restricted_unpickler_accepts_what_dcp_writes(two_checkpoints):
     assert any(k.startswith("teacher.backbone.") for k in metadata.state_dict_metadata)
     with pytest.raises(CheckpointError, match="not a readable DCP metadata file"):
         checkpoint_io.read_metadata(step1 / "nowhere")
+
+
+def test_a_full_disk_at_the_start_of_a_resume_keeps_config_and_metrics(tmp_path, monkeypatch):
+    """ENOSPC writing config.yaml or trimming metrics.jsonl when a run (re)starts: one SetupError, old files whole."""
+    from synthetic import TINY_OVERRIDES, SyntheticLoader
+
+    from terrafm import fileio
+    from terrafm.config import load_config
+
+    cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run", *RUN])
+    train(cfg, loader=SyntheticLoader(batch_size=4))
+    run = tmp_path / "run"
+    config, metrics = (run / "config.yaml").read_bytes(), (run / "metrics.jsonl").read_bytes()
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 9, "lo')  # a torn last line (a kill mid-write): dropped on resume, no crash
+    original = fileio.Path.write_bytes
+
+    def full_disk(self, data):
+        if self.name.endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, data)
+
+    monkeypatch.setattr(fileio.Path, "write_bytes", full_disk)
+    cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run", *RUN,
+                                              "train.max_steps=3"])
+    with pytest.raises(SetupError, match=r"cannot write the run folder .*run: No space left on device"):
+        train(cfg, resume=True, loader=SyntheticLoader(batch_size=4))
+    assert (run / "config.yaml").read_bytes() == config and not list(run.glob("*.tmp"))
+    monkeypatch.undo()
+    train(cfg, resume=True, loader=SyntheticLoader(batch_size=4))
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 3 and len(metrics) > 0
+
+
+@pytest.mark.parametrize("pointer", [b"\xff\xfe", b"", b"../elsewhere", None])
+def test_a_bad_latest_pointer_is_one_checkpoint_error(two_checkpoints, tmp_path, capsys, pointer):
+    out = _copy(two_checkpoints, tmp_path)
+    latest = out / "run" / "checkpoints" / "latest"
+    latest.unlink()
+    if pointer is None:
+        latest.mkdir()
+    else:
+        latest.write_bytes(pointer)
+    with pytest.raises(CheckpointError, match="latest (is not a readable pointer|does not name a checkpoint)"):
+        checkpoint_io.latest_checkpoint(out / "run" / "checkpoints")
+    assert main(["export", str(out / "run"), str(tmp_path / "x.safetensors")]) == 2
+    assert "latest" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("manifest", ['{"files": {"meta.json": "x"}}', '{"files": [1]}',
+                                      '{"files": {"meta.json": {"sha256": "00"}}}'])
+def test_a_malformed_manifest_is_one_message(two_checkpoints, tmp_path, capsys, manifest):
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    (step2 / "manifest.json").write_text(manifest)
+    assert main(["export", str(step2), str(tmp_path / "x.safetensors")]) == 2
+    assert "manifest.json: not a checksum manifest" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="not a checksum manifest"):
+        load_checkpoint(step2)
+
+
+def test_a_checkpoint_of_another_size_names_the_shapes(tmp_path):
+    from terrafm.models import build_model
+
+    path = tmp_path / "tiny.pth"
+    torch.save(build_model("terrafm_tiny", img_size=32).state_dict(), path)
+    with pytest.raises(ValueError, match=r"does not match terrafm_small: \d+ tensors have other shapes, e.g. "
+                                         r"cls_token \(1, 1, 192\) \(the model's \(1, 1, 384\)\)"):
+        load_checkpoint(path, name="terrafm_small")
