@@ -35,6 +35,7 @@ from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, s1_to_db
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 S2_WITH_B10 = S2_BANDS[:10] + ("B10",) + S2_BANDS[10:]  # 13-band order of L1C products
 IMAGE_SUFFIXES = (".tif", ".tiff", ".npy")
+MAX_CLASSES = 100_000  # a class id at or above this is a broken label, not a class
 
 
 class MissingSplitError(FileNotFoundError):
@@ -159,7 +160,7 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
                                  f"{images[0].shape[1]}x{images[0].shape[2]}: a split's images must share one size")
             images.append(image)
             paths.append(path)
-            labels.append(_hdf5_label(f, path))
+            labels.append(class_ids(_hdf5_label(f, path), path, split))
     return EvalSplit(_mask_s2_empty(np.stack(images), modality, paths), _as_labels(labels), modality)
 
 
@@ -223,11 +224,15 @@ def _stack_bands(bands: list[np.ndarray], path: Path, names: list[str]) -> np.nd
 
 
 def _hdf5_label(f, path: Path) -> np.ndarray:
+    """The sample's raw label: a 'label*' dataset, a 'label' attribute or the 'label' of attrs['pickle']."""
     masks = [k for k in f.keys() if k.startswith("label")]
-    if masks:
-        return np.asarray(f[masks[0]])
-    if "label" in f.attrs:
-        return np.asarray(f.attrs["label"])
+    try:
+        if masks:
+            return np.asarray(f[masks[0]])
+        if "label" in f.attrs:
+            return np.asarray(f.attrs["label"])
+    except (OSError, ValueError, TypeError) as err:  # a damaged chunk, an unreadable attribute
+        raise ValueError(f"{path}: its label is not readable ({str(err).splitlines()[0][:160]})") from err
     if "pickle" in f.attrs:
         try:
             raw = f.attrs["pickle"]
@@ -275,6 +280,32 @@ class _StubUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a sample's attrs['pickle']")
 
 
+def class_ids(label, path: Path, split: str) -> np.ndarray:
+    """A sample's label (id, multi-hot vector or mask) as int64: finite integers (3.0 is 3) in [0, MAX_CLASSES);
+    anything else is refused by name, before a probe allocates one column per class."""
+    try:
+        arr = np.asarray(label)
+        if np.iscomplexobj(arr):
+            raise TypeError("complex values")
+        arr = arr.astype(np.float64)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"split {split!r} sample {path}: the label is not numeric ({err})") from err
+    where = f"split {split!r} sample {path}: label"
+    bad = arr[~np.isfinite(arr)]
+    if bad.size:
+        raise ValueError(f"{where} {bad[0]} is not a finite number; class ids are 0, 1, ...")
+    bad = arr[arr != np.round(arr)]
+    if bad.size:
+        raise ValueError(f"{where} {bad[0]:g} is not an integer class id")
+    bad = arr[arr < 0]
+    if bad.size:
+        raise ValueError(f"{where} {bad[0]:g} is negative; class ids are 0, 1, ... (masks: 255 = ignore)")
+    bad = arr[arr >= MAX_CLASSES]
+    if bad.size:
+        raise ValueError(f"{where} {bad[0]:g} is not a class id: class ids are below {MAX_CLASSES}")
+    return arr.astype(np.int64)
+
+
 def _as_labels(labels: list[np.ndarray]) -> np.ndarray:
     try:
         arr = np.stack(labels)
@@ -286,9 +317,8 @@ def _as_labels(labels: list[np.ndarray]) -> np.ndarray:
 
 
 # -- folders --------------------------------------------------------------------------------------
-def _load(path: Path) -> tuple[np.ndarray, float | None]:
-    """(C, H, W) float32 from a .npy or GeoTIFF and the GeoTIFF's declared nodata value; channel-last arrays
-    (H, W, C) are transposed."""
+def _decode(path: Path) -> tuple[np.ndarray, float | None]:
+    """The float32 array of a .npy or GeoTIFF and the GeoTIFF's declared nodata value."""
     import tifffile
 
     declared = None
@@ -297,11 +327,22 @@ def _load(path: Path) -> tuple[np.ndarray, float | None]:
             arr = np.load(path)
         else:
             with tifffile.TiffFile(path) as tif:
-                arr = tif.asarray()
+                arr = tif.asarray()  # a damaged compressed strip: imagecodecs' errors are RuntimeErrors
                 declared = tiff_nodata(tif)
-        arr = np.asarray(arr, dtype=np.float32)
-    except (OSError, ValueError, TypeError, tifffile.TiffFileError) as err:  # also pickled (object) .npy files
+    except (OSError, ValueError, TypeError, RuntimeError, tifffile.TiffFileError) as err:  # also object .npy files
         raise ValueError(f"{path}: not a readable image ({err})") from err
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{path}: complex values ({arr.dtype}); expected real band values")
+    try:
+        return np.asarray(arr, dtype=np.float32), declared
+    except (ValueError, TypeError) as err:  # a structured .npy
+        raise ValueError(f"{path}: not a readable image ({err})") from err
+
+
+def _load(path: Path) -> tuple[np.ndarray, float | None]:
+    """(C, H, W) float32 from a .npy or GeoTIFF and the GeoTIFF's declared nodata value; channel-last arrays
+    (H, W, C) are transposed."""
+    arr, declared = _decode(path)
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
@@ -317,15 +358,22 @@ def _read_image(path: Path) -> np.ndarray:
     return _mask_nodata(arr, path, declared)
 
 
-def _read_mask(path: Path) -> np.ndarray:
-    """(H, W) int64 class ids; pixels at the file's declared nodata value are ignored (probes.IGNORE_INDEX)."""
+def _read_mask(path: Path, size: tuple[int, int], split: str) -> np.ndarray:
+    """(H, W) int64 class ids of an image of `size` (H, W); a (1, H, W) or (H, W, 1) mask is squeezed. Pixels at
+    the file's declared nodata value are ignored (probes.IGNORE_INDEX)."""
     from terrafm.eval.probes import IGNORE_INDEX
 
-    arr, declared = _load(path)
-    mask = arr[0]
+    mask, declared = _decode(path)
+    if mask.ndim == 3 and 1 in (mask.shape[0], mask.shape[-1]):
+        mask = mask[0] if mask.shape[0] == 1 else mask[..., 0]
+    if mask.ndim != 2:
+        raise ValueError(f"{path}: a mask is one band of class ids (H, W), got shape {mask.shape}")
+    if mask.shape != size:
+        raise ValueError(f"{path} is {mask.shape[0]}x{mask.shape[1]} px, its image {size[0]}x{size[1]}: "
+                         "a mask must cover its image pixel for pixel")
     if declared is not None:
         mask = np.where(mask == np.float32(declared), IGNORE_INDEX, mask)
-    return mask.astype(np.int64)
+    return class_ids(mask, path, split)
 
 
 def _files(folder: Path) -> list[Path]:
@@ -355,7 +403,8 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
             mask = next((m for m in (split_dir / "masks").glob(f.stem + ".*")), None)
             if mask is None:
                 raise FileNotFoundError(f"no mask for {f} in {split_dir / 'masks'} (expected {f.stem}.tif/.npy)")
-            pairs.append((_read_image(f), _read_mask(mask)))
+            image = _read_image(f)
+            pairs.append((image, _read_mask(mask, image.shape[1:], split)))
         images, labels, names, paths = [p[0] for p in pairs], [p[1] for p in pairs], class_names or [], files
     else:
         names = class_names or subdirs
@@ -374,9 +423,10 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
             images += [_read_image(f) for f in found]
             paths += found
             labels += [idx] * len(found)
-    shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise ValueError(f"images in {split_dir} differ in shape: {sorted(shapes)[:4]}")
+    odd = next((i for i, im in enumerate(images) if im.shape != images[0].shape), None)
+    if odd is not None:
+        raise ValueError(f"images in {split_dir} differ in shape: {paths[odd]} is {images[odd].shape}, "
+                         f"{paths[0]} {images[0].shape}")
     stacked = np.stack(images)
     modality, chosen = modality_for_bands(bands_from_count(stacked.shape[1]), modality)
     images = _mask_s2_empty(stacked[:, chosen], modality, paths)  # the band selection is a copy: masked in place

@@ -243,3 +243,88 @@ def test_a_test_class_the_train_split_lacks_is_named_not_dropped(tmp_path):
     shutil.copytree(root / "test" / "class_0", root / "test" / "class_zz")
     with pytest.raises(ValueError, match=r"class folders the train split lacks: \['class_zz'\]"):
         read_split(root, "folder", "test", class_names=train.class_names)
+
+
+def _segmentation(tmp_path, masks):
+    """A segmentation folder train/images + train/masks with one 32x32 12-band image per mask (numpy arrays)."""
+    import tifffile
+
+    root = tmp_path / "seg"
+    for sub in ("images", "masks"):
+        (root / "train" / sub).mkdir(parents=True)
+    for i, mask in enumerate(masks):
+        tifffile.imwrite(root / "train" / "images" / f"{i}.tif", np.full((32, 32, 12), 1000 + i, np.uint16))
+        tifffile.imwrite(root / "train" / "masks" / f"{i}.tif", mask)
+    return root
+
+
+def test_segmentation_masks_of_another_shape_or_non_integer_values_are_named(tmp_path):
+    m = np.tile(np.arange(32, dtype=np.uint8) % 3, (32, 1))
+    split = read_split(_segmentation(tmp_path / "ok", [m[None], m[..., None]]), "folder", "train")
+    assert split.labels.shape == (2, 32, 32) and (split.labels == m).all()  # a singleton channel is squeezed
+    for masks, message in (
+        ([m, np.stack([m] * 3, -1)], r"masks/1\.tif: a mask is one band of class ids .*, got shape \(32, 32, 3\)"),
+        ([m, m[:16]], r"masks/1\.tif is 16x32 px, its image 32x32"),
+        ([m, m.astype(np.float32) + 0.5], r"masks/1\.tif: label 0\.5 is not an integer class id"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            read_split(_segmentation(tmp_path / str(len(list(tmp_path.iterdir()))), masks), "folder", "train")
+
+
+def _corrupt_zlib_tif(path, array):
+    import tifffile
+
+    tifffile.imwrite(path, array, compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        start, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    raw = bytearray(path.read_bytes())
+    raw[start + 2:start + count] = bytes(b ^ 0x5A for b in raw[start + 2:start + count])
+    path.write_bytes(bytes(raw))
+
+
+def test_a_corrupt_compressed_geotiff_or_a_complex_npy_is_named(tmp_path):
+    m = np.ones((32, 32), np.uint8)
+    root = _segmentation(tmp_path / "image", [m])
+    _corrupt_zlib_tif(root / "train" / "images" / "0.tif", np.full((32, 32, 12), 1000, np.uint16))
+    with pytest.raises(ValueError, match=r"images/0\.tif: not a readable image"):
+        read_split(root, "folder", "train")
+    root = _segmentation(tmp_path / "mask", [m])
+    _corrupt_zlib_tif(root / "train" / "masks" / "0.tif", np.tile(np.arange(32, dtype=np.uint8), (32, 1)))
+    with pytest.raises(ValueError, match=r"masks/0\.tif: not a readable image"):
+        read_split(root, "folder", "train")
+    splits = make_splits(13, per_class=(2, 1, 1))
+    del splits["valid"]
+    root = write_folder(tmp_path / "eurosat", splits, suffix=".npy")
+    np.save(root / "train" / "class_0" / "c.npy", np.full((13, 32, 32), 1000 + 1j, np.complex64))
+    with pytest.raises(ValueError, match=r"c\.npy: complex values"):
+        read_split(root, "folder", "train")
+
+
+def test_a_damaged_hdf5_label_dataset_is_named(tmp_path):
+    root = _geobench(tmp_path)
+    with h5py.File(root / "train_0001.hdf5", "a") as f:
+        del f["label"]
+        f.create_dataset("label", data=np.arange(32 * 32).reshape(32, 32), chunks=(8, 8), compression="gzip")
+        start = f["label"].id.get_chunk_info(0).byte_offset
+    raw = bytearray((root / "train_0001.hdf5").read_bytes())
+    raw[start:start + 40] = b"\xff" * 40
+    (root / "train_0001.hdf5").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"train_0001\.hdf5: its label is not readable"):
+        read_split(root, "hdf5", "train")
+
+
+@pytest.mark.parametrize("label, message", [
+    (10**12, r"label 1e\+12 is not a class id: class ids are below 100000"),
+    (2.7, r"label 2\.7 is not an integer class id"),
+    (float("nan"), r"label nan is not a finite number"),
+])
+def test_a_huge_fractional_or_nan_label_is_named_before_any_allocation(tmp_path, label, message):
+    root = _geobench(tmp_path)
+    with h5py.File(root / "train_0001.hdf5", "a") as f:
+        del f["label"]
+        f.attrs["label"] = label
+    with pytest.raises(ValueError, match=r"split 'train' sample .*train_0001\.hdf5: " + message):
+        read_split(root, "hdf5", "train")
+    with h5py.File(root / "train_0001.hdf5", "a") as f:
+        f.attrs["label"] = 1.0  # an integral float is a class id
+    assert read_split(root, "hdf5", "train").labels.dtype == np.int64
