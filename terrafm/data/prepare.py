@@ -26,9 +26,26 @@ from terrafm.data.sources import WORLDCOVER, BadInput, Product
 from terrafm.modalities import MODALITIES, MODALITY_NAMES, S1_SCALINGS
 
 
-def _job_fingerprint(job: list[list[Product]], opts: dict) -> str:
-    spec = [[(p.modality, p.grid_cell, p.product_id, p.source, p.row) for p in cell] for cell in job]
-    return hashlib.sha1(json.dumps([spec, opts], sort_keys=True).encode()).hexdigest()
+def _stamp(path: str, stamps: dict) -> list | None:
+    """[size, mtime_ns] of a source file (None when it cannot be read), once per file."""
+    if path not in stamps:
+        try:
+            st = Path(path).stat()
+            stamps[path] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stamps[path] = None
+    return stamps[path]
+
+
+def _job_fingerprint(job: list[list[Product]], opts: dict, stamps: dict) -> str:
+    """"<plan>:<content>": plan hashes the job's grid cells and options, content its products and the size and
+    mtime of their source files, so a job whose inputs changed is redone and another conversion is refused."""
+    plan = [cell[0].grid_cell for cell in job]
+    content = [[(p.modality, p.grid_cell, p.product_id, p.source, p.row,
+                 [_stamp(p.source, stamps)] if p.row >= 0 else
+                 sorted((b, _stamp(f, stamps)) for b, f in p.band_files.items())) for p in cell] for cell in job]
+    digest = [hashlib.sha1(json.dumps([x, opts], sort_keys=True).encode()).hexdigest() for x in (plan, content)]
+    return ":".join(digest)
 
 
 def _read_product(p: Product, parquet: sources.ParquetRows, s1_scaling: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -187,19 +204,23 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
             "s1_scaling": s1_scaling}
     # skip_bad is not part of what a shard holds (a finished shard lists its skips), so a re-run that adds
     # --skip-bad after a stop on bad input resumes the shards already written
-    fps = [_job_fingerprint(job, {k: v for k, v in opts.items() if k != "skip_bad"}) for job in jobs]
+    stamps = {}
+    fps = [_job_fingerprint(job, {k: v for k, v in opts.items() if k != "skip_bad"}, stamps) for job in jobs]
     names = {shards.shard_name(i) for i in range(len(jobs))}
     stale = sorted({p.name.split(".")[0] for p in out.glob("part-*.*")} - names)  # a shard index.json would miss
     if stale:
         raise BadInput(f"{out} holds {', '.join(stale)} beyond the {len(jobs)} shards of this conversion, written by "
                        "a different conversion (other inputs or options); use an empty --out directory")
-    pending, resumed, rewritten = [], 0, 0
+    pending, resumed, rewritten, redone = [], 0, 0, 0
     for i, fp in enumerate(fps):
         found = shards.finished_fingerprint(out, i)  # None also when the .bin is shorter than its .npz says
         if found == fp:
             resumed += 1
         elif found is None:
             rewritten += (out / f"{shards.shard_name(i)}.npz").exists()
+            pending.append(i)
+        elif found.split(":")[0] == fp.split(":")[0]:  # same cells and options, a source file changed since
+            redone += 1
             pending.append(i)
         else:
             raise BadInput(f"{out}/{shards.shard_name(i)}.npz was written by a different conversion "
@@ -220,12 +241,13 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                 pool.shutdown(cancel_futures=True)
                 raise
     bar.close()
-    return _write_index(out, len(jobs), opts, unknown, duplicates, resumed, rewritten, [str(i) for i in inputs],
-                        metadata)
+    return _write_index(out, len(jobs), opts, unknown, duplicates, (resumed, rewritten, redone),
+                        [str(i) for i in inputs], metadata)
 
 
-def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates: int, resumed: int, rewritten: int,
+def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates: int, reruns: tuple[int, int, int],
                  inputs: list[str], metadata: list[str]) -> dict:
+    """Merge the shard indexes into index.json; reruns: (resumed, rewritten, redone) shard counts."""
     sums = {m: [0.0, 0.0, 0, 0, 0] for m in opts["modalities"]}  # sum, sumsq, valid px, nodata px, empty tiles
     class_total = np.zeros(NUM_CLASSES, np.int64)
     shard_list, skipped, records, present = [], list(unknown), 0, dict.fromkeys(opts["modalities"], 0)
@@ -264,7 +286,8 @@ def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates
                            "pixels": class_total.tolist()},
                "s1_scaling": opts["s1_scaling"], "metadata_files": metadata,
                "shards": shard_list, "num_records": records, "skipped": skipped,
-               "duplicates_dropped": duplicates, "resumed_shards": resumed, "rewritten_shards": rewritten,
+               "duplicates_dropped": duplicates, "resumed_shards": reruns[0], "rewritten_shards": reruns[1],
+               "redone_shards": reruns[2],
                "inputs": inputs}
     shards.write_index(out, summary)
     return summary
@@ -306,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(f"wrote {summary['num_records']} locations in {len(summary['shards'])} shards to {args.out} "
           f"({summary['resumed_shards']} shards resumed, {summary['rewritten_shards']} incomplete shards rewritten, "
+          f"{summary['redone_shards']} shards redone because their input files changed, "
           f"{summary['duplicates_dropped']} duplicate products dropped, "
           f"{len(summary['metadata_files'])} metadata files read as metadata)")
     for m, s in summary["modalities"].items():

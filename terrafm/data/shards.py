@@ -30,7 +30,7 @@ import numpy as np
 
 from terrafm.data.landcover import NUM_CLASSES, WORLDCOVER_NAMES, WORLDCOVER_VALUES
 from terrafm.fileio import atomic_write, atomic_write_bytes, publish
-from terrafm.modalities import MODALITIES
+from terrafm.modalities import MODALITIES, S1_SCALINGS
 
 FORMAT = "terrafm-shards"
 VERSION = 1
@@ -191,9 +191,13 @@ class ShardSet:
             self.meta = json.loads(path.read_text())
         except ValueError as err:
             raise ShardError(f"{path} is not valid JSON ({err}); re-run `terrafm prepare` into this folder") from err
+        if not isinstance(self.meta, dict):
+            raise ShardError(f"{path}: holds a JSON {type(self.meta).__name__}, expected an object; re-run "
+                             "`terrafm prepare` into this folder")
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
             raise ShardError(f"{path}: expected format {FORMAT} version {VERSION}, got "
                              f"{self.meta.get('format')} {self.meta.get('version')}")
+        _check_index(path, self.meta)
         self.tile_size = int(self.meta["tile_size"])
         self.codec = self.meta["codec"]
         self.s1_scaling = self.meta.get("s1_scaling", "linear")  # shards written before dB was the default
@@ -202,6 +206,8 @@ class ShardSet:
                                            np.asarray(v["std"], np.float32))
                            for m, v in self.meta["modalities"].items()}
         parts = [self._open_part(s) for s in self.meta["shards"]]
+        for entry, part in zip(self.meta["shards"], parts, strict=True):
+            self._check_chunks(entry["name"], part)
         self._cross_check(parts, allow_index_mismatch)
         self.keys = np.concatenate([p["keys"] for p in parts]) if parts else np.zeros(0, str)
         self.class_counts = np.concatenate([p["class_counts"] for p in parts]).reshape(-1, NUM_CLASSES)
@@ -221,6 +227,27 @@ class ShardSet:
         except (OSError, ValueError, EOFError, zlib.error) as err:
             raise ShardError(f"{path}: unreadable shard index ({type(err).__name__}: {err}); the shard is "
                              "corrupt or missing, re-run `terrafm prepare` into this folder") from err
+
+    def _check_chunks(self, name: str, part: dict[str, np.ndarray]) -> None:
+        """Each .npz has the arrays of index.json's modalities, and raw chunks are T*T*itemsize bytes."""
+        path = self.root / f"{name}.npz"
+        for key in ("keys", "class_counts"):
+            if key not in part:
+                raise ShardError(f"{path}: no {key!r} array; the shard is not a terrafm shard, re-run "
+                                 "`terrafm prepare` into this folder")
+        for m, info in self.modalities.items():
+            for key in (f"{m}.offset", f"{m}.nbytes", f"{m}.crc32"):
+                if key not in part or part[key].shape != (len(part["keys"]), len(info.bands)):
+                    raise ShardError(f"{path}: no {key!r} array of {len(info.bands)} bands per record, as "
+                                     f"{INDEX_NAME} lists for {m}; re-run `terrafm prepare` into this folder")
+            if self.codec != "raw":
+                continue
+            want = self.tile_size ** 2 * np.dtype(info.dtype).itemsize
+            sizes = part[f"{m}.nbytes"][part[f"{m}.offset"] >= 0]
+            if (sizes != want).any():
+                raise ShardError(f"{path}: {m} chunks of {int(sizes[sizes != want][0])} bytes, but {INDEX_NAME}'s "
+                                 f"tile_size {self.tile_size} and dtype {info.dtype} make {want}; {INDEX_NAME} "
+                                 "does not belong to these shards, re-run `terrafm prepare` into this folder")
 
     def _cross_check(self, parts: list[dict], allow_mismatch: bool) -> None:
         """index.json vs each .npz vs the files on disk; any difference is an error, or a warning with counts."""
@@ -340,6 +367,39 @@ def decode_chunks(data: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, shap
             raise ChunkDecodeError(k, f"inflates to {len(raw)} bytes, not the {nbytes} of {shape} {dtype}")
         out[k] = np.frombuffer(raw, dtype).reshape(shape)
     return out
+
+
+def _check_index(path: Path, meta: dict) -> None:
+    """ShardError naming index.json and the key when a value the reader needs is missing or of another kind."""
+    def bad(key: str, expected: str) -> ShardError:
+        return ShardError(f"{path}: {key} is missing or not {expected}; re-run `terrafm prepare` into this folder")
+
+    tile = meta.get("tile_size")
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile <= 0:
+        raise bad("tile_size", "a positive integer")
+    if meta.get("codec") not in CODECS:
+        raise bad("codec", f"one of {CODECS}")
+    if meta.get("s1_scaling", "linear") not in S1_SCALINGS:
+        raise bad("s1_scaling", f"one of {S1_SCALINGS}")
+    if not isinstance(meta.get("modalities"), dict):
+        raise bad("modalities", "an object")
+    for m, v in meta["modalities"].items():
+        if not isinstance(v, dict):
+            raise bad(f"modalities.{m}", "an object")
+        bands = v.get("bands")
+        if not (isinstance(bands, list) and bands and all(isinstance(b, str) for b in bands)):
+            raise bad(f"modalities.{m}.bands", "a list of band names")
+        if not isinstance(v.get("dtype"), str) or v["dtype"] not in np.sctypeDict:
+            raise bad(f"modalities.{m}.dtype", "a numpy dtype name")
+        for key in ("mean", "std"):
+            stat = v.get(key)
+            if not (isinstance(stat, list) and len(stat) == len(bands)
+                    and all(isinstance(x, int | float) for x in stat)):
+                raise bad(f"modalities.{m}.{key}", f"a list of {len(bands)} numbers (one per band)")
+    shard_list = meta.get("shards")
+    if not (isinstance(shard_list, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                 for e in shard_list)):
+        raise bad("shards", 'a list of {"name": ...} objects')
 
 
 def write_index(shard_dir: Path, meta: dict) -> None:

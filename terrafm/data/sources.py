@@ -94,11 +94,18 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
                 tif_dirs[path.parent][path.stem] = str(path)
         for folder, bands in sorted(tif_dirs.items()):
             modality = modality_of(folder.name)
+            if modality is None and not _is_grid_cell(folder.parent.name):
+                continue  # not <grid_cell>/<product_id>/: a thumbnail or sidecar in a cell or row folder
             if modality is None:
                 unknown.append({"file": str(folder), "record": folder.name, "reason": f"product id {NO_MODALITY}"})
                 continue
             products.append(Product(modality, folder.parent.name, folder.name, str(folder), band_files=bands))
     return products, unknown, metadata
+
+
+def _is_grid_cell(name: str) -> bool:
+    """A Major-TOM grid cell folder name, such as 433U_1209R."""
+    return re.fullmatch(r"\d+[UD]_\d+[LR]", name) is not None
 
 
 def _files(root: Path) -> list[Path]:
@@ -113,7 +120,8 @@ def _files(root: Path) -> list[Path]:
             dirs.clear()
             continue
         seen.add(real)
-        files += [Path(folder) / n for n in names]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints, .git, ...
+        files += [Path(folder) / n for n in names if not n.startswith(".")]
     return sorted(files)
 
 
@@ -139,7 +147,10 @@ def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) 
         kind = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas categoricals
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise BadInput(f"column {c} has type {kind}, expected string (Major-TOM product ids / grid cells)")
-    table = pq.read_table(path, columns=list(META_COLUMNS))
+    try:
+        table = pq.read_table(path, columns=list(META_COLUMNS))
+    except (OSError, ValueError, pa.ArrowException) as err:  # an intact footer over corrupt data pages
+        raise BadInput(f"not a readable parquet file ({err})") from err
     for row, (pid, cell) in enumerate(zip(table["product_id"].to_pylist(), table["grid_cell"].to_pylist(),
                                           strict=True)):
         modality = modality_of(pid or "")

@@ -5,6 +5,7 @@ Every case: one message, exit 2 (130 for Ctrl-C), no traceback, no temporary fil
 
 import argparse
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import tifffile
 from terrafm.data import prepare, sources
 from terrafm.data.prepare import convert
 from terrafm.data.sample import write_sample_parquet
-from terrafm.data.shards import ShardSet
+from terrafm.data.shards import ShardError, ShardSet
 from terrafm.data.sources import GDAL_NODATA, BadInput
 from terrafm.modalities import REFERENCE_STATS
 
@@ -264,3 +265,128 @@ def test_symlinked_folders_are_read_and_a_dangling_link_is_named(sample_parquet,
     (root / "part_00001.parquet").symlink_to(tmp_path / "gone.parquet")
     with pytest.raises(BadInput, match=r"part_00001.parquet \(whole file\): a symlink to nothing"):
         convert([root], tmp_path / "out2", tile_size=TILE, workers=0, progress=False)
+
+
+def test_a_changed_input_file_is_redone_not_resumed(sample_parquet, tmp_path, capsys):
+    root, out = _copy(sample_parquet, tmp_path), tmp_path / "out"
+    assert _cli([str(root), "--out", str(out)]) == 0
+    cell = pq.read_table(root.joinpath(*S2_FILE))["grid_cell"][0].as_py()
+    _edit_band(root, S2_FILE, "B04", 0, lambda a: _tif_with_nodata(np.full_like(a, 7), "none"))
+    assert _cli([str(root), "--out", str(out)]) == 0
+    out_text = capsys.readouterr().out
+    assert "0 shards resumed" in out_text and "1 shards redone because their input files changed" in out_text
+    shards = ShardSet(out)
+    assert (shards.tile(list(shards.keys).index(f"{cell}/0_0"), "s2_l2a")[3] == 7).all()
+
+
+def test_a_file_fixed_after_a_skip_bad_run_is_retried(sample_parquet, tmp_path):
+    root, out = _copy(sample_parquet, tmp_path), tmp_path / "out"
+    path = root.joinpath(*S2_FILE)
+    good = path.read_bytes()
+    _edit_band(root, S2_FILE, "B04", 1, lambda a: b"not a tiff")
+    assert len(convert([root], out, tile_size=TILE, workers=0, progress=False, skip_bad=True)["skipped"]) == 1
+    path.write_bytes(good)
+    summary = convert([root], out, tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    assert summary["skipped"] == [] and summary["redone_shards"] == 1
+    assert summary["modalities"]["s2_l2a"]["tiles"] == 12
+
+
+def _corrupt_data_pages(path: Path) -> None:
+    """Rewrite path uncompressed, one row per group, then overwrite its first data pages: the footer stays intact."""
+    pq.write_table(pq.read_table(path), path, compression="none", row_group_size=1)
+    data = bytearray(path.read_bytes())
+    data[4:200] = b"\xab" * 196
+    path.write_bytes(bytes(data))
+
+
+def test_a_parquet_with_corrupt_data_pages_is_bad_input_not_a_write_error(sample_parquet, tmp_path, capsys):
+    root = _copy(sample_parquet, tmp_path)
+    path = root.joinpath(*S1_FILE)
+    _corrupt_data_pages(path)
+    assert pq.read_schema(path).names  # the footer still reads
+    assert _cli([str(root), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"bad input: {path} (whole file): not a readable parquet file" in err and "cannot write" not in err
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(path), "whole file")]
+    assert summary["num_records"] == 12 and summary["modalities"]["s1"]["tiles"] == 0
+
+
+def test_a_corrupt_band_page_is_bad_input_naming_the_row(sample_parquet, tmp_path):
+    root = _copy(sample_parquet, tmp_path)
+    path = root.joinpath(*S2_FILE)
+    pq.write_table(pq.read_table(path), path, compression="none", row_group_size=1)
+    data = bytearray(path.read_bytes())
+    start = pq.ParquetFile(path).metadata.row_group(1).column(pq.read_schema(path).names.index("B04"))
+    data[start.data_page_offset:start.data_page_offset + 64] = b"\xab" * 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadInput, match=r"part_00000.parquet \(row 1, .*cannot read the parquet row"):
+        convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(path), "row 1")]
+
+
+def _tif_folders(sample_parquet: Path, folder: Path) -> list[Path]:
+    """The S2 L2A parquet as GeoTIFF folders <row>/<grid_cell>/<product_id>/<band>.tif; returns the product folders."""
+    products = []
+    for rec in pq.read_table(sample_parquet.joinpath(*S2_FILE)).to_pylist():
+        d = folder / rec["grid_cell"].split("_")[0] / rec["grid_cell"] / rec["product_id"]
+        d.mkdir(parents=True)
+        for name, value in rec.items():
+            if isinstance(value, bytes):
+                (d / f"{name}.tif").write_bytes(value)
+        products.append(d)
+    return products
+
+
+def test_thumbnails_and_hidden_folders_beside_geotiff_products_are_ignored(sample_parquet, tmp_path):
+    folder = tmp_path / "tifs"
+    products = _tif_folders(sample_parquet, folder)
+    thumb = _tif_with_nodata(np.zeros((4, 4), np.uint8), "none")
+    (products[0].parent / "thumbnail.tif").write_bytes(thumb)
+    (products[0].parent.parent / "overview.tif").write_bytes(thumb)
+    (products[0] / ".ipynb_checkpoints").mkdir()
+    (products[0] / ".ipynb_checkpoints" / "B04-checkpoint.tif").write_bytes(thumb)
+    (products[1] / "._B04.tif").write_bytes(b"macOS resource fork")
+    summary = convert([folder], tmp_path / "out", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    assert summary["num_records"] == 12 and summary["skipped"] == []
+    (products[0].parent / "renamed_product").mkdir()
+    (products[0].parent / "renamed_product" / "B04.tif").write_bytes(thumb)
+    with pytest.raises(BadInput, match=r"renamed_product \(renamed_product\): product id names no modality"):
+        convert([folder], tmp_path / "out2", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+
+
+def _edited_index(sample_shards: Path, tmp_path: Path, edit) -> Path:
+    out = tmp_path / "shards"
+    shutil.copytree(sample_shards, out)
+    index = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps(edit(index)))
+    return out
+
+
+def _drop(index: dict, *keys: str) -> dict:
+    parent = index
+    for k in keys[:-1]:
+        parent = parent[k]
+    del parent[keys[-1]]
+    return index
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda i: [i], "holds a JSON list, expected an object"),
+    (lambda i: _drop(i, "codec"), "codec is missing or not one of"),
+    (lambda i: _drop(i, "modalities", "s1", "mean"), r"modalities\.s1\.mean is missing or not a list of 2 numbers"),
+    (lambda i: {**i, "tile_size": "60"}, "tile_size is missing or not a positive integer"),
+    (lambda i: {**i, "shards": {"part-00000": 12}}, "shards is missing or not a list"),
+])
+def test_a_foreign_or_edited_index_json_is_named_not_a_traceback(sample_shards, tmp_path, edit, message):
+    out = _edited_index(sample_shards, tmp_path, edit)
+    with pytest.raises(ShardError, match=rf"{out / 'index.json'}: .*{message}"):
+        ShardSet(out)
+
+
+def test_a_tile_size_that_does_not_match_the_chunks_is_named_not_a_reshape_error(sample_shards, tmp_path):
+    out = _edited_index(sample_shards, tmp_path, lambda i: {**i, "tile_size": TILE + 1})
+    with pytest.raises(ShardError, match=rf"part-00000\.npz: s2_l2a chunks of {TILE * TILE * 2} bytes, but "
+                                         rf"index\.json's tile_size {TILE + 1} and dtype uint16 make"):
+        ShardSet(out)
