@@ -3,6 +3,8 @@ right) and the launch-time choices that differ between compiled kernels and the 
 """
 
 import functools
+import math
+import numbers
 import os
 
 import torch
@@ -20,15 +22,18 @@ def interpreted(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" or INTERPRET
 
 
-def check_tensor(name: str, x: torch.Tensor, ndim: int, device: torch.device | None = None,
+def check_tensor(name: str, x: torch.Tensor, ndim: int | None, device: torch.device | None = None,
                  dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES, shape: tuple[int, ...] | None = None,
                  contiguous: bool = True) -> None:
     """The one input check of every kernel: raise a ValueError/TypeError naming `name` unless x is a
-    float tensor of ndim dims (of `shape` when given; contiguous unless the launcher copies it) on a
-    device the kernels run on (cuda, or cpu under the interpreter), on `device` when given."""
+    float tensor of ndim dims (at least one when ndim is None; of `shape` when given; contiguous unless
+    the launcher copies it) on a device the kernels run on (cuda, or cpu under the interpreter), on
+    `device` when given."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
+    if ndim is None and x.dim() == 0:
+        raise ValueError(f"{name} must have at least 1 dimension, got a 0-d tensor")
+    if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     if shape is not None and tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
@@ -48,6 +53,8 @@ def check_tensor(name: str, x: torch.Tensor, ndim: int, device: torch.device | N
 
 def check_patch_grid(height: int, width: int, patch: int) -> None:
     """Every backend refuses an image that is not a whole number of patches (none silently crops)."""
+    if patch < 1:
+        raise ValueError(f"the patch size p of weight (E, C, p, p) must be >= 1, got {patch}")
     if height % patch or width % patch:
         fit = f"{-(-height // patch) * patch}x{-(-width // patch) * patch} or {height // patch * patch}x" \
               f"{width // patch * patch}"
@@ -96,14 +103,38 @@ def check_head_loss_shapes(student_features, teacher_features, weight_v, weight_
         raise ValueError(f"dino_head_loss needs at least one pair of different views; got S={S}, T={T}")
 
 
+def _check_number(name: str, value) -> None:
+    """A real number (Python, numpy or symbolic scalar, or a one-element tensor), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt, torch.Tensor)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+
+
 def check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    """A temperature or scale: a finite number > 0 (inf would turn the softmax into NaN)."""
+    _check_number(name, value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be > 0 and finite, got {value}")
+
+
+def check_unit_interval(name: str, value: float, what: str = "") -> None:
+    """A momentum or blend weight: a number in [0, 1] (NaN refused)."""
+    _check_number(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1]{what}, got {value}")
 
 
 def check_alpha(alpha: float) -> None:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1] (weight of the plain centre), got {alpha}")
+    check_unit_interval("alpha", alpha, " (weight of the plain centre)")
+
+
+def check_size(name: str, value: int, minimum: int = 1) -> None:
+    """A count or width (patch size, heads, dims): an int >= minimum; bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def num_splits(K: int, programs: int, block_k: int, target_programs: int) -> tuple[int, int]:

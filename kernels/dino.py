@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _common, reference
+from ._common import check_positive, check_unit_interval
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -75,6 +76,8 @@ class _CenteredLoss(nn.Module):
 
     def __init__(self, center_shape: tuple[int, ...], student_temp: float, center_momentum: float, backend: str):
         super().__init__()
+        check_positive("student_temp", student_temp)
+        check_unit_interval("center_momentum", center_momentum)
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(*center_shape))

@@ -511,6 +511,9 @@ def _validate(student_features, teacher_features, weight_v, weight_g, center, ce
         check_tensor("teacher_weight_v", teacher_weight_v, 2, device)
     check_head_loss_shapes(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
                            teacher_weight_v, teacher_weight_g)
+    for name, g in (("weight_g", weight_g), ("teacher_weight_g", teacher_weight_g)):
+        if g is not None:
+            check_tensor(name, g, 2, device, contiguous=False)
     S, B, D = student_features.shape
     T = teacher_features.shape[0]
     K = weight_v.shape[0]

@@ -64,7 +64,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, check_positive, check_tensor, hbm_bytes, interpreted, num_splits, pad, sm_count
+from ._common import (
+    FLOAT_DTYPES,
+    TRITON_DTYPE,
+    check_positive,
+    check_tensor,
+    hbm_bytes,
+    interpreted,
+    num_splits,
+    pad,
+    sm_count,
+)
 from .gpus import BY_CAPABILITY, GPUS
 from .reference import sinkhorn_first_shift
 
@@ -280,14 +290,18 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, tempera
 
     teacher_logits (..., K) fp32/fp16/bf16; center with K elements (DINOv2's (1, K) or (1, 1, K) buffer).
     """
+    check_tensor("teacher_logits", teacher_logits, None, contiguous=False)
+    check_tensor("center", center, None, teacher_logits.device, FLOAT_DTYPES + (torch.float64,), contiguous=False)
+    if teacher_logits.numel() == 0:
+        raise ValueError(f"teacher_logits must be non-empty (..., K), got shape {tuple(teacher_logits.shape)}")
     K = teacher_logits.shape[-1]
     if center.numel() != K:
         raise ValueError(f"center has {center.numel()} elements but teacher_logits has K={K} prototypes "
                          f"(shape {tuple(teacher_logits.shape)})")
+    check_positive("teacher_temp", temperature)
     logits = teacher_logits.reshape(-1, K)
     _validate(logits, temperature)
     center = center.detach().reshape(K).float().contiguous()
-    check_tensor("center", center, 1, logits.device)
     return _launch(MODE_SOFTMAX, logits.detach(), 1.0 / float(temperature), center, center=True).reshape(
         teacher_logits.shape)
 
@@ -302,7 +316,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
     columns that the next normalisation divides out, so it does not enter.
     """
     _validate(teacher_logits, temperature)
-    if n_iterations < 1:
+    if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1 (DINOv2 uses 3), got {n_iterations}")
     logits = teacher_logits.detach()
     scale = LOG2E / float(temperature)

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, check_tensor, hbm_bytes, interpreted
+from ._common import TRITON_DTYPE, check_size, check_tensor, hbm_bytes, interpreted
 
 MAX_MODALITIES = 16
 MAX_QUERIES = 64
@@ -260,6 +260,8 @@ def validate(keys, values, queries, pool, num_heads) -> None:
     for name, t, ndim in (("values", values, 3), ("queries", queries, 2), ("pool", pool, 1)):
         check_tensor(name, t, ndim, keys.device)
     T, M, A = keys.shape
+    if A == 0:
+        raise ValueError(f"keys (T, M, A) = {tuple(keys.shape)} must have a token width A >= 1")
     if values.shape != keys.shape:
         raise ValueError(f"values must have the shape of keys {tuple(keys.shape)}, got {tuple(values.shape)}")
     if not 1 <= M <= MAX_MODALITIES:
@@ -269,7 +271,8 @@ def validate(keys, values, queries, pool, num_heads) -> None:
                          f"got {tuple(queries.shape)} and {tuple(pool.shape)}")
     if not 1 <= queries.shape[0] <= MAX_QUERIES:
         raise ValueError(f"1..{MAX_QUERIES} queries supported, got {queries.shape[0]}")
-    if not isinstance(num_heads, int) or num_heads < 1 or A % num_heads:
+    check_size("num_heads", num_heads)
+    if A % num_heads:
         raise ValueError(f"num_heads must be a positive divisor of the token width {A}, got {num_heads}")
     if keys.numel() >= 2**31:
         raise ValueError("cross_attention_fusion: inputs of 2**31 elements or more are not supported; split them")

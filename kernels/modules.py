@@ -9,7 +9,7 @@ TRITON_INTERPRET=1 or else the reference. The DINOv2 drop-ins (DINOLoss, iBOTPat
 import torch
 
 from . import _common, reference
-from ._common import check_alpha, check_positive
+from ._common import check_alpha, check_positive, check_size, check_unit_interval
 from .dino_cross_entropy import dino_cross_entropy
 from .dino_head_loss import dino_head_loss
 from .fusion import cross_attention_fusion
@@ -27,10 +27,13 @@ class PatchEmbed(torch.nn.Module):
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, bias: bool = True):
         super().__init__()
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        self.img_size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+        self.patch_size = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
         if self.patch_size[0] != self.patch_size[1]:
             raise ValueError(f"PatchEmbed supports square patches, got {self.patch_size}")
+        for name, value in (("img_size", self.img_size[0]), ("img_size", self.img_size[1]),
+                            ("patch_size", self.patch_size[0]), ("in_chans", in_chans), ("embed_dim", embed_dim)):
+            check_size(name, value)
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = torch.nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
@@ -50,6 +53,9 @@ class CrossAttentionFusion(torch.nn.Module):
 
     def __init__(self, dim: int, num_queries: int = 5, num_heads: int = 16):
         super().__init__()
+        check_size("dim", dim)
+        check_size("num_queries", num_queries)
+        check_size("num_heads", num_heads)
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -75,7 +81,10 @@ class DualCenteringSoftmax(torch.nn.Module):
     def __init__(self, num_prototypes: int, alpha: float = 0.8, center_momentum: float = 0.9,
                  center_high_momentum: float = 0.9):
         super().__init__()
+        check_size("num_prototypes", num_prototypes)
         check_alpha(alpha)
+        check_unit_interval("center_momentum", center_momentum)
+        check_unit_interval("center_high_momentum", center_high_momentum)
         self.alpha = alpha
         self.center_momentum = center_momentum
         self.center_high_momentum = center_high_momentum
@@ -89,13 +98,17 @@ class DualCenteringSoftmax(torch.nn.Module):
     @torch.no_grad()
     def update(self, logit_sum: torch.Tensor, high_logit_sum: torch.Tensor, rows: float,
                high_rows: float) -> None:
-        if rows <= 0:
-            raise ValueError(f"rows must be > 0 (global number of teacher rows), got {rows}")
+        K = self.center.shape[0]
+        for name, x in (("logit_sum", logit_sum), ("high_logit_sum", high_logit_sum)):
+            if not isinstance(x, torch.Tensor) or x.numel() != K:
+                raise ValueError(f"{name} must be a tensor with K={K} entries (one per prototype), got "
+                                 f"{getattr(x, 'shape', type(x).__name__)}")
+        check_positive("rows", rows)
         m = self.center_momentum
-        self.center.mul_(m).add_(logit_sum.float() / rows, alpha=1.0 - m)
+        self.center.mul_(m).add_(logit_sum.float().reshape(K) / rows, alpha=1.0 - m)
         if high_rows > 0:
             m_h = self.center_high_momentum
-            self.center_high.mul_(m_h).add_(high_logit_sum.float() / high_rows, alpha=1.0 - m_h)
+            self.center_high.mul_(m_h).add_(high_logit_sum.float().reshape(K) / high_rows, alpha=1.0 - m_h)
 
 
 class DINOCrossEntropy(torch.nn.Module):
@@ -122,6 +135,8 @@ class DINOHeadLoss(torch.nn.Module):
                  alpha: float = 0.8, center_momentum: float = 0.9, center_high_momentum: float = 0.9,
                  train_weight_g: bool = False):
         super().__init__()
+        check_size("in_dim", in_dim)
+        check_size("num_prototypes", num_prototypes)
         check_positive("student_temperature", student_temperature)
         self.student_temperature = student_temperature
         self.weight_v = torch.nn.Parameter(torch.empty(num_prototypes, in_dim))

@@ -226,6 +226,9 @@ def validate(x, weight, bias, modality_embed, pos_embed) -> None:
         raise ValueError(f"weight must be a Conv2d weight (E, C, p, p), got {getattr(weight, 'shape', None)}")
     E, C, p, _ = weight.shape
     B, Cx, H, W = x.shape
+    if min(E, C, p) == 0:
+        raise ValueError(f"weight (E, C, p, p) = {tuple(weight.shape)} needs at least one output channel E, input "
+                         "channel C and patch pixel p")
     if Cx != C:
         raise ValueError(f"x has {Cx} channels but weight expects C={C} (weight shape {tuple(weight.shape)})")
     check_patch_grid(H, W, p)

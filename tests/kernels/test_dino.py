@@ -422,3 +422,34 @@ def test_forward_fused_matches_dinov2_head_and_loss(K, dtype, device):
     loss_module.apply_center_update()
     want_center = oracle.center_after_update(center.cpu().double(), want[4], 2 * B, 0.9)
     assert torch.allclose(loss_module.center.cpu().double(), want_center, atol=REL[dtype])
+
+
+@pytest.mark.parametrize("logits, center, temp, error, name", [
+    (torch.tensor(1.0), torch.zeros(1), 0.04, ValueError, "teacher_logits"),
+    ([[1.0]], torch.zeros(1), 0.04, TypeError, "teacher_logits"),
+    (torch.randn(2, 3), "x", 0.04, TypeError, "center"),
+    (torch.randn(6, 0), torch.randn(0), 0.04, ValueError, "teacher_logits"),
+    (torch.randn(2, 3), torch.zeros(3), float("inf"), ValueError, "teacher_temp"),
+])
+def test_centered_softmax_refuses_bad_inputs(device, logits, center, temp, error, name):
+    if isinstance(logits, torch.Tensor):
+        logits = logits.to(device)
+    if isinstance(center, torch.Tensor):
+        center = center.to(device)
+    with pytest.raises(error, match=name):
+        dino_teacher.centered_softmax(logits, center, temp)
+
+
+@pytest.mark.parametrize("temp, n_iterations, name", [(float("inf"), 3, "teacher_temp"), (0.04, True, "n_iterations")])
+def test_sinkhorn_refuses_bad_arguments(device, temp, n_iterations, name):
+    with pytest.raises(ValueError, match=name):
+        dino_teacher.sinkhorn_knopp(torch.randn(4, 5, device=device), temp, n_iterations)
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(student_temp=float("inf")), "student_temp"),
+                                          (dict(center_momentum=float("nan")), "center_momentum"),
+                                          (dict(center_momentum=2.0), "center_momentum")])
+def test_losses_refuse_bad_arguments(kwargs, name):
+    for cls in (DINOLoss, iBOTPatchLoss):
+        with pytest.raises(ValueError, match=name):
+            cls(8, **kwargs)

@@ -134,3 +134,13 @@ def test_efficiency_counts_the_view_tiles(kernel, ratio):
     counts = efficiency(kernel, **PRODUCTION_SHAPE, dtype_bytes=2, sms=132, concurrent=3 * 132, l2_bytes=50 << 20)
     assert counts["executed_flops"] / counts["useful_flops"] == pytest.approx(ratio)
     assert counts["moved_bytes"] / counts["min_bytes"] < 1.01
+
+
+@pytest.mark.parametrize("tau, error", [(float("inf"), ValueError), (float("nan"), ValueError), (0.0, ValueError),
+                                        (-1.0, ValueError), ("0.1", TypeError), (True, TypeError)])
+def test_refuses_bad_temperature(device, tau, error):
+    student, teacher = _inputs(2, 2, 3, 8, torch.float32, device)
+    with pytest.raises(error, match="student_temperature"):
+        dino_cross_entropy(student, teacher, tau)
+    with pytest.raises(error, match="student_temperature"):
+        DINOCrossEntropy(tau)

@@ -121,3 +121,29 @@ def test_efficiency_counts_at_production_shapes(size):
     cost = roofline_cost(T, M, A, Q, backward=True)
     softmax_terms = T * 20 * H * Q * M + 7 * T * Q + T * M * A + Q * A  # + the grad keys / queries scale
     assert sum(c["useful_flops"] for c in counts.values()) == cost["flops"] + softmax_terms
+
+
+@pytest.mark.parametrize("A, num_heads, error, name", [
+    (0, 4, ValueError, "keys"),        # token width A = 0
+    (8, True, TypeError, "num_heads"),
+    (8, 2.0, TypeError, "num_heads"),
+    (8, 0, ValueError, "num_heads"),
+    (8, 3, ValueError, "num_heads"),
+])
+def test_refuses_bad_sizes(device, A, num_heads, error, name):
+    keys = torch.randn(5, 3, A, device=device)
+    with pytest.raises(error, match=name):
+        cross_attention_fusion(keys, keys.clone(), torch.randn(2, A, device=device), torch.randn(A, device=device),
+                               num_heads)
+
+
+@pytest.mark.parametrize("args, error, name", [
+    ((0, 2, 1), ValueError, "dim"),
+    ((16, 0, 1), ValueError, "num_queries"),
+    ((16, 2, 0), ValueError, "num_heads"),
+    ((16, 2, True), TypeError, "num_heads"),
+    ((16, 2, 3), ValueError, "num_heads"),
+])
+def test_module_refuses_bad_sizes(args, error, name):
+    with pytest.raises(error, match=name):
+        CrossAttentionFusion(*args)

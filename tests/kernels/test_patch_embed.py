@@ -214,3 +214,27 @@ def test_registry_and_model_use_the_kernel(device):
     x = torch.randn(2, 12, 32, 32, device=device)
     with torch.no_grad():
         torch.testing.assert_close(kernel_model(x, "s2_l2a"), model(x, "s2_l2a"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, b_len, error, name", [
+    ((2, 3, 8, 8), (0, 3, 4, 4), 0, ValueError, "weight"),    # E = 0
+    ((2, 0, 8, 8), (4, 0, 4, 4), 4, ValueError, "weight"),    # C = 0
+    ((2, 3, 8, 8), (16, 3, 0, 0), 16, ValueError, "weight"),  # p = 0
+])
+def test_refuses_zero_sizes(device, x_shape, w_shape, b_len, error, name):
+    with pytest.raises(error, match=name):
+        patch_embed(torch.randn(x_shape, device=device), torch.randn(w_shape, device=device),
+                    torch.randn(b_len, device=device))
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    (dict(img_size=8, patch_size=0), ValueError, "patch_size"),
+    (dict(img_size=0), ValueError, "img_size"),
+    (dict(in_chans=0), ValueError, "in_chans"),
+    (dict(embed_dim=0), ValueError, "embed_dim"),
+    (dict(embed_dim=True), TypeError, "embed_dim"),
+    (dict(patch_size=4.0), TypeError, "patch_size"),
+])
+def test_module_refuses_bad_sizes(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        PatchEmbed(**kwargs)

@@ -162,3 +162,29 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setattr(_common, "INTERPRET", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         teacher_softmax(t, c, ch, hw, 0.04, 0.8)
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    (dict(center_momentum=float("nan")), ValueError, "center_momentum"),
+    (dict(center_momentum=5.0), ValueError, "center_momentum"),
+    (dict(center_high_momentum=-0.1), ValueError, "center_high_momentum"),
+    (dict(center_momentum="0.9"), TypeError, "center_momentum"),
+    (dict(alpha=float("nan")), ValueError, "alpha"),
+    (dict(num_prototypes=0), ValueError, "num_prototypes"),
+])
+def test_dual_centering_refuses_bad_arguments(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        DualCenteringSoftmax(**{"num_prototypes": 4, **kwargs})
+
+
+@pytest.mark.parametrize("logit_sum, high_logit_sum, rows, error, name", [
+    (torch.zeros(3), torch.zeros(4), 2, ValueError, "logit_sum"),
+    (torch.zeros(4), torch.zeros(5), 2, ValueError, "high_logit_sum"),
+    (torch.zeros(4), torch.zeros(4), 0, ValueError, "rows"),
+    (torch.zeros(4), torch.zeros(4), float("inf"), ValueError, "rows"),
+])
+def test_dual_centering_update_refuses_bad_arguments(logit_sum, high_logit_sum, rows, error, name):
+    module = DualCenteringSoftmax(4)
+    with pytest.raises(error, match=name):
+        module.update(logit_sum, high_logit_sum, rows, 1)
+    assert (module.center == 0).all() and (module.center_high == 0).all()
