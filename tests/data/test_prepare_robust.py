@@ -142,12 +142,7 @@ def test_out_that_is_a_file_is_named(sample_parquet, tmp_path, capsys):
 
 def test_an_unreadable_band_file_is_bad_input_not_a_write_error(sample_parquet, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "tifs"
-    for rec in pq.read_table(sample_parquet.joinpath(*S2_FILE)).to_pylist():
-        d = folder / rec["grid_cell"].split("_")[0] / rec["grid_cell"] / rec["product_id"]
-        d.mkdir(parents=True)
-        for name, value in rec.items():
-            if isinstance(value, bytes):
-                (d / f"{name}.tif").write_bytes(value)
+    _tif_folders(sample_parquet, folder)
     bad = sorted(folder.rglob("B04.tif"))[1]
     read_bytes = Path.read_bytes
 
