@@ -49,6 +49,9 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
     for flag, value in counts.items():
         if value < 1:
             return f"{flag} must be >= 1, got {value}"
+    bad = [f for f in args.fractions if not 0 < f <= 1]  # NaN fails both comparisons
+    if bad:
+        return f"--fractions must be in (0, 1], got {bad[0]}"
     if not (math.isfinite(args.knn_temperature) and args.knn_temperature > 0):
         return f"--knn-temperature must be a positive number, got {args.knn_temperature}"
     if args.device is not None:

@@ -29,6 +29,7 @@ def _eval(data, out, *extra, fmt="hdf5", checkpoint="unused.pth"):
     ("--img-size", "0", "--img-size must be >= 1"), ("--batch-size", "0", "--batch-size must be >= 1"),
     ("--knn-k", "0", "--knn-k must be >= 1"), ("--knn-temperature", "0", "--knn-temperature must be a positive"),
     ("--linear-epochs", "-1", "--linear-epochs must be >= 1"), ("--device", "tpu", "'tpu' is not a device"),
+    ("--fractions", "0", "--fractions must be in (0, 1], got 0.0"), ("--fractions", "nan", "--fractions must be in"),
 ])
 def test_bad_numbers_and_devices_exit_2_before_reading_anything(tmp_path, capsys, flag, value, message):
     assert _eval(tmp_path / "nowhere", tmp_path / "out", flag, value) == 2
