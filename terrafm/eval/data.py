@@ -160,7 +160,11 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
                                  f"{images[0].shape[1]}x{images[0].shape[2]}: a split's images must share one size")
             images.append(image)
             paths.append(path)
-            labels.append(class_ids(_hdf5_label(f, path), path, split))
+            label = class_ids(_hdf5_label(f, path), path, split)
+            if label.ndim == 2 and label.shape != image.shape[1:]:
+                raise ValueError(f"{path}: its label mask is {label.shape[0]}x{label.shape[1]} px, its image "
+                                 f"{image.shape[1]}x{image.shape[2]}: a mask must cover its image pixel for pixel")
+            labels.append(label)
     return EvalSplit(_mask_s2_empty(np.stack(images), modality, paths), _as_labels(labels), modality)
 
 

@@ -329,3 +329,12 @@ def test_a_huge_fractional_or_nan_label_is_named_before_any_allocation(tmp_path,
     with h5py.File(root / "train_0001.hdf5", "a") as f:
         f.attrs["label"] = 1.0  # an integral float is a class id
     assert read_split(root, "hdf5", "train").labels.dtype == np.int64
+
+
+def test_an_hdf5_mask_of_another_size_than_its_image_is_named(tmp_path):
+    root = _geobench(tmp_path)
+    with h5py.File(root / "train_0001.hdf5", "a") as f:
+        del f["label"]
+        f.create_dataset("label", data=np.zeros((16, 16), np.uint8))
+    with pytest.raises(ValueError, match=r"train_0001\.hdf5: its label mask is 16x16 px, its image 32x32"):
+        read_split(root, "hdf5", "train")
