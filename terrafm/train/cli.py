@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, e.g. train.max_steps=20 optim.lr=1e-4")
     parser.add_argument("--config", default=DEFAULT_PRESET,
-                        help=f"preset ({', '.join(presets())}) or a YAML file (default: {DEFAULT_PRESET})")
+                        help=f"preset ({', '.join(presets())}) or a .yaml/.yml file (default: {DEFAULT_PRESET})")
     parser.add_argument("--out", metavar="DIR",
                         help="the run folder (default: train.out_dir/train.run_name, e.g. runs/tiny_cpu)")
     parser.add_argument("--resume", action="store_true",

@@ -108,6 +108,12 @@ def test_a_bad_config_file_is_one_config_error_and_never_runs_code(tmp_path):
         load_config("tiny_cpu", ["optim.betas=[0.9"])
 
 
+def test_integers_in_scientific_notation_are_integers():
+    assert load_config("tiny_cpu", ["train.max_steps=1e3"]).train.max_steps == 1000
+    with pytest.raises(ConfigError, match="'train.max_steps': expected an integer, got 1500.5"):
+        load_config("tiny_cpu", ["train.max_steps=1.5005e3"])
+
+
 def test_one_view_and_no_pair_is_refused_before_training():
     with pytest.raises(ConfigError, match="no pair of different views; set n_global >= 2 or n_local >= 1"):
         load_config("tiny_cpu", ["data.n_global=1", "data.n_local=0"])
