@@ -57,6 +57,20 @@ def _world() -> tuple[int, object]:
     return 1, None
 
 
+def _check_dims(name: str, x, ndim: int, shape: tuple | None = None) -> None:
+    """Refuse what the losses would otherwise misread in a reshape: a non-tensor, a non-float tensor, another
+    number of dimensions or (when given; -1 matches any size) another shape, named by DINOv2's argument."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor, got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if shape is not None and any(want not in (-1, got) for want, got in zip(shape, x.shape, strict=True)):
+        wanted = "(" + ", ".join("any" if w == -1 else str(w) for w in shape) + ")"
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {wanted}")
+
+
 def _teacher_views(teacher_list, rows: int, K: int) -> torch.Tensor:
     """DINOv2's teacher list (a (T, R, K) tensor or a list of (R, K) tensors) as one contiguous (T, R, K)."""
     if isinstance(teacher_list, torch.Tensor):
@@ -145,6 +159,7 @@ class DINOLoss(_CenteredLoss):
         total_loss = 0
         targets = None
         for s in student_output_list:
+            _check_dims("each student output", s, 2)
             if targets is None:
                 targets = _teacher_views(teacher_out_softmaxed_centered_list, s.shape[0], s.shape[-1])
             row_weight = torch.full((s.shape[0],), 1.0 / s.shape[0], device=s.device)
@@ -171,9 +186,17 @@ class DINOLoss(_CenteredLoss):
         teacher_last_layer: the heads' weight-normalised nn.Linear(D, K, bias=False) (old or
         parametrize weight_norm, or a plain Linear). Gradients reach the student features and weights.
         """
-        self.apply_center_update()
+        _check_dims("student_global", student_global, 2)
         D = student_global.shape[-1]
+        if student_global.shape[0] % 2 or student_global.shape[0] == 0:
+            raise ValueError(f"student_global has {student_global.shape[0]} rows: it must hold 2 crops of B images")
         B = student_global.shape[0] // 2
+        _check_dims("student_local", student_local, 2, (-1, D))
+        if student_local.shape[0] % B:
+            raise ValueError(f"student_local has {student_local.shape[0]} rows: not a whole number of crops of "
+                             f"B = {B} images")
+        _check_dims("teacher_global", teacher_global, 2, (2 * B, D))
+        self.apply_center_update()
         student = torch.cat([student_global.reshape(2, B, D), student_local.reshape(-1, B, D)]).contiguous()
         teacher = teacher_global.detach().reshape(2, B, D).contiguous()
         weight_v, weight_g = _weight_norm_parts(last_layer)
@@ -230,7 +253,13 @@ class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's class name, so that 
 
         student_patch_tokens, teacher_patch_tokens (B, N, K); student_masks_flat (B, N).
         """
+        _check_dims("student_patch_tokens", student_patch_tokens, 3)
         B, N, K = student_patch_tokens.shape
+        _check_dims("teacher_patch_tokens", teacher_patch_tokens, 3, (B, N, K))
+        if not isinstance(student_masks_flat, torch.Tensor) or tuple(student_masks_flat.shape) != (B, N):
+            got = tuple(student_masks_flat.shape) if isinstance(student_masks_flat, torch.Tensor) else type(
+                student_masks_flat).__name__
+            raise ValueError(f"student_masks_flat must have shape (B, N) = ({B}, {N}), got {got}")
         masks = student_masks_flat.float()
         row_weight = (masks / masks.sum(dim=-1, keepdim=True).clamp(min=1.0) / B).reshape(B * N)
         targets = _teacher_views(teacher_patch_tokens.reshape(B * N, K), B * N, K)
@@ -244,6 +273,9 @@ class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's class name, so that 
         defaults to 1 / (masked patches of the row's image), as DINOv2 computes it.
         """
         s, t = student_patch_tokens_masked, teacher_patch_tokens_masked
+        _check_dims("student_patch_tokens_masked", s, 2)
+        if not isinstance(student_masks_flat, torch.Tensor) or student_masks_flat.dim() != 2:
+            raise ValueError("student_masks_flat must be a (B, N) tensor of the masked patches")
         if n_masked_patches is not None:
             s, t = s[:n_masked_patches], t[:n_masked_patches]
         if masks_weight is None:

@@ -453,3 +453,30 @@ def test_losses_refuse_bad_arguments(kwargs, name):
     for cls in (DINOLoss, iBOTPatchLoss):
         with pytest.raises(ValueError, match=name):
             cls(8, **kwargs)
+
+
+def test_losses_name_bad_shapes_before_reshaping(device):
+    K, D = 8, 4
+    dino, ibot = DINOLoss(K).to(device), iBOTPatchLoss(K).to(device)
+    s = _logits((4, K), 1.0, torch.float32, device)
+    with pytest.raises(ValueError, match="each student output must have 2 dimensions"):
+        dino([s.reshape(2, 2, K)], [_probs((4, K), device)])
+    with pytest.raises(TypeError, match="each student output must be a float tensor"):
+        dino([s.long()], [_probs((4, K), device)])
+    tokens = _logits((2, 3, K), 1.0, torch.float32, device)
+    with pytest.raises(ValueError, match="student_patch_tokens must have 3 dimensions"):
+        ibot(s, s, torch.ones(2, 2, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError, match=r"teacher_patch_tokens has shape \(2, 4, 8\), expected \(2, 3, 8\)"):
+        ibot(tokens, _probs((2, 4, K), device), torch.ones(2, 3, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError, match=r"student_masks_flat must have shape \(B, N\) = \(2, 3\)"):
+        ibot(tokens, _probs((2, 3, K), device), torch.ones(6, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError, match="student_patch_tokens_masked must have 2 dimensions"):
+        ibot.forward_masked(tokens, tokens, torch.ones(2, 3, dtype=torch.bool, device=device))
+    layer = torch.nn.Linear(D, K, bias=False).to(device)
+    feats = lambda n: torch.randn(n, D, device=device)  # noqa: E731
+    with pytest.raises(ValueError, match="student_global has 3 rows"):
+        dino.forward_fused(feats(3), feats(4), feats(4), layer, layer, 0.04)
+    with pytest.raises(ValueError, match="student_local has 5 rows"):
+        dino.forward_fused(feats(4), feats(5), feats(4), layer, layer, 0.04)
+    with pytest.raises(ValueError, match=r"teacher_global has shape \(6, 4\), expected \(4, 4\)"):
+        dino.forward_fused(feats(4), feats(4), feats(6), layer, layer, 0.04)
