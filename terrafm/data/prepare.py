@@ -219,6 +219,10 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
         elif found is None:
             rewritten += (out / f"{shards.shard_name(i)}.npz").exists()
             pending.append(i)
+        elif ":" not in found:  # terrafm before the two-part fingerprint: cannot tell a resume from another run
+            raise BadInput(f"{out}/{shards.shard_name(i)}.npz was written by an earlier terrafm, whose shards "
+                           "cannot be checked against these inputs; use an empty --out directory (or delete "
+                           "its part-* files and index.json to redo them here)")
         elif found.split(":")[0] == fp.split(":")[0]:  # same cells and options, a source file changed since
             redone += 1
             pending.append(i)

@@ -161,6 +161,17 @@ def test_resume_parallel_and_atomic(sample_parquet, sample_shards, tmp_path):
         convert([sample_parquet], out, tile_size=TILE // 2, cells_per_shard=1, workers=0, progress=False)
 
 
+def test_shards_of_an_earlier_terrafm_are_refused_as_such(sample_parquet, tmp_path):
+    out = tmp_path / "old"
+    convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    with np.load(out / "part-00000.npz") as z:
+        arrays = dict(z)
+    arrays["fingerprint"] = np.asarray("0" * 40)  # the one-part form of before: one hash of plan and content
+    np.savez(out / "part-00000.npz", **arrays)
+    with pytest.raises(BadInput, match=r"part-00000\.npz was written by an earlier terrafm.*empty --out"):
+        convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+
+
 def _split_shards(sample_parquet, tmp_path):
     out = tmp_path / "split"
     convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
