@@ -255,8 +255,14 @@ def _apply_nodata_tag(array: np.ndarray, value: float | None, modality: str) -> 
     return np.where(array == int(value), 0, array).astype(array.dtype)
 
 
+# Native ground sampling of the S2 bands (ESA); every other band (S1, S2's 10 m ones, WorldCover) is 10 m.
+NATIVE_M = {"B01": 60, "B09": 60, "B10": 60, "B05": 20, "B06": 20, "B07": 20, "B8A": 20, "B11": 20, "B12": 20}
+
+
 def to_10m(product: Product, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
-    """Validate dtype and size, replicate coarser bands to the 10 m grid; returns ((C, H, W), H)."""
+    """Validate dtype and size, replicate coarser bands to the 10 m grid; returns ((C, H, W), H). A band may come
+    at its native resolution or finer (resampled products), never coarser: a 10 m band at 20 m would be
+    replicated into blocks and trained on as 10 m imagery."""
     size = max(a.shape[0] for a in arrays.values())
     out = []
     for band, a in arrays.items():
@@ -270,6 +276,10 @@ def to_10m(product: Product, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray,
         if a.shape[0] != a.shape[1] or factor not in (1, 2, 6) or a.shape[0] * factor != size:
             raise BadInput(f"{product.where}: band {band} has size {a.shape}, expected ({size}, {size}) at 10 m "
                            f"or 1/2 or 1/6 of it (20 m / 60 m)")
+        if factor * 10 > NATIVE_M.get(band, 10):
+            raise BadInput(f"{product.where}: band {band} is a {NATIVE_M.get(band, 10)} m band but has "
+                           f"{a.shape[0]} px where the finest band has {size} ({factor * 10} m): the product was "
+                           "resampled or its bands are mislabelled")
         out.append(a if factor == 1 else np.repeat(np.repeat(a, factor, axis=0), factor, axis=1))
     return np.stack(out), size
 

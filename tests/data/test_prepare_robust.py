@@ -53,6 +53,12 @@ def _tif_with_nodata(array: np.ndarray, nodata: str) -> bytes:
     return buf.getvalue()
 
 
+def _tif(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array)
+    return buf.getvalue()
+
+
 def _cli(args: list[str]) -> int:
     parser = argparse.ArgumentParser()
     prepare.add_arguments(parser)
@@ -385,3 +391,13 @@ def test_a_tile_size_that_does_not_match_the_chunks_is_named_not_a_reshape_error
     with pytest.raises(ShardError, match=rf"part-00000\.npz: s2_l2a chunks of {TILE * TILE * 2} bytes, but "
                                          rf"index\.json's tile_size {TILE + 1} and dtype uint16 make"):
         ShardSet(out)
+
+
+def test_a_band_coarser_than_its_native_resolution_is_named_and_a_finer_one_is_read(sample_parquet, tmp_path):
+    root = _copy(sample_parquet, tmp_path)
+    _edit_band(root, S2_FILE, "B05", 0, lambda a: _tif(np.repeat(np.repeat(a, 2, 0), 2, 1)))
+    convert([root], tmp_path / "finer", tile_size=TILE, workers=0, progress=False)  # B05 resampled to 10 m
+    _edit_band(root, S2_FILE, "B02", 0, lambda a: _tif(a[::2, ::2]))
+    with pytest.raises(BadInput, match=r"band B02 is a 10 m band but has 60 px where the finest band has 120 "
+                                       r"\(20 m\): the product was resampled or its bands are mislabelled"):
+        convert([root], tmp_path / "coarser", tile_size=TILE, workers=0, progress=False)
