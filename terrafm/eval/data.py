@@ -137,6 +137,7 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
                          f".hdf5 in {root}), got {str(ids)[:100]}")
     if not ids:
         raise ValueError(f"split {split!r} in {partition_file} is empty")
+    _refuse_shared_samples(partition, _split_key(partition, split, str(partition_file)), partition_file)
     images, labels, band_names, chosen, paths = [], [], None, None, []
     for sample_id in ids:
         path = root / f"{sample_id}.hdf5"
@@ -166,6 +167,19 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
                                  f"{image.shape[1]}x{image.shape[2]}: a mask must cover its image pixel for pixel")
             labels.append(label)
     return EvalSplit(_mask_s2_empty(np.stack(images), modality, paths), _as_labels(labels), modality)
+
+
+def _refuse_shared_samples(partition: dict, key: str, partition_file: Path) -> None:
+    """A sample listed in this split and another one would be scored by a probe fit on it: refused by name."""
+    mine = set(partition[key])
+    for other, ids in partition.items():
+        if other == key or not isinstance(ids, list):
+            continue
+        shared = sorted(mine.intersection(i for i in ids if isinstance(i, str)))
+        if shared:
+            raise ValueError(f"{partition_file} lists {len(shared)} sample{'s' * (len(shared) > 1)} in both {key!r} "
+                             f"and {other!r} (e.g. "
+                             f"{shared[0]!r}): a probe would be scored on images it was fit on; fix the partition")
 
 
 def _hdf5_band(f, name: str, path: Path) -> np.ndarray:
