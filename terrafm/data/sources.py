@@ -14,6 +14,7 @@ normalisation statistics.
 """
 
 import io
+import logging
 import os
 import re
 from collections import defaultdict
@@ -213,9 +214,7 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
         raise BadInput(f"{product.where}: band {band} holds {type(data).__name__}, expected GeoTIFF bytes (a binary "
                        "column as Major-TOM writes)")
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            array = tif.asarray()
-            nodata = tiff_nodata(tif)
+        array, nodata = read_tiff(io.BytesIO(data))
     except Exception as err:
         if "imagecodecs" in str(err):
             raise BadInput(f"{product.where}: band {band}: the GeoTIFF is compressed with a codec that needs the "
@@ -227,6 +226,19 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
     if array.ndim != 2:
         raise BadInput(f"{product.where}: band {band}: expected one 2-D band, got shape {array.shape}")
     return _apply_nodata_tag(array, nodata, product.modality)
+
+
+def read_tiff(source) -> tuple[np.ndarray, float | None]:
+    """(array, declared nodata or None) of a GeoTIFF path or file object. tifffile logs a warning per damaged tag
+    as it reads; they are silenced here, so that a bad file prints the one message its reader raises."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with tifffile.TiffFile(source) as tif:
+            return tif.asarray(), tiff_nodata(tif)
+    finally:
+        logger.setLevel(level)
 
 
 def tiff_nodata(tif: tifffile.TiffFile) -> float | None:

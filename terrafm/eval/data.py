@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from terrafm.data.sources import S1_FILL_MAX, tiff_nodata
+from terrafm.data.sources import S1_FILL_MAX, read_tiff
 from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, s1_to_db
 
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -344,9 +344,7 @@ def _decode(path: Path) -> tuple[np.ndarray, float | None]:
         if path.suffix == ".npy":
             arr = np.load(path)
         else:
-            with tifffile.TiffFile(path) as tif:
-                arr = tif.asarray()  # a damaged compressed strip: imagecodecs' errors are RuntimeErrors
-                declared = tiff_nodata(tif)
+            arr, declared = read_tiff(path)  # a damaged compressed strip: imagecodecs' errors are RuntimeErrors
     except (OSError, ValueError, TypeError, RuntimeError, tifffile.TiffFileError) as err:  # also object .npy files
         raise ValueError(f"{path}: not a readable image ({err})") from err
     if np.iscomplexobj(arr):

@@ -401,3 +401,12 @@ def test_a_band_coarser_than_its_native_resolution_is_named_and_a_finer_one_is_r
     with pytest.raises(BadInput, match=r"band B02 is a 10 m band but has 60 px where the finest band has 120 "
                                        r"\(20 m\): the product was resampled or its bands are mislabelled"):
         convert([root], tmp_path / "coarser", tile_size=TILE, workers=0, progress=False)
+
+
+def test_a_tiff_with_damaged_tags_is_one_message_without_tifffile_log_lines(caplog):
+    data = bytearray(_tif(np.arange(100, dtype=np.uint16).reshape(10, 10)))
+    data[4:8] = b"\xff\xff\xff\x00"  # the first page's offset points past the end
+    product = sources.Product("s2_l2a", "1U_1R", "S2A_MSIL2A_x", "f.parquet", row=0)
+    with caplog.at_level("DEBUG"), pytest.raises(BadInput, match="band B04: truncated or corrupt GeoTIFF"):
+        sources.decode_band(bytes(data), "B04", product)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("tifffile")] == []
