@@ -6,6 +6,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists: where a missing folder would be created."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why files cannot be written into `folder` (created if missing), or None: probed in its nearest existing
+    parent, without creating anything, so that a command can refuse before its heavy work."""
+    probe = nearest_existing(folder)
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable (the directory entry, not only the file data)."""
     fd = os.open(path, os.O_RDONLY)

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from terrafm.fileio import atomic_write, chmod_shared
+from terrafm.fileio import atomic_write, chmod_shared, folder_problem
 from terrafm.models import FUSION_PREFIX
 
 INPUT_KEYS = ("bands", "mean", "std")  # JSON-encoded {modality: [per band]} entries of the metadata
@@ -65,6 +65,9 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
         raise ValueError(f"output {output} is a folder; give a file name ending in .safetensors")
     if output.exists() and not force:
         raise ValueError(f"output {output} exists; pass --force to replace it, or choose another name")
+    problem = folder_problem(output.parent)
+    if problem:
+        raise ValueError(f"cannot write {output}: {problem}")
     name, state = load_backbone_state(checkpoint, which)
     metadata = export_metadata(name, which, read_meta(resolve(checkpoint)))
     if not with_fusion:

@@ -36,7 +36,7 @@ from terrafm import backends, checkpoint_io, ops
 from terrafm.config import Config, check_epoch, save_config, to_dict
 from terrafm.data.shards import ShardError
 from terrafm.data.views import View
-from terrafm.fileio import atomic_write_bytes
+from terrafm.fileio import atomic_write_bytes, nearest_existing
 from terrafm.ssl import schedules
 from terrafm.ssl.loss import high_frequency_classes
 from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch, backbone_factory, head_kwargs
@@ -242,12 +242,10 @@ def check_run_dir(run_dir: Path) -> None:
     """Prove that the run folder can be written, before anything heavy is built, without creating it: a run
     that fails in its setup (bad data, bad resume) leaves no empty folder behind. A missing folder is probed
     in its nearest existing parent."""
-    probe = run_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = nearest_existing(run_dir)
     try:
         if not probe.is_dir():
-            raise NotADirectoryError(20, "a file is in the way", str(probe))
+            raise NotADirectoryError(20, f"{probe} is a file, not a folder", str(probe))
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as err:

@@ -141,6 +141,8 @@ def test_export_keeps_an_existing_output_and_reports_write_errors(two_checkpoint
     (tmp_path / "dir.safetensors").mkdir()
     assert main(["export", str(step2), str(tmp_path / "dir.safetensors")]) == 2
     assert "is a folder" in capsys.readouterr().err
+    assert main(["export", str(step2), str(target / "sub" / "y.safetensors")]) == 2  # under a file
+    assert f"cannot write {target}/sub/y.safetensors: {target} is a file, not a folder" in capsys.readouterr().err
 
     def disk_error(*args, **kwargs):
         raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device")

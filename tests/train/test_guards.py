@@ -54,7 +54,8 @@ def test_an_unwritable_output_folder_is_refused_before_anything_is_built(tmp_pat
     out = blocker if where == "is_a_file" else blocker / "run"
     assert main(["pretrain", "--out", str(out), "train.max_steps=1"]) == 2
     err = capsys.readouterr().err
-    assert f"cannot write the run folder {out}" in err and "choose a writable folder" in err
+    assert f"cannot write the run folder {out} ({blocker} is a file, not a folder)" in err
+    assert "choose a writable folder" in err
 
 
 @pytest.mark.parametrize("args, message", [
