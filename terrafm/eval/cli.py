@@ -5,7 +5,7 @@ import pickle
 import sys
 from pathlib import Path
 
-from terrafm.eval.data import FORMATS, NORMALIZATIONS
+from terrafm.eval.data import BAND_ORDERS, FORMATS, NORMALIZATIONS
 from terrafm.eval.runner import PROBES, EvalConfig, evaluate
 from terrafm.modalities import MODALITY_NAMES
 
@@ -19,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probes to run; 'all' = knn+linear for classification, seg for segmentation")
     parser.add_argument("--modality", default="auto", choices=("auto", *MODALITY_NAMES),
                         help="which patch embedding reads the bands (auto: 13 bands -> s2_l1c, 12 -> s2_l2a)")
+    parser.add_argument("--band-order", default="auto", choices=BAND_ORDERS,
+                        help="order of 12/13 S2 bands: esa (B8A after B08), eurosat (B8A last, as EuroSAT-MS files "
+                             "and m-eurosat's data), or auto: told from the cirrus band B10's place in 13-band data, "
+                             "else esa")
     parser.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.01],
                         help="fractions of training labels (stratified, fixed seed)")
     parser.add_argument("--out", required=True, help="folder for results.json, confusion PNGs and the cache")
@@ -80,9 +84,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = EvalConfig(checkpoint=args.checkpoint, data=args.data, format=args.format, out=args.out,
-                     probes=tuple(args.probe), modality=args.modality, fractions=tuple(args.fractions),
-                     seed=args.seed, batch_size=args.batch_size, img_size=args.img_size, normalize=args.normalize,
-                     device=device,
+                     probes=tuple(args.probe), modality=args.modality, band_order=args.band_order,
+                     fractions=tuple(args.fractions), seed=args.seed, batch_size=args.batch_size,
+                     img_size=args.img_size, normalize=args.normalize, device=device,
                      cache_dir=args.cache_dir, knn_k=args.knn_k, knn_temperature=args.knn_temperature,
                      linear_epochs=args.linear_epochs, seg_epochs=args.seg_epochs)
     try:
@@ -101,5 +105,7 @@ def run(args: argparse.Namespace) -> int:
     masked = {n: c for n, c in results["nodata_pixels"].items() if c}
     if masked:
         print("nodata pixel values filled with the band mean: " + ", ".join(f"{n} {c}" for n, c in masked.items()))
+    if results["band_order"] == "eurosat":
+        print("S2 bands read in EuroSAT's order (B8A last; --band-order esa to override)")
     print(f"normalised with the {results['statistics']} statistics; results: {args.out}/results.json")
     return 0

@@ -34,6 +34,11 @@ from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, s1_to_db
 
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 S2_WITH_B10 = S2_BANDS[:10] + ("B10",) + S2_BANDS[10:]  # 13-band order of L1C products
+# EuroSAT-MS GeoTIFFs store B8A last (phelber/EuroSAT#7, torchgeo#2480), and GEO-Bench's m-eurosat names its
+# bands in ESA's order over data in that order (geo-bench#28): the band named B09 holds B10, and so on.
+EUROSAT_BANDS = {13: S2_BANDS[:8] + ("B09", "B10", "B11", "B12", "B8A"),
+                 12: S2_BANDS[:8] + ("B09", "B11", "B12", "B8A")}
+BAND_ORDERS = ("auto", "esa", "eurosat")  # the eval CLI's --band-order choices
 IMAGE_SUFFIXES = (".tif", ".tiff", ".npy")
 MAX_CLASSES = 100_000  # a class id at or above this is a broken label, not a class
 
@@ -48,6 +53,7 @@ class EvalSplit:
     labels: np.ndarray  # (N,) int64 | (N, K) multi-hot | (N, H, W) int64 masks
     modality: str
     class_names: list[str] = field(default_factory=list)
+    band_order: str = "esa"  # how S2 channels were read: "esa" (B8A 9th) or "eurosat" (B8A last)
 
     @property
     def task(self) -> str:
@@ -81,15 +87,52 @@ def _no_fit_message(bands: list[str]) -> str:
     )
 
 
-def bands_from_count(count: int) -> list[str]:
-    """Band names of an unnamed (folder) image from its channel count: 13/12 -> S2, 2 -> S1."""
+def bands_from_count(count: int, order: str = "esa") -> list[str]:
+    """Band names of an unnamed (folder) image from its channel count: 13/12 -> S2 in ESA's order (B8A after
+    B08) or EuroSAT's (B8A last), 2 -> S1."""
     known = {13: list(S2_WITH_B10), 12: list(S2_BANDS), 2: list(S1_BANDS)}
     if count not in known:
         raise ValueError(
             f"images have {count} bands, which fit no modality; what fits: 12 bands (s2_l2a / s2_l1c, "
             f"{list(S2_BANDS)}), 13 bands (S2 with B10, which is dropped) or 2 bands (s1, VV VH)"
         )
-    return known[count]
+    return list(EUROSAT_BANDS[count]) if order == "eurosat" and count in EUROSAT_BANDS else known[count]
+
+
+def cirrus_order(images: np.ndarray) -> str | None:
+    """Which 13-band order (N, 13, H, W) S2 reflectances are in, from where the cirrus band B10 sits: its top of
+    atmosphere reflectance is near 0 except under cirrus, far below its neighbours (B09 water vapour, B11
+    SWIR). ESA's order puts B10 11th, EuroSAT's 10th. None when the data cannot tell (normalised values, a
+    band missing)."""
+    sample = images[:256, 9:11].astype(np.float64)
+    if not np.isfinite(sample).any(axis=(0, 2, 3)).all():
+        return None
+    ninth, tenth = np.nanmedian(sample.transpose(1, 0, 2, 3).reshape(2, -1), axis=1)
+    if min(ninth, tenth) < 0 or max(ninth, tenth) <= 0:
+        return None
+    if tenth * 4 < ninth:
+        return "esa"
+    if ninth * 4 < tenth:
+        return "eurosat"
+    return None
+
+
+def resolve_band_order(images: np.ndarray, band_order: str, where: str) -> str:
+    """"esa" or "eurosat" for this S2 data: as asked, or with "auto" what cirrus_order reads from 13 bands; a
+    12-band set, or one the data cannot tell, is taken in ESA's order (with a warning for 13 bands)."""
+    if band_order not in BAND_ORDERS:
+        raise ValueError(f"unknown band order {band_order!r}; expected one of {list(BAND_ORDERS)}")
+    if band_order != "auto":
+        return band_order
+    if images.shape[1] != 13:
+        return "esa"
+    found = cirrus_order(images)
+    if found is None:
+        warnings.warn(f"{where}: cannot tell the order of its 13 S2 bands from the data (no near-zero cirrus band "
+                      "B10 in 11th or 10th place); reading them in ESA's order (B8A after B08). Pass --band-order "
+                      "eurosat if B8A is the last band, as in EuroSAT-MS", stacklevel=2)
+        return "esa"
+    return found
 
 
 def geobench_band_name(name: str) -> str:
@@ -115,8 +158,10 @@ def _split_key(available: list[str] | dict, split: str, where: str) -> str:
 
 
 # -- HDF5 -------------------------------------------------------------------------------------------
-def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit:
-    """Read one split of a GEO-Bench-style HDF5 dataset (see module docstring)."""
+def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: str = "auto") -> EvalSplit:
+    """Read one split of a GEO-Bench-style HDF5 dataset (see module docstring). S2 bands are taken by their names
+    in ESA's order; band_order "eurosat" reads the 12/13 S2 bands, sorted by name, as holding EuroSAT's order
+    (m-eurosat's shifted names), and "auto" tells the two apart from the data (resolve_band_order)."""
     import h5py
 
     root = Path(root)
@@ -138,7 +183,7 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
     if not ids:
         raise ValueError(f"split {split!r} in {partition_file} is empty")
     _refuse_shared_samples(partition, _split_key(partition, split, str(partition_file)), partition_file)
-    images, labels, band_names, chosen, paths = [], [], None, None, []
+    images, labels, band_names, chosen, paths, s2_set = [], [], None, None, [], None
     for sample_id in ids:
         path = root / f"{sample_id}.hdf5"
         if not path.exists():
@@ -151,7 +196,13 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
             names = [k for k in f.keys() if not k.startswith("label")]
             if band_names is None:
                 band_names = names
-                modality, chosen = modality_for_bands([geobench_band_name(n) for n in names], modality)
+                mapped = [geobench_band_name(n) for n in names]
+                s2_set = next((b for b in (S2_WITH_B10, S2_BANDS) if set(b) <= set(mapped)), None)
+                if s2_set is not None and band_order != "esa" and modality in ("auto", "s2_l2a", "s2_l1c"):
+                    chosen = [mapped.index(b) for b in s2_set]  # all of them, by name; selected once the order is known
+                else:
+                    s2_set = None
+                    modality, chosen = modality_for_bands(mapped, modality)
             elif names != band_names:
                 raise ValueError(f"{path} has bands {names}, the first sample had {band_names}")
             bands = [_hdf5_band(f, band_names[i], path) for i in chosen]
@@ -166,7 +217,12 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto") -> EvalSplit
                 raise ValueError(f"{path}: its label mask is {label.shape[0]}x{label.shape[1]} px, its image "
                                  f"{image.shape[1]}x{image.shape[2]}: a mask must cover its image pixel for pixel")
             labels.append(label)
-    return EvalSplit(_mask_s2_empty(np.stack(images), modality, paths), _as_labels(labels), modality)
+    stacked, order = np.stack(images), "esa"
+    if s2_set is not None:
+        order = resolve_band_order(stacked, band_order, f"split {split!r} of {root}")
+        modality, selected = modality_for_bands(bands_from_count(len(s2_set), order), modality)
+        stacked = stacked[:, selected]
+    return EvalSplit(_mask_s2_empty(stacked, modality, paths), _as_labels(labels), modality, band_order=order)
 
 
 def _refuse_shared_samples(partition: dict, key: str, partition_file: Path) -> None:
@@ -403,8 +459,9 @@ def _subdirs(folder: Path) -> list[str]:
 
 
 def read_folder(root: str | Path, split: str, modality: str = "auto",
-                class_names: list[str] | None = None) -> EvalSplit:
-    """Read one split of a EuroSAT-style folder dataset (classification or images/ + masks/)."""
+                class_names: list[str] | None = None, band_order: str = "auto") -> EvalSplit:
+    """Read one split of a EuroSAT-style folder dataset (classification or images/ + masks/). band_order: the
+    order of 12/13 S2 channels ("esa", "eurosat" or "auto": resolve_band_order)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
@@ -444,20 +501,21 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
         raise ValueError(f"images in {split_dir} differ in shape: {paths[odd]} is {images[odd].shape}, "
                          f"{paths[0]} {images[0].shape}")
     stacked = np.stack(images)
-    modality, chosen = modality_for_bands(bands_from_count(stacked.shape[1]), modality)
+    order = resolve_band_order(stacked, band_order, str(split_dir)) if stacked.shape[1] in (12, 13) else "esa"
+    modality, chosen = modality_for_bands(bands_from_count(stacked.shape[1], order), modality)
     images = _mask_s2_empty(stacked[:, chosen], modality, paths)  # the band selection is a copy: masked in place
-    return EvalSplit(images, np.asarray(labels, dtype=np.int64), modality, list(names))
+    return EvalSplit(images, np.asarray(labels, dtype=np.int64), modality, list(names), order)
 
 
 FORMATS = ("hdf5", "folder")  # what read_split reads (the eval CLI's --format choices)
 
 
 def read_split(root: str | Path, fmt: str, split: str, modality: str = "auto",
-               class_names: list[str] | None = None) -> EvalSplit:
+               class_names: list[str] | None = None, band_order: str = "auto") -> EvalSplit:
     if fmt == "hdf5":
-        return read_hdf5(root, split, modality)
+        return read_hdf5(root, split, modality, band_order)
     if fmt == "folder":
-        return read_folder(root, split, modality, class_names)
+        return read_folder(root, split, modality, class_names, band_order)
     raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
 
 

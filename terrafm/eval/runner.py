@@ -34,6 +34,7 @@ class EvalConfig:
     out: str
     probes: tuple[str, ...] = ("all",)
     modality: str = "auto"
+    band_order: str = "auto"  # auto | esa | eurosat: the order of 12/13 S2 channels (eval/data.py)
     fractions: tuple[float, ...] = (1.0, 0.01)
     seed: int = 0
     batch_size: int = 64
@@ -50,11 +51,11 @@ class EvalConfig:
 
 
 def _load_splits(cfg: EvalConfig) -> dict[str, EvalSplit]:
-    train = read_split(cfg.data, cfg.format, "train", cfg.modality, cfg.class_names or None)
-    names = train.class_names or None
-    splits = {"train": train, "test": read_split(cfg.data, cfg.format, "test", train.modality, names)}
+    train = read_split(cfg.data, cfg.format, "train", cfg.modality, cfg.class_names or None, cfg.band_order)
+    names, order = train.class_names or None, train.band_order  # every split is read as train was
+    splits = {"train": train, "test": read_split(cfg.data, cfg.format, "test", train.modality, names, order)}
     try:
-        splits["val"] = read_split(cfg.data, cfg.format, "val", train.modality, names)
+        splits["val"] = read_split(cfg.data, cfg.format, "val", train.modality, names, order)
     except MissingSplitError:
         pass  # the validation split is optional
     for name, split in splits.items():
@@ -116,7 +117,7 @@ def evaluate(cfg: EvalConfig, model) -> dict:
         for split in splits.values():
             split.images = to_s1_scaling(split.images, inputs["s1_scaling"])
     mean, std, stats_from = input_statistics(train, inputs, cfg.normalize)
-    prep = f"{stats_from}:{mean.tolist()}:{std.tolist()}:{s1.get('s1_scaling')}"
+    prep = f"{stats_from}:{mean.tolist()}:{std.tolist()}:{s1.get('s1_scaling')}:{train.band_order}"
     kind = "multiscale" if task == "segmentation" else "cls"
     cache_dir = cfg.cache_dir or out / "cache"
     feats = {}
@@ -127,7 +128,8 @@ def evaluate(cfg: EvalConfig, model) -> dict:
             desc=f"{n} features"), rows=len(split.labels))
     num_classes = _num_classes(splits)
     results = {"checkpoint": str(cfg.checkpoint), "data": str(cfg.data), "format": cfg.format, "task": task,
-               "modality": modality, "num_classes": num_classes, "seed": cfg.seed, "statistics": stats_from, **s1,
+               "modality": modality, "band_order": train.band_order, "num_classes": num_classes, "seed": cfg.seed,
+               "statistics": stats_from, **s1,
                "splits": {n: len(s.labels) for n, s in splits.items()},
                "nodata_pixels": {n: nodata_pixels(s.images) for n, s in splits.items()}, "runs": []}
     test_labels = splits["test"].labels

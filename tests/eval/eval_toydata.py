@@ -18,11 +18,19 @@ NUM_CLASSES, SIZE = 4, 32
 
 
 def toy_images(labels: np.ndarray, bands: int, rng: np.random.Generator) -> np.ndarray:
-    """(N, bands, 32, 32) uint16: class k brightens bands 3k..3k+2."""
+    """(N, bands, 32, 32) uint16: class k brightens bands 3k..3k+2; with 13 bands (ESA's order) the cirrus band
+    B10 stays near 0, as in real L1C reflectance."""
     x = rng.normal(1000, 150, size=(len(labels), bands, SIZE, SIZE))
     for i, c in enumerate(labels):
         x[i, 3 * c: 3 * c + 3] += 3000
-    return np.clip(x, 0, 65535).astype(np.uint16)
+    return np.clip(with_cirrus(x, rng), 0, 65535).astype(np.uint16)
+
+
+def with_cirrus(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """13-band images (ESA's order) with a cirrus band B10 near 0, as real L1C reflectance has it."""
+    if images.shape[1] == 13:
+        images[:, 10] = rng.normal(20, 5, size=images[:, 10].shape)
+    return images
 
 
 def toy_labels(per_class: int, rng: np.random.Generator) -> np.ndarray:

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from eval_toydata import GEOBENCH_S2, NUM_CLASSES, SIZE, make_splits, write_hdf5
+from eval_toydata import GEOBENCH_S2, NUM_CLASSES, SIZE, make_splits, with_cirrus, write_hdf5
 
 from terrafm.cli import main
 from terrafm.eval import features
@@ -86,7 +86,7 @@ def segmentation_splits(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         images = rng.normal(1000, 150, size=(n, 13, SIZE, SIZE))
         for c in range(3):
             images[:, 3 * c: 3 * c + 3] += 3000 * (masks == c)[:, None]
-        out[split] = (np.clip(images, 0, 65535).astype(np.uint16), masks.astype(np.uint8))
+        out[split] = (np.clip(with_cirrus(images, rng), 0, 65535).astype(np.uint16), masks.astype(np.uint8))
     return out
 
 
@@ -128,7 +128,7 @@ def test_multilabel_hdf5_reports_f1(tiny_pth, tmp_path):
         bright = 3000.0 * hot.repeat(3, axis=1).astype(np.float64)[:, :, None, None]  # 12 of 13 bands
         images = rng.normal(1000, 150, size=(n, 13, SIZE, SIZE))
         images[:, :12] += bright
-        splits[split] = (np.clip(images, 0, 65535).astype(np.uint16), hot)
+        splits[split] = (np.clip(with_cirrus(images, rng), 0, 65535).astype(np.uint16), hot)
     data = write_hdf5(tmp_path / "ml", splits, GEOBENCH_S2)
     res = run_eval(tiny_pth, data, "hdf5", tmp_path / "out", fractions=(1.0,))
     assert res["task"] == "multilabel"

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from eval_toydata import GEOBENCH_S2, make_splits, write_folder, write_hdf5
 
-from terrafm.eval.data import band_stats, geobench_band_name, modality_for_bands, normalize, read_split
+from terrafm.eval.data import S2_WITH_B10, band_stats, geobench_band_name, modality_for_bands, normalize, read_split
+from terrafm.modalities import S2_BANDS
 
 
 def test_geobench_band_names_map_onto_ours():
@@ -154,3 +155,54 @@ def test_restricted_unpickler_reads_numpy_labels_dates_and_sets_at_every_protoco
              "resolution": np.float32(10.0)}
     out = _StubUnpickler(io.BytesIO(pickle.dumps(attrs, protocol=protocol))).load()
     assert out["label"].tolist() == [0, 1, 1] and out["date"] == attrs["date"] and out["ids"] == {1, 2}
+
+
+# 13 S2 bands as EuroSAT-MS files hold them (B8A last), each band a constant that names it; B10 (cirrus) near 0
+EUROSAT_ORDER = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A"]
+VALUE = {b: 10.0 if b == "B10" else 100.0 * (i + 1) for i, b in enumerate(S2_WITH_B10)}
+
+
+def _bands(order: list[str], n: int = 4) -> np.ndarray:
+    return np.stack([np.full((n, 32, 32), VALUE[b]) for b in order], axis=1).astype(np.uint16)
+
+
+def _read_values(split) -> list[float]:
+    return [float(v) for v in split.images[0, :, 0, 0]]
+
+
+WANTED = [VALUE[b] for b in S2_BANDS]  # what the s2_l1c patch embedding must get, in its order
+
+
+@pytest.mark.parametrize("fmt", ["folder", "hdf5"])
+def test_eurosat_band_order_is_told_from_the_cirrus_band_and_read_in_our_order(tmp_path, fmt):
+    images, labels = _bands(EUROSAT_ORDER), np.arange(4) % 2
+    if fmt == "folder":  # EuroSAT-MS files: B8A last
+        root = write_folder(tmp_path / "eurosat", {"train": (images, labels), "test": (images, labels)})
+    else:  # m-eurosat: the same data under names in ESA's order (geo-bench#28)
+        root = write_hdf5(tmp_path / "m-eurosat", {"train": (images, labels), "test": (images, labels)}, GEOBENCH_S2)
+    split = read_split(root, fmt, "train")
+    assert (split.modality, split.band_order, _read_values(split)) == ("s2_l1c", "eurosat", WANTED)
+    assert _read_values(read_split(root, fmt, "train", band_order="eurosat")) == WANTED
+    forced = read_split(root, fmt, "train", band_order="esa")  # as asked: B8A read from the 9th band (B09)
+    assert forced.band_order == "esa" and _read_values(forced)[8] == VALUE["B09"]
+
+
+@pytest.mark.parametrize("fmt", ["folder", "hdf5"])
+def test_esa_band_order_is_read_as_is_and_data_that_cannot_tell_warns(tmp_path, fmt):
+    labels = np.arange(4) % 2
+    write = (lambda root, images: write_folder(root, {"train": (images, labels)})) if fmt == "folder" else (
+        lambda root, images: write_hdf5(root, {"train": (images, labels)}, GEOBENCH_S2))
+    split = read_split(write(tmp_path / "esa", _bands(list(S2_WITH_B10))), fmt, "train")
+    assert (split.band_order, _read_values(split)) == ("esa", WANTED)
+    flat = np.full((4, 13, 32, 32), 500, np.uint16)  # no cirrus band to tell by (e.g. resampled or cloudy)
+    with pytest.warns(UserWarning, match="cannot tell the order of its 13 S2 bands.*--band-order eurosat"):
+        assert read_split(write(tmp_path / "flat", flat), fmt, "train").band_order == "esa"
+
+
+def test_a_twelve_band_folder_in_eurosat_order_needs_the_flag(tmp_path):
+    order = [b for b in EUROSAT_ORDER if b != "B10"]
+    root = write_folder(tmp_path / "l2a", {"train": (_bands(order), np.arange(4) % 2)})
+    assert read_split(root, "folder", "train").band_order == "esa"  # 12 bands: no cirrus to tell by
+    assert _read_values(read_split(root, "folder", "train", band_order="eurosat")) == WANTED
+    with pytest.raises(ValueError, match="unknown band order 'b8a-last'"):
+        read_split(root, "folder", "train", band_order="b8a-last")
