@@ -173,6 +173,24 @@ def _plan(products: list[Product], modalities: tuple[str, ...], cells_per_shard:
     return [ordered[i:i + cells_per_shard] for i in range(0, len(ordered), cells_per_shard)], duplicates
 
 
+def _what_was_found(products: list[sources.Product], metadata: list[str], inputs: list[Path]) -> str:
+    """What the inputs hold instead, for the no-products message: other modalities, parquet files without a band
+    column (another Major-TOM collection, metadata), raw Sentinel products (.SAFE, .jp2)."""
+    found = []
+    other = sorted({p.modality for p in products})
+    if other:
+        found.append(f"products of {other} only (--modalities chooses)")
+    if metadata:
+        found.append(f"{len(metadata)} parquet file(s) with no S2, S1 or WorldCover band column (metadata, or "
+                     f"another collection such as Core-DEM), e.g. {metadata[0]}")
+    raw = [p for i in inputs for p in sources.list_files(Path(i))
+           if p.suffix.lower() == ".jp2" or any(part.upper().endswith(".SAFE") for part in p.parts)]
+    if raw:
+        found.append(f"{len(raw)} raw Sentinel file(s) such as {raw[0]}: convert products to GeoTIFF band folders "
+                     "(<grid_cell>/<product_id>/<band>.tif) or use Major-TOM parquet (docs/data.md)")
+    return "; found " + "; ".join(found) if found else ""
+
+
 def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "raw", cells_per_shard: int = 64,
             workers: int | None = None, skip_bad: bool = False, progress: bool = True,
             modalities: tuple[str, ...] = MODALITY_NAMES, s1_scaling: str = "db") -> dict:
@@ -198,7 +216,8 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                        "skips them)")
     jobs, duplicates = _plan(products, modalities, cells_per_shard)
     if not jobs:
-        raise BadInput(f"no products of {list(modalities)} found under {[str(i) for i in inputs]}")
+        raise BadInput(f"no products of {list(modalities)} found under {[str(i) for i in inputs]}"
+                       + _what_was_found(products, metadata, inputs))
     out.mkdir(parents=True, exist_ok=True)
     opts = {"tile_size": tile_size, "codec": codec, "modalities": list(modalities), "skip_bad": skip_bad,
             "s1_scaling": s1_scaling}

@@ -80,7 +80,7 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
         if not root.exists():
             raise BadInput(f"input {root} does not exist")
         tif_dirs = defaultdict(dict)
-        for path in _files(root):
+        for path in list_files(root):
             if path.suffix.lower() in (".parquet", ".tif", ".tiff") and not path.exists():
                 unknown.append({"file": str(path), "record": "whole file", "reason": "a symlink to nothing"})
             elif not path.is_file():
@@ -109,7 +109,7 @@ def _is_grid_cell(name: str) -> bool:
     return re.fullmatch(r"\d+[UD]_\d+[LR]", name) is not None
 
 
-def _files(root: Path) -> list[Path]:
+def list_files(root: Path) -> list[Path]:
     """Every file under root (or root itself), following symlinked folders (data linked in from shared storage;
     pathlib's rglob skips them) and visiting each real folder once."""
     if not root.is_dir():

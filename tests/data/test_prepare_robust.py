@@ -410,3 +410,24 @@ def test_a_tiff_with_damaged_tags_is_one_message_without_tifffile_log_lines(capl
     with caplog.at_level("DEBUG"), pytest.raises(BadInput, match="band B04: truncated or corrupt GeoTIFF"):
         sources.decode_band(bytes(data), "B04", product)
     assert [r.getMessage() for r in caplog.records if r.name.startswith("tifffile")] == []
+
+
+def test_no_products_says_what_the_inputs_hold_instead(sample_parquet, tmp_path):
+    dem = tmp_path / "dem" / "Core-DEM"
+    dem.mkdir(parents=True)
+    pq.write_table(pa.table({"grid_cell": ["1U_1R"], "product_id": ["DEM_x"], "DEM": [_tif(np.zeros((4, 4)))]}),
+                   dem / "part_00000.parquet")
+    with pytest.raises(BadInput, match=r"found 1 parquet file\(s\) with no S2, S1 or WorldCover band column .*"
+                                       r"Core-DEM/part_00000\.parquet"):
+        convert([dem.parent], tmp_path / "o1", tile_size=TILE, workers=0, progress=False)
+    jp2 = tmp_path / "raw" / "S2A_MSIL2A_20200101.SAFE" / "GRANULE" / "IMG_DATA" / "T32TQM_B02_10m.jp2"
+    jp2.parent.mkdir(parents=True)
+    jp2.write_bytes(b"\x00\x00\x00\x0cjP  ")
+    with pytest.raises(BadInput, match=r"found 1 raw Sentinel file\(s\) such as .*B02_10m\.jp2: convert products "
+                                       r"to GeoTIFF band folders"):
+        convert([tmp_path / "raw"], tmp_path / "o2", tile_size=TILE, workers=0, progress=False)
+    s1_only = _copy(sample_parquet, tmp_path)
+    with pytest.raises(BadInput, match=r"no products of \['s2_l1c'\] found .*; found products of .*'s1'.* only "
+                                       r"\(--modalities chooses\)"):
+        convert([s1_only / S1_FILE[0]], tmp_path / "o3", tile_size=TILE, workers=0, progress=False,
+                modalities=("s2_l1c",))
