@@ -101,20 +101,17 @@ def bands_from_count(count: int, order: str = "esa") -> list[str]:
 
 def cirrus_order(images: np.ndarray) -> str | None:
     """Which 13-band order (N, 13, H, W) S2 reflectances are in, from where the cirrus band B10 sits: its top of
-    atmosphere reflectance is near 0 except under cirrus, far below its neighbours (B09 water vapour, B11
-    SWIR). ESA's order puts B10 11th, EuroSAT's 10th. None when the data cannot tell (normalised values, a
-    band missing)."""
-    sample = images[:256, 9:11].astype(np.float64)
-    if not np.isfinite(sample).any(axis=(0, 2, 3)).all():
+    atmosphere reflectance is near 0 except under cirrus, the lowest of the 13 bands by far (also with the +1000
+    offset of processing baseline 04.00). ESA's order puts B10 11th, EuroSAT's 10th. None when the data cannot
+    tell (normalised values, the lowest band elsewhere or not clearly lowest)."""
+    sample = images[:256, :, ::4, ::4].astype(np.float64)
+    medians = np.nanmedian(sample.transpose(1, 0, 2, 3).reshape(13, -1), axis=1)
+    if not np.isfinite(medians).all() or medians.min() <= 0:
         return None
-    ninth, tenth = np.nanmedian(sample.transpose(1, 0, 2, 3).reshape(2, -1), axis=1)
-    if min(ninth, tenth) < 0 or max(ninth, tenth) <= 0:
+    lowest, second = np.argsort(medians)[:2]
+    if medians[lowest] > 0.8 * medians[second]:
         return None
-    if tenth * 4 < ninth:
-        return "esa"
-    if ninth * 4 < tenth:
-        return "eurosat"
-    return None
+    return {10: "esa", 9: "eurosat"}.get(int(lowest))
 
 
 def resolve_band_order(images: np.ndarray, band_order: str, where: str) -> str:
@@ -128,8 +125,8 @@ def resolve_band_order(images: np.ndarray, band_order: str, where: str) -> str:
         return "esa"
     found = cirrus_order(images)
     if found is None:
-        warnings.warn(f"{where}: cannot tell the order of its 13 S2 bands from the data (no near-zero cirrus band "
-                      "B10 in 11th or 10th place); reading them in ESA's order (B8A after B08). Pass --band-order "
+        warnings.warn(f"{where}: cannot tell the order of its 13 S2 bands from the data (no clearly lowest, cirrus "
+                      "band B10 in 11th or 10th place); reading them in ESA's order (B8A after B08). Pass --band-order "
                       "eurosat if B8A is the last band, as in EuroSAT-MS", stacklevel=2)
         return "esa"
     return found
@@ -512,6 +509,8 @@ FORMATS = ("hdf5", "folder")  # what read_split reads (the eval CLI's --format c
 
 def read_split(root: str | Path, fmt: str, split: str, modality: str = "auto",
                class_names: list[str] | None = None, band_order: str = "auto") -> EvalSplit:
+    if band_order not in BAND_ORDERS:
+        raise ValueError(f"unknown band order {band_order!r}; expected one of {list(BAND_ORDERS)}")
     if fmt == "hdf5":
         return read_hdf5(root, split, modality, band_order)
     if fmt == "folder":

@@ -157,13 +157,15 @@ def test_restricted_unpickler_reads_numpy_labels_dates_and_sets_at_every_protoco
     assert out["label"].tolist() == [0, 1, 1] and out["date"] == attrs["date"] and out["ids"] == {1, 2}
 
 
-# 13 S2 bands as EuroSAT-MS files hold them (B8A last), each band a constant that names it; B10 (cirrus) near 0
+# 13 S2 bands as EuroSAT-MS files hold them (B8A last). Each band is a constant, distinct so that it names the
+# band, near a vegetated scene's top-of-atmosphere reflectance x 1e4; B10 (cirrus) near 0.
 EUROSAT_ORDER = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A"]
-VALUE = {b: 10.0 if b == "B10" else 100.0 * (i + 1) for i, b in enumerate(S2_WITH_B10)}
+VALUE = dict(B01=1300.0, B02=1100.0, B03=1000.0, B04=900.0, B05=1200.0, B06=1800.0, B07=2100.0, B08=2000.0,
+             B8A=2300.0, B09=700.0, B10=20.0, B11=1700.0, B12=1050.0)
 
 
-def _bands(order: list[str], n: int = 4) -> np.ndarray:
-    return np.stack([np.full((n, 32, 32), VALUE[b]) for b in order], axis=1).astype(np.uint16)
+def _bands(order: list[str], n: int = 4, offset: float = 0.0) -> np.ndarray:
+    return np.stack([np.full((n, 32, 32), VALUE[b] + offset) for b in order], axis=1).astype(np.uint16)
 
 
 def _read_values(split) -> list[float]:
@@ -173,18 +175,20 @@ def _read_values(split) -> list[float]:
 WANTED = [VALUE[b] for b in S2_BANDS]  # what the s2_l1c patch embedding must get, in its order
 
 
+@pytest.mark.parametrize("offset", [0.0, 1000.0])  # 1000: processing baseline 04.00's radiometric offset
 @pytest.mark.parametrize("fmt", ["folder", "hdf5"])
-def test_eurosat_band_order_is_told_from_the_cirrus_band_and_read_in_our_order(tmp_path, fmt):
-    images, labels = _bands(EUROSAT_ORDER), np.arange(4) % 2
+def test_eurosat_band_order_is_told_from_the_cirrus_band_and_read_in_our_order(tmp_path, fmt, offset):
+    images, labels = _bands(EUROSAT_ORDER, offset=offset), np.arange(4) % 2
     if fmt == "folder":  # EuroSAT-MS files: B8A last
         root = write_folder(tmp_path / "eurosat", {"train": (images, labels), "test": (images, labels)})
     else:  # m-eurosat: the same data under names in ESA's order (geo-bench#28)
         root = write_hdf5(tmp_path / "m-eurosat", {"train": (images, labels), "test": (images, labels)}, GEOBENCH_S2)
+    wanted = [v + offset for v in WANTED]
     split = read_split(root, fmt, "train")
-    assert (split.modality, split.band_order, _read_values(split)) == ("s2_l1c", "eurosat", WANTED)
-    assert _read_values(read_split(root, fmt, "train", band_order="eurosat")) == WANTED
+    assert (split.modality, split.band_order, _read_values(split)) == ("s2_l1c", "eurosat", wanted)
+    assert _read_values(read_split(root, fmt, "train", band_order="eurosat")) == wanted
     forced = read_split(root, fmt, "train", band_order="esa")  # as asked: B8A read from the 9th band (B09)
-    assert forced.band_order == "esa" and _read_values(forced)[8] == VALUE["B09"]
+    assert forced.band_order == "esa" and _read_values(forced)[8] == VALUE["B09"] + offset
 
 
 @pytest.mark.parametrize("fmt", ["folder", "hdf5"])
