@@ -172,14 +172,15 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
     if not isinstance(partition, dict):
         raise ValueError(f"{partition_file}: expected an object of splits, e.g. "
                          '{"train": [ids], "valid": [ids], "test": [ids]}')
-    ids = partition[_split_key(partition, split, str(partition_file))]
+    key = _split_key(partition, split, str(partition_file))
+    ids = partition[key]
     if not isinstance(ids, list) or not all(isinstance(i, str) and i and "/" not in i and "\\" not in i
                                             and i not in (".", "..") for i in ids):
         raise ValueError(f"split {split!r} in {partition_file} must be a list of sample ids (file names without "
                          f".hdf5 in {root}), got {str(ids)[:100]}")
     if not ids:
         raise ValueError(f"split {split!r} in {partition_file} is empty")
-    _refuse_shared_samples(partition, _split_key(partition, split, str(partition_file)), partition_file)
+    _refuse_shared_samples(partition, key, partition_file)
     images, labels, band_names, chosen, paths, s2_set = [], [], None, None, [], None
     for sample_id in ids:
         path = root / f"{sample_id}.hdf5"
@@ -231,8 +232,8 @@ def _refuse_shared_samples(partition: dict, key: str, partition_file: Path) -> N
         shared = sorted(mine.intersection(i for i in ids if isinstance(i, str)))
         if shared:
             raise ValueError(f"{partition_file} lists {len(shared)} sample{'s' * (len(shared) > 1)} in both {key!r} "
-                             f"and {other!r} (e.g. "
-                             f"{shared[0]!r}): a probe would be scored on images it was fit on; fix the partition")
+                             f"and {other!r} (e.g. {shared[0]!r}): a probe would be scored on images it was fit on; "
+                             "fix the partition")
 
 
 def _hdf5_band(f, name: str, path: Path) -> np.ndarray:
@@ -509,8 +510,6 @@ FORMATS = ("hdf5", "folder")  # what read_split reads (the eval CLI's --format c
 
 def read_split(root: str | Path, fmt: str, split: str, modality: str = "auto",
                class_names: list[str] | None = None, band_order: str = "auto") -> EvalSplit:
-    if band_order not in BAND_ORDERS:
-        raise ValueError(f"unknown band order {band_order!r}; expected one of {list(BAND_ORDERS)}")
     if fmt == "hdf5":
         return read_hdf5(root, split, modality, band_order)
     if fmt == "folder":
