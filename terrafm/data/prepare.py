@@ -13,7 +13,7 @@ import argparse
 import hashlib
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -66,7 +66,8 @@ def _read_product(p: Product, parquet: sources.ParquetRows, s1_scaling: str) -> 
         for b in sources.expected_bands(p.modality):
             path = p.band_files.get(b) or p.band_files.get(b.lower())
             if path is None:
-                raise BadInput(f"{p.where}: missing band {b} (no {b}.tif in the product folder)")
+                held = ", ".join(f"{name}.tif" for name in sorted(p.band_files)) or "no .tif at all"
+                raise BadInput(f"{p.where}: missing band {b} (no {b}.tif in the product folder; it holds {held})")
             try:
                 data = Path(path).read_bytes()
             except OSError as err:
@@ -86,20 +87,35 @@ def _skip_entry(p: Product, err: BadInput) -> dict:
 
 def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict, skipped: list[dict]) -> dict:
     """modality -> (stored (C, S, S) array, nodata mask) for one grid cell. A bad product raises BadInput, or
-    with skip_bad is left out (its entry names its own file) and the cell keeps its other products."""
-    cell, size = {}, None
+    with skip_bad is left out (its entry names its own file) and the cell keeps its other products.
+
+    Size is checked per product, so that one product of another size (a cropped S1 scene) is the one named and
+    skipped, whatever order the modalities are read in: its size must be a multiple of tile_size and the size
+    most products of the cell have (on a tie, the first product's)."""
+    t = opts["tile_size"]
+    read = []
     for p in products:
         try:
             data, mask = _read_product(p, parquet, opts["s1_scaling"])
-            if size is not None and data.shape[-1] != size:
-                raise BadInput(f"{p.where}: cell is {data.shape[-1]} px but other products of this cell are "
-                               f"{size} px")
+            if data.shape[-1] % t:
+                raise BadInput(f"{p.where}: product of {data.shape[-1]} px is not a multiple of tile_size {t}")
         except BadInput as err:
             if not opts["skip_bad"]:
                 raise
             skipped.append(_skip_entry(p, err))
             continue
-        size = data.shape[-1]
+        read.append((p, data, mask))
+    sizes = Counter(data.shape[-1] for _, data, _ in read)
+    size = sizes.most_common(1)[0][0] if read else None
+    cell = {}
+    for p, data, mask in read:
+        if data.shape[-1] != size:
+            err = BadInput(f"{p.where}: product of {data.shape[-1]} px where the other products of this cell "
+                           f"are {size} px")
+            if not opts["skip_bad"]:
+                raise err
+            skipped.append(_skip_entry(p, err))
+            continue
         cell[p.modality] = (data, mask)
     return cell
 
@@ -128,32 +144,25 @@ def _write_cells(writer: shards.ShardWriter, job: list[list[Product]], parquet: 
     modalities, t = opts["modalities"], opts["tile_size"]
     skipped = []
     for cell_products in job:
-        try:
-            cell = _read_cell(cell_products, parquet, opts, skipped)
-            images = [m for m in modalities if m in cell]
-            if not images:
-                continue
-            size = cell[images[0]][0].shape[-1]
-            if size % t:
-                raise BadInput(f"{cell_products[0].where}: cell of {size} px is not a multiple of tile_size {t}")
-            wc = cell.get(WORLDCOVER, (None,))[0]
-            for r in range(size // t):
-                for c in range(size // t):
-                    win = (slice(None), slice(r * t, (r + 1) * t), slice(c * t, (c + 1) * t))
-                    counts = class_counts(wc[0][win[1:]]) if wc is not None else np.zeros(NUM_CLASSES, np.int64)
-                    tiles, nodata = {}, {}
-                    for m in images:
-                        mask = cell[m][1][win]
-                        if mask.all():
-                            writer.empty_tiles[m] += 1
-                            continue
-                        tiles[m], nodata[m] = np.ascontiguousarray(cell[m][0][win]), mask
-                    if tiles:
-                        writer.add(f"{cell_products[0].grid_cell}/{r}_{c}", tiles, counts, nodata)
-        except BadInput as err:
-            if not opts["skip_bad"]:
-                raise
-            skipped += [_skip_entry(p, err) for p in cell_products]
+        cell = _read_cell(cell_products, parquet, opts, skipped)
+        images = [m for m in modalities if m in cell]
+        if not images:
+            continue
+        size = cell[images[0]][0].shape[-1]
+        wc = cell.get(WORLDCOVER, (None,))[0]
+        for r in range(size // t):
+            for c in range(size // t):
+                win = (slice(None), slice(r * t, (r + 1) * t), slice(c * t, (c + 1) * t))
+                counts = class_counts(wc[0][win[1:]]) if wc is not None else np.zeros(NUM_CLASSES, np.int64)
+                tiles, nodata = {}, {}
+                for m in images:
+                    mask = cell[m][1][win]
+                    if mask.all():
+                        writer.empty_tiles[m] += 1
+                        continue
+                    tiles[m], nodata[m] = np.ascontiguousarray(cell[m][0][win]), mask
+                if tiles:
+                    writer.add(f"{cell_products[0].grid_cell}/{r}_{c}", tiles, counts, nodata)
     return skipped
 
 

@@ -33,6 +33,8 @@ WORLDCOVER = "worldcover"
 WORLDCOVER_BAND = "map"
 META_COLUMNS = ("product_id", "grid_cell")
 NO_MODALITY = "names no modality (expected MSIL2A / MSIL1C / S1* / WorldCover)"
+NOT_IN_CELL = ("product folder is not inside a grid cell folder such as 433U_1209R (expected "
+               "<row>/<grid_cell>/<product_id>/<band>.tif), so its place is unknown")
 GDAL_NODATA = 42113  # TIFF tag (ASCII) of GDAL's per-file nodata value
 S1_FILL_MAX = -9999.0  # S1 values at or below this are fill (Major-TOM / RTC products use -32768 or -9999)
 
@@ -93,14 +95,18 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
                     unknown.append({"file": str(path), "record": "whole file", "reason": str(err)})
             elif path.suffix.lower() in (".tif", ".tiff"):
                 tif_dirs[path.parent][path.stem] = str(path)
+            elif modality_of(path.parent.name) and _is_grid_cell(path.parent.parent.name):
+                tif_dirs.setdefault(path.parent, {})  # a product folder holding only its thumbnail.png: no band
         for folder, bands in sorted(tif_dirs.items()):
-            modality = modality_of(folder.name)
-            if modality is None and not _is_grid_cell(folder.parent.name):
+            modality, in_cell = modality_of(folder.name), _is_grid_cell(folder.parent.name)
+            if modality is None and not in_cell:
                 continue  # not <grid_cell>/<product_id>/: a thumbnail or sidecar in a cell or row folder
             if modality is None:
                 unknown.append({"file": str(folder), "record": folder.name, "reason": f"product id {NO_MODALITY}"})
-                continue
-            products.append(Product(modality, folder.parent.name, folder.name, str(folder), band_files=bands))
+            elif not in_cell:  # its grid cell would be the parent's name: products of many places merged into one
+                unknown.append({"file": str(folder), "record": folder.name, "reason": NOT_IN_CELL})
+            else:
+                products.append(Product(modality, folder.parent.name, folder.name, str(folder), band_files=bands))
     return products, unknown, metadata
 
 
@@ -145,8 +151,8 @@ def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) 
         raise BadInput(f"missing Major-TOM metadata columns {missing} (has {schema.names[:8]}...)")
     for c in META_COLUMNS:
         kind = schema.field(c).type
-        kind = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas categoricals
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        kind = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas categoricals; polars writes views
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
             raise BadInput(f"column {c} has type {kind}, expected string (Major-TOM product ids / grid cells)")
     try:
         table = pq.read_table(path, columns=list(META_COLUMNS))

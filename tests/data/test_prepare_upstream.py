@@ -1,0 +1,144 @@
+"""`terrafm prepare` on files in the layouts real upstream tools write, beyond what our generator writes: parquet
+rewritten by polars (string_view / binary_view columns), GeoTIFF product folders not inside a grid cell folder or
+holding only their thumbnail (download scripts), an S1 scene cropped to another size than its cell's S2.
+
+Built on the synthetic Major-TOM parquet set (tests/data/conftest.py); each case checks the stored tiles or the one
+message, not only the exit code."""
+
+import argparse
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+
+from terrafm.data import prepare
+from terrafm.data.prepare import convert
+from terrafm.data.shards import ShardSet
+from terrafm.data.sources import BadInput
+
+TILE = 60  # tests/data/conftest.py's sample set: 3 cells of 120 px
+S2_FILE = ("Core-S2L2A", "part_00000.parquet")
+
+
+def _cli(args: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    prepare.add_arguments(parser)
+    return prepare.run(parser.parse_args([*args, "--tile-size", str(TILE), "--workers", "0", "--no-progress"]))
+
+
+def _assert_same_tiles(a: ShardSet, b: ShardSet) -> None:
+    assert list(a.keys) == list(b.keys)
+    for m in a.modalities:
+        for i in range(len(a)):
+            assert a.has(i, m) == b.has(i, m)
+            if a.has(i, m):
+                np.testing.assert_array_equal(a.tile(i, m), b.tile(i, m))
+
+
+def test_parquet_with_view_columns_as_polars_writes_reads_like_the_original(sample_parquet, sample_shards, tmp_path):
+    """Polars (1.38+) writes strings and binaries as Arrow view types, which pyarrow reads back as string_view /
+    binary_view: a Major-TOM subset filtered and re-written with polars is the same data."""
+    root = tmp_path / "in"
+    shutil.copytree(sample_parquet, root)
+    for path in root.rglob("*.parquet"):
+        table = pq.read_table(path)
+        views = {pa.string(): pa.string_view(), pa.binary(): pa.binary_view()}
+        pq.write_table(table.cast(pa.schema([pa.field(f.name, views.get(f.type, f.type)) for f in table.schema])), path)
+    schema = pq.read_schema(root.joinpath(*S2_FILE))
+    assert schema.field("grid_cell").type == pa.string_view() and schema.field("B04").type == pa.binary_view()
+    convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    _assert_same_tiles(ShardSet(sample_shards), ShardSet(tmp_path / "out"))
+
+
+def _product_folders(sample_parquet: Path, folder, collection: tuple[str, str] = S2_FILE) -> list[Path]:
+    """One collection's products as GeoTIFF folders folder(rec)/<product_id>/<band>.tif; returns the product folders."""
+    products = []
+    for rec in pq.read_table(sample_parquet.joinpath(*collection)).to_pylist():
+        d = folder(rec) / rec["product_id"]
+        d.mkdir(parents=True)
+        for name, value in rec.items():
+            if isinstance(value, bytes):
+                (d / f"{name}.tif").write_bytes(value)
+        products.append(d)
+    return products
+
+
+def test_product_folders_outside_a_grid_cell_folder_are_named_not_merged_into_one_place(sample_parquet, tmp_path,
+                                                                                        capsys):
+    """<collection>/<product_id>/<band>.tif (no <row>/<grid_cell>/ folders): the parent's name is no grid cell, so
+    three products of three places used to become one location keyed by the folder name and two "duplicates"."""
+    root = tmp_path / "tifs" / "Core-S2L2A"
+    products = _product_folders(sample_parquet, lambda rec: root)
+    assert _cli([str(root), "--out", str(tmp_path / "out"), "--modalities", "s2_l2a"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(products[0]) in err and "not inside a grid cell folder" in err and "3 such records" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(BadInput, match="no products of"):  # --skip-bad: listed and skipped, nothing merged
+        convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+
+
+
+def _resize_s1(root: Path, row: int, pad: int) -> str:
+    """Pad both S1 bands of one parquet row by `pad` px (a scene cropped to another size); returns its grid cell."""
+    path = root.joinpath("Core-S1RTC", S2_FILE[1])
+    table = pq.read_table(path)
+    for band in ("vv", "vh"):
+        column = table[band].to_pylist()
+        array = np.pad(tifffile.imread(io.BytesIO(column[row])), ((0, pad), (0, pad)), mode="edge")
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, array)
+        column[row] = buf.getvalue()
+        table = table.set_column(table.column_names.index(band), band, pa.array(column, pa.binary()))
+    pq.write_table(table, path)
+    return table["grid_cell"][row].as_py()
+
+
+@pytest.mark.parametrize("pad", [6, 60])  # 126 px: not a multiple of the tile; 180 px: one, but not the cell's size
+def test_an_s1_scene_of_another_size_is_the_product_named_and_skipped_not_its_cells_s2(sample_parquet, sample_shards,
+                                                                                       tmp_path, pad):
+    """S1 sorts first among a cell's modalities: its size used to become the cell's, so the good S2 L1C, L2A and
+    WorldCover products were blamed, and with --skip-bad the whole cell was lost (S1 listed once per product)."""
+    root = tmp_path / "in"
+    shutil.copytree(sample_parquet, root)
+    cell = _resize_s1(root, 0, pad)
+    s1_file = str(root.joinpath("Core-S1RTC", S2_FILE[1]))
+    with pytest.raises(BadInput, match=rf"Core-S1RTC.*\(row 0, grid_cell {cell}, product S1A_\S+\): product of "
+                                       rf"{120 + pad} px (is not a multiple of tile_size 60|where the other products "
+                                       r"of this cell are 120 px)"):
+        convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    assert [(s["file"], s["record"], s["grid_cell"]) for s in summary["skipped"]] == [(s1_file, "row 0", cell)]
+    assert {m: s["tiles"] for m, s in summary["modalities"].items()} == {"s2_l2a": 12, "s2_l1c": 12, "s1": 8}
+    ref, out = ShardSet(sample_shards), ShardSet(tmp_path / "skip")
+    assert list(ref.keys) == list(out.keys)
+    for i, key in enumerate(ref.keys):
+        assert out.has(i, "s1") == (not key.startswith(cell + "/"))
+        for m in ("s2_l2a", "s2_l1c"):
+            np.testing.assert_array_equal(ref.tile(i, m), out.tile(i, m))
+    np.testing.assert_array_equal(ref.class_counts, out.class_counts)
+
+
+def test_a_product_folder_with_only_its_thumbnail_is_a_product_missing_its_bands(sample_parquet, tmp_path, capsys):
+    """Download scripts built on Major-TOM's filter_download write <product_id>/thumbnail.png and only the band
+    columns asked for (none by default): such a product used to be passed over in silence, its cell short of it."""
+    root = tmp_path / "tifs"
+    products = _product_folders(sample_parquet, lambda rec: root / rec["grid_cell"].split("_")[0] / rec["grid_cell"])
+    for d in products:
+        (d / "thumbnail.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    for band in products[1].glob("*.tif"):
+        band.unlink()
+    assert _cli([str(root), "--out", str(tmp_path / "out"), "--modalities", "s2_l2a"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{products[1]} (grid_cell {products[1].parent.name}, product {products[1].name}): missing band B01" in err
+    assert "it holds no .tif at all" in err
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True,
+                      modalities=("s2_l2a",))
+    assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(products[1]), products[1].name)]
+    assert summary["num_records"] == 2 * 4
