@@ -56,16 +56,38 @@ def infer_model_name(state_dict: dict[str, torch.Tensor]) -> str:
 INPUT_METADATA_KEYS = ("bands", "mean", "std", "s1_scaling", "img_size", "patch_size")
 
 
+INPUT_METADATA_FORMS = {"bands": "a JSON object {modality: [band names]}",
+                        "mean": "a JSON object {modality: [numbers]}", "std": "a JSON object {modality: [numbers]}",
+                        "s1_scaling": "db or linear", "img_size": "a positive integer",
+                        "patch_size": "a positive integer"}
+
+
+def _metadata_fits(key: str, value) -> bool:
+    """Whether a decoded input_metadata entry has the form eval relies on (INPUT_METADATA_FORMS)."""
+    if key == "s1_scaling":
+        return value in ("db", "linear")
+    if key in ("img_size", "patch_size"):
+        return type(value) is int and value > 0
+    kinds = (str,) if key == "bands" else (int, float)
+    return isinstance(value, dict) and all(
+        isinstance(v, list) and all(isinstance(x, kinds) and not isinstance(x, bool) for x in v)
+        for v in value.values())
+
+
 def _input_metadata(meta: dict, path: Path) -> dict:
-    """The input_metadata of an export's string metadata (JSON values decoded); {} for older exports."""
+    """The input_metadata of an export's string metadata (JSON values decoded); {} for older exports. An entry of
+    another form (edited or written by another tool) is refused by name rather than misread (a list of bands where
+    eval looks a modality up, an S1 scaling it would take for linear)."""
     out = {}
     for key in INPUT_METADATA_KEYS:
         if key in meta:
             try:
-                out[key] = json.loads(meta[key]) if key in ("bands", "mean", "std", "img_size", "patch_size") \
-                    else meta[key]
+                out[key] = json.loads(meta[key]) if key != "s1_scaling" else meta[key]
             except ValueError as err:
                 raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({err}): {meta[key][:80]!r}") from err
+            if not _metadata_fits(key, out[key]):
+                raise ValueError(f"{path}: metadata {key!r} is {meta[key][:80]!r}; expected "
+                                 f"{INPUT_METADATA_FORMS[key]}")
     return out
 
 
@@ -88,10 +110,10 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                return meta.get("model"), {k: f.get_tensor(k) for k in f.keys()}, _input_metadata(meta, path)
+                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors' own error types vary by version; all mean "not readable"
             raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
+        return meta.get("model"), tensors, _input_metadata(meta, path)
     try:  # weights_only: a pickle that would run code is refused, never executed
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -109,8 +131,21 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-    return None, state, {}
+    return None, backbone_entries(state), {}
+
+
+HEAD_PREFIXES = ("head.", "dino_head.", "ibot_head.")  # classifier / DINO projection heads: not the backbone
+
+
+def backbone_entries(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's tensors of a .pth state_dict, keyed as published. DDP's 'module.' is dropped; of a DINO-style
+    checkpoint the teacher's backbone is taken ('teacher.backbone.*' of a DINOv2 training checkpoint's model, else
+    'backbone.*' beside dino_head / ibot_head), as DINO evaluates; heads are not part of the backbone."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    for prefix in ("teacher.backbone.", "backbone."):
+        if any(k.startswith(prefix) for k in state):
+            return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
 
 
 def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> TerraFM:

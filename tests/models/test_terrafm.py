@@ -237,6 +237,44 @@ def test_checkpoint_that_does_not_match_is_rejected(tmp_path):
         load_checkpoint(tmp_path / "nope.pth")
 
 
+def _dino_style(kind: str, teacher: dict, student: dict) -> dict:
+    """How DINO-family code saves a backbone beside its heads (tensors only, as weights-only loading needs)."""
+    heads = {"dino_head.mlp.0.weight": torch.zeros(8, 192), "ibot_head.last_layer.weight": torch.zeros(8, 192)}
+    if kind == "dinov2_eval":  # DINOv2's teacher_checkpoint.pth: {'teacher': model.teacher.state_dict()}
+        return {"teacher": {**{f"backbone.{k}": v for k, v in teacher.items()}, **heads}}
+    if kind == "dinov2_train":  # DINOv2's fvcore checkpoint: the whole meta-architecture under 'model'
+        return {"model": {**{f"teacher.backbone.{k}": v for k, v in teacher.items()},
+                          **{f"student.backbone.{k}": v for k, v in student.items()},
+                          **{f"student.{k}": v for k, v in heads.items()}},
+                "optimizer": {"state": {}, "param_groups": []}, "iteration": 7}
+    return {**{f"module.{k}": v for k, v in teacher.items()},  # DDP-saved backbone with a classifier head
+            "head.weight": torch.zeros(10, 192), "head.bias": torch.zeros(10)}
+
+
+@pytest.mark.parametrize("kind", ["dinov2_eval", "dinov2_train", "ddp_with_classifier"])
+def test_dino_style_checkpoints_load_the_teacher_backbone_without_heads(tmp_path, kind):
+    teacher, student = build_model("terrafm_tiny"), build_model("terrafm_tiny")
+    path = tmp_path / f"{kind}.pth"
+    torch.save(_dino_style(kind, published_state_dict(teacher), published_state_dict(student)), path)
+    loaded = load_checkpoint(path)
+    for key, value in published_state_dict(teacher).items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_export_metadata_of_another_form_is_refused_by_name(tmp_path):
+    """Eval looks statistics up by modality and converts S1 by s1_scaling: an entry of another form is one message."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in build_model("terrafm_tiny").state_dict().items()}
+    for key, value, form in (("bands", '["B01"]', r"a JSON object \{modality: \[band names\]\}"),
+                             ("mean", '{"s1": 3}', r"a JSON object \{modality: \[numbers\]\}"),
+                             ("s1_scaling", "decibel", "db or linear"), ("img_size", "32.5", "a positive integer")):
+        path = tmp_path / f"{key}.safetensors"
+        save_file(state, str(path), metadata={"model": "terrafm_tiny", key: value})
+        with pytest.raises(ValueError, match=rf"{key}\.safetensors: metadata '{key}' is '.*'; expected {form}"):
+            load_checkpoint(path)
+
+
 class _RunsCode:
     """A pickle that would call print(...) when unpickled: loading it must refuse, never run it."""
 
