@@ -4,7 +4,8 @@ Both return an `EvalSplit`: float32 images (N, C, H, W) with the bands of one of
 its order (terrafm.modalities), and labels: (N,) class ids, (N, K) multi-hot, or (N, H, W) masks.
 
 HDF5 (GEO-Bench layout): `root/default_partition.json` = {"train": [ids], "valid": [...], "test": [...]}
-and `root/<id>.hdf5` with one 2D dataset per band ("01 - Coastal aerosol", ..., "08A - ...", "VV", "VH")
+and `root/<id>.hdf5` with one 2D dataset per band ("01 - Coastal aerosol", ..., "08A - ...", "VV", "VH"; a dated band
+is keyed "<name>_<YYYY-MM-DD>")
 and the label either as a dataset named "label*" (HxW mask; GEO-Bench segmentation), an attribute
 "label", or inside GEO-Bench's pickled attribute dict `attrs["pickle"]` (classification), which is
 read with a restricted unpickler (no geobench install needed, no arbitrary code).
@@ -40,6 +41,7 @@ EUROSAT_BANDS = {13: S2_BANDS[:8] + ("B09", "B10", "B11", "B12", "B8A"),
                  12: S2_BANDS[:8] + ("B09", "B11", "B12", "B8A")}
 BAND_ORDERS = ("auto", "esa", "eurosat")  # the eval CLI's --band-order choices
 IMAGE_SUFFIXES = (".tif", ".tiff", ".npy")
+GEOBENCH_DATE = re.compile(r"_\d{4}-\d{2}-\d{2}$")  # GEO-Bench keys a dated band '<name>_<YYYY-MM-DD>'
 MAX_CLASSES = 100_000  # a class id at or above this is a broken label, not a class
 
 
@@ -114,11 +116,28 @@ def cirrus_order(images: np.ndarray) -> str | None:
     return {10: "esa", 9: "eurosat"}.get(int(lowest))
 
 
+def true_colour_tail(images: np.ndarray) -> bool:
+    """Whether 13-band (N, 13, H, W) S2 data ends in three 8-bit bands (integers in 0-255, a true-colour RGB) after
+    ten bands of reflectance (medians over 255): GEO-Bench's m-brick-kiln (geo-bench#29)."""
+    sample = images[:256, :, ::4, ::4].astype(np.float64).transpose(1, 0, 2, 3).reshape(13, -1)
+    tail = sample[10:]
+    tail = tail[np.isfinite(tail)]
+    if tail.size == 0 or tail.min() < 0 or tail.max() > 255 or not np.array_equal(tail, np.round(tail)):
+        return False
+    return bool((np.nanmedian(sample[:10], axis=1) > 255).all())
+
+
 def resolve_band_order(images: np.ndarray, band_order: str, where: str) -> str:
     """"esa" or "eurosat" for this S2 data: as asked, or with "auto" what cirrus_order reads from 13 bands; a
     12-band set, or one the data cannot tell, is taken in ESA's order (with a warning for 13 bands)."""
     if band_order not in BAND_ORDERS:
         raise ValueError(f"unknown band order {band_order!r}; expected one of {list(BAND_ORDERS)}")
+    if images.shape[1] == 13 and true_colour_tail(images):
+        warnings.warn(f"{where}: its last three bands hold 8-bit values (0-255) where S2 reflectances are expected: "
+                      "the layout of GEO-Bench's m-brick-kiln, whose data is B01-B05, B07, B8A, B08, B11, B12 and a "
+                      "true-colour RGB under the 13 S2 band names (ServiceNow/geo-bench#29). The bands are read as "
+                      "named, as published GEO-Bench results were, so B06 to B12 do not hold what their names say",
+                      stacklevel=2)
     if band_order != "auto":
         return band_order
     if images.shape[1] != 13:
@@ -178,8 +197,8 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
                                             and i not in (".", "..") for i in ids):
         raise ValueError(f"split {split!r} in {partition_file} must be a list of sample ids (file names without "
                          f".hdf5 in {root}), got {str(ids)[:100]}")
-    if not ids:
-        raise ValueError(f"split {split!r} in {partition_file} is empty")
+    if not ids:  # an empty validation split is no validation split
+        raise MissingSplitError(f"split {split!r} in {partition_file} is empty")
     _refuse_shared_samples(partition, key, partition_file)
     images, labels, band_names, chosen, paths, s2_set = [], [], None, None, [], None
     for sample_id in ids:
@@ -191,26 +210,27 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
         except OSError as err:  # not HDF5, truncated, a folder: h5py's message is long, its first line says it
             raise ValueError(f"{path}: not a readable HDF5 file ({str(err).splitlines()[0][:160]})") from err
         with f:
-            names = [k for k in f.keys() if not k.startswith("label")]
+            keys = _band_keys(f, path)
+            names = list(keys)
             if band_names is None:
                 band_names = names
                 mapped = [geobench_band_name(n) for n in names]
                 s2_set = next((b for b in (S2_WITH_B10, S2_BANDS) if set(b) <= set(mapped)), None)
-                if s2_set is not None and band_order != "esa" and modality in ("auto", "s2_l2a", "s2_l1c"):
+                if s2_set is not None and modality in ("auto", "s2_l2a", "s2_l1c"):
                     chosen = [mapped.index(b) for b in s2_set]  # all of them, by name; selected once the order is known
                 else:
                     s2_set = None
                     modality, chosen = modality_for_bands(mapped, modality)
-            elif names != band_names:
+            elif sorted(names) != sorted(band_names):
                 raise ValueError(f"{path} has bands {names}, the first sample had {band_names}")
-            bands = [_hdf5_band(f, band_names[i], path) for i in chosen]
+            bands = [_hdf5_band(f, keys[band_names[i]], path) for i in chosen]
             image = _mask_nodata(_stack_bands(bands, path, [band_names[i] for i in chosen]), path)
             if images and image.shape != images[0].shape:
                 raise ValueError(f"{path} is {image.shape[1]}x{image.shape[2]} px, the first sample of split {split!r} "
                                  f"{images[0].shape[1]}x{images[0].shape[2]}: a split's images must share one size")
             images.append(image)
             paths.append(path)
-            label = class_ids(_hdf5_label(f, path), path, split)
+            label = _label_shape(class_ids(_hdf5_label(f, path), path, split), path)
             if label.ndim == 2 and label.shape != image.shape[1:]:
                 raise ValueError(f"{path}: its label mask is {label.shape[0]}x{label.shape[1]} px, its image "
                                  f"{image.shape[1]}x{image.shape[2]}: a mask must cover its image pixel for pixel")
@@ -234,6 +254,36 @@ def _refuse_shared_samples(partition: dict, key: str, partition_file: Path) -> N
             raise ValueError(f"{partition_file} lists {len(shared)} sample{'s' * (len(shared) > 1)} in both {key!r} "
                              f"and {other!r} (e.g. {shared[0]!r}): a probe would be scored on images it was fit on; "
                              "fix the partition")
+
+
+def _band_keys(f, path: Path) -> dict[str, str]:
+    """{band name: dataset key} of a sample's bands (every dataset but 'label*'). GEO-Bench keys a band with an
+    acquisition date as '<name>_<YYYY-MM-DD>' (m-cashew-plant: each sample has its own date), so names are compared
+    without it. One band at several dates is a time series, which eval does not read: refused by name."""
+    keys = {}
+    for key in f.keys():
+        if key.startswith("label"):
+            continue
+        name = GEOBENCH_DATE.sub("", key)
+        if name in keys:
+            raise ValueError(f"{path} holds band {name!r} at several dates ({keys[name]!r}, {key!r}): a time series; "
+                             "terrafm eval reads one image per sample")
+        keys[name] = key
+    return keys
+
+
+def _label_shape(label: np.ndarray, path: Path) -> np.ndarray:
+    """A sample's label as a class id (), a multi-hot vector (K,) or a mask (H, W). A one-element vector is a class
+    id (not a multi-label set of one class); a mask with a singleton band axis, (1, H, W) or (H, W, 1), is squeezed
+    as folder masks are; any other shape is refused by name."""
+    if label.shape == (1,):
+        return label.reshape(())
+    if label.ndim == 3 and 1 in (label.shape[0], label.shape[-1]):
+        label = label[0] if label.shape[0] == 1 else label[..., 0]
+    if label.ndim > 2:
+        raise ValueError(f"{path}: its label has shape {label.shape}; expected a class id, a multi-hot vector (K,) "
+                         "or a mask (H, W)")
+    return label
 
 
 def _hdf5_band(f, name: str, path: Path) -> np.ndarray:
@@ -308,6 +358,8 @@ def _hdf5_label(f, path: Path) -> np.ndarray:
     if "pickle" in f.attrs:
         try:
             raw = f.attrs["pickle"]
+            if isinstance(raw, bytes) and raw[:2] in (b"b'", b'b"'):  # GEO-Bench's str(pickle.dumps(...)) as bytes
+                raw = raw.decode("ascii")
             attrs = _StubUnpickler(io.BytesIO(raw if isinstance(raw, bytes) else ast.literal_eval(raw))).load()
         except pickle.UnpicklingError as err:
             raise pickle.UnpicklingError(f"{path}: {err}") from err
@@ -451,6 +503,17 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
+def _masks_by_stem(folder: Path) -> dict[str, Path]:
+    """The mask files of a folder by file stem: an image's mask has exactly its stem ('x.1.tif' is not the mask of
+    'x.tif', nor is the sidecar 'x.tif.aux.xml'); two masks of one stem are refused by name."""
+    masks = {}
+    for m in _files(folder):
+        if m.stem in masks:
+            raise ValueError(f"{folder} holds two masks named {m.stem!r}: {masks[m.stem].name} and {m.name}")
+        masks[m.stem] = m
+    return masks
+
+
 def _subdirs(folder: Path) -> list[str]:
     """Visible sub-folders (a .ipynb_checkpoints or .git folder is not a split or a class)."""
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -465,13 +528,15 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
         raise FileNotFoundError(f"dataset folder {root} does not exist")
     split_dir = root / _split_key(_subdirs(root), split, str(root))
     subdirs = _subdirs(split_dir)
+    if not subdirs and not _files(split_dir):  # an empty validation folder is no validation split
+        raise MissingSplitError(f"split folder {split_dir} is empty")
     if {"images", "masks"} <= set(subdirs):
         files = _files(split_dir / "images")
         if not files:
             raise ValueError(f"{split_dir / 'images'} holds no {'/'.join(IMAGE_SUFFIXES)} files")
-        pairs = []
+        pairs, masks = [], _masks_by_stem(split_dir / "masks")
         for f in files:
-            mask = next((m for m in (split_dir / "masks").glob(f.stem + ".*")), None)
+            mask = masks.get(f.stem)
             if mask is None:
                 raise FileNotFoundError(f"no mask for {f} in {split_dir / 'masks'} (expected {f.stem}.tif/.npy)")
             image = _read_image(f)

@@ -340,3 +340,29 @@ def test_an_hdf5_mask_of_another_size_than_its_image_is_named(tmp_path):
         f.create_dataset("label", data=np.zeros((16, 16), np.uint8))
     with pytest.raises(ValueError, match=r"train_0001\.hdf5: its label mask is 16x16 px, its image 32x32"):
         read_split(root, "hdf5", "train")
+
+
+def test_an_hdf5_label_of_three_dimensions_is_named_not_a_traceback(tmp_path, capsys, tiny_pth):
+    root = _geobench(tmp_path)
+    with h5py.File(root / "train_0001.hdf5", "a") as f:
+        del f["label"]
+        f.create_dataset("label", data=np.zeros((32, 32, 2), np.uint8))
+    assert _eval(root, tmp_path / "out", checkpoint=tiny_pth) == 2
+    err = capsys.readouterr().err
+    assert "train_0001.hdf5: its label has shape (32, 32, 2)" in err and "Traceback" not in err
+
+
+def test_an_empty_validation_split_is_no_validation_split(tmp_path):
+    root = _geobench(tmp_path)
+    partition = json.loads((root / "default_partition.json").read_text())
+    (root / "default_partition.json").write_text(json.dumps({**partition, "valid": []}))
+    splits = make_splits(13, per_class=(2, 1, 1))
+    del splits["valid"]
+    folder = write_folder(tmp_path / "eurosat", splits)
+    (folder / "val").mkdir()
+    for data, fmt in ((root, "hdf5"), (folder, "folder")):
+        loaded = _load_splits(EvalConfig(checkpoint="", data=str(data), format=fmt, out=str(tmp_path / "out")))
+        assert sorted(loaded) == ["test", "train"]
+    (root / "default_partition.json").write_text(json.dumps({**partition, "test": []}))
+    with pytest.raises(FileNotFoundError, match="split 'test' in .*default_partition.json is empty"):
+        _load_splits(EvalConfig(checkpoint="", data=str(root), format="hdf5", out=str(tmp_path / "out")))

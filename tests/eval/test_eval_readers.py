@@ -203,6 +203,22 @@ def test_esa_band_order_is_read_as_is_and_data_that_cannot_tell_warns(tmp_path, 
         assert read_split(write(tmp_path / "flat", flat), fmt, "train").band_order == "esa"
 
 
+def test_m_brick_kiln_true_colour_bands_under_s2_names_are_read_as_named_with_a_warning(tmp_path, recwarn):
+    """GEO-Bench's m-brick-kiln names 13 S2 bands, but holds B01-B05, B07, B8A, B08, B11, B12 and an 8-bit
+    true-colour RGB (geo-bench#29): read as named, as published results were, and said so."""
+    labels = np.arange(4) % 2
+    held = ["B01", "B02", "B03", "B04", "B05", "B07", "B8A", "B08", "B11", "B12"]
+    images = _bands(held + ["B01"] * 3)
+    images[:, 10:] = np.array([90, 80, 60], np.uint16)[None, :, None, None]  # TCI R, G, B
+    root = write_hdf5(tmp_path / "m-brick-kiln", {"train": (images, labels)}, GEOBENCH_S2)
+    with pytest.warns(UserWarning, match="last three bands hold 8-bit values.*m-brick-kiln.*geo-bench#29"):
+        split = read_split(root, "hdf5", "train", band_order="esa")
+    assert _read_values(split)[:5] == [VALUE[b] for b in held[:5]] and _read_values(split)[-1] == 60.0
+    read_split(write_hdf5(tmp_path / "l1c", {"train": (_bands(list(S2_WITH_B10)), labels)}, GEOBENCH_S2), "hdf5",
+               "train")
+    assert not [w for w in recwarn if "8-bit" in str(w.message)]  # real L1C: B10 is low, B11 and B12 are not
+
+
 def test_a_twelve_band_folder_in_eurosat_order_needs_the_flag(tmp_path):
     order = [b for b in EUROSAT_ORDER if b != "B10"]
     root = write_folder(tmp_path / "l2a", {"train": (_bands(order), np.arange(4) % 2)})
@@ -210,3 +226,78 @@ def test_a_twelve_band_folder_in_eurosat_order_needs_the_flag(tmp_path):
     assert _read_values(read_split(root, "folder", "train", band_order="eurosat")) == WANTED
     with pytest.raises(ValueError, match="unknown band order 'b8a-last'"):
         read_split(root, "folder", "train", band_order="b8a-last")
+
+
+def test_geobench_dated_band_keys_differ_per_sample_and_are_read_by_name(tmp_path):
+    """GEO-Bench's writer keys a band with a date as '<name>_<YYYY-MM-DD>' (m-cashew-plant: 12 S2 bands and a cloud
+    probability band, each sample of its own date, the mask as dataset 'label')."""
+    import h5py
+
+    names = [n for n in GEOBENCH_S2 if n[:2] != "10"]
+    images = np.random.default_rng(0).uniform(500, 3000, size=(3, 13, 32, 32)).astype(np.float32)
+    masks = np.random.default_rng(1).integers(0, 3, size=(3, 32, 32))
+    root = write_hdf5(tmp_path / "m-cashew-plant", {"train": (images, masks)}, [*names, "Cloud Probability"])
+    for i in range(3):
+        with h5py.File(root / f"train_{i:04d}.hdf5", "a") as f:
+            for name in [*names, "Cloud Probability"]:
+                f.move(name, f"{name}_2019-11-{5 + 10 * i:02d}")
+    train = read_split(root, "hdf5", "train")
+    assert (train.modality, train.task) == ("s2_l2a", "segmentation")
+    assert np.array_equal(train.images, images[:, :12]) and np.array_equal(train.labels, masks)
+    with h5py.File(root / "train_0002.hdf5", "a") as f:  # a second date of a band: a time series
+        f.create_dataset("02 - Blue_2020-01-01", data=images[2, 1])
+    with pytest.raises(ValueError, match=r"train_0002\.hdf5 holds band '02 - Blue' at several dates .*time series"):
+        read_split(root, "hdf5", "train")
+
+
+def test_geobench_pickle_attribute_stored_as_a_bytes_string_is_read(tmp_path):
+    """str(pickle.dumps(...)) kept as a fixed-length bytes attribute (b"b'\\x80...'") is GEO-Bench's dict too."""
+    import pickle
+
+    import h5py
+
+    images, labels = make_splits(12, per_class=(1, 1, 1))["train"]
+    root = write_hdf5(tmp_path / "m-bytes", {"train": (images, labels)}, [n for n in GEOBENCH_S2 if n[:2] != "10"])
+    for i, label in enumerate(labels):
+        with h5py.File(root / f"train_{i:04d}.hdf5", "a") as f:
+            del f["label"]
+            f.attrs["pickle"] = np.bytes_(str(pickle.dumps({"label": int(label)})).encode())
+    assert read_split(root, "hdf5", "train").labels.tolist() == labels.tolist()
+
+
+@pytest.mark.parametrize("stored", ["(1,H,W)", "(H,W,1)", "(1,)"])
+def test_hdf5_labels_with_a_singleton_axis_keep_their_task(tmp_path, stored):
+    """A mask stored with a band axis is a mask (as folder masks are), a one-element label a class id."""
+    import h5py
+
+    images, labels = make_splits(12, per_class=(1, 1, 1))["train"]
+    masks = np.random.default_rng(0).integers(0, 3, size=(4, 32, 32))
+    want = labels if stored == "(1,)" else masks
+    root = write_hdf5(tmp_path / "m-seg", {"train": (images, want)}, [n for n in GEOBENCH_S2 if n[:2] != "10"])
+    for i, label in enumerate(want):
+        with h5py.File(root / f"train_{i:04d}.hdf5", "a") as f:
+            del f["label"]
+            f.create_dataset("label", data={"(1,H,W)": label[None], "(H,W,1)": label[..., None],
+                                            "(1,)": np.atleast_1d(label)}[stored])
+    train = read_split(root, "hdf5", "train")
+    assert train.task == ("classification" if stored == "(1,)" else "segmentation")
+    assert np.array_equal(train.labels, want)
+
+
+def test_a_segmentation_mask_is_found_by_its_exact_file_stem(tmp_path):
+    """Masks written by GDAL have 'x.tif.aux.xml' sidecars; names may hold dots or brackets: 'x.1.tif' is not the
+    mask of 'x.tif', and 'tile[1].tif' is no glob pattern."""
+    import tifffile
+
+    images = np.random.default_rng(0).uniform(100, 3000, size=(3, 32, 32, 12)).astype(np.uint16)
+    for i, name in enumerate(["tile[1]", "x.1", "x"]):  # sorted file order: class ids 0, 1, 2
+        for split in ("images", "masks"):
+            (tmp_path / "seg" / "train" / split).mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(tmp_path / "seg" / "train" / "images" / f"{name}.tif", images[i])
+        tifffile.imwrite(tmp_path / "seg" / "train" / "masks" / f"{name}.tif", np.full((32, 32), i, np.uint8))
+        (tmp_path / "seg" / "train" / "masks" / f"{name}.tif.aux.xml").write_text("<PAMDataset/>")
+    train = read_split(tmp_path / "seg", "folder", "train")
+    assert train.task == "segmentation" and [int(m[0, 0]) for m in train.labels] == [0, 1, 2]
+    tifffile.imwrite(tmp_path / "seg" / "train" / "masks" / "x.tiff", np.zeros((32, 32), np.uint8))
+    with pytest.raises(ValueError, match=r"holds two masks named 'x': x\.tif and x\.tiff"):
+        read_split(tmp_path / "seg", "folder", "train")
