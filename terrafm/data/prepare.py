@@ -85,6 +85,14 @@ def _skip_entry(p: Product, err: BadInput) -> dict:
             "reason": str(err)}
 
 
+def _tile_size_hint(size: int, tile_size: int) -> str:
+    """For a product size that tile_size does not divide: the nearest tile size that does (Major-TOM's 1068 px
+    cells take 534; a 1056 px cell takes 528)."""
+    divisors = [d for d in range(1, size + 1) if size % d == 0]
+    best = min(divisors, key=lambda d: (abs(d - tile_size), -d))
+    return f" (--tile-size {best} splits it into {size // best} x {size // best} tiles)"
+
+
 def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict, skipped: list[dict]) -> dict:
     """modality -> (stored (C, S, S) array, nodata mask) for one grid cell. A bad product raises BadInput, or
     with skip_bad is left out (its entry names its own file) and the cell keeps its other products.
@@ -98,7 +106,8 @@ def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict
         try:
             data, mask = _read_product(p, parquet, opts["s1_scaling"])
             if data.shape[-1] % t:
-                raise BadInput(f"{p.where}: product of {data.shape[-1]} px is not a multiple of tile_size {t}")
+                raise BadInput(f"{p.where}: product of {data.shape[-1]} px is not a multiple of tile_size {t}"
+                               f"{_tile_size_hint(data.shape[-1], t)}")
         except BadInput as err:
             if not opts["skip_bad"]:
                 raise

@@ -87,7 +87,7 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
                 unknown.append({"file": str(path), "record": "whole file", "reason": "a symlink to nothing"})
             elif not path.is_file():
                 continue
-            elif path.suffix == ".parquet":
+            elif path.suffix.lower() == ".parquet":
                 try:
                     if not _discover_parquet(path, products, unknown):
                         metadata.append(str(path))

@@ -25,6 +25,7 @@ import json
 import pickle
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,8 +245,13 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
 
 
 def _refuse_shared_samples(partition: dict, key: str, partition_file: Path) -> None:
-    """A sample listed in this split and another one would be scored by a probe fit on it: refused by name."""
+    """A sample listed in this split and another one would be scored by a probe fit on it, and one listed twice in a
+    split would count twice: both refused by name."""
     mine = set(partition[key])
+    if len(mine) < len(partition[key]):
+        twice = sorted(i for i, n in Counter(partition[key]).items() if n > 1)
+        raise ValueError(f"{partition_file} lists {len(twice)} sample{'s' * (len(twice) > 1)} more than once in "
+                         f"{key!r} (e.g. {twice[0]!r}): it would count twice; fix the partition")
     for other, ids in partition.items():
         if other == key or not isinstance(ids, list):
             continue

@@ -1,5 +1,6 @@
 """Model constructors (one registry), published-layout helpers and checkpoint loading."""
 
+import argparse
 import json
 import pickle
 from dataclasses import dataclass
@@ -114,8 +115,10 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
         except Exception as err:  # safetensors' own error types vary by version; all mean "not readable"
             raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
         return meta.get("model"), tensors, _input_metadata(meta, path)
-    try:  # weights_only: a pickle that would run code is refused, never executed
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: a pickle that would run code is refused, never executed; DINO's checkpoints keep
+        # their argparse.Namespace under 'args' (a plain attribute bag: allowed, it runs nothing)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path} is a pickle PyTorch's weights-only loader refuses (it names classes other than "
                          "tensors and containers, or was not written by torch.save); terrafm never runs code from a "

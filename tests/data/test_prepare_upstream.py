@@ -142,3 +142,11 @@ def test_a_product_folder_with_only_its_thumbnail_is_a_product_missing_its_bands
                       modalities=("s2_l2a",))
     assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(products[1]), products[1].name)]
     assert summary["num_records"] == 2 * 4
+
+
+@pytest.mark.parametrize(("size", "tile", "hint"), [(1056, 534, "--tile-size 528 splits it into 2 x 2"),
+                                                    (126, 60, "--tile-size 63 splits it into 2 x 2"),
+                                                    (97, 60, "--tile-size 97 splits it into 1 x 1")])
+def test_a_tile_size_that_does_not_divide_the_product_names_one_that_does(size, tile, hint):
+    """Major-TOM cells are 1068 px (2 x 534); a grid of 1056 px cells needs --tile-size 528: the message says so."""
+    assert prepare._tile_size_hint(size, tile) == f" ({hint} tiles)"

@@ -62,6 +62,8 @@ def _corrupt_partition(root, text):
     (lambda r: _corrupt_partition(r, json.dumps({"train": ["../x"], "test": []})), "must be a list of sample ids"),
     (lambda r: _corrupt_partition(r, json.dumps({"train": ["train_0000", "train_0001"], "test": ["train_0001"]})),
      r"lists 1 sample in both 'train' and 'test' \(e.g. 'train_0001'\): a probe would be scored on images it was fit"),
+    (lambda r: _corrupt_partition(r, json.dumps({"train": ["train_0000", "train_0001", "train_0000"], "test": []})),
+     r"lists 1 sample more than once in 'train' \(e.g. 'train_0000'\): it would count twice"),
     (lambda r: (r / "train_0001.hdf5").write_bytes(b"garbage" * 10), "train_0001.hdf5: not a readable HDF5 file"),
     (lambda r: (r / "train_0001.hdf5").write_bytes((r / "train_0001.hdf5").read_bytes()[:3000]),
      "train_0001.hdf5: not a readable HDF5 file"),

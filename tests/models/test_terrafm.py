@@ -247,11 +247,19 @@ def _dino_style(kind: str, teacher: dict, student: dict) -> dict:
                           **{f"student.backbone.{k}": v for k, v in student.items()},
                           **{f"student.{k}": v for k, v in heads.items()}},
                 "optimizer": {"state": {}, "param_groups": []}, "iteration": 7}
+    if kind == "dino_v1":  # DINO's checkpoint.pth: MultiCropWrapper state dicts (student under DDP) and its args
+        import argparse
+
+        wrapped = lambda prefix, sd: {**{f"{prefix}backbone.{k}": v for k, v in sd.items()},  # noqa: E731
+                                      f"{prefix}head.last_layer.weight_g": torch.ones(8, 1)}
+        return {"student": wrapped("module.", student), "teacher": wrapped("", teacher), "epoch": 3,
+                "optimizer": {"state": {}, "param_groups": []}, "dino_loss": {"center": torch.zeros(1, 8)},
+                "args": argparse.Namespace(arch="vit_small", lr=0.0005, local_crops_scale=(0.05, 0.4))}
     return {**{f"module.{k}": v for k, v in teacher.items()},  # DDP-saved backbone with a classifier head
             "head.weight": torch.zeros(10, 192), "head.bias": torch.zeros(10)}
 
 
-@pytest.mark.parametrize("kind", ["dinov2_eval", "dinov2_train", "ddp_with_classifier"])
+@pytest.mark.parametrize("kind", ["dinov2_eval", "dinov2_train", "dino_v1", "ddp_with_classifier"])
 def test_dino_style_checkpoints_load_the_teacher_backbone_without_heads(tmp_path, kind):
     teacher, student = build_model("terrafm_tiny"), build_model("terrafm_tiny")
     path = tmp_path / f"{kind}.pth"
