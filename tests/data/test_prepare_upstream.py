@@ -150,3 +150,13 @@ def test_a_product_folder_with_only_its_thumbnail_is_a_product_missing_its_bands
 def test_a_tile_size_that_does_not_divide_the_product_names_one_that_does(size, tile, hint):
     """Major-TOM cells are 1068 px (2 x 534); a grid of 1056 px cells needs --tile-size 528: the message says so."""
     assert prepare._tile_size_hint(size, tile) == f" ({hint} tiles)"
+
+
+def test_an_upper_case_parquet_suffix_is_read(sample_parquet, sample_shards, tmp_path):
+    """Files copied from a case-insensitive file system may come as part_00000.PARQUET."""
+    root = tmp_path / "in"
+    shutil.copytree(sample_parquet, root)
+    for path in list(root.rglob("*.parquet")):
+        path.rename(path.with_suffix(".PARQUET"))
+    convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    _assert_same_tiles(ShardSet(sample_shards), ShardSet(tmp_path / "out"))
