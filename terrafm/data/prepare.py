@@ -266,6 +266,11 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
         else:
             raise BadInput(f"{out}/{shards.shard_name(i)}.npz was written by a different conversion "
                            "(other inputs or options); use an empty --out directory")
+    for path, rows, size in sources.large_row_groups({p.source for i in pending for cell in jobs[i] for p in cell
+                                                      if p.row >= 0}):
+        print(f"terrafm prepare: warning: {path} has row groups of up to {rows} products ({size / 2**30:.1f} GiB of "
+              "band data); each worker holds one such group in memory (--workers lowers it). Major-TOM writes one "
+              "product per row group: pyarrow.parquet.write_table(table, path, row_group_size=1)", file=sys.stderr)
     bar = tqdm(total=len(jobs), initial=resumed, desc="terrafm prepare", unit="shard", disable=not progress)
     if workers == 0 or len(pending) <= 1:
         for i in pending:

@@ -181,6 +181,28 @@ def _column(band: str, modality: str, names: list[str]) -> str | None:
     return None
 
 
+LARGE_ROW_GROUP_BYTES = 1 << 30  # band data of one row group that a worker holds in memory at once
+
+
+def large_row_groups(paths: set[str]) -> list[tuple[str, int, int]]:
+    """(file, products, bytes) of the parquet files whose largest row group holds more than one product and over
+    LARGE_ROW_GROUP_BYTES of band data (uncompressed, from the footer): ParquetRows holds a whole group per file in
+    each worker, so a file rewritten by pandas or polars (one group for all rows) can exhaust memory. Major-TOM
+    writes one product per group."""
+    found, bands = [], _band_columns()
+    for path in sorted(paths):
+        meta = pq.ParquetFile(path).metadata
+        rows, size = 0, 0
+        for g in map(meta.row_group, range(meta.num_row_groups)):
+            group_size = sum(g.column(c).total_uncompressed_size for c in range(g.num_columns)
+                             if g.column(c).path_in_schema in bands)
+            if group_size > size:
+                rows, size = g.num_rows, group_size
+        if rows > 1 and size > LARGE_ROW_GROUP_BYTES:
+            found.append((path, rows, size))
+    return found
+
+
 class ParquetRows:
     """Band bytes of parquet products, one row group at a time (the last group per file is cached, so a
     job walking cells in grid order reads each group once and holds one group per file in memory)."""

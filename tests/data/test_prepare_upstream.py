@@ -160,3 +160,22 @@ def test_an_upper_case_parquet_suffix_is_read(sample_parquet, sample_shards, tmp
         path.rename(path.with_suffix(".PARQUET"))
     convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
     _assert_same_tiles(ShardSet(sample_shards), ShardSet(tmp_path / "out"))
+
+
+def test_a_parquet_file_of_one_big_row_group_is_warned_about_before_converting(sample_parquet, sample_shards, tmp_path,
+                                                                              capsys, monkeypatch):
+    """pandas / polars write one row group for all rows; prepare holds a whole group per file in each worker, so
+    the run says so before it starts (here with the size bar lowered to 1000 bytes), and converts the same tiles.
+    One product per row group, as Major-TOM writes, is never warned about."""
+    from terrafm.data import sources
+
+    root = tmp_path / "in"
+    shutil.copytree(sample_parquet, root)
+    for path in root.rglob("*.parquet"):
+        pq.write_table(pq.read_table(path), path, row_group_size=1_000_000 if path.parts[-2] == S2_FILE[0] else 1)
+    monkeypatch.setattr(sources, "LARGE_ROW_GROUP_BYTES", 1000)
+    assert _cli([str(root), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "row_group_size=1" in err
+    assert f"warning: {root.joinpath(*S2_FILE)} has row groups of up to 3 products" in err
+    _assert_same_tiles(ShardSet(sample_shards), ShardSet(tmp_path / "out"))
