@@ -99,7 +99,7 @@ def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict
 
     Size is checked per product, so that one product of another size (a cropped S1 scene) is the one named and
     skipped, whatever order the modalities are read in: its size must be a multiple of tile_size and the size
-    most products of the cell have (on a tie, the first product's)."""
+    most products of the cell have (on a tie, an S2 or WorldCover product's: S1 scenes are the ones cropped)."""
     t = opts["tile_size"]
     read = []
     for p in products:
@@ -114,7 +114,7 @@ def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict
             skipped.append(_skip_entry(p, err))
             continue
         read.append((p, data, mask))
-    sizes = Counter(data.shape[-1] for _, data, _ in read)
+    sizes = Counter(data.shape[-1] for p, data, _ in sorted(read, key=lambda r: r[0].modality == "s1"))
     size = sizes.most_common(1)[0][0] if read else None
     cell = {}
     for p, data, mask in read:

@@ -144,6 +144,18 @@ def test_a_product_folder_with_only_its_thumbnail_is_a_product_missing_its_bands
     assert summary["num_records"] == 2 * 4
 
 
+def test_on_a_size_tie_the_s1_scene_is_the_product_skipped(sample_parquet, tmp_path):
+    """A cell of one S1 and one S2 product of different sizes: the S1 scene (the one cropped) is named."""
+    root = tmp_path / "in"
+    shutil.copytree(sample_parquet, root, ignore=shutil.ignore_patterns("Core-S2L1C", "Core-WorldCover"))
+    cell = _resize_s1(root, 0, 60)
+    summary = convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False, skip_bad=True,
+                      modalities=("s1", "s2_l2a"))
+    assert [(s["record"], s["grid_cell"]) for s in summary["skipped"]] == [("row 0", cell)]
+    assert "product of 180 px where the other products of this cell are 120 px" in summary["skipped"][0]["reason"]
+    assert {m: s["tiles"] for m, s in summary["modalities"].items()} == {"s2_l2a": 12, "s1": 8}
+
+
 @pytest.mark.parametrize(("size", "tile", "hint"), [(1056, 534, "--tile-size 528 splits it into 2 x 2"),
                                                     (126, 60, "--tile-size 63 splits it into 2 x 2"),
                                                     (97, 60, "--tile-size 97 splits it into 1 x 1")])
