@@ -27,8 +27,8 @@ def check_tensor(name: str, x: torch.Tensor, ndim: int | None, device: torch.dev
                  contiguous: bool = True) -> None:
     """The one input check of every kernel: raise a ValueError/TypeError naming `name` unless x is a
     float tensor of ndim dims (at least one when ndim is None; of `shape` when given; contiguous unless
-    the launcher copies it) on a device the kernels run on (cuda, or cpu under the interpreter), on
-    `device` when given."""
+    the launcher copies it) on a device the kernels run on (cuda, or cpu under the interpreter; meta tensors
+    get output shapes from the ops' fake implementations, as torch ops do), on `device` when given."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is None and x.dim() == 0:
@@ -43,7 +43,7 @@ def check_tensor(name: str, x: torch.Tensor, ndim: int | None, device: torch.dev
         raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}; move it there")
     if contiguous and not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous() first); got strides {x.stride()}")
-    if x.device.type not in ("cuda", "cpu"):
+    if x.device.type not in ("cuda", "cpu", "meta"):
         raise ValueError(f"{name} must be on a cuda device (or cpu under TRITON_INTERPRET=1), got {x.device}")
     if x.device.type == "cpu" and not INTERPRET:
         raise ValueError(f"{name} is on the cpu: the Triton kernels need cuda tensors, or TRITON_INTERPRET=1 "

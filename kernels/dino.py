@@ -160,6 +160,8 @@ class DINOLoss(_CenteredLoss):
         targets = None
         for s in student_output_list:
             _check_dims("each student output", s, 2)
+            if s.shape[0] == 0:
+                raise ValueError(f"each student output must have at least one row (R, K), got shape {tuple(s.shape)}")
             if targets is None:
                 targets = _teacher_views(teacher_out_softmaxed_centered_list, s.shape[0], s.shape[-1])
             row_weight = torch.full((s.shape[0],), 1.0 / s.shape[0], device=s.device)

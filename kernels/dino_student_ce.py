@@ -126,44 +126,82 @@ def _launch_shape(student_logits: torch.Tensor) -> tuple[int, int, int, int]:
     return launch_plan(R, K, sm_count(student_logits.device), interpreted(student_logits))
 
 
-class _StudentCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_logits, targets, row_weight, student_temperature):
-        R, K = student_logits.shape
-        T = targets.shape[0]
-        block_r, block_k, splits, per_split = _launch_shape(student_logits)
-        scale = math.log2(math.e) / student_temperature
-        partial = torch.empty((4, R, splits), dtype=torch.float32, device=student_logits.device)
-        _student_ce_fwd_kernel[(triton.cdiv(R, block_r), splits)](
-            student_logits, targets, partial, R, K, T, per_split, scale,
-            BLOCK_R=block_r, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
-        )
-        m, row_sum, qx, n = partial
-        # exponents are (x - row_max) * scale: the largest softmax entries carry no rounding from the
-        # absolute scale of the logits
-        row_max = m.max(dim=-1).values
-        log2_sum = torch.log2((row_sum * torch.exp2((m - row_max.unsqueeze(-1)) * scale)).sum(dim=-1))
-        qx, n = qx.sum(dim=-1), n.sum(dim=-1)
-        rows_loss = (n * row_max - qx) / student_temperature + n * log2_sum * math.log(2.0)
-        loss = (row_weight * rows_loss).sum()
-        coef = torch.stack([row_weight, row_weight * n])
-        ctx.save_for_backward(student_logits, targets, row_max.contiguous(), log2_sum.contiguous(), coef)
-        ctx.student_temperature = student_temperature
-        return loss
+def _launch_forward(student_logits, targets, row_weight, student_temperature):
+    """(loss, row_max, log2_sum, coef): the scalar loss and what backward needs (3 floats per row)."""
+    R, K = student_logits.shape
+    T = targets.shape[0]
+    block_r, block_k, splits, per_split = _launch_shape(student_logits)
+    scale = math.log2(math.e) / student_temperature
+    partial = torch.empty((4, R, splits), dtype=torch.float32, device=student_logits.device)
+    _student_ce_fwd_kernel[(triton.cdiv(R, block_r), splits)](
+        student_logits, targets, partial, R, K, T, per_split, scale,
+        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
+    )
+    m, row_sum, qx, n = partial
+    # exponents are (x - row_max) * scale: the largest softmax entries carry no rounding from the
+    # absolute scale of the logits
+    row_max = m.max(dim=-1).values
+    log2_sum = torch.log2((row_sum * torch.exp2((m - row_max.unsqueeze(-1)) * scale)).sum(dim=-1))
+    qx, n = qx.sum(dim=-1), n.sum(dim=-1)
+    rows_loss = (n * row_max - qx) / student_temperature + n * log2_sum * math.log(2.0)
+    loss = (row_weight * rows_loss).sum()
+    return loss, row_max.contiguous(), log2_sum.contiguous(), torch.stack([row_weight, row_weight * n])
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        student_logits, targets, row_max, log2_sum, coef = ctx.saved_tensors
-        R, K = student_logits.shape
-        block_r, block_k, splits, per_split = _launch_shape(student_logits)
-        tau = ctx.student_temperature
-        grad = torch.empty_like(student_logits)
-        _student_ce_bwd_kernel[(triton.cdiv(R, block_r), splits)](
-            student_logits, targets, row_max, log2_sum, coef, grad_loss.float().contiguous(), grad,
-            R, K, targets.shape[0], per_split, math.log2(math.e) / tau, 1.0 / tau,
-            BLOCK_R=block_r, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
-        )
-        return grad, None, None, None
+
+def _launch_backward(grad_loss, student_logits, targets, row_max, log2_sum, coef, student_temperature):
+    R, K = student_logits.shape
+    block_r, block_k, splits, per_split = _launch_shape(student_logits)
+    grad = torch.empty_like(student_logits)
+    _student_ce_bwd_kernel[(triton.cdiv(R, block_r), splits)](
+        student_logits, targets, row_max, log2_sum, coef, grad_loss.float().contiguous(), grad,
+        R, K, targets.shape[0], per_split, math.log2(math.e) / student_temperature, 1.0 / student_temperature,
+        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
+    )
+    return grad
+
+
+# torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes), and a
+# second backward through them raises instead of treating the gradient as a constant.
+@torch.library.custom_op("terrafm::weighted_soft_cross_entropy", mutates_args=())
+def _student_ce_op(student_logits: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor,
+                   student_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_forward(student_logits, targets, row_weight, student_temperature)
+
+
+@_student_ce_op.register_fake
+def _(student_logits, targets, row_weight, student_temperature):
+    R = student_logits.shape[0]
+    new = student_logits.new_empty
+    return new((), dtype=torch.float32), new((R,), dtype=torch.float32), new((R,), dtype=torch.float32), new(
+        (2, R), dtype=torch.float32)
+
+
+@torch.library.custom_op("terrafm::weighted_soft_cross_entropy_backward", mutates_args=())
+def _student_ce_backward_op(grad_loss: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor,
+                            row_max: torch.Tensor, log2_sum: torch.Tensor, coef: torch.Tensor,
+                            student_temperature: float) -> torch.Tensor:
+    return _launch_backward(grad_loss, student_logits, targets, row_max, log2_sum, coef, student_temperature)
+
+
+@_student_ce_backward_op.register_fake
+def _(grad_loss, student_logits, targets, row_max, log2_sum, coef, student_temperature):
+    return torch.empty_like(student_logits)
+
+
+def _setup_context(ctx, inputs, output):
+    student_logits, targets, _row_weight, student_temperature = inputs
+    _, row_max, log2_sum, coef = output
+    ctx.save_for_backward(student_logits, targets, row_max, log2_sum, coef)
+    ctx.mark_non_differentiable(row_max, log2_sum, coef)
+    ctx.student_temperature = student_temperature
+
+
+def _backward(ctx, grad_loss, *_grad_stats):
+    grad = _student_ce_backward_op(grad_loss, *ctx.saved_tensors, ctx.student_temperature)
+    return grad, None, None, None
+
+
+_student_ce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _validate(student_logits, targets, row_weight, student_temperature) -> None:
@@ -190,8 +228,8 @@ def weighted_soft_cross_entropy(student_logits: torch.Tensor, targets: torch.Ten
     kernels); row_weight (R,); contiguous, one device.
     """
     _validate(student_logits, targets, row_weight, student_temperature)
-    return _StudentCrossEntropy.apply(student_logits, targets.detach(), row_weight.detach().float(),
-                                      float(student_temperature))
+    return _student_ce_op(student_logits, targets.detach(), row_weight.detach().float().contiguous(),
+                          float(student_temperature))[0]
 
 
 def roofline_cost(R: int, K: int, T: int = 1, dtype_bytes: int = 2, backward: bool = True) -> dict[str, int]:

@@ -64,6 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from ._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
@@ -247,6 +248,8 @@ def launch_plan(mode: int, R: int, K: int, sms: int, dtype_bytes: int = 2, inter
             "stats_grid": (row_blocks, chunks), "grid": (triton.cdiv(K, block_k),)}
 
 
+# A torch custom op: opaque to torch.compile (0 graph breaks; the fake function gives output shapes).
+@torch.library.custom_op("terrafm::dino_teacher", mutates_args=())
 def _launch(mode: int, logits: torch.Tensor, scale: float, vec: torch.Tensor | None = None,
             center: bool = False) -> torch.Tensor:
     """Run one mode over logits (R, K) with vec (K,) fp32: the centre c and scale = 1 / tau (center), or the
@@ -278,10 +281,19 @@ def _launch(mode: int, logits: torch.Tensor, scale: float, vec: torch.Tensor | N
     return partial.sum(dim=0)
 
 
+@_launch.register_fake
+def _(mode, logits, scale, vec=None, center=False):
+    R, K = logits.shape
+    shape = {MODE_SOFTMAX: (R, K), MODE_COLMAX: (2, K), MODE_COLUMN: (K,)}[mode]
+    return logits.new_empty(shape, dtype=torch.float32)
+
+
 def _validate(teacher_logits: torch.Tensor, temperature: float) -> None:
+    """R = 0 rows is allowed (a rank with no masked patch in iBOT); K = 0 prototypes is not."""
     check_tensor("teacher_logits", teacher_logits, 2)
-    if teacher_logits.numel() == 0:
-        raise ValueError(f"teacher_logits must be non-empty (R, K), got shape {tuple(teacher_logits.shape)}")
+    if teacher_logits.shape[1] == 0:
+        raise ValueError(f"teacher_logits (R, K) must have at least one prototype, got shape "
+                         f"{tuple(teacher_logits.shape)}")
     check_positive("teacher_temp", temperature)
 
 
@@ -292,15 +304,18 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, tempera
     """
     check_tensor("teacher_logits", teacher_logits, None, contiguous=False)
     check_tensor("center", center, None, teacher_logits.device, FLOAT_DTYPES + (torch.float64,), contiguous=False)
-    if teacher_logits.numel() == 0:
-        raise ValueError(f"teacher_logits must be non-empty (..., K), got shape {tuple(teacher_logits.shape)}")
     K = teacher_logits.shape[-1]
+    if K == 0:
+        raise ValueError(f"teacher_logits (..., K) must have at least one prototype, got shape "
+                         f"{tuple(teacher_logits.shape)}")
     if center.numel() != K:
         raise ValueError(f"center has {center.numel()} elements but teacher_logits has K={K} prototypes "
                          f"(shape {tuple(teacher_logits.shape)})")
     check_positive("teacher_temp", temperature)
     logits = teacher_logits.reshape(-1, K)
     _validate(logits, temperature)
+    if logits.shape[0] == 0:  # no rows (iBOT with no masked patch): DINOv2's empty softmax
+        return teacher_logits.new_empty(teacher_logits.shape, dtype=torch.float32)
     center = center.detach().reshape(K).float().contiguous()
     return _launch(MODE_SOFTMAX, logits.detach(), 1.0 / float(temperature), center, center=True).reshape(
         teacher_logits.shape)
@@ -319,6 +334,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
     if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1 (DINOv2 uses 3), got {n_iterations}")
     logits = teacher_logits.detach()
+    if logits.shape[0] == 0:  # a rank with no rows (iBOT: no masked patch) still joins every all-reduce
+        return reference.sinkhorn_knopp(logits, float(temperature), n_iterations, all_reduce)
     scale = LOG2E / float(temperature)
     col_max, col_sum = _launch(MODE_COLMAX, logits, scale)
     bias = sinkhorn_first_shift(col_max, col_sum, all_reduce) * LOG2E

@@ -355,9 +355,14 @@ def patch_embed(
     """Fused reference.patch_embed: (B, C, H, W) -> (B, N, E) in x's dtype, fp32 accumulation.
 
     Gradients flow to x (only when it requires grad), weight, bias, modality_embed and pos_embed.
+    Under torch.autocast every input is cast to the autocast dtype first, as nn.Conv2d's are.
     The `terrafm::patch_embed` custom op: torch.compile(fullgraph=True) takes it without a graph break.
     """
     validate(x, weight, bias, modality_embed, pos_embed)
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, modality_embed, pos_embed = (
+            None if t is None else t.to(dtype) for t in (x, weight, bias, modality_embed, pos_embed))
     return _patch_embed_op(x, weight, bias, modality_embed, pos_embed)
 
 

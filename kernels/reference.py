@@ -166,8 +166,12 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1 (DINOv2 uses 3), got {n_iterations}")
     x = teacher_logits.float() / temperature
-    col_max = x.max(dim=0).values
-    shift = sinkhorn_first_shift(col_max, torch.exp(x - col_max).sum(dim=0), all_reduce)
+    if x.shape[0] == 0:  # a rank without rows joins the all-reduces with the empty max and sum
+        col_max, col_sum = x.new_full(x.shape[1:], -math.inf), x.new_zeros(x.shape[1:])
+    else:
+        col_max = x.max(dim=0).values
+        col_sum = torch.exp(x - col_max).sum(dim=0)
+    shift = sinkhorn_first_shift(col_max, col_sum, all_reduce)
     for _ in range(n_iterations - 1):
         mass = torch.softmax(x + shift, dim=-1).sum(dim=0)
         if all_reduce is not None:

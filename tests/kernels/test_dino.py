@@ -480,3 +480,72 @@ def test_losses_name_bad_shapes_before_reshaping(device):
         dino.forward_fused(feats(4), feats(5), feats(4), layer, layer, 0.04)
     with pytest.raises(ValueError, match=r"teacher_global has shape \(6, 4\), expected \(4, 4\)"):
         dino.forward_fused(feats(4), feats(4), feats(6), layer, layer, 0.04)
+    with pytest.raises(ValueError, match=r"at least one row \(R, K\), got shape \(0, 8\)"):
+        dino([s[:0]], _probs((2, 0, K), device))  # was a ZeroDivisionError from the 1 / R row weight
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_rank_without_masked_patches_still_joins_every_all_reduce(backend, device):
+    """iBOT at one image per GPU masks no patch (DINOv2's collate: int(B * 0.5) = 0 images): the teacher gets
+    (0, K) rows. DINOv2 returns empty targets; a rank that raised instead would leave the others waiting in
+    their all-reduces."""
+    K = 70
+    calls = {}
+
+    def recording(rows):
+        def all_reduce(tensor, op):
+            calls.setdefault(rows, []).append((op, tuple(tensor.shape)))
+        return all_reduce
+
+    loss = iBOTPatchLoss(K, backend=backend).to(device)
+    for rows in (0, 5):
+        t = _logits((rows, K), 2.0, torch.float32, device)
+        out = loss._ops.sinkhorn_knopp(t, 0.04, 3, recording(rows))
+        assert out.shape == (rows, K) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert calls[0] == calls[5]
+    assert loss.sinkhorn_knopp_teacher(torch.zeros(0, K, device=device), 0.04, torch.tensor([0])).shape == (0, K)
+    probs = loss.softmax_center_teacher(torch.zeros(1, 0, K, device=device), teacher_temp=0.04)
+    assert probs.shape == (1, 0, K) and probs.dtype == torch.float32
+
+
+def test_second_order_gradients_of_the_student_loss_raise(device):
+    """create_graph=True through the fused student loss: its gradient is not differentiable again, so a
+    gradient penalty on it must raise, not silently add nothing (the former autograd.Function did)."""
+    K = 40
+    s = _logits((4, K), 3.0, torch.float32, device).requires_grad_()
+    loss = DINOLoss(K).to(device)([s], _probs((2, 4, K), device))
+    (grad,) = torch.autograd.grad(loss, s, create_graph=True)
+    with pytest.raises(RuntimeError, match="weighted_soft_cross_entropy"):
+        (loss + grad.pow(2).sum()).backward()
+
+
+def test_drop_ins_compile_fullgraph(device):
+    """Both teachers and the student loss are custom ops: one graph, no break, eager's numbers and gradients."""
+    K = 300
+    dino = DINOLoss(K).to(device)
+    teacher = _logits((4, K), 2.0, torch.float32, device)
+    student = _logits((4, K), 3.0, torch.float32, device)
+
+    def step(s, t):
+        targets = [dino.sinkhorn_knopp_teacher(t, 0.04), dino.softmax_center_teacher(t, teacher_temp=0.04)]
+        return dino([s], targets)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        s = student.clone().requires_grad_()
+        out = fn(s, teacher)
+        out.backward()
+        results.append((out.detach(), s.grad))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_drop_ins_on_meta_tensors_give_shapes():
+    """A DINOv2 step traced on the meta device: teachers, student losses and their gradients get shapes."""
+    K = 50
+    dino, ibot = DINOLoss(K).to("meta"), iBOTPatchLoss(K).to("meta")
+    t = torch.randn(4, K, device="meta")
+    targets = [dino.softmax_center_teacher(t, 0.04), dino.sinkhorn_knopp_teacher(t, 0.04)]
+    s = torch.randn(4, K, device="meta", requires_grad=True)
+    loss = dino([s], targets) + ibot(s[None], targets[1][None], torch.ones(1, 4, device="meta"))
+    loss.backward()
+    assert loss.shape == () and loss.device.type == "meta" and s.grad.shape == (4, K)

@@ -147,3 +147,13 @@ def test_refuses_bad_sizes(device, A, num_heads, error, name):
 def test_module_refuses_bad_sizes(args, error, name):
     with pytest.raises(error, match=name):
         CrossAttentionFusion(*args)
+
+
+def test_meta_tensors_give_shapes():
+    """On the meta device the op's fake implementation gives the shapes (they were refused as not cuda / cpu)."""
+    layer = CrossAttentionFusion(dim=16, num_queries=5, num_heads=2).to("meta")
+    keys = torch.randn(7, 3, 16, device="meta", requires_grad=True)
+    out = layer(keys, torch.randn(7, 3, 16, device="meta"))
+    assert out.shape == (7, 16) and out.device.type == "meta"
+    out.sum().backward()
+    assert keys.grad.shape == keys.shape and layer.queries.grad.shape == (5, 16)

@@ -238,3 +238,31 @@ def test_refuses_zero_sizes(device, x_shape, w_shape, b_len, error, name):
 def test_module_refuses_bad_sizes(kwargs, error, name):
     with pytest.raises(error, match=name):
         PatchEmbed(**kwargs)
+
+
+def test_autocast_runs_in_the_autocast_dtype_like_conv2d(device):
+    """Under torch.autocast nn.Conv2d casts its inputs to the autocast dtype; the fused drop-in does too
+    (it ran in the images' fp32 and returned fp32), and fp32 parameters still get fp32 gradients."""
+    args = _inputs(2, 12, 32, 48, 40, 16, torch.float32, device)
+    with torch.autocast(device, dtype=torch.float16):
+        out = patch_embed(**args)
+        conv = torch.nn.functional.conv2d(args["x"], args["weight"], args["bias"], stride=16)
+    assert out.dtype == conv.dtype == torch.float16
+    half = {k: v.detach().half().double() for k, v in args.items()}
+    want = reference.patch_embed(**half)
+    plain = reference.patch_embed(**{k: v.float() for k, v in half.items()}).half()
+    assert _max_err(out, want) <= 2 * _max_err(plain, want) + ATOL[torch.float16]
+    out.float().sum().backward()
+    assert all(args[k].grad.dtype == torch.float32 for k in args)
+
+
+def test_meta_tensors_give_shapes_like_conv2d():
+    """Models built on the meta device (deferred init, shape tracing) run the drop-in as they run nn.Conv2d:
+    the op's fake implementation gives the shapes (they were refused as not cuda / cpu)."""
+    module = PatchEmbed(img_size=32, patch_size=16, in_chans=3, embed_dim=20).to("meta")
+    x = torch.randn(2, 3, 32, 48, device="meta", requires_grad=True)
+    out = patch_embed(x, module.proj.weight, module.proj.bias, pos_embed=torch.randn(6, 20, device="meta"))
+    assert out.shape == (2, 6, 20) and out.device.type == "meta"
+    out.sum().backward()
+    assert x.grad.shape == x.shape and module.proj.weight.grad.shape == (20, 3, 16, 16)
+    assert module(torch.randn(1, 3, 32, 32, device="meta")).shape == (1, 4, 20)
