@@ -114,9 +114,10 @@ class _CenteredLoss(nn.Module):
             world_size, _ = _world()
             if self.reduce_handle is not None:
                 self.reduce_handle.wait()
-            batch_center = self.async_batch_center / (self._center_rows * world_size)
-            m = self.center_momentum
-            self.center.mul_(m).add_(batch_center.to(self.center.dtype), alpha=1 - m)
+            if self._center_rows > 0:  # a rank without rows (iBOT, nothing masked) keeps its centre, not 0 / 0
+                batch_center = self.async_batch_center / (self._center_rows * world_size)
+                m = self.center_momentum
+                self.center.mul_(m).add_(batch_center.to(self.center.dtype), alpha=1 - m)
             self.updated = True
 
     @torch.no_grad()
@@ -295,4 +296,7 @@ class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's class name, so that 
         """Start the centre update: sum over dim 0 of the mean over dim 1 (fp32), all-reduced asynchronously."""
         self.len_teacher_patch_tokens = len(teacher_patch_tokens)
         batch_sum = torch.sum(torch.mean(teacher_patch_tokens, dim=1, dtype=torch.float32), dim=0, keepdim=True)
-        self._start_center_update(batch_sum, self.len_teacher_patch_tokens)
+        rows = self.len_teacher_patch_tokens
+        if teacher_patch_tokens.numel() == 0:  # the mean of nothing is NaN, which the all-reduce would spread
+            batch_sum, rows = torch.zeros_like(batch_sum), 0
+        self._start_center_update(batch_sum, rows)

@@ -506,6 +506,12 @@ def test_a_rank_without_masked_patches_still_joins_every_all_reduce(backend, dev
     assert loss.sinkhorn_knopp_teacher(torch.zeros(0, K, device=device), 0.04, torch.tensor([0])).shape == (0, K)
     probs = loss.softmax_center_teacher(torch.zeros(1, 0, K, device=device), teacher_temp=0.04)
     assert probs.shape == (1, 0, K) and probs.dtype == torch.float32
+    loss.center.fill_(0.5)
+    for empty in (torch.zeros(0, K, device=device), torch.zeros(1, 0, K, device=device)):
+        loss.update_center(empty)  # no rows: the centre stays (DINOv2 divides 0 by 0, and NaN spreads)
+        assert loss.async_batch_center.isfinite().all()
+        loss.apply_center_update()
+        assert torch.equal(loss.center, torch.full_like(loss.center, 0.5))
 
 
 def test_second_order_gradients_of_the_student_loss_raise(device):
