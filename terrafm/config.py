@@ -339,9 +339,15 @@ def load_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | tupl
 
 def validate(cfg: Config, nproc: int = 1) -> None:
     """Every value check that a single key's type cannot express, run before anything is built."""
+    from terrafm.modalities import MODALITIES
     from terrafm.models import MODELS
 
     t, o, s, m, p = cfg.train, cfg.optim, cfg.ssl, cfg.model, cfg.parallel
+    for k, bands in cfg.data.bands.items():  # the loader takes subsets; the model's patch embeddings take every band
+        if tuple(bands) != MODALITIES[k].bands:
+            raise ConfigError(f"data.bands.{k}={list(bands)}: the model's {k} patch embedding takes all of "
+                              f"{list(MODALITIES[k].bands)} in this order; pretraining on a band subset or another "
+                              "order is not supported, leave data.bands unset")
     checks = [
         (nproc >= 1, f"--nproc must be >= 1, got {nproc}"),
         (m.name in MODELS, f"model.name {m.name!r} is not a model; choose one of {', '.join(MODELS)}"),
@@ -419,13 +425,16 @@ def _validate_ops(prefs: dict[str, str]) -> None:
             raise ConfigError(f"config key 'ops.{op}': {backend!r} is not one of {', '.join(names)}")
 
 
-def check_epoch(cfg: Config, batches_per_rank: int, world_size: int) -> None:
-    """The dataset must give at least one optimiser step per epoch; names the key to change."""
-    if cfg.train.steps_per_epoch:
-        return
+def check_epoch(cfg: Config, batches_per_rank: int, world_size: int, coverage: str = "") -> None:
+    """The dataset must give at least one batch per epoch (also with train.steps_per_epoch, which sets only the
+    schedules' epoch: an empty loader epoch has no batch to give) and one optimiser step unless
+    train.steps_per_epoch is set; names the key to change. coverage: the loader's note on locations it leaves out."""
     if batches_per_rank < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is more than each of the {world_size} rank(s) gets "
-                          "from the dataset in an epoch; lower data.batch_size (or use more data)")
+                          "from the dataset in an epoch" + (f" ({coverage})" if coverage else "")
+                          + "; lower data.batch_size (or use more data)")
+    if cfg.train.steps_per_epoch:
+        return
     if batches_per_rank < cfg.train.grad_accum_steps:
         raise ConfigError(f"an epoch has {batches_per_rank} batches per rank, fewer than train.grad_accum_steps="
                           f"{cfg.train.grad_accum_steps}; lower train.grad_accum_steps or set train.steps_per_epoch")

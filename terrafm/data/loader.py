@@ -25,6 +25,7 @@ from terrafm.data.landcover import NUM_CLASSES
 from terrafm.data.sampler import LandCoverSampler
 from terrafm.data.shards import ShardSet
 from terrafm.data.views import BatchPlan, View, ViewBatch, make_plan, normalise, render_view_numpy, to_storage
+from terrafm.modalities import MODALITY_NAMES
 
 IN_FLIGHT = 2  # batches on their way to the device (copied / normalised) while the trainer steps on another
 TORCH_STORAGE = {np.dtype(np.uint16): torch.uint16, np.dtype(np.float16): torch.float16}
@@ -89,20 +90,30 @@ class Loader:
         self.seed = (cfg.seed * 1_000_003 + seed) % (2 ** 63)
         self.shards = ShardSet(cfg.shard_dir or ensure_sample_shards(), cfg.verify_checksums,
                                cfg.allow_index_mismatch)
-        missing = [m for m in cfg.modalities if m not in self.shards.modalities]
+        tiles = {m: int((self.shards.offset[m][:, 0] >= 0).sum()) for m in self.shards.modalities}
+        missing = [m for m in cfg.modalities if not tiles.get(m)]
         if missing:
-            raise ValueError(f"shards at {self.shards.root} hold {list(self.shards.modalities)}, not {missing}; "
-                             "set DataConfig.modalities to a subset or convert with those modalities")
+            held = [m for m in MODALITY_NAMES if tiles.get(m)]
+            counts = ", ".join(f"{m} {tiles[m]}" for m in held) or "none"
+            raise ValueError(f"shards at {self.shards.root} hold no {' or '.join(missing)} tile (tiles: {counts}); "
+                             f"set data.modalities to a subset of {held} or convert with those modalities")
         have_all = np.ones(len(self.shards), bool)
         for m in cfg.modalities:
             have_all &= self.shards.offset[m][:, 0] >= 0
         self.records = np.flatnonzero(have_all)
         if len(self.records) == 0:
-            raise ValueError(f"no location in {self.shards.root} has all of {cfg.modalities}")
+            counts = ", ".join(f"{m} {tiles[m]}" for m in cfg.modalities)
+            raise ValueError(f"no location in {self.shards.root} has all of data.modalities {list(cfg.modalities)} "
+                             f"(tiles: {counts}); set data.modalities to a subset the locations share")
+        self.coverage = self._coverage(tiles)
         self.sampler = LandCoverSampler(self.shards.class_counts[self.records], cfg.beta, rank, world_size, self.seed)
         self.band_index, self.mean, self.std = {}, {}, {}
         for m in cfg.modalities:
             info = self.shards.modalities[m]
+            absent = [b for b in cfg.band_list(m) if b not in info.bands]
+            if absent:
+                raise ValueError(f"shards at {self.shards.root} hold {m} bands {list(info.bands)}, not {absent} "
+                                 "(data.bands); re-run `terrafm prepare` into this folder")
             idx = np.array([info.bands.index(b) for b in cfg.band_list(m)], np.int64)
             self.band_index[m], self.mean[m], self.std[m] = idx, info.mean[idx].copy(), info.std[idx].copy()
         self.storage_dtype = {m: TORCH_STORAGE[np.dtype(self.shards.modalities[m].dtype)] for m in cfg.modalities}
@@ -114,6 +125,16 @@ class Loader:
         self.stage = DeviceStage(self.device, self.mean, self.std)
         self._dali = None
         self.epoch, self.step = 0, 0
+
+    def _coverage(self, tiles: dict[str, int]) -> str:
+        """'' when every location is sampled, else how many are and why the others are not (locations lacking
+        one of data.modalities are left out: a run on partial coverage should say so)."""
+        n = len(self.shards)
+        if len(self.records) == n:
+            return ""
+        lacking = ", ".join(f"{n - tiles[m]} lack {m}" for m in self.cfg.modalities if tiles[m] < n)
+        return (f"{len(self.records)} of the {n} locations have all of data.modalities {list(self.cfg.modalities)} "
+                f"and are sampled ({lacking})")
 
     @property
     def num_classes(self) -> int:

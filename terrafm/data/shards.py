@@ -20,6 +20,7 @@ part files on disk (record counts, .bin sizes, parts missing from the index) bef
 """
 
 import json
+import math
 import mmap
 import warnings
 import zlib
@@ -30,7 +31,7 @@ import numpy as np
 
 from terrafm.data.landcover import NUM_CLASSES, WORLDCOVER_NAMES, WORLDCOVER_VALUES
 from terrafm.fileio import atomic_write, atomic_write_bytes, publish
-from terrafm.modalities import MODALITIES, S1_SCALINGS
+from terrafm.modalities import MODALITIES, REFERENCE_STATS, S1_SCALINGS
 
 FORMAT = "terrafm-shards"
 VERSION = 1
@@ -209,6 +210,7 @@ class ShardSet:
         for entry, part in zip(self.meta["shards"], parts, strict=True):
             self._check_chunks(entry["name"], part)
         self._cross_check(parts, allow_index_mismatch)
+        self._normalise_empty_bands(parts)
         self.keys = np.concatenate([p["keys"] for p in parts]) if parts else np.zeros(0, str)
         self.class_counts = np.concatenate([p["class_counts"] for p in parts]).reshape(-1, NUM_CLASSES)
         self.shard_of = np.concatenate([np.full(len(p["keys"]), i, np.int32) for i, p in enumerate(parts)])
@@ -274,8 +276,45 @@ class ShardSet:
         if not allow_mismatch:
             raise ShardError(f"{message}. Re-run `terrafm prepare` into this folder, or set "
                              "data.allow_index_mismatch=true to train on the listed records anyway")
-        warnings.warn(f"{message}; training on the {total} listed records (data.allow_index_mismatch=true)",
+        lost = self._drop_chunks_not_on_disk(parts)
+        warnings.warn(f"{message}; training on the {total} listed records (data.allow_index_mismatch=true)"
+                      + (f", {lost} of them without the tiles their missing or short .bin held" if lost else ""),
                       stacklevel=3)
+
+    def _drop_chunks_not_on_disk(self, parts: list[dict]) -> int:
+        """Mark a record's modality absent where its chunks end past its .bin (missing, emptied, truncated), so
+        no read meets the missing bytes; returns how many records lost a modality."""
+        lost = np.zeros(sum(len(z["keys"]) for z in parts), bool)
+        start = 0
+        for entry, z in zip(self.meta["shards"], parts, strict=True):
+            bin_path = self.root / f"{entry['name']}.bin"
+            size = bin_path.stat().st_size if bin_path.exists() else 0
+            n = len(z["keys"])
+            for m in self.modalities:
+                offset, nbytes = z[f"{m}.offset"], z[f"{m}.nbytes"]
+                gone = (offset[:, 0] >= 0) & ((offset + nbytes).max(axis=1, initial=0) > size)
+                offset[gone], nbytes[gone] = -1, 0
+                lost[start:start + n] |= gone
+            start += n
+        return int(lost.sum())
+
+    def _normalise_empty_bands(self, parts: list[dict]) -> None:
+        """A band with no valid pixel in any tile has the statistics of nothing (index.json: mean 0, std 1) while
+        its stored pixels all hold the nodata fill (the band's reference mean, ~1390 for S2 B01): normalise it
+        with the fill as its mean, so those pixels reach the model as 0 instead of as huge constants."""
+        for m, info in self.modalities.items():
+            if m not in MODALITIES or not all(f"{m}.count" in z for z in parts):
+                continue
+            tiles = sum(int((z[f"{m}.offset"][:, 0] >= 0).sum()) for z in parts)
+            valid = sum((np.asarray(z[f"{m}.count"], np.int64) for z in parts), np.zeros(len(info.bands), np.int64))
+            empty = [b for b, band in enumerate(info.bands) if valid[b] == 0 and band in MODALITIES[m].bands]
+            if tiles == 0 or not empty:
+                continue
+            fill = nodata_fill(m, self.s1_scaling)
+            for b in empty:
+                info.mean[b], info.std[b] = fill[MODALITIES[m].bands.index(info.bands[b])], 1.0
+            warnings.warn(f"{self.root}: {m} band(s) {[info.bands[b] for b in empty]} have no valid pixel in any "
+                          "tile (all nodata); they are normalised to 0", stacklevel=3)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -342,6 +381,16 @@ class ShardSet:
                              "corrupt, re-run `terrafm prepare`") from err
 
 
+def nodata_fill(modality: str, s1_scaling: str) -> np.ndarray:
+    """(C,) float32: the value `terrafm prepare` stores in a masked pixel of each band of `modality` (its reference
+    mean in the stored scaling, cast to the storage dtype; terrafm.data.sources.storage_tile)."""
+    fill = np.asarray(REFERENCE_STATS[modality]["mean"], np.float64)
+    if modality == "s1" and s1_scaling == "linear":
+        fill = 10.0 ** (fill / 10.0)
+    dtype = np.dtype(MODALITIES[modality].dtype)
+    return (np.round(fill) if dtype.kind == "u" else fill).astype(dtype).astype(np.float32)
+
+
 class ChunkDecodeError(ValueError):
     """Chunk `chunk` of a decode_chunks call is not an LZ4 block of the expected size."""
 
@@ -391,11 +440,16 @@ def _check_index(path: Path, meta: dict) -> None:
             raise bad(f"modalities.{m}.bands", "a list of band names")
         if not isinstance(v.get("dtype"), str) or v["dtype"] not in np.sctypeDict:
             raise bad(f"modalities.{m}.dtype", "a numpy dtype name")
+        if m in MODALITIES and v["dtype"] != MODALITIES[m].dtype:
+            raise bad(f"modalities.{m}.dtype", f"{MODALITIES[m].dtype!r}, the storage dtype of {m} in this format "
+                      f"(it says {v['dtype']!r})")
         for key in ("mean", "std"):
             stat = v.get(key)
             if not (isinstance(stat, list) and len(stat) == len(bands)
-                    and all(isinstance(x, int | float) for x in stat)):
-                raise bad(f"modalities.{m}.{key}", f"a list of {len(bands)} numbers (one per band)")
+                    and all(isinstance(x, int | float) and math.isfinite(x) for x in stat)):
+                raise bad(f"modalities.{m}.{key}", f"a list of {len(bands)} numbers (one per band), all finite")
+        if min(v["std"]) <= 0:
+            raise bad(f"modalities.{m}.std", f"positive (it says {v['std']}: pixels would be divided by zero)")
     shard_list = meta.get("shards")
     if not (isinstance(shard_list, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str)
                                                  for e in shard_list)):

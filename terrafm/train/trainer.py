@@ -447,7 +447,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
             loader = build_loader(cfg.data, env.rank, env.world_size, t.seed, device=env.device)
         except (ShardError, FileNotFoundError, ValueError) as err:
             raise SetupError(f"cannot read the training data: {err}") from err
-    check_epoch(cfg, len(loader), env.world_size)
+    coverage = getattr(loader, "coverage", "")  # locations the loader leaves out, and why
+    check_epoch(cfg, len(loader), env.world_size, coverage)
     high_classes = high_frequency_classes(_value(loader, "class_frequency"))
     arch = SSLMetaArch.from_config(cfg, _value(loader, "num_classes"), high_classes, env.device.type).to(env.device)
     arch.teacher.eval()
@@ -492,6 +493,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
     logger.write(f"run {run_dir}: {total_steps} steps ({steps_per_epoch}/epoch), global batch {global_batch}, "
                  f"peak lr {peak_lr:.2e}, {env.world_size} rank(s) on {env.device.type}, {mesh_text}"
                  + (f", resumed from {resume_from} at step {step}" if resume_from else ""))
+    if coverage:
+        logger.write(f"data: {coverage}")
     changed = resume_from is not None and _config_changes(resume_from, cfg, tuple(to_dict(cfg)))
     if changed:
         logger.write(f"resume: settings changed since {resume_from.name} ({changed}); config.yaml now records "

@@ -1,0 +1,159 @@
+"""The read side on awkward but legitimate shards and on shard folders damaged or written by another tool:
+legitimate data reaches the model finite and normalised, anything else is one ShardError / ValueError naming
+the file and the key to change.
+
+Built from tests/data/conftest.py's synthetic Major-TOM parquet set (3 cells x 4 tiles of 60 px), edited the
+way real collections differ (a band that is nodata everywhere, a collection missing, S1 for some cells only).
+"""
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+import torch
+
+from terrafm.data.config import DataConfig
+from terrafm.data.loader import build_loader
+from terrafm.data.prepare import convert
+from terrafm.data.shards import ShardError, ShardSet, nodata_fill
+
+TILE = 60
+
+
+def _cfg(shard_dir, **kw) -> DataConfig:
+    return DataConfig(**{"shard_dir": str(shard_dir), "batch_size": 4, "global_size": 32, "local_size": 16,
+                         "n_local": 2, "num_workers": 0, "backend": "numpy", **kw})
+
+
+def _convert(root, out, **kw):
+    convert([root], out, tile_size=TILE, workers=0, progress=False, **kw)
+    return out
+
+
+def _zero_band(root, collection: str, band: str) -> None:
+    """Every row's `band` set to 0, Major-TOM's S2 fill: the band is nodata in every tile."""
+    path = root / collection / "part_00000.parquet"
+    table = pq.read_table(path)
+    column = []
+    for value in table[band].to_pylist():
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, np.zeros_like(tifffile.imread(io.BytesIO(value))))
+        column.append(buf.getvalue())
+    pq.write_table(table.set_column(table.column_names.index(band), band, pa.array(column, pa.binary())), path)
+
+
+def _views(loader, steps: int = 2):
+    for step in range(steps):
+        batch = loader.render(loader.plan(0, step))
+        yield from batch.global_views + batch.local_views
+
+
+def test_a_band_that_is_nodata_in_every_tile_reaches_the_model_as_zero(sample_parquet, tmp_path):
+    root = tmp_path / "in"
+    shutil.copytree(sample_parquet, root)
+    _zero_band(root, "Core-S2L2A", "B01")
+    out = _convert(root, tmp_path / "out")
+    assert json.loads((out / "index.json").read_text())["modalities"]["s2_l2a"]["mean"][0] == 0.0  # no valid pixel
+    with pytest.warns(UserWarning, match=r"s2_l2a band\(s\) \['B01'\] have no valid pixel in any tile"):
+        loader = build_loader(_cfg(out, modalities=("s2_l2a",)))
+    assert loader.mean["s2_l2a"][0] == nodata_fill("s2_l2a", "db")[0] == 1390.0  # what the masked pixels hold
+    seen = 0
+    for view in _views(loader):
+        x = view["s2_l2a"]
+        assert torch.isfinite(x).all() and x[:, 1:].abs().max() < 20  # the other bands as before
+        assert (x[:, 0] == 0).all()  # was (1390 - 0) / 1: a constant of 1390 fed to the model
+        seen += 1
+    assert seen
+
+
+@pytest.mark.parametrize("scaling", ["db", "linear"])
+def test_the_nodata_fill_is_what_prepare_stores_in_a_masked_pixel(sample_parquet, tmp_path, scaling):
+    root = tmp_path / "in"
+    shutil.copytree(sample_parquet, root)
+    path = root / "Core-S1RTC" / "part_00000.parquet"
+    table = pq.read_table(path)
+    nan = io.BytesIO()
+    tifffile.imwrite(nan, np.full_like(tifffile.imread(io.BytesIO(table["vh"][0].as_py())), np.nan))
+    column = [nan.getvalue() if i == 0 else v for i, v in enumerate(table["vh"].to_pylist())]
+    pq.write_table(table.set_column(table.column_names.index("vh"), "vh", pa.array(column, pa.binary())), path)
+    shards = ShardSet(_convert(root, tmp_path / "out", s1_scaling=scaling))
+    i = int(np.flatnonzero(shards.offset["s1"][:, 0] >= 0)[0])  # a tile of the first cell, VH all NaN
+    assert (shards.tile(i, "s1")[1].astype(np.float32) == nodata_fill("s1", scaling)[1]).all()
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m["s1"].update(dtype="float32"), r"modalities\.s1\.dtype is missing or not 'float16'.*says 'float32'"),
+    (lambda m: m["s1"].update(std=[float("nan"), 1.0]), r"modalities\.s1\.std is missing or not a list of 2 .*finite"),
+    (lambda m: m["s2_l2a"].update(mean=[float("inf")] * 12), r"modalities\.s2_l2a\.mean is missing or not .*finite"),
+    (lambda m: m["s1"].update(std=[0.0, 1.0]), r"modalities\.s1\.std is missing or not positive"),
+])
+@pytest.mark.parametrize("codec", ["raw", "lz4"])
+def test_an_index_json_of_another_tool_with_other_dtypes_or_statistics_is_named(sample_parquet, tmp_path, edit,
+                                                                                 message, codec):
+    out = _convert(sample_parquet, tmp_path / "out", codec=codec)
+    index = json.loads((out / "index.json").read_text())
+    edit(index["modalities"])
+    (out / "index.json").write_text(json.dumps(index))  # NaN / Infinity: what Python's json writes for them
+    with pytest.raises(ShardError, match=rf"{out / 'index.json'}: {message}"):
+        build_loader(_cfg(out))  # was: a KeyError from the loader (lz4), or NaN / inf views
+
+
+def test_shards_whose_bands_are_named_otherwise_are_named(sample_shards, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(sample_shards, out)
+    index = json.loads((out / "index.json").read_text())
+    index["modalities"]["s1"]["bands"] = ["vv", "vh"]
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"hold s1 bands \['vv', 'vh'\], not \['VV', 'VH'\]"):  # was tuple.index
+        build_loader(_cfg(out))
+
+
+def test_a_collection_missing_from_the_conversion_names_data_modalities(sample_parquet, tmp_path):
+    root = tmp_path / "in"
+    shutil.copytree(sample_parquet, root)
+    shutil.rmtree(root / "Core-S2L1C")
+    out = _convert(root, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"hold no s2_l1c tile \(tiles: s2_l2a 12, s1 12\); set data\.modalities to "
+                                         r"a subset of \['s2_l2a', 's1'\]"):
+        build_loader(_cfg(out))
+    assert build_loader(_cfg(out, modalities=("s2_l2a", "s1"))).coverage == ""
+
+
+def test_locations_left_out_for_a_missing_modality_are_counted(sample_parquet, tmp_path):
+    root = tmp_path / "in"
+    shutil.copytree(sample_parquet, root)
+    s1 = root / "Core-S1RTC" / "part_00000.parquet"
+    pq.write_table(pq.read_table(s1).slice(0, 1), s1)  # S1 for the first cell only
+    out = _convert(root, tmp_path / "out")
+    loader = build_loader(_cfg(out))
+    assert loader.coverage == ("4 of the 12 locations have all of data.modalities ['s2_l2a', 's2_l1c', 's1'] and "
+                               "are sampled (8 lack s1)")
+    assert all(loader.shards.has(int(i), "s1") for i in loader.records)
+    assert build_loader(_cfg(out, modalities=("s2_l2a", "s2_l1c"))).coverage == ""
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied", "truncated"])
+@pytest.mark.parametrize("verify", [True, False])
+def test_allow_index_mismatch_trains_on_the_records_whose_bytes_are_on_disk(sample_parquet, tmp_path, damage, verify):
+    out = _convert(sample_parquet, tmp_path / "out", cells_per_shard=1)
+    part = out / "part-00001.bin"
+    if damage == "deleted":
+        part.unlink()
+    else:
+        with open(part, "r+b") as f:
+            f.truncate(0 if damage == "emptied" else part.stat().st_size - 100)
+    with pytest.raises(ShardError, match=r"part-00001\.bin (is missing|has \d+ bytes)"):
+        build_loader(_cfg(out))
+    lost = 1 if damage == "truncated" else 4  # the last record's S1 chunk, or the whole cell
+    with pytest.warns(UserWarning, match=rf"training on the 12 listed records .* {lost} of them without the tiles"):
+        loader = build_loader(_cfg(out, allow_index_mismatch=True, verify_checksums=verify))
+    assert len(loader.records) == 12 - lost
+    for epoch in range(3):  # was: FileNotFoundError, "cannot mmap an empty file" or a ChecksumError mid-run
+        loader.set_epoch(epoch)
+        for batch in loader:
+            assert all(torch.isfinite(x).all() for v in batch.global_views + batch.local_views for x in v.values())
