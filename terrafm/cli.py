@@ -61,7 +61,7 @@ def _main(argv: list[str] | None) -> int:
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"terrafm {name}", description=help_text)
     module.add_arguments(sub)
-    args = sub.parse_args(rest)
+    args = sub.parse_intermixed_args(rest)  # overrides may come before and after options
     return int(module.run(args) or 0)
 
 

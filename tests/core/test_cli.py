@@ -48,3 +48,13 @@ def test_a_reader_that_stops_reading_gets_no_traceback():
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_overrides_may_come_before_and_after_options(capsys, tmp_path):
+    """`terrafm pretrain a=1 --out X b=2`: argparse's plain parse_args rejected the second group."""
+    from terrafm.cli import main
+
+    assert main(["pretrain", "train.max_steps=3", "--out", str(tmp_path / "run"), "data.batch_size=4",
+                 "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 3" in out and "batch_size: 4" in out
