@@ -321,6 +321,8 @@ def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates
         count = np.broadcast_to(np.asarray(count, np.float64), (info.channels,))
         mean = np.asarray(s) / np.maximum(count, 1)
         std = np.sqrt(np.maximum(np.asarray(sq) / np.maximum(count, 1) - mean ** 2, 0.0))
+        # a band with no valid pixel: its stored pixels all hold the fill, which normalises to 0 as its mean
+        mean = np.where(count > 0, mean, shards.nodata_fill(m, opts["s1_scaling"]))
         units = ("reflectance x 1e4" if m != "s1" else
                  "dB (10 log10 sigma0)" if opts["s1_scaling"] == "db" else "linear power (sigma0)")
         nodata = np.broadcast_to(np.asarray(nodata, np.int64), (info.channels,))
