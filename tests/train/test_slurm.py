@@ -121,3 +121,22 @@ def test_1node_script_requeues_on_sigusr1_and_the_requeued_job_resumes(tmp_path)
     assert not (run_dir / "preempted").exists()
     assert steps(run_dir) == list(range(1, stopped_at + 3))  # no step lost, none repeated
     assert (tmp_path / "scontrol.log").read_text() == f"requeue {JOB_ID}\n"  # requeued once only
+
+
+@pytest.mark.parametrize("script", ["pretrain_1node.sbatch", "pretrain_multinode.sbatch"])
+def test_srun_gets_the_allocations_cpus_per_task(tmp_path, script):
+    """Since Slurm 22.05 srun does not take --cpus-per-task from sbatch: the scripts pass it on, so torchrun's
+    ranks and data workers get the allocation's cores, not one."""
+    env = slurm_env(tmp_path)
+    (tmp_path / "bin" / "srun").write_text('#!/bin/bash\necho "$@" > "$SRUN_ARGS"\n')
+    for cpus, wanted in (("64", "--cpus-per-task=64 "), (None, None)):
+        env.pop("SLURM_CPUS_PER_TASK", None)
+        if cpus:
+            env["SLURM_CPUS_PER_TASK"] = cpus
+        env["SRUN_ARGS"] = str(tmp_path / f"srun-{cpus}.args")
+        proc = subprocess.run(["bash", str(SLURM / script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        args = Path(env["SRUN_ARGS"]).read_text()
+        assert args.startswith("--kill-on-bad-exit=1 " + (wanted or "")) and "torch.distributed.run" in args
+        assert wanted or "--cpus-per-task" not in args
