@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import tifffile
+from geotiff_folders import S2_FILE, in_grid_cells, product_folders
 
 from terrafm.data import prepare, sources
 from terrafm.data.prepare import convert
@@ -25,7 +26,6 @@ from terrafm.modalities import REFERENCE_STATS
 
 TILE = 60  # tests/data/conftest.py's sample set: 3 cells of 120 px
 S1_FILE = ("Core-S1RTC", "part_00000.parquet")
-S2_FILE = ("Core-S2L2A", "part_00000.parquet")
 
 
 def _copy(sample_parquet: Path, tmp_path: Path) -> Path:
@@ -148,7 +148,7 @@ def test_out_that_is_a_file_is_named(sample_parquet, tmp_path, capsys):
 
 def test_an_unreadable_band_file_is_bad_input_not_a_write_error(sample_parquet, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "tifs"
-    _tif_folders(sample_parquet, folder)
+    product_folders(sample_parquet, in_grid_cells(folder))
     bad = sorted(folder.rglob("B04.tif"))[1]
     read_bytes = Path.read_bytes
 
@@ -327,22 +327,9 @@ def test_a_corrupt_band_page_is_bad_input_naming_the_row(sample_parquet, tmp_pat
     assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(path), "row 1")]
 
 
-def _tif_folders(sample_parquet: Path, folder: Path) -> list[Path]:
-    """The S2 L2A parquet as GeoTIFF folders <row>/<grid_cell>/<product_id>/<band>.tif; returns the product folders."""
-    products = []
-    for rec in pq.read_table(sample_parquet.joinpath(*S2_FILE)).to_pylist():
-        d = folder / rec["grid_cell"].split("_")[0] / rec["grid_cell"] / rec["product_id"]
-        d.mkdir(parents=True)
-        for name, value in rec.items():
-            if isinstance(value, bytes):
-                (d / f"{name}.tif").write_bytes(value)
-        products.append(d)
-    return products
-
-
 def test_thumbnails_and_hidden_folders_beside_geotiff_products_are_ignored(sample_parquet, tmp_path):
     folder = tmp_path / "tifs"
-    products = _tif_folders(sample_parquet, folder)
+    products = product_folders(sample_parquet, in_grid_cells(folder))
     thumb = _tif_with_nodata(np.zeros((4, 4), np.uint8), "none")
     (products[0].parent / "thumbnail.tif").write_bytes(thumb)
     (products[0].parent.parent / "overview.tif").write_bytes(thumb)

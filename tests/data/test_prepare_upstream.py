@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tifffile
+from geotiff_folders import S2_FILE, in_grid_cells, product_folders
 
 from terrafm.data import prepare
 from terrafm.data.prepare import convert
@@ -22,7 +23,6 @@ from terrafm.data.shards import ShardSet
 from terrafm.data.sources import BadInput
 
 TILE = 60  # tests/data/conftest.py's sample set: 3 cells of 120 px
-S2_FILE = ("Core-S2L2A", "part_00000.parquet")
 
 
 def _cli(args: list[str]) -> int:
@@ -55,25 +55,12 @@ def test_parquet_with_view_columns_as_polars_writes_reads_like_the_original(samp
     _assert_same_tiles(ShardSet(sample_shards), ShardSet(tmp_path / "out"))
 
 
-def _product_folders(sample_parquet: Path, folder, collection: tuple[str, str] = S2_FILE) -> list[Path]:
-    """One collection's products as GeoTIFF folders folder(rec)/<product_id>/<band>.tif; returns the product folders."""
-    products = []
-    for rec in pq.read_table(sample_parquet.joinpath(*collection)).to_pylist():
-        d = folder(rec) / rec["product_id"]
-        d.mkdir(parents=True)
-        for name, value in rec.items():
-            if isinstance(value, bytes):
-                (d / f"{name}.tif").write_bytes(value)
-        products.append(d)
-    return products
-
-
 def test_product_folders_outside_a_grid_cell_folder_are_named_not_merged_into_one_place(sample_parquet, tmp_path,
                                                                                         capsys):
     """<collection>/<product_id>/<band>.tif (no <row>/<grid_cell>/ folders): the parent's name is no grid cell, so
     three products of three places used to become one location keyed by the folder name and two "duplicates"."""
     root = tmp_path / "tifs" / "Core-S2L2A"
-    products = _product_folders(sample_parquet, lambda rec: root)
+    products = product_folders(sample_parquet, lambda rec: root)
     assert _cli([str(root), "--out", str(tmp_path / "out"), "--modalities", "s2_l2a"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -128,7 +115,7 @@ def test_a_product_folder_with_only_its_thumbnail_is_a_product_missing_its_bands
     """Download scripts built on Major-TOM's filter_download write <product_id>/thumbnail.png and only the band
     columns asked for (none by default): such a product used to be passed over in silence, its cell short of it."""
     root = tmp_path / "tifs"
-    products = _product_folders(sample_parquet, lambda rec: root / rec["grid_cell"].split("_")[0] / rec["grid_cell"])
+    products = product_folders(sample_parquet, in_grid_cells(root))
     for d in products:
         (d / "thumbnail.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     for band in products[1].glob("*.tif"):
