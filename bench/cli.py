@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="data section: a shard directory written by `terrafm prepare` to measure, with the host "
                              "cores a node needs (default: the bundled synthetic sample shards)")
-    parser.add_argument("--nvlink-gb-s", type=float, default=900.0,
-                        help="comm section: NVLink bandwidth per GPU within a node, GB/s (default: 900, H100)")
+    parser.add_argument("--nvlink-gb-s", type=float, default=450.0,
+                        help="comm section: NVLink bandwidth per GPU within a node, GB/s in each direction (default: "
+                             "450, H100 SXM: 18 links x 25 GB/s; NVIDIA's 900 GB/s counts both directions)")
     parser.add_argument("--ib-gbit-s", type=float, default=400.0,
                         help="comm section: InfiniBand per NIC, Gbit/s (default: 400, NDR)")
     parser.add_argument("--nics-per-node", type=int, default=8, help="comm section: NICs per node (default: 8)")

@@ -6,7 +6,9 @@ Pure arithmetic, no GPU. What the trainer's FSDP2 layout moves per step (terrafm
     forward and backward, the root (patch embedding, tokens, norm) once; gradients reduce-scatter once.
   teacher: one all-gather of everything per step (parallel.teacher_reshard_after_forward=false).
 Parameters travel in bf16, gradients in fp32 (train.reduce_precision). A ring collective over n ranks
-moves S (n-1)/n bytes per GPU (all-gather, reduce-scatter) or 2 S (n-1)/n (all-reduce).
+sends (and receives) S (n-1)/n bytes per GPU (all-gather, reduce-scatter) or 2 S (n-1)/n (all-reduce), so its time
+is those bytes over one direction's bandwidth: NVLink 450 GB/s per direction on H100 SXM (the datasheet's 900 GB/s
+is both directions together), InfiniBand 400 Gb/s per NIC per direction (NDR), as NCCL's bus bandwidth counts.
   FSDP: one shard group of all N GPUs; past one node every collective runs at the per-GPU network share.
   HSDP: shard within a node (NVLink), replicate across nodes: only the all-reduce of each GPU's gradient
     shard (1/8 of the gradients) crosses InfiniBand.
@@ -34,12 +36,14 @@ STUDENT_PASSES = 2  # crop sizes: the blocks run once per size
 
 
 def param_counts(backbone: str) -> dict[str, int]:
-    """Parameters of one DINO model (student or teacher): blocks, head, root (the rest), built on meta."""
+    """Parameters of one DINO model (student or teacher): blocks, head, root (the rest), built on meta with the
+    presets' model.fusion (the Case N fusion parameters are in the root the trainer shards and gathers)."""
+    from terrafm.config import ModelConfig
     from terrafm.models import build_model
     from terrafm.ssl.head import DINOHead
 
     with torch.device("meta"):
-        model = build_model(backbone, img_size=GLOBAL_SIZE)
+        model = build_model(backbone, img_size=GLOBAL_SIZE, fusion=ModelConfig.fusion)
         head = DINOHead(model.embed_dim, **HEAD)
     blocks = sum(p.numel() for p in model.blocks.parameters())
     return {"blocks": blocks, "head": sum(p.numel() for p in head.parameters()),
@@ -84,7 +88,7 @@ def comm(counts: dict[str, int], gpus: int, gpus_per_node: int, hsdp: bool, nvli
     return out
 
 
-def table(nvlink_gb_s: float = 900.0, ib_gbit_s: float = 400.0, nics_per_node: int = 8, gpus_per_node: int = 8,
+def table(nvlink_gb_s: float = 450.0, ib_gbit_s: float = 400.0, nics_per_node: int = 8, gpus_per_node: int = 8,
           mfu: float = 1.0, gpu_counts: tuple[int, ...] = GPU_COUNTS) -> list[dict]:
     """One row per (model, GPU count, FSDP | HSDP)."""
     for name, value in (("nvlink_gb_s", nvlink_gb_s), ("ib_gbit_s", ib_gbit_s), ("mfu", mfu)):

@@ -25,10 +25,13 @@ INTERPRETER_SKIP = ("Triton kernels run here only in the interpreter (no CUDA GP
                     "never timed: their speed says nothing about the compiled kernel")
 
 
-def roofline_floor_us(cost: dict[str, int], gpu: str) -> float:
-    """The lower bound on one call's time on `gpu` in microseconds: max(FLOPs / peak, bytes / bandwidth)."""
+def roofline_floor_us(cost: dict[str, int], gpu: str, peak: str = "tflops_bf16") -> float:
+    """The lower bound on one call's time on `gpu` in microseconds: max(FLOPs / peak, bytes / bandwidth).
+
+    `peak` is the GPUS key of the units the op's FLOPs run on: "tflops_bf16" (tensor-core dots) or "tflops_fp32"
+    (elementwise and broadcast math on the FMA units, 15x slower on H100 and A100)."""
     spec = GPUS[gpu]
-    return 1e6 * max(cost["flops"] / (spec["tflops_bf16"] * 1e12), cost["bytes"] / (spec["tb_per_s"] * 1e12))
+    return 1e6 * max(cost["flops"] / (spec[peak] * 1e12), cost["bytes"] / (spec["tb_per_s"] * 1e12))
 
 
 def device_gpu_name() -> str | None:

@@ -379,11 +379,11 @@ def time_op(ctx: Context, preset: str, op: str, shape: dict, device: str, gpu: s
         seconds = row["ms"] * 1e-3
         row["tflops_per_s"], row["tb_per_s"] = cost["flops"] / seconds / 1e12, cost["bytes"] / seconds / 1e12
         if gpu is not None:
-            floor_us = roofline_floor_us(cost, gpu)
+            peak = "tflops_bf16" if case is None or case.uses_dot else "tflops_fp32"  # tensor cores or FMA units
+            floor_us = roofline_floor_us(cost, gpu, peak)
             spec = GPUS[gpu]
             row.update(floor_us=floor_us, pct_of_roofline=100 * floor_us / (row["ms"] * 1e3),
-                       bound="memory" if cost["bytes"] / spec["tb_per_s"] > cost["flops"] / spec["tflops_bf16"]
-                       else "compute")
+                       bound="memory" if cost["bytes"] / spec["tb_per_s"] > cost["flops"] / spec[peak] else "compute")
     timed = {r["provider"]: r["ms"] for r in rows if "ms" in r}
     for r in rows:
         if "ms" in r and r["provider"] in ("kernel", "sdpa", "flash_attn"):

@@ -81,18 +81,19 @@ def markdown(result: dict) -> str:
                               _fmt(b["cores_per_node"]), "yes" if b["within_goal"] else "no", _fmt(b.get("h2d_gb_s"))]
                              for b in data.get("budget", [])])
     if "roofline" in sections:
-        lines += ["## Roofline floor (bf16 dense peak and HBM bandwidth)", ""]
+        lines += ["## Roofline floor (bf16 operands; dense peak of the units the op runs on, HBM bandwidth)", ""]
+        units = {"tflops_bf16": "bf16 tensor", "tflops_fp32": "fp32 FMA"}
         rows = [[r["op"], r["shape"], f"{r['flops'] / 1e9:.3g}", f"{r['bytes'] / 1e6:.3g}", _fmt(r["intensity"]),
-                 _fmt(r["floor_us_H100"], " us"), _fmt(r["floor_us_A100"], " us"),
+                 units[r.get("peak", "tflops_bf16")], _fmt(r["floor_us_H100"], " us"), _fmt(r["floor_us_A100"], " us"),
                  _fmt(r["fraction_of_roofline"]) if r["fraction_of_roofline"] is not None else r["fraction_note"]]
                 for r in sections["roofline"]]
-        lines += _table(["op", "shape", "GFLOP", "MB", "FLOP/B", "H100 floor", "A100 floor", "measured fraction"],
-                        rows)
+        lines += _table(["op", "shape", "GFLOP", "MB", "FLOP/B", "peak", "H100 floor", "A100 floor",
+                         "measured fraction"], rows)
     if "comm" in sections:
         c = sections["comm"]
         lines += [f"## Communication per GPU per step: FSDP vs HSDP ({c['gpu']}, NVLink {c['nvlink_gb_s']:g} GB/s, "
                   f"{c['nics_per_node']}x{c['ib_gbit_s']:g} Gb/s InfiniBand per node of {c['gpus_per_node']}, "
-                  f"compute at {c['mfu']:g} x bf16 peak)", ""]
+                  f"each direction; compute at {c['mfu']:g} x bf16 peak)", ""]
         rows = [[r["model"], r["gpus"], r["strategy"], r["mesh"], f"{r['all_gather_bytes'] / 1e9:.2f}",
                  f"{r['reduce_scatter_bytes'] / 1e9:.2f}", f"{r['all_reduce_bytes'] / 1e9:.2f}",
                  f"{r['comm_s'] * 1e3:.1f}", f"{r['compute_s'] * 1e3:.1f}", f"{r['efficiency_overlapped']:.0%}",
@@ -161,18 +162,49 @@ def write(result: dict, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def _ms(value) -> float:
+    """A measured time: a positive number, else ValueError (a ratio of it must mean something)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"a time or rate of {value!r}, not a positive number")
+    return float(value)
+
+
+def _rows(value) -> list[dict]:
+    """A section's rows: a list of objects, else ValueError."""
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        raise ValueError("a section's rows are not a list of objects")
+    return value
+
+
 def _timings(result: dict) -> dict[tuple, float]:
+    """Every measurement of one result, keyed (section, what, shape / batch, provider / precision, dtype / head)."""
     keyed = {}
-    for r in result["sections"].get("kernels", []):
+    for r in _rows(result["sections"].get("kernels", [])):
         if "ms" in r:
-            keyed[("kernel", r["op"], r["shape"], r["provider"], r["dtype"])] = r["ms"]
-    for r in result["sections"].get("step", []):
+            keyed[("kernel", r["op"], r["shape"], r["provider"], r["dtype"])] = _ms(r["ms"])
+    for r in _rows(result["sections"].get("step", [])):
         if "step_s" in r:
-            keyed[("step", r["config"], str(r["batch"]), r["precision"], r.get("head", "unfused"))] = r["step_s"] * 1e3
-    for r in result["sections"].get("data", {}).get("rows", []):
+            keyed[("step", r["config"], str(r["batch"]), r["precision"], r.get("head", "unfused"))] = \
+                _ms(r["step_s"]) * 1e3
+    for r in _rows(result["sections"].get("data", {}).get("rows", [])):
         if "tiles_per_s" in r:
-            keyed[("data", r["path"], "", "", "")] = 1e3 / r["tiles_per_s"]
+            keyed[("data", r["path"], "", "", "")] = 1e3 / _ms(r["tiles_per_s"])
     return keyed
+
+
+def _load(path: Path) -> tuple[dict, dict[tuple, float]]:
+    """One bench.json and its measurements, or ValueError naming the file and what is wrong with it."""
+    try:
+        result = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--compare: {path} is not JSON ({err})") from None
+    if not (isinstance(result, dict) and isinstance(result.get("sections"), dict)
+            and isinstance(result.get("meta"), dict)):
+        raise ValueError(f"--compare: {path} is not a terrafm bench result (no 'sections' and 'meta' objects)")
+    try:
+        return result, _timings(result)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise ValueError(f"--compare: {path} has a malformed measurement row ({type(err).__name__}: {err})") from None
 
 
 def compare(a_path: Path, b_path: Path) -> str:
@@ -180,16 +212,13 @@ def compare(a_path: Path, b_path: Path) -> str:
     for p in (a_path, b_path):
         if not p.is_file():
             raise FileNotFoundError(f"--compare: {p} is not a file; pass two bench.json files")
-    a, b = json.loads(a_path.read_text()), json.loads(b_path.read_text())
-    for name, r in (("A", a), ("B", b)):
-        if "sections" not in r or "meta" not in r:
-            raise ValueError(f"--compare: file {name} is not a terrafm bench result (no 'sections'/'meta')")
-    ta, tb = _timings(a), _timings(b)
+    (a, ta), (b, tb) = _load(a_path), _load(b_path)
     common = [k for k in ta if k in tb]
-    lines = [f"# bench compare: A = {a_path} ({a['meta']['git_revision'][:12]}, {a['device']}), "
-             f"B = {b_path} ({b['meta']['git_revision'][:12]}, {b['device']})", ""]
-    rows = [[k[0], k[1], k[2], k[3], f"{ta[k]:.4g}", f"{tb[k]:.4g}", f"{tb[k] / ta[k]:.2f}x"] for k in common]
-    lines += _table(["section", "what", "shape / batch", "provider", "A ms", "B ms", "B / A"], rows)
+    lines = [f"# bench compare: A = {a_path} ({str(a['meta'].get('git_revision', '?'))[:12]}, {a.get('device', '?')}), "
+             f"B = {b_path} ({str(b['meta'].get('git_revision', '?'))[:12]}, {b.get('device', '?')})", ""]
+    rows = [[*k, f"{ta[k]:.4g}", f"{tb[k]:.4g}", f"{tb[k] / ta[k]:.2f}x"] for k in common]
+    lines += _table(["section", "what", "shape / batch", "provider / precision", "dtype / head", "A ms", "B ms",
+                     "B / A"], rows)
     only = len(ta) - len(common), len(tb) - len(common)
     lines.append(f"{len(common)} measurements in both; {only[0]} only in A, {only[1]} only in B "
                  "(data rows: ms per tile).")

@@ -3,11 +3,13 @@
 Each module here defines:
     OP                     the op name (as in terrafm_kernels / the op registry)
     BACKWARD               True when the timed call is forward + backward of a scalar loss
+    PEAK                   optional: "tflops_fp32" for an op without tensor-core dots (default "tflops_bf16")
     shapes(quick)          list of shape dicts (the keyword arguments of cost())
     inputs(shape, device, dtype) -> tuple of call arguments
     kernel()               the fused function, or raises ImportError with the reason it is absent
     reference(*args)       the eager PyTorch function it must match (also what torch.compile compiles)
-    cost(shape)            {"flops", "bytes"}: the kernel's roofline_cost for that shape
+    cost(shape, dtype_bytes=2)  {"flops", "bytes"}: the kernel's roofline_cost for that shape, dtype_bytes per
+                           element of the inputs `inputs` makes in the timed dtype (2: bf16, the roofline's)
     extra_providers()      optional: {name: (fn or None, reason)} (flash-attn and the like)
 """
 
@@ -66,7 +68,7 @@ def run_op(op: str, device: str, quick: bool, log) -> list[dict]:
     rows = []
     providers = _providers(bench, device)
     for shape in bench.shapes(quick):
-        cost = bench.cost(shape)
+        cost = bench.cost(shape, dtype_bytes=dtype.itemsize)  # the bytes of the dtype timed, not bf16's
         for name, (fn, why) in providers.items():
             row = {"op": op, "shape": shape_label(shape), "dtype": str(dtype).removeprefix("torch."),
                    "provider": name, "pass": "fwd+bwd" if bench.BACKWARD else "fwd", **cost}

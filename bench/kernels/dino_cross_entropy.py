@@ -6,6 +6,7 @@ from terrafm_kernels import reference as _reference
 
 OP = "dino_cross_entropy"
 BACKWARD = True
+PEAK = "tflops_fp32"  # no tensor-core dots: its FLOPs run on the FMA units (bench/roofline.py)
 
 
 def shapes(quick: bool) -> list[dict]:
@@ -31,7 +32,7 @@ def kernel():
 reference = _reference.dino_cross_entropy
 
 
-def cost(shape: dict) -> dict:
+def cost(shape: dict, dtype_bytes: int = 2) -> dict:
     from terrafm_kernels.dino_cross_entropy import roofline_cost
 
-    return roofline_cost(**shape)
+    return roofline_cost(**shape, dtype_bytes=dtype_bytes)

@@ -39,7 +39,7 @@ def reference(*args):
     return spec.dino_head_loss(*args)
 
 
-def cost(shape: dict) -> dict:
+def cost(shape: dict, dtype_bytes: int = 2) -> dict:
     from terrafm_kernels.dino_head_loss import roofline_cost
 
-    return roofline_cost(**shape, teacher_weight=True)
+    return roofline_cost(**shape, dtype_bytes=dtype_bytes, teacher_weight=True)

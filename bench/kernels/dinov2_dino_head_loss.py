@@ -47,7 +47,8 @@ def kernel():
 reference = dinov2_eager.dino_head_step_loss
 
 
-def cost(shape: dict) -> dict:
+def cost(shape: dict, dtype_bytes: int = 2) -> dict:
     from terrafm_kernels.dino_head_loss import roofline_cost
 
-    return roofline_cost(S=2 + shape["local"], T=2, B=shape["B"], K=shape["K"], D=shape["D"], teacher_weight=True)
+    return roofline_cost(S=2 + shape["local"], T=2, B=shape["B"], K=shape["K"], D=shape["D"],
+                         dtype_bytes=dtype_bytes, teacher_weight=True)

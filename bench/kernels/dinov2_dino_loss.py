@@ -7,6 +7,7 @@ from .. import dinov2_eager
 
 OP = "dinov2_dino_loss"
 BACKWARD = True
+PEAK = "tflops_fp32"  # no tensor-core dots: its FLOPs run on the FMA units (bench/roofline.py)
 
 
 def shapes(quick: bool) -> list[dict]:
@@ -40,11 +41,11 @@ def kernel():
 reference = dinov2_eager.dino_step_loss
 
 
-def cost(shape: dict) -> dict:
+def cost(shape: dict, dtype_bytes: int = 2) -> dict:
     from terrafm_kernels import dino_student_ce, dino_teacher
 
     B, n_local, K = shape["B"], shape["local"], shape["K"]
-    parts = [dino_teacher.roofline_cost(R=2 * B, K=K)]
-    parts += [dino_student_ce.roofline_cost(R=B, K=K, T=2)] * n_local
-    parts += [dino_student_ce.roofline_cost(R=2 * B, K=K, T=1)]
+    parts = [dino_teacher.roofline_cost(R=2 * B, K=K, dtype_bytes=dtype_bytes)]
+    parts += [dino_student_ce.roofline_cost(R=B, K=K, T=2, dtype_bytes=dtype_bytes)] * n_local
+    parts += [dino_student_ce.roofline_cost(R=2 * B, K=K, T=1, dtype_bytes=dtype_bytes)]
     return {key: sum(p[key] for p in parts) for key in ("flops", "bytes")}

@@ -7,6 +7,7 @@ from .. import dinov2_eager
 
 OP = "dinov2_ibot_loss"
 BACKWARD = True
+PEAK = "tflops_fp32"  # no tensor-core dots: its FLOPs run on the FMA units (bench/roofline.py)
 
 
 def shapes(quick: bool) -> list[dict]:
@@ -41,9 +42,9 @@ def kernel():
 reference = dinov2_eager.ibot_step_loss
 
 
-def cost(shape: dict) -> dict:
+def cost(shape: dict, dtype_bytes: int = 2) -> dict:
     from terrafm_kernels import dino_student_ce, dino_teacher
 
-    teacher = dino_teacher.roofline_cost(R=shape["M"], K=shape["K"])
-    student = dino_student_ce.roofline_cost(R=shape["M"], K=shape["K"], T=1)
+    teacher = dino_teacher.roofline_cost(R=shape["M"], K=shape["K"], dtype_bytes=dtype_bytes)
+    student = dino_student_ce.roofline_cost(R=shape["M"], K=shape["K"], T=1, dtype_bytes=dtype_bytes)
     return {key: teacher[key] + student[key] for key in ("flops", "bytes")}

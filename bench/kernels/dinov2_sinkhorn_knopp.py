@@ -7,6 +7,7 @@ from .. import dinov2_eager
 
 OP = "dinov2_sinkhorn_knopp"
 BACKWARD = False
+PEAK = "tflops_fp32"  # no tensor-core dots: its FLOPs run on the FMA units (bench/roofline.py)
 
 
 def shapes(quick: bool) -> list[dict]:
@@ -29,7 +30,7 @@ def kernel():
 reference = dinov2_eager.sinkhorn_knopp
 
 
-def cost(shape: dict) -> dict:
+def cost(shape: dict, dtype_bytes: int = 2) -> dict:
     from terrafm_kernels.dino_teacher import roofline_cost
 
-    return roofline_cost(**shape, n_iterations=3)
+    return roofline_cost(**shape, dtype_bytes=dtype_bytes, n_iterations=3)

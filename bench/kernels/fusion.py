@@ -6,6 +6,7 @@ from terrafm_kernels import reference as _reference
 
 OP = "fusion"
 BACKWARD = True
+PEAK = "tflops_fp32"  # no tensor-core dots: its FLOPs run on the FMA units (bench/roofline.py)
 NUM_HEADS = 16
 
 
@@ -38,7 +39,7 @@ def reference(*args):
     return _reference.cross_attention_fusion(*args).float().square().mean()
 
 
-def cost(shape: dict) -> dict:
+def cost(shape: dict, dtype_bytes: int = 2) -> dict:
     from terrafm_kernels.fusion import roofline_cost
 
-    return roofline_cost(**shape, backward=True)
+    return roofline_cost(**shape, dtype_bytes=dtype_bytes, backward=True)

@@ -40,7 +40,7 @@ def reference(*args):
     return _reference.patch_embed(*args).float().square().mean()
 
 
-def cost(shape: dict) -> dict:
+def cost(shape: dict, dtype_bytes: int = 2) -> dict:
     from terrafm_kernels.patch_embed import roofline_cost
 
-    return roofline_cost(**shape, backward=True)
+    return roofline_cost(**shape, dtype_bytes=dtype_bytes, backward=True)

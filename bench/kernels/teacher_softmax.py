@@ -6,6 +6,7 @@ from terrafm_kernels import reference as _reference
 
 OP = "teacher_softmax"
 BACKWARD = False
+PEAK = "tflops_fp32"  # no tensor-core dots: its FLOPs run on the FMA units (bench/roofline.py)
 
 
 def shapes(quick: bool) -> list[dict]:
@@ -33,7 +34,7 @@ def kernel():
 reference = _reference.teacher_softmax
 
 
-def cost(shape: dict) -> dict:
+def cost(shape: dict, dtype_bytes: int = 2) -> dict:
     from terrafm_kernels.teacher_softmax import roofline_cost
 
-    return roofline_cost(**shape)
+    return roofline_cost(**shape, dtype_bytes=dtype_bytes)

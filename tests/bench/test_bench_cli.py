@@ -31,6 +31,10 @@ def test_quick_subset_writes_json_markdown_and_png(quick_run):
     assert meta["timestamp"] and meta["machine"]["cpu_count"]
     rows = {r["provider"]: r for r in result["sections"]["kernels"]}
     assert rows["eager"]["ms"] > 0 and rows["eager"]["gb_per_s"] > 0 and rows["eager"]["peak_bytes"] > 0
+    if rows["eager"]["dtype"] == "float32":  # GB/s from the bytes of the timed dtype: fp32 logits in, fp32 probs out
+        R, K = 128, 8192
+        assert rows["eager"]["bytes"] == 4 * R * K + 4 * R * K + 4 * 4 * K  # + c, c_h read, two sums written
+        assert rows["eager"]["gb_per_s"] == pytest.approx(rows["eager"]["bytes"] / (rows["eager"]["ms"] * 1e6))
     assert rows["compile"]["ms"] > 0
     if not torch.cuda.is_available():  # interpreter runs are never timed
         assert "ms" not in rows["kernel"] and "interpreter" in rows["kernel"]["skipped"]
@@ -70,6 +74,55 @@ def test_bad_arguments_name_what_is_wrong(tmp_path, capsys):
         assert flag in capsys.readouterr().err
     assert main(["bench", "--only", "roofline", "--out", str(bogus)]) == 2  # a file where the folder should go
     assert "is a file" in capsys.readouterr().err and bogus.read_text() == "{}"
+
+
+def _result(step_rows: list[dict], revision: str = "abc") -> dict:
+    return {"quick": True, "device": "cpu", "meta": {"git_revision": revision}, "sections": {"step": step_rows}}
+
+
+def test_compare_keeps_rows_that_differ_only_in_head_apart(tmp_path, capsys):
+    rows = [{"config": "tiny", "batch": 8, "precision": "fp32", "head": h, "step_s": s}
+            for h, s in (("unfused", 0.2), ("fused", 0.4))]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_result(rows)))
+    b.write_text(json.dumps(_result([{**r, "step_s": r["step_s"] / 2} for r in rows])))
+    capsys.readouterr()
+    assert main(["bench", "--compare", str(a), str(b)]) == 0
+    table = capsys.readouterr().out
+    assert "| step | tiny | 8 | fp32 | unfused | 200 | 100 | 0.50x |" in table
+    assert "| step | tiny | 8 | fp32 | fused | 400 | 200 | 0.50x |" in table
+
+
+@pytest.mark.parametrize("content", [
+    "5", '"sections meta"', "[1, 2]", '{"sections": [], "meta": {}}', "{bad", b"\xff\xfe",
+    json.dumps(_result([{"config": "tiny", "step_s": 0.1}])),
+    json.dumps(_result([{"config": "tiny", "batch": 8, "precision": "fp32", "step_s": 0}])),
+    json.dumps({**_result([]), "sections": {"kernels": {"op": "x"}}}),
+])
+def test_compare_names_a_malformed_file_in_one_line(tmp_path, capsys, content):
+    bad, good = tmp_path / "bad.json", tmp_path / "good.json"
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    good.write_text(json.dumps(_result([])))
+    capsys.readouterr()
+    assert main(["bench", "--compare", str(good), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.json" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_roofline_floor_uses_the_peak_of_the_units_the_op_runs_on():
+    """Dot-free ops (fusion, softmax, cross-entropy) compute on the FMA units: 66.9 TFLOP/s fp32 on H100, not the
+    989.5 of bf16 tensor cores; ops built on dots keep the tensor-core peak."""
+    from terrafm_bench import roofline
+
+    compute = {"flops": int(66.9e12), "bytes": 1}
+    assert roofline_floor_us(compute, "H100 SXM", "tflops_fp32") == pytest.approx(1e6)
+    rows = roofline.run(None, False, lambda _: None)
+    peaks = {r["op"]: r["peak"] for r in rows}
+    assert peaks["patch_embed"] == peaks["attention"] == peaks["dino_head_loss"] == "tflops_bf16"
+    assert peaks["fusion"] == peaks["teacher_softmax"] == peaks["dino_cross_entropy"] == "tflops_fp32"
+    for r in rows:
+        flops_per_s = {"tflops_bf16": 989.5e12, "tflops_fp32": 66.9e12}[r["peak"]]
+        assert r["floor_us_H100"] == pytest.approx(1e6 * max(r["flops"] / flops_per_s, r["bytes"] / 3.35e12))
 
 
 def test_tensor_peak_counts_live_tensors_only():

@@ -62,3 +62,30 @@ def test_cli_writes_the_comm_table(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "terrafm.cli", "bench", "--only", "comm", "--out", str(tmp_path),
                           "--mfu", "2"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "mfu" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_nvlink_default_is_one_direction_like_infiniband():
+    """A ring collective's bytes cross each link in one direction: NVLink 4 is 18 links x 25 GB/s per direction
+    on H100 SXM (NVIDIA's 900 GB/s adds both directions), as InfiniBand's 400 Gb/s is per direction."""
+    import argparse
+
+    from terrafm_bench.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    per_direction = 18 * 25.0
+    assert parser.parse_args([]).nvlink_gb_s == per_direction
+    row = next(r for r in comm.table() if r["model"] == "ViT-B" and r["gpus"] == 8)
+    ring_bytes = row["all_gather_bytes"] + row["reduce_scatter_bytes"]
+    assert row["comm_s"] == pytest.approx(ring_bytes / (per_direction * 1e9))
+
+
+def test_root_counts_the_fusion_parameters_the_presets_train():
+    """ViT-B root by hand (A = 3 D, patch 16, 12 + 12 + 2 bands): three convs and modality vectors, the token
+    projection, the Case N fusion (key A x A, 5 queries, pool; model.fusion is on in every preset), cls, 197
+    position embeddings, final norm."""
+    D, A, p = 768, 3 * 768, 16
+    convs = (12 + 12 + 2) * p * p * A + 3 * A + 3 * A
+    projection = A * A + 2 * A + (A * A + A) + (A * D + D)
+    fusion = A * A + 5 * A + A
+    assert comm.param_counts("terrafm_base")["root"] == convs + projection + fusion + D + 197 * D + 2 * D
