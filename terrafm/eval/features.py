@@ -3,7 +3,8 @@
 Classification uses the cls token after the final norm, (N, D); segmentation the normed patch tokens
 of the model's out_indices blocks concatenated, (N, L*D, H/p, W/p). Caches are .npz files named by
 a hash of the checkpoint (path, size, mtime; for a run folder those of the checkpoint it resolves to
-now), dataset path, split, modality, image size, kind and input preparation (statistics, S1 scaling).
+now), dataset path, split, modality, image size, kind, input preparation (statistics, S1 scaling, band order)
+and a hash of the split's images as read (images_digest).
 """
 
 import hashlib
@@ -30,6 +31,16 @@ def cache_key(checkpoint: str | Path, data: str | Path, split: str, modality: st
              "data": str(Path(data).resolve()), "split": split, "modality": modality,
              "img_size": img_size, "kind": kind, "inputs": inputs}
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def images_digest(images: np.ndarray) -> str:
+    """A hash of a split's images (values, order, shape, dtype), part of the cache key: the dataset path alone
+    misses a relabelled sample (a file moved to another class folder reorders the split at the same row count)
+    or images rewritten in place, and cached features would then be scored against other samples' labels."""
+    arr = np.ascontiguousarray(images)
+    digest = hashlib.blake2b(f"{arr.shape}{arr.dtype}".encode(), digest_size=16)
+    digest.update(memoryview(arr).cast("B"))
+    return digest.hexdigest()
 
 
 def resize(images: torch.Tensor, img_size: int | None) -> torch.Tensor:

@@ -40,6 +40,10 @@ def knn_predict(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: n
                 temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> np.ndarray:
     """DINO kNN: cosine similarity of L2-normalised features, top-k votes weighted by exp(sim / T).
 
+    The weights are computed as exp((sim - max sim) / T), the same votes divided by one constant per test sample:
+    exp(sim / T) overflows float32 for T below ~0.0113 (exp(1 / 0.01) > 3.4e38), and neighbours tied at inf
+    would hand the vote to the lowest class id. k is capped at the number of training samples; a tie between
+    classes goes to the lowest class id.
     Returns (M,) class ids, or (M, K) multi-hot where a label wins when its weighted vote exceeds half.
     """
     train, test = _l2(train_feats), _l2(test_feats)
@@ -50,7 +54,7 @@ def knn_predict(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: n
     preds = []
     for start in range(0, len(test), chunk):
         sim, idx = (test[start:start + chunk] @ train.T).topk(k, dim=1)
-        weights = (sim / temperature).exp()
+        weights = ((sim - sim[:, :1]) / temperature).exp()  # topk sorts: column 0 is the largest
         votes = (weights[..., None] * targets[idx]).sum(1)
         if multilabel:
             preds.append((votes / weights.sum(1, keepdim=True) > 0.5).float())
@@ -81,6 +85,16 @@ def _linear_out(head: torch.nn.Linear, x: torch.Tensor, multilabel: bool) -> np.
     return (logits > 0).float().numpy() if multilabel else logits.argmax(1).numpy()
 
 
+def standardisation(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std of the training features, in float64 (the squares of float32 features above ~1e19
+    overflow). A feature (near-)constant in training keeps its scale (std 1, as sklearn's StandardScaler does):
+    dividing by ~0 would blow tiny test-time differences up into the largest inputs of a weight that training
+    never moved (its input was always 0)."""
+    feats = np.asarray(feats, dtype=np.float64)
+    mean, std = feats.mean(0), feats.std(0)
+    return mean, np.where(std > 1e-6 * np.maximum(np.abs(mean), 1), std, 1.0)
+
+
 def linear_probe(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
                  val_feats: np.ndarray | None = None, val_labels: np.ndarray | None = None,
                  lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1), epochs: int = 100, seed: int = 0,
@@ -91,7 +105,7 @@ def linear_probe(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: 
     (when it leaves at least 5 samples), then refit on all of them. Returns (test predictions, lr).
     """
     multilabel = train_labels.ndim == 2
-    mean, std = train_feats.mean(0), train_feats.std(0) + 1e-6
+    mean, std = standardisation(train_feats)
     prep = lambda f: torch.from_numpy(((f - mean) / std).astype(np.float32))  # noqa: E731
     out_dim = train_labels.shape[1] if multilabel else (num_classes or int(train_labels.max()) + 1)
     y_all = torch.from_numpy(train_labels).float() if multilabel else torch.from_numpy(train_labels).long()
@@ -122,6 +136,8 @@ def segmentation_probe(train_maps: np.ndarray, train_masks: np.ndarray, test_map
     """Per-pixel linear head: BatchNorm + 1x1 conv on multi-scale maps (N, L*D, h, w), upsampled
     bilinearly to the mask size (H, W) and trained with cross-entropy (pixels = 255 ignored).
 
+    A batch of one image trains too (BatchNorm's statistics are over its pixels): a 1% subset of a small set is
+    often one image, which a per-sample rule would leave as the untrained random head.
     Returns (M, H, W) predicted class ids, (H, W) = out_size or the training mask size.
     """
     torch.manual_seed(seed)
@@ -134,7 +150,7 @@ def segmentation_probe(train_maps: np.ndarray, train_masks: np.ndarray, test_map
     head.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-            if len(idx) < 2:  # BatchNorm needs two samples; the statistics are per pixel anyway
+            if len(idx) * x.shape[-2] * x.shape[-1] < 2:  # BatchNorm needs two values per channel (pixels count)
                 continue
             logits = F.interpolate(head(x[idx]), size=size, mode="bilinear", align_corners=False)
             opt.zero_grad()

@@ -20,7 +20,7 @@ from terrafm.eval.data import (
     s1_units,
     to_s1_scaling,
 )
-from terrafm.eval.features import cache_key, cached_features, extract
+from terrafm.eval.features import cache_key, cached_features, extract, images_digest
 
 PROBES_BY_TASK = {"classification": ("knn", "linear"), "multilabel": ("knn", "linear"), "segmentation": ("seg",)}
 PROBES = tuple(dict.fromkeys(p for probes in PROBES_BY_TASK.values() for p in probes))  # knn, linear, seg
@@ -90,13 +90,34 @@ def _check_labels(splits: dict[str, EvalSplit], data: str) -> None:
                                  "range?")
 
 
-def _num_classes(splits: dict[str, EvalSplit]) -> int:
+def _compact_classes(splits: dict[str, EvalSplit], data: str) -> list[int]:
+    """Renumber the class ids that occur in the splits to 0..K-1 (in place, sorted; mask pixels at 255 stay
+    ignored) and return the original ids, one per confusion-matrix row. With K = largest id + 1, sparse ids
+    ({3, 7}, WorldCover's 10..100) gave the probes outputs for classes no sample has (which they could predict) and
+    an id near MAX_CLASSES a K x K confusion matrix of many GiB. A train split of one class, or a split without
+    a labelled pixel, is refused: every probe would score 100% (or 0) without telling anything apart."""
     train = splits["train"]
-    if train.task == "multilabel":
-        return train.labels.shape[1]
-    labels = np.concatenate([s.labels.ravel() for s in splits.values()])
-    labels = labels[labels != probes.IGNORE_INDEX]
-    return max(len(train.class_names), int(labels.max()) + 1)
+    seg = train.task == "segmentation"
+    for name, split in splits.items():
+        if seg and not (split.labels != probes.IGNORE_INDEX).any():
+            raise ValueError(f"split {name!r} of {data}: every mask pixel is {probes.IGNORE_INDEX} (ignored or "
+                             "nodata): no labelled pixel to fit or score")
+    train_ids = np.unique(train.labels)
+    train_ids = train_ids[train_ids != probes.IGNORE_INDEX] if seg else train_ids
+    if len(train_ids) < 2:
+        raise ValueError(f"the train split of {data} has one class (id {int(train_ids[0])}): a probe has nothing to "
+                         "tell apart and would score 100%")
+    ids = np.unique(np.concatenate([np.unique(s.labels) for s in splits.values()]))
+    ids = ids[ids != probes.IGNORE_INDEX] if seg else ids
+    if seg and len(ids) > probes.IGNORE_INDEX:
+        raise ValueError(f"{data} has {len(ids)} mask classes; at most {probes.IGNORE_INDEX} fit beside the ignore "
+                         f"value {probes.IGNORE_INDEX}")
+    if np.array_equal(ids, np.arange(len(ids))):  # already 0..K-1 (most sets): no copy of the masks
+        return ids.tolist()
+    for split in splits.values():
+        compact = np.searchsorted(ids, split.labels)
+        split.labels = np.where(split.labels == probes.IGNORE_INDEX, split.labels, compact) if seg else compact
+    return ids.tolist()
 
 
 def evaluate(cfg: EvalConfig, model) -> dict:
@@ -106,6 +127,9 @@ def evaluate(cfg: EvalConfig, model) -> dict:
     splits = _load_splits(cfg)
     train = splits["train"]
     task, modality = train.task, train.modality
+    class_ids = _compact_classes(splits, cfg.data) if task != "multilabel" else list(range(train.labels.shape[1]))
+    names = train.class_names
+    class_names = [names[i] if i < len(names) else str(i) for i in class_ids]
     wanted = PROBES_BY_TASK[task] if "all" in cfg.probes else tuple(cfg.probes)
     unfit = [p for p in wanted if p not in PROBES_BY_TASK[task]]
     if unfit:
@@ -122,13 +146,15 @@ def evaluate(cfg: EvalConfig, model) -> dict:
     cache_dir = cfg.cache_dir or out / "cache"
     feats = {}
     for name, split in splits.items():
-        key = cache_key(cfg.checkpoint, cfg.data, name, modality, cfg.img_size, kind, prep)
+        key = cache_key(cfg.checkpoint, cfg.data, name, modality, cfg.img_size, kind,
+                        f"{prep}:{images_digest(split.images)}")
         feats[name] = cached_features(cache_dir, key, lambda s=split, n=name: extract(
             model, normalize(s.images, mean, std), modality, kind, cfg.batch_size, cfg.img_size, cfg.device,
             desc=f"{n} features"), rows=len(split.labels))
-    num_classes = _num_classes(splits)
+    num_classes = len(class_ids)
     results = {"checkpoint": str(cfg.checkpoint), "data": str(cfg.data), "format": cfg.format, "task": task,
-               "modality": modality, "band_order": train.band_order, "num_classes": num_classes, "seed": cfg.seed,
+               "modality": modality, "band_order": train.band_order, "num_classes": num_classes,
+               "class_ids": class_ids, "class_names": class_names, "seed": cfg.seed,
                "statistics": stats_from, **s1,
                "splits": {n: len(s.labels) for n, s in splits.items()},
                "nodata_pixels": {n: nodata_pixels(s.images) for n, s in splits.items()}, "runs": []}
@@ -141,7 +167,7 @@ def evaluate(cfg: EvalConfig, model) -> dict:
             extra = {}
             if probe == "knn":
                 pred = probes.knn_predict(x_tr, y_tr, feats["test"], cfg.knn_k, cfg.knn_temperature, num_classes)
-                extra = {"k": cfg.knn_k, "temperature": cfg.knn_temperature}
+                extra = {"k": min(cfg.knn_k, len(idx)), "temperature": cfg.knn_temperature}
             elif probe == "linear":
                 val = splits.get("val")
                 pred, lr = probes.linear_probe(x_tr, y_tr, feats["test"], feats.get("val"),
@@ -161,7 +187,7 @@ def evaluate(cfg: EvalConfig, model) -> dict:
                 scores, cm = report(test_labels, pred, num_classes)
                 run.update(scores)
                 png = out / f"confusion_{tag}.png"
-                metrics.save_confusion_png(cm, png, train.class_names, title=f"{probe}, {fraction:.0%} labels")
+                metrics.save_confusion_png(cm, png, class_names, title=f"{probe}, {fraction * 100:g}% labels")
                 run["confusion_png"] = png.name
                 run["confusion_matrix"] = cm.tolist()
             run["seconds"] = round(time.perf_counter() - start, 3)

@@ -72,3 +72,73 @@ def test_confusion_png_is_written(tmp_path):
     cm = np.array([[3, 1], [0, 4]])
     metrics.save_confusion_png(cm, tmp_path / "cm.png", ["a", "b"])
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _knn_reference(train, labels, test, k, temperature):
+    """DINO's vote in float64: the top-k cosine neighbours, each weighted exp(sim / T), summed per class."""
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    out = []
+    for sims in unit(test.astype(np.float64)) @ unit(train.astype(np.float64)).T:
+        top = np.argsort(-sims)[:k]
+        out.append(int(np.bincount(labels[top], weights=np.exp(sims[top] / temperature)).argmax()))
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.02, 0.01, 0.005])
+def test_knn_small_temperature_does_not_overflow_into_a_tie(temperature):
+    """exp(sim / T) is inf in float32 for T < ~0.0113: neighbours tied at inf gave the vote to class 0."""
+    train = np.array([[1.0, 0.0], [0.9, 0.1], [0.95, 0.05]], np.float32)
+    labels = np.array([0, 1, 1])
+    test = np.array([[1.0, 0.01]], np.float32)
+    assert probes.knn_predict(train, labels, test, k=3, temperature=temperature).tolist() == \
+        _knn_reference(train, labels, test, 3, temperature) == [1]
+    multi = np.array([[1, 0], [0, 1], [0, 1]], np.float32)
+    assert probes.knn_predict(train, multi, test, k=3, temperature=temperature).tolist() == [[0.0, 1.0]]
+
+
+def test_knn_k_above_the_training_set_and_tied_votes():
+    train = np.array([[1.0, 0.0], [0.0, 1.0]])
+    test = np.array([[1.0, 1.0], [1.0, 0.1]])
+    # k = 20 > 2 samples: both vote; [1, 1] is as close to either, the tied vote goes to the lower id
+    assert probes.knn_predict(train, np.array([1, 0]), test, k=20).tolist() == [0, 1]
+    assert _knn_reference(train, np.array([1, 0]), test, 2, 0.07) == [0, 1]
+
+
+def test_linear_probe_standardises_huge_and_constant_features():
+    """float32 squares of features ~1e19 overflowed the std (inf: every feature 0); a feature constant in training
+    was divided by 1e-6, so test-time noise of 1e-4 became an input of 100 on a weight training never moved."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    x = (rng.normal(size=(200, 8)) + 4 * np.eye(3, 8)[y]).astype(np.float32)
+    huge = x * np.float32(1e19)
+    pred, _ = probes.linear_probe(huge[:150], y[:150], huge[150:], epochs=10)
+    assert (pred == y[150:]).mean() > 0.95
+    flat = x.copy()
+    flat[:150, 7] = 0.5
+    flat[150:, 7] = 0.5 + rng.normal(size=50).astype(np.float32) * 1e-4
+    pred, _ = probes.linear_probe(flat[:150], y[:150], flat[150:], epochs=10)
+    assert (pred == y[150:]).mean() > 0.95
+    mean, std = probes.standardisation(flat[:150])
+    assert std[7] == 1.0 and mean.dtype == np.float64
+
+
+def test_segmentation_probe_trains_on_a_single_image():
+    """A 1% subset of a small segmentation set is one image: it used to be skipped (BatchNorm wants two samples),
+    which left the random-init head to be scored."""
+    rng = np.random.default_rng(0)
+    mask = np.array([[[0, 1], [2, 0]]]).repeat(4, 1).repeat(4, 2)
+    maps = (5 * np.eye(3, 8)[mask[:, ::4, ::4]].transpose(0, 3, 1, 2)
+            + rng.normal(scale=0.1, size=(1, 8, 2, 2))).astype(np.float32)
+    pred = probes.segmentation_probe(maps, mask, maps, 3, epochs=30)
+    assert metrics.segmentation_report(mask, pred, 3)[0]["pixel_acc"] >= 0.75  # the untrained head: ~0.1
+
+
+def test_averaging_conventions_for_absent_and_predicted_only_classes():
+    """As docs/eval.md states: a class in neither truth nor prediction is not averaged; one predicted but absent from
+    the truth scores 0 (sklearn's macro F1 over the labels present, mmsegmentation's mIoU)."""
+    cm = metrics.confusion_matrix(np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1]), 4)  # class 2 only predicted
+    assert metrics.macro_f1(cm) == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert metrics.mean_iou(cm) == pytest.approx((1 / 2 + 1 + 0) / 3)
+    target = np.array([[1, 0, 0], [0, 0, 0]])  # label 2 never positive, never predicted; a row with no label
+    assert metrics.multilabel_f1(target, np.array([[1, 1, 0], [0, 0, 0]])) == pytest.approx(
+        {"f1_micro": 2 / 3, "f1_macro": (1 + 0) / 2})
