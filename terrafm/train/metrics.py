@@ -12,7 +12,8 @@ import torch
 
 from terrafm.fileio import atomic_write_bytes
 
-# The one table of GPU figures; a device matches a row by the first word of its key ("H100" in "NVIDIA H100 ...").
+# The one table of GPU figures; a device matches a row by the first word of its key ("H100" in "NVIDIA H100 ..."),
+# unless it is a variant with other figures (gpu_name).
 from terrafm_kernels.gpus import GPUS
 
 
@@ -28,8 +29,16 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float) -> 
     return GPUS[gpu]["tflops_bf16" if precision == "bf16" else "tflops_tf32"] * 1e12
 
 
+OTHER_VARIANTS = ("PCIE", "NVL", "40GB", "GH200")  # other peaks or bandwidth than the SXM rows of GPUS
+
+
 def gpu_name(device_name: str) -> str | None:
-    """The GPUS key a CUDA device name matches, or None (a GPU we have no peaks for)."""
+    """The GPUS key a CUDA device name matches ("NVIDIA H100 80GB HBM3" -> "H100 SXM", "NVIDIA A100-SXM4-80GB" ->
+    "A100 SXM 80GB"), or None for a GPU we have no figures for, including the variants of a listed one with other
+    peaks or bandwidth (H100 PCIe: 756 dense bf16 TFLOP/s, not 989; H100 NVL; A100 40GB; GH200): MFU then needs
+    train.peak_tflops rather than the SXM figures."""
+    if any(v in device_name.upper() for v in OTHER_VARIANTS):
+        return None
     for key in GPUS:
         if key.split()[0] in device_name:
             return key

@@ -141,3 +141,15 @@ def test_out_is_a_path_taken_verbatim(tmp_path, name, capsys):
     assert main(["pretrain", "--out", str(tmp_path / name), "--print-config"]) == 0
     train = yaml.safe_load(capsys.readouterr().out)["train"]
     assert (train["out_dir"], train["run_name"]) == (str(tmp_path), name)
+
+
+@pytest.mark.parametrize(("device_name", "key"), [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 SXM5 80GB", "H100 SXM"), ("NVIDIA H200", "H200 SXM"),
+    ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB"), ("NVIDIA H100 PCIe", None), ("NVIDIA H100 NVL", None),
+    ("NVIDIA A100-SXM4-40GB", None), ("NVIDIA A100-PCIE-40GB", None), ("NVIDIA GH200 480GB", None),
+    ("NVIDIA L40S", None)])
+def test_a_gpu_gets_the_figures_of_its_own_variant_or_none(device_name, key):
+    """MFU divides by the device's peak: an H100 PCIe (756 dense bf16 TFLOP/s) must not get the SXM's 989."""
+    from terrafm.train.metrics import gpu_name
+
+    assert gpu_name(device_name) == key
