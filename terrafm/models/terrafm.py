@@ -184,12 +184,15 @@ def backbone_flops(embed_dim: int, depth: int, patch_size: int, in_channels: Seq
 
     Patch embedding per modality: conv C*p*p -> A=3D, then proj1 (A->A), proj2 (A->A), proj3 (A->D);
     each block: qkv + proj 8*N*D^2, MLP 4*mlp_ratio*N*D^2, attention scores and values 4*N^2*D.
-    With 2+ modalities (Case N) the conv and proj1 run once per modality (the fusion is small).
+    With 2+ modalities (Case N) the conv, proj1 and the fusion's key projection (A->A) run once per modality; the
+    fusion's attention over the modality tokens (~4 Q M A per position) is left out (well under 1%).
     """
     n = (h // patch_size) * (w // patch_size)
     tokens = n + 1
     a = 3 * embed_dim
     embed = sum(2 * n * c * patch_size * patch_size * a + 2 * n * a * a for c in in_channels)
+    if len(in_channels) > 1:
+        embed += len(in_channels) * 2 * n * a * a
     embed += 2 * n * (a * a + a * embed_dim)
     blocks = depth * (2 * tokens * embed_dim * embed_dim * (4 + 2 * mlp_ratio) + 4 * tokens * tokens * embed_dim)
     return float(embed + blocks)

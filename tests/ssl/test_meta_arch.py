@@ -163,3 +163,19 @@ def test_fused_head_loss_matches_the_unfused_path(backend):
     assert fused.student.head.last_layer.weight_g.grad.abs().sum() > 0
     torch.testing.assert_close(fused.loss._pending, unfused.loss._pending, rtol=1e-5, atol=1e-6)
     assert unfused.last_teacher_probs is not None and fused.last_teacher_probs is None
+
+
+@pytest.mark.parametrize("channels", [{"s2_l2a": 12}, {"s2_l2a": 12, "s1": 2}])
+def test_backbone_flops_match_torchs_flop_counter(channels):
+    """MFU's numerator against torch's own count of the matmuls and convs of one forward (Case 1 and Case N,
+    where the fusion's key projection runs per modality): within 1%."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from terrafm.models import build_model
+
+    model = build_model("terrafm_tiny", fusion=True).eval()
+    x = {m: torch.randn(2, c, 64, 64) for m, c in channels.items()}
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x) if len(x) > 1 else model(x["s2_l2a"], "s2_l2a")
+    ours = 2 * backbone_flops(model.embed_dim, len(model.blocks), model.patch_size, list(channels.values()), 64, 64)
+    assert ours == pytest.approx(counter.get_total_flops(), rel=0.01)
