@@ -90,17 +90,15 @@ class Loader:
         self.seed = (cfg.seed * 1_000_003 + seed) % (2 ** 63)
         self.shards = ShardSet(cfg.shard_dir or ensure_sample_shards(), cfg.verify_checksums,
                                cfg.allow_index_mismatch)
-        tiles = {m: int((self.shards.offset[m][:, 0] >= 0).sum()) for m in self.shards.modalities}
+        present = {m: self.shards.offset[m][:, 0] >= 0 for m in self.shards.modalities}
+        tiles = {m: int(has.sum()) for m, has in present.items()}
         missing = [m for m in cfg.modalities if not tiles.get(m)]
         if missing:
             held = [m for m in MODALITY_NAMES if tiles.get(m)]
             counts = ", ".join(f"{m} {tiles[m]}" for m in held) or "none"
             raise ValueError(f"shards at {self.shards.root} hold no {' or '.join(missing)} tile (tiles: {counts}); "
                              f"set data.modalities to a subset of {held} or convert with those modalities")
-        have_all = np.ones(len(self.shards), bool)
-        for m in cfg.modalities:
-            have_all &= self.shards.offset[m][:, 0] >= 0
-        self.records = np.flatnonzero(have_all)
+        self.records = np.flatnonzero(np.logical_and.reduce([present[m] for m in cfg.modalities]))
         if len(self.records) == 0:
             counts = ", ".join(f"{m} {tiles[m]}" for m in cfg.modalities)
             raise ValueError(f"no location in {self.shards.root} has all of data.modalities {list(cfg.modalities)} "

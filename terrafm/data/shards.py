@@ -299,9 +299,9 @@ class ShardSet:
         return int(lost.sum())
 
     def _normalise_empty_bands(self, parts: list[dict]) -> None:
-        """A band with no valid pixel in any tile has the statistics of nothing (index.json: mean 0, std 1) while
-        its stored pixels all hold the nodata fill (the band's reference mean, ~1390 for S2 B01): normalise it
-        with the fill as its mean, so those pixels reach the model as 0 instead of as huge constants."""
+        """A band with no valid pixel in any tile: its stored pixels all hold the nodata fill (the band's reference
+        mean, ~1390 for S2 B01); normalise it with the fill as its mean and std 1, so those pixels reach the model
+        as 0, and say so. prepare records these statistics itself; shards written before recorded mean 0."""
         for m, info in self.modalities.items():
             if m not in MODALITIES or not all(f"{m}.count" in z for z in parts):
                 continue

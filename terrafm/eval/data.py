@@ -102,13 +102,19 @@ def bands_from_count(count: int, order: str = "esa") -> list[str]:
     return list(EUROSAT_BANDS[count]) if order == "eurosat" and count in EUROSAT_BANDS else known[count]
 
 
+def _band_pixels(images: np.ndarray) -> np.ndarray:
+    """(C, P) float64: a subsample of every band's pixels (256 images, every 4th row and column), enough for the
+    band-layout checks below."""
+    sample = images[:256, :, ::4, ::4].astype(np.float64)
+    return sample.transpose(1, 0, 2, 3).reshape(sample.shape[1], -1)
+
+
 def cirrus_order(images: np.ndarray) -> str | None:
     """Which 13-band order (N, 13, H, W) S2 reflectances are in, from where the cirrus band B10 sits: its top of
     atmosphere reflectance is near 0 except under cirrus, the lowest of the 13 bands by far (also with the +1000
     offset of processing baseline 04.00). ESA's order puts B10 11th, EuroSAT's 10th. None when the data cannot
     tell (normalised values, the lowest band elsewhere or not clearly lowest)."""
-    sample = images[:256, :, ::4, ::4].astype(np.float64)
-    medians = np.nanmedian(sample.transpose(1, 0, 2, 3).reshape(13, -1), axis=1)
+    medians = np.nanmedian(_band_pixels(images), axis=1)
     if not np.isfinite(medians).all() or medians.min() <= 0:
         return None
     lowest, second = np.argsort(medians)[:2]
@@ -120,7 +126,7 @@ def cirrus_order(images: np.ndarray) -> str | None:
 def true_colour_tail(images: np.ndarray) -> bool:
     """Whether 13-band (N, 13, H, W) S2 data ends in three 8-bit bands (integers in 0-255, a true-colour RGB) after
     ten bands of reflectance (medians over 255): GEO-Bench's m-brick-kiln (geo-bench#29)."""
-    sample = images[:256, :, ::4, ::4].astype(np.float64).transpose(1, 0, 2, 3).reshape(13, -1)
+    sample = _band_pixels(images)
     tail = sample[10:]
     tail = tail[np.isfinite(tail)]
     if tail.size == 0 or tail.min() < 0 or tail.max() > 255 or not np.array_equal(tail, np.round(tail)):
@@ -278,14 +284,20 @@ def _band_keys(f, path: Path) -> dict[str, str]:
     return keys
 
 
+def _drop_band_axis(mask: np.ndarray) -> np.ndarray:
+    """A mask stored with a singleton band axis, (1, H, W) or (H, W, 1), as (H, W); any other array as it is."""
+    if mask.ndim == 3 and 1 in (mask.shape[0], mask.shape[-1]):
+        return mask[0] if mask.shape[0] == 1 else mask[..., 0]
+    return mask
+
+
 def _label_shape(label: np.ndarray, path: Path) -> np.ndarray:
     """A sample's label as a class id (), a multi-hot vector (K,) or a mask (H, W). A one-element vector is a class
     id (not a multi-label set of one class); a mask with a singleton band axis, (1, H, W) or (H, W, 1), is squeezed
     as folder masks are; any other shape is refused by name."""
     if label.shape == (1,):
         return label.reshape(())
-    if label.ndim == 3 and 1 in (label.shape[0], label.shape[-1]):
-        label = label[0] if label.shape[0] == 1 else label[..., 0]
+    label = _drop_band_axis(label)
     if label.ndim > 2:
         raise ValueError(f"{path}: its label has shape {label.shape}; expected a class id, a multi-hot vector (K,) "
                          "or a mask (H, W)")
@@ -492,8 +504,7 @@ def _read_mask(path: Path, size: tuple[int, int], split: str) -> np.ndarray:
     from terrafm.eval.probes import IGNORE_INDEX
 
     mask, declared = _decode(path)
-    if mask.ndim == 3 and 1 in (mask.shape[0], mask.shape[-1]):
-        mask = mask[0] if mask.shape[0] == 1 else mask[..., 0]
+    mask = _drop_band_axis(mask)
     if mask.ndim != 2:
         raise ValueError(f"{path}: a mask is one band of class ids (H, W), got shape {mask.shape}")
     if mask.shape != size:

@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 
 def cache_key(checkpoint: str | Path, data: str | Path, split: str, modality: str, img_size: int | None,
-              kind: str, inputs: str = "") -> str:
-    """inputs: how the images were prepared (normalisation statistics, S1 scaling): other features if it differs."""
+              kind: str, inputs: str = "", images: str = "") -> str:
+    """inputs: how the images were prepared (normalisation statistics, S1 scaling); images: images_digest of the
+    split as read. Other features if either differs."""
     ckpt = Path(checkpoint).resolve()
     if ckpt.is_dir():  # a run folder: key on the checkpoint it resolves to now, so new steps miss the cache
         from terrafm.checkpoint_io import resolve
@@ -29,7 +30,7 @@ def cache_key(checkpoint: str | Path, data: str | Path, split: str, modality: st
     stat = ckpt.stat()
     ident = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime": stat.st_mtime_ns,
              "data": str(Path(data).resolve()), "split": split, "modality": modality,
-             "img_size": img_size, "kind": kind, "inputs": inputs}
+             "img_size": img_size, "kind": kind, "inputs": inputs, "images": images}
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

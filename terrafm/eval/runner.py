@@ -146,8 +146,7 @@ def evaluate(cfg: EvalConfig, model) -> dict:
     cache_dir = cfg.cache_dir or out / "cache"
     feats = {}
     for name, split in splits.items():
-        key = cache_key(cfg.checkpoint, cfg.data, name, modality, cfg.img_size, kind,
-                        f"{prep}:{images_digest(split.images)}")
+        key = cache_key(cfg.checkpoint, cfg.data, name, modality, cfg.img_size, kind, prep, images_digest(split.images))
         feats[name] = cached_features(cache_dir, key, lambda s=split, n=name: extract(
             model, normalize(s.images, mean, std), modality, kind, cfg.batch_size, cfg.img_size, cfg.device,
             desc=f"{n} features"), rows=len(split.labels))
