@@ -415,6 +415,30 @@ def _config_changes(resume_from: Path, cfg: Config, sections: tuple[str, ...] = 
     return "; ".join(changes)
 
 
+def _normalisation_changes(resume_from: Path, now: dict, tolerance: float = 1e-3) -> str:
+    """How this run's per-band normalisation (input_metadata) differs from the checkpoint's, e.g.
+    "s2_l2a B04 mean moved 0.31 std, std x1.10"; "" when within tolerance or either side does not record it."""
+    try:
+        saved = checkpoint_io.read_meta(resume_from).get("data", {})
+    except (checkpoint_io.CheckpointError, OSError, ValueError):
+        return ""
+    changes = []
+    for m in sorted(set(saved.get("mean", {})) & set(now.get("mean", {}))):
+        try:
+            old_mean, old_std = (np.asarray(saved[k][m], np.float64) for k in ("mean", "std"))
+            new_mean, new_std = (np.asarray(now[k][m], np.float64) for k in ("mean", "std"))
+            shift, scale = np.abs(new_mean - old_mean) / old_std, new_std / old_std
+        except (KeyError, TypeError, ValueError):
+            continue
+        if shift.shape != scale.shape or shift.ndim != 1 or not (np.isfinite(shift).all() and np.isfinite(scale).all()):
+            continue
+        bands = list(now.get("bands", {}).get(m) or range(len(shift)))
+        worst = int(np.argmax(np.maximum(shift, np.abs(np.log(scale)))))
+        if shift[worst] > tolerance or abs(np.log(scale[worst])) > tolerance:
+            changes.append(f"{m} {bands[worst]}: mean moved {shift[worst]:.3g} std, std x{scale[worst]:.3g}")
+    return "; ".join(changes)
+
+
 def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, stop: PreemptionFlag) -> TrainResult:
     cfg = resolve_ops(cfg, env.device)
     t, o, s = cfg.train, cfg.optim, cfg.ssl
@@ -499,6 +523,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
     if changed:
         logger.write(f"resume: settings changed since {resume_from.name} ({changed}); config.yaml now records "
                      f"this run's, {resume_from / 'meta.json'} the checkpoint's")
+    renormalised = resume_from is not None and _normalisation_changes(resume_from, meta["data"])
+    if renormalised:
+        logger.write(f"warning: resume: data.shard_dir normalises the bands otherwise than when {resume_from.name} was "
+                     f"written ({renormalised}); the model now sees its inputs shifted and rescaled. Shards "
+                     "re-converted with other data do this: convert with the checkpoint's statistics "
+                     f"({resume_from / 'meta.json'}, data.mean / data.std) or start a new run")
     if resume_from is not None and saved_steps not in (None, total_steps):
         old_lr = schedules.learning_rate(step, saved_steps, peak_lr, warmup_steps, o.min_lr)
         new_lr = schedules.learning_rate(step, total_steps, peak_lr, warmup_steps, o.min_lr)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 
 import pytest
@@ -114,6 +115,16 @@ def test_default_pretrain_on_the_sample_tiles_then_export_round_trip(tmp_path, c
     torch.testing.assert_close(model(x, "s2_l2a"), loaded(x, "s2_l2a"))
     pointer = load_checkpoint(run_dir / "checkpoints" / "latest").eval()  # the pointer file names the same one
     torch.testing.assert_close(pointer(x, "s2_l2a"), loaded(x, "s2_l2a"))
+    # shards re-converted with other statistics: the resume goes on and says what moved
+    moved = tmp_path / "moved_shards"
+    shutil.copytree(shard_dir, moved)
+    index = json.loads((moved / "index.json").read_text())
+    s2 = index["modalities"]["s2_l2a"]
+    s2["mean"][3] += 0.25 * s2["std"][3]
+    (moved / "index.json").write_text(json.dumps(index))
+    assert main(["pretrain", "--out", str(run_dir), "--resume", "train.max_steps=3", f"data.shard_dir={moved}"]) == 0
+    printed = capsys.readouterr().out
+    assert "normalises the bands otherwise" in printed and "s2_l2a B04: mean moved 0.25 std, std x1" in printed, printed
 
 
 @pytest.mark.slow  # torch.compile on CPU: ~1-2 min
