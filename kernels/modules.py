@@ -22,11 +22,13 @@ class PatchEmbed(torch.nn.Module):
 
     Runs the Triton kernel on CUDA tensors, and on CPU tensors the kernel under TRITON_INTERPRET=1
     or else the reference (conv2d), chosen when the module is built, so it works in any environment.
+    strict_img_size (timm's default): images must be img_size; False takes any multiple of the patch size.
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768, bias: bool = True):
+                 embed_dim: int = 768, bias: bool = True, strict_img_size: bool = True):
         super().__init__()
+        self.strict_img_size = bool(strict_img_size)
         self.img_size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
         self.patch_size = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
         if self.patch_size[0] != self.patch_size[1]:
@@ -40,6 +42,10 @@ class PatchEmbed(torch.nn.Module):
         self.cpu_impl = patch_embed if _common.INTERPRET else reference.patch_embed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.strict_img_size and x.dim() == 4 and tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"PatchEmbed: input is {tuple(x.shape[-2:])} pixels, the module's img_size is "
+                             f"{self.img_size}; build it with that img_size, or strict_img_size=False for any "
+                             f"multiple of the patch size {self.patch_size[0]}")
         fn = patch_embed if x.is_cuda else self.cpu_impl
         return fn(x, self.proj.weight, self.proj.bias)
 

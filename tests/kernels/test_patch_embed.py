@@ -163,6 +163,11 @@ def test_module_is_a_timm_style_drop_in(device):
     torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
     module.load_state_dict({"proj.weight": torch.zeros(24, 12, 16, 16), "proj.bias": torch.ones(24)})
     assert torch.equal(module(x).cpu(), torch.ones(2, 4, 24))
+    # timm's strict_img_size: another image size is refused unless the module is built to take it
+    with pytest.raises(ValueError, match=r"input is \(32, 48\) pixels, the module's img_size is \(32, 32\)"):
+        module(torch.randn(2, 12, 32, 48, device=device))
+    loose = PatchEmbed(img_size=32, patch_size=16, in_chans=12, embed_dim=24, strict_img_size=False).to(device)
+    assert loose(torch.randn(2, 12, 32, 48, device=device)).shape == (2, 6, 24)
 
 
 @pytest.mark.parametrize("change,error,match", [
