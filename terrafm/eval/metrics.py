@@ -34,14 +34,15 @@ def mean_iou(cm: np.ndarray) -> float:
 
 
 def multilabel_f1(target: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """Micro and macro F1 of multi-hot (N, K) predictions (macro over labels with any positive)."""
+    """Micro and macro F1 of multi-hot (N, K) predictions. Macro is over all K labels, a label with no positive in
+    truth or prediction scoring 0, as sklearn's f1_score(average="macro", zero_division=0) and torchmetrics'
+    MultilabelF1Score(average="macro") do, so the numbers compare with results computed by either."""
     target, pred = np.asarray(target).astype(bool), np.asarray(pred).astype(bool)
     tp = (target & pred).sum(0).astype(np.float64)
     fp, fn = (~target & pred).sum(0), (target & ~pred).sum(0)
     denom = 2 * tp + fp + fn
-    present = denom > 0
     micro = 2 * tp.sum() / max(denom.sum(), 1)
-    macro = float(np.mean(2 * tp[present] / denom[present])) if present.any() else 0.0
+    macro = float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0))) if denom.size else 0.0
     return {"f1_micro": float(micro), "f1_macro": macro}
 
 

@@ -135,10 +135,11 @@ def test_segmentation_probe_trains_on_a_single_image():
 
 def test_averaging_conventions_for_absent_and_predicted_only_classes():
     """As docs/eval.md states: a class in neither truth nor prediction is not averaged; one predicted but absent from
-    the truth scores 0 (sklearn's macro F1 over the labels present, mmsegmentation's mIoU)."""
+    the truth scores 0 (sklearn's macro F1 over the labels present, mmsegmentation's mIoU). Multi-label macro F1
+    averages every label, one in neither truth nor prediction as 0 (sklearn's and torchmetrics' multi-label macro)."""
     cm = metrics.confusion_matrix(np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1]), 4)  # class 2 only predicted
     assert metrics.macro_f1(cm) == pytest.approx((2 / 3 + 1 + 0) / 3)
     assert metrics.mean_iou(cm) == pytest.approx((1 / 2 + 1 + 0) / 3)
     target = np.array([[1, 0, 0], [0, 0, 0]])  # label 2 never positive, never predicted; a row with no label
     assert metrics.multilabel_f1(target, np.array([[1, 1, 0], [0, 0, 0]])) == pytest.approx(
-        {"f1_micro": 2 / 3, "f1_macro": (1 + 0) / 2})
+        {"f1_micro": 2 / 3, "f1_macro": (1 + 0 + 0) / 3})
