@@ -64,28 +64,33 @@ class EvalSplit:
         return {1: "classification", 2: "multilabel", 3: "segmentation"}[self.labels.ndim]
 
 
-def modality_for_bands(bands: list[str], modality: str = "auto") -> tuple[str, list[int]]:
+def modality_for_bands(bands: list[str], modality: str = "auto",
+                       stored: list[str] | None = None) -> tuple[str, list[int]]:
     """Choose the modality that the dataset's band names fit and the indices that select its bands.
 
-    S2 products with B10 (13 bands) drop it; anything else must contain every band of the modality.
+    S2 products with B10 (13 bands) drop it; anything else must contain every band of the modality. stored: the
+    names as the dataset spells them, when `bands` are their S2/S1 readings (for the message only).
     """
     wanted = {name: [b for b in MODALITIES[name].bands] for name in MODALITIES}
     fits = [m for m, bs in wanted.items() if set(bs) <= set(bands)]
     if modality == "auto":
         if not fits:
-            raise ValueError(_no_fit_message(bands))
+            raise ValueError(_no_fit_message(bands, stored))
         s2 = [m for m in fits if m.startswith("s2")]
         modality = ("s2_l1c" if "B10" in bands else "s2_l2a") if s2 else fits[0]
     elif modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected 'auto' or one of {list(MODALITIES)}")
     elif modality not in fits:
-        raise ValueError(f"--modality {modality}: " + _no_fit_message(bands))
+        raise ValueError(f"--modality {modality}: " + _no_fit_message(bands, stored))
     return modality, [bands.index(b) for b in wanted[modality]]
 
 
-def _no_fit_message(bands: list[str]) -> str:
+def _no_fit_message(bands: list[str], stored: list[str] | None = None) -> str:
+    """The dataset's bands as it names them (another sensor's numbered bands, e.g. Landsat's '04 - Red', read as
+    S2 numbers would name S2 bands it does not hold), then what fits."""
+    named = f"{stored} (read as {bands})" if stored is not None and list(stored) != list(bands) else f"{bands}"
     return (
-        f"the dataset's {len(bands)} bands {bands} fit no modality; what fits: s2_l2a / s2_l1c = 12 bands "
+        f"the dataset's {len(bands)} bands {named} fit no modality; what fits: s2_l2a / s2_l1c = 12 bands "
         f"{list(S2_BANDS)} (13 with B10, which is dropped), s1 = 2 bands {list(S1_BANDS)}"
     )
 
@@ -227,7 +232,7 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
                     chosen = [mapped.index(b) for b in s2_set]  # all of them, by name; selected once the order is known
                 else:
                     s2_set = None
-                    modality, chosen = modality_for_bands(mapped, modality)
+                    modality, chosen = modality_for_bands(mapped, modality, stored=names)
             elif sorted(names) != sorted(band_names):
                 raise ValueError(f"{path} has bands {names}, the first sample had {band_names}")
             bands = [_hdf5_band(f, keys[band_names[i]], path) for i in chosen]

@@ -65,6 +65,11 @@ def test_band_count_that_fits_no_modality_lists_what_fits(tmp_path):
         read_split(h5, "hdf5", "train")
     with pytest.raises(ValueError, match="--modality s1"):
         modality_for_bands(["B01", "B02"], "s1")
+    # m-forestnet: Landsat-8 bands numbered as GEO-Bench numbers S2's; the message names them as stored
+    landsat = ["02 - Blue", "03 - Green", "04 - Red", "05 - Near Infrared", "06 - Short-wave Infrared 1"]
+    forest = write_hdf5(tmp_path / "forestnet", {"train": make_splits(5)["train"]}, landsat)
+    with pytest.raises(ValueError, match=r"5 bands \['02 - Blue', .*\] \(read as \['B02', .*\]\) fit no modality"):
+        read_split(forest, "hdf5", "train")
 
 
 def test_missing_split_names_the_split_and_what_exists(folder_data, hdf5_data, tmp_path):
