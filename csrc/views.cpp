@@ -2,7 +2,8 @@
 // batch, crop a box from a (C_all, T, T) uint16 / float16 tile, bilinear-resize it to (s, s) with
 // PyTorch's align_corners=False arithmetic, normalise per band and flip, writing into a preallocated
 // (B, C, s, s) float32 array. Work items are (sample, band) planes spread over std::threads with the
-// GIL released. Reads per plane: h * w source values; writes s * s floats.
+// GIL released. Reads per plane: h * w source values; writes s * s floats. Every argument is checked first
+// (ValueError): a bad dtype, stride, box or statistic would otherwise read out of bounds or give garbage.
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
@@ -11,8 +12,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -108,25 +112,51 @@ void render_plane(const uint16_t* plane, int64_t tile, const int32_t* box, const
   }
 }
 
+template <typename T>
+bool is_c_array(const py::handle& a) {  // numpy array of exactly T (native byte order), C-contiguous
+  return py::isinstance<py::array_t<T, py::array::c_style>>(a);
+}
+
+bool is_c_half(const py::array& a) {  // the same for float16, which has no C++ type: NPY_HALF is type number 23
+  return a.dtype().num() == 23 && a.dtype().byteorder() != '>' && (a.flags() & py::array::c_style);
+}
+
 void render_view(const std::vector<py::array>& tiles, bool is_half, py::array_t<int64_t, py::array::c_style> band_index,
                  py::array_t<float, py::array::c_style> mean, py::array_t<float, py::array::c_style> std,
                  py::array_t<int32_t, py::array::c_style> boxes, py::array_t<uint8_t, py::array::c_style> flips,
-                 py::array_t<float, py::array::c_style> out, int threads) {
+                 py::array out, int threads) {
   const int64_t B = static_cast<int64_t>(tiles.size());
   const int64_t C = band_index.size();
+  // out is taken as is: a converted copy (another dtype, a strided view) would take the result and be dropped
+  if (!is_c_array<float>(out) || !out.writeable())
+    throw std::invalid_argument("render_view: out must be a writeable C-contiguous float32 array");
   if (out.ndim() != 4 || out.shape(0) != B || out.shape(1) != C || out.shape(2) != out.shape(3))
     throw std::invalid_argument("render_view: out must be (B, C, s, s) float32 with B = len(tiles), C = len(band_index)");
   if (mean.size() != C || std.size() != C) throw std::invalid_argument("render_view: mean/std need one value per band");
   if (boxes.ndim() != 2 || boxes.shape(0) != B || boxes.shape(1) != 4 || flips.ndim() != 2 || flips.shape(0) != B ||
       flips.shape(1) != 2)
     throw std::invalid_argument("render_view: boxes must be (B, 4) int32 and flips (B, 2) uint8");
+  const float* mu = mean.data();
+  const float* sd = std.data();
+  for (int64_t c = 0; c < C; ++c)
+    if (!std::isfinite(mu[c]) || !std::isfinite(sd[c]) || !(sd[c] > 0.f))
+      throw std::invalid_argument("render_view: mean must be finite and std finite and > 0 (band " +
+                                  std::to_string(c) + ")");
+  if (B == 0) return;
   const int64_t s = out.shape(2);
   std::vector<const uint16_t*> src(B);
   int64_t tile = -1, channels = -1;
+  bool first_half = false;
   for (int64_t b = 0; b < B; ++b) {
     const py::array& t = tiles[b];
-    if (t.ndim() != 3 || t.itemsize() != 2 || !(t.flags() & py::array::c_style))
-      throw std::invalid_argument("render_view: tile " + std::to_string(b) + " must be a C-contiguous (C, T, T) 16-bit array");
+    const bool f16 = is_c_half(t);
+    if (t.ndim() != 3 || !(f16 || is_c_array<uint16_t>(t)))
+      throw std::invalid_argument("render_view: tile " + std::to_string(b) +
+                                  " must be a C-contiguous (C, T, T) uint16 or float16 array of native byte order, got " +
+                                  std::string(py::str(t.dtype())) + " with ndim " + std::to_string(t.ndim()));
+    if (f16 && !is_half) throw std::invalid_argument("render_view: float16 tiles need is_half=True");
+    if (b == 0) first_half = f16;
+    if (f16 != first_half) throw std::invalid_argument("render_view: all tiles of a view must share one dtype");
     if (b == 0) tile = t.shape(1), channels = t.shape(0);
     if (t.shape(1) != tile || t.shape(2) != tile || t.shape(0) != channels)
       throw std::invalid_argument("render_view: all tiles of a view must share one (C, T, T) shape");
@@ -137,38 +167,53 @@ void render_view(const std::vector<py::array>& tiles, bool is_half, py::array_t<
   for (int64_t c = 0; c < C; ++c)
     if (bi[c] < 0 || bi[c] >= channels) throw std::invalid_argument("render_view: band_index out of range");
   for (int64_t b = 0; b < B; ++b) {
-    const int32_t* q = bx + 4 * b;
-    if (q[0] < 0 || q[1] < 0 || q[2] <= 0 || q[3] <= 0 || q[0] + q[2] > tile || q[1] + q[3] > tile)
-      throw std::invalid_argument("render_view: box " + std::to_string(b) + " lies outside the tile");
+    const int64_t top = bx[4 * b], left = bx[4 * b + 1], h = bx[4 * b + 2], w = bx[4 * b + 3];  // no int32 overflow
+    if (top < 0 || left < 0 || h <= 0 || w <= 0 || top + h > tile || left + w > tile)
+      throw std::invalid_argument("render_view: box " + std::to_string(b) + " (top, left, h, w) = (" +
+                                  std::to_string(top) + ", " + std::to_string(left) + ", " + std::to_string(h) + ", " +
+                                  std::to_string(w) + ") lies outside the " + std::to_string(tile) + " px tile");
   }
-  const float* mu = mean.data();
-  const float* sd = std.data();
   const uint8_t* fl = flips.data();
-  float* o = out.mutable_data();
+  float* o = static_cast<float*>(out.mutable_data());
   const int64_t items = B * C;
   int n = threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   n = static_cast<int>(std::min<int64_t>(n, items));
+  std::exception_ptr error;
   {
     py::gil_scoped_release release;
     std::atomic<int64_t> next{0};
-    auto work = [&]() {
-      std::vector<float> rows;
-      std::vector<uint8_t> done;
-      for (int64_t k = next.fetch_add(1); k < items; k = next.fetch_add(1)) {
-        const int64_t b = k / C, c = k % C;
-        const uint16_t* plane = src[b] + bi[c] * tile * tile;
-        float* dst = o + k * s * s;
-        if (is_half)
-          render_plane<true>(plane, tile, bx + 4 * b, fl + 2 * b, s, mu[c], 1.f / sd[c], dst, rows, done);
-        else
-          render_plane<false>(plane, tile, bx + 4 * b, fl + 2 * b, s, mu[c], 1.f / sd[c], dst, rows, done);
+    std::mutex error_lock;
+    auto work = [&]() {  // an exception (bad_alloc) stops every worker and is rethrown with the GIL held
+      try {
+        std::vector<float> rows;
+        std::vector<uint8_t> done;
+        for (int64_t k = next.fetch_add(1); k < items; k = next.fetch_add(1)) {
+          const int64_t b = k / C, c = k % C;
+          const uint16_t* plane = src[b] + bi[c] * tile * tile;
+          float* dst = o + k * s * s;
+          if (is_half)
+            render_plane<true>(plane, tile, bx + 4 * b, fl + 2 * b, s, mu[c], 1.f / sd[c], dst, rows, done);
+          else
+            render_plane<false>(plane, tile, bx + 4 * b, fl + 2 * b, s, mu[c], 1.f / sd[c], dst, rows, done);
+        }
+      } catch (...) {
+        std::lock_guard<std::mutex> guard(error_lock);
+        if (!error) error = std::current_exception();
+        next = items;
       }
     };
     std::vector<std::thread> pool;
-    for (int t = 1; t < n; ++t) pool.emplace_back(work);
+    for (int t = 1; t < n; ++t) {
+      try {
+        pool.emplace_back(work);
+      } catch (const std::system_error&) {  // no more threads to be had: the started ones and this one do the rest
+        break;
+      }
+    }
     work();
     for (auto& t : pool) t.join();
   }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace
