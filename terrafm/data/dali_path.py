@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from terrafm import ops
+from terrafm.data.shards import ChunkDecodeError
 
 
 def dali_inflate():
@@ -111,7 +112,12 @@ class DaliRenderer:
                 feeds["offsets"].append(offsets)
                 feeds["sizes"].append(sizes)
             elif shards.codec == "lz4":
-                feeds["data"].append(self.host_decode(data, offsets, sizes, (t, t), dtype).reshape(-1).view(np.uint8))
+                try:
+                    decoded = self.host_decode(data, offsets, sizes, (t, t), dtype)
+                except ChunkDecodeError:
+                    shards.tile(int(i), modality)  # raises the ShardError naming the .bin, record and band, as tile()
+                    raise
+                feeds["data"].append(decoded.reshape(-1).view(np.uint8))
             else:
                 feeds["data"].append(_contiguous(data, offsets, sizes))
         if not self.inflate:

@@ -2,6 +2,7 @@
 and the DALI graph (everything but inflate on CPU) renders the same views as the numpy reference."""
 
 import io
+import shutil
 
 import lz4.block
 import numpy as np
@@ -134,3 +135,46 @@ def test_to_storage_rounds_like_dalis_cast():
     ours = to_storage(torch.from_numpy(x), torch.uint16).numpy()
     np.testing.assert_array_equal(ours, dali)
     np.testing.assert_array_equal(ours, [1, 2, 3, 3, 4, 65535, 65535, 65535, 1234])
+
+
+@needs_dali
+def test_the_inflate_branch_runs_on_cpu_with_a_stand_in(lz4_shards, monkeypatch, assert_same_host_views):
+    """Everything around the GPU-only inflate on CPU: the compressed bytes, chunk offsets/sizes and the op's shape,
+    dtype and layout arguments go to a stand-in that inflates with the host decoder; the views match the reference."""
+    from nvidia.dali import fn, types
+
+    calls = []
+
+    def inflate(data, chunk_offsets, chunk_sizes, shape, dtype, layout, sequence_axis_name):
+        np_dtype = {types.UINT16: np.uint16, types.FLOAT16: np.float16}[dtype]
+        calls.append((tuple(shape), np.dtype(np_dtype).name, sequence_axis_name + layout))
+        return fn.python_function(data, chunk_offsets, chunk_sizes, output_layouts=sequence_axis_name + layout,
+                                  function=lambda d, o, n: decode_chunks(d, o, n, tuple(shape), np_dtype))
+
+    choose, load = ops.choose, ops.load
+    monkeypatch.setattr(ops, "choose", lambda op, *a: "dali_inflate" if op == "shard_decode" else choose(op, *a))
+    monkeypatch.setattr(ops, "load", lambda op, b: (lambda: inflate) if b == "dali_inflate" else load(op, b))
+    dali = build_loader(_cfg(lz4_shards, backend="dali", bands={"s2_l2a": ("B08", "B02")}))
+    assert_same_host_views(build_loader(_cfg(lz4_shards, bands={"s2_l2a": ("B08", "B02")})), dali)
+    assert dali._dali.inflate and len(calls) == len(dali._dali.pipes) == 3
+    assert sorted(calls) == [((TILE, TILE), "float16", "CHW")] + [((TILE, TILE), "uint16", "CHW")] * 2
+
+
+@needs_dali
+def test_a_chunk_that_does_not_inflate_is_named_like_on_the_other_paths(lz4_shards, tmp_path):
+    """The DALI path's host inflate raised a bare ChunkDecodeError (no file, record or band); now tile()'s error."""
+    from terrafm.data.shards import ShardError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(lz4_shards, bad)
+    s = ShardSet(bad)
+    with open(bad / "part-00000.bin", "r+b") as f:
+        for m in s.modalities:
+            for o, n in zip(s.offset[m][s.shard_of == 0].ravel(), s.nbytes[m][s.shard_of == 0].ravel(), strict=True):
+                if o >= 0:
+                    f.seek(int(o))
+                    f.write(b"\xff" * int(n))
+    for backend in ("numpy", "dali"):
+        loader = build_loader(_cfg(bad, backend=backend, verify_checksums=False))
+        with pytest.raises(ShardError, match=r"part-00000\.bin: record \d+ .* band \w+ does not decode"):
+            loader.render_host(loader.plan(0, 0))
