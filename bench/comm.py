@@ -28,8 +28,8 @@ from .common import GPUS
 MODELS = {"ViT-B": ("terrafm_base", 64), "ViT-L": ("terrafm_large", 32)}
 GPU_COUNTS = (8, 64, 512)
 GPU = "H100 SXM"
-# the data defaults: 2 global 224 px crops, 8 local 96 px crops, one 12-band sensor per view
-N_GLOBAL, GLOBAL_SIZE, N_LOCAL, LOCAL_SIZE, CHANNELS = 2, 224, 8, 96, 12
+# the data defaults: 2 global 224 px crops, 8 local 96 px crops, each view one sensor or 2-3 fused (DataConfig)
+N_GLOBAL, GLOBAL_SIZE, N_LOCAL, LOCAL_SIZE = 2, 224, 8, 96
 HEAD = dict(num_prototypes=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3)
 PARAM_BYTES, GRAD_BYTES = 2, 4  # bf16 all-gather, fp32 reduce-scatter / all-reduce
 STUDENT_PASSES = 2  # crop sizes: the blocks run once per size
@@ -51,15 +51,27 @@ def param_counts(backbone: str) -> dict[str, int]:
             "dim": model.embed_dim, "depth": len(model.blocks), "patch": model.patch_size}
 
 
+def view_flops(counts: dict[str, int], size: int) -> float:
+    """Backbone forward FLOPs of one image of a view, averaged over the presets' modality mix (DataConfig's
+    modalities and p_fused): half the views fuse 2-3 sensors, each with its own patch embedding."""
+    from terrafm.data.config import DataConfig
+    from terrafm.data.views import modality_mix
+    from terrafm.modalities import MODALITIES
+    from terrafm.models.terrafm import backbone_flops
+
+    data = DataConfig()
+    flops = partial(backbone_flops, counts["dim"], counts["depth"], counts["patch"])
+    return sum(p * flops([len(MODALITIES[m].bands) for m in subset], size, size)
+               for p, subset in modality_mix(data.modalities, data.p_fused))
+
+
 def step_flops(counts: dict[str, int], batch: int) -> float:
     """Useful FLOPs of one step on one GPU: 3x the student forward on all views, 1x the teacher's on global."""
-    from terrafm.models.terrafm import backbone_flops
     from terrafm.ssl.head import head_flops
 
     head = head_flops(counts["dim"], HEAD["hidden_dim"], HEAD["bottleneck_dim"], HEAD["num_prototypes"],
                       HEAD["num_layers"])
-    view = partial(backbone_flops, counts["dim"], counts["depth"], counts["patch"], [CHANNELS])
-    g, loc = view(GLOBAL_SIZE, GLOBAL_SIZE) + head, view(LOCAL_SIZE, LOCAL_SIZE) + head
+    g, loc = view_flops(counts, GLOBAL_SIZE) + head, view_flops(counts, LOCAL_SIZE) + head
     return batch * (3 * (N_GLOBAL * g + N_LOCAL * loc) + N_GLOBAL * g)
 
 

@@ -14,6 +14,7 @@ dtype (uint16 rounded half up, float16), in which the host hands views over (hal
 on the device (x - mean) / std per band, cast to the compute dtype.
 """
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -72,6 +73,20 @@ def _crop_box(rng: np.random.Generator, tile: int, scale: tuple[float, float],
         if 0 < w <= tile and 0 < h <= tile:
             return int(rng.integers(0, tile - h + 1)), int(rng.integers(0, tile - w + 1)), h, w
     return 0, 0, tile, tile
+
+
+def modality_mix(modalities: tuple[str, ...], p_fused: float) -> list[tuple[float, tuple[str, ...]]]:
+    """(probability, modality subset) of every subset a view can draw (_choose_modalities): one modality uniformly
+    with 1 - p_fused, else a subset size k uniform in 2..M and a subset of that size uniformly. The bench's cost
+    models average over it (views of 2-3 fused sensors cost more patch embedding than one sensor's)."""
+    m = len(modalities)
+    if m < 2:
+        return [(1.0, tuple(modalities))]
+    mix = [((1.0 - p_fused) / m, (name,)) for name in modalities]
+    for k in range(2, m + 1):
+        subsets = list(itertools.combinations(modalities, k))
+        mix += [(p_fused / (m - 1) / len(subsets), subset) for subset in subsets]
+    return mix
 
 
 def _choose_modalities(rng: np.random.Generator, modalities: tuple[str, ...], p_fused: float) -> tuple[str, ...]:

@@ -89,3 +89,17 @@ def test_root_counts_the_fusion_parameters_the_presets_train():
     projection = A * A + 2 * A + (A * A + A) + (A * D + D)
     fusion = A * A + 5 * A + A
     assert comm.param_counts("terrafm_base")["root"] == convs + projection + fusion + D + 197 * D + 2 * D
+
+
+def test_step_compute_averages_the_presets_sensor_mix():
+    """Half the views fuse 2-3 sensors, each with its own patch embedding (p_fused 0.5): the step's compute is the
+    average over the mix, by hand here, above the one-S2-sensor-per-view count it was (34 ms, now 38 ms for ViT-B)."""
+    from terrafm.models.terrafm import backbone_flops
+
+    counts = comm.param_counts("terrafm_base")
+    one = lambda channels: backbone_flops(768, 12, 16, channels, 224, 224)  # noqa: E731
+    singles = (one([2]) + one([12]) + one([12])) / 3
+    pairs = (one([2, 12]) + one([2, 12]) + one([12, 12])) / 3
+    expected = 0.5 * singles + 0.5 * (0.5 * pairs + 0.5 * one([2, 12, 12]))
+    assert comm.view_flops(counts, 224) == pytest.approx(expected)
+    assert comm.view_flops(counts, 224) > 1.05 * one([12])
