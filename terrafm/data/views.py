@@ -76,7 +76,7 @@ def _crop_box(rng: np.random.Generator, tile: int, scale: tuple[float, float],
 
 
 def modality_mix(modalities: tuple[str, ...], p_fused: float) -> list[tuple[float, tuple[str, ...]]]:
-    """(probability, modality subset) of every subset a view can draw (_choose_modalities): one modality uniformly
+    """(probability, modality subset) of every subset a view can draw (choose_modalities): one modality uniformly
     with 1 - p_fused, else a subset size k uniform in 2..M and a subset of that size uniformly. The bench's cost
     models average over it (views of 2-3 fused sensors cost more patch embedding than one sensor's)."""
     m = len(modalities)
@@ -89,7 +89,8 @@ def modality_mix(modalities: tuple[str, ...], p_fused: float) -> list[tuple[floa
     return mix
 
 
-def _choose_modalities(rng: np.random.Generator, modalities: tuple[str, ...], p_fused: float) -> tuple[str, ...]:
+def choose_modalities(rng: np.random.Generator, modalities: tuple[str, ...], p_fused: float) -> tuple[str, ...]:
+    """The modality subset of one view (the distribution modality_mix lists)."""
     if len(modalities) >= 2 and rng.uniform() < p_fused:
         k = int(rng.integers(2, len(modalities) + 1))
         picked = set(rng.choice(len(modalities), size=k, replace=False).tolist())
@@ -103,7 +104,7 @@ def make_plan(cfg: DataConfig, indices: np.ndarray, tile_size: int, epoch: int, 
     b = len(indices)
 
     def view(size: int, scale: tuple[float, float]) -> ViewPlan:
-        mods = _choose_modalities(rng, cfg.modalities, cfg.p_fused)
+        mods = choose_modalities(rng, cfg.modalities, cfg.p_fused)
         boxes = np.array([_crop_box(rng, tile_size, scale, cfg.ratio) for _ in range(b)], np.int32).reshape(b, 4)
         flips = np.stack([rng.uniform(size=b) < cfg.hflip, rng.uniform(size=b) < cfg.vflip], 1).astype(np.uint8)
         return ViewPlan(size, mods, boxes, flips)

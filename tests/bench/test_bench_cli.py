@@ -76,6 +76,13 @@ def test_bad_arguments_name_what_is_wrong(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err and bogus.read_text() == "{}"
 
 
+@pytest.mark.parametrize("flag", ["--nvlink-gb-s", "--ib-gbit-s"])
+def test_an_infinite_bandwidth_is_refused(tmp_path, capsys, flag):
+    """inf passed the `> 0` check and priced every transfer at 0 ms."""
+    assert main(["bench", "--only", "comm", "--out", str(tmp_path), flag, "inf"]) == 2
+    assert f"{flag} must be a positive finite number" in capsys.readouterr().err
+
+
 def _result(step_rows: list[dict], revision: str = "abc") -> dict:
     return {"quick": True, "device": "cpu", "meta": {"git_revision": revision}, "sections": {"step": step_rows}}
 
@@ -161,6 +168,8 @@ def test_step_section_times_the_unfused_and_the_fused_head(tmp_path):
     assert set(timed) == {("tiny", "unfused"), ("tiny", "fused")}
     for r in timed.values():
         assert r["step_s"] > 0 and r["peak_bytes"] > 0 and torch.isfinite(torch.tensor(r["loss"]))
+        # the presets' workload: each view's sensors drawn as the loader draws them, some fused (Case N)
+        assert len(r["views"]) == 2 + 4 and r["fused_views"] >= 1 and {"s1", "s2_l2a"} <= set(r["views"])
     # the same seeded weights and batch: the fused op (torch reference here) gives the unfused loss
     assert abs(timed["tiny", "fused"]["loss"] - timed["tiny", "unfused"]["loss"]) < 1e-4
     skipped = {(r["config"], r["head"]) for r in rows if r.get("skipped") == "needs GPU"}

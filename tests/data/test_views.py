@@ -143,13 +143,13 @@ def test_reshard_resume_continues_the_global_draw_stream(sample_shards):
 
 def test_modality_mix_is_the_distribution_views_draw_from():
     """modality_mix (what the bench's cost models average over) against 20000 draws of the sampler."""
-    from terrafm.data.views import _choose_modalities, modality_mix
+    from terrafm.data.views import choose_modalities, modality_mix
 
     mods = ("s1", "s2_l1c", "s2_l2a")
     mix = dict((subset, p) for p, subset in modality_mix(mods, 0.5))
     assert sum(mix.values()) == pytest.approx(1.0) and len(mix) == 7
     rng = np.random.default_rng(0)
-    draws = [_choose_modalities(rng, mods, 0.5) for _ in range(20000)]
+    draws = [choose_modalities(rng, mods, 0.5) for _ in range(20000)]
     for subset, p in mix.items():
         assert draws.count(subset) / len(draws) == pytest.approx(p, abs=0.012), subset
     assert modality_mix(("s1",), 0.5) == [(1.0, ("s1",))]
