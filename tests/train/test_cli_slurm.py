@@ -1,0 +1,66 @@
+"""The sbatch scripts' own logic with stand-ins for srun and scontrol (no training): which requeue, how many
+ranks, paths with spaces. tests/train/test_slurm.py runs them end to end."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ["pretrain_1node.sbatch", "pretrain_multinode.sbatch"]
+SCONTROL = """#!/bin/bash
+case "$1" in
+  show) echo 127.0.0.1 ;;
+  requeue) echo "requeue $2" >> "$SCONTROL_LOG" ;;
+esac
+"""
+
+
+def run_script(tmp_path: Path, script: str, srun: str, **env_extra: str) -> subprocess.CompletedProcess:
+    shims = tmp_path / "bin"
+    shims.mkdir(exist_ok=True)
+    for name, text in (("srun", srun), ("scontrol", SCONTROL)):
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "GPUS_PER_NODE"}
+    env.update(PATH=f"{shims}:{os.environ['PATH']}", PYTHON="python-not-run", SLURM_JOB_ID="4242",
+               SLURM_JOB_NODELIST="node001", SLURM_JOB_NUM_NODES="1", SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+               SRUN_ARGS=str(tmp_path / "srun.args"), **env_extra)
+    return subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_job_that_fails_before_training_is_not_requeued_by_an_old_preemption_marker(tmp_path, script):
+    """The marker of the preemption that requeued this job used to requeue it again when the job then failed
+    before the trainer cleared it (corrupt checkpoint, node fault): an endless requeue loop."""
+    run_dir = tmp_path / "run dir"  # a space: every use of RUN_DIR must be quoted
+    run_dir.mkdir()
+    (run_dir / "preempted").write_text("120\n")
+    proc = run_script(tmp_path, script, "#!/bin/bash\nexit 1\n", RUN_DIR=str(run_dir))
+    assert proc.returncode == 1, proc.stderr
+    assert not (tmp_path / "scontrol.log").exists(), "requeued on a marker this job did not write"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_preempted_job_is_requeued(tmp_path, script):
+    """The trainer's marker written during this job still requeues it (and a RUN_DIR with a space works)."""
+    run_dir = tmp_path / "run dir"
+    srun = '#!/bin/bash\nmkdir -p "$RUN_DIR" && echo 7 > "$RUN_DIR/preempted"\nexit 1\n'
+    proc = run_script(tmp_path, script, srun, RUN_DIR=str(run_dir))
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert "preempted at step 7: requeueing job 4242" in proc.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ranks_per_node_follow_the_allocations_gpus(tmp_path, script):
+    """`sbatch --gpus-per-node=4 ...` used to start 8 ranks per node (the script's fixed default) on 4 GPUs."""
+    srun = '#!/bin/bash\necho "$@" > "$SRUN_ARGS"\n'
+    proc = run_script(tmp_path, script, srun, RUN_DIR=str(tmp_path / "run"), SLURM_GPUS_ON_NODE="4")
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "srun.args").read_text()
+    assert "--nproc_per_node=4 " in args and "parallel.dp_shard=4" in args, args
+    proc = run_script(tmp_path, script, srun, RUN_DIR=str(tmp_path / "run"), SLURM_GPUS_ON_NODE="4",
+                      GPUS_PER_NODE="2")  # an explicit GPUS_PER_NODE still wins
+    assert "--nproc_per_node=2 " in (tmp_path / "srun.args").read_text()
