@@ -9,7 +9,6 @@
 # stop the later ones. Writes OUT_DIR/gpu_report.json, OUT_DIR/gpu_report.md and OUT_DIR/gpu_check.log;
 # exits 0 when every selected stage is ok, 1 otherwise, 2 on bad arguments.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 ALL_STAGES="env build kernel_correctness kernel_timing train_step data summary"
 usage() {
   echo "usage: bash scripts/gpu_check.sh [--cpu] [--stages a,b,...] [--budget SECONDS] [--work DIR] OUT_DIR" >&2
@@ -28,6 +27,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$OUT" ] || usage
+case "$BUDGET" in *[!0-9]*) echo "gpu_check: --budget takes whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
 SELECTED=${SELECTED:-${ALL_STAGES// /,}}
 for s in ${SELECTED//,/ }; do
   case " $ALL_STAGES " in *" $s "*) ;; *) echo "gpu_check: unknown stage '$s'; stages: $ALL_STAGES" >&2; exit 2 ;; esac
@@ -46,20 +46,23 @@ else
   # trainer step ~10x slower (measured on the 2-core dev machine: 0.6 s vs 5-10 s)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+# OUT_DIR, --work and a PYTHON path are the caller's: made absolute here, before the cd to the checkout
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/gpu_check.log"
+: > "$LOG" || { echo "gpu_check: cannot write $LOG; give a writable OUT_DIR" >&2; exit 2; }
 if [ -z "$WORK" ]; then
-  WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
   trap 'rm -rf "$WORK"' EXIT
 fi
 mkdir -p "$WORK/stages" "$WORK/data" || exit 2
 WORK=$(cd "$WORK" && pwd)
 rm -f "$WORK"/stages/*
-LOG="$OUT/gpu_check.log"
-: > "$LOG"
+case "${PYTHON:-}" in /*|"") ;; */*) PYTHON=$PWD/$PYTHON ;; esac
+cd "$(dirname "$0")/.." || exit 2
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
 # The checkout's packages under their import names, importable before (and whether or not) `build` installs them.
 SHIM="$WORK/pythonpath"
 mkdir -p "$SHIM"

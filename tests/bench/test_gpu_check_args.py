@@ -1,0 +1,59 @@
+"""scripts/gpu_check.sh's arguments, with a stand-in Python (no stage runs): bad values exit 2 before any work,
+and OUT_DIR, --work and PYTHON are taken relative to the caller's folder, not the checkout's."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+FAKE_PYTHON = '#!/bin/bash\necho "$*" >> "$FAKE_PYTHON_LOG"\n'
+
+
+def _run(cwd: Path, *args: str, python: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "FAKE_PYTHON_LOG": str(cwd / "python.log")}
+    env.pop("PYTHON", None)
+    if python:
+        env["PYTHON"] = python
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          env=env)
+
+
+def _fake_python(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "python"
+    path.write_text(FAKE_PYTHON)
+    path.chmod(0o755)
+    return path
+
+
+def test_a_budget_that_is_not_whole_seconds_exits_2_naming_it(tmp_path):
+    for budget in ("abc", "10.5", "-5"):  # were: a bash error and exit 1 ("abc: unbound variable")
+        proc = _run(tmp_path, "--budget", budget, "--stages", "env", str(tmp_path / "out"),
+                    python=str(_fake_python(tmp_path)))
+        assert proc.returncode == 2, (budget, proc.stderr)
+        assert "--budget" in proc.stderr and not (tmp_path / "python.log").exists()
+
+
+def test_out_work_and_python_are_relative_to_the_callers_folder(tmp_path):
+    """`cd /scratch && bash ~/terrafm/scripts/gpu_check.sh results` used to write into the checkout."""
+    name, work = f"gpu-check-out-{os.getpid()}", f"gpu-check-work-{os.getpid()}"
+    _fake_python(tmp_path / "venv")
+    try:
+        proc = _run(tmp_path, "--stages", "env", "--work", work, name, python="venv/python")
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / name / "gpu_check.log").is_file() and (tmp_path / work / "stages").is_dir()
+        assert not (ROOT / name).exists() and not (ROOT / work).exists()
+        calls = (tmp_path / "python.log").read_text()
+        assert "stage env" in calls and f"--out {tmp_path / name}" in calls
+    finally:
+        shutil.rmtree(ROOT / name, ignore_errors=True)
+        shutil.rmtree(ROOT / work, ignore_errors=True)
+
+
+def test_an_out_dir_that_cannot_be_written_exits_2_before_any_stage(tmp_path):
+    """An existing folder the user cannot write used to be found out only when the report failed at the end."""
+    proc = _run(tmp_path, "--stages", "env", "/proc", python=str(_fake_python(tmp_path)))
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot write /proc/gpu_check.log" in proc.stderr and not (tmp_path / "python.log").exists()
