@@ -6,6 +6,7 @@ Triton kernels are never timed in the interpreter.
 """
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -51,10 +52,10 @@ def _parse_only(text: str) -> list[str]:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    """The machine figures must describe a machine: positive bandwidths and counts, 0 < mfu <= 1."""
+    """The machine figures must describe a machine: positive finite bandwidths and counts, 0 < mfu <= 1."""
     for name in ("nvlink_gb_s", "ib_gbit_s", "nics_per_node", "gpus_per_node"):
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if not 0 < getattr(args, name) < math.inf:  # inf would price every transfer at 0 ms
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive finite number, got {getattr(args, name)}")
     if not 0 < args.mfu <= 1:
         raise ValueError(f"--mfu is a fraction of the bf16 peak: 0 < mfu <= 1, got {args.mfu}")
 

@@ -6,6 +6,7 @@ one job never breaks another.
 """
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -34,13 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
+        sys.stdout.flush()  # `terrafm ... > file` on a full disk fails here, not silently at exit
+        return code
     except BrokenPipeError:  # `terrafm ... | head`: the reader stopped reading; no traceback for that
-        try:  # Python's own flush of stdout at exit must not fail again
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+        _discard_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
+    except OSError as err:  # a full disk or quota that no command handled itself: one message, exit 2
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _discard_stdout()
+        print(f"terrafm: {err.strerror} writing {err.filename or 'the output'}; free some space and rerun",
+              file=sys.stderr)
+        return 2
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so that Python's own flush at exit does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _main(argv: list[str] | None) -> int:

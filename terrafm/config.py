@@ -164,9 +164,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
+        variadic = len(args) == 2 and args[1] is Ellipsis
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"config key {key!r}: expected a list {_type_name(tp)}, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
+            wanted = f"a list of {_type_name(args[0])}" if variadic else f"a list of {len(args)} values"
+            raise ConfigError(f"config key {key!r}: expected {wanted}, got {value!r}")
+        if variadic:
             return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"config key {key!r}: expected {len(args)} values, got {value!r}")

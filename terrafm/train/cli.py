@@ -6,8 +6,8 @@
     terrafm pretrain --config vitb_h100 --out /scratch/runs/vitb --resume   # SLURM requeue
 
 Exit codes: 0 done; 1 training diverged (NaN/Inf loss, too many non-finite gradient norms in a row);
-2 fix the setup and rerun (configuration, output folder, data, checkpoint, full disk: the message says
-what); 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue and pass --resume.
+2 fix the setup and rerun (configuration, output folder, data, checkpoint, full disk, out of memory: the
+message says what); 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue and pass --resume.
 """
 
 import argparse
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from terrafm.config import DEFAULT_PRESET, ConfigError, load_config, presets
+from terrafm.config import DEFAULT_PRESET, ConfigError, load_config, parse_override, presets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run's latest checkpoint if it has one (SLURM requeue: always pass it)")
     parser.add_argument("--resume-from", metavar="CKPT",
-                        help="start from this checkpoint (a step_N folder, checkpoints/ folder or run folder)")
+                        help="start from this checkpoint (a step_N folder, checkpoints/ folder or run folder); with "
+                             "--resume, only while the run has no checkpoint of its own (a requeued job continues)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes on this node; > 1 relaunches under torchrun --standalone")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -49,11 +50,26 @@ def _torchrun_command(args: argparse.Namespace) -> list[str]:
     return cmd + list(args.overrides)
 
 
+def _run_folder_keys(overrides: list[str]) -> list[str]:
+    """The overrides that name the run folder (train.out_dir, train.run_name), which --out names too."""
+    keys = []
+    for item in overrides:
+        train = parse_override(item).get("train")
+        if isinstance(train, dict):
+            keys += [f"train.{k}" for k in ("out_dir", "run_name") if k in train]
+    return keys
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, list(args.overrides), nproc=args.nproc)
     except ConfigError as err:
         print(f"terrafm pretrain: configuration error: {err}", file=sys.stderr)
+        return 2
+    clash = _run_folder_keys(args.overrides) if args.out else []
+    if clash:  # --out would silently win over them
+        print(f"terrafm pretrain: configuration error: --out {args.out} and {', '.join(clash)} both name the run "
+              "folder; give one of them (the SLURM scripts pass --out: set RUN_DIR)", file=sys.stderr)
         return 2
     if args.out:  # a path, verbatim: as an override it would be parsed as YAML (runs/2024 -> an integer)
         out = Path(args.out)
@@ -72,12 +88,17 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os.execv(cmd[0], cmd)
 
-    return train_exit_code(cfg, args.resume_from or args.resume)
+    resume = args.resume_from or args.resume
+    if args.resume and (Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints" / "latest").exists():
+        resume = True  # a requeued job continues its own run; --resume-from only started it
+    return train_exit_code(cfg, resume)
 
 
 def train_exit_code(cfg, resume, loader=None) -> int:
     """Run the trainer and map its outcome to the exit code: 2 setup/config error, 1 training error, requeue when
     preempted, else 0 (one message, no traceback)."""
+    import torch
+
     from terrafm.train.trainer import REQUEUE_EXIT_CODE, SetupError, TrainingError, train
 
     try:
@@ -88,4 +109,10 @@ def train_exit_code(cfg, resume, loader=None) -> int:
     except TrainingError as err:
         print(f"terrafm pretrain: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU allocator
+        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+            raise
+        print(f"terrafm pretrain: out of memory ({str(err).strip().splitlines()[0]}); lower data.batch_size or the "
+              "model and head sizes (model.name, ssl.num_prototypes, ssl.head_hidden_dim)", file=sys.stderr)
+        return 2
     return REQUEUE_EXIT_CODE if result.preempted else 0

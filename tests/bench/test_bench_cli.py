@@ -168,7 +168,7 @@ def test_step_section_times_the_unfused_and_the_fused_head(tmp_path):
     assert set(timed) == {("tiny", "unfused"), ("tiny", "fused")}
     for r in timed.values():
         assert r["step_s"] > 0 and r["peak_bytes"] > 0 and torch.isfinite(torch.tensor(r["loss"]))
-        # the presets' workload: each view's sensors drawn as the loader draws them, some fused (Case N)
+        # the presets' workload: views stratified over the loader's sensor mix, some fused (Case N)
         assert len(r["views"]) == 2 + 4 and r["fused_views"] >= 1 and {"s1", "s2_l2a"} <= set(r["views"])
     # the same seeded weights and batch: the fused op (torch reference here) gives the unfused loss
     assert abs(timed["tiny", "fused"]["loss"] - timed["tiny", "unfused"]["loss"]) < 1e-4
