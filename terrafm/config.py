@@ -374,6 +374,11 @@ def validate(cfg: Config, nproc: int = 1) -> None:
                                    s.teacher_momentum_end)),
          "ssl.center_momentum, center_high_momentum, center_alpha, teacher_momentum(_end) must be in [0, 1]"),
         (t.max_steps > 0 or t.epochs > 0, f"train.epochs must be > 0 when train.max_steps=0, got {t.epochs}"),
+        (_is_folder_name(t.run_name), f"train.run_name must name a folder inside train.out_dir (not empty, '.', "
+         f"'..', absolute or climbing out with '..'), got {t.run_name!r}"),
+        (t.collapse_gap >= 0, f"train.collapse_gap must be >= 0 nats, got {t.collapse_gap}"),
+        (s.freeze_last_layer_epochs >= 0, f"ssl.freeze_last_layer_epochs must be >= 0, got "
+         f"{s.freeze_last_layer_epochs}"),
         (t.max_nonfinite_grad_steps >= 1, "train.max_nonfinite_grad_steps must be >= 1"),
         (1 <= t.collective_timeout_s < 2**31, f"train.collective_timeout_s must be in [1, 2**31) seconds, got "
          f"{t.collective_timeout_s}"),
@@ -407,6 +412,12 @@ def validate(cfg: Config, nproc: int = 1) -> None:
         if not ok:
             raise ConfigError(message)
     _validate_ops(cfg.ops)
+
+
+def _is_folder_name(name: str) -> bool:
+    """A run name that keeps the run inside out_dir: a relative path of real folder names (no '', '.', '..')."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and not name.startswith(("/", "\\")) and all(p not in ("", ".", "..") for p in parts)
 
 
 def _validate_ops(prefs: dict[str, str]) -> None:

@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"terrafm pretrain: configuration error: {err}", file=sys.stderr)
         return 2
+    if args.out is not None and not args.out.strip():
+        print("terrafm pretrain: configuration error: --out is empty; give the run folder", file=sys.stderr)
+        return 2
     clash = _run_folder_keys(args.overrides) if args.out else []
     if clash:  # --out would silently win over them
         print(f"terrafm pretrain: configuration error: --out {args.out} and {', '.join(clash)} both name the run "

@@ -54,6 +54,12 @@ def test_unknown_key_names_itself_and_lists_the_valid_ones():
     ("ssl.warmup_teacher_temperature_epochs=-5", "ssl.warmup_teacher_temperature_epochs must be >= 0"),
     ("train.collective_timeout_s=1000000000000000", "train.collective_timeout_s must be in [1, 2**31)"),
     ("train.max_steps=" + "[" * 5000 + "]" * 5000, "the value is nested too deeply"),
+    ("train.run_name=..", "train.run_name must name a folder inside train.out_dir"),
+    ("train.run_name=a/../..", "train.run_name must name a folder inside train.out_dir"),
+    ("train.run_name=''", "train.run_name must name a folder inside train.out_dir"),
+    ("train.run_name=/tmp/x", "train.run_name must name a folder inside train.out_dir"),
+    ("train.collapse_gap=-1", "train.collapse_gap must be >= 0"),
+    ("ssl.freeze_last_layer_epochs=-1", "ssl.freeze_last_layer_epochs must be >= 0"),
 ])
 def test_bad_values_are_reported_clearly(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -130,6 +136,17 @@ def test_config_files_that_would_crash_the_loader_are_config_errors(tmp_path):
             load_config(str(tmp_path / name))
     with pytest.raises(ConfigError, match="it does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_an_empty_out_is_refused(capsys):
+    from terrafm.cli import main
+
+    assert main(["pretrain", "--out", "", "--print-config"]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+
+
+def test_a_run_name_with_subfolders_stays_allowed():
+    assert load_config("tiny_cpu", ["train.run_name=sweep/lr_1e-4"]).train.run_name == "sweep/lr_1e-4"
 
 
 @pytest.mark.parametrize("name", ["2024", "yes", "#1", "x: y"])
