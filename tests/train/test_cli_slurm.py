@@ -64,3 +64,14 @@ def test_ranks_per_node_follow_the_allocations_gpus(tmp_path, script):
     proc = run_script(tmp_path, script, srun, RUN_DIR=str(tmp_path / "run"), SLURM_GPUS_ON_NODE="4",
                       GPUS_PER_NODE="2")  # an explicit GPUS_PER_NODE still wins
     assert "--nproc_per_node=2 " in (tmp_path / "srun.args").read_text()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_config_file_gives_the_run_folder_its_name(tmp_path, script):
+    """CONFIG=/path/to/exp.yaml made the default RUN_DIR runs//path/to/exp.yaml; it is runs/exp, like a preset's."""
+    srun = '#!/bin/bash\necho "$@" > "$SRUN_ARGS"\n'
+    proc = run_script(tmp_path, script, srun, CONFIG=str(tmp_path / "exp.yml"))
+    assert proc.returncode == 0, proc.stderr
+    assert "--out runs/exp --resume" in (tmp_path / "srun.args").read_text()
+    proc = run_script(tmp_path, script, srun, CONFIG="vitl_h100")
+    assert "--out runs/vitl_h100 --resume" in (tmp_path / "srun.args").read_text()
