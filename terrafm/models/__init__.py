@@ -114,7 +114,7 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
                 meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors' own error types vary by version; all mean "not readable"
             raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
-        return meta.get("model"), tensors, _input_metadata(meta, path)
+        return meta.get("model"), backbone_entries(tensors), _input_metadata(meta, path)
     try:  # weights_only: a pickle that would run code is refused, never executed; DINO's checkpoints keep
         # their argparse.Namespace under 'args' (a plain attribute bag: allowed, it runs nothing)
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -138,13 +138,23 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
 
 
 HEAD_PREFIXES = ("head.", "dino_head.", "ibot_head.")  # classifier / DINO projection heads: not the backbone
+# what torch.compile, FSDP1 and activation checkpointing insert into the keys of a wrapped model's state_dict
+WRAPPER_PARTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _unwrapped(key: str) -> str:
+    """A state_dict key without the wrappers' parts and DDP's leading 'module.'."""
+    for part in WRAPPER_PARTS:
+        key = key.replace(part, "")
+    return key.removeprefix("module.")
 
 
 def backbone_entries(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The backbone's tensors of a .pth state_dict, keyed as published. DDP's 'module.' is dropped; of a DINO-style
-    checkpoint the teacher's backbone is taken ('teacher.backbone.*' of a DINOv2 training checkpoint's model, else
-    'backbone.*' beside dino_head / ibot_head), as DINO evaluates; heads are not part of the backbone."""
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    """The backbone's tensors of a state_dict, keyed as published. DDP's 'module.' and the parts torch.compile, FSDP1
+    and activation checkpointing add are dropped; of a DINO-style checkpoint the teacher's backbone is taken
+    ('teacher.backbone.*' of a DINOv2 training checkpoint's model, else 'backbone.*' beside dino_head / ibot_head), as
+    DINO evaluates; heads are not part of the backbone."""
+    state = {_unwrapped(k): v for k, v in state.items()}
     for prefix in ("teacher.backbone.", "backbone."):
         if any(k.startswith(prefix) for k in state):
             return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
@@ -166,16 +176,25 @@ def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> T
     stored_name, state, inputs = _read_state_dict(path)
     missing = [k for k in ("cls_token", "pos_embed", "patch_embed.conv2d_s1.weight") if k not in state]
     if missing:
-        raise ValueError(f"{path} is not a TerraFM backbone: its state_dict has no {', '.join(missing)}")
+        raise ValueError(f"{path} is not a TerraFM backbone: its state_dict has no {', '.join(missing)} "
+                         f"(its keys begin {sorted(state)[:3]})")
     name = name or stored_name or infer_model_name(state)
-    fusion = any(k.startswith(FUSION_PREFIX) for k in state)
     n_pos = state["pos_embed"].shape[1] - 1
+    side = int(round(n_pos**0.5))
+    if side * side != n_pos:
+        raise ValueError(f"{path}: pos_embed holds {n_pos} patch positions, not a square grid; TerraFM's is square")
     patch = state["patch_embed.conv2d_s1.weight"].shape[-1]
-    img_size = int(round(n_pos**0.5)) * patch
-    if inputs.get("patch_size", patch) != patch or inputs.get("img_size", img_size) != img_size:
+    fixed = {"fusion": any(k.startswith(FUSION_PREFIX) for k in state), "img_size": side * patch, "patch_size": patch}
+    if inputs.get("patch_size", patch) != patch or inputs.get("img_size", fixed["img_size"]) != fixed["img_size"]:
         raise ValueError(f"{path}: metadata says img_size {inputs.get('img_size')} / patch_size "
-                         f"{inputs.get('patch_size')}, its weights are {img_size} / {patch}; the file is inconsistent")
-    model = build_model(name, fusion=fusion, img_size=img_size, patch_size=patch, **overrides)
+                         f"{inputs.get('patch_size')}, its weights are {fixed['img_size']} / {patch}; the file is "
+                         "inconsistent")
+    clash = [f"{k}={overrides[k]!r} (the checkpoint's {v!r})" for k, v in fixed.items()
+             if k in overrides and overrides[k] != v]
+    if clash:
+        raise ValueError(f"{path}: {', '.join(clash)}: these follow from the checkpoint's weights; leave them out "
+                         "(forward() takes any image size that is a multiple of the patch, interpolating pos_embed)")
+    model = build_model(name, **{**overrides, **fixed})
     expected = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} (the model's {tuple(expected[k].shape)})" for k, v in state.items()
              if k in expected and v.shape != expected[k].shape]

@@ -106,14 +106,21 @@ class TerraFMPatchEmbed(nn.Module):
         return self.projection.output(fused.reshape(B, N, A))
 
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        """{modality: (B, C, H, W)} -> (B, N, D); one key is Case 1, two or more are fused (Case N)."""
+        """{modality: (B, C, H, W)} -> (B, N, D); one key is Case 1, two or more are fused (Case N).
+
+        Images are cast to the weights' dtype (float16 tiles into a float32 model, float32 into a bfloat16 one);
+        under autocast the conv then runs in the autocast dtype as before."""
         if len(x) == 1:
             (modality, image), = x.items()
-            return self.embed_one(image, *self.modality_params(modality))
+            weight, bias, embed = self.modality_params(modality)
+            return self.embed_one(image.to(weight.dtype), weight, bias, embed)
         if self.fusion is None:
             raise ValueError(
                 f"got {len(x)} modalities {sorted(x)} but this model has no fusion parameters; "
                 "build it with fusion=True for Case N inputs, or pass one modality"
             )
-        tokens = [self.patchify(image, *self.modality_params(m)) for m, image in x.items()]
+        tokens = []
+        for m, image in x.items():
+            weight, bias, embed = self.modality_params(m)
+            tokens.append(self.patchify(image.to(weight.dtype), weight, bias, embed))
         return self.fuse(torch.stack(tokens, dim=2))

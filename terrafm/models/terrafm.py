@@ -41,6 +41,8 @@ class TerraFM(nn.Module):
         """`ops` ({op: backend | "auto"}) and `ops_device` choose, through the op registry, the
         attention, patch_embed and cross_attention_fusion implementations, once, here."""
         super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.name, self.embed_dim, self.patch_size, self.img_size = name, embed_dim, patch_size, img_size
         self.out_indices = tuple(out_indices)
         self.input_metadata: dict = {}  # what the inputs must be (bands, mean, std, ...); set by load_checkpoint
@@ -140,6 +142,8 @@ class TerraFM(nn.Module):
 
     def _block_outputs(self, x: Images, modality: str | None, indices: Sequence[int]) -> list[torch.Tensor]:
         depth = len(self.blocks)
+        if not indices:
+            raise ValueError("no block indices given")
         bad = [i for i in indices if not -depth <= i < depth]
         if bad:
             raise ValueError(f"block indices {bad} out of range for a {depth}-block model")
@@ -161,7 +165,10 @@ class TerraFM(nn.Module):
         return_class_token: bool = False,
     ) -> tuple:
         """Patch tokens (B, N, D) of the last `n` blocks (int) or of the given block indices."""
-        indices = list(range(len(self.blocks) - n, len(self.blocks))) if isinstance(n, int) else list(n)
+        depth = len(self.blocks)
+        if isinstance(n, int) and not 1 <= n <= depth:
+            raise ValueError(f"n={n} last blocks asked of a {depth}-block model; n must be 1..{depth}")
+        indices = list(range(depth - n, depth)) if isinstance(n, int) else list(n)
         outs = [self.norm(o) if norm else o for o in self._block_outputs(x, modality, indices)]
         if return_class_token:
             return tuple((o[:, 1:], o[:, 0]) for o in outs)
@@ -170,12 +177,14 @@ class TerraFM(nn.Module):
     def multiscale_features(
         self, x: Images, modality: str | None = None, out_indices: Sequence[int] | None = None
     ) -> list[torch.Tensor]:
-        """Normed patch tokens of `out_indices` blocks as (B, D, H/p, W/p) maps for segmentation heads."""
+        """Normed patch tokens of `out_indices` blocks (default: the model's) as contiguous (B, D, H/p, W/p) maps for
+        segmentation heads, as DINOv2's and timm's are (a head may `.view` them)."""
         images = self._as_dict(x, modality)
         H, W = next(iter(images.values())).shape[-2:]
-        outs = self.get_intermediate_layers(images, None, list(out_indices or self.out_indices))
+        indices = list(self.out_indices if out_indices is None else out_indices)
+        outs = self.get_intermediate_layers(images, None, indices)
         h, w = H // self.patch_size, W // self.patch_size
-        return [o.transpose(1, 2).reshape(o.shape[0], self.embed_dim, h, w) for o in outs]
+        return [o.transpose(1, 2).reshape(o.shape[0], self.embed_dim, h, w).contiguous() for o in outs]
 
 
 def backbone_flops(embed_dim: int, depth: int, patch_size: int, in_channels: Sequence[int], h: int, w: int,
