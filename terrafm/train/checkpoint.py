@@ -20,6 +20,7 @@ Reading a checkpoint without training (`resolve`, `load_backbone_state`, used by
 lives below in terrafm.checkpoint_io, so nothing outside train/ imports train/.
 """
 
+import copy
 import errno
 import json
 import random
@@ -254,6 +255,11 @@ def load(path: str | Path, arch, optimizer, reshard: bool = False) -> tuple[int,
     gets its own rank state and RNG states back). A different world size needs reshard=True: DCP reshards
     student, teacher and optimiser; every rank gets rank 0's rank state (the caller converts the loader
     position) and keeps its current RNG.
+    Only the optimiser's per-parameter state (AdamW moments, step) is read back; its parameter groups (which
+    parameters decay, betas, eps, implementation) stay this run's, as built from its config: a checkpoint
+    written with other groups (an older rule for which parameters decay) would otherwise leave a group
+    without its settings, and a changed optim.betas would be silently undone. lr and weight decay are set
+    every step from the schedules.
     """
     path = Path(path)
     check(path)
@@ -270,7 +276,9 @@ def load(path: str | Path, arch, optimizer, reshard: bool = False) -> tuple[int,
         )
     state = _sharded_state(arch, optimizer)
     unsaved = _drop_unsaved_optimizer_state(state["optimizer"], saved_keys)
+    groups = copy.deepcopy(state["optimizer"]["param_groups"])
     dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=not _dist())
+    state["optimizer"]["param_groups"] = groups  # this run's groups and settings; see the docstring
     set_model_state_dict(arch.student, state["student"])
     set_model_state_dict(arch.teacher, state["teacher"])
     set_optimizer_state_dict(arch.student, optimizer, state["optimizer"], options=StateDictOptions(strict=not unsaved))

@@ -18,7 +18,11 @@ from terrafm_kernels.gpus import GPUS
 
 
 def peak_flops(device: torch.device, precision: str, override_tflops: float) -> float | None:
-    """Peak FLOP/s of one device for MFU, or None when unknown (CPU, unlisted GPU)."""
+    """Peak FLOP/s of one device for MFU, or None when unknown (CPU, unlisted GPU).
+
+    The peak of the math the matmuls run in: bf16 tensor cores with precision=bf16; with fp32, TF32 tensor
+    cores only where torch is allowed to use them (torch.set_float32_matmul_precision "high"/"medium"),
+    else ("highest", torch's default) the FMA units' fp32 peak, about 7x lower."""
     if override_tflops > 0:
         return override_tflops * 1e12
     if device.type != "cuda":
@@ -26,7 +30,11 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float) -> 
     gpu = gpu_name(torch.cuda.get_device_name(device))
     if gpu is None:
         return None
-    return GPUS[gpu]["tflops_bf16" if precision == "bf16" else "tflops_tf32"] * 1e12
+    if precision == "bf16":
+        key = "tflops_bf16"
+    else:
+        key = "tflops_fp32" if torch.get_float32_matmul_precision() == "highest" else "tflops_tf32"
+    return GPUS[gpu][key] * 1e12
 
 
 OTHER_VARIANTS = ("PCIE", "NVL", "40GB", "GH200")  # other peaks or bandwidth than the SXM rows of GPUS

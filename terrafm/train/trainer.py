@@ -152,15 +152,27 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
 
+# Learned tokens and vectors that are not weight matrices, whatever their shape: the cls token, the position
+# embedding, the per-sensor vectors added to every patch token (patch_embed.<modality>_embed, (1, attn_dim)) and
+# the fusion's queries ((num_queries, attn_dim)); DINO decays none of these kinds.
+NO_DECAY_SUFFIXES = ("cls_token", "_embed", "fusion.queries")
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether a student parameter gets weight decay: weight matrices only, not biases, norms (ndim <= 1) or
+    the learned tokens and vectors of NO_DECAY_SUFFIXES."""
+    return param.ndim > 1 and not name.endswith(NO_DECAY_SUFFIXES)
+
+
 def build_optimizer(student: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with two groups: weights decay (cosine schedule), biases/norms/tokens (ndim <= 1) do not.
+    """AdamW with two groups: weights decay (cosine schedule), biases/norms/tokens (`decays`) do not.
 
     implementation: apex FusedAdam (adam_w_mode) when usable, torch fused AdamW on CUDA, foreach on CPU.
     """
     decay, no_decay = [], []
     for name, p in student.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
+            (decay if decays(name, p) else no_decay).append(p)
     groups = [{"params": decay, "decay": True}, {"params": no_decay, "decay": False, "weight_decay": 0.0}]
     o = cfg.optim
     impl = o.implementation
@@ -205,7 +217,7 @@ def _views(views: list[View], device: torch.device) -> list[View]:
 def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB (process peak RSS)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB -> GB (process peak RSS)
 
 
 def train(cfg: Config, resume: bool | str | Path = False, loader: Any = None) -> TrainResult:
@@ -279,14 +291,17 @@ class Batches:
 
 @dataclass
 class Throughput:
-    """Images and useful FLOPs since the last log line: img/s, step time and MFU."""
+    """Optimiser steps, images and useful FLOPs since the last log line: img/s, step time and MFU. Steps are
+    counted, not assumed to be train.log_every: the last interval of a run and the first after a resume
+    that did not stop on a log step are shorter."""
 
     start: float = field(default_factory=time.perf_counter)
+    steps: int = 0
     images: int = 0
     flops: float = 0.0
 
     def reset(self) -> None:
-        self.start, self.images, self.flops = time.perf_counter(), 0, 0.0
+        self.start, self.steps, self.images, self.flops = time.perf_counter(), 0, 0, 0.0
 
 
 def forward_backward(arch: SSLMetaArch, batches: Batches, grad_accum_steps: int, fsdp: bool, teacher_temp: float,
@@ -340,9 +355,13 @@ def teacher_step(arch: SSLMetaArch, momentum: float, fsdp: bool) -> None:
 
 
 def log_metrics(logger: MetricsLogger, record: dict, arch: SSLMetaArch, throughput: Throughput, env: DistEnv,
-                steps: int, peak: float | None, skipped_steps: int) -> dict[str, float]:
+                peak: float | None, skipped_steps: int) -> dict[str, float]:
     """Complete `record` (the step's values) with the collapse monitors, throughput and memory, and log it;
-    returns the monitors (none with ssl.fused_head_loss, which keeps no teacher probabilities)."""
+    returns the monitors (none with ssl.fused_head_loss, which keeps no teacher probabilities).
+
+    Global: loss (mean over ranks and micro-batches), grad_norm, img_per_s (all ranks' images), the schedules.
+    Rank 0's: the monitors and koleo (its last micro-batch), step_time_s, mfu (its FLOPs against one device's
+    peak), mem_gb (its peak); skipped_steps is the same on every rank."""
     if env.device.type == "cuda":
         torch.cuda.synchronize(env.device)
     elapsed = time.perf_counter() - throughput.start
@@ -351,7 +370,7 @@ def log_metrics(logger: MetricsLogger, record: dict, arch: SSLMetaArch, throughp
     koleo = {"koleo": arch.last_koleo.item()} if arch.last_koleo is not None else {}
     logger.log({
         **record, **monitors, **koleo,
-        "img_per_s": throughput.images * env.world_size / elapsed, "step_time_s": elapsed / steps,
+        "img_per_s": throughput.images * env.world_size / elapsed, "step_time_s": elapsed / throughput.steps,
         "mfu": throughput.flops / elapsed / peak if peak else None, "mem_gb": _memory_gb(env.device),
         "skipped_steps": skipped_steps,
     })
@@ -359,10 +378,11 @@ def log_metrics(logger: MetricsLogger, record: dict, arch: SSLMetaArch, throughp
 
 
 def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimizer, loader: Any, cfg: Config,
-            env: DistEnv) -> tuple[int, int, int, int | None]:
+            env: DistEnv) -> tuple[int, int, int, int, int | None]:
     """Load checkpoint `resume_from` into the parallelised model, optimiser and loader; returns (step, epoch,
-    skipped steps, the step count its schedules were laid out over). Elastic (another world size or batch):
-    the loader position is converted and the drop-path streams restart."""
+    skipped steps, non-finite gradient norms in a row at that step, the step count its schedules were laid out
+    over). Elastic (another world size or batch): the loader position is converted and the drop-path streams
+    restart."""
     t = cfg.train
     try:
         step, rank_state, saved_world = checkpoint.load(resume_from, arch, optimizer, reshard=t.elastic_resume)
@@ -373,6 +393,7 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
             raise ValueError(f"it was trained on S1 in {saved_s1}, data.shard_dir holds S1 in {s1}; convert "
                              f"with `terrafm prepare --s1-scaling {saved_s1}` or start a new run")
         epoch, skipped_steps = rank_state["epoch"], rank_state.get("skipped_steps", 0)
+        nonfinite_streak = rank_state.get("nonfinite_streak", 0)
         loader.set_epoch(epoch)
         saved_batch = rank_state["loader"].get("batch_size", cfg.data.batch_size)
         reshard = saved_world != env.world_size or (t.elastic_resume and saved_batch != cfg.data.batch_size)
@@ -396,7 +417,7 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
                   f"loader step {before} -> {cfg.data.batch_size * env.world_size} (the peak lr follows the "
                   f"global batch); data resumes at epoch {epoch} batch {loader.step}, {redrawn} samples "
                   "drawn again", flush=True)
-    return step, epoch, skipped_steps, saved_steps
+    return step, epoch, skipped_steps, nonfinite_streak, saved_steps
 
 
 def _config_changes(resume_from: Path, cfg: Config, sections: tuple[str, ...] = ("model", "ssl")) -> str:
@@ -496,9 +517,10 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
     peak = peak_flops(env.device, t.precision, t.peak_tflops)
 
     # -- resume ---------------------------------------------------------------------------------
-    step, epoch, skipped_steps, saved_steps = 0, 0, 0, None
+    step, epoch, skipped_steps, nonfinite_streak, saved_steps = 0, 0, 0, 0, None
     if resume_from is not None:
-        step, epoch, skipped_steps, saved_steps = restore(resume_from, arch, optimizer, loader, cfg, env)
+        step, epoch, skipped_steps, nonfinite_streak, saved_steps = restore(resume_from, arch, optimizer, loader,
+                                                                            cfg, env)
     else:
         loader.set_epoch(epoch)
     try:
@@ -543,7 +565,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
 
     def save() -> Path:
         try:
-            rank_state = {"loader": loader.state_dict(), "epoch": batches.epoch, "skipped_steps": skipped_steps}
+            rank_state = {"loader": loader.state_dict(), "epoch": batches.epoch, "skipped_steps": skipped_steps,
+                          "nonfinite_streak": nonfinite_streak}
             return checkpoint.save(ckpt_root, step, arch, optimizer, rank_state, meta, t.keep_checkpoints)
         except checkpoint.CheckpointWriteError as err:
             raise SetupError(str(err)) from err
@@ -552,7 +575,6 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
     latest = resume_from
     last_diagnosis = None
     throughput = Throughput()
-    nonfinite_streak = 0
     try:
         while step < total_steps:
             if t.profile and step == t.profile_steps[0]:
@@ -594,12 +616,13 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                         "optim.clip_grad > 0 or train.precision=fp32.")
             teacher_step(arch, momentum, t.fsdp)
             step += 1
+            throughput.steps += 1
             logger.advance()
 
             if step % t.log_every == 0 or step == total_steps:
                 record = {"step": step, "loss": loss_value, "lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
                           "teacher_temperature": teacher_temp, "grad_norm": grad_norm.item(), "epoch": batches.epoch}
-                monitors = log_metrics(logger, record, arch, throughput, env, t.log_every, peak, skipped_steps)
+                monitors = log_metrics(logger, record, arch, throughput, env, peak, skipped_steps)
                 diagnosis = collapse_state(monitors, s.num_prototypes, t.collapse_gap) if step > warmup_steps else None
                 if diagnosis and diagnosis != last_diagnosis:
                     logger.write(f"warning at step {step}: {diagnosis} (docs/training.md, 'Reading the monitors')")

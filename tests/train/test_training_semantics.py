@@ -1,0 +1,175 @@
+"""Training semantics against DINO / DINOv2: gradient accumulation, parameter groups, resume, logged metrics."""
+
+import types
+
+import pytest
+import torch
+from synthetic import TINY_OVERRIDES, SyntheticLoader
+from train_harness import metric_records
+
+from terrafm.config import load_config
+from terrafm.data.views import View, ViewBatch
+from terrafm.models import load_checkpoint
+from terrafm.ssl.meta_arch import SSLMetaArch
+from terrafm.train import checkpoint, metrics, trainer
+from terrafm.train.trainer import NonFiniteGradError, build_optimizer, train
+
+
+def config(out, *overrides):
+    return load_config(None, TINY_OVERRIDES + [f"train.out_dir={out}", "train.run_name=run", "train.probe=false",
+                                               *overrides])
+
+
+class MicroBatches(SyntheticLoader):
+    """SyntheticLoader's batches of batch_size * parts served as `parts` micro-batches of batch_size, in order."""
+
+    def __init__(self, parts: int, batch_size: int, **kwargs):
+        super().__init__(batch_size=batch_size * parts, **kwargs)
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return super().__len__() * self.parts
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            b = batch.majority_class.shape[0] // self.parts
+            for i in range(self.parts):
+                rows = slice(i * b, (i + 1) * b)
+                cut = lambda v, rows=rows: View({m: t[rows] for m, t in v.items()})  # noqa: E731
+                yield ViewBatch([cut(v) for v in batch.global_views], [cut(v) for v in batch.local_views],
+                                batch.majority_class[rows], batch.index[rows])
+
+
+def test_two_micro_batches_of_four_make_the_update_of_one_batch_of_eight(tmp_path):
+    """Loss scaling, clipping, the last-layer freeze, schedules, both centres and the EMA advance once per
+    optimiser step on the statistics of all its micro-batches: every logged value and the final teacher agree."""
+    runs = {}
+    for parts in (1, 2):
+        out = tmp_path / f"accum{parts}"
+        cfg = config(out, f"data.batch_size={8 // parts}", f"train.grad_accum_steps={parts}", "train.max_steps=4",
+                     "train.deterministic=true", "ssl.freeze_last_layer_epochs=0.5", "optim.clip_grad=3.0")
+        train(cfg, loader=MicroBatches(parts, 8 // parts, num_samples=32))
+        runs[parts] = metric_records(out / "run"), load_checkpoint(out / "run").state_dict()
+    (one, teacher_one), (two, teacher_two) = runs[1], runs[2]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two, strict=True):
+        for key in ("lr", "weight_decay", "teacher_momentum", "teacher_temperature", "epoch"):
+            assert a[key] == b[key], key
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                     rel=1e-4)
+    for key, value in teacher_one.items():
+        torch.testing.assert_close(teacher_two[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_weight_decay_spares_biases_norms_tokens_and_the_sensor_and_fusion_vectors():
+    """Only weight matrices decay; the per-sensor vectors added to every patch token ((1, attn_dim)) and the
+    fusion queries are learned vectors like the cls token and position embedding, and must not."""
+    cfg = config("unused", "model.fusion=true")
+    arch = SSLMetaArch.from_config(cfg, 11, [0])
+    optimizer = build_optimizer(arch.student, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in arch.student.named_parameters()}
+    groups = {g["decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    vectors = {"backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.s2_l2a_embed",
+               "backbone.patch_embed.s2_l1c_embed", "backbone.patch_embed.s1_embed",
+               "backbone.patch_embed.fusion.queries", "backbone.patch_embed.fusion.pool"}
+    assert vectors <= groups[False] and not vectors & groups[True]
+    assert all(n.endswith(("weight", "weight_v")) for n in groups[True])
+    assert all(n.endswith(("bias", "norm_input.weight", "norm1.weight", "norm2.weight", "norm.weight"))
+               for n in groups[False] - vectors)
+    assert "backbone.patch_embed.conv2d_s1.weight" in groups[True] and "head.last_layer.weight_v" in groups[True]
+    assert len(groups[True]) + len(groups[False]) == len(list(arch.student.parameters()))
+
+
+def test_resume_keeps_this_runs_parameter_groups_and_the_saved_adamw_moments(tmp_path, monkeypatch):
+    """A checkpoint written under another weight-decay rule (here: the older ndim <= 1 rule, which decayed the
+    sensor vectors) resumes into this run's groups and settings (optim.betas changed too) with every
+    parameter's AdamW state; before, DCP's group mapping left a group without its keys (KeyError 'decay')."""
+    old_rule = lambda name, p: not (p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")))  # noqa: E731
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "decays", old_rule)
+        train(config(tmp_path, "train.max_steps=2"), loader=SyntheticLoader(batch_size=4))
+    saved = tmp_path / "run" / "checkpoints" / "step_00000002"
+    seen = {}
+    original = checkpoint.load
+
+    def load(path, arch, optimizer, reshard=False):
+        result = original(path, arch, optimizer, reshard)
+        names = {p: n for n, p in arch.student.named_parameters()}
+        seen["groups"] = {g["decay"]: ({names[p] for p in g["params"]}, g["betas"]) for g in optimizer.param_groups}
+        seen["moments"] = {names[p]: s["exp_avg"].full_tensor().clone() for p, s in optimizer.state.items()}
+        return result
+
+    monkeypatch.setattr(checkpoint, "load", load)
+    cfg = config(tmp_path, "train.max_steps=3", "optim.betas=[0.8, 0.99]")
+    assert train(cfg, resume=True, loader=SyntheticLoader(batch_size=4)).step == 3
+    (decay, decay_betas), (no_decay, no_decay_betas) = seen["groups"][True], seen["groups"][False]
+    assert "backbone.patch_embed.s1_embed" in no_decay and "backbone.patch_embed.s1_embed" not in decay
+    assert decay_betas == no_decay_betas == (0.8, 0.99)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(saved, tmp_path / "saved.pt")
+    written = torch.load(tmp_path / "saved.pt", weights_only=False)["optimizer"]["state"]
+    assert set(seen["moments"]) == set(written)
+    for name, moment in seen["moments"].items():
+        torch.testing.assert_close(moment, written[name]["exp_avg"], rtol=0, atol=0, msg=name)
+
+
+def test_step_time_and_images_per_second_count_the_steps_of_each_log_interval(tmp_path):
+    """img_per_s x step_time_s is the images of one optimiser step for every record, also for the last interval
+    of a run (shorter than train.log_every) and the first after a resume between two log steps."""
+    overrides = ["train.max_steps=4", "train.log_every=3", "train.checkpoint_every=2", "train.grad_accum_steps=2",
+                 "data.batch_size=2"]
+    train(config(tmp_path / "a", *overrides), loader=SyntheticLoader(batch_size=2))
+    train(config(tmp_path / "b", *overrides), resume=tmp_path / "a" / "run" / "checkpoints" / "step_00000002",
+          loader=SyntheticLoader(batch_size=2))
+    for run, steps in (("a", [3, 4]), ("b", [3, 4])):
+        records = metric_records(tmp_path / run / "run")
+        assert [r["step"] for r in records] == steps
+        for r in records:
+            assert r["img_per_s"] * r["step_time_s"] == pytest.approx(4.0, rel=1e-6), (run, r["step"])
+
+
+def test_cpu_peak_memory_is_in_gigabytes(monkeypatch):
+    """Linux reports ru_maxrss in KiB: 10^6 KiB is 1.024 GB."""
+    monkeypatch.setattr(trainer.resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=1_000_000))
+    assert trainer._memory_gb(torch.device("cpu")) == pytest.approx(1.024)
+
+
+def test_mfu_peak_is_that_of_the_units_the_matmuls_run_on(monkeypatch):
+    """fp32 matmuls use TF32 tensor cores only when torch allows it; by default they run at the fp32 peak."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda")
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert metrics.peak_flops(cuda, "fp32", 0.0) == pytest.approx(66.9e12)
+        torch.set_float32_matmul_precision("high")
+        assert metrics.peak_flops(cuda, "fp32", 0.0) == pytest.approx(494.5e12)
+        assert metrics.peak_flops(cuda, "bf16", 0.0) == pytest.approx(989.5e12)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert metrics.peak_flops(cuda, "fp32", 123.0) == pytest.approx(123e12)
+    assert metrics.peak_flops(torch.device("cpu"), "fp32", 0.0) is None
+
+
+def test_the_non_finite_gradient_streak_survives_a_resume(tmp_path, monkeypatch):
+    """Non-finite gradient norms at steps 1, 2, 3 with train.max_nonfinite_grad_steps=3 stop the run at step 3;
+    resumed from the checkpoint of step 2 (streak 1), the run stops at the same step."""
+    calls = []
+
+    def clip_with_inf(params, max_norm, inf_at):
+        if len(calls) in inf_at:
+            next(p for p in params if p.grad is not None).grad.fill_(float("inf"))
+        calls.append(1)
+        return original_clip(params, max_norm)
+
+    original_clip = trainer.clip_gradients
+    overrides = ["train.max_steps=6", "train.checkpoint_every=2", "train.max_nonfinite_grad_steps=3"]
+    monkeypatch.setattr(trainer, "clip_gradients", lambda p, n: clip_with_inf(p, n, {1, 2, 3}))
+    with pytest.raises(NonFiniteGradError, match="3 steps in a row, the last at step 3"):
+        train(config(tmp_path, *overrides), loader=SyntheticLoader(batch_size=4))
+    calls.clear()  # the resumed run's calls 0 and 1 are steps 2 and 3
+    monkeypatch.setattr(trainer, "clip_gradients", lambda p, n: clip_with_inf(p, n, {0, 1}))
+    with pytest.raises(NonFiniteGradError, match="3 steps in a row, the last at step 3"):
+        train(config(tmp_path / "resumed", *overrides), resume=tmp_path / "run" / "checkpoints" / "step_00000002",
+              loader=SyntheticLoader(batch_size=4))
