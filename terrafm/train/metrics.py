@@ -86,8 +86,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            with open(self.path, "a") as f:  # strict JSON: NaN / inf (teacher_cosine at batch 1) are written null
+                f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                    for k, v in record.items()}, allow_nan=False) + "\n")
         except OSError as err:  # a full disk: say so once and train on; the next checkpoint write stops the run
             if not self.write_failed:
                 self.bar.write(f"warning: cannot append to {self.path} ({err.strerror or err}); training goes on, "

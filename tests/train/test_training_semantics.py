@@ -173,3 +173,23 @@ def test_the_non_finite_gradient_streak_survives_a_resume(tmp_path, monkeypatch)
     with pytest.raises(NonFiniteGradError, match="3 steps in a row, the last at step 3"):
         train(config(tmp_path / "resumed", *overrides), resume=tmp_path / "run" / "checkpoints" / "step_00000002",
               loader=SyntheticLoader(batch_size=4))
+
+
+def test_metrics_jsonl_is_strict_json_with_null_for_nan(tmp_path):
+    """teacher_cosine is NaN at batch 1: a bare NaN in metrics.jsonl is not JSON (jq, JavaScript refuse it)."""
+    import json
+    import math
+
+    from terrafm.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, 0, 1, 0)
+    logger.log({"step": 1, "loss": 2.5, "lr": 1e-4, "teacher_cosine": math.nan, "grad_norm": math.inf, "mfu": None,
+                "mem_gb": 0.1, "img_per_s": 3.0})
+    logger.close()
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert record == {"step": 1, "loss": 2.5, "lr": 1e-4, "teacher_cosine": None, "grad_norm": None, "mfu": None,
+                      "mem_gb": 0.1, "img_per_s": 3.0}
