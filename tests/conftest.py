@@ -1,10 +1,18 @@
 """Test-wide setup: Triton kernels in the interpreter without a CUDA GPU; threads per xdist worker; test order."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+
+# The repository root must not be importable: `python -m pytest` and xdist's workers put it on sys.path, and its
+# kernels/ and bench/ folders (installed as terrafm_kernels and terrafm_bench) would shadow PyPI packages of those
+# names. transformers >= 5.25 depends on Hugging Face's `kernels` and imports it: it got this repo's kernels/.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
 
 # The test command (scripts/test.sh) sets HYPOTHESIS_PROFILE=ci: the same examples on every run, so a CI result
 # does not depend on the draw; a plain `pytest` draws new examples each run and keeps exploring.

@@ -438,7 +438,7 @@ def _config_changes(resume_from: Path, cfg: Config, sections: tuple[str, ...] = 
 
 def _normalisation_changes(resume_from: Path, now: dict, tolerance: float = 1e-3) -> str:
     """How this run's per-band normalisation (input_metadata) differs from the checkpoint's, e.g.
-    "s2_l2a B04 mean moved 0.31 std, std x1.10"; "" when within tolerance or either side does not record it."""
+    "s2_l2a B04: mean moved 0.31 std, std x1.1"; "" when within tolerance or either side does not record it."""
     try:
         saved = checkpoint_io.read_meta(resume_from).get("data", {})
     except (checkpoint_io.CheckpointError, OSError, ValueError):
