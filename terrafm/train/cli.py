@@ -91,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os.execv(cmd[0], cmd)
 
+    from terrafm.checkpoint_io import LATEST  # torch: imported once a run is about to start
+
     resume = args.resume_from or args.resume
-    if args.resume and (Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints" / "latest").exists():
+    if args.resume and (Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints" / LATEST).exists():
         resume = True  # a requeued job continues its own run; --resume-from only started it
     return train_exit_code(cfg, resume)
 
