@@ -228,10 +228,15 @@ def train(cfg: Config, resume: bool | str | Path = False, loader: Any = None) ->
     stop.install()
     try:
         env = init_distributed(cfg)
+        finished = False
         try:
-            return _train(cfg, env, resume, loader, stop)
+            result = _train(cfg, env, resume, loader, stop)
+            finished = True
+            return result
         finally:
             if env.owns_process_group:
+                if finished and env.world_size > 1:  # no rank tears down its group while another still runs
+                    dist.barrier()
                 dist.destroy_process_group()
     finally:
         stop.restore()
