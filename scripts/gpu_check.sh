@@ -14,12 +14,12 @@ usage() {
   echo "usage: bash scripts/gpu_check.sh [--cpu] [--stages a,b,...] [--budget SECONDS] [--work DIR] OUT_DIR" >&2
   exit 2
 }
-MODE=gpu SELECTED="" BUDGET="" WORK="" OUT=""
+MODE=gpu SELECTED="" BUDGET="" BUDGET_SET=0 WORK="" OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) MODE=cpu; shift ;;
     --stages) [ $# -ge 2 ] || usage; SELECTED=$2; shift 2 ;;
-    --budget) [ $# -ge 2 ] || usage; BUDGET=$2; shift 2 ;;
+    --budget) [ $# -ge 2 ] || usage; BUDGET=$2; BUDGET_SET=1; shift 2 ;;
     --work) [ $# -ge 2 ] || usage; WORK=$2; shift 2 ;;
     -h|--help) usage ;;
     -*) echo "gpu_check: unknown option $1" >&2; usage ;;
@@ -27,7 +27,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$OUT" ] || usage
-case "$BUDGET" in *[!0-9]*) echo "gpu_check: --budget takes whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+if [ "$BUDGET_SET" = 1 ]; then
+  case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check: --budget takes whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+  BUDGET=$((10#$BUDGET))  # base 10: a leading zero (08) is not octal here
+fi
 SELECTED=${SELECTED:-${ALL_STAGES// /,}}
 for s in ${SELECTED//,/ }; do
   case " $ALL_STAGES " in *" $s "*) ;; *) echo "gpu_check: unknown stage '$s'; stages: $ALL_STAGES" >&2; exit 2 ;; esac

@@ -29,11 +29,19 @@ def _fake_python(folder: Path) -> Path:
 
 
 def test_a_budget_that_is_not_whole_seconds_exits_2_naming_it(tmp_path):
-    for budget in ("abc", "10.5", "-5"):  # were: a bash error and exit 1 ("abc: unbound variable")
+    for budget in ("abc", "10.5", "-5", ""):  # were: a bash error and exit 1 ("abc: unbound variable")
         proc = _run(tmp_path, "--budget", budget, "--stages", "env", str(tmp_path / "out"),
                     python=str(_fake_python(tmp_path)))
         assert proc.returncode == 2, (budget, proc.stderr)
         assert "--budget" in proc.stderr and not (tmp_path / "python.log").exists()
+
+
+def test_a_budget_with_a_leading_zero_is_decimal_seconds(tmp_path):
+    """--budget 08 was a bash error (08 read as octal) and the stages ran with no budget."""
+    proc = _run(tmp_path, "--budget", "0090", "--stages", "env", str(tmp_path / "out"),
+                python=str(_fake_python(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    assert "budget 90 s" in proc.stdout and "stage env" in (tmp_path / "python.log").read_text()
 
 
 def test_out_work_and_python_are_relative_to_the_callers_folder(tmp_path):
