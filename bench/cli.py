@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("terrafm bench: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
-    ops = kernel_benches.OPS if not args.ops else tuple(o.strip() for o in args.ops.split(","))
+    ops = kernel_benches.OPS if args.ops is None else tuple(o.strip() for o in args.ops.split(","))
     bad = [o for o in ops if o not in kernel_benches.OPS]
     if bad:
         print(f"terrafm bench: --ops: unknown {bad}; choose from {','.join(kernel_benches.OPS)}", file=sys.stderr)

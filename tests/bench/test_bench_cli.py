@@ -72,6 +72,9 @@ def test_bad_arguments_name_what_is_wrong(tmp_path, capsys):
                         ("--ib-gbit-s", "-400")):
         assert main(["bench", "--only", "roofline", "--out", str(tmp_path / "r"), flag, value]) == 2
         assert flag in capsys.readouterr().err
+    for ops in ("", "fusion,"):  # an empty --ops ran every kernel
+        assert main(["bench", "--only", "kernels", "--ops", ops, "--out", str(tmp_path / "k")]) == 2
+        assert "--ops: unknown ['']" in capsys.readouterr().err
     assert main(["bench", "--only", "roofline", "--out", str(bogus)]) == 2  # a file where the folder should go
     assert "is a file" in capsys.readouterr().err and bogus.read_text() == "{}"
 
