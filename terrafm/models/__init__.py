@@ -114,7 +114,7 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
                 meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors' own error types vary by version; all mean "not readable"
             raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
-        return meta.get("model"), backbone_entries(tensors), _input_metadata(meta, path)
+        return meta.get("model"), backbone_entries(tensors, str(path)), _input_metadata(meta, path)
     try:  # weights_only: a pickle that would run code is refused, never executed; DINO's checkpoints keep
         # their argparse.Namespace under 'args' (a plain attribute bag: allowed, it runs nothing)
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -128,13 +128,13 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
         raise ValueError(f"{path} is not a PyTorch checkpoint terrafm can read ({type(err).__name__}: {first}); "
                          "expected a published .pth, an exported .safetensors or a `terrafm pretrain` "
                          "checkpoint folder") from err
-    for key in ("teacher", "model", "state_dict"):
+    for key in ("teacher", "model", "state_dict", "student"):  # a student alone only when nothing else is there
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")
-    return None, backbone_entries(state), {}
+    return None, backbone_entries(state, str(path)), {}
 
 
 HEAD_PREFIXES = ("head.", "dino_head.", "ibot_head.")  # classifier / DINO projection heads: not the backbone
@@ -149,16 +149,25 @@ def _unwrapped(key: str) -> str:
     return key.removeprefix("module.")
 
 
-def backbone_entries(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+BACKBONE_ANCHOR = "patch_embed.conv2d_s1.weight"  # a key every TerraFM backbone has, under whatever prefix
+
+
+def backbone_entries(state: dict[str, torch.Tensor], source: str = "the state_dict") -> dict[str, torch.Tensor]:
     """The backbone's tensors of a state_dict, keyed as published. DDP's 'module.' and the parts torch.compile, FSDP1
-    and activation checkpointing add are dropped; of a DINO-style checkpoint the teacher's backbone is taken
-    ('teacher.backbone.*' of a DINOv2 training checkpoint's model, else 'backbone.*' beside dino_head / ibot_head), as
-    DINO evaluates; heads are not part of the backbone."""
+    and activation checkpointing add are dropped. The backbone is found under whatever prefix its keys carry
+    ('backbone.' beside DINO heads, Lightning's 'model.', 'encoder.', ...); of a checkpoint holding a teacher and a
+    student (DINO, DINOv2 training checkpoints) the teacher is taken, as DINO evaluates. Heads are not part of it."""
     state = {_unwrapped(k): v for k, v in state.items()}
-    for prefix in ("teacher.backbone.", "backbone."):
-        if any(k.startswith(prefix) for k in state):
-            return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    return {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    prefixes = sorted({k[:-len(BACKBONE_ANCHOR)] for k in state if k.endswith(BACKBONE_ANCHOR)})
+    teacher = [p for p in prefixes if p.startswith("teacher.")]
+    if len(prefixes) > 1 and len(teacher) == 1:
+        prefixes = teacher
+    if len(prefixes) > 1:
+        raise ValueError(f"{source} holds {len(prefixes)} backbones (under {', '.join(map(repr, prefixes))}) "
+                         "and none is a teacher's; save the one to load on its own")
+    prefix = prefixes[0] if prefixes else ""
+    return {k.removeprefix(prefix): v for k, v in state.items()
+            if k.startswith(prefix) and not k.removeprefix(prefix).startswith(HEAD_PREFIXES)}
 
 
 def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> TerraFM:

@@ -160,8 +160,37 @@ def test_a_position_grid_that_is_not_square_is_named(tmp_path):
         load_checkpoint(path)
 
 
-def test_keys_of_an_unknown_wrapper_are_shown(tmp_path):
-    path = tmp_path / "lightning.pth"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in build_model("terrafm_tiny").state_dict().items()}}, path)
-    with pytest.raises(ValueError, match=r"not a TerraFM backbone.*its keys begin \['model\."):
+def test_keys_of_another_model_are_shown(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"state_dict": {"model.conv1.weight": torch.zeros(8, 3, 7, 7), "model.fc.weight": torch.zeros(2, 8)}},
+               path)
+    with pytest.raises(ValueError, match=r"not a TerraFM backbone.*its keys begin \['model\.conv1"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("layout", ["lightning", "student_only", "encoder_with_decoder"])
+def test_a_backbone_under_any_prefix_loads(tmp_path, layout):
+    """Lightning's 'model.' prefix, a DINO checkpoint saved with its student only, and an 'encoder.' beside other
+    modules were each 'not a TerraFM backbone' (only 'backbone.' and 'teacher.backbone.' were looked for)."""
+    published = PublishedTerraFM(img_size=32, dim=192, depth=4, heads=3).eval()
+    sd = published.state_dict()
+    if layout == "lightning":
+        content = {"state_dict": {**{f"model.{k}": v for k, v in sd.items()}, "model.head.weight": torch.zeros(3, 192)},
+                   "epoch": 4, "global_step": 100}
+    elif layout == "student_only":
+        content = {"student": {**{f"module.backbone.{k}": v for k, v in sd.items()},
+                               "module.head.last_layer.weight_g": torch.ones(8, 1)}, "epoch": 2}
+    else:
+        content = {**{f"encoder.{k}": v for k, v in sd.items()}, "decoder.weight": torch.zeros(4, 4)}
+    torch.save(content, tmp_path / "x.pth")
+    model = load_checkpoint(tmp_path / "x.pth").eval()
+    x = _image("s2_l1c")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, "s2_l1c"), published(x), rtol=1e-5, atol=1e-5)
+
+
+def test_two_backbones_and_no_teacher_is_refused_naming_both(tmp_path):
+    sd = PublishedTerraFM(img_size=32, dim=192, depth=4, heads=3).state_dict()
+    torch.save({**{f"a.{k}": v for k, v in sd.items()}, **{f"b.{k}": v for k, v in sd.items()}}, tmp_path / "x.pth")
+    with pytest.raises(ValueError, match=r"x\.pth holds 2 backbones \(under 'a\.', 'b\.'\)"):
+        load_checkpoint(tmp_path / "x.pth")
