@@ -87,6 +87,19 @@ class TerraFMPatchEmbed(nn.Module):
         conv = getattr(self, f"conv2d_{modality}")
         return conv.weight, conv.bias, getattr(self, f"{modality}_embed").reshape(-1)
 
+    def unused_parameters_zero(self, used: set[str], fused: bool) -> torch.Tensor | None:
+        """A zero that depends on every embedding parameter a forward left unused (None if none was).
+
+        Added to the tokens in training, it gives each such parameter a zero gradient, so every rank's
+        backward has the same parameters with gradients whichever sensors it drew, and FSDP2's reduce-scatter
+        lines up on every torch version (FSDP2's set_reduce_scatter_unused_params is torch 2.13+ only)."""
+        params = [p for name in MODALITY_NAMES if name not in used for p in self.modality_params(name)]
+        if self.fusion is not None and not fused:
+            params += list(self.fusion.parameters())
+        if not params:
+            return None
+        return torch.stack([p.reshape(-1)[0] for p in params]).sum() * 0.0
+
     def patchify(self, image: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                  modality_embed: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, attn_dim): conv patchify + bias + modality vector."""

@@ -45,7 +45,8 @@ class DINOModel(nn.Module):
        batch (2 global + 8 local crops -> 2 passes through the blocks, whatever sensors they drew).
     Stage 2 depends only on the crop sizes, never on the modality draw, so every rank makes the same
     sequence of per-block FSDP all-gathers even when ranks draw different sensors; the embedding lives
-    in the root FSDP unit (gathered once per forward). Features return to view order and the head
+    in the root FSDP unit (gathered once per forward), and the parameters of sensors a rank did not draw
+    get a zero gradient, so every rank reduce-scatters the same gradients. Features return to view order and the head
     runs once on all V*B rows.
     """
 
@@ -73,6 +74,10 @@ class DINOModel(nn.Module):
                 x = self.backbone.prepare_tokens({m: torch.cat([views[i][m] for i in idxs]) for m in modalities})
             for i, chunk in zip(idxs, x.chunk(len(idxs)), strict=True):
                 tokens[i] = chunk
+        used = {m for modalities, _ in groups for m in modalities}
+        zero = self.backbone.patch_embed.unused_parameters_zero(used, any(len(m) > 1 for m, _ in groups))
+        if zero is not None:  # a (zero) gradient for each unused sensor's parameters: see unused_parameters_zero
+            tokens[0] = tokens[0] + zero.to(tokens[0].dtype)
         features: list[torch.Tensor | None] = [None] * len(views)
         for size in sorted({view_key(v)[1] for v in views}):
             idxs = [i for i, v in enumerate(views) if view_key(v)[1] == size]

@@ -93,10 +93,6 @@ def apply_fsdp(model: DINOModel, mesh: DeviceMesh, param_dtype: torch.dtype, red
             block.set_modules_to_forward_prefetch(list(blocks[i + 1:i + 1 + forward_prefetch]))
         if backward and backward_prefetch:
             block.set_modules_to_backward_prefetch(list(blocks[max(0, i - backward_prefetch):i])[::-1])
-    if backward:
-        # Views of one step may use different sensors on different ranks: parameters of an unused
-        # modality then have no gradient on one rank only; reduce zeros for them so collectives match.
-        model.set_reduce_scatter_unused_params(True)
 
 
 def parallelize(
