@@ -71,7 +71,8 @@ W_SLICE_BYTES = min(gpu["l2"] for gpu in GPUS.values()) // 2
 # 128 (E x KD) tiles at 2 CTAs per SM make a wave cover 12-15 of the 24 KD block rows at the presets'
 # shape: G crosses HBM twice and x once (1.41-1.43x; 128 x 32 tiles re-read G in each of 7-14 waves).
 # BLOCK_M is the reduction step: 32 spills 8 bytes on sm_90 in fp16/bf16, and 8 warps take 162-180
-# registers (1 CTA per SM). One config for every dtype: 221-255 registers, no spills.
+# registers (1 CTA per SM). fp16/bf16: 221-255 registers, no spills. fp32 (tf32x3 splits each operand in
+# registers): 128 x 128 spilled 192-320 bytes, so 128 x 64 tiles, 168-188 registers (bytes 1.8-2.2x).
 GRAD_WEIGHT_CONFIGS = {
     2: {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
     4: {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
@@ -217,9 +218,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 dots: three tf32 products (tf32x3, near-fp32 accuracy) or, where torch forbids tf32 for
     convolutions, IEEE FMA. One tf32 product truncates its operands where cuDNN rounds them: on an H200
     it gave 2.5-2.7x nn.Conv2d's error at the presets' shape, over the 2x rule. 16-bit dots ignore this."""
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
-        return "ieee"
-    return "tf32x3"
+    if dtype != torch.float32:
+        return "tf32"  # the default; a 16-bit dot takes its operands as they are
+    return "tf32x3" if torch.backends.cudnn.allow_tf32 else "ieee"
 
 
 def validate(x, weight, bias, modality_embed, pos_embed) -> None:

@@ -92,7 +92,7 @@ class TerraFMPatchEmbed(nn.Module):
 
         Added to the tokens in training, it gives each such parameter a zero gradient, so every rank's
         backward has the same parameters with gradients whichever sensors it drew, and FSDP2's reduce-scatter
-        lines up on every torch version (FSDP2's set_reduce_scatter_unused_params is torch 2.13+ only)."""
+        lines up on every torch version (torch 2.11, the GPU image, has no FSDP2 set_reduce_scatter_unused_params)."""
         params = [p for name in MODALITY_NAMES if name not in used for p in self.modality_params(name)]
         if self.fusion is not None and not fused:
             params += list(self.fusion.parameters())

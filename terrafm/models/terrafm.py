@@ -121,6 +121,10 @@ class TerraFM(nn.Module):
         grid = F.interpolate(grid.float(), scale_factor=(h0 / side, w0 / side), mode="bicubic").to(patch_pos.dtype)
         return torch.cat((cls_pos, grid.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)), dim=1)
 
+    def unused_parameters_zero(self, used: set[str], fused: bool) -> torch.Tensor | None:
+        """See TerraFMPatchEmbed.unused_parameters_zero: the sensor parameters are all in the patch embedding."""
+        return self.patch_embed.unused_parameters_zero(used, fused)
+
     def prepare_tokens(self, x: Images, modality: str | None = None) -> torch.Tensor:
         images = self._as_dict(x, modality)
         H, W = next(iter(images.values())).shape[-2:]

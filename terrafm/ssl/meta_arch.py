@@ -54,6 +54,8 @@ class DINOModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        # TerraFM backbones have per-sensor parameters (TerraFM.unused_parameters_zero); other ViTs have none
+        self.unused_parameters_zero = getattr(backbone, "unused_parameters_zero", None)
 
     def forward(self, views: Sequence[View], head_loss: Callable | None = None, return_cls: bool = False):
         """(V, B, K) logits; with head_loss, what head_loss returns (see DINOHead.forward); with return_cls,
@@ -74,9 +76,11 @@ class DINOModel(nn.Module):
                 x = self.backbone.prepare_tokens({m: torch.cat([views[i][m] for i in idxs]) for m in modalities})
             for i, chunk in zip(idxs, x.chunk(len(idxs)), strict=True):
                 tokens[i] = chunk
-        used = {m for modalities, _ in groups for m in modalities}
-        zero = self.backbone.patch_embed.unused_parameters_zero(used, any(len(m) > 1 for m, _ in groups))
-        if zero is not None:  # a (zero) gradient for each unused sensor's parameters: see unused_parameters_zero
+        zero = None
+        if self.unused_parameters_zero is not None:  # a zero gradient for each sensor's parameters a view skipped
+            used = {m for modalities, _ in groups for m in modalities}
+            zero = self.unused_parameters_zero(used, any(len(m) > 1 for m, _ in groups))
+        if zero is not None:
             tokens[0] = tokens[0] + zero.to(tokens[0].dtype)
         features: list[torch.Tensor | None] = [None] * len(views)
         for size in sorted({view_key(v)[1] for v in views}):

@@ -133,3 +133,25 @@ def test_top_kernels_prefers_gpu_kernels_and_sums_by_name(tmp_path):
     assert top["rows"][0]["pct"] == pytest.approx(100 * 9 / 17)
     trace.write_text(json.dumps({"traceEvents": [e for e in events if e["cat"] == "cpu_op"]}))
     assert top_kernels(trace)["rows"][0]["name"] == "aten::mm"
+
+
+def test_a_timed_call_moves_grad_out_to_the_device_once():
+    """The first H200 run timed a 115 MB host-to-device copy of grad_out inside every patch_embed call."""
+    from terrafm_bench.gpu_check_kernels import make_call
+
+    class CountedGrad(torch.Tensor):
+        moves = 0
+
+        def to(self, *args, **kwargs):
+            CountedGrad.moves += 1
+            return torch.Tensor.to(self.as_subclass(torch.Tensor), *args, **kwargs)
+
+    case = CASES["patch_embed"]
+    g = torch.Generator().manual_seed(0)
+    shape = {"B": 1, "C": 2, "H": 8, "W": 8, "E": 4, "p": 4}
+    leaves = {k: v.requires_grad_(k in case.grads) for k, v in case.make(shape, g).items()}
+    grad_out = case.grad_out(shape, g).as_subclass(CountedGrad)
+    call = make_call(case.plain, case, leaves, case.scalars(shape), grad_out)
+    first, second = call(), call()
+    assert CountedGrad.moves == 1
+    torch.testing.assert_close(first["grad weight"], second["grad weight"])
