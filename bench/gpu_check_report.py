@@ -85,10 +85,13 @@ def _train(s: dict) -> list[str]:
              f"{s.get('batch_size')} per GPU, K = {s.get('num_prototypes')}, compile {s.get('compile')}, "
              f"{s.get('precision')})", ""]
     rows = [[r["head"], _f(r.get("img_per_s"), ".1f"), _f(r.get("mfu") and 100 * r["mfu"], ".1f", "%"),
-             _f(r.get("step_time_s") and 1e3 * r["step_time_s"], ".0f"), _f(r.get("peak_memory_gb"), ".1f", " GB"),
+             _f(r.get("step_time_s") and 1e3 * r["step_time_s"], ".0f"),
+             _f(None if r.get("data_wait_s") is None else 1e3 * r["data_wait_s"], ".0f"),
+             _f(r.get("peak_memory_gb"), ".1f", " GB"),
              f"{_f(r.get('loss_first'), '.3f')} -> {_f(r.get('loss_last'), '.3f')}", _f(r.get("wall_s"), ".0f"),
              r.get("error", "")] for r in s.get("runs", [])]
-    lines += _table(["head", "img/s", "MFU", "step ms", "peak memory", "loss", "run wall s", "error"], rows)
+    lines += _table(["head", "img/s", "MFU", "step ms", "data wait ms", "peak memory", "loss", "run wall s", "error"],
+                    rows)
     lines += [f"Steady state: the logged windows after the profiled steps; peak memory: {s.get('memory_how')}.", ""]
     for r in s.get("runs", []):
         top = r.get("top_kernels")

@@ -70,6 +70,7 @@ def run_trainer(ctx: Context, head: str, shard_dir: Path, timeout: float) -> dic
     row.update(steps=records[-1]["step"], steady_steps=[r["step"] for r in steady],
                img_per_s=statistics.mean(r["img_per_s"] for r in steady),
                step_time_s=statistics.mean(r["step_time_s"] for r in steady),
+               data_wait_s=statistics.mean(r["data_wait_s"] for r in steady),
                mfu=statistics.mean(mfu) if mfu else None, peak_memory_gb=max(r["mem_gb"] for r in records),
                loss_first=records[0]["loss"], loss_last=records[-1]["loss"],
                top_kernels=top_kernels(run_dir / "profile" / "trace_rank0.json"))

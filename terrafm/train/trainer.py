@@ -296,17 +296,18 @@ class Batches:
 
 @dataclass
 class Throughput:
-    """Optimiser steps, images and useful FLOPs since the last log line: img/s, step time and MFU. Steps are
-    counted, not assumed to be train.log_every: the last interval of a run and the first after a resume
-    that did not stop on a log step are shorter."""
+    """Optimiser steps, images, useful FLOPs and seconds spent waiting for batches since the last log line:
+    img/s, step time, MFU and data wait. Steps are counted, not assumed to be train.log_every: the last
+    interval of a run and the first after a resume that did not stop on a log step are shorter."""
 
     start: float = field(default_factory=time.perf_counter)
     steps: int = 0
     images: int = 0
     flops: float = 0.0
+    data_wait: float = 0.0
 
     def reset(self) -> None:
-        self.start, self.steps, self.images, self.flops = time.perf_counter(), 0, 0, 0.0
+        self.start, self.steps, self.images, self.flops, self.data_wait = time.perf_counter(), 0, 0, 0.0, 0.0
 
 
 def forward_backward(arch: SSLMetaArch, batches: Batches, grad_accum_steps: int, fsdp: bool, teacher_temp: float,
@@ -315,7 +316,9 @@ def forward_backward(arch: SSLMetaArch, batches: Batches, grad_accum_steps: int,
     one only); returns the summed loss, a scalar on `device`."""
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum_steps):
+        waited = time.perf_counter()
         batch = batches.next()
+        throughput.data_wait += time.perf_counter() - waited
         global_views = _views(batch.global_views, device)
         local_views = _views(batch.local_views, device)
         majority_class = batch.majority_class.to(device, non_blocking=True)
@@ -365,8 +368,9 @@ def log_metrics(logger: MetricsLogger, record: dict, arch: SSLMetaArch, throughp
     returns the monitors (none with ssl.fused_head_loss, which keeps no teacher probabilities).
 
     Global: loss (mean over ranks and micro-batches), grad_norm, img_per_s (all ranks' images), the schedules.
-    Rank 0's: the monitors and koleo (its last micro-batch), step_time_s, mfu (its FLOPs against one device's
-    peak), mem_gb (its peak); skipped_steps is the same on every rank."""
+    Rank 0's: the monitors and koleo (its last micro-batch), step_time_s, data_wait_s (of a step, the seconds
+    it waited for its batches: near step_time_s means the loader is the bottleneck), mfu (its FLOPs against
+    one device's peak), mem_gb (its peak); skipped_steps is the same on every rank."""
     if env.device.type == "cuda":
         torch.cuda.synchronize(env.device)
     elapsed = time.perf_counter() - throughput.start
@@ -376,6 +380,7 @@ def log_metrics(logger: MetricsLogger, record: dict, arch: SSLMetaArch, throughp
     logger.log({
         **record, **monitors, **koleo,
         "img_per_s": throughput.images * env.world_size / elapsed, "step_time_s": elapsed / throughput.steps,
+        "data_wait_s": throughput.data_wait / throughput.steps,
         "mfu": throughput.flops / elapsed / peak if peak else None, "mem_gb": _memory_gb(env.device),
         "skipped_steps": skipped_steps,
     })

@@ -1,5 +1,6 @@
 """Training semantics against DINO / DINOv2: gradient accumulation, parameter groups, resume, logged metrics."""
 
+import time
 import types
 
 import pytest
@@ -127,6 +128,24 @@ def test_step_time_and_images_per_second_count_the_steps_of_each_log_interval(tm
         assert [r["step"] for r in records] == steps
         for r in records:
             assert r["img_per_s"] * r["step_time_s"] == pytest.approx(4.0, rel=1e-6), (run, r["step"])
+
+
+class SlowLoader(SyntheticLoader):
+    """Each batch arrives 0.2 s after it is asked for: a loader the trainer waits on."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            time.sleep(0.2)
+            yield batch
+
+
+def test_data_wait_counts_the_seconds_each_step_waited_for_its_batches(tmp_path):
+    overrides = ["train.max_steps=2", "train.log_every=2", "train.grad_accum_steps=2", "data.batch_size=2"]
+    train(config(tmp_path, *overrides), loader=SlowLoader(batch_size=2))
+    (record,) = metric_records(tmp_path / "run")
+    assert 0.4 <= record["data_wait_s"] < record["step_time_s"]  # two micro-batches of 0.2 s per step
+    train(config(tmp_path / "fast", *overrides), loader=SyntheticLoader(batch_size=2))
+    assert metric_records(tmp_path / "fast" / "run")[0]["data_wait_s"] < 0.2
 
 
 def test_cpu_peak_memory_is_in_gigabytes(monkeypatch):
