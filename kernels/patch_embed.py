@@ -217,7 +217,7 @@ def _tiles(cfg: dict) -> dict:
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 dots: three tf32 products (tf32x3, near-fp32 accuracy) or, where torch forbids tf32 for
     convolutions, IEEE FMA. One tf32 product truncates its operands where cuDNN rounds them: on an H200
-    it gave 2.5-2.7x nn.Conv2d's error at the presets' shape, over the 2x rule. 16-bit dots ignore this."""
+    it gave 2.5-2.7x nn.Conv2d's error at the presets' shape, over the 2x rule. 16-bit dots keep the default."""
     if dtype != torch.float32:
         return "tf32"  # the default; a 16-bit dot takes its operands as they are
     return "tf32x3" if torch.backends.cudnn.allow_tf32 else "ieee"

@@ -76,12 +76,11 @@ class DINOModel(nn.Module):
                 x = self.backbone.prepare_tokens({m: torch.cat([views[i][m] for i in idxs]) for m in modalities})
             for i, chunk in zip(idxs, x.chunk(len(idxs)), strict=True):
                 tokens[i] = chunk
-        zero = None
-        if self.unused_parameters_zero is not None:  # a zero gradient for each sensor's parameters a view skipped
+        if self.unused_parameters_zero is not None:  # a zero gradient for each sensor's parameters no view used
             used = {m for modalities, _ in groups for m in modalities}
             zero = self.unused_parameters_zero(used, any(len(m) > 1 for m, _ in groups))
-        if zero is not None:
-            tokens[0] = tokens[0] + zero.to(tokens[0].dtype)
+            if zero is not None:
+                tokens[0] = tokens[0] + zero.to(tokens[0].dtype)
         features: list[torch.Tensor | None] = [None] * len(views)
         for size in sorted({view_key(v)[1] for v in views}):
             idxs = [i for i, v in enumerate(views) if view_key(v)[1] == size]
