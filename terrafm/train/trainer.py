@@ -12,6 +12,8 @@ All schedules are pure functions of the step, so a resumed run continues bitwise
 """
 
 import copy
+import faulthandler
+import gc
 import json
 import math
 import os
@@ -108,6 +110,8 @@ def init_distributed(cfg: Config) -> DistEnv:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         owns = True
     rank, world = dist.get_rank(), dist.get_world_size()
+    if world > 1:  # a rank that aborts (a C++ terminate, a segfault) prints every thread's Python stack
+        faulthandler.enable(all_threads=True)
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
@@ -235,7 +239,11 @@ def train(cfg: Config, resume: bool | str | Path = False, loader: Any = None) ->
             return result
         finally:
             if env.owns_process_group:
-                if finished and env.world_size > 1:  # no rank tears down its group while another still runs
+                if finished and env.world_size > 1:
+                    # the model, optimiser and FSDP state are reference cycles: free them (and any gloo work
+                    # they hold) while the group and the interpreter are alive, then let no rank tear down
+                    # its group while another still runs
+                    gc.collect()
                     dist.barrier()
                 dist.destroy_process_group()
     finally:
@@ -283,6 +291,13 @@ class Batches:
             return self._next()
         except ShardError as err:
             raise SetupError(f"{err}") from err
+
+    def close(self) -> None:
+        """Stop the loader's read-ahead (its render threads finish the batches in flight and exit), so no
+        loader thread is at work while the ranks tear down their process group and exit."""
+        close = getattr(self._iter, "close", None)  # a generator (terrafm's loaders); other iterators may lack it
+        if close is not None:
+            close()
 
     def _next(self) -> Any:
         try:
@@ -654,6 +669,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                 logger.write(f"stop signal received: checkpoint {latest} written at step {step}; exiting for requeue")
                 return TrainResult(run_dir, step, latest, preempted=True)
     finally:
+        batches.close()
         logger.close()
     probe = None
     if probe_sample:

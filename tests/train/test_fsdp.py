@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_harness import HARNESS, free_port, metric_records
+from train_harness import HARNESS, free_port, metric_records, run_ranks
 
 from terrafm.checkpoint_io import load_backbone_state
 
@@ -26,10 +26,9 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, fused_head_
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, str(HARNESS), str(one), "--batch", "8", *STEPS], check=True,
                    capture_output=True, timeout=300)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(HARNESS), str(two), "--batch", "4", *STEPS,
-                           f"ssl.fused_head_loss={str(fused_head_loss).lower()}"],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_ranks([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      f"--master_port={free_port()}", str(HARNESS), str(two), "--batch", "4", *STEPS,
+                      f"ssl.fused_head_loss={str(fused_head_loss).lower()}"], fresh=two)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = records(one), records(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
@@ -55,8 +54,8 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, fused_head_
 def test_two_ranks_on_the_sample_tiles_with_per_rank_modality_draws(tmp_path):
     """The real loader draws sensors per rank: FSDP collectives must still line up (blocks run per crop size)."""
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "terrafm.cli", "pretrain", "--nproc", "2", "--out", str(run_dir),
-                           "train.max_steps=2", "train.log_every=1"], capture_output=True, text=True, timeout=300)
+    proc = run_ranks([sys.executable, "-m", "terrafm.cli", "pretrain", "--nproc", "2", "--out", str(run_dir),
+                      "train.max_steps=2", "train.log_every=1"], fresh=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     assert len(list((run_dir / "checkpoints" / "step_00000002").glob("rank_*.json"))) == 2
@@ -71,9 +70,8 @@ def test_elastic_resume_from_two_ranks_onto_one(tmp_path):
     """
     run_dir = tmp_path / "run"
     pretrain = [sys.executable, "-m", "terrafm.cli", "pretrain", "--out", str(run_dir)]
-    first = subprocess.run(pretrain + ["--nproc", "2", "train.max_steps=2", "train.checkpoint_every=2",
-                                       "train.log_every=1", "data.batch_size=8", "train.probe=false"],
-                           capture_output=True, text=True, timeout=300)
+    first = run_ranks(pretrain + ["--nproc", "2", "train.max_steps=2", "train.checkpoint_every=2",
+                                  "train.log_every=1", "data.batch_size=8", "train.probe=false"], fresh=run_dir)
     assert first.returncode == 0, first.stderr[-3000:]
     _, student_two_ranks = load_backbone_state(run_dir, "student")
     # same global batch (2 x 8 -> 1 x 16), one more step

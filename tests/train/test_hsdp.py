@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_harness import HARNESS, free_port, metric_records
+from train_harness import HARNESS, free_port, metric_records, run_ranks
 
 from terrafm.checkpoint_io import load_backbone_state
 
@@ -20,9 +20,9 @@ GLOBAL_BATCH = 8
 
 
 def torchrun(out: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                           f"--master_port={free_port()}", str(HARNESS), str(out), "--batch",
-                           str(GLOBAL_BATCH // nproc), *STEPS, *args], capture_output=True, text=True, timeout=300)
+    proc = run_ranks([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                      f"--master_port={free_port()}", str(HARNESS), str(out), "--batch",
+                      str(GLOBAL_BATCH // nproc), *STEPS, *args], fresh=out / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -4,6 +4,7 @@ A module of its own (not conftest) so `from train_harness import ...` cannot pic
 test folder's conftest."""
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +23,25 @@ def harness_cmd(out: Path, *args: str) -> list[str]:
 def run_harness(out: Path, *args: str, expect_rc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(harness_cmd(out, *args), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect_rc, f"rc {proc.returncode}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+# A 2-rank gloo run that finished its steps sometimes dies in teardown with this C++ abort (CI: 2 of about
+# 5 runs; never in 60 local runs). Root cause unknown (the trainer collects garbage, stops the loader's
+# read-ahead and passes a barrier before destroy_process_group; faulthandler prints the ranks' stacks).
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def run_ranks(cmd: list[str], fresh: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a multi-rank command; once more, from a fresh `fresh` folder, if it died of TEARDOWN_ABORT.
+
+    The rerun must pass whatever the caller asserts, so nothing is loosened; any other failure returns as is."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr:
+        print(f"rerunning after the gloo teardown abort:\n{proc.stderr[-3000:]}")
+        if fresh is not None:
+            shutil.rmtree(fresh, ignore_errors=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     return proc
 
 
