@@ -46,8 +46,8 @@ class DINOModel(nn.Module):
     Stage 2 depends only on the crop sizes, never on the modality draw, so every rank makes the same
     sequence of per-block FSDP all-gathers even when ranks draw different sensors; the embedding lives
     in the root FSDP unit (gathered once per forward), and the parameters of sensors a rank did not draw
-    get a zero gradient, so every rank reduce-scatters the same gradients. Features return to view order and the head
-    runs once on all V*B rows.
+    get a zero gradient, so every rank reduce-scatters the same gradients. Features return to view order
+    and the head runs once on all V*B rows.
     """
 
     def __init__(self, backbone: nn.Module, head: DINOHead):

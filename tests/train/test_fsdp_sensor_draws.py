@@ -7,14 +7,13 @@ this test runs that path on CPU and checks the reduced gradients against one pro
 """
 
 import os
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from train_harness import free_port
+from train_harness import free_port, run_ranks
 
 from terrafm.models import build_model
 from terrafm.ssl.head import DINOHead
@@ -79,9 +78,8 @@ def _worker(out: Path) -> None:
 @pytest.mark.slow  # ~20 s: two gloo processes
 def test_two_ranks_with_different_sensors_reduce_the_gradient_of_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", __file__, str(tmp_path)],
-                          capture_output=True, text=True, timeout=240, env=env)
+    proc = run_ranks([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      f"--master_port={free_port()}", __file__, str(tmp_path)], timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     count = len(list(_student().parameters()))
     assert (tmp_path / "result.txt").read_text() == f"{count} of {count}; bad: []"

@@ -32,16 +32,17 @@ def run_harness(out: Path, *args: str, expect_rc: int = 0, timeout: int = 300) -
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def run_ranks(cmd: list[str], fresh: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_ranks(cmd: list[str], fresh: Path | None = None, timeout: int = 300,
+              env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a multi-rank command; once more, from a fresh `fresh` folder, if it died of TEARDOWN_ABORT.
 
     The rerun must pass whatever the caller asserts, so nothing is loosened; any other failure returns as is."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr:
         print(f"rerunning after the gloo teardown abort:\n{proc.stderr[-3000:]}")
         if fresh is not None:
             shutil.rmtree(fresh, ignore_errors=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     return proc
 
 
