@@ -13,11 +13,14 @@ The oracles are the references run in float64 (patch embedding, fusion) and test
 
 import importlib
 import importlib.util
+import json
 import math
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -308,8 +311,13 @@ def correctness(ctx: Context) -> None:
 
 # -- timing --------------------------------------------------------------------------------------
 
-def time_ms(fn: Callable, sync: Callable, profile: Profile) -> tuple[float, int]:
-    """Median ms per call over `batches` batches of back-to-back calls (each batch >= batch_s), calls made."""
+def time_ms(fn: Callable, sync: Callable, profile: Profile) -> dict:
+    """Median wall ms per call over `batches` batches of back-to-back calls (each batch >= batch_s), the host's
+    share of it and the calls made: {"ms", "host_ms", "calls"}.
+
+    host_ms is the time to issue one call, measured before the batch's sync. The host runs ahead of a busy GPU
+    (host_ms well under ms); when host_ms is about ms, the GPU finished each call before the host had issued
+    the next, so ms is the launch path's cost (Python, validation, dispatch), not the kernels'."""
     for _ in range(profile.warmup):
         fn()
     sync()
@@ -317,14 +325,42 @@ def time_ms(fn: Callable, sync: Callable, profile: Profile) -> tuple[float, int]
     fn()
     sync()
     n = max(1, int(profile.batch_s / max(time.perf_counter() - t0, 1e-6)))
-    samples = []
+    walls, hosts = [], []
     for _ in range(profile.batches):
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
+        issued = time.perf_counter()
         sync()
-        samples.append((time.perf_counter() - t0) / n)
-    return 1e3 * statistics.median(samples), 1 + profile.warmup + n * profile.batches
+        walls.append((time.perf_counter() - t0) / n)
+        hosts.append((issued - t0) / n)
+    return {"ms": 1e3 * statistics.median(walls), "host_ms": 1e3 * statistics.median(hosts),
+            "calls": 1 + profile.warmup + n * profile.batches}
+
+
+def kernel_ms_per_call(trace: Path, calls: int) -> float | None:
+    """GPU kernel time per call (ms) in a torch.profiler chrome trace of `calls` calls: the sum of its kernel
+    events; None when the trace has none (a CPU run)."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    us = [e["dur"] for e in events if e.get("cat") == "kernel" and "dur" in e]
+    return sum(us) / 1e3 / calls if us else None
+
+
+def device_ms(fn: Callable, sync: Callable, device: str, calls: int = 5) -> float | None:
+    """GPU kernel time of one call, from torch.profiler's CUDA activity over `calls` calls (gaps between
+    kernels excluded): what the kernels cost, whatever the host adds. None on a CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync()
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        return kernel_ms_per_call(trace, calls)
 
 
 def _providers(case: Case | None, profile: Profile) -> dict[str, tuple[Callable | None, str]]:
@@ -376,7 +412,8 @@ def time_op(ctx: Context, preset: str, op: str, shape: dict, device: str, gpu: s
                 inputs = case.make(shape, g)
                 call = make_call(fn, case, leaves_for(case, inputs, device, dtype), case.scalars(shape),
                                  case.grad_out(shape, g))
-            row["ms"], row["calls"] = time_ms(call, lambda: sync(device), profile)
+            row.update(time_ms(call, lambda: sync(device), profile))
+            row["gpu_ms"] = device_ms(call, lambda: sync(device), device)
             if op == "dino_head_loss" and name != "compile":  # fused vs unfused footprint
                 row["peak_bytes"] = peak_memory(call, device)["bytes"]
         except Exception as err:
@@ -391,6 +428,8 @@ def time_op(ctx: Context, preset: str, op: str, shape: dict, device: str, gpu: s
             spec = GPUS[gpu]
             row.update(floor_us=floor_us, pct_of_roofline=100 * floor_us / (row["ms"] * 1e3),
                        bound="memory" if cost["bytes"] / spec["tb_per_s"] > cost["flops"] / spec[peak] else "compute")
+            if row["gpu_ms"]:
+                row["gpu_pct_of_roofline"] = 100 * floor_us / (row["gpu_ms"] * 1e3)
     timed = {r["provider"]: r["ms"] for r in rows if "ms" in r}
     for r in rows:
         if "ms" in r and r["provider"] in ("kernel", "sdpa", "flash_attn"):
@@ -404,8 +443,11 @@ def timing(ctx: Context) -> None:
     device = require_device(ctx)
     gpu = ctx.profile.roofline_gpu or device_gpu_name()
     ctx.figures.update(dtype=ctx.profile.timing_dtype, roofline_gpu=gpu, compile_backend=ctx.profile.compile_backend,
-                       note="inputs that fit in L2 stay there across the back-to-back calls: over 100% of the "
-                            "HBM roofline means L2-resident" if device == "cuda" else
+                       note="ms: wall time per call of back-to-back calls; host ms: the time to issue one (near ms: "
+                            "the host, not the GPU, sets the pace); GPU ms: the kernels' own time per call "
+                            "(torch.profiler), on which 'GPU % of roofline' is computed. Inputs that fit in L2 stay "
+                            "there across the back-to-back calls: over 100% of the HBM roofline means L2-resident"
+                       if device == "cuda" else
                        "CPU run: the Triton interpreter and toy shapes; the times say nothing about a GPU")
     if gpu is None:
         ctx.figures["roofline_note"] = "no roofline for this GPU (bench.common.GPUS lists H100, H200, A100)"

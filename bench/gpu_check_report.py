@@ -64,14 +64,18 @@ def _timing(s: dict) -> list[str]:
         fast = by.get("kernel") or by.get("sdpa") or {}
         note = "; ".join(f"{p}: {r['skipped']}" for p, r in by.items() if "skipped" in r)
         note += "; ".join(f"{p}: {r['error']}" for p, r in by.items() if "error" in r)
-        pct = fast.get("pct_of_roofline")
+        pct, gpu_pct = fast.get("pct_of_roofline"), fast.get("gpu_pct_of_roofline")
+        eager, compiled = by.get("eager", {}), by.get("compile", {})
         rows.append([op, preset, shape, fast.get("pass", "-"), fast.get("provider", "-"), _f(fast.get("ms"), ".3f"),
-                     _f(by.get("eager", {}).get("ms"), ".3f"), _f(by.get("compile", {}).get("ms"), ".3f"),
+                     _f(fast.get("host_ms"), ".3f"), _f(fast.get("gpu_ms"), ".3f"), _f(eager.get("ms"), ".3f"),
+                     _f(eager.get("gpu_ms"), ".3f"), _f(compiled.get("ms"), ".3f"), _f(compiled.get("gpu_ms"), ".3f"),
                      _f(fast.get("speedup_vs_eager"), ".3g", "x"), _f(fast.get("speedup_vs_compile"), ".3g", "x"),
                      _f(fast.get("tflops_per_s")), _f(fast.get("tb_per_s")),
-                     f"{pct:.0f}% ({fast.get('bound')})" if pct is not None else "-", note])
-    lines += _table(["op", "preset", "shape", "pass", "fast path", "ms", "eager ms", "compile ms", "vs eager",
-                     "vs compile", "TFLOP/s", "TB/s", "% of roofline", "note"], rows)
+                     f"{pct:.0f}% ({fast.get('bound')})" if pct is not None else "-",
+                     f"{gpu_pct:.0f}%" if gpu_pct is not None else "-", note])
+    lines += _table(["op", "preset", "shape", "pass", "fast path", "ms", "host ms", "GPU ms", "eager ms",
+                     "eager GPU ms", "compile ms", "compile GPU ms", "vs eager", "vs compile", "TFLOP/s", "TB/s",
+                     "% of roofline", "GPU % of roofline", "note"], rows)
     heads = [r for r in s.get("rows", []) if r["op"] == "dino_head_loss" and "peak_bytes" in r]
     if heads:
         lines += ["DINO head loss peak memory, fwd + bwd: " + ", ".join(

@@ -55,6 +55,8 @@ def test_cpu_mode_runs_every_stage_ok_and_writes_a_complete_report(tmp_path):
         providers = {r["provider"]: r for r in timed if r["op"] == op}
         assert {"kernel", "eager", "compile"} <= {p for p, r in providers.items() if r["ms"] > 0}, op
         assert providers["kernel"]["pct_of_roofline"] > 0 and providers["kernel"]["speedup_vs_eager"] > 0
+        assert 0 < providers["kernel"]["host_ms"] <= providers["kernel"]["ms"]
+        assert providers["kernel"]["gpu_ms"] is None  # a CPU trace has no GPU kernels
     head = {r["provider"]: r for r in timed if r["op"] == "dino_head_loss"}
     assert head["kernel"]["peak_bytes"] > 0 and head["eager"]["peak_bytes"] > 0
     assert {r["provider"] for r in timed if r["op"] == "attention"} >= {"eager", "compile", "sdpa", "flash_attn"}
@@ -155,3 +157,38 @@ def test_a_timed_call_moves_grad_out_to_the_device_once():
     first, second = call(), call()
     assert CountedGrad.moves == 1
     torch.testing.assert_close(first["grad weight"], second["grad weight"])
+
+
+def test_timing_separates_the_hosts_share_from_the_wall_time():
+    """host_ms is the issue time, before the sync: a GPU slower than the host shows in ms, not host_ms."""
+    import time
+
+    from terrafm_bench.gpu_check import PROFILES
+    from terrafm_bench.gpu_check_kernels import time_ms
+
+    profile = PROFILES["cpu"]
+    pending = []
+
+    def call():  # a launch: cheap on the host, 10 ms of queued device work
+        pending.append(0.01)
+
+    def sync():
+        time.sleep(sum(pending))
+        pending.clear()
+
+    t = time_ms(call, sync, profile)
+    assert t["ms"] >= 9.0 and t["host_ms"] < 0.5 * t["ms"] and t["calls"] >= 1
+    host_bound = time_ms(lambda: time.sleep(0.005), lambda: None, profile)
+    assert host_bound["host_ms"] >= 4.0 and host_bound["host_ms"] == pytest.approx(host_bound["ms"], rel=0.05)
+
+
+def test_kernel_ms_per_call_sums_the_traces_kernels(tmp_path):
+    from terrafm_bench.gpu_check_kernels import kernel_ms_per_call
+
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": [
+        {"cat": "kernel", "name": "a", "dur": 30.0}, {"cat": "kernel", "name": "b", "dur": 10.0},
+        {"cat": "cpu_op", "name": "aten::add", "dur": 500.0}, {"cat": "kernel", "name": "c"}]}))
+    assert kernel_ms_per_call(trace, calls=4) == pytest.approx(0.01)
+    trace.write_text(json.dumps({"traceEvents": [{"cat": "cpu_op", "name": "aten::add", "dur": 500.0}]}))
+    assert kernel_ms_per_call(trace, calls=4) is None
