@@ -192,6 +192,13 @@ def hbm_bytes(grid: tuple[int, ...], touches, tensor_bytes: dict[str, int], conc
     return total
 
 
+def aligned_at_production(signature: dict[str, str], multiples_of_16: tuple[str, ...]) -> tuple[str, ...]:
+    """The arguments the JIT specializes as divisible by 16 at the presets' shapes (the compile report compiles
+    that variant): every pointer (torch's allocations, and views of them offset by whole rows of 16-multiple
+    widths) and the integers the module names. Vector loads and cheaper addresses follow from it."""
+    return tuple(name for name, kind in signature.items() if kind.startswith("*") or name in multiples_of_16)
+
+
 def pad(n: int, block: int) -> int:
     """n rounded up to whole tiles: what a masked tile loop executes."""
     return _cdiv(n, block) * block

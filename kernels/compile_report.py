@@ -62,8 +62,8 @@ KNOWN_OVER_BOUND = {
     "patch_embed_fwd_float32": "fp32 at the presets' shape moves x 308 MB, W 28 MB (over half of L2), out 231 MB; "
                                "1.5x leaves 621 MB for x + W and x twice with W once is 645 MB, so x must cross "
                                "HBM once (whole output rows per wave) and W at most 11 times: at most 11 waves of "
-                               "the 25088 x 2304 output, 40-49K fp32 accumulators per SM (64 x 64 tiles at 3-5 "
-                               "CTAs/SM hold 12-20K, a 128 x 256 tile at 1 CTA/SM 32K); W in two L2-resident "
+                               "the 25088 x 2304 output, 40-49K fp32 accumulators per SM (64 x 64 tiles at 4-5 "
+                               "CTAs/SM hold 16-20K, a 128 x 256 tile at 1 CTA/SM 32K); W in two L2-resident "
                                "slices, as grad_input runs, reads x twice: 1.54-1.56x. bf16 (presets) is 1.05x. "
                                "FLOPs 3x: " + _TF32X3,
     "patch_embed_grad_input_float32": "FLOPs 3x: " + _TF32X3,

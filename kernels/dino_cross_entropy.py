@@ -30,7 +30,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, check_positive, check_tensor, hbm_bytes, interpreted, num_splits, pad, sm_count
+from ._common import (
+    TRITON_DTYPE,
+    aligned_at_production,
+    check_positive,
+    check_tensor,
+    hbm_bytes,
+    interpreted,
+    num_splits,
+    pad,
+    sm_count,
+)
 
 # H100/A100 config: bandwidth bound. BLOCK_K 128 with 8 warps: the presets' (8 + 2, 128) tiles are 5
 # elements per thread per tensor. Compile report (sm_80 / sm_90): 80 registers fwd and bwd, no spills,
@@ -357,6 +367,11 @@ def efficiency(kernel: str, S: int, T: int, B: int, K: int, dtype_bytes: int, sm
             "moved_bytes": moved + (16 * S * B * splits if forward else 0), "flop_kind": "fp32"}
 
 
+# Integers that are multiples of 16 at the presets' shapes (B = 64 / 32 samples, K = 65536, K per split a
+# multiple of BLOCK_K); S and T (views) are not. The compile report compiles the variant the JIT builds.
+MULTIPLES_OF_16 = ("B", "K", "K_PER_SPLIT")
+
+
 def compile_specs() -> list[dict]:
     """Every shipped configuration (student dtype x forward/backward) for the AOT compile report."""
     specs = []
@@ -380,4 +395,6 @@ def compile_specs() -> list[dict]:
                           "K_PER_SPLIT": "i32", "scale": "fp32", "grad_scale": "fp32"},
             **common,
         })
+    for spec in specs:
+        spec["divisible_by_16"] = aligned_at_production(spec["signature"], MULTIPLES_OF_16)
     return specs

@@ -73,6 +73,7 @@ import triton.language as tl
 
 from ._common import (
     TRITON_DTYPE,
+    aligned_at_production,
     check_alpha,
     check_head_loss_shapes,
     check_positive,
@@ -91,7 +92,7 @@ from ._common import (
 # (BLOCK_DO = 256 = D: one output D block; a wider D is split into D blocks, a grid axis, at the price
 # of recomputing the logit tile per block; grad_weight always holds the full width, which its weight-norm
 # epilogue needs). 16-bit operands use 64-row x 32-prototype logit tiles (mma/wgmma sized) with 8 warps:
-# 136-192 registers at D = 256 (DIVISIBLE_BY_16), no spills; 64-prototype tiles spill in the variant other
+# 136-192 registers at D = 256 (MULTIPLES_OF_16), no spills; 64-prototype tiles spill in the variant other
 # widths run. fp32 operands take exact IEEE dots (FMA, no tensor cores): 16 x 16 tiles with 4 warps and one
 # stage avoid spills there; fp32 is the exact path, bf16 the fast one.
 CONFIGS = {
@@ -657,17 +658,12 @@ def _grad_weight_efficiency(plan: LaunchPlan, rs: int, rt: int, e: int, concurre
             "flop_kind": "fp32" if e == 4 else "tensor"}
 
 
-# What the JIT specializes at the production shape: every pointer (torch allocations are 16-byte aligned)
-# and the sizes R (128 / 640 rows), K, D and K_PER_SPLIT (a multiple of BLOCK_K) are multiples of 16,
-# which makes the (rows, D) and (prototypes, D) loads vector loads without per-element 64-bit addresses
-# (the unspecialized variant, which only widths that are not a multiple of 16 run, needs 255 registers
-# and spills in the 16-bit teacher project (600-720 B) and grad_weight on sm_90 (176 B): slower, still
-# correct).
-DIVISIBLE_BY_16 = ("h_ptr", "v_logit_ptr", "v_proj_ptr", "g_logit_ptr", "g_proj_ptr", "rnorm_proj_ptr",
-                   "rnorm_ptr", "center_ptr", "center_high_ptr", "high_weight_ptr", "stats_ptr", "column_ptr",
-                   "out_ptr", "hs_ptr", "vs_ptr", "xs_ptr", "s_max_ptr", "s_log2_sum_ptr", "ht_ptr", "vt_ptr", "xt_ptr",
-                   "t_max_ptr", "t_log2_sum_ptr", "gs_ptr", "rnorm_s_ptr", "gt_ptr", "rnorm_t_ptr", "grad_loss_ptr",
-                   "grad_g_ptr", "R", "R_s", "R_t", "K", "D", "D_STRIDE", "K_PER_SPLIT")
+# Integers that are multiples of 16 at the production shape: R (128 / 640 rows), K, D and K_PER_SPLIT (a multiple
+# of BLOCK_K). With them and the aligned pointers the (rows, D) and (prototypes, D) loads are vector loads without
+# per-element 64-bit addresses (the unspecialized variant, which only widths that are not a multiple of 16 run,
+# needs 255 registers and spills in the 16-bit teacher project (600-720 B) and grad_weight on sm_90 (176 B):
+# slower, still correct).
+MULTIPLES_OF_16 = ("R", "R_s", "R_t", "K", "D", "D_STRIDE", "K_PER_SPLIT")
 
 
 def compile_specs() -> list[dict]:
@@ -712,5 +708,5 @@ def compile_specs() -> list[dict]:
             "efficiency": partial(efficiency, "grad_weight", False, **PRODUCTION_SHAPE, dtype_bytes=dtype.itemsize),
         })
     for spec in specs:
-        spec["divisible_by_16"] = tuple(name for name in DIVISIBLE_BY_16 if name in spec["signature"])
+        spec["divisible_by_16"] = aligned_at_production(spec["signature"], MULTIPLES_OF_16)
     return specs

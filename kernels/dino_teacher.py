@@ -68,6 +68,7 @@ from . import reference
 from ._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
+    aligned_at_production,
     check_positive,
     check_tensor,
     hbm_bytes,
@@ -447,6 +448,11 @@ def _column_counts(plan: dict, R: int, K: int, e: int, concurrent: int, l2_bytes
     return moved, executed, programs
 
 
+# Integers that are multiples of 16 at the presets' shapes (R = 128 / 64 rows, iBOT's 8192, K = 65536, CHUNK a
+# multiple of BLOCK_K); CHUNKS is not in general. The compile report compiles the variant the JIT builds.
+MULTIPLES_OF_16 = ("R", "K", "CHUNK")
+
+
 def compile_specs() -> list[dict]:
     """Every shipped configuration (logit dtype x kernel x BLOCK_R) for the AOT compile report."""
     specs = []
@@ -487,4 +493,6 @@ def compile_specs() -> list[dict]:
                 "constexprs": {"BLOCK_R": colmax_r, "BLOCK_K": colmax_k},
                 "efficiency": counts(MODE_COLMAX, rows),
             })
+    for spec in specs:
+        spec["divisible_by_16"] = aligned_at_production(spec["signature"], MULTIPLES_OF_16)
     return specs

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, check_size, check_tensor, hbm_bytes, interpreted
+from ._common import TRITON_DTYPE, aligned_at_production, check_size, check_tensor, hbm_bytes, interpreted
 
 MAX_MODALITIES = 16
 MAX_QUERIES = 64
@@ -451,6 +451,11 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
             "moved_bytes": hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes)}
 
 
+# Integers that are multiples of 16 at the presets' shapes (T = B x 196 positions, A = 3 D, D = A / 16 heads: 144
+# or 192); M (2-3 sensors) and Q (5 queries) are not. The compile report compiles the variant the JIT builds.
+MULTIPLES_OF_16 = ("T", "A", "D")
+
+
 def compile_specs() -> list[dict]:
     """Shipped GPU configurations: ViT-B (A = 2304, H = 16, d = 144) and ViT-L (A = 3072, d = 192), Q = 5,
     M = 2 or 3 (the same 16-lane tiles)."""
@@ -485,4 +490,6 @@ def compile_specs() -> list[dict]:
                               "dpool_partial_ptr": "*fp32", "T": "i32", **scalars, "scale": "fp32"},
                 "constexprs": {"H": 16, **_tiles(plan, "backward_head")},
             })
+    for spec in specs:
+        spec["divisible_by_16"] = aligned_at_production(spec["signature"], MULTIPLES_OF_16)
     return specs

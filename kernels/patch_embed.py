@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ._common import (
     TRITON_DTYPE,
+    aligned_at_production,
     check_patch_grid,
     check_tensor,
     descriptor_operand,
@@ -427,6 +428,12 @@ def efficiency(kernel: str, B: int, C: int, H: int, W: int, E: int, p: int, dtyp
             "min_bytes": floor, "moved_bytes": moved, "flop_kind": "tensor" if e == 2 else "tf32"}
 
 
+# Integers that are multiples of 16 at the presets' shapes (M = B x 196 or B x 36 tokens per view batch, E = 3 D,
+# KD = 12 x 256 or 2 x 256, 224 / 96 px images, weight and gradient rows E or KD apart); N = 196, GW = 14, C and
+# FIRST_K_BLOCK are not. The compile report compiles the variant the JIT builds with them.
+MULTIPLES_OF_16 = ("M", "E", "KD", "H", "W", "W_STRIDE", "G_STRIDE")
+
+
 def compile_specs() -> list[dict]:
     """Every shipped GPU configuration (dtype x kernel) for the AOT compile report."""
     specs = []
@@ -450,4 +457,6 @@ def compile_specs() -> list[dict]:
                 "constexprs": {"P": 16, "DOT_PRECISION": _dot_precision(dtype), **flags,
                                **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}},
             })
+    for spec in specs:
+        spec["divisible_by_16"] = aligned_at_production(spec["signature"], MULTIPLES_OF_16)
     return specs
