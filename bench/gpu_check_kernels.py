@@ -338,17 +338,23 @@ def time_ms(fn: Callable, sync: Callable, profile: Profile) -> dict:
             "calls": 1 + profile.warmup + n * profile.batches}
 
 
-def kernel_ms_per_call(trace: Path, calls: int) -> float | None:
-    """GPU kernel time per call (ms) in a torch.profiler chrome trace of `calls` calls: the sum of its kernel
-    events; None when the trace has none (a CPU run)."""
+def kernel_ms_per_call(trace: Path, calls: int, top: int = 3) -> tuple[float | None, list[tuple[str, float]]]:
+    """GPU kernel time per call (ms) in a torch.profiler chrome trace of `calls` calls, the sum of its kernel
+    events (None when the trace has none: a CPU run), and the `top` kernels by time as (name, ms per call)."""
     events = json.loads(trace.read_text())["traceEvents"]
-    us = [e["dur"] for e in events if e.get("cat") == "kernel" and "dur" in e]
-    return sum(us) / 1e3 / calls if us else None
+    by_name: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "kernel" and "dur" in e:
+            by_name[e["name"]] = by_name.get(e["name"], 0.0) + e["dur"]
+    if not by_name:
+        return None, []
+    largest = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    return sum(by_name.values()) / 1e3 / calls, [(name[:60], us / 1e3 / calls) for name, us in largest]
 
 
-def device_ms(fn: Callable, sync: Callable, device: str, calls: int = 5) -> float | None:
-    """GPU kernel time of one call, from torch.profiler's CUDA activity over `calls` calls (gaps between
-    kernels excluded): what the kernels cost, whatever the host adds. None on a CPU."""
+def device_ms(fn: Callable, sync: Callable, device: str, calls: int = 5) -> tuple[float | None, list]:
+    """GPU kernel time of one call and its largest kernels, from torch.profiler's CUDA activity over `calls`
+    calls (gaps between kernels excluded): what the kernels cost, whatever the host adds. None on a CPU."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -413,7 +419,7 @@ def time_op(ctx: Context, preset: str, op: str, shape: dict, device: str, gpu: s
                 call = make_call(fn, case, leaves_for(case, inputs, device, dtype), case.scalars(shape),
                                  case.grad_out(shape, g))
             row.update(time_ms(call, lambda: sync(device), profile))
-            row["gpu_ms"] = device_ms(call, lambda: sync(device), device)
+            row["gpu_ms"], row["gpu_kernels"] = device_ms(call, lambda: sync(device), device)
             if op == "dino_head_loss" and name != "compile":  # fused vs unfused footprint
                 row["peak_bytes"] = peak_memory(call, device)["bytes"]
         except Exception as err:

@@ -62,8 +62,11 @@ def _timing(s: dict) -> list[str]:
     rows = []
     for (op, preset, shape), by in groups.items():
         fast = by.get("kernel") or by.get("sdpa") or {}
-        note = "; ".join(f"{p}: {r['skipped']}" for p, r in by.items() if "skipped" in r)
-        note += "; ".join(f"{p}: {r['error']}" for p, r in by.items() if "error" in r)
+        parts = [f"{p}: {r['skipped']}" for p, r in by.items() if "skipped" in r]
+        parts += [f"{p}: {r['error']}" for p, r in by.items() if "error" in r]
+        if fast.get("gpu_kernels"):  # where the kernel path's GPU time goes, ms per call
+            parts.append("GPU: " + ", ".join(f"{name.replace('|', '/')} {ms:.3f}" for name, ms in fast["gpu_kernels"]))
+        note = "; ".join(parts)
         pct, gpu_pct = fast.get("pct_of_roofline"), fast.get("gpu_pct_of_roofline")
         eager, compiled = by.get("eager", {}), by.get("compile", {})
         rows.append([op, preset, shape, fast.get("pass", "-"), fast.get("provider", "-"), _f(fast.get("ms"), ".3f"),

@@ -189,6 +189,7 @@ def test_kernel_ms_per_call_sums_the_traces_kernels(tmp_path):
     trace.write_text(json.dumps({"traceEvents": [
         {"cat": "kernel", "name": "a", "dur": 30.0}, {"cat": "kernel", "name": "b", "dur": 10.0},
         {"cat": "cpu_op", "name": "aten::add", "dur": 500.0}, {"cat": "kernel", "name": "c"}]}))
-    assert kernel_ms_per_call(trace, calls=4) == pytest.approx(0.01)
+    total, top = kernel_ms_per_call(trace, calls=4, top=1)
+    assert total == pytest.approx(0.01) and top == [("a", pytest.approx(0.0075))]
     trace.write_text(json.dumps({"traceEvents": [{"cat": "cpu_op", "name": "aten::add", "dur": 500.0}]}))
-    assert kernel_ms_per_call(trace, calls=4) is None
+    assert kernel_ms_per_call(trace, calls=4) == (None, [])
