@@ -25,7 +25,7 @@ from synthetic import TINY_OVERRIDES, SyntheticLoader  # noqa: E402
 
 from terrafm.config import load_config  # noqa: E402
 from terrafm.train import checkpoint, trainer  # noqa: E402
-from terrafm.train.cli import train_exit_code  # noqa: E402
+from terrafm.train.cli import end_of_rank, train_exit_code  # noqa: E402
 
 
 class KillingLoader(SyntheticLoader):
@@ -83,4 +83,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(end_of_rank(main()))
