@@ -20,7 +20,10 @@ row gets useful_flops / executed_flops, min_bytes / moved_bytes (HBM, wave model
 the roofline time on that architecture's GPU (divided by programs / SMs where the counts give a smallest
 launch of fewer programs than SMs). A ratio over its bound (BOUND, or HEAD_BOUND for the
 fused head) fails the report unless the config is in KNOWN_OVER_BOUND, the documented list of waste
-still to close; an entry that is back within bound fails too, so the list only shrinks.
+still to close; an entry that is back within bound fails too, so the list only shrinks. Streaming kernels'
+counts also give `step_bytes` (the loads one program has in flight per loop step): fewer bytes in flight per SM
+than bandwidth x latency / SMs (Little's law) fails likewise unless listed in KNOWN_LATENCY_BOUND, and the
+predicted time uses the bandwidth they allow.
 """
 
 import argparse
@@ -32,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 
-from terrafm_kernels.gpus import BY_CAPABILITY
+from terrafm_kernels.gpus import BY_CAPABILITY, LOADED_DRAM_LATENCY_NS
 from terrafm_kernels.gpus import GPUS as GPUS_TABLE
 
 MODULES = ["patch_embed", "fusion", "teacher_softmax", "dino_cross_entropy", "dino_head_loss", "dino_teacher",
@@ -47,7 +50,7 @@ def _costed_on(capability: int) -> dict:
     name = BY_CAPABILITY[capability]
     g = GPUS_TABLE[name]
     return {"name": name.split()[0], **{k: g[k] for k in ("sms", "regs", "shared", "ctas", "warps", "l2")},
-            "hbm": g["tb_per_s"] * 1e12,
+            "hbm": g["tb_per_s"] * 1e12, "latency": LOADED_DRAM_LATENCY_NS * 1e-9,
             "peak": {"tensor": g["tflops_bf16"] * 1e12, "tf32": g["tflops_tf32"] * 1e12,
                      "fp32": g["tflops_fp32"] * 1e12}}
 
@@ -79,6 +82,15 @@ KNOWN_OVER_BOUND = {
                                       "exponent, which at the tested |y| ~ 2000 (logits +-50, tau 0.04) rounds "
                                       "each row's normaliser to 1e-4 and fails the flash-attn rule up to 28x "
                                       "where a probability is ~1 (the Sinkhorn softmax, y near 0, folds it)",
+}
+# Streaming configs with fewer bytes of loads in flight per SM than Little's law asks, and why: regular
+# expressions matched at the start of "name@arch" (an entry that matches a config with enough in flight fails).
+KNOWN_LATENCY_BOUND = {
+    r"fusion_(fwd|bwd_head)_|fusion_bwd_pool_float16.*@sm_90|fusion_bwd_pool_bfloat16.*@sm_90": (
+        "every kernel steps one 16-column chunk (D_CHUNK, exact for the heads' 144 / 192 columns) of 2-4 positions: "
+        "0.75-1 KB of loads a step, 4-12 KB per SM with 5-12 resident programs; wider chunks pad 144 to 160-192 "
+        "columns (FLOPs over bound), more positions per program cost the registers that hold all heads' attention; "
+        "the restructure (several heads or chunks per step) is open"),
 }
 PACKAGE = __name__.rpartition(".")[0] or "terrafm_kernels"
 
@@ -155,8 +167,24 @@ def efficiency(row: dict, spec: dict, capability: int) -> list[str]:
     flops_ratio = counts["executed_flops"] / max(counts["useful_flops"], 1)
     bytes_ratio = counts["moved_bytes"] / max(counts["min_bytes"], 1)
     # a launch of fewer programs than SMs leaves SMs idle (counts' optional "programs": the op's smallest launch)
-    fill = min(1.0, counts.get("programs", gpu["sms"]) / gpu["sms"])
-    roofline = max(counts["executed_flops"] / gpu["peak"][counts["flop_kind"]], counts["moved_bytes"] / gpu["hbm"])
+    programs = counts.get("programs", gpu["sms"])
+    fill = min(1.0, programs / gpu["sms"])
+    bandwidth, problems = gpu["hbm"], []
+    if "step_bytes" in counts:  # a streaming kernel: Little's law on the loads its resident programs keep in flight
+        resident = min(max(row["occupancy"], 1), -(-programs // gpu["sms"]))
+        in_flight, needed = counts["step_bytes"] * resident, gpu["hbm"] * gpu["latency"] / gpu["sms"]
+        bandwidth = min(bandwidth, in_flight * gpu["sms"] / gpu["latency"])
+        row.update(in_flight_kb=round(in_flight / 1024, 1), needed_kb=round(needed / 1024, 1))
+        known = next((why for pattern, why in KNOWN_LATENCY_BOUND.items()
+                      if re.match(pattern, f"{row['name']}@{row['arch']}")), None)
+        if in_flight < needed and known is None:
+            problems.append(f"latency bound: {in_flight / 1024:.1f} KB of loads in flight per SM < {needed / 1024:.1f} "
+                            "KB (bandwidth x latency / SMs): larger steps or more resident programs")
+        elif in_flight >= needed and known is not None:
+            problems.append("not latency bound but listed in KNOWN_LATENCY_BOUND: remove the entry")
+        elif known is not None:
+            row["known_latency_bound"] = known
+    roofline = max(counts["executed_flops"] / gpu["peak"][counts["flop_kind"]], counts["moved_bytes"] / bandwidth)
     seconds = roofline / fill
     row.update(counts, flops_ratio=round(flops_ratio, 3), bytes_ratio=round(bytes_ratio, 3),
                **{f"predicted_us_{gpu['name'].lower()}": round(seconds * 1e6, 2)})
@@ -166,11 +194,12 @@ def efficiency(row: dict, spec: dict, capability: int) -> list[str]:
     known = next((reason for prefix, reason in KNOWN_OVER_BOUND.items() if row["name"].startswith(prefix)), None)
     row["over_bound"] = "; ".join(over)
     if over and known is None:
-        return [f"over bound: {row['over_bound']} (close the waste, or list it in KNOWN_OVER_BOUND with why)"]
-    if known is not None and not over:
-        return ["within bound but listed in KNOWN_OVER_BOUND: remove the entry"]
-    row["known_over_bound"] = known
-    return []
+        problems.append(f"over bound: {row['over_bound']} (close the waste, or list it in KNOWN_OVER_BOUND with why)")
+    elif known is not None and not over:
+        problems.append("within bound but listed in KNOWN_OVER_BOUND: remove the entry")
+    else:
+        row["known_over_bound"] = known
+    return problems
 
 
 def collect(modules: list[str], archs: list[str]) -> tuple[list[dict], list[str]]:
@@ -201,6 +230,8 @@ def _format(r: dict) -> str:
     status = "ok" if r["ok"] else r["problem"]
     if r["ok"] and r.get("known_over_bound"):
         status = f"known over bound ({r['over_bound']})"
+    if r["ok"] and r.get("known_latency_bound"):
+        status += f"; known latency bound ({r['in_flight_kb']} < {r['needed_kb']} KB in flight per SM)"
     return (f"{r['name']:44s} {r['arch']:6s} regs {r['regs']:4d}  stack {r['stack']:3d}  local {r['local']:3d}  "
             f"shared {r['shared_bytes']:7d}  {str(r['tensor_core'] or '-'):6s} {'tma' if r['tma'] else '-':3s}  "
             f"{counts}{status}")
@@ -225,13 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     for module in missing:
         print(f"{module}: module missing{' (--strict: failure)' if args.strict else ''}")
     known = sum(1 for r in rows if r.get("known_over_bound"))
+    latency = sum(1 for r in rows if r.get("known_latency_bound"))
     print(f"{len(rows)} configs compiled, {len(bad)} with problems, {known} known over bound (KNOWN_OVER_BOUND), "
-          f"{len(missing)} modules missing")
+          f"{latency} known latency bound (KNOWN_LATENCY_BOUND), {len(missing)} modules missing")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "missing": missing, "bound": BOUND, "head_bound": HEAD_BOUND,
-                       "known_over_bound": KNOWN_OVER_BOUND}, f, indent=2)
+                       "known_over_bound": KNOWN_OVER_BOUND, "known_latency_bound": KNOWN_LATENCY_BOUND,
+                       "loaded_dram_latency_ns": LOADED_DRAM_LATENCY_NS}, f, indent=2)
     return 1 if bad or (missing and args.strict) else 0
 
 

@@ -42,13 +42,13 @@ from ._common import (
     sm_count,
 )
 
-# H100/A100 config: bandwidth bound. BLOCK_K 128 with 8 warps: the presets' (8 + 2, 128) tiles are 5
-# elements per thread per tensor. Compile report (sm_80 / sm_90): 80 registers fwd and bwd, no spills,
-# three 8-warp programs per SM; every S <= 16 compiles without spills (31-128 registers; 16 rows, as
-# S = 13..16 run, were 105-128). A (16, 256) tile needed 220+ registers (one program per SM) and
-# (16, 128) at 4 warps 167-219. K is split so that B x splits covers ~4 programs per SM.
-GPU_BLOCK_K = 128
-GPU_NUM_WARPS = 8
+# H100/A100 config: bandwidth bound, sized by Little's law (the compile report's in-flight check). BLOCK_K 256
+# with 4 warps: the presets' (8 + 2, 256) tiles, 7 KB of 16-bit logits and fp32 targets a column step. Compile
+# report (the variant the JIT builds at the presets' shapes, sm_80 / sm_90): 96-128 registers, no spills, 4-5
+# programs per SM, 28-35 KB in flight per SM (the (8 + 2, 128) tiles at 8 warps before: 3 programs, 10.5 KB,
+# under the H100's ~15 KB). K is split so that B x splits covers ~4 programs per SM.
+GPU_BLOCK_K = 256
+GPU_NUM_WARPS = 4
 INTERPRETER_BLOCK_K = 32
 
 
@@ -363,8 +363,10 @@ def efficiency(kernel: str, S: int, T: int, B: int, K: int, dtype_bytes: int, sm
     floor = roofline_cost(S, T, B, K, e, backward=not forward)
     if not forward:
         floor = {k: v - roofline_cost(S, T, B, K, e, backward=False)[k] for k, v in floor.items()}
+    # per program and column step: the S student rows' BLOCK_K logits and the T teacher rows' probabilities
     return {"useful_flops": floor["flops"], "executed_flops": executed, "min_bytes": floor["bytes"],
-            "moved_bytes": moved + (16 * S * B * splits if forward else 0), "flop_kind": "fp32"}
+            "moved_bytes": moved + (16 * S * B * splits if forward else 0), "flop_kind": "fp32",
+            "programs": B * splits, "step_bytes": (S * e + T * 4) * block_k}
 
 
 # Integers that are multiples of 16 at the presets' shapes (B = 64 / 32 samples, K = 65536, K per split a

@@ -273,8 +273,10 @@ def efficiency(kernel: str, R: int, K: int, T: int, dtype_bytes: int, sms: int, 
     moved = hbm_bytes((triton.cdiv(R, block_r), splits), touches, sizes, concurrent, l2_bytes)
     both, fwd = roofline_cost(R, K, T, e, backward=True), roofline_cost(R, K, T, e, backward=False)
     floor = fwd if forward else {k: both[k] - fwd[k] for k in both}
+    # per program and column step: BLOCK_R student rows' logits and their T target rows
     return {"useful_flops": floor["flops"], "executed_flops": executed, "min_bytes": floor["bytes"],
-            "moved_bytes": moved + (16 * R * splits if forward else 0), "flop_kind": "fp32"}
+            "moved_bytes": moved + (16 * R * splits if forward else 0), "flop_kind": "fp32",
+            "programs": triton.cdiv(R, block_r) * splits, "step_bytes": block_r * block_k * (e + 4 * T)}
 
 
 # Integers that are multiples of 16 at the presets' shapes (R = S x B = 640 / 320 rows, K = 65536, K per split a

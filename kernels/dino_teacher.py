@@ -83,17 +83,22 @@ from .reference import sinkhorn_first_shift
 MODE_SOFTMAX, MODE_COLUMN, MODE_COLMAX = 0, 1, 2
 LOG2E = 1.0 / math.log(2.0)
 
-# H100/A100 config: bandwidth bound. A (BLOCK_R, 512) tile over 4 warps is 4-32 fp32 elements per
-# thread. The softmax takes BLOCK_R = 1 to keep all SMs busy for class-token rows (2 x 16-128 per
-# GPU) and 8 rows per block for the thousands of masked patch rows of iBOT, with 256-prototype chunks
-# (a (8, 512) tile spilled on sm_90 in the fp16/bf16 softmax at 4 and at 8 warps).
-GPU_BLOCK_K = {1: 512, 8: 256}  # by BLOCK_R
+# H100/A100 config: bandwidth bound, so sized by Little's law (the compile report's in-flight check: an SM must
+# have ~15 KB of loads in flight on an H100, ~11 KB on an A100). The softmax takes BLOCK_R = 1 to keep all SMs
+# busy for class-token rows (2 x 16-128 per GPU: one program per SM), so one program's step must carry it alone:
+# 8192 prototypes (16 KB of bf16, 32 KB of fp32; 124-128 registers at 4 warps, no spills; the 512 before had 1
+# KB in flight). 8 rows per block for the thousands of masked patch rows of iBOT, with 256-prototype chunks.
+GPU_BLOCK_K = {1: 8192, 8: 256}  # by BLOCK_R
 GPU_NUM_WARPS = 4
 INTERPRETER_BLOCK_K = 4096
-# MODE_COLMAX: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows; MODE_COLUMN's two launches
-# take the same tiles.
-GPU_COLMAX_BLOCKS = (8, 256)
+# MODE_COLMAX and MODE_COLUMN's launch 2: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows,
+# K / BLOCK_K = 256 programs (2 per SM): 16 rows make 8 KB of 16-bit logits a step (8 rows: 4 KB, latency bound on
+# sm_90). MODE_COLUMN's launch 1 (the chunk statistics) steps (8, 512) tiles: its row blocks set the chunk count,
+# which launch 2 combines per row (16-row blocks doubled it, 1.54x the FLOPs), so it widens the step instead.
+GPU_COLMAX_BLOCKS = (16, 256)
+GPU_STATS_BLOCKS = (8, 512)
 INTERPRETER_COLMAX_BLOCKS = (16, 256)
+INTERPRETER_STATS_BLOCKS = (16, 256)
 # MODE_COLUMN: rows per group of launches, so that a group's logits (at most 16 MiB) stay in L2 from launch 1 to
 # launch 2 (under half of an A100's 40 MB L2, the compile report's residency rule; H100: 50 MB).
 COLUMN_GROUP_BYTES = 16 << 20
@@ -228,8 +233,9 @@ def launch_plan(mode: int, R: int, K: int, sms: int, dtype_bytes: int = 2, inter
     """BLOCK_R, BLOCK_K and the grid of one mode: the one place the launcher and efficiency() read them.
     MODE_SOFTMAX: one program per BLOCK_R rows (BLOCK_R = 1 keeps every SM busy for the 32-256 class-token
     rows per GPU); MODE_COLMAX: one program per BLOCK_K prototypes (256 programs at K = 65536);
-    MODE_COLUMN: per group of group_rows rows, launch 1 over stats_grid (row blocks x prototype chunks of CHUNK,
-    about 2 programs per SM) and launch 2 over grid (one program per BLOCK_K prototypes); groups of
+    MODE_COLUMN: per group of group_rows rows, launch 1 over stats_grid (blocks of STATS_BLOCK_R rows x prototype
+    chunks of CHUNK, about 2 programs per SM) and launch 2 over grid (one program per BLOCK_K prototypes, stepping
+    BLOCK_R rows); groups of
     COLUMN_GROUP_BYTES of logits, so that launch 2 finds them in L2, where that takes at most MAX_COLUMN_GROUPS,
     else one group."""
     if mode == MODE_SOFTMAX:
@@ -239,12 +245,14 @@ def launch_plan(mode: int, R: int, K: int, sms: int, dtype_bytes: int = 2, inter
     block_r, block_k = INTERPRETER_COLMAX_BLOCKS if interpreter else GPU_COLMAX_BLOCKS
     if mode == MODE_COLMAX:
         return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(K, block_k),)}
+    stats_block_r, stats_block_k = INTERPRETER_STATS_BLOCKS if interpreter else GPU_STATS_BLOCKS
     group_rows = min(R, max(1, COLUMN_GROUP_BYTES // (K * dtype_bytes)))
     if triton.cdiv(R, group_rows) > MAX_COLUMN_GROUPS:
         group_rows = R
-    row_blocks = triton.cdiv(group_rows, block_r)
-    chunks, chunk = num_splits(K, row_blocks, block_k, 2 * sms)
-    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "CHUNK": chunk, "chunks": chunks,
+    row_blocks = triton.cdiv(group_rows, stats_block_r)
+    chunks, chunk = num_splits(K, row_blocks, stats_block_k, 2 * sms)
+    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "STATS_BLOCK_R": stats_block_r, "STATS_BLOCK_K": stats_block_k,
+            "CHUNK": chunk, "chunks": chunks,
             "BLOCK_C": triton.next_power_of_2(chunks), "group_rows": group_rows, "groups": triton.cdiv(R, group_rows),
             "stats_grid": (row_blocks, chunks), "grid": (triton.cdiv(K, block_k),)}
 
@@ -275,8 +283,9 @@ def _launch(mode: int, logits: torch.Tensor, scale: float, vec: torch.Tensor | N
     partial = torch.empty((plan["groups"], K), dtype=torch.float32, device=device)
     for group in range(plan["groups"]):
         rows = logits[group * group_rows:(group + 1) * group_rows]
-        stats_grid = (triton.cdiv(rows.shape[0], plan["BLOCK_R"]), chunks)
-        _chunk_stats_kernel[stats_grid](rows, vec, stats, rows.shape[0], K, plan["CHUNK"], scale, **tiles)
+        stats_grid = (triton.cdiv(rows.shape[0], plan["STATS_BLOCK_R"]), chunks)
+        _chunk_stats_kernel[stats_grid](rows, vec, stats, rows.shape[0], K, plan["CHUNK"], scale,
+                                        **{**tiles, "BLOCK_R": plan["STATS_BLOCK_R"], "BLOCK_K": plan["STATS_BLOCK_K"]})
         _chunk_column_kernel[plan["grid"]](rows, vec, stats, partial[group], rows.shape[0], K, chunks, scale,
                                            BLOCK_C=plan["BLOCK_C"], **tiles)
     return partial.sum(dim=0)
@@ -406,8 +415,10 @@ def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent
         moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes) + 36 * K
         floor = {"flops": 5 * R * K, "bytes": R * K * e + 8 * K}
         executed = 5 * padded + 5 * block_k * tiles + 4 * K
+    # every mode steps (rows, BLOCK_K) tiles of logits: the loads a program has in flight per loop step
+    step = plan["STATS_BLOCK_R"] * plan["STATS_BLOCK_K"] if stats_launch else block_r * block_k
     return {"useful_flops": floor["flops"], "executed_flops": executed, "min_bytes": floor["bytes"],
-            "moved_bytes": moved, "flop_kind": "fp32", "programs": programs}
+            "moved_bytes": moved, "flop_kind": "fp32", "programs": programs, "step_bytes": step * e}
 
 
 def _column_counts(plan: dict, R: int, K: int, e: int, concurrent: int, l2_bytes: int,
@@ -420,17 +431,17 @@ def _column_counts(plan: dict, R: int, K: int, e: int, concurrent: int, l2_bytes
     Executed: 6 per padded element and the online rescale (5 per row and tile) in launch 1; 5 per padded
     element (FMA, subtract, exp2, column add) and the stats combine (max, subtract, exp2, multiply-add over
     BLOCK_C slots; log2, add per row) in launch 2; torch's sum of the group partials and bias - log2(sum)."""
-    block_r, block_k, group_rows, chunk, chunks = (plan[k] for k in ("BLOCK_R", "BLOCK_K", "group_rows", "CHUNK",
-                                                                     "chunks"))
+    block_r, stats_r, block_k, stats_k, group_rows, chunk, chunks = (
+        plan[k] for k in ("BLOCK_R", "STATS_BLOCK_R", "BLOCK_K", "STATS_BLOCK_K", "group_rows", "CHUNK", "chunks"))
     cols = lambda c, width: min(width, K - c * width)  # noqa: E731
     moved, executed, programs = 4 * plan["groups"] * K + 24 * K, plan["groups"] * K + 2 * K, plan["grid"][0]
     if stats_launch:
         moved, executed, programs = 0, 0, R * K
     for group in range(plan["groups"]):
         n = min(group_rows, R - group * group_rows)
-        rows = lambda b, n=n: min(block_r, n - b * block_r)  # noqa: E731
+        rows = lambda b, n=n: min(stats_r, n - b * stats_r)  # noqa: E731
         sizes = {"logits": n * K * e, "stats": 8 * n * chunks, "bias": 4 * K, "sums": 4 * K}
-        stats_grid = (-(-n // block_r), chunks)
+        stats_grid = (-(-n // stats_r), chunks)
         stats_touches = lambda b, c, _z, rows=rows: [  # noqa: E731
             ("bias", c, 4 * cols(c, chunk)), ("logits", (b, c), rows(b) * cols(c, chunk) * e),
             ("stats", (b, c), 8 * rows(b))]
@@ -438,9 +449,10 @@ def _column_counts(plan: dict, R: int, K: int, e: int, concurrent: int, l2_bytes
         column_touches = lambda c, _y, _z, n=n, reread=reread: [  # noqa: E731
             ("bias", c, 4 * cols(c, block_k)), ("stats", 0, 8 * n * chunks), ("sums", c, 4 * cols(c, block_k)),
             *([("logits", c, n * cols(c, block_k) * e)] if reread else [])]
-        padded_rows, tiles = pad(n, block_r), pad(K, block_k) // block_k
+        stats_rows, padded_rows, tiles = pad(n, stats_r), pad(n, block_r), pad(K, block_k) // block_k
+        stats_tiles = pad(K, stats_k) // stats_k
         moved += hbm_bytes(stats_grid, stats_touches, sizes, concurrent, l2_bytes)
-        executed += 6 * padded_rows * tiles * block_k + 5 * padded_rows * tiles
+        executed += 6 * stats_rows * stats_tiles * stats_k + 5 * stats_rows * stats_tiles
         programs = min(programs, stats_grid[0] * stats_grid[1])
         if not stats_launch:
             moved += hbm_bytes(plan["grid"], column_touches, sizes, concurrent, l2_bytes)
@@ -485,7 +497,8 @@ def compile_specs() -> list[dict]:
                 **common, "name": f"dino_teacher_sk_column_stats_{name}_{rows}rows", "fn": _chunk_stats_kernel,
                 "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "stats_ptr": "*fp32", "R": "i32",
                               "K": "i32", "CHUNK": "i32", "scale": "fp32"},
-                "constexprs": column, "efficiency": counts(MODE_COLUMN, rows, stats_launch=True),
+                "constexprs": {"BLOCK_R": plan["STATS_BLOCK_R"], "BLOCK_K": plan["STATS_BLOCK_K"]},
+                "efficiency": counts(MODE_COLUMN, rows, stats_launch=True),
             })
             specs.append({
                 **common, "name": f"dino_teacher_sk_colmax_{name}_{rows}rows", "fn": _colmax_kernel,

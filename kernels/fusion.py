@@ -445,10 +445,17 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
                     ("coef", (b, h), t * coef_bytes), ("dk", (b, h, c), t * M * width * e),
                     ("dv", (b, h, c), t * M * width * e), ("partials", (b, h, c), (Q + 1) * width * 4)]
         floor = 4 * tokens + T * A * e + Q * A * e + A * e
+        # a step of BLOCK_P positions: their keys and grad out, and values per modality, in one D_CHUNK
         return {"useful_flops": useful, "executed_flops": executed, "min_bytes": floor, "flop_kind": "fp32",
-                "moved_bytes": hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes) + partials}
+                "moved_bytes": hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes) + partials,
+                "programs": chunks * H * blocks, "step_bytes": (2 * M + 1) * bp * dc * e}
+    # a step loads one D_CHUNK of columns: forward, keys and values of BLOCK_P positions' M tokens; the pool
+    # backward, values and grad out of one position's heads
+    step = 2 * bp * M * dc * e if kernel == "forward" else 2 * H * dc * e
+    programs = plan[kernel][0] if kernel == "forward" else T
     return {"useful_flops": useful, "executed_flops": executed, "min_bytes": floor, "flop_kind": "fp32",
-            "moved_bytes": hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes)}
+            "moved_bytes": hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes), "programs": programs,
+            "step_bytes": step}
 
 
 # Integers that are multiples of 16 at the presets' shapes (T = B x 196 positions, A = 3 D, D = A / 16 heads: 144

@@ -14,5 +14,9 @@ GPUS = {
                       "l2": 40 << 20, "tflops_bf16": 312.0, "tflops_tf32": 156.0, "tflops_fp32": 19.5,
                       "tb_per_s": 2.039},
 }
+# HBM latency under load (ns), for Little's law: to stream at full bandwidth an SM must have bandwidth x latency /
+# SMs bytes of loads in flight (H100 ~15 KB, A100 ~11 KB). An assumption: microbenchmarks give 400-600 core cycles
+# (~300-450 ns) unloaded on A100 / H100, and queues add to it at full bandwidth.
+LOADED_DRAM_LATENCY_NS = 600
 # The GPU each compile-report architecture is costed on.
 BY_CAPABILITY = {80: "A100 SXM 80GB", 90: "H100 SXM"}

@@ -48,10 +48,12 @@ from ._common import (
     pad,
 )
 
-# H100/A100 config: the op is bandwidth bound. A row program streams (1, 2048) tiles over 8 warps (8 fp32
-# per thread, 8 KB of fp32 logits per load); a column program steps (8, 512) tiles (16 per thread) down
-# its rows. K / 512 = 128 column programs at K = 65536 (see compile_specs and kernels.compile_report).
-GPU_PLAN = {"ROW_BLOCK_K": 2048, "COL_BLOCK_R": 8, "COL_BLOCK_K": 512, "num_warps": 8}
+# H100/A100 config: the op is bandwidth bound. A row program streams (1, 8192) tiles over 8 warps (32 per
+# thread: 16 KB of bf16 logits a step, as Little's law asks of the one row program an SM holds at R = 128; the
+# (1, 2048) tiles before kept 12 KB in flight per SM with the column programs, under the H100's ~15 KB); a column
+# program steps (8, 512) tiles (16 per thread) down its rows. K / 512 = 128 column programs at K = 65536 (see
+# compile_specs and kernels.compile_report: 63-64 registers, no spills).
+GPU_PLAN = {"ROW_BLOCK_K": 8192, "COL_BLOCK_R": 8, "COL_BLOCK_K": 512, "num_warps": 8}
 # The interpreter pays per op: small enough that the test shapes take several row chunks (online rescale).
 INTERPRETER_PLAN = {"ROW_BLOCK_K": 128, "COL_BLOCK_R": 4, "COL_BLOCK_K": 64, "num_warps": 4}
 # Rows per launch: a group's logits are read three times (pass 1, pass 2, the column programs), and only the first
@@ -233,8 +235,12 @@ def efficiency(kernel: str, R: int, K: int, dtype_bytes: int, sms: int, concurre
         # normalise; column programs: sum and multiply-add
         executed += 13 * n * pad(K, plan["ROW_BLOCK_K"]) + 3 * pad(n, br) * chunks * bk
     floor = roofline_cost(R, K, e)
+    # loads in flight per program and loop step (the compile report's Little's law), averaged over the first
+    # launch's row programs (a ROW_BLOCK_K chunk of logits; the centres come from L2) and column programs
+    n = min(plan["group_rows"], R)
+    step = (n * plan["ROW_BLOCK_K"] + chunks * br * bk) * e / (n + chunks)
     return {"useful_flops": floor["flops"], "executed_flops": executed, "min_bytes": floor["bytes"],
-            "moved_bytes": moved, "flop_kind": "fp32", "programs": programs}
+            "moved_bytes": moved, "flop_kind": "fp32", "programs": programs, "step_bytes": step}
 
 
 # Integers that are multiples of 16 at the production shape (R = 128 rows, K = 65536; a later group's rows start

@@ -111,3 +111,29 @@ print(json.dumps(out))
     assert {"M", "E", "KD"} <= set(specs["patch_embed_fwd_bfloat16"][1])
     assert "N" not in specs["patch_embed_fwd_bfloat16"][1]  # 196 patches per image: not a multiple of 16
     assert {"R", "K"} <= set(specs["teacher_softmax_bfloat16"][1])
+
+
+def test_streaming_kernels_need_enough_loads_in_flight():
+    """Little's law: an SM streams at full bandwidth only with bandwidth x latency / SMs bytes of loads in
+    flight; the 1 KB steps of the old (1, 512) softmax tiles at 128 rows (one program per SM) were latency bound."""
+    from terrafm_kernels import compile_report as c
+
+    def run(name: str, step_bytes: int, programs: int = 128, regs: int = 64) -> tuple[list[str], dict]:
+        counts = {"useful_flops": 100, "executed_flops": 100, "min_bytes": 10 << 20, "moved_bytes": 10 << 20,
+                  "flop_kind": "fp32", "programs": programs, "step_bytes": step_bytes}
+        row = {"name": name, "arch": "sm_90", "regs": regs, "shared_bytes": 0, "shared_static": 0, "num_warps": 4}
+        return c.efficiency(row, {"efficiency": lambda **_: counts}, 90), row
+
+    needed = c.GPUS[90]["hbm"] * c.GPUS[90]["latency"] / c.GPUS[90]["sms"]
+    problems, slow = run("some_softmax_bf16", 1024)
+    assert "latency bound" in problems[0] and slow["in_flight_kb"] == 1.0
+    assert run("some_softmax_bf16", 16384) == ([], run("some_softmax_bf16", 16384)[1])
+    # more resident programs add up: 4 per SM x 4 KB, as many as the grid and the occupancy allow
+    assert run("some_softmax_bf16", 4096, programs=4 * 132)[0] == [] and 4 * 4096 > needed
+    assert "latency bound" in run("some_softmax_bf16", 4096, programs=4 * 132, regs=255)[0][0]  # 1 CTA per SM
+    # the predicted time follows the bandwidth the loads in flight allow
+    fast = run("some_softmax_bf16", 65536)[1]
+    assert slow["predicted_us_h100"] > 10 * fast["predicted_us_h100"]
+    # listed configs are reported, not failed, and must still be latency bound
+    assert run("fusion_fwd_bfloat16_b", 768)[0] == []
+    assert "remove the entry" in run("fusion_fwd_bfloat16_b", 65536)[0][0]

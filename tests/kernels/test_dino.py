@@ -121,6 +121,32 @@ def test_sinkhorn_knopp_few_rows_in_groups_and_chunks(dtype, device, monkeypatch
     assert_flash_tolerance("sinkhorn-knopp groups", out.cpu(), plain, want, 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_shipped_gpu_tiles_match_the_oracle(dtype, device, monkeypatch):
+    """The GPU plans, which the interpreter runs here in place of its own tiles, on shapes ragged against them:
+    the softmax's (1, 8192) steps (2 rows <= 2 x 4 "SMs": one row per program), the column step's (8, 512)
+    statistics tiles and (16, 256) column tiles over 2 groups of 20 rows, the column max's (16, 256) tiles."""
+    monkeypatch.setattr(dino_teacher, "interpreted", lambda tensor: False)
+    K = 9000
+    t = _logits((2, K), 50.0, dtype, device)
+    center = _logits((1, K), 5.0, torch.float32, device, seed=2)
+    assert dino_teacher.launch_plan(dino_teacher.MODE_SOFTMAX, 2, K, 4)["BLOCK_K"] == 8192
+    out = dino_teacher.centered_softmax(t, center, 0.04)
+    want = oracle.centered_softmax(t.cpu(), center.cpu(), 0.04)
+    plain = oracle.centered_softmax(t.cpu(), center.cpu(), 0.04, dtype=torch.float32)
+    assert_flash_tolerance("centred softmax, GPU tiles", out.cpu(), plain, want, 1e-6)
+    K, R = 1300, 37
+    monkeypatch.setattr(dino_teacher, "COLUMN_GROUP_BYTES", 20 * K * dtype.itemsize)
+    plan = dino_teacher.launch_plan(dino_teacher.MODE_COLUMN, R, K, 4, dtype.itemsize)
+    assert (plan["STATS_BLOCK_R"], plan["STATS_BLOCK_K"], plan["BLOCK_R"], plan["BLOCK_K"], plan["groups"]) == (
+        8, 512, 16, 256, 2)
+    t = _logits((R, K), 1.2, dtype, device)
+    out = dino_teacher.sinkhorn_knopp(t, 0.04, n_iterations=3)
+    want = oracle.sinkhorn_literal([t.cpu()], 0.04)[0]
+    plain = oracle.sinkhorn_literal([t.cpu()], 0.04, dtype=torch.float32)[0]
+    assert_flash_tolerance("sinkhorn-knopp, GPU tiles", out.cpu(), plain, want, 1e-6)
+
+
 def test_ibot_sinkhorn_knopp_any_n_masked_patches(device):
     """DINOv2 divides by n_masked_patches_tensor (B) and multiplies by it at the end: any B gives the same
     targets, in DINOv2 (float64) and here."""

@@ -53,6 +53,18 @@ def test_matches_float64_oracle(S, T, B, K, dtype, device):
     _check(S, T, B, K, dtype, device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_shipped_gpu_tiles_match_float64_oracle(dtype, device, monkeypatch):
+    """The GPU plan (256-prototype column steps over 4 warps, K split for 4 programs per SM) on a shape ragged
+    against it: on CPU the interpreter runs it in place of its own small tiles."""
+    import importlib
+
+    module = importlib.import_module("terrafm_kernels.dino_cross_entropy")
+    monkeypatch.setattr(module, "interpreted", lambda tensor: False)
+    assert module.launch_plan(10, 3, 1300, 4)[2] == module.GPU_BLOCK_K == 256
+    _check(10, 2, 3, 1300, dtype, device)
+
+
 @pytest.mark.parametrize("S,T", [(1, 2), (3, 1), (2, 3)])
 def test_view_counts(S, T, device):
     _check(S, T, 2, 65, torch.float32, device)
