@@ -28,6 +28,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
@@ -253,7 +254,16 @@ def load_backbone_state(path: str | Path, which: str = "teacher") -> tuple[str, 
     }
     if not state:
         raise ValueError(f"{path} holds no {which} backbone (no keys starting with {prefix!r})")
-    with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=True)
+    try:
+        with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=True)
+    except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError, CheckpointException) as err:
+        # a .distcp cut short or overwritten after the manifest was written (a copy, not a crash of ours); DCP
+        # wraps a reader's error in CheckpointException, a BaseException, whose first line names no cause
+        cause = next(iter(getattr(err, "failures", {}).values()), err)
+        cause = cause[0] if isinstance(cause, tuple) else cause  # DCP keeps (exception, stack) per rank
+        raise CheckpointError(f"checkpoint {path}: its tensors do not read back ({type(cause).__name__}"
+                              f"{': ' + str(cause).splitlines()[0][:200] if str(cause) else ', the data ends early'}"
+                              f"); {previous_checkpoint(path)}") from err
     return meta["model"]["name"], {k.removeprefix(prefix): v for k, v in state.items()}

@@ -23,6 +23,7 @@ import json
 import math
 import mmap
 import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,17 +155,19 @@ def payload_end(z) -> int:
 
 
 def finished_fingerprint(directory: Path, index: int) -> str | None:
-    """The fingerprint of a finished shard, or None when it is missing, unreadable or its .bin is not as long
-    as its index says (a truncated write: to be rewritten)."""
+    """The fingerprint of a finished shard, or None when it is missing, unreadable (every array of its .npz is
+    read, so a damaged member is found here, not when the index is merged) or its .bin is not as long as its
+    index says (a truncated write: to be rewritten)."""
     stem = Path(directory) / shard_name(index)
     if not (stem.with_suffix(".npz").exists() and stem.with_suffix(".bin").exists()):
         return None
     try:
         with np.load(stem.with_suffix(".npz")) as z:
-            if stem.with_suffix(".bin").stat().st_size != payload_end(z):
-                return None
-            return str(z["fingerprint"])
-    except (OSError, ValueError, KeyError, zlib.error):
+            arrays = {k: z[k] for k in z.files}
+        if stem.with_suffix(".bin").stat().st_size != payload_end(arrays):
+            return None
+        return str(arrays["fingerprint"])
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zlib.error, zipfile.BadZipFile):
         return None
 
 
@@ -226,7 +229,7 @@ class ShardSet:
         try:
             with np.load(path) as z:
                 return {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, zlib.error) as err:
+        except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as err:
             raise ShardError(f"{path}: unreadable shard index ({type(err).__name__}: {err}); the shard is "
                              "corrupt or missing, re-run `terrafm prepare` into this folder") from err
 
@@ -237,11 +240,23 @@ class ShardSet:
             if key not in part:
                 raise ShardError(f"{path}: no {key!r} array; the shard is not a terrafm shard, re-run "
                                  "`terrafm prepare` into this folder")
+        n = len(part["keys"]) if part["keys"].ndim == 1 else -1
+        counts = part["class_counts"]
+        if n < 0 or not np.issubdtype(counts.dtype, np.integer) or counts.size != n * NUM_CLASSES:
+            raise ShardError(f"{path}: 'class_counts' is {counts.dtype} of shape {counts.shape}, not integer counts "
+                             f"of the {NUM_CLASSES} land-cover classes for each of its {max(n, 0)} records; the shard "
+                             "is corrupt or not a terrafm shard, re-run `terrafm prepare` into this folder")
+        if (counts < 0).any():
+            raise ShardError(f"{path}: negative land-cover pixel counts in 'class_counts'; the shard is corrupt, "
+                             "re-run `terrafm prepare` into this folder")
         for m, info in self.modalities.items():
             for key in (f"{m}.offset", f"{m}.nbytes", f"{m}.crc32"):
-                if key not in part or part[key].shape != (len(part["keys"]), len(info.bands)):
+                if key not in part or part[key].shape != (n, len(info.bands)):
                     raise ShardError(f"{path}: no {key!r} array of {len(info.bands)} bands per record, as "
                                      f"{INDEX_NAME} lists for {m}; re-run `terrafm prepare` into this folder")
+                if not np.issubdtype(part[key].dtype, np.integer):
+                    raise ShardError(f"{path}: {key!r} holds {part[key].dtype}, not integers; the shard is corrupt "
+                                     "or not a terrafm shard, re-run `terrafm prepare` into this folder")
             if self.codec != "raw":
                 continue
             want = self.tile_size ** 2 * np.dtype(info.dtype).itemsize

@@ -161,8 +161,9 @@ def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) 
     for row, (pid, cell) in enumerate(zip(table["product_id"].to_pylist(), table["grid_cell"].to_pylist(),
                                           strict=True)):
         modality = modality_of(pid or "")
-        if modality is None or not cell:
-            reason = f"product id {pid!r} {NO_MODALITY}" if modality is None else "null or empty grid_cell"
+        if modality is None or not cell or not _is_grid_cell(cell):
+            reason = (f"product id {pid!r} {NO_MODALITY}" if modality is None else "null or empty grid_cell"
+                      if not cell else f"grid_cell {cell[:40]!r} is not a Major-TOM grid cell (such as 433U_1209R)")
             unknown.append({"file": str(path), "record": f"row {row}", "reason": reason})
             continue
         products.append(Product(modality, cell, pid, str(path), row=row))
@@ -258,13 +259,19 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
 
 def read_tiff(source) -> tuple[np.ndarray, float | None]:
     """(array, declared nodata or None) of a GeoTIFF path or file object. tifffile logs a warning per damaged tag
-    as it reads; they are silenced here, so that a bad file prints the one message its reader raises."""
+    as it reads; they are silenced here, so that a bad file prints the one message its reader raises. A file whose
+    structure tifffile trips over (a header cut short: struct.error; an IFD offset past the end: IndexError) is a
+    ValueError, like its other malformed files."""
     logger = logging.getLogger("tifffile")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
         with tifffile.TiffFile(source) as tif:
             return tif.asarray(), tiff_nodata(tif)
+    except (OSError, ValueError, MemoryError):
+        raise
+    except Exception as err:  # untrusted bytes: whatever the parser raises means "not a readable TIFF"
+        raise ValueError(f"malformed TIFF ({type(err).__name__}: {err})") from err
     finally:
         logger.setLevel(level)
 

@@ -309,10 +309,27 @@ def _label_shape(label: np.ndarray, path: Path) -> np.ndarray:
     return label
 
 
-def _hdf5_band(f, name: str, path: Path) -> np.ndarray:
-    """One band as a 2D float32 array; anything else (a 3D dataset, strings, a group) names the file and band."""
+def _hdf5_member(f, name: str, path: Path, what: str):
+    """f[name], refusing by name a link to another file (reading it would open a file outside the sample) and a
+    link to nothing in this one (h5py's KeyError)."""
+    import h5py
+
+    link = f.get(name, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        raise ValueError(f"{path}: {what} {name!r} is a link to {link.filename!r}; a sample's data must be in its "
+                         "own file")
     try:
-        band = np.asarray(f[name], dtype=np.float32)
+        return f[name]
+    except KeyError as err:
+        target = getattr(link, "path", "?")
+        raise ValueError(f"{path}: {what} {name!r} is a link to {target!r}, which is not in the file") from err
+
+
+def _hdf5_band(f, name: str, path: Path) -> np.ndarray:
+    """One band as a 2D float32 array; anything else (a 3D dataset, strings, a group, a broken or external link)
+    names the file and band."""
+    try:
+        band = np.asarray(_hdf5_member(f, name, path, "band"), dtype=np.float32)
     except (TypeError, ValueError, OSError) as err:
         raise ValueError(f"{path}: band {name!r} is not a numeric array ({err})") from err
     if band.ndim != 2 or min(band.shape) < 1:
@@ -371,9 +388,10 @@ def _stack_bands(bands: list[np.ndarray], path: Path, names: list[str]) -> np.nd
 def _hdf5_label(f, path: Path) -> np.ndarray:
     """The sample's raw label: a 'label*' dataset, a 'label' attribute or the 'label' of attrs['pickle']."""
     masks = [k for k in f.keys() if k.startswith("label")]
+    dataset = _hdf5_member(f, masks[0], path, "label") if masks else None
     try:
-        if masks:
-            return np.asarray(f[masks[0]])
+        if dataset is not None:
+            return np.asarray(dataset)
         if "label" in f.attrs:
             return np.asarray(f.attrs["label"])
     except (OSError, ValueError, TypeError) as err:  # a damaged chunk, an unreadable attribute

@@ -3,6 +3,7 @@
 import argparse
 import json
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +118,8 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
         return meta.get("model"), backbone_entries(tensors, str(path)), _input_metadata(meta, path)
     try:  # weights_only: a pickle that would run code is refused, never executed; DINO's checkpoints keep
         # their argparse.Namespace under 'args' (a plain attribute bag: allowed, it runs nothing)
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says it all
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path} is a pickle PyTorch's weights-only loader refuses (it names classes other than "

@@ -226,3 +226,48 @@ def test_an_undecodable_lz4_chunk_names_the_file(sample_parquet, tmp_path):
         f.write(b"\xff" * nbytes)  # a literal run longer than the block
     with pytest.raises(ShardError, match=r"part-00000\.bin: record 2 .* s1 band VV does not decode"):
         ShardSet(out, verify_checksums=False).tile(2, "s1")
+
+
+def _damage(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "bad_crc":
+        path.write_bytes(data[:200] + bytes([data[200] ^ 0xFF]) + data[201:])
+    elif how == "zip_header_only":
+        path.write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    else:
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("how", ["truncated", "bad_crc", "zip_header_only", "empty"])
+def test_a_damaged_npz_is_named_on_read_and_rewritten_by_prepare(sample_parquet, tmp_path, how):
+    out = _split_shards(sample_parquet, tmp_path)
+    _damage(out / "part-00001.npz", how)
+    with pytest.raises(ShardError, match=r"part-00001\.npz"):
+        ShardSet(out)
+    again = convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    assert again["resumed_shards"] == CELLS - 1 and again["rewritten_shards"] == 1
+    assert len(ShardSet(out)) == 4 * CELLS
+
+
+@pytest.mark.parametrize("edit", ["float_offsets", "float_crc", "narrow_class_counts", "negative_class_counts",
+                                  "class_counts_as_text"])
+def test_npz_arrays_of_the_wrong_kind_are_named(sample_parquet, tmp_path, edit):
+    out = _split_shards(sample_parquet, tmp_path)
+    path = out / "part-00000.npz"
+    with np.load(path) as z:
+        arrays = dict(z)
+    if edit == "float_offsets":
+        arrays["s2_l2a.offset"] = arrays["s2_l2a.offset"].astype(np.float64) + 0.5
+    elif edit == "float_crc":
+        arrays["s1.crc32"] = arrays["s1.crc32"].astype(np.float32)
+    elif edit == "narrow_class_counts":
+        arrays["class_counts"] = arrays["class_counts"][:, :5]
+    elif edit == "negative_class_counts":
+        arrays["class_counts"] = -arrays["class_counts"] - 1
+    else:
+        arrays["class_counts"] = arrays["class_counts"].astype(str)
+    np.savez(path, **arrays)
+    with pytest.raises(ShardError, match=r"part-00000\.npz: .*re-run `terrafm prepare`"):
+        ShardSet(out)

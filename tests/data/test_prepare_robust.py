@@ -6,6 +6,7 @@ Every case: one message, exit 2 (130 for Ctrl-C), no traceback, no temporary fil
 import argparse
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -115,14 +116,16 @@ def test_pandas_categorical_metadata_columns_are_read(sample_parquet, sample_sha
     assert summary["num_records"] == 12 and summary["modalities"]["s2_l2a"]["tiles"] == 12
 
 
-def test_a_row_without_grid_cell_is_bad_input_or_skipped(sample_parquet, tmp_path):
+@pytest.mark.parametrize("cell, reason", [(None, "null or empty grid_cell"),
+                                          ("../../x", "grid_cell '../../x' is not a Major-TOM grid cell")])
+def test_a_row_without_a_grid_cell_is_bad_input_or_skipped(sample_parquet, tmp_path, cell, reason):
     root = _copy(sample_parquet, tmp_path)
     cells = pq.read_table(root.joinpath(*S2_FILE))["grid_cell"].to_pylist()
-    _set_column(root, S2_FILE, "grid_cell", pa.array([None, *cells[1:]], pa.string()))
-    with pytest.raises(BadInput, match=r"part_00000.parquet \(row 0\): null or empty grid_cell"):
+    _set_column(root, S2_FILE, "grid_cell", pa.array([cell, *cells[1:]], pa.string()))
+    with pytest.raises(BadInput, match=r"part_00000.parquet \(row 0\): " + re.escape(reason)):
         convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
     summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
-    assert [s["reason"] for s in summary["skipped"]] == ["null or empty grid_cell"]
+    assert [s["reason"][:len(reason)] for s in summary["skipped"]] == [reason]
     assert summary["modalities"]["s2_l2a"]["tiles"] == 2 * 4 and summary["num_records"] == 3 * 4
 
 

@@ -368,3 +368,47 @@ def test_an_empty_validation_split_is_no_validation_split(tmp_path):
     (root / "default_partition.json").write_text(json.dumps({**partition, "test": []}))
     with pytest.raises(FileNotFoundError, match="split 'test' in .*default_partition.json is empty"):
         _load_splits(EvalConfig(checkpoint="", data=str(root), format="hdf5", out=str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize("member", ["04 - Red", "label"])
+@pytest.mark.parametrize("link", ["dangling", "external"])
+def test_a_broken_or_external_hdf5_link_is_named(tmp_path, member, link):
+    root = _geobench(tmp_path)
+    outside = tmp_path / "outside.hdf5"
+    with h5py.File(outside, "w") as f:
+        f.create_dataset("x", data=np.ones((32, 32), np.float32))
+    with h5py.File(root / "train_0001.hdf5", "a") as f:
+        del f[member]
+        f[member] = h5py.SoftLink("/nonexistent") if link == "dangling" else h5py.ExternalLink(str(outside), "/x")
+    what = "band" if member != "label" else "label"
+    message = "is a link to '/nonexistent', which is not in the file" if link == "dangling" else \
+        "is a link to '.*outside.hdf5'; a sample's data must be in its own file"
+    with pytest.raises(ValueError, match=rf"train_0001\.hdf5: {what} '{member}' " + message):
+        read_split(root, "hdf5", "train")
+
+
+@pytest.mark.parametrize("content", [b"II*\x00", b"II*\x00" + (10**6).to_bytes(4, "little") + b"\x00" * 20,
+                                     b"II*\x00junkjunk", b"II+\x00\x08\x00\x00\x00" + b"\xff" * 30])
+def test_a_tiff_whose_structure_is_broken_is_named(tmp_path, content):
+    splits = make_splits(13, per_class=(2, 1, 1))
+    del splits["valid"]
+    root = write_folder(tmp_path / "eurosat", splits)
+    first = sorted((root / "train" / "class_0").glob("*.tif"))[0]
+    first.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{first.name}: not a readable image"):
+        read_split(root, "folder", "train")
+
+
+def test_a_plain_pickle_checkpoint_is_one_message_without_torch_warnings(tmp_path):
+    """In a process of its own: pytest records warnings instead of printing them."""
+    import subprocess
+    import sys
+
+    checkpoint = tmp_path / "plain.pth"
+    checkpoint.write_bytes(pickle.dumps({"a": 1}, protocol=4))  # not torch.save: torch warns of the protocol
+    proc = subprocess.run([sys.executable, "-m", "terrafm.cli", "eval", "--checkpoint", str(checkpoint), "--data",
+                           str(_geobench(tmp_path)), "--format", "hdf5", "--out", str(tmp_path / "out"), "--probe",
+                           "knn"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "plain.pth is a pickle PyTorch's weights-only loader refuses" in proc.stderr
+    assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr

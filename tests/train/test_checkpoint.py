@@ -258,3 +258,20 @@ def test_a_checkpoint_of_another_size_names_the_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"does not match terrafm_small: \d+ tensors have other shapes, e.g. "
                                          r"cls_token \(1, 1, 192\) \(the model's \(1, 1, 384\)\)"):
         load_checkpoint(path, name="terrafm_small")
+
+
+def test_a_truncated_distcp_with_a_matching_manifest_is_one_message_for_export_and_eval(two_checkpoints, tmp_path,
+                                                                                         capsys):
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    shard = next(step2.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    _rehash(step2, shard.name)  # a copy cut short, then re-manifested: the checksums cannot tell
+    target = tmp_path / "x.safetensors"
+    assert main(["export", str(step2), str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {step2}: its tensors do not read back (EOFError, the data ends early)" in err
+    assert "Traceback" not in err
+    assert not target.exists()
+    with pytest.raises(CheckpointError, match="its tensors do not read back"):
+        load_checkpoint(step2)
