@@ -65,7 +65,9 @@ PROFILES = {
         device="cuda", presets=(("vitb_h100", ()), ("vitl_h100", ())), toy_dims={}, timing_dtype="bfloat16",
         compile_backend="inductor", roofline_gpu=None, warmup=3, batch_s=0.02, batches=5,
         train_preset="vitb_h100",
-        train_overrides=("train.checkpoint_every=1000", "data.num_workers=8"),
+        # 14 loader threads on the 16-core GPU machine (no DALI there: views render on the host); with 8 the first
+        # H200 run's 145-169 img/s were of the order the host path supplies, so the loader may have set the pace
+        train_overrides=("train.checkpoint_every=1000", "data.num_workers=14"),
         train_steps=20, log_every=5, profile_steps=(6, 8),
         train_data=(128, 240), loader_data=(16, 534),
         loader=dict(seconds=3.0, batch_size=4, n_local=8, global_size=224, local_size=96, num_workers=16)),
