@@ -71,6 +71,9 @@ def check_head_loss_shapes(student_features, teacher_features, weight_v, weight_
         if not isinstance(x, torch.Tensor) or x.dim() != ndim:
             got = getattr(x, "shape", type(x).__name__)
             raise ValueError(f"{name} must have {ndim} dimensions {layout}, got {got}")
+    if teacher_weight_g is not None and teacher_weight_v is None:
+        raise ValueError("teacher_weight_g is given without teacher_weight_v: the teacher side would use the student's "
+                         "weight_v and weight_g and ignore it; pass the teacher's weight_v too, or neither")
     S, B, D = student_features.shape
     T = teacher_features.shape[0]
     K = weight_v.shape[0]
@@ -111,11 +114,18 @@ def _check_number(name: str, value) -> None:
         raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
 
 
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, 1.18e-38
+
+
 def check_positive(name: str, value: float) -> None:
-    """A temperature or scale: a finite number > 0 (inf would turn the softmax into NaN)."""
+    """A temperature or scale: a finite number > 0 (inf would turn the softmax into NaN), and a normal float32
+    (the kernels divide by it in fp32: below 1.18e-38 its reciprocal is inf and every probability NaN)."""
     _check_number(name, value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be > 0 and finite, got {value}")
+    if value < FLOAT32_TINY:
+        raise ValueError(f"{name} must be at least {FLOAT32_TINY:.3g} (its float32 reciprocal overflows below), "
+                         f"got {value}")
 
 
 def check_unit_interval(name: str, value: float, what: str = "") -> None:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _common, reference
-from ._common import check_positive, check_unit_interval
+from ._common import check_positive, check_size, check_unit_interval
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -90,6 +90,7 @@ class _CenteredLoss(nn.Module):
 
     def __init__(self, center_shape: tuple[int, ...], student_temp: float, center_momentum: float, backend: str):
         super().__init__()
+        check_size("out_dim" if len(center_shape) == 2 else "patch_out_dim", center_shape[-1])
         check_positive("student_temp", student_temp)
         check_unit_interval("center_momentum", center_momentum)
         self.student_temp = student_temp
@@ -159,6 +160,9 @@ class DINOLoss(_CenteredLoss):
         """
         total_loss = 0
         targets = None
+        if isinstance(teacher_out_softmaxed_centered_list, (list, tuple)) and not teacher_out_softmaxed_centered_list:
+            raise ValueError("the teacher list is empty: DINOLoss pairs each student output with at least one "
+                             "teacher view")
         for s in student_output_list:
             _check_dims("each student output", s, 2)
             if s.shape[0] == 0:
@@ -172,6 +176,7 @@ class DINOLoss(_CenteredLoss):
     @torch.no_grad()
     def reduce_center_update(self, teacher_output):
         """Start the centre update: sum the teacher logits over rows (fp32) and all-reduce asynchronously."""
+        _check_dims("teacher_output", teacher_output, 2, (-1, self.center.shape[-1]))
         self.len_teacher_output = len(teacher_output)
         self._start_center_update(torch.sum(teacher_output, dim=0, keepdim=True, dtype=torch.float32),
                                   self.len_teacher_output)
@@ -202,10 +207,10 @@ class DINOLoss(_CenteredLoss):
         self.apply_center_update()
         student = torch.cat([student_global.reshape(2, B, D), student_local.reshape(-1, B, D)]).contiguous()
         teacher = teacher_global.detach().reshape(2, B, D).contiguous()
-        weight_v, weight_g = _weight_norm_parts(last_layer)
+        K = self.center.shape[-1]
+        weight_v, weight_g = _weight_norm_parts(last_layer, "last_layer", K, D)
         with torch.no_grad():
-            teacher_v, teacher_g = _weight_norm_parts(teacher_last_layer)
-        K = weight_v.shape[0]
+            teacher_v, teacher_g = _weight_norm_parts(teacher_last_layer, "teacher_last_layer", K, D)
         center = self.center.reshape(K).float().contiguous()
         loss, logit_sum, _ = self._ops.dino_head_loss(
             student, teacher, weight_v.contiguous(), center, center, torch.zeros(2 * B, device=center.device),
@@ -218,17 +223,30 @@ class DINOLoss(_CenteredLoss):
         return loss
 
 
-def _weight_norm_parts(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _weight_norm_parts(layer: nn.Module, name: str, K: int, D: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight_v (K, D), weight_g (K, 1)) of a weight-normalised Linear: torch.nn.utils.weight_norm's
     weight_v / weight_g, parametrize.weight_norm's original1 / original0, or a plain Linear's weight and
-    its row norms (so that v / |v| g is the weight, with gradients through both)."""
-    if hasattr(layer, "weight_v") and hasattr(layer, "weight_g"):
-        return layer.weight_v, layer.weight_g
+    its row norms (so that v / |v| g is the weight, with gradients through both). A layer that is no Linear
+    of D inputs and K outputs without bias (DINO's last layer has none; the fused loss has no place for one)
+    is refused by `name`."""
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"{name} must be the head's nn.Linear(D, K, bias=False), got {type(layer).__name__}")
     parametrizations = getattr(layer, "parametrizations", None)
-    if parametrizations is not None and "weight" in parametrizations:
-        return parametrizations.weight.original1, parametrizations.weight.original0
-    weight = layer.weight
-    return weight, weight.norm(dim=1, keepdim=True)
+    if hasattr(layer, "weight_v") and hasattr(layer, "weight_g"):
+        v, g = layer.weight_v, layer.weight_g
+    elif parametrizations is not None and "weight" in parametrizations:  # (reading layer.weight would form W)
+        v, g = parametrizations.weight.original1, parametrizations.weight.original0
+    elif isinstance(getattr(layer, "weight", None), torch.Tensor):
+        v, g = layer.weight, None
+    else:
+        raise TypeError(f"{name} must be the head's nn.Linear(D, K, bias=False), got {type(layer).__name__}")
+    if tuple(v.shape) != (K, D):
+        raise ValueError(f"{name} has weight {tuple(v.shape)}, expected (K, D) = ({K}, {D}) for this loss's K "
+                         "prototypes and the features' width")
+    if getattr(layer, "bias", None) is not None:
+        raise ValueError(f"{name} has a bias: the fused loss computes logits without one (DINO's last layer is "
+                         "nn.Linear(D, K, bias=False)); use forward() with the layer's own output instead")
+    return (v, v.norm(dim=1, keepdim=True)) if g is None else (v, g)
 
 
 class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's class name, so that one import line changes)
@@ -279,8 +297,16 @@ class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's class name, so that 
         _check_dims("student_patch_tokens_masked", s, 2)
         if not isinstance(student_masks_flat, torch.Tensor) or student_masks_flat.dim() != 2:
             raise ValueError("student_masks_flat must be a (B, N) tensor of the masked patches")
+        if student_masks_flat.dtype != torch.bool:
+            raise TypeError(f"student_masks_flat must be a bool mask (B, N), got {student_masks_flat.dtype}")
         if n_masked_patches is not None:
-            s, t = s[:n_masked_patches], t[:n_masked_patches]
+            n = int(n_masked_patches.item() if isinstance(n_masked_patches, torch.Tensor) else n_masked_patches)
+            if not 0 <= n <= s.shape[0]:
+                raise ValueError(f"n_masked_patches must be in 0..{s.shape[0]} (the masked rows given), got {n}")
+            s, t = s[:n], t[:n]
+        if masks_weight is not None and not isinstance(masks_weight, torch.Tensor):
+            raise TypeError(f"masks_weight must be a tensor of one weight per masked row, got "
+                            f"{type(masks_weight).__name__}")
         if masks_weight is None:
             masks_weight = ((1 / student_masks_flat.sum(-1).clamp(min=1.0)).unsqueeze(-1)
                             .expand_as(student_masks_flat)[student_masks_flat])
@@ -293,7 +319,11 @@ class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's class name, so that 
 
     @torch.no_grad()
     def reduce_center_update(self, teacher_patch_tokens):
-        """Start the centre update: sum over dim 0 of the mean over dim 1 (fp32), all-reduced asynchronously."""
+        """Start the centre update: sum over dim 0 of the mean over dim 1 (fp32), all-reduced asynchronously.
+        teacher_patch_tokens (B, N, K); (M, K) rows are one image's masked patches (DINOv2 passes (1, M, K))."""
+        if isinstance(teacher_patch_tokens, torch.Tensor) and teacher_patch_tokens.dim() == 2:
+            teacher_patch_tokens = teacher_patch_tokens.unsqueeze(0)  # mean(dim=1) of (M, K) mixed prototypes
+        _check_dims("teacher_patch_tokens", teacher_patch_tokens, 3, (-1, -1, self.center.shape[-1]))
         self.len_teacher_patch_tokens = len(teacher_patch_tokens)
         batch_sum = torch.sum(torch.mean(teacher_patch_tokens, dim=1, dtype=torch.float32), dim=0, keepdim=True)
         rows = self.len_teacher_patch_tokens

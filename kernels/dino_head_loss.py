@@ -95,6 +95,7 @@ from ._common import (
 # 136-192 registers at D = 256 (MULTIPLES_OF_16), no spills; 64-prototype tiles spill in the variant other
 # widths run. fp32 operands take exact IEEE dots (FMA, no tensor cores): 16 x 16 tiles with 4 warps and one
 # stage avoid spills there; fp32 is the exact path, bf16 the fast one.
+MAX_D = 512  # widest feature the kernels take (one or two BLOCK_DO blocks of 256 columns)
 CONFIGS = {
     "16bit": {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_DO": 256, "PROJECT_CTAS_PER_SM": 1, "num_warps": 8,
               "num_stages": 2},
@@ -518,8 +519,8 @@ def _validate(student_features, teacher_features, weight_v, weight_g, center, ce
     S, B, D = student_features.shape
     T = teacher_features.shape[0]
     K = weight_v.shape[0]
-    if D > 512:
-        raise ValueError(f"feature width D={D} > 512 is not supported (the DINO bottleneck is 256)")
+    if D > MAX_D:
+        raise ValueError(f"feature width D={D} > {MAX_D} is not supported (the DINO bottleneck is 256)")
     if max(K, S * B, T * B) * D >= 2**31:
         raise ValueError(f"K * D = {K * D} and rows * D must stay below 2**31 (32-bit kernel offsets)")
     for name, x in (("center", center), ("center_high", center_high), ("high_weight", high_weight)):

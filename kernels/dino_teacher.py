@@ -58,6 +58,7 @@ sums, in-place divisions) and a full fp32 copy of the logits.
 """
 
 import math
+import numbers
 from functools import partial
 
 import torch
@@ -318,9 +319,9 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, tempera
     if K == 0:
         raise ValueError(f"teacher_logits (..., K) must have at least one prototype, got shape "
                          f"{tuple(teacher_logits.shape)}")
-    if center.numel() != K:
-        raise ValueError(f"center has {center.numel()} elements but teacher_logits has K={K} prototypes "
-                         f"(shape {tuple(teacher_logits.shape)})")
+    if center.numel() != K or center.shape[-1] != K or any(d != 1 for d in center.shape[:-1]):
+        raise ValueError(f"center must be (K,), (1, K) or (1, 1, K) with K={K} (teacher_logits "
+                         f"{tuple(teacher_logits.shape)}), got shape {tuple(center.shape)}")
     check_positive("teacher_temp", temperature)
     logits = teacher_logits.reshape(-1, K)
     _validate(logits, temperature)
@@ -341,8 +342,14 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
     columns that the next normalisation divides out, so it does not enter.
     """
     _validate(teacher_logits, temperature)
-    if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
+    if isinstance(n_iterations, bool) or not isinstance(n_iterations, numbers.Integral):
+        raise TypeError(f"n_iterations must be an int (DINOv2 uses 3), got {type(n_iterations).__name__}")
+    if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1 (DINOv2 uses 3), got {n_iterations}")
+    n_iterations = int(n_iterations)
+    if all_reduce is not None and not callable(all_reduce):
+        raise TypeError(f"all_reduce must be a function all_reduce(tensor, op) or None, got "
+                        f"{type(all_reduce).__name__} {all_reduce!r}")
     logits = teacher_logits.detach()
     if logits.shape[0] == 0:  # a rank with no rows (iBOT: no masked patch) still joins every all-reduce
         return reference.sinkhorn_knopp(logits, float(temperature), n_iterations, all_reduce)

@@ -6,15 +6,26 @@ function. A module that takes CPU tensors picks, when it is built, the kernel un
 TRITON_INTERPRET=1 or else the reference. The DINOv2 drop-ins (DINOLoss, iBOTPatchLoss) live in dino.py.
 """
 
+import math
+
 import torch
 
 from . import _common, reference
 from ._common import check_alpha, check_positive, check_size, check_unit_interval
 from .dino_cross_entropy import dino_cross_entropy
-from .dino_head_loss import dino_head_loss
-from .fusion import cross_attention_fusion
+from .dino_head_loss import MAX_D, dino_head_loss
+from .fusion import MAX_QUERIES, cross_attention_fusion
 from .patch_embed import patch_embed
 from .teacher_softmax import teacher_softmax
+
+
+def _pair(name: str, value) -> tuple[int, int]:
+    """An int or a 2-sequence of ints (timm's to_2tuple), refused by name otherwise."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or (height, width), got {value!r}")
+        return tuple(value)
+    return (value, value)
 
 
 class PatchEmbed(torch.nn.Module):
@@ -29,19 +40,24 @@ class PatchEmbed(torch.nn.Module):
                  embed_dim: int = 768, bias: bool = True, strict_img_size: bool = True):
         super().__init__()
         self.strict_img_size = bool(strict_img_size)
-        self.img_size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
-        self.patch_size = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
+        self.img_size = _pair("img_size", img_size)
+        self.patch_size = _pair("patch_size", patch_size)
         if self.patch_size[0] != self.patch_size[1]:
             raise ValueError(f"PatchEmbed supports square patches, got {self.patch_size}")
         for name, value in (("img_size", self.img_size[0]), ("img_size", self.img_size[1]),
                             ("patch_size", self.patch_size[0]), ("in_chans", in_chans), ("embed_dim", embed_dim)):
             check_size(name, value)
+        if self.strict_img_size and any(s % self.patch_size[0] for s in self.img_size):
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size[0]}: no "
+                             "image of that size can be embedded (pass strict_img_size=False to take any multiple)")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = torch.nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
         self.cpu_impl = patch_embed if _common.INTERPRET else reference.patch_embed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"PatchEmbed takes a (B, C, H, W) tensor, got {type(x).__name__}")
         if self.strict_img_size and x.dim() == 4 and tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"PatchEmbed: input is {tuple(x.shape[-2:])} pixels, the module's img_size is "
                              f"{self.img_size}; build it with that img_size, or strict_img_size=False for any "
@@ -62,6 +78,8 @@ class CrossAttentionFusion(torch.nn.Module):
         check_size("dim", dim)
         check_size("num_queries", num_queries)
         check_size("num_heads", num_heads)
+        if num_queries > MAX_QUERIES:
+            raise ValueError(f"num_queries must be at most {MAX_QUERIES} (the kernel's limit), got {num_queries}")
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -70,6 +88,9 @@ class CrossAttentionFusion(torch.nn.Module):
         self.cpu_impl = cross_attention_fusion if _common.INTERPRET else reference.cross_attention_fusion
 
     def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        for name, x in (("keys", keys), ("values", values)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"CrossAttentionFusion: {name} must be a (T, M, dim) tensor, got {type(x).__name__}")
         fn = cross_attention_fusion if keys.is_cuda else self.cpu_impl
         return fn(keys, values, self.queries, self.pool, self.num_heads)
 
@@ -110,6 +131,9 @@ class DualCenteringSoftmax(torch.nn.Module):
                 raise ValueError(f"{name} must be a tensor with K={K} entries (one per prototype), got "
                                  f"{getattr(x, 'shape', type(x).__name__)}")
         check_positive("rows", rows)
+        _common._check_number("high_rows", high_rows)
+        if not (math.isfinite(high_rows) and high_rows >= 0):
+            raise ValueError(f"high_rows must be a finite count >= 0 (0 skips the c_h update), got {high_rows}")
         m = self.center_momentum
         self.center.mul_(m).add_(logit_sum.float().reshape(K) / rows, alpha=1.0 - m)
         if high_rows > 0:
@@ -142,6 +166,8 @@ class DINOHeadLoss(torch.nn.Module):
                  train_weight_g: bool = False):
         super().__init__()
         check_size("in_dim", in_dim)
+        if in_dim > MAX_D:
+            raise ValueError(f"in_dim must be at most {MAX_D} (the kernels' widest feature), got {in_dim}")
         check_size("num_prototypes", num_prototypes)
         check_positive("student_temperature", student_temperature)
         self.student_temperature = student_temperature

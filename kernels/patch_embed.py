@@ -244,11 +244,17 @@ def validate(x, weight, bias, modality_embed, pos_embed) -> None:
     check_tensor("weight", weight, 4, x.device, contiguous=False)
     if bias is not None:
         check_tensor("bias", bias, 1, x.device, shape=(E,), contiguous=False)
-    if modality_embed is not None:
-        check_tensor("modality_embed", modality_embed.reshape(-1), 1, x.device, shape=(E,), contiguous=False)
-    if pos_embed is not None:
-        check_tensor("pos_embed", pos_embed.reshape(-1, E), 2, x.device, shape=((H // p) * (W // p), E),
-                     contiguous=False)
+    N = (H // p) * (W // p)
+    for name, value, shapes in (("modality_embed", modality_embed, ((E,), (1, E), (1, 1, E))),
+                                ("pos_embed", pos_embed, ((N, E), (1, N, E)))):
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(value).__name__}")
+        if tuple(value.shape) not in shapes:
+            raise ValueError(f"{name} must have shape {' or '.join(str(s) for s in shapes)} for weight "
+                             f"{tuple(weight.shape)} and a {H}x{W} input, got {tuple(value.shape)}")
+        check_tensor(name, value.reshape(shapes[0]), len(shapes[0]), x.device, contiguous=False)
     if x.numel() >= 2**31 or B * (H // p) * (W // p) * E >= 2**31:
         raise ValueError("patch_embed: inputs or outputs of 2**31 elements or more are not supported; split the batch")
 

@@ -48,6 +48,8 @@ class PatchProjection(torch.nn.Conv2d):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # an unbatched (C, H, W) image, as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         p = self.kernel_size[0]
         B, _, H, W = x.shape
         if H % p or W % p or not (x.is_cuda or self.kernel_on_cpu):
@@ -124,6 +126,12 @@ def _swap_patch_conv(model: torch.nn.Module, kind: str, report: SwapReport) -> N
 def _why_not_patchify(conv: torch.nn.Module) -> str | None:
     if not isinstance(conv, torch.nn.Conv2d):
         return f"{type(conv).__name__} is not an nn.Conv2d"
+    kind = type(conv)
+    if kind.forward is not torch.nn.Conv2d.forward or kind._conv_forward is not torch.nn.Conv2d._conv_forward:
+        return (f"{kind.__name__} computes its own forward (e.g. timm's StdConv2d standardises its weight): not a "
+                "plain convolution")
+    if conv.weight.dtype not in _common.FLOAT_DTYPES:
+        return f"{conv.weight.dtype} weights: the kernel takes {', '.join(str(d) for d in _common.FLOAT_DTYPES)}"
     k, s = tuple(conv.kernel_size), tuple(conv.stride)
     if k[0] != k[1]:
         return f"non-square patch {k}"

@@ -241,3 +241,40 @@ def test_patch_projection_keeps_conv_parameters_and_matches_conv():
     torch.testing.assert_close(proj(x), conv(x))
     odd = torch.randn(1, 4, 18, 18)  # not a multiple of the patch: Conv2d drops the remainder, so do we
     torch.testing.assert_close(proj(odd), conv(odd))
+
+
+def test_patch_projection_takes_an_unbatched_image_like_conv2d():
+    conv = torch.nn.Conv2d(4, 8, kernel_size=4, stride=4)
+    x = torch.randn(4, 16, 12)
+    torch.testing.assert_close(PatchProjection.from_conv(conv)(x), conv(x))
+
+
+class _StdConv2d(torch.nn.Conv2d):
+    """timm's StdConv2d in short: the weight is standardised in forward, so the layer is not a plain conv."""
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)) / (self.weight.std(dim=(1, 2, 3),
+                                                                                           keepdim=True) + 1e-5)
+        return torch.nn.functional.conv2d(x, w, self.bias, self.stride)
+
+
+@pytest.mark.skipif(not HAVE_HF, reason="transformers not installed (test extra)")
+@pytest.mark.parametrize("change", ["own_forward", "float64"])
+def test_a_patch_conv_that_is_not_a_plain_supported_conv_is_left_with_the_reason(change):
+    model = _build("huggingface", "small")
+    path = "embeddings.patch_embeddings.projection"
+    conv = model.get_submodule(path)
+    if change == "own_forward":
+        std = _StdConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride)
+        std.load_state_dict(conv.state_dict())
+        model.embeddings.patch_embeddings.projection = std
+        reason = "_StdConv2d computes its own forward"
+    else:
+        model = model.double()
+        reason = "torch.float64 weights"
+    x = _image("huggingface", "small").to(next(model.parameters()).dtype)
+    before = _out(model, x)
+    report = accelerate_vit(model)
+    assert [e.path for e in report.swapped if e.what == "patch_embed"] == []
+    assert any(e.path == path and reason in e.detail for e in report.left), str(report)
+    torch.testing.assert_close(_out(model, x), before)

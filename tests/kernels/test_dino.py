@@ -336,7 +336,7 @@ def test_validation_errors(device):
     s = _logits((4, K), 1.0, torch.float32, device)
     with pytest.raises(ValueError, match=r"must be \(T, R, K\)"):
         loss([s], [_probs((3, K), device)])
-    with pytest.raises(ValueError, match="center has 40 elements"):
+    with pytest.raises(ValueError, match=r"center must be \(K,\), \(1, K\) or \(1, 1, K\) with K=41"):
         dino_teacher.centered_softmax(_logits((2, K + 1), 1.0, torch.float32, device), loss.center, 0.04)
     with pytest.raises(ValueError, match="teacher_temp must be > 0"):
         loss.softmax_center_teacher(s, teacher_temp=0.0)
@@ -456,6 +456,8 @@ def test_forward_fused_matches_dinov2_head_and_loss(K, dtype, device):
     (torch.randn(2, 3), "x", 0.04, TypeError, "center"),
     (torch.randn(6, 0), torch.randn(0), 0.04, ValueError, "teacher_logits"),
     (torch.randn(2, 3), torch.zeros(3), float("inf"), ValueError, "teacher_temp"),
+    (torch.randn(2, 3), torch.zeros(3), 1e-45, ValueError, "teacher_temp must be at least"),  # 1 / tau is inf
+    (torch.randn(2, 4), torch.zeros(2, 2), 0.04, ValueError, r"center must be \(K,\)"),  # K elements, not (1, K)
 ])
 def test_centered_softmax_refuses_bad_inputs(device, logits, center, temp, error, name):
     if isinstance(logits, torch.Tensor):
@@ -466,10 +468,20 @@ def test_centered_softmax_refuses_bad_inputs(device, logits, center, temp, error
         dino_teacher.centered_softmax(logits, center, temp)
 
 
-@pytest.mark.parametrize("temp, n_iterations, name", [(float("inf"), 3, "teacher_temp"), (0.04, True, "n_iterations")])
-def test_sinkhorn_refuses_bad_arguments(device, temp, n_iterations, name):
-    with pytest.raises(ValueError, match=name):
-        dino_teacher.sinkhorn_knopp(torch.randn(4, 5, device=device), temp, n_iterations)
+@pytest.mark.parametrize("temp, n_iterations, all_reduce, error, name", [
+    (float("inf"), 3, None, ValueError, "teacher_temp"), (1e-45, 3, None, ValueError, "teacher_temp"),
+    (0.04, True, None, TypeError, "n_iterations"), (0.04, 0, None, ValueError, "n_iterations"),
+    (0.04, 3, "sum", TypeError, "all_reduce must be a function")])
+def test_sinkhorn_refuses_bad_arguments(device, temp, n_iterations, all_reduce, error, name):
+    with pytest.raises(error, match=name):
+        dino_teacher.sinkhorn_knopp(torch.randn(4, 5, device=device), temp, n_iterations, all_reduce)
+
+
+def test_sinkhorn_takes_a_numpy_iteration_count(device):
+    import numpy as np
+
+    t = torch.randn(4, 5, device=device)
+    assert torch.equal(dino_teacher.sinkhorn_knopp(t, 0.04, np.int64(3)), dino_teacher.sinkhorn_knopp(t, 0.04, 3))
 
 
 @pytest.mark.parametrize("kwargs, name", [(dict(student_temp=float("inf")), "student_temp"),
@@ -581,3 +593,45 @@ def test_drop_ins_on_meta_tensors_give_shapes():
     loss = dino([s], targets) + ibot(s[None], targets[1][None], torch.ones(1, 4, device="meta"))
     loss.backward()
     assert loss.shape == () and loss.device.type == "meta" and s.grad.shape == (4, K)
+
+
+def test_drop_ins_refuse_what_they_would_misread(device):
+    """Each was accepted or failed deep inside before: a wrong prototype count, an empty teacher list, centre
+    updates of the wrong shape, a last layer with a bias (silently dropped) or of another size, a float mask,
+    a negative masked-row count."""
+    K, D = 8, 4
+    with pytest.raises(ValueError, match="out_dim must be >= 1"):
+        DINOLoss(0)
+    with pytest.raises(TypeError, match="out_dim must be an int"):
+        DINOLoss(True)
+    with pytest.raises(ValueError, match="patch_out_dim must be >= 1"):
+        iBOTPatchLoss(-1)
+    dino, ibot = DINOLoss(K).to(device), iBOTPatchLoss(K).to(device)
+    with pytest.raises(ValueError, match="the teacher list is empty"):
+        dino([torch.randn(3, K, device=device)], [])
+    with pytest.raises(ValueError, match=r"teacher_output has shape \(3, 4\), expected \(any, 8\)"):
+        dino.reduce_center_update(torch.randn(3, 4, device=device))
+    with pytest.raises(ValueError, match="teacher_output must have 2 dimensions"):
+        dino.reduce_center_update(torch.randn(1, 3, K, device=device))
+    rows = torch.randn(3, K, device=device)  # one image's masked rows: its mean row, not a mean over prototypes
+    ibot.reduce_center_update(rows)
+    torch.testing.assert_close(ibot.async_batch_center, rows.mean(0).reshape(1, K))
+    with pytest.raises(ValueError, match=r"teacher_patch_tokens has shape \(1, 3, 4\), expected"):
+        ibot.reduce_center_update(torch.randn(1, 3, 4, device=device))
+    feats = lambda n: torch.randn(n, D, device=device)  # noqa: E731
+    biased = torch.nn.Linear(D, K, bias=True).to(device)
+    with pytest.raises(ValueError, match="last_layer has a bias"):
+        dino.forward_fused(feats(4), feats(4), feats(4), biased, biased, 0.04)
+    narrow = torch.nn.Linear(D, 5, bias=False).to(device)
+    with pytest.raises(ValueError, match=r"last_layer has weight \(5, 4\), expected \(K, D\) = \(8, 4\)"):
+        dino.forward_fused(feats(4), feats(4), feats(4), narrow, narrow, 0.04)
+    with pytest.raises(TypeError, match="last_layer must be the head's nn.Linear"):
+        dino.forward_fused(feats(4), feats(4), feats(4), None, None, 0.04)
+    masks = torch.tensor([[True, False], [True, True]], device=device)
+    s, t = torch.randn(3, K, device=device), _probs((3, K), device)
+    with pytest.raises(TypeError, match="student_masks_flat must be a bool mask"):
+        ibot.forward_masked(s, t, masks.float())
+    with pytest.raises(ValueError, match=r"n_masked_patches must be in 0..3"):
+        ibot.forward_masked(s, t, masks, n_masked_patches=-1, masks_weight=torch.ones(1, device=device))
+    with pytest.raises(TypeError, match="masks_weight must be a tensor"):
+        ibot.forward_masked(s, t, masks, masks_weight=[1.0, 1.0, 1.0])

@@ -218,6 +218,9 @@ def test_empty_batches_prototypes_and_bad_weight_g_raise_alike_on_every_backend(
         call(weight_g=torch.ones(20, device=device))
     with pytest.raises(ValueError, match=r"weight_g must be None or a \(K, 1\)"):
         call(weight_g=torch.ones(16, 1, device=device))
+    with pytest.raises(ValueError, match="teacher_weight_g is given without teacher_weight_v"):  # it was ignored
+        fn(student, teacher, weight_v, center, center_high, high_weight, TAU_T, TAU_S, ALPHA,
+           teacher_weight_g=torch.full((20, 1), 3.0, device=device))
 
 
 def test_roofline_and_specs():
@@ -267,3 +270,10 @@ print(json.dumps([{k: r.get(k) for k in ("regs", "stack", "local", "ok", "proble
     specialized, plain = json.loads(run.stdout.splitlines()[-1])
     assert specialized["ok"] and specialized["stack"] == 0 and specialized["local"] == 0, specialized
     assert specialized["regs"] < plain["regs"], (specialized, plain)
+
+
+def test_module_refuses_a_width_the_kernels_never_take():
+    from terrafm_kernels.modules import DINOHeadLoss
+
+    with pytest.raises(ValueError, match="in_dim must be at most 512"):
+        DINOHeadLoss(in_dim=513, num_prototypes=8)

@@ -157,3 +157,10 @@ def test_meta_tensors_give_shapes():
     assert out.shape == (7, 16) and out.device.type == "meta"
     out.sum().backward()
     assert keys.grad.shape == keys.shape and layer.queries.grad.shape == (5, 16)
+
+
+def test_module_refuses_what_its_forward_never_could_take():
+    with pytest.raises(ValueError, match="num_queries must be at most 64"):
+        CrossAttentionFusion(8, num_queries=65, num_heads=2)
+    with pytest.raises(TypeError, match="keys must be a"):
+        CrossAttentionFusion(8, 2, 2)(None, torch.randn(2, 2, 8))

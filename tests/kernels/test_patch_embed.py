@@ -239,10 +239,35 @@ def test_refuses_zero_sizes(device, x_shape, w_shape, b_len, error, name):
     (dict(embed_dim=0), ValueError, "embed_dim"),
     (dict(embed_dim=True), TypeError, "embed_dim"),
     (dict(patch_size=4.0), TypeError, "patch_size"),
+    (dict(img_size=()), ValueError, r"img_size must be an int or \(height, width\)"),
+    (dict(img_size=[8], patch_size=4), ValueError, "img_size must be an int or"),
+    (dict(img_size=(8, 8, 8), patch_size=4), ValueError, "img_size must be an int or"),
+    (dict(img_size=8, patch_size=(4,)), ValueError, "patch_size must be an int or"),
+    (dict(img_size=10, patch_size=4), ValueError, "not a multiple of patch_size 4"),  # its own size was refused
+    (dict(img_size=2, patch_size=4), ValueError, "not a multiple of patch_size 4"),  # zero patches
 ])
 def test_module_refuses_bad_sizes(kwargs, error, name):
     with pytest.raises(error, match=name):
         PatchEmbed(**kwargs)
+
+
+def test_module_refuses_a_non_tensor_input():
+    with pytest.raises(TypeError, match="PatchEmbed takes a"):
+        PatchEmbed(img_size=8, patch_size=4, in_chans=2, embed_dim=4)(None)
+
+
+@pytest.mark.parametrize("name, value, error, match", [
+    ("pos_embed", torch.randn(5), ValueError, r"pos_embed must have shape \(4, 3\) or \(1, 4, 3\)"),
+    ("pos_embed", torch.randn(2, 2, 3), ValueError, r"pos_embed must have shape"),  # 12 elements, not (N, E)
+    ("pos_embed", [1.0] * 12, TypeError, "pos_embed must be a tensor or None, got list"),
+    ("modality_embed", 3.0, TypeError, "modality_embed must be a tensor or None, got float"),
+    ("modality_embed", torch.randn(2, 3), ValueError, r"modality_embed must have shape \(3,\)"),
+])
+def test_embeddings_of_the_wrong_kind_or_shape_are_named(device, name, value, error, match):
+    x, w, b = (torch.randn(1, 2, 4, 4, device=device), torch.randn(3, 2, 2, 2, device=device),
+               torch.randn(3, device=device))
+    with pytest.raises(error, match=match):
+        patch_embed(x, w, b, **{name: value.to(device) if isinstance(value, torch.Tensor) else value})
 
 
 def test_autocast_runs_in_the_autocast_dtype_like_conv2d(device):

@@ -188,3 +188,13 @@ def test_dual_centering_update_refuses_bad_arguments(logit_sum, high_logit_sum, 
     with pytest.raises(error, match=name):
         module.update(logit_sum, high_logit_sum, rows, 1)
     assert (module.center == 0).all() and (module.center_high == 0).all()
+
+
+@pytest.mark.parametrize("high_rows, error", [(float("nan"), ValueError), (-2, ValueError), ("1", TypeError),
+                                              (None, TypeError)])
+def test_centre_update_names_a_bad_high_row_count(high_rows, error):
+    """NaN and negative counts skipped the c_h update silently; a string or None failed on '>'."""
+    d = DualCenteringSoftmax(8)
+    with pytest.raises(error, match="high_rows"):
+        d.update(torch.ones(8), torch.ones(8), 3, high_rows)
+    assert torch.equal(d.center, torch.zeros(8))  # nothing updated
