@@ -60,6 +60,19 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--mfu is a fraction of the bf16 peak: 0 < mfu <= 1, got {args.mfu}")
 
 
+def _check_data_dir(data_dir: str | None) -> None:
+    """--data-dir, when given, is a folder that exists (the shard set itself is read by the data section)."""
+    if data_dir is None:
+        return
+    hint = "give a folder written by `terrafm prepare`"
+    if not data_dir:
+        raise ValueError(f"--data-dir is empty; {hint}")
+    if not Path(data_dir).exists():
+        raise ValueError(f"--data-dir {data_dir} does not exist; {hint}")
+    if not Path(data_dir).is_dir():
+        raise ValueError(f"--data-dir {data_dir} is a file, not a folder; {hint}")
+
+
 def run(args: argparse.Namespace) -> int:
     from . import report
 
@@ -73,8 +86,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         only = _parse_only(args.only)
         _check_numbers(args)
+        if not args.out:  # Path("") is the current folder
+            raise ValueError("--out is empty; give the results folder (default: bench-results)")
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a file; the results go in a folder")
+        if "data" in only:
+            _check_data_dir(args.data_dir)
         Path(args.out).mkdir(parents=True, exist_ok=True)  # before minutes of work, not after
     except (OSError, ValueError) as err:
         print(f"terrafm bench: {err}", file=sys.stderr)

@@ -3,7 +3,7 @@
 #   bash scripts/gpu_check.sh OUT_DIR          on a GPU machine: about 6 minutes on one H200 (measured)
 #   bash scripts/gpu_check.sh --cpu OUT_DIR    the same stages at toy shapes on CPU (kernels under TRITON_INTERPRET=1)
 # Options: --stages env,build,...  run a subset (the others are reported as skipped)
-#          --budget SECONDS        the whole check's time (default 480 on a GPU, 420 with --cpu)
+#          --budget SECONDS        the whole check's time, 1 to 86400 (default 480 on a GPU, 420 with --cpu)
 #          --work DIR              keep the scratch folder (sample data, runs, profiler traces) in DIR
 # Each stage (bench/gpu_check.py) runs in its own process under its own timeout; a failed stage does not
 # stop the later ones. Writes OUT_DIR/gpu_report.json, OUT_DIR/gpu_report.md and OUT_DIR/gpu_check.log;
@@ -14,27 +14,48 @@ usage() {
   echo "usage: bash scripts/gpu_check.sh [--cpu] [--stages a,b,...] [--budget SECONDS] [--work DIR] OUT_DIR" >&2
   exit 2
 }
-MODE=gpu SELECTED="" BUDGET="" BUDGET_SET=0 WORK="" OUT=""
+bad() { echo "gpu_check: $*" >&2; exit 2; }
+MODE=gpu SELECTED="" STAGES_SET=0 BUDGET="" BUDGET_SET=0 WORK="" WORK_SET=0 OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) MODE=cpu; shift ;;
-    --stages) [ $# -ge 2 ] || usage; SELECTED=$2; shift 2 ;;
+    --stages) [ $# -ge 2 ] || usage; SELECTED=$2; STAGES_SET=1; shift 2 ;;
     --budget) [ $# -ge 2 ] || usage; BUDGET=$2; BUDGET_SET=1; shift 2 ;;
-    --work) [ $# -ge 2 ] || usage; WORK=$2; shift 2 ;;
+    --work) [ $# -ge 2 ] || usage; WORK=$2; WORK_SET=1; shift 2 ;;
     -h|--help) usage ;;
     -*) echo "gpu_check: unknown option $1" >&2; usage ;;
     *) [ -z "$OUT" ] || usage; OUT=$1; shift ;;
   esac
 done
 [ -n "$OUT" ] || usage
+MAX_BUDGET=86400
 if [ "$BUDGET_SET" = 1 ]; then
-  case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check: --budget takes whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
-  BUDGET=$((10#$BUDGET))  # base 10: a leading zero (08) is not octal here
+  digits=${BUDGET#"${BUDGET%%[!0]*}"}  # without leading zeros: 0090 is 90 s (not octal), 0 is none
+  case "$digits" in ''|*[!0-9]*) digits=0 ;; esac
+  # compared as text first: a number too long for bash's arithmetic would wrap around
+  if [ "$digits" = 0 ] || [ "${#digits}" -gt ${#MAX_BUDGET} ] || [ "$digits" -gt "$MAX_BUDGET" ]; then
+    bad "--budget takes whole seconds from 1 to $MAX_BUDGET, got '$BUDGET'"
+  fi
+  BUDGET=$digits
 fi
-SELECTED=${SELECTED:-${ALL_STAGES// /,}}
-for s in ${SELECTED//,/ }; do
-  case " $ALL_STAGES " in *" $s "*) ;; *) echo "gpu_check: unknown stage '$s'; stages: $ALL_STAGES" >&2; exit 2 ;; esac
-done
+if [ "$STAGES_SET" = 1 ]; then
+  IFS=$', \t\n' read -rd '' -a names <<< "$SELECTED"  # split at commas and blanks, with no glob expansion
+  stages=()
+  for s in ${names[@]+"${names[@]}"}; do
+    [ -n "$s" ] || continue
+    case " $ALL_STAGES " in *" $s "*) stages+=("$s") ;; *) bad "unknown stage '$s'; stages: $ALL_STAGES" ;; esac
+  done
+  [ "${#stages[@]}" -gt 0 ] || bad "--stages names no stage; choose from ${ALL_STAGES// /,}"
+  SELECTED=$(IFS=,; echo "${stages[*]}")
+else
+  SELECTED=${ALL_STAGES// /,}
+fi
+# OUT_DIR and --work must be folders (or not exist yet): checked before anything is written
+[ ! -e "$OUT" ] || [ -d "$OUT" ] || bad "OUT_DIR $OUT is a file, not a folder"
+if [ "$WORK_SET" = 1 ]; then
+  [ -n "$WORK" ] || bad "--work is empty; give a folder for the scratch files"
+  [ ! -e "$WORK" ] || [ -d "$WORK" ] || bad "--work $WORK is a file, not a folder"
+fi
 # Seconds each stage may take at most (the remaining budget can cut it shorter).
 if [ "$MODE" = gpu ]; then
   LIMITS="env:60 build:150 kernel_correctness:120 kernel_timing:150 train_step:270 data:60 summary:30"
@@ -50,15 +71,18 @@ else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 # OUT_DIR, --work and a PYTHON path are the caller's: made absolute here, before the cd to the checkout
-mkdir -p "$OUT" || exit 2
+err=$(mkdir -p "$OUT" 2>&1) || bad "cannot create OUT_DIR $OUT (${err##*: })"
+if [ "$WORK_SET" = 1 ]; then
+  err=$(mkdir -p "$WORK/stages" "$WORK/data" 2>&1) || bad "cannot create the --work folder $WORK (${err##*: })"
+fi
 OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/gpu_check.log"
-: > "$LOG" || { echo "gpu_check: cannot write $LOG; give a writable OUT_DIR" >&2; exit 2; }
-if [ -z "$WORK" ]; then
-  WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
+{ : > "$LOG"; } 2>/dev/null || { echo "gpu_check: cannot write $LOG; give a writable OUT_DIR" >&2; exit 2; }
+if [ "$WORK_SET" = 0 ]; then
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX" 2>/dev/null) || bad "cannot create a scratch folder in ${TMPDIR:-/tmp}; give one with --work DIR"
   trap 'rm -rf "$WORK"' EXIT
+  mkdir -p "$WORK/stages" "$WORK/data" || exit 2
 fi
-mkdir -p "$WORK/stages" "$WORK/data" || exit 2
 WORK=$(cd "$WORK" && pwd)
 rm -f "$WORK"/stages/*
 case "${PYTHON:-}" in /*|"") ;; */*) PYTHON=$PWD/$PYTHON ;; esac

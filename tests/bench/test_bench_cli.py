@@ -178,3 +178,24 @@ def test_step_section_times_the_unfused_and_the_fused_head(tmp_path):
     skipped = {(r["config"], r["head"]) for r in rows if r.get("skipped") == "needs GPU"}
     assert skipped == {(c, h) for c in ("ViT-S", "ViT-B", "ViT-L") for h in ("unfused", "fused")}
     assert "| tiny | terrafm_tiny | fused |" in (tmp_path / "bench.md").read_text()
+
+
+def test_an_empty_out_is_refused(tmp_path, monkeypatch, capsys):
+    """--out '' was the current folder: the results landed wherever the command was run."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick", "--only", "comm", "--out", ""]) == 2
+    assert capsys.readouterr().err.startswith("terrafm bench: --out is empty; give the results folder")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_dir_that_is_not_a_folder_says_so_before_any_section(tmp_path, capsys):
+    """--data-dir FILE said "shard directory FILE does not exist", and only once the sections before data had run."""
+    shard_file = tmp_path / "shards.tar"
+    shard_file.write_text("x")
+    for data_dir, problem in ((str(shard_file), "is a file, not a folder"), ("", "is empty"),
+                              (str(tmp_path / "nope"), "does not exist")):
+        args = ["bench", "--only", "kernels,data", "--data-dir", data_dir, "--out", str(tmp_path / "r")]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"terrafm bench: --data-dir {data_dir}{' ' if data_dir else ''}{problem}; "), err
+        assert len(err.splitlines()) == 1 and not (tmp_path / "r").exists()

@@ -12,7 +12,7 @@ FAKE_PYTHON = '#!/bin/bash\necho "$*" >> "$FAKE_PYTHON_LOG"\n'
 
 
 def _run(cwd: Path, *args: str, python: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "FAKE_PYTHON_LOG": str(cwd / "python.log")}
+    env = {**os.environ, "FAKE_PYTHON_LOG": str(cwd / "python.log"), "LC_ALL": "C"}  # mkdir's reasons in English
     env.pop("PYTHON", None)
     if python:
         env["PYTHON"] = python
@@ -65,3 +65,51 @@ def test_an_out_dir_that_cannot_be_written_exits_2_before_any_stage(tmp_path):
     proc = _run(tmp_path, "--stages", "env", "/proc", python=str(_fake_python(tmp_path)))
     assert proc.returncode == 2, proc.stderr
     assert "cannot write /proc/gpu_check.log" in proc.stderr and not (tmp_path / "python.log").exists()
+
+
+def test_a_budget_of_no_seconds_or_too_many_exits_2(tmp_path):
+    """--budget 0 ran and exited 1 ("the budget of 0 s is spent"); a 20-digit budget wrapped around in bash's
+    arithmetic and was accepted."""
+    for budget in ("0", "000", "86401", "99999999999999999999", "18446744073709551617"):
+        proc = _run(tmp_path, "--cpu", "--budget", budget, "--stages", "summary", str(tmp_path / "out"),
+                    python=str(_fake_python(tmp_path)))
+        assert proc.returncode == 2, (budget, proc.stdout, proc.stderr)
+        assert proc.stderr == f"gpu_check: --budget takes whole seconds from 1 to 86400, got '{budget}'\n"
+        assert not (tmp_path / "python.log").exists() and not (tmp_path / "out").exists()
+    proc = _run(tmp_path, "--budget", "86400", "--stages", "env", str(tmp_path / "out"),
+                python=str(_fake_python(tmp_path)))
+    assert proc.returncode == 0 and "budget 86400 s" in proc.stdout, proc.stderr
+
+
+def test_stages_that_name_no_stage_exit_2(tmp_path):
+    """--stages , selected nothing and exited 0; --stages "" fell back to every stage."""
+    for stages in (",", "", " , ,"):
+        proc = _run(tmp_path, "--cpu", "--budget", "3", "--stages", stages, str(tmp_path / "out"),
+                    python=str(_fake_python(tmp_path)))
+        assert proc.returncode == 2, (stages, proc.stdout, proc.stderr)
+        assert proc.stderr.startswith("gpu_check: --stages names no stage; choose from env,build,")
+        assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "python.log").exists()
+
+
+def test_stages_may_be_separated_by_commas_and_blanks(tmp_path):
+    """`--stages "env, summary"` ran env only: " summary" matched no stage in the loop and was not refused."""
+    proc = _run(tmp_path, "--stages", "env, summary", str(tmp_path / "out"), python=str(_fake_python(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "python.log").read_text()
+    assert "stage env" in calls and "stage summary" in calls and "--selected env,summary" in calls
+
+
+def test_a_file_where_a_folder_should_go_is_one_message(tmp_path):
+    """--work FILE printed two `mkdir: cannot create directory` lines."""
+    (tmp_path / "f").write_text("x")
+    python = str(_fake_python(tmp_path / "venv"))
+    for args, message in (
+        (("--work", "f", "out"), "gpu_check: --work f is a file, not a folder\n"),
+        (("--work", "", "out"), "gpu_check: --work is empty; give a folder for the scratch files\n"),
+        (("f",), "gpu_check: OUT_DIR f is a file, not a folder\n"),
+        (("--work", "f/sub", "out"), "gpu_check: cannot create the --work folder f/sub (Not a directory)\n"),
+        (("f/sub",), "gpu_check: cannot create OUT_DIR f/sub (Not a directory)\n"),
+    ):
+        proc = _run(tmp_path, "--stages", "env", *args, python=python)
+        assert (proc.returncode, proc.stderr) == (2, message), args
+        assert not (tmp_path / "python.log").exists() and (tmp_path / "f").read_text() == "x"

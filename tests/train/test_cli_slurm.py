@@ -17,7 +17,8 @@ esac
 """
 
 
-def run_script(tmp_path: Path, script: str, srun: str, **env_extra: str) -> subprocess.CompletedProcess:
+def run_script(tmp_path: Path, script: str, srun: str, unset: tuple[str, ...] = (),
+               **env_extra: str) -> subprocess.CompletedProcess:
     shims = tmp_path / "bin"
     shims.mkdir(exist_ok=True)
     for name, text in (("srun", srun), ("scontrol", SCONTROL)):
@@ -26,7 +27,10 @@ def run_script(tmp_path: Path, script: str, srun: str, **env_extra: str) -> subp
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "GPUS_PER_NODE"}
     env.update(PATH=f"{shims}:{os.environ['PATH']}", PYTHON="python-not-run", SLURM_JOB_ID="4242",
                SLURM_JOB_NODELIST="node001", SLURM_JOB_NUM_NODES="1", SCONTROL_LOG=str(tmp_path / "scontrol.log"),
-               SRUN_ARGS=str(tmp_path / "srun.args"), **env_extra)
+               SRUN_ARGS=str(tmp_path / "srun.args"))
+    env.update(env_extra)
+    for name in unset:
+        env.pop(name)
     return subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -75,3 +79,57 @@ def test_a_config_file_gives_the_run_folder_its_name(tmp_path, script):
     assert "--out runs/exp --resume" in (tmp_path / "srun.args").read_text()
     proc = run_script(tmp_path, script, srun, CONFIG="vitl_h100")
     assert "--out runs/vitl_h100 --resume" in (tmp_path / "srun.args").read_text()
+
+
+BAD_SETTINGS = [(script, name, value) for script in SCRIPTS for name, value in (
+    ("GPUS_PER_NODE", "8x"), ("GPUS_PER_NODE", "0"), ("GPUS_PER_NODE", "99999999999999999999"),
+    ("SLURM_GPUS_ON_NODE", "gpu:8"), ("SHUTDOWN_TIMEOUT", "-5"), ("SHUTDOWN_TIMEOUT", "1.5"))] + [
+    ("pretrain_multinode.sbatch", name, value)  # the one-node script runs torchrun --standalone: no port
+    for name, value in (("MASTER_PORT", "70000"), ("MASTER_PORT", "x"), ("SLURM_JOB_NUM_NODES", "two"))]
+
+
+@pytest.mark.parametrize(("script", "name", "value"), BAD_SETTINGS)
+def test_a_bad_setting_stops_the_script_before_it_changes_anything(tmp_path, script, name, value):
+    """GPUS_PER_NODE=8x printed a bash arithmetic error, then removed the preemption marker and reached srun."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "preempted").write_text("120\n")
+    proc = run_script(tmp_path, script, '#!/bin/bash\necho "$@" > "$SRUN_ARGS"\n', RUN_DIR=str(run_dir),
+                      **{name: value})
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith(f"{script}: {name} must be a whole number from 1 to ")
+    assert proc.stderr.endswith(f", got '{value}'\n") and len(proc.stderr.splitlines()) == 1
+    assert proc.stdout == "" and (run_dir / "preempted").exists() and not (tmp_path / "srun.args").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_good_settings_with_leading_zeros_are_decimal(tmp_path, script):
+    srun = '#!/bin/bash\necho "$@" > "$SRUN_ARGS"\n'
+    proc = run_script(tmp_path, script, srun, RUN_DIR=str(tmp_path / "run"), GPUS_PER_NODE="08",
+                      SHUTDOWN_TIMEOUT="090", MASTER_PORT="029501")
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "srun.args").read_text()
+    assert "--nproc_per_node=8 " in args and "--shutdown-timeout=90 " in args and "parallel.dp_shard=8" in args
+    assert "8 ranks" in proc.stdout
+    if script == "pretrain_multinode.sbatch":
+        assert "--rdzv_endpoint=127.0.0.1:29501 " in args
+
+
+@pytest.mark.parametrize(("script", "needed"), [
+    ("pretrain_1node.sbatch", ("SLURM_JOB_ID",)),
+    ("pretrain_multinode.sbatch", ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES")),
+])
+def test_outside_slurm_the_script_says_it_needs_sbatch(tmp_path, script, needed):
+    """The multi-node script stopped with `SLURM_JOB_NODELIST: unbound variable` (exit 1); the one-node script
+    removed the preemption marker and then failed to find srun."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "preempted").write_text("120\n")
+    proc = run_script(tmp_path, script, "#!/bin/bash\nexit 0\n", unset=needed, RUN_DIR=str(run_dir))
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr == (f"{script}: {' '.join(needed)} not set: it runs under SLURM "
+                           f"(sbatch {'--nodes=N ' if len(needed) > 1 else ''}{ROOT}/scripts/slurm/{script})\n")
+    assert (run_dir / "preempted").exists()
+    if len(needed) > 1:  # each one missing is named on its own
+        proc = run_script(tmp_path, script, "#!/bin/bash\nexit 0\n", unset=("SLURM_JOB_NODELIST",))
+        assert proc.returncode == 2 and proc.stderr.startswith(f"{script}: SLURM_JOB_NODELIST not set: "), proc.stderr
