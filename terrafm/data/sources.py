@@ -81,7 +81,7 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
     for root in map(Path, inputs):
         if not root.exists():
             raise BadInput(f"input {root} does not exist")
-        tif_dirs = defaultdict(dict)
+        tif_dirs, twins = defaultdict(dict), defaultdict(list)
         for path in list_files(root):
             if path.suffix.lower() in (".parquet", ".tif", ".tiff") and not path.exists():
                 unknown.append({"file": str(path), "record": "whole file", "reason": "a symlink to nothing"})
@@ -94,6 +94,8 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
                 except BadInput as err:  # a whole file that cannot be read (a partial download): --skip-bad skips it
                     unknown.append({"file": str(path), "record": "whole file", "reason": str(err)})
             elif path.suffix.lower() in (".tif", ".tiff"):
+                if path.stem in tif_dirs[path.parent]:  # B04.tif beside B04.tiff: which one is the band?
+                    twins[path.parent].append(f"{Path(tif_dirs[path.parent][path.stem]).name} and {path.name}")
                 tif_dirs[path.parent][path.stem] = str(path)
             elif modality_of(path.parent.name) and _is_grid_cell(path.parent.parent.name):
                 tif_dirs.setdefault(path.parent, {})  # a product folder holding only its thumbnail.png: no band
@@ -105,6 +107,9 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
                 unknown.append({"file": str(folder), "record": folder.name, "reason": f"product id {NO_MODALITY}"})
             elif not in_cell:  # its grid cell would be the parent's name: products of many places merged into one
                 unknown.append({"file": str(folder), "record": folder.name, "reason": NOT_IN_CELL})
+            elif folder in twins:
+                unknown.append({"file": str(folder), "record": folder.name,
+                                "reason": f"two files for one band ({'; '.join(twins[folder])}): keep one"})
             else:
                 products.append(Product(modality, folder.parent.name, folder.name, str(folder), band_files=bands))
     return products, unknown, metadata

@@ -347,6 +347,18 @@ def test_thumbnails_and_hidden_folders_beside_geotiff_products_are_ignored(sampl
         convert([folder], tmp_path / "out2", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
 
 
+def test_two_files_for_one_band_in_a_product_folder_are_named(sample_parquet, tmp_path):
+    """B04.tif beside B04.tiff: one of them was read, which one depended on the listing order."""
+    folder = tmp_path / "tifs"
+    products = product_folders(sample_parquet, in_grid_cells(folder))
+    (products[0] / "B04.tiff").write_bytes((products[1] / "B04.tif").read_bytes())  # another place's band
+    with pytest.raises(BadInput, match=rf"{products[0].name}.*two files for one band \(B04\.tif+ and B04\.tif+\)"):
+        convert([folder], tmp_path / "out", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    summary = convert([folder], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",),
+                      skip_bad=True)
+    assert [s["record"] for s in summary["skipped"]] == [products[0].name]
+
+
 def _edited_index(sample_shards: Path, tmp_path: Path, edit) -> Path:
     out = tmp_path / "shards"
     shutil.copytree(sample_shards, out)
