@@ -422,9 +422,9 @@ def _launch_forward(hs, vs, gs, ht, vt, gt, center, center_high, high_weight, S,
 
 
 def _launch_backward(grad_loss, hs, vs, gs, ht, vt, gt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum,
-                     A, Bs, rnorm_s, rnorm_t, S, T, B, tau_t, tau_s, alpha):
+                     A, Bs, rnorm_s, rnorm_t, S, T, B, tau_t, tau_s, alpha, weight_grad=True):
     """(grad_hs, grad_vs, grad_gs): dL/dh_s from the forward's A and Bs, dL/dv_s and dL/dg_s from one pass over
-    K."""
+    K; without weight_grad (frozen prototypes) that pass is skipped and the two come back empty."""
     launch = LaunchPlan.for_tensor(hs, vs.shape[0], vs.shape[1])
     scale_t, scale_s = math.log2(math.e) / tau_t, math.log2(math.e) / tau_s
     pair = _pairs(T, S, hs.device)
@@ -432,6 +432,8 @@ def _launch_backward(grad_loss, hs, vs, gs, ht, vt, gt, center, center_high, t_m
     coef = grad_loss.float() / (pairs * B * tau_s)
     n = pair.sum(dim=0).reshape(S, 1, 1)  # teacher views paired with each student view
     grad_hs = coef * (n * Bs.reshape(S, B, -1) - torch.einsum("ts,tbd->sbd", pair, A))
+    if not weight_grad:
+        return grad_hs.reshape(S * B, -1).to(hs.dtype), vs.new_empty(0), gs.new_empty(0)
     hs3 = hs.float().reshape(S, B, -1)
     h_bar = torch.einsum("ts,sbd->tbd", pair, hs3).reshape(T * B, -1)
     hs_d, vs_d, ht_d, vt_d = (descriptor_operand(x) for x in (hs, vs, ht, vt))
@@ -468,14 +470,17 @@ def _head_loss_backward_op(grad_loss: torch.Tensor, hs: torch.Tensor, vs: torch.
                            center_high: torch.Tensor, t_max: torch.Tensor, t_log2_sum: torch.Tensor,
                            s_max: torch.Tensor, s_log2_sum: torch.Tensor, A: torch.Tensor, Bs: torch.Tensor,
                            rnorm_s: torch.Tensor, rnorm_t: torch.Tensor, S: int, T: int, B: int, tau_t: float,
-                           tau_s: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           tau_s: float, alpha: float,
+                           weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_backward(grad_loss, hs, vs, gs, ht, vt, gt, center, center_high, t_max, t_log2_sum, s_max,
-                            s_log2_sum, A, Bs, rnorm_s, rnorm_t, S, T, B, tau_t, tau_s, alpha)
+                            s_log2_sum, A, Bs, rnorm_s, rnorm_t, S, T, B, tau_t, tau_s, alpha, weight_grad)
 
 
 @_head_loss_backward_op.register_fake
 def _(grad_loss, hs, vs, gs, ht, vt, gt, center, center_high, t_max, t_log2_sum, s_max, s_log2_sum, A, Bs, rnorm_s,
-      rnorm_t, S, T, B, tau_t, tau_s, alpha):
+      rnorm_t, S, T, B, tau_t, tau_s, alpha, weight_grad):
+    if not weight_grad:
+        return torch.empty_like(hs), vs.new_empty(0), gs.new_empty(0)
     return torch.empty_like(hs), torch.empty_like(vs), torch.empty_like(gs)
 
 
@@ -488,7 +493,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_grad_rest):
-    grad_hs, grad_vs, grad_gs = _head_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.meta)
+    # frozen prototypes (v and g need no gradient: DINO's first epoch, a probe on a fixed head) skip the
+    # grad_weight pass, the backward's only pass over K (dL/dh_s comes from the forward's A and Bs)
+    weight_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    grad_hs, grad_vs, grad_gs = _head_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.meta, weight_grad)
+    if not weight_grad:
+        grad_vs = grad_gs = None
     return (grad_hs, grad_vs, grad_gs) + (None,) * 12
 
 

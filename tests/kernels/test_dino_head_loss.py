@@ -277,3 +277,23 @@ def test_module_refuses_a_width_the_kernels_never_take():
 
     with pytest.raises(ValueError, match="in_dim must be at most 512"):
         DINOHeadLoss(in_dim=513, num_prototypes=8)
+
+
+def test_frozen_prototypes_skip_the_weight_gradient_pass(device, monkeypatch):
+    """With v (and g) frozen the backward gives the features the same gradient and runs no pass over K."""
+    import importlib
+
+    module = importlib.import_module("terrafm_kernels.dino_head_loss")
+    student, teacher, weight_v, center, center_high, high_weight = _inputs(3, 2, 2, 40, 16, torch.float32, device)
+    grads, original = {}, module._grad_weight
+    for frozen in (False, True):
+        calls = []
+        monkeypatch.setattr(module, "_grad_weight",
+                            lambda *a, calls=calls, **k: calls.append(1) or original(*a, **k))
+        x = student.clone().requires_grad_()
+        v = weight_v.clone().requires_grad_(not frozen)
+        loss = dino_head_loss(x, teacher, v, center, center_high, high_weight, TAU_T, TAU_S, ALPHA)[0]
+        loss.backward()
+        grads[frozen] = x.grad
+        assert len(calls) == (0 if frozen else 1) and (v.grad is None) == frozen
+    torch.testing.assert_close(grads[True], grads[False], rtol=0, atol=0)
