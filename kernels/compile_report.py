@@ -91,6 +91,10 @@ KNOWN_LATENCY_BOUND = {
         "0.75-1 KB of loads a step, 4-12 KB per SM with 5-12 resident programs; wider chunks pad 144 to 160-192 "
         "columns (FLOPs over bound), more positions per program cost the registers that hold all heads' attention; "
         "the restructure (several heads or chunks per step) is open"),
+    r"dino_teacher_sk_column_(float32|float16|bfloat16)_8192rows@sm_90": (
+        "iBOT's 8192-row column step (one statistics chunk, BLOCK_C = 1) compiles its (16, 256) logits tile as two "
+        "halves around their conversion: 4-7 KB of loads before the first use (SASS), where the 128-row variant "
+        "issues all 8 / 16 KB; (32, 256) tiles split the same way"),
 }
 PACKAGE = __name__.rpartition(".")[0] or "terrafm_kernels"
 
@@ -128,12 +132,14 @@ def compile_one(spec: dict, capability: int) -> dict:
         cubin.flush()
         usage = subprocess.run([cuobjdump(), "-res-usage", cubin.name], capture_output=True, text=True,
                                check=True).stdout
+        sass = subprocess.run([cuobjdump(), "-sass", cubin.name], capture_output=True, text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if found is None:
         return {**row, "ok": False, "problem": f"could not parse cuobjdump output: {usage[:200]}"}
     regs, stack, shared, local = map(int, found.groups())
     ptx = kernel.asm["ptx"]
     instr = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else None
+    row["load_run_kb"] = round(load_run_bytes(sass) * 32 * spec["num_warps"] / 1024, 1)
     row.update(regs=regs, stack=stack, local=local, shared_static=shared,
                shared_bytes=int(getattr(kernel.metadata, "shared", 0)), tensor_core=instr,
                tma="cp.async.bulk.tensor" in ptx)
@@ -146,6 +152,40 @@ def compile_one(spec: dict, capability: int) -> dict:
     if row["uses_dot"] and instr != wanted:
         problems.append(f"dot kernel without {wanted} (found {instr})")
     return {**row, "ok": not problems, "problem": "; ".join(problems)}
+
+
+_ADDRESS = re.compile(r"\[(R\d+)")  # a register used as an address: [R4.64+0x10]
+_SASS_LINE = re.compile(r"\s*/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?(\S+)\s*([^;]*);")
+
+
+def _registers(operand: str, count: int = 1) -> set[str]:
+    """The R registers an operand names: R4 with count 4 is R4..R7 (a 128-bit load's destination)."""
+    found = re.match(r"R(\d+)", operand.strip())
+    return {f"R{int(found.group(1)) + i}" for i in range(count)} if found else set()
+
+
+def load_run_bytes(sass: str) -> int:
+    """Bytes per thread of the largest group of global loads (LDG) the SASS issues before the first instruction
+    that reads any of their results: what a thread has in flight at once (Little's law), the evidence for a
+    streaming kernel's `step_bytes`. Parsed from the cubin's disassembly (destination and source registers)."""
+    best = run = 0
+    pending: set[str] = set()
+    for line in sass.splitlines():
+        found = _SASS_LINE.match(line)
+        if not found:
+            continue
+        op, operands = found.group(1), [o.strip() for o in found.group(2).split(",")]
+        reads = set().union(*(_registers(o.strip("-|!")) | set(_ADDRESS.findall(o)) for o in operands[1:]))
+        if pending and reads & pending:
+            best, run, pending = max(best, run), 0, set()
+        if op.startswith("LDG") and operands:
+            width = re.search(r"\.(64|128)\b", op)
+            size = int(width.group(1)) // 8 if width else 4
+            run += size
+            pending |= _registers(operands[0], max(1, size // 4))
+        elif pending and operands and _registers(operands[0]) & pending:  # overwritten before use: not pending
+            pending -= _registers(operands[0])
+    return max(best, run)
 
 
 def occupancy(regs: int, shared_bytes: int, num_warps: int, gpu: dict) -> int:
@@ -172,7 +212,9 @@ def efficiency(row: dict, spec: dict, capability: int) -> list[str]:
     bandwidth, problems = gpu["hbm"], []
     if "step_bytes" in counts:  # a streaming kernel: Little's law on the loads its resident programs keep in flight
         resident = min(max(row["occupancy"], 1), -(-programs // gpu["sms"]))
-        in_flight, needed = counts["step_bytes"] * resident, gpu["hbm"] * gpu["latency"] / gpu["sms"]
+        # a step's loads count only as far as the SASS issues them together (load_run_kb: before the first use)
+        step = min(counts["step_bytes"], row.get("load_run_kb", 0) * 1024 or counts["step_bytes"])
+        in_flight, needed = step * resident, gpu["hbm"] * gpu["latency"] / gpu["sms"]
         bandwidth = min(bandwidth, in_flight * gpu["sms"] / gpu["latency"])
         row.update(in_flight_kb=round(in_flight / 1024, 1), needed_kb=round(needed / 1024, 1))
         known = next((why for pattern, why in KNOWN_LATENCY_BOUND.items()

@@ -198,13 +198,14 @@ def _chunk_column_kernel(logits_ptr, bias_ptr, stats_ptr, out_ptr, R, K, CHUNKS,
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_mask = rows < R
+        # the logits tile is loaded first, so that its loads are in flight while the statistics combine
+        y = _logit_tile(logits_ptr, bias_ptr, rows.to(tl.int64)[:, None] * K, row_mask, cols, col_mask, scale, False)
         stat = stats_ptr + (rows[:, None] * CHUNKS + chunks[None, :]) * 2
         stat_mask = row_mask[:, None] & (chunks < CHUNKS)[None, :]
         chunk_max = tl.load(stat, mask=stat_mask, other=float("-inf"))
         m = tl.where(row_mask, tl.max(chunk_max, axis=1), 0.0)  # rows past R: keep exp2 finite
         row_sum = tl.sum(tl.load(stat + 1, mask=stat_mask, other=0.0) * tl.exp2(chunk_max - m[:, None]), axis=1)
         norm = m + tl.log2(tl.where(row_mask, row_sum, 1.0))  # rows past R: 0, their -inf lanes add exp2 = 0
-        y = _logit_tile(logits_ptr, bias_ptr, rows.to(tl.int64)[:, None] * K, row_mask, cols, col_mask, scale, False)
         col_sum += tl.sum(tl.exp2(y - norm[:, None]), axis=0)
     tl.store(out_ptr + cols, col_sum, mask=col_mask)
 

@@ -137,3 +137,20 @@ def test_streaming_kernels_need_enough_loads_in_flight():
     # listed configs are reported, not failed, and must still be latency bound
     assert run("fusion_fwd_bfloat16_b", 768)[0] == []
     assert "remove the entry" in run("fusion_fwd_bfloat16_b", 65536)[0][0]
+
+
+def test_load_runs_are_read_from_the_sass_up_to_the_first_use():
+    """The bytes a thread has in flight: LDGs until an instruction reads one of their destinations."""
+    from terrafm_kernels.compile_report import load_run_bytes
+
+    sass = """
+        /*0100*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
+        /*0110*/                   LDG.E.128 R8, desc[UR6][R2.64+0x10] ;
+        /*0120*/                   IMAD.WIDE R12, R0, 0x4, R14 ;
+        /*0130*/                   LDG.E R16, desc[UR6][R12.64] ;
+        /*0140*/                   FADD R20, R5, R9 ;
+        /*0150*/                   LDG.E.64 R22, desc[UR6][R2.64+0x20] ;
+        /*0160*/               @P0 FMUL R24, R22, R23 ;
+    """
+    assert load_run_bytes(sass) == 16 + 16 + 4  # the FADD reads R5 (of the first 128-bit load): the run ends
+    assert load_run_bytes("        /*0000*/                   EXIT ;") == 0
