@@ -263,8 +263,18 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
 
 
 def read_tiff(source) -> tuple[np.ndarray, float | None]:
-    """(array, declared nodata or None) of a GeoTIFF path or file object. tifffile logs a warning per damaged tag
-    as it reads; they are silenced here, so that a bad file prints the one message its reader raises. A file whose
+    """(array, declared nodata or None) of a GeoTIFF path or file object (read_tiff_layout without the layout)."""
+    array, nodata, _ = read_tiff_layout(source)
+    return array, nodata
+
+
+def read_tiff_layout(source) -> tuple[np.ndarray, float | None, bool | None]:
+    """(array, declared nodata or None, samples last) of a GeoTIFF path or file object. samples last: True when the
+    file interleaves several samples per pixel (PlanarConfiguration contig, as GDAL writes a multi-band GeoTIFF):
+    the array is (H, W, C) whatever the sizes; False for separate sample planes, (C, H, W); None for a stack of
+    single-sample pages, whose first axis is the pages (bands in a multi-page GeoTIFF, but rows when a (H, W, C)
+    array was written naively: the caller decides). tifffile logs a warning per damaged tag as it
+    reads; they are silenced here, so that a bad file prints the one message its reader raises. A file whose
     structure tifffile trips over (a header cut short: struct.error; an IFD offset past the end: IndexError) is a
     ValueError, like its other malformed files."""
     logger = logging.getLogger("tifffile")
@@ -272,7 +282,9 @@ def read_tiff(source) -> tuple[np.ndarray, float | None]:
     logger.setLevel(logging.CRITICAL)
     try:
         with tifffile.TiffFile(source) as tif:
-            return tif.asarray(), tiff_nodata(tif)
+            array, axes = tif.asarray(), tif.series[0].axes
+            samples_last = None if array.ndim != 3 or "S" not in axes else axes.endswith("S")
+            return array, tiff_nodata(tif), samples_last
     except (OSError, ValueError, MemoryError):
         raise
     except Exception as err:  # untrusted bytes: whatever the parser raises means "not a readable TIFF"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from terrafm.data.sources import S1_FILL_MAX, read_tiff
+from terrafm.data.sources import S1_FILL_MAX, read_tiff_layout
 from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, s1_to_db
 
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -482,35 +482,40 @@ def _as_labels(labels: list[np.ndarray]) -> np.ndarray:
 
 
 # -- folders --------------------------------------------------------------------------------------
-def _decode(path: Path) -> tuple[np.ndarray, float | None]:
-    """The float32 array of a .npy or GeoTIFF and the GeoTIFF's declared nodata value."""
+def _decode(path: Path) -> tuple[np.ndarray, float | None, bool | None]:
+    """The float32 array of a .npy or GeoTIFF, the GeoTIFF's declared nodata value, and whether the bands are the
+    last axis: a GeoTIFF of several samples per pixel says so; a .npy or a stack of pages does not (None)."""
     import tifffile
 
-    declared = None
+    declared, samples_last = None, None
     try:
         if path.suffix == ".npy":
             arr = np.load(path)
         else:
-            arr, declared = read_tiff(path)  # a damaged compressed strip: imagecodecs' errors are RuntimeErrors
+            arr, declared, samples_last = read_tiff_layout(path)  # imagecodecs' errors are RuntimeErrors
     except (OSError, ValueError, TypeError, RuntimeError, tifffile.TiffFileError) as err:  # also object .npy files
         raise ValueError(f"{path}: not a readable image ({err})") from err
     if np.iscomplexobj(arr):
         raise ValueError(f"{path}: complex values ({arr.dtype}); expected real band values")
     try:
-        return np.asarray(arr, dtype=np.float32), declared
+        return np.asarray(arr, dtype=np.float32), declared, samples_last
     except (ValueError, TypeError) as err:  # a structured .npy
         raise ValueError(f"{path}: not a readable image ({err})") from err
 
 
 def _load(path: Path) -> tuple[np.ndarray, float | None]:
     """(C, H, W) float32 from a .npy or GeoTIFF and the GeoTIFF's declared nodata value; channel-last arrays
-    (H, W, C) are transposed."""
-    arr, declared = _decode(path)
+    (H, W, C) are transposed: a GeoTIFF with several samples per pixel says which axis they are (EuroSAT-MS stores
+    13 interleaved samples, so a 13 px tile is still (13, 13, 13) = (H, W, C)); otherwise the shape decides
+    (bands are 2, 12 or 13)."""
+    arr, declared, samples_last = _decode(path)
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
         raise ValueError(f"{path}: expected a (C, H, W) or (H, W, C) image, got shape {arr.shape}")
-    if arr.shape[-1] in (2, 12, 13) and arr.shape[0] not in (2, 12, 13):
+    if samples_last is None:
+        samples_last = arr.shape[-1] in (2, 12, 13) and arr.shape[0] not in (2, 12, 13)
+    if samples_last:
         arr = arr.transpose(2, 0, 1)
     return arr, declared
 
@@ -526,7 +531,7 @@ def _read_mask(path: Path, size: tuple[int, int], split: str) -> np.ndarray:
     the file's declared nodata value are ignored (probes.IGNORE_INDEX)."""
     from terrafm.eval.probes import IGNORE_INDEX
 
-    mask, declared = _decode(path)
+    mask, declared, _ = _decode(path)
     mask = _drop_band_axis(mask)
     if mask.ndim != 2:
         raise ValueError(f"{path}: a mask is one band of class ids (H, W), got shape {mask.shape}")

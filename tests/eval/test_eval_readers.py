@@ -306,3 +306,19 @@ def test_a_segmentation_mask_is_found_by_its_exact_file_stem(tmp_path):
     tifffile.imwrite(tmp_path / "seg" / "train" / "masks" / "x.tiff", np.zeros((32, 32), np.uint8))
     with pytest.raises(ValueError, match=r"holds two masks named 'x': x\.tif and x\.tiff"):
         read_split(tmp_path / "seg", "folder", "train")
+
+
+@pytest.mark.parametrize("side", [13, 12, 2, 30])
+def test_an_interleaved_geotiff_is_channel_last_whatever_its_size(tmp_path, side):
+    """GDAL and EuroSAT-MS interleave a multi-band GeoTIFF's samples (H, W, C): its layout says so, also when the
+    tile is 13 px wide and the shape alone cannot tell (read as 13 bands of rows before)."""
+    import tifffile
+
+    from terrafm.eval.data import _read_image
+
+    x = (np.arange(13 * side * side).reshape(13, side, side) % 997 + 100).astype(np.uint16)  # (C, H, W)
+    path = tmp_path / "tile.tif"
+    tifffile.imwrite(path, x.transpose(1, 2, 0), photometric="minisblack", planarconfig="contig")
+    np.testing.assert_array_equal(_read_image(path), x.astype(np.float32))
+    tifffile.imwrite(path, x, photometric="minisblack", planarconfig="separate")  # planes: (C, H, W) as stored
+    np.testing.assert_array_equal(_read_image(path), x.astype(np.float32))
