@@ -650,9 +650,16 @@ def input_statistics(train: EvalSplit, inputs: dict, how: str = "auto") -> tuple
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {how!r}")
     m = train.modality
     have = m in inputs.get("mean", {}) and m in inputs.get("std", {})
+    trained = sorted(inputs.get("mean", {}))  # a run that recorded its inputs: the sensors it trained on
+    if trained and m not in trained:
+        warnings.warn(f"the checkpoint's run trained on {', '.join(trained)} only: its {m} patch embedding never saw "
+                      f"data, so these features are a random projection of the bands. Evaluate on "
+                      f"{' or '.join(trained)} data, or with a checkpoint trained on {m}", stacklevel=2)
     if how == "checkpoint" and not have:
-        raise ValueError(f"--normalize checkpoint: the checkpoint carries no {m} statistics (an export of a run "
-                         "that recorded them has); use --normalize dataset")
+        why = (f"its run trained on {', '.join(trained)} only" if trained else
+               "an export of a run that recorded them has them")
+        raise ValueError(f"--normalize checkpoint: the checkpoint carries no {m} statistics ({why}); use "
+                         "--normalize dataset")
     names = MODALITIES[m].bands
     if how == "dataset" or not have:
         return (*band_stats(train.images, names), "dataset")

@@ -322,3 +322,17 @@ def test_an_interleaved_geotiff_is_channel_last_whatever_its_size(tmp_path, side
     np.testing.assert_array_equal(_read_image(path), x.astype(np.float32))
     tifffile.imwrite(path, x, photometric="minisblack", planarconfig="separate")  # planes: (C, H, W) as stored
     np.testing.assert_array_equal(_read_image(path), x.astype(np.float32))
+
+
+def test_a_sensor_the_checkpoint_never_trained_on_is_warned_about_and_named():
+    """An export of an S1-only run evaluated on S2: its S2 patch embedding is untrained (a random projection)."""
+    from terrafm.eval.data import EvalSplit, input_statistics
+
+    rng = np.random.default_rng(0)
+    split = EvalSplit(rng.normal(1000, 100, (4, 12, 8, 8)).astype(np.float32), np.arange(4), "s2_l2a")
+    inputs = {"mean": {"s1": [-12.0, -19.0]}, "std": {"s1": [3.0, 3.0]}, "bands": {"s1": ["VV", "VH"]}}
+    with pytest.warns(UserWarning, match="trained on s1 only: its s2_l2a patch embedding never saw data"):
+        mean, _, source = input_statistics(split, inputs)
+    assert source == "dataset" and mean.shape == (12,)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"no s2_l2a statistics \(its run trained on s1"):
+        input_statistics(split, inputs, "checkpoint")
