@@ -576,7 +576,10 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                      f"written ({renormalised}); the model now sees its inputs shifted and rescaled. Shards "
                      "re-converted with other data do this: convert with the checkpoint's statistics "
                      f"({resume_from / 'meta.json'}, data.mean / data.std) or start a new run")
-    if resume_from is not None and saved_steps not in (None, total_steps):
+    if resume_from is not None and step >= total_steps:
+        logger.write(f"resume: {resume_from.name} is at step {step}, at or past this run's {total_steps} steps "
+                     f"(train.max_steps / epochs): nothing to train; raise train.max_steps above {step} to continue")
+    elif resume_from is not None and saved_steps not in (None, total_steps):
         old_lr = schedules.learning_rate(step, saved_steps, peak_lr, warmup_steps, o.min_lr)
         new_lr = schedules.learning_rate(step, total_steps, peak_lr, warmup_steps, o.min_lr)
         old_m = schedules.teacher_momentum(step, saved_steps, s.teacher_momentum, s.teacher_momentum_end)

@@ -36,6 +36,8 @@ def test_a_resume_that_changes_max_steps_says_what_happens_to_the_schedules(tmp_
     assert "Set train.max_steps=4 to keep the original schedules" in proc.stdout
     same = run_harness(tmp_path / "again", *RUN)
     assert "schedules were laid out" not in same.stdout
+    done = run_harness(tmp_path, "--resume", *RUN, "train.max_steps=2")  # the run is at step 6 already
+    assert "is at step 6, at or past this run's 2 steps" in done.stdout and "re-stretched" not in done.stdout
 
 
 @pytest.fixture
