@@ -356,14 +356,15 @@ def reduce_status(loss: torch.Tensor, stop: bool, env: DistEnv) -> tuple[float, 
 
 
 def optimizer_step(arch: SSLMetaArch, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                   max_norm: float, freeze_last_layer: bool) -> torch.Tensor:
+                   max_norm: float, freeze_last_layer: bool) -> float:
     """Drop the frozen prototype layer's gradient, clip, and take the AdamW step unless the global gradient
-    norm (the same on every rank) is non-finite; returns that norm. The gradients are cleared."""
+    norm (the same on every rank) is non-finite; returns that norm, read to the host once (a second .item()
+    after the step would wait for the AdamW kernels too). The gradients are cleared."""
     if freeze_last_layer:
         for p in arch.last_layer_parameters():
             p.grad = None
-    grad_norm = clip_gradients(params, max_norm)
-    if math.isfinite(grad_norm.item()):
+    grad_norm = clip_gradients(params, max_norm).item()
+    if math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
@@ -628,12 +629,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
 
             grad_norm = optimizer_step(arch, optimizer, student_params, o.clip_grad,
                                        schedules.last_layer_frozen(step, freeze_steps))
-            if math.isfinite(grad_norm.item()):
+            if math.isfinite(grad_norm):
                 nonfinite_streak = 0
             else:  # the update was skipped; the teacher outputs were finite, so centres and EMA still update
                 skipped_steps += 1
                 nonfinite_streak += 1
-                logger.write(f"step {step}: gradient norm is {grad_norm.item()} with a finite loss; AdamW step skipped "
+                logger.write(f"step {step}: gradient norm is {grad_norm} with a finite loss; AdamW step skipped "
                              f"({nonfinite_streak} in a row, {skipped_steps} in all)")
                 if nonfinite_streak >= t.max_nonfinite_grad_steps:
                     where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
@@ -649,7 +650,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
 
             if step % t.log_every == 0 or step == total_steps:
                 record = {"step": step, "loss": loss_value, "lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
-                          "teacher_temperature": teacher_temp, "grad_norm": grad_norm.item(), "epoch": batches.epoch}
+                          "teacher_temperature": teacher_temp, "grad_norm": grad_norm, "epoch": batches.epoch}
                 monitors = log_metrics(logger, record, arch, throughput, env, peak, skipped_steps)
                 diagnosis = collapse_state(monitors, s.num_prototypes, t.collapse_gap) if step > warmup_steps else None
                 if diagnosis and diagnosis != last_diagnosis:
