@@ -352,7 +352,8 @@ def reduce_status(loss: torch.Tensor, stop: bool, env: DistEnv) -> tuple[float, 
     """One scalar all-reduce: (the loss averaged over ranks, whether any rank was asked to stop)."""
     status = torch.stack([loss, torch.tensor(float(stop), device=env.device)])
     dist.all_reduce(status)
-    return status[0].item() / env.world_size, status[1].item() > 0
+    loss_sum, stops = status.tolist()  # one device-to-host read
+    return loss_sum / env.world_size, stops > 0
 
 
 def optimizer_step(arch: SSLMetaArch, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
