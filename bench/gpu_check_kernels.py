@@ -13,7 +13,6 @@ The oracles are the references run in float64 (patch embedding, fusion) and test
 
 import importlib
 import importlib.util
-import json
 import math
 import statistics
 import tempfile
@@ -341,15 +340,12 @@ def time_ms(fn: Callable, sync: Callable, profile: Profile) -> dict:
 def kernel_ms_per_call(trace: Path, calls: int, top: int = 3) -> tuple[float | None, list[tuple[str, float]]]:
     """GPU kernel time per call (ms) in a torch.profiler chrome trace of `calls` calls, the sum of its kernel
     events (None when the trace has none: a CPU run), and the `top` kernels by time as (name, ms per call)."""
-    events = json.loads(trace.read_text())["traceEvents"]
-    by_name: dict[str, float] = {}
-    for e in events:
-        if e.get("cat") == "kernel" and "dur" in e:
-            by_name[e["name"]] = by_name.get(e["name"], 0.0) + e["dur"]
-    if not by_name:
+    from .gpu_check_train import top_kernels
+
+    found = top_kernels(trace, n=top)
+    if found["what"] != "GPU kernels":
         return None, []
-    largest = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
-    return sum(by_name.values()) / 1e3 / calls, [(name[:60], us / 1e3 / calls) for name, us in largest]
+    return found["total_ms"] / calls, [(r["name"][:60], r["total_ms"] / calls) for r in found["rows"]]
 
 
 def device_ms(fn: Callable, sync: Callable, device: str, calls: int = 5) -> tuple[float | None, list]:

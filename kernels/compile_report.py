@@ -130,16 +130,15 @@ def compile_one(spec: dict, capability: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
-        usage = subprocess.run([cuobjdump(), "-res-usage", cubin.name], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([cuobjdump(), "-sass", cubin.name], capture_output=True, text=True).stdout
+        usage = subprocess.run([cuobjdump(), "-res-usage", "-sass", cubin.name], capture_output=True, text=True,
+                               check=True).stdout  # the resource line and the disassembly, in one call
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if found is None:
         return {**row, "ok": False, "problem": f"could not parse cuobjdump output: {usage[:200]}"}
     regs, stack, shared, local = map(int, found.groups())
     ptx = kernel.asm["ptx"]
     instr = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else None
-    row["load_run_kb"] = round(load_run_bytes(sass) * 32 * spec["num_warps"] / 1024, 1)
+    row["load_run_kb"] = round(load_run_bytes(usage) * 32 * spec["num_warps"] / 1024, 1)
     row.update(regs=regs, stack=stack, local=local, shared_static=shared,
                shared_bytes=int(getattr(kernel.metadata, "shared", 0)), tensor_core=instr,
                tma="cp.async.bulk.tensor" in ptx)

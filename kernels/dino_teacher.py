@@ -58,7 +58,6 @@ sums, in-place divisions) and a full fp32 copy of the logits.
 """
 
 import math
-import numbers
 from functools import partial
 
 import torch
@@ -71,6 +70,7 @@ from ._common import (
     TRITON_DTYPE,
     aligned_at_production,
     check_positive,
+    check_size,
     check_tensor,
     hbm_bytes,
     interpreted,
@@ -343,10 +343,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
     columns that the next normalisation divides out, so it does not enter.
     """
     _validate(teacher_logits, temperature)
-    if isinstance(n_iterations, bool) or not isinstance(n_iterations, numbers.Integral):
-        raise TypeError(f"n_iterations must be an int (DINOv2 uses 3), got {type(n_iterations).__name__}")
-    if n_iterations < 1:
-        raise ValueError(f"n_iterations must be >= 1 (DINOv2 uses 3), got {n_iterations}")
+    check_size("n_iterations", n_iterations)  # DINOv2 uses 3
     n_iterations = int(n_iterations)
     if all_reduce is not None and not callable(all_reduce):
         raise TypeError(f"all_reduce must be a function all_reduce(tensor, op) or None, got "

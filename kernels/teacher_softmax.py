@@ -237,7 +237,7 @@ def efficiency(kernel: str, R: int, K: int, dtype_bytes: int, sms: int, concurre
     floor = roofline_cost(R, K, e)
     # loads in flight per program and loop step (the compile report's Little's law), averaged over the first
     # launch's row programs (a ROW_BLOCK_K chunk of logits; the centres come from L2) and column programs
-    n = min(plan["group_rows"], R)
+    n = plan["group_rows"]
     step = (n * plan["ROW_BLOCK_K"] + chunks * br * bk) * e / (n + chunks)
     return {"useful_flops": floor["flops"], "executed_flops": executed, "min_bytes": floor["bytes"],
             "moved_bytes": moved, "flop_kind": "fp32", "programs": programs, "step_bytes": step}
