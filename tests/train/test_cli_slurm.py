@@ -53,6 +53,7 @@ def test_a_preempted_job_is_requeued(tmp_path, script):
     run_dir = tmp_path / "run dir"
     srun = '#!/bin/bash\nmkdir -p "$RUN_DIR" && echo 7 > "$RUN_DIR/preempted"\nexit 1\n'
     proc = run_script(tmp_path, script, srun, RUN_DIR=str(run_dir))
+    assert proc.returncode == 75, "the trainer's code for preempted after a checkpoint (it used to be torchrun's 1)"
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
     assert "preempted at step 7: requeueing job 4242" in proc.stdout
 
