@@ -252,13 +252,15 @@ def train(cfg: Config, resume: bool | str | Path = False, loader: Any = None) ->
 
 def resolve_ops(cfg: Config, device: torch.device) -> Config:
     """A copy of cfg with every op's backend decided for `device` (the one decision, recorded in the
-    run's config.yaml): `ops` gets a concrete backend per op, data.backend the view_rendering one."""
+    run's config.yaml, which --config takes back): `ops` gets a concrete backend per op, data.backend the
+    view_rendering one; shard_decode is the loader's own choice (no config key), so it is not recorded."""
     cfg = copy.deepcopy(cfg)
     try:
         chosen = ops.resolve({**cfg.ops, "view_rendering": cfg.data.backend}, device.type)
     except (KeyError, ValueError, RuntimeError) as err:
         raise SetupError(f"ops: {err}") from err
     cfg.data.backend = chosen.pop("view_rendering")
+    chosen.pop("shard_decode", None)
     cfg.ops = chosen
     return cfg
 
