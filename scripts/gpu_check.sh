@@ -10,9 +10,14 @@
 # exits 0 when every selected stage is ok, 1 otherwise, 2 on bad arguments.
 set -uo pipefail
 ALL_STAGES="env build kernel_correctness kernel_timing train_step data summary"
-usage() {
-  echo "usage: bash scripts/gpu_check.sh [--cpu] [--stages a,b,...] [--budget SECONDS] [--work DIR] OUT_DIR" >&2
-  exit 2
+USAGE="usage: bash scripts/gpu_check.sh [--cpu] [--stages a,b,...] [--budget SECONDS] [--work DIR] OUT_DIR"
+usage() { echo "$USAGE" >&2; exit 2; }
+help() {  # the header's comment block, the stage names and the environment it reads; exit 0
+  echo "$USAGE"
+  sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  echo "Stages, in order: $ALL_STAGES"
+  echo "Environment: PYTHON runs the stages (default .venv/bin/python, else python3)"
+  exit 0
 }
 bad() { echo "gpu_check: $*" >&2; exit 2; }
 MODE=gpu SELECTED="" STAGES_SET=0 BUDGET="" BUDGET_SET=0 WORK="" WORK_SET=0 OUT=""
@@ -22,7 +27,7 @@ while [ $# -gt 0 ]; do
     --stages) [ $# -ge 2 ] || usage; SELECTED=$2; STAGES_SET=1; shift 2 ;;
     --budget) [ $# -ge 2 ] || usage; BUDGET=$2; BUDGET_SET=1; shift 2 ;;
     --work) [ $# -ge 2 ] || usage; WORK=$2; WORK_SET=1; shift 2 ;;
-    -h|--help) usage ;;
+    -h|--help) help ;;
     -*) echo "gpu_check: unknown option $1" >&2; usage ;;
     *) [ -z "$OUT" ] || usage; OUT=$1; shift ;;
   esac

@@ -113,3 +113,12 @@ def test_a_file_where_a_folder_should_go_is_one_message(tmp_path):
         proc = _run(tmp_path, "--stages", "env", *args, python=python)
         assert (proc.returncode, proc.stderr) == (2, message), args
         assert not (tmp_path / "python.log").exists() and (tmp_path / "f").read_text() == "x"
+
+
+def test_help_exits_0_with_the_options_and_stage_names(tmp_path):
+    """--help printed only the usage line, to stderr, and exited 2 (the bad-arguments code)."""
+    proc = _run(tmp_path, "--help", python=str(_fake_python(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    for text in ("usage: bash scripts/gpu_check.sh", "--budget SECONDS", "kernel_timing", "PYTHON"):
+        assert text in proc.stdout, text
+    assert not (tmp_path / "python.log").exists()
