@@ -5,7 +5,8 @@
     terrafm pretrain --nproc 2 --config tiny_cpu       # relaunches itself under torchrun on this node
     terrafm pretrain --config vitb_h100 --out /scratch/runs/vitb --resume   # SLURM requeue
 
-Exit codes: 0 done; 1 training diverged (NaN/Inf loss, too many non-finite gradient norms in a row);
+Exit codes: 0 done; 1 training diverged (NaN/Inf loss, too many non-finite gradient norms in a row, collapse
+under train.stop_on_collapse);
 2 fix the setup and rerun (configuration, output folder, data, checkpoint, full disk, out of memory: the
 message says what); 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue and pass --resume.
 """
