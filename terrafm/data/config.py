@@ -44,6 +44,9 @@ class DataConfig:
             if not ok:
                 raise ValueError(f"DataConfig: {what}")
 
+        need(self.shard_dir is None or str(self.shard_dir).strip() != "",
+             "shard_dir is empty (an unset variable?); give the --out folder of `terrafm prepare`, or leave "
+             "data.shard_dir unset (null) for the bundled sample tiles")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.global_size >= 8 and self.local_size >= 8, "global_size and local_size must be >= 8 px")
         need(self.n_global >= 1 and self.n_local >= 0, f"need n_global >= 1, n_local >= 0; got "

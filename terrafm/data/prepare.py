@@ -342,8 +342,11 @@ def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", type=Path, help="Major-TOM parquet files/folders or GeoTIFF folders")
-    parser.add_argument("--out", type=Path, required=True, help="shard directory to write")
+    from terrafm.cli import path_arg
+
+    parser.add_argument("inputs", nargs="+", type=lambda t: Path(path_arg(t)),
+                        help="Major-TOM parquet files/folders or GeoTIFF folders")
+    parser.add_argument("--out", type=lambda t: Path(path_arg(t)), required=True, help="shard directory to write")
     parser.add_argument("--tile-size", type=int, default=534, help="px per location (Major-TOM cell 1068 = 2 x 534)")
     parser.add_argument("--codec", choices=shards.CODECS, default="raw", help="per-band chunk compression")
     parser.add_argument("--cells-per-shard", type=int, default=64)

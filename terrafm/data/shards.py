@@ -186,7 +186,8 @@ class ShardSet:
         self.root = Path(shard_dir)
         path = self.root / INDEX_NAME
         if not self.root.is_dir():
-            raise ShardError(f"shard directory {self.root} does not exist; set data.shard_dir to the --out folder of "
+            what = "is a file, not a folder" if self.root.exists() else "does not exist"
+            raise ShardError(f"shard directory {self.root} {what}; set data.shard_dir to the --out folder of "
                              "`terrafm prepare` (or leave it unset for the bundled sample tiles)")
         if not path.exists():
             raise ShardError(f"{path} not found: {self.root} is not a finished terrafm shard directory "

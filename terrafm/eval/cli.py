@@ -11,9 +11,12 @@ from terrafm.modalities import MODALITY_NAMES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
+    from terrafm.cli import path_arg
+
+    parser.add_argument("--checkpoint", required=True, type=path_arg,
                         help="published .pth, exported .safetensors, or a `terrafm pretrain` run/checkpoint folder")
-    parser.add_argument("--data", required=True, help="dataset root (GEO-Bench HDF5 folder or class folders)")
+    parser.add_argument("--data", required=True, type=path_arg,
+                        help="dataset root (GEO-Bench HDF5 folder or class folders)")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--probe", nargs="+", default=["all"], choices=(*PROBES, "all"),
                         help="probes to run; 'all' = knn+linear for classification, seg for segmentation")
@@ -25,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "else esa")
     parser.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.01],
                         help="fractions of training labels (stratified, fixed seed)")
-    parser.add_argument("--out", required=True, help="folder for results.json, confusion PNGs and the cache")
+    parser.add_argument("--out", required=True, type=path_arg,
+                        help="folder for results.json, confusion PNGs and the cache")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--img-size", type=int, default=None,
@@ -34,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-band statistics: the checkpoint's training statistics (exports carry them), the "
                              "train split's own, or auto = the checkpoint's when it has them")
     parser.add_argument("--device", default=None, help="cuda if available, else cpu")
-    parser.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/cache)")
+    parser.add_argument("--cache-dir", default=None, type=path_arg, help="feature cache (default: OUT/cache)")
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--knn-temperature", type=float, default=0.07)
     parser.add_argument("--linear-epochs", type=int, default=100)

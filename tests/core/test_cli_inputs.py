@@ -79,3 +79,31 @@ def test_running_out_of_memory_is_one_message_and_exit_2(monkeypatch, capsys):
     monkeypatch.setattr(trainer, "train", bug)  # any other error keeps its traceback: it is a bug to report
     with pytest.raises(RuntimeError, match="shape mismatch"):
         train_exit_code(load_config(), False)
+
+
+@pytest.mark.parametrize("args", [
+    ["prepare", "in", "--out", ""],  # wrote index.json and part files into the current folder
+    ["prepare", "", "--out", "shards"],
+    ["eval", "--checkpoint", "c.pth", "--data", "", "--format", "hdf5", "--out", "e"],
+    ["eval", "--checkpoint", "c.pth", "--data", "d", "--format", "hdf5", "--out", ""],  # wrote into the cwd
+    ["export", "", "out.safetensors"],
+])
+def test_an_empty_path_is_refused_not_taken_as_the_current_folder(tmp_path, monkeypatch, capsys, args):
+    """An unset shell variable (`--out $SHARDS`) reached the commands as '' and meant the current folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert "is empty (an unset variable?)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_or_file_shard_dir_is_refused(tmp_path):
+    """data.shard_dir= (an unset variable) trained on the synthetic sample, exit 0; a file 'did not exist'."""
+    with pytest.raises(ConfigError, match="shard_dir is empty"):
+        load_config(None, ["data.shard_dir="])
+    from terrafm.data.shards import ShardError, ShardSet
+
+    (tmp_path / "index.json").write_text("{}")
+    with pytest.raises(ShardError, match="is a file, not a folder"):
+        ShardSet(tmp_path / "index.json")
