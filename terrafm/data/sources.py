@@ -363,10 +363,13 @@ def storage_tile(modality: str, cell: np.ndarray, product: Product, s1_scaling: 
     fill = np.asarray(REFERENCE_STATS[modality]["mean"], np.float64)[:, None, None]
     if modality != "s1":
         return np.where(mask, np.round(fill).astype(np.uint16), cell), mask
-    valid = np.where(mask, 1.0, cell)
-    if valid.min() < 0:
-        raise BadInput(f"{product.where}: S1 has negative values (min {valid.min():.3g}) other than the fill "
-                       f"(<= {S1_FILL_MAX:g}, NaN): looks like dB, expected linear power as Major-TOM Core-S1RTC")
+    for band, values, band_mask in zip(MODALITIES["s1"].bands, cell, mask, strict=True):
+        median = np.median(values[~band_mask]) if (~band_mask).any() else 0.0
+        if median < 0:  # dB is mostly negative; linear power has at most a few resampling dips below 0
+            raise BadInput(f"{product.where}: S1 {band} is mostly negative (median {median:.3g}, fill <= "
+                           f"{S1_FILL_MAX:g} and NaN left out): looks like dB, expected linear power as Major-TOM "
+                           "Core-S1RTC")
+    valid = np.where(mask, 1.0, np.maximum(cell, 0.0))  # cubic resampling's small negative dips are power 0
     if s1_scaling == "db":
         out = s1_to_db(valid)
     else:

@@ -631,13 +631,15 @@ NORMALIZATIONS = ("auto", "checkpoint", "dataset")
 
 
 def s1_units(images: np.ndarray) -> str:
-    """'db' or 'linear': S1 backscatter in dB is mostly negative, linear power never is."""
-    return "db" if (images < 0).any() else "linear"
+    """'db' or 'linear': S1 backscatter in dB is mostly negative; linear power is not (resampled linear power can
+    dip a little below 0, so one negative pixel does not make an image dB)."""
+    values = images[np.isfinite(images)]
+    return "db" if values.size and np.median(values) < 0 else "linear"
 
 
-def to_s1_scaling(images: np.ndarray, scaling: str) -> np.ndarray:
-    """S1 images in `scaling` (db | linear), converted from the units they are in."""
-    have = s1_units(images)
+def to_s1_scaling(images: np.ndarray, scaling: str, have: str | None = None) -> np.ndarray:
+    """S1 images in `scaling` (db | linear), converted from the units `have` (default: what they look like)."""
+    have = have or s1_units(images)
     if have == scaling:
         return images
     return (s1_to_db(images) if scaling == "db" else 10.0 ** (images / 10.0)).astype(np.float32)

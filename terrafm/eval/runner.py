@@ -137,9 +137,14 @@ def evaluate(cfg: EvalConfig, model) -> dict:
     inputs = getattr(model, "input_metadata", {}) or {}
     s1 = {}
     if modality == "s1" and inputs.get("s1_scaling"):  # S1 in the units the backbone was trained on
-        s1 = {"s1_input_units": s1_units(train.images), "s1_scaling": inputs["s1_scaling"]}
+        units = {name: s1_units(split.images) for name, split in splits.items()}
+        if len(set(units.values())) > 1:  # one conversion for all: a split in other units would be scored wrongly
+            found = ", ".join(f"{name}: {unit}" for name, unit in units.items())
+            raise ValueError(f"{cfg.data}: the S1 splits are in different units ({found}); give every split in dB "
+                             "or every split in linear power")
+        s1 = {"s1_input_units": units["train"], "s1_scaling": inputs["s1_scaling"]}
         for split in splits.values():
-            split.images = to_s1_scaling(split.images, inputs["s1_scaling"])
+            split.images = to_s1_scaling(split.images, inputs["s1_scaling"], units["train"])
     mean, std, stats_from = input_statistics(train, inputs, cfg.normalize)
     prep = f"{stats_from}:{mean.tolist()}:{std.tolist()}:{s1.get('s1_scaling')}:{train.band_order}"
     kind = "multiscale" if task == "segmentation" else "cls"

@@ -131,6 +131,19 @@ def test_s1_is_stored_in_db_by_default_and_linear_on_request(sample_parquet, sam
         convert([sample_parquet], tmp_path / "x", tile_size=TILE, workers=0, progress=False, s1_scaling="log")
 
 
+def test_linear_s1_with_resampling_dips_below_0_is_kept_at_the_floor(sample_parquet, tmp_path):
+    """Cubic resampling dips linear power a little below 0 beside bright targets: that product was refused as
+    'looks like dB' (one negative pixel), and with --skip-bad its cell lost S1."""
+    root = _copy(sample_parquet, tmp_path)
+    cell = pq.read_table(root.joinpath(*S1_FILE))["grid_cell"][0].as_py()
+    _edit_band(root, S1_FILE, "vv", 0, lambda a: a.__setitem__((slice(0, 3), slice(0, 3)), -3.6e-4))
+    summary = convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    assert not summary["skipped"]
+    shards = ShardSet(tmp_path / "out")
+    vv = shards.tile(_key_index(shards, f"{cell}/0_0"), "s1")[0].astype(np.float32)
+    np.testing.assert_allclose(vv[:3, :3], s1_to_db(np.zeros((3, 3))), atol=0.05)  # power 0: the dB floor
+
+
 def test_s1_in_db_is_still_refused_as_input(sample_parquet, tmp_path):
     root = _copy(sample_parquet, tmp_path)
     _edit_band(root, S1_FILE, "vv", 1, lambda a: a.__setitem__(slice(None), s1_to_db(a)))
@@ -223,7 +236,7 @@ def test_skip_bad_that_writes_nothing_fails_and_names_the_bad_file(sample_parque
 
 def test_skipped_s1_product_is_named_and_its_cell_keeps_s2(sample_parquet, tmp_path, capsys):
     root = _copy(sample_parquet, tmp_path)
-    _edit_band(root, S1_FILE, "vh", 2, lambda a: a.__setitem__((0, 0), -3.0))  # a dB-like value
+    _edit_band(root, S1_FILE, "vh", 2, lambda a: a.__setitem__(slice(None), s1_to_db(a)))  # VH in dB
     summary = convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False, skip_bad=True)
     [entry] = summary["skipped"]
     assert entry["file"] == str(root.joinpath(*S1_FILE)) and entry["record"] == "row 2"

@@ -97,3 +97,15 @@ def test_eval_converts_s1_to_the_checkpoints_scaling(tiny, tiny_pth, tmp_path):
     on_disk = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["modality"] == "s1" and on_disk["statistics"] == "checkpoint"
     assert on_disk["s1_input_units"] == "linear" and on_disk["s1_scaling"] == "db"
+
+    # one resampling dip below 0 in the test split made it 'dB' (per split, from any negative pixel): train was
+    # converted to dB and test left linear, scored with exit 0. The units are decided once, by the median.
+    dipped = {**splits, "test": (splits["test"][0].copy(), splits["test"][1])}
+    dipped["test"][0][0, 0, 0, 0] = -1e-5
+    res = evaluate(EvalConfig(checkpoint=str(tiny_pth), data=str(write_hdf5(tmp_path / "dip", dipped, ["VV", "VH"])),
+                              format="hdf5", out=str(tmp_path / "o2"), **FAST), tiny)
+    assert json.loads((tmp_path / "o2" / "results.json").read_text())["s1_input_units"] == "linear"
+    mixed = {**splits, "test": (s1_to_db(splits["test"][0]).astype(np.float32), splits["test"][1])}
+    with pytest.raises(ValueError, match="S1 splits are in different units .*train: linear.*test: db"):
+        evaluate(EvalConfig(checkpoint=str(tiny_pth), data=str(write_hdf5(tmp_path / "mix", mixed, ["VV", "VH"])),
+                            format="hdf5", out=str(tmp_path / "o3"), **FAST), tiny)
