@@ -15,6 +15,7 @@ import json
 import sys
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def _read_product(p: Product, parquet: sources.ParquetRows, s1_scaling: str) -> 
     if p.row >= 0:
         try:
             raw = parquet.bands(p)
-        except BadInput:
+        except (BadInput, MemoryError):
             raise
         except Exception as err:
             raise BadInput(f"{p.where}: cannot read the parquet row ({type(err).__name__}: {err})") from err
@@ -373,6 +374,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except OSError as err:
         print(f"terrafm prepare: cannot write {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    except (MemoryError, BrokenProcessPool) as err:
+        what = ("ran out of memory" if isinstance(err, MemoryError) else
+                "lost a worker process (killed, most often by the out-of-memory killer)")
+        print(f"terrafm prepare: {what}; nothing was skipped for it. Lower --workers (each holds one row group of "
+              f"every input file) and run the same command: it resumes from the finished shards in {args.out}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"terrafm prepare: interrupted; the finished shards in {args.out} are kept and the same command "

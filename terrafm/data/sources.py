@@ -249,6 +249,8 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
                        "column as Major-TOM writes)")
     try:
         array, nodata = read_tiff(io.BytesIO(data))
+    except MemoryError:  # this machine's limit, not the file's fault: never a skipped "corrupt" product
+        raise
     except Exception as err:
         if "imagecodecs" in str(err):
             raise BadInput(f"{product.where}: band {band}: the GeoTIFF is compressed with a codec that needs the "

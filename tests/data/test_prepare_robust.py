@@ -433,3 +433,57 @@ def test_no_products_says_what_the_inputs_hold_instead(sample_parquet, tmp_path)
                                        r"\(--modalities chooses\)"):
         convert([s1_only / S1_FILE[0]], tmp_path / "o3", tile_size=TILE, workers=0, progress=False,
                 modalities=("s2_l1c",))
+
+
+def test_out_of_memory_is_not_a_corrupt_tiff_and_skips_nothing(sample_parquet, tmp_path, monkeypatch, capsys):
+    """A MemoryError while decoding was reported as 'truncated or corrupt GeoTIFF'; with --skip-bad the good
+    product was skipped and recorded, so the re-run resumed the shard without it for good."""
+    read_tiff, calls = sources.read_tiff, []
+
+    def short_of_memory(source):
+        calls.append(1)
+        if len(calls) == 5:
+            raise MemoryError("Unable to allocate 3.4 MiB")
+        return read_tiff(source)
+
+    monkeypatch.setattr(sources, "read_tiff", short_of_memory)
+    out = tmp_path / "out"
+    assert _cli([str(sample_parquet), "--out", str(out), "--skip-bad"]) == 2
+    err = capsys.readouterr().err
+    assert "ran out of memory; nothing was skipped" in err and "Traceback" not in err, err
+    assert not (out / "index.json").exists()
+    monkeypatch.setattr(sources, "read_tiff", read_tiff)
+    summary = convert([sample_parquet], out, tile_size=TILE, workers=0, progress=False)
+    assert not summary["skipped"] and summary["num_records"] == 12
+
+
+_REAL_RUN_JOB = prepare.run_job
+
+
+def _run_job_killed_on_shard_1(index, *args):
+    """prepare.run_job in a forked worker that dies (SIGKILL, as the out-of-memory killer does) on shard 1."""
+    import os
+    import signal
+
+    if index == 1 and os.environ.get("TERRAFM_TEST_PARENT") != str(os.getpid()):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _REAL_RUN_JOB(index, *args)
+
+
+def test_a_killed_worker_is_one_message_and_the_rerun_resumes(sample_parquet, tmp_path, monkeypatch, capsys):
+    """A worker killed by the out-of-memory killer surfaced as a BrokenProcessPool traceback."""
+    import os
+
+    monkeypatch.setenv("TERRAFM_TEST_PARENT", str(os.getpid()))  # never kill the test process itself
+    monkeypatch.setattr(prepare, "run_job", _run_job_killed_on_shard_1)
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    prepare.add_arguments(parser)
+    args = parser.parse_args([str(sample_parquet), "--out", str(out), "--cells-per-shard", "1", "--workers", "2",
+                              "--tile-size", str(TILE), "--no-progress"])
+    assert prepare.run(args) == 2
+    err = capsys.readouterr().err
+    assert "lost a worker process" in err and "Lower --workers" in err and "Traceback" not in err, err
+    monkeypatch.setattr(prepare, "run_job", _REAL_RUN_JOB)
+    summary = convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    assert summary["num_records"] == 12 and not list(out.glob("*.tmp"))
