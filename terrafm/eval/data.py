@@ -57,6 +57,8 @@ class EvalSplit:
     modality: str
     class_names: list[str] = field(default_factory=list)
     band_order: str = "esa"  # how S2 channels were read: "esa" (B8A 9th) or "eurosat" (B8A last)
+    files: list[Path] = field(default_factory=list)  # folder format: each image's file (one file in two splits
+    #                                                  is refused by the runner); empty for HDF5
 
     @property
     def task(self) -> str:
@@ -489,7 +491,7 @@ def _decode(path: Path) -> tuple[np.ndarray, float | None, bool | None]:
 
     declared, samples_last = None, None
     try:
-        if path.suffix == ".npy":
+        if path.suffix.lower() == ".npy":
             arr = np.load(path)
         else:
             arr, declared, samples_last = read_tiff_layout(path)  # imagecodecs' errors are RuntimeErrors
@@ -598,6 +600,8 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
         images, labels, paths = [], [], []
         for idx, name in enumerate(names):
             folder = split_dir / name
+            if class_names and not folder.exists():  # a val / test split without this train class: none to score
+                continue
             found = _files(folder) if folder.is_dir() else []
             if not found:
                 raise ValueError(f"class {name!r} has no images in {folder} (expected *.tif, *.tiff or *.npy)")
@@ -612,7 +616,21 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
     order = resolve_band_order(stacked, band_order, str(split_dir)) if stacked.shape[1] in (12, 13) else "esa"
     modality, chosen = modality_for_bands(bands_from_count(stacked.shape[1], order), modality)
     images = _mask_s2_empty(stacked[:, chosen], modality, paths)  # the band selection is a copy: masked in place
-    return EvalSplit(images, np.asarray(labels, dtype=np.int64), modality, list(names), order)
+    return EvalSplit(images, np.asarray(labels, dtype=np.int64), modality, list(names), order, list(paths))
+
+
+def shared_files(splits: dict[str, EvalSplit]) -> list[tuple[str, str, Path, Path]]:
+    """(split, other split, file, its twin) for each file that two splits both read: the same file by identity
+    (device and inode), so a symlink or hard link into the train folder counts; copies do not."""
+    seen: dict[tuple[int, int], tuple[str, Path]] = {}
+    shared = []
+    for name, split in splits.items():
+        for path in split.files:
+            stat = path.stat()
+            first = seen.setdefault((stat.st_dev, stat.st_ino), (name, path))
+            if first[0] != name:
+                shared.append((first[0], name, first[1], path))
+    return shared
 
 
 FORMATS = ("hdf5", "folder")  # what read_split reads (the eval CLI's --format choices)

@@ -18,6 +18,7 @@ from terrafm.eval.data import (
     normalize,
     read_split,
     s1_units,
+    shared_files,
     to_s1_scaling,
 )
 from terrafm.eval.features import cache_key, cached_features, extract, images_digest
@@ -70,6 +71,11 @@ def _check_labels(splits: dict[str, EvalSplit], data: str) -> None:
     """Class ids are >= 0 (masks: 255 = ignore), multi-hot vectors 0/1, and a test / val class occurs in train
     (no probe can predict a class it never saw: a label out of range is a dataset error)."""
     train = splits["train"]
+    shared = shared_files(splits)
+    if shared:  # a probe scored on images it was fitted on
+        first, other, path, twin = shared[0]
+        raise ValueError(f"{data}: {len(shared)} image file(s) are in two splits, e.g. {path} ({first}) is {twin} "
+                         f"({other}); every image belongs to one split")
     for name, split in splits.items():
         y = split.labels
         if split.task == "multilabel":

@@ -80,6 +80,23 @@ def test_eval_normalises_with_the_checkpoints_statistics_and_names_a_band_mismat
         input_statistics(train, {**inputs, "bands": {"s2_l2a": ["B02", "B03", "B04"]}})
 
 
+def test_one_image_file_in_two_splits_is_refused(tiny, tiny_pth, tmp_path):
+    """A test folder of symlinks into train (or hard links) scored top-1 1.0 with exit 0; HDF5 refused a sample
+    in two splits, the folder format did not."""
+    import os
+
+    from eval_toydata import write_folder
+
+    splits = make_splits(12, per_class=(4, 1, 2))
+    root = write_folder(tmp_path / "d", {"train": splits["train"], "test": splits["test"]}, suffix=".npy")
+    train_file = sorted((root / "train").glob("*/*.npy"))[0]
+    twin = root / "test" / train_file.parent.name / "linked.npy"
+    os.link(train_file, twin)
+    with pytest.raises(ValueError, match=r"1 image file\(s\) are in two splits, e.g. .*linked.npy"):
+        evaluate(EvalConfig(checkpoint=str(tiny_pth), data=str(root), format="folder", out=str(tmp_path / "o"),
+                            **FAST), tiny)
+
+
 def test_eval_converts_s1_to_the_checkpoints_scaling(tiny, tiny_pth, tmp_path):
     rng = np.random.default_rng(0)
     linear = rng.gamma(2.0, 0.05, size=(3, 2, 4, 4)).astype(np.float32)

@@ -92,6 +92,25 @@ def test_empty_class_folder_is_named(tmp_path):
         read_split(root, "folder", "train")
 
 
+def test_a_test_split_without_a_train_class_folder_is_read_and_upper_case_npy_too(tmp_path):
+    """A val/test split lacking one train class was refused ('class ... has no images' for a folder that is not
+    there; HDF5 took the same data); x.NPY was listed as an image and then decoded as a TIFF."""
+    splits = make_splits(12)
+    root = write_folder(tmp_path / "d", {"train": splits["train"], "test": splits["test"]}, suffix=".npy")
+    names = read_split(root, "folder", "train").class_names
+    for f in (root / "test" / names[-1]).iterdir():
+        f.unlink()
+    (root / "test" / names[-1]).rmdir()
+    first = next((root / "test" / names[0]).iterdir())
+    first.rename(first.with_suffix(".NPY"))
+    test = read_split(root, "folder", "test", class_names=names)
+    assert test.class_names == names and names.index(names[-1]) not in test.labels
+    assert len(test.labels) == sum(splits["test"][1] != splits["test"][1].max())
+    (root / "test" / names[-1]).mkdir()  # a folder that is there but empty is still named
+    with pytest.raises(ValueError, match="has no images in"):
+        read_split(root, "folder", "test", class_names=names)
+
+
 def test_geobench_pickled_attribute_label_is_read_without_geobench(tmp_path, monkeypatch):
     """Real GEO-Bench classification samples keep the label in str(pickle.dumps(attr_dict)) with
     geobench.dataset classes inside: read it without importing geobench."""
