@@ -18,6 +18,7 @@ import logging
 import os
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ META_COLUMNS = ("product_id", "grid_cell")
 NO_MODALITY = "names no modality (expected MSIL2A / MSIL1C / S1* / WorldCover)"
 NOT_IN_CELL = ("product folder is not inside a grid cell folder such as 433U_1209R (expected "
                "<row>/<grid_cell>/<product_id>/<band>.tif), so its place is unknown")
+MODEL_PIXEL_SCALE = 33550  # GeoTIFF ModelPixelScaleTag: (x, y, z) size of a pixel in the CRS's units
 GDAL_NODATA = 42113  # TIFF tag (ASCII) of GDAL's per-file nodata value
 S1_FILL_MAX = -9999.0  # S1 values at or below this are fill (Major-TOM / RTC products use -32768 or -9999)
 
@@ -248,7 +250,7 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
         raise BadInput(f"{product.where}: band {band} holds {type(data).__name__}, expected GeoTIFF bytes (a binary "
                        "column as Major-TOM writes)")
     try:
-        array, nodata = read_tiff(io.BytesIO(data))
+        array, nodata, pixel_m = read_tiff(io.BytesIO(data))
     except MemoryError:  # this machine's limit, not the file's fault: never a skipped "corrupt" product
         raise
     except Exception as err:
@@ -261,13 +263,17 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
         array = array.reshape([n for n in array.shape if n > 1])  # one band written as (1, H, W) or (H, W, 1)
     if array.ndim != 2:
         raise BadInput(f"{product.where}: band {band}: expected one 2-D band, got shape {array.shape}")
+    native = NATIVE_M.get(band, 10)
+    if pixel_m is not None and pixel_m > 1.5 * native:  # the size check only compares a product's bands
+        raise BadInput(f"{product.where}: band {band} has {pixel_m:g} m pixels (its GeoTIFF's ModelPixelScale) where "
+                       f"the band's native resolution is {native} m: the product was resampled to a coarser grid "
+                       "(e.g. Sen2Cor's R20m / R60m folder); give each band at its native resolution or finer")
     return _apply_nodata_tag(array, nodata, product.modality)
 
 
-def read_tiff(source) -> tuple[np.ndarray, float | None]:
-    """(array, declared nodata or None) of a GeoTIFF path or file object (read_tiff_layout without the layout)."""
-    array, nodata, _ = read_tiff_layout(source)
-    return array, nodata
+def read_tiff(source) -> tuple[np.ndarray, float | None, float | None]:
+    """(array, declared nodata or None, pixel size in metres or None) of a GeoTIFF path or file object."""
+    return _read_tiff(source, lambda tif: (tif.asarray(), tiff_nodata(tif), tiff_pixel_m(tif)))
 
 
 def read_tiff_layout(source) -> tuple[np.ndarray, float | None, bool | None]:
@@ -279,14 +285,23 @@ def read_tiff_layout(source) -> tuple[np.ndarray, float | None, bool | None]:
     reads; they are silenced here, so that a bad file prints the one message its reader raises. A file whose
     structure tifffile trips over (a header cut short: struct.error; an IFD offset past the end: IndexError) is a
     ValueError, like its other malformed files."""
+    def layout(tif: tifffile.TiffFile) -> tuple[np.ndarray, float | None, bool | None]:
+        array, axes = tif.asarray(), tif.series[0].axes
+        samples_last = None if array.ndim != 3 or "S" not in axes else axes.endswith("S")
+        return array, tiff_nodata(tif), samples_last
+
+    return _read_tiff(source, layout)
+
+
+def _read_tiff(source, read: Callable[[tifffile.TiffFile], tuple]) -> tuple:
+    """read(TiffFile) of a path or file object, tifffile's per-tag warnings silenced and whatever its parser raises
+    on malformed bytes a ValueError (read_tiff_layout)."""
     logger = logging.getLogger("tifffile")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
         with tifffile.TiffFile(source) as tif:
-            array, axes = tif.asarray(), tif.series[0].axes
-            samples_last = None if array.ndim != 3 or "S" not in axes else axes.endswith("S")
-            return array, tiff_nodata(tif), samples_last
+            return read(tif)
     except (OSError, ValueError, MemoryError):
         raise
     except Exception as err:  # untrusted bytes: whatever the parser raises means "not a readable TIFF"
@@ -306,6 +321,17 @@ def tiff_nodata(tif: tifffile.TiffFile) -> float | None:
     except ValueError:
         return None
     return value if np.isfinite(value) else None
+
+
+def tiff_pixel_m(tif: tifffile.TiffFile) -> float | None:
+    """The pixel size a GeoTIFF declares (ModelPixelScale, the larger of x and y), when it is in metres: None
+    without the tag, for a malformed one and for a geographic CRS (degrees: a pixel under 1)."""
+    tag = tif.pages.first.tags.get(MODEL_PIXEL_SCALE)
+    try:
+        size = max(abs(float(tag.value[0])), abs(float(tag.value[1])))
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    return size if np.isfinite(size) and size >= 1 else None
 
 
 def _apply_nodata_tag(array: np.ndarray, value: float | None, modality: str) -> np.ndarray:

@@ -487,3 +487,21 @@ def test_a_killed_worker_is_one_message_and_the_rerun_resumes(sample_parquet, tm
     monkeypatch.setattr(prepare, "run_job", _REAL_RUN_JOB)
     summary = convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
     assert summary["num_records"] == 12 and not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("band, scale, refused", [
+    ("B04", 10.0, False), ("B05", 20.0, False), ("B01", 60.0, False),  # each band at its native grid
+    ("B04", 20.0, True), ("B05", 60.0, True),  # Sen2Cor's R20m / R60m folder exported as a product
+    ("B04", 8.983e-5, False),  # a geographic CRS: degrees, not metres
+])
+def test_a_band_on_a_coarser_grid_than_its_native_one_is_refused(band, scale, refused):
+    """A product whose bands were all resampled to 20 m was taken as 10 m imagery: the size check compares a
+    product's bands with each other only. The GeoTIFF's ModelPixelScale tag says the pixel size."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.ones((4, 4), np.uint16), extratags=[(33550, "d", 3, (scale, scale, 0.0), False)])
+    product = sources.Product("s2_l2a", "1U_1R", "S2A_MSIL2A_x", "f.parquet", row=0)
+    if refused:
+        with pytest.raises(BadInput, match=f"band {band} has {scale:g} m pixels .* native resolution"):
+            sources.decode_band(buf.getvalue(), band, product)
+    else:
+        assert sources.decode_band(buf.getvalue(), band, product).shape == (4, 4)
