@@ -280,11 +280,14 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader (plain data only) that refuses a key given twice in one mapping: PyYAML keeps the last one, so
-    a second `model:` section would silently drop the first one's settings."""
+    a second `model:` section would silently drop the first one's settings. Merge keys (`<<: *defaults`) are
+    YAML's own way to share settings; the keys given beside one override it, as YAML says."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # SafeLoader merges it in super().construct_mapping
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, typing.Hashable):
                 raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a name, not a list or "

@@ -114,6 +114,18 @@ def test_a_bad_config_file_is_one_config_error_and_never_runs_code(tmp_path):
         load_config("tiny_cpu", ["optim.betas=[0.9"])
 
 
+def test_yaml_merge_keys_share_settings_and_the_keys_beside_them_override(tmp_path):
+    """`<<: *defaults` was refused as an object-building tag (the duplicate-key check built the merge key)."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("ssl:\n  <<: &d {num_prototypes: 64, koleo_weight: 0.1}\n  koleo_weight: 0.3\n"
+                    "model:\n  name: terrafm_tiny\n")
+    cfg = load_config(str(path))
+    assert cfg.ssl.num_prototypes == 64 and cfg.ssl.koleo_weight == 0.3
+    path.write_text("ssl:\n  <<: {num_prototypes: 64}\n  koleo_weight: 0.3\n  koleo_weight: 0.2\n")
+    with pytest.raises(ConfigError, match="key 'koleo_weight' given twice"):
+        load_config(str(path))
+
+
 def test_integers_in_scientific_notation_are_integers():
     assert load_config("tiny_cpu", ["train.max_steps=1e3"]).train.max_steps == 1000
     with pytest.raises(ConfigError, match="'train.max_steps': expected an integer, got 1500.5"):
