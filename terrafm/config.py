@@ -342,6 +342,9 @@ def load_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | tupl
     return cfg
 
 
+MAX_EPOCHS = 1e6  # of any epoch-valued setting
+
+
 def validate(cfg: Config, nproc: int = 1) -> None:
     """Every value check that a single key's type cannot express, run before anything is built."""
     from terrafm.modalities import MODALITIES
@@ -411,6 +414,11 @@ def validate(cfg: Config, nproc: int = 1) -> None:
          "(the rest); give one of them"),
         (p.forward_prefetch >= 0 and p.backward_prefetch >= 0, "parallel.*_prefetch must be >= 0"),
     ]
+    for name, epochs in (("train.epochs", t.epochs), ("optim.warmup_epochs", o.warmup_epochs),
+                         ("ssl.freeze_last_layer_epochs", s.freeze_last_layer_epochs),
+                         ("ssl.warmup_teacher_temperature_epochs", s.warmup_teacher_temperature_epochs)):
+        # converted to steps as epochs x steps per epoch: 1e307 overflowed there, after the model was built
+        checks.append((epochs <= MAX_EPOCHS, f"{name} must be at most {MAX_EPOCHS:g} epochs, got {epochs:g}"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -126,6 +126,14 @@ def test_yaml_merge_keys_share_settings_and_the_keys_beside_them_override(tmp_pa
         load_config(str(path))
 
 
+@pytest.mark.parametrize("key", ["optim.warmup_epochs", "train.epochs", "ssl.freeze_last_layer_epochs",
+                                 "ssl.warmup_teacher_temperature_epochs"])
+def test_an_epoch_count_too_large_to_be_steps_is_a_config_error(key):
+    """1e307 epochs passed validation and overflowed when converted to steps, a traceback after the build."""
+    with pytest.raises(ConfigError, match=f"{key} must be at most 1e\\+06 epochs, got 1e\\+307"):
+        load_config("tiny_cpu", [f"{key}=1e307"])
+
+
 def test_integers_in_scientific_notation_are_integers():
     assert load_config("tiny_cpu", ["train.max_steps=1e3"]).train.max_steps == 1000
     with pytest.raises(ConfigError, match="'train.max_steps': expected an integer, got 1500.5"):
