@@ -6,6 +6,7 @@ after the resumed step are dropped, so the file always describes one consistent 
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import torch
@@ -80,6 +81,8 @@ class MetricsLogger:
         from tqdm import tqdm
 
         self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        self._thread_hook = threading.excepthook
+        threading.excepthook = self._quiet_tensorboard_thread
         self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
 
     def log(self, record: dict) -> None:
@@ -95,9 +98,8 @@ class MetricsLogger:
                                "and metrics are appended again once it can be written")
             self.write_failed = True
         step = record["step"]
-        for key, value in record.items():
-            if key != "step" and isinstance(value, int | float) and math.isfinite(value):
-                self.tb.add_scalar(f"train/{key}", value, step)
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float) and math.isfinite(v)}
+        self._tensorboard(lambda tb: [tb.add_scalar(f"train/{k}", v, step) for k, v in scalars.items()])
         mfu = record.get("mfu")
         monitors = {}
         if record.get("teacher_entropy_gap") is not None:  # absent with ssl.fused_head_loss
@@ -115,11 +117,30 @@ class MetricsLogger:
         if self.enabled:
             self.bar.write(message)
 
+    def _tensorboard(self, write) -> None:
+        """write(SummaryWriter), unless TensorBoard has stopped: a full disk stops it for the rest of the run (its
+        writer thread has died) with one warning, and training goes on like metrics.jsonl's."""
+        if self.tb is None:
+            return
+        try:
+            write(self.tb)
+        except OSError as err:
+            self.bar.write(f"warning: cannot write TensorBoard events ({err.strerror or err}); TensorBoard logging "
+                           f"stops for this run, {self.path.name} goes on")
+            self.tb = None
+
+    def _quiet_tensorboard_thread(self, args) -> None:
+        """TensorBoard's writer thread prints a traceback when its disk is full; _tensorboard reports it once."""
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        self._thread_hook(args)
+
     def close(self) -> None:
         if not self.enabled:
             return
         self.bar.close()
-        self.tb.close()
+        self._tensorboard(lambda tb: tb.close())
+        threading.excepthook = self._thread_hook
 
 
 def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:

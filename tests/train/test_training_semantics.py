@@ -212,3 +212,33 @@ def test_metrics_jsonl_is_strict_json_with_null_for_nan(tmp_path):
     record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
     assert record == {"step": 1, "loss": 2.5, "lr": 1e-4, "teacher_cosine": None, "grad_norm": None, "mfu": None,
                       "mem_gb": 0.1, "img_per_s": 3.0}
+
+
+def test_a_full_disk_stops_tensorboard_with_one_warning_and_training_logs_on(tmp_path, capfd):
+    """TensorBoard's writer thread died on ENOSPC with a traceback, and the next add_scalar raised it in the
+    training loop: the run stopped at once instead of going on to its next checkpoint like metrics.jsonl."""
+    import errno
+    import json
+    import time
+
+    from terrafm.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, 0, 3, 0)
+    record = {"step": 1, "loss": 2.5, "lr": 1e-4, "mfu": None, "mem_gb": 0.1, "img_per_s": 3.0}
+    logger.log(record)
+    records = logger.tb._get_file_writer().event_writer._async_writer._writer  # tensorboard's RecordWriter
+
+    def full(_data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    records.write = full
+    for step in (2, 3):
+        logger.log({**record, "step": step})
+        time.sleep(0.2)  # the writer thread takes the events off its queue and meets the full disk
+    logger.log({**record, "step": 4})
+    logger.close()
+    captured = capfd.readouterr()
+    out = captured.out + captured.err
+    assert "Traceback" not in out, out
+    assert out.count("warning: cannot write TensorBoard events (No space left on device)") == 1, out
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
