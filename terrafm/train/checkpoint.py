@@ -149,7 +149,13 @@ def _local_bytes(state: Any) -> int:
 
 def _disk_full(err: Any) -> str | None:
     """The ENOSPC error inside `err` (itself, DCP's per-rank failures, causes) as one line, or None."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+    return _os_error(err, full_only=True)
+
+
+def _os_error(err: Any, full_only: bool = False) -> str | None:
+    """The OSError inside `err` (itself, DCP's per-rank failures, causes) as one line, or None; full_only: only
+    ENOSPC / EDQUOT (and torch's zip writer's 'unexpected pos', its ENOSPC)."""
+    if isinstance(err, OSError) and (not full_only or err.errno in (errno.ENOSPC, errno.EDQUOT)):
         return f"{type(err).__name__}: {err}"
     if isinstance(err, BaseException):
         inner = [err.__cause__, err.__context__, *err.args, *getattr(err, "failures", {}).values()]
@@ -158,7 +164,7 @@ def _disk_full(err: Any) -> str | None:
     else:
         return None
     for e in inner:
-        if e is not None and e is not err and (found := _disk_full(e)):
+        if e is not None and e is not err and (found := _os_error(e, full_only)):
             return found
     if isinstance(err, BaseException) and "unexpected pos" in str(err):  # torch's zip writer on ENOSPC
         return str(err).splitlines()[0][:200]
@@ -173,12 +179,19 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".tmp")
+    setup_failure = None
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob("step_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as err:  # a read-only file system, `checkpoints` a file, permissions: every rank stops
+            setup_failure = f"{type(err).__name__}: {err}"
+    setup_failure = _first_failure(setup_failure)
+    if setup_failure is not None:
+        raise CheckpointWriteError(f"cannot write checkpoint {final.name} in {root} ({setup_failure}); make it a "
+                                   f"writable folder; {previous_checkpoint(final)} (untouched)")
     state = _sharded_state(arch, optimizer)
     failure, entries = None, {}
     try:
@@ -192,32 +205,51 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
             entries["meta.json"] = write_hashed(tmp / "meta.json", json.dumps(meta, indent=2).encode())
             entries[METADATA] = hash_file(tmp / METADATA)
     except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
-        failure = _disk_full(err)
-        if failure is None:
+        full = _disk_full(err)
+        failure = (full is not None, full or _os_error(err))
+        if failure[1] is None:
             raise
     gathered = _all_gather((entries, failure))
     failures = [f for _, f in gathered if f is not None]
+    if failures and _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failures and not any(full for full, _ in failures):  # e.g. EROFS, EIO, EFBIG (a file-size limit)
+        raise CheckpointWriteError(f"cannot write checkpoint {final.name} in {root} ({failures[0][1]}); "
+                                   f"{previous_checkpoint(final)} (untouched)")
     if failures:
+        failures = [line for full, line in failures if full]
         need = _local_bytes(state) * _world()
         free = shutil.disk_usage(root).free
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(
             f"no space left on the device of {root} writing checkpoint {final.name}: it needs about "
             f"{need / 1e9:.3f} GB ({free / 1e9:.3f} GB free now); free space or set train.out_dir to a larger file "
             f"system; {previous_checkpoint(final)} (untouched). ({failures[0]})")
+    publish_failure = None
     if _rank() == 0:
-        files = {name: entry for e, _ in gathered for name, entry in e.items()}
-        write_hashed(tmp / MANIFEST, json.dumps({"algorithm": "sha256", "files": files}, indent=1).encode())
-        if final.exists():  # the same step saved again (e.g. signal right after a periodic save)
-            shutil.rmtree(final)
-        publish(tmp, final)
-        atomic_write_bytes(root / LATEST, final.name.encode())
-        complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in complete[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        try:
+            files = {name: entry for e, _ in gathered for name, entry in e.items()}
+            write_hashed(tmp / MANIFEST, json.dumps({"algorithm": "sha256", "files": files}, indent=1).encode())
+            if final.exists():  # the same step saved again (e.g. signal right after a periodic save)
+                shutil.rmtree(final)
+            publish(tmp, final)
+            atomic_write_bytes(root / LATEST, final.name.encode())
+        except OSError as err:  # `latest` is replaced atomically: it names the new folder or the old one
+            shutil.rmtree(tmp, ignore_errors=True)
+            publish_failure = f"{type(err).__name__}: {err}"
+        else:
+            complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+            for old in complete[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    publish_failure = _first_failure(publish_failure)
+    if publish_failure is not None:
+        raise CheckpointWriteError(f"cannot finish checkpoint {final.name} in {root} ({publish_failure}); "
+                                   f"{previous_checkpoint(final)}")
     return final
+
+
+def _first_failure(failure: str | None) -> str | None:
+    """The first rank's failure, on every rank (collective: a rank that stopped alone would hang the others)."""
+    return next((f for f in _all_gather(failure) if f is not None), None)
 
 
 def check(path: str | Path) -> None:

@@ -268,16 +268,18 @@ def resolve_ops(cfg: Config, device: torch.device) -> Config:
 def check_run_dir(run_dir: Path) -> None:
     """Prove that the run folder can be written, before anything heavy is built, without creating it: a run
     that fails in its setup (bad data, bad resume) leaves no empty folder behind. A missing folder is probed
-    in its nearest existing parent."""
-    probe = nearest_existing(run_dir)
-    try:
-        if not probe.is_dir():
-            raise NotADirectoryError(20, f"{probe} is a file, not a folder", str(probe))
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as err:
-        raise SetupError(f"cannot write the run folder {run_dir} ({err.strerror or err}); choose a writable folder "
-                         "with --out or train.out_dir / train.run_name") from err
+    in its nearest existing parent; so is its checkpoints/ folder (a file there, or a read-only one, used to stop
+    the run at its first save, after the steps since were trained)."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        probe = nearest_existing(folder)
+        try:
+            if not probe.is_dir():
+                raise NotADirectoryError(20, f"{probe} is a file, not a folder", str(probe))
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as err:
+            raise SetupError(f"cannot write the run folder {folder} ({err.strerror or err}); choose a writable "
+                             "folder with --out or train.out_dir / train.run_name") from err
 
 
 class Batches:

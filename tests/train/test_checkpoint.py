@@ -183,6 +183,49 @@ def test_a_full_disk_says_no_space_left_and_keeps_latest(tmp_path, monkeypatch, 
     assert (ckpts / "latest").read_text() == "step_00000001" and not list(ckpts.glob("*.tmp"))
 
 
+@pytest.mark.parametrize("where", ["tmp_folder", "dcp_shard", "latest"])
+def test_a_checkpoint_write_error_other_than_a_full_disk_is_one_message_and_keeps_latest(tmp_path, monkeypatch,
+                                                                                          where):
+    """EROFS (a file system remounted read-only), EIO, EFBIG at a save were a traceback and exit 1; only ENOSPC
+    was a message. Any OSError now is one, naming the checkpoint, with `latest` on the previous one."""
+    import pathlib
+
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+    from synthetic import TINY_OVERRIDES, SyntheticLoader
+
+    from terrafm.config import load_config
+
+    second = tmp_path / "run" / "checkpoints" / "step_00000001"
+    module, name = {"tmp_folder": (pathlib.Path, "mkdir"), "dcp_shard": (dcp_filesystem, "_write_item"),
+                    "latest": (checkpoint, "atomic_write_bytes")}[where]
+    original = getattr(module, name)
+
+    def read_only_at_the_second_checkpoint(*args, **kwargs):
+        hit = {"tmp_folder": str(args[0]).endswith("step_00000002.tmp"), "dcp_shard": second.exists(),
+               "latest": args[1:] == (b"step_00000002",)}[where]
+        if hit:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, read_only_at_the_second_checkpoint)
+    cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run", *RUN])
+    with pytest.raises(SetupError, match=r"cannot (write|finish) checkpoint step_00000002 in .*checkpoints "
+                                         r"\(.*Read-only file system\).*previous checkpoint is .*step_00000001"):
+        train(cfg, loader=SyntheticLoader(batch_size=4))
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000001" and not list(ckpts.glob("*.tmp"))
+
+
+def test_a_checkpoints_path_that_is_a_file_stops_the_run_before_training(tmp_path, capsys):
+    """The run trained up to its first save, then died with FileExistsError (a traceback, exit 1)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("not a folder")
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "train.max_steps=1", "train.probe=false"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the run folder" in err and "checkpoints" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_the_restricted_unpickler_accepts_what_dcp_writes(two_checkpoints):
     step1 = two_checkpoints / "run" / "checkpoints" / "step_00000001"
     metadata = checkpoint_io.read_metadata(step1)
