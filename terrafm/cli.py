@@ -21,14 +21,6 @@ COMMANDS = {
 }
 
 
-def path_arg(text: str) -> str:
-    """argparse type of a path option: an empty one (an unset shell variable) is refused with exit 2, where it
-    used to be taken as the current folder."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("is empty (an unset variable?); give a path")
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="terrafm",

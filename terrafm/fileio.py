@@ -1,9 +1,19 @@
 """Crash-safe file writes: every file or folder terrafm publishes goes through here (shards, sample data,
-checkpoints, exports, run files), so a crash leaves the old version or the whole new one, never a torn one."""
+checkpoints, exports, run files), so a crash leaves the old version or the whole new one, never a torn one;
+and the type of the commands' path options."""
 
+import argparse
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+
+def path_arg(text: str) -> str:
+    """argparse type of the commands' path options (prepare, eval, export): an empty one (an unset shell
+    variable) is refused with exit 2, where it used to be taken as the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset variable?); give a path")
+    return text
 
 
 def nearest_existing(path: Path) -> Path:

@@ -343,7 +343,7 @@ def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from terrafm.cli import path_arg
+    from terrafm.fileio import path_arg
 
     parser.add_argument("inputs", nargs="+", type=lambda t: Path(path_arg(t)),
                         help="Major-TOM parquet files/folders or GeoTIFF folders")

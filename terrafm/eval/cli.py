@@ -11,7 +11,7 @@ from terrafm.modalities import MODALITY_NAMES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from terrafm.cli import path_arg
+    from terrafm.fileio import path_arg
 
     parser.add_argument("--checkpoint", required=True, type=path_arg,
                         help="published .pth, exported .safetensors, or a `terrafm pretrain` run/checkpoint folder")

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from terrafm.fileio import atomic_write, chmod_shared, folder_problem
+from terrafm.fileio import atomic_write, chmod_shared, folder_problem, path_arg
 from terrafm.models import FUSION_PREFIX
 
 INPUT_KEYS = ("bands", "mean", "std")  # JSON-encoded {modality: [per band]} entries of the metadata
@@ -85,8 +85,6 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from terrafm.cli import path_arg
-
     parser.add_argument("checkpoint", type=path_arg,
                         help="a checkpoint folder (step_N), a run's checkpoints/ folder or a run folder")
     parser.add_argument("output", type=path_arg, help="OUT.safetensors")
