@@ -17,6 +17,34 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
+def _shape_of(x):
+    """A tensor's shape and dtype as a contiguous meta tensor (float64 as float32), anything else as it is."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return torch.empty(x.shape, dtype=torch.float32 if x.dtype == torch.float64 else x.dtype, device="meta")
+
+
+def checked_reference(validate, reference_fn):
+    """reference_fn behind a kernel's input checks (the reference alone failed deep inside torch on a wrong shape,
+    or returned NaN for a temperature of 0), so a bad input is the same error on the cpu as on a GPU. validate
+    sees the tensors' shapes and dtypes on the meta device: the kernels' own limits (cuda tensors, contiguity, no
+    float64) do not bind the reference."""
+    @functools.wraps(reference_fn)
+    def checked(*args, **kwargs):
+        validate(*map(_shape_of, args), **{k: _shape_of(v) for k, v in kwargs.items()})
+        return reference_fn(*args, **kwargs)
+
+    return checked
+
+
+def check_interpreted_dot_dtype(name: str, x: torch.Tensor) -> None:
+    """The interpreter computes bf16 tl.dot wrongly (errors of 1e11 on unit inputs): refuse it there rather than
+    return garbage; bf16 is proven on a GPU (gpu_check)."""
+    if INTERPRET and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        raise TypeError(f"{name} is bfloat16 under TRITON_INTERPRET=1, whose tl.dot gets bf16 wrong; use float16 "
+                        "or float32 on the cpu (bf16 runs on a GPU)")
+
+
 def interpreted(tensor: torch.Tensor) -> bool:
     """True when the kernel runs in the Triton interpreter (CPU tensors, TRITON_INTERPRET=1)."""
     return tensor.device.type == "cpu" or INTERPRET

@@ -32,11 +32,16 @@ def _backend_ops(backend: str) -> tuple[str, SimpleNamespace]:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "triton" if torch.cuda.is_available() or _common.INTERPRET else "torch"
-    if backend == "torch":
-        return backend, SimpleNamespace(centered_softmax=reference.centered_softmax,
-                                        sinkhorn_knopp=reference.sinkhorn_knopp,
-                                        weighted_soft_cross_entropy=reference.weighted_soft_cross_entropy,
-                                        dino_head_loss=reference.dino_head_loss)
+    if backend == "torch":  # the references behind the kernels' own checks: the same errors on any device
+        from . import dino_head_loss as head_loss_op
+        from . import dino_student_ce, dino_teacher
+
+        checked = _common.checked_reference
+        return backend, SimpleNamespace(
+            centered_softmax=checked(dino_teacher.validate_centered_softmax, reference.centered_softmax),
+            sinkhorn_knopp=checked(dino_teacher.validate_sinkhorn_knopp, reference.sinkhorn_knopp),
+            weighted_soft_cross_entropy=checked(dino_student_ce._validate, reference.weighted_soft_cross_entropy),
+            dino_head_loss=checked(head_loss_op.validate, reference.dino_head_loss))
     from .dino_head_loss import dino_head_loss
     from .dino_student_ce import weighted_soft_cross_entropy
     from .dino_teacher import centered_softmax, sinkhorn_knopp

@@ -76,6 +76,7 @@ from ._common import (
     aligned_at_production,
     check_alpha,
     check_head_loss_shapes,
+    check_interpreted_dot_dtype,
     check_positive,
     check_tensor,
     descriptor_operand,
@@ -519,6 +520,8 @@ def _validate(student_features, teacher_features, weight_v, weight_g, center, ce
     device = student_features.device
     check_tensor("teacher_features", teacher_features, 3, device)
     check_tensor("weight_v", weight_v, 2, device)
+    for name, x in (("student_features", student_features), ("weight_v", weight_v)):
+        check_interpreted_dot_dtype(name, x)
     if teacher_weight_v is not None:
         check_tensor("teacher_weight_v", teacher_weight_v, 2, device)
     check_head_loss_shapes(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
@@ -538,6 +541,14 @@ def _validate(student_features, teacher_features, weight_v, weight_g, center, ce
     check_positive("teacher_temperature", teacher_temperature)
     check_positive("student_temperature", student_temperature)
     check_alpha(alpha)
+
+
+def validate(student_features, teacher_features, weight_v, center, center_high, high_weight,
+             teacher_temperature, student_temperature, alpha, weight_g=None, teacher_weight_v=None,
+             teacher_weight_g=None) -> None:
+    """dino_head_loss's input checks, in its argument order (also its torch backend's: modules, dino.py)."""
+    _validate(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,
+              teacher_temperature, student_temperature, alpha, teacher_weight_v, teacher_weight_g)
 
 
 def dino_head_loss(student_features, teacher_features, weight_v, center, center_high, high_weight,

@@ -314,6 +314,18 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, tempera
 
     teacher_logits (..., K) fp32/fp16/bf16; center with K elements (DINOv2's (1, K) or (1, 1, K) buffer).
     """
+    validate_centered_softmax(teacher_logits, center, temperature)
+    K = teacher_logits.shape[-1]
+    logits = teacher_logits.reshape(-1, K)
+    if logits.shape[0] == 0:  # no rows (iBOT with no masked patch): DINOv2's empty softmax
+        return teacher_logits.new_empty(teacher_logits.shape, dtype=torch.float32)
+    center = center.detach().reshape(K).float().contiguous()
+    return _launch(MODE_SOFTMAX, logits.detach(), 1.0 / float(temperature), center, center=True).reshape(
+        teacher_logits.shape)
+
+
+def validate_centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> None:
+    """centered_softmax's input checks (also its torch backend's, in dino.py)."""
     check_tensor("teacher_logits", teacher_logits, None, contiguous=False)
     check_tensor("center", center, None, teacher_logits.device, FLOAT_DTYPES + (torch.float64,), contiguous=False)
     K = teacher_logits.shape[-1]
@@ -324,13 +336,7 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, tempera
         raise ValueError(f"center must be (K,), (1, K) or (1, 1, K) with K={K} (teacher_logits "
                          f"{tuple(teacher_logits.shape)}), got shape {tuple(center.shape)}")
     check_positive("teacher_temp", temperature)
-    logits = teacher_logits.reshape(-1, K)
-    _validate(logits, temperature)
-    if logits.shape[0] == 0:  # no rows (iBOT with no masked patch): DINOv2's empty softmax
-        return teacher_logits.new_empty(teacher_logits.shape, dtype=torch.float32)
-    center = center.detach().reshape(K).float().contiguous()
-    return _launch(MODE_SOFTMAX, logits.detach(), 1.0 / float(temperature), center, center=True).reshape(
-        teacher_logits.shape)
+    _validate(teacher_logits.reshape(-1, K), temperature)
 
 
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iterations: int = 3,
@@ -342,12 +348,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
     DINOv2's sample count B (R x world size, or iBOT's n_masked_patches_tensor) only scales whole
     columns that the next normalisation divides out, so it does not enter.
     """
-    _validate(teacher_logits, temperature)
-    check_size("n_iterations", n_iterations)  # DINOv2 uses 3
+    validate_sinkhorn_knopp(teacher_logits, temperature, n_iterations, all_reduce)
     n_iterations = int(n_iterations)
-    if all_reduce is not None and not callable(all_reduce):
-        raise TypeError(f"all_reduce must be a function all_reduce(tensor, op) or None, got "
-                        f"{type(all_reduce).__name__} {all_reduce!r}")
     logits = teacher_logits.detach()
     if logits.shape[0] == 0:  # a rank with no rows (iBOT: no masked patch) still joins every all-reduce
         return reference.sinkhorn_knopp(logits, float(temperature), n_iterations, all_reduce)
@@ -360,6 +362,16 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
             all_reduce(mass, "sum")
         bias = bias - torch.log2(mass)
     return _launch(MODE_SOFTMAX, logits, scale, bias)
+
+
+def validate_sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iterations: int = 3,
+                            all_reduce=None) -> None:
+    """sinkhorn_knopp's input checks (also its torch backend's, in dino.py)."""
+    _validate(teacher_logits, temperature)
+    check_size("n_iterations", n_iterations)  # DINOv2 uses 3
+    if all_reduce is not None and not callable(all_reduce):
+        raise TypeError(f"all_reduce must be a function all_reduce(tensor, op) or None, got "
+                        f"{type(all_reduce).__name__} {all_reduce!r}")
 
 
 def roofline_cost(R: int, K: int, dtype_bytes: int = 2, n_iterations: int = 0) -> dict[str, int]:

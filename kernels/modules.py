@@ -2,21 +2,36 @@
 
 Each op file (patch_embed, fusion, teacher_softmax, dino_cross_entropy, dino_head_loss) holds the
 Triton kernels, the launcher and the autograd custom op; the modules here only call its public
-function. A module that takes CPU tensors picks, when it is built, the kernel under
-TRITON_INTERPRET=1 or else the reference. The DINOv2 drop-ins (DINOLoss, iBOTPatchLoss) live in dino.py.
+function. Every module runs the kernel on CUDA tensors; on CPU tensors it picks, when it is built, the
+kernel under TRITON_INTERPRET=1 or else the reference behind the kernel's own input checks (less the
+kernels' device, contiguity and float64 limits), so a bad input is the same error on the cpu as on a GPU.
+The DINOv2 drop-ins (DINOLoss, iBOTPatchLoss) live in dino.py.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from . import _common, reference
+from . import dino_cross_entropy as _cross_entropy_op
+from . import dino_head_loss as _head_loss_op
+from . import fusion as _fusion_op
+from . import patch_embed as _patch_embed_op
+from . import teacher_softmax as _teacher_softmax_op
 from ._common import check_alpha, check_positive, check_size, check_unit_interval
 from .dino_cross_entropy import dino_cross_entropy
 from .dino_head_loss import MAX_D, dino_head_loss
 from .fusion import MAX_QUERIES, cross_attention_fusion
 from .patch_embed import patch_embed
 from .teacher_softmax import teacher_softmax
+
+
+def _cpu_impl(kernel: Callable, validate: Callable, reference_fn: Callable) -> Callable:
+    """What a module runs on CPU tensors: the kernel under TRITON_INTERPRET=1, else reference_fn after
+    validate(*args) (the kernel's checks, for the reference): the reference alone failed deep inside torch on
+    a wrong shape, or returned NaN for a temperature of 0."""
+    return kernel if _common.INTERPRET else _common.checked_reference(validate, reference_fn)
 
 
 def _pair(name: str, value) -> tuple[int, int]:
@@ -53,7 +68,8 @@ class PatchEmbed(torch.nn.Module):
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = torch.nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
-        self.cpu_impl = patch_embed if _common.INTERPRET else reference.patch_embed
+        self.cpu_impl = _cpu_impl(patch_embed, lambda x, w, b: _patch_embed_op.validate(x, w, b, None, None),
+                                  reference.patch_embed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -85,7 +101,7 @@ class CrossAttentionFusion(torch.nn.Module):
         self.num_heads = num_heads
         self.queries = torch.nn.Parameter(torch.randn(num_queries, dim) * 0.02)
         self.pool = torch.nn.Parameter(torch.zeros(dim))
-        self.cpu_impl = cross_attention_fusion if _common.INTERPRET else reference.cross_attention_fusion
+        self.cpu_impl = _cpu_impl(cross_attention_fusion, _fusion_op.validate, reference.cross_attention_fusion)
 
     def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         for name, x in (("keys", keys), ("values", values)):
@@ -117,10 +133,11 @@ class DualCenteringSoftmax(torch.nn.Module):
         self.center_high_momentum = center_high_momentum
         self.register_buffer("center", torch.zeros(num_prototypes))
         self.register_buffer("center_high", torch.zeros(num_prototypes))
+        self.cpu_impl = _cpu_impl(teacher_softmax, _teacher_softmax_op._validate, reference.teacher_softmax)
 
     def forward(self, teacher_logits, high_weight, temperature: float):
-        return teacher_softmax(teacher_logits, self.center, self.center_high, high_weight, temperature,
-                               self.alpha)
+        fn = teacher_softmax if getattr(teacher_logits, "is_cuda", False) else self.cpu_impl
+        return fn(teacher_logits, self.center, self.center_high, high_weight, temperature, self.alpha)
 
     @torch.no_grad()
     def update(self, logit_sum: torch.Tensor, high_logit_sum: torch.Tensor, rows: float,
@@ -148,9 +165,11 @@ class DINOCrossEntropy(torch.nn.Module):
         super().__init__()
         check_positive("student_temperature", student_temperature)
         self.student_temperature = student_temperature
+        self.cpu_impl = _cpu_impl(dino_cross_entropy, _cross_entropy_op._validate, reference.dino_cross_entropy)
 
     def forward(self, student_logits, teacher_probs):
-        return dino_cross_entropy(student_logits, teacher_probs, self.student_temperature)
+        fn = dino_cross_entropy if getattr(student_logits, "is_cuda", False) else self.cpu_impl
+        return fn(student_logits, teacher_probs, self.student_temperature)
 
 
 class DINOHeadLoss(torch.nn.Module):
@@ -175,11 +194,13 @@ class DINOHeadLoss(torch.nn.Module):
         torch.nn.init.trunc_normal_(self.weight_v, std=0.02)
         self.weight_g = torch.nn.Parameter(torch.ones(num_prototypes, 1)) if train_weight_g else None
         self.centering = DualCenteringSoftmax(num_prototypes, alpha, center_momentum, center_high_momentum)
+        self.cpu_impl = _cpu_impl(dino_head_loss, _head_loss_op.validate, reference.dino_head_loss)
 
     def forward(self, student_features, teacher_features, high_weight, teacher_temperature: float,
                 teacher_weight_v=None, teacher_weight_g=None):
         c = self.centering
-        return dino_head_loss(student_features, teacher_features, self.weight_v, c.center, c.center_high,
+        fn = dino_head_loss if getattr(student_features, "is_cuda", False) else self.cpu_impl
+        return fn(student_features, teacher_features, self.weight_v, c.center, c.center_high,
                               high_weight, teacher_temperature, self.student_temperature, c.alpha,
                               self.weight_g, teacher_weight_v, teacher_weight_g)
 

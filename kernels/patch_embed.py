@@ -32,6 +32,7 @@ import triton.language as tl
 from ._common import (
     TRITON_DTYPE,
     aligned_at_production,
+    check_interpreted_dot_dtype,
     check_patch_grid,
     check_tensor,
     descriptor_operand,
@@ -241,6 +242,7 @@ def validate(x, weight, bias, modality_embed, pos_embed) -> None:
         raise ValueError(f"x has {Cx} channels but weight expects C={C} (weight shape {tuple(weight.shape)})")
     check_patch_grid(H, W, p)
     check_tensor("x", x, 4, contiguous=False)
+    check_interpreted_dot_dtype("x", x)
     check_tensor("weight", weight, 4, x.device, contiguous=False)
     if bias is not None:
         check_tensor("bias", bias, 1, x.device, shape=(E,), contiguous=False)

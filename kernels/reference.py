@@ -32,7 +32,7 @@ def patch_embed(
     # A GEMM on the patches: the conv's math (stride = kernel), without F.conv2d, whose oneDNN 3.12 bf16
     # path on CPU returned wrong values for 12 input channels on a Xeon (error 5.5 on outputs of size 5)
     B, C, H, W = x.shape
-    patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
+    patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
     out = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
     if modality_embed is not None:
         out = out + modality_embed.reshape(1, 1, -1)

@@ -1,0 +1,81 @@
+"""The drop-in modules on CPU tensors without TRITON_INTERPRET (a user's laptop): the reference, behind the
+kernels' own input checks, so a bad input is the same error as on a GPU; and bf16 refused under the interpreter.
+
+The test session sets TRITON_INTERPRET=1 before triton is imported (tests/conftest.py), so the reference path
+runs in a subprocess with it cleared.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from terrafm_kernels import _common
+
+CPU_SCRIPT = r"""
+import torch
+from terrafm_kernels import _common, reference as R
+from terrafm_kernels.dino import DINOLoss
+from terrafm_kernels.modules import (CrossAttentionFusion, DINOCrossEntropy, DINOHeadLoss, DualCenteringSoftmax,
+                                     PatchEmbed)
+
+assert not _common.INTERPRET
+torch.manual_seed(0)
+
+def refused(call, kind, text):
+    try:
+        call()
+    except kind as err:
+        assert text in str(err), (text, str(err))
+        return
+    raise AssertionError(f"accepted: {text}")
+
+fusion, embed = CrossAttentionFusion(32, 3, 4), PatchEmbed(32, 8, 3, 16)
+refused(lambda: fusion(torch.randn(10, 3, 16), torch.randn(10, 3, 16)), ValueError, "must match the token width")
+refused(lambda: fusion(torch.randn(10, 3, 32), torch.randn(9, 3, 32)), ValueError, "must have the shape of keys")
+refused(lambda: fusion(torch.randn(10, 17, 32), torch.randn(10, 17, 32)), ValueError, "1..16 modality tokens")
+refused(lambda: embed(torch.randn(2, 4, 32, 32)), ValueError, "x has 4 channels but weight expects C=3")
+softmax = DualCenteringSoftmax(64)
+refused(lambda: softmax(torch.randn(8, 64), torch.zeros(8), 0.0), ValueError, "temperature must be > 0")
+refused(lambda: softmax(torch.randn(8, 32), torch.zeros(8), 0.04), ValueError, "")
+refused(lambda: DINOCrossEntropy(0.1)(torch.randn(4, 2, 64), torch.rand(2, 3, 64)), ValueError, "")
+refused(lambda: DINOHeadLoss(16, 64)(torch.randn(4, 2, 8), torch.randn(2, 2, 8), torch.zeros(4), 0.04), ValueError, "")
+dino = DINOLoss(8)
+refused(lambda: dino.softmax_center_teacher(torch.randn(4, 8), 0.0), ValueError, "teacher_temp must be > 0")
+refused(lambda: dino.softmax_center_teacher(torch.randn(4, 16), 0.04), ValueError, "center must be (K,)")
+refused(lambda: dino.sinkhorn_knopp_teacher(torch.randn(4, 8), 0.04, n_iterations=3.0), TypeError, "must be an int")
+
+# what the kernels refuse for their own reasons the reference takes: float64, non-contiguous, an empty batch
+x = torch.randn(2, 3, 32, 32)
+torch.testing.assert_close(embed(x), R.patch_embed(x, embed.proj.weight, embed.proj.bias))
+assert embed.double()(x.double()).dtype == torch.float64
+embed.float()
+assert embed(x.transpose(2, 3)).shape == (2, 16, 16) and embed(x[:0]).shape == (0, 16, 16)
+keys = torch.randn(6, 3, 32)
+torch.testing.assert_close(fusion(keys, keys), R.cross_attention_fusion(keys, keys, fusion.queries, fusion.pool, 4))
+probs, _, _ = softmax(torch.randn(8, 64), torch.zeros(8), 0.04)
+torch.testing.assert_close(probs.sum(1), torch.ones(8))
+print("ok")
+"""
+
+
+def test_modules_on_cpu_check_inputs_like_the_kernels_and_compute_the_reference():
+    """Without the interpreter, wrong shapes failed deep in torch ('shape [3, 4, 4] is invalid'), a temperature of
+    0 gave NaN, and the three loss modules refused CPU tensors outright ('the Triton kernels need cuda')."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", CPU_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not _common.INTERPRET, reason="checks the Triton interpreter (tests/conftest.py sets it)")
+def test_bf16_under_the_interpreter_is_refused_for_the_dot_kernels():
+    """The interpreter's bf16 tl.dot returned errors of ~1e11 (PatchEmbed) and a loss of 3e12 (DINOHeadLoss)."""
+    from terrafm_kernels.modules import DINOHeadLoss, PatchEmbed
+
+    with pytest.raises(TypeError, match="bfloat16 under TRITON_INTERPRET=1"):
+        PatchEmbed(32, 8, 3, 16).bfloat16()(torch.randn(2, 3, 32, 32).bfloat16())
+    head = DINOHeadLoss(16, 64)
+    with pytest.raises(TypeError, match="bfloat16 under TRITON_INTERPRET=1"):
+        head(torch.randn(4, 2, 16).bfloat16(), torch.randn(2, 2, 16).bfloat16(), torch.zeros(4), 0.04)
