@@ -83,6 +83,8 @@ def check_patch_grid(height: int, width: int, patch: int) -> None:
     """Every backend refuses an image that is not a whole number of patches (none silently crops)."""
     if patch < 1:
         raise ValueError(f"the patch size p of weight (E, C, p, p) must be >= 1, got {patch}")
+    if height < 1 or width < 1:
+        raise ValueError(f"image size {height}x{width} has no pixels; an image is at least one patch ({patch}x{patch})")
     if height % patch or width % patch:
         fit = f"{-(-height // patch) * patch}x{-(-width // patch) * patch} or {height // patch * patch}x" \
               f"{width // patch * patch}"

@@ -2,7 +2,9 @@
 
 import argparse
 import json
+import math
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,13 +61,15 @@ INPUT_METADATA_KEYS = ("bands", "mean", "std", "s1_scaling", "img_size", "patch_
 
 
 INPUT_METADATA_FORMS = {"bands": "a JSON object {modality: [band names]}",
-                        "mean": "a JSON object {modality: [numbers]}", "std": "a JSON object {modality: [numbers]}",
+                        "mean": "a JSON object {modality: [finite numbers]}",
+                        "std": "a JSON object {modality: [positive finite numbers]}",
                         "s1_scaling": "db or linear", "img_size": "a positive integer",
                         "patch_size": "a positive integer"}
 
 
 def _metadata_fits(key: str, value) -> bool:
-    """Whether a decoded input_metadata entry has the form eval relies on (INPUT_METADATA_FORMS)."""
+    """Whether a decoded input_metadata entry has the form eval relies on (INPUT_METADATA_FORMS); statistics are
+    finite and a std positive (a NaN mean normalised every image to NaN: chance-level scores with exit 0)."""
     if key == "s1_scaling":
         return value in ("db", "linear")
     if key in ("img_size", "patch_size"):
@@ -73,6 +77,7 @@ def _metadata_fits(key: str, value) -> bool:
     kinds = (str,) if key == "bands" else (int, float)
     return isinstance(value, dict) and all(
         isinstance(v, list) and all(isinstance(x, kinds) and not isinstance(x, bool) for x in v)
+        and (key == "bands" or all(math.isfinite(x) and (key == "mean" or x > 0) for x in v))
         for v in value.values())
 
 
@@ -93,6 +98,46 @@ def _input_metadata(meta: dict, path: Path) -> dict:
     return out
 
 
+FILE_KINDS = ((b"version https://git-lfs", "a Git LFS pointer, not the weights (run `git lfs pull` where it was "
+                                           "cloned)"),
+              (b"\x89HDF", "an HDF5 file"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+              (b"\x93NUMPY", "a NumPy .npy array"), (b"PAR1", "a Parquet file"))
+
+
+def _file_kind(path: Path) -> str | None:
+    """What a file that torch.load cannot read is, from its first bytes: 'safetensors' (read as such whatever its
+    name), a Git LFS pointer or an HTML page (a download gone wrong), another known format; None if unknown."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if len(head) > 10 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 100 * 2**20:
+        return "safetensors"
+    if head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+        return "an HTML page (a download that saved a web page instead of the file)"
+    return next((kind for magic, kind in FILE_KINDS if head.startswith(magic)), None)
+
+
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_weights(state: dict[str, torch.Tensor], source: str) -> None:
+    """Every tensor a dense, finite float one: a checkpoint of NaN weights gave chance-level features with exit 0,
+    integer or float8 weights garbage, an FSDP2 (DTensor), meta, sparse or quantized one a traceback."""
+    for key, value in state.items():
+        kind = ("a sharded DTensor (an FSDP2 state_dict: save it gathered, e.g. get_model_state_dict with "
+                "full_state_dict=True)" if type(value).__name__ == "DTensor" else
+                "on the meta device (no values)" if value.is_meta else
+                f"a {value.layout} tensor" if value.layout != torch.strided else
+                "quantized" if value.is_quantized else
+                f"{value.dtype}, not float16/bfloat16/float32/float64" if value.dtype not in WEIGHT_DTYPES else None)
+        if kind is None and not torch.isfinite(value).all():
+            kind = f"holds {int((~torch.isfinite(value)).sum())} NaN or inf values"
+        if kind is not None:
+            raise ValueError(f"{source}: weight {key} {tuple(value.shape)} is {kind}")
+
+
 def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], dict]:
     """(model name, state_dict, input metadata) of a checkpoint file or folder; ValueError for anything else."""
     from terrafm.checkpoint_io import LATEST
@@ -107,7 +152,7 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
         model = meta.get("model", {})
         sizes = {k: model[k] for k in ("img_size", "patch_size") if k in model}
         return name, state, {**meta.get("data", {}), **sizes}
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _file_kind(path) == "safetensors":
         from safetensors import safe_open
 
         try:
@@ -122,9 +167,14 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says it all
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"{path} is a pickle PyTorch's weights-only loader refuses (it names classes other than "
-                         "tensors and containers, or was not written by torch.save); terrafm never runs code from a "
-                         "file: save a plain state_dict instead") from err
+        kind = _file_kind(path)
+        if kind:
+            raise ValueError(f"{path} is not a PyTorch checkpoint: it is {kind}") from err
+        named = re.search(r"GLOBAL ([\w.]+)", str(err))
+        raise ValueError(f"{path} is a pickle PyTorch's weights-only loader refuses (it names "
+                         f"{named.group(1) if named else 'classes other than tensors and containers'}, or was not "
+                         "written by torch.save); terrafm never runs code from a file: save a plain state_dict of "
+                         "tensors instead") from err
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"{path} is not a PyTorch checkpoint terrafm can read ({type(err).__name__}: {first}); "
@@ -161,7 +211,8 @@ def backbone_entries(state: dict[str, torch.Tensor], source: str = "the state_di
     student (DINO, DINOv2 training checkpoints) the teacher is taken, as DINO evaluates. Heads are not part of it."""
     state = {_unwrapped(k): v for k, v in state.items()}
     prefixes = sorted({k[:-len(BACKBONE_ANCHOR)] for k in state if k.endswith(BACKBONE_ANCHOR)})
-    teacher = [p for p in prefixes if p.startswith("teacher.")]
+    # 'teacher.' (DINO), 'model.teacher.backbone.' (a Lightning module around it), 'teacher_backbone.' (lightly)
+    teacher = [p for p in prefixes if any(part == "teacher" or part.startswith("teacher_") for part in p.split("."))]
     if len(prefixes) > 1 and len(teacher) == 1:
         prefixes = teacher
     if len(prefixes) > 1:
@@ -189,6 +240,12 @@ def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> T
     if missing:
         raise ValueError(f"{path} is not a TerraFM backbone: its state_dict has no {', '.join(missing)} "
                          f"(its keys begin {sorted(state)[:3]})")
+    check_weights(state, str(path))
+    for key, ndim in (("cls_token", 3), ("pos_embed", 3), ("patch_embed.conv2d_s1.weight", 4)):
+        shape = tuple(state[key].shape)
+        if len(shape) != ndim or 0 in shape or (key == "pos_embed" and shape[1] < 2):
+            raise ValueError(f"{path}: {key} has shape {shape}; a TerraFM backbone's is {ndim}-D "
+                             "(pos_embed (1, 1 + patches, D), cls_token (1, 1, D), conv weight (D, C, p, p))")
     name = name or stored_name or infer_model_name(state)
     n_pos = state["pos_embed"].shape[1] - 1
     side = int(round(n_pos**0.5))

@@ -41,6 +41,9 @@ class TerraFM(nn.Module):
         """`ops` ({op: backend | "auto"}) and `ops_device` choose, through the op registry, the
         attention, patch_embed and cross_attention_fusion implementations, once, here."""
         super().__init__()
+        for key, value in (("img_size", img_size), ("patch_size", patch_size)):
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{key} must be a positive whole number of pixels, got {value!r}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.name, self.embed_dim, self.patch_size, self.img_size = name, embed_dim, patch_size, img_size

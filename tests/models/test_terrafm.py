@@ -275,12 +275,72 @@ def test_export_metadata_of_another_form_is_refused_by_name(tmp_path):
 
     state = {k: v.contiguous() for k, v in build_model("terrafm_tiny").state_dict().items()}
     for key, value, form in (("bands", '["B01"]', r"a JSON object \{modality: \[band names\]\}"),
-                             ("mean", '{"s1": 3}', r"a JSON object \{modality: \[numbers\]\}"),
+                             ("mean", '{"s1": 3}', r"a JSON object \{modality: \[finite numbers\]\}"),
+                             ("mean", '{"s1": [NaN, 1.0]}', r"a JSON object \{modality: \[finite numbers\]\}"),
+                             ("std", '{"s1": [0.0, 1.0]}', r"a JSON object \{modality: \[positive finite numbers\]\}"),
                              ("s1_scaling", "decibel", "db or linear"), ("img_size", "32.5", "a positive integer")):
         path = tmp_path / f"{key}.safetensors"
         save_file(state, str(path), metadata={"model": "terrafm_tiny", key: value})
         with pytest.raises(ValueError, match=rf"{key}\.safetensors: metadata '{key}' is '.*'; expected {form}"):
             load_checkpoint(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda v: v * float("nan"), "holds .* NaN or inf values"),  # eval scored chance with exit 0
+    (lambda v: (v * 100).to(torch.int8), "torch.int8, not float16/bfloat16/float32/float64"),  # loaded as garbage
+    (lambda v: v.to_sparse(), "a torch.sparse_coo tensor"),
+])
+def test_weights_that_are_not_finite_dense_floats_are_refused_by_name(tmp_path, change, message):
+    model = build_model("terrafm_tiny")
+    state = model.state_dict()
+    state["blocks.0.attn.qkv.weight"] = change(state["blocks.0.attn.qkv.weight"])
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=f"weight blocks.0.attn.qkv.weight .* is {message}"):
+        load_checkpoint(tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize("content, kind", [
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n", "a Git LFS pointer"),
+    (b"<!DOCTYPE html><html><body>Not Found</body></html>", "an HTML page"),
+    (b"\x89HDF\r\n\x1a\n" + bytes(64), "an HDF5 file"),
+])
+def test_a_file_that_is_not_a_pickle_says_what_it_is(tmp_path, content, kind):
+    """A clone without git-lfs or a wget of a wrong URL was called 'a pickle that names classes'."""
+    (tmp_path / "TerraFM-B.pth").write_bytes(content)
+    with pytest.raises(ValueError, match=f"is not a PyTorch checkpoint: it is {kind}"):
+        load_checkpoint(tmp_path / "TerraFM-B.pth")
+
+
+def test_safetensors_under_another_name_and_a_teacher_under_a_nested_prefix_load(tmp_path):
+    from safetensors.torch import save_file
+
+    model = build_model("terrafm_tiny")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "w.sft"))  # was refused as a pickle
+    torch.testing.assert_close(load_checkpoint(tmp_path / "w.sft").state_dict(), model.state_dict())
+    other = {k: v + 1 for k, v in state.items()}
+    for teacher, student in (("model.teacher.backbone.", "model.student.backbone."),  # Lightning around DINO
+                             ("teacher_backbone.", "student_backbone.")):  # lightly
+        wrapped = {**{teacher + k: v for k, v in state.items()}, **{student + k: v for k, v in other.items()}}
+        torch.save({"state_dict": wrapped}, tmp_path / "dino.ckpt")
+        torch.testing.assert_close(load_checkpoint(tmp_path / "dino.ckpt").state_dict(), model.state_dict())
+
+
+def test_a_refused_pickle_names_the_class_it_refers_to(tmp_path):
+    import numpy as np
+
+    torch.save({"model": build_model("terrafm_tiny").state_dict(), "best_acc": np.float64(0.9)}, tmp_path / "m.pth")
+    with pytest.raises(ValueError, match=r"refuses \(it names numpy\.[\w.]*scalar"):
+        load_checkpoint(tmp_path / "m.pth")
+
+
+def test_images_and_models_of_no_size_are_refused():
+    with pytest.raises(ValueError, match="img_size must be a positive whole number"):
+        build_model("terrafm_tiny", img_size=0)
+    with pytest.raises(ValueError, match="patch_size must be a positive whole number"):
+        build_model("terrafm_tiny", patch_size=0)
+    with pytest.raises(ValueError, match="image size 0x32 has no pixels"):
+        build_model("terrafm_tiny", img_size=32)(torch.randn(1, 12, 0, 32), "s2_l2a")
 
 
 class _RunsCode:
