@@ -8,7 +8,8 @@
 Exit codes: 0 done; 1 training diverged (NaN/Inf loss, too many non-finite gradient norms in a row, collapse
 under train.stop_on_collapse);
 2 fix the setup and rerun (configuration, output folder, data, checkpoint, full disk, out of memory: the
-message says what); 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue and pass --resume.
+message says what); 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue and pass --resume;
+130 stopped by Ctrl-C (after a checkpoint at the step's end; a second Ctrl-C stops at once).
 """
 
 import argparse
@@ -134,10 +135,14 @@ def train_exit_code(cfg, resume, loader=None) -> int:
     except TrainingError as err:
         print(f"terrafm pretrain: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; a checkpoint being written is left as .tmp
+        print("terrafm pretrain: interrupted; the checkpoints/latest of the run folder names the last complete "
+              "checkpoint (--resume continues from it)", file=sys.stderr)
+        return 130
     except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU allocator
         if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
             raise
         print(f"terrafm pretrain: out of memory ({str(err).strip().splitlines()[0]}); lower data.batch_size or the "
               "model and head sizes (model.name, ssl.num_prototypes, ssl.head_hidden_dim)", file=sys.stderr)
         return 2
-    return REQUEUE_EXIT_CODE if result.preempted else 0
+    return REQUEUE_EXIT_CODE if result.preempted else 130 if result.interrupted else 0

@@ -20,6 +20,7 @@ import os
 import random
 import resource
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class TrainResult:
     checkpoint: Path | None  # the newest complete checkpoint
     preempted: bool  # stopped by SIGTERM/SIGUSR1 after checkpointing
     probe: Any = None  # terrafm.eval.learning.ProbeResult of the end-of-run probe, when it ran (rank 0)
+    interrupted: bool = False  # stopped by Ctrl-C after checkpointing
 
 
 @dataclass
@@ -134,17 +136,29 @@ def init_distributed(cfg: Config) -> DistEnv:
 
 
 class PreemptionFlag:
-    """Records SIGTERM / SIGUSR1 (SLURM preemption, --signal=USR1@120); acted on at the step end. Installed
-    before setup, so a signal that arrives while the run is still starting stops it after its first step
-    (checkpoint, exit 75, requeue) instead of killing it (exit 143, no requeue)."""
+    """Records SIGTERM / SIGUSR1 (SLURM preemption, --signal=USR1@120) and Ctrl-C (SIGINT); acted on at the step
+    end. Installed before setup, so a signal that arrives while the run is still starting stops it after its
+    first step (checkpoint, exit 75, requeue) instead of killing it (exit 143, no requeue). Ctrl-C stops the same
+    way without the requeue (exit 130); a second Ctrl-C stops at once, without that checkpoint (a KeyboardInterrupt
+    mid-save used to be a traceback, with the step's work since the last checkpoint lost)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C: checkpoint, but no requeue."""
+        return self.signum == signal.SIGINT
+
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop now, without it)",
+                  file=sys.stderr, flush=True)
         self.signum = signum
 
     def install(self) -> None:
@@ -672,6 +686,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                 profiler = None
             if step % t.checkpoint_every == 0 or step == total_steps or stop_requested:
                 latest = save()
+            if stop_requested and stop.interrupted:
+                logger.write(f"interrupted: checkpoint {latest} written at step {step}; --resume continues from it")
+                return TrainResult(run_dir, step, latest, preempted=False, interrupted=True)
             if stop_requested:
                 if env.rank == 0:  # the marker the SLURM scripts requeue on (torchrun hides exit code 75)
                     (run_dir / "preempted").write_text(f"{step}\n")

@@ -3,6 +3,7 @@
 import json
 import signal
 import subprocess
+import time
 
 from train_harness import FAULT_RUN, harness_cmd, losses, run_harness, wait_for
 
@@ -53,3 +54,38 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
     step_dir = ckpts / (ckpts / "latest").read_text()
     assert json.loads((step_dir / "meta.json").read_text())["step"] == last_logged
     assert step_dir.is_dir() and (tmp_path / "run" / "preempted").read_text().strip() == str(last_logged)
+
+
+def test_ctrl_c_checkpoints_at_the_step_end_and_a_second_stops_at_once(tmp_path):
+    """Ctrl-C was a KeyboardInterrupt traceback wherever it landed (mid-save too), losing the steps since the
+    last checkpoint. Now the first one stops like SIGTERM but without the requeue marker (exit 130); a second
+    one, here during a save that hangs, stops at once, one line, `latest` untouched."""
+    proc = subprocess.Popen(harness_cmd(tmp_path, "train.max_steps=1000", "train.checkpoint_every=1000"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "Ctrl-C: stopping after this step with a checkpoint" in err
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").exists() and not (tmp_path / "run" / "preempted").exists()
+
+    second = tmp_path / "second"
+    proc = subprocess.Popen(harness_cmd(second, "--hang-in-save", "1", "train.max_steps=1000",
+                                        "train.checkpoint_every=2"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (second / "hanging").exists(), proc)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)  # two signals sent together are one pending signal to Python
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "interrupted; the checkpoints/latest of the run folder names the last complete checkpoint" in err
+    assert not (second / "run" / "checkpoints" / "latest").exists()  # the hanging save never published
