@@ -185,7 +185,9 @@ def latest_checkpoint(root: str | Path) -> Path | None:
                               "folder instead")
     path = root / name
     if not _complete(path):
-        raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint; "
+        lacks = "is not there" if not path.is_dir() else \
+            f"lacks {', '.join(n for n in (METADATA, 'meta.json', MANIFEST) if not (path / n).exists())}"
+        raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint (it {lacks}); "
                               f"{previous_checkpoint(path)}")
     return path
 

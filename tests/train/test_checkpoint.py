@@ -281,6 +281,14 @@ def test_a_bad_latest_pointer_is_one_checkpoint_error(two_checkpoints, tmp_path,
     assert "latest" in capsys.readouterr().err
 
 
+def test_latest_naming_an_incomplete_checkpoint_names_the_missing_file(two_checkpoints, tmp_path):
+    out = _copy(two_checkpoints, tmp_path)
+    (out / "run" / "checkpoints" / "step_00000002" / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match=r"names step_00000002, which is not a complete checkpoint \(it lacks "
+                                              r"meta.json\); the previous checkpoint is .*step_00000001"):
+        checkpoint_io.latest_checkpoint(out / "run" / "checkpoints")
+
+
 @pytest.mark.parametrize("manifest", ['{"files": {"meta.json": "x"}}', '{"files": [1]}',
                                       '{"files": {"meta.json": {"sha256": "00"}}}'])
 def test_a_malformed_manifest_is_one_message(two_checkpoints, tmp_path, capsys, manifest):
