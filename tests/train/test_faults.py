@@ -38,17 +38,24 @@ def test_kill_while_writing_a_checkpoint_leaves_latest_complete(reference_run, t
     assert not list(ckpts.glob("*.tmp"))
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
+def _signal_after_two_steps(tmp_path, signum) -> tuple[int, str]:
+    """A long run signalled once it has logged two steps: (exit code, stderr)."""
     proc = subprocess.Popen(harness_cmd(tmp_path, "train.max_steps=1000", "train.checkpoint_every=1000"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     try:
         wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == REQUEUE_EXIT_CODE, err[-2000:]
+    return proc.returncode, err
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
+    code, err = _signal_after_two_steps(tmp_path, signal.SIGTERM)
+    assert code == REQUEUE_EXIT_CODE, err[-2000:]
+    metrics = tmp_path / "run" / "metrics.jsonl"
     last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
     ckpts = tmp_path / "run" / "checkpoints"
     step_dir = ckpts / (ckpts / "latest").read_text()
@@ -60,16 +67,8 @@ def test_ctrl_c_checkpoints_at_the_step_end_and_a_second_stops_at_once(tmp_path)
     """Ctrl-C was a KeyboardInterrupt traceback wherever it landed (mid-save too), losing the steps since the
     last checkpoint. Now the first one stops like SIGTERM but without the requeue marker (exit 130); a second
     one, here during a save that hangs, stops at once, one line, `latest` untouched."""
-    proc = subprocess.Popen(harness_cmd(tmp_path, "train.max_steps=1000", "train.checkpoint_every=1000"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    try:
-        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    code, err = _signal_after_two_steps(tmp_path, signal.SIGINT)
+    assert code == 130 and "Traceback" not in err, err[-2000:]
     assert "Ctrl-C: stopping after this step with a checkpoint" in err
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "latest").exists() and not (tmp_path / "run" / "preempted").exists()
