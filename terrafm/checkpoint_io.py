@@ -19,6 +19,7 @@ weights are smoother and transfer better) on one process without any process gro
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import warnings
@@ -249,11 +250,15 @@ def load_backbone_state(path: str | Path, which: str = "teacher") -> tuple[str, 
     meta = read_meta(path)
     prefix = f"{which}.backbone."
     metadata = read_metadata(path)
-    state = {
-        key: torch.empty(item.size, dtype=item.properties.dtype)
-        for key, item in metadata.state_dict_metadata.items()
-        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
-    }
+    items = {key: item for key, item in metadata.state_dict_metadata.items()
+             if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
+    declared = sum(math.prod(item.size) * item.properties.dtype.itemsize for item in items.values())
+    on_disk = sum(f.stat().st_size for f in path.glob("*.distcp"))
+    if declared > on_disk:  # DCP stores tensors uncompressed: an edited .metadata, not a checkpoint of ours
+        raise CheckpointError(f"checkpoint {path}: its .metadata declares {declared / 1e9:.3g} GB of {which} "
+                              f"backbone tensors, more than its {on_disk / 1e9:.3g} GB of data files; "
+                              f"{previous_checkpoint(path)}")
+    state = {key: torch.empty(item.size, dtype=item.properties.dtype) for key, item in items.items()}
     if not state:
         raise ValueError(f"{path} holds no {which} backbone (no keys starting with {prefix!r})")
     try:

@@ -6,6 +6,7 @@ import math
 import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,25 @@ def _file_kind(path: Path) -> str | None:
     return next((kind for magic, kind in FILE_KINDS if head.startswith(magic)), None)
 
 
+MAX_INFLATED_BYTES = 2**30  # a .pth zip that expands past this at over 100:1 is refused (_check_expansion)
+
+
+def _check_expansion(path: Path) -> None:
+    """Refuse a .pth zip whose entries expand over 1 GiB at over 100:1: torch.save writes them uncompressed, and
+    torch.load would inflate a crafted one into memory without a limit."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # torch.load names what is wrong with it
+    packed, unpacked = sum(i.compress_size for i in infos), sum(i.file_size for i in infos)
+    if unpacked > MAX_INFLATED_BYTES and unpacked > 100 * max(packed, 1):
+        raise ValueError(f"{path}: its zip entries expand to {unpacked / 2**30:.1f} GiB from {packed / 2**20:.1f} MiB "
+                         "(torch.save does not compress); not a checkpoint terrafm loads")
+
+
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -161,6 +181,7 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
         except Exception as err:  # safetensors' own error types vary by version; all mean "not readable"
             raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
         return meta.get("model"), backbone_entries(tensors, str(path)), _input_metadata(meta, path)
+    _check_expansion(path)
     try:  # weights_only: a pickle that would run code is refused, never executed; DINO's checkpoints keep
         # their argparse.Namespace under 'args' (a plain attribute bag: allowed, it runs nothing)
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():

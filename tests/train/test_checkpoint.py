@@ -226,6 +226,38 @@ def test_a_checkpoints_path_that_is_a_file_stops_the_run_before_training(tmp_pat
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_metadata_declaring_more_tensor_bytes_than_the_files_hold_is_refused(two_checkpoints, tmp_path, capsys):
+    """An edited .metadata (manifest rehashed) with a huge tensor size: torch.empty of it was a RuntimeError
+    traceback in export, before any read."""
+    import dataclasses
+
+    out = _copy(two_checkpoints, tmp_path)
+    step = out / "run" / "checkpoints" / "step_00000002"
+    metadata = checkpoint_io.read_metadata(step)
+    key = next(k for k in metadata.state_dict_metadata if k.startswith("teacher.backbone.blocks.0"))
+    item = metadata.state_dict_metadata[key]
+    metadata.state_dict_metadata[key] = dataclasses.replace(item, size=torch.Size([2**40, 2**10]))
+    (step / ".metadata").write_bytes(pickle.dumps(metadata))
+    _rehash(step, ".metadata")
+    with pytest.raises(CheckpointError, match=r"declares .* GB of teacher backbone tensors, more than its"):
+        checkpoint_io.load_backbone_state(step)
+    assert main(["export", str(step), str(tmp_path / "x.safetensors")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_pth_that_inflates_far_past_its_size_is_refused_before_loading(tmp_path, monkeypatch):
+    """torch.load inflated compressed zip entries without a limit (40 KB -> 40 MB here; any size by design)."""
+    import zipfile
+
+    from terrafm import models
+
+    monkeypatch.setattr(models, "MAX_INFLATED_BYTES", 2**20)
+    with zipfile.ZipFile(tmp_path / "bomb.pth", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", bytes(8 * 2**20))
+    with pytest.raises(ValueError, match=r"bomb.pth: its zip entries expand to .* GiB from .* MiB"):
+        load_checkpoint(tmp_path / "bomb.pth")
+
+
 def test_the_restricted_unpickler_accepts_what_dcp_writes(two_checkpoints):
     step1 = two_checkpoints / "run" / "checkpoints" / "step_00000001"
     metadata = checkpoint_io.read_metadata(step1)
