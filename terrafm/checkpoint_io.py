@@ -254,9 +254,10 @@ def load_backbone_state(path: str | Path, which: str = "teacher") -> tuple[str, 
              if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
     declared = sum(math.prod(item.size) * item.properties.dtype.itemsize for item in items.values())
     on_disk = sum(f.stat().st_size for f in path.glob("*.distcp"))
-    if declared > on_disk:  # DCP stores tensors uncompressed: an edited .metadata, not a checkpoint of ours
-        raise CheckpointError(f"checkpoint {path}: its .metadata declares {declared / 1e9:.3g} GB of {which} "
-                              f"backbone tensors, more than its {on_disk / 1e9:.3g} GB of data files; "
+    if declared > on_disk:  # DCP stores tensors uncompressed (and allocating them first would be a traceback)
+        raise CheckpointError(f"checkpoint {path}: its tensors do not read back: its .metadata declares "
+                              f"{declared / 1e9:.3g} GB of {which} backbone tensors, more than its {on_disk / 1e9:.3g} "
+                              f"GB of data files (a data file cut short, or an edited .metadata); "
                               f"{previous_checkpoint(path)}")
     state = {key: torch.empty(item.size, dtype=item.properties.dtype) for key, item in items.items()}
     if not state:
