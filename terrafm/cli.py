@@ -59,6 +59,7 @@ def _discard_stdout() -> None:
 
 
 def _main(argv: list[str] | None) -> int:
+    program = argv is None
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
@@ -77,6 +78,7 @@ def _main(argv: list[str] | None) -> int:
     sub = argparse.ArgumentParser(prog=f"terrafm {name}", description=help_text)
     module.add_arguments(sub)
     args = sub.parse_intermixed_args(rest)  # overrides may come before and after options
+    args.as_program = program  # the `terrafm` process itself, not main([...]) called from Python
     return int(module.run(args) or 0)
 
 
