@@ -32,7 +32,8 @@ class PatchProjection(torch.nn.Conv2d):
     Runs the fused patchify + GEMM + bias (2 B N E C p^2 FLOPs; reads the image and weight once and
     writes (B, N, E) once, without the im2col buffer of a conv) and returns a view in the Conv2d layout.
     Falls back to F.conv2d where the kernel cannot run (CPU without the Triton interpreter, H or W not a
-    multiple of p), which computes the same function.
+    multiple of p, a dtype it does not take: float64 after model.double(), bf16 in the interpreter, an input
+    whose dtype differs from the weight's, which Conv2d refuses), which computes the same function.
     """
 
     @classmethod
@@ -50,9 +51,13 @@ class PatchProjection(torch.nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # an unbatched (C, H, W) image, as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != 4:
+            return F.conv2d(x, self.weight, self.bias, stride=self.stride)  # Conv2d's own error
         p = self.kernel_size[0]
         B, _, H, W = x.shape
-        if H % p or W % p or not (x.is_cuda or self.kernel_on_cpu):
+        kernel_dtypes = _common.FLOAT_DTYPES if x.is_cuda else (torch.float32, torch.float16)  # interpreter: no bf16
+        if (H % p or W % p or not (x.is_cuda or self.kernel_on_cpu) or x.dtype != self.weight.dtype
+                or x.dtype not in kernel_dtypes):
             return F.conv2d(x, self.weight, self.bias, stride=self.stride)
         tokens = fused_patch_embed(x, self.weight, self.bias)  # (B, N, E)
         return tokens.transpose(1, 2).unflatten(2, (H // p, W // p))
@@ -130,6 +135,15 @@ def _why_not_patchify(conv: torch.nn.Module) -> str | None:
     if kind.forward is not torch.nn.Conv2d.forward or kind._conv_forward is not torch.nn.Conv2d._conv_forward:
         return (f"{kind.__name__} computes its own forward (e.g. timm's StdConv2d standardises its weight): not a "
                 "plain convolution")
+    if torch.nn.utils.parametrize.is_parametrized(conv) or not isinstance(conv.weight, torch.nn.Parameter):
+        return ("its weight is computed (a parametrization such as weight_norm, or pruning's weight_orig * mask): "
+                "the kernel would take a stale copy")
+    if type(conv.weight).__name__ == "DTensor":
+        return "its weight is a sharded DTensor (FSDP2): call accelerate_vit before fully_shard"
+    hooks = [name for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+             if getattr(conv, name, None)]
+    if hooks:
+        return f"it has hooks ({', '.join(h.strip('_') for h in hooks)}) that a new module would silently drop"
     if conv.weight.dtype not in _common.FLOAT_DTYPES:
         return f"{conv.weight.dtype} weights: the kernel takes {', '.join(str(d) for d in _common.FLOAT_DTYPES)}"
     k, s = tuple(conv.kernel_size), tuple(conv.stride)
@@ -161,7 +175,10 @@ def _swap_attention(model: torch.nn.Module, kind: str, report: SwapReport) -> No
         return
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
-    if impl == "eager":
+    if impl == "eager" and getattr(config, "output_attentions", False):
+        report.left.append(SwapEntry("config._attn_implementation", "attention", "eager: config.output_attentions is "
+                                     "set, and sdpa returns no attention weights"))
+    elif impl == "eager":
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation("sdpa")
         else:

@@ -226,6 +226,16 @@ def test_attention_swap_routes_through_sdpa(host):
     assert before == 0 and spy.call_count == SIZES["small"][4]
 
 
+@pytest.mark.skipif(not HAVE_HF, reason="transformers not installed (test extra)")
+def test_a_hugging_face_model_that_returns_attentions_keeps_eager_attention():
+    """With config.output_attentions the swap to sdpa silently dropped the attention weights it returns."""
+    model = _build("huggingface", "small")
+    model.config.output_attentions = True
+    report = accelerate_vit(model)
+    assert any("output_attentions" in e.detail for e in report.left), str(report)
+    assert len(model(_image("huggingface", "small")).attentions) == SIZES["small"][4]
+
+
 def test_rejects_a_model_that_is_not_a_supported_vit():
     with pytest.raises(TypeError, match="supports timm VisionTransformer"):
         accelerate_vit(torch.nn.Linear(4, 4))
@@ -241,6 +251,18 @@ def test_patch_projection_keeps_conv_parameters_and_matches_conv():
     torch.testing.assert_close(proj(x), conv(x))
     odd = torch.randn(1, 4, 18, 18)  # not a multiple of the patch: Conv2d drops the remainder, so do we
     torch.testing.assert_close(proj(odd), conv(odd))
+
+
+def test_patch_projection_falls_back_to_conv2d_for_dtypes_the_kernel_does_not_take():
+    """model.double() after the swap raised the kernel's dtype error (on a GPU and under the interpreter alike);
+    an input in another dtype than the weight returned a result where Conv2d refuses it."""
+    conv = torch.nn.Conv2d(4, 8, kernel_size=4, stride=4)
+    proj = PatchProjection.from_conv(conv)
+    x = torch.randn(2, 4, 16, 12)
+    torch.testing.assert_close(proj.double()(x.double()), conv.double()(x.double()))
+    proj.float()
+    with pytest.raises(RuntimeError, match="should be the same"):
+        proj(x.half())
 
 
 def test_patch_projection_takes_an_unbatched_image_like_conv2d():
@@ -259,7 +281,7 @@ class _StdConv2d(torch.nn.Conv2d):
 
 
 @pytest.mark.skipif(not HAVE_HF, reason="transformers not installed (test extra)")
-@pytest.mark.parametrize("change", ["own_forward", "float64"])
+@pytest.mark.parametrize("change", ["own_forward", "float64", "weight_norm", "pruned", "hook"])
 def test_a_patch_conv_that_is_not_a_plain_supported_conv_is_left_with_the_reason(change):
     model = _build("huggingface", "small")
     path = "embeddings.patch_embeddings.projection"
@@ -269,9 +291,20 @@ def test_a_patch_conv_that_is_not_a_plain_supported_conv_is_left_with_the_reason
         std.load_state_dict(conv.state_dict())
         model.embeddings.patch_embeddings.projection = std
         reason = "_StdConv2d computes its own forward"
-    else:
+    elif change == "float64":
         model = model.double()
         reason = "torch.float64 weights"
+    elif change == "weight_norm":  # the swap used to fail with torch's "cannot assign ... as parameter 'weight'"
+        torch.nn.utils.parametrizations.weight_norm(conv)
+        reason = "its weight is computed"
+    elif change == "pruned":
+        import torch.nn.utils.prune as prune
+
+        prune.l1_unstructured(conv, "weight", 0.5)
+        reason = "its weight is computed"
+    else:  # a feature hook on the conv was silently dropped with it
+        conv.register_forward_hook(lambda module, args, out: None)
+        reason = "it has hooks (forward_hooks)"
     x = _image("huggingface", "small").to(next(model.parameters()).dtype)
     before = _out(model, x)
     report = accelerate_vit(model)
