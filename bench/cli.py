@@ -92,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {args.out} is a file; the results go in a folder")
         if "data" in only:
             _check_data_dir(args.data_dir)
-        Path(args.out).mkdir(parents=True, exist_ok=True)  # before minutes of work, not after
     except (OSError, ValueError) as err:
         print(f"terrafm bench: {err}", file=sys.stderr)
         return 2
@@ -109,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
     bad = [o for o in ops if o not in kernel_benches.OPS]
     if bad:
         print(f"terrafm bench: --ops: unknown {bad}; choose from {','.join(kernel_benches.OPS)}", file=sys.stderr)
+        return 2
+    try:  # after every argument is checked (a refused run left an empty folder), before minutes of work
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"terrafm bench: cannot make --out {args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     result = {"quick": args.quick, "device": device, "meta": common.metadata(), "sections": {},

@@ -207,6 +207,13 @@ def _load(path: Path) -> tuple[dict, dict[tuple, float]]:
         raise ValueError(f"--compare: {path} has a malformed measurement row ({type(err).__name__}: {err})") from None
 
 
+def _revision(result: dict) -> str:
+    """A result's git revision, short: 12 hex digits, keeping '-dirty' and any words after it."""
+    revision = str(result["meta"].get("git_revision", "?"))
+    head, sep, rest = revision.partition("-")
+    return head[:12] + sep + rest if all(c in "0123456789abcdef" for c in head) and len(head) > 12 else revision
+
+
 def compare(a_path: Path, b_path: Path) -> str:
     """Markdown diff of two result files: every measurement present in both, B / A (lower is faster)."""
     for p in (a_path, b_path):
@@ -214,8 +221,8 @@ def compare(a_path: Path, b_path: Path) -> str:
             raise FileNotFoundError(f"--compare: {p} is not a file; pass two bench.json files")
     (a, ta), (b, tb) = _load(a_path), _load(b_path)
     common = [k for k in ta if k in tb]
-    lines = [f"# bench compare: A = {a_path} ({str(a['meta'].get('git_revision', '?'))[:12]}, {a.get('device', '?')}), "
-             f"B = {b_path} ({str(b['meta'].get('git_revision', '?'))[:12]}, {b.get('device', '?')})", ""]
+    lines = [f"# bench compare: A = {a_path} ({_revision(a)}, {a.get('device', '?')}), "
+             f"B = {b_path} ({_revision(b)}, {b.get('device', '?')})", ""]
     rows = [[*k, f"{ta[k]:.4g}", f"{tb[k]:.4g}", f"{tb[k] / ta[k]:.2f}x"] for k in common]
     lines += _table(["section", "what", "shape / batch", "provider / precision", "dtype / head", "A ms", "B ms",
                      "B / A"], rows)

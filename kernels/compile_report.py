@@ -28,6 +28,7 @@ predicted time uses the bandwidth they allow.
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -286,6 +287,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the rows as JSON to this path")
     parser.add_argument("--strict", action="store_true", help="fail when a kernel module is missing")
     args = parser.parse_args(argv)
+    for module in args.modules:  # checked before anything compiles (a --json problem used to surface at the end)
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", module):
+            parser.error(f"--modules {module!r} is not a module name; kernel modules: {', '.join(MODULES)}")
+        if module not in MODULES and importlib.util.find_spec(f"{PACKAGE}.{module}") is not None:
+            parser.error(f"--modules {module}: {PACKAGE}.{module} has no kernels; kernel modules: {', '.join(MODULES)}")
+    if args.json:
+        target = os.path.abspath(args.json)
+        parent = os.path.dirname(target)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if os.path.isdir(target) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            why = "it is a folder" if os.path.isdir(target) else f"{parent} is not a writable folder"
+            parser.error(f"--json {args.json}: cannot write a file there ({why})")
+    try:
+        cuobjdump()
+    except FileNotFoundError as err:
+        print(f"compile_report: {err}", file=sys.stderr)
+        return 2
     if importlib.import_module(f"{PACKAGE}._common").INTERPRET:
         # @triton.jit objects are interpreter functions under TRITON_INTERPRET=1; compile in a clean child.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -75,6 +75,7 @@ def test_bad_arguments_name_what_is_wrong(tmp_path, capsys):
     for ops in ("", "fusion,"):  # an empty --ops ran every kernel
         assert main(["bench", "--only", "kernels", "--ops", ops, "--out", str(tmp_path / "k")]) == 2
         assert "--ops: unknown ['']" in capsys.readouterr().err
+    assert not (tmp_path / "k").exists()  # a refused run made its --out folder first
     assert main(["bench", "--only", "roofline", "--out", str(bogus)]) == 2  # a file where the folder should go
     assert "is a file" in capsys.readouterr().err and bogus.read_text() == "{}"
 
@@ -88,6 +89,16 @@ def test_an_infinite_bandwidth_is_refused(tmp_path, capsys, flag):
 
 def _result(step_rows: list[dict], revision: str = "abc") -> dict:
     return {"quick": True, "device": "cpu", "meta": {"git_revision": revision}, "sections": {"step": step_rows}}
+
+
+def test_compare_header_keeps_the_dirty_mark_and_words(tmp_path, capsys):
+    """Revisions were cut to 12 characters: '-dirty' vanished, 'unknown (not a git checkout)' read 'unknown (not'."""
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_result([], "678a791ec9e255c71d2733934fc3570475df0c77-dirty")))
+    b.write_text(json.dumps(_result([], "unknown (not a git checkout)")))
+    assert main(["bench", "--compare", str(a), str(b)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "(678a791ec9e2-dirty, cpu)" in header and "(unknown (not a git checkout), cpu)" in header
 
 
 def test_compare_keeps_rows_that_differ_only_in_head_apart(tmp_path, capsys):

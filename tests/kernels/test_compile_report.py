@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
@@ -154,3 +156,29 @@ def test_load_runs_are_read_from_the_sass_up_to_the_first_use():
     """
     assert load_run_bytes(sass) == 16 + 16 + 4  # the FADD reads R5 (of the first 128-bit load): the run ends
     assert load_run_bytes("        /*0000*/                   EXIT ;") == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--modules", "swap"], "terrafm_kernels.swap has no kernels"),  # was an AttributeError traceback
+    (["--modules", "a.b"], "is not a module name"),  # a ModuleNotFoundError traceback
+    (["--modules", ""], "is not a module name"),  # printed ': module missing', exit 0
+    (["--json", "."], "cannot write a file there (it is a folder)"),  # a traceback after every compile
+])
+def test_bad_arguments_exit_2_before_anything_compiles(args, message, capsys):
+    from terrafm_kernels import compile_report as c
+
+    with pytest.raises(SystemExit) as exit_info:
+        c.main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_no_cuobjdump_is_one_line_and_exit_2(monkeypatch, capsys):
+    from terrafm_kernels import compile_report as c
+
+    def missing():
+        raise FileNotFoundError("cuobjdump not found at /x: the triton wheel for Linux x86_64 ships it")
+
+    monkeypatch.setattr(c, "cuobjdump", missing)
+    assert c.main(["--modules", "fusion"]) == 2
+    assert capsys.readouterr().err.strip() == "compile_report: cuobjdump not found at /x: the triton wheel for " \
+                                              "Linux x86_64 ships it"
