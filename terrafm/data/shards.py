@@ -22,6 +22,7 @@ part files on disk (record counts, .bin sizes, parts missing from the index) bef
 import json
 import math
 import mmap
+import os
 import warnings
 import zipfile
 import zlib
@@ -119,10 +120,15 @@ class ShardWriter:
         self.class_counts.append(np.asarray(class_counts, np.int64).reshape(NUM_CLASSES))
 
     def abort(self) -> None:
-        """Drop the unfinished shard: close and remove its temporary files, so a failed job leaves none."""
-        self._file.close()
-        self._tmp_bin.unlink(missing_ok=True)
-        self.stem.with_suffix(".npz.tmp").unlink(missing_ok=True)
+        """Drop the unfinished shard: close and remove its temporary files, so a failed job leaves none (closing
+        flushes what is buffered, which fails again on a full disk: the files go all the same)."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        finally:
+            self._tmp_bin.unlink(missing_ok=True)
+            self.stem.with_suffix(".npz.tmp").unlink(missing_ok=True)
 
     def close(self) -> Path:
         self._file.close()
@@ -214,6 +220,7 @@ class ShardSet:
         for entry, part in zip(self.meta["shards"], parts, strict=True):
             self._check_chunks(entry["name"], part)
         self._cross_check(parts, allow_index_mismatch)
+        self._bin_needed = [payload_end(p) for p in parts]  # bytes each .bin must still hold when first read
         self._normalise_empty_bands(parts)
         self.keys = np.concatenate([p["keys"] for p in parts]) if parts else np.zeros(0, str)
         self.class_counts = np.concatenate([p["class_counts"] for p in parts]).reshape(-1, NUM_CLASSES)
@@ -345,9 +352,21 @@ class ShardSet:
         return modality in self.offset and bool(self.offset[modality][i, 0] >= 0)
 
     def _map(self, shard: int) -> mmap.mmap:
+        """A shard's .bin, mapped when first read: checked again then, since a run may read it hours after the
+        shards were opened (a deleted, unreadable or shortened file was a traceback, or a bus error)."""
         if shard not in self._maps:
-            with open(self._bin_names[shard], "rb") as f:
-                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            path, needed = self._bin_names[shard], self._bin_needed[shard]
+            try:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size < needed:
+                        raise ShardError(f"{path} has {size} bytes, its chunks need {needed}: it changed after the "
+                                         "run opened the shards (a copy over a folder in use?); re-run "
+                                         "`terrafm prepare` into a new folder")
+                    self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as err:
+                raise ShardError(f"cannot read {path} ({getattr(err, 'strerror', None) or err}); it was readable "
+                                 "when the run opened the shards") from err
         return self._maps[shard]
 
     def _verify(self, i: int, modality: str) -> None:

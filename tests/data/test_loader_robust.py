@@ -162,3 +162,40 @@ def test_allow_index_mismatch_trains_on_the_records_whose_bytes_are_on_disk(samp
         loader.set_epoch(epoch)
         for batch in loader:
             assert all(torch.isfinite(x).all() for v in batch.global_views + batch.local_views for x in v.values())
+
+
+@pytest.mark.parametrize("change, message", [("delete", "cannot read .*part-00000.bin"),
+                                             ("shorten", "part-00000.bin has 100 bytes, its chunks need")])
+def test_a_bin_changed_after_the_shards_were_opened_is_one_shard_error(sample_shards, tmp_path, change, message):
+    """A .bin is mapped when first read, maybe hours into a run: deleted it was a FileNotFoundError traceback,
+    shortened a ValueError from mmap (or, once mapped, a bus error)."""
+    root = tmp_path / "shards"
+    shutil.copytree(sample_shards, root)
+    shards = ShardSet(root)
+    bin_path = root / "part-00000.bin"
+    if change == "delete":
+        bin_path.unlink()
+    else:
+        bin_path.write_bytes(bin_path.read_bytes()[:100])
+    with pytest.raises(ShardError, match=message):
+        shards.tile(0, "s2_l2a")
+
+
+def test_an_aborted_shard_leaves_no_temp_file_when_its_last_flush_fails(tmp_path):
+    """On a full disk abort() flushed the buffered chunks again, failed the same way, and left part-N.bin.tmp
+    behind (a whole shard: GBs on real tiles, the disk still full)."""
+    import errno
+
+    from terrafm.data.shards import ShardWriter
+
+    writer = ShardWriter(tmp_path, 0, {"s1": ("VV", "VH")}, 60)
+    real = writer._file
+
+    class FullDisk:
+        def close(self):
+            real.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer._file = FullDisk()
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
