@@ -203,7 +203,8 @@ def ensure_sample_shards(root: str | Path | None = None, seed: int = 0, cells: i
     cells x 4 locations (default 256) of tile_size px with s2_l2a, s2_l1c, s1 and a WorldCover map.
     """
     from terrafm.data.prepare import convert
-    from terrafm.data.shards import INDEX_NAME
+    from terrafm.data.shards import INDEX_NAME, ShardError
+    from terrafm.data.sources import BadInput
     from terrafm.modalities import S1_SCALINGS
 
     root = Path(root) if root is not None else default_root()
@@ -211,13 +212,20 @@ def ensure_sample_shards(root: str | Path | None = None, seed: int = 0, cells: i
     shard_dir = root / f"shards-s1{S1_SCALINGS[0]}"  # a new default S1 scaling gets a fresh conversion
     if (shard_dir / INDEX_NAME).exists():
         return shard_dir
-    root.mkdir(parents=True, exist_ok=True)
-    # One writer at a time: processes that share the cache (test workers, ranks, two runs) wait for the first.
-    with open(root / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (shard_dir / INDEX_NAME).exists():
-            parquet_dir = root / "parquet"
-            if not (parquet_dir / "Core-WorldCover" / "part_00000.parquet").exists():
-                write_sample_parquet(parquet_dir, seed=seed, cells=cells, tile_size=tile_size)
-            convert([parquet_dir], shard_dir, tile_size=tile_size, workers=0, progress=False)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # One writer at a time: processes that share the cache (test workers, ranks, two runs) wait for the first.
+        with open(root / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (shard_dir / INDEX_NAME).exists():
+                parquet_dir = root / "parquet"
+                if not (parquet_dir / "Core-WorldCover" / "part_00000.parquet").exists():
+                    write_sample_parquet(parquet_dir, seed=seed, cells=cells, tile_size=tile_size)
+                convert([parquet_dir], shard_dir, tile_size=tile_size, workers=0, progress=False)
+    except OSError as err:  # a read-only cache, TERRAFM_DATA_DIR a file, a full disk: tracebacks before
+        raise ShardError(f"cannot write the bundled sample into {root} ({err.strerror or err}); set "
+                         "TERRAFM_DATA_DIR to a writable folder with ~100 MB free") from err
+    except BadInput as err:  # a damaged cache (a file cut short by a full disk or a copy)
+        raise ShardError(f"the cached sample in {root} is damaged ({err}); delete {root} and run again to "
+                         "generate it anew") from err
     return shard_dir

@@ -171,3 +171,26 @@ def test_a_preemption_signal_during_setup_checkpoints_after_the_first_step(tmp_p
     assert result.preempted and result.step == 1 and result.checkpoint.name == "step_00000001"
     assert (tmp_path / "run" / "preempted").read_text().strip() == "1"
     assert signal.getsignal(signal.SIGUSR1) is before  # the handler is restored
+
+
+def test_a_sample_cache_that_cannot_be_written_is_one_message(tmp_path, monkeypatch, capsys):
+    """TERRAFM_DATA_DIR a file (or a read-only folder) was a NotADirectoryError/PermissionError traceback, exit 1."""
+    (tmp_path / "data").write_text("not a folder")
+    monkeypatch.setenv("TERRAFM_DATA_DIR", str(tmp_path / "data"))
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the bundled sample into" in err and "TERRAFM_DATA_DIR" in err and "Traceback" not in err
+
+
+def test_a_probe_that_cannot_make_its_split_is_skipped_and_the_run_succeeds(tmp_path, monkeypatch, capsys):
+    """A finished, checkpointed run exited 1 when its held-out split could not be written (a read-only cache)."""
+    from terrafm.data.shards import ShardError
+    from terrafm.eval import learning
+
+    def read_only(*args, **kwargs):
+        raise ShardError("cannot write the bundled sample into /ro (Permission denied)")
+
+    monkeypatch.setattr(learning, "heldout_split", read_only)
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "train.max_steps=1", "data.batch_size=4"]) == 0
+    assert "probe skipped: cannot write the bundled sample into /ro" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists() and not (tmp_path / "run" / "probe.json").exists()
