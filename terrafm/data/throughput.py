@@ -29,13 +29,17 @@ from terrafm.data.views import make_plan
 PATHS = ("geotiff_baseline", "numpy", "cpp", "dali", "gpu_decode_host")
 
 
+def _check_batches(loader, cfg: DataConfig) -> None:
+    if len(loader) == 0:  # the measuring loops would wait forever for a first batch, or divide by 0
+        raise ValueError(f"the loader yields no batch: data.batch_size={cfg.batch_size} is larger than the "
+                         "data set per rank; lower data.batch_size or point it at more data")
+
+
 def _measure_loader(cfg: DataConfig, seconds: float) -> dict:
     from terrafm.data.loader import build_loader
 
     loader = build_loader(cfg, device="cuda" if backends.cuda().usable else "cpu")  # as training: H2D included
-    if len(loader) == 0:  # the loop below would wait forever for a first batch
-        raise ValueError(f"the loader yields no batch: data.batch_size={cfg.batch_size} is larger than the "
-                         "data set per rank; lower data.batch_size or point it at more data")
+    _check_batches(loader, cfg)
     n_views = cfg.n_global + cfg.n_local
     batches, start, cpu_start = 0, None, None
     while start is None or time.perf_counter() - start < seconds:
@@ -59,6 +63,7 @@ def _measure_host_read(cfg: DataConfig, seconds: float) -> dict:
     from terrafm.data.loader import build_loader
 
     loader = build_loader(cfg)  # for its sampler, plans and band selection; nothing is rendered
+    _check_batches(loader, cfg)
     staging = np.empty(0, np.uint8)
     n_views = cfg.n_global + cfg.n_local
     nbytes = 0
@@ -125,7 +130,7 @@ def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str,
     """One dict per path: {path, tiles_per_s, views_per_s, tiles_per_core_s, batches, seconds, cpu_seconds,
     backend} or {path, skipped}.
 
-    The loader paths draw views from every modality the shards hold. parquet_dir (baseline input) defaults to
+    The loader paths draw views from every modality the shards hold a tile of. parquet_dir (baseline input) defaults to
     <shard_dir>/../parquet, where ensure_sample_shards puts it.
     """
     from terrafm.data.shards import ShardSet
@@ -133,7 +138,8 @@ def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str,
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
         raise ValueError(f"unknown throughput paths {unknown}; expected a subset of {PATHS}")
-    modalities = tuple(ShardSet(shard_dir, verify_checksums=False).modalities)
+    shards = ShardSet(shard_dir, verify_checksums=False)  # shards of some collections list the rest with no tile
+    modalities = tuple(m for m in shards.modalities if (shards.offset[m][:, 0] >= 0).any())
     results = []
     for path in paths:
         row = {"path": path}

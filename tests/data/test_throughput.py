@@ -17,7 +17,20 @@ def test_measure_paths_reports_each_path(sample_shards, sample_parquet):
         measure_paths(sample_shards, paths=("torchvision",))
 
 
-def test_measure_paths_refuses_a_batch_larger_than_the_data_instead_of_waiting_forever(sample_shards):
+@pytest.mark.parametrize("path", ["numpy", "gpu_decode_host"])  # the host-read path divided by zero
+def test_measure_paths_refuses_a_batch_larger_than_the_data_instead_of_waiting_forever(sample_shards, path):
     with pytest.raises(ValueError, match="yields no batch: data.batch_size=100000"):
-        measure_paths(sample_shards, seconds=0.1, paths=("numpy",), batch_size=100000, n_local=1, global_size=32,
+        measure_paths(sample_shards, seconds=0.1, paths=(path,), batch_size=100000, n_local=1, global_size=32,
                       local_size=16, num_workers=0)
+
+
+def test_measure_paths_on_shards_of_some_collections_measures_what_they_hold(sample_parquet, tmp_path):
+    """Shards converted from S2 L2A alone list the other modalities with no tile: measuring them asked for every
+    listed modality and refused ('set data.modalities', which `terrafm bench` has no option for)."""
+    from terrafm.data.prepare import convert
+
+    convert([sample_parquet / "Core-S2L2A", sample_parquet / "Core-WorldCover"], tmp_path / "l2a", tile_size=60,
+            workers=0, progress=False)
+    [row] = measure_paths(tmp_path / "l2a", seconds=0.1, paths=("numpy",), batch_size=2, n_local=1,
+                          global_size=32, local_size=16, num_workers=0)
+    assert row["tiles_per_s"] > 0, row
