@@ -296,6 +296,10 @@ def check_run_dir(run_dir: Path) -> None:
                              "folder with --out or train.out_dir / train.run_name") from err
 
 
+class DataError(SetupError):
+    """A shard that cannot be read, met during training (checksums are verified when a chunk is first read)."""
+
+
 class Batches:
     """The loader's batches across epochs: when one epoch runs out the next starts (set_epoch). A shard that
     cannot be read stops the run as a SetupError."""
@@ -308,7 +312,7 @@ class Batches:
         try:
             return self._next()
         except ShardError as err:
-            raise SetupError(f"{err}") from err
+            raise DataError(f"{err}") from err
 
     def close(self) -> None:
         """Stop the loader's read-ahead (its render threads finish the batches in flight and exit), so no
@@ -637,7 +641,16 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                 group["lr"] = lr
                 group["weight_decay"] = wd if group["decay"] else 0.0
 
-            loss_sum = forward_backward(arch, batches, t.grad_accum_steps, t.fsdp, teacher_temp, env.device, throughput)
+            try:
+                loss_sum = forward_backward(arch, batches, t.grad_accum_steps, t.fsdp, teacher_temp, env.device,
+                                            throughput)
+            except DataError as err:  # the weights are intact: keep the steps since the last checkpoint
+                if env.world_size > 1 or step == 0 or (latest is not None and
+                                                        Path(latest).name == checkpoint.step_dir_name(step)):
+                    raise  # other ranks wait in a collective: no checkpoint can be written together
+                latest = save()
+                raise DataError(f"{err} (checkpoint {latest} holds the {step} steps done; --resume continues from "
+                                "it once the shard is fixed)") from err
             loss_value, stop_requested = reduce_status(loss_sum / t.grad_accum_steps, stop.signum is not None, env)
             if not math.isfinite(loss_value):
                 where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"

@@ -194,3 +194,23 @@ def test_a_probe_that_cannot_make_its_split_is_skipped_and_the_run_succeeds(tmp_
     assert main(["pretrain", "--out", str(tmp_path / "run"), "train.max_steps=1", "data.batch_size=4"]) == 0
     assert "probe skipped: cannot write the bundled sample into /ro" in capsys.readouterr().err
     assert (tmp_path / "run" / "checkpoints" / "latest").exists() and not (tmp_path / "run" / "probe.json").exists()
+
+
+def test_a_corrupt_chunk_met_mid_run_keeps_the_steps_done_in_a_checkpoint(tmp_path):
+    """Checksums are verified when a chunk is first read, often deep into a run: the run stopped with the right
+    message but no checkpoint since the last periodic one (up to 1999 steps on the ViT presets)."""
+    from terrafm.data.shards import ChecksumError
+    from terrafm.train.trainer import SetupError
+
+    class CorruptAtFourthBatch(SyntheticLoader):
+        def __iter__(self):
+            for n, batch in enumerate(super().__iter__()):
+                if n == 3:
+                    raise ChecksumError("part-00004.bin: record 130 s1 band 0: crc32 0x1 != stored 0x2")
+                yield batch
+
+    cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run",
+                                              "train.max_steps=10", "train.checkpoint_every=1000"])
+    with pytest.raises(SetupError, match=r"crc32 .* \(checkpoint .*step_00000003 holds the 3 steps done; --resume "):
+        train(cfg, loader=CorruptAtFourthBatch(batch_size=4))
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000003"
