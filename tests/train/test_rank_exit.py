@@ -10,10 +10,9 @@ import pytest
 
 from terrafm.train.cli import end_of_rank
 
-SCRIPT = """
+BUSY_THREAD = """
 import sys, threading, time
 import torch
-from terrafm.train.cli import end_of_rank
 
 def busy():
     a = torch.randn(1000)
@@ -22,6 +21,9 @@ def busy():
 
 threading.Thread(target=busy, daemon=True).start()
 time.sleep(0.2)
+"""  # a thread inside a torch op when the interpreter finalizes
+SCRIPT = BUSY_THREAD + """
+from terrafm.train.cli import end_of_rank
 print("checkpoint written", flush=False)  # buffered: end_of_rank must flush it
 sys.exit(end_of_rank(int(sys.argv[1])) if sys.argv[2] == "end_of_rank" else int(sys.argv[1]))
 """
@@ -54,18 +56,8 @@ def test_outside_a_multi_rank_job_it_returns_the_code(monkeypatch):
     assert end_of_rank(75) == 75
 
 
-PROGRAM = """
-import sys, threading, time
-import torch
+PROGRAM = BUSY_THREAD + """
 from terrafm.cli import main
-
-def busy():
-    a = torch.randn(1000)
-    while True:
-        a + a
-
-threading.Thread(target=busy, daemon=True).start()
-time.sleep(0.2)
 sys.argv = ["terrafm", "pretrain", "--resume-from", sys.argv[1], "--out", sys.argv[2]]
 sys.exit(main())  # as the console script calls it
 """
