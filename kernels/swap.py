@@ -199,6 +199,9 @@ def accelerate_vit(model: torch.nn.Module, *, patch_embed: bool = True, attentio
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"accelerate_vit expects a torch.nn.Module, got {type(model).__name__}")
     kind = _host_kind(model)
+    if kind is None and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        raise TypeError("accelerate_vit takes the model before torch.compile: call it on the module you compiled "
+                        "(compiled._orig_mod), then compile again")
     if kind is None:
         raise TypeError(f"accelerate_vit supports timm VisionTransformer, torchvision VisionTransformer and "
                         f"Hugging Face ViTModel/ViTForImageClassification; got {type(model).__module__}."

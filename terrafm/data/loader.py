@@ -15,6 +15,7 @@ depend on the device, chosen once when the loader is built.
 import contextlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from terrafm import ops
 from terrafm.data.config import DataConfig
 from terrafm.data.landcover import NUM_CLASSES
 from terrafm.data.sampler import LandCoverSampler
-from terrafm.data.shards import ShardSet
+from terrafm.data.shards import ShardError, ShardSet
 from terrafm.data.views import BatchPlan, View, ViewBatch, make_plan, normalise, render_view_numpy, to_storage
 from terrafm.modalities import MODALITY_NAMES
 
@@ -88,8 +89,14 @@ class Loader:
         cfg.validate()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.seed = (cfg.seed * 1_000_003 + seed) % (2 ** 63)
-        self.shards = ShardSet(cfg.shard_dir or ensure_sample_shards(), cfg.verify_checksums,
-                               cfg.allow_index_mismatch)
+        shard_dir = cfg.shard_dir or ensure_sample_shards()
+        try:
+            self.shards = ShardSet(shard_dir, cfg.verify_checksums, cfg.allow_index_mismatch)
+        except ShardError as err:
+            if cfg.shard_dir:
+                raise
+            raise ShardError(f"the bundled sample's cache is damaged ({err}); delete {Path(shard_dir).parent} and "
+                             "run again to generate it anew") from err
         present = {m: self.shards.offset[m][:, 0] >= 0 for m in self.shards.modalities}
         tiles = {m: int(has.sum()) for m, has in present.items()}
         missing = [m for m in cfg.modalities if not tiles.get(m)]
@@ -164,7 +171,9 @@ class Loader:
         batch (the remainder is drawn again).
         """
         if state["seed"] != self.seed:
-            raise ValueError(f"loader state is for seed {state['seed']}, this loader has {self.seed}")
+            raise ValueError(f"loader state is for another data order (combined seed {state['seed']}, this loader's "
+                             f"is {self.seed}): data.seed or train.seed differs from the checkpoint's run; resume "
+                             "with the run's own seeds")
         if not reshard:
             if (state["world_size"], state["rank"]) != (self.world_size, self.rank):
                 raise ValueError(f"loader state is for world_size/rank {state['world_size']}/{state['rank']}, "

@@ -241,6 +241,8 @@ def test_rejects_a_model_that_is_not_a_supported_vit():
         accelerate_vit(torch.nn.Linear(4, 4))
     with pytest.raises(TypeError, match="torch.nn.Module"):
         accelerate_vit("vit_base")
+    with pytest.raises(TypeError, match=r"before torch.compile: call it on the module you compiled"):
+        accelerate_vit(torch.compile(torch.nn.Linear(4, 4)))  # compile wraps lazily: nothing is compiled here
 
 
 def test_patch_projection_keeps_conv_parameters_and_matches_conv():

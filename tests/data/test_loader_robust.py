@@ -199,3 +199,25 @@ def test_an_aborted_shard_leaves_no_temp_file_when_its_last_flush_fails(tmp_path
     writer._file = FullDisk()
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_sample_cache_says_to_delete_it(sample_shards, tmp_path, monkeypatch):
+    """The bundled sample's damage said 'Re-run terrafm prepare into this folder', which its user never ran."""
+    from terrafm.data import sample
+
+    root = tmp_path / "sample" / "v1" / "shards"
+    shutil.copytree(sample_shards, root)
+    (root / "part-00000.bin").unlink()
+    monkeypatch.setattr(sample, "ensure_sample_shards", lambda *a, **k: root)
+    with pytest.raises(ShardError, match=r"the bundled sample's cache is damaged .*; delete .*v1 and run again"):
+        build_loader(DataConfig(batch_size=2, n_local=1, global_size=32, local_size=16, num_workers=0))
+
+
+def test_a_loader_state_of_other_seeds_names_the_settings():
+    """It said 'loader state is for seed 0, this loader has 7000021': the internal combined seed, no setting named."""
+    def loader(seed):
+        return build_loader(DataConfig(batch_size=2, n_local=1, global_size=32, local_size=16, num_workers=0,
+                                       seed=seed))
+
+    with pytest.raises(ValueError, match="data.seed or train.seed differs from the checkpoint's run"):
+        loader(7).load_state_dict(loader(0).state_dict())
