@@ -24,6 +24,7 @@ from tqdm import tqdm
 from terrafm.data import shards, sources
 from terrafm.data.landcover import NUM_CLASSES, class_counts
 from terrafm.data.sources import WORLDCOVER, BadInput, Product
+from terrafm.fileio import path_arg
 from terrafm.modalities import MODALITIES, MODALITY_NAMES, S1_SCALINGS
 
 
@@ -343,8 +344,6 @@ def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from terrafm.fileio import path_arg
-
     parser.add_argument("inputs", nargs="+", type=lambda t: Path(path_arg(t)),
                         help="Major-TOM parquet files/folders or GeoTIFF folders")
     parser.add_argument("--out", type=lambda t: Path(path_arg(t)), required=True, help="shard directory to write")

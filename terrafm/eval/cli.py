@@ -7,12 +7,11 @@ from pathlib import Path
 
 from terrafm.eval.data import BAND_ORDERS, FORMATS, NORMALIZATIONS
 from terrafm.eval.runner import PROBES, EvalConfig, evaluate
+from terrafm.fileio import path_arg
 from terrafm.modalities import MODALITY_NAMES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from terrafm.fileio import path_arg
-
     parser.add_argument("--checkpoint", required=True, type=path_arg,
                         help="published .pth, exported .safetensors, or a `terrafm pretrain` run/checkpoint folder")
     parser.add_argument("--data", required=True, type=path_arg,
