@@ -57,6 +57,10 @@ struct Axis {  // source indices and weights of one output axis (PyTorch upsampl
   std::vector<int64_t> i0, i1;
   std::vector<float> w0, w1;
   Axis(int64_t in, int64_t out) : i0(out), i1(out), w0(out), w1(out) {
+    if (in == out) {  // PyTorch's copy case: both taps on the same pixel (an inf pixel stays one NaN, not a cross)
+      for (int64_t d = 0; d < out; ++d) i0[d] = i1[d] = d, w0[d] = 1.f, w1[d] = 0.f;
+      return;
+    }
     const float scale = static_cast<float>(in) / static_cast<float>(out);
     for (int64_t d = 0; d < out; ++d) {
       float real = scale * (static_cast<float>(d) + 0.5f) - 0.5f;
@@ -79,7 +83,8 @@ inline float load(const uint16_t* p) {
 
 // Separable: a horizontal pass over each source row the output needs (t = x[i0] * w0 + x[i1] * w1),
 // then a vertical pass t0 * wy0 + t1 * wy1 over contiguous rows; the same operation order as PyTorch's
-// upsample_bilinear2d, so values agree to float rounding. Flips reverse the index/weight tables.
+// upsample_bilinear2d, so values agree to float rounding (PyTorch's AVX2 kernel fuses some multiply-adds: up to
+// ~1e-6 relative, so a uint16 value on x.5 may round the other way). Flips reverse the index/weight tables.
 template <bool kHalf>
 void render_plane(const uint16_t* plane, int64_t tile, const int32_t* box, const uint8_t* flip, int64_t s,
                   float mean, float inv_std, float* out, std::vector<float>& rows, std::vector<uint8_t>& done) {
@@ -139,8 +144,8 @@ void render_view(const std::vector<py::array>& tiles, bool is_half, py::array_t<
   const float* mu = mean.data();
   const float* sd = std.data();
   for (int64_t c = 0; c < C; ++c)
-    if (!std::isfinite(mu[c]) || !std::isfinite(sd[c]) || !(sd[c] > 0.f))
-      throw std::invalid_argument("render_view: mean must be finite and std finite and > 0 (band " +
+    if (!std::isfinite(mu[c]) || !std::isfinite(sd[c]) || !(sd[c] > 0.f) || !std::isfinite(1.f / sd[c]))
+      throw std::invalid_argument("render_view: mean must be finite and std finite, > 0 and not subnormal (band " +
                                   std::to_string(c) + ")");
   if (B == 0) return;
   const int64_t s = out.shape(2);

@@ -143,13 +143,26 @@ def test_box_sum_overflowing_int32_raises_instead_of_reading_out_of_bounds():
     assert run.returncode == 0, (run.returncode, run.stdout, run.stderr)
 
 
-@pytest.mark.parametrize("mean,std", [(0.0, 0.0), (0.0, -1.0), (np.nan, 1.0), (0.0, np.nan), (np.inf, 1.0)])
+@pytest.mark.parametrize("mean,std", [(0.0, 0.0), (0.0, -1.0), (np.nan, 1.0), (0.0, np.nan), (np.inf, 1.0),
+                                      (0.0, 1e-40)])
 def test_non_finite_or_non_positive_normalisation_raises(mean, std):
-    """std 0 gave inf pixels and NaN statistics gave NaN pixels, silently."""
+    """std 0 gave inf pixels and NaN statistics gave NaN pixels, silently; a subnormal std (1 / std = inf) too."""
     tiles, boxes, flips = _case(np.random.default_rng(7), 2, 8, np.uint16, [(0, 0, 4, 4)])
-    with pytest.raises(ValueError, match="mean must be finite and std finite and > 0"):
+    with pytest.raises(ValueError, match="mean must be finite and std finite, > 0"):
         _render(tiles, np.arange(2), boxes, flips, 4, np.array([0.0, mean], np.float32),
                 np.array([1.0, std], np.float32))
+
+
+@pytest.mark.parametrize("box,s", [((0, 0, 6, 6), 6), ((1, 0, 6, 5), 6), ((0, 0, 5, 6), 9)])
+def test_non_finite_pixel_spreads_as_in_pytorch(box, s):
+    """An axis whose crop is the output's size is PyTorch's copy case (both taps on one pixel): one inf pixel
+    became a cross of NaNs in the C++ path and stayed one NaN in the reference."""
+    tile = np.zeros((1, 8, 8), np.float16)
+    tile[0, 3, 3] = np.inf
+    boxes, flips = np.array([box], np.int32), np.array([[1, 0]], np.uint8)
+    got = torch.from_numpy(_render([tile], np.arange(1), boxes, flips, s))
+    want = _reference([tile], np.arange(1), boxes, flips, s, np.zeros(1, np.float32), np.ones(1, np.float32))
+    torch.testing.assert_close(got, want, equal_nan=True)
 
 
 def test_shape_and_index_errors_raise():
