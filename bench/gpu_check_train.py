@@ -127,8 +127,13 @@ def data(ctx: Context) -> None:
 
     shard_dir = wait_for_data(ctx, "loader")
     ctx.figures["loader"] = ctx.profile.loader
-    rows = measure_paths(shard_dir, **ctx.profile.loader)
-    ctx.figures["rows"] = rows
+    rows = ctx.figures["rows"] = []
+
+    def keep(row: dict) -> None:  # a stage killed at its limit still reports the paths it measured
+        rows.append(row)
+        ctx.save()
+
+    measure_paths(shard_dir, **ctx.profile.loader, on_row=keep)
     for r in rows:
         if "skipped" in r:
             print(f"  {r['path']:18s} skipped: {r['skipped']}", flush=True)

@@ -14,6 +14,7 @@ per-core rate whatever the thread counts, the figure a node's core budget needs.
 
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -126,9 +127,11 @@ def _measure_geotiff(cfg: DataConfig, parquet_file: Path, seconds: float) -> dic
 
 def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str, ...] = PATHS,
                   parquet_dir: str | Path | None = None, batch_size: int = 16, n_local: int = 8,
-                  global_size: int = 224, local_size: int = 96, num_workers: int = 2) -> list[dict]:
+                  global_size: int = 224, local_size: int = 96, num_workers: int = 2,
+                  on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One dict per path: {path, tiles_per_s, views_per_s, tiles_per_core_s, batches, seconds, cpu_seconds,
-    backend} or {path, skipped}.
+    backend} or {path, skipped}. on_row(row) is called as each path's row is done (a caller under a deadline
+    keeps the rows it has).
 
     The loader paths draw views from every modality the shards hold a tile of. parquet_dir (baseline input) defaults to
     <shard_dir>/../parquet, where ensure_sample_shards puts it.
@@ -154,6 +157,8 @@ def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str,
                                  local_size=local_size, modalities=("s2_l2a",))
                 row.update(_measure_geotiff(cfg, files[0], seconds))
             results.append(row)
+            if on_row is not None:
+                on_row(row)
             continue
         avail = {"numpy": backends.Availability(True, ""), "cpp": backends.csrc(), "dali": backends.dali(),
                  "gpu_decode_host": backends.Availability(True, "")}[path]
@@ -165,4 +170,6 @@ def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str,
                              num_workers=num_workers, modalities=modalities)
             row.update(_measure_host_read(cfg, seconds) if path == "gpu_decode_host" else _measure_loader(cfg, seconds))
         results.append(row)
+        if on_row is not None:
+            on_row(row)
     return results

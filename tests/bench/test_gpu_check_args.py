@@ -122,3 +122,21 @@ def test_help_exits_0_with_the_options_and_stage_names(tmp_path):
     for text in ("usage: bash scripts/gpu_check.sh", "--budget SECONDS", "kernel_timing", "PYTHON"):
         assert text in proc.stdout, text
     assert not (tmp_path / "python.log").exists()
+
+
+def test_a_stage_cut_to_the_budget_leaves_data_and_summary_what_they_need(tmp_path):
+    """train_step (whose step benchmark fills its limit) left data 15 s of the 20 s it took on an H200: with
+    the default budget the data stage timed out and the run failed."""
+    proc = _run(tmp_path, "--budget", "100", "--stages", "train_step,data,summary", str(tmp_path / "out"),
+                python=str(_fake_python(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    stages = [line.split() for line in (tmp_path / "python.log").read_text().splitlines() if " stage " in line]
+    calls = {words[3]: int(words[words.index("--budget") + 1]) for words in stages}
+    assert calls["train_step"] in (59, 60), calls  # 100 - 30 (data) - 10 (summary)
+    assert calls["data"] >= 30, calls
+
+
+def test_the_default_gpu_budget_fits_the_measured_stages_in_a_600_s_command():
+    text = SCRIPT.read_text()
+    default = int(text.split("BUDGET=${BUDGET:-", 1)[1].split("}", 1)[0])
+    assert 475 + 30 <= default <= 600 - 30  # the H200's stages (docs/bench.md), the report after them

@@ -4,10 +4,12 @@ from terrafm.data.throughput import measure_paths
 
 
 def test_measure_paths_reports_each_path(sample_shards, sample_parquet):
+    done = []  # gpu_check's data stage saves each row as it comes: killed at its limit, it keeps them
     rows = measure_paths(sample_shards, seconds=0.2, paths=("geotiff_baseline", "numpy", "cpp", "gpu_decode_host"),
                          parquet_dir=sample_parquet, batch_size=2, n_local=1, global_size=32, local_size=16,
-                         num_workers=0)
+                         num_workers=0, on_row=lambda row: done.append(dict(row)))
     assert [r["path"] for r in rows] == ["geotiff_baseline", "numpy", "cpp", "gpu_decode_host"]
+    assert done == rows
     for r in rows:
         if "skipped" not in r:
             assert r["tiles_per_s"] > 0 and r["views_per_s"] == pytest.approx(3 * r["tiles_per_s"])

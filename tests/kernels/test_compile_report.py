@@ -10,9 +10,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
@@ -80,6 +82,23 @@ def test_bounds_fail_unless_listed_and_listed_entries_must_still_be_over():
     assert run("head_softmax_project_student_bf16", 190) == []  # the fused head's bound is 2.0x
     assert run("dino_teacher_centered_softmax_bf16", 4000) == []  # listed in KNOWN_OVER_BOUND: reported, not failed
     assert "remove the entry" in run("dino_teacher_centered_softmax_bf16", 100)[0]  # the list only shrinks
+
+
+def test_stale_entries_fail_only_under_the_triton_the_lists_were_measured_with(monkeypatch):
+    """Under the GPU image's triton 3.6 two fusion configs use fewer registers and are no longer latency bound:
+    the strict report exited 1 there for an entry that is right under the pinned 3.7.1."""
+    import triton
+
+    from terrafm_kernels import compile_report as c
+
+    assert f"triton=={c.LISTS_TRITON}" in (ROOT / "scripts" / "setup.sh").read_text()
+    counts = {"useful_flops": 100, "executed_flops": 100, "min_bytes": 10, "moved_bytes": 10, "flop_kind": "fp32"}
+    for version, failed in ((c.LISTS_TRITON, True), ("3.6.0", False)):
+        monkeypatch.setattr(triton, "__version__", version)
+        row = {"name": "dino_teacher_centered_softmax_bf16", "regs": 64, "shared_bytes": 0, "shared_static": 0,
+               "num_warps": 4}
+        problems = c.efficiency(row, {"efficiency": lambda **_: counts}, 90)
+        assert bool(problems) == failed and ("stale_entry" in row) != failed, (version, problems, row)
 
 
 def test_occupancy_counts_registers_shared_memory_and_warps():
