@@ -2,6 +2,7 @@
 right) and the launch-time choices that differ between compiled kernels and the Triton interpreter.
 """
 
+import contextlib
 import functools
 import math
 import numbers
@@ -259,15 +260,21 @@ def descriptor_operand(t: torch.Tensor) -> torch.Tensor:
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the tensor descriptors a kernel builds on sm_90 (triton asks for 128 bytes a program)."""
+    """Global memory for the tensor descriptors a kernel builds on sm_90 (triton asks for 128 bytes a program),
+    on the current device: launch_kernel() makes it the operands'."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def launch_with_descriptors(kernel, grid, *args, **kwargs) -> None:
-    """kernel[grid](*args, **kwargs) with triton's scratch allocator set, which tl.make_tensor_descriptor needs
-    on sm_90. Triton keeps it in a ContextVar that a new thread (autograd's backward thread) does not inherit,
-    so it is set at each launch."""
+def launch_kernel(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) on the device of its first tensor argument, with triton's scratch allocator set.
+
+    Triton launches on the *current* CUDA device, so operands on cuda:1 while cuda:0 is current (a model spread
+    over GPUs in one process, e.g. device_map="auto") would run on the wrong GPU; the guard switches to theirs.
+    tl.make_tensor_descriptor needs the allocator on sm_90; triton keeps it in a ContextVar that a new thread
+    (autograd's backward thread) does not inherit, so it is set at each launch."""
     import triton
 
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
     triton.set_allocator(_descriptor_scratch)
-    kernel[grid](*args, **kwargs)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **kwargs)

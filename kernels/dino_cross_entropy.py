@@ -37,6 +37,7 @@ from ._common import (
     check_tensor,
     hbm_bytes,
     interpreted,
+    launch_kernel,
     num_splits,
     pad,
     sm_count,
@@ -218,7 +219,8 @@ def _launch_forward(student_logits, teacher_probs, student_temperature):
     block_s_hi, block_s_lo, block_k, splits, per_split = _launch_shape(student_logits)
     scale = math.log2(math.e) / student_temperature
     partial = torch.empty((4, S, B, splits), dtype=torch.float32, device=student_logits.device)
-    _dino_ce_fwd_kernel[(B, splits)](
+    launch_kernel(
+        _dino_ce_fwd_kernel, (B, splits),
         student_logits, teacher_probs, partial, S, T, B, K, per_split, scale,
         BLOCK_S_HI=block_s_hi, BLOCK_S_LO=block_s_lo, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
     )
@@ -241,7 +243,8 @@ def _launch_backward(grad_loss, student_logits, teacher_probs, row_max, log2_sum
     tau = student_temperature
     pairs = T * S - min(S, T)
     grad = torch.empty_like(student_logits)
-    _dino_ce_bwd_kernel[(B, splits)](
+    launch_kernel(
+        _dino_ce_bwd_kernel, (B, splits),
         student_logits, teacher_probs, row_max, log2_sum, n, grad_loss.float().contiguous(), grad,
         S, T, B, K, per_split, math.log2(math.e) / tau, 1.0 / (pairs * B * tau),
         BLOCK_S_HI=block_s_hi, BLOCK_S_LO=block_s_lo, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,

@@ -82,7 +82,7 @@ from ._common import (
     descriptor_operand,
     hbm_bytes,
     interpreted,
-    launch_with_descriptors,
+    launch_kernel,
     pad,
     sm_count,
 )
@@ -365,7 +365,7 @@ def _softmax_project(launch, h, v_logit, v_proj, g_logit, g_proj, rnorm_proj, ce
     column = torch.empty((grid[1], 2, launch.K) if centred else (1,), dtype=torch.float32, device=h.device)
     # a row per (D block, row block), each filled by its K splits' disjoint ranges, so every row holds all K norms
     rnorm = torch.empty((grid[0] * grid[1], launch.K), dtype=torch.float32, device=h.device)
-    launch_with_descriptors(
+    launch_kernel(
         _softmax_project_kernel, grid, h, v_logit, v_proj, g_logit, g_proj, rnorm_proj, rnorm, center, center_high,
         high_weight, stats, out, column, R, launch.K, launch.D, h.stride(0), per_split, scale, alpha,
         **launch.meta(CENTER=centred, BLOCK_DO=block_do, NORM_CHUNK=launch.norm_chunk),
@@ -386,7 +386,7 @@ def _grad_weight(launch, hs, vs, gs, rnorm_s, xs, s_max, s_log2_sum, ht, vt, gt,
     K, D = launch.K, launch.D
     out = torch.empty((K, D), dtype=vs.dtype, device=vs.device)
     grad_g = torch.empty(K, dtype=torch.float32, device=vs.device)
-    launch_with_descriptors(
+    launch_kernel(
         _grad_weight_kernel, launch.grad_weight_grid(), hs, vs, descriptor_operand(xs.to(hs.dtype)), s_max,
         s_log2_sum, ht, vt, descriptor_operand(xt.to(ht.dtype)), t_max, t_log2_sum, gs, rnorm_s, gt, rnorm_t, center,
         center_high, grad_loss.float().contiguous(), out, grad_g, hs.shape[0], ht.shape[0], K, D, hs.stride(0),

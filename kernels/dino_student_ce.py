@@ -37,6 +37,7 @@ from ._common import (
     check_tensor,
     hbm_bytes,
     interpreted,
+    launch_kernel,
     num_splits,
     pad,
     sm_count,
@@ -143,7 +144,8 @@ def _launch_forward(student_logits, targets, row_weight, student_temperature):
     block_r, block_k, splits, per_split = _launch_shape(student_logits)
     scale = math.log2(math.e) / student_temperature
     partial = torch.empty((4, R, splits), dtype=torch.float32, device=student_logits.device)
-    _student_ce_fwd_kernel[(triton.cdiv(R, block_r), splits)](
+    launch_kernel(
+        _student_ce_fwd_kernel, (triton.cdiv(R, block_r), splits),
         student_logits, targets, partial, R, K, T, per_split, scale,
         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
     )
@@ -162,7 +164,8 @@ def _launch_backward(grad_loss, student_logits, targets, row_max, log2_sum, coef
     R, K = student_logits.shape
     block_r, block_k, splits, per_split = _launch_shape(student_logits)
     grad = torch.empty_like(student_logits)
-    _student_ce_bwd_kernel[(triton.cdiv(R, block_r), splits)](
+    launch_kernel(
+        _student_ce_bwd_kernel, (triton.cdiv(R, block_r), splits),
         student_logits, targets, row_max, log2_sum, coef, grad_loss.float().contiguous(), grad,
         R, K, targets.shape[0], per_split, math.log2(math.e) / student_temperature, 1.0 / student_temperature,
         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,

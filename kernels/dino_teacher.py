@@ -74,6 +74,7 @@ from ._common import (
     check_tensor,
     hbm_bytes,
     interpreted,
+    launch_kernel,
     num_splits,
     pad,
     sm_count,
@@ -272,11 +273,11 @@ def _launch(mode: int, logits: torch.Tensor, scale: float, vec: torch.Tensor | N
     tiles = {"BLOCK_R": plan["BLOCK_R"], "BLOCK_K": plan["BLOCK_K"], "num_warps": GPU_NUM_WARPS}
     if mode == MODE_SOFTMAX:
         out = torch.empty((R, K), dtype=torch.float32, device=device)
-        _softmax_kernel[plan["grid"]](logits, vec, out, R, K, scale, CENTER=center, **tiles)
+        launch_kernel(_softmax_kernel, plan["grid"], logits, vec, out, R, K, scale, CENTER=center, **tiles)
         return out
     if mode == MODE_COLMAX:
         out = torch.empty((2, K), dtype=torch.float32, device=device)
-        _colmax_kernel[plan["grid"]](logits, out, R, K, scale, **tiles)
+        launch_kernel(_colmax_kernel, plan["grid"], logits, out, R, K, scale, **tiles)
         return out
     # a group's launch 2 re-reads the rows launch 1 just read (from L2 when they are COLUMN_GROUP_BYTES); the
     # groups run one after the other on the stream, so they share one stats buffer
@@ -286,10 +287,10 @@ def _launch(mode: int, logits: torch.Tensor, scale: float, vec: torch.Tensor | N
     for group in range(plan["groups"]):
         rows = logits[group * group_rows:(group + 1) * group_rows]
         stats_grid = (triton.cdiv(rows.shape[0], plan["STATS_BLOCK_R"]), chunks)
-        _chunk_stats_kernel[stats_grid](rows, vec, stats, rows.shape[0], K, plan["CHUNK"], scale,
-                                        **{**tiles, "BLOCK_R": plan["STATS_BLOCK_R"], "BLOCK_K": plan["STATS_BLOCK_K"]})
-        _chunk_column_kernel[plan["grid"]](rows, vec, stats, partial[group], rows.shape[0], K, chunks, scale,
-                                           BLOCK_C=plan["BLOCK_C"], **tiles)
+        launch_kernel(_chunk_stats_kernel, stats_grid, rows, vec, stats, rows.shape[0], K, plan["CHUNK"], scale,
+                      **{**tiles, "BLOCK_R": plan["STATS_BLOCK_R"], "BLOCK_K": plan["STATS_BLOCK_K"]})
+        launch_kernel(_chunk_column_kernel, plan["grid"], rows, vec, stats, partial[group], rows.shape[0], K, chunks,
+                      scale, BLOCK_C=plan["BLOCK_C"], **tiles)
     return partial.sum(dim=0)
 
 

@@ -46,7 +46,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, aligned_at_production, check_size, check_tensor, hbm_bytes, interpreted
+from ._common import (
+    TRITON_DTYPE,
+    aligned_at_production,
+    check_size,
+    check_tensor,
+    hbm_bytes,
+    interpreted,
+    launch_kernel,
+)
 
 MAX_MODALITIES = 16
 MAX_QUERIES = 64
@@ -288,8 +296,8 @@ def _launch_forward(keys, values, queries, pool, num_heads):
     w = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
     attn = torch.empty((T, H, Q, M), dtype=torch.float32, device=keys.device)
     vpool = torch.empty((T, H, M), dtype=torch.float32, device=keys.device)
-    _forward_kernel[plan["forward"]](keys, values, queries, pool, out, w, attn, vpool, T, M, Q, A, D,
-                                     1.0 / math.sqrt(D), H=H, **_tiles(plan, "forward"), num_warps=NUM_WARPS)
+    launch_kernel(_forward_kernel, plan["forward"], keys, values, queries, pool, out, w, attn, vpool, T, M, Q, A, D,
+                  1.0 / math.sqrt(D), H=H, **_tiles(plan, "forward"), num_warps=NUM_WARPS)
     return out, w, attn, vpool
 
 
@@ -300,15 +308,15 @@ def _launch_backward(grad_out, keys, values, queries, pool, w, attn, vpool, num_
     plan = launch_plan(T, M, Q, A, H, interpreted(keys))
     dout = grad_out.contiguous()
     coef = torch.empty((T, H, Q + 2, M), dtype=torch.float32, device=keys.device)
-    _backward_pool_kernel[plan["backward_pool"]](values, dout, w, attn, vpool, coef, M, Q, A, D, H=H,
-                                                 **_tiles(plan, "backward_pool"), num_warps=NUM_WARPS)
+    launch_kernel(_backward_pool_kernel, plan["backward_pool"], values, dout, w, attn, vpool, coef, M, Q, A, D, H=H,
+                  **_tiles(plan, "backward_pool"), num_warps=NUM_WARPS)
     programs = plan["backward_head"][2]
     dk, dv = torch.empty_like(keys), torch.empty_like(values)
     dq_partial = torch.empty((programs, Q, A), dtype=torch.float32, device=keys.device)
     dpool_partial = torch.empty((programs, A), dtype=torch.float32, device=keys.device)
-    _backward_head_kernel[plan["backward_head"]](
-        keys, values, queries, pool, dout, coef, dk, dv, dq_partial, dpool_partial, T, M, Q, A, D, 1.0 / math.sqrt(D),
-        H=H, **_tiles(plan, "backward_head"), num_warps=NUM_WARPS_BACKWARD_HEAD)
+    launch_kernel(_backward_head_kernel, plan["backward_head"], keys, values, queries, pool, dout, coef, dk, dv,
+                  dq_partial, dpool_partial, T, M, Q, A, D, 1.0 / math.sqrt(D), H=H, **_tiles(plan, "backward_head"),
+                  num_warps=NUM_WARPS_BACKWARD_HEAD)
     return dk, dv, dq_partial.sum(0).to(queries.dtype), dpool_partial.sum(0).to(pool.dtype)
 
 

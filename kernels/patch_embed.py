@@ -38,7 +38,7 @@ from ._common import (
     descriptor_operand,
     hbm_bytes,
     interpreted,
-    launch_with_descriptors,
+    launch_kernel,
     pad,
 )
 from .gpus import GPUS
@@ -275,7 +275,7 @@ def _launch_forward(x, weight, bias, modality_embed, pos_embed) -> torch.Tensor:
     w = descriptor_operand(weight.to(x.dtype).reshape(geo["E"], geo["KD"]))
     out = torch.empty((geo["M"], geo["E"]), dtype=x.dtype, device=x.device)
     dummy = out
-    launch_with_descriptors(
+    launch_kernel(
         _forward_kernel, cfg["grid"], x.contiguous(), w, dummy if bias is None else bias.contiguous(),
         dummy if modality_embed is None else modality_embed.reshape(-1).contiguous(),
         dummy if pos_embed is None else pos_embed.reshape(-1, geo["E"]).contiguous(), out,
@@ -296,15 +296,15 @@ def _launch_backward(grad_out, x, weight, need_x: bool, need_weight: bool):
     if need_weight:
         cfg = _plan(x, geo, "grad_weight")
         grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        launch_with_descriptors(_grad_weight_kernel, cfg["grid"], x, g, grad_w, *geo.values(), g.stride(0), **common,
-                                **_tiles(cfg))
+        launch_kernel(_grad_weight_kernel, cfg["grid"], x, g, grad_w, *geo.values(), g.stride(0), **common,
+                      **_tiles(cfg))
     if need_x:
         cfg = _plan(x, geo, "grad_input")
         w = descriptor_operand(weight.to(x.dtype).reshape(geo["E"], geo["KD"]))
         grad_x = torch.empty_like(x)
         for first_k_block, grid in cfg["launches"]:
-            launch_with_descriptors(_grad_input_kernel, grid, g, w, grad_x, *geo.values(), g.stride(0), w.stride(0),
-                                    first_k_block, **common, **_tiles(cfg))
+            launch_kernel(_grad_input_kernel, grid, g, w, grad_x, *geo.values(), g.stride(0), w.stride(0),
+                          first_k_block, **common, **_tiles(cfg))
     return grad_x, grad_w
 
 

@@ -45,6 +45,7 @@ from ._common import (
     check_tensor,
     hbm_bytes,
     interpreted,
+    launch_kernel,
     pad,
 )
 
@@ -183,10 +184,8 @@ def _teacher_softmax_op(teacher_logits: torch.Tensor, center: torch.Tensor, cent
     for first in range(0, R, plan["group_rows"]):  # one launch per group, in order: the sums accumulate
         rows = slice(first, first + plan["group_rows"])
         n = min(plan["group_rows"], R - first)
-        _teacher_softmax_kernel[(n + plan["chunks"],)](
-            teacher_logits[rows], shifts, high_weight[rows], probs[rows], logit_sum, high_sum, n, K, temperature,
-            int(first > 0), **tiles,
-        )
+        launch_kernel(_teacher_softmax_kernel, (n + plan["chunks"],), teacher_logits[rows], shifts, high_weight[rows],
+                      probs[rows], logit_sum, high_sum, n, K, temperature, int(first > 0), **tiles)
     return probs, logit_sum, high_sum
 
 

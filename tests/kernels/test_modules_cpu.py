@@ -79,3 +79,37 @@ def test_bf16_under_the_interpreter_is_refused_for_the_dot_kernels():
     head = DINOHeadLoss(16, 64)
     with pytest.raises(TypeError, match="bfloat16 under TRITON_INTERPRET=1"):
         head(torch.randn(4, 2, 16).bfloat16(), torch.randn(2, 2, 16).bfloat16(), torch.zeros(4), 0.04)
+
+
+def test_every_launch_runs_on_its_operands_device(monkeypatch):
+    """Triton launches on the current CUDA device: operands on cuda:1 with cuda:0 current (a model spread over
+    GPUs in one process) ran on the wrong GPU. Every kernel launches through _common.launch_kernel, which
+    switches to the first tensor argument's device around the launch."""
+    import contextlib
+    import pathlib
+    import re
+    from unittest import mock
+
+    entered, launched = [], []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(d)
+        yield
+        entered.pop()
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((grid, list(entered)))
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    operand = mock.MagicMock(spec=torch.Tensor)
+    operand.device = torch.device("cuda", 1)
+    _common.launch_kernel(Kernel(), (3,), 7, operand, BLOCK=16)
+    assert launched == [((3,), [torch.device("cuda", 1)])] and entered == []
+    _common.launch_kernel(Kernel(), (1,), torch.zeros(1))  # CPU tensors (the interpreter): no CUDA guard
+    assert launched[-1] == ((1,), [])
+    root = pathlib.Path(_common.__file__).parent
+    direct = [f"{p.name}: {m.group(0)}" for p in root.glob("*.py") if p.name != "_common.py"
+              for m in re.finditer(r"\b_\w+_kernel\[", p.read_text())]
+    assert direct == [], f"launch these through _common.launch_kernel: {direct}"
