@@ -237,8 +237,12 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
             shutil.rmtree(tmp, ignore_errors=True)
             publish_failure = f"{type(err).__name__}: {err}"
         else:
-            complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for old in complete[:-keep]:
+            # Only checkpoints before this one count: after a resume from an earlier step, higher-numbered folders
+            # of the abandoned continuation are left alone (until this run saves those steps), and the folder just
+            # published is never the one removed (it was, whenever keep of them were numbered above it).
+            earlier = sorted((int(p.name[5:]), p) for p in root.glob("step_*")
+                             if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) < step)
+            for _, old in earlier[:len(earlier) - (keep - 1)]:
                 shutil.rmtree(old, ignore_errors=True)
     publish_failure = _first_failure(publish_failure)
     if publish_failure is not None:

@@ -600,6 +600,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                      f"written ({renormalised}); the model now sees its inputs shifted and rescaled. Shards "
                      "re-converted with other data do this: convert with the checkpoint's statistics "
                      f"({resume_from / 'meta.json'}, data.mean / data.std) or start a new run")
+    later = sorted(p.name for p in ckpt_root.glob("step_*")
+                   if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) > step) if resume_from is not None else []
+    if later:
+        logger.write(f"resume: {resume_from.name} is not the newest checkpoint in {ckpt_root}: {', '.join(later)} "
+                     "are later steps of an earlier continuation. They are kept (retention removes only checkpoints "
+                     "before the newest save) until this run saves those steps over them; delete them if not wanted")
     if resume_from is not None and step >= total_steps:
         logger.write(f"resume: {resume_from.name} is at step {step}, at or past this run's {total_steps} steps "
                      f"(train.max_steps / epochs): nothing to train; raise train.max_steps above {step} to continue")

@@ -361,3 +361,23 @@ def test_a_truncated_distcp_with_a_matching_manifest_is_one_message_for_export_a
     assert not target.exists()
     with pytest.raises(CheckpointError, match="its tensors do not read back"):
         load_checkpoint(step2)
+
+
+def test_a_resume_from_an_earlier_step_never_prunes_what_it_just_saved(tmp_path):
+    """Retention kept the highest step numbers: a run resumed from an earlier step deleted its own newest save
+    whenever `keep` folders of the abandoned continuation were numbered above it, and `latest` named a folder
+    that was gone (the next --resume failed)."""
+    run_harness(tmp_path, "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=3",
+                "train.deterministic=true")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [f"step_0000000{i}" for i in (2, 3, 4)]
+    shutil.rmtree(ckpts / "step_00000003")  # so the resumed run's save of step 3 is a new folder
+    proc = run_harness(tmp_path, "--resume-from", str(ckpts / "step_00000002"), "train.max_steps=3",
+                       "train.checkpoint_every=1", "train.keep_checkpoints=1", "train.deterministic=true")
+    assert "step_00000004 are later steps of an earlier continuation" in proc.stdout + proc.stderr
+    assert (ckpts / "step_00000003").is_dir() and (ckpts / "latest").read_text() == "step_00000003"
+    assert not (ckpts / "step_00000002").exists()  # keep 1: the earlier one goes
+    assert (ckpts / "step_00000004").is_dir()  # the abandoned continuation's is left alone
+    proc = run_harness(tmp_path, "--resume", "train.max_steps=4", "train.checkpoint_every=1",
+                       "train.keep_checkpoints=1", "train.deterministic=true")
+    assert (ckpts / "latest").read_text() == "step_00000004"
