@@ -691,11 +691,15 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                           "teacher_temperature": teacher_temp, "grad_norm": grad_norm, "epoch": batches.epoch}
                 monitors = log_metrics(logger, record, arch, throughput, env, peak, skipped_steps)
                 diagnosis = collapse_state(monitors, s.num_prototypes, t.collapse_gap) if step > warmup_steps else None
+                if t.stop_on_collapse and env.world_size > 1:  # rank 0's monitors decide for all (one stopping
+                    shared = [diagnosis]                      # alone left the others in a collective)
+                    dist.broadcast_object_list(shared, src=0)
+                    diagnosis = shared[0]
                 if diagnosis and diagnosis != last_diagnosis:
                     logger.write(f"warning at step {step}: {diagnosis} (docs/training.md, 'Reading the monitors')")
                 if diagnosis and t.stop_on_collapse:
-                    raise CollapseError(f"stopped at step {step} (train.stop_on_collapse): {diagnosis}; the last "
-                                        f"checkpoint is {latest}")
+                    where = f"the last checkpoint is {latest}" if latest else "no checkpoint was written yet"
+                    raise CollapseError(f"stopped at step {step} (train.stop_on_collapse): {diagnosis}; {where}")
                 last_diagnosis = diagnosis
                 throughput.reset()
             if profiler is not None and step == t.profile_steps[1]:

@@ -2,12 +2,13 @@
 
     python tests/train/run_pretrain.py OUT_DIR [--resume | --resume-from CHECKPOINT] [--batch B]
                                        [--kill-at-batch N] [--hang-in-save N] [--inf-grad-steps S,...]
-                                       [overrides ...]
+                                       [--collapse-on-rank R] [overrides ...]
 --kill-at-batch N: SIGKILL this process when the loader is asked for its N-th batch (1-based).
 --hang-in-save N: on the N-th checkpoint save, let DCP finish writing, touch OUT_DIR/hanging, then
 sleep: the test SIGKILLs it while the checkpoint is still a `.tmp` folder.
 --inf-grad-steps S,...: at these 0-based optimiser steps one parameter's gradient is filled with inf
 (the loss stays finite).
+--collapse-on-rank R: the collapse monitors of rank R alone read as collapsed (the ranks disagree).
 Errors exit as `terrafm pretrain` does (the same `train_exit_code`): 2 for a SetupError or ConfigError, 1 for
 other TrainingErrors.
 """
@@ -50,6 +51,7 @@ def main() -> int:
     parser.add_argument("--kill-at-batch", type=int, default=0)
     parser.add_argument("--hang-in-save", type=int, default=0)
     parser.add_argument("--inf-grad-steps", default="")
+    parser.add_argument("--collapse-on-rank", type=int, default=-1)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -79,6 +81,8 @@ def main() -> int:
             return original_clip(params, max_norm)
 
         trainer.clip_gradients = clip_with_inf
+    if args.collapse_on_rank == rank:
+        trainer.collapse_state = lambda *a, **k: f"collapse: rank {rank}'s monitors (test)"
     return train_exit_code(cfg, args.resume_from or args.resume, loader)
 
 

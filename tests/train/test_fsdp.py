@@ -94,3 +94,23 @@ def test_elastic_resume_from_two_ranks_onto_one(tmp_path):
     for k, v in student_two_ranks.items():
         assert torch.equal(student[k], v), k
         assert torch.equal(teacher[k], v), k
+
+
+@pytest.mark.parametrize("collapsed_rank", [0, 1])
+def test_stop_on_collapse_is_rank_0s_decision_on_every_rank(tmp_path, collapsed_rank):
+    """The monitors are rank 0's (the logged ones); each rank used to decide on its own, so one rank stopped
+    and the others died in their next collective (gloo: connection reset; NCCL: a hang until the timeout)."""
+    run = tmp_path / "run"
+    proc = run_ranks([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      f"--master_port={free_port()}", str(HARNESS), str(tmp_path), "--batch", "4",
+                      "--collapse-on-rank", str(collapsed_rank), "train.max_steps=3", "train.checkpoint_every=3",
+                      "train.log_every=1", "optim.warmup_epochs=0", "train.stop_on_collapse=true"], fresh=run)
+    output = proc.stdout + proc.stderr
+    assert "Connection reset" not in output and "RuntimeError" not in output, output[-3000:]
+    if collapsed_rank == 0:  # both ranks stop at the first logged step after warm-up, with the trainer's message
+        assert proc.returncode != 0, output[-3000:]  # torchrun's own ChildFailedError report follows
+        assert output.count("stopped at step 1 (train.stop_on_collapse)") == 2, output[-3000:]
+        assert "no checkpoint was written yet" in output
+    else:  # rank 1's own monitors are not what decides
+        assert proc.returncode == 0, output[-3000:]
+        assert [r["step"] for r in metric_records(run)] == [1, 2, 3]
