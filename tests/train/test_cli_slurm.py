@@ -134,3 +134,39 @@ def test_outside_slurm_the_script_says_it_needs_sbatch(tmp_path, script, needed)
     if len(needed) > 1:  # each one missing is named on its own
         proc = run_script(tmp_path, script, "#!/bin/bash\nexit 0\n", unset=("SLURM_JOB_NODELIST",))
         assert proc.returncode == 2 and proc.stderr.startswith(f"{script}: SLURM_JOB_NODELIST not set: "), proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_sigterm_to_the_batch_shell_reaches_the_ranks_and_still_requeues(tmp_path, script):
+    """scancel -b / --full or a preemption's grace time send SIGTERM to the batch shell itself: it died (143)
+    before its requeue check, and with -b the ranks never heard of it."""
+    import contextlib
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    srun = ('#!/bin/bash\ntrap \'mkdir -p "$RUN_DIR" && echo 9 > "$RUN_DIR/preempted"; exit 1\' TERM\n'
+            'touch "$RUN_DIR.started"\nwhile :; do sleep 0.1; done\n')
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, text in (("srun", srun), ("scontrol", SCONTROL)):
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "GPUS_PER_NODE"}
+    env.update(PATH=f"{shims}:{os.environ['PATH']}", PYTHON="python-not-run", SLURM_JOB_ID="4242",
+               SLURM_JOB_NODELIST="node001", SLURM_JOB_NUM_NODES="1", SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+               RUN_DIR=str(run_dir))
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm" / script)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"{run_dir}.started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # the batch shell only, as scancel -b
+        out, err = proc.communicate(timeout=30)
+    finally:  # the srun stand-in loops until it is told to stop
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, (proc.returncode, out, err)
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert "SIGTERM: passed on to the ranks" in out and "preempted at step 9" in out
