@@ -88,6 +88,13 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     if args.nproc > 1 and "RANK" not in os.environ:
+        from terrafm.train.parallelize import mesh_shape
+
+        try:  # here, once, not as a message per rank and torchrun's ChildFailedError traceback
+            mesh_shape(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, args.nproc, args.nproc)
+        except ValueError as err:
+            print(f"terrafm pretrain: configuration error: --nproc {args.nproc}: {err}", file=sys.stderr)
+            return 2
         # exec, not a child process: signals (SIGTERM, SLURM's SIGUSR1) reach torchrun directly
         cmd = _torchrun_command(args)
         sys.stdout.flush()

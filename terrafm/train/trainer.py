@@ -159,7 +159,9 @@ class PreemptionFlag:
                 raise KeyboardInterrupt
             print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop now, without it)",
                   file=sys.stderr, flush=True)
-        self.signum = signum
+            self.signum = signum
+        elif not self.interrupted:  # torchrun answers the Ctrl-C it also got with SIGTERM: still no requeue
+            self.signum = signum
 
     def install(self) -> None:
         for sig in self.SIGNALS:

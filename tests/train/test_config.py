@@ -190,3 +190,16 @@ def test_a_gpu_gets_the_figures_of_its_own_variant_or_none(device_name, key):
     from terrafm.train.metrics import gpu_name
 
     assert gpu_name(device_name) == key
+
+
+def test_a_mesh_that_does_not_fit_nproc_is_one_message_before_torchrun():
+    """`--nproc 2 parallel.dp_shard=3` printed the message on every rank, then torchrun's ChildFailedError
+    traceback, exit 1."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "terrafm.cli", "pretrain", "--nproc", "2", "parallel.dp_shard=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("terrafm pretrain: configuration error: --nproc 2: parallel.dp_shard=3 does not "
+                                   "divide the 2 ranks")

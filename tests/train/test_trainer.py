@@ -214,3 +214,21 @@ def test_a_corrupt_chunk_met_mid_run_keeps_the_steps_done_in_a_checkpoint(tmp_pa
     with pytest.raises(SetupError, match=r"crc32 .* \(checkpoint .*step_00000003 holds the 3 steps done; --resume "):
         train(cfg, loader=CorruptAtFourthBatch(batch_size=4))
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000003"
+
+
+def test_ctrl_c_stays_an_interrupt_when_torchrun_follows_it_with_sigterm(capsys):
+    """Under --nproc the ranks get the terminal's SIGINT and then torchrun's SIGTERM: the SIGTERM overwrote the
+    Ctrl-C, so the run wrote a preemption marker and took the requeue path. A second Ctrl-C still stops at once."""
+    import signal
+
+    from terrafm.train.trainer import PreemptionFlag
+
+    flag = PreemptionFlag()
+    flag._handle(signal.SIGINT, None)
+    flag._handle(signal.SIGTERM, None)
+    assert flag.interrupted and flag.signum == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        flag._handle(signal.SIGINT, None)
+    preempted = PreemptionFlag()
+    preempted._handle(signal.SIGUSR1, None)
+    assert preempted.signum == signal.SIGUSR1 and not preempted.interrupted
