@@ -17,8 +17,8 @@ esac
 """
 
 
-def run_script(tmp_path: Path, script: str, srun: str, unset: tuple[str, ...] = (),
-               **env_extra: str) -> subprocess.CompletedProcess:
+def slurm_env(tmp_path: Path, srun: str, **env_extra: str) -> dict[str, str]:
+    """The environment of a batch job with stand-ins for srun and scontrol first on PATH."""
     shims = tmp_path / "bin"
     shims.mkdir(exist_ok=True)
     for name, text in (("srun", srun), ("scontrol", SCONTROL)):
@@ -29,6 +29,12 @@ def run_script(tmp_path: Path, script: str, srun: str, unset: tuple[str, ...] = 
                SLURM_JOB_NODELIST="node001", SLURM_JOB_NUM_NODES="1", SCONTROL_LOG=str(tmp_path / "scontrol.log"),
                SRUN_ARGS=str(tmp_path / "srun.args"))
     env.update(env_extra)
+    return env
+
+
+def run_script(tmp_path: Path, script: str, srun: str, unset: tuple[str, ...] = (),
+               **env_extra: str) -> subprocess.CompletedProcess:
+    env = slurm_env(tmp_path, srun, **env_extra)
     for name in unset:
         env.pop(name)
     return subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script)], cwd=ROOT, env=env,
@@ -147,15 +153,7 @@ def test_a_sigterm_to_the_batch_shell_reaches_the_ranks_and_still_requeues(tmp_p
     run_dir = tmp_path / "run"
     srun = ('#!/bin/bash\ntrap \'mkdir -p "$RUN_DIR" && echo 9 > "$RUN_DIR/preempted"; exit 1\' TERM\n'
             'touch "$RUN_DIR.started"\nwhile :; do sleep 0.1; done\n')
-    shims = tmp_path / "bin"
-    shims.mkdir()
-    for name, text in (("srun", srun), ("scontrol", SCONTROL)):
-        (shims / name).write_text(text)
-        (shims / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "GPUS_PER_NODE"}
-    env.update(PATH=f"{shims}:{os.environ['PATH']}", PYTHON="python-not-run", SLURM_JOB_ID="4242",
-               SLURM_JOB_NODELIST="node001", SLURM_JOB_NUM_NODES="1", SCONTROL_LOG=str(tmp_path / "scontrol.log"),
-               RUN_DIR=str(run_dir))
+    env = slurm_env(tmp_path, srun, RUN_DIR=str(run_dir))
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm" / script)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
