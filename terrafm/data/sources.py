@@ -7,7 +7,8 @@ tifffile (compressed GeoTIFFs through imagecodecs) at their native resolution an
 by pixel replication. A parquet file with the metadata columns but no band column (a collection's
 metadata.parquet) is metadata, not data, wherever it sits.
 
-Nodata: S2 pixels at 0, S1 pixels that are NaN/inf or at a fill value <= S1_FILL_MAX (-32768, -9999), and pixels
+Nodata: S2 pixels at 0, S1 pixels that are NaN/inf or at a fill value <= S1_FILL_MAX (-32768, -9999) or
+>= HUGE_FILL_MIN (float32's max), and pixels
 at a GeoTIFF's own GDAL_NODATA value are masked per band: they carry the modality's reference mean
 (modalities.REFERENCE_STATS, in the stored scaling), so they normalise to about 0, and they are left out of the
 normalisation statistics.
@@ -39,6 +40,8 @@ NOT_IN_CELL = ("product folder is not inside a grid cell folder such as 433U_120
 MODEL_PIXEL_SCALE = 33550  # GeoTIFF ModelPixelScaleTag: (x, y, z) size of a pixel in the CRS's units
 GDAL_NODATA = 42113  # TIFF tag (ASCII) of GDAL's per-file nodata value
 S1_FILL_MAX = -9999.0  # S1 values at or below this are fill (Major-TOM / RTC products use -32768 or -9999)
+HUGE_FILL_MIN = 1e20  # float values at or above this are fill (float32's max, netCDF's default 9.97e36): no
+#                       reflectance or backscatter comes near it
 
 
 class BadInput(Exception):
@@ -377,9 +380,9 @@ def to_10m(product: Product, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray,
 
 
 def nodata_mask(modality: str, cell: np.ndarray) -> np.ndarray:
-    """(C, H, W) bool: S2 pixels at 0, S1 pixels NaN/inf or at a fill value (<= S1_FILL_MAX)."""
+    """(C, H, W) bool: S2 pixels at 0, S1 pixels NaN/inf or at a fill value (<= S1_FILL_MAX, >= HUGE_FILL_MIN)."""
     if modality == "s1":
-        return ~np.isfinite(cell) | (cell <= S1_FILL_MAX)
+        return ~np.isfinite(cell) | (cell <= S1_FILL_MAX) | (cell >= HUGE_FILL_MIN)
     return cell == 0
 
 

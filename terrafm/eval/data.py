@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from terrafm.data.sources import S1_FILL_MAX, read_tiff_layout
+from terrafm.data.sources import HUGE_FILL_MIN, S1_FILL_MAX, read_tiff_layout
 from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, s1_to_db
 
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -340,14 +340,15 @@ def _hdf5_band(f, name: str, path: Path) -> np.ndarray:
 
 
 def _mask_nodata(image: np.ndarray, path: Path, declared: float | None = None) -> np.ndarray:
-    """Nodata pixel values -> NaN: NaN / inf, S1 fill (<= S1_FILL_MAX) and the file's declared nodata value.
+    """Nodata pixel values -> NaN: NaN / inf, S1 fill (<= S1_FILL_MAX), float fills (>= HUGE_FILL_MIN: one such
+    pixel made a band's std ~1e35 and every feature of the split constant) and the file's declared nodata value.
     An image with no valid pixel carries nothing to probe: refused by name."""
-    bad = ~np.isfinite(image) | (image <= S1_FILL_MAX)
+    bad = ~np.isfinite(image) | (image <= S1_FILL_MAX) | (image >= HUGE_FILL_MIN)
     if declared is not None:
         bad |= image == np.float32(declared)
     if bad.all():
-        raise ValueError(f"{path}: every pixel is nodata (NaN/inf, <= {S1_FILL_MAX:g} or the file's declared "
-                         "nodata value): remove the sample from the split")
+        raise ValueError(f"{path}: every pixel is nodata (NaN/inf, <= {S1_FILL_MAX:g}, >= {HUGE_FILL_MIN:g} or the "
+                         "file's declared nodata value): remove the sample from the split")
     if bad.any():
         image = np.where(bad, np.float32(np.nan), image)
     return image

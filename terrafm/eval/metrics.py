@@ -5,11 +5,13 @@ from pathlib import Path
 import numpy as np
 
 
-def confusion_matrix(target: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
-    """(K, K) counts, rows = true class, columns = predicted; pixels equal to ignore_index are skipped."""
+def confusion_matrix(target: np.ndarray, pred: np.ndarray, num_classes: int,
+                     ignore_index: int | None = 255) -> np.ndarray:
+    """(K, K) counts, rows = true class, columns = predicted; pixels equal to ignore_index (None: none) skipped."""
     target, pred = np.asarray(target).ravel(), np.asarray(pred).ravel()
-    keep = target != ignore_index
-    target, pred = target[keep], pred[keep]
+    if ignore_index is not None:
+        keep = target != ignore_index
+        target, pred = target[keep], pred[keep]
     return np.bincount(target * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
@@ -47,7 +49,7 @@ def multilabel_f1(target: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 
 def classification_report(target: np.ndarray, pred: np.ndarray, num_classes: int) -> tuple[dict, np.ndarray]:
-    cm = confusion_matrix(target, pred, num_classes)
+    cm = confusion_matrix(target, pred, num_classes, ignore_index=None)  # 255 is a class here, not segmentation's void
     return {"top1": top1(cm), "f1_macro": macro_f1(cm)}, cm
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from terrafm.eval.metrics import multilabel_f1
+
 IGNORE_INDEX = 255
 
 
@@ -124,7 +126,9 @@ def linear_probe(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: 
         scores = []
         for lr in lrs:
             pred = _linear_out(_fit_linear(x_fit, y_fit, out_dim, lr, epochs, seed, multilabel), x_val, multilabel)
-            scores.append(float((pred == y_val).mean()))
+            # the metric reported: micro F1 for multi-label (per-label accuracy rewards predicting "absent" on sparse
+            # labels and chose an lr with half the F1), accuracy otherwise
+            scores.append(multilabel_f1(y_val, pred)["f1_micro"] if multilabel else float((pred == y_val).mean()))
         best_lr = lrs[int(np.argmax(scores))]
     head = _fit_linear(x_all, y_all, out_dim, best_lr, epochs, seed, multilabel)
     return _linear_out(head, prep(test_feats), multilabel), best_lr

@@ -161,6 +161,13 @@ def evaluate(cfg: EvalConfig, model) -> dict:
         feats[name] = cached_features(cache_dir, key, lambda s=split, n=name: extract(
             model, normalize(s.images, mean, std), modality, kind, cfg.batch_size, cfg.img_size, cfg.device,
             desc=f"{n} features"), rows=len(split.labels))
+        finite = np.isfinite(feats[name].reshape(len(feats[name]), -1)).all(axis=1)
+        if not finite.all():  # one NaN row made every kNN vote NaN (all predictions class 0) and the probe's mean NaN
+            first = int(np.argmin(finite))
+            where = split.files[first] if split.files else f"sample {first}"
+            raise ValueError(f"{cfg.checkpoint} gives non-finite features for {int((~finite).sum())} {name} image(s), "
+                             f"the first {where}: a pixel value far outside the statistics the model normalises with "
+                             "(an untagged fill value?); mask it as nodata or remove the image")
     num_classes = len(class_ids)
     results = {"checkpoint": str(cfg.checkpoint), "data": str(cfg.data), "format": cfg.format, "task": task,
                "modality": modality, "band_order": train.band_order, "num_classes": num_classes,

@@ -91,6 +91,22 @@ def test_a_geotiff_nodata_tag_is_masked_like_majortom_fill(sample_parquet, tmp_p
     assert (shards.tile(i, "s2_l2a")[3] != 65535).all()
 
 
+def test_an_untagged_float32_max_fill_in_s1_is_nodata(sample_parquet, tmp_path):
+    """float32's max (a common untagged fill) became a 385 dB pixel in the shards and their statistics."""
+    root = _copy(sample_parquet, tmp_path)
+
+    def s1(a):
+        a = a.copy()
+        a[:3, :3] = np.finfo(np.float32).max
+        return _tif(a)
+
+    _edit_band(root, S1_FILE, "vv", 0, s1)
+    summary = convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    assert summary["modalities"]["s1"]["nodata_pixels"] == [9, 0]
+    shards = ShardSet(tmp_path / "out")
+    assert max(shards.tile(i, "s1").max() for i in range(len(shards))) < 50  # dB
+
+
 @pytest.mark.parametrize("nodata", ["-9999", "nan", "none", "1e40"])
 def test_a_nodata_tag_the_band_cannot_hold_marks_no_pixel(nodata):
     a = np.arange(1, 17, dtype=np.uint16).reshape(4, 4)

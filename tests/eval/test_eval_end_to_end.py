@@ -180,3 +180,27 @@ def test_nodata_pixels_are_filled_counted_and_printed(tiny_pth, tmp_path, capsys
     assert scores(res)[("knn", 1.0)]["top1"] >= 0.95
     assert f"nodata pixel values filled with the band mean: train {80 * strip}, test {40 * strip}" in \
         capsys.readouterr().out
+
+
+def test_a_float_fill_value_is_nodata_and_non_finite_features_are_refused(tiny_pth, tmp_path, monkeypatch, capsys):
+    """An untagged float32-max fill in one train image made the band's std ~1e35 and every feature constant (both
+    probes at chance, exit 0); a non-finite feature row made every kNN vote NaN (all predictions class 0)."""
+    splits = make_splits(13, seed=3)
+    images = splits["train"][0].astype(np.float32)
+    images[0, :, 0, 0] = np.finfo(np.float32).max
+    splits["train"] = (images, splits["train"][1])
+    data = write_hdf5(tmp_path / "fill", splits, GEOBENCH_S2)
+    res = run_eval(tiny_pth, data, "hdf5", tmp_path / "out", fractions=(1.0,), probes=("knn",))
+    assert res["nodata_pixels"]["train"] == 12 and scores(res)[("knn", 1.0)]["top1"] >= 0.95
+    real = features.extract
+
+    def nan_row(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[1] = np.nan
+        return out
+
+    monkeypatch.setattr("terrafm.eval.runner.extract", nan_row)
+    assert main(["eval", "--checkpoint", str(tiny_pth), "--data", str(data), "--format", "hdf5", "--probe", "knn",
+                 "--fractions", "1.0", "--out", str(tmp_path / "nan"), "--cache-dir", str(tmp_path / "c2")]) == 2
+    err = capsys.readouterr().err
+    assert "gives non-finite features for 1 train image(s), the first sample 1" in err and "Traceback" not in err

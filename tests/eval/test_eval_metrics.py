@@ -143,3 +143,35 @@ def test_averaging_conventions_for_absent_and_predicted_only_classes():
     target = np.array([[1, 0, 0], [0, 0, 0]])  # label 2 never positive, never predicted; a row with no label
     assert metrics.multilabel_f1(target, np.array([[1, 1, 0], [0, 0, 0]])) == pytest.approx(
         {"f1_micro": 2 / 3, "f1_macro": (1 + 0 + 0) / 3})
+
+
+def test_classification_scores_class_255_when_there_are_more_classes():
+    """255 is segmentation's void label; with 300 classes it is a class and its samples were silently dropped."""
+    y = np.arange(300).repeat(2)
+    pred = np.where(y == 255, 0, y)
+    scores, cm = metrics.classification_report(y, pred, 300)
+    assert cm.sum() == 600 and scores["top1"] == pytest.approx(598 / 600)
+
+
+def test_multilabel_linear_probe_chooses_the_lr_by_f1_not_per_label_accuracy():
+    """Sparse labels (BigEarthNet: ~1 of 19 positive) make per-label accuracy favour predicting nothing: it chose an
+    lr whose test F1 was half the best."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    K, D = 19, 64
+    W = rng.normal(size=(D, K))
+
+    def make(n):
+        x = rng.normal(size=(n, D))
+        return x.astype(np.float32), (x @ W / 6 - 3.2 + rng.normal(scale=1.5, size=(n, K)) > 0).astype(np.float32)
+
+    (xtr, ytr), (xva, yva) = make(2000), make(1000)
+    mean, std = probes.standardisation(xtr)
+    prep = lambda f: torch.from_numpy(((f - mean) / std).astype(np.float32))  # noqa: E731
+    f1 = {}
+    for lr in (1e-3, 1e-2, 1e-1):
+        head = probes._fit_linear(prep(xtr), torch.from_numpy(ytr), K, lr, 100, 0, True)
+        f1[lr] = metrics.multilabel_f1(yva, probes._linear_out(head, prep(xva), True))["f1_micro"]
+    _, chosen = probes.linear_probe(xtr, ytr, xva[:10], xva, yva, epochs=100)
+    assert chosen == max(f1, key=f1.get) and f1[chosen] > 1.5 * min(f1.values()), f1
