@@ -103,8 +103,9 @@ def _train(s: dict) -> list[str]:
     for r in s.get("runs", []):
         top = r.get("top_kernels")
         if top:
-            lines += [f"Top {len(top['rows'])} {top['what']}, {r['head']} head (of {top['total_ms']:.1f} ms "
-                      "traced):", ""]
+            steps = top.get("steps", 1)
+            lines += [f"Top {len(top['rows'])} {top['what']}, {r['head']} head (of {top['total_ms']:.1f} ms traced "
+                      f"over {steps} step(s): {top['total_ms'] / steps:.1f} ms a step):", ""]
             lines += _table(["name", "calls", "ms", "%"], [[t["name"][:90].replace("|", "/"), t["calls"],
                                                             f"{t['total_ms']:.2f}", f"{t['pct']:.1f}"]
                                                            for t in top["rows"]])

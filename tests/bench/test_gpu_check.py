@@ -65,7 +65,8 @@ def test_cpu_mode_runs_every_stage_ok_and_writes_a_complete_report(tmp_path):
     assert set(runs) == {"unfused", "fused"}
     for r in runs.values():
         assert r["img_per_s"] > 0 and r["peak_memory_gb"] > 0 and r["steps"] == 4
-        assert len(r["top_kernels"]["rows"]) == 15
+        assert len(r["top_kernels"]["rows"]) == 15 and r["top_kernels"]["steps"] == 1  # profile_steps (1, 2)
+    assert "traced over 1 step(s):" in (out / "gpu_report.md").read_text()
     # same seed, same first batch: the fused head computes the unfused head's loss
     assert runs["fused"]["loss_first"] == pytest.approx(runs["unfused"]["loss_first"], rel=1e-4)
     bench = stages["train_step"]["bench_step"]
@@ -129,8 +130,8 @@ def test_top_kernels_prefers_gpu_kernels_and_sums_by_name(tmp_path):
               {"cat": "kernel", "name": "copy", "dur": 1.0}]
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"traceEvents": events}))
-    top = top_kernels(trace, n=2)
-    assert top["what"] == "GPU kernels" and top["total_ms"] == pytest.approx(0.017)
+    top = top_kernels(trace, n=2, steps=2)
+    assert top["what"] == "GPU kernels" and top["total_ms"] == pytest.approx(0.017) and top["steps"] == 2
     assert [(r["name"], r["calls"]) for r in top["rows"]] == [("gemm", 2), ("softmax", 1)]
     assert top["rows"][0]["pct"] == pytest.approx(100 * 9 / 17)
     trace.write_text(json.dumps({"traceEvents": [e for e in events if e["cat"] == "cpu_op"]}))
@@ -193,3 +194,15 @@ def test_kernel_ms_per_call_sums_the_traces_kernels(tmp_path):
     assert total == pytest.approx(0.01) and top == [("a", pytest.approx(0.0075))]
     trace.write_text(json.dumps({"traceEvents": [{"cat": "cpu_op", "name": "aten::add", "dur": 500.0}]}))
     assert kernel_ms_per_call(trace, calls=4) == (None, [])
+
+
+def test_trainer_rates_are_total_work_over_total_time():
+    """Two windows of 64 images a step at 0.32 s and 0.66 s a step: 128 images in 0.98 s, not the mean of the
+    windows' rates (the H200 report said 145 img/s for 97)."""
+    from terrafm_bench.gpu_check_train import steady_rates
+
+    windows = [{"img_per_s": 64 / t, "mfu": 0.1 * 0.32 / t, "step_time_s": t, "data_wait_s": 0.01} for t in (0.32, 0.66)]
+    rates = steady_rates(windows)
+    assert rates["img_per_s"] == pytest.approx(128 / 0.98) and rates["step_time_s"] == pytest.approx(0.49)
+    assert rates["mfu"] == pytest.approx(0.1 * 0.64 / 0.98)
+    assert steady_rates([{**w, "mfu": None} for w in windows])["mfu"] is None
