@@ -201,7 +201,8 @@ def test_trainer_rates_are_total_work_over_total_time():
     windows' rates (the H200 report said 145 img/s for 97)."""
     from terrafm_bench.gpu_check_train import steady_rates
 
-    windows = [{"img_per_s": 64 / t, "mfu": 0.1 * 0.32 / t, "step_time_s": t, "data_wait_s": 0.01} for t in (0.32, 0.66)]
+    windows = [{"img_per_s": 64 / t, "mfu": 0.1 * 0.32 / t, "step_time_s": t, "data_wait_s": 0.01}
+               for t in (0.32, 0.66)]
     rates = steady_rates(windows)
     assert rates["img_per_s"] == pytest.approx(128 / 0.98) and rates["step_time_s"] == pytest.approx(0.49)
     assert rates["mfu"] == pytest.approx(0.1 * 0.64 / 0.98)
