@@ -15,6 +15,7 @@ from .common import GPUS
 
 MODEL = "ViT-B"
 CORES_PER_GPU_GOAL = 4
+PRODUCTION_TILE = 534  # px of a Major-TOM location (terrafm prepare's default --tile-size)
 
 
 def gpu_demand(mfu: float = 1.0) -> dict:
@@ -62,6 +63,15 @@ def run(quick: bool, log, data_dir: str | None = None, mfu: float = 1.0, gpus_pe
         else:
             log(f"  {r['path']:18s} {r['tiles_per_s']:8.1f} tiles/s  {r['views_per_s']:8.1f} views/s  "
                 f"{r['tiles_per_core_s']:8.1f} tiles/s per core")
+    caveats = []  # a budget of production demand over a smaller supply reads too low (0.2 cores per GPU for 3.1)
+    if shards.tile_size < PRODUCTION_TILE:
+        caveats.append(f"{shards.tile_size} px tiles, not Major-TOM's {PRODUCTION_TILE}: reading and copying a tile "
+                       "costs less than a real one, so the cores per GPU and GB/s below are too low; pass --data-dir "
+                       "with shards of real products")
+    if quick:
+        caveats.append("--quick renders 96 / 48 px crops with 4 local views, not the presets' 224 / 96 with 8")
+    for c in caveats:
+        log(f"  not the production budget: {c}")
     log(f"  {MODEL} on one {demand['gpu']} at {demand['mfu']:.0%} of the bf16 peak: {demand['step_s'] * 1e3:.0f} ms "
         f"per step of {demand['batch_per_gpu']} tiles = {demand['tiles_per_s']:.0f} tiles/s per GPU")
     for b in plan:
@@ -71,4 +81,4 @@ def run(quick: bool, log, data_dir: str | None = None, mfu: float = 1.0, gpus_pe
             f"{CORES_PER_GPU_GOAL} per GPU){h2d}")
     return {"shard_dir": str(shard_dir), "tile_size": shards.tile_size,
             "modalities": {m: len(i.bands) for m, i in shards.modalities.items()}, "rows": rows,
-            "demand": demand, "budget": plan, "cores_per_gpu_goal": CORES_PER_GPU_GOAL}
+            "demand": demand, "budget": plan, "cores_per_gpu_goal": CORES_PER_GPU_GOAL, "caveats": caveats}

@@ -75,6 +75,8 @@ def markdown(result: dict) -> str:
                       f"peak trains on {demand['tiles_per_s']:.0f} tiles/s per GPU ({demand['batch_per_gpu']} tiles "
                       f"per {demand['step_s'] * 1e3:.0f} ms step); goal at most {data['cores_per_gpu_goal']} cores "
                       "per GPU.", ""]
+            lines += [f"Not the production budget: {c}." for c in data.get("caveats", [])]
+            lines += [""] if data.get("caveats") else []
             lines += _table(["path", "tiles/s per core", "cores per GPU", "cores per node", "within goal",
                              "host to device GB/s per GPU"],
                             [[b["path"], _fmt(b["tiles_per_core_s"]), _fmt(b["cores_per_gpu"]),

@@ -54,7 +54,11 @@ def test_bench_measures_a_prepared_shard_set(shard_dir, tmp_path, capsys):
     assert {b["path"] for b in section["budget"]} == {r["path"] for r in measured}
     md = (out / "bench.md").read_text()
     assert "cores per GPU" in md and str(shard_dir) in md
-    assert "host cores per GPU" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "host cores per GPU" in printed
+    # small tiles and --quick crops under a production demand: said, not passed off as the node's budget
+    assert len(section["caveats"]) == 2 and "not Major-TOM's 534" in section["caveats"][0]
+    assert "not the production budget: --quick renders" in printed and "Not the production budget: 60 px" in md
 
 
 def test_a_folder_that_is_not_a_shard_set_exits_2(tmp_path, capsys):
