@@ -84,13 +84,10 @@ def _patch_embed_inputs(s: dict, g: torch.Generator) -> dict:
 
 
 def _patch_embed_cost(s: dict, e: int) -> dict:
-    """Forward (terrafm_kernels' roofline_cost) plus the weight-gradient GEMM, which reads x and grad_out."""
+    """Forward plus the weight-gradient GEMM, which reads x and grad_out (images need no gradient)."""
     from terrafm_kernels.patch_embed import roofline_cost
 
-    fwd = roofline_cost(**s, dtype_bytes=e, pos_embed=True)
-    M, KD = s["B"] * (s["H"] // s["p"]) * (s["W"] // s["p"]), s["C"] * s["p"] ** 2
-    return {"flops": 2 * fwd["flops"], "bytes": fwd["bytes"] + e * (s["B"] * s["C"] * s["H"] * s["W"] + M * s["E"]
-                                                                 + s["E"] * KD)}
+    return roofline_cost(**s, dtype_bytes=e, pos_embed=True, backward=True, grad_input=False)
 
 
 def _fusion_inputs(s: dict, g: torch.Generator) -> dict:

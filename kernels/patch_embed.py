@@ -383,16 +383,18 @@ def patch_embed(
 
 
 def roofline_cost(B: int, C: int, H: int, W: int, E: int, p: int, dtype_bytes: int = 2,
-                  pos_embed: bool = False, backward: bool = False) -> dict:
-    """Useful FLOPs and minimum HBM bytes of the forward (+ backward: grad_weight = G^T X and
-    grad_x = G W, each reading G and one operand and writing its result) for one call."""
+                  pos_embed: bool = False, backward: bool = False, grad_input: bool = True) -> dict:
+    """Useful FLOPs and minimum HBM bytes of the forward (+ backward: grad_weight = G^T X and, with grad_input,
+    grad_x = G W, each reading G and one operand and writing its result) for one call. A ViT's patch embedding
+    takes images, which need no gradient: grad_input=False is the training call."""
     M, KD = B * (H // p) * (W // p), C * p * p
     e = dtype_bytes
     moved = e * (B * C * H * W + M * E + E * KD) + 8 * E + (e * (M // B) * E if pos_embed else 0)
     flops = 2 * M * KD * E
     if backward:
-        flops += 4 * M * KD * E
-        moved += 2 * e * (B * C * H * W + M * E + E * KD)
+        passes = 2 if grad_input else 1
+        flops += passes * 2 * M * KD * E
+        moved += passes * e * (B * C * H * W + M * E + E * KD)
     return {"flops": flops, "bytes": moved}
 
 

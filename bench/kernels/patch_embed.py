@@ -1,6 +1,7 @@
 """Bench: patchify + projection + bias (Conv2d with kernel == stride == p), forward and backward, at the
 shapes the presets call it with: E = attn_dim = 3 x D, per GPU 2 global crops (224 px) and 8 local
-crops (96 px) of each sample, Sentinel-2 (12 bands) and Sentinel-1 (2 bands)."""
+crops (96 px) of each sample, Sentinel-2 (12 bands) and Sentinel-1 (2 bands). As in training, the images need no
+gradient: the backward is grad_weight and grad_bias only."""
 
 import torch
 
@@ -21,7 +22,7 @@ def shapes(quick: bool) -> list[dict]:
 
 def inputs(shape: dict, device: str, dtype: torch.dtype) -> tuple:
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(shape["B"], shape["C"], shape["H"], shape["W"], generator=g).to(device, dtype).requires_grad_()
+    x = torch.randn(shape["B"], shape["C"], shape["H"], shape["W"], generator=g).to(device, dtype)
     weight = (0.02 * torch.randn(shape["E"], shape["C"], shape["p"], shape["p"], generator=g)).to(device, dtype)
     bias = torch.zeros(shape["E"], device=device, dtype=dtype, requires_grad=True)
     return x, weight.requires_grad_(), bias
@@ -43,4 +44,4 @@ def reference(*args):
 def cost(shape: dict, dtype_bytes: int = 2) -> dict:
     from terrafm_kernels.patch_embed import roofline_cost
 
-    return roofline_cost(**shape, dtype_bytes=dtype_bytes, backward=True)
+    return roofline_cost(**shape, dtype_bytes=dtype_bytes, backward=True, grad_input=False)

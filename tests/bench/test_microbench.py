@@ -48,3 +48,14 @@ def test_fused_kernel(benchmark, op):
     args = bench.inputs(TINY[op], DEVICE, torch.float32)
     out = benchmark.pedantic(fn, args=args, rounds=5, warmup_rounds=2)
     torch.testing.assert_close(_first(out).float(), _first(bench.reference(*args)).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_patch_embed_bench_times_the_training_call_without_an_image_gradient():
+    """Training never needs grad_x (the images are inputs): the bench computed it and its roofline counted
+    6 M KD E FLOPs, 1.5x the 4 M KD E of forward + grad_weight."""
+    bench = kernel_benches.load("patch_embed")
+    shape = TINY["patch_embed"]
+    x, weight, bias = bench.inputs(shape, "cpu", torch.float32)
+    assert not x.requires_grad and weight.requires_grad and bias.requires_grad
+    M, KD, E = shape["B"] * (shape["H"] // shape["p"]) ** 2, shape["C"] * shape["p"] ** 2, shape["E"]
+    assert bench.cost(shape)["flops"] == 4 * M * KD * E
