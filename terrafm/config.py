@@ -30,6 +30,9 @@ class ModelConfig:
     img_size: int = 224  # position-embedding grid; other crop sizes interpolate it
     patch_size: int = 16
     fusion: bool = True  # Case N fusion parameters (modality augmentation fuses 2+ sensors)
+    fusion_queries: int = 5  # shared learned queries (the method's ablation: 5 beat 1)
+    fusion_heads: int = 16  # unpublished: Panopticon's 16; must divide 3 x the model's width
+    fusion_norm: str = "values"  # unpublished: "values" (norm_input after proj1, method.md) or "pooled"
     drop_path_rate: float = 0.1  # student only; the teacher has none
 
 
@@ -349,6 +352,7 @@ def validate(cfg: Config, nproc: int = 1) -> None:
     """Every value check that a single key's type cannot express, run before anything is built."""
     from terrafm.modalities import MODALITIES
     from terrafm.models import MODELS
+    from terrafm.models.patch_embed import FUSION_NORMS
 
     t, o, s, m, p = cfg.train, cfg.optim, cfg.ssl, cfg.model, cfg.parallel
     for k, bands in cfg.data.bands.items():  # the loader takes subsets; the model's patch embeddings take every band
@@ -360,6 +364,12 @@ def validate(cfg: Config, nproc: int = 1) -> None:
         (nproc >= 1, f"--nproc must be >= 1, got {nproc}"),
         (m.name in MODELS, f"model.name {m.name!r} is not a model; choose one of {', '.join(MODELS)}"),
         (m.img_size >= 1 and m.patch_size >= 1, "model.img_size and model.patch_size must be >= 1"),
+        (m.fusion_queries >= 1, f"model.fusion_queries must be >= 1, got {m.fusion_queries}"),
+        (m.fusion_heads >= 1 and (m.name not in MODELS or 3 * MODELS[m.name].embed_dim % m.fusion_heads == 0),
+         f"model.fusion_heads={m.fusion_heads} must divide the fusion width 3 x "
+         f"{MODELS[m.name].embed_dim if m.name in MODELS else 'D'}"),
+        (m.fusion_norm in FUSION_NORMS, f"model.fusion_norm must be one of {', '.join(FUSION_NORMS)}, got "
+                                        f"{m.fusion_norm!r}"),
         (all(n % max(m.patch_size, 1) == 0 for n in (m.img_size, cfg.data.global_size, cfg.data.local_size)),
          f"model.img_size={m.img_size}, data.global_size={cfg.data.global_size} and data.local_size="
          f"{cfg.data.local_size} must be multiples of model.patch_size={m.patch_size} (no backend crops)"),

@@ -30,6 +30,10 @@ MODELS: dict[str, ModelSpec] = {
     "terrafm_large": ModelSpec(1024, 24, 16, (7, 11, 15, 23)),  # TerraFM-L
 }
 FUSION_PREFIX = "patch_embed.fusion."
+# How a checkpoint's fusion was built, beyond its tensors' shapes (the head count and the norm's place do not show
+# in them); files written before these were recorded used the values of LEGACY_FUSION.
+FUSION_SETTINGS = ("fusion_heads", "fusion_norm")
+LEGACY_FUSION = {"fusion_heads": 16, "fusion_norm": "pooled"}
 
 
 def build_model(name: str, **overrides) -> TerraFM:
@@ -96,6 +100,24 @@ def _input_metadata(meta: dict, path: Path) -> dict:
             if not _metadata_fits(key, out[key]):
                 raise ValueError(f"{path}: metadata {key!r} is {meta[key][:80]!r}; expected "
                                  f"{INPUT_METADATA_FORMS[key]}")
+    return out
+
+
+def _fusion_metadata(meta: dict, path: Path) -> dict:
+    """FUSION_SETTINGS of an export's string metadata (LEGACY_FUSION where absent); a malformed one is refused."""
+    from terrafm.models.patch_embed import FUSION_NORMS
+
+    out = dict(LEGACY_FUSION)
+    if "fusion_heads" in meta:
+        if not meta["fusion_heads"].isdigit() or int(meta["fusion_heads"]) < 1:
+            raise ValueError(f"{path}: metadata 'fusion_heads' is {meta['fusion_heads'][:80]!r}; expected a positive "
+                             "integer")
+        out["fusion_heads"] = int(meta["fusion_heads"])
+    if "fusion_norm" in meta:
+        if meta["fusion_norm"] not in FUSION_NORMS:
+            raise ValueError(f"{path}: metadata 'fusion_norm' is {meta['fusion_norm'][:80]!r}; expected one of "
+                             f"{', '.join(FUSION_NORMS)}")
+        out["fusion_norm"] = meta["fusion_norm"]
     return out
 
 
@@ -170,8 +192,8 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
         name, state = load_backbone_state(path)
         meta = read_meta(resolve(path))
         model = meta.get("model", {})
-        sizes = {k: model[k] for k in ("img_size", "patch_size") if k in model}
-        return name, state, {**meta.get("data", {}), **sizes}
+        sizes = {k: model[k] for k in ("img_size", "patch_size", *FUSION_SETTINGS) if k in model}
+        return name, state, {**meta.get("data", {}), **LEGACY_FUSION, **sizes}
     if path.suffix == ".safetensors" or _file_kind(path) == "safetensors":
         from safetensors import safe_open
 
@@ -180,7 +202,8 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
                 meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors' own error types vary by version; all mean "not readable"
             raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
-        return meta.get("model"), backbone_entries(tensors, str(path)), _input_metadata(meta, path)
+        return (meta.get("model"), backbone_entries(tensors, str(path)),
+                {**_input_metadata(meta, path), **_fusion_metadata(meta, path)})
     _check_expansion(path)
     try:  # weights_only: a pickle that would run code is refused, never executed; DINO's checkpoints keep
         # their argparse.Namespace under 'args' (a plain attribute bag: allowed, it runs nothing)
@@ -273,7 +296,12 @@ def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> T
     if side * side != n_pos:
         raise ValueError(f"{path}: pos_embed holds {n_pos} patch positions, not a square grid; TerraFM's is square")
     patch = state["patch_embed.conv2d_s1.weight"].shape[-1]
+    fusion = {k: inputs.pop(k) for k in FUSION_SETTINGS if k in inputs}  # not input metadata: how it was built
     fixed = {"fusion": any(k.startswith(FUSION_PREFIX) for k in state), "img_size": side * patch, "patch_size": patch}
+    if fixed["fusion"]:  # a published .pth has no fusion; a plain state_dict with one says nothing: the defaults
+        queries = state.get(FUSION_PREFIX + "queries")
+        fixed.update(fusion, **({"fusion_queries": queries.shape[0]} if queries is not None and queries.ndim == 2
+                                else {}))
     if inputs.get("patch_size", patch) != patch or inputs.get("img_size", fixed["img_size"]) != fixed["img_size"]:
         raise ValueError(f"{path}: metadata says img_size {inputs.get('img_size')} / patch_size "
                          f"{inputs.get('patch_size')}, its weights are {fixed['img_size']} / {patch}; the file is "

@@ -6,8 +6,10 @@ Published layout (checkpoint keys under `patch_embed.`): conv2d_s2_l2a / conv2d_
 
 Case 1 (one modality): tokens -> proj1 -> norm_input -> proj2 -> proj3, exactly the published path.
 Case N (2+ modalities of the same place, method.md): per patch position the M modality tokens give
-keys (fusion.key, new) and values (proj1); Q shared learned queries attend over M per head, the Q
-outputs are pooled by softmax(z . pool), then norm_input -> proj2 -> proj3. The fusion's own
+keys (fusion.key, new) and values (proj1, then norm_input: "LayerNorm after proj1"); Q shared learned queries
+attend over M per head, the Q outputs are pooled by softmax(z . pool), then proj2 -> proj3. Where the norm sits
+is unpublished: fusion_norm="values" (the default, above) or "pooled" (after the pooling, before proj2: the
+placement of checkpoints written before it was configurable). The fusion's own
 parameters live under `patch_embed.fusion.` only when the model is built with fusion=True, so the
 published checkpoint still loads with strict=True into a fusion=False model.
 
@@ -26,6 +28,8 @@ import torch.nn as nn
 from terrafm import ops
 from terrafm.modalities import MODALITIES, MODALITY_NAMES
 
+FUSION_NORMS = ("values", "pooled")  # where Case N applies norm_input: each sensor's values, or the pooled value
+
 
 class TokenProjection(nn.Module):
     def __init__(self, attn_dim: int, embed_dim: int):
@@ -36,8 +40,12 @@ class TokenProjection(nn.Module):
         self.proj3 = nn.Linear(attn_dim, embed_dim)
 
     def output(self, values: torch.Tensor) -> torch.Tensor:
-        """The part after proj1 (shared by Case 1 and the fused Case N)."""
-        return self.proj3(self.proj2(self.norm_input(values)))
+        """The part after proj1: norm_input -> proj2 -> proj3."""
+        return self.after_norm(self.norm_input(values))
+
+    def after_norm(self, values: torch.Tensor) -> torch.Tensor:
+        """proj2 -> proj3 (Case N with fusion_norm="values": the values were normalised before the fusion)."""
+        return self.proj3(self.proj2(values))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.output(self.proj1(tokens))
@@ -66,10 +74,14 @@ class TerraFMPatchEmbed(nn.Module):
         fusion: bool = False,
         fusion_queries: int = 5,
         fusion_heads: int = 16,
+        fusion_norm: str = "values",
         ops_prefs: Mapping[str, str] | None = None,
         ops_device: str = "cpu",
     ):
         super().__init__()
+        if fusion_norm not in FUSION_NORMS:
+            raise ValueError(f"fusion_norm must be one of {FUSION_NORMS}, got {fusion_norm!r}")
+        self.fusion_norm = fusion_norm
         attn_dim = 3 * embed_dim
         self.img_size, self.patch_size, self.attn_dim = img_size, patch_size, attn_dim
         self.num_patches = (img_size // patch_size) ** 2
@@ -114,9 +126,14 @@ class TerraFMPatchEmbed(nn.Module):
         """Case N: (B, N, M, attn_dim) tokens of M sensors -> (B, N, D)."""
         B, N, M, A = tokens.shape
         tokens = tokens.reshape(B * N, M, A)
-        fused = self.fusion_fn(self.fusion.key(tokens), self.projection.proj1(tokens), self.fusion.queries,
-                               self.fusion.pool, self.fusion.num_heads)
-        return self.projection.output(fused.reshape(B, N, A))
+        values = self.projection.proj1(tokens)
+        if self.fusion_norm == "values":
+            values = self.projection.norm_input(values)
+        fused = self.fusion_fn(self.fusion.key(tokens), values, self.fusion.queries, self.fusion.pool,
+                               self.fusion.num_heads).reshape(B, N, A)
+        if self.fusion_norm == "values":
+            return self.projection.after_norm(fused)
+        return self.projection.output(fused)
 
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """{modality: (B, C, H, W)} -> (B, N, D); one key is Case 1, two or more are fused (Case N).

@@ -34,6 +34,7 @@ class TerraFM(nn.Module):
         fusion: bool = False,
         fusion_queries: int = 5,
         fusion_heads: int = 16,
+        fusion_norm: str = "values",
         out_indices: Sequence[int] = (3, 5, 7, 11),
         ops: Mapping[str, str] | None = None,
         ops_device: str = "cpu",
@@ -50,7 +51,8 @@ class TerraFM(nn.Module):
         self.out_indices = tuple(out_indices)
         self.input_metadata: dict = {}  # what the inputs must be (bands, mean, std, ...); set by load_checkpoint
         self.patch_embed = TerraFMPatchEmbed(
-            img_size, patch_size, embed_dim, fusion, fusion_queries, fusion_heads, ops_prefs=ops, ops_device=ops_device
+            img_size, patch_size, embed_dim, fusion, fusion_queries, fusion_heads, fusion_norm, ops_prefs=ops,
+            ops_device=ops_device,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))

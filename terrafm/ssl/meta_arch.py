@@ -234,6 +234,7 @@ def backbone_factory(cfg: "Config", device: str = "cpu") -> Callable[..., nn.Mod
     """The configured TerraFM backbone constructor; takes drop_path_rate (the student's, or 0 for the teacher)."""
     m = cfg.model
     return partial(build_model, m.name, img_size=m.img_size, patch_size=m.patch_size, fusion=m.fusion,
+                   fusion_queries=m.fusion_queries, fusion_heads=m.fusion_heads, fusion_norm=m.fusion_norm,
                    ops=cfg.ops, ops_device=device)
 
 

@@ -38,9 +38,11 @@ def export_metadata(name: str, which: str, meta: dict) -> dict[str, str]:
     """safetensors metadata (strings only) from a checkpoint's meta.json."""
     model, data = meta.get("model", {}), meta.get("data", {})
     out = {"model": name, "source": which}
-    for key in ("img_size", "patch_size"):
+    for key in ("img_size", "patch_size", "fusion_heads"):
         if key in model:
             out[key] = str(int(model[key]))
+    if "fusion_norm" in model:
+        out["fusion_norm"] = str(model["fusion_norm"])
     for key in INPUT_KEYS:
         if key in data:
             out[key] = json.dumps(data[key])

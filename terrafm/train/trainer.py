@@ -40,6 +40,7 @@ from terrafm.config import Config, check_epoch, save_config, to_dict
 from terrafm.data.shards import ShardError
 from terrafm.data.views import View
 from terrafm.fileio import atomic_write_bytes, nearest_existing
+from terrafm.models import LEGACY_FUSION
 from terrafm.ssl import schedules
 from terrafm.ssl.loss import high_frequency_classes
 from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch, backbone_factory, head_kwargs
@@ -478,6 +479,8 @@ def _config_changes(resume_from: Path, cfg: Config, sections: tuple[str, ...] = 
         saved = checkpoint_io.read_meta(resume_from).get("config", {})
     except (checkpoint_io.CheckpointError, OSError, ValueError):
         return ""
+    if isinstance(saved.get("model"), dict):  # written before the fusion's build settings were recorded
+        saved["model"] = {**LEGACY_FUSION, **saved["model"]}
     now = json.loads(json.dumps(to_dict(cfg)))  # tuples as the JSON lists meta.json holds
     where = {"train.out_dir", "train.run_name"}  # a run resumed into another folder is not a setting changed
     changes = [f"{section}.{key}: checkpoint {value!r}, this run {now[section].get(key)!r}"

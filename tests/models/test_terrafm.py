@@ -101,6 +101,8 @@ def _plain_fusion(model, images):
             xs = [t[b, n].double() for t in tokens]
             keys = [pe.fusion.key.weight.double() @ x for x in xs]
             vals = [pe.projection.proj1.weight.double() @ x for x in xs]
+            if pe.fusion_norm == "values":  # "LayerNorm after proj1" (method.md): each sensor's value
+                vals = [pe.projection.norm_input(v.float()).double() for v in vals]
             z = torch.zeros(Q, A, dtype=torch.float64)
             for q in range(Q):
                 for h in range(H):
@@ -115,18 +117,26 @@ def _plain_fusion(model, images):
             w = w / w.sum()
             out[b, n] = (w[:, None] * z).sum(0)
     proj = pe.projection
-    return proj.proj3(proj.proj2(proj.norm_input(out.float())))
+    pooled = out.float() if pe.fusion_norm == "values" else proj.norm_input(out.float())
+    return proj.proj3(proj.proj2(pooled))
 
 
-def test_fusion_matches_plain_per_patch_softmax():
+@pytest.mark.parametrize("fusion_norm", ["values", "pooled"])
+def test_fusion_matches_plain_per_patch_softmax(fusion_norm):
     torch.manual_seed(3)
-    model = build_model("terrafm_tiny", embed_dim=32, num_heads=2, fusion=True, fusion_heads=4).eval()
+    model = build_model("terrafm_tiny", embed_dim=32, num_heads=2, fusion=True, fusion_heads=4,
+                        fusion_norm=fusion_norm).eval()
     with torch.no_grad():
         model.patch_embed.fusion.pool.normal_()  # non-uniform pooling weights
         images = {m: _image(m, batch=2, size=32) for m in ("s2_l2a", "s2_l1c", "s1")}
+        for x in images.values():  # sensors at different scales: where the norm sits then matters
+            x.mul_(torch.rand(1).item() * 10)
         expected = _plain_fusion(model, images)
         got = model.patch_embed(images)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        other = "pooled" if fusion_norm == "values" else "values"
+        model.patch_embed.fusion_norm = other
+        assert (model.patch_embed(images) - got).abs().max() > 1e-2  # the two placements are different models
 
 
 def test_fusion_of_one_modality_reduces_to_case1():
@@ -142,6 +152,9 @@ def test_fusion_of_one_modality_reduces_to_case1():
         torch.testing.assert_close(fused, pe.projection.proj1(tokens)[:, 0], rtol=1e-6, atol=1e-6)
         case_n = pe.projection.output(fused.reshape(2, -1, pe.attn_dim))
         torch.testing.assert_close(case_n, pe({"s2_l2a": x}), rtol=1e-6, atol=1e-6)
+        for placement in ("values", "pooled"):  # pe.fuse itself, with either norm placement
+            pe.fusion_norm = placement
+            torch.testing.assert_close(pe.fuse(tokens.reshape(2, -1, 1, pe.attn_dim)), case_n, rtol=1e-5, atol=1e-5)
 
 
 def test_case_n_forward_and_backward():
@@ -283,6 +296,36 @@ def test_export_metadata_of_another_form_is_refused_by_name(tmp_path):
         save_file(state, str(path), metadata={"model": "terrafm_tiny", key: value})
         with pytest.raises(ValueError, match=rf"{key}\.safetensors: metadata '{key}' is '.*'; expected {form}"):
             load_checkpoint(path)
+
+
+def test_a_fused_checkpoint_loads_with_the_fusion_it_was_built_with(tmp_path):
+    """The head count and the norm's place do not show in the tensors' shapes: a checkpoint built with 8 heads or
+    the norm after the pooling loaded as 16 heads with the norm on the values, silently another model. Exports
+    record them; files from before they were recorded load as they were built then (LEGACY_FUSION)."""
+    from safetensors.torch import save_file
+
+    from terrafm.models import LEGACY_FUSION
+
+    torch.manual_seed(0)
+    built = build_model("terrafm_tiny", fusion=True, fusion_queries=3, fusion_heads=8, fusion_norm="pooled").eval()
+    state = {k: v.contiguous() for k, v in built.state_dict().items()}
+    images = {m: _image(m) for m in ("s2_l2a", "s1")}
+    with torch.no_grad():
+        want = built(images)
+    save_file(state, str(tmp_path / "new.safetensors"),
+              metadata={"model": "terrafm_tiny", "fusion_heads": "8", "fusion_norm": "pooled"})
+    loaded = load_checkpoint(tmp_path / "new.safetensors").eval()
+    pe = loaded.patch_embed
+    assert (pe.fusion.num_heads, pe.fusion_norm, pe.fusion.queries.shape[0]) == (8, "pooled", 3)
+    assert "fusion_norm" not in loaded.input_metadata
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), want)
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={"model": "terrafm_tiny"})
+    old = load_checkpoint(tmp_path / "old.safetensors").patch_embed
+    assert (old.fusion.num_heads, old.fusion_norm) == (LEGACY_FUSION["fusion_heads"], LEGACY_FUSION["fusion_norm"])
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata={"model": "terrafm_tiny", "fusion_norm": "before"})
+    with pytest.raises(ValueError, match="metadata 'fusion_norm' is 'before'; expected one of values, pooled"):
+        load_checkpoint(tmp_path / "bad.safetensors")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -94,6 +94,7 @@ def test_default_pretrain_on_the_sample_tiles_then_export_round_trip(tmp_path, c
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
     assert meta["model"] == "terrafm_tiny" and meta["s1_scaling"] == "db" and meta["patch_size"] == "16"
+    assert meta["fusion_heads"] == "16" and meta["fusion_norm"] == "values"  # how a --with-fusion file was built
     # the inputs training used, so a user can prepare theirs: bands and per-band statistics per modality
     config = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())["config"]
     assert meta["img_size"] == str(config["model"]["img_size"])
