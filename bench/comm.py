@@ -51,28 +51,32 @@ def param_counts(backbone: str) -> dict[str, int]:
             "dim": model.embed_dim, "depth": len(model.blocks), "patch": model.patch_size}
 
 
-def view_flops(counts: dict[str, int], size: int) -> float:
+def view_flops(counts: dict[str, int], size: int, conv_only: bool = False) -> float:
     """Backbone forward FLOPs of one image of a view, averaged over the presets' modality mix (DataConfig's
-    modalities and p_fused): half the views fuse 2-3 sensors, each with its own patch embedding."""
+    modalities and p_fused): half the views fuse 2-3 sensors, each with its own patch embedding. conv_only: the
+    patch convolutions' share alone (their backward has no input gradient)."""
     from terrafm.data.config import DataConfig
     from terrafm.data.views import modality_mix
     from terrafm.modalities import MODALITIES
-    from terrafm.models.terrafm import backbone_flops
+    from terrafm.models.terrafm import backbone_flops, patch_conv_flops
 
     data = DataConfig()
-    flops = partial(backbone_flops, counts["dim"], counts["depth"], counts["patch"])
+    flops = (partial(patch_conv_flops, counts["dim"], counts["patch"]) if conv_only
+             else partial(backbone_flops, counts["dim"], counts["depth"], counts["patch"]))
     return sum(p * flops([len(MODALITIES[m].bands) for m in subset], size, size)
                for p, subset in modality_mix(data.modalities, data.p_fused))
 
 
 def step_flops(counts: dict[str, int], batch: int) -> float:
-    """Useful FLOPs of one step on one GPU: 3x the student forward on all views, 1x the teacher's on global."""
+    """Useful FLOPs of one step on one GPU: 3x the student forward on all views less the patch convolutions'
+    input gradient (images need none), 1x the teacher's on global (SSLMetaArch.flops_per_sample's count)."""
     from terrafm.ssl.head import head_flops
 
     head = head_flops(counts["dim"], HEAD["hidden_dim"], HEAD["bottleneck_dim"], HEAD["num_prototypes"],
                       HEAD["num_layers"])
     g, loc = view_flops(counts, GLOBAL_SIZE) + head, view_flops(counts, LOCAL_SIZE) + head
-    return batch * (3 * (N_GLOBAL * g + N_LOCAL * loc) + N_GLOBAL * g)
+    conv = N_GLOBAL * view_flops(counts, GLOBAL_SIZE, True) + N_LOCAL * view_flops(counts, LOCAL_SIZE, True)
+    return batch * (3 * (N_GLOBAL * g + N_LOCAL * loc) - conv + N_GLOBAL * g)
 
 
 def collective_elements(counts: dict[str, int]) -> dict[str, int]:

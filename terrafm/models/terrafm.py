@@ -196,6 +196,13 @@ class TerraFM(nn.Module):
         return [o.transpose(1, 2).reshape(o.shape[0], self.embed_dim, h, w).contiguous() for o in outs]
 
 
+def patch_conv_flops(embed_dim: int, patch_size: int, in_channels: Sequence[int], h: int, w: int) -> float:
+    """Forward FLOPs of the patch convolutions of one image (C*p*p -> A=3D per modality), the part of
+    backbone_flops whose backward has no input gradient (images need none): 2x its forward, not 3x."""
+    n = (h // patch_size) * (w // patch_size)
+    return float(sum(2 * n * c * patch_size * patch_size * 3 * embed_dim for c in in_channels))
+
+
 def backbone_flops(embed_dim: int, depth: int, patch_size: int, in_channels: Sequence[int], h: int, w: int,
                    mlp_ratio: float = 4.0) -> float:
     """Forward FLOPs of one image through TerraFM (multiply-add = 2 FLOPs).

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from terrafm.data.views import View
 from terrafm.models import build_model
-from terrafm.models.terrafm import backbone_flops
+from terrafm.models.terrafm import backbone_flops, patch_conv_flops
 from terrafm.ssl.head import DINOHead
 from terrafm.ssl.loss import DINOLoss, koleo_loss
 
@@ -201,15 +201,20 @@ class SSLMetaArch(nn.Module):
 
     def flops_per_sample(self, global_views: Sequence[View], local_views: Sequence[View]) -> float:
         """Useful FLOPs of one sample in one step: 3x the student forward on every view (forward and
-        backward), 1x the teacher forward on the global views. Views give only channels and sizes."""
+        backward), less the patch convolutions' input gradient (images need none), 1x the teacher forward on
+        the global views. Views give only channels and sizes."""
         backbone, head = self.student.backbone, self.student.head
 
+        def shape(v: View) -> tuple[list[int], int, int]:
+            return [t.shape[1] for t in v.values()], *next(iter(v.values())).shape[-2:]
+
         def forward(views: Sequence[View]) -> float:
-            return sum(backbone_flops(backbone.embed_dim, len(backbone.blocks), backbone.patch_size,
-                                      [t.shape[1] for t in v.values()], *next(iter(v.values())).shape[-2:])
+            return sum(backbone_flops(backbone.embed_dim, len(backbone.blocks), backbone.patch_size, *shape(v))
                        + head.flops_per_row for v in views)
 
-        return 3 * forward(list(global_views) + list(local_views)) + forward(global_views)
+        student = list(global_views) + list(local_views)
+        no_input_grad = sum(patch_conv_flops(backbone.embed_dim, backbone.patch_size, *shape(v)) for v in student)
+        return 3 * forward(student) - no_input_grad + forward(global_views)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -124,7 +124,9 @@ def test_from_config_assembles_the_configured_model_and_counts_its_flops():
     head = 2 * (192 * 32 + 32 * 32 + 32 * 8 + 8 * 16)  # MLP 192 -> 32 -> 32 -> 8, then 16 prototypes
     g = backbone_flops(192, 4, 16, [12], 32, 32) + head
     loc = backbone_flops(192, 4, 16, [2, 12], 16, 16) + head
-    assert arch.flops_per_sample(globals_, locals_) == 3 * (g + loc) + g  # student fwd + bwd, teacher fwd
+    conv = 2 * 4 * (12 * 16 * 16 * 576) + 2 * 1 * ((2 + 12) * 16 * 16 * 576)  # patches x C p p x A, both views
+    # student fwd + bwd (no input gradient for the images: the conv's backward is 1x its forward), teacher fwd
+    assert arch.flops_per_sample(globals_, locals_) == 3 * (g + loc) - conv + g
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the kernel under TRITON_INTERPRET=1
