@@ -74,10 +74,11 @@ KNOWN_OVER_BOUND = {
     "patch_embed_grad_weight_float32": "FLOPs 3x: " + _TF32X3 + "; bytes 1.8-2.2x: tf32x3 splits each operand "
                                        "in registers, so the 128 x 128 (E x KD) tile of 16-bit spills and a wave "
                                        "of 128 x 64 tiles covers fewer KD blocks (G read twice more)",
-    **{f"dino_teacher_sk_column_{dtype}_8192rows": "bytes 2.0x: a Sinkhorn column step needs each row's normaliser "
+    **{f"dino_teacher_sk_column_{dtype}_3760rows": "bytes 2.0x: a Sinkhorn column step needs each row's normaliser "
        "before its column sums, so it reads the logits twice; the second read comes from L2 only for the 16 MiB "
-       "groups of few rows (128 rows: 1.09-1.12x); iBOT's 8192 rows are 1-2 GB, a launch pair per 16 MiB would "
-       "be 64-128 launches, and the one-launch row-block form re-reads a wave's ~1.3 GB of rows from HBM too (2.25x)"
+       "groups of few rows (128 rows: 1.09-1.12x); iBOT's 3760 rows are 0.5-1 GB, a launch pair per 16 MiB would "
+       "be 30-60 launches, and the one-launch row-block form re-reads a wave's rows from HBM too (measured on paper "
+       "at 8192 rows: 2.25x)"
        for dtype in ("float32", "float16", "bfloat16")},
     "dino_teacher_centered_softmax_": "flops only (1.57x, memory bound): 1.43x needs log(sum) folded into the "
                                       "exponent, which at the tested |y| ~ 2000 (logits +-50, tau 0.04) rounds "
@@ -92,8 +93,8 @@ KNOWN_LATENCY_BOUND = {
         "0.75-1 KB of loads a step, 4-12 KB per SM with 5-12 resident programs; wider chunks pad 144 to 160-192 "
         "columns (FLOPs over bound), more positions per program cost the registers that hold all heads' attention; "
         "the restructure (several heads or chunks per step) is open"),
-    r"dino_teacher_sk_column_(float32|float16|bfloat16)_8192rows@sm_90": (
-        "iBOT's 8192-row column step (one statistics chunk, BLOCK_C = 1) compiles its (16, 256) logits tile as two "
+    r"dino_teacher_sk_column_(float32|float16|bfloat16)_3760rows@sm_90": (
+        "iBOT's 3760-row column step (one statistics chunk, BLOCK_C = 1) compiles its (16, 256) logits tile as two "
         "halves around their conversion: 4-7 KB of loads before the first use (SASS), where the 128-row variant "
         "issues all 8 / 16 KB; (32, 256) tiles split the same way"),
 }

@@ -38,7 +38,7 @@ per SM at any R, launch 2 has K / BLOCK_K (DINOv2's 128 class-token rows per GPU
 an H100, where one program per 16-row block made 8).
 Launch 2 re-reads the rows launch 1 just read: from L2 when the group's logits fit in half of it, so a
 group is COLUMN_GROUP_BYTES (16 MiB: 128 bf16 rows of 65536 prototypes; fp32 takes two groups) while that
-makes at most MAX_COLUMN_GROUPS groups; beyond (iBOT's 8192 masked patches, 1-2 GB) one group, whose
+makes at most MAX_COLUMN_GROUPS groups; beyond (iBOT's ~3760 masked patches, 0.5-1 GB) one group, whose
 second read comes from HBM (2x the floor; a program per row block would re-read a wave's ~1.3 GB of rows
 from HBM too, plus its partials). MODE_COLMAX runs one program per chunk of BLOCK_K prototypes over all
 rows (an online column max and sum), so each program owns its columns outright. Nothing of size (R, K) is
@@ -388,8 +388,10 @@ def roofline_cost(R: int, K: int, dtype_bytes: int = 2, n_iterations: int = 0) -
 
 
 # DINOv2's calls per GPU: the class-token teacher (2 global views x 64 samples = 128 rows, softmax BLOCK_R = 1) and
-# iBOT's masked patch tokens (about 8192 rows, BLOCK_R = 8), K = 65536 prototypes.
-PRODUCTION_ROWS = {1: 128, 8: 8192}
+# iBOT's masked patch tokens (BLOCK_R = 8): half of the 128 global crops masked at a ratio uniform in 0.1-0.5 of
+# their 196 patches, 64 x 0.3 x 196 ~ 3763 rows on average (6272 at most; it was 8192, more than DINOv2 can
+# produce), here 3760, a multiple of 16; K = 65536 prototypes.
+PRODUCTION_ROWS = {1: 128, 8: 3760}
 PRODUCTION_K = 65536
 # The column step's plan in the compile report: H100's SMs (A100's 108 give the same BLOCK_C).
 PRODUCTION_SMS = GPUS[BY_CAPABILITY[90]]["sms"]
@@ -478,7 +480,7 @@ def _column_counts(plan: dict, R: int, K: int, e: int, concurrent: int, l2_bytes
     return moved, executed, programs
 
 
-# Integers that are multiples of 16 at the presets' shapes (R = 128 / 64 rows, iBOT's 8192, K = 65536, CHUNK a
+# Integers that are multiples of 16 at the presets' shapes (R = 128 / 64 rows, iBOT's 3760, K = 65536, CHUNK a
 # multiple of BLOCK_K); CHUNKS is not in general. The compile report compiles the variant the JIT builds.
 MULTIPLES_OF_16 = ("R", "K", "CHUNK")
 
