@@ -104,18 +104,20 @@ def _input_metadata(meta: dict, path: Path) -> dict:
 
 
 def _fusion_metadata(meta: dict, path: Path) -> dict:
-    """FUSION_SETTINGS of an export's string metadata (LEGACY_FUSION where absent); a malformed one is refused."""
+    """FUSION_SETTINGS of a checkpoint's metadata (safetensors strings or meta.json's model section; LEGACY_FUSION
+    where absent); a malformed one (edited, or written by another tool) is refused by name."""
     from terrafm.models.patch_embed import FUSION_NORMS
 
     out = dict(LEGACY_FUSION)
     if "fusion_heads" in meta:
-        if not meta["fusion_heads"].isdigit() or int(meta["fusion_heads"]) < 1:
-            raise ValueError(f"{path}: metadata 'fusion_heads' is {meta['fusion_heads'][:80]!r}; expected a positive "
-                             "integer")
-        out["fusion_heads"] = int(meta["fusion_heads"])
+        heads = meta["fusion_heads"]  # an int in meta.json, a string in safetensors metadata
+        whole = type(heads) is int or (isinstance(heads, str) and heads.isdigit())
+        if not whole or int(heads) < 1:
+            raise ValueError(f"{path}: metadata 'fusion_heads' is {str(heads)[:80]!r}; expected a positive integer")
+        out["fusion_heads"] = int(heads)
     if "fusion_norm" in meta:
         if meta["fusion_norm"] not in FUSION_NORMS:
-            raise ValueError(f"{path}: metadata 'fusion_norm' is {meta['fusion_norm'][:80]!r}; expected one of "
+            raise ValueError(f"{path}: metadata 'fusion_norm' is {str(meta['fusion_norm'])[:80]!r}; expected one of "
                              f"{', '.join(FUSION_NORMS)}")
         out["fusion_norm"] = meta["fusion_norm"]
     return out
@@ -192,8 +194,8 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
         name, state = load_backbone_state(path)
         meta = read_meta(resolve(path))
         model = meta.get("model", {})
-        sizes = {k: model[k] for k in ("img_size", "patch_size", *FUSION_SETTINGS) if k in model}
-        return name, state, {**meta.get("data", {}), **LEGACY_FUSION, **sizes}
+        sizes = {k: model[k] for k in ("img_size", "patch_size") if k in model}
+        return name, state, {**meta.get("data", {}), **sizes, **_fusion_metadata(model, path)}
     if path.suffix == ".safetensors" or _file_kind(path) == "safetensors":
         from safetensors import safe_open
 

@@ -323,9 +323,11 @@ def test_a_fused_checkpoint_loads_with_the_fusion_it_was_built_with(tmp_path):
     save_file(state, str(tmp_path / "old.safetensors"), metadata={"model": "terrafm_tiny"})
     old = load_checkpoint(tmp_path / "old.safetensors").patch_embed
     assert (old.fusion.num_heads, old.fusion_norm) == (LEGACY_FUSION["fusion_heads"], LEGACY_FUSION["fusion_norm"])
-    save_file(state, str(tmp_path / "bad.safetensors"), metadata={"model": "terrafm_tiny", "fusion_norm": "before"})
-    with pytest.raises(ValueError, match="metadata 'fusion_norm' is 'before'; expected one of values, pooled"):
-        load_checkpoint(tmp_path / "bad.safetensors")
+    for key, value, form in (("fusion_norm", "before", "one of values, pooled"), ("fusion_heads", "8.0", "a positive "
+                                                                                                    "integer")):
+        save_file(state, str(tmp_path / "bad.safetensors"), metadata={"model": "terrafm_tiny", key: value})
+        with pytest.raises(ValueError, match=f"metadata '{key}' is '{value}'; expected {form}"):
+            load_checkpoint(tmp_path / "bad.safetensors")
 
 
 @pytest.mark.parametrize("change, message", [
