@@ -97,6 +97,11 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def saved_steps(root: Path) -> dict[int, Path]:
+    """{step: folder} of the complete checkpoint folders under root (step_N; not step_N.tmp)."""
+    return {int(p.name[5:]): p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()}
+
+
 def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.json"
 
@@ -240,8 +245,7 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
             # Only checkpoints before this one count: after a resume from an earlier step, higher-numbered folders
             # of the abandoned continuation are left alone (until this run saves those steps), and the folder just
             # published is never the one removed (it was, whenever keep of them were numbered above it).
-            earlier = sorted((int(p.name[5:]), p) for p in root.glob("step_*")
-                             if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) < step)
+            earlier = sorted((n, p) for n, p in saved_steps(root).items() if n < step)
             for _, old in earlier[:len(earlier) - (keep - 1)]:
                 shutil.rmtree(old, ignore_errors=True)
     publish_failure = _first_failure(publish_failure)

@@ -607,8 +607,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                      f"written ({renormalised}); the model now sees its inputs shifted and rescaled. Shards "
                      "re-converted with other data do this: convert with the checkpoint's statistics "
                      f"({resume_from / 'meta.json'}, data.mean / data.std) or start a new run")
-    later = sorted(p.name for p in ckpt_root.glob("step_*")
-                   if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) > step) if resume_from is not None else []
+    later = [p.name for n, p in sorted(checkpoint.saved_steps(ckpt_root).items()) if n > step] if resume_from else []
     if later:
         logger.write(f"resume: {resume_from.name} is not the newest checkpoint in {ckpt_root}: {', '.join(later)} "
                      "are later steps of an earlier continuation. They are kept (retention removes only checkpoints "
@@ -698,8 +697,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                           "teacher_temperature": teacher_temp, "grad_norm": grad_norm, "epoch": batches.epoch}
                 monitors = log_metrics(logger, record, arch, throughput, env, peak, skipped_steps)
                 diagnosis = collapse_state(monitors, s.num_prototypes, t.collapse_gap) if step > warmup_steps else None
-                if t.stop_on_collapse and env.world_size > 1:  # rank 0's monitors decide for all (one stopping
-                    shared = [diagnosis]                      # alone left the others in a collective)
+                if t.stop_on_collapse and env.world_size > 1:
+                    # rank 0's monitors (the logged ones) decide for all: a rank stopping alone hung the others
+                    shared = [diagnosis]
                     dist.broadcast_object_list(shared, src=0)
                     diagnosis = shared[0]
                 if diagnosis and diagnosis != last_diagnosis:
