@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"terrafm eval: error: cannot write {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
     for r in results["runs"]:
-        scores = {k: r[k] for k in ("top1", "f1_macro", "f1_micro", "miou", "pixel_acc") if k in r}
+        scores = {k: r[k] for k in ("top1", "f1_macro", "f1_micro", "map_macro", "map_micro", "miou", "pixel_acc")
+                  if k in r}
         print(f"{r['probe']:>6} {r['fraction'] * 100:>5g}% labels ({r['train_samples']} samples): "
               + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     masked = {n: c for n, c in results["nodata_pixels"].items() if c}

@@ -48,6 +48,28 @@ def multilabel_f1(target: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     return {"f1_micro": float(micro), "f1_macro": macro}
 
 
+def _average_precision(target: np.ndarray, scores: np.ndarray) -> float:
+    """Sum over score thresholds of (recall step) x precision, ties at one threshold (sklearn's
+    average_precision_score: no interpolation); target holds at least one positive."""
+    order = np.argsort(-scores, kind="mergesort")
+    target, scores = target[order], scores[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # the last sample of each distinct score
+    tp = np.cumsum(target)[last]
+    precision, recall = tp / (last + 1), tp / target.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def multilabel_map(target: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Mean average precision of (N, K) label scores: macro over the labels with a positive in target (AP is
+    undefined without one), micro over all (sample, label) pairs. The ranking metric of the BigEarthNet linear-probe
+    literature, which thresholded F1 does not compare with."""
+    target, scores = np.asarray(target).astype(bool), np.asarray(scores, dtype=np.float64)
+    labels = [j for j in range(target.shape[1]) if target[:, j].any()]
+    macro = float(np.mean([_average_precision(target[:, j], scores[:, j]) for j in labels])) if labels else 0.0
+    micro = _average_precision(target.ravel(), scores.ravel()) if target.any() else 0.0
+    return {"map_macro": macro, "map_micro": micro}
+
+
 def classification_report(target: np.ndarray, pred: np.ndarray, num_classes: int) -> tuple[dict, np.ndarray]:
     cm = confusion_matrix(target, pred, num_classes, ignore_index=None)  # 255 is a class here, not segmentation's void
     return {"top1": top1(cm), "f1_macro": macro_f1(cm)}, cm

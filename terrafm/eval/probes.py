@@ -38,31 +38,34 @@ def _l2(x: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def knn_predict(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray, k: int = 20,
-                temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> np.ndarray:
-    """DINO kNN: cosine similarity of L2-normalised features, top-k votes weighted by exp(sim / T).
+def knn_scores(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray, k: int = 20,
+               temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> np.ndarray:
+    """DINO kNN votes: cosine similarity of L2-normalised features, top-k votes weighted by exp(sim / T), as (M, K)
+    shares of each test sample's vote weight per class (per label for multi-label).
 
     The weights are computed as exp((sim - max sim) / T), the same votes divided by one constant per test sample:
     exp(sim / T) overflows float32 for T below ~0.0113 (exp(1 / 0.01) > 3.4e38), and neighbours tied at inf
-    would hand the vote to the lowest class id. k is capped at the number of training samples; a tie between
-    classes goes to the lowest class id.
-    Returns (M,) class ids, or (M, K) multi-hot where a label wins when its weighted vote exceeds half.
+    would hand the vote to the lowest class id. k is capped at the number of training samples.
     """
     train, test = _l2(train_feats), _l2(test_feats)
     multilabel = train_labels.ndim == 2
     targets = torch.from_numpy(train_labels).float() if multilabel else F.one_hot(
         torch.from_numpy(train_labels).long(), num_classes or int(train_labels.max()) + 1).float()
     k = min(k, len(train))
-    preds = []
+    shares = []
     for start in range(0, len(test), chunk):
         sim, idx = (test[start:start + chunk] @ train.T).topk(k, dim=1)
         weights = ((sim - sim[:, :1]) / temperature).exp()  # topk sorts: column 0 is the largest
-        votes = (weights[..., None] * targets[idx]).sum(1)
-        if multilabel:
-            preds.append((votes / weights.sum(1, keepdim=True) > 0.5).float())
-        else:
-            preds.append(votes.argmax(1))
-    return torch.cat(preds).numpy()
+        shares.append((weights[..., None] * targets[idx]).sum(1) / weights.sum(1, keepdim=True))
+    return torch.cat(shares).numpy()
+
+
+def knn_predict(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray, k: int = 20,
+                temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> np.ndarray:
+    """knn_scores' decision: (M,) class ids (a tie goes to the lowest class id), or (M, K) multi-hot where a label
+    wins when its share of the weighted vote exceeds half."""
+    shares = knn_scores(train_feats, train_labels, test_feats, k, temperature, num_classes, chunk)
+    return (shares > 0.5).astype(np.float32) if train_labels.ndim == 2 else shares.argmax(1)
 
 
 def _fit_linear(x: torch.Tensor, y: torch.Tensor, out_dim: int, lr: float, epochs: int, seed: int,
@@ -87,6 +90,13 @@ def _linear_out(head: torch.nn.Linear, x: torch.Tensor, multilabel: bool) -> np.
     return (logits > 0).float().numpy() if multilabel else logits.argmax(1).numpy()
 
 
+def _linear_scores(head: torch.nn.Linear, x: torch.Tensor, multilabel: bool) -> np.ndarray:
+    """(M, K) probabilities: a sigmoid per label, or the softmax over classes."""
+    with torch.no_grad():
+        logits = head(x)
+    return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).numpy()
+
+
 def standardisation(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std of the training features, in float64 (the squares of float32 features above ~1e19
     overflow). A feature (near-)constant in training keeps its scale (std 1, as sklearn's StandardScaler does):
@@ -100,11 +110,12 @@ def standardisation(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def linear_probe(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
                  val_feats: np.ndarray | None = None, val_labels: np.ndarray | None = None,
                  lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1), epochs: int = 100, seed: int = 0,
-                 num_classes: int | None = None) -> tuple[np.ndarray, float]:
+                 num_classes: int | None = None) -> tuple[np.ndarray, float, np.ndarray]:
     """Logistic regression on standardised features; lr chosen on the validation split.
 
     Without a validation split the lr is chosen on a seeded 20% hold-out of the training features
-    (when it leaves at least 5 samples), then refit on all of them. Returns (test predictions, lr).
+    (when it leaves at least 5 samples), then refit on all of them. Returns (test predictions, lr, test scores:
+    (M, K) probabilities, a sigmoid per label or the softmax over classes).
     """
     multilabel = train_labels.ndim == 2
     mean, std = standardisation(train_feats)
@@ -131,7 +142,8 @@ def linear_probe(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: 
             scores.append(multilabel_f1(y_val, pred)["f1_micro"] if multilabel else float((pred == y_val).mean()))
         best_lr = lrs[int(np.argmax(scores))]
     head = _fit_linear(x_all, y_all, out_dim, best_lr, epochs, seed, multilabel)
-    return _linear_out(head, prep(test_feats), multilabel), best_lr
+    x_test = prep(test_feats)
+    return _linear_out(head, x_test, multilabel), best_lr, _linear_scores(head, x_test, multilabel)
 
 
 def segmentation_probe(train_maps: np.ndarray, train_masks: np.ndarray, test_maps: np.ndarray,

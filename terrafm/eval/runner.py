@@ -182,14 +182,17 @@ def evaluate(cfg: EvalConfig, model) -> dict:
         for probe in wanted:
             start = time.perf_counter()
             extra = {}
+            scores = None  # (M, K) per-label scores of the multi-label probes, for mAP
             if probe == "knn":
                 pred = probes.knn_predict(x_tr, y_tr, feats["test"], cfg.knn_k, cfg.knn_temperature, num_classes)
+                if task == "multilabel":
+                    scores = probes.knn_scores(x_tr, y_tr, feats["test"], cfg.knn_k, cfg.knn_temperature, num_classes)
                 extra = {"k": min(cfg.knn_k, len(idx)), "temperature": cfg.knn_temperature}
             elif probe == "linear":
                 val = splits.get("val")
-                pred, lr = probes.linear_probe(x_tr, y_tr, feats["test"], feats.get("val"),
-                                               val.labels if val is not None else None, cfg.linear_lrs,
-                                               cfg.linear_epochs, cfg.seed, num_classes)
+                pred, lr, scores = probes.linear_probe(x_tr, y_tr, feats["test"], feats.get("val"),
+                                                       val.labels if val is not None else None, cfg.linear_lrs,
+                                                       cfg.linear_epochs, cfg.seed, num_classes)
                 extra = {"lr": lr, "epochs": cfg.linear_epochs}
             else:
                 pred = probes.segmentation_probe(x_tr, y_tr, feats["test"], num_classes, cfg.seg_epochs,
@@ -198,7 +201,7 @@ def evaluate(cfg: EvalConfig, model) -> dict:
             run = {"probe": probe, "fraction": fraction, "train_samples": int(len(idx)), **extra}
             tag = f"{probe}_{fraction * 100:g}pct"
             if task == "multilabel":
-                run.update(metrics.multilabel_f1(test_labels, pred))
+                run.update(metrics.multilabel_f1(test_labels, pred), **metrics.multilabel_map(test_labels, scores))
             else:
                 report = metrics.segmentation_report if task == "segmentation" else metrics.classification_report
                 scores, cm = report(test_labels, pred, num_classes)

@@ -134,6 +134,7 @@ def test_multilabel_hdf5_reports_f1(tiny_pth, tmp_path):
     assert res["task"] == "multilabel"
     for r in res["runs"]:
         assert r["f1_micro"] >= 0.9 and r["f1_macro"] >= 0.9, r
+        assert r["map_macro"] >= 0.9 and r["map_micro"] >= 0.9, r  # the ranking metric of BigEarthNet's literature
 
 
 def test_segmentation_probe_on_a_folder_of_images_and_masks(tiny_pth, tmp_path):

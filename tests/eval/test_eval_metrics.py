@@ -64,7 +64,8 @@ def test_linear_probe_separates_linearly_separable_features():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 200)
     x = rng.normal(size=(200, 8)) + 4 * np.eye(3, 8)[y]
-    pred, lr = probes.linear_probe(x[:150].astype(np.float32), y[:150], x[150:].astype(np.float32), epochs=30)
+    pred, lr, _ = probes.linear_probe(x[:150].astype(np.float32), y[:150], x[150:].astype(np.float32),
+                                      epochs=30)
     assert (pred == y[150:]).mean() > 0.95 and lr in (1e-3, 1e-2, 1e-1)
 
 
@@ -111,12 +112,12 @@ def test_linear_probe_standardises_huge_and_constant_features():
     y = rng.integers(0, 3, 200)
     x = (rng.normal(size=(200, 8)) + 4 * np.eye(3, 8)[y]).astype(np.float32)
     huge = x * np.float32(1e19)
-    pred, _ = probes.linear_probe(huge[:150], y[:150], huge[150:], epochs=10)
+    pred, _, _ = probes.linear_probe(huge[:150], y[:150], huge[150:], epochs=10)
     assert (pred == y[150:]).mean() > 0.95
     flat = x.copy()
     flat[:150, 7] = 0.5
     flat[150:, 7] = 0.5 + rng.normal(size=50).astype(np.float32) * 1e-4
-    pred, _ = probes.linear_probe(flat[:150], y[:150], flat[150:], epochs=10)
+    pred, _, _ = probes.linear_probe(flat[:150], y[:150], flat[150:], epochs=10)
     assert (pred == y[150:]).mean() > 0.95
     mean, std = probes.standardisation(flat[:150])
     assert std[7] == 1.0 and mean.dtype == np.float64
@@ -173,5 +174,21 @@ def test_multilabel_linear_probe_chooses_the_lr_by_f1_not_per_label_accuracy():
     for lr in (1e-3, 1e-2, 1e-1):
         head = probes._fit_linear(prep(xtr), torch.from_numpy(ytr), K, lr, 100, 0, True)
         f1[lr] = metrics.multilabel_f1(yva, probes._linear_out(head, prep(xva), True))["f1_micro"]
-    _, chosen = probes.linear_probe(xtr, ytr, xva[:10], xva, yva, epochs=100)
+    _, chosen, _ = probes.linear_probe(xtr, ytr, xva[:10], xva, yva, epochs=100)
     assert chosen == max(f1, key=f1.get) and f1[chosen] > 1.5 * min(f1.values()), f1
+
+
+def test_multilabel_map_is_sklearns_average_precision():
+    """AP = sum over thresholds of the recall step times the precision, ties at one threshold, no interpolation;
+    macro over the labels with a positive, micro over all pairs (values worked by hand)."""
+    target = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    scores = np.array([[0.9, 0.2, 0.1], [0.8, 0.7, 0.3], [0.3, 0.7, 0.2], [0.1, 0.1, 0.9]])
+    # label 0: ranks 0.9 (+), 0.8 (-), 0.3 (+): AP = 0.5 x 1 + 0.5 x 2/3; label 1: 0.7 and 0.7 tied, both +: AP = 1
+    ap0, ap1 = 0.5 + 0.5 * 2 / 3, 1.0
+    # micro over the 12 pairs, 4 positives, by threshold: 0.9 (1 of 2 positive): R 1/4, P 1/2; 0.8: no recall step;
+    # 0.7 (both positive): R 3/4, P 3/5; 0.3 (one of two): R 1, P 4/7
+    micro = 0.25 * 0.5 + 0.5 * 0.6 + 0.25 * 4 / 7
+    got = metrics.multilabel_map(target, scores)
+    assert got["map_macro"] == pytest.approx((ap0 + ap1) / 2)  # label 2 has no positive: left out
+    assert got["map_micro"] == pytest.approx(micro)
+    assert metrics.multilabel_map(np.zeros((2, 2)), np.ones((2, 2))) == {"map_macro": 0.0, "map_micro": 0.0}
