@@ -57,8 +57,8 @@ class EvalSplit:
     modality: str
     class_names: list[str] = field(default_factory=list)
     band_order: str = "esa"  # how S2 channels were read: "esa" (B8A 9th) or "eurosat" (B8A last)
-    files: list[Path] = field(default_factory=list)  # folder format: each image's file (one file in two splits
-    #                                                  is refused by the runner); empty for HDF5
+    files: list[Path] = field(default_factory=list)  # each image's file (one file in two splits is refused by the
+    #                                                  runner; HDF5: GEO-Bench's label-fraction partitions name them)
 
     @property
     def task(self) -> str:
@@ -254,7 +254,30 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
         order = resolve_band_order(stacked, band_order, f"split {split!r} of {root}")
         modality, selected = modality_for_bands(bands_from_count(len(s2_set), order), modality)
         stacked = stacked[:, selected]
-    return EvalSplit(_mask_s2_empty(stacked, modality, paths), _as_labels(labels), modality, band_order=order)
+    return EvalSplit(_mask_s2_empty(stacked, modality, paths), _as_labels(labels), modality, band_order=order,
+                     files=paths)
+
+
+def geobench_label_subset(root: str | Path, fraction: float, train_files: list[Path]) -> tuple[np.ndarray, str] | None:
+    """(indices into the train split, file name) of GEO-Bench's own label-fraction partition for `fraction`
+    (`{fraction:.2f}x_train_partition.json`, e.g. 0.01x_train_partition.json: its "train" ids), so 1% results
+    compare with GEO-Bench's; None where the dataset has no such file. Ids outside the default train split are
+    refused by name."""
+    path = Path(root) / f"{fraction:.2f}x_train_partition.json"
+    if not path.is_file():
+        return None
+    try:
+        ids = json.loads(path.read_text()).get("train")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{path}: not a readable JSON partition with a 'train' list ({err})") from err
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise ValueError(f"{path}: 'train' must be a non-empty list of sample ids, got {str(ids)[:100]}")
+    where = {f.stem: i for i, f in enumerate(train_files)}
+    outside = [i for i in ids if i not in where]
+    if outside:
+        raise ValueError(f"{path} lists {len(outside)} sample(s) that are not in default_partition.json's train "
+                         f"split (e.g. {outside[0]!r}): a label subset must come from the training samples")
+    return np.array(sorted({where[i] for i in ids})), path.name
 
 
 def _refuse_shared_samples(partition: dict, key: str, partition_file: Path) -> None:

@@ -13,6 +13,7 @@ from terrafm.eval import metrics, probes
 from terrafm.eval.data import (
     EvalSplit,
     MissingSplitError,
+    geobench_label_subset,
     input_statistics,
     nodata_pixels,
     normalize,
@@ -177,7 +178,11 @@ def evaluate(cfg: EvalConfig, model) -> dict:
                "nodata_pixels": {n: nodata_pixels(s.images) for n, s in splits.items()}, "runs": []}
     test_labels = splits["test"].labels
     for fraction in cfg.fractions:
-        idx = probes.label_subset(train.labels, fraction, cfg.seed)
+        own = geobench_label_subset(cfg.data, fraction, train.files) if cfg.format == "hdf5" else None
+        if own is not None:  # the dataset's own subset: results compare with GEO-Bench's
+            idx, subset = own
+        else:
+            idx, subset = probes.label_subset(train.labels, fraction, cfg.seed), f"stratified, seed {cfg.seed}"
         x_tr, y_tr = feats["train"][idx], train.labels[idx]
         for probe in wanted:
             start = time.perf_counter()
@@ -198,7 +203,7 @@ def evaluate(cfg: EvalConfig, model) -> dict:
                 pred = probes.segmentation_probe(x_tr, y_tr, feats["test"], num_classes, cfg.seg_epochs,
                                                  seed=cfg.seed, out_size=test_labels.shape[-2:])
                 extra = {"epochs": cfg.seg_epochs}
-            run = {"probe": probe, "fraction": fraction, "train_samples": int(len(idx)), **extra}
+            run = {"probe": probe, "fraction": fraction, "train_samples": int(len(idx)), "subset": subset, **extra}
             tag = f"{probe}_{fraction * 100:g}pct"
             if task == "multilabel":
                 run.update(metrics.multilabel_f1(test_labels, pred), **metrics.multilabel_map(test_labels, scores))

@@ -205,3 +205,17 @@ def test_a_float_fill_value_is_nodata_and_non_finite_features_are_refused(tiny_p
                  "--fractions", "1.0", "--out", str(tmp_path / "nan"), "--cache-dir", str(tmp_path / "c2")]) == 2
     err = capsys.readouterr().err
     assert "gives non-finite features for 1 train image(s), the first sample 1" in err and "Traceback" not in err
+
+
+def test_geobench_label_fraction_partitions_are_used_when_the_dataset_has_them(tiny_pth, tmp_path):
+    """GEO-Bench ships its own label subsets (0.01x_train_partition.json, ...); a stratified subset of ours would
+    not compare with results reported on them."""
+    data = write_hdf5(tmp_path / "gb", make_splits(13, seed=5), GEOBENCH_S2)
+    train_ids = json.loads((data / "default_partition.json").read_text())["train"]
+    (data / "0.05x_train_partition.json").write_text(json.dumps({"train": train_ids[3:7], "valid": [], "test": []}))
+    runs = scores(run_eval(tiny_pth, data, "hdf5", tmp_path / "out", probes=("knn",)))
+    assert runs[("knn", 0.05)]["train_samples"] == 4 and runs[("knn", 0.05)]["subset"] == "0.05x_train_partition.json"
+    assert runs[("knn", 1.0)]["subset"] == "stratified, seed 0"
+    (data / "0.05x_train_partition.json").write_text(json.dumps({"train": ["test_0001"]}))
+    with pytest.raises(ValueError, match="not in default_partition.json's train split \\(e.g. 'test_0001'\\)"):
+        run_eval(tiny_pth, data, "hdf5", tmp_path / "out2", probes=("knn",))
