@@ -264,7 +264,7 @@ def geobench_label_subset(root: str | Path, fraction: float, train_files: list[P
     compare with GEO-Bench's; None where the dataset has no such file. Ids outside the default train split are
     refused by name."""
     path = Path(root) / f"{fraction:.2f}x_train_partition.json"
-    if not path.is_file():
+    if round(fraction, 2) != fraction or not path.is_file():  # 0.005 is not the 0.01x file's fraction
         return None
     try:
         ids = json.loads(path.read_text()).get("train")

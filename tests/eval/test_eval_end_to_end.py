@@ -216,6 +216,9 @@ def test_geobench_label_fraction_partitions_are_used_when_the_dataset_has_them(t
     runs = scores(run_eval(tiny_pth, data, "hdf5", tmp_path / "out", probes=("knn",)))
     assert runs[("knn", 0.05)]["train_samples"] == 4 and runs[("knn", 0.05)]["subset"] == "0.05x_train_partition.json"
     assert runs[("knn", 1.0)]["subset"] == "stratified, seed 0"
+    (data / "0.01x_train_partition.json").write_text(json.dumps({"train": train_ids[:2]}))
+    half = scores(run_eval(tiny_pth, data, "hdf5", tmp_path / "half", probes=("knn",), fractions=(0.005,)))
+    assert half[("knn", 0.005)]["subset"] == "stratified, seed 0"  # 0.005 rounds to 0.01 but is not that file's
     (data / "0.05x_train_partition.json").write_text(json.dumps({"train": ["test_0001"]}))
     with pytest.raises(ValueError, match="not in default_partition.json's train split \\(e.g. 'test_0001'\\)"):
         run_eval(tiny_pth, data, "hdf5", tmp_path / "out2", probes=("knn",))
