@@ -338,18 +338,21 @@ class Batches:
 
 @dataclass
 class Throughput:
-    """Optimiser steps, images, useful FLOPs and seconds spent waiting for batches since the last log line:
-    img/s, step time, MFU and data wait. Steps are counted, not assumed to be train.log_every: the last
-    interval of a run and the first after a resume that did not stop on a log step are shorter."""
+    """Optimiser steps, images, useful FLOPs, seconds spent waiting for batches and seconds spent writing
+    checkpoints since the last log line: img/s, step time, MFU, data wait and checkpoint time. Steps are counted,
+    not assumed to be train.log_every: the last interval of a run and the first after a resume that did not stop
+    on a log step are shorter. Checkpoint writes are not training: their seconds are left out of the rates."""
 
     start: float = field(default_factory=time.perf_counter)
     steps: int = 0
     images: int = 0
     flops: float = 0.0
     data_wait: float = 0.0
+    checkpoint: float = 0.0
 
     def reset(self) -> None:
         self.start, self.steps, self.images, self.flops, self.data_wait = time.perf_counter(), 0, 0, 0.0, 0.0
+        self.checkpoint = 0.0
 
 
 def forward_backward(arch: SSLMetaArch, batches: Batches, grad_accum_steps: int, fsdp: bool, teacher_temp: float,
@@ -413,18 +416,19 @@ def log_metrics(logger: MetricsLogger, record: dict, arch: SSLMetaArch, throughp
 
     Global: loss (mean over ranks and micro-batches), grad_norm, img_per_s (all ranks' images), the schedules.
     Rank 0's: the monitors and koleo (its last micro-batch), step_time_s, data_wait_s (of a step, the seconds
-    it waited for its batches: near step_time_s means the loader is the bottleneck), mfu (its FLOPs against
-    one device's peak), mem_gb (its peak); skipped_steps is the same on every rank."""
+    it waited for its batches: near step_time_s means the loader is the bottleneck), checkpoint_s (the seconds
+    it spent writing checkpoints since the last record, left out of the rates), mfu (its FLOPs against one
+    device's peak), mem_gb (its peak); skipped_steps is the same on every rank."""
     if env.device.type == "cuda":
         torch.cuda.synchronize(env.device)
-    elapsed = time.perf_counter() - throughput.start
+    elapsed = time.perf_counter() - throughput.start - throughput.checkpoint
     probs = arch.last_teacher_probs
     monitors = {k: v.item() for k, v in teacher_monitors(probs).items()} if probs is not None else {}
     koleo = {"koleo": arch.last_koleo.item()} if arch.last_koleo is not None else {}
     logger.log({
         **record, **monitors, **koleo,
         "img_per_s": throughput.images * env.world_size / elapsed, "step_time_s": elapsed / throughput.steps,
-        "data_wait_s": throughput.data_wait / throughput.steps,
+        "data_wait_s": throughput.data_wait / throughput.steps, "checkpoint_s": throughput.checkpoint,
         "mfu": throughput.flops / elapsed / peak if peak else None, "mem_gb": _memory_gb(env.device),
         "skipped_steps": skipped_steps,
     })
@@ -626,19 +630,22 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                      f"Set train.max_steps={saved_steps} to keep the original schedules.")
 
     batches = Batches(loader, epoch)
+    throughput = Throughput()
 
     def save() -> Path:
+        started = time.perf_counter()
         try:
             rank_state = {"loader": loader.state_dict(), "epoch": batches.epoch, "skipped_steps": skipped_steps,
                           "nonfinite_streak": nonfinite_streak}
             return checkpoint.save(ckpt_root, step, arch, optimizer, rank_state, meta, t.keep_checkpoints)
         except checkpoint.CheckpointWriteError as err:
             raise SetupError(str(err)) from err
+        finally:
+            throughput.checkpoint += time.perf_counter() - started
 
     profiler = None
     latest = resume_from
     last_diagnosis = None
-    throughput = Throughput()
     try:
         while step < total_steps:
             if t.profile and step == t.profile_steps[0]:

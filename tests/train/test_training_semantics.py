@@ -130,6 +130,24 @@ def test_step_time_and_images_per_second_count_the_steps_of_each_log_interval(tm
             assert r["img_per_s"] * r["step_time_s"] == pytest.approx(4.0, rel=1e-6), (run, r["step"])
 
 
+def test_checkpoint_seconds_are_logged_and_left_out_of_the_rates(tmp_path, monkeypatch):
+    """A checkpoint written after a log step used to land in the next interval's step time: a slow disk read as
+    a slow step. Its seconds are logged as checkpoint_s and the rates still count training only."""
+    save = checkpoint.save
+
+    def slow_save(*args, **kwargs):
+        time.sleep(3.0)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    overrides = ["train.max_steps=4", "train.log_every=2", "train.checkpoint_every=2", "data.batch_size=2"]
+    train(config(tmp_path, *overrides), loader=SyntheticLoader(batch_size=2))
+    first, second = metric_records(tmp_path / "run")
+    assert first["checkpoint_s"] == 0.0  # step 2's save comes after its record
+    assert second["checkpoint_s"] >= 3.0 and second["step_time_s"] < 3.0 / 2
+    assert second["img_per_s"] * second["step_time_s"] == pytest.approx(2.0, rel=1e-6)
+
+
 class SlowLoader(SyntheticLoader):
     """Each batch arrives 0.2 s after it is asked for: a loader the trainer waits on."""
 
