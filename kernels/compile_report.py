@@ -42,7 +42,7 @@ from terrafm_kernels.gpus import GPUS as GPUS_TABLE
 MODULES = ["patch_embed", "fusion", "teacher_softmax", "dino_cross_entropy", "dino_head_loss", "dino_teacher",
            "dino_student_ce"]
 ARCHS = {"sm_80": 80, "sm_90": 90}
-# Largest dynamic shared memory one block may use: A100 163 KB, H100 227 KB (CUDA occupancy tables).
+# Largest dynamic shared memory one block may use: A100 163 KiB, H100 227 KiB (CUDA occupancy tables).
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}
 
 
@@ -235,8 +235,9 @@ def efficiency(row: dict, spec: dict, capability: int) -> list[str]:
         known = next((why for pattern, why in KNOWN_LATENCY_BOUND.items()
                       if re.match(pattern, f"{row['name']}@{row['arch']}")), None)
         if in_flight < needed and known is None:
-            problems.append(f"latency bound: {in_flight / 1024:.1f} KB of loads in flight per SM < {needed / 1024:.1f} "
-                            "KB (bandwidth x latency / SMs): larger steps or more resident programs")
+            problems.append(f"latency bound: {in_flight / 1024:.1f} KiB of loads in flight per SM < "
+                            f"{needed / 1024:.1f} KiB (bandwidth x latency / SMs): larger steps or more resident "
+                            "programs")
         elif in_flight >= needed and known is not None:
             _stale(row, problems, "not latency bound but listed in KNOWN_LATENCY_BOUND: remove the entry")
         elif known is not None:
@@ -288,7 +289,7 @@ def _format(r: dict) -> str:
     if r["ok"] and r.get("known_over_bound"):
         status = f"known over bound ({r['over_bound']})"
     if r["ok"] and r.get("known_latency_bound"):
-        status += f"; known latency bound ({r['in_flight_kb']} < {r['needed_kb']} KB in flight per SM)"
+        status += f"; known latency bound ({r['in_flight_kb']} < {r['needed_kb']} KiB in flight per SM)"
     return (f"{r['name']:44s} {r['arch']:6s} regs {r['regs']:4d}  stack {r['stack']:3d}  local {r['local']:3d}  "
             f"shared {r['shared_bytes']:7d}  {str(r['tensor_core'] or '-'):6s} {'tma' if r['tma'] else '-':3s}  "
             f"{counts}{status}")
