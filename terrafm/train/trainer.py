@@ -306,18 +306,30 @@ class DataError(SetupError):
 
 
 class Batches:
-    """The loader's batches across epochs: when one epoch runs out the next starts (set_epoch). A shard that
-    cannot be read stops the run as a SetupError."""
+    """The loader's batches across epochs: when one epoch runs out the next starts (set_epoch).
+
+    A shard that cannot be read mid-run sets `failure` (the message) and the rank stands in its last good
+    batch for the rest of the step, so every rank finishes the step's collectives; the trainer then learns
+    of it from the step's status all-reduce, discards the step on all ranks, writes the checkpoint together
+    and stops. (A rank that raised at once left the others blocked in the forward's collectives until the
+    timeout, with the steps since the last checkpoint lost.) With no batch read yet there is nothing to stand
+    in: the error is raised at once."""
 
     def __init__(self, loader: Any, epoch: int):
         self.loader, self.epoch = loader, epoch
         self._iter = iter(loader)
+        self.last: Any = None
+        self.failure: str | None = None
 
     def next(self) -> Any:
-        try:
-            return self._next()
-        except ShardError as err:
-            raise DataError(f"{err}") from err
+        if self.failure is None:
+            try:
+                self.last = self._next()
+            except ShardError as err:
+                if self.last is None:
+                    raise DataError(f"{err}") from err
+                self.failure = str(err)
+        return self.last
 
     def close(self) -> None:
         """Stop the loader's read-ahead (its render threads finish the batches in flight and exit), so no
@@ -378,12 +390,24 @@ def forward_backward(arch: SSLMetaArch, batches: Batches, grad_accum_steps: int,
     return loss_sum
 
 
-def reduce_status(loss: torch.Tensor, stop: bool, env: DistEnv) -> tuple[float, bool]:
-    """One scalar all-reduce: (the loss averaged over ranks, whether any rank was asked to stop)."""
-    status = torch.stack([loss, torch.tensor(float(stop), device=env.device)])
+def reduce_status(loss: torch.Tensor, stop: bool, data_failed: bool, env: DistEnv) -> tuple[float, bool, bool]:
+    """One scalar all-reduce: (the loss averaged over ranks, whether any rank was asked to stop, whether any
+    rank could not read its batches)."""
+    status = torch.stack([loss, torch.tensor(float(stop), device=env.device),
+                          torch.tensor(float(data_failed), device=env.device)])
     dist.all_reduce(status)
-    loss_sum, stops = status.tolist()  # one device-to-host read
-    return loss_sum / env.world_size, stops > 0
+    loss_sum, stops, failed = status.tolist()  # one device-to-host read
+    return loss_sum / env.world_size, stops > 0, failed > 0
+
+
+def data_failure(batches: Batches, env: DistEnv) -> str:
+    """The message of the step's unreadable shard, the same on every rank (gathered: only on this rare path)."""
+    messages = [batches.failure]
+    if env.world_size > 1:
+        messages = [None] * env.world_size
+        dist.all_gather_object(messages, batches.failure)
+    rank, message = next((r, m) for r, m in enumerate(messages) if m)
+    return message if env.world_size == 1 else f"rank {rank}: {message}"
 
 
 def optimizer_step(arch: SSLMetaArch, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
@@ -660,17 +684,19 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                 group["lr"] = lr
                 group["weight_decay"] = wd if group["decay"] else 0.0
 
-            try:
-                loss_sum = forward_backward(arch, batches, t.grad_accum_steps, t.fsdp, teacher_temp, env.device,
-                                            throughput)
-            except DataError as err:  # the weights are intact: keep the steps since the last checkpoint
-                if env.world_size > 1 or step == 0 or (latest is not None and
-                                                        Path(latest).name == checkpoint.step_dir_name(step)):
-                    raise  # other ranks wait in a collective: no checkpoint can be written together
-                latest = save()
-                raise DataError(f"{err} (checkpoint {latest} holds the {step} steps done; --resume continues from "
-                                "it once the shard is fixed)") from err
-            loss_value, stop_requested = reduce_status(loss_sum / t.grad_accum_steps, stop.signum is not None, env)
+            loss_sum = forward_backward(arch, batches, t.grad_accum_steps, t.fsdp, teacher_temp, env.device,
+                                        throughput)
+            loss_value, stop_requested, data_failed = reduce_status(loss_sum / t.grad_accum_steps,
+                                                                    stop.signum is not None,
+                                                                    batches.failure is not None, env)
+            if data_failed:  # the step is discarded on every rank: the weights are intact, keep the steps done
+                optimizer.zero_grad(set_to_none=True)
+                message = data_failure(batches, env)
+                if step > 0 and (latest is None or Path(latest).name != checkpoint.step_dir_name(step)):
+                    latest = save()
+                    message += (f" (checkpoint {latest} holds the {step} steps done; --resume continues from it "
+                                "once the shard is fixed)")
+                raise DataError(message)
             if not math.isfinite(loss_value):
                 where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
                 raise NonFiniteLossError(

@@ -2,13 +2,14 @@
 
     python tests/train/run_pretrain.py OUT_DIR [--resume | --resume-from CHECKPOINT] [--batch B]
                                        [--kill-at-batch N] [--hang-in-save N] [--inf-grad-steps S,...]
-                                       [--collapse-on-rank R] [overrides ...]
+                                       [--collapse-on-rank R] [--corrupt-batch R:N] [overrides ...]
 --kill-at-batch N: SIGKILL this process when the loader is asked for its N-th batch (1-based).
 --hang-in-save N: on the N-th checkpoint save, let DCP finish writing, touch OUT_DIR/hanging, then
 sleep: the test SIGKILLs it while the checkpoint is still a `.tmp` folder.
 --inf-grad-steps S,...: at these 0-based optimiser steps one parameter's gradient is filled with inf
 (the loss stays finite).
 --collapse-on-rank R: the collapse monitors of rank R alone read as collapsed (the ranks disagree).
+--corrupt-batch R:N: rank R's loader meets a corrupt chunk (ChecksumError) when asked for its N-th batch (1-based).
 Errors exit as `terrafm pretrain` does (the same `train_exit_code`): 2 for a SetupError or ConfigError, 1 for
 other TrainingErrors.
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import TINY_OVERRIDES, SyntheticLoader  # noqa: E402
 
 from terrafm.config import load_config  # noqa: E402
+from terrafm.data.shards import ChecksumError  # noqa: E402
 from terrafm.train import checkpoint, trainer  # noqa: E402
 from terrafm.train.cli import end_of_rank, train_exit_code  # noqa: E402
 
@@ -42,6 +44,19 @@ class KillingLoader(SyntheticLoader):
             yield batch
 
 
+class CorruptLoader(SyntheticLoader):
+    def __init__(self, corrupt_at: int, **kwargs):
+        super().__init__(**kwargs)
+        self.corrupt_at, self.served = corrupt_at, 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.served += 1
+            if self.served == self.corrupt_at:
+                raise ChecksumError(f"part-00004.bin: record 130 s1 band 0: crc32 0x1 != stored 0x2 (rank {self.rank})")
+            yield batch
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -52,6 +67,7 @@ def main() -> int:
     parser.add_argument("--hang-in-save", type=int, default=0)
     parser.add_argument("--inf-grad-steps", default="")
     parser.add_argument("--collapse-on-rank", type=int, default=-1)
+    parser.add_argument("--corrupt-batch", default="-1:0")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -59,6 +75,9 @@ def main() -> int:
                                               f"data.batch_size={args.batch}"] + args.overrides)
     kwargs = dict(batch_size=args.batch, rank=rank, world_size=world, seed=cfg.train.seed)
     loader = KillingLoader(args.kill_at_batch, **kwargs) if args.kill_at_batch else SyntheticLoader(**kwargs)
+    corrupt_rank, corrupt_at = (int(v) for v in args.corrupt_batch.split(":"))
+    if corrupt_rank == rank:
+        loader = CorruptLoader(corrupt_at, **kwargs)
     if args.hang_in_save:
         original, calls = checkpoint.dcp.save, []
 

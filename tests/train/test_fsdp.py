@@ -114,3 +114,22 @@ def test_stop_on_collapse_is_rank_0s_decision_on_every_rank(tmp_path, collapsed_
     else:  # rank 1's own monitors are not what decides
         assert proc.returncode == 0, output[-3000:]
         assert [r["step"] for r in metric_records(run)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("corrupt_rank", [0, 1])
+def test_a_corrupt_chunk_on_one_rank_keeps_the_steps_done_in_a_checkpoint_of_all_ranks(tmp_path, corrupt_rank):
+    """The rank that met it raised at once: the others waited in the forward's collectives (gloo: connection
+    reset; NCCL: a hang until the timeout) and the steps since the last checkpoint were lost. Now the step is
+    discarded on every rank, all write the checkpoint of the steps done and stop with the shard's message."""
+    run = tmp_path / "run"
+    proc = run_ranks([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      f"--master_port={free_port()}", str(HARNESS), str(tmp_path), "--batch", "4",
+                      "--corrupt-batch", f"{corrupt_rank}:4", "train.max_steps=10", "train.checkpoint_every=1000",
+                      "train.log_every=1"], fresh=run)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Connection reset" not in output, output[-3000:]
+    message = (f"rank {corrupt_rank}: part-00004.bin: record 130 s1 band 0: crc32 0x1 != stored 0x2 "
+               f"(rank {corrupt_rank}) (checkpoint {run / 'checkpoints' / 'step_00000003'} holds the 3 steps done")
+    assert output.count(message) == 2, output[-3000:]  # each rank says it
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert [r["step"] for r in metric_records(run)] == [1, 2, 3]
