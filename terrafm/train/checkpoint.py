@@ -102,6 +102,41 @@ def saved_steps(root: Path) -> dict[int, Path]:
     return {int(p.name[5:]): p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()}
 
 
+def set_aside_later(root: Path, step: int) -> tuple[list[str], Path | None]:
+    """Move the checkpoints after `step` out of `root` (rank 0; collective): a resume from `step` abandons that
+    continuation. Left among the run's own they counted towards train.keep_checkpoints once the run passed
+    their steps (pushing out its own) and were offered as the "previous checkpoint" of its next failure.
+    Nothing is deleted: they go to root/abandoned_after_step_N/ (`latest` is repointed if it named one).
+    Returns (their names, that folder)."""
+    later = sorted((n, p) for n, p in saved_steps(root).items() if n > step)
+    if not later:
+        return [], None
+    target = root / f"abandoned_after_{step_dir_name(step)}"
+    for again in range(2, 1000):  # a second resume from the same step abandons another continuation
+        if not target.exists():
+            break
+        target = root / f"abandoned_after_{step_dir_name(step)}.{again}"
+    failure = None
+    if _rank() == 0:
+        try:
+            target.mkdir()
+            for _, path in later:
+                path.rename(target / path.name)
+            latest = root / LATEST
+            if latest.is_file() and latest.read_text().strip() in {path.name for _, path in later}:
+                kept = sorted(saved_steps(root).items())
+                if kept:
+                    atomic_write_bytes(latest, kept[-1][1].name.encode())
+                else:
+                    latest.unlink()
+        except OSError as err:
+            failure = f"cannot move the checkpoints after step {step} in {root} aside ({type(err).__name__}: {err})"
+    failure = _first_failure(failure)
+    if failure is not None:
+        raise CheckpointWriteError(failure)
+    return [path.name for _, path in later], target
+
+
 def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.json"
 
@@ -242,11 +277,11 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
             shutil.rmtree(tmp, ignore_errors=True)
             publish_failure = f"{type(err).__name__}: {err}"
         else:
-            # Only checkpoints before this one count: after a resume from an earlier step, higher-numbered folders
-            # of the abandoned continuation are left alone (until this run saves those steps), and the folder just
-            # published is never the one removed (it was, whenever keep of them were numbered above it).
+            # Only checkpoints before this one count, so the folder just published is never the one removed
+            # (a resume from an earlier step moves the later ones aside, set_aside_later, but a folder copied in
+            # by hand may still be numbered above it).
             earlier = sorted((n, p) for n, p in saved_steps(root).items() if n < step)
-            for _, old in earlier[:len(earlier) - (keep - 1)]:
+            for _, old in earlier[:max(0, len(earlier) - (keep - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     publish_failure = _first_failure(publish_failure)
     if publish_failure is not None:

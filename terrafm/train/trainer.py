@@ -635,11 +635,15 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                      f"written ({renormalised}); the model now sees its inputs shifted and rescaled. Shards "
                      "re-converted with other data do this: convert with the checkpoint's statistics "
                      f"({resume_from / 'meta.json'}, data.mean / data.std) or start a new run")
-    later = [p.name for n, p in sorted(checkpoint.saved_steps(ckpt_root).items()) if n > step] if resume_from else []
-    if later:
-        logger.write(f"resume: {resume_from.name} is not the newest checkpoint in {ckpt_root}: {', '.join(later)} "
-                     "are later steps of an earlier continuation. They are kept (retention removes only checkpoints "
-                     "before the newest save) until this run saves those steps over them; delete them if not wanted")
+    if resume_from is not None:
+        try:
+            later, aside = checkpoint.set_aside_later(ckpt_root, step)
+        except checkpoint.CheckpointWriteError as err:
+            raise SetupError(str(err)) from err
+        if later:
+            logger.write(f"resume: {resume_from.name} is not the newest checkpoint in {ckpt_root}: {', '.join(later)} "
+                         f"are later steps of an earlier continuation; moved to {aside} (nothing deleted), so "
+                         "retention and the fallback offered on errors see this run's checkpoints only")
     if resume_from is not None and step >= total_steps:
         logger.write(f"resume: {resume_from.name} is at step {step}, at or past this run's {total_steps} steps "
                      f"(train.max_steps / epochs): nothing to train; raise train.max_steps above {step} to continue")

@@ -14,7 +14,7 @@ import torch
 from train_harness import run_harness
 
 from terrafm import checkpoint_io
-from terrafm.checkpoint_io import CheckpointError, SafeLoadPlanner, hash_file
+from terrafm.checkpoint_io import CheckpointError, SafeLoadPlanner, hash_file, previous_checkpoint
 from terrafm.cli import main
 from terrafm.models import load_checkpoint
 from terrafm.train import checkpoint
@@ -366,18 +366,40 @@ def test_a_truncated_distcp_with_a_matching_manifest_is_one_message_for_export_a
 def test_a_resume_from_an_earlier_step_never_prunes_what_it_just_saved(tmp_path):
     """Retention kept the highest step numbers: a run resumed from an earlier step deleted its own newest save
     whenever `keep` folders of the abandoned continuation were numbered above it, and `latest` named a folder
-    that was gone (the next --resume failed)."""
+    that was gone (the next --resume failed). The abandoned ones are now moved aside, not counted."""
     run_harness(tmp_path, "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=3",
                 "train.deterministic=true")
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step_*")) == [f"step_0000000{i}" for i in (2, 3, 4)]
-    shutil.rmtree(ckpts / "step_00000003")  # so the resumed run's save of step 3 is a new folder
     proc = run_harness(tmp_path, "--resume-from", str(ckpts / "step_00000002"), "train.max_steps=3",
                        "train.checkpoint_every=1", "train.keep_checkpoints=1", "train.deterministic=true")
-    assert "step_00000004 are later steps of an earlier continuation" in proc.stdout + proc.stderr
+    aside = ckpts / "abandoned_after_step_00000002"
+    assert f"step_00000003, step_00000004 are later steps of an earlier continuation; moved to {aside}" in (
+        proc.stdout + proc.stderr)
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000003", "step_00000004"]  # nothing deleted
     assert (ckpts / "step_00000003").is_dir() and (ckpts / "latest").read_text() == "step_00000003"
     assert not (ckpts / "step_00000002").exists()  # keep 1: the earlier one goes
-    assert (ckpts / "step_00000004").is_dir()  # the abandoned continuation's is left alone
     proc = run_harness(tmp_path, "--resume", "train.max_steps=4", "train.checkpoint_every=1",
                        "train.keep_checkpoints=1", "train.deterministic=true")
     assert (ckpts / "latest").read_text() == "step_00000004"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004"]
+
+
+def test_retention_keeps_every_checkpoint_while_there_are_fewer_than_keep(tmp_path):
+    """The slice of the checkpoints to remove went negative below `keep - 1` earlier ones and removed them."""
+    run_harness(tmp_path, "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=5")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+
+
+def test_checkpoints_of_an_abandoned_continuation_are_never_the_fallback_or_counted(tmp_path):
+    """Resumed from step 2 with checkpoints at other steps than the first run's, its step 7 counted towards keep
+    once the run passed it (pushing out the run's own step 4) and was offered as the previous checkpoint."""
+    run_harness(tmp_path, "train.max_steps=7", "train.checkpoint_every=2", "train.keep_checkpoints=10")
+    ckpts = tmp_path / "run" / "checkpoints"
+    run_harness(tmp_path, "--resume-from", str(ckpts / "step_00000002"), "train.max_steps=8",
+                "train.checkpoint_every=2", "train.keep_checkpoints=3")
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000006", "step_00000008"]
+    assert "step_00000006" in previous_checkpoint(ckpts / "step_00000008")
+    assert sorted(p.name for p in (ckpts / "abandoned_after_step_00000002").iterdir()) == [
+        "step_00000004", "step_00000006", "step_00000007"]
