@@ -204,7 +204,8 @@ def test_a_float_fill_value_is_nodata_and_non_finite_features_are_refused(tiny_p
     assert main(["eval", "--checkpoint", str(tiny_pth), "--data", str(data), "--format", "hdf5", "--probe", "knn",
                  "--fractions", "1.0", "--out", str(tmp_path / "nan"), "--cache-dir", str(tmp_path / "c2")]) == 2
     err = capsys.readouterr().err
-    assert "gives non-finite features for 1 train image(s), the first sample 1" in err and "Traceback" not in err
+    assert "gives non-finite features for 1 train image(s), the first " in err and "Traceback" not in err
+    assert err.split("the first ")[1].split(":")[0].endswith("train_0001.hdf5"), err  # named by its file
 
 
 def test_geobench_label_fraction_partitions_are_used_when_the_dataset_has_them(tiny_pth, tmp_path):
