@@ -62,10 +62,15 @@ def knn_scores(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np
 
 def knn_predict(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray, k: int = 20,
                 temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> np.ndarray:
-    """knn_scores' decision: (M,) class ids (a tie goes to the lowest class id), or (M, K) multi-hot where a label
-    wins when its share of the weighted vote exceeds half."""
+    """knn_scores' decision (knn_decision)."""
     shares = knn_scores(train_feats, train_labels, test_feats, k, temperature, num_classes, chunk)
-    return (shares > 0.5).astype(np.float32) if train_labels.ndim == 2 else shares.argmax(1)
+    return knn_decision(shares, multilabel=train_labels.ndim == 2)
+
+
+def knn_decision(shares: np.ndarray, multilabel: bool) -> np.ndarray:
+    """(M,) class ids of knn_scores' shares (a tie goes to the lowest class id), or (M, K) multi-hot where a
+    label wins when its share of the weighted vote exceeds half."""
+    return (shares > 0.5).astype(np.float32) if multilabel else shares.argmax(1)
 
 
 def _fit_linear(x: torch.Tensor, y: torch.Tensor, out_dim: int, lr: float, epochs: int, seed: int,

@@ -189,9 +189,9 @@ def evaluate(cfg: EvalConfig, model) -> dict:
             extra = {}
             scores = None  # (M, K) per-label scores of the multi-label probes, for mAP
             if probe == "knn":
-                pred = probes.knn_predict(x_tr, y_tr, feats["test"], cfg.knn_k, cfg.knn_temperature, num_classes)
-                if task == "multilabel":
-                    scores = probes.knn_scores(x_tr, y_tr, feats["test"], cfg.knn_k, cfg.knn_temperature, num_classes)
+                shares = probes.knn_scores(x_tr, y_tr, feats["test"], cfg.knn_k, cfg.knn_temperature, num_classes)
+                pred = probes.knn_decision(shares, multilabel=task == "multilabel")
+                scores = shares if task == "multilabel" else None
                 extra = {"k": min(cfg.knn_k, len(idx)), "temperature": cfg.knn_temperature}
             elif probe == "linear":
                 val = splits.get("val")
