@@ -353,6 +353,7 @@ def validate(cfg: Config, nproc: int = 1) -> None:
     from terrafm.modalities import MODALITIES
     from terrafm.models import MODELS
     from terrafm.models.patch_embed import FUSION_NORMS
+    from terrafm_kernels.fusion import MAX_QUERIES
 
     t, o, s, m, p = cfg.train, cfg.optim, cfg.ssl, cfg.model, cfg.parallel
     for k, bands in cfg.data.bands.items():  # the loader takes subsets; the model's patch embeddings take every band
@@ -364,7 +365,9 @@ def validate(cfg: Config, nproc: int = 1) -> None:
         (nproc >= 1, f"--nproc must be >= 1, got {nproc}"),
         (m.name in MODELS, f"model.name {m.name!r} is not a model; choose one of {', '.join(MODELS)}"),
         (m.img_size >= 1 and m.patch_size >= 1, "model.img_size and model.patch_size must be >= 1"),
-        (m.fusion_queries >= 1, f"model.fusion_queries must be >= 1, got {m.fusion_queries}"),
+        (1 <= m.fusion_queries <= MAX_QUERIES, f"model.fusion_queries must be 1..{MAX_QUERIES} (the fusion "
+                                                f"kernel's limit, so a config that runs on CPU runs on the GPU), got "
+                                                f"{m.fusion_queries}"),
         (m.fusion_heads >= 1 and (m.name not in MODELS or 3 * MODELS[m.name].embed_dim % m.fusion_heads == 0),
          f"model.fusion_heads={m.fusion_heads} must divide the fusion width 3 x "
          f"{MODELS[m.name].embed_dim if m.name in MODELS else 'D'}"),

@@ -60,6 +60,8 @@ def test_unknown_key_names_itself_and_lists_the_valid_ones():
     ("train.run_name=/tmp/x", "train.run_name must name a folder inside train.out_dir"),
     ("train.collapse_gap=-1", "train.collapse_gap must be >= 0"),
     ("ssl.freeze_last_layer_epochs=-1", "ssl.freeze_last_layer_epochs must be >= 0"),
+    ("model.fusion_queries=65", "model.fusion_queries must be 1..64 (the fusion kernel's limit"),  # GPU: 1st step
+    ("model.fusion_queries=0", "model.fusion_queries must be 1..64"),
 ])
 def test_bad_values_are_reported_clearly(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
