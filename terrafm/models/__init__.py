@@ -103,7 +103,7 @@ def _input_metadata(meta: dict, path: Path) -> dict:
     return out
 
 
-def _fusion_metadata(meta: dict, path: Path) -> dict:
+def fusion_settings(meta: dict, path: Path) -> dict:
     """FUSION_SETTINGS of a checkpoint's metadata (safetensors strings or meta.json's model section; LEGACY_FUSION
     where absent); a malformed one (edited, or written by another tool) is refused by name."""
     from terrafm.models.patch_embed import FUSION_NORMS
@@ -195,7 +195,7 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
         meta = read_meta(resolve(path))
         model = meta.get("model", {})
         sizes = {k: model[k] for k in ("img_size", "patch_size") if k in model}
-        return name, state, {**meta.get("data", {}), **sizes, **_fusion_metadata(model, path)}
+        return name, state, {**meta.get("data", {}), **sizes, **fusion_settings(model, path)}
     if path.suffix == ".safetensors" or _file_kind(path) == "safetensors":
         from safetensors import safe_open
 
@@ -205,7 +205,7 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
         except Exception as err:  # safetensors' own error types vary by version; all mean "not readable"
             raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
         return (meta.get("model"), backbone_entries(tensors, str(path)),
-                {**_input_metadata(meta, path), **_fusion_metadata(meta, path)})
+                {**_input_metadata(meta, path), **fusion_settings(meta, path)})
     _check_expansion(path)
     try:  # weights_only: a pickle that would run code is refused, never executed; DINO's checkpoints keep
         # their argparse.Namespace under 'args' (a plain attribute bag: allowed, it runs nothing)

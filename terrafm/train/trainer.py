@@ -40,7 +40,7 @@ from terrafm.config import Config, check_epoch, save_config, to_dict
 from terrafm.data.shards import ShardError
 from terrafm.data.views import View
 from terrafm.fileio import atomic_write_bytes, nearest_existing
-from terrafm.models import LEGACY_FUSION
+from terrafm.models import FUSION_SETTINGS, LEGACY_FUSION, fusion_settings
 from terrafm.ssl import schedules
 from terrafm.ssl.loss import high_frequency_classes
 from terrafm.ssl.meta_arch import DINOModel, SSLMetaArch, backbone_factory, head_kwargs
@@ -467,8 +467,16 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
     restart."""
     t = cfg.train
     try:
-        step, rank_state, saved_world = checkpoint.load(resume_from, arch, optimizer, reshard=t.elastic_resume)
         saved_meta = checkpoint_io.read_meta(resume_from)
+        if cfg.model.fusion:  # same shapes, another network: DCP would load the weights into it without a word
+            saved = fusion_settings(saved_meta["model"], resume_from)
+            now = {k: getattr(cfg.model, k) for k in FUSION_SETTINGS}
+            if saved != now:
+                raise ValueError("its fusion was trained with " + ", ".join(f"model.{k}={v}" for k, v in saved.items())
+                                 + ", this run's config has " + ", ".join(f"model.{k}={v}" for k, v in now.items())
+                                 + "; the same weights under other settings compute another network: resume with "
+                                 + " ".join(f"model.{k}={v}" for k, v in saved.items()) + " or start a new run")
+        step, rank_state, saved_world = checkpoint.load(resume_from, arch, optimizer, reshard=t.elastic_resume)
         saved_steps = saved_meta.get("total_steps")
         saved_s1, s1 = saved_meta.get("data", {}).get("s1_scaling"), input_metadata(loader).get("s1_scaling")
         if None not in (saved_s1, s1) and saved_s1 != s1:

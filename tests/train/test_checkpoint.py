@@ -403,3 +403,24 @@ def test_checkpoints_of_an_abandoned_continuation_are_never_the_fallback_or_coun
     assert "step_00000006" in previous_checkpoint(ckpts / "step_00000008")
     assert sorted(p.name for p in (ckpts / "abandoned_after_step_00000002").iterdir()) == [
         "step_00000004", "step_00000006", "step_00000007"]
+
+
+def test_a_checkpoint_from_before_the_fusion_settings_resumes_only_with_its_own(two_checkpoints, tmp_path):
+    """A meta.json without fusion_heads / fusion_norm was written with LEGACY_FUSION (16 heads, norm after the
+    pooling); the run's default (norm on the values) loaded the same-shaped weights into another network and
+    went on with one "settings changed" line."""
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    meta = json.loads((step2 / "meta.json").read_text())
+    for section in (meta["model"], meta["config"]["model"]):
+        del section["fusion_heads"], section["fusion_norm"]
+    (step2 / "meta.json").write_text(json.dumps(meta))
+    _rehash(step2, "meta.json")
+    proc = run_harness(out, "--resume-from", str(step2), *RUN, "train.max_steps=3", expect_rc=2)
+    assert ("its fusion was trained with model.fusion_heads=16, model.fusion_norm=pooled, this run's config has "
+            "model.fusion_heads=16, model.fusion_norm=values" in proc.stderr), proc.stderr[-2000:]
+    assert "resume with model.fusion_heads=16 model.fusion_norm=pooled" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "run" / "checkpoints" / "step_00000003").exists()
+    run_harness(out, "--resume-from", str(step2), *RUN, "train.max_steps=3", "model.fusion_norm=pooled")
+    resumed = json.loads((out / "run" / "checkpoints" / "step_00000003" / "meta.json").read_text())
+    assert resumed["model"]["fusion_norm"] == "pooled"
