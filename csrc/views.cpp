@@ -144,7 +144,7 @@ void render_view(const std::vector<py::array>& tiles, bool is_half, py::array_t<
   const float* mu = mean.data();
   const float* sd = std.data();
   for (int64_t c = 0; c < C; ++c)
-    if (!std::isfinite(mu[c]) || !std::isfinite(sd[c]) || !(sd[c] > 0.f) || !std::isfinite(1.f / sd[c]))
+    if (!std::isfinite(mu[c]) || !std::isnormal(sd[c]) || !(sd[c] > 0.f))  // normal: finite, not 0, not subnormal
       throw std::invalid_argument("render_view: mean must be finite and std finite, > 0 and not subnormal (band " +
                                   std::to_string(c) + ")");
   if (B == 0) return;

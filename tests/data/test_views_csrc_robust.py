@@ -144,9 +144,10 @@ def test_box_sum_overflowing_int32_raises_instead_of_reading_out_of_bounds():
 
 
 @pytest.mark.parametrize("mean,std", [(0.0, 0.0), (0.0, -1.0), (np.nan, 1.0), (0.0, np.nan), (np.inf, 1.0),
-                                      (0.0, 1e-40)])
+                                      (0.0, 1e-40), (0.0, 5e-39)])
 def test_non_finite_or_non_positive_normalisation_raises(mean, std):
-    """std 0 gave inf pixels and NaN statistics gave NaN pixels, silently; a subnormal std (1 / std = inf) too."""
+    """std 0 gave inf pixels and NaN statistics gave NaN pixels, silently; a subnormal std (1 / std = inf, or finite
+    from 2.9e-39 up) too."""
     tiles, boxes, flips = _case(np.random.default_rng(7), 2, 8, np.uint16, [(0, 0, 4, 4)])
     with pytest.raises(ValueError, match="mean must be finite and std finite, > 0"):
         _render(tiles, np.arange(2), boxes, flips, 4, np.array([0.0, mean], np.float32),
