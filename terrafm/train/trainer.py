@@ -284,6 +284,13 @@ def resolve_ops(cfg: Config, device: torch.device) -> Config:
     return cfg
 
 
+def export_profile(profiler: torch.profiler.profile, run_dir: Path, rank: int) -> None:
+    """Stop the profiler and write its Chrome trace to RUN/profile/trace_rank<R>.json."""
+    profiler.__exit__(None, None, None)
+    (run_dir / "profile").mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(run_dir / "profile" / f"trace_rank{rank}.json"))
+
+
 def check_run_dir(run_dir: Path) -> None:
     """Prove that the run folder can be written, before anything heavy is built, without creating it: a run
     that fails in its setup (bad data, bad resume) leaves no empty folder behind. A missing folder is probed
@@ -680,6 +687,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
             throughput.checkpoint += time.perf_counter() - started
 
     profiler = None
+    if t.profile and not step <= t.profile_steps[0] < total_steps:
+        logger.write(f"warning: train.profile: this run trains steps {step} to {total_steps}, so it never reaches "
+                     f"train.profile_steps={list(t.profile_steps)}'s first step: no trace will be written")
     latest = resume_from
     last_diagnosis = None
     try:
@@ -755,9 +765,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                 last_diagnosis = diagnosis
                 throughput.reset()
             if profiler is not None and step == t.profile_steps[1]:
-                profiler.__exit__(None, None, None)
-                (run_dir / "profile").mkdir(parents=True, exist_ok=True)
-                profiler.export_chrome_trace(str(run_dir / "profile" / f"trace_rank{env.rank}.json"))
+                export_profile(profiler, run_dir, env.rank)
                 profiler = None
             if step % t.checkpoint_every == 0 or step == total_steps or stop_requested:
                 latest = save()
@@ -770,6 +778,10 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                 logger.write(f"stop signal received: checkpoint {latest} written at step {step}; exiting for requeue")
                 return TrainResult(run_dir, step, latest, preempted=True)
     finally:
+        if profiler is not None:  # the run ended inside train.profile_steps: keep the steps it traced
+            export_profile(profiler, run_dir, env.rank)
+            logger.write(f"profile: the run ended at step {step}, inside train.profile_steps={list(t.profile_steps)}; "
+                         f"the trace holds steps {t.profile_steps[0]} to {step}")
         batches.close()
         logger.close()
     probe = None

@@ -1,5 +1,6 @@
 """Training semantics against DINO / DINOv2: gradient accumulation, parameter groups, resume, logged metrics."""
 
+import json
 import time
 import types
 
@@ -260,3 +261,20 @@ def test_a_full_disk_stops_tensorboard_with_one_warning_and_training_logs_on(tmp
     assert "Traceback" not in out, out
     assert out.count("warning: cannot write TensorBoard events (No space left on device)") == 1, out
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("steps, traced", [(3, True), (2, True), (1, False)])
+def test_profile_writes_a_trace_or_says_why_not(tmp_path, capfd, steps, traced):
+    """train.profile_steps=[1, 3]: a run of 3 steps traces 1-2; one of 2 ended inside the window and wrote nothing
+    (the trace was exported only at its last step), one of 1 never starts it and now says so."""
+    train(config(tmp_path, "train.profile=true", "train.profile_steps=[1,3]", f"train.max_steps={steps}",
+                 "data.batch_size=2"), loader=SyntheticLoader(batch_size=2))
+    trace = tmp_path / "run" / "profile" / "trace_rank0.json"
+    out = capfd.readouterr()
+    assert trace.exists() == traced
+    if traced:
+        assert json.loads(trace.read_text())["traceEvents"]
+    if steps == 2:
+        assert "the run ended at step 2, inside train.profile_steps=[1, 3]; the trace holds steps 1 to 2" in out.out
+    if steps == 1:
+        assert "trains steps 0 to 1, so it never reaches train.profile_steps=[1, 3]" in out.out + out.err
