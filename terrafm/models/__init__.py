@@ -131,7 +131,8 @@ FILE_KINDS = ((b"version https://git-lfs", "a Git LFS pointer, not the weights (
 
 def _file_kind(path: Path) -> str | None:
     """What a file that torch.load cannot read is, from its first bytes: 'safetensors' (read as such whatever its
-    name), a Git LFS pointer or an HTML page (a download gone wrong), another known format; None if unknown."""
+    name), a Git LFS pointer or an HTML page (a download gone wrong), another known format, an empty or a text
+    file; None if unknown."""
     try:
         with open(path, "rb") as f:
             head = f.read(512)
@@ -141,7 +142,13 @@ def _file_kind(path: Path) -> str | None:
         return "safetensors"
     if head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
         return "an HTML page (a download that saved a web page instead of the file)"
-    return next((kind for magic, kind in FILE_KINDS if head.startswith(magic)), None)
+    known = next((kind for magic, kind in FILE_KINDS if head.startswith(magic)), None)
+    if known or not head:
+        return known or "an empty file"
+    text = head.decode(errors="ignore")  # up to 3 bytes lost: a multi-byte character cut at byte 512
+    if len(text.encode()) >= len(head) - 3 and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return f"a text file (it starts {text[:40]!r})"
+    return None
 
 
 MAX_INFLATED_BYTES = 2**30  # a .pth zip that expands past this at over 100:1 is refused (_check_expansion)
@@ -222,6 +229,9 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
                          "written by torch.save); terrafm never runs code from a file: save a plain state_dict of "
                          "tensors instead") from err
     except Exception as err:
+        kind = _file_kind(path)
+        if kind:
+            raise ValueError(f"{path} is not a PyTorch checkpoint: it is {kind}") from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"{path} is not a PyTorch checkpoint terrafm can read ({type(err).__name__}: {first}); "
                          "expected a published .pth, an exported .safetensors or a `terrafm pretrain` "
