@@ -10,6 +10,8 @@ import errno
 import importlib
 import os
 import sys
+import warnings
+from functools import partial
 
 COMMANDS = {
     "info": ("terrafm.info", "versions and which accelerated backends are usable here, and why not"),
@@ -79,7 +81,21 @@ def _main(argv: list[str] | None) -> int:
     module.add_arguments(sub)
     args = sub.parse_intermixed_args(rest)  # overrides may come before and after options
     args.as_program = program  # the `terrafm` process itself, not main([...]) called from Python
-    return int(module.run(args) or 0)
+    with warnings.catch_warnings():  # restores showwarning after the command
+        if program:  # not under a caller's own warning capture (pytest.warns, catch_warnings(record=True))
+            warnings.showwarning = partial(_show_warning, f"terrafm {name}", warnings.showwarning)
+        return int(module.run(args) or 0)
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _show_warning(prog: str, default, message, category, filename, lineno, file=None, line=None) -> None:
+    """terrafm's own warnings as `terrafm CMD: warning: ...` (they are messages to the user, not a source line
+    and a class name); other libraries' keep Python's format."""
+    if not os.path.abspath(filename).startswith(PACKAGE_DIR + os.sep):
+        return default(message, category, filename, lineno, file, line)
+    print(f"{prog}: warning: {message}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,18 @@ def test_overrides_may_come_before_and_after_options(capsys, tmp_path):
                  "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "max_steps: 3" in out and "batch_size: 4" in out
+
+
+def test_terrafm_warnings_print_as_one_message_line(capsys):
+    """They printed as `/path/terrafm/eval/runner.py:155: UserWarning: ...` plus the source line of the call."""
+    import functools
+
+    from terrafm import cli
+    from terrafm.eval import data
+
+    shown_by_python = []
+    show = functools.partial(cli._show_warning, "terrafm eval", lambda *args: shown_by_python.append(args[2]))
+    show(UserWarning("the dataset's s2_l1c band B09 has mean 9"), UserWarning, data.__file__, 723)
+    assert capsys.readouterr().err == "terrafm eval: warning: the dataset's s2_l1c band B09 has mean 9\n"
+    show(UserWarning("another library's"), UserWarning, "/usr/lib/python3/site-packages/x.py", 5)
+    assert shown_by_python == ["/usr/lib/python3/site-packages/x.py"] and not capsys.readouterr().err
