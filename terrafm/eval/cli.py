@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="published .pth, exported .safetensors, or a `terrafm pretrain` run/checkpoint folder")
     parser.add_argument("--data", required=True, type=path_arg,
                         help="dataset root (GEO-Bench HDF5 folder or class folders)")
-    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="hdf5: GEO-Bench (one .hdf5 per sample, task metadata and partitions); folder: "
+                             "SPLIT/CLASS/images, or SPLIT/images + SPLIT/masks for segmentation (docs/eval.md)")
     parser.add_argument("--probe", nargs="+", default=["all"], choices=(*PROBES, "all"),
                         help="probes to run; 'all' = knn+linear for classification, seg for segmentation")
     parser.add_argument("--modality", default="auto", choices=("auto", *MODALITY_NAMES),
@@ -26,11 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and m-eurosat's data), or auto: told from the cirrus band B10's place in 13-band data, "
                              "else esa")
     parser.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.01],
-                        help="fractions of training labels (stratified, fixed seed)")
+                        help="fractions of training labels (default: 1.0 0.01): a GEO-Bench dataset's own "
+                             "{fraction:.2f}x_train_partition.json where it has one, else a stratified subset "
+                             "(--seed)")
     parser.add_argument("--out", required=True, type=path_arg,
                         help="folder for results.json, confusion PNGs and the cache")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="label subsets and probe training (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per feature batch (default: 64)")
     parser.add_argument("--img-size", type=int, default=None,
                         help="resize images to this size (px) first; a multiple of the patch size (e.g. 120 -> 128)")
     parser.add_argument("--normalize", default="auto", choices=NORMALIZATIONS,
@@ -38,10 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "train split's own, or auto = the checkpoint's when it has them")
     parser.add_argument("--device", default=None, help="cuda if available, else cpu")
     parser.add_argument("--cache-dir", default=None, type=path_arg, help="feature cache (default: OUT/cache)")
-    parser.add_argument("--knn-k", type=int, default=20)
-    parser.add_argument("--knn-temperature", type=float, default=0.07)
-    parser.add_argument("--linear-epochs", type=int, default=100)
-    parser.add_argument("--seg-epochs", type=int, default=50)
+    parser.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN vote (default: 20, DINO's)")
+    parser.add_argument("--knn-temperature", type=float, default=0.07,
+                        help="temperature of the kNN vote weights exp(sim / T) (default: 0.07, DINO's)")
+    parser.add_argument("--linear-epochs", type=int, default=100, help="linear probe epochs (default: 100)")
+    parser.add_argument("--seg-epochs", type=int, default=50, help="segmentation probe epochs (default: 50)")
     parser.add_argument("--model", default=None, help="model name when the checkpoint cannot tell (e.g. terrafm_base)")
 
 
