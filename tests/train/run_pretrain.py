@@ -31,30 +31,27 @@ from terrafm.train import checkpoint, trainer  # noqa: E402
 from terrafm.train.cli import end_of_rank, train_exit_code  # noqa: E402
 
 
-class KillingLoader(SyntheticLoader):
-    def __init__(self, kill_at: int, **kwargs):
+class FaultAtBatch(SyntheticLoader):
+    """Calls `fault` when the loader is asked for its `at`-th batch (1-based)."""
+
+    def __init__(self, at: int, fault, **kwargs):
         super().__init__(**kwargs)
-        self.kill_at, self.served = kill_at, 0
+        self.at, self.fault, self.served = at, fault, 0
 
     def __iter__(self):
         for batch in super().__iter__():
             self.served += 1
-            if self.served == self.kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if self.served == self.at:
+                self.fault()
             yield batch
 
 
-class CorruptLoader(SyntheticLoader):
-    def __init__(self, corrupt_at: int, **kwargs):
-        super().__init__(**kwargs)
-        self.corrupt_at, self.served = corrupt_at, 0
+def kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
-    def __iter__(self):
-        for batch in super().__iter__():
-            self.served += 1
-            if self.served == self.corrupt_at:
-                raise ChecksumError(f"part-00004.bin: record 130 s1 band 0: crc32 0x1 != stored 0x2 (rank {self.rank})")
-            yield batch
+
+def corrupt_chunk() -> None:
+    raise ChecksumError(f"part-00004.bin: record 130 s1 band 0: crc32 0x1 != stored 0x2 (rank {os.environ['RANK']})")
 
 
 def main() -> int:
@@ -74,10 +71,10 @@ def main() -> int:
     cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={args.out}", "train.run_name=run",
                                               f"data.batch_size={args.batch}"] + args.overrides)
     kwargs = dict(batch_size=args.batch, rank=rank, world_size=world, seed=cfg.train.seed)
-    loader = KillingLoader(args.kill_at_batch, **kwargs) if args.kill_at_batch else SyntheticLoader(**kwargs)
+    loader = FaultAtBatch(args.kill_at_batch, kill, **kwargs) if args.kill_at_batch else SyntheticLoader(**kwargs)
     corrupt_rank, corrupt_at = (int(v) for v in args.corrupt_batch.split(":"))
     if corrupt_rank == rank:
-        loader = CorruptLoader(corrupt_at, **kwargs)
+        loader = FaultAtBatch(corrupt_at, corrupt_chunk, **kwargs)
     if args.hang_in_save:
         original, calls = checkpoint.dcp.save, []
 
