@@ -82,9 +82,13 @@ def _read_product(p: Product, parquet: sources.ParquetRows, s1_scaling: str) -> 
     return sources.storage_tile(p.modality, data, p, s1_scaling)
 
 
+def _record(p: Product) -> str:
+    """How a skipped entry names the product in its file: its parquet row, or its folder's product id."""
+    return f"row {p.row}" if p.row >= 0 else p.product_id
+
+
 def _skip_entry(p: Product, err: BadInput) -> dict:
-    return {"file": p.source, "record": f"row {p.row}" if p.row >= 0 else p.product_id, "grid_cell": p.grid_cell,
-            "reason": str(err)}
+    return {"file": p.source, "record": _record(p), "grid_cell": p.grid_cell, "reason": str(err)}
 
 
 def _tile_size_hint(size: int, tile_size: int) -> str:
@@ -97,36 +101,56 @@ def _tile_size_hint(size: int, tile_size: int) -> str:
 
 def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict, skipped: list[dict]) -> dict:
     """modality -> (stored (C, S, S) array, nodata mask) for one grid cell. A bad product raises BadInput, or
-    with skip_bad is left out (its entry names its own file) and the cell keeps its other products.
+    with skip_bad is left out (its entry names its own file) and the cell keeps its other products: the next
+    duplicate of its modality, when there is one, takes its place. Duplicates after the one used are not read.
 
     Size is checked per product, so that one product of another size (a cropped S1 scene) is the one named and
     skipped, whatever order the modalities are read in: its size must be a multiple of tile_size and the size
     most products of the cell have (on a tie, an S2 or WorldCover product's: S1 scenes are the ones cropped)."""
     t = opts["tile_size"]
-    read = []
+    queues = defaultdict(list)  # modality -> its products not read yet, in plan order
     for p in products:
-        try:
-            data, mask = _read_product(p, parquet, opts["s1_scaling"])
-            if data.shape[-1] % t:
-                raise BadInput(f"{p.where}: product of {data.shape[-1]} px is not a multiple of tile_size {t}"
-                               f"{_tile_size_hint(data.shape[-1], t)}")
-        except BadInput as err:
-            if not opts["skip_bad"]:
-                raise
-            skipped.append(_skip_entry(p, err))
-            continue
-        read.append((p, data, mask))
+        queues[p.modality].append(p)
+
+    def refuse(p: Product, err: BadInput) -> None:
+        if not opts["skip_bad"]:
+            rest = queues[p.modality]
+            if rest:
+                raise BadInput(f"{err} (this cell has {len(rest)} more {p.modality} product(s), e.g. "
+                               f"{rest[0].product_id}, which --skip-bad tries instead)") from err
+            raise err
+        skipped.append(_skip_entry(p, err))
+
+    def first_good(modality: str, size: int | None = None) -> tuple | None:
+        """(product, data, mask) of the first product of `modality` that reads (and has `size` px, when given)."""
+        while queues[modality]:
+            p = queues[modality].pop(0)
+            try:
+                data, mask = _read_product(p, parquet, opts["s1_scaling"])
+                if data.shape[-1] % t:
+                    raise BadInput(f"{p.where}: product of {data.shape[-1]} px is not a multiple of tile_size {t}"
+                                   f"{_tile_size_hint(data.shape[-1], t)}")
+                if size is not None and data.shape[-1] != size:
+                    raise BadInput(f"{p.where}: product of {data.shape[-1]} px where the other products of this "
+                                   f"cell are {size} px")
+            except BadInput as err:
+                refuse(p, err)
+                continue
+            return p, data, mask
+        return None
+
+    read = [r for r in map(first_good, list(queues)) if r is not None]
     sizes = Counter(data.shape[-1] for p, data, _ in sorted(read, key=lambda r: r[0].modality == "s1"))
     size = sizes.most_common(1)[0][0] if read else None
     cell = {}
     for p, data, mask in read:
         if data.shape[-1] != size:
-            err = BadInput(f"{p.where}: product of {data.shape[-1]} px where the other products of this cell "
-                           f"are {size} px")
-            if not opts["skip_bad"]:
-                raise err
-            skipped.append(_skip_entry(p, err))
-            continue
+            refuse(p, BadInput(f"{p.where}: product of {data.shape[-1]} px where the other products of this cell "
+                               f"are {size} px"))
+            found = first_good(p.modality, size)
+            if found is None:
+                continue
+            p, data, mask = found
         cell[p.modality] = (data, mask)
     return cell
 
@@ -177,20 +201,27 @@ def _write_cells(writer: shards.ShardWriter, job: list[list[Product]], parquet: 
     return skipped
 
 
-def _plan(products: list[Product], modalities: tuple[str, ...], cells_per_shard: int) -> tuple[list, int]:
-    """Jobs (lists of cells, each a list of products) and the number of duplicate products dropped."""
-    cells = defaultdict(dict)
-    duplicates = 0
+def _plan(products: list[Product], modalities: tuple[str, ...], cells_per_shard: int) -> list:
+    """Jobs: lists of cells, each the list of its products (duplicates of a modality too, by product id: the
+    first that reads is used, the next ones stand in for it under --skip-bad)."""
+    cells = defaultdict(list)
     for p in sorted(products, key=lambda p: (p.grid_cell, p.modality, p.product_id, p.source, p.row)):
-        if p.modality not in (*modalities, WORLDCOVER):
-            continue
-        if p.modality in cells[p.grid_cell]:
-            duplicates += 1
-            continue
-        cells[p.grid_cell][p.modality] = p
-    ordered = [list(cells[k].values()) for k in sorted(cells)
-               if any(m in cells[k] for m in modalities)]
-    return [ordered[i:i + cells_per_shard] for i in range(0, len(ordered), cells_per_shard)], duplicates
+        if p.modality in (*modalities, WORLDCOVER):
+            cells[p.grid_cell].append(p)
+    ordered = [cells[k] for k in sorted(cells) if any(p.modality in modalities for p in cells[k])]
+    return [ordered[i:i + cells_per_shard] for i in range(0, len(ordered), cells_per_shard)]
+
+
+def _duplicates_dropped(jobs: list, skipped: list[dict]) -> int:
+    """Products left unread because another product of their cell and modality was used. A cell's products of one
+    modality are read in order until one reads, so of k products of which s were skipped as bad, k - s - 1 are
+    dropped (none when all k were skipped)."""
+    bad = {(s["file"], s["record"]) for s in skipped}
+    groups = Counter()
+    for p in (p for job in jobs for cell in job for p in cell):
+        groups[p.grid_cell, p.modality] += 1
+        groups[p.grid_cell, p.modality] -= (p.source, _record(p)) in bad
+    return sum(max(left - 1, 0) for left in groups.values())
 
 
 def _what_was_found(products: list[sources.Product], metadata: list[str], inputs: list[Path]) -> str:
@@ -203,11 +234,15 @@ def _what_was_found(products: list[sources.Product], metadata: list[str], inputs
     if metadata:
         found.append(f"{len(metadata)} parquet file(s) with no S2, S1 or WorldCover band column (metadata, or "
                      f"another collection such as Core-DEM), e.g. {metadata[0]}")
-    raw = [p for i in inputs for p in sources.list_files(Path(i))
-           if p.suffix.lower() == ".jp2" or any(part.upper().endswith(".SAFE") for part in p.parts)]
+    files = [p for i in inputs for p in sources.list_files(Path(i))]
+    raw = [p for p in files if p.suffix.lower() == ".jp2" or any(part.upper().endswith(".SAFE") for part in p.parts)]
     if raw:
         found.append(f"{len(raw)} raw Sentinel file(s) such as {raw[0]}: convert products to GeoTIFF band folders "
                      "(<grid_cell>/<product_id>/<band>.tif) or use Major-TOM parquet (docs/data.md)")
+    loose = [p for p in files if p.suffix.lower() in (".tif", ".tiff") and not sources.in_product_folder(p)]
+    if loose:
+        found.append(f"{len(loose)} .tif file(s) outside <grid_cell>/<product_id>/ folders, e.g. {loose[0]}: the "
+                     "layout is <row>/<grid_cell>/<product_id>/<band>.tif, one folder per product (docs/data.md)")
     return "; found " + "; ".join(found) if found else ""
 
 
@@ -234,7 +269,7 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
         u = unknown[0]
         raise BadInput(f"{u['file']} ({u['record']}): {u['reason']} ({len(unknown)} such records; --skip-bad "
                        "skips them)")
-    jobs, duplicates = _plan(products, modalities, cells_per_shard)
+    jobs = _plan(products, modalities, cells_per_shard)
     if not jobs:
         raise BadInput(f"no products of {list(modalities)} found under {[str(i) for i in inputs]}"
                        + _what_was_found(products, metadata, inputs))
@@ -289,13 +324,13 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                 pool.shutdown(cancel_futures=True)
                 raise
     bar.close()
-    return _write_index(out, len(jobs), opts, unknown, duplicates, (resumed, rewritten, redone),
-                        [str(i) for i in inputs], metadata)
+    return _write_index(out, jobs, opts, unknown, (resumed, rewritten, redone), [str(i) for i in inputs], metadata)
 
 
-def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates: int, reruns: tuple[int, int, int],
+def _write_index(out: Path, jobs: list, opts: dict, unknown: list, reruns: tuple[int, int, int],
                  inputs: list[str], metadata: list[str]) -> dict:
-    """Merge the shard indexes into index.json; reruns: (resumed, rewritten, redone) shard counts."""
+    """Merge the shard indexes of `jobs` into index.json; reruns: (resumed, rewritten, redone) shard counts."""
+    n_shards = len(jobs)
     sums = {m: [0.0, 0.0, 0, 0, 0] for m in opts["modalities"]}  # sum, sumsq, valid px, nodata px, empty tiles
     class_total = np.zeros(NUM_CLASSES, np.int64)
     shard_list, skipped, records, present = [], list(unknown), 0, dict.fromkeys(opts["modalities"], 0)
@@ -336,8 +371,8 @@ def _write_index(out: Path, n_shards: int, opts: dict, unknown: list, duplicates
                            "pixels": class_total.tolist()},
                "s1_scaling": opts["s1_scaling"], "metadata_files": metadata,
                "shards": shard_list, "num_records": records, "skipped": skipped,
-               "duplicates_dropped": duplicates, "resumed_shards": reruns[0], "rewritten_shards": reruns[1],
-               "redone_shards": reruns[2],
+               "duplicates_dropped": _duplicates_dropped(jobs, skipped), "resumed_shards": reruns[0],
+               "rewritten_shards": reruns[1], "redone_shards": reruns[2],
                "inputs": inputs}
     shards.write_index(out, summary)
     return summary

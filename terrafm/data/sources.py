@@ -99,14 +99,19 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
                 except BadInput as err:  # a whole file that cannot be read (a partial download): --skip-bad skips it
                     unknown.append({"file": str(path), "record": "whole file", "reason": str(err)})
             elif path.suffix.lower() in (".tif", ".tiff"):
-                if path.stem in tif_dirs[path.parent]:  # B04.tif beside B04.tiff: which one is the band?
-                    twins[path.parent].append(f"{Path(tif_dirs[path.parent][path.stem]).name} and {path.name}")
+                # B04.tif beside B04.tiff or b04.tif: which one is the band?
+                twin = next((f for b, f in tif_dirs[path.parent].items() if b.lower() == path.stem.lower()), None)
+                if twin:
+                    twins[path.parent].append(f"{Path(twin).name} and {path.name}")
                 tif_dirs[path.parent][path.stem] = str(path)
-            elif modality_of(path.parent.name) and _is_grid_cell(path.parent.parent.name):
+            elif in_product_folder(path):
                 tif_dirs.setdefault(path.parent, {})  # a product folder holding only its thumbnail.png: no band
+        nested = _nested_products(root, tif_dirs)
+        unknown += [{"file": str(folder), "record": folder.name, "reason": reason}
+                    for folder, reason in sorted(nested.items())]
         for folder, bands in sorted(tif_dirs.items()):
             modality, in_cell = modality_of(folder.name), _is_grid_cell(folder.parent.name)
-            if modality is None and not in_cell:
+            if folder in nested or (modality is None and not in_cell):
                 continue  # not <grid_cell>/<product_id>/: a thumbnail or sidecar in a cell or row folder
             if modality is None:
                 unknown.append({"file": str(folder), "record": folder.name, "reason": f"product id {NO_MODALITY}"})
@@ -123,6 +128,34 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
 def _is_grid_cell(name: str) -> bool:
     """A Major-TOM grid cell folder name, such as 433U_1209R."""
     return re.fullmatch(r"\d+[UD]_\d+[LR]", name) is not None
+
+
+def in_product_folder(path: Path) -> bool:
+    """Whether a file sits where band files go: <grid_cell>/<product_id>/<file>."""
+    return modality_of(path.parent.name) is not None and _is_grid_cell(path.parent.parent.name)
+
+
+def _nested_products(root: Path, tif_dirs: dict[Path, dict]) -> dict[Path, str]:
+    """{product folder: reason} for product folders of a grid cell that hold no band file of their own but .tif files
+    in a subfolder (<product_id>/IMG_DATA/B04.tif, as SAFE-like exports write): the subfolder is no product, so the
+    product was passed over in silence (or, beside a thumbnail.png, read as missing every band)."""
+    subfolders = defaultdict(list)
+    for folder, bands in tif_dirs.items():
+        owner = next((a for a in folder.parents if a.is_relative_to(root) and modality_of(a.name)
+                      and _is_grid_cell(a.parent.name)), None)
+        if not bands or owner is None:
+            continue
+        own = {b.lower() for b in tif_dirs.get(owner, {})}
+        if not own & {b.lower() for b in expected_bands(modality_of(owner.name))}:
+            subfolders[owner].append(folder)
+    reasons = {}
+    for owner, folders in subfolders.items():
+        names = sorted(folder.relative_to(owner).as_posix() for folder in folders)
+        files = sorted(Path(f).name for folder in folders for f in tif_dirs[folder].values())
+        reasons[owner] = (f"band files are in the subfolder{'s' * (len(names) > 1)} {', '.join(names)} "
+                          f"({len(files)} .tif files, e.g. {files[0]}); expected <product_id>/<band>.tif: "
+                          "move them up into the product folder")
+    return reasons
 
 
 def list_files(root: Path) -> list[Path]:
@@ -147,6 +180,15 @@ def _band_columns() -> set[str]:
     return names | {n.lower() for n in names}
 
 
+def _twin_columns(names: list[str]) -> list[str]:
+    """'B04 and b04' for each band that has two columns differing in case only: which one holds the band?"""
+    bands, found = {b.lower() for b in _band_columns()}, defaultdict(list)
+    for name in names:
+        if name.lower() in bands:
+            found[name.lower()].append(name)
+    return [" and ".join(same) for same in found.values() if len(same) > 1]
+
+
 def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) -> bool:
     """Add the products of one parquet file; False when it is a metadata file (no band column). BadInput says what
     is wrong with a file that cannot be read (discover names the file)."""
@@ -156,6 +198,9 @@ def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) 
         raise BadInput(f"not a readable parquet file ({err})") from err
     if not _band_columns() & set(schema.names):
         return False
+    twins = _twin_columns(schema.names)
+    if twins:
+        raise BadInput(f"two columns for one band ({'; '.join(twins)}): keep one")
     missing = [c for c in META_COLUMNS if c not in schema.names]
     if missing:
         raise BadInput(f"missing Major-TOM metadata columns {missing} (has {schema.names[:8]}...)")
@@ -260,6 +305,9 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
         if "imagecodecs" in str(err):
             raise BadInput(f"{product.where}: band {band}: the GeoTIFF is compressed with a codec that needs the "
                            f"imagecodecs package (pip install imagecodecs): {err}") from err
+        kind = other_format(data)
+        if kind:
+            raise BadInput(f"{product.where}: band {band} is {kind}, not a GeoTIFF") from err
         raise BadInput(f"{product.where}: band {band}: truncated or corrupt GeoTIFF ({type(err).__name__}: {err})") \
             from err
     if array.ndim > 2 and sum(n > 1 for n in array.shape) == 2:
@@ -272,6 +320,21 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
                        f"the band's native resolution is {native} m: the product was resampled to a coarser grid "
                        "(e.g. Sen2Cor's R20m / R60m folder); give each band at its native resolution or finer")
     return _apply_nodata_tag(array, nodata, product.modality)
+
+
+# Leading bytes of formats found where a GeoTIFF belongs (a band exported as JPEG2000 or PNG, an archive), so the
+# message says what the file is instead of "corrupt GeoTIFF".
+MAGIC = ((b"\xffO\xffQ", "a JPEG2000 codestream"), (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "a JPEG2000 (JP2) file"),
+         (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"PK\x03\x04", "a ZIP archive"),
+         (b"\x89HDF\r\n\x1a\n", "an HDF5 file"), (b"\x1f\x8b", "a gzip file"), (b"PAR1", "a parquet file"))
+
+
+def other_format(data: bytes) -> str | None:
+    """What a blob that is not a TIFF is, from its leading bytes ('a PNG image', 'empty (0 bytes)'); None when
+    unknown."""
+    if not data:
+        return "empty (0 bytes)"
+    return next((kind for magic, kind in MAGIC if data.startswith(magic)), None)
 
 
 def read_tiff(source) -> tuple[np.ndarray, float | None, float | None]:
@@ -395,11 +458,14 @@ def storage_tile(modality: str, cell: np.ndarray, product: Product, s1_scaling: 
     if modality != "s1":
         return np.where(mask, np.round(fill).astype(np.uint16), cell), mask
     for band, values, band_mask in zip(MODALITIES["s1"].bands, cell, mask, strict=True):
-        median = np.median(values[~band_mask]) if (~band_mask).any() else 0.0
+        # untagged 0 fill is left out too: over most of a dB scene it would make the median 0, "linear", and put
+        # every real pixel on the dB floor
+        decisive = values[~band_mask & (values != 0)]
+        median = np.median(decisive) if decisive.size else 0.0
         if median < 0:  # dB is mostly negative; linear power has at most a few resampling dips below 0
             raise BadInput(f"{product.where}: S1 {band} is mostly negative (median {median:.3g}, fill <= "
-                           f"{S1_FILL_MAX:g} and NaN left out): looks like dB, expected linear power as Major-TOM "
-                           "Core-S1RTC")
+                           f"{S1_FILL_MAX:g}, NaN and exact 0 left out): looks like dB, expected linear power as "
+                           "Major-TOM Core-S1RTC")
     valid = np.where(mask, 1.0, np.maximum(cell, 0.0))  # cubic resampling's small negative dips are power 0
     if s1_scaling == "db":
         out = s1_to_db(valid)

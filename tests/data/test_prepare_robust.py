@@ -375,6 +375,27 @@ def test_two_files_for_one_band_in_a_product_folder_are_named(sample_parquet, tm
     assert [s["record"] for s in summary["skipped"]] == [products[0].name]
 
 
+def test_band_files_or_columns_that_differ_only_in_case_are_two_for_one_band(sample_parquet, tmp_path):
+    """B04.tif beside b04.tif, parquet columns B04 and b04 or vv and VV: one of them was read in silence."""
+    folder = tmp_path / "tifs"
+    products = product_folders(sample_parquet, in_grid_cells(folder))
+    (products[0] / "b04.tif").write_bytes((products[1] / "B04.tif").read_bytes())  # another place's band
+    with pytest.raises(BadInput, match=rf"{products[0].name}.*two files for one band \(B04\.tif and b04\.tif\)"):
+        convert([folder], tmp_path / "out", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    root = _copy(sample_parquet, tmp_path)
+    for parts, band, twin in ((S2_FILE, "B04", "b04"), (S1_FILE, "vv", "VV")):
+        table = pq.read_table(root.joinpath(*parts))
+        pq.write_table(table.append_column(twin, table[band]), root.joinpath(*parts))
+    s1, s2 = str(root.joinpath(*S1_FILE)), str(root.joinpath(*S2_FILE))
+    with pytest.raises(BadInput, match=rf"{re.escape(s1)} \(whole file\): two columns for one band \(vv and VV\): "
+                                       r"keep one \(2 such records"):
+        convert([root], tmp_path / "out2", tile_size=TILE, workers=0, progress=False)
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(s1, "whole file"), (s2, "whole file")]
+    assert "two columns for one band (B04 and b04)" in summary["skipped"][1]["reason"]
+    assert {m: s["tiles"] for m, s in summary["modalities"].items()} == {"s2_l2a": 0, "s2_l1c": 12, "s1": 0}
+
+
 def _edited_index(sample_shards: Path, tmp_path: Path, edit) -> Path:
     out = tmp_path / "shards"
     shutil.copytree(sample_shards, out)
@@ -428,6 +449,21 @@ def test_a_tiff_with_damaged_tags_is_one_message_without_tifffile_log_lines(capl
     with caplog.at_level("DEBUG"), pytest.raises(BadInput, match="band B04: truncated or corrupt GeoTIFF"):
         sources.decode_band(bytes(data), "B04", product)
     assert [r.getMessage() for r in caplog.records if r.name.startswith("tifffile")] == []
+
+
+@pytest.mark.parametrize(("data", "kind"), [
+    (b"\xffO\xffQ\x00\x29", "a JPEG2000 codestream"), (b"\x00\x00\x00\x0cjP  \r\n\x87\n", r"a JPEG2000 \(JP2\) file"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff\xe0", "a JPEG image"), (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file"), (b"", r"empty \(0 bytes\)")])
+def test_another_format_where_a_geotiff_belongs_is_named_as_such(data, kind):
+    """A band exported as JPEG2000 or PNG, an archive or an empty download was 'truncated or corrupt GeoTIFF
+    (TiffFileError: not a TIFF file ...)'; its leading bytes say what it is."""
+    product = sources.Product("s2_l2a", "1U_1R", "S2A_MSIL2A_x", "f.parquet", row=0)
+    with pytest.raises(BadInput, match=rf"\(row 0, grid_cell 1U_1R, product S2A_MSIL2A_x\): band B04 is {kind}, not a "
+                                       "GeoTIFF$"):
+        sources.decode_band(data + bytes(64) if data else data, "B04", product)
+    with pytest.raises(BadInput, match="band B04: truncated or corrupt GeoTIFF"):  # TIFF bytes cut short stay that
+        sources.decode_band(_tif(np.zeros((8, 8), np.uint16))[:12], "B04", product)
 
 
 def test_no_products_says_what_the_inputs_hold_instead(sample_parquet, tmp_path):

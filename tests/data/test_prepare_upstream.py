@@ -178,3 +178,72 @@ def test_a_parquet_file_of_one_big_row_group_is_warned_about_before_converting(s
     assert err.count("warning:") == 1 and "row_group_size=1" in err
     assert f"warning: {root.joinpath(*S2_FILE)} has row groups of up to 3 products" in err
     _assert_same_tiles(ShardSet(sample_shards), ShardSet(tmp_path / "out"))
+
+
+def test_band_files_in_a_subfolder_of_the_product_folder_are_named_not_passed_over(sample_parquet, tmp_path, capsys):
+    """<product_id>/IMG_DATA/B04.tif (a SAFE-like export): the subfolder is no product folder, so the product was
+    passed over in silence (exit 0, its cell missing and counted nowhere), or, beside a thumbnail.png, reported as
+    missing every band."""
+    root = tmp_path / "tifs"
+    products = product_folders(sample_parquet, in_grid_cells(root))
+    nested = products[1] / "IMG_DATA"
+    nested.mkdir()
+    for band in products[1].glob("*.tif"):
+        band.rename(nested / band.name)
+    n = len(list(nested.glob("*.tif")))
+    for thumbnail in (False, True):
+        if thumbnail:
+            (products[1] / "thumbnail.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+        assert _cli([str(root), "--out", str(tmp_path / "out"), "--modalities", "s2_l2a"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert (f"{products[1]} ({products[1].name}): band files are in the subfolder IMG_DATA ({n} .tif files, "
+                "e.g. B01.tif); expected <product_id>/<band>.tif") in err
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True,
+                      modalities=("s2_l2a",))
+    assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(products[1]), products[1].name)]
+    assert summary["num_records"] == 2 * 4
+
+
+def test_a_flat_folder_of_band_files_says_what_it_holds(sample_parquet, tmp_path):
+    """<product_id>_B04.tif files side by side, no product folders: "no products found" alone did not say why."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for product in product_folders(sample_parquet, lambda rec: tmp_path / "tifs" / rec["grid_cell"]):
+        for band in product.glob("*.tif"):
+            band.rename(flat / f"{product.name}_{band.name}")
+    n = len(list(flat.glob("*.tif")))
+    first = sorted(flat.glob("*.tif"))[0]
+    with pytest.raises(BadInput, match=rf"no products of .* found .*; found {n} \.tif file\(s\) outside "
+                                       rf"<grid_cell>/<product_id>/ folders, e.g. {first}: the layout is "
+                                       r"<row>/<grid_cell>/<product_id>/<band>\.tif"):
+        convert([flat], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+
+
+def test_a_bad_duplicate_product_gives_way_to_the_next_under_skip_bad(sample_parquet, tmp_path):
+    """Two L2A products of one cell, the first by product id incomplete: the plan kept only the first before reading,
+    so with --skip-bad the cell ended with no L2A at all though a good one was there. Without --skip-bad the message
+    says a duplicate exists; the duplicates count stays true (a product skipped as bad is not also dropped)."""
+    root = tmp_path / "tifs"
+    products = product_folders(sample_parquet, in_grid_cells(root))
+    ref = convert([root], tmp_path / "ref", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    good = products[0]
+    bad = good.with_name(good.name.replace("_2021", "_2020", 1))  # sorts first
+    shutil.copytree(good, bad)
+    summary = convert([root], tmp_path / "both_good", tile_size=TILE, workers=0, progress=False,
+                      modalities=("s2_l2a",))
+    assert summary["duplicates_dropped"] == 1 and summary["skipped"] == []
+    (bad / "B8A.tif").unlink()
+    with pytest.raises(BadInput, match=rf"{bad.name}\): missing band B8A .* \(this cell has 1 more s2_l2a "
+                                       rf"product\(s\), e.g. {good.name}, which --skip-bad tries instead\)"):
+        convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True,
+                      modalities=("s2_l2a",))
+    assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(bad), bad.name)]
+    assert summary["duplicates_dropped"] == 0 and summary["modalities"]["s2_l2a"]["tiles"] == 12
+    _assert_same_tiles(ShardSet(tmp_path / "ref"), ShardSet(tmp_path / "skip"))
+    (good / "B8A.tif").unlink()  # both bad: both skipped, none dropped, the cell left out
+    summary = convert([root], tmp_path / "all_bad", tile_size=TILE, workers=0, progress=False, skip_bad=True,
+                      modalities=("s2_l2a",))
+    assert len(summary["skipped"]) == 2 and summary["duplicates_dropped"] == 0
+    assert summary["num_records"] == ref["num_records"] - 4

@@ -151,6 +151,34 @@ def test_s1_in_db_is_still_refused_as_input(sample_parquet, tmp_path):
         convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
 
 
+def test_s1_in_db_with_untagged_0_fill_over_most_of_the_scene_is_refused_not_floored(sample_parquet, tmp_path):
+    """A dB scene whose swath edge is untagged 0 over 60 % of it: the median, zeros included, was 0, so the scene was
+    taken for linear power and every real pixel stored at the -50 dB floor (mean -50). Exact zeros are left out of
+    that decision; a linear scene with the same fill still converts, its zeros at the floor as documented."""
+    def fill(a):
+        a[:, :72] = 0.0
+
+    def db_with_fill(a):
+        a[:] = s1_to_db(a)
+        fill(a)
+
+    root = _copy(sample_parquet, tmp_path / "db")
+    _edit_band(root, S1_FILE, "vv", 1, db_with_fill)
+    with pytest.raises(BadInput, match=r"row 1, .*S1 VV is mostly negative \(median -\d.*exact 0 left out\): looks "
+                                       "like dB"):
+        convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    root = _copy(sample_parquet, tmp_path / "linear")
+    cell = pq.read_table(root.joinpath(*S1_FILE))["grid_cell"][1].as_py()
+    vv = tifffile.imread(io.BytesIO(pq.read_table(root.joinpath(*S1_FILE))["vv"][1].as_py()))
+    _edit_band(root, S1_FILE, "vv", 1, fill)
+    summary = convert([root], tmp_path / "lin", tile_size=TILE, workers=0, progress=False)
+    assert not summary["skipped"]
+    shards = ShardSet(tmp_path / "lin")
+    right = shards.tile(_key_index(shards, f"{cell}/0_1"), "s1")[0].astype(np.float32)
+    np.testing.assert_allclose(right[:, :12], s1_to_db(np.zeros((TILE, 12))), atol=0.05)  # power 0: the floor
+    np.testing.assert_allclose(right[:, 12:], s1_to_db(vv[:TILE, 72:]), atol=0.02)
+
+
 def test_metadata_parquet_beside_the_parts_is_metadata_whatever_the_parts_folder(sample_parquet, tmp_path):
     """Major-TOM layout: Core-X/metadata.parquet + Core-X/<parts>/part_NNNNN.parquet."""
     root = tmp_path / "majortom"
