@@ -66,33 +66,36 @@ class EvalSplit:
         return {1: "classification", 2: "multilabel", 3: "segmentation"}[self.labels.ndim]
 
 
-def modality_for_bands(bands: list[str], modality: str = "auto",
-                       stored: list[str] | None = None) -> tuple[str, list[int]]:
+def modality_for_bands(bands: list[str], modality: str = "auto", stored: list[str] | None = None,
+                       source: Path | None = None) -> tuple[str, list[int]]:
     """Choose the modality that the dataset's band names fit and the indices that select its bands.
 
     S2 products with B10 (13 bands) drop it; anything else must contain every band of the modality. stored: the
-    names as the dataset spells them, when `bands` are their S2/S1 readings (for the message only).
+    names as the dataset spells them, when `bands` are their S2/S1 readings, and source: the file they were read
+    from (both for the message only).
     """
     wanted = {name: [b for b in MODALITIES[name].bands] for name in MODALITIES}
     fits = [m for m, bs in wanted.items() if set(bs) <= set(bands)]
     if modality == "auto":
         if not fits:
-            raise ValueError(_no_fit_message(bands, stored))
+            raise ValueError(_no_fit_message(bands, stored, source))
         s2 = [m for m in fits if m.startswith("s2")]
         modality = ("s2_l1c" if "B10" in bands else "s2_l2a") if s2 else fits[0]
     elif modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected 'auto' or one of {list(MODALITIES)}")
     elif modality not in fits:
-        raise ValueError(f"--modality {modality}: " + _no_fit_message(bands, stored))
+        raise ValueError(f"--modality {modality}: " + _no_fit_message(bands, stored, source))
     return modality, [bands.index(b) for b in wanted[modality]]
 
 
-def _no_fit_message(bands: list[str], stored: list[str] | None = None) -> str:
+def _no_fit_message(bands: list[str], stored: list[str] | None = None, source: Path | None = None) -> str:
     """The dataset's bands as it names them (another sensor's numbered bands, e.g. Landsat's '04 - Red', read as
-    S2 numbers would name S2 bands it does not hold), then what fits."""
+    S2 numbers would name S2 bands it does not hold) and the file they come from (the first sample's: a band
+    missing there only is refused here), then what fits."""
     named = f"{stored} (read as {bands})" if stored is not None and list(stored) != list(bands) else f"{bands}"
+    where = f"{source} (the first sample, whose bands decide): " if source is not None else ""
     return (
-        f"the dataset's {len(bands)} bands {named} fit no modality; what fits: s2_l2a / s2_l1c = 12 bands "
+        f"{where}the dataset's {len(bands)} bands {named} fit no modality; what fits: s2_l2a / s2_l1c = 12 bands "
         f"{list(S2_BANDS)} (13 with B10, which is dropped), s1 = 2 bands {list(S1_BANDS)}"
     )
 
@@ -234,7 +237,7 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
                     chosen = [mapped.index(b) for b in s2_set]  # all of them, by name; selected once the order is known
                 else:
                     s2_set = None
-                    modality, chosen = modality_for_bands(mapped, modality, stored=names)
+                    modality, chosen = modality_for_bands(mapped, modality, stored=names, source=path)
             elif sorted(names) != sorted(band_names):
                 raise ValueError(f"{path} has bands {names}, the first sample had {band_names}")
             bands = [_hdf5_band(f, keys[band_names[i]], path) for i in chosen]
@@ -473,15 +476,24 @@ class _StubUnpickler(pickle.Unpickler):
 
 def class_ids(label, path: Path, split: str) -> np.ndarray:
     """A sample's label (id, multi-hot vector or mask) as int64: finite integers (3.0 is 3) in [0, MAX_CLASSES);
-    anything else is refused by name, before a probe allocates one column per class."""
+    anything else is refused by name, before a probe allocates one column per class. Text is refused even when it
+    spells a number ("3", b"3"): numpy would read it as one."""
+    where = f"split {split!r} sample {path}: label"
     try:
         arr = np.asarray(label)
+        values = arr.ravel().tolist() if arr.dtype.kind == "O" else []
+        missing = any(v is None for v in values)
+        text = arr.dtype.kind in "SU" or any(isinstance(v, str | bytes) for v in values)
         if np.iscomplexobj(arr):
             raise TypeError("complex values")
-        arr = arr.astype(np.float64)
+        if not (missing or text):
+            arr = arr.astype(np.float64)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"split {split!r} sample {path}: the label is not numeric ({err})") from err
-    where = f"split {split!r} sample {path}: label"
+        raise ValueError(f"{where} is not numeric ({err})") from err
+    if missing:
+        raise ValueError(f"{where} is missing (None)")
+    if text:
+        raise ValueError(f"{where} is text {arr.ravel().tolist()[:3]}, not a number; class ids are 0, 1, ...")
     bad = arr[~np.isfinite(arr)]
     if bad.size:
         raise ValueError(f"{where} {bad[0]} is not a finite number; class ids are 0, 1, ...")

@@ -335,6 +335,37 @@ def test_a_huge_fractional_or_nan_label_is_named_before_any_allocation(tmp_path,
     assert read_split(root, "hdf5", "train").labels.dtype == np.int64
 
 
+@pytest.mark.parametrize("label, message", [
+    (None, r"label is missing \(None\)"),
+    ("3", r"label is text \['3'\], not a number"),
+    (b"3", r"label is text \[b'3'\], not a number"),
+    (["1", 2], r"label is text \['1', '2'\], not a number"),
+])
+def test_a_missing_or_text_label_is_named_not_read_as_nan_or_a_class(tmp_path, label, message):
+    """A pickled label None was 'label nan is not a finite number'; "3" or b"3" was read as class 3."""
+    root = _geobench(tmp_path)
+    with h5py.File(root / "train_0001.hdf5", "a") as f:
+        del f["label"]
+        f.attrs["pickle"] = str(pickle.dumps({"label": label}))
+    with pytest.raises(ValueError, match=r"split 'train' sample .*train_0001\.hdf5: " + message):
+        read_split(root, "hdf5", "train")
+    if isinstance(label, str | bytes):  # stored as an attribute, as h5py writes strings
+        with h5py.File(root / "train_0001.hdf5", "a") as f:
+            f.attrs["label"] = label
+        with pytest.raises(ValueError, match=r"split 'train' sample .*train_0001\.hdf5: label is text"):
+            read_split(root, "hdf5", "train")
+
+
+def test_a_band_missing_from_the_first_sample_only_names_that_sample(tmp_path):
+    """The first sample's bands decide the modality: when only it lacks B8A, the message named no file."""
+    root = _geobench(tmp_path)
+    with h5py.File(root / "train_0000.hdf5", "a") as f:
+        del f["08A - Vegetation Red Edge"]
+    with pytest.raises(ValueError, match=r"train_0000\.hdf5 \(the first sample, whose bands decide\): the dataset's 12 "
+                                         r"bands \[.*\] \(read as .*\) fit no modality"):
+        read_split(root, "hdf5", "train")
+
+
 def test_an_hdf5_mask_of_another_size_than_its_image_is_named(tmp_path):
     root = _geobench(tmp_path)
     with h5py.File(root / "train_0001.hdf5", "a") as f:
