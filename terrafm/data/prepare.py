@@ -382,18 +382,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", type=lambda t: Path(path_arg(t)),
                         help="Major-TOM parquet files/folders or GeoTIFF folders")
     parser.add_argument("--out", type=lambda t: Path(path_arg(t)), required=True, help="shard directory to write")
-    parser.add_argument("--tile-size", type=int, default=534, help="px per location (Major-TOM cell 1068 = 2 x 534)")
-    parser.add_argument("--codec", choices=shards.CODECS, default="raw", help="per-band chunk compression")
-    parser.add_argument("--cells-per-shard", type=int, default=64)
+    parser.add_argument("--tile-size", type=int, default=534,
+                        help="px per location (default: 534; a Major-TOM cell of 1068 px = 2 x 2 locations)")
+    parser.add_argument("--codec", choices=shards.CODECS, default="raw",
+                        help="per-band chunk compression (default: raw)")
+    parser.add_argument("--cells-per-shard", type=int, default=64,
+                        help="grid cells per shard file, the unit of parallel work and of resume (default: 64)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count; 0 = in-process)")
-    parser.add_argument("--modalities", nargs="+", default=list(MODALITY_NAMES), choices=MODALITY_NAMES)
+    parser.add_argument("--modalities", nargs="+", default=list(MODALITY_NAMES), choices=MODALITY_NAMES,
+                        help="sensors to convert (default: all three)")
     parser.add_argument("--s1-scaling", choices=S1_SCALINGS, default="db",
                         help="store S1 as dB (10 log10 sigma0, floor -50 dB; default) or linear power")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip and count bad products and unreadable parquet files instead of stopping (a cell "
                              "keeps its good products; fails when nothing is left to write); a re-run with it "
                              "resumes the shards a stopped run finished")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch logs)")
 
 
 def run(args: argparse.Namespace) -> int:
