@@ -88,11 +88,13 @@ KNOWN_OVER_BOUND = {
 # Streaming configs with fewer bytes of loads in flight per SM than Little's law asks, and why: regular
 # expressions matched at the start of "name@arch" (an entry that matches a config with enough in flight fails).
 KNOWN_LATENCY_BOUND = {
-    r"fusion_(fwd|bwd_head)_|fusion_bwd_pool_float16.*@sm_90|fusion_bwd_pool_bfloat16.*@sm_90": (
-        "every kernel steps one 16-column chunk (D_CHUNK, exact for the heads' 144 / 192 columns) of 2-4 positions: "
-        "0.75-1 KB of loads a step, 4-12 KB per SM with 5-12 resident programs; wider chunks pad 144 to 160-192 "
-        "columns (FLOPs over bound), more positions per program cost the registers that hold all heads' attention; "
-        "the restructure (several heads or chunks per step) is open"),
+    r"fusion_fwd_(float16|bfloat16)_|fusion_bwd_head_|fusion_bwd_pool_float16.*@sm_90|"
+    r"fusion_bwd_pool_bfloat16.*@sm_90": (
+        "every kernel steps one 16-column chunk (D_CHUNK, exact for the heads' 144 / 192 columns): the forward of "
+        "16 positions (3 KiB of 16-bit loads a step, 9-12 KiB per SM at 3-4 resident programs: the lane tiles "
+        "hold each key Q times in fp32 registers; fp32 data, 6 KiB a step, is not latency bound), the head "
+        "kernel of 4 (16 turns its sums into tf32 mma.sync); wider chunks pad 144 to 160-192 columns (FLOPs over "
+        "bound); the restructure (keys on an (M, columns) tile, several chunks per step) is open"),
     r"dino_teacher_sk_column_(float32|float16|bfloat16)_3760rows@sm_90": (
         "iBOT's 3760-row column step (one statistics chunk, BLOCK_C = 1) compiles its (16, 256) logits tile as two "
         "halves around their conversion: 4-7 KB of loads before the first use (SASS), where the 128-row variant "

@@ -10,8 +10,10 @@ The kernels never form z (Q x d per head): by associativity
     z[t, q] . pool = sum_h sum_m a[t, h, q, m] r[t, h, m],   r[t, h, m] = values[t, m, h] . pool[h]
     out[t, h]      = sum_m c[t, h, m] values[t, m, h],       c[t, h, m] = sum_q w[t, q] a[t, h, q, m]
 so per head the forward needs the scores (Q x M x d) and the M projections r (M x d) for the pooling
-logits, then the M-term sum for the output. Each program takes BLOCK_P = 4 positions side by side
-and walks the heads once; the (H, Q, M) attention of all heads stays in registers until w is known.
+logits, then the M-term sum for the output. Each program takes BLOCK_P = 16 positions side by side
+and walks the heads twice: first the scores, saving each head's attention (it is saved for backward
+anyway), then, once w is known, the output, reading the attention back (L2; in registers it capped
+the positions per program at 4).
 Saved for backward: w (T, Q), the attention (T, H, Q, M) and r (T, H, M), fp32 (29 MB at ViT-B's
 shape: cheaper than re-reading the keys to recompute them).
 
@@ -22,7 +24,7 @@ Backward, with u[t, h, m] = dout[t, h] . values[t, m, h]:
     grad_values[m] = c[m] dout + dr[m] pool;          grad_pool += sum_m dr[m] values[m]
 Kernel 1 (per position, all heads in one (H, 16-column) tile) reads values, dout and the saved
 attention and writes ds, c, dr (T, H, Q + 2, M); kernel 2 (per column chunk x head x block of 128
-positions, BLOCK_P at a time) writes grad_keys / grad_values for its columns and accumulates
+positions, BLOCK_P_HEAD = 4 at a time) writes grad_keys / grad_values for its columns and accumulates
 grad_queries / grad_pool in registers, one fp32 partial per program, summed by torch afterwards
 (deterministic, no atomics).
 
@@ -63,10 +65,16 @@ MAX_QUERIES = 64
 # the interpreter pays per op, so it gets few positions per program.
 GPU_BLOCK_T = 128
 INTERPRETER_BLOCK_T = 4
-# Positions side by side in one tile (forward programs, head-kernel steps): more bytes in flight per load
-# than one position's 3 x 16 columns; 2 under the interpreter so its tests cover the position masks.
-GPU_BLOCK_P = 4
+# Positions side by side in one tile: more bytes in flight per load than one position's 3 x 16 columns; 2 under
+# the interpreter so its tests cover the position masks. The forward takes 16 (its attention is read back from
+# memory, not held in registers, so 16 positions fit at 3-4 programs per SM: 12 KiB of loads in flight on
+# sm_90 where 4 gave 6.8); the head kernel's steps stay at 4: at 16 the compiler turns its sums over positions
+# into mma.sync (tf32 for fp32 data), precision no interpreter test can check.
+GPU_BLOCK_P = 16
+GPU_BLOCK_P_HEAD = 4
 INTERPRETER_BLOCK_P = 2
+# Loads are not pipelined through shared memory (no tl.dot): one stage, at launch and in the compile report.
+NUM_STAGES = 1
 # Warps and column chunk, from the compile report: the largest tiles are (16 lanes, 16 columns) at the
 # presets' Q = 5, M = 3, and (H, lanes, M) = (16, 16, 4) once per position in the forward.
 NUM_WARPS = 4
@@ -92,18 +100,17 @@ def _query_max(x, lane_q, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, out_ptr, w_ptr, attn_ptr, vpool_ptr, T, M, Q, A, D, scale,
-                    H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_QM: tl.constexpr,
-                    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
-    """BLOCK_P positions: per head the scores on the lane axis and r = values . pool, then w, then the output."""
+                    H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_QM: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
+    """BLOCK_P positions: per head the scores on the lane axis and r = values . pool, then w, then the output
+    (each head's attention read back from where it was saved for backward: L2, not registers)."""
     ts = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     t_ok = ts < T
     lanes = tl.arange(0, BLOCK_QM)
     lane_q, lane_m, lane_ok = lanes // M, lanes % M, lanes < Q * M
-    hs = tl.arange(0, BLOCK_H)
     ms = tl.arange(0, BLOCK_M)
     tokens = ts[:, None, None] * M * A
     tm_ok = t_ok[:, None, None] & (ms < M)[None, :, None]
-    attn_all = tl.zeros([BLOCK_P, BLOCK_H, BLOCK_QM], tl.float32)
     logit_terms = tl.zeros([BLOCK_P, BLOCK_QM], tl.float32)
     for h in range(H):
         s = tl.zeros([BLOCK_P, BLOCK_QM], tl.float32)
@@ -129,14 +136,16 @@ def _forward_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, out_ptr, w_ptr, attn_ptr, vpo
         tl.store(vpool_ptr + saved * M + ms[None, :], r, mask=t_ok[:, None] & (ms < M)[None, :])
         r_lane = tl.sum(tl.where(lane_m[None, :, None] == ms[None, None, :], r[:, None, :], 0.0), axis=2)
         logit_terms += a * r_lane
-        attn_all = tl.where(hs[None, :, None] == h, a[:, None, :], attn_all)
     logits = _query_sum(logit_terms, lane_q, BLOCK_Q)  # each lane holds its query's logit
     first = lane_ok & (lane_m == 0)  # one lane per query
     e = tl.exp(logits - tl.max(tl.where(first[None, :], logits, float("-inf")), axis=1)[:, None])
     w = tl.where(lane_ok[None, :], e / tl.sum(tl.where(first[None, :], e, 0.0), axis=1)[:, None], 0.0)
     tl.store(w_ptr + ts[:, None] * Q + lane_q[None, :], w, mask=t_ok[:, None] & first[None, :])
+    tl.debug_barrier()  # the attention stored above is read back by other threads of this program
     for h in range(H):
-        weighted = w * tl.sum(tl.where(hs[None, :, None] == h, attn_all, 0.0), axis=1)  # w[q] a[h, q, m]
+        a = tl.load(attn_ptr + (ts[:, None] * H + h) * Q * M + lanes[None, :], mask=t_ok[:, None] & lane_ok[None, :],
+                    other=0.0)
+        weighted = w * a  # w[q] a[h, q, m]
         c = tl.sum(tl.where(lane_m[None, :, None] == ms[None, None, :], weighted[:, :, None], 0.0), axis=1)
         for c0 in range(0, D, D_CHUNK):
             c_ok = c0 + tl.arange(0, D_CHUNK) < D
@@ -190,9 +199,9 @@ def _backward_pool_kernel(v_ptr, dout_ptr, w_ptr, attn_ptr, vpool_ptr, coef_ptr,
 @triton.jit
 def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_ptr, dv_ptr, dq_partial_ptr,
                           dpool_partial_ptr, T, M, Q, A, D, scale,
-                          H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_QM: tl.constexpr,
+                          H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P_HEAD: tl.constexpr, BLOCK_QM: tl.constexpr,
                           BLOCK_Q: tl.constexpr, D_CHUNK: tl.constexpr):
-    """Per (column chunk, head, block of BLOCK_T positions, BLOCK_P at a time): grad keys/values of the chunk
+    """Per (column chunk, head, block of BLOCK_T positions, BLOCK_P_HEAD at a time): grad keys/values of the chunk
     from the pool kernel's coefficients, and the block's grad queries/pool partials for it (grad queries
     accumulated on the lane axis, summed per query once per program)."""
     c0 = tl.program_id(0) * D_CHUNK
@@ -208,8 +217,8 @@ def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_
     pool = tl.load(pool_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
     dq = tl.zeros([BLOCK_QM, D_CHUNK], tl.float32)
     dpool = tl.zeros([D_CHUNK], tl.float32)
-    for i in range(0, BLOCK_T, BLOCK_P):
-        ts = block.to(tl.int64) * BLOCK_T + i + tl.arange(0, BLOCK_P)
+    for i in range(0, BLOCK_T, BLOCK_P_HEAD):
+        ts = block.to(tl.int64) * BLOCK_T + i + tl.arange(0, BLOCK_P_HEAD)
         t_ok = ts < T
         tc_ok = t_ok[:, None] & c_ok[None, :]
         coef = coef_ptr + (ts * H + h) * (Q + 2) * M
@@ -247,15 +256,17 @@ def launch_plan(T: int, M: int, Q: int, A: int, H: int, interpreter: bool = Fals
     blocks = _blocks(M, Q, H)
     block_t = INTERPRETER_BLOCK_T if interpreter else GPU_BLOCK_T
     block_p = INTERPRETER_BLOCK_P if interpreter else GPU_BLOCK_P
-    return {**blocks, "BLOCK_T": block_t, "BLOCK_P": block_p, "forward": (triton.cdiv(T, block_p),),
+    return {**blocks, "BLOCK_T": block_t, "BLOCK_P": block_p,
+            "BLOCK_P_HEAD": INTERPRETER_BLOCK_P if interpreter else GPU_BLOCK_P_HEAD,
+            "forward": (triton.cdiv(T, block_p),),
             "backward_pool": (T,),
             "backward_head": (triton.cdiv(A // H, blocks["D_CHUNK"]), H, triton.cdiv(T, block_t))}
 
 
 # The tile constexprs each kernel takes from launch_plan (launchers and compile_specs alike).
-TILES = {"forward": ("BLOCK_P", "BLOCK_H", "BLOCK_QM", "BLOCK_Q", "BLOCK_M", "D_CHUNK"),
+TILES = {"forward": ("BLOCK_P", "BLOCK_QM", "BLOCK_Q", "BLOCK_M", "D_CHUNK"),
          "backward_pool": ("BLOCK_H", "BLOCK_Q", "BLOCK_M", "D_CHUNK"),
-         "backward_head": ("BLOCK_T", "BLOCK_P", "BLOCK_QM", "BLOCK_Q", "D_CHUNK")}
+         "backward_head": ("BLOCK_T", "BLOCK_P_HEAD", "BLOCK_QM", "BLOCK_Q", "D_CHUNK")}
 
 
 def _tiles(plan: dict, kernel: str) -> dict:
@@ -297,7 +308,7 @@ def _launch_forward(keys, values, queries, pool, num_heads):
     attn = torch.empty((T, H, Q, M), dtype=torch.float32, device=keys.device)
     vpool = torch.empty((T, H, M), dtype=torch.float32, device=keys.device)
     launch_kernel(_forward_kernel, plan["forward"], keys, values, queries, pool, out, w, attn, vpool, T, M, Q, A, D,
-                  1.0 / math.sqrt(D), H=H, **_tiles(plan, "forward"), num_warps=NUM_WARPS)
+                  1.0 / math.sqrt(D), H=H, **_tiles(plan, "forward"), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out, w, attn, vpool
 
 
@@ -309,14 +320,14 @@ def _launch_backward(grad_out, keys, values, queries, pool, w, attn, vpool, num_
     dout = grad_out.contiguous()
     coef = torch.empty((T, H, Q + 2, M), dtype=torch.float32, device=keys.device)
     launch_kernel(_backward_pool_kernel, plan["backward_pool"], values, dout, w, attn, vpool, coef, M, Q, A, D, H=H,
-                  **_tiles(plan, "backward_pool"), num_warps=NUM_WARPS)
+                  **_tiles(plan, "backward_pool"), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     programs = plan["backward_head"][2]
     dk, dv = torch.empty_like(keys), torch.empty_like(values)
     dq_partial = torch.empty((programs, Q, A), dtype=torch.float32, device=keys.device)
     dpool_partial = torch.empty((programs, A), dtype=torch.float32, device=keys.device)
     launch_kernel(_backward_head_kernel, plan["backward_head"], keys, values, queries, pool, dout, coef, dk, dv,
                   dq_partial, dpool_partial, T, M, Q, A, D, 1.0 / math.sqrt(D), H=H, **_tiles(plan, "backward_head"),
-                  num_warps=NUM_WARPS_BACKWARD_HEAD)
+                  num_warps=NUM_WARPS_BACKWARD_HEAD, num_stages=NUM_STAGES)
     return dk, dv, dq_partial.sum(0).to(queries.dtype), dpool_partial.sum(0).to(pool.dtype)
 
 
@@ -418,7 +429,7 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
     if kernel == "forward":
         useful = 2 * T * Q * M * A + 4 * T * M * A + T * (7 * hqm + 3 * Q)
         # per head: the chunked products, the lane softmax and logit terms, then c = sum_q w a from registers
-        per_head = cols * (2 * bqm + 4 * bm) + 4 * bqm + 2 * bq * bqm + bqm * bm + bh * bqm + bqm + bqm * bm
+        per_head = cols * (2 * bqm + 4 * bm) + 4 * bqm + 2 * bq * bqm + bqm * bm + bqm + bqm * bm
         executed = plan["forward"][0] * bp * (H * per_head + 2 * bq * bqm + 3 * bqm)
         sizes = {"k": tokens, "v": tokens, "out": T * A * e, "w": T * Q * 4, "saved": T * saved, "q": Q * A * e}
 
@@ -453,10 +464,10 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
                     ("coef", (b, h), t * coef_bytes), ("dk", (b, h, c), t * M * width * e),
                     ("dv", (b, h, c), t * M * width * e), ("partials", (b, h, c), (Q + 1) * width * 4)]
         floor = 4 * tokens + T * A * e + Q * A * e + A * e
-        # a step of BLOCK_P positions: their keys and grad out, and values per modality, in one D_CHUNK
+        # a step of BLOCK_P_HEAD positions: their keys and grad out, and values per modality, in one D_CHUNK
         return {"useful_flops": useful, "executed_flops": executed, "min_bytes": floor, "flop_kind": "fp32",
                 "moved_bytes": hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes) + partials,
-                "programs": chunks * H * blocks, "step_bytes": (2 * M + 1) * bp * dc * e}
+                "programs": chunks * H * blocks, "step_bytes": (2 * M + 1) * plan["BLOCK_P_HEAD"] * dc * e}
     # a step loads one D_CHUNK of columns: forward, keys and values of BLOCK_P positions' M tokens; the pool
     # backward, values and grad out of one position's heads
     step = 2 * bp * M * dc * e if kernel == "forward" else 2 * H * dc * e
@@ -481,7 +492,7 @@ def compile_specs() -> list[dict]:
             plan = launch_plan(**PRODUCTION_SHAPES[size])
             counts = lambda kernel, size=size, e=dtype.itemsize: partial(  # noqa: E731
                 efficiency, kernel, **PRODUCTION_SHAPES[size], dtype_bytes=e)
-            common = {"num_warps": NUM_WARPS, "num_stages": 1, "uses_dot": False}
+            common = {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES, "uses_dot": False}
             scalars = {"M": "i32", "Q": "i32", "A": "i32", "D": "i32"}
             specs.append({
                 **common, "name": f"fusion_fwd_{name}_{size}", "fn": _forward_kernel, "efficiency": counts("forward"),
