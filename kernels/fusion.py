@@ -24,7 +24,7 @@ Backward, with u[t, h, m] = dout[t, h] . values[t, m, h]:
     grad_values[m] = c[m] dout + dr[m] pool;          grad_pool += sum_m dr[m] values[m]
 Kernel 1 (per position, all heads in one (H, 16-column) tile) reads values, dout and the saved
 attention and writes ds, c, dr (T, H, Q + 2, M); kernel 2 (per column chunk x head x block of 128
-positions, BLOCK_P_HEAD = 4 at a time) writes grad_keys / grad_values for its columns and accumulates
+positions, BLOCK_P_HEAD = 8 at a time) writes grad_keys / grad_values for its columns and accumulates
 grad_queries / grad_pool in registers, one fp32 partial per program, summed by torch afterwards
 (deterministic, no atomics).
 
@@ -68,10 +68,10 @@ INTERPRETER_BLOCK_T = 4
 # Positions side by side in one tile: more bytes in flight per load than one position's 3 x 16 columns; 2 under
 # the interpreter so its tests cover the position masks. The forward takes 16 (its attention is read back from
 # memory, not held in registers, so 16 positions fit at 3-4 programs per SM: 12 KiB of loads in flight on
-# sm_90 where 4 gave 6.8); the head kernel's steps stay at 4: at 16 the compiler turns its sums over positions
-# into mma.sync (tf32 for fp32 data), precision no interpreter test can check.
+# sm_90 where 4 gave 6.8); the head kernel steps 8 (8.8 KiB in flight where 4 gave 6.1): at 16 the compiler
+# turns its sums over positions into mma.sync (tf32 for fp32 data), precision no interpreter test can check.
 GPU_BLOCK_P = 16
-GPU_BLOCK_P_HEAD = 4
+GPU_BLOCK_P_HEAD = 8
 INTERPRETER_BLOCK_P = 2
 # Loads are not pipelined through shared memory (no tl.dot): one stage, at launch and in the compile report.
 NUM_STAGES = 1

@@ -62,6 +62,22 @@ print(json.dumps(compile_report.compile_one(spec, 90)))
     assert not row["ok"] and ("spills" in row["problem"] or "shared memory" in row["problem"]), row
 
 
+def test_tensor_core_instructions_in_a_kernel_without_dot_are_a_problem():
+    """The fusion head kernel's sums over 16 positions a step compile to mma.sync: tf32 for fp32 data, a precision
+    the interpreter tests cannot see (it steps 8)."""
+    code = """
+import json
+from terrafm_kernels import compile_report, fusion
+spec = [s for s in fusion.compile_specs() if s["name"] == "fusion_bwd_head_float32_b"][0]
+spec = {**spec, "constexprs": {**spec["constexprs"], "BLOCK_P_HEAD": 16}}
+print(json.dumps(compile_report.compile_one(spec, 80)))
+"""
+    run = _run(code)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads(run.stdout.splitlines()[-1])
+    assert not row["ok"] and "mma in a kernel without tl.dot" in row["problem"], row
+
+
 def test_missing_module_fails_only_with_strict():
     code = "from terrafm_kernels import compile_report as c; import sys; sys.exit(c.main(['--modules', '{}'{}]))"
     assert _run(code.format("no_such_kernel", "")).returncode == 0
