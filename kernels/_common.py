@@ -13,6 +13,9 @@ import torch
 # The one place TRITON_INTERPRET is read (terrafm.backends asks here too). Triton reads it when a
 # kernel is decorated, at import, so it is read once at import: setting it later changes nothing.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# The fusion kernels' limits, here (no triton import) so that a config check can read them on any platform.
+FUSION_MAX_MODALITIES = 16
+FUSION_MAX_QUERIES = 64
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}

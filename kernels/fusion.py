@@ -49,6 +49,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    FUSION_MAX_MODALITIES,
+    FUSION_MAX_QUERIES,
     TRITON_DTYPE,
     aligned_at_production,
     check_size,
@@ -58,8 +60,8 @@ from ._common import (
     launch_kernel,
 )
 
-MAX_MODALITIES = 16
-MAX_QUERIES = 64
+MAX_MODALITIES = FUSION_MAX_MODALITIES
+MAX_QUERIES = FUSION_MAX_QUERIES
 # Positions per backward program: 128 on a GPU keeps the grad_queries partials at
 # T / 128 x Q x A fp32 (~24 MB for ViT-L at batch 256) with thousands of programs in flight;
 # the interpreter pays per op, so it gets few positions per program.

@@ -353,7 +353,7 @@ def validate(cfg: Config, nproc: int = 1) -> None:
     from terrafm.modalities import MODALITIES
     from terrafm.models import MODELS
     from terrafm.models.patch_embed import FUSION_NORMS
-    from terrafm_kernels.fusion import MAX_QUERIES
+    from terrafm_kernels._common import FUSION_MAX_QUERIES as MAX_QUERIES  # no triton import
 
     t, o, s, m, p = cfg.train, cfg.optim, cfg.ssl, cfg.model, cfg.parallel
     for k, bands in cfg.data.bands.items():  # the loader takes subsets; the model's patch embeddings take every band
