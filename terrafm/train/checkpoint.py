@@ -106,35 +106,38 @@ def set_aside_later(root: Path, step: int) -> tuple[list[str], Path | None]:
     """Move the checkpoints after `step` out of `root` (rank 0; collective): a resume from `step` abandons that
     continuation. Left among the run's own they counted towards train.keep_checkpoints once the run passed
     their steps (pushing out its own) and were offered as the "previous checkpoint" of its next failure.
-    Nothing is deleted: they go to root/abandoned_after_step_N/ (`latest` is repointed if it named one).
-    Returns (their names, that folder)."""
-    later = sorted((n, p) for n, p in saved_steps(root).items() if n > step)
-    if not later:
-        return [], None
-    target = root / f"abandoned_after_{step_dir_name(step)}"
-    for again in range(2, 1000):  # a second resume from the same step abandons another continuation
-        if not target.exists():
-            break
-        target = root / f"abandoned_after_{step_dir_name(step)}.{again}"
-    failure = None
+    Nothing is deleted: they go to root/abandoned_after_step_N/; `latest` is repointed first if it named one.
+    Returns (their names, that folder), rank 0's on every rank (the others never list the folder: one that
+    listed it after rank 0's move saw nothing and skipped the collective)."""
+    outcome = ([], None, None)
     if _rank() == 0:
+        later = sorted((n, p) for n, p in saved_steps(root).items() if n > step)
+        target = root / f"abandoned_after_{step_dir_name(step)}"
+        for again in range(2, 1000):  # a second resume from the same step abandons another continuation
+            if not target.exists():
+                break
+            target = root / f"abandoned_after_{step_dir_name(step)}.{again}"
+        names = [path.name for _, path in later]
+        failure = None
         try:
-            target.mkdir()
-            for _, path in later:
-                path.rename(target / path.name)
             latest = root / LATEST
-            if latest.is_file() and latest.read_text().strip() in {path.name for _, path in later}:
-                kept = sorted(saved_steps(root).items())
+            if later and latest.is_file() and latest.read_text().strip() in names:
+                kept = sorted((n, p) for n, p in saved_steps(root).items() if n <= step)
                 if kept:
                     atomic_write_bytes(latest, kept[-1][1].name.encode())
                 else:
                     latest.unlink()
+            if later:
+                target.mkdir()
+                for _, path in later:
+                    path.rename(target / path.name)
         except OSError as err:
             failure = f"cannot move the checkpoints after step {step} in {root} aside ({type(err).__name__}: {err})"
-    failure = _first_failure(failure)
+        outcome = (names, str(target) if later else None, failure)
+    names, target, failure = _all_gather(outcome)[0]
     if failure is not None:
         raise CheckpointWriteError(failure)
-    return [path.name for _, path in later], target
+    return names, None if target is None else Path(target)
 
 
 def rank_file(rank: int) -> str:

@@ -424,3 +424,37 @@ def test_a_checkpoint_from_before_the_fusion_settings_resumes_only_with_its_own(
     run_harness(out, "--resume-from", str(step2), *RUN, "train.max_steps=3", "model.fusion_norm=pooled")
     resumed = json.loads((out / "run" / "checkpoints" / "step_00000003" / "meta.json").read_text())
     assert resumed["model"]["fusion_norm"] == "pooled"
+
+
+def _set_aside_on_rank(rank: int, root: str, port: int, results) -> None:
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
+    if rank == 1:
+        time.sleep(1.0)  # a slower rank: it lists the folder after rank 0 has moved the later checkpoints
+    names, target = checkpoint.set_aside_later(Path(root), 2)
+    dist.barrier()  # the first collective after it: a rank that skipped the gather pairs with the wrong call
+    results[rank] = (names, str(target))
+    dist.destroy_process_group()
+
+
+def test_every_rank_gets_rank_0s_set_aside_and_no_rank_skips_its_collective(tmp_path):
+    """Each rank listed the folder itself: one listing after rank 0's move saw nothing, returned before the
+    all-gather, and left rank 0 waiting in it (a timeout, or a hang until the collective timeout)."""
+    import torch.multiprocessing as mp
+    from train_harness import free_port
+
+    for step in (1, 2, 3, 4):
+        (tmp_path / checkpoint.step_dir_name(step)).mkdir()
+    (tmp_path / "latest").write_text("step_00000004")
+    results = mp.Manager().dict()
+    mp.start_processes(_set_aside_on_rank, args=(str(tmp_path), free_port(), results), nprocs=2, join=True,
+                       start_method="spawn")
+    aside = str(tmp_path / "abandoned_after_step_00000002")
+    assert dict(results) == {0: (["step_00000003", "step_00000004"], aside),
+                             1: (["step_00000003", "step_00000004"], aside)}
+    assert (tmp_path / "latest").read_text() == "step_00000002"
