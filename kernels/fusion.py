@@ -70,8 +70,9 @@ INTERPRETER_BLOCK_T = 4
 # Positions side by side in one tile: more bytes in flight per load than one position's 3 x 16 columns; 2 under
 # the interpreter so its tests cover the position masks. The forward takes 16 (its attention is read back from
 # memory, not held in registers, so 16 positions fit at 3-4 programs per SM: 12 KiB of loads in flight on
-# sm_90 where 4 gave 6.8); the head kernel steps 8 (8.8 KiB in flight where 4 gave 6.1): at 16 the compiler
-# turns its sums over positions into mma.sync (tf32 for fp32 data), precision no interpreter test can check.
+# sm_90, where 4 positions with all heads' attention in registers gave 5.2); the head kernel steps 8 (8.8 KiB
+# in flight where 4 gave 6.1): at 16 the compiler turns its sums over positions into mma.sync (tf32 for fp32
+# data), a precision no interpreter test can check.
 GPU_BLOCK_P = 16
 GPU_BLOCK_P_HEAD = 8
 INTERPRETER_BLOCK_P = 2
@@ -430,7 +431,7 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
     hqm, saved = H * Q * M, H * (Q * M + M) * 4  # saved per position: attention and r, fp32
     if kernel == "forward":
         useful = 2 * T * Q * M * A + 4 * T * M * A + T * (7 * hqm + 3 * Q)
-        # per head: the chunked products, the lane softmax and logit terms, then c = sum_q w a from registers
+        # per head: the chunked products, the lane softmax and logit terms, then c = sum_q w a (attention read back)
         per_head = cols * (2 * bqm + 4 * bm) + 4 * bqm + 2 * bq * bqm + bqm * bm + bqm + bqm * bm
         executed = plan["forward"][0] * bp * (H * per_head + 2 * bq * bqm + 3 * bqm)
         sizes = {"k": tokens, "v": tokens, "out": T * A * e, "w": T * Q * 4, "saved": T * saved, "q": Q * A * e}

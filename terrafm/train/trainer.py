@@ -319,17 +319,28 @@ class Batches:
     batch for the rest of the step, so every rank finishes the step's collectives; the trainer then learns
     of it from the step's status all-reduce, discards the step on all ranks, writes the checkpoint together
     and stops. (A rank that raised at once left the others blocked in the forward's collectives until the
-    timeout, with the steps since the last checkpoint lost.) With no batch read yet there is nothing to stand
-    in: the error is raised at once."""
+    timeout, with the steps since the last checkpoint lost.) The first batch, with none to stand in, is read
+    by `prime` before the first step, where the ranks agree on it."""
 
     def __init__(self, loader: Any, epoch: int):
         self.loader, self.epoch = loader, epoch
         self._iter = iter(loader)
         self.last: Any = None
         self.failure: str | None = None
+        self._primed = False
+
+    def prime(self) -> str | None:
+        """Read the first batch ahead; returns the message of a shard that could not be read, else None."""
+        try:
+            self.last, self._primed = self._next(), True
+        except ShardError as err:
+            return str(err)
+        return None
 
     def next(self) -> Any:
-        if self.failure is None:
+        if self._primed:
+            self._primed = False
+        elif self.failure is None:
             try:
                 self.last = self._next()
             except ShardError as err:
@@ -407,14 +418,16 @@ def reduce_status(loss: torch.Tensor, stop: bool, data_failed: bool, env: DistEn
     return loss_sum / env.world_size, stops > 0, failed > 0
 
 
-def data_failure(batches: Batches, env: DistEnv) -> str:
-    """The message of the step's unreadable shard, the same on every rank (gathered: only on this rare path)."""
-    messages = [batches.failure]
+def shared_failure(failure: str | None, env: DistEnv) -> str | None:
+    """The first rank's data failure message (None: no rank has one), the same on every rank (collective)."""
+    messages = [failure]
     if env.world_size > 1:
         messages = [None] * env.world_size
-        dist.all_gather_object(messages, batches.failure)
-    rank, message = next((r, m) for r, m in enumerate(messages) if m)
-    return message if env.world_size == 1 else f"rank {rank}: {message}"
+        dist.all_gather_object(messages, failure)
+    found = next(((r, m) for r, m in enumerate(messages) if m is not None), None)
+    if found is None:
+        return None
+    return found[1] if env.world_size == 1 else f"rank {found[0]}: {found[1]}"
 
 
 def optimizer_step(arch: SSLMetaArch, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
@@ -674,12 +687,19 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
 
     batches = Batches(loader, epoch)
     throughput = Throughput()
+    if step < total_steps:  # the ranks agree on the first batch before any collective of the forward
+        waited = time.perf_counter()
+        failure = shared_failure(batches.prime(), env)
+        throughput.data_wait += time.perf_counter() - waited  # the first step's wait, as if read in it
+        if failure is not None:
+            raise DataError(failure + (f" (nothing was trained since {resume_from})" if resume_from else ""))
 
-    def save() -> Path:
+    def save(position: dict | None = None) -> Path:
+        """The checkpoint of `step`; position: the loader's state and epoch to record (default: now)."""
         started = time.perf_counter()
+        position = position or {"loader": loader.state_dict(), "epoch": batches.epoch}
         try:
-            rank_state = {"loader": loader.state_dict(), "epoch": batches.epoch, "skipped_steps": skipped_steps,
-                          "nonfinite_streak": nonfinite_streak}
+            rank_state = {**position, "skipped_steps": skipped_steps, "nonfinite_streak": nonfinite_streak}
             return checkpoint.save(ckpt_root, step, arch, optimizer, rank_state, meta, t.keep_checkpoints)
         except checkpoint.CheckpointWriteError as err:
             raise SetupError(str(err)) from err
@@ -706,6 +726,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                 group["lr"] = lr
                 group["weight_decay"] = wd if group["decay"] else 0.0
 
+            step_start = {"loader": loader.state_dict(), "epoch": batches.epoch}  # a discarded step reads again
             loss_sum = forward_backward(arch, batches, t.grad_accum_steps, t.fsdp, teacher_temp, env.device,
                                         throughput)
             loss_value, stop_requested, data_failed = reduce_status(loss_sum / t.grad_accum_steps,
@@ -713,9 +734,13 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                                                                     batches.failure is not None, env)
             if data_failed:  # the step is discarded on every rank: the weights are intact, keep the steps done
                 optimizer.zero_grad(set_to_none=True)
-                message = data_failure(batches, env)
+                message = shared_failure(batches.failure, env)
                 if step > 0 and (latest is None or Path(latest).name != checkpoint.step_dir_name(step)):
-                    latest = save()
+                    try:
+                        latest = save(step_start)
+                    except SetupError as err:  # keep the shard's message: it is why the run stopped
+                        raise DataError(f"{message}; and the checkpoint of the {step} steps done could not be "
+                                        f"written: {err}") from err
                     message += (f" (checkpoint {latest} holds the {step} steps done; --resume continues from it "
                                 "once the shard is fixed)")
                 raise DataError(message)
@@ -779,9 +804,13 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                 return TrainResult(run_dir, step, latest, preempted=True)
     finally:
         if profiler is not None:  # the run ended inside train.profile_steps: keep the steps it traced
-            export_profile(profiler, run_dir, env.rank)
-            logger.write(f"profile: the run ended at step {step}, inside train.profile_steps={list(t.profile_steps)}; "
-                         f"the trace holds steps {t.profile_steps[0]} to {step}")
+            try:
+                export_profile(profiler, run_dir, env.rank)
+                logger.write(f"profile: the run ended at step {step}, inside train.profile_steps="
+                             f"{list(t.profile_steps)}; the trace holds steps {t.profile_steps[0]} to {step}")
+            except (OSError, RuntimeError) as err:  # e.g. a full disk: not what the run stops for
+                logger.write(f"warning: the profiler trace of steps {t.profile_steps[0]} to {step} could not be "
+                             f"written ({type(err).__name__}: {err})")
         batches.close()
         logger.close()
     probe = None

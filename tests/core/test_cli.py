@@ -73,3 +73,23 @@ def test_terrafm_warnings_print_as_one_message_line(capsys):
     assert capsys.readouterr().err == "terrafm eval: warning: the dataset's s2_l1c band B09 has mean 9\n"
     show(UserWarning("another library's"), UserWarning, "/usr/lib/python3/site-packages/x.py", 5)
     assert shown_by_python == ["/usr/lib/python3/site-packages/x.py"] and not capsys.readouterr().err
+
+
+def test_the_terrafm_process_prints_its_warnings_that_way():
+    """The formatter is installed by `terrafm` itself (not by main([...]) called from Python, whose caller may
+    capture warnings): a warning raised from inside the package by a command prints as one line."""
+    import subprocess
+    import sys
+
+    code = ("import sys, warnings\n"
+            "import terrafm.info as info\n"
+            "def run(args):\n"
+            "    warnings.warn_explicit('the shard index lists 3 records', UserWarning, info.__file__, 1)\n"
+            "    return 0\n"
+            "info.run = run\n"
+            "from terrafm.cli import main\n"
+            "sys.argv = ['terrafm', 'info']\n"
+            "sys.exit(main())\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr == "terrafm info: warning: the shard index lists 3 records\n", run.stderr

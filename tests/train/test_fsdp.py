@@ -133,3 +133,21 @@ def test_a_corrupt_chunk_on_one_rank_keeps_the_steps_done_in_a_checkpoint_of_all
     assert output.count(message) == 2, output[-3000:]  # each rank says it
     assert (run / "checkpoints" / "latest").read_text() == "step_00000003"
     assert [r["step"] for r in metric_records(run)] == [1, 2, 3]
+
+
+def test_a_corrupt_first_batch_after_a_resume_stops_every_rank_with_its_message(tmp_path):
+    """With no batch to stand in, the rank that could not read its first batch after a resume raised at once;
+    the others died in the forward's collectives (gloo: connection closed; NCCL: a hang until the timeout).
+    The ranks now agree on the first batch before the first step."""
+    run = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    proc = run_ranks([*torchrun, f"--master_port={free_port()}", str(HARNESS), str(tmp_path), "--batch", "4",
+                      "train.max_steps=2", "train.checkpoint_every=2"], fresh=run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_ranks([*torchrun, f"--master_port={free_port()}", str(HARNESS), str(tmp_path), "--batch", "4",
+                      "--resume", "--corrupt-batch", "1:1", "train.max_steps=4"])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Connection" not in output, output[-3000:]
+    assert output.count("rank 1: part-00004.bin: record 130 s1 band 0: crc32 0x1 != stored 0x2 (rank 1) "
+                        f"(nothing was trained since {run / 'checkpoints' / 'step_00000002'})") == 2, output[-3000:]
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000002"

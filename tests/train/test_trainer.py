@@ -215,6 +215,9 @@ def test_a_corrupt_chunk_met_mid_run_keeps_the_steps_done_in_a_checkpoint(tmp_pa
     with pytest.raises(SetupError, match=r"crc32 .* \(checkpoint .*step_00000003 holds the 3 steps done; --resume "):
         train(cfg, loader=CorruptAtFourthBatch(batch_size=4))
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000003"
+    # the discarded step's batch is read again on resume (the loader had counted it: resume skipped it)
+    rank_state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "rank_00000.json").read_text())
+    assert rank_state["state"]["loader"]["position"] == 3
 
 
 def test_ctrl_c_stays_an_interrupt_when_torchrun_follows_it_with_sigterm(capsys):
