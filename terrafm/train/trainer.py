@@ -687,12 +687,6 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
 
     batches = Batches(loader, epoch)
     throughput = Throughput()
-    if step < total_steps:  # the ranks agree on the first batch before any collective of the forward
-        waited = time.perf_counter()
-        failure = shared_failure(batches.prime(), env)
-        throughput.data_wait += time.perf_counter() - waited  # the first step's wait, as if read in it
-        if failure is not None:
-            raise DataError(failure + (f" (nothing was trained since {resume_from})" if resume_from else ""))
 
     def save(position: dict | None = None) -> Path:
         """The checkpoint of `step`; position: the loader's state and epoch to record (default: now)."""
@@ -713,6 +707,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
     latest = resume_from
     last_diagnosis = None
     try:
+        if step < total_steps:  # the ranks agree on the first batch before any collective of the forward
+            waited = time.perf_counter()
+            failure = shared_failure(batches.prime(), env)
+            throughput.data_wait += time.perf_counter() - waited  # the first step's wait, as if read in it
+            if failure is not None:
+                raise DataError(failure + (f" (nothing was trained since {resume_from})" if resume_from else ""))
         while step < total_steps:
             if t.profile and step == t.profile_steps[0]:
                 profiler = torch.profiler.profile(record_shapes=True, with_stack=False)
