@@ -639,6 +639,10 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
             if class_names and not folder.exists():  # a val / test split without this train class: none to score
                 continue
             found = _files(folder) if folder.is_dir() else []
+            nested = [folder / d for d in (_subdirs(folder) if folder.is_dir() else []) if _files(folder / d)]
+            if nested:  # read only the class folder's own files, these were left out in silence
+                raise ValueError(f"{nested[0]} holds images inside the folder of class {name!r}: a class folder "
+                                 f"holds its images directly ({split_dir}/<class>/*.tif); move them up or remove it")
             if not found:
                 raise ValueError(f"class {name!r} has no images in {folder} (expected *.tif, *.tiff or *.npy)")
             images += [_read_image(f) for f in found]

@@ -443,3 +443,17 @@ def test_a_plain_pickle_checkpoint_is_one_message_without_torch_warnings(tmp_pat
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "plain.pth is a pickle PyTorch's weights-only loader refuses" in proc.stderr
     assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_images_in_a_subfolder_of_a_class_folder_are_named_not_left_out(tmp_path):
+    """train/<class>/sub/x.npy was not read, and nothing said so: the class lost those images."""
+    splits = make_splits(13, per_class=(2, 1, 1))
+    del splits["valid"]
+    root = write_folder(tmp_path / "eurosat", splits, suffix=".npy")
+    (root / "train" / "class_0" / "more").mkdir()
+    np.save(root / "train" / "class_0" / "more" / "x.npy", np.full((13, 32, 32), 1000, np.uint16))
+    with pytest.raises(ValueError, match=r"class_0/more holds images inside the folder of class 'class_0'"):
+        read_split(root, "folder", "train")
+    (root / "train" / "class_0" / "more" / "x.npy").unlink()  # an empty sub-folder (or one of sidecars) is fine
+    (root / "train" / "class_0" / "more" / "notes.txt").write_text("x")
+    assert len(read_split(root, "folder", "train").labels) == 8
