@@ -88,9 +88,8 @@ KNOWN_OVER_BOUND = {
 # Streaming configs with fewer bytes of loads in flight per SM than Little's law asks, and why: regular
 # expressions matched at the start of "name@arch" (an entry that matches a config with enough in flight fails).
 KNOWN_LATENCY_BOUND = {
-    r"fusion_(fwd|bwd_head)_(float16|bfloat16)_|fusion_bwd_pool_float16.*@sm_90|"
-    r"fusion_bwd_pool_bfloat16.*@sm_90": (
-        "every kernel steps one 16-column chunk (D_CHUNK, exact for the heads' 144 / 192 columns): the forward of "
+    r"fusion_(fwd|bwd_head)_(float16|bfloat16)_": (
+        "both step one 16-column chunk (D_CHUNK, exact for the heads' 144 / 192 columns): the forward of "
         "16 positions (3 KiB of 16-bit loads a step, 9-12 KiB per SM at 3-4 resident programs: the lane tiles "
         "hold each key Q times in fp32 registers), the head kernel of 8 (16 turns its sums into tf32 mma.sync), "
         "8.8 KiB per SM; fp32 data (twice the bytes a step) is not latency bound; wider chunks pad 144 to 160-192 "

@@ -78,11 +78,14 @@ GPU_BLOCK_P_HEAD = 8
 INTERPRETER_BLOCK_P = 2
 # Loads are not pipelined through shared memory (no tl.dot): one stage, at launch and in the compile report.
 NUM_STAGES = 1
-# Warps and column chunk, from the compile report: the largest tiles are (16 lanes, 16 columns) at the
-# presets' Q = 5, M = 3, and (H, lanes, M) = (16, 16, 4) once per position in the forward.
+# Warps and column chunk, from the compile report: the largest tiles are the forward's (16 positions, 16 lanes,
+# 16 columns) at the presets' Q = 5, M = 3.
 NUM_WARPS = 4
 NUM_WARPS_BACKWARD_HEAD = 4
 D_CHUNK = 16
+# The pool backward's chunk of all heads' columns: 32 (144 padded to 160 at ViT-B, FLOPs 1.30x) puts 2 KiB of
+# 16-bit loads in each step, 24 KiB per SM at its 12 resident programs, where 16 gave 12 (Little's law: 14.9).
+POOL_D_CHUNK = 32
 
 
 @triton.jit
@@ -163,7 +166,7 @@ def _forward_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, out_ptr, w_ptr, attn_ptr, vpo
 @triton.jit
 def _backward_pool_kernel(v_ptr, dout_ptr, w_ptr, attn_ptr, vpool_ptr, coef_ptr, M, Q, A, D,
                           H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-                          D_CHUNK: tl.constexpr):
+                          POOL_D_CHUNK: tl.constexpr):
     """One position: u = dout . values (all heads at once), then the pooling softmax's backward and
     the per-head coefficients the head kernel needs, coef (T, H, Q + 2, M) = (ds, c, dr)."""
     t = tl.program_id(0).to(tl.int64)
@@ -174,9 +177,9 @@ def _backward_pool_kernel(v_ptr, dout_ptr, w_ptr, attn_ptr, vpool_ptr, coef_ptr,
     u = tl.zeros([BLOCK_H, BLOCK_M], tl.float32)
     for m in range(M):
         um = tl.zeros([BLOCK_H], tl.float32)
-        for c0 in range(0, D, D_CHUNK):
-            c_ok = c0 + tl.arange(0, D_CHUNK) < D
-            cols = hs[:, None] * D + c0 + tl.arange(0, D_CHUNK)[None, :]
+        for c0 in range(0, D, POOL_D_CHUNK):
+            c_ok = c0 + tl.arange(0, POOL_D_CHUNK) < D
+            cols = hs[:, None] * D + c0 + tl.arange(0, POOL_D_CHUNK)[None, :]
             mask = h_ok[:, None] & c_ok[None, :]
             v = tl.load(v_ptr + (t * M + m) * A + cols, mask=mask, other=0.0).to(tl.float32)
             dout = tl.load(dout_ptr + t * A + cols, mask=mask, other=0.0).to(tl.float32)
@@ -251,7 +254,8 @@ def _blocks(M: int, Q: int, H: int) -> dict:
     """The tiles: the (Q, M) pairs on one lane axis padded to a power of 2 (16 at Q = 5, M = 3), Q, M
     and H padded to powers of 2 for the per-query / per-modality / all-heads tiles, 16 columns."""
     return {"BLOCK_QM": triton.next_power_of_2(Q * M), "BLOCK_Q": triton.next_power_of_2(Q),
-            "BLOCK_M": triton.next_power_of_2(M), "BLOCK_H": triton.next_power_of_2(H), "D_CHUNK": D_CHUNK}
+            "BLOCK_M": triton.next_power_of_2(M), "BLOCK_H": triton.next_power_of_2(H), "D_CHUNK": D_CHUNK,
+            "POOL_D_CHUNK": POOL_D_CHUNK}
 
 
 def launch_plan(T: int, M: int, Q: int, A: int, H: int, interpreter: bool = False) -> dict:
@@ -268,7 +272,7 @@ def launch_plan(T: int, M: int, Q: int, A: int, H: int, interpreter: bool = Fals
 
 # The tile constexprs each kernel takes from launch_plan (launchers and compile_specs alike).
 TILES = {"forward": ("BLOCK_P", "BLOCK_QM", "BLOCK_Q", "BLOCK_M", "D_CHUNK"),
-         "backward_pool": ("BLOCK_H", "BLOCK_Q", "BLOCK_M", "D_CHUNK"),
+         "backward_pool": ("BLOCK_H", "BLOCK_Q", "BLOCK_M", "POOL_D_CHUNK"),
          "backward_head": ("BLOCK_T", "BLOCK_P_HEAD", "BLOCK_QM", "BLOCK_Q", "D_CHUNK")}
 
 
@@ -443,7 +447,8 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
         floor = 2 * tokens + T * A * e + Q * A * e + A * e
     elif kernel == "backward_pool":  # u = dout . values, then the pooling softmax's backward per head
         useful = 2 * T * M * A + T * (13 * hqm + 4 * Q)
-        executed = T * (2 * M * bh * cols + 13 * bh * bq * bm + 4 * bq)
+        pool_cols = triton.cdiv(D, plan["POOL_D_CHUNK"]) * plan["POOL_D_CHUNK"]
+        executed = T * (2 * M * bh * pool_cols + 13 * bh * bq * bm + 4 * bq)
         coef = H * (Q + 2) * M * 4
         sizes = {"v": tokens, "dout": T * A * e, "w": T * Q * 4, "saved": T * saved, "coef": T * coef}
         touches = lambda t, _y, _z: [("v", t, M * A * e), ("dout", t, A * e), ("w", t, Q * 4),  # noqa: E731
@@ -473,7 +478,7 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
                 "programs": chunks * H * blocks, "step_bytes": (2 * M + 1) * plan["BLOCK_P_HEAD"] * dc * e}
     # a step loads one D_CHUNK of columns: forward, keys and values of BLOCK_P positions' M tokens; the pool
     # backward, values and grad out of one position's heads
-    step = 2 * bp * M * dc * e if kernel == "forward" else 2 * H * dc * e
+    step = 2 * bp * M * dc * e if kernel == "forward" else 2 * H * plan["POOL_D_CHUNK"] * e
     programs = plan[kernel][0] if kernel == "forward" else T
     return {"useful_flops": useful, "executed_flops": executed, "min_bytes": floor, "flop_kind": "fp32",
             "moved_bytes": hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes), "programs": programs,
