@@ -88,13 +88,10 @@ KNOWN_OVER_BOUND = {
 # Streaming configs with fewer bytes of loads in flight per SM than Little's law asks, and why: regular
 # expressions matched at the start of "name@arch" (an entry that matches a config with enough in flight fails).
 KNOWN_LATENCY_BOUND = {
-    r"fusion_(fwd|bwd_head)_(float16|bfloat16)_": (
-        "both step one 16-column chunk (D_CHUNK, exact for the heads' 144 / 192 columns): the forward of "
-        "16 positions (3 KiB of 16-bit loads a step, 9-12 KiB per SM at 3-4 resident programs: the lane tiles "
-        "hold each key Q times in fp32 registers), the head kernel of 8 (16 turns its sums into tf32 mma.sync), "
-        "8.8 KiB per SM; fp32 data (twice the bytes a step) is not latency bound; wider chunks pad 144 to 160-192 "
-        "columns (FLOPs over bound); the restructure (keys on an (M, columns) tile, several chunks per step) is "
-        "open"),
+    r"fusion_bwd_head_(float16|bfloat16)_.*@sm_90": (
+        "the head backward steps 8 positions of one 32-column chunk: 3.5 KiB of 16-bit loads a step at 4 resident "
+        "programs (128 registers), 14.0 KiB per SM where Little's law asks 14.9; 16 positions compile their sums "
+        "to tf32 mma.sync, a 64-column chunk pads ViT-B's 144 columns to 192 (FLOPs over bound)"),
     r"dino_teacher_sk_column_(float32|float16|bfloat16)_3760rows@sm_90": (
         "iBOT's 3760-row column step (one statistics chunk, BLOCK_C = 1) compiles its (16, 256) logits tile as two "
         "halves around their conversion: 4-7 KB of loads before the first use (SASS), where the 128-row variant "

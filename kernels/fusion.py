@@ -29,8 +29,8 @@ grad_queries / grad_pool in registers, one fp32 partial per program, summed by t
 (deterministic, no atomics).
 
 Tiles: the (Q x M x d) products run on one flattened lane axis i = q M + m (16 lanes at Q = 5,
-M = 3, not (8, 4) = 32), as fp32 broadcast multiply-adds over D_CHUNK = 16 columns (exact for
-d = 144 and 192); per-query sums over the lanes are (Q x lanes) masked reductions. The tiles are
+M = 3, not (8, 4) = 32), as fp32 broadcast multiply-adds over D_CHUNK columns (16 for fp32 data, exact for
+d = 144 and 192; 32 for 16-bit data); per-query sums over the lanes are (Q x lanes) masked reductions. The tiles are
 sized for Q x M <= 16 (the presets); larger Q x M (validate allows up to 64 x 16) is correct but
 grows the lane tiles and their (Q x lanes) sums with it, so it runs slower per position.
 
@@ -82,7 +82,11 @@ NUM_STAGES = 1
 # 16 columns) at the presets' Q = 5, M = 3.
 NUM_WARPS = 4
 NUM_WARPS_BACKWARD_HEAD = 4
-D_CHUNK = 16
+# Columns per step of the forward and head kernels, by input bytes per element: 16-bit data takes 32 (ViT-B's
+# 144 pads to 160: FLOPs 1.33x forward, 1.41x head), twice the bytes a step at 3-4 programs per SM, so the forward
+# is no longer latency bound (18 KiB in flight on sm_90) and the head nearly (14.0 of 14.9); fp32 keeps 16 (exact
+# for 144 and 192; at 32 its forward spills on sm_90, and 16 already moves 6 KiB a step).
+D_CHUNK_BY_BYTES = {2: 32, 4: 16}
 # The pool backward's chunk of all heads' columns: 32 (144 padded to 160 at ViT-B, FLOPs 1.30x) puts 2 KiB of
 # 16-bit loads in each step, 24 KiB per SM at its 12 resident programs, where 16 gave 12 (Little's law: 14.9).
 POOL_D_CHUNK = 32
@@ -250,17 +254,17 @@ def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_
     tl.store(dpool_partial_ptr + block.to(tl.int64) * A + cs, dpool, mask=c_ok)
 
 
-def _blocks(M: int, Q: int, H: int) -> dict:
+def _blocks(M: int, Q: int, H: int, dtype_bytes: int) -> dict:
     """The tiles: the (Q, M) pairs on one lane axis padded to a power of 2 (16 at Q = 5, M = 3), Q, M
-    and H padded to powers of 2 for the per-query / per-modality / all-heads tiles, 16 columns."""
+    and H padded to powers of 2 for the per-query / per-modality / all-heads tiles, D_CHUNK columns."""
     return {"BLOCK_QM": triton.next_power_of_2(Q * M), "BLOCK_Q": triton.next_power_of_2(Q),
-            "BLOCK_M": triton.next_power_of_2(M), "BLOCK_H": triton.next_power_of_2(H), "D_CHUNK": D_CHUNK,
-            "POOL_D_CHUNK": POOL_D_CHUNK}
+            "BLOCK_M": triton.next_power_of_2(M), "BLOCK_H": triton.next_power_of_2(H),
+            "D_CHUNK": D_CHUNK_BY_BYTES[dtype_bytes], "POOL_D_CHUNK": POOL_D_CHUNK}
 
 
-def launch_plan(T: int, M: int, Q: int, A: int, H: int, interpreter: bool = False) -> dict:
+def launch_plan(T: int, M: int, Q: int, A: int, H: int, dtype_bytes: int, interpreter: bool = False) -> dict:
     """Tiles and grids of the three kernels: the one place the launcher and efficiency() read them."""
-    blocks = _blocks(M, Q, H)
+    blocks = _blocks(M, Q, H, dtype_bytes)
     block_t = INTERPRETER_BLOCK_T if interpreter else GPU_BLOCK_T
     block_p = INTERPRETER_BLOCK_P if interpreter else GPU_BLOCK_P
     return {**blocks, "BLOCK_T": block_t, "BLOCK_P": block_p,
@@ -309,7 +313,7 @@ def _launch_forward(keys, values, queries, pool, num_heads):
     T, M, A = keys.shape
     H = num_heads
     Q, D = queries.shape[0], A // H
-    plan = launch_plan(T, M, Q, A, H, interpreted(keys))
+    plan = launch_plan(T, M, Q, A, H, keys.element_size(), interpreted(keys))
     out = torch.empty((T, A), dtype=keys.dtype, device=keys.device)
     w = torch.empty((T, Q), dtype=torch.float32, device=keys.device)
     attn = torch.empty((T, H, Q, M), dtype=torch.float32, device=keys.device)
@@ -323,7 +327,7 @@ def _launch_backward(grad_out, keys, values, queries, pool, w, attn, vpool, num_
     T, M, A = keys.shape
     H = num_heads
     Q, D = queries.shape[0], A // H
-    plan = launch_plan(T, M, Q, A, H, interpreted(keys))
+    plan = launch_plan(T, M, Q, A, H, keys.element_size(), interpreted(keys))
     dout = grad_out.contiguous()
     coef = torch.empty((T, H, Q + 2, M), dtype=torch.float32, device=keys.device)
     launch_kernel(_backward_pool_kernel, plan["backward_pool"], values, dout, w, attn, vpool, coef, M, Q, A, D, H=H,
@@ -425,7 +429,7 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
     sums on the lane axis included. The floor is the op's own tensors: the saved attention and the
     coefficients between the backward kernels count as moved bytes only.
     """
-    plan = launch_plan(T, M, Q, A, H)
+    plan = launch_plan(T, M, Q, A, H, dtype_bytes)
     bqm, bq, bm, bh, bt, bp, dc = (plan[k] for k in ("BLOCK_QM", "BLOCK_Q", "BLOCK_M", "BLOCK_H", "BLOCK_T", "BLOCK_P",
                                                      "D_CHUNK"))
     chunks = plan["backward_head"][0]  # D / dc column chunks per head
@@ -497,7 +501,7 @@ def compile_specs() -> list[dict]:
     for dtype, ptr in TRITON_DTYPE.items():
         name = str(dtype).removeprefix("torch.")
         for size in PRODUCTION_SHAPES:  # the same compiled kernels, counted at ViT-B's and ViT-L's shapes
-            plan = launch_plan(**PRODUCTION_SHAPES[size])
+            plan = launch_plan(**PRODUCTION_SHAPES[size], dtype_bytes=dtype.itemsize)
             counts = lambda kernel, size=size, e=dtype.itemsize: partial(  # noqa: E731
                 efficiency, kernel, **PRODUCTION_SHAPES[size], dtype_bytes=e)
             common = {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES, "uses_dot": False}

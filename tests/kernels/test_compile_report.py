@@ -172,8 +172,8 @@ def test_streaming_kernels_need_enough_loads_in_flight():
     fast = run("some_softmax_bf16", 65536)[1]
     assert slow["predicted_us_h100"] > 10 * fast["predicted_us_h100"]
     # listed configs are reported, not failed, and must still be latency bound
-    assert run("fusion_fwd_bfloat16_b", 768)[0] == []
-    assert "remove the entry" in run("fusion_fwd_bfloat16_b", 65536)[0][0]
+    assert run("fusion_bwd_head_bfloat16_b", 768)[0] == []
+    assert "remove the entry" in run("fusion_bwd_head_bfloat16_b", 65536)[0][0]
 
 
 def test_load_runs_are_read_from_the_sass_up_to_the_first_use():
