@@ -1,6 +1,6 @@
 """Crash-safe file writes: every file or folder terrafm publishes goes through here (shards, sample data,
 checkpoints, exports, run files), so a crash leaves the old version or the whole new one, never a torn one;
-and the type of the commands' path options."""
+the type of the commands' path options; and what a file's first bytes say it is."""
 
 import argparse
 import os
@@ -94,3 +94,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `path` so a reader sees the old file or the whole new one, never a torn one."""
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+# Leading bytes of formats met where another was expected (a download gone wrong, a band exported as PNG, an
+# archive), so that a refusal says what the file is instead of what it failed to be.
+FORMAT_MAGIC = (
+    (b"version https://git-lfs", "a Git LFS pointer, not the data (run `git lfs pull` where it was cloned)"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+    (b"\x93NUMPY", "a NumPy .npy array"), (b"PAR1", "a Parquet file"), (b"\xffO\xffQ", "a JPEG2000 codestream"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "a JPEG2000 (JP2) file"), (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"), (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "a gzip file"))
+
+
+def format_from_magic(head: bytes, expected: str | None = None) -> str | None:
+    """What a file's first bytes say it is (FORMAT_MAGIC); None when unknown, or when it is `expected`, the
+    caller's own format (a damaged one of those is the caller's to name)."""
+    kind = next((kind for magic, kind in FORMAT_MAGIC if head.startswith(magic)), None)
+    return None if kind == expected else kind

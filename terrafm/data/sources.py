@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import tifffile
 
 from terrafm.data.landcover import class_counts
+from terrafm.fileio import format_from_magic
 from terrafm.modalities import MODALITIES, REFERENCE_STATS, s1_to_db
 
 WORLDCOVER = "worldcover"
@@ -322,19 +323,10 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
     return _apply_nodata_tag(array, nodata, product.modality)
 
 
-# Leading bytes of formats found where a GeoTIFF belongs (a band exported as JPEG2000 or PNG, an archive), so the
-# message says what the file is instead of "corrupt GeoTIFF".
-MAGIC = ((b"\xffO\xffQ", "a JPEG2000 codestream"), (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "a JPEG2000 (JP2) file"),
-         (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"PK\x03\x04", "a ZIP archive"),
-         (b"\x89HDF\r\n\x1a\n", "an HDF5 file"), (b"\x1f\x8b", "a gzip file"), (b"PAR1", "a parquet file"))
-
-
 def other_format(data: bytes) -> str | None:
     """What a blob that is not a TIFF is, from its leading bytes ('a PNG image', 'empty (0 bytes)'); None when
     unknown."""
-    if not data:
-        return "empty (0 bytes)"
-    return next((kind for magic, kind in MAGIC if data.startswith(magic)), None)
+    return format_from_magic(data, expected="a TIFF image") if data else "empty (0 bytes)"
 
 
 def read_tiff(source) -> tuple[np.ndarray, float | None, float | None]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from terrafm.fileio import format_from_magic
 from terrafm.models.terrafm import TerraFM
 
 
@@ -123,12 +124,6 @@ def fusion_settings(meta: dict, path: Path) -> dict:
     return out
 
 
-FILE_KINDS = ((b"version https://git-lfs", "a Git LFS pointer, not the weights (run `git lfs pull` where it was "
-                                           "cloned)"),
-              (b"\x89HDF", "an HDF5 file"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
-              (b"\x93NUMPY", "a NumPy .npy array"), (b"PAR1", "a Parquet file"))
-
-
 def _file_kind(path: Path) -> str | None:
     """What a file that torch.load cannot read is, from its first bytes: 'safetensors' (read as such whatever its
     name), a Git LFS pointer or an HTML page (a download gone wrong), another known format, an empty or a text
@@ -142,7 +137,7 @@ def _file_kind(path: Path) -> str | None:
         return "safetensors"
     if head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
         return "an HTML page (a download that saved a web page instead of the file)"
-    known = next((kind for magic, kind in FILE_KINDS if head.startswith(magic)), None)
+    known = format_from_magic(head, expected="a ZIP archive")  # torch.save's own container
     if known or not head:
         return known or "an empty file"
     text = head.decode(errors="ignore")  # up to 3 bytes lost: a multi-byte character cut at byte 512
