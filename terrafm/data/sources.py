@@ -131,9 +131,14 @@ def _is_grid_cell(name: str) -> bool:
     return re.fullmatch(r"\d+[UD]_\d+[LR]", name) is not None
 
 
+def _is_product_folder(folder: Path) -> bool:
+    """Whether a folder is <grid_cell>/<product_id>."""
+    return modality_of(folder.name) is not None and _is_grid_cell(folder.parent.name)
+
+
 def in_product_folder(path: Path) -> bool:
     """Whether a file sits where band files go: <grid_cell>/<product_id>/<file>."""
-    return modality_of(path.parent.name) is not None and _is_grid_cell(path.parent.parent.name)
+    return _is_product_folder(path.parent)
 
 
 def _nested_products(root: Path, tif_dirs: dict[Path, dict]) -> dict[Path, str]:
@@ -142,8 +147,7 @@ def _nested_products(root: Path, tif_dirs: dict[Path, dict]) -> dict[Path, str]:
     product was passed over in silence (or, beside a thumbnail.png, read as missing every band)."""
     subfolders = defaultdict(list)
     for folder, bands in tif_dirs.items():
-        owner = next((a for a in folder.parents if a.is_relative_to(root) and modality_of(a.name)
-                      and _is_grid_cell(a.parent.name)), None)
+        owner = next((a for a in folder.parents if a.is_relative_to(root) and _is_product_folder(a)), None)
         if not bands or owner is None:
             continue
         own = {b.lower() for b in tif_dirs.get(owner, {})}
