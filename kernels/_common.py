@@ -32,13 +32,25 @@ def checked_reference(validate, reference_fn):
     """reference_fn behind a kernel's input checks (the reference alone failed deep inside torch on a wrong shape,
     or returned NaN for a temperature of 0), so a bad input is the same error on the cpu as on a GPU. validate
     sees the tensors' shapes and dtypes on the meta device: the kernels' own limits (cuda tensors, contiguity, no
-    float64) do not bind the reference."""
-    @functools.wraps(reference_fn)
-    def checked(*args, **kwargs):
-        validate(*map(_shape_of, args), **{k: _shape_of(v) for k, v in kwargs.items()})
-        return reference_fn(*args, **kwargs)
+    float64) do not bind the reference. A partial of module-level functions, not a closure: modules keep it as an
+    attribute, and torch.save / pickle of a module (or DINOLoss) must not fail on it."""
+    return functools.partial(_call_checked, validate, reference_fn)
 
-    return checked
+
+def _call_checked(validate, reference_fn, *args, **kwargs):
+    validate(*map(_shape_of, args), **{k: _shape_of(v) for k, v in kwargs.items()})
+    return reference_fn(*args, **kwargs)
+
+
+def no_second_derivative(backward_op, name: str) -> None:
+    """Give a kernel's backward custom op an autograd that refuses a second backward by name: torch's own error
+    ("no autograd formula was registered. Please use register_autograd") read as a bug to fix in the library."""
+    def refuse(ctx, *grads):
+        raise RuntimeError(f"{name}: the fused kernel's gradient is not differentiable again (a second backward "
+                           f"through create_graph=True, e.g. a gradient penalty); use "
+                           f"terrafm_kernels.reference.{name} where second derivatives are needed")
+
+    backward_op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
 
 
 def check_interpreted_dot_dtype(name: str, x: torch.Tensor) -> None:
@@ -153,9 +165,11 @@ FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, 1
 
 def check_positive(name: str, value: float) -> None:
     """A temperature or scale: a finite number > 0 (inf would turn the softmax into NaN), and a normal float32
-    (the kernels divide by it in fp32: below 1.18e-38 its reciprocal is inf and every probability NaN)."""
+    (the kernels divide by it in fp32: below 1.18e-38 its reciprocal is inf and every probability NaN).
+    Plain comparisons (NaN fails them), not math.isfinite: torch.compile traces those when a temperature
+    schedule makes the value a symbolic float, where math.isfinite broke the graph (fullgraph=True raised)."""
     _check_number(name, value)
-    if not (math.isfinite(value) and value > 0):
+    if not 0 < value < math.inf:
         raise ValueError(f"{name} must be > 0 and finite, got {value}")
     if value < FLOAT32_TINY:
         raise ValueError(f"{name} must be at least {FLOAT32_TINY:.3g} (its float32 reciprocal overflows below), "

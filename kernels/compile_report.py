@@ -36,8 +36,8 @@ import subprocess
 import sys
 import tempfile
 
-from terrafm_kernels.gpus import BY_CAPABILITY, LOADED_DRAM_LATENCY_NS
-from terrafm_kernels.gpus import GPUS as GPUS_TABLE
+from .gpus import BY_CAPABILITY, LOADED_DRAM_LATENCY_NS
+from .gpus import GPUS as GPUS_TABLE
 
 MODULES = ["patch_embed", "fusion", "teacher_softmax", "dino_cross_entropy", "dino_head_loss", "dino_teacher",
            "dino_student_ce"]
@@ -100,7 +100,7 @@ KNOWN_LATENCY_BOUND = {
 # The triton the two lists above were measured with (scripts/setup.sh's pin). Under another triton (the GPU
 # image's 3.6) register counts differ, so an entry no longer needed there is a note, not a failure.
 LISTS_TRITON = "3.7.1"
-PACKAGE = __name__.rpartition(".")[0] or "terrafm_kernels"
+PACKAGE = __package__  # terrafm_kernels, or the name of a project's copy of the folder (also under -m)
 
 
 def cuobjdump() -> str:
@@ -308,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     for module in args.modules:  # checked before anything compiles (a --json problem used to surface at the end)
         if not re.fullmatch(r"[a-z_][a-z0-9_]*", module):
             parser.error(f"--modules {module!r} is not a module name; kernel modules: {', '.join(MODULES)}")
-        if module not in MODULES and importlib.util.find_spec(f"{PACKAGE}.{module}") is not None:
-            parser.error(f"--modules {module}: {PACKAGE}.{module} has no kernels; kernel modules: {', '.join(MODULES)}")
+        if module not in MODULES:  # a typo used to print "module missing" and exit 0
+            what = "has no kernels" if importlib.util.find_spec(f"{PACKAGE}.{module}") else "does not exist"
+            parser.error(f"--modules {module}: {PACKAGE}.{module} {what}; kernel modules: {', '.join(MODULES)}")
     if args.json:
         target = os.path.abspath(args.json)
         parent = os.path.dirname(target)

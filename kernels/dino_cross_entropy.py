@@ -38,6 +38,7 @@ from ._common import (
     hbm_bytes,
     interpreted,
     launch_kernel,
+    no_second_derivative,
     num_splits,
     pad,
     sm_count,
@@ -295,6 +296,7 @@ def _backward(ctx, grad_loss, *_grad_stats):
 
 
 _dino_ce_op.register_autograd(_backward, setup_context=_setup_context)
+no_second_derivative(_dino_ce_backward_op, "dino_cross_entropy")
 
 
 def _validate(student_logits, teacher_probs, student_temperature) -> None:

@@ -83,6 +83,7 @@ from ._common import (
     hbm_bytes,
     interpreted,
     launch_kernel,
+    no_second_derivative,
     pad,
     sm_count,
 )
@@ -504,6 +505,7 @@ def _backward(ctx, grad_loss, *_grad_rest):
 
 
 _head_loss_op.register_autograd(_backward, setup_context=_setup_context)
+no_second_derivative(_head_loss_backward_op, "dino_head_loss")
 
 
 def _weight_norm_operands(weight_v, weight_g, dtype):

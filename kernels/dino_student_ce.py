@@ -7,13 +7,15 @@ With Q = sum_t P[t] (R, K) and n = sum_k Q (R,):
     loss         = -sum_r w[r] sum_t P[t, r] . log_softmax(x[r] / tau)
                  =  sum_r w[r] (n[r] lse(x[r] / tau) - Q[r] . x[r] / tau)
     d loss / d x = w[r] (n[r] softmax(x[r] / tau) - Q[r]) / tau
+    d loss / d w = each row's loss (the targets are constant: teacher outputs)
 DINOv2's DINOLoss.forward is one call per student view with w = 1 / R (the mean over samples) and its
 T teacher views; iBOTPatchLoss.forward_masked is T = 1 and w = masks_weight / number of images.
 
 Kernel: programs over (row block, K split). Forward keeps an online logsumexp (log2 units), Q . x and
 n per row, summing the T targets in registers, and writes these four statistics per split; torch
 combines the splits (tiny, deterministic). Backward re-streams x and P and writes the gradient. The
-saved state is 3 floats per row: no (R, K) fp32 log-probabilities, products or gradients in fp32.
+saved state is 4 floats per row (3 for the logits' gradient, the row's loss for the weights'): no (R, K) fp32
+log-probabilities, products or gradients in fp32.
 
 Cost per call (e = bytes per student logit, targets fp32):
     forward  FLOPs ~ (8 + 2 T) R K,  minimum HBM bytes = R K e + 4 T R K
@@ -38,6 +40,7 @@ from ._common import (
     hbm_bytes,
     interpreted,
     launch_kernel,
+    no_second_derivative,
     num_splits,
     pad,
     sm_count,
@@ -138,7 +141,8 @@ def _launch_shape(student_logits: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _launch_forward(student_logits, targets, row_weight, student_temperature):
-    """(loss, row_max, log2_sum, coef): the scalar loss and what backward needs (3 floats per row)."""
+    """(loss, row_max, log2_sum, coef, rows_loss): the scalar loss, what the logits' gradient needs (3 floats per
+    row) and each row's unweighted loss (the row weights' gradient)."""
     R, K = student_logits.shape
     T = targets.shape[0]
     block_r, block_k, splits, per_split = _launch_shape(student_logits)
@@ -157,7 +161,7 @@ def _launch_forward(student_logits, targets, row_weight, student_temperature):
     qx, n = qx.sum(dim=-1), n.sum(dim=-1)
     rows_loss = (n * row_max - qx) / student_temperature + n * log2_sum * math.log(2.0)
     loss = (row_weight * rows_loss).sum()
-    return loss, row_max.contiguous(), log2_sum.contiguous(), torch.stack([row_weight, row_weight * n])
+    return loss, row_max.contiguous(), log2_sum.contiguous(), torch.stack([row_weight, row_weight * n]), rows_loss
 
 
 def _launch_backward(grad_loss, student_logits, targets, row_max, log2_sum, coef, student_temperature):
@@ -177,7 +181,8 @@ def _launch_backward(grad_loss, student_logits, targets, row_max, log2_sum, coef
 # second backward through them raises instead of treating the gradient as a constant.
 @torch.library.custom_op("terrafm::weighted_soft_cross_entropy", mutates_args=())
 def _student_ce_op(student_logits: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor,
-                   student_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   student_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor]:
     return _launch_forward(student_logits, targets, row_weight, student_temperature)
 
 
@@ -185,8 +190,8 @@ def _student_ce_op(student_logits: torch.Tensor, targets: torch.Tensor, row_weig
 def _(student_logits, targets, row_weight, student_temperature):
     R = student_logits.shape[0]
     new = student_logits.new_empty
-    return new((), dtype=torch.float32), new((R,), dtype=torch.float32), new((R,), dtype=torch.float32), new(
-        (2, R), dtype=torch.float32)
+    return (new((), dtype=torch.float32), new((R,), dtype=torch.float32), new((R,), dtype=torch.float32),
+            new((2, R), dtype=torch.float32), new((R,), dtype=torch.float32))
 
 
 @torch.library.custom_op("terrafm::weighted_soft_cross_entropy_backward", mutates_args=())
@@ -203,18 +208,22 @@ def _(grad_loss, student_logits, targets, row_max, log2_sum, coef, student_tempe
 
 def _setup_context(ctx, inputs, output):
     student_logits, targets, _row_weight, student_temperature = inputs
-    _, row_max, log2_sum, coef = output
-    ctx.save_for_backward(student_logits, targets, row_max, log2_sum, coef)
-    ctx.mark_non_differentiable(row_max, log2_sum, coef)
+    _, row_max, log2_sum, coef, rows_loss = output
+    ctx.save_for_backward(student_logits, targets, row_max, log2_sum, coef, rows_loss)
+    ctx.mark_non_differentiable(row_max, log2_sum, coef, rows_loss)
     ctx.student_temperature = student_temperature
 
 
 def _backward(ctx, grad_loss, *_grad_stats):
-    grad = _student_ce_backward_op(grad_loss, *ctx.saved_tensors, ctx.student_temperature)
-    return grad, None, None, None
+    """The logits' gradient from the kernel; the row weights' is each row's loss (the loss is linear in them)."""
+    *saved, rows_loss = ctx.saved_tensors
+    grad = _student_ce_backward_op(grad_loss, *saved, ctx.student_temperature) if ctx.needs_input_grad[0] else None
+    grad_row_weight = grad_loss.float() * rows_loss if ctx.needs_input_grad[2] else None
+    return grad, None, grad_row_weight, None
 
 
 _student_ce_op.register_autograd(_backward, setup_context=_setup_context)
+no_second_derivative(_student_ce_backward_op, "weighted_soft_cross_entropy")
 
 
 def _validate(student_logits, targets, row_weight, student_temperature) -> None:
@@ -235,13 +244,14 @@ def _validate(student_logits, targets, row_weight, student_temperature) -> None:
 
 def weighted_soft_cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor,
                                 student_temperature: float) -> torch.Tensor:
-    """Fused reference.weighted_soft_cross_entropy: scalar fp32 loss, differentiable in student_logits.
+    """Fused reference.weighted_soft_cross_entropy: scalar fp32 loss, differentiable in student_logits and
+    row_weight; the targets are constant (teacher outputs).
 
     student_logits (R, K) fp32/fp16/bf16; targets (T, R, K) teacher probabilities (fp32 from the teacher
     kernels); row_weight (R,); contiguous, one device.
     """
     _validate(student_logits, targets, row_weight, student_temperature)
-    return _student_ce_op(student_logits, targets.detach(), row_weight.detach().float().contiguous(),
+    return _student_ce_op(student_logits, targets.detach(), row_weight.float().contiguous(),
                           float(student_temperature))[0]
 
 

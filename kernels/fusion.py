@@ -58,6 +58,7 @@ from ._common import (
     hbm_bytes,
     interpreted,
     launch_kernel,
+    no_second_derivative,
 )
 
 MAX_MODALITIES = FUSION_MAX_MODALITIES
@@ -382,6 +383,7 @@ def _backward(ctx, grad_out, *_grad_saved):
 
 
 _fusion_op.register_autograd(_backward, setup_context=_setup_context)
+no_second_derivative(_fusion_backward_op, "cross_attention_fusion")
 
 
 def cross_attention_fusion(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, pool: torch.Tensor,

@@ -68,8 +68,7 @@ class PatchEmbed(torch.nn.Module):
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = torch.nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
-        self.cpu_impl = _cpu_impl(patch_embed, lambda x, w, b: _patch_embed_op.validate(x, w, b, None, None),
-                                  reference.patch_embed)
+        self.cpu_impl = _cpu_impl(patch_embed, _patch_embed_op.validate, reference.patch_embed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

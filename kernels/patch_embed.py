@@ -39,6 +39,7 @@ from ._common import (
     hbm_bytes,
     interpreted,
     launch_kernel,
+    no_second_derivative,
     pad,
 )
 from .gpus import GPUS
@@ -225,7 +226,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if torch.backends.cudnn.allow_tf32 else "ieee"
 
 
-def validate(x, weight, bias, modality_embed, pos_embed) -> None:
+def validate(x, weight, bias, modality_embed=None, pos_embed=None) -> None:
     """Raise a clear error for any input the kernel cannot take, before anything is launched.
 
     x and weight need not be contiguous (the launcher copies them)."""
@@ -359,6 +360,7 @@ def _backward(ctx, grad_out):
 
 
 _patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+no_second_derivative(_patch_embed_backward_op, "patch_embed")
 
 
 def patch_embed(
@@ -379,6 +381,7 @@ def patch_embed(
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias, modality_embed, pos_embed = (
             None if t is None else t.to(dtype) for t in (x, weight, bias, modality_embed, pos_embed))
+        check_interpreted_dot_dtype("x (as torch.autocast casts it)", x)  # cpu autocast's default is bf16
     return _patch_embed_op(x, weight, bias, modality_embed, pos_embed)
 
 

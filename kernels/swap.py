@@ -56,8 +56,10 @@ class PatchProjection(torch.nn.Conv2d):
         p = self.kernel_size[0]
         B, _, H, W = x.shape
         kernel_dtypes = _common.FLOAT_DTYPES if x.is_cuda else (torch.float32, torch.float16)  # interpreter: no bf16
+        autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+        run_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype  # cpu autocast's default: bf16
         if (H % p or W % p or not (x.is_cuda or self.kernel_on_cpu) or x.dtype != self.weight.dtype
-                or x.dtype not in kernel_dtypes):
+                or run_dtype not in kernel_dtypes):
             return F.conv2d(x, self.weight, self.bias, stride=self.stride)
         tokens = fused_patch_embed(x, self.weight, self.bias)  # (B, N, E)
         return tokens.transpose(1, 2).unflatten(2, (H // p, W // p))

@@ -81,6 +81,26 @@ def test_bf16_under_the_interpreter_is_refused_for_the_dot_kernels():
         head(torch.randn(4, 2, 16).bfloat16(), torch.randn(2, 2, 16).bfloat16(), torch.zeros(4), 0.04)
 
 
+@pytest.mark.skipif(not _common.INTERPRET, reason="checks the Triton interpreter (tests/conftest.py sets it)")
+def test_bf16_from_cpu_autocast_under_the_interpreter_is_refused():
+    """torch.autocast("cpu") casts to bf16 by default, after the input checks had passed the fp32 images: the
+    interpreted patch embedding then returned errors of ~6e10 instead of refusing, and accelerate_vit's
+    PatchProjection (which falls back to conv2d where the kernel cannot run) the same instead of falling back."""
+    from terrafm_kernels.modules import PatchEmbed
+    from terrafm_kernels.swap import PatchProjection
+
+    embed, x = PatchEmbed(32, 8, 3, 16), torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu"), pytest.raises(TypeError, match="bfloat16 under TRITON_INTERPRET=1"):
+        embed(x)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert embed(x).dtype == torch.float16
+    projection = PatchProjection.from_conv(embed.proj)
+    with torch.autocast("cpu"):
+        out, want = projection(x), embed.proj(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 16, 4, 4)
+    torch.testing.assert_close(out, want)
+
+
 def test_every_launch_runs_on_its_operands_device(monkeypatch):
     """Triton launches on the current CUDA device: operands on cuda:1 with cuda:0 current (a model spread over
     GPUs in one process) ran on the wrong GPU. Every kernel launches through _common.launch_kernel, which
@@ -113,3 +133,68 @@ def test_every_launch_runs_on_its_operands_device(monkeypatch):
     direct = [f"{p.name}: {m.group(0)}" for p in root.glob("*.py") if p.name != "_common.py"
               for m in re.finditer(r"\b_\w+_kernel\[", p.read_text())]
     assert direct == [], f"launch these through _common.launch_kernel: {direct}"
+
+
+def test_modules_on_the_reference_path_pickle(monkeypatch):
+    """Without the interpreter (a GPU machine, a laptop) every module kept a closure as its CPU implementation, so
+    torch.save(model) / pickle of a model holding one failed ("Can't pickle ... not the same object as
+    terrafm_kernels.reference.patch_embed"); DINOLoss(backend="torch") too."""
+    import io
+    import pickle
+
+    from terrafm_kernels import reference
+    from terrafm_kernels.dino import DINOLoss, iBOTPatchLoss
+    from terrafm_kernels.modules import (
+        CrossAttentionFusion,
+        DINOCrossEntropy,
+        DINOHeadLoss,
+        DualCenteringSoftmax,
+        PatchEmbed,
+    )
+
+    monkeypatch.setattr(_common, "INTERPRET", False)  # what the modules read when they are built
+    built = [PatchEmbed(16, 8, 3, 8), CrossAttentionFusion(8, 2, 2), DualCenteringSoftmax(8), DINOCrossEntropy(0.1),
+             DINOHeadLoss(8, 16), DINOLoss(8, backend="torch"), iBOTPatchLoss(8, backend="torch")]
+    buffer = io.BytesIO()
+    torch.save(built, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert [type(m) for m in loaded] == [type(m) for m in built]
+    embed = pickle.loads(pickle.dumps(built[0]))
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(embed(x), reference.patch_embed(x, embed.proj.weight, embed.proj.bias))
+    with pytest.raises(ValueError, match="x has 4 channels but weight expects C=3"):
+        embed(torch.randn(2, 4, 16, 16))  # still behind the kernel's checks
+
+
+LIFTED_SCRIPT = r"""
+import builtins, importlib, sys
+real_import = builtins.__import__
+def guarded(name, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0 and name.split(".")[0] in ("terrafm", "terrafm_kernels", "kernels"):
+        raise ImportError(f"the lifted package imported {name}")
+    return real_import(name, globals, locals, fromlist, level)
+builtins.__import__ = guarded
+import torch
+for module in ("modules", "dino", "swap", "reference", "compile_report", "gpus"):
+    importlib.import_module(f"vendored_kernels.{module}")
+from vendored_kernels.compile_report import PACKAGE
+from vendored_kernels.modules import PatchEmbed
+assert PACKAGE == "vendored_kernels", PACKAGE
+assert PatchEmbed(8, 4, 3, 5)(torch.randn(1, 3, 8, 8)).shape == (1, 4, 5)
+print("ok")
+"""
+
+
+def test_the_folder_lifted_into_another_project_imports_nothing_of_terrafm(tmp_path):
+    """The package promises relative imports, so the folder can be copied into another project under another name:
+    compile_report imported terrafm_kernels.gpus absolutely (an ImportError without terrafm installed) and looked
+    its op modules up under terrafm_kernels."""
+    import pathlib
+    import shutil
+
+    shutil.copytree(pathlib.Path(_common.__file__).parent, tmp_path / "vendored_kernels")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", LIFTED_SCRIPT], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

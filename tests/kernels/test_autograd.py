@@ -1,0 +1,125 @@
+"""The autograd contract of every public kernel function, checked against the reference (the spec).
+
+Runs the kernels under TRITON_INTERPRET=1 on CPU (conftest) or compiled on CUDA; small shapes.
+"""
+
+import pytest
+import torch
+
+from terrafm_kernels import reference
+from terrafm_kernels.dino_cross_entropy import dino_cross_entropy
+from terrafm_kernels.dino_head_loss import dino_head_loss
+from terrafm_kernels.dino_student_ce import weighted_soft_cross_entropy
+from terrafm_kernels.fusion import cross_attention_fusion
+from terrafm_kernels.patch_embed import patch_embed
+
+
+def _randn(*shape, device):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))).to(device)
+
+
+def _losses(device):
+    """name -> (the fused function's loss of a leaf x, x): every op with a backward."""
+    x4, w4, b = _randn(2, 3, 8, 8, device=device), _randn(5, 3, 4, 4, device=device), _randn(5, device=device)
+    keys, queries, pool = _randn(3, 2, 8, device=device), _randn(2, 8, device=device), _randn(8, device=device)
+    logits, probs = _randn(3, 2, 10, device=device), torch.softmax(_randn(2, 2, 10, device=device), -1)
+    feats, teacher = _randn(3, 2, 8, device=device), _randn(2, 2, 8, device=device)
+    weight_v = _randn(12, 8, device=device)
+    zeros, row_weight = torch.zeros(12, device=device), torch.tensor([0.3, 0.7], device=device)
+    return {
+        "patch_embed": (lambda x: patch_embed(x, w4, b).pow(2).sum(), x4),
+        "cross_attention_fusion": (lambda x: cross_attention_fusion(x, keys, queries, pool, 2).pow(2).sum(), keys),
+        "dino_cross_entropy": (lambda x: dino_cross_entropy(x, probs, 0.1), logits),
+        "dino_head_loss": (lambda x: dino_head_loss(x, teacher, weight_v, zeros, zeros, torch.zeros(4, device=device),
+                                                    0.05, 0.1, 0.8)[0], feats),
+        "weighted_soft_cross_entropy": (lambda x: weighted_soft_cross_entropy(x[0], probs, row_weight, 0.1), logits),
+    }
+
+
+@pytest.mark.parametrize("name", ["patch_embed", "cross_attention_fusion", "dino_cross_entropy", "dino_head_loss",
+                                  "weighted_soft_cross_entropy"])
+def test_a_second_backward_is_refused_by_name(device, name):
+    """create_graph=True then a backward through the gradient (a gradient penalty): torch's own error said "no
+    autograd formula was registered. Please use register_autograd to add one", which reads as a bug to fix in the
+    library. It names the op, says why, and points to the reference (which exists); the first-order gradient is the
+    one a plain backward gives."""
+    loss_of, x = _losses(device)[name]
+    x = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(loss_of(x), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"{name}: the fused kernel's gradient is not differentiable again"):
+        grad.pow(2).sum().backward()
+    x_plain = x.detach().clone().requires_grad_()
+    (plain,) = torch.autograd.grad(loss_of(x_plain), x_plain)
+    torch.testing.assert_close(grad.detach(), plain)
+    assert hasattr(reference, name)
+
+
+@pytest.mark.parametrize("logits_grad", [True, False])
+def test_row_weights_get_the_reference_gradient(device, logits_grad):
+    """The loss is linear in the row weights and the reference differentiates it there; the fused function detached
+    them, so weights that require grad (learned, or DINOv2's masks_weight from a graph) silently got none."""
+    R, K = 5, 13
+    logits, row_weight = _randn(R, K, device=device), _randn(R, device=device).abs().half()
+    targets = torch.softmax(_randn(2, R, K, device=device), -1)
+    x, w = logits.clone().requires_grad_(logits_grad), row_weight.clone().requires_grad_()
+    weighted_soft_cross_entropy(x, targets, w, 0.1).backward()
+    x64, w64 = logits.double().requires_grad_(logits_grad), row_weight.double().requires_grad_()
+    reference.weighted_soft_cross_entropy(x64, targets.double(), w64, 0.1).backward()
+    assert w.grad.dtype == torch.float16
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=2e-3, atol=1e-3)
+    if logits_grad:
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+    else:
+        assert x.grad is None
+
+
+def test_a_temperature_schedule_compiles_fullgraph(device):
+    """DINO warms the teacher temperature up step by step. From the second value on torch.compile traces it as a
+    symbolic float, and the temperature check's math.isfinite broke the graph: torch.compile(fullgraph=True) of a
+    step raised on the second temperature, for every op that takes one. Each step still equals eager."""
+    from terrafm_kernels.dino import DINOLoss
+    from terrafm_kernels.modules import DINOHeadLoss, DualCenteringSoftmax
+
+    torch._dynamo.reset()
+    logits, high = _randn(4, 10, device=device), torch.rand(4).to(device)
+    student, probs = _randn(3, 2, 10, device=device), torch.softmax(_randn(2, 2, 10, device=device), -1)
+    centering, dino = DualCenteringSoftmax(10).to(device), DINOLoss(10).to(device)
+    head = DINOHeadLoss(8, 12).to(device)
+    feats, teacher = _randn(3, 2, 8, device=device), _randn(2, 2, 8, device=device)
+
+    def step(temperature):
+        return (centering(logits, high, temperature)[0].sum() + dino_cross_entropy(student, probs, temperature)
+                + dino([logits], [dino.softmax_center_teacher(logits, temperature)])
+                + dino.sinkhorn_knopp_teacher(logits, temperature).sum()
+                + head(feats, teacher, torch.zeros(4, device=device), temperature)[0])
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for temperature in (0.04, 0.05, 0.06):
+        torch.testing.assert_close(compiled(temperature), step(temperature))
+
+
+def test_a_model_holding_the_modules_compiles_fullgraph_with_eager_gradients(device):
+    """The README's promise for the nn.Module drop-ins: torch.compile(fullgraph=True) of a model containing them
+    traces the custom ops (forward and backward) without a graph break, with eager's outputs and gradients."""
+    from terrafm_kernels.modules import CrossAttentionFusion, PatchEmbed
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = PatchEmbed(8, 4, 3, 8)
+            self.fusion = CrossAttentionFusion(8, 2, 2)
+
+        def forward(self, x):
+            tokens = self.embed(x)  # (B, 4, 8): fuse the first two patches of each image as two "modalities"
+            return self.fusion(tokens[:, :2].contiguous(), tokens[:, 2:].contiguous())
+
+    torch._dynamo.reset()
+    model, x = Tiny().to(device), _randn(2, 3, 8, 8, device=device)
+    grads = []
+    for run in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        model.zero_grad()
+        out = run(x)
+        out.pow(2).sum().backward()
+        grads.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
+    for eager, compiled in zip(*grads, strict=True):
+        torch.testing.assert_close(compiled, eager)
