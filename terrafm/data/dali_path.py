@@ -3,7 +3,7 @@
 One pipeline per modality (a DALI batch has one dtype and band count); a DALI sample is one record, so each tile
 is decoded once and cut into every view of the batch:
 
-    host    ShardSet.chunks: zero-copy uint8 views of the memory-mapped .bin, only the configured bands
+    host    ShardSet.chunks: the record's chunk bytes, read from the .bin; only the configured bands are fed
             -> external_source (DALI copies them into its pinned staging buffers)
     CUDA    .gpu(): the stored bytes (LZ4-compressed or raw) are what crosses PCIe
             decode: fn.decoders.inflate (GPU LZ4, chunk offsets/sizes, shape (T, T), storage dtype) when the op

@@ -10,9 +10,15 @@ other products) and counted in the summary and in index.json; a run that writes 
 """
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import os
 import sys
+import threading
+import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -274,57 +280,91 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
         raise BadInput(f"no products of {list(modalities)} found under {[str(i) for i in inputs]}"
                        + _what_was_found(products, metadata, inputs))
     out.mkdir(parents=True, exist_ok=True)
-    opts = {"tile_size": tile_size, "codec": codec, "modalities": list(modalities), "skip_bad": skip_bad,
-            "s1_scaling": s1_scaling}
-    # skip_bad is not part of what a shard holds (a finished shard lists its skips), so a re-run that adds
-    # --skip-bad after a stop on bad input resumes the shards already written
-    stamps = {}
-    fps = [_job_fingerprint(job, {k: v for k, v in opts.items() if k != "skip_bad"}, stamps) for job in jobs]
-    names = {shards.shard_name(i) for i in range(len(jobs))}
-    stale = sorted({p.name.split(".")[0] for p in out.glob("part-*.*")} - names)  # a shard index.json would miss
-    if stale:
-        raise BadInput(f"{out} holds {', '.join(stale)} beyond the {len(jobs)} shards of this conversion, written by "
-                       "a different conversion (other inputs or options); use an empty --out directory")
-    pending, resumed, rewritten, redone = [], 0, 0, 0
-    for i, fp in enumerate(fps):
-        found = shards.finished_fingerprint(out, i)  # None also when the .bin is shorter than its .npz says
-        if found == fp:
-            resumed += 1
-        elif found is None:
-            rewritten += (out / f"{shards.shard_name(i)}.npz").exists()
-            pending.append(i)
-        elif ":" not in found:  # terrafm before the two-part fingerprint: cannot tell a resume from another run
-            raise BadInput(f"{out}/{shards.shard_name(i)}.npz was written by an earlier terrafm, whose shards "
-                           "cannot be checked against these inputs; use an empty --out directory (or delete "
-                           "its part-* files and index.json to redo them here)")
-        elif found.split(":")[0] == fp.split(":")[0]:  # same cells and options, a source file changed since
-            redone += 1
-            pending.append(i)
+    with _only_writer(out):  # this process alone writes `out`
+        opts = {"tile_size": tile_size, "codec": codec, "modalities": list(modalities), "skip_bad": skip_bad,
+                "s1_scaling": s1_scaling}
+        # skip_bad is not part of what a shard holds (a finished shard lists its skips), so a re-run that adds
+        # --skip-bad after a stop on bad input resumes the shards already written
+        stamps = {}
+        fps = [_job_fingerprint(job, {k: v for k, v in opts.items() if k != "skip_bad"}, stamps) for job in jobs]
+        names = {shards.shard_name(i) for i in range(len(jobs))}
+        stale = sorted({p.name.split(".")[0] for p in out.glob("part-*.*")} - names)  # a shard index.json would miss
+        if stale:
+            raise BadInput(f"{out} holds {', '.join(stale)} beyond the {len(jobs)} shards of this conversion, written "
+                           "by a different conversion (other inputs or options); use an empty --out directory")
+        pending, resumed, rewritten, redone = [], 0, 0, 0
+        for i, fp in enumerate(fps):
+            found = shards.finished_fingerprint(out, i)  # None also when the .bin is shorter than its .npz says
+            if found == fp:
+                resumed += 1
+            elif found is None:
+                rewritten += (out / f"{shards.shard_name(i)}.npz").exists()
+                pending.append(i)
+            elif ":" not in found:  # terrafm before the two-part fingerprint: cannot tell a resume from another run
+                raise BadInput(f"{out}/{shards.shard_name(i)}.npz was written by an earlier terrafm, whose shards "
+                               "cannot be checked against these inputs; use an empty --out directory (or delete "
+                               "its part-* files and index.json to redo them here)")
+            elif found.split(":")[0] == fp.split(":")[0]:  # same cells and options, a source file changed since
+                redone += 1
+                pending.append(i)
+            else:
+                raise BadInput(f"{out}/{shards.shard_name(i)}.npz was written by a different conversion "
+                               "(other inputs or options); use an empty --out directory")
+        for path, rows, size in sources.large_row_groups({p.source for i in pending for cell in jobs[i] for p in cell
+                                                          if p.row >= 0}):
+            print(f"terrafm prepare: warning: {path} has row groups of up to {rows} products ({size / 2**30:.1f} GiB "
+                  "of band data); each worker holds one such group in memory (--workers lowers it). Major-TOM writes "
+                  "one product per row group: pyarrow.parquet.write_table(table, path, row_group_size=1)",
+                  file=sys.stderr)
+        bar = tqdm(total=len(jobs), initial=resumed, desc="terrafm prepare", unit="shard", disable=not progress)
+        if workers == 0 or len(pending) <= 1:
+            for i in pending:
+                run_job(i, jobs[i], str(out), opts, fps[i])
+                bar.update()
         else:
-            raise BadInput(f"{out}/{shards.shard_name(i)}.npz was written by a different conversion "
-                           "(other inputs or options); use an empty --out directory")
-    for path, rows, size in sources.large_row_groups({p.source for i in pending for cell in jobs[i] for p in cell
-                                                      if p.row >= 0}):
-        print(f"terrafm prepare: warning: {path} has row groups of up to {rows} products ({size / 2**30:.1f} GiB of "
-              "band data); each worker holds one such group in memory (--workers lowers it). Major-TOM writes one "
-              "product per row group: pyarrow.parquet.write_table(table, path, row_group_size=1)", file=sys.stderr)
-    bar = tqdm(total=len(jobs), initial=resumed, desc="terrafm prepare", unit="shard", disable=not progress)
-    if workers == 0 or len(pending) <= 1:
-        for i in pending:
-            run_job(i, jobs[i], str(out), opts, fps[i])
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(run_job, i, jobs[i], str(out), opts, fps[i]) for i in pending]
-            try:
-                for f in as_completed(futures):
-                    f.result()
-                    bar.update()
-            except BaseException:  # stop at the first error: the queued jobs are not started, running ones finish
-                pool.shutdown(cancel_futures=True)
-                raise
-    bar.close()
-    return _write_index(out, jobs, opts, unknown, (resumed, rewritten, redone), [str(i) for i in inputs], metadata)
+            with ProcessPoolExecutor(max_workers=workers, initializer=_exit_with_parent) as pool:
+                futures = [pool.submit(run_job, i, jobs[i], str(out), opts, fps[i]) for i in pending]
+                try:
+                    for f in as_completed(futures):
+                        f.result()
+                        bar.update()
+                except BaseException:  # stop at the first error: the queued jobs are not started, running ones finish
+                    pool.shutdown(cancel_futures=True)
+                    raise
+        bar.close()
+        return _write_index(out, jobs, opts, unknown, (resumed, rewritten, redone), [str(i) for i in inputs], metadata)
+
+
+@contextlib.contextmanager
+def _only_writer(out: Path):
+    """Hold an exclusive lock on the --out folder while converting into it: two runs into one folder (a re-run while
+    the first still runs, two jobs of an array) write the same part-*.tmp files and can leave a shard whose .bin
+    mixes both. Best effort: a file system without locks (Lustre mounted without flock) runs unguarded."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(f"another `terrafm prepare` is writing into {out}; wait for it to finish (or end it) and "
+                           "run this command again, or use another --out") from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def _exit_with_parent() -> None:
+    """Worker initializer: end this worker when the process that started it is gone (kill -9, the out-of-memory
+    killer), instead of converting the jobs queued for it into a folder a re-run now writes, then waiting forever."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="terrafm-prepare-parent-watch").start()
 
 
 def _write_index(out: Path, jobs: list, opts: dict, unknown: list, reruns: tuple[int, int, int],
@@ -411,7 +451,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"terrafm prepare: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"terrafm prepare: cannot write {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        print(f"terrafm prepare: cannot write {err.filename or args.out}: {err.strerror or err}"
+              + (f"; free space there and run the same command: it keeps the finished shards in "
+                 f"{args.out} and resumes from them" if full else ""), file=sys.stderr)
         return 2
     except (MemoryError, BrokenProcessPool) as err:
         what = ("ran out of memory" if isinstance(err, MemoryError) else

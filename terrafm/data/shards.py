@@ -21,18 +21,19 @@ part files on disk (record counts, .bin sizes, parts missing from the index) bef
 
 import json
 import math
-import mmap
 import os
+import threading
 import warnings
 import zipfile
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from terrafm.data.landcover import NUM_CLASSES, WORLDCOVER_NAMES, WORLDCOVER_VALUES
-from terrafm.fileio import atomic_write, atomic_write_bytes, publish
+from terrafm.fileio import atomic_write_bytes, publish
 from terrafm.modalities import MODALITIES, REFERENCE_STATS, S1_SCALINGS
 
 FORMAT = "terrafm-shards"
@@ -48,6 +49,11 @@ def _lz4():
     except ImportError as err:
         raise RuntimeError("lz4-compressed shards need the lz4 package (pip install lz4)") from err
     return lz4.block
+
+
+CHANGED_HINT = "a copy over a folder in use? Re-run `terrafm prepare` into a new folder"
+OPEN_BINS = 64  # .bin files a ShardSet keeps open: one per shard would pass the open-file limit on a big set, an open
+#                 per read would load the metadata servers of a cluster file system
 
 
 class ShardError(RuntimeError):
@@ -131,8 +137,10 @@ class ShardWriter:
             self.stem.with_suffix(".npz.tmp").unlink(missing_ok=True)
 
     def close(self) -> Path:
+        """Write the .npz beside the .bin as temporary files, then publish both, .npz last. Both are written first, so
+        a full disk leaves no .bin without its index; a shard being redone loses its old .npz first, so no crash
+        leaves the new .bin beside the old index as if finished."""
         self._file.close()
-        publish(self._tmp_bin, self.stem.with_suffix(".bin"))
         n = len(self.keys)
         arrays = {"keys": np.asarray(self.keys, dtype=str),
                   "class_counts": np.asarray(self.class_counts, np.int64).reshape(n, NUM_CLASSES),
@@ -147,11 +155,13 @@ class ShardWriter:
             arrays[f"{m}.count"], arrays[f"{m}.nodata"] = self._count[m], self._nodata[m]
             arrays[f"{m}.empty_tiles"] = np.asarray(self.empty_tiles[m], np.int64)
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # a file object: given a name, np.savez would append ".npz" to it
-                np.savez(f, **arrays)
-
-        return atomic_write(self.stem.with_suffix(".npz"), write)
+        tmp_npz = self.stem.with_suffix(".npz.tmp")
+        with open(tmp_npz, "wb") as f:  # a file object: given a name, np.savez would append ".npz" to it
+            np.savez(f, **arrays)
+        self.stem.with_suffix(".npz").unlink(missing_ok=True)
+        publish(self._tmp_bin, self.stem.with_suffix(".bin"))
+        publish(tmp_npz, self.stem.with_suffix(".npz"))
+        return self.stem.with_suffix(".npz")
 
 
 def payload_end(z) -> int:
@@ -186,7 +196,7 @@ class ModalityInfo:
 
 
 class ShardSet:
-    """Read side of a shard directory: index arrays for all records and zero-copy / decoded tile reads."""
+    """Read side of a shard directory: index arrays for all records and tile reads (raw or decoded)."""
 
     def __init__(self, shard_dir: str | Path, verify_checksums: bool = True, allow_index_mismatch: bool = False):
         self.root = Path(shard_dir)
@@ -229,7 +239,9 @@ class ShardSet:
         self.nbytes = {m: np.concatenate([p[f"{m}.nbytes"] for p in parts]) for m in self.modalities}
         self.crc32 = {m: np.concatenate([p[f"{m}.crc32"] for p in parts]) for m in self.modalities}
         self._bin_names = [self.root / f"{s['name']}.bin" for s in self.meta["shards"]]
-        self._maps: dict[int, mmap.mmap] = {}
+        self._bin_stat: dict[int, tuple] = {}  # shard -> (device, inode, size, mtime_ns) at its first read
+        self._bins: OrderedDict[int, list] = OrderedDict()  # shard -> [fd, readers, evicted], least recent first
+        self._bins_lock = threading.Lock()
         self._verified = {m: np.zeros(len(self), bool) for m in self.modalities}
 
     def _open_part(self, entry: dict) -> dict[str, np.ndarray]:
@@ -351,32 +363,72 @@ class ShardSet:
     def has(self, i: int, modality: str) -> bool:
         return modality in self.offset and bool(self.offset[modality][i, 0] >= 0)
 
-    def _map(self, shard: int) -> mmap.mmap:
-        """A shard's .bin, mapped when first read: checked again then, since a run may read it hours after the
-        shards were opened (a deleted, unreadable or shortened file was a traceback, or a bus error)."""
-        if shard not in self._maps:
-            path, needed = self._bin_names[shard], self._bin_needed[shard]
-            try:
-                with open(path, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    if size < needed:
-                        raise ShardError(f"{path} has {size} bytes, its chunks need {needed}: it changed after the "
-                                         "run opened the shards (a copy over a folder in use?); re-run "
-                                         "`terrafm prepare` into a new folder")
-                    self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError) as err:
-                raise ShardError(f"cannot read {path} ({getattr(err, 'strerror', None) or err}); it was readable "
-                                 "when the run opened the shards") from err
-        return self._maps[shard]
+    def _read(self, i: int, modality: str) -> np.ndarray:
+        """The bytes of record i's `modality` chunks (their contiguous span), read from its .bin.
 
-    def _verify(self, i: int, modality: str) -> None:
-        """crc32 of every chunk of record i's `modality`, once per process."""
+        Read, not memory-mapped: a mapped file truncated or rewritten in place under a run (a copy over a folder in
+        use), or an I/O error of a network file system, killed the process with SIGBUS; a read comes back short or
+        raises instead. It costs more host time than a copy out of a mapping (docs/bench.md, data paths). The file's
+        identity, size and mtime must stay what they were at the run's first read of it (maybe hours after the shards
+        were opened)."""
+        shard = int(self.shard_of[i])
+        path, needed = self._bin_names[shard], self._bin_needed[shard]
+        off, nb = self.offset[modality][i], self.nbytes[modality][i]
+        start, end = int(off.min()), int((off + nb).max())
+        buf = np.empty(end - start, np.uint8)
+        view, pos = memoryview(buf), start
+        try:
+            entry = self._open_bin(shard)
+            try:
+                while pos < end and (got := os.preadv(entry[0], [view[pos - start:]], pos)):
+                    pos += got
+                st = os.fstat(entry[0])
+            finally:
+                self._close_bin(entry)
+        except OSError as err:
+            raise ShardError(f"cannot read {path} ({err.strerror or err}); it was readable when the run opened the "
+                             "shards") from err
+        if st.st_size < needed:
+            raise ShardError(f"{path} has {st.st_size} bytes, its chunks need {needed}: it changed after the run "
+                             f"opened the shards ({CHANGED_HINT})")
+        seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        first = self._bin_stat.setdefault(shard, seen)
+        if pos < end or seen != first:
+            what = "replaced by another file" if seen[:2] != first[:2] else f"modified (now {st.st_size} bytes)"
+            raise ShardError(f"{path} was {what} after the run first read it; record {i} ({self.keys[i]}) is bytes "
+                             f"{start}-{end} ({CHANGED_HINT})")
+        return buf
+
+    def _open_bin(self, shard: int) -> list:
+        """[descriptor, readers, evicted] of a shard's .bin for one read: OPEN_BINS stay open, the least recently read
+        is closed once no read uses it."""
+        with self._bins_lock:
+            entry = self._bins.pop(shard, None) or [os.open(self._bin_names[shard], os.O_RDONLY), 0, False]
+            entry[1] += 1
+            self._bins[shard] = entry
+            while len(self._bins) > OPEN_BINS:
+                old = self._bins.popitem(last=False)[1]
+                old[2] = True
+                if old[1] == 0:
+                    os.close(old[0])
+            return entry
+
+    def _close_bin(self, entry: list) -> None:
+        with self._bins_lock:
+            entry[1] -= 1
+            if entry[2] and entry[1] == 0:
+                os.close(entry[0])
+
+    def __del__(self):
+        for fd, _, _ in getattr(self, "_bins", {}).values():
+            os.close(fd)
+
+    def _verify(self, i: int, modality: str, data: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> None:
+        """crc32 of every chunk of record i's `modality` (read as `data`), once per process."""
         if not self.verify_checksums or self._verified[modality][i]:
             return
-        buf = self._map(int(self.shard_of[i]))
-        off, nb = self.offset[modality][i], self.nbytes[modality][i]
-        for b in range(len(off)):
-            got = zlib.crc32(memoryview(buf)[off[b]:off[b] + nb[b]])
+        for b, (o, n) in enumerate(zip(offsets, sizes, strict=True)):
+            got = zlib.crc32(data[o:o + n])
             if got != self.crc32[modality][i, b]:
                 raise ChecksumError(
                     f"{self._bin_names[self.shard_of[i]]}: record {i} ({self.keys[i]}) {modality} band "
@@ -387,22 +439,22 @@ class ShardSet:
     def chunks(self, i: int, modality: str, band_index: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """The stored chunks of record i's `modality` bands `band_index` (default all), as DALI's inflate takes them.
 
-        Returns (data, offsets, sizes): data a zero-copy uint8 view of the record's contiguous chunk span in
-        the memory map, offsets / sizes (C,) int32 of each chunk in `data`, in band_index order. Decoded,
+        Returns (data, offsets, sizes): data a uint8 array of the record's contiguous chunk span (one read of the
+        .bin), offsets / sizes (C,) int32 of each chunk in `data`, in band_index order. Decoded,
         chunk k is a C-order (T, T) array of the modality's storage dtype (raw: the bytes themselves; lz4:
         one LZ4 block without size prefix or frame, what nvCOMP's batched LZ4 decodes).
         """
         if not self.has(i, modality):
             raise KeyError(f"record {i} ({self.keys[i]}) has no {modality!r} tile")
-        self._verify(i, modality)
+        data = self._read(i, modality)
         off, nb = self.offset[modality][i], self.nbytes[modality][i]
+        offsets = off - int(off.min())
+        self._verify(i, modality, data, offsets, nb)
         band_index = np.arange(len(off)) if band_index is None else np.asarray(band_index)
-        start, end = int(off.min()), int((off + nb).max())
-        data = np.frombuffer(self._map(int(self.shard_of[i])), np.uint8, count=end - start, offset=start)
-        return data, (off[band_index] - start).astype(np.int32), nb[band_index].astype(np.int32)
+        return data, offsets[band_index].astype(np.int32), nb[band_index].astype(np.int32)
 
     def tile(self, i: int, modality: str) -> np.ndarray:
-        """(C, T, T) tile of record i in its storage dtype (uint16 / float16); zero-copy when raw."""
+        """(C, T, T) tile of record i in its storage dtype (uint16 / float16)."""
         data, offsets, sizes = self.chunks(i, modality)
         dtype = np.dtype(self.modalities[modality].dtype)
         c, t = len(offsets), self.tile_size

@@ -8,10 +8,9 @@ by pixel replication. A parquet file with the metadata columns but no band colum
 metadata.parquet) is metadata, not data, wherever it sits.
 
 Nodata: S2 pixels at 0, S1 pixels that are NaN/inf or at a fill value <= S1_FILL_MAX (-32768, -9999) or
->= HUGE_FILL_MIN (float32's max), and pixels
-at a GeoTIFF's own GDAL_NODATA value are masked per band: they carry the modality's reference mean
-(modalities.REFERENCE_STATS, in the stored scaling), so they normalise to about 0, and they are left out of the
-normalisation statistics.
+>= HUGE_FILL_MIN (float32's max), and pixels at a GeoTIFF's own GDAL_NODATA value or outside its internal mask
+are masked per band: they carry the modality's reference mean (modalities.REFERENCE_STATS, in the stored scaling), so
+they normalise to about 0, and they are left out of the normalisation statistics.
 """
 
 import io
@@ -40,6 +39,7 @@ NOT_IN_CELL = ("product folder is not inside a grid cell folder such as 433U_120
                "<row>/<grid_cell>/<product_id>/<band>.tif), so its place is unknown")
 MODEL_PIXEL_SCALE = 33550  # GeoTIFF ModelPixelScaleTag: (x, y, z) size of a pixel in the CRS's units
 GDAL_NODATA = 42113  # TIFF tag (ASCII) of GDAL's per-file nodata value
+MASK_SUBFILETYPE = 4  # NewSubfileType of a mask page (GDAL's internal nodata mask)
 S1_FILL_MAX = -9999.0  # S1 values at or below this are fill (Major-TOM / RTC products use -32768 or -9999)
 HUGE_FILL_MIN = 1e20  # float values at or above this are fill (float32's max, netCDF's default 9.97e36): no
 #                       reflectance or backscatter comes near it
@@ -297,13 +297,14 @@ class ParquetRows:
 
 
 def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
-    """One band's 2-D array; pixels at the GeoTIFF's own nodata value (GDAL_NODATA tag) are set to the modality's
-    nodata (S2 and WorldCover 0, S1 NaN), so a file that declares another fill is masked like Major-TOM's."""
+    """One band's 2-D array; pixels at the GeoTIFF's own nodata value (GDAL_NODATA tag) or outside its internal mask
+    are set to the modality's nodata (S2 and WorldCover 0, S1 NaN), so a file that declares another fill is masked like
+    Major-TOM's."""
     if not isinstance(data, bytes):
         raise BadInput(f"{product.where}: band {band} holds {type(data).__name__}, expected GeoTIFF bytes (a binary "
                        "column as Major-TOM writes)")
     try:
-        array, nodata, pixel_m = read_tiff(io.BytesIO(data))
+        array, nodata, pixel_m, mask = read_tiff(io.BytesIO(data))
     except MemoryError:  # this machine's limit, not the file's fault: never a skipped "corrupt" product
         raise
     except Exception as err:
@@ -324,7 +325,8 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
         raise BadInput(f"{product.where}: band {band} has {pixel_m:g} m pixels (its GeoTIFF's ModelPixelScale) where "
                        f"the band's native resolution is {native} m: the product was resampled to a coarser grid "
                        "(e.g. Sen2Cor's R20m / R60m folder); give each band at its native resolution or finer")
-    return _apply_nodata_tag(array, nodata, product.modality)
+    array = _apply_nodata_tag(array, nodata, product.modality)
+    return array if mask is None else _set_nodata(array, mask, product.modality)
 
 
 def other_format(data: bytes) -> str | None:
@@ -333,9 +335,25 @@ def other_format(data: bytes) -> str | None:
     return format_from_magic(data, expected="a TIFF image") if data else "empty (0 bytes)"
 
 
-def read_tiff(source) -> tuple[np.ndarray, float | None, float | None]:
-    """(array, declared nodata or None, pixel size in metres or None) of a GeoTIFF path or file object."""
-    return _read_tiff(source, lambda tif: (tif.asarray(), tiff_nodata(tif), tiff_pixel_m(tif)))
+def read_tiff(source) -> tuple[np.ndarray, float | None, float | None, np.ndarray | None]:
+    """(array, declared nodata or None, pixel size in metres or None, internal nodata mask or None) of a GeoTIFF path
+    or file object."""
+    def read(tif: tifffile.TiffFile) -> tuple:
+        image, mask = tiff_image(tif)
+        return image, tiff_nodata(tif), tiff_pixel_m(tif), mask
+
+    return _read_tiff(source, read)
+
+
+def tiff_image(tif: tifffile.TiffFile) -> tuple[np.ndarray, np.ndarray | None]:
+    """(image, nodata mask or None) of a GeoTIFF. GDAL's internal mask (a page of NewSubfileType 4 the image's size,
+    1 or 8 bit, 0 where the image has no data) gives the mask, True at nodata; tifffile would stack an 8-bit one into
+    an 8-bit image as a second band, so with a mask the image is the first page, where GDAL writes it."""
+    first = tif.pages.first
+    size = (first.imagelength, first.imagewidth)
+    mask = next((page for page in tif.pages[1:] if int(page.subfiletype) == MASK_SUBFILETYPE
+                 and (page.imagelength, page.imagewidth) == size), None)
+    return (tif.asarray(), None) if mask is None else (first.asarray(), mask.asarray() == 0)
 
 
 def read_tiff_layout(source) -> tuple[np.ndarray, float | None, bool | None]:
@@ -343,13 +361,21 @@ def read_tiff_layout(source) -> tuple[np.ndarray, float | None, bool | None]:
     file interleaves several samples per pixel (PlanarConfiguration contig, as GDAL writes a multi-band GeoTIFF):
     the array is (H, W, C) whatever the sizes; False for separate sample planes, (C, H, W); None for a stack of
     single-sample pages, whose first axis is the pages (bands in a multi-page GeoTIFF, but rows when a (H, W, C)
-    array was written naively: the caller decides). tifffile logs a warning per damaged tag as it
+    array was written naively: the caller decides). Pixels outside GDAL's internal mask (tiff_image) are NaN, in
+    float32. tifffile logs a warning per damaged tag as it
     reads; they are silenced here, so that a bad file prints the one message its reader raises. A file whose
     structure tifffile trips over (a header cut short: struct.error; an IFD offset past the end: IndexError) is a
     ValueError, like its other malformed files."""
     def layout(tif: tifffile.TiffFile) -> tuple[np.ndarray, float | None, bool | None]:
-        array, axes = tif.asarray(), tif.series[0].axes
+        array, mask = tiff_image(tif)
+        axes = tif.series[0].axes if mask is None else tif.pages.first.axes
         samples_last = None if array.ndim != 3 or "S" not in axes else axes.endswith("S")
+        if mask is not None:
+            array = array.astype(np.float32)
+            if samples_last is False:
+                array[:, mask] = np.nan
+            else:
+                array[mask] = np.nan  # (H, W) or (H, W, C)
         return array, tiff_nodata(tif), samples_last
 
     return _read_tiff(source, layout)
@@ -399,14 +425,19 @@ def tiff_pixel_m(tif: tifffile.TiffFile) -> float | None:
 def _apply_nodata_tag(array: np.ndarray, value: float | None, modality: str) -> np.ndarray:
     if value is None:
         return array
-    if array.dtype.kind == "f":
-        return np.where(array == value, np.nan, array).astype(array.dtype) if modality == "s1" else array
-    if modality == "s1" or array.dtype.kind not in "ui" or value != round(value):
-        return array  # the dtype check names a wrong-dtype band
-    info = np.iinfo(array.dtype)
-    if not info.min <= value <= info.max:
-        return array  # a fill this dtype cannot hold marks no pixel
-    return np.where(array == int(value), 0, array).astype(array.dtype)
+    if array.dtype.kind in "ui":
+        info = np.iinfo(array.dtype)
+        if value != round(value) or not info.min <= value <= info.max:
+            return array  # a fill this dtype cannot hold marks no pixel
+    return _set_nodata(array, array == value, modality)
+
+
+def _set_nodata(array: np.ndarray, where: np.ndarray, modality: str) -> np.ndarray:
+    """array with the pixels `where` set to the modality's nodata (S1 NaN, S2 and WorldCover 0), which storage_tile
+    masks; a band of the wrong dtype is left for the dtype check to name."""
+    if modality == "s1":
+        return np.where(where, np.nan, array).astype(array.dtype) if array.dtype.kind == "f" else array
+    return np.where(where, 0, array).astype(array.dtype) if array.dtype.kind in "ui" else array
 
 
 # Native ground sampling of the S2 bands (ESA); every other band (S1, S2's 10 m ones, WorldCover) is 10 m.

@@ -8,6 +8,8 @@ way real collections differ (a band that is nodata everywhere, a collection miss
 
 import io
 import json
+import os
+import re
 import shutil
 
 import numpy as np
@@ -179,6 +181,87 @@ def test_a_bin_changed_after_the_shards_were_opened_is_one_shard_error(sample_sh
         bin_path.write_bytes(bin_path.read_bytes()[:100])
     with pytest.raises(ShardError, match=message):
         shards.tile(0, "s2_l2a")
+
+
+TRUNCATE_WHILE_READING = """
+import sys
+from terrafm.data.config import DataConfig
+from terrafm.data.loader import build_loader
+from terrafm.data.shards import ShardError
+
+root, backend = sys.argv[1], sys.argv[2]
+loader = build_loader(DataConfig(shard_dir=root, batch_size=4, global_size=32, local_size=16, n_local=2,
+                                 num_workers=0, backend=backend))
+loader.render(loader.plan(0, 0))  # every .bin of the batch opened and read
+with open(root + "/part-00000.bin", "r+b") as f:
+    f.truncate(100)
+for read in (lambda: loader.render(loader.plan(0, 0)), lambda: loader.shards.chunks(0, "s1")):
+    try:
+        read()
+        print("read past the end")
+    except ShardError as err:
+        print("ShardError:", err)
+"""
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpp"])
+def test_a_bin_truncated_while_a_run_reads_it_is_a_shard_error_not_a_bus_error(sample_shards, tmp_path, backend):
+    """A .bin truncated under a running loader (a copy over the folder in use) killed the process with SIGBUS: the
+    tiles were views of a memory map, and the pages past the new end were gone. It runs in a subprocess, so that a
+    signal death is seen as such."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "shards"
+    shutil.copytree(sample_shards, root)
+    run = subprocess.run([sys.executable, "-c", TRUNCATE_WHILE_READING, str(root), backend], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, f"exit {run.returncode} (a negative one is a signal): {run.stderr[-2000:]}"
+    lines = run.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("ShardError:") for line in lines), run.stdout
+    assert all(re.search(r"part-00000\.bin has 100 bytes, its chunks need \d+: it changed after the run opened the "
+                         r"shards \(a copy over a folder in use\? Re-run `terrafm prepare` into a new folder\)", line)
+               for line in lines), run.stdout
+
+
+def test_a_bin_rewritten_in_place_after_its_first_read_is_a_shard_error(sample_shards, tmp_path):
+    """The same size, other bytes: a checksum is verified on the first read only, so a record read before the
+    rewrite was handed over as whatever the new bytes held."""
+    root = tmp_path / "shards"
+    shutil.copytree(sample_shards, root)
+    shards = ShardSet(root)
+    before = shards.tile(0, "s2_l2a").copy()
+    bin_path = root / "part-00000.bin"
+    stat = bin_path.stat()
+    with open(bin_path, "r+b") as f:
+        f.write(bytes(len(before.tobytes())))
+    os.utime(bin_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(ShardError, match=r"part-00000\.bin was modified \(now \d+ bytes\) after the run first read "
+                                         r"it; record 0 \(\S+\) is bytes 0-\d+ \(a copy over a folder in use\?"):
+        shards.tile(0, "s2_l2a")
+
+
+def test_a_bin_replaced_by_a_rename_is_read_as_it_was_while_open_and_named_once_reopened(sample_parquet, tmp_path,
+                                                                                      monkeypatch):
+    """A new conversion renamed over a folder in use: an open .bin still reads the bytes its index describes; one
+    reopened (OPEN_BINS stay open) is another file, named, not read as if the index described it."""
+    from terrafm.data import shards as shards_module
+
+    out = _convert(sample_parquet, tmp_path / "out", cells_per_shard=1)  # 3 shards of 4 records
+    monkeypatch.setattr(shards_module, "OPEN_BINS", 1)
+    fds = len(os.listdir("/proc/self/fd"))
+    shards = ShardSet(out)
+    expected = [shards.tile(i, "s2_l2a").copy() for i in range(12)]  # every shard opened, two of them closed again
+    assert len(os.listdir("/proc/self/fd")) <= fds + 1
+    shards.tile(0, "s2_l2a")  # part-00000.bin open again
+    bin_path = out / "part-00000.bin"
+    (out / "new.bin").write_bytes(bytes(bin_path.stat().st_size))
+    os.replace(out / "new.bin", bin_path)
+    np.testing.assert_array_equal(shards.tile(1, "s2_l2a"), expected[1])
+    np.testing.assert_array_equal(shards.tile(4, "s2_l2a"), expected[4])  # part-00001.bin: part-00000.bin closed
+    with pytest.raises(ShardError, match=r"part-00000\.bin was replaced by another file after the run first read it; "
+                                         r"record 2 "):
+        shards.tile(2, "s2_l2a")
 
 
 def test_an_aborted_shard_leaves_no_temp_file_when_its_last_flush_fails(tmp_path):

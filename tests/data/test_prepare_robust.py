@@ -555,3 +555,150 @@ def test_a_band_on_a_coarser_grid_than_its_native_one_is_refused(band, scale, re
             sources.decode_band(buf.getvalue(), band, product)
     else:
         assert sources.decode_band(buf.getvalue(), band, product).shape == (4, 4)
+
+
+KILLED_WITH_WORKERS = """
+import os, sys, time
+from terrafm.data import prepare
+
+real_run_job = prepare.run_job
+
+
+def slow_run_job(index, *args):
+    open(os.path.join(sys.argv[3], f"worker-{os.getpid()}"), "w").close()
+    time.sleep(20)  # the parent is killed meanwhile
+    return real_run_job(index, *args)
+
+
+prepare.run_job = slow_run_job
+prepare.convert([sys.argv[1]], sys.argv[2], tile_size=60, cells_per_shard=1, workers=2, progress=False)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_of_a_killed_prepare_end_with_it_and_the_rerun_completes(sample_parquet, sample_shards, tmp_path):
+    """kill -9 of `terrafm prepare --workers N` left its workers running: they converted the jobs queued for them into
+    the folder a re-run was writing (the same part-*.tmp files), then waited forever, each holding its row groups."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, pids = tmp_path / "out", tmp_path / "pids"
+    pids.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", KILLED_WITH_WORKERS, str(sample_parquet), str(out), str(pids)])
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.05)
+            workers = [int(p.name.split("-")[1]) for p in pids.iterdir()]
+        assert len(workers) == 2, f"workers did not start (exit {parent.poll()})"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), "the killed prepare's workers still run"
+    finally:
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
+    summary = convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    assert summary["num_records"] == 12 and not list(out.glob("*.tmp"))
+    a, b = ShardSet(sample_shards), ShardSet(out)
+    assert list(a.keys) == list(b.keys)
+    for m in a.modalities:
+        for i in range(len(a)):
+            np.testing.assert_array_equal(a.tile(i, m), b.tile(i, m))
+
+
+def test_a_second_prepare_into_the_same_out_is_refused_while_the_first_runs(sample_parquet, tmp_path, capsys):
+    """Two runs into one --out (a re-run while the first still converts, two jobs of an array) wrote the same
+    part-*.tmp files: a shard could be published with a .bin that mixes both."""
+    import fcntl
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    first = os.open(out, os.O_RDONLY)  # what the running prepare holds
+    try:
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert _cli([str(sample_parquet), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"another `terrafm prepare` is writing into {out}; wait for it to finish" in err, err
+        assert list(out.iterdir()) == []
+    finally:
+        os.close(first)
+    assert _cli([str(sample_parquet), "--out", str(out)]) == 0  # once the first one is done
+
+
+def test_a_full_disk_at_a_shard_index_leaves_no_bin_without_it_and_the_rerun_completes(sample_parquet, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """The .bin was published before its .npz was written: a full disk there left a whole shard's .bin (GBs on real
+    tiles) without the index that makes it a shard, on the disk that was full."""
+    import errno
+
+    savez = np.savez
+
+    def full_disk_at_shard_1(f, **arrays):
+        if "part-00001" in f.name:
+            f.write(b"PK\x03\x04")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return savez(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", full_disk_at_shard_1)
+    out = tmp_path / "out"
+    assert _cli([str(sample_parquet), "--out", str(out), "--cells-per-shard", "1"]) == 2
+    err = capsys.readouterr().err
+    assert (f"cannot write {out}: No space left on device; free space there and run the same command: it keeps the "
+            f"finished shards in {out} and resumes from them") in err and "Traceback" not in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.bin", "part-00000.npz"]
+    monkeypatch.setattr(np, "savez", savez)
+    summary = convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    assert summary["resumed_shards"] == 1 and summary["num_records"] == 12 and not list(out.glob("*.tmp"))
+
+
+def _tif_with_mask(array: np.ndarray, valid: np.ndarray, bits: int) -> bytes:
+    """A GeoTIFF as GDAL writes one with an internal nodata mask: the image, then a page of NewSubfileType 4 (1-bit
+    by default, 8-bit on request), 0 where the image has no data; no tifffile metadata."""
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        tif.write(array, metadata=None, compression="deflate")
+        mask = valid if bits == 1 else valid.astype(np.uint8) * 255
+        tif.write(mask, metadata=None, compression="deflate", extratags=[(254, "I", 1, 4, True)])
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("bits", [1, 8])
+def test_a_geotiff_internal_mask_is_nodata(sample_parquet, tmp_path, bits):
+    """GDAL's internal mask was not read: the pixels it marks as nodata went into the shards and their statistics as
+    data, and an 8-bit mask beside an 8-bit band (a WorldCover map) was read as a second band and refused."""
+    root = _copy(sample_parquet, tmp_path)
+
+    def masked(a, rows):
+        valid = np.ones(a.shape, bool)
+        valid[:rows] = False
+        a = a.copy()
+        a[:rows] = {"u": 10, "f": 0.5}[a.dtype.kind]  # what sits under the mask: valid values, no fill of their own
+        return _tif_with_mask(a, valid, bits)
+
+    _edit_band(root, S2_FILE, "B04", 0, lambda a: masked(a, 2))
+    _edit_band(root, S1_FILE, "vv", 0, lambda a: masked(a, 3))
+    _edit_band(root, ("Core-WorldCover", "part_00000.parquet"), "map", 0, lambda a: masked(a, 1))
+    summary = convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    side = 2 * TILE  # one cell: 2 x 2 tiles
+    assert summary["modalities"]["s2_l2a"]["nodata_pixels"] == [0, 0, 0, 2 * side] + [0] * 8
+    assert summary["modalities"]["s1"]["nodata_pixels"] == [3 * side, 0]
+    shards = ShardSet(tmp_path / "out")
+    cell = pq.read_table(root.joinpath(*S2_FILE))["grid_cell"][0].as_py()
+    i = list(shards.keys).index(f"{cell}/0_0")
+    np.testing.assert_array_equal(shards.tile(i, "s2_l2a")[3][:2], round(REFERENCE_STATS["s2_l2a"]["mean"][3]))
+    np.testing.assert_array_equal(shards.tile(i, "s1")[0][:3], np.float16(REFERENCE_STATS["s1"]["mean"][0]))
+    assert shards.class_counts[i].sum() == TILE * TILE - TILE  # the map's first row is nodata, not a class
