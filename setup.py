@@ -12,6 +12,19 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).parent.resolve()
 
 
+def _cmake() -> str | None:
+    """The cmake to run: the one on PATH, else the PyPI wheel's, whose binary is on PATH only in an activated
+    virtual environment (`.venv/bin/pip install --no-build-isolation` leaves PATH as it is)."""
+    found = shutil.which("cmake")
+    if found is not None:
+        return found
+    try:
+        import cmake
+    except ImportError:
+        return None
+    return shutil.which("cmake", path=cmake.CMAKE_BIN_DIR)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str, source_dir: Path):
         super().__init__(name, sources=[])
@@ -23,11 +36,8 @@ class CMakeBuild(build_ext):
 
     def run(self):
         missing = []
-        if shutil.which("cmake") is None:
-            try:
-                import cmake  # noqa: F401  (the PyPI wheel puts a cmake binary on PATH)
-            except ImportError:
-                missing.append("cmake (pip install cmake, or apt-get install cmake)")
+        if _cmake() is None:
+            missing.append("cmake (pip install cmake, or apt-get install cmake)")
         try:
             import pybind11  # noqa: F401
         except ImportError:
@@ -45,8 +55,9 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = os.environ.get("TERRAFM_CMAKE_BUILD_TYPE", "Release")
+        cmake = _cmake()
         configure = [
-            "cmake", ext.source_dir,
+            cmake, ext.source_dir,
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
@@ -54,7 +65,7 @@ class CMakeBuild(build_ext):
         ]
         try:
             subprocess.run(configure, cwd=build_dir, check=True)
-            subprocess.run(["cmake", "--build", ".", "-j", str(os.cpu_count() or 2)], cwd=build_dir, check=True)
+            subprocess.run([cmake, "--build", ".", "-j", str(os.cpu_count() or 2)], cwd=build_dir, check=True)
         except subprocess.CalledProcessError as err:
             raise RuntimeError(
                 f"building csrc/ with CMake failed ({' '.join(err.cmd)}); the output above names the error. "

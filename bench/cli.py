@@ -7,7 +7,9 @@ Triton kernels are never timed in the interpreter.
 
 import argparse
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,7 +63,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _check_data_dir(data_dir: str | None) -> None:
-    """--data-dir, when given, is a folder that exists (the shard set itself is read by the data section)."""
+    """--data-dir, when given, is a finished shard set: its index opens (a folder of GeoTIFFs or a half-written
+    `terrafm prepare` output is refused here, not after the sections before data have run)."""
     if data_dir is None:
         return
     hint = "give a folder written by `terrafm prepare`"
@@ -71,6 +74,88 @@ def _check_data_dir(data_dir: str | None) -> None:
         raise ValueError(f"--data-dir {data_dir} does not exist; {hint}")
     if not Path(data_dir).is_dir():
         raise ValueError(f"--data-dir {data_dir} is a file, not a folder; {hint}")
+    from terrafm.data.shards import ShardError, ShardSet
+
+    try:
+        ShardSet(data_dir, verify_checksums=False)
+    except ShardError as err:
+        raise ValueError(f"--data-dir: {err}") from None
+
+
+class SectionError(Exception):
+    """A section met bad input (a shard set that changed under the run, a machine figure it cannot model)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job's time limit, `kill`), raised like Ctrl-C so that the sections finished so far are written."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def _run_section(name: str, args: argparse.Namespace, device: str, ops: tuple[str, ...], sections: dict) -> None:
+    """Run one section into `sections`; SectionError for bad input it meets."""
+    if name == "kernels":
+        from . import kernels as kernel_benches
+
+        sections["kernels"] = [row for op in ops for row in kernel_benches.run_op(op, device, args.quick, _log)]
+    elif name == "memory":
+        from . import memory
+
+        sections["memory"] = memory.run(device, args.quick, _log)
+    elif name == "step":
+        from . import step
+
+        sections["step"] = step.run(device, args.quick, _log)
+    elif name == "data":
+        from terrafm.data.shards import ShardError
+
+        from . import data
+
+        try:
+            sections["data"] = data.run(args.quick, _log, args.data_dir, args.mfu, args.gpus_per_node)
+        except (ShardError, ValueError) as err:
+            raise SectionError(err) from None
+    elif name == "roofline":
+        from . import roofline
+
+        sections["roofline"] = roofline.run(sections.get("kernels"), args.quick, _log)
+    elif name == "compile":
+        from . import compile as compile_section
+
+        sections["compile"] = compile_section.run(args.quick, _log)
+        if "skipped" in sections["compile"]:
+            _log(f"  skipped: {sections['compile']['skipped']}")
+    elif name == "comm":
+        from . import comm
+
+        try:
+            sections["comm"] = comm.run(args, _log)
+        except ValueError as err:
+            raise SectionError(err) from None
+
+
+def _run_sections(only: list[str], args: argparse.Namespace, device: str, ops: tuple[str, ...], result: dict) -> int:
+    """Run the chosen sections into `result`; the exit code. Bad input met mid-run (2), Ctrl-C (130) or SIGTERM
+    (143) stops the run at that section, recorded under skipped_sections, and keeps the sections finished."""
+    for name in only:
+        _log(f"[{name}]")
+        t0 = time.perf_counter()
+        try:
+            _run_section(name, args, device, ops, result["sections"])
+        except SectionError as err:
+            print(f"terrafm bench: {err}", file=sys.stderr)
+            result["skipped_sections"][name] = f"failed: {err}"
+            return 2
+        except KeyboardInterrupt as stop:
+            signum = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+            print(f"terrafm bench: interrupted ({signum.name}) in [{name}]; writing the sections finished before it",
+                  file=sys.stderr)
+            result["skipped_sections"][name] = f"interrupted ({signum.name})"
+            return 128 + signum
+        _log(f"  ({time.perf_counter() - t0:.1f} s)")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,56 +203,22 @@ def run(args: argparse.Namespace) -> int:
     result = {"quick": args.quick, "device": device, "meta": common.metadata(), "sections": {},
               "skipped_sections": {}}
     _log(f"terrafm bench on {device} ({'quick' if args.quick else 'full'}), git {result['meta']['git_revision']}")
-    sections = result["sections"]
-    for name in only:
-        _log(f"[{name}]")
-        t0 = time.perf_counter()
-        if name == "kernels":
-            sections["kernels"] = [row for op in ops for row in kernel_benches.run_op(op, device, args.quick, _log)]
-        elif name == "memory":
-            from . import memory
-
-            sections["memory"] = memory.run(device, args.quick, _log)
-        elif name == "step":
-            from . import step
-
-            sections["step"] = step.run(device, args.quick, _log)
-        elif name == "data":
-            from terrafm.data.shards import ShardError
-
-            from . import data
-
-            try:
-                sections["data"] = data.run(args.quick, _log, args.data_dir, args.mfu, args.gpus_per_node)
-            except (ShardError, ValueError) as err:
-                print(f"terrafm bench: {err}", file=sys.stderr)
-                return 2
-        elif name == "roofline":
-            from . import roofline
-
-            sections["roofline"] = roofline.run(sections.get("kernels"), args.quick, _log)
-        elif name == "compile":
-            from . import compile as compile_section
-
-            out = compile_section.run(args.quick, _log)
-            sections["compile"] = out
-            if "skipped" in out:
-                _log(f"  skipped: {out['skipped']}")
-        elif name == "comm":
-            from . import comm
-
-            try:
-                sections["comm"] = comm.run(args, _log)
-            except ValueError as err:
-                print(f"terrafm bench: {err}", file=sys.stderr)
-                return 2
-        _log(f"  ({time.perf_counter() - t0:.1f} s)")
-    result["seconds"] = time.perf_counter() - start
+    in_main = threading.current_thread() is threading.main_thread()  # where Python can take signals
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    late = []  # a SIGTERM while the results are written waits for them to be whole
     try:
-        paths = report.write(result, Path(args.out))
-    except OSError as err:  # a full disk or a folder that went away: say so, the run's numbers are on stdout
-        print(f"terrafm bench: could not write the results to {args.out}: {err}", file=sys.stderr)
-        return 2
+        code = _run_sections(only, args, device, ops, result)
+        if in_main:
+            signal.signal(signal.SIGTERM, lambda signum, frame: late.append(signum))
+        result["seconds"] = time.perf_counter() - start
+        try:
+            paths = report.write(result, Path(args.out))
+        except OSError as err:  # a full disk or a folder that went away: say so, the run's numbers are on stdout
+            print(f"terrafm bench: could not write the results to {args.out}: {err}", file=sys.stderr)
+            return 2
+    finally:
+        if in_main:  # None: the handler was not Python's (set in C), which Python cannot put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     _log(f"wrote {paths['json']}, {paths['md']} and {len(result['plots'])} PNG plot(s) in {args.out} "
          f"({result['seconds']:.0f} s)")
-    return 0
+    return 128 + signal.SIGTERM if late else code

@@ -26,7 +26,7 @@ from .common import GPUS
 
 # name -> (backbone, per-GPU batch of the H100 preset)
 MODELS = {"ViT-B": ("terrafm_base", 64), "ViT-L": ("terrafm_large", 32)}
-GPU_COUNTS = (8, 64, 512)
+NODE_COUNTS = (1, 8, 64)  # whole nodes, as the trainer's mesh needs: 8, 64, 512 GPUs at 8 per node
 GPU = "H100 SXM"
 # the data defaults: 2 global 224 px crops, 8 local 96 px crops, each view one sensor or 2-3 fused (DataConfig)
 N_GLOBAL, GLOBAL_SIZE, N_LOCAL, LOCAL_SIZE = 2, 224, 8, 96
@@ -89,6 +89,9 @@ def collective_elements(counts: dict[str, int]) -> dict[str, int]:
 def comm(counts: dict[str, int], gpus: int, gpus_per_node: int, hsdp: bool, nvlink_gb_s: float,
          ib_gb_s_per_gpu: float) -> dict:
     """Bytes per GPU per step of each collective and their time at the given link speeds (seconds)."""
+    if gpus > gpus_per_node and gpus % gpus_per_node:
+        raise ValueError(f"{gpus} GPUs are not whole nodes of {gpus_per_node}; the trainer's mesh is nodes x GPUs "
+                         "per node")
     elems = collective_elements(counts)
     shard = min(gpus, gpus_per_node) if hsdp else gpus
     replicate = gpus // shard
@@ -105,8 +108,8 @@ def comm(counts: dict[str, int], gpus: int, gpus_per_node: int, hsdp: bool, nvli
 
 
 def table(nvlink_gb_s: float = 450.0, ib_gbit_s: float = 400.0, nics_per_node: int = 8, gpus_per_node: int = 8,
-          mfu: float = 1.0, gpu_counts: tuple[int, ...] = GPU_COUNTS) -> list[dict]:
-    """One row per (model, GPU count, FSDP | HSDP)."""
+          mfu: float = 1.0, node_counts: tuple[int, ...] = NODE_COUNTS) -> list[dict]:
+    """One row per (model, node count, FSDP | HSDP)."""
     for name, value in (("nvlink_gb_s", nvlink_gb_s), ("ib_gbit_s", ib_gbit_s), ("mfu", mfu)):
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
@@ -118,11 +121,11 @@ def table(nvlink_gb_s: float = 450.0, ib_gbit_s: float = 400.0, nics_per_node: i
     for model, (backbone, batch) in MODELS.items():
         counts = param_counts(backbone)
         compute_s = step_flops(counts, batch) / (peak * mfu)
-        for gpus in gpu_counts:
+        for nodes in node_counts:
+            gpus = nodes * gpus_per_node
             for strategy in ("FSDP", "HSDP"):
                 row = {"model": model, "params_m": (counts["blocks"] + counts["head"] + counts["root"]) / 1e6,
-                       "batch_per_gpu": batch, "gpus": gpus, "nodes": -(-gpus // gpus_per_node),
-                       "strategy": strategy}
+                       "batch_per_gpu": batch, "gpus": gpus, "nodes": nodes, "strategy": strategy}
                 row.update(comm(counts, gpus, gpus_per_node, strategy == "HSDP", nvlink_gb_s, ib_gb_s_per_gpu))
                 row["compute_s"] = compute_s
                 row["efficiency_overlapped"] = compute_s / max(compute_s, row["comm_s"])

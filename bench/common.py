@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from terrafm.train.metrics import GPUS, gpu_name
 
@@ -64,7 +65,8 @@ class TensorPeak(TorchDispatchMode):
     """Peak bytes of live tensor storage created by ops run inside the mode (CPU memory accounting).
 
     Each new storage is counted once, when an op first returns it, and released when its last tensor is
-    freed (PyTorch keeps a tensor's Python object alive while autograd still holds it).
+    freed (PyTorch keeps a tensor's Python object alive while autograd still holds it). An op that returns the
+    storage of one of its arguments made before the mode (a view, an in-place write) allocates nothing.
     """
 
     def __init__(self):
@@ -84,6 +86,8 @@ class TensorPeak(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor) and a.device.type != "meta"}
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
@@ -93,6 +97,8 @@ class TensorPeak(TorchDispatchMode):
                 continue
             if key in self.live:
                 self.live[key][1] += 1
+            elif key in inputs:  # the storage of an argument made outside the mode: nothing allocated
+                continue
             else:
                 self.live[key] = [storage.nbytes(), 1]
                 self.current += storage.nbytes()

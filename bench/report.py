@@ -1,7 +1,11 @@
 """Write a bench result as JSON + markdown + PNG plots, and diff two result files (`--compare`)."""
 
 import json
+import math
+from functools import partial
 from pathlib import Path
+
+from terrafm.fileio import atomic_write, atomic_write_bytes
 
 
 def _fmt(value, unit: str = "") -> str:
@@ -137,8 +141,7 @@ def plots(result: dict, out_dir: Path) -> list[str]:
         ax.set_title(f"{op} on {result['device']}")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out_dir / f"kernel_{op}.png"
-        fig.savefig(path, dpi=100)
+        path = atomic_write(out_dir / f"kernel_{op}.png", partial(fig.savefig, dpi=100, format="png"))
         plt.close(fig)
         written.append(path.name)
     mem = result["sections"].get("memory")
@@ -148,26 +151,27 @@ def plots(result: dict, out_dir: Path) -> list[str]:
         ax.set_xlabel("peak MiB")
         ax.set_title(f"DINO loss, {mem[0]['shape']}", fontsize=9)
         fig.tight_layout()
-        path = out_dir / "memory_dino_head_loss.png"
-        fig.savefig(path, dpi=100)
+        path = atomic_write(out_dir / "memory_dino_head_loss.png", partial(fig.savefig, dpi=100, format="png"))
         plt.close(fig)
         written.append(path.name)
     return written
 
 
 def write(result: dict, out_dir: Path) -> dict[str, Path]:
+    """bench.json, bench.md and the plots, each written whole or not at all: a full disk keeps the previous
+    run's files instead of leaving torn ones."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result["plots"] = plots(result, out_dir)
     paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md"}
-    paths["json"].write_text(json.dumps(result, indent=2, default=str))
-    paths["md"].write_text(markdown(result))
+    atomic_write_bytes(paths["json"], json.dumps(result, indent=2, default=str).encode())
+    atomic_write_bytes(paths["md"], markdown(result).encode())
     return paths
 
 
 def _ms(value) -> float:
-    """A measured time: a positive number, else ValueError (a ratio of it must mean something)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"a time or rate of {value!r}, not a positive number")
+    """A measured time: a positive finite number, else ValueError (a ratio of it must mean something)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"a time or rate of {value!r}, not a positive finite number")
     return float(value)
 
 

@@ -107,8 +107,17 @@ def run(device: str, quick: bool, log) -> list[dict]:
                 log(f"  {name:6s} {head:8s} skipped: needs GPU")
                 continue
             steps = (2 if quick else 10) if device != "cuda" else (5 if quick else 20)
-            row = _measure(name, head, device, steps)
+            try:
+                row = _measure(name, head, device, steps)
+            except torch.OutOfMemoryError as err:  # a config too big for this GPU: a row, not the end of the run
+                row = {"config": name, "backbone": CONFIGS[name][0], "head": head,
+                       "skipped": f"out of memory: {str(err).splitlines()[0][:200]}"}
             rows.append(row)
+            if "skipped" in row:
+                log(f"  {name:6s} {head:8s} skipped: {row['skipped']}")
+                if device == "cuda":  # after the except block: its traceback no longer holds the config's tensors
+                    torch.cuda.empty_cache()
+                continue
             log(f"  {name:6s} {head:8s} {row['img_per_s']:8.1f} img/s  step {row['step_s'] * 1e3:8.1f} ms  "
                 f"MFU {row['mfu'] if row['mfu'] is not None else 'n/a'}")
     return rows

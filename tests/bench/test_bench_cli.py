@@ -2,6 +2,9 @@
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -118,6 +121,7 @@ def test_compare_keeps_rows_that_differ_only_in_head_apart(tmp_path, capsys):
     "5", '"sections meta"', "[1, 2]", '{"sections": [], "meta": {}}', "{bad", b"\xff\xfe",
     json.dumps(_result([{"config": "tiny", "step_s": 0.1}])),
     json.dumps(_result([{"config": "tiny", "batch": 8, "precision": "fp32", "step_s": 0}])),
+    json.dumps(_result([{"config": "tiny", "batch": 8, "precision": "fp32", "step_s": float("inf")}])),  # 0.00x
     json.dumps({**_result([]), "sections": {"kernels": {"op": "x"}}}),
 ])
 def test_compare_names_a_malformed_file_in_one_line(tmp_path, capsys, content):
@@ -157,6 +161,20 @@ def test_tensor_peak_counts_live_tensors_only():
     with TensorPeak() as mode:
         fn()
     assert 2 * 2**20 <= mode.peak < 2 * 2**20 + 4096
+
+
+def test_tensor_peak_counts_no_view_or_in_place_write_of_an_input():
+    """A view of a tensor made before the call (a reshape, a transpose) or an in-place write to it (an optimizer
+    step) was counted as a new allocation of its whole storage: 1 MiB here for nothing allocated."""
+    x = torch.ones(256, 1024)  # 1 MiB, made outside the mode
+    with TensorPeak() as mode:
+        flat, xt = x.view(-1), x.t()
+        x.mul_(2)
+        torch.add(x, 1, out=x)
+        half = x[:128] + 1  # 0.5 MiB: the one allocation
+        del flat, xt
+    assert 2**19 <= mode.peak < 2**19 + 4096
+    assert half.shape == (128, 1024)
 
 
 def test_roofline_floor_is_the_slower_of_compute_and_bandwidth():
@@ -210,3 +228,130 @@ def test_a_data_dir_that_is_not_a_folder_says_so_before_any_section(tmp_path, ca
         err = capsys.readouterr().err
         assert err.startswith(f"terrafm bench: --data-dir {data_dir}{' ' if data_dir else ''}{problem}; "), err
         assert len(err.splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_a_data_dir_that_is_not_a_shard_set_is_refused_before_any_section(tmp_path, capsys):
+    """A folder of GeoTIFFs (no index.json) or a torn index failed only once the sections before data had run,
+    with nothing written: minutes of measurements lost."""
+    tiffs = tmp_path / "tiffs"
+    tiffs.mkdir()
+    (tiffs / "B04.tif").write_bytes(b"II*\x00" + bytes(64))
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "index.json").write_text('{"format": ')
+    for data_dir, problem in ((tiffs, "index.json not found"), (torn, "index.json is not valid JSON")):
+        out = tmp_path / f"r-{data_dir.name}"
+        assert main(["bench", "--only", "comm,data", "--data-dir", str(data_dir), "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"terrafm bench: --data-dir: {data_dir / 'index.json'}"), captured.err
+        assert problem in captured.err and len(captured.err.splitlines()) == 1
+        assert "[comm]" not in captured.out and not out.exists()
+
+
+def test_a_full_disk_keeps_the_previous_results_whole(tmp_path, monkeypatch, capsys):
+    """bench.json and bench.md were written in place: a disk that filled mid-write left the last run's results torn."""
+    import errno
+    import pathlib
+
+    out = tmp_path / "r"
+    assert main(["bench", "--only", "comm", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = {name: getattr(pathlib.Path, name) for name in ("write_bytes", "write_text")}
+
+    def fill_disk(name):
+        def write(self, data, *args, **kwargs):
+            if self.parent != out:
+                return real[name](self, data, *args, **kwargs)
+            real[name](self, data[:len(data) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write
+
+    for name in real:
+        monkeypatch.setattr(pathlib.Path, name, fill_disk(name))
+    assert main(["bench", "--only", "comm", "--out", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_compile_report_past_its_time_is_a_skipped_section():
+    """subprocess.TimeoutExpired escaped the compile section: a traceback, and the sections before it never written."""
+    from terrafm_bench import compile as compile_section
+
+    out = compile_section.run(True, lambda _: None, timeout_s=0.01)
+    assert out == {"skipped": "compile_report did not finish within 0.01 s"}
+
+
+def test_a_data_section_failing_mid_run_keeps_the_finished_sections(tmp_path, monkeypatch, capsys):
+    """A shard set that changed under the run (a .bin shortened after the index was checked) exited 2 without
+    writing anything: the sections before data were lost."""
+    from terrafm.data.shards import ShardError
+    from terrafm_bench import data
+
+    def shortened(*args, **kwargs):
+        raise ShardError("part-00000.bin has 1000 bytes, its chunks need 3624192")
+
+    monkeypatch.setattr(data, "run", shortened)
+    out = tmp_path / "r"
+    assert main(["bench", "--only", "roofline,data,comm", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == "terrafm bench: part-00000.bin has 1000 bytes, its chunks need 3624192\n"
+    result = json.loads((out / "bench.json").read_text())
+    assert list(result["sections"]) == ["roofline"] and result["sections"]["roofline"]
+    assert result["skipped_sections"] == {"data": "failed: part-00000.bin has 1000 bytes, its chunks need 3624192"}
+    assert "**data**: skipped, failed: part-00000.bin" in (out / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_run_writes_the_finished_sections(tmp_path, signum):
+    """A run killed by its job's time limit (SIGTERM) or Ctrl-C lost every section it had finished."""
+    out = tmp_path / "r"
+    code = ("import os, sys\n"
+            "from terrafm_bench import comm\n"
+            f"comm.run = lambda args, log: os.kill(os.getpid(), {int(signum)})\n"
+            "from terrafm.cli import main\n"
+            f"sys.exit(main(['bench', '--only', 'roofline,comm,memory', '--out', {str(out)!r}]))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 128 + signum, (run.returncode, run.stderr[-2000:])
+    name = signal.Signals(signum).name
+    assert run.stderr == (f"terrafm bench: interrupted ({name}) in [comm]; writing the sections finished before "
+                          "it\n")
+    result = json.loads((out / "bench.json").read_text())
+    assert list(result["sections"]) == ["roofline"]
+    assert result["skipped_sections"] == {"comm": f"interrupted ({name})"}
+
+
+def test_a_sigterm_while_writing_waits_for_the_results(tmp_path):
+    """SIGTERM between the last section and the end of the writing (matplotlib's import alone takes a second or
+    two) killed the run with nothing written."""
+    out = tmp_path / "r"
+    code = ("import os, signal, sys\n"
+            "from terrafm_bench import report\n"
+            "write = report.write\n"
+            "def killed_then_write(result, out_dir):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return write(result, out_dir)\n"
+            "report.write = killed_then_write\n"
+            "from terrafm.cli import main\n"
+            f"sys.exit(main(['bench', '--only', 'comm', '--out', {str(out)!r}]))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 128 + signal.SIGTERM, (run.returncode, run.stderr[-2000:])
+    assert json.loads((out / "bench.json").read_text())["sections"]["comm"]["rows"]
+
+
+def test_a_step_config_out_of_memory_is_a_row_not_the_end_of_the_run(monkeypatch):
+    """torch.OutOfMemoryError at one config (ViT-L on a smaller GPU) ended the bench with a traceback."""
+    from terrafm_bench import step
+
+    timed = []
+
+    def measure(name, head, device, steps):
+        if head == "fused":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB\nmore detail")
+        timed.append((name, head))
+        return {"config": name, "head": head, "img_per_s": 1.0, "step_s": 1.0, "mfu": None}
+
+    monkeypatch.setattr(step, "_measure", measure)
+    rows = step.run("cpu", True, lambda _: None)
+    assert timed == [("tiny", "unfused")]
+    fused = next(r for r in rows if r["config"] == "tiny" and r["head"] == "fused")
+    assert fused["skipped"] == "out of memory: CUDA out of memory. Tried to allocate 8.00 GiB"
+    assert len(rows) == 8

@@ -103,3 +103,17 @@ def test_step_compute_averages_the_presets_sensor_mix():
     expected = 0.5 * singles + 0.5 * (0.5 * pairs + 0.5 * one([2, 12, 12]))
     assert comm.view_flops(counts, 224) == pytest.approx(expected)
     assert comm.view_flops(counts, 224) > 1.05 * one([12])
+
+
+def test_gpu_counts_are_whole_nodes():
+    """--gpus-per-node 3 labelled a 2 x 3 HSDP mesh (6 GPUs) as 8 GPUs, and 7 a 1 x 7 one: the rows priced meshes
+    the trainer cannot build. The table now counts nodes (1, 8, 64), and comm() refuses partial nodes."""
+    for per_node in (3, 6, 7, 8):
+        rows = comm.table(gpus_per_node=per_node)
+        assert sorted({r["gpus"] for r in rows}) == [per_node, 8 * per_node, 64 * per_node]
+        for r in rows:
+            replicate, shard = (int(x) for x in r["mesh"].split(" x "))
+            assert replicate * shard == r["gpus"] == r["nodes"] * per_node, r
+            assert shard == (per_node if r["strategy"] == "HSDP" else r["gpus"]), r
+    with pytest.raises(ValueError, match="8 GPUs are not whole nodes of 3"):
+        comm.comm(COUNTS, 8, 3, hsdp=True, nvlink_gb_s=100.0, ib_gb_s_per_gpu=10.0)
