@@ -222,8 +222,11 @@ def read_meta(path: str | Path) -> dict:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint folder, a run's `checkpoints/` folder, or a run folder -> the complete checkpoint."""
+    """A checkpoint folder, a run's `checkpoints/` folder or its `latest` pointer, or a run folder -> the complete
+    checkpoint."""
     path = Path(path)
+    if path.name == LATEST and path.is_file():
+        path = path.parent
     if (path / METADATA).exists():
         return path
     for root in (path, path / "checkpoints"):

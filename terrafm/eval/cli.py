@@ -75,6 +75,9 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
             return f"--device {args.device!r}: the probes run on cpu or cuda"
         if kind == "cuda" and not torch.cuda.is_available():
             return f"--device {args.device}: CUDA is not available here; use --device cpu (or leave it out)"
+        count = torch.cuda.device_count() if kind == "cuda" else 0
+        if kind == "cuda" and (torch.device(args.device).index or 0) >= count:  # was a traceback moving the model
+            return f"--device {args.device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
     for flag, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             return f"{flag} {folder} is a file; give a folder (it is created if missing)"

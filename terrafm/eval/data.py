@@ -200,7 +200,9 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
     root = Path(root)
     partition_file = root / "default_partition.json"
     if not partition_file.exists():
-        raise FileNotFoundError(f"{partition_file} not found: a GEO-Bench dataset lists its splits there")
+        inside = sorted(p.parent.name for p in root.glob("*/default_partition.json"))  # a benchmark folder
+        hint = f"; {root} holds the datasets {inside[:8]}: pass one, e.g. {root / inside[0]}" if inside else ""
+        raise FileNotFoundError(f"{partition_file} not found: a GEO-Bench dataset lists its splits there{hint}")
     try:
         partition = json.loads(partition_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -238,8 +240,11 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
                 else:
                     s2_set = None
                     modality, chosen = modality_for_bands(mapped, modality, stored=names, source=path)
-            elif sorted(names) != sorted(band_names):
-                raise ValueError(f"{path} has bands {names}, the first sample had {band_names}")
+            else:  # bands the read does not use (a cloud mask in some samples) do not matter
+                lacking = [band_names[i] for i in chosen if band_names[i] not in keys]
+                if lacking:
+                    raise ValueError(f"{path} lacks band(s) {lacking}, which the first sample has and the split is "
+                                     f"read with; it has {names}")
             bands = [_hdf5_band(f, keys[band_names[i]], path) for i in chosen]
             image = _mask_nodata(_stack_bands(bands, path, [band_names[i] for i in chosen]), path)
             if images and image.shape != images[0].shape:
@@ -576,9 +581,10 @@ def _read_mask(path: Path, size: tuple[int, int], split: str) -> np.ndarray:
     if mask.shape != size:
         raise ValueError(f"{path} is {mask.shape[0]}x{mask.shape[1]} px, its image {size[0]}x{size[1]}: "
                          "a mask must cover its image pixel for pixel")
+    ignored = np.isnan(mask)  # outside the file's internal mask (read_tiff_layout)
     if declared is not None:
-        mask = np.where(mask == np.float32(declared), IGNORE_INDEX, mask)
-    return class_ids(mask, path, split)
+        ignored |= mask == np.float32(declared)
+    return class_ids(np.where(ignored, IGNORE_INDEX, mask), path, split)
 
 
 def _files(folder: Path) -> list[Path]:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from terrafm.fileio import atomic_write
+
 
 def cache_key(checkpoint: str | Path, data: str | Path, split: str, modality: str, img_size: int | None,
               kind: str, inputs: str = "", images: str = "") -> str:
@@ -92,7 +94,10 @@ def cached_features(cache_dir: str | Path | None, key: str, compute, rows: int |
             pass  # recomputed below
     feats = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, features=feats)
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temp file's name
+            np.savez(f, features=feats)
+
+    atomic_write(path, write)
     return feats

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
+from terrafm.fileio import atomic_write
+
 
 def confusion_matrix(target: np.ndarray, pred: np.ndarray, num_classes: int,
                      ignore_index: int | None = 255) -> np.ndarray:
@@ -104,6 +106,8 @@ def save_confusion_png(cm: np.ndarray, path: str | Path, class_names: list[str] 
             for j in range(k):
                 ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
                         color="white" if norm[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

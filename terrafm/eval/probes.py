@@ -73,10 +73,24 @@ def knn_decision(shares: np.ndarray, multilabel: bool) -> np.ndarray:
     return (shares > 0.5).astype(np.float32) if multilabel else shares.argmax(1)
 
 
+def absent_classes(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """(K,) logit offsets: 0 for the classes the training labels hold, -inf for the others. A probe cannot learn a
+    class it has no sample of (a 1% subset may lack some): their randomly initialised weights predicted them for
+    test images unlike the training ones. As sklearn's LogisticRegression, which knows only the classes it was fit
+    on, such a class gets no output (mask pixels at IGNORE_INDEX are no class). With no class at all (a subset of
+    masks without a labelled pixel) nothing is masked: all -inf made the head NaN."""
+    present = np.zeros(num_classes, dtype=bool)
+    ids = np.unique(labels)
+    present[ids[ids < num_classes]] = True
+    return torch.from_numpy(np.where(present | ~present.any(), 0.0, -np.inf).astype(np.float32))
+
+
 def _fit_linear(x: torch.Tensor, y: torch.Tensor, out_dim: int, lr: float, epochs: int, seed: int,
-                multilabel: bool) -> torch.nn.Linear:
+                multilabel: bool):
+    """Train a linear head; returns the logits function (classes absent from y masked, absent_classes)."""
     torch.manual_seed(seed)
     head = torch.nn.Linear(x.shape[1], out_dim)
+    offset = torch.zeros(out_dim) if multilabel else absent_classes(y.numpy(), out_dim)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = F.binary_cross_entropy_with_logits if multilabel else F.cross_entropy
     gen = torch.Generator().manual_seed(seed)
@@ -84,18 +98,18 @@ def _fit_linear(x: torch.Tensor, y: torch.Tensor, out_dim: int, lr: float, epoch
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).split(batch):
             opt.zero_grad()
-            loss_fn(head(x[idx]), y[idx]).backward()
+            loss_fn(head(x[idx]) + offset, y[idx]).backward()
             opt.step()
-    return head
+    return lambda features: head(features) + offset
 
 
-def _linear_out(head: torch.nn.Linear, x: torch.Tensor, multilabel: bool) -> np.ndarray:
+def _linear_out(head, x: torch.Tensor, multilabel: bool) -> np.ndarray:
     with torch.no_grad():
         logits = head(x)
     return (logits > 0).float().numpy() if multilabel else logits.argmax(1).numpy()
 
 
-def _linear_scores(head: torch.nn.Linear, x: torch.Tensor, multilabel: bool) -> np.ndarray:
+def _linear_scores(head, x: torch.Tensor, multilabel: bool) -> np.ndarray:
     """(M, K) probabilities: a sigmoid per label, or the softmax over classes."""
     with torch.no_grad():
         logits = head(x)
@@ -164,6 +178,7 @@ def segmentation_probe(train_maps: np.ndarray, train_masks: np.ndarray, test_map
     torch.manual_seed(seed)
     head = torch.nn.Sequential(torch.nn.BatchNorm2d(train_maps.shape[1]),
                                torch.nn.Conv2d(train_maps.shape[1], num_classes, kernel_size=1))
+    offset = absent_classes(train_masks, num_classes)[None, :, None, None]  # after the upsampling (0 x -inf = NaN)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     x, y = torch.from_numpy(train_maps), torch.from_numpy(train_masks).long()
     size = train_masks.shape[-2:]
@@ -173,7 +188,7 @@ def segmentation_probe(train_maps: np.ndarray, train_masks: np.ndarray, test_map
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             if len(idx) * x.shape[-2] * x.shape[-1] < 2:  # BatchNorm needs two values per channel (pixels count)
                 continue
-            logits = F.interpolate(head(x[idx]), size=size, mode="bilinear", align_corners=False)
+            logits = F.interpolate(head(x[idx]), size=size, mode="bilinear", align_corners=False) + offset
             opt.zero_grad()
             F.cross_entropy(logits, y[idx], ignore_index=IGNORE_INDEX).backward()
             opt.step()
@@ -181,6 +196,6 @@ def segmentation_probe(train_maps: np.ndarray, train_masks: np.ndarray, test_map
     preds = []
     with torch.no_grad():
         for chunk in torch.from_numpy(test_maps).split(batch_size):
-            logits = F.interpolate(head(chunk), size=out_size or size, mode="bilinear", align_corners=False)
+            logits = F.interpolate(head(chunk), size=out_size or size, mode="bilinear", align_corners=False) + offset
             preds.append(logits.argmax(1))
     return torch.cat(preds).numpy()

@@ -23,6 +23,7 @@ from terrafm.eval.data import (
     to_s1_scaling,
 )
 from terrafm.eval.features import cache_key, cached_features, extract, images_digest
+from terrafm.fileio import atomic_write_bytes
 
 PROBES_BY_TASK = {"classification": ("knn", "linear"), "multilabel": ("knn", "linear"), "segmentation": ("seg",)}
 PROBES = tuple(dict.fromkeys(p for probes in PROBES_BY_TASK.values() for p in probes))  # knn, linear, seg
@@ -64,6 +65,9 @@ def _load_splits(cfg: EvalConfig) -> dict[str, EvalSplit]:
         if split.images.shape[1:2] != train.images.shape[1:2] or split.task != train.task:
             raise ValueError(f"split {name!r} ({split.task}, {split.images.shape[1]} bands) does not match "
                              f"train ({train.task}, {train.images.shape[1]} bands)")
+        if split.task == "multilabel" and split.labels.shape[1] != train.labels.shape[1]:
+            raise ValueError(f"split {name!r} of {cfg.data} has multi-hot labels of {split.labels.shape[1]} entries, "
+                             f"train of {train.labels.shape[1]}: every split's vectors must list the same labels")
     _check_labels(splits, cfg.data)
     return splits
 
@@ -217,5 +221,5 @@ def evaluate(cfg: EvalConfig, model) -> dict:
                 run["confusion_matrix"] = cm.tolist()
             run["seconds"] = round(time.perf_counter() - start, 3)
             results["runs"].append(run)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())  # a full disk keeps the last one
     return results

@@ -137,12 +137,32 @@ def _file_kind(path: Path) -> str | None:
         return "safetensors"
     if head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
         return "an HTML page (a download that saved a web page instead of the file)"
+    if head[257:262] == b"ustar":
+        return "a tar archive: unpack it and pass the checkpoint inside (torch.save's oldest, tar format is not read)"
+    if head.startswith(b"PK\x03\x04"):
+        return _zip_kind(path)
     known = format_from_magic(head, expected="a ZIP archive")  # torch.save's own container
     if known or not head:
         return known or "an empty file"
     text = head.decode(errors="ignore")  # up to 3 bytes lost: a multi-byte character cut at byte 512
     if len(text.encode()) >= len(head) - 3 and all(c.isprintable() or c in "\t\r\n" for c in text):
         return f"a text file (it starts {text[:40]!r})"
+    return None
+
+
+def _zip_kind(path: Path) -> str | None:
+    """What a ZIP archive that torch.load cannot read holds: a TorchScript model or NumPy arrays; None for anything
+    else (a damaged torch.save file: torch's own error names what is wrong with it)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    if any(n.endswith("/constants.pkl") for n in names):
+        return ("a TorchScript archive (torch.jit.save), whose code terrafm does not run: save the model's "
+                "state_dict() with torch.save instead")
+    if names and all(n.endswith(".npy") for n in names):
+        return "a NumPy .npz archive"
     return None
 
 
@@ -184,17 +204,35 @@ def check_weights(state: dict[str, torch.Tensor], source: str) -> None:
             raise ValueError(f"{source}: weight {key} {tuple(value.shape)} is {kind}")
 
 
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")  # weight files a downloaded folder may hold
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """The `terrafm pretrain` checkpoint `path` resolves to; a folder that is none but holds weight files (a Hugging
+    Face snapshot with TerraFM-B.pth) names them."""
+    from terrafm.checkpoint_io import CheckpointError, resolve
+
+    try:
+        return resolve(path)
+    except CheckpointError as err:
+        files = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES
+                       ) if path.is_dir() else []
+        if not files:
+            raise
+        raise ValueError(f"{path} is not a `terrafm pretrain` checkpoint folder; it holds {', '.join(files[:5])}: "
+                         "pass the file") from err
+
+
 def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], dict]:
     """(model name, state_dict, input metadata) of a checkpoint file or folder; ValueError for anything else."""
     from terrafm.checkpoint_io import LATEST
 
-    if path.name == LATEST and path.is_file():  # a run's checkpoints/latest pointer: its folder resolves it
-        path = path.parent
-    if path.is_dir():
-        from terrafm.checkpoint_io import load_backbone_state, read_meta, resolve
+    if path.is_dir() or (path.name == LATEST and path.is_file()):  # resolve() takes a run's checkpoints/latest too
+        from terrafm.checkpoint_io import load_backbone_state, read_meta
 
-        name, state = load_backbone_state(path)
-        meta = read_meta(resolve(path))
+        checkpoint = _checkpoint_folder(path)
+        name, state = load_backbone_state(checkpoint)
+        meta = read_meta(checkpoint)
         model = meta.get("model", {})
         sizes = {k: model[k] for k in ("img_size", "patch_size") if k in model}
         return name, state, {**meta.get("data", {}), **sizes, **fusion_settings(model, path)}
@@ -235,12 +273,17 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")
+    other = [f"{k!r} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if other:  # e.g. {"model_ema": {...}, "epoch": 3}: say where the tensors are not
+        raise ValueError(f"{path} holds a dict whose entries {', '.join(other[:5])} are not tensors; a checkpoint is a "
+                         "state_dict of tensors, alone or under 'teacher', 'model', 'state_dict' or 'student'")
     return None, backbone_entries(state, str(path)), {}
 
 
 HEAD_PREFIXES = ("head.", "dino_head.", "ibot_head.")  # classifier / DINO projection heads: not the backbone
+TRAINING_ONLY = ("mask_token",)  # iBOT's masked-patch token, which DINOv2's ViT holds: never used at inference
 # what torch.compile, FSDP1 and activation checkpointing insert into the keys of a wrapped model's state_dict
 WRAPPER_PARTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
@@ -259,7 +302,8 @@ def backbone_entries(state: dict[str, torch.Tensor], source: str = "the state_di
     """The backbone's tensors of a state_dict, keyed as published. DDP's 'module.' and the parts torch.compile, FSDP1
     and activation checkpointing add are dropped. The backbone is found under whatever prefix its keys carry
     ('backbone.' beside DINO heads, Lightning's 'model.', 'encoder.', ...); of a checkpoint holding a teacher and a
-    student (DINO, DINOv2 training checkpoints) the teacher is taken, as DINO evaluates. Heads are not part of it."""
+    student (DINO, DINOv2 training checkpoints) the teacher is taken, as DINO evaluates. Heads and the training-only
+    mask token of DINOv2's ViT are not part of it."""
     state = {_unwrapped(k): v for k, v in state.items()}
     prefixes = sorted({k[:-len(BACKBONE_ANCHOR)] for k in state if k.endswith(BACKBONE_ANCHOR)})
     # 'teacher.' (DINO), 'model.teacher.backbone.' (a Lightning module around it), 'teacher_backbone.' (lightly)
@@ -271,7 +315,8 @@ def backbone_entries(state: dict[str, torch.Tensor], source: str = "the state_di
                          "and none is a teacher's; save the one to load on its own")
     prefix = prefixes[0] if prefixes else ""
     return {k.removeprefix(prefix): v for k, v in state.items()
-            if k.startswith(prefix) and not k.removeprefix(prefix).startswith(HEAD_PREFIXES)}
+            if k.startswith(prefix) and not k.removeprefix(prefix).startswith(HEAD_PREFIXES)
+            and k.removeprefix(prefix) not in TRAINING_ONLY}
 
 
 def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> TerraFM:
@@ -318,7 +363,10 @@ def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> T
     if clash:
         raise ValueError(f"{path}: {', '.join(clash)}: these follow from the checkpoint's weights; leave them out "
                          "(forward() takes any image size that is a multiple of the patch, interpolating pos_embed)")
-    model = build_model(name, **{**overrides, **fixed})
+    try:
+        model = build_model(name, **{**overrides, **fixed})
+    except ValueError as err:  # a model name or fusion head count from the file's metadata: name the file
+        raise ValueError(f"{path}: {err}") from err
     expected = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} (the model's {tuple(expected[k].shape)})" for k, v in state.items()
              if k in expected and v.shape != expected[k].shape]

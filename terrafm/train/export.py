@@ -88,7 +88,8 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=path_arg,
-                        help="a checkpoint folder (step_N), a run's checkpoints/ folder or a run folder")
+                        help="a checkpoint folder (step_N), a run's checkpoints/ folder or its latest pointer, or a "
+                             "run folder")
     parser.add_argument("output", type=path_arg, help="OUT.safetensors")
     parser.add_argument("--student", action="store_true", help="export the student instead of the EMA teacher")
     parser.add_argument("--with-fusion", action="store_true", help="keep the Case N fusion parameters")

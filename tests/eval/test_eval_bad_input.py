@@ -1,6 +1,8 @@
 """Bad input to `terrafm eval` is one message naming the file or flag (exit 2), never a traceback or a silent score."""
 
+import contextlib
 import json
+import os
 import pickle
 
 import h5py
@@ -43,6 +45,10 @@ def test_cuda_on_a_cpu_machine_and_an_out_that_is_a_file(tmp_path, capsys, monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _eval(tmp_path, tmp_path / "out", "--device", "cuda") == 2
     assert "CUDA is not available here; use --device cpu" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # was a traceback when the model moved there
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _eval(tmp_path, tmp_path / "out", "--device", "cuda:2") == 2
+    assert "--device cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1" in capsys.readouterr().err
     (tmp_path / "file").write_text("keep me")
     for extra in ((), ("--cache-dir", str(tmp_path / "file"))):
         out = tmp_path / ("file" if not extra else "out")
@@ -193,6 +199,21 @@ def test_labels_out_of_range_are_one_message(tmp_path, split, label, message):
         _load_splits(EvalConfig(checkpoint="", data=str(root), format="hdf5", out=str(tmp_path / "out")))
 
 
+def test_multi_hot_labels_of_another_length_in_a_split_are_named(tmp_path, capsys, tiny_pth):
+    """A test split whose multi-hot vectors list 5 labels beside a train split of 4 was a numpy broadcast error after
+    feature extraction."""
+    def multi_hot(splits):
+        for split, (images, labels) in splits.items():
+            hot = np.zeros((len(labels), 5 if split == "test" else 4), np.uint8)
+            hot[np.arange(len(labels)), labels] = 1
+            splits[split] = (images, hot)
+
+    root = _geobench(tmp_path, mutate=multi_hot)
+    assert _eval(root, tmp_path / "out", checkpoint=tiny_pth) == 2
+    err = capsys.readouterr().err
+    assert "split 'test'" in err and "multi-hot labels of 5 entries, train of 4" in err, err
+
+
 def test_folder_sidecars_and_hidden_entries_are_skipped_and_bad_images_named(tmp_path):
     splits = make_splits(13, per_class=(2, 1, 1))
     del splits["valid"]
@@ -235,6 +256,49 @@ def test_a_damaged_or_stale_feature_cache_is_recomputed(tmp_path):
     assert cached_features(tmp_path, "k", compute, rows=4).shape == (4, 3) and calls == [4]
     assert cached_features(tmp_path, "k", compute, rows=4)[0, 0] == 1.0 and calls == [4]  # now a good cache
     assert cached_features(tmp_path, "k", lambda: compute(6), rows=6).shape == (6, 3)  # samples added since
+
+
+def _full_disk_after_half(monkeypatch) -> None:
+    """Path.write_text / write_bytes write half their data, then fail as a full disk does."""
+    import errno
+    from pathlib import Path
+
+    def half_then_enospc(self, data, *args, **kwargs):
+        with open(self, "wb") as f:
+            f.write((data.encode() if isinstance(data, str) else data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", half_then_enospc)
+    monkeypatch.setattr(Path, "write_bytes", half_then_enospc)
+
+
+def test_a_full_disk_keeps_the_last_results_json(tmp_path, monkeypatch, capsys, tiny_pth):
+    """results.json was rewritten in place: a full disk (or a kill) mid-write tore the last run's results."""
+    data, out = _geobench(tmp_path), tmp_path / "out"
+    assert _eval(data, out, checkpoint=tiny_pth) == 0
+    before = (out / "results.json").read_bytes()
+    _full_disk_after_half(monkeypatch)
+    assert _eval(data, out, checkpoint=tiny_pth) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+    assert not [p.name for p in out.rglob("*.tmp*")]
+
+
+def test_a_feature_cache_write_that_fails_leaves_no_partial_file(tmp_path, monkeypatch):
+    """The cache's own temp file (features_<key>.tmp.npz) was left behind by a failed write."""
+    import errno
+
+    from terrafm.eval import features
+
+    def savez_half_then_enospc(file, **arrays):
+        with open(file, "ab") if isinstance(file, str | os.PathLike) else contextlib.nullcontext(file) as f:
+            f.write(b"PK\x03\x04 half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(features.np, "savez", savez_half_then_enospc)
+    with pytest.raises(OSError, match="No space left"):
+        features.cached_features(tmp_path, "k", lambda: np.zeros((2, 3), np.float32), rows=2)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_test_class_the_train_split_lacks_is_named_not_dropped(tmp_path):
@@ -363,6 +427,28 @@ def test_a_band_missing_from_the_first_sample_only_names_that_sample(tmp_path):
         del f["08A - Vegetation Red Edge"]
     with pytest.raises(ValueError, match=r"train_0000\.hdf5 \(the first sample, whose bands decide\): the dataset's 12 "
                                          r"bands \[.*\] \(read as .*\) fit no modality"):
+        read_split(root, "hdf5", "train")
+
+
+def test_a_benchmark_folder_names_the_datasets_inside(tmp_path, capsys, tiny_pth):
+    """GEO-Bench's classification_v1.0/ (the folder of datasets) read 'default_partition.json not found'."""
+    _geobench(tmp_path / "classification_v1.0", name="m-eurosat")
+    assert _eval(tmp_path / "classification_v1.0", tmp_path / "out", checkpoint=tiny_pth) == 2
+    assert "holds the datasets ['m-eurosat']: pass one, e.g." in capsys.readouterr().err
+
+
+def test_a_later_sample_with_an_extra_band_loads_and_one_lacking_a_band_is_named(tmp_path):
+    """A band the read does not use (a cloud mask in some samples) refused the whole split."""
+    root = _geobench(tmp_path)
+    before = read_split(root, "hdf5", "train")
+    with h5py.File(root / "train_0001.hdf5", "a") as f:
+        f.create_dataset("Cloud Probability", data=np.zeros((32, 32), np.uint8))
+    after = read_split(root, "hdf5", "train")
+    assert after.modality == before.modality and np.array_equal(after.images, before.images, equal_nan=True)
+    with h5py.File(root / "train_0002.hdf5", "a") as f:
+        del f["04 - Red"]
+    with pytest.raises(ValueError, match=r"train_0002\.hdf5 lacks band\(s\) \['04 - Red'\], which the first sample "
+                                         "has"):
         read_split(root, "hdf5", "train")
 
 

@@ -111,11 +111,14 @@ def test_every_probe_from_a_terrafm_pretrain_checkpoint_and_its_export(hdf5_data
         for r in res["runs"]:
             assert r.get("top1", r.get("miou")) >= 0.8, r
     exported = tmp_path / "tiny.safetensors"
-    assert main(["export", str(run_dir), str(exported)]) == 0
+    assert main(["export", str(run_dir / "checkpoints" / "latest"), str(exported)]) == 0  # the pointer eval takes too
     assert main(["eval", "--checkpoint", str(exported), "--data", str(hdf5_data), "--format", "hdf5",
                  "--probe", "knn", "--fractions", "1.0", "--out", str(tmp_path / "out_st")]) == 0
     res = json.loads((tmp_path / "out_st" / "results.json").read_text())
+    from_run = json.loads((tmp_path / f"out_{hdf5_data.name}" / "results.json").read_text())
     assert res["runs"][0]["top1"] >= 0.95
+    assert res["statistics"] == from_run["statistics"] == "checkpoint"  # the export carries the run's statistics
+    assert res["runs"][0]["confusion_matrix"] == from_run["runs"][0]["confusion_matrix"]  # and its numbers
 
 
 def test_multilabel_hdf5_reports_f1(tiny_pth, tmp_path):

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from terrafm.eval import metrics, probes
 
@@ -132,6 +133,42 @@ def test_segmentation_probe_trains_on_a_single_image():
             + rng.normal(scale=0.1, size=(1, 8, 2, 2))).astype(np.float32)
     pred = probes.segmentation_probe(maps, mask, maps, 3, epochs=30)
     assert metrics.segmentation_report(mask, pred, 3)[0]["pixel_acc"] >= 0.75  # the untrained head: ~0.1
+
+
+def test_probes_never_predict_a_class_absent_from_their_training_labels():
+    """A 1% subset can lack a class (GEO-Bench's own 0.01x partitions do): the linear and segmentation heads'
+    random weights for it predicted it on test features unlike the training ones (a linear probe fit on one class
+    put 83% of these test samples in the three classes it never saw). As sklearn's LogisticRegression: no output."""
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(2, 16)).astype(np.float32), 3 * rng.normal(size=(200, 16)).astype(np.float32)
+    pred, _, scores = probes.linear_probe(train, np.zeros(2, np.int64), test, epochs=20, num_classes=4)
+    assert (pred == 0).all() and (scores[:, 1:] == 0).all() and np.allclose(scores[:, 0], 1)
+    train = rng.normal(size=(40, 16)).astype(np.float32)
+    labels = np.where(train[:, 0] > 0, 2, 0)  # classes 0 and 2 of 4
+    pred, _, scores = probes.linear_probe(train, labels, test, epochs=20, num_classes=4)
+    assert set(np.unique(pred)) <= {0, 2} and (scores[:, [1, 3]] == 0).all() and np.isfinite(scores).all()
+    maps = rng.normal(size=(4, 8, 4, 4)).astype(np.float32)
+    masks = np.zeros((4, 16, 16), np.int64)
+    masks[:, :, 8:] = 1
+    masks[0, :4] = probes.IGNORE_INDEX
+    pred = probes.segmentation_probe(maps, masks, 5 * rng.normal(size=(4, 8, 4, 4)).astype(np.float32), 3, epochs=10)
+    assert set(np.unique(pred)) <= {0, 1}
+
+
+def test_a_segmentation_subset_without_a_labelled_pixel_keeps_the_head_finite(monkeypatch):
+    """A 1% subset can be images whose masks are all 255: with every class absent, masking them all (-inf) made the
+    head's outputs NaN after one step."""
+    upsample, finite = probes.F.interpolate, []
+
+    def watched(*args, **kwargs):
+        out = upsample(*args, **kwargs)
+        finite.append(bool(torch.isfinite(out).all()))
+        return out
+
+    monkeypatch.setattr(probes.F, "interpolate", watched)
+    maps = np.random.default_rng(0).normal(size=(2, 8, 4, 4)).astype(np.float32)
+    pred = probes.segmentation_probe(maps, np.full((2, 16, 16), probes.IGNORE_INDEX), maps, 3, epochs=3)
+    assert all(finite) and len(finite) == 4 and pred.shape == (2, 16, 16)
 
 
 def test_averaging_conventions_for_absent_and_predicted_only_classes():

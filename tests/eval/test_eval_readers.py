@@ -343,6 +343,32 @@ def test_an_interleaved_geotiff_is_channel_last_whatever_its_size(tmp_path, side
     np.testing.assert_array_equal(_read_image(path), x.astype(np.float32))
 
 
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+def test_pixels_outside_a_geotiff_internal_mask_are_nodata(tmp_path, planar):
+    """GDAL's internal nodata mask (a NewSubfileType 4 page after the image) was ignored: the masked pixels were
+    read as data, and an 8-bit mask beside an 8-bit image was stacked into it as another band."""
+    import tifffile
+
+    from terrafm.eval.data import _read_image, _read_mask
+
+    x = (np.arange(13 * 8 * 8).reshape(13, 8, 8) % 97 + 100).astype(np.uint16)
+    valid = np.ones((8, 8), bool)
+    valid[:2] = False
+    path = tmp_path / "tile.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(x.transpose(1, 2, 0) if planar == "contig" else x, photometric="minisblack", planarconfig=planar,
+                  metadata=None)
+        tif.write(valid.astype(np.uint8) * 255, metadata=None, extratags=[(254, "I", 1, 4, True)])
+    image = _read_image(path)
+    assert image.shape == (13, 8, 8) and np.isnan(image[:, :2]).all()
+    np.testing.assert_array_equal(image[:, 2:], x[:, 2:].astype(np.float32))
+    with tifffile.TiffWriter(path) as tif:  # a class map, 8-bit like its mask
+        tif.write(np.full((8, 8), 3, np.uint8), metadata=None)
+        tif.write(valid.astype(np.uint8) * 255, metadata=None, extratags=[(254, "I", 1, 4, True)])
+    mask = _read_mask(path, (8, 8), "train")
+    assert (mask[:2] == 255).all() and (mask[2:] == 3).all()
+
+
 def test_a_sensor_the_checkpoint_never_trained_on_is_warned_about_and_named():
     """An export of an S1-only run evaluated on S2: its S2 patch embedding is untrained (a random projection)."""
     from terrafm.eval.data import EvalSplit, input_statistics

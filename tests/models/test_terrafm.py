@@ -253,6 +253,8 @@ def test_checkpoint_that_does_not_match_is_rejected(tmp_path):
 def _dino_style(kind: str, teacher: dict, student: dict) -> dict:
     """How DINO-family code saves a backbone beside its heads (tensors only, as weights-only loading needs)."""
     heads = {"dino_head.mlp.0.weight": torch.zeros(8, 192), "ibot_head.last_layer.weight": torch.zeros(8, 192)}
+    if kind.startswith("dinov2"):  # DINOv2's ViT has iBOT's mask token beside the published keys
+        teacher, student = ({**sd, "mask_token": torch.zeros(1, 192)} for sd in (teacher, student))
     if kind == "dinov2_eval":  # DINOv2's teacher_checkpoint.pth: {'teacher': model.teacher.state_dict()}
         return {"teacher": {**{f"backbone.{k}": v for k, v in teacher.items()}, **heads}}
     if kind == "dinov2_train":  # DINOv2's fvcore checkpoint: the whole meta-architecture under 'model'
@@ -296,6 +298,21 @@ def test_export_metadata_of_another_form_is_refused_by_name(tmp_path):
         save_file(state, str(path), metadata={"model": "terrafm_tiny", key: value})
         with pytest.raises(ValueError, match=rf"{key}\.safetensors: metadata '{key}' is '.*'; expected {form}"):
             load_checkpoint(path)
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"model": "vit_base"}, "unknown model 'vit_base'"),
+    ({"fusion_heads": "7"}, "must be divisible by fusion heads 7"),
+])
+def test_a_model_that_metadata_cannot_build_names_the_file(tmp_path, metadata, message):
+    """A model name or fusion head count in a file's metadata that builds no model was refused without naming the
+    file it came from."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in build_model("terrafm_tiny", fusion=True).state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=rf"w\.safetensors: .*{message}"):
+        load_checkpoint(tmp_path / "w.safetensors")
 
 
 def test_a_fused_checkpoint_loads_with_the_fusion_it_was_built_with(tmp_path):
@@ -357,6 +374,54 @@ def test_a_file_that_is_not_a_pickle_says_what_it_is(tmp_path, content, kind):
     (tmp_path / "TerraFM-B.pth").write_bytes(content)
     with pytest.raises(ValueError, match=f"is not a PyTorch checkpoint: it is {kind}"):
         load_checkpoint(tmp_path / "TerraFM-B.pth")
+
+
+class _Double(torch.nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def test_a_torchscript_npz_or_tar_file_says_what_it_is(tmp_path):
+    """These read 'not a PyTorch checkpoint terrafm can read (RuntimeError: ...)' with torch's advice to re-run
+    torch.load with weights_only=False (running the file's code), or an internal zip error for the .npz."""
+    import tarfile
+
+    import numpy as np
+
+    torch.jit.save(torch.jit.script(_Double()), tmp_path / "scripted.pt")
+    np.savez(tmp_path / "w.npz", w=np.zeros(3))
+    torch.save(build_model("terrafm_tiny").state_dict(), tmp_path / "w.pth")
+    with tarfile.open(tmp_path / "TerraFM-B.tar", "w") as archive:
+        archive.add(tmp_path / "w.pth", arcname="TerraFM-B.pth")
+    for name, kind in (("scripted.pt", r"a TorchScript archive \(torch\.jit\.save\), whose code terrafm does not run"),
+                       ("w.npz", "a NumPy .npz archive"), ("TerraFM-B.tar", "a tar archive: unpack it")):
+        with pytest.raises(ValueError, match=f"is not a PyTorch checkpoint: it is {kind}") as err:
+            load_checkpoint(tmp_path / name)
+        assert "weights_only" not in str(err.value)
+
+
+@pytest.mark.parametrize("layout, named", [
+    ("ema", r"entries 'model_ema' \(OrderedDict\), 'epoch' \(int\) are not tensors"),
+    ("state_and_epoch", r"entries 'epoch' \(int\) are not tensors"),
+])
+def test_a_dict_with_entries_that_are_not_tensors_names_them(tmp_path, layout, named):
+    """Was 'holds a dict, not a state_dict of tensors', naming neither the entries nor where the tensors may be."""
+    state = build_model("terrafm_tiny").state_dict()
+    torch.save({**state, "epoch": 3} if layout == "state_and_epoch" else {"model_ema": state, "epoch": 3},
+               tmp_path / "m.pth")
+    with pytest.raises(ValueError, match=named + ".*under 'teacher', 'model', 'state_dict' or 'student'"):
+        load_checkpoint(tmp_path / "m.pth")
+
+
+def test_a_downloaded_folder_of_weight_files_names_them(tmp_path):
+    """A Hugging Face snapshot folder passed as --checkpoint read 'is not a checkpoint, a checkpoints/ folder or a
+    run folder with one', not which file in it to pass."""
+    torch.save(published_state_dict(build_model("terrafm_tiny")), tmp_path / "TerraFM-B.pth")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"is not a `terrafm pretrain` checkpoint folder; it holds TerraFM-B\.pth: "
+                                         "pass the file"):
+        load_checkpoint(tmp_path)
+    assert isinstance(load_checkpoint(tmp_path / "TerraFM-B.pth"), torch.nn.Module)
 
 
 def test_safetensors_under_another_name_and_a_teacher_under_a_nested_prefix_load(tmp_path):
