@@ -235,6 +235,8 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
             _apply(current, value, prefix=f"{path}.")
             continue
         value = _coerce(path, value, hints[key])
+        if isinstance(current, dict):  # a mapping merges key by key like a section: ops.attention=sdpa keeps the rest
+            value = {**current, **value}
         if path in CHOICES and value not in CHOICES[path]:
             raise ConfigError(f"config key {path!r}: {value!r} is not one of {', '.join(CHOICES[path])}")
         setattr(obj, key, value)
@@ -363,6 +365,8 @@ def validate(cfg: Config, nproc: int = 1) -> None:
                               "order is not supported, leave data.bands unset")
     checks = [
         (nproc >= 1, f"--nproc must be >= 1, got {nproc}"),
+        (t.fsdp or nproc <= 1, f"train.fsdp=false supports a single process only, got --nproc {nproc}; set "
+                               "train.fsdp=true or --nproc 1"),
         (m.name in MODELS, f"model.name {m.name!r} is not a model; choose one of {', '.join(MODELS)}"),
         (m.img_size >= 1 and m.patch_size >= 1, "model.img_size and model.patch_size must be >= 1"),
         (1 <= m.fusion_queries <= MAX_QUERIES, f"model.fusion_queries must be 1..{MAX_QUERIES} (the fusion "

@@ -10,7 +10,8 @@ Layout of a run's checkpoint folder:
     checkpoints/latest              text file naming the newest complete checkpoint ("step_00000100")
 Writing goes to `step_N.tmp/`; only when every rank has finished is it renamed to `step_N/` and then
 `latest` replaced atomically (terrafm.fileio: write `latest.tmp`, fsync, rename over). A crash at any point leaves
-`latest` naming a complete checkpoint; stale `*.tmp` folders are removed at the next save.
+`latest` naming a complete checkpoint (a crash between the rename and `latest` leaves a newer complete folder,
+which `resume_point` takes); stale `*.tmp` folders are removed at the next save.
 Nothing read back executes code and every file is checked first (terrafm.checkpoint_io: the trust boundary).
 A full disk while writing raises CheckpointWriteError("no space left ...") and leaves `latest` as it was.
 Exact resume needs the same world size (the loader and RNG states are per rank); `load(reshard=True)`
@@ -50,6 +51,7 @@ from terrafm.checkpoint_io import (
     SafeLoadPlanner,
     SafeReader,
     hash_file,
+    latest_checkpoint,
     previous_checkpoint,
     read_manifest,
     read_meta,
@@ -100,6 +102,16 @@ def step_dir_name(step: int) -> str:
 def saved_steps(root: Path) -> dict[int, Path]:
     """{step: folder} of the complete checkpoint folders under root (step_N; not step_N.tmp)."""
     return {int(p.name[5:]): p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()}
+
+
+def resume_point(root: Path) -> Path | None:
+    """The checkpoint `--resume` continues: the one `latest` names, or a newer step folder when the run was killed
+    after `save` published it and before it pointed `latest` at it (with no `latest` yet, the run's first one).
+    A published folder is complete (it was renamed whole from step_N.tmp); `load` checks its manifest."""
+    named = latest_checkpoint(root)
+    newer = sorted((n, p) for n, p in saved_steps(root).items()
+                   if (p / MANIFEST).is_file() and (named is None or p.name > named.name))
+    return newer[-1][1] if newer else named
 
 
 def set_aside_later(root: Path, step: int) -> tuple[list[str], Path | None]:

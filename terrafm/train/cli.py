@@ -88,10 +88,13 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     if args.nproc > 1 and "RANK" not in os.environ:
-        from terrafm.train.parallelize import mesh_shape
+        from terrafm import backends
+        from terrafm.train.parallelize import check_gpus_per_node, mesh_shape
 
         try:  # here, once, not as a message per rank and torchrun's ChildFailedError traceback
             mesh_shape(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, args.nproc, args.nproc)
+            if cfg.train.device == "cuda" or (cfg.train.device == "auto" and backends.cuda().usable):
+                check_gpus_per_node(args.nproc)
         except ValueError as err:
             print(f"terrafm pretrain: configuration error: --nproc {args.nproc}: {err}", file=sys.stderr)
             return 2

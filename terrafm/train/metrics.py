@@ -1,7 +1,8 @@
 """Observability for the trainer: MFU peak, rank-0 progress bar, JSONL + TensorBoard, curves.
 
 Only rank 0 writes anything. `metrics.jsonl` has one JSON object per logged step; on resume records
-after the resumed step are dropped, so the file always describes one consistent trajectory.
+after the resumed step are dropped (all of them when the checkpoint is another run's), so the file always
+describes one consistent trajectory.
 """
 
 import json
@@ -65,8 +66,11 @@ def _step(line: str) -> float:
 class MetricsLogger:
     """JSONL + TensorBoard + tqdm on rank 0; a no-op elsewhere."""
 
-    def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int):
+    def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int, own_history: bool = True):
+        """own_history: the run continues its own records up to start_step (a resume from its own checkpoint);
+        False drops them all (a fresh run, or one that starts from another run's checkpoint)."""
         self.enabled = rank == 0
+        kept_step = start_step if own_history else -1
         self.path = run_dir / "metrics.jsonl"
         self.bar = None
         self.tb = None
@@ -74,13 +78,13 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # resume: keep only the records up to the checkpoint we resume from
-            kept = [line for line in self.path.read_text(errors="replace").splitlines() if _step(line) <= start_step]
+            kept = [line for line in self.path.read_text(errors="replace").splitlines() if _step(line) <= kept_step]
             atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
         self.write_failed = False
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=kept_step + 1)
         self._thread_hook = threading.excepthook
         threading.excepthook = self._quiet_tensorboard_thread
         self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)

@@ -7,6 +7,8 @@ update (SSLMetaArch.update_teacher). dp_replicate > 1 makes it HSDP: parameters 
 gradients reduce-scattered within a dp_shard group, then all-reduced across the replicas.
 """
 
+import os
+
 import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -40,6 +42,18 @@ def mesh_shape(dp_replicate: int, dp_shard: int, world_size: int, ranks_per_node
         raise ValueError(f"parallel.dp_replicate x parallel.dp_shard = {dp_replicate} x {dp_shard} = "
                          f"{dp_replicate * dp_shard}, but there are {world_size} ranks; use -1 for the rest")
     return dp_replicate, dp_shard
+
+
+def check_gpus_per_node(ranks_per_node: int) -> None:
+    """Every rank of a node needs a GPU of its own: more ranks than visible GPUs (--nproc, GPUS_PER_NODE above the
+    allocation's) used to stop each rank with CUDA's "invalid device ordinal" traceback."""
+    visible = torch.cuda.device_count()
+    if ranks_per_node > visible:
+        where = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ValueError(f"{ranks_per_node} ranks on this node, one GPU each, but {visible} GPU(s) are visible"
+                         + (f" (CUDA_VISIBLE_DEVICES={where})" if where is not None else "") + f"; start at most "
+                         f"{visible} per node (--nproc, torchrun --nproc_per_node, the SLURM scripts' GPUS_PER_NODE) "
+                         "or set train.device=cpu")
 
 
 def apply_activation_checkpointing(model: DINOModel) -> None:

@@ -11,8 +11,11 @@ All schedules are pure functions of the step, so a resumed run continues bitwise
 `restore` resumes from a checkpoint.
 """
 
+import contextlib
 import copy
+import errno
 import faulthandler
+import fcntl
 import gc
 import json
 import math
@@ -20,6 +23,7 @@ import os
 import random
 import resource
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -48,7 +52,7 @@ from terrafm.ssl.monitors import collapse_state, teacher_monitors
 from terrafm.train import checkpoint
 from terrafm.train.export import input_metadata
 from terrafm.train.metrics import MetricsLogger, peak_flops, plot_curves
-from terrafm.train.parallelize import MESH_DIMS, mesh_shape, parallelize, reshard_model
+from terrafm.train.parallelize import MESH_DIMS, check_gpus_per_node, mesh_shape, parallelize, reshard_model
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted after a checkpoint; requeue and resume
 
@@ -103,6 +107,12 @@ def init_distributed(cfg: Config) -> DistEnv:
     use_cuda = want == "cuda" or (want == "auto" and backends.cuda().usable)
     if want == "cuda" and not backends.cuda().usable:
         raise SetupError(f"train.device=cuda but CUDA is not usable: {backends.cuda().detail}")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:  # each rank of a node takes GPU LOCAL_RANK
+        try:
+            check_gpus_per_node(max(local_rank + 1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        except ValueError as err:
+            raise SetupError(str(err)) from err
     timeout = timedelta(seconds=cfg.train.collective_timeout_s)
     owns = False
     if not dist.is_initialized():
@@ -116,7 +126,6 @@ def init_distributed(cfg: Config) -> DistEnv:
     if world > 1:  # a rank that aborts (a C++ terminate, a segfault) prints every thread's Python stack
         faulthandler.enable(all_threads=True)
     if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -253,7 +262,8 @@ def train(cfg: Config, resume: bool | str | Path = False, loader: Any = None) ->
         env = init_distributed(cfg)
         finished = False
         try:
-            result = _train(cfg, env, resume, loader, stop)
+            with contextlib.ExitStack() as held:  # what the run holds to its end: the run folder's lock
+                result = _train(cfg, env, resume, loader, stop, held)
             finished = True
             return result
         finally:
@@ -306,6 +316,32 @@ def check_run_dir(run_dir: Path) -> None:
         except OSError as err:
             raise SetupError(f"cannot write the run folder {folder} ({err.strerror or err}); choose a writable "
                              "folder with --out or train.out_dir / train.run_name") from err
+
+
+RUN_LOCK = ".lock"  # in the run folder: held (flock) by rank 0 of the run training there
+
+
+def lock_run_dir(run_dir: Path, held: contextlib.ExitStack) -> str | None:
+    """Claim the run folder for this run until `held` closes; None, or why not when another live run holds it.
+    Two jobs on one folder (the same sbatch submitted twice: both pass --resume) deleted each other's checkpoints
+    in progress and interleaved their metrics. The lock is flock's, so a killed run (kill -9, a lost node) holds
+    nothing; a file system without flock (some Lustre and NFS mounts) is not locked."""
+    handle = held.enter_context(open(run_dir / RUN_LOCK, "a+"))
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        return (f"{run_dir} is in use by another run ({handle.read().strip() or 'unknown'}); wait for it to end or "
+                "stop it, or give this one another --out / train.run_name")
+    except OSError as err:
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    handle.seek(0)
+    handle.truncate()
+    job = os.environ.get("SLURM_JOB_ID")
+    handle.write(f"host {socket.gethostname()}, pid {os.getpid()}" + (f", SLURM job {job}" if job else "") + "\n")
+    handle.flush()
+    return None
 
 
 class DataError(SetupError):
@@ -572,7 +608,8 @@ def _normalisation_changes(resume_from: Path, now: dict, tolerance: float = 1e-3
     return "; ".join(changes)
 
 
-def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, stop: PreemptionFlag) -> TrainResult:
+def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, stop: PreemptionFlag,
+           held: contextlib.ExitStack) -> TrainResult:
     cfg = resolve_ops(cfg, env.device)
     t, o, s = cfg.train, cfg.optim, cfg.ssl
     run_dir = Path(t.out_dir) / t.run_name
@@ -580,12 +617,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
     resume_from = None
     try:
         if resume is True:
-            resume_from = checkpoint_io.latest_checkpoint(ckpt_root)
+            resume_from = checkpoint.resume_point(ckpt_root)
         elif resume:
             resume_from = checkpoint_io.resolve(resume)
     except checkpoint_io.CheckpointError as err:
         raise SetupError(f"cannot resume: {err}") from err
-    if not resume and (ckpt_root / checkpoint_io.LATEST).exists():
+    if not resume and ((ckpt_root / checkpoint_io.LATEST).exists() or checkpoint.saved_steps(ckpt_root)):
         raise SetupError(f"{run_dir} already has checkpoints; pass --resume to continue it, or choose another "
                          "--out / train.run_name for a fresh run")
     check_run_dir(run_dir)  # every rank: each fails alike instead of waiting in a collective
@@ -635,12 +672,22 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                                                                             cfg, env)
     else:
         loader.set_epoch(epoch)
+    busy = None
+    if env.rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            busy = lock_run_dir(run_dir, held)
+        except OSError as err:
+            busy = f"cannot write the run folder {run_dir}: {err.strerror or err}"
+    busy = shared_failure(busy, env)  # every rank stops alike, before anything in the folder is changed
+    if busy is not None:
+        raise SetupError(busy)
     try:
         if env.rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
             (run_dir / "preempted").unlink(missing_ok=True)
-        logger = MetricsLogger(run_dir, env.rank, total_steps, step)
+        own_history = resume_from is not None and resume_from.parent.resolve() == ckpt_root.resolve()
+        logger = MetricsLogger(run_dir, env.rank, total_steps, step, own_history)
     except OSError as err:  # a full disk or a vanished folder: one message; config.yaml and metrics are written whole
         raise SetupError(f"cannot write the run folder {run_dir}: {err.strerror or err}") from err
     mesh_text = ("no mesh (train.fsdp=false)" if env.mesh is None else

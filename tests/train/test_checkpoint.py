@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_harness import run_harness
+from train_harness import metric_records, run_harness
 
 from terrafm import checkpoint_io
 from terrafm.checkpoint_io import CheckpointError, SafeLoadPlanner, hash_file, previous_checkpoint
@@ -458,3 +458,39 @@ def test_every_rank_gets_rank_0s_set_aside_and_no_rank_skips_its_collective(tmp_
     assert dict(results) == {0: (["step_00000003", "step_00000004"], aside),
                              1: (["step_00000003", "step_00000004"], aside)}
     assert (tmp_path / "latest").read_text() == "step_00000002"
+
+
+def test_a_kill_between_publishing_a_checkpoint_and_pointing_latest_at_it_loses_no_steps(tmp_path):
+    """`save` renames step_N.tmp to step_N, then replaces `latest`: a run killed in between resumed from the
+    checkpoint before (set aside the newer one and trained its steps again), or, at its first checkpoint, started
+    over from step 0 and deleted that checkpoint when it saved the same step again."""
+    args = ["train.checkpoint_every=2", "train.keep_checkpoints=3", "train.deterministic=true"]
+    run_harness(tmp_path, "train.max_steps=4", *args)
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "latest").write_text("step_00000002")  # killed before `latest` moved on to step 4
+    proc = run_harness(tmp_path, "--resume", "train.max_steps=6", *args)
+    assert f"resumed from {ckpts / 'step_00000004'} at step 4" in proc.stdout
+    assert not list(ckpts.glob("abandoned_after_*"))
+    assert (ckpts / "latest").read_text() == "step_00000006"
+
+    first = tmp_path / "first"
+    run_harness(first, "train.max_steps=2", *args)
+    (first / "run" / "checkpoints" / "latest").unlink()  # killed before its first `latest` was written
+    proc = run_harness(first, "train.max_steps=4", *args, expect_rc=2)
+    assert "already has checkpoints; pass --resume" in proc.stderr
+    proc = run_harness(first, "--resume", "train.max_steps=4", *args)
+    assert f"resumed from {first / 'run' / 'checkpoints' / 'step_00000002'} at step 2" in proc.stdout
+
+
+def test_a_run_started_from_another_runs_checkpoint_keeps_none_of_the_folders_old_records(tmp_path):
+    """Records up to the resumed step were kept whatever the checkpoint: a folder's own earlier attempt (steps
+    1-3) stayed in metrics.jsonl ahead of the other run's continuation (5, 6), two trajectories in one file."""
+    args = ["train.checkpoint_every=2", "train.log_every=1", "train.deterministic=true"]
+    run_harness(tmp_path / "old", "train.max_steps=4", *args)
+    new = tmp_path / "new"
+    run_harness(new, "train.max_steps=3", *args)
+    run_harness(new, "--resume-from", str(tmp_path / "old" / "run" / "checkpoints" / "step_00000004"),
+                "train.max_steps=6", *args)
+    assert [r["step"] for r in metric_records(new / "run")] == [5, 6]
+    run_harness(new, "--resume", "train.max_steps=7", *args)
+    assert [r["step"] for r in metric_records(new / "run")] == [5, 6, 7]  # its own checkpoint: its records stay

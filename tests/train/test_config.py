@@ -130,6 +130,14 @@ def test_yaml_merge_keys_share_settings_and_the_keys_beside_them_override(tmp_pa
         load_config(str(path))
 
 
+def test_an_override_of_one_op_keeps_the_ops_the_config_file_sets(tmp_path):
+    """ops.teacher_softmax=torch replaced the file's whole ops mapping: its other backends went back to auto."""
+    path = tmp_path / "run.yaml"  # as a run's config.yaml records them, every op resolved
+    path.write_text("ops:\n  attention: sdpa\n  patch_embed: torch\n")
+    cfg = load_config(str(path), ["ops.teacher_softmax=torch", "ops.patch_embed=triton"])
+    assert cfg.ops == {"attention": "sdpa", "patch_embed": "triton", "teacher_softmax": "torch"}
+
+
 @pytest.mark.parametrize("key", ["optim.warmup_epochs", "train.epochs", "ssl.freeze_last_layer_epochs",
                                  "ssl.warmup_teacher_temperature_epochs"])
 def test_an_epoch_count_too_large_to_be_steps_is_a_config_error(key):
@@ -207,6 +215,20 @@ def test_a_mesh_that_does_not_fit_nproc_is_one_message_before_torchrun():
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == ("terrafm pretrain: configuration error: --nproc 2: parallel.dp_shard=3 does not "
                                    "divide the 2 ranks")
+
+
+def test_fsdp_off_with_several_processes_is_one_message_before_torchrun():
+    """`--nproc 2 train.fsdp=false` was refused by every rank after torchrun started them: the message twice, then
+    torchrun's ChildFailedError traceback, exit 1."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "terrafm.cli", "pretrain", "--nproc", "2", "train.fsdp=false"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("terrafm pretrain: configuration error: train.fsdp=false supports a single "
+                                   "process only, got --nproc 2; set train.fsdp=true or --nproc 1")
+    assert load_config("tiny_cpu", ["train.fsdp=false"]).train.fsdp is False  # one process: allowed
 
 
 def test_configs_load_without_triton():

@@ -1,6 +1,8 @@
 """The trainer's guards: non-finite gradient norms, schedule changes on resume, bad output folders and
 bad values refused before anything heavy is built, each with exit code 2 (or 1) and one message."""
 
+import os
+
 import pytest
 from train_harness import metric_records, run_harness
 
@@ -84,6 +86,28 @@ def test_a_device_or_optimiser_this_machine_lacks_is_a_setup_error(tmp_path, cap
     assert "train.device=cuda but CUDA is not usable: no CUDA device visible" in capsys.readouterr().err
 
 
+def test_more_ranks_on_a_node_than_visible_gpus_is_a_setup_error(tmp_path, capsys, nothing_is_built, monkeypatch):
+    import torch
+
+    from terrafm import backends
+
+    monkeypatch.setattr(backends, "cuda", lambda: backends.Availability(True, "stand-in GPU"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # rank 1 of 8 on a node that shows 4 GPUs (GPUS_PER_NODE=8 on 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "train.device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "8 ranks on this node, one GPU each, but 4 GPU(s) are visible (CUDA_VISIBLE_DEVICES=0,1,2,3)" in err
+    assert "start at most 4 per node" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):  # `terrafm pretrain --nproc 8`: refused before torchrun starts
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(os, "execv", lambda *args: pytest.fail("torchrun was started"))
+    assert main(["pretrain", "--nproc", "8", "--out", str(tmp_path / "run"), "train.device=cuda"]) == 2
+    assert "configuration error: --nproc 8: 8 ranks on this node, one GPU each, but 4 GPU(s)" in capsys.readouterr().err
+
+
 def test_a_batch_larger_than_the_dataset_names_data_batch_size(tmp_path):
     proc = run_harness(tmp_path, "--batch", "32", *RUN, expect_rc=2)
     assert "data.batch_size=32 is more than each of the 1 rank(s) gets from the dataset" in proc.stderr
@@ -104,3 +128,24 @@ def test_a_corrupt_shard_met_during_training_exits_2_naming_the_file(tmp_path, c
     assert main(["pretrain", "--out", str(tmp_path / "run"), f"data.shard_dir={shards}", "train.max_steps=2"]) == 2
     err = capsys.readouterr().err
     assert "part-0000" in err and ".bin: record" in err and "re-run `terrafm prepare`" in err
+
+
+def test_a_run_folder_in_use_by_another_run_is_refused_and_left_as_it_was(tmp_path):
+    import fcntl
+
+    run_harness(tmp_path, *RUN)
+    run = tmp_path / "run"
+    metrics, config = (run / "metrics.jsonl").read_bytes(), (run / "config.yaml").read_bytes()
+    with open(run / ".lock", "w") as other:  # the same sbatch submitted twice: the first job is still training
+        other.write("host node7, pid 4242, SLURM job 99\n")
+        other.flush()
+        fcntl.flock(other, fcntl.LOCK_EX)
+        proc = run_harness(tmp_path, "--resume", *RUN, "train.max_steps=6", "optim.lr=1e-4", expect_rc=2)
+        assert f"{run} is in use by another run (host node7, pid 4242, SLURM job 99)" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert (run / "metrics.jsonl").read_bytes() == metrics and (run / "config.yaml").read_bytes() == config
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000002",
+                                                                           "step_00000004"]
+    run_harness(tmp_path, "--resume", *RUN, "train.max_steps=6")  # that run ended (or was killed): the lock is free
+    assert [r["step"] for r in metric_records(run)] == [1, 2, 3, 4, 5, 6]
+    assert "pid" in (run / ".lock").read_text()
