@@ -12,7 +12,6 @@ other products) and counted in the summary and in index.json; a run that writes 
 import argparse
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from terrafm.data import shards, sources
 from terrafm.data.landcover import NUM_CLASSES, class_counts
 from terrafm.data.sources import WORLDCOVER, BadInput, Product
-from terrafm.fileio import path_arg
+from terrafm.fileio import path_arg, try_lock
 from terrafm.modalities import MODALITIES, MODALITY_NAMES, S1_SCALINGS
 
 
@@ -342,13 +341,9 @@ def _only_writer(out: Path):
     mixes both. Best effort: a file system without locks (Lustre mounted without flock) runs unguarded."""
     fd = os.open(out, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(fd):
             raise BadInput(f"another `terrafm prepare` is writing into {out}; wait for it to finish (or end it) and "
-                           "run this command again, or use another --out") from None
-        except OSError:
-            pass
+                           "run this command again, or use another --out")
         yield
     finally:
         os.close(fd)

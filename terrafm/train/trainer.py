@@ -13,9 +13,7 @@ All schedules are pure functions of the step, so a resumed run continues bitwise
 
 import contextlib
 import copy
-import errno
 import faulthandler
-import fcntl
 import gc
 import json
 import math
@@ -43,7 +41,7 @@ from terrafm import backends, checkpoint_io, ops
 from terrafm.config import Config, check_epoch, save_config, to_dict
 from terrafm.data.shards import ShardError
 from terrafm.data.views import View
-from terrafm.fileio import atomic_write_bytes, nearest_existing
+from terrafm.fileio import atomic_write_bytes, nearest_existing, try_lock
 from terrafm.models import FUSION_SETTINGS, LEGACY_FUSION, fusion_settings
 from terrafm.ssl import schedules
 from terrafm.ssl.loss import high_frequency_classes
@@ -327,15 +325,10 @@ def lock_run_dir(run_dir: Path, held: contextlib.ExitStack) -> str | None:
     in progress and interleaved their metrics. The lock is flock's, so a killed run (kill -9, a lost node) holds
     nothing; a file system without flock (some Lustre and NFS mounts) is not locked."""
     handle = held.enter_context(open(run_dir / RUN_LOCK, "a+"))
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not try_lock(handle.fileno()):
         handle.seek(0)
         return (f"{run_dir} is in use by another run ({handle.read().strip() or 'unknown'}); wait for it to end or "
                 "stop it, or give this one another --out / train.run_name")
-    except OSError as err:
-        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            raise
     handle.seek(0)
     handle.truncate()
     job = os.environ.get("SLURM_JOB_ID")
