@@ -9,7 +9,7 @@ Exit codes: 0 done; 1 training diverged (NaN/Inf loss, too many non-finite gradi
 under train.stop_on_collapse);
 2 fix the setup and rerun (configuration, output folder, data, checkpoint, full disk, out of memory: the
 message says what); 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue and pass --resume;
-130 stopped by Ctrl-C (after a checkpoint at the step's end; a second Ctrl-C stops at once).
+130 stopped by Ctrl-C or a hang-up (SIGHUP) after a checkpoint at the step's end (a second Ctrl-C stops at once).
 """
 
 import argparse

@@ -144,13 +144,16 @@ def init_distributed(cfg: Config) -> DistEnv:
 
 
 class PreemptionFlag:
-    """Records SIGTERM / SIGUSR1 (SLURM preemption, --signal=USR1@120) and Ctrl-C (SIGINT); acted on at the step
-    end. Installed before setup, so a signal that arrives while the run is still starting stops it after its
-    first step (checkpoint, exit 75, requeue) instead of killing it (exit 143, no requeue). Ctrl-C stops the same
-    way without the requeue (exit 130); a second Ctrl-C stops at once, without that checkpoint (a KeyboardInterrupt
-    mid-save used to be a traceback, with the step's work since the last checkpoint lost)."""
+    """Records SIGTERM / SIGUSR1 (SLURM preemption, --signal=USR1@120), Ctrl-C (SIGINT) and a hang-up (SIGHUP: the
+    terminal or ssh session closed); acted on at the step end. Installed before setup, so a signal that arrives while
+    the run is still starting stops it after its first step (checkpoint, exit 75, requeue) instead of killing it (exit
+    143, no requeue). Ctrl-C and a hang-up stop the same way without the requeue (exit 130); a second Ctrl-C stops at
+    once, without that checkpoint (a KeyboardInterrupt mid-save used to be a traceback, with the step's work since the
+    last checkpoint lost). A hang-up killed the run without a checkpoint; under nohup (SIGHUP ignored) it still is
+    ignored."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+    INTERRUPTS = (signal.SIGINT, signal.SIGHUP)  # a person's stop, not the scheduler's: no requeue
 
     def __init__(self):
         self.signum: int | None = None
@@ -158,26 +161,42 @@ class PreemptionFlag:
 
     @property
     def interrupted(self) -> bool:
-        """Stopped by Ctrl-C: checkpoint, but no requeue."""
-        return self.signum == signal.SIGINT
+        """Stopped by Ctrl-C or a hang-up: checkpoint, but no requeue."""
+        return self.signum in self.INTERRUPTS
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
-            if self.interrupted:
+            if self.signum == signal.SIGINT:
                 raise KeyboardInterrupt
             print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop now, without it)",
                   file=sys.stderr, flush=True)
             self.signum = signum
+        elif signum == signal.SIGHUP:
+            _detach_from_terminal()
+            if not self.interrupted:
+                self.signum = signum
         elif not self.interrupted:  # torchrun answers the Ctrl-C it also got with SIGTERM: still no requeue
             self.signum = signum
 
     def install(self) -> None:
         for sig in self.SIGNALS:
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # nohup: the user asked the run to outlive the terminal
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _detach_from_terminal() -> None:
+    """Point stdout and stderr at /dev/null where they are a terminal that hung up: writing to it fails (EIO), and
+    the progress line of the step still running would end the run before its checkpoint."""
+    for fd in (1, 2):
+        if os.isatty(fd):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
 
 
 # Learned tokens and vectors that are not weight matrices, whatever their shape: the cls token, the position

@@ -63,6 +63,14 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
     assert step_dir.is_dir() and (tmp_path / "run" / "preempted").read_text().strip() == str(last_logged)
 
 
+def test_a_hang_up_checkpoints_at_the_step_end_without_the_requeue(tmp_path):
+    """SIGHUP (the terminal or ssh session of an interactive run closed) killed the run without a checkpoint."""
+    code, err = _signal_after_two_steps(tmp_path, signal.SIGHUP)
+    assert code == 130 and "Traceback" not in err, err[-2000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").exists() and not (tmp_path / "run" / "preempted").exists()
+
+
 def test_ctrl_c_checkpoints_at_the_step_end_and_a_second_stops_at_once(tmp_path):
     """Ctrl-C was a KeyboardInterrupt traceback wherever it landed (mid-save too), losing the steps since the
     last checkpoint. Now the first one stops like SIGTERM but without the requeue marker (exit 130); a second

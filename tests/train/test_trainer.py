@@ -236,3 +236,23 @@ def test_ctrl_c_stays_an_interrupt_when_torchrun_follows_it_with_sigterm(capsys)
     preempted = PreemptionFlag()
     preempted._handle(signal.SIGUSR1, None)
     assert preempted.signum == signal.SIGUSR1 and not preempted.interrupted
+    hung_up = PreemptionFlag()
+    hung_up._handle(signal.SIGHUP, None)
+    hung_up._handle(signal.SIGTERM, None)  # torchrun's answer to the hang-up it forwarded
+    assert hung_up.interrupted and hung_up.signum == signal.SIGHUP
+
+
+def test_a_run_under_nohup_keeps_ignoring_hang_ups():
+    import signal
+
+    from terrafm.train.trainer import PreemptionFlag
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    flag = PreemptionFlag()
+    try:
+        flag.install()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == flag._handle
+    finally:
+        flag.restore()
+        signal.signal(signal.SIGHUP, previous)
