@@ -38,11 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
+# Seconds torchrun waits for the ranks' stop checkpoint after forwarding a signal, before SIGKILL: its default of 30
+# killed a ViT-L stop step and save inside a job's --signal=USR1@120 window (the SLURM scripts' SHUTDOWN_TIMEOUT).
+SHUTDOWN_TIMEOUT_S = 110
+
+
 def _torchrun_command(args: argparse.Namespace) -> list[str]:
     # SIGUSR1 is not in torchrun's default --signals-to-handle: without it torchrun dies of the signal
     # and the ranks never see it (no stop checkpoint)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+           "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
            "-m", "terrafm.cli", "pretrain", "--config", args.config]
     if args.out:
         cmd += ["--out", args.out]

@@ -93,3 +93,21 @@ def test_the_terrafm_process_prints_its_warnings_that_way():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stderr == "terrafm info: warning: the shard index lists 3 records\n", run.stderr
+
+
+def test_the_nproc_relaunch_is_a_command_torchrun_parses_with_the_stop_timeout():
+    """torchrun's default --shutdown-timeout (30 s) SIGKILLed ranks still writing their stop checkpoint."""
+    import argparse
+
+    from torch.distributed.run import get_args_parser
+
+    from terrafm.train.cli import SHUTDOWN_TIMEOUT_S, _torchrun_command, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--nproc", "2", "--out", "runs/x", "optim.lr=0.001"])
+    cmd = _torchrun_command(args)
+    parsed = get_args_parser().parse_args(cmd[3:])  # after "python -m torch.distributed.run"
+    assert parsed.shutdown_timeout == SHUTDOWN_TIMEOUT_S == 110 and parsed.nproc_per_node == "2"
+    assert "SIGUSR1" in parsed.signals_to_handle and parsed.training_script == "terrafm.cli" and parsed.module
+    assert parsed.training_script_args[-3:] == ["--out", "runs/x", "optim.lr=0.001"]
