@@ -1,6 +1,7 @@
 """Checkpoint trust boundary and integrity: nothing read back runs code, a changed byte is refused by
 file name with the previous checkpoint offered, a full disk says so and keeps `latest`."""
 
+import argparse
 import errno
 import io
 import json
@@ -494,3 +495,21 @@ def test_a_run_started_from_another_runs_checkpoint_keeps_none_of_the_folders_ol
     assert [r["step"] for r in metric_records(new / "run")] == [5, 6]
     run_harness(new, "--resume", "train.max_steps=7", *args)
     assert [r["step"] for r in metric_records(new / "run")] == [5, 6, 7]  # its own checkpoint: its records stay
+
+
+def test_resume_with_resume_from_continues_the_runs_own_checkpoint_even_without_latest(tmp_path, monkeypatch):
+    """A requeued job passes --resume --resume-from X; a run killed after publishing its first step_N and before
+    writing `latest` restarted from X instead of its own step_N."""
+    from terrafm.checkpoint_io import MANIFEST
+    from terrafm.train import cli
+
+    own = tmp_path / "run" / "checkpoints" / "step_00000004"
+    own.mkdir(parents=True)
+    (own / MANIFEST).write_text("{}")
+    seen = []
+    monkeypatch.setattr(cli, "train_exit_code", lambda cfg, resume, loader=None: seen.append(resume) or 0)
+    args = ["--out", str(tmp_path / "run"), "--resume", "--resume-from", str(tmp_path / "other" / "step_00000002")]
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.run(parser.parse_args(args)) == 0
+    assert seen == [True]
