@@ -309,7 +309,7 @@ class ShardSet:
         message = (f"shard directory {self.root} does not match its {INDEX_NAME} ({len(problems)} problem(s), "
                    f"{len(parts)} shards / {total} records listed): {'; '.join(problems)}")
         if not allow_mismatch:
-            raise ShardError(f"{message}. Re-run `terrafm prepare` into this folder, or set "
+            raise ShardError(f"{message}. Re-run `terrafm prepare` into this folder, or (terrafm pretrain) set "
                              "data.allow_index_mismatch=true to train on the listed records anyway")
         lost = self._drop_chunks_not_on_disk(parts)
         warnings.warn(f"{message}; training on the {total} listed records (data.allow_index_mismatch=true)"
