@@ -240,8 +240,7 @@ class ShardSet:
         self.crc32 = {m: np.concatenate([p[f"{m}.crc32"] for p in parts]) for m in self.modalities}
         self._bin_names = [self.root / f"{s['name']}.bin" for s in self.meta["shards"]]
         self._bin_stat: dict[int, tuple] = {}  # shard -> (device, inode, size, mtime_ns) at its first read
-        self._bins: OrderedDict[int, list] = OrderedDict()  # shard -> [fd, readers, evicted], least recent first
-        self._bins_lock = threading.Lock()
+        self._no_open_bins()
         self._verified = {m: np.zeros(len(self), bool) for m in self.modalities}
 
     def _open_part(self, entry: dict) -> dict[str, np.ndarray]:
@@ -399,9 +398,28 @@ class ShardSet:
                              f"{start}-{end} ({CHANGED_HINT})")
         return buf
 
+    def _no_open_bins(self) -> None:
+        """This process's open .bin files: none yet."""
+        self._bins: OrderedDict[int, list] = OrderedDict()  # shard -> [fd, readers, evicted], least recent first
+        self._bins_lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        """Pickled for a spawned loader worker: without this process's descriptors and lock (a lock does not pickle)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_bins", "_bins_lock", "_pid")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._no_open_bins()
+
     def _open_bin(self, shard: int) -> list:
         """[descriptor, readers, evicted] of a shard's .bin for one read: OPEN_BINS stay open, the least recently read
-        is closed once no read uses it."""
+        is closed once no read uses it. A forked loader worker starts its own (the parent's lock may have been held by
+        another thread at the fork; the inherited descriptors are its copies to close)."""
+        if self._pid != os.getpid():
+            for fd, _, _ in self._bins.values():
+                os.close(fd)
+            self._no_open_bins()
         with self._bins_lock:
             entry = self._bins.pop(shard, None) or [os.open(self._bin_names[shard], os.O_RDONLY), 0, False]
             entry[1] += 1

@@ -304,3 +304,21 @@ def test_a_loader_state_of_other_seeds_names_the_settings():
 
     with pytest.raises(ValueError, match="data.seed or train.seed differs from the checkpoint's run"):
         loader(7).load_state_dict(loader(0).state_dict())
+
+
+def test_a_shard_set_that_has_read_pickles_and_forks_into_a_worker(sample_shards):
+    """ShardSet keeps open .bin descriptors and a lock since it reads instead of mapping: a lock does not pickle (a
+    spawned loader worker), and a forked worker must not share the parent's lock."""
+    import multiprocessing
+    import pickle
+
+    shards = ShardSet(sample_shards)
+    tile = shards.tile(0, "s2_l2a").copy()
+    copy = pickle.loads(pickle.dumps(shards))
+    np.testing.assert_array_equal(copy.tile(0, "s2_l2a"), tile)
+    shards._bins_lock.acquire()  # as if another thread were reading at the fork
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            np.testing.assert_array_equal(pool.apply_async(shards.tile, (0, "s2_l2a")).get(timeout=60), tile)
+    finally:
+        shards._bins_lock.release()
