@@ -26,6 +26,7 @@ class DataConfig:
     beta: float = 0.5                     # land-cover balancing: 0 = uniform, 1 = fully balanced
     num_workers: int = 2                  # threads preparing batches ahead (C++ / DALI release the GIL)
     cpp_threads: int = 0                  # threads inside the C++ twin (0 = hardware concurrency)
+    timeout_s: float = 600.0              # a batch the worker threads have not rendered by then: ShardError (0 = wait)
     backend: str = "auto"                 # auto | numpy | cpp | dali
     drop_last: bool = True
     verify_checksums: bool = True         # crc32 of every chunk, once per process
@@ -70,6 +71,8 @@ class DataConfig:
             need(bands and not unknown, f"bands[{m!r}] must be a non-empty subset of {MODALITIES[m].bands}")
         need(0.0 <= self.beta <= 1.0, f"beta must be in [0, 1], got {self.beta}")
         need(self.num_workers >= 0 and self.cpp_threads >= 0, "num_workers and cpp_threads must be >= 0")
+        need(0 <= self.timeout_s < float("inf"), f"timeout_s must be a finite number of seconds >= 0 (0 = wait for "
+             f"ever), got {self.timeout_s}")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     def band_list(self, modality: str) -> tuple[str, ...]:

@@ -13,8 +13,10 @@ depend on the device, chosen once when the loader is built.
 """
 
 import contextlib
+import warnings
+import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch
 
 from terrafm import ops
 from terrafm.data.config import DataConfig
+from terrafm.data.dali_path import DaliRenderer
 from terrafm.data.landcover import NUM_CLASSES
 from terrafm.data.sampler import LandCoverSampler
 from terrafm.data.shards import ShardError, ShardSet
@@ -112,6 +115,10 @@ class Loader:
                              f"(tiles: {counts}); set data.modalities to a subset the locations share")
         self.coverage = self._coverage(tiles)
         self.sampler = LandCoverSampler(self.shards.class_counts[self.records], cfg.beta, rank, world_size, self.seed)
+        # what the epoch's draws depend on besides the seed, so a resume can tell that they changed
+        crc = zlib.crc32(self.records.astype(np.int64).tobytes())
+        crc = zlib.crc32(self.shards.class_counts[self.records].astype(np.int64).tobytes(), crc)
+        self.sampling = {"locations": len(self.records), "beta": cfg.beta, "crc32": crc}
         self.band_index, self.mean, self.std = {}, {}, {}
         for m in cfg.modalities:
             info = self.shards.modalities[m]
@@ -128,7 +135,8 @@ class Loader:
         self.backend = resolve_backend(cfg.backend, self.device.type)
         self.pin = cfg.pin_memory and self.device.type == "cuda"
         self.stage = DeviceStage(self.device, self.mean, self.std)
-        self._dali = None
+        # one renderer for all worker threads (made on first use, every thread that found none built its own)
+        self._dali = DaliRenderer(self) if self.backend == "dali" else None
         self.epoch, self.step = 0, 0
 
     def _coverage(self, tiles: dict[str, int]) -> str:
@@ -160,10 +168,12 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.cfg.batch_size}
+                "world_size": self.world_size, "batch_size": self.cfg.batch_size, "sampling": self.sampling}
 
     def load_state_dict(self, state: dict, reshard: bool = False) -> int:
         """Resume mid-epoch; returns how many of the epoch's samples will be drawn a second time (0 when exact).
+        A state written for other sampled locations, land-cover counts or beta resumes at its position with a
+        warning: that epoch's order cannot be the run's.
 
         reshard=True takes any rank's state written by a different number of ranks or batch size: every
         rank consumes the epoch's global draw stream in order (rank r takes draws r, r + W, ...), so the
@@ -181,11 +191,19 @@ class Loader:
             if state.get("batch_size", self.cfg.batch_size) != self.cfg.batch_size:
                 raise ValueError(f"loader state is for batch size {state['batch_size']}, this loader has "
                                  f"{self.cfg.batch_size}; set train.elastic_resume=true to convert the position")
-            self.epoch, self.step = int(state["epoch"]), int(state["step"])
-            return 0
-        if "batch_size" not in state:
+        elif "batch_size" not in state:
             raise ValueError("this loader state predates resharding support (no batch_size); resume it on "
                              f"{state['world_size']} ranks")
+        saved, now = state.get("sampling"), self.sampling
+        if saved is not None and saved != now:
+            changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k]]
+            warnings.warn(f"the loader state is for another sampling than this loader's ({', '.join(changed)}): "
+                          "data.shard_dir, data.modalities or data.beta differ from the checkpoint's run, or its "
+                          f"shards were rewritten; the rest of epoch {state['epoch']} is drawn in this loader's order, "
+                          "not the run's", stacklevel=2)
+        if not reshard:
+            self.epoch, self.step = int(state["epoch"]), int(state["step"])
+            return 0
         consumed = int(state["step"]) * int(state["batch_size"]) * int(state["world_size"])
         per_step = self.cfg.batch_size * self.world_size
         self.epoch, self.step = int(state["epoch"]), consumed // per_step
@@ -214,22 +232,33 @@ class Loader:
         self.epoch, self.step = epoch + 1, 0
 
     def _host_batches(self, epoch: int, first: int, n: int):
-        """Host batches first..n-1 of `epoch`, rendered `num_workers` ahead on threads."""
-        workers = self.cfg.num_workers
+        """Host batches first..n-1 of `epoch`, rendered `num_workers` ahead on threads. A batch not rendered within
+        data.timeout_s is a ShardError (a read that hangs, as on a stalled network file system, would otherwise stop
+        this rank for ever, and the others in their collectives); its thread is left to finish on its own."""
+        workers, timeout = self.cfg.num_workers, self.cfg.timeout_s or None
         pool = ThreadPoolExecutor(workers) if workers > 0 else None
         pending: deque = deque()
-        next_step = first
+        next_step, hung = first, False
         try:
             for step in range(first, n):
-                while pool is not None and next_step < n and len(pending) < 2 * workers:
+                if pool is None:
+                    yield self.render_host(self.plan(epoch, step))
+                    continue
+                while next_step < n and len(pending) < 2 * workers:
                     pending.append(pool.submit(self.render_host, self.plan(epoch, next_step)))
                     next_step += 1
-                yield pending.popleft().result() if pool is not None else self.render_host(self.plan(epoch, step))
+                future = pending.popleft()
+                hung = not wait([future], timeout).done
+                if hung:
+                    raise ShardError(f"batch {step} of epoch {epoch} was not rendered within data.timeout_s="
+                                     f"{self.cfg.timeout_s:g} s: a read of the shards at {self.shards.root} hangs (a "
+                                     "stalled network file system?); raise data.timeout_s if the reads are only slow")
+                yield future.result()
         finally:
             for f in pending:
                 f.cancel()
             if pool is not None:
-                pool.shutdown(wait=True)
+                pool.shutdown(wait=not hung)
 
     def _empty(self, b: int, c: int, s: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty((b, c, s, s), dtype=dtype, pin_memory=self.pin)
@@ -241,11 +270,7 @@ class Loader:
     def render_host(self, plan: BatchPlan) -> ViewBatch:
         """Execute a plan with this loader's backend: views in the storage dtypes (on CUDA already with DALI)."""
         idx = plan.indices
-        if self.backend == "dali":  # reads the stored chunks itself: decoding may happen on the GPU
-            from terrafm.data.dali_path import DaliRenderer
-
-            if self._dali is None:
-                self._dali = DaliRenderer(self)
+        if self._dali is not None:  # reads the stored chunks itself: decoding may happen on the GPU
             views = self._dali.render(plan)
         else:
             needed = {m for v in plan.views for m in v.modalities}

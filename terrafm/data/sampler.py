@@ -39,14 +39,22 @@ class LandCoverSampler:
         total = num_samples or len(self.weights)
         self.per_rank = -(-total // world_size)
         self.epoch, self.position = 0, 0
+        self._drawn: tuple[int, np.ndarray] | None = None  # (epoch, epoch_indices(epoch))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.position = epoch, 0
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch, 0x5A3])
-        draws = rng.choice(len(self.weights), size=self.per_rank * self.world_size, replace=True, p=self.weights)
-        return draws[self.rank::self.world_size]
+        """This rank's draws of `epoch`, read-only. The last epoch's are kept: the loader asks for them once per batch,
+        and drawing an epoch of millions of locations takes a second."""
+        drawn = self._drawn
+        if drawn is None or drawn[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0x5A3])
+            draws = rng.choice(len(self.weights), size=self.per_rank * self.world_size, replace=True, p=self.weights)
+            drawn = (epoch, np.ascontiguousarray(draws[self.rank::self.world_size]))
+            drawn[1].flags.writeable = False
+            self._drawn = drawn
+        return drawn[1]
 
     def __len__(self) -> int:
         return self.per_rank

@@ -62,7 +62,8 @@ def plan_rng(seed: int, epoch: int, step: int, rank: int) -> np.random.Generator
 
 def _crop_box(rng: np.random.Generator, tile: int, scale: tuple[float, float],
               ratio: tuple[float, float]) -> tuple[int, int, int, int]:
-    """Random-resized-crop box (top, left, h, w) in a square tile of `tile` px."""
+    """Random-resized-crop box (top, left, h, w) in a square tile of `tile` px; after 10 misses torchvision's fallback,
+    the largest central crop whose aspect ratio is in `ratio` (the full tile when 1 is)."""
     area = tile * tile
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -72,7 +73,9 @@ def _crop_box(rng: np.random.Generator, tile: int, scale: tuple[float, float],
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= tile and 0 < h <= tile:
             return int(rng.integers(0, tile - h + 1)), int(rng.integers(0, tile - w + 1)), h, w
-    return 0, 0, tile, tile
+    h = max(1, int(round(tile / ratio[0]))) if ratio[0] > 1 else tile
+    w = max(1, int(round(tile * ratio[1]))) if ratio[1] < 1 else tile
+    return (tile - h) // 2, (tile - w) // 2, h, w
 
 
 def modality_mix(modalities: tuple[str, ...], p_fused: float) -> list[tuple[float, tuple[str, ...]]]:

@@ -3,6 +3,7 @@ and the DALI graph (everything but inflate on CPU) renders the same views as the
 
 import io
 import shutil
+import time
 
 import lz4.block
 import numpy as np
@@ -178,3 +179,21 @@ def test_a_chunk_that_does_not_inflate_is_named_like_on_the_other_paths(lz4_shar
         loader = build_loader(_cfg(bad, backend=backend, verify_checksums=False))
         with pytest.raises(ShardError, match=r"part-00000\.bin: record \d+ .* band \w+ does not decode"):
             loader.render_host(loader.plan(0, 0))
+
+
+@needs_dali
+def test_the_worker_threads_share_one_renderer(lz4_shards, monkeypatch):
+    """Each worker thread that met no renderer yet built its own (and its own pipelines, device memory and all)."""
+    from terrafm.data import dali_path
+
+    built, init = [], dali_path.DaliRenderer.__init__
+
+    def slow_init(self, loader):
+        built.append(self)
+        time.sleep(0.2)  # the window in which another worker thread also found none
+        init(self, loader)
+
+    monkeypatch.setattr(dali_path.DaliRenderer, "__init__", slow_init)
+    loader = build_loader(_cfg(lz4_shards, backend="dali", batch_size=2, num_workers=3))
+    assert len(list(loader)) == len(loader) >= 3
+    assert built == [loader._dali]

@@ -322,3 +322,32 @@ def test_a_shard_set_that_has_read_pickles_and_forks_into_a_worker(sample_shards
             np.testing.assert_array_equal(pool.apply_async(shards.tile, (0, "s2_l2a")).get(timeout=60), tile)
     finally:
         shards._bins_lock.release()
+
+
+def test_a_worker_whose_read_hangs_is_a_shard_error_within_the_timeout(sample_shards, monkeypatch):
+    """A read that never returns (a stalled network file system) left the rank waiting for ever, and every other
+    rank in its collectives; now the batch's wait ends at data.timeout_s in the ShardError the trainer stops on."""
+    import threading
+    import time
+
+    loader = build_loader(_cfg(sample_shards, num_workers=2, timeout_s=0.5))
+    release, render = threading.Event(), loader.render_host
+    hang = {int(i) for i in loader.plan(0, 2).indices}  # batch 2 hangs (batch 1 is in flight when 0 is handed out)
+
+    def render_host(plan):
+        if {int(i) for i in plan.indices} == hang:
+            release.wait(60)
+        return render(plan)
+
+    monkeypatch.setattr(loader, "render_host", render_host)
+    it, start = iter(loader), time.monotonic()
+    try:
+        assert next(it).index.tolist() == loader.plan(0, 0).indices.tolist()
+        with pytest.raises(ShardError, match=r"batch 2 of epoch 0 was not rendered within data.timeout_s=0.5 s: a "
+                                             r"read of the shards at .* hangs"):
+            next(it)
+        assert time.monotonic() - start < 10 and loader.step == 1  # a resume reads batches 1 and 2 again
+    finally:
+        release.set()
+    with pytest.raises(ValueError, match="timeout_s must be a finite number of seconds >= 0"):
+        _cfg(sample_shards, timeout_s=-1)

@@ -61,3 +61,31 @@ def test_balancing_raises_rare_class_share():
     share = [np.isin(LandCoverSampler(c, beta, seed=0).epoch_indices(0), np.arange(950, 1000)).mean()
              for beta in (0.0, 1.0)]
     assert share[0] < 0.1 and share[1] > 0.4
+
+
+def test_an_epoch_is_drawn_once_not_once_per_batch(sample_shards, monkeypatch):
+    """The loader asks for the epoch's draws at every batch, and each call drew the whole epoch again: 1.3 s per
+    batch in the training thread for 2M locations on 64 ranks."""
+    from terrafm.data.config import DataConfig
+    from terrafm.data.loader import build_loader
+
+    real, epochs = np.random.default_rng, []
+
+    def default_rng(seed):
+        if len(seed) == 3 and seed[2] == 0x5A3:  # the sampler's (seed, epoch, tag)
+            epochs.append(seed[1])
+        return real(seed)
+
+    c = np.random.default_rng(4).integers(0, 100, (1000, 11))
+    fresh = [LandCoverSampler(c, 0.5, 1, 4, seed=2).epoch_indices(e) for e in (0, 1)]
+    monkeypatch.setattr(np.random, "default_rng", default_rng)
+    s = LandCoverSampler(c, 0.5, 1, 4, seed=2)
+    first = s.epoch_indices(0)
+    assert all(s.epoch_indices(0) is first for _ in range(5)) and epochs == [0]
+    np.testing.assert_array_equal(first, fresh[0])
+    np.testing.assert_array_equal(s.epoch_indices(1), fresh[1])
+    assert epochs == [0, 1] and not first.flags.writeable  # a caller cannot change the kept draws
+    epochs.clear()
+    loader = build_loader(DataConfig(shard_dir=str(sample_shards), batch_size=2, global_size=32, local_size=16,
+                                     n_local=1, num_workers=1, backend="numpy"))
+    assert len(list(loader)) == len(loader) == 6 and epochs == [0]

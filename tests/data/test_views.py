@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +156,62 @@ def test_modality_mix_is_the_distribution_views_draw_from():
         assert draws.count(subset) / len(draws) == pytest.approx(p, abs=0.012), subset
     assert modality_mix(("s1",), 0.5) == [(1.0, ("s1",))]
     assert dict((s, p) for p, s in modality_mix(mods, 0.0))[("s1",)] == pytest.approx(1 / 3)
+
+
+def test_a_resume_on_other_sampling_says_the_order_is_not_the_runs(sample_shards, tmp_path):
+    """A state resumed with another data.beta (or other shards) said nothing and returned 0 (exact) for an order that
+    is not the run's; the same settings, after the JSON round trip of a checkpoint, resume silently."""
+    import json
+    import warnings
+
+    loader = build_loader(_cfg(sample_shards))
+    next(iter(loader))
+    state = json.loads(json.dumps(loader.state_dict()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_loader(_cfg(sample_shards)).load_state_dict(state) == 0
+    for reshard in (False, True):
+        other = build_loader(_cfg(sample_shards, beta=1.0))
+        with pytest.warns(UserWarning, match=r"another sampling than this loader's \(beta 0.5 -> 1.0\).*data.beta"):
+            other.load_state_dict(state, reshard=reshard)
+        assert (other.epoch, other.step) == (0, 1)
+    rewritten = tmp_path / "rewritten"  # the same folder re-prepared with other land-cover maps
+    shutil.copytree(sample_shards, rewritten)
+    with np.load(rewritten / "part-00000.npz") as z:
+        part = {k: z[k] for k in z.files}
+    part["class_counts"][0] = part["class_counts"][0][::-1]
+    np.savez(rewritten / "part-00000.npz", **part)
+    with pytest.warns(UserWarning, match=r"another sampling than this loader's \(crc32 \d+ -> \d+\).*rewritten"):
+        build_loader(_cfg(rewritten)).load_state_dict(state)
+
+
+@pytest.mark.skipif(not backends.csrc().usable, reason="terrafm._C not built")
+@pytest.mark.parametrize("codec", ["raw", "lz4"])
+def test_cpp_path_agrees_on_odd_tiles_band_subsets_and_extreme_crops(tmp_path_factory, codec, assert_same_host_views):
+    """The agreement test above covers raw 60 px tiles with every band; here an odd tile size (39 px), LZ4 chunks,
+    band subsets out of order, odd view sizes, crops down to a few pixels and aspect ratios up to 1:3."""
+    from terrafm.data.prepare import convert
+    from terrafm.data.sample import write_sample_parquet
+
+    root = tmp_path_factory.mktemp("odd")
+    write_sample_parquet(root / "parquet", seed=1, cells=2, tile_size=39)
+    convert([root / "parquet"], root / "shards", tile_size=39, codec=codec, workers=0, progress=False)
+    kw = dict(batch_size=3, global_size=33, local_size=15, p_fused=0.7, global_scale=(0.1, 1.0),
+              local_scale=(0.005, 0.2), ratio=(1 / 3, 3.0), bands={"s2_l1c": ("B12", "B01", "B08"), "s1": ("VH",)})
+    ref = build_loader(_cfg(root / "shards", **kw))
+    assert ref.shards.tile_size == 39 and ref.shards.codec == codec and len(ref) == 2
+    assert_same_host_views(ref, build_loader(_cfg(root / "shards", backend="cpp", cpp_threads=2, **kw)), steps=len(ref))
+
+
+@pytest.mark.parametrize("ratio", [(2.0, 3.0), (0.25, 0.5)])
+def test_a_crop_that_cannot_be_drawn_falls_back_to_a_central_crop_in_the_ratio_range(ratio):
+    """After 10 misses the box was the full (square) tile, aspect 1 outside a range like (2, 3), on every view of a
+    scale near 1; torchvision's fallback, the largest central crop of an aspect in the range, is what is documented."""
+    tile = 61
+    plan = make_plan(DataConfig(global_scale=(0.95, 1.0), ratio=ratio, n_local=0), np.arange(32), tile, 0, 0, 0)
+    for view in plan.global_views:
+        top, left, h, w = view.boxes.T
+        assert (top >= 0).all() and (left >= 0).all() and (top + h <= tile).all() and (left + w <= tile).all()
+        assert ((w / h >= ratio[0] * 0.97) & (w / h <= ratio[1] * 1.03)).all(), (w / h).tolist()
+        assert (np.maximum(h, w) == tile).all()  # the largest such crop
+        assert (np.abs(2 * top + h - tile) <= 1).all() and (np.abs(2 * left + w - tile) <= 1).all()  # central
