@@ -382,9 +382,6 @@ def patch_embed(
         x, weight, bias, modality_embed, pos_embed = (
             None if t is None else t.to(dtype) for t in (x, weight, bias, modality_embed, pos_embed))
         check_interpreted_dot_dtype("x (as torch.autocast casts it)", x)  # cpu autocast's default is bf16
-    elif weight.dtype != x.dtype:  # the launch would cast weight to x's dtype, where nn.Conv2d refuses
-        raise TypeError(f"weight is {weight.dtype} but x is {x.dtype}: give both one dtype (module.to(x.dtype) or "
-                        "x.to(weight.dtype)), or run under torch.autocast, which casts both")
     return _patch_embed_op(x, weight, bias, modality_embed, pos_embed)
 
 
