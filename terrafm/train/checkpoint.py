@@ -104,6 +104,12 @@ def saved_steps(root: Path) -> dict[int, Path]:
     return {int(p.name[5:]): p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()}
 
 
+def has_checkpoints(root: Path) -> bool:
+    """Whether a run's checkpoints folder holds a checkpoint of its own: `latest`, or a published step folder (a run
+    killed after publishing its first one and before pointing `latest` at it)."""
+    return (Path(root) / LATEST).exists() or bool(saved_steps(Path(root)))
+
+
 def resume_point(root: Path) -> Path | None:
     """The checkpoint `--resume` continues: the one `latest` names, or a newer step folder when the run was killed
     after `save` published it and before it pointed `latest` at it (with no `latest` yet, the run's first one).

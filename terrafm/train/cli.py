@@ -109,10 +109,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os.execv(cmd[0], cmd)
 
-    from terrafm.train.checkpoint import resume_point  # torch: imported once a run is about to start
+    from terrafm.train.checkpoint import has_checkpoints  # torch: imported once a run is about to start
 
     resume = args.resume_from or args.resume
-    if args.resume and resume_point(Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints") is not None:
+    if args.resume and has_checkpoints(Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints"):
         # a requeued job continues its own run (also one killed before its first `latest`); --resume-from started it
         resume = True
     return end_of_rank(train_exit_code(cfg, resume), program=getattr(args, "as_program", False))

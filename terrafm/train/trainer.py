@@ -634,7 +634,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
             resume_from = checkpoint_io.resolve(resume)
     except checkpoint_io.CheckpointError as err:
         raise SetupError(f"cannot resume: {err}") from err
-    if not resume and ((ckpt_root / checkpoint_io.LATEST).exists() or checkpoint.saved_steps(ckpt_root)):
+    if not resume and checkpoint.has_checkpoints(ckpt_root):
         raise SetupError(f"{run_dir} already has checkpoints; pass --resume to continue it, or choose another "
                          "--out / train.run_name for a fresh run")
     check_run_dir(run_dir)  # every rank: each fails alike instead of waiting in a collective

@@ -40,8 +40,10 @@ def test_kill_while_writing_a_checkpoint_leaves_latest_complete(reference_run, t
 
 def _signal_after_two_steps(tmp_path, signum) -> tuple[int, str]:
     """A long run signalled once it has logged two steps: (exit code, stderr)."""
+    # SIGHUP as a terminal sends it, also where the tests themselves run under nohup (which the run would honour)
     proc = subprocess.Popen(harness_cmd(tmp_path, "train.max_steps=1000", "train.checkpoint_every=1000"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     metrics = tmp_path / "run" / "metrics.jsonl"
     try:
         wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
