@@ -12,9 +12,10 @@ read with a restricted unpickler (no geobench install needed, no arbitrary code)
 Images keep their size here; features.extract resizes them (--img-size) before the patch-multiple check.
 Nodata: NaN / inf values, values <= -9999 (the fill of S1 RTC products), a GeoTIFF's own GDAL_NODATA value and,
 in S2 images, pixels that are 0 in every band (ESA's NO_DATA value: outside the swath, a detector gap) are read
-as NaN; the statistics skip them and `normalize` fills them with 0, the band's mean, as `terrafm prepare` does for
-training tiles. A 0 in some bands only is kept: a dark pixel clipped at 0 in one band is still a pixel. An image
-with no valid pixel is refused by name.
+as NaN; the statistics skip them and `normalize` (per batch, in features.extract) fills them with 0, the band's
+mean, as `terrafm prepare` does for training tiles. A 0 in some bands only is kept: a dark pixel clipped at 0 in one
+band is still a pixel. An image with no valid pixel is refused by name.
+A split is held once: readers fill one array image by image (_SplitImages), whole-split work goes by row_chunks.
 Folders: `root/<split>/<class>/*.tif|*.npy` for classification, `root/<split>/images/*` with
 `root/<split>/masks/*` of the same file names for segmentation.
 """
@@ -219,7 +220,15 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
     if not ids:  # an empty validation split is no validation split
         raise MissingSplitError(f"split {split!r} in {partition_file} is empty")
     _refuse_shared_samples(partition, key, partition_file)
-    images, labels, band_names, chosen, paths, s2_set = [], [], None, None, [], None
+    band_names, chosen, paths, s2_set = None, None, [], None
+
+    def choose(head: np.ndarray) -> tuple[str, list[int], str]:
+        if s2_set is None:  # the bands read are the modality's, in its order
+            return modality, list(range(head.shape[1])), "esa"
+        order = resolve_band_order(head, band_order, f"split {split!r} of {root}")
+        return (*modality_for_bands(bands_from_count(len(s2_set), order), modality), order)
+
+    images, labels = _SplitImages(len(ids), choose), _Rows(len(ids))
     for sample_id in ids:
         path = root / f"{sample_id}.hdf5"
         if not path.exists():
@@ -247,23 +256,79 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
                                      f"read with; it has {names}")
             bands = [_hdf5_band(f, keys[band_names[i]], path) for i in chosen]
             image = _mask_nodata(_stack_bands(bands, path, [band_names[i] for i in chosen]), path)
-            if images and image.shape != images[0].shape:
+            first = images.first_shape or image.shape
+            if image.shape != first:
                 raise ValueError(f"{path} is {image.shape[1]}x{image.shape[2]} px, the first sample of split {split!r} "
-                                 f"{images[0].shape[1]}x{images[0].shape[2]}: a split's images must share one size")
-            images.append(image)
-            paths.append(path)
+                                 f"{first[1]}x{first[2]}: a split's images must share one size")
             label = _label_shape(class_ids(_hdf5_label(f, path), path, split), path)
             if label.ndim == 2 and label.shape != image.shape[1:]:
                 raise ValueError(f"{path}: its label mask is {label.shape[0]}x{label.shape[1]} px, its image "
                                  f"{image.shape[1]}x{image.shape[2]}: a mask must cover its image pixel for pixel")
-            labels.append(label)
-    stacked, order = np.stack(images), "esa"
-    if s2_set is not None:
-        order = resolve_band_order(stacked, band_order, f"split {split!r} of {root}")
-        modality, selected = modality_for_bands(bands_from_count(len(s2_set), order), modality)
-        stacked = stacked[:, selected]
-    return EvalSplit(_mask_s2_empty(stacked, modality, paths), _as_labels(labels), modality, band_order=order,
-                     files=paths)
+            images.add(image, path)
+            labels.add(label, path)
+            paths.append(path)
+    y = labels.array()
+    return EvalSplit(images.array(), y.astype(np.float32) if y.ndim == 2 else y, images.modality,
+                     band_order=images.order, files=paths)
+
+
+HEAD = 256  # the images the band-layout checks look at (_band_pixels)
+
+
+class _SplitImages:
+    """A split's images in one (N, C, H, W) float32 array, filled image by image as they are read, so the split is
+    held once (GEO-Bench m-bigearthnet: ~14 GB a copy), not as a list, its stack and a band selection of that. The
+    first HEAD images are held until choose(their stack) -> (modality, bands to keep, band order) can tell which
+    bands to keep; from then on each image's kept bands go straight into the array, S2 pixels empty in all of them
+    masked (_mask_s2_empty)."""
+
+    def __init__(self, count: int, choose):
+        self.count, self.choose = count, choose
+        self.head: list[tuple[np.ndarray, Path]] = []
+        self.out, self.filled, self.first_shape = None, 0, None
+        self.modality, self.bands, self.order = "", [], "esa"
+
+    def add(self, image: np.ndarray, path: Path) -> None:
+        self.first_shape = self.first_shape or image.shape
+        if self.out is not None:
+            self._put(image, path)
+            return
+        self.head.append((image, path))
+        if len(self.head) == min(HEAD, self.count):
+            self.modality, self.bands, self.order = self.choose(np.stack([im for im, _ in self.head]))
+            self.out = np.empty((self.count, len(self.bands), *image.shape[1:]), np.float32)
+            head, self.head = self.head, []
+            while head:
+                self._put(*head.pop(0))
+
+    def _put(self, image: np.ndarray, path: Path) -> None:
+        i = self.filled
+        self.out[i] = image[self.bands]
+        _mask_s2_empty(self.out[i:i + 1], self.modality, [path])
+        self.filled += 1
+
+    def array(self) -> np.ndarray:
+        return self.out
+
+
+class _Rows:
+    """Per-sample arrays of one shape (labels) in one (N, ...) array allocated at the first, not a list and its
+    stack; a sample of another shape is refused by name."""
+
+    def __init__(self, count: int):
+        self.count, self.out, self.filled = count, None, 0
+
+    def add(self, row: np.ndarray, path: Path) -> None:
+        if self.out is None:
+            self.out = np.empty((self.count, *row.shape), row.dtype)
+        elif row.shape != self.out.shape[1:]:
+            raise ValueError(f"{path}: its label has shape {row.shape}, the first sample's {self.out.shape[1:]}: a "
+                             "split's labels are class ids, multi-hot vectors or masks of one shape")
+        self.out[self.filled] = row
+        self.filled += 1
+
+    def array(self) -> np.ndarray:
+        return self.out
 
 
 def geobench_label_subset(root: str | Path, fraction: float, train_files: list[Path]) -> tuple[np.ndarray, str] | None:
@@ -514,16 +579,6 @@ def class_ids(label, path: Path, split: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _as_labels(labels: list[np.ndarray]) -> np.ndarray:
-    try:
-        arr = np.stack(labels)
-        return arr.astype(np.float32) if arr.ndim == 2 else arr.astype(np.int64)
-    except (ValueError, TypeError) as err:
-        examples = sorted({str(v)[:20] for v in labels[:50]})[:5]
-        raise ValueError(f"labels must be numeric class ids, multi-hot vectors or masks of one shape, got e.g. "
-                         f"{examples} ({err})") from err
-
-
 # -- folders --------------------------------------------------------------------------------------
 def _decode(path: Path) -> tuple[np.ndarray, float | None, bool | None]:
     """The float32 array of a .npy or GeoTIFF, the GeoTIFF's declared nodata value, and whether the bands are the
@@ -620,17 +675,10 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
     if not subdirs and not _files(split_dir):  # an empty validation folder is no validation split
         raise MissingSplitError(f"split folder {split_dir} is empty")
     if {"images", "masks"} <= set(subdirs):
-        files = _files(split_dir / "images")
-        if not files:
+        paths = _files(split_dir / "images")
+        if not paths:
             raise ValueError(f"{split_dir / 'images'} holds no {'/'.join(IMAGE_SUFFIXES)} files")
-        pairs, masks = [], _masks_by_stem(split_dir / "masks")
-        for f in files:
-            mask = masks.get(f.stem)
-            if mask is None:
-                raise FileNotFoundError(f"no mask for {f} in {split_dir / 'masks'} (expected {f.stem}.tif/.npy)")
-            image = _read_image(f)
-            pairs.append((image, _read_mask(mask, image.shape[1:], split)))
-        images, labels, names, paths = [p[0] for p in pairs], [p[1] for p in pairs], class_names or [], files
+        masks, labels, names = _masks_by_stem(split_dir / "masks"), None, class_names or []
     else:
         names = class_names or subdirs
         unseen = sorted(set(subdirs) - set(names))
@@ -639,7 +687,7 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
                              "predict a class it never saw: add its train images or remove the folder")
         if not names:
             raise ValueError(f"{split_dir} has no class folders (expected {split_dir}/<class>/*.tif)")
-        images, labels, paths = [], [], []
+        paths, labels = [], []
         for idx, name in enumerate(names):
             folder = split_dir / name
             if class_names and not folder.exists():  # a val / test split without this train class: none to score
@@ -651,18 +699,30 @@ def read_folder(root: str | Path, split: str, modality: str = "auto",
                                  f"holds its images directly ({split_dir}/<class>/*.tif); move them up or remove it")
             if not found:
                 raise ValueError(f"class {name!r} has no images in {folder} (expected *.tif, *.tiff or *.npy)")
-            images += [_read_image(f) for f in found]
             paths += found
             labels += [idx] * len(found)
-    odd = next((i for i, im in enumerate(images) if im.shape != images[0].shape), None)
-    if odd is not None:
-        raise ValueError(f"images in {split_dir} differ in shape: {paths[odd]} is {images[odd].shape}, "
-                         f"{paths[0]} {images[0].shape}")
-    stacked = np.stack(images)
-    order = resolve_band_order(stacked, band_order, str(split_dir)) if stacked.shape[1] in (12, 13) else "esa"
-    modality, chosen = modality_for_bands(bands_from_count(stacked.shape[1], order), modality)
-    images = _mask_s2_empty(stacked[:, chosen], modality, paths)  # the band selection is a copy: masked in place
-    return EvalSplit(images, np.asarray(labels, dtype=np.int64), modality, list(names), order, list(paths))
+        if not paths:  # images loose in the split folder, none in a class folder
+            raise ValueError(f"{split_dir} holds none of the train split's class folders {names[:8]} (expected "
+                             f"{split_dir}/<class>/*.tif)")
+        labels = np.asarray(labels, dtype=np.int64)
+
+    def choose(head: np.ndarray) -> tuple[str, list[int], str]:
+        order = resolve_band_order(head, band_order, str(split_dir)) if head.shape[1] in (12, 13) else "esa"
+        return (*modality_for_bands(bands_from_count(head.shape[1], order), modality), order)
+
+    images, mask_rows = _SplitImages(len(paths), choose), _Rows(len(paths))
+    for path in paths:
+        if labels is None and path.stem not in masks:
+            raise FileNotFoundError(f"no mask for {path} in {split_dir / 'masks'} (expected {path.stem}.tif/.npy)")
+        image = _read_image(path)
+        first = images.first_shape or image.shape
+        if image.shape != first:
+            raise ValueError(f"images in {split_dir} differ in shape: {path} is {image.shape}, {paths[0]} {first}")
+        if labels is None:
+            mask_rows.add(_read_mask(masks[path.stem], image.shape[1:], split), path)
+        images.add(image, path)
+    labels = mask_rows.array() if labels is None else labels
+    return EvalSplit(images.array(), labels, images.modality, list(names), images.order, list(paths))
 
 
 def shared_files(splits: dict[str, EvalSplit]) -> list[tuple[str, str, Path, Path]]:
@@ -697,8 +757,19 @@ NORMALIZATIONS = ("auto", "checkpoint", "dataset")
 def s1_units(images: np.ndarray) -> str:
     """'db' or 'linear': S1 backscatter in dB is mostly negative; linear power is not (resampled linear power can
     dip a little below 0, so one negative pixel does not make an image dB)."""
-    values = images[np.isfinite(images)]
-    return "db" if values.size and np.median(values) < 0 else "linear"
+    count = negative = 0  # the sign of the median of the finite values, gathered chunk by chunk
+    top_negative, low_rest = -np.inf, np.inf
+    for chunk in row_chunks(images):
+        values = chunk[np.isfinite(chunk)]
+        below = values < 0
+        count, negative = count + values.size, negative + int(below.sum())
+        if below.any():
+            top_negative = max(top_negative, values[below].max())
+        if not below.all():
+            low_rest = min(low_rest, values[~below].min())
+    if 2 * negative == count and count:  # the two middle values straddle 0: their mean decides, as np.median's
+        return "db" if np.mean(np.array([top_negative, low_rest], images.dtype)) < 0 else "linear"
+    return "db" if 2 * negative > count else "linear"
 
 
 def to_s1_scaling(images: np.ndarray, scaling: str, have: str | None = None) -> np.ndarray:
@@ -752,20 +823,50 @@ def band_stats(images: np.ndarray, bands: list[str] | tuple[str, ...] | None = N
     """Per-band mean and std (C,) of the valid (non-NaN) pixels of the training split (float64, one band at a time)."""
     mean, std = np.zeros(images.shape[1], np.float32), np.zeros(images.shape[1], np.float32)
     for c in range(images.shape[1]):
-        x = images[:, c].astype(np.float64)
-        x = x[~np.isnan(x)]
-        if x.size == 0:
-            raise ValueError(f"band {bands[c] if bands else c!r} has no valid pixel in the train split (all nodata)")
-        mean[c], std[c] = x.mean(), max(x.std(), 1e-6)
+        mean[c], std[c] = _mean_std(_valid_values(images[:, c]), bands[c] if bands else c)
     return mean, std
 
 
+def _mean_std(x: np.ndarray, band) -> tuple[float, float]:
+    """x.mean() and x.std() (at least 1e-6) of a band's valid values, with the deviations squared in place: the band
+    is held once in float64, not twice."""
+    if x.size == 0:
+        raise ValueError(f"band {band!r} has no valid pixel in the train split (all nodata)")
+    mean = x.mean()
+    x -= mean
+    np.multiply(x, x, out=x)
+    return mean, max(np.sqrt(np.add.reduce(x) / x.size), 1e-6)  # x.std(), as numpy computes it
+
+
+def _valid_values(band: np.ndarray) -> np.ndarray:
+    """The non-NaN values of a band (N, H, W) in order, as float64, gathered chunk by chunk: no full-size mask or
+    float32 copy beside them."""
+    chunks = list(row_chunks(band))
+    x, at = np.empty(sum(int(np.count_nonzero(~np.isnan(chunk))) for chunk in chunks)), 0
+    for chunk in chunks:
+        values = chunk[~np.isnan(chunk)]
+        x[at:at + values.size] = values
+        at += values.size
+    return x
+
+
 def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """(x - mean) / std per band; nodata (NaN) becomes 0, the band's mean."""
-    out = ((images - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
-    return np.nan_to_num(out, copy=False, nan=0.0)  # in place: no second copy of the split; inf was masked at read
+    """(x - mean) / std per band; nodata (NaN) becomes 0, the band's mean. features.extract calls it per batch."""
+    out = ((images - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32, copy=False)
+    return np.nan_to_num(out, copy=False, nan=0.0)  # in place: no second copy; inf was masked at read
+
+
+CHUNK_BYTES = 1 << 23  # how much of a split row_chunks hands out at a time
+
+
+def row_chunks(images: np.ndarray):
+    """Consecutive row slices of an (N, ...) array of about CHUNK_BYTES each: whole-split work without a whole-split
+    temporary."""
+    step = max(1, CHUNK_BYTES // max(1, images[:1].nbytes))
+    for start in range(0, len(images), step):
+        yield images[start:start + step]
 
 
 def nodata_pixels(images: np.ndarray) -> int:
     """How many pixel values of a split are nodata (NaN)."""
-    return int(np.isnan(images).sum())
+    return sum(int(np.isnan(chunk).sum()) for chunk in row_chunks(images))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from terrafm.eval.data import normalize, row_chunks
 from terrafm.fileio import atomic_write
 
 
@@ -40,9 +41,9 @@ def images_digest(images: np.ndarray) -> str:
     """A hash of a split's images (values, order, shape, dtype), part of the cache key: the dataset path alone
     misses a relabelled sample (a file moved to another class folder reorders the split at the same row count)
     or images rewritten in place, and cached features would then be scored against other samples' labels."""
-    arr = np.ascontiguousarray(images)
-    digest = hashlib.blake2b(f"{arr.shape}{arr.dtype}".encode(), digest_size=16)
-    digest.update(memoryview(arr).cast("B"))
+    digest = hashlib.blake2b(f"{images.shape}{images.dtype}".encode(), digest_size=16)
+    for chunk in row_chunks(images):  # the bytes of the C-ordered split, without a copy of all of it
+        digest.update(memoryview(np.ascontiguousarray(chunk)).cast("B"))
     return digest.hexdigest()
 
 
@@ -54,8 +55,10 @@ def resize(images: torch.Tensor, img_size: int | None) -> torch.Tensor:
 
 @torch.no_grad()
 def extract(model, images: np.ndarray, modality: str, kind: str = "cls", batch_size: int = 64,
-            img_size: int | None = None, device: str = "cpu", desc: str = "features") -> np.ndarray:
-    """Run the frozen backbone over normalised images (N, C, H, W); returns float32 features."""
+            img_size: int | None = None, device: str = "cpu", desc: str = "features",
+            stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Run the frozen backbone over images (N, C, H, W); returns float32 features. stats: (mean, std) to normalise
+    each batch with (normalize), so the split is not copied whole; without them the images are taken as normalised."""
     if kind not in ("cls", "multiscale"):
         raise ValueError(f"feature kind must be 'cls' or 'multiscale', got {kind!r}")
     h, w = (img_size, img_size) if img_size else images.shape[-2:]  # images are resized first, then checked
@@ -66,15 +69,19 @@ def extract(model, images: np.ndarray, modality: str, kind: str = "cls", batch_s
             f"{model.patch_size}; pass --img-size (e.g. {max(1, round(size / model.patch_size)) * model.patch_size})"
         )
     model.eval().to(device)
-    out = []
+    out = None  # (N, ...) allocated at the first batch: multi-scale maps can be as large as the images
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        x = resize(torch.from_numpy(images[start:start + batch_size]).to(device), img_size)
+        batch = images[start:start + batch_size]
+        x = resize(torch.from_numpy(normalize(batch, *stats) if stats else batch).to(device), img_size)
         if kind == "cls":
             feats = model.forward_features(x, modality)["x_norm_clstoken"]
         else:
             feats = torch.cat(model.multiscale_features(x, modality), dim=1)
-        out.append(feats.float().cpu().numpy())
-    return np.concatenate(out)
+        feats = feats.float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(images), *feats.shape[1:]), np.float32)
+        out[start:start + len(feats)] = feats
+    return out
 
 
 def cached_features(cache_dir: str | Path | None, key: str, compute, rows: int | None = None) -> np.ndarray:

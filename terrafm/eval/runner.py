@@ -16,8 +16,8 @@ from terrafm.eval.data import (
     geobench_label_subset,
     input_statistics,
     nodata_pixels,
-    normalize,
     read_split,
+    row_chunks,
     s1_units,
     shared_files,
     to_s1_scaling,
@@ -155,7 +155,8 @@ def evaluate(cfg: EvalConfig, model) -> dict:
                              "or every split in linear power")
         s1 = {"s1_input_units": units["train"], "s1_scaling": inputs["s1_scaling"]}
         for split in splits.values():
-            split.images = to_s1_scaling(split.images, inputs["s1_scaling"], units["train"])
+            for chunk in row_chunks(split.images):  # in place: no second copy of the split
+                chunk[...] = to_s1_scaling(chunk, inputs["s1_scaling"], units["train"])
     mean, std, stats_from = input_statistics(train, inputs, cfg.normalize)
     prep = f"{stats_from}:{mean.tolist()}:{std.tolist()}:{s1.get('s1_scaling')}:{train.band_order}"
     kind = "multiscale" if task == "segmentation" else "cls"
@@ -164,8 +165,8 @@ def evaluate(cfg: EvalConfig, model) -> dict:
     for name, split in splits.items():
         key = cache_key(cfg.checkpoint, cfg.data, name, modality, cfg.img_size, kind, prep, images_digest(split.images))
         feats[name] = cached_features(cache_dir, key, lambda s=split, n=name: extract(
-            model, normalize(s.images, mean, std), modality, kind, cfg.batch_size, cfg.img_size, cfg.device,
-            desc=f"{n} features"), rows=len(split.labels))
+            model, s.images, modality, kind, cfg.batch_size, cfg.img_size, cfg.device, desc=f"{n} features",
+            stats=(mean, std)), rows=len(split.labels))
         finite = np.isfinite(feats[name].reshape(len(feats[name]), -1)).all(axis=1)
         if not finite.all():  # one NaN row made every kNN vote NaN (all predictions class 0) and the probe's mean NaN
             first = int(np.argmin(finite))

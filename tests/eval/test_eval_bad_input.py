@@ -543,3 +543,28 @@ def test_images_in_a_subfolder_of_a_class_folder_are_named_not_left_out(tmp_path
     (root / "train" / "class_0" / "more" / "x.npy").unlink()  # an empty sub-folder (or one of sidecars) is fine
     (root / "train" / "class_0" / "more" / "notes.txt").write_text("x")
     assert len(read_split(root, "folder", "train").labels) == 8
+
+
+def test_a_test_split_of_loose_images_without_class_folders_is_named(tmp_path):
+    """test/x.npy beside no class folder: the split held no image to read (was numpy's 'need at least one array')."""
+    splits = make_splits(13, per_class=(2, 1, 1))
+    del splits["valid"]
+    root = write_folder(tmp_path / "eurosat", splits, suffix=".npy")
+    train = read_split(root, "folder", "train")
+    for folder in (root / "test").iterdir():
+        for f in folder.iterdir():
+            f.rename(root / "test" / f"{folder.name}_{f.name}")
+        folder.rmdir()
+    with pytest.raises(ValueError, match=r"test holds none of the train split's class folders \['class_0'"):
+        read_split(root, "folder", "test", class_names=train.class_names)
+
+
+def test_a_label_of_another_shape_than_the_first_samples_names_its_file(tmp_path):
+    def longer_vector(splits):
+        images, labels = splits["train"]
+        hot = np.eye(4, dtype=np.uint8)[labels]
+        splits["train"] = (images, [*hot[:2], np.ones(5, np.uint8), *hot[3:]])
+
+    data = _geobench(tmp_path, mutate=longer_vector)
+    with pytest.raises(ValueError, match=r"train_0002.hdf5: its label has shape \(5,\), the first sample's \(4,\)"):
+        read_split(data, "hdf5", "train")
