@@ -215,7 +215,8 @@ class Loader:
         return self.records[draws[step * b:(step + 1) * b]]
 
     def plan(self, epoch: int, step: int) -> BatchPlan:
-        return make_plan(self.cfg, self.batch_indices(epoch, step), self.shards.tile_size, epoch, step, self.rank)
+        return make_plan(self.cfg, self.batch_indices(epoch, step), self.shards.tile_size, epoch, step, self.rank,
+                         self.seed)
 
     def __iter__(self):
         """Device batches, IN_FLIGHT deep; self.step counts the batches handed out (what a resume continues from)."""

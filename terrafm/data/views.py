@@ -101,9 +101,11 @@ def choose_modalities(rng: np.random.Generator, modalities: tuple[str, ...], p_f
     return (modalities[int(rng.integers(len(modalities)))],)
 
 
-def make_plan(cfg: DataConfig, indices: np.ndarray, tile_size: int, epoch: int, step: int, rank: int = 0) -> BatchPlan:
-    """The crop/modality/flip plan of one batch, a pure function of (cfg.seed, epoch, step, rank, indices)."""
-    rng = plan_rng(cfg.seed, epoch, step, rank)
+def make_plan(cfg: DataConfig, indices: np.ndarray, tile_size: int, epoch: int, step: int, rank: int = 0,
+              seed: int | None = None) -> BatchPlan:
+    """The crop/modality/flip plan of one batch, a pure function of (seed, epoch, step, rank, indices); seed defaults
+    to cfg.seed (the Loader passes its combined data.seed and train.seed)."""
+    rng = plan_rng(cfg.seed if seed is None else seed, epoch, step, rank)
     b = len(indices)
 
     def view(size: int, scale: tuple[float, float]) -> ViewPlan:

@@ -26,7 +26,8 @@ def sample_shards(sample_parquet, tmp_path_factory) -> Path:
 
 def _assert_same_host_views(ref_loader, other_loader, steps: int = 2) -> None:
     """Both loaders' host views (storage dtypes) of the same plans agree to one storage quantum: uint16 within
-    1 DN (a float-error tie at x.5 may round either way: rare), float16 within one ulp."""
+    1 DN (a float-error tie at x.5 may round either way: rare), float16 within one ulp, and near 0 within 1e-6 of
+    the view's scale (docs/data.md: DALI's resize arithmetic; measured at most 5.5e-7 over 24 seeds)."""
     import torch
 
     for step in range(steps):
@@ -42,7 +43,8 @@ def _assert_same_host_views(ref_loader, other_loader, steps: int = 2) -> None:
                     diff = (x.to(torch.int32) - y.to(torch.int32)).abs()
                     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (m, diff.max(), diff.float().mean())
                 else:
-                    torch.testing.assert_close(y.float(), x.float(), rtol=2e-3, atol=1e-7)
+                    scale = x.float().abs().max().item()
+                    torch.testing.assert_close(y.float(), x.float(), rtol=2e-3, atol=max(1e-7, 1e-6 * scale))
 
 
 @pytest.fixture
