@@ -59,21 +59,14 @@ def _costed_on(capability: int) -> dict:
 GPUS = {capability: _costed_on(capability) for capability in BY_CAPABILITY}
 BOUND = 1.5  # executed / useful FLOPs and moved / minimum bytes
 HEAD_BOUND = 2.0  # dino_head_loss: the fused head recomputes logit tiles by design
-_TF32X3 = ("fp32 dots run tf32x3 (three tf32 products), since one tf32 product failed the 2x rule on an H200 "
-           "(2.5-2.7x nn.Conv2d's error); fp32 is not the presets' precision (bf16 is 1.0x)")
 # Configs (name prefixes) whose ratios are over bound today, and why: the work list of issue 11.
 KNOWN_OVER_BOUND = {
-    "patch_embed_fwd_float32": "fp32 at the presets' shape moves x 308 MB, W 28 MB (over half of L2), out 231 MB; "
-                               "1.5x leaves 621 MB for x + W and x twice with W once is 645 MB, so x must cross "
-                               "HBM once (whole output rows per wave) and W at most 11 times: at most 11 waves of "
-                               "the 25088 x 2304 output, 40-49K fp32 accumulators per SM (64 x 64 tiles at 4-5 "
-                               "CTAs/SM hold 16-20K, a 128 x 256 tile at 1 CTA/SM 32K); W in two L2-resident "
-                               "slices, as grad_input runs, reads x twice: 1.54-1.56x. bf16 (presets) is 1.05x. "
-                               "FLOPs 3x: " + _TF32X3,
-    "patch_embed_grad_input_float32": "FLOPs 3x: " + _TF32X3,
-    "patch_embed_grad_weight_float32": "FLOPs 3x: " + _TF32X3 + "; bytes 1.8-2.2x: tf32x3 splits each operand "
-                                       "in registers, so the 128 x 128 (E x KD) tile of 16-bit spills and a wave "
-                                       "of 128 x 64 tiles covers fewer KD blocks (G read twice more)",
+    "patch_embed_fwd_float32": "bytes only: fp32 at the presets' shape moves x 308 MB, W 28 MB (over half of L2), "
+                               "out 231 MB; 1.5x leaves 621 MB for x + W and x twice with W once is 645 MB, so x "
+                               "must cross HBM once (whole output rows per wave) and W at most 11 times: at most 11 "
+                               "waves of the 25088 x 2304 output, 40-49K fp32 accumulators per SM (64 x 64 tiles at "
+                               "6 CTAs/SM hold 24K, 128 x 128 at 2 CTAs/SM on sm_90 32K: 1.67x); W in two L2-resident "
+                               "slices, as grad_input runs, reads x twice: 1.54-1.56x. bf16 (presets) is 1.00-1.02x",
     **{f"dino_teacher_sk_column_{dtype}_3760rows": "bytes 2.0x: a Sinkhorn column step needs each row's normaliser "
        "before its column sums, so it reads the logits twice; the second read comes from L2 only for the 16 MiB "
        "groups of few rows (128 rows: 1.09-1.12x); iBOT's 3760 rows are 0.5-1 GB, a launch pair per 16 MiB would "

@@ -48,16 +48,17 @@ from .gpus import GPUS
 # Forward and grad_input, fp16/bf16 on H100 (sm_90) and A100 (sm_80): 128 x 128 output tiles,
 # BLOCK_K = 32, 8 warps, 3 stages: wgmma / mma, no spills. The gathered patch tile needs an address
 # per element, which is what fills the register file on sm_80 (199-255 registers); on sm_90 W and G
-# come by TMA and the forward takes 140 registers, grad_input 63. fp32 inputs run three tf32 products
-# per dot (tf32x3, _dot_precision) when torch allows tf32 for cuDNN convolutions (its default); the fp32
-# forward needs half the tile (128 x 128 fp32 spilled) and 2 stages (3 spilled 8 bytes in the 64 x 32
-# fp32 grad_input tiles on sm_80; fp32 grad_input has its own tiles below).
+# come by TMA and the forward takes 140 registers, grad_input 63. fp32 inputs run one tf32 product of
+# rounded operands per dot (_dot_precision) when torch allows tf32 for cuDNN convolutions (its default).
+# The fp32 forward takes 64 x 64 x 16 tiles, 2 stages: 78-80 registers, 6 CTAs per SM; 128 x 128 tiles
+# (1 CTA per SM on sm_80) move more bytes there (2.6x against 2.05x) and fewer on sm_90 (1.67x against
+# 1.85x), over the bound either way (compile_report.KNOWN_OVER_BOUND says why).
 GPU_CONFIGS = {
     2: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
     4: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
 }
-# grad_input in fp32 writes 64 x 64 (M x KD) tiles, stepping E 32 at a time: 167-168 registers, 3 CTAs per SM
-# on sm_80 and sm_90, no spills. A wave then covers whole row blocks of its W slice (below) more evenly
+# grad_input in fp32 writes 64 x 64 (M x KD) tiles, stepping E 32 at a time: 90-128 registers, 4-5 CTAs per SM
+# on sm_90 and sm_80, no spills. A wave then covers whole row blocks of its W slice (below) more evenly
 # than with 64 x 32 tiles (1.50x on A100 with those, 1.44x with these).
 GRAD_INPUT_CONFIGS = {
     2: GPU_CONFIGS[2],
@@ -74,8 +75,8 @@ W_SLICE_BYTES = min(gpu["l2"] for gpu in GPUS.values()) // 2
 # 128 (E x KD) tiles at 2 CTAs per SM make a wave cover 12-15 of the 24 KD block rows at the presets'
 # shape: G crosses HBM twice and x once (1.41-1.43x; 128 x 32 tiles re-read G in each of 7-14 waves).
 # BLOCK_M is the reduction step: 32 spills 8 bytes on sm_90 in fp16/bf16, and 8 warps take 162-180
-# registers (1 CTA per SM). fp16/bf16: 221-255 registers, no spills. fp32 (tf32x3 splits each operand in
-# registers): 128 x 128 spilled 192-320 bytes, so 128 x 64 tiles, 168-188 registers (bytes 1.8-2.2x).
+# registers (1 CTA per SM). fp16/bf16: 221-255 registers, no spills. fp32: 128 x 64 tiles, 116-123
+# registers, 4 CTAs per SM (1.41-1.42x; 128 x 128 take 224-239 registers for the same bytes).
 GRAD_WEIGHT_CONFIGS = {
     2: {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
     4: {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
@@ -101,6 +102,18 @@ def _patch_offsets(rows, cols, N, GW, C, H, W, P: tl.constexpr):
 
 
 @triton.jit
+def _dot_operand(t, DOT_PRECISION: tl.constexpr):
+    """An fp32 tile rounded to tf32 (10-bit mantissa, to nearest, ties away) for a "tf32" dot, as cuDNN's
+    convolutions round theirs; the tensor core alone drops the low bits (truncation: 2.5-2.7x cuDNN's error
+    on an H200, over the 2x rule). NaN passes as is (the carry would reach the sign); 16-bit tiles pass."""
+    if DOT_PRECISION == "tf32" and t.dtype == tl.float32:
+        bits = t.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        t = tl.where(t == t, rounded, t)
+    return t
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, bias_ptr, embed_ptr, pos_ptr, out_ptr,
     M, E, KD, N, GW, C, H, W, W_STRIDE,
@@ -120,7 +133,8 @@ def _forward_kernel(
         a = tl.load(x_ptr + _patch_offsets(rows, ks, N, GW, C, H, W, P),
                     mask=row_mask[:, None] & (ks < KD)[None, :], other=0.0)
         w = w_desc.load([e0, k0])  # (BLOCK_N, BLOCK_K), zero outside W
-        acc = tl.dot(a, w.T, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(_dot_operand(a, DOT_PRECISION), _dot_operand(w, DOT_PRECISION).T, acc,
+                     input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols_e, mask=e_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_EMBED:
@@ -153,7 +167,8 @@ def _grad_weight_kernel(
         g = g_desc.load([m0, e0])  # (BLOCK_M, BLOCK_N), zero outside G
         a_t = tl.load(x_ptr + _patch_offsets(rows, ks, N, GW, C, H, W, P).T,
                       mask=k_mask[:, None] & (rows < M)[None, :], other=0.0)
-        acc = tl.dot(a_t.to(g.dtype), g, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(_dot_operand(a_t.to(g.dtype), DOT_PRECISION), _dot_operand(g, DOT_PRECISION), acc,
+                     input_precision=DOT_PRECISION)
     tl.store(gw_ptr + cols_e.to(tl.int64)[None, :] * KD + ks[:, None], acc.to(gw_ptr.dtype.element_ty),
              mask=k_mask[:, None] & (cols_e < E)[None, :])
 
@@ -178,7 +193,8 @@ def _grad_input_kernel(
     for e0 in range(0, E, BLOCK_N):
         g = g_desc.load([m0, e0])  # (BLOCK_M, BLOCK_N)
         w = w_desc.load([e0, k0])  # (BLOCK_N, BLOCK_K)
-        acc = tl.dot(g, w.to(g.dtype), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(_dot_operand(g, DOT_PRECISION), _dot_operand(w.to(g.dtype), DOT_PRECISION), acc,
+                     input_precision=DOT_PRECISION)
     tl.store(gx_ptr + _patch_offsets(rows, ks, N, GW, C, H, W, P), acc.to(gx_ptr.dtype.element_ty),
              mask=(rows < M)[:, None] & (ks < KD)[None, :])
 
@@ -217,13 +233,21 @@ def _tiles(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in ("grid", "launches")}
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets cuDNN convolutions take tf32 operands (its default): the kernel's fp32 dots follow the
+    same switch as nn.Conv2d. The per-op setting (torch.backends.cudnn.conv.fp32_precision) where it is set,
+    else the legacy torch.backends.cudnn.allow_tf32, which raises once the two APIs are mixed."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    precision = getattr(conv, "fp32_precision", "none")
+    return precision == "tf32" if precision in ("tf32", "ieee") else bool(torch.backends.cudnn.allow_tf32)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots: three tf32 products (tf32x3, near-fp32 accuracy) or, where torch forbids tf32 for
-    convolutions, IEEE FMA. One tf32 product truncates its operands where cuDNN rounds them: on an H200
-    it gave 2.5-2.7x nn.Conv2d's error at the presets' shape, over the 2x rule. 16-bit dots keep the default."""
+    """fp32 dots: one tf32 product of operands rounded to tf32 (_dot_operand, as cuDNN rounds them) where
+    tf32_allowed(), else IEEE FMA. 16-bit dots take their operands as they are."""
     if dtype != torch.float32:
-        return "tf32"  # the default; a 16-bit dot takes its operands as they are
-    return "tf32x3" if torch.backends.cudnn.allow_tf32 else "ieee"
+        return "tf32"  # the default; ignored for 16-bit operands
+    return "tf32" if tf32_allowed() else "ieee"
 
 
 def validate(x, weight, bias, modality_embed=None, pos_embed=None) -> None:
@@ -436,8 +460,7 @@ def efficiency(kernel: str, B: int, C: int, H: int, W: int, E: int, p: int, dtyp
             touches = lambda k, m, _, first=first: [  # noqa: E731
                 ("g", m, rows(m) * E * e), ("w", k, E * ks(first + k) * e), ("gx", (m, k), rows(m) * ks(first + k) * e)]
             moved += hbm_bytes(grid, touches, sizes, concurrent, l2_bytes)
-    products = 3 if e == 4 and _dot_precision(torch.float32) == "tf32x3" else 1  # hi*hi + hi*lo + lo*hi
-    return {"useful_flops": 2 * M * KD * E, "executed_flops": products * 2 * pad(M, bm) * pad(KD, bk) * pad(E, bn),
+    return {"useful_flops": 2 * M * KD * E, "executed_flops": 2 * pad(M, bm) * pad(KD, bk) * pad(E, bn),
             "min_bytes": floor, "moved_bytes": moved, "flop_kind": "tensor" if e == 2 else "tf32"}
 
 

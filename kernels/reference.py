@@ -20,12 +20,15 @@ def patch_embed(
     bias: torch.Tensor | None,
     modality_embed: torch.Tensor | None = None,
     pos_embed: torch.Tensor | None = None,
+    tf32: bool = False,
 ) -> torch.Tensor:
     """Patchify + linear projection: (B, C, H, W) -> (B, N, E), patches in row-major order.
 
     H and W must be multiples of p (an error otherwise, as in the Triton kernel; no silent crop).
     weight (E, C, p, p) is a Conv2d weight (so published checkpoints load unchanged), bias (E,),
     modality_embed (E,) is added to every token, pos_embed (N, E) to the matching token.
+    tf32=True computes the GEMMs as nn.Conv2d does on a tensor-core GPU by default, and as the kernel does
+    with fp32 inputs: every operand, the output's gradient included, rounded by round_tf32, products exact.
     """
     p = weight.shape[-1]
     check_patch_grid(x.shape[-2], x.shape[-1], p)  # a strided conv would silently drop the partial patches
@@ -33,13 +36,42 @@ def patch_embed(
     # path on CPU returned wrong values for 12 input channels on a Xeon (error 5.5 on outputs of size 5)
     B, C, H, W = x.shape
     patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
-    out = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
+    w = weight.reshape(weight.shape[0], -1)
+    if tf32:
+        out = _Tf32Linear.apply(patches, w)
+        out = out if bias is None else out + bias
+    else:
+        out = F.linear(patches, w, bias)
     if modality_embed is not None:
         out = out + modality_embed.reshape(1, 1, -1)
     if pos_embed is not None:
         out = out + pos_embed.reshape(1, out.shape[1], out.shape[2])
     return out
 
+
+
+def round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 t rounded to tf32 (10 mantissa bits; to nearest, ties away from zero), as cuDNN rounds the operands
+    of its tf32 convolutions; NaN and inf pass, a finite value past tf32's range becomes inf."""
+    if t.dtype != torch.float32:
+        raise TypeError(f"round_tf32 takes float32, got {t.dtype}")
+    rounded = ((t.contiguous().view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+    return torch.where(t.isnan(), t, rounded)
+
+
+class _Tf32Linear(torch.autograd.Function):
+    """patches (..., KD) @ w (E, KD)^T with every GEMM operand rounded to tf32, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, patches, w):
+        ctx.save_for_backward(patches, w)
+        return round_tf32(patches) @ round_tf32(w).T
+
+    @staticmethod
+    def backward(ctx, grad):
+        patches, w = ctx.saved_tensors
+        g = round_tf32(grad)
+        return g @ round_tf32(w), g.reshape(-1, g.shape[-1]).T @ round_tf32(patches).reshape(-1, patches.shape[-1])
 
 def cross_attention_fusion(
     keys: torch.Tensor,

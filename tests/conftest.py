@@ -35,6 +35,13 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture
+def ieee_convolutions(monkeypatch):
+    """fp32 convolutions without tf32, as CPU PyTorch computes them whatever the switch says: the fp32 patch_embed
+    kernel follows the switch, so a test comparing it with an untouched nn.Conv2d at fp32 precision sets it."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def pytest_collection_modifyitems(config, items):
     """Grouped (long, serial) tests first, so that under xdist their chain runs beside everything else."""
     items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)

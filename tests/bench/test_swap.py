@@ -14,6 +14,10 @@ import torch
 
 from terrafm_kernels.swap import PatchProjection, accelerate_vit
 
+# The untouched models' nn.Conv2d computes fp32 without tf32 on CPU; the kernel follows torch's switch, so every
+# comparison here runs with it off (the kernel's tf32 path: tests/kernels/test_patch_embed.py).
+pytestmark = pytest.mark.usefixtures("ieee_convolutions")
+
 TORCHVISION_REASON = ("torchvision not importable beside the torch 2.13.0 CPU wheel; run scripts/test_swap.sh")
 
 

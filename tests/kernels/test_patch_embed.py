@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from terrafm_kernels import reference
 from terrafm_kernels.modules import PatchEmbed
-from terrafm_kernels.patch_embed import patch_embed
+from terrafm_kernels.patch_embed import patch_embed, tf32_allowed
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -35,7 +35,8 @@ def _max_err(a, b):
 
 
 def _check(B, C, H, W, E, p, dtype, device, pos=True, seed=0):
-    """flash-attn rule: kernel error vs fp64 <= 2 x plain PyTorch error at the same dtype + atol."""
+    """flash-attn rule: kernel error vs fp64 <= 2 x plain PyTorch error at the same dtype + atol; fp32 with tf32
+    allowed for convolutions (torch's default) against nn.Conv2d's tf32 GEMMs, as a GPU computes them."""
     args = _inputs(B, C, H, W, E, p, dtype, device, pos, seed)
     names = [k for k, v in args.items() if v is not None]
     oracle_args = {k: None if v is None else v.detach().cpu().double().requires_grad_() for k, v in args.items()}
@@ -44,7 +45,8 @@ def _check(B, C, H, W, E, p, dtype, device, pos=True, seed=0):
         plain_args = {k: None if v is None else v.detach().float().requires_grad_() for k, v in args.items()}
     out = patch_embed(**args)
     oracle = reference.patch_embed(**oracle_args)
-    plain = reference.patch_embed(**plain_args)
+    # plain fp32 = nn.Conv2d on a GPU at torch's default (tf32 operands), which the kernel follows
+    plain = reference.patch_embed(**plain_args, tf32=dtype == torch.float32 and tf32_allowed())
     assert out.dtype == dtype and out.shape == (B, (H // p) * (W // p), E)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
     out.backward(grad.to(device=device, dtype=dtype))
@@ -69,6 +71,44 @@ def _check(B, C, H, W, E, p, dtype, device, pos=True, seed=0):
 def test_matches_float64_reference(B, C, H, W, E, p, dtype, device):
     _check(B, C, H, W, E, p, dtype, device)
 
+
+
+TIES = [1 + 2**-11, 1 + 2**-12, 1 + 3 * 2**-12, -(1 + 2**-11), 3.0e38, torch.finfo(torch.float32).max, float("inf"),
+        float("nan")]
+
+
+def test_fp32_operands_round_to_nearest_as_cudnn_rounds_them(device):
+    """One product per output (p = 1, weight 1 or x 1): the output is the rounded operand itself. Ties go away from
+    zero and fp32's largest value overflows to inf (cuDNN's cvt.rna); truncation, the tensor core's own, would give
+    1 for the first three. NaN stays NaN."""
+    values = torch.tensor(TIES, device=device)
+    x = values.reshape(1, 1, 1, -1)
+    out = patch_embed(x, torch.ones(1, 1, 1, 1, device=device), None).reshape(-1)
+    by_weight = patch_embed(torch.ones(1, 1, 1, 1, device=device), values.reshape(-1, 1, 1, 1), None)
+    want = reference.round_tf32(values)
+    assert want[:4].tolist() == [1 + 2**-10, 1.0, 1 + 2**-10, -(1 + 2**-10)] and want[5] == float("inf")
+    assert out[:-1].tolist() == want[:-1].tolist() and out[-1].isnan()
+    assert by_weight.reshape(-1)[:-1].tolist() == want[:-1].tolist() and by_weight.reshape(-1)[-1].isnan()
+
+
+@pytest.mark.parametrize("setting", ["legacy", "per-op"])
+def test_fp32_without_tf32_is_ieee_against_float32_pytorch(setting, device, monkeypatch):
+    """With tf32 off for convolutions (either of torch's APIs; mixing them makes allow_tf32 itself raise) the fp32
+    dots are IEEE: exact on single products, and within the 2x rule of plain fp32 PyTorch."""
+    conv = torch.backends.cudnn.conv
+    previous = conv.fp32_precision
+    if setting == "legacy":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    else:
+        conv.fp32_precision = "ieee"  # a property monkeypatch cannot take
+    try:
+        assert not tf32_allowed()
+        values = torch.tensor(TIES[:-1], device=device)
+        out = patch_embed(values.reshape(1, 1, 1, -1), torch.ones(1, 1, 1, 1, device=device), None)
+        assert out.reshape(-1).tolist() == values.tolist()
+        _check(2, 12, 32, 48, 40, 16, torch.float32, device)
+    finally:
+        conv.fp32_precision = previous
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_shipped_gpu_tiles_match_float64_reference(dtype, device, monkeypatch):
@@ -109,8 +149,8 @@ def test_without_position_embedding_and_without_input_grad(device):
     args = _inputs(2, 12, 32, 32, 20, 16, torch.float32, device, pos=False)
     args["x"].requires_grad_(False)
     out = patch_embed(**args)
-    ref = reference.patch_embed(**{k: None if v is None else v.detach().double() for k, v in args.items()})
-    torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=1e-5, atol=1e-5)
+    ref = reference.patch_embed(**{k: None if v is None else v.detach() for k, v in args.items()}, tf32=tf32_allowed())
+    torch.testing.assert_close(out.cpu(), ref.cpu(), rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert args["x"].grad is None and args["weight"].grad is not None
 
@@ -154,7 +194,7 @@ def test_hypothesis_shapes(B, C, gh, gw, E, p, seed):
     _check(B, C, gh * p, gw * p, E, p, torch.float32, device, pos=seed % 2 == 0, seed=seed)
 
 
-def test_module_is_a_timm_style_drop_in(device):
+def test_module_is_a_timm_style_drop_in(device, ieee_convolutions):
     module = PatchEmbed(img_size=32, patch_size=16, in_chans=12, embed_dim=24).to(device)
     assert module.proj.weight.shape == (24, 12, 16, 16)
     assert module.num_patches == 4 and module.grid_size == (2, 2)
@@ -206,7 +246,7 @@ def test_cpu_without_interpreter_points_to_the_reference(monkeypatch):
         patch_embed(**args)
 
 
-def test_registry_and_model_use_the_kernel(device):
+def test_registry_and_model_use_the_kernel(device, ieee_convolutions):
     from terrafm import ops
     from terrafm.models import build_model
 

@@ -53,8 +53,9 @@ def test_student_forward_and_loss_have_no_graph_breaks_with_every_op_on_triton(f
 
 
 @pytest.mark.slow
-def test_compiled_custom_ops_match_eager_with_gradients():
-    """inductor (fullgraph) around the Triton custom ops: same loss and gradients as eager."""
+def test_compiled_custom_ops_match_eager_with_gradients(ieee_convolutions):
+    """inductor (fullgraph) around the Triton custom ops: same loss and gradients as eager. fp32 patch_embed runs
+    IEEE here: with tf32 operands, inductor's last-bit differences upstream flip some roundings (3e-5 apart)."""
     batch = next(iter(SyntheticLoader(num_samples=4, batch_size=2, num_local=2)))
     grads = []
     for compiled in (False, True):
