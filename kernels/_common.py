@@ -160,6 +160,16 @@ def _check_number(name: str, value) -> None:
         raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
 
 
+def scalar_input(value) -> torch.Tensor:
+    """A temperature as the custom ops take it: a 0-d float64 CPU tensor, which torch.compile traces as a graph
+    input. A float argument of a custom op is specialised instead, one graph per value, so a DINO temperature
+    warm-up recompiled every step until torch's recompile limit sent the step back to eager. The multiply (not
+    torch.tensor or scalar_tensor) is what torch.compile turns a symbolic float into without specialising it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", torch.float64).reshape(())
+    return torch.ones((), dtype=torch.float64).mul(value)
+
+
 FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, 1.18e-38
 
 

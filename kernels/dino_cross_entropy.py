@@ -41,6 +41,7 @@ from ._common import (
     no_second_derivative,
     num_splits,
     pad,
+    scalar_input,
     sm_count,
 )
 
@@ -257,8 +258,8 @@ def _launch_backward(grad_loss, student_logits, teacher_probs, row_max, log2_sum
 # so the same graph runs the compiled kernel on a GPU and the interpreter on CPU tensors.
 @torch.library.custom_op("terrafm::dino_cross_entropy", mutates_args=())
 def _dino_ce_op(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                student_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_forward(student_logits, teacher_probs, student_temperature)
+                student_temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_forward(student_logits, teacher_probs, student_temperature.item())
 
 
 @_dino_ce_op.register_fake
@@ -271,8 +272,9 @@ def _(student_logits, teacher_probs, student_temperature):
 @torch.library.custom_op("terrafm::dino_cross_entropy_backward", mutates_args=())
 def _dino_ce_backward_op(grad_loss: torch.Tensor, student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                          row_max: torch.Tensor, log2_sum: torch.Tensor, n: torch.Tensor,
-                         student_temperature: float) -> torch.Tensor:
-    return _launch_backward(grad_loss, student_logits, teacher_probs, row_max, log2_sum, n, student_temperature)
+                         student_temperature: torch.Tensor) -> torch.Tensor:
+    return _launch_backward(grad_loss, student_logits, teacher_probs, row_max, log2_sum, n,
+                            student_temperature.item())
 
 
 @_dino_ce_backward_op.register_fake
@@ -326,7 +328,7 @@ def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor
     (fullgraph=True) takes it without a graph break.
     """
     _validate(student_logits, teacher_probs, student_temperature)
-    return _dino_ce_op(student_logits, teacher_probs.detach(), float(student_temperature))[0]
+    return _dino_ce_op(student_logits, teacher_probs.detach(), scalar_input(student_temperature))[0]
 
 
 def roofline_cost(S: int, T: int, B: int, K: int, dtype_bytes: int = 2,

@@ -85,6 +85,7 @@ from ._common import (
     launch_kernel,
     no_second_derivative,
     pad,
+    scalar_input,
     sm_count,
 )
 
@@ -450,10 +451,11 @@ def _launch_backward(grad_loss, hs, vs, gs, ht, vt, gt, center, center_high, t_m
 @torch.library.custom_op("terrafm::dino_head_loss", mutates_args=())
 def _head_loss_op(hs: torch.Tensor, vs: torch.Tensor, gs: torch.Tensor, ht: torch.Tensor, vt: torch.Tensor,
                   gt: torch.Tensor, center: torch.Tensor, center_high: torch.Tensor, high_weight: torch.Tensor, S: int,
-                  T: int, B: int, tau_t: float, tau_s: float, alpha: float) -> tuple[
+                  T: int, B: int, tau_t: torch.Tensor, tau_s: torch.Tensor, alpha: float) -> tuple[
                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_forward(hs, vs, gs, ht, vt, gt, center, center_high, high_weight, S, T, B, tau_t, tau_s, alpha)
+    return _launch_forward(hs, vs, gs, ht, vt, gt, center, center_high, high_weight, S, T, B, tau_t.item(),
+                           tau_s.item(), alpha)
 
 
 @_head_loss_op.register_fake
@@ -471,11 +473,12 @@ def _head_loss_backward_op(grad_loss: torch.Tensor, hs: torch.Tensor, vs: torch.
                            ht: torch.Tensor, vt: torch.Tensor, gt: torch.Tensor, center: torch.Tensor,
                            center_high: torch.Tensor, t_max: torch.Tensor, t_log2_sum: torch.Tensor,
                            s_max: torch.Tensor, s_log2_sum: torch.Tensor, A: torch.Tensor, Bs: torch.Tensor,
-                           rnorm_s: torch.Tensor, rnorm_t: torch.Tensor, S: int, T: int, B: int, tau_t: float,
-                           tau_s: float, alpha: float,
+                           rnorm_s: torch.Tensor, rnorm_t: torch.Tensor, S: int, T: int, B: int,
+                           tau_t: torch.Tensor, tau_s: torch.Tensor, alpha: float,
                            weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_backward(grad_loss, hs, vs, gs, ht, vt, gt, center, center_high, t_max, t_log2_sum, s_max,
-                            s_log2_sum, A, Bs, rnorm_s, rnorm_t, S, T, B, tau_t, tau_s, alpha, weight_grad)
+                            s_log2_sum, A, Bs, rnorm_s, rnorm_t, S, T, B, tau_t.item(), tau_s.item(), alpha,
+                            weight_grad)
 
 
 @_head_loss_backward_op.register_fake
@@ -583,8 +586,8 @@ def dino_head_loss(student_features, teacher_features, weight_v, center, center_
         else:
             vt, gt = _weight_norm_operands(teacher_weight_v, teacher_weight_g, dtype)
     out = _head_loss_op(hs, vs, gs, ht, vt, gt, center.float().contiguous(), center_high.float().contiguous(),
-                        high_weight.float().contiguous(), S, T, B, float(teacher_temperature),
-                        float(student_temperature), float(alpha))
+                        high_weight.float().contiguous(), S, T, B, scalar_input(teacher_temperature),
+                        scalar_input(student_temperature), float(alpha))
     return out[:3]
 
 

@@ -43,6 +43,7 @@ from ._common import (
     no_second_derivative,
     num_splits,
     pad,
+    scalar_input,
     sm_count,
 )
 
@@ -181,9 +182,9 @@ def _launch_backward(grad_loss, student_logits, targets, row_max, log2_sum, coef
 # second backward through them raises instead of treating the gradient as a constant.
 @torch.library.custom_op("terrafm::weighted_soft_cross_entropy", mutates_args=())
 def _student_ce_op(student_logits: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor,
-                   student_temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                        torch.Tensor]:
-    return _launch_forward(student_logits, targets, row_weight, student_temperature)
+                   student_temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                               torch.Tensor, torch.Tensor]:
+    return _launch_forward(student_logits, targets, row_weight, student_temperature.item())
 
 
 @_student_ce_op.register_fake
@@ -197,8 +198,8 @@ def _(student_logits, targets, row_weight, student_temperature):
 @torch.library.custom_op("terrafm::weighted_soft_cross_entropy_backward", mutates_args=())
 def _student_ce_backward_op(grad_loss: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor,
                             row_max: torch.Tensor, log2_sum: torch.Tensor, coef: torch.Tensor,
-                            student_temperature: float) -> torch.Tensor:
-    return _launch_backward(grad_loss, student_logits, targets, row_max, log2_sum, coef, student_temperature)
+                            student_temperature: torch.Tensor) -> torch.Tensor:
+    return _launch_backward(grad_loss, student_logits, targets, row_max, log2_sum, coef, student_temperature.item())
 
 
 @_student_ce_backward_op.register_fake
@@ -252,7 +253,7 @@ def weighted_soft_cross_entropy(student_logits: torch.Tensor, targets: torch.Ten
     """
     _validate(student_logits, targets, row_weight, student_temperature)
     return _student_ce_op(student_logits, targets.detach(), row_weight.float().contiguous(),
-                          float(student_temperature))[0]
+                          scalar_input(student_temperature))[0]
 
 
 def roofline_cost(R: int, K: int, T: int = 1, dtype_bytes: int = 2, backward: bool = True) -> dict[str, int]:

@@ -77,6 +77,7 @@ from ._common import (
     launch_kernel,
     num_splits,
     pad,
+    scalar_input,
     sm_count,
 )
 from .gpus import BY_CAPABILITY, GPUS
@@ -262,11 +263,12 @@ def launch_plan(mode: int, R: int, K: int, sms: int, dtype_bytes: int = 2, inter
 
 # A torch custom op: opaque to torch.compile (0 graph breaks; the fake function gives output shapes).
 @torch.library.custom_op("terrafm::dino_teacher", mutates_args=())
-def _launch(mode: int, logits: torch.Tensor, scale: float, vec: torch.Tensor | None = None,
+def _launch(mode: int, logits: torch.Tensor, scale: torch.Tensor, vec: torch.Tensor | None = None,
             center: bool = False) -> torch.Tensor:
     """Run one mode over logits (R, K) with vec (K,) fp32: the centre c and scale = 1 / tau (center), or the
-    bias b and scale = log2(e) / tau (base 2). Returns probs (R, K), or the column statistics: (K,) for
-    MODE_COLUMN, (max (K,), sum (K,)) stacked as (2, K) for MODE_COLMAX (no vec)."""
+    bias b and scale = log2(e) / tau (base 2), scale as _common.scalar_input gives it. Returns probs (R, K), or
+    the column statistics: (K,) for MODE_COLUMN, (max (K,), sum (K,)) stacked as (2, K) for MODE_COLMAX (no vec)."""
+    scale = scale.item()  # a CPU tensor: no device sync
     R, K = logits.shape
     device = logits.device
     plan = launch_plan(mode, R, K, sm_count(device), logits.element_size(), interpreted(logits))
@@ -321,7 +323,7 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, tempera
     if logits.shape[0] == 0:  # no rows (iBOT with no masked patch): DINOv2's empty softmax
         return teacher_logits.new_empty(teacher_logits.shape, dtype=torch.float32)
     center = center.detach().reshape(K).float().contiguous()
-    return _launch(MODE_SOFTMAX, logits.detach(), 1.0 / float(temperature), center, center=True).reshape(
+    return _launch(MODE_SOFTMAX, logits.detach(), scalar_input(1.0 / temperature), center, center=True).reshape(
         teacher_logits.shape)
 
 
@@ -354,7 +356,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
     logits = teacher_logits.detach()
     if logits.shape[0] == 0:  # a rank with no rows (iBOT: no masked patch) still joins every all-reduce
         return reference.sinkhorn_knopp(logits, float(temperature), n_iterations, all_reduce)
-    scale = LOG2E / float(temperature)
+    scale = scalar_input(LOG2E / temperature)
     col_max, col_sum = _launch(MODE_COLMAX, logits, scale)
     bias = sinkhorn_first_shift(col_max, col_sum, all_reduce) * LOG2E
     for _ in range(n_iterations - 1):

@@ -47,6 +47,7 @@ from ._common import (
     interpreted,
     launch_kernel,
     pad,
+    scalar_input,
 )
 
 # H100/A100 config: the op is bandwidth bound. A row program streams (1, 8192) tiles over 8 warps (32 per
@@ -162,15 +163,16 @@ def teacher_softmax(
     """
     _validate(teacher_logits, center, center_high, high_weight, temperature, alpha)
     return _teacher_softmax_op(teacher_logits.detach(), center.detach(), center_high.detach(), high_weight.detach(),
-                               float(temperature), float(alpha))
+                               scalar_input(temperature), float(alpha))
 
 
 # A torch custom op: opaque to torch.compile (0 graph breaks; the fake function gives output shapes),
 # so the same graph runs the compiled kernel on a GPU and the interpreter on CPU tensors.
 @torch.library.custom_op("terrafm::teacher_softmax", mutates_args=())
 def _teacher_softmax_op(teacher_logits: torch.Tensor, center: torch.Tensor, center_high: torch.Tensor,
-                        high_weight: torch.Tensor, temperature: float,
+                        high_weight: torch.Tensor, temperature: torch.Tensor,
                         alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    temperature = temperature.item()  # a CPU tensor: no device sync
     R, K = teacher_logits.shape
     plan = launch_plan(R, K, teacher_logits.element_size(), interpreted(teacher_logits))
     device = teacher_logits.device

@@ -76,7 +76,11 @@ def test_row_weights_get_the_reference_gradient(device, logits_grad):
 def test_a_temperature_schedule_compiles_fullgraph(device):
     """DINO warms the teacher temperature up step by step. From the second value on torch.compile traces it as a
     symbolic float, and the temperature check's math.isfinite broke the graph: torch.compile(fullgraph=True) of a
-    step raised on the second temperature, for every op that takes one. Each step still equals eager."""
+    step raised on the second temperature, for every op that takes one. Each step still equals eager, and a
+    schedule costs two graphs (the first value's, then the symbolic one): a float argument of a custom op was
+    specialised, one graph per value, until torch's recompile limit (8) sent the step back to eager."""
+    from torch._dynamo.utils import counters
+
     from terrafm_kernels.dino import DINOLoss
     from terrafm_kernels.modules import DINOHeadLoss, DualCenteringSoftmax
 
@@ -94,8 +98,10 @@ def test_a_temperature_schedule_compiles_fullgraph(device):
                 + head(feats, teacher, torch.zeros(4, device=device), temperature)[0])
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    for temperature in (0.04, 0.05, 0.06):
+    counters.clear()
+    for temperature in (0.04, 0.05, 0.06, 0.07, 0.08):
         torch.testing.assert_close(compiled(temperature), step(temperature))
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 def test_a_model_holding_the_modules_compiles_fullgraph_with_eager_gradients(device):
