@@ -64,6 +64,7 @@ class Case:
     cost: Callable[[dict, int], dict]  # {"flops", "bytes"} of the timed call, dtype_bytes per element
     uses_dot: bool  # bf16 tl.dot: unreliable under the interpreter
     out_shape: Callable[[dict], tuple] | None = None  # a tensor output's shape: backward takes a random grad_out
+    native: Callable | None = None  # torch's own module for the op where plain emulates it: its error is reported
 
     def grad_out(self, shape: dict, g: torch.Generator) -> torch.Tensor | None:
         return None if self.out_shape is None else torch.randn(*self.out_shape(shape), generator=g)
@@ -90,6 +91,12 @@ def _patch_embed_plain(x, weight, bias, modality_embed, pos_embed):
 
     tf32 = x.dtype == torch.float32 and tf32_allowed()
     return reference.patch_embed(x, weight, bias, modality_embed, pos_embed, tf32=tf32)
+
+
+def _patch_embed_conv2d(x, weight, bias, modality_embed, pos_embed):
+    """nn.Conv2d itself (cuDNN on a GPU, at torch's tf32 switch): how far _patch_embed_plain's emulation is from it."""
+    tokens = torch.nn.functional.conv2d(x, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+    return tokens + modality_embed + pos_embed
 
 
 def _patch_embed_cost(s: dict, e: int) -> dict:
@@ -148,7 +155,7 @@ CASES = {
         "patch_embed", "patch_embed:patch_embed", ("out",), _patch_embed_inputs,
         ("x", "weight", "bias", "modality_embed", "pos_embed"), ("weight", "bias", "modality_embed", "pos_embed"),
         lambda s: (), _patch_embed_plain, reference.patch_embed, _patch_embed_cost, True,
-        lambda s: (s["B"], (s["H"] // s["p"]) * (s["W"] // s["p"]), s["E"])),
+        lambda s: (s["B"], (s["H"] // s["p"]) * (s["W"] // s["p"]), s["E"]), _patch_embed_conv2d),
     "fusion": Case(
         "fusion", "fusion:cross_attention_fusion", ("out",), _fusion_inputs, ("keys", "values", "queries", "pool"),
         ("keys", "values", "queries", "pool"), lambda s: (s["H"],), reference.cross_attention_fusion,
@@ -270,6 +277,11 @@ def check_one(case: Case, shape: dict, dtype_name: str, device: str) -> dict:
         plain = make_call(case.plain, case, leaves_for(case, inputs, device, torch.float32), scalars, grad_out)()
         plain = {k: v.to(dtype) for k, v in plain.items()}
         row["plain_note"] = f"PyTorch has no {dtype_name} kernel here: plain = float32 rounded to {dtype_name}"
+    if case.native is not None and dtype == torch.float32:  # does plain's emulation hold torch's own module?
+        native = make_call(case.native, case, leaves_for(case, inputs, device, dtype), scalars, grad_out)()
+        row["native_vs_plain"] = {name: ORACLE.max_err(native[name], oracle) / max(ORACLE.max_err(plain[name], oracle),
+                                                                                  1e-30)
+                                  for name, oracle in want.items()}
     checks = []
     for name, oracle in want.items():
         err, plain_err = ORACLE.max_err(got[name], oracle), ORACLE.max_err(plain[name], oracle)

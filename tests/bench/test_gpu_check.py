@@ -49,6 +49,11 @@ def test_cpu_mode_runs_every_stage_ok_and_writes_a_complete_report(tmp_path):
         else:
             assert r["ok"] and all(c["err"] <= 2 * c["plain_err"] + c["atol"] for c in r["checks"]), r
             assert {c["what"] for c in r["checks"]} >= set(CASES[r["op"]].outputs)
+    # fp32 patch_embed's plain emulates nn.Conv2d's tf32 GEMMs; the report sets torch's own conv beside it (IEEE
+    # on a CPU: far more exact than the emulation; on a GPU, cuDNN's tf32: near 1)
+    native = [r["native_vs_plain"] for r in rows if "native_vs_plain" in r]
+    assert [r["dtype"] for r in rows if "native_vs_plain" in r] == ["float32"] * len(native) and native
+    assert all(0 <= ratios["out"] < 0.1 and 0 <= ratios["grad weight"] < 0.1 for ratios in native), native
 
     timed = stages["kernel_timing"]["rows"]
     for op in CASES:
@@ -67,6 +72,7 @@ def test_cpu_mode_runs_every_stage_ok_and_writes_a_complete_report(tmp_path):
         assert r["img_per_s"] > 0 and r["peak_memory_gb"] > 0 and r["steps"] == 4
         assert len(r["top_kernels"]["rows"]) == 15 and r["top_kernels"]["steps"] == 1  # profile_steps (1, 2)
     assert "traced over 1 step(s):" in (out / "gpu_report.md").read_text()
+    assert "torch module / plain error" in (out / "gpu_report.md").read_text()
     # same seed, same first batch: the fused head computes the unfused head's loss
     assert runs["fused"]["loss_first"] == pytest.approx(runs["unfused"]["loss_first"], rel=1e-4)
     bench = stages["train_step"]["bench_step"]
