@@ -461,7 +461,8 @@ def efficiency(kernel: str, B: int, C: int, H: int, W: int, E: int, p: int, dtyp
                 ("g", m, rows(m) * E * e), ("w", k, E * ks(first + k) * e), ("gx", (m, k), rows(m) * ks(first + k) * e)]
             moved += hbm_bytes(grid, touches, sizes, concurrent, l2_bytes)
     return {"useful_flops": 2 * M * KD * E, "executed_flops": 2 * pad(M, bm) * pad(KD, bk) * pad(E, bn),
-            "min_bytes": floor, "moved_bytes": moved, "flop_kind": "tensor" if e == 2 else "tf32"}
+            "min_bytes": floor, "moved_bytes": moved,
+            "flop_kind": "tensor" if e == 2 else "tf32" if _dot_precision(torch.float32) == "tf32" else "fp32"}
 
 
 # Integers that are multiples of 16 at the presets' shapes (M = B x 196 or B x 36 tokens per view batch, E = 3 D,
