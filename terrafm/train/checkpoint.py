@@ -115,8 +115,12 @@ def resume_point(root: Path) -> Path | None:
     after `save` published it and before it pointed `latest` at it (with no `latest` yet, the run's first one).
     A published folder is complete (it was renamed whole from step_N.tmp); `load` checks its manifest."""
     named = latest_checkpoint(root)
-    newer = sorted((n, p) for n, p in saved_steps(root).items()
-                   if (p / MANIFEST).is_file() and (named is None or p.name > named.name))
+    newer = sorted((n, p) for n, p in saved_steps(root).items() if named is None or p.name > named.name)
+    foreign = [p.name for _, p in newer if not (p / MANIFEST).is_file()]
+    if foreign:  # never one of ours (save publishes a folder whole): resuming past it, or from scratch, loses it
+        raise CheckpointError(f"{root} holds {', '.join(foreign)} without {MANIFEST}, so not a checkpoint this run "
+                              f"published whole (a partial copy?): restore it, or move it out of {root} to resume "
+                              f"from {named.name if named else 'the start'}")
     return newer[-1][1] if newer else named
 
 

@@ -483,6 +483,24 @@ def test_a_kill_between_publishing_a_checkpoint_and_pointing_latest_at_it_loses_
     assert f"resumed from {first / 'run' / 'checkpoints' / 'step_00000002'} at step 2" in proc.stdout
 
 
+def test_resume_past_a_step_folder_without_manifest_is_refused_by_name(two_checkpoints, tmp_path):
+    """save publishes a folder whole, manifest included: a step_N without one is a partial copy. --resume skipped
+    it, and with no `latest` beside it started a fresh run over the folder (its save of step N then met it)."""
+    root = _copy(two_checkpoints, tmp_path) / "run" / "checkpoints"
+    partial = root / "step_00000009"
+    partial.mkdir()
+    (partial / "meta.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="step_00000009 without manifest.json.*resume from step_00000002"):
+        checkpoint.resume_point(root)
+    (root / "latest").unlink()
+    shutil.rmtree(root / "step_00000001")
+    shutil.rmtree(root / "step_00000002")
+    with pytest.raises(CheckpointError, match="step_00000009 without manifest.json.*resume from the start"):
+        checkpoint.resume_point(root)
+    shutil.rmtree(partial)
+    assert checkpoint.resume_point(root) is None
+
+
 def test_a_run_started_from_another_runs_checkpoint_keeps_none_of_the_folders_old_records(tmp_path):
     """Records up to the resumed step were kept whatever the checkpoint: a folder's own earlier attempt (steps
     1-3) stayed in metrics.jsonl ahead of the other run's continuation (5, 6), two trajectories in one file."""
