@@ -243,7 +243,7 @@ class Loader:
         try:
             for step in range(first, n):
                 if pool is None:
-                    yield self.render_host(self.plan(epoch, step))
+                    yield self._rendered(epoch, step, self.render_host, self.plan(epoch, step))
                     continue
                 while next_step < n and len(pending) < 2 * workers:
                     pending.append(pool.submit(self.render_host, self.plan(epoch, next_step)))
@@ -254,12 +254,23 @@ class Loader:
                     raise ShardError(f"batch {step} of epoch {epoch} was not rendered within data.timeout_s="
                                      f"{self.cfg.timeout_s:g} s: a read of the shards at {self.shards.root} hangs (a "
                                      "stalled network file system?); raise data.timeout_s if the reads are only slow")
-                yield future.result()
+                yield self._rendered(epoch, step, future.result)
         finally:
             for f in pending:
                 f.cancel()
             if pool is not None:
                 pool.shutdown(wait=not hung)
+
+    def _rendered(self, epoch: int, step: int, render, *args) -> ViewBatch:
+        """render(*args), with host memory running out as the ShardError the trainer stops every rank on, checkpoint
+        written (a MemoryError raised on this rank alone and left the others in their collectives until
+        train.collective_timeout_s, the steps since the last checkpoint lost)."""
+        try:
+            return render(*args)
+        except MemoryError as err:
+            raise ShardError(f"batch {step} of epoch {epoch}: host memory ran out while rendering it; lower "
+                             f"data.num_workers (now {self.cfg.num_workers}) or data.batch_size (now "
+                             f"{self.cfg.batch_size}), or free memory on this node") from err
 
     def _empty(self, b: int, c: int, s: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty((b, c, s, s), dtype=dtype, pin_memory=self.pin)

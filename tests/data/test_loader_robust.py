@@ -351,3 +351,24 @@ def test_a_worker_whose_read_hangs_is_a_shard_error_within_the_timeout(sample_sh
         release.set()
     with pytest.raises(ValueError, match="timeout_s must be a finite number of seconds >= 0"):
         _cfg(sample_shards, timeout_s=-1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_host_memory_running_out_in_a_render_is_a_shard_error(sample_shards, monkeypatch, workers):
+    """A MemoryError in a render (a render thread's, or the rank's own) went up on this rank alone: the others
+    waited in their collectives until train.collective_timeout_s and the steps since the checkpoint were lost.
+    As a ShardError the trainer discards the step on every rank, writes the checkpoint and stops."""
+    loader = build_loader(_cfg(sample_shards, num_workers=workers))
+    render, fail = loader.render_host, {int(i) for i in loader.plan(0, 2).indices}  # 1 is in flight at 0
+
+    def render_host(plan):
+        if {int(i) for i in plan.indices} == fail:
+            raise MemoryError
+        return render(plan)
+
+    monkeypatch.setattr(loader, "render_host", render_host)
+    it = iter(loader)
+    assert next(it).index.tolist() == loader.plan(0, 0).indices.tolist()
+    with pytest.raises(ShardError, match=rf"batch 2 of epoch 0: host memory ran out while rendering it; lower "
+                                         rf"data.num_workers \(now {workers}\) or data.batch_size"):
+        next(it)
