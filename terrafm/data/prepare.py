@@ -55,7 +55,7 @@ def _job_fingerprint(job: list[list[Product]], opts: dict, stamps: dict) -> str:
     return ":".join(digest)
 
 
-def _read_product(p: Product, parquet: sources.ParquetRows, s1_scaling: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_product(p: Product, parquet: sources.ParquetRows, opts: dict) -> tuple[np.ndarray, np.ndarray | None]:
     """(stored (C, S, S) 10 m array, nodata mask or None for worldcover) of one product; BadInput names it."""
     if p.row >= 0:
         try:
@@ -84,7 +84,29 @@ def _read_product(p: Product, parquet: sources.ParquetRows, s1_scaling: str) -> 
     if p.modality == WORLDCOVER:
         sources.worldcover_counts(data[0], p)  # codes outside the legend name this product, before any tile is written
         return data, None
-    return sources.storage_tile(p.modality, data, p, s1_scaling)
+    if opts["s2_offset"] == "remove" and p.modality != "s1" and _carries_s2_offset(p):
+        data = sources.remove_s2_offset(data)
+    return sources.storage_tile(p.modality, data, p, opts["s1_scaling"])
+
+
+def _carries_s2_offset(p: Product) -> bool:
+    baseline = sources.processing_baseline(p.product_id)
+    return baseline is not None and baseline >= sources.S2_OFFSET_BASELINE
+
+
+def _s2_baselines(jobs: list) -> dict:
+    """Per S2 modality, how many of the planned products store the +1000 DN offset (baseline >= 04.00), how many
+    do not, and how many ids name no baseline."""
+    counts: dict = {}
+    for job in jobs:
+        for cell in job:
+            for p in cell:
+                if p.modality in ("s2_l2a", "s2_l1c"):
+                    kind = ("unknown" if sources.processing_baseline(p.product_id) is None else
+                            "offset" if _carries_s2_offset(p) else "no_offset")
+                    per = counts.setdefault(p.modality, {"offset": 0, "no_offset": 0, "unknown": 0})
+                    per[kind] += 1
+    return counts
 
 
 def _record(p: Product) -> str:
@@ -131,7 +153,7 @@ def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict
         while queues[modality]:
             p = queues[modality].pop(0)
             try:
-                data, mask = _read_product(p, parquet, opts["s1_scaling"])
+                data, mask = _read_product(p, parquet, opts)
                 if data.shape[-1] % t:
                     raise BadInput(f"{p.where}: product of {data.shape[-1]} px is not a multiple of tile_size {t}"
                                    f"{_tile_size_hint(data.shape[-1], t)}")
@@ -253,7 +275,7 @@ def _what_was_found(products: list[sources.Product], metadata: list[str], inputs
 
 def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "raw", cells_per_shard: int = 64,
             workers: int | None = None, skip_bad: bool = False, progress: bool = True,
-            modalities: tuple[str, ...] = MODALITY_NAMES, s1_scaling: str = "db") -> dict:
+            modalities: tuple[str, ...] = MODALITY_NAMES, s1_scaling: str = "db", s2_offset: str = "keep") -> dict:
     """Convert inputs into a shard directory at `out`; returns the summary also stored in index.json.
 
     Raises BadInput when nothing could be written (every record skipped)."""
@@ -263,6 +285,8 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
         raise ValueError(f"workers must be >= 0 (0 = in-process), got {workers}")
     if s1_scaling not in S1_SCALINGS:
         raise ValueError(f"s1_scaling must be one of {S1_SCALINGS}, got {s1_scaling!r}")
+    if s2_offset not in sources.S2_OFFSETS:
+        raise ValueError(f"s2_offset must be one of {sources.S2_OFFSETS}, got {s2_offset!r}")
     for m in modalities:
         if m not in MODALITIES:
             raise ValueError(f"unknown modality {m!r}; expected a subset of {MODALITY_NAMES}")
@@ -281,11 +305,13 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
     out.mkdir(parents=True, exist_ok=True)
     with _only_writer(out):  # this process alone writes `out`
         opts = {"tile_size": tile_size, "codec": codec, "modalities": list(modalities), "skip_bad": skip_bad,
-                "s1_scaling": s1_scaling}
+                "s1_scaling": s1_scaling, "s2_offset": s2_offset}
         # skip_bad is not part of what a shard holds (a finished shard lists its skips), so a re-run that adds
-        # --skip-bad after a stop on bad input resumes the shards already written
+        # --skip-bad after a stop on bad input resumes the shards already written; s2_offset at its default leaves
+        # the fingerprint of shards written before the option existed
+        held = {k: v for k, v in opts.items() if k != "skip_bad" and (k, v) != ("s2_offset", "keep")}
         stamps = {}
-        fps = [_job_fingerprint(job, {k: v for k, v in opts.items() if k != "skip_bad"}, stamps) for job in jobs]
+        fps = [_job_fingerprint(job, held, stamps) for job in jobs]
         names = {shards.shard_name(i) for i in range(len(jobs))}
         stale = sorted({p.name.split(".")[0] for p in out.glob("part-*.*")} - names)  # a shard index.json would miss
         if stale:
@@ -404,7 +430,8 @@ def _write_index(out: Path, jobs: list, opts: dict, unknown: list, reruns: tuple
     summary = {"tile_size": opts["tile_size"], "codec": opts["codec"], "modalities": stats,
                "classes": {"frequency": (class_total / max(class_total.sum(), 1)).tolist(),
                            "pixels": class_total.tolist()},
-               "s1_scaling": opts["s1_scaling"], "metadata_files": metadata,
+               "s1_scaling": opts["s1_scaling"], "s2_offset": opts["s2_offset"], "s2_baselines": _s2_baselines(jobs),
+               "metadata_files": metadata,
                "shards": shard_list, "num_records": records, "skipped": skipped,
                "duplicates_dropped": _duplicates_dropped(jobs, skipped), "resumed_shards": reruns[0],
                "rewritten_shards": reruns[1], "redone_shards": reruns[2],
@@ -428,6 +455,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sensors to convert (default: all three)")
     parser.add_argument("--s1-scaling", choices=S1_SCALINGS, default="db",
                         help="store S1 as dB (10 log10 sigma0, floor -50 dB; default) or linear power")
+    parser.add_argument("--s2-offset", choices=sources.S2_OFFSETS, default="keep",
+                        help="Sentinel-2 of processing baseline 04.00 and later (from 25 Jan 2022; the product id's "
+                             "_N0400_) stores reflectance x 1e4 + 1000: keep the values as the products hold them "
+                             "(default) or remove the offset from those products, so that every S2 tile has the "
+                             "earlier scale (for products that still carry it: Copernicus SAFE, Planetary "
+                             "Computer, Earth Search; not for a distribution that removed it already)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip and count bad products and unreadable parquet files instead of stopping (a cell "
                              "keeps its good products; fails when nothing is left to write); a re-run with it "
@@ -438,7 +471,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         summary = convert(args.inputs, args.out, args.tile_size, args.codec, args.cells_per_shard, args.workers,
-                          args.skip_bad, not args.no_progress, tuple(args.modalities), args.s1_scaling)
+                          args.skip_bad, not args.no_progress, tuple(args.modalities), args.s1_scaling,
+                          args.s2_offset)
     except BadInput as err:
         print(f"terrafm prepare: bad input: {err}", file=sys.stderr)
         return 2
@@ -471,6 +505,12 @@ def run(args: argparse.Namespace) -> int:
         share = sum(s["nodata_pixels"]) / max(1, s["tiles"] * summary["tile_size"] ** 2 * len(s["bands"]))
         print(f"  {m}: {s['tiles']} tiles ({s['units']}), {sum(s['nodata_pixels'])} nodata pixels ({share:.2%}, "
               f"masked), {s['empty_tiles']} all-nodata tiles left out")
+    for m, n in summary["s2_baselines"].items():
+        if n["offset"] and n["no_offset"] and summary["s2_offset"] == "keep":
+            print(f"warning: {m} mixes {n['offset']} products of processing baseline 04.00 or later, which store "
+                  f"reflectance x 1e4 + 1000, with {n['no_offset']} earlier ones: unless the distribution removed "
+                  "the offset, the same ground reads 1000 higher in the later ones; --s2-offset remove aligns them",
+                  file=sys.stderr)
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} bad records:")
         for s in summary["skipped"][:20]:

@@ -164,7 +164,8 @@ def write_sample_parquet(out_dir: Path, seed: int = 0, cells: int = DEFAULT_CELL
         meta = {"grid_cell": gc, "centre_lat": 20.0 + cell * 0.1, "centre_lon": 10.0 + cell * 0.1,
                 "crs": "EPSG:32633"}
         origin = (500_000.0 + cell * 10_680.0, 4_000_000.0)
-        l2a = {"product_id": f"S2A_MSIL2A_{day}T101031_N0500_R022_T33TUL_{day}T120000", **meta,
+        # baseline 03.01 (2021's): its values carry no +1000 DN offset, and neither do the generated ones
+        l2a = {"product_id": f"S2A_MSIL2A_{day}T101031_N0301_R022_T33TUL_{day}T120000", **meta,
                "timestamp": f"{day}T101031"}
         l1c = {**l2a, "product_id": l2a["product_id"].replace("MSIL2A", "MSIL1C")}
         for k, band in enumerate(S2_L2A_COLUMNS):

@@ -76,6 +76,27 @@ def modality_of(product_id: str) -> str | None:
     return None
 
 
+# Sentinel-2 from processing baseline 04.00 (25 January 2022, and Collection-1 reprocessings) stores
+# reflectance x 1e4 + 1000 (BOA_ADD_OFFSET / RADIO_ADD_OFFSET -1000 in the product metadata); earlier ones store
+# reflectance x 1e4. The baseline is the product id's "_Nxxyy_" field.
+S2_OFFSET_BASELINE = 400
+S2_OFFSET_DN = 1000
+S2_OFFSETS = ("keep", "remove")
+
+
+def processing_baseline(product_id: str) -> int | None:
+    """A Sentinel-2 product id's processing baseline as an int (N0400 -> 400), or None when it names none."""
+    found = re.search(r"_N(\d{4})_", product_id)
+    return int(found.group(1)) if found else None
+
+
+def remove_s2_offset(cell: np.ndarray) -> np.ndarray:
+    """Values of a baseline >= 04.00 product on the earlier scale: DN - 1000, at least 1 (a negative reflectance
+    is not nodata), 0 (nodata) kept; same dtype."""
+    shifted = np.maximum(cell.astype(np.float64) - S2_OFFSET_DN, 1)
+    return np.where(cell > 0, shifted, 0).astype(cell.dtype)
+
+
 def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
     """All products under the inputs (parquet files, folders of them, GeoTIFF product folders).
 

@@ -271,3 +271,53 @@ def test_npz_arrays_of_the_wrong_kind_are_named(sample_parquet, tmp_path, edit):
     np.savez(path, **arrays)
     with pytest.raises(ShardError, match=r"part-00000\.npz: .*re-run `terrafm prepare`"):
         ShardSet(out)
+
+
+def _with_baselines(sample_parquet, tmp_path, first: str):
+    """The sample with the first S2 L2A product of processing baseline `first` (the others 03.01)."""
+    root = tmp_path / "baselines"
+    shutil.copytree(sample_parquet, root)
+    path = root / "Core-S2L2A" / "part_00000.parquet"
+    table = pq.read_table(path)
+    ids = table["product_id"].to_pylist()
+    ids[0] = ids[0].replace("_N0301_", f"_{first}_")
+    pq.write_table(table.set_column(table.column_names.index("product_id"), "product_id", pa.array(ids)), path)
+    return root
+
+
+def test_s2_offset_remove_takes_1000_dn_from_products_of_baseline_04_and_later(sample_parquet, tmp_path):
+    """From baseline 04.00 a Sentinel-2 product stores reflectance x 1e4 + 1000. remove puts those products on the
+    earlier scale: DN - 1000, at least 1 (a dark pixel is not nodata), nodata kept; earlier products untouched."""
+    from terrafm.data import sources
+
+    assert sources.processing_baseline("S2B_MSIL2A_20220301T101031_N0400_R022_T33TUL_20220301T120000") == 400
+    assert sources.processing_baseline("S1A_IW_GRDH_1SDV_20210110T053000_20210110T053025_000001_RTC") is None
+    np.testing.assert_array_equal(sources.remove_s2_offset(np.array([0, 500, 1000, 1001, 3000], np.uint16)),
+                                  np.array([0, 1, 1, 1, 2000], np.uint16))
+    products, _, _ = sources.discover([_with_baselines(sample_parquet, tmp_path, "N0400")])
+    l2a = sorted((p for p in products if p.modality == "s2_l2a"), key=lambda p: p.row)
+    parquet = sources.ParquetRows()
+    for p, shifted in ((l2a[0], True), (l2a[1], False)):
+        keep, keep_mask = prepare._read_product(p, parquet, {"s1_scaling": "db", "s2_offset": "keep"})
+        removed, mask = prepare._read_product(p, parquet, {"s1_scaling": "db", "s2_offset": "remove"})
+        np.testing.assert_array_equal(mask, keep_mask)
+        want = np.maximum(keep[~mask].astype(np.int64) - 1000, 1) if shifted else keep[~mask]
+        np.testing.assert_array_equal(removed[~mask], want)
+
+
+@pytest.mark.parametrize("s2_offset", ["keep", "remove"])
+def test_prepare_counts_s2_baselines_and_warns_when_they_mix(sample_parquet, tmp_path, capsys, s2_offset):
+    parser = argparse.ArgumentParser()
+    prepare.add_arguments(parser)
+    out = tmp_path / "o"
+    args = parser.parse_args([str(_with_baselines(sample_parquet, tmp_path, "N0509")), "--out", str(out),
+                              "--tile-size", str(TILE), "--workers", "0", "--no-progress", "--modalities", "s2_l2a",
+                              "--s2-offset", s2_offset])
+    assert prepare.run(args) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["s2_baselines"] == {"s2_l2a": {"offset": 1, "no_offset": CELLS - 1, "unknown": 0}}
+    assert index["s2_offset"] == s2_offset
+    warned = "s2_l2a mixes 1 products of processing baseline 04.00 or later" in capsys.readouterr().err
+    assert warned == (s2_offset == "keep")
+    with pytest.raises(SystemExit):
+        parser.parse_args([str(out), "--out", str(out), "--s2-offset", "subtract"])
