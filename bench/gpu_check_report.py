@@ -55,8 +55,8 @@ def _correctness(s: dict) -> list[str]:
     return lines + ["The last column, where plain emulates torch's own module (fp32 patch_embed: the reference with "
                     "tf32 operands, as nn.Conv2d computes on a GPU at torch's default), is the ratio of the module's "
                     "error to plain's per output and gradient (the sums of bias and embeddings read 1): near 1 on a "
-                    "GPU says the emulation holds "
-                    "the kernel to cuDNN's own bar; on a CPU, torch's convolution is IEEE fp32 and reads far below 1.",
+                    "GPU says the emulation holds the kernel to cuDNN's own bar; on a CPU, torch's convolution is "
+                    "IEEE fp32 and reads far below 1.",
                     ""]
 
 

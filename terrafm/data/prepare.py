@@ -84,28 +84,27 @@ def _read_product(p: Product, parquet: sources.ParquetRows, opts: dict) -> tuple
     if p.modality == WORLDCOVER:
         sources.worldcover_counts(data[0], p)  # codes outside the legend name this product, before any tile is written
         return data, None
-    if opts["s2_offset"] == "remove" and p.modality != "s1" and _carries_s2_offset(p):
+    if opts["s2_offset"] == "remove" and _s2_offset_kind(p) == "offset":
         data = sources.remove_s2_offset(data)
     return sources.storage_tile(p.modality, data, p, opts["s1_scaling"])
 
 
-def _carries_s2_offset(p: Product) -> bool:
+def _s2_offset_kind(p: Product) -> str | None:
+    """"offset" for an S2 product of baseline >= 04.00 (stored + 1000 DN), "no_offset" for an earlier one,
+    "unknown" when its id names no baseline; None for the other modalities."""
+    if p.modality not in ("s2_l2a", "s2_l1c"):
+        return None
     baseline = sources.processing_baseline(p.product_id)
-    return baseline is not None and baseline >= sources.S2_OFFSET_BASELINE
+    return "unknown" if baseline is None else "offset" if baseline >= sources.S2_OFFSET_BASELINE else "no_offset"
 
 
 def _s2_baselines(jobs: list) -> dict:
-    """Per S2 modality, how many of the planned products store the +1000 DN offset (baseline >= 04.00), how many
-    do not, and how many ids name no baseline."""
+    """Per S2 modality, how many of the planned products are of each _s2_offset_kind."""
     counts: dict = {}
-    for job in jobs:
-        for cell in job:
-            for p in cell:
-                if p.modality in ("s2_l2a", "s2_l1c"):
-                    kind = ("unknown" if sources.processing_baseline(p.product_id) is None else
-                            "offset" if _carries_s2_offset(p) else "no_offset")
-                    per = counts.setdefault(p.modality, {"offset": 0, "no_offset": 0, "unknown": 0})
-                    per[kind] += 1
+    for p in (p for job in jobs for cell in job for p in cell):
+        kind = _s2_offset_kind(p)
+        if kind is not None:
+            counts.setdefault(p.modality, {"offset": 0, "no_offset": 0, "unknown": 0})[kind] += 1
     return counts
 
 

@@ -113,7 +113,8 @@ def has_checkpoints(root: Path) -> bool:
 def resume_point(root: Path) -> Path | None:
     """The checkpoint `--resume` continues: the one `latest` names, or a newer step folder when the run was killed
     after `save` published it and before it pointed `latest` at it (with no `latest` yet, the run's first one).
-    A published folder is complete (it was renamed whole from step_N.tmp); `load` checks its manifest."""
+    A published folder is complete (it was renamed whole from step_N.tmp); `load` checks its manifest. A newer
+    step folder without one is not ours (a partial copy): a CheckpointError names it."""
     named = latest_checkpoint(root)
     newer = sorted((n, p) for n, p in saved_steps(root).items() if named is None or p.name > named.name)
     foreign = [p.name for _, p in newer if not (p / MANIFEST).is_file()]
