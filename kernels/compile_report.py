@@ -73,10 +73,6 @@ KNOWN_OVER_BOUND = {
        "be 30-60 launches, and the one-launch row-block form re-reads a wave's rows from HBM too (measured on paper "
        "at 8192 rows: 2.25x)"
        for dtype in ("float32", "float16", "bfloat16")},
-    "dino_teacher_centered_softmax_": "flops only (1.57x, memory bound): 1.43x needs log(sum) folded into the "
-                                      "exponent, which at the tested |y| ~ 2000 (logits +-50, tau 0.04) rounds "
-                                      "each row's normaliser to 1e-4 and fails the flash-attn rule up to 28x "
-                                      "where a probability is ~1 (the Sinkhorn softmax, y near 0, folds it)",
 }
 # Streaming configs with fewer bytes of loads in flight per SM than Little's law asks, and why: regular
 # expressions matched at the start of "name@arch" (an entry that matches a config with enough in flight fails).

@@ -23,8 +23,10 @@ an exp2 per element instead of a division, an addition and exp's own multiply by
 softmax keeps plain PyTorch's arithmetic, (t - c) / tau (as a multiply by 1 / tau) and exp, because its
 logits keep their size (below).
 
-Kernels: MODE_SOFTMAX runs one program per BLOCK_R rows: pass 1 streams K chunks with an online max m
-and rescaled sum s, pass 2 recomputes y and writes the probabilities: exp2(y2 - n) with the row's
+Kernels: MODE_SOFTMAX runs one program per row: pass 1 streams K chunks with an online max m and rescaled
+sum s, keeping the exponentials e = exp(y - m_ref) of the first two chunks in registers; pass 2 writes
+those as e exp(m_ref - m) / s (one multiply per element) and, for the other chunks, recomputes y and writes
+the probabilities: exp2(y2 - n) with the row's
 log2-normaliser n = m2 + log2(s) folded into the exponent for Sinkhorn, whose bias brings y2 to a few
 units around 0; exp(y - m) / s for the centred softmax, whose |y| reaches ~2000 in the tests (logits
 +-50, tau 0.04), where n rounds to 1e-4 per row and rows would no longer sum to 1 within the flash-attn
@@ -45,10 +47,11 @@ rows (an online column max and sum), so each program owns its columns outright. 
 allocated besides the output.
 
 Cost per call (e = bytes per logit; FLOPs per element, an FMA counted as 2): MODE_SOFTMAX moves
-R K e + 4 R K bytes when a wave's rows fit in half of L2 (the second read of a row block comes from
-there; else R K e more) and executes 6 + 4 = 10 FLOPs for Sinkhorn (pass 1: FMA, max, subtract, exp2,
-add; pass 2: FMA, subtract, exp2), 6 + 5 = 11 centred (pass 2: subtract, multiply, subtract, exp,
-multiply by 1 / s) against the op's 7; MODE_COLUMN R K e + 8 K bytes and the stats (8 bytes per row and
+R K e + 4 R K bytes when a wave's rows fit in half of L2 (the second read of a row comes from there; else
+the recomputed chunks' R (K - 2 BLOCK_K) e more) and executes pass 1's 6 (FMA, max, subtract, exp2, add)
+and, in pass 2, 1 on the kept chunks and 4 for Sinkhorn (FMA, subtract, exp2) or 5 centred (subtract,
+multiply, subtract, exp, multiply by 1 / s) on the others: 9.25 and 10 at K = 65536 against the op's 7
+(11 and 10 recomputing every chunk); MODE_COLUMN R K e + 8 K bytes and the stats (8 bytes per row and
 chunk) when its groups stay in L2 (else 2 R K e), 6 + 5 = 11 FLOPs (launch 2: FMA, subtract, exp2,
 column add) plus the stats combine (5 per row, chunk and program) against the op's 8 (its column sum
 weights each row's exponentials by 1 / s: a multiply-add); MODE_COLMAX R K e + 8 K bytes and 5 FLOPs
@@ -87,11 +90,13 @@ MODE_SOFTMAX, MODE_COLUMN, MODE_COLMAX = 0, 1, 2
 LOG2E = 1.0 / math.log(2.0)
 
 # H100/A100 config: bandwidth bound, so sized by Little's law (the compile report's in-flight check: an SM must
-# have ~15 KB of loads in flight on an H100, ~11 KB on an A100). The softmax takes BLOCK_R = 1 to keep all SMs
-# busy for class-token rows (2 x 16-128 per GPU: one program per SM), so one program's step must carry it alone:
-# 8192 prototypes (16 KB of bf16, 32 KB of fp32; 124-128 registers at 4 warps, no spills; the 512 before had 1
-# KB in flight). 8 rows per block for the thousands of masked patch rows of iBOT, with 256-prototype chunks.
-GPU_BLOCK_K = {1: 8192, 8: 256}  # by BLOCK_R
+# have ~15 KB of loads in flight on an H100, ~11 KB on an A100). The softmax runs one row per program, which keeps
+# all SMs busy for class-token rows (2 x 16-128 per GPU) and is what iBOT's thousands of masked patch rows take too,
+# so one program's step must carry it alone: 8192 prototypes (16 KB of bf16, 32 KB of fp32). Its two kept tiles
+# hold 16384 fp32 exponentials: 32 registers a thread at 16 warps (87-105 in all, one CTA per SM; at 8 warps the
+# fp32 variant was held to 128 registers on sm_80 and spilled).
+GPU_BLOCK_K = 8192
+SOFTMAX_NUM_WARPS = 16
 GPU_NUM_WARPS = 4
 INTERPRETER_BLOCK_K = 4096
 # MODE_COLMAX and MODE_COLUMN's launch 2: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows,
@@ -129,6 +134,18 @@ def _exp(x, CENTER: tl.constexpr):
 
 
 @triton.jit
+def _online_step(logits_ptr, vec_ptr, row_offset, row_mask, cols, col_mask, m, row_sum, scale, CENTER: tl.constexpr):
+    """One tile of pass 1: the running row max m and sum of exp(y - m) (exp2 in base 2) updated with the tile at
+    cols. Returns the tile's exponentials e = exp(y - m_ref), its reference max m_ref and the new m and sum.
+    Rows past R take m_ref = 0: their lanes are -inf, so e = 0 and no NaN."""
+    y = _logit_tile(logits_ptr, vec_ptr, row_offset, row_mask, cols, col_mask, scale, CENTER)
+    m_new = tl.maximum(m, tl.max(y, axis=1))
+    m_ref = tl.where(row_mask, m_new, 0.0)
+    e = _exp(y - m_ref[:, None], CENTER)
+    return e, m_ref, m_new, row_sum * _exp(m - m_ref, CENTER) + tl.sum(e, axis=1)
+
+
+@triton.jit
 def _row_max_sum(logits_ptr, vec_ptr, row_offset, row_mask, k_start, k_end, scale, CENTER: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Pass 1: the row max m of y and sum_k exp(y - m) of BLOCK_R rows over the columns [k_start, k_end) (exp2
@@ -138,29 +155,51 @@ def _row_max_sum(logits_ptr, vec_ptr, row_offset, row_mask, k_start, k_end, scal
     row_sum = tl.zeros([BLOCK_R], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        y = _logit_tile(logits_ptr, vec_ptr, row_offset, row_mask, cols, cols < k_end, scale, CENTER)
-        m_new = tl.maximum(m, tl.max(y, axis=1))
-        m_ref = tl.where(row_mask, m_new, 0.0)  # rows past R: exp(-inf - 0) = 0, not NaN
-        row_sum = row_sum * _exp(m - m_ref, CENTER) + tl.sum(_exp(y - m_ref[:, None], CENTER), axis=1)
-        m = m_new
+        _, _, m, row_sum = _online_step(logits_ptr, vec_ptr, row_offset, row_mask, cols, cols < k_end, m, row_sum,
+                                        scale, CENTER)
     return tl.where(row_mask, m, 0.0), tl.where(row_mask, row_sum, 1.0)
 
 
 @triton.jit
 def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_K: tl.constexpr):
-    """MODE_SOFTMAX: softmax_k(y) of one block of BLOCK_R rows, two passes over K. Pass 2 writes
-    exp2(y2 - m2 - log2(s)) for Sinkhorn (y2 near 0), exp(y - m) / s for the centred softmax (|y| up to
-    ~2000, where the folded normaliser would round to 1e-4: module docstring)."""
+    """MODE_SOFTMAX: softmax_k(y) of one block of BLOCK_R rows, two passes over K. Pass 1 keeps the exponentials
+    e = exp(y - m_ref) of the row's first two tiles in registers; pass 2 writes them times exp(m_ref - m) / s
+    (one multiply per element) and recomputes the other tiles from the logits: exp2(y2 - m2 - log2(s)) for
+    Sinkhorn (y2 near 0), exp(y - m) / s for the centred softmax (|y| up to ~2000, where the folded normaliser
+    would round to 1e-4: module docstring). Where a kept tile holds the row's max, e is exactly 1 there and its
+    factor 1 / s, as in PyTorch."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     row_offset = rows.to(tl.int64)[:, None] * K
-    m, row_sum = _row_max_sum(logits_ptr, vec_ptr, row_offset, row_mask, 0, K, scale, CENTER, BLOCK_R, BLOCK_K)
+    cols0 = tl.arange(0, BLOCK_K)  # tile 0 always holds a prototype (K >= 1), so its m_ref is finite
+    cols1 = BLOCK_K + cols0  # tile 1 may be empty (K <= BLOCK_K): its lanes add exp(-inf - m) = 0
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_R], tl.float32)
+    e0, m_ref0, m, row_sum = _online_step(logits_ptr, vec_ptr, row_offset, row_mask, cols0, cols0 < K, m, row_sum,
+                                          scale, CENTER)
+    e1, m_ref1, m, row_sum = _online_step(logits_ptr, vec_ptr, row_offset, row_mask, cols1, cols1 < K, m, row_sum,
+                                          scale, CENTER)
+    for k0 in range(2 * BLOCK_K, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        _, _, m, row_sum = _online_step(logits_ptr, vec_ptr, row_offset, row_mask, cols, cols < K, m, row_sum,
+                                        scale, CENTER)
+    m = tl.where(row_mask, m, 0.0)
+    row_sum = tl.where(row_mask, row_sum, 1.0)
+    mask = row_mask[:, None]
     if CENTER:
         inv_sum = 1.0 / row_sum
+        tl.store(out_ptr + row_offset + cols0[None, :], e0 * (tl.exp(m_ref0 - m) * inv_sum)[:, None],
+                 mask=mask & (cols0 < K)[None, :])
+        tl.store(out_ptr + row_offset + cols1[None, :], e1 * (tl.exp(m_ref1 - m) * inv_sum)[:, None],
+                 mask=mask & (cols1 < K)[None, :])
     else:
         norm = m + tl.log2(row_sum)
-    for k0 in range(0, K, BLOCK_K):
+        tl.store(out_ptr + row_offset + cols0[None, :], e0 * tl.exp2(m_ref0 - norm)[:, None],
+                 mask=mask & (cols0 < K)[None, :])
+        tl.store(out_ptr + row_offset + cols1[None, :], e1 * tl.exp2(m_ref1 - norm)[:, None],
+                 mask=mask & (cols1 < K)[None, :])
+    for k0 in range(2 * BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
         y = _logit_tile(logits_ptr, vec_ptr, row_offset, row_mask, cols, col_mask, scale, CENTER)
@@ -168,7 +207,7 @@ def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.conste
             p = tl.exp(y - m[:, None]) * inv_sum[:, None]
         else:
             p = tl.exp2(y - norm[:, None])
-        tl.store(out_ptr + row_offset + cols[None, :], p, mask=row_mask[:, None] & col_mask[None, :])
+        tl.store(out_ptr + row_offset + cols[None, :], p, mask=mask & col_mask[None, :])
 
 
 @triton.jit
@@ -234,29 +273,27 @@ def _colmax_kernel(logits_ptr, out_ptr, R, K, scale, BLOCK_R: tl.constexpr, BLOC
 
 
 def launch_plan(mode: int, R: int, K: int, sms: int, dtype_bytes: int = 2, interpreter: bool = False) -> dict:
-    """BLOCK_R, BLOCK_K and the grid of one mode: the one place the launcher and efficiency() read them.
-    MODE_SOFTMAX: one program per BLOCK_R rows (BLOCK_R = 1 keeps every SM busy for the 32-256 class-token
-    rows per GPU); MODE_COLMAX: one program per BLOCK_K prototypes (256 programs at K = 65536);
-    MODE_COLUMN: per group of group_rows rows, launch 1 over stats_grid (blocks of STATS_BLOCK_R rows x prototype
-    chunks of CHUNK, about 2 programs per SM) and launch 2 over grid (one program per BLOCK_K prototypes, stepping
-    BLOCK_R rows); groups of
-    COLUMN_GROUP_BYTES of logits, so that launch 2 finds them in L2, where that takes at most MAX_COLUMN_GROUPS,
-    else one group."""
+    """BLOCK_R, BLOCK_K, num_warps and the grid of one mode: the one place the launcher and efficiency() read them.
+    MODE_SOFTMAX: one program per row (every SM busy for the 32-256 class-token rows per GPU; iBOT's thousands of
+    rows in waves of one row per SM, whose pass 2 re-reads come from L2); MODE_COLMAX: one program per BLOCK_K
+    prototypes (256 programs at K = 65536); MODE_COLUMN: per group of group_rows rows, launch 1 over stats_grid
+    (blocks of STATS_BLOCK_R rows x prototype chunks of CHUNK, about 2 programs per SM) and launch 2 over grid (one
+    program per BLOCK_K prototypes, stepping BLOCK_R rows); groups of COLUMN_GROUP_BYTES of logits, so that
+    launch 2 finds them in L2, where that takes at most MAX_COLUMN_GROUPS, else one group."""
     if mode == MODE_SOFTMAX:
-        block_r = 1 if R <= 2 * sms else 8
-        block_k = INTERPRETER_BLOCK_K if interpreter else GPU_BLOCK_K[block_r]
-        return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(R, block_r),)}
+        block_k = INTERPRETER_BLOCK_K if interpreter else GPU_BLOCK_K
+        return {"BLOCK_R": 1, "BLOCK_K": block_k, "num_warps": SOFTMAX_NUM_WARPS, "grid": (R,)}
     block_r, block_k = INTERPRETER_COLMAX_BLOCKS if interpreter else GPU_COLMAX_BLOCKS
     if mode == MODE_COLMAX:
-        return {"BLOCK_R": block_r, "BLOCK_K": block_k, "grid": (triton.cdiv(K, block_k),)}
+        return {"BLOCK_R": block_r, "BLOCK_K": block_k, "num_warps": GPU_NUM_WARPS, "grid": (triton.cdiv(K, block_k),)}
     stats_block_r, stats_block_k = INTERPRETER_STATS_BLOCKS if interpreter else GPU_STATS_BLOCKS
     group_rows = min(R, max(1, COLUMN_GROUP_BYTES // (K * dtype_bytes)))
     if triton.cdiv(R, group_rows) > MAX_COLUMN_GROUPS:
         group_rows = R
     row_blocks = triton.cdiv(group_rows, stats_block_r)
     chunks, chunk = num_splits(K, row_blocks, stats_block_k, 2 * sms)
-    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "STATS_BLOCK_R": stats_block_r, "STATS_BLOCK_K": stats_block_k,
-            "CHUNK": chunk, "chunks": chunks,
+    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "num_warps": GPU_NUM_WARPS, "STATS_BLOCK_R": stats_block_r,
+            "STATS_BLOCK_K": stats_block_k, "CHUNK": chunk, "chunks": chunks,
             "BLOCK_C": triton.next_power_of_2(chunks), "group_rows": group_rows, "groups": triton.cdiv(R, group_rows),
             "stats_grid": (row_blocks, chunks), "grid": (triton.cdiv(K, block_k),)}
 
@@ -272,7 +309,7 @@ def _launch(mode: int, logits: torch.Tensor, scale: torch.Tensor, vec: torch.Ten
     R, K = logits.shape
     device = logits.device
     plan = launch_plan(mode, R, K, sm_count(device), logits.element_size(), interpreted(logits))
-    tiles = {"BLOCK_R": plan["BLOCK_R"], "BLOCK_K": plan["BLOCK_K"], "num_warps": GPU_NUM_WARPS}
+    tiles = {"BLOCK_R": plan["BLOCK_R"], "BLOCK_K": plan["BLOCK_K"], "num_warps": plan["num_warps"]}
     if mode == MODE_SOFTMAX:
         out = torch.empty((R, K), dtype=torch.float32, device=device)
         launch_kernel(_softmax_kernel, plan["grid"], logits, vec, out, R, K, scale, CENTER=center, **tiles)
@@ -389,11 +426,11 @@ def roofline_cost(R: int, K: int, dtype_bytes: int = 2, n_iterations: int = 0) -
             "bytes": steps * R * K * dtype_bytes + 4 * R * K + 8 * K * steps}
 
 
-# DINOv2's calls per GPU: the class-token teacher (2 global views x 64 samples = 128 rows, softmax BLOCK_R = 1) and
-# iBOT's masked patch tokens (BLOCK_R = 8): half of the 128 global crops masked at a ratio uniform in 0.1-0.5 of
+# DINOv2's calls per GPU: the class-token teacher (2 global views x 64 samples = 128 rows) and
+# iBOT's masked patch tokens: half of the 128 global crops masked at a ratio uniform in 0.1-0.5 of
 # their 196 patches, 64 x 0.3 x 196 ~ 3763 rows on average (6272 at most; it was 8192, more than DINOv2 can
 # produce), here 3760, a multiple of 16; K = 65536 prototypes.
-PRODUCTION_ROWS = {1: 128, 8: 3760}
+PRODUCTION_ROWS = (128, 3760)
 PRODUCTION_K = 65536
 # The column step's plan in the compile report: H100's SMs (A100's 108 give the same BLOCK_C).
 PRODUCTION_SMS = GPUS[BY_CAPABILITY[90]]["sms"]
@@ -405,24 +442,28 @@ def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent
     (docs/kernels.md, "Efficiency counts"), torch's K-vector and partial-sum ops included. Useful: one read
     of the logits and one pass of the math per element (softmax: FMA 2, max, subtract, exp, row sum,
     normalise = 7; column step: the same with the normalisation a multiply-add into the column sum = 8;
-    column logsumexp: multiply, max, subtract, exp, sum = 5). Executed (masked lanes included): softmax 10
-    (11 centred: pass 2 normalises by a multiply), column step 11, column logsumexp 5 per element, plus
-    the online rescale (max, subtract, exp, multiply, add) per row (softmax, column step) or column
-    (colmax) and tile."""
+    column logsumexp: multiply, max, subtract, exp, sum = 5). Executed (masked lanes included): softmax 6 in
+    pass 1 and, in pass 2, 1 (a multiply) on the two kept tiles, 4 (Sinkhorn) or 5 (centred: its normalisation
+    is a multiply) on the recomputed ones; column step 11, column logsumexp 5 per element, plus the online
+    rescale (max, subtract, exp, multiply, add) per row (softmax, column step) or column (colmax) and tile, and
+    the softmax's per-row normaliser and kept-tile factors."""
     plan = launch_plan(mode, R, K, sms, dtype_bytes)
     block_r, block_k, programs, e = plan["BLOCK_R"], plan["BLOCK_K"], plan["grid"][0], dtype_bytes
     padded = pad(R, block_r) * pad(K, block_k)
     tiles = (pad(R, block_r) // block_r) * (pad(K, block_k) // block_k)
     rows = lambda b: min(block_r, R - b * block_r)  # noqa: E731
-    if mode == MODE_SOFTMAX:  # program b: a block of rows, all K, read twice, probs written
+    if mode == MODE_SOFTMAX:  # program b: one row, all K, the tiles after the kept two read twice, probs written
         sizes = {"logits": R * K * e, "probs": 4 * R * K, "vec": 4 * K}
         touches = lambda b, _y, _z: [("vec", 0, 4 * K), ("logits", b, rows(b) * K * e),  # noqa: E731
                                      ("probs", b, 4 * rows(b) * K)]
         moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes)
+        kept = 2 * block_k
         if min(programs, concurrent) * block_r * K * e > l2_bytes // 2:  # pass 2 of a wave's rows misses L2
-            moved += R * K * e
+            moved += R * max(0, K - kept) * e
         floor = {"flops": 7 * R * K, "bytes": R * K * e + 4 * R * K + 4 * K}
-        executed = (11 if center else 10) * padded + 5 * block_r * tiles
+        k_tiles = max(2, pad(K, block_k) // block_k)  # tile 1 runs (masked) even where K fits in tile 0
+        executed = R * (6 * k_tiles * block_k + kept + (5 if center else 4) * (k_tiles - 2) * block_k
+                        + 5 * k_tiles + (7 if center else 6))
     elif mode == MODE_COLUMN and stats_launch:  # launch 1 alone: the rows' logsumexp, in pieces
         moved, executed, programs = _column_counts(plan, R, K, e, concurrent, l2_bytes, stats_launch)
         floor = {"flops": 6 * R * K, "bytes": R * K * e + 4 * K + 4 * R}
@@ -488,7 +529,7 @@ MULTIPLES_OF_16 = ("R", "K", "CHUNK")
 
 
 def compile_specs() -> list[dict]:
-    """Every shipped configuration (logit dtype x kernel x BLOCK_R) for the AOT compile report."""
+    """Every shipped configuration (logit dtype x kernel x production rows) for the AOT compile report."""
     specs = []
     common = {"num_warps": GPU_NUM_WARPS, "num_stages": 3, "uses_dot": False}
     for dtype, ptr in TRITON_DTYPE.items():
@@ -497,15 +538,16 @@ def compile_specs() -> list[dict]:
             efficiency, mode, rows, PRODUCTION_K, dtype_bytes=e, **kw)
         scalars = {"R": "i32", "K": "i32", "scale": "fp32"}
         for tag, center in (("centered_softmax", True), ("sk_softmax", False)):
-            for block_r in (1, 8):
+            for rows in PRODUCTION_ROWS:
                 specs.append({
-                    **common, "name": f"dino_teacher_{tag}_{name}_r{block_r}", "fn": _softmax_kernel,
+                    **common, "num_warps": SOFTMAX_NUM_WARPS, "name": f"dino_teacher_{tag}_{name}_{rows}rows",
+                    "fn": _softmax_kernel,
                     "signature": {"logits_ptr": ptr, "vec_ptr": "*fp32", "out_ptr": "*fp32", **scalars},
-                    "constexprs": {"CENTER": center, "BLOCK_R": block_r, "BLOCK_K": GPU_BLOCK_K[block_r]},
-                    "efficiency": counts(MODE_SOFTMAX, PRODUCTION_ROWS[block_r], center=center),
+                    "constexprs": {"CENTER": center, "BLOCK_R": 1, "BLOCK_K": GPU_BLOCK_K},
+                    "efficiency": counts(MODE_SOFTMAX, rows, center=center),
                 })
         colmax_r, colmax_k = GPU_COLMAX_BLOCKS
-        for rows in sorted(set(PRODUCTION_ROWS.values())):
+        for rows in PRODUCTION_ROWS:
             plan = launch_plan(MODE_COLUMN, rows, PRODUCTION_K, PRODUCTION_SMS, e)
             column = {"BLOCK_R": plan["BLOCK_R"], "BLOCK_K": plan["BLOCK_K"]}
             # the column row counts the whole step (both launches and torch), the stats row launch 1 alone

@@ -99,8 +99,8 @@ def test_bounds_fail_unless_listed_and_listed_entries_must_still_be_over():
     assert run("some_kernel_bf16", 140) == []  # 1.4x: within the 1.5x bound
     assert "over bound: flops 1.60x" in run("some_kernel_bf16", 160)[0]  # not listed: a failure
     assert run("head_softmax_project_student_bf16", 190) == []  # the fused head's bound is 2.0x
-    assert run("dino_teacher_centered_softmax_bf16", 4000) == []  # listed in KNOWN_OVER_BOUND: reported, not failed
-    assert "remove the entry" in run("dino_teacher_centered_softmax_bf16", 100)[0]  # the list only shrinks
+    assert run("patch_embed_fwd_float32", 4000) == []  # listed in KNOWN_OVER_BOUND: reported, not failed
+    assert "remove the entry" in run("patch_embed_fwd_float32", 100)[0]  # the list only shrinks
 
 
 def test_stale_entries_fail_only_under_the_triton_the_lists_were_measured_with(monkeypatch):
@@ -114,7 +114,7 @@ def test_stale_entries_fail_only_under_the_triton_the_lists_were_measured_with(m
     counts = {"useful_flops": 100, "executed_flops": 100, "min_bytes": 10, "moved_bytes": 10, "flop_kind": "fp32"}
     for version, failed in ((c.LISTS_TRITON, True), ("3.6.0", False)):
         monkeypatch.setattr(triton, "__version__", version)
-        row = {"name": "dino_teacher_centered_softmax_bf16", "regs": 64, "shared_bytes": 0, "shared_static": 0,
+        row = {"name": "patch_embed_fwd_float32", "regs": 64, "shared_bytes": 0, "shared_static": 0,
                "num_warps": 4}
         problems = c.efficiency(row, {"efficiency": lambda **_: counts}, 90)
         assert bool(problems) == failed and ("stale_entry" in row) != failed, (version, problems, row)
