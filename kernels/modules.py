@@ -118,6 +118,8 @@ class DualCenteringSoftmax(torch.nn.Module):
     distribution scheme), then calls update(logit_sum, high_logit_sum, rows, high_rows):
         c   <- m c   + (1 - m)   logit_sum / rows
         c_h <- m_h c_h + (1 - m_h) high_logit_sum / high_rows   (skipped when high_rows == 0)
+    A centre whose update is not finite (NaN or inf in the sums: a diverged step) keeps its value, decided on
+    the device (no sync), so one bad batch does not poison the targets of every later step.
     """
 
     def __init__(self, num_prototypes: int, alpha: float = 0.8, center_momentum: float = 0.9,
@@ -150,11 +152,16 @@ class DualCenteringSoftmax(torch.nn.Module):
         _common._check_number("high_rows", high_rows)
         if not (math.isfinite(high_rows) and high_rows >= 0):
             raise ValueError(f"high_rows must be a finite count >= 0 (0 skips the c_h update), got {high_rows}")
-        m = self.center_momentum
-        self.center.mul_(m).add_(logit_sum.float().reshape(K) / rows, alpha=1.0 - m)
+        _ema_if_finite(self.center, logit_sum.float().reshape(K) / rows, self.center_momentum)
         if high_rows > 0:
-            m_h = self.center_high_momentum
-            self.center_high.mul_(m_h).add_(high_logit_sum.float().reshape(K) / high_rows, alpha=1.0 - m_h)
+            _ema_if_finite(self.center_high, high_logit_sum.float().reshape(K) / high_rows, self.center_high_momentum)
+
+
+def _ema_if_finite(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> None:
+    """center <- momentum center + (1 - momentum) batch_mean, unless the result has a NaN or inf: then center
+    stays. torch.where on a 0-d device flag, not an `if`, so no host sync."""
+    new = center * momentum + batch_mean * (1.0 - momentum)
+    center.copy_(torch.where(torch.isfinite(new).all(), new, center))
 
 
 class DINOCrossEntropy(torch.nn.Module):

@@ -96,6 +96,23 @@ def test_module_forward_and_update(device):
     assert torch.equal(module.center_high, before)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_update_keeps_a_centre_whose_update_is_not_finite(bad, device):
+    """A diverged step's NaN / inf sums leave that centre as it was (decided on the device); the other centre's
+    finite update still lands."""
+    K = 6
+    module = DualCenteringSoftmax(K).to(device)
+    module.center.fill_(0.5)
+    module.center_high.fill_(0.25)
+    logit_sum = torch.ones(K, device=device)
+    logit_sum[2] = bad
+    module.update(logit_sum, torch.full((K,), 2.0, device=device), rows=2, high_rows=2)
+    assert torch.equal(module.center, torch.full((K,), 0.5, device=device))
+    assert torch.allclose(module.center_high, torch.full((K,), 0.9 * 0.25 + 0.1 * 1.0, device=device))
+    module.update(torch.ones(K, device=device), torch.full((K,), bad, device=device), rows=2, high_rows=2)
+    assert torch.allclose(module.center, torch.full((K,), 0.9 * 0.5 + 0.1 * 0.5, device=device))
+
+
 def test_validation_errors(device):
     t, c, ch, hw = _inputs(3, 20, torch.float32, device)
     with pytest.raises(ValueError, match="2 dimensions"):
