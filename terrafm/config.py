@@ -69,7 +69,8 @@ class OptimConfig:
     weight_decay_end: float = 0.4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    clip_grad: float = 3.0  # max global grad norm; 0 disables clipping
+    clip_grad: float = 3.0  # max gradient norm; 0 disables clipping
+    clip_mode: str = "per_parameter"  # per_parameter: each tensor's norm (DINO) | global: the total norm (DINOv2)
     implementation: str = "auto"  # auto | apex | fused | foreach | plain
 
 
@@ -137,6 +138,7 @@ CHOICES = {
     "train.precision": ("bf16", "fp32"),
     "train.reduce_precision": ("bf16", "fp32"),
     "optim.implementation": ("auto", "apex", "fused", "foreach", "plain"),
+    "optim.clip_mode": ("per_parameter", "global"),
 }
 
 

@@ -242,13 +242,21 @@ def build_optimizer(student: torch.nn.Module, cfg: Config, device: torch.device)
     return torch.optim.AdamW(groups, fused=impl == "fused" or None, foreach=impl == "foreach" or None, **kwargs)
 
 
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm across all ranks' shards; returns the norm before clipping."""
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, per_parameter: bool = True) -> torch.Tensor:
+    """Clip the gradients across all ranks' shards; returns the global norm before clipping.
+
+    per_parameter (DINO's clip_gradients, the method's recipe): each tensor's gradient is scaled to at most
+    max_norm on its own; else (DINOv2) all of them by one factor, to a global norm of at most max_norm. Each
+    tensor's norm over its shards comes from one collective for all of them (a stack of partial norms)."""
     grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()  # the shards' partial norms reduced over the mesh
-    if max_norm > 0:
+    norms = torch.stack(torch._foreach_norm(grads))
+    if isinstance(norms, DTensor):
+        norms = norms.full_tensor()  # the shards' partial norms reduced over the mesh
+    total = torch.linalg.vector_norm(norms)
+    if max_norm > 0 and per_parameter:
+        scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, list(scales.unbind()))
+    elif max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total
 
@@ -479,14 +487,14 @@ def shared_failure(failure: str | None, env: DistEnv) -> str | None:
 
 
 def optimizer_step(arch: SSLMetaArch, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                   max_norm: float, freeze_last_layer: bool) -> float:
+                   max_norm: float, per_parameter: bool, freeze_last_layer: bool) -> float:
     """Drop the frozen prototype layer's gradient, clip, and take the AdamW step unless the global gradient
     norm (the same on every rank) is non-finite; returns that norm, read to the host once (a second .item()
     after the step would wait for the AdamW kernels too). The gradients are cleared."""
     if freeze_last_layer:
         for p in arch.last_layer_parameters():
             p.grad = None
-    grad_norm = clip_gradients(params, max_norm).item()
+    grad_norm = clip_gradients(params, max_norm, per_parameter).item()
     if math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -810,7 +818,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                     f"updating the weights; {where}. Resume from it with a lower optim.lr or more warm-up."
                 )
 
-            grad_norm = optimizer_step(arch, optimizer, student_params, o.clip_grad,
+            grad_norm = optimizer_step(arch, optimizer, student_params, o.clip_grad, o.clip_mode == "per_parameter",
                                        schedules.last_layer_frozen(step, freeze_steps))
             if math.isfinite(grad_norm):
                 nonfinite_streak = 0

@@ -90,11 +90,11 @@ def main() -> int:
     if args.inf_grad_steps:
         inf_steps, original_clip, calls = {int(v) for v in args.inf_grad_steps.split(",")}, trainer.clip_gradients, []
 
-        def clip_with_inf(params, max_norm):
+        def clip_with_inf(params, max_norm, per_parameter):
             if len(calls) in inf_steps:
                 next(p for p in params if p.grad is not None).grad.fill_(float("inf"))
             calls.append(1)
-            return original_clip(params, max_norm)
+            return original_clip(params, max_norm, per_parameter)
 
         trainer.clip_gradients = clip_with_inf
     if args.collapse_on_rank == rank:

@@ -11,8 +11,13 @@ from train_harness import HARNESS, free_port, metric_records, run_ranks
 from terrafm.checkpoint_io import load_backbone_state
 
 # momentum 0: after every step the teacher must equal the student, which proves the EMA writes the
-# shards in place (with a momentum near 1 a no-op update would be invisible after 3 steps)
-STEPS = ["train.max_steps=3", "train.checkpoint_every=3", "ssl.teacher_momentum=0.0", "ssl.teacher_momentum_end=0.0"]
+# shards in place (with a momentum near 1 a no-op update would be invisible after 3 steps). Global-norm clipping:
+# its factor (3 / ~240 here) scales the float noise of gradients that are zero in exact arithmetic (the key bias,
+# an undrawn sensor's patch embedding) under Adam's eps; per-parameter clipping leaves it, Adam turns it into steps
+# of ~lr whose sign the reduction order decides (up to 3.5e-4 apart after 3 steps), so the weights could not be
+# compared at 1e-4. Per-parameter clipping on shards is checked against one process in test_clipping.py.
+STEPS = ["train.max_steps=3", "train.checkpoint_every=3", "ssl.teacher_momentum=0.0", "ssl.teacher_momentum_end=0.0",
+         "optim.clip_mode=global"]
 
 
 def records(out: Path) -> list[dict]:

@@ -195,19 +195,19 @@ def test_the_non_finite_gradient_streak_survives_a_resume(tmp_path, monkeypatch)
     resumed from the checkpoint of step 2 (streak 1), the run stops at the same step."""
     calls = []
 
-    def clip_with_inf(params, max_norm, inf_at):
+    def clip_with_inf(params, max_norm, per_parameter, inf_at):
         if len(calls) in inf_at:
             next(p for p in params if p.grad is not None).grad.fill_(float("inf"))
         calls.append(1)
-        return original_clip(params, max_norm)
+        return original_clip(params, max_norm, per_parameter)
 
     original_clip = trainer.clip_gradients
     overrides = ["train.max_steps=6", "train.checkpoint_every=2", "train.max_nonfinite_grad_steps=3"]
-    monkeypatch.setattr(trainer, "clip_gradients", lambda p, n: clip_with_inf(p, n, {1, 2, 3}))
+    monkeypatch.setattr(trainer, "clip_gradients", lambda p, n, per: clip_with_inf(p, n, per, {1, 2, 3}))
     with pytest.raises(NonFiniteGradError, match="3 steps in a row, the last at step 3"):
         train(config(tmp_path, *overrides), loader=SyntheticLoader(batch_size=4))
     calls.clear()  # the resumed run's calls 0 and 1 are steps 2 and 3
-    monkeypatch.setattr(trainer, "clip_gradients", lambda p, n: clip_with_inf(p, n, {0, 1}))
+    monkeypatch.setattr(trainer, "clip_gradients", lambda p, n, per: clip_with_inf(p, n, per, {0, 1}))
     with pytest.raises(NonFiniteGradError, match="3 steps in a row, the last at step 3"):
         train(config(tmp_path / "resumed", *overrides), resume=tmp_path / "run" / "checkpoints" / "step_00000002",
               loader=SyntheticLoader(batch_size=4))
