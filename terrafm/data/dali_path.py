@@ -72,7 +72,9 @@ class DaliRenderer:
         @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.cpp_threads or 2), device_id=device_id,
                       exec_dynamic=True, prefetch_queue_depth=1)
         def views():
-            data = fn.external_source(name="data")
+            # no_copy: DALI reads the tiles' bytes where _feeds put them (fresh arrays per call, alive until render
+            # returns, after the outputs are consumed and, on CUDA, copied out and synchronised), not a copy of them
+            data = fn.external_source(name="data", no_copy=True)
             if self.gpu:
                 data = data.gpu()
             if inflate is not None:
