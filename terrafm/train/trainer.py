@@ -242,23 +242,30 @@ def build_optimizer(student: torch.nn.Module, cfg: Config, device: torch.device)
     return torch.optim.AdamW(groups, fused=impl == "fused" or None, foreach=impl == "foreach" or None, **kwargs)
 
 
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, per_parameter: bool = True) -> torch.Tensor:
-    """Clip the gradients across all ranks' shards; returns the global norm before clipping.
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, per_parameter: bool = True) -> float:
+    """Clip the gradients across all ranks' shards; returns the global norm before clipping, read to the host
+    (the step's one read: the trainer skips the update on a non-finite norm).
 
     per_parameter (DINO's clip_gradients, the method's recipe): each tensor's gradient is scaled to at most
     max_norm on its own; else (DINOv2) all of them by one factor, to a global norm of at most max_norm. Each
-    tensor's norm over its shards comes from one collective for all of them (a stack of partial norms)."""
+    tensor's norm over its shards comes from one collective for all of them (a stack of partial norms). The
+    per-tensor factors are applied from the host read as one foreach multiply by a list of numbers, which runs
+    as a few fused kernels; a list of 0-d device tensors would be a kernel per tensor."""
     grads = [p.grad for p in params if p.grad is not None]
     norms = torch.stack(torch._foreach_norm(grads))
     if isinstance(norms, DTensor):
         norms = norms.full_tensor()  # the shards' partial norms reduced over the mesh
     total = torch.linalg.vector_norm(norms)
-    if max_norm > 0 and per_parameter:
-        scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, list(scales.unbind()))
-    elif max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
-    return total
+    if not per_parameter:
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        return total.item()
+    values = torch.cat([total[None], norms.float()]).tolist()
+    if max_norm > 0:
+        clipped = [(g, max_norm / (n + 1e-6)) for g, n in zip(grads, values[1:], strict=True) if n + 1e-6 > max_norm]
+        if clipped:
+            torch._foreach_mul_([g for g, _ in clipped], [s for _, s in clipped])
+    return values[0]
 
 
 def _value(loader: Any, name: str) -> Any:
@@ -494,7 +501,7 @@ def optimizer_step(arch: SSLMetaArch, optimizer: torch.optim.Optimizer, params: 
     if freeze_last_layer:
         for p in arch.last_layer_parameters():
             p.grad = None
-    grad_norm = clip_gradients(params, max_norm, per_parameter).item()
+    grad_norm = clip_gradients(params, max_norm, per_parameter)
     if math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

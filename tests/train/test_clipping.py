@@ -36,7 +36,7 @@ def test_per_parameter_clips_each_tensor_to_the_bound_on_its_own():
     params, want = _params(6.0, 1.0, 3.5), _params(6.0, 1.0, 3.5)
     total = clip_gradients(params, 3.0, per_parameter=True)
     _dino_clip(want, 3.0)
-    assert total.item() == pytest.approx((36 + 1 + 3.5**2) ** 0.5, rel=1e-6)  # the norm before clipping
+    assert total == pytest.approx((36 + 1 + 3.5**2) ** 0.5, rel=1e-6)  # the norm before clipping
     for p, q in zip(params, want, strict=True):
         assert (p.grad is None) == (q.grad is None)
         if p.grad is not None:
@@ -47,7 +47,7 @@ def test_per_parameter_clips_each_tensor_to_the_bound_on_its_own():
 def test_global_clips_every_tensor_by_one_factor():
     params = _params(6.0, 1.0, 3.5)
     before = [p.grad.clone() for p in params[:3]]
-    total = clip_gradients(params, 3.0, per_parameter=False).item()
+    total = clip_gradients(params, 3.0, per_parameter=False)
     for p, g in zip(params[:3], before, strict=True):
         torch.testing.assert_close(p.grad, g * (3.0 / (total + 1e-6)), rtol=1e-6, atol=0)
     assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params[:3]])).item() == pytest.approx(3.0)
@@ -57,7 +57,7 @@ def test_global_clips_every_tensor_by_one_factor():
 def test_a_bound_of_zero_only_measures(per_parameter):
     params = _params(6.0, 1.0)
     before = [p.grad.clone() for p in params[:2]]
-    assert clip_gradients(params, 0.0, per_parameter).item() == pytest.approx(37**0.5, rel=1e-6)
+    assert clip_gradients(params, 0.0, per_parameter) == pytest.approx(37**0.5, rel=1e-6)
     for p, g in zip(params[:2], before, strict=True):
         assert torch.equal(p.grad, g)
 
@@ -87,7 +87,7 @@ def _clip_on_shards(rank: int, port: int, per_parameter: bool, results) -> None:
     (model(x).pow(2).sum() * 0.3).backward()
     params = list(model.parameters())
     total = clip_gradients(params, 3.0, per_parameter)
-    results[rank] = (total.item(), [p.grad.full_tensor() for p in params])
+    results[rank] = (total, [p.grad.full_tensor() for p in params])
     dist.destroy_process_group()
 
 
@@ -108,7 +108,7 @@ def test_clipping_on_fsdp2_shards_matches_one_process(per_parameter):
     params = list(model.parameters())
     norms = [p.grad.norm().item() for p in params]
     assert max(norms) > 3.0 > min(norms)  # the bound binds for some tensors, not all
-    total = clip_gradients(params, 3.0, per_parameter).item()
+    total = clip_gradients(params, 3.0, per_parameter)
     for rank in (0, 1):
         sharded_total, grads = results[rank]
         assert sharded_total == pytest.approx(total, rel=1e-5)
