@@ -252,6 +252,8 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, per_parame
     per-tensor factors are applied from the host read as one foreach multiply by a list of numbers, which runs
     as a few fused kernels; a list of 0-d device tensors would be a kernel per tensor."""
     grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
     norms = torch.stack(torch._foreach_norm(grads))
     if isinstance(norms, DTensor):
         norms = norms.full_tensor()  # the shards' partial norms reduced over the mesh

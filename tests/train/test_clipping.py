@@ -54,6 +54,11 @@ def test_global_clips_every_tensor_by_one_factor():
 
 
 @pytest.mark.parametrize("per_parameter", [True, False])
+def test_no_gradient_at_all_has_norm_zero(per_parameter):
+    assert clip_gradients([torch.nn.Parameter(torch.zeros(2))], 3.0, per_parameter) == 0.0
+
+
+@pytest.mark.parametrize("per_parameter", [True, False])
 def test_a_bound_of_zero_only_measures(per_parameter):
     params = _params(6.0, 1.0)
     before = [p.grad.clone() for p in params[:2]]
