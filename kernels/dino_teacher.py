@@ -189,16 +189,12 @@ def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.conste
     mask = row_mask[:, None]
     if CENTER:
         inv_sum = 1.0 / row_sum
-        tl.store(out_ptr + row_offset + cols0[None, :], e0 * (tl.exp(m_ref0 - m) * inv_sum)[:, None],
-                 mask=mask & (cols0 < K)[None, :])
-        tl.store(out_ptr + row_offset + cols1[None, :], e1 * (tl.exp(m_ref1 - m) * inv_sum)[:, None],
-                 mask=mask & (cols1 < K)[None, :])
+        scale0, scale1 = tl.exp(m_ref0 - m) * inv_sum, tl.exp(m_ref1 - m) * inv_sum
     else:
         norm = m + tl.log2(row_sum)
-        tl.store(out_ptr + row_offset + cols0[None, :], e0 * tl.exp2(m_ref0 - norm)[:, None],
-                 mask=mask & (cols0 < K)[None, :])
-        tl.store(out_ptr + row_offset + cols1[None, :], e1 * tl.exp2(m_ref1 - norm)[:, None],
-                 mask=mask & (cols1 < K)[None, :])
+        scale0, scale1 = tl.exp2(m_ref0 - norm), tl.exp2(m_ref1 - norm)
+    tl.store(out_ptr + row_offset + cols0[None, :], e0 * scale0[:, None], mask=mask & (cols0 < K)[None, :])
+    tl.store(out_ptr + row_offset + cols1[None, :], e1 * scale1[:, None], mask=mask & (cols1 < K)[None, :])
     for k0 in range(2 * BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
