@@ -76,6 +76,14 @@ def test_the_gpu_presets_clip_per_parameter_and_a_bad_mode_is_named():
         load_config("tiny_cpu", overrides=["optim.clip_mode=per_tensor"])
 
 
+def _model_with_gradients() -> tuple[torch.nn.Sequential, torch.Tensor]:
+    """The same small model and input in every process (its gradients: some norms over the bound 3, some under)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 9), torch.nn.GELU(), torch.nn.Linear(9, 3))
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+    return model, x
+
+
 def _clip_on_shards(rank: int, port: int, per_parameter: bool, results) -> None:
     import datetime
 
@@ -85,10 +93,8 @@ def _clip_on_shards(rank: int, port: int, per_parameter: bool, results) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 9), torch.nn.GELU(), torch.nn.Linear(9, 3))
+    model, x = _model_with_gradients()
     fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
-    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
     (model(x).pow(2).sum() * 0.3).backward()
     params = list(model.parameters())
     total = clip_gradients(params, 3.0, per_parameter)
@@ -106,9 +112,7 @@ def test_clipping_on_fsdp2_shards_matches_one_process(per_parameter):
     results = mp.Manager().dict()
     mp.start_processes(_clip_on_shards, args=(free_port(), per_parameter, results), nprocs=2, join=True,
                        start_method="spawn")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 9), torch.nn.GELU(), torch.nn.Linear(9, 3))
-    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+    model, x = _model_with_gradients()
     (model(x).pow(2).sum() * 0.3).backward()
     params = list(model.parameters())
     norms = [p.grad.norm().item() for p in params]
