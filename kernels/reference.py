@@ -49,7 +49,6 @@ def patch_embed(
     return out
 
 
-
 def round_tf32(t: torch.Tensor) -> torch.Tensor:
     """fp32 t rounded to tf32 (10 mantissa bits; to nearest, ties away from zero), as cuDNN rounds the operands
     of its tf32 convolutions; NaN and inf pass, a finite value past tf32's range becomes inf."""
@@ -72,6 +71,7 @@ class _Tf32Linear(torch.autograd.Function):
         patches, w = ctx.saved_tensors
         g = round_tf32(grad)
         return g @ round_tf32(w), g.reshape(-1, g.shape[-1]).T @ round_tf32(patches).reshape(-1, patches.shape[-1])
+
 
 def cross_attention_fusion(
     keys: torch.Tensor,
