@@ -44,6 +44,7 @@ class Profile:
     device: str
     presets: tuple[tuple[str, tuple[str, ...]], ...]  # (preset, overrides): the kernels' production shapes
     toy_dims: dict  # replaces widths read from the presets (gpu_check_kernels.preset_dims): interpreter-sized
+    ibot_rows: int  # Sinkhorn-Knopp also runs at iBOT's masked patch rows per GPU (dino_teacher.PRODUCTION_ROWS)
     timing_dtype: str  # dtype of the timed calls
     compile_backend: str  # torch.compile backend of the "compile" provider
     roofline_gpu: str | None  # bench.common.GPUS key for % of roofline; None = the GPU found here
@@ -62,7 +63,8 @@ class Profile:
 
 PROFILES = {
     "gpu": Profile(
-        device="cuda", presets=(("vitb_h100", ()), ("vitl_h100", ())), toy_dims={}, timing_dtype="bfloat16",
+        device="cuda", presets=(("vitb_h100", ()), ("vitl_h100", ())), toy_dims={}, ibot_rows=3760,
+        timing_dtype="bfloat16",
         compile_backend="inductor", roofline_gpu=None, warmup=3, batch_s=0.02, batches=5,
         train_preset="vitb_h100",
         # 14 loader threads on the 16-core GPU machine (no DALI there: views render on the host); with 8 the first
@@ -78,7 +80,7 @@ PROFILES = {
         device="cpu", presets=(("tiny_cpu", ("data.batch_size=2", "data.n_local=2", "data.global_size=32",
                                              "model.img_size=32", "ssl.num_prototypes=300",
                                              "ssl.head_bottleneck_dim=32")),),
-        toy_dims={"D": 16, "heads": 2, "fusion_heads": 4},
+        toy_dims={"D": 16, "heads": 2, "fusion_heads": 4}, ibot_rows=40,
         timing_dtype="float32", compile_backend="aot_eager", roofline_gpu="H200 SXM", warmup=0, batch_s=0.0,
         batches=1, train_preset="tiny_cpu",
         train_overrides=("train.compile=false", "data.batch_size=2", "data.n_local=2", "data.global_size=32",

@@ -219,6 +219,10 @@ def preset_shapes(profile: Profile) -> list[tuple[str, str, dict]]:
                 (preset, "sinkhorn_knopp", {"R": T * B, "K": K}),
                 (preset, "weighted_soft_cross_entropy", {"T": T, "R": B, "K": K}),
                 (preset, "attention", {"B": B, "H": x["heads"], "N": grid**2 + 1, "d": x["D"] // x["heads"]})]
+    # last, so that a stage short of time skips it first: iBOT's masked patch rows (dino_teacher.PRODUCTION_ROWS),
+    # where the Sinkhorn column step's groups of rows outnumber the class-token case's 4 by ~30
+    preset, overrides = profile.presets[0]
+    out.append((preset, "sinkhorn_knopp", {"R": profile.ibot_rows, "K": preset_dims(preset, overrides)["K"]}))
     return out
 
 

@@ -67,12 +67,6 @@ KNOWN_OVER_BOUND = {
                                "waves of the 25088 x 2304 output, 40-49K fp32 accumulators per SM (64 x 64 tiles at "
                                "6 CTAs/SM hold 24K, 128 x 128 at 2 CTAs/SM on sm_90 32K: 1.67x); W in two L2-resident "
                                "slices, as grad_input runs, reads x twice: 1.54-1.56x. bf16 (presets) is 1.00-1.02x",
-    **{f"dino_teacher_sk_column_{dtype}_3760rows": "bytes 2.0x: a Sinkhorn column step needs each row's normaliser "
-       "before its column sums, so it reads the logits twice; the second read comes from L2 only for the 16 MiB "
-       "groups of few rows (128 rows: 1.09-1.12x); iBOT's 3760 rows are 0.5-1 GB, a launch pair per 16 MiB would "
-       "be 30-60 launches, and the one-launch row-block form re-reads a wave's rows from HBM too (measured on paper "
-       "at 8192 rows: 2.25x)"
-       for dtype in ("float32", "float16", "bfloat16")},
 }
 # Streaming configs with fewer bytes of loads in flight per SM than Little's law asks, and why: regular
 # expressions matched at the start of "name@arch" (an entry that matches a config with enough in flight fails).
@@ -81,10 +75,6 @@ KNOWN_LATENCY_BOUND = {
         "the head backward steps 8 positions of one 32-column chunk: 3.5 KiB of 16-bit loads a step at 4 resident "
         "programs (128 registers), 14.0 KiB per SM where Little's law asks 14.9; 16 positions compile their sums "
         "to tf32 mma.sync, a 64-column chunk pads ViT-B's 144 columns to 192 (FLOPs over bound)"),
-    r"dino_teacher_sk_column_(float32|float16|bfloat16)_3760rows@sm_90": (
-        "iBOT's 3760-row column step (one statistics chunk, BLOCK_C = 1) compiles its (16, 256) logits tile as two "
-        "halves around their conversion: 4-7 KB of loads before the first use (SASS), where the 128-row variant "
-        "issues all 8 / 16 KB; (32, 256) tiles split the same way"),
 }
 # The triton the two lists above were measured with (scripts/setup.sh's pin). Under another triton (the GPU
 # image's 3.6) register counts differ, so an entry no longer needed there is a note, not a failure.

@@ -31,31 +31,31 @@ log2-normaliser n = m2 + log2(s) folded into the exponent for Sinkhorn, whose bi
 units around 0; exp(y - m) / s for the centred softmax, whose |y| reaches ~2000 in the tests (logits
 +-50, tau 0.04), where n rounds to 1e-4 per row and rows would no longer sum to 1 within the flash-attn
 rule (up to 28x over it where one probability is ~1). MODE_COLUMN (one Sinkhorn iteration) needs each
-row's normaliser before its column sums, so it is two launches per group of rows: launch 1 runs pass 1
-over (row block, prototype chunk) tiles and writes each row's chunk max and sum (rows, chunks, 2) fp32
-(tiny); launch 2 runs one program per BLOCK_K prototypes down the group's rows, combines its rows' chunk
-statistics into n and adds exp2(y2 - n) down each column, writing complete column sums (no atomics:
-deterministic), which torch adds over the groups. Launch 1 splits K so that it has about two programs
-per SM at any R, launch 2 has K / BLOCK_K (DINOv2's 128 class-token rows per GPU, K = 65536: 256 + 256 on
-an H100, where one program per 16-row block made 8).
-Launch 2 re-reads the rows launch 1 just read: from L2 when the group's logits fit in half of it, so a
-group is COLUMN_GROUP_BYTES (16 MiB: 128 bf16 rows of 65536 prototypes; fp32 takes two groups) while that
-makes at most MAX_COLUMN_GROUPS groups; beyond (iBOT's ~3760 masked patches, 0.5-1 GB) one group, whose
-second read comes from HBM (2x the floor; a program per row block would re-read a wave's ~1.3 GB of rows
-from HBM too, plus its partials). MODE_COLMAX runs one program per chunk of BLOCK_K prototypes over all
-rows (an online column max and sum), so each program owns its columns outright. Nothing of size (R, K) is
-allocated besides the output.
+row's normaliser before its column sums: two dependent reductions over the same logits. It is one launch of
+persistent programs (COLUMN_PROGRAMS_PER_SM per SM) that take numbered work items from a counter. The rows go in
+groups of COLUMN_GROUP_BYTES of logits; a group's statistics items find the max and sum of each (8-row block,
+prototype chunk) tile, and the last of them to finish combines them into each row's log2-normaliser
+n = m2 + log2(s). Its column items then add exp2(y2 - n) down 512 prototypes of the group's rows, into the
+column sums after the previous group's (in group order, no atomics in the arithmetic: deterministic). Items go
+in the order S0, S1, C0, S2, C1, ..., so a group's column items re-read its rows from L2 while the next group's
+statistics stream in, and the logits cross HBM once at any row count (two launches per group did so only for a
+few groups; iBOT's 3760 rows read them twice). An item waits (spinning on an acquire load) only on items of
+smaller number, which programs already running hold, so no schedule deadlocks; the interpreter, which runs one
+program to the end before the next, runs them all in order in its first program. MODE_COLMAX runs one program
+per chunk of BLOCK_K prototypes over all rows (an online column max and sum), so each program owns its columns
+outright. Nothing of size (R, K) is allocated besides the output.
 
 Cost per call (e = bytes per logit; FLOPs per element, an FMA counted as 2): MODE_SOFTMAX moves
 R K e + 4 R K bytes when a wave's rows fit in half of L2 (the second read of a row comes from there; else
 the recomputed chunks' R (K - 2 BLOCK_K) e more) and executes pass 1's 6 (FMA, max, subtract, exp2, add)
 and, in pass 2, 1 on the kept chunks and 4 for Sinkhorn (FMA, subtract, exp2) or 5 centred (subtract,
 multiply, subtract, exp, multiply by 1 / s) on the others: 9.25 and 10 at K = 65536 against the op's 7
-(11 and 10 recomputing every chunk); MODE_COLUMN R K e + 8 K bytes and the stats (8 bytes per row and
-chunk) when its groups stay in L2 (else 2 R K e), 6 + 5 = 11 FLOPs (launch 2: FMA, subtract, exp2,
-column add) plus the stats combine (5 per row, chunk and program) against the op's 8 (its column sum
-weights each row's exponentials by 1 / s: a multiply-add); MODE_COLMAX R K e + 8 K bytes and 5 FLOPs
-(multiply, max, subtract, exp2, add). Sinkhorn-Knopp with n iterations at few rows reads the logits
+(11 and 10 recomputing every chunk); MODE_COLUMN R K e + 8 K bytes, the stats (8 bytes per row and chunk,
+written and read) and torch's bias update, while a group, the next one and an item per program fit in half of
+L2 (else 2 R K e), 6 + 5 = 11 FLOPs (statistics: FMA, max, subtract, exp2, add; columns: FMA, subtract, exp2,
+column add) plus the combine (5 per row and chunk, once per row) against the op's 8 (its column sum weights
+each row's exponentials by 1 / s: a multiply-add); MODE_COLMAX R K e + 8 K bytes and 5 FLOPs
+(multiply, max, subtract, exp2, add). Sinkhorn-Knopp with n iterations reads the logits
 n + 1 times from HBM and writes 4 R K, against DINOv2's eager ~(4 + 6 n) passes of 4 R K bytes (exp,
 sums, in-place divisions) and a full fp32 copy of the logits.
 """
@@ -78,7 +78,6 @@ from ._common import (
     hbm_bytes,
     interpreted,
     launch_kernel,
-    num_splits,
     pad,
     scalar_input,
     sm_count,
@@ -99,18 +98,21 @@ GPU_BLOCK_K = 8192
 SOFTMAX_NUM_WARPS = 16
 GPU_NUM_WARPS = 4
 INTERPRETER_BLOCK_K = 4096
-# MODE_COLMAX and MODE_COLUMN's launch 2: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows,
-# K / BLOCK_K = 256 programs (2 per SM): 16 rows make 8 KB of 16-bit logits a step (8 rows: 4 KB, latency bound on
-# sm_90). MODE_COLUMN's launch 1 (the chunk statistics) steps (8, 512) tiles: its row blocks set the chunk count,
-# which launch 2 combines per row (16-row blocks doubled it, 1.54x the FLOPs), so it widens the step instead.
+# MODE_COLMAX: (BLOCK_R, BLOCK_K) tiles of one prototype chunk, stepping down the rows, K / BLOCK_K = 256 programs
+# (2 per SM): 16 rows make 8 KB of 16-bit logits a step (8 rows: 4 KB, latency bound on sm_90).
 GPU_COLMAX_BLOCKS = (16, 256)
-GPU_STATS_BLOCKS = (8, 512)
 INTERPRETER_COLMAX_BLOCKS = (16, 256)
-INTERPRETER_STATS_BLOCKS = (16, 256)
-# MODE_COLUMN: rows per group of launches, so that a group's logits (at most 16 MiB) stay in L2 from launch 1 to
-# launch 2 (under half of an A100's 40 MB L2, the compile report's residency rule; H100: 50 MB).
-COLUMN_GROUP_BYTES = 16 << 20
-MAX_COLUMN_GROUPS = 4  # more rows: one group, launch 2 reads them from HBM again (a launch pair per 16 MiB costs more)
+# MODE_COLUMN: both kinds of work item step (8, 512) tiles (8 KB of 16-bit logits, 16 KB of fp32), in
+# COLUMN_PROGRAMS_PER_SM persistent programs of 4 warps per SM. A statistics item reads COLUMN_ITEM_BYTES (8 rows x
+# 2048 prototypes of bf16, x 1024 of fp32), a column item a group's rows x 512 prototypes; a group is
+# COLUMN_GROUP_BYTES of logits (32 bf16 or 16 fp32 rows of 65536). A group's column items re-read its rows from L2
+# while what was read since fits in half of it: the group, the next group (its statistics items run between) and
+# one item per program in flight, 2 x 4 + 264 x 32 KB = 16.6 MB on an H100 (A100: 15.2 MB of its 20).
+GPU_COLUMN_BLOCKS = (8, 512)
+INTERPRETER_COLUMN_BLOCKS = (8, 128)  # and statistics items of 2 x 128 prototypes: several chunks at test shapes
+COLUMN_ITEM_BYTES = 32 << 10
+COLUMN_GROUP_BYTES = 4 << 20
+COLUMN_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -207,44 +209,106 @@ def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.conste
 
 
 @triton.jit
-def _chunk_stats_kernel(logits_ptr, bias_ptr, stats_ptr, R, K, CHUNK, scale, BLOCK_R: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """MODE_COLUMN, launch 1: program (b, c) finds the max m2 and sum of exp2(y2 - m2) of row block
-    b over prototype chunk c -> stats (rows, chunks, 2) fp32."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    chunk = tl.program_id(1)
+def _stats_item(logits_ptr, bias_ptr, stats_ptr, norm_ptr, done_ptr, ready_ptr, R, K, group, index, GROUP_ROWS,
+                CHUNK, CHUNKS, stats_items, scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """A statistics item: the max m2 and sum of exp2(y2 - m2) of BLOCK_R rows of a group over one chunk of CHUNK
+    prototypes -> stats (R, CHUNKS, 2). The group's last statistics item to finish (its count of finished items
+    says so) combines the group's chunks into each row's log2-normaliser n = m2 + log2(s) -> norm (R,) and
+    marks the group ready for its column items."""
+    block_row = index // CHUNKS
+    chunk = index - block_row * CHUNKS
+    first_row = group * GROUP_ROWS
+    rows = first_row + block_row * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     k_start = chunk * CHUNK
     m, row_sum = _row_max_sum(logits_ptr, bias_ptr, rows.to(tl.int64)[:, None] * K, row_mask, k_start,
                               tl.minimum(k_start + CHUNK, K), scale, False, BLOCK_R, BLOCK_K)
-    out = stats_ptr + (rows * tl.num_programs(1) + chunk) * 2
-    tl.store(out, m, mask=row_mask)
-    tl.store(out + 1, row_sum, mask=row_mask)
+    stat = stats_ptr + (rows * CHUNKS + chunk) * 2
+    tl.store(stat, m, mask=row_mask)
+    tl.store(stat + 1, row_sum, mask=row_mask)
+    tl.debug_barrier()  # every thread's stores happen before the release below
+    if tl.atomic_add(done_ptr + group, 1, sem="acq_rel") == stats_items - 1:
+        chunks = tl.arange(0, BLOCK_C)
+        for r0 in range(first_row, tl.minimum(first_row + GROUP_ROWS, R), BLOCK_R):
+            group_rows = r0 + tl.arange(0, BLOCK_R)
+            group_mask = group_rows < R
+            group_stats = stats_ptr + (group_rows[:, None] * CHUNKS + chunks[None, :]) * 2
+            stats_mask = group_mask[:, None] & (chunks < CHUNKS)[None, :]
+            chunk_max = tl.load(group_stats, mask=stats_mask, other=float("-inf"), cache_modifier=".cg")
+            max_all = tl.where(group_mask, tl.max(chunk_max, axis=1), 0.0)
+            sum_all = tl.sum(tl.load(group_stats + 1, mask=stats_mask, other=0.0, cache_modifier=".cg")
+                             * tl.exp2(chunk_max - max_all[:, None]), axis=1)
+            tl.store(norm_ptr + group_rows, max_all + tl.log2(tl.where(group_mask, sum_all, 1.0)), mask=group_mask)
+        tl.debug_barrier()
+        tl.atomic_xchg(ready_ptr + group, 1, sem="release")
 
 
 @triton.jit
-def _chunk_column_kernel(logits_ptr, bias_ptr, stats_ptr, out_ptr, R, K, CHUNKS, scale, BLOCK_R: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-    """MODE_COLUMN, launch 2: one program per BLOCK_K prototypes over all R rows of a group. Per block of rows it
-    combines launch 1's chunk statistics into the row log2-normaliser n = m2 + log2(s) and adds exp2(y2 - n)
-    down each column -> out (K,) fp32, the column sums complete (no partials)."""
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+def _column_item(logits_ptr, bias_ptr, norm_ptr, ready_ptr, added_ptr, out_ptr, R, K, group, index, GROUP_ROWS,
+                 scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A column item: once the group's normalisers are ready, the sums of exp2(y2 - n) of BLOCK_K prototypes down
+    the group's rows, added to out (K,) after the earlier groups' (in group order: the sums are reproducible)."""
+    cols = index * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < K
-    chunks = tl.arange(0, BLOCK_C)
+    first_row = group * GROUP_ROWS
+    while tl.atomic_add(ready_ptr + group, 0, sem="acquire") == 0:
+        pass
     col_sum = tl.zeros([BLOCK_K], tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in range(first_row, tl.minimum(first_row + GROUP_ROWS, R), BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_mask = rows < R
-        # the logits tile is loaded first, so that its loads are in flight while the statistics combine
         y = _logit_tile(logits_ptr, bias_ptr, rows.to(tl.int64)[:, None] * K, row_mask, cols, col_mask, scale, False)
-        stat = stats_ptr + (rows[:, None] * CHUNKS + chunks[None, :]) * 2
-        stat_mask = row_mask[:, None] & (chunks < CHUNKS)[None, :]
-        chunk_max = tl.load(stat, mask=stat_mask, other=float("-inf"))
-        m = tl.where(row_mask, tl.max(chunk_max, axis=1), 0.0)  # rows past R: keep exp2 finite
-        row_sum = tl.sum(tl.load(stat + 1, mask=stat_mask, other=0.0) * tl.exp2(chunk_max - m[:, None]), axis=1)
-        norm = m + tl.log2(tl.where(row_mask, row_sum, 1.0))  # rows past R: 0, their -inf lanes add exp2 = 0
+        norm = tl.load(norm_ptr + rows, mask=row_mask, other=0.0, cache_modifier=".cg")  # past R: -inf lanes add 0
         col_sum += tl.sum(tl.exp2(y - norm[:, None]), axis=0)
+    while tl.atomic_add(added_ptr + index, 0, sem="acquire") < group:
+        pass
+    if group > 0:
+        col_sum += tl.load(out_ptr + cols, mask=col_mask, other=0.0, cache_modifier=".cg")
     tl.store(out_ptr + cols, col_sum, mask=col_mask)
+    tl.debug_barrier()
+    tl.atomic_add(added_ptr + index, 1, sem="release")
+
+
+@triton.jit
+def _work_item(item, GROUPS, stats_items, per_block):
+    """Work item number item -> (is a statistics item, group, index within its kind). The order is blocks of
+    per_block items: S(0); then for b = 0 .. G - 2, S(b + 1) followed by C(b); then C(G - 1)."""
+    block = tl.maximum(item - stats_items, 0) // per_block
+    offset = item - stats_items - block * per_block
+    first = item < stats_items
+    is_stats = first | ((block < GROUPS - 1) & (offset < stats_items))
+    group = tl.where(first, 0, tl.where(is_stats, block + 1, block))
+    index = tl.where(first, item, tl.where(is_stats | (block == GROUPS - 1), offset, offset - stats_items))
+    return is_stats, group, index
+
+
+@triton.jit
+def _column_kernel(logits_ptr, bias_ptr, stats_ptr, norm_ptr, sync_ptr, out_ptr, R, K, GROUPS, GROUP_ROWS, CHUNK,
+                   CHUNKS, scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """MODE_COLUMN: one Sinkhorn column step in one launch of persistent programs. Each program takes work items
+    in order from a counter (sync[0]) until none are left. Group g of GROUP_ROWS rows has statistics items (row
+    block x prototype chunk) and column items (BLOCK_K prototypes over the group's rows); the order is S0, S1,
+    C0, S2, C1, ..., C(G-1), so a group's column items re-read its rows from L2 while the next group's statistics
+    stream in. An item waits only on items of smaller number, which running programs hold: no deadlock, whatever
+    the hardware schedules. sync: [counter, finished statistics items per group, ready flag per group, groups
+    added per column item]."""
+    stats_items = tl.cdiv(GROUP_ROWS, BLOCK_R) * CHUNKS
+    column_items = tl.cdiv(K, BLOCK_K)
+    per_block = stats_items + column_items
+    done_ptr = sync_ptr + 1
+    ready_ptr = done_ptr + GROUPS
+    added_ptr = ready_ptr + GROUPS
+    item = tl.atomic_add(sync_ptr, 1)
+    while item < GROUPS * per_block:
+        is_stats, group, index = _work_item(item, GROUPS, stats_items, per_block)
+        if is_stats:
+            _stats_item(logits_ptr, bias_ptr, stats_ptr, norm_ptr, done_ptr, ready_ptr, R, K, group, index,
+                        GROUP_ROWS, CHUNK, CHUNKS, stats_items, scale, BLOCK_R, BLOCK_K, BLOCK_C)
+        else:
+            _column_item(logits_ptr, bias_ptr, norm_ptr, ready_ptr, added_ptr, out_ptr, R, K, group, index,
+                         GROUP_ROWS, scale, BLOCK_R, BLOCK_K)
+        item = tl.atomic_add(sync_ptr, 1)
 
 
 @triton.jit
@@ -272,26 +336,28 @@ def launch_plan(mode: int, R: int, K: int, sms: int, dtype_bytes: int = 2, inter
     """BLOCK_R, BLOCK_K, num_warps and the grid of one mode: the one place the launcher and efficiency() read them.
     MODE_SOFTMAX: one program per row (every SM busy for the 32-256 class-token rows per GPU; iBOT's thousands of
     rows in waves of one row per SM, whose pass 2 re-reads come from L2); MODE_COLMAX: one program per BLOCK_K
-    prototypes (256 programs at K = 65536); MODE_COLUMN: per group of group_rows rows, launch 1 over stats_grid
-    (blocks of STATS_BLOCK_R rows x prototype chunks of CHUNK, about 2 programs per SM) and launch 2 over grid (one
-    program per BLOCK_K prototypes, stepping BLOCK_R rows); groups of COLUMN_GROUP_BYTES of logits, so that
-    launch 2 finds them in L2, where that takes at most MAX_COLUMN_GROUPS, else one group."""
+    prototypes (256 programs at K = 65536); MODE_COLUMN: COLUMN_PROGRAMS_PER_SM persistent programs per SM over
+    `items` work items: per group of group_rows rows (COLUMN_GROUP_BYTES of logits, whole BLOCK_R row blocks),
+    stats_items (row blocks x chunks of CHUNK prototypes, about COLUMN_ITEM_BYTES each) and column_items (BLOCK_K
+    prototypes each); `sync` int32 counters."""
     if mode == MODE_SOFTMAX:
         block_k = INTERPRETER_BLOCK_K if interpreter else GPU_BLOCK_K
         return {"BLOCK_R": 1, "BLOCK_K": block_k, "num_warps": SOFTMAX_NUM_WARPS, "grid": (R,)}
-    block_r, block_k = INTERPRETER_COLMAX_BLOCKS if interpreter else GPU_COLMAX_BLOCKS
     if mode == MODE_COLMAX:
+        block_r, block_k = INTERPRETER_COLMAX_BLOCKS if interpreter else GPU_COLMAX_BLOCKS
         return {"BLOCK_R": block_r, "BLOCK_K": block_k, "num_warps": GPU_NUM_WARPS, "grid": (triton.cdiv(K, block_k),)}
-    stats_block_r, stats_block_k = INTERPRETER_STATS_BLOCKS if interpreter else GPU_STATS_BLOCKS
-    group_rows = min(R, max(1, COLUMN_GROUP_BYTES // (K * dtype_bytes)))
-    if triton.cdiv(R, group_rows) > MAX_COLUMN_GROUPS:
-        group_rows = R
-    row_blocks = triton.cdiv(group_rows, stats_block_r)
-    chunks, chunk = num_splits(K, row_blocks, stats_block_k, 2 * sms)
-    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "num_warps": GPU_NUM_WARPS, "STATS_BLOCK_R": stats_block_r,
-            "STATS_BLOCK_K": stats_block_k, "CHUNK": chunk, "chunks": chunks,
-            "BLOCK_C": triton.next_power_of_2(chunks), "group_rows": group_rows, "groups": triton.cdiv(R, group_rows),
-            "stats_grid": (row_blocks, chunks), "grid": (triton.cdiv(K, block_k),)}
+    block_r, block_k = INTERPRETER_COLUMN_BLOCKS if interpreter else GPU_COLUMN_BLOCKS
+    chunk = max(block_k, COLUMN_ITEM_BYTES // (block_r * dtype_bytes) // block_k * block_k)
+    chunk = min(2 * block_k if interpreter else chunk, pad(K, block_k))
+    chunks = triton.cdiv(K, chunk)
+    group_rows = min(pad(R, block_r), max(block_r, COLUMN_GROUP_BYTES // (K * dtype_bytes) // block_r * block_r))
+    groups = triton.cdiv(R, group_rows)
+    stats_items, column_items = group_rows // block_r * chunks, triton.cdiv(K, block_k)
+    items = groups * (stats_items + column_items)
+    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "num_warps": GPU_NUM_WARPS, "CHUNK": chunk, "chunks": chunks,
+            "BLOCK_C": triton.next_power_of_2(chunks), "group_rows": group_rows, "groups": groups,
+            "stats_items": stats_items, "column_items": column_items, "items": items,
+            "sync": 1 + 2 * groups + column_items, "grid": (min(items, COLUMN_PROGRAMS_PER_SM * sms),)}
 
 
 # A torch custom op: opaque to torch.compile (0 graph breaks; the fake function gives output shapes).
@@ -314,19 +380,13 @@ def _launch(mode: int, logits: torch.Tensor, scale: torch.Tensor, vec: torch.Ten
         out = torch.empty((2, K), dtype=torch.float32, device=device)
         launch_kernel(_colmax_kernel, plan["grid"], logits, out, R, K, scale, **tiles)
         return out
-    # a group's launch 2 re-reads the rows launch 1 just read (from L2 when they are COLUMN_GROUP_BYTES); the
-    # groups run one after the other on the stream, so they share one stats buffer
-    group_rows, chunks = plan["group_rows"], plan["chunks"]
-    stats = torch.empty((group_rows, chunks, 2), dtype=torch.float32, device=device)
-    partial = torch.empty((plan["groups"], K), dtype=torch.float32, device=device)
-    for group in range(plan["groups"]):
-        rows = logits[group * group_rows:(group + 1) * group_rows]
-        stats_grid = (triton.cdiv(rows.shape[0], plan["STATS_BLOCK_R"]), chunks)
-        launch_kernel(_chunk_stats_kernel, stats_grid, rows, vec, stats, rows.shape[0], K, plan["CHUNK"], scale,
-                      **{**tiles, "BLOCK_R": plan["STATS_BLOCK_R"], "BLOCK_K": plan["STATS_BLOCK_K"]})
-        launch_kernel(_chunk_column_kernel, plan["grid"], rows, vec, stats, partial[group], rows.shape[0], K, chunks,
-                      scale, BLOCK_C=plan["BLOCK_C"], **tiles)
-    return partial.sum(dim=0)
+    stats = torch.empty((R, plan["chunks"], 2), dtype=torch.float32, device=device)
+    norm = torch.empty((R,), dtype=torch.float32, device=device)
+    sync = torch.zeros((plan["sync"],), dtype=torch.int32, device=device)
+    out = torch.empty((K,), dtype=torch.float32, device=device)
+    launch_kernel(_column_kernel, plan["grid"], logits, vec, stats, norm, sync, out, R, K, plan["groups"],
+                  plan["group_rows"], plan["CHUNK"], plan["chunks"], scale, BLOCK_C=plan["BLOCK_C"], **tiles)
+    return out
 
 
 @_launch.register_fake
@@ -433,7 +493,7 @@ PRODUCTION_SMS = GPUS[BY_CAPABILITY[90]]["sms"]
 
 
 def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent: int, l2_bytes: int,
-               center: bool = False, stats_launch: bool = False) -> dict:
+               center: bool = False) -> dict:
     """Useful / executed FLOPs and minimum / moved HBM bytes of one mode from launch_plan's tiles and grid
     (docs/kernels.md, "Efficiency counts"), torch's K-vector and partial-sum ops included. Useful: one read
     of the logits and one pass of the math per element (softmax: FMA 2, max, subtract, exp, row sum,
@@ -460,11 +520,8 @@ def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent
         k_tiles = max(2, pad(K, block_k) // block_k)  # tile 1 runs (masked) even where K fits in tile 0
         executed = R * (6 * k_tiles * block_k + kept + (5 if center else 4) * (k_tiles - 2) * block_k
                         + 5 * k_tiles + (7 if center else 6))
-    elif mode == MODE_COLUMN and stats_launch:  # launch 1 alone: the rows' logsumexp, in pieces
-        moved, executed, programs = _column_counts(plan, R, K, e, concurrent, l2_bytes, stats_launch)
-        floor = {"flops": 6 * R * K, "bytes": R * K * e + 4 * K + 4 * R}
     elif mode == MODE_COLUMN:
-        moved, executed, programs = _column_counts(plan, R, K, e, concurrent, l2_bytes)
+        moved, executed = _column_counts(plan, R, K, e, l2_bytes)
         floor = {"flops": 8 * R * K, "bytes": R * K * e + 8 * K}
     else:  # program c: a chunk of columns over all rows
         cols = lambda c: min(block_k, K - c * block_k)  # noqa: E731
@@ -475,53 +532,34 @@ def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent
         floor = {"flops": 5 * R * K, "bytes": R * K * e + 8 * K}
         executed = 5 * padded + 5 * block_k * tiles + 4 * K
     # every mode steps (rows, BLOCK_K) tiles of logits: the loads a program has in flight per loop step
-    step = plan["STATS_BLOCK_R"] * plan["STATS_BLOCK_K"] if stats_launch else block_r * block_k
     return {"useful_flops": floor["flops"], "executed_flops": executed, "min_bytes": floor["bytes"],
-            "moved_bytes": moved, "flop_kind": "fp32", "programs": programs, "step_bytes": step * e}
+            "moved_bytes": moved, "flop_kind": "fp32", "programs": programs, "step_bytes": block_r * block_k * e}
 
 
-def _column_counts(plan: dict, R: int, K: int, e: int, concurrent: int, l2_bytes: int,
-                   stats_launch: bool = False) -> tuple[int, int, int]:
-    """Moved bytes, executed FLOPs and the smallest launch's programs of the column step (stats_launch: of
-    each group's launch 1 alone). Per group of n rows: launch 1 reads each (row block, chunk) tile once and
-    writes 8 bytes of stats per row and chunk; launch 2 reads the group's logits again, from L2 when they fit
-    in half of it (hbm_bytes's residency rule, carried over the two back-to-back launches of one group:
-    nothing runs between them), else from HBM; it reads all the group's stats and writes its (K,) sums.
-    Executed: 6 per padded element and the online rescale (5 per row and tile) in launch 1; 5 per padded
-    element (FMA, subtract, exp2, column add) and the stats combine (max, subtract, exp2, multiply-add over
-    BLOCK_C slots; log2, add per row) in launch 2; torch's sum of the group partials and bias - log2(sum)."""
-    block_r, stats_r, block_k, stats_k, group_rows, chunk, chunks = (
-        plan[k] for k in ("BLOCK_R", "STATS_BLOCK_R", "BLOCK_K", "STATS_BLOCK_K", "group_rows", "CHUNK", "chunks"))
-    cols = lambda c, width: min(width, K - c * width)  # noqa: E731
-    moved, executed, programs = 4 * plan["groups"] * K + 24 * K, plan["groups"] * K + 2 * K, plan["grid"][0]
-    if stats_launch:
-        moved, executed, programs = 0, 0, R * K
-    for group in range(plan["groups"]):
-        n = min(group_rows, R - group * group_rows)
-        rows = lambda b, n=n: min(stats_r, n - b * stats_r)  # noqa: E731
-        sizes = {"logits": n * K * e, "stats": 8 * n * chunks, "bias": 4 * K, "sums": 4 * K}
-        stats_grid = (-(-n // stats_r), chunks)
-        stats_touches = lambda b, c, _z, rows=rows: [  # noqa: E731
-            ("bias", c, 4 * cols(c, chunk)), ("logits", (b, c), rows(b) * cols(c, chunk) * e),
-            ("stats", (b, c), 8 * rows(b))]
-        reread = n * K * e > l2_bytes // 2
-        column_touches = lambda c, _y, _z, n=n, reread=reread: [  # noqa: E731
-            ("bias", c, 4 * cols(c, block_k)), ("stats", 0, 8 * n * chunks), ("sums", c, 4 * cols(c, block_k)),
-            *([("logits", c, n * cols(c, block_k) * e)] if reread else [])]
-        stats_rows, padded_rows, tiles = pad(n, stats_r), pad(n, block_r), pad(K, block_k) // block_k
-        stats_tiles = pad(K, stats_k) // stats_k
-        moved += hbm_bytes(stats_grid, stats_touches, sizes, concurrent, l2_bytes)
-        executed += 6 * stats_rows * stats_tiles * stats_k + 5 * stats_rows * stats_tiles
-        programs = min(programs, stats_grid[0] * stats_grid[1])
-        if not stats_launch:
-            moved += hbm_bytes(plan["grid"], column_touches, sizes, concurrent, l2_bytes)
-            executed += 5 * padded_rows * tiles * block_k + plan["grid"][0] * padded_rows * (5 * plan["BLOCK_C"] + 2)
-    return moved, executed, programs
+def _column_counts(plan: dict, R: int, K: int, e: int, l2_bytes: int) -> tuple[int, int]:
+    """Moved bytes and executed FLOPs of the column step (one launch, then torch's bias update). Bytes: the logits
+    once, and once more if a group's column items cannot find its rows in L2, i.e. if what is read between a row's
+    two reads (its group, the next group, one statistics item per program) is over half of L2; the chunk
+    statistics written and read back by the combine (8 bytes per row and chunk each way), the normalisers written
+    and read (4 bytes per row each), the bias and the sums (L2-resident: 4 K each once), torch's bias - log2(sums)
+    (12 K). Executed: 6 per padded element and the online rescale (5 per row and tile) in the statistics items;
+    the combine (max, subtract, exp2, multiply-add over BLOCK_C slots; log2, add) once per row; 5 per padded
+    element (FMA, subtract, exp2, column add) in the column items and one add per group and prototype into the
+    sums; torch's subtract and log2 per prototype."""
+    block_r, block_k, group_rows, chunk = plan["BLOCK_R"], plan["BLOCK_K"], plan["group_rows"], plan["CHUNK"]
+    window = 2 * group_rows * K * e + plan["grid"][0] * block_r * chunk * e
+    reread = window > l2_bytes // 2
+    moved = R * K * e * (2 if reread else 1) + 16 * R * plan["chunks"] + 8 * R + 8 * K + 12 * K
+    rows, tiles = pad(R, block_r), pad(K, block_k) // block_k
+    executed = (11 * rows * tiles * block_k + 5 * rows * tiles + rows * (5 * plan["BLOCK_C"] + 2)
+                + plan["groups"] * K + 2 * K)
+    return moved, executed
 
 
-# Integers that are multiples of 16 at the presets' shapes (R = 128 / 64 rows, iBOT's 3760, K = 65536, CHUNK a
-# multiple of BLOCK_K); CHUNKS is not in general. The compile report compiles the variant the JIT builds.
-MULTIPLES_OF_16 = ("R", "K", "CHUNK")
+# Integers that are multiples of 16 at the presets' shapes (R = 128 / 64 rows, iBOT's 3760, K = 65536, GROUP_ROWS
+# 32 / 16, CHUNK a multiple of BLOCK_K); GROUPS and CHUNKS are not in general. The compile report compiles the
+# variant the JIT builds.
+MULTIPLES_OF_16 = ("R", "K", "GROUP_ROWS", "CHUNK")
 
 
 def compile_specs() -> list[dict]:
@@ -545,20 +583,13 @@ def compile_specs() -> list[dict]:
         colmax_r, colmax_k = GPU_COLMAX_BLOCKS
         for rows in PRODUCTION_ROWS:
             plan = launch_plan(MODE_COLUMN, rows, PRODUCTION_K, PRODUCTION_SMS, e)
-            column = {"BLOCK_R": plan["BLOCK_R"], "BLOCK_K": plan["BLOCK_K"]}
-            # the column row counts the whole step (both launches and torch), the stats row launch 1 alone
             specs.append({
-                **common, "name": f"dino_teacher_sk_column_{name}_{rows}rows", "fn": _chunk_column_kernel,
-                "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*fp32",
-                              "R": "i32", "K": "i32", "CHUNKS": "i32", "scale": "fp32"},
-                "constexprs": {**column, "BLOCK_C": plan["BLOCK_C"]}, "efficiency": counts(MODE_COLUMN, rows),
-            })
-            specs.append({
-                **common, "name": f"dino_teacher_sk_column_stats_{name}_{rows}rows", "fn": _chunk_stats_kernel,
-                "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "stats_ptr": "*fp32", "R": "i32",
-                              "K": "i32", "CHUNK": "i32", "scale": "fp32"},
-                "constexprs": {"BLOCK_R": plan["STATS_BLOCK_R"], "BLOCK_K": plan["STATS_BLOCK_K"]},
-                "efficiency": counts(MODE_COLUMN, rows, stats_launch=True),
+                **common, "name": f"dino_teacher_sk_column_{name}_{rows}rows", "fn": _column_kernel,
+                "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "stats_ptr": "*fp32", "norm_ptr": "*fp32",
+                              "sync_ptr": "*i32", "out_ptr": "*fp32", "R": "i32", "K": "i32", "GROUPS": "i32",
+                              "GROUP_ROWS": "i32", "CHUNK": "i32", "CHUNKS": "i32", "scale": "fp32"},
+                "constexprs": {"BLOCK_R": plan["BLOCK_R"], "BLOCK_K": plan["BLOCK_K"], "BLOCK_C": plan["BLOCK_C"]},
+                "efficiency": counts(MODE_COLUMN, rows),
             })
             specs.append({
                 **common, "name": f"dino_teacher_sk_colmax_{name}_{rows}rows", "fn": _colmax_kernel,

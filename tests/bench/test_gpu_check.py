@@ -55,7 +55,11 @@ def test_cpu_mode_runs_every_stage_ok_and_writes_a_complete_report(tmp_path):
     assert [r["dtype"] for r in rows if "native_vs_plain" in r] == ["float32"] * len(native) and native
     assert all(0 <= ratios["out"] < 0.1 and 0 <= ratios["grad weight"] < 0.1 for ratios in native), native
 
+    # Sinkhorn-Knopp at iBOT's masked patch rows as well (toy: 40), checked and timed
+    assert {r["shape"] for r in rows if r["op"] == "sinkhorn_knopp"} == {"R=4 K=300", "R=40 K=300"}
     timed = stages["kernel_timing"]["rows"]
+    sinkhorn = {r["shape"] for r in timed if r["op"] == "sinkhorn_knopp" and r.get("ms", 0) > 0}
+    assert sinkhorn == {"R=4 K=300", "R=40 K=300"}
     for op in CASES:
         providers = {r["provider"]: r for r in timed if r["op"] == op}
         assert {"kernel", "eager", "compile"} <= {p for p, r in providers.items() if r["ms"] > 0}, op
