@@ -3,13 +3,16 @@
 
 DINOv2 ViT-L per-GPU shapes (its default config, vitl16_short): 64 images per GPU, 2 global crops (224 px,
 patch 16: 196 patches) and 8 local crops, 65536 prototypes for the DINO and iBOT heads, a mask ratio in
-[0.1, 0.5] on half of the global crops: ~0.3 x 196 x 64 ~ 3800 masked patch rows per GPU.
+[0.1, 0.5] on half of the global crops: ~0.3 x 196 x 64 ~ 3763 masked patch rows per GPU, here
+terrafm_kernels.dino_teacher.PRODUCTION_ROWS's 3760 (a multiple of 16), the rows its compile report counts.
 """
 
 import torch
 import torch.nn.functional as F
 
-VIT_L = {"B": 64, "local": 8, "K": 65536, "masked": 3800}
+from terrafm_kernels.dino_teacher import PRODUCTION_K, PRODUCTION_ROWS
+
+VIT_L = {"B": 64, "local": 8, "K": PRODUCTION_K, "masked": PRODUCTION_ROWS[-1]}
 
 
 def centered_softmax(teacher_logits, center, teacher_temp):
