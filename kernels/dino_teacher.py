@@ -299,7 +299,7 @@ def _column_kernel(logits_ptr, bias_ptr, stats_ptr, norm_ptr, sync_ptr, out_ptr,
     done_ptr = sync_ptr + 1
     ready_ptr = done_ptr + GROUPS
     added_ptr = ready_ptr + GROUPS
-    item = tl.atomic_add(sync_ptr, 1)
+    item = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # a number only: the group flags order the data
     while item < GROUPS * per_block:
         is_stats, group, index = _work_item(item, GROUPS, stats_items, per_block)
         if is_stats:
@@ -308,7 +308,7 @@ def _column_kernel(logits_ptr, bias_ptr, stats_ptr, norm_ptr, sync_ptr, out_ptr,
         else:
             _column_item(logits_ptr, bias_ptr, norm_ptr, ready_ptr, added_ptr, out_ptr, R, K, group, index,
                          GROUP_ROWS, scale, BLOCK_R, BLOCK_K)
-        item = tl.atomic_add(sync_ptr, 1)
+        item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
 
 
 @triton.jit
