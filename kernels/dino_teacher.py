@@ -40,7 +40,8 @@ column sums after the previous group's (in group order, no atomics in the arithm
 in the order S0, S1, C0, S2, C1, ..., so a group's column items re-read its rows from L2 while the next group's
 statistics stream in, and the logits cross HBM once at any row count (two launches per group did so only for a
 few groups; iBOT's 3760 rows read them twice). An item waits (spinning on an acquire load) only on items of
-smaller number, which programs already running hold, so no schedule deadlocks; the interpreter, which runs one
+smaller number, which programs already running hold, so no schedule deadlocks (and a wait that outlasts
+COLUMN_MAX_SPINS polls gives NaN sums rather than a hang); the interpreter, which runs one
 program to the end before the next, runs them all in order in its first program. MODE_COLMAX runs one program
 per chunk of BLOCK_K prototypes over all rows (an online column max and sum), so each program owns its columns
 outright. Nothing of size (R, K) is allocated besides the output.
@@ -113,6 +114,9 @@ INTERPRETER_COLUMN_BLOCKS = (8, 128)  # and statistics items of 2 x 128 prototyp
 COLUMN_ITEM_BYTES = 32 << 10
 COLUMN_GROUP_BYTES = 4 << 20
 COLUMN_PROGRAMS_PER_SM = 2
+# Polls a column item makes of a flag before it gives up and writes NaN: ~2^24 acquire loads are seconds, where a
+# real wait is one item of another program (microseconds), so this fires only if the schedule argument fails.
+COLUMN_MAX_SPINS = 1 << 24
 
 
 @triton.jit
@@ -245,15 +249,25 @@ def _stats_item(logits_ptr, bias_ptr, stats_ptr, norm_ptr, done_ptr, ready_ptr, 
 
 
 @triton.jit
+def _wait_at_least(flag_ptr, value, MAX_SPINS: tl.constexpr):
+    """Spin until *flag_ptr >= value (an acquire load a poll). False if MAX_SPINS polls pass first: the caller
+    writes NaN instead of hanging, should a schedule ever break the no-deadlock argument (_column_kernel)."""
+    spins = 0
+    while (tl.atomic_add(flag_ptr, 0, sem="acquire") < value) & (spins < MAX_SPINS):
+        spins += 1
+    return spins < MAX_SPINS
+
+
+@triton.jit
 def _column_item(logits_ptr, bias_ptr, norm_ptr, ready_ptr, added_ptr, out_ptr, R, K, group, index, GROUP_ROWS,
-                 scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                 scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, MAX_SPINS: tl.constexpr):
     """A column item: once the group's normalisers are ready, the sums of exp2(y2 - n) of BLOCK_K prototypes down
-    the group's rows, added to out (K,) after the earlier groups' (in group order: the sums are reproducible)."""
+    the group's rows, added to out (K,) after the earlier groups' (in group order: the sums are reproducible).
+    A wait that runs out of polls makes its sums NaN (and every later group's), which the loss then reports."""
     cols = index * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < K
     first_row = group * GROUP_ROWS
-    while tl.atomic_add(ready_ptr + group, 0, sem="acquire") == 0:
-        pass
+    ok = _wait_at_least(ready_ptr + group, 1, MAX_SPINS)
     col_sum = tl.zeros([BLOCK_K], tl.float32)
     for r0 in range(first_row, tl.minimum(first_row + GROUP_ROWS, R), BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
@@ -261,11 +275,10 @@ def _column_item(logits_ptr, bias_ptr, norm_ptr, ready_ptr, added_ptr, out_ptr, 
         y = _logit_tile(logits_ptr, bias_ptr, rows.to(tl.int64)[:, None] * K, row_mask, cols, col_mask, scale, False)
         norm = tl.load(norm_ptr + rows, mask=row_mask, other=0.0, cache_modifier=".cg")  # past R: -inf lanes add 0
         col_sum += tl.sum(tl.exp2(y - norm[:, None]), axis=0)
-    while tl.atomic_add(added_ptr + index, 0, sem="acquire") < group:
-        pass
+    ok = _wait_at_least(added_ptr + index, group, MAX_SPINS) & ok
     if group > 0:
         col_sum += tl.load(out_ptr + cols, mask=col_mask, other=0.0, cache_modifier=".cg")
-    tl.store(out_ptr + cols, col_sum, mask=col_mask)
+    tl.store(out_ptr + cols, tl.where(ok, col_sum, float("nan")), mask=col_mask)
     tl.debug_barrier()
     tl.atomic_add(added_ptr + index, 1, sem="release")
 
@@ -285,14 +298,15 @@ def _work_item(item, GROUPS, stats_items, per_block):
 
 @triton.jit
 def _column_kernel(logits_ptr, bias_ptr, stats_ptr, norm_ptr, sync_ptr, out_ptr, R, K, GROUPS, GROUP_ROWS, CHUNK,
-                   CHUNKS, scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+                   CHUNKS, scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                   MAX_SPINS: tl.constexpr):
     """MODE_COLUMN: one Sinkhorn column step in one launch of persistent programs. Each program takes work items
     in order from a counter (sync[0]) until none are left. Group g of GROUP_ROWS rows has statistics items (row
     block x prototype chunk) and column items (BLOCK_K prototypes over the group's rows); the order is S0, S1,
     C0, S2, C1, ..., C(G-1), so a group's column items re-read its rows from L2 while the next group's statistics
     stream in. An item waits only on items of smaller number, which running programs hold: no deadlock, whatever
-    the hardware schedules. sync: [counter, finished statistics items per group, ready flag per group, groups
-    added per column item]."""
+    the hardware schedules (a wait of MAX_SPINS polls gives up: NaN sums). sync: [counter, finished statistics
+    items per group, ready flag per group, groups added per column item]."""
     stats_items = tl.cdiv(GROUP_ROWS, BLOCK_R) * CHUNKS
     column_items = tl.cdiv(K, BLOCK_K)
     per_block = stats_items + column_items
@@ -307,7 +321,7 @@ def _column_kernel(logits_ptr, bias_ptr, stats_ptr, norm_ptr, sync_ptr, out_ptr,
                         GROUP_ROWS, CHUNK, CHUNKS, stats_items, scale, BLOCK_R, BLOCK_K, BLOCK_C)
         else:
             _column_item(logits_ptr, bias_ptr, norm_ptr, ready_ptr, added_ptr, out_ptr, R, K, group, index,
-                         GROUP_ROWS, scale, BLOCK_R, BLOCK_K)
+                         GROUP_ROWS, scale, BLOCK_R, BLOCK_K, MAX_SPINS)
         item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
 
 
@@ -385,7 +399,8 @@ def _launch(mode: int, logits: torch.Tensor, scale: torch.Tensor, vec: torch.Ten
     sync = torch.zeros((plan["sync"],), dtype=torch.int32, device=device)
     out = torch.empty((K,), dtype=torch.float32, device=device)
     launch_kernel(_column_kernel, plan["grid"], logits, vec, stats, norm, sync, out, R, K, plan["groups"],
-                  plan["group_rows"], plan["CHUNK"], plan["chunks"], scale, BLOCK_C=plan["BLOCK_C"], **tiles)
+                  plan["group_rows"], plan["CHUNK"], plan["chunks"], scale, BLOCK_C=plan["BLOCK_C"],
+                  MAX_SPINS=COLUMN_MAX_SPINS, **tiles)
     return out
 
 
@@ -588,7 +603,8 @@ def compile_specs() -> list[dict]:
                 "signature": {"logits_ptr": ptr, "bias_ptr": "*fp32", "stats_ptr": "*fp32", "norm_ptr": "*fp32",
                               "sync_ptr": "*i32", "out_ptr": "*fp32", "R": "i32", "K": "i32", "GROUPS": "i32",
                               "GROUP_ROWS": "i32", "CHUNK": "i32", "CHUNKS": "i32", "scale": "fp32"},
-                "constexprs": {"BLOCK_R": plan["BLOCK_R"], "BLOCK_K": plan["BLOCK_K"], "BLOCK_C": plan["BLOCK_C"]},
+                "constexprs": {"BLOCK_R": plan["BLOCK_R"], "BLOCK_K": plan["BLOCK_K"], "BLOCK_C": plan["BLOCK_C"],
+                               "MAX_SPINS": COLUMN_MAX_SPINS},
                 "efficiency": counts(MODE_COLUMN, rows),
             })
             specs.append({

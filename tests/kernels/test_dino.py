@@ -189,6 +189,28 @@ def test_column_step_work_items_wait_only_on_earlier_ones(groups):
             assert all(at[(False, g - 1, i)] < at[(False, g, i)] for i in range(column_items))
 
 
+def test_column_step_writes_nan_instead_of_hanging_on_a_wait_that_never_ends(device):
+    """Should a column item's flag never come (here: the counter starts past the statistics items, so no group is
+    ever marked ready), its waits give up after MAX_SPINS polls and its sums are NaN, which the loss reports,
+    where an endless spin would hang the job."""
+    R, K = 10, 300
+    plan = dino_teacher.launch_plan(dino_teacher.MODE_COLUMN, R, K, 4, 4, interpreter=True)
+    assert plan["groups"] == 1
+    t = _logits((R, K), 1.2, torch.float32, device)
+    bias = torch.zeros(K, dtype=torch.float32, device=device)
+    stats = torch.zeros((R, plan["chunks"], 2), dtype=torch.float32, device=device)
+    norm = torch.zeros(R, dtype=torch.float32, device=device)
+    sync = torch.zeros(plan["sync"], dtype=torch.int32, device=device)
+    sync[0] = plan["stats_items"]
+    out = torch.zeros(K, dtype=torch.float32, device=device)
+    dino_teacher._column_kernel[plan["grid"]](
+        t, bias, stats, norm, sync, out, R, K, plan["groups"], plan["group_rows"], plan["CHUNK"], plan["chunks"],
+        dino_teacher.LOG2E / 0.04, BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"], BLOCK_C=plan["BLOCK_C"],
+        MAX_SPINS=8)
+    assert torch.isnan(out).all()
+    assert dino_teacher.COLUMN_MAX_SPINS >= 1 << 20  # seconds of polling on a GPU, not a real wait's microseconds
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_shipped_gpu_tiles_match_the_oracle(dtype, device, monkeypatch):
     """The GPU plans, which the interpreter runs here in place of its own tiles, on shapes ragged against them:
