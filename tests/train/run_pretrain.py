@@ -102,5 +102,5 @@ def main() -> int:
     return train_exit_code(cfg, args.resume_from or args.resume, loader)
 
 
-if __name__ == "__main__":
-    sys.exit(end_of_rank(main()))
+if __name__ == "__main__":  # a process of its own, so it ends as the `terrafm pretrain` process does
+    sys.exit(end_of_rank(main(), program=True))
