@@ -557,7 +557,8 @@ def _column_counts(plan: dict, R: int, K: int, e: int, l2_bytes: int) -> tuple[i
     two reads (its group, the next group, one statistics item per program) is over half of L2; the chunk
     statistics written and read back by the combine (8 bytes per row and chunk each way), the normalisers written
     and read (4 bytes per row each), the bias and the sums (L2-resident: 4 K each once), torch's bias - log2(sums)
-    (12 K). Executed: 6 per padded element and the online rescale (5 per row and tile) in the statistics items;
+    (12 K). Executed: 6 per padded element and the online rescale (5 per row and tile) in the statistics items,
+    whose row blocks fill every group (the last group's past R run masked);
     the combine (max, subtract, exp2, multiply-add over BLOCK_C slots; log2, add) once per row; 5 per padded
     element (FMA, subtract, exp2, column add) in the column items and one add per group and prototype into the
     sums; torch's subtract and log2 per prototype."""
@@ -566,8 +567,9 @@ def _column_counts(plan: dict, R: int, K: int, e: int, l2_bytes: int) -> tuple[i
     reread = window > l2_bytes // 2
     moved = R * K * e * (2 if reread else 1) + 16 * R * plan["chunks"] + 8 * R + 8 * K + 12 * K
     rows, tiles = pad(R, block_r), pad(K, block_k) // block_k
-    executed = (11 * rows * tiles * block_k + 5 * rows * tiles + rows * (5 * plan["BLOCK_C"] + 2)
-                + plan["groups"] * K + 2 * K)
+    stats_rows = plan["groups"] * group_rows  # every group has its statistics items, masked past R in the last
+    executed = (6 * stats_rows * tiles * block_k + 5 * stats_rows * tiles + 5 * rows * tiles * block_k
+                + rows * (5 * plan["BLOCK_C"] + 2) + plan["groups"] * K + 2 * K)
     return moved, executed
 
 

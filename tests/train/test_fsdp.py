@@ -58,7 +58,7 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, fused_head_
 
 def test_two_ranks_on_the_sample_tiles_with_per_rank_modality_draws(tmp_path):
     """The real loader draws sensors per rank: FSDP collectives must still line up (blocks run per crop size).
-    With the GPU presets' per-parameter clipping (tiny_cpu's is global): the trainer's path on DTensor gradients."""
+    With per-parameter clipping (every preset's, pinned here): the trainer's path on DTensor gradients."""
     run_dir = tmp_path / "run"
     proc = run_ranks([sys.executable, "-m", "terrafm.cli", "pretrain", "--nproc", "2", "--out", str(run_dir),
                       "train.max_steps=2", "train.log_every=1", "optim.clip_mode=per_parameter"], fresh=run_dir)
