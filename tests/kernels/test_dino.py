@@ -208,7 +208,13 @@ def test_column_step_writes_nan_instead_of_hanging_on_a_wait_that_never_ends(dev
         dino_teacher.LOG2E / 0.04, BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"], BLOCK_C=plan["BLOCK_C"],
         MAX_SPINS=8)
     assert torch.isnan(out).all()
+    assert sync[-1].item() == 1  # the sticky fail word
     assert dino_teacher.COLUMN_MAX_SPINS >= 1 << 20  # seconds of polling on a GPU, not a real wait's microseconds
+    # a slow item of an earlier group may still store finite sums over the NaN: the fail word keeps them NaN
+    out.fill_(1.0)
+    assert torch.isnan(dino_teacher._column_result(out, sync)).all()
+    sync[-1] = 0
+    assert torch.equal(dino_teacher._column_result(out.fill_(1.0), sync), torch.ones_like(out))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
