@@ -15,6 +15,7 @@ they normalise to about 0, and they are left out of the normalisation statistics
 
 import io
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -270,16 +271,20 @@ def large_row_groups(paths: set[str]) -> list[tuple[str, int, int]]:
     """(file, products, bytes) of the parquet files whose largest row group holds more than one product and over
     LARGE_ROW_GROUP_BYTES of band data (uncompressed, from the footer): ParquetRows holds a whole group per file in
     each worker, so a file rewritten by pandas or polars (one group for all rows) can exhaust memory. Major-TOM
-    writes one product per group."""
+    writes one product per group. A file whose footer does not read here is passed over: reading its products names
+    it (a damaged column path that is not UTF-8 stopped the run before any file was read, --skip-bad too)."""
     found, bands = [], _band_columns()
     for path in sorted(paths):
-        meta = pq.ParquetFile(path).metadata
         rows, size = 0, 0
-        for g in map(meta.row_group, range(meta.num_row_groups)):
-            group_size = sum(g.column(c).total_uncompressed_size for c in range(g.num_columns)
-                             if g.column(c).path_in_schema in bands)
-            if group_size > size:
-                rows, size = g.num_rows, group_size
+        try:
+            meta = pq.ParquetFile(path).metadata
+            for g in map(meta.row_group, range(meta.num_row_groups)):
+                group_size = sum(g.column(c).total_uncompressed_size for c in range(g.num_columns)
+                                 if g.column(c).path_in_schema in bands)
+                if group_size > size:
+                    rows, size = g.num_rows, group_size
+        except (OSError, ValueError, pa.ArrowException):
+            continue
         if rows > 1 and size > LARGE_ROW_GROUP_BYTES:
             found.append((path, rows, size))
     return found
@@ -369,12 +374,29 @@ def read_tiff(source) -> tuple[np.ndarray, float | None, float | None, np.ndarra
 def tiff_image(tif: tifffile.TiffFile) -> tuple[np.ndarray, np.ndarray | None]:
     """(image, nodata mask or None) of a GeoTIFF. GDAL's internal mask (a page of NewSubfileType 4 the image's size,
     1 or 8 bit, 0 where the image has no data) gives the mask, True at nodata; tifffile would stack an 8-bit one into
-    an 8-bit image as a second band, so with a mask the image is the first page, where GDAL writes it."""
+    an 8-bit image as a second band, so with a mask the image is the first page, where GDAL writes it. An image that
+    decodes to no pixel (tifffile's answer to a damaged BitsPerSample, such as 0) is a ValueError, and so is a header
+    that declares an image larger than this machine's memory (a damaged ImageWidth): no number of workers reads it, so
+    it is not the MemoryError that prepare reports as the machine's limit."""
     first = tif.pages.first
     size = (first.imagelength, first.imagewidth)
+    declared = math.prod(first.shape) * (first.dtype.itemsize if first.dtype is not None else 1)
+    if declared > physical_memory():
+        raise ValueError(f"its header declares a {' x '.join(map(str, first.shape))} image ({declared / 2**30:.0f} "
+                         f"GiB), more than this machine's {physical_memory() / 2**30:.0f} GiB of memory: a damaged "
+                         "header")
     mask = next((page for page in tif.pages[1:] if int(page.subfiletype) == MASK_SUBFILETYPE
                  and (page.imagelength, page.imagewidth) == size), None)
-    return (tif.asarray(), None) if mask is None else (first.asarray(), mask.asarray() == 0)
+    image = tif.asarray() if mask is None else first.asarray()
+    if image.size == 0:
+        raise ValueError(f"the image decodes to no pixel (shape {image.shape}, {first.bitspersample} bits per sample): "
+                         "a damaged header")
+    return image, None if mask is None else mask.asarray() == 0
+
+
+def physical_memory() -> int:
+    """Bytes of memory this machine has (all of it, not what is free)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def read_tiff_layout(source) -> tuple[np.ndarray, float | None, bool | None]:

@@ -21,6 +21,7 @@ Folders: `root/<split>/<class>/*.tif|*.npy` for classification, `root/<split>/im
 """
 
 import ast
+import contextlib
 import io
 import json
 import pickle
@@ -237,7 +238,7 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
             f = h5py.File(path, "r")
         except OSError as err:  # not HDF5, truncated, a folder: h5py's message is long, its first line says it
             raise ValueError(f"{path}: not a readable HDF5 file ({str(err).splitlines()[0][:160]})") from err
-        with f:
+        with f, _damaged_hdf5(path):
             keys = _band_keys(f, path)
             names = list(keys)
             if band_names is None:
@@ -369,6 +370,19 @@ def _refuse_shared_samples(partition: dict, key: str, partition_file: Path) -> N
             raise ValueError(f"{partition_file} lists {len(shared)} sample{'s' * (len(shared) > 1)} in both {key!r} "
                              f"and {other!r} (e.g. {shared[0]!r}): a probe would be scored on images it was fit on; "
                              "fix the partition")
+
+
+@contextlib.contextmanager
+def _damaged_hdf5(path: Path):
+    """Errors h5py raises on a file that opens but whose inner metadata is damaged (a byte changed in a download or
+    on disk: RuntimeError, KeyError or OSError, from whichever read meets the damage) -> ValueError naming the file;
+    they were a traceback, or "cannot write" the --out folder."""
+    try:
+        yield
+    except (OSError, RuntimeError, KeyError) as err:
+        first = str(err.args[0] if err.args else err).splitlines()[0][:160]
+        raise ValueError(f"{path}: damaged HDF5 file, not readable ({type(err).__name__}: {first}); download it "
+                         "again") from err
 
 
 def _band_keys(f, path: Path) -> dict[str, str]:
@@ -588,7 +602,7 @@ def _decode(path: Path) -> tuple[np.ndarray, float | None, bool | None]:
     declared, samples_last = None, None
     try:
         if path.suffix.lower() == ".npy":
-            arr = np.load(path)
+            arr = _load_npy(path)
         else:
             arr, declared, samples_last = read_tiff_layout(path)  # imagecodecs' errors are RuntimeErrors
     except (OSError, ValueError, TypeError, RuntimeError, tifffile.TiffFileError) as err:  # also object .npy files
@@ -599,6 +613,18 @@ def _decode(path: Path) -> tuple[np.ndarray, float | None, bool | None]:
         return np.asarray(arr, dtype=np.float32), declared, samples_last
     except (ValueError, TypeError) as err:  # a structured .npy
         raise ValueError(f"{path}: not a readable image ({err})") from err
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """A .npy file's array, memory-mapped and then copied: a damaged header that declares a huge shape fails on the
+    file's size instead of allocating it (a MemoryError). Whatever numpy's header parser raises on damaged bytes
+    (tokenize's TokenError too) is a ValueError."""
+    try:
+        return np.array(np.load(path, mmap_mode="r"))
+    except (OSError, ValueError, MemoryError):
+        raise
+    except Exception as err:
+        raise ValueError(f"malformed .npy header ({type(err).__name__}: {err})") from err
 
 
 def _load(path: Path) -> tuple[np.ndarray, float | None]:

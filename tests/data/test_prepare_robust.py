@@ -332,6 +332,28 @@ def test_a_parquet_with_corrupt_data_pages_is_bad_input_not_a_write_error(sample
     assert summary["num_records"] == 12 and summary["modalities"]["s1"]["tiles"] == 0
 
 
+def test_a_footer_column_path_that_is_not_utf8_does_not_stop_the_row_group_check(sample_parquet, sample_shards,
+                                                                                  tmp_path):
+    """One byte changed in a footer's column-chunk path (its schema, data and band reads are intact): the check for
+    large row groups, which reads those paths, raised UnicodeDecodeError before any file was read, --skip-bad too,
+    naming no file. The data reads, so the file converts as the original does."""
+    root = _copy(sample_parquet, tmp_path)
+    path = root.joinpath(*S2_FILE)
+    data = path.read_bytes()
+    footer = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    at = data.rindex(b"B04", footer)  # the row group's path_in_schema, after the schema's column name
+    path.write_bytes(data[:at] + b"B\xa04" + data[at + 3:])
+    assert "B04" in pq.read_schema(path).names
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    with pytest.raises(UnicodeDecodeError):
+        [group.column(c).path_in_schema for c in range(group.num_columns)]
+    convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    ref, out = ShardSet(sample_shards), ShardSet(tmp_path / "out")
+    assert list(out.keys) == list(ref.keys)
+    for i in range(len(ref)):
+        np.testing.assert_array_equal(out.tile(i, "s2_l2a"), ref.tile(i, "s2_l2a"))
+
+
 def test_a_corrupt_band_page_is_bad_input_naming_the_row(sample_parquet, tmp_path):
     root = _copy(sample_parquet, tmp_path)
     path = root.joinpath(*S2_FILE)
@@ -344,6 +366,43 @@ def test_a_corrupt_band_page_is_bad_input_naming_the_row(sample_parquet, tmp_pat
         convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
     summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
     assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(path), "row 1")]
+
+
+def _no_bits_per_sample(data: bytes) -> bytes:
+    """BitsPerSample 0: tifffile decodes the image to a (0, H, W) array."""
+    entry = b"\x02\x01\x03\x00\x01\x00\x00\x00\x10\x00"  # BitsPerSample (258), SHORT, 1 value: 16
+    assert data.count(entry) == 1
+    return data.replace(entry, entry[:8] + b"\x00\x00")
+
+
+def _huge_size(data: bytes) -> bytes:
+    """ImageWidth and ImageLength 2**20: a 2 TiB uint16 image, more than any test machine's memory."""
+    out = bytearray(data)
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        for code in (256, 257):
+            at = tif.pages.first.tags[code].valueoffset
+            out[at:at + 4] = (1 << 20).to_bytes(4, "little")
+    return bytes(out)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    # was "terrafm prepare: cannot reshape array of size 0 into shape (60,60)", naming no file; --skip-bad stopped too
+    (_no_bits_per_sample, r"the image decodes to no pixel \(shape \(0, 60, 60\)"),
+    # was a MemoryError: "ran out of memory; nothing was skipped for it. Lower --workers ...", which no rerun cures
+    (_huge_size, r"its header declares a 1048576 x 1048576 image \(2048 GiB\), more than this machine's"),
+])
+def test_a_band_with_a_damaged_header_is_bad_input_naming_the_band(sample_parquet, tmp_path, capsys, damage, reason):
+    """One GeoTIFF cell of a Major-TOM parquet whose header was damaged (a byte changed in a download)."""
+    root = _copy(sample_parquet, tmp_path)
+    _edit_band(root, S2_FILE, "B05", 1, lambda a: damage(_tif(a)))
+    assert _cli([str(root), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "memory;" not in err
+    assert re.search(r"part_00000\.parquet \(row 1, grid_cell \S+, product \S+MSIL2A\S+\): band B05: truncated or "
+                     r"corrupt GeoTIFF \(ValueError: " + reason, err), err
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(root.joinpath(*S2_FILE)), "row 1")]
+    assert summary["num_records"] == 12 and summary["modalities"]["s2_l2a"]["tiles"] == 8
 
 
 def test_thumbnails_and_hidden_folders_beside_geotiff_products_are_ignored(sample_parquet, tmp_path):

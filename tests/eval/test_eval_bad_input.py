@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 
 import h5py
 import numpy as np
@@ -369,6 +370,48 @@ def test_a_corrupt_compressed_geotiff_or_a_complex_npy_is_named(tmp_path):
         read_split(root, "folder", "train")
 
 
+def _huge_tif(path):
+    """ImageWidth and ImageLength 2**20 in the first page: terabytes declared, more than any machine's memory."""
+    import io
+
+    import tifffile
+
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        for code in (256, 257):
+            at = tif.pages.first.tags[code].valueoffset
+            data[at:at + 4] = (1 << 20).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def _npy_header(path, old, new):
+    raw = path.read_bytes()
+    at = raw.index(old)
+    path.write_bytes(raw[:at] + new + raw[at + len(new):])  # over the header's padding: its length is kept
+
+
+@pytest.mark.parametrize("suffix, damage, message", [
+    (".tif", _huge_tif, r"its header declares a 1048576 x 1048576\S* image \(\d+ GiB\), more than this machine's"),
+    (".npy", lambda p: _npy_header(p, b"(13, 32, 32), }", b"(13, 32, 999999999)}"),  # was a MemoryError (832 GB)
+     "mmap length is greater than file size"),
+    (".npy", lambda p: _npy_header(p, b"'shape': (", b"'shape': \xd7"),  # was tokenize's TokenError
+     r"malformed \.npy header \(TokenError"),
+])
+def test_an_image_with_a_damaged_header_is_named_not_a_traceback(tmp_path, capsys, tiny_pth, suffix, damage, message):
+    """One byte changed in an image's header (a download gone wrong): a header that declares a huge image made
+    tifffile or numpy allocate it (MemoryError) and a .npy header that no longer parses raised TokenError, both
+    tracebacks; now one message names the file."""
+    splits = make_splits(13, per_class=(2, 1, 1))
+    del splits["valid"]
+    root = write_folder(tmp_path / "eurosat", splits, suffix=suffix)
+    victim = sorted((root / "train" / "class_1").iterdir())[0]
+    damage(victim)
+    assert _eval(root, tmp_path / "out", fmt="folder", checkpoint=tiny_pth) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(re.escape(f"{victim}: not a readable image (") + ".*" + message, err), err
+
+
 def test_a_damaged_hdf5_label_dataset_is_named(tmp_path):
     root = _geobench(tmp_path)
     with h5py.File(root / "train_0001.hdf5", "a") as f:
@@ -380,6 +423,27 @@ def test_a_damaged_hdf5_label_dataset_is_named(tmp_path):
     (root / "train_0001.hdf5").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=r"train_0001\.hdf5: its label is not readable"):
         read_split(root, "hdf5", "train")
+
+
+@pytest.mark.parametrize("signature, error", [
+    (b"TREE", "RuntimeError"),  # the root group's B-tree: listing the bands raised RuntimeError (a traceback)
+    (b"GCOL", "OSError"),  # the global heap holding attrs['pickle']: an OSError, reported as "cannot write" --out
+])
+def test_a_geobench_sample_with_damaged_metadata_is_named(tmp_path, capsys, tiny_pth, signature, error):
+    """A sample that opens (its superblock is intact) but whose inner metadata is damaged, as one byte changed in a
+    download leaves it: h5py raises from whichever read meets the damage; one message names the file."""
+    root = _geobench(tmp_path)
+    for sample in root.glob("*.hdf5"):  # GEO-Bench keeps classification labels in attrs['pickle'] (a vlen string)
+        with h5py.File(sample, "a") as f:
+            f.attrs["pickle"] = str(pickle.dumps({"label": int(np.asarray(f["label"])), "bands_order": GEOBENCH_S2}))
+            del f["label"]
+    raw = (root / "train_0001.hdf5").read_bytes()
+    assert raw.count(signature) == 1
+    (root / "train_0001.hdf5").write_bytes(raw.replace(signature, b"X" + signature[1:]))
+    assert _eval(root, tmp_path / "out", checkpoint=tiny_pth) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "cannot write" not in err, err
+    assert f"train_0001.hdf5: damaged HDF5 file, not readable ({error}: " in err
 
 
 @pytest.mark.parametrize("label, message", [
