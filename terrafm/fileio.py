@@ -1,7 +1,7 @@
 """Crash-safe file writes: every file or folder terrafm publishes goes through here (shards, sample data,
 checkpoints, exports, run files), so a crash leaves the old version or the whole new one, never a torn one;
-the type of the commands' path options; what a file's first bytes say it is; and the lock that keeps a second
-writer out of a folder."""
+the type of the commands' path options and how a path is printed; what a file's first bytes say it is; and the lock
+that keeps a second writer out of a folder."""
 
 import argparse
 import errno
@@ -17,6 +17,13 @@ def path_arg(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty (an unset variable?); give a path")
     return text
+
+
+def shown(path) -> str:
+    """A path (or a name from one) as text any output takes: Linux allows bytes that are not UTF-8 in file names,
+    os.fsdecode keeps them as lone surrogates, and a strict UTF-8 stdout or a font cannot encode those (printing such a
+    path raised after the work was done); they become escapes (byte 0xff: the text \\xff). Other paths unchanged."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def try_lock(fd: int) -> bool:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from terrafm.data import shards, sources
 from terrafm.data.landcover import NUM_CLASSES, class_counts
 from terrafm.data.sources import WORLDCOVER, BadInput, Product
-from terrafm.fileio import path_arg, try_lock
+from terrafm.fileio import path_arg, shown, try_lock
 from terrafm.modalities import MODALITIES, MODALITY_NAMES, S1_SCALINGS
 
 
@@ -252,7 +252,8 @@ def _duplicates_dropped(jobs: list, skipped: list[dict]) -> int:
 
 def _what_was_found(products: list[sources.Product], metadata: list[str], inputs: list[Path]) -> str:
     """What the inputs hold instead, for the no-products message: other modalities, parquet files without a band
-    column (another Major-TOM collection, metadata), raw Sentinel products (.SAFE, .jp2)."""
+    column (another Major-TOM collection, metadata) or with band columns and 0 rows, raw Sentinel products (.SAFE,
+    .jp2)."""
     found = []
     other = sorted({p.modality for p in products})
     if other:
@@ -261,6 +262,11 @@ def _what_was_found(products: list[sources.Product], metadata: list[str], inputs
         found.append(f"{len(metadata)} parquet file(s) with no S2, S1 or WorldCover band column (metadata, or "
                      f"another collection such as Core-DEM), e.g. {metadata[0]}")
     files = [p for i in inputs for p in sources.list_files(Path(i))]
+    empty = [p for p in files if p.suffix.lower() == ".parquet" and str(p) not in metadata
+             and sources.parquet_rows(p) == 0]
+    if empty:
+        found.append(f"{len(empty)} parquet file(s) with band columns but 0 rows (a write or a filter that kept no "
+                     f"product), e.g. {empty[0]}")
     raw = [p for p in files if p.suffix.lower() == ".jp2" or any(part.upper().endswith(".SAFE") for part in p.parts)]
     if raw:
         found.append(f"{len(raw)} raw Sentinel file(s) such as {raw[0]}: convert products to GeoTIFF band folders "
@@ -495,7 +501,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"terrafm prepare: interrupted; the finished shards in {args.out} are kept and the same command "
               "resumes from them", file=sys.stderr)
         return 130
-    print(f"wrote {summary['num_records']} locations in {len(summary['shards'])} shards to {args.out} "
+    print(f"wrote {summary['num_records']} locations in {len(summary['shards'])} shards to {shown(args.out)} "
           f"({summary['resumed_shards']} shards resumed, {summary['rewritten_shards']} incomplete shards rewritten, "
           f"{summary['redone_shards']} shards redone because their input files changed, "
           f"{summary['duplicates_dropped']} duplicate products dropped, "
@@ -513,5 +519,5 @@ def run(args: argparse.Namespace) -> int:
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} bad records:")
         for s in summary["skipped"][:20]:
-            print(f"  {s['file']} [{s['record']}]: {s['reason']}")
+            print(f"  {shown(s['file'])} [{shown(s['record'])}]: {shown(s['reason'])}")
     return 0

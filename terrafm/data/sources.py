@@ -216,12 +216,30 @@ def _twin_columns(names: list[str]) -> list[str]:
     return [" and ".join(same) for same in found.values() if len(same) > 1]
 
 
+def open_parquet(path: str | Path) -> pa.NativeFile:
+    """A parquet file opened by its bytes: pyarrow encodes a str path as UTF-8, so a path with bytes that are not
+    UTF-8 (allowed on Linux; os.fsdecode keeps them as surrogates) read as "not a readable parquet file"."""
+    return pa.OSFile(os.fsencode(path))
+
+
+def parquet_rows(path: str | Path) -> int | None:
+    """The number of rows a parquet file's footer declares; None when it does not read."""
+    try:
+        return pq.ParquetFile(open_parquet(path)).metadata.num_rows
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+
+
 def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) -> bool:
     """Add the products of one parquet file; False when it is a metadata file (no band column). BadInput says what
-    is wrong with a file that cannot be read (discover names the file)."""
+    is wrong with a file that cannot be read (discover names the file); one whose first bytes are another format's
+    is named as that (a Git LFS pointer, which `git clone` without git-lfs leaves in place of Major-TOM's files)."""
     try:
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(open_parquet(path))
     except Exception as err:
+        kind = _file_format(path)
+        if kind:
+            raise BadInput(f"not a parquet file: it is {kind}") from err
         raise BadInput(f"not a readable parquet file ({err})") from err
     if not _band_columns() & set(schema.names):
         return False
@@ -237,7 +255,7 @@ def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) 
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
             raise BadInput(f"column {c} has type {kind}, expected string (Major-TOM product ids / grid cells)")
     try:
-        table = pq.read_table(path, columns=list(META_COLUMNS))
+        table = pq.read_table(open_parquet(path), columns=list(META_COLUMNS))
     except (OSError, ValueError, pa.ArrowException) as err:  # an intact footer over corrupt data pages
         raise BadInput(f"not a readable parquet file ({err})") from err
     for row, (pid, cell) in enumerate(zip(table["product_id"].to_pylist(), table["grid_cell"].to_pylist(),
@@ -250,6 +268,16 @@ def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) 
             continue
         products.append(Product(modality, cell, pid, str(path), row=row))
     return True
+
+
+def _file_format(path: Path) -> str | None:
+    """What a file that is not a parquet file is, from its first bytes (fileio.FORMAT_MAGIC); None when unknown or
+    unreadable."""
+    try:
+        with open(path, "rb") as f:
+            return format_from_magic(f.read(64), expected="a Parquet file")
+    except OSError:
+        return None
 
 
 def expected_bands(modality: str) -> tuple[str, ...]:
@@ -277,7 +305,7 @@ def large_row_groups(paths: set[str]) -> list[tuple[str, int, int]]:
     for path in sorted(paths):
         rows, size = 0, 0
         try:
-            meta = pq.ParquetFile(path).metadata
+            meta = pq.ParquetFile(open_parquet(path)).metadata
             for g in map(meta.row_group, range(meta.num_row_groups)):
                 group_size = sum(g.column(c).total_uncompressed_size for c in range(g.num_columns)
                                  if g.column(c).path_in_schema in bands)
@@ -301,7 +329,7 @@ class ParquetRows:
     def bands(self, p: Product) -> dict[str, object]:
         """{band: GeoTIFF bytes or a BadInput} of one parquet product."""
         if p.source not in self._files:
-            pf = pq.ParquetFile(p.source)
+            pf = pq.ParquetFile(open_parquet(p.source))
             sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
             self._files[p.source] = (pf, np.cumsum([0] + sizes))
         pf, starts = self._files[p.source]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from terrafm.eval.data import BAND_ORDERS, FORMATS, NORMALIZATIONS
 from terrafm.eval.runner import PROBES, EvalConfig, evaluate
-from terrafm.fileio import path_arg
+from terrafm.fileio import path_arg, shown
 from terrafm.modalities import MODALITY_NAMES
 
 
@@ -119,5 +119,5 @@ def run(args: argparse.Namespace) -> int:
         print("nodata pixel values filled with the band mean: " + ", ".join(f"{n} {c}" for n, c in masked.items()))
     if results["band_order"] == "eurosat":
         print("S2 bands read in EuroSAT's order (B8A last; --band-order esa to override)")
-    print(f"normalised with the {results['statistics']} statistics; results: {args.out}/results.json")
+    print(f"normalised with the {results['statistics']} statistics; results: {shown(args.out)}/results.json")
     return 0

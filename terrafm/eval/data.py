@@ -24,6 +24,7 @@ import ast
 import contextlib
 import io
 import json
+import os
 import pickle
 import re
 import warnings
@@ -202,6 +203,7 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
     root = Path(root)
     partition_file = root / "default_partition.json"
     if not partition_file.exists():
+        _refuse_broken_link(partition_file)
         inside = sorted(p.parent.name for p in root.glob("*/default_partition.json"))  # a benchmark folder
         hint = f"; {root} holds the datasets {inside[:8]}: pass one, e.g. {root / inside[0]}" if inside else ""
         raise FileNotFoundError(f"{partition_file} not found: a GEO-Bench dataset lists its splits there{hint}")
@@ -233,6 +235,7 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
     for sample_id in ids:
         path = root / f"{sample_id}.hdf5"
         if not path.exists():
+            _refuse_broken_link(path)
             raise FileNotFoundError(f"{path} is listed in split {split!r} of {partition_file} but missing")
         try:
             f = h5py.File(path, "r")
@@ -338,7 +341,10 @@ def geobench_label_subset(root: str | Path, fraction: float, train_files: list[P
     compare with GEO-Bench's; None where the dataset has no such file. Ids outside the default train split are
     refused by name."""
     path = Path(root) / f"{fraction:.2f}x_train_partition.json"
-    if round(fraction, 2) != fraction or not path.is_file():  # 0.005 is not the 0.01x file's fraction
+    if round(fraction, 2) != fraction:  # 0.005 is not the 0.01x file's fraction
+        return None
+    if not path.is_file():
+        _refuse_broken_link(path)  # else a stratified subset would stand in for GEO-Bench's, in silence
         return None
     try:
         ids = json.loads(path.read_text()).get("train")
@@ -352,6 +358,19 @@ def geobench_label_subset(root: str | Path, fraction: float, train_files: list[P
         raise ValueError(f"{path} lists {len(outside)} sample(s) that are not in default_partition.json's train "
                          f"split (e.g. {outside[0]!r}): a label subset must come from the training samples")
     return np.array(sorted({where[i] for i in ids})), path.name
+
+
+def _refuse_broken_link(path: Path) -> None:
+    """A symlink whose target is gone is refused by name with where it points, not read as "missing": GEO-Bench
+    writes default_partition.json as an absolute link to {name}_partition.json in the folder it was made in, so it
+    dangles once the dataset folder is moved. A missing file that is no link is the caller's to name."""
+    if not path.is_symlink():
+        return
+    target = os.readlink(path)
+    sibling = path.parent / Path(target).name
+    fix = (f"; the folder was moved? link it again where it is: ln -sf {sibling.name} {path}"
+           if sibling.is_file() and sibling != path else "")
+    raise FileNotFoundError(f"{path} is a broken symlink: it points to {target}, which does not exist{fix}")
 
 
 def _refuse_shared_samples(partition: dict, key: str, partition_file: Path) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from terrafm.fileio import atomic_write
+from terrafm.fileio import atomic_write, shown
 
 
 def confusion_matrix(target: np.ndarray, pred: np.ndarray, num_classes: int,
@@ -84,14 +84,15 @@ def segmentation_report(target: np.ndarray, pred: np.ndarray, num_classes: int) 
 
 def save_confusion_png(cm: np.ndarray, path: str | Path, class_names: list[str] | None = None,
                        title: str = "") -> None:
-    """Row-normalised confusion matrix as a PNG (matplotlib Agg: no display needed)."""
+    """Row-normalised confusion matrix as a PNG (matplotlib Agg: no display needed). Class names are folder names,
+    which may hold bytes that are not UTF-8: they are drawn escaped (fileio.shown), which the font can encode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     k = cm.shape[0]
-    names = class_names if class_names and len(class_names) == k else [str(i) for i in range(k)]
+    names = [shown(n) for n in class_names] if class_names and len(class_names) == k else [str(i) for i in range(k)]
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     size = min(4 + 0.4 * k, 16)
     fig, ax = plt.subplots(figsize=(size, size))

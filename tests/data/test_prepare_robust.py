@@ -6,6 +6,7 @@ Every case: one message, exit 2 (130 for Ctrl-C), no traceback, no temporary fil
 import argparse
 import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -542,6 +543,49 @@ def test_no_products_says_what_the_inputs_hold_instead(sample_parquet, tmp_path)
                                        r"\(--modalities chooses\)"):
         convert([s1_only / S1_FILE[0]], tmp_path / "o3", tile_size=TILE, workers=0, progress=False,
                 modalities=("s2_l1c",))
+
+
+def test_parquet_files_with_band_columns_and_0_rows_are_named_as_empty(sample_parquet, tmp_path):
+    """Files with Major-TOM's columns and no row read 'no products of [...] found under [...]', as if nothing were
+    there."""
+    root = tmp_path / "empty" / S2_FILE[0]
+    root.mkdir(parents=True)
+    table = pq.read_table(sample_parquet.joinpath(*S2_FILE))
+    for name in ("part_00000.parquet", "part_00001.parquet"):
+        pq.write_table(table.slice(0, 0), root / name)
+    with pytest.raises(BadInput, match=r"no products of .* found under .*; found 2 parquet file\(s\) with band columns "
+                                       r"but 0 rows .*, e.g. .*Core-S2L2A/part_00000\.parquet$"):
+        convert([root.parent], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_git_lfs_pointer_saved_as_parquet_is_named_with_how_to_fetch_it(sample_parquet, tmp_path, capsys):
+    """`git clone` of Major-TOM without git-lfs leaves pointer files named .parquet: 'not a readable parquet file
+    (Parquet magic bytes not found in footer ...)'."""
+    root = _copy(sample_parquet, tmp_path)
+    root.joinpath(*S2_FILE).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64
+                                       + "\nsize 123456789\n")
+    assert _cli([str(root), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"terrafm prepare: bad input: .*Core-S2L2A/part_00000\.parquet \(whole file\): not a parquet "
+                        r"file: it is a Git LFS pointer, not the data \(run `git lfs pull` where it was cloned\) .*\n",
+                        err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_paths_that_are_not_utf8_are_read_and_printed_escaped(sample_parquet, tmp_path, capsys):
+    """Linux file names may hold any byte: pyarrow could not open such a parquet file ('not a readable parquet
+    file'), and printing the --out or a skipped file raised UnicodeEncodeError after the shards were written."""
+    root = tmp_path / os.fsdecode(b"in\xff")
+    _edit_band(_copy(sample_parquet, tmp_path), S1_FILE, "vv", 0, lambda a: b"not a tiff")  # pyarrow: a UTF-8 path
+    (tmp_path / "in").rename(root)
+    out = tmp_path / os.fsdecode(b"out\xff")
+    assert _cli([str(root), "--out", str(out), "--skip-bad"]) == 0
+    printed = capsys.readouterr().out
+    assert f"shards to {tmp_path}/out\\xff (" in printed
+    assert f"  {tmp_path}/in\\xff/Core-S1RTC/part_00000.parquet [row 0]: " in printed
+    assert len(ShardSet(out)) == 12
+    assert json.loads((out / "index.json").read_text())["inputs"] == [str(root)]
 
 
 def test_out_of_memory_is_not_a_corrupt_tiff_and_skips_nothing(sample_parquet, tmp_path, monkeypatch, capsys):

@@ -12,7 +12,7 @@ import pytest
 from eval_toydata import GEOBENCH_S2, make_splits, write_folder, write_hdf5
 
 from terrafm.cli import main
-from terrafm.eval.data import band_stats, nodata_pixels, normalize, read_split
+from terrafm.eval.data import band_stats, geobench_label_subset, nodata_pixels, normalize, read_split
 from terrafm.eval.runner import EvalConfig, _load_splits
 
 
@@ -549,6 +549,49 @@ def test_an_empty_validation_split_is_no_validation_split(tmp_path):
     (root / "default_partition.json").write_text(json.dumps({**partition, "test": []}))
     with pytest.raises(FileNotFoundError, match="split 'test' in .*default_partition.json is empty"):
         _load_splits(EvalConfig(checkpoint="", data=str(root), format="hdf5", out=str(tmp_path / "out")))
+
+
+def test_a_geobench_folder_moved_away_from_its_absolute_links_names_them(tmp_path, capsys, tiny_pth):
+    """GEO-Bench's Partition.save(as_default=True) writes default_partition.json as a symlink to
+    f"{directory}/original_partition.json": once the folder is moved it dangles, and eval said "not found"; a
+    dangling label-fraction partition fell back to a stratified subset in silence."""
+    built = _geobench(tmp_path / "built")
+    (built / "default_partition.json").rename(built / "original_partition.json")
+    os.symlink(f"{built}/original_partition.json", built / "default_partition.json")
+    (tmp_path / "built").rename(tmp_path / "moved")
+    root = tmp_path / "moved" / built.name
+    assert _eval(root, tmp_path / "out", checkpoint=tiny_pth) == 2
+    err = capsys.readouterr().err
+    assert (f"{root}/default_partition.json is a broken symlink: it points to {built}/original_partition.json, which "
+            f"does not exist; the folder was moved? link it again where it is: ln -sf original_partition.json "
+            f"{root}/default_partition.json") in err, err
+    (root / "default_partition.json").unlink()
+    (root / "default_partition.json").symlink_to("original_partition.json")
+    (root / "train_0001.hdf5").rename(tmp_path / "elsewhere.hdf5")
+    (root / "train_0001.hdf5").symlink_to(tmp_path / "gone" / "train_0001.hdf5")
+    with pytest.raises(FileNotFoundError, match=r"train_0001\.hdf5 is a broken symlink: it points to .*gone/"
+                                                r"train_0001\.hdf5, which does not exist$"):
+        read_split(root, "hdf5", "train")
+    (root / "train_0001.hdf5").unlink()
+    (tmp_path / "elsewhere.hdf5").rename(root / "train_0001.hdf5")
+    train = read_split(root, "hdf5", "train")
+    (root / "0.01x_train_partition.json").symlink_to(tmp_path / "gone" / "0.01x_train_partition.json")
+    with pytest.raises(FileNotFoundError, match=r"0\.01x_train_partition\.json is a broken symlink"):
+        geobench_label_subset(root, 0.01, train.files)
+
+
+def test_paths_that_are_not_utf8_are_read_and_printed_escaped(tmp_path, capsys, tiny_pth):
+    """A class folder or --out whose name holds a byte that is not UTF-8 (Linux allows any): the confusion PNG's
+    tick labels and the last line printed raised after the features were extracted, and results.json was lost."""
+    splits = make_splits(13, per_class=(2, 1, 1))
+    root = write_folder(tmp_path / "eurosat", splits)
+    for split in ("train", "valid", "test"):
+        (root / split / "class_1").rename(root / split / os.fsdecode(b"class_\xff"))
+    out = tmp_path / os.fsdecode(b"out\xff")
+    assert _eval(root, out, fmt="folder", checkpoint=tiny_pth) == 0
+    assert f"results: {tmp_path}/out\\xff/results.json" in capsys.readouterr().out
+    assert os.fsdecode(b"class_\xff") in json.loads((out / "results.json").read_text())["class_names"]
+    assert (out / "confusion_knn_100pct.png").is_file()
 
 
 @pytest.mark.parametrize("member", ["04 - Red", "label"])
