@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from terrafm import backends
 from terrafm.data.config import DataConfig
+from terrafm.data.sources import open_parquet
 from terrafm.data.views import make_plan
 
 PATHS = ("geotiff_baseline", "numpy", "cpp", "dali", "gpu_decode_host")
@@ -98,7 +99,7 @@ def _measure_geotiff(cfg: DataConfig, parquet_file: Path, seconds: float) -> dic
     from terrafm.modalities import MODALITIES
 
     bands = MODALITIES["s2_l2a"].bands
-    table = pq.read_table(parquet_file, columns=list(bands))
+    table = pq.read_table(open_parquet(parquet_file), columns=list(bands))  # by bytes: a path need not be UTF-8
     rows = [{b: table[b][r].as_py() for b in bands} for r in range(table.num_rows)]
     n_views = cfg.n_global + cfg.n_local
     mean, std = torch.full((len(bands), 1, 1), 1500.0), torch.full((len(bands), 1, 1), 1200.0)

@@ -131,6 +131,17 @@ def _compact_classes(splits: dict[str, EvalSplit], data: str) -> list[int]:
     return ids.tolist()
 
 
+def _train_subset(cfg: EvalConfig, train: EvalSplit, fraction: float) -> tuple[np.ndarray, str]:
+    """(indices into the train split, which subset) of one label fraction: the GEO-Bench dataset's own partition
+    file for it where there is one (results compare with GEO-Bench's), else a stratified subset. evaluate resolves
+    every fraction before extracting features, so a broken partition file of a later fraction is refused before the
+    first fraction's probes run."""
+    own = geobench_label_subset(cfg.data, fraction, train.files) if cfg.format == "hdf5" else None
+    if own is not None:
+        return own
+    return probes.label_subset(train.labels, fraction, cfg.seed), f"stratified, seed {cfg.seed}"
+
+
 def evaluate(cfg: EvalConfig, model) -> dict:
     """Run every requested probe at every label fraction; returns (and writes) the results dict."""
     out = Path(cfg.out)
@@ -145,6 +156,7 @@ def evaluate(cfg: EvalConfig, model) -> dict:
     unfit = [p for p in wanted if p not in PROBES_BY_TASK[task]]
     if unfit:
         raise ValueError(f"probe(s) {unfit} do not apply to a {task} dataset; use {list(PROBES_BY_TASK[task])}")
+    subsets = [(fraction, *_train_subset(cfg, train, fraction)) for fraction in cfg.fractions]
     inputs = getattr(model, "input_metadata", {}) or {}
     s1 = {}
     if modality == "s1" and inputs.get("s1_scaling"):  # S1 in the units the backbone was trained on
@@ -182,12 +194,7 @@ def evaluate(cfg: EvalConfig, model) -> dict:
                "splits": {n: len(s.labels) for n, s in splits.items()},
                "nodata_pixels": {n: nodata_pixels(s.images) for n, s in splits.items()}, "runs": []}
     test_labels = splits["test"].labels
-    for fraction in cfg.fractions:
-        own = geobench_label_subset(cfg.data, fraction, train.files) if cfg.format == "hdf5" else None
-        if own is not None:  # the dataset's own subset: results compare with GEO-Bench's
-            idx, subset = own
-        else:
-            idx, subset = probes.label_subset(train.labels, fraction, cfg.seed), f"stratified, seed {cfg.seed}"
+    for fraction, idx, subset in subsets:
         x_tr, y_tr = feats["train"][idx], train.labels[idx]
         for probe in wanted:
             start = time.perf_counter()

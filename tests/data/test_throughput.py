@@ -1,9 +1,12 @@
+import os
+import shutil
+
 import pytest
 
 from terrafm.data.throughput import measure_paths
 
 
-def test_measure_paths_reports_each_path(sample_shards, sample_parquet):
+def test_measure_paths_reports_each_path(sample_shards, sample_parquet, tmp_path):
     done = []  # gpu_check's data stage saves each row as it comes: killed at its limit, it keeps them
     rows = measure_paths(sample_shards, seconds=0.2, paths=("geotiff_baseline", "numpy", "cpp", "gpu_decode_host"),
                          parquet_dir=sample_parquet, batch_size=2, n_local=1, global_size=32, local_size=16,
@@ -15,6 +18,11 @@ def test_measure_paths_reports_each_path(sample_shards, sample_parquet):
             assert r["tiles_per_s"] > 0 and r["views_per_s"] == pytest.approx(3 * r["tiles_per_s"])
     missing = measure_paths(sample_shards, seconds=0.1, paths=("geotiff_baseline",), parquet_dir=sample_shards)
     assert "no Major-TOM S2L2A parquet" in missing[0]["skipped"]
+    odd = tmp_path / os.fsdecode(b"parquet\xff")  # a name that is not UTF-8: the baseline's str path raised
+    shutil.copytree(sample_parquet, odd)
+    [baseline] = measure_paths(sample_shards, seconds=0.1, paths=("geotiff_baseline",), parquet_dir=odd, n_local=1,
+                               global_size=32, local_size=16)
+    assert baseline["tiles_per_s"] > 0, baseline
     with pytest.raises(ValueError, match="unknown throughput paths"):
         measure_paths(sample_shards, paths=("torchvision",))
 

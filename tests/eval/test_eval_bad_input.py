@@ -58,6 +58,9 @@ def test_cuda_on_a_cpu_machine_and_an_out_that_is_a_file(tmp_path, capsys, monke
     assert (tmp_path / "file").read_text() == "keep me"
 
 
+LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123456\n"
+
+
 def _corrupt_partition(root, text):
     (root / "default_partition.json").write_text(text)
 
@@ -74,6 +77,8 @@ def _corrupt_partition(root, text):
     (lambda r: (r / "train_0001.hdf5").write_bytes(b"garbage" * 10), "train_0001.hdf5: not a readable HDF5 file"),
     (lambda r: (r / "train_0001.hdf5").write_bytes((r / "train_0001.hdf5").read_bytes()[:3000]),
      "train_0001.hdf5: not a readable HDF5 file"),
+    (lambda r: (r / "train_0001.hdf5").write_text(LFS_POINTER),  # what `git clone` without git-lfs leaves
+     r"train_0001\.hdf5: not an HDF5 file: it is a Git LFS pointer, not the data \(run `git lfs pull` where"),
 ])
 def test_a_broken_geobench_folder_names_the_file(tmp_path, damage, message):
     root = _geobench(tmp_path)
@@ -578,6 +583,22 @@ def test_a_geobench_folder_moved_away_from_its_absolute_links_names_them(tmp_pat
     (root / "0.01x_train_partition.json").symlink_to(tmp_path / "gone" / "0.01x_train_partition.json")
     with pytest.raises(FileNotFoundError, match=r"0\.01x_train_partition\.json is a broken symlink"):
         geobench_label_subset(root, 0.01, train.files)
+
+
+@pytest.mark.parametrize("partition, message", [
+    ("{not json", "0.01x_train_partition.json: not a readable JSON partition"),
+    (json.dumps({"train": ["test_0000"]}), "0.01x_train_partition.json lists 1 sample(s) that are not in default_"),
+])
+def test_a_broken_label_fraction_partition_is_refused_before_any_probe_runs(tmp_path, capsys, tiny_pth, partition,
+                                                                            message):
+    """The 1% partition was read in the loop over fractions, after the features and the 1.0 probes (minutes on real
+    data)."""
+    root = _geobench(tmp_path)
+    (root / "0.01x_train_partition.json").write_text(partition)
+    assert _eval(root, tmp_path / "out", "--fractions", "1.0", "0.01", checkpoint=tiny_pth) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and message in err, err
+    assert not list((tmp_path / "out").iterdir())  # no features cached, no confusion PNG of the 1.0 probe
 
 
 def test_paths_that_are_not_utf8_are_read_and_printed_escaped(tmp_path, capsys, tiny_pth):
