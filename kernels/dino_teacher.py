@@ -564,16 +564,15 @@ def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent
 
 def _column_counts(plan: dict, R: int, K: int, e: int, l2_bytes: int) -> tuple[int, int]:
     """Moved bytes and executed FLOPs of the column step (one launch, torch's NaN-on-timeout select of the sums,
-    then torch's bias update). Bytes: the logits
-    once, and once more if a group's column items cannot find its rows in L2, i.e. if what is read between a row's
-    two reads (its group, the next group, one statistics item per program) is over half of L2; the chunk
-    statistics written and read back by the combine (8 bytes per row and chunk each way), the normalisers written
-    and read (4 bytes per row each), the bias and the sums (L2-resident: 4 K each once), torch's select of the sums
-    (8 K) and bias - log2(sums) (12 K). Executed: 6 per padded element and the online rescale (5 per row and tile) in the statistics items,
-    whose row blocks fill every group (the last group's past R run masked);
-    the combine (max, subtract, exp2, multiply-add over BLOCK_C slots; log2, add) once per row; 5 per padded
-    element (FMA, subtract, exp2, column add) in the column items and one add per group and prototype into the
-    sums; torch's select, subtract and log2 per prototype."""
+    then torch's bias update). Bytes: the logits once, and once more if a group's column items cannot find its rows
+    in L2, i.e. if what is read between a row's two reads (its group, the next group, one statistics item per
+    program) is over half of L2; the chunk statistics written and read back by the combine (8 bytes per row and
+    chunk each way), the normalisers written and read (4 bytes per row each), the bias and the sums (L2-resident:
+    4 K each once), torch's select of the sums (8 K) and bias - log2(sums) (12 K). Executed: 6 per padded element
+    and the online rescale (5 per row and tile) in the statistics items, whose row blocks fill every group (the last
+    group's past R run masked); the combine (max, subtract, exp2, multiply-add over BLOCK_C slots; log2, add) once
+    per row; 5 per padded element (FMA, subtract, exp2, column add) in the column items and one add per group and
+    prototype into the sums; torch's select, subtract and log2 per prototype."""
     block_r, block_k, group_rows, chunk = plan["BLOCK_R"], plan["BLOCK_K"], plan["group_rows"], plan["CHUNK"]
     window = 2 * group_rows * K * e + plan["grid"][0] * block_r * chunk * e
     reread = window > l2_bytes // 2
