@@ -212,12 +212,16 @@ def read_meta(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: not a readable meta.json ({type(err).__name__}: {err})") from err
     model = meta.get("model") if isinstance(meta, dict) else None
-    ints = ("step", "world_size")
+    count = lambda v, least: type(v) is int and v >= least  # noqa: E731
     if (not isinstance(model, dict) or not isinstance(model.get("name"), str)
-            or not all(isinstance(meta.get(k), int) for k in ints)
-            or not all(isinstance(model.get(k, 0), int) for k in ("img_size", "patch_size"))):
+            or not count(meta.get("step"), 0) or not count(meta.get("world_size"), 1)
+            or not all(type(model.get(k, 1)) is int for k in ("img_size", "patch_size"))
+            # read on resume and export: a list there, or a string step count, was a traceback
+            or not all(isinstance(meta.get(k, {}), dict) for k in ("data", "config"))
+            or not (meta.get("total_steps") is None or count(meta["total_steps"], 0))):
         raise CheckpointError(f"{path}: not a terrafm checkpoint's meta.json (expected an object with integer step "
-                              "and world_size and model: {name, img_size, patch_size, ...})")
+                              "and world_size, model: {name, img_size, patch_size, ...} and, where present, data "
+                              "and config objects and an integer total_steps)")
     return meta
 
 

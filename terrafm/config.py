@@ -350,6 +350,7 @@ def load_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | tupl
 
 
 MAX_EPOCHS = 1e6  # of any epoch-valued setting
+MAX_LR = 1e6  # per 256 images: far above any usable rate, far below float32's limit for AdamW's step
 
 
 def validate(cfg: Config, nproc: int = 1) -> None:
@@ -388,6 +389,9 @@ def validate(cfg: Config, nproc: int = 1) -> None:
          "views; set data.p_fused=0 or model.fusion=true"),
         (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
         (o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}"),
+        # 1e300 passed and stopped the first AdamW step with a traceback (its step size overflowed float32)
+        (max(o.lr, o.min_lr) <= MAX_LR, f"optim.lr and optim.min_lr must be at most {MAX_LR:g} per 256 images, got "
+                                        f"{o.lr:g} and {o.min_lr:g}"),
         (o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}"),
         (o.weight_decay >= 0 and o.weight_decay_end >= 0, "optim.weight_decay and optim.weight_decay_end must be >= 0"),
         (o.eps > 0, f"optim.eps must be > 0, got {o.eps}"),

@@ -104,6 +104,18 @@ def _input_metadata(meta: dict, path: Path) -> dict:
     return out
 
 
+def trained_inputs(meta: dict, path: Path) -> dict:
+    """The input metadata a trainer checkpoint's meta.json records under `data` (bands, mean, std, s1_scaling), each
+    of the form an export's must have (INPUT_METADATA_FORMS): an edited one is refused by name, not passed on to
+    eval's normalisation or into an export that load_checkpoint then refuses."""
+    data = meta.get("data", {})
+    for key in INPUT_METADATA_KEYS:
+        if key in data and not _metadata_fits(key, data[key]):
+            raise ValueError(f"{path}: meta.json's data {key!r} is {str(data[key])[:80]!r}; expected "
+                             f"{INPUT_METADATA_FORMS[key]}")
+    return data
+
+
 def fusion_settings(meta: dict, path: Path) -> dict:
     """FUSION_SETTINGS of a checkpoint's metadata (safetensors strings or meta.json's model section; LEGACY_FUSION
     where absent); a malformed one (edited, or written by another tool) is refused by name."""
@@ -235,7 +247,7 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
         meta = read_meta(checkpoint)
         model = meta.get("model", {})
         sizes = {k: model[k] for k in ("img_size", "patch_size") if k in model}
-        return name, state, {**meta.get("data", {}), **sizes, **fusion_settings(model, path)}
+        return name, state, {**trained_inputs(meta, checkpoint), **sizes, **fusion_settings(model, path)}
     if path.suffix == ".safetensors" or _file_kind(path) == "safetensors":
         from safetensors import safe_open
 

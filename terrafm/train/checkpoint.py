@@ -384,7 +384,25 @@ def load(path: str | Path, arch, optimizer, reshard: bool = False) -> tuple[int,
     set_model_state_dict(arch.teacher, state["teacher"])
     set_optimizer_state_dict(arch.student, optimizer, state["optimizer"], options=StateDictOptions(strict=not unsaved))
     arch.loss.load_state_dict(state["loss"])
-    saved = json.loads((path / rank_file(_rank() if saved_world == world else 0)).read_text())
+    saved = read_rank_file(path / rank_file(_rank() if saved_world == world else 0))
     if saved_world == world:
-        set_rng_state(saved["rng"])
-    return int(saved["step"]), saved["state"], saved_world
+        try:
+            set_rng_state(saved["rng"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path / rank_file(_rank())}: its RNG states do not restore ({type(err).__name__}: "
+                                  f"{err})") from err
+    return saved["step"], saved["state"], saved_world
+
+
+def read_rank_file(path: Path) -> dict:
+    """A rank's JSON record as `save` writes it ({step, state, rng}); anything else (edited, or written by another
+    tool) is one CheckpointError naming the file, where a list or a string step was a traceback."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable rank state ({type(err).__name__}: {err})") from err
+    if not (isinstance(saved, dict) and type(saved.get("step")) is int
+            and all(isinstance(saved.get(k), dict) for k in ("state", "rng"))):
+        raise CheckpointError(f"{path}: not a terrafm rank state (expected an object with an integer step and state "
+                              "and rng objects)")
+    return saved

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from terrafm.fileio import atomic_write, chmod_shared, folder_problem, path_arg
-from terrafm.models import FUSION_PREFIX
+from terrafm.models import FUSION_PREFIX, trained_inputs
 
 INPUT_KEYS = ("bands", "mean", "std")  # JSON-encoded {modality: [per band]} entries of the metadata
 
@@ -71,7 +71,10 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
     if problem:
         raise ValueError(f"cannot write {output}: {problem}")
     name, state = load_backbone_state(checkpoint, which)
-    metadata = export_metadata(name, which, read_meta(resolve(checkpoint)))
+    folder = resolve(checkpoint)
+    meta = read_meta(folder)
+    trained_inputs(meta, folder)  # an input metadata entry load_checkpoint would refuse in the file is refused here
+    metadata = export_metadata(name, which, meta)
     if not with_fusion:
         state = {k: v for k, v in state.items() if not k.startswith(FUSION_PREFIX)}
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -92,10 +92,11 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        # strict JSON: NaN / inf (teacher_cosine at batch 1) are written null
+        line = json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()},
+                          allow_nan=False) + "\n"
         try:
-            with open(self.path, "a") as f:  # strict JSON: NaN / inf (teacher_cosine at batch 1) are written null
-                f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                    for k, v in record.items()}, allow_nan=False) + "\n")
+            self._append(line.encode())
         except OSError as err:  # a full disk: say so once and train on; the next checkpoint write stops the run
             if not self.write_failed:
                 self.bar.write(f"warning: cannot append to {self.path} ({err.strerror or err}); training goes on, "
@@ -112,6 +113,19 @@ class MetricsLogger:
             loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", **monitors, img_s=f"{record['img_per_s']:.1f}",
             mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", mem=f"{record['mem_gb']:.1f}G", refresh=False,
         )
+
+    def _append(self, data: bytes) -> None:
+        """Append `data` whole or not at all: a full disk takes the first bytes of a line into the file's last block,
+        and the next record, appended once there is space, was glued to that fragment (both unreadable)."""
+        with open(self.path, "ab", buffering=0) as f:
+            start = f.tell()
+            try:
+                written = 0
+                while written < len(data):  # an unbuffered write may write less than asked before it fails
+                    written += f.write(data[written:])
+            except OSError:
+                f.truncate(start)
+                raise
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:

@@ -41,7 +41,7 @@ from terrafm import backends, checkpoint_io, ops
 from terrafm.config import Config, check_epoch, save_config, to_dict
 from terrafm.data.shards import ShardError
 from terrafm.data.views import View
-from terrafm.fileio import atomic_write_bytes, nearest_existing, try_lock
+from terrafm.fileio import atomic_write_bytes, nearest_existing, shown, try_lock
 from terrafm.models import FUSION_SETTINGS, LEGACY_FUSION, fusion_settings
 from terrafm.ssl import schedules
 from terrafm.ssl.loss import high_frequency_classes
@@ -339,7 +339,14 @@ def check_run_dir(run_dir: Path) -> None:
     """Prove that the run folder can be written, before anything heavy is built, without creating it: a run
     that fails in its setup (bad data, bad resume) leaves no empty folder behind. A missing folder is probed
     in its nearest existing parent; so is its checkpoints/ folder (a file there, or a read-only one, used to stop
-    the run at its first save, after the steps since were trained)."""
+    the run at its first save, after the steps since were trained). A path that is not UTF-8 text (--out from bytes
+    Linux allows in names) stopped the run with TensorBoard's traceback once the folder was made."""
+    try:
+        os.fsencode(run_dir).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SetupError(f"cannot write the run folder {shown(run_dir)}: its path is not UTF-8 text (byte "
+                         f"{hex(err.object[err.start])}), which TensorBoard cannot write to; choose another folder "
+                         "with --out or train.out_dir / train.run_name") from err
     for folder in (run_dir, run_dir / "checkpoints"):
         probe = nearest_existing(folder)
         try:
@@ -567,6 +574,10 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
         if None not in (saved_s1, s1) and saved_s1 != s1:
             raise ValueError(f"it was trained on S1 in {saved_s1}, data.shard_dir holds S1 in {s1}; convert "
                              f"with `terrafm prepare --s1-scaling {saved_s1}` or start a new run")
+        counts = (rank_state.get("epoch"), rank_state.get("skipped_steps", 0), rank_state.get("nonfinite_streak", 0))
+        if not (isinstance(rank_state.get("loader"), dict) and all(type(n) is int for n in counts)):
+            raise ValueError("its rank state is not a trainer's (expected a loader object and integer epoch, "
+                             "skipped_steps and nonfinite_streak)")
         epoch, skipped_steps = rank_state["epoch"], rank_state.get("skipped_steps", 0)
         nonfinite_streak = rank_state.get("nonfinite_streak", 0)
         loader.set_epoch(epoch)

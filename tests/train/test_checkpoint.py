@@ -130,6 +130,44 @@ def test_an_edited_meta_json_is_one_message_for_resume_export_and_eval(two_check
         load_checkpoint(step2)
 
 
+def _edit(folder: Path, name: str, edit) -> None:
+    """Change one JSON file of a checkpoint with `edit(record)`, keeping the manifest consistent."""
+    record = json.loads((folder / name).read_text())
+    edit(record)
+    (folder / name).write_text(json.dumps(record))
+    _rehash(folder, name)
+
+
+@pytest.mark.parametrize("name, edit", [
+    ("meta.json", lambda m: m.update(total_steps="2")),
+    ("meta.json", lambda m: m.update(config=[1])),
+    ("meta.json", lambda m: m.update(data=[1])),
+    ("rank_00000.json", lambda r: r.update(state=[1])),
+    ("rank_00000.json", lambda r: r["rng"].update(torch=5)),
+    ("rank_00000.json", lambda r: r["state"].update(skipped_steps="0")),
+], ids=["total_steps", "config", "data", "rank_state", "rng", "skipped_steps"])
+def test_a_field_of_another_form_in_meta_json_or_a_rank_state_is_one_message(two_checkpoints, tmp_path, name, edit):
+    """Each of these passed the manifest and the old checks, then ended the resume in a traceback (exit 1)."""
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    _edit(step2, name, edit)
+    proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", expect_rc=2)
+    assert f"cannot resume from {step2}: " in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert (out / "run" / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
+def test_an_edited_input_statistic_in_meta_json_is_refused_by_export_and_eval(two_checkpoints, tmp_path, capsys):
+    """meta.json's data entries are held to the form an export's metadata must have: a std of 0 went into the
+    model's input_metadata (eval divides by it) and into an export that load_checkpoint then refused."""
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    _edit(step2, "meta.json", lambda m: m.update(data={"std": {"s1": [0.0, 1.0]}}))
+    assert main(["export", str(step2), str(tmp_path / "x.safetensors")]) == 2
+    assert "meta.json's data 'std' is" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(ValueError, match="meta.json's data 'std' is"):
+        load_checkpoint(step2)
+
+
 def test_export_keeps_an_existing_output_and_reports_write_errors(two_checkpoints, tmp_path, capsys, monkeypatch):
     import safetensors.torch
 
@@ -225,6 +263,16 @@ def test_a_checkpoints_path_that_is_a_file_stops_the_run_before_training(tmp_pat
     err = capsys.readouterr().err
     assert "cannot write the run folder" in err and "checkpoints" in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_run_folder_whose_name_is_not_utf8_is_refused_before_training(tmp_path, capsys):
+    """--out with a byte Linux allows in names but UTF-8 does not (as os.fsdecode gives it, a lone surrogate): the
+    run made the folder and then died with TensorBoard's UnicodeEncodeError (a traceback, exit 1)."""
+    run = tmp_path / os.fsdecode(b"run\xff")
+    assert main(["pretrain", "--out", str(run), "train.max_steps=1", "train.probe=false"]) == 2
+    err = capsys.readouterr().err
+    assert "its path is not UTF-8 text (byte 0xff" in err and "Traceback" not in err, err
+    assert not run.exists()
 
 
 def test_a_metadata_declaring_more_tensor_bytes_than_the_files_hold_is_refused(two_checkpoints, tmp_path, capsys):

@@ -146,6 +146,14 @@ def test_an_epoch_count_too_large_to_be_steps_is_a_config_error(key):
         load_config("tiny_cpu", [f"{key}=1e307"])
 
 
+@pytest.mark.parametrize("key", ["optim.lr", "optim.min_lr"])
+def test_a_learning_rate_too_large_for_the_optimiser_is_a_config_error(key):
+    """1e300 passed validation and overflowed AdamW's float32 step size: a traceback at the first step."""
+    with pytest.raises(ConfigError, match="optim.lr and optim.min_lr must be at most 1e\\+06 per 256 images"):
+        load_config("tiny_cpu", [f"{key}=1e300"])
+    assert load_config("tiny_cpu", [f"{key}=1e6"])
+
+
 def test_integers_in_scientific_notation_are_integers():
     assert load_config("tiny_cpu", ["train.max_steps=1e3"]).train.max_steps == 1000
     with pytest.raises(ConfigError, match="'train.max_steps': expected an integer, got 1500.5"):

@@ -263,6 +263,49 @@ def test_a_full_disk_stops_tensorboard_with_one_warning_and_training_logs_on(tmp
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+def test_a_line_cut_short_by_a_full_disk_is_not_glued_to_the_next_record(tmp_path, monkeypatch, capfd):
+    """A full disk takes the first bytes of a record into the file's last block; the next record, appended once
+    there was space again, went onto the same line, and both were lost to every reader of metrics.jsonl."""
+    import builtins
+    import errno
+    import json
+
+    from terrafm.train import metrics
+    from terrafm.train.metrics import MetricsLogger
+
+    class FillsUp:
+        """metrics.jsonl on a disk that fills halfway through the next write."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    logger = MetricsLogger(tmp_path, 0, 3, 0)
+    record = {"step": 1, "loss": 2.5, "lr": 1e-4, "mfu": None, "mem_gb": 0.1, "img_per_s": 3.0}
+    logger.log(record)
+    monkeypatch.setattr(metrics, "open", lambda *args, **kwargs: FillsUp(builtins.open(*args, **kwargs)),
+                        raising=False)
+    logger.log({**record, "step": 2})
+    monkeypatch.undo()
+    logger.log({**record, "step": 3})
+    logger.close()
+    assert "warning: cannot append to" in capfd.readouterr().out
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 3]
+
+
 @pytest.mark.parametrize("steps, traced", [(3, True), (2, True), (1, False)])
 def test_profile_writes_a_trace_or_says_why_not(tmp_path, capfd, steps, traced):
     """train.profile_steps=[1, 3]: a run of 3 steps traces 1-2; one of 2 ended inside the window and wrote nothing
