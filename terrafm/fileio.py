@@ -135,3 +135,13 @@ def format_from_magic(head: bytes, expected: str | None = None) -> str | None:
     caller's own format (a damaged one of those is the caller's to name)."""
     kind = next((kind for magic, kind in FORMAT_MAGIC if head.startswith(magic)), None)
     return None if kind == expected else kind
+
+
+def file_format(path, expected: str) -> str | None:
+    """format_from_magic of a file's first bytes, for a reader's refusal of a file that is not `expected` (a Git
+    LFS pointer, which `git clone` without git-lfs leaves in place of the data); None when unknown or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            return format_from_magic(f.read(64), expected=expected)
+    except OSError:
+        return None

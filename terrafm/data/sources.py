@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import tifffile
 
 from terrafm.data.landcover import class_counts
-from terrafm.fileio import format_from_magic
+from terrafm.fileio import file_format, format_from_magic
 from terrafm.modalities import MODALITIES, REFERENCE_STATS, s1_to_db
 
 WORLDCOVER = "worldcover"
@@ -237,7 +237,7 @@ def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) 
     try:
         schema = pq.read_schema(open_parquet(path))
     except Exception as err:
-        kind = _file_format(path)
+        kind = file_format(path, "a Parquet file")
         if kind:
             raise BadInput(f"not a parquet file: it is {kind}") from err
         raise BadInput(f"not a readable parquet file ({err})") from err
@@ -268,16 +268,6 @@ def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) 
             continue
         products.append(Product(modality, cell, pid, str(path), row=row))
     return True
-
-
-def _file_format(path: Path) -> str | None:
-    """What a file that is not a parquet file is, from its first bytes (fileio.FORMAT_MAGIC); None when unknown or
-    unreadable."""
-    try:
-        with open(path, "rb") as f:
-            return format_from_magic(f.read(64), expected="a Parquet file")
-    except OSError:
-        return None
 
 
 def expected_bands(modality: str) -> tuple[str, ...]:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from terrafm.data.sources import HUGE_FILL_MIN, S1_FILL_MAX, read_tiff_layout
-from terrafm.fileio import format_from_magic
+from terrafm.fileio import file_format
 from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, s1_to_db
 
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -241,7 +241,7 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
         try:
             f = h5py.File(path, "r")
         except OSError as err:  # not HDF5, truncated, a folder: h5py's message is long, its first line says it
-            kind = _file_format(path)
+            kind = file_format(path, "an HDF5 file")
             if kind:
                 raise ValueError(f"{path}: not an HDF5 file: it is {kind}") from err
             raise ValueError(f"{path}: not a readable HDF5 file ({str(err).splitlines()[0][:160]})") from err
@@ -278,16 +278,6 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
     y = labels.array()
     return EvalSplit(images.array(), y.astype(np.float32) if y.ndim == 2 else y, images.modality,
                      band_order=images.order, files=paths)
-
-
-def _file_format(path: Path) -> str | None:
-    """What a sample that is not an HDF5 file is, from its first bytes (fileio.FORMAT_MAGIC: a Git LFS pointer, which
-    `git clone` without git-lfs leaves in place of the data); None when unknown or unreadable."""
-    try:
-        with open(path, "rb") as f:
-            return format_from_magic(f.read(64), expected="an HDF5 file")
-    except OSError:
-        return None
 
 
 HEAD = 256  # the images the band-layout checks look at (_band_pixels)
