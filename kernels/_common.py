@@ -70,11 +70,14 @@ def check_tensor(name: str, x: torch.Tensor, ndim: int | None, device: torch.dev
                  dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES, shape: tuple[int, ...] | None = None,
                  contiguous: bool = True) -> None:
     """The one input check of every kernel: raise a ValueError/TypeError naming `name` unless x is a
-    float tensor of ndim dims (at least one when ndim is None; of `shape` when given; contiguous unless
+    dense float tensor of ndim dims (at least one when ndim is None; of `shape` when given; contiguous unless
     the launcher copies it) on a device the kernels run on (cuda, or cpu under the interpreter; meta tensors
     get output shapes from the ops' fake implementations, as torch ops do), on `device` when given."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested or x.layout != torch.strided:  # sparse, nested, mkldnn: no plain strided storage to point into
+        kind, fix = ("nested", "pad or unbind it") if x.is_nested else (str(x.layout)[6:], "call .to_dense()")
+        raise TypeError(f"{name} must be a dense (torch.strided) tensor, got a {kind} tensor; {fix} first")
     if ndim is None and x.dim() == 0:
         raise ValueError(f"{name} must have at least 1 dimension, got a 0-d tensor")
     if ndim is not None and x.dim() != ndim:
@@ -153,11 +156,13 @@ def check_head_loss_shapes(student_features, teacher_features, weight_v, weight_
 
 
 def _check_number(name: str, value) -> None:
-    """A real number (Python, numpy or symbolic scalar, or a one-element tensor), not a bool."""
+    """A real number (Python, numpy or symbolic scalar, or a one-element real tensor), not a bool."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt, torch.Tensor)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if isinstance(value, torch.Tensor) and value.numel() != 1:
         raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+    if isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.is_complex()):
+        raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
 
 
 def scalar_input(value) -> torch.Tensor:

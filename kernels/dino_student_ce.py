@@ -207,6 +207,18 @@ def _(grad_loss, student_logits, targets, row_max, log2_sum, coef, student_tempe
     return torch.empty_like(student_logits)
 
 
+@torch.library.custom_op("terrafm::weighted_soft_cross_entropy_rows_loss", mutates_args=())
+def _rows_loss_op(rows_loss: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Each row's loss, the row weights' gradient, tied to the logits it depends on: a second backward through that
+    gradient then refuses by name (no_second_derivative) instead of taking it as constant in the logits."""
+    return rows_loss.clone()
+
+
+@_rows_loss_op.register_fake
+def _(rows_loss, student_logits):
+    return torch.empty_like(rows_loss)
+
+
 def _setup_context(ctx, inputs, output):
     student_logits, targets, _row_weight, student_temperature = inputs
     _, row_max, log2_sum, coef, rows_loss = output
@@ -219,12 +231,13 @@ def _backward(ctx, grad_loss, *_grad_stats):
     """The logits' gradient from the kernel; the row weights' is each row's loss (the loss is linear in them)."""
     *saved, rows_loss = ctx.saved_tensors
     grad = _student_ce_backward_op(grad_loss, *saved, ctx.student_temperature) if ctx.needs_input_grad[0] else None
-    grad_row_weight = grad_loss.float() * rows_loss if ctx.needs_input_grad[2] else None
+    grad_row_weight = grad_loss.float() * _rows_loss_op(rows_loss, saved[0]) if ctx.needs_input_grad[2] else None
     return grad, None, grad_row_weight, None
 
 
 _student_ce_op.register_autograd(_backward, setup_context=_setup_context)
 no_second_derivative(_student_ce_backward_op, "weighted_soft_cross_entropy")
+no_second_derivative(_rows_loss_op, "weighted_soft_cross_entropy")
 
 
 def _validate(student_logits, targets, row_weight, student_temperature) -> None:

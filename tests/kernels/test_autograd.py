@@ -73,6 +73,24 @@ def test_row_weights_get_the_reference_gradient(device, logits_grad):
         assert x.grad is None
 
 
+def test_a_second_backward_through_the_row_weights_gradient_is_refused(device):
+    """The row weights' gradient is each row's loss, which depends on the logits. Under create_graph=True it came
+    back as a constant: a penalty on it (learned sample weights) silently gave the logits none of its gradient, or
+    torch's "does not require grad" alone. It refuses by name, as the logits' own gradient does; with logits that
+    need no gradient it stays the reference's first-order gradient (the loss is linear in the weights)."""
+    R, K = 4, 11
+    logits, targets = _randn(R, K, device=device), torch.softmax(_randn(2, R, K, device=device), -1)
+    x, w = logits.clone().requires_grad_(), _randn(R, device=device).abs().requires_grad_()
+    (grad_w,) = torch.autograd.grad(weighted_soft_cross_entropy(x, targets, w, 0.1), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="weighted_soft_cross_entropy: the fused kernel's gradient is not"):
+        (grad_w.pow(2).sum() + x.pow(2).sum()).backward()
+    (grad_w,) = torch.autograd.grad(weighted_soft_cross_entropy(logits, targets, w, 0.1), w, create_graph=True)
+    w64 = w.detach().double().requires_grad_()
+    (grad_w64,) = torch.autograd.grad(reference.weighted_soft_cross_entropy(logits.double(), targets.double(), w64,
+                                                                            0.1), w64)
+    torch.testing.assert_close(grad_w.double(), grad_w64, rtol=1e-5, atol=1e-6)
+
+
 def test_a_temperature_schedule_compiles_fullgraph(device):
     """DINO warms the teacher temperature up step by step. From the second value on torch.compile traces it as a
     symbolic float, and the temperature check's math.isfinite broke the graph: torch.compile(fullgraph=True) of a

@@ -556,6 +556,14 @@ def test_forward_fused_matches_dinov2_head_and_loss(K, dtype, device):
     (torch.randn(2, 3), torch.zeros(3), float("inf"), ValueError, "teacher_temp"),
     (torch.randn(2, 3), torch.zeros(3), 1e-45, ValueError, "teacher_temp must be at least"),  # 1 / tau is inf
     (torch.randn(2, 4), torch.zeros(2, 2), 0.04, ValueError, r"center must be \(K,\)"),  # K elements, not (1, K)
+    # sparse and nested tensors failed in a reshape inside with torch's own error; bool and complex temperatures
+    # were taken as 1.0 or failed inside the check
+    (torch.randn(2, 3).to_sparse(), torch.zeros(3), 0.04, TypeError, "teacher_logits must be a dense"),
+    (torch.randn(2, 3), torch.zeros(3).to_sparse(), 0.04, TypeError, "center must be a dense"),
+    (torch.nested.as_nested_tensor([torch.randn(2, 3)], layout=torch.jagged), torch.zeros(3), 0.04, TypeError,
+     "teacher_logits must be a dense .* got a nested tensor"),
+    (torch.randn(2, 3), torch.zeros(3), torch.tensor(True), TypeError, "teacher_temp must be a real number"),
+    (torch.randn(2, 3), torch.zeros(3), torch.tensor(0.04j), TypeError, "teacher_temp must be a real number"),
 ])
 def test_centered_softmax_refuses_bad_inputs(device, logits, center, temp, error, name):
     if isinstance(logits, torch.Tensor):

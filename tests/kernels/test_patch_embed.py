@@ -219,6 +219,10 @@ def test_module_is_a_timm_style_drop_in(device, ieee_convolutions):
     (lambda a: a.update(pos_embed=a["pos_embed"][:3]), ValueError, "pos_embed must have shape"),
     (lambda a: a.update(weight=a["weight"][..., :8]), ValueError, "Conv2d weight"),
     (lambda a: a.update(bias=a["bias"].to("meta")), ValueError, "bias is on meta but .*; move it there"),
+    # sparse tensors got torch's "unsupported memory format option Contiguous" from the launcher's copy
+    (lambda a: a.update(x=a["x"].to_sparse()), TypeError, "x must be a dense .* got a sparse_coo tensor"),
+    (lambda a: a.update(weight=a["weight"].to_sparse()), TypeError, "weight must be a dense"),
+    (lambda a: a.update(bias=a["bias"].to_sparse()), TypeError, "bias must be a dense"),
 ])
 def test_bad_inputs_raise_before_launch(change, error, match, device):
     args = {k: v.detach() for k, v in _inputs(2, 12, 32, 32, 20, 16, torch.float32, device).items()}
