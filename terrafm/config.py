@@ -351,6 +351,19 @@ def load_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | tupl
 
 MAX_EPOCHS = 1e6  # of any epoch-valued setting
 MAX_LR = 1e6  # per 256 images: far above any usable rate, far below float32's limit for AdamW's step
+# Below, each bound is far outside any recipe and stops a value that trained to "loss is nan ... lower optim.lr"
+# (the wrong key) at the config instead:
+# AdamW divides by sqrt(v) + eps in float32: 1e-300 rounds to 0 and a zero gradient's step is 0/0. Recipes use
+# 1e-8 (DINO, DINOv2, every preset) or a few orders lower; 1e-30 stays far above float32's smallest normal number
+# (1.2e-38; a GPU flushes smaller ones to 0).
+MIN_EPS = 1e-30
+# AdamW multiplies the weights by 1 - lr x weight_decay each step: 1e300 overflowed float32 there. Recipes use
+# 0.04 -> 0.4 (DINO, DINOv2, every preset); 1e3 is 2500 times the largest.
+MAX_WEIGHT_DECAY = 1e3
+# The head's logits are cosines (|logit| <= 1) divided by the temperature: 1e-300 overflowed to inf - inf = nan.
+# Recipes use 0.02-0.1 (DINO, DINOv2; tiny_cpu 0.03); at 1e-4 the scaled logits stay within 1e4, finite even
+# in fp16.
+MIN_TEMPERATURE = 1e-4
 
 
 def validate(cfg: Config, nproc: int = 1) -> None:
@@ -394,11 +407,9 @@ def validate(cfg: Config, nproc: int = 1) -> None:
                                         f"{o.lr:g} and {o.min_lr:g}"),
         (o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}"),
         (o.weight_decay >= 0 and o.weight_decay_end >= 0, "optim.weight_decay and optim.weight_decay_end must be >= 0"),
-        (o.eps > 0, f"optim.eps must be > 0, got {o.eps}"),
+        (o.eps >= MIN_EPS, f"optim.eps must be at least {MIN_EPS:g} (float32 rounds smaller ones to 0), got {o.eps:g}"),
         (o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables clipping), got {o.clip_grad}"),
         (all(0 <= b < 1 for b in o.betas), f"optim.betas must be in [0, 1), got {o.betas}"),
-        (s.student_temperature > 0 and s.teacher_temperature > 0 and s.warmup_teacher_temperature > 0,
-         "ssl.student_temperature, ssl.teacher_temperature and ssl.warmup_teacher_temperature must be > 0"),
         (all(0 <= v <= 1 for v in (s.center_momentum, s.center_high_momentum, s.center_alpha, s.teacher_momentum,
                                    s.teacher_momentum_end)),
          "ssl.center_momentum, center_high_momentum, center_alpha, teacher_momentum(_end) must be in [0, 1]"),
@@ -442,6 +453,13 @@ def validate(cfg: Config, nproc: int = 1) -> None:
                          ("ssl.warmup_teacher_temperature_epochs", s.warmup_teacher_temperature_epochs)):
         # converted to steps as epochs x steps per epoch: 1e307 overflowed there, after the model was built
         checks.append((epochs <= MAX_EPOCHS, f"{name} must be at most {MAX_EPOCHS:g} epochs, got {epochs:g}"))
+    for name, decay in (("optim.weight_decay", o.weight_decay), ("optim.weight_decay_end", o.weight_decay_end)):
+        checks.append((decay <= MAX_WEIGHT_DECAY, f"{name} must be at most {MAX_WEIGHT_DECAY:g}, got {decay:g}"))
+    for name, temperature in (("ssl.student_temperature", s.student_temperature),
+                              ("ssl.teacher_temperature", s.teacher_temperature),
+                              ("ssl.warmup_teacher_temperature", s.warmup_teacher_temperature)):
+        checks.append((temperature >= MIN_TEMPERATURE, f"{name} must be at least {MIN_TEMPERATURE:g}, got "
+                                                       f"{temperature:g}"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

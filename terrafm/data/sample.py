@@ -187,8 +187,15 @@ def write_sample_parquet(out_dir: Path, seed: int = 0, cells: int = DEFAULT_CELL
     for collection, records in rows.items():
         path = Path(out_dir) / collection / "part_00000.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        paths.append(atomic_write(path, partial(pq.write_table, pa.Table.from_pylist(records), row_group_size=4)))
+        paths.append(atomic_write(path, partial(_write_parquet, pa.Table.from_pylist(records))))
     return paths
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    """Write `table` to `path` opened by its bytes (as sources.open_parquet reads): pyarrow encodes a str path as
+    UTF-8, so a folder whose name is not UTF-8 (TERRAFM_DATA_DIR with byte 0xff) failed with UnicodeEncodeError."""
+    with pa.OSFile(os.fsencode(path), "wb") as sink:
+        pq.write_table(table, sink, row_group_size=4)
 
 
 def default_root() -> Path:

@@ -61,6 +61,8 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
     from terrafm.checkpoint_io import load_backbone_state, read_meta, resolve
 
     output = Path(output)
+    if output.name == ".safetensors":  # a dotfile: Path(".safetensors").suffix is ""
+        raise ValueError(f"output {output} needs a file name before .safetensors (e.g. model.safetensors)")
     if output.suffix != ".safetensors":
         raise ValueError(f"output {output} must end in .safetensors")
     if output.is_dir():

@@ -578,15 +578,25 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
         if not (isinstance(rank_state.get("loader"), dict) and all(type(n) is int for n in counts)):
             raise ValueError("its rank state is not a trainer's (expected a loader object and integer epoch, "
                              "skipped_steps and nonfinite_streak)")
+        # absent from rank files written before elastic resume existed: taken as this run's
+        saved_batch = rank_state["loader"].get("batch_size", cfg.data.batch_size)
+        if type(saved_batch) is not int or saved_batch < 1:
+            raise ValueError(f"its rank state's loader batch_size is {saved_batch!r}, not a positive integer")
         epoch, skipped_steps = rank_state["epoch"], rank_state.get("skipped_steps", 0)
         nonfinite_streak = rank_state.get("nonfinite_streak", 0)
         loader.set_epoch(epoch)
-        saved_batch = rank_state["loader"].get("batch_size", cfg.data.batch_size)
         reshard = saved_world != env.world_size or (t.elastic_resume and saved_batch != cfg.data.batch_size)
-        if not reshard:
-            loader.load_state_dict(rank_state["loader"])
-        else:  # a loader that cannot continue on another world size fails here with TypeError
-            redrawn = loader.load_state_dict(rank_state["loader"], reshard=True)
+        if reshard and "batch_size" not in rank_state["loader"]:  # the position cannot be converted without it
+            raise ValueError(f"its loader state has no batch_size (written before elastic resume existed); resume "
+                             f"it on {saved_world} ranks")
+        try:
+            if not reshard:
+                loader.load_state_dict(rank_state["loader"])
+            else:
+                redrawn = loader.load_state_dict(rank_state["loader"], reshard=True)
+        except (KeyError, TypeError) as err:  # a loader state field of another form, or no reshard parameter
+            raise ValueError(f"its loader state does not restore into this loader ({type(err).__name__}: "
+                             f"{err})") from err
     except (checkpoint.ResumeError, checkpoint_io.CheckpointError, ValueError) as err:
         raise SetupError(f"cannot resume from {resume_from}: {err}") from err
     except (RuntimeError, KeyError, CheckpointException) as err:  # DCP: missing keys, shape mismatch
@@ -598,7 +608,7 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
     if reshard:
         torch.manual_seed(t.seed + step * 1009 + env.rank)  # fresh drop-path streams, distinct per rank
         if env.rank == 0:
-            before = rank_state["loader"]["batch_size"] * saved_world
+            before = saved_batch * saved_world
             print(f"elastic resume: {saved_world} -> {env.world_size} ranks at step {step}; samples per "
                   f"loader step {before} -> {cfg.data.batch_size * env.world_size} (the peak lr follows the "
                   f"global batch); data resumes at epoch {epoch} batch {loader.step}, {redrawn} samples "

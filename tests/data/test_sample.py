@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -55,6 +57,15 @@ def test_ensure_sample_shards_is_idempotent(tmp_path):
     assert (d / "index.json").stat().st_mtime_ns == mtime
     s = ShardSet(d)
     assert len(s) == 4 and set(s.modalities) == {"s2_l2a", "s2_l1c", "s1"}
+
+
+def test_the_sample_generates_under_a_data_dir_whose_name_is_not_utf8(tmp_path, monkeypatch):
+    """pyarrow encodes a str path as UTF-8: the parquet writer raised UnicodeEncodeError for TERRAFM_DATA_DIR
+    with byte 0xff, and the default run stopped with "cannot read the training data: 'utf-8' codec ..."."""
+    monkeypatch.setenv("TERRAFM_DATA_DIR", str(tmp_path / os.fsdecode(b"data\xff")))
+    d = ensure_sample_shards(cells=1, tile_size=30)
+    assert os.fsencode(d).startswith(os.fsencode(tmp_path / os.fsdecode(b"data\xff")))
+    assert len(ShardSet(d)) == 4
 
 
 def test_texture_grain_shows_in_spatial_structure_but_not_in_band_statistics():

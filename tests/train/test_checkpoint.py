@@ -156,6 +156,27 @@ def test_a_field_of_another_form_in_meta_json_or_a_rank_state_is_one_message(two
     assert (out / "run" / "checkpoints" / "latest").read_text() == "step_00000002"
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda loader: loader.pop("batch_size"), "its loader state has no batch_size"),
+    (lambda loader: loader.update(batch_size="4"), "its rank state's loader batch_size is '4', not a positive integer"),
+    (lambda loader: loader.update(batch_size=-4), "its rank state's loader batch_size is -4, not a positive integer"),
+    (lambda loader: loader.update(position="1"), "its loader state does not restore into this loader (TypeError"),
+], ids=["no_batch_size", "string_batch_size", "negative_batch_size", "string_position"])
+def test_an_elastic_resume_from_a_rank_state_with_a_loader_field_of_another_form_is_one_message(
+        two_checkpoints, tmp_path, edit, message):
+    """A checkpoint of another world size converts the loader position from its batch_size: a missing one read as
+    "does not fit this model and optimiser" (the loader's KeyError; a KeyError traceback after a loader that does not
+    need it), a string one and a string position were TypeError tracebacks in the loader, and a negative one
+    resumed at a negative position."""
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    _edit(step2, "meta.json", lambda m: m.update(world_size=2))
+    _edit(step2, "rank_00000.json", lambda r: edit(r["state"]["loader"]))
+    proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", "train.elastic_resume=true", expect_rc=2)
+    assert f"cannot resume from {step2}: {message}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert (out / "run" / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
 def test_an_edited_input_statistic_in_meta_json_is_refused_by_export_and_eval(two_checkpoints, tmp_path, capsys):
     """meta.json's data entries are held to the form an export's metadata must have: a std of 0 went into the
     model's input_metadata (eval divides by it) and into an export that load_checkpoint then refused."""
@@ -177,6 +198,10 @@ def test_export_keeps_an_existing_output_and_reports_write_errors(two_checkpoint
     assert main(["export", str(step2), str(target)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err and target.read_bytes() == b"an earlier export"
     assert main(["export", str(step2), str(tmp_path)]) == 2  # a folder: no .safetensors suffix
+    assert "must end in .safetensors" in capsys.readouterr().err
+    assert main(["export", str(step2), str(tmp_path / ".safetensors")]) == 2  # only the suffix: a dotfile
+    err = capsys.readouterr().err
+    assert "needs a file name before .safetensors" in err and "must end in" not in err
     (tmp_path / "dir.safetensors").mkdir()
     assert main(["export", str(step2), str(tmp_path / "dir.safetensors")]) == 2
     assert "is a folder" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def test_unknown_key_names_itself_and_lists_the_valid_ones():
     ("train.grad_accum_steps=0", "grad_accum_steps must be >= 1"),
     ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
     ("optim.clip_grad=-1", "optim.clip_grad must be >= 0"),
-    ("ssl.student_temperature=0", "ssl.student_temperature, ssl.teacher_temperature"),
+    ("ssl.student_temperature=0", "ssl.student_temperature must be at least 0.0001, got 0"),
     ("ssl.teacher_momentum=1.5", "teacher_momentum(_end) must be in"),
     ("train.max_nonfinite_grad_steps=0", "train.max_nonfinite_grad_steps must be >= 1"),
     ("model.name=vit_g", "model.name 'vit_g' is not a model"),
@@ -152,6 +152,25 @@ def test_a_learning_rate_too_large_for_the_optimiser_is_a_config_error(key):
     with pytest.raises(ConfigError, match="optim.lr and optim.min_lr must be at most 1e\\+06 per 256 images"):
         load_config("tiny_cpu", [f"{key}=1e300"])
     assert load_config("tiny_cpu", [f"{key}=1e6"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.eps=1e-300", "optim.eps must be at least 1e-30 (float32 rounds smaller ones to 0), got 1e-300"),
+    ("optim.weight_decay=1e300", "optim.weight_decay must be at most 1000, got 1e+300"),
+    ("optim.weight_decay_end=1e300", "optim.weight_decay_end must be at most 1000, got 1e+300"),
+    ("ssl.student_temperature=1e-300", "ssl.student_temperature must be at least 0.0001, got 1e-300"),
+    ("ssl.teacher_temperature=1e-300", "ssl.teacher_temperature must be at least 0.0001, got 1e-300"),
+    ("ssl.warmup_teacher_temperature=1e-300", "ssl.warmup_teacher_temperature must be at least 0.0001, got 1e-300"),
+])
+def test_a_value_that_makes_the_loss_nan_is_a_config_error_naming_its_key(override, message):
+    """Each passed validation and stopped the run with "loss is nan ... lower optim.lr" (exit 1), the wrong key;
+    the bound itself and DINO/DINOv2's values are accepted."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("tiny_cpu", [override])
+    bound = {"optim.eps": "1e-30", "optim.weight_decay": "1e3", "optim.weight_decay_end": "1e3"}
+    key = override.split("=")[0]
+    for value in (bound.get(key, "1e-4"), "1e-8" if key == "optim.eps" else "0.04"):
+        assert load_config("tiny_cpu", [f"{key}={value}"])
 
 
 def test_integers_in_scientific_notation_are_integers():
