@@ -260,11 +260,13 @@ def _wait_at_least(flag_ptr, value, MAX_SPINS: tl.constexpr):
 
 @triton.jit
 def _column_item(logits_ptr, bias_ptr, norm_ptr, ready_ptr, added_ptr, fail_ptr, out_ptr, R, K, group, index,
-                 GROUP_ROWS, scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, MAX_SPINS: tl.constexpr):
+                 GROUP_ROWS, all_columns, scale, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                 MAX_SPINS: tl.constexpr):
     """A column item: once the group's normalisers are ready, the sums of exp2(y2 - n) of BLOCK_K prototypes down
     the group's rows, added to out (K,) after the earlier groups' (in group order: the sums are reproducible).
-    A wait that runs out of polls stores NaN and sets the sticky fail word: a late item of an earlier group may
-    still overwrite this NaN, so the launcher makes the whole result NaN from that word (_column_result)."""
+    A wait that runs out of polls stores NaN and sets the sticky fail word. A slow item of an earlier group may
+    still store finite sums over that NaN, so the last column item to finish (a count after every store) makes
+    all K sums NaN when the word is set: every store happens before its count, the fill after the last one."""
     cols = index * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < K
     first_row = group * GROUP_ROWS
@@ -284,6 +286,12 @@ def _column_item(logits_ptr, bias_ptr, norm_ptr, ready_ptr, added_ptr, fail_ptr,
     tl.store(out_ptr + cols, tl.where(ok, col_sum, float("nan")), mask=col_mask)
     tl.debug_barrier()
     tl.atomic_add(added_ptr + index, 1, sem="release")
+    finished_ptr = fail_ptr + 1
+    if tl.atomic_add(finished_ptr, 1, sem="acq_rel") == all_columns - 1:
+        if tl.atomic_add(fail_ptr, 0, sem="acquire") != 0:
+            for k0 in range(0, K, BLOCK_K):
+                fill = k0 + tl.arange(0, BLOCK_K)
+                tl.store(out_ptr + fill, tl.full([BLOCK_K], float("nan"), tl.float32), mask=fill < K)
 
 
 @triton.jit
@@ -309,7 +317,7 @@ def _column_kernel(logits_ptr, bias_ptr, stats_ptr, norm_ptr, sync_ptr, out_ptr,
     C0, S2, C1, ..., C(G-1), so a group's column items re-read its rows from L2 while the next group's statistics
     stream in. An item waits only on items of smaller number, which running programs hold: no deadlock, whatever
     the hardware schedules (a wait of MAX_SPINS polls gives up: NaN sums). sync: [counter, finished statistics
-    items per group, ready flag per group, groups added per column item, fail word]."""
+    items per group, ready flag per group, groups added per column item, fail word, finished column items]."""
     stats_items = tl.cdiv(GROUP_ROWS, BLOCK_R) * CHUNKS
     column_items = tl.cdiv(K, BLOCK_K)
     per_block = stats_items + column_items
@@ -325,7 +333,7 @@ def _column_kernel(logits_ptr, bias_ptr, stats_ptr, norm_ptr, sync_ptr, out_ptr,
                         GROUP_ROWS, CHUNK, CHUNKS, stats_items, scale, BLOCK_R, BLOCK_K, BLOCK_C)
         else:
             _column_item(logits_ptr, bias_ptr, norm_ptr, ready_ptr, added_ptr, fail_ptr, out_ptr, R, K, group, index,
-                         GROUP_ROWS, scale, BLOCK_R, BLOCK_K, MAX_SPINS)
+                         GROUP_ROWS, GROUPS * column_items, scale, BLOCK_R, BLOCK_K, MAX_SPINS)
         item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
 
 
@@ -375,7 +383,7 @@ def launch_plan(mode: int, R: int, K: int, sms: int, dtype_bytes: int = 2, inter
     return {"BLOCK_R": block_r, "BLOCK_K": block_k, "num_warps": GPU_NUM_WARPS, "CHUNK": chunk, "chunks": chunks,
             "BLOCK_C": triton.next_power_of_2(chunks), "group_rows": group_rows, "groups": groups,
             "stats_items": stats_items, "column_items": column_items, "items": items,
-            "sync": 2 + 2 * groups + column_items, "grid": (min(items, COLUMN_PROGRAMS_PER_SM * sms),)}
+            "sync": 3 + 2 * groups + column_items, "grid": (min(items, COLUMN_PROGRAMS_PER_SM * sms),)}
 
 
 # A torch custom op: opaque to torch.compile (0 graph breaks; the fake function gives output shapes).
@@ -405,14 +413,7 @@ def _launch(mode: int, logits: torch.Tensor, scale: torch.Tensor, vec: torch.Ten
     launch_kernel(_column_kernel, plan["grid"], logits, vec, stats, norm, sync, out, R, K, plan["groups"],
                   plan["group_rows"], plan["CHUNK"], plan["chunks"], scale, BLOCK_C=plan["BLOCK_C"],
                   MAX_SPINS=COLUMN_MAX_SPINS, **tiles)
-    return _column_result(out, sync)
-
-
-def _column_result(out: torch.Tensor, sync: torch.Tensor) -> torch.Tensor:
-    """The column sums, all NaN if any wait gave up (the fail word, sync[-1]): a timed-out item's NaN alone can be
-    overwritten by a slow item of an earlier group, which would leave finite sums missing groups. On the device,
-    no host sync."""
-    return out.masked_fill_(sync[-1] != 0, float("nan"))
+    return out
 
 
 @_launch.register_fake
@@ -563,24 +564,24 @@ def efficiency(mode: int, R: int, K: int, dtype_bytes: int, sms: int, concurrent
 
 
 def _column_counts(plan: dict, R: int, K: int, e: int, l2_bytes: int) -> tuple[int, int]:
-    """Moved bytes and executed FLOPs of the column step (one launch, torch's NaN-on-timeout select of the sums,
-    then torch's bias update). Bytes: the logits once, and once more if a group's column items cannot find its rows
-    in L2, i.e. if what is read between a row's two reads (its group, the next group, one statistics item per
-    program) is over half of L2; the chunk statistics written and read back by the combine (8 bytes per row and
-    chunk each way), the normalisers written and read (4 bytes per row each), the bias and the sums (L2-resident:
-    4 K each once), torch's select of the sums (8 K) and bias - log2(sums) (12 K). Executed: 6 per padded element
-    and the online rescale (5 per row and tile) in the statistics items, whose row blocks fill every group (the last
-    group's past R run masked); the combine (max, subtract, exp2, multiply-add over BLOCK_C slots; log2, add) once
-    per row; 5 per padded element (FMA, subtract, exp2, column add) in the column items and one add per group and
-    prototype into the sums; torch's select, subtract and log2 per prototype."""
+    """Moved bytes and executed FLOPs of the column step (one launch, then torch's bias update). Bytes: the logits
+    once, and once more if a group's column items cannot find its rows in L2, i.e. if what is read between a row's
+    two reads (its group, the next group, one statistics item per program) is over half of L2; the chunk
+    statistics written and read back by the combine (8 bytes per row and chunk each way), the normalisers written
+    and read (4 bytes per row each), the bias and the sums (L2-resident: 4 K each once), torch's bias - log2(sums)
+    (12 K). Executed: 6 per padded element and the online rescale (5 per row and tile) in the statistics items,
+    whose row blocks fill every group (the last group's past R run masked); the combine (max, subtract, exp2,
+    multiply-add over BLOCK_C slots; log2, add) once per row; 5 per padded element (FMA, subtract, exp2, column
+    add) in the column items and one add per group and prototype into the sums; torch's subtract and log2 per
+    prototype. The timeout's NaN fill (no wait gives up in a working schedule) is not counted."""
     block_r, block_k, group_rows, chunk = plan["BLOCK_R"], plan["BLOCK_K"], plan["group_rows"], plan["CHUNK"]
     window = 2 * group_rows * K * e + plan["grid"][0] * block_r * chunk * e
     reread = window > l2_bytes // 2
-    moved = R * K * e * (2 if reread else 1) + 16 * R * plan["chunks"] + 8 * R + 8 * K + 8 * K + 12 * K
+    moved = R * K * e * (2 if reread else 1) + 16 * R * plan["chunks"] + 8 * R + 8 * K + 12 * K
     rows, tiles = pad(R, block_r), pad(K, block_k) // block_k
     stats_rows = plan["groups"] * group_rows  # every group has its statistics items, masked past R in the last
     executed = (6 * stats_rows * tiles * block_k + 5 * stats_rows * tiles + 5 * rows * tiles * block_k
-                + rows * (5 * plan["BLOCK_C"] + 2) + plan["groups"] * K + 3 * K)
+                + rows * (5 * plan["BLOCK_C"] + 2) + plan["groups"] * K + 2 * K)
     return moved, executed
 
 

@@ -189,32 +189,64 @@ def test_column_step_work_items_wait_only_on_earlier_ones(groups):
             assert all(at[(False, g - 1, i)] < at[(False, g, i)] for i in range(column_items))
 
 
+def _column_launch(t, plan, sync, stats, norm, out, max_spins):
+    """The column kernel with a given sync state (the launcher always starts from zeros)."""
+    R, K = t.shape
+    bias = torch.zeros(K, dtype=torch.float32, device=t.device)
+    dino_teacher._column_kernel[plan["grid"]](
+        t, bias, stats, norm, sync, out, R, K, plan["groups"], plan["group_rows"], plan["CHUNK"], plan["chunks"],
+        dino_teacher.LOG2E / 0.04, BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"], BLOCK_C=plan["BLOCK_C"],
+        MAX_SPINS=max_spins)
+
+
+def _column_buffers(t, plan):
+    R, K = t.shape
+    return (torch.zeros((R, plan["chunks"], 2), dtype=torch.float32, device=t.device),
+            torch.zeros(R, dtype=torch.float32, device=t.device), torch.zeros(K, dtype=torch.float32, device=t.device))
+
+
 def test_column_step_writes_nan_instead_of_hanging_on_a_wait_that_never_ends(device):
     """Should a column item's flag never come (here: the counter starts past the statistics items, so no group is
     ever marked ready), its waits give up after MAX_SPINS polls and its sums are NaN, which the loss reports,
-    where an endless spin would hang the job."""
+    where an endless spin would hang the job. sync ends [.., fail word, finished column items]."""
     R, K = 10, 300
     plan = dino_teacher.launch_plan(dino_teacher.MODE_COLUMN, R, K, 4, 4, interpreter=True)
     assert plan["groups"] == 1
     t = _logits((R, K), 1.2, torch.float32, device)
-    bias = torch.zeros(K, dtype=torch.float32, device=device)
-    stats = torch.zeros((R, plan["chunks"], 2), dtype=torch.float32, device=device)
-    norm = torch.zeros(R, dtype=torch.float32, device=device)
+    stats, norm, out = _column_buffers(t, plan)
     sync = torch.zeros(plan["sync"], dtype=torch.int32, device=device)
     sync[0] = plan["stats_items"]
-    out = torch.zeros(K, dtype=torch.float32, device=device)
-    dino_teacher._column_kernel[plan["grid"]](
-        t, bias, stats, norm, sync, out, R, K, plan["groups"], plan["group_rows"], plan["CHUNK"], plan["chunks"],
-        dino_teacher.LOG2E / 0.04, BLOCK_R=plan["BLOCK_R"], BLOCK_K=plan["BLOCK_K"], BLOCK_C=plan["BLOCK_C"],
-        MAX_SPINS=8)
+    _column_launch(t, plan, sync, stats, norm, out, max_spins=8)
     assert torch.isnan(out).all()
-    assert sync[-1].item() == 1  # the sticky fail word
+    assert sync[-2].item() == 1 and sync[-1].item() == plan["column_items"]  # the sticky fail word; all finished
     assert dino_teacher.COLUMN_MAX_SPINS >= 1 << 20  # seconds of polling on a GPU, not a real wait's microseconds
-    # a slow item of an earlier group may still store finite sums over the NaN: the fail word keeps them NaN
-    out.fill_(1.0)
-    assert torch.isnan(dino_teacher._column_result(out, sync)).all()
-    sync[-1] = 0
-    assert torch.equal(dino_teacher._column_result(out.fill_(1.0), sync), torch.ones_like(out))
+
+
+@pytest.mark.parametrize("failed", [0, 1])
+def test_column_step_a_late_store_after_a_timeout_still_ends_nan(failed, device):
+    """A wait that times out because an earlier item is slow, not dead: the timed-out item stores NaN, then the
+    slow one stores finite sums over it. Emulated in the interpreter (one program runs items in order): the
+    statistics and flags of a finished step, the fail word as a timed-out item left it, and the column items run
+    again, storing finite sums. The last of them to finish fills NaN when the word is set, and leaves the sums
+    bitwise alone when it is not."""
+    R, K = 10, 300
+    plan = dino_teacher.launch_plan(dino_teacher.MODE_COLUMN, R, K, 4, 4, interpreter=True)
+    t = _logits((R, K), 1.2, torch.float32, device)
+    stats, norm, out = _column_buffers(t, plan)
+    sync = torch.zeros(plan["sync"], dtype=torch.int32, device=device)
+    _column_launch(t, plan, sync, stats, norm, out, max_spins=8)
+    reference = out.clone()
+    assert torch.isfinite(reference).all() and sync[-2].item() == 0
+    again = torch.zeros_like(sync)
+    again[0] = plan["stats_items"]  # the column items only: the group is ready, its normalisers are in norm
+    again[1:1 + 2 * plan["groups"]] = sync[1:1 + 2 * plan["groups"]]
+    again[-2] = failed
+    out.fill_(0.0)
+    _column_launch(t, plan, again, stats, norm, out, max_spins=8)
+    if failed:
+        assert torch.isnan(out).all()
+    else:
+        assert torch.equal(out, reference)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
