@@ -168,3 +168,29 @@ def test_a_sigterm_to_the_batch_shell_reaches_the_ranks_and_still_requeues(tmp_p
     assert proc.returncode == 75, (proc.returncode, out, err)
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
     assert "SIGTERM: passed on to the ranks" in out and "preempted at step 9" in out
+
+
+def test_each_multinode_job_has_its_own_rendezvous_port(tmp_path):
+    """A fixed 29500: a second job on the same first node found the port taken and torchrun joined the first
+    job's c10d store as a client (its fallback), so losing that job's store ended this one."""
+    srun = '#!/bin/bash\necho "$@" > "$SRUN_ARGS"\n'
+    for job, port in (("4242", 24242), ("1234567", 24567)):
+        proc = run_script(tmp_path, "pretrain_multinode.sbatch", srun, RUN_DIR=str(tmp_path / "run"),
+                          SLURM_JOB_ID=job)
+        assert proc.returncode == 0, proc.stderr
+        assert f"--rdzv_endpoint=127.0.0.1:{port} --rdzv_id={job} " in (tmp_path / "srun.args").read_text()
+    proc = run_script(tmp_path, "pretrain_multinode.sbatch", srun, SLURM_JOB_ID="job7")
+    assert proc.returncode == 2 and proc.stderr.startswith("pretrain_multinode.sbatch: SLURM_JOB_ID must be a whole")
+
+
+def test_the_one_node_script_refuses_more_nodes(tmp_path):
+    """`sbatch --nodes=2 pretrain_1node.sbatch` started two independent standalone runs in one RUN_DIR."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "preempted").write_text("120\n")
+    proc = run_script(tmp_path, "pretrain_1node.sbatch", '#!/bin/bash\necho "$@" > "$SRUN_ARGS"\n',
+                      RUN_DIR=str(run_dir), SLURM_JOB_NUM_NODES="2")
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr == ("pretrain_1node.sbatch: SLURM_JOB_NUM_NODES is '2': it trains on one node "
+                           "(more: pretrain_multinode.sbatch)\n")
+    assert (run_dir / "preempted").exists() and not (tmp_path / "srun.args").exists()
