@@ -3,8 +3,8 @@
 One pipeline per modality (a DALI batch has one dtype and band count); a DALI sample is one record, so each tile
 is decoded once and cut into every view of the batch:
 
-    host    ShardSet.chunks: the record's chunk bytes, read from the .bin; only the configured bands are fed
-            -> external_source (DALI copies them into its pinned staging buffers)
+    host    ShardSet.chunks: the configured bands' chunk bytes (one read of their span in the .bin)
+            -> external_source(no_copy=True): DALI takes the arrays the host read, not a copy
     CUDA    .gpu(): the stored bytes (LZ4-compressed or raw) are what crosses PCIe
             decode: fn.decoders.inflate (GPU LZ4, chunk offsets/sizes, shape (T, T), storage dtype) when the op
                     registry's `shard_decode` is dali_inflate; fn.reinterpret for raw shards

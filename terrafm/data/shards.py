@@ -241,7 +241,7 @@ class ShardSet:
         self._bin_names = [self.root / f"{s['name']}.bin" for s in self.meta["shards"]]
         self._bin_stat: dict[int, tuple] = {}  # shard -> (device, inode, size, mtime_ns) at its first read
         self._no_open_bins()
-        self._verified = {m: np.zeros(len(self), bool) for m in self.modalities}
+        self._verified = {m: np.zeros(self.nbytes[m].shape, bool) for m in self.modalities}  # (record, band)
 
     def _open_part(self, entry: dict) -> dict[str, np.ndarray]:
         path = self.root / f"{entry['name']}.npz"
@@ -362,8 +362,9 @@ class ShardSet:
     def has(self, i: int, modality: str) -> bool:
         return modality in self.offset and bool(self.offset[modality][i, 0] >= 0)
 
-    def _read(self, i: int, modality: str) -> np.ndarray:
-        """The bytes of record i's `modality` chunks (their contiguous span), read from its .bin.
+    def _read(self, i: int, modality: str, band_index: np.ndarray) -> np.ndarray:
+        """The bytes of record i's `modality` chunks `band_index` (the span from the first to the last of them), read
+        from its .bin.
 
         Read, not memory-mapped: a mapped file truncated or rewritten in place under a run (a copy over a folder in
         use), or an I/O error of a network file system, killed the process with SIGBUS; a read comes back short or
@@ -372,7 +373,7 @@ class ShardSet:
         were opened)."""
         shard = int(self.shard_of[i])
         path, needed = self._bin_names[shard], self._bin_needed[shard]
-        off, nb = self.offset[modality][i], self.nbytes[modality][i]
+        off, nb = self.offset[modality][i, band_index], self.nbytes[modality][i, band_index]
         start, end = int(off.min()), int((off + nb).max())
         buf = np.empty(end - start, np.uint8)
         view, pos = memoryview(buf), start
@@ -441,35 +442,39 @@ class ShardSet:
         for fd, _, _ in getattr(self, "_bins", {}).values():
             os.close(fd)
 
-    def _verify(self, i: int, modality: str, data: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> None:
-        """crc32 of every chunk of record i's `modality` (read as `data`), once per process."""
-        if not self.verify_checksums or self._verified[modality][i]:
+    def _verify(self, i: int, modality: str, data: np.ndarray, band_index: np.ndarray, offsets: np.ndarray,
+                sizes: np.ndarray) -> None:
+        """crc32 of record i's `modality` chunks `band_index` (read as `data`), each once per process."""
+        if not self.verify_checksums:
             return
-        for b, (o, n) in enumerate(zip(offsets, sizes, strict=True)):
+        for b, o, n in zip(band_index, offsets, sizes, strict=True):
+            if self._verified[modality][i, b]:
+                continue
             got = zlib.crc32(data[o:o + n])
             if got != self.crc32[modality][i, b]:
                 raise ChecksumError(
                     f"{self._bin_names[self.shard_of[i]]}: record {i} ({self.keys[i]}) {modality} band "
                     f"{self.modalities[modality].bands[b]}: crc32 {got:#010x} != stored "
                     f"{int(self.crc32[modality][i, b]):#010x}; the shard is corrupt, re-run `terrafm prepare`")
-        self._verified[modality][i] = True
+            self._verified[modality][i, b] = True
 
     def chunks(self, i: int, modality: str, band_index: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """The stored chunks of record i's `modality` bands `band_index` (default all), as DALI's inflate takes them.
 
-        Returns (data, offsets, sizes): data a uint8 array of the record's contiguous chunk span (one read of the
-        .bin), offsets / sizes (C,) int32 of each chunk in `data`, in band_index order. Decoded,
+        Returns (data, offsets, sizes): data a uint8 array of the span from the first to the last of these chunks
+        (one read of the .bin: the other bands' chunks are read only where they lie between them), offsets / sizes
+        (C,) int32 of each chunk in `data`, in band_index order. Decoded,
         chunk k is a C-order (T, T) array of the modality's storage dtype (raw: the bytes themselves; lz4:
         one LZ4 block without size prefix or frame, what nvCOMP's batched LZ4 decodes).
         """
         if not self.has(i, modality):
             raise KeyError(f"record {i} ({self.keys[i]}) has no {modality!r} tile")
-        data = self._read(i, modality)
-        off, nb = self.offset[modality][i], self.nbytes[modality][i]
+        band_index = np.arange(self.offset[modality].shape[1]) if band_index is None else np.asarray(band_index)
+        data = self._read(i, modality, band_index)
+        off, nb = self.offset[modality][i, band_index], self.nbytes[modality][i, band_index]
         offsets = off - int(off.min())
-        self._verify(i, modality, data, offsets, nb)
-        band_index = np.arange(len(off)) if band_index is None else np.asarray(band_index)
-        return data, offsets[band_index].astype(np.int32), nb[band_index].astype(np.int32)
+        self._verify(i, modality, data, band_index, offsets, nb)
+        return data, offsets.astype(np.int32), nb.astype(np.int32)
 
     def tile(self, i: int, modality: str) -> np.ndarray:
         """(C, T, T) tile of record i in its storage dtype (uint16 / float16)."""

@@ -76,11 +76,18 @@ def test_lz4_chunks_decode_to_the_source_pixels(lz4_shards, sample_parquet):
     assert checked == len(s)
 
 
-def test_band_subset_reads_only_those_chunks(lz4_shards):
+def test_band_subset_reads_only_those_chunks(lz4_shards, monkeypatch):
+    """The read was the record's whole span (all 12 bands: read, checksummed and, with inflate, sent over PCIe) for
+    3 configured bands; now it is the span of those chunks alone."""
+    import os
+
     s = ShardSet(lz4_shards)
     bands = np.array([3, 2, 1])
+    read, preadv = [], os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, pos: read.append(sum(map(len, bufs))) or preadv(fd, bufs, pos))
     data, offsets, sizes = s.chunks(5, "s2_l1c", bands)
-    np.testing.assert_array_equal(offsets, s.offset["s2_l1c"][5, bands] - s.offset["s2_l1c"][5].min())
+    assert sum(read) == len(data) == sizes.sum() < s.nbytes["s2_l1c"][5].sum()
+    np.testing.assert_array_equal(offsets, s.offset["s2_l1c"][5, bands] - s.offset["s2_l1c"][5, bands].min())
     np.testing.assert_array_equal(decode_chunks(data, offsets, sizes, (TILE, TILE), np.uint16),
                                   s.tile(5, "s2_l1c")[bands])
 
@@ -179,6 +186,22 @@ def test_a_chunk_that_does_not_inflate_is_named_like_on_the_other_paths(lz4_shar
         loader = build_loader(_cfg(bad, backend=backend, verify_checksums=False))
         with pytest.raises(ShardError, match=r"part-00000\.bin: record \d+ .* band \w+ does not decode"):
             loader.render_host(loader.plan(0, 0))
+
+
+def test_a_chunk_that_inflates_to_another_size_is_a_decode_error():
+    """The inflate contract's size check on the CPU: python-lz4 returns a block that inflates short as it is (its
+    uncompressed_size is a bound) and refuses one that inflates long; both are ChunkDecodeError naming the chunk."""
+    from terrafm.data.shards import ChunkDecodeError
+
+    tile = np.arange(TILE * TILE, dtype=np.uint16).reshape(TILE, TILE)
+    good = lz4.block.compress(tile.tobytes(), store_size=False)
+    for wrong in (tile[:-1], np.tile(tile, (2, 1))):
+        bad = lz4.block.compress(wrong.tobytes(), store_size=False)
+        data = np.frombuffer(good + bad, np.uint8)
+        offsets, sizes = np.array([0, len(good)], np.int32), np.array([len(good), len(bad)], np.int32)
+        with pytest.raises(ChunkDecodeError) as err:
+            decode_chunks(data, offsets, sizes, (TILE, TILE), np.uint16)
+        assert err.value.chunk == 1
 
 
 @needs_dali
