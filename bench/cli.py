@@ -9,6 +9,7 @@ import argparse
 import math
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--ops", default=None, help="kernels section: comma-separated ops (default: all)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to run (default: auto, CUDA when a device is visible, else cpu)")
     parser.add_argument("--data-dir", default=None,
                         help="data section: a shard directory written by `terrafm prepare` to measure, with the host "
                              "cores a node needs (default: the bundled synthetic sample shards)")
@@ -46,10 +48,15 @@ def _log(msg: str) -> None:
 
 
 def _parse_only(text: str) -> list[str]:
-    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    """The chosen sections in the order given, each once, roofline after kernels: it divides by the kernel times
+    of a kernels section run before it (`--only roofline,kernels` left a GPU run with no measured fraction)."""
+    chosen = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown or not chosen:
         raise ValueError(f"--only: unknown section(s) {unknown or text!r}; choose from {','.join(SECTIONS)}")
+    if "roofline" in chosen and "kernels" in chosen[chosen.index("roofline"):]:
+        chosen.remove("roofline")
+        chosen.insert(chosen.index("kernels") + 1, "roofline")
     return chosen
 
 
@@ -80,6 +87,13 @@ def _check_data_dir(data_dir: str | None) -> None:
         ShardSet(data_dir, verify_checksums=False)
     except ShardError as err:
         raise ValueError(f"--data-dir: {err}") from None
+
+
+def _check_writable(out: Path) -> None:
+    """OSError unless a file can be made in the folder `out`: a read-only folder was found out only when the
+    results were written, after every section had run."""
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".bench-write-check-"):
+        pass
 
 
 class SectionError(Exception):
@@ -159,6 +173,15 @@ def _run_sections(only: list[str], args: argparse.Namespace, device: str, ops: t
 
 
 def run(args: argparse.Namespace) -> int:
+    """`terrafm bench`: 0, 2 on bad input, 130 / 143 when stopped by Ctrl-C / SIGTERM (docs/bench.md)."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # in the imports, checks or metadata: sections and writing handle their own
+        print("terrafm bench: interrupted (SIGINT) before any section ran; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _run(args: argparse.Namespace) -> int:
     from . import report
 
     if args.compare:
@@ -194,22 +217,25 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         print(f"terrafm bench: --ops: unknown {bad}; choose from {','.join(kernel_benches.OPS)}", file=sys.stderr)
         return 2
-    try:  # after every argument is checked (a refused run left an empty folder), before minutes of work
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(f"terrafm bench: cannot make --out {args.out}: {err.strerror or err}", file=sys.stderr)
-        return 2
     start = time.perf_counter()
     result = {"quick": args.quick, "device": device, "meta": common.metadata(), "sections": {},
               "skipped_sections": {}}
+    try:  # after every argument is checked (a refused run left an empty folder), before minutes of work
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        _check_writable(Path(args.out))
+    except OSError as err:
+        print(f"terrafm bench: cannot write in --out {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
     _log(f"terrafm bench on {device} ({'quick' if args.quick else 'full'}), git {result['meta']['git_revision']}")
     in_main = threading.current_thread() is threading.main_thread()  # where Python can take signals
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
-    late = []  # a SIGTERM while the results are written waits for them to be whole
+    previous_int = signal.getsignal(signal.SIGINT)
+    late = []  # a SIGTERM or Ctrl-C while the results are written waits for them to be whole
     try:
         code = _run_sections(only, args, device, ops, result)
         if in_main:
-            signal.signal(signal.SIGTERM, lambda signum, frame: late.append(signum))
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda signum, frame: late.append(signum))
         result["seconds"] = time.perf_counter() - start
         try:
             paths = report.write(result, Path(args.out))
@@ -219,6 +245,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if in_main:  # None: the handler was not Python's (set in C), which Python cannot put back
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous_int is None else previous_int)
     _log(f"wrote {paths['json']}, {paths['md']} and {len(result['plots'])} PNG plot(s) in {args.out} "
          f"({result['seconds']:.0f} s)")
-    return 128 + signal.SIGTERM if late else code
+    if late:
+        print(f"terrafm bench: interrupted ({signal.Signals(late[0]).name}) while writing the results; they were "
+              "written whole", file=sys.stderr)
+    return 128 + late[0] if late else code

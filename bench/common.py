@@ -1,9 +1,10 @@
 """Shared pieces of `terrafm bench`: timing, peak memory, the GPUs' roofline, the run's metadata.
 
-Timing: `time_call` runs warm-up calls, then repeats until `min_seconds` have passed, synchronising
-CUDA around every call; the median is reported. Peak memory: on CUDA `torch.cuda.max_memory_allocated`
-above what was allocated before the call; on CPU `TensorPeak` counts the bytes of live tensors created
-by PyTorch ops inside the call (a TorchDispatchMode; inputs and allocator caching are not counted).
+Timing: `time_call` runs warm-up calls, then repeats until `min_seconds` have passed or `max_repeats` calls
+were timed, synchronising CUDA around every call; the median is reported. Peak memory: on CUDA
+`torch.cuda.max_memory_allocated` above what was allocated before the call; on CPU `TensorPeak` counts the bytes
+of live tensors created by PyTorch ops inside the call (a TorchDispatchMode; inputs and allocator caching are not
+counted).
 """
 
 import datetime

@@ -310,6 +310,8 @@ def run_stage(name: str, mode: str, work: Path, budget: float) -> int:
         _stage_function(name)(ctx)
     except Skipped as why:
         status, ctx.figures["reason"] = "skipped", str(why)
+    except KeyboardInterrupt:  # gpu_check.sh passes on a Ctrl-C: a result that says so, with the figures so far
+        ctx.fail("interrupted (Ctrl-C)")
     except Exception as err:
         ctx.fail(f"{type(err).__name__}: {err}")
         ctx.figures["traceback"] = traceback.format_exc()[-4000:]

@@ -10,6 +10,8 @@ import datetime
 import json
 from pathlib import Path
 
+from terrafm.fileio import atomic_write_bytes
+
 from .gpu_check import STAGES, Context
 
 
@@ -161,13 +163,16 @@ def summary(ctx: Context) -> None:
 def collect(work: Path, selected: list[str]) -> dict[str, dict]:
     """name -> result for every stage, with the wrapper's exit code and wall time folded in."""
     stages = {}
+    stopped = work / "stages" / "interrupted"  # the stages gpu_check.sh did not run after a Ctrl-C or SIGTERM
+    interrupted = stopped.read_text().split() if stopped.exists() else []
     for name in STAGES:
         exit_file = work / "stages" / f"{name}.exit"
         if name not in selected:
             stages[name] = {"status": "skipped", "seconds": 0.0, "reason": "not selected (--stages)"}
             continue
         if not exit_file.exists():
-            stages[name] = {"status": "skipped", "seconds": 0.0, "reason": "not run: the check's time budget was spent"}
+            why = "the check was interrupted" if name in interrupted else "the check's time budget was spent"
+            stages[name] = {"status": "skipped", "seconds": 0.0, "reason": f"not run: {why}"}
             continue
         rc, seconds, limit = (int(float(x)) for x in exit_file.read_text().split())
         result = _load(work, name) or {}
@@ -188,7 +193,8 @@ def report(work: Path, out: Path, mode: str, selected: list[str]) -> int:
               "total_seconds": sum(s["seconds"] for s in stages.values()),
               "all_ok": all(s["status"] == "ok" for n, s in stages.items() if n in selected), "stages": stages}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_report.json").write_text(json.dumps(result, indent=1, default=str))
+    # each file whole or not at all: a full disk or a kill keeps a previous run's report, never a torn one
+    atomic_write_bytes(out / "gpu_report.json", json.dumps(result, indent=1, default=str).encode())
     lines = [f"# terrafm GPU check ({mode})", "",
              f"{result['created']} · {env.get('gpu') or 'no GPU'} · git {env.get('git_revision')} · "
              f"{result['total_seconds']:.0f} s", ""]
@@ -206,7 +212,7 @@ def report(work: Path, out: Path, mode: str, selected: list[str]) -> int:
             for key in ("traceback", "pip_output_tail"):
                 if s.get(key):
                     lines += ["```", s[key].strip()[-3000:], "```", ""]
-    (out / "gpu_report.md").write_text("\n".join(lines))
+    atomic_write_bytes(out / "gpu_report.md", "\n".join(lines).encode())
     for n, s in stages.items():
         print(f"  {n:20s} {s['status']:8s} {s['seconds']:6.0f} s")
     print(f"wrote {out / 'gpu_report.json'} and {out / 'gpu_report.md'}")

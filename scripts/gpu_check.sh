@@ -7,7 +7,8 @@
 #          --work DIR              keep the scratch folder (sample data, runs, profiler traces) in DIR
 # Each stage (bench/gpu_check.py) runs in its own process under its own timeout; a failed stage does not
 # stop the later ones. Writes OUT_DIR/gpu_report.json, OUT_DIR/gpu_report.md and OUT_DIR/gpu_check.log;
-# exits 0 when every selected stage is ok, 1 otherwise, 2 on bad arguments.
+# exits 0 when every selected stage is ok, 1 otherwise, 2 on bad arguments, 130 / 143 when stopped by Ctrl-C /
+# SIGTERM (the report of the stages run so far is written first).
 set -uo pipefail
 ALL_STAGES="env build kernel_correctness kernel_timing train_step data summary"
 USAGE="usage: bash scripts/gpu_check.sh [--cpu] [--stages a,b,...] [--budget SECONDS] [--work DIR] OUT_DIR"
@@ -61,6 +62,12 @@ if [ "$WORK_SET" = 1 ]; then
   [ -n "$WORK" ] || bad "--work is empty; give a folder for the scratch files"
   [ ! -e "$WORK" ] || [ -d "$WORK" ] || bad "--work $WORK is a file, not a folder"
 fi
+# A PYTHON path is the caller's too (made absolute before the cd to the checkout); one that cannot run failed
+# every stage and the report, each with its own message, and exited 1
+case "${PYTHON:-}" in /*|"") ;; */*) PYTHON=$PWD/$PYTHON ;; esac
+if [ -n "${PYTHON:-}" ] && ! command -v "$PYTHON" > /dev/null; then
+  bad "PYTHON $PYTHON is not a program that can be run; give an interpreter's path or leave PYTHON unset"
+fi
 # Seconds each stage may take at most (the remaining budget can cut it shorter).
 if [ "$MODE" = gpu ]; then
   LIMITS="env:60 build:150 kernel_correctness:120 kernel_timing:150 train_step:270 data:60 summary:30"
@@ -75,7 +82,7 @@ else
   # trainer step ~10x slower (measured on the 2-core dev machine: 0.6 s vs 5-10 s)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
-# OUT_DIR, --work and a PYTHON path are the caller's: made absolute here, before the cd to the checkout
+# OUT_DIR and --work are the caller's: made absolute here, before the cd to the checkout
 err=$(mkdir -p "$OUT" 2>&1) || bad "cannot create OUT_DIR $OUT (${err##*: })"
 if [ "$WORK_SET" = 1 ]; then
   err=$(mkdir -p "$WORK/stages" "$WORK/data" 2>&1) || bad "cannot create the --work folder $WORK (${err##*: })"
@@ -90,7 +97,6 @@ if [ "$WORK_SET" = 0 ]; then
 fi
 WORK=$(cd "$WORK" && pwd)
 rm -f "$WORK"/stages/*
-case "${PYTHON:-}" in /*|"") ;; */*) PYTHON=$PWD/$PYTHON ;; esac
 cd "$(dirname "$0")/.." || exit 2
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -129,8 +135,19 @@ left_after() {  # seconds kept back for the selected stages after $1
   done
   echo "$after"
 }
+# Ctrl-C or SIGTERM (a job's time limit, an outer timeout) stops the running stage, which keeps what it had written,
+# runs no more stages and writes the report; exit 130 / 143. Each stage runs under timeout in its own process group,
+# which a terminal's Ctrl-C does not reach: the stage ran on to its limit and the check went on to the next one.
+STOPPED=0
+trap 'STOPPED=130' INT
+trap 'STOPPED=143' TERM
 for stage in $ALL_STAGES; do
   [[ ",$SELECTED," == *",$stage,"* ]] || continue
+  if [ "$STOPPED" != 0 ]; then
+    echo "== $stage: not run, the check was interrupted" | tee -a "$LOG"
+    echo "$stage" >> "$WORK/stages/interrupted"
+    continue
+  fi
   limit=$(for kv in $LIMITS; do [ "${kv%%:*}" = "$stage" ] && echo "${kv#*:}"; done)
   left=$((DEADLINE - $(date +%s) - $(left_after "$stage")))
   [ "$left" -lt "$limit" ] && limit=$left
@@ -139,9 +156,14 @@ for stage in $ALL_STAGES; do
     continue
   fi
   t0=$(date +%s)
+  # in the background: a trap runs only once a foreground command has ended, and `wait` returns at a signal; the
+  # log's tee ignores the signals so that the stopped stage's last lines still reach the log
   timeout -k 10 "$limit" "$PYTHON" -m terrafm_bench.gpu_check stage "$stage" --work "$WORK" --mode "$MODE" \
-    --budget "$limit" 2>&1 | tee -a "$LOG"
-  rc=${PIPESTATUS[0]}
+    --budget "$limit" > >(trap '' INT TERM; exec tee -a "$LOG") 2>&1 &
+  pid=$!
+  while wait "$pid"; rc=$?; [ "$STOPPED" != 0 ] && kill -0 "$pid" 2>/dev/null; do
+    kill -s "$((STOPPED - 128))" "$pid"  # timeout passes it on to the stage's process group
+  done
   echo "$rc $(($(date +%s) - t0)) $limit" > "$WORK/stages/$stage.exit"
   [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo "== $stage: timed out after $limit s" | tee -a "$LOG"
 done
@@ -151,8 +173,11 @@ if [ -n "$PREP_PID" ]; then
   wait "$PREP_PID" 2>/dev/null
   { echo "== prepare-data (background)"; cat "$WORK/prepare-data.log"; } >> "$LOG"
 fi
-"$PYTHON" -m terrafm_bench.gpu_check report --work "$WORK" --out "$OUT" --mode "$MODE" --selected "$SELECTED" \
-  2>&1 | tee -a "$LOG"
-rc=${PIPESTATUS[0]}
+# the report takes seconds: written whole whatever signal comes now (a Ctrl-C here failed it with exit 130)
+(trap '' INT TERM; exec "$PYTHON" -m terrafm_bench.gpu_check report --work "$WORK" --out "$OUT" --mode "$MODE" \
+  --selected "$SELECTED") > >(trap '' INT TERM; exec tee -a "$LOG") 2>&1
+rc=$?
+wait "$!" 2>/dev/null  # the log's tee, so that the report's last lines are out before the script ends
 [ "$rc" -le 1 ] || { echo "gpu_check: writing the report failed (exit $rc)" >&2; exit 1; }
+[ "$STOPPED" = 0 ] || { echo "gpu_check: interrupted; $OUT/gpu_report.md has the stages run before it" >&2; exit "$STOPPED"; }
 exit "$rc"

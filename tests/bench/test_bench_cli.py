@@ -319,22 +319,66 @@ def test_an_interrupted_run_writes_the_finished_sections(tmp_path, signum):
     assert result["skipped_sections"] == {"comm": f"interrupted ({name})"}
 
 
-def test_a_sigterm_while_writing_waits_for_the_results(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_writing_waits_for_the_results(tmp_path, signum):
     """SIGTERM between the last section and the end of the writing (matplotlib's import alone takes a second or
-    two) killed the run with nothing written."""
+    two) killed the run with nothing written; Ctrl-C there was a traceback and no bench.json."""
     out = tmp_path / "r"
     code = ("import os, signal, sys\n"
             "from terrafm_bench import report\n"
             "write = report.write\n"
             "def killed_then_write(result, out_dir):\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"    os.kill(os.getpid(), {int(signum)})\n"
             "    return write(result, out_dir)\n"
             "report.write = killed_then_write\n"
             "from terrafm.cli import main\n"
             f"sys.exit(main(['bench', '--only', 'comm', '--out', {str(out)!r}]))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 128 + signal.SIGTERM, (run.returncode, run.stderr[-2000:])
+    assert run.returncode == 128 + signum, (run.returncode, run.stderr[-2000:])
+    assert run.stderr == (f"terrafm bench: interrupted ({signal.Signals(signum).name}) while writing the results; "
+                          "they were written whole\n")
     assert json.loads((out / "bench.json").read_text())["sections"]["comm"]["rows"]
+
+
+def test_ctrl_c_before_any_section_is_one_line_and_130(tmp_path):
+    """Ctrl-C in the imports or the run's metadata (git, versions: seconds) was a traceback."""
+    out = tmp_path / "r"
+    code = ("import os, signal, sys\n"
+            "from terrafm_bench import common\n"
+            "common.metadata = lambda: os.kill(os.getpid(), signal.SIGINT)\n"
+            "from terrafm.cli import main\n"
+            f"sys.exit(main(['bench', '--only', 'comm', '--out', {str(out)!r}]))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 130, (run.returncode, run.stderr[-2000:])
+    assert run.stderr == "terrafm bench: interrupted (SIGINT) before any section ran; nothing was written\n"
+    assert not out.exists()
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_section(capsys):
+    """An existing folder where no file can be made was found out only when the results were written, after every
+    section had run (minutes to hours of a GPU node)."""
+    assert main(["bench", "--only", "roofline,comm", "--out", "/proc"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "terrafm bench: cannot write in --out /proc: No such file or directory\n"
+    assert "[roofline]" not in captured.out
+
+
+def test_roofline_divides_by_the_kernel_times_whatever_the_order_of_only(tmp_path, monkeypatch):
+    """`--only roofline,kernels` ran roofline first: a GPU run got no measured fraction of the roofline (and a
+    section named twice ran twice)."""
+    from terrafm_bench import kernels, roofline
+
+    shape = kernels.shape_label(kernels.load("teacher_softmax").shapes(True)[0])
+    row = {"op": "teacher_softmax", "shape": shape, "dtype": "bfloat16", "pass": "fwd", "provider": "kernel", "ms": 1.0}
+    monkeypatch.setattr(kernels, "run_op", lambda op, device, quick, log: [row])
+    monkeypatch.setattr(roofline, "device_gpu_name", lambda: "H100 SXM")
+    out = tmp_path / "r"
+    assert main(["bench", "--quick", "--only", "comm,roofline,kernels,comm", "--ops", "teacher_softmax", "--out",
+                 str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert list(result["sections"]) == ["comm", "kernels", "roofline"]
+    timed = next(r for r in result["sections"]["roofline"] if r["op"] == "teacher_softmax" and r["shape"] == shape)
+    assert timed["fraction_of_roofline"] == pytest.approx(timed["floor_us_H100"] / 1e3)
 
 
 def test_a_step_config_out_of_memory_is_a_row_not_the_end_of_the_run(monkeypatch):

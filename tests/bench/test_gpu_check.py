@@ -217,3 +217,33 @@ def test_trainer_rates_are_total_work_over_total_time():
     assert rates["img_per_s"] == pytest.approx(128 / 0.98) and rates["step_time_s"] == pytest.approx(0.49)
     assert rates["mfu"] == pytest.approx(0.1 * 0.64 / 0.98)
     assert steady_rates([{**w, "mfu": None} for w in windows])["mfu"] is None
+
+
+def test_a_full_disk_keeps_the_previous_report_whole(tmp_path, monkeypatch):
+    """gpu_report.json and .md were written in place: a disk that filled mid-write left a torn report of the run
+    instead of the previous one."""
+    import errno
+    import pathlib
+
+    from terrafm_bench import gpu_check_report
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "stages").mkdir(parents=True)
+    assert gpu_check_report.report(work, out, "cpu", ["summary"]) == 1  # summary selected, not run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"gpu_report.json", "gpu_report.md"}
+    real = {name: getattr(pathlib.Path, name) for name in ("write_bytes", "write_text")}
+
+    def fill_disk(name):
+        def write(self, data, *args, **kwargs):
+            if self.parent != out:
+                return real[name](self, data, *args, **kwargs)
+            real[name](self, data[:len(data) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write
+
+    for name in real:
+        monkeypatch.setattr(pathlib.Path, name, fill_disk(name))
+    with pytest.raises(OSError, match="No space left"):
+        gpu_check_report.report(work, out, "cpu", ["summary"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

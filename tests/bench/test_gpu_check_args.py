@@ -3,8 +3,12 @@ and OUT_DIR, --work and PYTHON are taken relative to the caller's folder, not th
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -115,6 +119,17 @@ def test_a_file_where_a_folder_should_go_is_one_message(tmp_path):
         assert not (tmp_path / "python.log").exists() and (tmp_path / "f").read_text() == "x"
 
 
+def test_a_python_that_cannot_run_exits_2_before_any_stage(tmp_path):
+    """PYTHON=/no/such/python ran every stage (each "failed to run command"), then the report failed: exit 1."""
+    (tmp_path / "not-a-program").write_text("x")
+    for python, shown in ((str(tmp_path / "missing"), str(tmp_path / "missing")),
+                          ("./not-a-program", f"{tmp_path}/./not-a-program"), ("no-such-python-9", "no-such-python-9")):
+        proc = _run(tmp_path, "--stages", "env,summary", "out", python=python)
+        assert (proc.returncode, proc.stderr) == (2, f"gpu_check: PYTHON {shown} is not a program that can be run; "
+                                                     "give an interpreter's path or leave PYTHON unset\n"), python
+        assert not (tmp_path / "out").exists()
+
+
 def test_help_exits_0_with_the_options_and_stage_names(tmp_path):
     """--help printed only the usage line, to stderr, and exited 2 (the bad-arguments code)."""
     proc = _run(tmp_path, "--help", python=str(_fake_python(tmp_path)))
@@ -140,3 +155,42 @@ def test_the_default_gpu_budget_fits_the_measured_stages_in_a_600_s_command():
     text = SCRIPT.read_text()
     default = int(text.split("BUDGET=${BUDGET:-", 1)[1].split("}", 1)[0])
     assert 475 + 30 <= default <= 600 - 30  # the H200's stages (docs/bench.md), the report after them
+
+
+@pytest.mark.parametrize(("signum", "whole_group", "during"), [
+    (signal.SIGINT, True, "stage env"), (signal.SIGTERM, False, "stage env"), (signal.SIGINT, True, "report")])
+def test_ctrl_c_or_sigterm_stops_the_stage_and_writes_the_report(tmp_path, signum, whole_group, during):
+    """Each stage runs under timeout in its own process group: a terminal's Ctrl-C (to the foreground group) or a
+    SIGTERM to the script left the stage running to its limit, then the next stage ran; a Ctrl-C while the report
+    was written failed it (exit 130 of the report, no report)."""
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON + f'case "$*" in *"{during}"*) echo $$ > "$FAKE_PYTHON_LOG.pid"; sleep 3; '
+                      'echo finished >> "$FAKE_PYTHON_LOG" ;; esac\n')
+    python.chmod(0o755)
+    env = {**os.environ, "FAKE_PYTHON_LOG": str(tmp_path / "python.log"), "PYTHON": str(python)}
+    proc = subprocess.Popen(["bash", str(SCRIPT), "--stages", "env,summary", str(tmp_path / "out")], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        pid_file = tmp_path / "python.log.pid"
+        for _ in range(200):
+            if pid_file.exists() and pid_file.read_text().strip():
+                break
+            time.sleep(0.05)
+        if whole_group:
+            os.killpg(proc.pid, signum)
+        else:
+            os.kill(proc.pid, signum)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signum, (out, err)
+    assert err == f"gpu_check: interrupted; {tmp_path / 'out'}/gpu_report.md has the stages run before it\n"
+    calls = [" ".join(line.split()[:4]) for line in (tmp_path / "python.log").read_text().splitlines()]
+    if during == "report":  # finished: the signal waited for it
+        assert calls[1:] == ["-m terrafm_bench.gpu_check stage summary", "-m terrafm_bench.gpu_check report --work",
+                             "finished"]
+    else:  # stopped at once, no stage after it, then the report
+        assert calls == ["-m terrafm_bench.gpu_check stage env", "-m terrafm_bench.gpu_check report --work"]
+        assert "== summary: not run, the check was interrupted" in out
