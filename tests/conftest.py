@@ -42,6 +42,28 @@ def ieee_convolutions(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
+@pytest.fixture
+def full_disk(monkeypatch):
+    """full_disk(folder): from then on Path.write_bytes / write_text into `folder` write half their data and raise
+    ENOSPC, as a disk that fills mid-write does."""
+    import errno
+
+    real = {name: getattr(Path, name) for name in ("write_bytes", "write_text")}
+
+    def fill(folder: Path) -> None:
+        def filling(name):
+            def write(self, data, *args, **kwargs):
+                if self.parent != folder:
+                    return real[name](self, data, *args, **kwargs)
+                real[name](self, data[:len(data) // 2], *args, **kwargs)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write
+
+        for name in real:
+            monkeypatch.setattr(Path, name, filling(name))
+    return fill
+
+
 def pytest_collection_modifyitems(config, items):
     """Grouped (long, serial) tests first, so that under xdist their chain runs beside everything else."""
     items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)

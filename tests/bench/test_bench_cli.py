@@ -248,26 +248,12 @@ def test_a_data_dir_that_is_not_a_shard_set_is_refused_before_any_section(tmp_pa
         assert "[comm]" not in captured.out and not out.exists()
 
 
-def test_a_full_disk_keeps_the_previous_results_whole(tmp_path, monkeypatch, capsys):
+def test_a_full_disk_keeps_the_previous_results_whole(tmp_path, full_disk, capsys):
     """bench.json and bench.md were written in place: a disk that filled mid-write left the last run's results torn."""
-    import errno
-    import pathlib
-
     out = tmp_path / "r"
     assert main(["bench", "--only", "comm", "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real = {name: getattr(pathlib.Path, name) for name in ("write_bytes", "write_text")}
-
-    def fill_disk(name):
-        def write(self, data, *args, **kwargs):
-            if self.parent != out:
-                return real[name](self, data, *args, **kwargs)
-            real[name](self, data[:len(data) // 2], *args, **kwargs)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write
-
-    for name in real:
-        monkeypatch.setattr(pathlib.Path, name, fill_disk(name))
+    full_disk(out)
     assert main(["bench", "--only", "comm", "--out", str(out)]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -219,12 +219,9 @@ def test_trainer_rates_are_total_work_over_total_time():
     assert steady_rates([{**w, "mfu": None} for w in windows])["mfu"] is None
 
 
-def test_a_full_disk_keeps_the_previous_report_whole(tmp_path, monkeypatch):
+def test_a_full_disk_keeps_the_previous_report_whole(tmp_path, full_disk):
     """gpu_report.json and .md were written in place: a disk that filled mid-write left a torn report of the run
     instead of the previous one."""
-    import errno
-    import pathlib
-
     from terrafm_bench import gpu_check_report
 
     work, out = tmp_path / "work", tmp_path / "out"
@@ -232,18 +229,7 @@ def test_a_full_disk_keeps_the_previous_report_whole(tmp_path, monkeypatch):
     assert gpu_check_report.report(work, out, "cpu", ["summary"]) == 1  # summary selected, not run
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(before) == {"gpu_report.json", "gpu_report.md"}
-    real = {name: getattr(pathlib.Path, name) for name in ("write_bytes", "write_text")}
-
-    def fill_disk(name):
-        def write(self, data, *args, **kwargs):
-            if self.parent != out:
-                return real[name](self, data, *args, **kwargs)
-            real[name](self, data[:len(data) // 2], *args, **kwargs)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write
-
-    for name in real:
-        monkeypatch.setattr(pathlib.Path, name, fill_disk(name))
+    full_disk(out)
     with pytest.raises(OSError, match="No space left"):
         gpu_check_report.report(work, out, "cpu", ["summary"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
