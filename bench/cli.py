@@ -217,6 +217,10 @@ def _run(args: argparse.Namespace) -> int:
     if bad:
         print(f"terrafm bench: --ops: unknown {bad}; choose from {','.join(kernel_benches.OPS)}", file=sys.stderr)
         return 2
+    if args.ops is not None and "kernels" not in only:  # it selects within the kernels section, which would not run
+        print(f"terrafm bench: --ops applies to the kernels section, which --only {args.only} leaves out",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
     result = {"quick": args.quick, "device": device, "meta": common.metadata(), "sections": {},
               "skipped_sections": {}}

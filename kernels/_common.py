@@ -163,6 +163,8 @@ def _check_number(name: str, value) -> None:
         raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
     if isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.is_complex()):
         raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        raise ValueError(f"{name} must have a value: a meta tensor has none (pass a float or a CPU/CUDA tensor)")
 
 
 def scalar_input(value) -> torch.Tensor:

@@ -321,10 +321,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{latency} known latency bound (KNOWN_LATENCY_BOUND), {len(missing)} modules missing")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "missing": missing, "bound": BOUND, "head_bound": HEAD_BOUND,
-                       "known_over_bound": KNOWN_OVER_BOUND, "known_latency_bound": KNOWN_LATENCY_BOUND,
-                       "loaded_dram_latency_ns": LOADED_DRAM_LATENCY_NS}, f, indent=2)
+        tmp = f"{args.json}.{os.getpid()}.tmp"  # written whole, then renamed: a full disk keeps the last report
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"rows": rows, "missing": missing, "bound": BOUND, "head_bound": HEAD_BOUND,
+                           "known_over_bound": KNOWN_OVER_BOUND, "known_latency_bound": KNOWN_LATENCY_BOUND,
+                           "loaded_dram_latency_ns": LOADED_DRAM_LATENCY_NS}, f, indent=2)
+            os.replace(tmp, args.json)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return 1 if bad or (missing and args.strict) else 0
 
 

@@ -28,6 +28,7 @@ def test_report_compiles_patch_embed_for_both_archs(tmp_path):
                           "--json", str(out)], capture_output=True, text=True, env=ENV, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # written beside, then renamed: no temporary left
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     fields = {"useful_flops", "executed_flops", "min_bytes", "moved_bytes", "tma", "occupancy", "flops_ratio",
               "bytes_ratio"}

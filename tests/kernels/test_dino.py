@@ -596,6 +596,8 @@ def test_forward_fused_matches_dinov2_head_and_loss(K, dtype, device):
      "teacher_logits must be a dense .* got a nested tensor"),
     (torch.randn(2, 3), torch.zeros(3), torch.tensor(True), TypeError, "teacher_temp must be a real number"),
     (torch.randn(2, 3), torch.zeros(3), torch.tensor(0.04j), TypeError, "teacher_temp must be a real number"),
+    (torch.randn(2, 3), torch.zeros(3), torch.tensor(0.04, device="meta"), ValueError,  # was torch's .item() error
+     "teacher_temp must have a value"),
 ])
 def test_centered_softmax_refuses_bad_inputs(device, logits, center, temp, error, name):
     if isinstance(logits, torch.Tensor):
