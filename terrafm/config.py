@@ -70,7 +70,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     clip_grad: float = 3.0  # max gradient norm; 0 disables clipping
-    clip_mode: str = "per_parameter"  # per_parameter: each tensor's norm (DINO) | global: the total norm (DINOv2)
+    clip_mode: str = "per_parameter"  # per_parameter: each tensor's norm (DINO) | global: one total norm
     implementation: str = "auto"  # auto | apex | fused | foreach | plain
 
 

@@ -247,7 +247,8 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, per_parame
     (the step's one read: the trainer skips the update on a non-finite norm).
 
     per_parameter (DINO's clip_gradients, the method's recipe): each tensor's gradient is scaled to at most
-    max_norm on its own; else (DINOv2) all of them by one factor, to a global norm of at most max_norm. Each
+    max_norm on its own; else all of them by one factor, to a global norm of at most max_norm (DINOv2 takes one
+    such norm per module: backbone, each head). Each
     tensor's norm over its shards comes from one collective for all of them (a stack of partial norms). The
     per-tensor factors are applied from the host read as one foreach multiply by a list of numbers, which runs
     as a few fused kernels; a list of 0-d device tensors would be a kernel per tensor."""

@@ -1,5 +1,6 @@
-"""Gradient clipping: DINO's per-parameter rule (the method's recipe, optim.clip_mode=per_parameter) and DINOv2's
-global norm, on plain tensors and on FSDP2 shards (2 gloo ranks), where each tensor's norm spans both shards."""
+"""Gradient clipping: DINO's per-parameter rule (the method's recipe, optim.clip_mode=per_parameter) and a global
+norm (one factor for all tensors; DINOv2 takes one norm per module), on plain tensors and on FSDP2 shards
+(2 gloo ranks), where each tensor's norm spans both shards."""
 
 import os
 
