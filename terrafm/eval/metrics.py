@@ -62,12 +62,16 @@ def _average_precision(target: np.ndarray, scores: np.ndarray) -> float:
 
 
 def multilabel_map(target: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """Mean average precision of (N, K) label scores: macro over the labels with a positive in target (AP is
-    undefined without one), micro over all (sample, label) pairs. The ranking metric of the BigEarthNet linear-probe
-    literature, which thresholded F1 does not compare with."""
+    """Mean average precision of (N, K) label scores: macro over all K labels, a label with no positive in target
+    scoring 0, as sklearn's average_precision_score(average="macro") and torchmetrics'
+    MultilabelAveragePrecision(average="macro") do (both warn that its recall is undefined, set it to 1 and get AP
+    0), so a test split that lacks a label reads lower, as multilabel_f1's macro does; micro over all (sample, label)
+    pairs. The ranking metric of the BigEarthNet linear-probe literature, which thresholded F1 does not compare
+    with."""
     target, scores = np.asarray(target).astype(bool), np.asarray(scores, dtype=np.float64)
-    labels = [j for j in range(target.shape[1]) if target[:, j].any()]
-    macro = float(np.mean([_average_precision(target[:, j], scores[:, j]) for j in labels])) if labels else 0.0
+    per_label = [_average_precision(target[:, j], scores[:, j]) if target[:, j].any() else 0.0
+                 for j in range(target.shape[1])]
+    macro = float(np.mean(per_label)) if per_label else 0.0
     micro = _average_precision(target.ravel(), scores.ravel()) if target.any() else 0.0
     return {"map_macro": macro, "map_micro": micro}
 

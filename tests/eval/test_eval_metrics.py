@@ -217,7 +217,7 @@ def test_multilabel_linear_probe_chooses_the_lr_by_f1_not_per_label_accuracy():
 
 def test_multilabel_map_is_sklearns_average_precision():
     """AP = sum over thresholds of the recall step times the precision, ties at one threshold, no interpolation;
-    macro over the labels with a positive, micro over all pairs (values worked by hand)."""
+    macro over all labels (one without a positive scores 0), micro over all pairs (values worked by hand)."""
     target = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
     scores = np.array([[0.9, 0.2, 0.1], [0.8, 0.7, 0.3], [0.3, 0.7, 0.2], [0.1, 0.1, 0.9]])
     # label 0: ranks 0.9 (+), 0.8 (-), 0.3 (+): AP = 0.5 x 1 + 0.5 x 2/3; label 1: 0.7 and 0.7 tied, both +: AP = 1
@@ -226,6 +226,19 @@ def test_multilabel_map_is_sklearns_average_precision():
     # 0.7 (both positive): R 3/4, P 3/5; 0.3 (one of two): R 1, P 4/7
     micro = 0.25 * 0.5 + 0.5 * 0.6 + 0.25 * 4 / 7
     got = metrics.multilabel_map(target, scores)
-    assert got["map_macro"] == pytest.approx((ap0 + ap1) / 2)  # label 2 has no positive: left out
+    assert got["map_macro"] == pytest.approx((ap0 + ap1 + 0) / 3)  # label 2 has no positive: AP 0, as sklearn's
     assert got["map_micro"] == pytest.approx(micro)
     assert metrics.multilabel_map(np.zeros((2, 2)), np.ones((2, 2))) == {"map_macro": 0.0, "map_micro": 0.0}
+
+
+def test_multilabel_map_macro_scores_a_label_without_a_positive_0_as_sklearn_and_torchmetrics():
+    """docs/eval.md gives map_macro as sklearn's average_precision_score(average="macro"). sklearn (1.9) and
+    torchmetrics' MultilabelAveragePrecision (1.9) set the recall of a label with no positive in the truth to 1 (with
+    a warning), so its AP is 0 and it is averaged in: 0.611 here, computed with both. The mean over the labels with
+    a positive only (0.917) read higher than either library on a test split that lacks a label (GEO-Bench's
+    m-bigearthnet test split has 1000 samples for 43 labels)."""
+    target = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    scores = np.array([[0.9, 0.2, 0.1], [0.8, 0.7, 0.3], [0.3, 0.7, 0.2], [0.1, 0.1, 0.9]])
+    assert metrics.multilabel_map(target, scores)["map_macro"] == pytest.approx(0.6111111111111)
+    # every label with a positive: the mean over all of them, unchanged
+    assert metrics.multilabel_map(target[:, :2], scores[:, :2])["map_macro"] == pytest.approx(0.9166666666666)
