@@ -44,13 +44,21 @@ def _stamp(path: str, stamps: dict) -> list | None:
     return stamps[path]
 
 
+def _mask_stamps(p: Product, stamps: dict) -> list:
+    """[(band.msk, stamp)] of a folder product's .msk sidecars: one added, edited or removed redoes its shard. Empty
+    without sidecars, so the fingerprints of conversions without them stay as they were."""
+    found = [(f"{b}.msk", f"{f}.msk") for b, f in p.band_files.items() if Path(f"{f}.msk").is_file()]
+    return [(b, _stamp(f, stamps)) for b, f in sorted(found)]
+
+
 def _job_fingerprint(job: list[list[Product]], opts: dict, stamps: dict) -> str:
     """"<plan>:<content>": plan hashes the job's grid cells and options, content its products and the size and
     mtime of their source files, so a job whose inputs changed is redone and another conversion is refused."""
     plan = [cell[0].grid_cell for cell in job]
     content = [[(p.modality, p.grid_cell, p.product_id, p.source, p.row,
                  [_stamp(p.source, stamps)] if p.row >= 0 else
-                 sorted((b, _stamp(f, stamps)) for b, f in p.band_files.items())) for p in cell] for cell in job]
+                 sorted((b, _stamp(f, stamps)) for b, f in p.band_files.items()) + _mask_stamps(p, stamps))
+                for p in cell] for cell in job]
     digest = [hashlib.sha1(json.dumps([x, opts], sort_keys=True).encode()).hexdigest() for x in (plan, content)]
     return ":".join(digest)
 
@@ -79,7 +87,11 @@ def _read_product(p: Product, parquet: sources.ParquetRows, opts: dict) -> tuple
                 data = Path(path).read_bytes()
             except OSError as err:
                 raise BadInput(f"{p.where}: cannot read {path} ({err.strerror or err})") from err
-            arrays[b] = sources.decode_band(data, b, p)
+            try:
+                sidecar = sources.external_mask(path)
+            except (OSError, ValueError) as err:
+                raise BadInput(f"{p.where}: band {b}: its mask {path}.msk does not read ({err})") from err
+            arrays[b] = sources.decode_band(data, b, p, sidecar)
     data, _ = sources.to_10m(p, arrays)
     if p.modality == WORLDCOVER:
         sources.worldcover_counts(data[0], p)  # codes outside the legend name this product, before any tile is written

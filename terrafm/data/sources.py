@@ -8,9 +8,9 @@ by pixel replication. A parquet file with the metadata columns but no band colum
 metadata.parquet) is metadata, not data, wherever it sits.
 
 Nodata: S2 pixels at 0, S1 pixels that are NaN/inf or at a fill value <= S1_FILL_MAX (-32768, -9999) or
->= HUGE_FILL_MIN (float32's max), and pixels at a GeoTIFF's own GDAL_NODATA value or outside its internal mask
-are masked per band: they carry the modality's reference mean (modalities.REFERENCE_STATS, in the stored scaling), so
-they normalise to about 0, and they are left out of the normalisation statistics.
+>= HUGE_FILL_MIN (float32's max), and pixels at a GeoTIFF's own GDAL_NODATA value or outside its internal mask or
+`.msk` sidecar are masked per band: they carry the modality's reference mean (modalities.REFERENCE_STATS, in the
+stored scaling), so they normalise to about 0, and they are left out of the normalisation statistics.
 """
 
 import io
@@ -340,10 +340,10 @@ class ParquetRows:
         return out
 
 
-def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
-    """One band's 2-D array; pixels at the GeoTIFF's own nodata value (GDAL_NODATA tag) or outside its internal mask
-    are set to the modality's nodata (S2 and WorldCover 0, S1 NaN), so a file that declares another fill is masked like
-    Major-TOM's."""
+def decode_band(data: bytes, band: str, product: Product, sidecar: np.ndarray | None = None) -> np.ndarray:
+    """One band's 2-D array; pixels at the GeoTIFF's own nodata value (GDAL_NODATA tag), outside its internal mask or
+    outside its external one (sidecar: external_mask) are set to the modality's nodata (S2 and WorldCover 0, S1 NaN), so
+    a file that declares another fill is masked like Major-TOM's."""
     if not isinstance(data, bytes):
         raise BadInput(f"{product.where}: band {band} holds {type(data).__name__}, expected GeoTIFF bytes (a binary "
                        "column as Major-TOM writes)")
@@ -369,8 +369,23 @@ def decode_band(data: bytes, band: str, product: Product) -> np.ndarray:
         raise BadInput(f"{product.where}: band {band} has {pixel_m:g} m pixels (its GeoTIFF's ModelPixelScale) where "
                        f"the band's native resolution is {native} m: the product was resampled to a coarser grid "
                        "(e.g. Sen2Cor's R20m / R60m folder); give each band at its native resolution or finer")
+    if sidecar is not None:
+        if sidecar.shape != array.shape:
+            raise BadInput(f"{product.where}: band {band} is {array.shape[0]}x{array.shape[1]} px but its .msk sidecar "
+                           f"{sidecar.shape[0]}x{sidecar.shape[1]}: not this band's mask")
+        mask = sidecar if mask is None else mask | sidecar
     array = _apply_nodata_tag(array, nodata, product.modality)
     return array if mask is None else _set_nodata(array, mask, product.modality)
+
+
+def external_mask(path: str | Path) -> np.ndarray | None:
+    """True where the `.msk` sidecar of a GeoTIFF (`B04.tif.msk`, which GDAL before 3.9 writes by default in place of
+    an internal mask) marks no data: its first page is the full-resolution mask, 0 at nodata. None without a sidecar;
+    a ValueError or OSError when it does not read."""
+    sidecar = Path(f"{os.fsdecode(path)}.msk")
+    if not sidecar.is_file():
+        return None
+    return _read_tiff(sidecar, lambda tif: tif.pages.first.asarray() == 0)
 
 
 def other_format(data: bytes) -> str | None:

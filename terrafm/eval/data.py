@@ -10,11 +10,11 @@ and the label either as a dataset named "label*" (HxW mask; GEO-Bench segmentati
 "label", or inside GEO-Bench's pickled attribute dict `attrs["pickle"]` (classification), which is
 read with a restricted unpickler (no geobench install needed, no arbitrary code).
 Images keep their size here; features.extract resizes them (--img-size) before the patch-multiple check.
-Nodata: NaN / inf values, values <= -9999 (the fill of S1 RTC products), a GeoTIFF's own GDAL_NODATA value and,
-in S2 images, pixels that are 0 in every band (ESA's NO_DATA value: outside the swath, a detector gap) are read
-as NaN; the statistics skip them and `normalize` (per batch, in features.extract) fills them with 0, the band's
-mean, as `terrafm prepare` does for training tiles. A 0 in some bands only is kept: a dark pixel clipped at 0 in one
-band is still a pixel. An image with no valid pixel is refused by name.
+Nodata: NaN / inf values, values <= -9999 (the fill of S1 RTC products), a GeoTIFF's own GDAL_NODATA value, pixels
+outside its internal mask or `.msk` sidecar and, in S2 images, pixels that are 0 in every band (ESA's NO_DATA value:
+outside the swath, a detector gap) are read as NaN; the statistics skip them and `normalize` (per batch, in
+features.extract) fills them with 0, the band's mean, as `terrafm prepare` does for training tiles. A 0 in some bands
+only is kept: a dark pixel clipped at 0 in one band is still a pixel. An image with no valid pixel is refused by name.
 A split is held once: readers fill one array image by image (_SplitImages), whole-split work goes by row_chunks.
 Folders: `root/<split>/<class>/*.tif|*.npy` for classification, `root/<split>/images/*` with
 `root/<split>/masks/*` of the same file names for segmentation.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from terrafm.data.sources import HUGE_FILL_MIN, S1_FILL_MAX, read_tiff_layout
+from terrafm.data.sources import HUGE_FILL_MIN, S1_FILL_MAX, external_mask, read_tiff_layout
 from terrafm.fileio import file_format
 from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, s1_to_db
 
@@ -633,9 +633,32 @@ def _decode(path: Path) -> tuple[np.ndarray, float | None, bool | None]:
     if np.iscomplexobj(arr):
         raise ValueError(f"{path}: complex values ({arr.dtype}); expected real band values")
     try:
-        return np.asarray(arr, dtype=np.float32), declared, samples_last
+        arr = np.asarray(arr, dtype=np.float32)
     except (ValueError, TypeError) as err:  # a structured .npy
         raise ValueError(f"{path}: not a readable image ({err})") from err
+    if path.suffix.lower() != ".npy":
+        arr = _sidecar_nodata(arr, path, samples_last)
+    return arr, declared, samples_last
+
+
+def _sidecar_nodata(arr: np.ndarray, path: Path, samples_last: bool | None) -> np.ndarray:
+    """arr (float32) with the pixels that the GeoTIFF's `.msk` sidecar (sources.external_mask: GDAL's external nodata
+    mask) marks as nodata set to NaN, like those outside an internal mask; a sidecar of another size is refused."""
+    try:
+        mask = external_mask(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}.msk: not a readable mask ({err})") from err
+    if mask is None:
+        return arr
+    size = arr.shape[:2] if samples_last else arr.shape[-2:]
+    if mask.shape != size:
+        raise ValueError(f"{path} is {size[0]}x{size[1]} px but its .msk sidecar {mask.shape[0]}x{mask.shape[1]}: "
+                         "not its mask")
+    if samples_last:
+        arr[mask] = np.nan
+    else:
+        arr[..., mask] = np.nan
+    return arr
 
 
 def _load_npy(path: Path) -> np.ndarray:

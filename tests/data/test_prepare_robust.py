@@ -805,3 +805,18 @@ def test_a_geotiff_internal_mask_is_nodata(sample_parquet, tmp_path, bits):
     np.testing.assert_array_equal(shards.tile(i, "s2_l2a")[3][:2], round(REFERENCE_STATS["s2_l2a"]["mean"][3]))
     np.testing.assert_array_equal(shards.tile(i, "s1")[0][:3], np.float16(REFERENCE_STATS["s1"]["mean"][0]))
     assert shards.class_counts[i].sum() == TILE * TILE - TILE  # the map's first row is nodata, not a class
+
+
+def test_a_geotiff_msk_sidecar_is_nodata_and_one_of_another_size_is_named(sample_parquet, tmp_path):
+    """GDAL before 3.9 writes a band's nodata mask beside it (B04.tif.msk: a TIFF, 0 at nodata), not inside it: its
+    pixels went into the shards and their statistics as data."""
+    folder = tmp_path / "tifs"
+    products = product_folders(sample_parquet, in_grid_cells(folder))
+    valid = np.ones((2 * TILE, 2 * TILE), np.uint8) * 255
+    valid[:2] = 0
+    tifffile.imwrite(products[0] / "B04.tif.msk", valid, compression="deflate", metadata=None)
+    summary = convert([folder], tmp_path / "out", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    assert summary["modalities"]["s2_l2a"]["nodata_pixels"] == [0, 0, 0, 2 * 2 * TILE] + [0] * 8
+    tifffile.imwrite(products[0] / "B04.tif.msk", valid[:TILE, :TILE], metadata=None)
+    with pytest.raises(BadInput, match=r"band B04 is 120x120 px but its \.msk sidecar 60x60: not this band's mask"):
+        convert([folder], tmp_path / "out2", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))

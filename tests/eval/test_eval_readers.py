@@ -369,6 +369,32 @@ def test_pixels_outside_a_geotiff_internal_mask_are_nodata(tmp_path, planar):
     assert (mask[:2] == 255).all() and (mask[2:] == 3).all()
 
 
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+def test_pixels_outside_a_geotiff_msk_sidecar_are_nodata(tmp_path, planar):
+    """GDAL before 3.9 writes the nodata mask beside the image (x.tif.msk, 0 at nodata), not in it: the folder reader
+    skipped the sidecar and read the masked pixels as data."""
+    import tifffile
+
+    from terrafm.eval.data import _read_image, _read_mask
+
+    x = (np.arange(13 * 8 * 8).reshape(13, 8, 8) % 97 + 100).astype(np.uint16)
+    valid = np.full((8, 8), 255, np.uint8)
+    valid[:2] = 0
+    path = tmp_path / "tile.tif"
+    tifffile.imwrite(path, x.transpose(1, 2, 0) if planar == "contig" else x, photometric="minisblack",
+                     planarconfig=planar, metadata=None)
+    tifffile.imwrite(tmp_path / "tile.tif.msk", valid, compression="deflate", metadata=None)
+    image = _read_image(path)
+    assert image.shape == (13, 8, 8) and np.isnan(image[:, :2]).all()
+    np.testing.assert_array_equal(image[:, 2:], x[:, 2:].astype(np.float32))
+    tifffile.imwrite(path, np.full((8, 8), 3, np.uint8), metadata=None)  # a class map
+    mask = _read_mask(path, (8, 8), "train")
+    assert (mask[:2] == 255).all() and (mask[2:] == 3).all()
+    tifffile.imwrite(tmp_path / "tile.tif.msk", valid[:4], metadata=None)
+    with pytest.raises(ValueError, match=r"tile\.tif is 8x8 px but its \.msk sidecar 4x8: not its mask"):
+        _read_image(path)
+
+
 def test_a_sensor_the_checkpoint_never_trained_on_is_warned_about_and_named():
     """An export of an S1-only run evaluated on S2: its S2 patch embedding is untrained (a random projection)."""
     from terrafm.eval.data import EvalSplit, input_statistics
