@@ -78,8 +78,9 @@ def _read_product(p: Product, parquet: sources.ParquetRows, opts: dict) -> tuple
         arrays = {b: sources.decode_band(v, b, p) for b, v in raw.items()}
     else:
         arrays = {}
+        by_name = {name.lower(): f for name, f in p.band_files.items()}  # B8a.tif too; discover refuses twins
         for b in sources.expected_bands(p.modality):
-            path = p.band_files.get(b) or p.band_files.get(b.lower())
+            path = by_name.get(b.lower())
             if path is None:
                 held = ", ".join(f"{name}.tif" for name in sorted(p.band_files)) or "no .tif at all"
                 raise BadInput(f"{p.where}: missing band {b} (no {b}.tif in the product folder; it holds {held})")

@@ -423,6 +423,24 @@ def test_thumbnails_and_hidden_folders_beside_geotiff_products_are_ignored(sampl
         convert([folder], tmp_path / "out2", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
 
 
+def test_band_file_names_in_any_case_are_read(sample_parquet, tmp_path):
+    """B8a.tif or b04.TIF: the band lookup tried the exact and the lower-case name only, so mixed case was a
+    missing band (twins in two cases are refused by name, below)."""
+    folders = {}
+    for name, case in (("upper", str), ("mixed", lambda b: b[:-1] + b[-1].lower() if b[-1].isalpha() else b.lower())):
+        folder = tmp_path / name
+        for product in product_folders(sample_parquet, in_grid_cells(folder)):
+            for f in product.glob("*.tif"):
+                f.rename(f.with_name(case(f.stem) + ".tif"))
+        assert name == "upper" or (product / "B8a.tif").exists()
+        folders[name] = convert([folder], tmp_path / f"out_{name}", tile_size=TILE, workers=0, progress=False,
+                                modalities=("s2_l2a",))
+    assert folders["mixed"]["num_records"] == folders["upper"]["num_records"] == 12
+    a, b = ShardSet(tmp_path / "out_upper"), ShardSet(tmp_path / "out_mixed")
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.tile(i, "s2_l2a"), b.tile(i, "s2_l2a"))
+
+
 @pytest.mark.parametrize("twin", ["B04.tiff", "b04.tif"])
 def test_two_files_for_one_band_in_a_product_folder_are_named(sample_parquet, tmp_path, twin):
     """B04.tif beside B04.tiff or b04.tif: one of them was read, which one depended on the listing order (the
