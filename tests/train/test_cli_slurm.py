@@ -90,7 +90,8 @@ def test_a_config_file_gives_the_run_folder_its_name(tmp_path, script):
 
 BAD_SETTINGS = [(script, name, value) for script in SCRIPTS for name, value in (
     ("GPUS_PER_NODE", "8x"), ("GPUS_PER_NODE", "0"), ("GPUS_PER_NODE", "99999999999999999999"),
-    ("SLURM_GPUS_ON_NODE", "gpu:8"), ("SHUTDOWN_TIMEOUT", "-5"), ("SHUTDOWN_TIMEOUT", "1.5"))] + [
+    ("SLURM_GPUS_ON_NODE", "gpu:8"), ("SHUTDOWN_TIMEOUT", "-5"), ("SHUTDOWN_TIMEOUT", "1.5"),
+    ("THREADS_PER_RANK", "0"), ("THREADS_PER_RANK", "4 "), ("SLURM_CPUS_PER_TASK", "64(x2)"))] + [
     ("pretrain_multinode.sbatch", name, value)  # the one-node script runs torchrun --standalone: no port
     for name, value in (("MASTER_PORT", "70000"), ("MASTER_PORT", "x"), ("SLURM_JOB_NUM_NODES", "two"))]
 
@@ -120,6 +121,18 @@ def test_good_settings_with_leading_zeros_are_decimal(tmp_path, script):
     assert "8 ranks" in proc.stdout
     if script == "pretrain_multinode.sbatch":
         assert "--rdzv_endpoint=127.0.0.1:29501 " in args
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ranks_get_the_allocations_cores_as_threads(tmp_path, script):
+    """OMP_NUM_THREADS was 8 whatever --cpus-per-task gave: a node of 128 cores ran its 8 ranks on 64 threads."""
+    srun = '#!/bin/bash\necho "$OMP_NUM_THREADS" > "$SRUN_ARGS"\n'
+    for env, threads in (({"SLURM_CPUS_PER_TASK": "128"}, "16"), ({"SLURM_CPUS_PER_TASK": "4"}, "1"),
+                         ({}, "8"), ({"SLURM_CPUS_PER_TASK": "128", "THREADS_PER_RANK": "3"}, "3")):
+        proc = run_script(tmp_path, script, srun, RUN_DIR=str(tmp_path / "run"), GPUS_PER_NODE="8", **env)
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "srun.args").read_text() == f"{threads}\n", env
+        assert f"; {threads} CPU threads per rank" in proc.stdout
 
 
 @pytest.mark.parametrize(("script", "needed"), [
