@@ -45,10 +45,20 @@ def _stamp(path: str, stamps: dict) -> list | None:
 
 
 def _mask_stamps(p: Product, stamps: dict) -> list:
-    """[(band.msk, stamp)] of a folder product's .msk sidecars: one added, edited or removed redoes its shard. Empty
-    without sidecars, so the fingerprints of conversions without them stay as they were."""
-    found = [(f"{b}.msk", f"{f}.msk") for b, f in p.band_files.items() if Path(f"{f}.msk").is_file()]
-    return [(b, _stamp(f, stamps)) for b, f in sorted(found)]
+    """[(band.msk, stamp)] of a folder product's .msk sidecars and [(band.aux.xml, nodata)] of the GDAL PAM ones that
+    declare a nodata value (or do not read): a mask added, edited or removed, or a declared value changed, redoes its
+    shard. A PAM sidecar is hashed by the value it declares, not its stamp: QGIS and `gdalinfo -stats` write
+    statistics-only ones beside the data, which change no pixel. Empty without such sidecars, so the fingerprints of
+    conversions without them stay as they were."""
+    found = [(f"{b}.msk", _stamp(f"{f}.msk", stamps)) for b, f in p.band_files.items() if Path(f"{f}.msk").is_file()]
+    for b, f in p.band_files.items():
+        try:
+            declared = sorted(sources.pam_nodata(f).items())
+        except (OSError, ValueError) as err:
+            declared = f"does not read: {err}"  # redone, and named as bad input there
+        if declared:
+            found.append((f"{b}.aux.xml", declared))
+    return sorted(found)
 
 
 def _job_fingerprint(job: list[list[Product]], opts: dict, stamps: dict) -> str:
@@ -92,7 +102,11 @@ def _read_product(p: Product, parquet: sources.ParquetRows, opts: dict) -> tuple
                 sidecar = sources.external_mask(path)
             except (OSError, ValueError) as err:
                 raise BadInput(f"{p.where}: band {b}: its mask {path}.msk does not read ({err})") from err
-            arrays[b] = sources.decode_band(data, b, p, sidecar)
+            try:
+                pam = sources.pam_nodata(path)
+            except (OSError, ValueError) as err:
+                raise BadInput(f"{p.where}: band {b}: its GDAL sidecar {path}.aux.xml does not read ({err})") from err
+            arrays[b] = sources.decode_band(data, b, p, sidecar, pam)
     data, _ = sources.to_10m(p, arrays)
     if p.modality == WORLDCOVER:
         sources.worldcover_counts(data[0], p)  # codes outside the legend name this product, before any tile is written

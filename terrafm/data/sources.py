@@ -8,8 +8,9 @@ by pixel replication. A parquet file with the metadata columns but no band colum
 metadata.parquet) is metadata, not data, wherever it sits.
 
 Nodata: S2 pixels at 0, S1 pixels that are NaN/inf or at a fill value <= S1_FILL_MAX (-32768, -9999) or
->= HUGE_FILL_MIN (float32's max), and pixels at a GeoTIFF's own GDAL_NODATA value or outside its internal mask or
-`.msk` sidecar are masked per band: they carry the modality's reference mean (modalities.REFERENCE_STATS, in the
+>= HUGE_FILL_MIN (float32's max), and pixels at a GeoTIFF's own nodata value (its GDAL_NODATA tag, or the NoDataValue of
+its GDAL PAM sidecar `B04.tif.aux.xml`, which wins as in GDAL) or outside its internal mask or `.msk` sidecar are
+masked per band: they carry the modality's reference mean (modalities.REFERENCE_STATS, in the
 stored scaling), so they normalise to about 0, and they are left out of the normalisation statistics.
 """
 
@@ -18,10 +19,13 @@ import logging
 import math
 import os
 import re
+import struct
+import xml.etree.ElementTree as ET
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.parsers import expat
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +45,7 @@ NOT_IN_CELL = ("product folder is not inside a grid cell folder such as 433U_120
 MODEL_PIXEL_SCALE = 33550  # GeoTIFF ModelPixelScaleTag: (x, y, z) size of a pixel in the CRS's units
 GDAL_NODATA = 42113  # TIFF tag (ASCII) of GDAL's per-file nodata value
 MASK_SUBFILETYPE = 4  # NewSubfileType of a mask page (GDAL's internal nodata mask)
+PAM_MAX_BYTES = 1 << 20  # a GDAL .aux.xml sidecar holds metadata and statistics: kilobytes; a larger one is refused
 S1_FILL_MAX = -9999.0  # S1 values at or below this are fill (Major-TOM / RTC products use -32768 or -9999)
 HUGE_FILL_MIN = 1e20  # float values at or above this are fill (float32's max, netCDF's default 9.97e36): no
 #                       reflectance or backscatter comes near it
@@ -340,10 +345,12 @@ class ParquetRows:
         return out
 
 
-def decode_band(data: bytes, band: str, product: Product, sidecar: np.ndarray | None = None) -> np.ndarray:
-    """One band's 2-D array; pixels at the GeoTIFF's own nodata value (GDAL_NODATA tag), outside its internal mask or
-    outside its external one (sidecar: external_mask) are set to the modality's nodata (S2 and WorldCover 0, S1 NaN), so
-    a file that declares another fill is masked like Major-TOM's."""
+def decode_band(data: bytes, band: str, product: Product, sidecar: np.ndarray | None = None,
+                pam: dict[int, float | None] | None = None) -> np.ndarray:
+    """One band's 2-D array; pixels at the GeoTIFF's own nodata value (GDAL_NODATA tag, or band 1's NoDataValue in
+    its PAM sidecar, pam: pam_nodata, which wins as in GDAL: effective_nodata), outside its internal mask or outside
+    its external one (sidecar: external_mask) are set to the modality's nodata (S2 and WorldCover 0, S1 NaN), so a
+    file that declares another fill is masked like Major-TOM's."""
     if not isinstance(data, bytes):
         raise BadInput(f"{product.where}: band {band} holds {type(data).__name__}, expected GeoTIFF bytes (a binary "
                        "column as Major-TOM writes)")
@@ -374,7 +381,7 @@ def decode_band(data: bytes, band: str, product: Product, sidecar: np.ndarray | 
             raise BadInput(f"{product.where}: band {band} is {array.shape[0]}x{array.shape[1]} px but its .msk sidecar "
                            f"{sidecar.shape[0]}x{sidecar.shape[1]}: not this band's mask")
         mask = sidecar if mask is None else mask | sidecar
-    array = _apply_nodata_tag(array, nodata, product.modality)
+    array = _apply_nodata_tag(array, effective_nodata(nodata, pam or {}), product.modality)
     return array if mask is None else _set_nodata(array, mask, product.modality)
 
 
@@ -386,6 +393,90 @@ def external_mask(path: str | Path) -> np.ndarray | None:
     if not sidecar.is_file():
         return None
     return _read_tiff(sidecar, lambda tif: tif.pages.first.asarray() == 0)
+
+
+def pam_nodata(path: str | Path) -> dict[int, float | None]:
+    """{band number: nodata value} that the PAM sidecar of a GeoTIFF (`B04.tif.aux.xml`, where GDAL records a band's
+    nodata it cannot write into the file: SetNoDataValue on a read-only file) declares: the <NoDataValue> of each
+    <PAMRasterBand band="n"> of its <PAMDataset>, names matched without regard to case, as GDAL's XML reader does.
+    A value reads as nodata_number reads the GDAL_NODATA tag's (None for NaN / inf); GDAL's le_hex_equiv attribute
+    (the exact double, little-endian hex) wins over the text, as in GDAL (GDALPamRasterBand::XMLInit). Empty without
+    a sidecar and for one without a NoDataValue (most hold statistics or metadata only). A ValueError that says what
+    is wrong for a sidecar larger than PAM_MAX_BYTES, not XML, holding a DOCTYPE (refused, not expanded: GDAL writes
+    none, so a damaged or hostile file), of another root, or with a NoDataValue that names no number; an OSError
+    when it does not read."""
+    sidecar = Path(f"{os.fsdecode(path)}.aux.xml")
+    if not sidecar.is_file():
+        return {}
+    with open(sidecar, "rb") as f:
+        data = f.read(PAM_MAX_BYTES + 1)
+    if len(data) > PAM_MAX_BYTES:
+        raise ValueError(f"it is larger than {PAM_MAX_BYTES >> 20} MiB, where GDAL's sidecars hold kilobytes of "
+                         "metadata")
+    root = _parse_xml(data)
+    if root.tag.lower() != "pamdataset":
+        raise ValueError(f"its root element is <{root.tag}>, not GDAL's <PAMDataset>")
+    found = {}
+    for element in root:
+        if element.tag.lower() != "pamrasterband":
+            continue
+        try:
+            band = int(_attribute(element, "band") or "0")
+        except ValueError:
+            continue  # GDAL skips a band it cannot number
+        value = next((child for child in element if child.tag.lower() == "nodatavalue"), None)
+        if value is not None:
+            found[band] = _pam_value(value, band)
+    return found
+
+
+def _pam_value(element: ET.Element, band: int) -> float | None:
+    """The nodata value of a PAM <NoDataValue> element (pam_nodata)."""
+    hex_double = _attribute(element, "le_hex_equiv")
+    try:
+        raw = bytes.fromhex(hex_double or "")
+    except ValueError:
+        raw = b""  # GDAL falls back to the text when the hex is not 8 bytes
+    if len(raw) == 8:
+        value = struct.unpack("<d", raw)[0]
+        return value if np.isfinite(value) else None
+    try:
+        return nodata_number(element.text or "")
+    except ValueError:
+        raise ValueError(f"band {band}'s NoDataValue {(element.text or '')[:40]!r} names no number") from None
+
+
+def _attribute(element: ET.Element, name: str) -> str | None:
+    return next((value for key, value in element.attrib.items() if key.lower() == name), None)
+
+
+def _parse_xml(data: bytes) -> ET.Element:
+    """The root element of an XML document, parsed by expat with no DTD: a DOCTYPE (and with it any entity
+    declaration) is refused before anything in it is read, so no entity is ever expanded. A ValueError when the bytes
+    are not XML."""
+    def refuse(*_):
+        raise ValueError("it holds a DOCTYPE (a DTD, which can declare entities); GDAL writes none: a damaged or "
+                         "hostile file")
+
+    builder = ET.TreeBuilder()
+    parser = expat.ParserCreate()
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.StartElementHandler = builder.start
+    parser.EndElementHandler = builder.end
+    parser.CharacterDataHandler = builder.data
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as err:
+        raise ValueError(f"not XML ({err})") from err
+    return builder.close()
+
+
+def effective_nodata(tag: float | None, pam: dict[int, float | None], band: int = 1) -> float | None:
+    """A band's nodata value as GDAL reads it: the NoDataValue of its PAM sidecar (pam_nodata) where that has one for
+    the band, even NaN (GDAL's GeoTIFF driver asks PAM first: GTiffRasterBand::GetNoDataValue), else the file's
+    GDAL_NODATA tag (tiff_nodata)."""
+    return pam[band] if band in pam else tag
 
 
 def other_format(data: bytes) -> str | None:
@@ -481,9 +572,15 @@ def tiff_nodata(tif: tifffile.TiffFile) -> float | None:
     if tag is None:
         return None
     try:
-        value = float(str(tag.value).strip("\x00 "))
+        return nodata_number(str(tag.value))
     except ValueError:
         return None
+
+
+def nodata_number(text: str) -> float | None:
+    """The nodata value a GDAL_NODATA tag or a PAM sidecar's NoDataValue names ("-9999", "0\\x00", "1e+20"); None for
+    NaN / inf (those pixels are nodata anyway); a ValueError for text that names no number."""
+    value = float(text.strip("\x00 "))
     return value if np.isfinite(value) else None
 
 

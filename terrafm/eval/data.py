@@ -10,8 +10,9 @@ and the label either as a dataset named "label*" (HxW mask; GEO-Bench segmentati
 "label", or inside GEO-Bench's pickled attribute dict `attrs["pickle"]` (classification), which is
 read with a restricted unpickler (no geobench install needed, no arbitrary code).
 Images keep their size here; features.extract resizes them (--img-size) before the patch-multiple check.
-Nodata: NaN / inf values, values <= -9999 (the fill of S1 RTC products), a GeoTIFF's own GDAL_NODATA value, pixels
-outside its internal mask or `.msk` sidecar and, in S2 images, pixels that are 0 in every band (ESA's NO_DATA value:
+Nodata: NaN / inf values, values <= -9999 (the fill of S1 RTC products), a GeoTIFF's own GDAL_NODATA value (or a
+band's NoDataValue in its GDAL PAM sidecar `x.tif.aux.xml`, which wins as in GDAL), pixels outside its internal mask
+or `.msk` sidecar and, in S2 images, pixels that are 0 in every band (ESA's NO_DATA value:
 outside the swath, a detector gap) are read as NaN; the statistics skip them and `normalize` (per batch, in
 features.extract) fills them with 0, the band's mean, as `terrafm prepare` does for training tiles. A 0 in some bands
 only is kept: a dark pixel clipped at 0 in one band is still a pixel. An image with no valid pixel is refused by name.
@@ -34,7 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from terrafm.data.sources import HUGE_FILL_MIN, S1_FILL_MAX, external_mask, read_tiff_layout
+from terrafm.data.sources import (
+    HUGE_FILL_MIN,
+    S1_FILL_MAX,
+    effective_nodata,
+    external_mask,
+    pam_nodata,
+    read_tiff_layout,
+)
 from terrafm.fileio import file_format
 from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, s1_to_db
 
@@ -617,9 +625,10 @@ def class_ids(label, path: Path, split: str) -> np.ndarray:
 
 
 # -- folders --------------------------------------------------------------------------------------
-def _decode(path: Path) -> tuple[np.ndarray, float | None, bool | None]:
-    """The float32 array of a .npy or GeoTIFF, the GeoTIFF's declared nodata value, and whether the bands are the
-    last axis: a GeoTIFF of several samples per pixel says so; a .npy or a stack of pages does not (None)."""
+def _decode(path: Path) -> tuple[np.ndarray, float | np.ndarray | None, bool | None]:
+    """The float32 array of a .npy or GeoTIFF, the GeoTIFF's declared nodata value (_pam_declared: per band where its
+    bands declare different ones), and whether the bands are the last axis: a GeoTIFF of several samples per pixel
+    says so; a .npy or a stack of pages does not (None)."""
     import tifffile
 
     declared, samples_last = None, None
@@ -638,6 +647,7 @@ def _decode(path: Path) -> tuple[np.ndarray, float | None, bool | None]:
         raise ValueError(f"{path}: not a readable image ({err})") from err
     if path.suffix.lower() != ".npy":
         arr = _sidecar_nodata(arr, path, samples_last)
+        declared = _pam_declared(path, declared, arr, samples_last)
     return arr, declared, samples_last
 
 
@@ -661,6 +671,26 @@ def _sidecar_nodata(arr: np.ndarray, path: Path, samples_last: bool | None) -> n
     return arr
 
 
+def _pam_declared(path: Path, tag: float | None, arr: np.ndarray, samples_last: bool | None
+                  ) -> float | np.ndarray | None:
+    """The nodata value a GeoTIFF declares once its GDAL PAM sidecar (x.tif.aux.xml: sources.pam_nodata) is read: a
+    band's NoDataValue there wins over the file's GDAL_NODATA tag (tag), as in GDAL (sources.effective_nodata). One
+    value (or None) when every band has the same; else a (C,) float32 array in band order, NaN for a band without
+    one (_load puts it on the band axis). A stack of single-sample pages (samples_last None) takes band 1's, as GDAL
+    reads its first page as the dataset. A sidecar that does not read is refused by name."""
+    try:
+        pam = pam_nodata(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}.aux.xml: not a readable GDAL sidecar ({err})") from err
+    if not pam:
+        return tag
+    count = 1 if arr.ndim < 3 or samples_last is None else arr.shape[-1 if samples_last else 0]
+    values = [effective_nodata(tag, pam, band) for band in range(1, count + 1)]
+    if len(set(values)) == 1:
+        return values[0]
+    return np.array([np.nan if v is None else v for v in values], np.float32)
+
+
 def _load_npy(path: Path) -> np.ndarray:
     """A .npy file's array, memory-mapped and then copied: a damaged header that declares a huge shape fails on the
     file's size instead of allocating it (a MemoryError). Whatever numpy's header parser raises on damaged bytes
@@ -673,11 +703,11 @@ def _load_npy(path: Path) -> np.ndarray:
         raise ValueError(f"malformed .npy header ({type(err).__name__}: {err})") from err
 
 
-def _load(path: Path) -> tuple[np.ndarray, float | None]:
-    """(C, H, W) float32 from a .npy or GeoTIFF and the GeoTIFF's declared nodata value; channel-last arrays
-    (H, W, C) are transposed: a GeoTIFF with several samples per pixel says which axis they are (EuroSAT-MS stores
-    13 interleaved samples, so a 13 px tile is still (13, 13, 13) = (H, W, C)); otherwise the shape decides
-    (bands are 2, 12 or 13)."""
+def _load(path: Path) -> tuple[np.ndarray, float | np.ndarray | None]:
+    """(C, H, W) float32 from a .npy or GeoTIFF and the GeoTIFF's declared nodata value (per band: (C, 1, 1));
+    channel-last arrays (H, W, C) are transposed: a GeoTIFF with several samples per pixel says which axis they are
+    (EuroSAT-MS stores 13 interleaved samples, so a 13 px tile is still (13, 13, 13) = (H, W, C)); otherwise the
+    shape decides (bands are 2, 12 or 13)."""
     arr, declared, samples_last = _decode(path)
     if arr.ndim == 2:
         arr = arr[None]
@@ -687,6 +717,8 @@ def _load(path: Path) -> tuple[np.ndarray, float | None]:
         samples_last = arr.shape[-1] in (2, 12, 13) and arr.shape[0] not in (2, 12, 13)
     if samples_last:
         arr = arr.transpose(2, 0, 1)
+    if isinstance(declared, np.ndarray):
+        declared = declared[:, None, None]  # per band (samples_last was known): on the band axis
     return arr, declared
 
 

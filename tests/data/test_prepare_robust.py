@@ -4,11 +4,13 @@ null grid cells, inputs or --out that are wrong, a stop mid-way (bad input, Ctrl
 Every case: one message, exit 2 (130 for Ctrl-C), no traceback, no temporary file left, finished shards kept."""
 
 import argparse
+import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -838,3 +840,123 @@ def test_a_geotiff_msk_sidecar_is_nodata_and_one_of_another_size_is_named(sample
     tifffile.imwrite(products[0] / "B04.tif.msk", valid[:TILE, :TILE], metadata=None)
     with pytest.raises(BadInput, match=r"band B04 is 120x120 px but its \.msk sidecar 60x60: not this band's mask"):
         convert([folder], tmp_path / "out2", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+
+
+def _pam(*nodata: str | None, stats: bool = True, hex_equiv: str | None = None) -> str:
+    """A GDAL PAM sidecar (B04.tif.aux.xml) as GDAL writes one: dataset metadata, then per band (band="1", ...) its
+    NoDataValue where given (None: none), a histogram and statistics."""
+    bands = []
+    for i, value in enumerate(nodata, 1):
+        attr = f' le_hex_equiv="{hex_equiv}"' if hex_equiv and i == 1 else ""
+        nd = f"    <NoDataValue{attr}>{value}</NoDataValue>\n" if value is not None else ""
+        extra = ("    <Histograms><HistItem><HistMin>-0.5</HistMin><HistMax>255.5</HistMax><BucketCount>2</BucketCount>"
+                 "<HistCounts>3|4</HistCounts></HistItem></Histograms>\n"
+                 '    <Metadata><MDI key="STATISTICS_MEAN">1200</MDI></Metadata>\n') if stats else ""
+        bands.append(f'  <PAMRasterBand band="{i}">\n{nd}{extra}  </PAMRasterBand>\n')
+    return ('<PAMDataset>\n  <Metadata><MDI key="AREA_OR_POINT">Area</MDI></Metadata>\n' + "".join(bands)
+            + "</PAMDataset>\n")
+
+
+def test_a_nodata_value_declared_only_in_a_gdal_pam_sidecar_is_masked_and_a_statistics_one_changes_nothing(
+        sample_parquet, tmp_path):
+    """GDAL records a band's nodata in B04.tif.aux.xml when it cannot write the file (SetNoDataValue on a read-only
+    one): prepare read the sidecar's fill as data, into the shards and their statistics."""
+    folder = tmp_path / "tifs"
+    products = product_folders(sample_parquet, in_grid_cells(folder))
+    band = tifffile.imread(products[0] / "B04.tif")
+    band[:2] = 65535
+    tifffile.imwrite(products[0] / "B04.tif", band, metadata=None)
+    (products[0] / "B04.tif.aux.xml").write_text(_pam(None, stats=True))  # statistics only: no nodata
+    summary = convert([folder], tmp_path / "out0", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    assert summary["modalities"]["s2_l2a"]["nodata_pixels"] == [0] * 12
+    (products[0] / "B04.tif.aux.xml").write_text(_pam("6.55350000000000E+04", "7"))  # band 2's is not this band's
+    summary = convert([folder], tmp_path / "out", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    assert summary["modalities"]["s2_l2a"]["nodata_pixels"] == [0, 0, 0, 2 * 2 * TILE] + [0] * 8
+    shards = ShardSet(tmp_path / "out")
+    i = list(shards.keys).index(f"{products[0].parent.name}/0_0")
+    np.testing.assert_array_equal(shards.tile(i, "s2_l2a")[3][:2], round(REFERENCE_STATS["s2_l2a"]["mean"][3]))
+
+
+def _decode_with_pam(tmp_path: Path, array: np.ndarray, sidecar: str, tag: str | None = None,
+                     modality: str = "s2_l2a") -> np.ndarray:
+    path = tmp_path / "B04.tif"
+    path.write_bytes(_tif(array) if tag is None else _tif_with_nodata(array, tag))
+    path.with_name("B04.tif.aux.xml").write_text(sidecar)
+    product = sources.Product(modality, "1U_1R", "S2A_MSIL2A_x" if modality != "s1" else "S1A_IW_x", str(tmp_path))
+    return sources.decode_band(path.read_bytes(), "B04", product, pam=sources.pam_nodata(path))
+
+
+def test_a_pam_nodata_value_wins_over_the_tag_and_reads_like_it(tmp_path):
+    """GDAL's GeoTIFF driver asks PAM first (GTiffRasterBand::GetNoDataValue): the sidecar's value replaces the tag's,
+    NaN too, and is then compared in the band's dtype like the tag's (a value the dtype cannot hold marks none)."""
+    a = np.arange(1, 17, dtype=np.uint16).reshape(4, 4)
+    a[0] = 65535
+    out = _decode_with_pam(tmp_path, a, _pam("5"), tag="65535")
+    assert (out[0] == 65535).all() and out[1, 0] == 0 and (out[1, 1:] == a[1, 1:]).all()
+    for value in ("nan", "-inf", "1e+20", "-9999", "5.5"):  # in a uint16 band, none marks a pixel; the tag's gave way
+        np.testing.assert_array_equal(_decode_with_pam(tmp_path, a, _pam(value), tag="65535"), a)
+    np.testing.assert_array_equal(_decode_with_pam(tmp_path, a, _pam(None), tag="65535")[0], 0)  # none: the tag's
+    s1 = np.full((4, 4), 0.5, np.float32)
+    s1[:1] = 0.1
+    out = _decode_with_pam(tmp_path, s1, _pam("1.00000000000000E-01"), modality="s1")
+    assert np.isnan(out[0]).all() and (out[1:] == 0.5).all()
+    exact = struct.pack("<d", 0.5).hex()  # GDAL's le_hex_equiv, the exact double, wins over the text
+    out = _decode_with_pam(tmp_path, s1, _pam("0", hex_equiv=exact), modality="s1")
+    assert np.isnan(out[1:]).all() and (out[0] == np.float32(0.1)).all()
+
+
+@pytest.mark.parametrize("text, what", [
+    ("GDAL was here", r"not XML \(syntax error"),
+    ('<?xml version="1.0"?>\n<!DOCTYPE PAMDataset [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;">]>\n'
+     "<PAMDataset><PAMRasterBand band=\"1\"><NoDataValue>&b;</NoDataValue></PAMRasterBand></PAMDataset>",
+     r"it holds a DOCTYPE"),
+    ("<VRTDataset/>", r"its root element is <VRTDataset>, not GDAL's <PAMDataset>"),
+    (_pam("minus one"), r"band 1's NoDataValue 'minus one' names no number"),
+    ("<PAMDataset>" + " " * (1 << 20) + "</PAMDataset>", r"it is larger than 1 MiB"),
+])
+def test_a_damaged_pam_sidecar_is_bad_input_naming_it(sample_parquet, tmp_path, text, what):
+    folder = tmp_path / "tifs"
+    products = product_folders(sample_parquet, in_grid_cells(folder))
+    (products[0] / "B04.tif.aux.xml").write_text(text)
+    summary = convert([folder], tmp_path / "out", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",),
+                      skip_bad=True)
+    assert [s["record"] for s in summary["skipped"]] == [products[0].name]
+    assert re.search(rf"band B04: its GDAL sidecar {re.escape(str(products[0]))}/B04\.tif\.aux\.xml does not read "
+                     rf"\({what}", summary["skipped"][0]["reason"]), summary["skipped"][0]["reason"]
+
+
+def test_a_pam_nodata_added_or_edited_redoes_its_shard_and_statistics_keep_the_fingerprint(sample_parquet, tmp_path):
+    folder = tmp_path / "tifs"
+    products = product_folders(sample_parquet, in_grid_cells(folder))
+    (products[1] / "B03.tif.msk").write_bytes(_tif(np.full((2 * TILE, 2 * TILE), 255, np.uint8)))
+
+    def run() -> dict:
+        return convert([folder], tmp_path / "out", tile_size=TILE, workers=0, progress=False,
+                       modalities=("s2_l2a",))
+
+    found, _, _ = sources.discover([folder])
+    stamps = {}
+
+    def masks(p) -> list:  # the .msk sidecars, the only ones hashed before .aux.xml was read
+        return sorted((f"{b}.msk", f"{f}.msk") for b, f in p.band_files.items() if Path(f"{f}.msk").is_file())
+
+    before = [(p.modality, p.grid_cell, p.product_id, p.source, p.row,
+               sorted((b, prepare._stamp(f, stamps)) for b, f in p.band_files.items())
+               + [(b, prepare._stamp(f, stamps)) for b, f in masks(p)]) for p in found]
+    plan = [found[0].grid_cell]
+    digest = [hashlib.sha1(json.dumps([x, {}], sort_keys=True).encode()).hexdigest() for x in (plan, [before])]
+    assert prepare._job_fingerprint([found], {}, {}) == ":".join(digest)  # no .aux.xml: the fingerprint of before
+    assert run()["resumed_shards"] == 0 and run()["resumed_shards"] == 1
+    sidecar = products[0] / "B04.tif.aux.xml"
+    sidecar.write_text(_pam(None))
+    assert run()["resumed_shards"] == 1  # statistics only (QGIS, gdalinfo -stats write them): no pixel changes
+    sidecar.write_text(_pam("1"))
+    assert run()["redone_shards"] == 1  # a nodata value added
+    assert run()["resumed_shards"] == 1
+    sidecar.write_text(_pam("2"))
+    assert run()["redone_shards"] == 1  # edited
+    sidecar.write_text("<PAMDataset>")  # damaged after a conversion: redone, and named
+    with pytest.raises(BadInput, match=r"B04\.tif\.aux\.xml does not read \(not XML"):
+        run()
+    sidecar.unlink()
+    assert run()["redone_shards"] == 1  # removed

@@ -395,6 +395,74 @@ def test_pixels_outside_a_geotiff_msk_sidecar_are_nodata(tmp_path, planar):
         _read_image(path)
 
 
+def _pam(nodata: dict[int, str], stats: bool = True) -> str:
+    """A GDAL PAM sidecar (x.tif.aux.xml): dataset metadata, then per band its NoDataValue (nodata[band]) and
+    statistics."""
+    bands = "".join(
+        f'  <PAMRasterBand band="{band}">\n'
+        + (f"    <NoDataValue>{nodata[band]}</NoDataValue>\n" if band in nodata else "")
+        + ('    <Metadata><MDI key="STATISTICS_MEAN">120</MDI></Metadata>\n' if stats else "")
+        + "  </PAMRasterBand>\n" for band in range(1, 14) if band in nodata or stats)
+    return f'<PAMDataset>\n  <Metadata><MDI key="AREA_OR_POINT">Area</MDI></Metadata>\n{bands}</PAMDataset>\n'
+
+
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+def test_a_nodata_value_declared_in_a_gdal_pam_sidecar_is_nodata_per_band(tmp_path, planar):
+    """GDAL records a band's nodata in x.tif.aux.xml when it cannot write it into the file: the folder reader read
+    those pixels as data. The sidecar's value wins over the file's GDAL_NODATA tag, band by band, as in GDAL."""
+    import tifffile
+
+    from terrafm.data.sources import GDAL_NODATA
+    from terrafm.eval.data import _read_image, _read_mask
+
+    x = (np.arange(13 * 8 * 8).reshape(13, 8, 8) % 97 + 100).astype(np.uint16)
+    x[:, :2] = 7
+    path, sidecar = tmp_path / "tile.tif", tmp_path / "tile.tif.aux.xml"
+
+    def write(tag: str | None = None) -> None:
+        tifffile.imwrite(path, x.transpose(1, 2, 0) if planar == "contig" else x, photometric="minisblack",
+                         planarconfig=planar, metadata=None,
+                         extratags=[(GDAL_NODATA, "s", 0, tag, False)] if tag else None)
+
+    write()
+    sidecar.write_text(_pam({}))  # statistics only: nothing is nodata
+    np.testing.assert_array_equal(_read_image(path), x.astype(np.float32))
+    sidecar.write_text(_pam({b: "7" for b in range(1, 14)}))  # gdal_edit -a_nodata 7 on a read-only file
+    image = _read_image(path)
+    assert np.isnan(image[:, :2]).all() and not np.isnan(image[:, 2:]).any()
+    sidecar.write_text(_pam({3: "7.00000000000000E+00"}))  # band 3 only
+    image = _read_image(path)
+    assert np.isnan(image[2, :2]).all() and np.isnan(image).sum() == 16
+    write(tag="7")
+    sidecar.write_text(_pam({1: "nan", 2: "1e+20"}))  # bands 1 and 2 declare another value; the others keep the tag's
+    image = _read_image(path)
+    assert not np.isnan(image[:2]).any() and np.isnan(image[2:, :2]).all() and np.isnan(image).sum() == 11 * 16
+    tifffile.imwrite(path, np.where(np.arange(8)[:, None] < 2, 0, 3).astype(np.uint8).repeat(8, 1), metadata=None)
+    sidecar.write_text(_pam({1: "0"}))  # a class map whose 0 is nodata
+    mask = _read_mask(path, (8, 8), "train")
+    assert (mask[:2] == 255).all() and (mask[2:] == 3).all()
+
+
+@pytest.mark.parametrize("text, what", [
+    ("GDAL was here", r"not XML \(syntax error"),
+    ('<!DOCTYPE PAMDataset [<!ENTITY a "a">]><PAMDataset/>', r"it holds a DOCTYPE"),
+    ("<VRTDataset/>", r"its root element is <VRTDataset>, not GDAL's <PAMDataset>"),
+    (_pam({1: "minus one"}), r"band 1's NoDataValue 'minus one' names no number"),
+    ("<PAMDataset>" + " " * (1 << 20) + "</PAMDataset>", r"it is larger than 1 MiB"),
+])
+def test_a_damaged_gdal_pam_sidecar_is_named(tmp_path, text, what):
+    import tifffile
+
+    from terrafm.eval.data import _read_image
+
+    path = tmp_path / "tile.tif"
+    tifffile.imwrite(path, np.ones((8, 8, 13), np.uint16), photometric="minisblack", planarconfig="contig",
+                     metadata=None)
+    (tmp_path / "tile.tif.aux.xml").write_text(text)
+    with pytest.raises(ValueError, match=rf"tile\.tif\.aux\.xml: not a readable GDAL sidecar \({what}"):
+        _read_image(path)
+
+
 def test_a_sensor_the_checkpoint_never_trained_on_is_warned_about_and_named():
     """An export of an S1-only run evaluated on S2: its S2 patch embedding is untrained (a random projection)."""
     from terrafm.eval.data import EvalSplit, input_statistics
