@@ -525,8 +525,7 @@ def _validate(student_features, teacher_features, weight_v, weight_g, center, ce
     device = student_features.device
     check_tensor("teacher_features", teacher_features, 3, device)
     check_tensor("weight_v", weight_v, 2, device)
-    for name, x in (("student_features", student_features), ("weight_v", weight_v)):
-        check_interpreted_dot_dtype(name, x)
+    check_interpreted_dot_dtype("student_features", student_features)  # the dots' dtype: v and h are cast to it
     if teacher_weight_v is not None:
         check_tensor("teacher_weight_v", teacher_weight_v, 2, device)
     check_head_loss_shapes(student_features, teacher_features, weight_v, weight_g, center, center_high, high_weight,

@@ -26,7 +26,8 @@ def patch_embed(
 
     H and W must be multiples of p (an error otherwise, as in the Triton kernel; no silent crop).
     weight (E, C, p, p) is a Conv2d weight (so published checkpoints load unchanged), bias (E,),
-    modality_embed (E,) is added to every token, pos_embed (N, E) to the matching token.
+    modality_embed (E,) is added to every token, pos_embed (N, E) to the matching token. Parameters of another
+    dtype than x are used in x's dtype, as the kernel does (fp32 weights with fp16 images give fp16 tokens).
     tf32=True computes the GEMMs as nn.Conv2d does on a tensor-core GPU by default, and as the kernel does
     with fp32 inputs: every operand, the output's gradient included, rounded by round_tf32, products exact.
     """
@@ -36,16 +37,17 @@ def patch_embed(
     # path on CPU returned wrong values for 12 input channels on a Xeon (error 5.5 on outputs of size 5)
     B, C, H, W = x.shape
     patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
-    w = weight.reshape(weight.shape[0], -1)
+    w = weight.reshape(weight.shape[0], -1).to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
     if tf32:
         out = _Tf32Linear.apply(patches, w)
         out = out if bias is None else out + bias
     else:
         out = F.linear(patches, w, bias)
     if modality_embed is not None:
-        out = out + modality_embed.reshape(1, 1, -1)
+        out = out + modality_embed.to(x.dtype).reshape(1, 1, -1)
     if pos_embed is not None:
-        out = out + pos_embed.reshape(1, out.shape[1], out.shape[2])
+        out = out + pos_embed.to(x.dtype).reshape(1, out.shape[1], out.shape[2])
     return out
 
 
@@ -88,11 +90,12 @@ def cross_attention_fusion(
         z[t, q, h] = sum_m a[t, q, m] * values[t, m, h]
     then the Q query outputs are pooled: w[t] = softmax_q(<z[t, q], pool>), out[t] = sum_q w z[t, q].
     With M == 1 every query returns values[:, 0], so out == values[:, 0] (the published Case 1 path).
-    Returns (T, A).
+    Returns (T, A) in keys' dtype: values, queries and pool of another dtype are used in it, as the kernel's output.
     """
     T, M, A = keys.shape
     Q = queries.shape[0]
     d = A // num_heads
+    values, queries, pool = (t.to(keys.dtype) for t in (values, queries, pool))
     k = keys.reshape(T, M, num_heads, d)
     v = values.reshape(T, M, num_heads, d)
     q = queries.reshape(Q, num_heads, d)
@@ -155,12 +158,13 @@ def prototype_logits(features: torch.Tensor, weight_v: torch.Tensor, weight_g: t
     """DINO head's last layer: L2-normalise features (R, D), weight-normalised linear to K prototypes.
 
     weight_v (K, D); weight_g (K, 1) or None for the frozen unit norm DINO uses by default.
-    Returns (R, K) logits = normalize(features) @ (g * v / ||v||)^T.
+    Returns (R, K) logits = normalize(features) @ (g * v / ||v||)^T, the product in the features' dtype (fp32
+    prototypes with bf16 features, as the kernels take them, and as torch.autocast casts them).
     """
     w = weight_v / weight_v.norm(dim=1, keepdim=True)
     if weight_g is not None:
         w = w * weight_g
-    return F.normalize(features, dim=-1) @ w.t()
+    return F.normalize(features, dim=-1) @ w.t().to(features.dtype)
 
 
 def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:

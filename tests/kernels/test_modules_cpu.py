@@ -82,6 +82,25 @@ def test_bf16_under_the_interpreter_is_refused_for_the_dot_kernels():
 
 
 @pytest.mark.skipif(not _common.INTERPRET, reason="checks the Triton interpreter (tests/conftest.py sets it)")
+def test_bf16_prototypes_with_fp32_features_run_under_the_interpreter():
+    """The fused head's dots run in the features' dtype (the prototypes are cast to it first), but bf16 prototypes
+    with fp32 features were refused as 'weight_v is bfloat16 under TRITON_INTERPRET=1, whose tl.dot gets bf16 wrong'."""
+    from terrafm_kernels import reference
+    from terrafm_kernels.modules import DINOHeadLoss
+
+    torch.manual_seed(0)
+    head = DINOHeadLoss(16, 40, train_weight_g=True).bfloat16()
+    student, teacher, high = torch.randn(3, 2, 16, requires_grad=True), torch.randn(2, 2, 16), torch.rand(4)
+    loss = head(student, teacher, high, 0.04)[0]
+    loss.backward()
+    c = head.centering
+    want = reference.dino_head_loss(student.detach(), teacher, head.weight_v.float(), c.center, c.center_high, high,
+                                    0.04, head.student_temperature, c.alpha, head.weight_g.float())[0]
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    assert head.weight_v.grad.dtype == torch.bfloat16 and student.grad.isfinite().all()
+
+
+@pytest.mark.skipif(not _common.INTERPRET, reason="checks the Triton interpreter (tests/conftest.py sets it)")
 def test_bf16_from_cpu_autocast_under_the_interpreter_is_refused():
     """torch.autocast("cpu") casts to bf16 by default, after the input checks had passed the fp32 images: the
     interpreted patch embedding then returned errors of ~6e10 instead of refusing, and accelerate_vit's
@@ -198,3 +217,33 @@ def test_the_folder_lifted_into_another_project_imports_nothing_of_terrafm(tmp_p
     proc = subprocess.run([sys.executable, "-c", LIFTED_SCRIPT], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_modules_with_fp32_parameters_take_fp16_inputs_on_the_reference_path_as_the_kernels_do(monkeypatch, device):
+    """The kernels compute fp16 inputs against fp32 parameters (the parameters in the inputs' dtype: mixed precision
+    without FSDP, a module left in fp32 fed half tiles). PatchEmbed, CrossAttentionFusion and DINOHeadLoss on the
+    reference path (a CPU without the interpreter, terrafm's torch backend) failed deep in torch instead: 'mat1 and
+    mat2 must have the same dtype, but got Half and Float'."""
+    import copy
+
+    from terrafm_kernels.modules import CrossAttentionFusion, DINOHeadLoss, PatchEmbed
+
+    def build():
+        torch.manual_seed(0)
+        return [PatchEmbed(16, 8, 3, 12), CrossAttentionFusion(16, 3, 4), DINOHeadLoss(16, 40, train_weight_g=True)]
+
+    kernel_path = [m.to(device) for m in build()]
+    with monkeypatch.context() as patch:
+        patch.setattr(_common, "INTERPRET", False)  # what the modules read when they are built
+        reference_path = build()
+    g = torch.Generator().manual_seed(1)
+    x, keys, values = (torch.randn(shape, generator=g).half() for shape in ((2, 3, 16, 16), (7, 3, 16), (7, 3, 16)))
+    student, teacher, high = torch.randn(3, 2, 16, generator=g).half(), torch.randn(2, 2, 16, generator=g).half(), \
+        torch.rand(4, generator=g)
+    calls = [lambda m, d: m(x.to(d)), lambda m, d: m(keys.to(d), values.to(d)),
+             lambda m, d: m(student.to(d), teacher.to(d), high.to(d), 0.04)[0]]
+    for call, kernel_module, reference_module in zip(calls, kernel_path, reference_path, strict=True):
+        want = call(copy.deepcopy(reference_module).half(), "cpu")  # the same function, parameters in fp16
+        for out in (call(reference_module, "cpu"), call(kernel_module, device)):
+            assert out.dtype == want.dtype  # fp16 tokens, the fp32 loss
+            torch.testing.assert_close(out.cpu().float(), want.float(), rtol=2e-3, atol=2e-3)
