@@ -49,11 +49,27 @@ class PatchEmbed(torch.nn.Module):
     Runs the Triton kernel on CUDA tensors, and on CPU tensors the kernel under TRITON_INTERPRET=1
     or else the reference (conv2d), chosen when the module is built, so it works in any environment.
     strict_img_size (timm's default): images must be img_size; False takes any multiple of the patch size.
+    Takes the keywords timm's VisionTransformer builds its embed_layer with (norm_layer, device, dtype, and
+    flatten / output_fmt / dynamic_img_pad at the (B, N, E) layout without padding it returns), so
+    `embed_layer=PatchEmbed` works; other layouts and padding are refused by name.
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768, bias: bool = True, strict_img_size: bool = True):
+                 embed_dim: int = 768, bias: bool = True, strict_img_size: bool = True, *,
+                 norm_layer: Callable | None = None, flatten: bool = True, output_fmt: str | None = None,
+                 dynamic_img_pad: bool = False, device=None, dtype=None):
         super().__init__()
+        if not isinstance(bias, bool):  # timm's 5th positional argument is norm_layer: None or a class slipped in here
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__} {bias!r} (timm's PatchEmbed takes "
+                            "norm_layer 5th: pass norm_layer= and the arguments after embed_dim by keyword)")
+        unsupported = ("is not supported: PatchEmbed returns (B, N, E) tokens of whole patches; keep timm's "
+                       "PatchEmbed and run terrafm_kernels.swap.accelerate_vit on the model instead")
+        if output_fmt is not None and output_fmt != "NLC":
+            raise ValueError(f"output_fmt={str(output_fmt)!r} {unsupported}")
+        if output_fmt is None and not flatten:
+            raise ValueError(f"flatten=False (timm's (B, E, H/p, W/p) layout) {unsupported}")
+        if dynamic_img_pad:
+            raise ValueError(f"dynamic_img_pad=True (images padded to a multiple of the patch) {unsupported}")
         self.strict_img_size = bool(strict_img_size)
         self.img_size = _pair("img_size", img_size)
         self.patch_size = _pair("patch_size", patch_size)
@@ -67,7 +83,9 @@ class PatchEmbed(torch.nn.Module):
                              "image of that size can be embedded (pass strict_img_size=False to take any multiple)")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = torch.nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
+        factory = {"device": device, "dtype": dtype}
+        self.proj = torch.nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias, **factory)
+        self.norm = norm_layer(embed_dim, **factory) if norm_layer else torch.nn.Identity()
         self.cpu_impl = _cpu_impl(patch_embed, _patch_embed_op.validate, reference.patch_embed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +96,7 @@ class PatchEmbed(torch.nn.Module):
                              f"{self.img_size}; build it with that img_size, or strict_img_size=False for any "
                              f"multiple of the patch size {self.patch_size[0]}")
         fn = patch_embed if x.is_cuda else self.cpu_impl
-        return fn(x, self.proj.weight, self.proj.bias)
+        return self.norm(fn(x, self.proj.weight, self.proj.bias))
 
 
 class CrossAttentionFusion(torch.nn.Module):

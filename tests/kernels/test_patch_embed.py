@@ -210,6 +210,33 @@ def test_module_is_a_timm_style_drop_in(device, ieee_convolutions):
     assert loose(torch.randn(2, 12, 32, 48, device=device)).shape == (2, 6, 24)
 
 
+def test_module_takes_the_keywords_timms_vision_transformer_builds_its_embed_layer_with(device, ieee_convolutions):
+    """timm's VisionTransformer(embed_layer=PatchEmbed) builds it with keywords of timm's PatchEmbed: dynamic_img_pad,
+    device and dtype always, norm_layer for embed_norm_layer. The drop-in refused the call ("unexpected keyword
+    argument 'dynamic_img_pad'"), and a timm-style positional call, whose 5th argument is norm_layer, silently built
+    a module without bias (None) or without its norm (a class, taken as bias=True)."""
+    timm_call = dict(img_size=32, patch_size=16, in_chans=12, embed_dim=24, bias=True, dynamic_img_pad=False,
+                     device=device, dtype=torch.float32)  # timm/models/vision_transformer.py
+    plain = PatchEmbed(**timm_call)
+    assert plain.proj.weight.device.type == torch.device(device).type and list(plain.state_dict()) == [
+        "proj.weight", "proj.bias"]
+    normed = PatchEmbed(**timm_call, norm_layer=torch.nn.LayerNorm, flatten=True, output_fmt="NLC")
+    state = {**plain.state_dict(), "norm.weight": torch.rand(24), "norm.bias": torch.randn(24)}
+    normed.load_state_dict(state)  # timm's names with a norm layer
+    x = torch.randn(2, 12, 32, 32, device=device)
+    norm = {k: v.to(device) for k, v in state.items() if k.startswith("norm.")}
+    want = torch.nn.functional.layer_norm(plain(x), (24,), norm["norm.weight"], norm["norm.bias"])
+    torch.testing.assert_close(normed(x), want)
+    for change, match in ((dict(output_fmt="NHWC"), "output_fmt='NHWC' is not supported"),
+                          (dict(flatten=False), "flatten=False .* is not supported"),
+                          (dict(dynamic_img_pad=True), "dynamic_img_pad=True .* is not supported")):
+        with pytest.raises(ValueError, match=match):
+            PatchEmbed(**{**timm_call, **change})
+    for norm_layer in (None, torch.nn.LayerNorm):  # timm's positional order: ..., embed_dim, norm_layer, flatten
+        with pytest.raises(TypeError, match="bias must be a bool"):
+            PatchEmbed(32, 16, 12, 24, norm_layer)
+
+
 @pytest.mark.parametrize("change,error,match", [
     (lambda a: a.update(x=a["x"][:, :5]), ValueError, "x has 5 channels but weight expects C=12"),
     (lambda a: a.update(x=a["x"][..., :30]), ValueError, "not a multiple of the patch size 16"),
