@@ -19,7 +19,8 @@ COMMANDS = {
     "pretrain": ("terrafm.train.cli", "self-supervised pretraining (default: tiny_cpu config on the sample tiles)"),
     "export": ("terrafm.train.export", "write a checkpoint's backbone as one safetensors file (published layout)"),
     "eval": ("terrafm.eval.cli", "kNN, linear and segmentation probes on frozen features"),
-    "bench": ("terrafm_bench.cli", "benchmark suite: kernels, data path, training step, memory, roofline"),
+    "bench": ("terrafm_bench.cli", "benchmark suite: kernels, memory, training step, data path, roofline, compile "
+              "report, comm model"),
 }
 
 

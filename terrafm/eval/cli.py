@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hdf5: GEO-Bench (one .hdf5 per sample, task metadata and partitions); folder: "
                              "SPLIT/CLASS/images, or SPLIT/images + SPLIT/masks for segmentation (docs/eval.md)")
     parser.add_argument("--probe", nargs="+", default=["all"], choices=(*PROBES, "all"),
-                        help="probes to run; 'all' = knn+linear for classification, seg for segmentation")
+                        help="probes to run (default: all); 'all' = knn+linear for classification, seg for "
+                             "segmentation")
     parser.add_argument("--modality", default="auto", choices=("auto", *MODALITY_NAMES),
                         help="which patch embedding reads the bands (auto: 13 bands -> s2_l1c, 12 -> s2_l2a)")
     parser.add_argument("--band-order", default="auto", choices=BAND_ORDERS,
@@ -36,11 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="label subsets and probe training (default: 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per feature batch (default: 64)")
     parser.add_argument("--img-size", type=int, default=None,
-                        help="resize images to this size (px) first; a multiple of the patch size (e.g. 120 -> 128)")
+                        help="resize images to this size (px) first (default: their own size); a multiple of the "
+                             "patch size (e.g. 120 -> 128)")
     parser.add_argument("--normalize", default="auto", choices=NORMALIZATIONS,
                         help="per-band statistics: the checkpoint's training statistics (exports carry them), the "
                              "train split's own, or auto = the checkpoint's when it has them")
-    parser.add_argument("--device", default=None, help="cuda if available, else cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--cache-dir", default=None, type=path_arg, help="feature cache (default: OUT/cache)")
     parser.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN vote (default: 20, DINO's)")
     parser.add_argument("--knn-temperature", type=float, default=0.07,
