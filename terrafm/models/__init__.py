@@ -211,7 +211,7 @@ def check_weights(state: dict[str, torch.Tensor], source: str) -> None:
                 "quantized" if value.is_quantized else
                 f"{value.dtype}, not float16/bfloat16/float32/float64" if value.dtype not in WEIGHT_DTYPES else None)
         if kind is None and not torch.isfinite(value).all():
-            kind = f"holds {int((~torch.isfinite(value)).sum())} NaN or inf values"
+            kind = f"not finite: {int((~torch.isfinite(value)).sum())} NaN or inf values"
         if kind is not None:
             raise ValueError(f"{source}: weight {key} {tuple(value.shape)} is {kind}")
 

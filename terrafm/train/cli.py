@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from this checkpoint (a step_N folder, checkpoints/ folder or run folder); with "
                              "--resume, only while the run has no checkpoint of its own (a requeued job continues)")
     parser.add_argument("--nproc", type=int, default=1,
-                        help="processes on this node; > 1 relaunches under torchrun --standalone")
+                        help="processes on this node (default: 1); > 1 relaunches under torchrun --standalone")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
