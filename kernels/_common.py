@@ -4,6 +4,7 @@ right) and the launch-time choices that differ between compiled kernels and the 
 
 import contextlib
 import functools
+import inspect
 import math
 import numbers
 import os
@@ -22,8 +23,9 @@ TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: 
 
 
 def _shape_of(x):
-    """A tensor's shape and dtype as a contiguous meta tensor (float64 as float32), anything else as it is."""
-    if not isinstance(x, torch.Tensor):
+    """A tensor's shape and dtype as a contiguous meta tensor (float64 as float32), anything else as it is; a 0-d
+    tensor too (a temperature: the checks read its value, and refused it as a meta tensor that has none)."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
         return x
     return torch.empty(x.shape, dtype=torch.float32 if x.dtype == torch.float64 else x.dtype, device="meta")
 
@@ -32,13 +34,21 @@ def checked_reference(validate, reference_fn):
     """reference_fn behind a kernel's input checks (the reference alone failed deep inside torch on a wrong shape,
     or returned NaN for a temperature of 0), so a bad input is the same error on the cpu as on a GPU. validate
     sees the tensors' shapes and dtypes on the meta device: the kernels' own limits (cuda tensors, contiguity, no
-    float64) do not bind the reference. A partial of module-level functions, not a closure: modules keep it as an
-    attribute, and torch.save / pickle of a module (or DINOLoss) must not fail on it."""
-    return functools.partial(_call_checked, validate, reference_fn)
+    float64) do not bind the reference; their one-device check does (check_device, on the real tensors: a module
+    on cuda fed cpu inputs failed inside torch). A partial of module-level functions, not a closure: modules keep
+    it as an attribute, and torch.save / pickle of a module (or DINOLoss) must not fail on it."""
+    names = tuple(inspect.signature(reference_fn).parameters)  # read here, not in each (maybe compiled) call
+    return functools.partial(_call_checked, validate, reference_fn, names)
 
 
-def _call_checked(validate, reference_fn, *args, **kwargs):
+def _call_checked(validate, reference_fn, names, *args, **kwargs):
     validate(*map(_shape_of, args), **{k: _shape_of(v) for k, v in kwargs.items()})
+    # every tensor argument on the first one's device, named by the reference's parameter; a 0-d tensor (a
+    # temperature) may be on the cpu, as torch's own ops allow
+    tensors = [(name, value) for name, value in (*zip(names, args, strict=False), *kwargs.items())
+               if isinstance(value, torch.Tensor) and value.dim() > 0]
+    for name, value in tensors[1:]:
+        check_device(name, value, tensors[0][1].device, f"{tensors[0][0]} is")
     return reference_fn(*args, **kwargs)
 
 
@@ -84,10 +94,9 @@ def check_tensor(name: str, x: torch.Tensor, ndim: int | None, device: torch.dev
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     if shape is not None and tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-    if x.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}; move it there")
+    check_dtype(name, x, dtypes)
+    if device is not None:
+        check_device(name, x, device)
     if contiguous and not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous() first); got strides {x.stride()}")
     if x.device.type not in ("cuda", "cpu", "meta"):
@@ -96,6 +105,25 @@ def check_tensor(name: str, x: torch.Tensor, ndim: int | None, device: torch.dev
         raise ValueError(f"{name} is on the cpu: the Triton kernels need cuda tensors, or TRITON_INTERPRET=1 "
                          "set before triton is imported (tests); on cpu use terrafm_kernels.reference (the op "
                          "registry's torch backend)")
+
+
+def check_dtype(name: str, x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
+    """check_tensor's dtype check: a TypeError naming `name` unless x.dtype is one of dtypes; a float64 tensor is
+    told where float64 runs (the kernels compute in fp32 at most)."""
+    if x.dtype not in dtypes:
+        where = ("; the kernels compute in float32 at most: for float64 (e.g. torch.autograd.gradcheck) use "
+                 "terrafm_kernels.reference, the pure-PyTorch spec functions, which take it"
+                 if x.dtype == torch.float64 else "")
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}{where}")
+
+
+def check_device(name: str, x: torch.Tensor, device: torch.device, others: str = "the other inputs are") -> None:
+    """check_tensor's device check: a ValueError naming `name` and both devices unless x is on `device`, the device
+    of `others` (a phrase with its verb: "the other inputs are", "student_global is"). It offers both moves: a
+    module's parameters or buffers are as likely to be on the wrong device as the inputs."""
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but {others} on {device}: move the module (.to(device)) or "
+                         "the inputs so that all are on one device")
 
 
 def check_patch_grid(height: int, width: int, patch: int) -> None:

@@ -9,7 +9,8 @@ dinov2/loss/dino_clstoken_loss.py and ibot_patch_loss.py. What the kernels chang
   - Sinkhorn-Knopp in log domain: DINOv2's numbers where its exp(t / tau) stays finite, finite rows
     summing to 1 where it overflows to NaN (small teacher_temp, large logits) (kernels/dino_teacher.py);
   - the centre statistics are summed in fp32 and the centre is updated in place.
-The implementation is chosen once, in __init__: backend="auto" takes the Triton kernels when CUDA is
+The implementation is chosen once, in __init__ (and again when the loss is unpickled or deep-copied: it is not
+pickled, the choice is the running process's): backend="auto" takes the Triton kernels when CUDA is
 available or TRITON_INTERPRET=1 is set, else the pure-PyTorch reference (kernels/reference.py); both
 compute the same numbers.
 """
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _common, reference
-from ._common import check_positive, check_size, check_unit_interval
+from ._common import check_device, check_positive, check_size, check_unit_interval
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -104,7 +105,17 @@ class _CenteredLoss(nn.Module):
         self.updated = True
         self.reduce_handle = None
         self.async_batch_center = None
+        self._requested_backend = backend
         self.backend, self._ops = _backend_ops(backend)
+
+    def __getstate__(self):  # the ops are left out and chosen again by the unpickling process (backend="auto")
+        state = super().__getstate__()
+        state.pop("_ops", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.backend, self._ops = _backend_ops(self.__dict__.get("_requested_backend", self.backend))
 
     def _start_center_update(self, batch_center_sum: torch.Tensor, rows: int) -> None:
         self.updated = False
@@ -182,6 +193,7 @@ class DINOLoss(_CenteredLoss):
     def reduce_center_update(self, teacher_output):
         """Start the centre update: sum the teacher logits over rows (fp32) and all-reduce asynchronously."""
         _check_dims("teacher_output", teacher_output, 2, (-1, self.center.shape[-1]))
+        check_device("teacher_output", teacher_output, self.center.device, "the loss's center is")
         self.len_teacher_output = len(teacher_output)
         self._start_center_update(torch.sum(teacher_output, dim=0, keepdim=True, dtype=torch.float32),
                                   self.len_teacher_output)
@@ -205,10 +217,12 @@ class DINOLoss(_CenteredLoss):
             raise ValueError(f"student_global has {student_global.shape[0]} rows: it must hold 2 crops of B images")
         B = student_global.shape[0] // 2
         _check_dims("student_local", student_local, 2, (-1, D))
+        check_device("student_local", student_local, student_global.device, "student_global is")
         if student_local.shape[0] % B:
             raise ValueError(f"student_local has {student_local.shape[0]} rows: not a whole number of crops of "
                              f"B = {B} images")
         _check_dims("teacher_global", teacher_global, 2, (2 * B, D))
+        check_device("teacher_global", teacher_global, student_global.device, "student_global is")
         self.apply_center_update()
         student = torch.cat([student_global.reshape(2, B, D), student_local.reshape(-1, B, D)]).contiguous()
         teacher = teacher_global.detach().reshape(2, B, D).contiguous()
@@ -286,6 +300,8 @@ class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's class name, so that 
             got = tuple(student_masks_flat.shape) if isinstance(student_masks_flat, torch.Tensor) else type(
                 student_masks_flat).__name__
             raise ValueError(f"student_masks_flat must have shape (B, N) = ({B}, {N}), got {got}")
+        for name, x in (("teacher_patch_tokens", teacher_patch_tokens), ("student_masks_flat", student_masks_flat)):
+            check_device(name, x, student_patch_tokens.device, "student_patch_tokens is")
         masks = student_masks_flat.float()
         row_weight = (masks / masks.sum(dim=-1, keepdim=True).clamp(min=1.0) / B).reshape(B * N)
         targets = _teacher_views(teacher_patch_tokens.reshape(B * N, K), B * N, K)
@@ -313,12 +329,14 @@ class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's class name, so that 
             raise TypeError(f"masks_weight must be a tensor of one weight per masked row, got "
                             f"{type(masks_weight).__name__}")
         if masks_weight is None:
+            check_device("student_masks_flat", student_masks_flat, s.device, "student_patch_tokens_masked is")
             masks_weight = ((1 / student_masks_flat.sum(-1).clamp(min=1.0)).unsqueeze(-1)
                             .expand_as(student_masks_flat)[student_masks_flat])
         rows = s.shape[0]
         if masks_weight.numel() not in (1, rows):
             raise ValueError(f"masks_weight has {masks_weight.numel()} entries but there are {rows} masked patch "
                              "rows (one weight per row, after n_masked_patches)")
+        check_device("masks_weight", masks_weight, s.device, "student_patch_tokens_masked is")
         row_weight = masks_weight.float().reshape(-1).expand(rows) / student_masks_flat.shape[0]
         return self._soft_cross_entropy(s, _teacher_views(t, rows, s.shape[-1]), row_weight.contiguous())
 
@@ -329,6 +347,7 @@ class iBOTPatchLoss(_CenteredLoss):  # noqa: N801 (DINOv2's class name, so that 
         if isinstance(teacher_patch_tokens, torch.Tensor) and teacher_patch_tokens.dim() == 2:
             teacher_patch_tokens = teacher_patch_tokens.unsqueeze(0)  # mean(dim=1) of (M, K) mixed prototypes
         _check_dims("teacher_patch_tokens", teacher_patch_tokens, 3, (-1, -1, self.center.shape[-1]))
+        check_device("teacher_patch_tokens", teacher_patch_tokens, self.center.device, "the loss's center is")
         self.len_teacher_patch_tokens = len(teacher_patch_tokens)
         batch_sum = torch.sum(torch.mean(teacher_patch_tokens, dim=1, dtype=torch.float32), dim=0, keepdim=True)
         rows = self.len_teacher_patch_tokens

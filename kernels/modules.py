@@ -2,7 +2,8 @@
 
 Each op file (patch_embed, fusion, teacher_softmax, dino_cross_entropy, dino_head_loss) holds the
 Triton kernels, the launcher and the autograd custom op; the modules here only call its public
-function. Every module runs the kernel on CUDA tensors; on CPU tensors it picks, when it is built, the
+function. Every module runs the kernel on CUDA tensors; on CPU tensors it picks, when it is built (and again
+when it is unpickled or deep-copied: the choice is the running process's, never pickled), the
 kernel under TRITON_INTERPRET=1 or else the reference behind the kernel's own input checks (less the
 kernels' device, contiguity and float64 limits), so a bad input is the same error on the cpu as on a GPU.
 The DINOv2 drop-ins (DINOLoss, iBOTPatchLoss) live in dino.py.
@@ -34,6 +35,27 @@ def _cpu_impl(kernel: Callable, validate: Callable, reference_fn: Callable) -> C
     return kernel if _common.INTERPRET else _common.checked_reference(validate, reference_fn)
 
 
+class _CpuPath:
+    """Base of the modules that hold a CPU path: cpu_impl, _cpu_impl(*_CPU_PATH) (kernel, validate, reference_fn),
+    chosen when the module is built and again when it is unpickled or deep-copied, and left out of its pickled
+    state: a module pickled under TRITON_INTERPRET=1 kept the interpreted kernel, and refused CPU tensors in a
+    process without the variable."""
+
+    _CPU_PATH: tuple[Callable, Callable, Callable]
+
+    def _choose_cpu_impl(self) -> None:
+        self.cpu_impl = _cpu_impl(*self._CPU_PATH)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("cpu_impl", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._choose_cpu_impl()
+
+
 def _pair(name: str, value) -> tuple[int, int]:
     """An int or a 2-sequence of ints (timm's to_2tuple), refused by name otherwise."""
     if isinstance(value, (tuple, list)):
@@ -43,7 +65,7 @@ def _pair(name: str, value) -> tuple[int, int]:
     return (value, value)
 
 
-class PatchEmbed(torch.nn.Module):
+class PatchEmbed(_CpuPath, torch.nn.Module):
     """Drop-in for timm's PatchEmbed: `proj` is a Conv2d ([D, C, p, p] weights load unchanged).
 
     Runs the Triton kernel on CUDA tensors, and on CPU tensors the kernel under TRITON_INTERPRET=1
@@ -53,6 +75,8 @@ class PatchEmbed(torch.nn.Module):
     flatten / output_fmt / dynamic_img_pad at the (B, N, E) layout without padding it returns), so
     `embed_layer=PatchEmbed` works; other layouts and padding are refused by name.
     """
+
+    _CPU_PATH = (patch_embed, _patch_embed_op.validate, reference.patch_embed)
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, bias: bool = True, strict_img_size: bool = True, *,
@@ -86,7 +110,7 @@ class PatchEmbed(torch.nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.proj = torch.nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias, **factory)
         self.norm = norm_layer(embed_dim, **factory) if norm_layer else torch.nn.Identity()
-        self.cpu_impl = _cpu_impl(patch_embed, _patch_embed_op.validate, reference.patch_embed)
+        self._choose_cpu_impl()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -99,12 +123,14 @@ class PatchEmbed(torch.nn.Module):
         return self.norm(fn(x, self.proj.weight, self.proj.bias))
 
 
-class CrossAttentionFusion(torch.nn.Module):
+class CrossAttentionFusion(_CpuPath, torch.nn.Module):
     """Drop-in fusion layer owning the Q learned queries and the pooling vector.
 
     forward(keys, values) with keys/values (T, M, dim) -> (T, dim). Uses the Triton kernel on CUDA
     tensors; on CPU tensors the kernel under TRITON_INTERPRET=1, else the reference (chosen when built).
     """
+
+    _CPU_PATH = (cross_attention_fusion, _fusion_op.validate, reference.cross_attention_fusion)
 
     def __init__(self, dim: int, num_queries: int = 5, num_heads: int = 16):
         super().__init__()
@@ -118,7 +144,7 @@ class CrossAttentionFusion(torch.nn.Module):
         self.num_heads = num_heads
         self.queries = torch.nn.Parameter(torch.randn(num_queries, dim) * 0.02)
         self.pool = torch.nn.Parameter(torch.zeros(dim))
-        self.cpu_impl = _cpu_impl(cross_attention_fusion, _fusion_op.validate, reference.cross_attention_fusion)
+        self._choose_cpu_impl()
 
     def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         for name, x in (("keys", keys), ("values", values)):
@@ -128,7 +154,7 @@ class CrossAttentionFusion(torch.nn.Module):
         return fn(keys, values, self.queries, self.pool, self.num_heads)
 
 
-class DualCenteringSoftmax(torch.nn.Module):
+class DualCenteringSoftmax(_CpuPath, torch.nn.Module):
     """Teacher softmax with the plain centre c and the high-frequency centre c_h as buffers.
 
     forward(teacher_logits, high_weight, temperature) -> (probs, logit_sum, high_logit_sum).
@@ -139,6 +165,8 @@ class DualCenteringSoftmax(torch.nn.Module):
     A centre whose update is not finite (NaN or inf in the sums: a diverged step) keeps its value, decided on
     the device (no sync), so one bad batch does not poison the targets of every later step.
     """
+
+    _CPU_PATH = (teacher_softmax, _teacher_softmax_op._validate, reference.teacher_softmax)
 
     def __init__(self, num_prototypes: int, alpha: float = 0.8, center_momentum: float = 0.9,
                  center_high_momentum: float = 0.9):
@@ -152,7 +180,7 @@ class DualCenteringSoftmax(torch.nn.Module):
         self.center_high_momentum = center_high_momentum
         self.register_buffer("center", torch.zeros(num_prototypes))
         self.register_buffer("center_high", torch.zeros(num_prototypes))
-        self.cpu_impl = _cpu_impl(teacher_softmax, _teacher_softmax_op._validate, reference.teacher_softmax)
+        self._choose_cpu_impl()
 
     def forward(self, teacher_logits, high_weight, temperature: float):
         fn = teacher_softmax if getattr(teacher_logits, "is_cuda", False) else self.cpu_impl
@@ -166,6 +194,8 @@ class DualCenteringSoftmax(torch.nn.Module):
             if not isinstance(x, torch.Tensor) or x.numel() != K:
                 raise ValueError(f"{name} must be a tensor with K={K} entries (one per prototype), got "
                                  f"{getattr(x, 'shape', type(x).__name__)}")
+            _common.check_dtype(name, x, _common.FLOAT_DTYPES + (torch.float64,))
+            _common.check_device(name, x, self.center.device, "the module's centres are")
         check_positive("rows", rows)
         _common._check_number("high_rows", high_rows)
         if not (math.isfinite(high_rows) and high_rows >= 0):
@@ -182,27 +212,31 @@ def _ema_if_finite(center: torch.Tensor, batch_mean: torch.Tensor, momentum: flo
     center.copy_(torch.where(torch.isfinite(new).all(), new, center))
 
 
-class DINOCrossEntropy(torch.nn.Module):
+class DINOCrossEntropy(_CpuPath, torch.nn.Module):
     """nn.Module wrapper: forward(student_logits (S, B, K), teacher_probs (T, B, K)) -> loss."""
+
+    _CPU_PATH = (dino_cross_entropy, _cross_entropy_op._validate, reference.dino_cross_entropy)
 
     def __init__(self, student_temperature: float = 0.1):
         super().__init__()
         check_positive("student_temperature", student_temperature)
         self.student_temperature = student_temperature
-        self.cpu_impl = _cpu_impl(dino_cross_entropy, _cross_entropy_op._validate, reference.dino_cross_entropy)
+        self._choose_cpu_impl()
 
     def forward(self, student_logits, teacher_probs):
         fn = dino_cross_entropy if getattr(student_logits, "is_cuda", False) else self.cpu_impl
         return fn(student_logits, teacher_probs, self.student_temperature)
 
 
-class DINOHeadLoss(torch.nn.Module):
+class DINOHeadLoss(_CpuPath, torch.nn.Module):
     """Owns the student prototype layer (weight_v, optional trainable weight_g) and the dual centres.
 
     forward(student_features (S, B, D), teacher_features (T, B, D), high_weight (T*B,), teacher_temperature,
     teacher_weight_v=None) -> (loss, logit_sum, high_logit_sum); the caller all-reduces the sums and
     calls update_centers(logit_sum, high_logit_sum, rows, high_rows) (as DualCenteringSoftmax.update).
     """
+
+    _CPU_PATH = (dino_head_loss, _head_loss_op.validate, reference.dino_head_loss)
 
     def __init__(self, in_dim: int = 256, num_prototypes: int = 65536, student_temperature: float = 0.1,
                  alpha: float = 0.8, center_momentum: float = 0.9, center_high_momentum: float = 0.9,
@@ -218,7 +252,7 @@ class DINOHeadLoss(torch.nn.Module):
         torch.nn.init.trunc_normal_(self.weight_v, std=0.02)
         self.weight_g = torch.nn.Parameter(torch.ones(num_prototypes, 1)) if train_weight_g else None
         self.centering = DualCenteringSoftmax(num_prototypes, alpha, center_momentum, center_high_momentum)
-        self.cpu_impl = _cpu_impl(dino_head_loss, _head_loss_op.validate, reference.dino_head_loss)
+        self._choose_cpu_impl()
 
     def forward(self, student_features, teacher_features, high_weight, teacher_temperature: float,
                 teacher_weight_v=None, teacher_weight_g=None):

@@ -48,6 +48,10 @@ class PatchProjection(torch.nn.Conv2d):
         new.kernel_on_cpu = _common.INTERPRET  # CPU tensors run the kernel only in the Triton interpreter
         return new
 
+    def __setstate__(self, state):  # the unpickling process's choice: one pickled under the interpreter kept it
+        super().__setstate__(state)
+        self.kernel_on_cpu = _common.INTERPRET
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # an unbatched (C, H, W) image, as nn.Conv2d takes it
             return self.forward(x.unsqueeze(0)).squeeze(0)

@@ -197,7 +197,7 @@ def test_validation_errors(device):
         call(teacher_temperature=0.0)
     with pytest.raises(ValueError, match="student_temperature must be > 0"):
         call(student_temperature=-1.0)
-    with pytest.raises(ValueError, match="move it"):
+    with pytest.raises(ValueError, match=r"move the module \(\.to\(device\)\) or the inputs"):
         call(weight_v=weight_v.to("meta"))
 
 

@@ -236,14 +236,171 @@ def test_modules_with_fp32_parameters_take_fp16_inputs_on_the_reference_path_as_
     with monkeypatch.context() as patch:
         patch.setattr(_common, "INTERPRET", False)  # what the modules read when they are built
         reference_path = build()
+        halves = [copy.deepcopy(m).half() for m in reference_path]  # a copy chooses its CPU path again, as built
     g = torch.Generator().manual_seed(1)
     x, keys, values = (torch.randn(shape, generator=g).half() for shape in ((2, 3, 16, 16), (7, 3, 16), (7, 3, 16)))
     student, teacher, high = torch.randn(3, 2, 16, generator=g).half(), torch.randn(2, 2, 16, generator=g).half(), \
         torch.rand(4, generator=g)
     calls = [lambda m, d: m(x.to(d)), lambda m, d: m(keys.to(d), values.to(d)),
              lambda m, d: m(student.to(d), teacher.to(d), high.to(d), 0.04)[0]]
-    for call, kernel_module, reference_module in zip(calls, kernel_path, reference_path, strict=True):
-        want = call(copy.deepcopy(reference_module).half(), "cpu")  # the same function, parameters in fp16
+    for call, kernel_module, reference_module, half in zip(calls, kernel_path, reference_path, halves, strict=True):
+        want = call(half, "cpu")  # the same function, parameters in fp16
         for out in (call(reference_module, "cpu"), call(kernel_module, device)):
             assert out.dtype == want.dtype  # fp16 tokens, the fp32 loss
             torch.testing.assert_close(out.cpu().float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
+def test_a_float64_refusal_says_where_float64_runs():
+    """The kernels' float64 refusal only listed the dtypes they take: the reference (gradcheck's) was not named."""
+    from terrafm_kernels.teacher_softmax import teacher_softmax
+
+    with pytest.raises(TypeError, match=r"got torch.float64; .*\(e.g. torch.autograd.gradcheck\) use "
+                                        r"terrafm_kernels.reference, the pure-PyTorch spec functions, which take it"):
+        _common.check_tensor("x", torch.zeros(2, dtype=torch.float64, device="meta"), 1)
+    logits = torch.zeros(4, 8, dtype=torch.float64, device="meta")
+    with pytest.raises(TypeError, match="teacher_logits must have dtype in .* use terrafm_kernels.reference"):
+        teacher_softmax(logits, torch.zeros(8), torch.zeros(8), torch.zeros(4), 0.1, 0.5)
+    with pytest.raises(TypeError, match=r"got torch.int64$"):  # other dtypes: no float64 advice
+        _common.check_tensor("x", torch.zeros(2, dtype=torch.int64, device="meta"), 1)
+
+
+def test_a_device_mismatch_names_both_devices_and_says_move_the_module_or_the_inputs(monkeypatch):
+    """'weight is on cuda:0 ... move it there' sent users to move a parameter, where the module (or the input) is
+    what moves; on the reference path (a CPU without the interpreter) a module on another device than its input
+    failed inside torch ('Tensor on device meta is not on the expected device cpu!')."""
+    from terrafm_kernels.modules import CrossAttentionFusion, DINOHeadLoss, DualCenteringSoftmax, PatchEmbed
+
+    move = r": move the module \(\.to\(device\)\) or the inputs so that all are on one device"
+    with pytest.raises(ValueError, match="weight is on meta but the other inputs are on cpu" + move):
+        _common.check_tensor("weight", torch.zeros(2, device="meta"), 1, torch.device("cpu"))
+    monkeypatch.setattr(_common, "INTERPRET", False)  # the reference path, as on a laptop
+    calls = [(PatchEmbed(16, 8, 3, 8), lambda m: m(torch.randn(2, 3, 16, 16)), "weight is on meta but x is on cpu"),
+             (CrossAttentionFusion(8, 2, 2), lambda m: m(torch.randn(4, 2, 8), torch.randn(4, 2, 8)),
+              "queries is on meta but keys is on cpu"),
+             (DualCenteringSoftmax(8), lambda m: m(torch.randn(4, 8), torch.zeros(4), 0.1),
+              "center is on meta but teacher_logits is on cpu"),
+             (DINOHeadLoss(8, 16), lambda m: m(torch.randn(2, 2, 8), torch.randn(2, 2, 8), torch.zeros(4), 0.04),
+              "weight_v is on meta but student_features is on cpu")]
+    for module, call, message in calls:
+        with pytest.raises(ValueError, match=message + move):
+            call(module.to("meta"))
+    # a temperature as a 0-d tensor (checked by its value: it was refused as 'a meta tensor has none') on the cpu
+    # is no device mismatch, as torch's own ops allow it
+    softmax, logits = DualCenteringSoftmax(8), torch.randn(4, 8)
+    want = softmax(logits, torch.zeros(4), 0.1)[0]
+    torch.testing.assert_close(softmax(logits, torch.zeros(4), torch.tensor(0.1))[0], want)
+    probs, _, _ = softmax.to("meta")(logits.to("meta"), torch.zeros(4, device="meta"), torch.tensor(0.1))
+    assert probs.shape == (4, 8) and probs.is_meta
+
+
+@pytest.mark.parametrize("logit_sum, high_logit_sum, error, message", [
+    (torch.zeros(4, device="meta"), torch.zeros(4), ValueError,
+     r"logit_sum is on meta but the module's centres are on cpu: move the module \(\.to\(device\)\)"),
+    (torch.zeros(4), torch.zeros(4, device="meta"), ValueError, "high_logit_sum is on meta but the module's centres"),
+    (torch.zeros(4), torch.zeros(4, dtype=torch.int64), TypeError, "high_logit_sum must have dtype in"),
+    (torch.zeros(4, dtype=torch.complex64), torch.zeros(4), TypeError, "logit_sum must have dtype in"),
+])
+def test_dual_centering_update_names_sums_of_another_device_or_dtype(logit_sum, high_logit_sum, error, message):
+    """Sums on another device than the centres failed with torch's 'Tensor on device meta is not on the expected
+    device cpu!'; integer sums were taken and complex ones lost their imaginary part with a warning."""
+    from terrafm_kernels.modules import DualCenteringSoftmax
+
+    module = DualCenteringSoftmax(4)
+    with pytest.raises(error, match=message):
+        module.update(logit_sum, high_logit_sum, 2, 1)
+    assert (module.center == 0).all() and (module.center_high == 0).all()
+    module.update(torch.ones(4, dtype=torch.float64), torch.ones(1, 4, dtype=torch.float16), 2, 1)  # still taken
+    assert torch.allclose(module.center, torch.full((4,), 0.05))
+
+
+def test_the_drop_in_losses_name_an_argument_on_another_device():
+    """DINOLoss.forward_fused failed inside torch.cat ('Tensor on device meta is not on the expected device cpu!'),
+    a centre update from another device failed later in apply_center_update (on a GPU) or not at all, and iBOT's
+    masks were named as the 'row weights' derived from them."""
+    from terrafm_kernels.dino import DINOLoss, iBOTPatchLoss
+
+    K, meta = 8, {"device": "meta"}
+    dino, ibot = DINOLoss(K), iBOTPatchLoss(K)
+    layer = torch.nn.Linear(4, K, bias=False)
+    with pytest.raises(ValueError, match="student_local is on meta but student_global is on cpu: move the module"):
+        dino.forward_fused(torch.randn(4, 4), torch.randn(4, 4, **meta), torch.randn(4, 4), layer, layer, 0.04)
+    with pytest.raises(ValueError, match="teacher_global is on meta but student_global is on cpu"):
+        dino.forward_fused(torch.randn(4, 4), torch.randn(4, 4), torch.randn(4, 4, **meta), layer, layer, 0.04)
+    with pytest.raises(ValueError, match="teacher_output is on meta but the loss's center is on cpu"):
+        dino.update_center(torch.randn(4, K, **meta))
+    with pytest.raises(ValueError, match="teacher_patch_tokens is on meta but the loss's center is on cpu"):
+        ibot.update_center(torch.randn(1, 3, K, **meta))
+    assert dino.updated and ibot.updated  # nothing pending
+    tokens, targets = torch.randn(2, 3, K), torch.softmax(torch.randn(2, 3, K), -1)
+    with pytest.raises(ValueError, match="student_masks_flat is on meta but student_patch_tokens is on cpu"):
+        ibot(tokens, targets, torch.ones(2, 3, **meta))
+    with pytest.raises(ValueError, match="teacher_patch_tokens is on meta but student_patch_tokens is on cpu"):
+        ibot(tokens, targets.to("meta"), torch.ones(2, 3))
+    masks = torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="student_masks_flat is on meta but student_patch_tokens_masked is on cpu"):
+        ibot.forward_masked(tokens[0], targets[0], masks.to("meta"))
+    with pytest.raises(ValueError, match="masks_weight is on meta but student_patch_tokens_masked is on cpu"):
+        ibot.forward_masked(tokens[0], targets[0], masks, masks_weight=torch.ones(3, **meta))
+
+
+def _cpu_path(module) -> str:
+    """Which CPU path a module (or DINOv2 drop-in, or accelerate_vit's projection) holds: kernel or reference."""
+    import functools
+
+    from terrafm_kernels.swap import PatchProjection
+
+    if isinstance(module, PatchProjection):
+        return "kernel" if module.kernel_on_cpu else "reference"
+    if hasattr(module, "backend"):
+        return {"triton": "kernel", "torch": "reference"}[module.backend]
+    return "reference" if isinstance(module.cpu_impl, functools.partial) else "kernel"  # checked_reference or not
+
+
+def test_an_unpickled_module_chooses_its_cpu_path_in_the_process_that_runs_it(monkeypatch):
+    """A module pickled under TRITON_INTERPRET=1 kept the interpreted kernel as its CPU path: unpickled in a process
+    without the variable it refused CPU tensors ('the Triton kernels need cuda tensors'), and one pickled without
+    it ran the reference under the interpreter. The choice is made again on unpickling (deepcopy too); the state
+    dict is unchanged, and a DINOv2 drop-in built with an explicit backend keeps it."""
+    import copy
+    import io
+    import pickle
+
+    from terrafm_kernels.dino import DINOLoss, iBOTPatchLoss
+    from terrafm_kernels.modules import (
+        CrossAttentionFusion,
+        DINOCrossEntropy,
+        DINOHeadLoss,
+        DualCenteringSoftmax,
+        PatchEmbed,
+    )
+    from terrafm_kernels.swap import PatchProjection
+
+    def build():
+        torch.manual_seed(0)
+        embed = PatchEmbed(16, 8, 3, 8)
+        return [embed, CrossAttentionFusion(8, 2, 2), DualCenteringSoftmax(8), DINOCrossEntropy(0.1),
+                DINOHeadLoss(8, 16), DINOLoss(8), iBOTPatchLoss(8), PatchProjection.from_conv(embed.proj)]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # backend="auto" follows the interpreter alone
+    for built_under, other in ((True, "reference"), (False, "kernel")):
+        monkeypatch.setattr(_common, "INTERPRET", built_under)
+        built = build()
+        assert {_cpu_path(m) for m in built} == {"kernel" if built_under else "reference"}
+        pickled, saved = pickle.dumps(built), io.BytesIO()
+        torch.save(built, saved)
+        monkeypatch.setattr(_common, "INTERPRET", not built_under)  # another process
+        for loaded in (pickle.loads(pickled), torch.load(io.BytesIO(saved.getvalue()), weights_only=False),
+                       copy.deepcopy(built)):
+            assert [_cpu_path(m) for m in loaded] == [other] * len(built)
+            assert _cpu_path(loaded[4].centering) == other
+            for old, new in zip(built, loaded, strict=True):
+                assert type(new) is type(old) and old.state_dict().keys() == new.state_dict().keys()
+                assert all(torch.equal(v, new.state_dict()[k]) for k, v in old.state_dict().items())
+        explicit = pickle.loads(pickle.dumps(DINOLoss(8, backend="triton")))
+        assert explicit.backend == "triton"
+    monkeypatch.setattr(_common, "INTERPRET", True)
+    pickled = pickle.dumps(build()[0])
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    embed = pickle.loads(pickled)  # its reference path runs what the (interpreted) kernel refuses: float64
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    assert embed.double()(x).dtype == torch.float64

@@ -245,7 +245,8 @@ def test_module_takes_the_keywords_timms_vision_transformer_builds_its_embed_lay
     (lambda a: a.update(bias=a["bias"][:-1]), ValueError, r"bias must have shape \(20,\)"),
     (lambda a: a.update(pos_embed=a["pos_embed"][:3]), ValueError, "pos_embed must have shape"),
     (lambda a: a.update(weight=a["weight"][..., :8]), ValueError, "Conv2d weight"),
-    (lambda a: a.update(bias=a["bias"].to("meta")), ValueError, "bias is on meta but .*; move it there"),
+    (lambda a: a.update(bias=a["bias"].to("meta")), ValueError,
+     r"bias is on meta but the other inputs are on .*: move the module \(\.to\(device\)\) or the inputs"),
     # sparse tensors got torch's "unsupported memory format option Contiguous" from the launcher's copy
     (lambda a: a.update(x=a["x"].to_sparse()), TypeError, "x must be a dense .* got a sparse_coo tensor"),
     (lambda a: a.update(weight=a["weight"].to_sparse()), TypeError, "weight must be a dense"),

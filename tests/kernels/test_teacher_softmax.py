@@ -131,7 +131,7 @@ def test_validation_errors(device):
         teacher_softmax(t, c, ch, hw, 0.0, 0.8)
     with pytest.raises(ValueError, match="alpha"):
         teacher_softmax(t, c, ch, hw, 0.04, 1.5)
-    with pytest.raises(ValueError, match="move it"):
+    with pytest.raises(ValueError, match=r"move the module \(\.to\(device\)\) or the inputs"):
         teacher_softmax(t, c.to("meta"), ch, hw, 0.04, 0.8)
 
 
