@@ -44,6 +44,8 @@ def test_fused_kernel(benchmark, op):
     try:
         fn = bench.kernel()
     except ImportError as err:
+        if op != "attention":  # the one op that ships no kernel; for any other a broken import is a failure, not a skip
+            raise
         pytest.skip(str(err))
     args = bench.inputs(TINY[op], DEVICE, torch.float32)
     out = benchmark.pedantic(fn, args=args, rounds=5, warmup_rounds=2)

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from terrafm import backends
 from terrafm.cli import COMMANDS, main
 
@@ -27,10 +29,9 @@ def test_info_json_reports_every_backend_with_a_reason():
 
 
 def test_unknown_command_fails_clearly(capsys):
-    try:
+    with pytest.raises(SystemExit) as err:  # a try/except let a main() that returned (0 or not) pass
         main(["pretrian"])
-    except SystemExit as err:
-        assert err.code == 2
+    assert err.value.code == 2
     assert "unknown command 'pretrian'" in capsys.readouterr().err
 
 

@@ -43,10 +43,13 @@ def test_band_statistics_and_landcover_are_plausible():
     assert s2[7].mean() > s2[3].mean()
     assert (cell["s1"] > 0).all() and cell["s1"][0].mean() > cell["s1"][1].mean()  # VV > VH
     assert set(np.unique(cell["worldcover"]).tolist()) <= set(WORLDCOVER_VALUES)
-    # S1/S2 follow the land cover: water is darker than land in NIR
-    water = cell["worldcover"] == 80
-    if water.any() and (~water).any():
-        assert s2[7][water].mean() < s2[7][~water].mean()
+    # S1/S2 follow the land cover: water is darker than land in NIR and VV (cell 0 has no water: the check was
+    # behind `if water.any()` and never ran; cell 1 has 8 % water)
+    cell = synthesize_cell(0, 1, 120)
+    s2, water = cell["s2_l2a"], cell["worldcover"] == 80
+    assert water.any() and (~water).any()
+    assert s2[7][water].mean() < s2[7][~water].mean()
+    assert cell["s1"][0][water].mean() < cell["s1"][0][~water].mean()
 
 
 def test_ensure_sample_shards_is_idempotent(tmp_path):
@@ -94,12 +97,21 @@ def test_processes_sharing_the_cache_generate_it_once(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from terrafm.data.sample import ensure_sample_shards as e; "
-            "print(e(sys.argv[1], seed=3, cells=2, tile_size=30))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0] and outs[0] == outs[1]
+    code = ("import sys\n"
+            "import terrafm.data.sample as sample\n"
+            "real = sample.write_sample_parquet\n"
+            "def counted(*args, **kwargs):\n"
+            "    print('generating', file=sys.stderr, flush=True)\n"
+            "    return real(*args, **kwargs)\n"
+            "sample.write_sample_parquet = counted\n"
+            "print(sample.ensure_sample_shards(sys.argv[1], seed=3, cells=2, tile_size=30))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    outs = [out.strip() for out, _ in results]
+    assert [p.returncode for p in procs] == [0, 0] and outs[0] == outs[1], [err[-2000:] for _, err in results]
+    # generated once (the test checked only that both got the same folder, which two generations give too)
+    assert sum(err.count("generating") for _, err in results) == 1, [err[-2000:] for _, err in results]
     shards = ShardSet(outs[0])
     assert len(shards) == 8
     assert not list((tmp_path).rglob("*.tmp"))

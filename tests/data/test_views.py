@@ -113,7 +113,6 @@ def test_numpy_and_cpp_paths_agree(sample_shards, assert_same_host_views):
                                                                                     cpp_threads=2)), steps=3)
 
 
-@pytest.mark.skipif(not backends.dali().usable, reason="nvidia-dali not installed (pip install terrafm[dali])")
 def test_crops_flips_and_sensors_follow_the_run_seed(sample_shards):
     """Loader.plan drew its crops, flips and sensors from data.seed alone: runs that differed only in train.seed saw
     the same views at every step. The combined seed of data.seed 0 and train.seed 0 is 0: the default run is
@@ -124,6 +123,7 @@ def test_crops_flips_and_sensors_follow_the_run_seed(sample_shards):
     assert all(np.array_equal(x.boxes, y.boxes) for x, y in zip(a.views, default.views, strict=True))
 
 
+@pytest.mark.skipif(not backends.dali().usable, reason="nvidia-dali not installed (pip install terrafm[dali])")
 def test_dali_path_agrees(sample_shards, assert_same_host_views):
     cfg = dict(n_local=2, batch_size=4)
     assert_same_host_views(build_loader(_cfg(sample_shards, **cfg)), build_loader(_cfg(sample_shards, backend="dali",

@@ -185,10 +185,16 @@ def test_intermediate_layers_and_multiscale_features():
         last2 = model.get_intermediate_layers(x, "s2_l2a", n=2)
         picked = model.get_intermediate_layers(x, "s2_l2a", n=[0, 3], return_class_token=True)
         maps = model.multiscale_features(x, "s2_l2a")
-        final = model.forward_features(x, "s2_l2a")["x_norm_patchtokens"]
+        features = model.forward_features(x, "s2_l2a")
+        final = features["x_norm_patchtokens"]
     assert [t.shape for t in last2] == [(2, 9, 192)] * 2
     torch.testing.assert_close(last2[-1], final)
     assert picked[1][1].shape == (2, 192)
+    # n=[0, 3] picks the first block's output and the last block's (depth 4): the last is the final features
+    assert len(model.blocks) == 4 and len(picked) == 2
+    torch.testing.assert_close(picked[1][0], final)
+    torch.testing.assert_close(picked[1][1], features["x_norm_clstoken"])
+    assert (picked[0][0] - final).abs().max() > 1e-3  # block 0's output is another layer's
     assert [m.shape for m in maps] == [(2, 192, 3, 3)] * 4
     with pytest.raises(ValueError, match="out of range"):
         model.get_intermediate_layers(x, "s2_l2a", n=[7])

@@ -62,7 +62,12 @@ def test_head_prototypes_are_unit_norm_and_logits_are_cosines():
     head = DINOHead(16, num_prototypes=32, hidden_dim=24, bottleneck_dim=8)
     with torch.no_grad():
         head.last_layer.weight_v.mul_(7.0)  # the norm of v must not matter
-    logits = head(torch.randn(5, 16))
+    x = torch.randn(5, 16)
+    logits = head(x)
     assert logits.shape == (5, 32) and logits.abs().max() <= 1.0 + 1e-6
+    # each logit is the cosine of the bottleneck feature and its prototype (a bound alone passed for all-zero logits)
+    z = head.mlp(x).detach()
+    cosines = torch.nn.functional.cosine_similarity(z[:, None, :], head.last_layer.weight_v.detach()[None], dim=-1)
+    torch.testing.assert_close(logits.detach(), cosines, rtol=1e-5, atol=1e-6)
     names = {n for n, _ in head.named_parameters()}
     assert "last_layer.weight_v" in names and "last_layer.weight_g" not in names

@@ -353,6 +353,7 @@ def test_a_full_disk_at_the_start_of_a_resume_keeps_config_and_metrics(tmp_path,
     config, metrics = (run / "config.yaml").read_bytes(), (run / "metrics.jsonl").read_bytes()
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 9, "lo')  # a torn last line (a kill mid-write): dropped on resume, no crash
+    torn = (run / "metrics.jsonl").read_bytes()
     original = fileio.Path.write_bytes
 
     def full_disk(self, data):
@@ -366,10 +367,12 @@ def test_a_full_disk_at_the_start_of_a_resume_keeps_config_and_metrics(tmp_path,
     with pytest.raises(SetupError, match=r"cannot write the run folder .*run: No space left on device"):
         train(cfg, resume=True, loader=SyntheticLoader(batch_size=4))
     assert (run / "config.yaml").read_bytes() == config and not list(run.glob("*.tmp"))
+    assert (run / "metrics.jsonl").read_bytes() == torn  # whole as it was (`len(metrics) > 0` checked nothing)
     monkeypatch.undo()
     train(cfg, resume=True, loader=SyntheticLoader(batch_size=4))
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 3 and len(metrics) > 0
+    assert (run / "metrics.jsonl").read_bytes().startswith(metrics)  # the records before the resume, kept
 
 
 @pytest.mark.parametrize("pointer", [b"\xff\xfe", b"", b"../elsewhere", None])
