@@ -376,7 +376,12 @@ def _softmax_project(launch, h, v_logit, v_proj, g_logit, g_proj, rnorm_proj, ce
     row_max = m.max(dim=0).values
     weight = torch.exp2((m - row_max) * scale)  # each split's share, relative to the row's max
     total = (row_sum * weight).sum(dim=0)
-    projected = (out * weight.unsqueeze(-1)).sum(dim=0) / total.unsqueeze(-1)
+    share = weight / total  # (splits, R)
+    if h.element_size() == 2:  # one batched GEMV per row (R, 1, splits) @ (R, splits, D): the scratch read once; tf32
+        # where torch's matmul precision allows it, a 2^-11 rounding under the 16-bit operands' 2^-8
+        projected = torch.bmm(share.T.unsqueeze(1), out.transpose(0, 1)).squeeze(1)
+    else:  # fp32 operands take IEEE dots: scaled in place and summed, exact (the scratch crosses HBM three times)
+        projected = out.mul_(share.unsqueeze(-1)).sum(dim=0)
     # row 0's norms are saved for the backward: a copy of K floats, so the scratch is freed now
     return row_max, torch.log2(total), projected, rnorm[0].clone(), column.sum(dim=0) if centred else None
 
@@ -636,10 +641,15 @@ def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: in
     w_bytes, h_bytes = K * D * e, R * D * e
     # the teacher projects its probabilities onto the student's prototypes: a second (K, D) tensor
     w_proj = "w_student" if centred else "w"
-    partials = (4 * D + 8) * splits * R  # acc (splits, R, D) and stats (2, splits, R), fp32
-    # the weight norm: each program reads its split of v once more (its norm loop; the same tiles as its GEMM
-    # loop, so L2 serves one of the two reads) and g, and writes 1 / ||v|| to its own row of the rnorm scratch,
-    # which its GEMM loop reads back; the teacher also reads the student's g and 1 / ||v|| for its projection
+    acc, stats = 4 * D * splits * R, 8 * splits * R  # the (splits, R, D) and (2, splits, R) fp32 partials
+    partials = acc + stats
+    # the weight norm: each program reads its split of v once more (its norm loop, just before its GEMM loop reads
+    # the same tiles) and g, and writes 1 / ||v|| to its own row of the rnorm scratch, which its GEMM loop reads
+    # back; the teacher also reads the student's g and 1 / ||v|| for its projection. L2 serves the GEMM loop's
+    # read while the v a wave's norm loops stream fits in it: a larger cyclic stream misses every tile under LRU
+    # (fp32 v at the presets' shape, 67 MB; 16-bit v, 34 MB, fits the 50 / 40 MB of H100 / A100)
+    wave_splits = min(splits, triton.cdiv(concurrent, d_blocks * blocks))
+    reread = min(K, wave_splits * per_split) * D * e > l2_bytes
     norms = ["g", "rnorm"] + (["g_student", "rnorm_student"] if centred else [])
     sizes = {"h": h_bytes, "w": w_bytes, "w_student": w_bytes, "out": partials, "column": 8 * K * blocks,
              "centres": 8 * K, "high_weight": 4 * R, **dict.fromkeys(norms, 4 * K), "rnorm": 4 * K * blocks * d_blocks}
@@ -652,9 +662,13 @@ def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: in
         if centred:
             out += [("column", (m, j), 8 * cols(j)), ("centres", j, 8 * cols(j)), ("high_weight", m, 4 * rows(m)),
                     ("g_student", j, 4 * cols(j)), ("rnorm_student", j, 4 * cols(j))]
+        if reread:
+            out.append(("w", (j, "norm loop"), cols(j) * D * e))
         return out
-    # torch combines the splits (reads the partials, writes (R, D) + 2 R) and sums the column partials
-    extra = partials + 4 * R * D + 8 * R + (8 * K * (blocks + 1) if centred else 0)
+    # torch combines the splits into (R, D): 16-bit, one bmm reads the accumulators once; fp32, scaled in place (read,
+    # written) and summed (read again). The stats are read twice (max, then the shares) into the row max and
+    # log-sum; the column partials are summed
+    extra = (1 if e == 2 else 3) * acc + 2 * stats + 4 * R * D + 8 * R + (8 * K * (blocks + 1) if centred else 0)
     floor = (h_bytes + w_bytes * (2 if centred else 1) + 4 * R * D + 8 * R + (16 * K + 4 * R if centred else 0)
              + 4 * K * len(norms))
     return {"useful_flops": 4 * R * K * D, "executed_flops": executed, "min_bytes": floor,

@@ -12,8 +12,9 @@ The kernels never form z (Q x d per head): by associativity
 so per head the forward needs the scores (Q x M x d) and the M projections r (M x d) for the pooling
 logits, then the M-term sum for the output. Each program takes BLOCK_P = 16 positions side by side
 and walks the heads twice: first the scores, saving each head's attention (it is saved for backward
-anyway), then, once w is known, the output, reading the attention back (L2; in registers it capped
-the positions per program at 4).
+anyway), then, once w is known, the output, reading the values and the attention again (in registers the
+attention capped the positions per program at 4). A wave's values outgrow L2 at the presets' shapes, so
+the second read crosses HBM: moved bytes ~1.45x the floor (efficiency()).
 Saved for backward: w (T, Q), the attention (T, H, Q, M) and r (T, H, M), fp32 (29 MB at ViT-B's
 shape: cheaper than re-reading the keys to recompute them).
 
@@ -415,9 +416,13 @@ def roofline_cost(T: int, M: int, A: int, Q: int = 5, dtype_bytes: int = 2, back
 
 
 # The presets' calls (per GPU, 64 (ViT-B, vitb_h100) / 32 (ViT-L, vitl_h100) samples x 2 global crops x
-# 196 patches, S2-L2A + S2-L1C + S1 fused: M = 3, Q = 5 queries, H = 16 heads, A = 3 D).
+# 196 patches, Q = 5 queries, H = 16 heads, A = 3 D): a fused view draws 2 or 3 of the 3 sensors, each half
+# the time (data.views.modality_mix), so M = 3 (S2-L2A + S2-L1C + S1) and M = 2 (its own compiled tiles,
+# BLOCK_M = 2) are both production shapes.
 PRODUCTION_SHAPES = {"b": {"T": 25088, "M": 3, "Q": 5, "A": 2304, "H": 16},
-                     "l": {"T": 12544, "M": 3, "Q": 5, "A": 3072, "H": 16}}
+                     "l": {"T": 12544, "M": 3, "Q": 5, "A": 3072, "H": 16},
+                     "b_m2": {"T": 25088, "M": 2, "Q": 5, "A": 2304, "H": 16},
+                     "l_m2": {"T": 12544, "M": 2, "Q": 5, "A": 3072, "H": 16}}
 
 
 def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes: int, sms: int, concurrent: int,
@@ -446,10 +451,19 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
         executed = plan["forward"][0] * bp * (H * per_head + 2 * bq * bqm + 3 * bqm)
         sizes = {"k": tokens, "v": tokens, "out": T * A * e, "w": T * Q * 4, "saved": T * saved, "q": Q * A * e}
 
+        # the output pass reads the values and the attention again: L2 serves it only while a wave's values and
+        # attention fit in half of L2 (the wave model's residency rule); at the presets' shapes they do not
+        attention = H * Q * M * 4
+        wave = min(concurrent, plan["forward"][0]) * bp * (M * A * e + attention)
+        again = wave > l2_bytes // 2
+
         def touches(p, _y, _z):
             n = min(bp, T - p * bp)  # positions of this program
-            return [("k", p, n * M * A * e), ("v", p, n * M * A * e), ("q", 0, Q * A * e), ("pool", 0, A * e),
-                    ("out", p, n * A * e), ("w", p, n * Q * 4), ("saved", p, n * saved)]
+            out = [("k", p, n * M * A * e), ("v", p, n * M * A * e), ("q", 0, Q * A * e), ("pool", 0, A * e),
+                   ("out", p, n * A * e), ("w", p, n * Q * 4), ("saved", p, n * saved)]
+            if again:
+                out += [("v", (p, "output pass"), n * M * A * e), ("saved", (p, "output pass"), n * attention)]
+            return out
         floor = 2 * tokens + T * A * e + Q * A * e + A * e
     elif kernel == "backward_pool":  # u = dout . values, then the pooling softmax's backward per head
         useful = 2 * T * M * A + T * (13 * hqm + 4 * Q)
@@ -498,11 +512,11 @@ MULTIPLES_OF_16 = ("T", "A", "D")
 
 def compile_specs() -> list[dict]:
     """Shipped GPU configurations: ViT-B (A = 2304, H = 16, d = 144) and ViT-L (A = 3072, d = 192), Q = 5,
-    M = 2 or 3 (the same 16-lane tiles)."""
+    M = 3 and M = 2 (the same 16 lanes, BLOCK_M 4 or 2: two compiled variants)."""
     specs = []
     for dtype, ptr in TRITON_DTYPE.items():
         name = str(dtype).removeprefix("torch.")
-        for size in PRODUCTION_SHAPES:  # the same compiled kernels, counted at ViT-B's and ViT-L's shapes
+        for size in PRODUCTION_SHAPES:  # ViT-B and ViT-L share a compiled kernel per M, counted at each shape
             plan = launch_plan(**PRODUCTION_SHAPES[size], dtype_bytes=dtype.itemsize)
             counts = lambda kernel, size=size, e=dtype.itemsize: partial(  # noqa: E731
                 efficiency, kernel, **PRODUCTION_SHAPES[size], dtype_bytes=e)

@@ -5,6 +5,8 @@ any input dtype (its small per-head products are fp32 FMA dots, never bf16 tl.do
 tested under the interpreter too.
 """
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -105,22 +107,48 @@ def test_bad_inputs_raise_before_launch(change, error, match):
         cross_attention_fusion(**args)
 
 
-@pytest.mark.parametrize("size", ["b", "l"])
+@pytest.mark.parametrize("size", ["b", "l", "b_m2", "l_m2"])
 def test_efficiency_counts_at_production_shapes(size):
-    """The compile report's counts (no compile needed): every kernel within the 1.5x bounds, never less work than
-    the op needs, and the kernels' useful FLOPs add up to roofline_cost's plus the O(T H Q M) softmax terms."""
+    """The compile report's counts (no compile needed): every kernel within the 1.5x bounds unless the report lists
+    it as over (then it must be over), never less work than the op needs, and the kernels' useful FLOPs add up to
+    roofline_cost's plus the O(T H Q M) softmax terms. M = 2 (two fused sensors) is as frequent as M = 3."""
+    from terrafm_kernels.compile_report import KNOWN_OVER_BOUND
     from terrafm_kernels.fusion import PRODUCTION_SHAPES, efficiency, roofline_cost
 
     shape = PRODUCTION_SHAPES[size]
+    assert set(PRODUCTION_SHAPES) == {"b", "l", "b_m2", "l_m2"} and shape["M"] == (2 if size.endswith("m2") else 3)
     h100 = {"sms": 132, "concurrent": 132 * 4, "l2_bytes": 50 * 2**20}
-    counts = {k: efficiency(k, **shape, dtype_bytes=2, **h100) for k in ("forward", "backward_pool", "backward_head")}
+    kernels = {"forward": "fwd", "backward_pool": "bwd_pool", "backward_head": "bwd_head"}
+    counts = {k: efficiency(k, **shape, dtype_bytes=2, **h100) for k in kernels}
     for kernel, c in counts.items():
-        assert c["useful_flops"] <= c["executed_flops"] <= 1.5 * c["useful_flops"], (kernel, c)
+        assert c["useful_flops"] <= c["executed_flops"], (kernel, c)
+        over = c["executed_flops"] > 1.5 * c["useful_flops"]
+        assert over == (f"fusion_{kernels[kernel]}_bfloat16_{size}" in KNOWN_OVER_BOUND), (kernel, c)
         assert c["min_bytes"] <= c["moved_bytes"] <= 1.5 * c["min_bytes"], (kernel, c)
     T, M, Q, A, H = (shape[k] for k in "TMQAH")
     cost = roofline_cost(T, M, A, Q, backward=True)
     softmax_terms = T * 20 * H * Q * M + 7 * T * Q + T * M * A + Q * A  # + the grad keys / queries scale
     assert sum(c["useful_flops"] for c in counts.values()) == cost["flops"] + softmax_terms
+
+
+def test_forward_count_pays_the_output_pass_reread_only_when_a_wave_outgrows_l2():
+    """The forward's output pass reads the values and attention again: from HBM when a wave's values exceed half
+    of L2 (ViT-B, 132 x 3 programs of 16 positions, 117 MB of bf16 values), from L2 when they fit (128 positions)."""
+    from terrafm_kernels.fusion import PRODUCTION_SHAPES, efficiency
+
+    shape = PRODUCTION_SHAPES["b"]
+    M, Q, A, H = (shape[k] for k in "MQAH")
+    h100 = {"sms": 132, "concurrent": 132 * 3, "l2_bytes": 50 * 2**20}
+
+    def first_pass(T):  # keys, values, out, w, attention + r saved, queries: each once; pool once per wave
+        waves = math.ceil(math.ceil(T / 16) / h100["concurrent"])
+        return 2 * T * M * A * 2 + T * A * 2 + T * Q * 4 + T * H * (Q * M + M) * 4 + Q * A * 2 + waves * A * 2
+
+    T = shape["T"]
+    big = efficiency("forward", **shape, dtype_bytes=2, **h100)
+    assert big["moved_bytes"] == first_pass(T) + T * M * A * 2 + T * H * Q * M * 4
+    small = efficiency("forward", **{**shape, "T": 128}, dtype_bytes=2, **h100)
+    assert small["moved_bytes"] == first_pass(128)
 
 
 @pytest.mark.parametrize("A, num_heads, error, name", [
