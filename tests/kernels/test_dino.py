@@ -117,8 +117,9 @@ def test_sinkhorn_knopp_stays_finite_where_dinov2_overflows(K, temp, device):
     want = oracle.sinkhorn_log_f64(t.cpu(), temp)
     assert torch.isfinite(out).all()
     assert torch.allclose(out.double().sum(-1), torch.ones(R, dtype=torch.float64), atol=1e-5)
-    # exponents of ~1250 in fp32 carry ~1e-4 absolute rounding: probabilities agree to that
-    assert (out.double() - want).abs().max().item() < 2e-3
+    # exponents of ~1250 in fp32 carry ~1e-4 absolute rounding, so each probability agrees to ~1e-4 relative
+    # (1.4e-4 measured; an absolute 2e-3 let any row-normalised output pass: the probabilities are ~1e-5)
+    torch.testing.assert_close(out.double(), want, rtol=1e-3, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -79,15 +79,26 @@ def test_module_drop_in_matches_reference(device):
     torch.testing.assert_close(module(keys, values), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_model_case_n_uses_the_kernel(device):
+def test_model_case_n_uses_the_kernel(device, monkeypatch):
     from terrafm.models import build_model
+    from terrafm_kernels import fusion
 
     ref_model = build_model("terrafm_tiny", img_size=32, fusion=True, fusion_heads=4).to(device)
     kern_model = build_model("terrafm_tiny", img_size=32, fusion=True, fusion_heads=4,
                              ops={"cross_attention_fusion": "triton"}, ops_device=device).to(device)
     kern_model.load_state_dict(ref_model.state_dict())
     images = {"s2_l2a": torch.randn(2, 12, 32, 32, device=device), "s1": torch.randn(2, 2, 32, 32, device=device)}
-    torch.testing.assert_close(kern_model(images), ref_model(images), rtol=1e-4, atol=1e-4)
+    launched, launch = [], fusion.launch_kernel
+
+    def counted(kernel, *args, **kwargs):
+        launched.append(kernel)
+        return launch(kernel, *args, **kwargs)
+    monkeypatch.setattr(fusion, "launch_kernel", counted)
+    kern_out = kern_model(images)
+    assert fusion._forward_kernel in launched  # the equality below would hold for a model running the reference too
+    launched.clear()
+    torch.testing.assert_close(kern_out, ref_model(images), rtol=1e-4, atol=1e-4)
+    assert not launched
 
 
 @pytest.mark.parametrize("change,error,match", [

@@ -39,9 +39,12 @@ refused(lambda: fusion(torch.randn(10, 17, 32), torch.randn(10, 17, 32)), ValueE
 refused(lambda: embed(torch.randn(2, 4, 32, 32)), ValueError, "x has 4 channels but weight expects C=3")
 softmax = DualCenteringSoftmax(64)
 refused(lambda: softmax(torch.randn(8, 64), torch.zeros(8), 0.0), ValueError, "temperature must be > 0")
-refused(lambda: softmax(torch.randn(8, 32), torch.zeros(8), 0.04), ValueError, "")
-refused(lambda: DINOCrossEntropy(0.1)(torch.randn(4, 2, 64), torch.rand(2, 3, 64)), ValueError, "")
-refused(lambda: DINOHeadLoss(16, 64)(torch.randn(4, 2, 8), torch.randn(2, 2, 8), torch.zeros(4), 0.04), ValueError, "")
+refused(lambda: softmax(torch.randn(8, 32), torch.zeros(8), 0.04), ValueError,
+        "center has 64 entries but teacher_logits has K=32")
+refused(lambda: DINOCrossEntropy(0.1)(torch.randn(4, 2, 64), torch.rand(2, 3, 64)), ValueError,
+        "must match student_logits (S, B, K) = (4, 2, 64) in B and K")
+refused(lambda: DINOHeadLoss(16, 64)(torch.randn(4, 2, 8), torch.randn(2, 2, 8), torch.zeros(4), 0.04), ValueError,
+        "weight_v (K, D) = (64, 16) must have D=8 like the features")
 dino = DINOLoss(8)
 refused(lambda: dino.softmax_center_teacher(torch.randn(4, 8), 0.0), ValueError, "teacher_temp must be > 0")
 refused(lambda: dino.softmax_center_teacher(torch.randn(4, 16), 0.04), ValueError, "center must be (K,)")
