@@ -295,6 +295,13 @@ def hbm_bytes(grid: tuple[int, ...], touches, tensor_bytes: dict[str, int], conc
     return total
 
 
+def l2_serves_reread(streamed_between: int, l2_bytes: int) -> bool:
+    """Whether L2 still holds a tile when the program that read it reads it again: under LRU only while the bytes
+    that every resident program streams between the two reads fit in L2 (a larger cyclic stream misses every tile).
+    For kernels whose second pass over their own tiles hbm_bytes' in-wave credit would count as free."""
+    return streamed_between <= l2_bytes
+
+
 def aligned_at_production(signature: dict[str, str], multiples_of_16: tuple[str, ...]) -> tuple[str, ...]:
     """The arguments the JIT specializes as divisible by 16 at the presets' shapes (the compile report compiles
     that variant): every pointer (torch's allocations, and views of them offset by whole rows of 16-multiple

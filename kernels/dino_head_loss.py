@@ -82,6 +82,7 @@ from ._common import (
     descriptor_operand,
     hbm_bytes,
     interpreted,
+    l2_serves_reread,
     launch_kernel,
     no_second_derivative,
     pad,
@@ -645,11 +646,10 @@ def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: in
     partials = acc + stats
     # the weight norm: each program reads its split of v once more (its norm loop, just before its GEMM loop reads
     # the same tiles) and g, and writes 1 / ||v|| to its own row of the rnorm scratch, which its GEMM loop reads
-    # back; the teacher also reads the student's g and 1 / ||v|| for its projection. L2 serves the GEMM loop's
-    # read while the v a wave's norm loops stream fits in it: a larger cyclic stream misses every tile under LRU
-    # (fp32 v at the presets' shape, 67 MB; 16-bit v, 34 MB, fits the 50 / 40 MB of H100 / A100)
+    # back; the teacher also reads the student's g and 1 / ||v|| for its projection. Between a tile's two reads the
+    # wave's norm loops stream their splits of v: fp32 v at the presets' shape (67 MB) misses L2, 16-bit (34 MB) not
     wave_splits = min(splits, triton.cdiv(concurrent, d_blocks * blocks))
-    reread = min(K, wave_splits * per_split) * D * e > l2_bytes
+    reread = not l2_serves_reread(min(K, wave_splits * per_split) * D * e, l2_bytes)
     norms = ["g", "rnorm"] + (["g_student", "rnorm_student"] if centred else [])
     sizes = {"h": h_bytes, "w": w_bytes, "w_student": w_bytes, "out": partials, "column": 8 * K * blocks,
              "centres": 8 * K, "high_weight": 4 * R, **dict.fromkeys(norms, 4 * K), "rnorm": 4 * K * blocks * d_blocks}

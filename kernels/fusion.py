@@ -13,8 +13,8 @@ so per head the forward needs the scores (Q x M x d) and the M projections r (M 
 logits, then the M-term sum for the output. Each program takes BLOCK_P = 16 positions side by side
 and walks the heads twice: first the scores, saving each head's attention (it is saved for backward
 anyway), then, once w is known, the output, reading the values and the attention again (in registers the
-attention capped the positions per program at 4). A wave's values outgrow L2 at the presets' shapes, so
-the second read crosses HBM: moved bytes ~1.45x the floor (efficiency()).
+attention capped the positions per program at 4). What a wave streams in between outgrows L2 at the
+presets' shapes, so the second read crosses HBM: moved bytes ~1.45x the floor (efficiency()).
 Saved for backward: w (T, Q), the attention (T, H, Q, M) and r (T, H, M), fp32 (29 MB at ViT-B's
 shape: cheaper than re-reading the keys to recompute them).
 
@@ -58,6 +58,7 @@ from ._common import (
     check_tensor,
     hbm_bytes,
     interpreted,
+    l2_serves_reread,
     launch_kernel,
     no_second_derivative,
 )
@@ -451,11 +452,10 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
         executed = plan["forward"][0] * bp * (H * per_head + 2 * bq * bqm + 3 * bqm)
         sizes = {"k": tokens, "v": tokens, "out": T * A * e, "w": T * Q * 4, "saved": T * saved, "q": Q * A * e}
 
-        # the output pass reads the values and the attention again: L2 serves it only while a wave's values and
-        # attention fit in half of L2 (the wave model's residency rule); at the presets' shapes they do not
+        # the output pass reads the values and the attention again, after the wave's first passes streamed their
+        # keys, values and attention: from HBM at the presets' shapes (ViT-B bf16: 181 MB a wave)
         attention = H * Q * M * 4
-        wave = min(concurrent, plan["forward"][0]) * bp * (M * A * e + attention)
-        again = wave > l2_bytes // 2
+        again = not l2_serves_reread(min(concurrent, plan["forward"][0]) * bp * (2 * M * A * e + attention), l2_bytes)
 
         def touches(p, _y, _z):
             n = min(bp, T - p * bp)  # positions of this program

@@ -143,8 +143,9 @@ def test_efficiency_counts_at_production_shapes(size):
 
 
 def test_forward_count_pays_the_output_pass_reread_only_when_a_wave_outgrows_l2():
-    """The forward's output pass reads the values and attention again: from HBM when a wave's values exceed half
-    of L2 (ViT-B, 132 x 3 programs of 16 positions, 117 MB of bf16 values), from L2 when they fit (128 positions)."""
+    """The forward's output pass reads the values and attention again: from HBM when what a wave streams in between
+    (keys, values, attention) outgrows L2 (ViT-B, 132 x 3 programs of 16 positions: 181 MB of bf16 tokens), from L2
+    when it fits (128 positions)."""
     from terrafm_kernels.fusion import PRODUCTION_SHAPES, efficiency
 
     shape = PRODUCTION_SHAPES["b"]
