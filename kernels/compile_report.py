@@ -70,12 +70,6 @@ KNOWN_OVER_BOUND = {
                                "Compute bound at this shape: the bytes take 313 / 571 us of the tf32 FLOPs' 718 / "
                                "2277 us (H100 / A100), so the waste costs no time",
 }
-KNOWN_OVER_BOUND["head_softmax_project_student_float32"] = (
-    "bytes only: the norm loop streams a program's split of v just before its GEMM loop does; fp32 v (67 MB at the "
-    "presets' K x D) outgrows L2 within a wave, so v crosses HBM twice (16-bit v, 34 MB, fits: 1.45-1.56x). Not a "
-    "preset dtype, and compute bound on IEEE FMA: the bytes take 48 / 79 us of the FLOPs' 642 / 2203 us (H100 / "
-    "A100). Closing it: the sums of squares from the GEMM loop's own v tiles (the logits scaled per tile after its "
-    "dot), which the separate loop avoided for registers")
 _FUSION_M2 = ("FLOPs only: two fused sensors fill 10 of the 16 lanes (Q M = 5 x 2; three fill 15), and 16-bit data "
               "pads ViT-B's d = 144 to 160 columns (D_CHUNK 32); ViT-L (d = 192) is within bound. Memory bound at "
               "this shape: the executed fp32 FLOPs take 41 / 74 us of the bytes' 252 / 324 us (16-bit forward / "

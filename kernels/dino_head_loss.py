@@ -23,7 +23,8 @@ sm_90 and masked loads below it and in the interpreter, the same code; fp32's FM
                              and softmax(z) @ W_proj rescaled as the max grows, in one pass (A and the
                              teacher's centre statistics; Bs and lse for the student). A first loop over
                              the split writes r = 1 / ||v|| of its prototypes to the program's row of a
-                             scratch (K-vector per program; the student's row 0 is saved as r_s)
+                             scratch (K-vector per program; the student's row 0 is saved as r_s); the fp32
+                             student computes them in its GEMM loop instead (LaunchPlan.norm_in_loop)
     _grad_weight_kernel      K block: G = softmax_s^T (n h_s) - P^T Hbar over the student's then the teacher's
                              rows in one fp32 accumulator, then dL / dv_s and dL / dg_s from G and the block's
                              v_s tile (its epilogue), written once in v's and fp32
@@ -45,7 +46,8 @@ Cost per call (R_s = S B, R_t = T B rows, D bottleneck, e bytes per element of h
              sums, g read and 1 / ||v|| written) (+ 16 K for a separate teacher's g and norms)
              backward adds 2 K D e (read v, write dL/dv) + 4 R_s D + 4 K (dL/dg)
     Each pass streams v once per BLOCK_M rows (L2 serves the repeats for R <= a few hundred rows); the
-    norm loop reads the program's split of v once more, just before its GEMM loop reads it (L2).
+    norm loop reads the program's split of v once more, just before its GEMM loop reads it: from L2 while a
+    wave's v fits there (16-bit), from HBM for the fp32 teacher's (the fp32 student has no norm loop).
 Weight norm traffic saved: torch formed W = g v / ||v|| in fp32 and cast it for both sides, and its autograd
 ran the normalisation's backward on (K, D) fp32 tensors: at the presets' shape (bf16 v, g = None) 806 MB
 forward and 1613 MB backward of torch's own reads and writes (~720 us of HBM time on an H100, six times the
@@ -143,20 +145,28 @@ def _tile(op, r0, c0, rows, cols, stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.con
 
 
 @triton.jit
+def _inverse_norms(v_ptr, cols, col_mask, D, D_STRIDE, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                   NORM_CHUNK: tl.constexpr):
+    """1 / ||v_k|| (fp32, 1 where masked) for the prototypes cols of v (K, D), rows D_STRIDE apart, read in
+    (BLOCK_K, NORM_CHUNK) slices: few registers."""
+    sumsq = tl.zeros([BLOCK_K], tl.float32)
+    for c in tl.static_range(0, BLOCK_D, NORM_CHUNK):
+        dims = c + tl.arange(0, NORM_CHUNK)
+        x = tl.load(v_ptr + cols[:, None] * D_STRIDE + dims[None, :],
+                    mask=col_mask[:, None] & (dims < D)[None, :], other=0.0).to(tl.float32)
+        sumsq += tl.sum(x * x, axis=1)
+    return 1.0 / tl.sqrt_rn(tl.where(col_mask, sumsq, 1.0))
+
+
+@triton.jit
 def _store_inverse_norms(out_ptr, v_ptr, k_start, k_end, D, D_STRIDE, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                          NORM_CHUNK: tl.constexpr):
-    """out[k] = 1 / ||v_k|| (fp32) for the prototypes k_start <= k < k_end of v (K, D), rows D_STRIDE apart,
-    read in (BLOCK_K, NORM_CHUNK) slices: few registers, as this loop runs apart from the GEMM loop."""
+    """out[k] = 1 / ||v_k|| for the prototypes k_start <= k < k_end of v, in a loop apart from the GEMM loop."""
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < k_end
-        sumsq = tl.zeros([BLOCK_K], tl.float32)
-        for c in tl.static_range(0, BLOCK_D, NORM_CHUNK):
-            dims = c + tl.arange(0, NORM_CHUNK)
-            x = tl.load(v_ptr + cols[:, None] * D_STRIDE + dims[None, :],
-                        mask=col_mask[:, None] & (dims < D)[None, :], other=0.0).to(tl.float32)
-            sumsq += tl.sum(x * x, axis=1)
-        tl.store(out_ptr + cols, 1.0 / tl.sqrt_rn(tl.where(col_mask, sumsq, 1.0)), mask=col_mask)
+        tl.store(out_ptr + cols, _inverse_norms(v_ptr, cols, col_mask, D, D_STRIDE, BLOCK_K, BLOCK_D, NORM_CHUNK),
+                 mask=col_mask)
 
 
 @triton.jit
@@ -174,6 +184,7 @@ def _softmax_project_kernel(
     R, K, D, D_STRIDE, K_PER_SPLIT, scale, alpha,
     CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr, DOT_IEEE: tl.constexpr, TMA: tl.constexpr, NORM_CHUNK: tl.constexpr,
+    NORM_IN_LOOP: tl.constexpr,
 ):
     """Per (output D block, row block, K split), in one pass as flash attention does: the running max m of
     z, the sum l of exp2((z - m) scale) and acc = sum of exp2((z - m) scale) W_proj[:, dblock], both
@@ -182,8 +193,10 @@ def _softmax_project_kernel(
 
     Weight norm folded in: W = s v with s_k = g_k / ||v_k||, so z = (h v^T) s and p W_proj = (p s_proj) v_proj.
     A first loop writes 1 / ||v_k|| of the split's logit prototypes to this program's row of rnorm (D blocks x
-    row blocks, K); the GEMM loop reads them back. s_proj is s for the student (v_proj = v_logit), g_proj rnorm_proj
-    (the student's norms) for the teacher (CENTER). h, v_logit, v_proj: rows D_STRIDE apart."""
+    row blocks, K); the GEMM loop reads them back. NORM_IN_LOOP (LaunchPlan.norm_in_loop) takes them in the GEMM
+    loop instead, from slices of each v tile it just loaded (L1 / L2 hits), so v streams from HBM once. s_proj is s
+    for the student (v_proj = v_logit), g_proj rnorm_proj (the student's norms) for the teacher (CENTER). h, v_logit,
+    v_proj: rows D_STRIDE apart."""
     pid_d = tl.program_id(0)  # fastest: the D blocks sharing a W split run in one wave (W read once)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -196,8 +209,9 @@ def _softmax_project_kernel(
     k_start = split * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     rnorm_ptr += (pid_m * tl.num_programs(0) + pid_d).to(tl.int64) * K
-    _store_inverse_norms(rnorm_ptr, v_logit_ptr, k_start, k_end, D, D_STRIDE, BLOCK_K, BLOCK_D, NORM_CHUNK)
-    tl.debug_barrier()  # the GEMM loop's threads read what other threads of this program wrote
+    if not NORM_IN_LOOP:
+        _store_inverse_norms(rnorm_ptr, v_logit_ptr, k_start, k_end, D, D_STRIDE, BLOCK_K, BLOCK_D, NORM_CHUNK)
+        tl.debug_barrier()  # the GEMM loop's threads read what other threads of this program wrote
     h_op = _operand(h_ptr, R, D, D_STRIDE, BLOCK_M, BLOCK_D, TMA)
     v_op = _operand(v_logit_ptr, K, D, D_STRIDE, BLOCK_K, BLOCK_D, TMA)
     vp_op = _operand(v_proj_ptr, K, D, D_STRIDE, BLOCK_K, BLOCK_DO, TMA)
@@ -211,8 +225,12 @@ def _softmax_project_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < k_end
         v = _tile(v_op, k0, 0, K, D, D_STRIDE, BLOCK_K, BLOCK_D, TMA)
-        s = tl.load(g_logit_ptr + cols, mask=col_mask, other=0.0) * tl.load(rnorm_ptr + cols, mask=col_mask,
-                                                                            other=0.0)
+        if NORM_IN_LOOP:  # slices of the tile just loaded: L1 / L2 hits
+            rnorm = _inverse_norms(v_logit_ptr, cols, col_mask, D, D_STRIDE, BLOCK_K, BLOCK_D, NORM_CHUNK)
+            tl.store(rnorm_ptr + cols, rnorm, mask=col_mask)
+        else:
+            rnorm = tl.load(rnorm_ptr + cols, mask=col_mask, other=0.0)
+        s = tl.load(g_logit_ptr + cols, mask=col_mask, other=0.0) * rnorm
         z = _dot(h, tl.trans(v), DOT_IEEE) * s[None, :]
         if CENTER:
             if pid_d == 0:
@@ -336,6 +354,12 @@ class LaunchPlan:
         block_do = min(self.block_d, self.config["BLOCK_DO"])
         return block_do, triton.cdiv(self.D, block_do)
 
+    def norm_in_loop(self, centred: bool) -> bool:
+        """Whether the project kernel takes its norms in its GEMM loop (slices of each v tile it just loaded) rather
+        than in a loop of its own first, which streams v once more: fp32's student, within 128 registers and no
+        spills; the 16-bit configs and the fp32 teacher (its centring) spill with it."""
+        return self.dot_ieee and not centred
+
     def meta(self, **extra):
         return {**dict(BLOCK_M=self.block_m, BLOCK_K=self.block_k, BLOCK_D=self.block_d, DOT_IEEE=self.dot_ieee,
                        TMA=self.tma, num_warps=self.config["num_warps"], num_stages=self.config["num_stages"]),
@@ -371,7 +395,8 @@ def _softmax_project(launch, h, v_logit, v_proj, g_logit, g_proj, rnorm_proj, ce
     launch_kernel(
         _softmax_project_kernel, grid, h, v_logit, v_proj, g_logit, g_proj, rnorm_proj, rnorm, center, center_high,
         high_weight, stats, out, column, R, launch.K, launch.D, h.stride(0), per_split, scale, alpha,
-        **launch.meta(CENTER=centred, BLOCK_DO=block_do, NORM_CHUNK=launch.norm_chunk),
+        **launch.meta(CENTER=centred, BLOCK_DO=block_do, NORM_CHUNK=launch.norm_chunk,
+                      NORM_IN_LOOP=launch.norm_in_loop(centred)),
     )
     m, row_sum = stats
     row_max = m.max(dim=0).values
@@ -649,7 +674,7 @@ def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: in
     # back; the teacher also reads the student's g and 1 / ||v|| for its projection. Between a tile's two reads the
     # wave's norm loops stream their splits of v: fp32 v at the presets' shape (67 MB) misses L2, 16-bit (34 MB) not
     wave_splits = min(splits, triton.cdiv(concurrent, d_blocks * blocks))
-    reread = not l2_serves_reread(min(K, wave_splits * per_split) * D * e, l2_bytes)
+    reread = not plan.norm_in_loop(centred) and not l2_serves_reread(min(K, wave_splits * per_split) * D * e, l2_bytes)
     norms = ["g", "rnorm"] + (["g_student", "rnorm_student"] if centred else [])
     sizes = {"h": h_bytes, "w": w_bytes, "w_student": w_bytes, "out": partials, "column": 8 * K * blocks,
              "centres": 8 * K, "high_weight": 4 * R, **dict.fromkeys(norms, 4 * K), "rnorm": 4 * K * blocks * d_blocks}
@@ -731,7 +756,8 @@ def compile_specs() -> list[dict]:
                               "center_ptr": "*fp32", "center_high_ptr": "*fp32", "high_weight_ptr": "*fp32",
                               "stats_ptr": "*fp32", "out_ptr": "*fp32", "column_ptr": "*fp32", "R": "i32", "K": "i32",
                               "D": "i32", "D_STRIDE": "i32", "K_PER_SPLIT": "i32", "scale": "fp32", "alpha": "fp32"},
-                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["BLOCK_DO"], "NORM_CHUNK": NORM_CHUNK},
+                "constexprs": {**blocks, "CENTER": centred, "BLOCK_DO": config["BLOCK_DO"], "NORM_CHUNK": NORM_CHUNK,
+                               "NORM_IN_LOOP": fp32 and not centred},
                 **common,
                 "efficiency": counts("project"),
             })

@@ -252,16 +252,19 @@ def test_production_plan_computes_each_logit_tile_once_per_pass():
 
 
 def test_project_count_pays_the_norm_loop_reread_only_when_v_outgrows_l2():
-    """The norm loop streams a program's split of v just before its GEMM loop does: L2 serves the second read
-    while a wave's v fits in it (bf16, 34 MB), HBM when it does not (fp32, 67 MB): exactly one more K D e."""
+    """A norm loop of its own streams a program's split of v just before its GEMM loop does: L2 serves the second
+    read while a wave's v fits in it (bf16, 34 MB), HBM when it does not (the fp32 teacher's 67 MB): exactly one more
+    K D e. The fp32 student takes its norms in its GEMM loop (LaunchPlan.norm_in_loop): v streams once."""
     K, D, sms = PRODUCTION_SHAPE["K"], PRODUCTION_SHAPE["D"], 132
     mib = 2**20
-    # (bytes per element, L2, an L2 that holds v but leaves the same tensors L2-resident, the difference)
-    for e, l2, roomy, extra in ((2, 50 * mib, 64 * mib, 0), (2, 30 * mib, 64 * mib, K * D * 2),
-                                (4, 50 * mib, 100 * mib, K * D * 4)):
-        counts = [efficiency("project", False, **PRODUCTION_SHAPE, dtype_bytes=e, sms=sms, concurrent=4 * sms,
+    # (bytes per element, centred, L2, an L2 that holds v but leaves the same tensors L2-resident, the difference)
+    for e, centred, l2, roomy, extra in ((2, False, 50 * mib, 64 * mib, 0), (2, False, 30 * mib, 64 * mib, K * D * 2),
+                                         (4, True, 50 * mib, 100 * mib, K * D * 4), (4, False, 50 * mib, 100 * mib, 0)):
+        counts = [efficiency("project", centred, **PRODUCTION_SHAPE, dtype_bytes=e, sms=sms, concurrent=4 * sms,
                              l2_bytes=size) for size in (l2, roomy)]
-        assert counts[0]["moved_bytes"] - counts[1]["moved_bytes"] == extra, (e, l2)
+        assert counts[0]["moved_bytes"] - counts[1]["moved_bytes"] == extra, (e, centred, l2)
+    assert LaunchPlan(K, D, fp32=True, interpreter=False, sms=sms).norm_in_loop(False)
+    assert not LaunchPlan(K, D, fp32=False, interpreter=False, sms=sms).norm_in_loop(False)
 
 
 def test_compile_report_compiles_the_specialized_variant_the_jit_runs():
