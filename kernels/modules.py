@@ -65,20 +65,30 @@ def _pair(name: str, value) -> tuple[int, int]:
     return (value, value)
 
 
+# timm's output formats (timm.layers.Format) from the kernel's (B, N, E) tokens, N = gh x gw row-major: views, no copy
+PATCH_FORMATS = {
+    "NLC": lambda t, gh, gw: t,
+    "NCL": lambda t, gh, gw: t.transpose(1, 2),
+    "NHWC": lambda t, gh, gw: t.unflatten(1, (gh, gw)),
+    "NCHW": lambda t, gh, gw: t.unflatten(1, (gh, gw)).permute(0, 3, 1, 2),
+}
+
+
 class PatchEmbed(_CpuPath, torch.nn.Module):
     """Drop-in for timm's PatchEmbed: `proj` is a Conv2d ([D, C, p, p] weights load unchanged).
 
     Runs the Triton kernel on CUDA tensors, and on CPU tensors the kernel under TRITON_INTERPRET=1
     or else the reference (conv2d), chosen when the module is built, so it works in any environment.
-    strict_img_size (timm's default): images must be img_size; False takes any multiple of the patch size.
-    Takes the keywords timm's VisionTransformer builds its embed_layer with (norm_layer, device, dtype, and
-    flatten / output_fmt / dynamic_img_pad at the (B, N, E) layout without padding it returns), so
-    `embed_layer=PatchEmbed` works; other layouts and padding are refused by name.
+    strict_img_size (timm's default): images must be img_size (None: any size); False takes any multiple of the
+    patch size, and dynamic_img_pad any size, zero-padded at the bottom and right to whole patches as timm pads.
+    Takes timm's keywords (norm_layer, flatten, output_fmt NLC / NCL / NHWC / NCHW, dynamic_img_pad, device,
+    dtype) and its methods (set_input_size, feat_ratio, dynamic_feat_size), so `embed_layer=PatchEmbed` builds
+    timm's VisionTransformer, dynamic_img_size=True included.
     """
 
     _CPU_PATH = (patch_embed, _patch_embed_op.validate, reference.patch_embed)
 
-    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+    def __init__(self, img_size: int | tuple[int, int] | None = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, bias: bool = True, strict_img_size: bool = True, *,
                  norm_layer: Callable | None = None, flatten: bool = True, output_fmt: str | None = None,
                  dynamic_img_pad: bool = False, device=None, dtype=None):
@@ -86,41 +96,78 @@ class PatchEmbed(_CpuPath, torch.nn.Module):
         if not isinstance(bias, bool):  # timm's 5th positional argument is norm_layer: None or a class slipped in here
             raise TypeError(f"bias must be a bool, got {type(bias).__name__} {bias!r} (timm's PatchEmbed takes "
                             "norm_layer 5th: pass norm_layer= and the arguments after embed_dim by keyword)")
-        unsupported = ("is not supported: PatchEmbed returns (B, N, E) tokens of whole patches; keep timm's "
-                       "PatchEmbed and run terrafm_kernels.swap.accelerate_vit on the model instead")
-        if output_fmt is not None and output_fmt != "NLC":
-            raise ValueError(f"output_fmt={str(output_fmt)!r} {unsupported}")
-        if output_fmt is None and not flatten:
-            raise ValueError(f"flatten=False (timm's (B, E, H/p, W/p) layout) {unsupported}")
-        if dynamic_img_pad:
-            raise ValueError(f"dynamic_img_pad=True (images padded to a multiple of the patch) {unsupported}")
+        if output_fmt is not None and str(output_fmt) not in PATCH_FORMATS:
+            raise ValueError(f"output_fmt={str(output_fmt)!r} is not one of timm's formats {list(PATCH_FORMATS)}")
+        # timm: an output_fmt wins over flatten; without one, flatten=True gives (B, N, E), False (B, E, H/p, W/p)
+        self.output_fmt = str(output_fmt) if output_fmt is not None else ("NLC" if flatten else "NCHW")
+        self.flatten = output_fmt is None and bool(flatten)
         self.strict_img_size = bool(strict_img_size)
-        self.img_size = _pair("img_size", img_size)
+        self.dynamic_img_pad = bool(dynamic_img_pad)
         self.patch_size = _pair("patch_size", patch_size)
         if self.patch_size[0] != self.patch_size[1]:
             raise ValueError(f"PatchEmbed supports square patches, got {self.patch_size}")
-        for name, value in (("img_size", self.img_size[0]), ("img_size", self.img_size[1]),
-                            ("patch_size", self.patch_size[0]), ("in_chans", in_chans), ("embed_dim", embed_dim)):
+        for name, value in (("patch_size", self.patch_size[0]), ("in_chans", in_chans), ("embed_dim", embed_dim)):
             check_size(name, value)
-        if self.strict_img_size and any(s % self.patch_size[0] for s in self.img_size):
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size[0]}: no "
-                             "image of that size can be embedded (pass strict_img_size=False to take any multiple)")
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self._set_img_size(img_size)
         factory = {"device": device, "dtype": dtype}
         self.proj = torch.nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias, **factory)
         self.norm = norm_layer(embed_dim, **factory) if norm_layer else torch.nn.Identity()
         self._choose_cpu_impl()
 
+    def _set_img_size(self, img_size) -> None:
+        """img_size, grid_size and num_patches (None without an img_size, as timm's)."""
+        if img_size is None:
+            self.img_size = self.grid_size = self.num_patches = None
+            return
+        size = _pair("img_size", img_size)
+        for value in size:
+            check_size("img_size", value)
+        if self.strict_img_size and not self.dynamic_img_pad and any(s % self.patch_size[0] for s in size):
+            raise ValueError(f"img_size {size} is not a multiple of patch_size {self.patch_size[0]}: no image of that "
+                             "size can be embedded (pass strict_img_size=False to take any multiple, or "
+                             "dynamic_img_pad=True to pad)")
+        self.img_size = size
+        self.grid_size = self.dynamic_feat_size(size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None,
+                       patch_size: int | tuple[int, int] | None = None) -> None:
+        """timm's: a new img_size (grid_size and num_patches follow). A new patch size would resample the
+        projection (timm's resample_patch_embed), which this drop-in does not: it is refused by name."""
+        if patch_size is not None and _pair("patch_size", patch_size) != self.patch_size:
+            raise ValueError(f"set_input_size(patch_size={patch_size!r}): resampling the projection to another patch "
+                             f"size is not supported (the module's is {self.patch_size}); keep timm's PatchEmbed and "
+                             "run terrafm_kernels.swap.accelerate_vit on the model instead")
+        if img_size is not None:
+            self._set_img_size(img_size)
+
+    def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
+        """timm's: pixels per token along each side (the patch size)."""
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """timm's: the token grid of an image of img_size (rounded up with dynamic_img_pad)."""
+        p = self.patch_size[0]
+        if self.dynamic_img_pad:
+            return -(-img_size[0] // p), -(-img_size[1] // p)
+        return img_size[0] // p, img_size[1] // p
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"PatchEmbed takes a (B, C, H, W) tensor, got {type(x).__name__}")
-        if self.strict_img_size and x.dim() == 4 and tuple(x.shape[-2:]) != self.img_size:
+        if x.dim() != 4:
+            raise ValueError(f"PatchEmbed takes a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+        if self.img_size is not None and self.strict_img_size and tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"PatchEmbed: input is {tuple(x.shape[-2:])} pixels, the module's img_size is "
                              f"{self.img_size}; build it with that img_size, or strict_img_size=False for any "
                              f"multiple of the patch size {self.patch_size[0]}")
+        if self.dynamic_img_pad:  # zeros at the bottom and right up to whole patches, as timm pads
+            p = self.patch_size[0]
+            x = torch.nn.functional.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
         fn = patch_embed if x.is_cuda else self.cpu_impl
-        return self.norm(fn(x, self.proj.weight, self.proj.bias))
+        tokens = fn(x, self.proj.weight, self.proj.bias)
+        p = self.patch_size[0]
+        return self.norm(PATCH_FORMATS[self.output_fmt](tokens, x.shape[-2] // p, x.shape[-1] // p))
 
 
 class CrossAttentionFusion(_CpuPath, torch.nn.Module):

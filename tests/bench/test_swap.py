@@ -325,3 +325,32 @@ def test_a_patch_conv_that_is_not_a_plain_supported_conv_is_left_with_the_reason
     assert [e.path for e in report.swapped if e.what == "patch_embed"] == []
     assert any(e.path == path and reason in e.detail for e in report.left), str(report)
     torch.testing.assert_close(_out(model, x), before)
+
+
+@pytest.mark.skipif(not HAVE_TIMM, reason=TORCHVISION_REASON)
+@pytest.mark.parametrize("pad", [False, True])
+def test_timm_vit_with_dynamic_img_size_takes_the_drop_in_as_its_embed_layer(pad):
+    """timm's VisionTransformer(dynamic_img_size=True, embed_layer=terrafm_kernels.modules.PatchEmbed): it builds
+    the layer with output_fmt NHWC and strict_img_size False (and dynamic_img_pad when asked), and reads feat_ratio
+    and dynamic_feat_size; the drop-in was refused there. Its outputs and intermediates match timm's own
+    PatchEmbed with the same weights at the built size and at other sizes (odd ones with padding)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from terrafm_kernels.modules import PatchEmbed
+
+    args = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=1, num_heads=2, num_classes=5,
+                dynamic_img_size=True, dynamic_img_pad=pad)
+    torch.manual_seed(0)
+    timm_model = VisionTransformer(**args).eval()
+    ours = VisionTransformer(**args, embed_layer=PatchEmbed).eval()
+    assert isinstance(ours.patch_embed, PatchEmbed) and ours.patch_embed.output_fmt == "NHWC"
+    ours.load_state_dict(timm_model.state_dict())
+    sizes = [(32, 32), (40, 56)] + ([(36, 45)] if pad else [])
+    for h, w in sizes:
+        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), timm_model(x), rtol=1e-4, atol=1e-5, msg=f"{h} x {w}")
+            mine = ours.forward_intermediates(x, indices=1, intermediates_only=True)
+            theirs = timm_model.forward_intermediates(x, indices=1, intermediates_only=True)
+        assert [t.shape for t in mine] == [t.shape for t in theirs]
+        torch.testing.assert_close(mine[0], theirs[0], rtol=1e-4, atol=1e-5)

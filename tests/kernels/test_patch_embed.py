@@ -227,14 +227,55 @@ def test_module_takes_the_keywords_timms_vision_transformer_builds_its_embed_lay
     norm = {k: v.to(device) for k, v in state.items() if k.startswith("norm.")}
     want = torch.nn.functional.layer_norm(plain(x), (24,), norm["norm.weight"], norm["norm.bias"])
     torch.testing.assert_close(normed(x), want)
-    for change, match in ((dict(output_fmt="NHWC"), "output_fmt='NHWC' is not supported"),
-                          (dict(flatten=False), "flatten=False .* is not supported"),
-                          (dict(dynamic_img_pad=True), "dynamic_img_pad=True .* is not supported")):
-        with pytest.raises(ValueError, match=match):
-            PatchEmbed(**{**timm_call, **change})
+    with pytest.raises(ValueError, match=r"output_fmt='NHCW' is not one of timm's formats \['NLC', 'NCL', 'NHWC'"):
+        PatchEmbed(**timm_call, output_fmt="NHCW")
     for norm_layer in (None, torch.nn.LayerNorm):  # timm's positional order: ..., embed_dim, norm_layer, flatten
         with pytest.raises(TypeError, match="bias must be a bool"):
             PatchEmbed(32, 16, 12, 24, norm_layer)
+
+
+def test_module_gives_timms_output_formats_padding_and_size_methods(device, ieee_convolutions):
+    """What timm's VisionTransformer(dynamic_img_size=True, embed_layer=PatchEmbed) asks of its patch embedding: the
+    (B, H/p, W/p, E) layout (output_fmt NHWC; NCL, NCHW and flatten=False as timm's too), images of any size padded to
+    whole patches (dynamic_img_pad), set_input_size, feat_ratio and dynamic_feat_size. Each layout is the conv's
+    output in timm's arrangement; the padded image embeds as the conv of the zero-padded image."""
+    torch.manual_seed(0)
+    base = dict(img_size=32, patch_size=16, in_chans=12, embed_dim=24, device=device)
+    plain = PatchEmbed(**base)
+    x = torch.randn(2, 12, 32, 48, device=device)
+    conv = torch.nn.functional.conv2d(x, plain.proj.weight, plain.proj.bias, stride=16)  # (B, E, 2, 3)
+    want = {"NCHW": conv, "NHWC": conv.permute(0, 2, 3, 1), "NLC": conv.flatten(2).transpose(1, 2),
+            "NCL": conv.flatten(2)}
+    for fmt, expected in want.items():
+        layer = PatchEmbed(**base, output_fmt=fmt, strict_img_size=False)
+        layer.load_state_dict(plain.state_dict())
+        assert layer.output_fmt == fmt and not layer.flatten
+        torch.testing.assert_close(layer(x), expected, msg=fmt)
+    nchw = PatchEmbed(**base, flatten=False, strict_img_size=False)
+    nchw.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(nchw(x), conv)
+
+    padded = PatchEmbed(**base, strict_img_size=False, dynamic_img_pad=True, output_fmt="NHWC")
+    padded.load_state_dict(plain.state_dict())
+    odd = torch.randn(2, 12, 30, 40, device=device)
+    zero_padded = torch.nn.functional.pad(odd, (0, 8, 0, 2))  # bottom and right, to 32 x 48
+    expected = torch.nn.functional.conv2d(zero_padded, plain.proj.weight, plain.proj.bias, stride=16)
+    torch.testing.assert_close(padded(odd), expected.permute(0, 2, 3, 1))
+    assert padded.dynamic_feat_size((30, 40)) == (2, 3) and plain.dynamic_feat_size((30, 40)) == (1, 2)
+    assert plain.feat_ratio() == 16 and plain.feat_ratio(as_scalar=False) == (16, 16)
+
+    plain.set_input_size(img_size=48)  # as timm's: the grid follows, and strict_img_size checks the new size
+    assert (plain.img_size, plain.grid_size, plain.num_patches) == ((48, 48), (3, 3), 9)
+    assert plain(torch.randn(1, 12, 48, 48, device=device)).shape == (1, 9, 24)
+    with pytest.raises(ValueError, match=r"input is \(32, 32\) pixels, the module's img_size is \(48, 48\)"):
+        plain(torch.randn(1, 12, 32, 32, device=device))
+    plain.set_input_size(patch_size=16)  # the same patch: nothing to resample
+    with pytest.raises(ValueError, match=r"set_input_size\(patch_size=8\): resampling the projection"):
+        plain.set_input_size(patch_size=8)
+    anywhere = PatchEmbed(**{**base, "img_size": None})  # timm's img_size=None: no size to check
+    assert anywhere.grid_size is None and anywhere(x).shape == (2, 6, 24)
+    with pytest.raises(ValueError, match="not a multiple of the patch size 16"):
+        anywhere(odd)
 
 
 @pytest.mark.parametrize("change,error,match", [
