@@ -377,6 +377,9 @@ def decode_band(data: bytes, band: str, product: Product, sidecar: np.ndarray | 
                        f"the band's native resolution is {native} m: the product was resampled to a coarser grid "
                        "(e.g. Sen2Cor's R20m / R60m folder); give each band at its native resolution or finer")
     if sidecar is not None:
+        if sidecar.ndim == 3:
+            raise BadInput(f"{product.where}: band {band}: its .msk sidecar holds {sidecar.shape[0]} per-band masks, "
+                           "where a one-band file has one: not this band's mask")
         if sidecar.shape != array.shape:
             raise BadInput(f"{product.where}: band {band} is {array.shape[0]}x{array.shape[1]} px but its .msk sidecar "
                            f"{sidecar.shape[0]}x{sidecar.shape[1]}: not this band's mask")
@@ -387,12 +390,21 @@ def decode_band(data: bytes, band: str, product: Product, sidecar: np.ndarray | 
 
 def external_mask(path: str | Path) -> np.ndarray | None:
     """True where the `.msk` sidecar of a GeoTIFF (`B04.tif.msk`, which GDAL before 3.9 writes by default in place of
-    an internal mask) marks no data: its first page is the full-resolution mask, 0 at nodata. None without a sidecar;
-    a ValueError or OSError when it does not read."""
+    an internal mask) marks no data: its first page is the full-resolution mask (later pages are the overviews'),
+    0 at nodata. (H, W) for GDAL's per-dataset mask (one sample), (bands, H, W) for per-band masks (a sample per band
+    of the image, interleaved or not). None without a sidecar; a ValueError or OSError when it does not read."""
     sidecar = Path(f"{os.fsdecode(path)}.msk")
     if not sidecar.is_file():
         return None
-    return _read_tiff(sidecar, lambda tif: tif.pages.first.asarray() == 0)
+    return _read_tiff(sidecar, _first_page_mask)
+
+
+def _first_page_mask(tif: tifffile.TiffFile) -> np.ndarray:
+    page = tif.pages.first
+    mask = page.asarray() == 0
+    if page.samplesperpixel > 1 and page.planarconfig == tifffile.PLANARCONFIG.CONTIG:
+        mask = np.moveaxis(mask, -1, 0)  # (H, W, bands) -> (bands, H, W)
+    return mask
 
 
 def pam_nodata(path: str | Path) -> dict[int, float | None]:

@@ -661,10 +661,16 @@ def _sidecar_nodata(arr: np.ndarray, path: Path, samples_last: bool | None) -> n
     if mask is None:
         return arr
     size = arr.shape[:2] if samples_last else arr.shape[-2:]
-    if mask.shape != size:
-        raise ValueError(f"{path} is {size[0]}x{size[1]} px but its .msk sidecar {mask.shape[0]}x{mask.shape[1]}: "
+    if mask.shape[-2:] != size:
+        raise ValueError(f"{path} is {size[0]}x{size[1]} px but its .msk sidecar {mask.shape[-2]}x{mask.shape[-1]}: "
                          "not its mask")
-    if samples_last:
+    if mask.ndim == 3:  # GDAL's per-band masks: one per band of the image
+        bands = 1 if arr.ndim == 2 else arr.shape[-1] if samples_last else arr.shape[0]
+        if mask.shape[0] != bands:
+            raise ValueError(f"{path} has {bands} band(s) but its .msk sidecar {mask.shape[0]} per-band masks: not "
+                             "its mask")
+        arr[np.moveaxis(mask, 0, -1) if samples_last else mask] = np.nan
+    elif samples_last:
         arr[mask] = np.nan
     else:
         arr[..., mask] = np.nan

@@ -840,6 +840,10 @@ def test_a_geotiff_msk_sidecar_is_nodata_and_one_of_another_size_is_named(sample
     tifffile.imwrite(products[0] / "B04.tif.msk", valid[:TILE, :TILE], metadata=None)
     with pytest.raises(BadInput, match=r"band B04 is 120x120 px but its \.msk sidecar 60x60: not this band's mask"):
         convert([folder], tmp_path / "out2", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    tifffile.imwrite(products[0] / "B04.tif.msk", np.stack([valid] * 3), photometric="minisblack",
+                     planarconfig="separate", metadata=None)  # per-band masks of a 3-band image
+    with pytest.raises(BadInput, match=r"band B04: its \.msk sidecar holds 3 per-band masks, where a one-band file"):
+        convert([folder], tmp_path / "out3", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
 
 
 def _pam(*nodata: str | None, stats: bool = True, hex_equiv: str | None = None) -> str:

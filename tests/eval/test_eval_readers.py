@@ -395,6 +395,34 @@ def test_pixels_outside_a_geotiff_msk_sidecar_are_nodata(tmp_path, planar):
         _read_image(path)
 
 
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+def test_a_per_band_msk_sidecar_masks_each_band_on_its_own(tmp_path, planar):
+    """GDAL's per-band masks (CreateMaskBand without GMF_PER_DATASET) put one sample per band of the image in the
+    .msk, interleaved or not: each band is masked by its own (a sidecar of 3 samples was refused as 'not its mask'),
+    and one whose band count is not the image's is refused by name. Later pages (the overviews' masks) are ignored."""
+    import tifffile
+
+    from terrafm.eval.data import _read_image
+
+    x = (np.arange(3 * 8 * 8).reshape(3, 8, 8) % 97 + 100).astype(np.uint16)
+    valid = np.full((3, 8, 8), 255, np.uint8)
+    valid[0, :2], valid[2, :, :3] = 0, 0  # band 1: the top rows; band 3: the left columns; band 2: all valid
+    path = tmp_path / "tile.tif"
+    tifffile.imwrite(path, x.transpose(1, 2, 0) if planar == "contig" else x, photometric="minisblack",
+                     planarconfig=planar, metadata=None)
+    with tifffile.TiffWriter(tmp_path / "tile.tif.msk") as msk:
+        msk.write(valid.transpose(1, 2, 0) if planar == "contig" else valid, photometric="minisblack",
+                  planarconfig=planar, metadata=None)
+        msk.write(np.zeros((3, 4, 4), np.uint8), photometric="minisblack", planarconfig="separate", metadata=None)
+    image = _read_image(path)
+    np.testing.assert_array_equal(np.isnan(image), valid == 0)
+    np.testing.assert_array_equal(image[1], x[1].astype(np.float32))
+    tifffile.imwrite(tmp_path / "tile.tif.msk", valid[:2], photometric="minisblack", planarconfig="separate",
+                     metadata=None)
+    with pytest.raises(ValueError, match=r"tile\.tif has 3 band\(s\) but its \.msk sidecar 2 per-band masks"):
+        _read_image(path)
+
+
 def _pam(nodata: dict[int, str], stats: bool = True) -> str:
     """A GDAL PAM sidecar (x.tif.aux.xml): dataset metadata, then per band its NoDataValue (nodata[band]) and
     statistics."""
