@@ -72,9 +72,9 @@ KNOWN_OVER_BOUND = {
 }
 _FUSION_M2 = ("FLOPs only: two fused sensors fill 10 of the 16 lanes (Q M = 5 x 2; three fill 15), and 16-bit data "
               "pads ViT-B's d = 144 to 160 columns (D_CHUNK 32); ViT-L (d = 192) is within bound. Memory bound at "
-              "this shape: the executed fp32 FLOPs take 41 / 74 us of the bytes' 252 / 324 us (16-bit forward / "
-              "head backward, H100; fp32 37 / 67 of 494 / 635), so the waste costs no time; exact tiles would split "
-              "the lanes 8 + 2")
+              "this shape: the executed fp32 FLOPs take 41 / 74 us of the bytes' 252 / 324 us at full bandwidth "
+              "(16-bit forward / head backward, H100; fp32 37 / 67 of 494 / 635), so the waste costs no time; exact "
+              "tiles would split the lanes 8 + 2")
 KNOWN_OVER_BOUND.update({f"fusion_{kernel}_{dtype}_b_m2": _FUSION_M2
                          for kernel, dtype in (("fwd", "float32"), ("fwd", "float16"), ("fwd", "bfloat16"),
                                                ("bwd_head", "float16"), ("bwd_head", "bfloat16"))})
