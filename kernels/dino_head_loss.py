@@ -356,8 +356,10 @@ class LaunchPlan:
 
     def norm_in_loop(self, centred: bool) -> bool:
         """Whether the project kernel takes its norms in its GEMM loop (slices of each v tile it just loaded) rather
-        than in a loop of its own first, which streams v once more: fp32's student, within 128 registers and no
-        spills; the 16-bit configs and the fp32 teacher (its centring) spill with it."""
+        than in a loop of its own first, which streams v once more: fp32's student, whose v (67 MB at the presets'
+        shape) outgrows L2, within 128 registers and no spills. The fp32 teacher spills with it (its centring); the
+        16-bit student compiles with it (no spills, more shared memory) but its v fits L2, so it would save no HBM
+        bytes, and no GPU has timed the two."""
         return self.dot_ieee and not centred
 
     def meta(self, **extra):
