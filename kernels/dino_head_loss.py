@@ -405,8 +405,8 @@ def _softmax_project(launch, h, v_logit, v_proj, g_logit, g_proj, rnorm_proj, ce
     weight = torch.exp2((m - row_max) * scale)  # each split's share, relative to the row's max
     total = (row_sum * weight).sum(dim=0)
     share = weight / total  # (splits, R)
-    if h.element_size() == 2:  # one batched GEMV per row (R, 1, splits) @ (R, splits, D): the scratch read once; tf32
-        # where torch's matmul precision allows it, a 2^-11 rounding under the 16-bit operands' 2^-8
+    if not launch.dot_ieee:  # 16-bit operands: one batched GEMV per row (R, 1, splits) @ (R, splits, D) reads the
+        # scratch once; tf32 where torch's matmul precision allows it, a 2^-11 rounding under the operands' 2^-8
         projected = torch.bmm(share.T.unsqueeze(1), out.transpose(0, 1)).squeeze(1)
     else:  # fp32 operands take IEEE dots: scaled in place and summed, exact (the scratch crosses HBM three times)
         projected = out.mul_(share.unsqueeze(-1)).sum(dim=0)
@@ -695,7 +695,7 @@ def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: in
     # torch combines the splits into (R, D): 16-bit, one bmm reads the accumulators once; fp32, scaled in place (read,
     # written) and summed (read again). The stats are read twice (max, then the shares) into the row max and
     # log-sum; the column partials are summed
-    extra = (1 if e == 2 else 3) * acc + 2 * stats + 4 * R * D + 8 * R + (8 * K * (blocks + 1) if centred else 0)
+    extra = (3 if plan.dot_ieee else 1) * acc + 2 * stats + 4 * R * D + 8 * R + (8 * K * (blocks + 1) if centred else 0)
     floor = (h_bytes + w_bytes * (2 if centred else 1) + 4 * R * D + 8 * R + (16 * K + 4 * R if centred else 0)
              + 4 * K * len(norms))
     return {"useful_flops": 4 * R * K * D, "executed_flops": executed, "min_bytes": floor,

@@ -161,12 +161,11 @@ class PatchEmbed(_CpuPath, torch.nn.Module):
             raise ValueError(f"PatchEmbed: input is {tuple(x.shape[-2:])} pixels, the module's img_size is "
                              f"{self.img_size}; build it with that img_size, or strict_img_size=False for any "
                              f"multiple of the patch size {self.patch_size[0]}")
+        p = self.patch_size[0]
         if self.dynamic_img_pad:  # zeros at the bottom and right up to whole patches, as timm pads
-            p = self.patch_size[0]
             x = torch.nn.functional.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
         fn = patch_embed if x.is_cuda else self.cpu_impl
         tokens = fn(x, self.proj.weight, self.proj.bias)
-        p = self.patch_size[0]
         return self.norm(PATCH_FORMATS[self.output_fmt](tokens, x.shape[-2] // p, x.shape[-1] // p))
 
 
