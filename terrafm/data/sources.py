@@ -91,9 +91,11 @@ S2_OFFSETS = ("keep", "remove")
 
 
 def processing_baseline(product_id: str) -> int | None:
-    """A Sentinel-2 product id's processing baseline as an int (N0400 -> 400), or None when it names none."""
+    """A Sentinel-2 product id's processing baseline as an int (N0400 -> 400), or None when it names none: no
+    `_Nxxyy_` field, or N9999, the placeholder of products made outside ESA's processing chain (Major-TOM's
+    Core-S2L2A has N9999 scenes of 2018-2021), which says nothing about the +1000 offset."""
     found = re.search(r"_N(\d{4})_", product_id)
-    return int(found.group(1)) if found else None
+    return int(found.group(1)) if found and found.group(1) != "9999" else None
 
 
 def remove_s2_offset(cell: np.ndarray) -> np.ndarray:
@@ -248,6 +250,9 @@ def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) 
         raise BadInput(f"not a readable parquet file ({err})") from err
     if not _band_columns() & set(schema.names):
         return False
+    repeated = sorted({name for name in schema.names if schema.names.count(name) > 1})
+    if repeated:  # raw pyarrow writes them (pandas and Spark cannot); which one is the data is a guess
+        raise BadInput(f"column name(s) {repeated} appear more than once: keep one of each")
     twins = _twin_columns(schema.names)
     if twins:
         raise BadInput(f"two columns for one band ({'; '.join(twins)}): keep one")

@@ -292,6 +292,8 @@ def test_s2_offset_remove_takes_1000_dn_from_products_of_baseline_04_and_later(s
 
     assert sources.processing_baseline("S2B_MSIL2A_20220301T101031_N0400_R022_T33TUL_20220301T120000") == 400
     assert sources.processing_baseline("S1A_IW_GRDH_1SDV_20210110T053000_20210110T053025_000001_RTC") is None
+    # N9999 (products made outside ESA's chain; Major-TOM's 2018-2021 L2A has them) names no baseline: not shifted
+    assert sources.processing_baseline("S2B_MSIL2A_20181219T162339_N9999_R040_T16RGV_20181219T181100") is None
     np.testing.assert_array_equal(sources.remove_s2_offset(np.array([0, 500, 1000, 1001, 3000], np.uint16)),
                                   np.array([0, 1, 1, 1, 2000], np.uint16))
     products, _, _ = sources.discover([_with_baselines(sample_parquet, tmp_path, "N0400")])
@@ -321,3 +323,16 @@ def test_prepare_counts_s2_baselines_and_warns_when_they_mix(sample_parquet, tmp
     assert warned == (s2_offset == "keep")
     with pytest.raises(SystemExit):
         parser.parse_args([str(out), "--out", str(out), "--s2-offset", "subtract"])
+
+
+def test_n9999_products_are_counted_unknown_and_kept_as_stored(sample_parquet, tmp_path):
+    """A N9999 product (no baseline named) is neither shifted by --s2-offset remove nor counted as carrying it."""
+    parser = argparse.ArgumentParser()
+    prepare.add_arguments(parser)
+    out = tmp_path / "o"
+    args = parser.parse_args([str(_with_baselines(sample_parquet, tmp_path, "N9999")), "--out", str(out),
+                              "--tile-size", str(TILE), "--workers", "0", "--no-progress", "--modalities", "s2_l2a",
+                              "--s2-offset", "remove"])
+    assert prepare.run(args) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["s2_baselines"] == {"s2_l2a": {"offset": 0, "no_offset": CELLS - 1, "unknown": 1}}

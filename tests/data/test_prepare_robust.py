@@ -474,6 +474,20 @@ def test_band_columns_that_differ_only_in_case_are_two_for_one_band(sample_parqu
     assert {m: s["tiles"] for m, s in summary["modalities"].items()} == {"s2_l2a": 0, "s2_l1c": 12, "s1": 0}
 
 
+def test_a_column_name_written_twice_is_the_file_named_not_a_traceback(sample_parquet, tmp_path):
+    """Raw pyarrow writes two columns of one name (pandas and Spark cannot): which one holds the data is a guess, so
+    the file is refused by name (exit 2), and --skip-bad skips it whole; it was a KeyError from the schema."""
+    root = _copy(sample_parquet, tmp_path)
+    s2 = root.joinpath(*S2_FILE)
+    table = pq.read_table(s2)
+    pq.write_table(table.append_column("product_id", table["product_id"]), s2)
+    with pytest.raises(BadInput, match=rf"{re.escape(str(s2))} \(whole file\): column name\(s\) \['product_id'\] "
+                                       "appear more than once: keep one of each"):
+        convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(s2), "whole file")]
+    assert summary["modalities"]["s2_l2a"]["tiles"] == 0 and summary["modalities"]["s1"]["tiles"] > 0
+
 def _edited_index(sample_shards: Path, tmp_path: Path, edit) -> Path:
     out = tmp_path / "shards"
     shutil.copytree(sample_shards, out)
