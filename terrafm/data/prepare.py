@@ -50,7 +50,8 @@ def _mask_stamps(p: Product, stamps: dict) -> list:
     shard. A PAM sidecar is hashed by the value it declares, not its stamp: QGIS and `gdalinfo -stats` write
     statistics-only ones beside the data, which change no pixel. Empty without such sidecars, so the fingerprints of
     conversions without them stay as they were."""
-    found = [(f"{b}.msk", _stamp(f"{f}.msk", stamps)) for b, f in p.band_files.items() if Path(f"{f}.msk").is_file()]
+    masks = {b: sources.mask_sidecar(f) for b, f in p.band_files.items()}
+    found = [(f"{b}.msk", _stamp(str(m), stamps)) for b, m in masks.items() if m is not None]
     for b, f in p.band_files.items():
         try:
             declared = sorted(sources.pam_nodata(f).items())
@@ -101,7 +102,8 @@ def _read_product(p: Product, parquet: sources.ParquetRows, opts: dict) -> tuple
             try:
                 sidecar = sources.external_mask(path)
             except (OSError, ValueError) as err:
-                raise BadInput(f"{p.where}: band {b}: its mask {path}.msk does not read ({err})") from err
+                raise BadInput(f"{p.where}: band {b}: its mask {sources.mask_sidecar(path)} does not read ({err})") \
+                    from err
             try:
                 pam = sources.pam_nodata(path)
             except (OSError, ValueError) as err:

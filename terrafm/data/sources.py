@@ -397,11 +397,16 @@ def external_mask(path: str | Path) -> np.ndarray | None:
     """True where the `.msk` sidecar of a GeoTIFF (`B04.tif.msk`, which GDAL before 3.9 writes by default in place of
     an internal mask) marks no data: its first page is the full-resolution mask (later pages are the overviews'),
     0 at nodata. (H, W) for GDAL's per-dataset mask (one sample), (bands, H, W) for per-band masks (a sample per band
-    of the image, interleaved or not). None without a sidecar; a ValueError or OSError when it does not read."""
-    sidecar = Path(f"{os.fsdecode(path)}.msk")
-    if not sidecar.is_file():
-        return None
-    return _read_tiff(sidecar, _first_page_mask)
+    of the image, interleaved or not). `B04.TIF.MSK` counts too (GDAL tries the upper-case name where the lower-case
+    one is missing). None without a sidecar; a ValueError or OSError when it does not read."""
+    sidecar = mask_sidecar(path)
+    return None if sidecar is None else _read_tiff(sidecar, _first_page_mask)
+
+
+def mask_sidecar(path: str | Path) -> Path | None:
+    """The `.msk` sidecar of a GeoTIFF, `x.tif.msk` or else `x.tif.MSK`, when there is one."""
+    found = (Path(f"{os.fsdecode(path)}{ext}") for ext in (".msk", ".MSK"))
+    return next((sidecar for sidecar in found if sidecar.is_file()), None)
 
 
 def _first_page_mask(tif: tifffile.TiffFile) -> np.ndarray:

@@ -642,7 +642,8 @@ def _decode(path: Path) -> tuple[np.ndarray, float | np.ndarray | None, bool | N
     if np.iscomplexobj(arr):
         raise ValueError(f"{path}: complex values ({arr.dtype}); expected real band values")
     try:
-        arr = np.asarray(arr, dtype=np.float32)
+        with np.errstate(over="ignore"):  # float64 beyond float32 (GDAL's -1.79e308 fill) is +-inf: masked as nodata
+            arr = np.asarray(arr, dtype=np.float32)
     except (ValueError, TypeError) as err:  # a structured .npy
         raise ValueError(f"{path}: not a readable image ({err})") from err
     if path.suffix.lower() != ".npy":

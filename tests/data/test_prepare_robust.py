@@ -841,20 +841,26 @@ def test_a_geotiff_internal_mask_is_nodata(sample_parquet, tmp_path, bits):
     assert shards.class_counts[i].sum() == TILE * TILE - TILE  # the map's first row is nodata, not a class
 
 
-def test_a_geotiff_msk_sidecar_is_nodata_and_one_of_another_size_is_named(sample_parquet, tmp_path):
+@pytest.mark.parametrize("ext", [".msk", ".MSK"])
+def test_a_geotiff_msk_sidecar_is_nodata_and_one_of_another_size_is_named(sample_parquet, tmp_path, ext):
     """GDAL before 3.9 writes a band's nodata mask beside it (B04.tif.msk: a TIFF, 0 at nodata), not inside it: its
-    pixels went into the shards and their statistics as data."""
+    pixels went into the shards and their statistics as data. GDAL also reads B04.tif.MSK (upper-cased folders)."""
     folder = tmp_path / "tifs"
     products = product_folders(sample_parquet, in_grid_cells(folder))
     valid = np.ones((2 * TILE, 2 * TILE), np.uint8) * 255
     valid[:2] = 0
-    tifffile.imwrite(products[0] / "B04.tif.msk", valid, compression="deflate", metadata=None)
+    sidecar = products[0] / f"B04.tif{ext}"
+    tifffile.imwrite(sidecar, valid, compression="deflate", metadata=None)
     summary = convert([folder], tmp_path / "out", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
     assert summary["modalities"]["s2_l2a"]["nodata_pixels"] == [0, 0, 0, 2 * 2 * TILE] + [0] * 8
-    tifffile.imwrite(products[0] / "B04.tif.msk", valid[:TILE, :TILE], metadata=None)
+    valid[:3] = 0  # the sidecar edited: its shard is redone, not resumed
+    tifffile.imwrite(sidecar, valid, compression="deflate", metadata=None)
+    summary = convert([folder], tmp_path / "out", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    assert summary["redone_shards"] == 1 and summary["modalities"]["s2_l2a"]["nodata_pixels"][3] == 3 * 2 * TILE
+    tifffile.imwrite(sidecar, valid[:TILE, :TILE], metadata=None)
     with pytest.raises(BadInput, match=r"band B04 is 120x120 px but its \.msk sidecar 60x60: not this band's mask"):
         convert([folder], tmp_path / "out2", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
-    tifffile.imwrite(products[0] / "B04.tif.msk", np.stack([valid] * 3), photometric="minisblack",
+    tifffile.imwrite(sidecar, np.stack([valid] * 3), photometric="minisblack",
                      planarconfig="separate", metadata=None)  # per-band masks of a 3-band image
     with pytest.raises(BadInput, match=r"band B04: its \.msk sidecar holds 3 per-band masks, where a one-band file"):
         convert([folder], tmp_path / "out3", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))

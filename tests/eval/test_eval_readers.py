@@ -369,10 +369,10 @@ def test_pixels_outside_a_geotiff_internal_mask_are_nodata(tmp_path, planar):
     assert (mask[:2] == 255).all() and (mask[2:] == 3).all()
 
 
-@pytest.mark.parametrize("planar", ["contig", "separate"])
-def test_pixels_outside_a_geotiff_msk_sidecar_are_nodata(tmp_path, planar):
+@pytest.mark.parametrize("planar,ext", [("contig", ".msk"), ("separate", ".msk"), ("contig", ".MSK")])
+def test_pixels_outside_a_geotiff_msk_sidecar_are_nodata(tmp_path, planar, ext):
     """GDAL before 3.9 writes the nodata mask beside the image (x.tif.msk, 0 at nodata), not in it: the folder reader
-    skipped the sidecar and read the masked pixels as data."""
+    skipped the sidecar and read the masked pixels as data. GDAL also reads x.tif.MSK (upper-cased folders)."""
     import tifffile
 
     from terrafm.eval.data import _read_image, _read_mask
@@ -383,14 +383,14 @@ def test_pixels_outside_a_geotiff_msk_sidecar_are_nodata(tmp_path, planar):
     path = tmp_path / "tile.tif"
     tifffile.imwrite(path, x.transpose(1, 2, 0) if planar == "contig" else x, photometric="minisblack",
                      planarconfig=planar, metadata=None)
-    tifffile.imwrite(tmp_path / "tile.tif.msk", valid, compression="deflate", metadata=None)
+    tifffile.imwrite(tmp_path / f"tile.tif{ext}", valid, compression="deflate", metadata=None)
     image = _read_image(path)
     assert image.shape == (13, 8, 8) and np.isnan(image[:, :2]).all()
     np.testing.assert_array_equal(image[:, 2:], x[:, 2:].astype(np.float32))
     tifffile.imwrite(path, np.full((8, 8), 3, np.uint8), metadata=None)  # a class map
     mask = _read_mask(path, (8, 8), "train")
     assert (mask[:2] == 255).all() and (mask[2:] == 3).all()
-    tifffile.imwrite(tmp_path / "tile.tif.msk", valid[:4], metadata=None)
+    tifffile.imwrite(tmp_path / f"tile.tif{ext}", valid[:4], metadata=None)
     with pytest.raises(ValueError, match=r"tile\.tif is 8x8 px but its \.msk sidecar 4x8: not its mask"):
         _read_image(path)
 
@@ -503,3 +503,25 @@ def test_a_sensor_the_checkpoint_never_trained_on_is_warned_about_and_named():
     assert source == "dataset" and mean.shape == (12,)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"no s2_l2a statistics \(its run trained on s1"):
         input_statistics(split, inputs, "checkpoint")
+
+
+def test_gdal_float64_fill_reads_as_nodata_without_an_overflow_warning(tmp_path):
+    """A float64 GeoTIFF with GDAL's usual fill (-1.7976931348623157e+308, tagged as GDAL_NODATA): its cast to float32
+    overflowed with a RuntimeWarning printed by `terrafm eval`; the fill is nodata, the rest exact."""
+    import warnings
+
+    import tifffile
+
+    from terrafm.eval.data import _read_image
+
+    fill = np.finfo(np.float64).min
+    x = np.linspace(0.01, 0.5, 13 * 6 * 6).reshape(13, 6, 6)
+    x[:, 0] = fill
+    path = tmp_path / "tile.tif"
+    tifffile.imwrite(path, x, photometric="minisblack", planarconfig="separate", metadata=None,
+                     extratags=[(42113, "s", 0, repr(fill), False)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = _read_image(path)
+    assert np.isnan(image[:, 0]).all()
+    np.testing.assert_array_equal(image[:, 1:], x[:, 1:].astype(np.float32))
