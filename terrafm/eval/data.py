@@ -638,6 +638,11 @@ def _decode(path: Path) -> tuple[np.ndarray, float | np.ndarray | None, bool | N
         else:
             arr, declared, samples_last = read_tiff_layout(path)  # imagecodecs' errors are RuntimeErrors
     except (OSError, ValueError, TypeError, RuntimeError, tifffile.TiffFileError) as err:  # also object .npy files
+        kind = None if path.suffix.lower() == ".npy" else file_format(path, "a TIFF image")
+        if kind is None and path.is_file() and path.stat().st_size == 0:
+            kind = "empty (0 bytes)"
+        if kind:  # a Git LFS pointer, a PNG saved as .tif: say what it is
+            raise ValueError(f"{path}: not a GeoTIFF: it is {kind}") from err
         raise ValueError(f"{path}: not a readable image ({err})") from err
     if np.iscomplexobj(arr):
         raise ValueError(f"{path}: complex values ({arr.dtype}); expected real band values")
