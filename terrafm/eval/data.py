@@ -25,6 +25,7 @@ import ast
 import contextlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -445,6 +446,9 @@ def _label_shape(label: np.ndarray, path: Path) -> np.ndarray:
     as folder masks are; any other shape is refused by name."""
     if label.shape == (1,):
         return label.reshape(())
+    if label.size == 0:  # a multi-hot vector of no class scored every F1 and mAP 0 without a word
+        raise ValueError(f"{path}: its label is empty (shape {label.shape}); expected a class id, a multi-hot vector "
+                         "(K,) or a mask (H, W)")
     label = _drop_band_axis(label)
     if label.ndim > 2:
         raise ValueError(f"{path}: its label has shape {label.shape}; expected a class id, a multi-hot vector (K,) "
@@ -541,17 +545,20 @@ def _hdf5_label(f, path: Path) -> np.ndarray:
     except (OSError, ValueError, TypeError) as err:  # a damaged chunk, an unreadable attribute
         raise ValueError(f"{path}: its label is not readable ({str(err).splitlines()[0][:160]})") from err
     if "pickle" in f.attrs:
+        raw = f.attrs["pickle"]  # h5py's OSError on a damaged heap: the caller names a damaged HDF5 file
         try:
-            raw = f.attrs["pickle"]
             if isinstance(raw, bytes) and raw[:2] in (b"b'", b'b"'):  # GEO-Bench's str(pickle.dumps(...)) as bytes
                 raw = raw.decode("ascii")
             attrs = _StubUnpickler(io.BytesIO(raw if isinstance(raw, bytes) else ast.literal_eval(raw))).load()
+            found = isinstance(attrs, dict) and "label" in attrs
         except pickle.UnpicklingError as err:
             raise pickle.UnpicklingError(f"{path}: {err}") from err
-        except (ValueError, SyntaxError, TypeError, EOFError, AttributeError, ImportError, IndexError) as err:
+        except Exception as err:  # damaged bytes fail anywhere in the unpickler (a bad encoding name: LookupError)
             raise ValueError(f"{path}: attrs['pickle'] is not GEO-Bench's pickled attribute dict "
-                             f"({type(err).__name__}: {err})") from err
-        if isinstance(attrs, dict) and "label" in attrs:
+                             f"({type(err).__name__}: {str(err)[:160]})") from err
+        if found and isinstance(attrs["label"], _Unreadable):
+            raise pickle.UnpicklingError(f"{path}: attrs['pickle'] holds a label that is {attrs['label'].why}")
+        if found:
             return np.asarray(attrs["label"])
     raise ValueError(f"{path} has no label: expected a 'label' dataset, a 'label' attribute or GEO-Bench's "
                      "attrs['pickle'] with a 'label' entry")
@@ -567,23 +574,152 @@ class _Stub:
         self.__dict__["state"] = state
 
 
-class _StubUnpickler(pickle.Unpickler):
-    """Loads plain data, numpy arrays and dates; GEO-Bench classes become _Stub; anything else is refused."""
+# numpy dtypes a pickled label may have: bool, ints, floats, complex, bytes, text, object (a list of values)
+_DTYPE_CODE = re.compile(r"[biufc]\d{1,2}|[SU]\d{0,6}|O\d?")
 
-    ALLOWED = {("copyreg", "_reconstructor"), ("_codecs", "encode"),
-               ("collections", "OrderedDict"), ("collections", "defaultdict"),
+
+class _PickledDtype:
+    """numpy.dtype(code, align, copy) and its BUILD state, as plain data: numpy's own dtype.__setstate__ is not
+    memory-safe on damaged state (a flipped byte crashed the process), so only a simple code and byte order build
+    a dtype, in dtype()."""
+
+    def __init__(self, code=None, align=False, copy=True):
+        self.code, self.state = code, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def dtype(self) -> np.dtype:
+        code, state = self.code, self.state
+        if not (isinstance(code, str) and _DTYPE_CODE.fullmatch(code)):
+            raise pickle.UnpicklingError(f"a pickled numpy dtype {str(code)[:20]!r} that a label never has")
+        order = "|"
+        if state is not None:
+            if not (isinstance(state, tuple) and len(state) >= 6 and state[1] in ("<", ">", "|", "=")
+                    and all(x is None for x in state[2:5]) and isinstance(state[5], int)):
+                raise pickle.UnpicklingError("a pickled numpy dtype with fields or a damaged state")
+            order = state[1]
+            if code[0] in "SU" and state[5] > 0:  # the item size in bytes, where the code has none (old numpy)
+                code = f"{code[0]}{state[5] // (4 if code[0] == 'U' else 1)}"
+        if code[0] == "O":
+            return np.dtype(object)
+        return np.dtype(code).newbyteorder(order) if order in "<>" else np.dtype(code)
+
+
+class _PickledArray:
+    """numpy's _reconstruct(ndarray, ...) and its BUILD state (version, shape, dtype, fortran, data), checked before
+    an array is made from them (array()): numpy's ndarray.__setstate__ trusts them."""
+
+    def __init__(self, *_args):
+        self.state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def array(self) -> np.ndarray:
+        state = self.state
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], _PickledDtype)):
+            raise pickle.UnpicklingError("a pickled numpy array with a damaged state")
+        _, shape, dtype, fortran, data = state
+        return _array_from(data, dtype.dtype(), shape, "F" if fortran else "C")
+
+
+def _array_from(data, dtype: np.dtype, shape, order: str) -> np.ndarray:
+    """An array of `shape` from a pickle's raw bytes (or, for object arrays, its list of values), sizes checked."""
+    if not (isinstance(shape, tuple) and all(isinstance(n, int) and 0 <= n < 1 << 31 for n in shape)
+            and order in ("C", "F")):
+        raise pickle.UnpicklingError(f"a pickled numpy array with a damaged shape {str(shape)[:40]}")
+    count = math.prod(shape)
+    if dtype.kind == "O":
+        if not (isinstance(data, list) and len(data) == count):
+            raise pickle.UnpicklingError("a pickled object array whose values do not fill its shape")
+        values = np.empty(count, dtype=object)
+        values[:] = [_resolve(v) for v in data]
+        return values.reshape(shape, order=order)
+    if not (isinstance(data, bytes | bytearray) and len(data) == count * dtype.itemsize):
+        raise pickle.UnpicklingError("a pickled numpy array whose bytes do not fill its shape")
+    return np.frombuffer(bytes(data), dtype=dtype).reshape(shape, order=order).copy()
+
+
+class _Unreadable:
+    """A pickled numpy value that does not rebuild safely (why): an error only if it is the label."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+def _scalar(dtype, data=None):
+    """numpy's multiarray.scalar(dtype, bytes): a numpy scalar (an object dtype's holds its value)."""
+    try:
+        if not isinstance(dtype, _PickledDtype):
+            raise pickle.UnpicklingError("a pickled numpy scalar without a dtype")
+        dtype = dtype.dtype()
+        return data if dtype.kind == "O" else _array_from(data, dtype, (), "C")[()]
+    except pickle.UnpicklingError as err:
+        return _Unreadable(str(err))
+
+
+def _frombuffer(data, dtype, shape, order):
+    """numpy's _frombuffer (protocol 5 pickles of arrays)."""
+    try:
+        if not isinstance(dtype, _PickledDtype):
+            raise pickle.UnpicklingError("a pickled numpy array without a dtype")
+        return _array_from(data, dtype.dtype(), shape, order)
+    except pickle.UnpicklingError as err:
+        return _Unreadable(str(err))
+
+
+def _latin1(text, encoding="utf-8"):
+    """_codecs.encode as protocol 2 pickles call it for bytes: latin-1 text to bytes, no other codec."""
+    if not (isinstance(text, str) and encoding in ("latin1", "latin-1")):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with {str(encoding)[:20]!r} in a sample's "
+                                     "attrs['pickle']")
+    return text.encode("latin-1")
+
+
+def _resolve(value):
+    """A loaded value with the pickled numpy arrays in it made arrays (lists, tuples and dicts walked); one that does
+    not rebuild safely is _Unreadable."""
+    try:
+        if isinstance(value, _PickledArray):
+            return value.array()
+        if isinstance(value, _PickledDtype):
+            return value.dtype()
+    except pickle.UnpicklingError as err:
+        return _Unreadable(str(err))
+    if isinstance(value, list | tuple):
+        return type(value)(_resolve(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _resolve(v) for k, v in value.items()}
+    return value
+
+
+class _StubUnpickler(pickle.Unpickler):
+    """Loads plain data, numpy arrays (rebuilt from checked raw bytes, never numpy's own __setstate__) and dates;
+    GEO-Bench classes become _Stub; anything else is refused."""
+
+    ALLOWED = {("copyreg", "_reconstructor"), ("collections", "OrderedDict"), ("collections", "defaultdict"),
                ("datetime", "date"), ("datetime", "datetime"), ("datetime", "timedelta"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), *(("builtins", n) for n in (
-                   "object", "set", "frozenset", "tuple", "list", "dict", "complex", "slice")),
-               *((f"numpy.{core}.multiarray", n) for core in ("core", "_core") for n in ("_reconstruct", "scalar")),
-               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+               *(("builtins", n) for n in ("object", "set", "frozenset", "tuple", "list", "dict", "complex",
+                                           "slice"))}
+    NUMPY = {"dtype": _PickledDtype, "ndarray": _PickledArray, "_reconstruct": _PickledArray, "scalar": _scalar,
+             "_frombuffer": _frombuffer}
+    NUMPY_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
+                     "numpy._core.numeric")
     # GEO-Bench's band metadata: its own classes, rasterio CRS and affine transforms (never needed here)
     STUBBED = ("geobench", "ccb", "rasterio", "affine")
+
+    def load(self):
+        return _resolve(super().load())
 
     def find_class(self, module, name):
         module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocol 0-2 names
         if module.split(".")[0] in self.STUBBED:
             return _Stub
+        if module in self.NUMPY_MODULES and name in self.NUMPY:
+            return self.NUMPY[name]
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a sample's attrs['pickle']")

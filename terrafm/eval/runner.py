@@ -87,6 +87,9 @@ def _check_labels(splits: dict[str, EvalSplit], data: str) -> None:
             bad = ~np.isin(y, (0, 1))
             if bad.any():
                 raise ValueError(f"split {name!r} of {data}: multi-label vectors must hold 0 or 1, got {y[bad][0]:g}")
+            if name == "train" and not y.any():  # as a train split of one class: every score 0, nothing told apart
+                raise ValueError(f"the train split of {data} has no positive label: every multi-hot vector is 0, "
+                                 "so a probe has nothing to learn")
             continue
         ids = np.unique(y)
         ids = ids[ids != probes.IGNORE_INDEX] if split.task == "segmentation" else ids

@@ -713,3 +713,71 @@ def test_a_label_of_another_shape_than_the_first_samples_names_its_file(tmp_path
     data = _geobench(tmp_path, mutate=longer_vector)
     with pytest.raises(ValueError, match=r"train_0002.hdf5: its label has shape \(5,\), the first sample's \(4,\)"):
         read_split(data, "hdf5", "train")
+
+
+@pytest.mark.parametrize("hot, message", [
+    (lambda n: np.zeros((n, 0), np.uint8), r"train_0000\.hdf5: its label is empty \(shape \(0,\)\)"),
+    (lambda n: np.zeros((n, 4), np.uint8), r"the train split of .* has no positive label: every multi-hot vector is 0"),
+])
+def test_empty_or_all_zero_multi_hot_labels_are_refused_not_scored_zero(tmp_path, hot, message):
+    """An empty label vector was multi-label with K = 0, and a train split of all-zero vectors fitted nothing: both
+    ran to exit 0 with every F1 and mAP 0."""
+    def multi_hot(splits):
+        for split, (images, labels) in splits.items():
+            splits[split] = (images, hot(len(labels)))
+
+    root = _geobench(tmp_path, mutate=multi_hot)
+    with pytest.raises(ValueError, match=message):
+        _load_splits(EvalConfig(checkpoint="", data=str(root), format="hdf5", out=str(tmp_path / "out")))
+
+
+# attrs['pickle'] bytes that a flipped byte leaves (found by fuzzing GEO-Bench pickles): numpy's own dtype.__setstate__
+# on this state killed the process (SIGSEGV); the others escaped as LookupError / OverflowError tracebacks (exit 1)
+DAMAGED_PICKLES = {
+    "dtype state": b"\x80\x03cnumpy\ndtype\nX\x02\x00\x00\x00i8\x89\x88\x87R(K\x03X\x01\x00\x00\x00<"
+                   b"J\x0d\x0d\x4e\x4eJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb.",
+    "encoding name": b"\x80\x02}q\x00X\x05\x00\x00\x00labelq\x01c_codecs\nencode\nq\x02X\x01\x00\x00\x00\x01q\x03"
+                     b"X\x06\x00\x00\x00lat_n1q\x04\x86q\x05Rq\x06s.",
+    "huge bytearray": b"\x80\x05\x96" + b"\xff" * 8 + b".",
+}
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGED_PICKLES))
+def test_a_damaged_geobench_pickle_is_named_never_a_crash(tmp_path, capsys, tiny_pth, name):
+    root = _geobench(tmp_path)
+    with h5py.File(root / "train_0001.hdf5", "a") as f:
+        del f["label"]
+        f.attrs["pickle"] = str(DAMAGED_PICKLES[name])
+    assert _eval(root, tmp_path / "out", checkpoint=tiny_pth) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "train_0001.hdf5" in err and "attrs['pickle']" in err, err
+
+
+def test_pickled_numpy_labels_rebuild_from_checked_bytes_and_other_values_never_fail_the_label():
+    """Arrays and scalars are rebuilt from their raw bytes (numpy's __setstate__ is never called): byte order, bool,
+    object and text labels come back equal; a value of a dtype no label has (datetime64) elsewhere in the dict leaves
+    the label readable, and as the label it is refused by name."""
+    import io
+
+    from terrafm.eval.data import _StubUnpickler, _Unreadable
+
+    labels = [np.array([0, 1, 1], dtype=">i4"), np.array([True, False]), np.array([1, None], dtype=object),
+              np.array(["a", "bc"]), np.int64(7), np.float32(2.0), np.asfortranarray(np.arange(6).reshape(2, 3))]
+    for protocol in (2, 4, 5):
+        for label in labels:
+            attrs = {"label": label, "when": np.array(["2020-01-01"], dtype="datetime64[D]")}
+            out = _StubUnpickler(io.BytesIO(pickle.dumps(attrs, protocol=protocol))).load()
+            assert type(out["label"]) is type(label) and out["label"].dtype == label.dtype, (protocol, label)
+            np.testing.assert_array_equal(out["label"], label)
+            assert isinstance(out["when"], _Unreadable)
+
+
+def test_a_pickled_label_of_a_dtype_no_label_has_is_named(tmp_path):
+    root = _geobench(tmp_path)
+    with h5py.File(root / "test_0000.hdf5", "a") as f:
+        del f["label"]
+        f.attrs["pickle"] = str(pickle.dumps({"label": np.array(["2020-01-01"], dtype="datetime64[D]")}))
+    with pytest.raises(pickle.UnpicklingError, match=r"test_0000\.hdf5: attrs\['pickle'\] holds a label that is a "
+                                                     "pickled numpy dtype 'M8' that a label never has"):
+        read_split(root, "hdf5", "test")
