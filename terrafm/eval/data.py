@@ -200,7 +200,11 @@ def _split_key(available: list[str] | dict, split: str, where: str) -> str:
     for alias in SPLIT_ALIASES.get(split, (split,)):
         if alias in available:
             return alias
-    raise MissingSplitError(f"split {split!r} not found in {where}; it has {sorted(available)}")
+    hint = ""
+    if isinstance(available, list) and not available and Path(where).is_dir() and next(Path(where).glob("*.hdf5"),
+                                                                                       None):
+        hint = " (its .hdf5 files are GEO-Bench samples: --format hdf5)"
+    raise MissingSplitError(f"split {split!r} not found in {where}; it has {sorted(available)}{hint}")
 
 
 # -- HDF5 -------------------------------------------------------------------------------------------
@@ -466,10 +470,16 @@ def _hdf5_member(f, name: str, path: Path, what: str):
         raise ValueError(f"{path}: {what} {name!r} is a link to {link.filename!r}; a sample's data must be in its "
                          "own file")
     try:
-        return f[name]
+        member = f[name]
     except KeyError as err:
         target = getattr(link, "path", "?")
         raise ValueError(f"{path}: {what} {name!r} is a link to {target!r}, which is not in the file") from err
+    # raw data kept in other files (external storage, a virtual dataset: a missing source read as zeros in silence)
+    if isinstance(member, h5py.Dataset) and (member.external or member.is_virtual):
+        kind = "a virtual dataset" if member.is_virtual else "external storage"
+        raise ValueError(f"{path}: {what} {name!r} keeps its data in other files ({kind}); a sample's data must be in "
+                         "its own file")
+    return member
 
 
 def _hdf5_band(f, name: str, path: Path) -> np.ndarray:
@@ -1051,7 +1061,14 @@ def input_statistics(train: EvalSplit, inputs: dict, how: str = "auto") -> tuple
                          "--normalize dataset")
     names = MODALITIES[m].bands
     if how == "dataset" or not have:
-        return (*band_stats(train.images, names), "dataset")
+        mean, std = band_stats(train.images, names)
+        flat = np.flatnonzero(std <= 1e-6)
+        if flat.size:  # z-scored with std 1e-6, a test value 1000 off the train constant was 1e9: the probe saw only it
+            warnings.warn(f"{m} band(s) {[names[b] for b in flat]} are constant in the train split: they are left out "
+                          "of the features (0 everywhere after normalisation), as no scale fitted on train fits them",
+                          stacklevel=2)
+            std[flat] = np.inf
+        return mean, std, "dataset"
     bands, want = inputs.get("bands", {}).get(m), list(names)
     if bands is not None and list(bands) != want:
         raise ValueError(f"the checkpoint was trained on {m} bands {list(bands)}; this dataset gives {want}. "

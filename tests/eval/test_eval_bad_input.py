@@ -781,3 +781,36 @@ def test_a_pickled_label_of_a_dtype_no_label_has_is_named(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match=r"test_0000\.hdf5: attrs\['pickle'\] holds a label that is a "
                                                      "pickled numpy dtype 'M8' that a label never has"):
         read_split(root, "hdf5", "test")
+
+
+@pytest.mark.parametrize("kind", ["external storage", "a virtual dataset"])
+def test_a_band_whose_data_is_in_another_file_is_refused(tmp_path, kind):
+    """A band stored as raw data in an outside file, or a virtual dataset over another file, was read without a word
+    (a virtual dataset whose source is gone read as zeros)."""
+    root = _geobench(tmp_path)
+    sample = root / "train_0001.hdf5"
+    with h5py.File(sample, "a") as f:
+        band = np.asarray(f[GEOBENCH_S2[0]])
+        del f[GEOBENCH_S2[0]]
+        if kind == "external storage":
+            (tmp_path / "raw.bin").write_bytes(band.astype("<f4").tobytes())
+            f.create_dataset(GEOBENCH_S2[0], shape=band.shape, dtype="<f4", external=[(str(tmp_path / "raw.bin"), 0,
+                                                                                          band.size * 4)])
+        else:
+            with h5py.File(tmp_path / "source.h5", "w") as src:
+                src["x"] = band
+            layout = h5py.VirtualLayout(shape=band.shape, dtype=band.dtype)
+            layout[:] = h5py.VirtualSource(str(tmp_path / "source.h5"), "x", shape=band.shape)
+            f.create_virtual_dataset(GEOBENCH_S2[0], layout)
+    with pytest.raises(ValueError, match=rf"train_0001\.hdf5: band '{re.escape(GEOBENCH_S2[0])}' keeps its data in "
+                                         rf"other files \({kind}\); a sample's data must be in its own file"):
+        read_split(root, "hdf5", "train")
+
+
+def test_format_folder_on_a_geobench_dataset_says_to_use_hdf5(tmp_path):
+    from terrafm.eval.data import MissingSplitError
+
+    root = _geobench(tmp_path)
+    with pytest.raises(MissingSplitError, match=r"split 'train' not found in .*m-toy; it has \[\] \(its \.hdf5 "
+                                                r"files are GEO-Bench samples: --format hdf5\)"):
+        read_split(root, "folder", "train")

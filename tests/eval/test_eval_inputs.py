@@ -126,3 +126,20 @@ def test_eval_converts_s1_to_the_checkpoints_scaling(tiny, tiny_pth, tmp_path):
     with pytest.raises(ValueError, match="S1 splits are in different units .*train: linear.*test: db"):
         evaluate(EvalConfig(checkpoint=str(tiny_pth), data=str(write_hdf5(tmp_path / "mix", mixed, ["VV", "VH"])),
                             format="hdf5", out=str(tmp_path / "o3"), **FAST), tiny)
+
+
+def test_a_band_constant_in_train_is_left_out_of_the_features_with_a_warning():
+    """Dataset statistics of a band constant in train gave std 1e-6, so a test value 1000 off the constant became 1e9
+    after z-scoring and drowned every other band (kNN at chance, no word); it now normalises to 0 everywhere."""
+    from terrafm.eval.data import normalize
+
+    s2 = np.random.default_rng(0).uniform(500, 3000, size=(6, 12, 4, 4)).astype(np.float32)
+    s2[:, 0] = 7.0
+    train = EvalSplit(s2, np.zeros(len(s2), np.int64), "s2_l2a")
+    with pytest.warns(UserWarning, match=r"s2_l2a band\(s\) \['B01'\] are constant in the train split"):
+        mean, std, source = input_statistics(train, {}, "dataset")
+    assert source == "dataset" and np.isinf(std[0]) and np.isfinite(std[1:]).all()
+    test = s2.copy()
+    test[:, 0] = 1007.0
+    out = normalize(test, mean, std)
+    assert (out[:, 0] == 0).all() and np.abs(out[:, 1:]).max() < 10
