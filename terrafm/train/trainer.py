@@ -569,6 +569,10 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
                                  + ", this run's config has " + ", ".join(f"model.{k}={v}" for k, v in now.items())
                                  + "; the same weights under other settings compute another network: resume with "
                                  + " ".join(f"model.{k}={v}" for k, v in saved.items()) + " or start a new run")
+        elif saved_meta.get("model", {}).get("fusion") is True:  # DCP loads the subset and the next save drops the rest
+            raise ValueError("it holds trained fusion weights (model.fusion=true) and this run has model.fusion=false, "
+                             "which would leave them out of every later checkpoint: resume with model.fusion=true, or "
+                             "start a new run")
         step, rank_state, saved_world = checkpoint.load(resume_from, arch, optimizer, reshard=t.elastic_resume)
         saved_steps = saved_meta.get("total_steps")
         saved_s1, s1 = saved_meta.get("data", {}).get("s1_scaling"), input_metadata(loader).get("s1_scaling")
@@ -676,6 +680,11 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
     if not resume and checkpoint.has_checkpoints(ckpt_root):
         raise SetupError(f"{run_dir} already has checkpoints; pass --resume to continue it, or choose another "
                          "--out / train.run_name for a fresh run")
+    foreign = resume_from is not None and resume_from.parent.resolve() != ckpt_root.resolve()
+    if foreign and checkpoint.has_checkpoints(ckpt_root):  # its checkpoints would be set aside, then rotated out
+        raise SetupError(f"{run_dir} already has checkpoints of its own; --resume-from {resume_from} (another run's) "
+                         "would mix the two runs in one folder: pass --resume to continue this run, or choose another "
+                         "--out / train.run_name to start from that checkpoint")
     check_run_dir(run_dir)  # every rank: each fails alike instead of waiting in a collective
     if t.deterministic:
         torch.use_deterministic_algorithms(True)

@@ -503,6 +503,18 @@ def test_a_checkpoint_from_before_the_fusion_settings_resumes_only_with_its_own(
     assert resumed["model"]["fusion_norm"] == "pooled"
 
 
+def test_a_fused_checkpoint_does_not_resume_without_fusion(two_checkpoints, tmp_path):
+    """model.fusion=false on a checkpoint with trained fusion weights loaded the rest in silence (DCP loads a subset)
+    and every later checkpoint left the fusion out: once retention rotated the old ones, it was gone."""
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    assert json.loads((step2 / "meta.json").read_text())["model"]["fusion"] is True
+    proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", "model.fusion=false", "data.p_fused=0",
+                       expect_rc=2)
+    assert ("it holds trained fusion weights (model.fusion=true) and this run has model.fusion=false"
+            in proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (out / "run" / "checkpoints" / "step_00000003").exists()
+
 def _set_aside_on_rank(rank: int, root: str, port: int, results) -> None:
     import datetime
     import time
@@ -577,18 +589,34 @@ def test_resume_past_a_step_folder_without_manifest_is_refused_by_name(two_check
     assert checkpoint.resume_point(root) is None
 
 
-def test_a_run_started_from_another_runs_checkpoint_keeps_none_of_the_folders_old_records(tmp_path):
-    """Records up to the resumed step were kept whatever the checkpoint: a folder's own earlier attempt (steps
-    1-3) stayed in metrics.jsonl ahead of the other run's continuation (5, 6), two trajectories in one file."""
+def test_a_resume_from_another_runs_checkpoint_into_a_folder_with_checkpoints_is_refused_and_loses_nothing(
+        tmp_path):
+    """--resume-from another run's checkpoint into a folder with checkpoints of its own set that folder's later steps
+    aside as "an earlier continuation", let retention delete its earlier ones and replaced its metrics.jsonl and
+    config.yaml (exit 0). Now it is refused before anything is touched; into a fresh folder it starts from that
+    checkpoint, with none of an earlier attempt's records."""
+    import hashlib
+
     args = ["train.checkpoint_every=2", "train.log_every=1", "train.deterministic=true"]
     run_harness(tmp_path / "old", "train.max_steps=4", *args)
     new = tmp_path / "new"
     run_harness(new, "train.max_steps=3", *args)
-    run_harness(new, "--resume-from", str(tmp_path / "old" / "run" / "checkpoints" / "step_00000004"),
-                "train.max_steps=6", *args)
-    assert [r["step"] for r in metric_records(new / "run")] == [5, 6]
-    run_harness(new, "--resume", "train.max_steps=7", *args)
-    assert [r["step"] for r in metric_records(new / "run")] == [5, 6, 7]  # its own checkpoint: its records stay
+
+    def state() -> dict:
+        return {str(p.relative_to(new)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(new.rglob("*"))
+                if p.is_file()}
+
+    before = state()
+    other = tmp_path / "old" / "run" / "checkpoints" / "step_00000004"
+    proc = run_harness(new, "--resume-from", str(other), "train.max_steps=6", *args, expect_rc=2)
+    assert f"{new / 'run'} already has checkpoints of its own; --resume-from {other} (another run's)" in proc.stderr
+    assert "pass --resume to continue this run" in proc.stderr and "Traceback" not in proc.stderr
+    assert state() == before
+    fresh = tmp_path / "fresh"
+    run_harness(fresh, "--resume-from", str(other), "train.max_steps=6", *args)
+    assert [r["step"] for r in metric_records(fresh / "run")] == [5, 6]
+    run_harness(fresh, "--resume", "train.max_steps=7", *args)
+    assert [r["step"] for r in metric_records(fresh / "run")] == [5, 6, 7]  # its own checkpoint: its records stay
 
 
 def test_resume_with_resume_from_continues_the_runs_own_checkpoint_even_without_latest(tmp_path, monkeypatch):
