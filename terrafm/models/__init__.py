@@ -256,8 +256,11 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
                 meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors' own error types vary by version; all mean "not readable"
             raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
+        # fusion settings where terrafm wrote the file (LEGACY_FUSION for one written before they were recorded);
+        # a file without terrafm's metadata says nothing: the defaults, as for a .pth
+        ours = any(k in meta for k in ("model", "source", *FUSION_SETTINGS))
         return (meta.get("model"), backbone_entries(tensors, str(path)),
-                {**_input_metadata(meta, path), **fusion_settings(meta, path)})
+                {**_input_metadata(meta, path), **(fusion_settings(meta, path) if ours else {})})
     _check_expansion(path)
     try:  # weights_only: a pickle that would run code is refused, never executed; DINO's checkpoints keep
         # their argparse.Namespace under 'args' (a plain attribute bag: allowed, it runs nothing)
@@ -282,8 +285,9 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
                          "expected a published .pth, an exported .safetensors or a `terrafm pretrain` "
                          "checkpoint folder") from err
     for key in ("teacher", "model", "state_dict", "student"):  # a student alone only when nothing else is there
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+        inner = state.get(key) if isinstance(state, dict) else None
+        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            state = inner  # {"model": {"arch": ...}, "state_dict": weights}: the one that holds tensors
             break
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from terrafm.fileio import atomic_write, chmod_shared, folder_problem, path_arg
-from terrafm.models import FUSION_PREFIX, trained_inputs
+from terrafm.models import FUSION_PREFIX, load_checkpoint, trained_inputs
 
 INPUT_KEYS = ("bands", "mean", "std")  # JSON-encoded {modality: [per band]} entries of the metadata
 
@@ -40,7 +40,9 @@ def export_metadata(name: str, which: str, meta: dict) -> dict[str, str]:
     out = {"model": name, "source": which}
     for key in ("img_size", "patch_size", "fusion_heads"):
         if key in model:
-            out[key] = str(int(model[key]))
+            if type(model[key]) is not int:  # int("abc") was the whole message, naming neither file nor key
+                raise ValueError(f"model.{key} is {str(model[key])[:40]!r}, not an integer")
+            out[key] = str(model[key])
     if "fusion_norm" in model:
         out["fusion_norm"] = str(model["fusion_norm"])
     for key in INPUT_KEYS:
@@ -76,7 +78,10 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
     folder = resolve(checkpoint)
     meta = read_meta(folder)
     trained_inputs(meta, folder)  # an input metadata entry load_checkpoint would refuse in the file is refused here
-    metadata = export_metadata(name, which, meta)
+    try:
+        metadata = export_metadata(name, which, meta)
+    except ValueError as err:
+        raise ValueError(f"{folder / 'meta.json'}: {err}") from err
     if not with_fusion:
         state = {k: v for k, v in state.items() if not k.startswith(FUSION_PREFIX)}
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +91,11 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
         except SafetensorError as err:  # safetensors' Rust writer reports I/O failures as its own error
             raise OSError(str(err)) from err
+        try:  # an edited meta.json (another model name, image or patch size) wrote files that never loaded
+            load_checkpoint(tmp)
+        except ValueError as err:
+            raise ValueError(f"{folder / 'meta.json'} describes another model than its weights, so the export would "
+                             f"not load: {str(err).replace(str(tmp), str(output))}") from err
         chmod_shared(tmp)
 
     return atomic_write(output, write)

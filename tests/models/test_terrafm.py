@@ -346,6 +346,12 @@ def test_a_fused_checkpoint_loads_with_the_fusion_it_was_built_with(tmp_path):
     save_file(state, str(tmp_path / "old.safetensors"), metadata={"model": "terrafm_tiny"})
     old = load_checkpoint(tmp_path / "old.safetensors").patch_embed
     assert (old.fusion.num_heads, old.fusion_norm) == (LEGACY_FUSION["fusion_heads"], LEGACY_FUSION["fusion_norm"])
+    # no terrafm metadata at all (not an export): the defaults, as for the same tensors in a .pth (the safetensors
+    # file was built with LEGACY_FUSION, so the same weights were two networks by container)
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    torch.save(state, tmp_path / "plain.pth")
+    plain = [load_checkpoint(tmp_path / f"plain.{ext}").patch_embed for ext in ("safetensors", "pth")]
+    assert {(pe.fusion.num_heads, pe.fusion_norm) for pe in plain} == {(16, "values")}
     for key, value, form in (("fusion_norm", "before", "one of values, pooled"), ("fusion_heads", "8.0", "a positive "
                                                                                                     "integer")):
         save_file(state, str(tmp_path / "bad.safetensors"), metadata={"model": "terrafm_tiny", key: value})

@@ -125,6 +125,18 @@ def test_state_dicts_of_wrapped_models_load(tmp_path, kind):
         torch.testing.assert_close(model(x, "s2_l1c"), published(x), rtol=1e-5, atol=1e-5)
 
 
+def test_weights_under_state_dict_load_beside_a_model_config_under_model(tmp_path):
+    """{"model": {"arch": ...}, "state_dict": weights}: the first wrapper key holding a dict was taken, so the message
+    said the weights were not tensors while naming 'state_dict' as a place to keep them."""
+    published = PublishedTerraFM(img_size=32, dim=192, depth=4, heads=3).eval()
+    path = tmp_path / "x.pth"
+    torch.save({"model": {"arch": "vit_tiny", "depth": 4}, "state_dict": published.state_dict()}, path)
+    model = load_checkpoint(path).eval()
+    x = _image("s2_l1c")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, "s2_l1c"), published(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("prefix", ["module.", "backbone.", "teacher.backbone."])
 def test_safetensors_with_training_prefixes_load_like_a_pth(tmp_path, prefix):
     """A safetensors file was read as is: a DDP or DINO-style one was 'not a TerraFM backbone'."""

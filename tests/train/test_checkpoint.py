@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -187,6 +188,25 @@ def test_an_edited_input_statistic_in_meta_json_is_refused_by_export_and_eval(tw
     assert "meta.json's data 'std' is" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
     with pytest.raises(ValueError, match="meta.json's data 'std' is"):
         load_checkpoint(step2)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda model: model.update(name="terrafm_small"), "describes another model than its weights, so the export would "
+                                                       "not load: .*x.safetensors does not match terrafm_small"),
+    (lambda model: model.update(patch_size=8), "describes another model than its weights, so the export would not "
+                                               "load: .*metadata says img_size .* / patch_size 8"),
+    (lambda model: model.update(fusion_heads="abc"), "meta.json: model.fusion_heads is 'abc', not an integer"),
+], ids=["name", "patch_size", "fusion_heads"])
+def test_export_refuses_a_meta_json_whose_model_is_not_its_weights(two_checkpoints, tmp_path, capsys, edit, message):
+    """An edited model section was written into exports that load_checkpoint then refused (exit 0), or ended in
+    `invalid literal for int()` naming neither file nor key."""
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    _edit(step2, "meta.json", lambda m: edit(m["model"]))
+    assert main(["export", str(step2), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.safetensors.tmp").exists()
 
 
 def test_export_keeps_an_existing_output_and_reports_write_errors(two_checkpoints, tmp_path, capsys, monkeypatch):
