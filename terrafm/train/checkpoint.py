@@ -384,11 +384,15 @@ def load(path: str | Path, arch, optimizer, reshard: bool = False) -> tuple[int,
     set_model_state_dict(arch.teacher, state["teacher"])
     set_optimizer_state_dict(arch.student, optimizer, state["optimizer"], options=StateDictOptions(strict=not unsaved))
     arch.loss.load_state_dict(state["loss"])
-    saved = read_rank_file(path / rank_file(_rank() if saved_world == world else 0))
+    record = path / rank_file(_rank() if saved_world == world else 0)
+    saved = read_rank_file(record)
+    if saved["step"] != meta["step"]:  # an edited -3 resumed into step_-0000001 folders
+        raise CheckpointError(f"{record}: its step {saved['step']} is not the checkpoint's ({meta['step']} in "
+                              "meta.json): not this checkpoint's rank state")
     if saved_world == world:
         try:
             set_rng_state(saved["rng"])
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:  # torch's set_rng_state: RuntimeError
             raise CheckpointError(f"{path / rank_file(_rank())}: its RNG states do not restore ({type(err).__name__}: "
                                   f"{err})") from err
     return saved["step"], saved["state"], saved_world

@@ -146,7 +146,8 @@ def _edit(folder: Path, name: str, edit) -> None:
     ("rank_00000.json", lambda r: r.update(state=[1])),
     ("rank_00000.json", lambda r: r["rng"].update(torch=5)),
     ("rank_00000.json", lambda r: r["state"].update(skipped_steps="0")),
-], ids=["total_steps", "config", "data", "rank_state", "rng", "skipped_steps"])
+    ("rank_00000.json", lambda r: r.update(step=-3)),  # resumed into step_-0000001 folders
+], ids=["total_steps", "config", "data", "rank_state", "rng", "skipped_steps", "step"])
 def test_a_field_of_another_form_in_meta_json_or_a_rank_state_is_one_message(two_checkpoints, tmp_path, name, edit):
     """Each of these passed the manifest and the old checks, then ended the resume in a traceback (exit 1)."""
     out = _copy(two_checkpoints, tmp_path)
@@ -155,6 +156,17 @@ def test_a_field_of_another_form_in_meta_json_or_a_rank_state_is_one_message(two
     proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", expect_rc=2)
     assert f"cannot resume from {step2}: " in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert (out / "run" / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
+def test_rng_bytes_that_torch_refuses_are_named_as_the_rank_state(two_checkpoints, tmp_path):
+    """torch's set_rng_state raises RuntimeError on bytes of another size: the message said the checkpoint did not
+    fit the model and optimiser, and pointed at model.* and ssl.* settings."""
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    _edit(step2, "rank_00000.json", lambda r: r["rng"].update(torch="00"))
+    proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", expect_rc=2)
+    assert f"{step2 / 'rank_00000.json'}: its RNG states do not restore (RuntimeError" in proc.stderr, proc.stderr
+    assert "does not fit this model" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("edit, message", [
