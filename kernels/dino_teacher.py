@@ -483,7 +483,10 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
         mass = _launch(MODE_COLUMN, logits, scale, bias)
         if all_reduce is not None:
             all_reduce(mass, "sum")
-        bias = bias - torch.log2(mass)
+        # where t / tau reaches ~1e10, fp32 rounds the folded potential by more than 126 doublings and a column can
+        # sum to 0: its potential stops at the smallest normal mass instead of +inf (NaN rows); a NaN mass (a
+        # column wait that gave up) stays NaN
+        bias = bias - torch.log2(mass.clamp_min(torch.finfo(torch.float32).tiny))
     return _launch(MODE_SOFTMAX, logits, scale, bias)
 
 
