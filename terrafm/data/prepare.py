@@ -375,6 +375,8 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                   "of band data); each worker holds one such group in memory (--workers lowers it). Major-TOM writes "
                   "one product per row group: pyarrow.parquet.write_table(table, path, row_group_size=1)",
                   file=sys.stderr)
+        if pending:  # a run that stops midway must not leave the old index.json over rewritten shards
+            (out / shards.INDEX_NAME).unlink(missing_ok=True)
         bar = tqdm(total=len(jobs), initial=resumed, desc="terrafm prepare", unit="shard", disable=not progress)
         if workers == 0 or len(pending) <= 1:
             for i in pending:

@@ -300,6 +300,8 @@ class ShardSet:
                 problems.append(f"{bin_path.name} is missing")
             elif size != payload_end(z):
                 problems.append(f"{bin_path.name} has {size} bytes, its .npz needs {payload_end(z)}")
+            elif entry.get("bytes", size) != size:  # a shard rewritten since index.json was written
+                problems.append(f"{bin_path.name} has {size} bytes, {INDEX_NAME} says {entry['bytes']}")
         total = sum(len(z["keys"]) for z in parts)
         if self.meta.get("num_records", total) != total:
             problems.append(f"{INDEX_NAME} says {self.meta['num_records']} records, its shards hold {total}")
@@ -314,6 +316,13 @@ class ShardSet:
         warnings.warn(f"{message}; training on the {total} listed records (data.allow_index_mismatch=true)"
                       + (f", {lost} of them without the tiles their missing or short .bin held" if lost else ""),
                       stacklevel=3)
+
+    def _redo(self, i: int) -> str:
+        """How to rewrite record i's shard: a re-run of prepare resumes a shard whose .bin has its length, so the
+        corrupt one must go first."""
+        stem = self._bin_names[self.shard_of[i]].with_suffix("")
+        return (f"delete {stem}.bin and {stem}.npz and re-run the same `terrafm prepare` command (it redoes that shard "
+                "only; a re-run alone resumes it, corrupt)")
 
     def _drop_chunks_not_on_disk(self, parts: list[dict]) -> int:
         """Mark a record's modality absent where its chunks end past its .bin (missing, emptied, truncated), so
@@ -455,7 +464,7 @@ class ShardSet:
                 raise ChecksumError(
                     f"{self._bin_names[self.shard_of[i]]}: record {i} ({self.keys[i]}) {modality} band "
                     f"{self.modalities[modality].bands[b]}: crc32 {got:#010x} != stored "
-                    f"{int(self.crc32[modality][i, b]):#010x}; the shard is corrupt, re-run `terrafm prepare`")
+                    f"{int(self.crc32[modality][i, b]):#010x}; the shard is corrupt, {self._redo(i)}")
             self._verified[modality][i, b] = True
 
     def chunks(self, i: int, modality: str, band_index: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
@@ -488,7 +497,7 @@ class ShardSet:
         except ChunkDecodeError as err:
             raise ShardError(f"{self._bin_names[self.shard_of[i]]}: record {i} ({self.keys[i]}) {modality} band "
                              f"{self.modalities[modality].bands[err.chunk]} does not decode ({err}); the shard is "
-                             "corrupt, re-run `terrafm prepare`") from err
+                             f"corrupt, {self._redo(i)}") from err
 
 
 def nodata_fill(modality: str, s1_scaling: str) -> np.ndarray:

@@ -137,8 +137,30 @@ def test_checksum_mismatch_at_read(sample_shards, tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     s = ShardSet(tmp_path / "s")
     s.tile(4, "s2_l2a")
-    with pytest.raises(ChecksumError, match=r"part-00000\.bin: record 5 .* s2_l2a band B03"):
+    part = tmp_path / "s" / "part-00000"
+    with pytest.raises(ChecksumError, match=rf"part-00000\.bin: record 5 .* s2_l2a band B03: .*; the shard is corrupt, "
+                                            rf"delete {part}\.bin and {part}\.npz and re-run the same"):
         s.tile(5, "s2_l2a")
+
+
+def test_following_the_checksum_message_repairs_the_shard(sample_parquet, tmp_path):
+    """The message said to re-run prepare, which resumed the corrupt shard (its .bin had its length): the same
+    error again mid-run. Deleting the named files first, as it now says, redoes that shard."""
+    out = tmp_path / "s"
+    convert([sample_parquet], out, tile_size=TILE, workers=0, progress=False)
+    off = int(ShardSet(out).offset["s2_l2a"][5, 2]) + 7
+    with open(out / "part-00000.bin", "r+b") as f:
+        f.seek(off)
+        byte = f.read(1)
+        f.seek(off)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert convert([sample_parquet], out, tile_size=TILE, workers=0, progress=False)["resumed_shards"] == 1
+    with pytest.raises(ChecksumError):
+        ShardSet(out).tile(5, "s2_l2a")
+    (out / "part-00000.bin").unlink()
+    (out / "part-00000.npz").unlink()
+    assert convert([sample_parquet], out, tile_size=TILE, workers=0, progress=False)["resumed_shards"] == 0
+    ShardSet(out).tile(5, "s2_l2a")
 
 
 def test_resume_parallel_and_atomic(sample_parquet, sample_shards, tmp_path):

@@ -302,6 +302,27 @@ def test_a_changed_input_file_is_redone_not_resumed(sample_parquet, tmp_path, ca
     assert (shards.tile(list(shards.keys).index(f"{cell}/0_0"), "s2_l2a")[3] == 7).all()
 
 
+def test_a_rerun_that_stops_midway_leaves_no_index_json_over_rewritten_shards(sample_parquet, tmp_path):
+    """An edited input redid shard 0, then a bad product stopped the run at shard 1: the old index.json (its byte
+    counts, tile counts and statistics) stayed beside the rewritten shard and pretrain trained on the mix, exit 0.
+    The index is removed when a run starts rewriting; the shard reader also checks each shard's bytes against it."""
+    root, out = _copy(sample_parquet, tmp_path), tmp_path / "out"
+    convert([root], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    old_index = (out / "index.json").read_text()
+    _edit_band(root, S2_FILE, "B04", 0, lambda a: _tif_with_nodata(np.full_like(a, 7), "none"))
+    _edit_band(root, S2_FILE, "B04", 1, lambda a: b"II*\x00 truncated")
+    with pytest.raises(BadInput, match="truncated or corrupt GeoTIFF"):
+        convert([root], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    assert not (out / "index.json").exists()
+    with pytest.raises(ShardError, match=r"no index\.json|index\.json"):
+        ShardSet(out)
+    index = json.loads(old_index)  # an index kept from before (a copy restored by hand) whose shard 0 had another size
+    index["shards"][0]["bytes"] += 4800
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=r"part-00000\.bin has \d+ bytes, index\.json says \d+"):
+        ShardSet(out)
+
+
 def test_a_file_fixed_after_a_skip_bad_run_is_retried(sample_parquet, tmp_path):
     root, out = _copy(sample_parquet, tmp_path), tmp_path / "out"
     path = root.joinpath(*S2_FILE)
