@@ -490,10 +490,20 @@ def _validate_ops(prefs: dict[str, str]) -> None:
             raise ConfigError(f"config key 'ops.{op}': {backend!r} is not one of {', '.join(names)}")
 
 
-def check_epoch(cfg: Config, batches_per_rank: int, world_size: int, coverage: str = "") -> None:
+def check_epoch(cfg: Config, batches_per_rank: int, world_size: int, coverage: str = "",
+                samples_per_rank: int | None = None) -> None:
     """The dataset must give at least one batch per epoch (also with train.steps_per_epoch, which sets only the
     schedules' epoch: an empty loader epoch has no batch to give) and one optimiser step unless
-    train.steps_per_epoch is set; names the key to change. coverage: the loader's note on locations it leaves out."""
+    train.steps_per_epoch is set; names the key to change. coverage: the loader's note on locations it leaves out.
+    With data.drop_last=false an epoch's last batch holds samples_per_rank % batch_size samples: one is refused
+    under KoLeo, which needs two (it ended the run in a traceback at the epoch's end, without a checkpoint)."""
+    b = cfg.data.batch_size
+    if (samples_per_rank is not None and not cfg.data.drop_last and cfg.ssl.koleo_weight > 0
+            and samples_per_rank % b == 1 and b > 1):
+        raise ConfigError(f"data.drop_last=false leaves each epoch's last batch with 1 of a rank's {samples_per_rank} "
+                          f"samples, and ssl.koleo_weight={cfg.ssl.koleo_weight} needs 2 (KoLeo compares each image "
+                          "with its nearest neighbour in the batch); set data.drop_last=true, ssl.koleo_weight=0, or "
+                          f"a data.batch_size that does not leave one sample over ({samples_per_rank} % {b} = 1)")
     if batches_per_rank < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is more than each of the {world_size} rank(s) gets "
                           "from the dataset in an epoch" + (f" ({coverage})" if coverage else "")

@@ -702,7 +702,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
         except (ShardError, FileNotFoundError, ValueError) as err:
             raise SetupError(f"cannot read the training data: {err}") from err
     coverage = getattr(loader, "coverage", "")  # locations the loader leaves out, and why
-    check_epoch(cfg, len(loader), env.world_size, coverage)
+    sampler = getattr(loader, "sampler", None)
+    check_epoch(cfg, len(loader), env.world_size, coverage, len(sampler) if sampler is not None else None)
     high_classes = high_frequency_classes(_value(loader, "class_frequency"))
     arch = SSLMetaArch.from_config(cfg, _value(loader, "num_classes"), high_classes, env.device.type).to(env.device)
     arch.teacher.eval()

@@ -86,6 +86,24 @@ def test_the_dataset_size_check_names_the_key_to_change():
     check_epoch(cfg, 3, 1)
 
 
+def test_a_last_batch_of_one_under_koleo_is_refused_before_training(tmp_path, capsys):
+    """data.drop_last=false with 256 samples per rank in batches of 5 left a last batch of 1, which KoLeo cannot
+    use: a traceback (exit 1, the code for a diverged run) at the epoch's end, after the steps before it, unsaved."""
+    from terrafm.cli import main
+
+    cfg = load_config("tiny_cpu", ["data.drop_last=false", "data.batch_size=5"])
+    with pytest.raises(ConfigError, match=r"leaves each epoch's last batch with 1 of a rank's 256 samples, and "
+                                          r"ssl.koleo_weight=0.2 needs 2 .* \(256 % 5 = 1\)"):
+        check_epoch(cfg, 52, 1, samples_per_rank=256)
+    check_epoch(cfg, 52, 1, samples_per_rank=257)  # a last batch of 2
+    check_epoch(load_config("tiny_cpu", ["data.drop_last=false", "data.batch_size=5", "ssl.koleo_weight=0"]), 52, 1,
+                samples_per_rank=256)
+    check_epoch(load_config("tiny_cpu", ["data.batch_size=5"]), 51, 1, samples_per_rank=256)  # drop_last drops it
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "data.drop_last=false", "data.batch_size=5",
+                 "train.max_steps=2", "train.probe=false"]) == 2
+    assert "leaves each epoch's last batch with 1 of a rank's" in capsys.readouterr().err
+
+
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError, match="presets: .*tiny_cpu"):
         load_config("vitz_h100")
