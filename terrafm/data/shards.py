@@ -232,6 +232,7 @@ class ShardSet:
         self._cross_check(parts, allow_index_mismatch)
         self._bin_needed = [payload_end(p) for p in parts]  # bytes each .bin must still hold when first read
         self._normalise_empty_bands(parts)
+        self._warn_far_fill()
         self.keys = np.concatenate([p["keys"] for p in parts]) if parts else np.zeros(0, str)
         self.class_counts = np.concatenate([p["class_counts"] for p in parts]).reshape(-1, NUM_CLASSES)
         self.shard_of = np.concatenate([np.full(len(p["keys"]), i, np.int32) for i, p in enumerate(parts)])
@@ -358,6 +359,27 @@ class ShardSet:
                 info.mean[b], info.std[b] = fill[MODALITIES[m].bands.index(info.bands[b])], 1.0
             warnings.warn(f"{self.root}: {m} band(s) {[info.bands[b] for b in empty]} have no valid pixel in any "
                           "tile (all nodata); they are normalised to 0", stacklevel=3)
+
+    def _warn_far_fill(self, limit: float = 3.0) -> None:
+        """Masked pixels hold the band's reference mean (nodata_fill), which normalises to about 0 only where the
+        shards' own statistics are near the reference ones (global Major-TOM); say which bands put them more than
+        `limit` std away, where the model sees nodata areas as a constant block with an edge."""
+        far = []
+        for m, info in self.modalities.items():
+            counts = self.meta.get("modalities", {}).get(m, {}).get("nodata_pixels")
+            if m not in MODALITIES or not isinstance(counts, list) or len(counts) != len(info.bands):
+                continue
+            fill = nodata_fill(m, self.s1_scaling)
+            for b, band in enumerate(info.bands):
+                if not counts[b] or band not in MODALITIES[m].bands:
+                    continue
+                z = (fill[MODALITIES[m].bands.index(band)] - info.mean[b]) / info.std[b]
+                if abs(z) > limit:
+                    far.append(f"{m} {band} {z:+.1f} std ({counts[b]} pixels)")
+        if far:
+            warnings.warn(f"{self.root}: masked (nodata) pixels hold the reference mean, which these shards' own "
+                          f"statistics put far from the band mean: {', '.join(far)}; the model sees those areas as a "
+                          "constant block with an edge (docs/data.md, nodata)", stacklevel=3)
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -887,6 +887,29 @@ def test_a_geotiff_msk_sidecar_is_nodata_and_one_of_another_size_is_named(sample
         convert([folder], tmp_path / "out3", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
 
 
+@pytest.mark.parametrize("band, far", [("B09", True), ("B04", False)])
+def test_nodata_far_from_the_shards_own_mean_is_named_when_the_shards_open(sample_parquet, tmp_path, band, far):
+    """Masked pixels hold the band's reference (Major-TOM) mean; on data whose statistics differ (the synthetic
+    sample's B09: +7.4 std) the model saw nodata areas as a constant block, while the docs said they normalise to
+    about 0. The shard reader now names such bands (B04, +1.1 std, passes)."""
+    import warnings
+
+    folder = tmp_path / "tifs"
+    products = product_folders(sample_parquet, in_grid_cells(folder))
+    size = tifffile.imread(products[0] / f"{band}.tif").shape
+    valid = np.full(size, 255, np.uint8)
+    valid[:1] = 0
+    tifffile.imwrite(products[0] / f"{band}.tif.msk", valid, metadata=None)
+    convert([folder], tmp_path / "out", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ShardSet(tmp_path / "out")
+    named = [str(w.message) for w in caught if "masked (nodata) pixels hold the reference mean" in str(w.message)]
+    assert bool(named) == far, named
+    if far:
+        assert re.search(rf"s2_l2a {band} \+\d+\.\d std \(\d+ pixels\)", named[0]), named[0]
+
+
 def _pam(*nodata: str | None, stats: bool = True, hex_equiv: str | None = None) -> str:
     """A GDAL PAM sidecar (B04.tif.aux.xml) as GDAL writes one: dataset metadata, then per band (band="1", ...) its
     NoDataValue where given (None: none), a histogram and statistics."""
