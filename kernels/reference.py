@@ -106,6 +106,12 @@ def cross_attention_fusion(
     return (w.unsqueeze(-1) * z).sum(dim=1)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 for the loss references' arithmetic, float64 kept as float64 (gradcheck, float64 oracles: the
+    kernels' float64 refusal points here)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def teacher_softmax(
     teacher_logits: torch.Tensor,
     center: torch.Tensor,
@@ -118,15 +124,15 @@ def teacher_softmax(
 
     teacher_logits (R, K); center, center_high (K,); high_weight (R,) is 1 for rows whose sample's
     land-cover majority class is a high-frequency class, else 0 (any non-negative weight works).
-    probs = softmax((t - alpha * center - (1 - alpha) * center_high) / temperature) in fp32.
+    probs = softmax((t - alpha * center - (1 - alpha) * center_high) / temperature) in fp32 (float64 stays so).
     Also returns logit_sum = sum_r t[r] and high_logit_sum = sum_r high_weight[r] * t[r] (K,), fp32,
     so the caller all-reduces both once and divides by R and sum(high_weight).
     """
-    t = teacher_logits.float()
-    centred = t - alpha * center.float() - (1.0 - alpha) * center_high.float()
+    t = _wide(teacher_logits)
+    centred = t - alpha * _wide(center) - (1.0 - alpha) * _wide(center_high)
     probs = torch.softmax(centred / temperature, dim=-1)
     logit_sum = t.sum(dim=0)
-    high_logit_sum = (high_weight.float().unsqueeze(1) * t).sum(dim=0)
+    high_logit_sum = (_wide(high_weight).unsqueeze(1) * t).sum(dim=0)
     return probs, logit_sum, high_logit_sum
 
 
@@ -142,14 +148,14 @@ def dino_cross_entropy(
     S, T = student_logits.shape[0], teacher_probs.shape[0]
     if S < 2 and T <= S:
         raise ValueError(f"dino_cross_entropy needs at least one pair of different views; got S={S}, T={T}")
-    log_p = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
-    total = student_logits.new_zeros((), dtype=torch.float32)
+    log_p = F.log_softmax(_wide(student_logits) / student_temperature, dim=-1)
+    total = log_p.new_zeros(())
     pairs = 0
     for t in range(T):
         for s in range(S):
             if s == t:
                 continue
-            total = total + (-teacher_probs[t].float() * log_p[s]).sum(dim=-1).mean()
+            total = total + (-_wide(teacher_probs[t]) * log_p[s]).sum(dim=-1).mean()
             pairs += 1
     return total / pairs
 
@@ -173,7 +179,7 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, tempera
     teacher_logits (..., K); center with K elements ((1, K) or (1, 1, K) buffers in DINOv2).
     """
     K = teacher_logits.shape[-1]
-    centred = teacher_logits.float() - center.float().reshape(K)
+    centred = _wide(teacher_logits) - _wide(center).reshape(K)
     return torch.softmax(centred / temperature, dim=-1)
 
 
@@ -205,7 +211,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iteration
     """
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1 (DINOv2 uses 3), got {n_iterations}")
-    x = teacher_logits.float() / temperature
+    x = _wide(teacher_logits) / temperature
     if x.shape[0] == 0:  # a rank without rows joins the all-reduces with the empty max and sum
         col_max, col_sum = x.new_full(x.shape[1:], -math.inf), x.new_zeros(x.shape[1:])
     else:
@@ -227,9 +233,9 @@ def weighted_soft_cross_entropy(student_logits: torch.Tensor, targets: torch.Ten
     student_logits (R, K), targets (T, R, K), row_weight (R,). DINOv2's DINOLoss.forward per student view
     is row_weight = 1 / R; its iBOT forward_masked is T = 1, row_weight = masks_weight / images.
     """
-    log_p = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
-    per_row = -(targets.float().sum(dim=0) * log_p).sum(dim=-1)
-    return (row_weight.float() * per_row).sum()
+    log_p = F.log_softmax(_wide(student_logits) / student_temperature, dim=-1)
+    per_row = -(_wide(targets).sum(dim=0) * log_p).sum(dim=-1)
+    return (_wide(row_weight) * per_row).sum()
 
 
 def dino_head_loss(student_features, teacher_features, weight_v, center, center_high, high_weight,

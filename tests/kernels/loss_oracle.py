@@ -1,7 +1,7 @@
 """Float64 oracles of the loss references and the flash-attn tolerance rule shared by the loss tests.
 
-reference.teacher_softmax / dino_cross_entropy cast inputs with .float(), so called on float64
-tensors they would compute in float32; these oracles run the same math entirely in float64.
+The oracles are written out here, apart from terrafm_kernels.reference (which keeps float64 too), so a test
+compares the kernels with an independent statement of the math, run entirely in float64.
 """
 
 import torch

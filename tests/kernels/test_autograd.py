@@ -147,3 +147,23 @@ def test_a_model_holding_the_modules_compiles_fullgraph_with_eager_gradients(dev
         grads.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
     for eager, compiled in zip(*grads, strict=True):
         torch.testing.assert_close(compiled, eager)
+
+
+def test_the_loss_references_keep_float64_for_gradcheck():
+    """The kernels' float64 refusal sends gradcheck to terrafm_kernels.reference, whose loss functions cast to fp32:
+    gradcheck failed there (Jacobian mismatch) and float64 oracles built on them were fp32."""
+    from terrafm_kernels import reference
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 2, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    teacher = torch.softmax(torch.randn(2, 2, 7, dtype=torch.float64, generator=g), -1)
+    assert torch.autograd.gradcheck(lambda s: reference.dino_cross_entropy(s, teacher, 0.1), (student,))
+    rows = torch.randn(4, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.softmax(torch.randn(2, 4, 7, dtype=torch.float64, generator=g), -1)
+    weight = torch.rand(4, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda r: reference.weighted_soft_cross_entropy(r, targets, weight, 0.1), (rows,))
+    logits = torch.randn(5, 7, dtype=torch.float64, generator=g)
+    zeros = torch.zeros(7, dtype=torch.float64)
+    for out in (reference.teacher_softmax(logits, zeros, zeros, torch.ones(5, dtype=torch.float64), 0.04, 0.5)[0],
+                reference.centered_softmax(logits, zeros, 0.04), reference.sinkhorn_knopp(logits, 0.04, 3)):
+        assert out.dtype == torch.float64
