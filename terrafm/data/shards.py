@@ -306,6 +306,7 @@ class ShardSet:
         total = sum(len(z["keys"]) for z in parts)
         if self.meta.get("num_records", total) != total:
             problems.append(f"{INDEX_NAME} says {self.meta['num_records']} records, its shards hold {total}")
+        problems += self._statistics_problems(parts)
         if not problems:
             return
         message = (f"shard directory {self.root} does not match its {INDEX_NAME} ({len(problems)} problem(s), "
@@ -324,6 +325,28 @@ class ShardSet:
         stem = self._bin_names[self.shard_of[i]].with_suffix("")
         return (f"delete {stem}.bin and {stem}.npz and re-run the same `terrafm prepare` command (it redoes that shard "
                 "only; a re-run alone resumes it, corrupt)")
+
+    def _statistics_problems(self, parts: list[dict]) -> list[str]:
+        """index.json's band means against the sums each .npz carries: an index.json of another conversion with the
+        same record counts (say --s1-scaling linear over dB shards), or a part copied in from one, normalised every
+        tile with the wrong statistics in silence (S1 at mean -91 std)."""
+        problems = []
+        for m, info in self.modalities.items():
+            keys = (f"{m}.sum", f"{m}.count")
+            if not parts or not all(k in z for z in parts for k in keys):
+                continue  # shards written before these were stored
+            total = sum(np.asarray(z[f"{m}.sum"], np.float64) for z in parts)
+            if np.shape(total) != info.mean.shape:
+                continue
+            count = sum(np.broadcast_to(np.asarray(z[f"{m}.count"], np.float64), total.shape) for z in parts)
+            mean = total / np.maximum(count, 1)
+            off = [b for b in range(len(info.bands)) if count[b] > 0
+                   and abs(mean[b] - info.mean[b]) > 1e-3 * max(float(info.std[b]), 1e-6) + 1e-5 * abs(mean[b])]
+            if off:
+                b = off[0]
+                problems.append(f"{INDEX_NAME} gives {m} {info.bands[b]} mean {info.mean[b]:.6g}, its shards' pixels "
+                                f"{mean[b]:.6g} ({len(off)} band(s) differ: an index of another conversion?)")
+        return problems
 
     def _drop_chunks_not_on_disk(self, parts: list[dict]) -> int:
         """Mark a record's modality absent where its chunks end past its .bin (missing, emptied, truncated), so

@@ -509,6 +509,19 @@ def test_a_column_name_written_twice_is_the_file_named_not_a_traceback(sample_pa
     assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(s2), "whole file")]
     assert summary["modalities"]["s2_l2a"]["tiles"] == 0 and summary["modalities"]["s1"]["tiles"] > 0
 
+def test_an_index_json_of_another_conversion_is_refused_by_its_statistics(sample_parquet, tmp_path):
+    """The index.json of a --s1-scaling linear conversion copied over dB shards has the same record counts, so it
+    passed every check and the model saw S1 at mean -91 std; its band means are now checked against the sums each
+    shard carries."""
+    convert([sample_parquet], tmp_path / "db", tile_size=TILE, workers=0, progress=False)
+    convert([sample_parquet], tmp_path / "linear", tile_size=TILE, workers=0, progress=False, s1_scaling="linear")
+    ShardSet(tmp_path / "db")
+    shutil.copy(tmp_path / "linear" / "index.json", tmp_path / "db" / "index.json")
+    with pytest.raises(ShardError, match=r"index\.json gives s1 VV mean .*, its shards' pixels .* \(2 band\(s\) "
+                                         r"differ: an index of another conversion\?\)"):
+        ShardSet(tmp_path / "db")
+
+
 def _edited_index(sample_shards: Path, tmp_path: Path, edit) -> Path:
     out = tmp_path / "shards"
     shutil.copytree(sample_shards, out)
