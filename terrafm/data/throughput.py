@@ -126,6 +126,16 @@ def _measure_geotiff(cfg: DataConfig, parquet_file: Path, seconds: float) -> dic
             "backend": "tifffile+torch"}
 
 
+def shared_modalities(shards) -> tuple[str, ...]:
+    """The modalities the benchmark draws views of: every one the shards hold tiles of, less the rarest while no
+    location holds all of them (S2 and S1 converted for different cells: the loader needs locations with all)."""
+    present = {m: shards.offset[m][:, 0] >= 0 for m in shards.modalities}
+    held = [m for m, has in present.items() if has.any()]
+    while len(held) > 1 and not np.logical_and.reduce([present[m] for m in held]).any():
+        held.remove(min(held, key=lambda m: int(present[m].sum())))
+    return tuple(held)
+
+
 def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str, ...] = PATHS,
                   parquet_dir: str | Path | None = None, batch_size: int = 16, n_local: int = 8,
                   global_size: int = 224, local_size: int = 96, num_workers: int = 2,
@@ -143,7 +153,7 @@ def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str,
     if unknown:
         raise ValueError(f"unknown throughput paths {unknown}; expected a subset of {PATHS}")
     shards = ShardSet(shard_dir, verify_checksums=False)  # shards of some collections list the rest with no tile
-    modalities = tuple(m for m in shards.modalities if (shards.offset[m][:, 0] >= 0).any())
+    modalities = shared_modalities(shards)
     results = []
     for path in paths:
         row = {"path": path}
@@ -152,7 +162,8 @@ def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str,
             files = sorted(pdir.rglob("*.parquet")) if pdir.exists() else []
             files = [f for f in files if "L2A" in str(f)] or files
             if not files:
-                row["skipped"] = f"no Major-TOM S2L2A parquet under {pdir} (pass parquet_dir=)"
+                row["skipped"] = (f"no Major-TOM S2L2A parquet under {pdir}, where this baseline reads the parquet "
+                                  "the shards were converted from")
             else:
                 cfg = DataConfig(shard_dir=str(shard_dir), batch_size=1, n_local=n_local, global_size=global_size,
                                  local_size=local_size, modalities=("s2_l2a",))

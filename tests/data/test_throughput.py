@@ -44,3 +44,21 @@ def test_measure_paths_on_shards_of_some_collections_measures_what_they_hold(sam
     [row] = measure_paths(tmp_path / "l2a", seconds=0.1, paths=("numpy",), batch_size=2, n_local=1,
                           global_size=32, local_size=16, num_workers=0)
     assert row["tiles_per_s"] > 0, row
+
+
+def test_the_benchmark_draws_modalities_some_location_holds_together():
+    """S2 and S1 converted for different cells: no location has both, and the bench's loader stopped with `set
+    data.modalities to a subset`, an option `terrafm bench` does not have. It now leaves out the rarest modality."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from terrafm.data.throughput import shared_modalities
+
+    def shards(**tiles):
+        return SimpleNamespace(modalities=dict.fromkeys(tiles), offset={
+            m: np.array([[0] if t else [-1] for t in has]) for m, has in tiles.items()})
+
+    assert shared_modalities(shards(s2_l2a=[1, 1, 0], s1=[0, 0, 1])) == ("s2_l2a",)
+    assert shared_modalities(shards(s2_l2a=[1, 1, 0], s2_l1c=[1, 0, 0], s1=[0, 1, 1])) == ("s2_l2a", "s1")
+    assert shared_modalities(shards(s2_l2a=[1, 1], s1=[1, 0], s2_l1c=[0, 0])) == ("s2_l2a", "s1")
