@@ -77,12 +77,12 @@ def interpreted(tensor: torch.Tensor) -> bool:
 
 
 def check_tensor(name: str, x: torch.Tensor, ndim: int | None, device: torch.device | None = None,
-                 dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES, shape: tuple[int, ...] | None = None,
-                 contiguous: bool = True) -> None:
+                 dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES, shape: tuple[int, ...] | None = None) -> None:
     """The one input check of every kernel: raise a ValueError/TypeError naming `name` unless x is a
-    dense float tensor of ndim dims (at least one when ndim is None; of `shape` when given; contiguous unless
-    the launcher copies it) on a device the kernels run on (cuda, or cpu under the interpreter; meta tensors
-    get output shapes from the ops' fake implementations, as torch ops do), on `device` when given."""
+    dense float tensor of ndim dims (at least one when ndim is None; of `shape` when given) on a device the
+    kernels run on (cuda, or cpu under the interpreter; meta tensors get output shapes from the ops' fake
+    implementations, as torch ops do), on `device` when given. Contiguity is check_contiguous's, after the shape
+    checks: a wrongly shaped slice is a shape error on every path, not "must be contiguous" on the kernel's only."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.is_nested or x.layout != torch.strided:  # sparse, nested, mkldnn: no plain strided storage to point into
@@ -97,14 +97,20 @@ def check_tensor(name: str, x: torch.Tensor, ndim: int | None, device: torch.dev
     check_dtype(name, x, dtypes)
     if device is not None:
         check_device(name, x, device)
-    if contiguous and not x.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (call .contiguous() first); got strides {x.stride()}")
     if x.device.type not in ("cuda", "cpu", "meta"):
         raise ValueError(f"{name} must be on a cuda device (or cpu under TRITON_INTERPRET=1), got {x.device}")
     if x.device.type == "cpu" and not INTERPRET:
         raise ValueError(f"{name} is on the cpu: the Triton kernels need cuda tensors, or TRITON_INTERPRET=1 "
                          "set before triton is imported (tests); on cpu use terrafm_kernels.reference (the op "
                          "registry's torch backend)")
+
+
+def check_contiguous(**tensors: torch.Tensor | None) -> None:
+    """A ValueError naming the first of `tensors` (name=tensor; None skipped) that is not contiguous: the kernels
+    index them by shape, and a launcher copies only what it says it copies. Called after the shape checks."""
+    for name, x in tensors.items():
+        if x is not None and not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous() first); got strides {x.stride()}")
 
 
 def check_dtype(name: str, x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:

@@ -33,6 +33,7 @@ import triton.language as tl
 from ._common import (
     TRITON_DTYPE,
     aligned_at_production,
+    check_contiguous,
     check_positive,
     check_tensor,
     hbm_bytes,
@@ -317,6 +318,7 @@ def _validate(student_logits, teacher_probs, student_temperature) -> None:
     if S > 16:
         raise ValueError(f"at most 16 student views are supported (a sample's view tiles hold 16 rows), got S={S}")
     check_positive("student_temperature", student_temperature)
+    check_contiguous(student_logits=student_logits, teacher_probs=teacher_probs)
 
 
 def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor,

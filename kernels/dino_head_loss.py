@@ -77,6 +77,7 @@ from ._common import (
     TRITON_DTYPE,
     aligned_at_production,
     check_alpha,
+    check_contiguous,
     check_head_loss_shapes,
     check_interpreted_dot_dtype,
     check_positive,
@@ -565,7 +566,7 @@ def _validate(student_features, teacher_features, weight_v, weight_g, center, ce
                            teacher_weight_v, teacher_weight_g)
     for name, g in (("weight_g", weight_g), ("teacher_weight_g", teacher_weight_g)):
         if g is not None:
-            check_tensor(name, g, 2, device, contiguous=False)
+            check_tensor(name, g, 2, device)
     S, B, D = student_features.shape
     T = teacher_features.shape[0]
     K = weight_v.shape[0]
@@ -578,6 +579,9 @@ def _validate(student_features, teacher_features, weight_v, weight_g, center, ce
     check_positive("teacher_temperature", teacher_temperature)
     check_positive("student_temperature", student_temperature)
     check_alpha(alpha)
+    check_contiguous(student_features=student_features, teacher_features=teacher_features, weight_v=weight_v,
+                     teacher_weight_v=teacher_weight_v, center=center, center_high=center_high,
+                     high_weight=high_weight)
 
 
 def validate(student_features, teacher_features, weight_v, center, center_high, high_weight,

@@ -35,6 +35,7 @@ import triton.language as tl
 from ._common import (
     TRITON_DTYPE,
     aligned_at_production,
+    check_contiguous,
     check_positive,
     check_tensor,
     hbm_bytes,
@@ -254,6 +255,7 @@ def _validate(student_logits, targets, row_weight, student_temperature) -> None:
     if R == 0 or K == 0:
         raise ValueError(f"student_logits must be non-empty (R, K), got shape {(R, K)}")
     check_positive("student_temp", student_temperature)
+    check_contiguous(student_logits=student_logits, **{"teacher targets": targets, "row weights": row_weight})
 
 
 def weighted_soft_cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor,

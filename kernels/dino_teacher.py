@@ -73,6 +73,7 @@ from ._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     aligned_at_production,
+    check_contiguous,
     check_positive,
     check_size,
     check_tensor,
@@ -430,6 +431,7 @@ def _validate(teacher_logits: torch.Tensor, temperature: float) -> None:
         raise ValueError(f"teacher_logits (R, K) must have at least one prototype, got shape "
                          f"{tuple(teacher_logits.shape)}")
     check_positive("teacher_temp", temperature)
+    check_contiguous(teacher_logits=teacher_logits)
 
 
 def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -449,8 +451,8 @@ def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, tempera
 
 def validate_centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> None:
     """centered_softmax's input checks (also its torch backend's, in dino.py)."""
-    check_tensor("teacher_logits", teacher_logits, None, contiguous=False)
-    check_tensor("center", center, None, teacher_logits.device, FLOAT_DTYPES + (torch.float64,), contiguous=False)
+    check_tensor("teacher_logits", teacher_logits, None)
+    check_tensor("center", center, None, teacher_logits.device, FLOAT_DTYPES + (torch.float64,))
     K = teacher_logits.shape[-1]
     if K == 0:
         raise ValueError(f"teacher_logits (..., K) must have at least one prototype, got shape "

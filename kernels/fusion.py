@@ -54,6 +54,7 @@ from ._common import (
     FUSION_MAX_QUERIES,
     TRITON_DTYPE,
     aligned_at_production,
+    check_contiguous,
     check_size,
     check_tensor,
     hbm_bytes,
@@ -309,6 +310,7 @@ def validate(keys, values, queries, pool, num_heads) -> None:
         raise ValueError(f"num_heads must be a positive divisor of the token width {A}, got {num_heads}")
     if keys.numel() >= 2**31:
         raise ValueError("cross_attention_fusion: inputs of 2**31 elements or more are not supported; split them")
+    check_contiguous(keys=keys, values=values, queries=queries, pool=pool)
 
 
 def _launch_forward(keys, values, queries, pool, num_heads):

@@ -266,11 +266,11 @@ def validate(x, weight, bias, modality_embed=None, pos_embed=None) -> None:
     if Cx != C:
         raise ValueError(f"x has {Cx} channels but weight expects C={C} (weight shape {tuple(weight.shape)})")
     check_patch_grid(H, W, p)
-    check_tensor("x", x, 4, contiguous=False)
+    check_tensor("x", x, 4)
     check_interpreted_dot_dtype("x", x)
-    check_tensor("weight", weight, 4, x.device, contiguous=False)
+    check_tensor("weight", weight, 4, x.device)
     if bias is not None:
-        check_tensor("bias", bias, 1, x.device, shape=(E,), contiguous=False)
+        check_tensor("bias", bias, 1, x.device, shape=(E,))
     N = (H // p) * (W // p)
     for name, value, shapes in (("modality_embed", modality_embed, ((E,), (1, E), (1, 1, E))),
                                 ("pos_embed", pos_embed, ((N, E), (1, N, E)))):
@@ -281,7 +281,7 @@ def validate(x, weight, bias, modality_embed=None, pos_embed=None) -> None:
         if tuple(value.shape) not in shapes:
             raise ValueError(f"{name} must have shape {' or '.join(str(s) for s in shapes)} for weight "
                              f"{tuple(weight.shape)} and a {H}x{W} input, got {tuple(value.shape)}")
-        check_tensor(name, value.reshape(shapes[0]), len(shapes[0]), x.device, contiguous=False)
+        check_tensor(name, value.reshape(shapes[0]), len(shapes[0]), x.device)
     if x.numel() >= 2**31 or B * (H // p) * (W // p) * E >= 2**31:
         raise ValueError("patch_embed: inputs or outputs of 2**31 elements or more are not supported; split the batch")
 

@@ -41,6 +41,7 @@ from ._common import (
     TRITON_DTYPE,
     aligned_at_production,
     check_alpha,
+    check_contiguous,
     check_positive,
     check_tensor,
     hbm_bytes,
@@ -146,6 +147,7 @@ def _validate(teacher_logits, center, center_high, high_weight, temperature, alp
         raise ValueError(f"high_weight has {high_weight.shape[0]} entries but teacher_logits has R={R} rows")
     check_positive("temperature", temperature)
     check_alpha(alpha)
+    check_contiguous(teacher_logits=teacher_logits, center=center, center_high=center_high, high_weight=high_weight)
 
 
 def teacher_softmax(

@@ -191,8 +191,8 @@ def test_validation_errors(device):
         call(high_weight=high_weight[:3])
     with pytest.raises(TypeError, match="dtype"):
         call(weight_v=weight_v.long())
-    with pytest.raises(ValueError, match="contiguous"):
-        call(student_features=student.transpose(0, 1))
+    with pytest.raises(ValueError, match="student_features must be contiguous"):  # the right shape, strided
+        call(student_features=student.transpose(0, 1).contiguous().transpose(0, 1))
     with pytest.raises(ValueError, match="teacher_temperature must be > 0"):
         call(teacher_temperature=0.0)
     with pytest.raises(ValueError, match="student_temperature must be > 0"):

@@ -407,3 +407,20 @@ def test_an_unpickled_module_chooses_its_cpu_path_in_the_process_that_runs_it(mo
     embed = pickle.loads(pickled)  # its reference path runs what the (interpreted) kernel refuses: float64
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     assert embed.double()(x).dtype == torch.float64
+
+
+@pytest.mark.skipif(not _common.INTERPRET, reason="checks the Triton interpreter (tests/conftest.py sets it)")
+def test_a_wrongly_shaped_slice_is_a_shape_error_on_the_kernel_path_too():
+    """values[:, :2] (non-contiguous, one modality short) was 'values must be contiguous' on the kernel path and the
+    shape error on the reference path: the same bad input, two errors (docs/kernels.md promises one)."""
+    from terrafm_kernels.modules import CrossAttentionFusion, DINOCrossEntropy
+
+    fusion = CrossAttentionFusion(32, 3, 4)
+    keys, values = torch.randn(10, 3, 32), torch.randn(10, 3, 32)
+    with pytest.raises(ValueError, match="values must have the shape of keys"):
+        fusion(keys, values[:, :2])
+    student, teacher = torch.randn(4, 2, 64), torch.softmax(torch.randn(2, 4, 64), -1)
+    with pytest.raises(ValueError, match=r"must match student_logits \(S, B, K\) = \(4, 2, 64\) in B and K"):
+        DINOCrossEntropy(0.1)(student, teacher[:, :3])
+    with pytest.raises(ValueError, match="values must be contiguous"):  # right shape, wrong layout: still named
+        fusion(keys, torch.randn(3, 10, 32).transpose(0, 1))
