@@ -238,6 +238,9 @@ def resolve(path: str | Path) -> Path:
             found = latest_checkpoint(root)
             if found is not None:
                 return found
+    if path.is_dir() and ((path / "meta.json").exists() or next(path.glob("*.distcp"), None) is not None):
+        raise CheckpointError(f"{path} holds a checkpoint's files but not its {METADATA} (a copy that skipped hidden "
+                              f"files, such as `cp {path.name}/* ...`? copy the folder itself: `cp -r`)")
     raise CheckpointError(f"{path} is not a checkpoint, a checkpoints/ folder or a run folder with one")
 
 

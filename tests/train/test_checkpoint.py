@@ -110,6 +110,14 @@ def test_a_flipped_byte_is_refused_by_name_and_the_previous_checkpoint_offered(t
 def test_missing_or_incompatible_checkpoints_exit_2_with_a_message(two_checkpoints, tmp_path, capsys):
     assert main(["pretrain", "--out", str(tmp_path / "fresh"), "--resume-from", str(tmp_path / "nowhere")]) == 2
     assert "is not a checkpoint, a checkpoints/ folder or a run folder" in capsys.readouterr().err
+    copy = tmp_path / "copy"  # `cp step_N/* copy/` leaves the hidden .metadata behind
+    copy.mkdir()
+    for f in (two_checkpoints / "run" / "checkpoints" / "step_00000002").iterdir():
+        if not f.name.startswith("."):
+            shutil.copy(f, copy / f.name)
+    assert main(["export", str(copy), str(tmp_path / "x.safetensors")]) == 2
+    assert f"{copy} holds a checkpoint's files but not its .metadata (a copy that skipped hidden files" in \
+        capsys.readouterr().err
     out = _copy(two_checkpoints, tmp_path)
     proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", "ssl.head_hidden_dim=48", expect_rc=2)
     assert "does not fit this model and optimiser" in proc.stderr and "meta.json" in proc.stderr
