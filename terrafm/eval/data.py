@@ -237,6 +237,7 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
     if not ids:  # an empty validation split is no validation split
         raise MissingSplitError(f"split {split!r} in {partition_file} is empty")
     _refuse_shared_samples(partition, key, partition_file)
+    ids = sorted(ids)  # rows in sample-id order: seeded subsets and hold-outs pick by row, not the list's order
     band_names, chosen, paths, s2_set = None, None, [], None
 
     def choose(head: np.ndarray) -> tuple[str, list[int], str]:
@@ -369,6 +370,7 @@ def geobench_label_subset(root: str | Path, fraction: float, train_files: list[P
         raise ValueError(f"{path}: not a readable JSON partition with a 'train' list ({err})") from err
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
         raise ValueError(f"{path}: 'train' must be a non-empty list of sample ids, got {str(ids)[:100]}")
+    _refuse_shared_samples({"train": ids}, "train", path)  # an id listed twice would count once, in silence
     where = {f.stem: i for i, f in enumerate(train_files)}
     outside = [i for i in ids if i not in where]
     if outside:

@@ -814,3 +814,29 @@ def test_format_folder_on_a_geobench_dataset_says_to_use_hdf5(tmp_path):
     with pytest.raises(MissingSplitError, match=r"split 'train' not found in .*m-toy; it has \[\] \(its \.hdf5 "
                                                 r"files are GEO-Bench samples: --format hdf5\)"):
         read_split(root, "folder", "train")
+
+
+def test_a_split_reads_in_sample_id_order_whatever_the_partition_lists(tmp_path):
+    """Seeded 1% subsets and the linear probe's hold-out pick rows by position: a partition file listing the same
+    samples in another order picked other samples (linear top-1 0.55 vs 0.45 on one dataset)."""
+    root = _geobench(tmp_path)
+    partition = json.loads((root / "default_partition.json").read_text())
+    before = read_split(root, "hdf5", "train")
+    partition["train"] = partition["train"][::-1]
+    (root / "default_partition.json").write_text(json.dumps(partition))
+    after = read_split(root, "hdf5", "train")
+    assert [p.name for p in after.files] == [p.name for p in before.files] == sorted(p.name for p in before.files)
+    np.testing.assert_array_equal(after.labels, before.labels)
+    np.testing.assert_array_equal(after.images, before.images)
+
+
+def test_a_sample_listed_twice_in_a_label_fraction_file_is_refused(tmp_path):
+    from terrafm.eval.data import geobench_label_subset
+
+    root = _geobench(tmp_path)
+    train = read_split(root, "hdf5", "train")
+    first = train.files[0].stem
+    (root / "0.10x_train_partition.json").write_text(json.dumps({"train": [first, first]}))
+    with pytest.raises(ValueError, match=rf"0\.10x_train_partition\.json lists 1 sample more than once in 'train' "
+                                         rf"\(e\.g\. '{first}'\)"):
+        geobench_label_subset(root, 0.1, train.files)
