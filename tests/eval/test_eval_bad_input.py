@@ -632,6 +632,16 @@ def test_a_broken_or_external_hdf5_link_is_named(tmp_path, member, link):
         read_split(root, "hdf5", "train")
 
 
+def _folder_with_first_image(tmp_path, content: bytes):
+    """(root, path) of an EuroSAT-style folder whose first train image holds `content` instead."""
+    splits = make_splits(13, per_class=(2, 1, 1))
+    del splits["valid"]
+    root = write_folder(tmp_path / "eurosat", splits)
+    first = sorted((root / "train" / "class_0").glob("*.tif"))[0]
+    first.write_bytes(content)
+    return root, first
+
+
 @pytest.mark.parametrize("content, kind", [
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n", "a Git LFS pointer"),
     (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "a PNG image"),
@@ -640,11 +650,7 @@ def test_a_broken_or_external_hdf5_link_is_named(tmp_path, member, link):
 def test_a_file_of_another_format_in_an_image_folder_is_named_as_that(tmp_path, content, kind):
     """A clone without git-lfs, a PNG saved as .tif, an empty download: the folder reader said 'not a readable image
     (not a TIFF file: header=...)', where prepare and the HDF5 reader say what the file is."""
-    splits = make_splits(13, per_class=(2, 1, 1))
-    del splits["valid"]
-    root = write_folder(tmp_path / "eurosat", splits)
-    first = sorted((root / "train" / "class_0").glob("*.tif"))[0]
-    first.write_bytes(content)
+    root, first = _folder_with_first_image(tmp_path, content)
     with pytest.raises(ValueError, match=rf"{first.name}: not a GeoTIFF: it is {re.escape(kind)}"):
         read_split(root, "folder", "train")
 
@@ -652,11 +658,7 @@ def test_a_file_of_another_format_in_an_image_folder_is_named_as_that(tmp_path, 
 @pytest.mark.parametrize("content", [b"II*\x00", b"II*\x00" + (10**6).to_bytes(4, "little") + b"\x00" * 20,
                                      b"II*\x00junkjunk", b"II+\x00\x08\x00\x00\x00" + b"\xff" * 30])
 def test_a_tiff_whose_structure_is_broken_is_named(tmp_path, content):
-    splits = make_splits(13, per_class=(2, 1, 1))
-    del splits["valid"]
-    root = write_folder(tmp_path / "eurosat", splits)
-    first = sorted((root / "train" / "class_0").glob("*.tif"))[0]
-    first.write_bytes(content)
+    root, first = _folder_with_first_image(tmp_path, content)
     with pytest.raises(ValueError, match=rf"{first.name}: not a readable image"):
         read_split(root, "folder", "train")
 
