@@ -363,6 +363,22 @@ def check_run_dir(run_dir: Path) -> None:
 RUN_LOCK = ".lock"  # in the run folder: held (flock) by rank 0 of the run training there
 
 
+def _claim(run_dir: Path, held: contextlib.ExitStack, env: DistEnv) -> bool:
+    """Rank 0 makes the run folder and holds its lock until `held` closes; every rank raises SetupError alike when
+    it cannot (another live run holds it, or it cannot be written). Collective. True once claimed."""
+    busy = None
+    if env.rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            busy = lock_run_dir(run_dir, held)
+        except OSError as err:
+            busy = f"cannot write the run folder {run_dir}: {err.strerror or err}"
+    busy = shared_failure(busy, env)  # every rank stops alike, before anything in the folder is changed
+    if busy is not None:
+        raise SetupError(busy)
+    return True
+
+
 def lock_run_dir(run_dir: Path, held: contextlib.ExitStack) -> str | None:
     """Claim the run folder for this run until `held` closes; None, or why not when another live run holds it.
     Two jobs on one folder (the same sbatch submitted twice: both pass --resume) deleted each other's checkpoints
@@ -669,6 +685,10 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
     t, o, s = cfg.train, cfg.optim, cfg.ssl
     run_dir = Path(t.out_dir) / t.run_name
     ckpt_root = run_dir / "checkpoints"
+    # a folder that exists may be another run's in progress: claim it before reading its checkpoints (a second job
+    # restored a checkpoint the first was rotating out, and failed as "does not fit this model"); a new one is
+    # claimed once made, below, so that a run failing in setup leaves no empty folder
+    locked = _claim(run_dir, held, env) if run_dir.is_dir() else False
     resume_from = None
     try:
         if resume is True:
@@ -733,16 +753,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                                                                             cfg, env)
     else:
         loader.set_epoch(epoch)
-    busy = None
-    if env.rank == 0:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            busy = lock_run_dir(run_dir, held)
-        except OSError as err:
-            busy = f"cannot write the run folder {run_dir}: {err.strerror or err}"
-    busy = shared_failure(busy, env)  # every rank stops alike, before anything in the folder is changed
-    if busy is not None:
-        raise SetupError(busy)
+    if not locked:
+        _claim(run_dir, held, env)
     try:
         if env.rank == 0:
             save_config(cfg, run_dir / "config.yaml")

@@ -127,7 +127,7 @@ def test_a_corrupt_shard_met_during_training_exits_2_naming_the_file(tmp_path, c
         part.write_bytes(bytes(data))
     assert main(["pretrain", "--out", str(tmp_path / "run"), f"data.shard_dir={shards}", "train.max_steps=2"]) == 2
     err = capsys.readouterr().err
-    assert "part-0000" in err and ".bin: record" in err and "re-run `terrafm prepare`" in err
+    assert "part-0000" in err and ".bin: record" in err and "and re-run the same `terrafm prepare` command" in err
 
 
 def test_a_run_folder_in_use_by_another_run_is_refused_and_left_as_it_was(tmp_path):
@@ -143,6 +143,13 @@ def test_a_run_folder_in_use_by_another_run_is_refused_and_left_as_it_was(tmp_pa
         proc = run_harness(tmp_path, "--resume", *RUN, "train.max_steps=6", "optim.lr=1e-4", expect_rc=2)
         assert f"{run} is in use by another run (host node7, pid 4242, SLURM job 99)" in proc.stderr
         assert "Traceback" not in proc.stderr
+        # refused before its checkpoints are read: the first run may be rotating one out (it restored half a
+        # checkpoint and failed as "does not fit this model and optimiser")
+        rotating = run / "checkpoints" / "step_00000004" / ".metadata"
+        rotating.rename(run / "aside")
+        proc = run_harness(tmp_path, "--resume", *RUN, "train.max_steps=6", expect_rc=2)
+        assert f"{run} is in use by another run" in proc.stderr and "cannot resume" not in proc.stderr, proc.stderr
+        (run / "aside").rename(rotating)
         assert (run / "metrics.jsonl").read_bytes() == metrics and (run / "config.yaml").read_bytes() == config
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000002",
                                                                            "step_00000004"]
