@@ -77,6 +77,10 @@ def _main(argv: list[str] | None) -> int:
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     module_name, help_text = COMMANDS[name]
+    if program and name == "pretrain":  # before torch is imported: a stop signal then must not kill the run
+        from terrafm import stop_signals
+
+        stop_signals.record()
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"terrafm {name}", description=help_text)
     module.add_arguments(sub)

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from terrafm import backends, checkpoint_io, ops
+from terrafm import backends, checkpoint_io, ops, stop_signals
 from terrafm.config import Config, check_epoch, save_config, to_dict
 from terrafm.data.shards import ShardError
 from terrafm.data.views import View
@@ -152,12 +152,16 @@ class PreemptionFlag:
     last checkpoint lost). A hang-up killed the run without a checkpoint; under nohup (SIGHUP ignored) it still is
     ignored."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+    SIGNALS = stop_signals.SIGNALS
     INTERRUPTS = (signal.SIGINT, signal.SIGHUP)  # a person's stop, not the scheduler's: no requeue
+    # a second SIGINT this soon after the first is the same stop delivered twice (`scancel --signal=INT` signals
+    # every process of the step and torchrun forwards its own copy to the ranks), not a person's second Ctrl-C
+    SAME_STOP_S = 1.0
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._stop_at = 0.0
 
     @property
     def interrupted(self) -> bool:
@@ -167,10 +171,12 @@ class PreemptionFlag:
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
             if self.signum == signal.SIGINT:
+                if time.monotonic() - self._stop_at < self.SAME_STOP_S:
+                    return
                 raise KeyboardInterrupt
-            print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop now, without it)",
-                  file=sys.stderr, flush=True)
-            self.signum = signum
+            print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again, a second later, to stop now, "
+                  "without it)", file=sys.stderr, flush=True)
+            self.signum, self._stop_at = signum, time.monotonic()
         elif signum == signal.SIGHUP:
             _detach_from_terminal()
             if not self.interrupted:
@@ -182,7 +188,9 @@ class PreemptionFlag:
         for sig in self.SIGNALS:
             if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
                 continue  # nohup: the user asked the run to outlive the terminal
-            self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous[sig] = stop_signals.original(sig, signal.signal(sig, self._handle))
+        for signum in stop_signals.take():  # arrived while the command was still importing
+            self._handle(signum, None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -232,6 +232,11 @@ def test_ctrl_c_stays_an_interrupt_when_torchrun_follows_it_with_sigterm(capsys)
     flag._handle(signal.SIGINT, None)
     flag._handle(signal.SIGTERM, None)
     assert flag.interrupted and flag.signum == signal.SIGINT
+    # `scancel --signal=INT` signals every process of the step and torchrun forwards its own copy: the same stop
+    # twice within a second, which stopped the ranks at once, without the checkpoint
+    flag._handle(signal.SIGINT, None)
+    assert flag.interrupted
+    flag._stop_at -= PreemptionFlag.SAME_STOP_S  # a person's second Ctrl-C, a second later
     with pytest.raises(KeyboardInterrupt):
         flag._handle(signal.SIGINT, None)
     preempted = PreemptionFlag()
@@ -241,6 +246,30 @@ def test_ctrl_c_stays_an_interrupt_when_torchrun_follows_it_with_sigterm(capsys)
     hung_up._handle(signal.SIGHUP, None)
     hung_up._handle(signal.SIGTERM, None)  # torchrun's answer to the hang-up it forwarded
     assert hung_up.interrupted and hung_up.signum == signal.SIGHUP
+
+
+def test_a_stop_signal_during_the_commands_imports_is_replayed_to_the_trainer():
+    """A SLURM preemption in the seconds `terrafm pretrain` spends importing torch killed the process (exit 143,
+    no checkpoint, no requeue): the command records stop signals from its first line, and the trainer's flag
+    takes them over, and restores the handlers from before the recording when the run ends."""
+    import os
+    import signal
+
+    from terrafm import stop_signals
+    from terrafm.train.trainer import PreemptionFlag
+
+    before = {sig: signal.getsignal(sig) for sig in stop_signals.SIGNALS}
+    try:
+        stop_signals.record()
+        os.kill(os.getpid(), signal.SIGUSR1)  # would end the process with the default handler
+        flag = PreemptionFlag()
+        flag.install()
+        assert flag.signum == signal.SIGUSR1 and not flag.interrupted and stop_signals.take() == []
+        flag.restore()
+        assert {sig: signal.getsignal(sig) for sig in stop_signals.SIGNALS} == before
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_a_run_under_nohup_keeps_ignoring_hang_ups():

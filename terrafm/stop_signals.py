@@ -1,0 +1,37 @@
+"""The stop signals of `terrafm pretrain`, recorded from the first line of the command on.
+
+Importing torch takes seconds (more on a cold shared file system); a SLURM preemption or a Ctrl-C in that window
+killed the process (no checkpoint, no requeue). The command installs `record` before it imports anything heavy;
+the trainer's PreemptionFlag replays what arrived (`take`) when it installs its own handlers, so such a run stops
+after its first step as any other does.
+"""
+
+import signal
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+_received: list[int] = []
+_original: dict[int, object] = {}
+
+
+def _record(signum, frame) -> None:
+    _received.append(signum)
+
+
+def record() -> None:
+    """Record the stop signals until the trainer takes them over (SIGHUP left alone under nohup)."""
+    for sig in SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
+        _original[sig] = signal.signal(sig, _record)
+
+
+def take() -> list[int]:
+    """The signals recorded so far, in order, forgotten here."""
+    got = list(_received)
+    _received.clear()
+    return got
+
+
+def original(sig: int, handler):
+    """The handler `sig` had before `record` replaced it with its own, else `handler`."""
+    return _original.get(sig, handler) if handler is _record else handler
