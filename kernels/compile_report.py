@@ -70,14 +70,14 @@ KNOWN_OVER_BOUND = {
                                "Compute bound at this shape: the bytes take 313 / 571 us of the tf32 FLOPs' 718 / "
                                "2277 us (H100 / A100), so the waste costs no time",
 }
-_FUSION_M2 = ("FLOPs only: two fused sensors fill 10 of the 16 lanes (Q M = 5 x 2; three fill 15), and 16-bit data "
-              "pads ViT-B's d = 144 to 160 columns (D_CHUNK 32); ViT-L (d = 192) is within bound. Memory bound at "
-              "this shape: the executed fp32 FLOPs take 41 / 74 us of the bytes' 252 / 324 us at full bandwidth "
-              "(16-bit forward / head backward, H100; fp32 37 / 67 of 494 / 635), so the waste costs no time; exact "
+_FUSION_M2 = ("FLOPs only, 16-bit: two fused sensors fill 10 of the 16 lanes (Q M = 5 x 2; three fill 15), and 16-bit "
+              "data pads ViT-B's d = 144 to 160 columns (D_CHUNK 32); fp32 (D_CHUNK 16, exact) and ViT-L (d = 192) "
+              "are within bound. Memory bound at this shape: the executed fp32 FLOPs take 41 / 74 us of the bytes' "
+              "252 / 324 us at full bandwidth (forward / head backward, H100), so the waste costs no time; exact "
               "tiles would split the lanes 8 + 2")
 KNOWN_OVER_BOUND.update({f"fusion_{kernel}_{dtype}_b_m2": _FUSION_M2
-                         for kernel, dtype in (("fwd", "float32"), ("fwd", "float16"), ("fwd", "bfloat16"),
-                                               ("bwd_head", "float16"), ("bwd_head", "bfloat16"))})
+                         for kernel, dtype in (("fwd", "float16"), ("fwd", "bfloat16"), ("bwd_head", "float16"),
+                                               ("bwd_head", "bfloat16"))})
 # Streaming configs with fewer bytes of loads in flight per SM than Little's law asks, and why: regular
 # expressions matched at the start of "name@arch" (an entry that matches a config with enough in flight fails).
 KNOWN_LATENCY_BOUND = {
@@ -87,11 +87,10 @@ KNOWN_LATENCY_BOUND = {
         "to tf32 mma.sync, a 64-column chunk pads ViT-B's 144 columns to 192 (FLOPs over bound)"),
 }
 _FUSION_M2_LATENCY = ("two fused sensors: a step loads 2 tokens per position where three load 3, so M = 2 has 2/3 "
-                      "of M = 3's bytes in flight (forward 12.0 KiB per SM on sm_90, fp32 head backward 12.5 on "
-                      "sm_90, 16-bit head backward 10.0 on sm_80, where Little's law asks 14.9 / 11.1); more "
-                      "positions per step double the (positions, 16 lanes, columns) score tile's registers")
-KNOWN_LATENCY_BOUND.update({r"fusion_fwd_\w+_m2@sm_90": _FUSION_M2_LATENCY,
-                            r"fusion_bwd_head_float32_\w+_m2@sm_90": _FUSION_M2_LATENCY,
+                      "of M = 3's bytes in flight (fp32 head backward 12.5 KiB per SM on sm_90, 16-bit head "
+                      "backward 10.0 on sm_80, where Little's law asks 14.9 / 11.1); more positions per step double "
+                      "the (positions, 16 lanes, columns) tiles' registers")
+KNOWN_LATENCY_BOUND.update({r"fusion_bwd_head_float32_\w+_m2@sm_90": _FUSION_M2_LATENCY,
                             r"fusion_bwd_head_(float16|bfloat16)_\w+_m2@sm_80": _FUSION_M2_LATENCY})
 # The triton the two lists above were measured with (scripts/setup.sh's pin). Under another triton (the GPU
 # image's 3.6) register counts differ, so an entry no longer needed there is a note, not a failure.

@@ -113,9 +113,30 @@ def _query_max(x, lane_q, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _lane_max(x, lane_q, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, PAIRED: tl.constexpr):
+    """_query_max; PAIRED (M = 2: lanes 2q and 2q + 1 are query q's): the lanes split into the two sensors' halves,
+    one elementwise max, joined back, where the masked form reduces every lane for every query."""
+    if PAIRED:
+        a, b = tl.split(tl.reshape(x, [BLOCK_P, BLOCK_Q, 2]))
+        g = tl.maximum(a, b)
+        return tl.reshape(tl.join(g, g), [BLOCK_P, BLOCK_Q * 2])
+    return _query_max(x, lane_q, BLOCK_Q)
+
+
+@triton.jit
+def _lane_sum(x, lane_q, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, PAIRED: tl.constexpr):
+    """_query_sum, PAIRED as in _lane_max."""
+    if PAIRED:
+        a, b = tl.split(tl.reshape(x, [BLOCK_P, BLOCK_Q, 2]))
+        g = a + b
+        return tl.reshape(tl.join(g, g), [BLOCK_P, BLOCK_Q * 2])
+    return _query_sum(x, lane_q, BLOCK_Q)
+
+
+@triton.jit
 def _forward_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, out_ptr, w_ptr, attn_ptr, vpool_ptr, T, M, Q, A, D, scale,
                     H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_QM: tl.constexpr, BLOCK_Q: tl.constexpr,
-                    BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr):
+                    BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr, PAIRED: tl.constexpr):
     """BLOCK_P positions: per head the scores on the lane axis and r = values . pool, then w, then the output
     (each head's attention read back from where it was saved for backward: L2, not registers)."""
     ts = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -143,14 +164,14 @@ def _forward_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, out_ptr, w_ptr, attn_ptr, vpo
             pool = tl.load(pool_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
             r += tl.sum(v * pool[None, None, :], axis=2)
         s = tl.where(lane_ok[None, :], s * scale, float("-inf"))
-        e = tl.exp(s - tl.where(lane_ok[None, :], _query_max(s, lane_q, BLOCK_Q), 0.0))  # padded lanes: 0
-        a = e / tl.where(lane_ok[None, :], _query_sum(e, lane_q, BLOCK_Q), 1.0)
+        e = tl.exp(s - tl.where(lane_ok[None, :], _lane_max(s, lane_q, BLOCK_P, BLOCK_Q, BLOCK_M, PAIRED), 0.0))
+        a = e / tl.where(lane_ok[None, :], _lane_sum(e, lane_q, BLOCK_P, BLOCK_Q, BLOCK_M, PAIRED), 1.0)  # pads: 0
         saved = ts[:, None] * H + h
         tl.store(attn_ptr + saved * Q * M + lanes[None, :], a, mask=t_ok[:, None] & lane_ok[None, :])
         tl.store(vpool_ptr + saved * M + ms[None, :], r, mask=t_ok[:, None] & (ms < M)[None, :])
         r_lane = tl.sum(tl.where(lane_m[None, :, None] == ms[None, None, :], r[:, None, :], 0.0), axis=2)
         logit_terms += a * r_lane
-    logits = _query_sum(logit_terms, lane_q, BLOCK_Q)  # each lane holds its query's logit
+    logits = _lane_sum(logit_terms, lane_q, BLOCK_P, BLOCK_Q, BLOCK_M, PAIRED)  # each lane: its query's logit
     first = lane_ok & (lane_m == 0)  # one lane per query
     e = tl.exp(logits - tl.max(tl.where(first[None, :], logits, float("-inf")), axis=1)[:, None])
     w = tl.where(lane_ok[None, :], e / tl.sum(tl.where(first[None, :], e, 0.0), axis=1)[:, None], 0.0)
@@ -261,9 +282,12 @@ def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_
 def _blocks(M: int, Q: int, H: int, dtype_bytes: int) -> dict:
     """The tiles: the (Q, M) pairs on one lane axis padded to a power of 2 (16 at Q = 5, M = 3), Q, M
     and H padded to powers of 2 for the per-query / per-modality / all-heads tiles, D_CHUNK columns."""
-    return {"BLOCK_QM": triton.next_power_of_2(Q * M), "BLOCK_Q": triton.next_power_of_2(Q),
-            "BLOCK_M": triton.next_power_of_2(M), "BLOCK_H": triton.next_power_of_2(H),
-            "D_CHUNK": D_CHUNK_BY_BYTES[dtype_bytes], "POOL_D_CHUNK": POOL_D_CHUNK}
+    block_qm, block_q, block_m = triton.next_power_of_2(Q * M), triton.next_power_of_2(Q), triton.next_power_of_2(M)
+    return {"BLOCK_QM": block_qm, "BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_H": triton.next_power_of_2(H),
+            "D_CHUNK": D_CHUNK_BY_BYTES[dtype_bytes], "POOL_D_CHUNK": POOL_D_CHUNK,
+            # two fused sensors: lane 2q + m, so a per-query max or sum is one elementwise op on the lanes split in
+            # halves (tl.split; a reshape-reduce spilled on sm_90), not a masked reduction of every lane per query
+            "PAIRED": M == 2 and block_q * M == block_qm}
 
 
 def launch_plan(T: int, M: int, Q: int, A: int, H: int, dtype_bytes: int, interpreter: bool = False) -> dict:
@@ -279,7 +303,7 @@ def launch_plan(T: int, M: int, Q: int, A: int, H: int, dtype_bytes: int, interp
 
 
 # The tile constexprs each kernel takes from launch_plan (launchers and compile_specs alike).
-TILES = {"forward": ("BLOCK_P", "BLOCK_QM", "BLOCK_Q", "BLOCK_M", "D_CHUNK"),
+TILES = {"forward": ("BLOCK_P", "BLOCK_QM", "BLOCK_Q", "BLOCK_M", "D_CHUNK", "PAIRED"),
          "backward_pool": ("BLOCK_H", "BLOCK_Q", "BLOCK_M", "POOL_D_CHUNK"),
          "backward_head": ("BLOCK_T", "BLOCK_P_HEAD", "BLOCK_QM", "BLOCK_Q", "D_CHUNK")}
 
@@ -450,8 +474,11 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
     if kernel == "forward":
         useful = 2 * T * Q * M * A + 4 * T * M * A + T * (7 * hqm + 3 * Q)
         # per head: the chunked products, the lane softmax and logit terms, then c = sum_q w a (attention read back)
-        per_head = cols * (2 * bqm + 4 * bm) + 4 * bqm + 2 * bq * bqm + bqm * bm + bqm + bqm * bm
-        executed = plan["forward"][0] * bp * (H * per_head + 2 * bq * bqm + 3 * bqm)
+        # one per-query max or sum on the lanes: the masked form reduces all lanes per query, then broadcasts back
+        # with a second masked sum; PAIRED is one elementwise op on half the lanes (the join back is a copy)
+        per_query = bqm // 2 if plan["PAIRED"] else 2 * bq * bqm
+        per_head = cols * (2 * bqm + 4 * bm) + 4 * bqm + 2 * per_query + bqm * bm + bqm + bqm * bm
+        executed = plan["forward"][0] * bp * (H * per_head + per_query + 3 * bqm)
         sizes = {"k": tokens, "v": tokens, "out": T * A * e, "w": T * Q * 4, "saved": T * saved, "q": Q * A * e}
 
         # the output pass reads the values and the attention again, after the wave's first passes streamed their
