@@ -154,8 +154,10 @@ def train_exit_code(cfg, resume, loader=None) -> int:
         print(f"terrafm pretrain: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; a checkpoint being written is left as .tmp
-        print("terrafm pretrain: interrupted; the checkpoints/latest of the run folder names the last complete "
-              "checkpoint (--resume continues from it)", file=sys.stderr)
+        latest = Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints" / "latest"
+        where = (f"{latest} names the last complete checkpoint (--resume continues from it)" if latest.is_file() else
+                 "no checkpoint was completed (--resume starts the run over)")
+        print(f"terrafm pretrain: interrupted; {where}", file=sys.stderr)
         return 130
     except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU allocator
         if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):

@@ -515,6 +515,15 @@ def reduce_status(loss: torch.Tensor, stop: bool, data_failed: bool, env: DistEn
     return loss_sum / env.world_size, stops > 0, failed > 0
 
 
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """Whether `flag` holds on any rank (collective: every rank calls it at the same point)."""
+    if env.world_size == 1:
+        return flag
+    found = torch.tensor(float(flag), device=env.device)
+    dist.all_reduce(found)
+    return found.item() > 0
+
+
 def shared_failure(failure: str | None, env: DistEnv) -> str | None:
     """The first rank's data failure message (None: no rank has one), the same on every rank (collective)."""
     messages = [failure]
@@ -922,6 +931,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                 profiler = None
             if step % t.checkpoint_every == 0 or step == total_steps or stop_requested:
                 latest = save()
+                # a stop signal that arrived during this save: stop on it, not after one more step and its save
+                # (inside SLURM's warning window a ViT-L save is a good part of the time left)
+                stop_requested = stop_requested or (step < total_steps and any_rank(stop.signum is not None, env))
             if stop_requested and stop.interrupted:
                 logger.write(f"interrupted: checkpoint {latest} written at step {step}; --resume continues from it")
                 return TrainResult(run_dir, step, latest, preempted=False, interrupted=True)

@@ -198,6 +198,29 @@ def test_a_probe_that_cannot_make_its_split_is_skipped_and_the_run_succeeds(tmp_
     assert (tmp_path / "run" / "checkpoints" / "latest").exists() and not (tmp_path / "run" / "probe.json").exists()
 
 
+def test_a_stop_signal_during_a_periodic_save_stops_on_that_checkpoint(tmp_path, monkeypatch):
+    """A SIGUSR1 that arrived while step 2's checkpoint was being written trained step 3 and wrote a second
+    checkpoint before stopping: two saves inside SLURM's warning window where one was enough."""
+    import os
+    import signal
+
+    from terrafm.train import checkpoint
+
+    original = checkpoint.save
+
+    def save_then_signal(*args, **kwargs):
+        out = original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGUSR1)  # the scheduler's warning, during the save
+        return out
+
+    monkeypatch.setattr(checkpoint, "save", save_then_signal)
+    cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run",
+                                              "train.max_steps=10", "train.checkpoint_every=2"])
+    result = train(cfg, loader=SyntheticLoader(batch_size=4))
+    assert result.preempted and result.step == 2
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+
+
 def test_a_corrupt_chunk_met_mid_run_keeps_the_steps_done_in_a_checkpoint(tmp_path):
     """Checksums are verified when a chunk is first read, often deep into a run: the run stopped with the right
     message but no checkpoint since the last periodic one (up to 1999 steps on the ViT presets)."""
