@@ -207,3 +207,25 @@ def test_the_one_node_script_refuses_more_nodes(tmp_path):
     assert proc.stderr == ("pretrain_1node.sbatch: SLURM_JOB_NUM_NODES is '2': it trains on one node "
                            "(more: pretrain_multinode.sbatch)\n")
     assert (run_dir / "preempted").exists() and not (tmp_path / "srun.args").exists()
+
+
+@pytest.mark.parametrize("scontrol, message", [
+    ("#!/bin/bash\necho 'scontrol: error: Invalid node name specified' >&2\nexit 1\n",
+     "failed (scontrol: error: Invalid node name specified): no node to rendezvous on"),
+    ("#!/bin/bash\nexit 0\n", "named no node: no node to rendezvous on"),
+])
+def test_a_node_list_scontrol_cannot_expand_stops_the_multinode_script(tmp_path, scontrol, message):
+    """A failing scontrol ended the script with its own error and exit 1; one that printed nothing launched torchrun
+    with --rdzv_endpoint=:PORT."""
+    env = slurm_env(tmp_path, '#!/bin/bash\necho "$@" > "$SRUN_ARGS"\n', RUN_DIR=str(tmp_path / "run"))
+    (tmp_path / "bin" / "scontrol").write_text(scontrol)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "pretrain_multinode.sbatch")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "srun.args").exists()
+
+
+def test_the_one_node_script_reads_one_node_written_with_a_leading_zero(tmp_path):
+    proc = run_script(tmp_path, "pretrain_1node.sbatch", '#!/bin/bash\necho "$@" > "$SRUN_ARGS"\n',
+                      RUN_DIR=str(tmp_path / "run"), SLURM_JOB_NUM_NODES="01")
+    assert proc.returncode == 0 and (tmp_path / "srun.args").exists(), proc.stderr
