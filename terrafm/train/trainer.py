@@ -18,6 +18,7 @@ import gc
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import signal
@@ -638,6 +639,11 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
     except (checkpoint.ResumeError, checkpoint_io.CheckpointError, ValueError) as err:
         raise SetupError(f"cannot resume from {resume_from}: {err}") from err
     except (RuntimeError, KeyError, CheckpointException) as err:  # DCP: missing keys, shape mismatch
+        cause = next(iter(err.failures.values()))[0] if isinstance(err, CheckpointException) and err.failures else err
+        if isinstance(cause, (OSError, pickle.UnpicklingError)):  # its files, not the model (DCP's shape errors
+            # are ValueErrors and RuntimeErrors): say so
+            raise SetupError(f"cannot resume from {resume_from}: its data does not read ({type(cause).__name__}: "
+                             f"{str(cause)[:300]}); {checkpoint_io.previous_checkpoint(resume_from)}") from err
         detail = _config_changes(resume_from, cfg) or (
             str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__)
         raise SetupError(f"cannot resume from {resume_from}: it does not fit this model and optimiser "

@@ -221,6 +221,31 @@ def test_a_stop_signal_during_a_periodic_save_stops_on_that_checkpoint(tmp_path,
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step_00000002"]
 
 
+def test_a_checkpoint_whose_files_do_not_read_is_not_called_a_model_mismatch(tmp_path, monkeypatch):
+    """DCP wraps a failed read (a file gone mid-resume, a value the safe loader refuses) in CheckpointException,
+    which the resume reported as 'does not fit this model and optimiser; resume with the model.* and ssl.* values'."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from terrafm.train import checkpoint
+    from terrafm.train.trainer import SetupError
+
+    cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run",
+                                              "train.max_steps=2", "train.checkpoint_every=1"])
+    train(cfg, loader=SyntheticLoader(batch_size=4))
+
+    def unreadable(path, *args, **kwargs):
+        try:
+            raise FileNotFoundError(f"{path}/__0_0.distcp")
+        except FileNotFoundError as err:
+            raise CheckpointException("load failed", {0: (err, [])}) from err
+
+    monkeypatch.setattr(checkpoint, "load", unreadable)
+    cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run", "train.max_steps=3"])
+    with pytest.raises(SetupError, match=r"step_00000002: its data does not read \(FileNotFoundError: "
+                                         r".*__0_0\.distcp\); the previous checkpoint is .*step_00000001"):
+        train(cfg, resume=True, loader=SyntheticLoader(batch_size=4))
+
+
 def test_a_corrupt_chunk_met_mid_run_keeps_the_steps_done_in_a_checkpoint(tmp_path):
     """Checksums are verified when a chunk is first read, often deep into a run: the run stopped with the right
     message but no checkpoint since the last periodic one (up to 1999 steps on the ViT presets)."""
