@@ -710,8 +710,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
     ckpt_root = run_dir / "checkpoints"
     # a folder that exists may be another run's in progress: claim it before reading its checkpoints (a second job
     # restored a checkpoint the first was rotating out, and failed as "does not fit this model"); a new one is
-    # claimed once made, below, so that a run failing in setup leaves no empty folder
-    locked = _claim(run_dir, held, env) if run_dir.is_dir() else False
+    # claimed once made, below, so that a run failing in setup leaves no empty folder. Rank 0's view decides for
+    # every rank: _claim is collective
+    locked = _claim(run_dir, held, env) if any_rank(env.rank == 0 and run_dir.is_dir(), env) else False
     resume_from = None
     try:
         if resume is True:
