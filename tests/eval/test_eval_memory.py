@@ -1,6 +1,7 @@
 """Eval holds a split about once: GEO-Bench m-bigearthnet is ~14 GB per float32 copy, and the reader's list, its
 stack, the band selection, the normalised copy and the digest's copy took the peak past 30 GB."""
 
+import gc
 import tracemalloc
 
 import h5py  # noqa: F401  (eval imports these on first use: not part of the peak)
@@ -54,6 +55,7 @@ def peak_copies(tmp_path, monkeypatch, fmt: str, make, bands: list[str] | None, 
                      probes=("knn",), fractions=(1.0,), batch_size=32)
     monkeypatch.setattr(data, "CHUNK_BYTES", 1 << 15)  # as small beside this split as 8 MB beside a real one
     monkeypatch.setattr(metrics, "save_confusion_png", lambda *a, **k: None)  # matplotlib's fixed MBs
+    gc.collect()  # earlier tests' garbage: its finalizers (a writer flushing its buffers) allocate; not this run's
     tracemalloc.start()  # numpy's allocations are traced
     try:
         res = evaluate(cfg, model)
