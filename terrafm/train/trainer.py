@@ -372,9 +372,9 @@ def check_run_dir(run_dir: Path) -> None:
 RUN_LOCK = ".lock"  # in the run folder: held (flock) by rank 0 of the run training there
 
 
-def _claim(run_dir: Path, held: contextlib.ExitStack, env: DistEnv) -> bool:
+def _claim(run_dir: Path, held: contextlib.ExitStack, env: DistEnv) -> None:
     """Rank 0 makes the run folder and holds its lock until `held` closes; every rank raises SetupError alike when
-    it cannot (another live run holds it, or it cannot be written). Collective. True once claimed."""
+    it cannot (another live run holds it, or it cannot be written). Collective."""
     busy = None
     if env.rank == 0:
         try:
@@ -385,7 +385,6 @@ def _claim(run_dir: Path, held: contextlib.ExitStack, env: DistEnv) -> bool:
     busy = shared_failure(busy, env)  # every rank stops alike, before anything in the folder is changed
     if busy is not None:
         raise SetupError(busy)
-    return True
 
 
 def lock_run_dir(run_dir: Path, held: contextlib.ExitStack) -> str | None:
@@ -712,7 +711,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
     # restored a checkpoint the first was rotating out, and failed as "does not fit this model"); a new one is
     # claimed once made, below, so that a run failing in setup leaves no empty folder. Rank 0's view decides for
     # every rank: _claim is collective
-    locked = _claim(run_dir, held, env) if any_rank(env.rank == 0 and run_dir.is_dir(), env) else False
+    existed = any_rank(env.rank == 0 and run_dir.is_dir(), env)
+    if existed:
+        _claim(run_dir, held, env)
     resume_from = None
     try:
         if resume is True:
@@ -724,8 +725,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
     if not resume and checkpoint.has_checkpoints(ckpt_root):
         raise SetupError(f"{run_dir} already has checkpoints; pass --resume to continue it, or choose another "
                          "--out / train.run_name for a fresh run")
-    foreign = resume_from is not None and resume_from.parent.resolve() != ckpt_root.resolve()
-    if foreign and checkpoint.has_checkpoints(ckpt_root):  # its checkpoints would be set aside, then rotated out
+    own_history = resume_from is not None and resume_from.parent.resolve() == ckpt_root.resolve()
+    # another run's checkpoint into a folder with its own: those would be set aside, then rotated out
+    if resume_from is not None and not own_history and checkpoint.has_checkpoints(ckpt_root):
         raise SetupError(f"{run_dir} already has checkpoints of its own; --resume-from {resume_from} (another run's) "
                          "would mix the two runs in one folder: pass --resume to continue this run, or choose another "
                          "--out / train.run_name to start from that checkpoint")
@@ -777,13 +779,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                                                                             cfg, env)
     else:
         loader.set_epoch(epoch)
-    if not locked:
+    if not existed:
         _claim(run_dir, held, env)
     try:
         if env.rank == 0:
             save_config(cfg, run_dir / "config.yaml")
             (run_dir / "preempted").unlink(missing_ok=True)
-        own_history = resume_from is not None and resume_from.parent.resolve() == ckpt_root.resolve()
         logger = MetricsLogger(run_dir, env.rank, total_steps, step, own_history)
     except OSError as err:  # a full disk or a vanished folder: one message; config.yaml and metrics are written whole
         raise SetupError(f"cannot write the run folder {run_dir}: {err.strerror or err}") from err
