@@ -70,22 +70,20 @@ KNOWN_OVER_BOUND = {
                                "Compute bound at this shape: the bytes take 313 / 571 us of the tf32 FLOPs' 718 / "
                                "2277 us (H100 / A100), so the waste costs no time",
 }
-_FUSION_M2 = ("FLOPs only, 16-bit: two fused sensors fill 10 of the 16 lanes (Q M = 5 x 2; three fill 15), and 16-bit "
-              "data pads ViT-B's d = 144 to 160 columns (D_CHUNK 32); fp32 (D_CHUNK 16, exact) and ViT-L (d = 192) "
-              "are within bound. Memory bound at this shape: the executed fp32 FLOPs take 41 / 74 us of the bytes' "
-              "252 / 324 us at full bandwidth (forward / head backward, H100), so the waste costs no time; exact "
-              "tiles would split the lanes 8 + 2")
-KNOWN_OVER_BOUND.update({f"fusion_{kernel}_{dtype}_b_m2": _FUSION_M2
-                         for kernel, dtype in (("fwd", "float16"), ("fwd", "bfloat16"), ("bwd_head", "float16"),
-                                               ("bwd_head", "bfloat16"))})
 # Streaming configs with fewer bytes of loads in flight per SM than Little's law asks, and why: regular
 # expressions matched at the start of "name@arch" (an entry that matches a config with enough in flight fails).
 KNOWN_LATENCY_BOUND = {
     r"fusion_bwd_head_(float16|bfloat16)_.*@sm_90": (
         "the head backward steps 8 positions of one 32-column chunk: 3.5 KiB of 16-bit loads a step at 4 resident "
-        "programs (128 registers), 14.0 KiB per SM where Little's law asks 14.9; 16 positions compile their sums "
-        "to tf32 mma.sync, a 64-column chunk pads ViT-B's 144 columns to 192 (FLOPs over bound)"),
+        "programs (128 registers), 14.0 KiB per SM where Little's law asks 14.9 (ViT-B 12.6: one of its 5 chunks "
+        "per head is a 16-column tail); 16 positions compile their sums to tf32 mma.sync, a 64-column chunk pads "
+        "ViT-B's 144 columns to 192 (FLOPs over bound)"),
 }
+KNOWN_LATENCY_BOUND[r"fusion_fwd_(float16|bfloat16)_b@sm_80"] = (
+    "three sensors, ViT-B: 193 registers, 2 programs per SM, 16 positions of 32 columns a step; d = 144 is 4 whole "
+    "chunks and one of 16 (a masked column loads nothing), so the mean step holds 10.8 KiB where Little's law asks "
+    "11.1 on A100. 32 positions of 16 columns hold 12.0 there but take 255 registers and are latency bound on sm_90 "
+    "(12.0 of 14.9), where this tile holds 16.2 at 3 programs per SM")
 _FUSION_M2_LATENCY = ("two fused sensors: a step loads 2 tokens per position where three load 3, so M = 2 has 2/3 "
                       "of M = 3's bytes in flight (fp32 head backward 12.5 KiB per SM on sm_90, 16-bit head "
                       "backward 10.0 on sm_80, where Little's law asks 14.9 / 11.1); more positions per step double "

@@ -30,8 +30,9 @@ grad_queries / grad_pool in registers, one fp32 partial per program, summed by t
 (deterministic, no atomics).
 
 Tiles: the (Q x M x d) products run on one flattened lane axis i = q M + m (16 lanes at Q = 5,
-M = 3, not (8, 4) = 32), as fp32 broadcast multiply-adds over D_CHUNK columns (16 for fp32 data, exact for
-d = 144 and 192; 32 for 16-bit data); per-query sums over the lanes are (Q x lanes) masked reductions. The tiles are
+M = 3, not (8, 4) = 32), as fp32 broadcast multiply-adds over column chunks (16 for fp32 data, exact for
+d = 144 and 192; 32 for 16-bit data, exact in whole chunks plus one tail: forward_tile, HEAD_D_CHUNK_BY_BYTES);
+per-query sums over the lanes are (Q x lanes) masked reductions (split lane pairs at M = 2). The tiles are
 sized for Q x M <= 16 (the presets); larger Q x M (validate allows up to 64 x 16) is correct but
 grows the lane tiles and their (Q x lanes) sums with it, so it runs slower per position.
 
@@ -74,9 +75,9 @@ INTERPRETER_BLOCK_T = 4
 # Positions side by side in one tile: more bytes in flight per load than one position's 3 x 16 columns; 2 under
 # the interpreter so its tests cover the position masks. The forward takes 16 (its attention is read back from
 # memory, not held in registers, so 16 positions fit at 3-4 programs per SM: 12 KiB of loads in flight on
-# sm_90, where 4 positions with all heads' attention in registers gave 5.2); the head kernel steps 8 (8.8 KiB
-# in flight where 4 gave 6.1): at 16 the compiler turns its sums over positions into mma.sync (tf32 for fp32
-# data), a precision no interpreter test can check.
+# sm_90, where 4 positions with all heads' attention in registers gave 5.2), or 32 where its tile is
+# forward_tile's narrow one; the head kernel steps 8 (8.8 KiB in flight where 4 gave 6.1): at 16 the compiler
+# turns its sums over positions into mma.sync (tf32 for fp32 data), a precision no interpreter test can check.
 GPU_BLOCK_P = 16
 GPU_BLOCK_P_HEAD = 8
 INTERPRETER_BLOCK_P = 2
@@ -86,11 +87,16 @@ NUM_STAGES = 1
 # 16 columns) at the presets' Q = 5, M = 3.
 NUM_WARPS = 4
 NUM_WARPS_BACKWARD_HEAD = 4
-# Columns per step of the forward and head kernels, by input bytes per element: 16-bit data takes 32 (ViT-B's
-# 144 pads to 160: FLOPs 1.33x forward, 1.41x head), twice the bytes a step at 3-4 programs per SM, so the forward
-# is no longer latency bound (18 KiB in flight on sm_90) and the head nearly (14.0 of 14.9); fp32 keeps 16 (exact
-# for 144 and 192; at 32 its forward spills on sm_90, and 16 already moves 6 KiB a step).
+# Columns per step of the forward, by input bytes per element: 16-bit data takes 32 (ViT-B's 144 pads to 160:
+# FLOPs 1.37x at three sensors), twice the bytes a step at 3-4 programs per SM, so the forward is not latency bound
+# (18 KiB in flight on sm_90); fp32 keeps 16 (exact for 144 and 192; at 32 its forward spills on sm_90, and 16
+# already moves 6 KiB a step). forward_tile narrows it where the padding would put FLOPs over bound.
 D_CHUNK_BY_BYTES = {2: 32, 4: 16}
+# Columns per program of the head backward, by input bytes per element: 16-bit data takes 32, twice the bytes a
+# step at 4 programs per SM (14.0 KiB in flight of Little's law's 14.9 on sm_90); fp32 keeps 16. A head width that
+# is not whole chunks ends in one TAIL_CHUNK program (D % HEAD_D_CHUNK to a power of 2: ViT-B's 16-bit 144 =
+# 4 x 32 + 16; it padded to 160, FLOPs 1.65x at two sensors).
+HEAD_D_CHUNK_BY_BYTES = {2: 32, 4: 16}
 # The pool backward's chunk of all heads' columns: 32 (144 padded to 160 at ViT-B, FLOPs 1.30x) puts 2 KiB of
 # 16-bit loads in each step, 24 KiB per SM at its 12 resident programs, where 16 gave 12 (Little's law: 14.9).
 POOL_D_CHUNK = 32
@@ -232,26 +238,20 @@ def _backward_pool_kernel(v_ptr, dout_ptr, w_ptr, attn_ptr, vpool_ptr, coef_ptr,
 
 
 @triton.jit
-def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_ptr, dv_ptr, dq_partial_ptr,
-                          dpool_partial_ptr, T, M, Q, A, D, scale,
-                          H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P_HEAD: tl.constexpr, BLOCK_QM: tl.constexpr,
-                          BLOCK_Q: tl.constexpr, D_CHUNK: tl.constexpr):
-    """Per (column chunk, head, block of BLOCK_T positions, BLOCK_P_HEAD at a time): grad keys/values of the chunk
-    from the pool kernel's coefficients, and the block's grad queries/pool partials for it (grad queries
-    accumulated on the lane axis, summed per query once per program)."""
-    c0 = tl.program_id(0) * D_CHUNK
-    h = tl.program_id(1)
-    block = tl.program_id(2)
+def _head_chunk(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_ptr, dv_ptr, dq_partial_ptr, dpool_partial_ptr,
+                T, M, Q, A, D, scale, c0, h, block, H: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_P_HEAD: tl.constexpr, BLOCK_QM: tl.constexpr, BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr):
+    """_backward_head_kernel's work on columns c0 .. c0 + CHUNK of head h."""
     lanes = tl.arange(0, BLOCK_QM)
     lane_q, lane_m, lane_ok = lanes // M, lanes % M, lanes < Q * M
     qs = tl.arange(0, BLOCK_Q)
-    c_ok = c0 + tl.arange(0, D_CHUNK) < D
-    cs = h * D + c0 + tl.arange(0, D_CHUNK)
+    c_ok = c0 + tl.arange(0, CHUNK) < D
+    cs = h * D + c0 + tl.arange(0, CHUNK)
     queries = tl.load(q_ptr + qs[:, None] * A + cs[None, :], mask=(qs < Q)[:, None] & c_ok[None, :],
                       other=0.0).to(tl.float32)
     pool = tl.load(pool_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
-    dq = tl.zeros([BLOCK_QM, D_CHUNK], tl.float32)
-    dpool = tl.zeros([D_CHUNK], tl.float32)
+    dq = tl.zeros([BLOCK_QM, CHUNK], tl.float32)
+    dpool = tl.zeros([CHUNK], tl.float32)
     for i in range(0, BLOCK_T, BLOCK_P_HEAD):
         ts = block.to(tl.int64) * BLOCK_T + i + tl.arange(0, BLOCK_P_HEAD)
         t_ok = ts < T
@@ -279,33 +279,76 @@ def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_
     tl.store(dpool_partial_ptr + block.to(tl.int64) * A + cs, dpool, mask=c_ok)
 
 
-def _blocks(M: int, Q: int, H: int, dtype_bytes: int) -> dict:
+@triton.jit
+def _backward_head_kernel(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_ptr, dv_ptr, dq_partial_ptr,
+                          dpool_partial_ptr, T, M, Q, A, D, scale,
+                          H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P_HEAD: tl.constexpr, BLOCK_QM: tl.constexpr,
+                          BLOCK_Q: tl.constexpr, HEAD_D_CHUNK: tl.constexpr, TAIL_CHUNK: tl.constexpr):
+    """Per (column chunk, head, block of BLOCK_T positions, BLOCK_P_HEAD at a time): grad keys/values of the chunk
+    from the pool kernel's coefficients, and the block's grad queries/pool partials for it (grad queries
+    accumulated on the lane axis, summed per query once per program). The last chunk of a head whose width is
+    not whole chunks (TAIL_CHUNK > 0) is TAIL_CHUNK columns wide."""
+    c0 = tl.program_id(0) * HEAD_D_CHUNK
+    h = tl.program_id(1)
+    block = tl.program_id(2)
+    if TAIL_CHUNK == 0:
+        _head_chunk(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_ptr, dv_ptr, dq_partial_ptr,
+                    dpool_partial_ptr, T, M, Q, A, D, scale, c0, h, block, H, BLOCK_T, BLOCK_P_HEAD, BLOCK_QM,
+                    BLOCK_Q, HEAD_D_CHUNK)
+    elif c0 + HEAD_D_CHUNK <= D:
+        _head_chunk(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_ptr, dv_ptr, dq_partial_ptr,
+                    dpool_partial_ptr, T, M, Q, A, D, scale, c0, h, block, H, BLOCK_T, BLOCK_P_HEAD, BLOCK_QM,
+                    BLOCK_Q, HEAD_D_CHUNK)
+    else:
+        _head_chunk(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_ptr, dv_ptr, dq_partial_ptr,
+                    dpool_partial_ptr, T, M, Q, A, D, scale, c0, h, block, H, BLOCK_T, BLOCK_P_HEAD, BLOCK_QM,
+                    BLOCK_Q, TAIL_CHUNK)
+
+
+def forward_tile(D: int, dtype_bytes: int, paired: bool) -> tuple[int, int]:
+    """(positions, columns) of a forward step on a GPU: 16 positions of D_CHUNK_BY_BYTES columns, except two paired
+    sensors in 16-bit data with a head width that is not whole 32-column chunks (ViT-B's 144): their lanes are 10 of
+    16 full, and padding the columns to 160 on top took FLOPs to 1.60x. There 32 positions of 16 columns load the
+    same bytes a step, exactly (not for three sensors: their per-query sums at 32 positions take 255 registers, 2
+    programs per SM, latency bound)."""
+    d_chunk = D_CHUNK_BY_BYTES[dtype_bytes]
+    if paired and D % d_chunk and D % (d_chunk // 2) == 0:
+        return 2 * GPU_BLOCK_P, d_chunk // 2
+    return GPU_BLOCK_P, d_chunk
+
+
+def _blocks(M: int, Q: int, H: int, D: int, dtype_bytes: int) -> dict:
     """The tiles: the (Q, M) pairs on one lane axis padded to a power of 2 (16 at Q = 5, M = 3), Q, M
-    and H padded to powers of 2 for the per-query / per-modality / all-heads tiles, D_CHUNK columns."""
+    and H padded to powers of 2 for the per-query / per-modality / all-heads tiles, the forward's step
+    (forward_tile) and the head backward's column chunks (the last one TAIL_CHUNK wide, 0: none)."""
     block_qm, block_q, block_m = triton.next_power_of_2(Q * M), triton.next_power_of_2(Q), triton.next_power_of_2(M)
+    # two fused sensors: lane 2q + m, so a per-query max or sum is one elementwise op on the lanes split in halves
+    # (tl.split; a reshape-reduce spilled on sm_90), not a masked reduction of every lane per query
+    paired = M == 2 and block_q * M == block_qm
+    block_p, d_chunk = forward_tile(D, dtype_bytes, paired)
+    head = HEAD_D_CHUNK_BY_BYTES[dtype_bytes]
     return {"BLOCK_QM": block_qm, "BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_H": triton.next_power_of_2(H),
-            "D_CHUNK": D_CHUNK_BY_BYTES[dtype_bytes], "POOL_D_CHUNK": POOL_D_CHUNK,
-            # two fused sensors: lane 2q + m, so a per-query max or sum is one elementwise op on the lanes split in
-            # halves (tl.split; a reshape-reduce spilled on sm_90), not a masked reduction of every lane per query
-            "PAIRED": M == 2 and block_q * M == block_qm}
+            "BLOCK_P": block_p, "D_CHUNK": d_chunk, "HEAD_D_CHUNK": head,
+            "TAIL_CHUNK": triton.next_power_of_2(D % head) if D % head else 0, "POOL_D_CHUNK": POOL_D_CHUNK,
+            "PAIRED": paired}
 
 
 def launch_plan(T: int, M: int, Q: int, A: int, H: int, dtype_bytes: int, interpreter: bool = False) -> dict:
     """Tiles and grids of the three kernels: the one place the launcher and efficiency() read them."""
-    blocks = _blocks(M, Q, H, dtype_bytes)
+    blocks = _blocks(M, Q, H, A // H, dtype_bytes)
     block_t = INTERPRETER_BLOCK_T if interpreter else GPU_BLOCK_T
-    block_p = INTERPRETER_BLOCK_P if interpreter else GPU_BLOCK_P
+    block_p = INTERPRETER_BLOCK_P if interpreter else blocks["BLOCK_P"]
     return {**blocks, "BLOCK_T": block_t, "BLOCK_P": block_p,
             "BLOCK_P_HEAD": INTERPRETER_BLOCK_P if interpreter else GPU_BLOCK_P_HEAD,
             "forward": (triton.cdiv(T, block_p),),
             "backward_pool": (T,),
-            "backward_head": (triton.cdiv(A // H, blocks["D_CHUNK"]), H, triton.cdiv(T, block_t))}
+            "backward_head": (triton.cdiv(A // H, blocks["HEAD_D_CHUNK"]), H, triton.cdiv(T, block_t))}
 
 
 # The tile constexprs each kernel takes from launch_plan (launchers and compile_specs alike).
 TILES = {"forward": ("BLOCK_P", "BLOCK_QM", "BLOCK_Q", "BLOCK_M", "D_CHUNK", "PAIRED"),
          "backward_pool": ("BLOCK_H", "BLOCK_Q", "BLOCK_M", "POOL_D_CHUNK"),
-         "backward_head": ("BLOCK_T", "BLOCK_P_HEAD", "BLOCK_QM", "BLOCK_Q", "D_CHUNK")}
+         "backward_head": ("BLOCK_T", "BLOCK_P_HEAD", "BLOCK_QM", "BLOCK_Q", "HEAD_D_CHUNK", "TAIL_CHUNK")}
 
 
 def _tiles(plan: dict, kernel: str) -> dict:
@@ -464,11 +507,16 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
     coefficients between the backward kernels count as moved bytes only.
     """
     plan = launch_plan(T, M, Q, A, H, dtype_bytes)
-    bqm, bq, bm, bh, bt, bp, dc = (plan[k] for k in ("BLOCK_QM", "BLOCK_Q", "BLOCK_M", "BLOCK_H", "BLOCK_T", "BLOCK_P",
-                                                     "D_CHUNK"))
-    chunks = plan["backward_head"][0]  # D / dc column chunks per head
+    bqm, bq, bm, bh, bt, bp, hc = (plan[k] for k in ("BLOCK_QM", "BLOCK_Q", "BLOCK_M", "BLOCK_H", "BLOCK_T", "BLOCK_P",
+                                                     "HEAD_D_CHUNK"))
     e, D = dtype_bytes, A // H
-    cols = chunks * dc  # the head width in whole chunks
+    dc = plan["D_CHUNK"]
+    chunks = triton.cdiv(D, dc)  # the forward's steps per head
+    cols = chunks * dc  # the head width in the forward's whole chunks
+    # step_bytes below: a step's loads in flight, the mean over a head's chunks of the columns loaded (a masked
+    # column loads nothing: a padded or tail chunk carries fewer bytes)
+    head_chunks = plan["backward_head"][0]  # the head backward's programs per head, the last one TAIL_CHUNK wide
+    head_cols = D // hc * hc + plan["TAIL_CHUNK"]  # the head width as the head backward's programs execute it
     tokens = T * M * A * e
     hqm, saved = H * Q * M, H * (Q * M + M) * 4  # saved per position: attention and r, fp32
     if kernel == "forward":
@@ -494,20 +542,23 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
                 out += [("v", (p, "output pass"), n * M * A * e), ("saved", (p, "output pass"), n * attention)]
             return out
         floor = 2 * tokens + T * A * e + Q * A * e + A * e
+        step = 2 * bp * M * D * e // chunks  # keys and values of BLOCK_P positions' M tokens in one chunk
     elif kernel == "backward_pool":  # u = dout . values, then the pooling softmax's backward per head
         useful = 2 * T * M * A + T * (13 * hqm + 4 * Q)
-        pool_cols = triton.cdiv(D, plan["POOL_D_CHUNK"]) * plan["POOL_D_CHUNK"]
+        pool_chunks = triton.cdiv(D, plan["POOL_D_CHUNK"])
+        pool_cols = pool_chunks * plan["POOL_D_CHUNK"]
         executed = T * (2 * M * bh * pool_cols + 13 * bh * bq * bm + 4 * bq)
         coef = H * (Q + 2) * M * 4
         sizes = {"v": tokens, "dout": T * A * e, "w": T * Q * 4, "saved": T * saved, "coef": T * coef}
         touches = lambda t, _y, _z: [("v", t, M * A * e), ("dout", t, A * e), ("w", t, Q * 4),  # noqa: E731
                                      ("saved", t, saved), ("coef", t, coef)]
         floor = tokens + T * A * e
+        step = 2 * H * D * e // pool_chunks  # values and grad out of one position's heads in one chunk
     else:  # backward_head: per (column chunk, head, block of positions), coefficients from the pool kernel
         useful = 4 * T * Q * M * A + 6 * T * M * A + Q * A  # + the 1/sqrt(d) scale of grad keys / queries
         blocks = plan["backward_head"][2]
-        per_position = 2 * bqm * dc + M * (2 * bq * dc + dc + 3 * dc + 2 * dc)
-        executed = chunks * H * blocks * (bt * per_position + bq * bqm * dc + bq * dc)
+        per_position = 2 * bqm + M * (2 * bq + 1 + 3 + 2)  # per column
+        executed = head_cols * H * blocks * (bt * per_position + bq * bqm + bq)
         partials = blocks * (Q + 1) * A * 4
         coef_bytes = (Q + 2) * M * 4
         sizes = {"k": tokens, "v": tokens, "dk": tokens, "dv": tokens, "dout": T * A * e, "q": Q * A * e,
@@ -515,19 +566,17 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
 
         def touches(c, h, b):
             t = min(bt, T - b * bt)
-            width = max(0, min(dc, D - c * dc))
+            width = max(0, min(hc, D - c * hc))
             return [("k", (b, h, c), t * M * width * e), ("v", (b, h, c), t * M * width * e),
                     ("dout", (b, h, c), t * width * e), ("q", (h, c), Q * width * e), ("pool", (h, c), width * e),
                     ("coef", (b, h), t * coef_bytes), ("dk", (b, h, c), t * M * width * e),
                     ("dv", (b, h, c), t * M * width * e), ("partials", (b, h, c), (Q + 1) * width * 4)]
         floor = 4 * tokens + T * A * e + Q * A * e + A * e
-        # a step of BLOCK_P_HEAD positions: their keys and grad out, and values per modality, in one D_CHUNK
+        # a step of BLOCK_P_HEAD positions: their keys and grad out, and values per modality, in one chunk
         return {"useful_flops": useful, "executed_flops": executed, "min_bytes": floor, "flop_kind": "fp32",
                 "moved_bytes": hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes) + partials,
-                "programs": chunks * H * blocks, "step_bytes": (2 * M + 1) * plan["BLOCK_P_HEAD"] * dc * e}
-    # a step loads one D_CHUNK of columns: forward, keys and values of BLOCK_P positions' M tokens; the pool
-    # backward, values and grad out of one position's heads
-    step = 2 * bp * M * dc * e if kernel == "forward" else 2 * H * plan["POOL_D_CHUNK"] * e
+                "programs": head_chunks * H * blocks,
+                "step_bytes": (2 * M + 1) * plan["BLOCK_P_HEAD"] * D * e // head_chunks}
     programs = plan[kernel][0] if kernel == "forward" else T
     return {"useful_flops": useful, "executed_flops": executed, "min_bytes": floor, "flop_kind": "fp32",
             "moved_bytes": hbm_bytes(plan[kernel], touches, sizes, concurrent, l2_bytes), "programs": programs,

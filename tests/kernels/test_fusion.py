@@ -53,6 +53,8 @@ def _check(T, M, A, Q, H, dtype, device, seed=0):
     (5, 2, 36, 5, 2),    # two modalities, d = 18
     (9, 1, 32, 3, 2),    # one modality: reduces to the values
     (3, 16, 40, 17, 5),  # the most modalities, more queries than the 16-wide block
+    (4, 2, 96, 5, 2),    # d = 48: whole 32-column chunks (16-bit) and a 16-column tail, two sensors paired
+    (3, 3, 74, 5, 2),    # d = 37: a tail of 5 (16-bit) or 5 of 16 (fp32) columns, masked
 ])
 def test_matches_float64_reference(T, M, A, Q, H, dtype, device):
     _check(T, M, A, Q, H, dtype, device)
