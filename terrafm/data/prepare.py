@@ -127,10 +127,11 @@ def _s2_offset_kind(p: Product) -> str | None:
     return "unknown" if baseline is None else "offset" if baseline >= sources.S2_OFFSET_BASELINE else "no_offset"
 
 
-def _s2_baselines(jobs: list) -> dict:
-    """Per S2 modality, how many of the planned products are of each _s2_offset_kind."""
+def _s2_baselines(jobs: list, skipped: list[dict]) -> dict:
+    """Per S2 modality, how many of the products written are of each _s2_offset_kind (not the duplicates dropped
+    or the products skipped as bad: a mix only matters in what was written)."""
     counts: dict = {}
-    for p in (p for job in jobs for cell in job for p in cell):
+    for p in _used(jobs, skipped):
         kind = _s2_offset_kind(p)
         if kind is not None:
             counts.setdefault(p.modality, {"offset": 0, "no_offset": 0, "unknown": 0})[kind] += 1
@@ -160,8 +161,9 @@ def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict
     duplicate of its modality, when there is one, takes its place. Duplicates after the one used are not read.
 
     Size is checked per product, so that one product of another size (a cropped S1 scene) is the one named and
-    skipped, whatever order the modalities are read in: its size must be a multiple of tile_size and the size
-    most products of the cell have (on a tie, an S2 or WorldCover product's: S1 scenes are the ones cropped)."""
+    skipped, whatever order the modalities are read in: its size must be the size most products of the cell have
+    (on a tie, an S2 or WorldCover product's: S1 scenes are the ones cropped), and that size a multiple of
+    tile_size (checked after, so a cropped scene is named as one, not given a tile size that fits it alone)."""
     t = opts["tile_size"]
     queues = defaultdict(list)  # modality -> its products not read yet, in plan order
     for p in products:
@@ -182,9 +184,6 @@ def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict
             p = queues[modality].pop(0)
             try:
                 data, mask = _read_product(p, parquet, opts)
-                if data.shape[-1] % t:
-                    raise BadInput(f"{p.where}: product of {data.shape[-1]} px is not a multiple of tile_size {t}"
-                                   f"{_tile_size_hint(data.shape[-1], t)}")
                 if size is not None and data.shape[-1] != size:
                     raise BadInput(f"{p.where}: product of {data.shape[-1]} px where the other products of this "
                                    f"cell are {size} px")
@@ -206,6 +205,10 @@ def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict
             if found is None:
                 continue
             p, data, mask = found
+        if size % t:
+            refuse(p, BadInput(f"{p.where}: product of {size} px is not a multiple of tile_size {t}"
+                               f"{_tile_size_hint(size, t)}"))
+            continue
         cell[p.modality] = (data, mask)
     return cell
 
@@ -267,6 +270,18 @@ def _plan(products: list[Product], modalities: tuple[str, ...], cells_per_shard:
     return [ordered[i:i + cells_per_shard] for i in range(0, len(ordered), cells_per_shard)]
 
 
+def _used(jobs: list, skipped: list[dict]):
+    """The product each cell used per modality: the first in plan order not skipped as bad (_read_cell reads a cell's
+    products of one modality in that order until one reads)."""
+    bad = {(s["file"], s["record"]) for s in skipped}
+    for cell in (cell for job in jobs for cell in job):
+        done = set()
+        for p in cell:
+            if p.modality not in done and (p.source, _record(p)) not in bad:
+                done.add(p.modality)
+                yield p
+
+
 def _duplicates_dropped(jobs: list, skipped: list[dict]) -> int:
     """Products left unread because another product of their cell and modality was used. A cell's products of one
     modality are read in order until one reads, so of k products of which s were skipped as bad, k - s - 1 are
@@ -324,6 +339,7 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
     for m in modalities:
         if m not in MODALITIES:
             raise ValueError(f"unknown modality {m!r}; expected a subset of {MODALITY_NAMES}")
+    modalities = tuple(dict.fromkeys(modalities))  # a sensor named twice is converted once
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; expected a directory to write the shards into")
@@ -367,8 +383,10 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                 redone += 1
                 pending.append(i)
             else:
-                raise BadInput(f"{out}/{shards.shard_name(i)}.npz was written by a different conversion "
-                               "(other inputs or options); use an empty --out directory")
+                raise BadInput(f"{out}/{shards.shard_name(i)}.npz was written by a different conversion: other "
+                               "options, or other grid cells (inputs added or removed, or a whole file skipped as "
+                               "unreadable that now reads: shards are cut from the sorted list of all cells); use "
+                               "an empty --out directory")
         for path, rows, size in sources.large_row_groups({p.source for i in pending for cell in jobs[i] for p in cell
                                                           if p.row >= 0}):
             print(f"terrafm prepare: warning: {path} has row groups of up to {rows} products ({size / 2**30:.1f} GiB "
@@ -466,7 +484,8 @@ def _write_index(out: Path, jobs: list, opts: dict, unknown: list, reruns: tuple
     summary = {"tile_size": opts["tile_size"], "codec": opts["codec"], "modalities": stats,
                "classes": {"frequency": (class_total / max(class_total.sum(), 1)).tolist(),
                            "pixels": class_total.tolist()},
-               "s1_scaling": opts["s1_scaling"], "s2_offset": opts["s2_offset"], "s2_baselines": _s2_baselines(jobs),
+               "s1_scaling": opts["s1_scaling"], "s2_offset": opts["s2_offset"],
+               "s2_baselines": _s2_baselines(jobs, skipped),
                "metadata_files": metadata,
                "shards": shard_list, "num_records": records, "skipped": skipped,
                "duplicates_dropped": _duplicates_dropped(jobs, skipped), "resumed_shards": reruns[0],

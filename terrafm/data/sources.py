@@ -42,6 +42,8 @@ META_COLUMNS = ("product_id", "grid_cell")
 NO_MODALITY = "names no modality (expected MSIL2A / MSIL1C / S1* / WorldCover)"
 NOT_IN_CELL = ("product folder is not inside a grid cell folder such as 433U_1209R (expected "
                "<row>/<grid_cell>/<product_id>/<band>.tif), so its place is unknown")
+PRODUCT_AS_FILE = ("a product stored as one file in its grid cell folder; expected a folder "
+                   "<grid_cell>/<product_id>/ of one-band files <band>.tif (split the stack into bands)")
 MODEL_PIXEL_SCALE = 33550  # GeoTIFF ModelPixelScaleTag: (x, y, z) size of a pixel in the CRS's units
 GDAL_NODATA = 42113  # TIFF tag (ASCII) of GDAL's per-file nodata value
 MASK_SUBFILETYPE = 4  # NewSubfileType of a mask page (GDAL's internal nodata mask)
@@ -117,11 +119,29 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
         if not root.exists():
             raise BadInput(f"input {root} does not exist")
         tif_dirs, twins = defaultdict(dict), defaultdict(list)
-        for path in list_files(root):
-            if path.suffix.lower() in (".parquet", ".tif", ".tiff") and not path.exists():
-                unknown.append({"file": str(path), "record": "whole file", "reason": "a symlink to nothing"})
-            elif not path.is_file():
+        files, folders, unreadable = walk(root)
+        unknown += [{"file": str(folder), "record": "whole folder", "reason": f"cannot be listed: {reason}"}
+                    for folder, reason in unreadable]
+        for folder in folders:  # an empty product folder (or one of hidden files only) is a product without bands
+            if _is_product_folder(folder):
+                tif_dirs.setdefault(folder, {})
+        blocked = set()
+        for path in files:
+            try:
+                dangling = path.suffix.lower() in (".parquet", ".tif", ".tiff") and not path.exists()
+                is_file = path.is_file()
+            except OSError as err:  # a folder that can be listed but not entered: its files cannot be read
+                unknown.append({"file": str(path), "record": "whole file",
+                                "reason": f"cannot be read: {err.strerror or err}"})
+                blocked.add(path.parent)
                 continue
+            if dangling:
+                unknown.append({"file": str(path), "record": "whole file", "reason": "a symlink to nothing"})
+            elif not is_file:
+                continue
+            elif path.suffix.lower() in (".tif", ".tiff") and _is_grid_cell(path.parent.name) \
+                    and modality_of(path.stem) is not None:  # <grid_cell>/<product_id>.tif: a stack, not a folder
+                unknown.append({"file": str(path), "record": path.stem, "reason": PRODUCT_AS_FILE})
             elif path.suffix.lower() == ".parquet":
                 try:
                     if not _discover_parquet(path, products, unknown):
@@ -136,6 +156,9 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
                 tif_dirs[path.parent][path.stem] = str(path)
             elif in_product_folder(path):
                 tif_dirs.setdefault(path.parent, {})  # a product folder holding only its thumbnail.png: no band
+        for folder in blocked:  # reported file by file above, not again as a product missing every band
+            if not tif_dirs.get(folder):
+                tif_dirs.pop(folder, None)
         nested = _nested_products(root, tif_dirs)
         unknown += [{"file": str(folder), "record": folder.name, "reason": reason}
                     for folder, reason in sorted(nested.items())]
@@ -193,20 +216,30 @@ def _nested_products(root: Path, tif_dirs: dict[Path, dict]) -> dict[Path, str]:
 
 
 def list_files(root: Path) -> list[Path]:
-    """Every file under root (or root itself), following symlinked folders (data linked in from shared storage;
-    pathlib's rglob skips them) and visiting each real folder once."""
+    """Every file under root (or root itself): walk's files."""
+    return walk(root)[0]
+
+
+def walk(root: Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
+    """(files, folders, unreadable) under root, following symlinked folders (data linked in from shared storage;
+    pathlib's rglob skips them) and visiting each real folder once; hidden files and folders left out. unreadable
+    lists the folders that could not be listed, with why (os.walk alone passes them over in silence)."""
     if not root.is_dir():
-        return [root]
-    files, seen = [], set()
-    for folder, dirs, names in os.walk(root, followlinks=True):
+        return [root], [], []
+    files, folders, unreadable, seen = [], [], [], set()
+
+    def refused(err: OSError) -> None:
+        unreadable.append((Path(err.filename), err.strerror or str(err)))
+    for folder, dirs, names in os.walk(root, followlinks=True, onerror=refused):
         real = os.path.realpath(folder)
         if real in seen:
             dirs.clear()
             continue
         seen.add(real)
+        folders.append(Path(folder))
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints, .git, ...
         files += [Path(folder) / n for n in names if not n.startswith(".")]
-    return sorted(files)
+    return sorted(files), sorted(folders), sorted(unreadable)
 
 
 def _band_columns() -> set[str]:
@@ -643,7 +676,7 @@ def to_10m(product: Product, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray,
     """Validate dtype and size, replicate coarser bands to the 10 m grid; returns ((C, H, W), H). A band may come
     at its native resolution or finer (resampled products), never coarser: a 10 m band at 20 m would be
     replicated into blocks and trained on as 10 m imagery."""
-    size = max(a.shape[0] for a in arrays.values())
+    size = _ten_m_size(arrays)
     out = []
     for band, a in arrays.items():
         if product.modality in ("s2_l2a", "s2_l1c") and a.dtype != np.uint16:
@@ -662,6 +695,16 @@ def to_10m(product: Product, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray,
                            "resampled or its bands are mislabelled")
         out.append(a if factor == 1 else np.repeat(np.repeat(a, factor, axis=0), factor, axis=1))
     return np.stack(out), size
+
+
+def _ten_m_size(arrays: dict[str, np.ndarray]) -> int:
+    """The 10 m size most bands agree on (as to_10m reads them: at their native resolution or finer; on a tie the
+    larger), so that one band of a wrong size is the band named, not a correct one measured against it."""
+    def fits(band: str, a: np.ndarray, size: int) -> bool:
+        factor = size // a.shape[0] if a.shape[0] else 0
+        return factor in (1, 2, 6) and a.shape[0] * factor == size and factor * 10 <= NATIVE_M.get(band, 10)
+    candidates = {a.shape[0] * f for a in arrays.values() for f in (1, 2, 6)}
+    return max(candidates, key=lambda size: (sum(fits(b, a, size) for b, a in arrays.items()), size))
 
 
 def nodata_mask(modality: str, cell: np.ndarray) -> np.ndarray:
