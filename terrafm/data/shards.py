@@ -269,6 +269,10 @@ class ShardSet:
         if (counts < 0).any():
             raise ShardError(f"{path}: negative land-cover pixel counts in 'class_counts'; the shard is corrupt, "
                              "re-run `terrafm prepare` into this folder")
+        written = str(part["codec"]) if "codec" in part else self.codec
+        if written != self.codec:  # raw chunks read as LZ4 (or back) failed at the first read, blaming the .bin
+            raise ShardError(f"{path} was written with codec {written!r}, but {INDEX_NAME} says {self.codec!r}: an "
+                             f"edited or mixed {INDEX_NAME}; re-run `terrafm prepare` into this folder")
         for m, info in self.modalities.items():
             for key in (f"{m}.offset", f"{m}.nbytes", f"{m}.crc32"):
                 if key not in part or part[key].shape != (n, len(info.bands)):
@@ -327,9 +331,9 @@ class ShardSet:
                 "only; a re-run alone resumes it, corrupt)")
 
     def _statistics_problems(self, parts: list[dict]) -> list[str]:
-        """index.json's band means against the sums each .npz carries: an index.json of another conversion with the
-        same record counts (say --s1-scaling linear over dB shards), or a part copied in from one, normalised every
-        tile with the wrong statistics in silence (S1 at mean -91 std)."""
+        """index.json's band means and stds against the sums each .npz carries: an index.json of another conversion
+        with the same record counts (say --s1-scaling linear over dB shards), a part copied in from one, or an edited
+        std normalised every tile with the wrong statistics in silence (S1 at mean -91 std; B04 up to 5737)."""
         problems = []
         for m, info in self.modalities.items():
             keys = (f"{m}.sum", f"{m}.count")
@@ -346,6 +350,19 @@ class ShardSet:
                 b = off[0]
                 problems.append(f"{INDEX_NAME} gives {m} {info.bands[b]} mean {info.mean[b]:.6g}, its shards' pixels "
                                 f"{mean[b]:.6g} ({len(off)} band(s) differ: an index of another conversion?)")
+                continue
+            if not all(f"{m}.sumsq" in z for z in parts):
+                continue
+            sumsq = sum(np.asarray(z[f"{m}.sumsq"], np.float64) for z in parts)
+            std = np.sqrt(np.maximum(sumsq / np.maximum(count, 1) - mean ** 2, 0.0))
+            std = np.where(std > 0, std, 1.0)  # as prepare writes it
+            off = [b for b in range(len(info.bands)) if count[b] > 0
+                   and abs(std[b] - info.std[b]) > 1e-3 * std[b] + 1e-6]
+            if off:
+                b = off[0]
+                problems.append(f"{INDEX_NAME} gives {m} {info.bands[b]} std {info.std[b]:.6g}, its shards' pixels "
+                                f"{std[b]:.6g} ({len(off)} band(s) differ: an edited index or one of another "
+                                "conversion?)")
         return problems
 
     def _drop_chunks_not_on_disk(self, parts: list[dict]) -> int:
@@ -614,6 +631,15 @@ def _check_index(path: Path, meta: dict) -> None:
                 raise bad(f"modalities.{m}.{key}", f"a list of {len(bands)} numbers (one per band), all finite")
         if min(v["std"]) <= 0:
             raise bad(f"modalities.{m}.std", f"positive (it says {v['std']}: pixels would be divided by zero)")
+    s1 = meta["modalities"].get("s1")
+    if isinstance(s1, dict):  # the nodata fill, checkpoints, export and eval's unit conversion follow s1_scaling
+        scaling = meta.get("s1_scaling", "linear")
+        units = str(s1.get("units", ""))
+        said = "db" if units.startswith("dB") else "linear" if units.startswith("linear") else None
+        if (said is not None and said != scaling) or (scaling == "linear" and min(s1["mean"]) < 0):
+            raise ShardError(f"{path}: s1_scaling is {scaling!r} but its s1 statistics say otherwise (units "
+                             f"{units!r}, means {s1['mean']}): an edited or mixed index.json; re-run `terrafm "
+                             "prepare` into this folder")
     shard_list = meta.get("shards")
     if not (isinstance(shard_list, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str)
                                                  for e in shard_list)):

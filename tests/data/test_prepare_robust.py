@@ -551,6 +551,31 @@ def test_a_foreign_or_edited_index_json_is_named_not_a_traceback(sample_shards, 
         ShardSet(out)
 
 
+def _set(index: dict, value, *keys) -> dict:
+    parent = index
+    for k in keys[:-1]:
+        parent = parent[k]
+    parent[keys[-1]] = value
+    return index
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    # an edited std was used as it was: B04 normalised to values up to 5737 with no word
+    (lambda i: _set(i, 1.0, "modalities", "s2_l2a", "std", 3),
+     r"shard directory .* does not match its index\.json .*index\.json gives s2_l2a B04 std 1, its shards' pixels"),
+    # s1_scaling says linear over dB statistics: the nodata fill, checkpoints and eval's conversion followed it
+    (lambda i: {**i, "s1_scaling": "linear"}, r"index\.json: s1_scaling is 'linear' but its s1 statistics say "
+                                              r"otherwise \(units 'dB"),
+    # raw chunks read as LZ4: the first read called the intact .bin corrupt
+    (lambda i: {**i, "codec": "lz4"}, r"part-00000\.npz was written with codec 'raw', but index\.json says 'lz4'"),
+])
+def test_index_json_values_that_contradict_the_shards_are_refused_when_opened(sample_shards, tmp_path, edit,
+                                                                             message):
+    out = _edited_index(sample_shards, tmp_path, edit)
+    with pytest.raises(ShardError, match=message):
+        ShardSet(out)
+
+
 def test_a_tile_size_that_does_not_match_the_chunks_is_named_not_a_reshape_error(sample_shards, tmp_path):
     out = _edited_index(sample_shards, tmp_path, lambda i: {**i, "tile_size": TILE + 1})
     with pytest.raises(ShardError, match=rf"part-00000\.npz: s2_l2a chunks of {TILE * TILE * 2} bytes, but "
