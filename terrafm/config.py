@@ -188,15 +188,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        number = value if isinstance(value, int) and not isinstance(value, bool) else None
         if isinstance(value, str):  # YAML reads 1e3 (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
                 pass
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            number = int(value)
+        if number is not None and abs(number) >= 2**63:  # torch takes sizes and counts as int64
+            raise ConfigError(f"config key {key!r}: {value!r} does not fit in a 64-bit integer")
+        if number is not None:
+            return number
         raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
     if tp is float:
         number = None
@@ -268,12 +271,13 @@ def parse_override(item: str) -> dict:
 def preset_path(name_or_path: str) -> Path:
     """A preset name (terrafm/configs/NAME.yaml) or a path to a YAML file."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+    yaml_name = path.suffix.lower() in (".yaml", ".yml")
+    if yaml_name and path.exists():
         return path
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if preset.exists():
         return preset
-    if path.suffix in (".yaml", ".yml"):
+    if yaml_name:
         raise ConfigError(f"no config file {name_or_path!r}: it does not exist")
     raise ConfigError(f"no config {name_or_path!r}: not a YAML file and not a preset; presets: {', '.join(presets())}")
 

@@ -77,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and not args.out.strip():
         print("terrafm pretrain: configuration error: --out is empty; give the run folder", file=sys.stderr)
         return 2
+    if args.resume_from is not None and not args.resume_from.strip():  # an unset $CKPT: not a fresh run
+        print("terrafm pretrain: configuration error: --resume-from is empty (an unset variable?); give the "
+              "checkpoint, or leave the option out for a fresh run", file=sys.stderr)
+        return 2
     clash = _run_folder_keys(args.overrides) if args.out else []
     if clash:  # --out would silently win over them
         print(f"terrafm pretrain: configuration error: --out {args.out} and {', '.join(clash)} both name the run "
@@ -84,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.out:  # a path, verbatim: as an override it would be parsed as YAML (runs/2024 -> an integer)
         out = Path(args.out)
+        if out.name in ("", ".", ".."):  # ".", "..", "a/..": the folder they name (its name: train.run_name)
+            out = Path(os.path.abspath(out))
+        if not out.name:
+            print(f"terrafm pretrain: configuration error: --out {args.out} is the file system's root; give a run "
+                  "folder", file=sys.stderr)
+            return 2
         cfg.train.out_dir, cfg.train.run_name = str(out.parent), out.name
     if args.print_config:
         import yaml
@@ -160,9 +170,11 @@ def train_exit_code(cfg, resume, loader=None) -> int:
         print(f"terrafm pretrain: interrupted; {where}", file=sys.stderr)
         return 130
     except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU allocator
-        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+        if not isinstance(err, torch.OutOfMemoryError) and not any(
+                text in str(err) for text in ("can't allocate memory", "Storage size calculation overflowed")):
             raise
         print(f"terrafm pretrain: out of memory ({str(err).strip().splitlines()[0]}); lower data.batch_size or the "
-              "model and head sizes (model.name, ssl.num_prototypes, ssl.head_hidden_dim)", file=sys.stderr)
+              "model and head sizes (model.name, model.img_size, ssl.num_prototypes, ssl.head_hidden_dim)",
+              file=sys.stderr)
         return 2
     return REQUEUE_EXIT_CODE if result.preempted else 130 if result.interrupted else 0

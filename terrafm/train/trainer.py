@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -387,6 +388,29 @@ def _claim(run_dir: Path, held: contextlib.ExitStack, env: DistEnv) -> None:
         raise SetupError(busy)
 
 
+def foreign_folder(run_dir: Path) -> str | None:
+    """Why an existing run folder is not a terrafm run's, or None: a run writes config.yaml, metrics.jsonl and
+    curves.png there, so a folder of the user's own files (a project folder given as --out) lost them. Empty, or
+    holding the lock, checkpoints/ or a config.yaml with a model and a train section: a run's (one copied without
+    its hidden .lock included)."""
+    try:
+        names = {p.name for p in run_dir.iterdir()}
+    except OSError:
+        return None  # the claim that follows names what is wrong with the folder
+    if not names or RUN_LOCK in names or "checkpoints" in names:
+        return None
+    if "config.yaml" in names:
+        try:
+            found = yaml.safe_load((run_dir / "config.yaml").read_text())
+            if isinstance(found, dict) and {"model", "train"} <= set(found):
+                return None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            pass  # unreadable: not shown to be a run's
+    shown_names = ", ".join(sorted(names)[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"{run_dir} holds files that are not a terrafm run's ({shown_names}); a run would write its config.yaml, "
+            "metrics.jsonl and curves.png there: choose an empty or new folder with --out / train.run_name")
+
+
 def lock_run_dir(run_dir: Path, held: contextlib.ExitStack) -> str | None:
     """Claim the run folder for this run until `held` closes; None, or why not when another live run holds it.
     Two jobs on one folder (the same sbatch submitted twice: both pass --resume) deleted each other's checkpoints
@@ -637,12 +661,13 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
                              f"{err})") from err
     except (checkpoint.ResumeError, checkpoint_io.CheckpointError, ValueError) as err:
         raise SetupError(f"cannot resume from {resume_from}: {err}") from err
-    except (RuntimeError, KeyError, CheckpointException) as err:  # DCP: missing keys, shape mismatch
+    except (RuntimeError, KeyError, EOFError, CheckpointException) as err:  # DCP: missing keys, shape mismatch
         cause = next(iter(err.failures.values()))[0] if isinstance(err, CheckpointException) and err.failures else err
-        if isinstance(cause, (OSError, pickle.UnpicklingError)):  # its files, not the model (DCP's shape errors
-            # are ValueErrors and RuntimeErrors): say so
+        if isinstance(cause, (OSError, EOFError, pickle.UnpicklingError)):  # its files, not the model (DCP's shape
+            # errors are ValueErrors and RuntimeErrors; a .distcp cut short ends in EOFError): say so
             raise SetupError(f"cannot resume from {resume_from}: its data does not read ({type(cause).__name__}: "
-                             f"{str(cause)[:300]}); {checkpoint_io.previous_checkpoint(resume_from)}") from err
+                             f"{str(cause)[:300] or 'the data ends early'}); "
+                             f"{checkpoint_io.previous_checkpoint(resume_from)}") from err
         detail = _config_changes(resume_from, cfg) or (
             str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__)
         raise SetupError(f"cannot resume from {resume_from}: it does not fit this model and optimiser "
@@ -713,6 +738,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
     # every rank: _claim is collective
     existed = any_rank(env.rank == 0 and run_dir.is_dir(), env)
     if existed:
+        foreign = shared_failure(foreign_folder(run_dir) if env.rank == 0 else None, env)
+        if foreign is not None:
+            raise SetupError(foreign)
         _claim(run_dir, held, env)
     resume_from = None
     try:

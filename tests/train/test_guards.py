@@ -156,3 +156,71 @@ def test_a_run_folder_in_use_by_another_run_is_refused_and_left_as_it_was(tmp_pa
     run_harness(tmp_path, "--resume", *RUN, "train.max_steps=6")  # that run ended (or was killed): the lock is free
     assert [r["step"] for r in metric_records(run)] == [1, 2, 3, 4, 5, 6]
     assert "pid" in (run / ".lock").read_text()
+
+
+def test_a_folder_of_the_users_own_files_is_refused_and_left_as_it_was(tmp_path, capsys, nothing_is_built):
+    """--out at a folder that is not a run (a project folder): its config.yaml, metrics.jsonl and curves.png were
+    overwritten by the run's, with exit 0, with or without --resume."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    for name, text in (("config.yaml", "my project config\n"), ("metrics.jsonl", "my notes\n"), ("README", "x")):
+        (folder / name).write_text(text)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for resume in ([], ["--resume"]):
+        assert main(["pretrain", "--out", str(folder), *resume, "train.max_steps=1"]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder} holds files that are not a terrafm run's (README, config.yaml, metrics.jsonl)" in err
+        assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no .lock either
+
+
+def test_what_makes_an_existing_folder_a_runs(tmp_path):
+    """Empty, or holding the lock, checkpoints/ or a config.yaml of a terrafm config (a run copied with cp -r dir/*,
+    which leaves the hidden .lock behind, still resumes)."""
+    from terrafm.config import load_config, save_config
+    from terrafm.train.trainer import foreign_folder
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    assert foreign_folder(folder) is None
+    (folder / "notes.txt").write_text("x")
+    assert "notes.txt" in foreign_folder(folder)
+    save_config(load_config("tiny_cpu"), folder / "config.yaml")
+    assert foreign_folder(folder) is None
+    (folder / "config.yaml").write_text("- a list, not a config\n")
+    assert foreign_folder(folder) is not None
+    for marker in (".lock", "checkpoints"):
+        (folder / marker).mkdir()
+        assert foreign_folder(folder) is None
+        (folder / marker).rmdir()
+
+
+def test_out_dot_names_the_folder_it_is(tmp_path, capsys, monkeypatch):
+    """--out . recorded run_name '' (the run's own config.yaml was then refused by --config)."""
+    import yaml
+
+    here = tmp_path / "myrun"
+    (here / "sub").mkdir(parents=True)
+    for out, cwd in ((".", here), ("..", here / "sub"), ("sub/..", here)):
+        monkeypatch.chdir(cwd)
+        assert main(["pretrain", "--out", out, "--print-config"]) == 0
+        train = yaml.safe_load(capsys.readouterr().out)["train"]
+        assert (train["out_dir"], train["run_name"]) == (str(tmp_path), "myrun"), out
+    assert main(["pretrain", "--out", "/", "train.max_steps=1"]) == 2
+    assert "--out / is the file system's root" in capsys.readouterr().err
+
+
+def test_an_empty_resume_from_is_refused_not_a_fresh_run(tmp_path, capsys, nothing_is_built):
+    """An unset $CKPT in a job script (--resume-from "") trained from scratch with exit 0."""
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "--resume-from", "", "train.max_steps=1"]) == 2
+    assert "--resume-from is empty (an unset variable?)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_integers_past_64_bits_and_yaml_files_in_upper_case_are_handled(tmp_path, capsys, nothing_is_built):
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "train.grad_accum_steps=99999999999999999999"]) == 2
+    assert "'train.grad_accum_steps': 99999999999999999999 does not fit in a 64-bit integer" in capsys.readouterr().err
+    config = tmp_path / "MY.YAML"
+    config.write_text("train:\n  max_steps: 7\n")
+    assert main(["pretrain", "--config", str(config), "--print-config"]) == 0
+    assert "max_steps: 7" in capsys.readouterr().out

@@ -228,9 +228,11 @@ def test_a_stop_signal_during_a_periodic_save_stops_on_that_checkpoint(tmp_path,
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step_00000002"]
 
 
-def test_a_checkpoint_whose_files_do_not_read_is_not_called_a_model_mismatch(tmp_path, monkeypatch):
-    """DCP wraps a failed read (a file gone mid-resume, a value the safe loader refuses) in CheckpointException,
-    which the resume reported as 'does not fit this model and optimiser; resume with the model.* and ssl.* values'."""
+@pytest.mark.parametrize("cause", [FileNotFoundError, EOFError])
+def test_a_checkpoint_whose_files_do_not_read_is_not_called_a_model_mismatch(tmp_path, monkeypatch, cause):
+    """DCP wraps a failed read (a file gone mid-resume, a value the safe loader refuses, a .distcp cut short: EOFError)
+    in CheckpointException, which the resume reported as 'does not fit this model and optimiser; resume with the
+    model.* and ssl.* values'."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     from terrafm.train import checkpoint
@@ -242,13 +244,13 @@ def test_a_checkpoint_whose_files_do_not_read_is_not_called_a_model_mismatch(tmp
 
     def unreadable(path, *args, **kwargs):
         try:
-            raise FileNotFoundError(f"{path}/__0_0.distcp")
-        except FileNotFoundError as err:
+            raise cause(f"{path}/__0_0.distcp")
+        except cause as err:
             raise CheckpointException("load failed", {0: (err, [])}) from err
 
     monkeypatch.setattr(checkpoint, "load", unreadable)
     cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run", "train.max_steps=3"])
-    with pytest.raises(SetupError, match=r"step_00000002: its data does not read \(FileNotFoundError: "
+    with pytest.raises(SetupError, match=rf"step_00000002: its data does not read \({cause.__name__}: "
                                          r".*__0_0\.distcp\); the previous checkpoint is .*step_00000001"):
         train(cfg, resume=True, loader=SyntheticLoader(batch_size=4))
 
