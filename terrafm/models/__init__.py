@@ -320,7 +320,14 @@ def backbone_entries(state: dict[str, torch.Tensor], source: str = "the state_di
     ('backbone.' beside DINO heads, Lightning's 'model.', 'encoder.', ...); of a checkpoint holding a teacher and a
     student (DINO, DINOv2 training checkpoints) the teacher is taken, as DINO evaluates. Heads and the training-only
     mask token of DINOv2's ViT are not part of it."""
-    state = {_unwrapped(k): v for k, v in state.items()}
+    unwrapped = {}
+    for key, value in state.items():
+        bare = _unwrapped(key)
+        if bare in unwrapped:  # `cls_token` beside `module.cls_token`: which one is the model's?
+            raise ValueError(f"{source} holds two tensors for {bare!r} (one under a wrapper's prefix, such as "
+                             f"{key!r}); save the one model on its own")
+        unwrapped[bare] = value
+    state = unwrapped
     prefixes = sorted({k[:-len(BACKBONE_ANCHOR)] for k in state if k.endswith(BACKBONE_ANCHOR)})
     # 'teacher.' (DINO), 'model.teacher.backbone.' (a Lightning module around it), 'teacher_backbone.' (lightly)
     teacher = [p for p in prefixes if any(part == "teacher" or part.startswith("teacher_") for part in p.split("."))]
@@ -358,7 +365,11 @@ def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> T
         if len(shape) != ndim or 0 in shape or (key == "pos_embed" and shape[1] < 2):
             raise ValueError(f"{path}: {key} has shape {shape}; a TerraFM backbone's is {ndim}-D "
                              "(pos_embed (1, 1 + patches, D), cls_token (1, 1, D), conv weight (D, C, p, p))")
-    name = name or stored_name or infer_model_name(state)
+    try:
+        name = name or stored_name or infer_model_name(state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}; if it is a model of this shape under another name, pass it (--model)") \
+            from err
     n_pos = state["pos_embed"].shape[1] - 1
     side = int(round(n_pos**0.5))
     if side * side != n_pos:
@@ -382,7 +393,10 @@ def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> T
     try:
         model = build_model(name, **{**overrides, **fixed})
     except ValueError as err:  # a model name or fusion head count from the file's metadata: name the file
-        raise ValueError(f"{path}: {err}") from err
+        from_metadata = stored_name is not None and name == stored_name
+        hint = (f" (the name {stored_name!r} comes from the file's metadata, perhaps another tool's: pass the model "
+                "to read the weights as, --model)") if from_metadata else ""
+        raise ValueError(f"{path}: {err}{hint}") from err
     expected = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} (the model's {tuple(expected[k].shape)})" for k, v in state.items()
              if k in expected and v.shape != expected[k].shape]
@@ -391,8 +405,8 @@ def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> T
                          f"{'; '.join(wrong[:3])}; pass the checkpoint's own model (or leave --model out)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(
-            f"{path} does not match {name}: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
-        )
+        def listed(keys: list[str]) -> str:
+            return f"{len(keys)} {sorted(keys)[:8]}" + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        raise ValueError(f"{path} does not match {name}: missing {listed(missing)}, unexpected {listed(unexpected)}")
     model.input_metadata = inputs
     return model

@@ -206,3 +206,25 @@ def test_two_backbones_and_no_teacher_is_refused_naming_both(tmp_path):
     torch.save({**{f"a.{k}": v for k, v in sd.items()}, **{f"b.{k}": v for k, v in sd.items()}}, tmp_path / "x.pth")
     with pytest.raises(ValueError, match=r"x\.pth holds 2 backbones \(under 'a\.', 'b\.'\)"):
         load_checkpoint(tmp_path / "x.pth")
+
+
+def test_a_key_held_twice_once_under_a_wrapper_is_refused_not_merged(tmp_path):
+    """`cls_token` beside `module.cls_token`: the later one won without a word."""
+    sd = PublishedTerraFM(img_size=32, dim=192, depth=4, heads=3).state_dict()
+    sd["module.cls_token"] = torch.ones_like(sd["cls_token"])
+    path = tmp_path / "both.pth"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"holds two tensors for 'cls_token' \(.*'module\.cls_token'\)"):
+        load_checkpoint(path)
+
+
+def test_a_mismatch_counts_every_key_and_an_unknown_shape_names_the_file(tmp_path):
+    """The lists stopped at 8 keys with no count (a checkpoint missing 40 looked like one missing 8), and a depth no
+    model has did not name the file or --model."""
+    sd = PublishedTerraFM(img_size=32, dim=192, depth=4, heads=3).state_dict()
+    path = tmp_path / "depth3.pth"
+    torch.save({k: v for k, v in sd.items() if not k.startswith("blocks.3.")}, path)
+    with pytest.raises(ValueError, match=rf"{path}: no registered model has embed_dim=192 and depth=3.*--model"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match=r"missing 12 \['blocks\.3\..*\] and 4 more, unexpected 0 \[\]"):
+        load_checkpoint(path, name="terrafm_tiny")
