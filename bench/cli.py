@@ -60,13 +60,16 @@ def _parse_only(text: str) -> list[str]:
     return chosen
 
 
+MIN_MFU = 1e-3
+
+
 def _check_numbers(args: argparse.Namespace) -> None:
-    """The machine figures must describe a machine: positive finite bandwidths and counts, 0 < mfu <= 1."""
+    """The machine figures must describe a machine: positive finite bandwidths and counts, MIN_MFU <= mfu <= 1."""
     for name in ("nvlink_gb_s", "ib_gbit_s", "nics_per_node", "gpus_per_node"):
         if not 0 < getattr(args, name) < math.inf:  # inf would price every transfer at 0 ms
             raise ValueError(f"--{name.replace('_', '-')} must be a positive finite number, got {getattr(args, name)}")
-    if not 0 < args.mfu <= 1:
-        raise ValueError(f"--mfu is a fraction of the bf16 peak: 0 < mfu <= 1, got {args.mfu}")
+    if not MIN_MFU <= args.mfu <= 1:  # a vanishing mfu priced a step at inf ms and wrote NaN into bench.json
+        raise ValueError(f"--mfu is a fraction of the bf16 peak: {MIN_MFU} <= mfu <= 1, got {args.mfu}")
 
 
 def _check_data_dir(data_dir: str | None) -> None:
@@ -152,7 +155,9 @@ def _run_section(name: str, args: argparse.Namespace, device: str, ops: tuple[st
 
 def _run_sections(only: list[str], args: argparse.Namespace, device: str, ops: tuple[str, ...], result: dict) -> int:
     """Run the chosen sections into `result`; the exit code. Bad input met mid-run (2), Ctrl-C (130) or SIGTERM
-    (143) stops the run at that section, recorded under skipped_sections, and keeps the sections finished."""
+    (143) stops the run at that section, recorded under skipped_sections, and keeps the sections finished; any other
+    failure of a section (out of memory, a dependency that does not import) is recorded and the rest run (1)."""
+    failed = False
     for name in only:
         _log(f"[{name}]")
         t0 = time.perf_counter()
@@ -168,8 +173,15 @@ def _run_sections(only: list[str], args: argparse.Namespace, device: str, ops: t
                   file=sys.stderr)
             result["skipped_sections"][name] = f"interrupted ({signum.name})"
             return 128 + signum
+        except Exception as err:  # out of memory, a missing or broken dependency: the other sections still run
+            why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            print(f"terrafm bench: [{name}] failed ({why}); it is recorded as failed and the other sections run",
+                  file=sys.stderr)
+            result["skipped_sections"][name] = f"failed: {why}"
+            failed = True
+            continue
         _log(f"  ({time.perf_counter() - t0:.1f} s)")
-    return 0
+    return 1 if failed else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -212,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("terrafm bench: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
-    ops = kernel_benches.OPS if args.ops is None else tuple(o.strip() for o in args.ops.split(","))
+    ops = kernel_benches.OPS if args.ops is None else tuple(dict.fromkeys(o.strip() for o in args.ops.split(",")))
     bad = [o for o in ops if o not in kernel_benches.OPS]
     if bad:
         print(f"terrafm bench: --ops: unknown {bad}; choose from {','.join(kernel_benches.OPS)}", file=sys.stderr)

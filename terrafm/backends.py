@@ -29,8 +29,12 @@ def cuda() -> Availability:
     if not torch.cuda.is_available():
         why = "torch built without CUDA" if torch.version.cuda is None else "no CUDA device visible"
         return Availability(False, why)
-    name = torch.cuda.get_device_name(0)
-    cap = torch.cuda.get_device_capability(0)
+    try:  # a device that is visible but busy, lost or in an exclusive mode raises here
+        name = torch.cuda.get_device_name(0)
+        cap = torch.cuda.get_device_capability(0)
+    except Exception as err:
+        return Availability(False, f"a CUDA device is visible but does not answer: {type(err).__name__}: "
+                                   f"{str(err).splitlines()[0] if str(err) else ''}")
     return Availability(True, f"{name} (sm_{cap[0]}{cap[1]}), CUDA {torch.version.cuda}")
 
 

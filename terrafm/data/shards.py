@@ -226,6 +226,9 @@ class ShardSet:
         self.modalities = {m: ModalityInfo(tuple(v["bands"]), v["dtype"], np.asarray(v["mean"], np.float32),
                                            np.asarray(v["std"], np.float32))
                            for m, v in self.meta["modalities"].items()}
+        if not self.meta["shards"]:
+            raise ShardError(f"{self.root / INDEX_NAME}: lists no shards (the conversion wrote no record); re-run "
+                             "`terrafm prepare` into this folder")
         parts = [self._open_part(s) for s in self.meta["shards"]]
         for entry, part in zip(self.meta["shards"], parts, strict=True):
             self._check_chunks(entry["name"], part)

@@ -73,8 +73,8 @@ def test_bad_arguments_name_what_is_wrong(tmp_path, capsys):
     bogus.write_text("{}")
     assert main(["bench", "--compare", str(bogus), str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
-    for flag, value in (("--mfu", "-1"), ("--mfu", "nan"), ("--mfu", "1.5"), ("--gpus-per-node", "0"),
-                        ("--ib-gbit-s", "-400")):
+    for flag, value in (("--mfu", "-1"), ("--mfu", "nan"), ("--mfu", "1.5"), ("--mfu", "5e-324"),
+                        ("--gpus-per-node", "0"), ("--ib-gbit-s", "-400")):
         assert main(["bench", "--only", "roofline", "--out", str(tmp_path / "r"), flag, value]) == 2
         assert flag in capsys.readouterr().err
     for ops in ("", "fusion,"):  # an empty --ops ran every kernel
@@ -289,6 +289,32 @@ def test_a_data_section_failing_mid_run_keeps_the_finished_sections(tmp_path, mo
     assert list(result["sections"]) == ["roofline"] and result["sections"]["roofline"]
     assert result["skipped_sections"] == {"data": "failed: part-00000.bin has 1000 bytes, its chunks need 3624192"}
     assert "**data**: skipped, failed: part-00000.bin" in (out / "bench.md").read_text()
+
+
+def test_a_section_that_fails_otherwise_is_recorded_and_the_others_run(tmp_path, monkeypatch, capsys):
+    """CPU out of memory in memory, or triton missing (not required off Linux) under kernels / roofline, ended the
+    run with a traceback and an empty --out: every finished section was lost."""
+    from terrafm_bench import roofline
+
+    def no_triton(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'triton'")
+
+    monkeypatch.setattr(roofline, "run", no_triton)
+    out = tmp_path / "r"
+    assert main(["bench", "--only", "comm,roofline,compile", "--out", str(out)]) == 1
+    assert "[roofline] failed (ModuleNotFoundError: No module named 'triton')" in capsys.readouterr().err
+    result = json.loads((out / "bench.json").read_text())
+    assert list(result["sections"]) == ["comm", "compile"]
+    assert result["skipped_sections"] == {"roofline": "failed: ModuleNotFoundError: No module named 'triton'"}
+
+
+def test_kernels_named_twice_in_ops_run_once(tmp_path, monkeypatch):
+    from terrafm_bench import kernels
+
+    ran = []
+    monkeypatch.setattr(kernels, "run_op", lambda op, *args: ran.append(op) or [])
+    assert main(["bench", "--only", "kernels", "--ops", "fusion,fusion", "--out", str(tmp_path / "r")]) == 0
+    assert ran == ["fusion"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

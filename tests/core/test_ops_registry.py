@@ -107,3 +107,35 @@ def test_the_cpp_extension_is_built_in_a_test_environment():
     """terrafm._C is built by `pip install -e .`; without it the C++ view-rendering tests would only skip."""
     assert backends.csrc().usable, backends.csrc().detail
     assert ops.choose("view_rendering", "cpu") == "cpp"
+
+
+def test_a_visible_gpu_that_does_not_answer_is_unusable_not_a_traceback(monkeypatch):
+    """torch.cuda.is_available() can be True while the device is busy or lost: get_device_name raised out of
+    `terrafm info` and out of every backend choice."""
+    import torch
+
+    def busy(*args):
+        raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable")
+
+    backends.cuda.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", busy)
+    try:
+        found = backends.cuda()
+    finally:
+        backends.cuda.cache_clear()
+    assert not found.usable and "does not answer: RuntimeError: CUDA error: all CUDA-capable" in found.detail
+
+
+def test_info_names_an_installed_package_that_fails_to_import_as_broken(tmp_path, monkeypatch):
+    """A broken install was listed as 'not installed' beside a backends line saying it does not import."""
+    import sys
+
+    from terrafm import info
+
+    (tmp_path / "tifffile.py").write_text("raise RuntimeError('simulated broken tifffile')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tifffile", raising=False)
+    versions = info.collect()["versions"]
+    assert versions["tifffile"] == "broken: RuntimeError: simulated broken tifffile"
+    assert versions["flash_attn"] is None  # not installed here

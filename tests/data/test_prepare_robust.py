@@ -544,6 +544,7 @@ def _drop(index: dict, *keys: str) -> dict:
     (lambda i: _drop(i, "modalities", "s1", "mean"), r"modalities\.s1\.mean is missing or not a list of 2 numbers"),
     (lambda i: {**i, "tile_size": "60"}, "tile_size is missing or not a positive integer"),
     (lambda i: {**i, "shards": {"part-00000": 12}}, "shards is missing or not a list"),
+    (lambda i: {**i, "shards": []}, "lists no shards"),  # was numpy's "need at least one array to concatenate"
 ])
 def test_a_foreign_or_edited_index_json_is_named_not_a_traceback(sample_shards, tmp_path, edit, message):
     out = _edited_index(sample_shards, tmp_path, edit)
