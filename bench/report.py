@@ -165,6 +165,10 @@ def write(result: dict, out_dir: Path) -> dict[str, Path]:
     paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md"}
     atomic_write_bytes(paths["json"], json.dumps(result, indent=2, default=str).encode())
     atomic_write_bytes(paths["md"], markdown(result).encode())
+    drawn = {Path(p).name for p in result["plots"]}
+    for old in (*out_dir.glob("kernel_*.png"), *out_dir.glob("memory_*.png")):  # an earlier run's, into this --out
+        if old.name not in drawn:
+            old.unlink(missing_ok=True)
     return paths
 
 
@@ -192,9 +196,14 @@ def _timings(result: dict) -> dict[tuple, float]:
         if "step_s" in r:
             keyed[("step", r["config"], str(r["batch"]), r["precision"], r.get("head", "unfused"))] = \
                 _ms(r["step_s"]) * 1e3
-    for r in _rows(result["sections"].get("data", {}).get("rows", [])):
+    data = result["sections"].get("data", {})
+    # the shards and the workload a data row was measured on: a bundled 60 px sample against 240 px shards (or
+    # --quick's 96 px crops against 224) read as a 4-5x regression
+    shards = f"{data.get('tile_size', '?')} px tiles, {data.get('modalities', {})}"
+    workload = "quick" if result.get("quick") else "full"
+    for r in _rows(data.get("rows", [])):
         if "tiles_per_s" in r:
-            keyed[("data", r["path"], "", "", "")] = 1e3 / _ms(r["tiles_per_s"])
+            keyed[("data", r["path"], shards, workload, "")] = 1e3 / _ms(r["tiles_per_s"])
     return keyed
 
 

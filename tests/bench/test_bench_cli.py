@@ -122,6 +122,24 @@ def test_compare_keeps_rows_that_differ_only_in_head_apart(tmp_path, capsys):
     assert "| step | tiny | 8 | fp32 | fused | 400 | 200 | 0.50x |" in table
 
 
+def test_compare_keeps_data_rows_of_other_shards_or_workloads_apart(tmp_path, capsys):
+    """Data rows were keyed by path alone: the bundled 60 px sample against 240 px shards read as a 4-5x
+    regression."""
+    def data(tile, rate, quick=True):
+        return {**_result([]), "quick": quick, "sections": {"data": {
+            "tile_size": tile, "modalities": {"s2_l2a": 12}, "rows": [{"path": "cpp", "tiles_per_s": rate}]}}}
+
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(data(60, 1000.0)))
+    b.write_text(json.dumps(data(240, 250.0)))
+    c.write_text(json.dumps(data(60, 500.0)))
+    capsys.readouterr()
+    assert main(["bench", "--compare", str(a), str(b)]) == 0
+    assert "1 only in A, 1 only in B" in capsys.readouterr().out
+    assert main(["bench", "--compare", str(a), str(c)]) == 0
+    assert "| data | cpp | 60 px tiles, {'s2_l2a': 12} | quick |  | 1 | 2 | 2.00x |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("content", [
     "5", '"sections meta"', "[1, 2]", '{"sections": [], "meta": {}}', "{bad", b"\xff\xfe",
     json.dumps(_result([{"config": "tiny", "step_s": 0.1}])),
