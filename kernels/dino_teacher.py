@@ -172,10 +172,11 @@ def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.conste
                     BLOCK_K: tl.constexpr):
     """MODE_SOFTMAX: softmax_k(y) of one block of BLOCK_R rows, two passes over K. Pass 1 keeps the exponentials
     e = exp(y - m_ref) of the row's first two tiles in registers; pass 2 writes them times exp(m_ref - m) / s
-    (one multiply per element) and recomputes the other tiles from the logits: exp2(y2 - m2 - log2(s)) for
-    Sinkhorn (y2 near 0), exp(y - m) / s for the centred softmax (|y| up to ~2000, where the folded normaliser
-    would round to 1e-4: module docstring). Where a kept tile holds the row's max, e is exactly 1 there and its
-    factor 1 / s, as in PyTorch."""
+    (one multiply per element) and recomputes the other tiles from the logits: exp(y - m) / s (exp2 for Sinkhorn's
+    base-2 y2). The normaliser is not folded into the exponent (exp2(y2 - m2 - log2(s))): where |m| is large (|y|
+    up to ~2000 in the centred softmax, ~1e30 for Sinkhorn at a tiny temperature) m + log2(s) rounds log2(s) away,
+    and rows summed to 2. Where a kept tile holds the row's max, e is exactly 1 there and its factor 1 / s, as in
+    PyTorch."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     row_offset = rows.to(tl.int64)[:, None] * K
@@ -194,12 +195,11 @@ def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.conste
     m = tl.where(row_mask, m, 0.0)
     row_sum = tl.where(row_mask, row_sum, 1.0)
     mask = row_mask[:, None]
+    inv_sum = 1.0 / row_sum
     if CENTER:
-        inv_sum = 1.0 / row_sum
         scale0, scale1 = tl.exp(m_ref0 - m) * inv_sum, tl.exp(m_ref1 - m) * inv_sum
     else:
-        norm = m + tl.log2(row_sum)
-        scale0, scale1 = tl.exp2(m_ref0 - norm), tl.exp2(m_ref1 - norm)
+        scale0, scale1 = tl.exp2(m_ref0 - m) * inv_sum, tl.exp2(m_ref1 - m) * inv_sum
     tl.store(out_ptr + row_offset + cols0[None, :], e0 * scale0[:, None], mask=mask & (cols0 < K)[None, :])
     tl.store(out_ptr + row_offset + cols1[None, :], e1 * scale1[:, None], mask=mask & (cols1 < K)[None, :])
     for k0 in range(2 * BLOCK_K, K, BLOCK_K):
@@ -209,7 +209,7 @@ def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.conste
         if CENTER:
             p = tl.exp(y - m[:, None]) * inv_sum[:, None]
         else:
-            p = tl.exp2(y - norm[:, None])
+            p = tl.exp2(y - m[:, None]) * inv_sum[:, None]
         tl.store(out_ptr + row_offset + cols[None, :], p, mask=mask & col_mask[None, :])
 
 

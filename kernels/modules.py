@@ -2,7 +2,8 @@
 
 Each op file (patch_embed, fusion, teacher_softmax, dino_cross_entropy, dino_head_loss) holds the
 Triton kernels, the launcher and the autograd custom op; the modules here only call its public
-function. Every module runs the kernel on CUDA tensors; on CPU tensors it picks, when it is built (and again
+function. Every module runs the kernel on CUDA tensors (made contiguous first, as the reference takes any strides; the
+functional ops refuse non-contiguous ones); on CPU tensors it picks, when it is built (and again
 when it is unpickled or deep-copied: the choice is the running process's, never pickled), the
 kernel under TRITON_INTERPRET=1 or else the reference behind the kernel's own input checks (less the
 kernels' device, contiguity and float64 limits), so a bad input is the same error on the cpu as on a GPU.
@@ -56,6 +57,13 @@ class _CpuPath:
         self._choose_cpu_impl()
 
 
+def _contiguous(x):
+    """x made contiguous (a copy only where it is not): a chunk of a fused K/V projection, a column slice. The modules
+    take what the CPU reference takes; the functional ops refuse it, so a drop-in that ran on a laptop failed on a
+    GPU. Anything else is passed on for the op's own check to name."""
+    return x.contiguous() if isinstance(x, torch.Tensor) else x
+
+
 def _pair(name: str, value) -> tuple[int, int]:
     """An int or a 2-sequence of ints (timm's to_2tuple), refused by name otherwise."""
     if isinstance(value, (tuple, list)):
@@ -96,10 +104,12 @@ class PatchEmbed(_CpuPath, torch.nn.Module):
         if not isinstance(bias, bool):  # timm's 5th positional argument is norm_layer: None or a class slipped in here
             raise TypeError(f"bias must be a bool, got {type(bias).__name__} {bias!r} (timm's PatchEmbed takes "
                             "norm_layer 5th: pass norm_layer= and the arguments after embed_dim by keyword)")
-        if output_fmt is not None and str(output_fmt) not in PATCH_FORMATS:
-            raise ValueError(f"output_fmt={str(output_fmt)!r} is not one of timm's formats {list(PATCH_FORMATS)}")
+        # timm's Format enum or its value: str(Format.NHWC) is 'Format.NHWC' on Python 3.11, its value 'NHWC'
+        fmt = None if output_fmt is None else str(getattr(output_fmt, "value", output_fmt))
+        if fmt is not None and fmt not in PATCH_FORMATS:
+            raise ValueError(f"output_fmt={fmt!r} is not one of timm's formats {list(PATCH_FORMATS)}")
         # timm: an output_fmt wins over flatten; without one, flatten=True gives (B, N, E), False (B, E, H/p, W/p)
-        self.output_fmt = str(output_fmt) if output_fmt is not None else ("NLC" if flatten else "NCHW")
+        self.output_fmt = fmt if fmt is not None else ("NLC" if flatten else "NCHW")
         self.flatten = output_fmt is None and bool(flatten)
         self.strict_img_size = bool(strict_img_size)
         self.dynamic_img_pad = bool(dynamic_img_pad)
@@ -197,7 +207,7 @@ class CrossAttentionFusion(_CpuPath, torch.nn.Module):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"CrossAttentionFusion: {name} must be a (T, M, dim) tensor, got {type(x).__name__}")
         fn = cross_attention_fusion if keys.is_cuda else self.cpu_impl
-        return fn(keys, values, self.queries, self.pool, self.num_heads)
+        return fn(keys.contiguous(), values.contiguous(), self.queries, self.pool, self.num_heads)
 
 
 class DualCenteringSoftmax(_CpuPath, torch.nn.Module):
@@ -230,7 +240,8 @@ class DualCenteringSoftmax(_CpuPath, torch.nn.Module):
 
     def forward(self, teacher_logits, high_weight, temperature: float):
         fn = teacher_softmax if getattr(teacher_logits, "is_cuda", False) else self.cpu_impl
-        return fn(teacher_logits, self.center, self.center_high, high_weight, temperature, self.alpha)
+        return fn(_contiguous(teacher_logits), self.center, self.center_high, _contiguous(high_weight), temperature,
+                  self.alpha)
 
     @torch.no_grad()
     def update(self, logit_sum: torch.Tensor, high_logit_sum: torch.Tensor, rows: float,
@@ -271,7 +282,7 @@ class DINOCrossEntropy(_CpuPath, torch.nn.Module):
 
     def forward(self, student_logits, teacher_probs):
         fn = dino_cross_entropy if getattr(student_logits, "is_cuda", False) else self.cpu_impl
-        return fn(student_logits, teacher_probs, self.student_temperature)
+        return fn(_contiguous(student_logits), _contiguous(teacher_probs), self.student_temperature)
 
 
 class DINOHeadLoss(_CpuPath, torch.nn.Module):
@@ -304,9 +315,9 @@ class DINOHeadLoss(_CpuPath, torch.nn.Module):
                 teacher_weight_v=None, teacher_weight_g=None):
         c = self.centering
         fn = dino_head_loss if getattr(student_features, "is_cuda", False) else self.cpu_impl
-        return fn(student_features, teacher_features, self.weight_v, c.center, c.center_high,
-                              high_weight, teacher_temperature, self.student_temperature, c.alpha,
-                              self.weight_g, teacher_weight_v, teacher_weight_g)
+        return fn(_contiguous(student_features), _contiguous(teacher_features), self.weight_v, c.center, c.center_high,
+                  _contiguous(high_weight), teacher_temperature, self.student_temperature, c.alpha,
+                  self.weight_g, _contiguous(teacher_weight_v), _contiguous(teacher_weight_g))
 
     def update_centers(self, logit_sum, high_logit_sum, rows: float, high_rows: float) -> None:
         self.centering.update(logit_sum, high_logit_sum, rows, high_rows)

@@ -355,8 +355,10 @@ def _patch_embed_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: to
 
 @_patch_embed_backward_op.register_fake
 def _(grad_out, x, weight, need_x, need_weight):
-    return (torch.empty_like(x) if need_x else x.new_empty(0),
-            torch.empty_like(weight) if need_weight else weight.new_empty(0))
+    # contiguous, as the launcher returns them: empty_like kept a channels_last x's or weight's strides, and inductor
+    # then failed the first backward of a channels_last model (expected stride 16 == 1)
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

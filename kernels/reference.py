@@ -126,13 +126,14 @@ def teacher_softmax(
     land-cover majority class is a high-frequency class, else 0 (any non-negative weight works).
     probs = softmax((t - alpha * center - (1 - alpha) * center_high) / temperature) in fp32 (float64 stays so).
     Also returns logit_sum = sum_r t[r] and high_logit_sum = sum_r high_weight[r] * t[r] (K,), fp32,
-    so the caller all-reduces both once and divides by R and sum(high_weight).
+    so the caller all-reduces both once and divides by R and sum(high_weight). No gradient flows (the teacher is
+    not trained by backprop), as in the kernel.
     """
-    t = _wide(teacher_logits)
-    centred = t - alpha * _wide(center) - (1.0 - alpha) * _wide(center_high)
+    t = _wide(teacher_logits.detach())
+    centred = t - alpha * _wide(center.detach()) - (1.0 - alpha) * _wide(center_high.detach())
     probs = torch.softmax(centred / temperature, dim=-1)
     logit_sum = t.sum(dim=0)
-    high_logit_sum = (_wide(high_weight).unsqueeze(1) * t).sum(dim=0)
+    high_logit_sum = (_wide(high_weight.detach()).unsqueeze(1) * t).sum(dim=0)
     return probs, logit_sum, high_logit_sum
 
 
@@ -144,7 +145,9 @@ def dino_cross_entropy(
     student_logits (S, B, K) for S student views; teacher_probs (T, B, K) for the T global views,
     which are also the first T student views. Pairs with the same view are skipped:
         loss = mean over pairs (t, s), s != t, of mean_b -sum_k P[t, b, k] log_softmax(S[s, b] / tau)[k]
+    The teacher's targets carry no gradient, as in the kernel.
     """
+    teacher_probs = teacher_probs.detach()
     S, T = student_logits.shape[0], teacher_probs.shape[0]
     if S < 2 and T <= S:
         raise ValueError(f"dino_cross_entropy needs at least one pair of different views; got S={S}, T={T}")
@@ -231,10 +234,11 @@ def weighted_soft_cross_entropy(student_logits: torch.Tensor, targets: torch.Ten
     """Soft-target cross-entropy of student rows against T teacher views, weighted per row:
         loss = -sum_r row_weight[r] sum_t sum_k targets[t, r, k] log_softmax(student_logits[r] / tau)[k]
     student_logits (R, K), targets (T, R, K), row_weight (R,). DINOv2's DINOLoss.forward per student view
-    is row_weight = 1 / R; its iBOT forward_masked is T = 1, row_weight = masks_weight / images.
+    is row_weight = 1 / R; its iBOT forward_masked is T = 1, row_weight = masks_weight / images. The targets carry
+    no gradient, as in the kernel (the student logits and the row weights do).
     """
     log_p = F.log_softmax(_wide(student_logits) / student_temperature, dim=-1)
-    per_row = -(_wide(targets).sum(dim=0) * log_p).sum(dim=-1)
+    per_row = -(_wide(targets.detach()).sum(dim=0) * log_p).sum(dim=-1)
     return (_wide(row_weight) * per_row).sum()
 
 

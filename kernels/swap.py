@@ -190,7 +190,10 @@ def _swap_attention(model: torch.nn.Module, kind: str, report: SwapReport) -> No
         else:
             config._attn_implementation = "sdpa"
         report.swapped.append(SwapEntry("config._attn_implementation", "attention",
-                                        "eager softmax(q k^T) v -> sdpa (output_attentions=True needs eager)"))
+                                        "eager softmax(q k^T) v -> sdpa: a call with output_attentions=True now "
+                                        "returns no attention maps (set config.output_attentions before the swap to "
+                                        "keep eager), and the config object is changed in place, so models built "
+                                        "on the same config object switch too"))
     else:
         report.left.append(SwapEntry("config._attn_implementation", "attention", f"already {impl!r}"))
 

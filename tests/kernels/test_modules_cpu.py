@@ -60,6 +60,16 @@ keys = torch.randn(6, 3, 32)
 torch.testing.assert_close(fusion(keys, keys), R.cross_attention_fusion(keys, keys, fusion.queries, fusion.pool, 4))
 probs, _, _ = softmax(torch.randn(8, 64), torch.zeros(8), 0.04)
 torch.testing.assert_close(probs.sum(1), torch.ones(8))
+
+# the teacher carries no gradient on this path either (the kernels detach it): 6.08 flowed into teacher_logits
+teacher, student = torch.randn(2 * 4, 64, requires_grad=True), torch.randn(3, 4, 64, requires_grad=True)
+probs, _, _ = softmax(teacher, torch.zeros(8), 0.04)
+assert not probs.requires_grad
+DINOCrossEntropy(0.1)(student, probs.reshape(2, 4, 64)).backward()
+assert teacher.grad is None and student.grad is not None
+targets = torch.rand(2, 4, 64, requires_grad=True)
+DINOCrossEntropy(0.1)(student, targets).backward()
+assert targets.grad is None
 print("ok")
 """
 
@@ -413,6 +423,7 @@ def test_an_unpickled_module_chooses_its_cpu_path_in_the_process_that_runs_it(mo
 def test_a_wrongly_shaped_slice_is_a_shape_error_on_the_kernel_path_too():
     """values[:, :2] (non-contiguous, one modality short) was 'values must be contiguous' on the kernel path and the
     shape error on the reference path: the same bad input, two errors (docs/kernels.md promises one)."""
+    from terrafm_kernels.fusion import cross_attention_fusion
     from terrafm_kernels.modules import CrossAttentionFusion, DINOCrossEntropy
 
     fusion = CrossAttentionFusion(32, 3, 4)
@@ -422,5 +433,39 @@ def test_a_wrongly_shaped_slice_is_a_shape_error_on_the_kernel_path_too():
     student, teacher = torch.randn(4, 2, 64), torch.softmax(torch.randn(2, 4, 64), -1)
     with pytest.raises(ValueError, match=r"must match student_logits \(S, B, K\) = \(4, 2, 64\) in B and K"):
         DINOCrossEntropy(0.1)(student, teacher[:, :3])
-    with pytest.raises(ValueError, match="values must be contiguous"):  # right shape, wrong layout: still named
-        fusion(keys, torch.randn(3, 10, 32).transpose(0, 1))
+    transposed = torch.randn(3, 10, 32).transpose(0, 1)  # right shape, wrong layout: the functional op names it,
+    with pytest.raises(ValueError, match="values must be contiguous"):  # the module copies it (as the reference
+        cross_attention_fusion(keys, transposed, fusion.queries, fusion.pool, 4)  # takes any strides)
+    torch.testing.assert_close(fusion(keys, transposed), fusion(keys, transposed.contiguous()))
+
+
+def test_modules_take_non_contiguous_inputs_on_the_kernel_path_as_the_reference_does(device):
+    """keys / values from kv.chunk(2, -1) and a column slice of teacher logits ran on a laptop's reference path and
+    were refused on the kernel path ('keys must be contiguous')."""
+    from terrafm_kernels.modules import CrossAttentionFusion, DINOCrossEntropy, DualCenteringSoftmax
+
+    torch.manual_seed(0)
+    fusion = CrossAttentionFusion(16, 3, 2).to(device)
+    keys, values = torch.randn(5, 3, 32, device=device).chunk(2, -1)
+    assert not keys.is_contiguous()
+    torch.testing.assert_close(fusion(keys, values), fusion(keys.contiguous(), values.contiguous()))
+    softmax = DualCenteringSoftmax(16).to(device)
+    logits = torch.randn(4, 32, device=device)[:, ::2]
+    probs, _, _ = softmax(logits, torch.zeros(4, device=device), 0.1)
+    torch.testing.assert_close(probs, softmax(logits.contiguous(), torch.zeros(4, device=device), 0.1)[0])
+    student = torch.randn(3, 2, 32, device=device)[..., :16]
+    loss = DINOCrossEntropy(0.1)(student, probs.reshape(2, 2, 16))
+    torch.testing.assert_close(loss, DINOCrossEntropy(0.1)(student.contiguous(), probs.reshape(2, 2, 16)))
+
+
+def test_patch_embed_takes_timms_format_enum():
+    """str(Format.NHWC) is 'Format.NHWC' on Python 3.11: timm's own enum was refused as not one of timm's formats."""
+    import enum
+
+    from terrafm_kernels.modules import PatchEmbed
+
+    class Format(str, enum.Enum):  # noqa: UP042 (timm.layers.Format's form; a StrEnum's str() is its value)
+        NHWC = "NHWC"
+
+    assert PatchEmbed(16, 8, 3, 4, output_fmt=Format.NHWC).output_fmt == "NHWC"
+    assert PatchEmbed(16, 8, 3, 4, output_fmt=Format.NHWC)(torch.randn(1, 3, 16, 16)).shape == (1, 2, 2, 4)

@@ -409,3 +409,18 @@ def test_meta_tensors_give_shapes_like_conv2d():
     out.sum().backward()
     assert x.grad.shape == x.shape and module.proj.weight.grad.shape == (20, 3, 16, 16)
     assert module(torch.randn(1, 3, 32, 32, device="meta")).shape == (1, 4, 20)
+
+
+@pytest.mark.parametrize("layout", ["x", "weight"])
+def test_the_backward_fake_gives_the_strides_the_kernel_returns(layout):
+    """The fake kernel of the backward op kept a channels_last x's or weight's strides (empty_like) where the
+    launcher returns contiguous gradients, and inductor failed the first backward of a channels_last model
+    (expected stride 16 == 1)."""
+    from terrafm_kernels.patch_embed import _patch_embed_backward_op
+
+    x, w, g = torch.randn(2, 3, 8, 8), torch.randn(5, 3, 4, 4), torch.randn(2, 4, 5)
+    if layout == "x":
+        x = x.to(memory_format=torch.channels_last)
+    else:
+        w = w.to(memory_format=torch.channels_last)
+    torch.library.opcheck(_patch_embed_backward_op, (g, x, w, True, True), test_utils=("test_faketensor",))
