@@ -126,10 +126,12 @@ def test_default_pretrain_on_the_sample_tiles_then_export_round_trip(tmp_path, c
     shift = 0.25 * s2["std"][3]
     s2["mean"][3] += shift
     (moved / "index.json").write_text(json.dumps(index))
-    for part in moved.glob("part-*.npz"):  # as a conversion of other pixels records them (the reader checks)
-        arrays = dict(np.load(part))
+    for part in moved.glob("part-*.npz"):  # as a conversion of pixels shifted by `shift` records them (the reader
+        arrays = dict(np.load(part))  # checks the means and stds against these sums)
         count = np.broadcast_to(arrays["s2_l2a.count"], arrays["s2_l2a.sum"].shape)
-        arrays["s2_l2a.sum"] = arrays["s2_l2a.sum"] + np.eye(len(count))[3] * shift * count
+        band = np.eye(len(count))[3]
+        arrays["s2_l2a.sumsq"] = arrays["s2_l2a.sumsq"] + band * (2 * shift * arrays["s2_l2a.sum"] + shift**2 * count)
+        arrays["s2_l2a.sum"] = arrays["s2_l2a.sum"] + band * shift * count
         np.savez(part, **arrays)
     assert main(["pretrain", "--out", str(run_dir), "--resume", "train.max_steps=3", f"data.shard_dir={moved}"]) == 0
     printed = capsys.readouterr().out
