@@ -72,9 +72,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--mfu is a fraction of the bf16 peak: {MIN_MFU} <= mfu <= 1, got {args.mfu}")
 
 
-def _check_data_dir(data_dir: str | None) -> None:
+def _check_data_dir(data_dir: str | None, quick: bool = False) -> None:
     """--data-dir, when given, is a finished shard set: its index opens (a folder of GeoTIFFs or a half-written
-    `terrafm prepare` output is refused here, not after the sections before data have run)."""
+    `terrafm prepare` output is refused here, not after the sections before data have run) and holds a batch."""
     if data_dir is None:
         return
     hint = "give a folder written by `terrafm prepare`"
@@ -86,10 +86,15 @@ def _check_data_dir(data_dir: str | None) -> None:
         raise ValueError(f"--data-dir {data_dir} is a file, not a folder; {hint}")
     from terrafm.data.shards import ShardError, ShardSet
 
+    from .data import batch_size
+
     try:
-        ShardSet(data_dir, verify_checksums=False)
+        records = len(ShardSet(data_dir, verify_checksums=False).keys)
     except ShardError as err:
         raise ValueError(f"--data-dir: {err}") from None
+    if records < batch_size(quick):  # the data section found out after the sections before it, naming data.batch_size
+        raise ValueError(f"--data-dir {data_dir} holds {records} locations, fewer than the data section's batch of "
+                         f"{batch_size(quick)}{' (--quick)' if quick else ' (8 with --quick)'}; give more data")
 
 
 def _check_writable(out: Path) -> None:
@@ -211,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a file; the results go in a folder")
         if "data" in only:
-            _check_data_dir(args.data_dir)
+            _check_data_dir(args.data_dir, args.quick)
     except (OSError, ValueError) as err:
         print(f"terrafm bench: {err}", file=sys.stderr)
         return 2

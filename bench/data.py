@@ -43,6 +43,11 @@ def budget(rows: list[dict], demand: dict, gpus_per_node: int = 8) -> list[dict]
     return out
 
 
+def batch_size(quick: bool) -> int:
+    """Locations per batch the data section times (--quick: 8)."""
+    return 8 if quick else 16
+
+
 def run(quick: bool, log, data_dir: str | None = None, mfu: float = 1.0, gpus_per_node: int = 8) -> dict:
     from terrafm.data.sample import ensure_sample_shards
     from terrafm.data.shards import ShardSet
@@ -50,7 +55,7 @@ def run(quick: bool, log, data_dir: str | None = None, mfu: float = 1.0, gpus_pe
 
     shard_dir = data_dir or ensure_sample_shards()
     shards = ShardSet(shard_dir, verify_checksums=False)
-    rows = measure_paths(shard_dir, seconds=1.0 if quick else 5.0, batch_size=8 if quick else 16,
+    rows = measure_paths(shard_dir, seconds=1.0 if quick else 5.0, batch_size=batch_size(quick),
                          n_local=4 if quick else 8, global_size=96 if quick else 224,
                          local_size=48 if quick else 96, num_workers=1 if quick else 2)
     demand = gpu_demand(mfu)

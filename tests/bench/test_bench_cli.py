@@ -271,6 +271,22 @@ def test_a_data_dir_that_is_not_a_shard_set_is_refused_before_any_section(tmp_pa
         assert "[comm]" not in captured.out and not out.exists()
 
 
+def test_a_data_dir_smaller_than_a_batch_is_refused_before_any_section(tmp_path, capsys):
+    """4 locations against the quick batch of 8 failed only when the data section ran, after the sections before it,
+    with advice naming data.batch_size, which bench has no option for."""
+    from terrafm.data.prepare import convert
+    from terrafm.data.sample import write_sample_parquet
+
+    write_sample_parquet(tmp_path / "parquet", seed=0, cells=1, tile_size=60)
+    convert([tmp_path / "parquet"], tmp_path / "shards", tile_size=60, workers=0, progress=False)
+    out = tmp_path / "r"
+    assert main(["bench", "--quick", "--only", "comm,data", "--data-dir", str(tmp_path / "shards"),
+                 "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "holds 4 locations, fewer than the data section's batch of 8 (--quick); give more data" in captured.err
+    assert "[comm]" not in captured.out and not out.exists()
+
+
 def test_a_full_disk_keeps_the_previous_results_whole(tmp_path, full_disk, capsys):
     """bench.json and bench.md were written in place: a disk that filled mid-write left the last run's results torn."""
     out = tmp_path / "r"
