@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+from terrafm import backends
+
 SECTIONS = ("kernels", "memory", "step", "data", "roofline", "compile", "comm")
 
 
@@ -179,7 +181,7 @@ def _run_sections(only: list[str], args: argparse.Namespace, device: str, ops: t
             result["skipped_sections"][name] = f"interrupted ({signum.name})"
             return 128 + signum
         except Exception as err:  # out of memory, a missing or broken dependency: the other sections still run
-            why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            why = backends.error_line(err)
             print(f"terrafm bench: [{name}] failed ({why}); it is recorded as failed and the other sections run",
                   file=sys.stderr)
             result["skipped_sections"][name] = f"failed: {why}"

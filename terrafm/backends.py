@@ -14,11 +14,17 @@ class Availability:
     detail: str  # version when usable, the reason when not
 
 
+def error_line(err: BaseException) -> str:
+    """'Type: first line of the message': what one line of a report says of an error (a message may span lines)."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _version(module_name: str) -> tuple[object | None, str]:
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # ImportError, or a broken binary raising something else
-        return None, f"not importable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        return None, f"not importable: {error_line(err)}"
     return module, str(getattr(module, "__version__", "unknown version"))
 
 
@@ -33,8 +39,7 @@ def cuda() -> Availability:
         name = torch.cuda.get_device_name(0)
         cap = torch.cuda.get_device_capability(0)
     except Exception as err:
-        return Availability(False, f"a CUDA device is visible but does not answer: {type(err).__name__}: "
-                                   f"{str(err).splitlines()[0] if str(err) else ''}")
+        return Availability(False, f"a CUDA device is visible but does not answer: {error_line(err)}")
     return Availability(True, f"{name} (sm_{cap[0]}{cap[1]}), CUDA {torch.version.cuda}")
 
 

@@ -25,7 +25,7 @@ def collect() -> dict:
         except ModuleNotFoundError as err:
             versions[name] = None if err.name and name.startswith(err.name) else f"broken: {err}"
         except Exception as err:  # installed, but its import fails: not "not installed"
-            versions[name] = f"broken: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            versions[name] = f"broken: {backends.error_line(err)}"
     found = {name: fn() for name, fn in backends.ALL.items()}
     devices = ["cpu", "cuda"] if found["cuda"].usable else ["cpu"]
     resolved = {dev: ops.resolve(device=dev) for dev in devices}
