@@ -283,15 +283,11 @@ def _used(jobs: list, skipped: list[dict]):
 
 
 def _duplicates_dropped(jobs: list, skipped: list[dict]) -> int:
-    """Products left unread because another product of their cell and modality was used. A cell's products of one
-    modality are read in order until one reads, so of k products of which s were skipped as bad, k - s - 1 are
-    dropped (none when all k were skipped)."""
+    """Products left unread because another product of their cell and modality was used: of a group's k products of
+    which s were skipped as bad, k - s - 1 (none when all k were), i.e. the products not skipped less those used."""
     bad = {(s["file"], s["record"]) for s in skipped}
-    groups = Counter()
-    for p in (p for job in jobs for cell in job for p in cell):
-        groups[p.grid_cell, p.modality] += 1
-        groups[p.grid_cell, p.modality] -= (p.source, _record(p)) in bad
-    return sum(max(left - 1, 0) for left in groups.values())
+    kept = sum((p.source, _record(p)) not in bad for job in jobs for cell in job for p in cell)
+    return kept - sum(1 for _ in _used(jobs, skipped))
 
 
 def _what_was_found(products: list[sources.Product], metadata: list[str], inputs: list[Path]) -> str:
