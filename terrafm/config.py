@@ -10,6 +10,7 @@ wrong type names the key, the expected type and what was given. Presets live in 
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -217,6 +218,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, int) and not isinstance(value, bool):  # run_name=2024: a name YAML read as a number
+            return str(value)
         raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
     if isinstance(value, tp):
         return value
@@ -292,7 +295,25 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader (plain data only) that refuses a key given twice in one mapping: PyYAML keeps the last one, so
     a second `model:` section would silently drop the first one's settings. Merge keys (`<<: *defaults`) are
-    YAML's own way to share settings; the keys given beside one override it, as YAML says."""
+    YAML's own way to share settings; the keys given beside one override it, as YAML says.
+
+    Plain scalars follow YAML 1.2's core schema, not PyYAML's YAML 1.1: `train.max_steps=010` read 8 (octal),
+    `12:30` 750 (base 60), `yes` true, `2024_01` 202401 and 2024-01-31 a date, so a value silently became
+    another. Now only true/false are booleans, integers are decimal without a leading zero (or 0o / 0x), floats
+    have a dot or an exponent, and the rest stays text, which a number key still reads as a number ("010" -> 10)
+    and a text key keeps as typed (run_name 010)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers
+                if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                               "tag:yaml.org,2002:timestamp")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node)
+        sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+        base = {"0o": 8, "0x": 16}.get(digits[:2], 10)
+        return sign * int(digits[2:] if base != 10 else digits, base)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -307,6 +328,17 @@ class _StrictLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0o[0-7]+|"
+                                                                        r"0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+|"
+               r"[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+.0123456789"))
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 
 
 def read_yaml(path: Path) -> Any:

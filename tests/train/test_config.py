@@ -284,3 +284,32 @@ def test_configs_load_without_triton():
             "load_config('vitb_h100', []); print('loaded')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "loaded" in run.stdout, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("train.max_steps=010", "max_steps", 10),  # YAML 1.1: octal 8
+    ("train.max_steps=12:30", None, "expected an integer, got '12:30'"),  # YAML 1.1: base 60, 750
+    ("train.max_steps=1_000", "max_steps", 1000),
+    ("train.max_steps=0x10", "max_steps", 16),
+    ("train.run_name=010", "run_name", "010"),  # YAML 1.1: 8, then "expected a string, got 8"
+    ("train.run_name=2024_01", "run_name", "2024_01"),  # YAML 1.1: 202401
+    ("train.run_name=2024-01-31", "run_name", "2024-01-31"),  # YAML 1.1: a date
+    ("train.run_name=yes", "run_name", "yes"),  # YAML 1.1: true
+    ("train.run_name=2024", "run_name", "2024"),
+    ("train.fsdp=yes", None, "expected true or false, got 'yes'"),
+    ("train.fsdp=False", "fsdp", False),
+])
+def test_plain_values_follow_yaml_1_2_so_none_silently_becomes_another(override, key, value):
+    if key is None:
+        with pytest.raises(ConfigError, match=value):
+            load_config("tiny_cpu", [override])
+        return
+    assert getattr(load_config("tiny_cpu", [override]).train, key) == value
+
+
+def test_a_config_file_reads_yaml_1_2_too(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  run_name: 2024-01-31\n  max_steps: 010\noptim:\n  lr: 5e-4\n  weight_decay: .04\n")
+    cfg = load_config(str(path))
+    assert (cfg.train.run_name, cfg.train.max_steps, cfg.optim.lr, cfg.optim.weight_decay) == ("2024-01-31", 10, 5e-4,
+                                                                                               0.04)
