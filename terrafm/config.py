@@ -555,8 +555,23 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes a text value that YAML 1.2 (how read_yaml reads) or YAML 1.1 (PyYAML, other tools)
+    would read as something else: run_name 1e3 was written bare, and read back as the float 1000.0."""
+
+    yaml_implicit_resolvers = {first: [*yaml.SafeDumper.yaml_implicit_resolvers.get(first, []),
+                                       *_StrictLoader.yaml_implicit_resolvers.get(first, [])]
+                               for first in {*yaml.SafeDumper.yaml_implicit_resolvers,
+                                             *_StrictLoader.yaml_implicit_resolvers}}
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML that load_config reads back to the same values."""
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Written whole or not at all: a full disk leaves the previous config.yaml, not an empty one."""
     from terrafm.fileio import atomic_write_bytes
 
-    atomic_write_bytes(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    atomic_write_bytes(Path(path), dump_yaml(cfg).encode())

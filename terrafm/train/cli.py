@@ -96,11 +96,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         cfg.train.out_dir, cfg.train.run_name = str(out.parent), out.name
     if args.print_config:
-        import yaml
+        from terrafm.config import dump_yaml
 
-        from terrafm.config import to_dict
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(dump_yaml(cfg))
         return 0
     if args.nproc > 1 and "RANK" not in os.environ:
         from terrafm import backends

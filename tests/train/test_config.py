@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from terrafm.config import ConfigError, check_epoch, load_config, parse_override, presets
 
@@ -313,3 +314,13 @@ def test_a_config_file_reads_yaml_1_2_too(tmp_path):
     cfg = load_config(str(path))
     assert (cfg.train.run_name, cfg.train.max_steps, cfg.optim.lr, cfg.optim.weight_decay) == ("2024-01-31", 10, 5e-4,
                                                                                                0.04)
+
+
+@pytest.mark.parametrize("name", ["1e3", "010", "2024_01", "yes", "12:30", "2024-01-31", "0x10", ".5", "null"])
+def test_a_saved_config_reads_back_the_same_text(tmp_path, name):
+    from terrafm.config import save_config
+
+    cfg = load_config("tiny_cpu", [f"train.run_name='{name}'"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")).train.run_name == name
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["run_name"] == name  # other YAML readers
