@@ -138,7 +138,7 @@ def _run_section(name: str, args: argparse.Namespace, device: str, ops: tuple[st
         from . import data
 
         try:
-            sections["data"] = data.run(args.quick, _log, args.data_dir, args.mfu, args.gpus_per_node)
+            sections["data"] = data.run(args.quick, _log, args.data_dir, args.mfu, args.gpus_per_node, device)
         except (ShardError, ValueError) as err:
             raise SectionError(err) from None
     elif name == "roofline":

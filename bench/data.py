@@ -48,7 +48,8 @@ def batch_size(quick: bool) -> int:
     return 8 if quick else 16
 
 
-def run(quick: bool, log, data_dir: str | None = None, mfu: float = 1.0, gpus_per_node: int = 8) -> dict:
+def run(quick: bool, log, data_dir: str | None = None, mfu: float = 1.0, gpus_per_node: int = 8,
+        device: str | None = None) -> dict:
     from terrafm.data.sample import ensure_sample_shards
     from terrafm.data.shards import ShardSet
     from terrafm.data.throughput import measure_paths
@@ -57,7 +58,7 @@ def run(quick: bool, log, data_dir: str | None = None, mfu: float = 1.0, gpus_pe
     shards = ShardSet(shard_dir, verify_checksums=False)
     rows = measure_paths(shard_dir, seconds=1.0 if quick else 5.0, batch_size=batch_size(quick),
                          n_local=4 if quick else 8, global_size=96 if quick else 224,
-                         local_size=48 if quick else 96, num_workers=1 if quick else 2)
+                         local_size=48 if quick else 96, num_workers=1 if quick else 2, device=device)
     demand = gpu_demand(mfu)
     plan = budget(rows, demand, gpus_per_node)
     log(f"  shards {shard_dir}: {shards.tile_size} px tiles, "

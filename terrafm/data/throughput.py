@@ -37,10 +37,10 @@ def _check_batches(loader, cfg: DataConfig) -> None:
                          "data set per rank; lower data.batch_size or point it at more data")
 
 
-def _measure_loader(cfg: DataConfig, seconds: float) -> dict:
+def _measure_loader(cfg: DataConfig, seconds: float, device: str) -> dict:
     from terrafm.data.loader import build_loader
 
-    loader = build_loader(cfg, device="cuda" if backends.cuda().usable else "cpu")  # as training: H2D included
+    loader = build_loader(cfg, device=device)  # as training: on cuda, H2D included
     _check_batches(loader, cfg)
     n_views = cfg.n_global + cfg.n_local
     batches, start, cpu_start = 0, None, None
@@ -56,7 +56,7 @@ def _measure_loader(cfg: DataConfig, seconds: float) -> dict:
     tiles = batches * cfg.batch_size
     return {"tiles_per_s": tiles / elapsed, "views_per_s": tiles * n_views / elapsed, "batches": batches,
             "seconds": elapsed, "cpu_seconds": cpu, "tiles_per_core_s": tiles / max(cpu, 1e-9),
-            "backend": loader.backend}
+            "backend": loader.backend, "device": device}
 
 
 def _measure_host_read(cfg: DataConfig, seconds: float) -> dict:
@@ -139,10 +139,11 @@ def shared_modalities(shards) -> tuple[str, ...]:
 def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str, ...] = PATHS,
                   parquet_dir: str | Path | None = None, batch_size: int = 16, n_local: int = 8,
                   global_size: int = 224, local_size: int = 96, num_workers: int = 2,
-                  on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                  on_row: Callable[[dict], None] | None = None, device: str | None = None) -> list[dict]:
     """One dict per path: {path, tiles_per_s, views_per_s, tiles_per_core_s, batches, seconds, cpu_seconds,
     backend} or {path, skipped}. on_row(row) is called as each path's row is done (a caller under a deadline
-    keeps the rows it has).
+    keeps the rows it has). device: where the loader paths deliver their batches, as training's `train.device`
+    (None: cuda where usable, else cpu).
 
     The loader paths draw views from every modality the shards hold a tile of. parquet_dir (baseline input) defaults to
     <shard_dir>/../parquet, where ensure_sample_shards puts it.
@@ -154,6 +155,7 @@ def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str,
         raise ValueError(f"unknown throughput paths {unknown}; expected a subset of {PATHS}")
     shards = ShardSet(shard_dir, verify_checksums=False)  # shards of some collections list the rest with no tile
     modalities = shared_modalities(shards)
+    device = device or ("cuda" if backends.cuda().usable else "cpu")
     results = []
     for path in paths:
         row = {"path": path}
@@ -180,7 +182,8 @@ def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str,
             cfg = DataConfig(shard_dir=str(shard_dir), batch_size=batch_size, n_local=n_local, global_size=global_size,
                              local_size=local_size, backend="numpy" if path == "gpu_decode_host" else path,
                              num_workers=num_workers, modalities=modalities)
-            row.update(_measure_host_read(cfg, seconds) if path == "gpu_decode_host" else _measure_loader(cfg, seconds))
+            measured = _measure_host_read(cfg, seconds) if path == "gpu_decode_host" else None
+            row.update(measured or _measure_loader(cfg, seconds, device))
         results.append(row)
         if on_row is not None:
             on_row(row)

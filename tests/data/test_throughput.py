@@ -62,3 +62,16 @@ def test_the_benchmark_draws_modalities_some_location_holds_together():
     assert shared_modalities(shards(s2_l2a=[1, 1, 0], s1=[0, 0, 1])) == ("s2_l2a",)
     assert shared_modalities(shards(s2_l2a=[1, 1, 0], s2_l1c=[1, 0, 0], s1=[0, 1, 1])) == ("s2_l2a", "s1")
     assert shared_modalities(shards(s2_l2a=[1, 1], s1=[1, 0], s2_l1c=[0, 0])) == ("s2_l2a", "s1")
+
+
+def test_the_loader_paths_deliver_on_the_device_asked_for_even_where_cuda_is_usable(sample_shards, monkeypatch):
+    """`terrafm bench --device cpu` on a GPU node: the data section built its loader for cuda all the same."""
+    from terrafm import backends
+
+    monkeypatch.setattr(backends, "cuda", lambda: backends.Availability(True, "pretended for this test"))
+    [row] = measure_paths(sample_shards, seconds=0.1, paths=("numpy",), batch_size=2, n_local=1, global_size=32,
+                          local_size=16, num_workers=0, device="cpu")
+    assert row["device"] == "cpu" and row["tiles_per_s"] > 0, row
+    with pytest.raises(Exception, match="(?i)cuda"):  # the default follows backends.cuda(): here it claims a GPU
+        measure_paths(sample_shards, seconds=0.1, paths=("numpy",), batch_size=2, n_local=1, global_size=32,
+                      local_size=16, num_workers=0)
