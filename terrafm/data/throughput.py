@@ -182,8 +182,10 @@ def measure_paths(shard_dir: str | Path, seconds: float = 5.0, paths: tuple[str,
             cfg = DataConfig(shard_dir=str(shard_dir), batch_size=batch_size, n_local=n_local, global_size=global_size,
                              local_size=local_size, backend="numpy" if path == "gpu_decode_host" else path,
                              num_workers=num_workers, modalities=modalities)
-            measured = _measure_host_read(cfg, seconds) if path == "gpu_decode_host" else None
-            row.update(measured or _measure_loader(cfg, seconds, device))
+            if path == "gpu_decode_host":
+                row.update(_measure_host_read(cfg, seconds))
+            else:
+                row.update(_measure_loader(cfg, seconds, device))
         results.append(row)
         if on_row is not None:
             on_row(row)
