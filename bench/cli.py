@@ -7,6 +7,7 @@ Triton kernels are never timed in the interpreter.
 
 import argparse
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -46,7 +47,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    """Progress to stdout. A stdout that fails (`| head` exited, a redirect onto a full disk) is said once on stderr
+    and then left alone: it raised out of the run, losing every section measured so far with the results unwritten."""
+    global _devnull_stdout
+    if sys.stdout is _devnull_stdout:
+        return
+    try:
+        print(msg, flush=True)
+    except OSError as err:
+        _devnull_stdout = sys.stdout = open(os.devnull, "w")  # Python flushes stdout again at exit
+        print(f"terrafm bench: stdout failed ({err.strerror or err}); the run goes on and writes its results in "
+              "--out", file=sys.stderr)
+
+
+_devnull_stdout = None  # the devnull file that replaced a failed stdout
 
 
 def _parse_only(text: str) -> list[str]:

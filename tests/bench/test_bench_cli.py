@@ -450,3 +450,29 @@ def test_a_step_config_out_of_memory_is_a_row_not_the_end_of_the_run(monkeypatch
     fused = next(r for r in rows if r["config"] == "tiny" and r["head"] == "fused")
     assert fused["skipped"] == "out of memory: CUDA out of memory. Tried to allocate 8.00 GiB"
     assert len(rows) == 8
+
+
+def test_a_stdout_that_fails_mid_run_loses_no_results(tmp_path, monkeypatch, capsys):
+    """`terrafm bench | head -1`: the second progress line raised BrokenPipeError out of the run, results unwritten."""
+    import sys
+
+    from terrafm_bench import cli
+
+    class ClosedPipe:
+        def __init__(self):
+            self.lines = 0
+
+        def write(self, text):
+            self.lines += text.count("\n")
+            if self.lines > 1:
+                raise BrokenPipeError(32, "Broken pipe")
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    monkeypatch.setattr(cli, "_devnull_stdout", None)
+    assert main(["bench", "--only", "comm", "--out", str(tmp_path / "r")]) == 0
+    assert "stdout failed (Broken pipe); the run goes on" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r" / "bench.json").read_text())["sections"]["comm"]
