@@ -118,23 +118,24 @@ def _read_product(p: Product, parquet: sources.ParquetRows, opts: dict) -> tuple
     return sources.storage_tile(p.modality, data, p, opts["s1_scaling"])
 
 
-def _s2_offset_kind(p: Product) -> str | None:
+def _s2_offset_kind(p: Product | dict) -> str | None:
     """"offset" for an S2 product of baseline >= 04.00 (stored + 1000 DN), "no_offset" for an earlier one,
-    "unknown" when its id names no baseline; None for the other modalities."""
-    if p.modality not in ("s2_l2a", "s2_l1c"):
+    "unknown" when its id names no baseline; None for the other modalities. p: a Product or a shard's `used` entry."""
+    modality, product_id = (p["modality"], p["product_id"]) if isinstance(p, dict) else (p.modality, p.product_id)
+    if modality not in ("s2_l2a", "s2_l1c"):
         return None
-    baseline = sources.processing_baseline(p.product_id)
+    baseline = sources.processing_baseline(product_id)
     return "unknown" if baseline is None else "offset" if baseline >= sources.S2_OFFSET_BASELINE else "no_offset"
 
 
-def _s2_baselines(jobs: list, skipped: list[dict]) -> dict:
+def _s2_baselines(used: list[dict]) -> dict:
     """Per S2 modality, how many of the products written are of each _s2_offset_kind (not the duplicates dropped
     or the products skipped as bad: a mix only matters in what was written)."""
     counts: dict = {}
-    for p in _used(jobs, skipped):
-        kind = _s2_offset_kind(p)
+    for u in used:
+        kind = _s2_offset_kind(u)
         if kind is not None:
-            counts.setdefault(p.modality, {"offset": 0, "no_offset": 0, "unknown": 0})[kind] += 1
+            counts.setdefault(u["modality"], {"offset": 0, "no_offset": 0, "unknown": 0})[kind] += 1
     return counts
 
 
@@ -156,9 +157,11 @@ def _tile_size_hint(size: int, tile_size: int) -> str:
 
 
 def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict, skipped: list[dict]) -> dict:
-    """modality -> (stored (C, S, S) array, nodata mask) for one grid cell. A bad product raises BadInput, or
-    with skip_bad is left out (its entry names its own file) and the cell keeps its other products: the next
-    duplicate of its modality, when there is one, takes its place. Duplicates after the one used are not read.
+    """modality -> (stored (C, S, S) array, nodata mask, product) for one grid cell. A bad product raises BadInput,
+    or with skip_bad is left out (its entry names its own file) and the cell keeps its other products: the next
+    duplicate of its modality, when there is one, takes its place. Duplicates after the one used are read only
+    while it has nodata: of those of its size, the one with the fewest nodata pixels is used (the first on a tie),
+    so a product outside the swath, or half in it, does not stand in for a whole one of another date.
 
     Size is checked per product, so that one product of another size (a cropped S1 scene) is the one named and
     skipped, whatever order the modalities are read in: its size must be the size most products of the cell have
@@ -193,6 +196,19 @@ def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict
             return p, data, mask
         return None
 
+    def least_nodata(p: Product, data: np.ndarray, mask: np.ndarray | None) -> tuple:
+        """(product, data, mask): `p`'s, or a later duplicate's of the same size with fewer nodata pixels."""
+        while mask is not None and mask.any() and queues[p.modality]:
+            q = queues[p.modality].pop(0)
+            try:
+                q_data, q_mask = _read_product(q, parquet, opts)
+            except BadInput as err:
+                refuse(q, err)
+                continue
+            if q_data.shape == data.shape and q_mask.sum() < mask.sum():
+                p, data, mask = q, q_data, q_mask
+        return p, data, mask
+
     read = [r for r in map(first_good, list(queues)) if r is not None]
     sizes = Counter(data.shape[-1] for p, data, _ in sorted(read, key=lambda r: r[0].modality == "s1"))
     size = sizes.most_common(1)[0][0] if read else None
@@ -209,7 +225,8 @@ def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict
             refuse(p, BadInput(f"{p.where}: product of {size} px is not a multiple of tile_size {t}"
                                f"{_tile_size_hint(size, t)}"))
             continue
-        cell[p.modality] = (data, mask)
+        p, data, mask = least_nodata(p, data, mask)
+        cell[p.modality] = (data, mask, p)
     return cell
 
 
@@ -241,6 +258,8 @@ def _write_cells(writer: shards.ShardWriter, job: list[list[Product]], parquet: 
         images = [m for m in modalities if m in cell]
         if not images:
             continue
+        writer.used += [{"file": p.source, "record": _record(p), "modality": p.modality, "product_id": p.product_id}
+                        for _, _, p in cell.values()]
         size = cell[images[0]][0].shape[-1]
         wc = cell.get(WORLDCOVER, (None,))[0]
         for r in range(size // t):
@@ -270,24 +289,27 @@ def _plan(products: list[Product], modalities: tuple[str, ...], cells_per_shard:
     return [ordered[i:i + cells_per_shard] for i in range(0, len(ordered), cells_per_shard)]
 
 
-def _used(jobs: list, skipped: list[dict]):
-    """The product each cell used per modality: the first in plan order not skipped as bad (_read_cell reads a cell's
-    products of one modality in that order until one reads)."""
+def _plan_order_used(job: list, skipped: list[dict]) -> list[dict]:
+    """A shard's `used` entries as terrafm before stop 43 chose them, for a shard it wrote (resumed, it records none):
+    per cell and modality the first product in plan order not skipped as bad."""
     bad = {(s["file"], s["record"]) for s in skipped}
-    for cell in (cell for job in jobs for cell in job):
+    used = []
+    for cell in job:
         done = set()
         for p in cell:
             if p.modality not in done and (p.source, _record(p)) not in bad:
                 done.add(p.modality)
-                yield p
+                used.append({"file": p.source, "record": _record(p), "modality": p.modality,
+                             "product_id": p.product_id})
+    return used
 
 
-def _duplicates_dropped(jobs: list, skipped: list[dict]) -> int:
-    """Products left unread because another product of their cell and modality was used: of a group's k products of
-    which s were skipped as bad, k - s - 1 (none when all k were), i.e. the products not skipped less those used."""
+def _duplicates_dropped(jobs: list, skipped: list[dict], used: list[dict]) -> int:
+    """Products of the planned cells neither used nor skipped as bad: another product of their cell and modality
+    was used instead (or their cell wrote no tile)."""
     bad = {(s["file"], s["record"]) for s in skipped}
     kept = sum((p.source, _record(p)) not in bad for job in jobs for cell in job for p in cell)
-    return kept - sum(1 for _ in _used(jobs, skipped))
+    return kept - len(used)
 
 
 def _what_was_found(products: list[sources.Product], metadata: list[str], inputs: list[Path]) -> str:
@@ -444,7 +466,7 @@ def _write_index(out: Path, jobs: list, opts: dict, unknown: list, reruns: tuple
     n_shards = len(jobs)
     sums = {m: [0.0, 0.0, 0, 0, 0] for m in opts["modalities"]}  # sum, sumsq, valid px, nodata px, empty tiles
     class_total = np.zeros(NUM_CLASSES, np.int64)
-    shard_list, skipped, records, present = [], list(unknown), 0, dict.fromkeys(opts["modalities"], 0)
+    shard_list, skipped, used, records, present = [], list(unknown), [], 0, dict.fromkeys(opts["modalities"], 0)
     for i in range(n_shards):
         name = shards.shard_name(i)
         with np.load(out / f"{name}.npz") as z:
@@ -455,7 +477,9 @@ def _write_index(out: Path, jobs: list, opts: dict, unknown: list, reruns: tuple
                 s[3], s[4] = s[3] + z[f"{m}.nodata"], s[4] + int(z[f"{m}.empty_tiles"])
                 present[m] += int((z[f"{m}.offset"][:, 0] >= 0).sum())
             class_total += z["class_counts"].sum(axis=0)
-            skipped += json.loads(str(z["skipped"]))
+            shard_skipped = json.loads(str(z["skipped"]))
+            skipped += shard_skipped
+            used += json.loads(str(z["used"])) if "used" in z else _plan_order_used(jobs[i], shard_skipped)
         shard_list.append({"name": name, "records": n, "bytes": (out / f"{name}.bin").stat().st_size})
         records += n
     if records == 0:
@@ -481,10 +505,10 @@ def _write_index(out: Path, jobs: list, opts: dict, unknown: list, reruns: tuple
                "classes": {"frequency": (class_total / max(class_total.sum(), 1)).tolist(),
                            "pixels": class_total.tolist()},
                "s1_scaling": opts["s1_scaling"], "s2_offset": opts["s2_offset"],
-               "s2_baselines": _s2_baselines(jobs, skipped),
+               "s2_baselines": _s2_baselines(used),
                "metadata_files": metadata,
                "shards": shard_list, "num_records": records, "skipped": skipped,
-               "duplicates_dropped": _duplicates_dropped(jobs, skipped), "resumed_shards": reruns[0],
+               "duplicates_dropped": _duplicates_dropped(jobs, skipped, used), "resumed_shards": reruns[0],
                "rewritten_shards": reruns[1], "redone_shards": reruns[2],
                "inputs": inputs}
     shards.write_index(out, summary)

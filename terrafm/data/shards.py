@@ -82,6 +82,7 @@ class ShardWriter:
         self._pos = 0
         self.keys: list[str] = []
         self.skipped: list[dict] = []
+        self.used: list[dict] = []  # the product each cell's tiles were cut from, per modality (prepare)
         self.class_counts: list[np.ndarray] = []
         self._offset = {m: [] for m in bands}
         self._nbytes = {m: [] for m in bands}
@@ -145,7 +146,7 @@ class ShardWriter:
         arrays = {"keys": np.asarray(self.keys, dtype=str),
                   "class_counts": np.asarray(self.class_counts, np.int64).reshape(n, NUM_CLASSES),
                   "fingerprint": np.asarray(self.fingerprint), "codec": np.asarray(self.codec),
-                  "skipped": np.asarray(json.dumps(self.skipped))}
+                  "skipped": np.asarray(json.dumps(self.skipped)), "used": np.asarray(json.dumps(self.used))}
         for m, bands in self.bands.items():
             c = len(bands)
             arrays[f"{m}.offset"] = np.asarray(self._offset[m], np.int64).reshape(n, c)

@@ -247,3 +247,64 @@ def test_a_bad_duplicate_product_gives_way_to_the_next_under_skip_bad(sample_par
                       modalities=("s2_l2a",))
     assert len(summary["skipped"]) == 2 and summary["duplicates_dropped"] == 0
     assert summary["num_records"] == ref["num_records"] - 4
+
+
+def _blank_rows(product: Path, fraction: float) -> None:
+    """Zero (S2's nodata) the top `fraction` of every band of a product folder, as a product at a swath edge."""
+    for band in product.glob("*.tif"):
+        with tifffile.TiffFile(band) as tif:
+            page = tif.pages[0]
+            data = page.asarray()
+            tags = [(code, page.tags[code].dtype, page.tags[code].count, page.tags[code].value, False)
+                    for code in (33550, 33922) if code in page.tags]
+        data[:round(data.shape[0] * fraction)] = 0
+        tifffile.imwrite(band, data, compression="zlib", extratags=tags)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_of_duplicate_products_the_one_with_the_least_nodata_is_used(sample_parquet, tmp_path, fraction):
+    """Two L2A products of one cell, the first by product id outside the swath (all nodata) or half in it: the first
+    that read was used, so its cell lost the tiles the other product holds, with exit 0 and nothing said."""
+    root = tmp_path / "tifs"
+    products = product_folders(sample_parquet, in_grid_cells(root))
+    ref = tmp_path / "ref"
+    convert([root], ref, tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    good = products[0]
+    edge = good.with_name(good.name.replace("_2021", "_2020", 1))  # sorts first
+    shutil.copytree(good, edge)
+    _blank_rows(edge, fraction)
+    summary = convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    assert summary["duplicates_dropped"] == 1 and summary["skipped"] == []
+    assert summary["modalities"]["s2_l2a"]["empty_tiles"] == 0 and summary["modalities"]["s2_l2a"]["nodata_pixels"] == \
+        [0] * 12
+    _assert_same_tiles(ShardSet(ref), ShardSet(tmp_path / "out"))
+    assert summary["s2_baselines"] == {"s2_l2a": {"offset": 0, "no_offset": 3, "unknown": 0}}
+
+
+def test_a_duplicate_after_a_product_without_nodata_is_not_read(sample_parquet, tmp_path):
+    root = tmp_path / "tifs"
+    products = product_folders(sample_parquet, in_grid_cells(root))
+    good = products[0]
+    later = good.with_name(good.name.replace("_2021", "_2022", 1))  # sorts after the whole product
+    shutil.copytree(good, later)
+    (later / "B8A.tif").unlink()  # would be bad input, were it read
+    summary = convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    assert summary["duplicates_dropped"] == 1 and summary["skipped"] == []
+
+
+def test_shards_of_an_earlier_terrafm_resume_with_the_products_it_used(sample_parquet, tmp_path):
+    """Shards written before a shard recorded its `used` products: a resume counts them in plan order, as written."""
+    root = tmp_path / "tifs"
+    products = product_folders(sample_parquet, in_grid_cells(root))
+    shutil.copytree(products[0], products[0].with_name(products[0].name.replace("_2021", "_2022", 1)))
+    out = tmp_path / "out"
+    first = convert([root], out, tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    for npz in out.glob("part-*.npz"):
+        with np.load(npz) as z:
+            arrays = {k: z[k] for k in z.files if k != "used"}
+        with open(npz, "wb") as f:
+            np.savez(f, **arrays)
+    again = convert([root], out, tile_size=TILE, workers=0, progress=False, modalities=("s2_l2a",))
+    assert again["resumed_shards"] == len(again["shards"]) > 0
+    assert (again["duplicates_dropped"], again["s2_baselines"]) == (first["duplicates_dropped"], first["s2_baselines"])
+    assert first["duplicates_dropped"] == 1
