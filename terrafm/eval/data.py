@@ -501,15 +501,21 @@ def _mask_nodata(image: np.ndarray, path: Path, declared: float | None = None) -
     """Nodata pixel values -> NaN: NaN / inf, S1 fill (<= S1_FILL_MAX), float fills (>= HUGE_FILL_MIN: one such
     pixel made a band's std ~1e35 and every feature of the split constant) and the file's declared nodata value.
     An image with no valid pixel carries nothing to probe: refused by name."""
-    bad = ~np.isfinite(image) | (image <= S1_FILL_MAX) | (image >= HUGE_FILL_MIN)
-    if declared is not None:
-        bad |= image == np.float32(declared)
+    bad = _nodata(image, declared)
     if bad.all():
         raise ValueError(f"{path}: every pixel is nodata (NaN/inf, <= {S1_FILL_MAX:g}, >= {HUGE_FILL_MIN:g} or the "
                          "file's declared nodata value): remove the sample from the split")
     if bad.any():
         image = np.where(bad, np.float32(np.nan), image)
     return image
+
+
+def _nodata(image: np.ndarray, declared: float | np.ndarray | None = None) -> np.ndarray:
+    """Where `image` holds nodata (bool, its shape): NaN / inf, S1 fill, huge float fill, the declared value."""
+    bad = ~np.isfinite(image) | (image <= S1_FILL_MAX) | (image >= HUGE_FILL_MIN)
+    if declared is not None:
+        bad |= image == np.float32(declared)
+    return bad
 
 
 def _mask_s2_empty(images: np.ndarray, modality: str, paths: list[Path]) -> np.ndarray:
@@ -526,8 +532,10 @@ def _mask_s2_empty(images: np.ndarray, modality: str, paths: list[Path]) -> np.n
 
 
 def _stack_bands(bands: list[np.ndarray], path: Path, names: list[str]) -> np.ndarray:
-    """(C, H, W) from 2D bands; bands stored at a coarser grid (20 m / 60 m) are resized bilinearly to
-    the finest one. A band whose aspect differs from the finest one's covers another area: refused."""
+    """(C, H, W) from 2D bands; bands stored at a coarser grid (20 m / 60 m) have their nodata set to NaN on that
+    grid and are brought to the finest one by nearest-neighbour (pixel replication at 2x / 6x, as `terrafm prepare`
+    makes training tiles). Bilinear resizing blended a fill value (-9999, S2's 0) into its valid neighbours, which
+    then passed as data. A band whose aspect differs from the finest one's covers another area: refused."""
     shape = max((b.shape for b in bands), key=lambda s: s[0] * s[1])
     if all(b.shape == shape for b in bands):
         return np.stack(bands)
@@ -541,7 +549,8 @@ def _stack_bands(bands: list[np.ndarray], path: Path, names: list[str]) -> np.nd
     def up(b: np.ndarray) -> np.ndarray:
         if b.shape == shape:
             return b
-        return F.interpolate(torch.from_numpy(b)[None, None], size=shape, mode="bilinear")[0, 0].numpy()
+        b = np.where(_nodata(b), np.float32(np.nan), b.astype(np.float32, copy=False))
+        return F.interpolate(torch.from_numpy(b)[None, None], size=shape, mode="nearest")[0, 0].numpy()
 
     return np.stack([up(b) for b in bands])
 

@@ -153,18 +153,31 @@ def test_geobench_pickled_attribute_label_is_read_without_geobench(tmp_path, mon
         read_split(root, "hdf5", "train")
 
 
-def test_hdf5_bands_on_a_coarser_grid_are_resized_to_the_finest(tmp_path):
+def test_hdf5_bands_on_a_coarser_grid_are_replicated_to_the_finest(tmp_path):
     images, labels = make_splits(12, per_class=(1, 1, 1))["train"]
     root = write_hdf5(tmp_path / "mixed", {"train": (images, labels)}, [n for n in GEOBENCH_S2 if n[:2] != "10"])
     import h5py
 
-    with h5py.File(root / "train_0000.hdf5", "a") as f:  # store B01 (60 m) at a third of the size
-        band = f["01 - Coastal aerosol"][::3, ::3]
-        del f["01 - Coastal aerosol"]
-        f.create_dataset("01 - Coastal aerosol", data=band)
+    with h5py.File(root / "train_0000.hdf5", "a") as f:  # store B01 (60 m) at a sixth of the size, B05 (20 m) at half
+        coarse = {"01 - Coastal aerosol": f["01 - Coastal aerosol"][::6, ::6].astype(np.float32),
+                  "05 - Vegetation Red Edge": f["05 - Vegetation Red Edge"][::2, ::2].astype(np.float32)}
+        coarse["01 - Coastal aerosol"][:, :2] = -9999.0  # a fill on the coarse grid, its left two columns
+        for name, band in coarse.items():
+            del f[name]
+            f.create_dataset(name, data=band)
     train = read_split(root, "hdf5", "train")
-    assert train.images.shape == (4, 12, 32, 32)
-    assert abs(train.images[0, 0].mean() - images[0, 0].mean()) < 0.05 * images[0, 0].mean()
+    size = images.shape[-1]
+    assert train.images.shape == (4, 12, size, size)
+
+    def nearest(band):  # output pixel i takes input pixel floor(i * n / size): replication where size / n is whole
+        idx = np.arange(size) * band.shape[0] // size
+        return band[idx][:, idx]
+
+    b01, b05 = train.images[0, 0], train.images[0, 4]
+    np.testing.assert_array_equal(b05, np.repeat(np.repeat(coarse["05 - Vegetation Red Edge"], 2, 0), 2, 1))
+    fill = nearest(coarse["01 - Coastal aerosol"]) == -9999.0
+    # bilinear resizing blended the fill into its neighbours: values down to -9112 passed as data
+    assert fill.any() and np.isnan(b01[fill]).all() and (b01[~fill] > 0).all()
 
 
 @pytest.mark.parametrize("protocol", [0, 2, 4, 5])
