@@ -262,6 +262,11 @@ def load_backbone_state(path: str | Path, which: str = "teacher") -> tuple[str, 
     metadata = read_metadata(path)
     items = {key: item for key, item in metadata.state_dict_metadata.items()
              if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
+    bad = [key for key, item in items.items() if any(type(d) is not int or d < 0 for d in item.size)]
+    if bad:  # a negative size passed the check below (a negative product) and failed in torch.empty
+        size = tuple(items[bad[0]].size)
+        raise CheckpointError(f"checkpoint {path}: its .metadata declares {bad[0]} of size {size}, which no tensor "
+                              f"has (an edited or damaged .metadata); {previous_checkpoint(path)}")
     declared = sum(math.prod(item.size) * item.properties.dtype.itemsize for item in items.values())
     on_disk = sum(f.stat().st_size for f in path.glob("*.distcp"))
     if declared > on_disk:  # DCP stores tensors uncompressed (and allocating them first would be a traceback)

@@ -7,6 +7,7 @@ import argparse
 import errno
 import fcntl
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,9 +104,11 @@ def publish(tmp: Path, path: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write `path` through `write(tmp)` (any writer that takes a file name) to `path`.tmp, then `publish`."""
+    """Write `path` through `write(tmp)` (any writer that takes a file name) to a temp name beside it, then `publish`.
+    The temp name is unique (`<name>.<pid>-<random>.tmp`): a fixed `<name>.tmp` replaced, then deleted, a user's own
+    file of that name."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
     except BaseException:  # a full disk or Ctrl-C mid-write: leave the old file and no half-written .tmp

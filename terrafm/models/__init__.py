@@ -1,6 +1,7 @@
 """Model constructors (one registry), published-layout helpers and checkpoint loading."""
 
 import argparse
+import inspect
 import json
 import math
 import pickle
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from terrafm.fileio import format_from_magic
+from terrafm.fileio import file_format, format_from_magic
 from terrafm.models.terrafm import TerraFM
 
 
@@ -35,6 +36,12 @@ FUSION_PREFIX = "patch_embed.fusion."
 # in them); files written before these were recorded used the values of LEGACY_FUSION.
 FUSION_SETTINGS = ("fusion_heads", "fusion_norm")
 LEGACY_FUSION = {"fusion_heads": 16, "fusion_norm": "pooled"}
+
+
+def _fusion_defaults() -> dict:
+    """FUSION_SETTINGS as TerraFM builds them when not told (16 heads, the norm on the values)."""
+    params = inspect.signature(TerraFM).parameters
+    return {k: params[k].default for k in FUSION_SETTINGS}
 
 
 def build_model(name: str, **overrides) -> TerraFM:
@@ -83,8 +90,16 @@ def _metadata_fits(key: str, value) -> bool:
     kinds = (str,) if key == "bands" else (int, float)
     return isinstance(value, dict) and all(
         isinstance(v, list) and all(isinstance(x, kinds) and not isinstance(x, bool) for x in v)
-        and (key == "bands" or all(math.isfinite(x) and (key == "mean" or x > 0) for x in v))
+        and (key == "bands" or all(_finite(x) and (key == "mean" or x > 0) for x in v))
         for v in value.values())
+
+
+def _finite(x: int | float) -> bool:
+    """math.isfinite, False for an int too large for a float (math.isfinite raised OverflowError on 10**400)."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def _input_metadata(meta: dict, path: Path) -> dict:
@@ -98,6 +113,8 @@ def _input_metadata(meta: dict, path: Path) -> dict:
                 out[key] = json.loads(meta[key]) if key != "s1_scaling" else meta[key]
             except ValueError as err:
                 raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({err}): {meta[key][:80]!r}") from err
+            except RecursionError as err:
+                raise ValueError(f"{path}: metadata {key!r} is nested too deeply: {meta[key][:80]!r}") from err
             if not _metadata_fits(key, out[key]):
                 raise ValueError(f"{path}: metadata {key!r} is {meta[key][:80]!r}; expected "
                                  f"{INPUT_METADATA_FORMS[key]}")
@@ -124,7 +141,7 @@ def fusion_settings(meta: dict, path: Path) -> dict:
     out = dict(LEGACY_FUSION)
     if "fusion_heads" in meta:
         heads = meta["fusion_heads"]  # an int in meta.json, a string in safetensors metadata
-        whole = type(heads) is int or (isinstance(heads, str) and heads.isdigit())
+        whole = type(heads) is int or (isinstance(heads, str) and heads.isascii() and heads.isdecimal())
         if not whole or int(heads) < 1:
             raise ValueError(f"{path}: metadata 'fusion_heads' is {str(heads)[:80]!r}; expected a positive integer")
         out["fusion_heads"] = int(heads)
@@ -235,6 +252,23 @@ def _checkpoint_folder(path: Path) -> Path:
                          "pass the file") from err
 
 
+def _read_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(string metadata, tensors) of a safetensors file. safe_open (memory-mapped) takes a str path and refuses one
+    that is not UTF-8 (a folder named in Latin-1), which everything else here reads: such a file is read from its
+    bytes instead."""
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        data = Path(path).read_bytes()
+        tensors = load(data)  # checks the header and every tensor's extent first
+        return json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}, tensors
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+
+
 def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], dict]:
     """(model name, state_dict, input metadata) of a checkpoint file or folder; ValueError for anything else."""
     from terrafm.checkpoint_io import LATEST
@@ -249,12 +283,16 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
         sizes = {k: model[k] for k in ("img_size", "patch_size") if k in model}
         return name, state, {**trained_inputs(meta, checkpoint), **sizes, **fusion_settings(model, path)}
     if path.suffix == ".safetensors" or _file_kind(path) == "safetensors":
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            meta, tensors = _read_safetensors(path)
+        except OSError as err:
+            raise ValueError(f"cannot read {path} ({err.strerror or err})") from err
         except Exception as err:  # safetensors' own error types vary by version; all mean "not readable"
+            kind = _file_kind(path) or file_format(path, "safetensors")
+            if kind == "a ZIP archive":
+                kind = "a ZIP archive, as torch.save writes (a .pth named .safetensors?)"
+            if kind and kind != "safetensors":  # a Git LFS pointer or a web page saved as model.safetensors
+                raise ValueError(f"{path} is not a safetensors file: it is {kind}") from err
             raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
         # fusion settings where terrafm wrote the file (LEGACY_FUSION for one written before they were recorded);
         # a file without terrafm's metadata says nothing: the defaults, as for a .pth
@@ -322,6 +360,9 @@ def backbone_entries(state: dict[str, torch.Tensor], source: str = "the state_di
     mask token of DINOv2's ViT are not part of it."""
     unwrapped = {}
     for key, value in state.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{source} holds a key {key!r} that is not a string; a state_dict is keyed by parameter "
+                             "names")
         bare = _unwrapped(key)
         if bare in unwrapped:  # `cls_token` beside `module.cls_token`: which one is the model's?
             raise ValueError(f"{source} holds two tensors for {bare!r} (one under a wrapper's prefix, such as "
@@ -378,6 +419,14 @@ def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> T
     fusion = {k: inputs.pop(k) for k in FUSION_SETTINGS if k in inputs}  # not input metadata: how it was built
     fixed = {"fusion": any(k.startswith(FUSION_PREFIX) for k in state), "img_size": side * patch, "patch_size": patch}
     if fixed["fusion"]:  # a published .pth has no fusion; a plain state_dict with one says nothing: the defaults
+        unsaid = [k for k in FUSION_SETTINGS if k not in fusion and k not in overrides]
+        if unsaid:  # the head count and the norm's place do not show in the tensors: another setting is other outputs
+            warnings.warn(f"{path} holds fusion weights but does not record {' or '.join(unsaid)} (a plain state_dict, "
+                          f"or a safetensors file saved again without its metadata): building the fusion with "
+                          f"{', '.join(f'{k}={_fusion_defaults()[k]!r}' for k in unsaid)}, the defaults. A model "
+                          "trained with others gives other outputs: pass them (load_checkpoint(..., fusion_heads=, "
+                          "fusion_norm=)), or load the `terrafm export --with-fusion` file or the checkpoint folder, "
+                          "which record them", stacklevel=2)
         queries = state.get(FUSION_PREFIX + "queries")
         fixed.update(fusion, **({"fusion_queries": queries.shape[0]} if queries is not None and queries.ndim == 2
                                 else {}))

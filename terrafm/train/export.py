@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from terrafm.fileio import atomic_write, chmod_shared, folder_problem, path_arg
-from terrafm.models import FUSION_PREFIX, load_checkpoint, trained_inputs
+from terrafm.models import FUSION_PREFIX, check_weights, load_checkpoint, trained_inputs
 
 INPUT_KEYS = ("bands", "mean", "std")  # JSON-encoded {modality: [per band]} entries of the metadata
 
@@ -58,7 +58,7 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
     """Write `output` atomically (temp file + rename), readable as the umask allows; returns its path.
     An existing `output` is replaced only with force (an earlier export is not lost by a typo)."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    from safetensors.torch import save, save_file
 
     from terrafm.checkpoint_io import load_backbone_state, read_meta, resolve
 
@@ -84,11 +84,17 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
         raise ValueError(f"{folder / 'meta.json'}: {err}") from err
     if not with_fusion:
         state = {k: v for k, v in state.items() if not k.startswith(FUSION_PREFIX)}
+    check_weights(state, f"checkpoint {folder}")  # NaN or integer weights: named as such, not blamed on meta.json
     output.parent.mkdir(parents=True, exist_ok=True)
 
     def write(tmp: Path) -> None:
+        tensors = {k: v.contiguous() for k, v in state.items()}
         try:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+            try:
+                str(tmp).encode("utf-8")
+                save_file(tensors, str(tmp), metadata=metadata)
+            except UnicodeEncodeError:  # safetensors takes only UTF-8 paths: a Latin-1 folder name gets the bytes
+                tmp.write_bytes(save(tensors, metadata=metadata))
         except SafetensorError as err:  # safetensors' Rust writer reports I/O failures as its own error
             raise OSError(str(err)) from err
         try:  # an edited meta.json (another model name, image or patch size) wrote files that never loaded

@@ -350,7 +350,8 @@ def test_a_fused_checkpoint_loads_with_the_fusion_it_was_built_with(tmp_path):
     # file was built with LEGACY_FUSION, so the same weights were two networks by container)
     save_file(state, str(tmp_path / "plain.safetensors"))
     torch.save(state, tmp_path / "plain.pth")
-    plain = [load_checkpoint(tmp_path / f"plain.{ext}").patch_embed for ext in ("safetensors", "pth")]
+    with pytest.warns(UserWarning, match="holds fusion weights but does not record fusion_heads or fusion_norm"):
+        plain = [load_checkpoint(tmp_path / f"plain.{ext}").patch_embed for ext in ("safetensors", "pth")]
     assert {(pe.fusion.num_heads, pe.fusion_norm) for pe in plain} == {(16, "values")}
     for key, value, form in (("fusion_norm", "before", "one of values, pooled"), ("fusion_heads", "8.0", "a positive "
                                                                                                     "integer")):

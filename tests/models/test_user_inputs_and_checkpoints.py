@@ -228,3 +228,66 @@ def test_a_mismatch_counts_every_key_and_an_unknown_shape_names_the_file(tmp_pat
         load_checkpoint(path)
     with pytest.raises(ValueError, match=r"missing 12 \['blocks\.3\..*\] and 4 more, unexpected 0 \[\]"):
         load_checkpoint(path, name="terrafm_tiny")
+
+
+def _tiny_state(**kwargs):
+    return build_model("terrafm_tiny", img_size=32, **kwargs).state_dict()
+
+
+def test_fusion_weights_without_their_settings_warn_that_the_defaults_are_used(tmp_path):
+    """A fused model trained with 8 heads, saved as a plain state_dict: it loaded as 16 heads with other outputs and no
+    word of it."""
+    torch.save(_tiny_state(fusion=True, fusion_heads=8), tmp_path / "fused.pth")
+    with pytest.warns(UserWarning, match=r"fused\.pth holds fusion weights but does not record fusion_heads or "
+                                         r"fusion_norm .* fusion_heads=16, fusion_norm='values', the defaults"):
+        load_checkpoint(tmp_path / "fused.pth")
+    import warnings
+
+    torch.save(_tiny_state(), tmp_path / "published.pth")  # no fusion at all, as published: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = load_checkpoint(tmp_path / "fused.pth", fusion_heads=8, fusion_norm="values")
+        load_checkpoint(tmp_path / "published.pth")
+    assert model.patch_embed.fusion.num_heads == 8
+
+
+@pytest.mark.parametrize("content, match", [
+    ({0: torch.zeros(1)}, r"holds a key 0 that is not a string"),
+])
+def test_a_state_dict_keyed_by_other_than_names_is_one_message(tmp_path, content, match):
+    torch.save(content, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(tmp_path / "odd.pth")
+
+
+@pytest.mark.parametrize("metadata, match", [
+    ({"mean": '{"s1": [' + "9" * 400 + ", 1.0]}"}, r"metadata 'mean' is .*; expected a JSON object"),
+    ({"bands": "[" * 100_000 + "]" * 100_000}, r"metadata 'bands' is nested too deeply"),
+    ({"model": "terrafm_tiny", "fusion_heads": "\u00b2"}, r"metadata 'fusion_heads' is '\u00b2'; expected a positive"),
+])
+def test_malformed_safetensors_metadata_is_named_not_a_traceback(tmp_path, metadata, match):
+    save_file(_tiny_state(), str(tmp_path / "m.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("content, kind", [
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 12\n", "a Git LFS pointer"),
+    (b"<!DOCTYPE html><html><body>Not found</body></html>", "an HTML page"),
+    (b"PK\x03\x04" + bytes(60), "a ZIP archive, as torch.save writes"),
+])
+def test_a_safetensors_name_on_another_format_says_what_it_is(tmp_path, content, kind):
+    (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"model\.safetensors is not a safetensors file: it is {kind}"):
+        load_checkpoint(tmp_path / "model.safetensors")
+
+
+def test_a_safetensors_file_under_a_name_that_is_not_utf8_loads(tmp_path):
+    import os
+
+    state = _tiny_state()
+    path = tmp_path / os.fsdecode(b"w\xff.safetensors")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    path.write_bytes((tmp_path / "w.safetensors").read_bytes())
+    loaded = load_checkpoint(path).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
