@@ -20,3 +20,19 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_tmp(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
     atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"new"
+
+
+def test_a_file_of_the_users_beside_the_target_is_never_the_temp_file(tmp_path):
+    """The temp file was `<name>.tmp`: a user's own `model.safetensors.tmp` was replaced, then renamed away."""
+    mine = tmp_path / "model.safetensors.tmp"
+    mine.write_bytes(b"the user's")
+    atomic_write_bytes(tmp_path / "model.safetensors", b"new")
+
+    def fails(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "model.safetensors", fails)
+    assert mine.read_bytes() == b"the user's" and (tmp_path / "model.safetensors").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.safetensors.tmp"]

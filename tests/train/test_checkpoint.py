@@ -675,3 +675,36 @@ def test_resume_with_resume_from_continues_the_runs_own_checkpoint_even_without_
     cli.add_arguments(parser)
     assert cli.run(parser.parse_args(args)) == 0
     assert seen == [True]
+
+
+def test_export_names_a_non_finite_weight_and_a_negative_declared_size(two_checkpoints, tmp_path, capsys):
+    """A NaN in the weights was blamed on meta.json ("describes another model than its weights"); a .metadata that
+    declares a negative size was a RuntimeError traceback from torch.empty."""
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    _, state = checkpoint_io.load_backbone_state(step2)
+    shard = next(step2.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    at = data.find(state["cls_token"].numpy().tobytes())
+    assert at >= 0
+    data[at:at + 4] = torch.tensor([float("nan")]).numpy().tobytes()
+    shard.write_bytes(bytes(data))
+    _rehash(step2, shard.name)
+    target = tmp_path / "x.safetensors"
+    assert main(["export", str(step2), str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "weight cls_token (1, 1, 192) is not finite: 1 NaN or inf values" in err and "meta.json" not in err
+    assert not target.exists()
+
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = checkpoint_io.read_metadata(step2)
+    item = metadata.state_dict_metadata["teacher.backbone.cls_token"]
+    assert isinstance(item, TensorStorageMetadata)
+    item.size = torch.Size([1, -1, 192])
+    (step2 / ".metadata").write_bytes(pickle.dumps(metadata))
+    _rehash(step2, ".metadata")
+    assert main(["export", str(step2), str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "declares teacher.backbone.cls_token of size (1, -1, 192), which no tensor has" in err
+    assert "Traceback" not in err
