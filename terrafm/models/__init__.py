@@ -282,6 +282,9 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
         model = meta.get("model", {})
         sizes = {k: model[k] for k in ("img_size", "patch_size") if k in model}
         return name, state, {**trained_inputs(meta, checkpoint), **sizes, **fusion_settings(model, path)}
+    if path.exists() and not path.is_file():  # /dev/zero filled memory until killed, a FIFO waited forever
+        raise ValueError(f"{path} is not a regular file (a device, a pipe or a socket); pass a checkpoint file or a "
+                         "`terrafm pretrain` checkpoint folder")
     if path.suffix == ".safetensors" or _file_kind(path) == "safetensors":
         try:
             meta, tensors = _read_safetensors(path)

@@ -291,3 +291,14 @@ def test_a_safetensors_file_under_a_name_that_is_not_utf8_loads(tmp_path):
     path.write_bytes((tmp_path / "w.safetensors").read_bytes())
     loaded = load_checkpoint(path).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_a_device_or_a_pipe_is_refused_before_reading(tmp_path):
+    """A link to /dev/zero filled memory until the process was killed; a FIFO waited forever."""
+    import os
+
+    os.symlink("/dev/zero", tmp_path / "zero.pth")
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    for name in ("zero.pth", "pipe.safetensors"):
+        with pytest.raises(ValueError, match=rf"{name} is not a regular file \(a device, a pipe or a socket\)"):
+            load_checkpoint(tmp_path / name)
