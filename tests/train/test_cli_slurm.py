@@ -71,7 +71,7 @@ def test_ranks_per_node_follow_the_allocations_gpus(tmp_path, script):
     proc = run_script(tmp_path, script, srun, RUN_DIR=str(tmp_path / "run"), SLURM_GPUS_ON_NODE="4")
     assert proc.returncode == 0, proc.stderr
     args = (tmp_path / "srun.args").read_text()
-    assert "--nproc_per_node=4 " in args and "parallel.dp_shard=4" in args, args
+    assert "--nproc_per_node=4 " in args and "parallel." not in args, args  # the mesh is the config's
     proc = run_script(tmp_path, script, srun, RUN_DIR=str(tmp_path / "run"), SLURM_GPUS_ON_NODE="4",
                       GPUS_PER_NODE="2")  # an explicit GPUS_PER_NODE still wins
     assert "--nproc_per_node=2 " in (tmp_path / "srun.args").read_text()
@@ -117,7 +117,7 @@ def test_good_settings_with_leading_zeros_are_decimal(tmp_path, script):
                       SHUTDOWN_TIMEOUT="090", MASTER_PORT="029501")
     assert proc.returncode == 0, proc.stderr
     args = (tmp_path / "srun.args").read_text()
-    assert "--nproc_per_node=8 " in args and "--shutdown-timeout=90 " in args and "parallel.dp_shard=8" in args
+    assert "--nproc_per_node=8 " in args and "--shutdown-timeout=90 " in args
     assert "8 ranks" in proc.stdout
     if script == "pretrain_multinode.sbatch":
         assert "--rdzv_endpoint=127.0.0.1:29501 " in args
@@ -158,13 +158,15 @@ def test_outside_slurm_the_script_says_it_needs_sbatch(tmp_path, script, needed)
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_sigterm_to_the_batch_shell_reaches_the_ranks_and_still_requeues(tmp_path, script):
     """scancel -b / --full or a preemption's grace time send SIGTERM to the batch shell itself: it died (143)
-    before its requeue check, and with -b the ranks never heard of it."""
+    before its requeue check, and with -b the ranks never heard of it. It passes SIGUSR1 on: srun forwards that
+    one, while it answers a SIGTERM by SIGKILLing every task (Slurm's srun_job.c), which the stand-in does too."""
     import contextlib
     import signal
     import time
 
     run_dir = tmp_path / "run"
-    srun = ('#!/bin/bash\ntrap \'mkdir -p "$RUN_DIR" && echo 9 > "$RUN_DIR/preempted"; exit 1\' TERM\n'
+    srun = ('#!/bin/bash\ntrap \'mkdir -p "$RUN_DIR" && echo 9 > "$RUN_DIR/preempted"; exit 1\' USR1\n'
+            'trap \'echo "srun: forcing job termination" >&2; exit 137\' TERM\n'
             'touch "$RUN_DIR.started"\nwhile :; do sleep 0.1; done\n')
     env = slurm_env(tmp_path, srun, RUN_DIR=str(run_dir))
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm" / script)], cwd=ROOT, env=env,
@@ -180,7 +182,8 @@ def test_a_sigterm_to_the_batch_shell_reaches_the_ranks_and_still_requeues(tmp_p
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 75, (proc.returncode, out, err)
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
-    assert "SIGTERM: passed on to the ranks" in out and "preempted at step 9" in out
+    assert "SIGTERM: passed on to the ranks as SIGUSR1" in out and "preempted at step 9" in out
+    assert "forcing job termination" not in err
 
 
 def test_each_multinode_job_has_its_own_rendezvous_port(tmp_path):
@@ -229,3 +232,55 @@ def test_the_one_node_script_reads_one_node_written_with_a_leading_zero(tmp_path
     proc = run_script(tmp_path, "pretrain_1node.sbatch", '#!/bin/bash\necho "$@" > "$SRUN_ARGS"\n',
                       RUN_DIR=str(tmp_path / "run"), SLURM_JOB_NUM_NODES="01")
     assert proc.returncode == 0 and (tmp_path / "srun.args").exists(), proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_scripts_leave_the_mesh_to_the_config_and_start_one_task_per_node(tmp_path, script):
+    """They passed parallel.dp_replicate=<nodes> parallel.dp_shard=<gpus> first: a config file's parallel section
+    was dropped, and parallel.dp_shard=4 alone on 8 x 8 GPUs made 8 x 4 = 32 of 64 ranks (every rank stopped).
+    srun took sbatch --ntasks-per-node=8 from the job: eight torchruns in one RUN_DIR."""
+    srun = '#!/bin/bash\necho "$@" > "$SRUN_ARGS"\n'
+    proc = run_script(tmp_path, script, srun, RUN_DIR=str(tmp_path / "run"), SLURM_NTASKS="8",
+                      SLURM_NTASKS_PER_NODE="8")
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "srun.args").read_text()
+    assert args.startswith("--kill-on-bad-exit=1 --ntasks=1 --ntasks-per-node=1 "), args
+    assert "parallel." not in args and "dp_replicate=" not in proc.stdout
+    run_script(tmp_path, script, srun, RUN_DIR=str(tmp_path / "run"), CONFIG="flat.yaml")
+    assert (tmp_path / "srun.args").read_text().rstrip().endswith(" --resume")  # no argument after the user's
+
+
+def test_the_multinode_script_starts_one_task_on_each_node_and_keeps_nccl_settings(tmp_path):
+    srun = '#!/bin/bash\necho "$@ IB=$NCCL_IB_DISABLE" > "$SRUN_ARGS"\n'
+    proc = run_script(tmp_path, "pretrain_multinode.sbatch", srun, RUN_DIR=str(tmp_path / "run"),
+                      SLURM_JOB_NUM_NODES="4", NCCL_IB_DISABLE="1")  # an Ethernet-only cluster
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "srun.args").read_text()
+    assert "--ntasks=4 --ntasks-per-node=1 " in args and args.strip().endswith("IB=1"), args
+
+
+def test_a_warning_scontrol_prints_is_not_taken_for_a_node(tmp_path):
+    """`hostnames` read stderr too: a slurm.conf parse warning became the rendezvous host."""
+    env = slurm_env(tmp_path, '#!/bin/bash\necho "$@" > "$SRUN_ARGS"\n', RUN_DIR=str(tmp_path / "run"))
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/bash\necho 'scontrol: warning: Parse warning in "
+                                               "/etc/slurm/slurm.conf line 12' >&2\necho gpu01\necho gpu02\n")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "pretrain_multinode.sbatch")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--rdzv_endpoint=gpu01:24242 " in (tmp_path / "srun.args").read_text()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_refused_requeue_says_how_to_continue_and_reports_the_stop(tmp_path, script):
+    """Under salloc, --no-requeue or a site policy `scontrol requeue` fails: set -e ended the job with its 1, and the
+    log's last word was "requeueing", as if a checkpointed stop were a crash."""
+    run_dir = tmp_path / "run"
+    srun = '#!/bin/bash\nmkdir -p "$RUN_DIR" && echo 7 > "$RUN_DIR/preempted"\nexit 1\n'
+    env = slurm_env(tmp_path, srun, RUN_DIR=str(run_dir))
+    (tmp_path / "bin" / "scontrol").write_text('#!/bin/bash\n[ "$1" = show ] && echo 127.0.0.1 && exit 0\n'
+                                               'echo "scontrol: error: Job is no longer requeueable" >&2\nexit 1\n')
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75, (proc.stdout, proc.stderr)
+    assert f"{script}: scontrol requeue 4242 failed: the run stopped at its checkpoint; submit the same command " \
+           "again to continue it (--resume)" in proc.stderr

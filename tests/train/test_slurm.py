@@ -69,7 +69,7 @@ def test_multinode_script_trains_and_checkpoints_through_c10d_rendezvous(tmp_pat
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the mesh from the allocation (1 node x 2 "GPUs"), printed by the script and used by the trainer
-    assert "terrafm mesh: 1 node(s) x 2 GPUs = 2 ranks; dp_replicate=1 x dp_shard=2 (FSDP)" in proc.stdout
+    assert "terrafm: 1 node(s) x 2 GPUs = 2 ranks" in proc.stdout
     assert "mesh dp_replicate x dp_shard = 1 x 2" in proc.stdout
     run_dir = tmp_path / "run"
     assert steps(run_dir) == [1, 2]
@@ -86,7 +86,7 @@ def test_multinode_script_on_two_nodes_trains_on_the_hsdp_mesh_it_derives(tmp_pa
                            "train.checkpoint_every=2", "train.log_every=1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "terrafm mesh: 2 node(s) x 1 GPUs = 2 ranks; dp_replicate=2 x dp_shard=1 (HSDP)" in proc.stdout
+    assert "terrafm: 2 node(s) x 1 GPUs = 2 ranks" in proc.stdout
     assert "mesh dp_replicate x dp_shard = 2 x 1" in proc.stdout
     assert steps(tmp_path / "run") == [1, 2]
 
@@ -138,5 +138,6 @@ def test_srun_gets_the_allocations_cpus_per_task(tmp_path, script):
                               timeout=60)
         assert proc.returncode == 0, proc.stderr[-2000:]
         args = Path(env["SRUN_ARGS"]).read_text()
-        assert args.startswith("--kill-on-bad-exit=1 " + (wanted or "")) and "torch.distributed.run" in args
+        tasks = "--ntasks=1 --ntasks-per-node=1 "  # one node in this environment
+        assert args.startswith("--kill-on-bad-exit=1 " + tasks + (wanted or "")) and "torch.distributed.run" in args
         assert wanted or "--cpus-per-task" not in args
