@@ -113,15 +113,14 @@ def _read_product(p: Product, parquet: sources.ParquetRows, opts: dict) -> tuple
     if p.modality == WORLDCOVER:
         sources.worldcover_counts(data[0], p)  # codes outside the legend name this product, before any tile is written
         return data, None
-    if opts["s2_offset"] == "remove" and _s2_offset_kind(p) == "offset":
+    if opts["s2_offset"] == "remove" and _s2_offset_kind(p.modality, p.product_id) == "offset":
         data = sources.remove_s2_offset(data)
     return sources.storage_tile(p.modality, data, p, opts["s1_scaling"])
 
 
-def _s2_offset_kind(p: Product | dict) -> str | None:
+def _s2_offset_kind(modality: str, product_id: str) -> str | None:
     """"offset" for an S2 product of baseline >= 04.00 (stored + 1000 DN), "no_offset" for an earlier one,
-    "unknown" when its id names no baseline; None for the other modalities. p: a Product or a shard's `used` entry."""
-    modality, product_id = (p["modality"], p["product_id"]) if isinstance(p, dict) else (p.modality, p.product_id)
+    "unknown" when its id names no baseline; None for the other modalities."""
     if modality not in ("s2_l2a", "s2_l1c"):
         return None
     baseline = sources.processing_baseline(product_id)
@@ -133,7 +132,7 @@ def _s2_baselines(used: list[dict]) -> dict:
     or the products skipped as bad: a mix only matters in what was written)."""
     counts: dict = {}
     for u in used:
-        kind = _s2_offset_kind(u)
+        kind = _s2_offset_kind(u["modality"], u["product_id"])
         if kind is not None:
             counts.setdefault(u["modality"], {"offset": 0, "no_offset": 0, "unknown": 0})[kind] += 1
     return counts
@@ -280,7 +279,7 @@ def _write_cells(writer: shards.ShardWriter, job: list[list[Product]], parquet: 
 
 def _plan(products: list[Product], modalities: tuple[str, ...], cells_per_shard: int) -> list:
     """Jobs: lists of cells, each the list of its products (duplicates of a modality too, by product id: the
-    first that reads is used, the next ones stand in for it under --skip-bad)."""
+    first that reads is used, the next ones stand in for it under --skip-bad or where it has nodata: _read_cell)."""
     cells = defaultdict(list)
     for p in sorted(products, key=lambda p: (p.grid_cell, p.modality, p.product_id, p.source, p.row)):
         if p.modality in (*modalities, WORLDCOVER):
