@@ -976,6 +976,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
             if stop_requested:
                 if env.rank == 0:  # the marker the SLURM scripts requeue on (torchrun hides exit code 75)
                     (run_dir / "preempted").write_text(f"{step}\n")
+                if env.world_size > 1:  # no rank leaves before the marker exists: a node whose ranks had exited
+                    dist.barrier()  # could end the step (srun --kill-on-bad-exit) with rank 0 still writing it
                 logger.write(f"stop signal received: checkpoint {latest} written at step {step}; exiting for requeue")
                 return TrainResult(run_dir, step, latest, preempted=True)
     finally:
