@@ -197,15 +197,17 @@ def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict
 
     def least_nodata(p: Product, data: np.ndarray, mask: np.ndarray | None) -> tuple:
         """(product, data, mask): `p`'s, or a later duplicate's of the same size with fewer nodata pixels."""
-        while mask is not None and mask.any() and queues[p.modality]:
+        nodata = int(mask.sum()) if mask is not None else 0
+        while nodata and queues[p.modality]:
             q = queues[p.modality].pop(0)
             try:
                 q_data, q_mask = _read_product(q, parquet, opts)
             except BadInput as err:
                 refuse(q, err)
                 continue
-            if q_data.shape == data.shape and q_mask.sum() < mask.sum():
-                p, data, mask = q, q_data, q_mask
+            q_nodata = int(q_mask.sum())
+            if q_data.shape == data.shape and q_nodata < nodata:
+                p, data, mask, nodata = q, q_data, q_mask, q_nodata
         return p, data, mask
 
     read = [r for r in map(first_good, list(queues)) if r is not None]
