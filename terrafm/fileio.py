@@ -103,6 +103,16 @@ def publish(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def utf8_path(path) -> bool:
+    """Whether `path` is valid UTF-8: libraries that take only a str of UTF-8 (safetensors) refuse the rest (a
+    folder named in Latin-1), which their callers then read or write through bytes."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Write `path` through `write(tmp)` (any writer that takes a file name) to a temp name beside it, then `publish`.
     The temp name is unique (`<name>.<pid>-<random>.tmp`): a fixed `<name>.tmp` replaced, then deleted, a user's own

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from terrafm.fileio import file_format, format_from_magic
+from terrafm.fileio import file_format, format_from_magic, utf8_path
 from terrafm.models.terrafm import TerraFM
 
 
@@ -259,9 +259,7 @@ def _read_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors import safe_open
     from safetensors.torch import load
 
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
+    if not utf8_path(path):
         data = Path(path).read_bytes()
         tensors = load(data)  # checks the header and every tensor's extent first
         return json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}, tensors

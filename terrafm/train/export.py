@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from terrafm.fileio import atomic_write, chmod_shared, folder_problem, path_arg
+from terrafm.fileio import atomic_write, chmod_shared, folder_problem, path_arg, utf8_path
 from terrafm.models import FUSION_PREFIX, check_weights, load_checkpoint, trained_inputs
 
 INPUT_KEYS = ("bands", "mean", "std")  # JSON-encoded {modality: [per band]} entries of the metadata
@@ -90,10 +90,9 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
     def write(tmp: Path) -> None:
         tensors = {k: v.contiguous() for k, v in state.items()}
         try:
-            try:
-                str(tmp).encode("utf-8")
+            if utf8_path(tmp):
                 save_file(tensors, str(tmp), metadata=metadata)
-            except UnicodeEncodeError:  # safetensors takes only UTF-8 paths: a Latin-1 folder name gets the bytes
+            else:  # safetensors takes only UTF-8 paths: a Latin-1 folder name gets the bytes
                 tmp.write_bytes(save(tensors, metadata=metadata))
         except SafetensorError as err:  # safetensors' Rust writer reports I/O failures as its own error
             raise OSError(str(err)) from err

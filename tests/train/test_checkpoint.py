@@ -708,3 +708,13 @@ def test_export_names_a_non_finite_weight_and_a_negative_declared_size(two_check
     err = capsys.readouterr().err
     assert "declares teacher.backbone.cls_token of size (1, -1, 192), which no tensor has" in err
     assert "Traceback" not in err
+
+
+def test_export_to_a_name_that_is_not_utf8_writes_a_file_that_loads(two_checkpoints, tmp_path):
+    """safetensors takes only UTF-8 paths: an export into a Latin-1 folder name was refused at its load-back check."""
+    step2 = two_checkpoints / "run" / "checkpoints" / "step_00000002"
+    target = tmp_path / os.fsdecode(b"w\xff.safetensors")
+    assert main(["export", str(step2), str(target)]) == 0
+    exported = load_checkpoint(target).state_dict()
+    _, state = checkpoint_io.load_backbone_state(step2)
+    assert all(torch.equal(exported[k], v) for k, v in state.items() if k in exported) and "cls_token" in exported
