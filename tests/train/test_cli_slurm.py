@@ -3,6 +3,7 @@ ranks, paths with spaces. tests/train/test_slurm.py runs them end to end."""
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,16 +17,19 @@ case "$1" in
 esac
 """
 
+# The Python the scripts check the config with (srun's stand-ins never start one): every config is good.
+PYTHON = "#!/bin/bash\nexit 0\n"
+
 
 def slurm_env(tmp_path: Path, srun: str, **env_extra: str) -> dict[str, str]:
     """The environment of a batch job with stand-ins for srun and scontrol first on PATH."""
     shims = tmp_path / "bin"
     shims.mkdir(exist_ok=True)
-    for name, text in (("srun", srun), ("scontrol", SCONTROL)):
+    for name, text in (("srun", srun), ("scontrol", SCONTROL), ("python", PYTHON)):
         (shims / name).write_text(text)
         (shims / name).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "GPUS_PER_NODE"}
-    env.update(PATH=f"{shims}:{os.environ['PATH']}", PYTHON="python-not-run", SLURM_JOB_ID="4242",
+    env.update(PATH=f"{shims}:{os.environ['PATH']}", PYTHON=str(shims / "python"), SLURM_JOB_ID="4242",
                SLURM_JOB_NODELIST="node001", SLURM_JOB_NUM_NODES="1", SCONTROL_LOG=str(tmp_path / "scontrol.log"),
                SRUN_ARGS=str(tmp_path / "srun.args"))
     env.update(env_extra)
@@ -108,6 +112,28 @@ def test_a_bad_setting_stops_the_script_before_it_changes_anything(tmp_path, scr
     assert proc.stderr.startswith(f"{script}: {name} must be a whole number from 1 to ")
     assert proc.stderr.endswith(f", got '{value}'\n") and len(proc.stderr.splitlines()) == 1
     assert proc.stdout == "" and (run_dir / "preempted").exists() and not (tmp_path / "srun.args").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_bad_config_key_is_one_message_before_torchrun(tmp_path, script):
+    """A bad override reached every rank under torchrun: one message per rank inside torchrun's failure report,
+    and exit 1 (torchrun's) for the trainer's 2. The script checks the config first, with the ranks' command line."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "preempted").write_text("120\n")
+    env = slurm_env(tmp_path, '#!/bin/bash\necho "$@" > "$SRUN_ARGS"\n', RUN_DIR=str(run_dir),
+                    PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script), "train.max_step=10"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("terrafm pretrain: configuration error: unknown config key 'train.max_step'")
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert (run_dir / "preempted").exists() and not (tmp_path / "srun.args").exists()
+
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script), "train.max_steps=10"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "train.max_steps=10" in (tmp_path / "srun.args").read_text()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
