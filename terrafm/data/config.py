@@ -24,6 +24,8 @@ class DataConfig:
     modalities: tuple[str, ...] = MODALITY_NAMES   # locations lacking one of these are not sampled
     bands: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per-modality subset; {} = all
     beta: float = 0.5                     # land-cover balancing: 0 = uniform, 1 = fully balanced
+    region_beta: float = 0.5              # balancing over latitude band x 30 deg longitude sector (grid cell names)
+    ocean_keep: float = 0.02              # open-water locations drawn as if this share were kept (method.md: 2%)
     num_workers: int = 2                  # threads preparing batches ahead (C++ / DALI release the GIL)
     cpp_threads: int = 0                  # threads inside the C++ twin (0 = hardware concurrency)
     timeout_s: float = 600.0              # a batch the worker threads have not rendered by then: ShardError (0 = wait)
@@ -70,6 +72,8 @@ class DataConfig:
             unknown = [b for b in bands if b not in MODALITIES[m].bands]
             need(bands and not unknown, f"bands[{m!r}] must be a non-empty subset of {MODALITIES[m].bands}")
         need(0.0 <= self.beta <= 1.0, f"beta must be in [0, 1], got {self.beta}")
+        need(0.0 <= self.region_beta <= 1.0, f"region_beta must be in [0, 1], got {self.region_beta}")
+        need(0.0 <= self.ocean_keep <= 1.0, f"ocean_keep must be in [0, 1], got {self.ocean_keep}")
         need(self.num_workers >= 0 and self.cpp_threads >= 0, "num_workers and cpp_threads must be >= 0")
         need(0 <= self.timeout_s < float("inf"), f"timeout_s must be a finite number of seconds >= 0 (0 = wait for "
              f"ever), got {self.timeout_s}")

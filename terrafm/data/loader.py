@@ -26,7 +26,7 @@ from terrafm import ops
 from terrafm.data.config import DataConfig
 from terrafm.data.dali_path import DaliRenderer
 from terrafm.data.landcover import NUM_CLASSES
-from terrafm.data.sampler import LandCoverSampler
+from terrafm.data.sampler import LandCoverSampler, open_water, region_strata
 from terrafm.data.shards import ShardError, ShardSet
 from terrafm.data.views import BatchPlan, View, ViewBatch, make_plan, normalise, render_view_numpy, to_storage
 from terrafm.modalities import MODALITY_NAMES
@@ -114,11 +114,15 @@ class Loader:
             raise ValueError(f"no location in {self.shards.root} has all of data.modalities {list(cfg.modalities)} "
                              f"(tiles: {counts}); set data.modalities to a subset the locations share")
         self.coverage = self._coverage(tiles)
-        self.sampler = LandCoverSampler(self.shards.class_counts[self.records], cfg.beta, rank, world_size, self.seed)
+        counts, keys = self.shards.class_counts[self.records], self.shards.keys[self.records]
+        self.sampler = LandCoverSampler(counts, cfg.beta, rank, world_size, self.seed, keys=keys,
+                                        region_beta=cfg.region_beta, ocean_keep=cfg.ocean_keep)
+        self.sampling_note = _sampling_note(counts, keys, cfg)
         # what the epoch's draws depend on besides the seed, so a resume can tell that they changed
         crc = zlib.crc32(self.records.astype(np.int64).tobytes())
-        crc = zlib.crc32(self.shards.class_counts[self.records].astype(np.int64).tobytes(), crc)
-        self.sampling = {"locations": len(self.records), "beta": cfg.beta, "crc32": crc}
+        crc = zlib.crc32(counts.astype(np.int64).tobytes(), crc)
+        self.sampling = {"locations": len(self.records), "beta": cfg.beta, "region_beta": cfg.region_beta,
+                         "ocean_keep": cfg.ocean_keep, "crc32": crc}
         self.band_index, self.mean, self.std = {}, {}, {}
         for m in cfg.modalities:
             info = self.shards.modalities[m]
@@ -195,12 +199,14 @@ class Loader:
             raise ValueError("this loader state predates resharding support (no batch_size); resume it on "
                              f"{state['world_size']} ranks")
         saved, now = state.get("sampling"), self.sampling
+        if saved is not None:  # states written before region and open-water weights sampled as these values do
+            saved = {"region_beta": 0.0, "ocean_keep": 1.0, **saved}
         if saved is not None and saved != now:
             changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k]]
             warnings.warn(f"the loader state is for another sampling than this loader's ({', '.join(changed)}): "
-                          "data.shard_dir, data.modalities or data.beta differ from the checkpoint's run, or its "
-                          f"shards were rewritten; the rest of epoch {state['epoch']} is drawn in this loader's order, "
-                          "not the run's", stacklevel=2)
+                          "data.shard_dir, data.modalities, data.beta, data.region_beta or data.ocean_keep differ from "
+                          f"the checkpoint's run, or its shards were rewritten; the rest of epoch {state['epoch']} is "
+                          "drawn in this loader's order, not the run's", stacklevel=2)
         if not reshard:
             self.epoch, self.step = int(state["epoch"]), int(state["step"])
             return 0
@@ -309,6 +315,26 @@ class Loader:
         else:
             render_view_numpy(tiles, self.band_index[m], view, out)
         return out
+
+
+def _sampling_note(class_counts: np.ndarray, keys: np.ndarray, cfg: DataConfig) -> str:
+    """What the region and open-water factors of the sampling weights do here ('' when nothing): a run whose keys
+    are not Major-TOM grid cells, or that has open water, should say how it is sampled."""
+    notes = []
+    if cfg.region_beta > 0:
+        strata = region_strata(keys)
+        known = strata >= 0
+        if not known.any():
+            notes.append(f"data.region_beta {cfg.region_beta} has no effect: no location key is a Major-TOM grid "
+                         f"cell name (e.g. {keys[0]!r})")
+        else:
+            outside = f", {int((~known).sum())} locations outside them (keys not grid cells)" if not known.all() else ""
+            notes.append(f"region balancing (data.region_beta {cfg.region_beta}) over {len(np.unique(strata[known]))} "
+                         f"strata of latitude band x 30 deg longitude{outside}")
+    water = int(open_water(class_counts).sum())
+    if water and cfg.ocean_keep < 1:
+        notes.append(f"{water} of {len(keys)} locations are open water, drawn at data.ocean_keep {cfg.ocean_keep}")
+    return "; ".join(notes)
 
 
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0,

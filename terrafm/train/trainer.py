@@ -826,6 +826,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                  + (f", resumed from {resume_from} at step {step}" if resume_from else ""))
     if coverage:
         logger.write(f"data: {coverage}")
+    if getattr(loader, "sampling_note", ""):
+        logger.write(f"data: {loader.sampling_note}")
     changed = resume_from is not None and _config_changes(resume_from, cfg, tuple(to_dict(cfg)))
     if changed:
         logger.write(f"resume: settings changed since {resume_from.name} ({changed}); config.yaml now records "

@@ -1,7 +1,17 @@
+import math
+
 import numpy as np
 import pytest
 
-from terrafm.data.sampler import LandCoverSampler, land_cover_weights
+from terrafm.data.sampler import (
+    WATER,
+    LandCoverSampler,
+    grid_cell_latlon,
+    land_cover_weights,
+    open_water,
+    region_strata,
+    sampling_weights,
+)
 
 
 def _counts():
@@ -89,3 +99,57 @@ def test_an_epoch_is_drawn_once_not_once_per_batch(sample_shards, monkeypatch):
     loader = build_loader(DataConfig(shard_dir=str(sample_shards), batch_size=2, global_size=32, local_size=16,
                                      n_local=1, num_workers=1, backend="numpy"))
     assert len(list(loader)) == len(loader) == 6 and epochs == [0]
+
+
+def test_grid_cell_names_decode_to_major_toms_grid():
+    """Major-TOM's grid.py: rows every 180 / ceil(pi R / 10 km) degrees from the equator (U north, D south); in each
+    row ceil(2 pi R cos(lat) / 10 km) columns from Greenwich (R east, L west)."""
+    lat_step = 180 / math.ceil(math.pi * 6378.137 / 10)
+    assert grid_cell_latlon("0U_0R") == (0.0, 0.0)
+    lat, lon = grid_cell_latlon("433U_1203R")
+    assert lat == pytest.approx(433 * lat_step) and 38.8 < lat < 39.0  # Honshu
+    assert lon == pytest.approx(1203 * 360 / math.ceil(2 * math.pi * 6378.137 * math.cos(math.radians(lat)) / 10))
+    assert grid_cell_latlon("433D_1203L") == (-lat, -lon)
+    for name in ("433U_1203", "433N_1203R", "x/433U_1203R", "433U_1203R_", "1002U_0R", "10U_99999R"):
+        assert grid_cell_latlon(name) is None, name
+
+
+def test_region_strata_are_latitude_band_by_longitude_sector():
+    keys = ["0U_0R/0_0", "0U_1R/1_1", "433U_1203R/0_0", "433D_1203L/0_0", "800U_10R/0_0", "tile_17/0_0"]
+    strata = region_strata(keys)
+    assert strata[0] == strata[1] >= 0  # the same cell's neighbours share a stratum
+    assert len(set(strata[:5].tolist())) == 4 and strata[5] == -1  # hemispheres, bands and sectors differ
+    assert region_strata(np.array(keys)[[2, 2, 5]]).tolist() == [strata[2], strata[2], -1]
+
+
+def test_region_balancing_gives_each_stratum_its_share():
+    keys = ["0U_0R/0_0"] * 90 + ["433U_1203R/0_0"] * 10 + ["tile/0_0"] * 5
+    c = np.ones((len(keys), 11), int)
+    share = lambda w: (w[:90].sum(), w[90:100].sum())  # noqa: E731
+    np.testing.assert_allclose(sampling_weights(c, 0.5, keys, 0.0), land_cover_weights(c, 0.5))
+    w = sampling_weights(c, 0.0, keys, 1.0)
+    np.testing.assert_allclose(share(w)[0], share(w)[1])  # region_beta 1: each stratum the same share
+    # keys of no grid cell: the mean factor of the located locations, (90 / 90 + 10 / 10) / 100, against 1 / 90
+    np.testing.assert_allclose(w[100:] / w[0], 0.02 * 90)
+    w = sampling_weights(c, 0.0, keys, 0.5)
+    np.testing.assert_allclose(w[90] / w[0], 3.0)  # (90 / 10) ** 0.5
+    assert np.isclose(w.sum(), 1.0)
+
+
+def test_open_water_is_drawn_at_ocean_keep():
+    c = np.zeros((6, 11), int)
+    c[:, 0] = 100
+    c[0] = 0
+    c[0, WATER] = 100  # all water
+    c[1, WATER], c[1, 0] = 995, 5  # 99.5% water: open water still
+    c[2, WATER], c[2, 0] = 900, 100  # a coast
+    c[3] = 0  # no map: land
+    assert open_water(c).tolist() == [True, True, False, False, False, False]
+    w = sampling_weights(c, 0.0, ocean_keep=0.02)
+    np.testing.assert_allclose(w[:2] / w[4], 0.02)
+    np.testing.assert_allclose(w[2:] / w[4], 1.0)
+    draws = LandCoverSampler(np.repeat(c[:1], 50, 0).tolist() + np.repeat(c[4:5], 50, 0).tolist(), 0.0,
+                             seed=0, ocean_keep=0.02).epoch_indices(0)
+    assert (draws < 50).mean() < 0.05  # ~2% of the draws, where half the locations are open water
+    with pytest.raises(ValueError, match="every location is open water"):
+        sampling_weights(c[:2], 0.5, ocean_keep=0.0)

@@ -195,6 +195,40 @@ def test_a_resume_on_other_sampling_says_the_order_is_not_the_runs(sample_shards
         build_loader(_cfg(rewritten)).load_state_dict(state)
 
 
+def test_a_state_from_before_region_and_water_weights_resumes_as_it_sampled(sample_shards):
+    """States written before data.region_beta and data.ocean_keep sampled as region_beta 0 and ocean_keep 1 do: those
+    resume silently, the new defaults with a warning naming both."""
+    import warnings
+
+    old_settings = dict(region_beta=0.0, ocean_keep=1.0)
+    loader = build_loader(_cfg(sample_shards, **old_settings))
+    next(iter(loader))
+    state = loader.state_dict()
+    state["sampling"] = {k: v for k, v in state["sampling"].items() if k not in old_settings}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_loader(_cfg(sample_shards, **old_settings)).load_state_dict(state) == 0
+    with pytest.warns(UserWarning, match=r"\(region_beta 0.0 -> 0.5, ocean_keep 1.0 -> 0.02\)"):
+        build_loader(_cfg(sample_shards)).load_state_dict(state)
+
+
+def test_the_loader_says_how_region_balancing_samples_its_locations(sample_shards, tmp_path):
+    """The sample's keys are Major-TOM grid cell names: their strata are named; keys of another source are not placed
+    on the grid, and the loader says that region_beta does nothing there."""
+    note = build_loader(_cfg(sample_shards)).sampling_note
+    assert note.startswith("region balancing (data.region_beta 0.5) over ") and "strata" in note, note
+    assert "outside" not in note and "open water" not in note
+    assert build_loader(_cfg(sample_shards, region_beta=0.0)).sampling_note == ""
+    other = tmp_path / "other"  # the same tiles under keys of another source
+    shutil.copytree(sample_shards, other)
+    with np.load(other / "part-00000.npz") as z:
+        part = {k: z[k] for k in z.files}
+    part["keys"] = np.array([f"tile_{i}" for i in range(len(part["keys"]))])
+    np.savez(other / "part-00000.npz", **part)
+    note = build_loader(_cfg(other, allow_index_mismatch=True)).sampling_note
+    assert note.startswith("data.region_beta 0.5 has no effect: no location key is a Major-TOM grid cell name"), note
+
+
 @pytest.mark.skipif(not backends.csrc().usable, reason="terrafm._C not built")
 @pytest.mark.parametrize("codec", ["raw", "lz4"])
 def test_cpp_path_agrees_on_odd_tiles_band_subsets_and_extreme_crops(tmp_path_factory, codec, assert_same_host_views):
