@@ -166,7 +166,8 @@ def verify(folder: str | Path, names: list[str] | None = None) -> list[str]:
     return problems
 
 
-def _complete(path: Path) -> bool:
+def complete(path: Path) -> bool:
+    """Whether `path` is a published checkpoint folder (its DCP metadata, meta.json and manifest are there)."""
     return path.is_dir() and all((path / n).exists() for n in (METADATA, "meta.json", MANIFEST))
 
 
@@ -185,7 +186,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         raise CheckpointError(f"{pointer} does not name a checkpoint folder (it holds {name!r}); pass a step_N "
                               "folder instead")
     path = root / name
-    if not _complete(path):
+    if not complete(path):
         lacks = "is not there" if not path.is_dir() else \
             f"lacks {', '.join(n for n in (METADATA, 'meta.json', MANIFEST) if not (path / n).exists())}"
         raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint (it {lacks}); "
@@ -196,7 +197,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 def previous_checkpoint(path: Path) -> str:
     """A sentence offering the newest complete checkpoint before `path` in its folder, for error messages."""
     path = Path(path)
-    earlier = sorted(p for p in path.parent.glob("step_*") if _complete(p) and p.name < path.name)
+    earlier = sorted(p for p in path.parent.glob("step_*") if complete(p) and p.name < path.name)
     if not earlier:
         return f"there is no earlier checkpoint in {path.parent}"
     return (f"the previous checkpoint is {earlier[-1]}: pass it instead (`terrafm pretrain --resume-from`, "

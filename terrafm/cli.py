@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         _discard_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
     except OSError as err:  # a full disk or quota that no command handled itself: one message, exit 2
+        if err.errno == errno.ENAMETOOLONG:  # a path a command was given, before the command could check it
+            name = os.fsdecode(err.filename) if err.filename is not None else str(err)
+            print(f"terrafm: file name too long: {name[:300]}{'...' if len(name) > 300 else ''} (a name of more than "
+                  "255 bytes or a path of more than 4096, the usual limits); choose a shorter one", file=sys.stderr)
+            return 2
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         _discard_stdout()

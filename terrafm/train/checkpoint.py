@@ -50,6 +50,7 @@ from terrafm.checkpoint_io import (
     CheckpointError,
     SafeLoadPlanner,
     SafeReader,
+    complete,
     hash_file,
     latest_checkpoint,
     previous_checkpoint,
@@ -213,6 +214,24 @@ def _local_bytes(state: Any) -> int:
     return state.numel() * state.element_size() if isinstance(state, torch.Tensor) else 0
 
 
+def interrupted(err: Any) -> bool:
+    """Whether a KeyboardInterrupt (a second Ctrl-C) is inside `err`: DCP catches it in a save or load and raises a
+    CheckpointException holding it, which is then no stop but a traceback or a "corrupt" checkpoint."""
+    stack, seen = [err], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        if isinstance(e, BaseException):
+            stack += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
+        elif isinstance(e, tuple | list):
+            stack += list(e)
+    return False
+
+
 def _disk_full(err: Any) -> str | None:
     """The ENOSPC error inside `err` (itself, DCP's per-rank failures, causes) as one line, or None."""
     return _os_error(err, full_only=True)
@@ -271,6 +290,8 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
             entries["meta.json"] = write_hashed(tmp / "meta.json", json.dumps(meta, indent=2).encode())
             entries[METADATA] = hash_file(tmp / METADATA)
     except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+        if interrupted(err):  # a second Ctrl-C: the stop it is (the .tmp folder stays; `latest` is untouched)
+            raise KeyboardInterrupt from err
         full = _disk_full(err)
         failure = (full is not None, full or _os_error(err))
         if failure[1] is None:
@@ -286,6 +307,11 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
         failures = [line for full, line in failures if full]
         need = _local_bytes(state) * _world()
         free = shutil.disk_usage(root).free
+        if free > 2 * need and all("unexpected pos" in line for line in failures):  # no errno to tell: the room does
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {final.name} in {root}: a write stopped short ({failures[0]}) with "
+                f"{free / 1e9:.3f} GB free for the {need / 1e9:.3f} GB it needs, so a file-size limit (`ulimit -f`), a "
+                f"quota or exhausted inodes stopped it; {previous_checkpoint(final)} (untouched)")
         raise CheckpointWriteError(
             f"no space left on the device of {root} writing checkpoint {final.name}: it needs about "
             f"{need / 1e9:.3f} GB ({free / 1e9:.3f} GB free now); free space or set train.out_dir to a larger file "
@@ -311,6 +337,9 @@ def save(root: str | Path, step: int, arch, optimizer, rank_state: dict, meta: d
                 shutil.rmtree(old, ignore_errors=True)
     publish_failure = _first_failure(publish_failure)
     if publish_failure is not None:
+        if complete(final):  # published; only `latest` was not moved to it
+            raise CheckpointWriteError(f"checkpoint {final} is complete, but {root / LATEST} could not name it "
+                                       f"({publish_failure}); --resume takes the newest complete checkpoint, this one")
         raise CheckpointWriteError(f"cannot finish checkpoint {final.name} in {root} ({publish_failure}); "
                                    f"{previous_checkpoint(final)}")
     return final

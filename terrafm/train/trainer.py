@@ -424,8 +424,10 @@ def lock_run_dir(run_dir: Path, held: contextlib.ExitStack) -> str | None:
     handle.seek(0)
     handle.truncate()
     job = os.environ.get("SLURM_JOB_ID")
-    handle.write(f"host {socket.gethostname()}, pid {os.getpid()}" + (f", SLURM job {job}" if job else "") + "\n")
-    handle.flush()
+    # os.write, not the file object's buffer: on a full disk a buffered line was written again when `held` closed
+    # the file, and that second error replaced the message about the first
+    os.write(handle.fileno(), (f"host {socket.gethostname()}, pid {os.getpid()}" + (f", SLURM job {job}" if job else "")
+                               + "\n").encode())
     return None
 
 
@@ -617,7 +619,11 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
     restart."""
     t = cfg.train
     try:
-        saved_meta = checkpoint_io.read_meta(resume_from)
+        try:
+            saved_meta = checkpoint_io.read_meta(resume_from)
+        except checkpoint_io.CheckpointError:
+            checkpoint.check(resume_from)  # a meta.json its manifest disagrees with is corrupt: say so, and offer
+            raise  # the previous checkpoint; one that matches its manifest was written so (another program's)
         if cfg.model.fusion:  # same shapes, another network: DCP would load the weights into it without a word
             saved = fusion_settings(saved_meta["model"], resume_from)
             now = {k: getattr(cfg.model, k) for k in FUSION_SETTINGS}
@@ -662,6 +668,8 @@ def restore(resume_from: Path, arch: SSLMetaArch, optimizer: torch.optim.Optimiz
     except (checkpoint.ResumeError, checkpoint_io.CheckpointError, ValueError) as err:
         raise SetupError(f"cannot resume from {resume_from}: {err}") from err
     except (RuntimeError, KeyError, EOFError, CheckpointException) as err:  # DCP: missing keys, shape mismatch
+        if checkpoint.interrupted(err):  # a second Ctrl-C during the load: a stop, not a checkpoint that does not fit
+            raise KeyboardInterrupt from err
         cause = next(iter(err.failures.values()))[0] if isinstance(err, CheckpointException) and err.failures else err
         if isinstance(cause, (OSError, EOFError, pickle.UnpicklingError)):  # its files, not the model (DCP's shape
             # errors are ValueErrors and RuntimeErrors; a .distcp cut short ends in EOFError): say so
@@ -920,10 +928,19 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                                 "once the shard is fixed)")
                 raise DataError(message)
             if not math.isfinite(loss_value):
-                where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+                if latest:
+                    where = (f"the last good checkpoint is {latest}. Resume from it with a lower optim.lr or more "
+                             "warm-up")
+                elif step == 0:  # no update has been made: the inputs or the initial weights, not the optimiser
+                    where = ("no checkpoint was written yet, and no step has updated the initial weights: look at "
+                             "the inputs first (non-finite values in the shards pass unchecked with "
+                             "data.verify_checksums=false), then at the model settings")
+                else:
+                    where = ("no checkpoint was written yet. Start again with a lower optim.lr or more warm-up "
+                             "(train.checkpoint_every sets how often a run checkpoints)")
                 raise NonFiniteLossError(
                     f"loss is {loss_value} at step {step} (0-based optimiser step, lr {lr:.3e}); stopped before "
-                    f"updating the weights; {where}. Resume from it with a lower optim.lr or more warm-up."
+                    f"updating the weights; {where}."
                 )
 
             grad_norm = optimizer_step(arch, optimizer, student_params, o.clip_grad, o.clip_mode == "per_parameter",

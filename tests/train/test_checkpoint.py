@@ -139,6 +139,21 @@ def test_an_edited_meta_json_is_one_message_for_resume_export_and_eval(two_check
         load_checkpoint(step2)
 
 
+def test_a_meta_json_cut_short_is_a_corrupt_checkpoint_with_the_previous_one_offered(two_checkpoints, tmp_path,
+                                                                                        capsys):
+    """A meta.json that is no longer JSON (cut short, garbage) was "not a readable meta.json", without the word corrupt
+    or the previous checkpoint that the same file edited into other JSON got: resume read it before the manifest."""
+    out = _copy(two_checkpoints, tmp_path)
+    ckpts = out / "run" / "checkpoints"
+    step2 = ckpts / "step_00000002"
+    (step2 / "meta.json").write_bytes((step2 / "meta.json").read_bytes()[:40])
+    proc = run_harness(out, "--resume", *RUN, "train.max_steps=3", expect_rc=2)
+    assert "step_00000002 is corrupt (meta.json: " in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert f"the previous checkpoint is {ckpts / 'step_00000001'}" in proc.stderr
+    assert main(["export", str(step2), str(tmp_path / "x.safetensors")]) == 2
+    assert "step_00000002 is corrupt (meta.json: " in capsys.readouterr().err
+
+
 def _edit(folder: Path, name: str, edit) -> None:
     """Change one JSON file of a checkpoint with `edit(record)`, keeping the manifest consistent."""
     record = json.loads((folder / name).read_text())
@@ -313,11 +328,82 @@ def test_a_checkpoint_write_error_other_than_a_full_disk_is_one_message_and_keep
 
     monkeypatch.setattr(module, name, read_only_at_the_second_checkpoint)
     cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run", *RUN])
+    ckpts = tmp_path / "run" / "checkpoints"
+    if where == "latest":  # the step folder was published: it is complete, and the message says that --resume takes it
+        with pytest.raises(SetupError, match=r"checkpoint .*step_00000002 is complete, but .*latest could not name "
+                                             r"it \(.*Read-only file system\); --resume takes the newest"):
+            train(cfg, loader=SyntheticLoader(batch_size=4))
+        assert (ckpts / "latest").read_text() == "step_00000001" and not list(ckpts.glob("*.tmp"))
+        monkeypatch.undo()
+        cfg.train.max_steps = 3
+        assert train(cfg, resume=True, loader=SyntheticLoader(batch_size=4)).step == 3
+        assert [r["step"] for r in metric_records(tmp_path / "run")] == [1, 2, 3]
+        return
     with pytest.raises(SetupError, match=r"cannot (write|finish) checkpoint step_00000002 in .*checkpoints "
                                          r"\(.*Read-only file system\).*previous checkpoint is .*step_00000001"):
         train(cfg, loader=SyntheticLoader(batch_size=4))
+    assert (ckpts / "latest").read_text() == "step_00000001" and not list(ckpts.glob("*.tmp"))
+
+
+def test_a_write_cut_short_with_room_on_the_disk_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    """torch's zip writer reports a short write as 'unexpected pos' with no errno; a file-size limit (ulimit -f) ended
+    in "no space left on the device ... (65 GB free now)", with the wrong advice."""
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+    from synthetic import TINY_OVERRIDES, SyntheticLoader
+
+    from terrafm.config import load_config
+
+    original = dcp_filesystem._write_item
+
+    def short_write_at_the_second_checkpoint(*args, **kwargs):
+        if (tmp_path / "run" / "checkpoints" / "step_00000001").exists():
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dcp_filesystem, "_write_item", short_write_at_the_second_checkpoint)
+    cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run", *RUN])
+    with pytest.raises(SetupError, match=r"cannot write checkpoint step_00000002 in .*: a write stopped short "
+                                         r"\(.*unexpected pos.*\) with .* GB free .*file-size limit.*previous "
+                                         r"checkpoint is .*step_00000001") as caught:
+        train(cfg, loader=SyntheticLoader(batch_size=4))
+    assert "no space left" not in str(caught.value)
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000001" and not list(ckpts.glob("*.tmp"))
+
+
+def test_a_second_ctrl_c_inside_a_checkpoint_save_or_load_is_an_interrupt(tmp_path, monkeypatch):
+    """DCP catches a KeyboardInterrupt in its save or load and raises a CheckpointException holding it: a second Ctrl-C
+    during a save was a traceback (exit 1), during a resume "it does not fit this model" (exit 2). Both are the stop
+    they are (KeyboardInterrupt: exit 130, `latest` untouched)."""
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+    from synthetic import TINY_OVERRIDES, SyntheticLoader
+
+    from terrafm.config import load_config
+
+    original = dcp_filesystem._write_item
+
+    def ctrl_c_at_the_second_checkpoint(*args, **kwargs):
+        if (tmp_path / "run" / "checkpoints" / "step_00000001").exists():
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dcp_filesystem, "_write_item", ctrl_c_at_the_second_checkpoint)
+    cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run", *RUN])
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, loader=SyntheticLoader(batch_size=4))
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000001"
+    monkeypatch.undo()
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dcp_filesystem.FileSystemReader, "read_data", ctrl_c)
+    cfg.train.max_steps = 3
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, resume=True, loader=SyntheticLoader(batch_size=4))
+    monkeypatch.undo()
+    assert train(cfg, resume=True, loader=SyntheticLoader(batch_size=4)).step == 3
 
 
 def test_a_checkpoints_path_that_is_a_file_stops_the_run_before_training(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The training loop in-process: monitors are logged, NaN and collapse stop the run clearly, the CLI and export work."""
 
+import errno
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from terrafm.data.prepare import convert
 from terrafm.data.sample import ensure_sample_shards
 from terrafm.data.shards import ShardSet
 from terrafm.models import build_model, load_checkpoint
-from terrafm.train.trainer import CollapseError, NonFiniteLossError, train
+from terrafm.train.trainer import CollapseError, NonFiniteLossError, SetupError, train
 
 
 def tiny_config(tmp_path, *overrides):
@@ -66,6 +67,48 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         train(cfg, loader=NaNLoader(3))
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000002" and not list(ckpts.glob("*.tmp"))
+
+
+def test_nan_loss_before_any_checkpoint_points_at_the_inputs_or_at_a_fresh_start(tmp_path):
+    """Both used to end "no checkpoint was written yet. Resume from it with a lower optim.lr": no checkpoint to resume
+    from, and at step 0 no update has been made, so the lr is not what made the loss NaN."""
+    cfg = tiny_config(tmp_path, "train.max_steps=6", "train.checkpoint_every=4")
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 0 .*no step has updated the initial weights: "
+                                                 r"look at the inputs first") as caught:
+        train(cfg, loader=NaNLoader(1))
+    assert "Resume from it" not in str(caught.value)
+    cfg = tiny_config(tmp_path / "later", "train.max_steps=6", "train.checkpoint_every=4")
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 1 .*no checkpoint was written yet. Start again "
+                                                 r"with a lower optim.lr") as caught:
+        train(cfg, loader=NaNLoader(2))
+    assert "Resume from it" not in str(caught.value)
+
+
+def test_a_full_disk_when_the_run_claims_its_folder_names_the_folder(tmp_path, monkeypatch):
+    """The lock line was buffered: its failed flush raised the run folder's message, then closing the file at the end of
+    the run raised ENOSPC again, which replaced it with the generic "terrafm: No space left on device writing the
+    output"."""
+    real_write = os.write
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".lock"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(SetupError, match=r"cannot write the run folder .*run: No space left on device"):
+        train(tiny_config(tmp_path, "train.max_steps=1"), loader=SyntheticLoader(batch_size=4))
+
+
+def test_a_name_too_long_is_one_message(tmp_path, capsys):
+    """ENAMETOOLONG from the run folder's first stat was a traceback and exit 1."""
+    long = tmp_path / ("y" * 256)
+    for args in (["--out", str(long)], ["--out", str(tmp_path / "run"), "--resume-from", str(long)],
+                 ["--out", str(long), "--resume"]):
+        assert main(["pretrain", *args, "train.max_steps=1", "train.probe=false"]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("terrafm: file name too long: ") and "yyyy" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_reports_a_bad_key_with_the_valid_ones(capsys):
