@@ -18,6 +18,7 @@ else
   [ -f .venv-swap.skipped ] && reason="$(cat .venv-swap.skipped)"
   echo "NOT RUN: accelerate_vit tests on real timm/torchvision ViTs ($reason)." \
        "The Hugging Face ViT swap tests above ran in .venv."
+  if [ "${TERRAFM_REQUIRE_SWAP_ENV:-0}" = "1" ]; then exit 1; fi  # CI: they must run
 fi
 mkdir -p results
 .venv/bin/python -m terrafm_kernels.compile_report --strict --json results/compile_report.json

@@ -1,7 +1,9 @@
 """Microbenchmarks of every bench op through pytest-benchmark (`pytest tests/bench/test_microbench.py
 --benchmark-only` to compare runs); cheap enough to run as plain tests: tiny shapes, a few rounds.
 
-Each also checks the timed provider's result against the eager reference, so a fast wrong kernel fails.
+On CUDA each also checks the timed provider's result against the eager reference (test_fused_kernel), so a fast
+wrong kernel fails; on CPU the kernels' correctness is tests/kernels' (interpreter, float64 oracle) and these only
+time the eager reference.
 """
 
 import pytest
