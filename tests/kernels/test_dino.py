@@ -347,6 +347,28 @@ def test_dino_forward_local_and_global_crops(K, dtype, device):
     _check_loss_and_grad("global crops", kernel, plain, want, rel)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_student_cross_entropy_gpu_tiles_match_dinov2(dtype, device, monkeypatch):
+    """The student cross-entropy's GPU plan ((4, 512) tiles, K split for 4 programs per SM) on a shape ragged
+    against it (K = 1300: two whole steps and a ragged one; 7 rows: a ragged row block): on CPU the interpreter runs
+    it in place of its own (4, 4096) tiles."""
+    monkeypatch.setattr(dino_student_ce, "interpreted", lambda tensor: False)
+    K, B = 1300, 7
+    assert dino_student_ce.launch_plan(B, K, 4)[:2] == (dino_student_ce.GPU_BLOCK_R, dino_student_ce.GPU_BLOCK_K)
+    loss = DINOLoss(K, student_temp=0.1).to(device)
+    assert loss.backend == "triton"  # the kernel: under the interpreter on CPU
+    teacher = _probs((2, B, K), device)
+    student = _logits((2 * B, K), 50.0, dtype, device)
+
+    def dinov2(x, dt):
+        return oracle.dino_forward(x.chunk(2), teacher.cpu(), 0.1, dtype=dt)
+
+    kernel = _grad_run(lambda x: loss(x.chunk(2), teacher), student)
+    plain = _grad_run(lambda x: dinov2(x, torch.float32), student.cpu())
+    want = _grad_run(lambda x: dinov2(x, torch.float64), student.cpu())
+    _check_loss_and_grad("GPU tiles", kernel, plain, want, REL[dtype])
+
+
 def _masks(B, N, device):
     masks = torch.zeros(B, N, dtype=torch.bool)
     masks[1, ::3] = True  # image 0: no masked patch; image 1: some; image 2: all

@@ -60,6 +60,25 @@ def test_matches_float64_reference(T, M, A, Q, H, dtype, device):
     _check(T, M, A, Q, H, dtype, device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,M,A,Q,H", [
+    (150, 3, 48, 5, 4),  # forward: 16-position tiles, the tenth ragged; head backward: 128 and a ragged 22, in 8s
+    (37, 2, 96, 5, 2),   # two sensors paired in the lanes; d = 48 in 32-column chunks (16-bit) and a tail
+])
+def test_shipped_gpu_tiles_match_float64_reference(T, M, A, Q, H, dtype, device, monkeypatch):
+    """The GPU plan (GPU_BLOCK_T positions per backward program, BLOCK_P / GPU_BLOCK_P_HEAD positions per tile) on
+    shapes ragged against it: on CPU the interpreter runs it in place of its own 4 / 2 positions. The precision of
+    the GPU's own arithmetic (tf32 mma.sync in the 16-position sums) is gpu_check's to prove."""
+    import importlib
+
+    module = importlib.import_module("terrafm_kernels.fusion")
+    monkeypatch.setattr(module, "interpreted", lambda tensor: False)
+    plan = module.launch_plan(T, M, Q, A, H, torch.tensor([], dtype=dtype).element_size())
+    assert plan["BLOCK_T"] == module.GPU_BLOCK_T and plan["BLOCK_P_HEAD"] == module.GPU_BLOCK_P_HEAD
+    assert plan["BLOCK_P"] > module.INTERPRETER_BLOCK_P
+    _check(T, M, A, Q, H, dtype, device)
+
+
 @settings(max_examples=5, deadline=None)
 @given(T=st.integers(1, 9), M=st.integers(1, 5), d=st.integers(1, 20), H=st.integers(1, 3),
        Q=st.integers(1, 6), seed=st.integers(0, 100))
