@@ -92,6 +92,22 @@ def test_matches_float64_oracle(S, T, B, K, D, dtype, device):
     _check(S, T, B, K, D, dtype, device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", [40, 300])
+def test_shipped_gpu_tiles_match_float64_oracle(D, dtype, device, monkeypatch):
+    """The GPU configs (16-bit: 64-row x 32-prototype tiles by tensor descriptor; fp32: 16 x 16 IEEE dots; 256-column
+    D blocks, two of them at D = 300) on shapes ragged against them (18 rows, 300 prototypes): on CPU the interpreter
+    runs them in place of its own 16-wide tiles."""
+    import importlib
+
+    module = importlib.import_module("terrafm_kernels.dino_head_loss")
+    monkeypatch.setattr(module, "interpreted", lambda tensor: False)
+    plan = module.LaunchPlan.for_tensor(torch.empty(0, dtype=dtype), 300, D)
+    assert plan.config == module.CONFIGS["fp32" if dtype == torch.float32 else "16bit"]
+    assert plan.tma == (dtype != torch.float32)
+    _check(2, 2, 9, 300, D, dtype, device)
+
+
 def test_separate_teacher_weight(device):
     _check(4, 2, 2, 50, 16, torch.float32, device, separate_teacher=True)
 

@@ -51,7 +51,7 @@ def test_matches_float64_oracle(R, K, dtype, device):
     _check(R, K, dtype, device)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_shipped_gpu_tiles_match_float64_oracle(dtype, device, monkeypatch):
     """The GPU plan ((1, 8192) row chunks, (8, 512) column tiles) on a shape ragged against it: on CPU the
     interpreter runs it in place of its own small tiles."""
