@@ -115,9 +115,10 @@ class Loader:
                              f"(tiles: {counts}); set data.modalities to a subset the locations share")
         self.coverage = self._coverage(tiles)
         counts, keys = self.shards.class_counts[self.records], self.shards.keys[self.records]
-        self.sampler = LandCoverSampler(counts, cfg.beta, rank, world_size, self.seed, keys=keys,
+        strata = region_strata(keys) if cfg.region_beta > 0 else None
+        self.sampler = LandCoverSampler(counts, cfg.beta, rank, world_size, self.seed, strata=strata,
                                         region_beta=cfg.region_beta, ocean_keep=cfg.ocean_keep)
-        self.sampling_note = _sampling_note(counts, keys, cfg)
+        self.sampling_note = _sampling_note(counts, keys, strata, cfg)
         # what the epoch's draws depend on besides the seed, so a resume can tell that they changed
         crc = zlib.crc32(self.records.astype(np.int64).tobytes())
         crc = zlib.crc32(counts.astype(np.int64).tobytes(), crc)
@@ -317,12 +318,11 @@ class Loader:
         return out
 
 
-def _sampling_note(class_counts: np.ndarray, keys: np.ndarray, cfg: DataConfig) -> str:
+def _sampling_note(class_counts: np.ndarray, keys: np.ndarray, strata: np.ndarray | None, cfg: DataConfig) -> str:
     """What the region and open-water factors of the sampling weights do here ('' when nothing): a run whose keys
     are not Major-TOM grid cells, or that has open water, should say how it is sampled."""
     notes = []
-    if cfg.region_beta > 0:
-        strata = region_strata(keys)
+    if strata is not None:
         known = strata >= 0
         if not known.any():
             notes.append(f"data.region_beta {cfg.region_beta} has no effect: no location key is a Major-TOM grid "

@@ -86,13 +86,13 @@ def land_cover_weights(class_counts: np.ndarray, beta: float) -> np.ndarray:
     return w / w.sum()
 
 
-def sampling_weights(class_counts: np.ndarray, beta: float, keys=None, region_beta: float = 0.0,
-                     ocean_keep: float = 1.0) -> np.ndarray:
-    """(N,) float64 sampling probabilities: land_cover_weights x the region factor (keys' strata) x ocean_keep for
-    open water (the module docstring)."""
+def sampling_weights(class_counts: np.ndarray, beta: float, strata: np.ndarray | None = None,
+                     region_beta: float = 0.0, ocean_keep: float = 1.0) -> np.ndarray:
+    """(N,) float64 sampling probabilities: land_cover_weights x the region factor (strata: region_strata of the
+    locations' keys) x ocean_keep for open water (the module docstring)."""
     w = land_cover_weights(class_counts, beta)
-    if region_beta > 0 and keys is not None and len(w):
-        strata = region_strata(keys)
+    if region_beta > 0 and strata is not None and len(w):
+        strata = np.asarray(strata)
         known = strata >= 0
         if known.any():
             _, inverse, counts = np.unique(strata[known], return_inverse=True, return_counts=True)
@@ -113,13 +113,13 @@ class LandCoverSampler:
     """Indices for one rank: iterate, or `epoch_indices(epoch)`; `state_dict` resumes mid-epoch."""
 
     def __init__(self, class_counts: np.ndarray, beta: float = 0.5, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, num_samples: int | None = None, keys=None, region_beta: float = 0.0,
-                 ocean_keep: float = 1.0):
+                 seed: int = 0, num_samples: int | None = None, strata: np.ndarray | None = None,
+                 region_beta: float = 0.0, ocean_keep: float = 1.0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if len(class_counts) == 0:
             raise ValueError("LandCoverSampler: the dataset has no records")
-        self.weights = sampling_weights(class_counts, beta, keys, region_beta, ocean_keep)
+        self.weights = sampling_weights(class_counts, beta, strata, region_beta, ocean_keep)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         total = num_samples or len(self.weights)
         self.per_rank = -(-total // world_size)

@@ -123,15 +123,15 @@ def test_region_strata_are_latitude_band_by_longitude_sector():
 
 
 def test_region_balancing_gives_each_stratum_its_share():
-    keys = ["0U_0R/0_0"] * 90 + ["433U_1203R/0_0"] * 10 + ["tile/0_0"] * 5
-    c = np.ones((len(keys), 11), int)
+    strata = region_strata(["0U_0R/0_0"] * 90 + ["433U_1203R/0_0"] * 10 + ["tile/0_0"] * 5)
+    c = np.ones((len(strata), 11), int)
     share = lambda w: (w[:90].sum(), w[90:100].sum())  # noqa: E731
-    np.testing.assert_allclose(sampling_weights(c, 0.5, keys, 0.0), land_cover_weights(c, 0.5))
-    w = sampling_weights(c, 0.0, keys, 1.0)
+    np.testing.assert_allclose(sampling_weights(c, 0.5, strata, 0.0), land_cover_weights(c, 0.5))
+    w = sampling_weights(c, 0.0, strata, 1.0)
     np.testing.assert_allclose(share(w)[0], share(w)[1])  # region_beta 1: each stratum the same share
     # keys of no grid cell: the mean factor of the located locations, (90 / 90 + 10 / 10) / 100, against 1 / 90
     np.testing.assert_allclose(w[100:] / w[0], 0.02 * 90)
-    w = sampling_weights(c, 0.0, keys, 0.5)
+    w = sampling_weights(c, 0.0, strata, 0.5)
     np.testing.assert_allclose(w[90] / w[0], 3.0)  # (90 / 10) ** 0.5
     assert np.isclose(w.sum(), 1.0)
 
