@@ -63,7 +63,10 @@ struct Axis {  // source indices and weights of one output axis (PyTorch upsampl
     }
     const float scale = static_cast<float>(in) / static_cast<float>(out);
     for (int64_t d = 0; d < out; ++d) {
-      float real = scale * (static_cast<float>(d) + 0.5f) - 0.5f;
+      // one rounding, as PyTorch's vectorised (FMA) kernel: rounded twice, the weight of a pixel next to a large
+      // step differed by half an ulp of the coordinate (0.31 vs 0.17 on a 534 px float16 tile), and a weight of
+      // 1.5e-8 became 0 (an inf pixel then spread as NaN where PyTorch spreads inf)
+      float real = std::fma(scale, static_cast<float>(d) + 0.5f, -0.5f);
       if (real < 0.f) real = 0.f;
       const int64_t j = static_cast<int64_t>(real);
       const float l1 = std::min(std::max(real - static_cast<float>(j), 0.f), 1.f);
@@ -122,6 +125,10 @@ bool is_c_array(const py::handle& a) {  // numpy array of exactly T (native byte
   return py::isinstance<py::array_t<T, py::array::c_style>>(a);
 }
 
+bool aligned(const py::array& a) {  // a view at an odd byte offset is C-contiguous but not aligned for its type
+  return a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+}
+
 bool is_c_half(const py::array& a) {  // the same for float16, which has no C++ type: NPY_HALF is type number 23
   return a.dtype().num() == 23 && a.dtype().byteorder() != '>' && (a.flags() & py::array::c_style);
 }
@@ -133,8 +140,13 @@ void render_view(const std::vector<py::array>& tiles, bool is_half, py::array_t<
   const int64_t B = static_cast<int64_t>(tiles.size());
   const int64_t C = band_index.size();
   // out is taken as is: a converted copy (another dtype, a strided view) would take the result and be dropped
-  if (!is_c_array<float>(out) || !out.writeable())
-    throw std::invalid_argument("render_view: out must be a writeable C-contiguous float32 array");
+  if (!is_c_array<float>(out) || !out.writeable() || !aligned(out))
+    throw std::invalid_argument("render_view: out must be a writeable, aligned, C-contiguous float32 array");
+  for (const auto& [name, a] : {std::pair<const char*, const py::array*>{"band_index", &band_index}, {"mean", &mean},
+                                {"std", &std}, {"boxes", &boxes}})
+    if (!aligned(*a))
+      throw std::invalid_argument(std::string("render_view: ") + name + " is not aligned for its dtype (a view at an "
+                                  "odd byte offset); pass a copy");
   if (out.ndim() != 4 || out.shape(0) != B || out.shape(1) != C || out.shape(2) != out.shape(3))
     throw std::invalid_argument("render_view: out must be (B, C, s, s) float32 with B = len(tiles), C = len(band_index)");
   if (mean.size() != C || std.size() != C) throw std::invalid_argument("render_view: mean/std need one value per band");
@@ -159,6 +171,9 @@ void render_view(const std::vector<py::array>& tiles, bool is_half, py::array_t<
       throw std::invalid_argument("render_view: tile " + std::to_string(b) +
                                   " must be a C-contiguous (C, T, T) uint16 or float16 array of native byte order, got " +
                                   std::string(py::str(t.dtype())) + " with ndim " + std::to_string(t.ndim()));
+    if (!aligned(t))
+      throw std::invalid_argument("render_view: tile " + std::to_string(b) +
+                                  " is not aligned for its dtype (a view at an odd byte offset); pass a copy");
     if (f16 && !is_half) throw std::invalid_argument("render_view: float16 tiles need is_half=True");
     if (b == 0) first_half = f16;
     if (f16 != first_half) throw std::invalid_argument("render_view: all tiles of a view must share one dtype");

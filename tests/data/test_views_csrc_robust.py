@@ -80,7 +80,7 @@ def test_out_must_be_the_array_written():
     strided = np.zeros((1, 2, 5, 5), np.float32).transpose(0, 1, 3, 2)
     for out in (strided, np.zeros((1, 2, 5, 5), np.float16), np.zeros((1, 2, 5, 5), np.float64),
                 np.zeros((1, 2, 5, 5), ">f4")):
-        with pytest.raises(ValueError, match="out must be a writeable C-contiguous float32 array"):
+        with pytest.raises(ValueError, match="out must be a writeable, aligned, C-contiguous float32 array"):
             _render(tiles, np.arange(2), boxes, flips, 5, out=out)
         assert not out.any()
     frozen = np.zeros((1, 2, 5, 5), np.float32)
@@ -164,6 +164,47 @@ def test_non_finite_pixel_spreads_as_in_pytorch(box, s):
     got = torch.from_numpy(_render([tile], np.arange(1), boxes, flips, s))
     want = _reference([tile], np.arange(1), boxes, flips, s, np.zeros(1, np.float32), np.ones(1, np.float32))
     torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def test_a_sharp_step_on_a_full_size_tile_resizes_as_pytorch_does():
+    """The source coordinate scale * (d + 0.5) - 0.5 was rounded twice where PyTorch's kernel rounds once (FMA): next
+    to a step of 43000 in a 534 px float16 tile the 224 px view read 0.17 where PyTorch reads 0.31. Also a 1 px inf
+    upscaled: a weight of 1.5e-8 came out 0, and inf * 0 spread NaN where PyTorch spreads inf."""
+    tile = np.zeros((1, 534, 534), np.float16)
+    tile[0, 105 + 38:105 + 40, 1 + 127:1 + 129] = [[24208, -18960], [9304, 20128]]
+    tile[0, 105:107, 1:4] = 30000
+    boxes, flips = np.array([(105, 1, 406, 528)], np.int32), np.zeros((1, 2), np.uint8)
+    got = torch.from_numpy(_render([tile], np.arange(1), boxes, flips, 224))
+    want = _reference([tile], np.arange(1), boxes, flips, 224, np.zeros(1, np.float32), np.ones(1, np.float32))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    assert abs(got[0, 0, 21, 54].item() - want[0, 0, 21, 54].item()) < 1e-3
+    one = np.full((1, 1, 1), -np.inf, np.float16)
+    boxes = np.array([(0, 0, 1, 1)], np.int32)
+    got = torch.from_numpy(_render([one], np.arange(1), boxes, flips, 3))
+    want = _reference([one], np.arange(1), boxes, flips, 3, np.zeros(1, np.float32), np.ones(1, np.float32))
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def _misaligned(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of `a` one byte past an aligned address: not aligned for any dtype wider than a byte."""
+    buf = np.zeros(a.nbytes + 32, np.uint8)
+    start = (-buf.ctypes.data) % 16 + 1
+    view = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    view[...] = a
+    assert view.flags.c_contiguous and not view.flags.aligned
+    return view
+
+
+@pytest.mark.parametrize("name", ["tiles", "band_index", "mean", "std", "boxes", "out"])
+def test_an_array_not_aligned_for_its_dtype_is_refused(name):
+    """A view at an odd byte offset is C-contiguous but not aligned: it was read as uint16_t* / float* / int64_t*
+    (undefined behaviour, flagged by UBSan); now it is a ValueError naming the argument."""
+    tiles, boxes, flips = _case(np.random.default_rng(9), 2, 8, np.uint16, [(0, 0, 4, 4)])
+    args = {"tiles": tiles, "band_index": np.arange(2), "mean": np.zeros(2, np.float32),
+            "std": np.ones(2, np.float32), "boxes": boxes, "out": np.zeros((1, 2, 4, 4), np.float32)}
+    args[name] = [_misaligned(t) for t in tiles] if name == "tiles" else _misaligned(args[name])
+    with pytest.raises(ValueError, match="not aligned|aligned, C-contiguous"):
+        _render(args["tiles"], args["band_index"], args["boxes"], flips, 4, args["mean"], args["std"], out=args["out"])
 
 
 def test_shape_and_index_errors_raise():
