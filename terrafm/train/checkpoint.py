@@ -214,22 +214,30 @@ def _local_bytes(state: Any) -> int:
     return state.numel() * state.element_size() if isinstance(state, torch.Tensor) else 0
 
 
-def interrupted(err: Any) -> bool:
-    """Whether a KeyboardInterrupt (a second Ctrl-C) is inside `err`: DCP catches it in a save or load and raises a
-    CheckpointException holding it, which is then no stop but a traceback or a "corrupt" checkpoint."""
-    stack, seen = [err], set()
+def _nested(err: Any) -> list[BaseException]:
+    """`err` and every exception inside it, each once, depth first: causes, contexts, args and DCP's per-rank failures
+    ((exception, traceback) pairs)."""
+    found, stack, seen = [], [err], set()
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, KeyboardInterrupt):
-            return True
         if isinstance(e, BaseException):
-            stack += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
+            found.append(e)
+            inner = [e.__cause__, e.__context__, *e.args, *getattr(e, "failures", {}).values()]
         elif isinstance(e, tuple | list):
-            stack += list(e)
-    return False
+            inner = list(e)
+        else:
+            continue
+        stack += reversed(inner)
+    return found
+
+
+def interrupted(err: Any) -> bool:
+    """Whether a KeyboardInterrupt (a second Ctrl-C) is inside `err`: DCP catches it in a save or load and raises a
+    CheckpointException holding it, which is then no stop but a traceback or a "corrupt" checkpoint."""
+    return any(isinstance(e, KeyboardInterrupt) for e in _nested(err))
 
 
 def _disk_full(err: Any) -> str | None:
@@ -240,19 +248,13 @@ def _disk_full(err: Any) -> str | None:
 def _os_error(err: Any, full_only: bool = False) -> str | None:
     """The OSError inside `err` (itself, DCP's per-rank failures, causes) as one line, or None; full_only: only
     ENOSPC / EDQUOT (and torch's zip writer's 'unexpected pos', its ENOSPC)."""
-    if isinstance(err, OSError) and (not full_only or err.errno in (errno.ENOSPC, errno.EDQUOT)):
-        return f"{type(err).__name__}: {err}"
-    if isinstance(err, BaseException):
-        inner = [err.__cause__, err.__context__, *err.args, *getattr(err, "failures", {}).values()]
-    elif isinstance(err, tuple | list):
-        inner = list(err)
-    else:
-        return None
-    for e in inner:
-        if e is not None and e is not err and (found := _os_error(e, full_only)):
-            return found
-    if isinstance(err, BaseException) and "unexpected pos" in str(err):  # torch's zip writer on ENOSPC
-        return str(err).splitlines()[0][:200]
+    nested = _nested(err)
+    for e in nested:
+        if isinstance(e, OSError) and (not full_only or e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return f"{type(e).__name__}: {e}"
+    for e in reversed(nested):  # the innermost: torch's zip writer on ENOSPC (or a file-size limit: save() tells)
+        if "unexpected pos" in str(e):
+            return str(e).splitlines()[0][:200]
     return None
 
 
