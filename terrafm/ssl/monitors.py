@@ -41,7 +41,7 @@ def teacher_monitors(teacher_probs: torch.Tensor) -> dict[str, torch.Tensor]:
     cosine = ((unit @ unit.T) * different).sum() / different.sum().clamp_min(1)
     if B == 1:
         cosine = torch.full_like(cosine, math.nan)
-    prototypes = torch.zeros(K, device=p.device).index_fill_(0, p.argmax(1), 1.0).sum()
+    prototypes = torch.zeros(K, device=p.device).index_fill_(0, p.argmax(1), 1.0).sum().long()  # a count
     return {"teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy,
             "teacher_entropy_gap": batch_entropy - entropy, "teacher_prototypes": prototypes,
             "teacher_cosine": cosine}

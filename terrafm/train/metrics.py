@@ -111,7 +111,7 @@ class MetricsLogger:
             monitors = dict(gap=f"{record['teacher_entropy_gap']:.2f}", protos=f"{record['teacher_prototypes']:.0f}")
         self.bar.set_postfix(
             loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", **monitors, img_s=f"{record['img_per_s']:.1f}",
-            mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", mem=f"{record['mem_gb']:.1f}G", refresh=False,
+            mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", mem=f"{record['mem_gb']:.1f}G",
         )
 
     def _append(self, data: bytes) -> None:

@@ -888,7 +888,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
         logger.write(f"warning: train.profile: this run trains steps {step} to {total_steps}, so it never reaches "
                      f"train.profile_steps={list(t.profile_steps)}'s first step: no trace will be written")
     latest = resume_from
-    last_diagnosis = None
+    last_state = None  # "collapse" or "uniform targets" last logged: warned once per change
+    hard_stop = False  # a second Ctrl-C: stop at once, without drawing the curves
     try:
         if step < total_steps:  # the ranks agree on the first batch before any collective of the forward
             waited = time.perf_counter()
@@ -950,8 +951,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
             else:  # the update was skipped; the teacher outputs were finite, so centres and EMA still update
                 skipped_steps += 1
                 nonfinite_streak += 1
-                logger.write(f"step {step}: gradient norm is {grad_norm} with a finite loss; AdamW step skipped "
-                             f"({nonfinite_streak} in a row, {skipped_steps} in all)")
+                logger.write(f"step {step + 1}: gradient norm is {grad_norm} with a finite loss; AdamW step skipped "
+                             f"({nonfinite_streak} in a row, {skipped_steps} in all)")  # step as metrics.jsonl counts
                 if nonfinite_streak >= t.max_nonfinite_grad_steps:
                     where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
                     raise NonFiniteGradError(
@@ -974,12 +975,13 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                     shared = [diagnosis]
                     dist.broadcast_object_list(shared, src=0)
                     diagnosis = shared[0]
-                if diagnosis and diagnosis != last_diagnosis:
+                state = diagnosis.split(":", 1)[0] if diagnosis else None  # its numbers change at every log
+                if state and state != last_state:
                     logger.write(f"warning at step {step}: {diagnosis} (docs/training.md, 'Reading the monitors')")
                 if diagnosis and t.stop_on_collapse:
                     where = f"the last checkpoint is {latest}" if latest else "no checkpoint was written yet"
                     raise CollapseError(f"stopped at step {step} (train.stop_on_collapse): {diagnosis}; {where}")
-                last_diagnosis = diagnosis
+                last_state = state
                 throughput.reset()
             if profiler is not None and step == t.profile_steps[1]:
                 export_profile(profiler, run_dir, env.rank)
@@ -999,6 +1001,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                     dist.barrier()  # could end the step (srun --kill-on-bad-exit) with rank 0 still writing it
                 logger.write(f"stop signal received: checkpoint {latest} written at step {step}; exiting for requeue")
                 return TrainResult(run_dir, step, latest, preempted=True)
+    except KeyboardInterrupt:
+        hard_stop = True
+        raise
     finally:
         if profiler is not None:  # the run ended inside train.profile_steps: keep the steps it traced
             try:
@@ -1010,21 +1015,33 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                              f"written ({type(err).__name__}: {err})")
         batches.close()
         logger.close()
+        # also when the run stops early (a signal, collapse, a NaN): metrics.jsonl has records the old PNG lacks
+        png = _curves(run_dir) if env.rank == 0 and not hard_stop else None
     probe = None
     if probe_sample:
         last_temp = schedules.teacher_temperature(max(step - 1, 0), temp_warmup_steps, s.warmup_teacher_temperature,
                                                   s.teacher_temperature)
-        probe = _probe(cfg, arch, loader, last_temp, env.device.type, env.rank, run_dir)
+        probe = _probe(cfg, arch, loader, last_temp, env.device.type, env.rank, run_dir, step)
     if env.rank == 0:
-        png = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         print(f"done: {step} steps. checkpoint {latest}\n  metrics {run_dir / 'metrics.jsonl'}\n"
               f"  tensorboard {run_dir / 'tensorboard'}\n  curves {png}"
               + (f"\n  {probe.summary()}" if probe is not None else ""))
     return TrainResult(run_dir, step, latest, preempted=False, probe=probe)
 
 
+def _curves(run_dir: Path) -> Path | None:
+    """run_dir/curves.png from metrics.jsonl, or None; a PNG that cannot be written (a full disk) is a warning, not
+    what a run that has written its checkpoints and metrics fails for."""
+    try:
+        return plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    except (OSError, ValueError, RuntimeError) as err:
+        print(f"warning: {run_dir / 'curves.png'} not written ({type(err).__name__}: {err})", file=sys.stderr,
+              flush=True)
+        return None
+
+
 def _probe(cfg: Config, arch: SSLMetaArch, loader: Any, teacher_temp: float, device: str, rank: int,
-           run_dir: Path) -> Any:
+           run_dir: Path, step: int) -> Any:
     """kNN of the final teacher on held-out generated tiles vs a random-init backbone and band statistics
     (terrafm.eval.learning); written to run_dir/probe.json. Every rank gathers the teacher, rank 0 probes."""
     from terrafm.eval.learning import HELDOUT_CELLS, heldout_split, probe
@@ -1052,5 +1069,7 @@ def _probe(cfg: Config, arch: SSLMetaArch, loader: Any, teacher_temp: float, dev
     center = (loss.alpha * loss.center + (1.0 - loss.alpha) * loss.center_high).detach().cpu()
     result = probe(teacher.backbone, teacher.head, random_backbone, heldout, modality, cfg.model.img_size, center,
                    teacher_temp)
-    atomic_write_bytes(run_dir / "probe.json", (json.dumps(result.to_dict(), indent=1) + "\n").encode())
+    # the step it probed: a later run resumed with train.probe=false leaves this file as it was
+    record = {"step": step, **result.to_dict()}
+    atomic_write_bytes(run_dir / "probe.json", (json.dumps(record, indent=1) + "\n").encode())
     return result

@@ -21,6 +21,7 @@ from terrafm.data.prepare import convert
 from terrafm.data.sample import ensure_sample_shards
 from terrafm.data.shards import ShardSet
 from terrafm.models import build_model, load_checkpoint
+from terrafm.ssl.monitors import collapse_state
 from terrafm.train.trainer import CollapseError, NonFiniteLossError, SetupError, train
 
 
@@ -38,6 +39,7 @@ def test_trainer_logs_the_collapse_monitors_and_stops_on_collapse_when_told(tmp_
         train(cfg, loader=SyntheticLoader(num_samples=16, batch_size=8))
     out, err = capsys.readouterr()
     assert "warning at step" in out + err
+    assert (tmp_path / "run" / "curves.png").exists()  # drawn when a run stops, not only when it ends
     records = metric_records(tmp_path / "run")
     assert records  # the loop below checked nothing for a run that logged no record
     for r in records:
@@ -111,6 +113,22 @@ def test_a_name_too_long_is_one_message(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_lasting_collapse_warns_once_not_at_every_logged_step(tmp_path, capsys):
+    """The warning was repeated whenever its printed numbers changed (a gap of 0.000 and then -0.000): once per
+    change of state (healthy, collapse, uniform targets) is what the docs promise."""
+    cfg = tiny_config(tmp_path, "train.max_steps=6", "train.checkpoint_every=100", "data.batch_size=8",
+                      "train.collapse_gap=100", "train.log_every=1", "optim.warmup_epochs=0")
+    train(cfg, loader=SyntheticLoader(num_samples=16, batch_size=8))
+    out, err = capsys.readouterr()
+    warned = [int(line.split("warning at step ", 1)[1].split(":", 1)[0]) for line in (out + err).splitlines()
+              if "warning at step" in line]
+    records = metric_records(tmp_path / "run")
+    states = [collapse_state(r, cfg.ssl.num_prototypes, 100.0).split(":", 1)[0] for r in records]  # none healthy
+    changes = [r["step"] for i, r in enumerate(records) if i == 0 or states[i] != states[i - 1]]
+    assert warned == changes and len(warned) < len(records), (warned, states)
+    assert all(type(r["teacher_prototypes"]) is int for r in records)  # a count, logged as one
+
+
 def test_cli_reports_a_bad_key_with_the_valid_ones(capsys):
     assert main(["pretrain", "train.max_step=3"]) == 2
     err = capsys.readouterr().err
@@ -122,7 +140,8 @@ def test_default_pretrain_on_the_sample_tiles_then_export_round_trip(tmp_path, c
     assert main(["pretrain", "--out", str(run_dir), "train.max_steps=2", "train.log_every=1"]) == 0
     assert (run_dir / "checkpoints" / "step_00000002" / ".metadata").exists()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
-    assert "probe on held-out generated tiles" in capsys.readouterr().out and (run_dir / "probe.json").exists()
+    assert "probe on held-out generated tiles" in capsys.readouterr().out
+    assert json.loads((run_dir / "probe.json").read_text())["step"] == 2  # the step it probed
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")) and (run_dir / "curves.png").exists()
     # a second fresh run into the same folder is refused; --resume continues (here: already complete)
     assert main(["pretrain", "--out", str(run_dir), "train.max_steps=2"]) == 2
