@@ -6,11 +6,15 @@ the trainer's PreemptionFlag replays what arrived (`take`) when it installs its 
 after its first step as any other does.
 """
 
+import os
 import signal
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 _received: list[int] = []
 _original: dict[int, object] = {}
+# Signals recorded before `terrafm pretrain --nproc N` became torchrun (exec keeps the environment, not handlers):
+# every rank replays them
+PENDING_ENV = "TERRAFM_PENDING_STOP"
 
 
 def _record(signum, frame) -> None:
@@ -26,10 +30,18 @@ def record() -> None:
 
 
 def take() -> list[int]:
-    """The signals recorded so far, in order, forgotten here."""
-    got = list(_received)
+    """The signals recorded so far, in order (first those handed on by the launcher), forgotten here."""
+    handed = [int(s) for s in os.environ.pop(PENDING_ENV, "").split(",") if s.strip().isdigit()]
+    got = handed + list(_received)
     _received.clear()
     return got
+
+
+def hand_on(environ) -> None:
+    """Before exec: put the signals recorded so far into `environ` for the processes the exec starts to `take`."""
+    pending = take()
+    if pending:
+        environ[PENDING_ENV] = ",".join(str(s) for s in pending)
 
 
 def original(sig: int, handler):

@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from terrafm import stop_signals
 from terrafm.config import DEFAULT_PRESET, ConfigError, load_config, parse_override, presets
 
 
@@ -111,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(f"terrafm pretrain: configuration error: --nproc {args.nproc}: {err}", file=sys.stderr)
             return 2
-        # exec, not a child process: signals (SIGTERM, SLURM's SIGUSR1) reach torchrun directly
+        # exec, not a child process: signals (SIGTERM, SLURM's SIGUSR1) reach torchrun directly; one that arrived
+        # while this command started goes to the ranks, which replay it (stop after the first step)
+        stop_signals.hand_on(os.environ)
         cmd = _torchrun_command(args)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -124,6 +127,25 @@ def run(args: argparse.Namespace) -> int:
         # a requeued job continues its own run (also one killed before its first `latest`); --resume-from started it
         resume = True
     return end_of_rank(train_exit_code(cfg, resume), program=getattr(args, "as_program", False))
+
+
+def _where_to_resume(cfg) -> str:
+    latest = Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints" / "latest"
+    return (f"{latest} names the last complete checkpoint (--resume continues from it)" if latest.is_file() else
+            "no checkpoint was completed (--resume starts the run over)")
+
+
+# What gloo and NCCL raise when a peer rank is gone or silent: a killed or stopped rank, a lost node, a timeout.
+COLLECTIVE_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out after",
+                       "NCCL communicator was aborted", "NCCL error")
+
+
+def collective_failure(err: BaseException) -> bool:
+    """Whether `err` is a collective that failed because of another rank (torch's DistError, or gloo's and NCCL's
+    RuntimeErrors naming a lost peer or a timeout), not this rank's own fault."""
+    import torch.distributed as dist
+
+    return isinstance(err, getattr(dist, "DistError", ())) or any(text in str(err) for text in COLLECTIVE_FAILURES)
 
 
 def end_of_rank(code: int, program: bool = False) -> int:
@@ -162,12 +184,15 @@ def train_exit_code(cfg, resume, loader=None) -> int:
         print(f"terrafm pretrain: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; a checkpoint being written is left as .tmp
-        latest = Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints" / "latest"
-        where = (f"{latest} names the last complete checkpoint (--resume continues from it)" if latest.is_file() else
-                 "no checkpoint was completed (--resume starts the run over)")
-        print(f"terrafm pretrain: interrupted; {where}", file=sys.stderr)
+        print(f"terrafm pretrain: interrupted; {_where_to_resume(cfg)}", file=sys.stderr)
         return 130
     except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU allocator
+        if collective_failure(err):
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            print(f"terrafm pretrain: a collective with the other ranks failed ({first}): another rank died, was "
+                  f"stopped, or did not answer within train.collective_timeout_s={cfg.train.collective_timeout_s} s "
+                  f"(its own message, if any, is above); {_where_to_resume(cfg)}", file=sys.stderr)
+            return 1
         if not isinstance(err, torch.OutOfMemoryError) and not any(
                 text in str(err) for text in ("can't allocate memory", "Storage size calculation overflowed")):
             raise

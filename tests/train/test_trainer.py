@@ -369,6 +369,68 @@ def test_ctrl_c_stays_an_interrupt_when_torchrun_follows_it_with_sigterm(capsys)
     assert hung_up.interrupted and hung_up.signum == signal.SIGHUP
 
 
+def test_a_stop_signal_before_nproc_becomes_torchrun_reaches_the_ranks(tmp_path, monkeypatch):
+    """`terrafm pretrain --nproc N` records stop signals, then execs torchrun: exec dropped what it had recorded, and a
+    preemption in those first seconds trained on to the end (exit 0, no checkpoint at the stop). The launcher hands
+    them on in the environment; every rank's flag replays them."""
+    import os
+    import signal
+
+    from terrafm import stop_signals
+    from terrafm.train.trainer import PreemptionFlag
+
+    execs = []
+
+    def execv(path, argv):  # the process would become torchrun here: record what it would inherit, and end
+        execs.append(dict(os.environ))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.delenv(stop_signals.PENDING_ENV, raising=False)
+    before = {sig: signal.getsignal(sig) for sig in stop_signals.SIGNALS}
+    try:
+        stop_signals.record()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with pytest.raises(SystemExit):
+            main(["pretrain", "--nproc", "2", "--out", str(tmp_path / "run"), "train.max_steps=1"])
+        assert execs and execs[0][stop_signals.PENDING_ENV] == str(int(signal.SIGUSR1))
+        flag = PreemptionFlag()  # a rank: it inherits the environment
+        flag.install()
+        assert flag.signum == signal.SIGUSR1 and not flag.interrupted
+        assert stop_signals.PENDING_ENV not in os.environ and stop_signals.take() == []  # replayed once
+        flag.restore()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        os.environ.pop(stop_signals.PENDING_ENV, None)
+
+
+def test_a_collective_that_fails_because_of_another_rank_is_one_message(tmp_path, monkeypatch, capsys):
+    """gloo's "Connection closed by peer" (a killed rank) and its receive timeout (a stopped one) were a 40-line
+    traceback on the surviving rank; other RuntimeErrors still surface as they are."""
+    import terrafm.train.trainer as trainer_module
+    from terrafm.train.cli import train_exit_code
+
+    cfg = tiny_config(tmp_path)
+    for text in ("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:7555",
+                 "[../gloo/transport/unbound_buffer.cc:78] Timed out waiting 10000ms for recv operation to complete"):
+        def lost_peer(*args, text=text, **kwargs):
+            raise RuntimeError(text)
+
+        monkeypatch.setattr(trainer_module, "train", lost_peer)
+        assert train_exit_code(cfg, False) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"terrafm pretrain: a collective with the other ranks failed ({text})") and \
+            "train.collective_timeout_s=" in err and "no checkpoint was completed" in err and len(err.splitlines()) == 1
+
+    def own_bug(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(trainer_module, "train", own_bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train_exit_code(cfg, False)
+
+
 def test_a_stop_signal_during_the_commands_imports_is_replayed_to_the_trainer():
     """A SLURM preemption in the seconds `terrafm pretrain` spends importing torch killed the process (exit 143,
     no checkpoint, no requeue): the command records stop signals from its first line, and the trainer's flag
