@@ -17,7 +17,8 @@ Beside them:
     swap                accelerate_vit: the kernels swapped into timm / torchvision / HF ViTs
     compile_report      AOT compile of every shipped config, with efficiency counts
     _common             the one input-validation helper (check_tensor) and launch helpers
-Imports inside this package are relative, so the folder can be copied into another project.
+Imports inside this package are relative, so the folder can be copied into another project; the copy's
+custom ops are registered under its own package name (torch.ops.<name>), these under torch.ops.terrafm.
 """
 
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ right) and the launch-time choices that differ between compiled kernels and the 
 import contextlib
 import functools
 import inspect
+import itertools
 import math
 import numbers
 import os
@@ -17,6 +18,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # The fusion kernels' limits, here (no triton import) so that a config check can read them on any platform.
 FUSION_MAX_MODALITIES = 16
 FUSION_MAX_QUERIES = 64
+
+# The torch.library namespace of the custom ops: "terrafm" for this package (torch.ops.terrafm.<op>), the copy's own
+# package name for a copy of the folder, so two copies in one process do not replace each other's ops.
+OP_NAMESPACE = "terrafm" if __package__ == "terrafm_kernels" else __package__.replace(".", "_")
+
+
+def op_name(name: str) -> str:
+    """The qualified name of custom op `name` in this package's namespace."""
+    return f"{OP_NAMESPACE}::{name}"
+
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_DTYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -340,6 +351,28 @@ def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numeric parts of a version string: '3.6.0+git1a2b' -> (3, 6, 0)."""
+    parts = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why triton's interpreter cannot run these kernels with these versions, or None. triton 3.6's interpreter
+    takes int() of a one-element array for a loop bound computed from tl.program_id, which numpy 2.4 refuses:
+    every kernel then failed with "only 0-dimensional arrays can be converted to Python scalars"."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run these kernels with numpy "
+                f"{numpy_version}: it converts one-element arrays to ints, which numpy 2.4 refuses; install "
+                "numpy<2.4 or triton>=3.7")
+    return None
+
+
 def launch_kernel(kernel, grid, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs) on the device of its first tensor argument, with triton's scratch allocator set.
 
@@ -350,6 +383,12 @@ def launch_kernel(kernel, grid, *args, **kwargs) -> None:
     import triton
 
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    if device.type == "cpu":  # the interpreter
+        import numpy
+
+        problem = interpreter_problem(triton.__version__, numpy.__version__)
+        if problem:
+            raise RuntimeError(problem)
     triton.set_allocator(_descriptor_scratch)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernel[grid](*args, **kwargs)

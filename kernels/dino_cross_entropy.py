@@ -41,6 +41,7 @@ from ._common import (
     launch_kernel,
     no_second_derivative,
     num_splits,
+    op_name,
     pad,
     scalar_input,
     sm_count,
@@ -257,7 +258,7 @@ def _launch_backward(grad_loss, student_logits, teacher_probs, row_max, log2_sum
 
 # torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes),
 # so the same graph runs the compiled kernel on a GPU and the interpreter on CPU tensors.
-@torch.library.custom_op("terrafm::dino_cross_entropy", mutates_args=())
+@torch.library.custom_op(op_name("dino_cross_entropy"), mutates_args=())
 def _dino_ce_op(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                 student_temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_forward(student_logits, teacher_probs, student_temperature.item())
@@ -270,7 +271,7 @@ def _(student_logits, teacher_probs, student_temperature):
     return (new((), dtype=torch.float32),) + tuple(new((S, B), dtype=torch.float32) for _ in range(3))
 
 
-@torch.library.custom_op("terrafm::dino_cross_entropy_backward", mutates_args=())
+@torch.library.custom_op(op_name("dino_cross_entropy_backward"), mutates_args=())
 def _dino_ce_backward_op(grad_loss: torch.Tensor, student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                          row_max: torch.Tensor, log2_sum: torch.Tensor, n: torch.Tensor,
                          student_temperature: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,7 @@ from ._common import (
     l2_serves_reread,
     launch_kernel,
     no_second_derivative,
+    op_name,
     pad,
     scalar_input,
     sm_count,
@@ -482,7 +483,7 @@ def _launch_backward(grad_loss, hs, vs, gs, ht, vt, gt, center, center_high, t_m
 
 # torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes),
 # so the same graph runs the compiled kernels on a GPU and the interpreter on CPU tensors.
-@torch.library.custom_op("terrafm::dino_head_loss", mutates_args=())
+@torch.library.custom_op(op_name("dino_head_loss"), mutates_args=())
 def _head_loss_op(hs: torch.Tensor, vs: torch.Tensor, gs: torch.Tensor, ht: torch.Tensor, vt: torch.Tensor,
                   gt: torch.Tensor, center: torch.Tensor, center_high: torch.Tensor, high_weight: torch.Tensor, S: int,
                   T: int, B: int, tau_t: torch.Tensor, tau_s: torch.Tensor, alpha: float) -> tuple[
@@ -502,7 +503,7 @@ def _(hs, vs, gs, ht, vt, gt, center, center_high, high_weight, S, T, B, tau_t, 
             new((K,), **f32), new((K,), **f32))
 
 
-@torch.library.custom_op("terrafm::dino_head_loss_backward", mutates_args=())
+@torch.library.custom_op(op_name("dino_head_loss_backward"), mutates_args=())
 def _head_loss_backward_op(grad_loss: torch.Tensor, hs: torch.Tensor, vs: torch.Tensor, gs: torch.Tensor,
                            ht: torch.Tensor, vt: torch.Tensor, gt: torch.Tensor, center: torch.Tensor,
                            center_high: torch.Tensor, t_max: torch.Tensor, t_log2_sum: torch.Tensor,

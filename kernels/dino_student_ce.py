@@ -43,6 +43,7 @@ from ._common import (
     launch_kernel,
     no_second_derivative,
     num_splits,
+    op_name,
     pad,
     scalar_input,
     sm_count,
@@ -181,7 +182,7 @@ def _launch_backward(grad_loss, student_logits, targets, row_max, log2_sum, coef
 
 # torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes), and a
 # second backward through them raises instead of treating the gradient as a constant.
-@torch.library.custom_op("terrafm::weighted_soft_cross_entropy", mutates_args=())
+@torch.library.custom_op(op_name("weighted_soft_cross_entropy"), mutates_args=())
 def _student_ce_op(student_logits: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor,
                    student_temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                torch.Tensor, torch.Tensor]:
@@ -196,7 +197,7 @@ def _(student_logits, targets, row_weight, student_temperature):
             new((2, R), dtype=torch.float32), new((R,), dtype=torch.float32))
 
 
-@torch.library.custom_op("terrafm::weighted_soft_cross_entropy_backward", mutates_args=())
+@torch.library.custom_op(op_name("weighted_soft_cross_entropy_backward"), mutates_args=())
 def _student_ce_backward_op(grad_loss: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor,
                             row_max: torch.Tensor, log2_sum: torch.Tensor, coef: torch.Tensor,
                             student_temperature: torch.Tensor) -> torch.Tensor:
@@ -208,7 +209,7 @@ def _(grad_loss, student_logits, targets, row_max, log2_sum, coef, student_tempe
     return torch.empty_like(student_logits)
 
 
-@torch.library.custom_op("terrafm::weighted_soft_cross_entropy_rows_loss", mutates_args=())
+@torch.library.custom_op(op_name("weighted_soft_cross_entropy_rows_loss"), mutates_args=())
 def _rows_loss_op(rows_loss: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Each row's loss, the row weights' gradient, tied to the logits it depends on: a second backward through that
     gradient then refuses by name (no_second_derivative) instead of taking it as constant in the logits."""

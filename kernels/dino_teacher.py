@@ -80,6 +80,7 @@ from ._common import (
     hbm_bytes,
     interpreted,
     launch_kernel,
+    op_name,
     pad,
     scalar_input,
     sm_count,
@@ -388,7 +389,7 @@ def launch_plan(mode: int, R: int, K: int, sms: int, dtype_bytes: int = 2, inter
 
 
 # A torch custom op: opaque to torch.compile (0 graph breaks; the fake function gives output shapes).
-@torch.library.custom_op("terrafm::dino_teacher", mutates_args=())
+@torch.library.custom_op(op_name("dino_teacher"), mutates_args=())
 def _launch(mode: int, logits: torch.Tensor, scale: torch.Tensor, vec: torch.Tensor | None = None,
             center: bool = False) -> torch.Tensor:
     """Run one mode over logits (R, K) with vec (K,) fp32: the centre c and scale = 1 / tau (center), or the

@@ -63,6 +63,7 @@ from ._common import (
     l2_serves_reread,
     launch_kernel,
     no_second_derivative,
+    op_name,
 )
 
 MAX_MODALITIES = FUSION_MAX_MODALITIES
@@ -416,7 +417,7 @@ def _launch_backward(grad_out, keys, values, queries, pool, w, attn, vpool, num_
 
 # torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes),
 # so the same graph runs the compiled kernel on a GPU and the interpreter on CPU tensors.
-@torch.library.custom_op("terrafm::cross_attention_fusion", mutates_args=())
+@torch.library.custom_op(op_name("cross_attention_fusion"), mutates_args=())
 def _fusion_op(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, pool: torch.Tensor,
                num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_forward(keys, values, queries, pool, num_heads)
@@ -430,7 +431,7 @@ def _(keys, values, queries, pool, num_heads):
     return keys.new_empty((T, A)), saved(T, Q), saved(T, num_heads, Q, M), saved(T, num_heads, M)
 
 
-@torch.library.custom_op("terrafm::cross_attention_fusion_backward", mutates_args=())
+@torch.library.custom_op(op_name("cross_attention_fusion_backward"), mutates_args=())
 def _fusion_backward_op(grad_out: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
                         pool: torch.Tensor, w: torch.Tensor, attn: torch.Tensor, vpool: torch.Tensor,
                         num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -40,6 +40,7 @@ from ._common import (
     interpreted,
     launch_kernel,
     no_second_derivative,
+    op_name,
     pad,
 )
 from .gpus import GPUS
@@ -335,7 +336,7 @@ def _launch_backward(grad_out, x, weight, need_x: bool, need_weight: bool):
 
 # torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes),
 # so the same graph runs the compiled kernel on a GPU and the interpreter on CPU tensors.
-@torch.library.custom_op("terrafm::patch_embed", mutates_args=())
+@torch.library.custom_op(op_name("patch_embed"), mutates_args=())
 def _patch_embed_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     modality_embed: torch.Tensor | None, pos_embed: torch.Tensor | None) -> torch.Tensor:
     return _launch_forward(x, weight, bias, modality_embed, pos_embed)
@@ -347,7 +348,7 @@ def _(x, weight, bias, modality_embed, pos_embed):
     return x.new_empty((x.shape[0], (x.shape[2] // p) * (x.shape[3] // p), weight.shape[0]))
 
 
-@torch.library.custom_op("terrafm::patch_embed_backward", mutates_args=())
+@torch.library.custom_op(op_name("patch_embed_backward"), mutates_args=())
 def _patch_embed_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool,
                              need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_backward(grad_out, x, weight, need_x, need_weight)

@@ -44,10 +44,12 @@ def patch_embed(
         out = out if bias is None else out + bias
     else:
         out = F.linear(patches, w, bias)
+    # out's dtype, not x's: under autocast the GEMM gives the autocast dtype, as the kernel does, and fp32
+    # embeddings added in x's fp32 turned the tokens back into fp32
     if modality_embed is not None:
-        out = out + modality_embed.to(x.dtype).reshape(1, 1, -1)
+        out = out + modality_embed.to(out.dtype).reshape(1, 1, -1)
     if pos_embed is not None:
-        out = out + pos_embed.to(x.dtype).reshape(1, out.shape[1], out.shape[2])
+        out = out + pos_embed.to(out.dtype).reshape(1, out.shape[1], out.shape[2])
     return out
 
 
@@ -98,8 +100,8 @@ def cross_attention_fusion(
     values, queries, pool = (t.to(keys.dtype) for t in (values, queries, pool))
     k = keys.reshape(T, M, num_heads, d)
     v = values.reshape(T, M, num_heads, d)
-    q = queries.reshape(Q, num_heads, d)
-    scores = torch.einsum("qhd,tmhd->thqm", q, k) / math.sqrt(d)
+    q = queries.reshape(Q, num_heads, d) / math.sqrt(d)  # scaled first: in fp16 the raw dot overflowed to NaN
+    scores = torch.einsum("qhd,tmhd->thqm", q, k)
     attn = scores.softmax(dim=-1)
     z = torch.einsum("thqm,tmhd->tqhd", attn, v).reshape(T, Q, A)
     w = (z @ pool).softmax(dim=-1)

@@ -47,6 +47,7 @@ from ._common import (
     hbm_bytes,
     interpreted,
     launch_kernel,
+    op_name,
     pad,
     scalar_input,
 )
@@ -170,7 +171,7 @@ def teacher_softmax(
 
 # A torch custom op: opaque to torch.compile (0 graph breaks; the fake function gives output shapes),
 # so the same graph runs the compiled kernel on a GPU and the interpreter on CPU tensors.
-@torch.library.custom_op("terrafm::teacher_softmax", mutates_args=())
+@torch.library.custom_op(op_name("teacher_softmax"), mutates_args=())
 def _teacher_softmax_op(teacher_logits: torch.Tensor, center: torch.Tensor, center_high: torch.Tensor,
                         high_weight: torch.Tensor, temperature: torch.Tensor,
                         alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -225,3 +225,21 @@ def test_module_refuses_what_its_forward_never_could_take():
         CrossAttentionFusion(8, num_queries=65, num_heads=2)
     with pytest.raises(TypeError, match="keys must be a"):
         CrossAttentionFusion(8, 2, 2)(None, torch.randn(2, 2, 8))
+
+
+def test_fp16_reference_scales_before_its_product(device):
+    """The reference divided q.k by sqrt(d) after the fp16 product: raw dots over 65504 became inf and the softmax
+    NaN, where the scaled scores (here up to ~4e4) and the kernel's fp32 ones are finite."""
+    g = torch.Generator().manual_seed(0)
+    T, M, A, Q, H = 8, 3, 48, 5, 4
+    keys, values = torch.randn(T, M, A, generator=g) * 100, torch.randn(T, M, A, generator=g)
+    queries, pool = torch.randn(Q, A, generator=g) * 100, torch.randn(A, generator=g)
+    d = A // H
+    raw = torch.einsum("qhd,tmhd->thqm", queries.reshape(Q, H, d), keys.reshape(T, M, H, d))
+    assert raw.abs().max() > 65504 > raw.abs().max() / math.sqrt(d)
+    want = reference.cross_attention_fusion(keys.double(), values.double(), queries.double(), pool.double(), H)
+    half = [t.half() for t in (keys, values, queries, pool)]
+    for out in (reference.cross_attention_fusion(*half, H),
+                cross_attention_fusion(*(t.to(device) for t in half), H).cpu()):
+        assert out.isfinite().all()
+        assert _max_err(out, want) < 0.05 * want.abs().max().item()

@@ -232,6 +232,33 @@ def test_the_folder_lifted_into_another_project_imports_nothing_of_terrafm(tmp_p
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
+
+TWO_COPIES_SCRIPT = r"""
+import torch
+import terrafm_kernels.patch_embed as ours
+import vendored_kernels.patch_embed as theirs
+def not_ours(*args):
+    raise AssertionError("terrafm_kernels' op ran the copy's launcher")
+theirs._launch_forward = not_ours
+x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 4, 4)
+torch.testing.assert_close(ours.patch_embed(x, w, None), torch.ops.terrafm.patch_embed(x, w, None, None, None))
+assert hasattr(torch.ops.vendored_kernels, "patch_embed")
+print("ok")
+"""
+
+
+def test_a_copy_of_the_folder_registers_its_ops_in_its_own_namespace(tmp_path):
+    """Every op was registered as terrafm::<op> whatever the package was called, so importing a project's copy of
+    the folder beside terrafm_kernels silently replaced terrafm_kernels' ops with the copy's code."""
+    import pathlib
+    import shutil
+
+    shutil.copytree(pathlib.Path(_common.__file__).parent, tmp_path / "vendored_kernels")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", TWO_COPIES_SCRIPT], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
 def test_modules_with_fp32_parameters_take_fp16_inputs_on_the_reference_path_as_the_kernels_do(monkeypatch, device):
     """The kernels compute fp16 inputs against fp32 parameters (the parameters in the inputs' dtype: mixed precision
     without FSDP, a module left in fp32 fed half tiles). PatchEmbed, CrossAttentionFusion and DINOHeadLoss on the
@@ -469,3 +496,19 @@ def test_patch_embed_takes_timms_format_enum():
 
     assert PatchEmbed(16, 8, 3, 4, output_fmt=Format.NHWC).output_fmt == "NHWC"
     assert PatchEmbed(16, 8, 3, 4, output_fmt=Format.NHWC)(torch.randn(1, 3, 16, 16)).shape == (1, 2, 2, 4)
+
+
+def test_the_interpreter_names_triton_3_6_with_numpy_2_4_before_launching(monkeypatch):
+    """triton 3.6 (the GPU image's, which the metadata accepts) with numpy 2.4 failed in every kernel under
+    TRITON_INTERPRET=1 with "only 0-dimensional arrays can be converted to Python scalars", deep in triton."""
+    import numpy
+    import triton
+
+    assert _common.interpreter_problem("3.6.0", "2.4.6") is not None
+    assert _common.interpreter_problem("3.6.0+git1a2b", "2.4.0rc1") is not None
+    for versions in (("3.6.0", "2.3.5"), ("3.7.1", "2.4.6"), ("3.8.0", "1.26.4")):
+        assert _common.interpreter_problem(*versions) is None, versions
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    with pytest.raises(RuntimeError, match=r"triton 3.6.0's interpreter .* numpy 2.4.6.*numpy<2.4 or triton>=3.7"):
+        _common.launch_kernel(None, (1,), torch.zeros(1))  # refused before the kernel is looked at

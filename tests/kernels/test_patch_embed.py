@@ -424,3 +424,17 @@ def test_the_backward_fake_gives_the_strides_the_kernel_returns(layout):
     else:
         w = w.to(memory_format=torch.channels_last)
     torch.library.opcheck(_patch_embed_backward_op, (g, x, w, True, True), test_utils=("test_faketensor",))
+
+
+def test_reference_under_autocast_gives_the_autocast_dtype_with_embeddings():
+    """Under CPU autocast the reference's GEMM gave bf16 tokens and adding the fp32 modality and position embeddings
+    (cast to x's fp32) turned them back into fp32, where the kernel and nn.Conv2d give bf16."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 3, 16, 16, generator=g), torch.randn(8, 3, 4, 4, generator=g), torch.randn(8, generator=g)
+    embed, pos = torch.randn(8, generator=g), torch.randn(16, 8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = reference.patch_embed(x, w, b, embed, pos)
+        conv = torch.nn.functional.conv2d(x, w, b, stride=4)
+    assert out.dtype == conv.dtype == torch.bfloat16
+    want = reference.patch_embed(x.double(), w.double(), b.double(), embed.double(), pos.double())
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=5e-2)
