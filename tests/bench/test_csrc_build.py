@@ -41,3 +41,26 @@ def test_builds_with_cmake_from_its_wheel_only(tmp_path):
              "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.render_view.__name__)")
     loaded = subprocess.run([sys.executable, "-c", probe, str(built)], capture_output=True, text=True, timeout=60)
     assert loaded.stdout.strip() == "render_view", loaded.stderr
+
+
+def test_the_sdist_holds_the_csrc_build(tmp_path):
+    """Without a MANIFEST.in the sdist had no csrc/ and no CMakeLists.txt (the extension declares no sources), so a
+    wheel built from it (`python -m build`, pip from source) failed in CMake: 'does not appear to contain
+    CMakeLists.txt'."""
+    import tarfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "CMakeLists.txt", "pyproject.toml", "MANIFEST.in", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("csrc", "terrafm", "kernels", "bench"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    # -P: the copy's kernels/ folder must not shadow an installed module of that name while setuptools imports
+    built = subprocess.run([sys.executable, "-P", "-c", "import sys; from setuptools import build_meta; "
+                            "print(build_meta.build_sdist(sys.argv[1]))", str(tmp_path / "dist")],
+                           cwd=src, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    with tarfile.open(tmp_path / "dist" / built.stdout.split()[-1]) as sdist:
+        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    needed = {"CMakeLists.txt"} | {f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir() if p.is_file()}
+    assert needed <= names, sorted(needed - names)
