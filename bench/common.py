@@ -125,8 +125,15 @@ def peak_memory(fn: Callable[[], object], device: str) -> dict:
 
 
 def git_revision() -> str:
+    """The commit of the terrafm checkout this code runs from ("-dirty" with uncommitted changes). Only a checkout
+    whose top level is this code's root counts: an installed copy in a venv inside another project's repository
+    reported that project's commit."""
     root = Path(__file__).resolve().parent.parent
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+            return "unknown (not a git checkout)"
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10)

@@ -476,3 +476,20 @@ def test_a_stdout_that_fails_mid_run_loses_no_results(tmp_path, monkeypatch, cap
     assert main(["bench", "--only", "comm", "--out", str(tmp_path / "r")]) == 0
     assert "stdout failed (Broken pipe); the run goes on" in capsys.readouterr().err
     assert json.loads((tmp_path / "r" / "bench.json").read_text())["sections"]["comm"]
+
+
+def test_an_installed_copy_inside_another_repository_reports_no_revision(tmp_path, monkeypatch):
+    """git_revision ran `git rev-parse HEAD` in site-packages' parent: a venv inside another project's repository
+    put that project's commit into bench.json as terrafm's."""
+    import terrafm_bench.common as common
+
+    other = tmp_path / "their_project"
+    site = other / "venv" / "site-packages" / "terrafm_bench"
+    site.mkdir(parents=True)
+    git = ["git", "-C", str(other), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "theirs"], check=True)
+    theirs = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.setattr(common, "__file__", str(site / "common.py"))
+    assert theirs not in common.git_revision()
+    assert common.git_revision() == "unknown (not a git checkout)"
