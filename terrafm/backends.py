@@ -122,7 +122,8 @@ def csrc() -> Availability:
     try:
         from terrafm import _C  # noqa: F401
     except ImportError as err:
-        return Availability(False, f"terrafm._C not built ({err}); reinstall with `pip install -e .`")
+        return Availability(False, f"terrafm._C not built ({err}); rebuild it: `pip install -e .` in a checkout, "
+                                   "or reinstall terrafm")
     return Availability(True, "terrafm._C (pybind11)")
 
 
