@@ -18,7 +18,6 @@ weights are smoother and transfer better) on one process without any process gro
 
 import hashlib
 import io
-import json
 import math
 import os
 import pickle
@@ -32,6 +31,8 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+from terrafm.fileio import check_regular, load_json, plain_name
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -75,6 +76,7 @@ def read_metadata(path: str | Path) -> Metadata:
     """The DCP metadata of checkpoint folder `path`, through the restricted unpickler."""
     path = Path(path) / METADATA
     try:
+        check_regular(path)
         with open(path, "rb") as f:
             metadata = MetadataUnpickler(f, path).load()
     except CheckpointError:
@@ -83,6 +85,13 @@ def read_metadata(path: str | Path) -> Metadata:
         raise CheckpointError(f"{path}: not a readable DCP metadata file ({type(err).__name__}: {err})") from err
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
+    for info in (metadata.storage_data or {}).values():
+        # DCP opens folder / relative_path: an absolute path or "../" read another folder's (or any) file past the
+        # checksum manifest, which covers only this folder's files
+        name = getattr(info, "relative_path", None)
+        if not plain_name(name):
+            raise CheckpointError(f"{path}: names the data file {name!r}, which is not a file of this checkpoint "
+                                  "folder; this file was not written by terrafm and is not trusted")
     return metadata
 
 
@@ -120,6 +129,7 @@ def write_hashed(path: Path, data: bytes) -> dict:
 def hash_file(path: Path) -> dict:
     """Manifest entry of a file on disk: size and sha256."""
     digest, size = hashlib.sha256(), 0
+    check_regular(path)  # a FIFO in the folder hung the check
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
@@ -133,13 +143,14 @@ def read_manifest(folder: Path) -> dict[str, dict]:
         raise CheckpointError(f"{folder} has no {MANIFEST} (written by an older terrafm, or not a complete checkpoint)"
                               "; its files cannot be checked")
     try:
-        files = json.loads(path.read_text())["files"]
+        files = load_json(path)["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: not a readable checksum manifest ({err})") from err
     entry_ok = lambda e: (isinstance(e, dict) and isinstance(e.get("bytes"), int)  # noqa: E731
                           and isinstance(e.get("sha256"), str))
-    if not isinstance(files, dict) or not all(isinstance(k, str) and entry_ok(e) for k, e in files.items()):
-        raise CheckpointError(f"{path}: not a checksum manifest (expected files: {{name: {{bytes, sha256}}}})")
+    if not isinstance(files, dict) or not all(plain_name(k) and entry_ok(e) for k, e in files.items()):
+        raise CheckpointError(f"{path}: not a checksum manifest (expected files: {{name: {{bytes, sha256}}}}, each "
+                              "name a file of this folder)")
     return files
 
 
@@ -182,7 +193,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     except (OSError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{pointer} is not a readable pointer to a checkpoint ({err}); pass a step_N folder "
                               "instead") from err
-    if not name or "/" in name or name in (".", ".."):
+    if not plain_name(name):
         raise CheckpointError(f"{pointer} does not name a checkpoint folder (it holds {name!r}); pass a step_N "
                               "folder instead")
     path = root / name
@@ -209,8 +220,8 @@ def read_meta(path: str | Path) -> dict:
     A file without what every reader needs (an edited or foreign meta.json) is one CheckpointError."""
     path = Path(path) / "meta.json"
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        meta = load_json(path)
+    except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable meta.json ({type(err).__name__}: {err})") from err
     model = meta.get("model") if isinstance(meta, dict) else None
     count = lambda v, least: type(v) is int and v >= least  # noqa: E731

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from terrafm.data.config import DataConfig
+from terrafm.fileio import read_small
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "tiny_cpu"
@@ -313,7 +314,11 @@ class _StrictLoader(yaml.SafeLoader):
         text = self.construct_scalar(node)
         sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
         base = {"0o": 8, "0x": 16}.get(digits[:2], 10)
-        return sign * int(digits[2:] if base != 10 else digits, base)
+        try:
+            return sign * int(digits[2:] if base != 10 else digits, base)
+        except ValueError as err:  # Python refuses over 4300 digits (int_max_str_digits)
+            raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(digits)} digits is too long",
+                                                    node.start_mark) from err
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -344,7 +349,8 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_y
 def read_yaml(path: Path) -> Any:
     """A config file's YAML as plain data (a `!!python/...` tag is refused, never run; no key twice)."""
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader subclass
+        text = read_small(path).decode("utf-8")  # a FIFO or /dev/zero is refused, not waited on or read forever
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as err:
         tag = isinstance(err, yaml.constructor.ConstructorError) and "tag" in str(err.problem)
         tags = "; tags that build objects (!!python/...) are refused" if tag else ""
@@ -355,6 +361,8 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from err
+    except ValueError as err:  # read_small's size limit
+        raise ConfigError(f"{path}: not a config file: it {err}") from err
 
 
 def presets() -> list[str]:

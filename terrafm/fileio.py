@@ -4,10 +4,16 @@ the type of the commands' path options and how a path is printed; what a file's 
 that keeps a second writer out of a folder."""
 
 import argparse
+import contextlib
 import errno
 import fcntl
+import glob
+import json
 import os
+import re
 import secrets
+import socket
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,18 +119,97 @@ def utf8_path(path) -> bool:
     return True
 
 
+def plain_name(name) -> bool:
+    """Whether `name`, read from a file (a manifest, an index, DCP metadata), is one file name of the folder it is
+    joined to: not empty, not . or .., no separator. Joining anything else reads outside the folder."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def check_regular(path) -> None:
+    """Raise OSError unless `path` is a regular file (after symlinks): opening a FIFO blocks until a writer comes
+    (a hung run that a signal does not stop), a device such as /dev/zero never ends, and a folder is not a file."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise OSError(errno.EINVAL, f"is {kind}, not a regular file", str(path))
+
+
+# Small files we read whole (manifests, indexes, partitions, meta.json): larger ones are refused before reading.
+SMALL_FILE_LIMIT = 256 * 2**20
+
+
+def read_small(path, limit: int = SMALL_FILE_LIMIT) -> bytes:
+    """The bytes of regular file `path`, refused (ValueError) past `limit` bytes: a symlink to /dev/zero or a FIFO
+    is an OSError (check_regular), not a hang or every byte of memory."""
+    check_regular(path)
+    with open(path, "rb") as f:
+        # read(n) allocates n bytes first: read the file's size (+1, to see one that grew past the limit)
+        data = f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
+    if len(data) > limit:
+        raise ValueError(f"is over {limit // 2**20} MiB, far larger than such a file is")
+    return data
+
+
+def load_json(path, limit: int = SMALL_FILE_LIMIT):
+    """The JSON in regular file `path` (read_small). Malformed, non-UTF-8 or too deeply nested JSON is a
+    ValueError (json raises RecursionError for nesting past the interpreter's stack, which no caller caught)."""
+    data = read_small(path, limit)
+    try:
+        return json.loads(data)
+    except RecursionError as err:
+        raise ValueError("nests its JSON too deeply to be one of ours") from err
+
+
+def _temp_name(path: Path) -> Path:
+    """`<name>.<host>-<pid>-<random>.tmp` beside path: unique per writer, and telling which process of which host
+    wrote it (remove_stale_temps)."""
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "host"
+    return path.with_name(f"{path.name}.{host}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove the temp files of `path` left by writers of this host that are no longer running: SIGTERM or kill -9
+    mid-write skips atomic_write's own clean-up, and nothing else ever removed them (a 75 MB feature cache per
+    interrupted eval). Another host's temps and a live process's are left alone."""
+    pattern = re.compile(re.escape(path.name) + r"\.(\w+)-(\d+)-[0-9a-f]{8}\.tmp")
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "host"
+    try:
+        siblings = list(path.parent.glob(glob.escape(path.name) + ".*.tmp"))
+    except OSError:
+        return
+    for sibling in siblings:
+        found = pattern.fullmatch(sibling.name)
+        if found is None or found[1] != host or _alive(int(found[2])):
+            continue
+        with contextlib.suppress(OSError):
+            sibling.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process
+    return True
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Write `path` through `write(tmp)` (any writer that takes a file name) to a temp name beside it, then `publish`.
-    The temp name is unique (`<name>.<pid>-<random>.tmp`): a fixed `<name>.tmp` replaced, then deleted, a user's own
-    file of that name."""
+    The temp name is unique (`<name>.<host>-<pid>-<random>.tmp`): a fixed `<name>.tmp` replaced, then deleted, a
+    user's own file of that name. Temps that earlier writers of this host left behind are removed after a write."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp = _temp_name(path)
     try:
         write(tmp)
     except BaseException:  # a full disk or Ctrl-C mid-write: leave the old file and no half-written .tmp
         tmp.unlink(missing_ok=True)
         raise
     publish(tmp, path)
+    remove_stale_temps(path)
     return path
 
 
@@ -154,6 +239,7 @@ def file_format(path, expected: str) -> str | None:
     """format_from_magic of a file's first bytes, for a reader's refusal of a file that is not `expected` (a Git
     LFS pointer, which `git clone` without git-lfs leaves in place of the data); None when unknown or unreadable."""
     try:
+        check_regular(path)  # a FIFO's open waits for a writer
         with open(path, "rb") as f:
             return format_from_magic(f.read(64), expected=expected)
     except OSError:

@@ -8,6 +8,8 @@ after its first step as any other does.
 
 import os
 import signal
+import threading
+import time
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 _received: list[int] = []
@@ -47,3 +49,17 @@ def hand_on(environ) -> None:
 def original(sig: int, handler):
     """The handler `sig` had before `record` replaced it with its own, else `handler`."""
     return _original.get(sig, handler) if handler is _record else handler
+
+
+def stop_when_orphaned(poll_s: float = 1.0) -> None:
+    """In a rank that torchrun started: SIGTERM this process once torchrun is gone (kill -9, the out-of-memory
+    killer). The ranks then stop at their next step with a checkpoint, as on any SIGTERM, where they trained on as
+    orphans to max_steps, holding the run folder's lock (and their GPUs); torchrun itself stops them otherwise."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="terrafm-rank-parent-watch").start()

@@ -562,7 +562,7 @@ def run(args: argparse.Namespace) -> int:
                  f"{args.out} and resumes from them" if full else ""), file=sys.stderr)
         return 2
     except (MemoryError, BrokenProcessPool) as err:
-        what = ("ran out of memory" if isinstance(err, MemoryError) else
+        what = (f"ran out of memory{f' ({err})' if str(err) else ''}" if isinstance(err, MemoryError) else
                 "lost a worker process (killed, most often by the out-of-memory killer)")
         print(f"terrafm prepare: {what}; nothing was skipped for it. Lower --workers (each holds one row group of "
               f"every input file) and run the same command: it resumes from the finished shards in {args.out}",

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from terrafm.data.landcover import NUM_CLASSES, WORLDCOVER_NAMES, WORLDCOVER_VALUES
-from terrafm.fileio import atomic_write_bytes, publish
+from terrafm.fileio import atomic_write_bytes, check_regular, load_json, plain_name, publish
 from terrafm.modalities import MODALITIES, REFERENCE_STATS, S1_SCALINGS
 
 FORMAT = "terrafm-shards"
@@ -210,7 +210,10 @@ class ShardSet:
             raise ShardError(f"{path} not found: {self.root} is not a finished terrafm shard directory "
                              "(run `terrafm prepare INPUT... --out DIR`)")
         try:
-            self.meta = json.loads(path.read_text())
+            self.meta = load_json(path)
+        except OSError as err:
+            raise ShardError(f"{path} is not readable ({err.strerror or err}); re-run `terrafm prepare` into this "
+                             "folder") from err
         except ValueError as err:
             raise ShardError(f"{path} is not valid JSON ({err}); re-run `terrafm prepare` into this folder") from err
         if not isinstance(self.meta, dict):
@@ -251,6 +254,7 @@ class ShardSet:
     def _open_part(self, entry: dict) -> dict[str, np.ndarray]:
         path = self.root / f"{entry['name']}.npz"
         try:
+            check_regular(path)
             with np.load(path) as z:
                 return {k: z[k] for k in z.files}
         except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as err:
@@ -497,7 +501,10 @@ class ShardSet:
                 os.close(fd)
             self._no_open_bins()
         with self._bins_lock:
-            entry = self._bins.pop(shard, None) or [os.open(self._bin_names[shard], os.O_RDONLY), 0, False]
+            # O_NONBLOCK: a FIFO in place of a .bin opens at once (and fails its first read) instead of blocking
+            # until a writer comes; reads of a regular file ignore the flag
+            entry = self._bins.pop(shard, None) or [os.open(self._bin_names[shard], os.O_RDONLY | os.O_NONBLOCK), 0,
+                                                    False]
             entry[1] += 1
             self._bins[shard] = entry
             while len(self._bins) > OPEN_BINS:
@@ -645,9 +652,9 @@ def _check_index(path: Path, meta: dict) -> None:
                              f"{units!r}, means {s1['mean']}): an edited or mixed index.json; re-run `terrafm "
                              "prepare` into this folder")
     shard_list = meta.get("shards")
-    if not (isinstance(shard_list, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str)
-                                                 for e in shard_list)):
-        raise bad("shards", 'a list of {"name": ...} objects')
+    if not (isinstance(shard_list, list) and all(isinstance(e, dict) and plain_name(e.get("name"))
+                                                 for e in shard_list)):  # a path in it read another folder's shards
+        raise bad("shards", 'a list of {"name": ...} objects, each name a shard of this folder (no path)')
 
 
 def write_index(shard_dir: Path, meta: dict) -> None:

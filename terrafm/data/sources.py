@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import tifffile
 
 from terrafm.data.landcover import class_counts
-from terrafm.fileio import file_format, format_from_magic
+from terrafm.fileio import check_regular, file_format, format_from_magic
 from terrafm.modalities import MODALITIES, REFERENCE_STATS, s1_to_db
 
 WORLDCOVER = "worldcover"
@@ -137,6 +137,9 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
                 continue
             if dangling:
                 unknown.append({"file": str(path), "record": "whole file", "reason": "a symlink to nothing"})
+            elif not is_file and path.suffix.lower() in (".parquet", ".tif", ".tiff") and not path.is_dir():
+                # a FIFO, device or socket under a data name: left out in silence, its products were lost
+                unknown.append({"file": str(path), "record": "whole file", "reason": "not a regular file"})
             elif not is_file:
                 continue
             elif path.suffix.lower() in (".tif", ".tiff") and _is_grid_cell(path.parent.name) \
@@ -258,7 +261,9 @@ def _twin_columns(names: list[str]) -> list[str]:
 
 def open_parquet(path: str | Path) -> pa.NativeFile:
     """A parquet file opened by its bytes: pyarrow encodes a str path as UTF-8, so a path with bytes that are not
-    UTF-8 (allowed on Linux; os.fsdecode keeps them as surrogates) read as "not a readable parquet file"."""
+    UTF-8 (allowed on Linux; os.fsdecode keeps them as surrogates) read as "not a readable parquet file". A FIFO or
+    a device is an OSError (check_regular), not an open that waits for a writer."""
+    check_regular(path)
     return pa.OSFile(os.fsencode(path))
 
 
@@ -394,8 +399,8 @@ def decode_band(data: bytes, band: str, product: Product, sidecar: np.ndarray | 
                        "column as Major-TOM writes)")
     try:
         array, nodata, pixel_m, mask = read_tiff(io.BytesIO(data))
-    except MemoryError:  # this machine's limit, not the file's fault: never a skipped "corrupt" product
-        raise
+    except MemoryError as err:  # this machine's limit, not the file's fault: never a skipped "corrupt" product
+        raise MemoryError(f"decoding {product.where}: band {band}") from err
     except Exception as err:
         if "imagecodecs" in str(err):
             raise BadInput(f"{product.where}: band {band}: the GeoTIFF is compressed with a codec that needs the "
@@ -444,6 +449,7 @@ def mask_sidecar(path: str | Path) -> Path | None:
 
 def _first_page_mask(tif: tifffile.TiffFile) -> np.ndarray:
     page = tif.pages.first
+    _check_declared(page.shape, page.dtype)
     mask = page.asarray() == 0
     if page.samplesperpixel > 1 and page.planarconfig == tifffile.PLANARCONFIG.CONTIG:
         mask = np.moveaxis(mask, -1, 0)  # (H, W, bands) -> (bands, H, W)
@@ -559,18 +565,26 @@ def tiff_image(tif: tifffile.TiffFile) -> tuple[np.ndarray, np.ndarray | None]:
     it is not the MemoryError that prepare reports as the machine's limit."""
     first = tif.pages.first
     size = (first.imagelength, first.imagewidth)
-    declared = math.prod(first.shape) * (first.dtype.itemsize if first.dtype is not None else 1)
-    if declared > physical_memory():
-        raise ValueError(f"its header declares a {' x '.join(map(str, first.shape))} image ({declared / 2**30:.0f} "
-                         f"GiB), more than this machine's {physical_memory() / 2**30:.0f} GiB of memory: a damaged "
-                         "header")
+    _check_declared(first.shape, first.dtype)
     mask = next((page for page in tif.pages[1:] if int(page.subfiletype) == MASK_SUBFILETYPE
                  and (page.imagelength, page.imagewidth) == size), None)
+    if mask is None:  # the whole series is read: a thousand pages of a small image each add up
+        _check_declared(tif.series[0].shape, tif.series[0].dtype)
     image = tif.asarray() if mask is None else first.asarray()
     if image.size == 0:
         raise ValueError(f"the image decodes to no pixel (shape {image.shape}, {first.bitspersample} bits per sample): "
                          "a damaged header")
     return image, None if mask is None else mask.asarray() == 0
+
+
+def _check_declared(shape: tuple[int, ...], dtype) -> None:
+    """A ValueError for a TIFF header that declares more pixels than this machine's memory holds (a damaged
+    ImageWidth, or a thousand empty pages): no number of workers reads it, so it is not the MemoryError that prepare
+    reports as the machine's limit."""
+    declared = math.prod(shape) * (dtype.itemsize if dtype is not None else 1)
+    if declared > physical_memory():
+        raise ValueError(f"its header declares a {' x '.join(map(str, shape))} image ({declared / 2**30:.0f} GiB), "
+                         f"more than this machine's {physical_memory() / 2**30:.0f} GiB of memory: a damaged header")
 
 
 def physical_memory() -> int:

@@ -24,7 +24,6 @@ Folders: `root/<split>/<class>/*.tif|*.npy` for classification, `root/<split>/im
 import ast
 import contextlib
 import io
-import json
 import math
 import os
 import pickle
@@ -43,9 +42,10 @@ from terrafm.data.sources import (
     external_mask,
     other_format,
     pam_nodata,
+    physical_memory,
     read_tiff_layout,
 )
-from terrafm.fileio import file_format
+from terrafm.fileio import check_regular, file_format, load_json
 from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, s1_to_db
 
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -223,8 +223,8 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
         hint = f"; {root} holds the datasets {inside[:8]}: pass one, e.g. {root / inside[0]}" if inside else ""
         raise FileNotFoundError(f"{partition_file} not found: a GEO-Bench dataset lists its splits there{hint}")
     try:
-        partition = json.loads(partition_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        partition = load_json(partition_file)
+    except (OSError, ValueError) as err:
         raise ValueError(f"{partition_file}: not a readable JSON partition ({err})") from err
     if not isinstance(partition, dict):
         raise ValueError(f"{partition_file}: expected an object of splits, e.g. "
@@ -254,6 +254,7 @@ def read_hdf5(root: str | Path, split: str, modality: str = "auto", band_order: 
             _refuse_broken_link(path)
             raise FileNotFoundError(f"{path} is listed in split {split!r} of {partition_file} but missing")
         try:
+            check_regular(path)  # a FIFO blocked h5py until a writer came
             f = h5py.File(path, "r")
         except OSError as err:  # not HDF5, truncated, a folder: h5py's message is long, its first line says it
             kind = file_format(path, "an HDF5 file")
@@ -366,8 +367,8 @@ def geobench_label_subset(root: str | Path, fraction: float, train_files: list[P
         _refuse_broken_link(path)  # else a stratified subset would stand in for GEO-Bench's, in silence
         return None
     try:
-        ids = json.loads(path.read_text()).get("train")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        ids = load_json(path).get("train")
+    except (OSError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: not a readable JSON partition with a 'train' list ({err})") from err
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
         raise ValueError(f"{path}: 'train' must be a non-empty list of sample ids, got {str(ids)[:100]}")
@@ -477,11 +478,19 @@ def _hdf5_member(f, name: str, path: Path, what: str):
     except KeyError as err:
         target = getattr(link, "path", "?")
         raise ValueError(f"{path}: {what} {name!r} is a link to {target!r}, which is not in the file") from err
+    # a soft link into a group reached through an external link lands in another file all the same
+    if os.path.realpath(member.file.filename) != os.path.realpath(f.filename):
+        raise ValueError(f"{path}: {what} {name!r} leads into {member.file.filename!r} through a link; a sample's "
+                         "data must be in its own file")
     # raw data kept in other files (external storage, a virtual dataset: a missing source read as zeros in silence)
     if isinstance(member, h5py.Dataset) and (member.external or member.is_virtual):
         kind = "a virtual dataset" if member.is_virtual else "external storage"
         raise ValueError(f"{path}: {what} {name!r} keeps its data in other files ({kind}); a sample's data must be in "
                          "its own file")
+    # a chunked dataset declares any shape in a few bytes: read as float32 it must fit in the machine's memory
+    if isinstance(member, h5py.Dataset) and math.prod(member.shape or ()) * 8 > physical_memory():
+        raise ValueError(f"{path}: {what} {name!r} declares shape {member.shape}, more than this machine's "
+                         f"{physical_memory() / 2**30:.0f} GiB of memory could read: a damaged or foreign file")
     return member
 
 
@@ -492,6 +501,8 @@ def _hdf5_band(f, name: str, path: Path) -> np.ndarray:
         band = np.asarray(_hdf5_member(f, name, path, "band"), dtype=np.float32)
     except (TypeError, ValueError, OSError) as err:
         raise ValueError(f"{path}: band {name!r} is not a numeric array ({err})") from err
+    except MemoryError as err:
+        raise ValueError(f"{path}: band {name!r} does not fit in this process's memory ({err})") from err
     if band.ndim != 2 or min(band.shape) < 1:
         raise ValueError(f"{path}: band {name!r} has shape {band.shape}; GEO-Bench bands are 2D (H, W)")
     return band
@@ -791,6 +802,7 @@ def _decode(path: Path) -> tuple[np.ndarray, float | np.ndarray | None, bool | N
 
     declared, samples_last = None, None
     try:
+        check_regular(path)  # a FIFO blocked the reader until a writer came
         if path.suffix.lower() == ".npy":
             arr = _load_npy(path)
         else:
@@ -801,6 +813,8 @@ def _decode(path: Path) -> tuple[np.ndarray, float | np.ndarray | None, bool | N
         if kind:  # a Git LFS pointer, a PNG saved as .tif: say what it is
             raise ValueError(f"{path}: not a GeoTIFF: it is {kind}") from err
         raise ValueError(f"{path}: not a readable image ({err})") from err
+    except MemoryError as err:  # a header declaring less than the machine has, more than it has free
+        raise ValueError(f"{path}: its image does not fit in this process's memory ({err})") from err
     if np.iscomplexobj(arr):
         raise ValueError(f"{path}: complex values ({arr.dtype}); expected real band values")
     try:
@@ -817,6 +831,7 @@ def _decode(path: Path) -> tuple[np.ndarray, float | np.ndarray | None, bool | N
 def _head(path: Path) -> bytes | None:
     """A file's first bytes, for sources.other_format (None where it does not read: a folder, no permission)."""
     try:
+        check_regular(path)  # a FIFO's open waits for a writer
         with open(path, "rb") as f:
             return f.read(64)
     except OSError:

@@ -9,6 +9,7 @@ and a hash of the split's images as read (images_digest).
 
 import hashlib
 import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from terrafm.data.sources import physical_memory
 from terrafm.eval.data import normalize, row_chunks
-from terrafm.fileio import atomic_write
+from terrafm.fileio import atomic_write, check_regular
 
 
 def cache_key(checkpoint: str | Path, data: str | Path, split: str, modality: str, img_size: int | None,
@@ -84,6 +86,19 @@ def extract(model, images: np.ndarray, modality: str, kind: str = "cls", batch_s
     return out
 
 
+def _cache_fits(path: Path, rows: int | None) -> bool:
+    """Whether a cache file's features array is what compute() writes, from its .npy header alone: float32, one row
+    per sample (rows, when given) and at least one feature axis, of a size this machine can hold. Strings, a 1-D
+    array, or a header declaring gigabytes (a zip that inflates without end) failed or exhausted memory."""
+    check_regular(path)
+    with zipfile.ZipFile(path) as z, z.open("features.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(member)
+    return (dtype == np.float32 and len(shape) >= 2 and (rows is None or shape[0] == rows)
+            and math.prod(shape) * 4 <= physical_memory() // 4)
+
+
 def cached_features(cache_dir: str | Path | None, key: str, compute, rows: int | None = None) -> np.ndarray:
     """Load features for `key` from cache_dir, or compute() and store them there. A cache file that cannot be
     read (a foreign or damaged file) or has another row count than the split's `rows` (samples added to the
@@ -93,10 +108,11 @@ def cached_features(cache_dir: str | Path | None, key: str, compute, rows: int |
     path = Path(cache_dir) / f"features_{key}.npz"
     if path.exists():
         try:
-            with np.load(path) as f:
-                cached = f["features"]
-            if rows is None or len(cached) == rows:
-                return cached
+            if _cache_fits(path, rows):
+                with np.load(path) as f:
+                    cached = f["features"]
+                if np.isfinite(cached).all():  # NaN features were blamed on the dataset and the checkpoint
+                    return cached
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # recomputed below
     feats = compute()

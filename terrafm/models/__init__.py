@@ -141,7 +141,8 @@ def fusion_settings(meta: dict, path: Path) -> dict:
     out = dict(LEGACY_FUSION)
     if "fusion_heads" in meta:
         heads = meta["fusion_heads"]  # an int in meta.json, a string in safetensors metadata
-        whole = type(heads) is int or (isinstance(heads, str) and heads.isascii() and heads.isdecimal())
+        whole = type(heads) is int or (isinstance(heads, str) and heads.isascii() and heads.isdecimal()
+                                       and len(heads) < 10)  # int() refuses over 4300 digits, in its own words
         if not whole or int(heads) < 1:
             raise ValueError(f"{path}: metadata 'fusion_heads' is {str(heads)[:80]!r}; expected a positive integer")
         out["fusion_heads"] = int(heads)

@@ -60,7 +60,7 @@ from terrafm.checkpoint_io import (
     verify,
     write_hashed,
 )
-from terrafm.fileio import atomic_write_bytes, publish
+from terrafm.fileio import atomic_write_bytes, load_json, publish
 
 
 class ResumeError(RuntimeError):
@@ -433,7 +433,7 @@ def read_rank_file(path: Path) -> dict:
     """A rank's JSON record as `save` writes it ({step, state, rng}); anything else (edited, or written by another
     tool) is one CheckpointError naming the file, where a list or a string step was a traceback."""
     try:
-        saved = json.loads(path.read_text())
+        saved = load_json(path)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable rank state ({type(err).__name__}: {err})") from err
     if not (isinstance(saved, dict) and type(saved.get("step")) is int

@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
 
     from terrafm.train.checkpoint import has_checkpoints  # torch: imported once a run is about to start
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank torchrun started
+        stop_signals.stop_when_orphaned()
     resume = args.resume_from or args.resume
     if args.resume and has_checkpoints(Path(cfg.train.out_dir) / cfg.train.run_name / "checkpoints"):
         # a requeued job continues its own run (also one killed before its first `latest`); --resume-from started it

@@ -59,7 +59,7 @@ def _step(line: str) -> float:
     """The step of one metrics.jsonl line; inf for a line that is not a record (a torn last line), so it is dropped."""
     try:
         return float(json.loads(line)["step"])
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: nesting past the stack
         return math.inf
 
 
@@ -74,6 +74,7 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self.bar = None
         self.tb = None
+        self.closed = False
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,8 +155,10 @@ class MetricsLogger:
         self._thread_hook(args)
 
     def close(self) -> None:
-        if not self.enabled:
+        """Close the progress bar and TensorBoard writer, restore threading.excepthook; a second call does nothing."""
+        if not self.enabled or self.closed:
             return
+        self.closed = True
         self.bar.close()
         self._tensorboard(lambda tb: tb.close())
         threading.excepthook = self._thread_hook
@@ -170,7 +173,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
         try:
             record = json.loads(line)
             records.append({k: float(record[k]) for k in ("step", "loss", "lr")})
-        except (ValueError, TypeError, KeyError):  # a torn or foreign line: the curves skip it
+        except (ValueError, TypeError, KeyError, RecursionError):  # a torn or foreign line: the curves skip it
             continue
     if not records:
         return None

@@ -43,7 +43,7 @@ from terrafm import backends, checkpoint_io, ops, stop_signals
 from terrafm.config import Config, check_epoch, save_config, to_dict
 from terrafm.data.shards import ShardError
 from terrafm.data.views import View
-from terrafm.fileio import atomic_write_bytes, nearest_existing, shown, try_lock
+from terrafm.fileio import atomic_write_bytes, nearest_existing, read_small, shown, try_lock
 from terrafm.models import FUSION_SETTINGS, LEGACY_FUSION, fusion_settings
 from terrafm.ssl import schedules
 from terrafm.ssl.loss import high_frequency_classes
@@ -401,10 +401,10 @@ def foreign_folder(run_dir: Path) -> str | None:
         return None
     if "config.yaml" in names:
         try:
-            found = yaml.safe_load((run_dir / "config.yaml").read_text())
+            found = yaml.safe_load(read_small(run_dir / "config.yaml"))
             if isinstance(found, dict) and {"model", "train"} <= set(found):
                 return None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        except (OSError, ValueError, yaml.YAMLError, RecursionError):  # ValueError: undecodable, too large
             pass  # unreadable: not shown to be a run's
     shown_names = ", ".join(sorted(names)[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     return (f"{run_dir} holds files that are not a terrafm run's ({shown_names}); a run would write its config.yaml, "
@@ -768,7 +768,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                          "would mix the two runs in one folder: pass --resume to continue this run, or choose another "
                          "--out / train.run_name to start from that checkpoint")
     check_run_dir(run_dir)  # every rank: each fails alike instead of waiting in a collective
-    if t.deterministic:
+    if t.deterministic:  # for this run only: a later run in the same process (the API, a sweep) gets its own
+        held.callback(torch.use_deterministic_algorithms, torch.are_deterministic_algorithms_enabled(),
+                      warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
         torch.use_deterministic_algorithms(True)
 
     # -- data, model, optimiser (the same seed on every rank: identical initial weights) -----------
@@ -822,6 +824,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
             save_config(cfg, run_dir / "config.yaml")
             (run_dir / "preempted").unlink(missing_ok=True)
         logger = MetricsLogger(run_dir, env.rank, total_steps, step, own_history)
+        held.callback(logger.close)  # a setup error before the loop's own close left its writer thread running
     except OSError as err:  # a full disk or a vanished folder: one message; config.yaml and metrics are written whole
         raise SetupError(f"cannot write the run folder {run_dir}: {err.strerror or err}") from err
     mesh_text = ("no mesh (train.fsdp=false)" if env.mesh is None else

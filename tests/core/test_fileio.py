@@ -36,3 +36,27 @@ def test_a_file_of_the_users_beside_the_target_is_never_the_temp_file(tmp_path):
         atomic_write(tmp_path / "model.safetensors", fails)
     assert mine.read_bytes() == b"the user's" and (tmp_path / "model.safetensors").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.safetensors.tmp"]
+
+
+def test_temps_left_by_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    """SIGTERM or kill -9 mid-write skips the clean-up, and nothing removed `<name>.<pid>-<random>.tmp` later: they
+    piled up (75 MB per interrupted eval's feature cache). A live writer's temp and another host's stay."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from terrafm import fileio
+
+    host = fileio._temp_name(tmp_path / "x").name.split(".")[-2].rsplit("-", 2)[0]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    left = tmp_path / f"features.npz.{host}-{dead}-0123abcd.tmp"
+    live = tmp_path / f"features.npz.{host}-{os.getpid()}-0123abcd.tmp"
+    other_host = tmp_path / f"features.npz.elsewhere_{socket.gethostname()[:3]}x-{dead}-0123abcd.tmp"
+    mine = tmp_path / "features.npz.tmp"  # a user's file of a name no writer makes
+    for path in (left, live, other_host, mine):
+        path.write_bytes(b"half")
+    atomic_write_bytes(tmp_path / "features.npz", b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["features.npz", live.name, other_host.name, mine.name])

@@ -374,3 +374,25 @@ def test_host_memory_running_out_in_a_render_is_a_shard_error(sample_shards, mon
     with pytest.raises(ShardError, match=rf"batch 2 of epoch 0: host memory ran out while rendering it; lower "
                                          rf"data.num_workers \(now {workers}\) or data.batch_size"):
         next(it)
+
+
+@pytest.mark.parametrize("name", ["../elsewhere/part-00000", "/abs/part-00000"])
+def test_an_index_naming_shards_outside_its_folder_is_refused(sample_shards, tmp_path, name):
+    """Shard names were only checked to be strings: '../victim/part-00000' trained on another folder's shards."""
+    index = json.loads((sample_shards / "index.json").read_text())
+    index["shards"][0]["name"] = name
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=r"shards.*each name a shard of this folder \(no path\)"):
+        ShardSet(tmp_path)
+
+
+def test_a_fifo_or_deeply_nested_index_is_one_shard_error(tmp_path):
+    """A FIFO in place of index.json hung the run in open() (a stop signal only recorded), and JSON nested past the
+    stack was a RecursionError traceback."""
+    os.mkfifo(tmp_path / "index.json")
+    with pytest.raises(ShardError, match=r"index\.json is not readable \(is a FIFO \(named pipe\), not a regular file"):
+        ShardSet(tmp_path)
+    (tmp_path / "index.json").unlink()
+    (tmp_path / "index.json").write_text("[" * 100000)
+    with pytest.raises(ShardError, match=r"index\.json is not valid JSON \(nests its JSON too deeply"):
+        ShardSet(tmp_path)

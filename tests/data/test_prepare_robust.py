@@ -290,6 +290,18 @@ def test_symlinked_folders_are_read_and_a_dangling_link_is_named(sample_parquet,
         convert([root], tmp_path / "out2", tile_size=TILE, workers=0, progress=False)
 
 
+@pytest.mark.parametrize("make", [os.mkfifo, lambda p: p.symlink_to("/dev/zero")], ids=["fifo", "device"])
+def test_a_fifo_or_device_under_a_data_name_is_named_not_dropped(sample_parquet, tmp_path, make):
+    """A FIFO named part_00000.parquet was left out in silence: the conversion ended without that collection's
+    products, exit 0 (a device read until memory ran out)."""
+    root = _copy(sample_parquet, tmp_path)
+    victim = root / "Core-S1RTC" / "part_00000.parquet"
+    victim.unlink()
+    make(victim)
+    with pytest.raises(BadInput, match=r"Core-S1RTC/part_00000.parquet \(whole file\): not a regular file"):
+        convert([root], tmp_path / "out", tile_size=TILE, workers=0, progress=False)
+
+
 def test_a_changed_input_file_is_redone_not_resumed(sample_parquet, tmp_path, capsys):
     root, out = _copy(sample_parquet, tmp_path), tmp_path / "out"
     assert _cli([str(root), "--out", str(out)]) == 0
@@ -697,7 +709,9 @@ def test_out_of_memory_is_not_a_corrupt_tiff_and_skips_nothing(sample_parquet, t
     out = tmp_path / "out"
     assert _cli([str(sample_parquet), "--out", str(out), "--skip-bad"]) == 2
     err = capsys.readouterr().err
-    assert "ran out of memory; nothing was skipped" in err and "Traceback" not in err, err
+    # it names the band being decoded: a file that declares a huge image is found without a debugger
+    assert re.search(r"ran out of memory \(decoding \S+part_00000.parquet \(row \d+, .*\): band \w+\); nothing "
+                     "was skipped", err) and "Traceback" not in err, err
     assert not (out / "index.json").exists()
     monkeypatch.setattr(sources, "read_tiff", read_tiff)
     summary = convert([sample_parquet], out, tile_size=TILE, workers=0, progress=False)

@@ -842,3 +842,120 @@ def test_a_sample_listed_twice_in_a_label_fraction_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match=rf"0\.10x_train_partition\.json lists 1 sample more than once in 'train' "
                                          rf"\(e\.g\. '{first}'\)"):
         geobench_label_subset(root, 0.1, train.files)
+
+
+def test_a_soft_link_through_an_external_link_is_refused(tmp_path):
+    """Only the member's own link was checked: a soft link to a path under an external link (here hidden under a
+    'label*' name, which is not read as a band) read another file's data as the sample's band."""
+    root = _geobench(tmp_path)
+    outside = tmp_path / "outside.hdf5"
+    with h5py.File(outside, "w") as f:
+        f.create_dataset("data", data=np.full((32, 32), -7.0, np.float32))
+    with h5py.File(root / "train_0001.hdf5", "a") as f:
+        f["labelz"] = h5py.ExternalLink(str(outside), "/")
+        del f["04 - Red"]
+        f["04 - Red"] = h5py.SoftLink("/labelz/data")
+    with pytest.raises(ValueError, match=r"train_0001\.hdf5: band '04 - Red' leads into '.*outside\.hdf5' through a "
+                                         "link; a sample's data must be in its own file"):
+        read_split(root, "hdf5", "train")
+
+
+@pytest.mark.parametrize("member", ["04 - Red", "label"])
+def test_an_hdf5_dataset_declaring_more_than_memory_is_refused_before_reading(tmp_path, member):
+    """A chunked dataset declares any shape in a few bytes: reading it allocated it first (13 GiB, then a
+    MemoryError traceback, or the out-of-memory killer)."""
+    from terrafm.data.sources import physical_memory
+
+    side = int((physical_memory() / 4) ** 0.5) + 1  # float32 past all of memory
+    root = _geobench(tmp_path)
+    with h5py.File(root / "train_0001.hdf5", "a") as f:
+        del f[member]
+        f.create_dataset(member, shape=(side, side), dtype="f4", chunks=(64, 64), fillvalue=1.0)
+    with pytest.raises(ValueError, match=rf"train_0001\.hdf5: \w+ '{member}' declares shape \({side}, {side}\), more "
+                                         "than this machine's"):
+        read_split(root, "hdf5", "train")
+
+
+def _pages_tif(path, pages: int, side: int):
+    """A tiled float32 TIFF of `pages` pages of side x side whose tiles are all absent (offset and count 0): a
+    few hundred bytes a page that declare pages x side^2 x 4 bytes."""
+    import struct
+
+    tiles = ((side + 255) // 256) ** 2
+    out = bytearray(b"II*\x00") + struct.pack("<I", 8)
+    for i in range(pages):
+        ifd_at = len(out)
+        arrays_at = ifd_at + 2 + 10 * 12 + 4
+        tags = [(256, 4, 1, side), (257, 4, 1, side), (258, 3, 1, 32), (259, 3, 1, 1), (277, 3, 1, 1),
+                (322, 3, 1, 256), (323, 3, 1, 256), (324, 4, tiles, arrays_at if tiles > 1 else 0),
+                (325, 4, tiles, arrays_at + 4 * tiles if tiles > 1 else 0), (339, 3, 1, 3)]
+        out += struct.pack("<H", len(tags))
+        for code, kind, count, value in tags:
+            out += struct.pack("<HHII", code, kind, count, value)
+        next_at = arrays_at + 8 * tiles if tiles > 1 else arrays_at
+        out += struct.pack("<I", next_at if i + 1 < pages else 0)
+        if tiles > 1:
+            out += b"\x00" * (8 * tiles)
+    path.write_bytes(bytes(out))
+
+
+def test_a_tiff_of_many_pages_or_a_huge_msk_sidecar_is_refused_before_reading(tmp_path):
+    """Only the first page was checked against memory, where the whole series is read (a thousand pages), and the
+    .msk sidecar not at all: each was a MemoryError traceback."""
+    from terrafm.data.sources import physical_memory
+
+    splits = make_splits(13, per_class=(2, 1, 1))
+    del splits["valid"]
+    root = write_folder(tmp_path / "eurosat", splits)
+    victim = sorted((root / "train" / "class_1").glob("*.tif"))[0]
+    side = 4096
+    pages = physical_memory() // (side * side * 4) + 1
+    _pages_tif(victim, pages, side)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(victim))}: not a readable image \(its header declares a "
+                                         rf"{pages} x {side} x {side} image"):
+        read_split(root, "folder", "train")
+    victim.unlink()
+    huge_side = int((physical_memory()) ** 0.5) + 1
+    image = sorted((root / "train" / "class_1").glob("*.tif"))[0]
+    _pages_tif(tmp_path / "mask.tif", 1, huge_side)
+    (tmp_path / "mask.tif").rename(f"{image}.msk")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(image))}\.msk: not a readable mask \(its header declares"):
+        read_split(root, "folder", "train")
+
+
+@pytest.mark.parametrize("target", ["partition", "sample"])
+def test_a_fifo_or_a_device_in_a_dataset_is_named_not_waited_on(tmp_path, target):
+    """A FIFO in place of a sample or partition blocked eval forever (it opens for a writer that never comes), and
+    a link to /dev/zero read until memory ran out."""
+    root = _geobench(tmp_path)
+    path = root / ("default_partition.json" if target == "partition" else "train_0001.hdf5")
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: not a readable .*is a FIFO \(named pipe\), not a "
+                                         "regular file"):
+        read_split(root, "hdf5", "train")
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: not a readable .*is a device, not a regular file"):
+        read_split(root, "hdf5", "train")
+
+
+def test_a_deeply_nested_partition_is_named(tmp_path):
+    """json raises RecursionError for nesting past the stack, which was a traceback."""
+    root = _geobench(tmp_path)
+    (root / "default_partition.json").write_text("[" * 100000)
+    with pytest.raises(ValueError, match="default_partition.json: not a readable JSON partition .*nests its JSON too "
+                                         "deeply"):
+        read_split(root, "hdf5", "train")
+
+
+@pytest.mark.parametrize("bad", [np.array(["a", "b", "c", "d"]), np.ones(4, np.float32),
+                                 np.full((4, 3), np.nan, np.float32), np.ones((4, 3), np.float64)])
+def test_a_feature_cache_of_another_kind_is_recomputed(tmp_path, bad):
+    """Only the row count was checked: strings or a 1-D array were tracebacks in the probe, and NaN features were
+    blamed on the dataset and the checkpoint."""
+    from terrafm.eval.features import cached_features
+
+    np.savez(tmp_path / "features_k.npz", features=bad)
+    got = cached_features(tmp_path, "k", lambda: np.full((4, 3), 2.0, np.float32), rows=4)
+    assert got.dtype == np.float32 and got.shape == (4, 3) and (got == 2.0).all()

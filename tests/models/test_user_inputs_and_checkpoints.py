@@ -302,3 +302,13 @@ def test_a_device_or_a_pipe_is_refused_before_reading(tmp_path):
     for name in ("zero.pth", "pipe.safetensors"):
         with pytest.raises(ValueError, match=rf"{name} is not a regular file \(a device, a pipe or a socket\)"):
             load_checkpoint(tmp_path / name)
+
+
+def test_fusion_heads_of_thousands_of_digits_is_named_as_that_metadata():
+    """int() of over 4300 digits raised Python's own words ('Exceeds the limit'), naming neither file nor key."""
+    from pathlib import Path
+
+    from terrafm.models import fusion_settings
+
+    with pytest.raises(ValueError, match=r"x\.safetensors: metadata 'fusion_heads' is '9999.*'; expected a positive"):
+        fusion_settings({"fusion_heads": "9" * 5000}, Path("x.safetensors"))

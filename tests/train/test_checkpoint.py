@@ -804,3 +804,57 @@ def test_export_to_a_name_that_is_not_utf8_writes_a_file_that_loads(two_checkpoi
     exported = load_checkpoint(target).state_dict()
     _, state = checkpoint_io.load_backbone_state(step2)
     assert all(torch.equal(exported[k], v) for k, v in state.items() if k in exported) and "cls_token" in exported
+
+
+@pytest.mark.parametrize("where", ["absolute", "parent"])
+def test_dcp_metadata_naming_a_file_outside_its_folder_is_refused(two_checkpoints, tmp_path, capsys, where):
+    """The unpickler limited the classes only: a .metadata whose storage entries name '../other/__0_0.distcp' or an
+    absolute path made DCP read another checkpoint's (or any) file, past the manifest, which covers this folder."""
+    out = _copy(two_checkpoints, tmp_path)
+    step1, step2 = (out / "run" / "checkpoints" / f"step_0000000{i}" for i in (1, 2))
+    victim = step1 / "__0_0.distcp"
+    metadata = checkpoint_io.read_metadata(step2)
+    for info in metadata.storage_data.values():
+        info.relative_path = str(victim) if where == "absolute" else f"../{step1.name}/__0_0.distcp"
+    (step2 / ".metadata").write_bytes(pickle.dumps(metadata))
+    _rehash(step2, ".metadata")
+    with pytest.raises(CheckpointError, match=r"\.metadata: names the data file '.*__0_0\.distcp', which is not a "
+                                              "file of this checkpoint folder"):
+        checkpoint_io.load_backbone_state(step2)
+    assert main(["export", str(step2), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "not a file of this checkpoint folder" in err and "Traceback" not in err, err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_manifest_naming_a_path_is_not_a_manifest(two_checkpoints, tmp_path):
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    manifest = json.loads((step2 / "manifest.json").read_text())
+    manifest["files"]["../step_00000001/meta.json"] = manifest["files"]["meta.json"]
+    (step2 / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="not a checksum manifest .*each name a file of this folder"):
+        checkpoint_io.verify(step2)
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "meta.json", "rank_00000.json"])
+def test_a_deeply_nested_or_non_file_json_in_a_checkpoint_is_one_message(two_checkpoints, tmp_path, capsys, name):
+    """json raises RecursionError for nesting past the stack: a traceback for the manifest and meta.json, and a
+    rank state's was called a checkpoint that 'does not fit this model and optimiser'. A FIFO in place of the file
+    hung export until a writer came."""
+    out = _copy(two_checkpoints, tmp_path)
+    step2 = out / "run" / "checkpoints" / "step_00000002"
+    (step2 / name).write_text("[" * 100000)
+    if name != "manifest.json":
+        _rehash(step2, name)
+    if name == "rank_00000.json":  # read on resume only
+        err = run_harness(out, "--resume", *RUN, "train.max_steps=3", expect_rc=2).stderr
+    else:
+        assert main(["export", str(step2), str(tmp_path / "x.safetensors")]) == 2
+        err = capsys.readouterr().err
+    assert f"{name}: not a readable" in err and "nests its JSON too deeply" in err and "Traceback" not in err, err
+    (step2 / name).unlink()
+    os.mkfifo(step2 / name)
+    assert main(["export", str(step2), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "is a FIFO (named pipe), not a regular file" in err or f"{name}: missing" in err, err

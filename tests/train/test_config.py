@@ -324,3 +324,25 @@ def test_a_saved_config_reads_back_the_same_text(tmp_path, name):
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(str(tmp_path / "config.yaml")).train.run_name == name
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["run_name"] == name  # other YAML readers
+
+
+def test_a_config_that_is_a_fifo_a_device_or_an_endless_integer_is_one_config_error(tmp_path):
+    """A FIFO as --config hung the run in open() (SIGTERM only recorded), a link to /dev/zero read until memory ran
+    out, and an integer over 4300 digits was Python's ValueError traceback, in a file or an override alike."""
+    import os
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"cannot read config .*fifo\.yaml: is a FIFO \(named pipe\), not a regular"):
+        load_config(str(fifo))
+    zero = tmp_path / "zero.yaml"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match=r"cannot read config .*zero\.yaml: is a device, not a regular file"):
+        load_config(str(zero))
+    long = tmp_path / "long.yaml"
+    long.write_text(f"train:\n  max_steps: {'9' * 5000}\n")
+    with pytest.raises(ConfigError, match=r"long\.yaml: not a valid YAML config \(an integer of 5000 digits is too "
+                                          "long"):
+        load_config(str(long))
+    with pytest.raises(ConfigError, match="an integer of 5000 digits is too long"):
+        load_config("tiny_cpu", [f"train.max_steps={'9' * 5000}"])

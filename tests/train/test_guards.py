@@ -225,3 +225,20 @@ def test_integers_past_64_bits_and_yaml_files_in_upper_case_are_handled(tmp_path
     config.write_text("train:\n  max_steps: 7\n")
     assert main(["pretrain", "--config", str(config), "--print-config"]) == 0
     assert "max_steps: 7" in capsys.readouterr().out
+
+
+def test_a_deeply_nested_config_yaml_or_metrics_line_is_read_as_foreign_not_a_traceback(tmp_path):
+    """A config.yaml nested past the stack in an --out folder, or such a line in metrics.jsonl on resume, raised
+    RecursionError out of the checks that read them (a traceback)."""
+    from terrafm.train.metrics import _step, plot_curves
+    from terrafm.train.trainer import foreign_folder
+
+    (tmp_path / "config.yaml").write_text("[" * 100000)
+    assert "holds files that are not a terrafm run's (config.yaml)" in foreign_folder(tmp_path)
+    (tmp_path / "config.yaml").unlink()
+    os.mkfifo(tmp_path / "config.yaml")  # read as unreadable, not waited on
+    assert "holds files that are not a terrafm run's (config.yaml)" in foreign_folder(tmp_path)
+    deep = "[" * 100000
+    assert _step(deep) == float("inf")
+    (tmp_path / "metrics.jsonl").write_text(deep + "\n")
+    assert plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png") is None

@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -469,3 +470,59 @@ def test_a_run_under_nohup_keeps_ignoring_hang_ups():
     finally:
         flag.restore()
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_run_in_process_leaves_no_deterministic_mode_writer_thread_or_excepthook_behind(tmp_path, monkeypatch):
+    """train.deterministic stayed on for every later run in the process (slower, or refused ops on a GPU), and a
+    setup error after the metrics logger was made (here: the later checkpoints of a resume cannot be set aside)
+    left its TensorBoard writer thread running and threading.excepthook pointing at it."""
+    import threading
+
+    from terrafm.train import checkpoint
+
+    hook = threading.excepthook
+    assert not torch.are_deterministic_algorithms_enabled()
+    cfg = tiny_config(tmp_path, "train.max_steps=2", "train.checkpoint_every=1", "train.deterministic=true")
+    train(cfg, loader=SyntheticLoader(batch_size=4))
+    assert not torch.are_deterministic_algorithms_enabled()
+    threads = {t.ident for t in threading.enumerate()}
+
+    def cannot_set_aside(root, step):
+        raise checkpoint.CheckpointWriteError("cannot set aside the later checkpoints (test)")
+
+    monkeypatch.setattr(checkpoint, "set_aside_later", cannot_set_aside)
+    with pytest.raises(SetupError, match="cannot set aside"):
+        train(cfg, resume=tmp_path / "run" / "checkpoints" / "step_00000001", loader=SyntheticLoader(batch_size=4))
+    assert threading.excepthook is hook and not torch.are_deterministic_algorithms_enabled()
+    time.sleep(0.5)  # a closed writer's thread ends as it drains
+    assert {t.ident for t in threading.enumerate() if t.is_alive()} <= threads
+
+
+ORPHAN_SCRIPT = r"""
+import os, signal, subprocess, sys, time
+if sys.argv[1] == "parent":  # stands for torchrun: starts the rank, then dies as kill -9 leaves it
+    subprocess.Popen([sys.executable, "-c", sys.argv[3], "rank", sys.argv[2]])
+    deadline = time.time() + 30
+    while not os.path.exists(sys.argv[2] + ".ready") and time.time() < deadline:
+        time.sleep(0.05)
+    os._exit(0)
+from terrafm import stop_signals
+signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[2], "w").write("stopped"), os._exit(0)))
+stop_signals.stop_when_orphaned(poll_s=0.05)
+open(sys.argv[2] + ".ready", "w").close()
+time.sleep(30)
+"""
+
+
+def test_a_rank_whose_torchrun_is_gone_stops_as_on_sigterm(tmp_path):
+    """kill -9 of `terrafm pretrain --nproc N` (torchrun) left the ranks training on as orphans to max_steps, holding
+    the run folder's lock: a --resume was refused as 'in use by another run'."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "stopped"
+    subprocess.run([sys.executable, "-c", ORPHAN_SCRIPT, "parent", str(marker), ORPHAN_SCRIPT], timeout=60, check=True)
+    deadline = time.time() + 20
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists() and marker.read_text() == "stopped"
