@@ -47,7 +47,8 @@ SHUTDOWN_TIMEOUT_S = 110
 def _torchrun_command(args: argparse.Namespace) -> list[str]:
     # SIGUSR1 is not in torchrun's default --signals-to-handle: without it torchrun dies of the signal
     # and the ranks never see it (no stop checkpoint)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+    # terrafm.train.launch is torchrun, ending in the ranks' exit code instead of torchrun's traceback and exit 1
+    cmd = [sys.executable, "-m", "terrafm.train.launch", "--standalone", f"--nproc_per_node={args.nproc}",
            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
            "-m", "terrafm.cli", "pretrain", "--config", args.config]
     if args.out:

@@ -108,7 +108,8 @@ def test_the_nproc_relaunch_is_a_command_torchrun_parses_with_the_stop_timeout()
     add_arguments(parser)
     args = parser.parse_args(["--nproc", "2", "--out", "runs/x", "optim.lr=0.001"])
     cmd = _torchrun_command(args)
-    parsed = get_args_parser().parse_args(cmd[3:])  # after "python -m torch.distributed.run"
+    assert cmd[1:3] == ["-m", "terrafm.train.launch"]
+    parsed = get_args_parser().parse_args(cmd[3:])  # after "python -m terrafm.train.launch", which is torchrun
     assert parsed.shutdown_timeout == SHUTDOWN_TIMEOUT_S == 110 and parsed.nproc_per_node == "2"
     assert "SIGUSR1" in parsed.signals_to_handle and parsed.training_script == "terrafm.cli" and parsed.module
     assert parsed.training_script_args[-3:] == ["--out", "runs/x", "optim.lr=0.001"]
