@@ -88,15 +88,16 @@ def extract(model, images: np.ndarray, modality: str, kind: str = "cls", batch_s
 
 def _cache_fits(path: Path, rows: int | None) -> bool:
     """Whether a cache file's features array is what compute() writes, from its .npy header alone: float32, one row
-    per sample (rows, when given) and at least one feature axis, of a size this machine can hold. Strings, a 1-D
-    array, or a header declaring gigabytes (a zip that inflates without end) failed or exhausted memory."""
+    per sample (rows, when given), at least one feature axis, and no larger than this machine's memory (compute()
+    held it). Strings or a 1-D array failed in the probe, and a header declaring more than memory (a zip that
+    inflates without end) exhausted it."""
     check_regular(path)
     with zipfile.ZipFile(path) as z, z.open("features.npy") as member:
         version = np.lib.format.read_magic(member)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read(member)
     return (dtype == np.float32 and len(shape) >= 2 and (rows is None or shape[0] == rows)
-            and math.prod(shape) * 4 <= physical_memory() // 4)
+            and math.prod(shape) * 4 <= physical_memory())
 
 
 def cached_features(cache_dir: str | Path | None, key: str, compute, rows: int | None = None) -> np.ndarray:
