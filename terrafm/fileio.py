@@ -14,6 +14,7 @@ import re
 import secrets
 import socket
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -162,19 +163,28 @@ def load_json(path, limit: int = SMALL_FILE_LIMIT):
         raise ValueError("nests its JSON too deeply to be one of ours") from err
 
 
+def _host() -> str:
+    """This host's name as a temp file name carries it: letters, digits and underscores."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "host"
+
+
 def _temp_name(path: Path) -> Path:
     """`<name>.<host>-<pid>-<random>.tmp` beside path: unique per writer, and telling which process of which host
     wrote it (remove_stale_temps)."""
-    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "host"
-    return path.with_name(f"{path.name}.{host}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    return path.with_name(f"{path.name}.{_host()}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+# A temp untouched this long whose writer is gone is left over (a writer in another pid namespace of the same
+# host name looks gone, but it writes its temp, so its mtime is recent)
+STALE_TEMP_S = 600
 
 
 def remove_stale_temps(path: Path) -> None:
     """Remove the temp files of `path` left by writers of this host that are no longer running: SIGTERM or kill -9
     mid-write skips atomic_write's own clean-up, and nothing else ever removed them (a 75 MB feature cache per
-    interrupted eval). Another host's temps and a live process's are left alone."""
+    interrupted eval). Another host's temps, a live process's and any written in the last STALE_TEMP_S stay."""
     pattern = re.compile(re.escape(path.name) + r"\.(\w+)-(\d+)-[0-9a-f]{8}\.tmp")
-    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "host"
+    host, now = _host(), time.time()
     try:
         siblings = list(path.parent.glob(glob.escape(path.name) + ".*.tmp"))
     except OSError:
@@ -184,7 +194,8 @@ def remove_stale_temps(path: Path) -> None:
         if found is None or found[1] != host or _alive(int(found[2])):
             continue
         with contextlib.suppress(OSError):
-            sibling.unlink()
+            if now - sibling.stat().st_mtime > STALE_TEMP_S:
+                sibling.unlink()
 
 
 def _alive(pid: int) -> bool:

@@ -45,18 +45,23 @@ def test_temps_left_by_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     import socket
     import subprocess
     import sys
+    import time
 
     from terrafm import fileio
 
-    host = fileio._temp_name(tmp_path / "x").name.split(".")[-2].rsplit("-", 2)[0]
+    host = fileio._host()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
     left = tmp_path / f"features.npz.{host}-{dead}-0123abcd.tmp"
     live = tmp_path / f"features.npz.{host}-{os.getpid()}-0123abcd.tmp"
     other_host = tmp_path / f"features.npz.elsewhere_{socket.gethostname()[:3]}x-{dead}-0123abcd.tmp"
     mine = tmp_path / "features.npz.tmp"  # a user's file of a name no writer makes
-    for path in (left, live, other_host, mine):
+    recent = tmp_path / f"features.npz.{host}-{dead}-4567abcd.tmp"  # written a minute ago: maybe a live writer's
+    hour_ago = time.time() - 3600
+    for path in (left, live, other_host, mine, recent):
         path.write_bytes(b"half")
+        if path is not recent:
+            os.utime(path, (hour_ago, hour_ago))
     atomic_write_bytes(tmp_path / "features.npz", b"whole")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["features.npz", live.name, other_host.name, mine.name])
+        ["features.npz", live.name, other_host.name, mine.name, recent.name])
