@@ -168,10 +168,18 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "host"
 
 
+def _temp_prefix(name: str) -> str:
+    """`name` as its temps begin: cut (at a byte; a name is bytes on Linux) so that a temp name stays within the
+    255-byte limit, which the host part would have pushed a long file name past."""
+    room = 255 - len(f".{_host()}-{'9' * 7}-{'0' * 8}.tmp")  # Linux pids have at most 7 digits
+    data = os.fsencode(name)
+    return name if len(data) <= room else os.fsdecode(data[:room])
+
+
 def _temp_name(path: Path) -> Path:
     """`<name>.<host>-<pid>-<random>.tmp` beside path: unique per writer, and telling which process of which host
     wrote it (remove_stale_temps)."""
-    return path.with_name(f"{path.name}.{_host()}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    return path.with_name(f"{_temp_prefix(path.name)}.{_host()}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
 # A temp untouched this long whose writer is gone is left over (a writer in another pid namespace of the same
@@ -183,10 +191,11 @@ def remove_stale_temps(path: Path) -> None:
     """Remove the temp files of `path` left by writers of this host that are no longer running: SIGTERM or kill -9
     mid-write skips atomic_write's own clean-up, and nothing else ever removed them (a 75 MB feature cache per
     interrupted eval). Another host's temps, a live process's and any written in the last STALE_TEMP_S stay."""
-    pattern = re.compile(re.escape(path.name) + r"\.(\w+)-(\d+)-[0-9a-f]{8}\.tmp")
+    prefix = _temp_prefix(path.name)
+    pattern = re.compile(re.escape(prefix) + r"\.(\w+)-(\d+)-[0-9a-f]{8}\.tmp")
     host, now = _host(), time.time()
     try:
-        siblings = list(path.parent.glob(glob.escape(path.name) + ".*.tmp"))
+        siblings = list(path.parent.glob(glob.escape(prefix) + ".*.tmp"))
     except OSError:
         return
     for sibling in siblings:

@@ -65,3 +65,16 @@ def test_temps_left_by_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     atomic_write_bytes(tmp_path / "features.npz", b"whole")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["features.npz", live.name, other_host.name, mine.name, recent.name])
+
+
+def test_a_long_file_name_still_gets_a_temp_beside_it(tmp_path, monkeypatch):
+    """The host in the temp name pushed names of ~170-236 bytes past the 255-byte limit (a 63-character pod name):
+    `terrafm export CKPT <long name>` failed with 'File name too long', where it had written before."""
+    import socket
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "h" * 63)
+    for name in ("x" * 230 + ".safetensors", "é" * 120 + ".json"):  # 242 and 245 bytes
+        path = tmp_path / name
+        atomic_write_bytes(path, b"whole")
+        assert path.read_bytes() == b"whole" and sorted(p.name for p in tmp_path.iterdir()) == [name]
+        path.unlink()
