@@ -549,8 +549,9 @@ def check_epoch(cfg: Config, batches_per_rank: int, world_size: int, coverage: s
                           "with its nearest neighbour in the batch); set data.drop_last=true, ssl.koleo_weight=0, or "
                           f"a data.batch_size that does not leave one sample over ({samples_per_rank} % {b} = 1)")
     if batches_per_rank < 1:
+        gets = f" ({samples_per_rank} samples)" if samples_per_rank is not None else ""
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is more than each of the {world_size} rank(s) gets "
-                          "from the dataset in an epoch" + (f" ({coverage})" if coverage else "")
+                          f"from the dataset in an epoch{gets}" + (f" ({coverage})" if coverage else "")
                           + "; lower data.batch_size (or use more data)")
     if cfg.train.steps_per_epoch:
         return

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from terrafm import ops
+from terrafm import backends, ops
 from terrafm.data.config import DataConfig
 from terrafm.data.dali_path import DaliRenderer
 from terrafm.data.landcover import NUM_CLASSES
@@ -135,6 +135,9 @@ class Loader:
             self.band_index[m], self.mean[m], self.std[m] = idx, info.mean[idx].copy(), info.std[idx].copy()
         self.storage_dtype = {m: TORCH_STORAGE[np.dtype(self.shards.modalities[m].dtype)] for m in cfg.modalities}
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not backends.cuda().usable:  # torch's own words: an AssertionError
+            raise ValueError(f"device {device!r}: CUDA is not usable here ({backends.cuda().detail}); build the "
+                             "loader for device 'cpu'")
         if self.device.type == "cuda" and self.device.index is None:  # pin the index: worker threads start on cuda:0
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.backend = resolve_backend(cfg.backend, self.device.type)

@@ -396,3 +396,10 @@ def test_a_fifo_or_deeply_nested_index_is_one_shard_error(tmp_path):
     (tmp_path / "index.json").write_text("[" * 100000)
     with pytest.raises(ShardError, match=r"index\.json is not valid JSON \(nests its JSON too deeply"):
         ShardSet(tmp_path)
+
+
+def test_a_loader_for_cuda_on_a_machine_without_it_says_so(sample_shards):
+    """docs/data.md's loader example (device="cuda") run on a CPU machine ended in torch's bare AssertionError."""
+    with pytest.raises(ValueError, match=r"device 'cuda': CUDA is not usable here \(.+\); build the loader for device "
+                                         "'cpu'"):
+        build_loader(_cfg(sample_shards), rank=0, world_size=1, seed=0, device="cuda")
