@@ -40,6 +40,7 @@ FORMAT = "terrafm-shards"
 VERSION = 1
 INDEX_NAME = "index.json"
 CODECS = ("raw", "lz4")
+LZ4_MAX_RATIO = 255  # the most an LZ4 block expands: bytes out per byte in
 
 
 def _lz4():
@@ -289,14 +290,17 @@ class ShardSet:
                 if not np.issubdtype(part[key].dtype, np.integer):
                     raise ShardError(f"{path}: {key!r} holds {part[key].dtype}, not integers; the shard is corrupt "
                                      "or not a terrafm shard, re-run `terrafm prepare` into this folder")
-            if self.codec != "raw":
-                continue
             want = self.tile_size ** 2 * np.dtype(info.dtype).itemsize
             sizes = part[f"{m}.nbytes"][part[f"{m}.offset"] >= 0]
-            if (sizes != want).any():
-                raise ShardError(f"{path}: {m} chunks of {int(sizes[sizes != want][0])} bytes, but {INDEX_NAME}'s "
-                                 f"tile_size {self.tile_size} and dtype {info.dtype} make {want}; {INDEX_NAME} "
-                                 "does not belong to these shards, re-run `terrafm prepare` into this folder")
+            # an LZ4 block holds at most 255 bytes per byte (a match grows by 255 a byte) and grows its input by at
+            # most 1/255 + 16 bytes: a tile_size edited past either allocated gigabytes, blamed on the machine
+            wrong = (sizes != want if self.codec == "raw" else
+                     (sizes * LZ4_MAX_RATIO + 16 < want) | (sizes > want + want // 255 + 16))
+            if wrong.any():
+                what = "make" if self.codec == "raw" else "make tiles that LZ4 chunks of that size cannot hold:"
+                raise ShardError(f"{path}: {m} chunks of {int(sizes[wrong][0])} bytes, but {INDEX_NAME}'s tile_size "
+                                 f"{self.tile_size} and dtype {info.dtype} {what} {want}; {INDEX_NAME} does not "
+                                 "belong to these shards, re-run `terrafm prepare` into this folder")
 
     def _cross_check(self, parts: list[dict], allow_mismatch: bool) -> None:
         """index.json vs each .npz vs the files on disk; any difference is an error, or a warning with counts."""

@@ -403,3 +403,18 @@ def test_a_loader_for_cuda_on_a_machine_without_it_says_so(sample_shards):
     with pytest.raises(ValueError, match=r"device 'cuda': CUDA is not usable here \(.+\); build the loader for device "
                                          "'cpu'"):
         build_loader(_cfg(sample_shards), rank=0, world_size=1, seed=0, device="cuda")
+
+
+@pytest.mark.parametrize("tile_size", [1000, 8])
+def test_an_lz4_index_whose_tile_size_its_chunks_cannot_hold_is_refused(sample_parquet, tmp_path, tile_size):
+    """Only raw chunks were checked against tile_size: an lz4 index.json edited to a larger tile allocated what it
+    declared at the first read and was blamed on the machine ('host memory ran out ... lower data.num_workers'), and
+    a smaller one blamed the .bin."""
+    out = _convert(sample_parquet, tmp_path / "lz4", codec="lz4")
+    ShardSet(out)  # as written
+    index = json.loads((out / "index.json").read_text())
+    index["tile_size"] = tile_size
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=rf"index.json's tile_size {tile_size} and dtype \w+ make tiles that LZ4 "
+                                         r"chunks of that size cannot hold: \d+; index.json does not belong"):
+        ShardSet(out)
