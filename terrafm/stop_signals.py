@@ -51,15 +51,21 @@ def original(sig: int, handler):
     return _original.get(sig, handler) if handler is _record else handler
 
 
-def stop_when_orphaned(poll_s: float = 1.0) -> None:
-    """In a rank that torchrun started: SIGTERM this process once torchrun is gone (kill -9, the out-of-memory
-    killer). The ranks then stop at their next step with a checkpoint, as on any SIGTERM, where they trained on as
-    orphans to max_steps, holding the run folder's lock (and their GPUs); torchrun itself stops them otherwise."""
+def when_orphaned(action, poll_s: float, name: str) -> None:
+    """Run `action` in a daemon thread once the process that started this one is gone (kill -9, the out-of-memory
+    killer: this process is then re-parented)."""
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        os.kill(os.getpid(), signal.SIGTERM)
+        action()
 
-    threading.Thread(target=watch, daemon=True, name="terrafm-rank-parent-watch").start()
+    threading.Thread(target=watch, daemon=True, name=name).start()
+
+
+def stop_when_orphaned(poll_s: float = 1.0) -> None:
+    """In a rank that torchrun started: SIGTERM this process once torchrun is gone. The ranks then stop at their next
+    step with a checkpoint, as on any SIGTERM, where they trained on as orphans to max_steps, holding the run
+    folder's lock (and their GPUs); torchrun itself stops them otherwise."""
+    when_orphaned(lambda: os.kill(os.getpid(), signal.SIGTERM), poll_s, "terrafm-rank-parent-watch")

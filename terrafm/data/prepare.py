@@ -16,8 +16,6 @@ import hashlib
 import json
 import os
 import sys
-import threading
-import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from terrafm import stop_signals
 from terrafm.data import shards, sources
 from terrafm.data.landcover import NUM_CLASSES, class_counts
 from terrafm.data.sources import WORLDCOVER, BadInput, Product
@@ -451,14 +450,7 @@ def _only_writer(out: Path):
 def _exit_with_parent() -> None:
     """Worker initializer: end this worker when the process that started it is gone (kill -9, the out-of-memory
     killer), instead of converting the jobs queued for it into a folder a re-run now writes, then waiting forever."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="terrafm-prepare-parent-watch").start()
+    stop_signals.when_orphaned(lambda: os._exit(1), 0.2, "terrafm-prepare-parent-watch")
 
 
 def _write_index(out: Path, jobs: list, opts: dict, unknown: list, reruns: tuple[int, int, int],
