@@ -15,7 +15,9 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -230,6 +232,23 @@ def _read_cell(products: list[Product], parquet: sources.ParquetRows, opts: dict
     return cell
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP (scancel, a SLURM time limit, a closed terminal) during `terrafm prepare`: raised in the main
+    process, so the shard being written is dropped as on Ctrl-C; the default action left its part-*.tmp files."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_writing: list[shards.ShardWriter] = []  # the shard this process is writing, for a stop that comes from outside
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped(signum)
+
+
 def run_job(index: int, job: list[list[Product]], out_dir: str, opts: dict, fingerprint: str) -> dict:
     """Convert the cells of one job into shard `index`; returns {records, skipped}.
 
@@ -239,12 +258,15 @@ def run_job(index: int, job: list[list[Product]], out_dir: str, opts: dict, fing
     parquet = sources.ParquetRows()
     t = opts["tile_size"]
     writer = shards.ShardWriter(Path(out_dir), index, bands, t, opts["codec"], fingerprint)
+    _writing.append(writer)
     try:
         writer.skipped = _write_cells(writer, job, parquet, opts)
         writer.close()
-    except BaseException:  # bad input, Ctrl-C, a full disk: no half-written file is left behind
+    except BaseException:  # bad input, Ctrl-C, SIGTERM, a full disk: no half-written file is left behind
         writer.abort()
         raise
+    finally:
+        _writing.remove(writer)
     return {"records": len(writer.keys), "skipped": writer.skipped}
 
 
@@ -419,13 +441,15 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                 run_job(i, jobs[i], str(out), opts, fps[i])
                 bar.update()
         else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_exit_with_parent) as pool:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_worker_setup) as pool:
                 futures = [pool.submit(run_job, i, jobs[i], str(out), opts, fps[i]) for i in pending]
                 try:
                     for f in as_completed(futures):
                         f.result()
                         bar.update()
-                except BaseException:  # stop at the first error: the queued jobs are not started, running ones finish
+                except BaseException as err:  # stop at the first error: queued jobs are not started
+                    if isinstance(err, Stopped):  # the workers drop their shard and end too
+                        _signal_workers(pool, err.signum)
                     pool.shutdown(cancel_futures=True)
                     raise
         bar.close()
@@ -447,10 +471,52 @@ def _only_writer(out: Path):
         os.close(fd)
 
 
-def _exit_with_parent() -> None:
-    """Worker initializer: end this worker when the process that started it is gone (kill -9, the out-of-memory
-    killer), instead of converting the jobs queued for it into a folder a re-run now writes, then waiting forever."""
-    stop_signals.when_orphaned(lambda: os._exit(1), 0.2, "terrafm-prepare-parent-watch")
+@contextlib.contextmanager
+def _stopped_on_signals():
+    """`terrafm prepare`'s SIGTERM / SIGHUP raise Stopped (a SIGHUP ignored under nohup stays ignored); the previous
+    handlers are restored after. The command's alone: convert() called from a program leaves its handlers be."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        if previous[sig] != signal.SIG_IGN:
+            signal.signal(sig, _raise_stopped)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _signal_workers(pool: ProcessPoolExecutor, signum: int) -> None:
+    """Hand a stop signal that reached only this process (kill PID, not the whole job) on to the pool's workers."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signum)
+
+
+def _drop_shard_and_exit(code: int) -> None:
+    """End this worker at once, removing the part-*.tmp files of the shard it is writing: after a stop it must not
+    go on to the job queued for it (the pool hands each worker one in advance, which cancel cannot take back)."""
+    for writer in list(_writing):
+        writer.abort()
+    os._exit(code)
+
+
+def _worker_stop(signum, frame) -> None:
+    """A worker's SIGTERM / SIGHUP (its own, or handed on by the main process, which says why it stopped)."""
+    _drop_shard_and_exit(128 + signum)
+
+
+def _worker_setup() -> None:
+    """Worker initializer: a stop signal, or the parent's death (kill -9, the out-of-memory killer), ends the worker
+    without a part-*.tmp left, where an orphan went on to convert its queued jobs into a folder a re-run now writes,
+    then waited forever."""
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, _worker_stop)
+    stop_signals.when_orphaned(lambda: _drop_shard_and_exit(1), 0.2, "terrafm-prepare-parent-watch")
 
 
 def _write_index(out: Path, jobs: list, opts: dict, unknown: list, reruns: tuple[int, int, int],
@@ -538,9 +604,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        summary = convert(args.inputs, args.out, args.tile_size, args.codec, args.cells_per_shard, args.workers,
-                          args.skip_bad, not args.no_progress, tuple(args.modalities), args.s1_scaling,
-                          args.s2_offset)
+        with _stopped_on_signals():
+            summary = convert(args.inputs, args.out, args.tile_size, args.codec, args.cells_per_shard,
+                              args.workers, args.skip_bad, not args.no_progress, tuple(args.modalities),
+                              args.s1_scaling, args.s2_offset)
     except BadInput as err:
         print(f"terrafm prepare: bad input: {err}", file=sys.stderr)
         return 2
@@ -564,6 +631,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"terrafm prepare: interrupted; the finished shards in {args.out} are kept and the same command "
               "resumes from them", file=sys.stderr)
         return 130
+    except Stopped as err:
+        print(f"terrafm prepare: stopped by {signal.Signals(err.signum).name}; the finished shards in {args.out} are "
+              "kept and the same command resumes from them", file=sys.stderr)
+        return 128 + err.signum
     print(f"wrote {summary['num_records']} locations in {len(summary['shards'])} shards to {shown(args.out)} "
           f"({summary['resumed_shards']} shards resumed, {summary['rewritten_shards']} incomplete shards rewritten, "
           f"{summary['redone_shards']} shards redone because their input files changed, "

@@ -793,6 +793,75 @@ def _alive(pid: int) -> bool:
         return False
 
 
+STOPPED_MID_SHARD = """
+import os, sys, time
+from terrafm import cli
+from terrafm.data import prepare
+
+real_write_cells = prepare._write_cells
+
+
+def slow_write_cells(writer, *args):
+    open(os.path.join(sys.argv[3], f"worker-{os.getpid()}"), "w").close()  # its part-*.bin.tmp is open now
+    time.sleep(30)  # the stop comes meanwhile
+    return real_write_cells(writer, *args)
+
+
+prepare._write_cells = slow_write_cells
+sys.exit(cli.main(["prepare", sys.argv[1], "--out", sys.argv[2], "--tile-size", "60", "--cells-per-shard", "1",
+                   "--workers", sys.argv[4], "--no-progress"]))
+"""
+
+
+@pytest.mark.parametrize("sig, whom", [("SIGTERM", "parent"), ("SIGTERM", "group"), ("SIGHUP", "group"),
+                                       ("SIGKILL", "parent"), ("SIGTERM", "in-process")])
+def test_a_stopped_prepare_leaves_no_temporary_file_and_the_rerun_completes(sample_parquet, sample_shards, tmp_path,
+                                                                            sig, whom):
+    """SIGTERM (scancel, a SLURM time limit: to the parent, or to every process of the job) or SIGHUP took prepare's
+    default action: the shards being written stayed as part-*.{bin,npz}.tmp in --out until a re-run, and the command
+    said nothing. kill -9 of the parent left them too: its workers exited without removing them."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, pids = tmp_path / "out", tmp_path / "pids"
+    pids.mkdir()
+    n = 1 if whom == "in-process" else 2  # shards being written at the stop
+    proc = subprocess.Popen([sys.executable, "-c", STOPPED_MID_SHARD, str(sample_parquet), str(out), str(pids),
+                             str(2 * (n - 1))], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < n and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            workers = [int(p.name.split("-")[1]) for p in pids.iterdir()]
+        assert len(workers) == n, f"workers did not start (exit {proc.poll()})"
+        assert len(list(out.glob("part-*.bin.tmp"))) == n
+        signum = getattr(signal, sig)
+        os.killpg(proc.pid, signum) if whom == "group" else proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), "the stopped prepare's workers still run"
+    finally:
+        for pid in filter(_alive, workers + [proc.pid]):
+            os.kill(pid, signal.SIGKILL)
+    if sig != "SIGKILL":
+        assert proc.returncode == 128 + signum, err
+        assert f"terrafm prepare: stopped by {sig}; the finished shards in {out} are kept" in err, err
+        assert "Traceback" not in err, err
+    assert not list(out.glob("*.tmp"))
+    summary = convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
+    assert summary["num_records"] == 12 and summary["resumed_shards"] == 0
+    a, b = ShardSet(sample_shards), ShardSet(out)
+    assert list(a.keys) == list(b.keys)
+    for m in a.modalities:
+        for i in range(len(a)):
+            np.testing.assert_array_equal(a.tile(i, m), b.tile(i, m))
+
+
 def test_workers_of_a_killed_prepare_end_with_it_and_the_rerun_completes(sample_parquet, sample_shards, tmp_path):
     """kill -9 of `terrafm prepare --workers N` left its workers running: they converted the jobs queued for them into
     the folder a re-run was writing (the same part-*.tmp files), then waited forever, each holding its row groups."""
