@@ -95,7 +95,7 @@ LOG2E = 1.0 / math.log(2.0)
 # have ~15 KB of loads in flight on an H100, ~11 KB on an A100). The softmax runs one row per program, which keeps
 # all SMs busy for class-token rows (2 x 16-128 per GPU) and is what iBOT's thousands of masked patch rows take too,
 # so one program's step must carry it alone: 8192 prototypes (16 KB of bf16, 32 KB of fp32). Its two kept tiles
-# hold 16384 fp32 exponentials: 32 registers a thread at 16 warps (87-105 in all, one CTA per SM; at 8 warps the
+# hold 16384 fp32 exponentials: 32 registers a thread at 16 warps (88-107 in all, one CTA per SM; at 8 warps the
 # fp32 variant was held to 128 registers on sm_80 and spilled).
 GPU_BLOCK_K = 8192
 SOFTMAX_NUM_WARPS = 16
@@ -145,10 +145,11 @@ def _exp(x, CENTER: tl.constexpr):
 def _online_step(logits_ptr, vec_ptr, row_offset, row_mask, cols, col_mask, m, row_sum, scale, CENTER: tl.constexpr):
     """One tile of pass 1: the running row max m and sum of exp(y - m) (exp2 in base 2) updated with the tile at
     cols. Returns the tile's exponentials e = exp(y - m_ref), its reference max m_ref and the new m and sum.
-    Rows past R take m_ref = 0: their lanes are -inf, so e = 0 and no NaN."""
+    Rows past R, and rows whose tiles so far are all -inf (logits near -3e38, or a tiny temperature), take
+    m_ref = 0: their lanes are -inf, so e = 0, where exp(-inf - -inf) was NaN."""
     y = _logit_tile(logits_ptr, vec_ptr, row_offset, row_mask, cols, col_mask, scale, CENTER)
     m_new = tl.maximum(m, tl.max(y, axis=1))
-    m_ref = tl.where(row_mask, m_new, 0.0)
+    m_ref = tl.where(row_mask & (m_new > float("-inf")), m_new, 0.0)
     e = _exp(y - m_ref[:, None], CENTER)
     return e, m_ref, m_new, row_sum * _exp(m - m_ref, CENTER) + tl.sum(e, axis=1)
 
@@ -181,7 +182,7 @@ def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.conste
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     row_offset = rows.to(tl.int64)[:, None] * K
-    cols0 = tl.arange(0, BLOCK_K)  # tile 0 always holds a prototype (K >= 1), so its m_ref is finite
+    cols0 = tl.arange(0, BLOCK_K)  # tile 0 always holds a prototype (K >= 1)
     cols1 = BLOCK_K + cols0  # tile 1 may be empty (K <= BLOCK_K): its lanes add exp(-inf - m) = 0
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_R], tl.float32)
@@ -197,6 +198,9 @@ def _softmax_kernel(logits_ptr, vec_ptr, out_ptr, R, K, scale, CENTER: tl.conste
     row_sum = tl.where(row_mask, row_sum, 1.0)
     mask = row_mask[:, None]
     inv_sum = 1.0 / row_sum
+    # m_ref <= m, except the 0 of a kept tile that was all -inf (e = 0 there) under a row max below 0: capped at m,
+    # its factor is 1 and not exp(-m), which overflowed to inf (0 * inf = NaN) for m < -88
+    m_ref0, m_ref1 = tl.minimum(m_ref0, m), tl.minimum(m_ref1, m)
     if CENTER:
         scale0, scale1 = tl.exp(m_ref0 - m) * inv_sum, tl.exp(m_ref1 - m) * inv_sum
     else:

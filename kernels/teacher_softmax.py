@@ -93,7 +93,8 @@ def _teacher_softmax_kernel(
             cols = k0 + tl.arange(0, ROW_BLOCK_K)
             x = _centred(logits_ptr, shifts_ptr, pid, cols, cols < K, K, temperature)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            row_sum = row_sum * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a first tile all -inf: exp(-inf + inf) was NaN
+            row_sum = row_sum * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
             m = m_new
         inv_sum = 1.0 / row_sum
         for k0 in range(0, K, ROW_BLOCK_K):

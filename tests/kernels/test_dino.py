@@ -72,11 +72,16 @@ def test_softmax_row_max_in_a_kept_or_a_recomputed_tile(center, device):
     Logits +-50 for the centred softmax, +-1 for Sinkhorn's (its potential keeps y near 0)."""
     K = 2 * dino_teacher.INTERPRETER_BLOCK_K + 1809
     size = 50.0 if center else 1.0
-    t = _logits((5, K), size, torch.float32, device)
+    t = _logits((7, K), size, torch.float32, device)
     for row, col in enumerate((5, dino_teacher.INTERPRETER_BLOCK_K + 7, K - 1)):
         t[row, col] = 1.5 * size
     t[3] = t[3] * 1e-3
     t[4, : K // 2] = -4 * size  # the kept tiles' exponentials underflow against the tail's max
+    # -inf after / tau in the first tile, or both kept tiles under a row max far below 0: exp(-inf + inf) and
+    # 0 * exp(-m) were NaN
+    t[5, : dino_teacher.INTERPRETER_BLOCK_K] = -3e38
+    t[6, : 2 * dino_teacher.INTERPRETER_BLOCK_K] = -3e38
+    t[6, 2 * dino_teacher.INTERPRETER_BLOCK_K:] -= 30 * size
     if center:
         c = _logits((1, K), 5.0, torch.float32, device, seed=2)
         out = dino_teacher.centered_softmax(t, c, 0.04)
@@ -87,7 +92,7 @@ def test_softmax_row_max_in_a_kept_or_a_recomputed_tile(center, device):
                                    torch.zeros(K, device=device))
         want = torch.softmax(t.cpu().double() / 0.04, dim=-1)
         plain = torch.softmax(t.cpu() / 0.04, dim=-1)
-    assert torch.allclose(out.cpu().double().sum(-1), torch.ones(5, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(out.cpu().double().sum(-1), torch.ones(7, dtype=torch.float64), atol=1e-5)
     assert_flash_tolerance("softmax by the row max's tile", out.cpu(), plain, want, 1e-6)
 
 

@@ -68,6 +68,23 @@ def test_large_logits_tiny_temperature(temperature, device):
     assert torch.isfinite(probs).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rows_whose_first_tiles_are_minus_infinity(dtype, device):
+    """Logits that are -inf after (t - c) / tau in a row's first tile (-3e38 in fp32, or -60 at tau 1e-37 in fp16)
+    made the online max -inf - -inf: the whole row was NaN where the oracle is finite."""
+    t, c, ch, hw = _inputs(3, 300, dtype, device)
+    t[:2, :150] = -3e38 if dtype == torch.float32 else -60.0
+    temperature = 0.04 if dtype == torch.float32 else 1e-37
+    if dtype == torch.float32:
+        t[1, 150:] -= 60.0  # the row max far below 0 as well
+    c, ch = c.clamp(-1, 1), ch.clamp(-1, 1)
+    out = teacher_softmax(t, c, ch, hw, temperature, 0.8)
+    plain = reference.teacher_softmax(t, c, ch, hw, temperature, 0.8)
+    oracle = teacher_softmax_f64(t.cpu(), c.cpu(), ch.cpu(), hw.cpu(), temperature, 0.8)
+    assert torch.isfinite(out[0]).all() and torch.isfinite(plain[0]).all()
+    assert_flash_tolerance("probs", out[0].cpu(), plain[0].cpu(), oracle[0], 1e-6)
+
+
 @settings(max_examples=6, deadline=None)
 @given(R=st.integers(1, 9), K=st.integers(1, 300), alpha=st.floats(0.0, 1.0), seed=st.integers(0, 99))
 def test_hypothesis_shapes(R, K, alpha, seed):
