@@ -52,7 +52,8 @@ Weight norm traffic saved: torch formed W = g v / ||v|| in fp32 and cast it for 
 ran the normalisation's backward on (K, D) fp32 tensors: at the presets' shape (bf16 v, g = None) 806 MB
 forward and 1613 MB backward of torch's own reads and writes (~720 us of HBM time on an H100, six times the
 three launches' ~122 us), counted op by op from the previous code by a dispatch mode; now 0 (fp32 v with
-bf16 features still pays the cast of v to the features' dtype: 201 MB forward, 101 MB backward).
+bf16 features still pays the cast of v to the features' dtype: 201 MB forward, 101 MB backward; with fp16
+features torch also scales v to unit rows first, as fp16's range needs: more passes over the fp32 v, uncounted).
 Why not Liger's chunked design (logits chunk by GEMM, softmax gradient in place, grad_input and
 grad_weight GEMMs per chunk): it executes 1x the FLOPs, but at the presets' shape (bf16, one 640-row
 chunk, its best case) the student logits cross HBM 5 times (GEMM write, read + gradient write in place,
@@ -548,9 +549,15 @@ no_second_derivative(_head_loss_backward_op, "dino_head_loss")
 
 def _weight_norm_operands(weight_v, weight_g, dtype):
     """(v (K, D) in the features' dtype, g (K,) fp32) of a weight-normalised prototype layer W = g v / ||v||;
-    g = 1 (DINO's frozen norm) when weight_g is None. The kernels apply the norm: no (K, D) W is formed."""
+    g = 1 (DINO's frozen norm) when weight_g is None. The kernels apply the norm: no (K, D) W is formed.
+
+    Wider prototypes cast to fp16 (fp32 parameters under autocast) are first scaled to unit rows in their own dtype,
+    which leaves W unchanged: cast as they were, rows past fp16's 65504 became inf (the loss NaN) and rows under its
+    normal range lost their digits. bf16 has fp32's range: its cast stays a plain one."""
     K = weight_v.shape[0]
     g = torch.ones(K, dtype=torch.float32, device=weight_v.device) if weight_g is None else weight_g.reshape(K)
+    if dtype == torch.float16 and weight_v.dtype != dtype:
+        weight_v = weight_v / weight_v.norm(dim=1, keepdim=True)
     return weight_v.to(dtype).contiguous(), g.float().contiguous()
 
 

@@ -53,15 +53,18 @@ def _run(fn, student, teacher, weight_v, *rest, weight_g=None, **kwargs):
     return (loss.detach(), logit_sum, high_sum, x.grad, v.grad) + (() if g is None else (g.grad,))
 
 
-def _check(S, T, B, K, D, dtype, device, seed=0, separate_teacher=False, gain=False):
+def _check(S, T, B, K, D, dtype, device, seed=0, separate_teacher=False, gain=False, v_scale=None):
     """Loss, centre sums and the gradients of the features, weight_v (and weight_g with gain: a per-prototype
-    weight-norm gain, and the teacher's own) against the fp64 oracle by the flash-attn 2x rule."""
+    weight-norm gain, and the teacher's own) against the fp64 oracle by the flash-attn 2x rule. v_scale (K,): fp32
+    prototypes (the parameters' dtype under autocast) scaled per row, with features of `dtype`."""
     student, teacher, weight_v, center, center_high, high_weight = _inputs(S, T, B, K, D, dtype, device, seed)
     g = torch.Generator().manual_seed(seed + 1)
     kwargs = {}
+    if v_scale is not None:
+        weight_v = weight_v.float() * v_scale.to(device)[:, None]
     if separate_teacher or gain:
         noise = 0.3 * torch.randn(K, D, generator=g)
-        kwargs["teacher_weight_v"] = (weight_v.float().cpu() + noise).to(dtype).to(device)
+        kwargs["teacher_weight_v"] = (weight_v.float().cpu() + noise).to(weight_v.dtype).to(device)
     if gain:
         kwargs["weight_g"] = (0.5 + torch.rand(K, 1, generator=g)).to(dtype).to(device)
         kwargs["teacher_weight_g"] = (0.5 + torch.rand(K, 1, generator=g)).to(dtype).to(device)
@@ -81,7 +84,7 @@ def _check(S, T, B, K, D, dtype, device, seed=0, separate_teacher=False, gain=Fa
         scale = o.abs().max().item() if name.startswith("grad") else max(1.0, o.abs().max().item())
         floor = 2 * torch.finfo(torch.float32).eps / TAU_S if name.startswith("grad") else 1e-7
         assert_flash_tolerance(name, k.float().cpu(), p.float().cpu(), o, rel * scale + floor)
-    assert len(kernel) == len(oracle) and kernel[3].dtype == dtype and kernel[4].dtype == dtype
+    assert len(kernel) == len(oracle) and kernel[3].dtype == dtype and kernel[4].dtype == weight_v.dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -118,6 +121,17 @@ def test_weight_norm_gains_match_float64_oracle(S, T, B, K, D, dtype, device):
     """The kernels apply W = g v / ||v|| themselves: per-prototype gains on both sides, and dL/dv and dL/dg
     from grad_weight's epilogue, against the fp64 oracle (ragged K and D: padded descriptor rows at D = 20)."""
     _check(S, T, B, K, D, dtype, device, gain=True)
+
+
+@pytest.mark.parametrize("separate_teacher", [False, True])
+def test_fp32_prototypes_beyond_the_features_range(separate_teacher, device):
+    """fp16 features with fp32 prototypes (autocast keeps parameters fp32): rows past fp16's 65504 were cast to
+    inf before their norm (the whole loss NaN), and rows under its normal range lost their digits; the weight norm
+    makes each row's scale irrelevant, so both must match the oracle."""
+    K = 37
+    v_scale = torch.ones(K)
+    v_scale[0], v_scale[1], v_scale[2] = 7e4, 1e-6, 1e12  # (1e12)^2 D still fits fp32: the norm is finite
+    _check(3, 2, 2, K, 20, torch.float16, device, separate_teacher=separate_teacher, v_scale=v_scale)
 
 
 def test_weight_norm_is_never_materialised(device):
