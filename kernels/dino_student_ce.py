@@ -11,11 +11,11 @@ With Q = sum_t P[t] (R, K) and n = sum_k Q (R,):
 DINOv2's DINOLoss.forward is one call per student view with w = 1 / R (the mean over samples) and its
 T teacher views; iBOTPatchLoss.forward_masked is T = 1 and w = masks_weight / number of images.
 
-Kernel: programs over (row block, K split). Forward keeps an online logsumexp (log2 units), Q . x and
-n per row, summing the T targets in registers, and writes these four statistics per split; torch
-combines the splits (tiny, deterministic). Backward re-streams x and P and writes the gradient. The
-saved state is 4 floats per row (3 for the logits' gradient, the row's loss for the weights'): no (R, K) fp32
-log-probabilities, products or gradients in fp32.
+Kernel: programs over (row block, K split). Forward keeps an online logsumexp (log2 units), Q . (x - running
+max) and n per row (dino_cross_entropy's lse_step), summing the T targets in registers, and writes these four
+statistics per split; torch combines the splits (tiny, deterministic). Backward re-streams x and P and writes
+the gradient. The saved state is 4 floats per row (3 for the logits' gradient, the row's loss for the
+weights'): no (R, K) fp32 log-probabilities, products or gradients in fp32.
 
 Cost per call (e = bytes per student logit, targets fp32):
     forward  FLOPs ~ (8 + 2 T) R K,  minimum HBM bytes = R K e + 4 T R K
@@ -48,6 +48,7 @@ from ._common import (
     scalar_input,
     sm_count,
 )
+from .dino_cross_entropy import combine_splits, lse_step
 
 # H100/A100 config: bandwidth bound. A (4, 512) tile over 4 warps is 16 elements per thread for x and
 # for the running target sum. K is split so that row blocks x splits covers ~4 programs per SM, which
@@ -90,12 +91,7 @@ def _student_ce_fwd_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < k_end
         x, q = _load_tile(student_ptr, targets_ptr, rows, row_mask, cols, col_mask, R, K, T)
-        xm = tl.where(col_mask[None, :], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(xm, axis=1))
-        row_sum = row_sum * tl.exp2((m - m_new) * scale) + tl.sum(tl.exp2((xm - m_new[:, None]) * scale), axis=1)
-        m = m_new
-        qx += tl.sum(q * x, axis=1)
-        n += tl.sum(q, axis=1)
+        m, row_sum, qx, n = lse_step(x, q, col_mask, m, row_sum, qx, n, scale)
     out = partial_ptr + rows * splits + split
     stride = R * splits
     tl.store(out, m, mask=row_mask)
@@ -157,12 +153,8 @@ def _launch_forward(student_logits, targets, row_weight, student_temperature):
         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=GPU_NUM_WARPS,
     )
     m, row_sum, qx, n = partial
-    # exponents are (x - row_max) * scale: the largest softmax entries carry no rounding from the
-    # absolute scale of the logits
-    row_max = m.max(dim=-1).values
-    log2_sum = torch.log2((row_sum * torch.exp2((m - row_max.unsqueeze(-1)) * scale)).sum(dim=-1))
-    qx, n = qx.sum(dim=-1), n.sum(dim=-1)
-    rows_loss = (n * row_max - qx) / student_temperature + n * log2_sum * math.log(2.0)
+    row_max, log2_sum, qx, n = combine_splits(m, row_sum, qx, n, scale)
+    rows_loss = n * log2_sum * math.log(2.0) - qx / student_temperature
     loss = (row_weight * rows_loss).sum()
     return loss, row_max.contiguous(), log2_sum.contiguous(), torch.stack([row_weight, row_weight * n]), rows_loss
 

@@ -73,6 +73,24 @@ def test_row_weights_get_the_reference_gradient(device, logits_grad):
         assert x.grad is None
 
 
+@pytest.mark.parametrize("tau", [0.1, 1e-4])
+def test_row_losses_of_large_equal_logits_do_not_cancel(device, tau):
+    """Each row's loss (the row weights' gradient) was (n max - Q . x) / tau + n lse on the raw logits: equal fp16
+    logits of 6e4 cancelled to 13.4 off at tau 1e-4 (the weights' gradient 156 off), the reference 2e-7."""
+    R, K = 5, 70
+    logits = torch.full((R, K), 6e4, dtype=torch.float16, device=device)
+    targets = torch.softmax(_randn(2, R, K, device=device), -1)
+    w = torch.full((R,), 0.2, device=device, requires_grad=True)
+    loss = weighted_soft_cross_entropy(logits, targets, w, tau)
+    loss.backward()
+    w64 = w.detach().double().requires_grad_()
+    loss64 = reference.weighted_soft_cross_entropy(logits.double(), targets.double(), w64, tau)
+    loss64.backward()
+    # every row's loss is n log K exactly: the targets sum to 1 per view, the softmax is uniform
+    torch.testing.assert_close(loss.double(), loss64.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_a_second_backward_through_the_row_weights_gradient_is_refused(device):
     """The row weights' gradient is each row's loss, which depends on the logits. Under create_graph=True it came
     back as a constant: a penalty on it (learned sample weights) silently gave the logits none of its gradient, or

@@ -97,6 +97,21 @@ def test_large_logits_small_temperature(device):
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("dtype, tau, offset", [(torch.float16, 0.1, 6e4), (torch.float16, 1e-4, 6e4),
+                                               (torch.float32, 1e-4, 1e3)])
+def test_large_logits_on_a_common_offset_do_not_cancel(dtype, tau, offset, device):
+    """The loss was (n max - Q . x) / tau + n lse, Q . x summed on the raw logits: at a large common offset the two
+    terms cancelled (equal fp16 logits of 6e4 at tau 1e-4: 4.9 off, the reference 1e-7). The kernel now sums Q .
+    (x - running max), whose error follows the logits' spread as the reference's does."""
+    S, T, B, K = 3, 2, 2, 70
+    student, teacher = _inputs(S, T, B, K, torch.float64, device, scale=1.0 if dtype == torch.float32 else 100.0)
+    student = (student + offset).to(dtype)
+    loss = dino_cross_entropy(student, teacher, tau)
+    plain = reference.dino_cross_entropy(student, teacher, tau)
+    oracle = dino_cross_entropy_f64(student.cpu().double(), teacher.cpu(), tau)
+    assert_flash_tolerance("loss", loss.cpu(), plain.cpu(), oracle, 1e-6 * max(1.0, abs(oracle.item())))
+
+
 @settings(max_examples=6, deadline=None)
 @given(S=st.integers(2, 8), B=st.integers(1, 4), K=st.integers(1, 300), seed=st.integers(0, 99))
 def test_hypothesis_shapes(S, B, K, seed):
