@@ -6,9 +6,10 @@ modality_embed (E,), pos_embed (N, E); with M = B N patch rows and Kd = C p p:
 where X[m, k] is pixel (c, i, j) = divmod of k of patch m, gathered straight from x by pointer
 arithmetic inside the kernel: no unfolded (M, Kd) copy of the image is ever written.
 
-Backward: grad_weight = G^T X gathers the patches again (one more read of x, no unfold);
-grad_x = G W is scattered back to pixels (patches do not overlap, so a pure write); the bias,
-modality and position gradients are column sums of G done by torch (one read of G each).
+Backward: grad_weight = G^T X gathers the patches again (one more read of x, no unfold) and sums the
+columns of the G tiles it loads (the bias and modality gradients); grad_x = G W is scattered back to
+pixels (patches do not overlap, so a pure write); the position gradient, a sum over the batch, is
+torch's (one read of G).
 
 W and G, the plain 2-D operands, are read through tensor descriptors: TMA on sm_90, masked loads
 (triton's rewrite) below it and in the interpreter, so every device runs this same code.
@@ -76,8 +77,10 @@ W_SLICE_BYTES = min(gpu["l2"] for gpu in GPUS.values()) // 2
 # 128 (E x KD) tiles at 2 CTAs per SM make a wave cover 12-15 of the 24 KD block rows at the presets'
 # shape: G crosses HBM twice and x once (1.41-1.43x; 128 x 32 tiles re-read G in each of 7-14 waves).
 # BLOCK_M is the reduction step: 32 spills 8 bytes on sm_90 in fp16/bf16, and 8 warps take 162-180
-# registers (1 CTA per SM). fp16/bf16: 221-255 registers, no spills. fp32: 128 x 64 tiles, 116-123
-# registers, 4 CTAs per SM (1.41-1.42x; 128 x 128 take 224-239 registers for the same bytes).
+# registers (1 CTA per SM). With KD block 0's column sum of G (COL_SUM, the training call): fp16/bf16 168-214
+# registers, 2-3 CTAs per SM, no spills (1.41x). fp32: 128 x 64 tiles, 124 registers and 4 CTAs per SM on sm_90
+# (1.42x), 151 and 3 on sm_80 (1.81x, compile_report.KNOWN_OVER_BOUND: 123 and 4 without the sum; 128 x 128
+# took 224-239 registers for the same bytes).
 GRAD_WEIGHT_CONFIGS = {
     2: {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
     4: {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
@@ -149,20 +152,24 @@ def _forward_kernel(
 
 @triton.jit
 def _grad_weight_kernel(
-    x_ptr, g_ptr, gw_ptr,
+    x_ptr, g_ptr, gw_ptr, col_sum_ptr,
     M, E, KD, N, GW, C, H, W, G_STRIDE,
-    P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr, COL_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_weight (E, KD) = G^T X, computed as its transpose X^T (KD x M) @ G (M x E) so that G, read by
     tensor descriptor (rows G_STRIDE apart), feeds the dot as it lands; X^T is gathered from x again.
-    fp32 accumulation, stored once in grad_weight's dtype (the weight's)."""
+    fp32 accumulation, stored once in grad_weight's dtype (the weight's). With COL_SUM the programs of KD block 0
+    also sum their G columns over all M into col_sum (E,) fp32, the bias and modality gradients, from the G tiles
+    they load anyway: torch's column sum read all of G once more."""
     e0 = tl.program_id(0) * BLOCK_N
     cols_e = e0 + tl.arange(0, BLOCK_N)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = ks < KD
     g_desc = tl.make_tensor_descriptor(g_ptr, shape=[M, E], strides=[G_STRIDE, 1], block_shape=[BLOCK_M, BLOCK_N])
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    col = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    summing = COL_SUM and tl.program_id(1) == 0
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         g = g_desc.load([m0, e0])  # (BLOCK_M, BLOCK_N), zero outside G
@@ -170,8 +177,12 @@ def _grad_weight_kernel(
                       mask=k_mask[:, None] & (rows < M)[None, :], other=0.0)
         acc = tl.dot(_dot_operand(a_t.to(g.dtype), DOT_PRECISION), _dot_operand(g, DOT_PRECISION), acc,
                      input_precision=DOT_PRECISION)
+        if summing:
+            col += tl.sum(g.to(tl.float32), axis=0)
     tl.store(gw_ptr + cols_e.to(tl.int64)[None, :] * KD + ks[:, None], acc.to(gw_ptr.dtype.element_ty),
              mask=k_mask[:, None] & (cols_e < E)[None, :])
+    if summing:
+        tl.store(col_sum_ptr + cols_e, col, mask=cols_e < E)
 
 
 @triton.jit
@@ -311,19 +322,25 @@ def _launch_forward(x, weight, bias, modality_embed, pos_embed) -> torch.Tensor:
     return out.view(x.shape[0], geo["N"], geo["E"])
 
 
-def _launch_backward(grad_out, x, weight, need_x: bool, need_weight: bool):
-    """(grad_x, grad_weight); an empty tensor for a gradient that is not needed."""
+def _launch_backward(grad_out, x, weight, need_x: bool, need_weight: bool, need_col_sum: bool):
+    """(grad_x, grad_weight, col_sum): col_sum (E,) fp32 is G summed over its rows (the bias and modality
+    gradients); an empty tensor for what is not needed. The column sum comes with grad_weight's G reads when that
+    runs, else from torch."""
     x = x.contiguous()
     geo = _geometry(x, weight)
     p = weight.shape[-1]
     g = descriptor_operand(grad_out.reshape(geo["M"], geo["E"]).to(x.dtype))
     common = dict(P=p, DOT_PRECISION=_dot_precision(x.dtype))
-    grad_x, grad_w = x.new_empty(0), weight.new_empty(0)
+    grad_x, grad_w, col_sum = x.new_empty(0), weight.new_empty(0), g.new_empty(0, dtype=torch.float32)
+    if need_col_sum:
+        col_sum = g.new_empty(geo["E"], dtype=torch.float32)
     if need_weight:
         cfg = _plan(x, geo, "grad_weight")
         grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        launch_kernel(_grad_weight_kernel, cfg["grid"], x, g, grad_w, *geo.values(), g.stride(0), **common,
-                      **_tiles(cfg))
+        launch_kernel(_grad_weight_kernel, cfg["grid"], x, g, grad_w, col_sum if need_col_sum else grad_w,
+                      *geo.values(), g.stride(0), **common, COL_SUM=need_col_sum, **_tiles(cfg))
+    elif need_col_sum:
+        col_sum = grad_out.reshape(-1, geo["E"]).float().sum(0)
     if need_x:
         cfg = _plan(x, geo, "grad_input")
         w = descriptor_operand(weight.to(x.dtype).reshape(geo["E"], geo["KD"]))
@@ -331,7 +348,7 @@ def _launch_backward(grad_out, x, weight, need_x: bool, need_weight: bool):
         for first_k_block, grid in cfg["launches"]:
             launch_kernel(_grad_input_kernel, grid, g, w, grad_x, *geo.values(), g.stride(0), w.stride(0),
                           first_k_block, **common, **_tiles(cfg))
-    return grad_x, grad_w
+    return grad_x, grad_w, col_sum
 
 
 # torch custom ops: opaque to torch.compile (0 graph breaks; the fake functions give output shapes),
@@ -350,16 +367,17 @@ def _(x, weight, bias, modality_embed, pos_embed):
 
 @torch.library.custom_op(op_name("patch_embed_backward"), mutates_args=())
 def _patch_embed_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool,
-                             need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_backward(grad_out, x, weight, need_x, need_weight)
+                             need_weight: bool, need_col_sum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(grad_out, x, weight, need_x, need_weight, need_col_sum)
 
 
 @_patch_embed_backward_op.register_fake
-def _(grad_out, x, weight, need_x, need_weight):
+def _(grad_out, x, weight, need_x, need_weight, need_col_sum):
     # contiguous, as the launcher returns them: empty_like kept a channels_last x's or weight's strides, and inductor
     # then failed the first backward of a channels_last model (expected stride 16 == 1)
     return (x.new_empty(x.shape) if need_x else x.new_empty(0),
-            weight.new_empty(weight.shape) if need_weight else weight.new_empty(0))
+            weight.new_empty(weight.shape) if need_weight else weight.new_empty(0),
+            grad_out.new_empty(weight.shape[0] if need_col_sum else 0, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -371,15 +389,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    """grad_x and grad_weight from the kernels; the bias, modality and position gradients are column sums."""
+    """grad_x, grad_weight and the column sum of G (the bias and modality gradients) from the kernels; the
+    position gradient is torch's sum over the batch."""
     x, weight = ctx.saved_tensors
     need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gx, gw = _patch_embed_backward_op(grad_out, x, weight, need_x, need_weight)
     has_bias, has_embed, has_pos = ctx.has
-    E = weight.shape[0]
-    col_sum = grad_out.reshape(-1, E).float().sum(0) if (has_bias or has_embed) else None
-    grad_bias = col_sum if has_bias and ctx.needs_input_grad[2] else None
-    grad_embed = col_sum.reshape(ctx.shapes[0]) if has_embed and ctx.needs_input_grad[3] else None
+    need_bias = has_bias and ctx.needs_input_grad[2]
+    need_embed = has_embed and ctx.needs_input_grad[3]
+    gx, gw, col_sum = _patch_embed_backward_op(grad_out, x, weight, need_x, need_weight, need_bias or need_embed)
+    grad_bias = col_sum if need_bias else None
+    grad_embed = col_sum.reshape(ctx.shapes[0]) if need_embed else None
     grad_pos = None
     if has_pos and ctx.needs_input_grad[4]:
         grad_pos = grad_out.float().sum(0).reshape(ctx.shapes[1])
@@ -451,10 +470,11 @@ def efficiency(kernel: str, B: int, C: int, H: int, W: int, E: int, p: int, dtyp
         moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes) + 2 * E * e  # bias, modality embed
         floor = x_bytes + w_bytes + g_bytes + 2 * E * e
     elif kernel == "grad_weight":  # program (n, k) streams G[:, n] and x[:, k] over all M, writes its W tile
-        sizes = {"g": g_bytes, "x": x_bytes, "gw": w_bytes}
+        sizes = {"g": g_bytes, "x": x_bytes, "gw": w_bytes, "col_sum": 4 * E}  # and k = 0 the sum of G[:, n]
         touches = lambda n, k, _: [("g", n, M * cols(n) * e), ("x", k, M * ks(k) * e),  # noqa: E731
-                                   ("gw", (n, k), cols(n) * ks(k) * e)]
-        moved, floor = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes), g_bytes + x_bytes + w_bytes
+                                   ("gw", (n, k), cols(n) * ks(k) * e)] + [("col_sum", n, 4 * cols(n))] * (k == 0)
+        moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes)
+        floor = g_bytes + x_bytes + w_bytes + 4 * E
     else:  # grad_input: program (k, m) of a launch reads G[m] and W[:, first + k] over all E, scatters its pixels
         moved, floor = 0, g_bytes + w_bytes + x_bytes
         for first, grid in plan["launches"]:  # the launch's W slice and grad_x columns are its tensors
@@ -483,7 +503,8 @@ def compile_specs() -> list[dict]:
         kernels = [
             ("fwd", "forward", _forward_kernel, ["x_ptr", "w_ptr", "bias_ptr", "embed_ptr", "pos_ptr", "out_ptr"],
              ["W_STRIDE"], {"HAS_BIAS": True, "HAS_EMBED": True, "HAS_POS": False}),
-            ("grad_weight", "grad_weight", _grad_weight_kernel, ["x_ptr", "g_ptr", "gw_ptr"], ["G_STRIDE"], {}),
+            ("grad_weight", "grad_weight", _grad_weight_kernel, ["x_ptr", "g_ptr", "gw_ptr"], ["G_STRIDE"],
+             {"COL_SUM": True}),  # the training call: a bias and a modality embedding
             ("grad_input", "grad_input", _grad_input_kernel, ["g_ptr", "w_ptr", "gx_ptr"],
              ["G_STRIDE", "W_STRIDE", "FIRST_K_BLOCK"], {}),
         ]
@@ -493,7 +514,8 @@ def compile_specs() -> list[dict]:
                 "name": f"patch_embed_{short}_{str(dtype).removeprefix('torch.')}", "fn": fn,
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "uses_dot": True,
                 "efficiency": partial(efficiency, kernel, **PRODUCTION_SHAPE, dtype_bytes=dtype.itemsize),
-                "signature": {**dict.fromkeys(pointers, ptr), **geo, **dict.fromkeys(strides, "i32")},
+                "signature": {**dict.fromkeys(pointers, ptr), **({"col_sum_ptr": "*fp32"} if "COL_SUM" in flags
+                                                                 else {}), **geo, **dict.fromkeys(strides, "i32")},
                 "constexprs": {"P": 16, "DOT_PRECISION": _dot_precision(dtype), **flags,
                                **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}},
             })

@@ -155,6 +155,38 @@ def test_without_position_embedding_and_without_input_grad(device):
     assert args["x"].grad is None and args["weight"].grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_bias_and_modality_gradients_come_with_grad_weights_reads_of_g(dtype, train_weight, device):
+    """The bias and modality gradients (G's column sums) are summed by grad_weight's KD-block-0 programs from the G
+    tiles they load: torch's column sum read all of G (115 MB at the presets' bf16 shape) once more. A frozen
+    weight runs no grad_weight kernel, and torch sums G as before."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sums(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.sum, torch.ops.aten.mean):
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    args = _inputs(2, 12, 48, 32, 40, 16, dtype, device, pos=False)
+    args["x"].requires_grad_(False)
+    args["weight"].requires_grad_(train_weight)
+    out = patch_embed(**args)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=dtype)
+    with Sums() as sums:
+        out.backward(grad)
+    want = grad.double().reshape(-1, 40).sum(0).cpu()
+    for name in ("bias", "modality_embed"):
+        assert _max_err(args[name].grad, want) <= ATOL[dtype] * max(1.0, want.abs().max().item()), name
+    if train_weight:  # no reduction of G outside the kernels' op (a frozen weight's torch sum runs inside it)
+        assert not [shape for shape in sums.shapes if shape in ((out.shape[0] * out.shape[1], 40), tuple(out.shape))]
+
+
 def test_fp32_weight_with_fp16_input_gets_an_fp32_gradient(device):
     """Mixed precision without FSDP: the kernel stores grad_weight straight in the weight's dtype."""
     args = _inputs(2, 12, 32, 48, 40, 16, torch.float16, device, pos=False)
@@ -423,7 +455,7 @@ def test_the_backward_fake_gives_the_strides_the_kernel_returns(layout):
         x = x.to(memory_format=torch.channels_last)
     else:
         w = w.to(memory_format=torch.channels_last)
-    torch.library.opcheck(_patch_embed_backward_op, (g, x, w, True, True), test_utils=("test_faketensor",))
+    torch.library.opcheck(_patch_embed_backward_op, (g, x, w, True, True, True), test_utils=("test_faketensor",))
 
 
 def test_reference_under_autocast_gives_the_autocast_dtype_with_embeddings():
