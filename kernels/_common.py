@@ -319,6 +319,20 @@ def l2_serves_reread(streamed_between: int, l2_bytes: int) -> bool:
     return streamed_between <= l2_bytes
 
 
+# Samples per GPU of the presets (terrafm/configs/vit{b,l}_{h100,a100}.yaml, data.batch_size) by the GPU's compute
+# capability: the compile report costs each kernel at the calls those presets make on that GPU.
+PRESET_SAMPLES = {90: {"base": 64, "large": 32}, 80: {"base": 32, "large": 16}}
+
+
+def at_presets(efficiency, shape, **fixed):
+    """A compile spec's `efficiency`: efficiency(**fixed, **shape(samples), sms=, concurrent=, l2_bytes=) with
+    samples = PRESET_SAMPLES[capability], so each GPU's rows count the calls its own presets make."""
+    def counts(sms: int, concurrent: int, l2_bytes: int, capability: int) -> dict:
+        return efficiency(**fixed, **shape(PRESET_SAMPLES[capability]), sms=sms, concurrent=concurrent,
+                          l2_bytes=l2_bytes)
+    return counts
+
+
 def aligned_at_production(signature: dict[str, str], multiples_of_16: tuple[str, ...]) -> tuple[str, ...]:
     """The arguments the JIT specializes as divisible by 16 at the presets' shapes (the compile report compiles
     that variant): every pointer (torch's allocations, and views of them offset by whole rows of 16-multiple

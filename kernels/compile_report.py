@@ -14,7 +14,8 @@ use, a dot kernel without tensor-core instructions, a failed compile, or (with -
 module that is missing.
 
 Efficiency counts: every spec carries `efficiency`, its op file's count at the presets' production
-shape, computed from the launcher's own grid and tiles (docs/kernels.md, "Efficiency counts"). Each
+shape on that row's GPU (_common.PRESET_SAMPLES: the A100 presets run half the H100 presets' samples per GPU),
+computed from the launcher's own grid and tiles (docs/kernels.md, "Efficiency counts"). Each
 row gets useful_flops / executed_flops, min_bytes / moved_bytes (HBM, wave model), occupancy
 (CTAs per SM from registers, shared memory and warps), tma (tensor-descriptor copies in the PTX) and
 the roofline time on that architecture's GPU (divided by programs / SMs where the counts give a smallest
@@ -62,20 +63,20 @@ HEAD_BOUND = 2.0  # dino_head_loss: the fused head recomputes logit tiles by des
 # Configs whose ratios are over bound today, and why: the work list of issue 11. Regular expressions matched at the
 # start of "name@arch", as KNOWN_LATENCY_BOUND's.
 KNOWN_OVER_BOUND = {
-    r"patch_embed_fwd_float32@": "bytes only: fp32 at the presets' shape moves x 308 MB, W 28 MB (over half of L2), "
-                               "out 231 MB; 1.5x leaves 621 MB for x + W and x twice with W once is 645 MB, so x "
-                               "must cross HBM once (whole output rows per wave) and W at most 11 times: at most 11 "
-                               "waves of the 25088 x 2304 output, 40-49K fp32 accumulators per SM (64 x 64 tiles at "
-                               "6 CTAs/SM hold 24K, 128 x 128 at 2 CTAs/SM on sm_90 32K: 1.67x); W in two L2-resident "
-                               "slices, as grad_input runs, reads x twice: 1.54-1.56x. bf16 (presets) is 1.00-1.02x. "
-                               "Compute bound at this shape: the bytes take 313 / 571 us of the tf32 FLOPs' 718 / "
-                               "2277 us (H100 / A100), so the waste costs no time",
+    r"patch_embed_fwd_float32@": (
+        "bytes only: fp32 at the presets' per-view call on an H100 (B = 64) moves x 154 MB, W 28 MB (over half of an "
+        "A100's L2), out 116 MB; 1.5x leaves 447 MB and x twice with W once is 452 MB, so x must cross HBM once "
+        "(whole output rows per wave) and W at most 6 times: at most 6 waves of the 12544 x 2304 output, 36.5K fp32 "
+        "accumulators per SM (64 x 64 tiles at 6 CTAs/SM hold 24K, 128 x 128 at 2 CTAs/SM on sm_90 32K). On an A100 "
+        "(B = 32) W in two L2-resident slices, reading x twice, would be 1.47x (240 of 245 MB): untried. bf16 "
+        "(presets) is 1.00-1.02x. Compute bound at this shape: the bytes take 157 / 149 us of the tf32 FLOPs' 359 / "
+        "569 us (H100 / A100), so the waste costs no time"),
     r"patch_embed_grad_weight_float32@sm_80": (
         "bytes only: the column sum of G (the bias and modality gradients) in the loop of KD block 0 takes the fp32 "
         "GEMM from 123 to 151 registers on sm_80, 4 CTAs per SM to 3, so a wave covers fewer KD rows and G crosses "
-        "HBM a third time (1.81x); torch's column sum in its place reads the fp32 G once more (1.83x). No tile tried "
-        "keeps 4 CTAs with the sum (128 x 64 x 16 at 2 stages: 153 registers; 8 warps: 2 CTAs, 2.22x; 64 x 128 "
-        "tiles: 154). sm_90: 1.42x; bf16 (presets): 1.41x on both"),
+        "HBM once more (1.71x at vitb_a100's B = 32, 1.35x at 4 CTAs); torch's column sum in its place reads the fp32 "
+        "G once more (1.71x). No tile tried keeps 4 CTAs with the sum (128 x 64 x 16 at 2 stages: 153 registers; 8 "
+        "warps: 2 CTAs; 64 x 128 tiles: 154). sm_90: 1.40x; bf16 (presets): 1.35-1.39x"),
 }
 # Streaming configs with fewer bytes of loads in flight per SM than Little's law asks, and why: regular
 # expressions matched at the start of "name@arch" (an entry that matches a config with enough in flight fails).
@@ -97,6 +98,17 @@ _FUSION_M2_LATENCY = ("two fused sensors: a step loads 2 tokens per position whe
                       "the (positions, 16 lanes, columns) tiles' registers")
 KNOWN_LATENCY_BOUND.update({r"fusion_bwd_head_float32_\w+_m2@sm_90": _FUSION_M2_LATENCY,
                             r"fusion_bwd_head_(float16|bfloat16)_\w+_m2@sm_80": _FUSION_M2_LATENCY})
+KNOWN_LATENCY_BOUND[r"fusion_fwd_(float16|bfloat16)_(b_m2|l_m2)@|fusion_fwd_float32_l_m2@"] = (
+    "a launch too small to fill the GPU: at the presets' per-view call (one fused global crop of every sample, T = "
+    "samples x 196: 12544 positions on an H100, 6272 on an A100 for ViT-B, half that for ViT-L) the M = 2 forward "
+    "(16-bit, and fp32 ViT-L) is 392 programs on an H100 and 196 on an A100, all resident at once, 3 and 2 per SM: "
+    "12.0 / 8.0 KiB of loads in flight per SM where Little's law asks 14.9 / 11.1. Two global views that draw the "
+    "same sensors share a call (1 in 6 steps) and are not latency bound; a step of twice the bytes pads ViT-B's "
+    "144-wide heads (1.60x FLOPs) or doubles registers")
+KNOWN_OVER_BOUND[r"fusion_bwd_head_(float32|float16|bfloat16)_l_m2@sm_80"] = (
+    "FLOPs only, 1.51x: vitl_a100's per-view call is T = 16 x 196 = 3136 positions, 24.5 blocks of BLOCK_T = 128, and "
+    "the padded half block adds 2% to the 1.48x that two sensors' 10 of 16 lanes cost (1.48x on an H100, 6272 "
+    "positions in whole blocks)")
 # The triton the two lists above were measured with (scripts/setup.sh's pin). Under another triton (the GPU
 # image's 3.6) register counts differ, so an entry no longer needed there is a note, not a failure.
 LISTS_TRITON = "3.7.1"
@@ -220,7 +232,8 @@ def efficiency(row: dict, spec: dict, capability: int) -> list[str]:
     row["occupancy"] = occupancy(row["regs"], row["shared_bytes"] + row["shared_static"], row["num_warps"], gpu)
     if "efficiency" not in spec:
         return ["no efficiency counts (compile_specs must give each spec an `efficiency`)"]
-    counts = spec["efficiency"](sms=gpu["sms"], concurrent=gpu["sms"] * max(row["occupancy"], 1), l2_bytes=gpu["l2"])
+    counts = spec["efficiency"](sms=gpu["sms"], concurrent=gpu["sms"] * max(row["occupancy"], 1), l2_bytes=gpu["l2"],
+                                capability=capability)
     flops_ratio = counts["executed_flops"] / max(counts["useful_flops"], 1)
     bytes_ratio = counts["moved_bytes"] / max(counts["min_bytes"], 1)
     # a launch of fewer programs than SMs leaves SMs idle (counts' optional "programs": the op's smallest launch)

@@ -24,15 +24,16 @@ Both kernels move exactly their minimum plus O(S B splits) partials: nothing of 
 """
 
 import math
-from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
+    PRESET_SAMPLES,
     TRITON_DTYPE,
     aligned_at_production,
+    at_presets,
     check_contiguous,
     check_positive,
     check_tensor,
@@ -357,8 +358,12 @@ def roofline_cost(S: int, T: int, B: int, K: int, dtype_bytes: int = 2,
     return {"flops": flops, "bytes": nbytes}
 
 
-# The presets' call (vitb_h100, per GPU): 2 global + 8 local student views, 2 teacher views, 64 samples.
-PRODUCTION_SHAPE = {"S": 10, "T": 2, "B": 64, "K": 65536}
+def production_shape(samples: dict) -> dict:
+    """The presets' call (ViT-B, per GPU): 2 global + 8 local student views, 2 teacher views of the samples."""
+    return {"S": 10, "T": 2, "B": samples["base"], "K": 65536}
+
+
+PRODUCTION_SHAPE = production_shape(PRESET_SAMPLES[90])  # vitb_h100's: 64 samples
 
 
 def efficiency(kernel: str, S: int, T: int, B: int, K: int, dtype_bytes: int, sms: int, concurrent: int,
@@ -403,7 +408,8 @@ def compile_specs() -> list[dict]:
         name = str(dtype).removeprefix("torch.")
         common = {"constexprs": {"BLOCK_S_HI": block_s_hi, "BLOCK_S_LO": block_s_lo, "BLOCK_K": GPU_BLOCK_K},
                   "num_warps": GPU_NUM_WARPS, "num_stages": 3, "uses_dot": False}
-        counts = lambda kernel, e=dtype.itemsize: partial(efficiency, kernel, **PRODUCTION_SHAPE, dtype_bytes=e)  # noqa: E731
+        counts = lambda kernel, e=dtype.itemsize: at_presets(  # noqa: E731
+            efficiency, production_shape, kernel=kernel, dtype_bytes=e)
         specs.append({
             "name": f"dino_ce_fwd_{name}", "fn": _dino_ce_fwd_kernel, "efficiency": counts("forward"),
             "signature": {"student_ptr": ptr, "teacher_ptr": "*fp32", "partial_ptr": "*fp32", "S": "i32",

@@ -67,7 +67,6 @@ the (programs, K) fp32 norm scratch (~2.6 MB) and the saved (R_s, D) Bs.
 """
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +74,10 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    PRESET_SAMPLES,
     TRITON_DTYPE,
     aligned_at_production,
+    at_presets,
     check_alpha,
     check_contiguous,
     check_head_loss_shapes,
@@ -652,9 +653,14 @@ def roofline_cost(S: int, T: int, B: int, K: int, D: int = 256, dtype_bytes: int
     return {"flops": flops, "bytes": nbytes}
 
 
-# The presets' call (vitb_h100, per GPU): 2 global + 8 local student views and 2 teacher views of 64
-# samples, K = 65536 prototypes, the 256-wide bottleneck; the teacher has its own (EMA) prototypes.
-PRODUCTION_SHAPE = {"S": 10, "T": 2, "B": 64, "K": 65536, "D": 256}
+def production_shape(samples: dict) -> dict:
+    """The presets' call with ssl.fused_head_loss (ViT-B, per GPU; off by default): 2 global + 8 local student views
+    and 2 teacher views of the samples, K = 65536 prototypes, the 256-wide bottleneck; the teacher has its own
+    (EMA) prototypes."""
+    return {"S": 10, "T": 2, "B": samples["base"], "K": 65536, "D": 256}
+
+
+PRODUCTION_SHAPE = production_shape(PRESET_SAMPLES[90])  # vitb_h100's: 64 samples
 
 
 def efficiency(kernel: str, centred: bool, S: int, T: int, B: int, K: int, D: int, dtype_bytes: int, sms: int,
@@ -761,8 +767,8 @@ def compile_specs() -> list[dict]:
         common = {"num_warps": config["num_warps"], "num_stages": config["num_stages"], "uses_dot": not fp32}
         for centred in (False, True):
             tag = "teacher" if centred else "student"
-            counts = lambda kernel, c=centred, e=dtype.itemsize: partial(  # noqa: E731
-                efficiency, kernel, c, **PRODUCTION_SHAPE, dtype_bytes=e)
+            counts = lambda kernel, c=centred, e=dtype.itemsize: at_presets(  # noqa: E731
+                efficiency, production_shape, kernel=kernel, centred=c, dtype_bytes=e)
             specs.append({
                 "name": f"head_softmax_project_{tag}_{name}", "fn": _softmax_project_kernel,
                 "signature": {"h_ptr": ptr, "v_logit_ptr": ptr, "v_proj_ptr": ptr, "g_logit_ptr": "*fp32",
@@ -785,7 +791,8 @@ def compile_specs() -> list[dict]:
                           "K": "i32", "D": "i32", "D_STRIDE": "i32", "scale_s": "fp32", "scale_t": "fp32",
                           "alpha": "fp32", "coef": "fp32"},
             "constexprs": blocks, **common,
-            "efficiency": partial(efficiency, "grad_weight", False, **PRODUCTION_SHAPE, dtype_bytes=dtype.itemsize),
+            "efficiency": at_presets(efficiency, production_shape, kernel="grad_weight", centred=False,
+                                     dtype_bytes=dtype.itemsize),
         })
     for spec in specs:
         spec["divisible_by_16"] = aligned_at_production(spec["signature"], MULTIPLES_OF_16)

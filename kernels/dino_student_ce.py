@@ -26,7 +26,6 @@ activation memory held for backward.
 """
 
 import math
-from functools import partial
 
 import torch
 import triton
@@ -35,6 +34,7 @@ import triton.language as tl
 from ._common import (
     TRITON_DTYPE,
     aligned_at_production,
+    at_presets,
     check_contiguous,
     check_positive,
     check_tensor,
@@ -313,7 +313,8 @@ def compile_specs() -> list[dict]:
         name = str(dtype).removeprefix("torch.")
         common = {"constexprs": {"BLOCK_R": GPU_BLOCK_R, "BLOCK_K": GPU_BLOCK_K}, "num_warps": GPU_NUM_WARPS,
                   "num_stages": 3, "uses_dot": False}
-        counts = lambda kernel, e=dtype.itemsize: partial(efficiency, kernel, **PRODUCTION_SHAPE, dtype_bytes=e)  # noqa: E731
+        counts = lambda kernel, e=dtype.itemsize: at_presets(  # noqa: E731
+            efficiency, lambda samples: PRODUCTION_SHAPE, kernel=kernel, dtype_bytes=e)  # DINOv2's call on any GPU
         specs.append({
             "name": f"dino_student_ce_fwd_{name}", "fn": _student_ce_fwd_kernel, "efficiency": counts("forward"),
             "signature": {"student_ptr": ptr, "targets_ptr": "*fp32", "partial_ptr": "*fp32", "R": "i32",

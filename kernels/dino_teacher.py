@@ -62,7 +62,6 @@ sums, in-place divisions) and a full fp32 copy of the logits.
 """
 
 import math
-from functools import partial
 
 import torch
 import triton
@@ -73,6 +72,7 @@ from ._common import (
     FLOAT_DTYPES,
     TRITON_DTYPE,
     aligned_at_production,
+    at_presets,
     check_contiguous,
     check_positive,
     check_size,
@@ -607,8 +607,8 @@ def compile_specs() -> list[dict]:
     common = {"num_warps": GPU_NUM_WARPS, "num_stages": 3, "uses_dot": False}
     for dtype, ptr in TRITON_DTYPE.items():
         name, e = str(dtype).removeprefix("torch."), dtype.itemsize
-        counts = lambda mode, rows, e=e, **kw: partial(  # noqa: E731
-            efficiency, mode, rows, PRODUCTION_K, dtype_bytes=e, **kw)
+        counts = lambda mode, rows, e=e, **kw: at_presets(  # noqa: E731  DINOv2's calls on any GPU
+            efficiency, lambda samples: {}, mode=mode, R=rows, K=PRODUCTION_K, dtype_bytes=e, **kw)
         scalars = {"R": "i32", "K": "i32", "scale": "fp32"}
         for tag, center in (("centered_softmax", True), ("sk_softmax", False)):
             for rows in PRODUCTION_ROWS:

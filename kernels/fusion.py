@@ -44,7 +44,6 @@ the tiny Q and M to 16). Counts per kernel: efficiency().
 """
 
 import math
-from functools import partial
 
 import torch
 import triton
@@ -53,8 +52,10 @@ import triton.language as tl
 from ._common import (
     FUSION_MAX_MODALITIES,
     FUSION_MAX_QUERIES,
+    PRESET_SAMPLES,
     TRITON_DTYPE,
     aligned_at_production,
+    at_presets,
     check_contiguous,
     check_size,
     check_tensor,
@@ -486,14 +487,18 @@ def roofline_cost(T: int, M: int, A: int, Q: int = 5, dtype_bytes: int = 2, back
     return {"flops": flops, "bytes": moved}
 
 
-# The presets' calls (per GPU, 64 (ViT-B, vitb_h100) / 32 (ViT-L, vitl_h100) samples x 2 global crops x
-# 196 patches, Q = 5 queries, H = 16 heads, A = 3 D): a fused view draws 2 or 3 of the 3 sensors, each half
-# the time (data.views.modality_mix), so M = 3 (S2-L2A + S2-L1C + S1) and M = 2 (its own compiled tiles,
-# BLOCK_M = 2) are both production shapes.
-PRODUCTION_SHAPES = {"b": {"T": 25088, "M": 3, "Q": 5, "A": 2304, "H": 16},
-                     "l": {"T": 12544, "M": 3, "Q": 5, "A": 3072, "H": 16},
-                     "b_m2": {"T": 25088, "M": 2, "Q": 5, "A": 2304, "H": 16},
-                     "l_m2": {"T": 12544, "M": 2, "Q": 5, "A": 3072, "H": 16}}
+def production_shapes(samples: dict) -> dict[str, dict]:
+    """The presets' typical calls (per GPU: one fused global crop of every sample x 196 patches, Q = 5 queries,
+    H = 16 heads, A = 3 D; ViT-B "b", ViT-L "l"): a fused view draws 2 or 3 of the 3 sensors, each half the time
+    (data.views.modality_mix), so M = 3 (S2-L2A + S2-L1C + S1) and M = 2 (its own compiled tiles, BLOCK_M = 2) are
+    both production shapes. The two global crops share a call only when they draw the same sensors."""
+    return {"b": {"T": samples["base"] * 196, "M": 3, "Q": 5, "A": 2304, "H": 16},
+            "l": {"T": samples["large"] * 196, "M": 3, "Q": 5, "A": 3072, "H": 16},
+            "b_m2": {"T": samples["base"] * 196, "M": 2, "Q": 5, "A": 2304, "H": 16},
+            "l_m2": {"T": samples["large"] * 196, "M": 2, "Q": 5, "A": 3072, "H": 16}}
+
+
+PRODUCTION_SHAPES = production_shapes(PRESET_SAMPLES[90])  # vitb_h100's and vitl_h100's
 
 
 def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes: int, sms: int, concurrent: int,
@@ -597,8 +602,8 @@ def compile_specs() -> list[dict]:
         name = str(dtype).removeprefix("torch.")
         for size in PRODUCTION_SHAPES:  # ViT-B and ViT-L share a compiled kernel per M, counted at each shape
             plan = launch_plan(**PRODUCTION_SHAPES[size], dtype_bytes=dtype.itemsize)
-            counts = lambda kernel, size=size, e=dtype.itemsize: partial(  # noqa: E731
-                efficiency, kernel, **PRODUCTION_SHAPES[size], dtype_bytes=e)
+            counts = lambda kernel, size=size, e=dtype.itemsize: at_presets(  # noqa: E731
+                efficiency, lambda samples, size=size: production_shapes(samples)[size], kernel=kernel, dtype_bytes=e)
             common = {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES, "uses_dot": False}
             scalars = {"M": "i32", "Q": "i32", "A": "i32", "D": "i32"}
             specs.append({

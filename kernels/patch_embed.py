@@ -24,15 +24,16 @@ launch per L2-sized KD slice of W (reading G once per slice) and the forward rea
 GEMM is compute bound (~110 FLOPs per byte).
 """
 
-from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
+    PRESET_SAMPLES,
     TRITON_DTYPE,
     aligned_at_production,
+    at_presets,
     check_interpreted_dot_dtype,
     check_patch_grid,
     check_tensor,
@@ -54,7 +55,7 @@ from .gpus import GPUS
 # rounded operands per dot (_dot_precision) when torch allows tf32 for cuDNN convolutions (its default).
 # The fp32 forward takes 64 x 64 x 16 tiles, 2 stages: 78-80 registers, 6 CTAs per SM; 128 x 128 tiles
 # (1 CTA per SM on sm_80) move more bytes there (2.6x against 2.05x) and fewer on sm_90 (1.67x against
-# 1.85x), over the bound either way (compile_report.KNOWN_OVER_BOUND says why).
+# 1.85x; both global views in one call), over the bound either way (compile_report.KNOWN_OVER_BOUND says why).
 GPU_CONFIGS = {
     2: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
     4: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
@@ -79,7 +80,7 @@ W_SLICE_BYTES = min(gpu["l2"] for gpu in GPUS.values()) // 2
 # BLOCK_M is the reduction step: 32 spills 8 bytes on sm_90 in fp16/bf16, and 8 warps take 162-180
 # registers (1 CTA per SM). With KD block 0's column sum of G (COL_SUM, the training call): fp16/bf16 168-214
 # registers, 2-3 CTAs per SM, no spills (1.41x). fp32: 128 x 64 tiles, 124 registers and 4 CTAs per SM on sm_90
-# (1.42x), 151 and 3 on sm_80 (1.81x, compile_report.KNOWN_OVER_BOUND: 123 and 4 without the sum; 128 x 128
+# (1.40x), 151 and 3 on sm_80 (1.71x, compile_report.KNOWN_OVER_BOUND: 123 and 4 without the sum; 128 x 128
 # took 224-239 registers for the same bytes).
 GRAD_WEIGHT_CONFIGS = {
     2: {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
@@ -447,9 +448,15 @@ def roofline_cost(B: int, C: int, H: int, W: int, E: int, p: int, dtype_bytes: i
     return {"flops": flops, "bytes": moved}
 
 
-# The presets' call (vitb_h100, per GPU): 64 samples x 2 global crops of 224 px, Sentinel-2's 12
-# bands, patch 16, E = attn_dim = 3 x 768 (terrafm/models/patch_embed.py); forward and backward.
-PRODUCTION_SHAPE = {"B": 128, "C": 12, "H": 224, "W": 224, "E": 2304, "p": 16}
+def production_shape(samples: dict) -> dict:
+    """The presets' typical call (ViT-B, per GPU): one global crop of 224 px of every sample, Sentinel-2's 12 bands,
+    patch 16, E = attn_dim = 3 x 768 (terrafm/models/patch_embed.py); forward and backward. A batch's views draw
+    their sensors one by one (data.views.choose_modalities) and the model embeds views with the same sensors and size
+    in one call: both global crops of a sensor share a call only when they draw the same sensors (1 in 6)."""
+    return {"B": samples["base"], "C": 12, "H": 224, "W": 224, "E": 2304, "p": 16}
+
+
+PRODUCTION_SHAPE = production_shape(PRESET_SAMPLES[90])  # vitb_h100's
 
 
 def efficiency(kernel: str, B: int, C: int, H: int, W: int, E: int, p: int, dtype_bytes: int, sms: int,
@@ -513,7 +520,7 @@ def compile_specs() -> list[dict]:
             specs.append({
                 "name": f"patch_embed_{short}_{str(dtype).removeprefix('torch.')}", "fn": fn,
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "uses_dot": True,
-                "efficiency": partial(efficiency, kernel, **PRODUCTION_SHAPE, dtype_bytes=dtype.itemsize),
+                "efficiency": at_presets(efficiency, production_shape, kernel=kernel, dtype_bytes=dtype.itemsize),
                 "signature": {**dict.fromkeys(pointers, ptr), **({"col_sum_ptr": "*fp32"} if "COL_SUM" in flags
                                                                  else {}), **geo, **dict.fromkeys(strides, "i32")},
                 "constexprs": {"P": 16, "DOT_PRECISION": _dot_precision(dtype), **flags,

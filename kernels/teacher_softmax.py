@@ -31,15 +31,16 @@ Cost per call (e = bytes per logit; counts at the production shape in efficiency
 """
 
 
-from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
+    PRESET_SAMPLES,
     TRITON_DTYPE,
     aligned_at_production,
+    at_presets,
     check_alpha,
     check_contiguous,
     check_positive,
@@ -207,8 +208,12 @@ def roofline_cost(R: int, K: int, dtype_bytes: int = 2) -> dict[str, int]:
     return {"flops": 11 * R * K, "bytes": R * K * dtype_bytes + 4 * R * K + 16 * K}
 
 
-# The presets' call (vitb_h100, per GPU): 2 global views x 64 samples = 128 teacher rows, K = 65536.
-PRODUCTION_SHAPE = {"R": 128, "K": 65536}
+def production_shape(samples: dict) -> dict:
+    """The presets' call (ViT-B, per GPU): 2 global views x the samples = teacher rows, K = 65536."""
+    return {"R": 2 * samples["base"], "K": 65536}
+
+
+PRODUCTION_SHAPE = production_shape(PRESET_SAMPLES[90])  # vitb_h100's: 128 rows
 
 
 def efficiency(kernel: str, R: int, K: int, dtype_bytes: int, sms: int, concurrent: int, l2_bytes: int) -> dict:
@@ -262,7 +267,7 @@ def compile_specs() -> list[dict]:
             "name": f"teacher_softmax_{str(dtype).removeprefix('torch.')}", "fn": _teacher_softmax_kernel,
             "constexprs": {k: plan[k] for k in ("ROW_BLOCK_K", "COL_BLOCK_R", "COL_BLOCK_K")},
             "num_warps": plan["num_warps"], "num_stages": 3, "uses_dot": False,
-            "efficiency": partial(efficiency, "op", **PRODUCTION_SHAPE, dtype_bytes=dtype.itemsize),
+            "efficiency": at_presets(efficiency, production_shape, kernel="op", dtype_bytes=dtype.itemsize),
             "signature": {"logits_ptr": ptr, "shifts_ptr": "*fp32", "high_weight_ptr": "*fp32", "probs_ptr": "*fp32",
                           "logit_sum_ptr": "*fp32", "high_sum_ptr": "*fp32", "R": "i32", "K": "i32",
                           "temperature": "fp32", "accumulate": "i32"},

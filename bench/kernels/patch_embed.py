@@ -1,7 +1,8 @@
 """Bench: patchify + projection + bias (Conv2d with kernel == stride == p), forward and backward, at the
-shapes the presets call it with: E = attn_dim = 3 x D, per GPU 2 global crops (224 px) and 8 local
-crops (96 px) of each sample, Sentinel-2 (12 bands) and Sentinel-1 (2 bands). As in training, the images need no
-gradient: the backward is grad_weight and grad_bias only."""
+shapes the presets call it with: E = attn_dim = 3 x D, per GPU one view of every sample, a global crop (224 px) or a
+local crop (96 px), Sentinel-2 (12 bands) and Sentinel-1 (2 bands). Each view draws its own sensors and the model
+embeds views with the same sensors and size in one call, so one view is the typical call (two global views share
+one in 1 of 6 steps). As in training, the images need no gradient: the backward is grad_weight and grad_bias only."""
 
 import torch
 
@@ -14,10 +15,10 @@ BACKWARD = True
 def shapes(quick: bool) -> list[dict]:
     if quick:
         return [{"B": 8, "C": 12, "H": 96, "W": 96, "E": 384, "p": 16}]
-    return [{"B": 128, "C": 12, "H": 224, "W": 224, "E": 2304, "p": 16},   # ViT-B (vitb_h100), global crops
-            {"B": 512, "C": 12, "H": 96, "W": 96, "E": 2304, "p": 16},     # ViT-B local crops
-            {"B": 128, "C": 2, "H": 224, "W": 224, "E": 2304, "p": 16},    # ViT-B, Sentinel-1
-            {"B": 64, "C": 12, "H": 224, "W": 224, "E": 3072, "p": 16}]    # ViT-L (vitl_h100), global crops
+    return [{"B": 64, "C": 12, "H": 224, "W": 224, "E": 2304, "p": 16},   # ViT-B (vitb_h100), a global view
+            {"B": 64, "C": 12, "H": 96, "W": 96, "E": 2304, "p": 16},     # ViT-B, a local view
+            {"B": 64, "C": 2, "H": 224, "W": 224, "E": 2304, "p": 16},    # ViT-B, Sentinel-1
+            {"B": 32, "C": 12, "H": 224, "W": 224, "E": 3072, "p": 16}]   # ViT-L (vitl_h100), a global view
 
 
 def inputs(shape: dict, device: str, dtype: torch.dtype) -> tuple:

@@ -226,3 +226,19 @@ def test_no_cuobjdump_is_one_line_and_exit_2(monkeypatch, capsys):
     assert c.main(["--modules", "fusion"]) == 2
     assert capsys.readouterr().err.strip() == "compile_report: cuobjdump not found at /x: the triton wheel for " \
                                               "Linux x86_64 ships it"
+
+
+def test_each_gpus_rows_are_costed_at_its_own_presets_samples_per_gpu():
+    """The sm_80 rows were costed at the H100 presets' batch: every predicted A100 time was for twice the work the
+    A100 presets' calls do. PRESET_SAMPLES must follow the presets' data.batch_size."""
+    from terrafm.config import load_config
+    from terrafm_kernels._common import PRESET_SAMPLES
+    from terrafm_kernels.patch_embed import compile_specs
+
+    for capability, gpu in ((90, "h100"), (80, "a100")):
+        for size, model in (("base", "vitb"), ("large", "vitl")):
+            assert PRESET_SAMPLES[capability][size] == load_config(f"{model}_{gpu}").data.batch_size
+    spec = next(s for s in compile_specs() if s["name"] == "patch_embed_fwd_bfloat16")
+    flops = {c: spec["efficiency"](sms=132, concurrent=264, l2_bytes=50 << 20, capability=c)["useful_flops"]
+             for c in (90, 80)}
+    assert flops[90] == 2 * flops[80] == 2 * 2 * 32 * 196 * (12 * 256) * 2304
