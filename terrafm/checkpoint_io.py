@@ -16,6 +16,7 @@ on export, so a flipped byte is refused by file name instead of loading silently
 weights are smoother and transfer better) on one process without any process group.
 """
 
+import contextlib
 import hashlib
 import io
 import math
@@ -215,6 +216,34 @@ def previous_checkpoint(path: Path) -> str:
             f"`terrafm export`, `terrafm eval --checkpoint`)")
 
 
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete step_N checkpoint in `folder`, or None."""
+    found = sorted(p for p in Path(folder).glob("step_*") if complete(p))
+    return found[-1] if found else None
+
+
+@contextlib.contextmanager
+def kept_while_read(path: Path, error=None, was_complete: bool | None = None):
+    """Reads of checkpoint folder `path`: a failure because the folder went away meanwhile (a run still writing into
+    its parent removes its older checkpoints: train.keep_checkpoints) is raised as that, `error(message)` (default
+    CheckpointError), naming the newest checkpoint now; its missing files were blamed on the checkpoint (corrupt,
+    not fitting the model) and the message said there was none earlier. was_complete: what the caller saw when it
+    chose `path` (default: now)."""
+    path = Path(path)
+    was_complete = complete(path) if was_complete is None else was_complete
+    try:
+        yield
+    except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+        if not was_complete or complete(path):
+            raise
+        newest = newest_checkpoint(path.parent)
+        message = (f"checkpoint {path} was removed while it was read: the run writing into {path.parent} keeps only "
+                   "its newest checkpoints (train.keep_checkpoints)"
+                   + (f"; the newest now is {newest}: run the command again, or copy that folder first" if newest
+                      else ""))
+        raise (error or CheckpointError)(message) from err
+
+
 def read_meta(path: str | Path) -> dict:
     """meta.json of a checkpoint: step, world size, model constructor arguments, config, schedule length.
     A file without what every reader needs (an edited or foreign meta.json) is one CheckpointError."""
@@ -266,6 +295,11 @@ def load_backbone_state(path: str | Path, which: str = "teacher") -> tuple[str, 
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     path = resolve(path)
+    with kept_while_read(path):
+        return _load_backbone_state(path, which)
+
+
+def _load_backbone_state(path: Path, which: str) -> tuple[str, dict[str, torch.Tensor]]:
     problems = verify(path)
     if problems:
         raise CheckpointError(f"checkpoint {path} is corrupt ({'; '.join(problems)}); {previous_checkpoint(path)}")

@@ -99,14 +99,30 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def publish(tmp: Path, path: Path) -> None:
+def publish(tmp: Path, path: Path, replace: bool = True) -> None:
     """Move the finished temp file or folder `tmp` to `path` durably: fsync its data (every file of a
-    folder), rename it over `path` (a folder: `path` must not exist), fsync the parent directory."""
+    folder), rename it over `path` (a folder: `path` must not exist), fsync the parent directory. A file with
+    replace=False is published by a hard link, which fails (FileExistsError) where `path` exists, even one another
+    process made since it was checked; on a file system without hard links, by a rename after one more check."""
     tmp, path = Path(tmp), Path(path)
     for f in sorted(tmp.iterdir()) if tmp.is_dir() else [tmp]:
         if f.is_file():
             _fsync_file(f)
-    os.replace(tmp, path)
+    if replace or tmp.is_dir():
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            tmp.unlink(missing_ok=True)
+            raise
+        except OSError:  # no hard links here (FAT, some network file systems): the narrow window stays
+            if path.exists():
+                tmp.unlink(missing_ok=True)
+                raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+            os.replace(tmp, path)
+        else:
+            tmp.unlink()
     fsync_dir(path.parent)
 
 
@@ -217,10 +233,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write `path` through `write(tmp)` (any writer that takes a file name) to a temp name beside it, then `publish`.
-    The temp name is unique (`<name>.<host>-<pid>-<random>.tmp`): a fixed `<name>.tmp` replaced, then deleted, a
-    user's own file of that name. Temps that earlier writers of this host left behind are removed after a write."""
+def atomic_write(path: Path, write: Callable[[Path], None], replace: bool = True) -> Path:
+    """Write `path` through `write(tmp)` (any writer that takes a file name) to a temp name beside it, then `publish`
+    (replace=False: FileExistsError if `path` exists by then). The temp name is unique
+    (`<name>.<host>-<pid>-<random>.tmp`): a fixed `<name>.tmp` replaced, then deleted, a user's own file of that name.
+    Temps that earlier writers of this host left behind are removed after a write."""
     path = Path(path)
     tmp = _temp_name(path)
     try:
@@ -228,7 +245,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     except BaseException:  # a full disk or Ctrl-C mid-write: leave the old file and no half-written .tmp
         tmp.unlink(missing_ok=True)
         raise
-    publish(tmp, path)
+    publish(tmp, path, replace)
     remove_stale_temps(path)
     return path
 

@@ -1,6 +1,7 @@
 """`terrafm eval`: frozen-feature kNN / linear / segmentation probes of a checkpoint on a benchmark."""
 
 import argparse
+import dataclasses
 import pickle
 import sys
 from pathlib import Path
@@ -89,6 +90,8 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from terrafm import checkpoint_io
+    from terrafm.eval.features import checkpoint_identity
     from terrafm.models import load_checkpoint
 
     problem = _argument_problem(args)
@@ -103,7 +106,11 @@ def run(args: argparse.Namespace) -> int:
                      cache_dir=args.cache_dir, knn_k=args.knn_k, knn_temperature=args.knn_temperature,
                      linear_epochs=args.linear_epochs, seg_epochs=args.seg_epochs)
     try:
-        model = load_checkpoint(args.checkpoint, name=args.model)
+        checkpoint = Path(args.checkpoint)
+        if checkpoint.is_dir():  # once: the weights, the feature cache's key and results.json name one step
+            checkpoint = checkpoint_io.resolve(checkpoint)
+        cfg = dataclasses.replace(cfg, checkpoint=str(checkpoint), checkpoint_id=checkpoint_identity(checkpoint))
+        model = load_checkpoint(checkpoint, name=args.model)
         results = evaluate(cfg, model)
     except (ValueError, FileNotFoundError, pickle.UnpicklingError) as err:
         print(f"terrafm eval: error: {err}", file=sys.stderr)

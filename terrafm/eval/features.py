@@ -23,17 +23,26 @@ from terrafm.eval.data import normalize, row_chunks
 from terrafm.fileio import atomic_write, check_regular
 
 
-def cache_key(checkpoint: str | Path, data: str | Path, split: str, modality: str, img_size: int | None,
-              kind: str, inputs: str = "", images: str = "") -> str:
-    """inputs: how the images were prepared (normalisation statistics, S1 scaling); images: images_digest of the
-    split as read. Other features if either differs."""
+def checkpoint_identity(checkpoint: str | Path) -> dict:
+    """What cached features are keyed on: the checkpoint file, or the .metadata of the step folder a run or
+    checkpoint folder resolves to now (so new steps miss the cache), by path, size and modification time. Taken once,
+    where the model is loaded: taken again per split, a run that checkpointed meanwhile filed one step's features
+    under the next step's name."""
     ckpt = Path(checkpoint).resolve()
-    if ckpt.is_dir():  # a run folder: key on the checkpoint it resolves to now, so new steps miss the cache
+    if ckpt.is_dir():
         from terrafm.checkpoint_io import resolve
 
         ckpt = resolve(ckpt) / ".metadata"
     stat = ckpt.stat()
-    ident = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime": stat.st_mtime_ns,
+    return {"checkpoint": str(ckpt), "size": stat.st_size, "mtime": stat.st_mtime_ns}
+
+
+def cache_key(checkpoint: str | Path | dict, data: str | Path, split: str, modality: str, img_size: int | None,
+              kind: str, inputs: str = "", images: str = "") -> str:
+    """checkpoint: a path, or its checkpoint_identity taken where it was loaded; inputs: how the images were
+    prepared (normalisation statistics, S1 scaling); images: images_digest of the split as read. Other features if
+    either differs."""
+    ident = {**(checkpoint if isinstance(checkpoint, dict) else checkpoint_identity(checkpoint)),
              "data": str(Path(data).resolve()), "split": split, "modality": modality,
              "img_size": img_size, "kind": kind, "inputs": inputs, "images": images}
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]

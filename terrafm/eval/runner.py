@@ -22,7 +22,7 @@ from terrafm.eval.data import (
     shared_files,
     to_s1_scaling,
 )
-from terrafm.eval.features import cache_key, cached_features, extract, images_digest
+from terrafm.eval.features import cache_key, cached_features, checkpoint_identity, extract, images_digest
 from terrafm.fileio import atomic_write_bytes
 
 PROBES_BY_TASK = {"classification": ("knn", "linear"), "multilabel": ("knn", "linear"), "segmentation": ("seg",)}
@@ -51,6 +51,8 @@ class EvalConfig:
     linear_epochs: int = 100
     seg_epochs: int = 50
     class_names: list[str] = field(default_factory=list)
+    # features.checkpoint_identity of the checkpoint as loaded (the cli takes it before loading); None: taken here
+    checkpoint_id: dict | None = None
 
 
 def _load_splits(cfg: EvalConfig) -> dict[str, EvalSplit]:
@@ -148,6 +150,7 @@ def _train_subset(cfg: EvalConfig, train: EvalSplit, fraction: float) -> tuple[n
 def evaluate(cfg: EvalConfig, model) -> dict:
     """Run every requested probe at every label fraction; returns (and writes) the results dict."""
     out = Path(cfg.out)
+    checkpoint_id = cfg.checkpoint_id or checkpoint_identity(cfg.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     splits = _load_splits(cfg)
     train = splits["train"]
@@ -178,7 +181,7 @@ def evaluate(cfg: EvalConfig, model) -> dict:
     cache_dir = cfg.cache_dir or out / "cache"
     feats = {}
     for name, split in splits.items():
-        key = cache_key(cfg.checkpoint, cfg.data, name, modality, cfg.img_size, kind, prep, images_digest(split.images))
+        key = cache_key(checkpoint_id, cfg.data, name, modality, cfg.img_size, kind, prep, images_digest(split.images))
         feats[name] = cached_features(cache_dir, key, lambda s=split, n=name: extract(
             model, s.images, modality, kind, cfg.batch_size, cfg.img_size, cfg.device, desc=f"{n} features",
             stats=(mean, std)), rows=len(split.labels))

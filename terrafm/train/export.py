@@ -60,7 +60,7 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
     from safetensors import SafetensorError
     from safetensors.torch import save, save_file
 
-    from terrafm.checkpoint_io import load_backbone_state, read_meta, resolve
+    from terrafm.checkpoint_io import kept_while_read, load_backbone_state, read_meta, resolve
 
     output = Path(output)
     if output.name == ".safetensors":  # a dotfile: Path(".safetensors").suffix is ""
@@ -74,9 +74,10 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
     problem = folder_problem(output.parent)
     if problem:
         raise ValueError(f"cannot write {output}: {problem}")
-    name, state = load_backbone_state(checkpoint, which)
-    folder = resolve(checkpoint)
-    meta = read_meta(folder)
+    folder = resolve(checkpoint)  # once: a run that checkpoints meanwhile must not give the weights of one step and
+    with kept_while_read(folder):  # the metadata of the next
+        name, state = load_backbone_state(folder, which)
+        meta = read_meta(folder)
     trained_inputs(meta, folder)  # an input metadata entry load_checkpoint would refuse in the file is refused here
     try:
         metadata = export_metadata(name, which, meta)
@@ -103,7 +104,11 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
                              f"not load: {str(err).replace(str(tmp), str(output))}") from err
         chmod_shared(tmp)
 
-    return atomic_write(output, write)
+    try:  # without force, a file another export published meanwhile is not replaced either
+        return atomic_write(output, write, replace=force)
+    except FileExistsError as err:
+        raise ValueError(f"output {output} exists (written meanwhile by another program); pass --force to replace "
+                         "it, or choose another name") from err
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

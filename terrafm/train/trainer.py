@@ -758,6 +758,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
             resume_from = checkpoint_io.resolve(resume)
     except checkpoint_io.CheckpointError as err:
         raise SetupError(f"cannot resume: {err}") from err
+    # --resume-from a run still training: its rotation may remove this checkpoint before it is read (below)
+    source_complete = resume_from is not None and checkpoint_io.complete(resume_from)
     if not resume and checkpoint.has_checkpoints(ckpt_root):
         raise SetupError(f"{run_dir} already has checkpoints; pass --resume to continue it, or choose another "
                          "--out / train.run_name for a fresh run")
@@ -813,8 +815,10 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
     # -- resume ---------------------------------------------------------------------------------
     step, epoch, skipped_steps, nonfinite_streak, saved_steps = 0, 0, 0, 0, None
     if resume_from is not None:
-        step, epoch, skipped_steps, nonfinite_streak, saved_steps = restore(resume_from, arch, optimizer, loader,
-                                                                            cfg, env)
+        with checkpoint_io.kept_while_read(resume_from, lambda message: SetupError(f"cannot resume: {message}"),
+                                           source_complete):
+            step, epoch, skipped_steps, nonfinite_streak, saved_steps = restore(resume_from, arch, optimizer, loader,
+                                                                                cfg, env)
     else:
         loader.set_epoch(epoch)
     if not existed:

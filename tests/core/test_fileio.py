@@ -1,5 +1,7 @@
 """terrafm.fileio: a reader sees the old file or the whole new one, and a failed write leaves nothing behind."""
 
+from pathlib import Path
+
 import pytest
 
 from terrafm.fileio import atomic_write, atomic_write_bytes
@@ -78,3 +80,31 @@ def test_a_long_file_name_still_gets_a_temp_beside_it(tmp_path, monkeypatch):
         atomic_write_bytes(path, b"whole")
         assert path.read_bytes() == b"whole" and sorted(p.name for p in tmp_path.iterdir()) == [name]
         path.unlink()
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_atomic_write_without_replace_keeps_a_file_that_appeared_meanwhile(tmp_path, monkeypatch, links):
+    """replace=False publishes by a hard link, which fails where the name exists by then; on a file system without
+    hard links (FAT, some network mounts) by a rename after one more check. Either way the temp goes."""
+    import errno as errno_module
+
+    from terrafm import fileio
+
+    if not links:
+        def no_links(src, dst):
+            raise OSError(errno_module.EPERM, "Operation not permitted")
+        monkeypatch.setattr(fileio.os, "link", no_links)
+    target = tmp_path / "out.bin"
+    fileio.atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"first"), replace=False)
+    assert target.read_bytes() == b"first"
+
+    def another_writer_first(tmp):
+        target.write_bytes(b"other")
+        Path(tmp).write_bytes(b"second")
+
+    target.unlink()
+    with pytest.raises(FileExistsError):
+        fileio.atomic_write(target, another_writer_first, replace=False)
+    assert target.read_bytes() == b"other" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    fileio.atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"third"))  # replace=True, the default
+    assert target.read_bytes() == b"third"

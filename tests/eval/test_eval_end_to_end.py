@@ -167,6 +167,37 @@ def test_cache_key_of_a_run_folder_follows_its_latest_checkpoint(tmp_path):
     assert key() != first
 
 
+def test_a_run_folder_is_resolved_once_for_the_weights_the_cache_and_the_results(hdf5_data, tmp_path, monkeypatch):
+    """The run folder was resolved to its latest checkpoint twice, once to load the weights and once per split to
+    name the feature cache: a run that checkpointed in between filed step N's features under step N+1's name, and a
+    later eval of the run scored the wrong step's features (exit 0)."""
+    import terrafm.models
+
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", "--out", str(run_dir), "train.max_steps=2", "train.checkpoint_every=1",
+                 "train.probe=false"]) == 0
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000002"
+    real = terrafm.models.load_checkpoint
+
+    def load_then_the_run_moves_on(*args, **kwargs):
+        model = real(*args, **kwargs)
+        (ckpts / "latest").write_text("step_00000001")  # another step is the run's latest from here on
+        return model
+
+    monkeypatch.setattr(terrafm.models, "load_checkpoint", load_then_the_run_moves_on)
+    cache = tmp_path / "cache"
+    argv = ["eval", "--checkpoint", str(run_dir), "--data", str(hdf5_data), "--format", "hdf5", "--probe", "knn",
+            "--fractions", "1.0", "--cache-dir", str(cache)]
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
+    assert json.loads((tmp_path / "first" / "results.json").read_text())["checkpoint"] == str(ckpts / "step_00000002")
+    splits = len(list(cache.glob("features_*.npz")))
+    monkeypatch.undo()
+    assert main([*argv, "--out", str(tmp_path / "second")]) == 0  # step 1 now: none of step 2's features fit it
+    assert json.loads((tmp_path / "second" / "results.json").read_text())["checkpoint"] == str(ckpts / "step_00000001")
+    assert len(list(cache.glob("features_*.npz"))) == 2 * splits  # each split of each step
+
+
 def test_nodata_pixels_are_filled_counted_and_printed(tiny_pth, tmp_path, capsys):
     """A strip of nodata (NaN in train, the S1 fill value in test) in every image still scores the toy set."""
     splits = make_splits(13, seed=3)

@@ -566,6 +566,66 @@ def test_a_truncated_distcp_with_a_matching_manifest_is_one_message_for_export_a
         load_checkpoint(step2)
 
 
+def test_a_checkpoint_removed_while_it_is_read_is_said_so_for_resume_from_and_export(tmp_path, monkeypatch, capsys):
+    """--resume-from, export and eval of a run that is still training: its rotation (train.keep_checkpoints) can
+    remove the checkpoint they chose before they read it. That was "does not fit this model", "is corrupt ... there
+    is no earlier checkpoint" or "has no manifest.json", with tracebacks from DCP, about a checkpoint that was fine."""
+    from synthetic import TINY_OVERRIDES, SyntheticLoader
+
+    from terrafm.config import load_config
+    from terrafm.train import trainer
+
+    cfg = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=run", *RUN])
+    train(cfg, loader=SyntheticLoader(batch_size=4))
+    ckpts = tmp_path / "run" / "checkpoints"
+    step2 = ckpts / "step_00000002"
+    saved = tmp_path / "saved"
+    shutil.copytree(step2, saved)
+    removed = r"checkpoint .*step_00000002 was removed while it was read: the run writing into .*checkpoints keeps " \
+              r"only its newest checkpoints \(train.keep_checkpoints\); the newest now is .*step_00000001"
+
+    def rotated_before(function):
+        def read(*args, **kwargs):
+            shutil.rmtree(step2)  # the source run's rotation, between choosing the checkpoint and reading it
+            return function(*args, **kwargs)
+        return read
+
+    monkeypatch.setattr(trainer, "restore", rotated_before(trainer.restore))
+    other = load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path}", "train.run_name=other", *RUN,
+                                                "train.max_steps=3"])
+    with pytest.raises(SetupError, match="cannot resume: " + removed):
+        train(other, resume=tmp_path / "run", loader=SyntheticLoader(batch_size=4))
+    monkeypatch.undo()
+    shutil.copytree(saved, step2)
+    monkeypatch.setattr(checkpoint_io, "_load_backbone_state", rotated_before(checkpoint_io._load_backbone_state))
+    target = tmp_path / "x.safetensors"
+    assert main(["export", str(tmp_path / "run"), str(target)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(removed, err) and "Traceback" not in err and not target.exists(), err
+
+
+def test_export_without_force_never_replaces_a_file_written_meanwhile(two_checkpoints, tmp_path, monkeypatch, capsys):
+    """The output was checked once at the start and then renamed over: two exports to one new name both said
+    "wrote", and the file held one of them. A file that appears meanwhile is now kept, and the export refused."""
+    from terrafm.train import export as export_module
+
+    target = tmp_path / "x.safetensors"
+    real = export_module.chmod_shared
+
+    def another_export_publishes_first(path):
+        target.write_bytes(b"the other export")
+        return real(path)
+
+    monkeypatch.setattr(export_module, "chmod_shared", another_export_publishes_first)
+    assert main(["export", str(two_checkpoints / "run"), str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"output {target} exists (written meanwhile by another program); pass --force" in err
+    assert target.read_bytes() == b"the other export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]  # no temp left
+    assert main(["export", "--force", str(two_checkpoints / "run"), str(target)]) == 0
+    assert load_checkpoint(target) is not None
+
+
 def test_a_resume_from_an_earlier_step_never_prunes_what_it_just_saved(tmp_path):
     """Retention kept the highest step numbers: a run resumed from an earlier step deleted its own newest save
     whenever `keep` folders of the abandoned continuation were numbered above it, and `latest` named a folder
