@@ -464,8 +464,8 @@ def _only_writer(out: Path):
     fd = os.open(out, os.O_RDONLY)
     try:
         if not try_lock(fd):
-            raise BadInput(f"another `terrafm prepare` is writing into {out}; wait for it to finish (or end it) and "
-                           "run this command again, or use another --out")
+            raise ValueError(f"another `terrafm prepare` is writing into {out}; wait for it to finish (or end it) and "
+                             "run this command again, or use another --out")
         yield
     finally:
         os.close(fd)

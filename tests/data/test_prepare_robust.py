@@ -912,7 +912,8 @@ def test_a_second_prepare_into_the_same_out_is_refused_while_the_first_runs(samp
         fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert _cli([str(sample_parquet), "--out", str(out)]) == 2
         err = capsys.readouterr().err
-        assert f"another `terrafm prepare` is writing into {out}; wait for it to finish" in err, err
+        assert f"terrafm prepare: another `terrafm prepare` is writing into {out}; wait for it to finish" in err, err
+        assert "bad input" not in err  # nothing is wrong with the inputs
         assert list(out.iterdir()) == []
     finally:
         os.close(first)
