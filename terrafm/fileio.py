@@ -273,11 +273,13 @@ def format_from_magic(head: bytes, expected: str | None = None) -> str | None:
 
 
 def file_format(path, expected: str) -> str | None:
-    """format_from_magic of a file's first bytes, for a reader's refusal of a file that is not `expected` (a Git
-    LFS pointer, which `git clone` without git-lfs leaves in place of the data); None when unknown or unreadable."""
+    """format_from_magic of a file's first bytes, or "empty (0 bytes)", for a reader's refusal of a file that is not
+    `expected` (a Git LFS pointer, which `git clone` without git-lfs leaves in place of the data); None when unknown
+    or unreadable."""
     try:
         check_regular(path)  # a FIFO's open waits for a writer
         with open(path, "rb") as f:
-            return format_from_magic(f.read(64), expected=expected)
+            head = f.read(64)
     except OSError:
         return None
+    return format_from_magic(head, expected=expected) if head else "empty (0 bytes)"

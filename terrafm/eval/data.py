@@ -40,7 +40,6 @@ from terrafm.data.sources import (
     S1_FILL_MAX,
     effective_nodata,
     external_mask,
-    other_format,
     pam_nodata,
     physical_memory,
     read_tiff_layout,
@@ -808,8 +807,7 @@ def _decode(path: Path) -> tuple[np.ndarray, float | np.ndarray | None, bool | N
         else:
             arr, declared, samples_last = read_tiff_layout(path)  # imagecodecs' errors are RuntimeErrors
     except (OSError, ValueError, TypeError, RuntimeError, tifffile.TiffFileError) as err:  # also object .npy files
-        head = None if path.suffix.lower() == ".npy" else _head(path)
-        kind = None if head is None else other_format(head)
+        kind = None if path.suffix.lower() == ".npy" else file_format(path, "a TIFF image")
         if kind:  # a Git LFS pointer, a PNG saved as .tif: say what it is
             raise ValueError(f"{path}: not a GeoTIFF: it is {kind}") from err
         raise ValueError(f"{path}: not a readable image ({err})") from err
@@ -826,16 +824,6 @@ def _decode(path: Path) -> tuple[np.ndarray, float | np.ndarray | None, bool | N
         arr = _sidecar_nodata(arr, path, samples_last)
         declared = _pam_declared(path, declared, arr, samples_last)
     return arr, declared, samples_last
-
-
-def _head(path: Path) -> bytes | None:
-    """A file's first bytes, for sources.other_format (None where it does not read: a folder, no permission)."""
-    try:
-        check_regular(path)  # a FIFO's open waits for a writer
-        with open(path, "rb") as f:
-            return f.read(64)
-    except OSError:
-        return None
 
 
 def _sidecar_nodata(arr: np.ndarray, path: Path, samples_last: bool | None) -> np.ndarray:

@@ -108,3 +108,17 @@ def test_atomic_write_without_replace_keeps_a_file_that_appeared_meanwhile(tmp_p
     assert target.read_bytes() == b"other" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
     fileio.atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"third"))  # replace=True, the default
     assert target.read_bytes() == b"third"
+
+
+def test_file_format_names_an_empty_file(tmp_path):
+    """An empty .safetensors / .parquet / .h5 (a copy that failed) was 'unknown', and the readers' messages then
+    said nothing about what the file is; eval's TIFF reader kept its own copy of the check that said "empty"."""
+    from terrafm.fileio import file_format
+
+    empty = tmp_path / "x.parquet"
+    empty.write_bytes(b"")
+    assert file_format(empty, "a Parquet file") == "empty (0 bytes)"
+    png = tmp_path / "x.tif"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(10))
+    assert file_format(png, "a TIFF image") == "a PNG image"
+    assert file_format(tmp_path / "missing", "a TIFF image") is None
