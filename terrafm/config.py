@@ -96,7 +96,7 @@ class TrainConfig:
     log_every: int = 10
     profile: bool = False  # torch.profiler trace of profile_steps
     profile_steps: list[int] = field(default_factory=lambda: [10, 13])  # [first, last) step traced
-    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on CPU)
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on CPU; refused on CUDA)
     elastic_resume: bool = False  # allow resuming on another number of ranks (not bitwise; see docs/training.md)
     collective_timeout_s: int = 1800
     max_nonfinite_grad_steps: int = 5  # a non-finite gradient norm skips the step; this many in a row stop the run

@@ -126,13 +126,16 @@ def band_statistics(images: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def cls_features(backbone: torch.nn.Module, images: np.ndarray, modality: str, img_size: int,
                  batch_size: int = 64) -> torch.Tensor:
-    """(N, D) cls tokens after the final norm, tiles resized to img_size as a global crop of the whole tile."""
+    """(N, D) cls tokens after the final norm (on the cpu), tiles resized to img_size as a global crop of the whole
+    tile, computed on the backbone's device: its ops are the ones chosen for that device (compiled Triton kernels
+    on cuda refuse cpu tensors)."""
     backbone.eval()
+    device = next(backbone.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start:start + batch_size])
+        x = torch.from_numpy(images[start:start + batch_size]).to(device)
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-        out.append(backbone.forward_features(x, modality)["x_norm_clstoken"].float())
+        out.append(backbone.forward_features(x, modality)["x_norm_clstoken"].float().cpu())
     return torch.cat(out)
 
 
@@ -155,6 +158,8 @@ def probe(teacher_backbone: torch.nn.Module, teacher_head: torch.nn.Module, rand
         result.chance[label] = 100.0 * np.bincount(heldout.labels[label]).max() / len(heldout.labels[label])
         result.margin_se[label] = paired_se(correct["trained"][label], correct["random_init"][label], heldout.cell)
     teacher_head.eval()
-    probs = torch.softmax((teacher_head(trained) - center.float()) / temperature, dim=-1)
+    head_device = next(teacher_head.parameters()).device
+    logits = teacher_head(trained.to(head_device)).float().cpu()
+    probs = torch.softmax((logits - center.float().cpu()) / temperature, dim=-1)
     result.monitors = {k: v.item() for k, v in teacher_monitors(probs[None]).items()}
     return result

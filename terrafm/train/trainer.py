@@ -107,6 +107,11 @@ def init_distributed(cfg: Config) -> DistEnv:
     use_cuda = want == "cuda" or (want == "auto" and backends.cuda().usable)
     if want == "cuda" and not backends.cuda().usable:
         raise SetupError(f"train.device=cuda but CUDA is not usable: {backends.cuda().detail}")
+    if use_cuda and cfg.train.deterministic:  # refused at the first backward otherwise, after setup and compile
+        raise SetupError("train.deterministic=true runs on the cpu only (bitwise resume, the tests): on CUDA torch has "
+                         "no deterministic backward for the bicubic resize of the position embedding that local crops "
+                         "take, nor for cuBLAS without CUBLAS_WORKSPACE_CONFIG, and stops the run at its first step; "
+                         "drop it, or add train.device=cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:  # each rank of a node takes GPU LOCAL_RANK
         try:
@@ -1060,11 +1065,14 @@ def _probe(cfg: Config, arch: SSLMetaArch, loader: Any, teacher_temp: float, dev
         return None
     print(f"probe: kNN of the teacher on {4 * HELDOUT_CELLS} held-out generated tiles (generated on first use, "
           "then cached; under a minute on 2 cores)", flush=True)
+    # on the run's device: its ops were chosen for it (cuda's compiled kernels refused the cpu tensors the probe fed
+    # them, and a GPU run on the sample failed after its last checkpoint)
     backbone = backbone_factory(cfg, device)
     teacher = DINOModel(backbone(drop_path_rate=0.0), DINOHead(arch.teacher.backbone.embed_dim, **head_kwargs(cfg)))
     teacher.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state.items()})
+    teacher.to(device)
     torch.manual_seed(cfg.train.seed)
-    random_backbone = backbone(drop_path_rate=0.0)
+    random_backbone = backbone(drop_path_rate=0.0).to(device)
     modality = "s2_l2a" if "s2_l2a" in loader.mean else next(iter(loader.mean))
     try:
         heldout = heldout_split((modality,), {modality: (loader.mean[modality], loader.std[modality])},

@@ -51,3 +51,26 @@ def test_paired_se_resamples_a_group_together():
     independent = paired_se(np.repeat(a, 4), np.repeat(b, 4), np.arange(4000))
     grouped = paired_se(np.repeat(a, 4), np.repeat(b, 4), np.repeat(np.arange(1000), 4))
     assert grouped == pytest.approx(2.0 * independent, rel=0.15)
+
+
+def test_probe_features_are_computed_on_the_backbones_device():
+    """A GPU run's probe built its models with the ops chosen for cuda (compiled Triton kernels) and fed them cpu
+    tensors: every CUDA run on the bundled sample failed after its last checkpoint. The tiles now go to the device
+    of the backbone's parameters (a meta-device stand-in here: no GPU) and the features come back to the cpu."""
+    import torch
+
+    from terrafm.eval.learning import cls_features
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(1, device="meta"))
+            self.seen = []
+
+        def forward_features(self, x, modality):
+            self.seen.append(x.device.type)
+            return {"x_norm_clstoken": torch.zeros(len(x), 4)}
+
+    backbone = Recorder()
+    features = cls_features(backbone, np.zeros((5, 2, 8, 8), np.float32), "s1", 8, batch_size=2)
+    assert backbone.seen == ["meta"] * 3 and features.device.type == "cpu" and features.shape == (5, 4)

@@ -87,6 +87,20 @@ def test_a_device_or_optimiser_this_machine_lacks_is_a_setup_error(tmp_path, cap
     assert "train.device=cuda but CUDA is not usable: no CUDA device visible" in capsys.readouterr().err
 
 
+def test_deterministic_mode_on_cuda_is_a_setup_error(tmp_path, capsys, nothing_is_built, monkeypatch):
+    """train.deterministic=true was taken on CUDA, where torch refuses the bicubic resize's backward of the position
+    embedding (local crops) at the first step: a run that had set up, compiled and loaded its data, then failed."""
+    from terrafm import backends
+
+    monkeypatch.setattr(backends, "cuda", lambda: backends.Availability(True, "stand-in GPU"))
+    for device in ("cuda", "auto"):
+        assert main(["pretrain", "--out", str(tmp_path / "run"), f"train.device={device}",
+                     "train.deterministic=true"]) == 2
+        err = capsys.readouterr().err
+        assert "train.deterministic=true runs on the cpu only" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_more_ranks_on_a_node_than_visible_gpus_is_a_setup_error(tmp_path, capsys, nothing_is_built, monkeypatch):
     import torch
 
