@@ -22,7 +22,11 @@ class Modality:
 
 
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
+S2_WITH_B10 = S2_BANDS[:10] + ("B10",) + S2_BANDS[10:]  # the 13 bands of an L1C product, in ESA's order
 S1_BANDS = ("VV", "VH")
+# Native ground sampling distance (m) of each S2 band, as Sentinel-2 and Major-TOM store them (B10: L1C only)
+S2_NATIVE_M = {"B01": 60, "B02": 10, "B03": 10, "B04": 10, "B05": 20, "B06": 20, "B07": 20, "B08": 10, "B8A": 20,
+               "B09": 60, "B10": 60, "B11": 20, "B12": 20}
 
 MODALITIES: dict[str, Modality] = {
     "s2_l2a": Modality("s2_l2a", S2_BANDS, "uint16"),

@@ -12,6 +12,8 @@ import threading
 import time
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: SIGTERM / SIGUSR1 (preempted), stopped after a checkpoint; requeue and resume
+INTERRUPT_EXIT_CODE = 130  # Ctrl-C or a hang-up (a person's stop): stopped after a checkpoint, no requeue
 _received: list[int] = []
 _original: dict[int, object] = {}
 # Signals recorded before `terrafm pretrain --nproc N` became torchrun (exec keeps the environment, not handlers):

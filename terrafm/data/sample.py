@@ -36,14 +36,10 @@ import torch.nn.functional as F
 
 from terrafm.data.landcover import NUM_CLASSES, WORLDCOVER_VALUES
 from terrafm.fileio import atomic_write
+from terrafm.modalities import S2_BANDS, S2_NATIVE_M, S2_WITH_B10
 
-# Native ground sampling distance (m) of each S2 band as Major-TOM stores it.
-S2_RESOLUTION = {
-    "B01": 60, "B02": 10, "B03": 10, "B04": 10, "B05": 20, "B06": 20, "B07": 20, "B08": 10,
-    "B8A": 20, "B09": 60, "B10": 60, "B11": 20, "B12": 20,
-}
-S2_L2A_COLUMNS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
-S2_L1C_COLUMNS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
+S2_L2A_COLUMNS = S2_BANDS  # the band columns of Major-TOM Core-S2L2A and Core-S2L1C
+S2_L1C_COLUMNS = S2_WITH_B10
 
 # Long-tailed global prior over the 11 WorldCover classes (roughly the land-surface shares).
 CLASS_PRIOR = np.array([0.30, 0.07, 0.22, 0.16, 0.03, 0.08, 0.015, 0.08, 0.02, 0.002, 0.005])
@@ -74,7 +70,7 @@ DEFAULT_TILE_SIZE = 60  # px of one location; each sample grid cell is 2 x 2 til
 GENERATOR_VERSION = 2  # part of the cache folder name: a changed generator never reuses old tiles
 TEXTURE_GRAIN_PX = (2, 10)  # texture_class 0 (fine) and 1 (coarse): correlation length of the texture
 TEXTURE_AMPLITUDE = 0.4  # log-std of the 10 m bands' reflectance modulation (S1: the same, in dB / 10)
-S2_10M = np.array([S2_RESOLUTION[b] == 10 for b in S2_L2A_COLUMNS])
+S2_10M = np.array([S2_NATIVE_M[b] == 10 for b in S2_L2A_COLUMNS])
 
 
 def _smooth_fields(gen: torch.Generator, n: int, size: int, coarse: int) -> np.ndarray:
@@ -169,7 +165,7 @@ def write_sample_parquet(out_dir: Path, seed: int = 0, cells: int = DEFAULT_CELL
                "timestamp": f"{day}T101031"}
         l1c = {**l2a, "product_id": l2a["product_id"].replace("MSIL2A", "MSIL1C")}
         for k, band in enumerate(S2_L2A_COLUMNS):
-            f = S2_RESOLUTION[band] // 10
+            f = S2_NATIVE_M[band] // 10
             l2a[band] = _tiff_bytes(_block_mean(data["s2_l2a"][k], f).round().astype(np.uint16), 10.0 * f, origin)
             l1c[band] = _tiff_bytes(_block_mean(data["s2_l1c"][k], f).round().astype(np.uint16), 10.0 * f, origin)
         l1c["B10"] = _tiff_bytes(np.full((cell_px // 6, cell_px // 6), 15, np.uint16), 60.0, origin)

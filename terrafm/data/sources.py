@@ -34,7 +34,7 @@ import tifffile
 
 from terrafm.data.landcover import class_counts
 from terrafm.fileio import check_regular, file_format, format_from_magic
-from terrafm.modalities import MODALITIES, REFERENCE_STATS, s1_to_db
+from terrafm.modalities import MODALITIES, REFERENCE_STATS, S2_NATIVE_M, s1_to_db
 
 WORLDCOVER = "worldcover"
 WORLDCOVER_BAND = "map"
@@ -414,7 +414,7 @@ def decode_band(data: bytes, band: str, product: Product, sidecar: np.ndarray | 
         array = array.reshape([n for n in array.shape if n > 1])  # one band written as (1, H, W) or (H, W, 1)
     if array.ndim != 2:
         raise BadInput(f"{product.where}: band {band}: expected one 2-D band, got shape {array.shape}")
-    native = NATIVE_M.get(band, 10)
+    native = S2_NATIVE_M.get(band, 10)
     if pixel_m is not None and pixel_m > 1.5 * native:  # the size check only compares a product's bands
         raise BadInput(f"{product.where}: band {band} has {pixel_m:g} m pixels (its GeoTIFF's ModelPixelScale) where "
                        f"the band's native resolution is {native} m: the product was resampled to a coarser grid "
@@ -682,10 +682,6 @@ def _set_nodata(array: np.ndarray, where: np.ndarray, modality: str) -> np.ndarr
     return np.where(where, 0, array).astype(array.dtype) if array.dtype.kind in "ui" else array
 
 
-# Native ground sampling of the S2 bands (ESA); every other band (S1, S2's 10 m ones, WorldCover) is 10 m.
-NATIVE_M = {"B01": 60, "B09": 60, "B10": 60, "B05": 20, "B06": 20, "B07": 20, "B8A": 20, "B11": 20, "B12": 20}
-
-
 def to_10m(product: Product, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
     """Validate dtype and size, replicate coarser bands to the 10 m grid; returns ((C, H, W), H). A band may come
     at its native resolution or finer (resampled products), never coarser: a 10 m band at 20 m would be
@@ -703,8 +699,8 @@ def to_10m(product: Product, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray,
         if a.shape[0] != a.shape[1] or factor not in (1, 2, 6) or a.shape[0] * factor != size:
             raise BadInput(f"{product.where}: band {band} has size {a.shape}, expected ({size}, {size}) at 10 m "
                            f"or 1/2 or 1/6 of it (20 m / 60 m)")
-        if factor * 10 > NATIVE_M.get(band, 10):
-            raise BadInput(f"{product.where}: band {band} is a {NATIVE_M.get(band, 10)} m band but has "
+        if factor * 10 > S2_NATIVE_M.get(band, 10):
+            raise BadInput(f"{product.where}: band {band} is a {S2_NATIVE_M.get(band, 10)} m band but has "
                            f"{a.shape[0]} px where the finest band has {size} ({factor * 10} m): the product was "
                            "resampled or its bands are mislabelled")
         out.append(a if factor == 1 else np.repeat(np.repeat(a, factor, axis=0), factor, axis=1))
@@ -716,7 +712,7 @@ def _ten_m_size(arrays: dict[str, np.ndarray]) -> int:
     larger), so that one band of a wrong size is the band named, not a correct one measured against it."""
     def fits(band: str, a: np.ndarray, size: int) -> bool:
         factor = size // a.shape[0] if a.shape[0] else 0
-        return factor in (1, 2, 6) and a.shape[0] * factor == size and factor * 10 <= NATIVE_M.get(band, 10)
+        return factor in (1, 2, 6) and a.shape[0] * factor == size and factor * 10 <= S2_NATIVE_M.get(band, 10)
     candidates = {a.shape[0] * f for a in arrays.values() for f in (1, 2, 6)}
     return max(candidates, key=lambda size: (sum(fits(b, a, size) for b, a in arrays.items()), size))
 

@@ -45,10 +45,9 @@ from terrafm.data.sources import (
     read_tiff_layout,
 )
 from terrafm.fileio import check_regular, file_format, load_json
-from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, s1_to_db
+from terrafm.modalities import MODALITIES, S1_BANDS, S2_BANDS, S2_WITH_B10, s1_to_db
 
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
-S2_WITH_B10 = S2_BANDS[:10] + ("B10",) + S2_BANDS[10:]  # 13-band order of L1C products
 # EuroSAT-MS GeoTIFFs store B8A last (phelber/EuroSAT#7, torchgeo#2480), and GEO-Bench's m-eurosat names its
 # bands in ESA's order over data in that order (geo-bench#28): the band named B09 holds B10, and so on.
 EUROSAT_BANDS = {13: S2_BANDS[:8] + ("B09", "B10", "B11", "B12", "B8A"),

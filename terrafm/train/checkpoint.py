@@ -83,11 +83,6 @@ def _world() -> int:
     return dist.get_world_size() if _dist() else 1
 
 
-def _barrier() -> None:
-    if _dist():
-        dist.barrier()
-
-
 def _all_gather(obj: Any) -> list[Any]:
     if not _dist():
         return [obj]

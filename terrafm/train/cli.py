@@ -176,7 +176,8 @@ def train_exit_code(cfg, resume, loader=None) -> int:
     preempted, else 0 (one message, no traceback)."""
     import torch
 
-    from terrafm.train.trainer import REQUEUE_EXIT_CODE, SetupError, TrainingError, train
+    from terrafm.stop_signals import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
+    from terrafm.train.trainer import SetupError, TrainingError, train
 
     try:
         result = train(cfg, resume=resume, loader=loader)
@@ -188,7 +189,7 @@ def train_exit_code(cfg, resume, loader=None) -> int:
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; a checkpoint being written is left as .tmp
         print(f"terrafm pretrain: interrupted; {_where_to_resume(cfg)}", file=sys.stderr)
-        return 130
+        return INTERRUPT_EXIT_CODE
     except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU allocator
         if collective_failure(err):
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
@@ -203,4 +204,4 @@ def train_exit_code(cfg, resume, loader=None) -> int:
               "model and head sizes (model.name, model.img_size, ssl.num_prototypes, ssl.head_hidden_dim)",
               file=sys.stderr)
         return 2
-    return REQUEUE_EXIT_CODE if result.preempted else 130 if result.interrupted else 0
+    return REQUEUE_EXIT_CODE if result.preempted else INTERRUPT_EXIT_CODE if result.interrupted else 0

@@ -12,9 +12,12 @@ waited for their checkpoint) and ChildFailedError when a rank exits non-zero. Ru
 import signal
 import sys
 
-# What the ranks exit with for each stop signal (terrafm.train.cli.train_exit_code): Ctrl-C and a hang-up stop
-# with a checkpoint and 130; SIGTERM and SLURM's SIGUSR1 checkpoint for a requeue, 75.
-STOP_EXIT_CODES = {signal.SIGINT: 130, signal.SIGHUP: 130, signal.SIGTERM: 75, signal.SIGUSR1: 75}
+from terrafm.stop_signals import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
+
+# What the ranks exit with for each stop signal (terrafm.train.cli): Ctrl-C and a hang-up stop with a checkpoint
+# and 130; SIGTERM and SLURM's SIGUSR1 checkpoint for a requeue, 75.
+STOP_EXIT_CODES = {signal.SIGINT: INTERRUPT_EXIT_CODE, signal.SIGHUP: INTERRUPT_EXIT_CODE,
+                   signal.SIGTERM: REQUEUE_EXIT_CODE, signal.SIGUSR1: REQUEUE_EXIT_CODE}
 
 
 def exit_code_of_signal(signum: int) -> int:

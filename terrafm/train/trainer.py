@@ -54,8 +54,6 @@ from terrafm.train.export import input_metadata
 from terrafm.train.metrics import MetricsLogger, peak_flops, plot_curves
 from terrafm.train.parallelize import MESH_DIMS, check_gpus_per_node, mesh_shape, parallelize, reshard_model
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted after a checkpoint; requeue and resume
-
 
 class TrainingError(RuntimeError):
     """Training cannot continue; the message says why and what to do."""

@@ -8,7 +8,7 @@ import time
 from train_harness import FAULT_RUN, harness_cmd, losses, run_harness, wait_for
 
 from terrafm.checkpoint_io import load_backbone_state
-from terrafm.train.trainer import REQUEUE_EXIT_CODE
+from terrafm.stop_signals import REQUEUE_EXIT_CODE
 
 
 def test_sigkill_mid_run_then_resume_reproduces_the_losses_bitwise(reference_run, tmp_path):
