@@ -41,7 +41,7 @@ def _backend_ops(backend: str) -> tuple[str, SimpleNamespace]:
         return backend, SimpleNamespace(
             centered_softmax=checked(dino_teacher.validate_centered_softmax, reference.centered_softmax),
             sinkhorn_knopp=checked(dino_teacher.validate_sinkhorn_knopp, reference.sinkhorn_knopp),
-            weighted_soft_cross_entropy=checked(dino_student_ce._validate, reference.weighted_soft_cross_entropy),
+            weighted_soft_cross_entropy=checked(dino_student_ce.validate, reference.weighted_soft_cross_entropy),
             dino_head_loss=checked(head_loss_op.validate, reference.dino_head_loss))
     from .dino_head_loss import dino_head_loss
     from .dino_student_ce import weighted_soft_cross_entropy

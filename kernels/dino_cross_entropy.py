@@ -315,7 +315,9 @@ _dino_ce_op.register_autograd(_backward, setup_context=_setup_context)
 no_second_derivative(_dino_ce_backward_op, "dino_cross_entropy")
 
 
-def _validate(student_logits, teacher_probs, student_temperature) -> None:
+def validate(student_logits, teacher_probs, student_temperature) -> None:
+    """A clear error for any input the kernel cannot take, before anything is launched (the torch backend's
+    checks too: modules, dino.py)."""
     check_tensor("student_logits", student_logits, 3)
     check_tensor("teacher_probs", teacher_probs, 3, student_logits.device)
     S, B, K = student_logits.shape
@@ -342,7 +344,7 @@ def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor
     contiguous, same device; S <= 16. The `terrafm::dino_cross_entropy` custom op: torch.compile
     (fullgraph=True) takes it without a graph break.
     """
-    _validate(student_logits, teacher_probs, student_temperature)
+    validate(student_logits, teacher_probs, student_temperature)
     return _dino_ce_op(student_logits, teacher_probs.detach(), scalar_input(student_temperature))[0]
 
 

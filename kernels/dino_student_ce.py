@@ -234,7 +234,9 @@ no_second_derivative(_student_ce_backward_op, "weighted_soft_cross_entropy")
 no_second_derivative(_rows_loss_op, "weighted_soft_cross_entropy")
 
 
-def _validate(student_logits, targets, row_weight, student_temperature) -> None:
+def validate(student_logits, targets, row_weight, student_temperature) -> None:
+    """A clear error for any input the kernel cannot take, before anything is launched (the torch backend's
+    checks too: modules, dino.py)."""
     check_tensor("student_logits", student_logits, 2)
     device = student_logits.device
     check_tensor("teacher targets", targets, 3, device)
@@ -259,7 +261,7 @@ def weighted_soft_cross_entropy(student_logits: torch.Tensor, targets: torch.Ten
     student_logits (R, K) fp32/fp16/bf16; targets (T, R, K) teacher probabilities (fp32 from the teacher
     kernels); row_weight (R,); contiguous, one device.
     """
-    _validate(student_logits, targets, row_weight, student_temperature)
+    validate(student_logits, targets, row_weight, student_temperature)
     return _student_ce_op(student_logits, targets.detach(), row_weight.float().contiguous(),
                           scalar_input(student_temperature))[0]
 

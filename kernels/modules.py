@@ -222,7 +222,7 @@ class DualCenteringSoftmax(_CpuPath, torch.nn.Module):
     the device (no sync), so one bad batch does not poison the targets of every later step.
     """
 
-    _CPU_PATH = (teacher_softmax, _teacher_softmax_op._validate, reference.teacher_softmax)
+    _CPU_PATH = (teacher_softmax, _teacher_softmax_op.validate, reference.teacher_softmax)
 
     def __init__(self, num_prototypes: int, alpha: float = 0.8, center_momentum: float = 0.9,
                  center_high_momentum: float = 0.9):
@@ -272,7 +272,7 @@ def _ema_if_finite(center: torch.Tensor, batch_mean: torch.Tensor, momentum: flo
 class DINOCrossEntropy(_CpuPath, torch.nn.Module):
     """nn.Module wrapper: forward(student_logits (S, B, K), teacher_probs (T, B, K)) -> loss."""
 
-    _CPU_PATH = (dino_cross_entropy, _cross_entropy_op._validate, reference.dino_cross_entropy)
+    _CPU_PATH = (dino_cross_entropy, _cross_entropy_op.validate, reference.dino_cross_entropy)
 
     def __init__(self, student_temperature: float = 0.1):
         super().__init__()

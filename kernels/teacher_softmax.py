@@ -135,7 +135,9 @@ def launch_plan(R: int, K: int, dtype_bytes: int = 4, interpreter: bool = False)
             "grid": (group_rows + chunks,)}
 
 
-def _validate(teacher_logits, center, center_high, high_weight, temperature, alpha) -> None:
+def validate(teacher_logits, center, center_high, high_weight, temperature, alpha) -> None:
+    """A clear error for any input the kernel cannot take, before anything is launched (the torch backend's
+    checks too: modules, dino.py)."""
     check_tensor("teacher_logits", teacher_logits, 2)
     device = teacher_logits.device
     R, K = teacher_logits.shape
@@ -166,7 +168,7 @@ def teacher_softmax(
     teacher_logits (R, K) fp32/fp16/bf16; center, center_high (K,); high_weight (R,); all contiguous
     on one device. No gradient flows (the teacher is not trained by backprop).
     """
-    _validate(teacher_logits, center, center_high, high_weight, temperature, alpha)
+    validate(teacher_logits, center, center_high, high_weight, temperature, alpha)
     return _teacher_softmax_op(teacher_logits.detach(), center.detach(), center_high.detach(), high_weight.detach(),
                                scalar_input(temperature), float(alpha))
 
