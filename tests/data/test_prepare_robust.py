@@ -794,9 +794,11 @@ def _alive(pid: int) -> bool:
 
 
 STOPPED_MID_SHARD = """
-import os, sys, time
+import os, signal, sys, time
 from terrafm import cli
 from terrafm.data import prepare
+
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal: CI runs under nohup, whose ignored SIGHUP is kept
 
 real_write_cells = prepare._write_cells
 
