@@ -26,6 +26,7 @@ import torch
 from terrafm_kernels import reference
 
 from .gpu_check import ROOT, Context, Profile, require_device
+from .kernels import shape_label
 
 DTYPES = ("float32", "float16", "bfloat16")
 REL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
@@ -226,10 +227,6 @@ def preset_shapes(profile: Profile) -> list[tuple[str, str, dict]]:
     return out
 
 
-def label(shape: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in shape.items())
-
-
 def make_call(fn: Callable, case: Case, leaves: dict, scalars: tuple, grad_out: torch.Tensor | None) -> Callable:
     """A no-argument closure: fn forward (+ backward of its first output), returning outputs and gradients.
 
@@ -305,7 +302,7 @@ def correctness(ctx: Context) -> None:
         if op not in CASES:
             continue
         for dtype_name in DTYPES:
-            row = {"op": op, "preset": preset, "shape": label(shape), "dtype": dtype_name}
+            row = {"op": op, "preset": preset, "shape": shape_label(shape), "dtype": dtype_name}
             if interpreted and dtype_name == "bfloat16" and CASES[op].uses_dot:
                 row["skipped"] = INTERPRETER_BF16
             elif ctx.time_left() < 15:
@@ -419,7 +416,7 @@ def time_op(ctx: Context, preset: str, op: str, shape: dict, device: str, gpu: s
         cost = attention.cost(shape, dtype.itemsize)
     else:
         cost = case.cost(shape, dtype.itemsize)
-    base = {"op": op, "preset": preset, "shape": label(shape), "dtype": profile.timing_dtype,
+    base = {"op": op, "preset": preset, "shape": shape_label(shape), "dtype": profile.timing_dtype,
             "pass": "fwd+bwd" if case is not None and case.grads else "fwd", **cost}
     rows = []
     for name, (fn, why) in _providers(case, profile).items():
@@ -478,8 +475,8 @@ def timing(ctx: Context) -> None:
     rows = ctx.figures.setdefault("rows", [])
     for preset, op, shape in preset_shapes(ctx.profile):
         if ctx.time_left() < 25:
-            rows.append({"op": op, "preset": preset, "shape": label(shape), "skipped": "the stage's time budget is "
-                         "spent (rows are ordered ViT-B first)"})
+            rows.append({"op": op, "preset": preset, "shape": shape_label(shape),
+                         "skipped": "the stage's time budget is spent (rows are ordered ViT-B first)"})
             continue
         t0 = time.perf_counter()
         new = time_op(ctx, preset, op, shape, device, gpu)

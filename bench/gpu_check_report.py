@@ -13,29 +13,21 @@ from pathlib import Path
 from terrafm.fileio import atomic_write_bytes
 
 from .gpu_check import STAGES, Context
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows] + [""])
+from .markdown import mib, table
 
 
 def _f(value, fmt: str = ".3g", unit: str = "") -> str:
     return "-" if value is None else f"{value:{fmt}}{unit}"
 
 
-def _mib(nbytes) -> str:
-    return "-" if nbytes is None else f"{nbytes / 2**20:.0f} MiB"
-
-
 def _env(s: dict) -> list[str]:
     lines = ["## Environment", ""]
-    lines += _table(["GPU", "nvidia-smi (name, driver, memory, max SM clock)", "torch", "triton", "python", "CPUs"],
+    lines += table(["GPU", "nvidia-smi (name, driver, memory, max SM clock)", "torch", "triton", "python", "CPUs"],
                     [[s.get("gpu") or "none (CPU run)", s.get("nvidia_smi", "-"), s.get("torch"), s.get("triton"),
                       s.get("python"), s.get("cpu_count")]])
     if s.get("ops"):
         devices = sorted({d for per in s["ops"].values() for d in per})
-        lines += _table(["op (terrafm info)", *devices], [[op, *(per.get(d, "-") for d in devices)]
+        lines += table(["op (terrafm info)", *devices], [[op, *(per.get(d, "-") for d in devices)]
                                                           for op, per in s["ops"].items()])
     if s.get("missing_dependencies"):
         lines += [f"Declared dependencies that do not import here: {', '.join(s['missing_dependencies'])}.", ""]
@@ -53,7 +45,7 @@ def _correctness(s: dict) -> list[str]:
                                                                     f"FAILED {r.get('error', '')}")
         native = ", ".join(f"{name} {ratio:.2f}" for name, ratio in r.get("native_vs_plain", {}).items()) or "-"
         rows.append([r["op"], r["preset"], r["shape"], r["dtype"], result, _f(margin, ".2f"), native])
-    lines += _table(["op", "preset", "shape", "dtype", "result", "margin", "torch module / plain error"], rows)
+    lines += table(["op", "preset", "shape", "dtype", "result", "margin", "torch module / plain error"], rows)
     return lines + ["The last column, where plain emulates torch's own module (fp32 patch_embed: the reference with "
                     "tf32 operands, as nn.Conv2d computes on a GPU at torch's default), is the ratio of the module's "
                     "error to plain's per output and gradient (the sums of bias and embeddings read 1): near 1 on a "
@@ -85,13 +77,13 @@ def _timing(s: dict) -> list[str]:
                      _f(fast.get("tflops_per_s")), _f(fast.get("tb_per_s")),
                      f"{pct:.0f}% ({fast.get('bound')})" if pct is not None else "-",
                      f"{gpu_pct:.0f}%" if gpu_pct is not None else "-", note])
-    lines += _table(["op", "preset", "shape", "pass", "fast path", "ms", "host ms", "GPU ms", "eager ms",
+    lines += table(["op", "preset", "shape", "pass", "fast path", "ms", "host ms", "GPU ms", "eager ms",
                      "eager GPU ms", "compile ms", "compile GPU ms", "vs eager", "vs compile", "TFLOP/s", "TB/s",
                      "% of roofline", "GPU % of roofline", "note"], rows)
     heads = [r for r in s.get("rows", []) if r["op"] == "dino_head_loss" and "peak_bytes" in r]
     if heads:
         lines += ["DINO head loss peak memory, fwd + bwd: " + ", ".join(
-            f"{'fused' if r['provider'] == 'kernel' else 'unfused'} {_mib(r['peak_bytes'])} ({r['preset']})"
+            f"{'fused' if r['provider'] == 'kernel' else 'unfused'} {mib(r['peak_bytes'], 0)} ({r['preset']})"
             for r in heads) + ".", ""]
     return lines
 
@@ -106,7 +98,7 @@ def _train(s: dict) -> list[str]:
              _f(r.get("peak_memory_gb"), ".1f", " GB"),
              f"{_f(r.get('loss_first'), '.3f')} -> {_f(r.get('loss_last'), '.3f')}", _f(r.get("wall_s"), ".0f"),
              r.get("error", "")] for r in s.get("runs", [])]
-    lines += _table(["head", "img/s", "MFU", "step ms", "data wait ms", "peak memory", "loss", "run wall s", "error"],
+    lines += table(["head", "img/s", "MFU", "step ms", "data wait ms", "peak memory", "loss", "run wall s", "error"],
                     rows)
     lines += [f"Steady state: the logged windows after the profiled steps; peak memory: {s.get('memory_how')}.", ""]
     for r in s.get("runs", []):
@@ -115,15 +107,15 @@ def _train(s: dict) -> list[str]:
             steps = top.get("steps", 1)
             lines += [f"Top {len(top['rows'])} {top['what']}, {r['head']} head (of {top['total_ms']:.1f} ms traced "
                       f"over {steps} step(s): {top['total_ms'] / steps:.1f} ms a step):", ""]
-            lines += _table(["name", "calls", "ms", "%"], [[t["name"][:90].replace("|", "/"), t["calls"],
+            lines += table(["name", "calls", "ms", "%"], [[t["name"][:90].replace("|", "/"), t["calls"],
                                                             f"{t['total_ms']:.2f}", f"{t['pct']:.1f}"]
                                                            for t in top["rows"]])
     bench = s.get("bench_step", {})
     if bench.get("rows"):
         lines += ["Bench step (bench/step.py: one process, no FSDP, no compile):", ""]
-        lines += _table(["config", "head", "batch", "img/s", "MFU", "peak memory", "note"],
+        lines += table(["config", "head", "batch", "img/s", "MFU", "peak memory", "note"],
                         [[r["config"], r.get("head"), r.get("batch", "-"), _f(r.get("img_per_s"), ".1f"),
-                          _f(r.get("mfu") and 100 * r["mfu"], ".1f", "%"), _mib(r.get("peak_bytes")),
+                          _f(r.get("mfu") and 100 * r["mfu"], ".1f", "%"), mib(r.get("peak_bytes"), 0),
                           r.get("skipped") or r.get("mfu_note", "")] for r in bench["rows"]])
     elif bench:
         lines += [f"Bench step rows: {bench.get('skipped') or bench.get('error')}.", ""]
@@ -135,7 +127,7 @@ def _data(s: dict) -> list[str]:
     lines = [f"## Data loader ({cfg.get('num_workers')} workers, batch {cfg.get('batch_size')}, crops "
              f"{cfg.get('global_size')}/{cfg.get('local_size')} px, {s.get('loader_data', {}).get('tile_size')} px "
              "tiles)", ""]
-    return lines + _table(["path", "tiles/s", "views/s", "backend", "note"],
+    return lines + table(["path", "tiles/s", "views/s", "backend", "note"],
                           [[r["path"], _f(r.get("tiles_per_s"), ".1f"), _f(r.get("views_per_s"), ".1f"),
                             r.get("backend", "-"), r.get("skipped", "")] for r in s.get("rows", [])])
 
@@ -198,7 +190,7 @@ def report(work: Path, out: Path, mode: str, selected: list[str]) -> int:
     lines = [f"# terrafm GPU check ({mode})", "",
              f"{result['created']} · {env.get('gpu') or 'no GPU'} · git {env.get('git_revision')} · "
              f"{result['total_seconds']:.0f} s", ""]
-    lines += _table(["stage", "status", "seconds", "limit", "first problem"],
+    lines += table(["stage", "status", "seconds", "limit", "first problem"],
                     [[n, s["status"], f"{s['seconds']:.0f}", s.get("limit_s", "-"),
                       (s.get("failures") or [s.get("reason", "")])[0][:200].replace("|", "/")]
                      for n, s in stages.items()])

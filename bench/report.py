@@ -7,6 +7,8 @@ from pathlib import Path
 
 from terrafm.fileio import atomic_write, atomic_write_bytes
 
+from .markdown import mib, table
+
 
 def _fmt(value, unit: str = "") -> str:
     if value is None:
@@ -14,16 +16,6 @@ def _fmt(value, unit: str = "") -> str:
     if isinstance(value, float):
         return f"{value:.3g}{unit}"
     return f"{value}{unit}"
-
-
-def _mib(nbytes) -> str:
-    return "-" if nbytes is None else f"{nbytes / 2**20:.1f} MiB"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return lines + [""]
 
 
 def markdown(result: dict) -> str:
@@ -41,16 +33,16 @@ def markdown(result: dict) -> str:
         reasons = list(dict.fromkeys(r["skipped"] for r in sections["kernels"] if "skipped" in r))
         rows = [[r["op"], r["shape"], r["dtype"], r["pass"], r["provider"],
                  _fmt(r.get("ms"), " ms") if "ms" in r else f"skipped ({reasons.index(r['skipped']) + 1})",
-                 _fmt(r.get("gb_per_s")), _fmt(r.get("tflops_per_s")), _mib(r.get("peak_bytes"))]
+                 _fmt(r.get("gb_per_s")), _fmt(r.get("tflops_per_s")), mib(r.get("peak_bytes"))]
                 for r in sections["kernels"]]
-        lines += _table(["op", "shape", "dtype", "pass", "provider", "time", "GB/s", "TFLOP/s", "peak mem"], rows)
+        lines += table(["op", "shape", "dtype", "pass", "provider", "time", "GB/s", "TFLOP/s", "peak mem"], rows)
         lines += [f"({i}) {why}  " for i, why in enumerate(reasons, 1)] + ([""] if reasons else [])
         hows = sorted({r["memory_how"] for r in sections["kernels"] if "memory_how" in r})
         lines += [f"Peak memory measured as: {', '.join(hows)}.", ""] if hows else []
     if "memory" in sections:
         lines += ["## DINO loss at K = 65536: fused vs unfused peak memory", ""]
-        lines += _table(["path", "shape", "dtype", "peak", "how"],
-                        [[r["path"], r["shape"], r["dtype"], _mib(r["peak_bytes"]), r["how"]]
+        lines += table(["path", "shape", "dtype", "peak", "how"],
+                        [[r["path"], r["shape"], r["dtype"], mib(r["peak_bytes"]), r["how"]]
                          for r in sections["memory"]])
     if "step" in sections:
         lines += ["## Training step (one process)", ""]
@@ -62,8 +54,8 @@ def markdown(result: dict) -> str:
             else:
                 mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
                 rows.append([r["config"], r["backbone"], head, r["batch"], r["precision"], _fmt(r["img_per_s"]),
-                             mfu, _mib(r["peak_bytes"]), r["mfu_note"] or r["memory_how"]])
-        lines += _table(["config", "backbone", "head", "batch", "precision", "img/s", "MFU", "peak mem", "note"],
+                             mfu, mib(r["peak_bytes"]), r["mfu_note"] or r["memory_how"]])
+        lines += table(["config", "backbone", "head", "batch", "precision", "img/s", "MFU", "peak mem", "note"],
                         rows)
     if "data" in sections:
         data = sections["data"]
@@ -71,7 +63,7 @@ def markdown(result: dict) -> str:
         lines += [f"## Data paths ({data.get('shard_dir')}: {data.get('tile_size')} px tiles, {mods})", ""]
         rows = [[r["path"], _fmt(r.get("tiles_per_s")), _fmt(r.get("views_per_s")), _fmt(r.get("tiles_per_core_s")),
                  r.get("backend", "-"), r.get("skipped", "")] for r in data.get("rows", [])]
-        lines += _table(["path", "tiles/s", "views/s", "tiles/s per core", "backend", "skipped"], rows) if rows else \
+        lines += table(["path", "tiles/s", "views/s", "tiles/s per core", "backend", "skipped"], rows) if rows else \
             [f"skipped: {data.get('skipped')}", ""]
         demand = data.get("demand")
         if demand:
@@ -81,7 +73,7 @@ def markdown(result: dict) -> str:
                       "per GPU.", ""]
             lines += [f"Not the production budget: {c}." for c in data.get("caveats", [])]
             lines += [""] if data.get("caveats") else []
-            lines += _table(["path", "tiles/s per core", "cores per GPU", "cores per node", "within goal",
+            lines += table(["path", "tiles/s per core", "cores per GPU", "cores per node", "within goal",
                              "host to device GB/s per GPU"],
                             [[b["path"], _fmt(b["tiles_per_core_s"]), _fmt(b["cores_per_gpu"]),
                               _fmt(b["cores_per_node"]), "yes" if b["within_goal"] else "no", _fmt(b.get("h2d_gb_s"))]
@@ -93,7 +85,7 @@ def markdown(result: dict) -> str:
                  units[r.get("peak", "tflops_bf16")], _fmt(r["floor_us_H100"], " us"), _fmt(r["floor_us_A100"], " us"),
                  _fmt(r["fraction_of_roofline"]) if r["fraction_of_roofline"] is not None else r["fraction_note"]]
                 for r in sections["roofline"]]
-        lines += _table(["op", "shape", "GFLOP", "MB", "FLOP/B", "peak", "H100 floor", "A100 floor",
+        lines += table(["op", "shape", "GFLOP", "MB", "FLOP/B", "peak", "H100 floor", "A100 floor",
                          "measured fraction"], rows)
     if "comm" in sections:
         c = sections["comm"]
@@ -104,7 +96,7 @@ def markdown(result: dict) -> str:
                  f"{r['reduce_scatter_bytes'] / 1e9:.2f}", f"{r['all_reduce_bytes'] / 1e9:.2f}",
                  f"{r['comm_s'] * 1e3:.1f}", f"{r['compute_s'] * 1e3:.1f}", f"{r['efficiency_overlapped']:.0%}",
                  f"{r['efficiency_serial']:.0%}"] for r in c["rows"]]
-        lines += _table(["model", "GPUs", "strategy", "mesh (replicate x shard)", "all-gather GB",
+        lines += table(["model", "GPUs", "strategy", "mesh (replicate x shard)", "all-gather GB",
                          "reduce-scatter GB", "all-reduce GB", "comm ms", "compute ms", "efficiency (overlapped)",
                          "efficiency (serial)"], rows)
     if "compile" in sections:
@@ -114,7 +106,7 @@ def markdown(result: dict) -> str:
             lines += [f"skipped: {c['skipped']}", ""]
         else:
             keys = [k for k in c["rows"][0] if k not in ("fn",)] if c["rows"] else []
-            lines += _table(keys, [[_fmt(r.get(k)) for k in keys] for r in c["rows"]])
+            lines += table(keys, [[_fmt(r.get(k)) for k in keys] for r in c["rows"]])
     return "\n".join(lines)
 
 
@@ -239,7 +231,7 @@ def compare(a_path: Path, b_path: Path) -> str:
     lines = [f"# bench compare: A = {a_path} ({_revision(a)}, {a.get('device', '?')}), "
              f"B = {b_path} ({_revision(b)}, {b.get('device', '?')})", ""]
     rows = [[*k, f"{ta[k]:.4g}", f"{tb[k]:.4g}", f"{tb[k] / ta[k]:.2f}x"] for k in common]
-    lines += _table(["section", "what", "shape / batch", "provider / precision", "dtype / head", "A ms", "B ms",
+    lines += table(["section", "what", "shape / batch", "provider / precision", "dtype / head", "A ms", "B ms",
                      "B / A"], rows)
     only = len(ta) - len(common), len(tb) - len(common)
     lines.append(f"{len(common)} measurements in both; {only[0]} only in A, {only[1]} only in B "
