@@ -266,20 +266,21 @@ FORMAT_MAGIC = (
 
 
 def format_from_magic(head: bytes, expected: str | None = None) -> str | None:
-    """What a file's first bytes say it is (FORMAT_MAGIC); None when unknown, or when it is `expected`, the
-    caller's own format (a damaged one of those is the caller's to name)."""
+    """What a file's first bytes say it is (FORMAT_MAGIC, or "empty (0 bytes)"); None when unknown, or when it is
+    `expected`, the caller's own format (a damaged one of those is the caller's to name)."""
+    if not head:
+        return "empty (0 bytes)"
     kind = next((kind for magic, kind in FORMAT_MAGIC if head.startswith(magic)), None)
     return None if kind == expected else kind
 
 
 def file_format(path, expected: str) -> str | None:
-    """format_from_magic of a file's first bytes, or "empty (0 bytes)", for a reader's refusal of a file that is not
-    `expected` (a Git LFS pointer, which `git clone` without git-lfs leaves in place of the data); None when unknown
-    or unreadable."""
+    """format_from_magic of a file's first bytes, for a reader's refusal of a file that is not `expected` (a Git
+    LFS pointer, which `git clone` without git-lfs leaves in place of the data); None when unknown or unreadable."""
     try:
         check_regular(path)  # a FIFO's open waits for a writer
         with open(path, "rb") as f:
             head = f.read(64)
     except OSError:
         return None
-    return format_from_magic(head, expected=expected) if head else "empty (0 bytes)"
+    return format_from_magic(head, expected=expected)

@@ -543,7 +543,7 @@ def effective_nodata(tag: float | None, pam: dict[int, float | None], band: int 
 def other_format(data: bytes) -> str | None:
     """What a blob that is not a TIFF is, from its leading bytes ('a PNG image', 'empty (0 bytes)'); None when
     unknown."""
-    return format_from_magic(data, expected="a TIFF image") if data else "empty (0 bytes)"
+    return format_from_magic(data, expected="a TIFF image")
 
 
 def read_tiff(source) -> tuple[np.ndarray, float | None, float | None, np.ndarray | None]:

@@ -172,8 +172,8 @@ def _file_kind(path: Path) -> str | None:
     if head.startswith(b"PK\x03\x04"):
         return _zip_kind(path)
     known = format_from_magic(head, expected="a ZIP archive")  # torch.save's own container
-    if known or not head:
-        return known or "an empty file"
+    if known:
+        return known
     text = head.decode(errors="ignore")  # up to 3 bytes lost: a multi-byte character cut at byte 512
     if len(text.encode()) >= len(head) - 3 and all(c.isprintable() or c in "\t\r\n" for c in text):
         return f"a text file (it starts {text[:40]!r})"

@@ -380,7 +380,7 @@ def test_weights_that_are_not_finite_dense_floats_are_refused_by_name(tmp_path, 
     (b"\x89HDF\r\n\x1a\n" + bytes(64), "an HDF5 file"),
     (b"junk", "a text file \\(it starts 'junk'\\)"),  # was "error: unpack requires a buffer of 4 bytes"
     (b"model weights: see https://example.org/terrafm\n", "a text file"),  # was "KeyError: <a number>"
-    (b"", "an empty file"),
+    (b"", r"empty \(0 bytes\)"),
 ])
 def test_a_file_that_is_not_a_pickle_says_what_it_is(tmp_path, content, kind):
     """A clone without git-lfs or a wget of a wrong URL was called 'a pickle that names classes'."""
