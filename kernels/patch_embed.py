@@ -79,7 +79,7 @@ W_SLICE_BYTES = min(gpu["l2"] for gpu in GPUS.values()) // 2
 # shape: G crosses HBM twice and x once (1.41-1.43x; 128 x 32 tiles re-read G in each of 7-14 waves).
 # BLOCK_M is the reduction step: 32 spills 8 bytes on sm_90 in fp16/bf16, and 8 warps take 162-180
 # registers (1 CTA per SM). With KD block 0's column sum of G (COL_SUM, the training call): fp16/bf16 168-214
-# registers, 2-3 CTAs per SM, no spills (1.41x). fp32: 128 x 64 tiles, 124 registers and 4 CTAs per SM on sm_90
+# registers, 2-3 CTAs per SM, no spills (1.35-1.39x). fp32: 128 x 64 tiles, 124 registers and 4 CTAs per SM on sm_90
 # (1.40x), 151 and 3 on sm_80 (1.71x, compile_report.KNOWN_OVER_BOUND: 123 and 4 without the sum; 128 x 128
 # took 224-239 registers for the same bytes).
 GRAD_WEIGHT_CONFIGS = {
