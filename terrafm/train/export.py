@@ -75,8 +75,8 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
     if problem:
         raise ValueError(f"cannot write {output}: {problem}")
     folder = resolve(checkpoint)  # once: a run that checkpoints meanwhile must not give the weights of one step and
-    with kept_while_read(folder):  # the metadata of the next
-        name, state = load_backbone_state(folder, which)
+    name, state = load_backbone_state(folder, which)  # the metadata of the next (each read says if it was removed)
+    with kept_while_read(folder):
         meta = read_meta(folder)
     trained_inputs(meta, folder)  # an input metadata entry load_checkpoint would refuse in the file is refused here
     try:
