@@ -63,20 +63,12 @@ HEAD_BOUND = 2.0  # dino_head_loss: the fused head recomputes logit tiles by des
 # Configs whose ratios are over bound today, and why: the work list of issue 11. Regular expressions matched at the
 # start of "name@arch", as KNOWN_LATENCY_BOUND's.
 KNOWN_OVER_BOUND = {
-    r"patch_embed_fwd_float32@": (
-        "bytes only: fp32 at the presets' per-view call on an H100 (B = 64) moves x 154 MB, W 28 MB (over half of an "
-        "A100's L2), out 116 MB; 1.5x leaves 447 MB and x twice with W once is 452 MB, so x must cross HBM once "
-        "(whole output rows per wave) and W at most 6 times: at most 6 waves of the 12544 x 2304 output, 36.5K fp32 "
-        "accumulators per SM (64 x 64 tiles at 6 CTAs/SM hold 24K, 128 x 128 at 2 CTAs/SM on sm_90 32K). On an A100 "
-        "(B = 32) W in two L2-resident slices, reading x twice, would be 1.47x (240 of 245 MB): untried. bf16 "
-        "(presets) is 1.00-1.02x. Compute bound at this shape: the bytes take 157 / 149 us of the tf32 FLOPs' 359 / "
-        "569 us (H100 / A100), so the waste costs no time"),
-    r"patch_embed_grad_weight_float32@sm_80": (
-        "bytes only: the column sum of G (the bias and modality gradients) in the loop of KD block 0 takes the fp32 "
-        "GEMM from 123 to 151 registers on sm_80, 4 CTAs per SM to 3, so a wave covers fewer KD rows and G crosses "
-        "HBM once more (1.71x at vitb_a100's B = 32, 1.35x at 4 CTAs); torch's column sum in its place reads the fp32 "
-        "G once more (1.71x). No tile tried keeps 4 CTAs with the sum (128 x 64 x 16 at 2 stages: 153 registers; 8 "
-        "warps: 2 CTAs; 64 x 128 tiles: 154). sm_90: 1.40x; bf16 (presets): 1.35-1.39x"),
+    r"patch_embed_fwd_float32@sm_90": (
+        "bytes only, 1.52x: at vitb_h100's per-view call (B = 64) x is 154 MB, W 28 MB (over half of either L2), out "
+        "116 MB. The forward runs one launch per 14 MB E slice of W (L2-resident), reading x once per slice: 452 MB "
+        "where 1.5x is 447. Reading x once instead means W once per wave, at most 6 waves of the 12544 x 2304 output "
+        "(36.5K fp32 accumulators per SM; 128 x 128 tiles at 2 CTAs/SM hold 32K: 7 waves, 1.56x). vitb_a100 (B = 32) "
+        "is 1.47x, bf16 (the presets) 1.00-1.02x. Compute bound: the bytes take 135 us of the tf32 FLOPs' 359 us"),
 }
 # Streaming configs with fewer bytes of loads in flight per SM than Little's law asks, and why: regular
 # expressions matched at the start of "name@arch" (an entry that matches a config with enough in flight fails).
@@ -105,10 +97,6 @@ KNOWN_LATENCY_BOUND[r"fusion_fwd_(float16|bfloat16)_(b_m2|l_m2)@|fusion_fwd_floa
     "12.0 / 8.0 KiB of loads in flight per SM where Little's law asks 14.9 / 11.1. Two global views that draw the "
     "same sensors share a call (1 in 6 steps) and are not latency bound; a step of twice the bytes pads ViT-B's "
     "144-wide heads (1.60x FLOPs) or doubles registers")
-KNOWN_OVER_BOUND[r"fusion_bwd_head_(float32|float16|bfloat16)_l_m2@sm_80"] = (
-    "FLOPs only, 1.51x: vitl_a100's per-view call is T = 16 x 196 = 3136 positions, 24.5 blocks of BLOCK_T = 128, and "
-    "the padded half block adds 2% to the 1.48x that two sensors' 10 of 16 lanes cost (1.48x on an H100, 6272 "
-    "positions in whole blocks)")
 # The triton the two lists above were measured with (scripts/setup.sh's pin). Under another triton (the GPU
 # image's 3.6) register counts differ, so an entry no longer needed there is a note, not a failure.
 LISTS_TRITON = "3.7.1"

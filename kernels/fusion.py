@@ -65,6 +65,7 @@ from ._common import (
     launch_kernel,
     no_second_derivative,
     op_name,
+    pad,
 )
 
 MAX_MODALITIES = FUSION_MAX_MODALITIES
@@ -255,26 +256,28 @@ def _head_chunk(k_ptr, v_ptr, q_ptr, pool_ptr, dout_ptr, coef_ptr, dk_ptr, dv_pt
     dq = tl.zeros([BLOCK_QM, CHUNK], tl.float32)
     dpool = tl.zeros([CHUNK], tl.float32)
     for i in range(0, BLOCK_T, BLOCK_P_HEAD):
-        ts = block.to(tl.int64) * BLOCK_T + i + tl.arange(0, BLOCK_P_HEAD)
-        t_ok = ts < T
-        tc_ok = t_ok[:, None] & c_ok[None, :]
-        coef = coef_ptr + (ts * H + h) * (Q + 2) * M
-        ds = tl.load(coef[:, None] + lanes[None, :], mask=t_ok[:, None] & lane_ok[None, :], other=0.0)
-        k = tl.load(k_ptr + ts[:, None, None] * M * A + lane_m[None, :, None] * A + cs[None, None, :],
-                    mask=t_ok[:, None, None] & lane_ok[None, :, None] & c_ok[None, None, :], other=0.0).to(tl.float32)
-        dq += tl.sum(ds[:, :, None] * k, axis=0)
-        dout = tl.load(dout_ptr + ts[:, None] * A + cs[None, :], mask=tc_ok, other=0.0).to(tl.float32)
-        for m in range(M):
-            ds_m = tl.load(coef[:, None] + qs[None, :] * M + m, mask=t_ok[:, None] & (qs < Q)[None, :], other=0.0)
-            c = tl.load(coef + Q * M + m, mask=t_ok, other=0.0)
-            dr = tl.load(coef + (Q + 1) * M + m, mask=t_ok, other=0.0)
-            tok = (ts[:, None] * M + m) * A + cs[None, :]
-            v = tl.load(v_ptr + tok, mask=tc_ok, other=0.0).to(tl.float32)
-            dk = tl.sum(ds_m[:, :, None] * queries[None, :, :], axis=1) * scale
-            dpool += tl.sum(dr[:, None] * v, axis=0)
-            tl.store(dk_ptr + tok, dk.to(dk_ptr.dtype.element_ty), mask=tc_ok)
-            tl.store(dv_ptr + tok, (c[:, None] * dout + dr[:, None] * pool[None, :]).to(dv_ptr.dtype.element_ty),
-                     mask=tc_ok)
+        if block * BLOCK_T + i < T:  # the last block stops at T
+            ts = block.to(tl.int64) * BLOCK_T + i + tl.arange(0, BLOCK_P_HEAD)
+            t_ok = ts < T
+            tc_ok = t_ok[:, None] & c_ok[None, :]
+            coef = coef_ptr + (ts * H + h) * (Q + 2) * M
+            ds = tl.load(coef[:, None] + lanes[None, :], mask=t_ok[:, None] & lane_ok[None, :], other=0.0)
+            k = tl.load(k_ptr + ts[:, None, None] * M * A + lane_m[None, :, None] * A + cs[None, None, :],
+                        mask=t_ok[:, None, None] & lane_ok[None, :, None] & c_ok[None, None, :],
+                        other=0.0).to(tl.float32)
+            dq += tl.sum(ds[:, :, None] * k, axis=0)
+            dout = tl.load(dout_ptr + ts[:, None] * A + cs[None, :], mask=tc_ok, other=0.0).to(tl.float32)
+            for m in range(M):
+                ds_m = tl.load(coef[:, None] + qs[None, :] * M + m, mask=t_ok[:, None] & (qs < Q)[None, :], other=0.0)
+                c = tl.load(coef + Q * M + m, mask=t_ok, other=0.0)
+                dr = tl.load(coef + (Q + 1) * M + m, mask=t_ok, other=0.0)
+                tok = (ts[:, None] * M + m) * A + cs[None, :]
+                v = tl.load(v_ptr + tok, mask=tc_ok, other=0.0).to(tl.float32)
+                dk = tl.sum(ds_m[:, :, None] * queries[None, :, :], axis=1) * scale
+                dpool += tl.sum(dr[:, None] * v, axis=0)
+                tl.store(dk_ptr + tok, dk.to(dk_ptr.dtype.element_ty), mask=tc_ok)
+                tl.store(dv_ptr + tok, (c[:, None] * dout + dr[:, None] * pool[None, :]).to(dv_ptr.dtype.element_ty),
+                         mask=tc_ok)
     dq = tl.sum(tl.where(lane_q[None, :, None] == qs[:, None, None], dq[None, :, :], 0.0), axis=1) * scale
     base = block.to(tl.int64) * Q * A
     tl.store(dq_partial_ptr + base + qs[:, None] * A + cs[None, :], dq, mask=(qs < Q)[:, None] & c_ok[None, :])
@@ -564,7 +567,8 @@ def efficiency(kernel: str, T: int, M: int, Q: int, A: int, H: int, dtype_bytes:
         useful = 4 * T * Q * M * A + 6 * T * M * A + Q * A  # + the 1/sqrt(d) scale of grad keys / queries
         blocks = plan["backward_head"][2]
         per_position = 2 * bqm + M * (2 * bq + 1 + 3 + 2)  # per column
-        executed = head_cols * H * blocks * (bt * per_position + bq * bqm + bq)
+        stepped = sum(pad(min(bt, T - b * bt), plan["BLOCK_P_HEAD"]) for b in range(blocks))  # the last stops at T
+        executed = head_cols * H * (stepped * per_position + blocks * (bq * bqm + bq))
         partials = blocks * (Q + 1) * A * 4
         coef_bytes = (Q + 2) * M * 4
         sizes = {"k": tokens, "v": tokens, "dk": tokens, "dv": tokens, "dout": T * A * e, "q": Q * A * e,

@@ -18,9 +18,9 @@ Cost per forward call (e = bytes per element of x / out):
     FLOPs = 2 M Kd E
     minimum HBM bytes = e (B C H W + M E) + e E Kd + 4 E (bias, embed) [+ e N E with pos_embed]
 The weight is re-read once per row block (M / BLOCK_M times), from L2 when it fits there: 16-bit W
-at the presets' shape (14 MB) does; fp32 W (28 MB) is over half of an L2, so grad_input runs one
-launch per L2-sized KD slice of W (reading G once per slice) and the forward reads W once per wave
-(docs/kernels.md, "Efficiency counts"). At ViT-B sizes (M = 256 x 196, Kd = 12 x 256, E = 2304) the
+at the presets' shape (14 MB) does; fp32 W (28 MB) is over half of an L2, so the forward runs one launch
+per L2-sized E slice of W (reading x once per slice) and grad_input one per KD slice (reading G once per
+slice) (docs/kernels.md, "Efficiency counts"). At ViT-B sizes (M = 256 x 196, Kd = 12 x 256, E = 2304) the
 GEMM is compute bound (~110 FLOPs per byte).
 """
 
@@ -49,13 +49,12 @@ from .gpus import GPUS
 
 # Tile configs, from the compile report (python -m terrafm_kernels.compile_report) and the roofline.
 # Forward and grad_input, fp16/bf16 on H100 (sm_90) and A100 (sm_80): 128 x 128 output tiles,
-# BLOCK_K = 32, 8 warps, 3 stages: wgmma / mma, no spills. The gathered patch tile needs an address
-# per element, which is what fills the register file on sm_80 (199-255 registers); on sm_90 W and G
-# come by TMA and the forward takes 140 registers, grad_input 63. fp32 inputs run one tf32 product of
-# rounded operands per dot (_dot_precision) when torch allows tf32 for cuDNN convolutions (its default).
-# The fp32 forward takes 64 x 64 x 16 tiles, 2 stages: 78-80 registers, 6 CTAs per SM; 128 x 128 tiles
-# (1 CTA per SM on sm_80) move more bytes there (2.6x against 2.05x) and fewer on sm_90 (1.67x against
-# 1.85x; both global views in one call), over the bound either way (compile_report.KNOWN_OVER_BOUND says why).
+# BLOCK_K = 32, 8 warps, 3 stages: wgmma / mma, no spills; the forward takes 116-127 registers, grad_input
+# 42-80 (32-bit gather addresses: 64-bit ones took 199-255). fp32 inputs run one tf32 product of rounded
+# operands per dot (_dot_precision) when torch allows tf32 for cuDNN convolutions (its default).
+# The fp32 forward takes 64 x 64 x 16 tiles, 2 stages: 78-80 registers, 6 CTAs per SM. Its W is over
+# W_SLICE_BYTES, so it runs one launch per E slice of W (launch_plan), reading x once per slice: 1.47x the
+# floor on A100, 1.52x on H100 (compile_report.KNOWN_OVER_BOUND); one launch read W once per wave (1.76-1.87x).
 GPU_CONFIGS = {
     2: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
     4: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
@@ -79,13 +78,10 @@ W_SLICE_BYTES = min(gpu["l2"] for gpu in GPUS.values()) // 2
 # shape: G crosses HBM twice and x once (1.41-1.43x; 128 x 32 tiles re-read G in each of 7-14 waves).
 # BLOCK_M is the reduction step: 32 spills 8 bytes on sm_90 in fp16/bf16, and 8 warps take 162-180
 # registers (1 CTA per SM). With KD block 0's column sum of G (COL_SUM, the training call): fp16/bf16 168-214
-# registers, 2-3 CTAs per SM, no spills (1.35-1.39x). fp32: 128 x 64 tiles, 124 registers and 4 CTAs per SM on sm_90
-# (1.40x), 151 and 3 on sm_80 (1.71x, compile_report.KNOWN_OVER_BOUND: 123 and 4 without the sum; 128 x 128
-# took 224-239 registers for the same bytes).
-GRAD_WEIGHT_CONFIGS = {
-    2: {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-    4: {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
-}
+# registers, 2-3 CTAs per SM, no spills (1.35-1.39x). fp32 takes the same tiles: 233-246 registers, 2 CTAs per SM,
+# no spills (1.35x on sm_80, 1.41x on sm_90). Its 128 x 64 tiles took 151 registers on sm_80 with the sum (123
+# without), 3 CTAs per SM, so a wave covered 18 of the 48 KD blocks and G crossed HBM three times (1.71x).
+GRAD_WEIGHT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 # The interpreter pays per op, not per element, so it gets wide K tiles (fewer loop trips); the
 # test shapes are still ragged against these tiles.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
@@ -121,12 +117,13 @@ def _dot_operand(t, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, bias_ptr, embed_ptr, pos_ptr, out_ptr,
-    M, E, KD, N, GW, C, H, W, W_STRIDE,
+    M, E, KD, N, GW, C, H, W, W_STRIDE, FIRST_N_BLOCK,
     P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EMBED: tl.constexpr, HAS_POS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out (M, E) = X W^T + bias + embed (+ pos); W (E, KD) rows W_STRIDE apart, read by tensor descriptor."""
-    e0 = tl.program_id(0) * BLOCK_N
+    """out (M, E) = X W^T + bias + embed (+ pos) for the E blocks FIRST_N_BLOCK + program_id(0); W (E, KD) rows
+    W_STRIDE apart, read by tensor descriptor."""
+    e0 = (FIRST_N_BLOCK + tl.program_id(0)) * BLOCK_N
     cols_e = e0 + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -220,20 +217,23 @@ def launch_plan(M: int, E: int, KD: int, dtype_bytes: int, interpreter: bool = F
     grad_input the KD blocks of one row block, so the programs that gather the same patches (or
     read the same rows of G) run in the same wave and those bytes come from HBM once. grad_weight
     walks the E blocks of one KD block together: a wave covers whole rows of the (E, KD) output, so
-    it reads all of G once and x only for its own KD blocks. grad_input runs one launch per KD slice
-    of W of at most W_SLICE_BYTES: "launches" lists each one's (first KD block, grid).
+    it reads all of G once and x only for its own KD blocks. The forward runs one launch per E slice of W
+    of at most W_SLICE_BYTES, grad_input one per KD slice: "launches" lists each one's (first E or KD
+    block, grid).
     """
     cfg = INTERPRETER_CONFIG if interpreter else GPU_CONFIGS[dtype_bytes]
-    gw_cfg = INTERPRETER_CONFIG if interpreter else GRAD_WEIGHT_CONFIGS[dtype_bytes]
+    gw_cfg = INTERPRETER_CONFIG if interpreter else GRAD_WEIGHT_CONFIG
     gi_cfg = INTERPRETER_CONFIG if interpreter else GRAD_INPUT_CONFIGS[dtype_bytes]
     cdiv = triton.cdiv
-    k_blocks, m_blocks = cdiv(KD, gi_cfg["BLOCK_K"]), cdiv(M, gi_cfg["BLOCK_M"])
-    per_launch = cdiv(k_blocks, cdiv(E * KD * dtype_bytes, W_SLICE_BYTES))
+    slices = cdiv(E * KD * dtype_bytes, W_SLICE_BYTES)
+
+    def launches(blocks: int, rows: int) -> list:  # (first block, grid) of each W slice's launch
+        per_launch = cdiv(blocks, slices)
+        return [(first, (min(per_launch, blocks - first), rows)) for first in range(0, blocks, per_launch)]
     return {
-        "forward": {**cfg, "grid": (cdiv(E, cfg["BLOCK_N"]), cdiv(M, cfg["BLOCK_M"]))},
+        "forward": {**cfg, "launches": launches(cdiv(E, cfg["BLOCK_N"]), cdiv(M, cfg["BLOCK_M"]))},
         "grad_weight": {**gw_cfg, "grid": (cdiv(E, gw_cfg["BLOCK_N"]), cdiv(KD, gw_cfg["BLOCK_K"]))},
-        "grad_input": {**gi_cfg, "launches": [(k, (min(per_launch, k_blocks - k), m_blocks))
-                                              for k in range(0, k_blocks, per_launch)]},
+        "grad_input": {**gi_cfg, "launches": launches(cdiv(KD, gi_cfg["BLOCK_K"]), cdiv(M, gi_cfg["BLOCK_M"]))},
     }
 
 
@@ -313,13 +313,16 @@ def _launch_forward(x, weight, bias, modality_embed, pos_embed) -> torch.Tensor:
     w = descriptor_operand(weight.to(x.dtype).reshape(geo["E"], geo["KD"]))
     out = torch.empty((geo["M"], geo["E"]), dtype=x.dtype, device=x.device)
     dummy = out
-    launch_kernel(
-        _forward_kernel, cfg["grid"], x.contiguous(), w, dummy if bias is None else bias.contiguous(),
-        dummy if modality_embed is None else modality_embed.reshape(-1).contiguous(),
-        dummy if pos_embed is None else pos_embed.reshape(-1, geo["E"]).contiguous(), out,
-        *geo.values(), w.stride(0), P=p, HAS_BIAS=bias is not None, HAS_EMBED=modality_embed is not None,
-        HAS_POS=pos_embed is not None, DOT_PRECISION=_dot_precision(x.dtype), **_tiles(cfg),
-    )
+    x = x.contiguous()
+    bias = dummy if bias is None else bias.contiguous()
+    embed = dummy if modality_embed is None else modality_embed.reshape(-1).contiguous()
+    pos = dummy if pos_embed is None else pos_embed.reshape(-1, geo["E"]).contiguous()
+    for first_n_block, grid in cfg["launches"]:
+        launch_kernel(
+            _forward_kernel, grid, x, w, bias, embed, pos, out, *geo.values(), w.stride(0), first_n_block, P=p,
+            HAS_BIAS=bias is not dummy, HAS_EMBED=embed is not dummy, HAS_POS=pos is not dummy,
+            DOT_PRECISION=_dot_precision(x.dtype), **_tiles(cfg),
+        )
     return out.view(x.shape[0], geo["N"], geo["E"])
 
 
@@ -470,12 +473,15 @@ def efficiency(kernel: str, B: int, C: int, H: int, W: int, E: int, p: int, dtyp
     rows = lambda m: min(bm, M - m * bm)  # noqa: E731
     cols = lambda n: min(bn, E - n * bn)  # noqa: E731
     ks = lambda k: min(bk, KD - k * bk)  # noqa: E731
-    if kernel == "forward":  # program (E block n, row block m) gathers its rows x all KD, reads W[n], writes out
-        sizes = {"x": x_bytes, "w": w_bytes, "out": g_bytes}
-        touches = lambda n, m, _: [("x", m, rows(m) * KD * e), ("w", n, cols(n) * KD * e),  # noqa: E731
-                                   ("out", (m, n), rows(m) * cols(n) * e)]
-        moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes) + 2 * E * e  # bias, modality embed
-        floor = x_bytes + w_bytes + g_bytes + 2 * E * e
+    if kernel == "forward":  # program (n, m) of a launch gathers its rows x all KD, reads W[first + n], writes out
+        moved, floor = 2 * E * e, x_bytes + w_bytes + g_bytes + 2 * E * e  # + bias, modality embed
+        for first, grid in plan["launches"]:  # the launch's W slice and out columns are its tensors
+            slice_cols = sum(cols(first + n) for n in range(grid[0]))
+            sizes = {"x": x_bytes, "w": slice_cols * KD * e, "out": M * slice_cols * e}
+            touches = lambda n, m, _, first=first: [  # noqa: E731
+                ("x", m, rows(m) * KD * e), ("w", n, cols(first + n) * KD * e),
+                ("out", (m, n), rows(m) * cols(first + n) * e)]
+            moved += hbm_bytes(grid, touches, sizes, concurrent, l2_bytes)
     elif kernel == "grad_weight":  # program (n, k) streams G[:, n] and x[:, k] over all M, writes its W tile
         sizes = {"g": g_bytes, "x": x_bytes, "gw": w_bytes, "col_sum": 4 * E}  # and k = 0 the sum of G[:, n]
         touches = lambda n, k, _: [("g", n, M * cols(n) * e), ("x", k, M * ks(k) * e),  # noqa: E731
@@ -509,7 +515,7 @@ def compile_specs() -> list[dict]:
         plan = launch_plan(1, 1, 1, dtype.itemsize)  # tiles only; efficiency() sizes the grid
         kernels = [
             ("fwd", "forward", _forward_kernel, ["x_ptr", "w_ptr", "bias_ptr", "embed_ptr", "pos_ptr", "out_ptr"],
-             ["W_STRIDE"], {"HAS_BIAS": True, "HAS_EMBED": True, "HAS_POS": False}),
+             ["W_STRIDE", "FIRST_N_BLOCK"], {"HAS_BIAS": True, "HAS_EMBED": True, "HAS_POS": False}),
             ("grad_weight", "grad_weight", _grad_weight_kernel, ["x_ptr", "g_ptr", "gw_ptr"], ["G_STRIDE"],
              {"COL_SUM": True}),  # the training call: a bias and a modality embedding
             ("grad_input", "grad_input", _grad_input_kernel, ["g_ptr", "w_ptr", "gx_ptr"],

@@ -120,29 +120,32 @@ def test_shipped_gpu_tiles_match_float64_reference(dtype, device, monkeypatch):
 
 
 @pytest.mark.parametrize("gpu_tiles", [False, True])
-def test_grad_input_in_several_w_slices_matches_float64_reference(gpu_tiles, device, monkeypatch):
-    """grad_input runs one launch per KD slice of W when W is over W_SLICE_BYTES (fp32 at the presets'
-    shape: 2 launches); here a small limit cuts a ragged W (KD = 588, E = 19) into 3 launches, the last
-    one short, with the interpreter's tiles and with the GPU tiles."""
+def test_forward_and_grad_input_in_several_w_slices_match_float64_reference(gpu_tiles, device, monkeypatch):
+    """The forward runs one launch per E slice of W and grad_input one per KD slice when W is over W_SLICE_BYTES
+    (fp32 at the presets' shape: 2 launches each); here a small limit cuts a ragged W (E = 70, KD = 588) into 3
+    slices, the last one short, with the interpreter's tiles and with the GPU tiles."""
     module = importlib.import_module("terrafm_kernels.patch_embed")
-    monkeypatch.setattr(module, "W_SLICE_BYTES", 20000)
+    monkeypatch.setattr(module, "W_SLICE_BYTES", 60000)
     if gpu_tiles:
         monkeypatch.setattr(module, "interpreted", lambda tensor: False)
-    plan = module.launch_plan(M=6, E=19, KD=588, dtype_bytes=4, interpreter=not gpu_tiles)["grad_input"]
-    assert len(plan["launches"]) == 3
-    _check(1, 3, 28, 42, 19, 14, torch.float32, device)
+    plan = module.launch_plan(M=12, E=70, KD=588, dtype_bytes=4, interpreter=not gpu_tiles)
+    assert len(plan["forward"]["launches"]) >= 2 and len(plan["grad_input"]["launches"]) == 3
+    _check(2, 3, 28, 42, 70, 14, torch.float32, device)
 
 
-def test_grad_input_slices_w_only_when_it_is_over_half_an_l2():
+def test_w_is_sliced_only_when_it_is_over_half_an_l2():
     from terrafm_kernels.patch_embed import PRODUCTION_SHAPE, launch_plan
 
     M, E, KD = 128 * 196, PRODUCTION_SHAPE["E"], 12 * 256
-    fp32 = launch_plan(M, E, KD, dtype_bytes=4)["grad_input"]
-    k_blocks = KD // fp32["BLOCK_K"]
-    assert [first for first, _ in fp32["launches"]] == [0, k_blocks // 2]  # 28 MB of W: two 14 MB slices
-    assert sum(grid[0] for _, grid in fp32["launches"]) == k_blocks
-    bf16 = launch_plan(M, E, KD, dtype_bytes=2)["grad_input"]
-    assert [first for first, _ in bf16["launches"]] == [0]  # 14 MB of W stays in L2 in one launch
+    fp32 = launch_plan(M, E, KD, dtype_bytes=4)
+    k_blocks, n_blocks = KD // fp32["grad_input"]["BLOCK_K"], E // fp32["forward"]["BLOCK_N"]
+    assert [first for first, _ in fp32["grad_input"]["launches"]] == [0, k_blocks // 2]  # 28 MB: two 14 MB slices
+    assert sum(grid[0] for _, grid in fp32["grad_input"]["launches"]) == k_blocks
+    assert [first for first, _ in fp32["forward"]["launches"]] == [0, n_blocks // 2]
+    assert sum(grid[0] for _, grid in fp32["forward"]["launches"]) == n_blocks
+    bf16 = launch_plan(M, E, KD, dtype_bytes=2)
+    assert [first for first, _ in bf16["grad_input"]["launches"]] == [0]  # 14 MB of W stays in L2 in one launch
+    assert [first for first, _ in bf16["forward"]["launches"]] == [0]
 
 
 def test_without_position_embedding_and_without_input_grad(device):
