@@ -162,11 +162,16 @@ def read_small(path, limit: int = SMALL_FILE_LIMIT) -> bytes:
     is an OSError (check_regular), not a hang or every byte of memory."""
     check_regular(path)
     with open(path, "rb") as f:
-        # read(n) allocates n bytes first: read the file's size (+1, to see one that grew past the limit)
-        data = f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
+        # read(n) allocates n bytes first: read the file's size (+1, to see one that grew past the limit), then on
+        # in 1 MiB pieces where the size said too little (/proc files say 0, a file may grow while it is read)
+        data = bytearray()
+        want = min(os.fstat(f.fileno()).st_size, limit) + 1
+        while want > 0 and (chunk := f.read(want)):
+            data += chunk
+            want = min(1 << 20, limit + 1 - len(data))
     if len(data) > limit:
         raise ValueError(f"is over {limit // 2**20} MiB, far larger than such a file is")
-    return data
+    return bytes(data)
 
 
 def load_json(path, limit: int = SMALL_FILE_LIMIT):

@@ -122,3 +122,19 @@ def test_file_format_names_an_empty_file(tmp_path):
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(10))
     assert file_format(png, "a TIFF image") == "a PNG image"
     assert file_format(tmp_path / "missing", "a TIFF image") is None
+
+
+def test_read_small_reads_past_a_size_that_says_too_little(tmp_path):
+    """A /proc file's size says 0 bytes: the first read took size + 1 = 1 byte and returned it as the whole file."""
+    from terrafm.fileio import read_small
+
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        pytest.skip("needs Linux procfs")
+    data = read_small(status)
+    assert data.startswith(b"Name:") and b"\nPid:" in data
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * 3000)
+    with pytest.raises(ValueError, match="is over"):
+        read_small(big, limit=2048)
+    assert read_small(big, limit=3000) == b" " * 3000
