@@ -60,16 +60,10 @@ def _costed_on(capability: int) -> dict:
 GPUS = {capability: _costed_on(capability) for capability in BY_CAPABILITY}
 BOUND = 1.5  # executed / useful FLOPs and moved / minimum bytes
 HEAD_BOUND = 2.0  # dino_head_loss: the fused head recomputes logit tiles by design
-# Configs whose ratios are over bound today, and why: the work list of issue 11. Regular expressions matched at the
-# start of "name@arch", as KNOWN_LATENCY_BOUND's.
-KNOWN_OVER_BOUND = {
-    r"patch_embed_fwd_float32@sm_90": (
-        "bytes only, 1.52x: at vitb_h100's per-view call (B = 64) x is 154 MB, W 28 MB (over half of either L2), out "
-        "116 MB. The forward runs one launch per 14 MB E slice of W (L2-resident), reading x once per slice: 452 MB "
-        "where 1.5x is 447. Reading x once instead means W once per wave, at most 6 waves of the 12544 x 2304 output "
-        "(36.5K fp32 accumulators per SM; 128 x 128 tiles at 2 CTAs/SM hold 32K: 7 waves, 1.56x). vitb_a100 (B = 32) "
-        "is 1.47x, bf16 (the presets) 1.00-1.02x. Compute bound: the bytes take 135 us of the tf32 FLOPs' 359 us"),
-}
+# Configs whose ratios are over bound, and why: regular expressions matched at the start of "name@arch", as
+# KNOWN_LATENCY_BOUND's. Empty since stop 47 (docs/kernels.md, "Current figures", has what each entry said); an
+# entry needs the reason the waste cannot be closed, and fails the strict report once the config is within bound.
+KNOWN_OVER_BOUND: dict[str, str] = {}
 # Streaming configs with fewer bytes of loads in flight per SM than Little's law asks, and why: regular
 # expressions matched at the start of "name@arch" (an entry that matches a config with enough in flight fails).
 KNOWN_LATENCY_BOUND = {

@@ -18,10 +18,10 @@ Cost per forward call (e = bytes per element of x / out):
     FLOPs = 2 M Kd E
     minimum HBM bytes = e (B C H W + M E) + e E Kd + 4 E (bias, embed) [+ e N E with pos_embed]
 The weight is re-read once per row block (M / BLOCK_M times), from L2 when it fits there: 16-bit W
-at the presets' shape (14 MB) does; fp32 W (28 MB) is over half of an L2, so the forward runs one launch
-per L2-sized E slice of W (reading x once per slice) and grad_input one per KD slice (reading G once per
-slice) (docs/kernels.md, "Efficiency counts"). At ViT-B sizes (M = 256 x 196, Kd = 12 x 256, E = 2304) the
-GEMM is compute bound (~110 FLOPs per byte).
+at the presets' shape (14 MB) does; fp32 W (28 MB) is over half of an L2, so the forward takes W in
+L2-sized E slices (reading x once per slice) and grad_input in KD slices (reading G once per slice), one
+slice after the other in one launch (docs/kernels.md, "Efficiency counts"). At ViT-B sizes (M = 256 x 196,
+Kd = 12 x 256, E = 2304) the GEMM is compute bound (~110 FLOPs per byte).
 """
 
 
@@ -49,12 +49,12 @@ from .gpus import GPUS
 
 # Tile configs, from the compile report (python -m terrafm_kernels.compile_report) and the roofline.
 # Forward and grad_input, fp16/bf16 on H100 (sm_90) and A100 (sm_80): 128 x 128 output tiles,
-# BLOCK_K = 32, 8 warps, 3 stages: wgmma / mma, no spills; the forward takes 116-127 registers, grad_input
+# BLOCK_K = 32, 8 warps, 3 stages: wgmma / mma, no spills; the forward takes 109-127 registers, grad_input
 # 42-80 (32-bit gather addresses: 64-bit ones took 199-255). fp32 inputs run one tf32 product of rounded
 # operands per dot (_dot_precision) when torch allows tf32 for cuDNN convolutions (its default).
-# The fp32 forward takes 64 x 64 x 16 tiles, 2 stages: 78-80 registers, 6 CTAs per SM. Its W is over
-# W_SLICE_BYTES, so it runs one launch per E slice of W (launch_plan), reading x once per slice: 1.47x the
-# floor on A100, 1.52x on H100 (compile_report.KNOWN_OVER_BOUND); one launch read W once per wave (1.76-1.87x).
+# The fp32 forward takes 64 x 64 x 16 tiles, 2 stages: 76-80 registers, 6 CTAs per SM. Its W is over
+# W_SLICE_BYTES, so it takes W in two E slices (launch_plan), reading x once per slice less the rows the seam's
+# wave shares: 1.42x the floor on A100, 1.46x on H100, where W read once per wave was 1.76-1.87x.
 GPU_CONFIGS = {
     2: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
     4: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
@@ -66,11 +66,13 @@ GRAD_INPUT_CONFIGS = {
     2: GPU_CONFIGS[2],
     4: {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
 }
-# grad_input reads all of W (E, KD) in every wave unless W fits in half of L2, where the wave model
-# keeps it for the whole launch. fp32 W at the presets' shape is 28 MB, over half of either L2 (20 MB
-# A100, 25 MB H100): grad_input then runs as one launch per KD slice of W of at most W_SLICE_BYTES
-# (half the smallest L2 in terrafm_kernels.gpus), so each launch reads its W slice once and all of G
-# once: G twice instead of W ~25-40 times (4.6-6.9x -> 1.43-1.44x). 16-bit W (14 MB) is one launch.
+# The forward and grad_input read all of W (E, KD) in every wave unless W fits in half of L2, where the wave
+# model keeps it for the whole launch. fp32 W at the presets' shape is 28 MB, over half of either L2 (20 MB
+# A100, 25 MB H100): both then take W in slices of at most W_SLICE_BYTES (half the smallest L2 in
+# terrafm_kernels.gpus), one slice after the other on grid axis 2, so each slice crosses HBM once and x (the
+# forward) or G (grad_input) once per slice: grad_input G twice instead of W ~25-40 times (4.6-6.9x ->
+# 1.32-1.39x). The odd slices walk the row blocks backwards: the wave at the seam of two slices runs both on the
+# same rows, which cross HBM once for the two. 16-bit W (14 MB) is one slice.
 W_SLICE_BYTES = min(gpu["l2"] for gpu in GPUS.values()) // 2
 # grad_weight reduces over all M = B N rows, so its bytes depend on how much of the (E, KD) output one
 # wave covers: every wave streams the G and x columns of its tiles over all M (docs/kernels.md). 128 x
@@ -115,18 +117,30 @@ def _dot_operand(t, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _slice_block():
+    """(block along the sliced axis, row block) of program (i, m, s) of a grid (blocks per slice, row blocks,
+    slices): block s x blocks per slice + i; the odd slices walk the row blocks backwards, so the first wave of a
+    slice shares the rows of the last wave of the slice before it (launch_plan)."""
+    s = tl.program_id(2)
+    m = tl.program_id(1)
+    m = tl.where(s % 2 == 1, tl.num_programs(1) - 1 - m, m)
+    return s * tl.num_programs(0) + tl.program_id(0), m
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, bias_ptr, embed_ptr, pos_ptr, out_ptr,
-    M, E, KD, N, GW, C, H, W, W_STRIDE, FIRST_N_BLOCK,
+    M, E, KD, N, GW, C, H, W, W_STRIDE,
     P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EMBED: tl.constexpr, HAS_POS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out (M, E) = X W^T + bias + embed (+ pos) for the E blocks FIRST_N_BLOCK + program_id(0); W (E, KD) rows
-    W_STRIDE apart, read by tensor descriptor."""
-    e0 = (FIRST_N_BLOCK + tl.program_id(0)) * BLOCK_N
+    """out (M, E) = X W^T + bias + embed (+ pos); W (E, KD) rows W_STRIDE apart, read by tensor descriptor.
+    Program (n, m, s) computes E block n of W slice s for row block m (_slice_block)."""
+    n_block, m_block = _slice_block()
+    e0 = n_block * BLOCK_N
     cols_e = e0 + tl.arange(0, BLOCK_N)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = (rows < M) & (e0 < E)  # a last slice shorter than the others: its spare programs load nothing
     e_mask = cols_e < E
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E, KD], strides=[W_STRIDE, 1], block_shape=[BLOCK_N, BLOCK_K])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -186,15 +200,16 @@ def _grad_weight_kernel(
 @triton.jit
 def _grad_input_kernel(
     g_ptr, w_ptr, gx_ptr,
-    M, E, KD, N, GW, C, H, W, G_STRIDE, W_STRIDE, FIRST_K_BLOCK,
+    M, E, KD, N, GW, C, H, W, G_STRIDE, W_STRIDE,
     P: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grad_x = scatter(G (M x E) @ W (E x KD)) to pixels for the KD blocks FIRST_K_BLOCK + program_id(0);
-    every pixel is written exactly once. G and W are read by tensor descriptors (rows G_STRIDE / W_STRIDE
-    apart)."""
-    k0 = (FIRST_K_BLOCK + tl.program_id(0)) * BLOCK_K
-    m0 = tl.program_id(1) * BLOCK_M
+    """grad_x = scatter(G (M x E) @ W (E x KD)) to pixels; every pixel is written exactly once. G and W are read
+    by tensor descriptors (rows G_STRIDE / W_STRIDE apart). Program (k, m, s) computes KD block k of W slice s
+    for row block m (_slice_block)."""
+    k_block, m_block = _slice_block()
+    k0 = k_block * BLOCK_K
+    m0 = tl.where(k0 < KD, m_block * BLOCK_M, M)  # a spare program of a short last slice: G rows past M, no loads
     ks = k0 + tl.arange(0, BLOCK_K)
     rows = m0 + tl.arange(0, BLOCK_M)
     g_desc = tl.make_tensor_descriptor(g_ptr, shape=[M, E], strides=[G_STRIDE, 1], block_shape=[BLOCK_M, BLOCK_N])
@@ -217,9 +232,10 @@ def launch_plan(M: int, E: int, KD: int, dtype_bytes: int, interpreter: bool = F
     grad_input the KD blocks of one row block, so the programs that gather the same patches (or
     read the same rows of G) run in the same wave and those bytes come from HBM once. grad_weight
     walks the E blocks of one KD block together: a wave covers whole rows of the (E, KD) output, so
-    it reads all of G once and x only for its own KD blocks. The forward runs one launch per E slice of W
-    of at most W_SLICE_BYTES, grad_input one per KD slice: "launches" lists each one's (first E or KD
-    block, grid).
+    it reads all of G once and x only for its own KD blocks. The forward and grad_input take W in slices
+    of at most W_SLICE_BYTES (E slices for the forward, KD slices for grad_input), one slice after the
+    other along grid axis 2, so each slice stays in L2 while it is used (slice_blocks maps a program to
+    its block and row block).
     """
     cfg = INTERPRETER_CONFIG if interpreter else GPU_CONFIGS[dtype_bytes]
     gw_cfg = INTERPRETER_CONFIG if interpreter else GRAD_WEIGHT_CONFIG
@@ -227,14 +243,19 @@ def launch_plan(M: int, E: int, KD: int, dtype_bytes: int, interpreter: bool = F
     cdiv = triton.cdiv
     slices = cdiv(E * KD * dtype_bytes, W_SLICE_BYTES)
 
-    def launches(blocks: int, rows: int) -> list:  # (first block, grid) of each W slice's launch
-        per_launch = cdiv(blocks, slices)
-        return [(first, (min(per_launch, blocks - first), rows)) for first in range(0, blocks, per_launch)]
+    def sliced(blocks: int, rows: int) -> tuple[int, int, int]:  # grid: (blocks per slice, row blocks, slices)
+        per_slice = cdiv(blocks, slices)
+        return per_slice, rows, cdiv(blocks, per_slice)
     return {
-        "forward": {**cfg, "launches": launches(cdiv(E, cfg["BLOCK_N"]), cdiv(M, cfg["BLOCK_M"]))},
+        "forward": {**cfg, "grid": sliced(cdiv(E, cfg["BLOCK_N"]), cdiv(M, cfg["BLOCK_M"]))},
         "grad_weight": {**gw_cfg, "grid": (cdiv(E, gw_cfg["BLOCK_N"]), cdiv(KD, gw_cfg["BLOCK_K"]))},
-        "grad_input": {**gi_cfg, "launches": launches(cdiv(KD, gi_cfg["BLOCK_K"]), cdiv(M, gi_cfg["BLOCK_M"]))},
+        "grad_input": {**gi_cfg, "grid": sliced(cdiv(KD, gi_cfg["BLOCK_K"]), cdiv(M, gi_cfg["BLOCK_M"]))},
     }
+
+
+def slice_blocks(grid: tuple[int, int, int], i: int, m: int, s: int) -> tuple[int, int]:
+    """_slice_block in Python, for efficiency(): (block along the sliced axis, row block) of program (i, m, s)."""
+    return s * grid[0] + i, grid[1] - 1 - m if s % 2 else m
 
 
 def _plan(x: torch.Tensor, geo: dict, kernel: str) -> dict:
@@ -243,7 +264,7 @@ def _plan(x: torch.Tensor, geo: dict, kernel: str) -> dict:
 
 def _tiles(cfg: dict) -> dict:
     """The launch keywords of a plan entry (its tiles, warps and stages)."""
-    return {k: v for k, v in cfg.items() if k not in ("grid", "launches")}
+    return {k: v for k, v in cfg.items() if k != "grid"}
 
 
 def tf32_allowed() -> bool:
@@ -317,12 +338,11 @@ def _launch_forward(x, weight, bias, modality_embed, pos_embed) -> torch.Tensor:
     bias = dummy if bias is None else bias.contiguous()
     embed = dummy if modality_embed is None else modality_embed.reshape(-1).contiguous()
     pos = dummy if pos_embed is None else pos_embed.reshape(-1, geo["E"]).contiguous()
-    for first_n_block, grid in cfg["launches"]:
-        launch_kernel(
-            _forward_kernel, grid, x, w, bias, embed, pos, out, *geo.values(), w.stride(0), first_n_block, P=p,
-            HAS_BIAS=bias is not dummy, HAS_EMBED=embed is not dummy, HAS_POS=pos is not dummy,
-            DOT_PRECISION=_dot_precision(x.dtype), **_tiles(cfg),
-        )
+    launch_kernel(
+        _forward_kernel, cfg["grid"], x, w, bias, embed, pos, out, *geo.values(), w.stride(0), P=p,
+        HAS_BIAS=bias is not dummy, HAS_EMBED=embed is not dummy, HAS_POS=pos is not dummy,
+        DOT_PRECISION=_dot_precision(x.dtype), **_tiles(cfg),
+    )
     return out.view(x.shape[0], geo["N"], geo["E"])
 
 
@@ -349,9 +369,8 @@ def _launch_backward(grad_out, x, weight, need_x: bool, need_weight: bool, need_
         cfg = _plan(x, geo, "grad_input")
         w = descriptor_operand(weight.to(x.dtype).reshape(geo["E"], geo["KD"]))
         grad_x = torch.empty_like(x)
-        for first_k_block, grid in cfg["launches"]:
-            launch_kernel(_grad_input_kernel, grid, g, w, grad_x, *geo.values(), g.stride(0), w.stride(0),
-                          first_k_block, **common, **_tiles(cfg))
+        launch_kernel(_grad_input_kernel, cfg["grid"], g, w, grad_x, *geo.values(), g.stride(0), w.stride(0),
+                      **common, **_tiles(cfg))
     return grad_x, grad_w, col_sum
 
 
@@ -473,37 +492,44 @@ def efficiency(kernel: str, B: int, C: int, H: int, W: int, E: int, p: int, dtyp
     rows = lambda m: min(bm, M - m * bm)  # noqa: E731
     cols = lambda n: min(bn, E - n * bn)  # noqa: E731
     ks = lambda k: min(bk, KD - k * bk)  # noqa: E731
-    if kernel == "forward":  # program (n, m) of a launch gathers its rows x all KD, reads W[first + n], writes out
-        moved, floor = 2 * E * e, x_bytes + w_bytes + g_bytes + 2 * E * e  # + bias, modality embed
-        for first, grid in plan["launches"]:  # the launch's W slice and out columns are its tensors
-            slice_cols = sum(cols(first + n) for n in range(grid[0]))
-            sizes = {"x": x_bytes, "w": slice_cols * KD * e, "out": M * slice_cols * e}
-            touches = lambda n, m, _, first=first: [  # noqa: E731
-                ("x", m, rows(m) * KD * e), ("w", n, cols(first + n) * KD * e),
-                ("out", (m, n), rows(m) * cols(first + n) * e)]
-            moved += hbm_bytes(grid, touches, sizes, concurrent, l2_bytes)
+    grid = plan["grid"]
+
+    def slice_bytes(blocks: int, block_bytes) -> dict:
+        """Each W slice as a tensor of its own to the wave model: it is in use only while its part of the grid runs."""
+        return {f"w{s}": sum(block_bytes(b) for b in range(s * grid[0], min((s + 1) * grid[0], blocks)))
+                for s in range(grid[2])}
+    if kernel == "forward":  # program (n, m, s) gathers its rows x all KD, reads its W block, writes out
+        def touches(i, m, s):
+            n, m = slice_blocks(grid, i, m, s)
+            if n * bn >= E:  # a spare program of a short last slice
+                return []
+            return [("x", m, rows(m) * KD * e), (f"w{s}", n, cols(n) * KD * e), ("out", (m, n), rows(m) * cols(n) * e)]
+        sizes = {"x": x_bytes, "out": g_bytes, **slice_bytes(triton.cdiv(E, bn), lambda n: cols(n) * KD * e)}
+        moved = hbm_bytes(grid, touches, sizes, concurrent, l2_bytes) + 2 * E * e  # bias, modality embed
+        floor = x_bytes + w_bytes + g_bytes + 2 * E * e
     elif kernel == "grad_weight":  # program (n, k) streams G[:, n] and x[:, k] over all M, writes its W tile
         sizes = {"g": g_bytes, "x": x_bytes, "gw": w_bytes, "col_sum": 4 * E}  # and k = 0 the sum of G[:, n]
         touches = lambda n, k, _: [("g", n, M * cols(n) * e), ("x", k, M * ks(k) * e),  # noqa: E731
                                    ("gw", (n, k), cols(n) * ks(k) * e)] + [("col_sum", n, 4 * cols(n))] * (k == 0)
         moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes)
         floor = g_bytes + x_bytes + w_bytes + 4 * E
-    else:  # grad_input: program (k, m) of a launch reads G[m] and W[:, first + k] over all E, scatters its pixels
-        moved, floor = 0, g_bytes + w_bytes + x_bytes
-        for first, grid in plan["launches"]:  # the launch's W slice and grad_x columns are its tensors
-            slice_cols = sum(ks(first + k) for k in range(grid[0]))
-            sizes = {"g": g_bytes, "w": E * slice_cols * e, "gx": M * slice_cols * e}
-            touches = lambda k, m, _, first=first: [  # noqa: E731
-                ("g", m, rows(m) * E * e), ("w", k, E * ks(first + k) * e), ("gx", (m, k), rows(m) * ks(first + k) * e)]
-            moved += hbm_bytes(grid, touches, sizes, concurrent, l2_bytes)
+    else:  # grad_input: program (k, m, s) reads G[m] and its W block over all E, scatters its pixels
+        def touches(i, m, s):
+            k, m = slice_blocks(grid, i, m, s)
+            if k * bk >= KD:
+                return []
+            return [("g", m, rows(m) * E * e), (f"w{s}", k, E * ks(k) * e), ("gx", (m, k), rows(m) * ks(k) * e)]
+        sizes = {"g": g_bytes, "gx": x_bytes, **slice_bytes(triton.cdiv(KD, bk), lambda k: E * ks(k) * e)}
+        moved = hbm_bytes(grid, touches, sizes, concurrent, l2_bytes)
+        floor = g_bytes + w_bytes + x_bytes
     return {"useful_flops": 2 * M * KD * E, "executed_flops": 2 * pad(M, bm) * pad(KD, bk) * pad(E, bn),
             "min_bytes": floor, "moved_bytes": moved,
             "flop_kind": "tensor" if e == 2 else "tf32" if _dot_precision(torch.float32) == "tf32" else "fp32"}
 
 
 # Integers that are multiples of 16 at the presets' shapes (M = B x 196 or B x 36 tokens per view batch, E = 3 D,
-# KD = 12 x 256 or 2 x 256, 224 / 96 px images, weight and gradient rows E or KD apart); N = 196, GW = 14, C and
-# FIRST_K_BLOCK are not. The compile report compiles the variant the JIT builds with them.
+# KD = 12 x 256 or 2 x 256, 224 / 96 px images, weight and gradient rows E or KD apart); N = 196, GW = 14 and C
+# are not. The compile report compiles the variant the JIT builds with them.
 MULTIPLES_OF_16 = ("M", "E", "KD", "H", "W", "W_STRIDE", "G_STRIDE")
 
 
@@ -515,11 +541,11 @@ def compile_specs() -> list[dict]:
         plan = launch_plan(1, 1, 1, dtype.itemsize)  # tiles only; efficiency() sizes the grid
         kernels = [
             ("fwd", "forward", _forward_kernel, ["x_ptr", "w_ptr", "bias_ptr", "embed_ptr", "pos_ptr", "out_ptr"],
-             ["W_STRIDE", "FIRST_N_BLOCK"], {"HAS_BIAS": True, "HAS_EMBED": True, "HAS_POS": False}),
+             ["W_STRIDE"], {"HAS_BIAS": True, "HAS_EMBED": True, "HAS_POS": False}),
             ("grad_weight", "grad_weight", _grad_weight_kernel, ["x_ptr", "g_ptr", "gw_ptr"], ["G_STRIDE"],
              {"COL_SUM": True}),  # the training call: a bias and a modality embedding
             ("grad_input", "grad_input", _grad_input_kernel, ["g_ptr", "w_ptr", "gx_ptr"],
-             ["G_STRIDE", "W_STRIDE", "FIRST_K_BLOCK"], {}),
+             ["G_STRIDE", "W_STRIDE"], {}),
         ]
         for short, kernel, fn, pointers, strides, flags in kernels:
             cfg = plan[kernel]

@@ -92,7 +92,6 @@ def test_bounds_fail_unless_listed_and_listed_entries_must_still_be_over(monkeyp
     from terrafm_kernels import compile_report as c
 
     monkeypatch.setitem(c.KNOWN_OVER_BOUND, r"some_gemm_float32@sm_80", "an entry for one arch")
-
     def run(name: str, executed: int, capability: int = 90) -> list[str]:
         counts = {"useful_flops": 100, "executed_flops": executed, "min_bytes": 10, "moved_bytes": 10,
                   "flop_kind": "fp32"}
@@ -102,8 +101,9 @@ def test_bounds_fail_unless_listed_and_listed_entries_must_still_be_over(monkeyp
     assert run("some_kernel_bf16", 140) == []  # 1.4x: within the 1.5x bound
     assert "over bound: flops 1.60x" in run("some_kernel_bf16", 160)[0]  # not listed: a failure
     assert run("head_softmax_project_student_bf16", 190) == []  # the fused head's bound is 2.0x
-    assert run("patch_embed_fwd_float32", 4000) == []  # listed in KNOWN_OVER_BOUND: reported, not failed
-    assert "remove the entry" in run("patch_embed_fwd_float32", 100)[0]  # the list only shrinks
+    monkeypatch.setitem(c.KNOWN_OVER_BOUND, r"some_kernel_fp32@", "an entry for every arch")
+    assert run("some_kernel_fp32", 4000) == []  # listed in KNOWN_OVER_BOUND: reported, not failed
+    assert "remove the entry" in run("some_kernel_fp32", 100)[0]  # the list only shrinks
     # an entry may name one arch
     assert run("some_gemm_float32", 180, 80) == []
     assert "over bound: flops 1.80x" in run("some_gemm_float32", 180, 90)[0]
@@ -119,9 +119,10 @@ def test_stale_entries_fail_only_under_the_triton_the_lists_were_measured_with(m
 
     assert f"triton=={c.LISTS_TRITON}" in (ROOT / "scripts" / "setup.sh").read_text()
     counts = {"useful_flops": 100, "executed_flops": 100, "min_bytes": 10, "moved_bytes": 10, "flop_kind": "fp32"}
+    monkeypatch.setitem(c.KNOWN_OVER_BOUND, r"some_kernel_float32@", "over bound under the pinned triton")
     for version, failed in ((c.LISTS_TRITON, True), ("3.6.0", False)):
         monkeypatch.setattr(triton, "__version__", version)
-        row = {"name": "patch_embed_fwd_float32", "regs": 64, "shared_bytes": 0, "shared_static": 0,
+        row = {"name": "some_kernel_float32", "regs": 64, "shared_bytes": 0, "shared_static": 0,
                "num_warps": 4}
         problems = c.efficiency(row, {"efficiency": lambda **_: counts}, 90)
         assert bool(problems) == failed and ("stale_entry" in row) != failed, (version, problems, row)

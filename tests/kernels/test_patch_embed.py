@@ -120,16 +120,24 @@ def test_shipped_gpu_tiles_match_float64_reference(dtype, device, monkeypatch):
 
 
 @pytest.mark.parametrize("gpu_tiles", [False, True])
-def test_forward_and_grad_input_in_several_w_slices_match_float64_reference(gpu_tiles, device, monkeypatch):
-    """The forward runs one launch per E slice of W and grad_input one per KD slice when W is over W_SLICE_BYTES
-    (fp32 at the presets' shape: 2 launches each); here a small limit cuts a ragged W (E = 70, KD = 588) into 3
-    slices, the last one short, with the interpreter's tiles and with the GPU tiles."""
+@pytest.mark.parametrize("slice_bytes", [60000, 100000])
+def test_forward_and_grad_input_in_several_w_slices_match_float64_reference(gpu_tiles, slice_bytes, device,
+                                                                            monkeypatch):
+    """The forward takes W in E slices and grad_input in KD slices when W is over W_SLICE_BYTES (fp32 at the
+    presets' shape: 2 each), one slice after the other on grid axis 2, the odd ones walking the row blocks
+    backwards; here a small limit cuts a ragged W (E = 70, KD = 588) into 2 or 3 slices, where a last slice
+    shorter than the others leaves spare programs, with the interpreter's tiles and with the GPU tiles."""
     module = importlib.import_module("terrafm_kernels.patch_embed")
-    monkeypatch.setattr(module, "W_SLICE_BYTES", 60000)
+    monkeypatch.setattr(module, "W_SLICE_BYTES", slice_bytes)
     if gpu_tiles:
         monkeypatch.setattr(module, "interpreted", lambda tensor: False)
     plan = module.launch_plan(M=12, E=70, KD=588, dtype_bytes=4, interpreter=not gpu_tiles)
-    assert len(plan["forward"]["launches"]) >= 2 and len(plan["grad_input"]["launches"]) == 3
+    blocks = {"forward": -(-70 // plan["forward"]["BLOCK_N"]), "grad_input": -(-588 // plan["grad_input"]["BLOCK_K"])}
+    for kernel, n in blocks.items():
+        per_slice, _, slices = plan[kernel]["grid"]
+        assert slices >= 2 and (slices - 1) * per_slice < n <= slices * per_slice, (kernel, plan[kernel]["grid"])
+    if not gpu_tiles:  # the spare programs of a short last slice: both kernels at 100000, grad_input at 60000
+        assert any(plan[k]["grid"][0] * plan[k]["grid"][2] > n for k, n in blocks.items())
     _check(2, 3, 28, 42, 70, 14, torch.float32, device)
 
 
@@ -139,13 +147,22 @@ def test_w_is_sliced_only_when_it_is_over_half_an_l2():
     M, E, KD = 128 * 196, PRODUCTION_SHAPE["E"], 12 * 256
     fp32 = launch_plan(M, E, KD, dtype_bytes=4)
     k_blocks, n_blocks = KD // fp32["grad_input"]["BLOCK_K"], E // fp32["forward"]["BLOCK_N"]
-    assert [first for first, _ in fp32["grad_input"]["launches"]] == [0, k_blocks // 2]  # 28 MB: two 14 MB slices
-    assert sum(grid[0] for _, grid in fp32["grad_input"]["launches"]) == k_blocks
-    assert [first for first, _ in fp32["forward"]["launches"]] == [0, n_blocks // 2]
-    assert sum(grid[0] for _, grid in fp32["forward"]["launches"]) == n_blocks
+    assert fp32["grad_input"]["grid"][::2] == (k_blocks // 2, 2)  # 28 MB of W: two 14 MB slices
+    assert fp32["forward"]["grid"][::2] == (n_blocks // 2, 2)
     bf16 = launch_plan(M, E, KD, dtype_bytes=2)
-    assert [first for first, _ in bf16["grad_input"]["launches"]] == [0]  # 14 MB of W stays in L2 in one launch
-    assert [first for first, _ in bf16["forward"]["launches"]] == [0]
+    assert bf16["grad_input"]["grid"][2] == bf16["forward"]["grid"][2] == 1  # 14 MB of W stays in L2
+
+
+def test_slice_blocks_cover_every_block_and_row_block_once():
+    """slice_blocks (the counts' copy of the kernels' _slice_block): every (block, row block) pair of a sliced grid
+    exactly once, spare programs past the last block aside, the odd slices walking the row blocks backwards."""
+    from terrafm_kernels.patch_embed import slice_blocks
+
+    grid, blocks = (3, 4, 3), 8
+    seen = [slice_blocks(grid, i, m, s) for s in range(grid[2]) for m in range(grid[1]) for i in range(grid[0])]
+    assert sorted(p for p in seen if p[0] < blocks) == [(b, m) for b in range(blocks) for m in range(grid[1])]
+    assert [m for _, m in seen[:grid[0] * grid[1]:grid[0]]] == [0, 1, 2, 3]
+    assert [m for _, m in seen[grid[0] * grid[1]:2 * grid[0] * grid[1]:grid[0]]] == [3, 2, 1, 0]
 
 
 def test_without_position_embedding_and_without_input_grad(device):
