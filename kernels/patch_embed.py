@@ -49,19 +49,20 @@ from .gpus import GPUS
 
 # Tile configs, from the compile report (python -m terrafm_kernels.compile_report) and the roofline.
 # Forward and grad_input, fp16/bf16 on H100 (sm_90) and A100 (sm_80): 128 x 128 output tiles,
-# BLOCK_K = 32, 8 warps, 3 stages: wgmma / mma, no spills; the forward takes 109-127 registers, grad_input
-# 42-80 (32-bit gather addresses: 64-bit ones took 199-255). fp32 inputs run one tf32 product of rounded
+# BLOCK_K = 32, 8 warps, 3 stages: wgmma / mma, no spills; the forward takes 109-128 registers, grad_input
+# 42-92 (32-bit gather addresses: 64-bit ones took 199-255). fp32 inputs run one tf32 product of rounded
 # operands per dot (_dot_precision) when torch allows tf32 for cuDNN convolutions (its default).
-# The fp32 forward takes 64 x 64 x 16 tiles, 2 stages: 76-80 registers, 6 CTAs per SM. Its W is over
+# The fp32 forward takes 64 x 64 x 16 tiles, 2 stages: 80 registers, 6 CTAs per SM. Its W is over
 # W_SLICE_BYTES, so it takes W in two E slices (launch_plan), reading x once per slice less the rows the seam's
 # wave shares: 1.42x the floor on A100, 1.46x on H100, where W read once per wave was 1.76-1.87x.
 GPU_CONFIGS = {
     2: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
     4: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2},
 }
-# grad_input in fp32 writes 64 x 64 (M x KD) tiles, stepping E 32 at a time: 90-128 registers, 4-5 CTAs per SM
+# grad_input in fp32 writes 64 x 64 (M x KD) tiles, stepping E 32 at a time: 91-128 registers, 4-5 CTAs per SM
 # on sm_90 and sm_80, no spills. A wave then covers whole row blocks of its W slice (below) more evenly
-# than with 64 x 32 tiles (1.50x on A100 with those, 1.44x with these).
+# than with 64 x 32 tiles (1.50x on A100 with those, 1.44x with these, both global views in one call; 1.32x at
+# the per-view call).
 GRAD_INPUT_CONFIGS = {
     2: GPU_CONFIGS[2],
     4: {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
@@ -140,11 +141,11 @@ def _forward_kernel(
     e0 = n_block * BLOCK_N
     cols_e = e0 + tl.arange(0, BLOCK_N)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = (rows < M) & (e0 < E)  # a last slice shorter than the others: its spare programs load nothing
+    row_mask = rows < M
     e_mask = cols_e < E
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E, KD], strides=[W_STRIDE, 1], block_shape=[BLOCK_N, BLOCK_K])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KD, BLOCK_K):
+    for k0 in range(0, tl.where(e0 < E, KD, 0), BLOCK_K):  # a spare program of a short last slice: no steps
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + _patch_offsets(rows, ks, N, GW, C, H, W, P),
                     mask=row_mask[:, None] & (ks < KD)[None, :], other=0.0)
@@ -209,13 +210,13 @@ def _grad_input_kernel(
     for row block m (_slice_block)."""
     k_block, m_block = _slice_block()
     k0 = k_block * BLOCK_K
-    m0 = tl.where(k0 < KD, m_block * BLOCK_M, M)  # a spare program of a short last slice: G rows past M, no loads
+    m0 = m_block * BLOCK_M
     ks = k0 + tl.arange(0, BLOCK_K)
     rows = m0 + tl.arange(0, BLOCK_M)
     g_desc = tl.make_tensor_descriptor(g_ptr, shape=[M, E], strides=[G_STRIDE, 1], block_shape=[BLOCK_M, BLOCK_N])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E, KD], strides=[W_STRIDE, 1], block_shape=[BLOCK_N, BLOCK_K])
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for e0 in range(0, E, BLOCK_N):
+    for e0 in range(0, tl.where(k0 < KD, E, 0), BLOCK_N):  # a spare program of a short last slice: no steps
         g = g_desc.load([m0, e0])  # (BLOCK_M, BLOCK_N)
         w = w_desc.load([e0, k0])  # (BLOCK_N, BLOCK_K)
         acc = tl.dot(_dot_operand(g, DOT_PRECISION), _dot_operand(w.to(g.dtype), DOT_PRECISION), acc,
@@ -241,15 +242,20 @@ def launch_plan(M: int, E: int, KD: int, dtype_bytes: int, interpreter: bool = F
     gw_cfg = INTERPRETER_CONFIG if interpreter else GRAD_WEIGHT_CONFIG
     gi_cfg = INTERPRETER_CONFIG if interpreter else GRAD_INPUT_CONFIGS[dtype_bytes]
     cdiv = triton.cdiv
-    slices = cdiv(E * KD * dtype_bytes, W_SLICE_BYTES)
 
-    def sliced(blocks: int, rows: int) -> tuple[int, int, int]:  # grid: (blocks per slice, row blocks, slices)
+    def sliced(blocks: int, block_bytes: int, rows: int) -> tuple[int, int, int]:
+        """The grid (blocks per slice, row blocks, slices): as few slices as keep each within W_SLICE_BYTES."""
+        slices = cdiv(blocks * block_bytes, W_SLICE_BYTES)
+        while cdiv(blocks, slices) * block_bytes > W_SLICE_BYTES and slices < blocks:
+            slices += 1
         per_slice = cdiv(blocks, slices)
         return per_slice, rows, cdiv(blocks, per_slice)
     return {
-        "forward": {**cfg, "grid": sliced(cdiv(E, cfg["BLOCK_N"]), cdiv(M, cfg["BLOCK_M"]))},
+        "forward": {**cfg, "grid": sliced(cdiv(E, cfg["BLOCK_N"]), cfg["BLOCK_N"] * KD * dtype_bytes,
+                                          cdiv(M, cfg["BLOCK_M"]))},
         "grad_weight": {**gw_cfg, "grid": (cdiv(E, gw_cfg["BLOCK_N"]), cdiv(KD, gw_cfg["BLOCK_K"]))},
-        "grad_input": {**gi_cfg, "grid": sliced(cdiv(KD, gi_cfg["BLOCK_K"]), cdiv(M, gi_cfg["BLOCK_M"]))},
+        "grad_input": {**gi_cfg, "grid": sliced(cdiv(KD, gi_cfg["BLOCK_K"]), E * gi_cfg["BLOCK_K"] * dtype_bytes,
+                                                cdiv(M, gi_cfg["BLOCK_M"]))},
     }
 
 

@@ -9,12 +9,14 @@ import importlib
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from terrafm_kernels import reference
 from terrafm_kernels.modules import PatchEmbed
-from terrafm_kernels.patch_embed import patch_embed, tf32_allowed
+from terrafm_kernels.patch_embed import _slice_block, patch_embed, tf32_allowed
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -120,13 +122,14 @@ def test_shipped_gpu_tiles_match_float64_reference(dtype, device, monkeypatch):
 
 
 @pytest.mark.parametrize("gpu_tiles", [False, True])
-@pytest.mark.parametrize("slice_bytes", [60000, 100000])
+@pytest.mark.parametrize("slice_bytes", [60000, 160000])
 def test_forward_and_grad_input_in_several_w_slices_match_float64_reference(gpu_tiles, slice_bytes, device,
                                                                             monkeypatch):
     """The forward takes W in E slices and grad_input in KD slices when W is over W_SLICE_BYTES (fp32 at the
     presets' shape: 2 each), one slice after the other on grid axis 2, the odd ones walking the row blocks
-    backwards; here a small limit cuts a ragged W (E = 70, KD = 588) into 2 or 3 slices, where a last slice
-    shorter than the others leaves spare programs, with the interpreter's tiles and with the GPU tiles."""
+    backwards; here a small limit cuts a ragged W (E = 70, KD = 588) into 3 or 5 slices, or into 2 where a last
+    slice shorter than the other leaves spare programs, with the interpreter's tiles and with the GPU tiles, on 3 row
+    blocks (a backwards walk over one row block would be no walk at all)."""
     module = importlib.import_module("terrafm_kernels.patch_embed")
     monkeypatch.setattr(module, "W_SLICE_BYTES", slice_bytes)
     if gpu_tiles:
@@ -136,9 +139,12 @@ def test_forward_and_grad_input_in_several_w_slices_match_float64_reference(gpu_
     for kernel, n in blocks.items():
         per_slice, _, slices = plan[kernel]["grid"]
         assert slices >= 2 and (slices - 1) * per_slice < n <= slices * per_slice, (kernel, plan[kernel]["grid"])
-    if not gpu_tiles:  # the spare programs of a short last slice: both kernels at 100000, grad_input at 60000
-        assert any(plan[k]["grid"][0] * plan[k]["grid"][2] > n for k, n in blocks.items())
-    _check(2, 3, 28, 42, 70, 14, torch.float32, device)
+    if not gpu_tiles and slice_bytes == 160000:  # spare programs in both kernels' last slice
+        assert all(plan[k]["grid"][0] * plan[k]["grid"][2] > n for k, n in blocks.items())
+    B = 24 if gpu_tiles else 11  # 6 patches an image: 3 row blocks of 64 (GPU tiles) or 32 (the interpreter's)
+    rows = module.launch_plan(M=6 * B, E=70, KD=588, dtype_bytes=4, interpreter=not gpu_tiles)["forward"]["grid"][1]
+    assert rows == 3
+    _check(B, 3, 28, 42, 70, 14, torch.float32, device)
 
 
 def test_w_is_sliced_only_when_it_is_over_half_an_l2():
@@ -151,6 +157,41 @@ def test_w_is_sliced_only_when_it_is_over_half_an_l2():
     assert fp32["forward"]["grid"][::2] == (n_blocks // 2, 2)
     bf16 = launch_plan(M, E, KD, dtype_bytes=2)
     assert bf16["grad_input"]["grid"][2] == bf16["forward"]["grid"][2] == 1  # 14 MB of W stays in L2
+
+
+@pytest.mark.parametrize("E", [2304, 2368, 3072, 3392, 3400])
+def test_each_w_slice_stays_within_w_slice_bytes(E):
+    """Two slices of a W just over twice the limit would each be over it (E = 3392: 27 of 53 blocks of 786 KB,
+    21.2 MB): then one more slice."""
+    from terrafm_kernels.patch_embed import W_SLICE_BYTES, launch_plan
+
+    KD = 12 * 256
+    plan = launch_plan(64 * 196, E, KD, dtype_bytes=4)
+    forward, grad_input = plan["forward"], plan["grad_input"]
+    assert forward["grid"][0] * forward["BLOCK_N"] * KD * 4 <= W_SLICE_BYTES
+    assert grad_input["grid"][0] * grad_input["BLOCK_K"] * E * 4 <= W_SLICE_BYTES
+    assert forward["grid"][0] * forward["grid"][2] - -(-E // forward["BLOCK_N"]) < forward["grid"][2]  # few spares
+
+
+@triton.jit
+def _slice_block_of_each_program(out_ptr):
+    block, row_block = _slice_block()
+    pid = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(out_ptr + 2 * pid, block)
+    tl.store(out_ptr + 2 * pid + 1, row_block)
+
+
+def test_the_kernels_slice_block_is_the_counts_slice_blocks(device):
+    """_slice_block (the kernels' program -> block map) against slice_blocks (efficiency()'s copy of it): the
+    bytes the counts credit to the backwards walk are the kernels' only while the two agree."""
+    from terrafm_kernels import _common
+    from terrafm_kernels.patch_embed import slice_blocks
+
+    grid = (3, 4, 3)
+    out = torch.full((grid[0] * grid[1] * grid[2], 2), -1, dtype=torch.int32, device=device)
+    _common.launch_kernel(_slice_block_of_each_program, grid, out)
+    expected = [slice_blocks(grid, i, m, s) for s in range(grid[2]) for m in range(grid[1]) for i in range(grid[0])]
+    assert [tuple(row) for row in out.tolist()] == expected
 
 
 def test_slice_blocks_cover_every_block_and_row_block_once():
