@@ -517,7 +517,7 @@ def efficiency(kernel: str, B: int, C: int, H: int, W: int, E: int, p: int, dtyp
         sizes = {"g": g_bytes, "x": x_bytes, "gw": w_bytes, "col_sum": 4 * E}  # and k = 0 the sum of G[:, n]
         touches = lambda n, k, _: [("g", n, M * cols(n) * e), ("x", k, M * ks(k) * e),  # noqa: E731
                                    ("gw", (n, k), cols(n) * ks(k) * e)] + [("col_sum", n, 4 * cols(n))] * (k == 0)
-        moved = hbm_bytes(plan["grid"], touches, sizes, concurrent, l2_bytes)
+        moved = hbm_bytes(grid, touches, sizes, concurrent, l2_bytes)
         floor = g_bytes + x_bytes + w_bytes + 4 * E
     else:  # grad_input: program (k, m, s) reads G[m] and its W block over all E, scatters its pixels
         def touches(i, m, s):
