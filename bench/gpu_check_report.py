@@ -23,12 +23,12 @@ def _f(value, fmt: str = ".3g", unit: str = "") -> str:
 def _env(s: dict) -> list[str]:
     lines = ["## Environment", ""]
     lines += table(["GPU", "nvidia-smi (name, driver, memory, max SM clock)", "torch", "triton", "python", "CPUs"],
-                    [[s.get("gpu") or "none (CPU run)", s.get("nvidia_smi", "-"), s.get("torch"), s.get("triton"),
-                      s.get("python"), s.get("cpu_count")]])
+                   [[s.get("gpu") or "none (CPU run)", s.get("nvidia_smi", "-"), s.get("torch"), s.get("triton"),
+                     s.get("python"), s.get("cpu_count")]])
     if s.get("ops"):
         devices = sorted({d for per in s["ops"].values() for d in per})
         lines += table(["op (terrafm info)", *devices], [[op, *(per.get(d, "-") for d in devices)]
-                                                          for op, per in s["ops"].items()])
+                                                         for op, per in s["ops"].items()])
     if s.get("missing_dependencies"):
         lines += [f"Declared dependencies that do not import here: {', '.join(s['missing_dependencies'])}.", ""]
     return lines
@@ -78,8 +78,8 @@ def _timing(s: dict) -> list[str]:
                      f"{pct:.0f}% ({fast.get('bound')})" if pct is not None else "-",
                      f"{gpu_pct:.0f}%" if gpu_pct is not None else "-", note])
     lines += table(["op", "preset", "shape", "pass", "fast path", "ms", "host ms", "GPU ms", "eager ms",
-                     "eager GPU ms", "compile ms", "compile GPU ms", "vs eager", "vs compile", "TFLOP/s", "TB/s",
-                     "% of roofline", "GPU % of roofline", "note"], rows)
+                    "eager GPU ms", "compile ms", "compile GPU ms", "vs eager", "vs compile", "TFLOP/s", "TB/s",
+                    "% of roofline", "GPU % of roofline", "note"], rows)
     heads = [r for r in s.get("rows", []) if r["op"] == "dino_head_loss" and "peak_bytes" in r]
     if heads:
         lines += ["DINO head loss peak memory, fwd + bwd: " + ", ".join(
@@ -99,7 +99,7 @@ def _train(s: dict) -> list[str]:
              f"{_f(r.get('loss_first'), '.3f')} -> {_f(r.get('loss_last'), '.3f')}", _f(r.get("wall_s"), ".0f"),
              r.get("error", "")] for r in s.get("runs", [])]
     lines += table(["head", "img/s", "MFU", "step ms", "data wait ms", "peak memory", "loss", "run wall s", "error"],
-                    rows)
+                   rows)
     lines += [f"Steady state: the logged windows after the profiled steps; peak memory: {s.get('memory_how')}.", ""]
     for r in s.get("runs", []):
         top = r.get("top_kernels")
@@ -108,15 +108,15 @@ def _train(s: dict) -> list[str]:
             lines += [f"Top {len(top['rows'])} {top['what']}, {r['head']} head (of {top['total_ms']:.1f} ms traced "
                       f"over {steps} step(s): {top['total_ms'] / steps:.1f} ms a step):", ""]
             lines += table(["name", "calls", "ms", "%"], [[t["name"][:90].replace("|", "/"), t["calls"],
-                                                            f"{t['total_ms']:.2f}", f"{t['pct']:.1f}"]
-                                                           for t in top["rows"]])
+                                                           f"{t['total_ms']:.2f}", f"{t['pct']:.1f}"]
+                                                          for t in top["rows"]])
     bench = s.get("bench_step", {})
     if bench.get("rows"):
         lines += ["Bench step (bench/step.py: one process, no FSDP, no compile):", ""]
         lines += table(["config", "head", "batch", "img/s", "MFU", "peak memory", "note"],
-                        [[r["config"], r.get("head"), r.get("batch", "-"), _f(r.get("img_per_s"), ".1f"),
-                          _f(r.get("mfu") and 100 * r["mfu"], ".1f", "%"), mib(r.get("peak_bytes"), 0),
-                          r.get("skipped") or r.get("mfu_note", "")] for r in bench["rows"]])
+                       [[r["config"], r.get("head"), r.get("batch", "-"), _f(r.get("img_per_s"), ".1f"),
+                         _f(r.get("mfu") and 100 * r["mfu"], ".1f", "%"), mib(r.get("peak_bytes"), 0),
+                         r.get("skipped") or r.get("mfu_note", "")] for r in bench["rows"]])
     elif bench:
         lines += [f"Bench step rows: {bench.get('skipped') or bench.get('error')}.", ""]
     return lines
@@ -128,8 +128,8 @@ def _data(s: dict) -> list[str]:
              f"{cfg.get('global_size')}/{cfg.get('local_size')} px, {s.get('loader_data', {}).get('tile_size')} px "
              "tiles)", ""]
     return lines + table(["path", "tiles/s", "views/s", "backend", "note"],
-                          [[r["path"], _f(r.get("tiles_per_s"), ".1f"), _f(r.get("views_per_s"), ".1f"),
-                            r.get("backend", "-"), r.get("skipped", "")] for r in s.get("rows", [])])
+                         [[r["path"], _f(r.get("tiles_per_s"), ".1f"), _f(r.get("views_per_s"), ".1f"),
+                           r.get("backend", "-"), r.get("skipped", "")] for r in s.get("rows", [])])
 
 
 def render(stages: dict[str, dict]) -> str:
@@ -191,9 +191,9 @@ def report(work: Path, out: Path, mode: str, selected: list[str]) -> int:
              f"{result['created']} · {env.get('gpu') or 'no GPU'} · git {env.get('git_revision')} · "
              f"{result['total_seconds']:.0f} s", ""]
     lines += table(["stage", "status", "seconds", "limit", "first problem"],
-                    [[n, s["status"], f"{s['seconds']:.0f}", s.get("limit_s", "-"),
-                      (s.get("failures") or [s.get("reason", "")])[0][:200].replace("|", "/")]
-                     for n, s in stages.items()])
+                   [[n, s["status"], f"{s['seconds']:.0f}", s.get("limit_s", "-"),
+                     (s.get("failures") or [s.get("reason", "")])[0][:200].replace("|", "/")]
+                    for n, s in stages.items()])
     summary_md = stages["summary"].get("markdown")
     lines += [summary_md, ""] if summary_md else [render(stages), ""]
     failed = {n: s for n, s in stages.items() if s["status"] == "failed"}

@@ -42,8 +42,8 @@ def markdown(result: dict) -> str:
     if "memory" in sections:
         lines += ["## DINO loss at K = 65536: fused vs unfused peak memory", ""]
         lines += table(["path", "shape", "dtype", "peak", "how"],
-                        [[r["path"], r["shape"], r["dtype"], mib(r["peak_bytes"]), r["how"]]
-                         for r in sections["memory"]])
+                       [[r["path"], r["shape"], r["dtype"], mib(r["peak_bytes"]), r["how"]]
+                        for r in sections["memory"]])
     if "step" in sections:
         lines += ["## Training step (one process)", ""]
         rows = []
@@ -56,7 +56,7 @@ def markdown(result: dict) -> str:
                 rows.append([r["config"], r["backbone"], head, r["batch"], r["precision"], _fmt(r["img_per_s"]),
                              mfu, mib(r["peak_bytes"]), r["mfu_note"] or r["memory_how"]])
         lines += table(["config", "backbone", "head", "batch", "precision", "img/s", "MFU", "peak mem", "note"],
-                        rows)
+                       rows)
     if "data" in sections:
         data = sections["data"]
         mods = ", ".join(f"{m} {c} bands" for m, c in data.get("modalities", {}).items())
@@ -74,10 +74,10 @@ def markdown(result: dict) -> str:
             lines += [f"Not the production budget: {c}." for c in data.get("caveats", [])]
             lines += [""] if data.get("caveats") else []
             lines += table(["path", "tiles/s per core", "cores per GPU", "cores per node", "within goal",
-                             "host to device GB/s per GPU"],
-                            [[b["path"], _fmt(b["tiles_per_core_s"]), _fmt(b["cores_per_gpu"]),
-                              _fmt(b["cores_per_node"]), "yes" if b["within_goal"] else "no", _fmt(b.get("h2d_gb_s"))]
-                             for b in data.get("budget", [])])
+                            "host to device GB/s per GPU"],
+                           [[b["path"], _fmt(b["tiles_per_core_s"]), _fmt(b["cores_per_gpu"]),
+                             _fmt(b["cores_per_node"]), "yes" if b["within_goal"] else "no", _fmt(b.get("h2d_gb_s"))]
+                            for b in data.get("budget", [])])
     if "roofline" in sections:
         lines += ["## Roofline floor (bf16 operands; dense peak of the units the op runs on, HBM bandwidth)", ""]
         units = {"tflops_bf16": "bf16 tensor", "tflops_fp32": "fp32 FMA"}
@@ -86,7 +86,7 @@ def markdown(result: dict) -> str:
                  _fmt(r["fraction_of_roofline"]) if r["fraction_of_roofline"] is not None else r["fraction_note"]]
                 for r in sections["roofline"]]
         lines += table(["op", "shape", "GFLOP", "MB", "FLOP/B", "peak", "H100 floor", "A100 floor",
-                         "measured fraction"], rows)
+                        "measured fraction"], rows)
     if "comm" in sections:
         c = sections["comm"]
         lines += [f"## Communication per GPU per step: FSDP vs HSDP ({c['gpu']}, NVLink {c['nvlink_gb_s']:g} GB/s, "
@@ -97,8 +97,8 @@ def markdown(result: dict) -> str:
                  f"{r['comm_s'] * 1e3:.1f}", f"{r['compute_s'] * 1e3:.1f}", f"{r['efficiency_overlapped']:.0%}",
                  f"{r['efficiency_serial']:.0%}"] for r in c["rows"]]
         lines += table(["model", "GPUs", "strategy", "mesh (replicate x shard)", "all-gather GB",
-                         "reduce-scatter GB", "all-reduce GB", "comm ms", "compute ms", "efficiency (overlapped)",
-                         "efficiency (serial)"], rows)
+                        "reduce-scatter GB", "all-reduce GB", "comm ms", "compute ms", "efficiency (overlapped)",
+                        "efficiency (serial)"], rows)
     if "compile" in sections:
         c = sections["compile"]
         lines += ["## Compile report (AOT, sm_80 / sm_90)", ""]
@@ -232,7 +232,7 @@ def compare(a_path: Path, b_path: Path) -> str:
              f"B = {b_path} ({_revision(b)}, {b.get('device', '?')})", ""]
     rows = [[*k, f"{ta[k]:.4g}", f"{tb[k]:.4g}", f"{tb[k] / ta[k]:.2f}x"] for k in common]
     lines += table(["section", "what", "shape / batch", "provider / precision", "dtype / head", "A ms", "B ms",
-                     "B / A"], rows)
+                    "B / A"], rows)
     only = len(ta) - len(common), len(tb) - len(common)
     lines.append(f"{len(common)} measurements in both; {only[0]} only in A, {only[1]} only in B "
                  "(data rows: ms per tile).")
