@@ -257,16 +257,8 @@ class DualCenteringSoftmax(_CpuPath, torch.nn.Module):
         _common._check_number("high_rows", high_rows)
         if not (math.isfinite(high_rows) and high_rows >= 0):
             raise ValueError(f"high_rows must be a finite count >= 0 (0 skips the c_h update), got {high_rows}")
-        _ema_if_finite(self.center, logit_sum.float().reshape(K) / rows, self.center_momentum)
-        if high_rows > 0:
-            _ema_if_finite(self.center_high, high_logit_sum.float().reshape(K) / high_rows, self.center_high_momentum)
-
-
-def _ema_if_finite(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> None:
-    """center <- momentum center + (1 - momentum) batch_mean, unless the result has a NaN or inf: then center
-    stays. torch.where on a 0-d device flag, not an `if`, so no host sync."""
-    new = center * momentum + batch_mean * (1.0 - momentum)
-    center.copy_(torch.where(torch.isfinite(new).all(), new, center))
+        reference.update_dual_centers(self.center, self.center_high, logit_sum, high_logit_sum, rows, high_rows,
+                                      self.center_momentum, self.center_high_momentum)
 
 
 class DINOCrossEntropy(_CpuPath, torch.nn.Module):

@@ -139,6 +139,23 @@ def teacher_softmax(
     return probs, logit_sum, high_logit_sum
 
 
+@torch.no_grad()
+def update_dual_centers(center: torch.Tensor, center_high: torch.Tensor, logit_sum: torch.Tensor,
+                        high_logit_sum: torch.Tensor, rows, high_rows, momentum: float, high_momentum: float) -> None:
+    """The dual centres' EMA update from teacher_softmax's statistics (all-reduced by the caller), in place:
+        c   <- m   c   + (1 - m)   logit_sum / rows
+        c_h <- m_h c_h + (1 - m_h) high_logit_sum / high_rows
+    rows, high_rows: numbers or 0-d tensors (the row count and sum(high_weight)). A centre keeps its value when
+    its count is 0 (no high-frequency row in the step) or its new value has a NaN or inf (a diverged step would
+    otherwise poison the targets of every later step). Decided with torch.where on the centre's device: no host sync.
+    """
+    for centre, total, count, m in ((center, logit_sum, rows, momentum),
+                                    (center_high, high_logit_sum, high_rows, high_momentum)):
+        count = torch.as_tensor(count, dtype=torch.float32, device=centre.device)
+        new = centre.mul(m).add_(total.to(centre.dtype).reshape(centre.shape) / count, alpha=1.0 - m)
+        centre.copy_(torch.where((count > 0) & torch.isfinite(new).all(), new, centre))
+
+
 def dino_cross_entropy(
     student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temperature: float
 ) -> torch.Tensor:

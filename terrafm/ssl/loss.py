@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from terrafm import ops
+from terrafm_kernels.reference import update_dual_centers
 
 
 def high_frequency_classes(class_frequency: Sequence[float]) -> list[int]:
@@ -146,15 +147,13 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self) -> None:
-        """Apply the statistics recorded since the last call: one all-reduce of 2K + 2 floats."""
+        """Apply the statistics recorded since the last call: one all-reduce of 2K + 2 floats, then the kernels'
+        update rule (terrafm_kernels.reference.update_dual_centers: a non-finite update leaves a centre as it was)."""
         if self._pending is None:
             return
         stats, self._pending = self._pending, None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)
         K = self.num_prototypes
-        logit_sum, high_logit_sum, rows, high_rows = stats[:K], stats[K:2 * K], stats[2 * K], stats[2 * K + 1]
-        m, m_h = self.center_momentum, self.center_high_momentum
-        self.center.mul_(m).add_(logit_sum / rows.clamp_min(1.0), alpha=1.0 - m)
-        updated = m_h * self.center_high + (1.0 - m_h) * high_logit_sum / high_rows.clamp_min(1.0)
-        self.center_high.copy_(torch.where(high_rows > 0, updated, self.center_high))  # no host sync
+        update_dual_centers(self.center, self.center_high, stats[:K], stats[K:2 * K], stats[2 * K], stats[2 * K + 1],
+                            self.center_momentum, self.center_high_momentum)

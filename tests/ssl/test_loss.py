@@ -40,6 +40,21 @@ def test_center_high_unchanged_without_high_frequency_samples_and_stats_accumula
     torch.testing.assert_close(loss.center_high, torch.zeros(2))
 
 
+def test_a_non_finite_teacher_batch_leaves_both_centres_as_they_were():
+    # a diverged step's inf logits must not poison the centres (and with them every later step's targets)
+    loss = DINOLoss(2, num_classes=2, high_classes=[0])
+    loss.center.copy_(torch.tensor([0.5, -0.5]))
+    loss.center_high.copy_(torch.tensor([1.0, 2.0]))
+    loss.teacher_probs(torch.tensor([[[float("inf"), 1.0]]]), torch.tensor([0]), 0.1)
+    loss.update_center()
+    torch.testing.assert_close(loss.center, torch.tensor([0.5, -0.5]))
+    torch.testing.assert_close(loss.center_high, torch.tensor([1.0, 2.0]))
+    loss.teacher_probs(torch.tensor([[[1.0, 3.0]]]), torch.tensor([0]), 0.1)  # the next good step updates both
+    loss.update_center()
+    torch.testing.assert_close(loss.center, torch.tensor([0.55, -0.15]))
+    torch.testing.assert_close(loss.center_high, torch.tensor([1.0, 2.1]))
+
+
 def test_loss_is_cross_entropy_over_pairs_of_different_views():
     loss = DINOLoss(4, num_classes=2)
     s = torch.randn(3, 2, 4)
