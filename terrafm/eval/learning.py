@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from terrafm.data.sample import DEFAULT_TILE_SIZE, cell_of_key, ensure_sample_shards, texture_class
 from terrafm.data.shards import ShardSet
+from terrafm.eval.probes import knn_decision, knn_scores
 from terrafm.ssl.monitors import teacher_monitors
 
 HELDOUT_SEED = 1  # the training sample uses seed 0
@@ -92,18 +93,10 @@ def knn_accuracy(features: np.ndarray | torch.Tensor, labels: np.ndarray, groups
 
 def knn_correct(features: np.ndarray | torch.Tensor, labels: np.ndarray, groups: np.ndarray, k: int = 20,
                 temperature: float = 0.07) -> np.ndarray:
-    """(N,) bool: whether DINO's kNN (cosine, votes exp(sim / temperature)) gets each sample right, leaving
-    out every sample of its own group."""
-    f = F.normalize(torch.as_tensor(features).double(), dim=1)
-    sim = f @ f.T
-    g = torch.as_tensor(groups)
-    sim.masked_fill_(g[:, None] == g[None, :], -torch.inf)
-    k = min(k, int((g[:, None] != g[None, :]).sum(1).min()))
-    top, idx = sim.topk(k, dim=1)
-    y = torch.as_tensor(labels)
-    votes = torch.zeros(len(y), int(y.max()) + 1, dtype=torch.float64)
-    votes.scatter_add_(1, y[idx], (top / temperature).exp())
-    return (votes.argmax(1) == y).numpy()
+    """(N,) bool: whether DINO's kNN (terrafm.eval.probes.knn_scores, in float64) gets each sample right, every
+    sample a test sample that leaves out every sample of its own group."""
+    shares = knn_scores(features, labels, features, k, temperature, groups=(groups, groups), dtype=torch.float64)
+    return knn_decision(shares, multilabel=False) == labels
 
 
 def paired_se(correct_a: np.ndarray, correct_b: np.ndarray, groups: np.ndarray, draws: int = BOOTSTRAP_DRAWS,

@@ -33,28 +33,45 @@ def label_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarr
     return np.sort(np.concatenate(picked))
 
 
-def _l2(x: np.ndarray) -> torch.Tensor:
-    return F.normalize(torch.from_numpy(np.ascontiguousarray(x)).float(), dim=1)
+def _l2(x: np.ndarray | torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return F.normalize(torch.as_tensor(np.ascontiguousarray(x)).to(dtype), dim=1)
 
 
 @torch.no_grad()
 def knn_scores(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray, k: int = 20,
-               temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> np.ndarray:
+               temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024,
+               groups: tuple[np.ndarray, np.ndarray] | None = None, dtype: torch.dtype = torch.float32) -> np.ndarray:
     """DINO kNN votes: cosine similarity of L2-normalised features, top-k votes weighted by exp(sim / T), as (M, K)
     shares of each test sample's vote weight per class (per label for multi-label).
 
     The weights are computed as exp((sim - max sim) / T), the same votes divided by one constant per test sample:
     exp(sim / T) overflows float32 for T below ~0.0113 (exp(1 / 0.01) > 3.4e38), and neighbours tied at inf
-    would hand the vote to the lowest class id. k is capped at the number of training samples.
+    would hand the vote to the lowest class id. k is capped at the number of training samples a test sample may
+    vote with. groups (train groups (N,), test groups (M,)): a test sample never votes with a training sample of
+    its own group (leave-one-group-out; the training and test features may then be the same array).
+    dtype: of the similarities (float64 for the learning probe, whose margins are a few tiles).
     """
-    train, test = _l2(train_feats), _l2(test_feats)
+    train, test = _l2(train_feats, dtype), _l2(test_feats, dtype)
     multilabel = train_labels.ndim == 2
-    targets = torch.from_numpy(train_labels).float() if multilabel else F.one_hot(
-        torch.from_numpy(train_labels).long(), num_classes or int(train_labels.max()) + 1).float()
+    targets = torch.from_numpy(train_labels).to(dtype) if multilabel else F.one_hot(
+        torch.from_numpy(train_labels).long(), num_classes or int(train_labels.max()) + 1).to(dtype)
+    if groups is not None:
+        train_groups, test_groups = (torch.as_tensor(np.asarray(g)) for g in groups)
+        if train_groups.shape != (len(train),) or test_groups.shape != (len(test),):
+            raise ValueError(f"groups must be ({len(train)},) and ({len(test)},) arrays, got "
+                             f"{tuple(train_groups.shape)} and {tuple(test_groups.shape)}")
+        others = min(int((test_groups[start:start + chunk, None] != train_groups[None]).sum(1).min())
+                     for start in range(0, len(test), chunk))
+        if others == 0:
+            raise ValueError("a test sample has no training sample outside its own group to vote with")
+        k = min(k, others)
     k = min(k, len(train))
     shares = []
     for start in range(0, len(test), chunk):
-        sim, idx = (test[start:start + chunk] @ train.T).topk(k, dim=1)
+        sim = test[start:start + chunk] @ train.T
+        if groups is not None:
+            sim.masked_fill_(test_groups[start:start + chunk, None] == train_groups[None], -torch.inf)
+        sim, idx = sim.topk(k, dim=1)
         weights = ((sim - sim[:, :1]) / temperature).exp()  # topk sorts: column 0 is the largest
         shares.append((weights[..., None] * targets[idx]).sum(1) / weights.sum(1, keepdim=True))
     return torch.cat(shares).numpy()

@@ -106,6 +106,23 @@ def test_knn_k_above_the_training_set_and_tied_votes():
     assert _knn_reference(train, np.array([1, 0]), test, 2, 0.07) == [0, 1]
 
 
+def test_knn_leaves_out_the_test_samples_own_group():
+    feats = np.array([[1.0, 0.0], [1.0, 0.05], [0.9, 0.5], [0.0, 1.0]])
+    labels = np.array([0, 0, 1, 1])
+    groups = np.array([0, 0, 1, 2])
+    # without groups each sample is its own nearest neighbour; with them sample 0 (and 1) may vote only with
+    # samples 2 and 3, both of class 1
+    assert probes.knn_decision(probes.knn_scores(feats, labels, feats, k=1), False).tolist() == [0, 0, 1, 1]
+    left_out = probes.knn_scores(feats, labels, feats, k=1, groups=(groups, groups), dtype=torch.float64)
+    assert probes.knn_decision(left_out, False).tolist() == [1, 1, 0, 1]
+    # k = 20 is capped at the 2 samples outside group 0
+    assert np.isfinite(probes.knn_scores(feats, labels, feats, k=20, groups=(groups, groups))).all()
+    with pytest.raises(ValueError, match="no training sample outside its own group"):
+        probes.knn_scores(feats, labels, feats, groups=(np.zeros(4), np.zeros(4)))
+    with pytest.raises(ValueError, match="groups must be"):
+        probes.knn_scores(feats, labels, feats, groups=(groups, groups[:3]))
+
+
 def test_linear_probe_standardises_huge_and_constant_features():
     """float32 squares of features ~1e19 overflowed the std (inf: every feature 0); a feature constant in training
     was divided by 1e-6, so test-time noise of 1e-4 became an input of 100 on a weight training never moved."""
