@@ -448,8 +448,8 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                         f.result()
                         bar.update()
                 except BaseException as err:  # stop at the first error: queued jobs are not started
-                    if isinstance(err, Stopped):  # the workers drop their shard and end too
-                        _signal_workers(pool, err.signum)
+                    if isinstance(err, (Stopped, KeyboardInterrupt)):  # the workers drop their shard and end too
+                        _signal_workers(pool, err.signum if isinstance(err, Stopped) else signal.SIGINT)
                     pool.shutdown(cancel_futures=True)
                     raise
         bar.close()
@@ -505,15 +505,16 @@ def _drop_shard_and_exit(code: int) -> None:
 
 
 def _worker_stop(signum, frame) -> None:
-    """A worker's SIGTERM / SIGHUP (its own, or handed on by the main process, which says why it stopped)."""
+    """A worker's SIGTERM / SIGHUP / SIGINT (its own, or handed on by the main process, which says why it stopped)."""
     _drop_shard_and_exit(128 + signum)
 
 
 def _worker_setup() -> None:
     """Worker initializer: a stop signal, or the parent's death (kill -9, the out-of-memory killer), ends the worker
     without a part-*.tmp left, where an orphan went on to convert its queued jobs into a folder a re-run now writes,
-    then waited forever."""
-    for sig in STOP_SIGNALS:
+    then waited forever. Ctrl-C reaches every worker too (the terminal signals the whole process group): an idle
+    worker printed a KeyboardInterrupt traceback, a busy one went on to the job queued for it."""
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
         if signal.getsignal(sig) != signal.SIG_IGN:
             signal.signal(sig, _worker_stop)
     stop_signals.when_orphaned(lambda: _drop_shard_and_exit(1), 0.2, "terrafm-prepare-parent-watch")

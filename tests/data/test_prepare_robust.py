@@ -799,6 +799,7 @@ from terrafm import cli
 from terrafm.data import prepare
 
 signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal: CI runs under nohup, whose ignored SIGHUP is kept
+signal.signal(signal.SIGINT, signal.default_int_handler)  # and a shell's background job ignores SIGINT
 
 real_write_cells = prepare._write_cells
 
@@ -816,12 +817,15 @@ sys.exit(cli.main(["prepare", sys.argv[1], "--out", sys.argv[2], "--tile-size", 
 
 
 @pytest.mark.parametrize("sig, whom", [("SIGTERM", "parent"), ("SIGTERM", "group"), ("SIGHUP", "group"),
-                                       ("SIGKILL", "parent"), ("SIGTERM", "in-process")])
+                                       ("SIGKILL", "parent"), ("SIGTERM", "in-process"), ("SIGINT", "group"),
+                                       ("SIGINT", "parent"), ("SIGINT", "in-process")])
 def test_a_stopped_prepare_leaves_no_temporary_file_and_the_rerun_completes(sample_parquet, sample_shards, tmp_path,
                                                                             sig, whom):
     """SIGTERM (scancel, a SLURM time limit: to the parent, or to every process of the job) or SIGHUP took prepare's
     default action: the shards being written stayed as part-*.{bin,npz}.tmp in --out until a re-run, and the command
-    said nothing. kill -9 of the parent left them too: its workers exited without removing them."""
+    said nothing. kill -9 of the parent left them too: its workers exited without removing them. Ctrl-C (SIGINT to the
+    whole group, as a terminal sends it) printed a KeyboardInterrupt traceback from each worker, and the workers went on
+    to the jobs queued for them (SIGINT to the parent alone: the running jobs too)."""
     import signal
     import subprocess
     import sys
@@ -852,7 +856,8 @@ def test_a_stopped_prepare_leaves_no_temporary_file_and_the_rerun_completes(samp
             os.kill(pid, signal.SIGKILL)
     if sig != "SIGKILL":
         assert proc.returncode == 128 + signum, err
-        assert f"terrafm prepare: stopped by {sig}; the finished shards in {out} are kept" in err, err
+        said = "interrupted" if sig == "SIGINT" else f"stopped by {sig}"
+        assert f"terrafm prepare: {said}; the finished shards in {out} are kept" in err, err
         assert "Traceback" not in err, err
     assert not list(out.glob("*.tmp"))
     summary = convert([sample_parquet], out, tile_size=TILE, cells_per_shard=1, workers=0, progress=False)
