@@ -304,10 +304,11 @@ def _discover_parquet(path: Path, products: list[Product], unknown: list[dict]) 
             raise BadInput(f"column {c} has type {kind}, expected string (Major-TOM product ids / grid cells)")
     try:
         table = pq.read_table(open_parquet(path), columns=list(META_COLUMNS))
+        # to_pylist decodes the strings: a corrupt data page can hold bytes that are not UTF-8 (UnicodeDecodeError)
+        ids, cells = table["product_id"].to_pylist(), table["grid_cell"].to_pylist()
     except (OSError, ValueError, pa.ArrowException) as err:  # an intact footer over corrupt data pages
         raise BadInput(f"not a readable parquet file ({err})") from err
-    for row, (pid, cell) in enumerate(zip(table["product_id"].to_pylist(), table["grid_cell"].to_pylist(),
-                                          strict=True)):
+    for row, (pid, cell) in enumerate(zip(ids, cells, strict=True)):
         modality = modality_of(pid or "")
         if modality is None or not cell or not _is_grid_cell(cell):
             reason = (f"product id {pid!r} {NO_MODALITY}" if modality is None else "null or empty grid_cell"

@@ -355,6 +355,25 @@ def _corrupt_data_pages(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def test_a_product_id_that_is_not_utf8_is_bad_input_naming_the_file(sample_parquet, tmp_path, capsys):
+    """A damaged data page can hold bytes that are not UTF-8: decoding the ids raised a bare 'utf-8 codec' error that
+    named no file, and --skip-bad did not skip the file."""
+    root = _copy(sample_parquet, tmp_path)
+    path = root.joinpath(*S2_FILE)
+    table = pq.read_table(path)
+    pq.write_table(table, path, compression="none", use_dictionary=False, row_group_size=1, write_statistics=False)
+    data = bytearray(path.read_bytes())
+    at = data.find(table["product_id"][0].as_py().encode())
+    assert at > 0
+    data[at + 4] = 0xFF
+    path.write_bytes(bytes(data))
+    assert _cli([str(root), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"bad input: {path} (whole file): not a readable parquet file" in err and "Traceback" not in err, err
+    summary = convert([root], tmp_path / "skip", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    assert [(s["file"], s["record"]) for s in summary["skipped"]] == [(str(path), "whole file")]
+
+
 def test_a_parquet_with_corrupt_data_pages_is_bad_input_not_a_write_error(sample_parquet, tmp_path, capsys):
     root = _copy(sample_parquet, tmp_path)
     path = root.joinpath(*S1_FILE)
