@@ -15,8 +15,15 @@ import secrets
 import socket
 import stat
 import time
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
+
+# What np.load of a damaged .npz raises: OSError / EOFError / zipfile.BadZipFile a torn or truncated archive,
+# ValueError and zlib.error damaged members, NotImplementedError a member whose compression-method field no longer
+# names a method zipfile knows, RuntimeError a member flagged as encrypted.
+NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile, NotImplementedError, RuntimeError)
 
 
 def path_arg(text: str) -> str:

@@ -24,7 +24,6 @@ import math
 import os
 import threading
 import warnings
-import zipfile
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from terrafm.data.landcover import NUM_CLASSES, WORLDCOVER_NAMES, WORLDCOVER_VALUES
-from terrafm.fileio import atomic_write_bytes, check_regular, load_json, plain_name, publish
+from terrafm.fileio import NPZ_READ_ERRORS, atomic_write_bytes, check_regular, load_json, plain_name, publish
 from terrafm.modalities import MODALITIES, REFERENCE_STATS, S1_SCALINGS
 
 FORMAT = "terrafm-shards"
@@ -185,7 +184,7 @@ def finished_fingerprint(directory: Path, index: int) -> str | None:
         if stem.with_suffix(".bin").stat().st_size != payload_end(arrays):
             return None
         return str(arrays["fingerprint"])
-    except (OSError, ValueError, KeyError, EOFError, TypeError, zlib.error, zipfile.BadZipFile):
+    except (*NPZ_READ_ERRORS, KeyError, TypeError):
         return None
 
 
@@ -258,7 +257,7 @@ class ShardSet:
             check_regular(path)
             with np.load(path) as z:
                 return {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as err:
+        except NPZ_READ_ERRORS as err:
             raise ShardError(f"{path}: unreadable shard index ({type(err).__name__}: {err}); the shard is "
                              "corrupt or missing, re-run `terrafm prepare` into this folder") from err
 

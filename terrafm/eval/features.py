@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from terrafm.data.sources import physical_memory
 from terrafm.eval.data import normalize, row_chunks
-from terrafm.fileio import atomic_write, check_regular
+from terrafm.fileio import NPZ_READ_ERRORS, atomic_write, check_regular
 
 
 def checkpoint_identity(checkpoint: str | Path) -> dict:
@@ -123,7 +123,7 @@ def cached_features(cache_dir: str | Path | None, key: str, compute, rows: int |
                     cached = f["features"]
                 if np.isfinite(cached).all():  # NaN features were blamed on the dataset and the checkpoint
                     return cached
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        except (*NPZ_READ_ERRORS, KeyError):
             pass  # recomputed below
     feats = compute()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@ import argparse
 import io
 import json
 import shutil
+import struct
 
 import numpy as np
 import pyarrow as pa
@@ -258,11 +259,22 @@ def _damage(path, how: str) -> None:
         path.write_bytes(data[:200] + bytes([data[200] ^ 0xFF]) + data[201:])
     elif how == "zip_header_only":
         path.write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    elif how in ("unknown_method", "encrypted"):  # 2 bytes of the first member, in both its headers
+        data = bytearray(data)
+        entry = data.find(b"PK\x01\x02")  # its central-directory entry
+        local = struct.unpack_from("<I", data, entry + 42)[0]
+        if how == "unknown_method":  # 9 (deflate64): zipfile raises NotImplementedError
+            struct.pack_into("<H", data, entry + 10, 9)
+            struct.pack_into("<H", data, local + 8, 9)
+        else:  # the encrypted flag: zipfile raises RuntimeError (password required)
+            struct.pack_into("<H", data, entry + 8, 1)
+            struct.pack_into("<H", data, local + 6, 1)
+        path.write_bytes(bytes(data))
     else:
         path.write_bytes(b"")
 
 
-@pytest.mark.parametrize("how", ["truncated", "bad_crc", "zip_header_only", "empty"])
+@pytest.mark.parametrize("how", ["truncated", "bad_crc", "zip_header_only", "empty", "unknown_method", "encrypted"])
 def test_a_damaged_npz_is_named_on_read_and_rewritten_by_prepare(sample_parquet, tmp_path, how):
     out = _split_shards(sample_parquet, tmp_path)
     _damage(out / "part-00001.npz", how)
