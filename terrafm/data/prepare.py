@@ -30,7 +30,7 @@ from terrafm import stop_signals
 from terrafm.data import shards, sources
 from terrafm.data.landcover import NUM_CLASSES, class_counts
 from terrafm.data.sources import WORLDCOVER, BadInput, Product
-from terrafm.fileio import path_arg, shown, try_lock
+from terrafm.fileio import load_json, path_arg, shown, try_lock
 from terrafm.modalities import MODALITIES, MODALITY_NAMES, S1_SCALINGS
 
 
@@ -394,6 +394,10 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                        + _what_was_found(products, metadata, inputs))
     out.mkdir(parents=True, exist_ok=True)
     with _only_writer(out):  # this process alone writes `out`
+        foreign = _foreign_index(out)
+        if foreign:
+            raise BadInput(f"{out / shards.INDEX_NAME} is not a terrafm shard index ({foreign}); prepare writes its "
+                           "own there: move that file away or use an empty --out directory")
         opts = {"tile_size": tile_size, "codec": codec, "modalities": list(modalities), "skip_bad": skip_bad,
                 "s1_scaling": s1_scaling, "s2_offset": s2_offset}
         # skip_bad is not part of what a shard holds (a finished shard lists its skips), so a re-run that adds
@@ -454,6 +458,21 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                     raise
         bar.close()
         return _write_index(out, jobs, opts, unknown, (resumed, rewritten, redone), [str(i) for i in inputs], metadata)
+
+
+def _foreign_index(out: Path) -> str | None:
+    """Why the index.json in `out` is not one prepare wrote (which it may replace), or None (none there, or ours).
+    A user's own index.json in --out was deleted at the start of the run, and overwritten at its end."""
+    path = out / shards.INDEX_NAME
+    if not os.path.lexists(path):
+        return None
+    try:
+        meta = load_json(path)
+    except (OSError, ValueError) as err:
+        return f"it does not read as JSON: {err}"
+    if not isinstance(meta, dict) or meta.get("format") != shards.FORMAT:
+        return f"it has no \"format\": \"{shards.FORMAT}\""
+    return None
 
 
 @contextlib.contextmanager

@@ -355,6 +355,26 @@ def _corrupt_data_pages(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.parametrize("content", ['{"my": "own catalogue"}', "not json", "[1, 2]"])
+def test_an_index_json_prepare_did_not_write_is_refused_and_kept(sample_parquet, tmp_path, capsys, content):
+    """A user's own index.json in --out was deleted at the start of the conversion (and lost for good when the run
+    then stopped on bad input) or overwritten at its end."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "index.json").write_text(content)
+    assert _cli([str(sample_parquet), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'index.json'} is not a terrafm shard index" in err and "Traceback" not in err, err
+    assert (out / "index.json").read_text() == content and sorted(p.name for p in out.iterdir()) == ["index.json"]
+
+
+def test_a_rerun_replaces_the_index_json_of_its_own_conversion(sample_parquet, tmp_path):
+    out = tmp_path / "out"
+    first = convert([sample_parquet], out, tile_size=TILE, workers=0, progress=False)
+    again = convert([sample_parquet], out, tile_size=TILE, workers=0, progress=False)
+    assert again["resumed_shards"] == len(first["shards"]) and len(ShardSet(out)) == first["num_records"]
+
+
 def test_a_product_id_that_is_not_utf8_is_bad_input_naming_the_file(sample_parquet, tmp_path, capsys):
     """A damaged data page can hold bytes that are not UTF-8: decoding the ids raised a bare 'utf-8 codec' error that
     named no file, and --skip-bad did not skip the file."""
