@@ -433,10 +433,9 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                                "an empty --out directory")
         for path, rows, size in sources.large_row_groups({p.source for i in pending for cell in jobs[i] for p in cell
                                                           if p.row >= 0}):
-            print(f"terrafm prepare: warning: {path} has row groups of up to {rows} products ({size / 2**30:.1f} GiB "
-                  "of band data); each worker holds one such group in memory (--workers lowers it). Major-TOM writes "
-                  "one product per row group: pyarrow.parquet.write_table(table, path, row_group_size=1)",
-                  file=sys.stderr)
+            _error(f"warning: {path} has row groups of up to {rows} products ({size / 2**30:.1f} GiB of band data); "
+                   "each worker holds one such group in memory (--workers lowers it). Major-TOM writes one product per "
+                   "row group: pyarrow.parquet.write_table(table, path, row_group_size=1)")
         if pending:  # a run that stops midway must not leave the old index.json over rewritten shards
             (out / shards.INDEX_NAME).unlink(missing_ok=True)
         bar = tqdm(total=len(jobs), initial=resumed, desc="terrafm prepare", unit="shard", disable=not progress)
@@ -622,6 +621,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch logs)")
 
 
+def _error(message: str) -> None:
+    """One line on stderr; the bytes of a path that are not UTF-8 print as \\xff escapes (shown), not as \\udcff."""
+    print(f"terrafm prepare: {shown(message)}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         with _stopped_on_signals():
@@ -629,31 +633,29 @@ def run(args: argparse.Namespace) -> int:
                               args.workers, args.skip_bad, not args.no_progress, tuple(args.modalities),
                               args.s1_scaling, args.s2_offset)
     except BadInput as err:
-        print(f"terrafm prepare: bad input: {err}", file=sys.stderr)
+        _error(f"bad input: {err}")
         return 2
     except ValueError as err:
-        print(f"terrafm prepare: {err}", file=sys.stderr)
+        _error(str(err))
         return 2
     except OSError as err:
         full = err.errno in (errno.ENOSPC, errno.EDQUOT)
-        print(f"terrafm prepare: cannot write {err.filename or args.out}: {err.strerror or err}"
-              + (f"; free space there and run the same command: it keeps the finished shards in "
-                 f"{args.out} and resumes from them" if full else ""), file=sys.stderr)
+        _error(f"cannot write {err.filename or args.out}: {err.strerror or err}"
+               + (f"; free space there and run the same command: it keeps the finished shards in "
+                  f"{args.out} and resumes from them" if full else ""))
         return 2
     except (MemoryError, BrokenProcessPool) as err:
         what = (f"ran out of memory{f' ({err})' if str(err) else ''}" if isinstance(err, MemoryError) else
                 "lost a worker process (killed, most often by the out-of-memory killer)")
-        print(f"terrafm prepare: {what}; nothing was skipped for it. Lower --workers (each holds one row group of "
-              f"every input file) and run the same command: it resumes from the finished shards in {args.out}",
-              file=sys.stderr)
+        _error(f"{what}; nothing was skipped for it. Lower --workers (each holds one row group of every input file) "
+               f"and run the same command: it resumes from the finished shards in {args.out}")
         return 2
     except KeyboardInterrupt:
-        print(f"terrafm prepare: interrupted; the finished shards in {args.out} are kept and the same command "
-              "resumes from them", file=sys.stderr)
+        _error(f"interrupted; the finished shards in {args.out} are kept and the same command resumes from them")
         return 130
     except Stopped as err:
-        print(f"terrafm prepare: stopped by {signal.Signals(err.signum).name}; the finished shards in {args.out} are "
-              "kept and the same command resumes from them", file=sys.stderr)
+        _error(f"stopped by {signal.Signals(err.signum).name}; the finished shards in {args.out} are kept and the same "
+               "command resumes from them")
         return 128 + err.signum
     print(f"wrote {summary['num_records']} locations in {len(summary['shards'])} shards to {shown(args.out)} "
           f"({summary['resumed_shards']} shards resumed, {summary['rewritten_shards']} incomplete shards rewritten, "

@@ -731,6 +731,10 @@ def test_paths_that_are_not_utf8_are_read_and_printed_escaped(sample_parquet, tm
     assert f"  {tmp_path}/in\\xff/Core-S1RTC/part_00000.parquet [row 0]: " in printed
     assert len(ShardSet(out)) == 12
     assert json.loads((out / "index.json").read_text())["inputs"] == [str(root)]
+    # and on stderr: the bad-input message without --skip-bad printed the byte as \udcff
+    assert _cli([str(root), "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert f"bad input: {tmp_path}/in\\xff/Core-S1RTC/part_00000.parquet" in err and "udcff" not in err, err
 
 
 def test_out_of_memory_is_not_a_corrupt_tiff_and_skips_nothing(sample_parquet, tmp_path, monkeypatch, capsys):
