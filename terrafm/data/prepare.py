@@ -64,10 +64,11 @@ def _mask_stamps(p: Product, stamps: dict) -> list:
 
 
 def _job_fingerprint(job: list[list[Product]], opts: dict, stamps: dict) -> str:
-    """"<plan>:<content>": plan hashes the job's grid cells and options, content its products and the size and
-    mtime of their source files, so a job whose inputs changed is redone and another conversion is refused."""
+    """"<plan>:<content>": plan hashes the job's grid cells and options, content its products and the real path, size
+    and mtime of their source files, so a job whose inputs changed is redone and another conversion is refused. The
+    real path: the same input given as a relative, absolute or symlinked path is the same input."""
     plan = [cell[0].grid_cell for cell in job]
-    content = [[(p.modality, p.grid_cell, p.product_id, p.source, p.row,
+    content = [[(p.modality, p.grid_cell, p.product_id, os.path.realpath(p.source), p.row,
                  [_stamp(p.source, stamps)] if p.row >= 0 else
                  sorted((b, _stamp(f, stamps)) for b, f in p.band_files.items()) + _mask_stamps(p, stamps))
                 for p in cell] for cell in job]

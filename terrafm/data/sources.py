@@ -115,6 +115,7 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
     bands (Major-TOM's metadata.parquet).
     """
     products, unknown, metadata = [], [], []
+    seen = set()  # real paths of the parquet files and product folders read: inputs that overlap read each once
     for root in map(Path, inputs):
         if not root.exists():
             raise BadInput(f"input {root} does not exist")
@@ -146,6 +147,9 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
                     and modality_of(path.stem) is not None:  # <grid_cell>/<product_id>.tif: a stack, not a folder
                 unknown.append({"file": str(path), "record": path.stem, "reason": PRODUCT_AS_FILE})
             elif path.suffix.lower() == ".parquet":
+                if os.path.realpath(path) in seen:
+                    continue
+                seen.add(os.path.realpath(path))
                 try:
                     if not _discover_parquet(path, products, unknown):
                         metadata.append(str(path))
@@ -176,8 +180,11 @@ def discover(inputs: list[Path]) -> tuple[list[Product], list[dict], list[str]]:
             elif folder in twins:
                 unknown.append({"file": str(folder), "record": folder.name,
                                 "reason": f"two files for one band ({'; '.join(twins[folder])}): keep one"})
-            else:
+            elif os.path.realpath(folder) not in seen:
+                seen.add(os.path.realpath(folder))
                 products.append(Product(modality, folder.parent.name, folder.name, str(folder), band_files=bands))
+    once = {(os.path.realpath(u["file"]), u["record"]): u for u in reversed(unknown)}  # the first of each kept
+    unknown = [u for u in unknown if once[(os.path.realpath(u["file"]), u["record"])] is u]
     return products, unknown, metadata
 
 

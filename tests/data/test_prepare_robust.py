@@ -355,6 +355,33 @@ def _corrupt_data_pages(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def test_inputs_that_overlap_read_each_file_once(sample_parquet, tmp_path):
+    """The same parquet file reached through its folder and by name was read twice: its products were counted as
+    duplicates dropped, and a bad record was skipped (and reported) once per way in."""
+    root = _copy(sample_parquet, tmp_path)
+    _edit_band(root, S1_FILE, "vv", 0, lambda a: b"not a tiff")
+    s1 = root.joinpath(*S1_FILE)
+    once = convert([root], tmp_path / "once", tile_size=TILE, workers=0, progress=False, skip_bad=True)
+    overlapping = convert([root, s1.parent, s1, root], tmp_path / "overlap", tile_size=TILE, workers=0, progress=False,
+                          skip_bad=True)
+    assert overlapping["duplicates_dropped"] == once["duplicates_dropped"] == 0
+    assert overlapping["skipped"] == once["skipped"] and len(once["skipped"]) == 1
+    assert overlapping["num_records"] == once["num_records"] == 12
+
+
+def test_the_same_input_spelled_otherwise_resumes_every_shard(sample_parquet, tmp_path, monkeypatch):
+    """A re-run given the input as an absolute path, a relative one or through a symlink redid every shard, saying
+    that its input files had changed."""
+    root = _copy(sample_parquet, tmp_path)
+    (tmp_path / "link").symlink_to(root)
+    out = tmp_path / "out"
+    first = convert([root], out, tile_size=TILE, workers=0, progress=False)
+    monkeypatch.chdir(tmp_path)
+    for spelled in (Path("in"), tmp_path / "link", Path("link/../in")):
+        again = convert([spelled], out, tile_size=TILE, workers=0, progress=False)
+        assert again["resumed_shards"] == len(first["shards"]) and again["redone_shards"] == 0, spelled
+
+
 @pytest.mark.parametrize("content", ['{"my": "own catalogue"}', "not json", "[1, 2]"])
 def test_an_index_json_prepare_did_not_write_is_refused_and_kept(sample_parquet, tmp_path, capsys, content):
     """A user's own index.json in --out was deleted at the start of the conversion (and lost for good when the run
