@@ -458,6 +458,7 @@ def mask_sidecar(path: str | Path) -> Path | None:
 def _first_page_mask(tif: tifffile.TiffFile) -> np.ndarray:
     page = tif.pages.first
     _check_declared(page.shape, page.dtype)
+    _check_chunks(page)
     mask = page.asarray() == 0
     if page.samplesperpixel > 1 and page.planarconfig == tifffile.PLANARCONFIG.CONTIG:
         mask = np.moveaxis(mask, -1, 0)  # (H, W, bands) -> (bands, H, W)
@@ -574,6 +575,7 @@ def tiff_image(tif: tifffile.TiffFile) -> tuple[np.ndarray, np.ndarray | None]:
     first = tif.pages.first
     size = (first.imagelength, first.imagewidth)
     _check_declared(first.shape, first.dtype)
+    _check_chunks(first)
     mask = next((page for page in tif.pages[1:] if int(page.subfiletype) == MASK_SUBFILETYPE
                  and (page.imagelength, page.imagewidth) == size), None)
     if mask is None:  # the whole series is read: a thousand pages of a small image each add up
@@ -593,6 +595,17 @@ def _check_declared(shape: tuple[int, ...], dtype) -> None:
     if declared > physical_memory():
         raise ValueError(f"its header declares a {' x '.join(map(str, shape))} image ({declared / 2**30:.0f} GiB), "
                          f"more than this machine's {physical_memory() / 2**30:.0f} GiB of memory: a damaged header")
+
+
+def _check_chunks(page: tifffile.TiffPage) -> None:
+    """A ValueError for a TIFF page that lists fewer strips or tiles than its declared size needs: a damaged ImageWidth
+    or ImageLength (one changed byte made a 120 px band declare 40000 x 40000, whose decode allocated 3.2 GB before it
+    failed, and failed as out of memory under a memory limit, which no rerun cures)."""
+    needed, listed = math.prod(page.chunked), len(page.dataoffsets)
+    if listed < needed:
+        kind = "tiles" if page.is_tiled else "strips"
+        raise ValueError(f"its header declares a {page.imagelength} x {page.imagewidth} image in {needed} {kind} but "
+                         f"lists {listed}: a damaged header")
 
 
 def physical_memory() -> int:

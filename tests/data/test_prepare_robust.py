@@ -487,11 +487,23 @@ def _huge_size(data: bytes) -> bytes:
     return bytes(out)
 
 
+def _large_size(data: bytes) -> bytes:
+    """ImageWidth and ImageLength 8000: a 128 MB image that memory holds, in one 60-row strip of 60 px."""
+    out = bytearray(data)
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        for code in (256, 257):
+            at = tif.pages.first.tags[code].valueoffset
+            out[at:at + 4] = (8000).to_bytes(4, "little")
+    return bytes(out)
+
+
 @pytest.mark.parametrize("damage, reason", [
     # was "terrafm prepare: cannot reshape array of size 0 into shape (60,60)", naming no file; --skip-bad stopped too
     (_no_bits_per_sample, r"the image decodes to no pixel \(shape \(0, 60, 60\)"),
     # was a MemoryError: "ran out of memory; nothing was skipped for it. Lower --workers ...", which no rerun cures
     (_huge_size, r"its header declares a 1048576 x 1048576 image \(2048 GiB\), more than this machine's"),
+    # was decoded into a mostly empty image first (40000 px: 3.2 GB, out of memory under a memory limit)
+    (_large_size, r"its header declares a 8000 x 8000 image in 134 strips but lists 1: a damaged header"),
 ])
 def test_a_band_with_a_damaged_header_is_bad_input_naming_the_band(sample_parquet, tmp_path, capsys, damage, reason):
     """One GeoTIFF cell of a Major-TOM parquet whose header was damaged (a byte changed in a download)."""
