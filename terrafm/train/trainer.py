@@ -8,7 +8,8 @@ shards, logging, checkpointing.
 All schedules are pure functions of the step, so a resumed run continues bitwise.
 `_train` is that loop; the parts of a step are the functions above it, in the order the loop calls them
 (torchtitan's layout): `forward_backward`, `reduce_status`, `optimizer_step`, `teacher_step`, `log_metrics`;
-`restore` resumes from a checkpoint.
+`restore` resumes from a checkpoint. Just above `_train`, its setup and reporting: `_resume_source` (which
+checkpoint, if any), `_resume_notes` (what a resume changed), the non-finite messages and `_check_collapse`.
 """
 
 import contextlib
@@ -737,15 +738,15 @@ def _normalisation_changes(resume_from: Path, now: dict, tolerance: float = 1e-3
     return "; ".join(changes)
 
 
-def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, stop: PreemptionFlag,
-           held: contextlib.ExitStack) -> TrainResult:
-    cfg = resolve_ops(cfg, env.device)
-    t, o, s = cfg.train, cfg.optim, cfg.ssl
-    run_dir = Path(t.out_dir) / t.run_name
-    ckpt_root = run_dir / "checkpoints"
+def _resume_source(run_dir: Path, ckpt_root: Path, resume: bool | str | Path, held: contextlib.ExitStack,
+                   env: DistEnv) -> tuple[bool, Path | None, bool, bool]:
+    """Claim the run folder if it exists, then find the checkpoint to resume from. Returns (whether the folder
+    existed, that checkpoint or None, whether it was complete when found, whether it is this run's own). Raises
+    SetupError for a folder that is not a run's or is in use, a resume that cannot be resolved, and checkpoints
+    that a fresh run or another run's checkpoint would mix with. Collective (any_rank, shared_failure, _claim)."""
     # a folder that exists may be another run's in progress: claim it before reading its checkpoints (a second job
     # restored a checkpoint the first was rotating out, and failed as "does not fit this model"); a new one is
-    # claimed once made, below, so that a run failing in setup leaves no empty folder. Rank 0's view decides for
+    # claimed by _train once made, so that a run failing in setup leaves no empty folder. Rank 0's view decides for
     # every rank: _claim is collective
     existed = any_rank(env.rank == 0 and run_dir.is_dir(), env)
     if existed:
@@ -761,7 +762,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
             resume_from = checkpoint_io.resolve(resume)
     except checkpoint_io.CheckpointError as err:
         raise SetupError(f"cannot resume: {err}") from err
-    # --resume-from a run still training: its rotation may remove this checkpoint before it is read (below)
+    # --resume-from a run still training: its rotation may remove this checkpoint before it is read (in _train)
     source_complete = resume_from is not None and checkpoint_io.complete(resume_from)
     if not resume and checkpoint.has_checkpoints(ckpt_root):
         raise SetupError(f"{run_dir} already has checkpoints; pass --resume to continue it, or choose another "
@@ -772,6 +773,104 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
         raise SetupError(f"{run_dir} already has checkpoints of its own; --resume-from {resume_from} (another run's) "
                          "would mix the two runs in one folder: pass --resume to continue this run, or choose another "
                          "--out / train.run_name to start from that checkpoint")
+    return existed, resume_from, source_complete, own_history
+
+
+def _resume_notes(logger: MetricsLogger, cfg: Config, resume_from: Path, ckpt_root: Path, data: dict, step: int,
+                  total_steps: int, saved_steps: int | None, peak_lr: float, warmup_steps: int) -> None:
+    """After a resume, set aside the checkpoints of an abandoned later continuation and write to the log what differs
+    from the run the checkpoint came from: settings, the bands' normalisation (`data`: this run's input_metadata),
+    those checkpoints, a step at or past total_steps, and schedules re-stretched over another step count. Collective
+    (checkpoint.set_aside_later); its failure is a SetupError."""
+    o, s = cfg.optim, cfg.ssl
+    changed = _config_changes(resume_from, cfg, tuple(to_dict(cfg)))
+    if changed:
+        logger.write(f"resume: settings changed since {resume_from.name} ({changed}); config.yaml now records "
+                     f"this run's, {resume_from / 'meta.json'} the checkpoint's")
+    renormalised = _normalisation_changes(resume_from, data)
+    if renormalised:
+        logger.write(f"warning: resume: data.shard_dir normalises the bands otherwise than when {resume_from.name} was "
+                     f"written ({renormalised}); the model now sees its inputs shifted and rescaled. Shards "
+                     "re-converted with other data do this: convert with the checkpoint's statistics "
+                     f"({resume_from / 'meta.json'}, data.mean / data.std) or start a new run")
+    try:
+        later, aside = checkpoint.set_aside_later(ckpt_root, step)
+    except checkpoint.CheckpointWriteError as err:
+        raise SetupError(str(err)) from err
+    if later:
+        logger.write(f"resume: {resume_from.name} is not the newest checkpoint in {ckpt_root}: {', '.join(later)} "
+                     f"are later steps of an earlier continuation; moved to {aside} (nothing deleted), so "
+                     "retention and the fallback offered on errors see this run's checkpoints only")
+    if step >= total_steps:
+        logger.write(f"resume: {resume_from.name} is at step {step}, at or past this run's {total_steps} steps "
+                     f"(train.max_steps / epochs): nothing to train; raise train.max_steps above {step} to continue")
+    elif saved_steps not in (None, total_steps):
+        old_lr = schedules.learning_rate(step, saved_steps, peak_lr, warmup_steps, o.min_lr)
+        new_lr = schedules.learning_rate(step, total_steps, peak_lr, warmup_steps, o.min_lr)
+        old_m = schedules.teacher_momentum(step, saved_steps, s.teacher_momentum, s.teacher_momentum_end)
+        new_m = schedules.teacher_momentum(step, total_steps, s.teacher_momentum, s.teacher_momentum_end)
+        logger.write(f"resume: the schedules were laid out over {saved_steps} steps, this run has {total_steps}; the "
+                     f"lr, weight-decay and teacher-momentum cosines are re-stretched over {total_steps} steps from "
+                     f"step {step} (lr {old_lr:.3e} -> {new_lr:.3e}, teacher momentum {old_m:.6f} -> {new_m:.6f}). "
+                     f"Set train.max_steps={saved_steps} to keep the original schedules.")
+
+
+def _nonfinite_loss_message(loss_value: float, step: int, lr: float, latest: Path | None) -> str:
+    """NonFiniteLossError's message: where the loss went non-finite and where to start again from (the last
+    checkpoint, or what to look at when there is none)."""
+    if latest:
+        where = (f"the last good checkpoint is {latest}. Resume from it with a lower optim.lr or more "
+                 "warm-up")
+    elif step == 0:  # no update has been made: the inputs or the initial weights, not the optimiser
+        where = ("no checkpoint was written yet, and no step has updated the initial weights: look at "
+                 "the inputs first (non-finite values in the shards pass unchecked with "
+                 "data.verify_checksums=false), then at the model settings")
+    else:
+        where = ("no checkpoint was written yet. Start again with a lower optim.lr or more warm-up "
+                 "(train.checkpoint_every sets how often a run checkpoints)")
+    return (f"loss is {loss_value} at step {step} (0-based optimiser step, lr {lr:.3e}); stopped before "
+            f"updating the weights; {where}.")
+
+
+def _nonfinite_grad_message(streak: int, step: int, lr: float, max_steps: int, latest: Path | None) -> str:
+    """NonFiniteGradError's message: `streak` non-finite gradient norms in a row reached
+    train.max_nonfinite_grad_steps (`max_steps`) at `step`."""
+    where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+    return (f"gradient norm non-finite for {streak} steps in a row, the last at step {step} "
+            f"(0-based optimiser step, lr {lr:.3e}); stopped (train.max_nonfinite_grad_steps="
+            f"{max_steps}); {where}. Resume from it with a lower optim.lr, "
+            "optim.clip_grad > 0 or train.precision=fp32.")
+
+
+def _check_collapse(logger: MetricsLogger, monitors: dict[str, float], cfg: Config, env: DistEnv, step: int,
+                    warmup_steps: int, last_state: str | None, latest: Path | None) -> str | None:
+    """At a log step after warm-up: diagnose collapse from the logged monitors, warn once per change of state
+    (`last_state`: the one warned of last) and, with train.stop_on_collapse, raise CollapseError. Returns the state
+    to pass in at the next log step. Collective with train.stop_on_collapse on several ranks (rank 0's diagnosis
+    is broadcast)."""
+    t, s = cfg.train, cfg.ssl
+    diagnosis = collapse_state(monitors, s.num_prototypes, t.collapse_gap) if step > warmup_steps else None
+    if t.stop_on_collapse and env.world_size > 1:
+        # rank 0's monitors (the logged ones) decide for all: a rank stopping alone hung the others
+        shared = [diagnosis]
+        dist.broadcast_object_list(shared, src=0)
+        diagnosis = shared[0]
+    state = diagnosis.split(":", 1)[0] if diagnosis else None  # its numbers change at every log
+    if state and state != last_state:
+        logger.write(f"warning at step {step}: {diagnosis} (docs/training.md, 'Reading the monitors')")
+    if diagnosis and t.stop_on_collapse:
+        where = f"the last checkpoint is {latest}" if latest else "no checkpoint was written yet"
+        raise CollapseError(f"stopped at step {step} (train.stop_on_collapse): {diagnosis}; {where}")
+    return state
+
+
+def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, stop: PreemptionFlag,
+           held: contextlib.ExitStack) -> TrainResult:
+    cfg = resolve_ops(cfg, env.device)
+    t, o, s = cfg.train, cfg.optim, cfg.ssl
+    run_dir = Path(t.out_dir) / t.run_name
+    ckpt_root = run_dir / "checkpoints"
+    existed, resume_from, source_complete, own_history = _resume_source(run_dir, ckpt_root, resume, held, env)
     check_run_dir(run_dir)  # every rank: each fails alike instead of waiting in a collective
     if t.deterministic:  # for this run only: a later run in the same process (the API, a sweep) gets its own
         held.callback(torch.use_deterministic_algorithms, torch.are_deterministic_algorithms_enabled(),
@@ -846,37 +945,9 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
         logger.write(f"data: {coverage}")
     if getattr(loader, "sampling_note", ""):
         logger.write(f"data: {loader.sampling_note}")
-    changed = resume_from is not None and _config_changes(resume_from, cfg, tuple(to_dict(cfg)))
-    if changed:
-        logger.write(f"resume: settings changed since {resume_from.name} ({changed}); config.yaml now records "
-                     f"this run's, {resume_from / 'meta.json'} the checkpoint's")
-    renormalised = resume_from is not None and _normalisation_changes(resume_from, meta["data"])
-    if renormalised:
-        logger.write(f"warning: resume: data.shard_dir normalises the bands otherwise than when {resume_from.name} was "
-                     f"written ({renormalised}); the model now sees its inputs shifted and rescaled. Shards "
-                     "re-converted with other data do this: convert with the checkpoint's statistics "
-                     f"({resume_from / 'meta.json'}, data.mean / data.std) or start a new run")
     if resume_from is not None:
-        try:
-            later, aside = checkpoint.set_aside_later(ckpt_root, step)
-        except checkpoint.CheckpointWriteError as err:
-            raise SetupError(str(err)) from err
-        if later:
-            logger.write(f"resume: {resume_from.name} is not the newest checkpoint in {ckpt_root}: {', '.join(later)} "
-                         f"are later steps of an earlier continuation; moved to {aside} (nothing deleted), so "
-                         "retention and the fallback offered on errors see this run's checkpoints only")
-    if resume_from is not None and step >= total_steps:
-        logger.write(f"resume: {resume_from.name} is at step {step}, at or past this run's {total_steps} steps "
-                     f"(train.max_steps / epochs): nothing to train; raise train.max_steps above {step} to continue")
-    elif resume_from is not None and saved_steps not in (None, total_steps):
-        old_lr = schedules.learning_rate(step, saved_steps, peak_lr, warmup_steps, o.min_lr)
-        new_lr = schedules.learning_rate(step, total_steps, peak_lr, warmup_steps, o.min_lr)
-        old_m = schedules.teacher_momentum(step, saved_steps, s.teacher_momentum, s.teacher_momentum_end)
-        new_m = schedules.teacher_momentum(step, total_steps, s.teacher_momentum, s.teacher_momentum_end)
-        logger.write(f"resume: the schedules were laid out over {saved_steps} steps, this run has {total_steps}; the "
-                     f"lr, weight-decay and teacher-momentum cosines are re-stretched over {total_steps} steps from "
-                     f"step {step} (lr {old_lr:.3e} -> {new_lr:.3e}, teacher momentum {old_m:.6f} -> {new_m:.6f}). "
-                     f"Set train.max_steps={saved_steps} to keep the original schedules.")
+        _resume_notes(logger, cfg, resume_from, ckpt_root, meta["data"], step, total_steps, saved_steps, peak_lr,
+                      warmup_steps)
 
     batches = Batches(loader, epoch)
     throughput = Throughput()
@@ -939,20 +1010,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                                 "once the shard is fixed)")
                 raise DataError(message)
             if not math.isfinite(loss_value):
-                if latest:
-                    where = (f"the last good checkpoint is {latest}. Resume from it with a lower optim.lr or more "
-                             "warm-up")
-                elif step == 0:  # no update has been made: the inputs or the initial weights, not the optimiser
-                    where = ("no checkpoint was written yet, and no step has updated the initial weights: look at "
-                             "the inputs first (non-finite values in the shards pass unchecked with "
-                             "data.verify_checksums=false), then at the model settings")
-                else:
-                    where = ("no checkpoint was written yet. Start again with a lower optim.lr or more warm-up "
-                             "(train.checkpoint_every sets how often a run checkpoints)")
-                raise NonFiniteLossError(
-                    f"loss is {loss_value} at step {step} (0-based optimiser step, lr {lr:.3e}); stopped before "
-                    f"updating the weights; {where}."
-                )
+                raise NonFiniteLossError(_nonfinite_loss_message(loss_value, step, lr, latest))
 
             grad_norm = optimizer_step(arch, optimizer, student_params, o.clip_grad, o.clip_mode == "per_parameter",
                                        schedules.last_layer_frozen(step, freeze_steps))
@@ -964,12 +1022,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                 logger.write(f"step {step + 1}: gradient norm is {grad_norm} with a finite loss; AdamW step skipped "
                              f"({nonfinite_streak} in a row, {skipped_steps} in all)")  # step as metrics.jsonl counts
                 if nonfinite_streak >= t.max_nonfinite_grad_steps:
-                    where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
-                    raise NonFiniteGradError(
-                        f"gradient norm non-finite for {nonfinite_streak} steps in a row, the last at step {step} "
-                        f"(0-based optimiser step, lr {lr:.3e}); stopped (train.max_nonfinite_grad_steps="
-                        f"{t.max_nonfinite_grad_steps}); {where}. Resume from it with a lower optim.lr, "
-                        "optim.clip_grad > 0 or train.precision=fp32.")
+                    raise NonFiniteGradError(_nonfinite_grad_message(nonfinite_streak, step, lr,
+                                                                     t.max_nonfinite_grad_steps, latest))
             teacher_step(arch, momentum, t.fsdp)
             step += 1
             throughput.steps += 1
@@ -979,19 +1033,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool | str | Path, loader: Any, st
                 record = {"step": step, "loss": loss_value, "lr": lr, "weight_decay": wd, "teacher_momentum": momentum,
                           "teacher_temperature": teacher_temp, "grad_norm": grad_norm, "epoch": batches.epoch}
                 monitors = log_metrics(logger, record, arch, throughput, env, peak, skipped_steps)
-                diagnosis = collapse_state(monitors, s.num_prototypes, t.collapse_gap) if step > warmup_steps else None
-                if t.stop_on_collapse and env.world_size > 1:
-                    # rank 0's monitors (the logged ones) decide for all: a rank stopping alone hung the others
-                    shared = [diagnosis]
-                    dist.broadcast_object_list(shared, src=0)
-                    diagnosis = shared[0]
-                state = diagnosis.split(":", 1)[0] if diagnosis else None  # its numbers change at every log
-                if state and state != last_state:
-                    logger.write(f"warning at step {step}: {diagnosis} (docs/training.md, 'Reading the monitors')")
-                if diagnosis and t.stop_on_collapse:
-                    where = f"the last checkpoint is {latest}" if latest else "no checkpoint was written yet"
-                    raise CollapseError(f"stopped at step {step} (train.stop_on_collapse): {diagnosis}; {where}")
-                last_state = state
+                last_state = _check_collapse(logger, monitors, cfg, env, step, warmup_steps, last_state, latest)
                 throughput.reset()
             if profiler is not None and step == t.profile_steps[1]:
                 export_profile(profiler, run_dir, env.rank)
