@@ -2,7 +2,7 @@
 
 One optimiser step = `grad_accum_steps` micro-batches, each: teacher forward on the global views ->
 dual-centred teacher probabilities -> student forward on all views -> DINO loss -> backward. Then one
-small all-reduce (mean loss + preemption flag), NaN/Inf check, last-layer freeze, clipping (a non-finite
+small all-reduce (mean loss, stop and data-failure flags), NaN/Inf check, last-layer freeze, clipping (a non-finite
 gradient norm skips the AdamW step), AdamW, centre update (one all-reduce), EMA teacher update on local
 shards, logging, checkpointing.
 All schedules are pure functions of the step, so a resumed run continues bitwise.
@@ -835,11 +835,11 @@ def _nonfinite_loss_message(loss_value: float, step: int, lr: float, latest: Pat
 def _nonfinite_grad_message(streak: int, step: int, lr: float, max_steps: int, latest: Path | None) -> str:
     """NonFiniteGradError's message: `streak` non-finite gradient norms in a row reached
     train.max_nonfinite_grad_steps (`max_steps`) at `step`."""
-    where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+    where = (f"the last good checkpoint is {latest}. Resume from it" if latest else
+             "no checkpoint was written yet. Start again")
     return (f"gradient norm non-finite for {streak} steps in a row, the last at step {step} "
             f"(0-based optimiser step, lr {lr:.3e}); stopped (train.max_nonfinite_grad_steps="
-            f"{max_steps}); {where}. Resume from it with a lower optim.lr, "
-            "optim.clip_grad > 0 or train.precision=fp32.")
+            f"{max_steps}); {where} with a lower optim.lr, optim.clip_grad > 0 or train.precision=fp32.")
 
 
 def _check_collapse(logger: MetricsLogger, monitors: dict[str, float], cfg: Config, env: DistEnv, step: int,

@@ -256,3 +256,15 @@ def test_a_deeply_nested_config_yaml_or_metrics_line_is_read_as_foreign_not_a_tr
     assert _step(deep) == float("inf")
     (tmp_path / "metrics.jsonl").write_text(deep + "\n")
     assert plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png") is None
+
+
+def test_the_non_finite_gradient_message_says_to_start_again_when_there_is_no_checkpoint():
+    """It said "no checkpoint was written yet. Resume from it with a lower optim.lr", 'it' naming nothing."""
+    from pathlib import Path
+
+    from terrafm.train.trainer import _nonfinite_grad_message
+
+    none = _nonfinite_grad_message(3, 5, 1e-3, 3, None)
+    assert "no checkpoint was written yet. Start again with a lower optim.lr" in none and "Resume" not in none
+    some = _nonfinite_grad_message(3, 5, 1e-3, 3, Path("ck/step_00000004"))
+    assert "the last good checkpoint is ck/step_00000004. Resume from it with a lower optim.lr" in some
