@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from terrafm.fileio import check_regular, load_json, plain_name
+from terrafm.fileio import check_regular, load_json, plain_name, read_small
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -189,9 +189,9 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     pointer = root / LATEST
     if not pointer.exists():
         return None
-    try:
-        name = pointer.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as err:
+    try:  # read_small: a FIFO or a device in its place is refused, not waited on or read without end
+        name = read_small(pointer, 4096).decode("utf-8").strip()
+    except (OSError, ValueError) as err:  # ValueError: too long, or not UTF-8
         raise CheckpointError(f"{pointer} is not a readable pointer to a checkpoint ({err}); pass a step_N folder "
                               "instead") from err
     if not plain_name(name):
@@ -270,8 +270,8 @@ def resolve(path: str | Path) -> Path:
     """A checkpoint folder, a run's `checkpoints/` folder or its `latest` pointer, or a run folder -> the complete
     checkpoint."""
     path = Path(path)
-    if path.name == LATEST and path.is_file():
-        path = path.parent
+    if path.name == LATEST and os.path.lexists(path) and not path.is_dir():  # a FIFO there too: latest_checkpoint
+        path = path.parent                                                     # refuses it by name
     if (path / METADATA).exists():
         return path
     for root in (path, path / "checkpoints"):

@@ -1,7 +1,7 @@
 """Crash-safe file writes: every file or folder terrafm publishes goes through here (shards, sample data,
 checkpoints, exports, run files), so a crash leaves the old version or the whole new one, never a torn one;
-the type of the commands' path options and how a path is printed; what a file's first bytes say it is; and the lock
-that keeps a second writer out of a folder."""
+the type of the commands' path options and how a path is printed; what a file's first bytes say it is; the lock
+that keeps a second writer out of a folder; and how the commands name a failed read or write, or a full memory."""
 
 import argparse
 import contextlib
@@ -39,6 +39,28 @@ def shown(path) -> str:
     os.fsdecode keeps them as lone surrogates, and a strict UTF-8 stdout or a font cannot encode those (printing such a
     path raised after the work was done); they become escapes (byte 0xff: the text \\xff). Other paths unchanged."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def os_error_message(err: OSError, outputs: list) -> str:
+    """'cannot write F: reason' when the file F an OSError names is one of `outputs` (a command's output files and
+    folders, or a temp file beside one) or names none, else 'cannot read F: reason': a permission error on an input
+    (a checkpoint shard, a dataset folder) was reported as a write."""
+    reason = err.strerror or str(err)
+    if err.filename is None:
+        return f"cannot write {shown(outputs[0])}: {reason}"
+    failed = os.path.abspath(os.fsdecode(err.filename))
+    written = [os.path.abspath(os.fsdecode(o)) for o in outputs if o is not None]
+    writes = any(failed == o or failed.startswith((o + os.sep, o + ".")) for o in written)
+    return f"cannot {'write' if writes else 'read'} {shown(err.filename)}: {reason}"
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether an exception is the machine running out of memory: MemoryError, torch.OutOfMemoryError (CUDA), or the
+    RuntimeError of torch's CPU allocator. The commands say so in one line (exit 2) instead of a traceback."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(err, RuntimeError) and any(
+        text in str(err) for text in ("can't allocate memory", "Storage size calculation overflowed"))
 
 
 def try_lock(fd: int) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from terrafm.eval.data import BAND_ORDERS, FORMATS, NORMALIZATIONS
 from terrafm.eval.runner import PROBES, EvalConfig, evaluate
-from terrafm.fileio import path_arg, shown
+from terrafm.fileio import folder_problem, os_error_message, out_of_memory, path_arg, shown
 from terrafm.modalities import MODALITY_NAMES
 
 
@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset root (GEO-Bench HDF5 folder or class folders)")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="hdf5: GEO-Bench (one .hdf5 per sample, task metadata and partitions); folder: "
-                             "SPLIT/CLASS/images, or SPLIT/images + SPLIT/masks for segmentation (docs/eval.md)")
+                             "SPLIT/CLASS/*.tif (image files in one folder per class), or SPLIT/images/ + "
+                             "SPLIT/masks/ for segmentation (docs/eval.md)")
     parser.add_argument("--probe", nargs="+", default=["all"], choices=(*PROBES, "all"),
                         help="probes to run (default: all); 'all' = knn+linear for classification, seg for "
                              "segmentation")
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(--seed)")
     parser.add_argument("--out", required=True, type=path_arg,
                         help="folder for results.json, confusion PNGs and the cache")
-    parser.add_argument("--seed", type=int, default=0, help="label subsets and probe training (default: 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="label subsets and probe training, 0 to 2**63 - 1 (default: 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per feature batch (default: 64)")
     parser.add_argument("--img-size", type=int, default=None,
                         help="resize images to this size (px) first (default: their own size); a multiple of the "
@@ -69,6 +71,8 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         return f"--fractions must be in (0, 1], got {bad[0]}"
     if not (math.isfinite(args.knn_temperature) and args.knn_temperature > 0):
         return f"--knn-temperature must be a positive number, got {args.knn_temperature}"
+    if not 0 <= args.seed < 2**63:  # numpy refuses a negative seed, torch one past 64 bits: after the features
+        return f"--seed must be in 0 .. 2**63 - 1, got {args.seed}"
     if args.device is not None:
         try:
             kind = torch.device(args.device).type
@@ -84,6 +88,9 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
     for flag, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             return f"{flag} {folder} is a file; give a folder (it is created if missing)"
+        problem = folder_problem(Path(folder)) if folder is not None else None
+        if problem:  # found after every split was read and its features computed, which were lost
+            return f"{flag} {folder}: {problem}"
     return None
 
 
@@ -92,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     from terrafm import checkpoint_io
     from terrafm.eval.features import checkpoint_identity
-    from terrafm.models import load_checkpoint
+    from terrafm.models import checkpoint_folder, load_checkpoint
 
     problem = _argument_problem(args)
     if problem:
@@ -107,16 +114,24 @@ def run(args: argparse.Namespace) -> int:
                      linear_epochs=args.linear_epochs, seg_epochs=args.seg_epochs)
     try:
         checkpoint = Path(args.checkpoint)
-        if checkpoint.is_dir():  # once: the weights, the feature cache's key and results.json name one step
-            checkpoint = checkpoint_io.resolve(checkpoint)
+        if checkpoint.is_dir() or checkpoint.name == checkpoint_io.LATEST:
+            # once: the weights, the feature cache's key and results.json name one step
+            checkpoint = checkpoint_folder(checkpoint)
         cfg = dataclasses.replace(cfg, checkpoint=str(checkpoint), checkpoint_id=checkpoint_identity(checkpoint))
         model = load_checkpoint(checkpoint, name=args.model)
         results = evaluate(cfg, model)
     except (ValueError, FileNotFoundError, pickle.UnpicklingError) as err:
         print(f"terrafm eval: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # --out / --cache-dir not writable, a full disk
-        print(f"terrafm eval: error: cannot write {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
+    except OSError as err:  # an unreadable input, --out / --cache-dir not writable, a full disk
+        outputs = [args.out, args.cache_dir or Path(args.out) / "cache"]
+        print(f"terrafm eval: error: {os_error_message(err, outputs)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"terrafm eval: error: out of memory ({detail}); lower --batch-size or --img-size", file=sys.stderr)
         return 2
     for r in results["runs"]:
         scores = {k: r[k] for k in ("top1", "f1_macro", "f1_micro", "map_macro", "map_micro", "miou", "pixel_acc")

@@ -72,7 +72,9 @@ def knn_scores(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np
         if groups is not None:
             sim.masked_fill_(test_groups[start:start + chunk, None] == train_groups[None], -torch.inf)
         sim, idx = sim.topk(k, dim=1)
-        weights = ((sim - sim[:, :1]) / temperature).exp()  # topk sorts: column 0 is the largest
+        # topk sorts: column 0 is the largest. float64: a temperature under float32's range (1e-50) was 0 there, and
+        # the top neighbour's 0 / 0 a NaN vote
+        weights = ((sim - sim[:, :1]).double() / temperature).exp().to(dtype)
         shares.append((weights[..., None] * targets[idx]).sum(1) / weights.sum(1, keepdim=True))
     return torch.cat(shares).numpy()
 

@@ -3,6 +3,7 @@ extract (cached) frozen features, run the probes at each label fraction, write r
 confusion-matrix PNGs."""
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,7 @@ def evaluate(cfg: EvalConfig, model) -> dict:
                "splits": {n: len(s.labels) for n, s in splits.items()},
                "nodata_pixels": {n: nodata_pixels(s.images) for n, s in splits.items()}, "runs": []}
     test_labels = splits["test"].labels
+    figures = []  # (confusion matrix, file name, title): drawn once every probe has run
     for fraction, idx, subset in subsets:
         x_tr, y_tr = feats["train"][idx], train.labels[idx]
         for probe in wanted:
@@ -229,11 +231,28 @@ def evaluate(cfg: EvalConfig, model) -> dict:
                 report = metrics.segmentation_report if task == "segmentation" else metrics.classification_report
                 scores, cm = report(test_labels, pred, num_classes)
                 run.update(scores)
-                png = out / f"confusion_{tag}.png"
-                metrics.save_confusion_png(cm, png, class_names, title=f"{probe}, {fraction * 100:g}% labels")
-                run["confusion_png"] = png.name
+                figures.append((cm, f"confusion_{tag}.png", f"{probe}, {fraction * 100:g}% labels"))
+                run["confusion_png"] = f"confusion_{tag}.png"
                 run["confusion_matrix"] = cm.tolist()
             run["seconds"] = round(time.perf_counter() - start, 3)
             results["runs"].append(run)
-    atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())  # a full disk keeps the last one
+    publish_results(out, results, figures, class_names)
     return results
+
+
+def publish_results(out: Path, results: dict, figures: list, class_names: list[str]) -> None:
+    """Write results.json and its confusion PNGs as one set: the PNGs are drawn to staged names first, results.json
+    replaces the old one, then the PNGs take their names (renames, which a full disk does not stop). A run that failed
+    midway (a probe's error, a full disk) used to leave the last run's results.json beside PNGs of its own."""
+    staged = []
+    try:
+        for cm, name, title in figures:
+            staged.append((out / f".{name}.staged", out / name))
+            metrics.save_confusion_png(cm, staged[-1][0], class_names, title=title)
+        atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())  # a full disk keeps the last
+    except BaseException:
+        for path, _ in staged:
+            path.unlink(missing_ok=True)
+        raise
+    for path, final in staged:
+        os.replace(path, final)

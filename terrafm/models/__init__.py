@@ -237,7 +237,7 @@ def check_weights(state: dict[str, torch.Tensor], source: str) -> None:
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")  # weight files a downloaded folder may hold
 
 
-def _checkpoint_folder(path: Path) -> Path:
+def checkpoint_folder(path: Path) -> Path:
     """The `terrafm pretrain` checkpoint `path` resolves to; a folder that is none but holds weight files (a Hugging
     Face snapshot with TerraFM-B.pth) names them."""
     from terrafm.checkpoint_io import CheckpointError, resolve
@@ -260,6 +260,7 @@ def _read_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors import safe_open
     from safetensors.torch import load
 
+    open(path, "rb").close()  # safetensors reports any open failure as "No such file": a permission error was named so
     if not utf8_path(path):
         data = Path(path).read_bytes()
         tensors = load(data)  # checks the header and every tensor's extent first
@@ -275,7 +276,7 @@ def _read_state_dict(path: Path) -> tuple[str | None, dict[str, torch.Tensor], d
     if path.is_dir() or (path.name == LATEST and path.is_file()):  # resolve() takes a run's checkpoints/latest too
         from terrafm.checkpoint_io import load_backbone_state, read_meta
 
-        checkpoint = _checkpoint_folder(path)
+        checkpoint = checkpoint_folder(path)
         name, state = load_backbone_state(checkpoint)
         meta = read_meta(checkpoint)
         model = meta.get("model", {})

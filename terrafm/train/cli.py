@@ -20,6 +20,7 @@ from pathlib import Path
 
 from terrafm import stop_signals
 from terrafm.config import DEFAULT_PRESET, ConfigError, load_config, parse_override, presets
+from terrafm.fileio import out_of_memory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,8 +175,6 @@ def end_of_rank(code: int, program: bool = False) -> int:
 def train_exit_code(cfg, resume, loader=None) -> int:
     """Run the trainer and map its outcome to the exit code: 2 setup/config error, 1 training error, requeue when
     preempted, else 0 (one message, no traceback)."""
-    import torch
-
     from terrafm.stop_signals import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
     from terrafm.train.trainer import SetupError, TrainingError, train
 
@@ -197,8 +196,7 @@ def train_exit_code(cfg, resume, loader=None) -> int:
                   f"stopped, or did not answer within train.collective_timeout_s={cfg.train.collective_timeout_s} s "
                   f"(its own message, if any, is above); {_where_to_resume(cfg)}", file=sys.stderr)
             return 1
-        if not isinstance(err, torch.OutOfMemoryError) and not any(
-                text in str(err) for text in ("can't allocate memory", "Storage size calculation overflowed")):
+        if not out_of_memory(err):
             raise
         print(f"terrafm pretrain: out of memory ({str(err).strip().splitlines()[0]}); lower data.batch_size or the "
               "model and head sizes (model.name, model.img_size, ssl.num_prototypes, ssl.head_hidden_dim)",

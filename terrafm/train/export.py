@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from terrafm.fileio import atomic_write, chmod_shared, folder_problem, path_arg, utf8_path
+from terrafm.fileio import atomic_write, chmod_shared, folder_problem, os_error_message, path_arg, utf8_path
 from terrafm.models import FUSION_PREFIX, check_weights, load_checkpoint, trained_inputs
 
 INPUT_KEYS = ("bands", "mean", "std")  # JSON-encoded {modality: [per band]} entries of the metadata
@@ -130,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"terrafm export: {err}", file=sys.stderr)
         return 2
-    except OSError as err:
-        print(f"terrafm export: cannot write {err.filename or args.output}: {err.strerror or err}", file=sys.stderr)
+    except OSError as err:  # an unreadable checkpoint file, or an output that cannot be written
+        print(f"terrafm export: {os_error_message(err, [args.output])}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -138,3 +138,22 @@ def test_read_small_reads_past_a_size_that_says_too_little(tmp_path):
     with pytest.raises(ValueError, match="is over"):
         read_small(big, limit=2048)
     assert read_small(big, limit=3000) == b" " * 3000
+
+
+def test_an_os_error_is_named_a_write_only_where_the_command_writes(tmp_path):
+    """A permission error on a checkpoint shard or a dataset folder (an input) was printed as 'cannot write'."""
+    import errno
+
+    from terrafm.fileio import os_error_message
+
+    out = tmp_path / "out"
+    denied = errno.EACCES, "Permission denied"
+    assert os_error_message(OSError(*denied, str(tmp_path / "run" / "__0_0.distcp")), [out]) == \
+        f"cannot read {tmp_path / 'run' / '__0_0.distcp'}: Permission denied"
+    assert os_error_message(OSError(*denied, str(out / "cache" / "f.npz")), [out]) == \
+        f"cannot write {out / 'cache' / 'f.npz'}: Permission denied"
+    model = tmp_path / "m.safetensors"  # a file output: its temp file beside it is a write too
+    assert os_error_message(OSError(*denied, f"{model}.vm-1-2.tmp"), [model]).startswith("cannot write")
+    assert os_error_message(OSError(*denied, str(tmp_path / "outside")), [out]).startswith("cannot read")
+    assert os_error_message(OSError(errno.ENOSPC, "No space left on device"), [out]) == \
+        f"cannot write {out}: No space left on device"

@@ -959,3 +959,79 @@ def test_a_feature_cache_of_another_kind_is_recomputed(tmp_path, bad):
     np.savez(tmp_path / "features_k.npz", features=bad)
     got = cached_features(tmp_path, "k", lambda: np.full((4, 3), 2.0, np.float32), rows=4)
     assert got.dtype == np.float32 and got.shape == (4, 3) and (got == 2.0).all()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seed", "-1", "--seed must be in 0 .. 2**63 - 1, got -1"),
+    ("--seed", str(2**64), f"--seed must be in 0 .. 2**63 - 1, got {2**64}"),
+])
+def test_a_seed_out_of_range_is_refused_before_anything_is_read(tmp_path, capsys, flag, value, message):
+    """-1 failed only on a dataset without its own fraction file ('expected non-negative integer'), 2**64 after every
+    feature was computed ('Overflow when unpacking long long')."""
+    assert _eval(tmp_path / "nowhere", tmp_path / "out", flag, value) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_cannot_be_made_is_refused_before_anything_is_read(tmp_path, capsys):
+    """An --out that could not be written was found only when the cache or the first PNG was written, after every split
+    had been read and its features computed."""
+    (tmp_path / "file").write_text("keep me")
+    assert _eval(tmp_path / "nowhere", tmp_path / "file" / "out") == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} is a file, not a folder" in err, err
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_a_failed_run_leaves_the_last_runs_results_and_pngs_together(tmp_path, monkeypatch, capsys, tiny_pth):
+    """Each confusion PNG was published as its probe finished and results.json at the end: a run that failed at its
+    second probe left the last run's results.json beside its own first PNG."""
+    from terrafm.eval import probes
+
+    data, out = _geobench(tmp_path), tmp_path / "out"
+    assert main(["eval", "--checkpoint", str(tiny_pth), "--data", str(data), "--format", "hdf5", "--out", str(out),
+                 "--fractions", "1.0"]) == 0
+    before = {p.name: (p.read_bytes(), p.stat().st_ino) for p in out.iterdir() if p.is_file()}  # rewritten: new inode
+    assert {"results.json", "confusion_knn_100pct.png", "confusion_linear_100pct.png"} <= set(before)
+
+    def failing_probe(*args, **kwargs):
+        raise ValueError("the linear probe failed")
+
+    monkeypatch.setattr(probes, "linear_probe", failing_probe)
+    assert main(["eval", "--checkpoint", str(tiny_pth), "--data", str(data), "--format", "hdf5", "--out", str(out),
+                 "--fractions", "1.0", "--knn-k", "1"]) == 2
+    assert "the linear probe failed" in capsys.readouterr().err
+    assert {p.name: (p.read_bytes(), p.stat().st_ino) for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_downloaded_folder_of_weight_files_is_named_by_the_command(tmp_path, capsys, tiny_pth):
+    """`terrafm eval --checkpoint FOLDER` resolved any folder as a trainer checkpoint first, so a Hugging Face style
+    folder holding TerraFM-B.pth was 'not a checkpoint' without naming the file to pass."""
+    import shutil
+
+    (tmp_path / "hf").mkdir()
+    shutil.copy(tiny_pth, tmp_path / "hf" / "TerraFM-B.pth")
+    assert _eval(tmp_path / "nowhere", tmp_path / "out", checkpoint=tmp_path / "hf") == 2
+    assert "it holds TerraFM-B.pth: pass the file" in capsys.readouterr().err
+
+
+def test_running_out_of_memory_is_one_message(tmp_path, monkeypatch, capsys, tiny_pth):
+    from terrafm.eval import cli
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 1099511627776 bytes")
+
+    monkeypatch.setattr(cli, "evaluate", no_memory)
+    assert _eval(_geobench(tmp_path), tmp_path / "out", checkpoint=tiny_pth) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "lower --batch-size or --img-size" in err and "Traceback" not in err, err
+
+
+def test_a_tiny_knn_temperature_votes_for_the_nearest_neighbour(tmp_path):
+    """1e-50 became 0 in float32: the nearest neighbour's weight was 0 / 0, a NaN vote, and every score chance."""
+    from terrafm.eval import probes
+
+    train = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    shares = probes.knn_scores(train, np.array([0, 1, 1]), np.array([[1.0, 0.1]]), k=3, temperature=1e-50)
+    assert np.isfinite(shares).all() and probes.knn_decision(shares, False).tolist() == [0]

@@ -516,6 +516,34 @@ def test_a_bad_latest_pointer_is_one_checkpoint_error(two_checkpoints, tmp_path,
     assert "latest" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_latest_pointer_that_is_a_fifo_or_a_device_is_refused_not_read(two_checkpoints, tmp_path, capsys, kind):
+    """latest was read with read_text: a FIFO in its place hung export and eval until killed, and a symlink to /dev/zero
+    read until memory ran out. (A daemon thread holds the read, so that the old code fails the test, not hangs it.)"""
+    import os
+    import threading
+
+    out = _copy(two_checkpoints, tmp_path)
+    latest = out / "run" / "checkpoints" / "latest"
+    latest.unlink()
+    os.mkfifo(latest) if kind == "fifo" else latest.symlink_to("/dev/zero")
+    found = []
+
+    def read() -> None:
+        try:
+            checkpoint_io.latest_checkpoint(out / "run" / "checkpoints")
+        except CheckpointError as err:
+            found.append(str(err))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive() and found, "reading the pointer blocked or ran on"
+    assert "latest is not a readable pointer" in found[0] and ("FIFO" in found[0] or "device" in found[0]), found
+    assert main(["export", str(out / "run" / "checkpoints" / "latest"), str(tmp_path / "x.safetensors")]) == 2
+    assert "latest is not a readable pointer" in capsys.readouterr().err
+
+
 def test_latest_naming_an_incomplete_checkpoint_names_the_missing_file(two_checkpoints, tmp_path):
     out = _copy(two_checkpoints, tmp_path)
     (out / "run" / "checkpoints" / "step_00000002" / "meta.json").unlink()
