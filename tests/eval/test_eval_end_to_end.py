@@ -116,6 +116,11 @@ def test_every_probe_from_a_terrafm_pretrain_checkpoint_and_its_export(hdf5_data
                  "--probe", "knn", "--fractions", "1.0", "--out", str(tmp_path / "out_st")]) == 0
     res = json.loads((tmp_path / "out_st" / "results.json").read_text())
     from_run = json.loads((tmp_path / f"out_{hdf5_data.name}" / "results.json").read_text())
+    assert from_run["checkpoint"] == str(run_dir / "checkpoints" / "step_00000002")
+    # the pointer itself resolves to the same step (results.json named the pointer file, and the cache keyed on it)
+    assert main(["eval", "--checkpoint", str(run_dir / "checkpoints" / "latest"), "--data", str(hdf5_data), "--format",
+                 "hdf5", "--probe", "knn", "--fractions", "1.0", "--out", str(tmp_path / "out_latest")]) == 0
+    assert json.loads((tmp_path / "out_latest" / "results.json").read_text())["checkpoint"] == from_run["checkpoint"]
     assert res["runs"][0]["top1"] >= 0.95
     assert res["statistics"] == from_run["statistics"] == "checkpoint"  # the export carries the run's statistics
     assert res["runs"][0]["confusion_matrix"] == from_run["runs"][0]["confusion_matrix"]  # and its numbers
