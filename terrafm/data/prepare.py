@@ -445,7 +445,7 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                 run_job(i, jobs[i], str(out), opts, fps[i])
                 bar.update()
         else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_worker_setup) as pool:
+            with ProcessPoolExecutor(max_workers=workers or usable_cpus(), initializer=_worker_setup) as pool:
                 futures = [pool.submit(run_job, i, jobs[i], str(out), opts, fps[i]) for i in pending]
                 try:
                     for f in as_completed(futures):
@@ -458,6 +458,15 @@ def convert(inputs: list[Path], out: Path, tile_size: int = 534, codec: str = "r
                     raise
         bar.close()
         return _write_index(out, jobs, opts, unknown, (resumed, rewritten, redone), [str(i) for i in inputs], metadata)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: taskset, a SLURM job's --cpus-per-task), not the machine's:
+    os.cpu_count() started a worker per core of the node under a job given 4 of them."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
 
 
 def _foreign_index(out: Path) -> str | None:
@@ -604,7 +613,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-band chunk compression (default: raw)")
     parser.add_argument("--cells-per-shard", type=int, default=64,
                         help="grid cells per shard file, the unit of parallel work and of resume (default: 64)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count; 0 = in-process)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes (default: the CPUs this process may run on, e.g. a SLURM job's "
+                             "--cpus-per-task; 0 = in-process)")
     parser.add_argument("--modalities", nargs="+", default=list(MODALITY_NAMES), choices=MODALITY_NAMES,
                         help="sensors to convert (default: all three)")
     parser.add_argument("--s1-scaling", choices=S1_SCALINGS, default="db",

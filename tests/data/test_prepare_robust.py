@@ -215,6 +215,20 @@ def test_ctrl_c_mid_way_keeps_finished_shards_and_the_rerun_resumes(sample_parqu
     assert summary["resumed_shards"] == 1 and summary["num_records"] == 12
 
 
+def test_the_default_workers_are_the_cpus_this_process_may_run_on(sample_parquet, tmp_path, monkeypatch):
+    """os.cpu_count() started a worker per core of the node, also under `taskset -c 0` or a SLURM job given 4 CPUs."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    started, real = [], prepare.ProcessPoolExecutor
+
+    def recording(max_workers=None, **kwargs):
+        started.append(max_workers)
+        return real(max_workers=max_workers, **kwargs)
+
+    monkeypatch.setattr(prepare, "ProcessPoolExecutor", recording)
+    summary = convert([sample_parquet], tmp_path / "out", tile_size=TILE, cells_per_shard=1, progress=False)
+    assert started == [1] and summary["num_records"] == 12
+
+
 def test_negative_workers_is_named(sample_parquet, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     prepare.add_arguments(parser)
