@@ -409,6 +409,7 @@ def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> T
         if len(shape) != ndim or 0 in shape or (key == "pos_embed" and shape[1] < 2):
             raise ValueError(f"{path}: {key} has shape {shape}; a TerraFM backbone's is {ndim}-D "
                              "(pos_embed (1, 1 + patches, D), cls_token (1, 1, D), conv weight (D, C, p, p))")
+    requested = name  # --model, when given
     try:
         name = name or stored_name or infer_model_name(state)
     except ValueError as err:
@@ -453,8 +454,15 @@ def load_checkpoint(path: str | Path, name: str | None = None, **overrides) -> T
     wrong = [f"{k} {tuple(v.shape)} (the model's {tuple(expected[k].shape)})" for k, v in state.items()
              if k in expected and v.shape != expected[k].shape]
     if wrong:
+        try:  # the name came from --model, or from the file's metadata (another tool's, or edited)
+            fits = infer_model_name(state)
+        except ValueError:
+            fits = None
+        given = f"--model {name} was given" if requested else f"the name {name!r} comes from the file's metadata"
         raise ValueError(f"{path} does not match {name}: {len(wrong)} tensors have other shapes, e.g. "
-                         f"{'; '.join(wrong[:3])}; pass the checkpoint's own model (or leave --model out)")
+                         f"{'; '.join(wrong[:3])}; {given}: "
+                         + (f"pass --model {fits}, the model of these weights" if fits and fits != name else
+                            "pass the checkpoint's own model"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         def listed(keys: list[str]) -> str:

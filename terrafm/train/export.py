@@ -13,6 +13,7 @@ replaces an existing file only with --force.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,8 +70,9 @@ def export(checkpoint: str | Path, output: str | Path, which: str = "teacher", w
         raise ValueError(f"output {output} must end in .safetensors")
     if output.is_dir():
         raise ValueError(f"output {output} is a folder; give a file name ending in .safetensors")
-    if output.exists() and not force:
-        raise ValueError(f"output {output} exists; pass --force to replace it, or choose another name")
+    if os.path.lexists(output) and not force:  # lexists: a symlink to nothing was refused only after the export
+        what = "is a symlink to nothing" if not output.exists() else "exists"
+        raise ValueError(f"output {output} {what}; pass --force to replace it, or choose another name")
     problem = folder_problem(output.parent)
     if problem:
         raise ValueError(f"cannot write {output}: {problem}")

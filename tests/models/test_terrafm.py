@@ -505,3 +505,21 @@ def test_half_precision_forward():
     with torch.no_grad():
         out = model(_image("s2_l2a", dtype=torch.bfloat16), "s2_l2a")
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_weights_of_another_size_than_the_name_given_say_which_model_they_are(tmp_path):
+    """The hint said 'pass the checkpoint's own model (or leave --model out)' also when no --model was given (the
+    name came from the file's metadata), and did not say which model fits."""
+    from safetensors.torch import save_file
+
+    model = build_model("terrafm_tiny", img_size=32)
+    path = tmp_path / "tiny.safetensors"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"model": "terrafm_small"})
+    with pytest.raises(ValueError, match=r"the name 'terrafm_small' comes from the file's metadata: pass --model "
+                                         r"terrafm_tiny, the model of these weights") as err:
+        load_checkpoint(path)
+    assert "leave --model out" not in str(err.value)
+    with pytest.raises(ValueError, match=r"--model terrafm_small was given: pass --model terrafm_tiny"):
+        load_checkpoint(tmp_path / "tiny.safetensors", name="terrafm_small")
+    assert load_checkpoint(path, name="terrafm_tiny").embed_dim == model.embed_dim

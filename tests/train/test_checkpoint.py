@@ -252,6 +252,10 @@ def test_export_keeps_an_existing_output_and_reports_write_errors(two_checkpoint
     target.write_bytes(b"an earlier export")
     assert main(["export", str(step2), str(target)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err and target.read_bytes() == b"an earlier export"
+    dangling = tmp_path / "dangling.safetensors"  # was refused only after the whole export, as 'written meanwhile'
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert main(["export", str(step2), str(dangling)]) == 2
+    assert f"output {dangling} is a symlink to nothing; pass --force" in capsys.readouterr().err
     assert main(["export", str(step2), str(tmp_path)]) == 2  # a folder: no .safetensors suffix
     assert "must end in .safetensors" in capsys.readouterr().err
     assert main(["export", str(step2), str(tmp_path / ".safetensors")]) == 2  # only the suffix: a dotfile
