@@ -400,8 +400,9 @@ def _refuse_shared_samples(partition: dict, key: str, partition_file: Path) -> N
         twice = sorted(i for i, n in Counter(partition[key]).items() if n > 1)
         raise ValueError(f"{partition_file} lists {len(twice)} sample{'s' * (len(twice) > 1)} more than once in "
                          f"{key!r} (e.g. {twice[0]!r}): it would count twice; fix the partition")
+    splits = {alias for aliases in SPLIT_ALIASES.values() for alias in aliases}
     for other, ids in partition.items():
-        if other == key or not isinstance(ids, list):
+        if other == key or other not in splits or not isinstance(ids, list):  # a key no split reads ("all") is not one
             continue
         shared = sorted(mine.intersection(i for i in ids if isinstance(i, str)))
         if shared:

@@ -832,6 +832,21 @@ def test_a_split_reads_in_sample_id_order_whatever_the_partition_lists(tmp_path)
     np.testing.assert_array_equal(after.images, before.images)
 
 
+def test_a_partition_key_no_split_reads_is_ignored(tmp_path):
+    """An extra list such as "all" (train + test) was taken for a split: 'a probe would be scored on images it was fit
+    on'."""
+    root = _geobench(tmp_path)
+    partition = json.loads((root / "default_partition.json").read_text())
+    before = read_split(root, "hdf5", "train")
+    partition["all"] = partition["train"] + partition["test"]
+    (root / "default_partition.json").write_text(json.dumps(partition))
+    assert [p.name for p in read_split(root, "hdf5", "train").files] == [p.name for p in before.files]
+    partition["valid"] = partition["test"][:1]  # a real split that shares a sample is still refused
+    (root / "default_partition.json").write_text(json.dumps(partition))
+    with pytest.raises(ValueError, match=r"in both 'test' and 'valid'|in both 'valid' and 'test'"):
+        read_split(root, "hdf5", "test")
+
+
 def test_a_sample_listed_twice_in_a_label_fraction_file_is_refused(tmp_path):
     from terrafm.eval.data import geobench_label_subset
 
