@@ -30,7 +30,7 @@ from terrafm import stop_signals
 from terrafm.data import shards, sources
 from terrafm.data.landcover import NUM_CLASSES, class_counts
 from terrafm.data.sources import WORLDCOVER, BadInput, Product
-from terrafm.fileio import load_json, path_arg, shown, try_lock
+from terrafm.fileio import load_json, os_error_message, path_arg, shown, try_lock
 from terrafm.modalities import MODALITIES, MODALITY_NAMES, S1_SCALINGS
 
 
@@ -652,7 +652,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except OSError as err:
         full = err.errno in (errno.ENOSPC, errno.EDQUOT)
-        _error(f"cannot write {err.filename or args.out}: {err.strerror or err}"
+        _error(os_error_message(err, [args.out])
                + (f"; free space there and run the same command: it keeps the finished shards in "
                   f"{args.out} and resumes from them" if full else ""))
         return 2

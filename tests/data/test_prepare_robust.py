@@ -215,6 +215,18 @@ def test_ctrl_c_mid_way_keeps_finished_shards_and_the_rerun_resumes(sample_parqu
     assert summary["resumed_shards"] == 1 and summary["num_records"] == 12
 
 
+def test_an_input_that_cannot_be_read_is_named_as_a_read(sample_parquet, tmp_path, monkeypatch, capsys):
+    """Every OSError was printed as 'cannot write', also one raised reading an input."""
+    import errno
+
+    def denied(inputs):
+        raise OSError(errno.EACCES, "Permission denied", str(sample_parquet / "Core-S1RTC"))
+
+    monkeypatch.setattr(sources, "discover", denied)
+    assert _cli([str(sample_parquet), "--out", str(tmp_path / "out")]) == 2
+    assert f"cannot read {sample_parquet / 'Core-S1RTC'}: Permission denied" in capsys.readouterr().err
+
+
 def test_the_default_workers_are_the_cpus_this_process_may_run_on(sample_parquet, tmp_path, monkeypatch):
     """os.cpu_count() started a worker per core of the node, also under `taskset -c 0` or a SLURM job given 4 CPUs."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
