@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench-results", help="results folder (default: ./bench-results)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
-    parser.add_argument("--ops", default=None, help="kernels section: comma-separated ops (default: all)")
+    parser.add_argument("--ops", default=None,
+                        help="kernels and compile sections: comma-separated ops (default: all); the compile "
+                             "report then covers the Triton kernels those ops launch")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run (default: auto, CUDA when a device is visible, else cpu)")
     parser.add_argument("--data-dir", default=None,
@@ -161,8 +163,13 @@ def _run_section(name: str, args: argparse.Namespace, device: str, ops: tuple[st
         sections["roofline"] = roofline.run(sections.get("kernels"), args.quick, _log)
     elif name == "compile":
         from . import compile as compile_section
+        from . import kernels as kernel_benches
 
-        sections["compile"] = compile_section.run(args.quick, _log)
+        modules = None if args.ops is None else kernel_benches.kernel_modules(ops)
+        if modules == []:
+            sections["compile"] = {"skipped": f"--ops {args.ops} launches no Triton kernel of terrafm_kernels"}
+        else:
+            sections["compile"] = compile_section.run(args.quick, _log, modules=modules)
         if "skipped" in sections["compile"]:
             _log(f"  skipped: {sections['compile']['skipped']}")
     elif name == "comm":
@@ -250,9 +257,9 @@ def _run(args: argparse.Namespace) -> int:
     if bad:
         print(f"terrafm bench: --ops: unknown {bad}; choose from {','.join(kernel_benches.OPS)}", file=sys.stderr)
         return 2
-    if args.ops is not None and "kernels" not in only:  # it selects within the kernels section, which would not run
-        print(f"terrafm bench: --ops applies to the kernels section, which --only {args.only} leaves out",
-              file=sys.stderr)
+    if args.ops is not None and not {"kernels", "compile"} & set(only):  # it selects within those two sections
+        print(f"terrafm bench: --ops applies to the kernels and compile sections, which --only {args.only} leaves "
+              "out", file=sys.stderr)
         return 2
     start = time.perf_counter()
     result = {"quick": args.quick, "device": device, "meta": common.metadata(), "sections": {},

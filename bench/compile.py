@@ -11,12 +11,14 @@ import tempfile
 from pathlib import Path
 
 
-def run(quick: bool, log, timeout_s: float = 900) -> dict:
+def run(quick: bool, log, timeout_s: float = 900, modules: list[str] | None = None) -> dict:
+    """The report's rows for `modules` (compile report module names; None: every shipped kernel)."""
+    command = [sys.executable, "-m", "terrafm_kernels.compile_report", "--json"]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "compile.json"
+        command += [str(out)] + (["--modules", *modules] if modules is not None else [])
         try:
-            proc = subprocess.run([sys.executable, "-m", "terrafm_kernels.compile_report", "--json", str(out)],
-                                  capture_output=True, text=True, timeout=timeout_s)
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:  # a skipped section, not a traceback that loses the sections before it
             return {"skipped": f"compile_report did not finish within {timeout_s:g} s"}
         if not out.exists():

@@ -3,6 +3,8 @@
 Each module here defines:
     OP                     the op name (as in terrafm_kernels / the op registry)
     BACKWARD               True when the timed call is forward + backward of a scalar loss
+    KERNEL_MODULES         the terrafm_kernels modules whose Triton kernels it launches (compile report names):
+                           what the compile section reports under --ops
     PEAK                   optional: "tflops_fp32" for an op without tensor-core dots (default "tflops_bf16")
     shapes(quick)          list of shape dicts (the keyword arguments of cost())
     inputs(shape, device, dtype) -> tuple of call arguments
@@ -25,6 +27,11 @@ OPS = ("patch_embed", "fusion", "attention", "teacher_softmax", "dino_cross_entr
 
 def load(op: str):
     return importlib.import_module(f"{__name__}.{op}")
+
+
+def kernel_modules(ops: tuple[str, ...]) -> list[str]:
+    """The compile report modules of these ops' Triton kernels, each once, in the order the ops name them."""
+    return list(dict.fromkeys(m for op in ops for m in load(op).KERNEL_MODULES))
 
 
 def shape_label(shape: dict) -> str:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 OP = "attention"
 BACKWARD = False
+KERNEL_MODULES = ()  # torch's SDPA: no Triton kernel of ours
 
 
 def shapes(quick: bool) -> list[dict]:

@@ -6,6 +6,7 @@ from terrafm_kernels import reference as _reference
 
 OP = "dino_cross_entropy"
 BACKWARD = True
+KERNEL_MODULES = ("dino_cross_entropy",)
 PEAK = "tflops_fp32"  # no tensor-core dots: its FLOPs run on the FMA units (bench/roofline.py)
 
 

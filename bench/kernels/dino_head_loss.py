@@ -6,6 +6,7 @@ import torch
 
 OP = "dino_head_loss"
 BACKWARD = True
+KERNEL_MODULES = ("dino_head_loss",)
 
 
 def shapes(quick: bool) -> list[dict]:

@@ -10,6 +10,7 @@ from .. import dinov2_eager
 
 OP = "dinov2_dino_head_loss"
 BACKWARD = True
+KERNEL_MODULES = ("dino_head_loss",)
 
 
 def shapes(quick: bool) -> list[dict]:

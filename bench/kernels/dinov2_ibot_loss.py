@@ -7,6 +7,7 @@ from .. import dinov2_eager
 
 OP = "dinov2_ibot_loss"
 BACKWARD = True
+KERNEL_MODULES = ("dino_teacher", "dino_student_ce")
 PEAK = "tflops_fp32"  # no tensor-core dots: its FLOPs run on the FMA units (bench/roofline.py)
 
 

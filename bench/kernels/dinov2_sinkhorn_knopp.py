@@ -7,6 +7,7 @@ from .. import dinov2_eager
 
 OP = "dinov2_sinkhorn_knopp"
 BACKWARD = False
+KERNEL_MODULES = ("dino_teacher",)
 PEAK = "tflops_fp32"  # no tensor-core dots: its FLOPs run on the FMA units (bench/roofline.py)
 
 

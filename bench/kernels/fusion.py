@@ -6,6 +6,7 @@ from terrafm_kernels import reference as _reference
 
 OP = "fusion"
 BACKWARD = True
+KERNEL_MODULES = ("fusion",)
 PEAK = "tflops_fp32"  # no tensor-core dots: its FLOPs run on the FMA units (bench/roofline.py)
 NUM_HEADS = 16
 

@@ -10,6 +10,7 @@ from terrafm_kernels import reference as _reference
 
 OP = "patch_embed"
 BACKWARD = True
+KERNEL_MODULES = ("patch_embed",)
 
 
 def shapes(quick: bool) -> list[dict]:

@@ -6,6 +6,7 @@ from terrafm_kernels import reference as _reference
 
 OP = "teacher_softmax"
 BACKWARD = False
+KERNEL_MODULES = ("teacher_softmax",)
 PEAK = "tflops_fp32"  # no tensor-core dots: its FLOPs run on the FMA units (bench/roofline.py)
 
 

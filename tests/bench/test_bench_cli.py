@@ -48,6 +48,28 @@ def test_quick_subset_writes_json_markdown_and_png(quick_run):
     # compile_report runs on a CPU (scripts/test.sh runs it too): a skipped section here is a broken report, which
     # `"rows" in compile_section or compile_section["skipped"]` let pass
     assert compile_section.get("rows") and "skipped" not in compile_section, compile_section
+    # --ops teacher_softmax: the configs of its kernel module, for both archs (the whole report took ~100 s here)
+    assert {r["module"] for r in compile_section["rows"]} == {"teacher_softmax"}
+    assert {r["arch"] for r in compile_section["rows"]} == {"sm_80", "sm_90"}
+
+
+def test_ops_select_the_compile_reports_kernel_modules(tmp_path, monkeypatch):
+    """--ops selected only within the kernels section: the compile section compiled every shipped kernel."""
+    from terrafm_bench import compile as compile_section
+    from terrafm_bench import kernels
+
+    asked = []
+    monkeypatch.setattr(compile_section, "run", lambda quick, log, modules=None: asked.append(modules) or {"rows": []})
+    assert main(["bench", "--only", "compile", "--ops", "dinov2_ibot_loss,fusion,dinov2_sinkhorn_knopp",
+                 "--out", str(tmp_path / "a")]) == 0
+    assert main(["bench", "--only", "compile", "--out", str(tmp_path / "b")]) == 0
+    assert asked == [["dino_teacher", "dino_student_ce", "fusion"], None]
+    assert main(["bench", "--only", "compile", "--ops", "attention", "--out", str(tmp_path / "c")]) == 0
+    section = json.loads((tmp_path / "c" / "bench.json").read_text())["sections"]["compile"]
+    assert section == {"skipped": "--ops attention launches no Triton kernel of terrafm_kernels"}
+    # every bench op names modules the compile report knows
+    from terrafm_kernels.compile_report import MODULES
+    assert all(set(kernels.load(op).KERNEL_MODULES) <= set(MODULES) for op in kernels.OPS)
 
 
 def test_compare_reports_ratio_of_common_measurements(quick_run, tmp_path, capsys):
@@ -82,7 +104,7 @@ def test_bad_arguments_name_what_is_wrong(tmp_path, capsys):
         assert "--ops: unknown ['']" in capsys.readouterr().err
     # --ops without the kernels section selected nothing and was ignored in silence
     assert main(["bench", "--only", "roofline", "--ops", "fusion", "--out", str(tmp_path / "k")]) == 2
-    assert "--ops applies to the kernels section" in capsys.readouterr().err
+    assert "--ops applies to the kernels and compile sections" in capsys.readouterr().err
     assert not (tmp_path / "k").exists()  # a refused run made its --out folder first
     assert main(["bench", "--only", "roofline", "--out", str(bogus)]) == 2  # a file where the folder should go
     assert "is a file" in capsys.readouterr().err and bogus.read_text() == "{}"
@@ -335,7 +357,7 @@ def test_a_section_that_fails_otherwise_is_recorded_and_the_others_run(tmp_path,
 
     monkeypatch.setattr(roofline, "run", no_triton)
     out = tmp_path / "r"
-    assert main(["bench", "--only", "comm,roofline,compile", "--out", str(out)]) == 1
+    assert main(["bench", "--only", "comm,roofline,compile", "--ops", "teacher_softmax", "--out", str(out)]) == 1
     assert "[roofline] failed (ModuleNotFoundError: No module named 'triton')" in capsys.readouterr().err
     result = json.loads((out / "bench.json").read_text())
     assert list(result["sections"]) == ["comm", "compile"]
