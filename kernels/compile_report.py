@@ -1,6 +1,6 @@
 """AOT-compile every shipped kernel configuration for A100 (sm_80) and H100 (sm_90), no GPU needed.
 
-    python -m terrafm_kernels.compile_report [--arch sm_80 sm_90] [--modules ...] [--json OUT] [--strict]
+    python -m terrafm_kernels.compile_report [--arch sm_80 sm_90] [--modules ...] [--json OUT] [--strict] [--jobs N]
 
 Each kernel module exposes compile_specs(): the (kernel, signature, constexprs, num_warps,
 num_stages) it launches on a GPU, and optionally `divisible_by_16`: the arguments the JIT specializes
@@ -28,14 +28,17 @@ predicted time uses the bandwidth they allow.
 """
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 from .gpus import BY_CAPABILITY, LOADED_DRAM_LATENCY_NS
 from .gpus import GPUS as GPUS_TABLE
@@ -258,20 +261,40 @@ def efficiency(row: dict, spec: dict, capability: int) -> list[str]:
     return problems
 
 
-def collect(modules: list[str], archs: list[str]) -> tuple[list[dict], list[str]]:
-    rows, missing = [], []
+@functools.cache
+def _specs(module: str) -> list[dict]:
+    return importlib.import_module(f"{PACKAGE}.{module}").compile_specs()
+
+
+def _compile_task(module: str, index: int, arch: str) -> dict:
+    """One row: spec `index` of `module` compiled for `arch` (a task a worker process can take by name)."""
+    return {"module": module, **compile_one(_specs(module)[index], ARCHS[arch])}
+
+
+def collect(modules: list[str], archs: list[str], jobs: int = 1) -> tuple[list[dict], list[str]]:
+    """Every spec of `modules` for every arch, in that order, compiled by `jobs` processes (Triton's compile and
+    ptxas take one core each); the modules that do not exist here."""
+    tasks, missing = [], []
     for module in modules:
         try:
-            specs = importlib.import_module(f"{PACKAGE}.{module}").compile_specs()
+            count = len(_specs(module))
         except ModuleNotFoundError as err:
             if err.name and err.name.endswith(module):
                 missing.append(module)
                 continue
             raise
-        for spec in specs:
-            for arch in archs:
-                rows.append({"module": module, **compile_one(spec, ARCHS[arch])})
-                print(_format(rows[-1]), flush=True)
+        tasks += [(module, index, arch) for index in range(count) for arch in archs]
+    rows = []
+    if jobs > 1 and len(tasks) > 1:
+        context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
+        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context) as pool:
+            for row in pool.map(_compile_task, *zip(*tasks, strict=True)):
+                rows.append(row)
+                print(_format(row), flush=True)
+    else:
+        for task in tasks:
+            rows.append(_compile_task(*task))
+            print(_format(rows[-1]), flush=True)
     return rows, missing
 
 
@@ -300,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", nargs="+", default=MODULES)
     parser.add_argument("--json", help="write the rows as JSON to this path")
     parser.add_argument("--strict", action="store_true", help="fail when a kernel module is missing")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                        help="compile processes (default: the CPUs this process may use)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give 1 or more processes")
     for module in args.modules:  # checked before anything compiles (a --json problem used to surface at the end)
         if not re.fullmatch(r"[a-z_][a-z0-9_]*", module):
             parser.error(f"--modules {module!r} is not a module name; kernel modules: {', '.join(MODULES)}")
@@ -326,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run([sys.executable, "-m", f"{PACKAGE}.compile_report", *(argv or sys.argv[1:])],
                               env=env).returncode
     print(f"{'kernel config':44s} {'arch':6s} resources (cuobjdump -res-usage), tensor-core instructions")
-    rows, missing = collect(args.modules, args.arch)
+    rows, missing = collect(args.modules, args.arch, args.jobs)
     bad = [r for r in rows if not r["ok"]]
     for module in missing:
         print(f"{module}: module missing{' (--strict: failure)' if args.strict else ''}")

@@ -48,6 +48,21 @@ def test_report_compiles_patch_embed_for_both_archs(tmp_path):
     assert all(r["tma"] == (r["arch"] == "sm_90") for r in rows), [(r["name"], r["arch"], r["tma"]) for r in rows]
 
 
+def test_processes_compile_the_same_rows_in_the_same_order(tmp_path):
+    """--jobs N spreads the configs over N processes (the whole report: 100 s on one core, 60 s on two here)."""
+    reports = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}.json"
+        run = subprocess.run([sys.executable, "-m", "terrafm_kernels.compile_report", "--modules", "teacher_softmax",
+                              "--jobs", jobs, "--json", str(out)], capture_output=True, text=True, env=ENV,
+                             timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        reports.append((run.stdout, json.loads(out.read_text())["rows"]))
+    (text_1, rows_1), (text_2, rows_2) = reports
+    assert rows_2 == rows_1 and text_2 == text_1 and len(rows_1) > 2
+    assert [r["arch"] for r in rows_1] == ["sm_80", "sm_90"] * (len(rows_1) // 2)  # each spec's archs together
+
+
 def test_a_spilling_config_is_reported_as_a_problem():
     code = """
 import json
@@ -210,6 +225,7 @@ def test_load_runs_are_read_from_the_sass_up_to_the_first_use():
     (["--modules", ""], "is not a module name"),  # printed ': module missing', exit 0
     (["--modules", "fusoin"], "terrafm_kernels.fusoin does not exist; kernel modules: "),  # the same, for a typo
     (["--json", "."], "cannot write a file there (it is a folder)"),  # a traceback after every compile
+    (["--jobs", "0"], "--jobs 0: give 1 or more processes"),
 ])
 def test_bad_arguments_exit_2_before_anything_compiles(args, message, capsys):
     from terrafm_kernels import compile_report as c
