@@ -85,9 +85,10 @@ W_SLICE_BYTES = min(gpu["l2"] for gpu in GPUS.values()) // 2
 # no spills (1.35x on sm_80, 1.41x on sm_90). Its 128 x 64 tiles took 151 registers on sm_80 with the sum (123
 # without), 3 CTAs per SM, so a wave covered 18 of the 48 KD blocks and G crossed HBM three times (1.71x).
 GRAD_WEIGHT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
-# The interpreter pays per op, not per element, so it gets wide K tiles (fewer loop trips); the
-# test shapes are still ragged against these tiles.
-INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
+# The interpreter pays per op, not per element, so it gets wide K tiles (fewer loop trips: at 128 the patch
+# embeddings of tests/train/test_compile.py's eager step took 45 s, at 256 18 s); the test shapes are still ragged
+# against these tiles (KD 588 and 832: 3 and 4 blocks, the last one short).
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1}
 
 
 @triton.jit
