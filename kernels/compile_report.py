@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", nargs="+", default=MODULES)
     parser.add_argument("--json", help="write the rows as JSON to this path")
     parser.add_argument("--strict", action="store_true", help="fail when a kernel module is missing")
-    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parser.add_argument("--jobs", type=int, default=usable,
                         help="compile processes (default: the CPUs this process may use)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
