@@ -13,10 +13,10 @@ from pathlib import Path
 
 def run(quick: bool, log, timeout_s: float = 900, modules: list[str] | None = None) -> dict:
     """The report's rows for `modules` (compile report module names; None: every shipped kernel)."""
-    command = [sys.executable, "-m", "terrafm_kernels.compile_report", "--json"]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "compile.json"
-        command += [str(out)] + (["--modules", *modules] if modules is not None else [])
+        command = [sys.executable, "-m", "terrafm_kernels.compile_report", "--json", str(out)]
+        command += ["--modules", *modules] if modules is not None else []
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:  # a skipped section, not a traceback that loses the sections before it

@@ -102,7 +102,7 @@ def test_bad_arguments_name_what_is_wrong(tmp_path, capsys):
     for ops in ("", "fusion,"):  # an empty --ops ran every kernel
         assert main(["bench", "--only", "kernels", "--ops", ops, "--out", str(tmp_path / "k")]) == 2
         assert "--ops: unknown ['']" in capsys.readouterr().err
-    # --ops without the kernels section selected nothing and was ignored in silence
+    # --ops without the kernels or compile section selected nothing and was ignored in silence
     assert main(["bench", "--only", "roofline", "--ops", "fusion", "--out", str(tmp_path / "k")]) == 2
     assert "--ops applies to the kernels and compile sections" in capsys.readouterr().err
     assert not (tmp_path / "k").exists()  # a refused run made its --out folder first
